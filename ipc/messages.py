@@ -1,0 +1,252 @@
+"""Every message that crosses the frontend <-> engine-core process boundary.
+
+msgspec Structs encoded as msgpack arrays (``array_like``) so a message costs a few bytes of framing and
+decodes without building dicts. The frontend and the offline ``LLM`` build the same structs, so the
+in-process engine and the engine process speak one language.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+
+class FinishReason(enum.IntEnum):
+    """Why a sequence ended. Integers on the wire; ``str()`` gives the OpenAI spelling."""
+
+    STOP = 0  # EOS, a stop token id or (frontend) a stop string
+    LENGTH = 1  # max_tokens or max_model_len reached
+    ABORT = 2  # aborted by the client or the frontend
+
+    def __str__(self) -> str:
+        return ("stop", "length", "abort")[self.value]
+
+
+class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, kw_only=True):
+    """Sampling parameters, with vLLM's names and defaults.
+
+    Validated on construction (and on decode), raising ``ValueError`` with a message fit for an HTTP 400.
+    ``stop`` strings, ``skip_special_tokens`` and ``include_stop_str_in_output`` are applied by the frontend
+    (it has the text); everything else is applied by the engine core.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    max_tokens: int | None = 16  # None: up to the model's context length
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N logprobs of each sampled token (0: the sampled token's only)
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.top_k == -1:
+            self.top_k = 0
+        _check(isinstance(self.n, int) and self.n >= 1, "n", f"n must be at least 1, got {self.n}.")
+        _check(self.temperature >= 0.0, "temperature", f"temperature must be non-negative, got {self.temperature}.")
+        _check(0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}.")
+        _check(self.top_k >= 0, "top_k", f"top_k must be -1 (disable), or at least 1, got {self.top_k}.")
+        _check(0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}.")
+        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
+               f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
+               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        _check(self.repetition_penalty > 0.0, "repetition_penalty",
+               f"repetition_penalty must be greater than zero, got {self.repetition_penalty}.")
+        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
+               f"max_tokens must be at least 1, got {self.max_tokens}.")
+        _check(self.min_tokens >= 0, "min_tokens", f"min_tokens must be non-negative, got {self.min_tokens}.")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+               f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
+        _check(self.logprobs is None or self.logprobs >= 0, "logprobs",
+               f"logprobs must be non-negative, got {self.logprobs}.")
+        _check(self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs",
+               f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.")
+        if self.seed is not None:
+            _check(-(2**63) <= self.seed < 2**64, "seed", f"seed out of range: {self.seed}.")
+        if self.logit_bias:
+            for token_id, bias in self.logit_bias.items():
+                _check(-100.0 <= bias <= 100.0, "logit_bias",
+                       f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}.")
+        if self.stop:
+            _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(self.stop or [])
+
+
+class SamplingParamError(ValueError):
+    """A sampling parameter outside its range; ``param`` names it for the OpenAI error body."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _check(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise SamplingParamError(param, message)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# frontend -> engine core
+
+
+class EngineRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=True, gc=False):
+    """A new request. ``n > 1`` is expanded in the core into n sequences that share the prompt's KV blocks."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = 0.0
+    priority: int = 0
+    cache_salt: str | None = None
+
+
+class AbortRequests(msgspec.Struct, tag="abort", array_like=True, gc=False):
+    """Stop these requests (all their sequences) and free their blocks; the core answers with ABORT outputs."""
+
+    request_ids: list[str]
+
+
+class UtilityRequest(msgspec.Struct, tag="utility", array_like=True, gc=False):
+    """Call ``EngineCore.<name>(*args)`` in the core process; the reply is a ``UtilityOutput`` with ``call_id``."""
+
+    call_id: int
+    name: str
+    args: list[Any] = []
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", array_like=True, gc=False):
+    pass
+
+
+EngineInput = EngineRequest | AbortRequests | UtilityRequest | Shutdown
+
+
+# ----------------------------------------------------------------------------------------------------------
+# engine core -> frontend
+
+
+class Logprobs(msgspec.Struct, array_like=True, gc=False):
+    """Logprobs of consecutive positions. Row i: column 0 is the chosen token, then the top-N by logprob.
+
+    ``ranks[i]`` is the chosen token's rank in the vocabulary (1 = most likely).
+    """
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[int]
+
+
+class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """What one sequence produced in one step. ``index`` is the sequence's place among the request's ``n``."""
+
+    request_id: str
+    new_token_ids: list[int]
+    index: int = 0
+    new_logprobs: Logprobs | None = None
+    prompt_logprobs: Logprobs | None = None  # sent once, with the first token; row 0 is the first prompt token
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id that ended the sequence
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class SchedulerStats(msgspec.Struct, array_like=True, gc=False):
+    """A snapshot after a step; the counters are deltas since the previous stats message."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up (first scheduling only, never a recompute)
+    prefix_cache_hits: int = 0  # of those, tokens found in the cache
+
+
+class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    call_id: int
+    result: Any = None
+    error: str | None = None
+
+
+class EngineOutputs(msgspec.Struct, tag="outputs", array_like=True, omit_defaults=True, gc=False):
+    """Everything one step produced, batched into one message."""
+
+    outputs: list[EngineOutput] = []
+    scheduler_stats: SchedulerStats | None = None
+    utility_output: UtilityOutput | None = None
+    timestamp: float = 0.0
+
+
+class ReadyMessage(msgspec.Struct, tag="ready", array_like=True, gc=False):
+    """The core's handshake: sent once the model is loaded and the KV cache sized, before any traffic."""
+
+    model: str
+    max_model_len: int
+    num_kv_blocks: int
+    block_size: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    device: str
+
+
+class EngineDead(msgspec.Struct, tag="dead", array_like=True, gc=False):
+    """Sent by the core, when it can, as it dies of an error."""
+
+    error: str
+
+
+EngineMessage = EngineOutputs | ReadyMessage | EngineDead
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configuration, handed to the engine-core process when the frontend starts it
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Engine arguments, with vLLM's names. ``model=None`` means the default model (SmolLM2-135M-Instruct)."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (and their short names)
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: max(8192, max_model_len)
+    gpu_memory_utilization: float = 0.9
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    seed: int = 0
+    skip_tokenizer_init: bool = False
+    enforce_eager: bool = False
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None  # fix the KV-cache size (tests use it to force preemption)
+    cpu_kv_cache_gib: float = 1.0  # KV-cache size on CPU, where there is no memory to profile
+    device: str = "auto"  # auto | cuda | cpu
+    attention_backend: str = "auto"  # auto (triton on CUDA) | torch | triton
+    chat_template: str | None = None
