@@ -125,9 +125,14 @@ class EngineRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=Tr
 
 
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True, gc=False):
-    """Stop these requests (all their sequences) and free their blocks; the core answers with ABORT outputs."""
+    """Stop these requests and free their blocks; the core answers with ABORT outputs.
+
+    ``indices`` (parallel to ``request_ids``) stops one sequence of an n > 1 request (a stop string hit it);
+    None stops every sequence.
+    """
 
     request_ids: list[str]
+    indices: list[int] | None = None
 
 
 class UtilityRequest(msgspec.Struct, tag="utility", array_like=True, gc=False):
@@ -194,6 +199,14 @@ class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
     error: str | None = None
 
 
+class RequestError(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """``EngineCore.add_request`` refused the request (its ``ValueError``); the frontend answers HTTP 400."""
+
+    request_id: str
+    message: str
+    param: str | None = None
+
+
 class EngineOutputs(msgspec.Struct, tag="outputs", array_like=True, omit_defaults=True, gc=False):
     """Everything one step produced, batched into one message."""
 
@@ -201,6 +214,7 @@ class EngineOutputs(msgspec.Struct, tag="outputs", array_like=True, omit_default
     scheduler_stats: SchedulerStats | None = None
     utility_output: UtilityOutput | None = None
     timestamp: float = 0.0
+    errors: list[RequestError] = []
 
 
 class ReadyMessage(msgspec.Struct, tag="ready", array_like=True, gc=False):

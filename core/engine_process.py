@@ -1,0 +1,221 @@
+"""The engine-core process: READY handshake, then the busy loop around ``EngineCore.step()``.
+
+Socket reading and msgpack decoding run on one background thread, encoding and sending on another, so the main
+thread only schedules and runs the model: the GPU never waits on msgpack. The main thread blocks (on the input
+queue) only when the core has no work at all.
+
+Lifecycle: ``Shutdown``, SIGTERM or the death of the parent process end the loop cleanly (exit 0); an exception
+is reported to the frontend as ``EngineDead`` and ends the process with exit status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import zmq
+
+from ipc.messages import (
+    AbortRequests,
+    EngineConfig,
+    EngineDead,
+    EngineOutputs,
+    EngineRequest,
+    RequestError,
+    SchedulerStats,
+    Shutdown,
+    UtilityOutput,
+    UtilityRequest,
+)
+from ipc.transport import Encoder, input_decoder, make_socket, parent_alive
+
+logger = logging.getLogger("pagedserve.engine")
+
+_PARENT_POLL_S = 0.5
+_SEND_LINGER_MS = 2000  # let the last messages (EngineDead) leave before the socket closes
+
+
+class _Stop(Exception):
+    """Raised in the main thread to leave the busy loop cleanly (SIGTERM, parent gone)."""
+
+
+class EngineProcess:
+    """Owns the sockets, the two I/O threads and the ``EngineCore``; ``run()`` is the process's life."""
+
+    def __init__(self, config: EngineConfig, input_addr: str, output_addr: str) -> None:
+        self.config = config
+        self._ctx = zmq.Context(io_threads=1)
+        self._in_sock = make_socket(self._ctx, input_addr, zmq.PULL, bind=False)
+        self._out_sock = make_socket(self._ctx, output_addr, zmq.PUSH, bind=False)
+        self._out_sock.setsockopt(zmq.LINGER, _SEND_LINGER_MS)
+        self._inputs: queue.Queue[Any] = queue.Queue()
+        self._outputs: queue.Queue[Any] = queue.Queue()
+        self._stopping = threading.Event()
+        self._core: Any = None
+        self._last_stats: tuple | None = None
+        self._threads = [
+            threading.Thread(target=self._recv_loop, name="engine-input", daemon=True),
+            threading.Thread(target=self._send_loop, name="engine-output", daemon=True),
+        ]
+
+    # ---------------------------------------------------------------------------------------------- threads
+
+    def _recv_loop(self) -> None:
+        decoder = input_decoder()
+        poller = zmq.Poller()
+        poller.register(self._in_sock, zmq.POLLIN)
+        while not self._stopping.is_set():
+            if not poller.poll(100):
+                continue
+            frame = self._in_sock.recv(copy=False)
+            try:
+                self._inputs.put(decoder.decode(frame.buffer))
+            except Exception:  # a malformed message must not take the engine down
+                logger.exception("dropping an undecodable input message")
+
+    def _send_loop(self) -> None:
+        encoder = Encoder()
+        while True:
+            message = self._outputs.get()
+            if message is None:
+                return
+            self._out_sock.send(encoder.encode(message), copy=False)
+
+    def _watch_parent(self, parent_pid: int) -> None:
+        while not self._stopping.wait(_PARENT_POLL_S):
+            if not parent_alive(parent_pid):
+                logger.warning("the frontend process is gone; shutting the engine down")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    # ---------------------------------------------------------------------------------------------- main
+
+    def run(self) -> int:
+        parent_pid = os.getppid()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        # Ctrl-C reaches the whole process group; the frontend decides how to stop us (Shutdown / SIGTERM).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for t in self._threads:
+            t.start()
+        threading.Thread(target=self._watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
+        status = 0
+        try:
+            from core.engine import EngineCore
+
+            self._core = EngineCore(self.config)
+            self._outputs.put(self._core.ready_message())
+            self._busy_loop()
+        except (_Stop, SystemExit, KeyboardInterrupt):
+            pass
+        except BaseException as exc:  # report, then die: the frontend fails in-flight requests at once
+            logger.exception("engine core failed")
+            self._outputs.put(EngineDead(error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+            status = 1
+        finally:
+            self._close()
+        return status
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if not self._stopping.is_set():
+            self._stopping.set()
+            raise _Stop()
+
+    def _busy_loop(self) -> None:
+        core = self._core
+        while True:
+            if not core.has_work():
+                self._send_idle_stats()
+                if not self._handle(self._inputs.get()):
+                    return
+            while True:
+                try:
+                    message = self._inputs.get_nowait()
+                except queue.Empty:
+                    break
+                if not self._handle(message):
+                    return
+            if core.has_work():
+                out = core.step()
+                if out.outputs or self._stats_changed(out.scheduler_stats):
+                    if not out.timestamp:
+                        out.timestamp = time.time()
+                    self._outputs.put(out)
+
+    def _handle(self, message: Any) -> bool:
+        """Apply one input; False on Shutdown."""
+        if isinstance(message, EngineRequest):
+            try:
+                self._core.add_request(message)
+            except ValueError as exc:
+                error = RequestError(message.request_id, str(exc), getattr(exc, "param", None))
+                self._outputs.put(EngineOutputs(errors=[error], timestamp=time.time()))
+        elif isinstance(message, AbortRequests):
+            self._core.abort_requests(message.request_ids, message.indices)
+        elif isinstance(message, UtilityRequest):
+            self._outputs.put(EngineOutputs(utility_output=self._call_utility(message), timestamp=time.time()))
+        elif isinstance(message, Shutdown):
+            return False
+        return True
+
+    def _call_utility(self, message: UtilityRequest) -> UtilityOutput:
+        if message.name.startswith("_") or not callable(getattr(self._core, message.name, None)):
+            return UtilityOutput(message.call_id, error=f"unknown utility call {message.name!r}")
+        try:
+            return UtilityOutput(message.call_id, result=getattr(self._core, message.name)(*message.args))
+        except Exception as exc:
+            return UtilityOutput(message.call_id, error=f"{type(exc).__name__}: {exc}")
+
+    def _stats_changed(self, stats: SchedulerStats | None) -> bool:
+        """Whether these stats tell the frontend anything new (a changed gauge or a non-zero counter delta)."""
+        if stats is None:
+            return False
+        if stats.num_preemptions or stats.prefix_cache_queries or stats.prefix_cache_hits:
+            self._last_stats = (stats.num_running, stats.num_waiting, stats.kv_cache_usage)
+            return True
+        key = (stats.num_running, stats.num_waiting, stats.kv_cache_usage)
+        if key == self._last_stats:
+            return False
+        self._last_stats = key
+        return True
+
+    def _send_idle_stats(self) -> None:
+        """On going idle, make sure the frontend's gauges show the idle state (blocks back after aborts)."""
+        snapshot = self._core.get_stats()
+        stats = SchedulerStats(
+            num_running=int(snapshot.get("num_running", 0)),
+            num_waiting=int(snapshot.get("num_waiting", 0)),
+            kv_cache_usage=float(snapshot.get("kv_cache_usage", 0.0)),
+        )
+        if self._stats_changed(stats):
+            self._outputs.put(EngineOutputs(scheduler_stats=stats, timestamp=time.time()))
+
+    def _close(self) -> None:
+        self._stopping.set()
+        if self._core is not None:
+            try:
+                self._core.shutdown()
+            except Exception:
+                logger.exception("engine core shutdown failed")
+        self._outputs.put(None)
+        self._threads[1].join(timeout=5)
+        self._in_sock.close()
+        self._out_sock.close()
+        self._ctx.term()
+
+
+def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
+    """Entry point of the engine-core process (a ``multiprocessing`` spawn target)."""
+    logging.basicConfig(
+        level=os.environ.get("PAGEDSERVE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s [engine] %(message)s",
+    )
+    status = EngineProcess(config, input_addr, output_addr).run()
+    if status:
+        sys.exit(status)
