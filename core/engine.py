@@ -1,0 +1,196 @@
+"""EngineCore: requests in, one schedule -> execute -> sample -> update per step, outputs out.
+
+Used in-process by the offline ``LLM`` and inside the engine-core process (core/engine_process.py) by the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+
+from core.kv_cache import KVCacheManager
+from core.model_runner import ModelRunner, RunnerOutput
+from core.request import Request, RequestStatus
+from core.scheduler import Scheduler, SchedulerOutput
+from ipc.messages import (
+    EngineConfig,
+    EngineOutput,
+    EngineOutputs,
+    EngineRequest,
+    FinishReason,
+    Logprobs,
+    ReadyMessage,
+    SamplingParams,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        start = time.perf_counter()
+        self.runner = ModelRunner(config)
+        self.max_model_len = self.runner.max_model_len
+        num_blocks = self.runner.determine_num_blocks()
+        max_blocks_per_seq = -(-self.max_model_len // config.block_size)
+        if num_blocks - 1 < max_blocks_per_seq:
+            raise ValueError(
+                f"The KV cache holds {(num_blocks - 1) * config.block_size} tokens, fewer than max_model_len="
+                f"{self.max_model_len}: lower max_model_len or give the cache more memory."
+            )
+        self.runner.initialize_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.kv,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=self.runner.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+        )
+        self.eos_token_ids = frozenset(self.runner.model_config.eos_token_ids)
+        self._pending: list[EngineOutput] = []
+        self._children: dict[str, list[Request]] = {}  # request id -> its n sequences
+        self._prompt_logprobs: dict[tuple[str, int], Logprobs] = {}
+        self.total_prompt_tokens = 0
+        self.total_generation_tokens = 0
+        self.startup_seconds = time.perf_counter() - start
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens; %.1fx concurrency at max_model_len=%d). Ready in %.1f s.",
+            num_blocks, config.block_size, (num_blocks - 1) * config.block_size,
+            (num_blocks - 1) / max_blocks_per_seq, self.max_model_len, self.startup_seconds,
+        )
+
+    def ready_message(self) -> ReadyMessage:
+        return ReadyMessage(
+            model=self.runner.source.name,
+            max_model_len=self.max_model_len,
+            num_kv_blocks=self.kv.pool.num_blocks,
+            block_size=self.config.block_size,
+            vocab_size=self.runner.vocab_size,
+            eos_token_ids=sorted(self.eos_token_ids),
+            device=str(self.runner.device),
+        )
+
+    # ------------------------------------------------------------------------------------------------ intake
+    def add_request(self, request: EngineRequest) -> None:
+        prompt = request.prompt_token_ids
+        if request.request_id in self._children:
+            raise ValueError(f"Request id '{request.request_id}' is already in use.")
+        if not prompt:
+            raise ValueError("The prompt is empty.")
+        if len(prompt) > self.max_model_len:
+            raise ValueError(f"The prompt has {len(prompt)} tokens, more than max_model_len={self.max_model_len}.")
+        vocab = self.runner.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"Prompt token ids must be in [0, {vocab}).")
+        params = request.sampling_params
+        sequences: list[Request] = []
+        for index in range(params.n):
+            seq_params = params
+            if params.seed is not None and index > 0:
+                seq_params = _with_seed(params, params.seed + index)
+            sequences.append(Request(
+                request.request_id, prompt, seq_params, index=index, eos_token_ids=self.eos_token_ids,
+                max_model_len=self.max_model_len, arrival_time=request.arrival_time or time.time(),
+                priority=request.priority, cache_salt=request.cache_salt,
+                fork_source=sequences[0] if index > 0 else None,
+            ))
+        self._children[request.request_id] = sequences
+        self.total_prompt_tokens += len(prompt)
+        for seq in sequences:
+            self.scheduler.add_request(seq)
+
+    def abort_requests(self, request_ids: list[str], indices: list[int] | None = None) -> None:
+        for i, request_id in enumerate(request_ids):
+            sequences = self._children.get(request_id, [])
+            for seq in sequences:
+                if indices is not None and seq.index != indices[i]:
+                    continue
+                if seq.status is RequestStatus.FINISHED:
+                    continue
+                self.scheduler.finish(seq, FinishReason.ABORT)
+                self._pending.append(EngineOutput(request_id, [], index=seq.index, finish_reason=FinishReason.ABORT))
+            self._forget_if_done(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or bool(self._pending)
+
+    # ------------------------------------------------------------------------------------------------ step
+    def step(self) -> EngineOutputs:
+        outputs, self._pending = self._pending, []
+        sched = self.scheduler.schedule()
+        if not sched.is_empty:
+            block_ids = [self.kv.block_ids(s.request) for s in sched.scheduled]
+            result = self.runner.execute(sched, block_ids)
+            outputs.extend(self._update(sched, result))
+        return EngineOutputs(outputs, self.scheduler.stats(), timestamp=time.time())
+
+    def _update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineOutput]:
+        for key, (first_token, rows) in result.prompt_logprobs.items():
+            self._add_prompt_logprobs(key, first_token, rows)
+        outputs = []
+        sample_idx = 0
+        for seq in sched.scheduled:
+            request = seq.request
+            if not seq.samples:
+                continue
+            token = result.sampled_token_ids[sample_idx]
+            logprobs = result.logprobs[sample_idx]
+            sample_idx += 1
+            finished = request.append_token(token)
+            self.total_generation_tokens += 1
+            out = EngineOutput(request.request_id, [token], index=request.index, new_logprobs=logprobs)
+            if not request.first_output_sent:
+                request.first_output_sent = True
+                out.num_cached_tokens = request.num_cached_tokens
+                if request.index == 0 and request.sampling_params.prompt_logprobs is not None:
+                    out.prompt_logprobs = self._prompt_logprobs.pop(request.key, None)
+                    request.prompt_logprobs_done = True
+            if finished:
+                out.finish_reason = request.finish_reason
+                out.stop_reason = request.stop_reason
+                self.scheduler.finish(request, request.finish_reason)
+                self._forget_if_done(request.request_id)
+            outputs.append(out)
+        return outputs
+
+    def _add_prompt_logprobs(self, key: tuple[str, int], first_token: int, rows: Logprobs) -> None:
+        """Append rows for prompt tokens not seen yet (a recompute after preemption repeats some)."""
+        have = self._prompt_logprobs.setdefault(key, Logprobs([], [], []))
+        skip = len(have.ranks) + 1 - first_token  # rows start at prompt token 1
+        if skip >= len(rows.ranks):
+            return
+        have.token_ids.extend(rows.token_ids[skip:])
+        have.logprobs.extend(rows.logprobs[skip:])
+        have.ranks.extend(rows.ranks[skip:])
+
+    def _forget_if_done(self, request_id: str) -> None:
+        sequences = self._children.get(request_id)
+        if sequences and all(s.status is RequestStatus.FINISHED for s in sequences):
+            del self._children[request_id]
+            self._prompt_logprobs.pop((request_id, 0), None)
+
+    # ------------------------------------------------------------------------------------------------ utilities
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
+
+    def get_stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.kv.usage,
+            "num_free_blocks": self.kv.num_free_blocks,
+            "num_kv_blocks": self.kv.pool.num_blocks,
+            "total_preemptions": self.scheduler.total_preemptions,
+            "total_prompt_tokens": self.total_prompt_tokens,
+            "total_generation_tokens": self.total_generation_tokens,
+        }
+
+    def shutdown(self) -> None:
+        self.runner.kv_caches = []
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return msgspec.structs.replace(params, seed=seed)

@@ -1,0 +1,257 @@
+"""Paged KV memory bookkeeping: a pool of fixed-size blocks, per-request block tables and prefix caching.
+
+Pure Python, no torch: the tensors live in the model runner; this module only decides which block ids a
+request's tokens go to. Block 0 is the reserved null block (it pads block tables and is never handed out).
+
+Prefix caching: every *full* block is named by a hash chained from its parent's hash, its token ids and the
+request's ``cache_salt``. A hash -> block map finds the longest cached prefix of a new request; hits are shared by
+raising their ref count. Freed blocks keep their hash and go to the tail of an LRU free queue; a block is evicted
+(its hash dropped) only when it is popped to hold new content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from core.request import Request
+
+NULL_BLOCK_ID = 0
+
+
+class KVBlock:
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "prev_free", "next_free")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_cnt = 0
+        self.block_hash: bytes | None = None
+        self.prev_free: KVBlock | None = None
+        self.next_free: KVBlock | None = None
+
+    def __repr__(self) -> str:
+        return f"KVBlock({self.block_id}, ref={self.ref_cnt}, cached={self.block_hash is not None})"
+
+
+class FreeBlockQueue:
+    """Doubly linked list of free blocks: O(1) pop from the head, append at the tail and removal from the middle
+    (a prefix-cache hit on a free block takes it out of the queue)."""
+
+    def __init__(self, blocks: Iterable[KVBlock]) -> None:
+        self._head = KVBlock(-1)
+        self._tail = KVBlock(-1)
+        self._head.next_free = self._tail
+        self._tail.prev_free = self._head
+        self.num_free = 0
+        for block in blocks:
+            self.append(block)
+
+    def popleft(self) -> KVBlock:
+        block = self._head.next_free
+        if block is self._tail or block is None:
+            raise IndexError("no free block")
+        self.remove(block)
+        return block
+
+    def remove(self, block: KVBlock) -> None:
+        prev, nxt = block.prev_free, block.next_free
+        assert prev is not None and nxt is not None, f"{block} is not in the free queue"
+        prev.next_free = nxt
+        nxt.prev_free = prev
+        block.prev_free = block.next_free = None
+        self.num_free -= 1
+
+    def append(self, block: KVBlock) -> None:
+        last = self._tail.prev_free
+        assert last is not None
+        last.next_free = block
+        block.prev_free = last
+        block.next_free = self._tail
+        self._tail.prev_free = block
+        self.num_free += 1
+
+    def block_ids(self) -> list[int]:
+        """Head-to-tail order (the eviction order); for tests and debugging."""
+        ids, block = [], self._head.next_free
+        while block is not None and block is not self._tail:
+            ids.append(block.block_id)
+            block = block.next_free
+        return ids
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, enable_caching: bool) -> None:
+        if num_blocks < 2:
+            raise ValueError(f"The KV cache needs at least 2 blocks (one is reserved), got {num_blocks}.")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self.free_queue = FreeBlockQueue(self.blocks[1:])
+        self.cached: dict[bytes, KVBlock] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.free_queue.num_free
+
+    @property
+    def usage(self) -> float:
+        """Fraction of allocatable blocks held by requests (free cached blocks count as free)."""
+        return 1.0 - self.free_queue.num_free / (self.num_blocks - 1)
+
+    def get_new_blocks(self, n: int) -> list[KVBlock]:
+        if n > self.free_queue.num_free:
+            raise ValueError(f"asked for {n} blocks, {self.free_queue.num_free} free")
+        out = []
+        for _ in range(n):
+            block = self.free_queue.popleft()
+            if block.block_hash is not None:  # lazy eviction: the content is overwritten now
+                if self.cached.get(block.block_hash) is block:
+                    del self.cached[block.block_hash]
+                block.block_hash = None
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def touch(self, blocks: Iterable[KVBlock]) -> None:
+        """Share blocks (prefix hits, forks): a free one leaves the free queue."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                self.free_queue.remove(block)
+            block.ref_cnt += 1
+
+    def free_blocks(self, blocks_in_eviction_order: Iterable[KVBlock]) -> None:
+        for block in blocks_in_eviction_order:
+            block.ref_cnt -= 1
+            assert block.ref_cnt >= 0, f"double free of {block}"
+            if block.ref_cnt == 0:
+                if not self.enable_caching:
+                    block.block_hash = None
+                self.free_queue.append(block)
+
+    def lookup(self, block_hash: bytes) -> KVBlock | None:
+        return self.cached.get(block_hash)
+
+    def cache_block(self, block: KVBlock, block_hash: bytes) -> None:
+        if block.block_hash is not None:
+            return
+        if block_hash not in self.cached:  # an identical block computed concurrently stays uncached
+            self.cached[block_hash] = block
+            block.block_hash = block_hash
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash; refused (False) while any block is in use, as vLLM does."""
+        if self.free_queue.num_free != self.num_blocks - 1:
+            return False
+        for block in self.cached.values():
+            block.block_hash = None
+        self.cached.clear()
+        return True
+
+
+def hash_block(parent_hash: bytes | None, token_ids: Sequence[int], cache_salt: str | None) -> bytes:
+    """sha256 of (parent, tokens, salt): collisions can't be crafted to read another tenant's cache."""
+    h = hashlib.sha256(parent_hash or b"\0" * 32)
+    h.update(array("q", token_ids).tobytes())
+    if cache_salt is not None and parent_hash is None:
+        h.update(b"salt:" + cache_salt.encode())
+    return h.digest()
+
+
+class KVCacheManager:
+    """Block tables of running requests, allocation for the tokens a step schedules, and prefix-cache lookup."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[tuple[str, int], list[KVBlock]] = {}
+        self._num_cached: dict[tuple[str, int], int] = {}  # how many leading blocks are registered in the cache
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def block_ids(self, request: "Request") -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request.key, ())]
+
+    def blocks(self, request: "Request") -> list[KVBlock]:
+        return self.req_blocks.get(request.key, [])
+
+    def _update_block_hashes(self, request: "Request", num_tokens: int) -> None:
+        bs = self.block_size
+        hashes = request.block_hashes
+        tokens = request.all_token_ids
+        for i in range(len(hashes), num_tokens // bs):
+            hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs],
+                                     request.cache_salt))
+
+    def find_cached_prefix(self, request: "Request") -> list[KVBlock]:
+        """The longest run of cached blocks at the start of the request, leaving at least its last token to
+        compute (its logits are needed)."""
+        if not self.enable_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        self._update_block_hashes(request, max_blocks * self.block_size)
+        hits = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def allocate_slots(
+        self, request: "Request", num_new_tokens: int, new_computed_blocks: Sequence[KVBlock] = ()
+    ) -> bool:
+        """Make room for ``num_new_tokens`` after the computed ones (and the shared ``new_computed_blocks``, which
+        the caller counts as computed). False, with nothing changed, when the pool is short."""
+        blocks = self.req_blocks.setdefault(request.key, [])
+        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        num_needed = -(-total // self.block_size) - len(blocks) - len(new_computed_blocks)
+        # Shared blocks that sit in the free queue (cached, ref 0) stop being free once we take them.
+        num_leaving_free = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if num_needed > self.pool.num_free_blocks - num_leaving_free:
+            if not blocks:
+                del self.req_blocks[request.key]
+            return False
+        if new_computed_blocks:
+            self.pool.touch(new_computed_blocks)
+            blocks.extend(new_computed_blocks)
+            # Shared blocks are cached already (or belong to a fork source that registers them itself).
+            self._num_cached[request.key] = len(blocks)
+        if num_needed > 0:
+            blocks.extend(self.pool.get_new_blocks(num_needed))
+        if self.enable_caching:
+            self._cache_full_blocks(request, total)
+        return True
+
+    def _cache_full_blocks(self, request: "Request", num_tokens: int) -> None:
+        """Register the blocks that the scheduled tokens fill: a later request in the same step may share them,
+        since every layer writes the step's new KV before any attention reads it."""
+        num_full = num_tokens // self.block_size
+        start = self._num_cached.get(request.key, 0)
+        if num_full <= start:
+            return
+        self._update_block_hashes(request, num_full * self.block_size)
+        blocks = self.req_blocks[request.key]
+        for i in range(start, num_full):
+            self.pool.cache_block(blocks[i], request.block_hashes[i])
+        self._num_cached[request.key] = num_full
+
+    def free(self, request: "Request") -> None:
+        """Return a request's blocks, tail first, so a chain's tail is evicted before its head."""
+        blocks = self.req_blocks.pop(request.key, None)
+        self._num_cached.pop(request.key, None)
+        if blocks:
+            self.pool.free_blocks(reversed(blocks))
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()

@@ -1,0 +1,40 @@
+"""Attention over the paged KV cache: write the step's new keys/values, then attend through the block tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.cache_write import write_kv_cache
+from kernels.paged_attention import paged_attention
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step batch layout, shared by every layer. Tensors live on the model's device."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token (block_id * block_size + offset)
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with the null block
+    seq_lens: torch.Tensor  # [B] int32: context length including this step's tokens
+    query_start_loc: torch.Tensor  # [B + 1] int32: row offsets of each sequence's new tokens
+    max_query_len: int  # on the host: 1 means a decode-only batch
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """``q`` ``[T, Hq, D]``, ``k``/``v`` ``[T, Hk, D]``; ``kv_cache`` ``[2, num_blocks, block_size, Hk, D]``."""
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)

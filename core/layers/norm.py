@@ -1,0 +1,20 @@
+"""RMSNorm with the residual add fused in (one kernel instead of two on the GPU)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels.rmsnorm import rms_norm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return rms_norm(x, self.weight, self.eps, residual)

@@ -1,0 +1,120 @@
+"""One sequence's state inside the core. A request with ``n`` > 1 becomes n of these (one per index)."""
+
+from __future__ import annotations
+
+import enum
+
+from ipc.messages import FinishReason, SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Request:
+    """A sequence: its tokens, how many of them have KV in the cache, and what stops it."""
+
+    __slots__ = (
+        "request_id", "index", "key", "prompt_token_ids", "all_token_ids", "num_prompt_tokens", "sampling_params",
+        "eos_token_ids", "stop_token_ids", "max_total_tokens", "arrival_time", "priority", "cache_salt",
+        "num_computed_tokens", "status", "finish_reason", "stop_reason", "block_hashes", "fork_source",
+        "num_cached_tokens", "prefix_query_counted", "num_preemptions", "seed_key", "prompt_logprobs_done",
+        "first_output_sent",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        *,
+        index: int = 0,
+        eos_token_ids: frozenset[int] = frozenset(),
+        max_model_len: int,
+        arrival_time: float = 0.0,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        fork_source: "Request | None" = None,
+    ) -> None:
+        self.request_id = request_id
+        self.index = index
+        self.key = (request_id, index)
+        self.prompt_token_ids = prompt_token_ids
+        self.all_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = eos_token_ids
+        self.stop_token_ids = frozenset(sampling_params.stop_token_ids or ())
+        max_tokens = sampling_params.max_tokens
+        self.max_total_tokens = max_model_len if max_tokens is None else min(
+            max_model_len, self.num_prompt_tokens + max_tokens
+        )
+        self.arrival_time = arrival_time
+        self.priority = priority
+        self.cache_salt = cache_salt
+        self.num_computed_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: int | None = None
+        self.block_hashes: list[bytes] = []
+        self.fork_source = fork_source
+        self.num_cached_tokens = 0
+        self.prefix_query_counted = False
+        self.num_preemptions = 0
+        self.prompt_logprobs_done = sampling_params.prompt_logprobs is None or index != 0
+        self.first_output_sent = False
+        seed = sampling_params.seed
+        self.seed_key = None if seed is None else _mix32((seed & _MASK32) ^ _mix32((seed >> 32) & _MASK32))
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> bool:
+        """Add a sampled token; returns True when it ends the sequence (and records why)."""
+        self.all_token_ids.append(token_id)
+        params = self.sampling_params
+        if self.num_output_tokens > params.min_tokens:
+            if token_id in self.eos_token_ids and not params.ignore_eos:
+                return self._finish(FinishReason.STOP, None)
+            if token_id in self.stop_token_ids:
+                return self._finish(FinishReason.STOP, token_id)
+        if self.num_tokens >= self.max_total_tokens:
+            return self._finish(FinishReason.LENGTH, None)
+        return False
+
+    def _finish(self, reason: FinishReason, stop_reason: int | None) -> bool:
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        return True
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}#{self.index}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, {self.status.name})")
+
+
+def _mix32(x: int) -> int:
+    """murmur3's finalizer: spreads a 32-bit key so that nearby seeds give unrelated streams."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _MASK32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _MASK32
+    x ^= x >> 16
+    return x

@@ -1,0 +1,158 @@
+"""Turn the last-position logits of a batch into next tokens, all on the device, one code path per feature used.
+
+Order: logit_bias and min_tokens masks, penalties, (raw logprobs), temperature, top-k, top-p, min-p, then an
+exponential race (argmax of probs / Exp(1) noise, equivalent to sampling). Greedy rows take the argmax.
+
+Seeded rows draw their noise from a counter-based hash of (seed, output position, token id), so a seeded request
+gives the same tokens whatever else is in the batch, after a preemption, and on any device. Unseeded rows use the
+engine's generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters for one step; ``None`` fields mean no row uses the feature."""
+
+    temperature: torch.Tensor  # [N] float32; rows with 0 are greedy
+    all_greedy: bool
+    any_greedy: bool
+    top_k: torch.Tensor | None = None  # [N] int64, 0 = off
+    top_p: torch.Tensor | None = None  # [N] float32, 1 = off
+    min_p: torch.Tensor | None = None  # [N] float32, 0 = off
+    seeded_rows: torch.Tensor | None = None  # [S] int64 row indices
+    seed_keys: torch.Tensor | None = None  # [S] int64 (32-bit keys)
+    seed_steps: torch.Tensor | None = None  # [S] int64: output tokens so far
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, token ids, values
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, token ids (EOS/stop ids before min_tokens)
+    penalties: "Penalties | None" = None
+    max_num_logprobs: int | None = None  # top-N to return for every row (rows that asked for fewer are cut later)
+
+
+@dataclass
+class Penalties:
+    presence: torch.Tensor  # [N, 1]
+    frequency: torch.Tensor  # [N, 1]
+    repetition: torch.Tensor  # [N, 1]
+    output_counts: torch.Tensor  # [N, V] float32: occurrences of each token in the output
+    seen_mask: torch.Tensor  # [N, V] bool: token in prompt or output (repetition penalty)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [N] int64
+    logprob_token_ids: torch.Tensor | None = None  # [N, 1 + K]: sampled token, then the top K
+    logprobs: torch.Tensor | None = None  # [N, 1 + K]
+    ranks: torch.Tensor | None = None  # [N]: rank of the sampled token (1 = most likely)
+
+
+class Sampler:
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        logits = logits.float()
+        if batch.logit_bias is not None:
+            rows, cols, values = batch.logit_bias
+            logits.index_put_((rows, cols), values, accumulate=True)
+        if batch.banned is not None:
+            logits.index_put_(batch.banned, torch.tensor(float("-inf"), device=logits.device))
+        if batch.penalties is not None:
+            logits = apply_penalties(logits, batch.penalties)
+        raw_logprobs = logits.log_softmax(-1) if batch.max_num_logprobs is not None else None
+
+        if batch.all_greedy:
+            sampled = logits.argmax(-1)
+        else:
+            sampled = self._sample_random(logits, batch)
+            if batch.any_greedy:
+                sampled = torch.where(batch.temperature == 0, logits.argmax(-1), sampled)
+
+        out = SamplerOutput(sampled)
+        if raw_logprobs is not None:
+            out.logprob_token_ids, out.logprobs, out.ranks = gather_logprobs(
+                raw_logprobs, sampled, batch.max_num_logprobs
+            )
+        return out
+
+    def _sample_random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
+        logits = logits / temperature[:, None]
+        logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+        if batch.min_p is not None:
+            logits = apply_min_p(logits, batch.min_p)
+        probs = logits.softmax(-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        if batch.seeded_rows is not None:
+            noise[batch.seeded_rows] = seeded_exponential(batch.seed_keys, batch.seed_steps, probs.shape[-1])
+        return (probs / noise).argmax(-1)
+
+
+def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    """Repetition penalty on prompt+output tokens (HF/vLLM rule), then OpenAI presence/frequency on output tokens."""
+    rep = torch.where(logits > 0, 1.0 / p.repetition, p.repetition)
+    logits = torch.where(p.seen_mask, logits * rep, logits)
+    return logits - p.frequency * p.output_counts - p.presence * (p.output_counts > 0).float()
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask to -inf what lies outside each row's top-k and nucleus top-p (ties with the k-th value are kept;
+    the most likely token always survives)."""
+    if top_k is None and top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k is not None:
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+        kth = sorted_logits.gather(-1, (vocab - k)[:, None])
+        mask |= sorted_logits < kth
+    if top_p is not None:
+        probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(-1)
+        mask |= probs.cumsum(-1) <= (1 - top_p)[:, None]
+        mask[:, -1] = False
+    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(-1)
+    threshold = probs.amax(-1, keepdim=True) * min_p[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def gather_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Column 0: the given tokens' logprobs; columns 1..k: the top-k; plus the given tokens' ranks."""
+    chosen = logprobs.gather(-1, token_ids[:, None])
+    ranks = (logprobs > chosen).sum(-1) + 1
+    if k > 0:
+        top_lp, top_ids = logprobs.topk(k, dim=-1)
+        return torch.cat((token_ids[:, None], top_ids), 1), torch.cat((chosen, top_lp), 1), ranks
+    return token_ids[:, None], chosen, ranks
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's finalizer on int64 tensors holding 32-bit values (products wrap; the low 32 bits stay right)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _M32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def seeded_exponential(seed_keys: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Exp(1) noise ``[S, V]`` that depends only on (seed, output position, token id)."""
+    key = _fmix32(seed_keys ^ _fmix32((steps * 0x9E3779B9) & _M32))
+    cols = (torch.arange(vocab_size, device=seed_keys.device, dtype=torch.int64) * 0x27D4EB2F) & _M32
+    bits = _fmix32(_fmix32(key[:, None] ^ cols[None, :]) ^ key[:, None])
+    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(uniform)
