@@ -8,8 +8,14 @@ cache through ``block_tables[i]`` (the new tokens were written there first). GQA
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.backend import num_sms, use_triton
 
 
 def paged_attention_ref(
@@ -77,6 +83,502 @@ def _attend(
     return out.transpose(1, 2)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Both kernels serve all query heads of one KV head per program ("GQA packing"): the K/V tiles are read once per KV
+# head and multiplied against the whole query group with one tl.dot, so a decode step reads the cache exactly once.
+# Softmax runs in the log2 domain (exp2) with the scale folded into ``scale_log2``.
+# ---------------------------------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_kernel(
+    out_ptr,  # [T, Hq, D] (written when NUM_SPLITS == 1)
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, D] float32 (written when NUM_SPLITS > 1)
+    part_lse_ptr,  # [B, Hq, NUM_SPLITS] float32, log2-domain log-sum-exp of each split
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_row = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) == q_row:
+        return  # a sequence with no query row this step
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Each split covers a TILE_N-aligned share of this sequence's context; short sequences leave late splits empty.
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE_N) * TILE_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    if NUM_SPLITS > 1:
+        if start >= seq_len:
+            return  # the reduce kernel derives the same split count from seq_len and never reads this one
+
+    offs_h = tl.arange(0, BLOCK_H)
+    head_mask = offs_h < GROUP
+    heads = kv_head * GROUP + offs_h
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=head_mask[:, None], other=0.0
+    )
+    q = q.to(k_cache_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    for tile_start in range(start, end, TILE_N):
+        offs_n = tile_start + tl.arange(0, TILE_N)
+        valid = offs_n < end
+        page = tl.load(table + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        in_page = offs_n % BLOCK_SIZE
+        k = tl.load(
+            k_base + (page * stride_kb + in_page * stride_ks)[None, :] + offs_d[:, None],
+            mask=valid[None, :],
+            other=0.0,
+        )  # [D, TILE_N]
+        v = tl.load(
+            v_base + (page * stride_vb + in_page * stride_vs)[:, None] + offs_d[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        )  # [TILE_N, D]
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    safe_l = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (graph padding) gives zeros, not NaN
+    out = acc / safe_l[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(
+            out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=head_mask[:, None],
+        )
+    else:
+        part = (seq * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split  # [BLOCK_H]
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_mask[:, None])
+        tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=head_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_row = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) == q_row:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE_N) * TILE_N
+    num_active = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # 0 when seq_len == 0
+    offs_s = tl.arange(0, SPLITS_PAD)
+    active = offs_s < num_active
+    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
+    lse = tl.load(part_lse_ptr + part, mask=active, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(num_active > 0, lse_max, 0.0)
+    weight = tl.exp2(lse - lse_max)  # 0 for inactive splits
+    offs_d = tl.arange(0, HEAD_DIM)
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=active[:, None], other=0.0)
+    total = tl.maximum(tl.sum(weight, 0), 1e-30)
+    out = tl.sum(parts * weight[:, None], 0) / total
+    tl.store(out_ptr + q_row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _prefill_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    q_pos,
+    tile_start,
+    seq_len,
+    kv_end,
+    table,
+    k_base,
+    v_base,
+    scale_log2,
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One key tile of online softmax; ``MASKED`` tiles apply the causal and length masks."""
+    offs_n = tile_start + tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        valid = offs_n < kv_end
+        page = tl.load(table + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    else:
+        page = tl.load(table + offs_n // BLOCK_SIZE).to(tl.int64)
+    in_page = offs_n % BLOCK_SIZE
+    k_ptrs = k_base + (page * stride_kb + in_page * stride_ks)[None, :] + offs_d[:, None]
+    v_ptrs = v_base + (page * stride_vb + in_page * stride_vs)[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=valid[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    s = s * scale_log2
+    if MASKED:
+        visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < seq_len)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    out_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    scale_log2,
+    num_seqs,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Rows of a program are ``BLOCK_Q`` query tokens x ``GROUP`` query heads of one KV head (row = tok * GROUP + h).
+
+    The grid has ``T // BLOCK_Q + B`` programs on axis 0, an upper bound on the query tiles of all sequences that needs
+    no host knowledge of the lengths: sequence ``i`` owns programs ``qsl[i] // BLOCK_Q + i`` onwards (binary search).
+    """
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_block = pid - (q_start // BLOCK_Q + seq)
+    if q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = q_block * BLOCK_Q + offs_m // GROUP
+    heads = kv_head * GROUP + offs_m % GROUP
+    row_mask = (offs_m < BLOCK_Q * GROUP) & (tok < q_len)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )
+    q = q.to(k_cache_ptr.dtype.element_ty)
+    q_pos = context_len + tok
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    # Keys below the tile's first query position are visible to every row: whole tiles there need no mask. The first
+    # masked tile's first key is visible to every row too, so no row ever sees an all -inf tile before a finite one.
+    first_pos = context_len + q_block * BLOCK_Q
+    full_end = (first_pos + 1) // TILE_N * TILE_N
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
+    for tile_start in range(0, full_end, TILE_N):
+        acc, m_i, l_i = _prefill_tile(
+            acc, m_i, l_i, q, q_pos, tile_start, seq_len, kv_end, table, k_base, v_base, scale_log2,
+            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, False, IEEE,
+        )  # fmt: skip
+    for tile_start in range(full_end, kv_end, TILE_N):
+        acc, m_i, l_i = _prefill_tile(
+            acc, m_i, l_i, q, q_pos, tile_start, seq_len, kv_end, table, k_base, v_base, scale_log2,
+            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, True, IEEE,
+        )  # fmt: skip
+
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launch configuration (static: a function of shapes and dtypes only, never of tensor values)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    tile_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    # Split-K targets this many programs per SM; a split never drops below min_split_tokens of the table's capacity.
+    programs_per_sm: int = 4
+    min_split_tokens: int = 128
+    max_splits: int = 64
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    tile_n: int
+    num_warps: int
+    num_stages: int
+
+
+DECODE_CONFIG = DecodeConfig()
+# (minimum average query length T / B, config): the first whose threshold the batch meets wins.
+PREFILL_CONFIGS: list[tuple[float, PrefillConfig]] = [
+    (64.0, PrefillConfig(block_m=128, tile_n=64, num_warps=8, num_stages=2)),
+    (8.0, PrefillConfig(block_m=64, tile_n=64, num_warps=4, num_stages=2)),
+    (0.0, PrefillConfig(block_m=16, tile_n=64, num_warps=4, num_stages=2)),
+]
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, sms: int,
+                      config: DecodeConfig = DECODE_CONFIG) -> int:  # fmt: skip
+    """Split-K factor from static shapes: enough programs to fill the GPU, never splits shorter than a minimum."""
+    programs = batch * num_kv_heads
+    wanted = -(-config.programs_per_sm * sms // programs)
+    by_length = max(1, (max_blocks * block_size) // config.min_split_tokens)
+    return max(1, min(wanted, by_length, config.max_splits))
+
+
+def _pick_prefill_config(num_tokens: int, num_seqs: int) -> PrefillConfig:
+    avg = num_tokens / max(num_seqs, 1)
+    for threshold, config in PREFILL_CONFIGS:
+        if avg >= threshold:
+            return config
+    return PREFILL_CONFIGS[-1][1]
+
+
+def triton_supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Shapes the Triton kernels handle: power-of-two head dim >= 16, whole query groups, unit-stride last dims."""
+    head_dim = q.shape[-1]
+    return (
+        head_dim >= 16
+        and head_dim & (head_dim - 1) == 0
+        and q.shape[1] % k_cache.shape[2] == 0
+        and q.stride(-1) == 1
+        and k_cache.stride(-1) == 1
+    )
+
+
+def _check(q, k_cache, v_cache, block_tables, out) -> torch.Tensor:
+    if not triton_supports(q, k_cache):
+        raise ValueError(f"unsupported shapes for the Triton attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must have the same shape, dtype and unit last stride")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables rows must be contiguous")
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} with unit last stride, got {tuple(out.shape)}")
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Triton decode attention: every sequence has exactly one query row (or none).
+
+    CUDA-graph safe: no host syncs; the grid is ``(B, Hk, num_splits)`` with ``num_splits`` from static shapes; the
+    split-K scratch is allocated from static shapes (inside a graph capture it lives in the graph's pool). Sequences with
+    ``seq_len == 0`` (graph padding) get zero output rows.
+    """
+    config = config or DECODE_CONFIG
+    out = _check(q, k_cache, v_cache, block_tables, out)
+    batch = seq_lens.shape[0]
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    if num_splits is None:
+        sms = num_sms(q.device.index if q.is_cuda else None)
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, sms, config)
+    if batch == 0:
+        return out
+    if num_splits > 1:
+        part_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # never touched
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        out, part_out, part_lse, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TILE_N=config.tile_n,
+        NUM_SPLITS=num_splits,
+        IEEE=k_cache.dtype == torch.float32,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_q_heads)](
+            out, part_out, part_lse, seq_lens, query_start_loc, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim,
+            TILE_N=config.tile_n,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    config: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """Triton varlen causal attention over the paged cache, for any mix of prefill chunks and decodes.
+
+    The grid is sized from ``T`` and ``B`` (shapes), so it needs no host copy of the lengths either.
+    """
+    out = _check(q, k_cache, v_cache, block_tables, out)
+    num_tokens, num_q_heads, head_dim = q.shape
+    batch = seq_lens.shape[0]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    if num_tokens == 0 or batch == 0:
+        return out
+    config = config or _pick_prefill_config(num_tokens, batch)
+    block_m = max(config.block_m, triton.next_power_of_2(group))
+    block_q = block_m // group
+    grid = (num_tokens // block_q + batch, num_kv_heads)
+    _prefill_kernel[grid](
+        out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        scale * _LOG2E, batch,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group,
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TILE_N=config.tile_n,
+        IEEE=k_cache.dtype == torch.float32,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -85,5 +587,25 @@ def paged_attention(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    *,
+    max_query_len: int | None = None,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    """Causal paged attention (see the module docstring); ``out`` may be a persistent buffer (CUDA graphs).
+
+    On CUDA: the decode kernel when ``max_query_len == 1`` (every sequence one new token; row i is sequence i), the
+    varlen prefill kernel otherwise (``max_query_len=None`` is always safe). ``backend="torch"`` (or
+    ``PAGEDSERVE_ATTENTION_BACKEND=torch``) forces the reference, which syncs and is not graph-safe.
+    """
+    if backend != "torch" and use_triton(q, attention=True) and triton_supports(q, k_cache):
+        if max_query_len == 1:
+            return paged_decode_attention(
+                q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out
+            )
+        return paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out)
+    result = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out

@@ -1,0 +1,114 @@
+"""Shared helpers for the kernel tests: random paged-attention problems, error metric, poisoning.
+
+Small-shape tests run the Triton kernels on ``KERNEL_DEVICE``: the CPU under ``TRITON_INTERPRET=1`` (set by
+tests/conftest.py when there is no GPU), the GPU otherwise, so the same tests also run compiled on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+
+# Relative-error bounds against a float64 reference, by the dtype the kernel computes in.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# Attention rounds the softmax weights to the cache dtype before the P @ V product, like every flash kernel.
+ATTENTION_TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``‖out − ref‖ / ‖ref‖`` in float64; NaN anywhere gives inf, so it can never pass."""
+    out64, ref64 = out.double().cpu(), ref.double().cpu()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    return ((out64 - ref64).norm() / ref64.norm()).item()
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:
+    err = relative_error(out, ref)
+    nan_count = int((~torch.isfinite(out)).sum())
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({nan_count} non-finite values)"
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+@dataclass
+class AttentionProblem:
+    q: torch.Tensor  # [T, Hq, D]
+    k_cache: torch.Tensor  # [num_blocks, block_size, Hk, D]
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    scale: float
+    max_query_len: int
+
+    def args(self) -> tuple:
+        return (self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens, self.query_start_loc, self.scale)
+
+    def float64_reference(self) -> torch.Tensor:
+        from kernels.paged_attention import paged_attention_ref
+
+        return paged_attention_ref(
+            self.q.double(), self.k_cache.double(), self.v_cache.double(), self.block_tables, self.seq_lens,
+            self.query_start_loc, self.scale,
+        )  # fmt: skip
+
+
+def make_attention_problem(
+    q_lens: list[int],
+    seq_lens: list[int],
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: str,
+    generator: torch.Generator,
+    spare_blocks: int = 8,
+    extra_table_columns: int = 3,
+    strided_q: bool = False,
+) -> AttentionProblem:
+    """A random problem: every cache slot (also past the lengths) holds random data; blocks are a random permutation,
+    so a sequence's blocks are scattered; unused table entries point at other sequences' blocks (reading them gives
+    wrong answers, not crashes). ``strided_q`` makes ``q`` a slice of a wider fused-qkv-like tensor."""
+    assert all(q <= s for q, s in zip(q_lens, seq_lens))
+    batch = len(seq_lens)
+    blocks_needed = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_needed) + spare_blocks
+    width = max(blocks_needed + [1]) + extra_table_columns
+    perm = torch.randperm(num_blocks, generator=generator)
+    table = torch.randint(0, num_blocks, (batch, width), generator=generator, dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(blocks_needed):
+        table[i, :n] = perm[start : start + n].to(torch.int32)
+        start += n
+    total = sum(q_lens)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float32).to(dtype)
+
+    if strided_q:
+        q = randn(total, num_q_heads + 2 * num_kv_heads, head_dim).to(device)[:, :num_q_heads]
+    else:
+        q = randn(total, num_q_heads, head_dim).to(device)
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    return AttentionProblem(
+        q=q,
+        k_cache=randn(num_blocks, block_size, num_kv_heads, head_dim).to(device),
+        v_cache=randn(num_blocks, block_size, num_kv_heads, head_dim).to(device),
+        block_tables=table.to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        scale=head_dim**-0.5,
+        max_query_len=max(q_lens + [0]),
+    )
