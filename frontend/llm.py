@@ -1,0 +1,164 @@
+"""The offline API, shaped like vLLM's ``LLM`` so its users feel at home.
+
+Drives an ``EngineCore`` in-process (no sockets): the same scheduler, runner and sampler as the server, and the
+same ``OutputProcessor`` for text, logprobs and stop strings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from frontend.output_processor import OutputProcessor, RequestOutput
+from ipc.messages import EngineConfig, EngineRequest, SamplingParams
+from ipc.model_source import resolve_model
+
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    """``LLM(model=None, **engine_args)``: ``model`` is a HF id, a local directory or a .gguf file; None loads the
+    default SmolLM2-135M-Instruct. Engine args carry vLLM's names (``dtype``, ``max_model_len``, ``max_num_seqs``,
+    ``max_num_batched_tokens``, ``gpu_memory_utilization``, ``load_format``, ``seed``, ``skip_tokenizer_init``,
+    ``enforce_eager``, ``enable_prefix_caching``, ...)."""
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        from core.engine import EngineCore  # the offline LLM is the one frontend piece that runs the core in-process
+
+        fields = set(EngineConfig.__struct_fields__)
+        unknown = sorted(set(engine_args) - fields)
+        if unknown:
+            raise TypeError(f"Unknown engine argument(s) {unknown}; known: {sorted(fields - {'model'})}.")
+        self.config = EngineConfig(model=model, **engine_args)
+        self.engine = EngineCore(self.config)
+        self.tokenizer = None
+        if not self.config.skip_tokenizer_init:
+            from frontend.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(
+                resolve_model(model), self.config.tokenizer, self.config.chat_template
+            )
+        self.processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    # ------------------------------------------------------------------------------------------------ generate
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One ``RequestOutput`` per prompt, in order. Prompts are strings, ``{"prompt": str}`` or
+        ``{"prompt_token_ids": [...]}``."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params_list = self._params_per_prompt(sampling_params, len(prompts))
+        encoded = [self._encode(p) for p in prompts]
+        return self._run(encoded, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation (a list of messages) or several."""
+        if self.tokenizer is None:
+            raise ValueError("chat() needs a tokenizer; it was skipped (skip_tokenizer_init=True).")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+            )
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            prompts.append((text, ids))
+        params_list = self._params_per_prompt(sampling_params, len(prompts))
+        return self._run(prompts, params_list, use_tqdm)
+
+    # ------------------------------------------------------------------------------------------------ internals
+    @staticmethod
+    def _params_per_prompt(
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
+    ) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise ValueError(f"Got {len(params)} sampling params for {n} prompts.")
+        return params
+
+    def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if not isinstance(prompt, str):
+            raise TypeError(f"A prompt is a string or a dict with 'prompt' or 'prompt_token_ids', got {type(prompt)}.")
+        if self.tokenizer is None:
+            raise ValueError("Text prompts need a tokenizer (skip_tokenizer_init=True): pass prompt_token_ids.")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def _run(
+        self, prompts: list[tuple[str | None, list[int]]], params_list: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        order: dict[str, int] = {}
+        try:
+            for i, ((text, ids), params) in enumerate(zip(prompts, params_list)):
+                request_id = str(next(self._ids))
+                self.engine.add_request(EngineRequest(request_id, ids, params, arrival_time=time.time()))
+                self.processor.add_request(request_id, text, ids, params, final_only=True)
+                order[request_id] = i
+        except ValueError:  # a bad prompt: take back the ones already queued, so the batch is all or nothing
+            self._abort(list(order))
+            raise
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        bar = _progress_bar(len(prompts)) if use_tqdm else None
+        generated = 0
+        start = time.perf_counter()
+        try:
+            while self.engine.has_work():
+                step = self.engine.step()
+                processed = self.processor.process_outputs(step.outputs)
+                if processed.to_abort:
+                    request_ids, indices = zip(*processed.to_abort)
+                    self.engine.abort_requests(list(request_ids), list(indices))
+                generated += sum(len(o.new_token_ids) for o in step.outputs)
+                for out in processed.request_outputs:
+                    if out.finished and out.request_id in order:
+                        results[order.pop(out.request_id)] = out
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.0f} tok/s")
+        except BaseException:  # e.g. Ctrl-C: leave the engine clean for the next call
+            self._abort(list(order))
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [r for r in results if r is not None]
+
+    def _abort(self, request_ids: list[str]) -> None:
+        self.engine.abort_requests(request_ids)
+        for request_id in request_ids:
+            self.processor.abort_request(request_id)
+        while self.engine.has_work():
+            self.engine.step()
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)

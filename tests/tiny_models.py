@@ -1,0 +1,75 @@
+"""Tiny random-weight HF models for parity tests: one per supported architecture, saved as safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 384
+
+
+def hf_config(arch: str, **overrides):
+    import transformers
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+        initializer_range=0.2, rms_norm_eps=1e-6,
+    )
+    if arch == "llama":  # llama3 RoPE scaling, untied head
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64})
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+    elif arch == "qwen2":  # qkv bias, tied embeddings
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
+    elif arch == "qwen3":  # q/k norm, head_dim != hidden / heads
+        cfg = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True, use_sliding_window=False)
+    else:
+        raise ValueError(arch)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def make_tiny_model(directory: Path, arch: str, seed: int = 0) -> Path:
+    """Save a random model of ``arch`` under ``directory`` (reused if already there) and return its path."""
+    import transformers
+
+    path = Path(directory) / f"{arch}-{seed}"
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch), dtype=torch.float32)
+    if arch == "qwen2":  # HF initializes biases to zero; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                torch.nn.init.normal_(p, std=0.2)
+    model.save_pretrained(path)
+    return path
+
+
+def hf_greedy(path: Path, prompts: list[list[int]], max_tokens: int, top_logprobs: int = 5):
+    """transformers' greedy ``generate`` (EOS disabled): token ids and the top logprobs of each step."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    config = transformers.GenerationConfig(
+        max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True,
+        return_dict_in_generate=True,
+    )
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            out = model.generate(torch.tensor([prompt]), generation_config=config)
+            tokens = out.sequences[0, len(prompt):].tolist()
+            steps = []
+            for logits in out.logits:
+                lp = logits[0].float().log_softmax(-1)
+                top = lp.topk(top_logprobs)
+                steps.append(dict(zip(top.indices.tolist(), top.values.tolist())))
+            results.append((tokens, steps))
+    return results
