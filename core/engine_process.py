@@ -59,7 +59,7 @@ class EngineProcess:
         self._outputs: queue.Queue[Any] = queue.Queue()
         self._stopping = threading.Event()
         self._core: Any = None
-        self._last_stats: tuple | None = None
+        self._last_stats: tuple = (0, 0, 0.0)  # what the frontend's gauges show before any stats arrive
         self._threads = [
             threading.Thread(target=self._recv_loop, name="engine-input", daemon=True),
             threading.Thread(target=self._send_loop, name="engine-output", daemon=True),
@@ -204,7 +204,9 @@ class EngineProcess:
             except Exception:
                 logger.exception("engine core shutdown failed")
         self._outputs.put(None)
-        self._threads[1].join(timeout=5)
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout=5)
         self._in_sock.close()
         self._out_sock.close()
         self._ctx.term()

@@ -1,0 +1,271 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes, auth, error shapes, and the process's lifecycle.
+
+The engine core starts in the app's lifespan, before uvicorn accepts a connection, and stops in it, so
+SIGTERM / Ctrl-C (handled by uvicorn) stop both processes. Every error leaves as OpenAI's
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from frontend.engine_client import EngineClient
+from frontend.metrics import CONTENT_TYPE
+from frontend.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
+from frontend.serving_chat import ChatServing
+from frontend.serving_common import ServingContext, json_response
+from frontend.serving_completion import CompletionServing
+from frontend.serving_tokenize import TokenizeServing
+from ipc.messages import EngineConfig
+
+logger = logging.getLogger("pagedserve.server")
+
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
+
+
+@dataclass
+class ServerOptions:
+    host: str | None = None
+    port: int = 8000
+    api_key: str | None = None
+    served_model_names: list[str] = field(default_factory=list)
+    max_request_body_bytes: int = 32 * 1024 * 1024
+    log_level: str = "info"
+    access_log: bool = True
+    graceful_shutdown_s: float = 5.0
+    engine_startup_timeout_s: float = 1800.0
+
+
+def version() -> str:
+    try:
+        return metadata.version("pagedserve")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+def error_response(error: OpenAIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status_code)
+
+
+# ------------------------------------------------------------------------------------------ middleware
+
+
+class ApiKeyMiddleware:
+    """401 unless ``Authorization: Bearer <key>``; health, version and metrics stay open (vLLM does the same)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"] not in PUBLIC_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                error = OpenAIError("Unauthorized: a valid API key is required (Authorization: Bearer <key>).",
+                                    status_code=401)
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """413 for a request body over the limit: by its Content-Length, or while it streams in (chunked)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _error(self) -> OpenAIError:
+        return OpenAIError(f"Request body too large: the limit is {self.max_bytes} bytes.", status_code=413)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await error_response(self._error())(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # FastAPI re-raises HTTPExceptions from body reading; the handler below shapes it.
+                    raise StarletteHTTPException(413, self._error().message)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+# ------------------------------------------------------------------------------------------ app
+
+
+def _validation_error(exc: RequestValidationError) -> OpenAIError:
+    errors = exc.errors()
+    parts, param = [], None
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if param is None and loc:
+            param = loc[0]
+        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
+    return OpenAIError("Invalid request: " + "; ".join(parts), param=param)
+
+
+def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: ServerOptions) -> FastAPI:
+    """The FastAPI app; its lifespan starts the engine core and waits for READY."""
+    served_names = options.served_model_names or [engine_config.served_model_name or engine_config.model or ""]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = EngineClient(engine_config, tokenizer, served_names[0],
+                              startup_timeout_s=options.engine_startup_timeout_s)
+        app.state.client = client
+        try:
+            ready = await client.start()
+            if not served_names[0]:
+                served_names[0] = ready.model
+            ctx = ServingContext(client, tokenizer, served_names, ready.model, ready.max_model_len,
+                                 ready.vocab_size)
+            app.state.ctx = ctx
+            app.state.completion = CompletionServing(ctx)
+            app.state.chat = ChatServing(ctx)
+            app.state.tokenize = TokenizeServing(ctx)
+            logger.info("pagedserve %s serving %s (max_model_len %d) on http://%s:%d", version(),
+                        ", ".join(served_names), ready.max_model_len, options.host or "0.0.0.0", options.port)
+            yield
+        finally:
+            await client.shutdown()
+
+    app = FastAPI(title="pagedserve", version=version(), lifespan=lifespan)
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"Not found: {request.method} {request.url.path}"
+        return error_response(OpenAIError(message, status_code=exc.status_code))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return error_response(OpenAIError(f"Internal server error: {type(exc).__name__}: {exc}", status_code=500))
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        client: EngineClient = request.app.state.client
+        if client.is_healthy:
+            return Response(status_code=200)
+        return error_response(OpenAIError(client.dead_error or "The engine is not running.", status_code=503))
+
+    app.add_api_route("/ping", health, methods=["GET", "POST"])
+
+    @app.get("/version")
+    async def get_version() -> JSONResponse:
+        return JSONResponse({"version": version()})
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        ctx: ServingContext = request.app.state.ctx
+        cards = [ModelCard(id=name, root=ctx.model_path, max_model_len=ctx.max_model_len)
+                 for name in ctx.served_model_names]
+        return json_response(ModelList(data=cards))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await request.app.state.completion.create(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await request.app.state.chat.create(body, request)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest, request: Request) -> JSONResponse:
+        return json_response(request.app.state.tokenize.tokenize(body))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
+        return json_response(request.app.state.tokenize.detokenize(body))
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.client.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache(request: Request) -> Response:
+        client: EngineClient = request.app.state.client
+        request.app.state.ctx.check_engine()
+        ok = await client.call_utility("reset_prefix_cache")
+        return JSONResponse({"success": bool(ok)})
+
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=options.max_request_body_bytes)
+    if options.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=options.api_key)
+    return app
+
+
+def bind_socket(host: str | None, port: int) -> socket.socket:
+    """Bind the port before the (slow) engine start, so a port in use fails at once."""
+    family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
+    """Load the tokenizer, bind the port, then serve until SIGTERM / Ctrl-C (the engine starts in the lifespan)."""
+    import uvloop
+
+    from frontend.tokenizer import load_tokenizer
+    from ipc.model_source import resolve_model
+
+    source = resolve_model(engine_config.model)
+    tokenizer = None
+    if not engine_config.skip_tokenizer_init:
+        tokenizer = load_tokenizer(source, engine_config.tokenizer, engine_config.chat_template)
+    if not options.served_model_names:
+        options.served_model_names = [engine_config.served_model_name or source.name]
+    sock = bind_socket(options.host, options.port)
+    app = build_app(engine_config, tokenizer, options)
+    config = uvicorn.Config(
+        app, log_level=options.log_level, access_log=options.access_log,
+        timeout_graceful_shutdown=options.graceful_shutdown_s, timeout_keep_alive=5,
+    )
+    server = uvicorn.Server(config)
+    uvloop.run(server.serve(sockets=[sock]))

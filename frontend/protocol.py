@@ -1,0 +1,436 @@
+"""OpenAI-compatible request and response schemas (pydantic), and their mapping to ``SamplingParams``.
+
+Field names, defaults and vLLM's extra sampling fields follow vLLM's ``protocol.py`` so clients can switch.
+Every validation failure becomes an ``OpenAIError`` (HTTP 400) naming the offending parameter.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ipc.messages import SamplingParamError, SamplingParams
+
+MAX_LOGPROBS = 20
+
+
+class OpenAIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
+              413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+    def __init__(self, message: str, status_code: int = 400, param: str | None = None,
+                 err_type: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.param = param
+        self.err_type = err_type or self._TYPES.get(status_code, "Error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.err_type, "param": self.param,
+                          "code": self.status_code}}
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class OpenAIBase(BaseModel):
+    # Unknown fields are ignored (as OpenAI and vLLM do), so newer clients keep working.
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(OpenAIBase):
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False
+
+
+class _SamplingFields(OpenAIBase):
+    """Sampling fields shared by completions and chat, with vLLM's extras."""
+
+    model: str | None = None
+    n: int = 1
+    best_of: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    echo: bool = False
+    add_special_tokens: bool = True
+    request_id: str | None = None
+
+    def _sampling_params(self, max_tokens: int, logprobs: int | None, default_max: bool) -> SamplingParams:
+        if self.best_of is not None and self.best_of != self.n:
+            raise OpenAIError("best_of is not supported (only best_of == n).", param="best_of")
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError("stream_options can only be set when stream is true.", param="stream_options")
+        if logprobs is not None and logprobs > MAX_LOGPROBS:
+            raise OpenAIError(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}.", param="logprobs")
+        if self.prompt_logprobs is not None and self.prompt_logprobs > MAX_LOGPROBS:
+            raise OpenAIError(f"prompt_logprobs must be at most {MAX_LOGPROBS}, got {self.prompt_logprobs}.",
+                              param="prompt_logprobs")
+        if self.prompt_logprobs is not None and self.stream:
+            raise OpenAIError("prompt_logprobs is not available when stream is true.", param="prompt_logprobs")
+        logit_bias = None
+        if self.logit_bias:
+            try:
+                logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise OpenAIError("logit_bias keys must be token ids.", param="logit_bias") from None
+        try:
+            return SamplingParams(
+                n=self.n,
+                temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                top_k=0 if self.top_k is None else self.top_k,
+                min_p=0.0 if self.min_p is None else self.min_p,
+                seed=self.seed,
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                logit_bias=logit_bias,
+                max_tokens=max_tokens,
+                min_tokens=self.min_tokens,
+                stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+                stop_token_ids=list(self.stop_token_ids) if self.stop_token_ids else None,
+                ignore_eos=self.ignore_eos,
+                logprobs=logprobs,
+                prompt_logprobs=self.prompt_logprobs,
+                skip_special_tokens=self.skip_special_tokens,
+                spaces_between_special_tokens=self.spaces_between_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+            )
+        except SamplingParamError as exc:
+            param = exc.param
+            if param == "max_tokens" and not default_max:
+                param = self._max_tokens_name()
+            raise OpenAIError(str(exc), param=param) from None
+        except (ValueError, TypeError) as exc:
+            raise OpenAIError(str(exc)) from None
+
+    def _max_tokens_name(self) -> str:
+        return "max_tokens"
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage
+                    and self.stream_options.continuous_usage_stats)
+
+
+def resolve_max_tokens(requested: int | None, default: int | None, prompt_len: int, max_model_len: int,
+                       param: str, prompt_param: str = "prompt") -> tuple[int, bool]:
+    """The max_tokens to use and whether it was defaulted; 400 when the request cannot fit the context.
+
+    ``requested`` None: ``default`` capped to the room left, or all the room left when there is no default.
+    """
+    if prompt_len >= max_model_len:
+        raise OpenAIError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{prompt_len} input tokens, which leaves no room for the completion. Please reduce the length of "
+            "the input.", param=prompt_param)
+    room = max_model_len - prompt_len
+    if requested is None:
+        return (room if default is None else min(default, room)), True
+    if requested < 1:
+        raise OpenAIError(f"{param} must be at least 1, got {requested}.", param=param)
+    if requested > room:
+        raise OpenAIError(
+            f"'{param}' is too large: {requested}. This model's maximum context length is {max_model_len} "
+            f"tokens and your request has {prompt_len} input tokens ({requested} > {max_model_len} - "
+            f"{prompt_len}).", param=param)
+    return requested, False
+
+
+# ------------------------------------------------------------------------------------------------ completions
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s): each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            items: list = [p]
+        elif not p:
+            raise OpenAIError("The prompt is empty.", param="prompt")
+        elif all(isinstance(x, int) for x in p):
+            items = [list(p)]
+        else:
+            items = list(p)
+        for item in items:
+            if (isinstance(item, str) and item == "") or (isinstance(item, list) and not item):
+                raise OpenAIError("The prompt is empty.", param="prompt")
+        return items
+
+    def to_sampling_params(self, prompt_len: int, max_model_len: int) -> SamplingParams:
+        if self.suffix:
+            raise OpenAIError("suffix is not supported.", param="suffix")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise OpenAIError(f"logprobs must be non-negative, got {self.logprobs}.", param="logprobs")
+        if "max_tokens" in self.model_fields_set:  # an explicit null means "up to the context length" (vLLM)
+            requested, default = self.max_tokens, None
+        else:
+            requested, default = None, 16
+        max_tokens, defaulted = resolve_max_tokens(requested, default, prompt_len, max_model_len, "max_tokens")
+        params = self._sampling_params(max_tokens, self.logprobs, defaulted)
+        if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
+            params.prompt_logprobs = self.logprobs  # echoed prompt tokens come with their logprobs
+        return params
+
+
+class CompletionLogprobs(OpenAIBase):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class UsageInfo(OpenAIBase):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens: int | None = 0
+
+
+class CompletionChoice(OpenAIBase):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[int, dict[str, Any]] | None] | None = None
+
+
+class CompletionResponse(OpenAIBase):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamChoice(OpenAIBase):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionStreamResponse(OpenAIBase):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+# ------------------------------------------------------------------------------------------------ chat
+
+
+class ChatMessage(OpenAIBase):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text; content parts other than text are refused."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        pieces = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise OpenAIError(f"Unsupported content part type {part.get('type')!r}: only text is supported.",
+                                  param="messages")
+            pieces.append(part["text"])
+        return "\n".join(pieces)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def _max_tokens_name(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def check(self) -> None:
+        """Checks that need no tokenizer: run before rendering the template."""
+        if not self.messages:
+            raise OpenAIError("messages must contain at least one message.", param="messages")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise OpenAIError("add_generation_prompt and continue_final_message cannot both be true.",
+                              param="continue_final_message")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise OpenAIError("response_format other than 'text' is not supported.", param="response_format")
+        if self.tools and self.tool_choice not in (None, "none"):
+            raise OpenAIError("Tool calling is not supported.", param="tools")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise OpenAIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise OpenAIError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.top_logprobs}.",
+                                  param="top_logprobs")
+
+    def to_sampling_params(self, prompt_len: int, max_model_len: int) -> SamplingParams:
+        requested = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        max_tokens, defaulted = resolve_max_tokens(requested, None, prompt_len, max_model_len,
+                                                   self._max_tokens_name(), prompt_param="messages")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs, defaulted)
+
+
+class ChatLogprob(OpenAIBase):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobContent(ChatLogprob):
+    top_logprobs: list[ChatLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(OpenAIBase):
+    content: list[ChatLogprobContent] | None = None
+
+
+class ChatResponseMessage(OpenAIBase):
+    role: str = "assistant"
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ChatCompletionChoice(OpenAIBase):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(OpenAIBase):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    prompt_logprobs: list[dict[int, dict[str, Any]] | None] | None = None
+
+
+class DeltaMessage(OpenAIBase):
+    role: str | None = Field(default=None, exclude_if=lambda v: v is None)  # only in a choice's first chunk
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(OpenAIBase):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionStreamResponse(OpenAIBase):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+# ------------------------------------------------------------------------------------------------ other
+
+
+class TokenizeCompletionRequest(OpenAIBase):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(OpenAIBase):
+    model: str | None = None
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeResponse(OpenAIBase):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIBase):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(OpenAIBase):
+    prompt: str
+
+
+class ModelCard(OpenAIBase):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "pagedserve"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(OpenAIBase):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,185 @@
+"""``POST /v1/completions``: text or token-id prompts (one or a batch), streaming or not, echo and logprobs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from frontend.output_processor import Logprob, RequestOutput
+from frontend.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamChoice,
+    CompletionStreamResponse,
+    OpenAIError,
+    UsageInfo,
+    random_id,
+)
+from frontend.serving_common import (
+    ServingContext,
+    clamp_logprob,
+    engine_error,
+    error_event,
+    json_response,
+    merge_async_iterators,
+    run_until_disconnect,
+    sse_response,
+)
+from ipc.messages import SamplingParams
+
+
+def completion_logprobs(ctx: ServingContext, token_ids: list[int], rows: list[dict[int, Logprob] | None],
+                        num_top: int, text_offset: int) -> CompletionLogprobs:
+    """The legacy completions logprobs shape: tokens, token_logprobs, top_logprobs, text_offset.
+
+    A ``None`` row (the first prompt token, when echoing) has no logprob, as in OpenAI's API.
+    """
+    out = CompletionLogprobs()
+    for token_id, row in zip(token_ids, rows):
+        if row is None:
+            token = ctx.token_str(token_id)
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+        else:
+            chosen = row.get(token_id)
+            token = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None \
+                else ctx.token_str(token_id)
+            out.token_logprobs.append(clamp_logprob(chosen.logprob) if chosen is not None else None)
+            top: dict[str, float] = {}
+            for k, (tid, lp) in enumerate(row.items()):
+                if k > num_top:
+                    break
+                top[lp.decoded_token if lp.decoded_token is not None else ctx.token_str(tid)] = clamp_logprob(lp.logprob)
+            out.top_logprobs.append(top)
+        out.tokens.append(token)
+        out.text_offset.append(text_offset)
+        text_offset += len(token)
+    return out
+
+
+class CompletionServing:
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    async def create(self, request: CompletionRequest, raw_request: Request) -> Response:
+        ctx = self.ctx
+        ctx.check_model(request.model)
+        ctx.check_engine()
+        prompts: list[tuple[str | None, list[int]]] = [self._tokenize(p, request) for p in request.prompts()]
+        params = [request.to_sampling_params(len(ids), ctx.max_model_len) for _, ids in prompts]
+        base_id = request.request_id or random_id("cmpl")
+        created = int(time.time())
+        if request.stream:
+            return sse_response(self._stream(request, base_id, created, prompts, params))
+        try:
+            return await run_until_disconnect(raw_request, self._full(request, base_id, created, prompts, params))
+        except Exception as exc:
+            raise engine_error(exc) from exc
+
+    def _tokenize(self, prompt: str | list[int], request: CompletionRequest) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            ids = self.ctx.require_tokenizer().encode(prompt, add_special_tokens=request.add_special_tokens)
+            if not ids:
+                raise OpenAIError("The prompt is empty after tokenization.", param="prompt")
+            return prompt, ids
+        self.ctx.check_token_ids(prompt)
+        return None, prompt
+
+    def _echo_text(self, prompt: str | None, ids: list[int]) -> str:
+        if prompt is not None:
+            return prompt
+        return self.ctx.decode(ids)
+
+    def _generators(self, base_id: str, prompts, params: list[SamplingParams], stream: bool):
+        return [
+            self.ctx.client.generate(f"{base_id}-{i}", prompt, ids, p, stream_deltas=stream, final_only=not stream)
+            for i, ((prompt, ids), p) in enumerate(zip(prompts, params))
+        ]
+
+    async def _full(self, request: CompletionRequest, base_id: str, created: int, prompts,
+                    params: list[SamplingParams]) -> Response:
+        finals: list[RequestOutput | None] = [None] * len(prompts)
+        async for i, out in merge_async_iterators(*self._generators(base_id, prompts, params, stream=False)):
+            finals[i] = out
+        choices = []
+        completion_tokens = 0
+        for i, out in enumerate(finals):
+            prompt, ids = prompts[i]
+            for seq in out.outputs:
+                text = seq.text
+                token_ids, rows = seq.token_ids, seq.logprobs
+                if request.echo:
+                    text = self._echo_text(prompt, ids) + text
+                    if rows is not None:
+                        token_ids = ids + token_ids
+                        rows = list(out.prompt_logprobs or [None] * len(ids)) + rows
+                logprobs = None
+                if request.logprobs is not None and rows is not None:
+                    logprobs = completion_logprobs(self.ctx, token_ids, rows, request.logprobs, 0)
+                choices.append(CompletionChoice(
+                    index=i * request.n + seq.index, text=text, logprobs=logprobs, finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason, prompt_logprobs=self.ctx.prompt_logprobs_json(out.prompt_logprobs)
+                    if request.prompt_logprobs is not None else None,
+                ))
+                completion_tokens += len(seq.token_ids)
+        choices.sort(key=lambda c: c.index)
+        num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+        return json_response(CompletionResponse(
+            id=base_id, created=created, model=self.ctx.model_name, choices=choices,
+            usage=UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
+                            total_tokens=num_prompt_tokens + completion_tokens),
+        ))
+
+    async def _stream(self, request: CompletionRequest, base_id: str, created: int, prompts,
+                      params: list[SamplingParams]) -> AsyncIterator[str]:
+        n = request.n
+        num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+        completion_tokens = 0
+        echoed: set[int] = set()
+        text_offsets: dict[int, int] = {}
+        prompt_rows: dict[int, list] = {}
+        try:
+            async for i, out in merge_async_iterators(*self._generators(base_id, prompts, params, stream=True)):
+                if out.prompt_logprobs is not None:
+                    prompt_rows[i] = out.prompt_logprobs
+                for seq in out.outputs:
+                    index = i * n + seq.index
+                    text, token_ids, rows = seq.text, seq.token_ids, seq.logprobs
+                    completion_tokens += len(token_ids)
+                    if request.echo and index not in echoed:
+                        echoed.add(index)
+                        prompt, ids = prompts[i]
+                        text = self._echo_text(prompt, ids) + text
+                        if rows is not None:
+                            token_ids = ids + token_ids
+                            rows = list(prompt_rows.get(i) or [None] * len(ids)) + rows
+                    if not text and not token_ids and seq.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if request.logprobs is not None and rows is not None:
+                        logprobs = completion_logprobs(self.ctx, token_ids, rows, request.logprobs,
+                                                       text_offsets.get(index, 0))
+                    text_offsets[index] = text_offsets.get(index, 0) + len(text)
+                    chunk = CompletionStreamResponse(
+                        id=base_id, created=created, model=self.ctx.model_name,
+                        choices=[CompletionStreamChoice(index=index, text=text, logprobs=logprobs,
+                                                        finish_reason=seq.finish_reason,
+                                                        stop_reason=seq.stop_reason)],
+                    )
+                    if request.continuous_usage:
+                        chunk.usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
+                                                total_tokens=num_prompt_tokens + completion_tokens)
+                    yield chunk.model_dump_json()
+            if request.include_usage:
+                yield CompletionStreamResponse(
+                    id=base_id, created=created, model=self.ctx.model_name, choices=[],
+                    usage=UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
+                                    total_tokens=num_prompt_tokens + completion_tokens),
+                ).model_dump_json()
+        except Exception as exc:
+            yield error_event(exc)
