@@ -48,6 +48,15 @@ class BenchTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.inner.decode(ids)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """One call for many texts: fast tokenizers encode a batch in parallel threads."""
+        if not texts:
+            return []
+        return [list(ids) for ids in self.inner(texts, add_special_tokens=False)["input_ids"]]
+
+    def decode_batch(self, batch: list[list[int]]) -> list[str]:
+        return list(self.inner.batch_decode(batch)) if batch else []
+
     def count(self, text: str) -> int:
         return len(self.encode(text)) if text else 0
 
@@ -59,30 +68,51 @@ class BenchTokenizer:
 def exact_length_prompt(
     tokenizer: BenchTokenizer, rng: np.random.Generator, target_len: int, head: list[int] | None = None
 ) -> tuple[str, list[int], bool]:
-    """Text whose encoding is exactly ``target_len`` tokens and starts with the ids ``head``.
+    """Text whose encoding is exactly ``target_len`` tokens and starts with the ids ``head``; see the batch version."""
+    texts, ids, exact = exact_length_prompts(tokenizer, rng, [target_len], [list(head or [])])
+    return texts[0], ids[0], exact[0]
+
+
+def exact_length_prompts(
+    tokenizer: BenchTokenizer, rng: np.random.Generator, targets: list[int], heads: list[list[int]]
+) -> tuple[list[str], list[list[int]], list[bool]]:
+    """Texts whose encodings are exactly ``targets[i]`` tokens and start with the ids ``heads[i]``.
 
     Random ids rarely survive decode/re-encode unchanged (merges across token boundaries, partial UTF-8), so re-encode,
-    keep what came back, trim or top up the tail with fresh draws, and repeat until it is a fixed point.
-    Returns (text, ids, exact); ``exact`` is False only when no fixed point was found (counted by the caller).
+    keep what came back, trim or top up the tail with fresh draws, and repeat until it is a fixed point. All prompts
+    go through each round together, so the tokenizer encodes them in one parallel batch.
+    Returns (texts, ids, exact); ``exact[i]`` is False only when no fixed point was found (counted by the caller).
     """
-    head = list(head or [])
-    tail_len = target_len - len(head)
-    if tail_len < 0:
-        raise ValueError(f"prefix of {len(head)} tokens is longer than the target of {target_len}")
-    tail = _draw(tokenizer, rng, tail_len)
-    text, ids = "", []
+    tail_lens = [t - len(h) for t, h in zip(targets, heads)]
+    if min(tail_lens, default=0) < 0:
+        raise ValueError("a prefix is longer than its prompt's target length")
+    tails = [_draw(tokenizer, rng, n) for n in tail_lens]
+    texts: list[str] = [""] * len(targets)
+    ids: list[list[int]] = [[] for _ in targets]
+    exact = [False] * len(targets)
+    pending = list(range(len(targets)))
     for _ in range(_MAX_FIXUP_ROUNDS):
-        text = tokenizer.decode(head + tail)
-        ids = tokenizer.encode(text)
-        if len(ids) == target_len and ids[: len(head)] == head:
-            return text, ids, True
-        if ids[: len(head)] == head:
-            tail = ids[len(head) :][:tail_len]
-        else:  # the tail merged into the head's last token: start the tail again
-            tail = []
-        if len(tail) < tail_len:
-            tail += _draw(tokenizer, rng, tail_len - len(tail))
-    return text, ids, False
+        if not pending:
+            break
+        round_texts = tokenizer.decode_batch([heads[i] + tails[i] for i in pending])
+        round_ids = tokenizer.encode_batch(round_texts)
+        still = []
+        for i, text, got in zip(pending, round_texts, round_ids):
+            head, tail_len = heads[i], tail_lens[i]
+            texts[i], ids[i] = text, got
+            if got[: len(head)] != head:  # the tail merged into the head's last token: start the tail again
+                tail = []
+            elif len(got) == targets[i]:
+                exact[i] = True
+                continue
+            else:
+                tail = got[len(head) :][:tail_len]
+            if len(tail) < tail_len:
+                tail += _draw(tokenizer, rng, tail_len - len(tail))
+            tails[i] = tail
+            still.append(i)
+        pending = still
+    return texts, ids, exact
 
 
 def _draw(tokenizer: BenchTokenizer, rng: np.random.Generator, n: int) -> list[int]:
@@ -126,13 +156,12 @@ def random_requests(
     prefix_ids: list[int] = []
     if prefix_len > 0:
         _, prefix_ids, _ = exact_length_prompt(tokenizer, rng, prefix_len)
-    requests, inexact = [], 0
-    for n_in, n_out in zip(input_lens.tolist(), output_lens.tolist()):
-        text, ids, exact = exact_length_prompt(tokenizer, rng, len(prefix_ids) + n_in, head=prefix_ids)
-        inexact += not exact
-        requests.append(SampleRequest(text, len(ids), n_out, prompt_token_ids=ids))
-    _warn_inexact(inexact)
-    return requests
+    lens_in = input_lens.tolist()
+    texts, ids, exact = exact_length_prompts(
+        tokenizer, rng, [len(prefix_ids) + n for n in lens_in], [prefix_ids] * num_requests)
+    _warn_inexact(exact.count(False))
+    return [SampleRequest(text, len(tok), n_out, prompt_token_ids=tok)
+            for text, tok, n_out in zip(texts, ids, output_lens.tolist())]
 
 
 def prefix_repetition_requests(
@@ -155,17 +184,17 @@ def prefix_repetition_requests(
     if num_requests < num_prefixes:
         raise ValueError(f"--num-prompts ({num_requests}) must be at least the number of prefixes ({num_prefixes})")
     rng = np.random.default_rng(seed)
-    prefixes = [exact_length_prompt(tokenizer, rng, prefix_len)[1] if prefix_len else [] for _ in range(num_prefixes)]
-    requests, inexact = [], 0
-    for i in range(num_requests):
-        head = prefixes[i % num_prefixes]
-        text, ids, exact = exact_length_prompt(tokenizer, rng, len(head) + suffix_len, head=head)
-        inexact += not exact
-        requests.append(SampleRequest(text, len(ids), output_len, prompt_token_ids=ids))
+    if prefix_len > 0:
+        prefixes = exact_length_prompts(tokenizer, rng, [prefix_len] * num_prefixes, [[]] * num_prefixes)[1]
+    else:
+        prefixes = [[] for _ in range(num_prefixes)]
+    heads = [prefixes[i % num_prefixes] for i in range(num_requests)]
+    texts, ids, exact = exact_length_prompts(tokenizer, rng, [len(h) + suffix_len for h in heads], heads)
+    requests = [SampleRequest(text, len(tok), output_len, prompt_token_ids=tok) for text, tok in zip(texts, ids)]
     if shuffle:
         order = rng.permutation(num_requests)
         requests = [requests[i] for i in order]
-    _warn_inexact(inexact)
+    _warn_inexact(exact.count(False))
     return requests
 
 
