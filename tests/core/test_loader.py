@@ -69,7 +69,7 @@ def test_gguf_weights_equal_transformers_dequantization(smollm2, transformers_sm
     for name, tensor in ours.items():
         assert tensor.dtype == torch.float32 and tensor.device.type == "cpu", name
         assert tensor.shape == expected[name].shape, name
-        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+        assert torch.equal(tensor, expected[name]), name
 
 
 # --------------------------------------------------------------------------------------------------------------
