@@ -43,8 +43,9 @@ def smollm2() -> ModelSource:
 
 @pytest.fixture(scope="module")
 def transformers_smollm2_state(smollm2) -> dict[str, torch.Tensor]:
-    """transformers' own GGUF dequantization of the same file (slow: ~30 s on 2 cores, so once per module)."""
-    pytest.importorskip("accelerate")  # transformers needs it to load GGUF
+    """transformers' own GGUF dequantization of the same file (slow: ~30 s on 2 cores, so once per module).
+
+    transformers needs ``accelerate`` for GGUF; it is in the ``test`` extras."""
     model = transformers.AutoModelForCausalLM.from_pretrained(
         smollm2.path, gguf_file=smollm2.gguf_file, dtype=torch.float32
     )
