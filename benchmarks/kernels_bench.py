@@ -36,6 +36,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from kernels.activation import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
+from kernels.attention_prep import attention_prep_ref, attention_prep_triton  # noqa: E402
 from kernels.cache_write import write_kv_cache_ref, write_kv_cache_triton  # noqa: E402
 from kernels.backend import num_sms  # noqa: E402
 from kernels.paged_attention import (  # noqa: E402
@@ -388,12 +389,31 @@ def section_elementwise() -> None:
                 lambda: rotary_embedding_triton(positions, q, kk, cache),
                 lambda: rotary_embedding_ref(positions, q, kk, cache), err)  # fmt: skip
 
+            # fused [q/k norm ->] rope -> cache write; "ref" column here = the separate Triton rope + cache write
+            vv = fused[:, hq + hk :]
+            qw, kw = randn(d), randn(d)
+            for norm in (False, True):
+                weights = (qw, kw) if norm else (None, None)
+                q64 = attention_prep_ref(positions, q.double(), kk.double(), vv.double(), cache.double(),
+                                         kv[0].double(), kv[1].double(), slots, *[w.double() if norm else None
+                                                                                  for w in (qw, kw)])  # fmt: skip
+                qc = q.clone()
+                attention_prep_triton(positions, qc, kk, vv, cache, kv[0], kv[1], slots, *weights)
+                err = rel_err(qc, q64)
+                name = f"{'qknorm+' if norm else ''}rope+cache Hq={hq}"
+                nbytes = (2 * hq + 4 * hk) * tokens * d * fused.element_size()
+                add(name, tokens, nbytes, lambda: attention_prep_triton(positions, qc, kk, vv, cache, kv[0], kv[1],
+                                                                        slots, *weights),
+                    lambda: (rotary_embedding_triton(positions, qc, kk, cache),
+                             write_kv_cache_triton(kk, vv, kv[0], kv[1], slots)), err)  # fmt: skip
+
         for inter in SH.intermediate_sizes:
             x = randn(tokens, 2 * inter)
             err = rel_err(silu_and_mul_triton(x), silu_and_mul_ref(x.float()))
             add(f"silu_and_mul I={inter}", tokens, 3 * tokens * inter * x.element_size(),
                 lambda: silu_and_mul_triton(x), lambda: silu_and_mul_ref(x), err)  # fmt: skip
-    table(f"elementwise kernels ({SH.dtype}): achieved GB/s (bytes read + written once)",
+    table(f"elementwise kernels ({SH.dtype}): achieved GB/s (bytes read + written once); for the fused '+cache' rows "
+          "'ref' is the separate Triton rope + cache-write launches (no q/k norm)",
           ["kernel", "tokens", "us", "GB/s", "ref us", "speedup", "rel err"], rows)  # fmt: skip
 
 
