@@ -402,7 +402,9 @@ class DecodeConfig:
     tile_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    # Split-K targets this many programs per SM; a split never drops below min_split_tokens of the table's capacity.
+    # Split-K only when (batch x KV heads) leaves fewer than min_programs_per_sm programs per SM; it then aims at
+    # programs_per_sm, never cutting the table's capacity into splits shorter than min_split_tokens.
+    min_programs_per_sm: int = 2
     programs_per_sm: int = 4
     min_split_tokens: int = 128
     max_splits: int = 64
@@ -429,6 +431,8 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size
                       config: DecodeConfig = DECODE_CONFIG) -> int:  # fmt: skip
     """Split-K factor from static shapes: enough programs to fill the GPU, never splits shorter than a minimum."""
     programs = batch * num_kv_heads
+    if programs >= config.min_programs_per_sm * sms:
+        return 1
     wanted = -(-config.programs_per_sm * sms // programs)
     by_length = max(1, (max_blocks * block_size) // config.min_split_tokens)
     return max(1, min(wanted, by_length, config.max_splits))
@@ -594,8 +598,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal paged attention (see the module docstring); ``out`` may be a persistent buffer (CUDA graphs).
 
-    On CUDA: the decode kernel when ``max_query_len == 1`` (every sequence one new token; row i is sequence i), the
-    varlen prefill kernel otherwise (``max_query_len=None`` is always safe). ``backend="torch"`` (or
+    On CUDA: the split-K decode kernel when ``max_query_len == 1`` (every sequence has at most one query row; the
+    CUDA-graph path), the varlen prefill kernel otherwise (``max_query_len=None`` is always safe). Shapes the kernels do
+    not handle (head dim not a power of two >= 16) fall back to the reference. ``backend="torch"`` (or
     ``PAGEDSERVE_ATTENTION_BACKEND=torch``) forces the reference, which syncs and is not graph-safe.
     """
     if backend != "torch" and use_triton(q, attention=True) and triton_supports(q, k_cache):

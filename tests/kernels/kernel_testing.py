@@ -14,11 +14,11 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 KERNEL_DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
 
-# Relative-error bounds against a float64 reference, by the dtype the kernel computes in.
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-# Attention rounds the softmax weights to the cache dtype before the P @ V product, like every flash kernel.
-ATTENTION_TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
-
+# Relative-error bounds against a float64 reference, by the dtype the kernel computes in: float32 arithmetic (also the
+# fp32 caches' "ieee" dots) far under 1e-4; fp16 / bf16 results carry one or two roundings of 2^-11 / 2^-8 each
+# (attention also rounds the softmax weights before P @ V, as every flash kernel does), expected near 3e-4 / 2e-3.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+ATTENTION_TOLERANCE = TOLERANCE
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``‖out − ref‖ / ‖ref‖`` in float64; NaN anywhere gives inf, so it can never pass."""

@@ -71,6 +71,7 @@ def test_decode_strided_views_and_padding_rows(num_splits):
 def test_decode_default_split_count_is_static():
     """The split count depends on shapes only; big batches use one split (one launch)."""
     assert decode_num_splits(256, 8, 256, 16, 132) == 1
+    assert decode_num_splits(64, 8, 256, 16, 132) == 1  # 512 programs already fill 132 SMs
     assert decode_num_splits(1, 8, 256, 16, 132) == 32
     assert decode_num_splits(1, 8, 4, 16, 132) == 1  # a 64-token table is never split
     assert 1 < decode_num_splits(16, 8, 256, 16, 132) <= 8
