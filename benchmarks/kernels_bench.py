@@ -161,9 +161,18 @@ def make_problem(seq_lens: list[int], q_lens: list[int], hq: int, hk: int, gen: 
     return q, k_cache, v_cache, table_, seq_lens_t, qsl.to(DEVICE), d**-0.5
 
 
-def float32_reference(args) -> torch.Tensor:
+def float32_reference(args, seqs_per_chunk: int = 32) -> torch.Tensor:
+    """The torch reference on float32 copies, a few sequences at a time (it materializes K/V per query head)."""
     q, k, v, table_, seq_lens, qsl, scale = args
-    return paged_attention_ref(q.float(), k.float(), v.float(), table_, seq_lens, qsl, scale)
+    k32, v32 = k.float(), v.float()
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    starts = qsl.tolist()
+    for s in range(0, len(starts) - 1, seqs_per_chunk):
+        e = min(s + seqs_per_chunk, len(starts) - 1)
+        rows = slice(starts[s], starts[e])
+        out[rows] = paged_attention_ref(q[rows].float(), k32, v32, table_[s:e], seq_lens[s:e], qsl[s : e + 1] - starts[s],
+                                        scale)  # fmt: skip
+    return out
 
 
 def kv_bytes(seq_lens: list[int], hk: int) -> int:

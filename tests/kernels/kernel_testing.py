@@ -52,14 +52,21 @@ class AttentionProblem:
     def args(self) -> tuple:
         return (self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens, self.query_start_loc, self.scale)
 
-    def float64_reference(self) -> torch.Tensor:
+    def float64_reference(self, seqs_per_chunk: int = 32) -> torch.Tensor:
+        """The torch reference on float64 copies, a few sequences at a time (it materializes K/V per query head)."""
         from kernels.paged_attention import paged_attention_ref
 
-        return paged_attention_ref(
-            self.q.double(), self.k_cache.double(), self.v_cache.double(), self.block_tables, self.seq_lens,
-            self.query_start_loc, self.scale,
-        )  # fmt: skip
-
+        k64, v64 = self.k_cache.double(), self.v_cache.double()
+        out = torch.empty(self.q.shape, dtype=torch.float64, device=self.q.device)
+        starts = self.query_start_loc.tolist()
+        for s in range(0, len(starts) - 1, seqs_per_chunk):
+            e = min(s + seqs_per_chunk, len(starts) - 1)
+            rows = slice(starts[s], starts[e])
+            out[rows] = paged_attention_ref(
+                self.q[rows].double(), k64, v64, self.block_tables[s:e], self.seq_lens[s:e],
+                self.query_start_loc[s : e + 1] - starts[s], self.scale,
+            )  # fmt: skip
+        return out
 
 def make_attention_problem(
     q_lens: list[int],
