@@ -143,7 +143,8 @@ class EngineProcess:
                     return
             if core.has_work():
                 out = core.step()
-                if out.outputs or self._stats_changed(out.scheduler_stats):
+                stats_changed = self._stats_changed(out.scheduler_stats)  # always: keeps _last_stats current
+                if out.outputs or stats_changed:
                     if not out.timestamp:
                         out.timestamp = time.time()
                     self._outputs.put(out)
