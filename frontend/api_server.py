@@ -7,9 +7,12 @@ SIGTERM / Ctrl-C (handled by uvicorn) stop both processes. Every error leaves as
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+import signal
 import socket
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -248,6 +251,26 @@ def bind_socket(host: str | None, port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus re-raising SIGINT/SIGTERM after a graceful shutdown.
+
+    By then the lifespan has stopped the engine; re-raising would only kill the process mid-cleanup (SIGTERM)
+    or print a KeyboardInterrupt traceback (Ctrl-C).
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
 def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
     """Load the tokenizer, bind the port, then serve until SIGTERM / Ctrl-C (the engine starts in the lifespan)."""
     import uvloop
@@ -267,5 +290,5 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
         app, log_level=options.log_level, access_log=options.access_log,
         timeout_graceful_shutdown=options.graceful_shutdown_s, timeout_keep_alive=5,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     uvloop.run(server.serve(sockets=[sock]))
