@@ -208,10 +208,13 @@ def _error_text(error: Any) -> str:
 
 
 async def fetch_models(session: aiohttp.ClientSession, base_url: str, headers: dict[str, str]) -> list[str]:
+    """The ids the server lists at /v1/models (to default --model, as vLLM does)."""
     async with session.get(f"{base_url}/v1/models", headers=headers) as response:
-        response.raise_for_status()
-        data = await response.json()
-    return [m["id"] for m in data.get("data", [])]
+        if response.status != 200:
+            raise ValueError(f"{base_url}/v1/models answered {_http_error(response.status, await response.text())};"
+                             " pass --model (and --api-key if the server needs one)")
+        data = await response.json(content_type=None)
+    return [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
 
 
 async def wait_until_up(session: aiohttp.ClientSession, base_url: str, headers: dict[str, str], timeout: float) -> None:

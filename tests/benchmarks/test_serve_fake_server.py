@@ -187,3 +187,35 @@ def test_backend_and_endpoint_must_agree():
     with pytest.raises(SystemExit) as e:
         main(["--backend", "openai-chat", "--endpoint", "/v1/completions"])
     assert e.value.code == 2
+
+
+def test_model_defaults_to_the_servers_first_model(fake_server, tmp_path):
+    argv = ["--base-url", fake_server.url, "--tokenizer", DEFAULT_MODEL, "--random-input-len", "8",
+            "--random-output-len", "2", "--num-prompts", "2", "--disable-tqdm"]
+    assert main(argv) == 0
+    assert [b["model"] for b in fake_server.state.bodies] == ["fake-model"] * 2
+
+
+def test_prefix_repetition_dataset_from_the_command_line(fake_server, tmp_path, bench_tokenizer):
+    rc, result = _run(fake_server, tmp_path, "--dataset-name", "prefix_repetition",
+                      "--prefix-repetition-prefix-len", "20", "--prefix-repetition-suffix-len", "5",
+                      "--prefix-repetition-num-prefixes", "3", "--prefix-repetition-output-len", "4")
+    assert rc == 0 and result["completed"] == 12 and result["total_output_tokens"] == 48
+    ids = [bench_tokenizer.encode(b["prompt"]) for b in fake_server.state.bodies]
+    assert all(len(i) == 25 for i in ids) and len({tuple(i[:20]) for i in ids}) == 3
+    assert all(b["max_tokens"] == 4 for b in fake_server.state.bodies)
+
+
+def test_custom_jsonl_conversations_to_the_chat_endpoint(fake_server, tmp_path):
+    data = tmp_path / "convos.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in [
+        {"messages": [{"role": "user", "content": "Hello"}], "output_tokens": 3},
+        {"prompt": "Name three colours."},
+    ]))
+    rc, result = _run(fake_server, tmp_path, "--backend", "openai-chat", "--dataset-name", "custom",
+                      "--dataset-path", str(data), "--num-prompts", "4", "--custom-output-len", "5",
+                      "--disable-shuffle")
+    assert rc == 0 and result["completed"] == 4 and result["total_output_tokens"] == 3 + 5 + 3 + 5
+    sent = [(b["messages"], b["max_completion_tokens"]) for b in fake_server.state.bodies]
+    assert sorted(map(json.dumps, sent)) == sorted(map(json.dumps, [
+        ([{"role": "user", "content": "Hello"}], 3), ([{"role": "user", "content": "Name three colours."}], 5)] * 2))
