@@ -184,6 +184,8 @@ class EngineCore:
             "num_free_blocks": self.kv.num_free_blocks,
             "num_kv_blocks": self.kv.pool.num_blocks,
             "total_preemptions": self.scheduler.total_preemptions,
+            "prefix_cache_queries": self.scheduler.total_prefix_queries,
+            "prefix_cache_hits": self.scheduler.total_prefix_hits,
             "total_prompt_tokens": self.total_prompt_tokens,
             "total_generation_tokens": self.total_generation_tokens,
         }

@@ -74,10 +74,6 @@ class ModelRunner:
             model.init_dummy_weights(self.config.seed)
         else:
             model.load_weights(iter_weights(self.source, self.config.load_format))
-        # RoPE tables stay float32 whatever the model dtype.
-        for module in model.modules():
-            if hasattr(module, "cos_sin_cache"):
-                module.cos_sin_cache = module.cos_sin_cache.float()
         return model.eval()
 
     def kv_block_bytes(self) -> int:

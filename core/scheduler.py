@@ -60,6 +60,8 @@ class Scheduler:
         self._prefix_queries = 0
         self._prefix_hits = 0
         self.total_preemptions = 0
+        self.total_prefix_queries = 0
+        self.total_prefix_hits = 0
 
     # ------------------------------------------------------------------------------------------------ intake
     def add_request(self, request: Request) -> None:
@@ -135,6 +137,8 @@ class Scheduler:
                 request.num_cached_tokens = num_shared_tokens
                 self._prefix_queries += request.num_tokens
                 self._prefix_hits += num_shared_tokens
+                self.total_prefix_queries += request.num_tokens
+                self.total_prefix_hits += num_shared_tokens
             request.num_computed_tokens += num_shared_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)

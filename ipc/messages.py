@@ -262,5 +262,4 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     num_gpu_blocks_override: int | None = None  # fix the KV-cache size (tests use it to force preemption)
     cpu_kv_cache_gib: float = 1.0  # KV-cache size on CPU, where there is no memory to profile
     device: str = "auto"  # auto | cuda | cpu
-    attention_backend: str = "auto"  # auto (triton on CUDA) | torch | triton
     chat_template: str | None = None

@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache: write the step's new keys/values, then attend through the block tables."""
+"""Attention over the paged KV cache: one fused launch for [q/k norm ->] RoPE -> cache write, then attention
+through the block tables."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.cache_write import write_kv_cache
+from core.layers.norm import RMSNorm
+from core.layers.rotary import RotaryEmbedding
+from kernels.attention_prep import attention_prep
 from kernels.paged_attention import paged_attention
 
 
@@ -23,18 +26,31 @@ class AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: RotaryEmbedding,
+        q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
+        self.rotary = rotary
+        self.q_norm = q_norm
+        self.k_norm = k_norm
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
         """``q`` ``[T, Hq, D]``, ``k``/``v`` ``[T, Hk, D]``; ``kv_cache`` ``[2, num_blocks, block_size, Hk, D]``."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale)
+        q = attention_prep(
+            positions, q, k, v, self.rotary.cos_sin_cache, k_cache, v_cache, meta.slot_mapping,
+            self.q_norm.weight if self.q_norm is not None else None,
+            self.k_norm.weight if self.k_norm is not None else None,
+            self.q_norm.eps if self.q_norm is not None else 1e-6,
+        )
+        out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                              self.scale, max_query_len=meta.max_query_len)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

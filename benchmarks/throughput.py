@@ -1,0 +1,184 @@
+"""Offline throughput: the workloads W1-W4 of shared/BENCHMARKS.md through pagedserve's LLM (or HF generate).
+
+Throughput = generated tokens / wall time from submitting the first request to the last one finishing; model load
+and warm-up are excluded. Prints one table row per run and the median; ``--json`` appends the result to a file.
+
+    python -m benchmarks.throughput --workload W1 --model ../shared/models/qwen3-0.6b --load-format dummy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+WORKLOADS = ("W1", "W2", "W3", "W4")
+
+
+@dataclass
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    max_tokens: list[int]
+    temperature: float
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+
+def make_workload(name: str, num_prompts: int | None = None, seed: int = 0) -> Workload:
+    """Requests drawn exactly as BENCHMARKS.md says, so every engine gets the same ones."""
+    rng = np.random.default_rng(seed)
+    if name in ("W1", "W2"):
+        n = num_prompts or 256
+        lens_in = rng.integers(100, 1025, size=n)
+        lens_out = rng.integers(100, 1025, size=n)
+        prompts = [rng.integers(0, 10000, size=int(k)).tolist() for k in lens_in]
+        return Workload(name, prompts, [int(k) for k in lens_out], 0.6)
+    if name == "W3":
+        return Workload(name, [rng.integers(0, 10000, size=128).tolist()], [512], 0.0)
+    if name == "W4":
+        n = num_prompts or 256
+        prefix = rng.integers(0, 10000, size=2048).tolist()
+        prompts = [prefix + rng.integers(0, 10000, size=64).tolist() for _ in range(n)]
+        return Workload(name, prompts, [128] * n, 0.0)
+    raise ValueError(f"Unknown workload {name}; choose from {WORKLOADS}.")
+
+
+def run_pagedserve(args: argparse.Namespace, workload: Workload) -> list[dict]:
+    from frontend import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(
+        args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+        enable_prefix_caching=not args.no_enable_prefix_caching, skip_tokenizer_init=True, seed=args.seed,
+    )
+    startup = time.perf_counter() - start
+    print(f"startup to ready: {startup:.1f} s", file=sys.stderr)
+    params = [SamplingParams(temperature=workload.temperature, top_p=1.0, max_tokens=m, ignore_eos=True)
+              for m in workload.max_tokens]
+    prompts = [{"prompt_token_ids": p} for p in workload.prompts]
+    # Warm-up on unrelated tokens, so kernels are compiled and no prefix of the workload is cached.
+    llm.generate([{"prompt_token_ids": [10001 + i] * 200} for i in range(8)],
+                 SamplingParams(temperature=workload.temperature, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    results = []
+    for run in range(args.runs):
+        llm.engine.reset_prefix_cache()
+        stats_before = llm.engine.get_stats()
+        t0 = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=not args.disable_tqdm)
+        elapsed = time.perf_counter() - t0
+        generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+        assert generated == workload.num_output_tokens, (generated, workload.num_output_tokens)
+        stats = llm.engine.get_stats()
+        results.append({
+            "run": run, "elapsed_s": elapsed, "output_tokens": generated, "output_tok_per_s": generated / elapsed,
+            "requests_per_s": len(prompts) / elapsed, "startup_s": startup,
+            "preemptions": stats["total_preemptions"] - stats_before["total_preemptions"],
+            "prefix_cache_hit_rate": _hit_rate(stats, stats_before),
+        })
+    return results
+
+
+def _hit_rate(after: dict, before: dict) -> float | None:
+    queries = after.get("prefix_cache_queries", 0) - before.get("prefix_cache_queries", 0)
+    hits = after.get("prefix_cache_hits", 0) - before.get("prefix_cache_hits", 0)
+    return hits / queries if queries else None
+
+
+def run_hf(args: argparse.Namespace, workload: Workload) -> list[dict]:
+    """The naive baseline: transformers ``generate`` in static batches, left-padded, EOS disabled."""
+    import torch
+    import transformers
+
+    from core.loader import load_hf_config
+    from ipc.model_source import resolve_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    source = resolve_model(args.model)
+    start = time.perf_counter()
+    if args.load_format == "dummy":
+        config = transformers.AutoConfig.for_model(**load_hf_config(source))
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source.path, gguf_file=source.gguf_file, dtype=dtype).to(device)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    startup = time.perf_counter() - start
+    results = []
+    for run in range(args.runs):
+        t0 = time.perf_counter()
+        for i in range(0, len(workload.prompts), args.hf_batch_size):
+            batch = workload.prompts[i : i + args.hf_batch_size]
+            width = max(map(len, batch))
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            with torch.no_grad():
+                model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=max(workload.max_tokens[i : i + len(batch)]),
+                    do_sample=workload.temperature > 0, temperature=workload.temperature or None, top_p=1.0,
+                    top_k=None, pad_token_id=0, eos_token_id=None,
+                )
+        elapsed = time.perf_counter() - t0
+        # Only the tokens each request asked for count: the rest of a static batch's tail is waste.
+        generated = workload.num_output_tokens
+        results.append({"run": run, "elapsed_s": elapsed, "output_tokens": generated,
+                        "output_tok_per_s": generated / elapsed, "requests_per_s": len(batch) / elapsed,
+                        "startup_s": startup})
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pagedserve bench throughput", description=__doc__.splitlines()[0])
+    p.add_argument("--workload", choices=WORKLOADS, default="W1")
+    p.add_argument("--model", default=None, help="model directory, .gguf file or HF id (default: SmolLM2)")
+    p.add_argument("--backend", choices=("pagedserve", "hf"), default="pagedserve")
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-enable-prefix-caching", action="store_true")
+    p.add_argument("--num-prompts", type=int, default=None, help="override the workload's request count")
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--json", default=None, help="append the result (one JSON object per line) to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workload = make_workload(args.workload, args.num_prompts, args.seed)
+    runner = run_pagedserve if args.backend == "pagedserve" else run_hf
+    runs = runner(args, workload)
+    median = statistics.median(r["output_tok_per_s"] for r in runs)
+    print(f"{'run':>4} {'elapsed s':>10} {'out tokens':>11} {'out tok/s':>10}")
+    for r in runs:
+        print(f"{r['run']:>4} {r['elapsed_s']:>10.2f} {r['output_tokens']:>11} {r['output_tok_per_s']:>10.1f}")
+    print(f"{args.workload} {args.backend} median output throughput: {median:.1f} tok/s "
+          f"({len(workload.prompts)} requests, {workload.num_output_tokens} output tokens)")
+    if args.json:
+        record = {"workload": args.workload, "backend": args.backend, "model": args.model,
+                  "median_output_tok_per_s": median, "runs": runs, "args": vars(args)}
+        with open(args.json, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
