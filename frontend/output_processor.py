@@ -144,6 +144,7 @@ class _Request:
                 SequenceText(
                     tokenizer, prompt_token_ids, params.stop_strings, params.include_stop_str_in_output,
                     params.skip_special_tokens, params.spaces_between_special_tokens, params.min_tokens,
+                    deferred=final_only,
                 ) if tokenizer is not None else None,
                 want_logprobs,
             )

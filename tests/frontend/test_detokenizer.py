@@ -152,3 +152,30 @@ def test_stop_token_text_left_out_unless_included(tok):
     included.add_tokens(ids, stop_token_terminated=True)
     assert excluded.text == "Done"
     assert included.text == "Done<|im_end|>"
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_deferred_decoding_gives_the_incremental_text(tok, skip_special_tokens):
+    import random
+
+    rng = random.Random(0)
+    pool = sorted({i for t in MULTIBYTE_TEXTS for i in tok.encode(t)}) + [0, 1, 2]
+    for trial in range(300):
+        ids = [rng.choice(pool) if trial % 2 else rng.randrange(len(tok)) for _ in range(rng.randint(1, 25))]
+        prompt = [rng.choice(pool) for _ in range(rng.randint(1, 8))]
+        stop_token = trial % 3 == 0
+        texts = []
+        for deferred in (False, True):
+            seq = SequenceText(tok, prompt, [], skip_special_tokens=skip_special_tokens, deferred=deferred)
+            for k in range(0, len(ids), 3):  # several tokens per step, as with speculative decoding
+                chunk = ids[k:k + 3]
+                seq.add_tokens(chunk, stop_token_terminated=stop_token and k + 3 >= len(ids))
+            seq.finish()
+            texts.append(seq.text)
+        assert texts[0] == texts[1], (prompt, ids)
+
+
+def test_deferred_decoding_is_off_with_stop_strings(tok):
+    seq = SequenceText(tok, [1], ["is"], deferred=True)
+    assert seq.add_tokens(tok.encode("This is it")) == "is"
+    assert seq.text == "Th"
