@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import kernels.backend
 from core.config import ModelConfig, resolve_dtype
 from core.layers.attention import AttentionMetadata
 from core.loader import iter_weights, load_hf_config
@@ -34,6 +35,10 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = _pick_device(config.device)
+        if config.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, got '{config.attention_backend}'.")
+        if config.attention_backend == "torch":  # process-wide: the engine process runs one engine
+            kernels.backend.FORCE_TORCH_ATTENTION = True
         self.source = resolve_model(config.model)
         hf_config = load_hf_config(self.source)
         self.model_config = ModelConfig.from_hf_dict(hf_config)

@@ -263,3 +263,4 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     cpu_kv_cache_gib: float = 1.0  # KV-cache size on CPU, where there is no memory to profile
     device: str = "auto"  # auto | cuda | cpu
     chat_template: str | None = None
+    attention_backend: str = "auto"  # auto (Triton on CUDA) | torch (plain-torch reference kernels, for debugging)
