@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from ipc.messages import SamplingParamError, SamplingParams
 
@@ -363,8 +363,15 @@ class ChatCompletionResponse(OpenAIBase):
 
 
 class DeltaMessage(OpenAIBase):
-    role: str | None = Field(default=None, exclude_if=lambda v: v is None)  # only in a choice's first chunk
+    role: str | None = None  # only in a choice's first chunk; left out of the JSON elsewhere, as OpenAI does
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_role(self, handler):
+        data = handler(self)
+        if data.get("role") is None:
+            data.pop("role", None)
+        return data
 
 
 class ChatCompletionStreamChoice(OpenAIBase):

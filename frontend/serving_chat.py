@@ -102,6 +102,7 @@ class ChatServing:
                              request.continue_final_message, request.chat_template, request.chat_template_kwargs)
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
         params = request.to_sampling_params(len(prompt_ids), ctx.max_model_len)
+        ctx.check_sampling_params(params)
         request_id = request.request_id or random_id("chatcmpl")
         role = "assistant" if request.add_generation_prompt else request.messages[-1].role
         echo_text = ""

@@ -15,6 +15,7 @@ from sse_starlette import EventSourceResponse
 from frontend.engine_client import EngineClient, EngineDeadError, RequestRejectedError
 from frontend.output_processor import Logprob, TokenStrings
 from frontend.protocol import OpenAIError
+from ipc.messages import SamplingParams
 
 T = TypeVar("T")
 
@@ -70,6 +71,11 @@ class ServingContext:
     def check_token_ids(self, token_ids: list[int], param: str = "prompt") -> None:
         if token_ids and (min(token_ids) < 0 or max(token_ids) >= self.vocab_size):
             raise OpenAIError(f"Token ids must be in [0, {self.vocab_size}).", param=param)
+
+    def check_sampling_params(self, params: SamplingParams) -> None:
+        """What only the model can tell: token ids inside the vocabulary."""
+        if params.logit_bias:
+            self.check_token_ids(list(params.logit_bias), param="logit_bias")
 
     def check_engine(self) -> None:
         if not self.client.is_healthy:

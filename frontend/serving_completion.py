@@ -72,6 +72,7 @@ class CompletionServing:
         ctx.check_engine()
         prompts: list[tuple[str | None, list[int]]] = [self._tokenize(p, request) for p in request.prompts()]
         params = [request.to_sampling_params(len(ids), ctx.max_model_len) for _, ids in prompts]
+        ctx.check_sampling_params(params[0])
         base_id = request.request_id or random_id("cmpl")
         created = int(time.time())
         if request.stream:

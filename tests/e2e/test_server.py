@@ -103,6 +103,12 @@ def test_sse_wire_format_ends_with_done(server):
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert all(json.loads(e[6:])["object"] == "text_completion" for e in events[:-1])
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers=server.headers, timeout=60,
+                      json={"model": MODEL, "messages": MESSAGES, "max_tokens": 3, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
 
 
 def test_n_choices_stream_and_not(client):
@@ -286,6 +292,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "logprobs": 50}, "logprobs"),
     ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 99}, "top_logprobs"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 1.0}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
 ]
 
 
