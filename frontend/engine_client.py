@@ -9,6 +9,7 @@ in-flight request at once instead of leaving it hanging.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import multiprocessing
@@ -114,6 +115,9 @@ class EngineClient:
             name="pagedserve-engine",
         )
         self._proc.start()
+        # Last resort if this process exits without shutdown(): multiprocessing's own exit hook would otherwise
+        # wait forever on a core that only leaves once we are gone.
+        atexit.register(self._kill_if_alive)
         exited = loop.create_future()
         loop.add_reader(self._proc.sentinel, self._on_process_exit, exited)
         decoder = message_decoder()
@@ -160,6 +164,11 @@ class EngineClient:
         if self.ready is not None and not self._closed:
             self._proc.join(timeout=0)
             self._fail_all(f"The engine core process exited unexpectedly (exit code {self._proc.exitcode}).")
+
+    def _kill_if_alive(self) -> None:
+        if self._proc is not None and self._proc.exitcode is None:
+            self._proc.kill()
+            self._proc.join(5)
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop the core (Shutdown, then SIGTERM, then SIGKILL) and close the sockets. Idempotent."""

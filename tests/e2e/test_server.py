@@ -123,6 +123,14 @@ def test_n_choices_stream_and_not(client):
             texts[c.index] += c.text
     assert texts == {c.index: c.text for c in full.choices}
     assert full.choices[0].text != full.choices[1].text  # distinct samples, not copies
+    chat_kw = dict(model=MODEL, messages=MESSAGES, max_tokens=6, n=2, temperature=1.0, seed=5,
+                   extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(**chat_kw)
+    chat_texts = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(stream=True, **chat_kw):
+        for c in chunk.choices:
+            chat_texts[c.index] += c.delta.content or ""
+    assert chat_texts == {c.index: c.message.content for c in chat.choices}
 
 
 def test_batch_of_prompts(client):
