@@ -1,7 +1,6 @@
 """Model directories for frontend and server tests: SmolLM2's real tokenizer, optionally with tiny random weights.
 
-The tokenizer comes from ``tests/data/smollm2-135m`` (tokenizer.json stored gzipped) or, on a developer
-machine, from /work/shared/models/smollm2-135m.
+The tokenizer comes from ``tests/data/smollm2-135m`` (tokenizer.json stored gzipped).
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ import gzip
 import shutil
 from pathlib import Path
 
-_SOURCES = [Path(__file__).resolve().parents[1] / "data" / "smollm2-135m", Path("/work/shared/models/smollm2-135m")]
+_SOURCES = [Path(__file__).resolve().parents[1] / "data" / "smollm2-135m"]
 _TOKENIZER_FILES = ["tokenizer_config.json", "chat_template.jinja", "generation_config.json"]
 
 

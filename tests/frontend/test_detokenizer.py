@@ -4,12 +4,12 @@ from transformers import AutoTokenizer
 
 from frontend.detokenizer import IncrementalDetokenizer, SequenceText, StopStringMatcher
 
-TOKENIZER_DIR = "/work/shared/models/smollm2-135m"
+from tests.frontend.model_files import tokenizer_dir
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+def tok(tmp_path_factory):
+    return AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path_factory.mktemp("smollm2-tokenizer")))
 
 
 MULTIBYTE_TEXTS = [

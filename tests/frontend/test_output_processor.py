@@ -6,12 +6,12 @@ from transformers import AutoTokenizer
 from frontend.output_processor import OutputProcessor
 from ipc.messages import EngineOutput, FinishReason, Logprobs, SamplingParams
 
-TOKENIZER_DIR = "/work/shared/models/smollm2-135m"
+from tests.frontend.model_files import tokenizer_dir
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+def tok(tmp_path_factory):
+    return AutoTokenizer.from_pretrained(tokenizer_dir(tmp_path_factory.mktemp("smollm2-tokenizer")))
 
 
 def _feed(proc, request_id, ids, index=0, last_reason=None, stop_reason=None):
