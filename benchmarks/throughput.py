@@ -9,6 +9,7 @@ and warm-up are excluded. Prints one table row per run and the median; ``--json`
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import statistics
 import sys
@@ -162,6 +163,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     workload = make_workload(args.workload, args.num_prompts, args.seed)
     runner = run_pagedserve if args.backend == "pagedserve" else run_hf

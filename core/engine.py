@@ -121,9 +121,9 @@ class EngineCore:
     def step(self) -> EngineOutputs:
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
+        self.runner.input_batch.remove(sched.freed_keys)
         if not sched.is_empty:
-            block_ids = [self.kv.block_ids(s.request) for s in sched.scheduled]
-            result = self.runner.execute(sched, block_ids)
+            result = self.runner.execute(sched, self.kv.req_blocks)
             outputs.extend(self._update(sched, result))
         return EngineOutputs(outputs, self.scheduler.stats(), timestamp=time.time())
 

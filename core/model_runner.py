@@ -1,5 +1,10 @@
-"""Executes one scheduled step on the device: flat inputs from the scheduler's output, the forward pass, logits for
-the rows that need them, sampling. Owns the model and the KV-cache tensors."""
+"""Executes one scheduled step on the device: flat inputs from the scheduler's output, the forward pass (a CUDA
+graph replay for decode-only steps), logits for the rows that need them, sampling. Owns the model, the KV-cache
+tensors and the persistent input buffers.
+
+Inputs are built with numpy in pinned host buffers and copied to persistent device buffers without blocking; the
+only device -> host sync of a step is reading the sampled token ids.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,15 @@ import torch
 
 import kernels.backend
 from core.config import ModelConfig, resolve_dtype
+from core.cuda_graphs import DecodeGraphs
+from core.input_batch import InputBatch
+from core.kv_cache import KVBlock
 from core.layers.attention import AttentionMetadata
 from core.loader import iter_weights, load_hf_config
 from core.models import model_class
 from core.request import Request
-from core.sampler import Penalties, Sampler, SamplerOutput, SamplingBatch, gather_logprobs
+from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
+from core.sampling_metadata import build_sampling_batch
 from core.scheduler import ScheduledSeq, SchedulerOutput
 from ipc.messages import EngineConfig, Logprobs
 from ipc.model_source import resolve_model
@@ -31,6 +40,40 @@ class RunnerOutput:
     prompt_logprobs: dict[tuple[str, int], tuple[int, Logprobs]]  # key -> (first prompt token index, rows)
 
 
+class _Buffers:
+    """Persistent device buffers for one step's inputs, and their pinned host staging twins."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+
+        def pair(shape, dtype):
+            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+            return host, host.numpy(), torch.zeros(shape, dtype=dtype, device=device)
+
+        self.ids_host, self.ids_np, self.input_ids = pair(max_tokens, torch.int64)
+        self.pos_host, self.pos_np, self.positions = pair(max_tokens, torch.int64)
+        self.slot_host, self.slot_np, self.slot_mapping = pair(max_tokens, torch.int64)
+        self.seq_host, self.seq_np, self.seq_lens = pair(max_seqs, torch.int32)
+        self.qsl_host, self.qsl_np, self.query_start_loc = pair(max_seqs + 1, torch.int32)
+        self.bt_host, self.bt_np, self.block_tables = pair((max_seqs, max_blocks), torch.int32)
+
+    def upload(self, num_tokens: int, num_seqs: int) -> None:
+        for host, dev, n in ((self.ids_host, self.input_ids, num_tokens), (self.pos_host, self.positions, num_tokens),
+                             (self.slot_host, self.slot_mapping, num_tokens), (self.seq_host, self.seq_lens, num_seqs),
+                             (self.qsl_host, self.query_start_loc, num_seqs + 1),
+                             (self.bt_host, self.block_tables, num_seqs)):
+            dev[:n].copy_(host[:n], non_blocking=True)
+
+    def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:num_tokens],
+            block_tables=self.block_tables[:num_seqs],
+            seq_lens=self.seq_lens[:num_seqs],
+            query_start_loc=self.query_start_loc[: num_seqs + 1],
+            max_query_len=max_query_len,
+        )
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -40,11 +83,13 @@ class ModelRunner:
         if config.attention_backend == "torch":  # process-wide: the engine process runs one engine
             kernels.backend.FORCE_TORCH_ATTENTION = True
         self.source = resolve_model(config.model)
-        hf_config = load_hf_config(self.source)
-        self.model_config = ModelConfig.from_hf_dict(hf_config)
+        self.model_config = ModelConfig.from_hf_dict(load_hf_config(self.source))
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
         self.block_size = config.block_size
         self.max_model_len = self._max_model_len()
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens or max(8192, self.max_model_len)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.vocab_size = self.model_config.vocab_size
         torch.manual_seed(config.seed)
 
@@ -53,8 +98,12 @@ class ModelRunner:
         logger.info("Loaded %s (%s, %s) in %.1f s", self.source.name, self.dtype, self.device,
                     time.perf_counter() - start)
         self.sampler = Sampler(config.seed, self.device)
+        self.buffers = _Buffers(self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq, self.device)
+        self.input_batch = InputBatch(self.max_num_seqs, self.max_blocks_per_seq, pin_memory=False)
         self.kv_caches: list[torch.Tensor] = []
         self.num_kv_blocks = 0
+        self.graphs: DecodeGraphs | None = None
+        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
 
     # ------------------------------------------------------------------------------------------------ setup
     def _max_model_len(self) -> int:
@@ -95,118 +144,144 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_num_blocks(self) -> int:
+        """Peak memory of a forward pass at the largest batch; what ``gpu_memory_utilization`` leaves goes to KV."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         num_tokens = self.max_num_batched_tokens
-        num_seqs = min(self.config.max_num_seqs, num_tokens)
-        self._allocate_kv_cache(-(-num_tokens // self.block_size) + num_seqs + 1)
-        self._profile_run(num_tokens, num_seqs)
+        num_seqs = min(self.max_num_seqs, num_tokens)
+        blocks_per_seq = -(-(-(-num_tokens // num_seqs)) // self.block_size)
+        self._allocate_kv_cache(num_seqs * blocks_per_seq + 1)
+        self._profile_run(num_tokens, num_seqs, blocks_per_seq)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
+        kv_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches)
         free, total = torch.cuda.mem_get_info()
         non_torch = total - free - torch.cuda.memory_reserved()
         self.kv_caches = []
         torch.cuda.empty_cache()
-        budget = total * self.config.gpu_memory_utilization - peak - non_torch
+        budget = total * self.config.gpu_memory_utilization - (peak - kv_bytes) - non_torch
         num_blocks = int(budget // self.kv_block_bytes())
-        logger.info("Memory: total %.1f GiB, weights+activations peak %.2f GiB, non-torch %.2f GiB -> %d KV blocks",
-                    total / 2**30, peak / 2**30, non_torch / 2**30, num_blocks)
+        logger.info("Memory: %.1f GiB total, weights + peak activations %.2f GiB, non-torch %.2f GiB -> %d KV blocks "
+                    "(%.1f GiB)", total / 2**30, (peak - kv_bytes) / 2**30, non_torch / 2**30, num_blocks,
+                    num_blocks * self.kv_block_bytes() / 2**30)
         if num_blocks < 2:
-            raise RuntimeError("No GPU memory left for the KV cache: raise gpu_memory_utilization or use a smaller "
+            raise RuntimeError("No GPU memory left for the KV cache: raise gpu_memory_utilization or lower "
                                "max_num_batched_tokens.")
         return num_blocks
 
-    def _profile_run(self, num_tokens: int, num_seqs: int) -> None:
-        """A forward pass at the largest batch (token budget spread over max_num_seqs sequences) plus sampling."""
-        lens = [num_tokens // num_seqs] * num_seqs
-        lens[-1] += num_tokens - sum(lens)
-        block_ids, next_block = [], 1
-        for n in lens:
-            k = -(-n // self.block_size)
-            block_ids.append(list(range(next_block, next_block + k)))
-            next_block += k
-        starts = [0] * num_seqs
-        inputs = self._prepare_arrays([0] * num_tokens, starts, lens, block_ids)
-        hidden = self.model(inputs["input_ids"], inputs["positions"], self.kv_caches, inputs["meta"])
-        logits = self.model.compute_logits(hidden[inputs["query_start_loc"][1:].long() - 1])
+    def _profile_run(self, num_tokens: int, num_seqs: int, blocks_per_seq: int) -> None:
+        """One prefill step of ``num_tokens`` over ``num_seqs`` sequences, with logits and sampling for each."""
+        nums = np.full(num_seqs, num_tokens // num_seqs, dtype=np.int64)
+        nums[-1] += num_tokens - nums.sum()
+        table = 1 + np.arange(num_seqs * blocks_per_seq, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
+        meta = self._stage(np.zeros(num_tokens, dtype=np.int64), np.zeros(num_seqs, dtype=np.int64), nums, table)
+        hidden = self.model(self.buffers.input_ids[:num_tokens], self.buffers.positions[:num_tokens],
+                            self.kv_caches, meta)
+        logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
         temperature = torch.ones(num_seqs, device=self.device)
         self.sampler(logits, SamplingBatch(temperature, all_greedy=False, any_greedy=False, max_num_logprobs=0))
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._allocate_kv_cache(num_blocks)
         self.num_kv_blocks = num_blocks
+        if self.use_graphs:
+            self.graphs = DecodeGraphs(self._decode_forward, self.max_num_seqs)
+            self._fill_padding(0, self.graphs.max_size)
+            self.buffers.upload(self.graphs.max_size, self.graphs.max_size)
+            self.graphs.capture()
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         cfg = self.model_config
         shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
 
-    @property
-    def max_num_batched_tokens(self) -> int:
-        return self.config.max_num_batched_tokens or max(8192, self.max_model_len)
-
     # ------------------------------------------------------------------------------------------------ step
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, block_ids: list[list[int]]) -> RunnerOutput:
+    def execute(self, sched: SchedulerOutput, blocks: dict[tuple[str, int], list[KVBlock]]) -> RunnerOutput:
         seqs = sched.scheduled
+        rows = np.fromiter((self.input_batch.row(s.request.key, blocks[s.request.key]) for s in seqs),
+                           dtype=np.int64, count=len(seqs))
+        starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
+        nums = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(seqs))
         token_ids: list[int] = []
         for s in seqs:
-            token_ids.extend(s.request.all_token_ids[s.start : s.start + s.num_tokens])
-        inputs = self._prepare_arrays(token_ids, [s.start for s in seqs], [s.num_tokens for s in seqs], block_ids)
-
+            if s.num_tokens == 1:
+                token_ids.append(s.request.all_token_ids[s.start])
+            else:
+                token_ids.extend(s.request.all_token_ids[s.start : s.start + s.num_tokens])
+        num_tokens = len(token_ids)
         sampling = [i for i, s in enumerate(seqs) if s.samples]
-        prompt_lp = self._prompt_logprob_rows(seqs, inputs["query_start_cpu"])
-        sample_rows = inputs["query_start_cpu"][1:][sampling] - 1
-        rows = np.concatenate([r for _, r, _, _ in prompt_lp] + [sample_rows]).astype(np.int64)
-
-        hidden = self.model(inputs["input_ids"], inputs["positions"], self.kv_caches, inputs["meta"])
-        logits = self.model.compute_logits(hidden[torch.from_numpy(rows).to(self.device)])
-
-        num_prompt_rows = len(rows) - len(sampling)
         requests = [seqs[i].request for i in sampling]
-        sampled = self.sampler(logits[num_prompt_rows:], self._sampling_batch(requests)) if requests else None
+        decode_only = num_tokens == len(seqs) and len(sampling) == len(seqs)
+
+        bucket = self.graphs.bucket(len(seqs)) if self.graphs is not None and decode_only else None
+        meta = self._stage(np.asarray(token_ids, dtype=np.int64), starts, nums,
+                           self.input_batch.block_table[rows], pad_to=bucket)
+        prompt_lp: list = []
+        if bucket is not None:
+            logits = self.graphs.replay(bucket)[: len(seqs)]
+        else:
+            prompt_lp = self._prompt_logprob_rows(seqs)
+            sample_rows = self.buffers.qsl_np[1:][sampling].astype(np.int64) - 1
+            rows_np = np.concatenate([r for _, r, _, _ in prompt_lp] + [sample_rows])
+            hidden = self.model(self.buffers.input_ids[:num_tokens], self.buffers.positions[:num_tokens],
+                                self.kv_caches, meta)
+            logits = self.model.compute_logits(hidden[torch.from_numpy(rows_np).to(self.device)])
+        num_prompt_rows = logits.shape[0] - len(sampling)
+        sampled = None
+        if requests:
+            sampled = self.sampler(logits[num_prompt_rows:],
+                                   build_sampling_batch(requests, self.vocab_size, self.device))
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         return self._to_host(sampled, requests, prompt_logprobs)
 
-    def _prepare_arrays(
-        self, token_ids: list[int], starts: list[int], nums: list[int], block_ids: list[list[int]]
-    ) -> dict:
-        bs = self.block_size
-        starts_np = np.asarray(starts, dtype=np.int64)
-        nums_np = np.asarray(nums, dtype=np.int64)
-        seq_lens = starts_np + nums_np
-        query_start = np.zeros(len(nums) + 1, dtype=np.int64)
-        np.cumsum(nums_np, out=query_start[1:])
-        num_tokens = int(query_start[-1])
-        row_of_token = np.repeat(np.arange(len(nums)), nums_np)
-        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(query_start[:-1] - starts_np, nums_np)
-        width = max(len(ids) for ids in block_ids)
-        table = np.zeros((len(nums), width), dtype=np.int32)
-        for i, ids in enumerate(block_ids):
-            table[i, : len(ids)] = ids
-        slots = table[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        to = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
-        meta = AttentionMetadata(
-            slot_mapping=to(slots),
-            block_tables=to(table),
-            seq_lens=to(seq_lens.astype(np.int32)),
-            query_start_loc=to(query_start.astype(np.int32)),
-            max_query_len=int(nums_np.max()),
-        )
-        return {
-            "input_ids": to(np.asarray(token_ids, dtype=np.int64)),
-            "positions": to(positions),
-            "meta": meta,
-            "query_start_cpu": query_start,
-            "query_start_loc": meta.query_start_loc,
-        }
+    def _stage(
+        self, token_ids: np.ndarray, starts: np.ndarray, nums: np.ndarray, table_rows: np.ndarray,
+        pad_to: int | None = None,
+    ) -> AttentionMetadata:
+        """Flat inputs for sequences that compute ``nums[i]`` tokens from position ``starts[i]``: written to the
+        pinned staging buffers, copied to the device buffers; padded with empty rows to ``pad_to`` for a graph."""
+        buf, bs = self.buffers, self.block_size
+        num_seqs, num_tokens = len(nums), len(token_ids)
+        qsl = buf.qsl_np[: num_seqs + 1]
+        qsl[0] = 0
+        np.cumsum(nums, out=qsl[1:])
+        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(qsl[:-1] - starts, nums)
+        seq_of_token = np.repeat(np.arange(num_seqs), nums)
+        buf.ids_np[:num_tokens] = token_ids
+        buf.pos_np[:num_tokens] = positions
+        buf.slot_np[:num_tokens] = table_rows[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        buf.seq_np[:num_seqs] = starts + nums
+        width = table_rows.shape[1]
+        buf.bt_np[:num_seqs, :width] = table_rows
+        if pad_to is not None:
+            self._fill_padding(num_seqs, pad_to)
+            num_seqs = num_tokens = pad_to
+        buf.upload(num_tokens, num_seqs)
+        return buf.metadata(num_tokens, num_seqs, int(nums.max()) if len(nums) else 0)
 
-    def _prompt_logprob_rows(
-        self, seqs: list[ScheduledSeq], query_start: np.ndarray
-    ) -> list[tuple[Request, np.ndarray, np.ndarray, int]]:
-        """(request, flat rows, target prompt tokens) for the prompt positions whose next-token logprob is owed
-        this step: position p gives the logprob of prompt token p + 1."""
+    def _fill_padding(self, start: int, end: int) -> None:
+        """Rows ``start..end`` of a decode graph batch: one dummy query each, no context, no cache write."""
+        buf = self.buffers
+        buf.ids_np[start:end] = 0
+        buf.pos_np[start:end] = 0
+        buf.slot_np[start:end] = -1
+        buf.seq_np[start:end] = 0
+        buf.qsl_np[start + 1 : end + 1] = np.arange(start + 1, end + 1)
+        buf.bt_np[start:end] = 0
+
+    def _decode_forward(self, batch_size: int) -> torch.Tensor:
+        """The graph body: ``batch_size`` one-token sequences from the static buffers -> logits."""
+        buf = self.buffers
+        meta = buf.metadata(batch_size, batch_size, 1)
+        hidden = self.model(buf.input_ids[:batch_size], buf.positions[:batch_size], self.kv_caches, meta)
+        return self.model.compute_logits(hidden)
+
+    def _prompt_logprob_rows(self, seqs: list[ScheduledSeq]) -> list[tuple[Request, np.ndarray, np.ndarray, int]]:
+        """(request, flat rows, target prompt tokens, first target index) for the prompt positions whose
+        next-token logprob is owed this step: position p gives the logprob of prompt token p + 1."""
         out = []
+        qsl = self.buffers.qsl_np
         for i, s in enumerate(seqs):
             req = s.request
             if req.prompt_logprobs_done:
@@ -215,15 +290,14 @@ class ModelRunner:
             if last <= s.start:
                 continue
             positions = np.arange(s.start, last)
-            rows = query_start[i] + (positions - s.start)
+            rows = qsl[i] + (positions - s.start)
             targets = np.asarray(req.prompt_token_ids, dtype=np.int64)[positions + 1]
-            out.append((req, rows, targets, s.start + 1))
+            out.append((req, rows.astype(np.int64), targets, s.start + 1))
         return out
 
     def _compute_prompt_logprobs(
         self, prompt_lp: list[tuple[Request, np.ndarray, np.ndarray, int]], logits: torch.Tensor
     ) -> dict[tuple[str, int], tuple[int, Logprobs]]:
-        """key -> (index of the first prompt token covered, its rows)."""
         result = {}
         offset = 0
         for req, rows, targets, first_token in prompt_lp:
@@ -234,75 +308,6 @@ class ModelRunner:
             )
             result[req.key] = (first_token, Logprobs(ids.tolist(), lps.tolist(), ranks.tolist()))
         return result
-
-    def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
-        dev = self.device
-        params = [r.sampling_params for r in requests]
-        temps = [0.0 if p.greedy else p.temperature for p in params]
-        any_greedy = any(t == 0.0 for t in temps)
-        batch = SamplingBatch(
-            temperature=torch.tensor(temps, dtype=torch.float32, device=dev),
-            all_greedy=all(t == 0.0 for t in temps),
-            any_greedy=any_greedy,
-        )
-        if any(p.top_k > 0 for p in params):
-            batch.top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev)
-        if any(p.top_p < 1.0 for p in params):
-            batch.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
-        if any(p.min_p > 0.0 for p in params):
-            batch.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
-        seeded = [i for i, r in enumerate(requests) if r.seed_key is not None and not params[i].greedy]
-        if seeded:
-            batch.seeded_rows = torch.tensor(seeded, dtype=torch.int64, device=dev)
-            batch.seed_keys = torch.tensor([requests[i].seed_key for i in seeded], dtype=torch.int64, device=dev)
-            batch.seed_steps = torch.tensor([requests[i].num_output_tokens for i in seeded], dtype=torch.int64,
-                                            device=dev)
-        bias_rows, bias_cols, bias_vals = [], [], []
-        for i, p in enumerate(params):
-            for token, value in (p.logit_bias or {}).items():
-                if 0 <= token < self.vocab_size:
-                    bias_rows.append(i), bias_cols.append(token), bias_vals.append(value)
-        if bias_rows:
-            batch.logit_bias = (torch.tensor(bias_rows, device=dev), torch.tensor(bias_cols, device=dev),
-                                torch.tensor(bias_vals, dtype=torch.float32, device=dev))
-        ban_rows, ban_cols = [], []
-        for i, r in enumerate(requests):
-            if r.num_output_tokens < params[i].min_tokens:
-                banned = set(r.stop_token_ids) | (set() if params[i].ignore_eos else set(r.eos_token_ids))
-                ban_rows.extend([i] * len(banned)), ban_cols.extend(banned)
-        if ban_rows:
-            batch.banned = (torch.tensor(ban_rows, device=dev), torch.tensor(ban_cols, device=dev))
-        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
-            batch.penalties = self._penalties(requests)
-        wanted = [p.logprobs for p in params if p.logprobs is not None]
-        if wanted:
-            batch.max_num_logprobs = max(wanted)
-        return batch
-
-    def _penalties(self, requests: list[Request]) -> Penalties:
-        dev, vocab = self.device, self.vocab_size
-        n = len(requests)
-
-        def padded(lists: list[list[int]]) -> torch.Tensor:
-            width = max(1, max(len(x) for x in lists))
-            arr = np.full((n, width), vocab, dtype=np.int64)  # pad with an extra column, dropped below
-            for i, x in enumerate(lists):
-                arr[i, : len(x)] = x
-            return torch.from_numpy(arr).to(dev)
-
-        outputs = padded([r.output_token_ids for r in requests])
-        counts = torch.zeros(n, vocab + 1, device=dev).scatter_add_(1, outputs, torch.ones_like(outputs, dtype=torch.float32))
-        seen = counts > 0
-        seen.scatter_(1, padded([r.prompt_token_ids for r in requests]), True)
-        col = lambda vals: torch.tensor(vals, dtype=torch.float32, device=dev)[:, None]  # noqa: E731
-        params = [r.sampling_params for r in requests]
-        return Penalties(
-            presence=col([p.presence_penalty for p in params]),
-            frequency=col([p.frequency_penalty for p in params]),
-            repetition=col([p.repetition_penalty for p in params]),
-            output_counts=counts[:, :vocab],
-            seen_mask=seen[:, :vocab],
-        )
 
     def _to_host(
         self, sampled: SamplerOutput | None, requests: list[Request], prompt_logprobs: dict

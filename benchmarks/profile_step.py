@@ -1,0 +1,100 @@
+"""Where a step's time goes: host time per phase (schedule, input staging, launch, wait for the GPU, update) and
+the top GPU kernels, measured on steady-state decode steps of a workload.
+
+    python -m benchmarks.profile_step --model .models/qwen3-0.6b --workload W1 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import collections
+import functools
+import time
+
+from benchmarks.throughput import make_workload
+
+
+def _timed(totals: dict[str, float], name: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[name] += time.perf_counter() - t0
+
+    return wrapper
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--workload", default="W1")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--warmup-steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--trace", default=None, help="write a Chrome trace of the profiled steps here")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from frontend import LLM, SamplingParams
+    from ipc.messages import EngineRequest
+
+    llm = LLM(args.model, load_format=args.load_format, max_model_len=args.max_model_len, skip_tokenizer_init=True,
+              enforce_eager=args.enforce_eager)
+    engine = llm.engine
+    workload = make_workload(args.workload, args.num_prompts)
+    for i, (prompt, max_tokens) in enumerate(zip(workload.prompts, workload.max_tokens)):
+        params = SamplingParams(temperature=workload.temperature, max_tokens=max_tokens, ignore_eos=True)
+        engine.add_request(EngineRequest(str(i), prompt, params))
+    for _ in range(args.warmup_steps):  # past the prefills
+        engine.step()
+
+    totals: dict[str, float] = collections.defaultdict(float)
+    runner = engine.runner
+    engine.scheduler.schedule = _timed(totals, "schedule", engine.scheduler.schedule)
+    runner._stage = _timed(totals, "stage inputs (numpy + H2D)", runner._stage)
+    if runner.graphs is not None:
+        runner.graphs.replay = _timed(totals, "graph replay (launch)", runner.graphs.replay)
+    runner.sampler.__class__.__call__ = _timed(totals, "sampler (launch)", runner.sampler.__class__.__call__)
+    runner._to_host = _timed(totals, "wait for GPU + read tokens", runner._to_host)
+    engine._update = _timed(totals, "update requests + outputs", engine._update)
+
+    batch_sizes = []
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            batch_sizes.append(len(engine.scheduler.running))
+            engine.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    print(f"{args.steps} steps, batch {min(batch_sizes)}..{max(batch_sizes)}, "
+          f"{wall / args.steps * 1e3:.2f} ms/step wall")
+    accounted = 0.0
+    for name, seconds in totals.items():
+        print(f"  {name:<32} {seconds / args.steps * 1e3:8.3f} ms/step")
+        accounted += seconds
+    print(f"  {'other host time':<32} {(wall - accounted) / args.steps * 1e3:8.3f} ms/step")
+    kernel_time = collections.Counter()
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernel_time[event.key] += getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+    total_gpu = sum(kernel_time.values())
+    print(f"GPU busy {total_gpu / args.steps / 1e3:.2f} ms/step; top kernels (ms/step):")
+    for name, us in kernel_time.most_common(15):
+        print(f"  {us / args.steps / 1e3:8.3f}  {name[:100]}")
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
