@@ -11,7 +11,7 @@ import time
 import msgspec
 
 from core.kv_cache import KVCacheManager
-from core.model_runner import ModelRunner, RunnerOutput
+from core.model_runner import ModelRunner, RunnerOutput, StepHandle
 from core.request import Request, RequestStatus
 from core.scheduler import Scheduler, SchedulerOutput
 from ipc.messages import (
@@ -43,12 +43,16 @@ class EngineCore:
             )
         self.runner.initialize_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.async_scheduling = (self.runner.device.type == "cuda" if config.async_scheduling is None
+                                 else config.async_scheduling)
         self.scheduler = Scheduler(
             self.kv,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=self.runner.max_num_batched_tokens,
             max_model_len=self.max_model_len,
+            async_scheduling=self.async_scheduling,
         )
+        self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
         self.eos_token_ids = frozenset(self.runner.model_config.eos_token_ids)
         self._pending: list[EngineOutput] = []
         self._children: dict[str, list[Request]] = {}  # request id -> its n sequences
@@ -115,17 +119,41 @@ class EngineCore:
             self._forget_if_done(request_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._pending)
+        return self.scheduler.has_unfinished_requests() or bool(self._pending) or self._inflight is not None
 
     # ------------------------------------------------------------------------------------------------ step
     def step(self) -> EngineOutputs:
+        """Schedule and launch a step, then process the previous one's results (async scheduling: the device
+        runs a step while the host prepares the next), or this one's (synchronous)."""
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         self.runner.input_batch.remove(sched.freed_keys)
-        if not sched.is_empty:
-            result = self.runner.execute(sched, self.kv.req_blocks)
-            outputs.extend(self._update(sched, result))
+        if self._inflight is not None and (sched.is_empty or self._needs_sampled_tokens(sched)):
+            outputs.extend(self._finish_inflight())
+            sched.scheduled = [s for s in sched.scheduled if not s.request.is_finished]
+        if sched.scheduled:
+            prev = self._inflight[1] if self._inflight is not None else None
+            handle = self.runner.launch(sched, self.kv.req_blocks, prev)
+            if self._inflight is not None:
+                outputs.extend(self._finish_inflight())
+            self._inflight = (sched, handle)
+            if not self.async_scheduling:
+                outputs.extend(self._finish_inflight())
         return EngineOutputs(outputs, self.scheduler.stats(), timestamp=time.time())
+
+    def _finish_inflight(self) -> list[EngineOutput]:
+        sched, handle = self._inflight
+        self._inflight = None
+        return self._update(sched, handle.result())
+
+    @staticmethod
+    def _needs_sampled_tokens(sched: SchedulerOutput) -> bool:
+        """Penalties read the output token ids on the host: wait for the step in flight before such a step."""
+        for seq in sched.scheduled:
+            p = seq.request.sampling_params
+            if seq.samples and (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0):
+                return True
+        return False
 
     def _update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineOutput]:
         for key, (first_token, rows) in result.prompt_logprobs.items():
@@ -139,6 +167,8 @@ class EngineCore:
             token = result.sampled_token_ids[sample_idx]
             logprobs = result.logprobs[sample_idx]
             sample_idx += 1
+            if request.is_finished:  # finished or aborted while this step was in flight
+                continue
             finished = request.append_token(token)
             self.total_generation_tokens += 1
             out = EngineOutput(request.request_id, [token], index=request.index, new_logprobs=logprobs)
@@ -191,6 +221,9 @@ class EngineCore:
         }
 
     def shutdown(self) -> None:
+        if self._inflight is not None:
+            self._inflight[1].result()
+            self._inflight = None
         self.runner.kv_caches = []
 
 

@@ -187,8 +187,8 @@ class KVCacheManager:
     def _update_block_hashes(self, request: "Request", num_tokens: int) -> None:
         bs = self.block_size
         hashes = request.block_hashes
-        tokens = request.all_token_ids
-        for i in range(len(hashes), num_tokens // bs):
+        tokens = request.all_token_ids  # a token still being sampled (async step in flight) is not hashed yet
+        for i in range(len(hashes), min(num_tokens, len(tokens)) // bs):
             hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs],
                                      request.cache_salt))
 
@@ -236,7 +236,7 @@ class KVCacheManager:
     def _cache_full_blocks(self, request: "Request", num_tokens: int) -> None:
         """Register the blocks that the scheduled tokens fill: a later request in the same step may share them,
         since every layer writes the step's new KV before any attention reads it."""
-        num_full = num_tokens // self.block_size
+        num_full = min(num_tokens, len(request.all_token_ids)) // self.block_size
         start = self._num_cached.get(request.key, 0)
         if num_full <= start:
             return

@@ -19,6 +19,7 @@ import kernels.backend
 from core.config import ModelConfig, resolve_dtype
 from core.cuda_graphs import DecodeGraphs
 from core.input_batch import InputBatch
+from core.step_inputs import StepInputs
 from core.kv_cache import KVBlock
 from core.layers.attention import AttentionMetadata
 from core.loader import iter_weights, load_hf_config
@@ -40,38 +41,34 @@ class RunnerOutput:
     prompt_logprobs: dict[tuple[str, int], tuple[int, Logprobs]]  # key -> (first prompt token index, rows)
 
 
-class _Buffers:
-    """Persistent device buffers for one step's inputs, and their pinned host staging twins."""
+@dataclass
+class StepHandle:
+    """A launched step. ``result()`` waits for it: the step's one device -> host sync."""
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device) -> None:
-        pin = device.type == "cuda"
+    requests: list[Request]  # the sampling sequences, in batch order
+    sample_index: dict[tuple[str, int], int]  # sequence key -> its row in ``sampled``
+    sampled: SamplerOutput | None
+    host_tokens: torch.Tensor | None  # pinned copy of the sampled ids (CUDA)
+    event: torch.cuda.Event | None
+    prompt_logprobs: dict[tuple[str, int], tuple[int, Logprobs]]
 
-        def pair(shape, dtype):
-            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-            return host, host.numpy(), torch.zeros(shape, dtype=dtype, device=device)
-
-        self.ids_host, self.ids_np, self.input_ids = pair(max_tokens, torch.int64)
-        self.pos_host, self.pos_np, self.positions = pair(max_tokens, torch.int64)
-        self.slot_host, self.slot_np, self.slot_mapping = pair(max_tokens, torch.int64)
-        self.seq_host, self.seq_np, self.seq_lens = pair(max_seqs, torch.int32)
-        self.qsl_host, self.qsl_np, self.query_start_loc = pair(max_seqs + 1, torch.int32)
-        self.bt_host, self.bt_np, self.block_tables = pair((max_seqs, max_blocks), torch.int32)
-
-    def upload(self, num_tokens: int, num_seqs: int) -> None:
-        for host, dev, n in ((self.ids_host, self.input_ids, num_tokens), (self.pos_host, self.positions, num_tokens),
-                             (self.slot_host, self.slot_mapping, num_tokens), (self.seq_host, self.seq_lens, num_seqs),
-                             (self.qsl_host, self.query_start_loc, num_seqs + 1),
-                             (self.bt_host, self.block_tables, num_seqs)):
-            dev[:n].copy_(host[:n], non_blocking=True)
-
-    def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:num_tokens],
-            block_tables=self.block_tables[:num_seqs],
-            seq_lens=self.seq_lens[:num_seqs],
-            query_start_loc=self.query_start_loc[: num_seqs + 1],
-            max_query_len=max_query_len,
-        )
+    def result(self) -> RunnerOutput:
+        if self.sampled is None:
+            return RunnerOutput([], [], self.prompt_logprobs)
+        if self.event is not None:
+            self.event.synchronize()
+            token_ids = self.host_tokens.tolist()
+        else:
+            token_ids = self.sampled.token_ids.tolist()
+        logprobs: list[Logprobs | None] = [None] * len(self.requests)
+        sampled = self.sampled
+        if sampled.logprobs is not None:
+            ids, lps, ranks = sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(), sampled.ranks.tolist()
+            for i, r in enumerate(self.requests):
+                k = r.sampling_params.logprobs
+                if k is not None:
+                    logprobs[i] = Logprobs([ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i]])
+        return RunnerOutput(token_ids, logprobs, self.prompt_logprobs)
 
 
 class ModelRunner:
@@ -98,7 +95,11 @@ class ModelRunner:
         logger.info("Loaded %s (%s, %s) in %.1f s", self.source.name, self.dtype, self.device,
                     time.perf_counter() - start)
         self.sampler = Sampler(config.seed, self.device)
-        self.buffers = _Buffers(self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq, self.device)
+        self.inputs = StepInputs(self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq,
+                                 self.block_size, self.device)
+        pin = self.device.type == "cuda"
+        self._host_tokens = [torch.zeros(self.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._step_count = 0
         self.input_batch = InputBatch(self.max_num_seqs, self.max_blocks_per_seq, pin_memory=False)
         self.kv_caches: list[torch.Tensor] = []
         self.num_kv_blocks = 0
@@ -174,8 +175,9 @@ class ModelRunner:
         nums = np.full(num_seqs, num_tokens // num_seqs, dtype=np.int64)
         nums[-1] += num_tokens - nums.sum()
         table = 1 + np.arange(num_seqs * blocks_per_seq, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
-        meta = self._stage(np.zeros(num_tokens, dtype=np.int64), np.zeros(num_seqs, dtype=np.int64), nums, table)
-        hidden = self.model(self.buffers.input_ids[:num_tokens], self.buffers.positions[:num_tokens],
+        meta = self.inputs.stage(np.zeros(num_tokens, dtype=np.int64), np.zeros(num_seqs, dtype=np.int64), nums,
+                                 table)
+        hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
                             self.kv_caches, meta)
         logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
         temperature = torch.ones(num_seqs, device=self.device)
@@ -184,11 +186,28 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._allocate_kv_cache(num_blocks)
         self.num_kv_blocks = num_blocks
+        if self.device.type == "cuda":
+            self._warmup(num_blocks)
         if self.use_graphs:
             self.graphs = DecodeGraphs(self._decode_forward, self.max_num_seqs)
-            self._fill_padding(0, self.graphs.max_size)
-            self.buffers.upload(self.graphs.max_size, self.graphs.max_size)
+            self.inputs.prepare_graph_capture(self.graphs.max_size)
             self.graphs.capture()
+
+    @torch.inference_mode()
+    def _warmup(self, num_blocks: int) -> None:
+        """Compile the kernel variants prefill and mixed steps use (chunk lengths, batch sizes) now, not during the
+        first requests."""
+        start = time.perf_counter()
+        shapes = [(1, 100), (1, 1024), (4, 300), (7, 33), (16, 9), (64, 3), (200, 1), (3, 2000)]
+        for num_seqs, per_seq in shapes:
+            num_tokens = num_seqs * per_seq
+            blocks_per_seq = -(-per_seq // self.block_size)
+            if num_tokens > self.max_num_batched_tokens or num_seqs > self.max_num_seqs or \
+                    num_seqs * blocks_per_seq >= num_blocks or per_seq > self.max_model_len:
+                continue
+            self._profile_run(num_tokens, num_seqs, blocks_per_seq)
+        torch.cuda.synchronize()
+        logger.info("Warmed up prefill kernels in %.1f s", time.perf_counter() - start)
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         cfg = self.model_config
@@ -197,91 +216,84 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------------ step
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, blocks: dict[tuple[str, int], list[KVBlock]]) -> RunnerOutput:
+    def launch(
+        self, sched: SchedulerOutput, blocks: dict[tuple[str, int], list[KVBlock]], prev: StepHandle | None = None
+    ) -> StepHandle:
+        """Stage inputs and enqueue the step on the device without waiting for it. A sequence whose last input
+        token is still being sampled by ``prev`` (async scheduling) gets it on the device, from ``prev``'s output."""
         seqs = sched.scheduled
         rows = np.fromiter((self.input_batch.row(s.request.key, blocks[s.request.key]) for s in seqs),
                            dtype=np.int64, count=len(seqs))
         starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
         nums = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(seqs))
         token_ids: list[int] = []
+        fill_dst: list[int] = []
+        fill_src: list[int] = []
         for s in seqs:
-            if s.num_tokens == 1:
-                token_ids.append(s.request.all_token_ids[s.start])
+            known = s.request.all_token_ids
+            end = s.start + s.num_tokens
+            if end > len(known):  # the last input token is in flight
+                fill_dst.append(len(token_ids) + s.num_tokens - 1)
+                fill_src.append(prev.sample_index[s.request.key])
+                token_ids.extend(known[s.start : end - 1])
+                token_ids.append(0)
+            elif s.num_tokens == 1:
+                token_ids.append(known[s.start])
             else:
-                token_ids.extend(s.request.all_token_ids[s.start : s.start + s.num_tokens])
+                token_ids.extend(known[s.start : end])
         num_tokens = len(token_ids)
         sampling = [i for i, s in enumerate(seqs) if s.samples]
         requests = [seqs[i].request for i in sampling]
         decode_only = num_tokens == len(seqs) and len(sampling) == len(seqs)
 
         bucket = self.graphs.bucket(len(seqs)) if self.graphs is not None and decode_only else None
-        meta = self._stage(np.asarray(token_ids, dtype=np.int64), starts, nums,
-                           self.input_batch.block_table[rows], pad_to=bucket)
+        meta = self.inputs.stage(np.asarray(token_ids, dtype=np.int64), starts, nums,
+                                 self.input_batch.block_table[rows], pad_to=bucket)
+        if fill_dst:
+            dst = torch.tensor(fill_dst, dtype=torch.int64).to(self.device, non_blocking=True)
+            src = torch.tensor(fill_src, dtype=torch.int64).to(self.device, non_blocking=True)
+            self.inputs.input_ids.index_copy_(0, dst, prev.sampled.token_ids.index_select(0, src))
         prompt_lp: list = []
         if bucket is not None:
             logits = self.graphs.replay(bucket)[: len(seqs)]
         else:
             prompt_lp = self._prompt_logprob_rows(seqs)
-            sample_rows = self.buffers.qsl_np[1:][sampling].astype(np.int64) - 1
+            sample_rows = self.inputs.host.qsl_np[1:][sampling].astype(np.int64) - 1
             rows_np = np.concatenate([r for _, r, _, _ in prompt_lp] + [sample_rows])
-            hidden = self.model(self.buffers.input_ids[:num_tokens], self.buffers.positions[:num_tokens],
+            hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
                                 self.kv_caches, meta)
             logits = self.model.compute_logits(hidden[torch.from_numpy(rows_np).to(self.device)])
         num_prompt_rows = logits.shape[0] - len(sampling)
-        sampled = None
-        if requests:
-            sampled = self.sampler(logits[num_prompt_rows:],
-                                   build_sampling_batch(requests, self.vocab_size, self.device))
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
-        return self._to_host(sampled, requests, prompt_logprobs)
+        if not requests:
+            return StepHandle([], {}, None, None, None, prompt_logprobs)
+        sampled = self.sampler(logits[num_prompt_rows:], build_sampling_batch(requests, self.vocab_size, self.device))
+        host_tokens, event = None, None
+        if self.device.type == "cuda":
+            self._step_count += 1
+            host_tokens = self._host_tokens[self._step_count % 2][: len(requests)]
+            host_tokens.copy_(sampled.token_ids, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        sample_index = {r.key: i for i, r in enumerate(requests)}
+        return StepHandle(requests, sample_index, sampled, host_tokens, event, prompt_logprobs)
 
-    def _stage(
-        self, token_ids: np.ndarray, starts: np.ndarray, nums: np.ndarray, table_rows: np.ndarray,
-        pad_to: int | None = None,
-    ) -> AttentionMetadata:
-        """Flat inputs for sequences that compute ``nums[i]`` tokens from position ``starts[i]``: written to the
-        pinned staging buffers, copied to the device buffers; padded with empty rows to ``pad_to`` for a graph."""
-        buf, bs = self.buffers, self.block_size
-        num_seqs, num_tokens = len(nums), len(token_ids)
-        qsl = buf.qsl_np[: num_seqs + 1]
-        qsl[0] = 0
-        np.cumsum(nums, out=qsl[1:])
-        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(qsl[:-1] - starts, nums)
-        seq_of_token = np.repeat(np.arange(num_seqs), nums)
-        buf.ids_np[:num_tokens] = token_ids
-        buf.pos_np[:num_tokens] = positions
-        buf.slot_np[:num_tokens] = table_rows[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        buf.seq_np[:num_seqs] = starts + nums
-        width = table_rows.shape[1]
-        buf.bt_np[:num_seqs, :width] = table_rows
-        if pad_to is not None:
-            self._fill_padding(num_seqs, pad_to)
-            num_seqs = num_tokens = pad_to
-        buf.upload(num_tokens, num_seqs)
-        return buf.metadata(num_tokens, num_seqs, int(nums.max()) if len(nums) else 0)
-
-    def _fill_padding(self, start: int, end: int) -> None:
-        """Rows ``start..end`` of a decode graph batch: one dummy query each, no context, no cache write."""
-        buf = self.buffers
-        buf.ids_np[start:end] = 0
-        buf.pos_np[start:end] = 0
-        buf.slot_np[start:end] = -1
-        buf.seq_np[start:end] = 0
-        buf.qsl_np[start + 1 : end + 1] = np.arange(start + 1, end + 1)
-        buf.bt_np[start:end] = 0
+    def execute(self, sched: SchedulerOutput, blocks: dict[tuple[str, int], list[KVBlock]]) -> RunnerOutput:
+        """Launch a step and wait for it (the synchronous path)."""
+        return self.launch(sched, blocks).result()
 
     def _decode_forward(self, batch_size: int) -> torch.Tensor:
         """The graph body: ``batch_size`` one-token sequences from the static buffers -> logits."""
-        buf = self.buffers
-        meta = buf.metadata(batch_size, batch_size, 1)
-        hidden = self.model(buf.input_ids[:batch_size], buf.positions[:batch_size], self.kv_caches, meta)
+        inputs = self.inputs
+        meta = inputs.metadata(batch_size, batch_size, 1)
+        hidden = self.model(inputs.input_ids[:batch_size], inputs.positions[:batch_size], self.kv_caches, meta)
         return self.model.compute_logits(hidden)
 
     def _prompt_logprob_rows(self, seqs: list[ScheduledSeq]) -> list[tuple[Request, np.ndarray, np.ndarray, int]]:
         """(request, flat rows, target prompt tokens, first target index) for the prompt positions whose
         next-token logprob is owed this step: position p gives the logprob of prompt token p + 1."""
         out = []
-        qsl = self.buffers.qsl_np
+        qsl = self.inputs.host.qsl_np
         for i, s in enumerate(seqs):
             req = s.request
             if req.prompt_logprobs_done:
@@ -308,21 +320,6 @@ class ModelRunner:
             )
             result[req.key] = (first_token, Logprobs(ids.tolist(), lps.tolist(), ranks.tolist()))
         return result
-
-    def _to_host(
-        self, sampled: SamplerOutput | None, requests: list[Request], prompt_logprobs: dict
-    ) -> RunnerOutput:
-        if sampled is None:
-            return RunnerOutput([], [], prompt_logprobs)
-        token_ids = sampled.token_ids.tolist()  # the step's one device -> host sync
-        logprobs: list[Logprobs | None] = [None] * len(requests)
-        if sampled.logprobs is not None:
-            ids, lps, ranks = sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(), sampled.ranks.tolist()
-            for i, r in enumerate(requests):
-                k = r.sampling_params.logprobs
-                if k is not None:
-                    logprobs[i] = Logprobs([ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i]])
-        return RunnerOutput(token_ids, logprobs, prompt_logprobs)
 
 
 def _pick_device(requested: str) -> torch.device:

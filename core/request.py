@@ -23,7 +23,7 @@ class Request:
         "eos_token_ids", "stop_token_ids", "max_total_tokens", "arrival_time", "priority", "cache_salt",
         "num_computed_tokens", "status", "finish_reason", "stop_reason", "block_hashes", "fork_source",
         "num_cached_tokens", "prefix_query_counted", "num_preemptions", "seed_key", "prompt_logprobs_done",
-        "first_output_sent",
+        "first_output_sent", "num_placeholders",
     )
 
     def __init__(
@@ -67,15 +67,19 @@ class Request:
         self.num_preemptions = 0
         self.prompt_logprobs_done = sampling_params.prompt_logprobs is None or index != 0
         self.first_output_sent = False
+        # Tokens being sampled by a step still in flight (async scheduling): counted in num_tokens, ids not known yet.
+        self.num_placeholders = 0
         seed = sampling_params.seed
         self.seed_key = None if seed is None else _mix32((seed & _MASK32) ^ _mix32((seed >> 32) & _MASK32))
 
     @property
     def num_tokens(self) -> int:
-        return len(self.all_token_ids)
+        """Known tokens plus the ones a step in flight is sampling: what the scheduler computes up to."""
+        return len(self.all_token_ids) + self.num_placeholders
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens known on the host (a step in flight may be sampling one more)."""
         return len(self.all_token_ids) - self.num_prompt_tokens
 
     @property
@@ -87,15 +91,17 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     def append_token(self, token_id: int) -> bool:
-        """Add a sampled token; returns True when it ends the sequence (and records why)."""
+        """Add a sampled token (resolving a placeholder); returns True when it ends the sequence (and records why)."""
         self.all_token_ids.append(token_id)
+        if self.num_placeholders:
+            self.num_placeholders -= 1
         params = self.sampling_params
         if self.num_output_tokens > params.min_tokens:
             if token_id in self.eos_token_ids and not params.ignore_eos:
                 return self._finish(FinishReason.STOP, None)
             if token_id in self.stop_token_ids:
                 return self._finish(FinishReason.STOP, token_id)
-        if self.num_tokens >= self.max_total_tokens:
+        if len(self.all_token_ids) >= self.max_total_tokens:
             return self._finish(FinishReason.LENGTH, None)
         return False
 

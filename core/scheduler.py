@@ -23,11 +23,8 @@ class ScheduledSeq:
     request: Request
     start: int  # first position computed this step (num_computed_tokens before it)
     num_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the sequence's known tokens, so its last logits are sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
+    samples: bool  # the step reaches the end of the sequence's tokens, so its last logits are sampled
+    output_index: int  # index in the output of the token sampled (when ``samples``)
 
 
 @dataclass(slots=True)
@@ -44,9 +41,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+        self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+        async_scheduling: bool = False,
     ) -> None:
+        """``async_scheduling``: a step is scheduled while the previous one is still running, so a sequence that
+        samples gets a placeholder token, resolved when the step's results arrive."""
         self.kv = kv
+        self.async_scheduling = async_scheduling
         self.block_size = kv.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -97,6 +98,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.num_tokens >= request.max_total_tokens:
+                i += 1  # its last token is being sampled: nothing more to compute
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()
@@ -122,8 +126,8 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            shared = self._shared_prefix(request)
-            if shared is None:  # a fork whose source has not scheduled its prompt yet
+            shared = self._shared_prefix(request) if not request.num_placeholders else None
+            if shared is None:  # a fork whose source has not scheduled its prompt yet, or a token still in flight
                 skipped.append(self.waiting.popleft())
                 continue
             num_shared_tokens = len(shared) * self.block_size
@@ -167,8 +171,12 @@ class Scheduler:
         return self.kv.find_cached_prefix(request)
 
     def _commit(self, request: Request, num_new: int) -> ScheduledSeq:
-        seq = ScheduledSeq(request, request.num_computed_tokens, num_new)
+        start = request.num_computed_tokens
+        samples = start + num_new == request.num_tokens
+        seq = ScheduledSeq(request, start, num_new, samples, request.num_tokens - request.num_prompt_tokens)
         request.num_computed_tokens += num_new
+        if samples and self.async_scheduling:
+            request.num_placeholders += 1
         return seq
 
     def _preempt(self, request: Request) -> None:

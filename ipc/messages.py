@@ -263,4 +263,5 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     cpu_kv_cache_gib: float = 1.0  # KV-cache size on CPU, where there is no memory to profile
     device: str = "auto"  # auto | cuda | cpu
     chat_template: str | None = None
+    async_scheduling: bool | None = None  # None: on with CUDA (the host prepares a step while the GPU runs one)
     attention_backend: str = "auto"  # auto (Triton on CUDA) | torch (plain-torch reference kernels, for debugging)

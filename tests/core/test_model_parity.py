@@ -60,6 +60,9 @@ STRESS = {
     "preemption": dict(num_gpu_blocks_override=8, max_model_len=96),
     "chunked_prefill": dict(max_num_batched_tokens=8),
     "one_seq_at_a_time": dict(max_num_seqs=1),
+    "async_scheduling": dict(async_scheduling=True),
+    "async_preemption": dict(num_gpu_blocks_override=8, max_model_len=96, async_scheduling=True),
+    "async_chunked": dict(max_num_batched_tokens=8, async_scheduling=True),
 }
 
 
@@ -72,6 +75,6 @@ def test_greedy_matches_hf_under_stress(models_dir, arch, stress):
     engine = make_engine(path, **STRESS[stress])
     results = run_engine(engine, prompts, GREEDY)
     check_against_hf(path, results, prompts, hf_greedy(path, prompts, MAX_TOKENS))
-    if stress == "preemption":
+    if "preemption" in stress:
         assert engine.scheduler.total_preemptions > 0
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1

@@ -1,0 +1,100 @@
+"""A step's flat inputs: built with numpy in pinned host buffers, copied to persistent device buffers without
+blocking. The device buffers never move, so CUDA graphs captured on them stay valid; the host side is double
+buffered, so the next step can be staged while the copies of the one in flight may still be pending."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from core.layers.attention import AttentionMetadata
+
+
+class _HostStaging:
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool) -> None:
+        def alloc(shape, dtype):
+            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+            return host, host.numpy()
+
+        self.ids, self.ids_np = alloc(max_tokens, torch.int64)
+        self.pos, self.pos_np = alloc(max_tokens, torch.int64)
+        self.slot, self.slot_np = alloc(max_tokens, torch.int64)
+        self.seq, self.seq_np = alloc(max_seqs, torch.int32)
+        self.qsl, self.qsl_np = alloc(max_seqs + 1, torch.int32)
+        self.bt, self.bt_np = alloc((max_seqs, max_blocks), torch.int32)
+
+
+class StepInputs:
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, block_size: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.block_size = block_size
+        self._hosts = [_HostStaging(max_tokens, max_seqs, max_blocks, pin) for _ in range(2 if pin else 1)]
+        self._turn = 0
+        self.host = self._hosts[0]
+
+        def zeros(shape, dtype):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.input_ids = zeros(max_tokens, torch.int64)
+        self.positions = zeros(max_tokens, torch.int64)
+        self.slot_mapping = zeros(max_tokens, torch.int64)
+        self.seq_lens = zeros(max_seqs, torch.int32)
+        self.query_start_loc = zeros(max_seqs + 1, torch.int32)
+        self.block_tables = zeros((max_seqs, max_blocks), torch.int32)
+
+    def stage(
+        self, token_ids: np.ndarray, starts: np.ndarray, nums: np.ndarray, table_rows: np.ndarray,
+        pad_to: int | None = None,
+    ) -> AttentionMetadata:
+        """Inputs for sequences that compute ``nums[i]`` tokens from position ``starts[i]`` with block-table rows
+        ``table_rows``; padded with empty rows up to ``pad_to`` (a graph's batch size)."""
+        self._turn = (self._turn + 1) % len(self._hosts)
+        host = self.host = self._hosts[self._turn]
+        bs = self.block_size
+        num_seqs, num_tokens = len(nums), len(token_ids)
+        qsl = host.qsl_np[: num_seqs + 1]
+        qsl[0] = 0
+        np.cumsum(nums, out=qsl[1:])
+        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(qsl[:-1] - starts, nums)
+        seq_of_token = np.repeat(np.arange(num_seqs), nums)
+        host.ids_np[:num_tokens] = token_ids
+        host.pos_np[:num_tokens] = positions
+        host.slot_np[:num_tokens] = table_rows[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        host.seq_np[:num_seqs] = starts + nums
+        host.bt_np[:num_seqs, : table_rows.shape[1]] = table_rows
+        if pad_to is not None:
+            self.fill_padding(num_seqs, pad_to)
+            num_seqs = num_tokens = pad_to
+        self._upload(num_tokens, num_seqs)
+        return self.metadata(num_tokens, num_seqs, int(nums.max()) if len(nums) else 0)
+
+    def fill_padding(self, start: int, end: int) -> None:
+        """Rows ``start..end`` of a decode graph batch: one dummy query each, no context, no cache write."""
+        host = self.host
+        host.ids_np[start:end] = 0
+        host.pos_np[start:end] = 0
+        host.slot_np[start:end] = -1
+        host.seq_np[start:end] = 0
+        host.qsl_np[start + 1 : end + 1] = np.arange(start + 1, end + 1)
+        host.bt_np[start:end] = 0
+
+    def prepare_graph_capture(self, batch_size: int) -> None:
+        self.fill_padding(0, batch_size)
+        self.host.qsl_np[0] = 0
+        self._upload(batch_size, batch_size)
+
+    def _upload(self, num_tokens: int, num_seqs: int) -> None:
+        h = self.host
+        for src, dst, n in ((h.ids, self.input_ids, num_tokens), (h.pos, self.positions, num_tokens),
+                            (h.slot, self.slot_mapping, num_tokens), (h.seq, self.seq_lens, num_seqs),
+                            (h.qsl, self.query_start_loc, num_seqs + 1), (h.bt, self.block_tables, num_seqs)):
+            dst[:n].copy_(src[:n], non_blocking=True)
+
+    def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:num_tokens],
+            block_tables=self.block_tables[:num_seqs],
+            seq_lens=self.seq_lens[:num_seqs],
+            query_start_loc=self.query_start_loc[: num_seqs + 1],
+            max_query_len=max_query_len,
+        )
