@@ -59,11 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     totals: dict[str, float] = collections.defaultdict(float)
     runner = engine.runner
     engine.scheduler.schedule = _timed(totals, "schedule", engine.scheduler.schedule)
-    runner._stage = _timed(totals, "stage inputs (numpy + H2D)", runner._stage)
+    runner.inputs.stage = _timed(totals, "stage inputs (numpy + H2D)", runner.inputs.stage)
     if runner.graphs is not None:
         runner.graphs.replay = _timed(totals, "graph replay (launch)", runner.graphs.replay)
     runner.sampler.__class__.__call__ = _timed(totals, "sampler (launch)", runner.sampler.__class__.__call__)
-    runner._to_host = _timed(totals, "wait for GPU + read tokens", runner._to_host)
+    import core.model_runner as model_runner
+
+    model_runner.StepHandle.result = _timed(totals, "wait for GPU + read tokens", model_runner.StepHandle.result)
     engine._update = _timed(totals, "update requests + outputs", engine._update)
 
     batch_sizes = []
