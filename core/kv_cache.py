@@ -91,6 +91,7 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks[1:])
         self.cached: dict[bytes, KVBlock] = {}
+        self.num_allocated = 0  # blocks handed out for new content, ever (prefix hits are not allocations)
 
     @property
     def num_free_blocks(self) -> int:
@@ -113,6 +114,7 @@ class BlockPool:
                 block.block_hash = None
             block.ref_cnt = 1
             out.append(block)
+        self.num_allocated += n
         return out
 
     def touch(self, blocks: Iterable[KVBlock]) -> None:
