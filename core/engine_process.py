@@ -213,12 +213,23 @@ class EngineProcess:
         self._ctx.term()
 
 
+def _limit_cpu_threads() -> None:
+    """On a CPU-only machine, leave one core to the API process: torch's OpenMP threads spin, and two processes
+    spinning on two cores made a decode step 20x slower in our CI-sized machine."""
+    import torch
+
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+
+
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
     """Entry point of the engine-core process (a ``multiprocessing`` spawn target)."""
     logging.basicConfig(
         level=os.environ.get("PAGEDSERVE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s [engine] %(message)s",
     )
+    _limit_cpu_threads()
     status = EngineProcess(config, input_addr, output_addr).run()
     if status:
         sys.exit(status)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# W5 of shared/BENCHMARKS.md: pagedserve serving SmolLM2-135M (dummy weights), driven by our `bench serve` with
+# vLLM's flags. Usage: benchmarks/run_w5.sh MODEL_DIR [RESULT_DIR]   (MODEL_DIR holds config.json + tokenizer)
+set -euo pipefail
+model=${1:?model directory}
+results=${2:-benchmarks/results}
+port=${PORT:-8000}
+python -m frontend.cli serve "$model" --load-format dummy --max-model-len 4096 --gpu-memory-utilization 0.9 \
+  --port "$port" > "$results.server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+for _ in $(seq 300); do
+  curl -sf "http://localhost:$port/health" > /dev/null && break
+  kill -0 $server 2>/dev/null || { echo "server died"; tail -30 "$results.server.log"; exit 1; }
+  sleep 1
+done
+python -m benchmarks.serve --backend vllm --port "$port" --endpoint /v1/completions --dataset-name random \
+  --random-input-len 512 --random-output-len 128 --num-prompts 1000 --max-concurrency 256 --ignore-eos --seed 0 \
+  --tokenizer "$model" --save-result --result-dir "$results" --disable-tqdm
