@@ -4,6 +4,7 @@ every shape. Run from the repository root on a CUDA machine (finishes in well un
     python benchmarks/kernels_bench.py            # everything
     python benchmarks/kernels_bench.py --quick    # fewer shapes, no config sweeps
     python benchmarks/kernels_bench.py --smoke    # tiny shapes: checks the script itself, also on CPU (interpreter)
+    python benchmarks/kernels_bench.py --only sampler   # one section (names as printed: "decode", "sampler", ...)
 
 Times are medians of ``triton.testing.do_bench`` (which flushes L2 between runs). Decode attention is memory-bound:
 the "% peak" column is achieved bytes/s (K and V of every cached token read once) over the 3.02 TB/s device-to-device
@@ -51,6 +52,7 @@ from kernels.paged_attention import (  # noqa: E402
 )
 from kernels.rmsnorm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from kernels.rotary import rotary_embedding_ref, rotary_embedding_triton  # noqa: E402
+from kernels.sampling import DEFAULT_BLOCK, gumbel_argmax_triton, gumbel_scores_ref, num_vocab_splits  # noqa: E402
 
 PEAK_BYTES_PER_S = 3.02e12  # H100 device-to-device copy, bytes read + written
 BLOCK_SIZE = 16
@@ -72,6 +74,8 @@ class Shapes:
     mixed_prefill: tuple[int, int] | None = (2048, 200)  # (chunk, decodes beside it)
     multi_prompt: tuple[int, int] | None = (8, 1024)
     elementwise_tokens: tuple[int, ...] = (256, 8192)
+    sampler_batches: tuple[int, ...] = (1, 64, 256)
+    vocab_size: int = 151936  # Qwen3
     hidden_sizes: tuple[int, ...] = (1024, 4096)
     intermediate_sizes: tuple[int, ...] = (3072, 14336)
     decode_sweep: list[tuple[str, int, int]] = field(
@@ -87,7 +91,7 @@ QUICK = Shapes(decode_batches=[1, 8, 64, 256], decode_contexts=[1024], mixed_pre
 SMOKE = Shapes(
     models={"tiny": (4, 2)}, head_dim=32, max_model_len=256, decode_batches=[3], decode_contexts=[40, "mixed"],
     mixed_range=(1, 100), ref_batches=(3,), prompts=[48], chunk=(20, 30), mixed_prefill=(20, 3), multi_prompt=(2, 24),
-    elementwise_tokens=(5,), hidden_sizes=(64,), intermediate_sizes=(96,), decode_sweep=[("tiny", 2, 70)],
+    elementwise_tokens=(5,), sampler_batches=(3,), vocab_size=3000, hidden_sizes=(64,), intermediate_sizes=(96,), decode_sweep=[("tiny", 2, 70)],
     prefill_sweep=("tiny", 40), sweep_configs=2, dtype=torch.float16 if not torch.cuda.is_available() else torch.bfloat16,
     copy_bytes=1 << 20,
 )  # fmt: skip
@@ -426,12 +430,51 @@ def section_elementwise() -> None:
           ["kernel", "tokens", "us", "GB/s", "ref us", "speedup", "rel err"], rows)  # fmt: skip
 
 
+def section_sampler() -> None:
+    """Random sampling of one decode step's float32 logits: the old path (temperature, softmax, Exp(1) noise,
+    probs / noise, argmax: 5 kernels) against the fused Gumbel-max kernel, and the torch hash-noise reference
+    (the fallback off CUDA). GB/s = the logits read once."""
+    gen = torch.Generator(device=DEVICE).manual_seed(6)
+    noise_gen = torch.Generator(device=DEVICE).manual_seed(7)
+    v = SH.vocab_size
+    rows = []
+    for n in SH.sampler_batches:
+        logits = torch.randn(n, v, device=DEVICE, generator=gen) * 3
+        temperature = 0.5 + torch.rand(n, device=DEVICE, generator=gen)
+        keys = torch.randint(0, 2**32, (n,), device=DEVICE, generator=gen)
+        steps = torch.randint(0, 4096, (n,), device=DEVICE, generator=gen)
+
+        def old_path():
+            probs = (logits / temperature[:, None]).softmax(-1)
+            return (probs / torch.empty_like(probs).exponential_(generator=noise_gen)).argmax(-1)
+
+        old_ms = bench_ms(old_path)
+        ms = bench_ms(lambda: gumbel_argmax_triton(logits, temperature, keys, steps))
+        scores = gumbel_scores_ref(logits, temperature, keys, steps)
+        ref_ms = bench_ms(lambda: gumbel_scores_ref(logits, temperature, keys, steps).argmax(-1))
+        top2 = scores.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-3
+        wrong = int((clear & (gumbel_argmax_triton(logits, temperature, keys, steps) != scores.argmax(-1))).sum())
+        del scores
+        gbs = n * v * 4 / (ms * 1e-3)
+        splits = num_vocab_splits(n, v, DEFAULT_BLOCK, 0 if DEVICE == "cuda" else None)
+        rows.append([str(n), str(v), str(splits), f"{old_ms * 1e3:.1f}", f"{ms * 1e3:.1f}", f"{gbs / 1e9:.0f}",
+                     f"{gbs / PEAK_BYTES_PER_S:.0%}", f"{old_ms / ms:.1f}x", f"{ref_ms * 1e3:.0f}",
+                     f"{int(clear.sum())}/{n}",
+                     check(f"sampler N={n} ({wrong} tokens differ)", 0.0 if wrong == 0 else float("inf"), 0.0)])  # fmt: skip
+    table("sampling (float32 logits): old softmax + exponential race vs fused Gumbel-max kernel; "
+          "'checked' = rows whose best two scores are > 1e-3 apart (must match the reference)",
+          ["batch", "vocab", "splits", "old us", "fused us", "GB/s", "% peak", "speedup", "torch ref us", "checked",
+           "tokens"], rows)  # fmt: skip
+
+
 def main() -> int:
     global SH, SWEEP_DEADLINE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes, no config sweeps")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU: interpreter)")
     parser.add_argument("--budget", type=float, default=150.0, help="seconds after which config sweeps stop early")
+    parser.add_argument("--only", default="", help="comma-separated section names to run (e.g. 'sampler')")
     opts = parser.parse_args()
     if DEVICE != "cuda" and not opts.smoke:
         print("kernels_bench.py needs a CUDA GPU (torch.cuda.is_available() is False); --smoke runs on CPU",
@@ -447,9 +490,12 @@ def main() -> int:
     started = time.time()
     SWEEP_DEADLINE = started + opts.budget
     sections = [("copy ceiling", section_copy_ceiling), ("decode", section_decode), ("prefill", section_prefill),
-                ("elementwise", section_elementwise)]  # fmt: skip
+                ("elementwise", section_elementwise), ("sampler", section_sampler)]  # fmt: skip
     if not opts.quick:
         sections += [("decode sweep", section_decode_sweep), ("prefill sweep", section_prefill_sweep)]
+    if opts.only:
+        wanted = {name.strip() for name in opts.only.split(",")}
+        sections = [(name, fn) for name, fn in sections if name in wanted]
     crashed = []
     for name, fn in sections:
         t0 = time.time()

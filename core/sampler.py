@@ -1,11 +1,14 @@
 """Turn the last-position logits of a batch into next tokens, all on the device, one code path per feature used.
 
-Order: logit_bias and min_tokens masks, penalties, (raw logprobs), temperature, top-k, top-p, min-p, then an
-exponential race (argmax of probs / Exp(1) noise, equivalent to sampling). Greedy rows take the argmax.
+Order: logit_bias and min_tokens masks, penalties, (raw logprobs), then for random rows temperature, top-k, top-p,
+min-p (only when some row uses them: masked tokens become -inf), then one fused Gumbel-max pass
+(``kernels.sampling.gumbel_argmax``): ``argmax(logits / T + G)``, equivalent to sampling from softmax(logits / T).
+Greedy rows take the argmax.
 
-Seeded rows draw their noise from a counter-based hash of (seed, output position, token id), so a seeded request
-gives the same tokens whatever else is in the batch, after a preemption, and on any device. Unseeded rows use the
-engine's generator.
+Every row's noise is a counter-based hash of (key, step, token id), the same on every device: seeded rows use
+(their seed's key, output index), so they give the same tokens whatever else is in the batch, after a preemption,
+and on any device; unseeded rows use keys the runner derives from a per-step engine key (see
+``core.sampling_metadata``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-_M32 = 0xFFFFFFFF
+from kernels.sampling import gumbel_argmax
 
 
 @dataclass
@@ -23,13 +26,11 @@ class SamplingBatch:
 
     temperature: torch.Tensor  # [N] float32; rows with 0 are greedy
     all_greedy: bool
-    any_greedy: bool
+    keys: torch.Tensor  # [N] int64 holding 32-bit noise keys (seed key, or derived from the step key)
+    steps: torch.Tensor  # [N] int64 noise counters (seeded rows: output index of the sampled token; others: 0)
     top_k: torch.Tensor | None = None  # [N] int64, 0 = off
     top_p: torch.Tensor | None = None  # [N] float32, 1 = off
     min_p: torch.Tensor | None = None  # [N] float32, 0 = off
-    seeded_rows: torch.Tensor | None = None  # [S] int64 row indices
-    seed_keys: torch.Tensor | None = None  # [S] int64 (32-bit keys)
-    seed_steps: torch.Tensor | None = None  # [S] int64: output tokens so far
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, token ids, values
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, token ids (EOS/stop ids before min_tokens)
     penalties: "Penalties | None" = None
@@ -54,8 +55,7 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, seed: int, device: torch.device) -> None:
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+    """Stateless: all randomness comes from ``SamplingBatch.keys`` / ``steps``."""
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits.float()
@@ -71,9 +71,7 @@ class Sampler:
         if batch.all_greedy:
             sampled = logits.argmax(-1)
         else:
-            sampled = self._sample_random(logits, batch)
-            if batch.any_greedy:
-                sampled = torch.where(batch.temperature == 0, logits.argmax(-1), sampled)
+            sampled = self._sample(logits, batch)
 
         out = SamplerOutput(sampled)
         if raw_logprobs is not None:
@@ -82,17 +80,20 @@ class Sampler:
             )
         return out
 
-    def _sample_random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
-        logits = logits / temperature[:, None]
-        logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
-        if batch.min_p is not None:
-            logits = apply_min_p(logits, batch.min_p)
-        probs = logits.softmax(-1)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        if batch.seeded_rows is not None:
-            noise[batch.seeded_rows] = seeded_exponential(batch.seed_keys, batch.seed_steps, probs.shape[-1])
-        return (probs / noise).argmax(-1)
+    @staticmethod
+    def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Random rows: Gumbel-max at their temperature; greedy rows (T == 0): argmax, in the same pass."""
+        temperature = batch.temperature
+        if batch.top_k is not None or batch.top_p is not None or batch.min_p is not None:
+            # The filters act on the tempered distribution: scale first, then sample the survivors at T = 1.
+            # Greedy rows are divided by 1 (unchanged) and keep T = 0 (build_sampling_batch gives them no filters).
+            greedy = temperature == 0
+            logits = logits / torch.where(greedy, 1.0, temperature)[:, None]
+            logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+            if batch.min_p is not None:
+                logits = apply_min_p(logits, batch.min_p)
+            temperature = (~greedy).float()
+        return gumbel_argmax(logits, temperature, batch.keys, batch.steps)
 
 
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
@@ -138,21 +139,3 @@ def gather_logprobs(
         top_lp, top_ids = logprobs.topk(k, dim=-1)
         return torch.cat((token_ids[:, None], top_ids), 1), torch.cat((chosen, top_lp), 1), ranks
     return token_ids[:, None], chosen, ranks
-
-
-def _fmix32(x: torch.Tensor) -> torch.Tensor:
-    """murmur3's finalizer on int64 tensors holding 32-bit values (products wrap; the low 32 bits stay right)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & _M32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
-
-
-def seeded_exponential(seed_keys: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Exp(1) noise ``[S, V]`` that depends only on (seed, output position, token id)."""
-    key = _fmix32(seed_keys ^ _fmix32((steps * 0x9E3779B9) & _M32))
-    cols = (torch.arange(vocab_size, device=seed_keys.device, dtype=torch.int64) * 0x27D4EB2F) & _M32
-    bits = _fmix32(_fmix32(key[:, None] ^ cols[None, :]) ^ key[:, None])
-    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(uniform)

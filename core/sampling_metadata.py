@@ -1,7 +1,12 @@
 """Build the sampler's per-row tensors for one step from the requests that sample in it.
 
-Only the features some row uses get tensors (a batch of plain temperature sampling builds one tensor), so the
-common case costs a few microseconds of host time.
+Only the features some row uses get tensors (a batch of plain temperature sampling builds two: temperatures, and
+noise keys + steps in one copy), so the common case costs a few microseconds of host time.
+
+Noise keys: a seeded row uses its seed's key and the output index of the token being sampled as the step, so its
+tokens depend on nothing else. An unseeded row ``i`` uses ``mix(step_key, i)`` and step 0, where ``step_key`` is a
+32-bit value the runner draws each step from its own engine-seeded generator: runs with the same engine seed and
+the same schedule repeat, and no two steps or rows share noise.
 """
 
 from __future__ import annotations
@@ -13,25 +18,37 @@ from core.request import Request
 from core.sampler import Penalties, SamplingBatch
 
 
-def build_sampling_batch(requests: list[Request], vocab_size: int, device: torch.device) -> SamplingBatch:
+_M32 = 0xFFFFFFFF
+
+
+def build_sampling_batch(
+    requests: list[Request], vocab_size: int, device: torch.device, output_indices: list[int], step_key: int
+) -> SamplingBatch:
+    """``output_indices[i]``: index, in request i's output, of the token this step samples (seeded rows' noise step
+    and the min_tokens check). ``step_key``: this step's 32-bit engine key (unseeded rows' noise)."""
     params = [r.sampling_params for r in requests]
     temps = [0.0 if p.greedy else p.temperature for p in params]
+    noise = np.empty((2, len(requests)), dtype=np.int64)
+    noise[0] = unseeded_row_keys(step_key, len(requests))
+    noise[1] = 0
+    for i, r in enumerate(requests):
+        if r.seed_key is not None:
+            noise[0, i], noise[1, i] = r.seed_key, output_indices[i]
+    noise_t = torch.from_numpy(noise).to(device, non_blocking=True)
     batch = SamplingBatch(
         temperature=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True),
         all_greedy=all(t == 0.0 for t in temps),
-        any_greedy=any(t == 0.0 for t in temps),
+        keys=noise_t[0],
+        steps=noise_t[1],
     )
-    if any(p.top_k > 0 for p in params):
-        batch.top_k = _to(device, [p.top_k for p in params], torch.int64)
-    if any(p.top_p < 1.0 for p in params):
-        batch.top_p = _to(device, [p.top_p for p in params], torch.float32)
-    if any(p.min_p > 0.0 for p in params):
-        batch.min_p = _to(device, [p.min_p for p in params], torch.float32)
-    seeded = [i for i, r in enumerate(requests) if r.seed_key is not None and not params[i].greedy]
-    if seeded:
-        batch.seeded_rows = _to(device, seeded, torch.int64)
-        batch.seed_keys = _to(device, [requests[i].seed_key for i in seeded], torch.int64)
-        batch.seed_steps = _to(device, [requests[i].num_output_tokens for i in seeded], torch.int64)
+    # Filters only for random rows: a greedy row takes the argmax of its logits whatever its top-k/p settings.
+    sampled = [p for p, t in zip(params, temps) if t > 0.0]
+    if any(p.top_k > 0 for p in sampled):
+        batch.top_k = _to(device, [0 if t == 0.0 else p.top_k for p, t in zip(params, temps)], torch.int64)
+    if any(p.top_p < 1.0 for p in sampled):
+        batch.top_p = _to(device, [1.0 if t == 0.0 else p.top_p for p, t in zip(params, temps)], torch.float32)
+    if any(p.min_p > 0.0 for p in sampled):
+        batch.min_p = _to(device, [0.0 if t == 0.0 else p.min_p for p, t in zip(params, temps)], torch.float32)
     if any(p.logit_bias for p in params):
         rows, cols, vals = [], [], []
         for i, p in enumerate(params):
@@ -43,7 +60,7 @@ def build_sampling_batch(requests: list[Request], vocab_size: int, device: torch
                                 _to(device, vals, torch.float32))
     banned_rows, banned_cols = [], []
     for i, r in enumerate(requests):
-        if r.num_output_tokens < params[i].min_tokens:
+        if output_indices[i] < params[i].min_tokens:
             banned = set(r.stop_token_ids) | (set() if params[i].ignore_eos else set(r.eos_token_ids))
             banned_rows.extend([i] * len(banned)), banned_cols.extend(banned)
     if banned_rows:
@@ -54,6 +71,21 @@ def build_sampling_batch(requests: list[Request], vocab_size: int, device: torch
     if wanted:
         batch.max_num_logprobs = max(wanted)
     return batch
+
+
+def unseeded_row_keys(step_key: int, num_rows: int) -> np.ndarray:
+    """``fmix32(step_key ^ fmix32(i * golden))`` for rows ``i``: unrelated 32-bit keys per (step, row), as int64."""
+    rows = np.arange(num_rows, dtype=np.uint32) * np.uint32(0x9E3779B9)  # wraps mod 2^32
+    return _fmix32_np(np.uint32(step_key & _M32) ^ _fmix32_np(rows)).astype(np.int64)
+
+
+def _fmix32_np(x: np.ndarray) -> np.ndarray:
+    """murmur3's finalizer on uint32 arrays (products wrap)."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
 
 
 def _to(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""Sampler unit tests: masks against direct computations, penalties against a hand-computed example, seeded noise."""
+"""Sampler unit tests: masks against direct computations, penalties against a hand-computed example, hash noise
+(seeded reproducibility, the sampled distribution, temperature), and build_sampling_batch's keys and bans."""
 
 from __future__ import annotations
 
 import torch
 
+from core.request import Request
 from core.sampler import (
     Penalties,
     Sampler,
@@ -12,13 +14,28 @@ from core.sampler import (
     apply_penalties,
     apply_top_k_top_p,
     gather_logprobs,
-    seeded_exponential,
 )
+from core.sampling_metadata import build_sampling_batch, unseeded_row_keys
+from ipc.messages import SamplingParams
+from kernels.sampling import gumbel_argmax_ref
+
+CPU = torch.device("cpu")
 
 
-def batch(temps, **kw) -> SamplingBatch:
+def batch(temps, keys=None, steps=None, **kw) -> SamplingBatch:
     t = torch.tensor(temps, dtype=torch.float32)
-    return SamplingBatch(t, all_greedy=bool((t == 0).all()), any_greedy=bool((t == 0).any()), **kw)
+    n = len(temps)
+    keys = torch.arange(n, dtype=torch.int64) * 7919 + 1 if keys is None else torch.as_tensor(keys)
+    steps = torch.zeros(n, dtype=torch.int64) if steps is None else torch.as_tensor(steps)
+    return SamplingBatch(t, all_greedy=bool((t == 0).all()), keys=keys, steps=steps, **kw)
+
+
+def frequencies(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    return torch.bincount(tokens, minlength=vocab).float() / tokens.numel()
+
+
+def request(params: SamplingParams, rid: str = "r", eos: frozenset[int] = frozenset()) -> Request:
+    return Request(rid, [1, 2, 3], params, eos_token_ids=eos, max_model_len=64)
 
 
 def test_top_k_keeps_exactly_the_k_largest_per_row():
@@ -80,34 +97,57 @@ def test_penalties_match_a_hand_computed_example():
 def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():
     torch.manual_seed(0)
     logits = torch.randn(1, 100)
-    sampler = Sampler(seed=0, device=torch.device("cpu"))
-    key, step = torch.tensor([12345]), torch.tensor([3])
-    alone = sampler(logits.clone(), batch([1.0], seeded_rows=torch.tensor([0]), seed_keys=key, seed_steps=step))
+    alone = Sampler()(logits.clone(), batch([1.0], keys=[12345], steps=[3]))
     crowd_logits = torch.cat([torch.randn(2, 100), logits, torch.randn(3, 100)])
-    crowd = sampler(crowd_logits, batch([0.7, 0.0, 1.0, 1.3, 1.0, 0.5], seeded_rows=torch.tensor([2]),
-                                        seed_keys=key, seed_steps=step))
+    crowd = Sampler()(crowd_logits, batch([0.7, 0.0, 1.0, 1.3, 1.0, 0.5], keys=[1, 2, 12345, 4, 5, 6],
+                                          steps=[0, 0, 3, 9, 0, 1]))
     assert crowd.token_ids[2] == alone.token_ids[0]
 
 
-def test_seeded_noise_changes_with_step_and_seed():
-    a = seeded_exponential(torch.tensor([1, 1, 2]), torch.tensor([0, 1, 0]), 64)
-    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
-    assert torch.equal(a, seeded_exponential(torch.tensor([1, 1, 2]), torch.tensor([0, 1, 0]), 64))
-
-
-def test_seeded_sampling_follows_the_distribution():
-    """Over many (seed, step) draws the hash noise samples tokens with their probabilities."""
+def test_hash_sampling_follows_the_distribution():
+    """Over many (key, step) draws the Gumbel-max pass samples tokens with their probabilities."""
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
     n = 20000
-    noise = seeded_exponential(torch.arange(n) * 7919 % 2**32, torch.arange(n) % 13, 4)
-    freq = torch.bincount((probs[None] / noise).argmax(-1), minlength=4).float() / n
-    assert torch.allclose(freq, probs, atol=0.015), freq
+    tokens = gumbel_argmax_ref(probs.log().expand(n, 4), torch.ones(n), torch.arange(n) * 7919 % 2**32,
+                               torch.arange(n) % 13)
+    assert torch.allclose(frequencies(tokens, 4), probs, atol=0.015), frequencies(tokens, 4)
+
+
+def test_temperature_reshapes_the_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    n = 20000
+    for temperature in (0.5, 2.0):
+        out = Sampler()(logits.expand(n, 4).clone(), batch([temperature] * n))
+        expected = (logits / temperature).softmax(-1)
+        assert torch.allclose(frequencies(out.token_ids, 4), expected, atol=0.015), (temperature, expected)
+
+
+def test_top_k_samples_the_tempered_survivors():
+    """top_k=2 at T=2: only the top two tokens, in proportion softmax([2, 1] / 2); a greedy row beside it."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(10000, 4).clone()
+    temps = [2.0] * 9999 + [0.0]
+    out = Sampler()(logits, batch(temps, top_k=torch.tensor([2] * 9999 + [0])))
+    freq = frequencies(out.token_ids[:-1], 4)
+    expected = torch.tensor([1.0, 0.5]).softmax(-1)
+    assert freq[2:].sum() == 0 and torch.allclose(freq[:2], expected, atol=0.02), freq
+    assert out.token_ids[-1] == 0
+
+
+def test_unseeded_rows_repeat_with_the_step_key_and_change_without_it():
+    logits = torch.zeros(64, 1000)  # flat: the noise alone decides
+    def draw(step_key: int) -> torch.Tensor:
+        keys = torch.from_numpy(unseeded_row_keys(step_key, 64))
+        return Sampler()(logits.clone(), batch([1.0] * 64, keys=keys)).token_ids
+
+    assert torch.equal(draw(7), draw(7))
+    assert (draw(7) != draw(8)).sum() > 50
+    assert len(set(draw(7).tolist())) > 50  # rows of one step do not share noise
 
 
 def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
     torch.manual_seed(2)
     logits = torch.randn(4, 30)
-    out = Sampler(0, torch.device("cpu"))(logits.clone(), batch([0.0, 1.0, 0.0, 2.0]))
+    out = Sampler()(logits.clone(), batch([0.0, 1.0, 0.0, 2.0]))
     assert out.token_ids[0] == logits[0].argmax() and out.token_ids[2] == logits[2].argmax()
 
 
@@ -116,8 +156,35 @@ def test_logit_bias_and_banned_tokens():
     b = batch([0.0, 0.0], logit_bias=(torch.tensor([0]), torch.tensor([7]), torch.tensor([5.0])),
               banned=(torch.tensor([1]), torch.tensor([0])))
     logits[1, 0] = 10.0
-    out = Sampler(0, torch.device("cpu"))(logits, b)
+    out = Sampler()(logits, b)
     assert out.token_ids.tolist()[0] == 7 and out.token_ids.tolist()[1] != 0
+
+
+def test_build_sampling_batch_noise_keys():
+    seeded = SamplingParams(temperature=1.0, seed=42)
+    reqs = [request(SamplingParams(temperature=1.0), "a"), request(seeded, "b"), request(SamplingParams(), "c")]
+    b = build_sampling_batch(reqs, 100, CPU, output_indices=[4, 7, 0], step_key=99)
+    expected = unseeded_row_keys(99, 3)
+    assert b.keys.tolist() == [expected[0], reqs[1].seed_key, expected[2]]
+    assert b.steps.tolist() == [0, 7, 0]
+    assert build_sampling_batch(reqs, 100, CPU, [4, 7, 0], 100).keys[0] != b.keys[0]
+
+
+def test_build_sampling_batch_bans_eos_by_output_index():
+    """min_tokens counts the index of the token being sampled (async scheduling: num_output_tokens may lag)."""
+    r = request(SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[5]), eos=frozenset({9}))
+    assert r.num_output_tokens == 0
+    banned = build_sampling_batch([r], 100, CPU, output_indices=[2], step_key=0).banned
+    assert banned is not None and banned[0].tolist() == [0, 0] and sorted(banned[1].tolist()) == [5, 9]
+    assert build_sampling_batch([r], 100, CPU, output_indices=[3], step_key=0).banned is None
+
+
+def test_build_sampling_batch_gives_greedy_rows_no_filters():
+    greedy = SamplingParams(temperature=0.0, top_k=5, top_p=0.5, min_p=0.2)
+    b = build_sampling_batch([request(greedy, "g")], 100, CPU, [0], 1)
+    assert b.all_greedy and b.top_k is None and b.top_p is None and b.min_p is None
+    mixed = build_sampling_batch([request(greedy, "g"), request(SamplingParams(top_k=3), "s")], 100, CPU, [0, 0], 1)
+    assert mixed.top_k.tolist() == [0, 3] and mixed.top_p is None
 
 
 def test_logprobs_rank_and_top_k():
