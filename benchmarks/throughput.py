@@ -70,6 +70,7 @@ def run_pagedserve(args: argparse.Namespace, workload: Workload) -> list[dict]:
     # Warm-up on unrelated tokens, so kernels are compiled and no prefix of the workload is cached.
     llm.generate([{"prompt_token_ids": [10001 + i] * 200} for i in range(8)],
                  SamplingParams(temperature=workload.temperature, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    _report_triton_cache("after warm-up")
     results = []
     for run in range(args.runs):
         llm.engine.reset_prefix_cache()
@@ -80,6 +81,7 @@ def run_pagedserve(args: argparse.Namespace, workload: Workload) -> list[dict]:
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
         assert generated == workload.num_output_tokens, (generated, workload.num_output_tokens)
         stats = llm.engine.get_stats()
+        _report_triton_cache(f"after run {run}")
         results.append({
             "run": run, "elapsed_s": elapsed, "output_tokens": generated, "output_tok_per_s": generated / elapsed,
             "requests_per_s": len(prompts) / elapsed, "startup_s": startup,
@@ -87,6 +89,15 @@ def run_pagedserve(args: argparse.Namespace, workload: Workload) -> list[dict]:
             "prefix_cache_hit_rate": _hit_rate(stats, stats_before),
         })
     return results
+
+
+def _report_triton_cache(when: str) -> None:
+    """With TRITON_CACHE_DIR set: how many kernels have been compiled so far (a compile inside a timed run shows)."""
+    import os
+
+    cache = os.environ.get("TRITON_CACHE_DIR")
+    if cache and os.path.isdir(cache):
+        print(f"triton cache entries {when}: {len(os.listdir(cache))}", file=sys.stderr)
 
 
 def _hit_rate(after: dict, before: dict) -> float | None:
