@@ -75,6 +75,7 @@ class Shapes:
     multi_prompt: tuple[int, int] | None = (8, 1024)
     elementwise_tokens: tuple[int, ...] = (256, 8192)
     sampler_batches: tuple[int, ...] = (1, 64, 256)
+    sampler_blocks: tuple[int, ...] = (1024, DEFAULT_BLOCK, 4096)  # the first row of each batch is the default
     vocab_size: int = 151936  # Qwen3
     hidden_sizes: tuple[int, ...] = (1024, 4096)
     intermediate_sizes: tuple[int, ...] = (3072, 14336)
@@ -87,11 +88,12 @@ class Shapes:
     copy_bytes: int = 1 << 30
 
 
-QUICK = Shapes(decode_batches=[1, 8, 64, 256], decode_contexts=[1024], mixed_prefill=None, multi_prompt=None)
+QUICK = Shapes(decode_batches=[1, 8, 64, 256], decode_contexts=[1024], mixed_prefill=None, multi_prompt=None,
+               sampler_blocks=(DEFAULT_BLOCK,))
 SMOKE = Shapes(
     models={"tiny": (4, 2)}, head_dim=32, max_model_len=256, decode_batches=[3], decode_contexts=[40, "mixed"],
     mixed_range=(1, 100), ref_batches=(3,), prompts=[48], chunk=(20, 30), mixed_prefill=(20, 3), multi_prompt=(2, 24),
-    elementwise_tokens=(5,), sampler_batches=(3,), vocab_size=3000, hidden_sizes=(64,), intermediate_sizes=(96,), decode_sweep=[("tiny", 2, 70)],
+    elementwise_tokens=(5,), sampler_batches=(3,), sampler_blocks=(DEFAULT_BLOCK, 1024), vocab_size=3000, hidden_sizes=(64,), intermediate_sizes=(96,), decode_sweep=[("tiny", 2, 70)],
     prefill_sweep=("tiny", 40), sweep_configs=2, dtype=torch.float16 if not torch.cuda.is_available() else torch.bfloat16,
     copy_bytes=1 << 20,
 )  # fmt: skip
@@ -433,7 +435,7 @@ def section_elementwise() -> None:
 def section_sampler() -> None:
     """Random sampling of one decode step's float32 logits: the old path (temperature, softmax, Exp(1) noise,
     probs / noise, argmax: 5 kernels) against the fused Gumbel-max kernel, and the torch hash-noise reference
-    (the fallback off CUDA). GB/s = the logits read once."""
+    (the fallback off CUDA). GB/s = the logits read once. The first block size of each batch is the default."""
     gen = torch.Generator(device=DEVICE).manual_seed(6)
     noise_gen = torch.Generator(device=DEVICE).manual_seed(7)
     v = SH.vocab_size
@@ -449,22 +451,27 @@ def section_sampler() -> None:
             return (probs / torch.empty_like(probs).exponential_(generator=noise_gen)).argmax(-1)
 
         old_ms = bench_ms(old_path)
-        ms = bench_ms(lambda: gumbel_argmax_triton(logits, temperature, keys, steps))
         scores = gumbel_scores_ref(logits, temperature, keys, steps)
         ref_ms = bench_ms(lambda: gumbel_scores_ref(logits, temperature, keys, steps).argmax(-1))
         top2 = scores.topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 1e-3
-        wrong = int((clear & (gumbel_argmax_triton(logits, temperature, keys, steps) != scores.argmax(-1))).sum())
-        del scores
-        gbs = n * v * 4 / (ms * 1e-3)
-        splits = num_vocab_splits(n, v, DEFAULT_BLOCK, 0 if DEVICE == "cuda" else None)
-        rows.append([str(n), str(v), str(splits), f"{old_ms * 1e3:.1f}", f"{ms * 1e3:.1f}", f"{gbs / 1e9:.0f}",
-                     f"{gbs / PEAK_BYTES_PER_S:.0%}", f"{old_ms / ms:.1f}x", f"{ref_ms * 1e3:.0f}",
-                     f"{int(clear.sum())}/{n}",
-                     check(f"sampler N={n} ({wrong} tokens differ)", 0.0 if wrong == 0 else float("inf"), 0.0)])  # fmt: skip
+        expected = scores.argmax(-1)
+        del scores, top2
+        blocks = sorted(set(SH.sampler_blocks), key=lambda b: b != DEFAULT_BLOCK)
+        for block in blocks:
+            ms = bench_ms(lambda: gumbel_argmax_triton(logits, temperature, keys, steps, block=block))
+            tokens = gumbel_argmax_triton(logits, temperature, keys, steps, block=block)
+            wrong = int((clear & (tokens != expected)).sum())
+            gbs = n * v * 4 / (ms * 1e-3)
+            splits = num_vocab_splits(n, v, block, 0 if DEVICE == "cuda" else None)
+            rows.append([str(n), str(v), str(block), str(splits), f"{old_ms * 1e3:.1f}", f"{ms * 1e3:.1f}",
+                         f"{gbs / 1e9:.0f}", f"{gbs / PEAK_BYTES_PER_S:.0%}", f"{old_ms / ms:.1f}x",
+                         f"{ref_ms * 1e3:.0f}", f"{int(clear.sum())}/{n}",
+                         check(f"sampler N={n} block={block} ({wrong} tokens differ)", 0.0 if wrong == 0 else float("inf"),
+                               0.0)])  # fmt: skip
     table("sampling (float32 logits): old softmax + exponential race vs fused Gumbel-max kernel; "
           "'checked' = rows whose best two scores are > 1e-3 apart (must match the reference)",
-          ["batch", "vocab", "splits", "old us", "fused us", "GB/s", "% peak", "speedup", "torch ref us", "checked",
+          ["batch", "vocab", "block", "splits", "old us", "fused us", "GB/s", "% peak", "speedup", "torch ref us", "checked",
            "tokens"], rows)  # fmt: skip
 
 
