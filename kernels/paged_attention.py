@@ -8,8 +8,10 @@ cache through ``block_tables[i]`` (the new tokens were written there first). GQA
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -94,11 +96,20 @@ def _attend(
 _LOG2E = 1.4426950408889634
 
 
+# Decode launch orders (the ORDER constexpr). The hardware starts programs roughly in linear-id order, so the order
+# decides which programs run last: when the lengths differ, long programs started late leave SMs idle at the end.
+ORDER_HEAD_MAJOR = 0  # the original 3D grid (B, Hk, splits): every sequence for KV head 0, then for head 1, ...
+ORDER_SEQ_MAJOR = 1  # 1D grid, sequences in batch order, all KV heads and splits of a sequence next to each other
+ORDER_PERMUTED = 2  # 1D grid, sequences in the order of a permutation tensor (longest first: LPT scheduling)
+
+
 @triton.jit
 def _decode_kernel(
-    out_ptr,  # [T, Hq, D] (written when NUM_SPLITS == 1)
+    out_ptr,  # [T, Hq, D] (written by single-split sequences, and by the last split when FUSED_REDUCE)
     part_out_ptr,  # [B, Hq, NUM_SPLITS, D] float32 (written when NUM_SPLITS > 1)
     part_lse_ptr,  # [B, Hq, NUM_SPLITS] float32, log2-domain log-sum-exp of each split
+    counter_ptr,  # [B, Hk] int32, all zero between launches (FUSED_REDUCE only)
+    order_ptr,  # [B] int32 permutation of the sequences, launch order (ORDER_PERMUTED only)
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
@@ -106,6 +117,7 @@ def _decode_kernel(
     seq_lens_ptr,
     query_start_loc_ptr,
     scale_log2,
+    num_kv_heads,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -123,21 +135,42 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    ORDER: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    if ORDER == 0:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+    else:
+        pid = tl.program_id(0)
+        per_seq = num_kv_heads * NUM_SPLITS
+        rank = pid // per_seq
+        rest = pid - rank * per_seq
+        kv_head = rest // NUM_SPLITS
+        split = rest - kv_head * NUM_SPLITS
+        if ORDER == 2:
+            seq = tl.load(order_ptr + rank)
+        else:
+            seq = rank
     q_row = tl.load(query_start_loc_ptr + seq)
     if tl.load(query_start_loc_ptr + seq + 1) == q_row:
         return  # a sequence with no query row this step
     seq_len = tl.load(seq_lens_ptr + seq)
     # Each split covers a TILE_N-aligned share of this sequence's context; short sequences leave late splits empty.
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE_N) * TILE_N
+    num_active = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # 0 when seq_len == 0
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
     if NUM_SPLITS > 1:
-        if start >= seq_len:
+        if FUSED_REDUCE:
+            if (split > 0) & (start >= seq_len):
+                return  # split 0 of an empty sequence stays: it writes the zero row
+        elif start >= seq_len:
             return  # the reduce kernel derives the same split count from seq_len and never reads this one
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -187,16 +220,88 @@ def _decode_kernel(
 
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (graph padding) gives zeros, not NaN
     out = acc / safe_l[:, None]
+    out_ptrs = out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    num_q_heads = num_kv_heads * GROUP
+    part = (seq * num_q_heads + heads) * NUM_SPLITS + split  # [BLOCK_H]
     if NUM_SPLITS == 1:
-        tl.store(
-            out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=head_mask[:, None],
-        )
-    else:
-        part = (seq * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split  # [BLOCK_H]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    elif not FUSED_REDUCE:
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_mask[:, None])
         tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=head_mask)
+    elif num_active <= 1:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])  # nothing to merge
+    else:
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_mask[:, None])
+        tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=head_mask)
+        # The last split of this (sequence, KV head) to finish merges all of them ("last arriver reduces"): every
+        # thread's partial stores are ordered before the counter increment by the CTA barrier, and the increment
+        # is a gpu-scope release/acquire, so the last arriver sees every partial; it reads them through L2 (.cg).
+        tl.debug_barrier()
+        counter = counter_ptr + seq * num_kv_heads + kv_head
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if ticket == num_active - 1:
+            tl.store(counter, 0)  # ready for the next launch (stream order puts it before the next kernel)
+            _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, q_row, seq, kv_head, num_q_heads, num_active,
+                          stride_ot, stride_oh, GROUP, GROUP_PAD, HEAD_DIM, NUM_SPLITS, SPLITS_PAD,
+                          SPLIT_CHUNK)  # fmt: skip
+
+
+@triton.jit
+def _merge_splits(
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    q_row,
+    seq,
+    kv_head,
+    num_q_heads,
+    num_active,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
+):
+    """Weights ``2^(lse_s - max lse)`` over the ``num_active >= 2`` splits of one KV head's query group, then the
+    weighted sum of the split outputs ``SPLIT_CHUNK`` splits at a time (keeps the [group, chunk, D] tile small)."""
+    offs_g = tl.arange(0, GROUP_PAD)
+    g_mask = offs_g < GROUP
+    heads = kv_head * GROUP + offs_g
+    base = (seq * num_q_heads + heads) * NUM_SPLITS  # [GROUP_PAD]
+    offs_s = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(
+        part_lse_ptr + base[:, None] + offs_s[None, :],
+        mask=g_mask[:, None] & (offs_s < num_active)[None, :],
+        other=float("-inf"),
+        cache_modifier=".cg",
+    )
+    lse_max = tl.where(g_mask, tl.max(lse, 1), 0.0)  # every active split has >= 1 key, so its lse is finite
+    total = tl.sum(tl.exp2(lse - lse_max[:, None]), 1)
+    total = tl.where(g_mask, total, 1.0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    for chunk_start in range(0, num_active, SPLIT_CHUNK):
+        offs_c = chunk_start + tl.arange(0, SPLIT_CHUNK)
+        mask = g_mask[:, None] & (offs_c < num_active)[None, :]  # [GROUP_PAD, SPLIT_CHUNK]
+        rows = base[:, None] + offs_c[None, :]
+        lse_c = tl.load(part_lse_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        weight = tl.exp2(lse_c - lse_max[:, None])  # 0 for masked splits
+        parts = tl.load(
+            part_out_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+            mask=mask[:, :, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        acc += tl.sum(parts * weight[:, :, None], 1)
+    out = acc / total[:, None]
+    tl.store(
+        out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=g_mask[:, None],
+    )
 
 
 @triton.jit
@@ -233,6 +338,21 @@ def _decode_reduce_kernel(
     total = tl.maximum(tl.sum(weight, 0), 1e-30)
     out = tl.sum(parts * weight[:, None], 0) / total
     tl.store(out_ptr + q_row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+_ORDER_INDEX_BITS = 16  # sort keys: length << 16 | (65535 - index); batches up to 65536 sequences
+
+
+@triton.jit
+def _decode_order_kernel(order_ptr, seq_lens_ptr, num_seqs, BLOCK: tl.constexpr, INDEX_BITS: tl.constexpr):
+    """One program: the sequence indices by decreasing length (ties: increasing index), for ORDER_PERMUTED."""
+    offs = tl.arange(0, BLOCK)
+    live = offs < num_seqs
+    lens = tl.load(seq_lens_ptr + offs, mask=live, other=0).to(tl.int64)
+    low = (1 << INDEX_BITS) - 1
+    keys = tl.where(live, (lens << INDEX_BITS) | (low - offs).to(tl.int64), -1)
+    keys = tl.sort(keys, descending=True)
+    tl.store(order_ptr + offs, (low - (keys & low)).to(tl.int32), mask=live)
 
 
 @triton.jit
@@ -399,9 +519,17 @@ def _prefill_kernel(
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    tile_n: int = 64
+    tile_n: int = 32
     num_warps: int = 4
-    num_stages: int = 2
+    # Triton 3.6/3.9 double-buffer the K/V tiles of this loop only from num_stages=5 (at 2-4 the next tile's copy is
+    # issued after the current tile's dots, so a program never overlaps its loads with its math).
+    num_stages: int = 5
+    # Launch order: "lpt" (longest sequences first: the order a caller passes, else one sort launch per call), "seq"
+    # (batch order, a sequence's programs side by side), "head" (the original (B, Hk, splits) grid).
+    order: str = "lpt"
+    # Split-K merge: by the last split to finish (one launch; an atomic counter per (sequence, KV head)) or by a
+    # separate reduce kernel.
+    fused_reduce: bool = True
     # Split-K only when (batch x KV heads) leaves fewer than min_programs_per_sm programs per SM; it then aims at
     # programs_per_sm, never cutting the table's capacity into splits shorter than min_split_tokens.
     min_programs_per_sm: int = 2
@@ -418,7 +546,30 @@ class PrefillConfig:
     num_stages: int
 
 
-DECODE_CONFIG = DecodeConfig()
+# The decode variants the benchmark compares (benchmarks/bench_decode_attention.py); DECODE_CONFIG is the default.
+# Pick one with PAGEDSERVE_DECODE_VARIANT=<name> or set_decode_variant(name).
+DECODE_VARIANTS: dict[str, DecodeConfig] = {
+    "baseline": DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="head", fused_reduce=False),  # the original
+    "seq": DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="seq", fused_reduce=False),
+    "lpt": DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="lpt", fused_reduce=False),
+    "fused": DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="head", fused_reduce=True),
+    "db32": DecodeConfig(tile_n=32, num_warps=4, num_stages=5, order="head", fused_reduce=False),
+    "db64": DecodeConfig(tile_n=64, num_warps=4, num_stages=5, order="head", fused_reduce=False),
+    "lpt-db32": DecodeConfig(tile_n=32, num_warps=4, num_stages=5, order="lpt", fused_reduce=False),
+    "lpt-db32-fused": DecodeConfig(tile_n=32, num_warps=4, num_stages=5, order="lpt", fused_reduce=True),
+    "lpt-db64-fused": DecodeConfig(tile_n=64, num_warps=4, num_stages=5, order="lpt", fused_reduce=True),
+}
+DEFAULT_DECODE_VARIANT = "lpt-db32-fused"
+DECODE_CONFIG = DECODE_VARIANTS[os.environ.get("PAGEDSERVE_DECODE_VARIANT", DEFAULT_DECODE_VARIANT)]
+
+
+def set_decode_variant(name: str) -> DecodeConfig:
+    """Make ``DECODE_VARIANTS[name]`` the default decode config (affects calls made from now on)."""
+    global DECODE_CONFIG
+    DECODE_CONFIG = DECODE_VARIANTS[name]
+    return DECODE_CONFIG
+
+
 # (minimum average query length T / B, config): the first whose threshold the batch meets wins.
 PREFILL_CONFIGS: list[tuple[float, PrefillConfig]] = [
     (64.0, PrefillConfig(block_m=128, tile_n=64, num_warps=8, num_stages=2)),
@@ -472,6 +623,53 @@ def _check(q, k_cache, v_cache, block_tables, out) -> torch.Tensor:
     return out
 
 
+_ORDER_MODES = {"head": ORDER_HEAD_MAJOR, "seq": ORDER_SEQ_MAJOR, "lpt": ORDER_PERMUTED}
+# Split-K arrival counters for the fused merge, per device; all zero between launches (the last arriver resets its
+# own). Grown outside graph capture only; superseded buffers stay alive because captured graphs may point at them.
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []
+
+
+def _split_counters(device: torch.device, size: int) -> torch.Tensor | None:
+    """A zeroed int32 buffer of at least ``size`` counters, or None while a CUDA graph is being captured and no such
+    buffer exists yet (zeros made inside a capture would only exist on replay): the caller then reduces separately."""
+    buf = _SPLIT_COUNTERS.get(device)
+    if buf is not None and buf.numel() >= size:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    if buf is not None:
+        _RETIRED_COUNTERS.append(buf)
+    buf = torch.zeros(max(size, 8192), dtype=torch.int32, device=device)
+    _SPLIT_COUNTERS[device] = buf
+    return buf
+
+
+def reserve_decode_workspace(max_seqs: int, num_kv_heads: int, device: torch.device | str) -> None:
+    """Allocate the split-K counters up front (call outside graph capture), so captured graphs use the fused merge."""
+    _split_counters(torch.device(device), max_seqs * num_kv_heads)
+
+
+def decode_order(seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """On the device, one launch: sequence indices by decreasing length, ties by increasing index (the launch order
+    of ``order="lpt"``). Same result as :func:`decode_order_host`. Graph safe; ``out`` may be a persistent buffer."""
+    batch = seq_lens.shape[0]
+    if batch > 1 << _ORDER_INDEX_BITS:
+        raise ValueError(f"decode_order handles at most {1 << _ORDER_INDEX_BITS} sequences, got {batch}")
+    if out is None:
+        out = torch.empty(batch, dtype=torch.int32, device=seq_lens.device)
+    if batch:
+        block = max(16, triton.next_power_of_2(batch))
+        _decode_order_kernel[(1,)](out, seq_lens, batch, BLOCK=block, INDEX_BITS=_ORDER_INDEX_BITS,
+                                   num_warps=4 if block <= 1024 else 8)  # fmt: skip
+    return out
+
+
+def decode_order_host(seq_lens: np.ndarray) -> np.ndarray:
+    """The same permutation as :func:`decode_order`, on the host (for a runner that stages it with the step inputs)."""
+    return np.argsort(-np.asarray(seq_lens, dtype=np.int64), kind="stable").astype(np.int32)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -484,12 +682,17 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
+    seq_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton decode attention: every sequence has exactly one query row (or none).
 
-    CUDA-graph safe: no host syncs; the grid is ``(B, Hk, num_splits)`` with ``num_splits`` from static shapes; the
-    split-K scratch is allocated from static shapes (inside a graph capture it lives in the graph's pool). Sequences with
-    ``seq_len == 0`` (graph padding) get zero output rows.
+    CUDA-graph safe: no host syncs; the grid is ``B x Hk x num_splits`` programs with ``num_splits`` from static shapes;
+    the split-K scratch is allocated from static shapes (inside a graph capture it lives in the graph's pool). Sequences
+    with ``seq_len == 0`` (graph padding) get zero output rows.
+
+    ``seq_order`` (``[B]`` int32, a permutation of ``0..B-1``, e.g. :func:`decode_order_host` of the lengths staged
+    each step) is the launch order when ``config.order == "lpt"``; without it that order is computed on the device by
+    one extra launch (:func:`decode_order`). Other orders ignore it.
     """
     config = config or DECODE_CONFIG
     out = _check(q, k_cache, v_cache, block_tables, out)
@@ -502,35 +705,56 @@ def paged_decode_attention(
         num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, sms, config)
     if batch == 0:
         return out
+    order = _ORDER_MODES[config.order]
+    if order == ORDER_PERMUTED:
+        if seq_order is None:
+            seq_order = decode_order(seq_lens)
+        elif seq_order.shape != (batch,) or seq_order.dtype != torch.int32:
+            raise ValueError(f"seq_order must be int32 of shape ({batch},), got {seq_order.dtype} {tuple(seq_order.shape)}")
+    else:
+        seq_order = seq_lens  # never read
+    counters = None
     if num_splits > 1:
         part_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+        if config.fused_reduce:
+            counters = _split_counters(q.device, batch * num_kv_heads)
     else:
         part_out = part_lse = out  # never touched
-    _decode_kernel[(batch, num_kv_heads, num_splits)](
-        out, part_out, part_lse, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * _LOG2E,
+    fused = counters is not None
+    group_pad = triton.next_power_of_2(group)
+    splits_pad = triton.next_power_of_2(num_splits)
+    grid = (batch, num_kv_heads, num_splits) if order == ORDER_HEAD_MAJOR else (batch * num_kv_heads * num_splits,)
+    _decode_kernel[grid](
+        out, part_out, part_lse, counters if fused else seq_lens, seq_order,
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        scale * _LOG2E, num_kv_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_H=max(16, group_pad),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         TILE_N=config.tile_n,
         NUM_SPLITS=num_splits,
+        ORDER=order,
+        FUSED_REDUCE=fused,
+        GROUP_PAD=group_pad,
+        SPLITS_PAD=splits_pad,
+        SPLIT_CHUNK=max(1, min(splits_pad, 32 // group_pad)),
         IEEE=k_cache.dtype == torch.float32,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
-    if num_splits > 1:
+    if num_splits > 1 and not fused:
         _decode_reduce_kernel[(batch, num_q_heads)](
             out, part_out, part_lse, seq_lens, query_start_loc, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim,
             TILE_N=config.tile_n,
             NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            SPLITS_PAD=splits_pad,
             num_warps=4,
         )  # fmt: skip
     return out
@@ -595,18 +819,20 @@ def paged_attention(
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
     backend: str | None = None,
+    decode_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal paged attention (see the module docstring); ``out`` may be a persistent buffer (CUDA graphs).
 
     On CUDA: the split-K decode kernel when ``max_query_len == 1`` (every sequence has at most one query row; the
-    CUDA-graph path), the varlen prefill kernel otherwise (``max_query_len=None`` is always safe). Shapes the kernels do
+    CUDA-graph path; ``decode_order`` is its optional launch order, see :func:`paged_decode_attention`), the varlen prefill
+    kernel otherwise (``max_query_len=None`` is always safe). Shapes the kernels do
     not handle (head dim not a power of two >= 16) fall back to the reference. ``backend="torch"`` (or
     ``PAGEDSERVE_ATTENTION_BACKEND=torch``) forces the reference, which syncs and is not graph-safe.
     """
     if backend != "torch" and use_triton(q, attention=True) and triton_supports(q, k_cache):
         if max_query_len == 1:
             return paged_decode_attention(
-                q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out
+                q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out, seq_order=decode_order
             )
         return paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out)
     result = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
