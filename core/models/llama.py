@@ -18,6 +18,7 @@ from core.layers.linear import Embedding, Linear
 from core.layers.norm import RMSNorm
 from core.layers.rotary import RotaryEmbedding
 from kernels.activation import silu_and_mul
+from kernels.skinny_gemm import linear as skinny_linear
 
 
 class Attention(nn.Module):
@@ -115,7 +116,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(hidden, self.lm_head.weight.t()).float()
+        return skinny_linear(hidden, self.lm_head.weight, out_dtype=torch.float32)  # fp32 logits in one pass
 
     # ------------------------------------------------------------------------------------------------ weights
     def _param_slices(self) -> dict[str, tuple[str, int, int]]:

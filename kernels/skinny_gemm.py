@@ -1,0 +1,423 @@
+"""Skinny GEMM for decode: ``out[M, N] = x[M, K] @ weight[N, K]^T (+ bias)`` for M of 1..16 rows.
+
+At decode batch sizes a linear layer is one pass over its weight (2·M FLOPs per weight element: far under the
+tensor cores' FLOP/byte), so its floor is weight bytes / HBM bandwidth, and what is lost on top of it is (a) too few
+bytes in flight to cover the memory latency and (b) the fixed cost of each launch (ramp-up, tail). Both kernels read
+every weight element exactly once, with 16-byte loads and no masks on the weight:
+
+- ``fma`` (CUDA cores, M <= 4 per program): each program owns ``block_n`` weight rows and walks K in ``block_k``
+  steps, loading tile t+1 into registers while it multiplies tile t (a register double buffer: loads in flight do
+  not wait on the arithmetic), optionally also asking L2 for tile t+``prefetch`` (``prefetch.global.L2``: deeper
+  pipelining without registers). One fp32 accumulator tile per x row, reduced across K once at the end. At M <= 4
+  the FMAs use under a third of the CUDA cores' rate at full bandwidth.
+- ``dot`` (tensor cores, x padded to 16 rows): ``tl.dot`` over ``[16, block_k] x [block_k, block_n]`` tiles, with
+  Triton's cp.async pipeline (``num_stages``) keeping weight tiles in flight. For M of 5..16, where the FMA count
+  would approach the CUDA cores' limit.
+
+Rows past N (and x rows past M) re-read the last valid row instead of being masked, so the loads stay unmasked
+vectors; only the stores are masked. Outputs are written in x's dtype or in float32 (the LM head's logits, which
+saves the separate ``.float()`` pass over [M, vocab]).
+
+Optionally (``PAGEDSERVE_SKINNY_PDL=1``) the kernels are launched with programmatic dependent launch: a program may
+start while the previous kernel in the stream finishes, issues its first weight loads (weights are never written by
+a kernel), and only then waits (``griddepcontrol.wait``) before it reads x or writes its output.
+
+Launch configurations live in ``SKINNY_CONFIGS`` (exact ``(m_bucket, N, K)`` shapes, measured by
+``benchmarks/bench_skinny_gemm.py``, which prints a block to paste here) and ``DEFAULT_CONFIGS`` (per M bucket, for
+other shapes); a ``None`` entry sends that class to cuBLAS.
+
+Switches (read once at import): ``PAGEDSERVE_SKINNY_GEMM=0`` turns the dispatcher off (always ``F.linear``);
+``PAGEDSERVE_KERNEL_BACKEND=torch`` turns off every Triton kernel including this one;
+``PAGEDSERVE_SKINNY_MAX_M=<int>`` sets the largest M that takes the Triton path (default 16);
+``PAGEDSERVE_SKINNY_CONFIG=<config>`` (e.g. ``fma:8x512:w4:p0`` or ``dot:32x128:w4:s4``) forces one configuration
+for every shape (experiments); ``PAGEDSERVE_SKINNY_PDL=1|0`` turns programmatic dependent launch on or off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.backend import use_triton
+
+try:  # griddepcontrol (programmatic dependent launch) intrinsics: Triton >= 3.5 on Hopper
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+
+    HAS_GDC = True
+except ImportError:  # pragma: no cover - older Triton
+    HAS_GDC = False
+
+    @triton.jit
+    def _gdc_wait():
+        pass
+
+
+# ------------------------------------------------------------------------------------------------- configurations
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """One launch configuration. ``kind`` is ``"fma"`` or ``"dot"``; ``prefetch`` (fma only) is how many tiles ahead
+    each program asks L2 for (0: off); ``num_stages`` (dot only) is Triton's software-pipeline depth."""
+
+    kind: str
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int = 1
+    prefetch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("fma", "dot"):
+            raise ValueError(f"kind must be 'fma' or 'dot', got {self.kind!r}")
+        for name in ("block_n", "block_k", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+        if self.kind == "dot" and (self.block_n < 16 or self.block_k < 16):
+            raise ValueError("dot configs need block_n and block_k >= 16 (tl.dot's minimum)")
+        if self.block_k < 8:
+            raise ValueError("block_k must be >= 8 (one 16-byte vector of bf16)")
+
+    def __str__(self) -> str:
+        tail = f"p{self.prefetch}" if self.kind == "fma" else f"s{self.num_stages}"
+        return f"{self.kind}:{self.block_n}x{self.block_k}:w{self.num_warps}:{tail}"
+
+    @classmethod
+    def parse(cls, text: str) -> SkinnyConfig:
+        """Inverse of ``str()``: ``fma:8x512:w4:p2`` or ``dot:32x128:w4:s4`` (the last field may be left out)."""
+        match = re.fullmatch(r"\s*(fma|dot):(\d+)x(\d+):w(\d+)(?::([ps])(\d+))?\s*", text)
+        if match is None:
+            raise ValueError(f"cannot parse skinny GEMM config {text!r} (expected e.g. 'fma:8x512:w4:p0')")
+        kind, bn, bk, warps, tag, value = match.groups()
+        extra = {}
+        if tag is not None:
+            if (tag == "p") != (kind == "fma"):
+                raise ValueError(f"{text!r}: 'p' (prefetch) goes with fma, 's' (stages) with dot")
+            extra = {"prefetch": int(value)} if tag == "p" else {"num_stages": int(value)}
+        return cls(kind, int(bn), int(bk), int(warps), **extra)
+
+
+def _c(text: str) -> SkinnyConfig:
+    return SkinnyConfig.parse(text)
+
+
+# Exact shapes: (m_bucket, N, K) -> config, or None for cuBLAS. Paste the block printed by
+# benchmarks/bench_skinny_gemm.py on the H100 here. Llama-3.1-8B: qkv (6144, 4096), o (4096, 4096),
+# gate_up (28672, 4096), down (4096, 14336), LM head (128256, 4096).
+SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {}
+
+# Every other shape, by M bucket (None: cuBLAS). Written before any GPU measurement: small tiles (many programs,
+# several per SM, so the weight streams from all SMs at once) and 16-32 KB of weight in flight per program.
+DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {
+    1: _c("fma:8x512:w4:p0"),
+    2: _c("fma:8x512:w4:p0"),
+    4: _c("fma:8x512:w8:p0"),
+    8: _c("dot:32x128:w4:s4"),
+    16: _c("dot:32x128:w4:s4"),
+}
+
+M_BUCKETS = (1, 2, 4, 8, 16)
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() not in ("0", "false", "off", "no")
+
+
+ENABLED = _env_flag("PAGEDSERVE_SKINNY_GEMM", True)
+MAX_M = int(os.environ.get("PAGEDSERVE_SKINNY_MAX_M", "16"))
+FORCED_CONFIG = SkinnyConfig.parse(os.environ["PAGEDSERVE_SKINNY_CONFIG"]) if os.environ.get(
+    "PAGEDSERVE_SKINNY_CONFIG") else None  # fmt: skip
+USE_PDL = _env_flag("PAGEDSERVE_SKINNY_PDL", False)
+
+
+def m_bucket(m: int) -> int:
+    """The decode graphs' buckets 1, 2, 4, 8, 16 (and powers of two past them)."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def pick_config(m: int, n: int, k: int) -> SkinnyConfig | None:
+    """The configuration for this shape, or None when cuBLAS should run it."""
+    if FORCED_CONFIG is not None:
+        return FORCED_CONFIG
+    bucket = m_bucket(m)
+    key = (bucket, n, k)
+    if key in SKINNY_CONFIGS:
+        return SKINNY_CONFIGS[key]
+    return DEFAULT_CONFIGS.get(bucket)
+
+
+# ------------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the lines holding ``ptrs`` (a hint: no registers, nothing to wait on)."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def _load_w_tile(w_ptrs, k0, K, offs_k, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_ptrs + k0, eviction_policy="evict_first")
+    return tl.load(w_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _load_x_row(x_row_ptr, k0, K, offs_k, row_zeros, EVEN_K: tl.constexpr):
+    """x[m, k0:k0+BLOCK_K] broadcast to the weight tile's [BLOCK_N, BLOCK_K] shape. Loading it at that shape (each
+    thread re-reads its K slice for each of its rows, from L1) gives it the weight tile's register layout; a 1-D
+    load would get its own layout and cost a shared-memory layout conversion (and two barriers) every tile."""
+    ptrs = x_row_ptr + k0 + row_zeros[:, None] + offs_k[None, :]
+    if EVEN_K:
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=(k0 + offs_k < K)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fma_tile(acc0, acc1, acc2, acc3, w, x0_ptr, x1_ptr, x2_ptr, x3_ptr, k0, K, offs_k, row_zeros,
+              BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    """acc_i += w * x_i over one [BLOCK_N, BLOCK_K] tile, for the program's BLOCK_M (1, 2 or 4) x rows."""
+    wf = w.to(tl.float32)
+    acc0 += wf * _load_x_row(x0_ptr, k0, K, offs_k, row_zeros, EVEN_K)
+    if BLOCK_M > 1:
+        acc1 += wf * _load_x_row(x1_ptr, k0, K, offs_k, row_zeros, EVEN_K)
+    if BLOCK_M > 2:
+        acc2 += wf * _load_x_row(x2_ptr, k0, K, offs_k, row_zeros, EVEN_K)
+        acc3 += wf * _load_x_row(x3_ptr, k0, K, offs_k, row_zeros, EVEN_K)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _store_row(out_ptr, m, M, stride_om, acc, bias, rows, N, HAS_BIAS: tl.constexpr):
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += bias
+    n_valid = tl.where(m < M, N, 0)  # (rows < N) & (m < M), written so that the interpreter takes it too
+    tl.store(out_ptr + m * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=rows < n_valid)
+
+
+@triton.jit
+def _skinny_fma_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PF_COLS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):  # fmt: skip
+    """Program (n, m) computes out[m*BLOCK_M : +BLOCK_M, n*BLOCK_N : +BLOCK_N] on the CUDA cores."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = tl.minimum(rows, N - 1).to(tl.int64) * stride_wn
+    w_ptrs = w_ptr + w_rows[:, None] + offs_k[None, :]
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    if PREFETCH > 0:  # PF_COLS addresses per tile row: one per 128-byte line
+        l2_ptrs = w_ptr + w_rows[:, None] + (tl.arange(0, PF_COLS) * (BLOCK_K // PF_COLS))[None, :]
+        for t in tl.static_range(PREFETCH):
+            _prefetch_l2(l2_ptrs + tl.minimum(t, num_tiles - 1) * BLOCK_K)
+
+    w = _load_w_tile(w_ptrs, 0, K, offs_k, EVEN_K)
+    if USE_PDL:  # everything above touched only the weight; x and out may belong to the previous kernel
+        _gdc_wait()
+
+    m0 = tl.program_id(1) * BLOCK_M
+    last = M - 1
+    x0_ptr = x_ptr + tl.minimum(m0, last).to(tl.int64) * stride_xm
+    x1_ptr = x_ptr + tl.minimum(m0 + 1, last).to(tl.int64) * stride_xm
+    x2_ptr = x_ptr + tl.minimum(m0 + 2, last).to(tl.int64) * stride_xm
+    x3_ptr = x_ptr + tl.minimum(m0 + 3, last).to(tl.int64) * stride_xm
+    row_zeros = tl.zeros([BLOCK_N], dtype=tl.int32)
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for t in range(1, num_tiles):
+        if PREFETCH > 0:
+            _prefetch_l2(l2_ptrs + tl.minimum(t + PREFETCH - 1, num_tiles - 1) * BLOCK_K)
+        w_next = _load_w_tile(w_ptrs, t * BLOCK_K, K, offs_k, EVEN_K)
+        acc0, acc1, acc2, acc3 = _fma_tile(acc0, acc1, acc2, acc3, w, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
+                                           (t - 1) * BLOCK_K, K, offs_k, row_zeros, BLOCK_M, EVEN_K)  # fmt: skip
+        w = w_next
+    acc0, acc1, acc2, acc3 = _fma_tile(acc0, acc1, acc2, acc3, w, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
+                                       (num_tiles - 1) * BLOCK_K, K, offs_k, row_zeros, BLOCK_M, EVEN_K)  # fmt: skip
+
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    _store_row(out_ptr, m0, M, stride_om, acc0, bias, rows, N, HAS_BIAS)
+    if BLOCK_M > 1:
+        _store_row(out_ptr, m0 + 1, M, stride_om, acc1, bias, rows, N, HAS_BIAS)
+    if BLOCK_M > 2:
+        _store_row(out_ptr, m0 + 2, M, stride_om, acc2, bias, rows, N, HAS_BIAS)
+        _store_row(out_ptr, m0 + 3, M, stride_om, acc3, bias, rows, N, HAS_BIAS)
+
+
+@triton.jit
+def _skinny_dot_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PF_COLS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (n, m) computes out[m*BLOCK_M : +BLOCK_M, n*BLOCK_N : +BLOCK_N] on the tensor cores."""
+    rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + (tl.minimum(rows_n, N - 1).to(tl.int64) * stride_wn)[:, None] + offs_k[None, :]
+    x_ptrs = x_ptr + (tl.minimum(rows_m, M - 1).to(tl.int64) * stride_xm)[:, None] + offs_k[None, :]
+    if USE_PDL:  # ask L2 for the first two weight tiles before waiting on the previous kernel
+        l2_ptrs = w_ptr + (tl.minimum(rows_n, N - 1).to(tl.int64) * stride_wn)[:, None] \
+            + (tl.arange(0, PF_COLS) * (BLOCK_K // PF_COLS))[None, :]
+        _prefetch_l2(l2_ptrs)
+        _prefetch_l2(l2_ptrs + tl.minimum(BLOCK_K, ((K - 1) // BLOCK_K) * BLOCK_K))
+        _gdc_wait()
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs + k0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs + k0)
+        else:
+            k_mask = (k0 + offs_k < K)[None, :]
+            w = tl.load(w_ptrs + k0, mask=k_mask, other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs + k0, mask=k_mask, other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rows_m.to(tl.int64)[:, None] * stride_om + rows_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows_m < M)[:, None] & (rows_n < N)[None, :])
+
+
+# ------------------------------------------------------------------------------------------------------ launchers
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device_index: int) -> bool:
+    return HAS_GDC and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def skinny_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    config: SkinnyConfig | None = None,
+    pdl: bool | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Triton path, for any M (each program covers 1-4 rows (fma) or 16 rows (dot) of x; past 16 rows the weight
+    is re-read, so the dispatcher sends those to cuBLAS). ``x``'s last dim must be K; rows may be strided. ``out``
+    (optional): an ``[M, N]`` tensor with unit column stride to write into; its dtype is the output dtype."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
+    lead = x.shape[:-1]
+    rows = x if x.dim() == 2 else x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    m = rows.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.stride(1) != 1 or (out_dtype is not None and out.dtype != out_dtype):
+        raise ValueError(f"out must be [{m}, {n}] with unit column stride (got {tuple(out.shape)}, {out.stride()})")
+    if m == 0 or n == 0:
+        return out.view(*lead, n)
+    if k == 0:
+        return out.zero_().add_(bias if bias is not None else 0).view(*lead, n)
+    if config is None:
+        config = pick_config(m, n, k) or DEFAULT_CONFIGS[16] or _c("dot:32x128:w4:s4")
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    if pdl is None:
+        pdl = USE_PDL
+    pdl = bool(pdl) and x.is_cuda and _pdl_supported(x.device.index or 0)
+    launch_pdl = {"launch_pdl": True} if pdl else {}
+    bias_arg = bias if bias is not None else weight  # never read without HAS_BIAS
+    even_k = k % config.block_k == 0
+    pf_cols = max(1, config.block_k * weight.element_size() // 128)  # L2 prefetch: one address per 128-byte line
+    if config.kind == "fma":
+        block_m = min(4, m_bucket(m))
+        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m))
+        _skinny_fma_kernel[grid](
+            rows, weight, bias_arg, out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            PREFETCH=config.prefetch if x.is_cuda else 0, PF_COLS=pf_cols, EVEN_K=even_k, USE_PDL=pdl,
+            num_warps=config.num_warps, num_stages=1, **launch_pdl,
+        )  # fmt: skip
+    else:
+        grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, 16))
+        _skinny_dot_kernel[grid](
+            rows, weight, bias_arg, out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            PF_COLS=pf_cols, EVEN_K=even_k, USE_PDL=pdl, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=config.num_warps, num_stages=config.num_stages, **launch_pdl,
+        )  # fmt: skip
+    return out.view(*lead, n)
+
+
+# ----------------------------------------------------------------------------------------------------- dispatcher
+
+
+def linear_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """cuBLAS (``F.linear``), then a cast when another output dtype is asked for."""
+    out = F.linear(x, weight, bias)
+    return out if out_dtype is None or out.dtype == out_dtype else out.to(out_dtype)
+
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype | None) -> bool:
+    return (
+        x.dtype in _TRITON_DTYPES
+        and weight.dtype == x.dtype
+        and weight.dim() == 2
+        and weight.stride(1) == 1
+        and (bias is None or (bias.dim() == 1 and bias.dtype in (x.dtype, torch.float32)))
+        and (out_dtype is None or out_dtype == x.dtype or out_dtype == torch.float32)
+    )
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` in ``out_dtype`` (default x's dtype). On CUDA with at most ``MAX_M`` rows the
+    Triton skinny GEMM runs (when the shape's config is not None); otherwise cuBLAS, unchanged."""
+    if ENABLED and use_triton(x):
+        k = x.shape[-1]
+        m = x.numel() // k if k else 0
+        if 0 < m <= MAX_M and _supported(x, weight, bias, out_dtype):
+            config = pick_config(m, weight.shape[0], k)
+            if config is not None:
+                return skinny_gemm(x, weight, bias, out_dtype, config=config)
+    return linear_ref(x, weight, bias, out_dtype)
