@@ -9,6 +9,7 @@ only device -> host sync of a step is reading the sampled token ids.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass
 
@@ -94,7 +95,8 @@ class ModelRunner:
         self.model = self._load_model()
         logger.info("Loaded %s (%s, %s) in %.1f s", self.source.name, self.dtype, self.device,
                     time.perf_counter() - start)
-        self.sampler = Sampler(config.seed, self.device)
+        self.sampler = Sampler()
+        self._step_keys = random.Random(config.seed)  # unseeded rows' noise: reproducible for a given engine seed
         self.inputs = StepInputs(self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq,
                                  self.block_size, self.device)
         pin = self.device.type == "cuda"
@@ -180,8 +182,9 @@ class ModelRunner:
         hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
                             self.kv_caches, meta)
         logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
-        temperature = torch.ones(num_seqs, device=self.device)
-        self.sampler(logits, SamplingBatch(temperature, all_greedy=False, any_greedy=False, max_num_logprobs=0))
+        ones = torch.ones(num_seqs, device=self.device)
+        zeros = torch.zeros(num_seqs, dtype=torch.int64, device=self.device)
+        self.sampler(logits, SamplingBatch(ones, all_greedy=False, keys=zeros, steps=zeros, max_num_logprobs=0))
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._allocate_kv_cache(num_blocks)
@@ -267,7 +270,10 @@ class ModelRunner:
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         if not requests:
             return StepHandle([], {}, None, None, None, prompt_logprobs)
-        sampled = self.sampler(logits[num_prompt_rows:], build_sampling_batch(requests, self.vocab_size, self.device))
+        output_indices = [seqs[i].output_index for i in sampling]
+        batch = build_sampling_batch(requests, self.vocab_size, self.device, output_indices,
+                                     self._step_keys.getrandbits(32))
+        sampled = self.sampler(logits[num_prompt_rows:], batch)
         host_tokens, event = None, None
         if self.device.type == "cuda":
             self._step_count += 1

@@ -173,3 +173,19 @@ def test_bad_prompts_are_refused(engine, prompt, message):
     with pytest.raises(ValueError, match=message):
         engine.add_request(EngineRequest("bad", prompt, greedy()))
     assert not engine.has_work()
+
+
+def test_async_scheduling_gives_the_same_tokens(model):
+    """Seeded sampling, penalties (which make the engine wait for the step in flight) and stop conditions."""
+    prompts = [[i + 3] * 14 for i in range(6)]
+    params = [SamplingParams(temperature=1.0, seed=7 + i, max_tokens=12, ignore_eos=True) for i in range(4)] + [
+        SamplingParams(temperature=0.7, seed=1, max_tokens=12, ignore_eos=True, repetition_penalty=1.3,
+                       presence_penalty=0.5),
+        greedy(max_tokens=9, min_tokens=2, stop_token_ids=[17]),
+    ]
+    sync = run_engine(make_engine(model, async_scheduling=False), prompts, params)
+    engine = make_engine(model, async_scheduling=True, num_gpu_blocks_override=8, max_model_len=64)
+    both = run_engine(engine, prompts, params)
+    assert engine.scheduler.total_preemptions > 0
+    assert {k: (v["tokens"], v["finish_reason"]) for k, v in both.items()} == \
+        {k: (v["tokens"], v["finish_reason"]) for k, v in sync.items()}
