@@ -557,7 +557,11 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "db64": DecodeConfig(tile_n=64, num_warps=4, num_stages=5, order="head", fused_reduce=False),
     "lpt-db32": DecodeConfig(tile_n=32, num_warps=4, num_stages=5, order="lpt", fused_reduce=False),
     "lpt-db32-fused": DecodeConfig(tile_n=32, num_warps=4, num_stages=5, order="lpt", fused_reduce=True),
+    "seq-db32-fused": DecodeConfig(tile_n=32, num_warps=4, num_stages=5, order="seq", fused_reduce=True),
     "lpt-db64-fused": DecodeConfig(tile_n=64, num_warps=4, num_stages=5, order="lpt", fused_reduce=True),
+    # splits also at moderate batches (B=64 -> 3 splits), now that a split costs no extra launch
+    "lpt-db32-fused-split": DecodeConfig(tile_n=32, num_warps=4, num_stages=5, order="lpt", fused_reduce=True,
+                                         min_programs_per_sm=6, programs_per_sm=8),
 }
 DEFAULT_DECODE_VARIANT = "lpt-db32-fused"
 DECODE_CONFIG = DECODE_VARIANTS[os.environ.get("PAGEDSERVE_DECODE_VARIANT", DEFAULT_DECODE_VARIANT)]
@@ -824,10 +828,10 @@ def paged_attention(
     """Causal paged attention (see the module docstring); ``out`` may be a persistent buffer (CUDA graphs).
 
     On CUDA: the split-K decode kernel when ``max_query_len == 1`` (every sequence has at most one query row; the
-    CUDA-graph path; ``decode_order`` is its optional launch order, see :func:`paged_decode_attention`), the varlen prefill
-    kernel otherwise (``max_query_len=None`` is always safe). Shapes the kernels do
-    not handle (head dim not a power of two >= 16) fall back to the reference. ``backend="torch"`` (or
-    ``PAGEDSERVE_ATTENTION_BACKEND=torch``) forces the reference, which syncs and is not graph-safe.
+    CUDA-graph path; ``decode_order`` is its optional launch order, see :func:`paged_decode_attention`), the varlen
+    prefill kernel otherwise (``max_query_len=None`` is always safe). Shapes the kernels do not handle (head dim not a
+    power of two >= 16) fall back to the reference. ``backend="torch"`` (or ``PAGEDSERVE_ATTENTION_BACKEND=torch``)
+    forces the reference, which syncs and is not graph-safe.
     """
     if backend != "torch" and use_triton(q, attention=True) and triton_supports(q, k_cache):
         if max_query_len == 1:

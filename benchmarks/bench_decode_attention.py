@@ -1,0 +1,294 @@
+"""Decode attention variants (kernels.paged_attention.DECODE_VARIANTS) on the H100, timed inside CUDA graphs.
+
+    python benchmarks/bench_decode_attention.py            # every case x every variant (< 2 minutes on an H100)
+    python benchmarks/bench_decode_attention.py --sweep    # also tile/warps/stages configs on the W1/W2 cases
+    python benchmarks/bench_decode_attention.py --cases w1,b1 --variants baseline,lpt-db32-fused
+    python benchmarks/bench_decode_attention.py --smoke    # tiny shapes, no graphs: checks the script (CPU: interpreter)
+
+Each (case, variant): one CUDA graph of 28 back-to-back launches (one per layer) that rotate over several K/V cache
+copies (enough that the copies together are >= 5x the 50 MB L2, at most 28) with distinct queries, replayed and timed
+with events (median of 5 timings of 10 replays each); "us" is per launch. "% peak" is the K+V bytes of every cached
+token read once over the 3.02 TB/s copy ceiling. "lpt" variants run twice: "+order" takes the permutation from the
+caller (staged once per step by a runner, free in the graph); without it every launch sorts the lengths first (one
+extra small launch per layer). Every variant is checked against a float32 reference (relative error < 1e-2), and the
+graph's last output against an eager launch on the same inputs (bit-identical: a race in a fused merge would differ).
+Exit status 1 when any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
+    import torch
+
+    if not torch.cuda.is_available():  # must be set before kernels/ is imported
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from kernels.paged_attention import (  # noqa: E402
+    DECODE_CONFIG,
+    DECODE_VARIANTS,
+    DecodeConfig,
+    decode_num_splits,
+    decode_order,
+    paged_attention_ref,
+    paged_decode_attention,
+)
+from kernels.backend import num_sms  # noqa: E402
+
+PEAK_BYTES_PER_S = 3.02e12
+L2_BYTES = 50 << 20
+LAYERS = 28
+TOL = 1e-2
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    label: str
+    num_q_heads: int
+    num_kv_heads: int
+    batch: int
+    context: tuple[int, int]  # uniform random lengths in [lo, hi]; lo == hi for a fixed length
+
+
+CASES = [
+    Case("w1", "W1 qwen3-0.6b B=256 ctx U[150,2000]", 16, 8, 256, (150, 2000)),
+    Case("w2", "W2 llama-8b B=256 ctx U[150,2000]", 32, 8, 256, (150, 2000)),
+    Case("u1024", "llama-8b B=256 ctx 1024", 32, 8, 256, (1024, 1024)),
+    Case("b64", "qwen3-0.6b B=64 ctx U[150,2000]", 16, 8, 64, (150, 2000)),
+    Case("b8", "qwen3-0.6b B=8 ctx U[150,2000]", 16, 8, 8, (150, 2000)),
+    Case("b1", "W3 llama-8b B=1 ctx 640", 32, 8, 1, (640, 640)),
+]
+SMOKE_CASES = [Case("smoke", "smoke B=5 ctx U[1,90]", 4, 2, 5, (1, 90)), Case("smoke1", "smoke B=1 ctx 70", 4, 2, 1, (70, 70))]
+# (tile_n, warps, stages): Triton double-buffers K/V from 5 stages, triple-buffers from 7-8 (see kernels/NOTES.md)
+SWEEP = [(16, 4, 5), (16, 4, 8), (32, 4, 7), (32, 8, 5), (64, 8, 5), (128, 8, 5)]
+
+
+@dataclass
+class Problem:
+    queries: list[torch.Tensor]  # one [B, Hq, D] per cache copy
+    caches: list[tuple[torch.Tensor, torch.Tensor]]  # K/V copies, same block layout
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    scale: float
+    kv_bytes: int  # K + V bytes of every cached token (one launch)
+    lens: list[int]
+
+    def args(self, i: int) -> tuple:
+        k, v = self.caches[i % len(self.caches)]
+        q = self.queries[i % len(self.queries)]
+        return (q, k, v, self.block_tables, self.seq_lens, self.query_start_loc, self.scale)
+
+
+def make_problem(case: Case, head_dim: int, block_size: int, table_width: int, dtype: torch.dtype, seed: int) -> Problem:
+    """Random lengths, each sequence's blocks scattered over a random permutation of the cache (unused table entries
+    point at random blocks); every slot holds random values, never zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = case.context
+    lens = torch.randint(lo, hi + 1, (case.batch,), generator=gen).tolist()
+    needed = [-(-n // block_size) for n in lens]
+    num_blocks = sum(needed) + 16
+    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    table = torch.randint(0, num_blocks, (case.batch, table_width), generator=gen, dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(needed):
+        table[i, :n] = perm[start : start + n]
+        start += n
+    kv_bytes = sum(lens) * case.num_kv_heads * head_dim * 2 * dtype.itemsize
+    copy_bytes = 2 * num_blocks * block_size * case.num_kv_heads * head_dim * dtype.itemsize
+    copies = 1 if DEVICE == "cpu" else max(2, min(LAYERS, math.ceil(5 * L2_BYTES / copy_bytes)))
+    dgen = torch.Generator(device=DEVICE).manual_seed(seed)
+    shape = (num_blocks, block_size, case.num_kv_heads, head_dim)
+
+    def randn(*s):
+        return torch.randn(*s, generator=dgen, device=DEVICE, dtype=torch.float32).to(dtype)
+
+    caches = [(randn(*shape), randn(*shape)) for _ in range(copies)]
+    queries = [randn(case.batch, case.num_q_heads, head_dim) for _ in range(copies)]
+    return Problem(queries, caches, table.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+                   torch.arange(case.batch + 1, dtype=torch.int32, device=DEVICE), head_dim**-0.5, kv_bytes, lens)  # fmt: skip
+
+
+def float32_reference(args, seqs_per_chunk: int = 16) -> torch.Tensor:
+    q, k, v, table, seq_lens, qsl, scale = args
+    k32, v32 = k.float(), v.float()
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for s in range(0, q.shape[0], seqs_per_chunk):
+        e = min(s + seqs_per_chunk, q.shape[0])
+        out[s:e] = paged_attention_ref(q[s:e].float(), k32, v32, table[s:e], seq_lens[s:e], qsl[s : e + 1] - s, scale)
+    return out
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@dataclass
+class Result:
+    case: Case
+    name: str
+    us: float
+    err: float
+    graph_matches_eager: bool
+    splits: int
+
+    def ok(self) -> bool:
+        return self.err <= TOL and self.graph_matches_eager
+
+
+def run_variant(problem: Problem, case: Case, name: str, config: DecodeConfig, caller_order: bool,
+                ref: torch.Tensor) -> Result:  # fmt: skip
+    """Check on copy 0 (poisoned output), then time a graph of LAYERS launches over the rotating copies."""
+    order = decode_order(problem.seq_lens) if caller_order else None
+    out = torch.full_like(problem.queries[0], float("nan"))
+
+    def launch(i: int) -> torch.Tensor:
+        return paged_decode_attention(*problem.args(i), out=out, config=config, seq_order=order)
+
+    launch(0)
+    err = rel_err(out, ref)
+    splits = decode_num_splits(case.batch, case.num_kv_heads, problem.block_tables.shape[1],
+                               problem.caches[0][0].shape[1], num_sms(0 if DEVICE == "cuda" else None), config)  # fmt: skip
+    if DEVICE == "cpu":  # --smoke without a GPU: interpreted, one eager launch timed by the wall clock
+        start = time.perf_counter()
+        launch(1)
+        return Result(case, name, (time.perf_counter() - start) * 1e6, err, True, splits)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(len(problem.caches)):  # compiles every kernel the graph launches, allocates workspaces
+            launch(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(LAYERS):
+            launch(i)
+    for _ in range(3):
+        graph.replay()
+    replays, timings = 10, []
+    for _ in range(5):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        timings.append(begin.elapsed_time(end) * 1e3 / (replays * LAYERS))
+    graph_out = out.clone()
+    eager = launch(LAYERS - 1)
+    matches = torch.equal(graph_out, eager)
+    del graph
+    return Result(case, name, sorted(timings)[len(timings) // 2], err, matches, splits)
+
+
+def variants(names: list[str], sweep: bool) -> list[tuple[str, DecodeConfig, bool]]:
+    out = []
+    for name in names:
+        config = DECODE_VARIANTS[name]
+        out.append((name, config, False))
+        if config.order == "lpt":
+            out.append((f"{name} +order", config, True))
+    if sweep:
+        for tile, warps, stages in SWEEP:
+            config = DecodeConfig(tile_n=tile, num_warps=warps, num_stages=stages, order="lpt", fused_reduce=True)
+            out.append((f"sweep lpt-fused {tile}/{warps}/{stages} +order", config, True))
+    return out
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    print(f"\n## {title}")
+    print("  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
+    for r in rows:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    sys.stdout.flush()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU: interpreter)")
+    parser.add_argument("--sweep", action="store_true", help="also sweep tile/warps/stages on the W1 and W2 cases")
+    parser.add_argument("--cases", default="", help="comma-separated case keys: " + ",".join(c.key for c in CASES))
+    parser.add_argument("--variants", default="", help="comma-separated DECODE_VARIANTS names (default: all)")
+    opts = parser.parse_args()
+    if DEVICE != "cuda" and not opts.smoke:
+        print("bench_decode_attention.py needs a CUDA GPU; --smoke runs on CPU", file=sys.stderr)
+        return 1
+    cases = SMOKE_CASES if opts.smoke else CASES
+    if opts.cases:
+        wanted = opts.cases.split(",")
+        cases = [c for c in cases if c.key in wanted]
+    names = opts.variants.split(",") if opts.variants else list(DECODE_VARIANTS)
+    if opts.smoke:
+        names = names if opts.variants else ["baseline", "lpt-db32-fused", "fused"]
+    head_dim, block_size, table_width = (16, 16, 16) if opts.smoke else (128, 16, 4096 // 16)
+    dtype = torch.float16 if opts.smoke and DEVICE == "cpu" else torch.bfloat16
+    if DEVICE == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        import triton
+
+        print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"# default decode config: {DECODE_CONFIG}")
+    started = time.time()
+    results: list[Result] = []
+    case_bytes: dict[str, int] = {}
+    for n, case in enumerate(cases):
+        t0 = time.time()
+        problem = make_problem(case, head_dim, block_size, table_width, dtype, seed=n)
+        ref = float32_reference(problem.args(0))
+        case_bytes[case.key] = problem.kv_bytes
+        for name, config, caller_order in variants(names, opts.sweep and case.key in ("w1", "w2")):
+            results.append(run_variant(problem, case, name, config, caller_order, ref))
+        print(f"  {case.label}: {len(problem.caches)} cache copies of {problem.kv_bytes / 1e6:.1f} MB read per launch, "
+              f"{time.time() - t0:.0f} s")  # fmt: skip
+        del problem, ref
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+    rows, best_rows = [], []
+    for case in cases:
+        mine = [r for r in results if r.case is case]
+        base = next((r.us for r in mine if r.name == "baseline"), float("nan"))
+        for r in mine:
+            gbs = case_bytes[case.key] / (r.us * 1e-6)
+            rows.append([case.key, r.name, str(r.splits), f"{r.us:.1f}", f"{gbs / 1e9:.0f}", f"{gbs / PEAK_BYTES_PER_S:.0%}",
+                         f"{base / r.us:.2f}x", f"{r.err:.1e}", "ok" if r.ok() else "FAIL"])  # fmt: skip
+        good = [r for r in mine if r.ok()]
+        if good:
+            best = min(good, key=lambda r: r.us)
+            best_rows.append([case.key, best.name, f"{best.us:.1f}", f"{case_bytes[case.key] / (best.us * 1e-6) / PEAK_BYTES_PER_S:.0%}",
+                              f"{base / best.us:.2f}x", case.label])  # fmt: skip
+    print_table("decode attention, us per launch inside a CUDA graph of 28 launches; speedup vs baseline",
+                ["case", "variant", "splits", "us", "GB/s", "% peak", "speedup", "rel err", "check"], rows)  # fmt: skip
+    print_table("best variant per case", ["case", "variant", "us", "% peak", "speedup", "shape"], best_rows)
+    failed = [r for r in results if not r.ok()]
+    print(f"\n# total {time.time() - started:.0f} s")
+    if failed:
+        for r in failed:
+            print(f"# FAILED {r.case.key} {r.name}: rel err {r.err:.2e}, graph == eager: {r.graph_matches_eager}")
+        return 1
+    print("# all correctness checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
