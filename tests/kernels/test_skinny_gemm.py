@@ -177,18 +177,35 @@ GPU_CONFIGS = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", GPU_CONFIGS)
-@pytest.mark.parametrize("m", [1, 3, 4, 16])
-@pytest.mark.parametrize("pdl", [False, True])
-def test_gpu_configs_bias_and_pdl(config, m, pdl):
-    """Every kind/knob (L2 prefetch, PDL) at an o_proj-like shape with a bias and an odd N, bf16 and fp16."""
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_gpu_every_config_with_bias(config, m):
+    """Every kind/knob (incl. the L2 prefetch) at an o_proj-like shape with a bias and an odd N."""
     gen = torch.Generator(device="cuda").manual_seed(m)
-    for dtype in (torch.bfloat16, torch.float16):
-        n, k = 4104, 4096  # N: 4096 + 8 rows, a partial last block for every block_n
-        x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-        w = (torch.randn(n, k, generator=gen, device="cuda") * k**-0.5).to(dtype)
-        b = torch.randn(n, generator=gen, device="cuda").to(dtype)
-        _gpu_check(x, w, b, None, config=SkinnyConfig.parse(config), pdl=pdl)
-        _gpu_check(x, w, None, torch.float32, config=SkinnyConfig.parse(config), pdl=pdl)
+    n, k = 4104, 4096  # N: 4096 + 8 rows, a partial last block for every block_n
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen, device="cuda") * k**-0.5).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen, device="cuda").to(torch.bfloat16)
+    _gpu_check(x, w, b, None, config=SkinnyConfig.parse(config))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["fma:8x512:w4:p2", "dot:32x128:w4:s4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+def test_gpu_programmatic_dependent_launch(config, dtype, out_dtype):
+    """PDL launches (weight loads before griddepcontrol.wait) right after a kernel that writes x: the GEMM must
+    see the new x. fp16 and fp32 output too."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    n, k = 4104, 4096
+    w = (torch.randn(n, k, generator=gen, device="cuda") * k**-0.5).to(dtype)
+    b = torch.randn(n, generator=gen, device="cuda").to(dtype)
+    x = torch.randn(4, k, generator=gen, device="cuda").to(dtype)
+    for _ in range(3):
+        out = torch.full((4, n), float("nan"), dtype=out_dtype or dtype, device="cuda")
+        x.mul_(-1.5)  # the kernel just before the GEMM writes its input
+        skinny_gemm(x, w, b, out_dtype, config=SkinnyConfig.parse(config), pdl=True, out=out)
+        ref = x.double() @ w.double().T + b.double()
+        assert_close(out, ref, 1e-4 if out_dtype == torch.float32 else OUT_TOLERANCE[dtype], f"PDL {config}")
 
 
 @pytest.mark.gpu
@@ -244,3 +261,22 @@ def test_gpu_linear_layer_uses_dispatcher():
         ref = x.double() @ layer.weight.double().T + layer.bias.double()
         assert_close(layer(x), ref, 1e-2, f"Linear M={m}")
 
+
+
+def test_benchmark_script_smoke_runs_and_checks_pass():
+    """benchmarks/bench_skinny_gemm.py end to end at tiny shapes (interpreted on CPU): the lead runs it on the H100."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_skinny_gemm.py"), "--smoke"],
+        capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=root,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for section in ("## M=1:", "## best per (M, shape)", "SKINNY_CONFIGS", "DEFAULT_CONFIGS", "## whole decode step"):
+        assert section in proc.stdout
+    assert "Triton tuned (this run)" in proc.stdout
+    assert "# all correctness checks passed" in proc.stdout
