@@ -55,8 +55,12 @@ CUBLAS = "cuBLAS"
 
 FMA_1 = ["fma:8x512:w4:p0", "fma:16x256:w4:p0", "fma:16x512:w8:p0", "fma:4x1024:w4:p0", "fma:8x1024:w8:p0",
          "fma:8x256:w2:p0", "fma:32x256:w8:p0", "fma:8x512:w4:p4", "fma:16x256:w4:p4"]  # fmt: skip
-FMA_24 = ["fma:8x512:w4:p0", "fma:8x512:w8:p0", "fma:16x256:w4:p0", "fma:16x512:w8:p0", "fma:4x1024:w4:p0",
-          "fma:8x512:w4:p4"]  # fmt: skip
+# M = 2 and 4 keep 2 and 4 fp32 accumulator tiles per thread: smaller tiles per thread (more warps) keep the
+# register count near 128 (at 4 rows, fma:8x512:w4 needs ~220 registers: 2 programs per SM).
+FMA_2 = ["fma:8x512:w4:p0", "fma:8x512:w8:p0", "fma:16x256:w4:p0", "fma:4x1024:w4:p0", "fma:8x256:w4:p0",
+         "fma:8x256:w4:p4"]  # fmt: skip
+FMA_4 = ["fma:8x512:w8:p0", "fma:8x256:w4:p0", "fma:4x512:w4:p0", "fma:16x256:w8:p0", "fma:4x1024:w8:p0",
+         "fma:8x256:w4:p4"]  # fmt: skip
 DOT = ["dot:16x256:w4:s4", "dot:32x128:w4:s4", "dot:32x256:w4:s3", "dot:64x128:w4:s4", "dot:16x128:w4:s6",
        "dot:32x64:w4:s6", "dot:64x64:w4:s5"]  # fmt: skip
 
@@ -72,12 +76,12 @@ class Dims:
     layers: int = 32
     m_values: tuple[int, ...] = (1, 2, 4, 8, 16)
     candidates: dict[int, list[str]] = field(
-        default_factory=lambda: {1: FMA_1 + DOT[:3], 2: FMA_24 + DOT[:3], 4: FMA_24 + DOT[:4], 8: DOT, 16: DOT}
+        default_factory=lambda: {1: FMA_1 + DOT[:3], 2: FMA_2 + DOT[:3], 4: FMA_4 + DOT[:4], 8: DOT, 16: DOT}
     )
     # The LM head writes float32 (other kernels specializations): a shorter list.
     lm_candidates: dict[int, list[str]] = field(
-        default_factory=lambda: {1: FMA_1[:4] + FMA_1[7:8] + DOT[1:2], 2: FMA_24[:2] + DOT[1:2],
-                                 4: FMA_24[:2] + DOT[1:2], 8: DOT[:3], 16: DOT[:3]}  # fmt: skip
+        default_factory=lambda: {1: FMA_1[:4] + FMA_1[7:8] + DOT[1:2], 2: FMA_2[:3] + DOT[1:2],
+                                 4: FMA_4[:3] + DOT[1:2], 8: DOT[:3], 16: DOT[:3]}  # fmt: skip
     )
     dtype: torch.dtype = torch.bfloat16
     rotate_bytes: int = 400 << 20  # >= 8x the 50 MB L2
@@ -208,30 +212,29 @@ def make_weights(gen: torch.Generator) -> dict[str, list[torch.Tensor]]:
     return weights
 
 
-def precompile(weights: dict[str, list[torch.Tensor]], gen: torch.Generator) -> set[tuple[int, str, str]]:
-    """Compile every (M, shape class, config) specialization in parallel threads (Triton releases the GIL in its
-    passes and ptxas runs as a subprocess); returns the ones that failed to compile or run."""
-    jobs = []
-    for m in D.m_values:
-        for name, ws in weights.items():
-            for text in (D.lm_candidates if name == "lm_head" else D.candidates).get(sg.m_bucket(m), []):
-                jobs.append((m, name, text, ws[0][:256] if ws[0].shape[0] > 256 else ws[0]))
+def sweep_jobs(weights: dict[str, list[torch.Tensor]]) -> list[tuple[int, str, str, bool]]:
+    return [(m, name, text, False) for m in D.m_values for name in weights
+            for text in (D.lm_candidates if name == "lm_head" else D.candidates).get(sg.m_bucket(m), [])]  # fmt: skip
+
+
+def precompile(jobs: list[tuple[int, str, str, bool]], weights: dict[str, list[torch.Tensor]], what: str) -> None:
+    """Compile the kernel specializations of (M, shape, config, pdl) jobs in parallel threads (ptxas runs as a
+    subprocess, and Triton's MLIR passes release the GIL). Failures are only reported: the timed run retries."""
     seen, unique = set(), []
-    for m, name, text, w in jobs:  # one job per kernel specialization
-        key = (m, out_dtype_for(name), w.shape[1] % SkinnyConfig.parse(text).block_k == 0, text)
+    for m, name, text, pdl in jobs:  # one job per kernel specialization (all real N, K are multiples of 16)
+        w = weights[name][0]
+        key = (m, out_dtype_for(name), w.shape[1] % SkinnyConfig.parse(text).block_k == 0, text, pdl)
         if key not in seen:
             seen.add(key)
-            unique.append((m, name, text, w))
-    failed: set[tuple[int, str, str]] = set()
+            unique.append((m, name, text, pdl, w[:256] if w.shape[0] > 256 else w))
 
     def run(job):
-        m, name, text, w = job
+        m, name, text, pdl, w = job
         try:
             x = randn(m, w.shape[1], gen=torch.Generator(device=DEVICE).manual_seed(m))
-            skinny_gemm(x, w, None, out_dtype_for(name), config=SkinnyConfig.parse(text))
-        except Exception as exc:  # a config that does not compile (e.g. shared memory) is reported and skipped
-            print(f"  compile/run failed: M={m} {name} {text}: {type(exc).__name__}: {str(exc)[:200]}")
-            failed.add((m, name, text))
+            skinny_gemm(x, w, None, out_dtype_for(name), config=SkinnyConfig.parse(text), pdl=pdl)
+        except Exception as exc:  # e.g. a config that does not compile: reported, and the timed run says more
+            print(f"  precompile failed: M={m} {name} {text} pdl={pdl}: {type(exc).__name__}: {str(exc)[:200]}")
 
     start = time.perf_counter()
     if unique:
@@ -241,10 +244,8 @@ def precompile(weights: dict[str, list[torch.Tensor]], gen: torch.Generator) -> 
         list(pool.map(run, unique[1:]))
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-    print(f"\n# compiled {len(unique)} kernel specializations in {time.perf_counter() - start:.1f} s "
+    print(f"\n# {what}: compiled {len(unique)} kernel specializations in {time.perf_counter() - start:.1f} s "
           f"({workers} threads)")  # fmt: skip
-    # a config that failed for one job fails for its whole (m bucket, out dtype) class
-    return failed
 
 
 @dataclass
@@ -257,7 +258,7 @@ class Result:
     ok: bool
 
 
-def section_sweep(weights: dict[str, list[torch.Tensor]], failed: set, gen: torch.Generator) -> list[Result]:
+def section_sweep(weights: dict[str, list[torch.Tensor]], gen: torch.Generator) -> list[Result]:
     results: list[Result] = []
     for m in D.m_values:
         for name, ws in weights.items():
@@ -270,8 +271,6 @@ def section_sweep(weights: dict[str, list[torch.Tensor]], failed: set, gen: torc
             for impl in impls:
                 if impl != CUBLAS and time.time() > DEADLINE:
                     print(f"  time budget: skipping {impl} at M={m} {name}")
-                    continue
-                if (m, name, impl) in failed:
                     continue
                 try:
                     if impl == CUBLAS:
@@ -400,6 +399,18 @@ def default_for(results: list[Result], m: int) -> tuple[str | None, str]:
 # --------------------------------------------------------------------------------------------------- whole step
 
 
+def step_jobs(table: dict[tuple[int, str], str | None]) -> list[tuple[int, str, str, bool]]:
+    """The whole step's kernels not compiled by the sweep: the tuned configs with PDL, the module's own table."""
+    jobs = []
+    for (m, shape), pick in table.items():
+        if pick and pdl_available():
+            jobs.append((m, shape, pick, True))
+        current = sg.pick_config(m, *D.shapes[shape])
+        if current is not None and not D.smoke:
+            jobs.append((m, shape, str(current), False))
+    return jobs
+
+
 def section_whole_step(table: dict[tuple[int, str], str | None]) -> None:
     gen = torch.Generator(device=DEVICE).manual_seed(7)
     h, q, inter = D.shapes["o_proj"][0], D.q_size, D.intermediate
@@ -492,12 +503,14 @@ def main() -> int:
     try:
         section_copy_ceiling()
         weights = make_weights(gen)
-        failed = precompile(weights, gen)
-        results = section_sweep(weights, failed, gen)
+        precompile(sweep_jobs(weights), weights, "sweep")
+        results = section_sweep(weights, gen)
+        table = section_summary(results)
+        if not args.no_step:
+            precompile(step_jobs(table), weights, "whole step")
         del weights
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-        table = section_summary(results)
         if args.json:
             Path(args.json).write_text(json.dumps([r.__dict__ for r in results], indent=1))
         if not args.no_step:
