@@ -365,7 +365,8 @@ def section_summary(results: list[Result]) -> dict[tuple[int, str], str | None]:
     for (m, shape), (cublas, best) in choices.items():
         n, k = D.shapes[shape]
         pick = table[(m, shape)]
-        note = f"{shape}: Triton {fmt_us(best.ms) if best else '-'} us, cuBLAS {fmt_us(cublas.ms) if cublas else '-'} us"
+        best_us, cublas_us = fmt_us(best.ms) if best else "-", fmt_us(cublas.ms) if cublas else "-"
+        note = f"{shape}: Triton {best_us} us, cuBLAS {cublas_us} us"
         print(f"    ({sg.m_bucket(m)}, {n}, {k}): {f'_c({pick!r})' if pick else 'None'},  # {note}")
     print("}")
     print("DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {")
