@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from core.layers.attention import AttentionMetadata
+from kernels.paged_attention import decode_order_host
 
 
 class _HostStaging:
@@ -22,6 +23,7 @@ class _HostStaging:
         self.seq, self.seq_np = alloc(max_seqs, torch.int32)
         self.qsl, self.qsl_np = alloc(max_seqs + 1, torch.int32)
         self.bt, self.bt_np = alloc((max_seqs, max_blocks), torch.int32)
+        self.order, self.order_np = alloc(max_seqs, torch.int32)
 
 
 class StepInputs:
@@ -41,6 +43,7 @@ class StepInputs:
         self.seq_lens = zeros(max_seqs, torch.int32)
         self.query_start_loc = zeros(max_seqs + 1, torch.int32)
         self.block_tables = zeros((max_seqs, max_blocks), torch.int32)
+        self.decode_order = zeros(max_seqs, torch.int32)  # decode attention's launch order: longest context first
 
     def stage(
         self, token_ids: np.ndarray, starts: np.ndarray, nums: np.ndarray, table_rows: np.ndarray,
@@ -65,6 +68,8 @@ class StepInputs:
         if pad_to is not None:
             self.fill_padding(num_seqs, pad_to)
             num_seqs = num_tokens = pad_to
+        if num_tokens == num_seqs:  # a decode-only step
+            host.order_np[:num_seqs] = decode_order_host(host.seq_np[:num_seqs])
         self._upload(num_tokens, num_seqs)
         return self.metadata(num_tokens, num_seqs, int(nums.max()) if len(nums) else 0)
 
@@ -81,13 +86,15 @@ class StepInputs:
     def prepare_graph_capture(self, batch_size: int) -> None:
         self.fill_padding(0, batch_size)
         self.host.qsl_np[0] = 0
+        self.host.order_np[:batch_size] = np.arange(batch_size)
         self._upload(batch_size, batch_size)
 
     def _upload(self, num_tokens: int, num_seqs: int) -> None:
         h = self.host
         for src, dst, n in ((h.ids, self.input_ids, num_tokens), (h.pos, self.positions, num_tokens),
                             (h.slot, self.slot_mapping, num_tokens), (h.seq, self.seq_lens, num_seqs),
-                            (h.qsl, self.query_start_loc, num_seqs + 1), (h.bt, self.block_tables, num_seqs)):
+                            (h.qsl, self.query_start_loc, num_seqs + 1), (h.bt, self.block_tables, num_seqs),
+                            (h.order, self.decode_order, num_seqs)):
             dst[:n].copy_(src[:n], non_blocking=True)
 
     def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int) -> AttentionMetadata:
@@ -97,4 +104,5 @@ class StepInputs:
             seq_lens=self.seq_lens[:num_seqs],
             query_start_loc=self.query_start_loc[: num_seqs + 1],
             max_query_len=max_query_len,
+            decode_order=self.decode_order[:num_seqs],
         )

@@ -563,14 +563,19 @@ DECODE_VARIANTS: dict[str, DecodeConfig] = {
     "lpt-db32-fused-split": DecodeConfig(tile_n=32, num_warps=4, num_stages=5, order="lpt", fused_reduce=True,
                                          min_programs_per_sm=6, programs_per_sm=8),
 }
-DEFAULT_DECODE_VARIANT = "lpt-db32-fused"
+# Measured on the H100 (benchmarks/bench_decode_attention.py, 2026-11-23): "lpt" with the runner's order is the
+# fastest at batch 64-256 (W1 1.07x, W2 1.09x the baseline); when the batch is so small that the context is split,
+# "fused" (one launch, last split merges) wins (batch 1: 1.10x).
+DEFAULT_DECODE_VARIANT = "lpt"
+SPLIT_DECODE_VARIANT = "fused"
 DECODE_CONFIG = DECODE_VARIANTS[os.environ.get("PAGEDSERVE_DECODE_VARIANT", DEFAULT_DECODE_VARIANT)]
+SPLIT_DECODE_CONFIG = DECODE_VARIANTS[os.environ.get("PAGEDSERVE_DECODE_VARIANT", SPLIT_DECODE_VARIANT)]
 
 
 def set_decode_variant(name: str) -> DecodeConfig:
-    """Make ``DECODE_VARIANTS[name]`` the default decode config (affects calls made from now on)."""
-    global DECODE_CONFIG
-    DECODE_CONFIG = DECODE_VARIANTS[name]
+    """Make ``DECODE_VARIANTS[name]`` the decode config for every batch size (affects calls made from now on)."""
+    global DECODE_CONFIG, SPLIT_DECODE_CONFIG
+    DECODE_CONFIG = SPLIT_DECODE_CONFIG = DECODE_VARIANTS[name]
     return DECODE_CONFIG
 
 
@@ -698,12 +703,17 @@ def paged_decode_attention(
     each step) is the launch order when ``config.order == "lpt"``; without it that order is computed on the device by
     one extra launch (:func:`decode_order`). Other orders ignore it.
     """
-    config = config or DECODE_CONFIG
     out = _check(q, k_cache, v_cache, block_tables, out)
     batch = seq_lens.shape[0]
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
+    if config is None:
+        config = DECODE_CONFIG
+        sms = num_sms(q.device.index if q.is_cuda else None)
+        if num_splits is None and decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, sms,
+                                                    config) > 1:
+            config = SPLIT_DECODE_CONFIG
     if num_splits is None:
         sms = num_sms(q.device.index if q.is_cuda else None)
         num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, sms, config)

@@ -112,18 +112,42 @@ def _c(text: str) -> SkinnyConfig:
 # Exact shapes: (m_bucket, N, K) -> config, or None for cuBLAS. Paste the block printed by
 # benchmarks/bench_skinny_gemm.py on the H100 here. Llama-3.1-8B: qkv (6144, 4096), o (4096, 4096),
 # gate_up (28672, 4096), down (4096, 14336), LM head (128256, 4096).
-SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {}
-
-# Every other shape, by M bucket (None: cuBLAS). Written before any GPU measurement: 8-row programs (>= 512 of them
-# for every Llama-8B GEMM, all resident at once, 4-5 per SM), 8 KB weight tiles double-buffered in registers;
-# 8 warps at M = 2 and 4 keep the accumulators near 128 registers a thread.
-DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {
-    1: _c("fma:8x512:w4:p0"),
-    2: _c("fma:8x512:w8:p0"),
-    4: _c("fma:8x512:w8:p0"),
-    8: _c("dot:32x128:w4:s4"),
-    16: _c("dot:32x128:w4:s4"),
+# Measured on the H100 (2026-11-23, benchmarks/bench_skinny_gemm.py); unlisted shapes use DEFAULT_CONFIGS.
+SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {
+    (1, 6144, 4096): _c("fma:8x1024:w8:p0"),  # qkv_proj: Triton 19.7 us, cuBLAS 23.9 us
+    (1, 4096, 4096): _c("fma:8x512:w4:p0"),  # o_proj: Triton 13.8 us, cuBLAS 16.1 us
+    (1, 28672, 4096): _c("fma:4x1024:w4:p0"),  # gate_up_proj: Triton 80.1 us, cuBLAS 85.4 us
+    (1, 4096, 14336): _c("fma:8x1024:w8:p0"),  # down_proj: Triton 42.8 us, cuBLAS 45.0 us
+    (1, 128256, 4096): _c("fma:4x1024:w4:p0"),  # lm_head: Triton 335.2 us, cuBLAS 443.3 us
+    (2, 6144, 4096): _c("fma:8x256:w4:p0"),  # qkv_proj: Triton 20.3 us, cuBLAS 21.4 us
+    (2, 4096, 4096): _c("fma:8x512:w4:p0"),  # o_proj: Triton 14.2 us, cuBLAS 16.1 us
+    (2, 28672, 4096): _c("fma:8x256:w4:p0"),  # gate_up_proj: Triton 83.0 us, cuBLAS 84.9 us
+    (2, 4096, 14336): _c("fma:8x512:w4:p0"),  # down_proj: Triton 43.7 us, cuBLAS 44.9 us
+    (2, 128256, 4096): _c("fma:8x512:w4:p0"),  # lm_head: Triton 345.2 us, cuBLAS 444.3 us
+    (4, 6144, 4096): None,  # qkv_proj: Triton 22.1 us, cuBLAS 21.4 us
+    (4, 4096, 4096): None,  # o_proj: Triton 15.8 us, cuBLAS 15.8 us
+    (4, 28672, 4096): None,  # gate_up_proj: Triton 89.2 us, cuBLAS 85.2 us
+    (4, 4096, 14336): None,  # down_proj: Triton 49.1 us, cuBLAS 45.0 us
+    (4, 128256, 4096): _c("dot:32x128:w4:s4"),  # lm_head: Triton 362.8 us, cuBLAS 443.2 us
+    (8, 6144, 4096): None,  # qkv_proj: Triton 21.4 us, cuBLAS 21.5 us
+    (8, 4096, 4096): None,  # o_proj: Triton 16.3 us, cuBLAS 16.0 us
+    (8, 28672, 4096): None,  # gate_up_proj: Triton 88.0 us, cuBLAS 85.7 us
+    (8, 4096, 14336): None,  # down_proj: Triton 51.1 us, cuBLAS 45.2 us
+    (8, 128256, 4096): _c("dot:32x256:w4:s3"),  # lm_head: Triton 356.8 us, cuBLAS 446.1 us
+    (16, 6144, 4096): _c("dot:32x256:w4:s3"),  # qkv_proj: Triton 21.3 us, cuBLAS 21.9 us
+    (16, 4096, 4096): _c("dot:16x128:w4:s6"),  # o_proj: Triton 15.0 us, cuBLAS 16.2 us
+    (16, 28672, 4096): None,  # gate_up_proj: Triton 86.3 us, cuBLAS 86.0 us
+    (16, 4096, 14336): _c("dot:16x256:w4:s4"),  # down_proj: Triton 45.2 us, cuBLAS 45.9 us
+    (16, 128256, 4096): _c("dot:32x128:w4:s4"),  # lm_head: Triton 360.8 us, cuBLAS 454.7 us
 }
+DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {
+    1: _c("fma:8x1024:w8:p0"),  # geo-mean over layer shapes: fma:8x1024:w8:p0 31.3 us, cuBLAS 34.9 us
+    2: _c("fma:8x512:w4:p0"),  # geo-mean over layer shapes: fma:8x512:w4:p0 32.6 us, cuBLAS 33.8 us
+    4: None,  # geo-mean over layer shapes: fma:8x256:w4:p0 37.1 us, cuBLAS 33.7 us
+    8: None,  # geo-mean over layer shapes: dot:32x256:w4:s3 35.7 us, cuBLAS 34.0 us
+    16: _c("dot:16x256:w4:s4"),  # geo-mean over layer shapes: dot:16x256:w4:s4 33.9 us, cuBLAS 34.4 us
+}
+
 
 def _env_flag(name: str, default: bool) -> bool:
     value = os.environ.get(name)

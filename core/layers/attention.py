@@ -23,6 +23,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32: context length including this step's tokens
     query_start_loc: torch.Tensor  # [B + 1] int32: row offsets of each sequence's new tokens
     max_query_len: int  # on the host: 1 means a decode-only batch
+    decode_order: torch.Tensor | None = None  # [B] int32 permutation: decode attention's launch order
 
 
 class PagedAttention(nn.Module):
@@ -52,5 +53,5 @@ class PagedAttention(nn.Module):
             self.q_norm.eps if self.q_norm is not None else 1e-6,
         )
         out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                              self.scale, max_query_len=meta.max_query_len)
+                              self.scale, max_query_len=meta.max_query_len, decode_order=meta.decode_order)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
