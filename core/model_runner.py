@@ -19,6 +19,7 @@ import torch
 import kernels.backend
 from core.config import ModelConfig, resolve_dtype
 from core.cuda_graphs import DecodeGraphs
+from core.host_copy import to_device
 from core.input_batch import InputBatch
 from core.step_inputs import StepInputs
 from core.kv_cache import KVBlock
@@ -253,8 +254,8 @@ class ModelRunner:
         meta = self.inputs.stage(np.asarray(token_ids, dtype=np.int64), starts, nums,
                                  self.input_batch.block_table[rows], pad_to=bucket)
         if fill_dst:
-            dst = torch.tensor(fill_dst, dtype=torch.int64).to(self.device, non_blocking=True)
-            src = torch.tensor(fill_src, dtype=torch.int64).to(self.device, non_blocking=True)
+            dst = to_device(fill_dst, torch.int64, self.device)
+            src = to_device(fill_src, torch.int64, self.device)
             self.inputs.input_ids.index_copy_(0, dst, prev.sampled.token_ids.index_select(0, src))
         prompt_lp: list = []
         if bucket is not None:
@@ -265,7 +266,7 @@ class ModelRunner:
             rows_np = np.concatenate([r for _, r, _, _ in prompt_lp] + [sample_rows])
             hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
                                 self.kv_caches, meta)
-            logits = self.model.compute_logits(hidden[torch.from_numpy(rows_np).to(self.device)])
+            logits = self.model.compute_logits(hidden[to_device(rows_np, torch.int64, self.device)])
         num_prompt_rows = logits.shape[0] - len(sampling)
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         if not requests:
@@ -322,7 +323,7 @@ class ModelRunner:
             chunk = logits[offset : offset + len(rows)]
             offset += len(rows)
             ids, lps, ranks = gather_logprobs(
-                chunk.log_softmax(-1), torch.from_numpy(targets).to(self.device), req.sampling_params.prompt_logprobs
+                chunk.log_softmax(-1), to_device(targets, torch.int64, self.device), req.sampling_params.prompt_logprobs
             )
             result[req.key] = (first_token, Logprobs(ids.tolist(), lps.tolist(), ranks.tolist()))
         return result

@@ -63,7 +63,7 @@ class Sampler:
             rows, cols, values = batch.logit_bias
             logits.index_put_((rows, cols), values, accumulate=True)
         if batch.banned is not None:
-            logits.index_put_(batch.banned, torch.tensor(float("-inf"), device=logits.device))
+            logits.index_put_(batch.banned, logits.new_full((1,), float("-inf")))  # a fill, not a host copy
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
         raw_logprobs = logits.log_softmax(-1) if batch.max_num_logprobs is not None else None

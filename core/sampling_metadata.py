@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from core.host_copy import to_device
 from core.request import Request
 from core.sampler import Penalties, SamplingBatch
 
@@ -34,9 +35,9 @@ def build_sampling_batch(
     for i, r in enumerate(requests):
         if r.seed_key is not None:
             noise[0, i], noise[1, i] = r.seed_key, output_indices[i]
-    noise_t = torch.from_numpy(noise).to(device, non_blocking=True)
+    noise_t = to_device(noise, torch.int64, device)
     batch = SamplingBatch(
-        temperature=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True),
+        temperature=to_device(temps, torch.float32, device),
         all_greedy=all(t == 0.0 for t in temps),
         keys=noise_t[0],
         steps=noise_t[1],
@@ -89,7 +90,7 @@ def _fmix32_np(x: np.ndarray) -> np.ndarray:
 
 
 def _to(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    return to_device(values, dtype, device)
 
 
 def _penalties(requests: list[Request], vocab_size: int, device: torch.device) -> Penalties:
@@ -101,7 +102,7 @@ def _penalties(requests: list[Request], vocab_size: int, device: torch.device) -
         arr = np.full((n, width), vocab_size, dtype=np.int64)
         for i, x in enumerate(lists):
             arr[i, : len(x)] = x
-        return torch.from_numpy(arr).to(device)
+        return to_device(arr, torch.int64, device)
 
     outputs = padded([r.output_token_ids for r in requests])
     counts = torch.zeros(n, vocab_size + 1, device=device)

@@ -64,16 +64,6 @@ def test_default_model_triton_matches_torch_bf16(monkeypatch):
     assert same / total > 0.8
 
 
-def check_logprobs_close(ours: list[dict[int, float]], ours_tokens, theirs: list[dict[int, float]], theirs_tokens):
-    """vLLM's rule for low precision: identical tokens until the first difference, where each side's choice is in
-    the other's top logprobs; nothing is compared after it."""
-    for step, (a, b) in enumerate(zip(ours_tokens, theirs_tokens)):
-        if a != b:
-            assert a in theirs[step] and b in ours[step], f"step {step}: {a} vs {b}"
-            return step
-    return len(ours_tokens)
-
-
 def test_bf16_model_matches_transformers_with_all_kernels(tmp_path):
     """Every Triton kernel (skinny GEMMs at the decode batch sizes, fused sampling, decode/prefill attention)
     against transformers in bf16 on a mid-sized random Llama."""
@@ -82,7 +72,7 @@ def test_bf16_model_matches_transformers_with_all_kernels(tmp_path):
     from tests.tiny_models import hf_config
 
     cfg = hf_config("llama", hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
-                    head_dim=64, vocab_size=4096, num_hidden_layers=4, initializer_range=0.05)
+                    head_dim=64, vocab_size=4096, num_hidden_layers=4, initializer_range=0.1)
     torch.manual_seed(0)
     path = tmp_path / "mid-llama"
     transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(path)
@@ -91,13 +81,21 @@ def test_bf16_model_matches_transformers_with_all_kernels(tmp_path):
     engine = make_engine(path, dtype="bfloat16")
     ours = run_engine(engine, prompts, params)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-    hf.generation_config.eos_token_id = None
-    agreed = 0
+    # Teacher-forced: transformers scores our whole generated sequence. bf16 rounding differs between the two, so
+    # each of our greedy picks must be near transformers' argmax and most must be exactly it (limits calibrated on
+    # the CPU reference path: max gap 0.19, 93% exact, mean |logprob difference| 0.06, max 0.29).
+    exact = steps = 0
+    diffs = []
     for i, prompt in enumerate(prompts):
-        out = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=16, do_sample=False, pad_token_id=0,
-                          eos_token_id=None, output_logits=True, return_dict_in_generate=True)
-        tokens = out.sequences[0, len(prompt):].tolist()
-        top = [{k: v for v, k in zip(*[t.tolist() for t in lg[0].float().log_softmax(-1).topk(5)])} for lg in out.logits]
-        mine = [dict(list(d.items())[1:]) for d in ours[(i, 0)]["logprobs"]]
-        agreed += check_logprobs_close(mine, ours[(i, 0)]["tokens"], top, tokens)
-    assert agreed >= 0.75 * 16 * len(prompts)
+        tokens = ours[(i, 0)]["tokens"]
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + tokens], device="cuda")).logits[0, len(prompt) - 1 : -1]
+        lp = logits.float().log_softmax(-1)
+        for step, token in enumerate(tokens):
+            best = lp[step].max().item()
+            assert lp[step, token].item() > best - 0.5, (i, step, token, lp[step].topk(3))
+            diffs.append(abs(ours[(i, 0)]["logprobs"][step][token] - lp[step, token].item()))
+            exact += int(lp[step].argmax().item() == token)
+            steps += 1
+    assert exact >= 0.85 * steps, (exact, steps)
+    assert sum(diffs) / len(diffs) < 0.12 and max(diffs) < 0.75, (sum(diffs) / len(diffs), max(diffs))
