@@ -91,13 +91,24 @@ def run_pagedserve(args: argparse.Namespace, workload: Workload) -> list[dict]:
     return results
 
 
+_seen_kernels: set[str] = set()
+
+
 def _report_triton_cache(when: str) -> None:
-    """With TRITON_CACHE_DIR set: how many kernels have been compiled so far (a compile inside a timed run shows)."""
+    """With TRITON_CACHE_DIR set: which kernels were compiled since the last report (a compile inside a timed run
+    costs that run up to a second per kernel)."""
     import os
 
     cache = os.environ.get("TRITON_CACHE_DIR")
-    if cache and os.path.isdir(cache):
-        print(f"triton cache entries {when}: {len(os.listdir(cache))}", file=sys.stderr)
+    if not cache or not os.path.isdir(cache):
+        return
+    new = []
+    for entry in sorted(set(os.listdir(cache)) - _seen_kernels):
+        _seen_kernels.add(entry)
+        names = [f[:-5] for f in os.listdir(os.path.join(cache, entry)) if f.endswith(".json") and
+                 not f.startswith("__grp__")]
+        new.extend(names)
+    print(f"triton compiles {when}: {len(new)} {sorted(new) if len(new) < 12 else ''}", file=sys.stderr)
 
 
 def _hit_rate(after: dict, before: dict) -> float | None:
