@@ -210,8 +210,16 @@ class ModelRunner:
                     num_seqs * blocks_per_seq >= num_blocks or per_seq > self.max_model_len:
                 continue
             self._profile_run(num_tokens, num_seqs, blocks_per_seq)
+        # The sampler splits the vocabulary more for fewer rows: compile each split count's reduction now.
+        for num_rows in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512):
+            if num_rows > self.max_num_seqs:
+                break
+            logits = torch.randn(num_rows, self.vocab_size, device=self.device)
+            keys = torch.arange(num_rows, device=self.device)
+            self.sampler(logits, SamplingBatch(torch.ones(num_rows, device=self.device), all_greedy=False, keys=keys,
+                                               steps=keys))
         torch.cuda.synchronize()
-        logger.info("Warmed up prefill kernels in %.1f s", time.perf_counter() - start)
+        logger.info("Warmed up prefill and sampling kernels in %.1f s", time.perf_counter() - start)
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         cfg = self.model_config

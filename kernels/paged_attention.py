@@ -415,7 +415,7 @@ def _prefill_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # one compiled kernel whatever the batch size
 def _prefill_kernel(
     out_ptr,
     q_ptr,

