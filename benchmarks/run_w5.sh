@@ -15,5 +15,5 @@ for _ in $(seq 300); do
   sleep 1
 done
 python -m benchmarks.serve --backend vllm --port "$port" --endpoint /v1/completions --dataset-name random \
-  --random-input-len 512 --random-output-len 128 --num-prompts 1000 --max-concurrency 256 --ignore-eos --seed 0 \
+  --random-input-len 512 --random-output-len 128 --num-prompts "${NUM_PROMPTS:-1000}" --max-concurrency 256 --ignore-eos --seed 0 \
   --tokenizer "$model" --save-result --result-dir "$results" --disable-tqdm
