@@ -14,9 +14,11 @@ for _ in $(seq 300); do
   kill -0 $server 2>/dev/null || { echo "server died"; tail -30 "$results.server.log"; exit 1; }
   sleep 1
 done
-if [ -n "${PYSPY_OUT:-}" ]; then  # sample both processes' Python stacks during the run (py-spy must be installed)
-  py-spy record --pid "$server" --subprocesses --rate 250 --duration "${PYSPY_SECONDS:-6}" --format raw \
-    --output "$PYSPY_OUT" --nonblocking > /dev/null 2>&1 &
+if [ -n "${PYSPY_OUT:-}" ]; then  # sample both processes' Python stacks once the load is on (needs py-spy)
+  ( until curl -s "http://localhost:$port/metrics" | grep -q '^vllm:num_requests_running{.*} [1-9]'; do sleep 0.2; done
+    sleep 1
+    py-spy record --pid "$server" --subprocesses --rate 250 --duration "${PYSPY_SECONDS:-4}" --format raw \
+      --output "$PYSPY_OUT" --nonblocking > /dev/null 2>&1 ) &
 fi
 python -m benchmarks.serve --backend vllm --port "$port" --endpoint /v1/completions --dataset-name random \
   --random-input-len 512 --random-output-len 128 --num-prompts "${NUM_PROMPTS:-1000}" --max-concurrency 256 --ignore-eos --seed 0 \
