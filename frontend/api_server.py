@@ -8,6 +8,7 @@ SIGTERM / Ctrl-C (handled by uvicorn) stop both processes. Every error leaves as
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import secrets
 import signal
@@ -22,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -129,7 +131,7 @@ class BodySizeLimitMiddleware:
 # ------------------------------------------------------------------------------------------ app
 
 
-def _validation_error(exc: RequestValidationError) -> OpenAIError:
+def _validation_error(exc: RequestValidationError | ValidationError) -> OpenAIError:
     errors = exc.errors()
     parts, param = [], None
     for err in errors:
@@ -138,6 +140,19 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
             param = loc[0]
         parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
     return OpenAIError("Invalid request: " + "; ".join(parts), param=param)
+
+
+def _parse_body(model: type[BaseModel], body: bytes) -> Any:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    """The request body's schema in the OpenAPI document (the route reads the body itself)."""
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: ServerOptions) -> FastAPI:
@@ -161,6 +176,10 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
             app.state.tokenize = TokenizeServing(ctx)
             logger.info("pagedserve %s serving %s (max_model_len %d) on http://%s:%d", version(),
                         ", ".join(served_names), ready.max_model_len, options.host or "0.0.0.0", options.port)
+            # Everything allocated so far lives as long as the server: keep the cyclic GC from rescanning it
+            # (its pauses stall every stream at once).
+            gc.collect()
+            gc.freeze()
             yield
         finally:
             await client.shutdown()
@@ -207,12 +226,16 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
                  for name in ctx.served_model_names]
         return json_response(ModelList(data=cards))
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    # The two hot endpoints parse their bodies with pydantic directly: FastAPI's dependency machinery costs
+    # ~0.6 ms a request, which at hundreds of requests a second delays every stream's tokens.
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def completions(request: Request) -> Response:
+        body = _parse_body(CompletionRequest, await request.body())
         return await request.app.state.completion.create(body, request)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
+        body = _parse_body(ChatCompletionRequest, await request.body())
         return await request.app.state.chat.create(body, request)
 
     @app.post("/tokenize")

@@ -100,7 +100,7 @@ class ChatServing:
         tokenizer = ctx.require_tokenizer()
         prompt = render_chat(tokenizer, request.messages, request.add_generation_prompt,
                              request.continue_final_message, request.chat_template, request.chat_template_kwargs)
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
+        prompt_ids = await ctx.encode(prompt, request.add_special_tokens)
         params = request.to_sampling_params(len(prompt_ids), ctx.max_model_len)
         ctx.check_sampling_params(params)
         request_id = request.request_id or random_id("chatcmpl")
@@ -154,7 +154,7 @@ class ChatServing:
             if request.continuous_usage:
                 c.usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
                                     total_tokens=num_prompt_tokens + completion_tokens)
-            return c.model_dump_json(exclude_none=False)
+            return c.to_json()
 
         try:
             # The first chunk of each choice carries the role (and the echoed message, if asked).
@@ -180,6 +180,6 @@ class ChatServing:
                     id=request_id, created=created, model=model, choices=[],
                     usage=UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
                                     total_tokens=num_prompt_tokens + completion_tokens),
-                ).model_dump_json()
+                ).to_json()
         except Exception as exc:
             yield error_event(exc)

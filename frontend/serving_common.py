@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import msgspec
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
@@ -15,6 +18,7 @@ from sse_starlette import EventSourceResponse
 from frontend.engine_client import EngineClient, EngineDeadError, RequestRejectedError
 from frontend.output_processor import Logprob, TokenStrings
 from frontend.protocol import OpenAIError
+from frontend.tokenizer import encode
 from ipc.messages import SamplingParams
 
 T = TypeVar("T")
@@ -33,6 +37,17 @@ class ServingContext:
 
     def __post_init__(self) -> None:
         self._token_strings = TokenStrings(self.tokenizer)
+        # Tokenizing a long prompt takes milliseconds; the Rust tokenizer releases the GIL, so worker threads keep
+        # the event loop (every stream's next token) free while it runs.
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                                 thread_name_prefix="tokenize")
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        tokenizer = self.require_tokenizer()
+        if len(text) < 256:
+            return encode(tokenizer, text, add_special_tokens)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, encode, tokenizer, text, add_special_tokens)
 
     def token_str(self, token_id: int) -> str:
         """A token's own text (vLLM's spelling for logprobs); ``token_id:N`` without a tokenizer."""
@@ -160,7 +175,9 @@ async def run_until_disconnect(raw_request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def json_response(model: Any) -> JSONResponse:
+def json_response(model: Any) -> Response:
+    if isinstance(model, msgspec.Struct):
+        return Response(msgspec.json.encode(model), media_type="application/json")
     return JSONResponse(content=model.model_dump(mode="json"))
 
 

@@ -70,7 +70,7 @@ class CompletionServing:
         ctx = self.ctx
         ctx.check_model(request.model)
         ctx.check_engine()
-        prompts: list[tuple[str | None, list[int]]] = [self._tokenize(p, request) for p in request.prompts()]
+        prompts: list[tuple[str | None, list[int]]] = [await self._tokenize(p, request) for p in request.prompts()]
         params = [request.to_sampling_params(len(ids), ctx.max_model_len) for _, ids in prompts]
         ctx.check_sampling_params(params[0])
         base_id = request.request_id or random_id("cmpl")
@@ -82,9 +82,9 @@ class CompletionServing:
         except Exception as exc:
             raise engine_error(exc) from exc
 
-    def _tokenize(self, prompt: str | list[int], request: CompletionRequest) -> tuple[str | None, list[int]]:
+    async def _tokenize(self, prompt: str | list[int], request: CompletionRequest) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            ids = self.ctx.require_tokenizer().encode(prompt, add_special_tokens=request.add_special_tokens)
+            ids = await self.ctx.encode(prompt, request.add_special_tokens)
             if not ids:
                 raise OpenAIError("The prompt is empty after tokenization.", param="prompt")
             return prompt, ids
@@ -175,12 +175,12 @@ class CompletionServing:
                     if request.continuous_usage:
                         chunk.usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
                                                 total_tokens=num_prompt_tokens + completion_tokens)
-                    yield chunk.model_dump_json()
+                    yield chunk.to_json()
             if request.include_usage:
                 yield CompletionStreamResponse(
                     id=base_id, created=created, model=self.ctx.model_name, choices=[],
                     usage=UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
                                     total_tokens=num_prompt_tokens + completion_tokens),
-                ).model_dump_json()
+                ).to_json()
         except Exception as exc:
             yield error_event(exc)

@@ -32,6 +32,15 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None, chat_templ
     return tok
 
 
+def encode(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """``tokenizer.encode(text)`` through the Rust tokenizer directly when there is one: the same ids, without
+    transformers' Python wrapper, which costs ~2 ms for a 512-token prompt and blocks the server's event loop."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
 def read_chat_template(chat_template: str) -> str:
     """The template text of ``chat_template``: the contents of a file, else the string itself if it is Jinja."""
     try:
