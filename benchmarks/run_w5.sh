@@ -20,6 +20,11 @@ if [ -n "${PYSPY_OUT:-}" ]; then  # sample both processes' Python stacks once th
     py-spy record --pid "$server" --subprocesses --rate 250 --duration "${PYSPY_SECONDS:-4}" --format raw \
       --output "$PYSPY_OUT" --nonblocking > /dev/null 2>&1 ) &
 fi
+compiled_before=$( [ -n "${TRITON_CACHE_DIR:-}" ] && ls "$TRITON_CACHE_DIR" | sort || true)
 python -m benchmarks.serve --backend vllm --port "$port" --endpoint /v1/completions --dataset-name random \
   --random-input-len 512 --random-output-len 128 --num-prompts "${NUM_PROMPTS:-1000}" --max-concurrency 256 --ignore-eos --seed 0 \
   --tokenizer "$model" --save-result --result-dir "$results" --disable-tqdm
+if [ -n "${TRITON_CACHE_DIR:-}" ]; then  # kernels compiled while serving (each one stalls the engine)
+  comm -13 <(echo "$compiled_before") <(ls "$TRITON_CACHE_DIR" | sort) | while read -r entry; do
+    ls "$TRITON_CACHE_DIR/$entry" | grep '\.json$' | grep -v '^__grp__' ; done | sed 's/^/compiled while serving: /'
+fi

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-WORKLOADS = ("W1", "W2", "W3", "W4")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 
 
 @dataclass
@@ -49,6 +49,9 @@ def make_workload(name: str, num_prompts: int | None = None, seed: int = 0) -> W
         prefix = rng.integers(0, 10000, size=2048).tolist()
         prompts = [prefix + rng.integers(0, 10000, size=64).tolist() for _ in range(n)]
         return Workload(name, prompts, [128] * n, 0.0)
+    if name == "W5":  # W5's requests offline (the serving run adds HTTP; max_num_seqs=256 stands for its concurrency)
+        n = num_prompts or 1000
+        return Workload(name, [rng.integers(0, 10000, size=512).tolist() for _ in range(n)], [128] * n, 0.0)
     raise ValueError(f"Unknown workload {name}; choose from {WORKLOADS}.")
 
 
