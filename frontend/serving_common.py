@@ -39,7 +39,7 @@ class ServingContext:
         self._token_strings = TokenStrings(self.tokenizer)
         # Tokenizing a long prompt takes milliseconds; the Rust tokenizer releases the GIL, so worker threads keep
         # the event loop (every stream's next token) free while it runs.
-        self._tokenize_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
                                                  thread_name_prefix="tokenize")
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
