@@ -71,7 +71,7 @@ def run_pagedserve(args: argparse.Namespace, workload: Workload) -> list[dict]:
               for m in workload.max_tokens]
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
     # Warm-up on unrelated tokens, so kernels are compiled and no prefix of the workload is cached.
-    llm.generate([{"prompt_token_ids": [10001 + i] * 200} for i in range(8)],
+    llm.generate([{"prompt_token_ids": [1 + i] * 200} for i in range(8)],
                  SamplingParams(temperature=workload.temperature, max_tokens=32, ignore_eos=True), use_tqdm=False)
     _report_triton_cache("after warm-up")
     results = []
