@@ -102,18 +102,11 @@ class Scheduler:
                 i += 1  # its last token is being sampled: nothing more to compute
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(request, num_new):
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is request:
-                    break
-            else:
-                scheduled.append(self._commit(request, num_new))
-                budget -= num_new
-                i += 1
-                continue
-            break  # the request preempted itself: nothing newer is left to schedule
+            if not self._allocate_or_preempt(request, num_new, preempted):
+                break  # the request preempted itself: nothing newer is left to schedule
+            scheduled.append(self._commit(request, num_new))
+            budget -= num_new
+            i += 1
 
         if not preempted:
             budget = self._schedule_waiting(scheduled, budget)
@@ -121,6 +114,17 @@ class Scheduler:
         freed, self._freed_keys = self._freed_keys, []
         freed.extend(r.key for r in preempted)
         return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, preempted, freed)
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
+        """Room for a running request's tokens, preempting the newest running requests until it fits; False when
+        the request itself had to go."""
+        while not self.kv.allocate_slots(request, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        return True
 
     def _schedule_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> int:
         skipped: list[Request] = []
