@@ -149,11 +149,7 @@ class EngineCore:
     @staticmethod
     def _needs_sampled_tokens(sched: SchedulerOutput) -> bool:
         """Penalties read the output token ids on the host: wait for the step in flight before such a step."""
-        for seq in sched.scheduled:
-            p = seq.request.sampling_params
-            if seq.samples and (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0):
-                return True
-        return False
+        return any(seq.samples and seq.request.sampling_params.uses_penalties for seq in sched.scheduled)
 
     def _update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineOutput]:
         for key, (first_token, rows) in result.prompt_logprobs.items():

@@ -23,7 +23,6 @@ from core.host_copy import to_device
 from core.input_batch import InputBatch
 from core.step_inputs import StepInputs
 from core.kv_cache import KVBlock
-from core.layers.attention import AttentionMetadata
 from core.loader import iter_weights, load_hf_config
 from core.models import model_class
 from core.request import Request
@@ -292,10 +291,6 @@ class ModelRunner:
             event.record()
         sample_index = {r.key: i for i, r in enumerate(requests)}
         return StepHandle(requests, sample_index, sampled, host_tokens, event, prompt_logprobs)
-
-    def execute(self, sched: SchedulerOutput, blocks: dict[tuple[str, int], list[KVBlock]]) -> RunnerOutput:
-        """Launch a step and wait for it (the synchronous path)."""
-        return self.launch(sched, blocks).result()
 
     def _decode_forward(self, batch_size: int) -> torch.Tensor:
         """The graph body: ``batch_size`` one-token sequences from the static buffers -> logits."""

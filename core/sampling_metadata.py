@@ -45,11 +45,11 @@ def build_sampling_batch(
     # Filters only for random rows: a greedy row takes the argmax of its logits whatever its top-k/p settings.
     sampled = [p for p, t in zip(params, temps) if t > 0.0]
     if any(p.top_k > 0 for p in sampled):
-        batch.top_k = _to(device, [0 if t == 0.0 else p.top_k for p, t in zip(params, temps)], torch.int64)
+        batch.top_k = to_device([0 if t == 0.0 else p.top_k for p, t in zip(params, temps)], torch.int64, device)
     if any(p.top_p < 1.0 for p in sampled):
-        batch.top_p = _to(device, [1.0 if t == 0.0 else p.top_p for p, t in zip(params, temps)], torch.float32)
+        batch.top_p = to_device([1.0 if t == 0.0 else p.top_p for p, t in zip(params, temps)], torch.float32, device)
     if any(p.min_p > 0.0 for p in sampled):
-        batch.min_p = _to(device, [0.0 if t == 0.0 else p.min_p for p, t in zip(params, temps)], torch.float32)
+        batch.min_p = to_device([0.0 if t == 0.0 else p.min_p for p, t in zip(params, temps)], torch.float32, device)
     if any(p.logit_bias for p in params):
         rows, cols, vals = [], [], []
         for i, p in enumerate(params):
@@ -57,16 +57,16 @@ def build_sampling_batch(
                 if 0 <= token < vocab_size:
                     rows.append(i), cols.append(token), vals.append(value)
         if rows:
-            batch.logit_bias = (_to(device, rows, torch.int64), _to(device, cols, torch.int64),
-                                _to(device, vals, torch.float32))
+            batch.logit_bias = (to_device(rows, torch.int64, device), to_device(cols, torch.int64, device),
+                                to_device(vals, torch.float32, device))
     banned_rows, banned_cols = [], []
     for i, r in enumerate(requests):
         if output_indices[i] < params[i].min_tokens:
             banned = set(r.stop_token_ids) | (set() if params[i].ignore_eos else set(r.eos_token_ids))
             banned_rows.extend([i] * len(banned)), banned_cols.extend(banned)
     if banned_rows:
-        batch.banned = (_to(device, banned_rows, torch.int64), _to(device, banned_cols, torch.int64))
-    if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params):
+        batch.banned = (to_device(banned_rows, torch.int64, device), to_device(banned_cols, torch.int64, device))
+    if any(p.uses_penalties for p in params):
         batch.penalties = _penalties(requests, vocab_size, device)
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     if wanted:
@@ -89,10 +89,6 @@ def _fmix32_np(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint32(16))
 
 
-def _to(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
-    return to_device(values, dtype, device)
-
-
 def _penalties(requests: list[Request], vocab_size: int, device: torch.device) -> Penalties:
     n = len(requests)
 
@@ -112,7 +108,7 @@ def _penalties(requests: list[Request], vocab_size: int, device: torch.device) -
     params = [r.sampling_params for r in requests]
 
     def column(values: list[float]) -> torch.Tensor:
-        return _to(device, values, torch.float32)[:, None]
+        return to_device(values, torch.float32, device)[:, None]
 
     return Penalties(
         presence=column([p.presence_penalty for p in params]),

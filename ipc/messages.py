@@ -92,6 +92,11 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
         return self.temperature < 1e-5
 
     @property
+    def uses_penalties(self) -> bool:
+        """Presence, frequency or repetition penalty: sampling then needs the output token ids themselves."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
     def stop_strings(self) -> list[str]:
         return list(self.stop or [])
 
