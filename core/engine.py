@@ -12,7 +12,7 @@ import msgspec
 
 from core.kv_cache import KVCacheManager
 from core.model_runner import ModelRunner, RunnerOutput, StepHandle
-from core.request import Request, RequestStatus
+from core.sequence import Sequence, SequenceStatus
 from core.scheduler import Scheduler, SchedulerOutput
 from ipc.messages import (
     EngineConfig,
@@ -55,7 +55,7 @@ class EngineCore:
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
         self.eos_token_ids = frozenset(self.runner.model_config.eos_token_ids)
         self._pending: list[EngineOutput] = []
-        self._children: dict[str, list[Request]] = {}  # request id -> its n sequences
+        self._children: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._prompt_logprobs: dict[tuple[str, int], Logprobs] = {}
         self.total_prompt_tokens = 0
         self.total_generation_tokens = 0
@@ -90,21 +90,20 @@ class EngineCore:
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"Prompt token ids must be in [0, {vocab}).")
         params = request.sampling_params
-        sequences: list[Request] = []
+        sequences: list[Sequence] = []
         for index in range(params.n):
             seq_params = params
             if params.seed is not None and index > 0:
                 seq_params = _with_seed(params, params.seed + index)
-            sequences.append(Request(
+            sequences.append(Sequence(
                 request.request_id, prompt, seq_params, index=index, eos_token_ids=self.eos_token_ids,
-                max_model_len=self.max_model_len, arrival_time=request.arrival_time or time.time(),
-                priority=request.priority, cache_salt=request.cache_salt,
+                max_model_len=self.max_model_len, cache_salt=request.cache_salt,
                 fork_source=sequences[0] if index > 0 else None,
             ))
         self._children[request.request_id] = sequences
         self.total_prompt_tokens += len(prompt)
         for seq in sequences:
-            self.scheduler.add_request(seq)
+            self.scheduler.add_sequence(seq)
 
     def abort_requests(self, request_ids: list[str], indices: list[int] | None = None) -> None:
         for i, request_id in enumerate(request_ids):
@@ -112,14 +111,14 @@ class EngineCore:
             for seq in sequences:
                 if indices is not None and seq.index != indices[i]:
                     continue
-                if seq.status is RequestStatus.FINISHED:
+                if seq.status is SequenceStatus.FINISHED:
                     continue
                 self.scheduler.finish(seq, FinishReason.ABORT)
                 self._pending.append(EngineOutput(request_id, [], index=seq.index, finish_reason=FinishReason.ABORT))
             self._forget_if_done(request_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._pending) or self._inflight is not None
+        return self.scheduler.has_unfinished_sequences() or bool(self._pending) or self._inflight is not None
 
     # ------------------------------------------------------------------------------------------------ step
     def step(self) -> EngineOutputs:
@@ -130,10 +129,10 @@ class EngineCore:
         self.runner.input_batch.remove(sched.freed_keys)
         if self._inflight is not None and (sched.is_empty or self._needs_sampled_tokens(sched)):
             outputs.extend(self._finish_inflight())
-            sched.scheduled = [s for s in sched.scheduled if not s.request.is_finished]
+            sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
         if sched.scheduled:
             prev = self._inflight[1] if self._inflight is not None else None
-            handle = self.runner.launch(sched, self.kv.req_blocks, prev)
+            handle = self.runner.launch(sched, self.kv.seq_blocks, prev)
             if self._inflight is not None:
                 outputs.extend(self._finish_inflight())
             self._inflight = (sched, handle)
@@ -149,36 +148,36 @@ class EngineCore:
     @staticmethod
     def _needs_sampled_tokens(sched: SchedulerOutput) -> bool:
         """Penalties read the output token ids on the host: wait for the step in flight before such a step."""
-        return any(seq.samples and seq.request.sampling_params.uses_penalties for seq in sched.scheduled)
+        return any(s.samples and s.seq.sampling_params.uses_penalties for s in sched.scheduled)
 
     def _update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineOutput]:
         for key, (first_token, rows) in result.prompt_logprobs.items():
             self._add_prompt_logprobs(key, first_token, rows)
         outputs = []
         sample_idx = 0
-        for seq in sched.scheduled:
-            request = seq.request
-            if not seq.samples:
+        for scheduled in sched.scheduled:
+            if not scheduled.samples:
                 continue
+            seq = scheduled.seq
             token = result.sampled_token_ids[sample_idx]
             logprobs = result.logprobs[sample_idx]
             sample_idx += 1
-            if request.is_finished:  # finished or aborted while this step was in flight
+            if seq.is_finished:  # finished or aborted while this step was in flight
                 continue
-            finished = request.append_token(token)
+            finished = seq.append_token(token)
             self.total_generation_tokens += 1
-            out = EngineOutput(request.request_id, [token], index=request.index, new_logprobs=logprobs)
-            if not request.first_output_sent:
-                request.first_output_sent = True
-                out.num_cached_tokens = request.num_cached_tokens
-                if request.index == 0 and request.sampling_params.prompt_logprobs is not None:
-                    out.prompt_logprobs = self._prompt_logprobs.pop(request.key, None)
-                    request.prompt_logprobs_done = True
+            out = EngineOutput(seq.request_id, [token], index=seq.index, new_logprobs=logprobs)
+            if not seq.first_output_sent:
+                seq.first_output_sent = True
+                out.num_cached_tokens = seq.num_cached_tokens
+                if seq.index == 0 and seq.sampling_params.prompt_logprobs is not None:
+                    out.prompt_logprobs = self._prompt_logprobs.pop(seq.key, None)
+                    seq.prompt_logprobs_done = True
             if finished:
-                out.finish_reason = request.finish_reason
-                out.stop_reason = request.stop_reason
-                self.scheduler.finish(request, request.finish_reason)
-                self._forget_if_done(request.request_id)
+                out.finish_reason = seq.finish_reason
+                out.stop_reason = seq.stop_reason
+                self.scheduler.finish(seq, seq.finish_reason)
+                self._forget_if_done(seq.request_id)
             outputs.append(out)
         return outputs
 
@@ -194,7 +193,7 @@ class EngineCore:
 
     def _forget_if_done(self, request_id: str) -> None:
         sequences = self._children.get(request_id)
-        if sequences and all(s.status is RequestStatus.FINISHED for s in sequences):
+        if sequences and all(s.status is SequenceStatus.FINISHED for s in sequences):
             del self._children[request_id]
             self._prompt_logprobs.pop((request_id, 0), None)
 

@@ -145,8 +145,6 @@ class EngineProcess:
                 out = core.step()
                 stats_changed = self._stats_changed(out.scheduler_stats)  # always: keeps _last_stats current
                 if out.outputs or stats_changed:
-                    if not out.timestamp:
-                        out.timestamp = time.time()
                     self._outputs.put(out)
 
     def _handle(self, message: Any) -> bool:

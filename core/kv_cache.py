@@ -1,10 +1,10 @@
-"""Paged KV memory bookkeeping: a pool of fixed-size blocks, per-request block tables and prefix caching.
+"""Paged KV memory bookkeeping: a pool of fixed-size blocks, per-sequence block tables and prefix caching.
 
 Pure Python, no torch: the tensors live in the model runner; this module only decides which block ids a
-request's tokens go to. Block 0 is the reserved null block (it pads block tables and is never handed out).
+sequence's tokens go to. Block 0 is the reserved null block (it pads block tables and is never handed out).
 
 Prefix caching: every *full* block is named by a hash chained from its parent's hash, its token ids and the
-request's ``cache_salt``. A hash -> block map finds the longest cached prefix of a new request; hits are shared by
+request's ``cache_salt``. A hash -> block map finds the longest cached prefix of a new sequence; hits are shared by
 raising their ref count. Freed blocks keep their hash and go to the tail of an LRU free queue; a block is evicted
 (its hash dropped) only when it is popped to hold new content.
 """
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Iterable, Sequence
+from collections import abc
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from core.request import Request
+    from core.sequence import Sequence
 
 NULL_BLOCK_ID = 0
 
@@ -99,7 +100,7 @@ class BlockPool:
 
     @property
     def usage(self) -> float:
-        """Fraction of allocatable blocks held by requests (free cached blocks count as free)."""
+        """Fraction of allocatable blocks held by sequences (free cached blocks count as free)."""
         return 1.0 - self.free_queue.num_free / (self.num_blocks - 1)
 
     def get_new_blocks(self, n: int) -> list[KVBlock]:
@@ -153,7 +154,7 @@ class BlockPool:
         return True
 
 
-def hash_block(parent_hash: bytes | None, token_ids: Sequence[int], cache_salt: str | None) -> bytes:
+def hash_block(parent_hash: bytes | None, token_ids: abc.Sequence[int], cache_salt: str | None) -> bytes:
     """sha256 of (parent, tokens, salt): collisions can't be crafted to read another tenant's cache."""
     h = hashlib.sha256(parent_hash or b"\0" * 32)
     h.update(array("q", token_ids).tobytes())
@@ -163,13 +164,13 @@ def hash_block(parent_hash: bytes | None, token_ids: Sequence[int], cache_salt: 
 
 
 class KVCacheManager:
-    """Block tables of running requests, allocation for the tokens a step schedules, and prefix-cache lookup."""
+    """Block tables of running sequences, allocation for the tokens a step schedules, and prefix-cache lookup."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
-        self.req_blocks: dict[tuple[str, int], list[KVBlock]] = {}
+        self.seq_blocks: dict[tuple[str, int], list[KVBlock]] = {}
         self._num_cached: dict[tuple[str, int], int] = {}  # how many leading blocks are registered in the cache
 
     @property
@@ -180,29 +181,29 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
-    def block_ids(self, request: "Request") -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request.key, ())]
+    def block_ids(self, seq: "Sequence") -> list[int]:
+        return [b.block_id for b in self.seq_blocks.get(seq.key, ())]
 
-    def blocks(self, request: "Request") -> list[KVBlock]:
-        return self.req_blocks.get(request.key, [])
+    def blocks(self, seq: "Sequence") -> list[KVBlock]:
+        return self.seq_blocks.get(seq.key, [])
 
-    def _update_block_hashes(self, request: "Request", num_tokens: int) -> None:
+    def _update_block_hashes(self, seq: "Sequence", num_tokens: int) -> None:
         bs = self.block_size
-        hashes = request.block_hashes
-        tokens = request.all_token_ids  # a token still being sampled (async step in flight) is not hashed yet
+        hashes = seq.block_hashes
+        tokens = seq.all_token_ids  # a token still being sampled (async step in flight) is not hashed yet
         for i in range(len(hashes), min(num_tokens, len(tokens)) // bs):
             hashes.append(hash_block(hashes[-1] if hashes else None, tokens[i * bs : (i + 1) * bs],
-                                     request.cache_salt))
+                                     seq.cache_salt))
 
-    def find_cached_prefix(self, request: "Request") -> list[KVBlock]:
-        """The longest run of cached blocks at the start of the request, leaving at least its last token to
+    def find_cached_prefix(self, seq: "Sequence") -> list[KVBlock]:
+        """The longest run of cached blocks at the start of the sequence, leaving at least its last token to
         compute (its logits are needed)."""
         if not self.enable_caching:
             return []
-        max_blocks = (request.num_tokens - 1) // self.block_size
-        self._update_block_hashes(request, max_blocks * self.block_size)
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        self._update_block_hashes(seq, max_blocks * self.block_size)
         hits = []
-        for block_hash in request.block_hashes[:max_blocks]:
+        for block_hash in seq.block_hashes[:max_blocks]:
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
@@ -210,48 +211,48 @@ class KVCacheManager:
         return hits
 
     def allocate_slots(
-        self, request: "Request", num_new_tokens: int, new_computed_blocks: Sequence[KVBlock] = ()
+        self, seq: "Sequence", num_new_tokens: int, new_computed_blocks: abc.Sequence[KVBlock] = ()
     ) -> bool:
         """Make room for ``num_new_tokens`` after the computed ones (and the shared ``new_computed_blocks``, which
         the caller counts as computed). False, with nothing changed, when the pool is short."""
-        blocks = self.req_blocks.setdefault(request.key, [])
-        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        blocks = self.seq_blocks.setdefault(seq.key, [])
+        num_computed = seq.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         num_needed = -(-total // self.block_size) - len(blocks) - len(new_computed_blocks)
         # Shared blocks that sit in the free queue (cached, ref 0) stop being free once we take them.
         num_leaving_free = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_needed > self.pool.num_free_blocks - num_leaving_free:
             if not blocks:
-                del self.req_blocks[request.key]
+                del self.seq_blocks[seq.key]
             return False
         if new_computed_blocks:
             self.pool.touch(new_computed_blocks)
             blocks.extend(new_computed_blocks)
             # Shared blocks are cached already (or belong to a fork source that registers them itself).
-            self._num_cached[request.key] = len(blocks)
+            self._num_cached[seq.key] = len(blocks)
         if num_needed > 0:
             blocks.extend(self.pool.get_new_blocks(num_needed))
         if self.enable_caching:
-            self._cache_full_blocks(request, total)
+            self._cache_full_blocks(seq, total)
         return True
 
-    def _cache_full_blocks(self, request: "Request", num_tokens: int) -> None:
-        """Register the blocks that the scheduled tokens fill: a later request in the same step may share them,
+    def _cache_full_blocks(self, seq: "Sequence", num_tokens: int) -> None:
+        """Register the blocks that the scheduled tokens fill: a later sequence in the same step may share them,
         since every layer writes the step's new KV before any attention reads it."""
-        num_full = min(num_tokens, len(request.all_token_ids)) // self.block_size
-        start = self._num_cached.get(request.key, 0)
+        num_full = min(num_tokens, len(seq.all_token_ids)) // self.block_size
+        start = self._num_cached.get(seq.key, 0)
         if num_full <= start:
             return
-        self._update_block_hashes(request, num_full * self.block_size)
-        blocks = self.req_blocks[request.key]
+        self._update_block_hashes(seq, num_full * self.block_size)
+        blocks = self.seq_blocks[seq.key]
         for i in range(start, num_full):
-            self.pool.cache_block(blocks[i], request.block_hashes[i])
-        self._num_cached[request.key] = num_full
+            self.pool.cache_block(blocks[i], seq.block_hashes[i])
+        self._num_cached[seq.key] = num_full
 
-    def free(self, request: "Request") -> None:
-        """Return a request's blocks, tail first, so a chain's tail is evicted before its head."""
-        blocks = self.req_blocks.pop(request.key, None)
-        self._num_cached.pop(request.key, None)
+    def free(self, seq: "Sequence") -> None:
+        """Return a sequence's blocks, tail first, so a chain's tail is evicted before its head."""
+        blocks = self.seq_blocks.pop(seq.key, None)
+        self._num_cached.pop(seq.key, None)
         if blocks:
             self.pool.free_blocks(reversed(blocks))
 

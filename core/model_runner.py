@@ -25,7 +25,7 @@ from core.step_inputs import StepInputs
 from core.kv_cache import KVBlock
 from core.loader import iter_weights, load_hf_config
 from core.models import model_class
-from core.request import Request
+from core.sequence import Sequence
 from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
 from core.scheduler import ScheduledSeq, SchedulerOutput
@@ -46,7 +46,7 @@ class RunnerOutput:
 class StepHandle:
     """A launched step. ``result()`` waits for it: the step's one device -> host sync."""
 
-    requests: list[Request]  # the sampling sequences, in batch order
+    seqs: list[Sequence]  # the sampling sequences, in batch order
     sample_index: dict[tuple[str, int], int]  # sequence key -> its row in ``sampled``
     sampled: SamplerOutput | None
     host_tokens: torch.Tensor | None  # pinned copy of the sampled ids (CUDA)
@@ -61,12 +61,12 @@ class StepHandle:
             token_ids = self.host_tokens.tolist()
         else:
             token_ids = self.sampled.token_ids.tolist()
-        logprobs: list[Logprobs | None] = [None] * len(self.requests)
+        logprobs: list[Logprobs | None] = [None] * len(self.seqs)
         sampled = self.sampled
         if sampled.logprobs is not None:
             ids, lps, ranks = sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(), sampled.ranks.tolist()
-            for i, r in enumerate(self.requests):
-                k = r.sampling_params.logprobs
+            for i, seq in enumerate(self.seqs):
+                k = seq.sampling_params.logprobs
                 if k is not None:
                     logprobs[i] = Logprobs([ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i]])
         return RunnerOutput(token_ids, logprobs, self.prompt_logprobs)
@@ -233,7 +233,7 @@ class ModelRunner:
         """Stage inputs and enqueue the step on the device without waiting for it. A sequence whose last input
         token is still being sampled by ``prev`` (async scheduling) gets it on the device, from ``prev``'s output."""
         seqs = sched.scheduled
-        rows = np.fromiter((self.input_batch.row(s.request.key, blocks[s.request.key]) for s in seqs),
+        rows = np.fromiter((self.input_batch.row(s.seq.key, blocks[s.seq.key]) for s in seqs),
                            dtype=np.int64, count=len(seqs))
         starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
         nums = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(seqs))
@@ -241,11 +241,11 @@ class ModelRunner:
         fill_dst: list[int] = []
         fill_src: list[int] = []
         for s in seqs:
-            known = s.request.all_token_ids
+            known = s.seq.all_token_ids
             end = s.start + s.num_tokens
             if end > len(known):  # the last input token is in flight
                 fill_dst.append(len(token_ids) + s.num_tokens - 1)
-                fill_src.append(prev.sample_index[s.request.key])
+                fill_src.append(prev.sample_index[s.seq.key])
                 token_ids.extend(known[s.start : end - 1])
                 token_ids.append(0)
             elif s.num_tokens == 1:
@@ -254,7 +254,7 @@ class ModelRunner:
                 token_ids.extend(known[s.start : end])
         num_tokens = len(token_ids)
         sampling = [i for i, s in enumerate(seqs) if s.samples]
-        requests = [seqs[i].request for i in sampling]
+        sampling_seqs = [seqs[i].seq for i in sampling]
         decode_only = num_tokens == len(seqs) and len(sampling) == len(seqs)
 
         bucket = self.graphs.bucket(len(seqs)) if self.graphs is not None and decode_only else None
@@ -276,21 +276,21 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[to_device(rows_np, torch.int64, self.device)])
         num_prompt_rows = logits.shape[0] - len(sampling)
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
-        if not requests:
+        if not sampling_seqs:
             return StepHandle([], {}, None, None, None, prompt_logprobs)
         output_indices = [seqs[i].output_index for i in sampling]
-        batch = build_sampling_batch(requests, self.vocab_size, self.device, output_indices,
+        batch = build_sampling_batch(sampling_seqs, self.vocab_size, self.device, output_indices,
                                      self._step_keys.getrandbits(32))
         sampled = self.sampler(logits[num_prompt_rows:], batch)
         host_tokens, event = None, None
         if self.device.type == "cuda":
             self._step_count += 1
-            host_tokens = self._host_tokens[self._step_count % 2][: len(requests)]
+            host_tokens = self._host_tokens[self._step_count % 2][: len(sampling_seqs)]
             host_tokens.copy_(sampled.token_ids, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        sample_index = {r.key: i for i, r in enumerate(requests)}
-        return StepHandle(requests, sample_index, sampled, host_tokens, event, prompt_logprobs)
+        sample_index = {seq.key: i for i, seq in enumerate(sampling_seqs)}
+        return StepHandle(sampling_seqs, sample_index, sampled, host_tokens, event, prompt_logprobs)
 
     def _decode_forward(self, batch_size: int) -> torch.Tensor:
         """The graph body: ``batch_size`` one-token sequences from the static buffers -> logits."""
@@ -299,36 +299,36 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids[:batch_size], inputs.positions[:batch_size], self.kv_caches, meta)
         return self.model.compute_logits(hidden)
 
-    def _prompt_logprob_rows(self, seqs: list[ScheduledSeq]) -> list[tuple[Request, np.ndarray, np.ndarray, int]]:
-        """(request, flat rows, target prompt tokens, first target index) for the prompt positions whose
+    def _prompt_logprob_rows(self, seqs: list[ScheduledSeq]) -> list[tuple[Sequence, np.ndarray, np.ndarray, int]]:
+        """(sequence, flat rows, target prompt tokens, first target index) for the prompt positions whose
         next-token logprob is owed this step: position p gives the logprob of prompt token p + 1."""
         out = []
         qsl = self.inputs.host.qsl_np
         for i, s in enumerate(seqs):
-            req = s.request
-            if req.prompt_logprobs_done:
+            seq = s.seq
+            if seq.prompt_logprobs_done:
                 continue
-            last = min(s.start + s.num_tokens, req.num_prompt_tokens - 1)  # position P-1 has no next prompt token
+            last = min(s.start + s.num_tokens, seq.num_prompt_tokens - 1)  # position P-1 has no next prompt token
             if last <= s.start:
                 continue
             positions = np.arange(s.start, last)
             rows = qsl[i] + (positions - s.start)
-            targets = np.asarray(req.prompt_token_ids, dtype=np.int64)[positions + 1]
-            out.append((req, rows.astype(np.int64), targets, s.start + 1))
+            targets = np.asarray(seq.prompt_token_ids, dtype=np.int64)[positions + 1]
+            out.append((seq, rows.astype(np.int64), targets, s.start + 1))
         return out
 
     def _compute_prompt_logprobs(
-        self, prompt_lp: list[tuple[Request, np.ndarray, np.ndarray, int]], logits: torch.Tensor
+        self, prompt_lp: list[tuple[Sequence, np.ndarray, np.ndarray, int]], logits: torch.Tensor
     ) -> dict[tuple[str, int], tuple[int, Logprobs]]:
         result = {}
         offset = 0
-        for req, rows, targets, first_token in prompt_lp:
+        for seq, rows, targets, first_token in prompt_lp:
             chunk = logits[offset : offset + len(rows)]
             offset += len(rows)
             ids, lps, ranks = gather_logprobs(
-                chunk.log_softmax(-1), to_device(targets, torch.int64, self.device), req.sampling_params.prompt_logprobs
+                chunk.log_softmax(-1), to_device(targets, torch.int64, self.device), seq.sampling_params.prompt_logprobs
             )
-            result[req.key] = (first_token, Logprobs(ids.tolist(), lps.tolist(), ranks.tolist()))
+            result[seq.key] = (first_token, Logprobs(ids.tolist(), lps.tolist(), ranks.tolist()))
         return result
 
 

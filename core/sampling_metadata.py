@@ -1,4 +1,4 @@
-"""Build the sampler's per-row tensors for one step from the requests that sample in it.
+"""Build the sampler's per-row tensors for one step from the sequences that sample in it.
 
 Only the features some row uses get tensors (a batch of plain temperature sampling builds two: temperatures, and
 noise keys + steps in one copy), so the common case costs a few microseconds of host time.
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from core.host_copy import to_device
-from core.request import Request
+from core.sequence import Sequence
 from core.sampler import Penalties, SamplingBatch
 
 
@@ -23,18 +23,18 @@ _M32 = 0xFFFFFFFF
 
 
 def build_sampling_batch(
-    requests: list[Request], vocab_size: int, device: torch.device, output_indices: list[int], step_key: int
+    seqs: list[Sequence], vocab_size: int, device: torch.device, output_indices: list[int], step_key: int
 ) -> SamplingBatch:
-    """``output_indices[i]``: index, in request i's output, of the token this step samples (seeded rows' noise step
+    """``output_indices[i]``: index, in sequence i's output, of the token this step samples (seeded rows' noise step
     and the min_tokens check). ``step_key``: this step's 32-bit engine key (unseeded rows' noise)."""
-    params = [r.sampling_params for r in requests]
+    params = [seq.sampling_params for seq in seqs]
     temps = [0.0 if p.greedy else p.temperature for p in params]
-    noise = np.empty((2, len(requests)), dtype=np.int64)
-    noise[0] = unseeded_row_keys(step_key, len(requests))
+    noise = np.empty((2, len(seqs)), dtype=np.int64)
+    noise[0] = unseeded_row_keys(step_key, len(seqs))
     noise[1] = 0
-    for i, r in enumerate(requests):
-        if r.seed_key is not None:
-            noise[0, i], noise[1, i] = r.seed_key, output_indices[i]
+    for i, seq in enumerate(seqs):
+        if seq.seed_key is not None:
+            noise[0, i], noise[1, i] = seq.seed_key, output_indices[i]
     noise_t = to_device(noise, torch.int64, device)
     batch = SamplingBatch(
         temperature=to_device(temps, torch.float32, device),
@@ -60,14 +60,14 @@ def build_sampling_batch(
             batch.logit_bias = (to_device(rows, torch.int64, device), to_device(cols, torch.int64, device),
                                 to_device(vals, torch.float32, device))
     banned_rows, banned_cols = [], []
-    for i, r in enumerate(requests):
+    for i, seq in enumerate(seqs):
         if output_indices[i] < params[i].min_tokens:
-            banned = set(r.stop_token_ids) | (set() if params[i].ignore_eos else set(r.eos_token_ids))
+            banned = set(seq.stop_token_ids) | (set() if params[i].ignore_eos else set(seq.eos_token_ids))
             banned_rows.extend([i] * len(banned)), banned_cols.extend(banned)
     if banned_rows:
         batch.banned = (to_device(banned_rows, torch.int64, device), to_device(banned_cols, torch.int64, device))
     if any(p.uses_penalties for p in params):
-        batch.penalties = _penalties(requests, vocab_size, device)
+        batch.penalties = _penalties(seqs, vocab_size, device)
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     if wanted:
         batch.max_num_logprobs = max(wanted)
@@ -89,8 +89,8 @@ def _fmix32_np(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint32(16))
 
 
-def _penalties(requests: list[Request], vocab_size: int, device: torch.device) -> Penalties:
-    n = len(requests)
+def _penalties(seqs: list[Sequence], vocab_size: int, device: torch.device) -> Penalties:
+    n = len(seqs)
 
     def padded(lists: list[list[int]]) -> torch.Tensor:
         """Token ids padded with ``vocab_size`` (an extra column that is dropped below)."""
@@ -100,12 +100,12 @@ def _penalties(requests: list[Request], vocab_size: int, device: torch.device) -
             arr[i, : len(x)] = x
         return to_device(arr, torch.int64, device)
 
-    outputs = padded([r.output_token_ids for r in requests])
+    outputs = padded([seq.output_token_ids for seq in seqs])
     counts = torch.zeros(n, vocab_size + 1, device=device)
     counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=torch.float32))
     seen = counts > 0
-    seen.scatter_(1, padded([r.prompt_token_ids for r in requests]), True)
-    params = [r.sampling_params for r in requests]
+    seen.scatter_(1, padded([seq.prompt_token_ids for seq in seqs]), True)
+    params = [seq.sampling_params for seq in seqs]
 
     def column(values: list[float]) -> torch.Tensor:
         return to_device(values, torch.float32, device)[:, None]

@@ -1,9 +1,9 @@
 """Continuous batching with one token budget per step.
 
-No prefill or decode phases: every running request gets the tokens it needs to catch up (1 for a decode, a chunk
-for a prefill), running requests first, then waiting ones in arrival order, up to ``max_num_seqs``. When blocks run
-out, the newest running request is preempted: its blocks are freed and it is recomputed later (prefix caching
-recovers its full blocks). ``num_computed_tokens`` advances when tokens are scheduled, so a request scheduled later
+No prefill or decode phases: every running sequence gets the tokens it needs to catch up (1 for a decode, a chunk
+for a prefill), running sequences first, then waiting ones in arrival order, up to ``max_num_seqs``. When blocks run
+out, the newest running sequence is preempted: its blocks are freed and it is recomputed later (prefix caching
+recovers its full blocks). ``num_computed_tokens`` advances when tokens are scheduled, so a sequence scheduled later
 in the same step can share blocks being filled now (each layer writes all new KV before any attention reads it).
 Pure Python.
 """
@@ -14,13 +14,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from core.kv_cache import KVBlock, KVCacheManager
-from core.request import Request, RequestStatus
+from core.sequence import Sequence, SequenceStatus
 from ipc.messages import FinishReason, SchedulerStats
 
 
 @dataclass(slots=True)
 class ScheduledSeq:
-    request: Request
+    seq: Sequence
     start: int  # first position computed this step (num_computed_tokens before it)
     num_tokens: int
     samples: bool  # the step reaches the end of the sequence's tokens, so its last logits are sampled
@@ -31,7 +31,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]  # batch row order
     total_num_tokens: int
-    preempted: list[Request] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
     freed_keys: list[tuple[str, int]] = field(default_factory=list)  # finished/aborted/preempted since last step
 
     @property
@@ -52,9 +52,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self.requests: dict[tuple[str, int], Request] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.sequences: dict[tuple[str, int], Sequence] = {}
         self._freed_keys: list[tuple[str, int]] = []
         # stats deltas since the last stats() call
         self._preemptions = 0
@@ -65,46 +65,42 @@ class Scheduler:
         self.total_prefix_hits = 0
 
     # ------------------------------------------------------------------------------------------------ intake
-    def add_request(self, request: Request) -> None:
-        self.requests[request.key] = request
-        self.waiting.append(request)
+    def add_sequence(self, seq: Sequence) -> None:
+        self.sequences[seq.key] = seq
+        self.waiting.append(seq)
 
-    def has_unfinished_requests(self) -> bool:
+    def has_unfinished_sequences(self) -> bool:
         return bool(self.waiting or self.running)
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
-
-    def finish(self, request: Request, reason: FinishReason) -> None:
-        """Remove a request (finished or aborted) and free its blocks."""
-        if request.status is RequestStatus.RUNNING:
-            self.running.remove(request)
-        elif request.status is RequestStatus.WAITING:
-            self.waiting.remove(request)
-        if request.finish_reason is None:
-            request.finish_reason = reason
-        request.status = RequestStatus.FINISHED
-        self.kv.free(request)
-        self.requests.pop(request.key, None)
-        self._freed_keys.append(request.key)
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Remove a sequence (finished or aborted) and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        if seq.finish_reason is None:
+            seq.finish_reason = reason
+        seq.status = SequenceStatus.FINISHED
+        self.kv.free(seq)
+        self.sequences.pop(seq.key, None)
+        self._freed_keys.append(seq.key)
 
     # ------------------------------------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
-        preempted: list[Request] = []
+        preempted: list[Sequence] = []
 
         i = 0
         while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            if request.num_tokens >= request.max_total_tokens:
+            seq = self.running[i]
+            if seq.num_tokens >= seq.max_total_tokens:
                 i += 1  # its last token is being sampled: nothing more to compute
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, preempted):
-                break  # the request preempted itself: nothing newer is left to schedule
-            scheduled.append(self._commit(request, num_new))
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(seq, num_new, preempted):
+                break  # the sequence preempted itself: nothing newer is left to schedule
+            scheduled.append(self._commit(seq, num_new))
             budget -= num_new
             i += 1
 
@@ -115,82 +111,82 @@ class Scheduler:
         freed.extend(r.key for r in preempted)
         return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, preempted, freed)
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
-        """Room for a running request's tokens, preempting the newest running requests until it fits; False when
-        the request itself had to go."""
-        while not self.kv.allocate_slots(request, num_new):
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
+        """Room for a running sequence's tokens, preempting the newest running sequences until it fits; False
+        when the sequence itself had to go."""
+        while not self.kv.allocate_slots(seq, num_new):
             victim = self.running.pop()
             self._preempt(victim)
             preempted.append(victim)
-            if victim is request:
+            if victim is seq:
                 return False
         return True
 
     def _schedule_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> int:
-        skipped: list[Request] = []
+        skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
-            shared = self._shared_prefix(request) if not request.num_placeholders else None
+            seq = self.waiting[0]
+            shared = self._shared_prefix(seq) if not seq.num_placeholders else None
             if shared is None:  # a fork whose source has not scheduled its prompt yet, or a token still in flight
                 skipped.append(self.waiting.popleft())
                 continue
             num_shared_tokens = len(shared) * self.block_size
-            num_new = min(request.num_tokens - request.num_computed_tokens - num_shared_tokens, budget)
-            if not self.kv.allocate_slots(request, num_new, shared):
+            num_new = min(seq.num_tokens - seq.num_computed_tokens - num_shared_tokens, budget)
+            if not self.kv.allocate_slots(seq, num_new, shared):
                 break
             self.waiting.popleft()
-            if not request.prefix_query_counted and request.fork_source is None:
-                # Counted once per request, in tokens: a recompute after preemption is never a "hit".
-                request.prefix_query_counted = True
-                request.num_cached_tokens = num_shared_tokens
-                self._prefix_queries += request.num_tokens
+            if not seq.prefix_query_counted and seq.fork_source is None:
+                # Counted once per sequence, in tokens: a recompute after preemption is never a "hit".
+                seq.prefix_query_counted = True
+                seq.num_cached_tokens = num_shared_tokens
+                self._prefix_queries += seq.num_tokens
                 self._prefix_hits += num_shared_tokens
-                self.total_prefix_queries += request.num_tokens
+                self.total_prefix_queries += seq.num_tokens
                 self.total_prefix_hits += num_shared_tokens
-            request.num_computed_tokens += num_shared_tokens
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            scheduled.append(self._commit(request, num_new))
+            seq.num_computed_tokens += num_shared_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(self._commit(seq, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
         return budget
 
-    def _shared_prefix(self, request: Request) -> list[KVBlock] | None:
-        """Blocks a waiting request can reuse: its fork source's prompt blocks, else prefix-cache hits.
+    def _shared_prefix(self, seq: Sequence) -> list[KVBlock] | None:
+        """Blocks a waiting sequence can reuse: its fork source's prompt blocks, else prefix-cache hits.
         None means "not yet": the fork source has not scheduled its prompt's full blocks."""
-        if request.num_computed_tokens > 0:
+        if seq.num_computed_tokens > 0:
             return []
-        source = request.fork_source
+        source = seq.fork_source
         if source is not None:
-            num_blocks = (request.num_tokens - 1) // self.block_size
-            if source.status is RequestStatus.RUNNING:
+            num_blocks = (seq.num_tokens - 1) // self.block_size
+            if source.status is SequenceStatus.RUNNING:
                 if source.num_computed_tokens < num_blocks * self.block_size:
                     return None
                 return self.kv.blocks(source)[:num_blocks]
-            if source.status is RequestStatus.WAITING:
+            if source.status is SequenceStatus.WAITING:
                 return None
-            request.fork_source = None  # the source finished: fall back to the prefix cache
-        if request.sampling_params.prompt_logprobs is not None and not request.prompt_logprobs_done:
+            seq.fork_source = None  # the source finished: fall back to the prefix cache
+        if seq.sampling_params.prompt_logprobs is not None and not seq.prompt_logprobs_done:
             return []  # every prompt position must be computed to get its logprobs
-        return self.kv.find_cached_prefix(request)
+        return self.kv.find_cached_prefix(seq)
 
-    def _commit(self, request: Request, num_new: int) -> ScheduledSeq:
-        start = request.num_computed_tokens
-        samples = start + num_new == request.num_tokens
-        seq = ScheduledSeq(request, start, num_new, samples, request.num_tokens - request.num_prompt_tokens)
-        request.num_computed_tokens += num_new
+    def _commit(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        samples = start + num_new == seq.num_tokens
+        scheduled = ScheduledSeq(seq, start, num_new, samples, seq.num_tokens - seq.num_prompt_tokens)
+        seq.num_computed_tokens += num_new
         if samples and self.async_scheduling:
-            request.num_placeholders += 1
-        return seq
+            seq.num_placeholders += 1
+        return scheduled
 
-    def _preempt(self, request: Request) -> None:
-        self.kv.free(request)
-        request.status = RequestStatus.WAITING
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
         self._preemptions += 1
         self.total_preemptions += 1
-        self.waiting.appendleft(request)
+        self.waiting.appendleft(seq)
 
     # ------------------------------------------------------------------------------------------------ stats
     def stats(self) -> SchedulerStats:

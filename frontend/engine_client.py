@@ -221,7 +221,7 @@ class EngineClient:
         self.processor.add_request(request_id, prompt, prompt_token_ids, params,
                                    stream_deltas=stream_deltas and not final_only, final_only=final_only)
         self._requests[request_id] = state
-        self._send(EngineRequest(request_id, prompt_token_ids, params, arrival_time=time.time()))
+        self._send(EngineRequest(request_id, prompt_token_ids, params))
         finished = False
         try:
             while not finished:

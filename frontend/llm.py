@@ -118,7 +118,7 @@ class LLM:
         try:
             for i, ((text, ids), params) in enumerate(zip(prompts, params_list)):
                 request_id = str(next(self._ids))
-                self.engine.add_request(EngineRequest(request_id, ids, params, arrival_time=time.time()))
+                self.engine.add_request(EngineRequest(request_id, ids, params))
                 self.processor.add_request(request_id, text, ids, params, final_only=True)
                 order[request_id] = i
         except ValueError:  # a bad prompt: take back the ones already queued, so the batch is all or nothing

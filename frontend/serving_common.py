@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -195,5 +195,3 @@ def sse_response(events: AsyncIterator[str]) -> EventSourceResponse:
 def error_event(exc: Exception) -> str:
     return json.dumps(engine_error(exc).body())
 
-
-Handler = Callable[..., Awaitable[Response]]

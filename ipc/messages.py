@@ -124,9 +124,7 @@ class EngineRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=Tr
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    arrival_time: float = 0.0
-    priority: int = 0
-    cache_salt: str | None = None
+    cache_salt: str | None = None  # isolates this request's prefix-cache entries from other salts (tenants)
 
 
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True, gc=False):

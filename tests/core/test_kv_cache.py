@@ -5,22 +5,22 @@ from __future__ import annotations
 import pytest
 
 from core.kv_cache import FreeBlockQueue, KVBlock, KVCacheManager, hash_block
-from core.request import Request
+from core.sequence import Sequence
 from ipc.messages import SamplingParams
 
 BS = 4
 
 
-def make_request(tokens: list[int], rid: str = "r", salt: str | None = None) -> Request:
-    return Request(rid, tokens, SamplingParams(max_tokens=8), max_model_len=1024, cache_salt=salt)
+def make_seq(tokens: list[int], rid: str = "r", salt: str | None = None) -> Sequence:
+    return Sequence(rid, tokens, SamplingParams(max_tokens=8), max_model_len=1024, cache_salt=salt)
 
 
-def schedule_all(kv: KVCacheManager, req: Request) -> list[int]:
-    """Allocate like the scheduler does for a fresh request: prefix hits first, then the rest of its tokens."""
-    hits = kv.find_cached_prefix(req)
-    assert kv.allocate_slots(req, req.num_tokens - len(hits) * BS, hits)
-    req.num_computed_tokens = req.num_tokens
-    return kv.block_ids(req)
+def schedule_all(kv: KVCacheManager, seq: Sequence) -> list[int]:
+    """Allocate like the scheduler does for a fresh sequence: prefix hits first, then the rest of its tokens."""
+    hits = kv.find_cached_prefix(seq)
+    assert kv.allocate_slots(seq, seq.num_tokens - len(hits) * BS, hits)
+    seq.num_computed_tokens = seq.num_tokens
+    return kv.block_ids(seq)
 
 
 def test_free_queue_pops_head_and_removes_from_middle():
@@ -35,10 +35,10 @@ def test_free_queue_pops_head_and_removes_from_middle():
 
 def test_allocation_gives_lowest_free_ids_and_reserves_null_block():
     kv = KVCacheManager(num_blocks=8, block_size=BS, enable_caching=False)
-    a = make_request(list(range(10)), "a")  # 10 tokens -> 3 blocks
+    a = make_seq(list(range(10)), "a")  # 10 tokens -> 3 blocks
     assert kv.allocate_slots(a, 10)
     assert kv.block_ids(a) == [1, 2, 3]
-    b = make_request(list(range(5)), "b")
+    b = make_seq(list(range(5)), "b")
     assert kv.allocate_slots(b, 5)
     assert kv.block_ids(b) == [4, 5]
     assert kv.num_free_blocks == 2
@@ -46,14 +46,14 @@ def test_allocation_gives_lowest_free_ids_and_reserves_null_block():
 
 def test_allocation_fails_without_side_effects_when_short():
     kv = KVCacheManager(num_blocks=4, block_size=BS, enable_caching=False)
-    a = make_request(list(range(20)), "a")
+    a = make_seq(list(range(20)), "a")
     assert not kv.allocate_slots(a, 20)  # needs 5 blocks, 3 allocatable
     assert kv.num_free_blocks == 3 and kv.block_ids(a) == []
 
 
 def test_decode_grows_block_table_only_at_block_boundary():
     kv = KVCacheManager(num_blocks=8, block_size=BS, enable_caching=False)
-    a = make_request([1, 2, 3], "a")
+    a = make_seq([1, 2, 3], "a")
     assert kv.allocate_slots(a, 3)
     a.num_computed_tokens = 3
     a.all_token_ids.append(9)
@@ -65,7 +65,7 @@ def test_decode_grows_block_table_only_at_block_boundary():
 
 def test_free_returns_blocks_tail_first():
     kv = KVCacheManager(num_blocks=5, block_size=BS, enable_caching=False)
-    a = make_request(list(range(12)), "a")
+    a = make_seq(list(range(12)), "a")
     kv.allocate_slots(a, 12)
     kv.free(a)
     assert kv.pool.free_queue.block_ids() == [4, 3, 2, 1]
@@ -82,10 +82,10 @@ def test_hash_chain_depends_on_parent_tokens_and_salt():
 def test_prefix_hit_shares_blocks_and_raises_ref_counts():
     kv = KVCacheManager(num_blocks=16, block_size=BS, enable_caching=True)
     prefix = list(range(100, 112))  # 3 full blocks
-    a = make_request(prefix + [1, 2], "a")
+    a = make_seq(prefix + [1, 2], "a")
     ids_a = schedule_all(kv, a)
     assert ids_a == [1, 2, 3, 4]
-    b = make_request(prefix + [7, 8, 9], "b")
+    b = make_seq(prefix + [7, 8, 9], "b")
     ids_b = schedule_all(kv, b)
     assert ids_b[:3] == [1, 2, 3] and ids_b[3:] == [5]
     assert [kv.pool.blocks[i].ref_cnt for i in (1, 2, 3, 4, 5)] == [2, 2, 2, 1, 1]
@@ -94,23 +94,23 @@ def test_prefix_hit_shares_blocks_and_raises_ref_counts():
 def test_last_prompt_token_is_always_computed():
     kv = KVCacheManager(num_blocks=16, block_size=BS, enable_caching=True)
     tokens = list(range(8))  # exactly 2 full blocks
-    schedule_all(kv, make_request(tokens, "a"))
-    hits = kv.find_cached_prefix(make_request(tokens, "b"))
+    schedule_all(kv, make_seq(tokens, "a"))
+    hits = kv.find_cached_prefix(make_seq(tokens, "b"))
     assert len(hits) == 1  # the second block holds the last token, which must be recomputed
 
 
 def test_freed_blocks_stay_cached_until_reused_then_evicted_lazily():
     kv = KVCacheManager(num_blocks=6, block_size=BS, enable_caching=True)
-    a = make_request(list(range(8)) + [50], "a")  # blocks 1,2 full (cached), 3 partial
+    a = make_seq(list(range(8)) + [50], "a")  # blocks 1,2 full (cached), 3 partial
     schedule_all(kv, a)
     kv.free(a)
     assert kv.pool.free_queue.block_ids() == [4, 5, 3, 2, 1]  # tail of the chain first
     assert len(kv.pool.cached) == 2
-    b = make_request(list(range(8)) + [60], "b")
+    b = make_seq(list(range(8)) + [60], "b")
     assert [blk.block_id for blk in kv.find_cached_prefix(b)] == [1, 2]
     # A request with other content takes the free blocks in LRU order; reusing block 2 evicts its hash.
     old_hash_of_2 = kv.pool.blocks[2].block_hash
-    c = make_request(list(range(200, 216)), "c")
+    c = make_seq(list(range(200, 216)), "c")
     assert kv.allocate_slots(c, 16)
     assert kv.block_ids(c) == [4, 5, 3, 2]
     # Block 2 (the chain's tail) was evicted; block 1 (its head) went last and is still a hit.
@@ -120,10 +120,10 @@ def test_freed_blocks_stay_cached_until_reused_then_evicted_lazily():
 
 def test_hit_on_free_cached_block_removes_it_from_free_queue():
     kv = KVCacheManager(num_blocks=6, block_size=BS, enable_caching=True)
-    a = make_request(list(range(8)) + [1], "a")
+    a = make_seq(list(range(8)) + [1], "a")
     schedule_all(kv, a)
     kv.free(a)
-    b = make_request(list(range(8)) + [2], "b")
+    b = make_seq(list(range(8)) + [2], "b")
     ids = schedule_all(kv, b)
     assert ids[:2] == [1, 2]
     assert 1 not in kv.pool.free_queue.block_ids() and 2 not in kv.pool.free_queue.block_ids()
@@ -133,31 +133,31 @@ def test_hit_on_free_cached_block_removes_it_from_free_queue():
 def test_cache_salt_isolates_tenants():
     kv = KVCacheManager(num_blocks=16, block_size=BS, enable_caching=True)
     tokens = list(range(12)) + [1]
-    schedule_all(kv, make_request(tokens, "a", salt="tenant-a"))
-    assert kv.find_cached_prefix(make_request(tokens, "b", salt="tenant-b")) == []
-    assert kv.find_cached_prefix(make_request(tokens, "c")) == []
-    assert len(kv.find_cached_prefix(make_request(tokens, "d", salt="tenant-a"))) == 3
+    schedule_all(kv, make_seq(tokens, "a", salt="tenant-a"))
+    assert kv.find_cached_prefix(make_seq(tokens, "b", salt="tenant-b")) == []
+    assert kv.find_cached_prefix(make_seq(tokens, "c")) == []
+    assert len(kv.find_cached_prefix(make_seq(tokens, "d", salt="tenant-a"))) == 3
 
 
 def test_caching_disabled_never_hits():
     kv = KVCacheManager(num_blocks=16, block_size=BS, enable_caching=False)
-    schedule_all(kv, make_request(list(range(13)), "a"))
-    assert kv.find_cached_prefix(make_request(list(range(13)), "b")) == []
+    schedule_all(kv, make_seq(list(range(13)), "a"))
+    assert kv.find_cached_prefix(make_seq(list(range(13)), "b")) == []
 
 
 def test_reset_prefix_cache_refused_while_blocks_in_use():
     kv = KVCacheManager(num_blocks=8, block_size=BS, enable_caching=True)
-    a = make_request(list(range(9)), "a")
+    a = make_seq(list(range(9)), "a")
     schedule_all(kv, a)
     assert not kv.reset_prefix_cache()
     kv.free(a)
     assert kv.reset_prefix_cache()
-    assert kv.find_cached_prefix(make_request(list(range(9)), "b")) == []
+    assert kv.find_cached_prefix(make_seq(list(range(9)), "b")) == []
 
 
 def test_double_free_is_caught():
     kv = KVCacheManager(num_blocks=4, block_size=BS, enable_caching=False)
-    a = make_request([1, 2], "a")
+    a = make_seq([1, 2], "a")
     kv.allocate_slots(a, 2)
     blocks = kv.blocks(a)
     kv.free(a)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from core.request import Request
+from core.sequence import Sequence
 from core.sampler import (
     Penalties,
     Sampler,
@@ -34,8 +34,8 @@ def frequencies(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.bincount(tokens, minlength=vocab).float() / tokens.numel()
 
 
-def request(params: SamplingParams, rid: str = "r", eos: frozenset[int] = frozenset()) -> Request:
-    return Request(rid, [1, 2, 3], params, eos_token_ids=eos, max_model_len=64)
+def sequence(params: SamplingParams, rid: str = "r", eos: frozenset[int] = frozenset()) -> Sequence:
+    return Sequence(rid, [1, 2, 3], params, eos_token_ids=eos, max_model_len=64)
 
 
 def test_top_k_keeps_exactly_the_k_largest_per_row():
@@ -162,7 +162,7 @@ def test_logit_bias_and_banned_tokens():
 
 def test_build_sampling_batch_noise_keys():
     seeded = SamplingParams(temperature=1.0, seed=42)
-    reqs = [request(SamplingParams(temperature=1.0), "a"), request(seeded, "b"), request(SamplingParams(), "c")]
+    reqs = [sequence(SamplingParams(temperature=1.0), "a"), sequence(seeded, "b"), sequence(SamplingParams(), "c")]
     b = build_sampling_batch(reqs, 100, CPU, output_indices=[4, 7, 0], step_key=99)
     expected = unseeded_row_keys(99, 3)
     assert b.keys.tolist() == [expected[0], reqs[1].seed_key, expected[2]]
@@ -172,7 +172,7 @@ def test_build_sampling_batch_noise_keys():
 
 def test_build_sampling_batch_bans_eos_by_output_index():
     """min_tokens counts the index of the token being sampled (async scheduling: num_output_tokens may lag)."""
-    r = request(SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[5]), eos=frozenset({9}))
+    r = sequence(SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[5]), eos=frozenset({9}))
     assert r.num_output_tokens == 0
     banned = build_sampling_batch([r], 100, CPU, output_indices=[2], step_key=0).banned
     assert banned is not None and banned[0].tolist() == [0, 0] and sorted(banned[1].tolist()) == [5, 9]
@@ -181,9 +181,9 @@ def test_build_sampling_batch_bans_eos_by_output_index():
 
 def test_build_sampling_batch_gives_greedy_rows_no_filters():
     greedy = SamplingParams(temperature=0.0, top_k=5, top_p=0.5, min_p=0.2)
-    b = build_sampling_batch([request(greedy, "g")], 100, CPU, [0], 1)
+    b = build_sampling_batch([sequence(greedy, "g")], 100, CPU, [0], 1)
     assert b.all_greedy and b.top_k is None and b.top_p is None and b.min_p is None
-    mixed = build_sampling_batch([request(greedy, "g"), request(SamplingParams(top_k=3), "s")], 100, CPU, [0, 0], 1)
+    mixed = build_sampling_batch([sequence(greedy, "g"), sequence(SamplingParams(top_k=3), "s")], 100, CPU, [0, 0], 1)
     assert mixed.top_k.tolist() == [0, 3] and mixed.top_p is None
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from core.kv_cache import KVCacheManager
-from core.request import Request, RequestStatus
+from core.sequence import Sequence, SequenceStatus
 from core.scheduler import Scheduler, SchedulerOutput
 from ipc.messages import FinishReason, SamplingParams
 
@@ -15,30 +15,31 @@ def make(num_blocks=64, max_num_seqs=8, budget=32, caching=False, max_model_len=
     return Scheduler(kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len)
 
 
-def req(rid: str, n_prompt: int, max_tokens: int = 4, first: int = 0, **kw) -> Request:
-    return Request(rid, list(range(first, first + n_prompt)), SamplingParams(max_tokens=max_tokens, **kw),
+def new_seq(rid: str, n_prompt: int, max_tokens: int = 4, first: int = 0, **kw) -> Sequence:
+    return Sequence(rid, list(range(first, first + n_prompt)), SamplingParams(max_tokens=max_tokens, **kw),
                    max_model_len=256)
 
 
-def fake_update(s: Scheduler, out: SchedulerOutput, token: int = 7) -> list[Request]:
+def fake_update(s: Scheduler, out: SchedulerOutput, token: int = 7) -> list[Sequence]:
     """What the engine does after the runner: sampled sequences get a token; finished ones leave."""
     finished = []
-    for seq in out.scheduled:
-        if seq.samples:
-            if seq.request.append_token(token):
-                s.finish(seq.request, seq.request.finish_reason)
-                finished.append(seq.request)
+    for scheduled in out.scheduled:
+        if scheduled.samples:
+            seq = scheduled.seq
+            if seq.append_token(token):
+                s.finish(seq, seq.finish_reason)
+                finished.append(seq)
     return finished
 
 
 def chunks(out: SchedulerOutput) -> list[tuple[str, int, int]]:
-    return [(x.request.request_id, x.start, x.num_tokens) for x in out.scheduled]
+    return [(x.seq.request_id, x.start, x.num_tokens) for x in out.scheduled]
 
 
 def test_every_prompt_is_chunked_by_the_token_budget():
     s = make(budget=10)
-    s.add_request(req("a", 12))
-    s.add_request(req("b", 7))
+    s.add_sequence(new_seq("a", 12))
+    s.add_sequence(new_seq("b", 7))
     assert chunks(s.schedule()) == [("a", 0, 10)]
     out = s.schedule()
     assert chunks(out) == [("a", 10, 2), ("b", 0, 7)]
@@ -47,10 +48,10 @@ def test_every_prompt_is_chunked_by_the_token_budget():
 
 def test_running_requests_come_first_then_waiting_in_arrival_order():
     s = make(budget=20)
-    s.add_request(req("a", 5))
+    s.add_sequence(new_seq("a", 5))
     fake_update(s, s.schedule())
-    s.add_request(req("b", 8))
-    s.add_request(req("c", 30))
+    s.add_sequence(new_seq("b", 8))
+    s.add_sequence(new_seq("c", 30))
     out = s.schedule()
     assert chunks(out) == [("a", 5, 1), ("b", 0, 8), ("c", 0, 11)]
 
@@ -58,15 +59,15 @@ def test_running_requests_come_first_then_waiting_in_arrival_order():
 def test_max_num_seqs_limits_running_requests():
     s = make(max_num_seqs=2)
     for r in "abc":
-        s.add_request(req(r, 3))
-    assert [x.request.request_id for x in s.schedule().scheduled] == ["a", "b"]
+        s.add_sequence(new_seq(r, 3))
+    assert [x.seq.request_id for x in s.schedule().scheduled] == ["a", "b"]
     assert [r.request_id for r in s.waiting] == ["c"]
 
 
 def test_newest_running_request_is_preempted_and_requeued_first():
     s = make(num_blocks=5, budget=64)  # 4 allocatable blocks
     for r in "abc":
-        s.add_request(req(r, 4, max_tokens=8, first=10 * ord(r)))  # one full block each
+        s.add_sequence(new_seq(r, 4, max_tokens=8, first=10 * ord(r)))  # one full block each
     out = s.schedule()
     assert chunks(out) == [("a", 0, 4), ("b", 0, 4), ("c", 0, 4)]
     fake_update(s, out)
@@ -76,14 +77,14 @@ def test_newest_running_request_is_preempted_and_requeued_first():
     assert chunks(out) == [("a", 4, 1), ("b", 4, 1)]
     assert [r.request_id for r in s.waiting] == ["c"]
     c = s.waiting[0]
-    assert c.num_computed_tokens == 0 and c.status is RequestStatus.WAITING and c.output_token_ids == [7]
+    assert c.num_computed_tokens == 0 and c.status is SequenceStatus.WAITING and c.output_token_ids == [7]
     assert s.stats().num_preemptions == 1
 
 
 def test_request_that_cannot_grow_preempts_itself():
     s = make(num_blocks=3, budget=64)  # 2 allocatable blocks
-    s.add_request(req("a", 4, max_tokens=8, first=0))
-    s.add_request(req("b", 4, max_tokens=8, first=50))
+    s.add_sequence(new_seq("a", 4, max_tokens=8, first=0))
+    s.add_sequence(new_seq("b", 4, max_tokens=8, first=50))
     fake_update(s, s.schedule())
     out = s.schedule()  # a takes the last block for its 5th token; b, the newest, has nothing left
     assert chunks(out) == [("a", 4, 1)]
@@ -92,15 +93,15 @@ def test_request_that_cannot_grow_preempts_itself():
 
 def test_preempted_request_resumes_with_its_output_tokens_recomputed():
     s = make(num_blocks=4, budget=64)
-    s.add_request(req("a", 4, max_tokens=8, first=0))
-    s.add_request(req("b", 6, max_tokens=8, first=50))
+    s.add_sequence(new_seq("a", 4, max_tokens=8, first=0))
+    s.add_sequence(new_seq("b", 6, max_tokens=8, first=50))
     fake_update(s, s.schedule())
     out = s.schedule()
     assert [r.request_id for r in out.preempted] == ["b"]
-    while not any(x.request.request_id == "b" for x in out.scheduled):
+    while not any(x.seq.request_id == "b" for x in out.scheduled):
         fake_update(s, out)
         out = s.schedule()
-    b_chunk = [x for x in out.scheduled if x.request.request_id == "b"][0]
+    b_chunk = [x for x in out.scheduled if x.seq.request_id == "b"][0]
     assert (b_chunk.start, b_chunk.num_tokens) == (0, 7)  # 6 prompt tokens + its 1 output token
     assert b_chunk.samples
 
@@ -108,9 +109,9 @@ def test_preempted_request_resumes_with_its_output_tokens_recomputed():
 def test_all_blocks_return_when_requests_finish():
     s = make(num_blocks=9, budget=16)
     for i in range(6):
-        s.add_request(req(str(i), 3 + 2 * i, max_tokens=5, first=100 * i))
+        s.add_sequence(new_seq(str(i), 3 + 2 * i, max_tokens=5, first=100 * i))
     steps = 0
-    while s.has_unfinished_requests():
+    while s.has_unfinished_sequences():
         fake_update(s, s.schedule())
         steps += 1
         assert steps < 200
@@ -122,10 +123,10 @@ def test_fork_shares_the_source_prompt_blocks():
     s = make(num_blocks=32, budget=64)
     params = SamplingParams(max_tokens=3, n=2)
     prompt = list(range(10))  # 2 full blocks + 2 tokens
-    src = Request("r", prompt, params, index=0, max_model_len=256)
-    child = Request("r", prompt, params, index=1, max_model_len=256, fork_source=src)
-    s.add_request(src)
-    s.add_request(child)
+    src = Sequence("r", prompt, params, index=0, max_model_len=256)
+    child = Sequence("r", prompt, params, index=1, max_model_len=256, fork_source=src)
+    s.add_sequence(src)
+    s.add_sequence(child)
     out = s.schedule()
     assert chunks(out) == [("r", 0, 10), ("r", 8, 2)]
     assert s.kv.block_ids(child)[:2] == s.kv.block_ids(src)[:2]
@@ -137,22 +138,22 @@ def test_fork_waits_while_its_source_prefill_is_chunked():
     s = make(num_blocks=32, budget=6)
     params = SamplingParams(max_tokens=3, n=2)
     prompt = list(range(10))
-    src = Request("r", prompt, params, index=0, max_model_len=256)
-    child = Request("r", prompt, params, index=1, max_model_len=256, fork_source=src)
-    s.add_request(src)
-    s.add_request(child)
+    src = Sequence("r", prompt, params, index=0, max_model_len=256)
+    child = Sequence("r", prompt, params, index=1, max_model_len=256, fork_source=src)
+    s.add_sequence(src)
+    s.add_sequence(child)
     assert chunks(s.schedule()) == [("r", 0, 6)]
     assert chunks(s.schedule()) == [("r", 6, 4), ("r", 8, 2)]
 
 
 def test_prefix_cache_metrics_count_query_and_hit_tokens():
     s = make(num_blocks=16, budget=64, caching=True)
-    s.add_request(req("a", 8, max_tokens=8, first=0))
-    s.add_request(req("b", 4, max_tokens=8, first=100))
+    s.add_sequence(new_seq("a", 8, max_tokens=8, first=0))
+    s.add_sequence(new_seq("b", 4, max_tokens=8, first=100))
     fake_update(s, s.schedule())
     stats = s.stats()
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (12, 0)
-    s.add_request(req("c", 9, max_tokens=2, first=0))  # shares a's two full prompt blocks
+    s.add_sequence(new_seq("c", 9, max_tokens=2, first=0))  # shares a's two full prompt blocks
     out = s.schedule()
     assert ("c", 8, 1) in chunks(out)
     stats = s.stats()
@@ -161,16 +162,16 @@ def test_prefix_cache_metrics_count_query_and_hit_tokens():
 
 def test_recompute_after_preemption_is_not_counted_as_a_hit():
     s = make(num_blocks=5, budget=64, caching=True)  # 4 allocatable blocks
-    s.add_request(req("a", 8, max_tokens=2, first=0))
-    s.add_request(req("b", 4, max_tokens=8, first=100))
+    s.add_sequence(new_seq("a", 8, max_tokens=2, first=0))
+    s.add_sequence(new_seq("b", 4, max_tokens=8, first=100))
     fake_update(s, s.schedule())
     s.stats()
     out = s.schedule()  # a needs a third block: b is preempted, its full block stays cached
     assert [r.request_id for r in out.preempted] == ["b"]
-    while not any(x.request.request_id == "b" for x in out.scheduled):
+    while not any(x.seq.request_id == "b" for x in out.scheduled):
         fake_update(s, out)
         out = s.schedule()
-    b = [x for x in out.scheduled if x.request.request_id == "b"][0]
+    b = [x for x in out.scheduled if x.seq.request_id == "b"][0]
     assert b.start == 4  # the recompute did reuse b's cached block...
     stats = s.stats()
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (0, 0)  # ...but it is no cache hit
@@ -178,9 +179,9 @@ def test_recompute_after_preemption_is_not_counted_as_a_hit():
 
 def test_finish_frees_blocks_and_records_reason():
     s = make()
-    r = req("a", 5)
-    s.add_request(r)
+    r = new_seq("a", 5)
+    s.add_sequence(r)
     s.schedule()
     s.finish(r, FinishReason.ABORT)
     assert r.finish_reason is FinishReason.ABORT and r.is_finished
-    assert s.kv.num_free_blocks == 63 and not s.has_unfinished_requests()
+    assert s.kv.num_free_blocks == 63 and not s.has_unfinished_sequences()

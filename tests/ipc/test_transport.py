@@ -23,7 +23,7 @@ from ipc.transport import Encoder, IpcAddresses, input_decoder, make_socket, mes
 
 INPUTS = [
     EngineRequest("r1", [1, 2, 3], SamplingParams(n=2, temperature=0.7, stop=["x", "yz"], logit_bias={5: -3.0}),
-                  arrival_time=12.5),
+                  cache_salt="tenant-a"),
     AbortRequests(["r1", "r2"]),
     AbortRequests(["r1"], indices=[1]),
     UtilityRequest(7, "reset_prefix_cache"),

@@ -1,4 +1,5 @@
-"""One sequence's state inside the core. A request with ``n`` > 1 becomes n of these (one per index)."""
+"""One sequence's state inside the core. A request with ``n`` > 1 becomes n of these (one per index),
+keyed by ``(request_id, index)``."""
 
 from __future__ import annotations
 
@@ -9,18 +10,18 @@ from ipc.messages import FinishReason, SamplingParams
 _MASK32 = 0xFFFFFFFF
 
 
-class RequestStatus(enum.Enum):
+class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
     FINISHED = enum.auto()
 
 
-class Request:
+class Sequence:
     """A sequence: its tokens, how many of them have KV in the cache, and what stops it."""
 
     __slots__ = (
         "request_id", "index", "key", "prompt_token_ids", "all_token_ids", "num_prompt_tokens", "sampling_params",
-        "eos_token_ids", "stop_token_ids", "max_total_tokens", "arrival_time", "priority", "cache_salt",
+        "eos_token_ids", "stop_token_ids", "max_total_tokens", "cache_salt",
         "num_computed_tokens", "status", "finish_reason", "stop_reason", "block_hashes", "fork_source",
         "num_cached_tokens", "prefix_query_counted", "num_preemptions", "seed_key", "prompt_logprobs_done",
         "first_output_sent", "num_placeholders",
@@ -35,10 +36,8 @@ class Request:
         index: int = 0,
         eos_token_ids: frozenset[int] = frozenset(),
         max_model_len: int,
-        arrival_time: float = 0.0,
-        priority: int = 0,
         cache_salt: str | None = None,
-        fork_source: "Request | None" = None,
+        fork_source: "Sequence | None" = None,
     ) -> None:
         self.request_id = request_id
         self.index = index
@@ -53,11 +52,9 @@ class Request:
         self.max_total_tokens = max_model_len if max_tokens is None else min(
             max_model_len, self.num_prompt_tokens + max_tokens
         )
-        self.arrival_time = arrival_time
-        self.priority = priority
         self.cache_salt = cache_salt
         self.num_computed_tokens = 0
-        self.status = RequestStatus.WAITING
+        self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | None = None
         self.block_hashes: list[bytes] = []
@@ -88,7 +85,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
+        return self.status is SequenceStatus.FINISHED
 
     def append_token(self, token_id: int) -> bool:
         """Add a sampled token (resolving a placeholder); returns True when it ends the sequence (and records why)."""
@@ -111,7 +108,7 @@ class Request:
         return True
 
     def __repr__(self) -> str:
-        return (f"Request({self.request_id!r}#{self.index}, tokens={self.num_tokens}, "
+        return (f"Sequence({self.request_id!r}#{self.index}, tokens={self.num_tokens}, "
                 f"computed={self.num_computed_tokens}, {self.status.name})")
 
 
