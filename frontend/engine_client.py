@@ -1,9 +1,10 @@
 """The frontend's handle on the engine-core process: start it, feed it requests, route its outputs.
 
-One asyncio task reads the core's output socket, turns token ids into ``RequestOutput``s with the
-``OutputProcessor`` and puts them on per-request queues; ``generate()`` is an async iterator over one request's
-queue. The core's exit is watched through the process sentinel, so a crash (even ``kill -9``) fails every
-in-flight request at once instead of leaving it hanging.
+One asyncio task reads the core's output socket and hands each step's outputs to the ``OutputProcessor``, which
+holds the one table of in-flight requests (``RequestState``): it turns token ids into ``RequestOutput``s, puts them
+on the request's queue and records latency metrics. ``generate()`` is an async iterator over one request's queue.
+The core's exit is watched through the process sentinel, so a crash (even ``kill -9``) fails every in-flight
+request at once instead of leaving it hanging.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 import multiprocessing
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -57,16 +57,6 @@ class RequestRejectedError(ValueError):
         self.param = param
 
 
-@dataclass(slots=True)
-class _RequestState:
-    queue: asyncio.Queue
-    num_prompt_tokens: int
-    arrival: float
-    first_token: float | None = None
-    last_token: float | None = None
-    num_generation_tokens: int = 0
-
-
 class EngineClient:
     def __init__(self, config: EngineConfig, tokenizer: Any | None, model_name: str,
                  startup_timeout_s: float = 1800.0) -> None:
@@ -77,7 +67,6 @@ class EngineClient:
         self.ready: ReadyMessage | None = None
         self.metrics: Metrics | None = None
         self.dead_error: str | None = None
-        self._requests: dict[str, _RequestState] = {}
         self._utility_calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
         self._encoder = Encoder()
@@ -217,10 +206,9 @@ class EngineClient:
         """
         if not self.is_healthy:
             raise EngineDeadError(self.dead_error or "The engine core is not running.")
-        state = _RequestState(asyncio.Queue(), len(prompt_token_ids), time.monotonic())
-        self.processor.add_request(request_id, prompt, prompt_token_ids, params,
-                                   stream_deltas=stream_deltas and not final_only, final_only=final_only)
-        self._requests[request_id] = state
+        state = self.processor.add_request(request_id, prompt, prompt_token_ids, params,
+                                           stream_deltas=stream_deltas and not final_only, final_only=final_only,
+                                           queue=asyncio.Queue(), arrival=time.monotonic())
         self._send(EngineRequest(request_id, prompt_token_ids, params))
         finished = False
         try:
@@ -239,11 +227,9 @@ class EngineClient:
 
     def abort(self, request_id: str) -> None:
         """Abort a request here and in the core (which frees its blocks at once)."""
-        state = self._requests.pop(request_id, None)
-        self.processor.abort_request(request_id)
+        state = self.processor.abort_request(request_id)
         if state is not None and self.metrics is not None:
-            self.metrics.record_finished("abort", time.monotonic() - state.arrival, state.num_prompt_tokens,
-                                         state.num_generation_tokens)
+            state.record_finished(self.metrics, "abort", time.monotonic())
         if self.is_healthy:
             self._send(AbortRequests([request_id]))
 
@@ -283,21 +269,9 @@ class EngineClient:
             self._fail_all(f"The frontend's output loop failed: {exc}")
 
     def _handle_outputs(self, message: EngineOutputs) -> None:
-        now = time.monotonic()
         metrics = self.metrics
         if message.outputs:
-            self._record_token_timing(message, now)
-            processed = self.processor.process_outputs(message.outputs)
-            for out in processed.request_outputs:
-                state = self._requests.get(out.request_id)
-                if state is None:
-                    continue
-                state.queue.put_nowait(out)
-                if out.finished:
-                    del self._requests[out.request_id]
-                    reason = out.outputs[0].finish_reason if out.outputs else "stop"
-                    metrics.record_finished(reason or "stop", now - state.arrival, state.num_prompt_tokens,
-                                            state.num_generation_tokens)
+            processed = self.processor.process_outputs(message.outputs, metrics, time.monotonic())
             if processed.to_abort and self.is_healthy:
                 ids, indices = zip(*processed.to_abort)
                 self._send(AbortRequests(list(ids), list(indices)))
@@ -311,37 +285,17 @@ class EngineClient:
                 else:
                     future.set_result(message.utility_output.result)
         for error in message.errors:
-            state = self._requests.pop(error.request_id, None)
-            self.processor.abort_request(error.request_id)
+            state = self.processor.abort_request(error.request_id)
             if state is not None:
                 state.queue.put_nowait(RequestRejectedError(error.message, error.param))
-
-    def _record_token_timing(self, message: EngineOutputs, now: float) -> None:
-        metrics = self.metrics
-        counts: dict[str, int] = {}
-        for out in message.outputs:
-            if out.request_id in self._requests:
-                counts[out.request_id] = counts.get(out.request_id, 0) + len(out.new_token_ids)
-        for request_id, num_tokens in counts.items():
-            state = self._requests[request_id]
-            if state.first_token is None:
-                state.first_token = now
-                metrics.record_first_token(now - state.arrival, state.num_prompt_tokens)
-                metrics.record_tokens(num_tokens, None)
-            else:
-                metrics.record_tokens(num_tokens, now - state.last_token)
-            state.last_token = now
-            state.num_generation_tokens += num_tokens
 
     def _fail_all(self, reason: str) -> None:
         """Every in-flight request and utility call ends now with ``EngineDeadError``."""
         if self.dead_error is None and not self._closed:
             self.dead_error = reason
         error = EngineDeadError(reason)
-        for request_id, state in list(self._requests.items()):
-            self.processor.abort_request(request_id)
+        for state in self.processor.abort_all():
             state.queue.put_nowait(error)
-        self._requests.clear()
         for future in self._utility_calls.values():
             if not future.done():
                 future.set_exception(error)

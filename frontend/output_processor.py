@@ -1,17 +1,22 @@
 """Turns the core's per-step token ids into vLLM-shaped ``RequestOutput``s: text, logprobs, stop strings.
 
-Shared by the API server (one per server) and the offline ``LLM`` (in-process). The core knows nothing of
-text: stop strings are found here, and the sequences they end are handed back in ``to_abort`` so the caller
-aborts them in the core.
+Shared by the API server (one per server) and the offline ``LLM`` (in-process), it holds the frontend's only
+per-request table: ``RequestState`` (text state, output queue, latency stats). The core knows nothing of text:
+stop strings are found here, and the sequences they end are handed back in ``to_abort`` so the caller aborts them
+in the core.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from frontend.detokenizer import SequenceText
 from ipc.messages import EngineOutput, FinishReason, Logprobs, SamplingParams
+
+if TYPE_CHECKING:
+    from frontend.metrics import Metrics
 
 
 @dataclass(slots=True)
@@ -123,14 +128,23 @@ class _Sequence:
             self.text.finish()
 
 
-class _Request:
+class RequestState:
+    """Everything the frontend tracks about one request, in one place: its text state (one ``_Sequence`` per
+    index, prompt logprobs), where its outputs go and its latency stats.
+
+    ``queue``: the server's ``generate()`` waits on it, and outputs (or the exception that ends the request) are
+    put on it directly; None for the offline ``LLM``, which reads ``ProcessedOutputs.request_outputs``.
+    """
+
     __slots__ = (
         "request_id", "prompt", "prompt_token_ids", "params", "stream_deltas", "final_only", "seqs",
         "prompt_logprobs", "prompt_logprobs_sent", "num_cached_tokens", "num_finished",
+        "queue", "arrival", "first_token_time", "last_token_time", "num_generation_tokens", "step_tokens",
     )
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                 tokenizer: Any, stream_deltas: bool, final_only: bool) -> None:
+                 tokenizer: Any, stream_deltas: bool, final_only: bool, queue: asyncio.Queue | None = None,
+                 arrival: float = 0.0) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
@@ -154,10 +168,31 @@ class _Request:
         self.prompt_logprobs_sent = False
         self.num_cached_tokens = 0
         self.num_finished = 0
+        self.queue = queue
+        self.arrival = arrival  # time.monotonic() when the request arrived (latency metrics)
+        self.first_token_time: float | None = None
+        self.last_token_time = 0.0
+        self.num_generation_tokens = 0
+        self.step_tokens = 0  # tokens received in the step being processed
+
+    def record_step(self, metrics: Metrics, now: float) -> None:
+        """Time to first token, or the inter-token latency, of the tokens this step brought."""
+        if self.first_token_time is None:
+            self.first_token_time = now
+            metrics.record_first_token(now - self.arrival, len(self.prompt_token_ids))
+            metrics.record_tokens(self.step_tokens, None)
+        else:
+            metrics.record_tokens(self.step_tokens, now - self.last_token_time)
+        self.last_token_time = now
+        self.num_generation_tokens += self.step_tokens
+
+    def record_finished(self, metrics: Metrics, reason: str, now: float) -> None:
+        metrics.record_finished(reason, now - self.arrival, len(self.prompt_token_ids), self.num_generation_tokens)
 
 
 class OutputProcessor:
-    """Per-request text state. ``process_outputs`` is called with each ``EngineOutputs.outputs``.
+    """The frontend's one table of in-flight requests (``RequestState``). ``process_outputs`` is called with each
+    ``EngineOutputs.outputs``.
 
     Modes per request: cumulative (default; every output so far), ``stream_deltas`` (only what is new since the
     previous ``RequestOutput``, for streaming), ``final_only`` (one ``RequestOutput`` when the request finishes,
@@ -167,33 +202,50 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any | None) -> None:
         self.tokenizer = tokenizer
         self._token_strings = TokenStrings(tokenizer)
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, RequestState] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                    stream_deltas: bool = False, final_only: bool = False) -> None:
+                    stream_deltas: bool = False, final_only: bool = False, queue: asyncio.Queue | None = None,
+                    arrival: float = 0.0) -> RequestState:
         if request_id in self._requests:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        self._requests[request_id] = _Request(
-            request_id, prompt, prompt_token_ids, params, self.tokenizer, stream_deltas, final_only
-        )
+        state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer, stream_deltas, final_only,
+                             queue, arrival)
+        self._requests[request_id] = state
+        return state
 
-    def abort_request(self, request_id: str) -> None:
-        """Forget a request (its later outputs from the core, e.g. the ABORT ones, are ignored)."""
-        self._requests.pop(request_id, None)
+    def abort_request(self, request_id: str) -> RequestState | None:
+        """Forget a request (its later outputs from the core, e.g. the ABORT ones, are ignored); returns its state
+        if it was still in flight."""
+        return self._requests.pop(request_id, None)
+
+    def abort_all(self) -> list[RequestState]:
+        """Forget every request (the engine is gone); returns their states."""
+        states = list(self._requests.values())
+        self._requests.clear()
+        return states
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
-    def get_num_unfinished_requests(self) -> int:
-        return len(self._requests)
-
-    def process_outputs(self, outputs: list[EngineOutput]) -> ProcessedOutputs:
+    def process_outputs(self, outputs: list[EngineOutput], metrics: Metrics | None = None,
+                        now: float = 0.0) -> ProcessedOutputs:
+        """Apply one step's outputs. A request's ``RequestOutput`` goes to its queue, or (no queue) into the
+        result; with ``metrics``, the step's token latencies and finished requests are recorded at ``now``."""
         result = ProcessedOutputs()
-        changed: dict[str, _Request] = {}
+        changed: dict[str, RequestState] = {}
+        reached: dict[str, RequestState] = {}  # requests that got outputs this step (latency metrics)
         for out in outputs:
             req = self._requests.get(out.request_id)
-            if req is None or out.index >= len(req.seqs):
+            if req is None:
                 continue  # finished or aborted here already; the core is catching up
+            if metrics is not None:
+                if out.request_id not in reached:
+                    reached[out.request_id] = req
+                    req.step_tokens = 0
+                req.step_tokens += len(out.new_token_ids)
+            if out.index >= len(req.seqs):
+                continue
             seq = req.seqs[out.index]
             if seq.finished:
                 continue
@@ -202,19 +254,28 @@ class OutputProcessor:
                 req.num_cached_tokens = out.num_cached_tokens
             self._add_tokens(req, seq, out, result)
             changed[req.request_id] = req
+        for req in reached.values():
+            req.record_step(metrics, now)
         for req in changed.values():
             finished = req.num_finished == len(req.seqs)
             if finished:
                 del self._requests[req.request_id]
             if not req.final_only or finished:
-                result.request_outputs.append(self._make_output(req, finished))
+                output = self._make_output(req, finished)
+                if req.queue is not None:
+                    req.queue.put_nowait(output)
+                else:
+                    result.request_outputs.append(output)
+                if finished and metrics is not None:
+                    reason = output.outputs[0].finish_reason if output.outputs else "stop"
+                    req.record_finished(metrics, reason or "stop", now)
             for seq in req.seqs:
                 seq.changed = False
         return result
 
     # ------------------------------------------------------------------------------------------------------
 
-    def _add_prompt_logprobs(self, req: _Request, out: EngineOutput) -> None:
+    def _add_prompt_logprobs(self, req: RequestState, out: EngineOutput) -> None:
         if out.prompt_logprobs is None:
             return
         rows, _ = logprob_rows(out.prompt_logprobs, self._token_strings)
@@ -226,7 +287,7 @@ class OutputProcessor:
                 rows[0] = None  # a row for the first token carries nothing meaningful
         req.prompt_logprobs.extend(rows)
 
-    def _add_tokens(self, req: _Request, seq: _Sequence, out: EngineOutput, result: ProcessedOutputs) -> None:
+    def _add_tokens(self, req: RequestState, seq: _Sequence, out: EngineOutput, result: ProcessedOutputs) -> None:
         seq.changed = True
         seq.token_ids.extend(out.new_token_ids)
         if seq.logprobs is not None and out.new_logprobs is not None:
@@ -245,7 +306,7 @@ class OutputProcessor:
         if seq.finished:
             req.num_finished += 1
 
-    def _make_output(self, req: _Request, finished: bool) -> RequestOutput:
+    def _make_output(self, req: RequestState, finished: bool) -> RequestOutput:
         if req.stream_deltas:
             completions = [self._delta(seq) for seq in req.seqs if seq.changed]
             prompt_logprobs = None

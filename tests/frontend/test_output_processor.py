@@ -1,8 +1,10 @@
+import asyncio
 import math
 
 import pytest
 from transformers import AutoTokenizer
 
+from frontend.metrics import Metrics
 from frontend.output_processor import OutputProcessor
 from ipc.messages import EngineOutput, FinishReason, Logprobs, SamplingParams
 
@@ -145,3 +147,39 @@ def test_without_tokenizer_text_stays_empty():
     r = proc.process_outputs([EngineOutput("r", [3, 4], finish_reason=FinishReason.LENGTH)])
     out = r.request_outputs[0]
     assert out.finished and out.outputs[0].text == "" and out.outputs[0].token_ids == [3, 4]
+
+
+def _sample(metrics, name, **labels):
+    return metrics.registry.get_sample_value(name, {"model_name": "m", "engine": "0", **labels})
+
+
+def test_queued_request_gets_its_outputs_on_its_queue_and_records_latencies(tok):
+    proc = OutputProcessor(tok)
+    metrics = Metrics("m", 1024)
+    queue = asyncio.Queue()
+    state = proc.add_request("q", None, [1, 2, 3], SamplingParams(), stream_deltas=True, queue=queue, arrival=10.0)
+    proc.add_request("o", None, [1], SamplingParams(), arrival=10.0)  # no queue: its outputs come back in the result
+    r = proc.process_outputs([EngineOutput("q", [5, 6]), EngineOutput("o", [7])], metrics, now=10.5)
+    assert [o.request_id for o in r.request_outputs] == ["o"]
+    assert queue.get_nowait().outputs[0].token_ids == [5, 6]
+    r = proc.process_outputs([EngineOutput("q", [8], finish_reason=FinishReason.LENGTH)], metrics, now=11.25)
+    assert r.request_outputs == []
+    final = queue.get_nowait()
+    assert final.finished and final.outputs[0].token_ids == [8] and queue.empty()
+    assert state.num_generation_tokens == 3 and proc.has_unfinished_requests()  # "o" is still running
+    assert _sample(metrics, "vllm:generation_tokens_total") == 4
+    assert _sample(metrics, "vllm:time_to_first_token_seconds_count") == 2
+    assert _sample(metrics, "vllm:time_to_first_token_seconds_sum") == 1.0
+    assert _sample(metrics, "vllm:inter_token_latency_seconds_sum") == 0.75
+    assert _sample(metrics, "vllm:request_success_total", finished_reason="length") == 1
+    assert _sample(metrics, "vllm:e2e_request_latency_seconds_sum") == 1.25
+    assert _sample(metrics, "vllm:request_generation_tokens_sum") == 3
+
+
+def test_abort_returns_the_state_once_and_abort_all_empties_the_table(tok):
+    proc = OutputProcessor(tok)
+    a = proc.add_request("a", None, [1], SamplingParams(), queue=asyncio.Queue())
+    b = proc.add_request("b", None, [1], SamplingParams(), queue=asyncio.Queue())
+    assert proc.abort_request("a") is a and proc.abort_request("a") is None
+    assert proc.abort_all() == [b] and not proc.has_unfinished_requests()
+    assert b.queue.empty()
