@@ -198,18 +198,19 @@ class EngineClient:
     # ------------------------------------------------------------------------------------------ requests
 
     async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                       params: SamplingParams, stream_deltas: bool = True,
-                       final_only: bool = False) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, stream_deltas: bool = True, final_only: bool = False,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields this request's outputs until it finishes. Leaving early (client gone) aborts it in the core.
 
         ``stream_deltas``: each output holds only what is new; ``final_only``: one output, when finished.
+        ``cache_salt``: the prompt's prefix-cache blocks are shared only with requests of the same salt.
         """
         if not self.is_healthy:
             raise EngineDeadError(self.dead_error or "The engine core is not running.")
         state = self.processor.add_request(request_id, prompt, prompt_token_ids, params,
                                            stream_deltas=stream_deltas and not final_only, final_only=final_only,
                                            queue=asyncio.Queue(), arrival=time.monotonic())
-        self._send(EngineRequest(request_id, prompt_token_ids, params))
+        self._send(EngineRequest(request_id, prompt_token_ids, params, cache_salt=cache_salt))
         finished = False
         try:
             while not finished:

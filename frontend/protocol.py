@@ -91,8 +91,11 @@ class _SamplingFields(OpenAIBase):
     echo: bool = False
     add_special_tokens: bool = True
     request_id: str | None = None
+    cache_salt: str | None = None  # vLLM's: prompts share prefix-cache blocks only with requests of the same salt
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, default_max: bool) -> SamplingParams:
+        if self.cache_salt is not None and not self.cache_salt:  # not a sampling field; checked here for both APIs
+            raise OpenAIError("Parameter 'cache_salt' must be a non-empty string if provided.", param="cache_salt")
         if self.best_of is not None and self.best_of != self.n:
             raise OpenAIError("best_of is not supported (only best_of == n).", param="best_of")
         if self.stream_options is not None and not self.stream:

@@ -122,7 +122,7 @@ class ChatServing:
                     prompt_ids: list[int], params, role: str, echo_text: str) -> Response:
         final = None
         async for out in self.ctx.client.generate(request_id, prompt, prompt_ids, params, stream_deltas=False,
-                                                  final_only=True):
+                                                  final_only=True, cache_salt=request.cache_salt):
             final = out
         choices = []
         completion_tokens = 0
@@ -163,7 +163,8 @@ class ChatServing:
                 if echo_text:
                     yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=echo_text)))
             async for _, out in merge_async_iterators(
-                    self.ctx.client.generate(request_id, prompt, prompt_ids, params, stream_deltas=True)):
+                    self.ctx.client.generate(request_id, prompt, prompt_ids, params, stream_deltas=True,
+                                             cache_salt=request.cache_salt)):
                 for seq in out.outputs:
                     completion_tokens += len(seq.token_ids)
                     if not seq.text and seq.finish_reason is None and not (request.logprobs and seq.token_ids):

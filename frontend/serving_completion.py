@@ -96,16 +96,17 @@ class CompletionServing:
             return prompt
         return self.ctx.decode(ids)
 
-    def _generators(self, base_id: str, prompts, params: list[SamplingParams], stream: bool):
+    def _generators(self, request: CompletionRequest, base_id: str, prompts, params: list[SamplingParams]):
         return [
-            self.ctx.client.generate(f"{base_id}-{i}", prompt, ids, p, stream_deltas=stream, final_only=not stream)
+            self.ctx.client.generate(f"{base_id}-{i}", prompt, ids, p, stream_deltas=request.stream,
+                                     final_only=not request.stream, cache_salt=request.cache_salt)
             for i, ((prompt, ids), p) in enumerate(zip(prompts, params))
         ]
 
     async def _full(self, request: CompletionRequest, base_id: str, created: int, prompts,
                     params: list[SamplingParams]) -> Response:
         finals: list[RequestOutput | None] = [None] * len(prompts)
-        async for i, out in merge_async_iterators(*self._generators(base_id, prompts, params, stream=False)):
+        async for i, out in merge_async_iterators(*self._generators(request, base_id, prompts, params)):
             finals[i] = out
         choices = []
         completion_tokens = 0
@@ -145,7 +146,7 @@ class CompletionServing:
         text_offsets: dict[int, int] = {}
         prompt_rows: dict[int, list] = {}
         try:
-            async for i, out in merge_async_iterators(*self._generators(base_id, prompts, params, stream=True)):
+            async for i, out in merge_async_iterators(*self._generators(request, base_id, prompts, params)):
                 if out.prompt_logprobs is not None:
                     prompt_rows[i] = out.prompt_logprobs
                 for seq in out.outputs:

@@ -271,6 +271,30 @@ def test_prefix_cache_hits_visible(server, client):
     assert server.metric("vllm:prefix_cache_hits_total") >= hits + 16
 
 
+def _new_prefix_hits(server, send) -> float:
+    before = server.metric("vllm:prefix_cache_hits_total")
+    send()
+    return server.metric("vllm:prefix_cache_hits_total") - before
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_cache_salt_isolates_prefix_cache(server, client, endpoint):
+    text = f"Tenant data for the {endpoint} endpoint, not to be shared. " * 8  # several full 16-token blocks
+
+    def send(salt=None):
+        extra = {**GREEDY["extra_body"], **({"cache_salt": salt} if salt is not None else {})}
+        if endpoint == "completions":
+            return lambda: client.completions.create(model=MODEL, prompt=text, max_tokens=2, temperature=0.0,
+                                                     extra_body=extra)
+        return lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}],
+                                                      max_tokens=2, temperature=0.0, extra_body=extra)
+
+    assert _new_prefix_hits(server, send("tenant-a")) == 0  # first sight of this prompt
+    assert _new_prefix_hits(server, send("tenant-b")) == 0  # same prompt, other salt: no hit
+    assert _new_prefix_hits(server, send()) == 0  # unsalted requests do not see salted blocks either
+    assert _new_prefix_hits(server, send("tenant-a")) >= 16 * 3  # same salt: the prompt's blocks are reused
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
@@ -302,6 +326,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 1.0}}, "logit_bias"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ("/v1/completions", {"prompt": "x", "cache_salt": ""}, "cache_salt"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "cache_salt": ""}, "cache_salt"),
 ]
 
 
