@@ -49,7 +49,6 @@ class EngineCore:
             self.kv,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=self.runner.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
             async_scheduling=self.async_scheduling,
         )
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None

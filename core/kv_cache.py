@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from core.sequence import Sequence
 
-NULL_BLOCK_ID = 0
-
 
 class KVBlock:
     __slots__ = ("block_id", "ref_cnt", "block_hash", "prev_free", "next_free")

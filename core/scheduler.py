@@ -41,7 +41,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+        self, kv: KVCacheManager, *, max_num_seqs: int, max_num_batched_tokens: int,
         async_scheduling: bool = False,
     ) -> None:
         """``async_scheduling``: a step is scheduled while the previous one is still running, so a sequence that
@@ -51,10 +51,8 @@ class Scheduler:
         self.block_size = kv.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.sequences: dict[tuple[str, int], Sequence] = {}
         self._freed_keys: list[tuple[str, int]] = []
         # stats deltas since the last stats() call
         self._preemptions = 0
@@ -66,7 +64,6 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------------ intake
     def add_sequence(self, seq: Sequence) -> None:
-        self.sequences[seq.key] = seq
         self.waiting.append(seq)
 
     def has_unfinished_sequences(self) -> bool:
@@ -82,7 +79,6 @@ class Scheduler:
             seq.finish_reason = reason
         seq.status = SequenceStatus.FINISHED
         self.kv.free(seq)
-        self.sequences.pop(seq.key, None)
         self._freed_keys.append(seq.key)
 
     # ------------------------------------------------------------------------------------------------ schedule
@@ -183,7 +179,6 @@ class Scheduler:
         self.kv.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
-        seq.num_preemptions += 1
         self._preemptions += 1
         self.total_preemptions += 1
         self.waiting.appendleft(seq)

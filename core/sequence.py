@@ -23,7 +23,7 @@ class Sequence:
         "request_id", "index", "key", "prompt_token_ids", "all_token_ids", "num_prompt_tokens", "sampling_params",
         "eos_token_ids", "stop_token_ids", "max_total_tokens", "cache_salt",
         "num_computed_tokens", "status", "finish_reason", "stop_reason", "block_hashes", "fork_source",
-        "num_cached_tokens", "prefix_query_counted", "num_preemptions", "seed_key", "prompt_logprobs_done",
+        "num_cached_tokens", "prefix_query_counted", "seed_key", "prompt_logprobs_done",
         "first_output_sent", "num_placeholders",
     )
 
@@ -61,7 +61,6 @@ class Sequence:
         self.fork_source = fork_source
         self.num_cached_tokens = 0
         self.prefix_query_counted = False
-        self.num_preemptions = 0
         self.prompt_logprobs_done = sampling_params.prompt_logprobs is None or index != 0
         self.first_output_sent = False
         # Tokens being sampled by a step still in flight (async scheduling): counted in num_tokens, ids not known yet.

@@ -10,9 +10,9 @@ from ipc.messages import FinishReason, SamplingParams
 BS = 4
 
 
-def make(num_blocks=64, max_num_seqs=8, budget=32, caching=False, max_model_len=256) -> Scheduler:
+def make(num_blocks=64, max_num_seqs=8, budget=32, caching=False) -> Scheduler:
     kv = KVCacheManager(num_blocks, BS, caching)
-    return Scheduler(kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len)
+    return Scheduler(kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
 
 
 def new_seq(rid: str, n_prompt: int, max_tokens: int = 4, first: int = 0, **kw) -> Sequence:
