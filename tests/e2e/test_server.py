@@ -286,8 +286,10 @@ def test_cache_salt_isolates_prefix_cache(server, client, endpoint):
         if endpoint == "completions":
             return lambda: client.completions.create(model=MODEL, prompt=text, max_tokens=2, temperature=0.0,
                                                      extra_body=extra)
-        return lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}],
-                                                      max_tokens=2, temperature=0.0, extra_body=extra)
+        # Our own system message: the template's default one is in the cache already, shared by every chat.
+        messages = [{"role": "system", "content": text}, {"role": "user", "content": "Hi"}]
+        return lambda: client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0.0,
+                                                      extra_body=extra)
 
     assert _new_prefix_hits(server, send("tenant-a")) == 0  # first sight of this prompt
     assert _new_prefix_hits(server, send("tenant-b")) == 0  # same prompt, other salt: no hit
