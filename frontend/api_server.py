@@ -299,7 +299,7 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
     import uvloop
 
     from frontend.tokenizer import load_tokenizer
-    from ipc.model_source import resolve_model
+    from core.model_source import resolve_model
 
     source = resolve_model(engine_config.model)
     tokenizer = None

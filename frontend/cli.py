@@ -8,7 +8,7 @@ import os
 import sys
 
 from ipc.messages import EngineConfig
-from ipc.model_source import DEFAULT_MODEL
+from core.model_source import DEFAULT_MODEL
 
 DTYPES = ["auto", "half", "float16", "bfloat16", "bf16", "float", "float32"]
 LOAD_FORMATS = ["auto", "safetensors", "gguf", "pt", "dummy"]

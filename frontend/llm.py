@@ -13,7 +13,7 @@ from typing import Any
 
 from frontend.output_processor import OutputProcessor, RequestOutput
 from ipc.messages import EngineConfig, EngineRequest, SamplingParams
-from ipc.model_source import resolve_model
+from core.model_source import resolve_model
 
 PromptType = str | dict[str, Any]
 
