@@ -179,7 +179,7 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
         finally:
             await client.shutdown()
 
-    app = FastAPI(title="pagedserve", version=version(), lifespan=lifespan, root_path=options.root_path or "")
+    app = FastAPI(title="pagedserve", version=version(), lifespan=lifespan)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -312,10 +312,14 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
         logger.info("Default sampling parameters from the generation config: %s", default_sampling)
     sock = bind_socket(options.host, options.port)
     app = build_app(engine_config, tokenizer, options, default_sampling)
-    config = uvicorn.Config(
+    server = _Server(uvicorn_config(app, options))
+    uvloop.run(server.serve(sockets=[sock]))
+
+
+def uvicorn_config(app: FastAPI, options: ServerOptions) -> uvicorn.Config:
+    """uvicorn's settings from the server options: logging, TLS, the proxy's root path, shutdown timing."""
+    return uvicorn.Config(
         app, log_level=options.uvicorn_log_level, access_log=not options.disable_uvicorn_access_log,
         timeout_graceful_shutdown=options.graceful_shutdown_s, timeout_keep_alive=5,
-        ssl_keyfile=options.ssl_keyfile, ssl_certfile=options.ssl_certfile,
+        ssl_keyfile=options.ssl_keyfile, ssl_certfile=options.ssl_certfile, root_path=options.root_path or "",
     )
-    server = _Server(config)
-    uvloop.run(server.serve(sockets=[sock]))
