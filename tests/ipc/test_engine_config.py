@@ -44,3 +44,14 @@ def test_served_model_names_and_pickling():
     config = engine_config_from_kwargs(served_model_name=["a", "b"], max_num_seqs=4)
     assert config.served_model_names == ["a", "b"]
     assert pickle.loads(pickle.dumps(config)) == config  # how the frontend hands it to the engine process
+
+
+def test_config_env_and_model_source_modules_import_no_torch():
+    """The frontend imports these (CLI, tokenizer loading): they must stay free of torch and model code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ipc.config, core.envs, core.model_source, frontend.config_args, frontend.server_options; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
