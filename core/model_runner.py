@@ -24,13 +24,13 @@ from core.input_batch import InputBatch
 from core.step_inputs import StepInputs
 from core.kv_cache import KVBlock
 from core.loader import iter_weights, load_hf_config
+from core.model_source import resolve_model
 from core.models import model_class
 from core.request import Request
 from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
 from core.scheduler import ScheduledSeq, SchedulerOutput
 from ipc.messages import EngineConfig, Logprobs
-from core.model_source import resolve_model
 
 logger = logging.getLogger(__name__)
 

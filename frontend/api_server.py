@@ -39,12 +39,12 @@ from frontend.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
+from frontend.request_logger import RequestLogger
+from frontend.server_options import ServerOptions
 from frontend.serving_chat import ChatServing
 from frontend.serving_common import ServingContext, json_response
 from frontend.serving_completion import CompletionServing
 from frontend.serving_tokenize import TokenizeServing
-from frontend.request_logger import RequestLogger
-from frontend.server_options import ServerOptions
 from ipc.config import EngineConfig
 
 logger = logging.getLogger("pagedserve.server")
