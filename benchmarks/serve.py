@@ -216,7 +216,7 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False) -> dataset
 
     Cached: loading one from a GGUF file takes seconds, and repeated runs in one process reuse it.
     """
-    from ipc.model_source import resolve_model
+    from core.model_source import resolve_model
 
     try:
         from frontend.tokenizer import load_tokenizer as load_model_tokenizer

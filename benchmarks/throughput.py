@@ -126,7 +126,7 @@ def run_hf(args: argparse.Namespace, workload: Workload) -> list[dict]:
     import transformers
 
     from core.loader import load_hf_config
-    from ipc.model_source import resolve_model
+    from core.model_source import resolve_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "bfloat16": torch.bfloat16,

@@ -1,11 +1,18 @@
-"""Model configuration: the few HF config fields our one Llama-family implementation reads."""
+"""Model configuration (the few HF config fields our Llama-family implementation reads) and the engine settings
+derived from ``EngineConfig`` + the model + the device, resolved once (``resolve_config``)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from core import envs
+from ipc.config import DTYPE_NAMES, EngineConfig
+
+logger = logging.getLogger(__name__)
 
 # HF architecture name -> how its attention differs from plain Llama.
 SUPPORTED_ARCHITECTURES = {
@@ -15,11 +22,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 
-_DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
+# Every dtype spelling ``EngineConfig.dtype`` accepts (one table: ``ipc/config.py``), as a torch dtype.
+_DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,82 @@ def resolve_dtype(requested: str, model_dtype: str | None, device: torch.device)
     """``auto``: the checkpoint's dtype on GPU (fp32 checkpoints run in bf16), float32 on CPU."""
     if requested != "auto":
         if requested not in _DTYPES:
-            raise ValueError(f"Unknown dtype '{requested}'; use auto, bfloat16, float16 or float32.")
+            raise ValueError(f"Unknown dtype '{requested}'; use auto or one of {', '.join(_DTYPES)}.")
         return _DTYPES[requested]
     if device.type == "cpu":
         return torch.float32
     dtype = _DTYPES.get(str(model_dtype).replace("torch.", ""), torch.bfloat16)
     return torch.bfloat16 if dtype == torch.float32 else dtype
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was requested but CUDA is not available.")
+    return device
+
+
+def resolve_max_model_len(requested: int | None, model_limit: int) -> int:
+    if requested is None:
+        return model_limit
+    if requested > model_limit:
+        raise ValueError(f"max_model_len={requested} is larger than the model's maximum context of {model_limit}.")
+    return requested
+
+
+def _resolve_backend(requested: str, from_env: str, forced_by_kernels: bool = False) -> str:
+    """``auto`` defers to the environment variable; ``torch`` everywhere when every kernel is forced to torch."""
+    if requested != "auto":
+        return requested
+    if from_env == "auto" and forced_by_kernels:
+        return "torch"
+    return from_env
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """The settings that depend on the model or the device: computed once, read by the runner and the engine."""
+
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    max_num_batched_tokens: int
+    async_scheduling: bool
+    kernel_backend: str  # auto | torch | triton, after $PAGEDSERVE_KERNEL_BACKEND
+    attention_backend: str  # auto | torch | triton, after $PAGEDSERVE_ATTENTION_BACKEND (and the kernel backend)
+
+    def summary(self) -> str:
+        return (f"device={self.device} dtype={str(self.dtype).removeprefix('torch.')} "
+                f"max_model_len={self.max_model_len} max_num_batched_tokens={self.max_num_batched_tokens} "
+                f"async_scheduling={self.async_scheduling} kernel_backend={self.kernel_backend} "
+                f"attention_backend={self.attention_backend}")
+
+
+def resolve_config(config: EngineConfig, model_config: ModelConfig, device: torch.device | None = None
+                   ) -> ResolvedConfig:
+    """Every derived engine setting, in one place. ``device`` None: resolve ``config.device``."""
+    device = resolve_device(config.device) if device is None else device
+    max_model_len = resolve_max_model_len(config.max_model_len, model_config.max_position_embeddings)
+    kernel_backend = _resolve_backend(config.kernel_backend, envs.kernel_backend())
+    return ResolvedConfig(
+        device=device,
+        dtype=resolve_dtype(config.dtype, model_config.torch_dtype, device),
+        max_model_len=max_model_len,
+        max_num_batched_tokens=config.max_num_batched_tokens or max(8192, max_model_len),
+        async_scheduling=device.type == "cuda" if config.async_scheduling is None else config.async_scheduling,
+        kernel_backend=kernel_backend,
+        attention_backend=_resolve_backend(config.attention_backend, envs.attention_backend(),
+                                           forced_by_kernels=kernel_backend == "torch"),
+    )
+
+
+def log_resolved(config: EngineConfig, resolved: ResolvedConfig) -> None:
+    """One INFO line with the resolved settings, and a note for each vLLM flag accepted without effect."""
+    logger.info("Engine config: %s", resolved.summary())
+    if config.enable_chunked_prefill is not None:
+        logger.info("enable_chunked_prefill=%s: chunked prefill is always on in pagedserve.",
+                    config.enable_chunked_prefill)
+    if config.trust_remote_code:
+        logger.info("trust_remote_code: accepted, no effect: pagedserve never runs remote code.")

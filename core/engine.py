@@ -43,8 +43,7 @@ class EngineCore:
             )
         self.runner.initialize_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.async_scheduling = (self.runner.device.type == "cuda" if config.async_scheduling is None
-                                 else config.async_scheduling)
+        self.async_scheduling = self.runner.resolved.async_scheduling
         self.scheduler = Scheduler(
             self.kv,
             max_num_seqs=config.max_num_seqs,

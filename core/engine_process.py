@@ -22,6 +22,7 @@ from typing import Any
 
 import zmq
 
+from core import envs
 from ipc.messages import (
     AbortRequests,
     EngineConfig,
@@ -216,7 +217,7 @@ def _limit_cpu_threads() -> None:
     spinning on two cores made a decode step 20x slower in our CI-sized machine."""
     import torch
 
-    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+    if torch.cuda.is_available() or envs.omp_num_threads_set():
         return
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
 
@@ -224,7 +225,7 @@ def _limit_cpu_threads() -> None:
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
     """Entry point of the engine-core process (a ``multiprocessing`` spawn target)."""
     logging.basicConfig(
-        level=os.environ.get("PAGEDSERVE_LOG_LEVEL", "INFO"),
+        level=envs.log_level(),
         format="%(asctime)s %(levelname)s [engine] %(message)s",
     )
     _limit_cpu_threads()

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from core.gguf import GGUFFile, hf_config_from_gguf, iter_gguf_weights
-from ipc.model_source import ModelSource
+from core.model_source import ModelSource
+from ipc.config import WEIGHT_FORMATS
 
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "pt")
+LOAD_FORMATS = ("auto", *WEIGHT_FORMATS)  # ``dummy`` never reaches the loader: the model makes its own weights
 
 # Buffers some old checkpoints saved that are computed by the model, never loaded.
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")

@@ -17,20 +17,20 @@ import numpy as np
 import torch
 
 import kernels.backend
-from core.config import ModelConfig, resolve_dtype
+from core.config import ModelConfig, log_resolved, resolve_config
 from core.cuda_graphs import DecodeGraphs
 from core.host_copy import to_device
 from core.input_batch import InputBatch
 from core.step_inputs import StepInputs
 from core.kv_cache import KVBlock
 from core.loader import iter_weights, load_hf_config
+from core.model_source import resolve_model
 from core.models import model_class
 from core.sequence import Sequence
 from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
 from core.scheduler import ScheduledSeq, SchedulerOutput
 from ipc.messages import EngineConfig, Logprobs
-from ipc.model_source import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -75,18 +75,18 @@ class StepHandle:
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = _pick_device(config.device)
-        if config.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be auto, torch or triton, got '{config.attention_backend}'.")
-        if config.attention_backend == "torch":  # process-wide: the engine process runs one engine
-            kernels.backend.FORCE_TORCH_ATTENTION = True
-        self.source = resolve_model(config.model)
+        self.source = resolve_model(config.model, config.revision)
         self.model_config = ModelConfig.from_hf_dict(load_hf_config(self.source))
-        self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
+        self.resolved = resolve_config(config, self.model_config)
+        log_resolved(config, self.resolved)
+        self.device = self.resolved.device
+        if self.resolved.attention_backend == "torch":  # process-wide: the engine process runs one engine
+            kernels.backend.FORCE_TORCH_ATTENTION = True
+        self.dtype = self.resolved.dtype
         self.block_size = config.block_size
-        self.max_model_len = self._max_model_len()
+        self.max_model_len = self.resolved.max_model_len
         self.max_num_seqs = config.max_num_seqs
-        self.max_num_batched_tokens = config.max_num_batched_tokens or max(8192, self.max_model_len)
+        self.max_num_batched_tokens = self.resolved.max_num_batched_tokens
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.vocab_size = self.model_config.vocab_size
         torch.manual_seed(config.seed)
@@ -109,15 +109,6 @@ class ModelRunner:
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _max_model_len(self) -> int:
-        limit = self.model_config.max_position_embeddings
-        requested = self.config.max_model_len
-        if requested is None:
-            return limit
-        if requested > limit:
-            raise ValueError(f"max_model_len={requested} is larger than the model's maximum context of {limit}.")
-        return requested
-
     def _load_model(self) -> torch.nn.Module:
         cls = model_class(self.model_config)
         default_dtype = torch.get_default_dtype()
@@ -331,11 +322,3 @@ class ModelRunner:
             result[seq.key] = (first_token, Logprobs(ids.tolist(), lps.tolist(), ranks.tolist()))
         return result
 
-
-def _pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was requested but CUDA is not available.")
-    return device

@@ -15,13 +15,13 @@ import signal
 import socket
 import threading
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,28 +39,17 @@ from frontend.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
+from frontend.request_logger import RequestLogger
+from frontend.server_options import ServerOptions
 from frontend.serving_chat import ChatServing
 from frontend.serving_common import ServingContext, json_response
 from frontend.serving_completion import CompletionServing
 from frontend.serving_tokenize import TokenizeServing
-from ipc.messages import EngineConfig
+from ipc.config import EngineConfig
 
 logger = logging.getLogger("pagedserve.server")
 
 PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
-
-
-@dataclass
-class ServerOptions:
-    host: str | None = None
-    port: int = 8000
-    api_key: str | None = None
-    served_model_names: list[str] = field(default_factory=list)
-    max_request_body_bytes: int = 32 * 1024 * 1024
-    log_level: str = "info"
-    access_log: bool = True
-    graceful_shutdown_s: float = 5.0
-    engine_startup_timeout_s: float = 1800.0
 
 
 def version() -> str:
@@ -155,9 +144,14 @@ def _body_schema(model: type[BaseModel]) -> dict:
                             "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
-def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: ServerOptions) -> FastAPI:
-    """The FastAPI app; its lifespan starts the engine core and waits for READY."""
-    served_names = options.served_model_names or [engine_config.served_model_name or engine_config.model or ""]
+def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: ServerOptions,
+              default_sampling: dict[str, Any] | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan starts the engine core and waits for READY.
+
+    ``default_sampling``: sampling defaults from ``--generation-config`` (``frontend/generation_config.py``).
+    """
+    served_names = engine_config.served_model_names or [engine_config.model or ""]
+    request_logger = RequestLogger(options.max_log_len) if options.enable_log_requests else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -169,7 +163,8 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
             if not served_names[0]:
                 served_names[0] = ready.model
             ctx = ServingContext(client, tokenizer, served_names, ready.model, ready.max_model_len,
-                                 ready.vocab_size)
+                                 ready.vocab_size, max_logprobs=engine_config.max_logprobs,
+                                 default_sampling=default_sampling or {}, request_logger=request_logger)
             app.state.ctx = ctx
             app.state.completion = CompletionServing(ctx)
             app.state.chat = ChatServing(ctx)
@@ -260,6 +255,9 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=options.max_request_body_bytes)
     if options.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=options.api_key)
+    # Outermost (added last): preflights are answered before auth, and errors carry the CORS headers too.
+    app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins, allow_methods=options.allowed_methods,
+                       allow_headers=options.allowed_headers, allow_credentials=options.allow_credentials)
     return app
 
 
@@ -296,22 +294,32 @@ class _Server(uvicorn.Server):
 
 def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
     """Load the tokenizer, bind the port, then serve until SIGTERM / Ctrl-C (the engine starts in the lifespan)."""
+    import msgspec
     import uvloop
 
+    from core.model_source import resolve_model
+    from frontend.generation_config import default_sampling_overrides
     from frontend.tokenizer import load_tokenizer
-    from ipc.model_source import resolve_model
 
-    source = resolve_model(engine_config.model)
+    source = resolve_model(engine_config.model, engine_config.revision)
     tokenizer = None
     if not engine_config.skip_tokenizer_init:
         tokenizer = load_tokenizer(source, engine_config.tokenizer, engine_config.chat_template)
-    if not options.served_model_names:
-        options.served_model_names = [engine_config.served_model_name or source.name]
+    if not engine_config.served_model_names:
+        engine_config = msgspec.structs.replace(engine_config, served_model_name=[source.name])
+    default_sampling = default_sampling_overrides(engine_config.generation_config, source)
+    if default_sampling:
+        logger.info("Default sampling parameters from the generation config: %s", default_sampling)
     sock = bind_socket(options.host, options.port)
-    app = build_app(engine_config, tokenizer, options)
-    config = uvicorn.Config(
-        app, log_level=options.log_level, access_log=options.access_log,
-        timeout_graceful_shutdown=options.graceful_shutdown_s, timeout_keep_alive=5,
-    )
-    server = _Server(config)
+    app = build_app(engine_config, tokenizer, options, default_sampling)
+    server = _Server(uvicorn_config(app, options))
     uvloop.run(server.serve(sockets=[sock]))
+
+
+def uvicorn_config(app: FastAPI, options: ServerOptions) -> uvicorn.Config:
+    """uvicorn's settings from the server options: logging, TLS, the proxy's root path, shutdown timing."""
+    return uvicorn.Config(
+        app, log_level=options.uvicorn_log_level, access_log=not options.disable_uvicorn_access_log,
+        timeout_graceful_shutdown=options.graceful_shutdown_s, timeout_keep_alive=5,
+        ssl_keyfile=options.ssl_keyfile, ssl_certfile=options.ssl_certfile, root_path=options.root_path or "",
+    )

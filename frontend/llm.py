@@ -12,39 +12,41 @@ from collections.abc import Sequence
 from typing import Any
 
 from frontend.output_processor import OutputProcessor, RequestOutput
-from ipc.messages import EngineConfig, EngineRequest, SamplingParams
-from ipc.model_source import resolve_model
+from core.model_source import resolve_model
+from frontend.generation_config import default_sampling_overrides
+from ipc.config import engine_config_from_kwargs
+from ipc.messages import EngineRequest, SamplingParams
 
 PromptType = str | dict[str, Any]
 
 
 class LLM:
     """``LLM(model=None, **engine_args)``: ``model`` is a HF id, a local directory or a .gguf file; None loads the
-    default SmolLM2-135M-Instruct. Engine args carry vLLM's names (``dtype``, ``max_model_len``, ``max_num_seqs``,
-    ``max_num_batched_tokens``, ``gpu_memory_utilization``, ``load_format``, ``seed``, ``skip_tokenizer_init``,
-    ``enforce_eager``, ``enable_prefix_caching``, ...)."""
+    default SmolLM2-135M-Instruct. Engine args are ``EngineConfig``'s fields (``ipc/config.py``), with vLLM's names
+    (``dtype``, ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``, ``gpu_memory_utilization``, ...);
+    an unknown or ill-typed one raises ``TypeError`` listing the valid ones."""
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         from core.engine import EngineCore  # the offline LLM is the one frontend piece that runs the core in-process
 
-        fields = set(EngineConfig.__struct_fields__)
-        unknown = sorted(set(engine_args) - fields)
-        if unknown:
-            raise TypeError(f"Unknown engine argument(s) {unknown}; known: {sorted(fields - {'model'})}.")
-        self.config = EngineConfig(model=model, **engine_args)
+        self.config = engine_config_from_kwargs(model=model, **engine_args)
         self.engine = EngineCore(self.config)
+        source = resolve_model(model, self.config.revision)
+        self.default_sampling = default_sampling_overrides(self.config.generation_config, source)
         self.tokenizer = None
         if not self.config.skip_tokenizer_init:
             from frontend.tokenizer import load_tokenizer
 
-            self.tokenizer = load_tokenizer(
-                resolve_model(model), self.config.tokenizer, self.config.chat_template
-            )
+            self.tokenizer = load_tokenizer(source, self.config.tokenizer, self.config.chat_template)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """``SamplingParams()``, with ``generation_config``'s defaults when it is ``auto`` or a folder (vLLM's)."""
+        return SamplingParams(**self.default_sampling)
 
     # ------------------------------------------------------------------------------------------------ generate
     def generate(
@@ -87,17 +89,22 @@ class LLM:
         return self._run(prompts, params_list, use_tqdm)
 
     # ------------------------------------------------------------------------------------------------ internals
-    @staticmethod
     def _params_per_prompt(
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
+        self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
     ) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * n
+            return [self.get_default_sampling_params()] * n
         if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * n
-        params = list(sampling_params)
+            params = [sampling_params] * n
+        else:
+            params = list(sampling_params)
         if len(params) != n:
             raise ValueError(f"Got {len(params)} sampling params for {n} prompts.")
+        limit = self.config.max_logprobs
+        for p in params:
+            for name, value in (("logprobs", p.logprobs), ("prompt_logprobs", p.prompt_logprobs)):
+                if value is not None and 0 <= limit < value:
+                    raise ValueError(f"{name}={value} is more than max_logprobs={limit}.")
         return params
 
     def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:

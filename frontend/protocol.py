@@ -15,7 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ipc.messages import SamplingParamError, SamplingParams
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; the server passes its own (negative: no limit)
+
+
+def check_max_logprobs(value: int | None, max_logprobs: int, param: str) -> None:
+    if value is not None and 0 <= max_logprobs < value:
+        raise OpenAIError(f"{param} must be at most {max_logprobs} (the server's --max-logprobs), got {value}.",
+                          param=param)
 
 
 class OpenAIError(Exception):
@@ -93,18 +99,20 @@ class _SamplingFields(OpenAIBase):
     request_id: str | None = None
     cache_salt: str | None = None  # vLLM's: prompts share prefix-cache blocks only with requests of the same salt
 
-    def _sampling_params(self, max_tokens: int, logprobs: int | None, default_max: bool) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int, logprobs: int | None, default_max: bool,
+                         defaults: dict[str, Any] | None, max_logprobs: int) -> SamplingParams:
+        """``defaults``: the server's sampling defaults (``--generation-config``) for the fields left unset."""
         if self.cache_salt is not None and not self.cache_salt:  # not a sampling field; checked here for both APIs
             raise OpenAIError("Parameter 'cache_salt' must be a non-empty string if provided.", param="cache_salt")
+        defaults = defaults or {}
         if self.best_of is not None and self.best_of != self.n:
             raise OpenAIError("best_of is not supported (only best_of == n).", param="best_of")
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("stream_options can only be set when stream is true.", param="stream_options")
-        if logprobs is not None and logprobs > MAX_LOGPROBS:
-            raise OpenAIError(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}.", param="logprobs")
-        if self.prompt_logprobs is not None and self.prompt_logprobs > MAX_LOGPROBS:
-            raise OpenAIError(f"prompt_logprobs must be at most {MAX_LOGPROBS}, got {self.prompt_logprobs}.",
-                              param="prompt_logprobs")
+        check_max_logprobs(logprobs, max_logprobs, "logprobs")
+        check_max_logprobs(self.prompt_logprobs, max_logprobs, "prompt_logprobs")
+        if "max_tokens" in defaults:  # vLLM caps every request's max_tokens by the generation config's
+            max_tokens = min(max_tokens, defaults["max_tokens"])
         if self.prompt_logprobs is not None and self.stream:
             raise OpenAIError("prompt_logprobs is not available when stream is true.", param="prompt_logprobs")
         logit_bias = None
@@ -116,14 +124,15 @@ class _SamplingFields(OpenAIBase):
         try:
             return SamplingParams(
                 n=self.n,
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=0 if self.top_k is None else self.top_k,
-                min_p=0.0 if self.min_p is None else self.min_p,
+                temperature=defaults.get("temperature", 1.0) if self.temperature is None else self.temperature,
+                top_p=defaults.get("top_p", 1.0) if self.top_p is None else self.top_p,
+                top_k=defaults.get("top_k", 0) if self.top_k is None else self.top_k,
+                min_p=defaults.get("min_p", 0.0) if self.min_p is None else self.min_p,
                 seed=self.seed,
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
-                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                repetition_penalty=(defaults.get("repetition_penalty", 1.0) if self.repetition_penalty is None
+                                    else self.repetition_penalty),
                 logit_bias=logit_bias,
                 max_tokens=max_tokens,
                 min_tokens=self.min_tokens,
@@ -206,7 +215,8 @@ class CompletionRequest(_SamplingFields):
                 raise OpenAIError("The prompt is empty.", param="prompt")
         return items
 
-    def to_sampling_params(self, prompt_len: int, max_model_len: int) -> SamplingParams:
+    def to_sampling_params(self, prompt_len: int, max_model_len: int, defaults: dict[str, Any] | None = None,
+                           max_logprobs: int = MAX_LOGPROBS) -> SamplingParams:
         if self.suffix:
             raise OpenAIError("suffix is not supported.", param="suffix")
         if self.logprobs is not None and self.logprobs < 0:
@@ -216,7 +226,7 @@ class CompletionRequest(_SamplingFields):
         else:
             requested, default = None, 16
         max_tokens, defaulted = resolve_max_tokens(requested, default, prompt_len, max_model_len, "max_tokens")
-        params = self._sampling_params(max_tokens, self.logprobs, defaulted)
+        params = self._sampling_params(max_tokens, self.logprobs, defaulted, defaults, max_logprobs)
         if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
             params.prompt_logprobs = self.logprobs  # echoed prompt tokens come with their logprobs
         return params
@@ -313,7 +323,7 @@ class ChatCompletionRequest(_SamplingFields):
     def _max_tokens_name(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
-    def check(self) -> None:
+    def check(self, max_logprobs: int = MAX_LOGPROBS) -> None:
         """Checks that need no tokenizer: run before rendering the template."""
         if not self.messages:
             raise OpenAIError("messages must contain at least one message.", param="messages")
@@ -327,16 +337,18 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise OpenAIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
-            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
-                raise OpenAIError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.top_logprobs}.",
+            if self.top_logprobs < 0:
+                raise OpenAIError(f"top_logprobs must be non-negative, got {self.top_logprobs}.",
                                   param="top_logprobs")
+            check_max_logprobs(self.top_logprobs, max_logprobs, "top_logprobs")
 
-    def to_sampling_params(self, prompt_len: int, max_model_len: int) -> SamplingParams:
+    def to_sampling_params(self, prompt_len: int, max_model_len: int, defaults: dict[str, Any] | None = None,
+                           max_logprobs: int = MAX_LOGPROBS) -> SamplingParams:
         requested = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         max_tokens, defaulted = resolve_max_tokens(requested, None, prompt_len, max_model_len,
                                                    self._max_tokens_name(), prompt_param="messages")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, defaulted)
+        return self._sampling_params(max_tokens, logprobs, defaulted, defaults, max_logprobs)
 
 
 class ChatLogprob(_Response):

@@ -95,15 +95,17 @@ class ChatServing:
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         ctx = self.ctx
         ctx.check_model(request.model)
-        request.check()
+        request.check(ctx.max_logprobs)
         ctx.check_engine()
         tokenizer = ctx.require_tokenizer()
         prompt = render_chat(tokenizer, request.messages, request.add_generation_prompt,
                              request.continue_final_message, request.chat_template, request.chat_template_kwargs)
         prompt_ids = await ctx.encode(prompt, request.add_special_tokens)
-        params = request.to_sampling_params(len(prompt_ids), ctx.max_model_len)
+        params = request.to_sampling_params(len(prompt_ids), ctx.max_model_len, ctx.default_sampling,
+                                            ctx.max_logprobs)
         ctx.check_sampling_params(params)
         request_id = request.request_id or random_id("chatcmpl")
+        ctx.log_request(request_id, prompt, prompt_ids, params)
         role = "assistant" if request.add_generation_prompt else request.messages[-1].role
         echo_text = ""
         if request.echo and request.messages[-1].role == role:

@@ -7,7 +7,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
@@ -17,7 +17,8 @@ from sse_starlette import EventSourceResponse
 
 from frontend.engine_client import EngineClient, EngineDeadError, RequestRejectedError
 from frontend.output_processor import Logprob, TokenStrings
-from frontend.protocol import OpenAIError
+from frontend.protocol import MAX_LOGPROBS, OpenAIError
+from frontend.request_logger import RequestLogger
 from frontend.tokenizer import encode
 from ipc.messages import SamplingParams
 
@@ -34,6 +35,9 @@ class ServingContext:
     model_path: str
     max_model_len: int
     vocab_size: int
+    max_logprobs: int = MAX_LOGPROBS  # --max-logprobs
+    default_sampling: dict[str, Any] = field(default_factory=dict)  # --generation-config
+    request_logger: RequestLogger | None = None  # --enable-log-requests
 
     def __post_init__(self) -> None:
         self._token_strings = TokenStrings(self.tokenizer)
@@ -91,6 +95,11 @@ class ServingContext:
         """What only the model can tell: token ids inside the vocabulary."""
         if params.logit_bias:
             self.check_token_ids(list(params.logit_bias), param="logit_bias")
+
+    def log_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        if self.request_logger is not None:
+            self.request_logger.log(request_id, prompt, prompt_token_ids, params)
 
     def check_engine(self) -> None:
         if not self.client.is_healthy:

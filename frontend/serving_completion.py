@@ -71,7 +71,8 @@ class CompletionServing:
         ctx.check_model(request.model)
         ctx.check_engine()
         prompts: list[tuple[str | None, list[int]]] = [await self._tokenize(p, request) for p in request.prompts()]
-        params = [request.to_sampling_params(len(ids), ctx.max_model_len) for _, ids in prompts]
+        params = [request.to_sampling_params(len(ids), ctx.max_model_len, ctx.default_sampling, ctx.max_logprobs)
+                  for _, ids in prompts]
         ctx.check_sampling_params(params[0])
         base_id = request.request_id or random_id("cmpl")
         created = int(time.time())
@@ -97,6 +98,8 @@ class CompletionServing:
         return self.ctx.decode(ids)
 
     def _generators(self, request: CompletionRequest, base_id: str, prompts, params: list[SamplingParams]):
+        for i, ((prompt, ids), p) in enumerate(zip(prompts, params)):
+            self.ctx.log_request(f"{base_id}-{i}", prompt, ids, p)
         return [
             self.ctx.client.generate(f"{base_id}-{i}", prompt, ids, p, stream_deltas=request.stream,
                                      final_only=not request.stream, cache_salt=request.cache_salt)

@@ -14,7 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ipc.model_source import ModelSource, resolve_model
+from core import envs
+from core.model_source import ModelSource, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,7 @@ def read_chat_template(chat_template: str) -> str:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("PAGEDSERVE_CACHE_DIR")
-    if base:
-        return Path(base)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "pagedserve"
+    return envs.cache_dir()
 
 
 def gguf_tokenizer_cache_dir(gguf_file: Path) -> Path:

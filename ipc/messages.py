@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 
+from ipc.config import EngineConfig  # noqa: F401  (re-exported: it crosses the boundary too)
+
 
 class FinishReason(enum.IntEnum):
     """Why a sequence ended. Integers on the wire; ``str()`` gives the OpenAI spelling."""
@@ -239,32 +241,3 @@ class EngineDead(msgspec.Struct, tag="dead", array_like=True, gc=False):
 
 
 EngineMessage = EngineOutputs | ReadyMessage | EngineDead
-
-
-# ----------------------------------------------------------------------------------------------------------
-# configuration, handed to the engine-core process when the frontend starts it
-
-
-class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Engine arguments, with vLLM's names. ``model=None`` means the default model (SmolLM2-135M-Instruct)."""
-
-    model: str | None = None
-    tokenizer: str | None = None
-    served_model_name: str | None = None
-    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (and their short names)
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: max(8192, max_model_len)
-    gpu_memory_utilization: float = 0.9
-    load_format: str = "auto"  # auto | safetensors | gguf | dummy
-    seed: int = 0
-    skip_tokenizer_init: bool = False
-    enforce_eager: bool = False
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    num_gpu_blocks_override: int | None = None  # fix the KV-cache size (tests use it to force preemption)
-    cpu_kv_cache_gib: float = 1.0  # KV-cache size on CPU, where there is no memory to profile
-    device: str = "auto"  # auto | cuda | cpu
-    chat_template: str | None = None
-    async_scheduling: bool | None = None  # None: on with CUDA (the host prepares a step while the GPU runs one)
-    attention_backend: str = "auto"  # auto (Triton on CUDA) | torch (plain-torch reference kernels, for debugging)

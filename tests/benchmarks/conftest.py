@@ -149,6 +149,6 @@ def fake_server():
 def bench_tokenizer():
     """The default model's tokenizer, loaded once (the load generator caches it too)."""
     from benchmarks.serve import load_tokenizer
-    from ipc.model_source import DEFAULT_MODEL
+    from core.model_source import DEFAULT_MODEL
 
     return load_tokenizer(DEFAULT_MODEL)

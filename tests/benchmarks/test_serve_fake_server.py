@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.serve import main
-from ipc.model_source import DEFAULT_MODEL
+from core.model_source import DEFAULT_MODEL
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

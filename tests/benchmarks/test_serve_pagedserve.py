@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.serve import main
-from ipc.model_source import DEFAULT_MODEL
+from core.model_source import DEFAULT_MODEL
 from tests.frontend.server_process import ServerProcess
 
 NUM_PROMPTS, CONCURRENCY, INPUT_LEN, OUTPUT_LEN = 20, 4, 24, 6

@@ -16,7 +16,7 @@ from gguf.quants import dequantize, quantize
 
 from core.gguf import GGUFFile
 from core.loader import iter_weights, load_hf_config, resolve_load_format
-from ipc.model_source import ModelSource, resolve_model
+from core.model_source import ModelSource, resolve_model
 
 SMOLLM2_REFERENCE = Path(__file__).parents[1] / "data" / "smollm2-135m"
 

@@ -24,7 +24,7 @@ def test_greedy_tokens_match_transformers_on_the_gguf(llm):
     import torch
     import transformers
 
-    from ipc.model_source import resolve_model
+    from core.model_source import resolve_model
 
     source = resolve_model(None)
     hf = transformers.AutoModelForCausalLM.from_pretrained(

@@ -46,7 +46,7 @@ def test_tiny_model_triton_matches_torch_under_stress(monkeypatch, tmp_path, str
 
 
 def test_default_model_triton_matches_torch_bf16(monkeypatch):
-    from ipc.model_source import resolve_model
+    from core.model_source import resolve_model
 
     try:
         resolve_model(None)

@@ -42,3 +42,135 @@ def test_unknown_command_exits_with_usage(capsys):
         cli.main(["frobnicate"])
     assert info.value.code == 2
     assert "pagedserve" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ generated flags
+
+from ipc.config import NOT_SUPPORTED_YET, EngineConfig, config_fields, engine_config_from_kwargs  # noqa: E402
+
+ENGINE_FIELDS = config_fields(EngineConfig)
+
+
+def _sample_value(field):
+    """A value of the field's type that differs from its default."""
+    if field.value_type is bool:
+        return True if field.default is None else not field.default
+    if field.arg.choices is not None:
+        return next(c for c in field.arg.choices if c != field.default)
+    if field.arg.nargs == "+":
+        return ["name-a", "name-b"]
+    if field.value_type is int:
+        return (field.default or 0) + 7
+    if field.value_type is float:
+        return (field.default or 0.0) + 0.25
+    return f"value-of-{field.name}"
+
+
+def _argv(field, value):
+    if field.value_type is bool:
+        return [field.flag if value else "--no-" + field.flag[2:]]
+    if isinstance(value, list):
+        return [field.flag, *value]
+    return [field.flag, str(value)]
+
+
+@pytest.mark.parametrize("name", list(ENGINE_FIELDS))
+def test_every_engine_field_is_a_serve_flag(name):
+    field = ENGINE_FIELDS[name]
+    value = _sample_value(field)
+    assert value != field.default
+    config = cli.engine_config_from_args(cli.serve_parser().parse_args(_argv(field, value)))
+    assert getattr(config, name) == value
+    defaults = cli.engine_config_from_args(cli.serve_parser().parse_args([]))
+    assert getattr(defaults, name) == field.default
+
+
+@pytest.mark.parametrize("name", list(ENGINE_FIELDS))
+def test_every_engine_field_is_an_llm_argument(name):
+    """``LLM(**kwargs)`` builds its config with ``engine_config_from_kwargs``: every field passes through it,
+    and a value of the wrong type fails naming the field."""
+    field = ENGINE_FIELDS[name]
+    value = _sample_value(field)
+    assert getattr(engine_config_from_kwargs(**{name: value}), name) == value
+    wrong = 3.5 if field.value_type is not float else "not-a-number"
+    with pytest.raises(TypeError, match=name):
+        engine_config_from_kwargs(**{name: wrong})
+
+
+def test_generate_takes_the_engine_flags():
+    """``pagedserve generate`` builds its parser with the same generated engine flags."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_engine_args(parser)
+    config = cli.engine_config_from_args(parser.parse_args(["m", "--max-num-seqs", "3", "--no-async-scheduling"]))
+    assert (config.model, config.max_num_seqs, config.async_scheduling) == ("m", 3, False)
+
+
+def test_choices_come_from_the_config_table():
+    from core.config import _DTYPES
+    from core.loader import LOAD_FORMATS as LOADER_FORMATS
+    from ipc.config import DTYPES, LOAD_FORMATS
+
+    assert set(DTYPES) == {"auto", *_DTYPES}
+    assert set(LOAD_FORMATS) == {*LOADER_FORMATS, "dummy"}
+    assert not hasattr(cli, "DTYPES") and not hasattr(cli, "LOAD_FORMATS")
+
+
+PASTED_VLLM_FLAGS = [
+    "--enable-chunked-prefill", "--no-async-scheduling", "--trust-remote-code", "--revision", "main",
+    "--disable-log-requests", "--max-log-len", "100", "--max-logprobs", "5", "--generation-config", "auto",
+    "--allowed-origins", '["http://a.example", "http://b.example"]', "--allowed-methods", "GET", "POST",
+    "--allowed-headers", "*", "--allow-credentials", "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem",
+    "--root-path", "/api", "-tp", "1", "--pipeline-parallel-size", "1", "--kv-cache-dtype", "auto",
+    "--task", "generate",
+]
+
+
+def test_pasted_vllm_flags_parse():
+    args = cli.serve_parser().parse_args(["org/model", *PASTED_VLLM_FLAGS])
+    config = cli.engine_config_from_args(args)
+    options = cli.server_options_from_args(args)
+    assert config.enable_chunked_prefill and config.async_scheduling is False and config.trust_remote_code
+    assert (config.revision, config.max_logprobs, config.generation_config) == ("main", 5, "auto")
+    assert options.allowed_origins == ["http://a.example", "http://b.example"]
+    assert (options.allowed_methods, options.allowed_headers, options.allow_credentials) == (["GET", "POST"],
+                                                                                            ["*"], True)
+    assert (options.ssl_keyfile, options.ssl_certfile, options.root_path) == ("k.pem", "c.pem", "/api")
+    assert not options.enable_log_requests and options.max_log_len == 100
+    assert cli.server_options_from_args(cli.serve_parser().parse_args(["--enable-log-requests"])).enable_log_requests
+
+
+def test_api_key_defaults_to_the_environment(monkeypatch):
+    monkeypatch.delenv("PAGEDSERVE_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "from-vllm")
+    assert cli.server_options_from_args(cli.serve_parser().parse_args([])).api_key == "from-vllm"
+    monkeypatch.setenv("PAGEDSERVE_API_KEY", "ours")
+    assert cli.server_options_from_args(cli.serve_parser().parse_args([])).api_key == "ours"
+    assert cli.server_options_from_args(cli.serve_parser().parse_args(["--api-key", "flag"])).api_key == "flag"
+
+
+UNSUPPORTED = [
+    ["--enable-lora"], ["--lora-modules", "a=/x"], ["--tensor-parallel-size", "2"], ["-tp", "4"],
+    ["--pipeline-parallel-size", "2"], ["-pp", "2"],
+    ["--speculative-config", "{}"], ["--quantization", "fp8"], ["-q", "awq"], ["--kv-cache-dtype", "fp8"],
+    ["--task", "embed"], ["--runner", "pooling"], ["--guided-decoding-backend", "xgrammar"],
+    ["--structured-outputs-config", "{}"], ["--enable-auto-tool-choice"], ["--tool-call-parser", "hermes"],
+    ["--reasoning-parser", "deepseek_r1"],
+]
+
+
+@pytest.mark.parametrize("argv", UNSUPPORTED, ids=[a[0] for a in UNSUPPORTED])
+def test_unsupported_flags_say_not_supported_yet(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.serve_parser().parse_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    flag = argv[0] if argv[0].startswith("--") else {"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size",
+                                                     "-q": "--quantization"}[argv[0]]
+    assert "not supported yet" in err and flag in err and "unrecognized" not in err
+
+
+def test_every_unsupported_flag_is_tested():
+    tested = {a[0] for a in UNSUPPORTED}
+    assert {"--" + name.replace("_", "-") for name in NOT_SUPPORTED_YET} <= tested

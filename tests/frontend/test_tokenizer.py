@@ -10,7 +10,7 @@ import pytest
 
 import frontend.tokenizer as tokenizer_module
 from frontend.tokenizer import gguf_tokenizer_cache_dir, load_tokenizer, read_chat_template
-from ipc.model_source import ModelSource, resolve_model
+from core.model_source import ModelSource, resolve_model
 
 REFERENCE_FILES = Path(__file__).parents[1] / "data" / "smollm2-135m"
 

