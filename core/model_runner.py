@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import kernels.backend
 from core.config import ModelConfig, resolve_dtype
 from core.cuda_graphs import DecodeGraphs
 from core.host_copy import to_device
@@ -78,8 +77,6 @@ class ModelRunner:
         self.device = _pick_device(config.device)
         if config.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got '{config.attention_backend}'.")
-        if config.attention_backend == "torch":  # process-wide: the engine process runs one engine
-            kernels.backend.FORCE_TORCH_ATTENTION = True
         self.source = resolve_model(config.model)
         self.model_config = ModelConfig.from_hf_dict(load_hf_config(self.source))
         self.dtype = resolve_dtype(config.dtype, self.model_config.torch_dtype, self.device)
@@ -95,7 +92,7 @@ class ModelRunner:
         self.model = self._load_model()
         logger.info("Loaded %s (%s, %s) in %.1f s", self.source.name, self.dtype, self.device,
                     time.perf_counter() - start)
-        self.sampler = Sampler()
+        self.sampler = Sampler(getattr(config, "kernel_backend", "auto"))
         self._step_keys = random.Random(config.seed)  # unseeded rows' noise: reproducible for a given engine seed
         self.inputs = StepInputs(self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq,
                                  self.block_size, self.device)
@@ -124,7 +121,8 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = cls(self.model_config)
+                model = cls(self.model_config, attention_backend=self.config.attention_backend,
+                            kernel_backend=getattr(self.config, "kernel_backend", "auto"))  # fmt: skip
         finally:
             torch.set_default_dtype(default_dtype)
         if self.config.load_format == "dummy":
