@@ -39,7 +39,12 @@ from triton.testing import do_bench  # noqa: E402
 from kernels.activation import silu_and_mul_ref, silu_and_mul_triton  # noqa: E402
 from kernels.attention_prep import attention_prep_ref, attention_prep_triton  # noqa: E402
 from kernels.backend import num_sms  # noqa: E402
-from kernels.decode_attention import DECODE_CONFIG, DecodeConfig, decode_num_splits, paged_decode_attention  # noqa: E402
+from kernels.decode_attention import (  # noqa: E402
+    DECODE_CONFIG,
+    DecodeConfig,
+    decode_num_splits,
+    paged_decode_attention,
+)
 from kernels.paged_attention import paged_attention_ref  # noqa: E402
 from kernels.prefill_attention import PrefillConfig, paged_prefill_attention, pick_prefill_config  # noqa: E402
 from kernels.rmsnorm import rms_norm_ref, rms_norm_triton  # noqa: E402

@@ -340,7 +340,7 @@ class DecodeConfig:
     max_splits: int = 64
 
 
-# Measured on the H100 (benchmarks/bench_decode_attention.py; the numbers are in benchmarks/decode_attention_variants.py):
+# Measured on the H100 (benchmarks/bench_decode_attention.py; numbers in benchmarks/decode_attention_variants.py):
 # longest-first order with the runner's permutation is the fastest at batch 64-256; when the batch is so small that
 # the context is split, one launch whose last split merges wins.
 DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="lpt", fused_reduce=False)

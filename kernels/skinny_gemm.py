@@ -18,9 +18,10 @@ Rows past N (and x rows past M) re-read the last valid row instead of being mask
 vectors; only the stores are masked. Outputs are written in x's dtype or in float32 (the LM head's logits, which
 saves the separate ``.float()`` pass over [M, vocab]).
 
-Optionally (``pdl=True``, or ``configure(pdl=True)`` for every launch) the kernels are launched with programmatic dependent launch: a program may
-start while the previous kernel in the stream finishes, issues its first weight loads (weights are never written by
-a kernel), and only then waits (``griddepcontrol.wait``) before it reads x or writes its output.
+Optionally (``pdl=True``, or ``configure(pdl=True)`` for every launch) the kernels are launched with programmatic
+dependent launch: a program may start while the previous kernel in the stream finishes, issues its first weight loads
+(weights are never written by a kernel), and only then waits (``griddepcontrol.wait``) before it reads x or writes
+its output.
 
 Launch configurations live in ``SKINNY_CONFIGS`` (exact ``(m_bucket, N, K)`` shapes, measured by
 ``benchmarks/bench_skinny_gemm.py``, which prints a block to paste here) and ``DEFAULT_CONFIGS`` (per M bucket, for

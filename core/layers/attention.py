@@ -28,7 +28,8 @@ class AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
-    """``attention_backend`` picks the attention kernel, ``kernel_backend`` the fused prep kernel (kernels/backend.py)."""
+    """``attention_backend`` picks the attention kernel, ``kernel_backend`` the fused prep kernel (see
+    kernels/backend.py)."""
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: RotaryEmbedding,

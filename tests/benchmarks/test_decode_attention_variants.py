@@ -8,7 +8,12 @@ import pytest
 import torch
 
 import kernels.decode_attention as da
-from benchmarks.decode_attention_variants import DECODE_VARIANTS, DEFAULT_DECODE_VARIANT, SPLIT_DECODE_VARIANT, set_decode_variant
+from benchmarks.decode_attention_variants import (
+    DECODE_VARIANTS,
+    DEFAULT_DECODE_VARIANT,
+    SPLIT_DECODE_VARIANT,
+    set_decode_variant,
+)
 from kernels.decode_attention import paged_decode_attention
 from tests.kernels.kernel_testing import (
     ATTENTION_TOLERANCE,

@@ -72,7 +72,8 @@ def test_backend_rule():
     assert resolve_backends("triton", "triton") == ("triton", "triton")
 
 
-@pytest.mark.parametrize("attention_backend, kernel_backend", [("triton", "torch"), ("torch", "auto"), ("auto", "auto")])
+@pytest.mark.parametrize("attention_backend, kernel_backend",
+                         [("triton", "torch"), ("torch", "auto"), ("auto", "auto")])  # fmt: skip
 def test_model_hands_its_backends_to_every_layer(attention_backend, kernel_backend):
     from core.config import ModelConfig
     from core.layers.attention import PagedAttention
