@@ -1,4 +1,4 @@
-"""Decode attention variants (kernels.paged_attention.DECODE_VARIANTS) on the H100, timed inside CUDA graphs.
+"""Decode attention variants (benchmarks/decode_attention_variants.py) on the H100, timed inside CUDA graphs.
 
     python benchmarks/bench_decode_attention.py            # every case x every variant (< 2 minutes on an H100)
     python benchmarks/bench_decode_attention.py --sweep    # also tile/warps/stages configs on the W1/W2 cases
@@ -36,16 +36,16 @@ if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
 
 import torch  # noqa: E402
 
-from kernels.paged_attention import (  # noqa: E402
+from benchmarks.decode_attention_variants import DECODE_VARIANTS  # noqa: E402
+from kernels.backend import num_sms  # noqa: E402
+from kernels.decode_attention import (  # noqa: E402
     DECODE_CONFIG,
-    DECODE_VARIANTS,
     DecodeConfig,
     decode_num_splits,
     decode_order,
-    paged_attention_ref,
     paged_decode_attention,
 )
-from kernels.backend import num_sms  # noqa: E402
+from kernels.paged_attention import paged_attention_ref  # noqa: E402
 
 PEAK_BYTES_PER_S = 3.02e12
 L2_BYTES = 50 << 20

@@ -2,6 +2,11 @@
 the top GPU kernels, measured on steady-state decode steps of a workload.
 
     python -m benchmarks.profile_step --model .models/qwen3-0.6b --workload W1 --steps 50
+    python -m benchmarks.profile_step --model .models/qwen3-0.6b --decode-variant lpt-db32-fused \
+        --skinny-config fma:8x512:w4:p0
+
+The kernel switches (decode-attention variant, skinny-GEMM settings) are set in this process before the engine is
+built, so the profiled steps (and the CUDA graphs captured for them) use them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,17 @@ def _timed(totals: dict[str, float], name: str, fn):
     return wrapper
 
 
+def _set_kernel_switches(args: argparse.Namespace) -> None:
+    from kernels import skinny_gemm
+
+    if args.decode_variant:
+        from benchmarks.decode_attention_variants import set_decode_variant
+
+        set_decode_variant(args.decode_variant)
+    skinny_gemm.configure(enabled=not args.no_skinny_gemm, max_m=args.skinny_max_m, forced_config=args.skinny_config,
+                          pdl=args.skinny_pdl)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser()
@@ -39,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--trace", default=None, help="write a Chrome trace of the profiled steps here")
+    p.add_argument("--decode-variant", default=None, help="a name of benchmarks/decode_attention_variants.py")
+    p.add_argument("--skinny-config", default=None, help="force one skinny-GEMM config, e.g. fma:8x512:w4:p0")
+    p.add_argument("--skinny-max-m", type=int, default=None, help="largest M that takes the skinny GEMM")
+    p.add_argument("--skinny-pdl", action="store_true", help="skinny GEMMs with programmatic dependent launch")
+    p.add_argument("--no-skinny-gemm", action="store_true", help="cuBLAS for every linear layer")
     args = p.parse_args(argv)
+    _set_kernel_switches(args)
 
     import torch
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from core import envs
+from kernels.backend import resolve_backends
 from ipc.config import DTYPE_NAMES, EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -123,13 +124,12 @@ def resolve_max_model_len(requested: int | None, model_limit: int) -> int:
     return requested
 
 
-def _resolve_backend(requested: str, from_env: str, forced_by_kernels: bool = False) -> str:
-    """``auto`` defers to the environment variable; ``torch`` everywhere when every kernel is forced to torch."""
-    if requested != "auto":
-        return requested
-    if from_env == "auto" and forced_by_kernels:
-        return "torch"
-    return from_env
+def _resolve_backends(config: EngineConfig) -> tuple[str, str]:
+    """(attention, kernel) backends: ``auto`` defers to the environment variable, then kernels' own rule (a torch
+    kernel backend puts attention on the reference too)."""
+    kernel = envs.kernel_backend() if config.kernel_backend == "auto" else config.kernel_backend
+    attention = envs.attention_backend() if config.attention_backend == "auto" else config.attention_backend
+    return resolve_backends(attention, kernel)
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def resolve_config(config: EngineConfig, model_config: ModelConfig, device: torc
     """Every derived engine setting, in one place. ``device`` None: resolve ``config.device``."""
     device = resolve_device(config.device) if device is None else device
     max_model_len = resolve_max_model_len(config.max_model_len, model_config.max_position_embeddings)
-    kernel_backend = _resolve_backend(config.kernel_backend, envs.kernel_backend())
+    attention_backend, kernel_backend = _resolve_backends(config)
     return ResolvedConfig(
         device=device,
         dtype=resolve_dtype(config.dtype, model_config.torch_dtype, device),
@@ -164,8 +164,7 @@ def resolve_config(config: EngineConfig, model_config: ModelConfig, device: torc
         max_num_batched_tokens=config.max_num_batched_tokens or max(8192, max_model_len),
         async_scheduling=device.type == "cuda" if config.async_scheduling is None else config.async_scheduling,
         kernel_backend=kernel_backend,
-        attention_backend=_resolve_backend(config.attention_backend, envs.attention_backend(),
-                                           forced_by_kernels=kernel_backend == "torch"),
+        attention_backend=attention_backend,
     )
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import kernels.backend
 from core.config import ModelConfig, log_resolved, resolve_config
 from core.cuda_graphs import DecodeGraphs
 from core.host_copy import to_device
@@ -80,8 +79,6 @@ class ModelRunner:
         self.resolved = resolve_config(config, self.model_config)
         log_resolved(config, self.resolved)
         self.device = self.resolved.device
-        if self.resolved.attention_backend == "torch":  # process-wide: the engine process runs one engine
-            kernels.backend.FORCE_TORCH_ATTENTION = True
         self.dtype = self.resolved.dtype
         self.block_size = config.block_size
         self.max_model_len = self.resolved.max_model_len
@@ -95,7 +92,7 @@ class ModelRunner:
         self.model = self._load_model()
         logger.info("Loaded %s (%s, %s) in %.1f s", self.source.name, self.dtype, self.device,
                     time.perf_counter() - start)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.resolved.kernel_backend)
         self._step_keys = random.Random(config.seed)  # unseeded rows' noise: reproducible for a given engine seed
         self.inputs = StepInputs(self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq,
                                  self.block_size, self.device)
@@ -115,7 +112,8 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = cls(self.model_config)
+                model = cls(self.model_config, attention_backend=self.resolved.attention_backend,
+                            kernel_backend=self.resolved.kernel_backend)
         finally:
             torch.set_default_dtype(default_dtype)
         if self.config.load_format == "dummy":

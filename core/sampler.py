@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.backend import check_backend
 from kernels.sampling import gumbel_argmax
 
 
@@ -55,7 +56,11 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Stateless: all randomness comes from ``SamplingBatch.keys`` / ``steps``."""
+    """Stateless: all randomness comes from ``SamplingBatch.keys`` / ``steps``. ``kernel_backend`` picks the sampling
+    kernel (kernels/backend.py)."""
+
+    def __init__(self, kernel_backend: str = "auto") -> None:
+        self.kernel_backend = check_backend(kernel_backend)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits.float()
@@ -80,8 +85,7 @@ class Sampler:
             )
         return out
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Random rows: Gumbel-max at their temperature; greedy rows (T == 0): argmax, in the same pass."""
         temperature = batch.temperature
         if batch.top_k is not None or batch.top_p is not None or batch.min_p is not None:
@@ -93,7 +97,7 @@ class Sampler:
             if batch.min_p is not None:
                 logits = apply_min_p(logits, batch.min_p)
             temperature = (~greedy).float()
-        return gumbel_argmax(logits, temperature, batch.keys, batch.steps)
+        return gumbel_argmax(logits, temperature, batch.keys, batch.steps, backend=self.kernel_backend)
 
 
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:

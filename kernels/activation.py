@@ -45,7 +45,7 @@ def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> tor
     return out
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    if use_triton(x):
+def silu_and_mul(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    if use_triton(x, backend):
         return silu_and_mul_triton(x)
     return silu_and_mul_ref(x)

@@ -11,9 +11,43 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
-from kernels.cache_write import write_kv_cache_ref
 from kernels.rmsnorm import rms_norm_ref
-from kernels.rotary import rotary_embedding_ref
+
+
+def rotary_embedding_ref(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding, neox / rotate-half style as HF Llama and Qwen apply it: rotate ``q`` ``[T, Hq, D]`` and ``k``
+    ``[T, Hk, D]`` by their positions; returns new tensors.
+
+    ``cos_sin_cache`` is ``[max_positions, D]`` float32: cos in the first half of the last dim, sin in the second.
+    """
+    cos_sin = cos_sin_cache.index_select(0, positions.long())
+    half = cos_sin.shape[-1] // 2
+    cos = cos_sin[:, None, :half]
+    sin = cos_sin[:, None, half:]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def write_kv_cache_ref(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write the new keys and values into the paged cache through the slot mapping. ``k``/``v``: ``[T, Hk, D]``;
+    caches: ``[num_blocks, block_size, Hk, D]``; slot = block * block_size + offset; negative slots (padding) skip."""
+    num_heads, head_dim = k_cache.shape[-2:]
+    flat_k = k_cache.view(-1, num_heads, head_dim)
+    flat_v = v_cache.view(-1, num_heads, head_dim)
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        slot_mapping, k, v = slot_mapping[valid], k[valid], v[valid]
+    flat_k.index_copy_(0, slot_mapping.long(), k.to(flat_k.dtype))
+    flat_v.index_copy_(0, slot_mapping.long(), v.to(flat_v.dtype))
 
 
 def attention_prep_ref(
@@ -193,12 +227,15 @@ def attention_prep(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    *,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """[optional q/k per-head RMSNorm] -> RoPE -> cache write; returns the attention-ready ``q``.
 
-    On CUDA ``q`` is modified in place and returned; on CPU a new tensor is returned. Use the return value.
+    With Triton (CUDA, ``backend`` not "torch") ``q`` is modified in place and returned; the reference returns a new
+    tensor. Use the return value.
     """
     args = (positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight, eps)
-    if use_triton(q):
+    if use_triton(q, backend):
         return attention_prep_triton(*args)
     return attention_prep_ref(*args)

@@ -1,25 +1,41 @@
-"""Which implementation a kernel dispatcher picks: Triton on CUDA tensors, the torch reference otherwise.
+"""Which implementation a kernel dispatcher runs, named by the caller.
 
-``PAGEDSERVE_KERNEL_BACKEND=torch`` forces every dispatcher onto its reference; ``PAGEDSERVE_ATTENTION_BACKEND=torch``
-only attention. Read once at import so that the per-call cost in the hot path is one attribute lookup.
+The model is built with an attention backend and a kernel backend (see ``EngineConfig``); every layer hands its
+backend to the dispatchers it calls, so nothing here depends on process-wide state:
+
+- ``"auto"``: the Triton kernel for CUDA tensors, the torch reference otherwise;
+- ``"triton"``: the same choice, spelled out (Triton on CUDA; a CPU tensor has no Triton path outside the
+  interpreter, so it still takes the reference);
+- ``"torch"``: always the torch reference (debugging; it syncs with the host and is not CUDA-graph safe).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-FORCE_TORCH_KERNELS = os.environ.get("PAGEDSERVE_KERNEL_BACKEND", "").lower() == "torch"
-FORCE_TORCH_ATTENTION = FORCE_TORCH_KERNELS or os.environ.get("PAGEDSERVE_ATTENTION_BACKEND", "").lower() == "torch"
+BACKENDS = ("auto", "torch", "triton")
 
 
-def use_triton(tensor: torch.Tensor, *, attention: bool = False) -> bool:
-    """Triton kernels run on CUDA tensors unless forced off; CPU tensors take the torch reference."""
-    if not tensor.is_cuda:
-        return False
-    return not (FORCE_TORCH_ATTENTION if attention else FORCE_TORCH_KERNELS)
+def check_backend(backend: str, what: str = "kernel backend") -> str:
+    """``backend`` itself, or a ValueError naming the valid ones (checked once, at construction, not per call)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{what} must be one of {', '.join(BACKENDS)}, got '{backend}'.")
+    return backend
+
+
+def resolve_backends(attention_backend: str, kernel_backend: str) -> tuple[str, str]:
+    """Checked ``(attention_backend, kernel_backend)``; a ``"torch"`` kernel backend puts attention on the reference
+    too ("every kernel on its reference"), whatever the attention backend says."""
+    check_backend(attention_backend, "attention backend")
+    check_backend(kernel_backend)
+    return ("torch" if kernel_backend == "torch" else attention_backend), kernel_backend
+
+
+def use_triton(tensor: torch.Tensor, backend: str) -> bool:
+    """The Triton kernel runs on CUDA tensors unless ``backend`` is ``"torch"``; CPU tensors take the reference."""
+    return tensor.is_cuda and backend != "torch"
 
 
 @functools.lru_cache(maxsize=None)

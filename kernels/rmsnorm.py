@@ -118,9 +118,9 @@ def rms_norm_triton(
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *, backend: str = "auto"
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """See ``rms_norm_triton``: on CUDA the residual variant works in place; always use the return values."""
-    if use_triton(x):
+    """See ``rms_norm_triton``: with Triton the residual variant works in place; always use the return values."""
+    if use_triton(x, backend):
         return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)

@@ -287,9 +287,10 @@ def gumbel_noise_triton(
 
 
 def gumbel_argmax(
-    logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor
+    logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, *, backend: str = "auto"
 ) -> torch.Tensor:
-    """Sampled token ids ``[N]`` int64: the Triton kernel on CUDA, the reference otherwise (see ``gumbel_argmax_ref``)."""
-    if use_triton(logits):
+    """Sampled token ids ``[N]`` int64: the Triton kernel on CUDA unless ``backend`` is "torch", the reference
+    otherwise (see ``gumbel_argmax_ref``)."""
+    if use_triton(logits, backend):
         return gumbel_argmax_triton(logits, temperature, keys, steps)
     return gumbel_argmax_ref(logits, temperature, keys, steps)

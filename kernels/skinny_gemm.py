@@ -18,25 +18,25 @@ Rows past N (and x rows past M) re-read the last valid row instead of being mask
 vectors; only the stores are masked. Outputs are written in x's dtype or in float32 (the LM head's logits, which
 saves the separate ``.float()`` pass over [M, vocab]).
 
-Optionally (``PAGEDSERVE_SKINNY_PDL=1``) the kernels are launched with programmatic dependent launch: a program may
-start while the previous kernel in the stream finishes, issues its first weight loads (weights are never written by
-a kernel), and only then waits (``griddepcontrol.wait``) before it reads x or writes its output.
+Optionally (``pdl=True``, or ``configure(pdl=True)`` for every launch) the kernels are launched with programmatic
+dependent launch: a program may start while the previous kernel in the stream finishes, issues its first weight loads
+(weights are never written by a kernel), and only then waits (``griddepcontrol.wait``) before it reads x or writes
+its output.
 
 Launch configurations live in ``SKINNY_CONFIGS`` (exact ``(m_bucket, N, K)`` shapes, measured by
 ``benchmarks/bench_skinny_gemm.py``, which prints a block to paste here) and ``DEFAULT_CONFIGS`` (per M bucket, for
 other shapes); a ``None`` entry sends that class to cuBLAS.
 
-Switches (read once at import): ``PAGEDSERVE_SKINNY_GEMM=0`` turns the dispatcher off (always ``F.linear``);
-``PAGEDSERVE_KERNEL_BACKEND=torch`` turns off every Triton kernel including this one;
-``PAGEDSERVE_SKINNY_MAX_M=<int>`` sets the largest M that takes the Triton path (default 16);
-``PAGEDSERVE_SKINNY_CONFIG=<config>`` (e.g. ``fma:8x512:w4:p0`` or ``dot:32x128:w4:s4``) forces one configuration
-for every shape (experiments); ``PAGEDSERVE_SKINNY_PDL=1|0`` turns programmatic dependent launch on or off.
+The dispatcher ``linear`` takes the caller's kernel backend (``"torch"``: always cuBLAS). Experiment switches, set by
+the benchmark scripts through :func:`configure` (module settings, read at each call): ``enabled=False`` turns the
+dispatcher off (always ``F.linear``); ``max_m`` is the largest M that takes the Triton path (default 16);
+``forced_config`` (e.g. ``"fma:8x512:w4:p0"`` or ``"dot:32x128:w4:s4"``) forces one configuration for every shape;
+``pdl`` turns programmatic dependent launch on or off.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import re
 from dataclasses import dataclass
 
@@ -149,18 +149,30 @@ DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {
 }
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    return value.strip().lower() not in ("0", "false", "off", "no")
+# Experiment switches (see the module docstring); change them with configure().
+ENABLED = True
+MAX_M = 16
+FORCED_CONFIG: SkinnyConfig | None = None
+USE_PDL = False
 
 
-ENABLED = _env_flag("PAGEDSERVE_SKINNY_GEMM", True)
-MAX_M = int(os.environ.get("PAGEDSERVE_SKINNY_MAX_M", "16"))
-FORCED_CONFIG = SkinnyConfig.parse(os.environ["PAGEDSERVE_SKINNY_CONFIG"]) if os.environ.get(
-    "PAGEDSERVE_SKINNY_CONFIG") else None  # fmt: skip
-USE_PDL = _env_flag("PAGEDSERVE_SKINNY_PDL", False)
+def configure(
+    *, enabled: bool | None = None, max_m: int | None = None, forced_config: str | SkinnyConfig | None = None,
+    pdl: bool | None = None,
+) -> None:
+    """Set the experiment switches that are given (the others keep their values); ``forced_config=""`` clears a
+    forced configuration. Takes effect for launches made, and CUDA graphs captured, from now on."""
+    global ENABLED, MAX_M, FORCED_CONFIG, USE_PDL
+    if enabled is not None:
+        ENABLED = enabled
+    if max_m is not None:
+        MAX_M = max_m
+    if forced_config is not None:
+        if isinstance(forced_config, str):
+            forced_config = SkinnyConfig.parse(forced_config) if forced_config else None
+        FORCED_CONFIG = forced_config
+    if pdl is not None:
+        USE_PDL = pdl
 
 
 def m_bucket(m: int) -> int:
@@ -431,11 +443,13 @@ def _supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+    *, backend: str = "auto",
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` in ``out_dtype`` (default x's dtype). On CUDA with at most ``MAX_M`` rows the
-    Triton skinny GEMM runs (when the shape's config is not None); otherwise cuBLAS, unchanged."""
-    if ENABLED and use_triton(x):
+    Triton skinny GEMM runs (when the shape's config is not None and ``backend`` is not "torch"); otherwise cuBLAS,
+    unchanged."""
+    if ENABLED and use_triton(x, backend):
         k = x.shape[-1]
         m = x.numel() // k if k else 0
         if 0 < m <= MAX_M and _supported(x, weight, bias, out_dtype):

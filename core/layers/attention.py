@@ -11,6 +11,7 @@ from torch import nn
 from core.layers.norm import RMSNorm
 from core.layers.rotary import RotaryEmbedding
 from kernels.attention_prep import attention_prep
+from kernels.backend import check_backend
 from kernels.paged_attention import paged_attention
 
 
@@ -27,11 +28,17 @@ class AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
+    """``attention_backend`` picks the attention kernel, ``kernel_backend`` the fused prep kernel (see
+    kernels/backend.py)."""
+
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: RotaryEmbedding,
-        q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None,
+        q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, *,
+        attention_backend: str = "auto", kernel_backend: str = "auto",
     ) -> None:
         super().__init__()
+        self.attention_backend = check_backend(attention_backend, "attention backend")
+        self.kernel_backend = check_backend(kernel_backend)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -51,7 +58,9 @@ class PagedAttention(nn.Module):
             self.q_norm.weight if self.q_norm is not None else None,
             self.k_norm.weight if self.k_norm is not None else None,
             self.q_norm.eps if self.q_norm is not None else 1e-6,
+            backend=self.kernel_backend,
         )
         out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                              self.scale, max_query_len=meta.max_query_len, decode_order=meta.decode_order)
+                              self.scale, max_query_len=meta.max_query_len, backend=self.attention_backend,
+                              decode_order=meta.decode_order)  # fmt: skip
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.backend import check_backend
 from kernels.rmsnorm import rms_norm
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, *, backend: str = "auto") -> None:
         super().__init__()
+        self.backend = check_backend(backend)
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual, backend=self.backend)

@@ -1,4 +1,4 @@
-"""Rotary embedding tables (with Llama 3 / linear scaling) applied through kernels.rotary."""
+"""Rotary embedding tables (with Llama 3 / linear scaling); kernels.attention_prep applies them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:

@@ -2,7 +2,8 @@
 and Qwen3 (per-head q/k RMSNorm); GQA; tied or untied embeddings.
 
 q/k/v and gate/up are merged into one projection each (fewer, larger GEMMs); ``load_weights`` takes HF names and
-places each checkpoint tensor into its slice.
+places each checkpoint tensor into its slice. The attention and kernel backends (kernels/backend.py) are given at
+construction and handed to every layer, which passes them to the kernels it calls.
 """
 
 from __future__ import annotations
@@ -18,23 +19,26 @@ from core.layers.linear import Embedding, Linear
 from core.layers.norm import RMSNorm
 from core.layers.rotary import RotaryEmbedding
 from kernels.activation import silu_and_mul
+from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias,
+                               backend=kernel_backend)  # fmt: skip
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, backend=kernel_backend)
+        if cfg.qk_norm:  # applied inside the fused prep kernel, which only reads their weights
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend=kernel_backend)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend=kernel_backend)
         else:
             self.q_norm = self.k_norm = None
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary, self.q_norm, self.k_norm)
+        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary, self.q_norm, self.k_norm,
+                                   attention_backend=attention_backend, kernel_backend=kernel_backend)  # fmt: skip
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
@@ -48,22 +52,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, kernel_backend: str) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.kernel_backend = kernel_backend
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, backend=kernel_backend)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, backend=kernel_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), backend=self.kernel_backend))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, rotary)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rotary, attention_backend, kernel_backend)
+        self.mlp = MLP(cfg, kernel_backend)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend=kernel_backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend=kernel_backend)
 
     def forward(
         self,
@@ -84,13 +89,15 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, attention_backend: str, kernel_backend: str) -> None:
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         # One cos/sin table for all layers (Llama 3.1's 128k positions take 64 MB).
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, rotary, attention_backend, kernel_backend) for _ in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend=kernel_backend)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttentionMetadata
@@ -104,11 +111,15 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, attention_backend: str = "auto", kernel_backend: str = "auto") -> None:
+        """``attention_backend`` / ``kernel_backend``: "auto", "triton" or "torch" (kernels/backend.py); a "torch"
+        kernel backend puts attention on its reference too."""
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg)
-        self.lm_head = self.model.embed_tokens if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.attention_backend, self.kernel_backend = resolve_backends(attention_backend, kernel_backend)
+        self.model = LlamaModel(cfg, self.attention_backend, self.kernel_backend)
+        self.lm_head = (self.model.embed_tokens if cfg.tie_word_embeddings
+                        else Linear(cfg.hidden_size, cfg.vocab_size, backend=self.kernel_backend))  # fmt: skip
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttentionMetadata
@@ -116,7 +127,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return skinny_linear(hidden, self.lm_head.weight, out_dtype=torch.float32)  # fp32 logits in one pass
+        # fp32 logits in one pass
+        return skinny_linear(hidden, self.lm_head.weight, out_dtype=torch.float32, backend=self.kernel_backend)
 
     # ------------------------------------------------------------------------------------------------ weights
     def _param_slices(self) -> dict[str, tuple[str, int, int]]:

@@ -1,13 +1,28 @@
-"""Fused [q/k norm ->] RoPE -> cache write against the composition of the torch references (float64)."""
+"""Fused [q/k norm ->] RoPE -> cache write against the composition of the torch references (float64), with Llama
+3.1's long-context frequency scaling in the cos/sin table."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from kernels.attention_prep import attention_prep, attention_prep_ref, attention_prep_triton
 from tests.kernels.kernel_testing import KERNEL_DEVICE, TOLERANCE, assert_close
-from tests.kernels.test_rotary import llama3_cos_sin_cache
+
+
+def llama3_cos_sin_cache(head_dim: int, max_positions: int, theta: float = 500000.0) -> torch.Tensor:
+    """``[max_positions, head_dim]`` float32: cos | sin, with Llama 3.1's long-context frequency scaling."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    factor, low, high, original = 8.0, 1.0, 4.0, 8192
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((original / wavelen) - low) / (high - low)
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    mid = (wavelen <= original / low) & (wavelen >= original / high)
+    scaled = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    angles = torch.arange(max_positions, dtype=torch.float64)[:, None] * scaled[None, :]
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).float()
 
 
 def _case(tokens, hq, hk, head_dim, block_size, dtype, device, seed, with_norm):
@@ -26,7 +41,7 @@ def _case(tokens, hq, hk, head_dim, block_size, dtype, device, seed, with_norm):
     return positions.to(device), q, k, v, cache, kv, slots.to(device), weights
 
 
-@pytest.mark.parametrize("hq, hk, head_dim, block_size", [(4, 2, 64, 16), (6, 3, 128, 32)])
+@pytest.mark.parametrize("hq, hk, head_dim, block_size", [(4, 2, 64, 16), (6, 3, 128, 32), (2, 2, 32, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_norm", [False, True])
 def test_attention_prep_matches_reference(hq, hk, head_dim, block_size, dtype, with_norm):
@@ -45,6 +60,26 @@ def test_attention_prep_matches_reference(hq, hk, head_dim, block_size, dtype, w
     written = slots >= 0
     flat_v = kv[1].reshape(-1, hk, head_dim)
     assert torch.equal(flat_v[slots[written]], v[written].to(kv.dtype)), "values are copied exactly"
+
+
+@pytest.mark.parametrize("cache_dtype, slot_dtype", [(torch.float32, torch.int32), (torch.float16, torch.int64)])
+def test_attention_prep_cache_write_is_exact_and_skips_padding(cache_dtype, slot_dtype):
+    """Values land bit for bit at their slots (cast into the cache dtype), keys match the reference's rotation, and
+    padding slots (-1) and every other slot stay untouched; int32 or int64 slot mappings, 3 KV heads (not a power of
+    two)."""
+    positions, q, k, v, cache, _, slots, _ = _case(37, 6, 3, 64, 16, torch.float32, KERNEL_DEVICE, 2, False)
+    slots = slots.to(slot_dtype)
+    gen = torch.Generator().manual_seed(3)
+    kv = torch.randn(2, 37 // 16 + 3, 16, 3, 64, generator=gen).to(cache_dtype).to(KERNEL_DEVICE)
+    before, expected = kv.clone(), kv.clone()
+    attention_prep_ref(positions, q.clone(), k, v, cache, expected[0], expected[1], slots)
+    attention_prep_triton(positions, q, k, v, cache, kv[0], kv[1], slots)
+    assert torch.equal(kv[1], expected[1]), "values are copied exactly, padding skipped"
+    assert_close(kv[0], expected[0], TOLERANCE[cache_dtype], "rotated keys")
+    untouched = torch.ones(kv.shape[1] * kv.shape[2], dtype=torch.bool)
+    untouched[slots[slots >= 0].long().cpu()] = False
+    untouched = untouched.to(kv.device)
+    assert torch.equal(kv.reshape(2, -1, 3, 64)[:, untouched], before.reshape(2, -1, 3, 64)[:, untouched])
 
 
 def test_attention_prep_dispatcher_on_cpu():

@@ -1,0 +1,505 @@
+"""Decode attention over the paged KV cache: every sequence has exactly one query row (or none this step).
+
+One program per (sequence, KV head, split) serves the KV head's whole query group (padded to 16 rows for
+``tl.dot``). Split-K (the context cut into ``num_splits`` shares) only when the batch leaves the GPU short of
+programs; the splits are merged either by the last split to finish (one launch, ``fused_reduce``) or by a separate
+reduce kernel. The launch order of the programs is a parameter: with mixed context lengths, longest sequences first
+("lpt") keeps long programs out of the tail. Layout and shared pieces: kernels/attention_common.py.
+
+The engine uses :data:`DECODE_CONFIG` and, when the context is split, :data:`SPLIT_DECODE_CONFIG`; the other
+configurations benchmarks/bench_decode_attention.py compares live in benchmarks/decode_attention_variants.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention_common import LOG2E, attend, check_attention_args, gather_kv
+from kernels.backend import num_sms
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain-torch reference for the sequences with exactly one query row, in one padded batch; rows of other
+    sequences in ``out`` are left as they are. Reads the lengths on the host (a sync): for CPU and tests."""
+    if out is None:
+        out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    decode_rows = [i for i, (a, b) in enumerate(zip(starts[:-1], starts[1:])) if b - a == 1]
+    if decode_rows:
+        rows = torch.tensor(decode_rows, device=q.device)
+        token_rows = query_start_loc[:-1].index_select(0, rows).long()
+        lens = seq_lens.index_select(0, rows)
+        max_len = int(lens.max())
+        keys, values = gather_kv(k_cache, v_cache, block_tables.index_select(0, rows), max_len)
+        mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]
+        out[token_rows] = attend(q[token_rows].unsqueeze(1), keys, values, mask[:, None, :], scale).squeeze(1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Decode launch orders (the ORDER constexpr). The hardware starts programs roughly in linear-id order, so the order
+# decides which programs run last: when the lengths differ, long programs started late leave SMs idle at the end.
+ORDER_HEAD_MAJOR = 0  # the original 3D grid (B, Hk, splits): every sequence for KV head 0, then for head 1, ...
+ORDER_SEQ_MAJOR = 1  # 1D grid, sequences in batch order, all KV heads and splits of a sequence next to each other
+ORDER_PERMUTED = 2  # 1D grid, sequences in the order of a permutation tensor (longest first: LPT scheduling)
+
+
+@triton.jit
+def _decode_kernel(
+    out_ptr,  # [T, Hq, D] (written by single-split sequences, and by the last split when FUSED_REDUCE)
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, D] float32 (written when NUM_SPLITS > 1)
+    part_lse_ptr,  # [B, Hq, NUM_SPLITS] float32, log2-domain log-sum-exp of each split
+    counter_ptr,  # [B, Hk] int32, all zero between launches (FUSED_REDUCE only)
+    order_ptr,  # [B] int32 permutation of the sequences, launch order (ORDER_PERMUTED only)
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    scale_log2,
+    num_kv_heads,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    ORDER: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    if ORDER == 0:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+    else:
+        pid = tl.program_id(0)
+        per_seq = num_kv_heads * NUM_SPLITS
+        rank = pid // per_seq
+        rest = pid - rank * per_seq
+        kv_head = rest // NUM_SPLITS
+        split = rest - kv_head * NUM_SPLITS
+        if ORDER == 2:
+            seq = tl.load(order_ptr + rank)
+        else:
+            seq = rank
+    q_row = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) == q_row:
+        return  # a sequence with no query row this step
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Each split covers a TILE_N-aligned share of this sequence's context; short sequences leave late splits empty.
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE_N) * TILE_N
+    num_active = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # 0 when seq_len == 0
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    if NUM_SPLITS > 1:
+        if FUSED_REDUCE:
+            if (split > 0) & (start >= seq_len):
+                return  # split 0 of an empty sequence stays: it writes the zero row
+        elif start >= seq_len:
+            return  # the reduce kernel derives the same split count from seq_len and never reads this one
+
+    offs_h = tl.arange(0, BLOCK_H)
+    head_mask = offs_h < GROUP
+    heads = kv_head * GROUP + offs_h
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=head_mask[:, None], other=0.0
+    )
+    q = q.to(k_cache_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    for tile_start in range(start, end, TILE_N):
+        offs_n = tile_start + tl.arange(0, TILE_N)
+        valid = offs_n < end
+        page = tl.load(table + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        in_page = offs_n % BLOCK_SIZE
+        k = tl.load(
+            k_base + (page * stride_kb + in_page * stride_ks)[None, :] + offs_d[:, None],
+            mask=valid[None, :],
+            other=0.0,
+        )  # [D, TILE_N]
+        v = tl.load(
+            v_base + (page * stride_vb + in_page * stride_vs)[:, None] + offs_d[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        )  # [TILE_N, D]
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    safe_l = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (graph padding) gives zeros, not NaN
+    out = acc / safe_l[:, None]
+    out_ptrs = out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    num_q_heads = num_kv_heads * GROUP
+    part = (seq * num_q_heads + heads) * NUM_SPLITS + split  # [BLOCK_H]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    elif not FUSED_REDUCE:
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_mask[:, None])
+        tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=head_mask)
+    elif num_active <= 1:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])  # nothing to merge
+    else:
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_mask[:, None])
+        tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=head_mask)
+        # The last split of this (sequence, KV head) to finish merges all of them ("last arriver reduces"): every
+        # thread's partial stores are ordered before the counter increment by the CTA barrier, and the increment
+        # is a gpu-scope release/acquire, so the last arriver sees every partial; it reads them through L2 (.cg).
+        tl.debug_barrier()
+        counter = counter_ptr + seq * num_kv_heads + kv_head
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if ticket == num_active - 1:
+            tl.store(counter, 0)  # ready for the next launch (stream order puts it before the next kernel)
+            _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, q_row, seq, kv_head, num_q_heads, num_active,
+                          stride_ot, stride_oh, GROUP, GROUP_PAD, HEAD_DIM, NUM_SPLITS, SPLITS_PAD,
+                          SPLIT_CHUNK)  # fmt: skip
+
+
+@triton.jit
+def _merge_splits(
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    q_row,
+    seq,
+    kv_head,
+    num_q_heads,
+    num_active,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
+):
+    """Weights ``2^(lse_s - max lse)`` over the ``num_active >= 2`` splits of one KV head's query group, then the
+    weighted sum of the split outputs ``SPLIT_CHUNK`` splits at a time (keeps the [group, chunk, D] tile small)."""
+    offs_g = tl.arange(0, GROUP_PAD)
+    g_mask = offs_g < GROUP
+    heads = kv_head * GROUP + offs_g
+    base = (seq * num_q_heads + heads) * NUM_SPLITS  # [GROUP_PAD]
+    offs_s = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(
+        part_lse_ptr + base[:, None] + offs_s[None, :],
+        mask=g_mask[:, None] & (offs_s < num_active)[None, :],
+        other=float("-inf"),
+        cache_modifier=".cg",
+    )
+    lse_max = tl.where(g_mask, tl.max(lse, 1), 0.0)  # every active split has >= 1 key, so its lse is finite
+    total = tl.sum(tl.exp2(lse - lse_max[:, None]), 1)
+    total = tl.where(g_mask, total, 1.0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    for chunk_start in range(0, num_active, SPLIT_CHUNK):
+        offs_c = chunk_start + tl.arange(0, SPLIT_CHUNK)
+        mask = g_mask[:, None] & (offs_c < num_active)[None, :]  # [GROUP_PAD, SPLIT_CHUNK]
+        rows = base[:, None] + offs_c[None, :]
+        lse_c = tl.load(part_lse_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        weight = tl.exp2(lse_c - lse_max[:, None])  # 0 for masked splits
+        parts = tl.load(
+            part_out_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+            mask=mask[:, :, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        acc += tl.sum(parts * weight[:, :, None], 1)
+    out = acc / total[:, None]
+    tl.store(
+        out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=g_mask[:, None],
+    )
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_row = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) == q_row:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE_N) * TILE_N
+    num_active = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # 0 when seq_len == 0
+    offs_s = tl.arange(0, SPLITS_PAD)
+    active = offs_s < num_active
+    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
+    lse = tl.load(part_lse_ptr + part, mask=active, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(num_active > 0, lse_max, 0.0)
+    weight = tl.exp2(lse - lse_max)  # 0 for inactive splits
+    offs_d = tl.arange(0, HEAD_DIM)
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=active[:, None], other=0.0)
+    total = tl.maximum(tl.sum(weight, 0), 1e-30)
+    out = tl.sum(parts * weight[:, None], 0) / total
+    tl.store(out_ptr + q_row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+_ORDER_INDEX_BITS = 16  # sort keys: length << 16 | (65535 - index); batches up to 65536 sequences
+
+
+@triton.jit
+def _decode_order_kernel(order_ptr, seq_lens_ptr, num_seqs, BLOCK: tl.constexpr, INDEX_BITS: tl.constexpr):
+    """One program: the sequence indices by decreasing length (ties: increasing index), for ORDER_PERMUTED."""
+    offs = tl.arange(0, BLOCK)
+    live = offs < num_seqs
+    lens = tl.load(seq_lens_ptr + offs, mask=live, other=0).to(tl.int64)
+    low = (1 << INDEX_BITS) - 1
+    keys = tl.where(live, (lens << INDEX_BITS) | (low - offs).to(tl.int64), -1)
+    keys = tl.sort(keys, descending=True)
+    tl.store(order_ptr + offs, (low - (keys & low)).to(tl.int32), mask=live)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launch configuration (static: a function of shapes and dtypes only, never of tensor values)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    tile_n: int = 32
+    num_warps: int = 4
+    # Triton 3.6/3.9 double-buffer the K/V tiles of this loop only from num_stages=5 (at 2-4 the next tile's copy is
+    # issued after the current tile's dots, so a program never overlaps its loads with its math).
+    num_stages: int = 5
+    # Launch order: "lpt" (longest sequences first: the order a caller passes, else one sort launch per call), "seq"
+    # (batch order, a sequence's programs side by side), "head" (the original (B, Hk, splits) grid).
+    order: str = "lpt"
+    # Split-K merge: by the last split to finish (one launch; an atomic counter per (sequence, KV head)) or by a
+    # separate reduce kernel.
+    fused_reduce: bool = True
+    # Split-K only when (batch x KV heads) leaves fewer than min_programs_per_sm programs per SM; it then aims at
+    # programs_per_sm, never cutting the table's capacity into splits shorter than min_split_tokens.
+    min_programs_per_sm: int = 2
+    programs_per_sm: int = 4
+    min_split_tokens: int = 128
+    max_splits: int = 64
+
+
+# Measured on the H100 (benchmarks/bench_decode_attention.py; numbers in benchmarks/decode_attention_variants.py):
+# longest-first order with the runner's permutation is the fastest at batch 64-256; when the batch is so small that
+# the context is split, one launch whose last split merges wins.
+DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="lpt", fused_reduce=False)
+SPLIT_DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="head", fused_reduce=True)
+
+
+def set_decode_configs(config: DecodeConfig, split_config: DecodeConfig | None = None) -> None:
+    """Replace the default configs (benchmarks and experiments; affects launches made, and graphs captured, from now
+    on). ``split_config`` defaults to ``config``."""
+    global DECODE_CONFIG, SPLIT_DECODE_CONFIG
+    DECODE_CONFIG = config
+    SPLIT_DECODE_CONFIG = split_config or config
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, sms: int,
+                      config: DecodeConfig | None = None) -> int:  # fmt: skip
+    """Split-K factor from static shapes: enough programs to fill the GPU, never splits shorter than a minimum.
+    ``config`` defaults to :data:`DECODE_CONFIG`."""
+    config = config or DECODE_CONFIG
+    programs = batch * num_kv_heads
+    if programs >= config.min_programs_per_sm * sms:
+        return 1
+    wanted = -(-config.programs_per_sm * sms // programs)
+    by_length = max(1, (max_blocks * block_size) // config.min_split_tokens)
+    return max(1, min(wanted, by_length, config.max_splits))
+
+
+_ORDER_MODES = {"head": ORDER_HEAD_MAJOR, "seq": ORDER_SEQ_MAJOR, "lpt": ORDER_PERMUTED}
+# Split-K arrival counters for the fused merge, per device; all zero between launches (the last arriver resets its
+# own). Grown outside graph capture only; superseded buffers stay alive because captured graphs may point at them.
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []
+
+
+def _split_counters(device: torch.device, size: int) -> torch.Tensor | None:
+    """A zeroed int32 buffer of at least ``size`` counters, or None while a CUDA graph is being captured and no such
+    buffer exists yet (zeros made inside a capture would only exist on replay): the caller then reduces separately."""
+    buf = _SPLIT_COUNTERS.get(device)
+    if buf is not None and buf.numel() >= size:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    if buf is not None:
+        _RETIRED_COUNTERS.append(buf)
+    buf = torch.zeros(max(size, 8192), dtype=torch.int32, device=device)
+    _SPLIT_COUNTERS[device] = buf
+    return buf
+
+
+def decode_order(seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """On the device, one launch: sequence indices by decreasing length, ties by increasing index (the launch order
+    of ``order="lpt"``). Same result as :func:`decode_order_host`. Graph safe; ``out`` may be a persistent buffer."""
+    batch = seq_lens.shape[0]
+    if batch > 1 << _ORDER_INDEX_BITS:
+        raise ValueError(f"decode_order handles at most {1 << _ORDER_INDEX_BITS} sequences, got {batch}")
+    if out is None:
+        out = torch.empty(batch, dtype=torch.int32, device=seq_lens.device)
+    if batch:
+        block = max(16, triton.next_power_of_2(batch))
+        _decode_order_kernel[(1,)](out, seq_lens, batch, BLOCK=block, INDEX_BITS=_ORDER_INDEX_BITS,
+                                   num_warps=4 if block <= 1024 else 8)  # fmt: skip
+    return out
+
+
+def decode_order_host(seq_lens: np.ndarray) -> np.ndarray:
+    """The same permutation as :func:`decode_order`, on the host (for a runner that stages it with the step inputs)."""
+    return np.argsort(-np.asarray(seq_lens, dtype=np.int64), kind="stable").astype(np.int32)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+    seq_order: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton decode attention: every sequence has exactly one query row (or none).
+
+    CUDA-graph safe: no host syncs; the grid is ``B x Hk x num_splits`` programs with ``num_splits`` from static shapes;
+    the split-K scratch is allocated from static shapes (inside a graph capture it lives in the graph's pool). Sequences
+    with ``seq_len == 0`` (graph padding) get zero output rows.
+
+    ``seq_order`` (``[B]`` int32, a permutation of ``0..B-1``, e.g. :func:`decode_order_host` of the lengths staged
+    each step) is the launch order when ``config.order == "lpt"``; without it that order is computed on the device by
+    one extra launch (:func:`decode_order`). Other orders ignore it.
+    """
+    out = check_attention_args(q, k_cache, v_cache, block_tables, out)
+    batch = seq_lens.shape[0]
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    if config is None:
+        config = DECODE_CONFIG
+        sms = num_sms(q.device.index if q.is_cuda else None)
+        if num_splits is None and decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, sms,
+                                                    config) > 1:
+            config = SPLIT_DECODE_CONFIG
+    if num_splits is None:
+        sms = num_sms(q.device.index if q.is_cuda else None)
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, sms, config)
+    if batch == 0:
+        return out
+    order = _ORDER_MODES[config.order]
+    if order == ORDER_PERMUTED:
+        if seq_order is None:
+            seq_order = decode_order(seq_lens)
+        elif seq_order.shape != (batch,) or seq_order.dtype != torch.int32:
+            raise ValueError(f"seq_order must be int32 of shape ({batch},), got {seq_order.dtype} {tuple(seq_order.shape)}")
+    else:
+        seq_order = seq_lens  # never read
+    counters = None
+    if num_splits > 1:
+        part_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+        if config.fused_reduce:
+            counters = _split_counters(q.device, batch * num_kv_heads)
+    else:
+        part_out = part_lse = out  # never touched
+    fused = counters is not None
+    group_pad = triton.next_power_of_2(group)
+    splits_pad = triton.next_power_of_2(num_splits)
+    grid = (batch, num_kv_heads, num_splits) if order == ORDER_HEAD_MAJOR else (batch * num_kv_heads * num_splits,)
+    _decode_kernel[grid](
+        out, part_out, part_lse, counters if fused else seq_lens, seq_order,
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        scale * LOG2E, num_kv_heads,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group,
+        BLOCK_H=max(16, group_pad),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TILE_N=config.tile_n,
+        NUM_SPLITS=num_splits,
+        ORDER=order,
+        FUSED_REDUCE=fused,
+        GROUP_PAD=group_pad,
+        SPLITS_PAD=splits_pad,
+        SPLIT_CHUNK=max(1, min(splits_pad, 32 // group_pad)),
+        IEEE=k_cache.dtype == torch.float32,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
+    if num_splits > 1 and not fused:
+        _decode_reduce_kernel[(batch, num_q_heads)](
+            out, part_out, part_lse, seq_lens, query_start_loc, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim,
+            TILE_N=config.tile_n,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=splits_pad,
+            num_warps=4,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,287 @@
+"""Prefill attention over the paged KV cache: varlen causal attention for any mix of prefill chunks and decodes.
+
+Programs over (query tile, KV head) with GQA packing (rows = query tokens x the KV head's query heads); the grid is
+sized from ``T`` and ``B`` (shapes), with a binary search for each program's sequence, so it needs no host copy of
+the lengths. Key tiles below the diagonal run unmasked, tiles at the diagonal masked. Layout and shared pieces:
+kernels/attention_common.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention_common import LOG2E, attend, check_attention_args, gather_kv
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    min_query_len: int = 1,
+) -> torch.Tensor:
+    """Plain-torch reference, one sequence at a time under a causal mask. Sequences with fewer than ``min_query_len``
+    query rows are left as they are in ``out`` (``paged_attention_ref`` batches its decodes separately). Reads the
+    lengths on the host (a sync): for CPU and tests."""
+    if out is None:
+        out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for i, (start, end) in enumerate(zip(starts[:-1], starts[1:])):
+        n = end - start
+        if n < max(min_query_len, 1):
+            continue
+        seq_len = lens[i]
+        keys, values = gather_kv(k_cache, v_cache, block_tables[i : i + 1], seq_len)
+        query_pos = torch.arange(seq_len - n, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
+        out[start:end] = attend(q[None, start:end], keys, values, mask[None], scale)[0]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefill_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    q_pos,
+    tile_start,
+    seq_len,
+    kv_end,
+    table,
+    k_base,
+    v_base,
+    scale_log2,
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One key tile of online softmax; ``MASKED`` tiles apply the causal and length masks."""
+    offs_n = tile_start + tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        valid = offs_n < kv_end
+        page = tl.load(table + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    else:
+        page = tl.load(table + offs_n // BLOCK_SIZE).to(tl.int64)
+    in_page = offs_n % BLOCK_SIZE
+    k_ptrs = k_base + (page * stride_kb + in_page * stride_ks)[None, :] + offs_d[:, None]
+    v_ptrs = v_base + (page * stride_vb + in_page * stride_vs)[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=valid[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    s = s * scale_log2
+    if MASKED:
+        visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < seq_len)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["num_seqs"])  # one compiled kernel whatever the batch size
+def _prefill_kernel(
+    out_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    scale_log2,
+    num_seqs,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Rows of a program are ``BLOCK_Q`` query tokens x ``GROUP`` query heads of one KV head (row = tok * GROUP + h).
+
+    The grid has ``T // BLOCK_Q + B`` programs on axis 0, an upper bound on the query tiles of all sequences that needs
+    no host knowledge of the lengths: sequence ``i`` owns programs ``qsl[i] // BLOCK_Q + i`` onwards (binary search).
+    """
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_block = pid - (q_start // BLOCK_Q + seq)
+    if q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = q_block * BLOCK_Q + offs_m // GROUP
+    heads = kv_head * GROUP + offs_m % GROUP
+    row_mask = (offs_m < BLOCK_Q * GROUP) & (tok < q_len)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )
+    q = q.to(k_cache_ptr.dtype.element_ty)
+    q_pos = context_len + tok
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    # Keys below the tile's first query position are visible to every row: whole tiles there need no mask. The first
+    # masked tile's first key is visible to every row too, so no row ever sees an all -inf tile before a finite one.
+    first_pos = context_len + q_block * BLOCK_Q
+    full_end = (first_pos + 1) // TILE_N * TILE_N
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
+    for tile_start in range(0, full_end, TILE_N):
+        acc, m_i, l_i = _prefill_tile(
+            acc, m_i, l_i, q, q_pos, tile_start, seq_len, kv_end, table, k_base, v_base, scale_log2,
+            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, False, IEEE,
+        )  # fmt: skip
+    for tile_start in range(full_end, kv_end, TILE_N):
+        acc, m_i, l_i = _prefill_tile(
+            acc, m_i, l_i, q, q_pos, tile_start, seq_len, kv_end, table, k_base, v_base, scale_log2,
+            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, True, IEEE,
+        )  # fmt: skip
+
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launch configuration (static: a function of shapes and dtypes only, never of tensor values)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    tile_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (minimum average query length T / B, config): the first whose threshold the batch meets wins.
+PREFILL_CONFIGS: list[tuple[float, PrefillConfig]] = [
+    (64.0, PrefillConfig(block_m=128, tile_n=64, num_warps=8, num_stages=2)),
+    (8.0, PrefillConfig(block_m=64, tile_n=64, num_warps=4, num_stages=2)),
+    (0.0, PrefillConfig(block_m=16, tile_n=64, num_warps=4, num_stages=2)),
+]
+
+
+def pick_prefill_config(num_tokens: int, num_seqs: int) -> PrefillConfig:
+    """The launch config for a batch, by its average query length (see :data:`PREFILL_CONFIGS`)."""
+    avg = num_tokens / max(num_seqs, 1)
+    for threshold, config in PREFILL_CONFIGS:
+        if avg >= threshold:
+            return config
+    return PREFILL_CONFIGS[-1][1]
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    config: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """Triton varlen causal attention over the paged cache, for any mix of prefill chunks and decodes.
+
+    The grid is sized from ``T`` and ``B`` (shapes), so it needs no host copy of the lengths either.
+    """
+    out = check_attention_args(q, k_cache, v_cache, block_tables, out)
+    num_tokens, num_q_heads, head_dim = q.shape
+    batch = seq_lens.shape[0]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    if num_tokens == 0 or batch == 0:
+        return out
+    config = config or pick_prefill_config(num_tokens, batch)
+    block_m = max(config.block_m, triton.next_power_of_2(group))
+    block_q = block_m // group
+    grid = (num_tokens // block_q + batch, num_kv_heads)
+    _prefill_kernel[grid](
+        out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        scale * LOG2E, batch,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group,
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        TILE_N=config.tile_n,
+        IEEE=k_cache.dtype == torch.float32,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
