@@ -139,7 +139,8 @@ class ModelRunner:
         """Peak memory of a forward pass at the largest batch; what ``gpu_memory_utilization`` leaves goes to KV."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        num_tokens = self.max_num_batched_tokens
+        # The largest step the scheduler can build: no sequence holds more than max_model_len tokens.
+        num_tokens = min(self.max_num_batched_tokens, self.max_num_seqs * self.max_model_len)
         num_seqs = min(self.max_num_seqs, num_tokens)
         blocks_per_seq = -(-(-(-num_tokens // num_seqs)) // self.block_size)
         self._allocate_kv_cache(num_seqs * blocks_per_seq + 1)
