@@ -25,14 +25,14 @@ class LLM:
     ``enforce_eager``, ``enable_prefix_caching``, ...)."""
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
-        from core.engine import EngineCore  # the offline LLM is the one frontend piece that runs the core in-process
+        from core.pooling_engine import create_engine_core  # the offline LLM runs the core in-process
 
         fields = set(EngineConfig.__struct_fields__)
         unknown = sorted(set(engine_args) - fields)
         if unknown:
             raise TypeError(f"Unknown engine argument(s) {unknown}; known: {sorted(fields - {'model'})}.")
         self.config = EngineConfig(model=model, **engine_args)
-        self.engine = EngineCore(self.config)
+        self.engine = create_engine_core(self.config)  # an EngineCore, or the embedding engine (task="embed")
         self.tokenizer = None
         if not self.config.skip_tokenizer_init:
             from frontend.tokenizer import load_tokenizer
@@ -45,6 +45,15 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
+
+    def embed(self, prompts, *, truncate_prompt_tokens: int | None = None, dimensions: int | None = None,
+              use_tqdm: bool = True):
+        """One ``EmbeddingRequestOutput`` per prompt (strings, ``{"prompt": str}`` or ``{"prompt_token_ids": [...]}``),
+        in order; needs an embedding model (or ``task="embed"``). See frontend/offline_embed.py."""
+        from frontend.offline_embed import embed
+
+        return embed(self, prompts, truncate_prompt_tokens=truncate_prompt_tokens, dimensions=dimensions,
+                     use_tqdm=use_tqdm)
 
     # ------------------------------------------------------------------------------------------------ generate
     def generate(
@@ -114,6 +123,8 @@ class LLM:
     def _run(
         self, prompts: list[tuple[str | None, list[int]]], params_list: list[SamplingParams], use_tqdm: bool
     ) -> list[RequestOutput]:
+        if self.engine.ready_message().embedding is not None:
+            raise ValueError(f"Model '{self.config.model}' is an embedding model: use embed(), not generate()/chat().")
         order: dict[str, int] = {}
         try:
             for i, ((text, ids), params) in enumerate(zip(prompts, params_list)):

