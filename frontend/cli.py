@@ -38,6 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
+                        help="embed: serve /v1/embeddings (encoders always; decoders pool their last token).")
 
 
 def engine_config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
@@ -59,6 +61,7 @@ def engine_config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
         cpu_kv_cache_gib=args.cpu_kv_cache_gib,
         device=args.device,
         attention_backend=args.attention_backend,
+        task=args.task,
         **extra,
     )
 

@@ -79,6 +79,7 @@ class EngineClient:
         self.dead_error: str | None = None
         self._requests: dict[str, _RequestState] = {}
         self._utility_calls: dict[int, asyncio.Future] = {}
+        self._embeddings: dict[str, asyncio.Future] = {}  # pooling requests: id -> their embedding bytes
         self._call_ids = itertools.count()
         self._encoder = Encoder()
         self._addrs: IpcAddresses | None = None
@@ -237,6 +238,19 @@ class EngineClient:
             if not finished:
                 self.abort(request_id)
 
+    async def embed(self, request_id: str, prompt_token_ids: list[int]) -> bytes:
+        """One prompt's embedding (float32 bytes) from an embedding engine; cancelling aborts it in the core."""
+        if not self.is_healthy:
+            raise EngineDeadError(self.dead_error or "The engine core is not running.")
+        future = asyncio.get_running_loop().create_future()
+        self._embeddings[request_id] = future
+        self._send(EngineRequest(request_id, prompt_token_ids, SamplingParams(max_tokens=1), arrival_time=time.time()))
+        try:
+            return await future
+        finally:
+            if self._embeddings.pop(request_id, None) is not None and not future.done() and self.is_healthy:
+                self._send(AbortRequests([request_id]))
+
     def abort(self, request_id: str) -> None:
         """Abort a request here and in the core (which frees its blocks at once)."""
         state = self._requests.pop(request_id, None)
@@ -285,6 +299,8 @@ class EngineClient:
     def _handle_outputs(self, message: EngineOutputs) -> None:
         now = time.monotonic()
         metrics = self.metrics
+        if self._embeddings:
+            _route_embeddings(self._embeddings, message)
         if message.outputs:
             self._record_token_timing(message, now)
             processed = self.processor.process_outputs(message.outputs)
@@ -342,7 +358,7 @@ class EngineClient:
             self.processor.abort_request(request_id)
             state.queue.put_nowait(error)
         self._requests.clear()
-        for future in self._utility_calls.values():
+        for future in [*self._utility_calls.values(), *self._embeddings.values()]:
             if not future.done():
                 future.set_exception(error)
 
@@ -374,3 +390,20 @@ def _merge_queued_deltas(first: RequestOutput, queue: asyncio.Queue) -> RequestO
         if merged.prompt_logprobs is None:
             merged.prompt_logprobs = nxt.prompt_logprobs
     return merged
+
+
+def _route_embeddings(pending: dict[str, asyncio.Future], message: EngineOutputs) -> None:
+    """Resolve the futures of pooling requests (their embeddings, or the core's refusal) and take their outputs
+    out of ``message``, so that the text path never sees them."""
+    for out in message.outputs:
+        future = pending.pop(out.request_id, None) if out.finished else None
+        if future is not None and not future.done():
+            if out.embedding is not None:
+                future.set_result(out.embedding)
+            else:
+                future.set_exception(RequestRejectedError(f"The request ended without an embedding ({out.finish_reason})."))
+    for error in message.errors:
+        future = pending.pop(error.request_id, None)
+        if future is not None and not future.done():
+            future.set_exception(RequestRejectedError(error.message, error.param))
+    message.outputs = [o for o in message.outputs if o.embedding is None and o.request_id not in pending]
