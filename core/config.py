@@ -1,17 +1,21 @@
 """Model configuration (the few HF config fields our Llama-family implementation reads) and the engine settings
-derived from ``EngineConfig`` + the model + the device, resolved once (``resolve_config``)."""
+derived from ``EngineConfig`` + the model + the device, resolved once (``resolve_config``; which engine, generation
+or embedding, by ``resolve_task``)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from core import envs
 from kernels.backend import resolve_backends
 from ipc.config import DTYPE_NAMES, EngineConfig
+
+if TYPE_CHECKING:
+    from core.models.bert import BertConfig
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +25,17 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+}
+
+# HF architecture name -> encoder family (core/models/bert.py), also the checkpoint prefix of the encoder weights
+# when a head class wraps them. These models embed (``task`` auto means embed for them).
+ENCODER_ARCHITECTURES = {
+    "BertModel": "bert",
+    "BertForMaskedLM": "bert",
+    "RobertaModel": "roberta",
+    "RobertaForMaskedLM": "roberta",
+    "XLMRobertaModel": "roberta",
+    "XLMRobertaForMaskedLM": "roberta",
 }
 
 # Every dtype spelling ``EngineConfig.dtype`` accepts (one table: ``ipc/config.py``), as a torch dtype.
@@ -48,6 +63,11 @@ class ModelConfig:
     bos_token_id: int | None
     torch_dtype: str | None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest context the checkpoint supports (``BertConfig`` has the same property)."""
+        return self.max_position_embeddings
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -93,6 +113,21 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
         )
+
+
+def is_encoder_config(hf_config: dict[str, Any]) -> bool:
+    return any(a in ENCODER_ARCHITECTURES for a in hf_config.get("architectures") or [])
+
+
+def resolve_task(config: EngineConfig, hf_config: dict[str, Any]) -> str:
+    """``generate`` or ``embed`` for this model and ``config.task``: ``auto`` embeds with encoders and generates
+    with decoders; a decoder may embed (last-token pooling); an encoder cannot generate (a ValueError)."""
+    if is_encoder_config(hf_config):
+        if config.task == "generate":
+            raise ValueError(f"{hf_config.get('architectures')} is an encoder (embedding) model: it cannot generate "
+                             "text. Use task='embed' (--task embed) or 'auto'.")
+        return "embed"
+    return "embed" if config.task == "embed" else "generate"
 
 
 def resolve_dtype(requested: str, model_dtype: str | None, device: torch.device) -> torch.dtype:
@@ -151,11 +186,12 @@ class ResolvedConfig:
                 f"attention_backend={self.attention_backend}")
 
 
-def resolve_config(config: EngineConfig, model_config: ModelConfig, device: torch.device | None = None
+def resolve_config(config: EngineConfig, model_config: ModelConfig | BertConfig, device: torch.device | None = None
                    ) -> ResolvedConfig:
-    """Every derived engine setting, in one place. ``device`` None: resolve ``config.device``."""
+    """Every derived engine setting, in one place. ``model_config``: a decoder's ``ModelConfig`` or an encoder's
+    ``BertConfig`` (both give ``max_model_len`` and ``torch_dtype``). ``device`` None: resolve ``config.device``."""
     device = resolve_device(config.device) if device is None else device
-    max_model_len = resolve_max_model_len(config.max_model_len, model_config.max_position_embeddings)
+    max_model_len = resolve_max_model_len(config.max_model_len, model_config.max_model_len)
     attention_backend, kernel_backend = _resolve_backends(config)
     return ResolvedConfig(
         device=device,

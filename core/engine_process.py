@@ -108,9 +108,9 @@ class EngineProcess:
         threading.Thread(target=self._watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
         status = 0
         try:
-            from core.engine import EngineCore
+            from core.pooling_engine import create_engine_core  # EngineCore, or the embedding engine
 
-            self._core = EngineCore(self.config)
+            self._core = create_engine_core(self.config)
             self._outputs.put(self._core.ready_message())
             self._busy_loop()
         except (_Stop, SystemExit, KeyboardInterrupt):

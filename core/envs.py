@@ -21,7 +21,8 @@ class EnvVar:
 
 ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("PAGEDSERVE_LOG_LEVEL", "Log level of both processes (DEBUG, INFO, WARNING, ...).", "INFO"),
-    EnvVar("PAGEDSERVE_CACHE_DIR", "Where converted GGUF tokenizers are cached.",
+    EnvVar("PAGEDSERVE_CACHE_DIR", "Where converted GGUF tokenizers and extracted packaged models "
+           "(all-MiniLM-L6-v2) are cached.",
            "$XDG_CACHE_HOME/pagedserve, else ~/.cache/pagedserve"),
     EnvVar("PAGEDSERVE_API_KEY", "Default of `serve --api-key` (Bearer token required on every API route).",
            "unset: no auth"),

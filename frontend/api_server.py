@@ -44,6 +44,7 @@ from frontend.server_options import ServerOptions
 from frontend.serving_chat import ChatServing
 from frontend.serving_common import ServingContext, json_response
 from frontend.serving_completion import CompletionServing
+from frontend.serving_embedding import EmbeddingRequest, EmbeddingServing
 from frontend.serving_tokenize import TokenizeServing
 from ipc.config import EngineConfig
 
@@ -144,6 +145,17 @@ def _body_schema(model: type[BaseModel]) -> dict:
                             "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
+def _check_task(request: Request, task: str) -> None:
+    """A generation request to an embedding model, or an embeddings request to a generation model: a 400."""
+    is_embedding = request.app.state.embedding_info is not None
+    if task == "embed" and not is_embedding:
+        raise OpenAIError("This model is a generation model: /v1/embeddings needs an embedding model (or a decoder "
+                          "served with --task embed).", param="model")
+    if task == "generate" and is_embedding:
+        raise OpenAIError("This model is an embedding model: it serves /v1/embeddings, not text generation.",
+                          param="model")
+
+
 def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: ServerOptions,
               default_sampling: dict[str, Any] | None = None) -> FastAPI:
     """The FastAPI app; its lifespan starts the engine core and waits for READY.
@@ -169,6 +181,8 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
             app.state.completion = CompletionServing(ctx)
             app.state.chat = ChatServing(ctx)
             app.state.tokenize = TokenizeServing(ctx)
+            app.state.embedding_info = ready.embedding  # None: a generation model
+            app.state.embedding = EmbeddingServing(ctx, ready.embedding) if ready.embedding is not None else None
             logger.info("pagedserve %s serving %s (max_model_len %d) on http://%s:%d", version(),
                         ", ".join(served_names), ready.max_model_len, options.host or "0.0.0.0", options.port)
             # Everything allocated so far lives as long as the server: keep the cyclic GC from rescanning it
@@ -217,7 +231,8 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         ctx: ServingContext = request.app.state.ctx
-        cards = [ModelCard(id=name, root=ctx.model_path, max_model_len=ctx.max_model_len)
+        task = "generate" if request.app.state.embedding_info is None else "embed"
+        cards = [ModelCard(id=name, root=ctx.model_path, max_model_len=ctx.max_model_len, task=task)
                  for name in ctx.served_model_names]
         return json_response(ModelList(data=cards))
 
@@ -225,13 +240,21 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
     # ~0.6 ms a request, which at hundreds of requests a second delays every stream's tokens.
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
+        _check_task(request, "generate")
         body = _parse_body(CompletionRequest, await request.body())
         return await request.app.state.completion.create(body, request)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
+        _check_task(request, "generate")
         body = _parse_body(ChatCompletionRequest, await request.body())
         return await request.app.state.chat.create(body, request)
+
+    @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+    async def embeddings(request: Request) -> Response:
+        _check_task(request, "embed")
+        body = _parse_body(EmbeddingRequest, await request.body())
+        return await request.app.state.embedding.create(body, request)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest, request: Request) -> JSONResponse:

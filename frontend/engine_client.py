@@ -1,8 +1,9 @@
 """The frontend's handle on the engine-core process: start it, feed it requests, route its outputs.
 
 One asyncio task reads the core's output socket and hands each step's outputs to the ``OutputProcessor``, which
-holds the one table of in-flight requests (``RequestState``): it turns token ids into ``RequestOutput``s, puts them
-on the request's queue and records latency metrics. ``generate()`` is an async iterator over one request's queue.
+holds the one table of in-flight requests (``RequestState``, ``EmbeddingState``): it turns token ids into
+``RequestOutput``s, puts them (or an embedding) on the request's queue and records latency metrics. ``generate()``
+is an async iterator over one request's queue; ``embed()`` awaits its one item.
 The core's exit is watched through the process sentinel, so a crash (even ``kill -9``) fails every in-flight
 request at once instead of leaving it hanging.
 """
@@ -222,6 +223,25 @@ class EngineClient:
                     item = _merge_queued_deltas(item, state.queue)
                 finished = item.finished
                 yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    async def embed(self, request_id: str, prompt_token_ids: list[int]) -> bytes:
+        """One prompt's embedding (float32 bytes) from an embedding engine. Leaving early (client gone) aborts it
+        in the core."""
+        if not self.is_healthy:
+            raise EngineDeadError(self.dead_error or "The engine core is not running.")
+        state = self.processor.add_embedding_request(request_id, len(prompt_token_ids), queue=asyncio.Queue(),
+                                                     arrival=time.monotonic())
+        self._send(EngineRequest(request_id, prompt_token_ids, SamplingParams(max_tokens=1)))
+        finished = False
+        try:
+            item = await state.queue.get()
+            finished = True
+            if isinstance(item, BaseException):
+                raise item
+            return item
         finally:
             if not finished:
                 self.abort(request_id)

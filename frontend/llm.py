@@ -27,10 +27,10 @@ class LLM:
     an unknown or ill-typed one raises ``TypeError`` listing the valid ones."""
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
-        from core.engine import EngineCore  # the offline LLM is the one frontend piece that runs the core in-process
+        from core.pooling_engine import create_engine_core  # the offline LLM runs the core in-process
 
         self.config = engine_config_from_kwargs(model=model, **engine_args)
-        self.engine = EngineCore(self.config)
+        self.engine = create_engine_core(self.config)  # an EngineCore, or the embedding engine (task="embed")
         source = resolve_model(model, self.config.revision)
         self.default_sampling = default_sampling_overrides(self.config.generation_config, source)
         self.tokenizer = None
@@ -47,6 +47,15 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """``SamplingParams()``, with ``generation_config``'s defaults when it is ``auto`` or a folder (vLLM's)."""
         return SamplingParams(**self.default_sampling)
+
+    def embed(self, prompts, *, truncate_prompt_tokens: int | None = None, dimensions: int | None = None,
+              use_tqdm: bool = True):
+        """One ``EmbeddingRequestOutput`` per prompt (strings, ``{"prompt": str}`` or ``{"prompt_token_ids": [...]}``),
+        in order; needs an embedding model (or ``task="embed"``). See frontend/offline_embed.py."""
+        from frontend.offline_embed import embed
+
+        return embed(self, prompts, truncate_prompt_tokens=truncate_prompt_tokens, dimensions=dimensions,
+                     use_tqdm=use_tqdm)
 
     # ------------------------------------------------------------------------------------------------ generate
     def generate(
@@ -121,6 +130,8 @@ class LLM:
     def _run(
         self, prompts: list[tuple[str | None, list[int]]], params_list: list[SamplingParams], use_tqdm: bool
     ) -> list[RequestOutput]:
+        if self.engine.ready_message().embedding is not None:
+            raise ValueError(f"Model '{self.config.model}' is an embedding model: use embed(), not generate()/chat().")
         order: dict[str, int] = {}
         try:
             for i, ((text, ids), params) in enumerate(zip(prompts, params_list)):

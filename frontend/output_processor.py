@@ -1,9 +1,10 @@
 """Turns the core's per-step token ids into vLLM-shaped ``RequestOutput``s: text, logprobs, stop strings.
 
 Shared by the API server (one per server) and the offline ``LLM`` (in-process), it holds the frontend's only
-per-request table: ``RequestState`` (text state, output queue, latency stats). The core knows nothing of text:
-stop strings are found here, and the sequences they end are handed back in ``to_abort`` so the caller aborts them
-in the core.
+per-request table: ``RequestState`` (text state, output queue, latency stats), and ``EmbeddingState`` for the
+server's embedding requests (output queue and latency stats only: no text, no tokens, one output). The core knows
+nothing of text: stop strings are found here, and the sequences they end are handed back in ``to_abort`` so the
+caller aborts them in the core.
 """
 
 from __future__ import annotations
@@ -190,9 +191,34 @@ class RequestState:
         metrics.record_finished(reason, now - self.arrival, len(self.prompt_token_ids), self.num_generation_tokens)
 
 
+class EmbeddingState:
+    """An embedding request in the same table: it ends with one output carrying the embedding (float32 bytes), put
+    on ``queue`` as it is; an exception put there ends it instead (same contract as ``RequestState.queue``)."""
+
+    __slots__ = ("request_id", "num_prompt_tokens", "queue", "arrival")
+
+    def __init__(self, request_id: str, num_prompt_tokens: int, queue: asyncio.Queue, arrival: float) -> None:
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.queue = queue
+        self.arrival = arrival
+
+    def finish(self, out: EngineOutput, metrics: Metrics | None, now: float) -> None:
+        if out.embedding is not None:
+            self.queue.put_nowait(out.embedding)
+        else:  # the core ended it otherwise (the frontend's own aborts have left the table already)
+            self.queue.put_nowait(RuntimeError(f"The engine ended embedding request {self.request_id} without an "
+                                               f"embedding ({out.finish_reason})."))
+        if metrics is not None:
+            self.record_finished(metrics, str(out.finish_reason), now)
+
+    def record_finished(self, metrics: Metrics, reason: str, now: float) -> None:
+        metrics.record_finished(reason, now - self.arrival, self.num_prompt_tokens, 0)
+
+
 class OutputProcessor:
-    """The frontend's one table of in-flight requests (``RequestState``). ``process_outputs`` is called with each
-    ``EngineOutputs.outputs``.
+    """The frontend's one table of in-flight requests (``RequestState``, and ``EmbeddingState`` for embedding
+    requests). ``process_outputs`` is called with each ``EngineOutputs.outputs``.
 
     Modes per request: cumulative (default; every output so far), ``stream_deltas`` (only what is new since the
     previous ``RequestOutput``, for streaming), ``final_only`` (one ``RequestOutput`` when the request finishes,
@@ -202,24 +228,34 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any | None) -> None:
         self.tokenizer = tokenizer
         self._token_strings = TokenStrings(tokenizer)
-        self._requests: dict[str, RequestState] = {}
+        self._requests: dict[str, RequestState | EmbeddingState] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     stream_deltas: bool = False, final_only: bool = False, queue: asyncio.Queue | None = None,
                     arrival: float = 0.0) -> RequestState:
-        if request_id in self._requests:
-            raise ValueError(f"Request id {request_id!r} is already in use.")
+        self._check_new_id(request_id)
         state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer, stream_deltas, final_only,
                              queue, arrival)
         self._requests[request_id] = state
         return state
 
-    def abort_request(self, request_id: str) -> RequestState | None:
+    def add_embedding_request(self, request_id: str, num_prompt_tokens: int, queue: asyncio.Queue,
+                              arrival: float = 0.0) -> EmbeddingState:
+        self._check_new_id(request_id)
+        state = EmbeddingState(request_id, num_prompt_tokens, queue, arrival)
+        self._requests[request_id] = state
+        return state
+
+    def _check_new_id(self, request_id: str) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+
+    def abort_request(self, request_id: str) -> RequestState | EmbeddingState | None:
         """Forget a request (its later outputs from the core, e.g. the ABORT ones, are ignored); returns its state
         if it was still in flight."""
         return self._requests.pop(request_id, None)
 
-    def abort_all(self) -> list[RequestState]:
+    def abort_all(self) -> list[RequestState | EmbeddingState]:
         """Forget every request (the engine is gone); returns their states."""
         states = list(self._requests.values())
         self._requests.clear()
@@ -239,6 +275,11 @@ class OutputProcessor:
             req = self._requests.get(out.request_id)
             if req is None:
                 continue  # finished or aborted here already; the core is catching up
+            if isinstance(req, EmbeddingState):
+                if out.finished:
+                    del self._requests[out.request_id]
+                    req.finish(out, metrics, now)
+                continue
             if metrics is not None:
                 if out.request_id not in reached:
                     reached[out.request_id] = req

@@ -461,6 +461,7 @@ class ModelCard(OpenAIBase):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    task: str | None = None  # generate | embed: what the model serves
 
 
 class ModelList(OpenAIBase):

@@ -30,7 +30,18 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None, chat_templ
     tok = _load_gguf_tokenizer(Path(source.gguf_file)) if source.is_gguf else _load_directory_tokenizer(source.path)
     if chat_template is not None:
         tok.chat_template = read_chat_template(chat_template)
+    _disable_backend_padding(tok)
     return tok
+
+
+def _disable_backend_padding(tok) -> None:
+    """Some tokenizer.json files (sentence-transformers' all-MiniLM-L6-v2) switch on fixed padding and truncation
+    (to 128) in the Rust tokenizer. transformers' wrapper overrides them on every call, but ``encode`` below calls
+    the Rust tokenizer directly: turn them off there, so it returns exactly the prompt's tokens."""
+    backend = getattr(tok, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "no_padding"):
+        backend.no_padding()
+        backend.no_truncation()
 
 
 def encode(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:

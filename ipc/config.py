@@ -31,6 +31,7 @@ WEIGHT_FORMATS = ("safetensors", "gguf", "pt")  # what ``core/loader.py`` reads
 LOAD_FORMATS = ("auto", *WEIGHT_FORMATS, "dummy")  # dummy: random weights, no files read
 DEVICES = ("auto", "cuda", "cpu")
 BACKENDS = ("auto", "torch", "triton")
+TASKS = ("auto", "generate", "embed")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         "Default sampling parameters. vllm: none (the request's or vLLM's defaults); auto: the model's "
         "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens); "
         "a folder: its generation_config.json. (vLLM's default is auto.)", metavar="{auto,vllm,FOLDER}")] = "vllm"
+    task: Annotated[str, Arg(
+        "What the model serves. auto: embed for encoder (BERT-family) models, else generate; embed: "
+        "/v1/embeddings and LLM.embed (encoders, or a decoder pooling its last token).", choices=TASKS)] = "auto"
 
     def __post_init__(self) -> None:
         for name, info in _FIELDS.items():
@@ -216,8 +220,7 @@ NOT_SUPPORTED_YET: dict[str, NotSupportedYet] = {
     "speculative_config": NotSupportedYet("speculative decoding"),
     "quantization": NotSupportedYet("quantization methods", aliases=("-q",), allowed=("None",)),
     "kv_cache_dtype": NotSupportedYet("quantized KV cache", allowed=("auto",)),
-    "task": NotSupportedYet("pooling or embedding task", allowed=("auto", "generate")),
-    "runner": NotSupportedYet("pooling or draft runner", allowed=("auto", "generate")),
+    "runner": NotSupportedYet("--runner flag (for pooling use --task embed)", allowed=("auto", "generate")),
     "guided_decoding_backend": NotSupportedYet("structured outputs"),
     "structured_outputs_config": NotSupportedYet("structured outputs"),
     "enable_auto_tool_choice": NotSupportedYet("tool calling", switch=True),

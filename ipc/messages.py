@@ -181,6 +181,7 @@ class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id that ended the sequence
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    embedding: bytes | None = None  # pooling models: the sequence's embedding, float32 little-endian
 
     @property
     def finished(self) -> bool:
@@ -232,6 +233,17 @@ class ReadyMessage(msgspec.Struct, tag="ready", array_like=True, gc=False):
     vocab_size: int
     eos_token_ids: list[int]
     device: str
+    embedding: EmbeddingInfo | None = None  # set when the engine is an embedding (pooling) engine
+
+
+class EmbeddingInfo(msgspec.Struct, array_like=True, gc=False):
+    """What the frontend needs to serve ``/v1/embeddings``: the vector size, whether vectors are L2-normalised,
+    and whether (and to which sizes) they may be truncated (Matryoshka models)."""
+
+    size: int
+    normalize: bool
+    is_matryoshka: bool = False
+    matryoshka_dimensions: list[int] | None = None  # None with is_matryoshka: any size up to ``size``
 
 
 class EngineDead(msgspec.Struct, tag="dead", array_like=True, gc=False):

@@ -154,7 +154,7 @@ UNSUPPORTED = [
     ["--enable-lora"], ["--lora-modules", "a=/x"], ["--tensor-parallel-size", "2"], ["-tp", "4"],
     ["--pipeline-parallel-size", "2"], ["-pp", "2"],
     ["--speculative-config", "{}"], ["--quantization", "fp8"], ["-q", "awq"], ["--kv-cache-dtype", "fp8"],
-    ["--task", "embed"], ["--runner", "pooling"], ["--guided-decoding-backend", "xgrammar"],
+    ["--runner", "pooling"], ["--guided-decoding-backend", "xgrammar"],
     ["--structured-outputs-config", "{}"], ["--enable-auto-tool-choice"], ["--tool-call-parser", "hermes"],
     ["--reasoning-parser", "deepseek_r1"],
 ]
@@ -169,6 +169,13 @@ def test_unsupported_flags_say_not_supported_yet(argv, capsys):
     flag = argv[0] if argv[0].startswith("--") else {"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size",
                                                      "-q": "--quantization"}[argv[0]]
     assert "not supported yet" in err and flag in err and "unrecognized" not in err
+
+
+def test_task_embed_is_a_flag_and_runner_points_to_it(capsys):
+    assert cli.engine_config_from_args(cli.serve_parser().parse_args(["--task", "embed"])).task == "embed"
+    with pytest.raises(SystemExit):
+        cli.serve_parser().parse_args(["--runner", "pooling"])
+    assert "--task embed" in capsys.readouterr().err
 
 
 def test_every_unsupported_flag_is_tested():

@@ -183,3 +183,25 @@ def test_abort_returns_the_state_once_and_abort_all_empties_the_table(tok):
     assert proc.abort_request("a") is a and proc.abort_request("a") is None
     assert proc.abort_all() == [b] and not proc.has_unfinished_requests()
     assert b.queue.empty()
+
+
+def test_embedding_requests_share_the_table():
+    """An embedding request is one ``EmbeddingState`` in the same table: its one output puts the vector bytes on
+    its queue and records it as finished; ids are unique across both kinds; abort and abort_all see it."""
+    proc = OutputProcessor(None)
+    metrics = Metrics("m", 1024)
+    e = proc.add_embedding_request("e", 3, asyncio.Queue(), arrival=10.0)
+    proc.add_request("g", None, [1], SamplingParams(), queue=asyncio.Queue())
+    with pytest.raises(ValueError):
+        proc.add_request("e", None, [1], SamplingParams())
+    with pytest.raises(ValueError):
+        proc.add_embedding_request("g", 1, asyncio.Queue())
+    vector = b"\x00\x00\x80?" * 4
+    r = proc.process_outputs([EngineOutput("e", [], finish_reason=FinishReason.STOP, embedding=vector)], metrics,
+                             now=10.5)
+    assert r.request_outputs == [] and e.queue.get_nowait() == vector
+    assert _sample(metrics, "vllm:request_success_total", finished_reason="stop") == 1
+    assert _sample(metrics, "vllm:request_prompt_tokens_sum") == 3
+    assert _sample(metrics, "vllm:time_to_first_token_seconds_count") == 0  # no tokens: no token latencies
+    e2 = proc.add_embedding_request("e2", 2, asyncio.Queue())
+    assert proc.abort_request("e") is None and len(proc.abort_all()) == 2 and e2.queue.empty()

@@ -11,6 +11,7 @@ import torch
 from kernels.activation import silu_and_mul
 from kernels.attention_prep import attention_prep
 from kernels.backend import check_backend, resolve_backends, use_triton
+from kernels.encoder_attention import encoder_attention
 from kernels.paged_attention import paged_attention
 from kernels.rmsnorm import rms_norm
 from tests.kernels.kernel_testing import make_attention_problem
@@ -31,6 +32,7 @@ def test_gpu_dispatchers_run_without_host_sync():
     cos_sin = torch.rand(64, 128, device="cuda")
     kv = torch.randn(2, 4, 16, 2, 128, device="cuda", dtype=torch.bfloat16)
     slots = torch.arange(8, device="cuda")
+    cu_seqlens = torch.tensor([0, 3, 8], dtype=torch.int32, device="cuda")
     # compile first: Triton's first launch of a specialization may touch the device outside the kernel
     calls = [
         lambda: paged_attention(*decode.args(), max_query_len=1),
@@ -40,6 +42,7 @@ def test_gpu_dispatchers_run_without_host_sync():
         lambda: silu_and_mul(x),
         lambda: attention_prep(positions, q, k, v, cos_sin, kv[0], kv[1], slots),
         lambda: attention_prep(positions, q, k, v, cos_sin, kv[0], kv[1], slots, w[:128], w[128:]),
+        lambda: encoder_attention(q, k, v, cu_seqlens, 5, 0.1),
     ]
     for call in calls:
         call()
@@ -106,6 +109,7 @@ def test_model_hands_its_backends_to_every_layer(attention_backend, kernel_backe
 def test_gpu_torch_backend_never_reaches_a_triton_launcher(monkeypatch):
     import kernels.activation
     import kernels.attention_prep
+    import kernels.encoder_attention
     import kernels.paged_attention
     import kernels.rmsnorm
     import kernels.sampling
@@ -119,7 +123,8 @@ def test_gpu_torch_backend_never_reaches_a_triton_launcher(monkeypatch):
     for module, name in [(kernels.rmsnorm, "rms_norm_triton"), (kernels.activation, "silu_and_mul_triton"),
                          (kernels.attention_prep, "attention_prep_triton"), (kernels.sampling, "gumbel_argmax_triton"),
                          (kernels.skinny_gemm, "skinny_gemm"), (kernels.paged_attention, "paged_decode_attention"),
-                         (kernels.paged_attention, "paged_prefill_attention")]:  # fmt: skip
+                         (kernels.paged_attention, "paged_prefill_attention"),
+                         (kernels.encoder_attention, "encoder_attention_triton")]:  # fmt: skip
         monkeypatch.setattr(module, name, triton_called)
     gen = torch.Generator().manual_seed(1)
     decode = make_attention_problem([1] * 3, [30, 200, 1], num_q_heads=8, num_kv_heads=2, head_dim=128, block_size=16,
@@ -142,5 +147,6 @@ def test_gpu_torch_backend_never_reaches_a_triton_launcher(monkeypatch):
     attention_prep(positions, q, k, v, cos_sin, kv[0], kv[1], slots, backend="torch")
     gumbel_argmax(logits, ones, ids, ids, backend="torch")
     linear(x[:1], x, backend="torch")
+    encoder_attention(q, k, v, torch.tensor([0, 1, 4], dtype=torch.int32, device="cuda"), 3, 0.1, backend="torch")
     with pytest.raises(AssertionError, match="Triton launcher"):  # the check itself works
         rms_norm(x, w, 1e-6)
