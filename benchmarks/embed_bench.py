@@ -84,7 +84,7 @@ def run_serve(model: str, sentences: list[str], args) -> tuple[float, np.ndarray
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "frontend.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-               "--disable-uvicorn-access-log", "--device", args.device, "--dtype", args.dtype,
+               "--disable-uvicorn-access-log", "--served-model-name", MODEL, "--device", args.device, "--dtype", args.dtype,
                "--max-num-seqs", str(args.max_num_seqs)]
         if args.max_num_batched_tokens:
             cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
