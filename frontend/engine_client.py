@@ -326,6 +326,8 @@ def _merge_queued_deltas(first: RequestOutput, queue: asyncio.Queue) -> RequestO
         merged.outputs = [by_index[i] for i in sorted(by_index)]
         merged.finished = nxt.finished
         merged.num_cached_tokens = max(merged.num_cached_tokens, nxt.num_cached_tokens)
+        merged.first_token_time, merged.last_token_time = nxt.first_token_time, nxt.last_token_time
+        merged.num_generation_tokens = nxt.num_generation_tokens
         if merged.prompt_logprobs is None:
             merged.prompt_logprobs = nxt.prompt_logprobs
     return merged

@@ -77,10 +77,12 @@ class Metrics:
         self._success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                 labels + ["finished_reason"], registry=reg)
         self._label_values = values
+        self.latest_stats: SchedulerStats | None = None
         for reason in ("stop", "length", "abort"):
             self._success.labels(*values, reason)  # export zeros so dashboards see the series from the start
 
     def record_scheduler_stats(self, stats: SchedulerStats) -> None:
+        self.latest_stats = stats  # ORCA load reports read it
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)

@@ -54,6 +54,11 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # Latency (time.monotonic()), for --enable-per-request-metrics.
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    last_token_time: float = 0.0
+    num_generation_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -324,6 +329,10 @@ class OutputProcessor:
             outputs=completions,
             finished=finished,
             num_cached_tokens=req.num_cached_tokens,
+            arrival_time=req.arrival,
+            first_token_time=req.first_token_time,
+            last_token_time=req.last_token_time,
+            num_generation_tokens=req.num_generation_tokens,
         )
 
     @staticmethod
