@@ -131,6 +131,8 @@ class EngineClient:
             if not recv.done():
                 recv.cancel()
         self.metrics = Metrics(self.model_name, self.ready.max_model_len)
+        self.metrics.record_cache_config(self.ready.block_size, self.ready.num_kv_blocks,
+                                         self.config.enable_prefix_caching)
         self._output_task = asyncio.create_task(self._output_loop(decoder), name="engine-outputs")
         logger.info("engine core ready: %s, max_model_len=%d, %d KV blocks of %d tokens, on %s",
                     self.ready.model, self.ready.max_model_len, self.ready.num_kv_blocks, self.ready.block_size,
