@@ -168,6 +168,7 @@ class EngineCore:
             if not seq.first_output_sent:
                 seq.first_output_sent = True
                 out.num_cached_tokens = seq.num_cached_tokens
+                out.queue_time_s = seq.queue_time_s
                 if seq.index == 0 and seq.sampling_params.prompt_logprobs is not None:
                     out.prompt_logprobs = self._prompt_logprobs.pop(seq.key, None)
                     seq.prompt_logprobs_done = True

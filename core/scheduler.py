@@ -10,6 +10,7 @@ Pure Python.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -56,6 +57,7 @@ class Scheduler:
         self._freed_keys: list[tuple[str, int]] = []
         # stats deltas since the last stats() call
         self._preemptions = 0
+        self._batched_tokens = 0  # tokens the latest schedule() put in the step (vllm:iteration_tokens_total)
         self._prefix_queries = 0
         self._prefix_hits = 0
         self.total_preemptions = 0
@@ -105,7 +107,8 @@ class Scheduler:
 
         freed, self._freed_keys = self._freed_keys, []
         freed.extend(r.key for r in preempted)
-        return SchedulerOutput(scheduled, self.max_num_batched_tokens - budget, preempted, freed)
+        self._batched_tokens = self.max_num_batched_tokens - budget
+        return SchedulerOutput(scheduled, self._batched_tokens, preempted, freed)
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
         """Room for a running sequence's tokens, preempting the newest running sequences until it fits; False
@@ -134,6 +137,7 @@ class Scheduler:
             if not seq.prefix_query_counted and seq.fork_source is None:
                 # Counted once per sequence, in tokens: a recompute after preemption is never a "hit".
                 seq.prefix_query_counted = True
+                seq.queue_time_s = time.monotonic() - seq.arrival_time
                 seq.num_cached_tokens = num_shared_tokens
                 self._prefix_queries += seq.num_tokens
                 self._prefix_hits += num_shared_tokens
@@ -192,6 +196,8 @@ class Scheduler:
             num_preemptions=self._preemptions,
             prefix_cache_queries=self._prefix_queries,
             prefix_cache_hits=self._prefix_hits,
+            num_batched_tokens=self._batched_tokens,
         )
+        self._batched_tokens = 0
         self._preemptions = self._prefix_queries = self._prefix_hits = 0
         return out

@@ -4,6 +4,7 @@ keyed by ``(request_id, index)``."""
 from __future__ import annotations
 
 import enum
+import time
 
 from ipc.messages import FinishReason, SamplingParams
 
@@ -24,7 +25,7 @@ class Sequence:
         "eos_token_ids", "stop_token_ids", "max_total_tokens", "cache_salt",
         "num_computed_tokens", "status", "finish_reason", "stop_reason", "block_hashes", "fork_source",
         "num_cached_tokens", "prefix_query_counted", "seed_key", "prompt_logprobs_done",
-        "first_output_sent", "num_placeholders",
+        "first_output_sent", "num_placeholders", "arrival_time", "queue_time_s",
     )
 
     def __init__(
@@ -63,6 +64,8 @@ class Sequence:
         self.prefix_query_counted = False
         self.prompt_logprobs_done = sampling_params.prompt_logprobs is None or index != 0
         self.first_output_sent = False
+        self.arrival_time = time.monotonic()
+        self.queue_time_s = 0.0  # arrival to first scheduling (vllm:request_queue_time_seconds)
         # Tokens being sampled by a step still in flight (async scheduling): counted in num_tokens, ids not known yet.
         self.num_placeholders = 0
         seed = sampling_params.seed

@@ -39,18 +39,21 @@ from frontend.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
+from frontend.openapi import install_openapi
 from frontend.request_logger import RequestLogger
 from frontend.server_options import ServerOptions
 from frontend.serving_chat import ChatServing
 from frontend.serving_common import ServingContext, json_response
 from frontend.serving_completion import CompletionServing
 from frontend.serving_embedding import EmbeddingRequest, EmbeddingServing
+from frontend.serving_misc import ResponseHeadersMiddleware, ServerLoad, invocation_route, tokenizer_info
 from frontend.serving_tokenize import TokenizeServing
+from frontend.usage import UsageOptions
 from ipc.config import EngineConfig
 
 logger = logging.getLogger("pagedserve.server")
 
-PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/load"})
 
 
 def version() -> str:
@@ -75,7 +78,7 @@ class ApiKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"] not in PUBLIC_PATHS:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and _route_path(scope) not in PUBLIC_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 error = OpenAIError("Unauthorized: a valid API key is required (Authorization: Bearer <key>).",
@@ -83,6 +86,12 @@ class ApiKeyMiddleware:
                 await error_response(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path without the proxy's ``--root-path`` prefix (uvicorn puts it in front of ``path``)."""
+    root, path = scope.get("root_path", ""), scope["path"]
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 class BodySizeLimitMiddleware:
@@ -176,15 +185,20 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
                 served_names[0] = ready.model
             ctx = ServingContext(client, tokenizer, served_names, ready.model, ready.max_model_len,
                                  ready.vocab_size, max_logprobs=engine_config.max_logprobs,
-                                 default_sampling=default_sampling or {}, request_logger=request_logger)
+                                 default_sampling=default_sampling or {}, request_logger=request_logger,
+                                 usage=UsageOptions(options.enable_force_include_usage,
+                                                    options.enable_prompt_tokens_details,
+                                                    options.enable_per_request_metrics))
             app.state.ctx = ctx
             app.state.completion = CompletionServing(ctx)
             app.state.chat = ChatServing(ctx)
             app.state.tokenize = TokenizeServing(ctx)
             app.state.embedding_info = ready.embedding  # None: a generation model
             app.state.embedding = EmbeddingServing(ctx, ready.embedding) if ready.embedding is not None else None
-            logger.info("pagedserve %s serving %s (max_model_len %d) on http://%s:%d", version(),
-                        ", ".join(served_names), ready.max_model_len, options.host or "0.0.0.0", options.port)
+            where = (f"unix:{options.uds}" if options.uds
+                     else f"http://{options.host or '0.0.0.0'}:{options.port}")
+            logger.info("pagedserve %s serving %s (max_model_len %d) on %s", version(),
+                        ", ".join(served_names), ready.max_model_len, where)
             # Everything allocated so far lives as long as the server: keep the cyclic GC from rescanning it
             # (its pauses stall every stream at once).
             gc.collect()
@@ -194,6 +208,8 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
             await client.shutdown()
 
     app = FastAPI(title="pagedserve", version=version(), lifespan=lifespan)
+    install_openapi(app)
+    server_load = ServerLoad()
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -222,7 +238,28 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
             return Response(status_code=200)
         return error_response(OpenAIError(client.dead_error or "The engine is not running.", status_code=503))
 
-    app.add_api_route("/ping", health, methods=["GET", "POST"])
+    # SageMaker's health check; one route per method so each has its own operation id.
+    app.add_api_route("/ping", health, methods=["GET"], operation_id="ping_get")
+    app.add_api_route("/ping", health, methods=["POST"], operation_id="ping_post")
+
+    @app.get("/load")
+    async def load() -> JSONResponse:
+        """In-flight model requests (counted with --enable-server-load-tracking, else 0)."""
+        return JSONResponse({"server_load": server_load.in_flight})
+
+    @app.get("/tokenizer_info")
+    async def get_tokenizer_info(request: Request) -> JSONResponse:
+        return JSONResponse(tokenizer_info(request.app.state.ctx.require_tokenizer()))
+
+    @app.post("/invocations", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"anyOf": [{"$ref": "#/components/schemas/CompletionRequest"},
+                             {"$ref": "#/components/schemas/ChatCompletionRequest"}]}}}}})
+    async def invocations(request: Request) -> Response:
+        """SageMaker-style: chat when the body has ``messages``, completions when it has ``prompt``."""
+        body = await request.body()
+        if invocation_route(body) == "/v1/chat/completions":
+            return await request.app.state.chat.create(_parse_body(ChatCompletionRequest, body), request)
+        return await request.app.state.completion.create(_parse_body(CompletionRequest, body), request)
 
     @app.get("/version")
     async def get_version() -> JSONResponse:
@@ -276,6 +313,17 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
         return JSONResponse({"success": bool(ok)})
 
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=options.max_request_body_bytes)
+
+    def orca_metrics() -> dict[str, float]:
+        stats = app.state.client.metrics.latest_stats if app.state.client.metrics is not None else None
+        if stats is None:
+            return {"kv_cache_usage_perc": 0.0, "num_requests_running": 0, "num_requests_waiting": 0}
+        return {"kv_cache_usage_perc": stats.kv_cache_usage, "num_requests_running": stats.num_running,
+                "num_requests_waiting": stats.num_waiting}
+
+    app.add_middleware(ResponseHeadersMiddleware, request_id_headers=options.enable_request_id_headers,
+                       load=server_load if options.enable_server_load_tracking else None,
+                       named_metrics=orca_metrics)
     if options.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=options.api_key)
     # Outermost (added last): preflights are answered before auth, and errors carry the CORS headers too.
@@ -290,6 +338,20 @@ def bind_socket(host: str | None, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """``--uds``: listen on a Unix domain socket (a stale socket file from an earlier run is replaced)."""
+    import os
+    import stat
+
+    if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -333,7 +395,7 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
     default_sampling = default_sampling_overrides(engine_config.generation_config, source)
     if default_sampling:
         logger.info("Default sampling parameters from the generation config: %s", default_sampling)
-    sock = bind_socket(options.host, options.port)
+    sock = bind_unix_socket(options.uds) if options.uds else bind_socket(options.host, options.port)
     app = build_app(engine_config, tokenizer, options, default_sampling)
     server = _Server(uvicorn_config(app, options))
     uvloop.run(server.serve(sockets=[sock]))

@@ -132,6 +132,8 @@ class EngineClient:
             if not recv.done():
                 recv.cancel()
         self.metrics = Metrics(self.model_name, self.ready.max_model_len)
+        self.metrics.record_cache_config(self.ready.block_size, self.ready.num_kv_blocks,
+                                         self.config.enable_prefix_caching)
         self._output_task = asyncio.create_task(self._output_loop(decoder), name="engine-outputs")
         logger.info("engine core ready: %s, max_model_len=%d, %d KV blocks of %d tokens, on %s",
                     self.ready.model, self.ready.max_model_len, self.ready.num_kv_blocks, self.ready.block_size,
@@ -346,6 +348,8 @@ def _merge_queued_deltas(first: RequestOutput, queue: asyncio.Queue) -> RequestO
         merged.outputs = [by_index[i] for i in sorted(by_index)]
         merged.finished = nxt.finished
         merged.num_cached_tokens = max(merged.num_cached_tokens, nxt.num_cached_tokens)
+        merged.first_token_time, merged.last_token_time = nxt.first_token_time, nxt.last_token_time
+        merged.num_generation_tokens = nxt.num_generation_tokens
         if merged.prompt_logprobs is None:
             merged.prompt_logprobs = nxt.prompt_logprobs
     return merged

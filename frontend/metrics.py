@@ -23,6 +23,11 @@ _E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
                 480.0, 960.0, 1920.0, 7680.0]
 
 
+_PHASE_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                  480.0, 960.0, 1920.0, 7680.0]
+_ITERATION_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+
+
 def _token_buckets(max_model_len: int) -> list[float]:
     """1, 2, 5, 10, 20, 50, ... up to max_model_len (vLLM's build_1_2_5_buckets)."""
     buckets: list[float] = []
@@ -41,6 +46,10 @@ class Metrics:
 
     def __init__(self, model_name: str, max_model_len: int) -> None:
         self.registry = CollectorRegistry()
+        # The standard process_* and python_gc_* collectors, as vLLM's default registry exports them.
+        prometheus_client.ProcessCollector(registry=self.registry)
+        prometheus_client.GCCollector(registry=self.registry)
+        prometheus_client.PlatformCollector(registry=self.registry)
         labels = ["model_name", "engine"]
         values = (model_name, "0")
         reg = self.registry
@@ -74,13 +83,37 @@ class Metrics:
             "vllm:request_prompt_tokens", "Number of prefill tokens processed.", token_buckets)
         self.request_generation_tokens = histogram(
             "vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets)
+        # Per-request phases, as vLLM's (the queue from the core, the rest where tokens reach the frontend).
+        self.queue_time = histogram("vllm:request_queue_time_seconds",
+                                    "Histogram of time spent in WAITING phase for request.", _PHASE_BUCKETS)
+        self.prefill_time = histogram("vllm:request_prefill_time_seconds",
+                                      "Histogram of time spent in PREFILL phase for request.", _PHASE_BUCKETS)
+        self.decode_time = histogram("vllm:request_decode_time_seconds",
+                                     "Histogram of time spent in DECODE phase for request.", _PHASE_BUCKETS)
+        self.inference_time = histogram("vllm:request_inference_time_seconds",
+                                        "Histogram of time spent in RUNNING phase for request.", _PHASE_BUCKETS)
+        self.time_per_output_token = histogram(
+            "vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.", _ITL_BUCKETS)
+        self.iteration_tokens = histogram("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+                                          _ITERATION_BUCKETS)
+        self.params_n = histogram("vllm:request_params_n", "Histogram of the n request parameter.",
+                                  [1, 2, 5, 10, 20])
+        self.params_max_tokens = histogram("vllm:request_params_max_tokens",
+                                           "Histogram of the max_tokens request parameter.", token_buckets)
+        self.max_num_generation_tokens = histogram(
+            "vllm:request_max_num_generation_tokens", "Histogram of maximum number of requested generation tokens.",
+            token_buckets)
         self._success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                 labels + ["finished_reason"], registry=reg)
         self._label_values = values
+        self.latest_stats: SchedulerStats | None = None
         for reason in ("stop", "length", "abort"):
             self._success.labels(*values, reason)  # export zeros so dashboards see the series from the start
 
     def record_scheduler_stats(self, stats: SchedulerStats) -> None:
+        self.latest_stats = stats  # ORCA load reports read it
+        if stats.num_batched_tokens:
+            self.iteration_tokens.observe(stats.num_batched_tokens)
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
@@ -90,6 +123,28 @@ class Metrics:
             self.prefix_cache_queries.inc(stats.prefix_cache_queries)
         if stats.prefix_cache_hits:
             self.prefix_cache_hits.inc(stats.prefix_cache_hits)
+
+    def record_request_phases(self, queue_s: float, prefill_s: float | None, decode_s: float | None,
+                              inference_s: float, n: int, max_tokens: int | None, max_generation_tokens: int) -> None:
+        """A finished request's phases and parameters (vLLM's per-request histograms)."""
+        self.queue_time.observe(queue_s)
+        self.inference_time.observe(max(0.0, inference_s))
+        if prefill_s is not None:
+            self.prefill_time.observe(max(0.0, prefill_s))
+        if decode_s is not None:
+            self.decode_time.observe(decode_s)
+            if max_generation_tokens > 1:
+                self.time_per_output_token.observe(decode_s / (max_generation_tokens - 1))
+        self.params_n.observe(n)
+        if max_tokens is not None:
+            self.params_max_tokens.observe(max_tokens)
+        self.max_num_generation_tokens.observe(max_generation_tokens)
+
+    def record_cache_config(self, block_size: int, num_gpu_blocks: int, enable_prefix_caching: bool) -> None:
+        """vllm:cache_config_info: the KV cache's settings as labels of a constant-1 gauge."""
+        info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                     ["block_size", "num_gpu_blocks", "enable_prefix_caching"], registry=self.registry)
+        info.labels(str(block_size), str(num_gpu_blocks), str(enable_prefix_caching)).set(1)
 
     def record_first_token(self, ttft_s: float, num_prompt_tokens: int) -> None:
         self.ttft.observe(ttft_s)

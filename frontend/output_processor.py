@@ -55,6 +55,11 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # Latency (time.monotonic()), for --enable-per-request-metrics.
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    last_token_time: float = 0.0
+    num_generation_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -141,6 +146,7 @@ class RequestState:
         "request_id", "prompt", "prompt_token_ids", "params", "stream_deltas", "final_only", "seqs",
         "prompt_logprobs", "prompt_logprobs_sent", "num_cached_tokens", "num_finished",
         "queue", "arrival", "first_token_time", "last_token_time", "num_generation_tokens", "step_tokens",
+        "queue_time_s",
     )
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
@@ -175,6 +181,7 @@ class RequestState:
         self.last_token_time = 0.0
         self.num_generation_tokens = 0
         self.step_tokens = 0  # tokens received in the step being processed
+        self.queue_time_s = 0.0  # the core's arrival-to-first-scheduling time
 
     def record_step(self, metrics: Metrics, now: float) -> None:
         """Time to first token, or the inter-token latency, of the tokens this step brought."""
@@ -189,6 +196,16 @@ class RequestState:
 
     def record_finished(self, metrics: Metrics, reason: str, now: float) -> None:
         metrics.record_finished(reason, now - self.arrival, len(self.prompt_token_ids), self.num_generation_tokens)
+        first = self.first_token_time
+        scheduled = min(self.arrival + self.queue_time_s, first if first is not None else now)
+        metrics.record_request_phases(
+            queue_s=self.queue_time_s,
+            prefill_s=(first - scheduled) if first is not None else None,
+            decode_s=(self.last_token_time - first) if first is not None else None,
+            inference_s=((self.last_token_time if first is not None else now) - scheduled),
+            n=self.params.n, max_tokens=self.params.max_tokens,
+            max_generation_tokens=max(len(seq.token_ids) for seq in self.seqs),
+        )
 
 
 class EmbeddingState:
@@ -293,6 +310,8 @@ class OutputProcessor:
             self._add_prompt_logprobs(req, out)
             if out.num_cached_tokens > req.num_cached_tokens:
                 req.num_cached_tokens = out.num_cached_tokens
+            if out.queue_time_s > req.queue_time_s:
+                req.queue_time_s = out.queue_time_s
             self._add_tokens(req, seq, out, result)
             changed[req.request_id] = req
         for req in reached.values():
@@ -365,6 +384,10 @@ class OutputProcessor:
             outputs=completions,
             finished=finished,
             num_cached_tokens=req.num_cached_tokens,
+            arrival_time=req.arrival,
+            first_token_time=req.first_token_time,
+            last_token_time=req.last_token_time,
+            num_generation_tokens=req.num_generation_tokens,
         )
 
     @staticmethod

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ipc.messages import SamplingParamError, SamplingParams
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+EMPTY_PROMPT = "Either prompt or prompt_embeds must be provided and non-empty."  # vLLM's wording
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; the server passes its own (negative: no limit)
 
 
@@ -64,7 +66,8 @@ _json_encoder = msgspec.json.Encoder()
 
 
 class StreamOptions(OpenAIBase):
-    include_usage: bool | None = True
+    # Usage goes out only when asked: ``stream_options: {}`` streams no usage chunk (OpenAI's and vLLM's rule).
+    include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
 
 
@@ -78,7 +81,7 @@ class _SamplingFields(OpenAIBase):
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)  # vLLM's bounds: the message names them
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     repetition_penalty: float | None = None
@@ -98,6 +101,17 @@ class _SamplingFields(OpenAIBase):
     add_special_tokens: bool = True
     request_id: str | None = None
     cache_salt: str | None = None  # vLLM's: prompts share prefix-cache blocks only with requests of the same salt
+    # vLLM's extras for token-level clients: ids in the response, logprob tokens spelled ``token_id:N``.
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
+    # Keep only the last (truncation_side "left", the default) or first ("right") N prompt tokens; -1: the
+    # model's context length.
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+    # Fields vLLM accepts that pagedserve does not implement: refused by name (400), never silently ignored.
+    use_beam_search: bool = False
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, default_max: bool,
                          defaults: dict[str, Any] | None, max_logprobs: int) -> SamplingParams:
@@ -115,12 +129,8 @@ class _SamplingFields(OpenAIBase):
             max_tokens = min(max_tokens, defaults["max_tokens"])
         if self.prompt_logprobs is not None and self.stream:
             raise OpenAIError("prompt_logprobs is not available when stream is true.", param="prompt_logprobs")
-        logit_bias = None
-        if self.logit_bias:
-            try:
-                logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-            except ValueError:
-                raise OpenAIError("logit_bias keys must be token ids.", param="logit_bias") from None
+        check_unsupported_extras(self)
+        logit_bias = parse_logit_bias(self.logit_bias)
         try:
             return SamplingParams(
                 n=self.n,
@@ -156,14 +166,48 @@ class _SamplingFields(OpenAIBase):
     def _max_tokens_name(self) -> str:
         return "max_tokens"
 
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
 
-    @property
-    def continuous_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage
-                    and self.stream_options.continuous_usage_stats)
+
+def parse_logit_bias(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    """Token id -> bias, each bias clamped to [-100, 100] as vLLM does; a key that is not an integer is a 400."""
+    if not logit_bias:
+        return None
+    parsed = {}
+    for key, bias in logit_bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise OpenAIError(f"Found token_id `{key}` in logit_bias but token_id must be an integer or string "
+                              "representing an integer.", param="logit_bias") from None
+        parsed[token_id] = min(100.0, max(-100.0, float(bias)))
+    return parsed
+
+
+def check_unsupported_extras(request: _SamplingFields) -> None:
+    """vLLM sampling extras pagedserve does not implement: a 400 naming the field rather than ignoring it."""
+    if request.use_beam_search:
+        raise OpenAIError("use_beam_search is not supported by pagedserve.", param="use_beam_search")
+    if request.bad_words:
+        raise OpenAIError("bad_words is not supported by pagedserve.", param="bad_words")
+    if request.allowed_token_ids is not None:
+        raise OpenAIError("allowed_token_ids is not supported by pagedserve.", param="allowed_token_ids")
+
+
+def truncate_prompt(token_ids: list[int], truncate_prompt_tokens: int | None, truncation_side: str | None,
+                    max_model_len: int) -> list[int]:
+    """vLLM's ``truncate_prompt_tokens``: keep the last N tokens (side "left", the default) or the first N."""
+    if truncate_prompt_tokens is None:
+        return token_ids
+    keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+    if keep > max_model_len:
+        raise OpenAIError(f"truncate_prompt_tokens value ({keep}) is greater than max_model_len "
+                          f"({max_model_len}). Please request a smaller truncation size.",
+                          param="truncate_prompt_tokens")
+    if len(token_ids) <= keep:
+        return token_ids
+    if keep == 0:
+        return []
+    return token_ids[:keep] if truncation_side == "right" else token_ids[-keep:]
 
 
 def resolve_max_tokens(requested: int | None, default: int | None, prompt_len: int, max_model_len: int,
@@ -205,14 +249,14 @@ class CompletionRequest(_SamplingFields):
         if isinstance(p, str):
             items: list = [p]
         elif not p:
-            raise OpenAIError("The prompt is empty.", param="prompt")
+            raise OpenAIError(EMPTY_PROMPT, param="prompt")
         elif all(isinstance(x, int) for x in p):
             items = [list(p)]
         else:
             items = list(p)
         for item in items:
             if (isinstance(item, str) and item == "") or (isinstance(item, list) and not item):
-                raise OpenAIError("The prompt is empty.", param="prompt")
+                raise OpenAIError(EMPTY_PROMPT, param="prompt")
         return items
 
     def to_sampling_params(self, prompt_len: int, max_model_len: int, defaults: dict[str, Any] | None = None,
@@ -239,10 +283,25 @@ class CompletionLogprobs(_Response):
     top_logprobs: list[dict[str, float] | None] = msgspec.field(default_factory=list)
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
+class RequestMetrics(_Response):
+    """``--enable-per-request-metrics``: one request's timing, on its final response (or last usage chunk)."""
+
+    time_to_first_token_s: float | None = None  # arrival to the first generated token
+    e2e_latency_s: float = 0.0  # arrival to the last token
+    mean_inter_token_latency_s: float | None = None  # over the tokens after the first
+    num_cached_prompt_tokens: int = 0
+
+
 class UsageInfo(_Response):
     prompt_tokens: int = 0
     total_tokens: int = 0
     completion_tokens: int | None = 0
+    # Only with --enable-prompt-tokens-details (left out of the JSON otherwise, as vLLM does).
+    prompt_tokens_details: PromptTokensDetails | msgspec.UnsetType = msgspec.UNSET
 
 
 class CompletionChoice(_Response):
@@ -252,6 +311,9 @@ class CompletionChoice(_Response):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: list[dict[int, dict[str, Any]] | None] | None = None
+    # return_token_ids only (left out of the JSON otherwise).
+    prompt_token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
 
 
 class CompletionResponse(_Response, kw_only=True):
@@ -261,6 +323,7 @@ class CompletionResponse(_Response, kw_only=True):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo
+    metrics: RequestMetrics | msgspec.UnsetType = msgspec.UNSET  # --enable-per-request-metrics
 
 
 class CompletionStreamChoice(_Response):
@@ -269,6 +332,9 @@ class CompletionStreamChoice(_Response):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # return_token_ids only: the prompt's ids in a choice's first chunk, each chunk's new ids.
+    prompt_token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
 
 
 class CompletionStreamResponse(_Response, kw_only=True):
@@ -278,6 +344,7 @@ class CompletionStreamResponse(_Response, kw_only=True):
     model: str
     choices: list[CompletionStreamChoice]
     usage: UsageInfo | None = None
+    metrics: RequestMetrics | msgspec.UnsetType = msgspec.UNSET  # --enable-per-request-metrics, last chunk
 
 
 # ------------------------------------------------------------------------------------------------ chat
@@ -380,6 +447,7 @@ class ChatCompletionChoice(_Response):
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET  # return_token_ids only
 
 
 class ChatCompletionResponse(_Response, kw_only=True):
@@ -390,6 +458,8 @@ class ChatCompletionResponse(_Response, kw_only=True):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
     prompt_logprobs: list[dict[int, dict[str, Any]] | None] | None = None
+    prompt_token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET  # return_token_ids only
+    metrics: RequestMetrics | msgspec.UnsetType = msgspec.UNSET  # --enable-per-request-metrics
 
 
 class DeltaMessage(_Response, omit_defaults=True):
@@ -405,6 +475,7 @@ class ChatCompletionStreamChoice(_Response):
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET  # return_token_ids only
 
 
 class ChatCompletionStreamResponse(_Response, kw_only=True):
@@ -414,6 +485,8 @@ class ChatCompletionStreamResponse(_Response, kw_only=True):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET  # return_token_ids: the first chunk
+    metrics: RequestMetrics | msgspec.UnsetType = msgspec.UNSET  # --enable-per-request-metrics, last chunk
 
 
 # ------------------------------------------------------------------------------------------------ other

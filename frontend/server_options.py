@@ -40,6 +40,18 @@ class ServerOptions:
         negative_aliases=("--disable-log-requests",))] = False
     max_log_len: Annotated[int | None, Arg(
         "With --enable-log-requests: most prompt characters and token ids logged (default: all).")] = None
+    uds: Annotated[str | None, Arg("Serve on this Unix domain socket path instead of host:port.")] = None
+    enable_force_include_usage: Annotated[bool, Arg(
+        "End every stream with a usage chunk, whether or not stream_options.include_usage asks for it.")] = False
+    enable_prompt_tokens_details: Annotated[bool, Arg(
+        "Add usage.prompt_tokens_details.cached_tokens (prompt tokens served from the prefix cache).")] = False
+    enable_per_request_metrics: Annotated[bool, Arg(
+        "Add the request's timing (time to first token, latency) as 'metrics' on its response, or on the "
+        "stream's usage chunk.")] = False
+    enable_request_id_headers: Annotated[bool, Arg(
+        "Echo the request's X-Request-Id header on its response (a fresh id when it has none).")] = False
+    enable_server_load_tracking: Annotated[bool, Arg(
+        "Count in-flight API requests; GET /load reports the count as server_load.")] = False
     graceful_shutdown_s: float = 5.0
     engine_startup_timeout_s: float = 1800.0
 

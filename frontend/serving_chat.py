@@ -22,9 +22,10 @@ from frontend.protocol import (
     ChatMessage,
     ChatResponseMessage,
     DeltaMessage,
+    EMPTY_PROMPT,
     OpenAIError,
-    UsageInfo,
     random_id,
+    truncate_prompt,
 )
 from frontend.serving_common import (
     ServingContext,
@@ -36,6 +37,7 @@ from frontend.serving_common import (
     run_until_disconnect,
     sse_response,
 )
+from frontend.usage import request_metrics, stream_usage_flags, usage_info
 
 
 def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
@@ -64,26 +66,26 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
 
 
 def chat_logprobs(ctx: ServingContext, token_ids: list[int], rows: list[dict[int, Logprob]],
-                  num_top: int) -> ChatChoiceLogprobs:
-    """OpenAI's chat logprobs: each token with its logprob and bytes, and the ``num_top`` most likely tokens."""
+                  num_top: int, as_token_ids: bool = False) -> ChatChoiceLogprobs:
+    """OpenAI's chat logprobs: each token with its logprob and bytes, and the ``num_top`` most likely tokens.
+    ``as_token_ids``: tokens spelled ``token_id:N`` (return_tokens_as_token_ids)."""
     content = []
     for token_id, row in zip(token_ids, rows):
         chosen = row.get(token_id)
-        token = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None \
-            else ctx.token_str(token_id)
+        token = ctx.logprob_token(token_id, chosen, as_token_ids)
         top = sorted(((tid, lp) for tid, lp in row.items() if lp.rank is not None and lp.rank <= num_top),
                      key=lambda item: item[1].rank) if num_top else []
         content.append(ChatLogprobContent(
             token=token,
             logprob=clamp_logprob(chosen.logprob) if chosen is not None else -9999.0,
             bytes=list(token.encode("utf-8", errors="replace")),
-            top_logprobs=[_chat_logprob(ctx, tid, lp) for tid, lp in top],
+            top_logprobs=[_chat_logprob(ctx, tid, lp, as_token_ids) for tid, lp in top],
         ))
     return ChatChoiceLogprobs(content=content)
 
 
-def _chat_logprob(ctx: ServingContext, token_id: int, lp: Logprob) -> ChatLogprob:
-    token = lp.decoded_token if lp.decoded_token is not None else ctx.token_str(token_id)
+def _chat_logprob(ctx: ServingContext, token_id: int, lp: Logprob, as_token_ids: bool) -> ChatLogprob:
+    token = ctx.logprob_token(token_id, lp, as_token_ids)
     return ChatLogprob(token=token, logprob=clamp_logprob(lp.logprob),
                        bytes=list(token.encode("utf-8", errors="replace")))
 
@@ -101,6 +103,12 @@ class ChatServing:
         prompt = render_chat(tokenizer, request.messages, request.add_generation_prompt,
                              request.continue_final_message, request.chat_template, request.chat_template_kwargs)
         prompt_ids = await ctx.encode(prompt, request.add_special_tokens)
+        kept = truncate_prompt(prompt_ids, request.truncate_prompt_tokens, request.truncation_side,
+                               ctx.max_model_len)
+        if len(kept) != len(prompt_ids):
+            prompt, prompt_ids = ctx.decode(kept), kept
+        if not prompt_ids:
+            raise OpenAIError(EMPTY_PROMPT, param="messages")
         params = request.to_sampling_params(len(prompt_ids), ctx.max_model_len, ctx.default_sampling,
                                             ctx.max_logprobs)
         ctx.check_sampling_params(params)
@@ -131,58 +139,83 @@ class ChatServing:
         for seq in final.outputs:
             logprobs = None
             if request.logprobs and seq.logprobs is not None:
-                logprobs = chat_logprobs(self.ctx, seq.token_ids, seq.logprobs, request.top_logprobs or 0)
-            choices.append(ChatCompletionChoice(
+                logprobs = chat_logprobs(self.ctx, seq.token_ids, seq.logprobs, request.top_logprobs or 0,
+                                         request.return_tokens_as_token_ids)
+            choice = ChatCompletionChoice(
                 index=seq.index, message=ChatResponseMessage(role=role, content=echo_text + seq.text),
                 logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            ))
+            )
+            if request.return_token_ids:
+                choice.token_ids = seq.token_ids
+            choices.append(choice)
             completion_tokens += len(seq.token_ids)
-        return json_response(ChatCompletionResponse(
+        usage_options = self.ctx.usage
+        response = ChatCompletionResponse(
             id=request_id, created=created, model=self.ctx.model_name, choices=choices,
-            usage=UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
-                            total_tokens=len(prompt_ids) + completion_tokens),
+            usage=usage_info(usage_options, len(prompt_ids), completion_tokens, final.num_cached_tokens),
             prompt_logprobs=self.ctx.prompt_logprobs_json(final.prompt_logprobs)
             if request.prompt_logprobs is not None else None,
-        ))
+        )
+        if request.return_token_ids:
+            response.prompt_token_ids = prompt_ids
+        if usage_options.per_request_metrics:
+            response.metrics = request_metrics([final])
+        return json_response(response)
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str,
                       prompt_ids: list[int], params, role: str, echo_text: str) -> AsyncIterator[str]:
         model = self.ctx.model_name
         num_prompt_tokens = len(prompt_ids)
         completion_tokens = 0
+        usage_options = self.ctx.usage
+        include_usage, continuous_usage = stream_usage_flags(request.stream_options,
+                                                             usage_options.force_include_usage)
+        latest = None  # the latest output (cached tokens, timing)
 
-        def chunk(choice: ChatCompletionStreamChoice) -> str:
+        def chunk(choice: ChatCompletionStreamChoice, first: bool = False) -> str:
             c = ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=[choice])
-            if request.continuous_usage:
-                c.usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
-                                    total_tokens=num_prompt_tokens + completion_tokens)
+            if continuous_usage:
+                c.usage = usage_info(usage_options, num_prompt_tokens, completion_tokens,
+                                     latest.num_cached_tokens if latest is not None else 0)
+            if first and request.return_token_ids:
+                c.prompt_token_ids = prompt_ids
             return c.to_json()
 
         try:
             # The first chunk of each choice carries the role (and the echoed message, if asked).
             for index in range(params.n):
-                yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role=role, content="")))
+                yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role=role, content="")),
+                            first=True)
                 if echo_text:
                     yield chunk(ChatCompletionStreamChoice(index=index, delta=DeltaMessage(content=echo_text)))
             async for _, out in merge_async_iterators(
                     self.ctx.client.generate(request_id, prompt, prompt_ids, params, stream_deltas=True,
                                              cache_salt=request.cache_salt)):
+                latest = out
                 for seq in out.outputs:
                     completion_tokens += len(seq.token_ids)
-                    if not seq.text and seq.finish_reason is None and not (request.logprobs and seq.token_ids):
+                    wants_ids = (request.logprobs or request.return_token_ids) and seq.token_ids
+                    if not seq.text and seq.finish_reason is None and not wants_ids:
                         continue
                     logprobs = None
                     if request.logprobs and seq.logprobs is not None:
-                        logprobs = chat_logprobs(self.ctx, seq.token_ids, seq.logprobs, request.top_logprobs or 0)
-                    yield chunk(ChatCompletionStreamChoice(
+                        logprobs = chat_logprobs(self.ctx, seq.token_ids, seq.logprobs, request.top_logprobs or 0,
+                                                 request.return_tokens_as_token_ids)
+                    choice = ChatCompletionStreamChoice(
                         index=seq.index, delta=DeltaMessage(content=seq.text), logprobs=logprobs,
                         finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                    ))
-            if request.include_usage:
-                yield ChatCompletionStreamResponse(
+                    )
+                    if request.return_token_ids:
+                        choice.token_ids = seq.token_ids
+                    yield chunk(choice)
+            if include_usage:
+                final = ChatCompletionStreamResponse(
                     id=request_id, created=created, model=model, choices=[],
-                    usage=UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
-                                    total_tokens=num_prompt_tokens + completion_tokens),
-                ).to_json()
+                    usage=usage_info(usage_options, num_prompt_tokens, completion_tokens,
+                                     latest.num_cached_tokens if latest is not None else 0),
+                )
+                if usage_options.per_request_metrics and latest is not None:
+                    final.metrics = request_metrics([latest])
+                yield final.to_json()
         except Exception as exc:
             yield error_event(exc)

@@ -19,6 +19,7 @@ from frontend.engine_client import EngineClient, EngineDeadError, RequestRejecte
 from frontend.output_processor import Logprob, TokenStrings
 from frontend.protocol import MAX_LOGPROBS, OpenAIError
 from frontend.request_logger import RequestLogger
+from frontend.usage import UsageOptions
 from frontend.tokenizer import encode
 from ipc.messages import SamplingParams
 
@@ -38,6 +39,7 @@ class ServingContext:
     max_logprobs: int = MAX_LOGPROBS  # --max-logprobs
     default_sampling: dict[str, Any] = field(default_factory=dict)  # --generation-config
     request_logger: RequestLogger | None = None  # --enable-log-requests
+    usage: UsageOptions = field(default_factory=UsageOptions)  # the server's usage flags
 
     def __post_init__(self) -> None:
         self._token_strings = TokenStrings(self.tokenizer)
@@ -57,6 +59,14 @@ class ServingContext:
         """A token's own text (vLLM's spelling for logprobs); ``token_id:N`` without a tokenizer."""
         text = self._token_strings(token_id)
         return f"token_id:{token_id}" if text is None else text
+
+    def logprob_token(self, token_id: int, logprob: Logprob | None, as_token_ids: bool) -> str:
+        """How a logprob entry names its token: ``token_id:N`` with return_tokens_as_token_ids, else its text."""
+        if as_token_ids:
+            return f"token_id:{token_id}"
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.token_str(token_id)
 
     def decode(self, token_ids: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
@@ -88,13 +98,19 @@ class ServingContext:
         return self.tokenizer
 
     def check_token_ids(self, token_ids: list[int], param: str = "prompt") -> None:
+        """vLLM's wording: "Token id N is out of vocabulary" names the first id outside [0, vocab_size)."""
         if token_ids and (min(token_ids) < 0 or max(token_ids) >= self.vocab_size):
-            raise OpenAIError(f"Token ids must be in [0, {self.vocab_size}).", param=param)
+            bad = next(t for t in token_ids if t < 0 or t >= self.vocab_size)
+            raise OpenAIError(f"Token id {bad} is out of vocabulary (vocabulary size {self.vocab_size}).",
+                              param=param)
 
     def check_sampling_params(self, params: SamplingParams) -> None:
         """What only the model can tell: token ids inside the vocabulary."""
         if params.logit_bias:
-            self.check_token_ids(list(params.logit_bias), param="logit_bias")
+            bad = sorted(t for t in params.logit_bias if t < 0 or t >= self.vocab_size)
+            if bad:
+                raise OpenAIError(f"token_id(s) {bad} in logit_bias contain out-of-vocab token ids. "
+                                  f"Vocabulary size: {self.vocab_size}", param="logit_bias")
 
     def log_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:

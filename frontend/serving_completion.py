@@ -16,9 +16,10 @@ from frontend.protocol import (
     CompletionResponse,
     CompletionStreamChoice,
     CompletionStreamResponse,
+    EMPTY_PROMPT,
     OpenAIError,
-    UsageInfo,
     random_id,
+    truncate_prompt,
 )
 from frontend.serving_common import (
     ServingContext,
@@ -30,31 +31,32 @@ from frontend.serving_common import (
     run_until_disconnect,
     sse_response,
 )
+from frontend.usage import request_metrics, stream_usage_flags, usage_info
 from ipc.messages import SamplingParams
 
 
 def completion_logprobs(ctx: ServingContext, token_ids: list[int], rows: list[dict[int, Logprob] | None],
-                        num_top: int, text_offset: int) -> CompletionLogprobs:
+                        num_top: int, text_offset: int, as_token_ids: bool = False) -> CompletionLogprobs:
     """The legacy completions logprobs shape: tokens, token_logprobs, top_logprobs, text_offset.
 
-    A ``None`` row (the first prompt token, when echoing) has no logprob, as in OpenAI's API.
+    A ``None`` row (the first prompt token, when echoing) has no logprob, as in OpenAI's API. ``top_logprobs``
+    holds the ``num_top`` most likely tokens, plus the sampled one when it is not among them (vLLM's count).
+    ``as_token_ids``: tokens spelled ``token_id:N`` (return_tokens_as_token_ids).
     """
     out = CompletionLogprobs()
     for token_id, row in zip(token_ids, rows):
         if row is None:
-            token = ctx.token_str(token_id)
+            token = ctx.logprob_token(token_id, None, as_token_ids)
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
         else:
             chosen = row.get(token_id)
-            token = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None \
-                else ctx.token_str(token_id)
+            token = ctx.logprob_token(token_id, chosen, as_token_ids)
             out.token_logprobs.append(clamp_logprob(chosen.logprob) if chosen is not None else None)
             top: dict[str, float] = {}
-            for k, (tid, lp) in enumerate(row.items()):
-                if k > num_top:
-                    break
-                top[lp.decoded_token if lp.decoded_token is not None else ctx.token_str(tid)] = clamp_logprob(lp.logprob)
+            for tid, lp in row.items():
+                if tid == token_id or (lp.rank is not None and lp.rank <= num_top):
+                    top[ctx.logprob_token(tid, lp, as_token_ids)] = clamp_logprob(lp.logprob)
             out.top_logprobs.append(top)
         out.tokens.append(token)
         out.text_offset.append(text_offset)
@@ -84,13 +86,19 @@ class CompletionServing:
             raise engine_error(exc) from exc
 
     async def _tokenize(self, prompt: str | list[int], request: CompletionRequest) -> tuple[str | None, list[int]]:
+        """(text or None, token ids); a truncated prompt loses its text (echo then decodes the kept ids)."""
         if isinstance(prompt, str):
+            text: str | None = prompt
             ids = await self.ctx.encode(prompt, request.add_special_tokens)
-            if not ids:
-                raise OpenAIError("The prompt is empty after tokenization.", param="prompt")
-            return prompt, ids
-        self.ctx.check_token_ids(prompt)
-        return None, prompt
+        else:
+            self.ctx.check_token_ids(prompt)
+            text, ids = None, prompt
+        kept = truncate_prompt(ids, request.truncate_prompt_tokens, request.truncation_side, self.ctx.max_model_len)
+        if len(kept) != len(ids):
+            text, ids = None, kept
+        if not ids:
+            raise OpenAIError(EMPTY_PROMPT, param="prompt")
+        return text, ids
 
     def _echo_text(self, prompt: str | None, ids: list[int]) -> str:
         if prompt is not None:
@@ -125,36 +133,51 @@ class CompletionServing:
                         rows = list(out.prompt_logprobs or [None] * len(ids)) + rows
                 logprobs = None
                 if request.logprobs is not None and rows is not None:
-                    logprobs = completion_logprobs(self.ctx, token_ids, rows, request.logprobs, 0)
-                choices.append(CompletionChoice(
+                    logprobs = completion_logprobs(self.ctx, token_ids, rows, request.logprobs, 0,
+                                                   request.return_tokens_as_token_ids)
+                choice = CompletionChoice(
                     index=i * request.n + seq.index, text=text, logprobs=logprobs, finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason, prompt_logprobs=self.ctx.prompt_logprobs_json(out.prompt_logprobs)
                     if request.prompt_logprobs is not None else None,
-                ))
+                )
+                if request.return_token_ids:
+                    choice.prompt_token_ids, choice.token_ids = ids, seq.token_ids
+                choices.append(choice)
                 completion_tokens += len(seq.token_ids)
         choices.sort(key=lambda c: c.index)
         num_prompt_tokens = sum(len(ids) for _, ids in prompts)
-        return json_response(CompletionResponse(
+        usage_options = self.ctx.usage
+        response = CompletionResponse(
             id=base_id, created=created, model=self.ctx.model_name, choices=choices,
-            usage=UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
-                            total_tokens=num_prompt_tokens + completion_tokens),
-        ))
+            usage=usage_info(usage_options, num_prompt_tokens, completion_tokens,
+                             sum(out.num_cached_tokens for out in finals)),
+        )
+        if usage_options.per_request_metrics:
+            response.metrics = request_metrics(finals)
+        return json_response(response)
 
     async def _stream(self, request: CompletionRequest, base_id: str, created: int, prompts,
                       params: list[SamplingParams]) -> AsyncIterator[str]:
         n = request.n
         num_prompt_tokens = sum(len(ids) for _, ids in prompts)
         completion_tokens = 0
+        usage_options = self.ctx.usage
+        include_usage, continuous_usage = stream_usage_flags(request.stream_options,
+                                                             usage_options.force_include_usage)
+        latest: dict[int, RequestOutput] = {}  # per prompt: its latest output (cached tokens, timing)
+        first_chunk_sent: set[int] = set()
         echoed: set[int] = set()
         text_offsets: dict[int, int] = {}
         prompt_rows: dict[int, list] = {}
         try:
             async for i, out in merge_async_iterators(*self._generators(request, base_id, prompts, params)):
+                latest[i] = out
                 if out.prompt_logprobs is not None:
                     prompt_rows[i] = out.prompt_logprobs
                 for seq in out.outputs:
                     index = i * n + seq.index
                     text, token_ids, rows = seq.text, seq.token_ids, seq.logprobs
+                    new_token_ids = token_ids
                     completion_tokens += len(token_ids)
                     if request.echo and index not in echoed:
                         echoed.add(index)
@@ -168,23 +191,29 @@ class CompletionServing:
                     logprobs = None
                     if request.logprobs is not None and rows is not None:
                         logprobs = completion_logprobs(self.ctx, token_ids, rows, request.logprobs,
-                                                       text_offsets.get(index, 0))
+                                                       text_offsets.get(index, 0), request.return_tokens_as_token_ids)
                     text_offsets[index] = text_offsets.get(index, 0) + len(text)
-                    chunk = CompletionStreamResponse(
-                        id=base_id, created=created, model=self.ctx.model_name,
-                        choices=[CompletionStreamChoice(index=index, text=text, logprobs=logprobs,
-                                                        finish_reason=seq.finish_reason,
-                                                        stop_reason=seq.stop_reason)],
-                    )
-                    if request.continuous_usage:
-                        chunk.usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
-                                                total_tokens=num_prompt_tokens + completion_tokens)
+                    choice = CompletionStreamChoice(index=index, text=text, logprobs=logprobs,
+                                                    finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
+                    if request.return_token_ids:
+                        choice.token_ids = new_token_ids
+                        if index not in first_chunk_sent:
+                            choice.prompt_token_ids = prompts[i][1]
+                    first_chunk_sent.add(index)
+                    chunk = CompletionStreamResponse(id=base_id, created=created, model=self.ctx.model_name,
+                                                     choices=[choice])
+                    if continuous_usage:
+                        chunk.usage = usage_info(usage_options, num_prompt_tokens, completion_tokens,
+                                                 sum(o.num_cached_tokens for o in latest.values()))
                     yield chunk.to_json()
-            if request.include_usage:
-                yield CompletionStreamResponse(
+            if include_usage:
+                final = CompletionStreamResponse(
                     id=base_id, created=created, model=self.ctx.model_name, choices=[],
-                    usage=UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
-                                    total_tokens=num_prompt_tokens + completion_tokens),
-                ).to_json()
+                    usage=usage_info(usage_options, num_prompt_tokens, completion_tokens,
+                                     sum(o.num_cached_tokens for o in latest.values())),
+                )
+                if usage_options.per_request_metrics and latest:
+                    final.metrics = request_metrics(list(latest.values()))
+                yield final.to_json()
         except Exception as exc:
             yield error_event(exc)

@@ -182,6 +182,7 @@ class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     stop_reason: int | str | None = None  # the stop token id that ended the sequence
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     embedding: bytes | None = None  # pooling models: the sequence's embedding, float32 little-endian
+    queue_time_s: float = 0.0  # with the first output: arrival in the core to first scheduling
 
     @property
     def finished(self) -> bool:
@@ -197,6 +198,7 @@ class SchedulerStats(msgspec.Struct, array_like=True, gc=False):
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up (first scheduling only, never a recompute)
     prefix_cache_hits: int = 0  # of those, tokens found in the cache
+    num_batched_tokens: int = 0  # tokens computed by the step (prefill + decode)
 
 
 class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

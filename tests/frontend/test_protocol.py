@@ -48,7 +48,6 @@ def test_chat_logprobs_mapping():
     ("presence_penalty", 3.0, "presence_penalty"),
     ("repetition_penalty", 0.0, "repetition_penalty"),
     ("logprobs", 21, "logprobs"),
-    ("logit_bias", {"5": 200.0}, "logit_bias"),
     ("logit_bias", {"abc": 1.0}, "logit_bias"),
     ("max_tokens", 0, "max_tokens"),
     ("min_tokens", 99, "min_tokens"),
@@ -104,3 +103,45 @@ def test_text_content_parts_joined_and_others_refused():
     img = _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     with pytest.raises(OpenAIError, match="only text"):
         img.messages[0].text()
+
+
+def test_logit_bias_clamped_and_keys_checked_like_vllm():
+    params = CompletionRequest(prompt="x", logit_bias={"5": 200.0, "6": -300.0}).to_sampling_params(1, 100)
+    assert params.logit_bias == {5: 100.0, 6: -100.0}
+    with pytest.raises(OpenAIError, match="token_id `abc` in logit_bias but token_id must be an integer") as info:
+        CompletionRequest(prompt="x", logit_bias={"abc": 1.0}).to_sampling_params(1, 100)
+    assert info.value.param == "logit_bias"
+
+
+@pytest.mark.parametrize("field", ["use_beam_search", "bad_words", "allowed_token_ids"])
+def test_unimplemented_sampling_extras_rejected_by_name(field):
+    value = {"use_beam_search": True, "bad_words": ["x"], "allowed_token_ids": [1, 2]}[field]
+    with pytest.raises(OpenAIError, match=field) as info:
+        CompletionRequest(prompt="x", **{field: value}).to_sampling_params(1, 100)
+    assert info.value.param == field
+
+
+def test_truncate_prompt_keeps_the_asked_side():
+    from frontend.protocol import truncate_prompt
+
+    ids = list(range(10))
+    assert truncate_prompt(ids, 3, None, 100) == [7, 8, 9]
+    assert truncate_prompt(ids, 3, "left", 100) == [7, 8, 9]
+    assert truncate_prompt(ids, 3, "right", 100) == [0, 1, 2]
+    assert truncate_prompt(ids, -1, None, 4) == [6, 7, 8, 9]
+    assert truncate_prompt(ids, None, None, 4) == ids
+    with pytest.raises(OpenAIError) as info:
+        truncate_prompt(ids, 200, None, 100)
+    assert info.value.param == "truncate_prompt_tokens"
+
+
+def test_stream_usage_flags_follow_include_usage_and_force():
+    from frontend.protocol import StreamOptions
+    from frontend.usage import stream_usage_flags
+
+    assert stream_usage_flags(None, False) == (False, False)
+    assert stream_usage_flags(StreamOptions(), False) == (False, False)  # `stream_options: {}`: no usage
+    assert stream_usage_flags(StreamOptions(include_usage=True), False) == (True, False)
+    assert stream_usage_flags(StreamOptions(continuous_usage_stats=True), False) == (False, False)
+    assert stream_usage_flags(StreamOptions(include_usage=True, continuous_usage_stats=True), False) == (True, True)
+    assert stream_usage_flags(None, True) == (True, False)  # --enable-force-include-usage

@@ -1,0 +1,372 @@
+"""vLLM API conformance (issue 20), against one live server with the optional API flags on: token ids in
+responses, usage options, prompt truncation and errors, validation wording, the small endpoints and headers,
+vLLM's metric names, and an OpenAPI document that describes what the server answers (schemathesis).
+
+The server runs behind ``--root-path /llm`` with an API key, as it would behind a proxy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.frontend.model_files import tiny_llama_dir
+from tests.frontend.server_process import ServerProcess
+
+API_KEY = "conformance-key"
+MODEL = "tiny-llama"
+MAX_MODEL_LEN = 1024
+GREEDY = dict(temperature=0.0, extra_body={"ignore_eos": True})
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = tiny_llama_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
+    srv = ServerProcess(str(model), "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
+                        "--num-gpu-blocks-override", "512", "--root-path", "/llm",
+                        "--enable-prompt-tokens-details", "--enable-per-request-metrics",
+                        "--enable-request-id-headers", "--enable-server-load-tracking", api_key=API_KEY)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def post(server, path, body, headers=None):
+    return httpx.post(f"{server.url}{path}", json=body, headers={**server.headers, **(headers or {})}, timeout=120)
+
+
+def stream_chunks(server, path, body) -> list[dict]:
+    with httpx.stream("POST", f"{server.url}{path}", json={**body, "stream": True}, headers=server.headers,
+                      timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+
+def tokenize(server, prompt: str) -> list[int]:
+    return post(server, "/tokenize", {"prompt": prompt}).json()["tokens"]
+
+
+def assert_error(resp, status: int, param: str | None, match: str) -> dict:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and error["code"] == status
+    assert match in error["message"], error["message"]
+    return error
+
+
+# ------------------------------------------------------------------------------------------ token ids
+
+
+def test_return_token_ids_completion(server):
+    prompt = "Once upon a time"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 5, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True}
+    choice = post(server, "/v1/completions", body).json()["choices"][0]
+    assert choice["prompt_token_ids"] == tokenize(server, prompt)
+    assert len(choice["token_ids"]) == 5
+    chunks = stream_chunks(server, "/v1/completions", body)
+    streamed = [c["choices"][0] for c in chunks if c["choices"]]
+    assert streamed[0]["prompt_token_ids"] == choice["prompt_token_ids"]
+    assert all("prompt_token_ids" not in c for c in streamed[1:])
+    assert [t for c in streamed for t in c["token_ids"]] == choice["token_ids"]
+    # Without the flag the fields stay out of the response.
+    plain = post(server, "/v1/completions", {**body, "return_token_ids": False}).json()["choices"][0]
+    assert "token_ids" not in plain and "prompt_token_ids" not in plain
+
+
+def test_return_token_ids_chat(server):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True}
+    resp = post(server, "/v1/chat/completions", body).json()
+    assert resp["prompt_token_ids"] == post(server, "/tokenize", {"messages": MESSAGES}).json()["tokens"]
+    token_ids = resp["choices"][0]["token_ids"]
+    assert len(token_ids) == 4
+    assert post(server, "/detokenize", {"tokens": token_ids}).json()["prompt"] == \
+        resp["choices"][0]["message"]["content"]
+    chunks = stream_chunks(server, "/v1/chat/completions", body)
+    assert chunks[0]["prompt_token_ids"] == resp["prompt_token_ids"]
+    assert [t for c in chunks if c["choices"] for t in c["choices"][0].get("token_ids", [])] == token_ids
+
+
+def test_return_tokens_as_token_ids(server):
+    body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 3, "temperature": 0.0, "ignore_eos": True,
+            "logprobs": 2, "return_tokens_as_token_ids": True, "return_token_ids": True}
+    choice = post(server, "/v1/completions", body).json()["choices"][0]
+    assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in choice["token_ids"]]
+    assert all(k.startswith("token_id:") for top in choice["logprobs"]["top_logprobs"] for k in top)
+    chat = post(server, "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 3,
+                                                 "temperature": 0.0, "logprobs": True, "top_logprobs": 2,
+                                                 "return_tokens_as_token_ids": True,
+                                                 "return_token_ids": True}).json()["choices"][0]
+    content = chat["logprobs"]["content"]
+    assert [c["token"] for c in content] == [f"token_id:{t}" for t in chat["token_ids"]]
+    assert all(len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["token"].startswith("token_id:")
+               for c in content)
+
+
+def test_completion_top_logprobs_count_vllm_rule(server):
+    """top_logprobs holds N entries, N+1 when the sampled token is outside the top N."""
+    body = {"model": MODEL, "prompt": "The weather", "max_tokens": 8, "temperature": 1.0, "seed": 3,
+            "ignore_eos": True, "logprobs": 1, "return_token_ids": True}
+    choice = post(server, "/v1/completions", body).json()["choices"][0]
+    tops = choice["logprobs"]["top_logprobs"]
+    assert all(len(top) in (1, 2) for top in tops)
+    assert all(tok in top for tok, top in zip(choice["logprobs"]["tokens"], tops))
+
+
+# ------------------------------------------------------------------------------------------ usage
+
+
+def test_stream_options_empty_sends_no_usage(server):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 3, "stream_options": {}}
+    chunks = stream_chunks(server, "/v1/completions", body)
+    assert all(c.get("usage") is None for c in chunks) and all(c["choices"] for c in chunks)
+    chunks = stream_chunks(server, "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 3,
+                                                            "stream_options": {"include_usage": False}})
+    assert all(c.get("usage") is None for c in chunks)
+
+
+def test_continuous_usage_stats(server):
+    chunks = stream_chunks(server, "/v1/completions", {
+        "model": MODEL, "prompt": "Hi there", "max_tokens": 4, "temperature": 0.0, "ignore_eos": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    assert all(c["usage"] is not None for c in chunks)
+    completion_counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert completion_counts == sorted(completion_counts) and completion_counts[-1] == 4
+    assert chunks[-1]["choices"] == []
+
+
+def test_prompt_tokens_details_cached_tokens(client):
+    prompt = "A shared prefix for the cached tokens test, long enough for full blocks. " * 6
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, **GREEDY)
+    second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, **GREEDY)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 16 and cached % 16 == 0 and cached < second.usage.prompt_tokens
+
+
+def test_per_request_metrics(server):
+    resp = post(server, "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 4,
+                                                 "ignore_eos": True}).json()
+    m = resp["metrics"]
+    assert 0 < m["time_to_first_token_s"] <= m["e2e_latency_s"] and m["mean_inter_token_latency_s"] > 0
+    chunks = stream_chunks(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 3,
+                                                       "ignore_eos": True,
+                                                       "stream_options": {"include_usage": True}})
+    assert "metrics" in chunks[-1] and chunks[-1]["usage"]["completion_tokens"] == 3
+    assert all("metrics" not in c for c in chunks[:-1])
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+
+@pytest.mark.parametrize("side", ["left", "right", None])
+def test_truncate_prompt_tokens(server, side):
+    prompt = "one two three four five six seven eight nine ten"
+    ids = tokenize(server, prompt)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "truncate_prompt_tokens": 4,
+            "return_token_ids": True}
+    if side is not None:
+        body["truncation_side"] = side
+    resp = post(server, "/v1/completions", body).json()
+    assert resp["usage"]["prompt_tokens"] == 4
+    assert resp["choices"][0]["prompt_token_ids"] == (ids[:4] if side == "right" else ids[-4:])
+
+
+def test_truncate_prompt_tokens_chat_and_bounds(server):
+    resp = post(server, "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 1,
+                                                 "truncate_prompt_tokens": 5}).json()
+    assert resp["usage"]["prompt_tokens"] == 5
+    assert_error(post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "truncate_prompt_tokens":
+                                                  MAX_MODEL_LEN + 1}), 400, "truncate_prompt_tokens",
+                 "greater than max_model_len")
+
+
+@pytest.mark.parametrize("prompt", ["", [], [[]]])
+def test_empty_prompt_error(server, prompt):
+    assert_error(post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 1}), 400,
+                 "prompt", "Either prompt or prompt_embeds must be provided and non-empty.")
+
+
+def test_out_of_vocab_token_ids_error(server):
+    assert_error(post(server, "/v1/completions", {"model": MODEL, "prompt": [1, 999999], "max_tokens": 1}), 400,
+                 "prompt", "Token id 999999 is out of vocabulary")
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def test_logit_bias_validation_messages(server):
+    assert_error(post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}), 400,
+                 "logit_bias", "token_id must be an integer or string representing an integer")
+    error = assert_error(post(server, "/v1/completions", {"model": MODEL, "prompt": "x",
+                                                          "logit_bias": {"99999999": 1}}),
+                         400, "logit_bias", "out-of-vocab token ids")
+    assert "Vocabulary size: " in error["message"]
+
+
+@pytest.mark.parametrize("seed,bound", [(2**63, "9223372036854775807"), (-(2**63) - 1, "-9223372036854775808")])
+def test_seed_outside_int64(server, seed, bound):
+    assert_error(post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "seed": seed}), 400, "seed", bound)
+
+
+@pytest.mark.parametrize("field,value", [("use_beam_search", True), ("bad_words", ["Paris"]),
+                                         ("allowed_token_ids", [1, 2, 3])])
+def test_unimplemented_sampling_extras_are_400(server, field, value):
+    for path, body in [("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": MESSAGES})]:
+        assert_error(post(server, path, {"model": MODEL, **body, field: value}), 400, field, field)
+
+
+# ------------------------------------------------------------------------------------------ endpoints, headers
+
+
+def test_version_and_tokenizer_info(server):
+    assert httpx.get(f"{server.url}/version").json()["version"]
+    info = httpx.get(f"{server.url}/tokenizer_info", headers=server.headers).json()
+    assert isinstance(info["tokenizer_class"], str) and info["tokenizer_class"]
+    assert info["eos_token"] == "<|im_end|>" and "chat_template" in info
+
+
+def test_invocations_routes_by_body(server):
+    chat = post(server, "/invocations", {"model": MODEL, "messages": MESSAGES, "max_tokens": 2})
+    assert chat.status_code == 200 and chat.json()["object"] == "chat.completion"
+    completion = post(server, "/invocations", {"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert completion.status_code == 200 and completion.json()["object"] == "text_completion"
+    assert_error(post(server, "/invocations", {"model": MODEL}), 400, "body", "messages")
+
+
+def test_request_id_headers(server):
+    resp = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1},
+                headers={"X-Request-Id": "my-request-42"})
+    assert resp.headers["x-request-id"] == "my-request-42"
+    assert len(httpx.get(f"{server.url}/health").headers["x-request-id"]) == 32  # a fresh id when none is sent
+
+
+def test_server_load_tracking(server):
+    import threading
+
+    assert httpx.get(f"{server.url}/load").json() == {"server_load": 0}
+    seen = []
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers=server.headers, timeout=60,
+                      json={"model": MODEL, "prompt": "Hi", "max_tokens": 40, "ignore_eos": True,
+                            "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 2:
+                seen.append(httpx.get(f"{server.url}/load").json()["server_load"])
+    assert seen == [1]
+    assert httpx.get(f"{server.url}/load").json() == {"server_load": 0}
+    del threading
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_orca_load_report_header(server, fmt):
+    resp = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1},
+                headers={"endpoint-load-metrics-format": fmt})
+    report = resp.headers["endpoint-load-metrics"]
+    if fmt == "text":
+        assert report.startswith("TEXT ") and "named_metrics.kv_cache_usage_perc=" in report
+    else:
+        assert report.startswith("JSON ")
+        assert set(json.loads(report[5:])["named_metrics"]) >= {"kv_cache_usage_perc", "num_requests_waiting"}
+    plain = post(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+    assert "endpoint-load-metrics" not in plain.headers
+
+
+def test_root_path_with_api_key(server):
+    """Behind the proxy (--root-path /llm): health stays open, the API needs the key."""
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    assert httpx.get(f"{server.url}/v1/models", headers=server.headers).json()["data"][0]["id"] == MODEL
+    docs = httpx.get(f"{server.url}/openapi.json", headers=server.headers).json()
+    assert "/v1/models" in docs["paths"]
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_vllm_metric_names_labels_and_counts(server, client):
+    before = server.metrics()
+    client.completions.create(model=MODEL, prompt="Count me please", max_tokens=6, n=2, temperature=1.0, seed=1,
+                              extra_body={"ignore_eos": True})
+    after = server.metrics()
+    names = {k.split("{")[0] for k in after}
+    for name in ["request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_inference_time_seconds", "time_per_output_token_seconds", "request_params_n",
+                 "request_params_max_tokens", "request_max_num_generation_tokens"]:
+        assert f"vllm:{name}_count" in names and f"vllm:{name}_bucket" in names, name
+    for name in ["vllm:iteration_tokens_total_count", "vllm:cache_config_info", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:request_success_total", "process_cpu_seconds_total",
+                 "python_gc_objects_collected_total"]:
+        assert name in names, name
+    info = next(k for k in after if k.startswith("vllm:cache_config_info"))
+    assert 'block_size="16"' in info and 'num_gpu_blocks="512"' in info
+
+    def delta(key_prefix: str) -> float:
+        return sum(v for k, v in after.items() if k.startswith(key_prefix)) - \
+            sum(v for k, v in before.items() if k.startswith(key_prefix))
+
+    assert delta("vllm:generation_tokens_total") == 12
+    assert delta("vllm:request_params_n_count") == 1 and delta("vllm:request_params_n_sum") == 2
+    assert delta("vllm:request_params_max_tokens_sum") == 6
+    assert delta("vllm:request_max_num_generation_tokens_sum") == 6
+    assert delta("vllm:request_success_total") == 1  # one request, whatever its n
+    assert delta("vllm:request_queue_time_seconds_count") == 1 and delta("vllm:request_decode_time_seconds_sum") > 0
+    labelled = next(k for k in after if k.startswith("vllm:request_queue_time_seconds_count"))
+    assert 'model_name="tiny-llama"' in labelled and 'engine="0"' in labelled
+
+
+# ------------------------------------------------------------------------------------------ OpenAPI
+
+
+def test_openapi_document_is_consistent(server):
+    doc = httpx.get(f"{server.url}/openapi.json", headers=server.headers).json()
+    text = json.dumps(doc)
+    assert "#/$defs/" not in text
+    for ref in {part.split('"')[0] for part in text.split('"$ref": "')[1:]}:
+        name = ref.rsplit("/", 1)[-1]
+        assert name in doc["components"]["schemas"], ref
+    operation_ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+    assert len(operation_ids) == len(set(operation_ids))
+    assert "content" not in doc["paths"]["/health"]["get"]["responses"]["200"]
+    assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "default" in doc["paths"]["/tokenize"]["post"]["responses"]
+
+
+def test_schemathesis_public_routes(server):
+    """Fuzz the documented routes (bounded): no server errors, every response matching the schema."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", headers=server.headers)
+    failures = []
+    cheap = {"/health", "/ping", "/version", "/v1/models", "/load", "/tokenize", "/detokenize", "/tokenizer_info",
+             "/metrics"}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if operation.path not in cheap:
+            continue
+        strategy = operation.as_strategy()
+
+        @settings(max_examples=15, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def run(case):
+            response = case.call(base_url=server.url, headers=server.headers, timeout=30)
+            case.validate_response(response, checks=(not_a_server_error, response_schema_conformance,
+                                                     content_type_conformance))
+
+        from hypothesis import given
+        try:
+            given(strategy)(run)()
+        except Exception as exc:  # collect every route's failure, then report them together
+            failures.append(f"{operation.method.upper()} {operation.path}: {exc}")
+    assert not failures, "\n".join(failures)
