@@ -116,7 +116,7 @@ def test_models_reports_task(server):
     ({"input": "word " * 600}, "input", "maximum of 512"),
     ({"input": 5}, "input", "input"),
     ({"input": ["a", 1]}, "input", "input"),
-    ({"input": [[1, 2], [3, 99999]]}, "input", "Token ids"),
+    ({"input": [[1, 2], [3, 99999]]}, "input", "out of vocabulary"),  # vLLM's wording (issue 20)
     ({"input": "hi", "encoding_format": "int8"}, "encoding_format", "encoding_format"),
     ({"input": "hi", "dimensions": 64}, "dimensions", "matryoshka"),
     ({"input": "hi", "truncate_prompt_tokens": 1000}, "truncate_prompt_tokens", "truncate_prompt_tokens"),
