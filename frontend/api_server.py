@@ -7,12 +7,14 @@ SIGTERM / Ctrl-C (handled by uvicorn) stop both processes. Every error leaves as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
 import secrets
 import signal
 import socket
+import sys
 import threading
 from contextlib import asynccontextmanager
 from importlib import metadata
@@ -28,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontend.engine_client import EngineClient
+from frontend.lifecycle import Lifecycle, LifecycleMiddleware, header_timeout_protocol, release_memory_soon
 from frontend.metrics import CONTENT_TYPE
 from frontend.protocol import (
     ChatCompletionRequest,
@@ -138,6 +141,19 @@ def _parse_body(model: type[BaseModel], body: bytes) -> Any:
         raise _validation_error(exc) from None
 
 
+_BIG_BODY_BYTES = 256 * 1024
+
+
+async def _parse_body_off_loop(model: type[BaseModel], body: bytes) -> Any:
+    """Parse a big body in a worker thread: a multi-megabyte JSON array takes the event loop for a while."""
+    if len(body) < _BIG_BODY_BYTES:
+        return _parse_body(model, body)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, _parse_body, model, body)
+    finally:
+        release_memory_soon()
+
+
 def _body_schema(model: type[BaseModel]) -> dict:
     """The request body's schema in the OpenAPI document (the route reads the body itself)."""
     return {"requestBody": {"required": True,
@@ -153,33 +169,55 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
     served_names = engine_config.served_model_names or [engine_config.model or ""]
     request_logger = RequestLogger(options.max_log_len) if options.enable_log_requests else None
 
+    lifecycle = Lifecycle(options.shutdown_timeout)
+
+    async def start_engine(app: FastAPI) -> None:
+        """Start the core and wait for READY in the background: the port answers (503) while the model loads,
+        and SIGTERM stops the load at once."""
+        client: EngineClient = app.state.client
+        try:
+            ready = await client.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.error("%s", exc)
+            lifecycle.request_exit(1)
+            return
+        if not served_names[0]:
+            served_names[0] = ready.model
+        ctx = ServingContext(client, tokenizer, served_names, ready.model, ready.max_model_len,
+                             ready.vocab_size, max_logprobs=engine_config.max_logprobs,
+                             default_sampling=default_sampling or {}, request_logger=request_logger,
+                             max_n=options.max_n, trust_request_chat_template=options.trust_request_chat_template)
+        app.state.ctx = ctx
+        app.state.completion = CompletionServing(ctx)
+        app.state.chat = ChatServing(ctx)
+        app.state.tokenize = TokenizeServing(ctx)
+        client.on_dead = lifecycle.engine_died
+        lifecycle.ready = True
+        logger.info("pagedserve %s serving %s (max_model_len %d) on http://%s:%d", version(),
+                    ", ".join(served_names), ready.max_model_len, options.host or "0.0.0.0", options.port)
+        # Everything allocated so far lives as long as the server: keep the cyclic GC from rescanning it
+        # (its pauses stall every stream at once).
+        gc.collect()
+        gc.freeze()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client = EngineClient(engine_config, tokenizer, served_names[0],
                               startup_timeout_s=options.engine_startup_timeout_s)
         app.state.client = client
+        lifecycle.loop = asyncio.get_running_loop()
+        starting = asyncio.create_task(start_engine(app), name="engine-start")
         try:
-            ready = await client.start()
-            if not served_names[0]:
-                served_names[0] = ready.model
-            ctx = ServingContext(client, tokenizer, served_names, ready.model, ready.max_model_len,
-                                 ready.vocab_size, max_logprobs=engine_config.max_logprobs,
-                                 default_sampling=default_sampling or {}, request_logger=request_logger)
-            app.state.ctx = ctx
-            app.state.completion = CompletionServing(ctx)
-            app.state.chat = ChatServing(ctx)
-            app.state.tokenize = TokenizeServing(ctx)
-            logger.info("pagedserve %s serving %s (max_model_len %d) on http://%s:%d", version(),
-                        ", ".join(served_names), ready.max_model_len, options.host or "0.0.0.0", options.port)
-            # Everything allocated so far lives as long as the server: keep the cyclic GC from rescanning it
-            # (its pauses stall every stream at once).
-            gc.collect()
-            gc.freeze()
             yield
         finally:
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
             await client.shutdown()
 
     app = FastAPI(title="pagedserve", version=version(), lifespan=lifespan)
+    app.state.lifecycle = lifecycle
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -203,6 +241,9 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
 
     @app.get("/health")
     async def health(request: Request) -> Response:
+        unavailable = lifecycle.unavailable_reason()
+        if unavailable is not None:
+            return error_response(OpenAIError(unavailable, status_code=503))
         client: EngineClient = request.app.state.client
         if client.is_healthy:
             return Response(status_code=200)
@@ -225,21 +266,21 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
     # ~0.6 ms a request, which at hundreds of requests a second delays every stream's tokens.
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
-        body = _parse_body(CompletionRequest, await request.body())
+        body = await _parse_body_off_loop(CompletionRequest, await request.body())
         return await request.app.state.completion.create(body, request)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        body = _parse_body(ChatCompletionRequest, await request.body())
+        body = await _parse_body_off_loop(ChatCompletionRequest, await request.body())
         return await request.app.state.chat.create(body, request)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest, request: Request) -> JSONResponse:
-        return json_response(request.app.state.tokenize.tokenize(body))
+        return json_response(await request.app.state.tokenize.tokenize(body))
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
-        return json_response(request.app.state.tokenize.detokenize(body))
+        return json_response(await request.app.state.tokenize.detokenize(body))
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -253,6 +294,7 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
         return JSONResponse({"success": bool(ok)})
 
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=options.max_request_body_bytes)
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle, always_open=PUBLIC_PATHS)
     if options.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=options.api_key)
     # Outermost (added last): preflights are answered before auth, and errors carry the CORS headers too.
@@ -273,11 +315,17 @@ def bind_socket(host: str | None, port: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, minus re-raising SIGINT/SIGTERM after a graceful shutdown.
+    """uvicorn's server with our SIGTERM: the first signal drains (``frontend/lifecycle.py``), a second stops now.
 
-    By then the lifespan has stopped the engine; re-raising would only kill the process mid-cleanup (SIGTERM)
-    or print a KeyboardInterrupt traceback (Ctrl-C).
+    Signals are not re-raised after the shutdown: by then the lifespan has stopped the engine; re-raising would
+    only kill the process mid-cleanup (SIGTERM) or print a KeyboardInterrupt traceback (Ctrl-C).
     """
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, app: FastAPI) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.app = app
+        lifecycle.server = self
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -291,9 +339,20 @@ class _Server(uvicorn.Server):
             for sig, handler in original.items():
                 signal.signal(sig, handler)
 
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        lifecycle = self.lifecycle
+        loop = getattr(lifecycle, "loop", None)
+        if lifecycle.ready and not lifecycle.draining and not self.should_exit and loop is not None:
+            loop.call_soon_threadsafe(lifecycle.begin_drain, getattr(self.app.state, "client", None))
+            return
+        super().handle_exit(sig, frame)
+
 
 def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
-    """Load the tokenizer, bind the port, then serve until SIGTERM / Ctrl-C (the engine starts in the lifespan)."""
+    """Bind the port, load the tokenizer, then serve until SIGTERM / Ctrl-C (the engine starts in the lifespan).
+
+    Exits with status 1 when the engine fails to start or dies, so a supervisor restarts the server.
+    """
     import msgspec
     import uvloop
 
@@ -301,6 +360,11 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
     from frontend.generation_config import default_sampling_overrides
     from frontend.tokenizer import load_tokenizer
 
+    try:  # first: a port in use fails before anything is loaded
+        sock = bind_socket(options.host, options.port)
+    except OSError as exc:
+        logger.error("Cannot listen on %s:%d: %s", options.host or "0.0.0.0", options.port, exc.strerror or exc)
+        sys.exit(1)
     source = resolve_model(engine_config.model, engine_config.revision)
     tokenizer = None
     if not engine_config.skip_tokenizer_init:
@@ -310,16 +374,19 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
     default_sampling = default_sampling_overrides(engine_config.generation_config, source)
     if default_sampling:
         logger.info("Default sampling parameters from the generation config: %s", default_sampling)
-    sock = bind_socket(options.host, options.port)
     app = build_app(engine_config, tokenizer, options, default_sampling)
-    server = _Server(uvicorn_config(app, options))
+    lifecycle: Lifecycle = app.state.lifecycle
+    server = _Server(uvicorn_config(app, options), lifecycle, app)
     uvloop.run(server.serve(sockets=[sock]))
+    if lifecycle.exit_code:
+        sys.exit(lifecycle.exit_code)
 
 
 def uvicorn_config(app: FastAPI, options: ServerOptions) -> uvicorn.Config:
-    """uvicorn's settings from the server options: logging, TLS, the proxy's root path, shutdown timing."""
+    """uvicorn's settings from the server options: logging, TLS, the proxy's root path, connection timeouts."""
     return uvicorn.Config(
         app, log_level=options.uvicorn_log_level, access_log=not options.disable_uvicorn_access_log,
-        timeout_graceful_shutdown=options.graceful_shutdown_s, timeout_keep_alive=5,
+        timeout_graceful_shutdown=options.graceful_shutdown_s, timeout_keep_alive=options.timeout_keep_alive,
+        http=header_timeout_protocol(options.timeout_request_headers),
         ssl_keyfile=options.ssl_keyfile, ssl_certfile=options.ssl_certfile, root_path=options.root_path or "",
     )

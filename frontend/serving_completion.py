@@ -30,6 +30,7 @@ from frontend.serving_common import (
     run_until_disconnect,
     sse_response,
 )
+from frontend.tokenizer import encode
 from ipc.messages import SamplingParams
 
 
@@ -69,8 +70,9 @@ class CompletionServing:
     async def create(self, request: CompletionRequest, raw_request: Request) -> Response:
         ctx = self.ctx
         ctx.check_model(request.model)
+        ctx.check_limits(request)
         ctx.check_engine()
-        prompts: list[tuple[str | None, list[int]]] = [await self._tokenize(p, request) for p in request.prompts()]
+        prompts = await self._tokenize_all(request)
         params = [request.to_sampling_params(len(ids), ctx.max_model_len, ctx.default_sampling, ctx.max_logprobs)
                   for _, ids in prompts]
         ctx.check_sampling_params(params[0])
@@ -83,14 +85,28 @@ class CompletionServing:
         except Exception as exc:
             raise engine_error(exc) from exc
 
-    async def _tokenize(self, prompt: str | list[int], request: CompletionRequest) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            ids = await self.ctx.encode(prompt, request.add_special_tokens)
-            if not ids:
-                raise OpenAIError("The prompt is empty after tokenization.", param="prompt")
-            return prompt, ids
-        self.ctx.check_token_ids(prompt)
-        return None, prompt
+    async def _tokenize_all(self, request: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        """Each prompt's (text, token ids). A batch is tokenized in one worker-thread call, off the event loop."""
+        items = request.prompts()
+        if len(items) == 1 and isinstance(items[0], str):
+            return [self._checked(items[0], await self.ctx.encode(items[0], request.add_special_tokens))]
+        return await self.ctx.run_blocking(self._tokenize_batch, items, request.add_special_tokens)
+
+    def _tokenize_batch(self, items: list[str | list[int]], add_special_tokens: bool) -> list[tuple[str | None, list[int]]]:
+        out = []
+        for prompt in items:
+            if isinstance(prompt, str):
+                out.append(self._checked(prompt, encode(self.ctx.require_tokenizer(), prompt, add_special_tokens)))
+            else:
+                self.ctx.check_token_ids(prompt)
+                out.append((None, prompt))
+        return out
+
+    @staticmethod
+    def _checked(prompt: str, ids: list[int]) -> tuple[str, list[int]]:
+        if not ids:
+            raise OpenAIError("The prompt is empty after tokenization.", param="prompt")
+        return prompt, ids
 
     def _echo_text(self, prompt: str | None, ids: list[int]) -> str:
         if prompt is not None:
