@@ -154,7 +154,7 @@ class EngineClient:
         if exited is not None and not exited.done():
             exited.set_result(None)
         if self.ready is not None and not self._closed:
-            self._proc.join(timeout=0)
+            self._proc.join(timeout=1.0)  # the sentinel fires as the process exits, a moment before it can be reaped
             self._fail_all(f"The engine core process exited unexpectedly (exit code {self._proc.exitcode}).")
             if self.on_dead is not None:
                 self.on_dead(self.last_error or "it reported no error (killed by a signal?)", self._proc.exitcode)
