@@ -88,6 +88,7 @@ class EngineCore:
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"Prompt token ids must be in [0, {vocab}).")
         params = request.sampling_params
+        _check_params_against_vocab(params, vocab)
         sequences: list[Sequence] = []
         for index in range(params.n):
             seq_params = params
@@ -99,9 +100,17 @@ class EngineCore:
                 fork_source=sequences[0] if index > 0 else None,
             ))
         self._children[request.request_id] = sequences
+        added: list[Sequence] = []
+        try:
+            for seq in sequences:
+                self.scheduler.add_sequence(seq)
+                added.append(seq)
+        except Exception:  # leave no half-added request behind: its id must stay reusable
+            for seq in added:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+            del self._children[request.request_id]
+            raise
         self.total_prompt_tokens += len(prompt)
-        for seq in sequences:
-            self.scheduler.add_sequence(seq)
 
     def abort_requests(self, request_ids: list[str], indices: list[int] | None = None) -> None:
         for i, request_id in enumerate(request_ids):
@@ -219,6 +228,27 @@ class EngineCore:
             self._inflight[1].result()
             self._inflight = None
         self.runner.kv_caches = []
+
+
+class RequestParamError(ValueError):
+    """A request the core refuses; ``param`` names the offending field for the frontend's HTTP 400."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _check_params_against_vocab(params: SamplingParams, vocab: int) -> None:
+    """Token ids the sampler indexes with (stop ids banned before min_tokens, logit_bias) must be in the
+    vocabulary: one bad id would otherwise fail the whole batch's step."""
+    for name, ids in (("stop_token_ids", params.stop_token_ids or ()), ("logit_bias", params.logit_bias or ())):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestParamError(name, f"{name} must be token ids in [0, {vocab}), got {bad[0]}.")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and value > vocab:
+            raise RequestParamError(name, f"{name} must be at most the vocabulary size {vocab}, got {value}.")
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -20,6 +20,7 @@ import time
 import traceback
 from typing import Any
 
+import msgspec
 import zmq
 
 from core import envs
@@ -78,8 +79,12 @@ class EngineProcess:
             frame = self._in_sock.recv(copy=False)
             try:
                 self._inputs.put(decoder.decode(frame.buffer))
-            except Exception:  # a malformed message must not take the engine down
+            except Exception as exc:  # a malformed message must not take the engine down
                 logger.exception("dropping an undecodable input message")
+                request_id = _request_id_of(frame.buffer)
+                if request_id is not None:  # fail that request alone, or its client would wait forever
+                    error = RequestError(request_id, f"The engine could not decode the request: {exc}")
+                    self._outputs.put(EngineOutputs(errors=[error], timestamp=time.time()))
 
     def _send_loop(self) -> None:
         encoder = Encoder()
@@ -153,8 +158,11 @@ class EngineProcess:
         if isinstance(message, EngineRequest):
             try:
                 self._core.add_request(message)
-            except ValueError as exc:
-                error = RequestError(message.request_id, str(exc), getattr(exc, "param", None))
+            except Exception as exc:  # one bad request fails alone, never the engine
+                if not isinstance(exc, ValueError):
+                    logger.exception("request %s failed on admission", message.request_id)
+                text = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                error = RequestError(message.request_id, text, getattr(exc, "param", None))
                 self._outputs.put(EngineOutputs(errors=[error], timestamp=time.time()))
         elif isinstance(message, AbortRequests):
             self._core.abort_requests(message.request_ids, message.indices)
@@ -210,6 +218,17 @@ class EngineProcess:
         self._in_sock.close()
         self._out_sock.close()
         self._ctx.term()
+
+
+def _request_id_of(buffer: Any) -> str | None:
+    """The request id of an ``EngineRequest`` frame that failed to decode (``["add", request_id, ...]``)."""
+    try:
+        raw = msgspec.msgpack.decode(buffer)
+    except Exception:
+        return None
+    if isinstance(raw, list) and len(raw) > 1 and raw[0] == "add" and isinstance(raw[1], str):
+        return raw[1]
+    return None
 
 
 def _limit_cpu_threads() -> None:

@@ -7,17 +7,20 @@ SIGTERM / Ctrl-C (handled by uvicorn) stop both processes. Every error leaves as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
 import secrets
 import signal
 import socket
+import sys
 import threading
 from contextlib import asynccontextmanager
 from importlib import metadata
 from typing import Any
 
+import msgspec
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontend.engine_client import EngineClient
+from frontend.lifecycle import Lifecycle, LifecycleMiddleware, header_timeout_protocol, release_memory_soon
 from frontend.metrics import CONTENT_TYPE
 from frontend.protocol import (
     ChatCompletionRequest,
@@ -148,6 +152,32 @@ def _parse_body(model: type[BaseModel], body: bytes) -> Any:
         raise _validation_error(exc) from None
 
 
+_BIG_BODY_BYTES = 256 * 1024
+
+
+async def _parse_body_off_loop(model: type[BaseModel], body: bytes) -> Any:
+    """Parse a big body in a worker thread: a multi-megabyte JSON array takes the event loop for a while."""
+    if len(body) < _BIG_BODY_BYTES:
+        return _parse_body(model, body)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, _parse_big_body, model, body)
+    finally:
+        release_memory_soon()
+
+
+def _parse_big_body(model: type[BaseModel], body: bytes) -> Any:
+    """msgspec's JSON decoder then pydantic on the objects: about half the time pydantic's own JSON path takes
+    on a multi-megabyte string, and both hold the GIL (the event loop waits) while they run."""
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return _parse_body(model, body)  # pydantic's message for the malformed JSON
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
 def _body_schema(model: type[BaseModel]) -> dict:
     """The request body's schema in the OpenAPI document (the route reads the body itself)."""
     return {"requestBody": {"required": True,
@@ -174,40 +204,61 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
     served_names = engine_config.served_model_names or [engine_config.model or ""]
     request_logger = RequestLogger(options.max_log_len) if options.enable_log_requests else None
 
+    lifecycle = Lifecycle(options.shutdown_timeout)
+
+    async def start_engine(app: FastAPI) -> None:
+        """Start the core and wait for READY in the background: the port answers (503) while the model loads,
+        and SIGTERM stops the load at once."""
+        client: EngineClient = app.state.client
+        try:
+            ready = await client.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.error("%s", exc)
+            lifecycle.request_exit(1)
+            return
+        if not served_names[0]:
+            served_names[0] = ready.model
+        ctx = ServingContext(client, tokenizer, served_names, ready.model, ready.max_model_len,
+                             ready.vocab_size, max_logprobs=engine_config.max_logprobs,
+                             default_sampling=default_sampling or {}, request_logger=request_logger,
+                             max_n=options.max_n, trust_request_chat_template=options.trust_request_chat_template,
+                             usage=UsageOptions(options.enable_force_include_usage,
+                                                options.enable_prompt_tokens_details,
+                                                options.enable_per_request_metrics))
+        app.state.ctx = ctx
+        app.state.completion = CompletionServing(ctx)
+        app.state.chat = ChatServing(ctx)
+        app.state.tokenize = TokenizeServing(ctx)
+        app.state.embedding_info = ready.embedding  # None: a generation model
+        app.state.embedding = EmbeddingServing(ctx, ready.embedding) if ready.embedding is not None else None
+        client.on_dead = lifecycle.engine_died
+        lifecycle.ready = True
+        where = f"unix:{options.uds}" if options.uds else f"http://{options.host or '0.0.0.0'}:{options.port}"
+        logger.info("pagedserve %s serving %s (max_model_len %d) on %s", version(),
+                    ", ".join(served_names), ready.max_model_len, where)
+        # Everything allocated so far lives as long as the server: keep the cyclic GC from rescanning it
+        # (its pauses stall every stream at once).
+        gc.collect()
+        gc.freeze()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client = EngineClient(engine_config, tokenizer, served_names[0],
                               startup_timeout_s=options.engine_startup_timeout_s)
         app.state.client = client
+        lifecycle.loop = asyncio.get_running_loop()
+        starting = asyncio.create_task(start_engine(app), name="engine-start")
         try:
-            ready = await client.start()
-            if not served_names[0]:
-                served_names[0] = ready.model
-            ctx = ServingContext(client, tokenizer, served_names, ready.model, ready.max_model_len,
-                                 ready.vocab_size, max_logprobs=engine_config.max_logprobs,
-                                 default_sampling=default_sampling or {}, request_logger=request_logger,
-                                 usage=UsageOptions(options.enable_force_include_usage,
-                                                    options.enable_prompt_tokens_details,
-                                                    options.enable_per_request_metrics))
-            app.state.ctx = ctx
-            app.state.completion = CompletionServing(ctx)
-            app.state.chat = ChatServing(ctx)
-            app.state.tokenize = TokenizeServing(ctx)
-            app.state.embedding_info = ready.embedding  # None: a generation model
-            app.state.embedding = EmbeddingServing(ctx, ready.embedding) if ready.embedding is not None else None
-            where = (f"unix:{options.uds}" if options.uds
-                     else f"http://{options.host or '0.0.0.0'}:{options.port}")
-            logger.info("pagedserve %s serving %s (max_model_len %d) on %s", version(),
-                        ", ".join(served_names), ready.max_model_len, where)
-            # Everything allocated so far lives as long as the server: keep the cyclic GC from rescanning it
-            # (its pauses stall every stream at once).
-            gc.collect()
-            gc.freeze()
             yield
         finally:
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
             await client.shutdown()
 
     app = FastAPI(title="pagedserve", version=version(), lifespan=lifespan)
+    app.state.lifecycle = lifecycle
     install_openapi(app)
     server_load = ServerLoad()
 
@@ -233,6 +284,9 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
 
     @app.get("/health")
     async def health(request: Request) -> Response:
+        unavailable = lifecycle.unavailable_reason()
+        if unavailable is not None:
+            return error_response(OpenAIError(unavailable, status_code=503))
         client: EngineClient = request.app.state.client
         if client.is_healthy:
             return Response(status_code=200)
@@ -258,8 +312,8 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
         """SageMaker-style: chat when the body has ``messages``, completions when it has ``prompt``."""
         body = await request.body()
         if invocation_route(body) == "/v1/chat/completions":
-            return await request.app.state.chat.create(_parse_body(ChatCompletionRequest, body), request)
-        return await request.app.state.completion.create(_parse_body(CompletionRequest, body), request)
+            return await request.app.state.chat.create(await _parse_body_off_loop(ChatCompletionRequest, body), request)
+        return await request.app.state.completion.create(await _parse_body_off_loop(CompletionRequest, body), request)
 
     @app.get("/version")
     async def get_version() -> JSONResponse:
@@ -278,28 +332,28 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         _check_task(request, "generate")
-        body = _parse_body(CompletionRequest, await request.body())
+        body = await _parse_body_off_loop(CompletionRequest, await request.body())
         return await request.app.state.completion.create(body, request)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         _check_task(request, "generate")
-        body = _parse_body(ChatCompletionRequest, await request.body())
+        body = await _parse_body_off_loop(ChatCompletionRequest, await request.body())
         return await request.app.state.chat.create(body, request)
 
     @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
     async def embeddings(request: Request) -> Response:
         _check_task(request, "embed")
-        body = _parse_body(EmbeddingRequest, await request.body())
+        body = await _parse_body_off_loop(EmbeddingRequest, await request.body())
         return await request.app.state.embedding.create(body, request)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest, request: Request) -> JSONResponse:
-        return json_response(request.app.state.tokenize.tokenize(body))
+        return json_response(await request.app.state.tokenize.tokenize(body))
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
-        return json_response(request.app.state.tokenize.detokenize(body))
+        return json_response(await request.app.state.tokenize.detokenize(body))
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -313,6 +367,7 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
         return JSONResponse({"success": bool(ok)})
 
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=options.max_request_body_bytes)
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle, always_open=PUBLIC_PATHS)
 
     def orca_metrics() -> dict[str, float]:
         stats = app.state.client.metrics.latest_stats if app.state.client.metrics is not None else None
@@ -358,11 +413,17 @@ def bind_unix_socket(path: str) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, minus re-raising SIGINT/SIGTERM after a graceful shutdown.
+    """uvicorn's server with our SIGTERM: the first signal drains (``frontend/lifecycle.py``), a second stops now.
 
-    By then the lifespan has stopped the engine; re-raising would only kill the process mid-cleanup (SIGTERM)
-    or print a KeyboardInterrupt traceback (Ctrl-C).
+    Signals are not re-raised after the shutdown: by then the lifespan has stopped the engine; re-raising would
+    only kill the process mid-cleanup (SIGTERM) or print a KeyboardInterrupt traceback (Ctrl-C).
     """
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, app: FastAPI) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.app = app
+        lifecycle.server = self
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -376,9 +437,20 @@ class _Server(uvicorn.Server):
             for sig, handler in original.items():
                 signal.signal(sig, handler)
 
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        lifecycle = self.lifecycle
+        loop = getattr(lifecycle, "loop", None)
+        if lifecycle.ready and not lifecycle.draining and not self.should_exit and loop is not None:
+            loop.call_soon_threadsafe(lifecycle.begin_drain, getattr(self.app.state, "client", None))
+            return
+        super().handle_exit(sig, frame)
+
 
 def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
-    """Load the tokenizer, bind the port, then serve until SIGTERM / Ctrl-C (the engine starts in the lifespan)."""
+    """Bind the port, load the tokenizer, then serve until SIGTERM / Ctrl-C (the engine starts in the lifespan).
+
+    Exits with status 1 when the engine fails to start or dies, so a supervisor restarts the server.
+    """
     import msgspec
     import uvloop
 
@@ -386,6 +458,12 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
     from frontend.generation_config import default_sampling_overrides
     from frontend.tokenizer import load_tokenizer
 
+    try:  # first: a port in use fails before anything is loaded
+        sock = bind_unix_socket(options.uds) if options.uds else bind_socket(options.host, options.port)
+    except OSError as exc:
+        where = options.uds or f"{options.host or '0.0.0.0'}:{options.port}"
+        logger.error("Cannot listen on %s: %s", where, exc.strerror or exc)
+        sys.exit(1)
     source = resolve_model(engine_config.model, engine_config.revision)
     tokenizer = None
     if not engine_config.skip_tokenizer_init:
@@ -395,16 +473,19 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
     default_sampling = default_sampling_overrides(engine_config.generation_config, source)
     if default_sampling:
         logger.info("Default sampling parameters from the generation config: %s", default_sampling)
-    sock = bind_unix_socket(options.uds) if options.uds else bind_socket(options.host, options.port)
     app = build_app(engine_config, tokenizer, options, default_sampling)
-    server = _Server(uvicorn_config(app, options))
+    lifecycle: Lifecycle = app.state.lifecycle
+    server = _Server(uvicorn_config(app, options), lifecycle, app)
     uvloop.run(server.serve(sockets=[sock]))
+    if lifecycle.exit_code:
+        sys.exit(lifecycle.exit_code)
 
 
 def uvicorn_config(app: FastAPI, options: ServerOptions) -> uvicorn.Config:
-    """uvicorn's settings from the server options: logging, TLS, the proxy's root path, shutdown timing."""
+    """uvicorn's settings from the server options: logging, TLS, the proxy's root path, connection timeouts."""
     return uvicorn.Config(
         app, log_level=options.uvicorn_log_level, access_log=not options.disable_uvicorn_access_log,
-        timeout_graceful_shutdown=options.graceful_shutdown_s, timeout_keep_alive=5,
+        timeout_graceful_shutdown=options.graceful_shutdown_s, timeout_keep_alive=options.timeout_keep_alive,
+        http=header_timeout_protocol(options.timeout_request_headers),
         ssl_keyfile=options.ssl_keyfile, ssl_certfile=options.ssl_certfile, root_path=options.root_path or "",
     )

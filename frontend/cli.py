@@ -86,8 +86,16 @@ COMMANDS = {"serve": serve, "generate": generate, "bench": bench}
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--version", "-V"):
+        from importlib import metadata
+
+        try:
+            print(f"pagedserve {metadata.version('pagedserve')}")
+        except metadata.PackageNotFoundError:
+            print("pagedserve (not installed)")
+        return
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: pagedserve {serve,generate,bench} ...\n\n"
+        print("usage: pagedserve [--version] {serve,generate,bench} ...\n\n"
               "  serve [MODEL]             start the OpenAI-compatible server (vLLM's flags)\n"
               "  generate [MODEL]          generate offline: --prompt TEXT [--chat] [--max-tokens N]\n"
               "  bench serve|throughput    run a benchmark (see --help of each)",

@@ -16,7 +16,7 @@ import itertools
 import logging
 import multiprocessing
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -79,6 +79,9 @@ class EngineClient:
         self._out_sock: zmq.asyncio.Socket | None = None
         self._output_task: asyncio.Task | None = None
         self._closed = False
+        self.draining_error: Exception | None = None  # set by a SIGTERM drain: new requests are refused with it
+        self.on_dead: Callable[[str, int | None], None] | None = None  # (last error, exit status) once it died
+        self.last_error: str | None = None  # the core's own report (EngineDead), if it sent one
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -154,8 +157,10 @@ class EngineClient:
         if exited is not None and not exited.done():
             exited.set_result(None)
         if self.ready is not None and not self._closed:
-            self._proc.join(timeout=0)
+            self._proc.join(timeout=1.0)  # the sentinel fires as the process exits, a moment before it can be reaped
             self._fail_all(f"The engine core process exited unexpectedly (exit code {self._proc.exitcode}).")
+            if self.on_dead is not None:
+                self.on_dead(self.last_error or "it reported no error (killed by a signal?)", self._proc.exitcode)
 
     def _kill_if_alive(self) -> None:
         if self._proc is not None and self._proc.exitcode is None:
@@ -188,7 +193,8 @@ class EngineClient:
             self._in_sock.send(self._encoder.encode(Shutdown()), flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
-        for action in (None, proc.terminate, proc.kill):
+        # Before READY the core is loading and reads no messages: SIGTERM stops the load at once.
+        for action in (None, proc.terminate, proc.kill) if self.ready is not None else (proc.terminate, proc.kill):
             if action is not None:
                 action()
             deadline = time.monotonic() + timeout_s
@@ -210,12 +216,18 @@ class EngineClient:
         """
         if not self.is_healthy:
             raise EngineDeadError(self.dead_error or "The engine core is not running.")
+        if self.draining_error is not None:
+            raise self.draining_error
+        try:  # encode first: a value the wire format cannot carry fails this request before it holds any state
+            frame = self._encoder.encode(EngineRequest(request_id, prompt_token_ids, params, cache_salt=cache_salt))
+        except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
+            raise RequestRejectedError(f"The request cannot be sent to the engine: {exc}") from None
         state = self.processor.add_request(request_id, prompt, prompt_token_ids, params,
                                            stream_deltas=stream_deltas and not final_only, final_only=final_only,
                                            queue=asyncio.Queue(), arrival=time.monotonic())
-        self._send(EngineRequest(request_id, prompt_token_ids, params, cache_salt=cache_salt))
         finished = False
         try:
+            self._in_sock.send(frame, copy=False)
             while not finished:
                 item = await state.queue.get()
                 if isinstance(item, BaseException):
@@ -226,7 +238,7 @@ class EngineClient:
                 finished = item.finished
                 yield item
         finally:
-            if not finished:
+            if not finished:  # client gone, send failed, drain: release the state here and in the core
                 self.abort(request_id)
 
     async def embed(self, request_id: str, prompt_token_ids: list[int]) -> bytes:
@@ -283,6 +295,7 @@ class EngineClient:
                     self._handle_outputs(message)
                 elif isinstance(message, EngineDead):
                     logger.error("engine core died: %s", message.error)
+                    self.last_error = message.error.splitlines()[0]
                     self._fail_all(f"The engine core died: {message.error.splitlines()[0]}")
                     return
         except asyncio.CancelledError:
@@ -311,6 +324,16 @@ class EngineClient:
             state = self.processor.abort_request(error.request_id)
             if state is not None:
                 state.queue.put_nowait(RequestRejectedError(error.message, error.param))
+
+    def fail_in_flight(self, error: Exception) -> int:
+        """End every in-flight request with ``error`` (the drain's deadline passed) and abort them in the core;
+        returns how many there were."""
+        states = self.processor.abort_all()
+        for state in states:
+            state.queue.put_nowait(error)
+        if states and self.is_healthy:
+            self._send(AbortRequests([state.request_id for state in states]))
+        return len(states)
 
     def _fail_all(self, reason: str) -> None:
         """Every in-flight request and utility call ends now with ``EngineDeadError``."""

@@ -33,16 +33,17 @@ class OpenAIError(Exception):
               413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
     def __init__(self, message: str, status_code: int = 400, param: str | None = None,
-                 err_type: str | None = None) -> None:
+                 err_type: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status_code = status_code
         self.param = param
         self.err_type = err_type or self._TYPES.get(status_code, "Error")
+        self.code = code  # OpenAI's error code string (e.g. "model_not_found"); default: the HTTP status
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.err_type, "param": self.param,
-                          "code": self.status_code}}
+                          "code": self.code or self.status_code}}
 
 
 def random_id(prefix: str) -> str:

@@ -52,6 +52,19 @@ class ServerOptions:
         "Echo the request's X-Request-Id header on its response (a fresh id when it has none).")] = False
     enable_server_load_tracking: Annotated[bool, Arg(
         "Count in-flight API requests; GET /load reports the count as server_load.")] = False
+    max_n: Annotated[int, Arg(
+        "Largest n (choices per prompt) a request may ask for; larger ones get HTTP 400 (OpenAI's limit: 128).")] = 128
+    trust_request_chat_template: Annotated[bool, Arg(
+        "Accept a chat_template in requests (it is code, run in a sandbox with size and time limits); without "
+        "this flag such requests get HTTP 400.")] = False
+    shutdown_timeout: Annotated[float, Arg(
+        "On SIGTERM: stop taking requests (503) and give in-flight ones this many seconds to finish; then end "
+        "them with an error (streams: an error event and [DONE]; others: HTTP 503).")] = 30.0
+    timeout_keep_alive: Annotated[float, Arg(
+        "Close a keep-alive connection idle for this many seconds (uvicorn's setting).")] = 5.0
+    timeout_request_headers: Annotated[float, Arg(
+        "Close a connection whose request line and headers have not all arrived this many seconds after it "
+        "opened or went idle (slow-loris clients).")] = 10.0
     graceful_shutdown_s: float = 5.0
     engine_startup_timeout_s: float = 1800.0
 

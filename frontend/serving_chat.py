@@ -9,6 +9,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from frontend.chat_template import (
+    DEFAULT_MAX_OUTPUT_CHARS,
+    TemplateLimitError,
+    render_chat_template,
+    special_tokens_of,
+)
 from frontend.output_processor import Logprob
 from frontend.protocol import (
     ChatChoiceLogprobs,
@@ -40,27 +46,37 @@ from frontend.serving_common import (
 from frontend.usage import request_metrics, stream_usage_flags, usage_info
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
-                continue_final_message: bool, chat_template: str | None,
-                chat_template_kwargs: dict[str, Any] | None) -> str:
-    """The prompt text for ``messages``; template problems are the client's (400), not the server's."""
+async def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool,
+                      continue_final_message: bool, chat_template: str | None,
+                      chat_template_kwargs: dict[str, Any] | None) -> str:
+    """The prompt text for ``messages``, rendered in a worker thread inside the sandbox's limits
+    (``frontend/chat_template.py``); template problems are the client's (400), not the server's."""
+    tokenizer = ctx.require_tokenizer()
+    if chat_template is not None and not ctx.trust_request_chat_template:
+        raise OpenAIError("Request-level chat templates are refused: the server must be started with "
+                          "--trust-request-chat-template to accept them.", param="chat_template")
     conversation = []
     for m in messages:
         entry: dict[str, Any] = {"role": m.role, "content": m.text()}
         if m.name:
             entry["name"] = m.name
         conversation.append(entry)
-    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+    source = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    if isinstance(source, dict):  # named templates: the default one
+        source = source.get("default")
+    if not source:
         raise OpenAIError("The model's tokenizer has no chat template: pass --chat-template or use "
                           "/v1/completions.")
+    max_chars = ctx.max_prompt_chars or DEFAULT_MAX_OUTPUT_CHARS
     try:
-        return tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message, chat_template=chat_template,
-            **(chat_template_kwargs or {}),
-        )
+        return await ctx.run_blocking(lambda: render_chat_template(
+            source, conversation, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, special_tokens=special_tokens_of(tokenizer),
+            extra=chat_template_kwargs, time_limit_s=ctx.chat_template_time_limit_s, max_output_chars=max_chars))
     except OpenAIError:
         raise
+    except TemplateLimitError as exc:
+        raise OpenAIError(str(exc), param="chat_template" if chat_template is not None else "messages") from None
     except Exception as exc:
         raise OpenAIError(f"Could not apply the chat template: {exc}", param="messages") from None
 
@@ -98,10 +114,12 @@ class ChatServing:
         ctx = self.ctx
         ctx.check_model(request.model)
         request.check(ctx.max_logprobs)
+        ctx.check_limits(request)
         ctx.check_engine()
-        tokenizer = ctx.require_tokenizer()
-        prompt = render_chat(tokenizer, request.messages, request.add_generation_prompt,
-                             request.continue_final_message, request.chat_template, request.chat_template_kwargs)
+        prompt = await render_chat(ctx, request.messages, request.add_generation_prompt,
+                                   request.continue_final_message, request.chat_template,
+                                   request.chat_template_kwargs)
+        ctx.check_text_length(prompt, "messages")
         prompt_ids = await ctx.encode(prompt, request.add_special_tokens)
         kept = truncate_prompt(prompt_ids, request.truncate_prompt_tokens, request.truncation_side,
                                ctx.max_model_len)

@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -16,11 +16,13 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from frontend.engine_client import EngineClient, EngineDeadError, RequestRejectedError
+from frontend.lifecycle import ServerShuttingDownError
 from frontend.output_processor import Logprob, TokenStrings
 from frontend.protocol import MAX_LOGPROBS, OpenAIError
+from frontend.request_limits import DEFAULT_MAX_N, check_request_limits, max_token_chars
 from frontend.request_logger import RequestLogger
-from frontend.usage import UsageOptions
 from frontend.tokenizer import encode
+from frontend.usage import UsageOptions
 from ipc.messages import SamplingParams
 
 T = TypeVar("T")
@@ -40,9 +42,14 @@ class ServingContext:
     default_sampling: dict[str, Any] = field(default_factory=dict)  # --generation-config
     request_logger: RequestLogger | None = None  # --enable-log-requests
     usage: UsageOptions = field(default_factory=UsageOptions)  # the server's usage flags
+    max_n: int = DEFAULT_MAX_N  # --max-n
+    trust_request_chat_template: bool = False  # --trust-request-chat-template
+    chat_template_time_limit_s: float = 2.0
 
     def __post_init__(self) -> None:
         self._token_strings = TokenStrings(self.tokenizer)
+        # Texts longer than this cannot fit the context: refused before tokenizing (see request_limits).
+        self.max_prompt_chars = self.max_model_len * max_token_chars(self.tokenizer) or None
         # Tokenizing a long prompt takes milliseconds; the Rust tokenizer releases the GIL, so worker threads keep
         # the event loop (every stream's next token) free while it runs.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
@@ -54,6 +61,23 @@ class ServingContext:
             return encode(tokenizer, text, add_special_tokens)
         return await asyncio.get_running_loop().run_in_executor(
             self._tokenize_pool, encode, tokenizer, text, add_special_tokens)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-heavy request work (tokenizing, decoding, parsing a big body) off the event loop, so /health
+        and every stream keep answering while it runs."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
+
+    def check_limits(self, request: Any) -> None:
+        """n, prompt-array, int64, vocabulary and character bounds: before any tokenizing or rendering."""
+        check_request_limits(request, max_n=self.max_n, vocab_size=self.vocab_size,
+                             max_prompt_chars=self.max_prompt_chars)
+
+    def check_text_length(self, text: str, param: str) -> None:
+        """A text (a rendered chat, a prompt) too long for the context, refused before tokenizing it."""
+        if self.max_prompt_chars and len(text) > self.max_prompt_chars:
+            raise OpenAIError(
+                f"The input has {len(text)} characters, more than this model's context can hold "
+                f"({self.max_prompt_chars} characters at most). Please reduce the length of the input.", param=param)
 
     def token_str(self, token_id: int) -> str:
         """A token's own text (vLLM's spelling for logprobs); ``token_id:N`` without a tokenizer."""
@@ -90,7 +114,8 @@ class ServingContext:
 
     def check_model(self, model: str | None) -> None:
         if model and model not in self.served_model_names:
-            raise OpenAIError(f"The model `{model}` does not exist.", param="model")
+            raise OpenAIError(f"The model `{model}` does not exist.", status_code=404, param="model",
+                              code="model_not_found")
 
     def require_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -134,6 +159,8 @@ def engine_error(exc: Exception) -> OpenAIError:
         return OpenAIError(str(exc), param=exc.param)
     if isinstance(exc, ValueError):  # e.g. a request id already in use
         return OpenAIError(str(exc))
+    if isinstance(exc, ServerShuttingDownError):
+        return OpenAIError(str(exc), status_code=503)
     if isinstance(exc, EngineDeadError):
         return OpenAIError(str(exc), status_code=500, err_type="EngineDeadError")
     return OpenAIError(f"{type(exc).__name__}: {exc}", status_code=500)

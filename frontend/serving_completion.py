@@ -31,6 +31,7 @@ from frontend.serving_common import (
     run_until_disconnect,
     sse_response,
 )
+from frontend.tokenizer import encode
 from frontend.usage import request_metrics, stream_usage_flags, usage_info
 from ipc.messages import SamplingParams
 
@@ -71,8 +72,9 @@ class CompletionServing:
     async def create(self, request: CompletionRequest, raw_request: Request) -> Response:
         ctx = self.ctx
         ctx.check_model(request.model)
+        ctx.check_limits(request)
         ctx.check_engine()
-        prompts: list[tuple[str | None, list[int]]] = [await self._tokenize(p, request) for p in request.prompts()]
+        prompts = await self._tokenize_all(request)
         params = [request.to_sampling_params(len(ids), ctx.max_model_len, ctx.default_sampling, ctx.max_logprobs)
                   for _, ids in prompts]
         ctx.check_sampling_params(params[0])
@@ -85,14 +87,27 @@ class CompletionServing:
         except Exception as exc:
             raise engine_error(exc) from exc
 
-    async def _tokenize(self, prompt: str | list[int], request: CompletionRequest) -> tuple[str | None, list[int]]:
-        """(text or None, token ids); a truncated prompt loses its text (echo then decodes the kept ids)."""
-        if isinstance(prompt, str):
-            text: str | None = prompt
-            ids = await self.ctx.encode(prompt, request.add_special_tokens)
+    async def _tokenize_all(self, request: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        """Each prompt's (text or None, token ids), truncated as asked. A batch is tokenized in one worker-thread
+        call, off the event loop; a truncated prompt loses its text (echo then decodes the kept ids)."""
+        items = request.prompts()
+        if len(items) == 1 and isinstance(items[0], str):
+            encoded = [(items[0], await self.ctx.encode(items[0], request.add_special_tokens))]
         else:
-            self.ctx.check_token_ids(prompt)
-            text, ids = None, prompt
+            encoded = await self.ctx.run_blocking(self._tokenize_batch, items, request.add_special_tokens)
+        return [self._truncated(text, ids, request) for text, ids in encoded]
+
+    def _tokenize_batch(self, items: list[str | list[int]], add_special_tokens: bool) -> list[tuple[str | None, list[int]]]:
+        out: list[tuple[str | None, list[int]]] = []
+        for prompt in items:
+            if isinstance(prompt, str):
+                out.append((prompt, encode(self.ctx.require_tokenizer(), prompt, add_special_tokens)))
+            else:
+                self.ctx.check_token_ids(prompt)
+                out.append((None, prompt))
+        return out
+
+    def _truncated(self, text: str | None, ids: list[int], request: CompletionRequest) -> tuple[str | None, list[int]]:
         kept = truncate_prompt(ids, request.truncate_prompt_tokens, request.truncation_side, self.ctx.max_model_len)
         if len(kept) != len(ids):
             text, ids = None, kept

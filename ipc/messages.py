@@ -82,6 +82,13 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
                f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.")
         if self.seed is not None:
             _check(-(2**63) <= self.seed < 2**64, "seed", f"seed out of range: {self.seed}.")
+        for name in _INT64_FIELDS:  # the core puts these in int64 tensors: a bigger value would crash a step
+            value = getattr(self, name)
+            _check(value is None or -(2**63) <= value < 2**63, name,
+                   f"{name} must fit in a signed 64-bit integer, got {value}.")
+        if self.stop_token_ids:
+            _check(all(0 <= t < 2**63 for t in self.stop_token_ids), "stop_token_ids",
+                   "stop_token_ids must be non-negative token ids.")
         if self.logit_bias:
             for token_id, bias in self.logit_bias.items():
                 _check(-100.0 <= bias <= 100.0, "logit_bias",
@@ -101,6 +108,9 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     @property
     def stop_strings(self) -> list[str]:
         return list(self.stop or [])
+
+
+_INT64_FIELDS = ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
 
 
 class SamplingParamError(ValueError):

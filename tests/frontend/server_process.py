@@ -47,7 +47,8 @@ def pid_alive(pid: int) -> bool:
 
 
 class ServerProcess:
-    def __init__(self, model: str | None, *args: str, api_key: str | None = None, timeout_s: float = 300) -> None:
+    def __init__(self, model: str | None, *args: str, api_key: str | None = None, timeout_s: float = 300,
+                 wait: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -58,7 +59,8 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="pagedserve-test-", suffix=".log", delete=False)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self._wait_ready(timeout_s)
+        if wait:
+            self._wait_ready(timeout_s)
 
     @property
     def headers(self) -> dict[str, str]:

@@ -1,0 +1,248 @@
+"""Issue 17's reproductions against a live server, each bounded in time, plus a property-based fuzz run.
+
+Every reproduction once killed, hung or starved the server; now each is a quick 4xx and the server keeps
+answering (``/health`` within 100 ms, a canary greedy request unchanged). One tiny-model server serves the module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.frontend.model_files import tiny_llama_dir
+from tests.frontend.server_process import ServerProcess
+
+MODEL = "tiny-llama"
+MAX_MODEL_LEN = 512
+HUGE = 2**63
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = tiny_llama_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
+    srv = ServerProcess(str(model), "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
+                        "--num-gpu-blocks-override", "256", "--max-request-body-mb", "24",
+                        "--timeout-request-headers", "1", "--timeout-keep-alive", "1")
+    yield srv
+    srv.stop()
+
+
+def post(server, path, body, timeout=30):
+    return httpx.post(f"{server.url}{path}", json=body, timeout=timeout)
+
+
+def canary(server) -> str:
+    r = post(server, "/v1/completions", {"prompt": "Hello there", "max_tokens": 6, "temperature": 0,
+                                         "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def assert_openai_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+class HealthProbe:
+    """Polls /health in a thread while a test runs; records the slowest answer."""
+
+    def __init__(self, server) -> None:
+        self.url = f"{server.url}/health"
+        self.worst = 0.0
+        self.failures: list[object] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.is_set():
+                start = time.monotonic()
+                try:
+                    status = client.get(self.url).status_code
+                    if status != 200:
+                        self.failures.append(status)
+                except httpx.HTTPError as exc:
+                    self.failures.append(exc)
+                self.worst = max(self.worst, time.monotonic() - start)
+                time.sleep(0.02)
+
+    def __enter__(self) -> "HealthProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+# ------------------------------------------------------------------------------------------ must not kill the core
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "Hi", "max_tokens": 4, "temperature": 1, "top_k": 9223372036854775808}, "top_k"),
+    ({"prompt": "Hi", "max_tokens": 4, "stop_token_ids": [1000000000], "min_tokens": 2}, "stop_token_ids"),
+    ({"prompt": "Hi", "max_tokens": 4, "stop_token_ids": [HUGE], "min_tokens": 2}, "stop_token_ids"),
+    ({"prompt": "Hi", "max_tokens": 4, "min_tokens": 2**70}, "min_tokens"),
+    ({"prompt": [1, 2, 2**64]}, "prompt"),
+    ({"prompt": "Hi", "logprobs": HUGE}, "logprobs"),
+    ({"prompt": "Hi", "n": 2**70}, "n"),
+    ({"prompt": "Hi", "n": 129}, "n"),
+    ({"prompt": ["Hi"] * 2049, "max_tokens": 1}, "prompt"),
+])
+def test_hostile_values_are_400_and_the_engine_survives(server, body, param):
+    start = time.monotonic()
+    assert_openai_error(post(server, "/v1/completions", body), 400, param)
+    assert time.monotonic() - start < 2.0
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_failed_requests_release_their_ids(server):
+    """A request refused at any stage leaves nothing behind: its id is free again at once."""
+    for body in ({"top_k": HUGE}, {"stop_token_ids": [10**9]}, {"n": 2**70}, {"prompt": [HUGE]}):
+        r = post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "request_id": "reused", **body})
+        assert r.status_code == 400, r.text
+    r = post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "request_id": "reused"})
+    assert r.status_code == 200, r.text
+    r = post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "request_id": "reused"})
+    assert r.status_code == 200, r.text
+
+
+def test_unknown_model_is_404_everywhere(server):
+    for path, body in (("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+                       ("/tokenize", {"prompt": "x"})):
+        err = assert_openai_error(post(server, path, {"model": "no-such-model", **body}), 404, "model")
+        assert err["code"] == "model_not_found"
+
+
+# ------------------------------------------------------------------------------------------ must not starve others
+
+
+def test_big_inputs_are_refused_before_tokenizing_and_health_stays_fast(server):
+    big = "hello world " * 700_000  # 8.4 MB
+    with HealthProbe(server) as probe:
+        for path, body, param in (
+                ("/v1/completions", {"prompt": big, "max_tokens": 1}, "prompt"),
+                ("/tokenize", {"prompt": big[:8_000_000]}, "prompt"),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": big}]}, "messages")):
+            start = time.monotonic()
+            assert_openai_error(post(server, path, body, timeout=60), 400, param)
+            assert time.monotonic() - start < 10
+        r = post(server, "/v1/completions", {"prompt": list(range(1, 100_001)), "max_tokens": 1}, timeout=60)
+        assert_openai_error(r, 400, "prompt")
+    assert not probe.failures and probe.worst < 0.1, (probe.worst, probe.failures[:3])
+
+
+def test_request_chat_template_is_refused_without_the_flag(server):
+    body = {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ 'x' * 50000000 }}"}
+    start = time.monotonic()
+    err = assert_openai_error(post(server, "/v1/chat/completions", body), 400, "chat_template")
+    assert "--trust-request-chat-template" in err["message"] and time.monotonic() - start < 2
+    assert_openai_error(post(server, "/tokenize", body), 400, "chat_template")
+
+
+# ------------------------------------------------------------------------------------------ connections
+
+
+def test_idle_and_slow_loris_connections_are_closed(server):
+    host, port = "127.0.0.1", server.port
+    idle = socket.create_connection((host, port))
+    slow = socket.create_connection((host, port))
+    slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # the head never completes
+    for sock in (idle, slow):
+        sock.settimeout(5)
+        start = time.monotonic()
+        assert sock.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - start < 4
+        sock.close()
+
+
+# ------------------------------------------------------------------------------------------ fuzz
+
+HOSTILE_INTS = st.one_of(st.integers(-3, 3), st.sampled_from([-(2**63) - 1, -1, 0, 2**31, 2**63 - 1, 2**63,
+                                                              2**64, 2**70, 10**30]))
+HOSTILE_FLOATS = st.one_of(st.floats(allow_nan=False, allow_infinity=False, width=32),
+                           st.sampled_from([1e308, -1e308, 0.0, -0.0]))
+NON_FINITE = st.sampled_from(["NaN", "Infinity", "-Infinity"])  # raw JSON tokens, spliced in below
+SCALARS = st.one_of(st.none(), st.booleans(), HOSTILE_INTS, HOSTILE_FLOATS, st.text(max_size=20))
+
+
+def _deep(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+ANY_VALUE = st.one_of(SCALARS, st.lists(SCALARS, max_size=5), st.builds(_deep, st.integers(50, 900)),
+                      st.text(min_size=1000, max_size=5000), st.lists(HOSTILE_INTS, min_size=1, max_size=5))
+SAMPLING_FIELDS = ["n", "best_of", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "logit_bias", "stop", "stop_token_ids", "ignore_eos",
+                   "min_tokens", "max_tokens", "logprobs", "prompt_logprobs", "echo", "stream", "stream_options",
+                   "add_special_tokens", "request_id", "cache_salt", "model", "skip_special_tokens"]
+CHAT_FIELDS = ["messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
+               "chat_template_kwargs", "continue_final_message", "add_generation_prompt", "chat_template"]
+
+
+@st.composite
+def hostile_bodies(draw) -> tuple[str, str]:
+    chat = draw(st.booleans())
+    if chat:
+        body: dict = {"messages": [{"role": "user", "content": draw(st.text(max_size=50))}], "max_tokens": 3}
+        fields = SAMPLING_FIELDS + CHAT_FIELDS
+    else:
+        body = {"prompt": draw(st.one_of(st.text(max_size=50), st.lists(st.integers(-5, 500), max_size=8),
+                                         st.lists(HOSTILE_INTS, min_size=1, max_size=3))), "max_tokens": 3}
+        fields = SAMPLING_FIELDS + ["prompt", "suffix"]
+    for name in draw(st.lists(st.sampled_from(fields), max_size=4, unique=True)):
+        body[name] = draw(ANY_VALUE)
+    if body.get("stream") is not True:
+        body.pop("stream_options", None)
+    text = json.dumps(body)
+    if draw(st.booleans()):  # a non-finite number where a float goes (Python's json module reads these)
+        text = text[:-1] + f', "temperature": {draw(NON_FINITE)}}}'
+    return ("/v1/chat/completions" if chat else "/v1/completions"), text
+
+
+def test_fuzz_hostile_bodies_never_hurt_the_server(server):
+    before = canary(server)
+    started = time.monotonic()
+    client = httpx.Client(timeout=30)
+    with HealthProbe(server) as probe:
+
+        @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(hostile_bodies())
+        def check(case: tuple[str, str]) -> None:
+            if time.monotonic() - started > 60:  # time bound on a slow machine: stop sending, keep the checks
+                return
+            path, text = case
+            r = client.post(f"{server.url}{path}", content=text, headers={"Content-Type": "application/json"})
+            assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code, text[:300], r.text[:300])
+            if r.status_code != 200:
+                err = r.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text
+            elif r.headers["content-type"].startswith("text/event-stream"):
+                assert r.text.rstrip().endswith("data: [DONE]")
+                assert '"error"' not in r.text or '"code":4' in r.text.replace(" ", ""), r.text[-500:]
+            else:
+                assert r.json()["choices"] is not None
+
+        check()
+    client.close()
+    assert not probe.failures, probe.failures[:3]
+    assert probe.worst < 0.1, f"/health took {probe.worst * 1000:.0f} ms"
+    assert canary(server) == before
+    assert not math.isnan(probe.worst)

@@ -1,0 +1,45 @@
+"""The sandboxed chat-template renderer: same text as transformers for the model's template, bounded otherwise."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from frontend.chat_template import TemplateLimitError, render_chat_template
+from tests.frontend.model_files import tokenizer_dir
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+
+
+def test_matches_transformers_on_the_models_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(tmp_path / "tok")))
+    ours = render_chat_template(tok.chat_template, CONVERSATION, add_generation_prompt=True,
+                                continue_final_message=False, special_tokens=dict(tok.special_tokens_map))
+    assert ours == tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("template", [
+    "{{ 'x' * 50000000 }}",
+    "{{ [1] * 10**9 }}",
+    "{{ 10 ** 100000 }}",
+    "{{ 'a'|center(10**9) }}",
+    "{% for i in range(50) %}{{ 'y' * 100000 }}{% endfor %}",
+])
+def test_output_size_is_bounded(template):
+    start = time.monotonic()
+    with pytest.raises(TemplateLimitError):
+        render_chat_template(template, CONVERSATION, add_generation_prompt=True, continue_final_message=False,
+                             special_tokens={}, max_output_chars=1_000_000)
+    assert time.monotonic() - start < 1.0
+
+
+def test_time_is_bounded_even_for_loops_that_call_nothing():
+    template = ("{% set l = range(20000)|list %}{% for a in l %}{% for b in l %}{% endfor %}{% endfor %}")
+    start = time.monotonic()
+    with pytest.raises(TemplateLimitError, match="longer than"):
+        render_chat_template(template, CONVERSATION, add_generation_prompt=True, continue_final_message=False,
+                             special_tokens={}, time_limit_s=0.3)
+    assert time.monotonic() - start < 2.0
