@@ -29,7 +29,9 @@ ERROR_SCHEMA = {
     "required": ["error"],
     "properties": {"error": {"type": "object", "required": ["message", "type", "code"], "properties": {
         "message": {"type": "string"}, "type": {"type": "string"},
-        "param": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "code": {"type": "integer"}}}},
+        "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        # The HTTP status, or OpenAI's string code where it has one (model_not_found).
+        "code": {"anyOf": [{"type": "integer"}, {"type": "string"}]}}}},
 }
 _ERROR_RESPONSE = {"description": "An OpenAI-style error.",
                    "content": {"application/json": {"schema": {"$ref": COMPONENTS + "ErrorResponse"}}}}
