@@ -15,6 +15,7 @@ templates render as ``apply_chat_template`` does, and adds limits:
 from __future__ import annotations
 
 import json
+import functools
 import math
 import sys
 import time
@@ -57,6 +58,9 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
                          extensions=[jinja2.ext.loopcontrols, _GenerationTag])
         self.max_output_chars = max_output_chars
         self.filters["tojson"] = _tojson
+        # Filters are called directly by the compiled template, not through ``call``: bound their int arguments
+        # too, so ``'a'|center(10**9)`` is refused before it allocates a gigabyte.
+        self.filters = {name: _bounded(f, max_output_chars) for name, f in self.filters.items()}
         self.globals["raise_exception"] = _raise_exception
         self.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
 
@@ -73,11 +77,25 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's API)
-        for value in (*args, *kwargs.values()):
-            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > __self.max_output_chars:
-                raise TemplateLimitError(f"The chat template passes {value} to a call (limit "
-                                         f"{__self.max_output_chars}).")
+        _check_call_args(args, kwargs, __self.max_output_chars)
         return super().call(__context, __obj, *args, **kwargs)
+
+
+def _check_call_args(args: tuple[Any, ...], kwargs: dict[str, Any], limit: int) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
+            raise TemplateLimitError(f"The chat template passes {value} to a call (limit {limit}).")
+
+
+def _bounded(jinja_filter: Any, limit: int) -> Any:
+    """``jinja_filter`` refusing int arguments over ``limit``; ``wraps`` keeps jinja's pass_context markers."""
+
+    @functools.wraps(jinja_filter)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _check_call_args(args, kwargs, limit)
+        return jinja_filter(*args, **kwargs)
+
+    return bounded
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
