@@ -54,6 +54,12 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's: logprobs of these ids at each sampled position, in place of the top-N (needs ``logprobs`` set).
+    logprob_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None  # only these ids may be sampled (a logit mask)
+    # vLLM's bad_words, tokenized by the frontend: a one-token word is never sampled; a longer one's last token
+    # is masked when the output ends with the rest of it.
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -95,6 +101,16 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
                        f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}.")
         if self.stop:
             _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty.")
+        for name in ("logprob_token_ids", "allowed_token_ids"):
+            ids = getattr(self, name)
+            if ids is not None:
+                _check(len(ids) > 0, name, f"{name} must not be empty.")
+                _check(all(0 <= t < 2**63 for t in ids), name, f"{name} must hold non-negative token ids.")
+        if self.logprob_token_ids is not None:
+            _check(self.logprobs is not None, "logprob_token_ids", "logprob_token_ids needs logprobs to be set.")
+        if self.bad_words_token_ids:
+            _check(all(w and all(0 <= t < 2**63 for t in w) for w in self.bad_words_token_ids), "bad_words",
+                   "bad_words must tokenize to non-empty lists of token ids.")
 
     @property
     def greedy(self) -> bool:
@@ -104,6 +120,17 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     def uses_penalties(self) -> bool:
         """Presence, frequency or repetition penalty: sampling then needs the output token ids themselves."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def reads_output_tokens(self) -> bool:
+        """Sampling reads the output so far (penalties, a bad word of several tokens): with async scheduling the
+        step in flight must finish first."""
+        return self.uses_penalties or any(len(w) > 1 for w in self.bad_words_token_ids or ())
+
+    @property
+    def uses_token_masks(self) -> bool:
+        """allowed_token_ids or bad_words: the sampler masks logits for this row."""
+        return self.allowed_token_ids is not None or bool(self.bad_words_token_ids)
 
     @property
     def stop_strings(self) -> list[str]:
