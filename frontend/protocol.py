@@ -413,6 +413,9 @@ class ChatCompletionRequest(_SamplingFields):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # The prompt already rendered and tokenized (a router that tokenizes, or a return_token_ids round trip): used
+    # as is, the template not applied; ``messages`` still give the response's role and the echo.
+    prompt_token_ids: list[int] | None = None
 
     def _max_tokens_name(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"

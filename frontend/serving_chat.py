@@ -123,15 +123,22 @@ class ChatServing:
         request.check(ctx.max_logprobs, ctx.vocab_size)
         ctx.check_limits(request)
         ctx.check_engine()
-        prompt = await render_chat(ctx, request.messages, request.add_generation_prompt,
-                                   request.continue_final_message, request.chat_template,
-                                   request.chat_template_kwargs)
-        ctx.check_text_length(prompt, "messages")
-        prompt_ids = await ctx.encode(prompt, request.add_special_tokens)
+        if request.prompt_token_ids is not None:
+            if not request.prompt_token_ids:
+                raise OpenAIError("prompt_token_ids must not be empty.", param="prompt_token_ids")
+            ctx.check_token_ids(request.prompt_token_ids, param="prompt_token_ids")
+            prompt_ids = list(request.prompt_token_ids)
+            prompt = None
+        else:
+            prompt = await render_chat(ctx, request.messages, request.add_generation_prompt,
+                                       request.continue_final_message, request.chat_template,
+                                       request.chat_template_kwargs)
+            ctx.check_text_length(prompt, "messages")
+            prompt_ids = await ctx.encode(prompt, request.add_special_tokens)
         kept = truncate_prompt(prompt_ids, request.truncate_prompt_tokens, request.truncation_side,
                                ctx.max_model_len)
         if len(kept) != len(prompt_ids):
-            prompt, prompt_ids = ctx.decode(kept), kept
+            prompt, prompt_ids = None, kept
         if not prompt_ids:
             raise OpenAIError(EMPTY_PROMPT, param="messages")
         params = request.to_sampling_params(len(prompt_ids), ctx.max_model_len, ctx.default_sampling,
@@ -153,7 +160,7 @@ class ChatServing:
         except Exception as exc:
             raise engine_error(exc) from exc
 
-    async def _full(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str,
+    async def _full(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str | None,
                     prompt_ids: list[int], params, role: str, echo_text: str) -> Response:
         final = None
         async for out in self.ctx.client.generate(request_id, prompt, prompt_ids, params, stream_deltas=False,
@@ -187,7 +194,7 @@ class ChatServing:
             response.metrics = request_metrics([final])
         return json_response(response)
 
-    async def _stream(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str,
+    async def _stream(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str | None,
                       prompt_ids: list[int], params, role: str, echo_text: str) -> AsyncIterator[str]:
         model = self.ctx.model_name
         num_prompt_tokens = len(prompt_ids)

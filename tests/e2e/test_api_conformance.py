@@ -97,6 +97,65 @@ def test_return_token_ids_chat(server):
     assert [t for c in chunks if c["choices"] for t in c["choices"][0].get("token_ids", [])] == token_ids
 
 
+def test_chat_prompt_token_ids_round_trip(server):
+    """The prompt_token_ids a response returns, sent back as the chat prompt: the template is not applied again,
+    the same ids reach the model and give the same greedy answer (streaming too)."""
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True}
+    first = post(server, "/v1/chat/completions", body).json()
+    again = post(server, "/v1/chat/completions", {**body, "prompt_token_ids": first["prompt_token_ids"]}).json()
+    assert again["prompt_token_ids"] == first["prompt_token_ids"]
+    assert again["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
+    assert again["usage"]["prompt_tokens"] == len(first["prompt_token_ids"])
+    # Ids that are not the rendered messages: used as given (the messages only shape the response).
+    other = tokenize(server, "Once upon a time")
+    plain = post(server, "/v1/completions", {"model": MODEL, "prompt": other, "max_tokens": 4, "temperature": 0.0,
+                                             "ignore_eos": True, "return_token_ids": True}).json()
+    chunks = stream_chunks(server, "/v1/chat/completions", {**body, "prompt_token_ids": other})
+    assert chunks[0]["prompt_token_ids"] == other
+    assert [t for c in chunks if c["choices"] for t in c["choices"][0].get("token_ids", [])] == \
+        plain["choices"][0]["token_ids"]
+    assert_error(post(server, "/v1/chat/completions", {**body, "prompt_token_ids": [10**7]}), 400,
+                 "prompt_token_ids", "out of vocabulary")
+    assert_error(post(server, "/v1/chat/completions", {**body, "prompt_token_ids": []}), 400,
+                 "prompt_token_ids", "empty")
+
+
+def test_chat_prompt_logprobs_with_echo(server):
+    """prompt_logprobs in chat alongside echo: one entry per prompt token (the first None), the prompt's own
+    token in each, and the echoed message leading the content."""
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "temperature": 0.0, "ignore_eos": True,
+            "echo": True, "add_generation_prompt": False, "prompt_logprobs": 2, "return_token_ids": True}
+    resp = post(server, "/v1/chat/completions", body).json()
+    prompt_ids = resp["prompt_token_ids"]
+    rows = resp["prompt_logprobs"]
+    assert len(rows) == len(prompt_ids) and rows[0] is None
+    for token_id, row in zip(prompt_ids[1:], rows[1:]):
+        assert str(token_id) in row and 1 <= len(row) <= 3
+    message = resp["choices"][0]["message"]
+    assert message["role"] == "user" and message["content"].startswith(MESSAGES[-1]["content"])
+    assert_error(post(server, "/v1/chat/completions", {**body, "stream": True}), 400, "prompt_logprobs", "stream")
+
+
+def test_continue_final_message_with_echo(server):
+    """vLLM's chat echo test: the final assistant message is continued, and echoed in front of the new text."""
+    saying = "Here is a common saying about apple. An apple a day, keeps"
+    messages = [{"role": "user", "content": "tell me a common saying"}, {"role": "assistant", "content": saying}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 4, "temperature": 0.0, "ignore_eos": True,
+            "echo": True, "continue_final_message": True, "add_generation_prompt": False, "return_token_ids": True}
+    resp = post(server, "/v1/chat/completions", body).json()
+    choice = resp["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    generated = post(server, "/detokenize", {"tokens": choice["token_ids"]}).json()["prompt"]
+    assert choice["message"]["content"] == saying + generated
+    # The prompt ends with the open message: no end-of-turn token after the saying.
+    rendered = post(server, "/detokenize", {"tokens": resp["prompt_token_ids"]}).json()["prompt"]
+    assert rendered.rstrip().endswith(saying)
+    chunks = stream_chunks(server, "/v1/chat/completions", body)
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert streamed == choice["message"]["content"]
+
+
 def test_return_tokens_as_token_ids(server):
     body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 3, "temperature": 0.0, "ignore_eos": True,
             "logprobs": 2, "return_tokens_as_token_ids": True, "return_token_ids": True}
