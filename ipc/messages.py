@@ -125,7 +125,8 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     def reads_output_tokens(self) -> bool:
         """Sampling reads the output so far (penalties, a bad word of several tokens): with async scheduling the
         step in flight must finish first."""
-        return self.uses_penalties or any(len(w) > 1 for w in self.bad_words_token_ids or ())
+        return self.uses_penalties or (self.bad_words_token_ids is not None
+                                       and any(len(w) > 1 for w in self.bad_words_token_ids))
 
     @property
     def uses_token_masks(self) -> bool:
