@@ -88,6 +88,10 @@ class EngineCore:
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"Prompt token ids must be in [0, {vocab}).")
         params = request.sampling_params
+        if params.logprobs == -1 or params.prompt_logprobs == -1:  # vLLM's "the whole vocabulary"
+            params = msgspec.structs.replace(
+                params, logprobs=vocab if params.logprobs == -1 else params.logprobs,
+                prompt_logprobs=vocab if params.prompt_logprobs == -1 else params.prompt_logprobs)
         _check_params_against_vocab(params, vocab)
         sequences: list[Sequence] = []
         for index in range(params.n):

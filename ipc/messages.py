@@ -82,10 +82,10 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
         _check(self.min_tokens >= 0, "min_tokens", f"min_tokens must be non-negative, got {self.min_tokens}.")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
-        _check(self.logprobs is None or self.logprobs >= 0, "logprobs",
-               f"logprobs must be non-negative, got {self.logprobs}.")
-        _check(self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs",
-               f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.")
+        _check(self.logprobs is None or self.logprobs >= -1, "logprobs",
+               f"logprobs must be non-negative, or -1 for the whole vocabulary, got {self.logprobs}.")
+        _check(self.prompt_logprobs is None or self.prompt_logprobs >= -1, "prompt_logprobs",
+               f"prompt_logprobs must be non-negative, or -1 for the whole vocabulary, got {self.prompt_logprobs}.")
         if self.seed is not None:
             _check(-(2**63) <= self.seed < 2**64, "seed", f"seed out of range: {self.seed}.")
         for name in _INT64_FIELDS:  # the core puts these in int64 tensors: a bigger value would crash a step
