@@ -88,6 +88,10 @@ class EngineCore:
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"Prompt token ids must be in [0, {vocab}).")
         params = request.sampling_params
+        if params.logprobs == -1 or params.prompt_logprobs == -1:  # vLLM's "the whole vocabulary"
+            params = msgspec.structs.replace(
+                params, logprobs=vocab if params.logprobs == -1 else params.logprobs,
+                prompt_logprobs=vocab if params.prompt_logprobs == -1 else params.prompt_logprobs)
         _check_params_against_vocab(params, vocab)
         sequences: list[Sequence] = []
         for index in range(params.n):
@@ -154,8 +158,9 @@ class EngineCore:
 
     @staticmethod
     def _needs_sampled_tokens(sched: SchedulerOutput) -> bool:
-        """Penalties read the output token ids on the host: wait for the step in flight before such a step."""
-        return any(s.samples and s.seq.sampling_params.uses_penalties for s in sched.scheduled)
+        """Penalties and multi-token bad words read the output token ids on the host: wait for the step in flight
+        before such a step."""
+        return any(s.samples and s.seq.sampling_params.reads_output_tokens for s in sched.scheduled)
 
     def _update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineOutput]:
         for key, (first_token, rows) in result.prompt_logprobs.items():
@@ -241,7 +246,10 @@ class RequestParamError(ValueError):
 def _check_params_against_vocab(params: SamplingParams, vocab: int) -> None:
     """Token ids the sampler indexes with (stop ids banned before min_tokens, logit_bias) must be in the
     vocabulary: one bad id would otherwise fail the whole batch's step."""
-    for name, ids in (("stop_token_ids", params.stop_token_ids or ()), ("logit_bias", params.logit_bias or ())):
+    bad_word_ids = [t for word in params.bad_words_token_ids or () for t in word]
+    for name, ids in (("stop_token_ids", params.stop_token_ids or ()), ("logit_bias", params.logit_bias or ()),
+                      ("logprob_token_ids", params.logprob_token_ids or ()),
+                      ("allowed_token_ids", params.allowed_token_ids or ()), ("bad_words", bad_word_ids)):
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise RequestParamError(name, f"{name} must be token ids in [0, {vocab}), got {bad[0]}.")

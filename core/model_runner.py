@@ -64,9 +64,16 @@ class StepHandle:
         sampled = self.sampled
         if sampled.logprobs is not None:
             ids, lps, ranks = sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(), sampled.ranks.tolist()
+            requested = None if sampled.requested_logprobs is None else sampled.requested_logprobs.tolist()
             for i, seq in enumerate(self.seqs):
-                k = seq.sampling_params.logprobs
-                if k is not None:
+                params = seq.sampling_params
+                k = params.logprobs
+                if params.logprob_token_ids and requested is not None:
+                    # The sampled token (column 0), then the requested ids in the order asked.
+                    m = len(params.logprob_token_ids)
+                    logprobs[i] = Logprobs([[ids[i][0], *params.logprob_token_ids]], [[lps[i][0], *requested[i][:m]]],
+                                           [ranks[i]])
+                elif k is not None:
                     logprobs[i] = Logprobs([ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i]])
         return RunnerOutput(token_ids, logprobs, self.prompt_logprobs)
 

@@ -1,6 +1,6 @@
 """Turn the last-position logits of a batch into next tokens, all on the device, one code path per feature used.
 
-Order: logit_bias and min_tokens masks, penalties, (raw logprobs), then for random rows temperature, top-k, top-p,
+Order: logit_bias, allowed_token_ids and banned-token masks (min_tokens, bad_words), penalties, (raw logprobs), then for random rows temperature, top-k, top-p,
 min-p (only when some row uses them: masked tokens become -inf), then one fused Gumbel-max pass
 (``kernels.sampling.gumbel_argmax``): ``argmax(logits / T + G)``, equivalent to sampling from softmax(logits / T).
 Greedy rows take the argmax.
@@ -33,9 +33,14 @@ class SamplingBatch:
     top_p: torch.Tensor | None = None  # [N] float32, 1 = off
     min_p: torch.Tensor | None = None  # [N] float32, 0 = off
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, token ids, values
-    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, token ids (EOS/stop ids before min_tokens)
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, token ids (min_tokens' EOS/stop ids, bad_words)
+    # allowed_token_ids: (restricted rows, rows, token ids): a restricted row may sample only its listed ids.
+    allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     penalties: "Penalties | None" = None
     max_num_logprobs: int | None = None  # top-N to return for every row (rows that asked for fewer are cut later)
+    # logprob_token_ids: [N, M] int64, each row's requested ids padded (with 0) to the longest list; rows that
+    # asked for none hold padding. Their logprobs come back in ``SamplerOutput.requested_logprobs``.
+    requested_token_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -53,6 +58,7 @@ class SamplerOutput:
     logprob_token_ids: torch.Tensor | None = None  # [N, 1 + K]: sampled token, then the top K
     logprobs: torch.Tensor | None = None  # [N, 1 + K]
     ranks: torch.Tensor | None = None  # [N]: rank of the sampled token (1 = most likely)
+    requested_logprobs: torch.Tensor | None = None  # [N, M]: logprobs of ``SamplingBatch.requested_token_ids``
 
 
 class Sampler:
@@ -67,6 +73,8 @@ class Sampler:
         if batch.logit_bias is not None:
             rows, cols, values = batch.logit_bias
             logits.index_put_((rows, cols), values, accumulate=True)
+        if batch.allowed is not None:
+            logits = mask_to_allowed(logits, *batch.allowed)
         if batch.banned is not None:
             logits.index_put_(batch.banned, logits.new_full((1,), float("-inf")))  # a fill, not a host copy
         if batch.penalties is not None:
@@ -83,6 +91,8 @@ class Sampler:
             out.logprob_token_ids, out.logprobs, out.ranks = gather_logprobs(
                 raw_logprobs, sampled, batch.max_num_logprobs
             )
+            if batch.requested_token_ids is not None:
+                out.requested_logprobs = raw_logprobs.gather(-1, batch.requested_token_ids)
         return out
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -98,6 +108,17 @@ class Sampler:
                 logits = apply_min_p(logits, batch.min_p)
             temperature = (~greedy).float()
         return gumbel_argmax(logits, temperature, batch.keys, batch.steps, backend=self.kernel_backend)
+
+
+def mask_to_allowed(
+    logits: torch.Tensor, restricted_rows: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor
+) -> torch.Tensor:
+    """allowed_token_ids: in each restricted row, every token but the listed ones becomes -inf (one mask build,
+    whatever the number of rows)."""
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    keep[restricted_rows] = False
+    keep[rows, token_ids] = True
+    return logits.masked_fill_(~keep, float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:

@@ -64,14 +64,43 @@ def build_sampling_batch(
         if output_indices[i] < params[i].min_tokens:
             banned = set(seq.stop_token_ids) | (set() if params[i].ignore_eos else set(seq.eos_token_ids))
             banned_rows.extend([i] * len(banned)), banned_cols.extend(banned)
+    if any(p.uses_token_masks for p in params):
+        _token_masks(batch, seqs, device, banned_rows, banned_cols)
     if banned_rows:
         batch.banned = (to_device(banned_rows, torch.int64, device), to_device(banned_cols, torch.int64, device))
     if any(p.uses_penalties for p in params):
         batch.penalties = _penalties(seqs, vocab_size, device)
-    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    wanted = [p.logprobs for p in params if p.logprobs is not None and p.logprob_token_ids is None]
     if wanted:
         batch.max_num_logprobs = max(wanted)
+    if any(p.logprob_token_ids for p in params):
+        batch.max_num_logprobs = batch.max_num_logprobs or 0  # the sampled token's logprob and rank, at least
+        lists = [p.logprob_token_ids or () for p in params]
+        requested = np.zeros((len(lists), max(len(ids) for ids in lists)), dtype=np.int64)
+        for i, ids in enumerate(lists):
+            requested[i, : len(ids)] = ids
+        batch.requested_token_ids = to_device(requested, torch.int64, device)
     return batch
+
+
+def _token_masks(batch: SamplingBatch, seqs: list[Sequence], device: torch.device, banned_rows: list[int],
+                 banned_cols: list[int]) -> None:
+    """allowed_token_ids into ``batch.allowed``; bad_words into the banned (row, token) lists: a one-token word
+    always, a longer word's last token when the output ends with the word's other tokens (vLLM's rule)."""
+    restricted, allowed_rows, allowed_cols = [], [], []
+    for i, seq in enumerate(seqs):
+        p = seq.sampling_params
+        if p.allowed_token_ids is not None:
+            restricted.append(i)
+            allowed_rows.extend([i] * len(p.allowed_token_ids)), allowed_cols.extend(p.allowed_token_ids)
+        for word in p.bad_words_token_ids or ():
+            prefix = len(word) - 1
+            output = seq.output_token_ids
+            if prefix == 0 or (len(output) >= prefix and list(output[-prefix:]) == word[:-1]):
+                banned_rows.append(i), banned_cols.append(word[-1])
+    if restricted:
+        batch.allowed = (to_device(restricted, torch.int64, device), to_device(allowed_rows, torch.int64, device),
+                         to_device(allowed_cols, torch.int64, device))
 
 
 def unseeded_row_keys(step_key: int, num_rows: int) -> np.ndarray:

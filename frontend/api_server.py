@@ -75,16 +75,21 @@ def error_response(error: OpenAIError) -> JSONResponse:
 
 
 class ApiKeyMiddleware:
-    """401 unless ``Authorization: Bearer <key>``; health, version and metrics stay open (vLLM does the same)."""
+    """vLLM's rule: the OpenAI API under ``/v1`` answers 401 unless ``Authorization: Bearer <key>`` (the scheme in
+    any case); the other routes (health, metrics, tokenize, ...) and CORS preflights stay open. The path is the
+    ASGI path less ``--root-path``, never rebuilt from the Host header."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
+
+    def _authorized(self, scope: Scope) -> bool:
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token, self.expected)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] != "OPTIONS" and _route_path(scope) not in PUBLIC_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and _route_path(scope).startswith("/v1"):
+            if not self._authorized(scope):
                 error = OpenAIError("Unauthorized: a valid API key is required (Authorization: Bearer <key>).",
                                     status_code=401)
                 await error_response(error)(scope, receive, send)
@@ -301,9 +306,10 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
         """In-flight model requests (counted with --enable-server-load-tracking, else 0)."""
         return JSONResponse({"server_load": server_load.in_flight})
 
-    @app.get("/tokenizer_info")
-    async def get_tokenizer_info(request: Request) -> JSONResponse:
-        return JSONResponse(tokenizer_info(request.app.state.ctx.require_tokenizer()))
+    if options.enable_tokenizer_info_endpoint:  # it shows the chat template: opt-in, as in vLLM
+        @app.get("/tokenizer_info")
+        async def get_tokenizer_info(request: Request) -> JSONResponse:
+            return JSONResponse(tokenizer_info(request.app.state.ctx.require_tokenizer()))
 
     @app.post("/invocations", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"anyOf": [{"$ref": "#/components/schemas/CompletionRequest"},

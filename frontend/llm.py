@@ -110,10 +110,12 @@ class LLM:
         if len(params) != n:
             raise ValueError(f"Got {len(params)} sampling params for {n} prompts.")
         limit = self.config.max_logprobs
+        vocab = self.engine.ready_message().vocab_size
         for p in params:
             for name, value in (("logprobs", p.logprobs), ("prompt_logprobs", p.prompt_logprobs)):
-                if value is not None and 0 <= limit < value:
-                    raise ValueError(f"{name}={value} is more than max_logprobs={limit}.")
+                count = vocab if value == -1 else value  # -1: the whole vocabulary (vLLM)
+                if count is not None and 0 <= limit < count:
+                    raise ValueError(f"{name}={value} asks for {count} logprobs, more than max_logprobs={limit}.")
         return params
 
     def _encode(self, prompt: PromptType) -> tuple[str | None, list[int]]:

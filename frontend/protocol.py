@@ -20,10 +20,28 @@ EMPTY_PROMPT = "Either prompt or prompt_embeds must be provided and non-empty." 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; the server passes its own (negative: no limit)
 
 
-def check_max_logprobs(value: int | None, max_logprobs: int, param: str) -> None:
-    if value is not None and 0 <= max_logprobs < value:
+WHOLE_VOCABULARY = -1  # vLLM's logprobs/top_logprobs/prompt_logprobs value for "every token"
+
+
+def check_max_logprobs(value: int | None, max_logprobs: int, param: str, vocab_size: int | None = None) -> int | None:
+    """The logprob count asked for, -1 resolved to the vocabulary size (vLLM's rule); a 400 naming ``param``
+    when it is below -1 or more than --max-logprobs (negative: no limit)."""
+    if value is None:
+        return None
+    if value < WHOLE_VOCABULARY:
+        raise OpenAIError(f"{param} must be non-negative, or -1 for the whole vocabulary, got {value}.", param=param)
+    if value == WHOLE_VOCABULARY:
+        if vocab_size is None:
+            raise OpenAIError(f"{param}=-1 (the whole vocabulary) needs the model's vocabulary size.", param=param)
+        if 0 <= max_logprobs < vocab_size:
+            raise OpenAIError(f"{param}=-1 asks for the whole vocabulary ({vocab_size} tokens), more than the "
+                              f"server's --max-logprobs ({max_logprobs}); start it with --max-logprobs -1 or "
+                              f"{vocab_size} to allow it.", param=param)
+        return vocab_size
+    if 0 <= max_logprobs < value:
         raise OpenAIError(f"{param} must be at most {max_logprobs} (the server's --max-logprobs), got {value}.",
                           param=param)
+    return value
 
 
 class OpenAIError(Exception):
@@ -109,14 +127,19 @@ class _SamplingFields(OpenAIBase):
     # model's context length.
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     truncation_side: Literal["left", "right"] | None = None
-    # Fields vLLM accepts that pagedserve does not implement: refused by name (400), never silently ignored.
-    use_beam_search: bool = False
-    bad_words: list[str] | None = None
+    # vLLM's extras: only these ids may be sampled; words never generated; logprobs of chosen ids in place of
+    # the top-N (needs logprobs on).
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    logprob_token_ids: list[int] | None = None
+    # Accepted by vLLM, not implemented by pagedserve: refused by name (400), never silently ignored.
+    use_beam_search: bool = False
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, default_max: bool,
-                         defaults: dict[str, Any] | None, max_logprobs: int) -> SamplingParams:
-        """``defaults``: the server's sampling defaults (``--generation-config``) for the fields left unset."""
+                         defaults: dict[str, Any] | None, max_logprobs: int,
+                         vocab_size: int | None = None) -> SamplingParams:
+        """``defaults``: the server's sampling defaults (``--generation-config``) for the fields left unset.
+        ``logprobs``: the count already resolved (-1 -> the vocabulary); ``vocab_size`` resolves prompt_logprobs."""
         if self.cache_salt is not None and not self.cache_salt:  # not a sampling field; checked here for both APIs
             raise OpenAIError("Parameter 'cache_salt' must be a non-empty string if provided.", param="cache_salt")
         defaults = defaults or {}
@@ -124,8 +147,12 @@ class _SamplingFields(OpenAIBase):
             raise OpenAIError("best_of is not supported (only best_of == n).", param="best_of")
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("stream_options can only be set when stream is true.", param="stream_options")
-        check_max_logprobs(logprobs, max_logprobs, "logprobs")
-        check_max_logprobs(self.prompt_logprobs, max_logprobs, "prompt_logprobs")
+        prompt_logprobs = check_max_logprobs(self.prompt_logprobs, max_logprobs, "prompt_logprobs", vocab_size)
+        if self.logprob_token_ids:
+            if logprobs is None:
+                raise OpenAIError("logprob_token_ids needs logprobs to be requested (logprobs set).",
+                                  param="logprob_token_ids")
+            check_max_logprobs(len(self.logprob_token_ids), max_logprobs, "logprob_token_ids")
         if "max_tokens" in defaults:  # vLLM caps every request's max_tokens by the generation config's
             max_tokens = min(max_tokens, defaults["max_tokens"])
         if self.prompt_logprobs is not None and self.stream:
@@ -151,7 +178,9 @@ class _SamplingFields(OpenAIBase):
                 stop_token_ids=list(self.stop_token_ids) if self.stop_token_ids else None,
                 ignore_eos=self.ignore_eos,
                 logprobs=logprobs,
-                prompt_logprobs=self.prompt_logprobs,
+                prompt_logprobs=prompt_logprobs,
+                logprob_token_ids=list(self.logprob_token_ids) if self.logprob_token_ids else None,
+                allowed_token_ids=None if self.allowed_token_ids is None else list(self.allowed_token_ids),
                 skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
@@ -188,10 +217,8 @@ def check_unsupported_extras(request: _SamplingFields) -> None:
     """vLLM sampling extras pagedserve does not implement: a 400 naming the field rather than ignoring it."""
     if request.use_beam_search:
         raise OpenAIError("use_beam_search is not supported by pagedserve.", param="use_beam_search")
-    if request.bad_words:
-        raise OpenAIError("bad_words is not supported by pagedserve.", param="bad_words")
-    if request.allowed_token_ids is not None:
-        raise OpenAIError("allowed_token_ids is not supported by pagedserve.", param="allowed_token_ids")
+    if request.allowed_token_ids is not None and not request.allowed_token_ids:
+        raise OpenAIError("allowed_token_ids is not None and empty!", param="allowed_token_ids")  # vLLM's wording
 
 
 def truncate_prompt(token_ids: list[int], truncate_prompt_tokens: int | None, truncation_side: str | None,
@@ -261,19 +288,18 @@ class CompletionRequest(_SamplingFields):
         return items
 
     def to_sampling_params(self, prompt_len: int, max_model_len: int, defaults: dict[str, Any] | None = None,
-                           max_logprobs: int = MAX_LOGPROBS) -> SamplingParams:
+                           max_logprobs: int = MAX_LOGPROBS, vocab_size: int | None = None) -> SamplingParams:
         if self.suffix:
             raise OpenAIError("suffix is not supported.", param="suffix")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise OpenAIError(f"logprobs must be non-negative, got {self.logprobs}.", param="logprobs")
+        logprobs = check_max_logprobs(self.logprobs, max_logprobs, "logprobs", vocab_size)
         if "max_tokens" in self.model_fields_set:  # an explicit null means "up to the context length" (vLLM)
             requested, default = self.max_tokens, None
         else:
             requested, default = None, 16
         max_tokens, defaulted = resolve_max_tokens(requested, default, prompt_len, max_model_len, "max_tokens")
-        params = self._sampling_params(max_tokens, self.logprobs, defaulted, defaults, max_logprobs)
-        if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
-            params.prompt_logprobs = self.logprobs  # echoed prompt tokens come with their logprobs
+        params = self._sampling_params(max_tokens, logprobs, defaulted, defaults, max_logprobs, vocab_size)
+        if self.echo and logprobs is not None and params.prompt_logprobs is None:
+            params.prompt_logprobs = logprobs  # echoed prompt tokens come with their logprobs
         return params
 
 
@@ -387,11 +413,14 @@ class ChatCompletionRequest(_SamplingFields):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # The prompt already rendered and tokenized (a router that tokenizes, or a return_token_ids round trip): used
+    # as is, the template not applied; ``messages`` still give the response's role and the echo.
+    prompt_token_ids: list[int] | None = None
 
     def _max_tokens_name(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
-    def check(self, max_logprobs: int = MAX_LOGPROBS) -> None:
+    def check(self, max_logprobs: int = MAX_LOGPROBS, vocab_size: int | None = None) -> None:
         """Checks that need no tokenizer: run before rendering the template."""
         if not self.messages:
             raise OpenAIError("messages must contain at least one message.", param="messages")
@@ -405,18 +434,16 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise OpenAIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
-            if self.top_logprobs < 0:
-                raise OpenAIError(f"top_logprobs must be non-negative, got {self.top_logprobs}.",
-                                  param="top_logprobs")
-            check_max_logprobs(self.top_logprobs, max_logprobs, "top_logprobs")
+            check_max_logprobs(self.top_logprobs, max_logprobs, "top_logprobs", vocab_size)
 
     def to_sampling_params(self, prompt_len: int, max_model_len: int, defaults: dict[str, Any] | None = None,
-                           max_logprobs: int = MAX_LOGPROBS) -> SamplingParams:
+                           max_logprobs: int = MAX_LOGPROBS, vocab_size: int | None = None) -> SamplingParams:
         requested = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         max_tokens, defaulted = resolve_max_tokens(requested, None, prompt_len, max_model_len,
                                                    self._max_tokens_name(), prompt_param="messages")
-        logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, defaulted, defaults, max_logprobs)
+        logprobs = (check_max_logprobs(self.top_logprobs, max_logprobs, "top_logprobs", vocab_size) or 0
+                    if self.logprobs else None)
+        return self._sampling_params(max_tokens, logprobs, defaulted, defaults, max_logprobs, vocab_size)
 
 
 class ChatLogprob(_Response):

@@ -52,6 +52,8 @@ class ServerOptions:
         "Echo the request's X-Request-Id header on its response (a fresh id when it has none).")] = False
     enable_server_load_tracking: Annotated[bool, Arg(
         "Count in-flight API requests; GET /load reports the count as server_load.")] = False
+    enable_tokenizer_info_endpoint: Annotated[bool, Arg(
+        "Serve GET /tokenizer_info (the tokenizer's settings, chat template included).")] = False
     max_n: Annotated[int, Arg(
         "Largest n (choices per prompt) a request may ask for; larger ones get HTTP 400 (OpenAI's limit: 128).")] = 128
     trust_request_chat_template: Annotated[bool, Arg(

@@ -82,15 +82,22 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_gene
 
 
 def chat_logprobs(ctx: ServingContext, token_ids: list[int], rows: list[dict[int, Logprob]],
-                  num_top: int, as_token_ids: bool = False) -> ChatChoiceLogprobs:
-    """OpenAI's chat logprobs: each token with its logprob and bytes, and the ``num_top`` most likely tokens.
-    ``as_token_ids``: tokens spelled ``token_id:N`` (return_tokens_as_token_ids)."""
+                  num_top: int, as_token_ids: bool = False,
+                  requested_ids: list[int] | None = None) -> ChatChoiceLogprobs:
+    """OpenAI's chat logprobs: each token with its logprob and bytes, and the ``num_top`` most likely tokens —
+    or, with logprob_token_ids (``requested_ids``), those ids in the order asked, the sampled one among them or
+    not. ``as_token_ids``: tokens spelled ``token_id:N`` (return_tokens_as_token_ids)."""
     content = []
     for token_id, row in zip(token_ids, rows):
         chosen = row.get(token_id)
         token = ctx.logprob_token(token_id, chosen, as_token_ids)
-        top = sorted(((tid, lp) for tid, lp in row.items() if lp.rank is not None and lp.rank <= num_top),
-                     key=lambda item: item[1].rank) if num_top else []
+        if requested_ids:
+            top = [(tid, row[tid]) for tid in requested_ids if tid in row]
+        elif num_top:
+            top = sorted(((tid, lp) for tid, lp in row.items() if lp.rank is not None and lp.rank <= num_top),
+                         key=lambda item: item[1].rank)
+        else:
+            top = []
         content.append(ChatLogprobContent(
             token=token,
             logprob=clamp_logprob(chosen.logprob) if chosen is not None else -9999.0,
@@ -113,23 +120,30 @@ class ChatServing:
     async def create(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         ctx = self.ctx
         ctx.check_model(request.model)
-        request.check(ctx.max_logprobs)
+        request.check(ctx.max_logprobs, ctx.vocab_size)
         ctx.check_limits(request)
         ctx.check_engine()
-        prompt = await render_chat(ctx, request.messages, request.add_generation_prompt,
-                                   request.continue_final_message, request.chat_template,
-                                   request.chat_template_kwargs)
-        ctx.check_text_length(prompt, "messages")
-        prompt_ids = await ctx.encode(prompt, request.add_special_tokens)
+        if request.prompt_token_ids is not None:
+            if not request.prompt_token_ids:
+                raise OpenAIError("prompt_token_ids must not be empty.", param="prompt_token_ids")
+            ctx.check_token_ids(request.prompt_token_ids, param="prompt_token_ids")
+            prompt_ids = list(request.prompt_token_ids)
+            prompt = None
+        else:
+            prompt = await render_chat(ctx, request.messages, request.add_generation_prompt,
+                                       request.continue_final_message, request.chat_template,
+                                       request.chat_template_kwargs)
+            ctx.check_text_length(prompt, "messages")
+            prompt_ids = await ctx.encode(prompt, request.add_special_tokens)
         kept = truncate_prompt(prompt_ids, request.truncate_prompt_tokens, request.truncation_side,
                                ctx.max_model_len)
         if len(kept) != len(prompt_ids):
-            prompt, prompt_ids = ctx.decode(kept), kept
+            prompt, prompt_ids = None, kept
         if not prompt_ids:
             raise OpenAIError(EMPTY_PROMPT, param="messages")
         params = request.to_sampling_params(len(prompt_ids), ctx.max_model_len, ctx.default_sampling,
-                                            ctx.max_logprobs)
-        ctx.check_sampling_params(params)
+                                            ctx.max_logprobs, ctx.vocab_size)
+        ctx.check_sampling_params(params, request.bad_words)
         request_id = request.request_id or random_id("chatcmpl")
         ctx.log_request(request_id, prompt, prompt_ids, params)
         role = "assistant" if request.add_generation_prompt else request.messages[-1].role
@@ -146,7 +160,7 @@ class ChatServing:
         except Exception as exc:
             raise engine_error(exc) from exc
 
-    async def _full(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str,
+    async def _full(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str | None,
                     prompt_ids: list[int], params, role: str, echo_text: str) -> Response:
         final = None
         async for out in self.ctx.client.generate(request_id, prompt, prompt_ids, params, stream_deltas=False,
@@ -157,8 +171,8 @@ class ChatServing:
         for seq in final.outputs:
             logprobs = None
             if request.logprobs and seq.logprobs is not None:
-                logprobs = chat_logprobs(self.ctx, seq.token_ids, seq.logprobs, request.top_logprobs or 0,
-                                         request.return_tokens_as_token_ids)
+                logprobs = chat_logprobs(self.ctx, seq.token_ids, seq.logprobs, params.logprobs or 0,
+                                         request.return_tokens_as_token_ids, params.logprob_token_ids)
             choice = ChatCompletionChoice(
                 index=seq.index, message=ChatResponseMessage(role=role, content=echo_text + seq.text),
                 logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
@@ -180,7 +194,7 @@ class ChatServing:
             response.metrics = request_metrics([final])
         return json_response(response)
 
-    async def _stream(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str,
+    async def _stream(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str | None,
                       prompt_ids: list[int], params, role: str, echo_text: str) -> AsyncIterator[str]:
         model = self.ctx.model_name
         num_prompt_tokens = len(prompt_ids)
@@ -217,8 +231,8 @@ class ChatServing:
                         continue
                     logprobs = None
                     if request.logprobs and seq.logprobs is not None:
-                        logprobs = chat_logprobs(self.ctx, seq.token_ids, seq.logprobs, request.top_logprobs or 0,
-                                                 request.return_tokens_as_token_ids)
+                        logprobs = chat_logprobs(self.ctx, seq.token_ids, seq.logprobs, params.logprobs or 0,
+                                                 request.return_tokens_as_token_ids, params.logprob_token_ids)
                     choice = ChatCompletionStreamChoice(
                         index=seq.index, delta=DeltaMessage(content=seq.text), logprobs=logprobs,
                         finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,

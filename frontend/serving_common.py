@@ -129,8 +129,18 @@ class ServingContext:
             raise OpenAIError(f"Token id {bad} is out of vocabulary (vocabulary size {self.vocab_size}).",
                               param=param)
 
-    def check_sampling_params(self, params: SamplingParams) -> None:
-        """What only the model can tell: token ids inside the vocabulary."""
+    def check_sampling_params(self, params: SamplingParams, bad_words: list[str] | None = None) -> None:
+        """What only the model can tell: token ids inside the vocabulary; ``bad_words`` tokenized into
+        ``params.bad_words_token_ids``."""
+        if params.allowed_token_ids and not all(0 <= t < self.vocab_size for t in params.allowed_token_ids):
+            raise OpenAIError("allowed_token_ids contains out-of-vocab token id!", param="allowed_token_ids")
+        if params.logprob_token_ids:
+            bad = sorted({t for t in params.logprob_token_ids if not 0 <= t < self.vocab_size})
+            if bad:
+                raise OpenAIError(f"logprob_token_ids contains out-of-vocab token ids {bad}: every id must be in "
+                                  f"[0, {self.vocab_size}).", param="logprob_token_ids")
+        if bad_words:
+            params.bad_words_token_ids = bad_words_token_ids(self.require_tokenizer(), bad_words, self.vocab_size)
         if params.logit_bias:
             bad = sorted(t for t in params.logit_bias if t < 0 or t >= self.vocab_size)
             if bad:
@@ -145,6 +155,26 @@ class ServingContext:
     def check_engine(self) -> None:
         if not self.client.is_healthy:
             raise OpenAIError(self.client.dead_error or "The engine is not running.", status_code=503)
+
+
+def bad_words_token_ids(tokenizer: Any, words: list[str], vocab_size: int) -> list[list[int]]:
+    """vLLM's bad_words tokenization: each word as written (leading space stripped), and again after a space
+    when that spells it with a different first token of the same length (the word in mid-text)."""
+    sequences: list[list[int]] = []
+    for word in words:
+        bare = encode(tokenizer, word.lstrip(), add_special_tokens=False)
+        if not bare:
+            raise OpenAIError(f"bad_words entry {word!r} has no tokens.", param="bad_words")
+        sequences.append(bare)
+        spaced = encode(tokenizer, " " + word.lstrip(), add_special_tokens=False)
+        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+            sequences.append(spaced)
+    invalid = [t for ids in sequences for t in ids if not 0 <= t < vocab_size]
+    if invalid:
+        raise OpenAIError(f"The model vocabulary size is {vocab_size}, but the following tokens were specified as "
+                          f"bad: {invalid}. All token id values should be integers satisfying: 0 <= token_id < "
+                          f"{vocab_size}.", param="bad_words")
+    return sequences
 
 
 def clamp_logprob(value: float) -> float:

@@ -65,6 +65,12 @@ def completion_logprobs(ctx: ServingContext, token_ids: list[int], rows: list[di
     return out
 
 
+def num_top_logprobs(params: SamplingParams) -> int:
+    """How many ranked entries a position's top_logprobs holds: the top-N asked (-1 already resolved to the
+    vocabulary), or every id of logprob_token_ids (ranked 1..M in the order asked)."""
+    return max(params.logprobs or 0, len(params.logprob_token_ids or ()))
+
+
 class CompletionServing:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
@@ -75,9 +81,11 @@ class CompletionServing:
         ctx.check_limits(request)
         ctx.check_engine()
         prompts = await self._tokenize_all(request)
-        params = [request.to_sampling_params(len(ids), ctx.max_model_len, ctx.default_sampling, ctx.max_logprobs)
+        params = [request.to_sampling_params(len(ids), ctx.max_model_len, ctx.default_sampling, ctx.max_logprobs,
+                                             ctx.vocab_size)
                   for _, ids in prompts]
-        ctx.check_sampling_params(params[0])
+        for p in params:
+            ctx.check_sampling_params(p, request.bad_words)
         base_id = request.request_id or random_id("cmpl")
         created = int(time.time())
         if request.stream:
@@ -148,7 +156,7 @@ class CompletionServing:
                         rows = list(out.prompt_logprobs or [None] * len(ids)) + rows
                 logprobs = None
                 if request.logprobs is not None and rows is not None:
-                    logprobs = completion_logprobs(self.ctx, token_ids, rows, request.logprobs, 0,
+                    logprobs = completion_logprobs(self.ctx, token_ids, rows, num_top_logprobs(params[i]), 0,
                                                    request.return_tokens_as_token_ids)
                 choice = CompletionChoice(
                     index=i * request.n + seq.index, text=text, logprobs=logprobs, finish_reason=seq.finish_reason,
@@ -205,7 +213,7 @@ class CompletionServing:
                         continue
                     logprobs = None
                     if request.logprobs is not None and rows is not None:
-                        logprobs = completion_logprobs(self.ctx, token_ids, rows, request.logprobs,
+                        logprobs = completion_logprobs(self.ctx, token_ids, rows, num_top_logprobs(params[i]),
                                                        text_offsets.get(index, 0), request.return_tokens_as_token_ids)
                     text_offsets[index] = text_offsets.get(index, 0) + len(text)
                     choice = CompletionStreamChoice(index=index, text=text, logprobs=logprobs,

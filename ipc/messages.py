@@ -54,6 +54,12 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's: logprobs of these ids at each sampled position, in place of the top-N (needs ``logprobs`` set).
+    logprob_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None  # only these ids may be sampled (a logit mask)
+    # vLLM's bad_words, tokenized by the frontend: a one-token word is never sampled; a longer one's last token
+    # is masked when the output ends with the rest of it.
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,10 +82,10 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
         _check(self.min_tokens >= 0, "min_tokens", f"min_tokens must be non-negative, got {self.min_tokens}.")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
-        _check(self.logprobs is None or self.logprobs >= 0, "logprobs",
-               f"logprobs must be non-negative, got {self.logprobs}.")
-        _check(self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs",
-               f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.")
+        _check(self.logprobs is None or self.logprobs >= -1, "logprobs",
+               f"logprobs must be non-negative, or -1 for the whole vocabulary, got {self.logprobs}.")
+        _check(self.prompt_logprobs is None or self.prompt_logprobs >= -1, "prompt_logprobs",
+               f"prompt_logprobs must be non-negative, or -1 for the whole vocabulary, got {self.prompt_logprobs}.")
         if self.seed is not None:
             _check(-(2**63) <= self.seed < 2**64, "seed", f"seed out of range: {self.seed}.")
         for name in _INT64_FIELDS:  # the core puts these in int64 tensors: a bigger value would crash a step
@@ -95,6 +101,16 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
                        f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}.")
         if self.stop:
             _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty.")
+        for name in ("logprob_token_ids", "allowed_token_ids"):
+            ids = getattr(self, name)
+            if ids is not None:
+                _check(len(ids) > 0, name, f"{name} must not be empty.")
+                _check(all(0 <= t < 2**63 for t in ids), name, f"{name} must hold non-negative token ids.")
+        if self.logprob_token_ids is not None:
+            _check(self.logprobs is not None, "logprob_token_ids", "logprob_token_ids needs logprobs to be set.")
+        if self.bad_words_token_ids:
+            _check(all(w and all(0 <= t < 2**63 for t in w) for w in self.bad_words_token_ids), "bad_words",
+                   "bad_words must tokenize to non-empty lists of token ids.")
 
     @property
     def greedy(self) -> bool:
@@ -104,6 +120,18 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     def uses_penalties(self) -> bool:
         """Presence, frequency or repetition penalty: sampling then needs the output token ids themselves."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def reads_output_tokens(self) -> bool:
+        """Sampling reads the output so far (penalties, a bad word of several tokens): with async scheduling the
+        step in flight must finish first."""
+        return self.uses_penalties or (self.bad_words_token_ids is not None
+                                       and any(len(w) > 1 for w in self.bad_words_token_ids))
+
+    @property
+    def uses_token_masks(self) -> bool:
+        """allowed_token_ids or bad_words: the sampler masks logits for this row."""
+        return self.allowed_token_ids is not None or bool(self.bad_words_token_ids)
 
     @property
     def stop_strings(self) -> list[str]:

@@ -189,3 +189,20 @@ def test_async_scheduling_gives_the_same_tokens(model):
     assert engine.scheduler.total_preemptions > 0
     assert {k: (v["tokens"], v["finish_reason"]) for k, v in both.items()} == \
         {k: (v["tokens"], v["finish_reason"]) for k, v in sync.items()}
+
+
+def test_logprobs_minus_one_is_the_whole_vocabulary_and_requested_ids_come_in_order(engine):
+    """logprobs=-1 (vLLM): every token's logprob at each position. logprob_token_ids in the same batch: the sampled
+    token plus exactly the ids asked, with the same values as the full rows."""
+    vocab = engine.ready_message().vocab_size
+    prompt = list(range(10, 20))
+    full, picked = run_engine(engine, [prompt, prompt],
+                              [greedy(max_tokens=3, logprobs=-1, prompt_logprobs=-1),
+                               greedy(max_tokens=3, logprobs=0, logprob_token_ids=[5, 1, 99])]).values()
+    assert full["tokens"] == picked["tokens"]
+    assert all(len(row) == vocab for row in full["logprobs"])
+    assert len(full["prompt_logprobs"].token_ids[0]) == vocab + 1
+    for token, whole, row in zip(picked["tokens"], full["logprobs"], picked["logprobs"]):
+        assert set(row) == {token, 5, 1, 99}
+        for tid, lp in row.items():
+            assert lp == pytest.approx(whole[tid], abs=1e-5)

@@ -193,3 +193,49 @@ def test_logprobs_rank_and_top_k():
     assert ids.tolist() == [[2, 1, 2]] or ids.tolist() == [[2, 1, 3]]
     assert ranks.tolist() == [2]
     assert torch.allclose(values[0, 0], lp[0, 2])
+
+
+def test_allowed_token_ids_restrict_only_their_rows():
+    """Greedy and random rows restricted to their allowed ids sample nothing else; an unrestricted row is free."""
+    torch.manual_seed(3)
+    logits = torch.randn(3, 50)
+    rows = [sequence(SamplingParams(temperature=0.0, allowed_token_ids=[4, 9]), "a"),
+            sequence(SamplingParams(temperature=5.0, allowed_token_ids=[11, 12, 13]), "b"),
+            sequence(SamplingParams(temperature=0.0), "c")]
+    for step in range(20):
+        b = build_sampling_batch(rows, 50, CPU, [0, 0, 0], step_key=step)
+        out = Sampler()(logits.clone(), b).token_ids.tolist()
+        assert out[0] == max((4, 9), key=lambda t: logits[0, t]) and out[1] in (11, 12, 13)
+        assert out[2] == logits[2].argmax()
+    assert build_sampling_batch(rows[2:], 50, CPU, [0], 0).allowed is None  # unused: no mask built
+
+
+def test_bad_words_ban_single_tokens_always_and_a_longer_word_after_its_prefix():
+    params = SamplingParams(temperature=0.0, bad_words_token_ids=[[7], [3, 8]])
+    seq = sequence(params)
+    b = build_sampling_batch([seq], 20, CPU, [0], 0)
+    assert sorted(b.banned[1].tolist()) == [7]  # 8 is allowed: the output does not end with 3
+    seq.append_token(3)
+    b = build_sampling_batch([seq], 20, CPU, [1], 0)
+    assert sorted(b.banned[1].tolist()) == [7, 8]
+    logits = torch.zeros(1, 20)
+    logits[0, 8], logits[0, 7], logits[0, 2] = 9.0, 8.0, 1.0
+    assert Sampler()(logits, b).token_ids.tolist() == [2]
+
+
+def test_requested_logprob_token_ids_are_gathered_in_one_batch():
+    """Rows with logprob_token_ids get those ids' logprobs (in the order asked); others keep their top-N."""
+    torch.manual_seed(5)
+    logits = torch.randn(3, 30)
+    rows = [sequence(SamplingParams(temperature=0.0, logprobs=1, logprob_token_ids=[5, 2, 29]), "a"),
+            sequence(SamplingParams(temperature=0.0, logprobs=2), "b"),
+            sequence(SamplingParams(temperature=0.0, logprobs=1, logprob_token_ids=[0]), "c")]
+    b = build_sampling_batch(rows, 30, CPU, [0, 0, 0], 0)
+    assert b.max_num_logprobs == 2 and b.requested_token_ids.tolist() == [[5, 2, 29], [0, 0, 0], [0, 0, 0]]
+    out = Sampler()(logits.clone(), b)
+    lp = logits.log_softmax(-1)
+    assert torch.allclose(out.requested_logprobs[0], lp[0, [5, 2, 29]])
+    assert torch.allclose(out.requested_logprobs[2, 0], lp[2, 0])
+    assert out.logprobs.shape == (3, 3) and torch.allclose(out.logprobs[:, 0], lp.gather(-1, out.token_ids[:, None])[:, 0])
+    none = build_sampling_batch(rows[1:2], 30, CPU, [0], 0)
+    assert none.requested_token_ids is None

@@ -29,7 +29,8 @@ def server(tmp_path_factory):
     srv = ServerProcess(str(model), "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
                         "--num-gpu-blocks-override", "512", "--root-path", "/llm",
                         "--enable-prompt-tokens-details", "--enable-per-request-metrics",
-                        "--enable-request-id-headers", "--enable-server-load-tracking", api_key=API_KEY)
+                        "--enable-request-id-headers", "--enable-server-load-tracking",
+                        "--enable-tokenizer-info-endpoint", api_key=API_KEY)
     yield srv
     srv.stop()
 
@@ -94,6 +95,65 @@ def test_return_token_ids_chat(server):
     chunks = stream_chunks(server, "/v1/chat/completions", body)
     assert chunks[0]["prompt_token_ids"] == resp["prompt_token_ids"]
     assert [t for c in chunks if c["choices"] for t in c["choices"][0].get("token_ids", [])] == token_ids
+
+
+def test_chat_prompt_token_ids_round_trip(server):
+    """The prompt_token_ids a response returns, sent back as the chat prompt: the template is not applied again,
+    the same ids reach the model and give the same greedy answer (streaming too)."""
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True}
+    first = post(server, "/v1/chat/completions", body).json()
+    again = post(server, "/v1/chat/completions", {**body, "prompt_token_ids": first["prompt_token_ids"]}).json()
+    assert again["prompt_token_ids"] == first["prompt_token_ids"]
+    assert again["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
+    assert again["usage"]["prompt_tokens"] == len(first["prompt_token_ids"])
+    # Ids that are not the rendered messages: used as given (the messages only shape the response).
+    other = tokenize(server, "Once upon a time")
+    plain = post(server, "/v1/completions", {"model": MODEL, "prompt": other, "max_tokens": 4, "temperature": 0.0,
+                                             "ignore_eos": True, "return_token_ids": True}).json()
+    chunks = stream_chunks(server, "/v1/chat/completions", {**body, "prompt_token_ids": other})
+    assert chunks[0]["prompt_token_ids"] == other
+    assert [t for c in chunks if c["choices"] for t in c["choices"][0].get("token_ids", [])] == \
+        plain["choices"][0]["token_ids"]
+    assert_error(post(server, "/v1/chat/completions", {**body, "prompt_token_ids": [10**7]}), 400,
+                 "prompt_token_ids", "out of vocabulary")
+    assert_error(post(server, "/v1/chat/completions", {**body, "prompt_token_ids": []}), 400,
+                 "prompt_token_ids", "empty")
+
+
+def test_chat_prompt_logprobs_with_echo(server):
+    """prompt_logprobs in chat alongside echo: one entry per prompt token (the first None), the prompt's own
+    token in each, and the echoed message leading the content."""
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "temperature": 0.0, "ignore_eos": True,
+            "echo": True, "add_generation_prompt": False, "prompt_logprobs": 2, "return_token_ids": True}
+    resp = post(server, "/v1/chat/completions", body).json()
+    prompt_ids = resp["prompt_token_ids"]
+    rows = resp["prompt_logprobs"]
+    assert len(rows) == len(prompt_ids) and rows[0] is None
+    for token_id, row in zip(prompt_ids[1:], rows[1:]):
+        assert str(token_id) in row and 1 <= len(row) <= 3
+    message = resp["choices"][0]["message"]
+    assert message["role"] == "user" and message["content"].startswith(MESSAGES[-1]["content"])
+    assert_error(post(server, "/v1/chat/completions", {**body, "stream": True}), 400, "prompt_logprobs", "stream")
+
+
+def test_continue_final_message_with_echo(server):
+    """vLLM's chat echo test: the final assistant message is continued, and echoed in front of the new text."""
+    saying = "Here is a common saying about apple. An apple a day, keeps"
+    messages = [{"role": "user", "content": "tell me a common saying"}, {"role": "assistant", "content": saying}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 4, "temperature": 0.0, "ignore_eos": True,
+            "echo": True, "continue_final_message": True, "add_generation_prompt": False, "return_token_ids": True}
+    resp = post(server, "/v1/chat/completions", body).json()
+    choice = resp["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    generated = post(server, "/detokenize", {"tokens": choice["token_ids"]}).json()["prompt"]
+    assert choice["message"]["content"] == saying + generated
+    # The prompt ends with the open message: no end-of-turn token after the saying.
+    rendered = post(server, "/detokenize", {"tokens": resp["prompt_token_ids"]}).json()["prompt"]
+    assert rendered.rstrip().endswith(saying)
+    chunks = stream_chunks(server, "/v1/chat/completions", body)
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert streamed == choice["message"]["content"]
 
 
 def test_return_tokens_as_token_ids(server):
@@ -218,11 +278,109 @@ def test_seed_outside_int64(server, seed, bound):
     assert_error(post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "seed": seed}), 400, "seed", bound)
 
 
-@pytest.mark.parametrize("field,value", [("use_beam_search", True), ("bad_words", ["Paris"]),
-                                         ("allowed_token_ids", [1, 2, 3])])
-def test_unimplemented_sampling_extras_are_400(server, field, value):
+def test_beam_search_is_400(server):
     for path, body in [("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", {"messages": MESSAGES})]:
-        assert_error(post(server, path, {"model": MODEL, **body, field: value}), 400, field, field)
+        assert_error(post(server, path, {"model": MODEL, **body, "use_beam_search": True}), 400, "use_beam_search",
+                     "use_beam_search")
+
+
+def contains_run(ids: list[int], run: list[int]) -> bool:
+    return any(ids[i:i + len(run)] == run for i in range(len(ids) - len(run) + 1))
+
+
+def test_allowed_token_ids_limit_what_is_sampled(server):
+    allowed = tokenize(server, "Paris London Rome")[-4:]
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.5, "seed": 3,
+            "ignore_eos": True, "allowed_token_ids": allowed, "return_token_ids": True}
+    ids = post(server, "/v1/completions", body).json()["choices"][0]["token_ids"]
+    assert len(ids) == 12 and set(ids) <= set(allowed)
+    chunks = stream_chunks(server, "/v1/chat/completions", {**{k: v for k, v in body.items() if k != "prompt"},
+                                                            "messages": MESSAGES})
+    streamed = [t for c in chunks if c["choices"] for t in c["choices"][0].get("token_ids") or []]
+    assert len(streamed) == 12 and set(streamed) <= set(allowed)
+    assert_error(post(server, "/v1/completions", {**body, "allowed_token_ids": [10**7]}), 400, "allowed_token_ids",
+                 "out-of-vocab")
+    assert_error(post(server, "/v1/completions", {**body, "allowed_token_ids": []}), 400, "allowed_token_ids", "empty")
+
+
+def test_bad_words_are_never_generated(server):
+    """Words taken from the greedy output (one spelled with one token, one with several) are banned: no spelling
+    of them appears, and the output changes. Spellings follow vLLM: the word without its leading space, and after
+    a space when that gives a different first token and the same length."""
+    body = {"model": MODEL, "prompt": "The weather today is", "max_tokens": 10, "temperature": 0.0,
+            "ignore_eos": True, "return_token_ids": True}
+    baseline = post(server, "/v1/completions", body).json()["choices"][0]["token_ids"]
+
+    def spellings(word: str) -> list[list[int]]:
+        bare, spaced = (post(server, "/tokenize", {"prompt": p, "add_special_tokens": False}).json()["tokens"]
+                        for p in (word, " " + word))
+        return [bare] + ([spaced] if spaced[0] != bare[0] and len(spaced) == len(bare) else [])
+
+    found = {}  # spelling length class (1 or more) -> a word whose spelling is in the baseline
+    for width in (1, 2, 3):
+        for i in range(len(baseline) - width + 1):
+            word = post(server, "/detokenize", {"tokens": baseline[i:i + width]}).json()["prompt"].strip()
+            runs = spellings(word) if word else []
+            hit = [r for r in runs if contains_run(baseline, r)]
+            if hit and min(len(r) > 1 for r in hit) not in found:
+                found[min(len(r) > 1 for r in hit)] = (word, runs)
+    assert found, baseline
+    for word, runs in found.values():
+        ids = post(server, "/v1/completions", {**body, "bad_words": [word]}).json()["choices"][0]["token_ids"]
+        assert len(ids) == 10 and ids != baseline
+        assert not any(contains_run(ids, run) for run in runs), (word, runs, ids)
+    assert post(server, "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 3,
+                                                 "bad_words": ["Paris"]}).status_code == 200
+
+
+def test_logprob_token_ids(server):
+    """vLLM's logprob_token_ids: each position reports the requested ids (in place of the top-N) and the sampled
+    token, inside the set or not; their values match the full distribution's. Streaming too."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0.0, "ignore_eos": True,
+            "logprobs": 5, "return_tokens_as_token_ids": True}
+    plain = post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]
+    top5 = plain["top_logprobs"][0]
+    ranked = sorted(top5, key=top5.get, reverse=True)
+    second, fourth = (int(t.split(":")[1]) for t in (ranked[1], ranked[3]))
+    outside = 7  # an id far from the top: its logprob comes back all the same
+    requested = [fourth, second, outside]
+    got = post(server, "/v1/completions", {**body, "logprobs": 1, "logprob_token_ids": requested}).json()
+    lp = got["choices"][0]["logprobs"]
+    assert lp["tokens"] == plain["tokens"]
+    for pos, (token, top) in enumerate(zip(lp["tokens"], lp["top_logprobs"])):
+        assert set(top) == {token} | {f"token_id:{t}" for t in requested}
+        assert top[token] == pytest.approx(lp["token_logprobs"][pos], abs=1e-4)
+    first = lp["top_logprobs"][0]
+    for tid in (second, fourth):
+        assert first[f"token_id:{tid}"] == pytest.approx(top5[f"token_id:{tid}"], abs=1e-4)
+    assert first[f"token_id:{outside}"] < min(top5.values())
+    chat = {"model": MODEL, "messages": MESSAGES, "max_tokens": 3, "temperature": 0.0, "logprobs": True,
+            "top_logprobs": 2, "logprob_token_ids": requested, "return_tokens_as_token_ids": True}
+    content = post(server, "/v1/chat/completions", chat).json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3
+    assert all([e["token"] for e in c["top_logprobs"]] == [f"token_id:{t}" for t in requested] for c in content)
+    chunks = stream_chunks(server, "/v1/chat/completions", chat)
+    streamed = [e for c in chunks if c["choices"] and c["choices"][0].get("logprobs")
+                for e in c["choices"][0]["logprobs"]["content"]]
+    assert [e["token"] for e in streamed] == [e["token"] for e in content]
+    for e, c in zip(streamed, content):
+        assert [t["token"] for t in e["top_logprobs"]] == [f"token_id:{t}" for t in requested]
+        assert [t["logprob"] for t in e["top_logprobs"]] == pytest.approx([t["logprob"] for t in c["top_logprobs"]],
+                                                                           abs=1e-4)
+    assert_error(post(server, "/v1/completions", {**body, "logprobs": None, "logprob_token_ids": [1]}), 400,
+                 "logprob_token_ids", "logprobs")
+    assert_error(post(server, "/v1/completions", {**body, "logprob_token_ids": [10**7]}), 400, "logprob_token_ids",
+                 "out-of-vocab")
+
+
+def test_minus_one_logprobs_over_max_logprobs_is_400(server):
+    """-1 means the whole vocabulary (vLLM); with the default --max-logprobs 20 that is refused, naming the field."""
+    for path, body, field in [
+        ("/v1/completions", {"prompt": "x", "logprobs": -1}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ]:
+        assert_error(post(server, path, {"model": MODEL, **body}), 400, field, "whole vocabulary")
 
 
 # ------------------------------------------------------------------------------------------ endpoints, headers

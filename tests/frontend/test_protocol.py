@@ -113,12 +113,47 @@ def test_logit_bias_clamped_and_keys_checked_like_vllm():
     assert info.value.param == "logit_bias"
 
 
-@pytest.mark.parametrize("field", ["use_beam_search", "bad_words", "allowed_token_ids"])
-def test_unimplemented_sampling_extras_rejected_by_name(field):
-    value = {"use_beam_search": True, "bad_words": ["x"], "allowed_token_ids": [1, 2]}[field]
-    with pytest.raises(OpenAIError, match=field) as info:
-        CompletionRequest(prompt="x", **{field: value}).to_sampling_params(1, 100)
-    assert info.value.param == field
+def test_beam_search_rejected_by_name():
+    with pytest.raises(OpenAIError, match="use_beam_search") as info:
+        CompletionRequest(prompt="x", use_beam_search=True).to_sampling_params(1, 100)
+    assert info.value.param == "use_beam_search"
+
+
+def test_sampling_extras_reach_the_sampling_params():
+    params = CompletionRequest(prompt="x", logprobs=0, allowed_token_ids=[1, 2],
+                               logprob_token_ids=[7, 3]).to_sampling_params(1, 100)
+    assert params.allowed_token_ids == [1, 2] and params.logprob_token_ids == [7, 3] and params.logprobs == 0
+    with pytest.raises(OpenAIError, match="empty") as info:
+        CompletionRequest(prompt="x", allowed_token_ids=[]).to_sampling_params(1, 100)
+    assert info.value.param == "allowed_token_ids"
+    with pytest.raises(OpenAIError, match="needs logprobs") as info:  # vLLM: the logprobs switch is still needed
+        CompletionRequest(prompt="x", logprob_token_ids=[7]).to_sampling_params(1, 100)
+    assert info.value.param == "logprob_token_ids"
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], logprobs=True, logprob_token_ids=[4])
+    assert chat.to_sampling_params(1, 100).logprob_token_ids == [4]
+
+
+def test_minus_one_means_the_whole_vocabulary_within_max_logprobs():
+    """vLLM: -1 asks for every token; allowed when --max-logprobs is -1 (no limit) or at least the vocabulary."""
+    params = CompletionRequest(prompt="x", logprobs=-1, prompt_logprobs=-1).to_sampling_params(
+        1, 100, max_logprobs=-1, vocab_size=50)
+    assert params.logprobs == 50 and params.prompt_logprobs == 50
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=-1)
+    chat.check(max_logprobs=64, vocab_size=50)
+    assert chat.to_sampling_params(1, 100, max_logprobs=64, vocab_size=50).logprobs == 50
+    for field, make in (("logprobs", lambda: CompletionRequest(prompt="x", logprobs=-1)),
+                        ("prompt_logprobs", lambda: CompletionRequest(prompt="x", prompt_logprobs=-1)),
+                        ("top_logprobs", lambda: ChatCompletionRequest(
+                            messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=-1))):
+        with pytest.raises(OpenAIError, match="whole vocabulary") as info:
+            req = make()
+            if isinstance(req, ChatCompletionRequest):
+                req.check(max_logprobs=20, vocab_size=50)
+            req.to_sampling_params(1, 100, max_logprobs=20, vocab_size=50)
+        assert info.value.param == field
+    with pytest.raises(OpenAIError, match="-1 for the whole vocabulary") as info:
+        CompletionRequest(prompt="x", logprobs=-2).to_sampling_params(1, 100, vocab_size=50)
+    assert info.value.param == "logprobs"
 
 
 def test_truncate_prompt_keeps_the_asked_side():

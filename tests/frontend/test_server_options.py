@@ -114,3 +114,26 @@ def test_request_logger_logs_id_length_params_and_truncates(caplog):
     message = record.getMessage()
     assert "req-1" in message and "prompt length 5" in message and "temperature=0.5" in message
     assert "'abc'" in message and "[1, 2, 3]" in message and "abcd" not in message
+
+
+# ------------------------------------------------------------------------------------------ API key, tokenizer_info
+
+
+def test_api_key_guards_only_v1_routes_as_vllm_does():
+    """vLLM's AuthenticationMiddleware: /v1/... needs 'Bearer <key>' (scheme in any case);
+    /health, /metrics, /tokenize and the like stay open."""
+    app = build_app(EngineConfig(served_model_name="m"), None, ServerOptions(api_key="secret"))
+    assert _request(app, "GET", "/v1/models", {}).status_code == 401
+    assert _request(app, "GET", "/v1/models", {"Authorization": "Bearer wrong"}).status_code == 401
+    assert _request(app, "GET", "/v1/models", {"Authorization": "secret"}).status_code == 401
+    for auth in ("Bearer secret", "bearer secret"):
+        assert _request(app, "GET", "/v1/models", {"Authorization": auth}).status_code != 401
+    for path in ("/version", "/load", "/openapi.json", "/docs"):
+        assert _request(app, "GET", path, {}).status_code != 401, path
+
+
+def test_tokenizer_info_only_with_its_flag():
+    plain = build_app(EngineConfig(), None, ServerOptions())
+    assert "/tokenizer_info" not in plain.openapi()["paths"]
+    enabled = build_app(EngineConfig(), None, ServerOptions(enable_tokenizer_info_endpoint=True))
+    assert "/tokenizer_info" in enabled.openapi()["paths"]
