@@ -27,11 +27,38 @@ def hf_config(arch: str, **overrides):
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
     elif arch == "qwen3":  # q/k norm, head_dim != hidden / heads
         cfg = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True, use_sliding_window=False)
+    elif arch in FAMILY_CONFIGS:
+        cfg = FAMILY_CONFIGS[arch](transformers, common)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
+
+
+SLIDING_WINDOW = 12  # shorter than most test prompts: tokens past it must not see the start
+
+
+def _gemma(t, common):
+    return t.GemmaConfig(**common, head_dim=16, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+
+
+def _gemma2(t, common):  # alternating sliding/global layers, both soft-caps, query_pre_attn_scalar != head_dim
+    return t.Gemma2Config(**common, head_dim=16, sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=24,
+                          attn_logit_softcapping=2.0, final_logit_softcapping=3.0, tie_word_embeddings=True)
+
+
+# Families added by issue 11: name -> config builder over transformers and the common tiny fields.
+FAMILY_CONFIGS = {
+    "mistral_sw": lambda t, c: t.MistralConfig(**c, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False),
+    "qwen2_sw": lambda t, c: t.Qwen2Config(**c, tie_word_embeddings=True, use_sliding_window=True,
+                                           sliding_window=SLIDING_WINDOW, max_window_layers=1),
+    "gemma": _gemma,
+    "gemma2": _gemma2,
+}
+
+
+RANDOMIZED_NORMS = {"gemma", "gemma2"}
 
 
 def make_tiny_model(directory: Path, arch: str, seed: int = 0) -> Path:
@@ -43,9 +70,9 @@ def make_tiny_model(directory: Path, arch: str, seed: int = 0) -> Path:
         return path
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config(arch), dtype=torch.float32)
-    if arch == "qwen2":  # HF initializes biases to zero; make them matter
+    if arch.startswith("qwen2") or arch in RANDOMIZED_NORMS:  # HF zero-inits biases / (1+w) norms; make them matter
         for name, p in model.named_parameters():
-            if name.endswith("bias"):
+            if name.endswith("bias") or (arch in RANDOMIZED_NORMS and "norm" in name):
                 torch.nn.init.normal_(p, std=0.2)
     model.save_pretrained(path)
     return path
