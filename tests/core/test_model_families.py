@@ -50,12 +50,18 @@ def test_family_greedy_matches_hf_under_stress(models_dir, arch, stress):
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
 
 
+def _read(arch: str, hf_arch: str) -> ModelConfig:
+    return ModelConfig.from_hf_dict({**hf_config(arch).to_dict(), "architectures": [hf_arch]})
+
+
 def test_sliding_window_read_per_layer():
     """Mistral: every layer; Qwen2: from max_window_layers on; Gemma 2: alternating, first layer sliding."""
-    assert ModelConfig.from_hf_dict(hf_config("mistral_sw").to_dict()).sliding_windows == (SLIDING_WINDOW,) * 2
-    assert ModelConfig.from_hf_dict(hf_config("qwen2_sw").to_dict()).sliding_windows == (0, SLIDING_WINDOW)
-    assert ModelConfig.from_hf_dict(hf_config("gemma2").to_dict()).sliding_windows == (SLIDING_WINDOW, 0)
-    assert ModelConfig.from_hf_dict(hf_config("mistral").to_dict()).sliding_windows == ()
+    assert _read("mistral_sw", "MistralForCausalLM").sliding_windows == (SLIDING_WINDOW,) * 2
+    assert _read("qwen2_sw", "Qwen2ForCausalLM").sliding_windows == (0, SLIDING_WINDOW)
+    assert _read("gemma2", "Gemma2ForCausalLM").sliding_windows == (SLIDING_WINDOW, 0)
+    assert _read("mistral", "MistralForCausalLM").sliding_windows == ()
+    legacy = {**hf_config("gemma2").to_dict(), "architectures": ["Gemma2ForCausalLM"], "layer_types": None}
+    assert ModelConfig.from_hf_dict(legacy).sliding_windows == (SLIDING_WINDOW, 0)
 
 
 def test_unknown_architecture_lists_supported():
