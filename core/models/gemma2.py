@@ -10,7 +10,7 @@ from core.models.gemma import GemmaConfig, GemmaForCausalLM, gemma_fields
 
 def read_config(d: dict[str, Any], architecture: str) -> GemmaConfig:
     fields = gemma_fields(d, architecture)
-    if not fields["sliding_windows"] and d.get("sliding_window") and not d.get("layer_types"):
+    if d.get("sliding_window") and not d.get("layer_types"):
         # configs written before transformers' layer_types: even layers slide
         window = int(d["sliding_window"])
         fields["sliding_windows"] = tuple(window if i % 2 == 0 else 0 for i in range(fields["num_layers"]))
