@@ -53,12 +53,14 @@ FAMILY_CONFIGS = {
     "mistral_sw": lambda t, c: t.MistralConfig(**c, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False),
     "qwen2_sw": lambda t, c: t.Qwen2Config(**c, tie_word_embeddings=True, use_sliding_window=True,
                                            sliding_window=SLIDING_WINDOW, max_window_layers=1),
+    "starcoder2": lambda t, c: t.Starcoder2Config(**c, sliding_window=SLIDING_WINDOW, use_bias=True,
+                                                  tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh"),
     "gemma": _gemma,
     "gemma2": _gemma2,
 }
 
 
-RANDOMIZED_NORMS = {"gemma", "gemma2"}
+RANDOMIZED_NORMS = {"gemma", "gemma2", "starcoder2"}  # LayerNorm biases too
 
 
 def make_tiny_model(directory: Path, arch: str, seed: int = 0) -> Path:
