@@ -55,12 +55,15 @@ FAMILY_CONFIGS = {
                                            sliding_window=SLIDING_WINDOW, max_window_layers=1),
     "starcoder2": lambda t, c: t.Starcoder2Config(**c, sliding_window=SLIDING_WINDOW, use_bias=True,
                                                   tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh"),
+    "gpt_neox": lambda t, c: t.GPTNeoXConfig(**{k: v for k, v in c.items() if k != "num_key_value_heads"},
+                                             partial_rotary_factor=0.25, use_parallel_residual=True,
+                                             tie_word_embeddings=False),
     "gemma": _gemma,
     "gemma2": _gemma2,
 }
 
 
-RANDOMIZED_NORMS = {"gemma", "gemma2", "starcoder2"}  # LayerNorm biases too
+RANDOMIZED_NORMS = {"gemma", "gemma2", "starcoder2", "gpt_neox"}  # LayerNorm biases too
 
 
 def make_tiny_model(directory: Path, arch: str, seed: int = 0) -> Path:
