@@ -68,6 +68,10 @@ def rope_scaling_from_hf(d: dict[str, Any]) -> dict[str, Any] | None:
         return None
     rope_scaling = dict(rope_scaling)
     rope_scaling.setdefault("rope_type", rope_scaling.get("type", "default"))
+    if rope_scaling["rope_type"] == "su":  # Phi-3's early name for longrope
+        rope_scaling["rope_type"] = "longrope"
+    if rope_scaling["rope_type"] in ("dynamic", "yarn", "longrope"):  # their tables read the checkpoint's own limit
+        rope_scaling["config_max_position_embeddings"] = d.get("max_position_embeddings", 2048)
     return None if rope_scaling["rope_type"] == "default" else rope_scaling
 
 
@@ -98,6 +102,10 @@ def common_fields(d: dict[str, Any], architecture: str) -> dict[str, Any]:
     num_heads = d["num_attention_heads"]
     hidden = d["hidden_size"]
     num_layers = d["num_hidden_layers"]
+    rope_scaling = rope_scaling_from_hf(d)
+    max_positions = d.get("max_position_embeddings", 2048)
+    if rope_scaling is not None and rope_scaling["rope_type"] == "dynamic":  # dynamic NTK exists to run past it
+        max_positions = int(max_positions * rope_scaling["factor"])
     eos = d.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     return dict(
@@ -111,8 +119,8 @@ def common_fields(d: dict[str, Any], architecture: str) -> dict[str, Any]:
         head_dim=d.get("head_dim") or hidden // num_heads,
         rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         rope_theta=rope_theta_from_hf(d),
-        rope_scaling=rope_scaling_from_hf(d),
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         qkv_bias=bool(d.get("attention_bias", False)),
         qk_norm=False,

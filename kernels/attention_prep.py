@@ -224,7 +224,7 @@ def attention_prep_triton(
         NUM_K_HEADS=num_k_heads,
         BLOCK_K_HEADS=triton.next_power_of_2(num_k_heads),
         HALF=half,
-        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_HALF=triton.next_power_of_2(max(half, 1)),  # no rotary (GPT-2, Falcon ALiBi): half = 0
         BLOCK_SIZE=k_cache.shape[1],
         HAS_NORM=has_norm,
         REST=rest,
