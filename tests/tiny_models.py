@@ -48,6 +48,36 @@ def _gemma2(t, common):  # alternating sliding/global layers, both soft-caps, qu
                           attn_logit_softcapping=2.0, final_logit_softcapping=3.0, tie_word_embeddings=True)
 
 
+def _gpt2(t, common):
+    return t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024, bos_token_id=0,
+                        eos_token_id=1, initializer_range=0.2, activation_function="gelu_new")
+
+
+def _falcon(**kw):
+    def build(t, common):
+        return t.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              ffn_hidden_size=128, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+                              initializer_range=0.2, **kw)
+    return build
+
+
+def _phi3(t, common):  # partial rotary, longrope switching from short to long factors while generating, window
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [1.5, 3.0, 6.0, 11.0]}
+    return t.Phi3Config(**common, sliding_window=SLIDING_WINDOW, original_max_position_embeddings=LONGROPE_ORIGINAL,
+                        rope_parameters=rope, tie_word_embeddings=False, pad_token_id=0)
+
+
+def _gemma3(t, common):  # local layers with their own base, scaled global RoPE, q/k norm
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}}
+    return t.Gemma3TextConfig(**common, head_dim=16, sliding_window=SLIDING_WINDOW, query_pre_attn_scalar=24,
+                              layer_types=["sliding_attention", "full_attention"], rope_parameters=rope,
+                              tie_word_embeddings=True)
+
+
+LONGROPE_ORIGINAL = 32  # prompts of 40 and 70 run long from the start, the shorter ones never cross it
+
 # Families added by issue 11: name -> config builder over transformers and the common tiny fields.
 FAMILY_CONFIGS = {
     "mistral_sw": lambda t, c: t.MistralConfig(**c, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False),
@@ -60,10 +90,19 @@ FAMILY_CONFIGS = {
                                              tie_word_embeddings=False),
     "gemma": _gemma,
     "gemma2": _gemma2,
+    "gemma3": _gemma3,
+    "gpt2": _gpt2,
+    "phi3": _phi3,
+    "falcon": _falcon(new_decoder_architecture=True, num_kv_heads=2, parallel_attn=True, bias=True),
+    "falcon_mq": _falcon(new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=False),
+    "falcon_seq": _falcon(new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True),
+    "falcon_alibi": _falcon(new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True,
+                            alibi=True),
 }
 
 
-RANDOMIZED_NORMS = {"gemma", "gemma2", "starcoder2", "gpt_neox"}  # LayerNorm biases too
+RANDOMIZED_NORMS = {"gemma", "gemma2", "gemma3", "starcoder2", "gpt_neox", "gpt2", "falcon", "falcon_mq",
+                    "falcon_seq", "falcon_alibi"}  # LayerNorm biases too
 
 
 def make_tiny_model(directory: Path, arch: str, seed: int = 0) -> Path:

@@ -63,6 +63,7 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """``q`` ``[T, Hq, D]``, ``k``/``v`` ``[T, Hk, D]``; ``kv_cache`` ``[2, num_blocks, block_size, Hk, D]``."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
+        positions = self.rotary.table_positions(positions, meta.seq_lens, meta.query_start_loc)
         q = attention_prep(
             positions, q, k, v, self.rotary.cos_sin_cache, k_cache, v_cache, meta.slot_mapping,
             self.q_norm.weight if self.q_norm is not None else None,

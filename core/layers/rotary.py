@@ -2,11 +2,12 @@
 kernels.attention_prep applies them.
 
 The table holds, for each position ``p``, the rotation transformers applies to the token at ``p`` when ``p`` is the
-newest position (so decode steps match ``generate`` exactly). For ``dynamic`` and ``longrope`` that rotation depends on
-the sequence length, so the frequencies are per row: ``dynamic`` rescales the base for ``p >= max_position_embeddings``
-with ``seq_len = p + 1``; ``longrope`` uses the short factors below ``original_max_position_embeddings`` and the long
-ones from there on. (transformers also re-rotates a whole prompt longer than that with the long factors; a fixed table
-keeps the short rotation for its first positions, as vLLM does for each token's own position.)
+newest position (so decode steps match ``generate`` exactly). ``dynamic`` rescales the base for
+``p >= max_position_embeddings`` with ``seq_len = p + 1`` (per-row frequencies). ``longrope`` (Phi-3) rotates a whole
+sequence with the short factors while it is at most ``original_max_position_embeddings`` long and with the long ones
+past it: its table is two tables, short rows then long rows, and :meth:`RotaryEmbedding.table_positions` picks each
+token's row from its sequence's length. (transformers also re-rotates the cached keys of a sequence that crosses the
+limit while generating; here the keys already cached keep their short rotation, as in vLLM.)
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def _yarn(dim: int, theta: float, scaling: dict[str, Any], max_positions: int) -
 
 def _longrope(dim: int, theta: float, scaling: dict[str, Any], max_positions: int, config_max_positions: int
               ) -> tuple[torch.Tensor, float]:  # fmt: skip
-    """Phi-3 longrope / su: per-row inverse frequencies [P, dim/2] (short factors, then long), one attention factor."""
+    """Phi-3 longrope / su: inverse frequencies [2P, dim/2] (P rows of short factors, then P of long), one
+    attention factor."""
     original = scaling["original_max_position_embeddings"]
     factor = scaling.get("factor") or config_max_positions / original
     attention_factor = scaling.get("attention_factor")
@@ -79,8 +81,7 @@ def _longrope(dim: int, theta: float, scaling: dict[str, Any], max_positions: in
     shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     short = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float32) * theta**shape)
     long = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float32) * theta**shape)
-    rows = torch.arange(max_positions)[:, None] < original
-    return torch.where(rows, short, long), float(attention_factor)
+    return torch.cat((short.expand(max_positions, -1), long.expand(max_positions, -1))), float(attention_factor)
 
 
 def _dynamic(dim: int, theta: float, scaling: dict[str, Any], max_positions: int, config_max_positions: int
@@ -122,6 +123,11 @@ class RotaryEmbedding(nn.Module):
         whatever the model dtype."""
         super().__init__()
         t = torch.arange(max_positions, dtype=torch.float32)
+        self.max_positions = max_positions
+        self.long_after = 0  # longrope: sequences longer than this use the second (long) half of the table
+        if scaling is not None and scaling.get("rope_type") == "longrope":
+            self.long_after = int(scaling["original_max_position_embeddings"])
+            t = torch.cat((t, t))
         if head_dim == 0:
             self.register_buffer("cos_sin_cache", torch.empty(max_positions, 0), persistent=False)
             return
@@ -131,3 +137,13 @@ class RotaryEmbedding(nn.Module):
         if scale != 1.0:
             cos, sin = cos * scale, sin * scale
         self.register_buffer("cos_sin_cache", torch.cat((cos, sin), dim=-1), persistent=False)
+
+    def table_positions(self, positions: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor
+                        ) -> torch.Tensor:  # fmt: skip
+        """The table row of each token: its position, or (longrope) its position in the long half when its
+        sequence is longer than the original context. Tensor ops only: no host sync."""
+        if not self.long_after:
+            return positions
+        per_seq = torch.repeat_interleave(seq_lens, query_start_loc[1:] - query_start_loc[:-1],
+                                          output_size=positions.shape[0])  # fmt: skip
+        return positions + (per_seq > self.long_after).to(positions.dtype) * self.max_positions

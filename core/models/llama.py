@@ -108,7 +108,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         # One cos/sin table for all layers (Llama 3.1's 128k positions take 64 MB).
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        rotary_dim = cfg.extra.get("rotary_dim", cfg.head_dim)  # Phi-3's partial rotary
+        rotary = RotaryEmbedding(rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, rotary, attention_backend, kernel_backend, i) for i in range(cfg.num_layers)
         )

@@ -11,7 +11,8 @@ from tests.core.engine_utils import make_engine, run_engine
 from tests.core.test_model_parity import GREEDY, MAX_TOKENS, check_against_hf, random_prompts
 from tests.tiny_models import SLIDING_WINDOW, hf_config, hf_greedy, make_tiny_model
 
-FAMILIES = ["mistral_sw", "qwen2_sw", "gemma", "gemma2", "starcoder2", "gpt_neox"]
+FAMILIES = ["mistral_sw", "qwen2_sw", "gemma", "gemma2", "gemma3", "starcoder2", "gpt_neox", "gpt2", "phi3",
+            "falcon", "falcon_mq", "falcon_seq", "falcon_alibi"]
 # Mixed lengths in one batch: shorter than, equal to and far past the window.
 LENGTHS = (1, 5, SLIDING_WINDOW, 17, 40, 70)
 

@@ -117,3 +117,17 @@ def test_attention_prep_partial_rotary(head_dim, rotary_dim, dtype):
     attention_prep_triton(positions, q, k, v, cache, kv[0], kv[1], slots)
     assert_close(q, ref_q, TOLERANCE[dtype], "q")
     assert_close(kv, kv64, TOLERANCE[dtype], "cache")
+
+
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_attention_prep_without_rotary(head_dim):
+    """GPT-2 / Falcon-ALiBi: an empty cos/sin table; q passes through, k and v only go to the cache."""
+    positions, q, k, v, _, kv, slots, _ = _case(7, 4, 1, head_dim, 16, torch.float32, KERNEL_DEVICE, 2, False)
+    cache = torch.empty(2048, 0, device=KERNEL_DEVICE)
+    kv64 = kv.double()
+    q_in = q.clone()
+    ref_q = attention_prep_ref(positions, q.double(), k.double(), v.double(), cache.double(), kv64[0], kv64[1], slots)
+    attention_prep_triton(positions, q, k, v, cache, kv[0], kv[1], slots)
+    assert torch.equal(q, q_in)
+    assert_close(q, ref_q, TOLERANCE[torch.float32], "q")
+    assert_close(kv, kv64, TOLERANCE[torch.float32], "cache")
