@@ -1,6 +1,6 @@
-"""Model configuration (the few HF config fields our Llama-family implementation reads) and the engine settings
-derived from ``EngineConfig`` + the model + the device, resolved once (``resolve_config``; which engine, generation
-or embedding, by ``resolve_task``)."""
+"""Model configuration (the HF config fields every family reads; families add theirs in core/models/) and the engine
+settings derived from ``EngineConfig`` + the model + the device, resolved once (``resolve_config``; which engine,
+generation or embedding, by ``resolve_task``)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# HF architecture name -> how its attention differs from plain Llama.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
-
 # HF architecture name -> encoder family (core/models/bert.py), also the checkpoint prefix of the encoder weights
 # when a head class wraps them. These models embed (``task`` auto means embed for them).
 ENCODER_ARCHITECTURES = {
@@ -44,6 +36,9 @@ _DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.it
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The HF config fields every family has (what the runner and engine read: cache shape, limits, EOS). Each
+    family's file (core/models/) parses the HF dict into this or a subclass with its own fields."""
+
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -62,6 +57,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     torch_dtype: str | None
+    # Per layer: 0 = full causal attention, W > 0 = only the last W positions (sliding window). Empty: all full.
+    sliding_windows: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -71,48 +68,87 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        archs = d.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise ValueError(
-                f"Unsupported model architecture {archs or d.get('model_type')}; "
-                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}."
-            )
-        family = SUPPORTED_ARCHITECTURES[arch]
-        num_heads = d["num_attention_heads"]
-        hidden = d["hidden_size"]
-        rope = d.get("rope_parameters") or {}
-        rope_theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
-        rope_scaling = d.get("rope_scaling")
-        if rope_scaling is None and rope.get("rope_type", "default") != "default":
-            rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        if rope_scaling is not None:
-            rope_scaling = dict(rope_scaling)
-            rope_scaling.setdefault("rope_type", rope_scaling.get("type", "default"))
-            if rope_scaling["rope_type"] == "default":
-                rope_scaling = None
-        eos = d.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-        return cls(
-            architecture=arch,
-            vocab_size=d["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=d["intermediate_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=d.get("num_key_value_heads") or num_heads,
-            head_dim=d.get("head_dim") or hidden // num_heads,
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=bool(d.get("attention_bias", False)) or family == "qwen2",
-            qk_norm=family == "qwen3",
-            eos_token_ids=eos_ids,
-            bos_token_id=d.get("bos_token_id"),
-            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
-        )
+        """The family config of an HF ``config.json`` dict, read by its family (core/models/registry.py)."""
+        from core.models.registry import read_config
+
+        return read_config(d)
+
+    def layer_window(self, layer: int) -> int:
+        return self.sliding_windows[layer] if self.sliding_windows else 0
+
+
+def rope_scaling_from_hf(d: dict[str, Any]) -> dict[str, Any] | None:
+    """``rope_scaling`` (old name) or the non-default part of ``rope_parameters`` (transformers 5), with ``rope_type``
+    always set; None for plain RoPE."""
+    rope = d.get("rope_parameters") or {}
+    rope_scaling = d.get("rope_scaling")
+    if rope_scaling is None and rope.get("rope_type", "default") != "default":
+        rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if rope_scaling is None:
+        return None
+    rope_scaling = dict(rope_scaling)
+    rope_scaling.setdefault("rope_type", rope_scaling.get("type", "default"))
+    if rope_scaling["rope_type"] == "su":  # Phi-3's early name for longrope
+        rope_scaling["rope_type"] = "longrope"
+    if rope_scaling["rope_type"] in ("dynamic", "yarn", "longrope"):  # their tables read the checkpoint's own limit
+        rope_scaling["config_max_position_embeddings"] = d.get("max_position_embeddings", 2048)
+    return None if rope_scaling["rope_type"] == "default" else rope_scaling
+
+
+def rope_theta_from_hf(d: dict[str, Any], default: float = 10000.0) -> float:
+    rope = d.get("rope_parameters") or {}
+    return float(d.get("rope_theta", rope.get("rope_theta", default)))
+
+
+def layer_windows_from_hf(d: dict[str, Any], num_layers: int) -> tuple[int, ...]:
+    """Per-layer sliding windows: ``layer_types`` (transformers 5) when present, else Qwen2's ``use_sliding_window`` /
+    ``max_window_layers`` rule, else ``sliding_window`` on every layer (Mistral)."""
+    window = int(d.get("sliding_window") or 0)
+    if window <= 0:
+        return ()
+    types = d.get("layer_types")
+    if types:
+        return tuple(window if t == "sliding_attention" else 0 for t in types)
+    if "use_sliding_window" in d:
+        if not d["use_sliding_window"]:
+            return ()
+        first = int(d.get("max_window_layers", 0))
+        return tuple(window if i >= first else 0 for i in range(num_layers))
+    return (window,) * num_layers
+
+
+def common_fields(d: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields read the same way in every family (families override what differs)."""
+    num_heads = d["num_attention_heads"]
+    hidden = d["hidden_size"]
+    num_layers = d["num_hidden_layers"]
+    rope_scaling = rope_scaling_from_hf(d)
+    max_positions = d.get("max_position_embeddings", 2048)
+    if rope_scaling is not None and rope_scaling["rope_type"] == "dynamic":  # dynamic NTK exists to run past it
+        max_positions = int(max_positions * rope_scaling["factor"])
+    eos = d.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    return dict(
+        architecture=architecture,
+        vocab_size=d["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=d.get("intermediate_size") or 4 * hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=d.get("num_key_value_heads") or num_heads,
+        head_dim=d.get("head_dim") or hidden // num_heads,
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=rope_theta_from_hf(d),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        qkv_bias=bool(d.get("attention_bias", False)),
+        qk_norm=False,
+        eos_token_ids=eos_ids,
+        bos_token_id=d.get("bos_token_id"),
+        torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+        sliding_windows=layer_windows_from_hf(d, num_layers),
+    )
 
 
 def is_encoder_config(hf_config: dict[str, Any]) -> bool:

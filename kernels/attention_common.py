@@ -15,8 +15,30 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 LOG2E = 1.4426950408889634
+
+
+def score_params(scale: float, softcap: float) -> tuple[float, float]:
+    """(qk_scale, cap_log2) for :func:`transform_scores`: with soft-capping the scores are ``cap * tanh(qk * scale /
+    cap)`` then moved to the log2 domain; without it ``qk * scale * LOG2E``."""
+    if softcap > 0:
+        return scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 1.0
+
+
+@triton.jit
+def transform_scores(s, qk_scale, cap_log2, slopes, q_pos, k_pos, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Raw ``q @ k`` -> log2-domain logits: scale, optional soft-cap (tanh from exp: the interpreter and every triton
+    version have exp), optional ALiBi bias ``slope * (k_pos - q_pos)`` (``slopes`` and ``q_pos`` per row)."""
+    s = s * qk_scale
+    if SOFTCAP:
+        s = cap_log2 * (1.0 - 2.0 / (tl.exp(2.0 * s) + 1.0))
+    if ALIBI:
+        s += (slopes * 1.4426950408889634)[:, None] * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
+    return s
 
 
 def triton_supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -62,16 +84,39 @@ def gather_kv(
     return keys, values
 
 
+def visible_keys(query_pos: torch.Tensor, num_keys: int, sliding_window: int = 0) -> torch.Tensor:
+    """Boolean ``[..., num_keys]`` mask of the keys each query position sees: causal, and with ``sliding_window`` W > 0
+    only the last W positions (itself included), HF's ``kv_idx > q_idx - W``."""
+    key_pos = torch.arange(num_keys, device=query_pos.device)
+    mask = key_pos <= query_pos[..., None]
+    if sliding_window > 0:
+        mask &= key_pos > query_pos[..., None] - sliding_window
+    return mask
+
+
 def attend(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float, *,
+    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, query_pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``q`` ``[B, L, Hq, D]``, keys/values ``[B, S, Hk, D]``, boolean mask ``[B, L, S]`` -> ``[B, L, Hq, D]``."""
+    """``q`` ``[B, L, Hq, D]``, keys/values ``[B, S, Hk, D]``, boolean mask ``[B, L, S]`` -> ``[B, L, Hq, D]``.
+
+    ``softcap`` > 0: scores become ``softcap * tanh(score / softcap)`` (Gemma 2). ``alibi_slopes`` ``[Hq]``: each head
+    adds ``slope * (key_pos - query_pos)`` (``query_pos`` ``[B, L]`` then needed)."""
     num_q_heads, num_kv_heads = q.shape[2], keys.shape[2]
     if num_q_heads != num_kv_heads:
         repeat = num_q_heads // num_kv_heads
         keys = keys.repeat_interleave(repeat, dim=2)
         values = values.repeat_interleave(repeat, dim=2)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None], scale=scale
-    )
-    return out.transpose(1, 2)
+    qt, kt, vt = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+    if softcap <= 0 and alibi_slopes is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale)
+        return out.transpose(1, 2)
+    scores = (qt @ kt.transpose(-1, -2)) * scale  # [B, Hq, L, S]
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        distance = torch.arange(keys.shape[1], device=q.device)[None, None, :] - query_pos[:, :, None]  # [B, L, S]
+        scores = scores + alibi_slopes.to(scores.dtype)[None, :, None, None] * distance[:, None].to(scores.dtype)
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row that sees nothing gives zeros, as the kernels
+    return (weights @ vt).transpose(1, 2)

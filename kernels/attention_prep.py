@@ -20,7 +20,8 @@ def rotary_embedding_ref(
     """Rotary embedding, neox / rotate-half style as HF Llama and Qwen apply it: rotate ``q`` ``[T, Hq, D]`` and ``k``
     ``[T, Hk, D]`` by their positions; returns new tensors.
 
-    ``cos_sin_cache`` is ``[max_positions, D]`` float32: cos in the first half of the last dim, sin in the second.
+    ``cos_sin_cache`` is ``[max_positions, R]`` float32: cos in the first half of the last dim, sin in the second.
+    ``R`` < D is partial rotary (GPT-NeoX, Phi): only the first ``R`` dims rotate, the rest pass through.
     """
     cos_sin = cos_sin_cache.index_select(0, positions.long())
     half = cos_sin.shape[-1] // 2
@@ -29,8 +30,8 @@ def rotary_embedding_ref(
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        x1, x2 = xf[..., :half], xf[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        x1, x2, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
 
@@ -131,6 +132,8 @@ def _attention_prep_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    REST: tl.constexpr,  # head dims past the rotary ones (partial rotary), copied as they are
+    BLOCK_REST: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
@@ -167,6 +170,16 @@ def _attention_prep_kernel(
         v_dst = v_cache_ptr + block * stride_vcb + in_block * stride_vcs + heads * stride_vch + offs
         tl.store(v_dst, tl.load(v_src, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
+        if REST > 0:
+            offs_r = tl.arange(0, BLOCK_REST)[None, :]
+            rest_mask = (heads < NUM_K_HEADS) & (offs_r < REST)
+            cols = 2 * HALF + offs_r
+            k_src = k_ptr + token * stride_kt + heads * stride_kh + cols
+            k_rest = k_cache_ptr + block * stride_kcb + in_block * stride_kcs + heads * stride_kch + cols
+            tl.store(k_rest, tl.load(k_src, mask=rest_mask).to(k_cache_ptr.dtype.element_ty), mask=rest_mask)
+            v_src_rest = v_ptr + token * stride_vt + heads * stride_vh + cols
+            v_rest = v_cache_ptr + block * stride_vcb + in_block * stride_vcs + heads * stride_vch + cols
+            tl.store(v_rest, tl.load(v_src_rest, mask=rest_mask).to(v_cache_ptr.dtype.element_ty), mask=rest_mask)
 
 
 def attention_prep_triton(
@@ -188,14 +201,18 @@ def attention_prep_triton(
         raise ValueError("pass both q_norm_weight and k_norm_weight or neither")
     num_tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
-    if cos_sin_cache.shape[-1] != head_dim:
-        raise ValueError(f"cos_sin_cache last dim {cos_sin_cache.shape[-1]} != head_dim {head_dim}")
+    rotary_dim = cos_sin_cache.shape[-1]
+    if rotary_dim > head_dim or rotary_dim % 2:
+        raise ValueError(f"cos_sin_cache last dim {rotary_dim} must be even and <= head_dim {head_dim}")
+    if rotary_dim != head_dim and q_norm_weight is not None:
+        raise ValueError("q/k norm with partial rotary is not supported")
     for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("cos_sin", cos_sin_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit last stride")
     if num_tokens == 0:
         return q
-    half = head_dim // 2
+    half = rotary_dim // 2
+    rest = head_dim - rotary_dim
     has_norm = q_norm_weight is not None
     _attention_prep_kernel[(num_tokens,)](
         positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
@@ -207,9 +224,11 @@ def attention_prep_triton(
         NUM_K_HEADS=num_k_heads,
         BLOCK_K_HEADS=triton.next_power_of_2(num_k_heads),
         HALF=half,
-        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_HALF=triton.next_power_of_2(max(half, 1)),  # no rotary (GPT-2, Falcon ALiBi): half = 0
         BLOCK_SIZE=k_cache.shape[1],
         HAS_NORM=has_norm,
+        REST=rest,
+        BLOCK_REST=triton.next_power_of_2(max(rest, 1)),
         num_warps=4,
     )  # fmt: skip
     return q

@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_common import LOG2E, attend, check_attention_args, gather_kv
+from kernels.attention_common import (
+    attend, check_attention_args, gather_kv, score_params, transform_scores, visible_keys,
+)
 from kernels.backend import num_sms
 
 
@@ -33,9 +35,13 @@ def paged_decode_attention_ref(
     scale: float,
     *,
     out: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch reference for the sequences with exactly one query row, in one padded batch; rows of other
-    sequences in ``out`` are left as they are. Reads the lengths on the host (a sync): for CPU and tests."""
+    sequences in ``out`` are left as they are. Reads the lengths on the host (a sync): for CPU and tests.
+    ``sliding_window``/``softcap``/``alibi_slopes``: see kernels/attention_common.py."""
     if out is None:
         out = torch.empty_like(q)
     starts = query_start_loc.tolist()
@@ -46,8 +52,10 @@ def paged_decode_attention_ref(
         lens = seq_lens.index_select(0, rows)
         max_len = int(lens.max())
         keys, values = gather_kv(k_cache, v_cache, block_tables.index_select(0, rows), max_len)
-        mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]
-        out[token_rows] = attend(q[token_rows].unsqueeze(1), keys, values, mask[:, None, :], scale).squeeze(1)
+        query_pos = (lens.long() - 1)[:, None]  # [B, 1]
+        mask = visible_keys(query_pos, max_len, sliding_window)  # [B, 1, S]
+        out[token_rows] = attend(q[token_rows].unsqueeze(1), keys, values, mask, scale, softcap=softcap,
+                                 alibi_slopes=alibi_slopes, query_pos=query_pos).squeeze(1)
     return out
 
 
@@ -75,7 +83,10 @@ def _decode_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
-    scale_log2,
+    qk_scale,
+    cap_log2,
+    slopes_ptr,  # [Hq] float32 ALiBi slopes (ALIBI only)
+    sliding_window,  # 0: none; else only the last sliding_window positions are visible
     num_kv_heads,
     stride_qt,
     stride_qh,
@@ -100,6 +111,8 @@ def _decode_kernel(
     SPLITS_PAD: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
     IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     if ORDER == 0:
         seq = tl.program_id(0)
@@ -147,9 +160,13 @@ def _decode_kernel(
     table = block_tables_ptr + seq * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
-    for tile_start in range(start, end, TILE_N):
+    # Sliding window: keys before win_start are invisible; the tiles wholly before it are skipped.
+    win_start = tl.maximum(seq_len - sliding_window, 0) if sliding_window > 0 else 0
+    q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
+    slopes = tl.load(slopes_ptr + heads, mask=head_mask, other=0.0) if ALIBI else q_pos
+    for tile_start in range(tl.maximum(start, win_start // TILE_N * TILE_N), end, TILE_N):
         offs_n = tile_start + tl.arange(0, TILE_N)
-        valid = offs_n < end
+        valid = (offs_n < end) & (offs_n >= win_start)
         page = tl.load(table + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         in_page = offs_n % BLOCK_SIZE
         k = tl.load(
@@ -166,10 +183,12 @@ def _decode_kernel(
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
-        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
+        s = transform_scores(s, qk_scale, cap_log2, slopes, q_pos, offs_n, SOFTCAP, ALIBI)
+        s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile wholly outside the window: no NaN
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -423,8 +442,12 @@ def paged_decode_attention(
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
     seq_order: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton decode attention: every sequence has exactly one query row (or none).
+    """Triton decode attention: every sequence has exactly one query row (or none). ``sliding_window``, ``softcap``
+    and ``alibi_slopes`` as in the reference (kernels/attention_common.py).
 
     CUDA-graph safe: no host syncs; the grid is ``B x Hk x num_splits`` programs with ``num_splits`` from static shapes;
     the split-K scratch is allocated from static shapes (inside a graph capture it lives in the graph's pool). Sequences
@@ -473,7 +496,7 @@ def paged_decode_attention(
     _decode_kernel[grid](
         out, part_out, part_lse, counters if fused else seq_lens, seq_order,
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, num_kv_heads,
+        *score_params(scale, softcap), alibi_slopes if alibi_slopes is not None else q, sliding_window, num_kv_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -490,6 +513,8 @@ def paged_decode_attention(
         SPLITS_PAD=splits_pad,
         SPLIT_CHUNK=max(1, min(splits_pad, 32 // group_pad)),
         IEEE=k_cache.dtype == torch.float32,
+        SOFTCAP=softcap > 0,
+        ALIBI=alibi_slopes is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip

@@ -27,15 +27,21 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    *,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain-torch reference: decodes in one padded batch, prefill chunks one sequence at a time.
+    """Plain-torch reference: decodes in one padded batch, prefill chunks one sequence at a time. ``sliding_window``
+    (0: none), ``softcap`` (0: none) and ``alibi_slopes`` (``[Hq]``): see kernels/attention_common.py.
 
     ``q``: ``[T, Hq, D]``; caches ``[num_blocks, block_size, Hk, D]``; returns ``[T, Hq, D]`` in ``q``'s dtype.
     Reads the lengths on the host (a sync): fine for CPU and for tests, not for the GPU fast path.
     """
     args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
-    out = paged_decode_attention_ref(*args)
-    return paged_prefill_attention_ref(*args, out=out, min_query_len=2)
+    features = dict(sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes)
+    out = paged_decode_attention_ref(*args, **features)
+    return paged_prefill_attention_ref(*args, out=out, min_query_len=2, **features)
 
 
 def paged_attention(
@@ -51,6 +57,9 @@ def paged_attention(
     out: torch.Tensor | None = None,
     backend: str = "auto",
     decode_order: torch.Tensor | None = None,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal paged attention (see kernels/attention_common.py); ``out`` may be a persistent buffer (CUDA graphs).
 
@@ -60,13 +69,14 @@ def paged_attention(
     power of two >= 16) fall back to the reference. ``backend="torch"`` forces the reference, which syncs and is not
     graph-safe (kernels/backend.py).
     """
+    features = dict(sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes)
     if use_triton(q, backend) and triton_supports(q, k_cache):
         if max_query_len == 1:
-            return paged_decode_attention(
-                q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out, seq_order=decode_order
-            )
-        return paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out)
-    result = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+            return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                          out=out, seq_order=decode_order, **features)  # fmt: skip
+        return paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out,
+                                       **features)  # fmt: skip
+    result = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, **features)
     if out is None:
         return result
     out.copy_(result)

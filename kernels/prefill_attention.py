@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_common import LOG2E, attend, check_attention_args, gather_kv
+from kernels.attention_common import (
+    attend, check_attention_args, gather_kv, score_params, transform_scores, visible_keys,
+)
 
 
 def paged_prefill_attention_ref(
@@ -28,6 +30,9 @@ def paged_prefill_attention_ref(
     *,
     out: torch.Tensor | None = None,
     min_query_len: int = 1,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch reference, one sequence at a time under a causal mask. Sequences with fewer than ``min_query_len``
     query rows are left as they are in ``out`` (``paged_attention_ref`` batches its decodes separately). Reads the
@@ -43,8 +48,9 @@ def paged_prefill_attention_ref(
         seq_len = lens[i]
         keys, values = gather_kv(k_cache, v_cache, block_tables[i : i + 1], seq_len)
         query_pos = torch.arange(seq_len - n, seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
-        out[start:end] = attend(q[None, start:end], keys, values, mask[None], scale)[0]
+        mask = visible_keys(query_pos, seq_len, sliding_window)
+        out[start:end] = attend(q[None, start:end], keys, values, mask[None], scale, softcap=softcap,
+                                alibi_slopes=alibi_slopes, query_pos=query_pos[None])[0]
     return out
 
 
@@ -66,7 +72,10 @@ def _prefill_tile(
     table,
     k_base,
     v_base,
-    scale_log2,
+    qk_scale,
+    cap_log2,
+    slopes,
+    sliding_window,
     stride_kb,
     stride_ks,
     stride_vb,
@@ -76,6 +85,9 @@ def _prefill_tile(
     TILE_N: tl.constexpr,
     MASKED: tl.constexpr,
     IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """One key tile of online softmax; ``MASKED`` tiles apply the causal and length masks."""
     offs_n = tile_start + tl.arange(0, TILE_N)
@@ -98,13 +110,19 @@ def _prefill_tile(
         s = tl.dot(q, k, input_precision="ieee")
     else:
         s = tl.dot(q, k)
-    s = s * scale_log2
+    s = transform_scores(s, qk_scale, cap_log2, slopes, q_pos, offs_n, SOFTCAP, ALIBI)
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < seq_len)
+        if WINDOW:
+            visible &= offs_n[None, :] > q_pos[:, None] - sliding_window
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    if WINDOW:  # a row may meet a tile wholly outside its window before any visible key: no NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -122,7 +140,10 @@ def _prefill_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
-    scale_log2,
+    qk_scale,
+    cap_log2,
+    slopes_ptr,  # [Hq] float32 ALiBi slopes (ALIBI only)
+    sliding_window,  # 0: none
     num_seqs,
     stride_qt,
     stride_qh,
@@ -142,6 +163,9 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """Rows of a program are ``BLOCK_Q`` query tokens x ``GROUP`` query heads of one KV head (row = tok * GROUP + h).
 
@@ -189,20 +213,29 @@ def _prefill_kernel(
     # Keys below the tile's first query position are visible to every row: whole tiles there need no mask. The first
     # masked tile's first key is visible to every row too, so no row ever sees an all -inf tile before a finite one.
     first_pos = context_len + q_block * BLOCK_Q
-    full_end = (first_pos + 1) // TILE_N * TILE_N
     kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
-    for tile_start in range(0, full_end, TILE_N):
+    slopes = tl.load(slopes_ptr + heads, mask=row_mask, other=0.0) if ALIBI else l_i
+    if WINDOW:
+        # Every tile masked (the window's lower edge moves with each row), from the first tile the first row sees.
+        window_lo = tl.maximum(first_pos - sliding_window + 1, 0) // TILE_N * TILE_N
+        full_end = window_lo
+    else:
+        window_lo = 0
+        full_end = (first_pos + 1) // TILE_N * TILE_N
+    for tile_start in range(window_lo, full_end, TILE_N):
         acc, m_i, l_i = _prefill_tile(
-            acc, m_i, l_i, q, q_pos, tile_start, seq_len, kv_end, table, k_base, v_base, scale_log2,
-            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, False, IEEE,
+            acc, m_i, l_i, q, q_pos, tile_start, seq_len, kv_end, table, k_base, v_base, qk_scale, cap_log2,
+            slopes, sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, False,
+            IEEE, SOFTCAP, ALIBI, WINDOW,
         )  # fmt: skip
     for tile_start in range(full_end, kv_end, TILE_N):
         acc, m_i, l_i = _prefill_tile(
-            acc, m_i, l_i, q, q_pos, tile_start, seq_len, kv_end, table, k_base, v_base, scale_log2,
-            stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, True, IEEE,
+            acc, m_i, l_i, q, q_pos, tile_start, seq_len, kv_end, table, k_base, v_base, qk_scale, cap_log2,
+            slopes, sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, True,
+            IEEE, SOFTCAP, ALIBI, WINDOW,
         )  # fmt: skip
 
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -251,8 +284,12 @@ def paged_prefill_attention(
     *,
     out: torch.Tensor | None = None,
     config: PrefillConfig | None = None,
+    sliding_window: int = 0,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton varlen causal attention over the paged cache, for any mix of prefill chunks and decodes.
+    ``sliding_window``, ``softcap`` and ``alibi_slopes`` as in the reference (kernels/attention_common.py).
 
     The grid is sized from ``T`` and ``B`` (shapes), so it needs no host copy of the lengths either.
     """
@@ -269,7 +306,7 @@ def paged_prefill_attention(
     grid = (num_tokens // block_q + batch, num_kv_heads)
     _prefill_kernel[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, batch,
+        *score_params(scale, softcap), alibi_slopes if alibi_slopes is not None else q, sliding_window, batch,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -281,6 +318,9 @@ def paged_prefill_attention(
         BLOCK_SIZE=block_size,
         TILE_N=config.tile_n,
         IEEE=k_cache.dtype == torch.float32,
+        SOFTCAP=softcap > 0,
+        ALIBI=alibi_slopes is not None,
+        WINDOW=sliding_window > 0,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip

@@ -35,14 +35,24 @@ class PagedAttention(nn.Module):
         self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: RotaryEmbedding,
         q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None, *,
         attention_backend: str = "auto", kernel_backend: str = "auto",
+        scale: float | None = None, sliding_window: int = 0, softcap: float = 0.0,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> None:
+        """``scale``: default ``head_dim ** -0.5``; ``sliding_window`` (0: full causal), ``softcap`` (0: none) and
+        ``alibi_slopes`` (``[num_heads]``) are this layer's attention features (kernels/attention_common.py)."""
         super().__init__()
         self.attention_backend = check_backend(attention_backend, "attention backend")
         self.kernel_backend = check_backend(kernel_backend)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.sliding_window = sliding_window
+        self.softcap = softcap
+        if alibi_slopes is not None:
+            self.register_buffer("alibi_slopes", alibi_slopes.float(), persistent=False)
+        else:
+            self.alibi_slopes = None
         self.rotary = rotary
         self.q_norm = q_norm
         self.k_norm = k_norm
@@ -53,6 +63,7 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """``q`` ``[T, Hq, D]``, ``k``/``v`` ``[T, Hk, D]``; ``kv_cache`` ``[2, num_blocks, block_size, Hk, D]``."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
+        positions = self.rotary.table_positions(positions, meta.seq_lens, meta.query_start_loc)
         q = attention_prep(
             positions, q, k, v, self.rotary.cos_sin_cache, k_cache, v_cache, meta.slot_mapping,
             self.q_norm.weight if self.q_norm is not None else None,
@@ -62,5 +73,6 @@ class PagedAttention(nn.Module):
         )
         out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                               self.scale, max_query_len=meta.max_query_len, backend=self.attention_backend,
-                              decode_order=meta.decode_order)  # fmt: skip
+                              decode_order=meta.decode_order, sliding_window=self.sliding_window,
+                              softcap=self.softcap, alibi_slopes=self.alibi_slopes)  # fmt: skip
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -20,3 +20,16 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return rms_norm(x, self.weight, self.eps, residual, backend=self.backend)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and (optional) bias, computed in float32 as HF's fp32 path computes it."""
+
+    def __init__(self, hidden_size: int, eps: float, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)

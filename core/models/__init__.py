@@ -1,10 +1,5 @@
-"""Model registry: HF architecture name -> implementation."""
+"""Model families, one file each; core/models/registry.py maps HF architecture names to them."""
 
-from core.config import SUPPORTED_ARCHITECTURES, ModelConfig
-from core.models.llama import LlamaForCausalLM
+from core.models.registry import model_class, read_config, supported_architectures
 
-_REGISTRY = {arch: LlamaForCausalLM for arch in SUPPORTED_ARCHITECTURES}
-
-
-def model_class(cfg: ModelConfig) -> type[LlamaForCausalLM]:
-    return _REGISTRY[cfg.architecture]
+__all__ = ["model_class", "read_config", "supported_architectures"]

@@ -9,22 +9,35 @@ construction and handed to every layer, which passes them to the kernels it call
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from core.config import ModelConfig
+from core.config import ModelConfig, common_fields
 from core.layers.attention import AttentionMetadata, PagedAttention
 from core.layers.linear import Embedding, Linear
 from core.layers.norm import RMSNorm
 from core.layers.rotary import RotaryEmbedding
+from core.models import weights as weight_utils
 from kernels.activation import silu_and_mul
 from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
 
 
+def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:
+    """Llama, Mistral (``sliding_window`` on every layer), Qwen2 (qkv bias; ``use_sliding_window`` from
+    ``max_window_layers`` on), Qwen3 (q/k norm)."""
+    fields = common_fields(d, architecture)
+    if architecture == "Qwen2ForCausalLM":
+        fields["qkv_bias"] = True
+    fields["qk_norm"] = architecture == "Qwen3ForCausalLM"
+    return ModelConfig(**fields)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str,
+                 sliding_window: int = 0) -> None:  # fmt: skip
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
@@ -38,7 +51,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary, self.q_norm, self.k_norm,
-                                   attention_backend=attention_backend, kernel_backend=kernel_backend)  # fmt: skip
+                                   attention_backend=attention_backend, kernel_backend=kernel_backend,
+                                   sliding_window=sliding_window)  # fmt: skip
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
@@ -63,9 +77,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str,
+                 layer: int = 0) -> None:  # fmt: skip
         super().__init__()
-        self.self_attn = Attention(cfg, rotary, attention_backend, kernel_backend)
+        self.self_attn = Attention(cfg, rotary, attention_backend, kernel_backend, cfg.layer_window(layer))
         self.mlp = MLP(cfg, kernel_backend)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend=kernel_backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend=kernel_backend)
@@ -93,9 +108,10 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         # One cos/sin table for all layers (Llama 3.1's 128k positions take 64 MB).
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        rotary_dim = cfg.extra.get("rotary_dim", cfg.head_dim)  # Phi-3's partial rotary
+        rotary = RotaryEmbedding(rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, rotary, attention_backend, kernel_backend) for _ in range(cfg.num_layers)
+            DecoderLayer(cfg, rotary, attention_backend, kernel_backend, i) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend=kernel_backend)
 
@@ -143,49 +159,19 @@ class LlamaForCausalLM(nn.Module):
             "mlp.up_proj": ("mlp.gate_up_proj", inter, inter),
         }
 
+    def _place(self, name: str, tensor: torch.Tensor):
+        if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+            return []
+        for hf, (ours, offset, _) in self._param_slices().items():
+            if f".{hf}." in name:
+                return [(name.replace(f".{hf}.", f".{ours}."), offset, tensor)]
+        return [(name, None, tensor)]
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into our parameters; returns the names of the parameters that were filled, and
         raises if any parameter was left empty."""
-        params = dict(self.named_parameters())
-        slices = self._param_slices()
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            target = name
-            rows = None
-            for hf, (ours, offset, count) in slices.items():
-                if f".{hf}." in name:
-                    target = name.replace(f".{hf}.", f".{ours}.")
-                    rows = (offset, count)
-                    break
-            if target not in params:
-                raise ValueError(f"Checkpoint tensor '{name}' has no place in {self.config.architecture}.")
-            param = params[target]
-            dest = param.data if rows is None else param.data[rows[0] : rows[0] + rows[1]]
-            if dest.shape != tensor.shape:
-                raise ValueError(f"Shape mismatch for '{name}': checkpoint {tuple(tensor.shape)}, "
-                                 f"model {tuple(dest.shape)}.")
-            dest.copy_(tensor)
-            loaded.add(target if rows is None else f"{target}[{rows[0]}]")
-        expected = set()
-        for pname in params:
-            offsets = [off for ours, off, _ in slices.values() if f".{ours}." in pname]
-            expected.update(f"{pname}[{off}]" for off in offsets) if offsets else expected.add(pname)
-        missing = expected - loaded
-        if missing:
-            raise ValueError(f"Checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:5]}.")
-        return loaded
+        return weight_utils.load_weights(self, weights, self._place, self.config.architecture)
 
     def init_dummy_weights(self, seed: int = 0) -> None:
         """Random weights for benchmarks (speed does not depend on values): small uniform, norms at one."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                param.data.fill_(1.0)
-            elif param.device.type == "cpu":
-                param.data.copy_(torch.empty(param.shape).uniform_(-1e-3, 1e-3, generator=gen))
-            else:  # draw on the GPU: fast for 8B models
-                param.data.uniform_(-1e-3, 1e-3)
+        weight_utils.init_dummy_weights(self, seed)

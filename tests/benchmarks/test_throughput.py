@@ -41,3 +41,17 @@ def test_pagedserve_and_hf_backends_generate_every_requested_token(tmp_path, cap
     # the first request computes the 2048-token prefix, the other two find its 128 blocks in the cache
     assert records[0]["runs"][0]["prefix_cache_hit_rate"] == 2 * 2048 / (3 * 2112)
     assert "median output throughput" in capsys.readouterr().out
+
+
+def test_gemma2_dummy_w2_smoke(tmp_path):
+    """The Gemma-2-9B benchmark's path (config only, dummy weights, W2's requests) on a tiny Gemma 2 config: sliding
+    window and soft-capping layers run and every requested token comes out."""
+    model = tmp_path / "gemma2-10k-vocab"
+    model.mkdir()
+    config = hf_config("gemma2", vocab_size=10240, max_position_embeddings=4096, sliding_window=256).to_dict()
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2ForCausalLM"]}))
+    out = tmp_path / "results.jsonl"
+    assert main(["--workload", "W2", "--model", str(model), "--load-format", "dummy", "--num-prompts", "1",
+                 "--runs", "1", "--max-model-len", "2048", "--disable-tqdm", "--json", str(out)]) == 0
+    record = json.loads(out.read_text().splitlines()[0])
+    assert record["runs"][0]["output_tokens"] == make_workload("W2", 1).max_tokens[0]

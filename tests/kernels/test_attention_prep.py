@@ -102,3 +102,32 @@ def test_gpu_attention_prep_bf16(hq, hk, with_norm):
     out = attention_prep(positions, q, k, v, cache, kv[0], kv[1], slots, *(w or (None, None)))
     assert_close(out, ref_q, TOLERANCE[torch.bfloat16], "q")
     assert_close(kv, kv64, TOLERANCE[torch.bfloat16], "cache")
+
+
+@pytest.mark.parametrize("head_dim, rotary_dim", [(64, 16), (32, 24), (80, 20)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_prep_partial_rotary(head_dim, rotary_dim, dtype):
+    """GPT-NeoX / Phi partial rotary: the first rotary_dim dims rotate, the rest of q and k pass through unchanged."""
+    positions, q, k, v, _, kv, slots, _ = _case(19, 4, 2, head_dim, 16, dtype, KERNEL_DEVICE, rotary_dim, False)
+    cache = llama3_cos_sin_cache(rotary_dim, 2048).to(KERNEL_DEVICE)
+    kv64 = kv.double()
+    q_in = q.clone()
+    ref_q = attention_prep_ref(positions, q.double(), k.double(), v.double(), cache.double(), kv64[0], kv64[1], slots)
+    assert torch.equal(ref_q[..., rotary_dim:], q_in[..., rotary_dim:].double())
+    attention_prep_triton(positions, q, k, v, cache, kv[0], kv[1], slots)
+    assert_close(q, ref_q, TOLERANCE[dtype], "q")
+    assert_close(kv, kv64, TOLERANCE[dtype], "cache")
+
+
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_attention_prep_without_rotary(head_dim):
+    """GPT-2 / Falcon-ALiBi: an empty cos/sin table; q passes through, k and v only go to the cache."""
+    positions, q, k, v, _, kv, slots, _ = _case(7, 4, 1, head_dim, 16, torch.float32, KERNEL_DEVICE, 2, False)
+    cache = torch.empty(2048, 0, device=KERNEL_DEVICE)
+    kv64 = kv.double()
+    q_in = q.clone()
+    ref_q = attention_prep_ref(positions, q.double(), k.double(), v.double(), cache.double(), kv64[0], kv64[1], slots)
+    attention_prep_triton(positions, q, k, v, cache, kv[0], kv[1], slots)
+    assert torch.equal(q, q_in)
+    assert_close(q, ref_q, TOLERANCE[torch.float32], "q")
+    assert_close(kv, kv64, TOLERANCE[torch.float32], "cache")
