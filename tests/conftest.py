@@ -1,6 +1,11 @@
 import os
 
-import torch
+# One torch thread per process: the suite runs on 2-core CI machines where the test process, a server's API process
+# and its engine process compete for the cores, and oversubscribed OpenMP pools make the tiny-model tests many times
+# slower. Set before torch is imported, so the server subprocesses the tests start inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run in the interpreter. Triton reads this when a kernel is decorated, so it must be
 # set before any test module imports kernels/.
