@@ -128,3 +128,22 @@ def test_gpu_fused_moe_cuda_graph_replays_new_routing():
         logits.copy_(torch.randn(tokens, experts, generator=g))
         graph.replay()
         torch.testing.assert_close(out, fused_moe(x, w13, w2, logits, top_k, True))
+
+
+def test_config_table_nearest_token_count(monkeypatch, tmp_path):
+    """Tuned entries (tune_fused_moe.py's JSON) win over the defaults, at the nearest tuned token count."""
+    import json
+
+    import kernels.fused_moe as fm
+
+    table = {"configs": {fm.shape_key(8, 64, 32, torch.float16): {"16": dict(SMALL, BLOCK_M=32), "1024": SMALL}}}
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(fm, "CONFIG_FILE", path)
+    fm._tuned_table.cache_clear()
+    try:
+        assert fm.get_config(20, 8, 64, 32, torch.float16)["BLOCK_M"] == 32
+        assert fm.get_config(900, 8, 64, 32, torch.float16) == SMALL
+        assert fm.get_config(20, 8, 64, 32, torch.float32) == default_config(20, 8)  # untuned shape
+    finally:
+        fm._tuned_table.cache_clear()
