@@ -98,6 +98,15 @@ FAMILY_CONFIGS = {
     "falcon_seq": _falcon(new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True),
     "falcon_alibi": _falcon(new_decoder_architecture=False, multi_query=False, parallel_attn=False, bias=True,
                             alibi=True),
+    # issue 12, mixtures of experts
+    "mixtral": lambda t, c: t.MixtralConfig(**{**c, "intermediate_size": 32}, num_local_experts=4,
+                                            num_experts_per_tok=2, tie_word_embeddings=False),
+    "qwen2_moe": lambda t, c: t.Qwen2MoeConfig(**c, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                               shared_expert_intermediate_size=48, norm_topk_prob=False,
+                                               mlp_only_layers=[0], tie_word_embeddings=True),
+    "qwen3_moe": lambda t, c: t.Qwen3MoeConfig(**c, head_dim=32, num_experts=8, num_experts_per_tok=3,
+                                               moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2,
+                                               tie_word_embeddings=False),
 }
 
 

@@ -55,3 +55,17 @@ def test_gemma2_dummy_w2_smoke(tmp_path):
                  "--runs", "1", "--max-model-len", "2048", "--disable-tqdm", "--json", str(out)]) == 0
     record = json.loads(out.read_text().splitlines()[0])
     assert record["runs"][0]["output_tokens"] == make_workload("W2", 1).max_tokens[0]
+
+
+def test_moe_dummy_w1_smoke(tmp_path):
+    """W7's path (Qwen3-30B-A3B: config only, dummy weights, W1's requests) on a tiny Qwen3-MoE config."""
+    model = tmp_path / "qwen3-moe-10k-vocab"
+    model.mkdir()
+    config = hf_config("qwen3_moe", vocab_size=10240, max_position_embeddings=4096, num_hidden_layers=1,
+                       decoder_sparse_step=1).to_dict()  # one sparse layer: fast on CPU
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3MoeForCausalLM"]}))
+    out = tmp_path / "results.jsonl"
+    assert main(["--workload", "W1", "--model", str(model), "--load-format", "dummy", "--num-prompts", "1",
+                 "--runs", "1", "--max-model-len", "2048", "--disable-tqdm", "--json", str(out)]) == 0
+    record = json.loads(out.read_text().splitlines()[0])
+    assert record["runs"][0]["output_tokens"] == make_workload("W1", 1).max_tokens[0]

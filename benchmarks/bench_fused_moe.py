@@ -1,0 +1,175 @@
+"""Micro-benchmark of the fused MoE kernel (kernels/fused_moe.py) at the W7 models' shapes: decode (64, 256 tokens)
+and prefill (8192 tokens), each against what it must read (the weights of the experts the batch touches, plus the
+activations) and the FLOPs it does, with a correctness check against the per-expert torch loop at every shape.
+
+    python -m benchmarks.bench_fused_moe              # Qwen3-30B-A3B and Mixtral-8x7B shapes, bf16 (CUDA)
+    python -m benchmarks.bench_fused_moe --smoke      # tiny shapes: checks the script itself, also on CPU (interpreter)
+
+Columns: ms (median of ``triton.testing.do_bench``, eager launches; ``graph ms``: the same call replayed from a CUDA
+graph, as decode runs in the engine), GB/s and % of ``--peak-gbps`` (H200 HBM3e: 4800 by default), TFLOP/s and % of
+``--peak-tflops`` (H200 dense bf16: 989 by default). Decode shapes should be judged on bandwidth, prefill on FLOPs.
+Launch configs come from kernels/fused_moe_configs.json (filled by benchmarks/tune_fused_moe.py) or the untuned defaults.
+Exit status 0 when every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
+    import torch
+
+    if not torch.cuda.is_available():  # must be set before kernels/ is imported
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from kernels.fused_moe import fused_moe, fused_moe_ref, fused_moe_triton, fused_topk, get_config  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    name: str
+    num_experts: int
+    hidden: int
+    inter: int
+    top_k: int
+
+
+SHAPES = [MoeShape("qwen3-30b-a3b", 128, 2048, 768, 8), MoeShape("mixtral-8x7b", 8, 4096, 14336, 2)]
+TOKENS = [64, 256, 8192]
+SMOKE_SHAPES = [MoeShape("smoke", 4, 64, 32, 2)]
+SMOKE_TOKENS = [4, 40]
+
+
+@dataclass
+class MoeProblem:
+    x: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+    logits: torch.Tensor
+    topk_weights: torch.Tensor
+    topk_ids: torch.Tensor
+
+    def bytes_and_flops(self) -> tuple[int, int]:
+        """Bytes the kernel must move at least (weights of the touched experts once, x in, the gate|up and activation
+        intermediates written and read once, the per-pair down rows, the output) and its FLOPs (2 per MAC)."""
+        tokens, hidden = self.x.shape
+        num_experts, two_inter, _ = self.w13.shape
+        pairs = self.topk_ids.numel()
+        touched = int(torch.unique(self.topk_ids).numel())
+        elt = self.x.element_size()
+        weights = touched * (two_inter * hidden + hidden * two_inter // 2) * elt
+        activations = (2 * tokens * hidden + 2 * pairs * two_inter + 2 * pairs * two_inter // 2 + 2 * pairs * hidden) * elt
+        flops = 2 * pairs * (two_inter * hidden + hidden * two_inter // 2)
+        return weights + activations, flops
+
+
+def make_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int = 0) -> MoeProblem:
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*size: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen) * scale).to(dtype).to(DEVICE)
+
+    logits = torch.randn(tokens, shape.num_experts, generator=gen).to(DEVICE)
+    weights, ids = fused_topk(logits, shape.top_k, renormalize=True)
+    return MoeProblem(
+        x=rand(tokens, shape.hidden),
+        w13=rand(shape.num_experts, 2 * shape.inter, shape.hidden, scale=shape.hidden**-0.5),
+        w2=rand(shape.num_experts, shape.hidden, shape.inter, scale=shape.inter**-0.5),
+        logits=logits, topk_weights=weights, topk_ids=ids,
+    )  # fmt: skip
+
+
+def bench_ms(fn) -> float:
+    if DEVICE == "cpu":  # --smoke without a GPU: one interpreted run, wall clock
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def graph_ms(fn) -> float | None:
+    """The call captured in a CUDA graph and replayed (None on CPU): also proves it captures (no host sync)."""
+    if DEVICE != "cuda":
+        return None
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def check_problem(p: MoeProblem, config: dict[str, int] | None = None) -> float:
+    """Relative error of the Triton path against the float32 per-expert loop."""
+    out = fused_moe_triton(p.x, p.w13, p.w2, p.topk_weights, p.topk_ids, config=config)
+    ref = fused_moe_ref(p.x.float(), p.w13.float(), p.w2.float(), p.topk_weights, p.topk_ids)
+    return relative_error(out, ref)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU: interpreter)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 64 256 8192)")
+    parser.add_argument("--models", nargs="+", default=None, help="shape names (default: all)")
+    parser.add_argument("--peak-gbps", type=float, default=4800.0)
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    opts = parser.parse_args(argv)
+    if DEVICE != "cuda" and not opts.smoke:
+        print("bench_fused_moe needs a CUDA GPU; --smoke runs on CPU (interpreter)", file=sys.stderr)
+        return 2
+    shapes = SMOKE_SHAPES if opts.smoke else [s for s in SHAPES if not opts.models or s.name in opts.models]
+    token_counts = opts.tokens or (SMOKE_TOKENS if opts.smoke else TOKENS)
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    if DEVICE == "cpu":
+        print(f"# CPU smoke run (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}): timings are meaningless")
+    print("model  tokens  experts_touched  config  ms  graph_ms  GB/s  %bw  TFLOP/s  %flops  check")
+    failures = []
+    for shape in shapes:
+        for tokens in token_counts:
+            p = make_problem(shape, tokens, dtype, seed=tokens)
+            config = get_config(tokens, shape.num_experts, shape.hidden, shape.inter, dtype)
+            err = check_problem(p)
+            ok = err <= tol
+            if not ok:
+                failures.append(f"{shape.name} T={tokens}: relative error {err:.2e} > {tol:.0e}")
+
+            def call() -> torch.Tensor:
+                return fused_moe(p.x, p.w13, p.w2, p.logits, shape.top_k, True)
+
+            ms = bench_ms(call)
+            g_ms = graph_ms(call)
+            nbytes, flops = p.bytes_and_flops()
+            best = g_ms if g_ms is not None else ms
+            gbps, tflops = nbytes / best / 1e6, flops / best / 1e9
+            cfg = f"M{config['BLOCK_M']}N{config['BLOCK_N']}K{config['BLOCK_K']}G{config['GROUP_M']}" \
+                  f"w{config['num_warps']}s{config['num_stages']}"  # fmt: skip
+            print(f"{shape.name}  {tokens}  {int(torch.unique(p.topk_ids).numel())}  {cfg}  {ms:.3f}  "
+                  f"{'-' if g_ms is None else f'{g_ms:.3f}'}  {gbps:.0f}  {100 * gbps / opts.peak_gbps:.0f}%  "
+                  f"{tflops:.1f}  {100 * tflops / opts.peak_tflops:.0f}%  {err:.1e} {'ok' if ok else 'FAIL'}")
+            sys.stdout.flush()
+    if failures:
+        print("# FAILED: " + "; ".join(failures))
+        return 1
+    print("# all correctness checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

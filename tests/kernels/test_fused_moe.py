@@ -1,0 +1,149 @@
+"""Fused MoE: the Triton path (interpreter on CPU) against the per-expert torch loop, in float64, for random routings
+and the corner cases (an expert with no token, all tokens on one expert, top-k = number of experts); the align step
+and the routing on their own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.fused_moe import (default_config, fused_moe, fused_moe_ref, fused_moe_triton, fused_topk,
+                               moe_align_block_size)  # fmt: skip
+from tests.kernels.kernel_testing import KERNEL_DEVICE, TOLERANCE, assert_close
+
+SMALL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
+
+
+def _problem(tokens, experts, hidden, inter, top_k, dtype, seed, routing="random"):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5
+    w2 = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
+    logits = torch.randn(tokens, experts, generator=gen)
+    if routing == "one_expert":  # every token's top choice is expert 2
+        logits[:, 2] += 100.0
+    elif routing == "skip_expert":  # expert 0 never chosen
+        logits[:, 0] = -100.0
+    weights, ids = fused_topk(logits, top_k, renormalize=True)
+    to = lambda t: t.to(dtype).to(KERNEL_DEVICE)  # noqa: E731
+    return to(x), to(w13), to(w2), weights.to(KERNEL_DEVICE), ids.to(KERNEL_DEVICE)
+
+
+CASES = [
+    # tokens, experts, hidden, inter, top_k, routing
+    (7, 4, 64, 32, 2, "random"),
+    (33, 8, 48, 40, 2, "skip_expert"),  # ragged K and N, an empty expert
+    (20, 4, 32, 32, 1, "one_expert"),  # all tokens on one expert
+    (9, 4, 32, 48, 4, "random"),  # top-k = number of experts
+    (1, 8, 64, 32, 3, "random"),  # decode of one token
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}E{c[1]}H{c[2]}I{c[3]}k{c[4]}-{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_moe_triton_matches_reference(case, dtype):
+    tokens, experts, hidden, inter, top_k, routing = case
+    x, w13, w2, weights, ids = _problem(tokens, experts, hidden, inter, top_k, dtype, seed=tokens, routing=routing)
+    if routing == "skip_expert":
+        assert not (ids == 0).any()
+    if routing == "one_expert":
+        assert (ids[:, 0] == 2).all()
+    out = fused_moe_triton(x, w13, w2, weights, ids, config=SMALL)
+    assert out.shape == (tokens, hidden) and out.dtype == dtype
+    ref = fused_moe_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
+    assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe")
+
+
+def test_fused_moe_default_config_matches_reference():
+    x, w13, w2, weights, ids = _problem(70, 8, 64, 64, 2, torch.float32, seed=1)
+    out = fused_moe_triton(x, w13, w2, weights, ids, config=default_config(70, 8))
+    assert_close(out, fused_moe_ref(x.double(), w13.double(), w2.double(), weights.double(), ids), 1e-4, "fused_moe")
+
+
+def test_align_block_size_sorts_and_pads_per_expert():
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2]], dtype=torch.int32)  # expert 3 gets 3 pairs, 0 gets 2
+    sorted_ids, block_experts, num_padded = moe_align_block_size(ids, num_experts=5, block_m=4)
+    pairs = ids.numel()
+    assert sorted_ids.shape == (pairs + 5 * 3,)
+    assert int(num_padded) == 4 * 4  # experts 0, 1, 2, 3 each one padded block; 4 none
+    flat = ids.flatten()
+    for block in range(4):
+        run = sorted_ids[block * 4 : (block + 1) * 4]
+        real = run[run < pairs]
+        assert (flat[real.long()] == block_experts[block]).all()
+        assert real.tolist() == sorted(real.tolist())  # stable: token order kept within an expert
+    assert block_experts[:4].tolist() == [0, 1, 2, 3]
+    assert sorted(sorted_ids[sorted_ids < pairs].tolist()) == list(range(pairs))  # every pair exactly once
+    assert (sorted_ids[16:] == pairs).all()
+
+
+def test_topk_renormalisation_matches_softmax_of_topk_logits():
+    """Mixtral's softmax over the top-k logits = softmax over all, top-k, renormalised."""
+    logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    weights, ids = fused_topk(logits, 2, renormalize=True)
+    expected = torch.softmax(logits.gather(1, ids.long()), dim=-1)
+    torch.testing.assert_close(weights, expected)
+    raw, _ = fused_topk(logits, 2, renormalize=False)
+    torch.testing.assert_close(raw, torch.softmax(logits, -1).gather(1, ids.long()))
+
+
+def test_dispatcher_on_cpu_takes_reference():
+    x, w13, w2, _, _ = _problem(5, 4, 32, 16, 2, torch.float32, seed=3)
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(4))
+    weights, ids = fused_topk(logits, 2, True)
+    out = fused_moe(x.cpu(), w13.cpu(), w2.cpu(), logits, 2, True)
+    torch.testing.assert_close(out, fused_moe_ref(x.cpu(), w13.cpu(), w2.cpu(), weights, ids))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [64, 256, 8192])
+def test_gpu_fused_moe_qwen3_30b_shape_bf16(tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    experts, hidden, inter, top_k = 128, 2048, 768, 8
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(torch.bfloat16).cuda()
+    w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(torch.bfloat16).cuda()
+    weights, ids = fused_topk(torch.randn(tokens, experts, generator=gen).cuda(), top_k, True)
+    out = fused_moe_triton(x, w13, w2, weights, ids)
+    ref = fused_moe_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
+    assert_close(out, ref, TOLERANCE[torch.bfloat16], "fused_moe")
+
+
+@pytest.mark.gpu
+def test_gpu_fused_moe_cuda_graph_replays_new_routing():
+    """Captured once, replayed with other inputs and routings: no host sync inside, same answers as eager."""
+    gen = torch.Generator().manual_seed(0)
+    tokens, experts, hidden, inter, top_k = 64, 8, 256, 128, 2
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / 16).to(torch.bfloat16).cuda()
+    w2 = (torch.randn(experts, hidden, inter, generator=gen) / 12).to(torch.bfloat16).cuda()
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
+    logits = torch.randn(tokens, experts, generator=gen).cuda()
+    fused_moe(x, w13, w2, logits, top_k, True)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, w13, w2, logits, top_k, True)
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        x.copy_(torch.randn(tokens, hidden, generator=g).to(torch.bfloat16))
+        logits.copy_(torch.randn(tokens, experts, generator=g))
+        graph.replay()
+        torch.testing.assert_close(out, fused_moe(x, w13, w2, logits, top_k, True))
+
+
+def test_config_table_nearest_token_count(monkeypatch, tmp_path):
+    """Tuned entries (tune_fused_moe.py's JSON) win over the defaults, at the nearest tuned token count."""
+    import json
+
+    import kernels.fused_moe as fm
+
+    table = {"configs": {fm.shape_key(8, 64, 32, torch.float16): {"16": dict(SMALL, BLOCK_M=32), "1024": SMALL}}}
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(fm, "CONFIG_FILE", path)
+    fm._tuned_table.cache_clear()
+    try:
+        assert fm.get_config(20, 8, 64, 32, torch.float16)["BLOCK_M"] == 32
+        assert fm.get_config(900, 8, 64, 32, torch.float16) == SMALL
+        assert fm.get_config(20, 8, 64, 32, torch.float32) == default_config(20, 8)  # untuned shape
+    finally:
+        fm._tuned_table.cache_clear()
