@@ -247,6 +247,19 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], seq.block_hashes[i])
         self._num_cached[seq.key] = num_full
 
+    def trim(self, seq: "Sequence", num_tokens: int) -> None:
+        """Keep only the blocks that ``num_tokens`` tokens need (speculative decoding: rejected drafts' slots go
+        back, tail first). The freed blocks held only draft positions, so none of them is in the prefix cache."""
+        blocks = self.seq_blocks.get(seq.key)
+        if not blocks:
+            return
+        keep = -(-num_tokens // self.block_size)
+        if keep < len(blocks):
+            tail = blocks[keep:]
+            del blocks[keep:]
+            self._num_cached[seq.key] = min(self._num_cached.get(seq.key, 0), keep)
+            self.pool.free_blocks(reversed(tail))
+
     def free(self, seq: "Sequence") -> None:
         """Return a sequence's blocks, tail first, so a chain's tail is evicted before its head."""
         blocks = self.seq_blocks.pop(seq.key, None)

@@ -29,6 +29,7 @@ from core.sequence import Sequence
 from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
 from core.scheduler import ScheduledSeq, SchedulerOutput
+from core.spec_decode.verifier import VerifiedStep, verify_step
 from ipc.messages import EngineConfig, Logprobs
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class RunnerOutput:
     sampled_token_ids: list[int]  # one per sampling sequence, in batch order
     logprobs: list[Logprobs | None]  # one per sampling sequence
     prompt_logprobs: dict[tuple[str, int], tuple[int, Logprobs]]  # key -> (first prompt token index, rows)
+    # Speculative steps: every token each sampling sequence emits (accepted drafts, then one sampled token);
+    # ``sampled_token_ids`` is empty then.
+    emitted_token_ids: list[list[int]] | None = None
 
 
 @dataclass
@@ -51,8 +55,12 @@ class StepHandle:
     host_tokens: torch.Tensor | None  # pinned copy of the sampled ids (CUDA)
     event: torch.cuda.Event | None
     prompt_logprobs: dict[tuple[str, int], tuple[int, Logprobs]]
+    verified: VerifiedStep | None = None  # a speculative step's results (``sampled`` is None then)
 
     def result(self) -> RunnerOutput:
+        if self.verified is not None:
+            emitted, logprobs = self.verified.result()
+            return RunnerOutput([], logprobs, self.prompt_logprobs, emitted)
         if self.sampled is None:
             return RunnerOutput([], [], self.prompt_logprobs)
         if self.event is not None:
@@ -104,6 +112,7 @@ class ModelRunner:
         self.num_kv_blocks = 0
         self.graphs: DecodeGraphs | None = None
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        self.draft = None  # the draft-model proposer (speculative_config method draft_model)
 
     # ------------------------------------------------------------------------------------------------ setup
     def _load_model(self) -> torch.nn.Module:
@@ -232,7 +241,10 @@ class ModelRunner:
         for s in seqs:
             known = s.seq.all_token_ids
             end = s.start + s.num_tokens
-            if end > len(known):  # the last input token is in flight
+            if s.spec_token_ids:  # the last known token, then the drafts to verify
+                token_ids.extend(known[s.start :])
+                token_ids.extend(s.spec_token_ids)
+            elif end > len(known):  # the last input token is in flight
                 fill_dst.append(len(token_ids) + s.num_tokens - 1)
                 fill_src.append(prev.sample_index[s.seq.key])
                 token_ids.extend(known[s.start : end - 1])
@@ -245,6 +257,7 @@ class ModelRunner:
         sampling = [i for i, s in enumerate(seqs) if s.samples]
         sampling_seqs = [seqs[i].seq for i in sampling]
         decode_only = num_tokens == len(seqs) and len(sampling) == len(seqs)
+        speculative = any(s.spec_token_ids for s in seqs)
 
         bucket = self.graphs.bucket(len(seqs)) if self.graphs is not None and decode_only else None
         meta = self.inputs.stage(np.asarray(token_ids, dtype=np.int64), starts, nums,
@@ -259,15 +272,23 @@ class ModelRunner:
         else:
             prompt_lp = self._prompt_logprob_rows(seqs)
             sample_rows = self.inputs.host.qsl_np[1:][sampling].astype(np.int64) - 1
+            if speculative:  # every verified position's logits: 1 + len(drafts) rows per sampling sequence
+                sample_rows = np.concatenate([np.arange(end - len(seqs[i].spec_token_ids), end + 1)
+                                              for i, end in zip(sampling, sample_rows)])
             rows_np = np.concatenate([r for _, r, _, _ in prompt_lp] + [sample_rows])
             hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
                                 self.kv_caches, meta)
             logits = self.model.compute_logits(hidden[to_device(rows_np, torch.int64, self.device)])
-        num_prompt_rows = logits.shape[0] - len(sampling)
+        num_prompt_rows = sum(len(r) for _, r, _, _ in prompt_lp)
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         if not sampling_seqs:
             return StepHandle([], {}, None, None, None, prompt_logprobs)
         output_indices = [seqs[i].output_index for i in sampling]
+        if speculative:
+            verified = verify_step(self.sampler, logits[num_prompt_rows:], sampling_seqs,
+                                   [seqs[i].spec_token_ids for i in sampling], output_indices, self.vocab_size,
+                                   self._step_keys.getrandbits(32))
+            return StepHandle(sampling_seqs, {}, None, None, None, prompt_logprobs, verified)
         batch = build_sampling_batch(sampling_seqs, self.vocab_size, self.device, output_indices,
                                      self._step_keys.getrandbits(32))
         sampled = self.sampler(logits[num_prompt_rows:], batch)
