@@ -76,6 +76,13 @@ class Metrics:
             "vllm:request_generation_tokens", "Number of generation tokens processed.", token_buckets)
         self._success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                 labels + ["finished_reason"], registry=reg)
+        self.spec_num_drafts = counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.")
+        self.spec_num_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.")
+        self.spec_num_accepted_tokens = counter("vllm:spec_decode_num_accepted_tokens",
+                                                "Number of accepted tokens.")
+        self._spec_accepted_per_pos = Counter(
+            "vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted tokens per draft position.",
+            labels + ["position"], registry=reg)
         self._label_values = values
         for reason in ("stop", "length", "abort"):
             self._success.labels(*values, reason)  # export zeros so dashboards see the series from the start
@@ -90,6 +97,12 @@ class Metrics:
             self.prefix_cache_queries.inc(stats.prefix_cache_queries)
         if stats.prefix_cache_hits:
             self.prefix_cache_hits.inc(stats.prefix_cache_hits)
+        if stats.spec_num_drafts:
+            self.spec_num_drafts.inc(stats.spec_num_drafts)
+            self.spec_num_draft_tokens.inc(stats.spec_num_draft_tokens)
+            self.spec_num_accepted_tokens.inc(stats.spec_num_accepted_tokens)
+            for position, accepted in enumerate(stats.spec_num_accepted_tokens_per_pos):
+                self._spec_accepted_per_pos.labels(*self._label_values, str(position)).inc(accepted)
 
     def record_first_token(self, ttft_s: float, num_prompt_tokens: int) -> None:
         self.ttft.observe(ttft_s)
