@@ -97,7 +97,7 @@ def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
         except msgspec.DecodeError as exc:
             raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"speculative_config must be a JSON object, got {value!r}.")
+        raise TypeError(f"speculative_config must be a JSON object, got {value!r}.")
     try:
         return msgspec.convert(value, SpeculativeConfig)
     except msgspec.ValidationError as exc:
