@@ -37,5 +37,6 @@ def make_proposer(spec: SpeculativeConfig, runner: "ModelRunner") -> Proposer:
     if spec.method == "ngram":
         return NgramSequenceProposer(spec, runner.max_num_seqs, runner.max_model_len)
     if runner.draft is None:
-        raise ValueError(f"speculative_config method {spec.method!r} needs the runner's draft model.")
+        raise ValueError(f"speculative_config method {spec.method!r} (draft model {spec.model!r}) is not supported "
+                         f"yet: use method ngram.")
     return runner.draft
