@@ -14,6 +14,7 @@ from core.kv_cache import KVCacheManager
 from core.model_runner import ModelRunner, RunnerOutput, StepHandle
 from core.sequence import Sequence, SequenceStatus
 from core.scheduler import Scheduler, SchedulerOutput
+from core.spec_decode.draft_model import DraftModelProposer
 from core.spec_decode.metrics import SpecDecodeMetrics
 from core.spec_decode.proposer import make_proposer
 from ipc.messages import (
@@ -201,9 +202,24 @@ class EngineCore:
                 proposing.append(seq)
             outputs.append(out)
         if proposing:
-            for seq, drafts in zip(proposing, self.proposer.propose(proposing)):
+            for seq, drafts in zip(proposing, self._propose(proposing)):
                 seq.spec_token_ids = drafts
         return outputs
+
+    def _propose(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Drafts for the sequences that just sampled. A draft model writes KV at the drafts' positions, so their
+        slots (the 1 + k the verify step needs) are reserved first: fewer drafts when blocks are short, never a
+        preemption, and none past max_tokens / max_model_len."""
+        if not isinstance(self.proposer, DraftModelProposer):
+            return self.proposer.propose(seqs)
+        k = self.config.speculative_config.num_speculative_tokens
+        num_drafts = []
+        for seq in seqs:
+            n = min(k, seq.max_total_tokens - seq.num_tokens - 1)
+            while n > 0 and not self.kv.reserve(seq, 1 + n):
+                n -= 1
+            num_drafts.append(n)
+        return self.proposer.propose(seqs, num_drafts, self.kv.seq_blocks)
 
     @staticmethod
     def _append_tokens(seq: Sequence, tokens: list[int]) -> tuple[bool, list[int]]:
@@ -254,6 +270,8 @@ class EngineCore:
             self._inflight[1].result()
             self._inflight = None
         self.runner.kv_caches = []
+        if self.runner.draft is not None:
+            self.runner.draft.kv_caches = []
 
 
 def _first_positions(logprobs: Logprobs | None, n: int) -> Logprobs | None:

@@ -23,13 +23,15 @@ from core.input_batch import InputBatch
 from core.step_inputs import StepInputs
 from core.kv_cache import KVBlock
 from core.loader import iter_weights, load_hf_config
-from core.model_source import resolve_model
+from core.model_source import ModelSource, resolve_model
 from core.models import model_class
 from core.sequence import Sequence
 from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
 from core.scheduler import ScheduledSeq, SchedulerOutput
+from core.spec_decode.draft_model import DraftModelProposer, load_draft_config
 from core.spec_decode.verifier import VerifiedStep, verify_step
+from ipc.config import SpeculativeConfig
 from ipc.messages import EngineConfig, Logprobs
 
 logger = logging.getLogger(__name__)
@@ -112,28 +114,46 @@ class ModelRunner:
         self.num_kv_blocks = 0
         self.graphs: DecodeGraphs | None = None
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
-        self.draft = None  # the draft-model proposer (speculative_config method draft_model)
+        spec = config.speculative_config
+        self.draft = self._load_draft(spec) if spec is not None and spec.method == "draft_model" else None
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _load_model(self) -> torch.nn.Module:
-        cls = model_class(self.model_config)
+    def _load_model(self, model_config: ModelConfig | None = None, source: ModelSource | None = None,
+                    load_format: str | None = None) -> torch.nn.Module:
+        """The target model, or (arguments given) the draft model: the same dtype, device, backends and seed."""
+        model_config = model_config or self.model_config
+        load_format = load_format or self.config.load_format
+        torch.manual_seed(self.config.seed)  # dummy weights drawn on the GPU: the same for the same config and seed
+        cls = model_class(model_config)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = cls(self.model_config, attention_backend=self.resolved.attention_backend,
+                model = cls(model_config, attention_backend=self.resolved.attention_backend,
                             kernel_backend=self.resolved.kernel_backend)
         finally:
             torch.set_default_dtype(default_dtype)
-        if self.config.load_format == "dummy":
+        if load_format == "dummy":
             model.init_dummy_weights(self.config.seed)
         else:
-            model.load_weights(iter_weights(self.source, self.config.load_format))
+            model.load_weights(iter_weights(source or self.source, load_format))
         return model.eval()
 
+    def _load_draft(self, spec: SpeculativeConfig) -> DraftModelProposer:
+        """The draft model (speculative_config method draft_model), checked against the target at startup."""
+        start = time.perf_counter()
+        source, draft_config = load_draft_config(spec, self.vocab_size, self.max_model_len)
+        model = self._load_model(draft_config, source, spec.load_format)
+        logger.info("Loaded draft model %s (%d layers) in %.1f s", spec.model, draft_config.num_layers,
+                    time.perf_counter() - start)
+        return DraftModelProposer(spec, model, draft_config, input_batch=self.input_batch,
+                                  block_size=self.block_size, dtype=self.dtype, device=self.device)
+
     def kv_block_bytes(self) -> int:
+        """Bytes of one block id across every cache it addresses: the target's and the draft model's."""
         cfg = self.model_config
-        return 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize * cfg.num_layers
+        target = 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize * cfg.num_layers
+        return target + (self.draft.kv_block_bytes() if self.draft is not None else 0)
 
     def determine_num_blocks(self) -> int:
         """Blocks for the KV cache: the override, a fixed budget on CPU, or what the profiled GPU memory leaves."""
@@ -155,10 +175,12 @@ class ModelRunner:
         self._profile_run(num_tokens, num_seqs, blocks_per_seq)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        kv_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches)
+        kv_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches + self._draft_kv_caches())
         free, total = torch.cuda.mem_get_info()
         non_torch = total - free - torch.cuda.memory_reserved()
         self.kv_caches = []
+        if self.draft is not None:
+            self.draft.kv_caches = []
         torch.cuda.empty_cache()
         budget = total * self.config.gpu_memory_utilization - (peak - kv_bytes) - non_torch
         num_blocks = int(budget // self.kv_block_bytes())
@@ -179,6 +201,8 @@ class ModelRunner:
                                  table)
         hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
                             self.kv_caches, meta)
+        if self.draft is not None:
+            self.draft.catch_up(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens], meta)
         logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
         ones = torch.ones(num_seqs, device=self.device)
         zeros = torch.zeros(num_seqs, dtype=torch.int64, device=self.device)
@@ -222,6 +246,11 @@ class ModelRunner:
         cfg = self.model_config
         shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        if self.draft is not None:
+            self.draft.allocate_kv_cache(num_blocks)
+
+    def _draft_kv_caches(self) -> list[torch.Tensor]:
+        return self.draft.kv_caches if self.draft is not None else []
 
     # ------------------------------------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -267,6 +296,9 @@ class ModelRunner:
             src = to_device(fill_src, torch.int64, self.device)
             self.inputs.input_ids.index_copy_(0, dst, prev.sampled.token_ids.index_select(0, src))
         prompt_lp: list = []
+        if self.draft is not None:  # the draft's KV for the same tokens, at the same slots
+            num_rows = bucket or num_tokens
+            self.draft.catch_up(self.inputs.input_ids[:num_rows], self.inputs.positions[:num_rows], meta)
         if bucket is not None:
             logits = self.graphs.replay(bucket)[: len(seqs)]
         else:

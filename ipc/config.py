@@ -38,7 +38,7 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True, omit_defaults=True, forbid
     """vLLM's ``--speculative-config``: ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
     "prompt_lookup_min": 2}`` or ``{"method": "draft_model", "model": PATH_OR_ID, "num_speculative_tokens": 3}``.
     vLLM's older spelling names only ``model`` (a draft model, or ``"[ngram]"``). Checks that need the models
-    (same vocabulary, long enough context) run at startup: ``core/spec_decode/config.py``."""
+    (same vocabulary, long enough context) run at startup: ``core/spec_decode/draft_model.py``."""
 
     method: str | None = None
     num_speculative_tokens: int | None = None

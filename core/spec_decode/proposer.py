@@ -1,11 +1,13 @@
 """The proposer an engine uses, picked from its ``SpeculativeConfig``: each turns the sequences that just sampled
-into their drafts for the next step."""
+into their drafts for the next step. The draft model (``draft_model.DraftModelProposer``) also takes the number of
+drafts each sequence has reserved slots for, and the block tables."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
 from core.sequence import Sequence
+from core.spec_decode.draft_model import DraftModelProposer
 from core.spec_decode.ngram import NgramProposer
 from ipc.config import SpeculativeConfig
 
@@ -33,10 +35,8 @@ class NgramSequenceProposer:
         self.ngram.remove(keys)
 
 
-def make_proposer(spec: SpeculativeConfig, runner: "ModelRunner") -> Proposer:
+def make_proposer(spec: SpeculativeConfig, runner: "ModelRunner") -> Proposer | DraftModelProposer:
     if spec.method == "ngram":
         return NgramSequenceProposer(spec, runner.max_num_seqs, runner.max_model_len)
-    if runner.draft is None:
-        raise ValueError(f"speculative_config method {spec.method!r} (draft model {spec.model!r}) is not supported "
-                         f"yet: use method ngram.")
+    assert runner.draft is not None, "the runner loads the draft model of a draft_model config"
     return runner.draft
