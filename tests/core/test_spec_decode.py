@@ -290,10 +290,3 @@ def test_smollm2_repeats_a_passage_with_high_acceptance():
     assert spec.text == plain.text
     stats = spec_llm.engine.get_stats()
     assert stats["spec_num_accepted_tokens"] / stats["spec_num_draft_tokens"] > 0.5
-
-
-def test_draft_model_method_is_refused_at_startup(models_dir):
-    path = make_tiny_model(models_dir, "llama", 0)
-    with pytest.raises(ValueError, match="draft_model.*not supported yet"):
-        make_engine(path, speculative_config={"method": "draft_model", "model": str(path),
-                                              "num_speculative_tokens": 2})
