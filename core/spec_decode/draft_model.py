@@ -137,16 +137,16 @@ class DraftModelProposer:
         seq_lens_t = narrow[table.size : table.size + n].view(num_steps, num_seqs)
         orders_t = narrow[table.size + n : table.size + 2 * n].view(num_steps, num_seqs)
         qsl_t = narrow[table.size + 2 * n :]
-        drafts = torch.zeros((num_seqs, num_steps), dtype=torch.int64, device=self.device)
+        drafts = torch.zeros((num_steps, num_seqs), dtype=torch.int64, device=self.device)  # rows: contiguous inputs
         for j in range(num_steps):
             a = int(active[j])
             meta = AttentionMetadata(slot_mapping=slots_t[j, :a], block_tables=table_t[:a],
                                      seq_lens=seq_lens_t[j, :a], query_start_loc=qsl_t[: a + 1], max_query_len=1,
                                      decode_order=orders_t[j, :a])
             hidden = self.model(input_ids[:a], positions_t[j, :a], self.kv_caches, meta)
-            drafts[:a, j] = self.model.compute_logits(hidden).argmax(-1)
-            input_ids = drafts[:, j]
-        host = drafts.tolist()  # the drafts' one device -> host copy
+            drafts[j, :a] = self.model.compute_logits(hidden).argmax(-1)
+            input_ids = drafts[j]
+        host = drafts.T.tolist()  # the drafts' one device -> host copy
         for row, i in enumerate(order):
             out[i] = host[row][: counts[row]]
         return out
