@@ -118,7 +118,8 @@ class DraftModelProposer:
         last_tokens = np.fromiter((seqs[i].all_token_ids[-1] for i in order), dtype=np.int64, count=num_seqs)
         table = self.input_batch.block_table[rows]
         active = (counts[None, :] > np.arange(num_steps)[:, None]).sum(1)  # [num_steps]
-        positions = start[None, :] + np.arange(num_steps)[:, None]  # [num_steps, num_seqs]
+        # [num_steps, num_seqs]; a sequence's rows past its drafts (not run) repeat its last position, in range
+        positions = start[None, :] + np.minimum(np.arange(num_steps)[:, None], counts[None, :] - 1)
         bs = self.block_size
         slots = np.take_along_axis(table, positions.T // bs, 1).T.astype(np.int64) * bs + positions % bs
         seq_lens = (positions + 1).astype(np.int32)

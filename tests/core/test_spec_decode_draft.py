@@ -173,3 +173,21 @@ def test_startup_errors_name_the_problem(models_dir):
     make_engine(path, speculative_config=draft_config(short), max_model_len=256)  # fits: fine
     with pytest.raises(ValueError, match="prompt_lookup"):
         make_engine(path, speculative_config={**draft_config(path), "prompt_lookup_max": 3})
+
+
+@pytest.mark.parametrize("draft_arch", ["llama", "qwen3"])
+def test_sequences_near_max_model_len_draft_fewer(models_dir, draft_arch):
+    """Sequences that reach max_model_len draft fewer tokens than their batch neighbours (never a position past
+    the context), and end exactly where they would without speculation. With a rejected draft (qwen3), the
+    sequences advance one token a step, so each passes through every smaller draft count."""
+    path = make_tiny_model(models_dir, "llama", 0)
+    draft = make_tiny_model(models_dir, draft_arch, 0 if draft_arch == "llama" else 1)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(n)] for n in (50, 52, 5)]
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    reference = run_engine(make_engine(path, max_model_len=64), prompts, params)
+    engine = make_engine(path, max_model_len=64, speculative_config=draft_config(draft, k=4))
+    got = run_engine(engine, prompts, params)
+    assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in reference.items()}
+    assert [len(got[(i, 0)]["tokens"]) for i in range(3)] == [14, 12, 59]
+    assert_no_leak(engine)
