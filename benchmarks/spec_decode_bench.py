@@ -12,6 +12,7 @@ submitted at once.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -89,8 +90,20 @@ def run_one(args: argparse.Namespace, prompts: list[dict], concurrency: int, k: 
         "mean_accepted_length": round(1 + accepted / drafts, 3) if drafts else None,
         "texts": [o.outputs[0].text for o in outputs],
     }
-    del llm
+    # Free this engine's GPU memory before the next (concurrency, k) builds its own: the KV cache is sized from
+    # what is free, so a leftover engine would leave the next one none.
+    llm.engine.shutdown()
+    del llm, outputs
+    gc.collect()
+    _empty_cuda_cache()
     return result
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
