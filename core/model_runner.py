@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from core.config import ModelConfig, log_resolved, resolve_config
-from core.cuda_graphs import DecodeGraphs
+from core.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from core.host_copy import to_device
 from core.input_batch import InputBatch
 from core.step_inputs import StepInputs
@@ -81,6 +81,24 @@ class StepHandle:
         return RunnerOutput(token_ids, logprobs, self.prompt_logprobs)
 
 
+# Verify graphs hold logits for every token row ([batch * (1 + k), vocab] fp32) and the activations of that many
+# tokens: captured up to this many tokens; larger speculative batches run eagerly (their GPU time dominates anyway).
+MAX_VERIFY_GRAPH_TOKENS = 1024
+
+
+def verify_graph_sizes(max_num_seqs: int, k: int, max_num_batched_tokens: int) -> list[int]:
+    """The decode graphs' batch sizes whose ``size * (1 + k)`` tokens fit the token budget and the cap."""
+    limit = min(max_num_batched_tokens, MAX_VERIFY_GRAPH_TOKENS)
+    return [size for size in graph_batch_sizes(max_num_seqs) if size * (1 + k) <= limit]
+
+
+def _verified_rows(last_rows: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
+    """Flat token rows ``last - d .. last`` for each (last row, drafts d): a sequence's verified positions."""
+    widths = num_drafts + 1
+    offsets = np.arange(int(widths.sum())) - np.repeat(np.cumsum(widths) - widths, widths)
+    return np.repeat(last_rows - num_drafts, widths) + offsets
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -115,6 +133,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
         spec = config.speculative_config
+        self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
+        # Speculative decode steps (every sequence a decode of 1 + up to k tokens) replay these: see _verify_forward.
+        self.verify_graphs: DecodeGraphs | None = None
         self.draft = self._load_draft(spec) if spec is not None and spec.method == "draft_model" else None
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -217,6 +238,12 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self._decode_forward, self.max_num_seqs)
             self.inputs.prepare_graph_capture(self.graphs.max_size)
             self.graphs.capture()
+            if self.num_spec_tokens:
+                self.verify_graphs = DecodeGraphs(self._verify_forward, self.max_num_seqs,
+                                                  sizes=verify_graph_sizes(self.max_num_seqs, self.num_spec_tokens,
+                                                                           self.max_num_batched_tokens),
+                                                  name="verify")
+                self.verify_graphs.capture(pool=self.graphs.pool)  # never replayed while a decode graph runs
 
     @torch.inference_mode()
     def _warmup(self, num_blocks: int) -> None:
@@ -289,28 +316,35 @@ class ModelRunner:
         speculative = any(s.spec_token_ids for s in seqs)
 
         bucket = self.graphs.bucket(len(seqs)) if self.graphs is not None and decode_only else None
+        verify_bucket = self._verify_bucket(seqs, len(sampling)) if speculative else None
+        pad_tokens = verify_bucket * (1 + self.num_spec_tokens) if verify_bucket is not None else None
         meta = self.inputs.stage(np.asarray(token_ids, dtype=np.int64), starts, nums,
-                                 self.input_batch.block_table[rows], pad_to=bucket)
+                                 self.input_batch.block_table[rows], pad_to=bucket or verify_bucket,
+                                 pad_tokens_to=pad_tokens)
         if fill_dst:
             dst = to_device(fill_dst, torch.int64, self.device)
             src = to_device(fill_src, torch.int64, self.device)
             self.inputs.input_ids.index_copy_(0, dst, prev.sampled.token_ids.index_select(0, src))
         prompt_lp: list = []
         if self.draft is not None:  # the draft's KV for the same tokens, at the same slots
-            num_rows = bucket or num_tokens
+            num_rows = pad_tokens or bucket or num_tokens
             self.draft.catch_up(self.inputs.input_ids[:num_rows], self.inputs.positions[:num_rows], meta)
         if bucket is not None:
             logits = self.graphs.replay(bucket)[: len(seqs)]
         else:
-            prompt_lp = self._prompt_logprob_rows(seqs)
+            prompt_lp = self._prompt_logprob_rows(seqs) if verify_bucket is None else []
             sample_rows = self.inputs.host.qsl_np[1:][sampling].astype(np.int64) - 1
             if speculative:  # every verified position's logits: 1 + len(drafts) rows per sampling sequence
-                sample_rows = np.concatenate([np.arange(end - len(seqs[i].spec_token_ids), end + 1)
-                                              for i, end in zip(sampling, sample_rows)])
+                sample_rows = _verified_rows(sample_rows, np.fromiter(
+                    (len(seqs[i].spec_token_ids) for i in sampling), dtype=np.int64, count=len(sampling)))
             rows_np = np.concatenate([r for _, r, _, _ in prompt_lp] + [sample_rows])
-            hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
-                                self.kv_caches, meta)
-            logits = self.model.compute_logits(hidden[to_device(rows_np, torch.int64, self.device)])
+            rows_t = to_device(rows_np, torch.int64, self.device)
+            if verify_bucket is not None:
+                logits = self.verify_graphs.replay(verify_bucket)[rows_t]
+            else:
+                hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
+                                    self.kv_caches, meta)
+                logits = self.model.compute_logits(hidden[rows_t])
         num_prompt_rows = sum(len(r) for _, r, _, _ in prompt_lp)
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         if not sampling_seqs:
@@ -340,6 +374,26 @@ class ModelRunner:
         meta = inputs.metadata(batch_size, batch_size, 1)
         hidden = self.model(inputs.input_ids[:batch_size], inputs.positions[:batch_size], self.kv_caches, meta)
         return self.model.compute_logits(hidden)
+
+    def _verify_forward(self, batch_size: int) -> torch.Tensor:
+        """The verify graph body: ``batch_size`` sequences of up to ``1 + k`` query tokens each over the paged cache
+        (the varlen attention kernel, whose grid depends only on the token and sequence counts), in the static
+        buffers' first ``batch_size * (1 + k)`` token rows -> logits of every row (the rows past the real tokens
+        are dummies whose logits are never read)."""
+        inputs = self.inputs
+        num_tokens = batch_size * (1 + self.num_spec_tokens)
+        meta = inputs.metadata(num_tokens, batch_size, 1 + self.num_spec_tokens)
+        hidden = self.model(inputs.input_ids[:num_tokens], inputs.positions[:num_tokens], self.kv_caches, meta)
+        return self.model.compute_logits(hidden)
+
+    def _verify_bucket(self, seqs: list[ScheduledSeq], num_sampling: int) -> int | None:
+        """The verify graph batch size for a speculative step, or None (eager): only steps where every sequence
+        is a decode that samples (its last token and up to k drafts) replay a graph."""
+        if self.verify_graphs is None or num_sampling != len(seqs):
+            return None
+        if any(s.num_tokens != 1 + len(s.spec_token_ids) for s in seqs):
+            return None
+        return self.verify_graphs.bucket(len(seqs))
 
     def _prompt_logprob_rows(self, seqs: list[ScheduledSeq]) -> list[tuple[Sequence, np.ndarray, np.ndarray, int]]:
         """(sequence, flat rows, target prompt tokens, first target index) for the prompt positions whose
