@@ -290,3 +290,31 @@ def test_smollm2_repeats_a_passage_with_high_acceptance():
     assert spec.text == plain.text
     stats = spec_llm.engine.get_stats()
     assert stats["spec_num_accepted_tokens"] / stats["spec_num_draft_tokens"] > 0.5
+
+
+def test_full_batch_of_long_drafts_is_lossless(models_dir):
+    """Regression (GPU crash at max_num_seqs=16, k=5): a full batch verifying k drafts each, 16 x 6 = 96 token rows,
+    more rows than sequences anywhere a buffer could be sized by max_num_seqs; requests join as others finish."""
+    path = make_tiny_model(models_dir, "llama", 0)
+    rng = random.Random(5)
+    prompts = []
+    for _ in range(40):
+        chunk = [rng.randrange(2, 40) for _ in range(rng.randrange(3, 10))]
+        prompts.append(chunk * rng.randrange(2, 6))
+    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    reference = run_engine(make_engine(path, max_num_seqs=16), prompts, params)
+    spec = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    engine = make_engine(path, max_num_seqs=16, speculative_config=spec)
+    widest = []
+    launch = engine.runner.launch
+
+    def recording(sched, *args):
+        if all(s.num_tokens == 1 + len(s.spec_token_ids) for s in sched.scheduled):  # a pure verify step
+            widest.append((sched.total_num_tokens, len(sched.scheduled)))
+        return launch(sched, *args)
+
+    engine.runner.launch = recording
+    got = run_engine(engine, prompts, params)
+    assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in reference.items()}
+    assert max(widest) > (64, 16), max(widest)  # more token rows than 16 sequences x 4
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
