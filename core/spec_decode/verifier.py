@@ -72,8 +72,10 @@ def verify_step(
     rows: list[_PositionRow] = []
     row_output_indices: list[int] = []
     for seq, seq_drafts, output_index in zip(seqs, drafts, output_indices):
+        # Only penalties read the output tokens: other rows are the sequence itself (no per-row copies).
+        penalised = seq.sampling_params.uses_penalties
         for j in range(len(seq_drafts) + 1):
-            rows.append(_PositionRow(seq, seq_drafts[:j]))
+            rows.append(_PositionRow(seq, seq_drafts[:j]) if penalised else seq)
             row_output_indices.append(output_index + j)
     batch = build_sampling_batch(rows, vocab_size, device, row_output_indices, step_key)  # type: ignore[arg-type]
     processed, raw_logprobs = sampler.process(logits, batch)
