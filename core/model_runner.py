@@ -81,8 +81,8 @@ class StepHandle:
         return RunnerOutput(token_ids, logprobs, self.prompt_logprobs)
 
 
-# Verify graphs hold logits for every token row ([batch * (1 + k), vocab] fp32) and the activations of that many
-# tokens: captured up to this many tokens; larger speculative batches run eagerly (their GPU time dominates anyway).
+# Verify graphs hold the activations of batch * (1 + k) tokens: captured up to this many tokens; larger speculative
+# batches run eagerly (their GPU time dominates the launch overhead a graph saves).
 MAX_VERIFY_GRAPH_TOKENS = 1024
 
 
@@ -243,6 +243,9 @@ class ModelRunner:
                                                   sizes=verify_graph_sizes(self.max_num_seqs, self.num_spec_tokens,
                                                                            self.max_num_batched_tokens),
                                                   name="verify")
+                if self.verify_graphs.sizes:
+                    size = self.verify_graphs.max_size
+                    self.inputs.prepare_verify_capture(size, size * (1 + self.num_spec_tokens))
                 self.verify_graphs.capture(pool=self.graphs.pool)  # never replayed while a decode graph runs
 
     @torch.inference_mode()
@@ -340,11 +343,11 @@ class ModelRunner:
             rows_np = np.concatenate([r for _, r, _, _ in prompt_lp] + [sample_rows])
             rows_t = to_device(rows_np, torch.int64, self.device)
             if verify_bucket is not None:
-                logits = self.verify_graphs.replay(verify_bucket)[rows_t]
+                hidden = self.verify_graphs.replay(verify_bucket)
             else:
                 hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
                                     self.kv_caches, meta)
-                logits = self.model.compute_logits(hidden[rows_t])
+            logits = self.model.compute_logits(hidden[rows_t])
         num_prompt_rows = sum(len(r) for _, r, _, _ in prompt_lp)
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         if not sampling_seqs:
@@ -378,13 +381,13 @@ class ModelRunner:
     def _verify_forward(self, batch_size: int) -> torch.Tensor:
         """The verify graph body: ``batch_size`` sequences of up to ``1 + k`` query tokens each over the paged cache
         (the varlen attention kernel, whose grid depends only on the token and sequence counts), in the static
-        buffers' first ``batch_size * (1 + k)`` token rows -> logits of every row (the rows past the real tokens
-        are dummies whose logits are never read)."""
+        buffers' first ``batch_size * (1 + k)`` token rows -> the hidden states of every row. The LM head runs
+        after the replay on the verified rows only (one GEMM): graph-held logits of every padded row would cost
+        ``rows x vocab`` floats of graph memory per bucket."""
         inputs = self.inputs
         num_tokens = batch_size * (1 + self.num_spec_tokens)
         meta = inputs.metadata(num_tokens, batch_size, 1 + self.num_spec_tokens)
-        hidden = self.model(inputs.input_ids[:num_tokens], inputs.positions[:num_tokens], self.kv_caches, meta)
-        return self.model.compute_logits(hidden)
+        return self.model(inputs.input_ids[:num_tokens], inputs.positions[:num_tokens], self.kv_caches, meta)
 
     def _verify_bucket(self, seqs: list[ScheduledSeq], num_sampling: int) -> int | None:
         """The verify graph batch size for a speculative step, or None (eager): only steps where every sequence

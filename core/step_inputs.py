@@ -106,6 +106,13 @@ class StepInputs:
         self.host.order_np[:batch_size] = np.arange(batch_size)
         self._upload(batch_size, batch_size)
 
+    def prepare_verify_capture(self, num_seqs: int, num_tokens: int) -> None:
+        """Static buffers a verify graph can be captured on: empty sequences, dummy tokens (no cache writes)."""
+        self.fill_verify_padding(0, num_seqs, 0, num_tokens)
+        self.host.qsl_np[0] = 0
+        self.host.order_np[:num_seqs] = np.arange(num_seqs)
+        self._upload(num_tokens, num_seqs)
+
     def _upload(self, num_tokens: int, num_seqs: int) -> None:
         h = self.host
         for src, dst, n in ((h.ids, self.input_ids, num_tokens), (h.pos, self.positions, num_tokens),

@@ -105,3 +105,20 @@ def test_verify_graphs_match_eager_on_gpu(models_dir, k):
     assert {key: r["tokens"] for key, r in graphed.items()} == {key: r["tokens"] for key, r in eager.items()}
     assert sum(replays.values()) > 10
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
+
+
+def test_verify_capture_inputs_write_no_cache(models_dir):
+    """The buffers a verify graph is captured on (empty sequences, dummy token rows) run the forward without writing
+    any KV: capture must not touch a live block."""
+    path = make_tiny_model(models_dir, "llama", 0)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2, "prompt_lookup_min": 1}
+    engine = make_engine(path, max_num_seqs=4, speculative_config=spec)
+    runner = engine.runner
+    for cache in runner.kv_caches:
+        cache.normal_()
+    before = [cache.clone() for cache in runner.kv_caches]
+    runner.inputs.prepare_verify_capture(4, 16)
+    with torch.inference_mode():
+        hidden = runner._verify_forward(4)
+    assert hidden.shape[0] == 16
+    assert all(torch.equal(a, b) for a, b in zip(before, runner.kv_caches))
