@@ -341,6 +341,10 @@ class ModelRunner:
                 sample_rows = _verified_rows(sample_rows, np.fromiter(
                     (len(seqs[i].spec_token_ids) for i in sampling), dtype=np.int64, count=len(sampling)))
             rows_np = np.concatenate([r for _, r, _, _ in prompt_lp] + [sample_rows])
+            if len(rows_np) and (rows_np.min() < 0 or rows_np.max() >= num_tokens):
+                # On the device this would be an opaque index assert that kills the process: name it here.
+                raise RuntimeError(f"logits rows {rows_np.min()}..{rows_np.max()} outside the step's {num_tokens} "
+                                   f"tokens ({len(seqs)} sequences)")
             rows_t = to_device(rows_np, torch.int64, self.device)
             if verify_bucket is not None:
                 hidden = self.verify_graphs.replay(verify_bucket)

@@ -69,6 +69,9 @@ def verify_step(
     device = logits.device
     num_drafts = np.fromiter((len(d) for d in drafts), dtype=np.int64, count=len(drafts))
     width = int(num_drafts.max()) + 1
+    if logits.shape[0] != int(num_drafts.sum()) + len(drafts):  # a device index assert otherwise: name it here
+        raise RuntimeError(f"verify_step: {logits.shape[0]} logits rows for {len(drafts)} sequences with "
+                           f"{int(num_drafts.sum())} drafts")
     rows: list[_PositionRow] = []
     row_output_indices: list[int] = []
     for seq, seq_drafts, output_index in zip(seqs, drafts, output_indices):
