@@ -122,3 +122,25 @@ def test_verify_capture_inputs_write_no_cache(models_dir):
         hidden = runner._verify_forward(4)
     assert hidden.shape[0] == 16
     assert all(torch.equal(a, b) for a, b in zip(before, runner.kv_caches))
+
+
+def test_padded_verify_layout_with_a_draft_model(models_dir):
+    """The draft model catches up on the padded verify layout (dummy rows write no KV): with another random model as
+    the draft the tokens are still the target's, and with the target's own weights as the draft nearly all drafts
+    are accepted, so the draft's KV stayed right."""
+    path = make_tiny_model(models_dir, "llama", 0)
+    other = make_tiny_model(models_dir, "llama", 1)
+    prompts = _prompts(10, 3)
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    reference = run_engine(make_engine(path, max_num_seqs=8), prompts, params)
+    for draft in (path, other):
+        spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
+        engine = make_engine(path, max_num_seqs=8, speculative_config=spec)
+        engine.runner.verify_graphs = graphs = EagerVerifyGraphs(engine.runner)
+        got = run_engine(engine, prompts, params)
+        assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in reference.items()}
+        assert sum(graphs.replays.values()) > 5
+        stats = engine.get_stats()
+        if draft == path:
+            assert stats["spec_num_accepted_tokens"] >= 0.9 * stats["spec_num_draft_tokens"]
+        assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
