@@ -176,8 +176,8 @@ def _cuda_profile(engine, args: argparse.Namespace) -> dict:
         _run_steps(engine, args.profile_steps)
         torch.cuda.synchronize()
     averages = prof.key_averages()
-    print(averages.table(sort_by="cuda_time_total" if hasattr(averages[0], "cuda_time_total")
-                         else "device_time_total", row_limit=args.top_kernels))
+    sort_by = "device_time_total" if averages and hasattr(averages[0], "device_time_total") else "cuda_time_total"
+    print(averages.table(sort_by=sort_by, row_limit=args.top_kernels))
     counts = collections.Counter()
     for event in averages:
         name = event.key
