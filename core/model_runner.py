@@ -1,6 +1,6 @@
 """Executes one scheduled step on the device: flat inputs from the scheduler's output, the forward pass (a CUDA
-graph replay for decode-only steps), logits for the rows that need them, sampling. Owns the model, the KV-cache
-tensors and the persistent input buffers.
+graph replay for decode-only steps and for speculative steps whose sequences are all decodes), logits for the rows
+that need them, sampling. Owns the model, the KV-cache tensors and the persistent input buffers.
 
 Inputs are built with numpy in pinned host buffers and copied to persistent device buffers without blocking; the
 only device -> host sync of a step is reading the sampled token ids.
