@@ -203,6 +203,16 @@ def _resolve_backends(config: EngineConfig) -> tuple[str, str]:
     return resolve_backends(attention, kernel)
 
 
+def _resolve_async_scheduling(config: EngineConfig, device: torch.device) -> bool:
+    """On with CUDA by default. Off with speculative decoding: a step's drafts come from the previous step's
+    accepted tokens, which the host must have before it can schedule."""
+    wanted = device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
+    if wanted and config.speculative_config is not None:
+        logger.info("async_scheduling is off with speculative decoding (drafts need the previous step's tokens).")
+        return False
+    return wanted
+
+
 @dataclass(frozen=True)
 class ResolvedConfig:
     """The settings that depend on the model or the device: computed once, read by the runner and the engine."""
@@ -234,7 +244,7 @@ def resolve_config(config: EngineConfig, model_config: ModelConfig | BertConfig,
         dtype=resolve_dtype(config.dtype, model_config.torch_dtype, device),
         max_model_len=max_model_len,
         max_num_batched_tokens=config.max_num_batched_tokens or max(8192, max_model_len),
-        async_scheduling=device.type == "cuda" if config.async_scheduling is None else config.async_scheduling,
+        async_scheduling=_resolve_async_scheduling(config, device),
         kernel_backend=kernel_backend,
         attention_backend=attention_backend,
     )

@@ -21,10 +21,13 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, forward: Callable[[int], torch.Tensor], max_num_seqs: int) -> None:
-        """``forward(b)`` runs the model on the first ``b`` rows of the runner's static buffers and returns logits."""
+    def __init__(self, forward: Callable[[int], torch.Tensor], max_num_seqs: int, sizes: list[int] | None = None,
+                 name: str = "decode") -> None:
+        """``forward(b)`` runs the model on the first ``b`` sequences of the runner's static buffers and returns
+        logits. ``sizes``: the batch sizes to capture (default: ``graph_batch_sizes(max_num_seqs)``)."""
         self._forward = forward
-        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.name = name
+        self.sizes = graph_batch_sizes(max_num_seqs) if sizes is None else sizes
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
 
@@ -38,9 +41,13 @@ class DecodeGraphs:
                 return size
         return None
 
-    def capture(self) -> None:
+    def capture(self, pool=None) -> None:
+        """``pool``: a graph memory pool to share (graphs that never run at the same time)."""
+        if not self.sizes:
+            return
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
+        pool = torch.cuda.graph_pool_handle() if pool is None else pool
+        self.pool = pool
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -54,7 +61,7 @@ class DecodeGraphs:
                 self._graphs[size] = graph
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        logger.info("Captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s", len(self.sizes),
+        logger.info("Captured %d %s CUDA graphs (batch sizes %d..%d) in %.1f s", len(self.sizes), self.name,
                     self.sizes[0], self.sizes[-1], time.perf_counter() - start)
 
     def replay(self, size: int) -> torch.Tensor:

@@ -14,6 +14,9 @@ from core.kv_cache import KVCacheManager
 from core.model_runner import ModelRunner, RunnerOutput, StepHandle
 from core.sequence import Sequence, SequenceStatus
 from core.scheduler import Scheduler, SchedulerOutput
+from core.spec_decode.draft_model import DraftModelProposer
+from core.spec_decode.metrics import SpecDecodeMetrics
+from core.spec_decode.proposer import make_proposer
 from ipc.messages import (
     EngineConfig,
     EngineOutput,
@@ -22,6 +25,7 @@ from ipc.messages import (
     FinishReason,
     Logprobs,
     ReadyMessage,
+    SamplingParamError,
     SamplingParams,
 )
 
@@ -51,6 +55,9 @@ class EngineCore:
             async_scheduling=self.async_scheduling,
         )
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
+        spec = config.speculative_config
+        self.proposer = make_proposer(spec, self.runner) if spec is not None else None
+        self.spec_metrics = SpecDecodeMetrics(spec.num_speculative_tokens) if spec is not None else None
         self.eos_token_ids = frozenset(self.runner.model_config.eos_token_ids)
         self._pending: list[EngineOutput] = []
         self._children: dict[str, list[Sequence]] = {}  # request id -> its n sequences
@@ -93,6 +100,11 @@ class EngineCore:
                 params, logprobs=vocab if params.logprobs == -1 else params.logprobs,
                 prompt_logprobs=vocab if params.prompt_logprobs == -1 else params.prompt_logprobs)
         _check_params_against_vocab(params, vocab)
+        if self.proposer is not None and params.logprob_token_ids:
+            # The verifier reports each emitted token's top-N, not a requested id set: refuse rather than answer
+            # something else.
+            raise SamplingParamError("logprob_token_ids", "logprob_token_ids is not supported with speculative "
+                                     "decoding yet (the server runs with --speculative-config).")
         sequences: list[Sequence] = []
         for index in range(params.n):
             seq_params = params
@@ -138,6 +150,8 @@ class EngineCore:
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         self.runner.input_batch.remove(sched.freed_keys)
+        if self.proposer is not None:
+            self.proposer.remove(sched.freed_keys)
         if self._inflight is not None and (sched.is_empty or self._needs_sampled_tokens(sched)):
             outputs.extend(self._finish_inflight())
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
@@ -149,7 +163,10 @@ class EngineCore:
             self._inflight = (sched, handle)
             if not self.async_scheduling:
                 outputs.extend(self._finish_inflight())
-        return EngineOutputs(outputs, self.scheduler.stats(), timestamp=time.time())
+        stats = self.scheduler.stats()
+        if self.spec_metrics is not None:
+            self.spec_metrics.fill(stats)
+        return EngineOutputs(outputs, stats, timestamp=time.time())
 
     def _finish_inflight(self) -> list[EngineOutput]:
         sched, handle = self._inflight
@@ -167,18 +184,29 @@ class EngineCore:
             self._add_prompt_logprobs(key, first_token, rows)
         outputs = []
         sample_idx = 0
+        proposing: list[Sequence] = []
         for scheduled in sched.scheduled:
             if not scheduled.samples:
                 continue
             seq = scheduled.seq
-            token = result.sampled_token_ids[sample_idx]
+            if result.emitted_token_ids is not None:
+                tokens = result.emitted_token_ids[sample_idx]
+            else:
+                tokens = [result.sampled_token_ids[sample_idx]]
             logprobs = result.logprobs[sample_idx]
             sample_idx += 1
             if seq.is_finished:  # finished or aborted while this step was in flight
                 continue
-            finished = seq.append_token(token)
-            self.total_generation_tokens += 1
-            out = EngineOutput(seq.request_id, [token], index=seq.index, new_logprobs=logprobs)
+            num_accepted = len(tokens) - 1  # drafts accepted by verification (before any truncation)
+            finished, tokens = self._append_tokens(seq, tokens)
+            if scheduled.spec_token_ids:
+                logprobs = _first_positions(logprobs, len(tokens))
+                self.spec_metrics.observe(len(scheduled.spec_token_ids), num_accepted)
+                if not finished:
+                    self.scheduler.rollback_rejected(seq, len(scheduled.spec_token_ids) - num_accepted)
+                    self.runner.input_batch.truncate(seq.key, len(self.kv.blocks(seq)))
+            self.total_generation_tokens += len(tokens)
+            out = EngineOutput(seq.request_id, tokens, index=seq.index, new_logprobs=logprobs)
             if not seq.first_output_sent:
                 seq.first_output_sent = True
                 out.num_cached_tokens = seq.num_cached_tokens
@@ -191,8 +219,37 @@ class EngineCore:
                 out.stop_reason = seq.stop_reason
                 self.scheduler.finish(seq, seq.finish_reason)
                 self._forget_if_done(seq.request_id)
+            elif self.proposer is not None:
+                proposing.append(seq)
             outputs.append(out)
+        if proposing:
+            for seq, drafts in zip(proposing, self._propose(proposing)):
+                seq.spec_token_ids = drafts
         return outputs
+
+    def _propose(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Drafts for the sequences that just sampled. A draft model writes KV at the drafts' positions, so their
+        slots (the 1 + k the verify step needs) are reserved first: fewer drafts when blocks are short, never a
+        preemption, and none past max_tokens / max_model_len."""
+        if not isinstance(self.proposer, DraftModelProposer):
+            return self.proposer.propose(seqs)
+        k = self.config.speculative_config.num_speculative_tokens
+        num_drafts = []
+        for seq in seqs:
+            n = min(k, seq.max_total_tokens - seq.num_tokens - 1)
+            while n > 0 and not self.kv.reserve(seq, 1 + n):
+                n -= 1
+            num_drafts.append(n)
+        return self.proposer.propose(seqs, num_drafts, self.kv.seq_blocks)
+
+    @staticmethod
+    def _append_tokens(seq: Sequence, tokens: list[int]) -> tuple[bool, list[int]]:
+        """Append one at a time, stopping at the first that finishes the sequence (a stop token or max_tokens inside
+        an accepted run): returns (finished, the tokens appended)."""
+        for i, token in enumerate(tokens):
+            if seq.append_token(token):
+                return True, tokens[: i + 1]
+        return False, tokens
 
     def _add_prompt_logprobs(self, key: tuple[str, int], first_token: int, rows: Logprobs) -> None:
         """Append rows for prompt tokens not seen yet (a recompute after preemption repeats some)."""
@@ -226,6 +283,7 @@ class EngineCore:
             "prefix_cache_hits": self.scheduler.total_prefix_hits,
             "total_prompt_tokens": self.total_prompt_tokens,
             "total_generation_tokens": self.total_generation_tokens,
+            **(self.spec_metrics.totals() if self.spec_metrics is not None else {}),
         }
 
     def shutdown(self) -> None:
@@ -233,6 +291,14 @@ class EngineCore:
             self._inflight[1].result()
             self._inflight = None
         self.runner.kv_caches = []
+        if self.runner.draft is not None:
+            self.runner.draft.kv_caches = []
+
+
+def _first_positions(logprobs: Logprobs | None, n: int) -> Logprobs | None:
+    if logprobs is None or len(logprobs.ranks) <= n:
+        return logprobs
+    return Logprobs(logprobs.token_ids[:n], logprobs.logprobs[:n], logprobs.ranks[:n])
 
 
 class RequestParamError(ValueError):

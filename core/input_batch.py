@@ -29,6 +29,12 @@ class InputBatch:
                 self.num_blocks[row] = 0
                 self._free_rows.append(row)
 
+    def truncate(self, key: tuple[str, int], num_blocks: int) -> None:
+        """The sequence gave blocks back (rejected drafts): the next ``row`` call rewrites the ids from there."""
+        row = self.row_of.get(key)
+        if row is not None and self.num_blocks[row] > num_blocks:
+            self.num_blocks[row] = num_blocks
+
     def row(self, key: tuple[str, int], blocks: list[KVBlock]) -> int:
         """The sequence's row, created on first sight, with any block ids it gained since the last step."""
         row = self.row_of.get(key)

@@ -247,6 +247,30 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], seq.block_hashes[i])
         self._num_cached[seq.key] = num_full
 
+    def reserve(self, seq: "Sequence", num_new_tokens: int) -> bool:
+        """Room for ``num_new_tokens`` after the computed ones, without registering any block in the prefix cache
+        (a draft model writes those slots before the target does). False, with nothing changed, when short."""
+        blocks = self.seq_blocks.setdefault(seq.key, [])
+        num_needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size) - len(blocks)
+        if num_needed > self.pool.num_free_blocks:
+            return False
+        if num_needed > 0:
+            blocks.extend(self.pool.get_new_blocks(num_needed))
+        return True
+
+    def trim(self, seq: "Sequence", num_tokens: int) -> None:
+        """Keep only the blocks that ``num_tokens`` tokens need (speculative decoding: rejected drafts' slots go
+        back, tail first). The freed blocks held only draft positions, so none of them is in the prefix cache."""
+        blocks = self.seq_blocks.get(seq.key)
+        if not blocks:
+            return
+        keep = -(-num_tokens // self.block_size)
+        if keep < len(blocks):
+            tail = blocks[keep:]
+            del blocks[keep:]
+            self._num_cached[seq.key] = min(self._num_cached.get(seq.key, 0), keep)
+            self.pool.free_blocks(reversed(tail))
+
     def free(self, seq: "Sequence") -> None:
         """Return a sequence's blocks, tail first, so a chain's tail is evicted before its head."""
         blocks = self.seq_blocks.pop(seq.key, None)

@@ -1,6 +1,6 @@
 """Executes one scheduled step on the device: flat inputs from the scheduler's output, the forward pass (a CUDA
-graph replay for decode-only steps), logits for the rows that need them, sampling. Owns the model, the KV-cache
-tensors and the persistent input buffers.
+graph replay for decode-only steps and for speculative steps whose sequences are all decodes), logits for the rows
+that need them, sampling. Owns the model, the KV-cache tensors and the persistent input buffers.
 
 Inputs are built with numpy in pinned host buffers and copied to persistent device buffers without blocking; the
 only device -> host sync of a step is reading the sampled token ids.
@@ -17,18 +17,21 @@ import numpy as np
 import torch
 
 from core.config import ModelConfig, log_resolved, resolve_config
-from core.cuda_graphs import DecodeGraphs
+from core.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from core.host_copy import to_device
 from core.input_batch import InputBatch
 from core.step_inputs import StepInputs
 from core.kv_cache import KVBlock
 from core.loader import iter_weights, load_hf_config
-from core.model_source import resolve_model
+from core.model_source import ModelSource, resolve_model
 from core.models import model_class
 from core.sequence import Sequence
 from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
 from core.scheduler import ScheduledSeq, SchedulerOutput
+from core.spec_decode.draft_model import DraftModelProposer, load_draft_config
+from core.spec_decode.verifier import VerifiedStep, verify_step
+from ipc.config import SpeculativeConfig
 from ipc.messages import EngineConfig, Logprobs
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,9 @@ class RunnerOutput:
     sampled_token_ids: list[int]  # one per sampling sequence, in batch order
     logprobs: list[Logprobs | None]  # one per sampling sequence
     prompt_logprobs: dict[tuple[str, int], tuple[int, Logprobs]]  # key -> (first prompt token index, rows)
+    # Speculative steps: every token each sampling sequence emits (accepted drafts, then one sampled token);
+    # ``sampled_token_ids`` is empty then.
+    emitted_token_ids: list[list[int]] | None = None
 
 
 @dataclass
@@ -51,8 +57,12 @@ class StepHandle:
     host_tokens: torch.Tensor | None  # pinned copy of the sampled ids (CUDA)
     event: torch.cuda.Event | None
     prompt_logprobs: dict[tuple[str, int], tuple[int, Logprobs]]
+    verified: VerifiedStep | None = None  # a speculative step's results (``sampled`` is None then)
 
     def result(self) -> RunnerOutput:
+        if self.verified is not None:
+            emitted, logprobs = self.verified.result()
+            return RunnerOutput([], logprobs, self.prompt_logprobs, emitted)
         if self.sampled is None:
             return RunnerOutput([], [], self.prompt_logprobs)
         if self.event is not None:
@@ -76,6 +86,24 @@ class StepHandle:
                 elif k is not None:
                     logprobs[i] = Logprobs([ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i]])
         return RunnerOutput(token_ids, logprobs, self.prompt_logprobs)
+
+
+# Verify graphs hold the activations of batch * (1 + k) tokens: captured up to this many tokens; larger speculative
+# batches run eagerly (their GPU time dominates the launch overhead a graph saves).
+MAX_VERIFY_GRAPH_TOKENS = 1024
+
+
+def verify_graph_sizes(max_num_seqs: int, k: int, max_num_batched_tokens: int) -> list[int]:
+    """The decode graphs' batch sizes whose ``size * (1 + k)`` tokens fit the token budget and the cap."""
+    limit = min(max_num_batched_tokens, MAX_VERIFY_GRAPH_TOKENS)
+    return [size for size in graph_batch_sizes(max_num_seqs) if size * (1 + k) <= limit]
+
+
+def _verified_rows(last_rows: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
+    """Flat token rows ``last - d .. last`` for each (last row, drafts d): a sequence's verified positions."""
+    widths = num_drafts + 1
+    offsets = np.arange(int(widths.sum())) - np.repeat(np.cumsum(widths) - widths, widths)
+    return np.repeat(last_rows - num_drafts, widths) + offsets
 
 
 class ModelRunner:
@@ -111,27 +139,49 @@ class ModelRunner:
         self.num_kv_blocks = 0
         self.graphs: DecodeGraphs | None = None
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        spec = config.speculative_config
+        self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
+        # Speculative decode steps (every sequence a decode of 1 + up to k tokens) replay these: see _verify_forward.
+        self.verify_graphs: DecodeGraphs | None = None
+        self.draft = self._load_draft(spec) if spec is not None and spec.method == "draft_model" else None
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _load_model(self) -> torch.nn.Module:
-        cls = model_class(self.model_config)
+    def _load_model(self, model_config: ModelConfig | None = None, source: ModelSource | None = None,
+                    load_format: str | None = None) -> torch.nn.Module:
+        """The target model, or (arguments given) the draft model: the same dtype, device, backends and seed."""
+        model_config = model_config or self.model_config
+        load_format = load_format or self.config.load_format
+        torch.manual_seed(self.config.seed)  # dummy weights drawn on the GPU: the same for the same config and seed
+        cls = model_class(model_config)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = cls(self.model_config, attention_backend=self.resolved.attention_backend,
+                model = cls(model_config, attention_backend=self.resolved.attention_backend,
                             kernel_backend=self.resolved.kernel_backend)
         finally:
             torch.set_default_dtype(default_dtype)
-        if self.config.load_format == "dummy":
+        if load_format == "dummy":
             model.init_dummy_weights(self.config.seed)
         else:
-            model.load_weights(iter_weights(self.source, self.config.load_format))
+            model.load_weights(iter_weights(source or self.source, load_format))
         return model.eval()
 
+    def _load_draft(self, spec: SpeculativeConfig) -> DraftModelProposer:
+        """The draft model (speculative_config method draft_model), checked against the target at startup."""
+        start = time.perf_counter()
+        source, draft_config = load_draft_config(spec, self.vocab_size, self.max_model_len)
+        model = self._load_model(draft_config, source, spec.load_format)
+        logger.info("Loaded draft model %s (%d layers) in %.1f s", spec.model, draft_config.num_layers,
+                    time.perf_counter() - start)
+        return DraftModelProposer(spec, model, draft_config, input_batch=self.input_batch,
+                                  block_size=self.block_size, dtype=self.dtype, device=self.device)
+
     def kv_block_bytes(self) -> int:
+        """Bytes of one block id across every cache it addresses: the target's and the draft model's."""
         cfg = self.model_config
-        return 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize * cfg.num_layers
+        target = 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize * cfg.num_layers
+        return target + (self.draft.kv_block_bytes() if self.draft is not None else 0)
 
     def determine_num_blocks(self) -> int:
         """Blocks for the KV cache: the override, a fixed budget on CPU, or what the profiled GPU memory leaves."""
@@ -154,10 +204,12 @@ class ModelRunner:
         self._profile_run(num_tokens, num_seqs, blocks_per_seq)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        kv_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches)
+        kv_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches + self._draft_kv_caches())
         free, total = torch.cuda.mem_get_info()
         non_torch = total - free - torch.cuda.memory_reserved()
         self.kv_caches = []
+        if self.draft is not None:
+            self.draft.kv_caches = []
         torch.cuda.empty_cache()
         budget = total * self.config.gpu_memory_utilization - (peak - kv_bytes) - non_torch
         num_blocks = int(budget // self.kv_block_bytes())
@@ -178,6 +230,8 @@ class ModelRunner:
                                  table)
         hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
                             self.kv_caches, meta)
+        if self.draft is not None:
+            self.draft.catch_up(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens], meta)
         logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
         ones = torch.ones(num_seqs, device=self.device)
         zeros = torch.zeros(num_seqs, dtype=torch.int64, device=self.device)
@@ -192,6 +246,15 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self._decode_forward, self.max_num_seqs)
             self.inputs.prepare_graph_capture(self.graphs.max_size)
             self.graphs.capture()
+            if self.num_spec_tokens:
+                self.verify_graphs = DecodeGraphs(self._verify_forward, self.max_num_seqs,
+                                                  sizes=verify_graph_sizes(self.max_num_seqs, self.num_spec_tokens,
+                                                                           self.max_num_batched_tokens),
+                                                  name="verify")
+                if self.verify_graphs.sizes:
+                    size = self.verify_graphs.max_size
+                    self.inputs.prepare_verify_capture(size, size * (1 + self.num_spec_tokens))
+                self.verify_graphs.capture(pool=self.graphs.pool)  # never replayed while a decode graph runs
 
     @torch.inference_mode()
     def _warmup(self, num_blocks: int) -> None:
@@ -221,6 +284,11 @@ class ModelRunner:
         cfg = self.model_config
         shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        if self.draft is not None:
+            self.draft.allocate_kv_cache(num_blocks)
+
+    def _draft_kv_caches(self) -> list[torch.Tensor]:
+        return self.draft.kv_caches if self.draft is not None else []
 
     # ------------------------------------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -240,7 +308,10 @@ class ModelRunner:
         for s in seqs:
             known = s.seq.all_token_ids
             end = s.start + s.num_tokens
-            if end > len(known):  # the last input token is in flight
+            if s.spec_token_ids:  # the last known token, then the drafts to verify
+                token_ids.extend(known[s.start :])
+                token_ids.extend(s.spec_token_ids)
+            elif end > len(known):  # the last input token is in flight
                 fill_dst.append(len(token_ids) + s.num_tokens - 1)
                 fill_src.append(prev.sample_index[s.seq.key])
                 token_ids.extend(known[s.start : end - 1])
@@ -253,29 +324,52 @@ class ModelRunner:
         sampling = [i for i, s in enumerate(seqs) if s.samples]
         sampling_seqs = [seqs[i].seq for i in sampling]
         decode_only = num_tokens == len(seqs) and len(sampling) == len(seqs)
+        speculative = any(s.spec_token_ids for s in seqs)
 
         bucket = self.graphs.bucket(len(seqs)) if self.graphs is not None and decode_only else None
+        verify_bucket = self._verify_bucket(seqs, len(sampling)) if speculative else None
+        pad_tokens = verify_bucket * (1 + self.num_spec_tokens) if verify_bucket is not None else None
         meta = self.inputs.stage(np.asarray(token_ids, dtype=np.int64), starts, nums,
-                                 self.input_batch.block_table[rows], pad_to=bucket)
+                                 self.input_batch.block_table[rows], pad_to=bucket or verify_bucket,
+                                 pad_tokens_to=pad_tokens)
         if fill_dst:
             dst = to_device(fill_dst, torch.int64, self.device)
             src = to_device(fill_src, torch.int64, self.device)
             self.inputs.input_ids.index_copy_(0, dst, prev.sampled.token_ids.index_select(0, src))
         prompt_lp: list = []
+        if self.draft is not None:  # the draft's KV for the same tokens, at the same slots
+            num_rows = pad_tokens or bucket or num_tokens
+            self.draft.catch_up(self.inputs.input_ids[:num_rows], self.inputs.positions[:num_rows], meta)
         if bucket is not None:
             logits = self.graphs.replay(bucket)[: len(seqs)]
         else:
-            prompt_lp = self._prompt_logprob_rows(seqs)
+            prompt_lp = self._prompt_logprob_rows(seqs) if verify_bucket is None else []
             sample_rows = self.inputs.host.qsl_np[1:][sampling].astype(np.int64) - 1
+            if speculative:  # every verified position's logits: 1 + len(drafts) rows per sampling sequence
+                sample_rows = _verified_rows(sample_rows, np.fromiter(
+                    (len(seqs[i].spec_token_ids) for i in sampling), dtype=np.int64, count=len(sampling)))
             rows_np = np.concatenate([r for _, r, _, _ in prompt_lp] + [sample_rows])
-            hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
-                                self.kv_caches, meta)
-            logits = self.model.compute_logits(hidden[to_device(rows_np, torch.int64, self.device)])
-        num_prompt_rows = logits.shape[0] - len(sampling)
+            if len(rows_np) and (rows_np.min() < 0 or rows_np.max() >= num_tokens):
+                # On the device this would be an opaque index assert that kills the process: name it here.
+                raise RuntimeError(f"logits rows {rows_np.min()}..{rows_np.max()} outside the step's {num_tokens} "
+                                   f"tokens ({len(seqs)} sequences)")
+            rows_t = to_device(rows_np, torch.int64, self.device)
+            if verify_bucket is not None:
+                hidden = self.verify_graphs.replay(verify_bucket)
+            else:
+                hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
+                                    self.kv_caches, meta)
+            logits = self.model.compute_logits(hidden[rows_t])
+        num_prompt_rows = sum(len(r) for _, r, _, _ in prompt_lp)
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         if not sampling_seqs:
             return StepHandle([], {}, None, None, None, prompt_logprobs)
         output_indices = [seqs[i].output_index for i in sampling]
+        if speculative:
+            verified = verify_step(self.sampler, logits[num_prompt_rows:], sampling_seqs,
+                                   [seqs[i].spec_token_ids for i in sampling], output_indices, self.vocab_size,
+                                   self._step_keys.getrandbits(32))
+            return StepHandle(sampling_seqs, {}, None, None, None, prompt_logprobs, verified)
         batch = build_sampling_batch(sampling_seqs, self.vocab_size, self.device, output_indices,
                                      self._step_keys.getrandbits(32))
         sampled = self.sampler(logits[num_prompt_rows:], batch)
@@ -295,6 +389,26 @@ class ModelRunner:
         meta = inputs.metadata(batch_size, batch_size, 1)
         hidden = self.model(inputs.input_ids[:batch_size], inputs.positions[:batch_size], self.kv_caches, meta)
         return self.model.compute_logits(hidden)
+
+    def _verify_forward(self, batch_size: int) -> torch.Tensor:
+        """The verify graph body: ``batch_size`` sequences of up to ``1 + k`` query tokens each over the paged cache
+        (the varlen attention kernel, whose grid depends only on the token and sequence counts), in the static
+        buffers' first ``batch_size * (1 + k)`` token rows -> the hidden states of every row. The LM head runs
+        after the replay on the verified rows only (one GEMM): graph-held logits of every padded row would cost
+        ``rows x vocab`` floats of graph memory per bucket."""
+        inputs = self.inputs
+        num_tokens = batch_size * (1 + self.num_spec_tokens)
+        meta = inputs.metadata(num_tokens, batch_size, 1 + self.num_spec_tokens)
+        return self.model(inputs.input_ids[:num_tokens], inputs.positions[:num_tokens], self.kv_caches, meta)
+
+    def _verify_bucket(self, seqs: list[ScheduledSeq], num_sampling: int) -> int | None:
+        """The verify graph batch size for a speculative step, or None (eager): only steps where every sequence
+        is a decode that samples (its last token and up to k drafts) replay a graph."""
+        if self.verify_graphs is None or num_sampling != len(seqs):
+            return None
+        if any(s.num_tokens != 1 + len(s.spec_token_ids) for s in seqs):
+            return None
+        return self.verify_graphs.bucket(len(seqs))
 
     def _prompt_logprob_rows(self, seqs: list[ScheduledSeq]) -> list[tuple[Sequence, np.ndarray, np.ndarray, int]]:
         """(sequence, flat rows, target prompt tokens, first target index) for the prompt positions whose

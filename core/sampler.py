@@ -69,18 +69,7 @@ class Sampler:
         self.kernel_backend = check_backend(kernel_backend)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        logits = logits.float()
-        if batch.logit_bias is not None:
-            rows, cols, values = batch.logit_bias
-            logits.index_put_((rows, cols), values, accumulate=True)
-        if batch.allowed is not None:
-            logits = mask_to_allowed(logits, *batch.allowed)
-        if batch.banned is not None:
-            logits.index_put_(batch.banned, logits.new_full((1,), float("-inf")))  # a fill, not a host copy
-        if batch.penalties is not None:
-            logits = apply_penalties(logits, batch.penalties)
-        raw_logprobs = logits.log_softmax(-1) if batch.max_num_logprobs is not None else None
-
+        logits, raw_logprobs = self.process(logits, batch)
         if batch.all_greedy:
             sampled = logits.argmax(-1)
         else:
@@ -95,8 +84,24 @@ class Sampler:
                 out.requested_logprobs = raw_logprobs.gather(-1, batch.requested_token_ids)
         return out
 
-    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Random rows: Gumbel-max at their temperature; greedy rows (T == 0): argmax, in the same pass."""
+    def process(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bias, allowed-token masks, bans and penalties applied (float32), and the raw logprobs when some row wants logprobs."""
+        logits = logits.float()
+        if batch.logit_bias is not None:
+            rows, cols, values = batch.logit_bias
+            logits.index_put_((rows, cols), values, accumulate=True)
+        if batch.allowed is not None:
+            logits = mask_to_allowed(logits, *batch.allowed)
+        if batch.banned is not None:
+            logits.index_put_(batch.banned, logits.new_full((1,), float("-inf")))  # a fill, not a host copy
+        if batch.penalties is not None:
+            logits = apply_penalties(logits, batch.penalties)
+        raw_logprobs = logits.log_softmax(-1) if batch.max_num_logprobs is not None else None
+        return logits, raw_logprobs
+
+    def filtered(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Processed logits with top-k/top-p/min-p applied, and the temperature to sample them at (0 = greedy):
+        Gumbel-max over these samples the row's distribution (the speculative verifier reads them too)."""
         temperature = batch.temperature
         if batch.top_k is not None or batch.top_p is not None or batch.min_p is not None:
             # The filters act on the tempered distribution: scale first, then sample the survivors at T = 1.
@@ -107,6 +112,11 @@ class Sampler:
             if batch.min_p is not None:
                 logits = apply_min_p(logits, batch.min_p)
             temperature = (~greedy).float()
+        return logits, temperature
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Random rows: Gumbel-max at their temperature; greedy rows (T == 0): argmax, in the same pass."""
+        logits, temperature = self.filtered(logits, batch)
         return gumbel_argmax(logits, temperature, batch.keys, batch.steps, backend=self.kernel_backend)
 
 

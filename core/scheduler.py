@@ -26,6 +26,7 @@ class ScheduledSeq:
     num_tokens: int
     samples: bool  # the step reaches the end of the sequence's tokens, so its last logits are sampled
     output_index: int  # index in the output of the token sampled (when ``samples``)
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts verified this step (after the last token)
 
 
 @dataclass(slots=True)
@@ -96,6 +97,12 @@ class Scheduler:
                 i += 1  # its last token is being sampled: nothing more to compute
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            drafts = self._schedulable_drafts(seq, budget)
+            if drafts and self.kv.allocate_slots(seq, 1 + len(drafts)):
+                scheduled.append(self._commit(seq, 1 + len(drafts), drafts))
+                budget -= 1 + len(drafts)
+                i += 1
+                continue
             if not self._allocate_or_preempt(seq, num_new, preempted):
                 break  # the sequence preempted itself: nothing newer is left to schedule
             scheduled.append(self._commit(seq, num_new))
@@ -109,6 +116,23 @@ class Scheduler:
         freed.extend(r.key for r in preempted)
         self._batched_tokens = self.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled, self._batched_tokens, preempted, freed)
+
+    @staticmethod
+    def _schedulable_drafts(seq: Sequence, budget: int) -> list[int]:
+        """The drafts a decoding sequence can verify this step: none unless only its last token is left to compute;
+        capped so the token after the drafts stays within max_tokens / max_model_len, and by the token budget.
+        Drafts never cause a preemption: when their blocks are short, the sequence decodes one token."""
+        drafts = seq.spec_token_ids
+        if not drafts or seq.num_placeholders or seq.num_computed_tokens != seq.num_tokens - 1:
+            return []
+        room = min(seq.max_total_tokens - seq.num_tokens - 1, budget - 1)
+        return drafts[:room] if room > 0 else []
+
+    def rollback_rejected(self, seq: Sequence, num_rejected: int) -> None:
+        """After verification: the rejected drafts' positions are not computed, and blocks beyond what the
+        sequence's computed tokens need go back to the pool."""
+        seq.num_computed_tokens -= num_rejected
+        self.kv.trim(seq, seq.num_computed_tokens)
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
         """Room for a running sequence's tokens, preempting the newest running sequences until it fits; False
@@ -170,10 +194,11 @@ class Scheduler:
             return []  # every prompt position must be computed to get its logprobs
         return self.kv.find_cached_prefix(seq)
 
-    def _commit(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+    def _commit(self, seq: Sequence, num_new: int, drafts: list[int] | None = None) -> ScheduledSeq:
         start = seq.num_computed_tokens
-        samples = start + num_new == seq.num_tokens
-        scheduled = ScheduledSeq(seq, start, num_new, samples, seq.num_tokens - seq.num_prompt_tokens)
+        samples = start + num_new == seq.num_tokens + (len(drafts) if drafts else 0)
+        scheduled = ScheduledSeq(seq, start, num_new, samples, seq.num_tokens - seq.num_prompt_tokens,
+                                 drafts or [])
         seq.num_computed_tokens += num_new
         if samples and self.async_scheduling:
             seq.num_placeholders += 1
@@ -181,6 +206,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
+        seq.spec_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         self._preemptions += 1

@@ -25,7 +25,7 @@ class Sequence:
         "eos_token_ids", "stop_token_ids", "max_total_tokens", "cache_salt",
         "num_computed_tokens", "status", "finish_reason", "stop_reason", "block_hashes", "fork_source",
         "num_cached_tokens", "prefix_query_counted", "seed_key", "prompt_logprobs_done",
-        "first_output_sent", "num_placeholders", "arrival_time", "queue_time_s",
+        "first_output_sent", "num_placeholders", "arrival_time", "queue_time_s", "spec_token_ids",
     )
 
     def __init__(
@@ -68,6 +68,8 @@ class Sequence:
         self.queue_time_s = 0.0  # arrival to first scheduling (vllm:request_queue_time_seconds)
         # Tokens being sampled by a step still in flight (async scheduling): counted in num_tokens, ids not known yet.
         self.num_placeholders = 0
+        # Speculative decoding: draft tokens proposed for the next step (verified, never part of all_token_ids).
+        self.spec_token_ids: list[int] = []
         seed = sampling_params.seed
         self.seed_key = None if seed is None else _mix32((seed & _MASK32) ^ _mix32((seed >> 32) & _MASK32))
 

@@ -47,10 +47,12 @@ class StepInputs:
 
     def stage(
         self, token_ids: np.ndarray, starts: np.ndarray, nums: np.ndarray, table_rows: np.ndarray,
-        pad_to: int | None = None,
+        pad_to: int | None = None, pad_tokens_to: int | None = None,
     ) -> AttentionMetadata:
         """Inputs for sequences that compute ``nums[i]`` tokens from position ``starts[i]`` with block-table rows
-        ``table_rows``; padded with empty rows up to ``pad_to`` (a graph's batch size)."""
+        ``table_rows``; padded with empty rows up to ``pad_to`` (a graph's batch size). ``pad_tokens_to``: a verify
+        graph's token count (``pad_to * (1 + k)``): the padding sequences get no tokens, and the token rows past the
+        real ones are dummies that belong to no sequence."""
         self._turn = (self._turn + 1) % len(self._hosts)
         host = self.host = self._hosts[self._turn]
         bs = self.block_size
@@ -65,7 +67,10 @@ class StepInputs:
         host.slot_np[:num_tokens] = table_rows[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         host.seq_np[:num_seqs] = starts + nums
         host.bt_np[:num_seqs, : table_rows.shape[1]] = table_rows
-        if pad_to is not None:
+        if pad_tokens_to is not None:
+            self.fill_verify_padding(num_seqs, pad_to, num_tokens, pad_tokens_to)
+            num_seqs, num_tokens = pad_to, pad_tokens_to
+        elif pad_to is not None:
             self.fill_padding(num_seqs, pad_to)
             num_seqs = num_tokens = pad_to
         if num_tokens == num_seqs:  # a decode-only step
@@ -83,11 +88,30 @@ class StepInputs:
         host.qsl_np[start + 1 : end + 1] = np.arange(start + 1, end + 1)
         host.bt_np[start:end] = 0
 
+    def fill_verify_padding(self, num_seqs: int, pad_seqs: int, num_tokens: int, pad_tokens: int) -> None:
+        """Sequences ``num_seqs..pad_seqs`` of a verify graph batch: no query tokens, no context. Token rows
+        ``num_tokens..pad_tokens``: id 0 at position 0, no cache write; they follow the last sequence's rows and
+        belong to none (attention leaves them alone; their logits are never read)."""
+        host = self.host
+        host.ids_np[num_tokens:pad_tokens] = 0
+        host.pos_np[num_tokens:pad_tokens] = 0
+        host.slot_np[num_tokens:pad_tokens] = -1
+        host.seq_np[num_seqs:pad_seqs] = 0
+        host.qsl_np[num_seqs + 1 : pad_seqs + 1] = num_tokens
+        host.bt_np[num_seqs:pad_seqs] = 0
+
     def prepare_graph_capture(self, batch_size: int) -> None:
         self.fill_padding(0, batch_size)
         self.host.qsl_np[0] = 0
         self.host.order_np[:batch_size] = np.arange(batch_size)
         self._upload(batch_size, batch_size)
+
+    def prepare_verify_capture(self, num_seqs: int, num_tokens: int) -> None:
+        """Static buffers a verify graph can be captured on: empty sequences, dummy tokens (no cache writes)."""
+        self.fill_verify_padding(0, num_seqs, 0, num_tokens)
+        self.host.qsl_np[0] = 0
+        self.host.order_np[:num_seqs] = np.arange(num_seqs)
+        self._upload(num_tokens, num_seqs)
 
     def _upload(self, num_tokens: int, num_seqs: int) -> None:
         h = self.host

@@ -36,8 +36,13 @@ def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
 def serve(argv: list[str]) -> None:
     from frontend.api_server import run_server
 
-    args = serve_parser().parse_args(argv)
-    run_server(engine_config_from_args(args), server_options_from_args(args))
+    parser = serve_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = engine_config_from_args(args)
+    except ValueError as exc:  # a value the flag's type cannot check, e.g. a bad --speculative-config
+        parser.error(str(exc))
+    run_server(config, server_options_from_args(args))
 
 
 def generate(argv: list[str]) -> None:

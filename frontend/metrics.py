@@ -105,6 +105,13 @@ class Metrics:
             token_buckets)
         self._success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                 labels + ["finished_reason"], registry=reg)
+        self.spec_num_drafts = counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.")
+        self.spec_num_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.")
+        self.spec_num_accepted_tokens = counter("vllm:spec_decode_num_accepted_tokens",
+                                                "Number of accepted tokens.")
+        self._spec_accepted_per_pos = Counter(
+            "vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted tokens per draft position.",
+            labels + ["position"], registry=reg)
         self._label_values = values
         self.latest_stats: SchedulerStats | None = None
         for reason in ("stop", "length", "abort"):
@@ -123,6 +130,12 @@ class Metrics:
             self.prefix_cache_queries.inc(stats.prefix_cache_queries)
         if stats.prefix_cache_hits:
             self.prefix_cache_hits.inc(stats.prefix_cache_hits)
+        if stats.spec_num_drafts:
+            self.spec_num_drafts.inc(stats.spec_num_drafts)
+            self.spec_num_draft_tokens.inc(stats.spec_num_draft_tokens)
+            self.spec_num_accepted_tokens.inc(stats.spec_num_accepted_tokens)
+            for position, accepted in enumerate(stats.spec_num_accepted_tokens_per_pos):
+                self._spec_accepted_per_pos.labels(*self._label_values, str(position)).inc(accepted)
 
     def record_request_phases(self, queue_s: float, prefill_s: float | None, decode_s: float | None,
                               inference_s: float, n: int, max_tokens: int | None, max_generation_tokens: int) -> None:

@@ -32,6 +32,79 @@ LOAD_FORMATS = ("auto", *WEIGHT_FORMATS, "dummy")  # dummy: random weights, no f
 DEVICES = ("auto", "cuda", "cpu")
 BACKENDS = ("auto", "torch", "triton")
 TASKS = ("auto", "generate", "embed")
+SPEC_METHODS = ("ngram", "draft_model")
+
+
+class SpeculativeConfig(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """vLLM's ``--speculative-config``: ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+    "prompt_lookup_min": 2}`` or ``{"method": "draft_model", "model": PATH_OR_ID, "num_speculative_tokens": 3}``.
+    vLLM's older spelling names only ``model`` (a draft model, or ``"[ngram]"``). Checks that need the models
+    (same vocabulary, long enough context) run at startup: ``core/spec_decode/draft_model.py``."""
+
+    method: str | None = None
+    num_speculative_tokens: int | None = None
+    model: str | None = None
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+    revision: str | None = None  # the draft model's hub revision
+    load_format: str | None = None  # the draft's weights format (default: the target's)
+
+    def __post_init__(self) -> None:
+        if self.method is None:
+            if self.model is None:
+                raise ValueError("speculative_config needs a 'method' (ngram or draft_model) or a draft 'model'.")
+            self.method = "ngram" if self.model == "[ngram]" else "draft_model"
+        if self.method == "[ngram]":
+            self.method = "ngram"
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config: unknown method {self.method!r}; supported: "
+                             f"{', '.join(SPEC_METHODS)}.")
+        if self.num_speculative_tokens is None:
+            raise ValueError("speculative_config needs 'num_speculative_tokens' (the drafts per step, >= 1).")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"speculative_config: num_speculative_tokens must be >= 1, got "
+                             f"{self.num_speculative_tokens}.")
+        if self.method == "ngram":
+            if self.model not in (None, "[ngram]"):
+                raise ValueError("speculative_config: method ngram takes no draft 'model'.")
+            self.model = None
+            if self.prompt_lookup_max is None and self.prompt_lookup_min is None:
+                self.prompt_lookup_max = self.prompt_lookup_min = 5  # vLLM's default
+            elif self.prompt_lookup_min is None:
+                self.prompt_lookup_min = self.prompt_lookup_max
+            elif self.prompt_lookup_max is None:
+                self.prompt_lookup_max = self.prompt_lookup_min
+            if self.prompt_lookup_min < 1:
+                raise ValueError(f"speculative_config: prompt_lookup_min must be >= 1, got {self.prompt_lookup_min}.")
+            if self.prompt_lookup_min > self.prompt_lookup_max:
+                raise ValueError(f"speculative_config: prompt_lookup_min={self.prompt_lookup_min} is larger than "
+                                 f"prompt_lookup_max={self.prompt_lookup_max}.")
+        else:
+            if not self.model:
+                raise ValueError("speculative_config: method draft_model needs the draft 'model' (path or id).")
+            if self.prompt_lookup_max is not None or self.prompt_lookup_min is not None:
+                raise ValueError("speculative_config: prompt_lookup_max/min apply to method ngram only.")
+            if self.load_format is not None and self.load_format not in LOAD_FORMATS:
+                raise ValueError(f"speculative_config: load_format must be one of {', '.join(LOAD_FORMATS)}.")
+
+
+def parse_speculative_config(value: Any) -> SpeculativeConfig | None:
+    """A JSON string (the CLI), a dict (``LLM(...)``) or a ``SpeculativeConfig`` -> the validated struct."""
+    if value is None or isinstance(value, SpeculativeConfig):
+        return value
+    if isinstance(value, (str, bytes)):
+        try:
+            value = msgspec.json.decode(value)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise TypeError(f"speculative_config must be a JSON object, got {value!r}.")
+    try:
+        return msgspec.convert(value, SpeculativeConfig)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        raise ValueError(message if message.startswith("speculative_config") else f"speculative_config: {message}"
+                         ) from None
 
 
 @dataclass(frozen=True)
@@ -44,6 +117,7 @@ class Arg:
     negative_aliases: tuple[str, ...] = ()  # bool fields: extra flags that set False (vLLM's "--disable-...")
     nargs: str | None = None  # "+" for list-valued fields
     metavar: str | None = None
+    parse: Any = None  # text/dict -> the field's value (fields given as JSON on the command line)
 
 
 class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -101,11 +175,17 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     task: Annotated[str, Arg(
         "What the model serves. auto: embed for encoder (BERT-family) models, else generate; embed: "
         "/v1/embeddings and LLM.embed (encoders, or a decoder pooling its last token).", choices=TASKS)] = "auto"
+    speculative_config: Annotated[SpeculativeConfig | None, Arg(
+        "Speculative decoding, as JSON (vLLM's): '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+        "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' or '{\"method\": \"draft_model\", \"model\": "
+        "PATH_OR_ID, \"num_speculative_tokens\": 3}'.", metavar="JSON", parse=parse_speculative_config)] = None
 
     def __post_init__(self) -> None:
         for name, info in _FIELDS.items():
             choices = info.arg.choices
             value = getattr(self, name)
+            if info.arg.parse is not None and value is not None:
+                setattr(self, name, info.arg.parse(value))  # a JSON string or dict given to the constructor
             if choices is not None and value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
 
@@ -177,6 +257,9 @@ def engine_config_from_kwargs(**kwargs: Any) -> EngineConfig:
     if unknown:
         raise TypeError(f"Unknown engine argument(s) {unknown}; known: {sorted(set(_FIELDS) - {'model'})}.")
     for name, value in kwargs.items():
+        parse = _FIELDS[name].arg.parse
+        if parse is not None:
+            kwargs[name] = value = parse(value)
         try:
             msgspec.convert(value, _FIELDS[name].type)
         except msgspec.ValidationError as exc:
@@ -217,7 +300,6 @@ NOT_SUPPORTED_YET: dict[str, NotSupportedYet] = {
     "lora_modules": NotSupportedYet("LoRA adapters", nargs="+"),
     "tensor_parallel_size": NotSupportedYet("tensor parallelism", aliases=("-tp",), allowed=("1",)),
     "pipeline_parallel_size": NotSupportedYet("pipeline parallelism", aliases=("-pp",), allowed=("1",)),
-    "speculative_config": NotSupportedYet("speculative decoding"),
     "quantization": NotSupportedYet("quantization methods", aliases=("-q",), allowed=("None",)),
     "kv_cache_dtype": NotSupportedYet("quantized KV cache", allowed=("auto",)),
     "runner": NotSupportedYet("--runner flag (for pooling use --task embed)", allowed=("auto", "generate")),

@@ -237,6 +237,11 @@ class SchedulerStats(msgspec.Struct, array_like=True, gc=False):
     prefix_cache_queries: int = 0  # prompt tokens looked up (first scheduling only, never a recompute)
     prefix_cache_hits: int = 0  # of those, tokens found in the cache
     num_batched_tokens: int = 0  # tokens computed by the step (prefill + decode)
+    # speculative decoding (vLLM's vllm:spec_decode_* counters)
+    spec_num_drafts: int = 0  # sequences that verified drafts
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_num_accepted_tokens_per_pos: list[int] = []  # accepted drafts at each draft position
 
 
 class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

