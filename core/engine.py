@@ -14,6 +14,8 @@ from core.kv_cache import KVCacheManager
 from core.model_runner import ModelRunner, RunnerOutput, StepHandle
 from core.request import Request, RequestStatus
 from core.scheduler import Scheduler, SchedulerOutput
+from core.structured_output import StructuredOutputManager
+from core.structured_output.tokenizer_info import load_tokenizer_info
 from ipc.messages import (
     EngineConfig,
     EngineOutput,
@@ -22,6 +24,7 @@ from ipc.messages import (
     FinishReason,
     Logprobs,
     ReadyMessage,
+    RequestError,
     SamplingParams,
 )
 
@@ -54,6 +57,11 @@ class EngineCore:
         )
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
         self.eos_token_ids = frozenset(self.runner.model_config.eos_token_ids)
+        self.structured = StructuredOutputManager(
+            lambda: load_tokenizer_info(config, self.runner.vocab_size, sorted(self.eos_token_ids)),
+            self.runner.vocab_size, config.max_num_seqs)
+        self.scheduler.holds = self.structured.holds  # constrained requests wait until their grammar compiles
+        self.runner.structured_output = self.structured
         self._pending: list[EngineOutput] = []
         self._children: dict[str, list[Request]] = {}  # request id -> its n sequences
         self._prompt_logprobs: dict[tuple[str, int], Logprobs] = {}
@@ -104,6 +112,8 @@ class EngineCore:
         self._children[request.request_id] = sequences
         self.total_prompt_tokens += len(prompt)
         for seq in sequences:
+            if params.structured_outputs is not None:
+                self.structured.add(seq)
             self.scheduler.add_request(seq)
 
     def abort_requests(self, request_ids: list[str], indices: list[int] | None = None) -> None:
@@ -128,6 +138,9 @@ class EngineCore:
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         self.runner.input_batch.remove(sched.freed_keys)
+        errors = self._fail_grammars()
+        if sched.is_empty and self._inflight is None and not outputs:
+            self.structured.wait_for_compile(0.005)  # only grammars compiling: do not spin against the compiler
         if self._inflight is not None and (sched.is_empty or self._needs_sampled_tokens(sched)):
             outputs.extend(self._finish_inflight())
             sched.scheduled = [s for s in sched.scheduled if not s.request.is_finished]
@@ -139,7 +152,7 @@ class EngineCore:
             self._inflight = (sched, handle)
             if not self.async_scheduling:
                 outputs.extend(self._finish_inflight())
-        return EngineOutputs(outputs, self.scheduler.stats(), timestamp=time.time())
+        return EngineOutputs(outputs, self.scheduler.stats(), timestamp=time.time(), errors=errors)
 
     def _finish_inflight(self) -> list[EngineOutput]:
         sched, handle = self._inflight
@@ -148,8 +161,20 @@ class EngineCore:
 
     @staticmethod
     def _needs_sampled_tokens(sched: SchedulerOutput) -> bool:
-        """Penalties read the output token ids on the host: wait for the step in flight before such a step."""
-        return any(seq.samples and seq.request.sampling_params.uses_penalties for seq in sched.scheduled)
+        """Penalties read the output token ids on the host, and a grammar's mask depends on the previous token:
+        wait for the step in flight before such a step."""
+        return any(seq.samples and (seq.request.sampling_params.uses_penalties
+                                    or seq.request.sampling_params.structured_outputs is not None)
+                   for seq in sched.scheduled)
+
+    def _fail_grammars(self) -> list[RequestError]:
+        """Requests whose grammar did not compile: abort them and tell the frontend why (it answers 400)."""
+        errors = []
+        for request, message in self.structured.take_failures():
+            if request.request_id in self._children:
+                self.abort_requests([request.request_id])
+                errors.append(RequestError(request.request_id, message, "structured_outputs"))
+        return errors
 
     def _update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineOutput]:
         for key, (first_token, rows) in result.prompt_logprobs.items():
@@ -166,6 +191,8 @@ class EngineCore:
             if request.is_finished:  # finished or aborted while this step was in flight
                 continue
             finished = request.append_token(token)
+            if request.sampling_params.structured_outputs is not None:
+                self.structured.accept(request, token)
             self.total_generation_tokens += 1
             out = EngineOutput(request.request_id, [token], index=request.index, new_logprobs=logprobs)
             if not request.first_output_sent:
@@ -196,6 +223,8 @@ class EngineCore:
         sequences = self._children.get(request_id)
         if sequences and all(s.status is RequestStatus.FINISHED for s in sequences):
             del self._children[request_id]
+            for seq in sequences:
+                self.structured.remove(seq.key)
             self._prompt_logprobs.pop((request_id, 0), None)
 
     # ------------------------------------------------------------------------------------------------ utilities
@@ -220,6 +249,7 @@ class EngineCore:
         if self._inflight is not None:
             self._inflight[1].result()
             self._inflight = None
+        self.structured.shutdown()
         self.runner.kv_caches = []
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core.structured_output.bitmask import apply_token_bitmask
 from kernels.sampling import gumbel_argmax
 
 
@@ -35,6 +36,7 @@ class SamplingBatch:
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, token ids (EOS/stop ids before min_tokens)
     penalties: "Penalties | None" = None
     max_num_logprobs: int | None = None  # top-N to return for every row (rows that asked for fewer are cut later)
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None  # constrained rows, their xgrammar bitmask [rows, V/32]
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits.float()
+        if batch.grammar is not None:  # first: nothing the grammar forbids may come back in (nor be a logprob)
+            apply_token_bitmask(logits, *batch.grammar)
         if batch.logit_bias is not None:
             rows, cols, values = batch.logit_bias
             logits.index_put_((rows, cols), values, accumulate=True)

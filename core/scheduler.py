@@ -11,6 +11,7 @@ Pure Python.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.kv_cache import KVBlock, KVCacheManager
@@ -63,6 +64,7 @@ class Scheduler:
         self.total_preemptions = 0
         self.total_prefix_queries = 0
         self.total_prefix_hits = 0
+        self.holds: Callable[[Request], bool] | None = None  # a waiting request it holds is skipped this step
 
     # ------------------------------------------------------------------------------------------------ intake
     def add_request(self, request: Request) -> None:
@@ -130,6 +132,9 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if self.holds is not None and self.holds(request):  # e.g. its grammar is still compiling
+                skipped.append(self.waiting.popleft())
+                continue
             shared = self._shared_prefix(request) if not request.num_placeholders else None
             if shared is None:  # a fork whose source has not scheduled its prompt yet, or a token still in flight
                 skipped.append(self.waiting.popleft())
