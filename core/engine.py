@@ -14,7 +14,7 @@ from core.kv_cache import KVCacheManager
 from core.model_runner import ModelRunner, RunnerOutput, StepHandle
 from core.request import Request, RequestStatus
 from core.scheduler import Scheduler, SchedulerOutput
-from core.structured_output import StructuredOutputManager
+from core.structured_output.manager import StructuredOutputManager
 from core.structured_output.tokenizer_info import load_tokenizer_info
 from ipc.messages import (
     EngineConfig,

@@ -169,7 +169,8 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
             if not served_names[0]:
                 served_names[0] = ready.model
             ctx = ServingContext(client, tokenizer, served_names, ready.model, ready.max_model_len,
-                                 ready.vocab_size)
+                                 ready.vocab_size, engine_config.enable_auto_tool_choice,
+                                 engine_config.tool_call_parser)
             app.state.ctx = ctx
             app.state.completion = CompletionServing(ctx)
             app.state.chat = ChatServing(ctx)

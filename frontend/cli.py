@@ -38,6 +38,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="Allow tool_choice 'auto': tool calls are parsed from the text by --tool-call-parser.")
+    parser.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral", "pythonic"],
+                        help="How the model writes tool calls (needed by --enable-auto-tool-choice).")
 
 
 def engine_config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
@@ -59,6 +63,8 @@ def engine_config_from_args(args: argparse.Namespace, **extra) -> EngineConfig:
         cpu_kv_cache_gib=args.cpu_kv_cache_gib,
         device=args.device,
         attention_backend=args.attention_backend,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
         **extra,
     )
 
@@ -84,7 +90,10 @@ def serve_parser() -> argparse.ArgumentParser:
 def serve(argv: list[str]) -> None:
     from frontend.api_server import ServerOptions, run_server
 
-    args = serve_parser().parse_args(argv)
+    parser = serve_parser()
+    args = parser.parse_args(argv)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser.")
     names = args.served_model_name or []
     config = engine_config_from_args(args, served_model_name=names[0] if names else None,
                                      chat_template=args.chat_template)

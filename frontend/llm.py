@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from frontend.output_processor import OutputProcessor, RequestOutput
+from frontend.structured_outputs import check_structured_outputs
 from ipc.messages import EngineConfig, EngineRequest, SamplingParams
 from ipc.model_source import resolve_model
 
@@ -117,6 +118,8 @@ class LLM:
         order: dict[str, int] = {}
         try:
             for i, ((text, ids), params) in enumerate(zip(prompts, params_list)):
+                if params.structured_outputs is not None:
+                    check_structured_outputs(params.structured_outputs)  # a bad schema raises before any work
                 request_id = str(next(self._ids))
                 self.engine.add_request(EngineRequest(request_id, ids, params, arrival_time=time.time()))
                 self.processor.add_request(request_id, text, ids, params, final_only=True)

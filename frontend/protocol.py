@@ -91,6 +91,15 @@ class _SamplingFields(OpenAIBase):
     echo: bool = False
     add_special_tokens: bool = True
     request_id: str | None = None
+    # Structured outputs (frontend/structured_outputs.py): vLLM's object, its older guided_* fields, OpenAI's
+    # response_format (a field of both endpoints, as in vLLM).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, default_max: bool) -> SamplingParams:
         if self.best_of is not None and self.best_of != self.n:
@@ -104,6 +113,9 @@ class _SamplingFields(OpenAIBase):
                               param="prompt_logprobs")
         if self.prompt_logprobs is not None and self.stream:
             raise OpenAIError("prompt_logprobs is not available when stream is true.", param="prompt_logprobs")
+        from frontend.structured_outputs import structured_outputs_from_request
+
+        structured_outputs = structured_outputs_from_request(self)
         logit_bias = None
         if self.logit_bias:
             try:
@@ -132,6 +144,7 @@ class _SamplingFields(OpenAIBase):
                 skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                structured_outputs=structured_outputs,
             )
         except SamplingParamError as exc:
             param = exc.param
@@ -297,7 +310,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -317,10 +329,6 @@ class ChatCompletionRequest(_SamplingFields):
         if self.add_generation_prompt and self.continue_final_message:
             raise OpenAIError("add_generation_prompt and continue_final_message cannot both be true.",
                               param="continue_final_message")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise OpenAIError("response_format other than 'text' is not supported.", param="response_format")
-        if self.tools and self.tool_choice not in (None, "none"):
-            raise OpenAIError("Tool calling is not supported.", param="tools")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise OpenAIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
@@ -382,6 +390,7 @@ class DeltaMessage(_Response, omit_defaults=True):
 
     content: str | None
     role: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's incremental tool-call deltas (frontend/tool_calling.py)
 
 
 class ChatCompletionStreamChoice(_Response):

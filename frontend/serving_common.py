@@ -34,6 +34,8 @@ class ServingContext:
     model_path: str
     max_model_len: int
     vocab_size: int
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         self._token_strings = TokenStrings(self.tokenizer)

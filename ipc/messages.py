@@ -314,3 +314,5 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     chat_template: str | None = None
     async_scheduling: bool | None = None  # None: on with CUDA (the host prepares a step while the GPU runs one)
     attention_backend: str = "auto"  # auto (Triton on CUDA) | torch (plain-torch reference kernels, for debugging)
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": parse tool calls out of the text (the frontend)
+    tool_call_parser: str | None = None  # hermes | llama3_json | mistral | pythonic
