@@ -14,6 +14,8 @@ from core.kv_cache import KVCacheManager
 from core.model_runner import ModelRunner, RunnerOutput, StepHandle
 from core.sequence import Sequence, SequenceStatus
 from core.scheduler import Scheduler, SchedulerOutput
+from core.structured_output.manager import StructuredOutputManager
+from core.structured_output.tokenizer_info import load_tokenizer_info
 from ipc.messages import (
     EngineConfig,
     EngineOutput,
@@ -22,6 +24,7 @@ from ipc.messages import (
     FinishReason,
     Logprobs,
     ReadyMessage,
+    RequestError,
     SamplingParams,
 )
 
@@ -52,6 +55,12 @@ class EngineCore:
         )
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
         self.eos_token_ids = frozenset(self.runner.model_config.eos_token_ids)
+        self.structured = StructuredOutputManager(
+            lambda: load_tokenizer_info(self.runner.source, config.tokenizer, self.runner.vocab_size,
+                                        sorted(self.eos_token_ids)),
+            self.runner.vocab_size, config.max_num_seqs)
+        self.scheduler.holds = self.structured.holds  # constrained requests wait until their grammar compiles
+        self.runner.structured_output = self.structured
         self._pending: list[EngineOutput] = []
         self._children: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._prompt_logprobs: dict[tuple[str, int], Logprobs] = {}
@@ -101,6 +110,8 @@ class EngineCore:
         self._children[request.request_id] = sequences
         self.total_prompt_tokens += len(prompt)
         for seq in sequences:
+            if params.structured_outputs is not None:
+                self.structured.add(seq)
             self.scheduler.add_sequence(seq)
 
     def abort_requests(self, request_ids: list[str], indices: list[int] | None = None) -> None:
@@ -125,6 +136,9 @@ class EngineCore:
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         self.runner.input_batch.remove(sched.freed_keys)
+        errors = self._fail_grammars()
+        if sched.is_empty and self._inflight is None and not outputs:
+            self.structured.wait_for_compile(0.005)  # only grammars compiling: do not spin against the compiler
         if self._inflight is not None and (sched.is_empty or self._needs_sampled_tokens(sched)):
             outputs.extend(self._finish_inflight())
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
@@ -136,7 +150,7 @@ class EngineCore:
             self._inflight = (sched, handle)
             if not self.async_scheduling:
                 outputs.extend(self._finish_inflight())
-        return EngineOutputs(outputs, self.scheduler.stats(), timestamp=time.time())
+        return EngineOutputs(outputs, self.scheduler.stats(), timestamp=time.time(), errors=errors)
 
     def _finish_inflight(self) -> list[EngineOutput]:
         sched, handle = self._inflight
@@ -145,8 +159,20 @@ class EngineCore:
 
     @staticmethod
     def _needs_sampled_tokens(sched: SchedulerOutput) -> bool:
-        """Penalties read the output token ids on the host: wait for the step in flight before such a step."""
-        return any(s.samples and s.seq.sampling_params.uses_penalties for s in sched.scheduled)
+        """Penalties read the output token ids on the host, and a grammar's mask depends on the previous token:
+        wait for the step in flight before such a step."""
+        return any(s.samples and (s.seq.sampling_params.uses_penalties
+                                  or s.seq.sampling_params.structured_outputs is not None)
+                   for s in sched.scheduled)
+
+    def _fail_grammars(self) -> list[RequestError]:
+        """Requests whose grammar did not compile: abort them and tell the frontend why (it answers 400)."""
+        errors = []
+        for seq, message in self.structured.take_failures():
+            if seq.request_id in self._children:
+                self.abort_requests([seq.request_id])
+                errors.append(RequestError(seq.request_id, message, "structured_outputs"))
+        return errors
 
     def _update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineOutput]:
         for key, (first_token, rows) in result.prompt_logprobs.items():
@@ -163,6 +189,8 @@ class EngineCore:
             if seq.is_finished:  # finished or aborted while this step was in flight
                 continue
             finished = seq.append_token(token)
+            if seq.sampling_params.structured_outputs is not None:
+                self.structured.accept(seq, token)
             self.total_generation_tokens += 1
             out = EngineOutput(seq.request_id, [token], index=seq.index, new_logprobs=logprobs)
             if not seq.first_output_sent:
@@ -193,6 +221,8 @@ class EngineCore:
         sequences = self._children.get(request_id)
         if sequences and all(s.status is SequenceStatus.FINISHED for s in sequences):
             del self._children[request_id]
+            for seq in sequences:
+                self.structured.remove(seq.key)
             self._prompt_logprobs.pop((request_id, 0), None)
 
     # ------------------------------------------------------------------------------------------------ utilities
@@ -217,6 +247,7 @@ class EngineCore:
         if self._inflight is not None:
             self._inflight[1].result()
             self._inflight = None
+        self.structured.shutdown()
         self.runner.kv_caches = []
 
 

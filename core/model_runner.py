@@ -93,6 +93,7 @@ class ModelRunner:
         logger.info("Loaded %s (%s, %s) in %.1f s", self.source.name, self.dtype, self.device,
                     time.perf_counter() - start)
         self.sampler = Sampler(self.resolved.kernel_backend)
+        self.structured_output = None  # the engine's StructuredOutputManager: grammar bitmasks for constrained rows
         self._step_keys = random.Random(config.seed)  # unseeded rows' noise: reproducible for a given engine seed
         self.inputs = StepInputs(self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq,
                                  self.block_size, self.device)
@@ -270,6 +271,8 @@ class ModelRunner:
         output_indices = [seqs[i].output_index for i in sampling]
         batch = build_sampling_batch(sampling_seqs, self.vocab_size, self.device, output_indices,
                                      self._step_keys.getrandbits(32))
+        if self.structured_output is not None:
+            batch.grammar = self.structured_output.bitmask(sampling_seqs, self.device)
         sampled = self.sampler(logits[num_prompt_rows:], batch)
         host_tokens, event = None, None
         if self.device.type == "cuda":

@@ -1,9 +1,9 @@
 """Turn the last-position logits of a batch into next tokens, all on the device, one code path per feature used.
 
-Order: logit_bias and min_tokens masks, penalties, (raw logprobs), then for random rows temperature, top-k, top-p,
-min-p (only when some row uses them: masked tokens become -inf), then one fused Gumbel-max pass
-(``kernels.sampling.gumbel_argmax``): ``argmax(logits / T + G)``, equivalent to sampling from softmax(logits / T).
-Greedy rows take the argmax.
+Order: the grammar bitmask (structured outputs), logit_bias and min_tokens masks, penalties, (raw logprobs), then
+for random rows temperature, top-k, top-p, min-p (only when some row uses them: masked tokens become -inf), then one
+fused Gumbel-max pass (``kernels.sampling.gumbel_argmax``): ``argmax(logits / T + G)``, equivalent to sampling from
+softmax(logits / T). Greedy rows take the argmax.
 
 Every row's noise is a counter-based hash of (key, step, token id), the same on every device: seeded rows use
 (their seed's key, output index), so they give the same tokens whatever else is in the batch, after a preemption,
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core.structured_output.bitmask import apply_token_bitmask
 from kernels.backend import check_backend
 from kernels.sampling import gumbel_argmax
 
@@ -36,6 +37,7 @@ class SamplingBatch:
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, token ids (EOS/stop ids before min_tokens)
     penalties: "Penalties | None" = None
     max_num_logprobs: int | None = None  # top-N to return for every row (rows that asked for fewer are cut later)
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None  # constrained rows, their xgrammar bitmask [rows, V/32]
 
 
 @dataclass
@@ -64,6 +66,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits.float()
+        if batch.grammar is not None:  # first: nothing the grammar forbids may come back in (nor be a logprob)
+            apply_token_bitmask(logits, *batch.grammar)
         if batch.logit_bias is not None:
             rows, cols, values = batch.logit_bias
             logits.index_put_((rows, cols), values, accumulate=True)

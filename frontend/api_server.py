@@ -164,7 +164,9 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
                 served_names[0] = ready.model
             ctx = ServingContext(client, tokenizer, served_names, ready.model, ready.max_model_len,
                                  ready.vocab_size, max_logprobs=engine_config.max_logprobs,
-                                 default_sampling=default_sampling or {}, request_logger=request_logger)
+                                 default_sampling=default_sampling or {}, request_logger=request_logger,
+                                 enable_auto_tool_choice=options.enable_auto_tool_choice,
+                                 tool_call_parser=options.tool_call_parser)
             app.state.ctx = ctx
             app.state.completion = CompletionServing(ctx)
             app.state.chat = ChatServing(ctx)
@@ -298,8 +300,8 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
     import uvloop
 
     from core.model_source import resolve_model
+    from core.tokenizer import load_tokenizer
     from frontend.generation_config import default_sampling_overrides
-    from frontend.tokenizer import load_tokenizer
 
     source = resolve_model(engine_config.model, engine_config.revision)
     tokenizer = None

@@ -36,8 +36,13 @@ def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
 def serve(argv: list[str]) -> None:
     from frontend.api_server import run_server
 
-    args = serve_parser().parse_args(argv)
-    run_server(engine_config_from_args(args), server_options_from_args(args))
+    parser = serve_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = server_options_from_args(args)
+    except ValueError as exc:  # settings that contradict each other
+        parser.error(str(exc))
+    run_server(engine_config_from_args(args), options)
 
 
 def generate(argv: list[str]) -> None:

@@ -98,6 +98,15 @@ class _SamplingFields(OpenAIBase):
     add_special_tokens: bool = True
     request_id: str | None = None
     cache_salt: str | None = None  # vLLM's: prompts share prefix-cache blocks only with requests of the same salt
+    # Structured outputs (frontend/structured_outputs.py): vLLM's object, its older guided_* fields, OpenAI's
+    # response_format (a field of both endpoints, as in vLLM).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, default_max: bool,
                          defaults: dict[str, Any] | None, max_logprobs: int) -> SamplingParams:
@@ -115,6 +124,9 @@ class _SamplingFields(OpenAIBase):
             max_tokens = min(max_tokens, defaults["max_tokens"])
         if self.prompt_logprobs is not None and self.stream:
             raise OpenAIError("prompt_logprobs is not available when stream is true.", param="prompt_logprobs")
+        from frontend.structured_outputs import structured_outputs_from_request
+
+        structured_outputs = structured_outputs_from_request(self)
         logit_bias = None
         if self.logit_bias:
             try:
@@ -144,6 +156,7 @@ class _SamplingFields(OpenAIBase):
                 skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                structured_outputs=structured_outputs,
             )
         except SamplingParamError as exc:
             param = exc.param
@@ -310,7 +323,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -330,10 +342,6 @@ class ChatCompletionRequest(_SamplingFields):
         if self.add_generation_prompt and self.continue_final_message:
             raise OpenAIError("add_generation_prompt and continue_final_message cannot both be true.",
                               param="continue_final_message")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise OpenAIError("response_format other than 'text' is not supported.", param="response_format")
-        if self.tools and self.tool_choice not in (None, "none"):
-            raise OpenAIError("Tool calling is not supported.", param="tools")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise OpenAIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
@@ -397,6 +405,7 @@ class DeltaMessage(_Response, omit_defaults=True):
 
     content: str | None
     role: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's incremental tool-call deltas (frontend/tool_calling.py)
 
 
 class ChatCompletionStreamChoice(_Response):

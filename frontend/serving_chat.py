@@ -36,18 +36,19 @@ from frontend.serving_common import (
     run_until_disconnect,
     sse_response,
 )
+from frontend.tool_calling import ToolPlan, plan_tool_calls, template_message
 
 
 def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool,
                 continue_final_message: bool, chat_template: str | None,
-                chat_template_kwargs: dict[str, Any] | None) -> str:
+                chat_template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None) -> str:
     """The prompt text for ``messages``; template problems are the client's (400), not the server's."""
     conversation = []
     for m in messages:
         entry: dict[str, Any] = {"role": m.role, "content": m.text()}
         if m.name:
             entry["name"] = m.name
-        conversation.append(entry)
+        conversation.append(template_message(entry, m))
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise OpenAIError("The model's tokenizer has no chat template: pass --chat-template or use "
                           "/v1/completions.")
@@ -55,7 +56,7 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
         return tokenizer.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, chat_template=chat_template,
-            **(chat_template_kwargs or {}),
+            **({"tools": tools} if tools else {}), **(chat_template_kwargs or {}),
         )
     except OpenAIError:
         raise
@@ -98,11 +99,15 @@ class ChatServing:
         request.check(ctx.max_logprobs)
         ctx.check_engine()
         tokenizer = ctx.require_tokenizer()
+        tools = plan_tool_calls(request, ctx.enable_auto_tool_choice, ctx.tool_call_parser)
         prompt = render_chat(tokenizer, request.messages, request.add_generation_prompt,
-                             request.continue_final_message, request.chat_template, request.chat_template_kwargs)
+                             request.continue_final_message, request.chat_template, request.chat_template_kwargs,
+                             tools.template_tools if tools is not None else None)
         prompt_ids = await ctx.encode(prompt, request.add_special_tokens)
         params = request.to_sampling_params(len(prompt_ids), ctx.max_model_len, ctx.default_sampling,
                                             ctx.max_logprobs)
+        if tools is not None:
+            tools.apply(params)
         ctx.check_sampling_params(params)
         request_id = request.request_id or random_id("chatcmpl")
         ctx.log_request(request_id, prompt, prompt_ids, params)
@@ -113,15 +118,17 @@ class ChatServing:
         created = int(time.time())
         if request.stream:
             return sse_response(self._stream(request, request_id, created, prompt, prompt_ids, params, role,
-                                             echo_text))
+                                             echo_text, tools))
         try:
             return await run_until_disconnect(
-                raw_request, self._full(request, request_id, created, prompt, prompt_ids, params, role, echo_text))
+                raw_request, self._full(request, request_id, created, prompt, prompt_ids, params, role, echo_text,
+                                        tools))
         except Exception as exc:
             raise engine_error(exc) from exc
 
     async def _full(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str,
-                    prompt_ids: list[int], params, role: str, echo_text: str) -> Response:
+                    prompt_ids: list[int], params, role: str, echo_text: str,
+                    tools: ToolPlan | None = None) -> Response:
         final = None
         async for out in self.ctx.client.generate(request_id, prompt, prompt_ids, params, stream_deltas=False,
                                                   final_only=True, cache_salt=request.cache_salt):
@@ -132,9 +139,16 @@ class ChatServing:
             logprobs = None
             if request.logprobs and seq.logprobs is not None:
                 logprobs = chat_logprobs(self.ctx, seq.token_ids, seq.logprobs, request.top_logprobs or 0)
+            message = ChatResponseMessage(role=role, content=echo_text + seq.text)
+            finish_reason = seq.finish_reason
+            if tools is not None:
+                content, message.tool_calls = tools.extract(seq.text)
+                message.content = content if content is None else echo_text + content
+                if message.tool_calls and finish_reason == "stop":
+                    finish_reason = "tool_calls"
             choices.append(ChatCompletionChoice(
-                index=seq.index, message=ChatResponseMessage(role=role, content=echo_text + seq.text),
-                logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                index=seq.index, message=message,
+                logprobs=logprobs, finish_reason=finish_reason, stop_reason=seq.stop_reason,
             ))
             completion_tokens += len(seq.token_ids)
         return json_response(ChatCompletionResponse(
@@ -146,7 +160,8 @@ class ChatServing:
         ))
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str,
-                      prompt_ids: list[int], params, role: str, echo_text: str) -> AsyncIterator[str]:
+                      prompt_ids: list[int], params, role: str, echo_text: str,
+                      tools: ToolPlan | None = None) -> AsyncIterator[str]:
         model = self.ctx.model_name
         num_prompt_tokens = len(prompt_ids)
         completion_tokens = 0
@@ -158,6 +173,7 @@ class ChatServing:
                                     total_tokens=num_prompt_tokens + completion_tokens)
             return c.to_json()
 
+        streamers = [tools.streamer() for _ in range(params.n)] if tools is not None else None
         try:
             # The first chunk of each choice carries the role (and the echoed message, if asked).
             for index in range(params.n):
@@ -169,6 +185,19 @@ class ChatServing:
                                              cache_salt=request.cache_salt)):
                 for seq in out.outputs:
                     completion_tokens += len(seq.token_ids)
+                    if streamers is not None:
+                        streamer = streamers[seq.index]
+                        content, tool_deltas = streamer.feed(seq.text, seq.finish_reason is not None)
+                        finish_reason = seq.finish_reason
+                        if finish_reason == "stop" and streamer.calls:
+                            finish_reason = "tool_calls"
+                        if not content and not tool_deltas and finish_reason is None:
+                            continue
+                        yield chunk(ChatCompletionStreamChoice(
+                            index=seq.index, delta=DeltaMessage(content=content or ("" if not tool_deltas else None),
+                                                                tool_calls=tool_deltas or None),
+                            finish_reason=finish_reason, stop_reason=seq.stop_reason))
+                        continue
                     if not seq.text and seq.finish_reason is None and not (request.logprobs and seq.token_ids):
                         continue
                     logprobs = None

@@ -15,11 +15,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
+from core.tokenizer import encode
 from frontend.engine_client import EngineClient, EngineDeadError, RequestRejectedError
 from frontend.output_processor import Logprob, TokenStrings
 from frontend.protocol import MAX_LOGPROBS, OpenAIError
 from frontend.request_logger import RequestLogger
-from frontend.tokenizer import encode
 from ipc.messages import SamplingParams
 
 T = TypeVar("T")
@@ -38,6 +38,8 @@ class ServingContext:
     max_logprobs: int = MAX_LOGPROBS  # --max-logprobs
     default_sampling: dict[str, Any] = field(default_factory=dict)  # --generation-config
     request_logger: RequestLogger | None = None  # --enable-log-requests
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice
+    tool_call_parser: str | None = None  # --tool-call-parser
 
     def __post_init__(self) -> None:
         self._token_strings = TokenStrings(self.tokenizer)

@@ -154,9 +154,8 @@ UNSUPPORTED = [
     ["--enable-lora"], ["--lora-modules", "a=/x"], ["--tensor-parallel-size", "2"], ["-tp", "4"],
     ["--pipeline-parallel-size", "2"], ["-pp", "2"],
     ["--speculative-config", "{}"], ["--quantization", "fp8"], ["-q", "awq"], ["--kv-cache-dtype", "fp8"],
-    ["--task", "embed"], ["--runner", "pooling"], ["--guided-decoding-backend", "xgrammar"],
-    ["--structured-outputs-config", "{}"], ["--enable-auto-tool-choice"], ["--tool-call-parser", "hermes"],
-    ["--reasoning-parser", "deepseek_r1"],
+    ["--task", "embed"], ["--runner", "pooling"], ["--guided-decoding-backend", "outlines"],
+    ["--structured-outputs-config", "{}"], ["--reasoning-parser", "deepseek_r1"],
 ]
 
 
@@ -169,6 +168,23 @@ def test_unsupported_flags_say_not_supported_yet(argv, capsys):
     flag = argv[0] if argv[0].startswith("--") else {"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size",
                                                      "-q": "--quantization"}[argv[0]]
     assert "not supported yet" in err and flag in err and "unrecognized" not in err
+
+
+def test_tool_calling_flags_are_server_options(capsys):
+    """Tool calling is the server's (vLLM's serve flags): ServerOptions fields with the parsers as choices; the
+    engine never sees them. The structured-output backend flag takes xgrammar, the one there is."""
+    args = cli.serve_parser().parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                                          "--guided-decoding-backend", "xgrammar"])
+    options = cli.server_options_from_args(args)
+    assert options.enable_auto_tool_choice and options.tool_call_parser == "hermes"
+    assert not hasattr(cli.engine_config_from_args(args), "tool_call_parser")
+    with pytest.raises(SystemExit):
+        cli.serve_parser().parse_args(["--tool-call-parser", "nonesuch"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.serve(["--enable-auto-tool-choice"])
+    assert info.value.code == 2
+    assert "--enable-auto-tool-choice requires --tool-call-parser" in capsys.readouterr().err
 
 
 def test_every_unsupported_flag_is_tested():
