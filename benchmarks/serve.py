@@ -219,7 +219,7 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False) -> dataset
     from core.model_source import resolve_model
 
     try:
-        from frontend.tokenizer import load_tokenizer as load_model_tokenizer
+        from core.tokenizer import load_tokenizer as load_model_tokenizer
     except ImportError:
         load_model_tokenizer = None
     try:

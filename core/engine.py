@@ -17,6 +17,8 @@ from core.scheduler import Scheduler, SchedulerOutput
 from core.spec_decode.draft_model import DraftModelProposer
 from core.spec_decode.metrics import SpecDecodeMetrics
 from core.spec_decode.proposer import make_proposer
+from core.structured_output.manager import StructuredOutputManager
+from core.structured_output.tokenizer_info import load_tokenizer_info
 from ipc.messages import (
     EngineConfig,
     EngineOutput,
@@ -25,6 +27,7 @@ from ipc.messages import (
     FinishReason,
     Logprobs,
     ReadyMessage,
+    RequestError,
     SamplingParamError,
     SamplingParams,
 )
@@ -59,6 +62,12 @@ class EngineCore:
         self.proposer = make_proposer(spec, self.runner) if spec is not None else None
         self.spec_metrics = SpecDecodeMetrics(spec.num_speculative_tokens) if spec is not None else None
         self.eos_token_ids = frozenset(self.runner.model_config.eos_token_ids)
+        self.structured = StructuredOutputManager(
+            lambda: load_tokenizer_info(self.runner.source, config.tokenizer, self.runner.vocab_size,
+                                        sorted(self.eos_token_ids)),
+            self.runner.vocab_size, config.max_num_seqs)
+        self.scheduler.holds = self.structured.holds  # constrained requests wait until their grammar compiles
+        self.runner.structured_output = self.structured
         self._pending: list[EngineOutput] = []
         self._children: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._prompt_logprobs: dict[tuple[str, int], Logprobs] = {}
@@ -119,11 +128,15 @@ class EngineCore:
         added: list[Sequence] = []
         try:
             for seq in sequences:
+                if params.structured_outputs is not None:
+                    self.structured.add(seq)
                 self.scheduler.add_sequence(seq)
                 added.append(seq)
         except Exception:  # leave no half-added request behind: its id must stay reusable
             for seq in added:
                 self.scheduler.finish(seq, FinishReason.ABORT)
+            for seq in sequences:
+                self.structured.remove(seq.key)
             del self._children[request.request_id]
             raise
         self.total_prompt_tokens += len(prompt)
@@ -152,6 +165,9 @@ class EngineCore:
         self.runner.input_batch.remove(sched.freed_keys)
         if self.proposer is not None:
             self.proposer.remove(sched.freed_keys)
+        errors = self._fail_grammars()
+        if sched.is_empty and self._inflight is None and not outputs:
+            self.structured.wait_for_compile(0.005)  # only grammars compiling: do not spin against the compiler
         if self._inflight is not None and (sched.is_empty or self._needs_sampled_tokens(sched)):
             outputs.extend(self._finish_inflight())
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
@@ -166,7 +182,7 @@ class EngineCore:
         stats = self.scheduler.stats()
         if self.spec_metrics is not None:
             self.spec_metrics.fill(stats)
-        return EngineOutputs(outputs, stats, timestamp=time.time())
+        return EngineOutputs(outputs, stats, timestamp=time.time(), errors=errors)
 
     def _finish_inflight(self) -> list[EngineOutput]:
         sched, handle = self._inflight
@@ -175,9 +191,20 @@ class EngineCore:
 
     @staticmethod
     def _needs_sampled_tokens(sched: SchedulerOutput) -> bool:
-        """Penalties and multi-token bad words read the output token ids on the host: wait for the step in flight
-        before such a step."""
-        return any(s.samples and s.seq.sampling_params.reads_output_tokens for s in sched.scheduled)
+        """Penalties and multi-token bad words read the output token ids on the host, and a grammar's mask depends on
+        the previous token: wait for the step in flight before such a step."""
+        return any(s.samples and (s.seq.sampling_params.reads_output_tokens
+                                  or s.seq.sampling_params.structured_outputs is not None)
+                   for s in sched.scheduled)
+
+    def _fail_grammars(self) -> list[RequestError]:
+        """Requests whose grammar did not compile: abort them and tell the frontend why (it answers 400)."""
+        errors = []
+        for seq, message in self.structured.take_failures():
+            if seq.request_id in self._children:
+                self.abort_requests([seq.request_id])
+                errors.append(RequestError(seq.request_id, message, "structured_outputs"))
+        return errors
 
     def _update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineOutput]:
         for key, (first_token, rows) in result.prompt_logprobs.items():
@@ -199,6 +226,9 @@ class EngineCore:
                 continue
             num_accepted = len(tokens) - 1  # drafts accepted by verification (before any truncation)
             finished, tokens = self._append_tokens(seq, tokens)
+            if seq.sampling_params.structured_outputs is not None:
+                for token in tokens:  # one token: constrained sequences get no drafts (see _update's proposing)
+                    self.structured.accept(seq, token)
             if scheduled.spec_token_ids:
                 logprobs = _first_positions(logprobs, len(tokens))
                 self.spec_metrics.observe(len(scheduled.spec_token_ids), num_accepted)
@@ -219,7 +249,9 @@ class EngineCore:
                 out.stop_reason = seq.stop_reason
                 self.scheduler.finish(seq, seq.finish_reason)
                 self._forget_if_done(seq.request_id)
-            elif self.proposer is not None:
+            elif self.proposer is not None and seq.sampling_params.structured_outputs is None:
+                # Structured outputs get no drafts: the grammar's mask at a draft position would need the matcher
+                # advanced through the drafts before it, so constrained rows always verify as plain decode rows.
                 proposing.append(seq)
             outputs.append(out)
         if proposing:
@@ -265,6 +297,8 @@ class EngineCore:
         sequences = self._children.get(request_id)
         if sequences and all(s.status is SequenceStatus.FINISHED for s in sequences):
             del self._children[request_id]
+            for seq in sequences:
+                self.structured.remove(seq.key)
             self._prompt_logprobs.pop((request_id, 0), None)
 
     # ------------------------------------------------------------------------------------------------ utilities
@@ -290,6 +324,7 @@ class EngineCore:
         if self._inflight is not None:
             self._inflight[1].result()
             self._inflight = None
+        self.structured.shutdown()
         self.runner.kv_caches = []
         if self.runner.draft is not None:
             self.runner.draft.kv_caches = []

@@ -128,6 +128,7 @@ class ModelRunner:
         logger.info("Loaded %s (%s, %s) in %.1f s", self.source.name, self.dtype, self.device,
                     time.perf_counter() - start)
         self.sampler = Sampler(self.resolved.kernel_backend)
+        self.structured_output = None  # the engine's StructuredOutputManager: grammar bitmasks for constrained rows
         self._step_keys = random.Random(config.seed)  # unseeded rows' noise: reproducible for a given engine seed
         self.inputs = StepInputs(self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq,
                                  self.block_size, self.device)
@@ -366,12 +367,23 @@ class ModelRunner:
             return StepHandle([], {}, None, None, None, prompt_logprobs)
         output_indices = [seqs[i].output_index for i in sampling]
         if speculative:
-            verified = verify_step(self.sampler, logits[num_prompt_rows:], sampling_seqs,
-                                   [seqs[i].spec_token_ids for i in sampling], output_indices, self.vocab_size,
-                                   self._step_keys.getrandbits(32))
+            drafts = [seqs[i].spec_token_ids for i in sampling]
+            grammar = None
+            if self.structured_output is not None:
+                # Constrained sequences carry no drafts (EngineCore does not propose for them): one verify row each,
+                # the first of the sequence's rows.
+                if any(d and seq.sampling_params.structured_outputs is not None
+                       for seq, d in zip(sampling_seqs, drafts)):
+                    raise RuntimeError("a sequence with structured outputs was scheduled with drafts")
+                row_starts = np.cumsum([0] + [1 + len(d) for d in drafts[:-1]]).tolist()
+                grammar = self.structured_output.bitmask(sampling_seqs, self.device, row_starts)
+            verified = verify_step(self.sampler, logits[num_prompt_rows:], sampling_seqs, drafts, output_indices,
+                                   self.vocab_size, self._step_keys.getrandbits(32), grammar=grammar)
             return StepHandle(sampling_seqs, {}, None, None, None, prompt_logprobs, verified)
         batch = build_sampling_batch(sampling_seqs, self.vocab_size, self.device, output_indices,
                                      self._step_keys.getrandbits(32))
+        if self.structured_output is not None:
+            batch.grammar = self.structured_output.bitmask(sampling_seqs, self.device)
         sampled = self.sampler(logits[num_prompt_rows:], batch)
         host_tokens, event = None, None
         if self.device.type == "cuda":

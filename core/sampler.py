@@ -1,9 +1,9 @@
 """Turn the last-position logits of a batch into next tokens, all on the device, one code path per feature used.
 
-Order: logit_bias, allowed_token_ids and banned-token masks (min_tokens, bad_words), penalties, (raw logprobs), then for random rows temperature, top-k, top-p,
-min-p (only when some row uses them: masked tokens become -inf), then one fused Gumbel-max pass
-(``kernels.sampling.gumbel_argmax``): ``argmax(logits / T + G)``, equivalent to sampling from softmax(logits / T).
-Greedy rows take the argmax.
+Order: the grammar bitmask (structured outputs), logit_bias, allowed_token_ids and banned-token masks (min_tokens,
+bad_words), penalties, (raw logprobs), then for random rows temperature, top-k, top-p, min-p (only when some row uses
+them: masked tokens become -inf), then one fused Gumbel-max pass (``kernels.sampling.gumbel_argmax``):
+``argmax(logits / T + G)``, equivalent to sampling from softmax(logits / T). Greedy rows take the argmax.
 
 Every row's noise is a counter-based hash of (key, step, token id), the same on every device: seeded rows use
 (their seed's key, output index), so they give the same tokens whatever else is in the batch, after a preemption,
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core.structured_output.bitmask import apply_token_bitmask
 from kernels.backend import check_backend
 from kernels.sampling import gumbel_argmax
 
@@ -41,6 +42,7 @@ class SamplingBatch:
     # logprob_token_ids: [N, M] int64, each row's requested ids padded (with 0) to the longest list; rows that
     # asked for none hold padding. Their logprobs come back in ``SamplerOutput.requested_logprobs``.
     requested_token_ids: torch.Tensor | None = None
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None  # constrained rows, their xgrammar bitmask [rows, V/32]
 
 
 @dataclass
@@ -85,8 +87,11 @@ class Sampler:
         return out
 
     def process(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Bias, allowed-token masks, bans and penalties applied (float32), and the raw logprobs when some row wants logprobs."""
+        """Grammar bitmask, bias, allowed-token masks, bans and penalties applied (float32), and the raw logprobs when
+        some row wants logprobs. The grammar goes first: nothing it forbids may come back in (nor be a logprob)."""
         logits = logits.float()
+        if batch.grammar is not None:
+            apply_token_bitmask(logits, *batch.grammar)
         if batch.logit_bias is not None:
             rows, cols, values = batch.logit_bias
             logits.index_put_((rows, cols), values, accumulate=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.kv_cache import KVBlock, KVCacheManager
@@ -64,6 +65,7 @@ class Scheduler:
         self.total_preemptions = 0
         self.total_prefix_queries = 0
         self.total_prefix_hits = 0
+        self.holds: Callable[[Sequence], bool] | None = None  # a waiting sequence it holds is skipped this step
 
     # ------------------------------------------------------------------------------------------------ intake
     def add_sequence(self, seq: Sequence) -> None:
@@ -149,6 +151,9 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.holds is not None and self.holds(seq):  # e.g. its grammar is still compiling
+                skipped.append(self.waiting.popleft())
+                continue
             shared = self._shared_prefix(seq) if not seq.num_placeholders else None
             if shared is None:  # a fork whose source has not scheduled its prompt yet, or a token still in flight
                 skipped.append(self.waiting.popleft())

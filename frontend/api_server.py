@@ -231,7 +231,9 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
                              max_n=options.max_n, trust_request_chat_template=options.trust_request_chat_template,
                              usage=UsageOptions(options.enable_force_include_usage,
                                                 options.enable_prompt_tokens_details,
-                                                options.enable_per_request_metrics))
+                                                options.enable_per_request_metrics),
+                             enable_auto_tool_choice=options.enable_auto_tool_choice,
+                             tool_call_parser=options.tool_call_parser)
         app.state.ctx = ctx
         app.state.completion = CompletionServing(ctx)
         app.state.chat = ChatServing(ctx)
@@ -461,8 +463,8 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
     import uvloop
 
     from core.model_source import resolve_model
+    from core.tokenizer import load_tokenizer
     from frontend.generation_config import default_sampling_overrides
-    from frontend.tokenizer import load_tokenizer
 
     try:  # first: a port in use fails before anything is loaded
         sock = bind_unix_socket(options.uds) if options.uds else bind_socket(options.host, options.port)

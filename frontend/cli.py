@@ -40,9 +40,10 @@ def serve(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     try:
         config = engine_config_from_args(args)
-    except ValueError as exc:  # a value the flag's type cannot check, e.g. a bad --speculative-config
-        parser.error(str(exc))
-    run_server(config, server_options_from_args(args))
+        options = server_options_from_args(args)
+    except ValueError as exc:  # a value the flag's type cannot check (a bad --speculative-config), or settings
+        parser.error(str(exc))  # that contradict each other (--enable-auto-tool-choice without a parser)
+    run_server(config, options)
 
 
 def generate(argv: list[str]) -> None:

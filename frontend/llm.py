@@ -11,9 +11,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from frontend.output_processor import OutputProcessor, RequestOutput
 from core.model_source import resolve_model
 from frontend.generation_config import default_sampling_overrides
+from frontend.output_processor import OutputProcessor, RequestOutput
+from frontend.structured_outputs import check_structured_outputs
 from ipc.config import engine_config_from_kwargs
 from ipc.messages import EngineRequest, SamplingParams
 
@@ -35,7 +36,7 @@ class LLM:
         self.default_sampling = default_sampling_overrides(self.config.generation_config, source)
         self.tokenizer = None
         if not self.config.skip_tokenizer_init:
-            from frontend.tokenizer import load_tokenizer
+            from core.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(source, self.config.tokenizer, self.config.chat_template)
         self.processor = OutputProcessor(self.tokenizer)
@@ -137,6 +138,8 @@ class LLM:
         order: dict[str, int] = {}
         try:
             for i, ((text, ids), params) in enumerate(zip(prompts, params_list)):
+                if params.structured_outputs is not None:
+                    check_structured_outputs(params.structured_outputs)  # a bad schema raises before any work
                 request_id = str(next(self._ids))
                 self.engine.add_request(EngineRequest(request_id, ids, params))
                 self.processor.add_request(request_id, text, ids, params, final_only=True)

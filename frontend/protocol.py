@@ -134,6 +134,15 @@ class _SamplingFields(OpenAIBase):
     logprob_token_ids: list[int] | None = None
     # Accepted by vLLM, not implemented by pagedserve: refused by name (400), never silently ignored.
     use_beam_search: bool = False
+    # Structured outputs (frontend/structured_outputs.py): vLLM's object, its older guided_* fields, OpenAI's
+    # response_format (a field of both endpoints, as in vLLM).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, default_max: bool,
                          defaults: dict[str, Any] | None, max_logprobs: int,
@@ -158,6 +167,9 @@ class _SamplingFields(OpenAIBase):
         if self.prompt_logprobs is not None and self.stream:
             raise OpenAIError("prompt_logprobs is not available when stream is true.", param="prompt_logprobs")
         check_unsupported_extras(self)
+        from frontend.structured_outputs import structured_outputs_from_request
+
+        structured_outputs = structured_outputs_from_request(self)
         logit_bias = parse_logit_bias(self.logit_bias)
         try:
             return SamplingParams(
@@ -184,6 +196,7 @@ class _SamplingFields(OpenAIBase):
                 skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                structured_outputs=structured_outputs,
             )
         except SamplingParamError as exc:
             param = exc.param
@@ -404,7 +417,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -427,10 +439,6 @@ class ChatCompletionRequest(_SamplingFields):
         if self.add_generation_prompt and self.continue_final_message:
             raise OpenAIError("add_generation_prompt and continue_final_message cannot both be true.",
                               param="continue_final_message")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise OpenAIError("response_format other than 'text' is not supported.", param="response_format")
-        if self.tools and self.tool_choice not in (None, "none"):
-            raise OpenAIError("Tool calling is not supported.", param="tools")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise OpenAIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
@@ -495,6 +503,7 @@ class DeltaMessage(_Response, omit_defaults=True):
 
     content: str | None
     role: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's incremental tool-call deltas (frontend/tool_calling.py)
 
 
 class ChatCompletionStreamChoice(_Response):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
+from frontend.tool_parsers import TOOL_PARSERS
 from ipc.config import Arg
 
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -67,8 +68,17 @@ class ServerOptions:
     timeout_request_headers: Annotated[float, Arg(
         "Close a connection whose request line and headers have not all arrived this many seconds after it "
         "opened or went idle (slow-loris clients).")] = 10.0
+    enable_auto_tool_choice: Annotated[bool, Arg(
+        "Allow tool_choice 'auto': the model sees the tools and its text is parsed for tool calls by "
+        "--tool-call-parser.")] = False
+    tool_call_parser: Annotated[str | None, Arg(
+        "How the model writes tool calls (needed by --enable-auto-tool-choice).", choices=tuple(TOOL_PARSERS))] = None
     graceful_shutdown_s: float = 5.0
     engine_startup_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice requires --tool-call-parser.")
 
     @property
     def max_request_body_bytes(self) -> int:

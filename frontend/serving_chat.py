@@ -43,14 +43,16 @@ from frontend.serving_common import (
     run_until_disconnect,
     sse_response,
 )
+from frontend.tool_calling import ToolPlan, plan_tool_calls, template_message
 from frontend.usage import request_metrics, stream_usage_flags, usage_info
 
 
 async def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool,
                       continue_final_message: bool, chat_template: str | None,
-                      chat_template_kwargs: dict[str, Any] | None) -> str:
-    """The prompt text for ``messages``, rendered in a worker thread inside the sandbox's limits
-    (``frontend/chat_template.py``); template problems are the client's (400), not the server's."""
+                      chat_template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None) -> str:
+    """The prompt text for ``messages`` (and the request's ``tools``, for templates that render them), rendered in
+    a worker thread inside the sandbox's limits (``frontend/chat_template.py``); template problems are the
+    client's (400), not the server's."""
     tokenizer = ctx.require_tokenizer()
     if chat_template is not None and not ctx.trust_request_chat_template:
         raise OpenAIError("Request-level chat templates are refused: the server must be started with "
@@ -60,7 +62,7 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_gene
         entry: dict[str, Any] = {"role": m.role, "content": m.text()}
         if m.name:
             entry["name"] = m.name
-        conversation.append(entry)
+        conversation.append(template_message(entry, m))
     source = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     if isinstance(source, dict):  # named templates: the default one
         source = source.get("default")
@@ -69,10 +71,11 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage], add_gene
                           "/v1/completions.")
     max_chars = ctx.max_prompt_chars or DEFAULT_MAX_OUTPUT_CHARS
     try:
+        extra = {**({"tools": tools} if tools else {}), **(chat_template_kwargs or {})}
         return await ctx.run_blocking(lambda: render_chat_template(
             source, conversation, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, special_tokens=special_tokens_of(tokenizer),
-            extra=chat_template_kwargs, time_limit_s=ctx.chat_template_time_limit_s, max_output_chars=max_chars))
+            extra=extra, time_limit_s=ctx.chat_template_time_limit_s, max_output_chars=max_chars))
     except OpenAIError:
         raise
     except TemplateLimitError as exc:
@@ -123,6 +126,7 @@ class ChatServing:
         request.check(ctx.max_logprobs, ctx.vocab_size)
         ctx.check_limits(request)
         ctx.check_engine()
+        tools = plan_tool_calls(request, ctx.enable_auto_tool_choice, ctx.tool_call_parser)
         if request.prompt_token_ids is not None:
             if not request.prompt_token_ids:
                 raise OpenAIError("prompt_token_ids must not be empty.", param="prompt_token_ids")
@@ -132,7 +136,8 @@ class ChatServing:
         else:
             prompt = await render_chat(ctx, request.messages, request.add_generation_prompt,
                                        request.continue_final_message, request.chat_template,
-                                       request.chat_template_kwargs)
+                                       request.chat_template_kwargs,
+                                       tools.template_tools if tools is not None else None)
             ctx.check_text_length(prompt, "messages")
             prompt_ids = await ctx.encode(prompt, request.add_special_tokens)
         kept = truncate_prompt(prompt_ids, request.truncate_prompt_tokens, request.truncation_side,
@@ -143,6 +148,8 @@ class ChatServing:
             raise OpenAIError(EMPTY_PROMPT, param="messages")
         params = request.to_sampling_params(len(prompt_ids), ctx.max_model_len, ctx.default_sampling,
                                             ctx.max_logprobs, ctx.vocab_size)
+        if tools is not None:
+            tools.apply(params)
         ctx.check_sampling_params(params, request.bad_words)
         request_id = request.request_id or random_id("chatcmpl")
         ctx.log_request(request_id, prompt, prompt_ids, params)
@@ -153,15 +160,17 @@ class ChatServing:
         created = int(time.time())
         if request.stream:
             return sse_response(self._stream(request, request_id, created, prompt, prompt_ids, params, role,
-                                             echo_text))
+                                             echo_text, tools))
         try:
             return await run_until_disconnect(
-                raw_request, self._full(request, request_id, created, prompt, prompt_ids, params, role, echo_text))
+                raw_request, self._full(request, request_id, created, prompt, prompt_ids, params, role, echo_text,
+                                        tools))
         except Exception as exc:
             raise engine_error(exc) from exc
 
     async def _full(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str | None,
-                    prompt_ids: list[int], params, role: str, echo_text: str) -> Response:
+                    prompt_ids: list[int], params, role: str, echo_text: str,
+                    tools: ToolPlan | None = None) -> Response:
         final = None
         async for out in self.ctx.client.generate(request_id, prompt, prompt_ids, params, stream_deltas=False,
                                                   final_only=True, cache_salt=request.cache_salt):
@@ -173,9 +182,16 @@ class ChatServing:
             if request.logprobs and seq.logprobs is not None:
                 logprobs = chat_logprobs(self.ctx, seq.token_ids, seq.logprobs, params.logprobs or 0,
                                          request.return_tokens_as_token_ids, params.logprob_token_ids)
+            message = ChatResponseMessage(role=role, content=echo_text + seq.text)
+            finish_reason = seq.finish_reason
+            if tools is not None:
+                content, message.tool_calls = tools.extract(seq.text)
+                message.content = content if content is None else echo_text + content
+                if message.tool_calls and finish_reason == "stop":
+                    finish_reason = "tool_calls"
             choice = ChatCompletionChoice(
-                index=seq.index, message=ChatResponseMessage(role=role, content=echo_text + seq.text),
-                logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                index=seq.index, message=message,
+                logprobs=logprobs, finish_reason=finish_reason, stop_reason=seq.stop_reason,
             )
             if request.return_token_ids:
                 choice.token_ids = seq.token_ids
@@ -195,7 +211,8 @@ class ChatServing:
         return json_response(response)
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str | None,
-                      prompt_ids: list[int], params, role: str, echo_text: str) -> AsyncIterator[str]:
+                      prompt_ids: list[int], params, role: str, echo_text: str,
+                      tools: ToolPlan | None = None) -> AsyncIterator[str]:
         model = self.ctx.model_name
         num_prompt_tokens = len(prompt_ids)
         completion_tokens = 0
@@ -213,6 +230,7 @@ class ChatServing:
                 c.prompt_token_ids = prompt_ids
             return c.to_json()
 
+        streamers = [tools.streamer() for _ in range(params.n)] if tools is not None else None
         try:
             # The first chunk of each choice carries the role (and the echoed message, if asked).
             for index in range(params.n):
@@ -226,6 +244,22 @@ class ChatServing:
                 latest = out
                 for seq in out.outputs:
                     completion_tokens += len(seq.token_ids)
+                    if streamers is not None:
+                        streamer = streamers[seq.index]
+                        content, tool_deltas = streamer.feed(seq.text, seq.finish_reason is not None)
+                        finish_reason = seq.finish_reason
+                        if finish_reason == "stop" and streamer.calls:
+                            finish_reason = "tool_calls"
+                        if not content and not tool_deltas and finish_reason is None:
+                            continue
+                        choice = ChatCompletionStreamChoice(
+                            index=seq.index, delta=DeltaMessage(content=content or ("" if not tool_deltas else None),
+                                                                tool_calls=tool_deltas or None),
+                            finish_reason=finish_reason, stop_reason=seq.stop_reason)
+                        if request.return_token_ids:
+                            choice.token_ids = seq.token_ids
+                        yield chunk(choice)
+                        continue
                     wants_ids = (request.logprobs or request.return_token_ids) and seq.token_ids
                     if not seq.text and seq.finish_reason is None and not wants_ids:
                         continue

@@ -15,13 +15,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
+from core.tokenizer import encode
 from frontend.engine_client import EngineClient, EngineDeadError, RequestRejectedError
 from frontend.lifecycle import ServerShuttingDownError
 from frontend.output_processor import Logprob, TokenStrings
 from frontend.protocol import MAX_LOGPROBS, OpenAIError
 from frontend.request_limits import DEFAULT_MAX_N, check_request_limits, max_token_chars
 from frontend.request_logger import RequestLogger
-from frontend.tokenizer import encode
 from frontend.usage import UsageOptions
 from ipc.messages import SamplingParams
 
@@ -45,6 +45,8 @@ class ServingContext:
     max_n: int = DEFAULT_MAX_N  # --max-n
     trust_request_chat_template: bool = False  # --trust-request-chat-template
     chat_template_time_limit_s: float = 2.0
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice
+    tool_call_parser: str | None = None  # --tool-call-parser
 
     def __post_init__(self) -> None:
         self._token_strings = TokenStrings(self.tokenizer)

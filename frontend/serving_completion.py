@@ -31,7 +31,7 @@ from frontend.serving_common import (
     run_until_disconnect,
     sse_response,
 )
-from frontend.tokenizer import encode
+from core.tokenizer import encode
 from frontend.usage import request_metrics, stream_usage_flags, usage_info
 from ipc.messages import SamplingParams
 

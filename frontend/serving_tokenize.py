@@ -13,7 +13,7 @@ from frontend.protocol import (
 from frontend.serving_chat import render_chat
 from frontend.request_limits import check_int_ranges, check_prompt_chars
 from frontend.serving_common import ServingContext
-from frontend.tokenizer import encode
+from core.tokenizer import encode
 
 
 class TokenizeServing:

@@ -277,8 +277,9 @@ def engine_config_from_kwargs(**kwargs: Any) -> EngineConfig:
 
 @dataclass(frozen=True)
 class NotSupportedYet:
-    """A vLLM engine argument pagedserve does not implement yet. ``allowed``: values that mean "feature off",
-    accepted and ignored (``-tp 1``); ``switch``: a flag without a value (``--enable-lora``)."""
+    """A vLLM engine argument pagedserve does not implement yet. ``allowed``: values that mean "feature off" or
+    what pagedserve does anyway, accepted and ignored (``-tp 1``, ``--guided-decoding-backend xgrammar``);
+    ``switch``: a flag without a value (``--enable-lora``)."""
 
     feature: str
     aliases: tuple[str, ...] = ()
@@ -303,9 +304,8 @@ NOT_SUPPORTED_YET: dict[str, NotSupportedYet] = {
     "quantization": NotSupportedYet("quantization methods", aliases=("-q",), allowed=("None",)),
     "kv_cache_dtype": NotSupportedYet("quantized KV cache", allowed=("auto",)),
     "runner": NotSupportedYet("--runner flag (for pooling use --task embed)", allowed=("auto", "generate")),
-    "guided_decoding_backend": NotSupportedYet("structured outputs"),
-    "structured_outputs_config": NotSupportedYet("structured outputs"),
-    "enable_auto_tool_choice": NotSupportedYet("tool calling", switch=True),
-    "tool_call_parser": NotSupportedYet("tool calling"),
+    "guided_decoding_backend": NotSupportedYet("structured-output backend other than xgrammar",
+                                               allowed=("auto", "xgrammar")),
+    "structured_outputs_config": NotSupportedYet("structured-outputs settings (the backend is always xgrammar)"),
     "reasoning_parser": NotSupportedYet("reasoning parsers"),
 }

@@ -26,6 +26,49 @@ class FinishReason(enum.IntEnum):
         return ("stop", "length", "abort")[self.value]
 
 
+class StructuredOutputsParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, kw_only=True):
+    """A constraint on the output (vLLM's ``structured_outputs``): exactly one of the fields is set.
+
+    ``json`` is a JSON schema (its text, or a dict that is serialized), ``json_object`` any JSON object, ``regex`` a
+    regular expression, ``choice`` one of these strings, ``grammar`` an EBNF (GBNF) grammar. The engine compiles it
+    with xgrammar and masks every step's logits to the tokens the grammar allows.
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            self.json = _json_encoder.encode(self.json).decode()
+        kinds = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object:
+            kinds.append("json_object")
+        _check(len(kinds) == 1, "structured_outputs",
+               f"structured_outputs needs exactly one of json, json_object, regex, choice, grammar; got {kinds or 'none'}.")
+        if self.choice is not None:
+            _check(bool(self.choice) and all(isinstance(c, str) for c in self.choice), "structured_outputs",
+                   "structured_outputs.choice must be a non-empty list of strings.")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, text): what the grammar cache is keyed by."""
+        if self.json is not None:
+            return "json", self.json
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", _json_encoder.encode(self.choice).decode()
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        return "json_object", ""
+
+
+_json_encoder = msgspec.json.Encoder()
+
+
 class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, kw_only=True):
     """Sampling parameters, with vLLM's names and defaults.
 
@@ -60,6 +103,7 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     # vLLM's bad_words, tokenized by the frontend: a one-token word is never sampled; a longer one's last token
     # is masked when the output ends with the rest of it.
     bad_words_token_ids: list[list[int]] | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (core/structured_output/)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -251,7 +295,8 @@ class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
 
 
 class RequestError(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """``EngineCore.add_request`` refused the request (its ``ValueError``); the frontend answers HTTP 400."""
+    """``EngineCore.add_request`` refused the request (its ``ValueError``), or its grammar failed to compile in the
+    core (``param="structured_outputs"``); the frontend answers HTTP 400."""
 
     request_id: str
     message: str

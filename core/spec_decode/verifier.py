@@ -63,9 +63,11 @@ class VerifiedStep:
 def verify_step(
     sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
     output_indices: list[int], vocab_size: int, step_key: int,
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> VerifiedStep:
     """``logits [R, V]``: ``1 + len(drafts[i])`` consecutive rows per sequence ``i`` (the last is the bonus
-    position). Sequences without drafts sample as usual (their one row is the bonus position)."""
+    position). Sequences without drafts sample as usual (their one row is the bonus position). ``grammar``: the
+    structured-output bitmask, its rows being logits rows (constrained sequences have no drafts: one row each)."""
     device = logits.device
     num_drafts = np.fromiter((len(d) for d in drafts), dtype=np.int64, count=len(drafts))
     width = int(num_drafts.max()) + 1
@@ -82,6 +84,7 @@ def verify_step(
             rows.append(_PositionRow(seq, seq_drafts[:j]) if penalised else seq)
             row_output_indices.append(output_index + j)
     batch = build_sampling_batch(rows, vocab_size, device, row_output_indices, step_key)  # type: ignore[arg-type]
+    batch.grammar = grammar
     processed, raw_logprobs = sampler.process(logits, batch)
     filtered, row_temperature = sampler.filtered(processed, batch)
 

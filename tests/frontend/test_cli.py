@@ -163,9 +163,8 @@ UNSUPPORTED = [
     ["--enable-lora"], ["--lora-modules", "a=/x"], ["--tensor-parallel-size", "2"], ["-tp", "4"],
     ["--pipeline-parallel-size", "2"], ["-pp", "2"],
     ["--quantization", "fp8"], ["-q", "awq"], ["--kv-cache-dtype", "fp8"],
-    ["--runner", "pooling"], ["--guided-decoding-backend", "xgrammar"],
-    ["--structured-outputs-config", "{}"], ["--enable-auto-tool-choice"], ["--tool-call-parser", "hermes"],
-    ["--reasoning-parser", "deepseek_r1"],
+    ["--runner", "pooling"], ["--guided-decoding-backend", "outlines"],
+    ["--structured-outputs-config", "{}"], ["--reasoning-parser", "deepseek_r1"],
 ]
 
 
@@ -185,6 +184,23 @@ def test_task_embed_is_a_flag_and_runner_points_to_it(capsys):
     with pytest.raises(SystemExit):
         cli.serve_parser().parse_args(["--runner", "pooling"])
     assert "--task embed" in capsys.readouterr().err
+
+
+def test_tool_calling_flags_are_server_options(capsys):
+    """Tool calling is the server's (vLLM's serve flags): ServerOptions fields with the parsers as choices; the
+    engine never sees them. The structured-output backend flag takes xgrammar, the one there is."""
+    args = cli.serve_parser().parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                                          "--guided-decoding-backend", "xgrammar"])
+    options = cli.server_options_from_args(args)
+    assert options.enable_auto_tool_choice and options.tool_call_parser == "hermes"
+    assert not hasattr(cli.engine_config_from_args(args), "tool_call_parser")
+    with pytest.raises(SystemExit):
+        cli.serve_parser().parse_args(["--tool-call-parser", "nonesuch"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.serve(["--enable-auto-tool-choice"])
+    assert info.value.code == 2
+    assert "--enable-auto-tool-choice requires --tool-call-parser" in capsys.readouterr().err
 
 
 def test_every_unsupported_flag_is_tested():

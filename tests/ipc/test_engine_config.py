@@ -51,7 +51,7 @@ def test_config_env_and_model_source_modules_import_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, ipc.config, core.envs, core.model_source, frontend.config_args, frontend.server_options; "
-            "print('torch' in sys.modules)")
+    code = ("import sys, ipc.config, core.envs, core.model_source, core.tokenizer, frontend.config_args, "
+            "frontend.server_options; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,4 +1,8 @@
-"""The model's tokenizer (and chat template) for the frontend.
+"""The model's tokenizer (and chat template): one loader for the frontend (text in and out, the chat template) and
+the core (the vocabulary its grammar compiler needs, ``core/structured_output/tokenizer_info.py``).
+
+Lives in ``core`` beside ``model_source`` and, like it, stays import-light (no torch, no model code;
+transformers is imported only when a tokenizer is loaded) so the frontend imports it too.
 
 GGUF models carry their tokenizer inside the file; transformers converts it in ~15 s, so the converted tokenizer
 is saved once under ``$PAGEDSERVE_CACHE_DIR/tokenizers/<key>`` (default ``~/.cache/pagedserve``) and later loads

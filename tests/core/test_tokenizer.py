@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import frontend.tokenizer as tokenizer_module
-from frontend.tokenizer import gguf_tokenizer_cache_dir, load_tokenizer, read_chat_template
+import core.tokenizer as tokenizer_module
 from core.model_source import ModelSource, resolve_model
+from core.tokenizer import gguf_tokenizer_cache_dir, load_tokenizer, read_chat_template
 
 REFERENCE_FILES = Path(__file__).parents[1] / "data" / "smollm2-135m"
 

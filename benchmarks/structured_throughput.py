@@ -1,0 +1,96 @@
+"""W1 with every request under ``response_format={"type": "json_object"}``, against unconstrained W1 (offline LLM).
+
+    python -m benchmarks.structured_throughput --model ../shared/models/qwen3-0.6b --load-format dummy
+
+Both passes run in one engine on the same requests. The unconstrained pass ignores EOS (exact W1); the constrained
+pass stops where the grammar ends the object (a finished object only allows EOS), so it is compared by output
+tokens per second, with the share of W1's tokens it produced. The model directory must hold a tokenizer (the
+grammar needs the vocabulary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+
+from benchmarks.throughput import make_workload
+
+
+def run(args: argparse.Namespace) -> dict:
+    from frontend import LLM, SamplingParams
+    from ipc.messages import StructuredOutputsParams
+
+    workload = make_workload("W1", args.num_prompts, args.seed)
+    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
+              gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+              enforce_eager=args.enforce_eager, skip_tokenizer_init=True, seed=args.seed)
+    json_object = StructuredOutputsParams(json_object=True)
+    passes = {
+        "unconstrained": [SamplingParams(temperature=workload.temperature, max_tokens=m, ignore_eos=True)
+                          for m in workload.max_tokens],
+        "json_object": [SamplingParams(temperature=workload.temperature, max_tokens=m, structured_outputs=json_object)
+                        for m in workload.max_tokens],
+    }
+    prompts = [{"prompt_token_ids": p} for p in workload.prompts]
+    # Warm-up (kernels, and the json_object grammar's compile) on unrelated tokens.
+    for params in passes.values():
+        llm.generate([{"prompt_token_ids": [1 + i] * 100} for i in range(4)],
+                     [SamplingParams(**{**{f: getattr(params[0], f) for f in params[0].__struct_fields__},
+                                        "max_tokens": 16})] * 4, use_tqdm=False)
+    result: dict = {"num_requests": len(prompts), "w1_output_tokens": workload.num_output_tokens}
+    for name, params in passes.items():
+        runs = []
+        for _ in range(args.runs):
+            llm.engine.reset_prefix_cache()
+            t0 = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=not args.disable_tqdm)
+            elapsed = time.perf_counter() - t0
+            tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+            runs.append({"elapsed_s": elapsed, "output_tokens": tokens, "output_tok_per_s": tokens / elapsed})
+            if name == "json_object":
+                runs[-1]["num_finished_objects"] = sum(o.outputs[0].finish_reason == "stop" for o in outputs)
+        result[name] = {"runs": runs, "median_output_tok_per_s": statistics.median(r["output_tok_per_s"]
+                                                                                   for r in runs)}
+    result["json_object_slowdown"] = 1 - (result["json_object"]["median_output_tok_per_s"]
+                                          / result["unconstrained"]["median_output_tok_per_s"])
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.structured_throughput", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model directory with a tokenizer (default: SmolLM2)")
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--json", default=None, help="append the result (one JSON object per line) to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    result = run(args)
+    for name in ("unconstrained", "json_object"):
+        r = result[name]
+        print(f"W1 {name:>13}: {r['median_output_tok_per_s']:.1f} out tok/s (median of {len(r['runs'])}; "
+              f"{r['runs'][-1]['output_tokens']} of {result['w1_output_tokens']} W1 tokens)")
+    print(f"json_object slowdown: {100 * result['json_object_slowdown']:.1f}%", file=sys.stdout)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({**result, "args": vars(args)}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
