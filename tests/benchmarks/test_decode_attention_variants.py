@@ -17,22 +17,21 @@ from benchmarks.decode_attention_variants import (
 from kernels.decode_attention import paged_decode_attention
 from tests.kernels.kernel_testing import (
     ATTENTION_TOLERANCE,
+    BF16,
+    F16,
+    F32,
     KERNEL_DEVICE,
     assert_close,
-    make_attention_problem,
     poisoned_like,
+    seeded_attention_problem,
 )
 
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 VARIANTS = sorted(DECODE_VARIANTS)
 
 
 def _problem(seq_lens, heads, head_dim, block_size, dtype, seed, device=KERNEL_DEVICE, **kw):
-    gen = torch.Generator().manual_seed(seed)
-    return make_attention_problem(
-        [1] * len(seq_lens), seq_lens, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
-        block_size=block_size, dtype=dtype, device=device, generator=gen, **kw,
-    )  # fmt: skip
+    return seeded_attention_problem([1] * len(seq_lens), seq_lens, heads, head_dim, block_size, dtype, seed, device,
+                                    **kw)
 
 
 # (seq_lens, (Hq, Hk), head_dim, block_size, dtype, num_splits): lengths across tile edges of 32 and 64, GQA 1/2/4.

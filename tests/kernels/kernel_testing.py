@@ -119,3 +119,15 @@ def make_attention_problem(
         scale=head_dim**-0.5,
         max_query_len=max(q_lens + [0]),
     )
+
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def seeded_attention_problem(q_lens, seq_lens, heads, head_dim, block_size, dtype, seed, device=KERNEL_DEVICE, **kw):
+    """``make_attention_problem`` with ``heads = (query heads, kv heads)`` and its own generator seeded by ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return make_attention_problem(
+        q_lens, seq_lens, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, block_size=block_size,
+        dtype=dtype, device=device, generator=gen, **kw,
+    )  # fmt: skip

@@ -23,30 +23,20 @@ from kernels.decode_attention import (
 )
 from kernels.paged_attention import paged_attention
 from tests.kernels.kernel_testing import (
+    BF16,
+    F16,
+    F32,
     ATTENTION_TOLERANCE,
     KERNEL_DEVICE,
     assert_close,
-    make_attention_problem,
     poisoned_like,
+    seeded_attention_problem,
 )
-
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-
-def _problem(q_lens, seq_lens, heads, head_dim, block_size, dtype, seed, device=KERNEL_DEVICE, **kw):
-    gen = torch.Generator().manual_seed(seed)
-    return make_attention_problem(
-        q_lens, seq_lens, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, block_size=block_size,
-        dtype=dtype, device=device, generator=gen, **kw,
-    )  # fmt: skip
 
 
 def _decode_problem(seq_lens, heads, head_dim, block_size, dtype, seed, device=KERNEL_DEVICE, **kw):
-    gen = torch.Generator().manual_seed(seed)
-    return make_attention_problem(
-        [1] * len(seq_lens), seq_lens, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
-        block_size=block_size, dtype=dtype, device=device, generator=gen, **kw,
-    )  # fmt: skip
+    return seeded_attention_problem([1] * len(seq_lens), seq_lens, heads, head_dim, block_size, dtype, seed, device,
+                                    **kw)
 
 
 # (seq_lens, (Hq, Hk), head_dim, block_size, dtype, num_splits): GQA 1/2/4/8, lengths on and across block edges.
@@ -60,7 +50,7 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("seq_lens, heads, head_dim, block_size, dtype, num_splits", DECODE_CASES)
 def test_decode_matches_reference(seq_lens, heads, head_dim, block_size, dtype, num_splits):
-    problem = _problem([1] * len(seq_lens), seq_lens, heads, head_dim, block_size, dtype, seed=sum(seq_lens))
+    problem = seeded_attention_problem([1] * len(seq_lens), seq_lens, heads, head_dim, block_size, dtype, seed=sum(seq_lens))
     out = poisoned_like(problem.q)
     result = paged_decode_attention(*problem.args(), out=out, num_splits=num_splits)
     assert result is out
@@ -70,7 +60,7 @@ def test_decode_matches_reference(seq_lens, heads, head_dim, block_size, dtype, 
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_decode_strided_views_and_padding_rows(num_splits):
     """q sliced out of a fused qkv tensor, out a view of a wider buffer, and graph-padding rows with seq_len 0."""
-    problem = _problem([1] * 4, [40, 1, 23, 9], (4, 2), 64, 16, F32, seed=7, strided_q=True)
+    problem = seeded_attention_problem([1] * 4, [40, 1, 23, 9], (4, 2), 64, 16, F32, seed=7, strided_q=True)
     problem.seq_lens[1] = 0  # padding row: no keys at all
     problem.seq_lens[3] = 0
     wide = torch.full((4, 6, 64), float("nan"), device=KERNEL_DEVICE)
@@ -149,7 +139,7 @@ def test_device_order_is_longest_first_and_matches_host(lens):
 @pytest.mark.parametrize("dtype", [BF16, F32])
 def test_gpu_decode_head_dims_and_fp32(head_dim, dtype):
     seq_lens = [1, 15, 16, 17, 511, 512, 513, 1500]
-    problem = _problem([1] * 8, seq_lens, (32, 4), head_dim, 16, dtype, seed=head_dim, device="cuda")
+    problem = seeded_attention_problem([1] * 8, seq_lens, (32, 4), head_dim, 16, dtype, seed=head_dim, device="cuda")
     for splits in (1, 5, 16):
         out = poisoned_like(problem.q)
         paged_decode_attention(*problem.args(), out=out, num_splits=splits)

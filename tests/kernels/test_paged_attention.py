@@ -8,26 +8,18 @@ import torch
 
 from kernels.paged_attention import paged_attention
 from tests.kernels.kernel_testing import (
+    BF16,
+    F16,
+    F32,
     ATTENTION_TOLERANCE,
     KERNEL_DEVICE,
     assert_close,
-    make_attention_problem,
     poisoned_like,
+    seeded_attention_problem,
 )
 
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-
-def _problem(q_lens, seq_lens, heads, head_dim, block_size, dtype, seed, device=KERNEL_DEVICE, **kw):
-    gen = torch.Generator().manual_seed(seed)
-    return make_attention_problem(
-        q_lens, seq_lens, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, block_size=block_size,
-        dtype=dtype, device=device, generator=gen, **kw,
-    )  # fmt: skip
-
-
 def test_dispatcher_on_cpu_uses_reference_and_fills_out():
-    problem = _problem([2, 1], [5, 20], (4, 2), 16, 16, F32, seed=11, device="cpu")
+    problem = seeded_attention_problem([2, 1], [5, 20], (4, 2), 16, 16, F32, seed=11, device="cpu")
     out = poisoned_like(problem.q)
     result = paged_attention(*problem.args(), max_query_len=2, out=out)
     assert result is out
@@ -38,7 +30,7 @@ def test_dispatcher_on_cpu_uses_reference_and_fills_out():
 
 def test_dispatcher_accepts_decode_order():
     """On CUDA the order reaches the decode kernel; on CPU the dispatcher's reference ignores it."""
-    problem = _problem([1, 1, 1], [30, 60, 9], (4, 2), 32, 16, F32, seed=2)
+    problem = seeded_attention_problem([1, 1, 1], [30, 60, 9], (4, 2), 32, 16, F32, seed=2)
     order = torch.tensor([1, 0, 2], dtype=torch.int32, device=KERNEL_DEVICE)
     out = paged_attention(*problem.args(), max_query_len=1, decode_order=order)
     assert_close(out, problem.float64_reference(), ATTENTION_TOLERANCE[F32], "dispatcher with decode_order")
@@ -57,7 +49,7 @@ MODEL_HEADS = {"qwen3-0.6b": (16, 8), "llama-3.1-8b": (32, 8)}
 def test_gpu_decode_real_shapes(model, dtype, batch, block_size):
     gen = torch.Generator().manual_seed(batch * 31 + block_size)
     seq_lens = torch.randint(1, 2049, (batch,), generator=gen).tolist()
-    problem = _problem([1] * batch, seq_lens, MODEL_HEADS[model], 128, block_size, dtype, seed=batch, device="cuda",
+    problem = seeded_attention_problem([1] * batch, seq_lens, MODEL_HEADS[model], 128, block_size, dtype, seed=batch, device="cuda",
                        extra_table_columns=4096 // block_size)  # fmt: skip
     out = poisoned_like(problem.q)
     paged_attention(*problem.args(), max_query_len=1, out=out)
@@ -74,7 +66,7 @@ def test_gpu_prefill_mixed_real_shapes(model, dtype, block_size):
     decode_ctx = torch.randint(2, 1500, (40,), generator=gen).tolist()
     q_lens = [1500, 300, 77] + [1] * 40
     seq_lens = [2000, 300, 77] + decode_ctx
-    problem = _problem(q_lens, seq_lens, MODEL_HEADS[model], 128, block_size, dtype, seed=5, device="cuda",
+    problem = seeded_attention_problem(q_lens, seq_lens, MODEL_HEADS[model], 128, block_size, dtype, seed=5, device="cuda",
                        strided_q=True)  # fmt: skip
     out = poisoned_like(problem.q)
     paged_attention(*problem.args(), max_query_len=problem.max_query_len, out=out)
@@ -85,7 +77,7 @@ def test_gpu_prefill_mixed_real_shapes(model, dtype, block_size):
 def test_gpu_decode_replays_in_cuda_graph():
     """Captured once, replayed on new lengths and block tables written into the same buffers: same results as eager."""
     batch, heads, block_size, dtype = 32, (16, 8), 16, BF16
-    first = _problem([1] * batch, [700] * batch, heads, 128, block_size, dtype, seed=1, device="cuda",
+    first = seeded_attention_problem([1] * batch, [700] * batch, heads, 128, block_size, dtype, seed=1, device="cuda",
                      extra_table_columns=64)  # fmt: skip
     q, k_cache, v_cache, tables, seq_lens, qsl, scale = first.args()
     out = torch.empty_like(q)

@@ -10,23 +10,15 @@ import torch
 
 from kernels.prefill_attention import PREFILL_CONFIGS, PrefillConfig, paged_prefill_attention
 from tests.kernels.kernel_testing import (
+    BF16,
+    F16,
+    F32,
     ATTENTION_TOLERANCE,
     KERNEL_DEVICE,
     assert_close,
-    make_attention_problem,
     poisoned_like,
+    seeded_attention_problem,
 )
-
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-
-def _problem(q_lens, seq_lens, heads, head_dim, block_size, dtype, seed, device=KERNEL_DEVICE, **kw):
-    gen = torch.Generator().manual_seed(seed)
-    return make_attention_problem(
-        q_lens, seq_lens, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, block_size=block_size,
-        dtype=dtype, device=device, generator=gen, **kw,
-    )  # fmt: skip
-
 
 # (q_lens, seq_lens, (Hq, Hk), head_dim, block_size, dtype, block_m)
 PREFILL_CASES = [
@@ -39,7 +31,7 @@ PREFILL_CASES = [
 
 @pytest.mark.parametrize("q_lens, seq_lens, heads, head_dim, block_size, dtype, block_m", PREFILL_CASES)
 def test_prefill_matches_reference(q_lens, seq_lens, heads, head_dim, block_size, dtype, block_m):
-    problem = _problem(q_lens, seq_lens, heads, head_dim, block_size, dtype, seed=sum(seq_lens) + 1, strided_q=True)
+    problem = seeded_attention_problem(q_lens, seq_lens, heads, head_dim, block_size, dtype, seed=sum(seq_lens) + 1, strided_q=True)
     config = None if block_m is None else PrefillConfig(block_m=block_m, tile_n=32, num_warps=4, num_stages=2)
     out = poisoned_like(problem.q)
     paged_prefill_attention(*problem.args(), out=out, config=config)
@@ -50,7 +42,7 @@ def test_prefill_tile_alignment_every_residue():
     """Cached-prefix lengths 0..15 with 16-token query tiles put the tiles' first positions at every residue mod the
     32-key tile: the unmasked/masked tile boundary must be right at each of them."""
     contexts = list(range(16))
-    problem = _problem([32] * 16, [32 + c for c in contexts], (1, 1), 16, 16, F32, seed=21)
+    problem = seeded_attention_problem([32] * 16, [32 + c for c in contexts], (1, 1), 16, 16, F32, seed=21)
     out = poisoned_like(problem.q)
     config = PrefillConfig(block_m=16, tile_n=32, num_warps=4, num_stages=2)
     paged_prefill_attention(*problem.args(), out=out, config=config)
@@ -58,7 +50,7 @@ def test_prefill_tile_alignment_every_residue():
 
 
 def test_prefill_kernel_on_decode_only_batch():
-    problem = _problem([1, 1, 1], [9, 48, 70], (4, 1), 64, 16, F16, seed=3)
+    problem = seeded_attention_problem([1, 1, 1], [9, 48, 70], (4, 1), 64, 16, F16, seed=3)
     out = poisoned_like(problem.q)
     paged_prefill_attention(*problem.args(), out=out)
     assert_close(out, problem.float64_reference(), ATTENTION_TOLERANCE[F16], "prefill kernel, q_len 1")
@@ -68,7 +60,7 @@ def test_prefill_kernel_on_decode_only_batch():
 
 @pytest.mark.gpu
 def test_gpu_prefill_long_chunk_every_config():
-    problem = _problem([4096], [4096], (32, 8), 128, 16, BF16, seed=9, device="cuda")
+    problem = seeded_attention_problem([4096], [4096], (32, 8), 128, 16, BF16, seed=9, device="cuda")
     ref = problem.float64_reference()
     for _, config in PREFILL_CONFIGS:
         out = poisoned_like(problem.q)
