@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import socket
-import threading
+import subprocess
+import sys
 import time
 
 import httpx
@@ -55,36 +56,48 @@ def assert_openai_error(r: httpx.Response, status: int, param: str | None = None
     return err
 
 
+_PROBE_SCRIPT = r"""
+import json, sys, threading, time
+import httpx
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+worst, failures = 0.0, []
+with httpx.Client(timeout=5) as client:
+    print("ready", flush=True)
+    while not stop.is_set():
+        start = time.monotonic()
+        try:
+            status = client.get(sys.argv[1]).status_code
+            if status != 200:
+                failures.append(status)
+        except httpx.HTTPError as exc:
+            failures.append(repr(exc))
+        worst = max(worst, time.monotonic() - start)
+        time.sleep(0.02)
+print(json.dumps({"worst": worst, "failures": failures[:10]}), flush=True)
+"""
+
+
 class HealthProbe:
-    """Polls /health in a thread while a test runs; records the slowest answer."""
+    """Polls /health from a separate process while a test runs, and records the slowest answer. A process, not a
+    thread: this test process's own work (encoding bodies, generating examples) holds its GIL and would count
+    against the server."""
 
     def __init__(self, server) -> None:
         self.url = f"{server.url}/health"
         self.worst = 0.0
         self.failures: list[object] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=5) as client:
-            while not self._stop.is_set():
-                start = time.monotonic()
-                try:
-                    status = client.get(self.url).status_code
-                    if status != 200:
-                        self.failures.append(status)
-                except httpx.HTTPError as exc:
-                    self.failures.append(exc)
-                self.worst = max(self.worst, time.monotonic() - start)
-                time.sleep(0.02)
 
     def __enter__(self) -> "HealthProbe":
-        self._thread.start()
+        self._proc = subprocess.Popen([sys.executable, "-c", _PROBE_SCRIPT, self.url], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout.readline().strip() == "ready"
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        out, _ = self._proc.communicate(input="", timeout=30)
+        result = json.loads(out.strip().splitlines()[-1])
+        self.worst, self.failures = result["worst"], result["failures"]
 
 
 # ------------------------------------------------------------------------------------------ must not kill the core
