@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.input_batch import SequenceRows
+
 
 class NgramProposer:
     def __init__(self, num_speculative_tokens: int, prompt_lookup_min: int, prompt_lookup_max: int,
@@ -18,35 +20,15 @@ class NgramProposer:
         self.k = num_speculative_tokens
         self.nmin = prompt_lookup_min
         self.nmax = prompt_lookup_max
-        self.tokens = np.zeros((max_num_seqs, max_model_len), dtype=np.int32)
-        self._num_synced = [0] * max_num_seqs  # tokens in each row (a list: cheaper than numpy scalars per call)
-        self.row_of: dict[tuple[str, int], int] = {}
-        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
-
-    def remove(self, keys: list[tuple[str, int]]) -> None:
-        for key in keys:
-            row = self.row_of.pop(key, None)
-            if row is not None:
-                self._num_synced[row] = 0
-                self._free_rows.append(row)
-
-    def _sync(self, key: tuple[str, int], token_ids: list[int]) -> int:
-        """The sequence's row, holding all its tokens (only the new ones are copied)."""
-        row = self.row_of.get(key)
-        if row is None:
-            row = self._free_rows.pop()
-            self.row_of[key] = row
-        have = self._num_synced[row]
-        if have < len(token_ids):
-            self.tokens[row, have : len(token_ids)] = token_ids[have:]
-            self._num_synced[row] = len(token_ids)
-        return row
+        self._rows = SequenceRows(np.zeros((max_num_seqs, max_model_len), dtype=np.int32))
+        self.tokens = self._rows.buffer
+        self.remove = self._rows.remove
 
     def propose(self, sequences: list[tuple[tuple[str, int], list[int]]]) -> list[list[int]]:
         """Drafts (up to k tokens, maybe none) for each (key, all token ids)."""
         if not sequences:
             return []
-        rows = np.fromiter((self._sync(key, tokens) for key, tokens in sequences), dtype=np.int64,
+        rows = np.fromiter((self._rows.sync(key, tokens) for key, tokens in sequences), dtype=np.int64,
                            count=len(sequences))
         lengths = np.fromiter((len(tokens) for _, tokens in sequences), dtype=np.int64, count=len(sequences))
         return propose_batch(self.tokens[rows, : int(lengths.max())], lengths, self.k, self.nmin, self.nmax)
