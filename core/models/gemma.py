@@ -19,11 +19,12 @@ from torch import nn
 
 from core.config import ModelConfig, common_fields
 from core.layers.activation import activation, gated
-from core.layers.attention import AttentionMetadata, PagedAttention
+from core.layers.attention import AttentionMetadata
 from core.layers.linear import Embedding, Linear
 from core.layers.norm import RMSNorm
 from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
+from core.models.llama import Attention
 from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
 
@@ -51,33 +52,6 @@ def read_config(d: dict[str, Any], architecture: str) -> GemmaConfig:
     return GemmaConfig(**gemma_fields(d, architecture))
 
 
-class GemmaAttention(nn.Module):
-    def __init__(self, cfg: GemmaConfig, rotary: RotaryEmbedding, layer: int, attention_backend: str,
-                 kernel_backend: str) -> None:  # fmt: skip
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias,
-                               backend=kernel_backend)  # fmt: skip
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, backend=kernel_backend)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend=kernel_backend)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend=kernel_backend)
-        else:
-            self.q_norm = self.k_norm = None
-        scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary, self.q_norm, self.k_norm,
-                                   attention_backend=attention_backend, kernel_backend=kernel_backend, scale=scale,
-                                   sliding_window=cfg.layer_window(layer), softcap=cfg.attn_softcap)  # fmt: skip
-
-    def forward(self, positions, x, kv_cache, meta):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(positions, q, k, v, kv_cache, meta))
-
-
 class GemmaMLP(nn.Module):
     def __init__(self, cfg: GemmaConfig, kernel_backend: str) -> None:
         super().__init__()
@@ -94,7 +68,9 @@ class GemmaDecoderLayer(nn.Module):
                  kernel_backend: str) -> None:  # fmt: skip
         super().__init__()
         self.sandwich = cfg.sandwich_norms
-        self.self_attn = GemmaAttention(cfg, rotary, layer, attention_backend, kernel_backend)
+        scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
+        self.self_attn = Attention(cfg, rotary, attention_backend, kernel_backend, cfg.layer_window(layer), scale,
+                                   cfg.attn_softcap)
         self.mlp = GemmaMLP(cfg, kernel_backend)
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, backend=kernel_backend)

@@ -37,7 +37,8 @@ def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str,
-                 sliding_window: int = 0) -> None:  # fmt: skip
+                 sliding_window: int = 0, scale: float | None = None, softcap: float = 0.0) -> None:  # fmt: skip
+        """``scale`` None: 1/sqrt(head_dim); ``softcap`` 0: no logit soft-capping (Gemma 2 sets both)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
@@ -52,7 +53,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary, self.q_norm, self.k_norm,
                                    attention_backend=attention_backend, kernel_backend=kernel_backend,
-                                   sliding_window=sliding_window)  # fmt: skip
+                                   scale=scale, sliding_window=sliding_window, softcap=softcap)  # fmt: skip
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
