@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
 import os
 import sys
 import time
@@ -29,18 +30,25 @@ import torch  # noqa: E402
 
 from benchmarks.bench_fused_moe import (DEVICE, SHAPES, SMOKE_SHAPES, bench_ms, check_problem,  # noqa: E402
                                         make_problem)  # fmt: skip
-from kernels.fused_moe import CONFIG_FILE, fused_moe_triton, shape_key  # noqa: E402
+from kernels.fused_moe import CONFIG_FILE, default_config, fused_moe_triton, shape_key  # noqa: E402
 
 TUNE_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 
 
-def candidate_configs(smoke: bool) -> list[dict[str, int]]:
+def candidate_configs(smoke: bool, tokens: int = 1, shape=None) -> list[dict[str, int]]:
+    """The default config first, then the sweep in a seeded random order with row blocks no larger than the rows an
+    expert gets: a time budget then samples the whole space instead of its first corner."""
     if smoke:
         return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2),
                 dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=2)]  # fmt: skip
+    rows_per_expert = tokens * shape.top_k / shape.num_experts if shape is not None else 1 << 20
     space = itertools.product([16, 32, 64, 128], [32, 64, 128, 256], [64, 128, 256], [1, 16], [4, 8], [2, 3, 4, 5])
-    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=g, num_warps=w, num_stages=s)
-            for m, n, k, g, w, s in space if not (m * n >= 128 * 256 and w == 4)]  # fmt: skip
+    sweep = [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=g, num_warps=w, num_stages=s)
+             for m, n, k, g, w, s in space
+             if not (m * n >= 128 * 256 and w == 4) and (m == 16 or m <= 2 * rows_per_expert)]  # fmt: skip
+    random.Random(tokens).shuffle(sweep)
+    first = default_config(tokens, shape.num_experts) if shape is not None else None
+    return ([first] if first else []) + [c for c in sweep if c != first]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         for tokens in token_counts:
             p = make_problem(shape, tokens, dtype, seed=tokens)
             best, best_ms, deadline = None, float("inf"), time.monotonic() + opts.budget_s
-            for config in candidate_configs(opts.smoke):
+            for config in candidate_configs(opts.smoke, tokens, shape):
                 if time.monotonic() > deadline:
                     break
                 try:
