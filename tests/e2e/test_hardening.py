@@ -191,12 +191,24 @@ def test_big_inputs_are_refused_before_tokenizing_and_health_stays_fast(server):
         ("/tokenize", {"prompt": big[:8_000_000]}, "prompt"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": big}]}, "messages"),
         ("/v1/completions", {"prompt": list(range(1, 100_001)), "max_tokens": 1}, "prompt"))]
+    # Up to the body limit (24 MB here): 20 MB of text is refused by its length; millions of small JSON values
+    # (2.5 M token ids, 500,000 messages) are refused (413) before parsing, which would hold the event loop.
+    huge = "hello world " * 1_700_000
+    requests += [(path, json.dumps(body).encode(), status) for path, body, status in (
+        ("/v1/completions", {"prompt": huge, "max_tokens": 1}, 400),
+        ("/tokenize", {"prompt": huge}, 400),
+        ("/v1/completions", {"prompt": list(range(1, 2_500_001)), "max_tokens": 1}, 413),
+        ("/detokenize", {"tokens": list(range(1, 2_500_001))}, 413),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}] * 500_000}, 413))]
     with HealthProbe(server) as probe:
         for path, content, param in requests:
             start = time.monotonic()
             r = httpx.post(f"{server.url}{path}", content=content, headers={"Content-Type": "application/json"},
                            timeout=60)
-            assert_openai_error(r, 400, param)
+            if param == 413:
+                assert "--max-request-json-values" in assert_openai_error(r, 413)["message"]
+            else:
+                assert_openai_error(r, 400, param if isinstance(param, str) else "prompt")
             assert time.monotonic() - start < 10
     assert not probe.failures and probe.worst < 0.1, (probe.worst, probe.failures[:3])
 
