@@ -177,3 +177,25 @@ def test_fault_tokens_come_from_the_environment(monkeypatch):
     assert FaultInjector().marker == [12, 34]
     monkeypatch.delenv("PAGEDSERVE_TEST_STEP_FAULT_TOKENS")
     assert not FaultInjector().enabled
+
+
+def test_a_transient_step_fault_fails_no_request(model):
+    """A fault that does not repeat when its suspects run alone blames nobody: every request completes as if it
+    had not happened."""
+    engine = make_engine(model)
+    expected, _, _ = drive(engine, PROMPTS)
+
+    class Once:
+        enabled = True
+        fired = False
+
+        def check(self, prompts):
+            if not self.fired and any(len(p) and engine._children[r][0].num_output_tokens == 2 for r, p in prompts):
+                self.fired = True
+                raise RuntimeError("transient")
+
+    engine._faults = Once()
+    tokens, finished, errors = drive(engine, PROMPTS)
+    assert engine._faults.fired and not errors
+    assert tokens == expected and set(finished) == set(PROMPTS)
+    assert_no_leak(engine)
