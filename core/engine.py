@@ -187,8 +187,8 @@ class EngineCore:
         return EngineOutputs(outputs, stats, timestamp=time.time(), errors=errors)
 
     def _step(self, outputs: list[EngineOutput], errors: list[RequestError]) -> set[str] | None:
-        """One step's work, appending to ``outputs`` as results come; the ids of the requests that sampled, or None
-        when no work ran."""
+        """One step's work, appending to ``outputs`` as results come; the ids of the requests whose sampled tokens
+        were processed (with async scheduling, those of the previous launch), or None when no work ran."""
         sched = self.scheduler.schedule()
         self.runner.input_batch.remove(sched.freed_keys)
         if self.proposer is not None:
@@ -197,24 +197,23 @@ class EngineCore:
         if self._inflight is not None:
             self._involved.extend(s.seq.request_id for s in self._inflight[0].scheduled)
         self._involved.extend(s.seq.request_id for s in sched.scheduled)
-        ran = None
+        ran: set[str] | None = None
         if sched.is_empty and self._inflight is None and not outputs:
             self.structured.wait_for_compile(0.005)  # only grammars compiling: do not spin against the compiler
         if self._inflight is not None and (sched.is_empty or self._needs_sampled_tokens(sched)):
-            self._finish_inflight(outputs)
+            ran = self._finish_inflight(outputs)
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
-            ran = set()
         if sched.scheduled:
             if self._faults.enabled:
                 self._faults.check((s.seq.request_id, s.seq.prompt_token_ids) for s in sched.scheduled)
             prev = self._inflight[1] if self._inflight is not None else None
             handle = self.runner.launch(sched, self.kv.seq_blocks, prev)
+            ran = ran or set()
             if self._inflight is not None:
-                self._finish_inflight(outputs)
+                ran |= self._finish_inflight(outputs)
             self._inflight = (sched, handle)
             if not self.async_scheduling:
-                self._finish_inflight(outputs)
-            ran = {s.seq.request_id for s in sched.scheduled if s.samples}
+                ran |= self._finish_inflight(outputs)
         return ran
 
     def _recover_from_step_failure(self, exc: Exception) -> list[RequestError]:
@@ -240,10 +239,12 @@ class EngineCore:
         return [RequestError(culprit, f"The engine failed while running this request: {type(exc).__name__}: {exc}",
                              internal=True)]
 
-    def _finish_inflight(self, outputs: list[EngineOutput]) -> None:
+    def _finish_inflight(self, outputs: list[EngineOutput]) -> set[str]:
+        """Wait for the step in flight and apply its results; the ids of the requests that sampled in it."""
         sched, handle = self._inflight
         self._inflight = None
         self._update(sched, handle.result(), outputs)
+        return {s.seq.request_id for s in sched.scheduled if s.samples}
 
     @staticmethod
     def _needs_sampled_tokens(sched: SchedulerOutput) -> bool:

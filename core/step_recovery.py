@@ -7,7 +7,9 @@ bad request by failing that request alone, never itself"):
   500), its blocks are freed, every other request keeps going;
 - it involved several: every running sequence goes back to waiting (as after a preemption: nothing emitted is lost,
   the KV is recomputed) and the involved requests become *suspects*, run one at a time ("isolation") until each has
-  sampled once in a step that succeeded (it is *cleared*) or has failed alone (it is the culprit);
+  had a step's sampled token processed without error (it is *cleared*, and may run beside the next suspects) or has
+  failed alone (it is the culprit). Limit: a cleared request that fails later in the same episode, beside a
+  suspect, gets the suspect blamed; outside an episode nothing is cleared;
 - the failure is not attributable (nothing involved, or only cleared requests), repeats (an out-of-memory error twice
   in a row, ``MAX_CONSECUTIVE_FAILURES`` failed steps without one that succeeded) or is a device error after which
   the device cannot be trusted (CUDA errors, device-side asserts): the core dies as before (``EngineDead``).
