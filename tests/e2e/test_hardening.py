@@ -171,6 +171,10 @@ def test_a_failing_engine_step_fails_only_its_request(server):
         assert [f.result().json()["choices"][0]["text"] for f in goods] == alone
         assert [stream_text(f.result()) for f in good_streams] == [(t, []) for t in alone[:2]]
     assert [post(server, "/v1/completions", body).json()["choices"][0]["text"] for body in good[:2]] == alone[:2]
+    # The failed request's id is free again at once.
+    assert_openai_error(post(server, "/v1/completions", {**bad, "request_id": "faulty"}), 500)
+    r = post(server, "/v1/completions", {**good[0], "request_id": "faulty"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == alone[0]
     assert httpx.get(f"{server.url}/health").status_code == 200
     deadline = time.monotonic() + 5
     while server.metric("vllm:kv_cache_usage_perc") != 0.0 and time.monotonic() < deadline:
