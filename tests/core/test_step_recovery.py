@@ -199,3 +199,18 @@ def test_a_transient_step_fault_fails_no_request(model):
     assert engine._faults.fired and not errors
     assert tokens == expected and set(finished) == set(PROMPTS)
     assert_no_leak(engine)
+
+
+def test_offline_llm_raises_for_a_prompt_failed_in_a_step(model):
+    """The offline LLM says which prompt failed (it would otherwise return fewer outputs than prompts), and the
+    engine stays usable."""
+    from frontend.llm import LLM
+
+    llm = LLM(str(model), skip_tokenizer_init=True, num_gpu_blocks_override=256, max_model_len=512)
+    llm.engine._faults = FaultInjector(MARKER)
+    prompts = [{"prompt_token_ids": PROMPTS["a"]}, {"prompt_token_ids": PROMPTS["bad"]}]
+    with pytest.raises(RuntimeError, match="Prompt 1 failed: .*injected step fault"):
+        llm.generate(prompts, greedy(), use_tqdm=False)
+    outputs = llm.generate([{"prompt_token_ids": PROMPTS["a"]}], greedy(), use_tqdm=False)
+    assert len(outputs[0].outputs[0].token_ids) == 8
+    assert_no_leak(llm.engine)
