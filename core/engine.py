@@ -17,6 +17,7 @@ from core.scheduler import Scheduler, SchedulerOutput
 from core.spec_decode.draft_model import DraftModelProposer
 from core.spec_decode.metrics import SpecDecodeMetrics
 from core.spec_decode.proposer import make_proposer
+from core.step_recovery import FaultInjector, StepFailureTracker
 from core.structured_output.manager import StructuredOutputManager
 from core.structured_output.tokenizer_info import load_tokenizer_info
 from ipc.messages import (
@@ -66,7 +67,11 @@ class EngineCore:
             lambda: load_tokenizer_info(self.runner.source, config.tokenizer, self.runner.vocab_size,
                                         sorted(self.eos_token_ids)),
             self.runner.vocab_size, config.max_num_seqs)
-        self.scheduler.holds = self.structured.holds  # constrained requests wait until their grammar compiles
+        self._failures = StepFailureTracker()  # a failed step fails its culprit request, not the engine
+        self._faults = FaultInjector()  # tests only (PAGEDSERVE_TEST_STEP_FAULT_TOKENS)
+        self._involved: list[str] = []  # request ids of the step being run, for blaming a failure
+        # constrained requests wait until their grammar compiles; after a failed step, suspects run one at a time
+        self.scheduler.holds = self._holds
         self.runner.structured_output = self.structured
         self._pending: list[EngineOutput] = []
         self._children: dict[str, list[Sequence]] = {}  # request id -> its n sequences
@@ -156,38 +161,90 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished_sequences() or bool(self._pending) or self._inflight is not None
 
+    def _holds(self, seq: Sequence) -> bool:
+        return self.structured.holds(seq) or self._failures.holds(seq.request_id)
+
     # ------------------------------------------------------------------------------------------------ step
     def step(self) -> EngineOutputs:
         """Schedule and launch a step, then process the previous one's results (async scheduling: the device
-        runs a step while the host prepares the next), or this one's (synchronous)."""
+        runs a step while the host prepares the next), or this one's (synchronous).
+
+        A step that raises fails only the request it can be blamed on (core/step_recovery.py); what the step
+        produced before it raised is still returned. ``StepFailedFatally`` when the engine must not go on."""
         outputs, self._pending = self._pending, []
-        sched = self.scheduler.schedule()
-        self.runner.input_batch.remove(sched.freed_keys)
-        if self.proposer is not None:
-            self.proposer.remove(sched.freed_keys)
-        errors = self._fail_grammars()
-        if sched.is_empty and self._inflight is None and not outputs:
-            self.structured.wait_for_compile(0.005)  # only grammars compiling: do not spin against the compiler
-        if self._inflight is not None and (sched.is_empty or self._needs_sampled_tokens(sched)):
-            outputs.extend(self._finish_inflight())
-            sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
-        if sched.scheduled:
-            prev = self._inflight[1] if self._inflight is not None else None
-            handle = self.runner.launch(sched, self.kv.seq_blocks, prev)
-            if self._inflight is not None:
-                outputs.extend(self._finish_inflight())
-            self._inflight = (sched, handle)
-            if not self.async_scheduling:
-                outputs.extend(self._finish_inflight())
+        errors: list[RequestError] = []
+        self._involved = []
+        try:
+            sampled = self._step(outputs, errors)
+        except Exception as exc:
+            errors.extend(self._recover_from_step_failure(exc))
+        else:
+            if sampled is not None:
+                self._failures.on_success(sampled, self._children)
         stats = self.scheduler.stats()
         if self.spec_metrics is not None:
             self.spec_metrics.fill(stats)
         return EngineOutputs(outputs, stats, timestamp=time.time(), errors=errors)
 
-    def _finish_inflight(self) -> list[EngineOutput]:
+    def _step(self, outputs: list[EngineOutput], errors: list[RequestError]) -> set[str] | None:
+        """One step's work, appending to ``outputs`` as results come; the ids of the requests whose sampled tokens
+        were processed (with async scheduling, those of the previous launch), or None when no work ran."""
+        sched = self.scheduler.schedule()
+        self.runner.input_batch.remove(sched.freed_keys)
+        if self.proposer is not None:
+            self.proposer.remove(sched.freed_keys)
+        errors.extend(self._fail_grammars())
+        if self._inflight is not None:
+            self._involved.extend(s.seq.request_id for s in self._inflight[0].scheduled)
+        self._involved.extend(s.seq.request_id for s in sched.scheduled)
+        ran: set[str] | None = None
+        if sched.is_empty and self._inflight is None and not outputs:
+            self.structured.wait_for_compile(0.005)  # only grammars compiling: do not spin against the compiler
+        if self._inflight is not None and (sched.is_empty or self._needs_sampled_tokens(sched)):
+            ran = self._finish_inflight(outputs)
+            sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
+        if sched.scheduled:
+            if self._faults.enabled:
+                self._faults.check((s.seq.request_id, s.seq.prompt_token_ids) for s in sched.scheduled)
+            prev = self._inflight[1] if self._inflight is not None else None
+            handle = self.runner.launch(sched, self.kv.seq_blocks, prev)
+            ran = ran or set()
+            if self._inflight is not None:
+                ran |= self._finish_inflight(outputs)
+            self._inflight = (sched, handle)
+            if not self.async_scheduling:
+                ran |= self._finish_inflight(outputs)
+        return ran
+
+    def _recover_from_step_failure(self, exc: Exception) -> list[RequestError]:
+        """Drop the failed step (and any step in flight: their sampled tokens were never emitted), put every running
+        sequence back to waiting to be recomputed, and fail the culprit alone if the failure names one; otherwise
+        the involved requests are run one at a time until it does. Raises ``StepFailedFatally`` to die."""
+        involved = [r for r in dict.fromkeys(self._involved) if r in self._children]
+        self._inflight = None
+        culprit = self._failures.attribute(exc, involved)
+        for sequences in self._children.values():
+            for seq in sequences:
+                seq.num_placeholders = 0  # the steps that were sampling them are gone
+        self.scheduler.preempt_all()
+        if culprit is None:
+            logger.warning("an engine step with %d requests failed (%s: %s); running them one at a time to find "
+                           "the culprit", len(involved), type(exc).__name__, exc)
+            return []
+        logger.error("request %s failed inside an engine step; failing it alone", culprit, exc_info=exc)
+        for seq in self._children.get(culprit, []):
+            if not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+        self._forget_if_done(culprit)
+        return [RequestError(culprit, f"The engine failed while running this request: {type(exc).__name__}: {exc}",
+                             internal=True)]
+
+    def _finish_inflight(self, outputs: list[EngineOutput]) -> set[str]:
+        """Wait for the step in flight and apply its results; the ids of the requests that sampled in it."""
         sched, handle = self._inflight
         self._inflight = None
-        return self._update(sched, handle.result())
+        self._update(sched, handle.result(), outputs)
+        return {s.seq.request_id for s in sched.scheduled if s.samples}
 
     @staticmethod
     def _needs_sampled_tokens(sched: SchedulerOutput) -> bool:
@@ -206,10 +263,11 @@ class EngineCore:
                 errors.append(RequestError(seq.request_id, message, "structured_outputs"))
         return errors
 
-    def _update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineOutput]:
+    def _update(self, sched: SchedulerOutput, result: RunnerOutput, outputs: list[EngineOutput]) -> None:
+        """Apply a step's results, appending each sequence's output to ``outputs`` as it is made (a failure part way
+        keeps what was already appended: those tokens are in the sequences)."""
         for key, (first_token, rows) in result.prompt_logprobs.items():
             self._add_prompt_logprobs(key, first_token, rows)
-        outputs = []
         sample_idx = 0
         proposing: list[Sequence] = []
         for scheduled in sched.scheduled:
@@ -237,6 +295,7 @@ class EngineCore:
                     self.runner.input_batch.truncate(seq.key, len(self.kv.blocks(seq)))
             self.total_generation_tokens += len(tokens)
             out = EngineOutput(seq.request_id, tokens, index=seq.index, new_logprobs=logprobs)
+            outputs.append(out)  # now: its tokens are in the sequence whatever happens below
             if not seq.first_output_sent:
                 seq.first_output_sent = True
                 out.num_cached_tokens = seq.num_cached_tokens
@@ -253,11 +312,9 @@ class EngineCore:
                 # Structured outputs get no drafts: the grammar's mask at a draft position would need the matcher
                 # advanced through the drafts before it, so constrained rows always verify as plain decode rows.
                 proposing.append(seq)
-            outputs.append(out)
         if proposing:
             for seq, drafts in zip(proposing, self._propose(proposing)):
                 seq.spec_token_ids = drafts
-        return outputs
 
     def _propose(self, seqs: list[Sequence]) -> list[list[int]]:
         """Drafts for the sequences that just sampled. A draft model writes KV at the drafts' positions, so their

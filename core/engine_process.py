@@ -5,7 +5,9 @@ thread only schedules and runs the model: the GPU never waits on msgpack. The ma
 queue) only when the core has no work at all.
 
 Lifecycle: ``Shutdown``, SIGTERM or the death of the parent process end the loop cleanly (exit 0); an exception
-is reported to the frontend as ``EngineDead`` and ends the process with exit status 1.
+is reported to the frontend as ``EngineDead`` and ends the process with exit status 1. A step that raises is not
+such an exception: ``EngineCore.step`` fails the request it blames alone (core/step_recovery.py) and raises only
+when it must not go on.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("TRANSFORMERS_OFFLINE", "Same as HF_HUB_OFFLINE (transformers' older spelling).", "unset"),
     EnvVar("OMP_NUM_THREADS", "When set, the CPU engine process keeps torch's thread count; unset, it uses "
            "all cores but one (the API process needs one).", "unset"),
+    EnvVar("PAGEDSERVE_TEST_STEP_FAULT_TOKENS", "Tests only: comma-separated token ids; an engine step that "
+           "schedules a sequence whose prompt contains this run raises (exercises step-failure recovery: that "
+           "request fails with a 500, the engine keeps serving). Never set it in production.", "unset"),
 )
 
 _TRUE = ("1", "ON", "YES", "TRUE")
@@ -83,3 +86,13 @@ def hf_hub_offline() -> bool:
 
 def omp_num_threads_set() -> bool:
     return "OMP_NUM_THREADS" in os.environ
+
+
+def step_fault_tokens() -> list[int]:
+    value = _get("PAGEDSERVE_TEST_STEP_FAULT_TOKENS")
+    if not value:
+        return []
+    try:
+        return [int(t) for t in value.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"PAGEDSERVE_TEST_STEP_FAULT_TOKENS is {value!r}: use comma-separated token ids.") from None

@@ -209,6 +209,15 @@ class Scheduler:
             seq.num_placeholders += 1
         return scheduled
 
+    def preempt_all(self) -> list[Sequence]:
+        """After a failed step: every running sequence back to waiting, in order, its blocks freed and its row dropped
+        from the runner's batch (recomputed later, as after a preemption: nothing it emitted is lost)."""
+        victims, self.running = self.running, []
+        for seq in reversed(victims):
+            self._preempt(seq)
+            self._freed_keys.append(seq.key)
+        return victims
+
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
         seq.spec_token_ids = []

@@ -26,11 +26,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from frontend.engine_client import EngineClient
+from frontend.json_budget import check_json_values
 from frontend.lifecycle import Lifecycle, LifecycleMiddleware, header_timeout_protocol, release_memory_soon
 from frontend.metrics import CONTENT_TYPE
 from frontend.protocol import (
@@ -150,8 +151,13 @@ def _validation_error(exc: RequestValidationError | ValidationError) -> OpenAIEr
     return OpenAIError("Invalid request: " + "; ".join(parts), param=param)
 
 
-def _parse_body(model: type[BaseModel], body: bytes) -> Any:
+BodyModel = type[BaseModel] | TypeAdapter
+
+
+def _parse_body(model: BodyModel, body: bytes) -> Any:
     try:
+        if isinstance(model, TypeAdapter):
+            return model.validate_json(body)
         return model.model_validate_json(body)
     except ValidationError as exc:
         raise _validation_error(exc) from None
@@ -160,33 +166,41 @@ def _parse_body(model: type[BaseModel], body: bytes) -> Any:
 _BIG_BODY_BYTES = 256 * 1024
 
 
-async def _parse_body_off_loop(model: type[BaseModel], body: bytes) -> Any:
-    """Parse a big body in a worker thread: a multi-megabyte JSON array takes the event loop for a while."""
+async def _parse_body_off_loop(model: BodyModel, body: bytes, request: Request) -> Any:
+    """Parse a big body in a worker thread: a multi-megabyte JSON array takes the event loop for a while; one
+    with more values than --max-request-json-values is refused before it is parsed (frontend/json_budget.py)."""
     if len(body) < _BIG_BODY_BYTES:
         return _parse_body(model, body)
+    max_values = request.app.state.max_json_values
     try:
-        return await asyncio.get_running_loop().run_in_executor(None, _parse_big_body, model, body)
+        return await asyncio.get_running_loop().run_in_executor(None, _parse_big_body, model, body, max_values)
     finally:
         release_memory_soon()
 
 
-def _parse_big_body(model: type[BaseModel], body: bytes) -> Any:
+def _parse_big_body(model: BodyModel, body: bytes, max_values: int) -> Any:
     """msgspec's JSON decoder then pydantic on the objects: about half the time pydantic's own JSON path takes
     on a multi-megabyte string, and both hold the GIL (the event loop waits) while they run."""
+    check_json_values(body, max_values)
     try:
         data = msgspec.json.decode(body)
     except msgspec.DecodeError:
         return _parse_body(model, body)  # pydantic's message for the malformed JSON
     try:
+        if isinstance(model, TypeAdapter):
+            return model.validate_python(data)
         return model.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
 
 
-def _body_schema(model: type[BaseModel]) -> dict:
+_TOKENIZE_BODY = TypeAdapter(TokenizeChatRequest | TokenizeCompletionRequest)
+
+
+def _body_schema(model: BodyModel) -> dict:
     """The request body's schema in the OpenAPI document (the route reads the body itself)."""
-    return {"requestBody": {"required": True,
-                            "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    schema = model.json_schema() if isinstance(model, TypeAdapter) else model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _check_task(request: Request, task: str) -> None:
@@ -266,6 +280,7 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
 
     app = FastAPI(title="pagedserve", version=version(), lifespan=lifespan)
     app.state.lifecycle = lifecycle
+    app.state.max_json_values = options.max_request_json_values
     install_openapi(app)
     server_load = ServerLoad()
 
@@ -320,8 +335,10 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
         """SageMaker-style: chat when the body has ``messages``, completions when it has ``prompt``."""
         body = await request.body()
         if invocation_route(body) == "/v1/chat/completions":
-            return await request.app.state.chat.create(await _parse_body_off_loop(ChatCompletionRequest, body), request)
-        return await request.app.state.completion.create(await _parse_body_off_loop(CompletionRequest, body), request)
+            return await request.app.state.chat.create(
+                await _parse_body_off_loop(ChatCompletionRequest, body, request), request)
+        return await request.app.state.completion.create(
+            await _parse_body_off_loop(CompletionRequest, body, request), request)
 
     @app.get("/version")
     async def get_version() -> JSONResponse:
@@ -340,27 +357,29 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request) -> Response:
         _check_task(request, "generate")
-        body = await _parse_body_off_loop(CompletionRequest, await request.body())
+        body = await _parse_body_off_loop(CompletionRequest, await request.body(), request)
         return await request.app.state.completion.create(body, request)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         _check_task(request, "generate")
-        body = await _parse_body_off_loop(ChatCompletionRequest, await request.body())
+        body = await _parse_body_off_loop(ChatCompletionRequest, await request.body(), request)
         return await request.app.state.chat.create(body, request)
 
     @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
     async def embeddings(request: Request) -> Response:
         _check_task(request, "embed")
-        body = await _parse_body_off_loop(EmbeddingRequest, await request.body())
+        body = await _parse_body_off_loop(EmbeddingRequest, await request.body(), request)
         return await request.app.state.embedding.create(body, request)
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeChatRequest | TokenizeCompletionRequest, request: Request) -> JSONResponse:
+    @app.post("/tokenize", openapi_extra=_body_schema(_TOKENIZE_BODY))
+    async def tokenize(request: Request) -> JSONResponse:
+        body = await _parse_body_off_loop(_TOKENIZE_BODY, await request.body(), request)
         return json_response(await request.app.state.tokenize.tokenize(body))
 
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
+    @app.post("/detokenize", openapi_extra=_body_schema(DetokenizeRequest))
+    async def detokenize(request: Request) -> JSONResponse:
+        body = await _parse_body_off_loop(DetokenizeRequest, await request.body(), request)
         return json_response(await request.app.state.tokenize.detokenize(body))
 
     @app.get("/metrics")

@@ -58,6 +58,10 @@ class RequestRejectedError(ValueError):
         self.param = param
 
 
+class RequestFailedError(RuntimeError):
+    """The request failed inside an engine step (the core survived and failed it alone): an HTTP 500."""
+
+
 class EngineClient:
     def __init__(self, config: EngineConfig, tokenizer: Any | None, model_name: str,
                  startup_timeout_s: float = 1800.0) -> None:
@@ -323,7 +327,8 @@ class EngineClient:
         for error in message.errors:
             state = self.processor.abort_request(error.request_id)
             if state is not None:
-                state.queue.put_nowait(RequestRejectedError(error.message, error.param))
+                state.queue.put_nowait(RequestFailedError(error.message) if error.internal
+                                       else RequestRejectedError(error.message, error.param))
 
     def fail_in_flight(self, error: Exception) -> int:
         """End every in-flight request with ``error`` (the drain's deadline passed) and abort them in the core;

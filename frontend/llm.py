@@ -154,6 +154,10 @@ class LLM:
         try:
             while self.engine.has_work():
                 step = self.engine.step()
+                if step.errors:  # a request failed in the core (its grammar, or a step blamed on it): say so
+                    failed = step.errors[0]
+                    raise (RuntimeError if failed.internal else ValueError)(
+                        f"Prompt {order.get(failed.request_id, '?')} failed: {failed.message}")
                 processed = self.processor.process_outputs(step.outputs)
                 if processed.to_abort:
                     request_ids, indices = zip(*processed.to_abort)

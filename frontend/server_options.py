@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
+from frontend.json_budget import DEFAULT_MAX_JSON_VALUES
 from frontend.tool_parsers import TOOL_PARSERS
 from ipc.config import Arg
 
@@ -23,6 +24,10 @@ class ServerOptions:
         "Require 'Authorization: Bearer <key>' on every API route (default: $PAGEDSERVE_API_KEY, else "
         "$VLLM_API_KEY).")] = None
     max_request_body_mb: Annotated[float, Arg("Largest request body accepted (larger ones get HTTP 413).")] = 32.0
+    max_request_json_values: Annotated[int, Arg(
+        "Most JSON values (array elements and object members) a request body may hold; more get HTTP 413 before "
+        "parsing, which holds the event loop for about a second per few million values (0: no limit).")] = \
+        DEFAULT_MAX_JSON_VALUES
     uvicorn_log_level: Annotated[str, Arg("uvicorn's log level.", choices=UVICORN_LOG_LEVELS)] = "info"
     disable_uvicorn_access_log: Annotated[bool, Arg("Log no line per HTTP request.")] = False
     allowed_origins: Annotated[list[str], Arg("CORS: origins allowed to call the API from a browser.",

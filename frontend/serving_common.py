@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from core.tokenizer import encode
-from frontend.engine_client import EngineClient, EngineDeadError, RequestRejectedError
+from frontend.engine_client import EngineClient, EngineDeadError, RequestFailedError, RequestRejectedError
 from frontend.lifecycle import ServerShuttingDownError
 from frontend.output_processor import Logprob, TokenStrings
 from frontend.protocol import MAX_LOGPROBS, OpenAIError
@@ -193,6 +193,8 @@ def engine_error(exc: Exception) -> OpenAIError:
         return OpenAIError(str(exc))
     if isinstance(exc, ServerShuttingDownError):
         return OpenAIError(str(exc), status_code=503)
+    if isinstance(exc, RequestFailedError):
+        return OpenAIError(str(exc), status_code=500, err_type="InternalServerError")
     if isinstance(exc, EngineDeadError):
         return OpenAIError(str(exc), status_code=500, err_type="EngineDeadError")
     return OpenAIError(f"{type(exc).__name__}: {exc}", status_code=500)

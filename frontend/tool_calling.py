@@ -5,8 +5,8 @@
 - ``required`` / a named function: the output is forced by a grammar built from the functions' parameter schemas
   (required: a JSON array of ``{"name", "parameters"}``; named: the function's arguments object itself).
 
-Streaming: named calls stream their arguments as they are generated (the name first); parsed calls (``auto``,
-``required``) are sent once their text is complete, name first, then the arguments.
+Streaming: every call streams as it is generated, OpenAI's way: a header with the id and name, then the arguments
+in pieces (frontend/tool_call_streaming.py); the pieces add up to the non-streamed call's arguments.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from frontend.protocol import OpenAIError
 from frontend.structured_outputs import validate_structured_outputs
+from frontend.tool_call_streaming import CallDeltas, JsonCallScanner, PythonicCallScanner, json_calls
 from frontend.tool_parsers import TOOL_PARSERS, ToolParser
 from ipc.messages import SamplingParams, StructuredOutputsParams
 
@@ -66,10 +67,12 @@ class ToolPlan:
         if self.mode == "named":
             return None, [tool_call(self.named, text)]
         if self.mode == "required":
-            try:
+            try:  # well-formed (not cut short by max_tokens), then the arguments as written (as streamed)
                 calls = json.loads(text)
-                return None, [tool_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls]
-            except (ValueError, TypeError, KeyError):  # cut short by max_tokens: the text is all there is
+                if not isinstance(calls, list) or not all(isinstance(c, dict) and "parameters" in c for c in calls):
+                    raise ValueError("not a list of calls")
+                return None, [tool_call(name, args) for name, args in json_calls(text, ("parameters",))]
+            except (ValueError, TypeError, KeyError):  # the text is all there is
                 return text, []
         content, calls = self.parser.extract(text)
         return content, [tool_call(name, args) for name, args in calls]
@@ -170,7 +173,9 @@ class ToolCallStreamer:
     sent: int = 0  # characters of ``text`` already streamed as content
     in_tool: bool = False
     named_started: bool = False
-    calls: list[dict[str, Any]] = field(default_factory=list)
+    calls: list[dict[str, Any]] = field(default_factory=list)  # the calls, once the text is complete
+    scanner: JsonCallScanner | PythonicCallScanner | None = None
+    streamed: CallDeltas = field(default_factory=lambda: CallDeltas(tool_call_id))
 
     def feed(self, delta: str, finished: bool) -> tuple[str | None, list[dict[str, Any]]]:
         self.text += delta
@@ -186,38 +191,38 @@ class ToolCallStreamer:
             if delta:
                 out.append({"index": 0, "function": {"arguments": delta}})
             return None, out
-        if plan.mode == "required":
+        if plan.mode == "required":  # the whole text is the JSON array of calls
+            if self.scanner is None:
+                self.scanner = JsonCallScanner(("parameters",))
+            out = self.streamed.deltas(self.scanner.feed(delta))
             if not finished:
-                return None, []
+                return None, out
             content, calls = plan.extract(self.text)
-            return content, self._emit_calls(calls)
-        # auto: content streams until a tool call starts; the calls are parsed when the text is complete
+            return content, out + self._finish(calls)
+        # auto: content streams until a tool call starts; from there the parser's scanner follows the calls
+        content = ""
         if not self.in_tool:
             start = plan.parser.tool_start(self.text)
-            if start is not None:
-                self.in_tool = True
-                content = self.text[self.sent:start]
-                self.sent = start
-            else:
+            if start is None:
                 end = len(self.text) if finished else len(self.text) - plan.parser.hold_back(self.text)
                 content = self.text[self.sent:end]
                 self.sent = max(self.sent, end)
                 return content, []
-        else:
-            content = ""
+            self.in_tool = True
+            content = self.text[self.sent:start]
+            self.sent = start
+            self.scanner = plan.parser.call_scanner()
+            delta = self.text[start:]
+        out = self.streamed.deltas(self.scanner.feed(delta))
         if not finished:
-            return content, []
+            return content, out
         leftover, calls = plan.parser.extract(self.text[self.sent:])
         if not calls:  # it looked like a call but was not: it is content after all
-            return content + (leftover or ""), []
-        return content + (leftover or ""), self._emit_calls([tool_call(name, args) for name, args in calls])
+            return content + (leftover or ""), out
+        return content + (leftover or ""), out + self._finish([tool_call(name, args) for name, args in calls])
 
-    def _emit_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out = []
-        for call in calls:
-            index = len(self.calls)
-            self.calls.append(call)
-            out.append({"index": index, "id": call["id"], "type": "function",
-                        "function": {"name": call["function"]["name"], "arguments": ""}})
-            out.append({"index": index, "function": {"arguments": call["function"]["arguments"]}})
+    def _finish(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rest of every call (all of those the scanner did not see), and the calls for finish_reason."""
+        out = self.streamed.finish(calls)
+        self.calls.extend(calls)
         return out

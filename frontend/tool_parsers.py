@@ -1,7 +1,9 @@
 """Parsers that find tool calls in a model's text (``--tool-call-parser``), with vLLM's names and formats.
 
-Each parser answers two questions: where in the text a tool call starts (``tool_start``; text before it is
-ordinary content, streamed as it comes), and, on the finished text, which calls it holds (``extract``).
+Each parser answers three questions: where in the text a tool call starts (``tool_start``; text before it is
+ordinary content, streamed as it comes), on the finished text, which calls it holds (``extract``), and how to follow
+calls while they are generated (``call_scanner``, frontend/tool_call_streaming.py: names first, arguments in pieces
+that add up to what ``extract`` returns).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import ast
 import json
 import re
 from typing import Any
+
+from frontend.tool_call_streaming import JsonCallScanner, PythonicCallScanner, json_calls
 
 
 class ToolParseError(ValueError):
@@ -64,6 +68,19 @@ class ToolParser:
     def _parse(self, text: str) -> list[tuple[str, str]]:
         raise NotImplementedError
 
+    def call_scanner(self) -> JsonCallScanner | PythonicCallScanner:
+        """Follows the calls in the text from ``tool_start`` on, fed as it is generated."""
+        return JsonCallScanner(("arguments", "parameters"))
+
+
+def _checked_json_calls(text: str, num_calls: int, args_keys: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The calls as the stream's scanner reads them (arguments as written), after ``json.loads`` found
+    ``num_calls`` well-formed ones."""
+    calls = json_calls(text, args_keys)
+    if len(calls) != num_calls:
+        raise ToolParseError(f"found {len(calls)} call objects, expected {num_calls}")
+    return calls
+
 
 class HermesToolParser(ToolParser):
     """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, repeated (Hermes, Qwen)."""
@@ -77,7 +94,7 @@ class HermesToolParser(ToolParser):
         calls = [_call(json.loads(body), ("arguments", "parameters")) for body in self._CALL.findall(text)]
         if not calls:
             raise ToolParseError("no tool call")
-        return calls
+        return _checked_json_calls(text, len(calls), ("arguments", "parameters"))
 
 
 class MistralToolParser(ToolParser):
@@ -89,7 +106,8 @@ class MistralToolParser(ToolParser):
 
     def _parse(self, text: str) -> list[tuple[str, str]]:
         body = json.loads(text[len("[TOOL_CALLS]"):].strip())
-        return [_call(obj, ("arguments", "parameters")) for obj in (body if isinstance(body, list) else [body])]
+        calls = [_call(obj, ("arguments", "parameters")) for obj in (body if isinstance(body, list) else [body])]
+        return _checked_json_calls(text, len(calls), ("arguments", "parameters"))
 
 
 class _WholeTextParser(ToolParser):
@@ -126,7 +144,10 @@ class Llama3JsonToolParser(_WholeTextParser):
             pos = end
             while pos < len(text) and text[pos] in " \n\t;":
                 pos += 1
-        return calls
+        return _checked_json_calls(text, len(calls), ("parameters", "arguments"))
+
+    def call_scanner(self) -> JsonCallScanner:
+        return JsonCallScanner(("parameters", "arguments"))
 
 
 class PythonicToolParser(_WholeTextParser):
@@ -146,6 +167,9 @@ class PythonicToolParser(_WholeTextParser):
             args = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
             calls.append((node.func.id, _arguments_json(args)))
         return calls
+
+    def call_scanner(self) -> PythonicCallScanner:
+        return PythonicCallScanner()
 
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {

@@ -296,11 +296,13 @@ class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
 
 class RequestError(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """``EngineCore.add_request`` refused the request (its ``ValueError``), or its grammar failed to compile in the
-    core (``param="structured_outputs"``); the frontend answers HTTP 400."""
+    core (``param="structured_outputs"``); the frontend answers HTTP 400. ``internal``: the request failed inside an
+    engine step (not its input's fault, core/step_recovery.py); the frontend answers HTTP 500."""
 
     request_id: str
     message: str
     param: str | None = None
+    internal: bool = False
 
 
 class EngineOutputs(msgspec.Struct, tag="outputs", array_like=True, omit_defaults=True, gc=False):

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -24,6 +25,7 @@ from tests.frontend.server_process import ServerProcess
 MODEL = "tiny-llama"
 MAX_MODEL_LEN = 512
 HUGE = 2**63
+FAULT_MARKER = [31337, 31338, 31339]  # a prompt holding this token-id run makes an engine step raise
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,8 @@ def server(tmp_path_factory):
     model = tiny_llama_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
     srv = ServerProcess(str(model), "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN),
                         "--num-gpu-blocks-override", "256", "--max-request-body-mb", "24",
-                        "--timeout-request-headers", "1", "--timeout-keep-alive", "1")
+                        "--timeout-request-headers", "1", "--timeout-keep-alive", "1",
+                        env={"PAGEDSERVE_TEST_STEP_FAULT_TOKENS": ",".join(map(str, FAULT_MARKER))})
     yield srv
     srv.stop()
 
@@ -140,6 +143,46 @@ def test_unknown_model_is_404_everywhere(server):
         assert err["code"] == "model_not_found"
 
 
+def test_a_failing_engine_step_fails_only_its_request(server):
+    """An exception inside an engine step (injected for prompts holding FAULT_MARKER) fails that request with an
+    OpenAI-shaped 500 (an error event on a stream); concurrent requests in the same steps, and later ones, succeed
+    with the text they give alone, and no block leaks."""
+    good = [{"prompt": [100 + i, 200 + i, 300 + i], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+            for i in range(4)]
+    alone = [post(server, "/v1/completions", body).json()["choices"][0]["text"] for body in good]
+    bad = {"prompt": [5, *FAULT_MARKER, 6], "max_tokens": 12, "ignore_eos": True}
+
+    def stream_text(r: httpx.Response) -> tuple[str, list[dict]]:
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", r.text[-300:]
+        parsed = [json.loads(e) for e in events[:-1]]
+        return "".join(c["text"] for e in parsed if "choices" in e for c in e["choices"]), \
+            [e["error"] for e in parsed if "error" in e]
+
+    with ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(post, server, "/v1/completions", body) for body in good]
+        good_streams = [pool.submit(post, server, "/v1/completions", {**body, "stream": True}) for body in good[:2]]
+        bad_plain = pool.submit(post, server, "/v1/completions", bad)
+        bad_stream = pool.submit(post, server, "/v1/completions", {**bad, "stream": True})
+        err = assert_openai_error(bad_plain.result(), 500)
+        assert "injected step fault" in err["message"] and err["type"] == "InternalServerError"
+        text, errors = stream_text(bad_stream.result())
+        assert len(errors) == 1 and errors[0]["code"] == 500 and "injected step fault" in errors[0]["message"]
+        assert [f.result().json()["choices"][0]["text"] for f in goods] == alone
+        assert [stream_text(f.result()) for f in good_streams] == [(t, []) for t in alone[:2]]
+    assert [post(server, "/v1/completions", body).json()["choices"][0]["text"] for body in good[:2]] == alone[:2]
+    # The failed request's id is free again at once.
+    assert_openai_error(post(server, "/v1/completions", {**bad, "request_id": "faulty"}), 500)
+    r = post(server, "/v1/completions", {**good[0], "request_id": "faulty"})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == alone[0]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    deadline = time.monotonic() + 5
+    while server.metric("vllm:kv_cache_usage_perc") != 0.0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.metric("vllm:kv_cache_usage_perc") == 0.0
+    assert server.metric("vllm:num_requests_running") == 0 and server.metric("vllm:num_requests_waiting") == 0
+
+
 # ------------------------------------------------------------------------------------------ must not starve others
 
 
@@ -152,12 +195,24 @@ def test_big_inputs_are_refused_before_tokenizing_and_health_stays_fast(server):
         ("/tokenize", {"prompt": big[:8_000_000]}, "prompt"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": big}]}, "messages"),
         ("/v1/completions", {"prompt": list(range(1, 100_001)), "max_tokens": 1}, "prompt"))]
+    # Up to the body limit (24 MB here): 20 MB of text is refused by its length; millions of small JSON values
+    # (2.5 M token ids, 500,000 messages) are refused (413) before parsing, which would hold the event loop.
+    huge = "hello world " * 1_700_000
+    requests += [(path, json.dumps(body).encode(), status) for path, body, status in (
+        ("/v1/completions", {"prompt": huge, "max_tokens": 1}, 400),
+        ("/tokenize", {"prompt": huge}, 400),
+        ("/v1/completions", {"prompt": list(range(1, 2_500_001)), "max_tokens": 1}, 413),
+        ("/detokenize", {"tokens": list(range(1, 2_500_001))}, 413),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}] * 500_000}, 413))]
     with HealthProbe(server) as probe:
         for path, content, param in requests:
             start = time.monotonic()
             r = httpx.post(f"{server.url}{path}", content=content, headers={"Content-Type": "application/json"},
                            timeout=60)
-            assert_openai_error(r, 400, param)
+            if param == 413:
+                assert "--max-request-json-values" in assert_openai_error(r, 413)["message"]
+            else:
+                assert_openai_error(r, 400, param if isinstance(param, str) else "prompt")
             assert time.monotonic() - start < 10
     assert not probe.failures and probe.worst < 0.1, (probe.worst, probe.failures[:3])
 

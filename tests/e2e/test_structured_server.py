@@ -89,6 +89,29 @@ def test_required_tool_choice(client):
     jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
 
 
+def test_required_tool_choice_streams_arguments_in_pieces(client):
+    """tool_choice=required, streamed: the id and name first, then the arguments in several pieces that add up to
+    the non-streamed call's arguments."""
+    kwargs = dict(model="HuggingFaceTB/SmolLM2-135M-Instruct", messages=MESSAGES, tools=[WEATHER],
+                  tool_choice="required", temperature=0, max_tokens=64)
+    call = client.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
+    ids, name, arguments, pieces, finish = set(), "", "", 0, None
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        if not chunk.choices:
+            continue
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            assert tc.index == 0
+            if tc.id:
+                ids.add(tc.id)
+                assert not arguments, "the call's header comes before its arguments"
+            name += tc.function.name or ""
+            arguments += tc.function.arguments or ""
+            pieces += bool(tc.function.arguments)
+        finish = chunk.choices[0].finish_reason or finish
+    assert len(ids) == 1 and (name, arguments, finish) == ("get_weather", call.function.arguments, "tool_calls")
+    assert pieces > 1
+
+
 @pytest.mark.parametrize("body, param", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
      "response_format"),

@@ -48,7 +48,7 @@ def pid_alive(pid: int) -> bool:
 
 class ServerProcess:
     def __init__(self, model: str | None, *args: str, api_key: str | None = None, timeout_s: float = 300,
-                 wait: bool = True) -> None:
+                 wait: bool = True, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -57,7 +57,7 @@ class ServerProcess:
         if api_key:
             cmd += ["--api-key", api_key]
         self.log = tempfile.NamedTemporaryFile("w+", prefix="pagedserve-test-", suffix=".log", delete=False)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         if wait:
             self._wait_ready(timeout_s)

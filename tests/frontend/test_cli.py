@@ -206,3 +206,26 @@ def test_tool_calling_flags_are_server_options(capsys):
 def test_every_unsupported_flag_is_tested():
     tested = {a[0] for a in UNSUPPORTED}
     assert {"--" + name.replace("_", "-") for name in NOT_SUPPORTED_YET} <= tested
+
+
+def test_version_flag_prints_the_version(capsys):
+    from frontend.cli import main
+
+    for flag in ("--version", "-V"):
+        main([flag])
+        out = capsys.readouterr().out
+        assert out.startswith("pagedserve ") and len(out.split()) == 2
+
+
+def test_every_serve_flag_has_help_text():
+    """Issue 17: `pagedserve serve --help` explains every flag (hidden ones are the NOT_SUPPORTED_YET table's)."""
+    import argparse
+
+    from frontend.cli import serve_parser
+
+    parser = serve_parser()
+    missing = [a.option_strings for a in parser._actions
+               if a.option_strings and a.help != argparse.SUPPRESS and len((a.help or "").strip()) < 10]
+    assert not missing, missing
+    text = parser.format_help()
+    assert "--max-request-json-values" in text and "--shutdown-timeout" in text

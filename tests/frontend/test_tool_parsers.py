@@ -79,3 +79,82 @@ def test_required_schema_lists_every_function():
     assert schema["maxItems"] == 1 and schema["items"]["properties"]["name"]["enum"] == ["get_weather"]
     content, calls = plan.extract('[{"name": "get_weather", "parameters": {"city": "Rome"}}]')
     assert content is None and calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Rome"}'}
+
+
+LONG = 'Paris, "the city of light" {not a brace} \\ and ünïcode ' * 4
+LONG_ARGS = json.dumps({"city": LONG, "days": [1, 2, {"x": None}]}, ensure_ascii=False)
+TWO_CALLS = {
+    "hermes": f'Sure.<tool_call>\n{{"name": "get_weather", "arguments": {LONG_ARGS}}}\n</tool_call>\n'
+              '<tool_call>\n{"arguments": {"city": "Rome"}, "name": "get_time"}\n</tool_call>',
+    "llama3_json": f'<|python_tag|>{{"name": "get_weather", "parameters": {LONG_ARGS}}}; '
+                   '{"name": "get_time", "parameters": {"city": "Rome"}}',
+    "mistral": f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {LONG_ARGS}}}, '
+               '{"name": "get_time", "arguments": {"city":"Rome"}}]',
+    "pythonic": f'[get_weather(city={LONG!r}, days=[1, 2, {{"x": None}}]), get_time(city="Rome")]',
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def stream(plan, text: str, piece_sizes=(1, 2, 3, 5, 7)):
+    """Feed ``text`` in pieces of varying size; returns (content, calls by index, argument deltas by index, the
+    delta events in order)."""
+    streamer = plan.streamer()
+    content, calls, pieces, events = "", {}, {}, []
+    i, k = 0, 0
+    while i < len(text):
+        n = piece_sizes[k % len(piece_sizes)]
+        k += 1
+        delta_content, deltas = streamer.feed(text[i:i + n], i + n >= len(text))
+        i += n
+        content += delta_content or ""
+        for d in deltas:
+            events.append(d)
+            if "id" in d:
+                assert d["index"] not in calls, "one header per call"
+                calls[d["index"]] = {"id": d["id"], "name": d["function"]["name"], "arguments": ""}
+            else:
+                assert d["index"] in calls, "arguments arrive after their call's header"
+                calls[d["index"]]["arguments"] += d["function"]["arguments"]
+                pieces[d["index"]] = pieces.get(d["index"], 0) + 1
+    return content, calls, pieces, streamer
+
+
+@pytest.mark.parametrize("name", sorted(TWO_CALLS))
+def test_tool_calls_stream_incrementally_and_reassemble_to_the_parse(name):
+    plan = plan_tool_calls(_Req([WEATHER, TIME], "auto"), True, name)
+    text = TWO_CALLS[name]
+    expected_content, expected = plan.extract(text)
+    assert [c["function"]["name"] for c in expected] == ["get_weather", "get_time"]
+    assert json.loads(expected[0]["function"]["arguments"]) == json.loads(LONG_ARGS)
+    content, calls, pieces, streamer = stream(plan, text)
+    assert content == (expected_content or "")
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == \
+        [(c["function"]["name"], c["function"]["arguments"]) for c in expected]
+    assert pieces[0] > 10  # the long arguments arrive in many pieces, not in one at the end
+    assert [c["id"] for c in streamer.calls] == [c["id"] for c in calls.values()]
+
+
+def test_required_tool_calls_stream_incrementally():
+    plan = plan_tool_calls(_Req([WEATHER, TIME], "required"), False, None)
+    text = f'[{{"name": "get_weather", "parameters": {LONG_ARGS}}}, {{"name": "get_time", "parameters": {{}}}}]'
+    content, expected = plan.extract(text)
+    assert content is None and expected[0]["function"]["arguments"] == LONG_ARGS
+    _, calls, pieces, _ = stream(plan, text)
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == \
+        [("get_weather", LONG_ARGS), ("get_time", "{}")]
+    assert pieces[0] > 10
+
+
+def test_the_name_comes_before_any_argument_even_when_written_after_them():
+    plan = plan_tool_calls(_Req([TIME], "auto"), True, "hermes")
+    _, calls, _, _ = stream(plan, '<tool_call>{"arguments": {"city": "Rome"}, "name": "get_time"}</tool_call>')
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [("get_time", '{"city": "Rome"}')]
+
+
+def test_a_malformed_call_is_content_after_all():
+    plan = plan_tool_calls(_Req([TIME], "auto"), True, "hermes")
+    text = '<tool_call>{"name": "get_time", "arguments": {"city": }</tool_call>'
+    assert plan.extract(text) == (text, [])
+    content, _, _, streamer = stream(plan, text)
+    assert content == text and streamer.calls == []
