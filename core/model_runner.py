@@ -30,6 +30,7 @@ from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
 from core.scheduler import ScheduledSeq, SchedulerOutput
 from core.spec_decode.draft_model import DraftModelProposer, load_draft_config
+from core.spec_decode.greedy_verify import GreedyVerifiedStep, is_plain_greedy, launch_greedy_verify
 from core.spec_decode.verifier import VerifiedStep, verify_step
 from ipc.config import SpeculativeConfig
 from ipc.messages import EngineConfig, Logprobs
@@ -57,7 +58,7 @@ class StepHandle:
     host_tokens: torch.Tensor | None  # pinned copy of the sampled ids (CUDA)
     event: torch.cuda.Event | None
     prompt_logprobs: dict[tuple[str, int], tuple[int, Logprobs]]
-    verified: VerifiedStep | None = None  # a speculative step's results (``sampled`` is None then)
+    verified: VerifiedStep | GreedyVerifiedStep | None = None  # a speculative step's results (``sampled`` is None)
 
     def result(self) -> RunnerOutput:
         if self.verified is not None:
@@ -134,6 +135,10 @@ class ModelRunner:
                                  self.block_size, self.device)
         pin = self.device.type == "cuda"
         self._host_tokens = [torch.zeros(self.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        # The fast greedy verify's argmax of every verified row (at most a step's tokens), double buffered like
+        # ``_host_tokens``.
+        self._host_verify_ids = [torch.zeros(self.max_num_batched_tokens, dtype=torch.int64, pin_memory=pin)
+                                 for _ in range(2)] if pin else None
         self._step_count = 0
         self.input_batch = InputBatch(self.max_num_seqs, self.max_blocks_per_seq, pin_memory=False)
         self.kv_caches: list[torch.Tensor] = []
@@ -354,13 +359,15 @@ class ModelRunner:
                 # On the device this would be an opaque index assert that kills the process: name it here.
                 raise RuntimeError(f"logits rows {rows_np.min()}..{rows_np.max()} outside the step's {num_tokens} "
                                    f"tokens ({len(seqs)} sequences)")
-            rows_t = to_device(rows_np, torch.int64, self.device)
+            # Every row in order (a speculative step of decodes only): a slice, no index upload or gather.
+            every_row = len(rows_np) == num_tokens and bool((rows_np == np.arange(num_tokens)).all())
+            rows_t = None if every_row else to_device(rows_np, torch.int64, self.device)
             if verify_bucket is not None:
                 hidden = self.verify_graphs.replay(verify_bucket)
             else:
                 hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
                                     self.kv_caches, meta)
-            logits = self.model.compute_logits(hidden[rows_t])
+            logits = self.model.compute_logits(hidden[:num_tokens] if rows_t is None else hidden[rows_t])
         num_prompt_rows = sum(len(r) for _, r, _, _ in prompt_lp)
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         if not sampling_seqs:
@@ -368,6 +375,13 @@ class ModelRunner:
         output_indices = [seqs[i].output_index for i in sampling]
         if speculative:
             drafts = [seqs[i].spec_token_ids for i in sampling]
+            if all(is_plain_greedy(seq, index) for seq, index in zip(sampling_seqs, output_indices)):
+                host_ids = None
+                if self._host_verify_ids is not None:
+                    self._step_count += 1
+                    host_ids = self._host_verify_ids[self._step_count % 2]
+                verified = launch_greedy_verify(logits[num_prompt_rows:], drafts, host_ids)
+                return StepHandle(sampling_seqs, {}, None, None, None, prompt_logprobs, verified)
             grammar = None
             if self.structured_output is not None:
                 # Constrained sequences carry no drafts (EngineCore does not propose for them): one verify row each,
