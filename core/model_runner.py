@@ -149,6 +149,7 @@ class ModelRunner:
         self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
         # Speculative decode steps (every sequence a decode of 1 + up to k tokens) replay these: see _verify_forward.
         self.verify_graphs: DecodeGraphs | None = None
+        self._verify_argmax_tokens = 0  # verify graphs of at most this many rows also return the LM head's argmax
         self.draft = self._load_draft(spec) if spec is not None and spec.method == "draft_model" else None
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -253,7 +254,10 @@ class ModelRunner:
             self.inputs.prepare_graph_capture(self.graphs.max_size)
             self.graphs.capture()
             if self.num_spec_tokens:
-                self.verify_graphs = DecodeGraphs(self._verify_forward, self.max_num_seqs,
+                # In-graph LM head for at most as many rows as the largest decode graph's (or 256): its logits
+                # buffer is no larger than memory the decode graphs already hold.
+                self._verify_argmax_tokens = max(self.graphs.max_size, 256)
+                self.verify_graphs = DecodeGraphs(self._verify_graph_forward, self.max_num_seqs,
                                                   sizes=verify_graph_sizes(self.max_num_seqs, self.num_spec_tokens,
                                                                            self.max_num_batched_tokens),
                                                   name="verify")
@@ -350,6 +354,12 @@ class ModelRunner:
             logits = self.graphs.replay(bucket)[: len(seqs)]
         else:
             prompt_lp = self._prompt_logprob_rows(seqs) if verify_bucket is None else []
+            plain_greedy = speculative and all(is_plain_greedy(seqs[i].seq, seqs[i].output_index) for i in sampling)
+            graph_argmax = None
+            if verify_bucket is not None:
+                hidden, graph_argmax = self.verify_graphs.replay(verify_bucket)
+                if plain_greedy and graph_argmax is not None:  # the LM head and argmax ran inside the graph
+                    return self._launch_greedy_verify(seqs, sampling, graph_argmax[:num_tokens], {})
             sample_rows = self.inputs.host.qsl_np[1:][sampling].astype(np.int64) - 1
             if speculative:  # every verified position's logits: 1 + len(drafts) rows per sampling sequence
                 sample_rows = _verified_rows(sample_rows, np.fromiter(
@@ -362,9 +372,7 @@ class ModelRunner:
             # Every row in order (a speculative step of decodes only): a slice, no index upload or gather.
             every_row = len(rows_np) == num_tokens and bool((rows_np == np.arange(num_tokens)).all())
             rows_t = None if every_row else to_device(rows_np, torch.int64, self.device)
-            if verify_bucket is not None:
-                hidden = self.verify_graphs.replay(verify_bucket)
-            else:
+            if verify_bucket is None:
                 hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
                                     self.kv_caches, meta)
             logits = self.model.compute_logits(hidden[:num_tokens] if rows_t is None else hidden[rows_t])
@@ -375,13 +383,9 @@ class ModelRunner:
         output_indices = [seqs[i].output_index for i in sampling]
         if speculative:
             drafts = [seqs[i].spec_token_ids for i in sampling]
-            if all(is_plain_greedy(seq, index) for seq, index in zip(sampling_seqs, output_indices)):
-                host_ids = None
-                if self._host_verify_ids is not None:
-                    self._step_count += 1
-                    host_ids = self._host_verify_ids[self._step_count % 2]
-                verified = launch_greedy_verify(logits[num_prompt_rows:], drafts, host_ids)
-                return StepHandle(sampling_seqs, {}, None, None, None, prompt_logprobs, verified)
+            if plain_greedy:
+                return self._launch_greedy_verify(seqs, sampling, logits[num_prompt_rows:].argmax(-1),
+                                                  prompt_logprobs)
             grammar = None
             if self.structured_output is not None:
                 # Constrained sequences carry no drafts (EngineCore does not propose for them): one verify row each,
@@ -409,6 +413,17 @@ class ModelRunner:
         sample_index = {seq.key: i for i, seq in enumerate(sampling_seqs)}
         return StepHandle(sampling_seqs, sample_index, sampled, host_tokens, event, prompt_logprobs)
 
+    def _launch_greedy_verify(self, seqs: list[ScheduledSeq], sampling: list[int], target_ids: torch.Tensor,
+                              prompt_logprobs: dict) -> StepHandle:
+        """The fast verify path (every verified sequence plain greedy): ``target_ids``, the target's argmax of every
+        verified row, on its way to the host."""
+        host_ids = None
+        if self._host_verify_ids is not None:
+            self._step_count += 1
+            host_ids = self._host_verify_ids[self._step_count % 2]
+        verified = launch_greedy_verify(target_ids, [seqs[i].spec_token_ids for i in sampling], host_ids)
+        return StepHandle([seqs[i].seq for i in sampling], {}, None, None, None, prompt_logprobs, verified)
+
     def _decode_forward(self, batch_size: int) -> torch.Tensor:
         """The graph body: ``batch_size`` one-token sequences from the static buffers -> logits."""
         inputs = self.inputs
@@ -426,6 +441,16 @@ class ModelRunner:
         num_tokens = batch_size * (1 + self.num_spec_tokens)
         meta = inputs.metadata(num_tokens, batch_size, 1 + self.num_spec_tokens)
         return self.model(inputs.input_ids[:num_tokens], inputs.positions[:num_tokens], self.kv_caches, meta)
+
+    def _verify_graph_forward(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A verify graph's body: the hidden states of every row, and for graphs of at most
+        ``_verify_argmax_tokens`` rows the LM head's argmax of every row too (the fast greedy verify reads only that,
+        so a greedy step launches nothing but the replay and one copy). The logits stay a graph-internal buffer,
+        reused across the pool's graphs; sampling steps recompute the LM head on their rows after the replay."""
+        hidden = self._verify_forward(batch_size)
+        if hidden.shape[0] > self._verify_argmax_tokens:
+            return hidden, None
+        return hidden, self.model.compute_logits(hidden).argmax(-1)
 
     def _verify_bucket(self, seqs: list[ScheduledSeq], num_sampling: int) -> int | None:
         """The verify graph batch size for a speculative step, or None (eager): only steps where every sequence

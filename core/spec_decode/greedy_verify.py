@@ -69,16 +69,16 @@ class GreedyVerifiedStep:
         return emitted, [None] * len(emitted)
 
 
-def launch_greedy_verify(logits: torch.Tensor, drafts: list[list[int]], host_buffer: torch.Tensor | None
+def launch_greedy_verify(argmax: torch.Tensor, drafts: list[list[int]], host_buffer: torch.Tensor | None
                          ) -> GreedyVerifiedStep:
-    """``logits [R, V]``: ``1 + len(drafts[i])`` consecutive rows per sequence. ``host_buffer``: a pinned int64
-    buffer of at least ``R`` entries that no step in flight uses (CUDA), or None (CPU)."""
+    """``argmax [R]``: the target's argmax of each verified row, ``1 + len(drafts[i])`` consecutive rows per
+    sequence. ``host_buffer``: a pinned int64 buffer of at least ``R`` entries that no step in flight uses (CUDA), or
+    None (CPU)."""
     starts, matrix, num_drafts = draft_layout(drafts)
-    if logits.shape[0] != int(num_drafts.sum()) + len(drafts):  # a wrong row would silently verify garbage
-        raise RuntimeError(f"greedy verify: {logits.shape[0]} logits rows for {len(drafts)} sequences with "
+    if argmax.shape[0] != int(num_drafts.sum()) + len(drafts):  # a wrong row would silently verify garbage
+        raise RuntimeError(f"greedy verify: {argmax.shape[0]} rows for {len(drafts)} sequences with "
                            f"{int(num_drafts.sum())} drafts")
-    argmax = logits.argmax(-1)
-    if host_buffer is None or not logits.is_cuda:
+    if host_buffer is None or not argmax.is_cuda:
         return GreedyVerifiedStep(argmax.cpu(), None, starts, matrix, num_drafts)
     host = host_buffer[: argmax.shape[0]]
     host.copy_(argmax, non_blocking=True)

@@ -43,7 +43,7 @@ def test_accept_greedy_matches_the_rejection_samplers_greedy_path(seed):
             seq_drafts.append(int(argmax[row + j]) if rng.random() < 0.7 else int(rng.integers(vocab)))
         drafts.append(seq_drafts)
         row += n + 1
-    got = launch_greedy_verify(logits, drafts, None).result()[0]
+    got = launch_greedy_verify(logits.argmax(-1), drafts, None).result()[0]
 
     starts, matrix, counts = draft_layout(drafts)
     index = torch.from_numpy(starts[:, None] + np.minimum(np.arange(k + 1)[None, :], counts[:, None]))
