@@ -1,6 +1,12 @@
 """A step's flat inputs: built with numpy in pinned host buffers, copied to persistent device buffers without
 blocking. The device buffers never move, so CUDA graphs captured on them stay valid; the host side is double
-buffered, so the next step can be staged while the copies of the one in flight may still be pending."""
+buffered, so the next step can be staged while the copies of the one in flight may still be pending.
+
+A non-blocking copy reads the pinned buffer when the device gets to it, not when it is enqueued: a host buffer is
+only rewritten once the copies last enqueued from it have run (an event per buffer). Without that wait, steps that
+never sync (prefill chunks that sample nothing) let the host stage two steps ahead of the device and overwrite a
+buffer whose copies were still pending: the device then ran a step with another step's slot mapping, block tables
+and query offsets (an intermittent device-side index assert, gone under CUDA_LAUNCH_BLOCKING=1)."""
 
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ class StepInputs:
         self._hosts = [_HostStaging(max_tokens, max_seqs, max_blocks, pin) for _ in range(2 if pin else 1)]
         self._turn = 0
         self.host = self._hosts[0]
+        # Per host buffer: recorded after its copies were enqueued; waited on before the buffer is written again.
+        self._copied: list[torch.cuda.Event | None] = [None] * len(self._hosts)
 
         def zeros(shape, dtype):
             return torch.zeros(shape, dtype=dtype, device=device)
@@ -55,6 +63,9 @@ class StepInputs:
         real ones are dummies that belong to no sequence."""
         self._turn = (self._turn + 1) % len(self._hosts)
         host = self.host = self._hosts[self._turn]
+        copied = self._copied[self._turn]
+        if copied is not None:
+            copied.synchronize()  # its previous step's copies have run (almost always already: no wait)
         bs = self.block_size
         num_seqs, num_tokens = len(nums), len(token_ids)
         qsl = host.qsl_np[: num_seqs + 1]
@@ -120,6 +131,11 @@ class StepInputs:
                             (h.qsl, self.query_start_loc, num_seqs + 1), (h.bt, self.block_tables, num_seqs),
                             (h.order, self.decode_order, num_seqs)):
             dst[:n].copy_(src[:n], non_blocking=True)
+        if self.input_ids.is_cuda:
+            event = self._copied[self._turn]
+            if event is None:
+                event = self._copied[self._turn] = torch.cuda.Event()
+            event.record()
 
     def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int) -> AttentionMetadata:
         return AttentionMetadata(
