@@ -41,6 +41,7 @@ class StepInputs:
         self.host = self._hosts[0]
         # Per host buffer: recorded after its copies were enqueued; waited on before the buffer is written again.
         self._copied: list[torch.cuda.Event | None] = [None] * len(self._hosts)
+        self._views: dict[tuple[int, int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
         def zeros(shape, dtype):
             return torch.zeros(shape, dtype=dtype, device=device)
@@ -84,9 +85,10 @@ class StepInputs:
         elif pad_to is not None:
             self.fill_padding(num_seqs, pad_to)
             num_seqs = num_tokens = pad_to
-        if num_tokens == num_seqs:  # a decode-only step
+        decode = num_tokens == num_seqs  # a decode-only step: the only kind whose attention reads the launch order
+        if decode:
             host.order_np[:num_seqs] = decode_order_host(host.seq_np[:num_seqs])
-        self._upload(num_tokens, num_seqs)
+        self._upload(num_tokens, num_seqs, with_order=decode)
         return self.metadata(num_tokens, num_seqs, int(nums.max()) if len(nums) else 0)
 
     def fill_padding(self, start: int, end: int) -> None:
@@ -124,18 +126,31 @@ class StepInputs:
         self.host.order_np[:num_seqs] = np.arange(num_seqs)
         self._upload(num_tokens, num_seqs)
 
-    def _upload(self, num_tokens: int, num_seqs: int) -> None:
-        h = self.host
-        for src, dst, n in ((h.ids, self.input_ids, num_tokens), (h.pos, self.positions, num_tokens),
-                            (h.slot, self.slot_mapping, num_tokens), (h.seq, self.seq_lens, num_seqs),
-                            (h.qsl, self.query_start_loc, num_seqs + 1), (h.bt, self.block_tables, num_seqs),
-                            (h.order, self.decode_order, num_seqs)):
-            dst[:n].copy_(src[:n], non_blocking=True)
+    def _upload(self, num_tokens: int, num_seqs: int, with_order: bool = True) -> None:
+        for dst, src in self._copy_views(num_tokens, num_seqs)[: None if with_order else -1]:
+            dst.copy_(src, non_blocking=True)
         if self.input_ids.is_cuda:
             event = self._copied[self._turn]
             if event is None:
                 event = self._copied[self._turn] = torch.cuda.Event()
             event.record()
+
+    def _copy_views(self, num_tokens: int, num_seqs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(device, host) slice pairs of the current host buffer for a step's sizes (the launch order last), made
+        once per sizes: slicing is a dispatcher call per tensor, a dict lookup is not."""
+        key = (self._turn, num_tokens, num_seqs)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) >= 4096:  # bounded: token counts of prefill steps vary freely
+                self._views.clear()
+            h = self.host
+            views = self._views[key] = [
+                (dst[:n], src[:n]) for src, dst, n in (
+                    (h.ids, self.input_ids, num_tokens), (h.pos, self.positions, num_tokens),
+                    (h.slot, self.slot_mapping, num_tokens), (h.seq, self.seq_lens, num_seqs),
+                    (h.qsl, self.query_start_loc, num_seqs + 1), (h.bt, self.block_tables, num_seqs),
+                    (h.order, self.decode_order, num_seqs))]
+        return views
 
     def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int) -> AttentionMetadata:
         return AttentionMetadata(
