@@ -155,3 +155,37 @@ def test_min_tokens_keeps_the_general_path_until_reached(models_dir, monkeypatch
     got = run_engine(make_engine(path, dtype="float32", speculative_config=NGRAM), prompts, params)
     assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in reference.items()}
     assert calls["general"] > 0 and calls["fast"] > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_vectorised_position_batch_equals_the_row_by_row_build(seed):
+    """``position_sampling_batch`` without position-dependent parameters (repeated per-sequence arrays) builds the
+    same tensors as ``build_sampling_batch`` over one row per verified position."""
+    from core.sampling_metadata import build_sampling_batch
+    from core.sequence import Sequence
+    from core.spec_decode.verifier import position_sampling_batch
+
+    rng = random.Random(seed)
+    seqs, drafts, output_indices = [], [], []
+    for i in range(7):
+        params = SamplingParams(
+            temperature=rng.choice([0.0, 0.7, 1.3]), top_k=rng.choice([0, 5]), top_p=rng.choice([1.0, 0.8]),
+            min_p=rng.choice([0.0, 0.1]), seed=rng.choice([None, rng.randrange(1 << 40)]),
+            logprobs=rng.choice([None, 0, 3]), max_tokens=100, min_tokens=rng.choice([0, 2]))
+        seq = Sequence(str(i), [3, 4, 5], params, max_model_len=512)
+        seqs.append(seq)
+        drafts.append([rng.randrange(VOCAB) for _ in range(rng.randrange(0, 4))])
+        output_indices.append(rng.randrange(2, 30))  # past min_tokens: no position-dependent bans
+    num_drafts = np.array([len(d) for d in drafts])
+    got = position_sampling_batch(seqs, drafts, num_drafts, output_indices, VOCAB, torch.device("cpu"), 1234)
+    rows = [seq for seq, d in zip(seqs, drafts) for _ in range(len(d) + 1)]
+    row_indices = [index + j for index, d in zip(output_indices, drafts) for j in range(len(d) + 1)]
+    want = build_sampling_batch(rows, VOCAB, torch.device("cpu"), row_indices, 1234)
+    assert got.all_greedy == want.all_greedy and got.max_num_logprobs == want.max_num_logprobs
+    for name in ("temperature", "keys", "steps", "top_k", "top_p", "min_p"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+    for name in ("logit_bias", "banned", "allowed", "penalties", "requested_token_ids"):
+        assert getattr(got, name) is None and getattr(want, name) is None
