@@ -265,6 +265,8 @@ class ModelRunner:
                     size = self.verify_graphs.max_size
                     self.inputs.prepare_verify_capture(size, size * (1 + self.num_spec_tokens))
                 self.verify_graphs.capture(pool=self.graphs.pool)  # never replayed while a decode graph runs
+            if self.draft is not None:  # its own pool: its static outputs are read on the host after the replay
+                self.draft.capture_graphs(self.max_num_seqs, self.max_blocks_per_seq)
 
     @torch.inference_mode()
     def _warmup(self, num_blocks: int) -> None:
