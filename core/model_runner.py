@@ -254,8 +254,8 @@ class ModelRunner:
             self.inputs.prepare_graph_capture(self.graphs.max_size)
             self.graphs.capture()
             if self.num_spec_tokens:
-                # In-graph LM head for at most as many rows as the largest decode graph's (or 256): its logits
-                # buffer is no larger than memory the decode graphs already hold.
+                # In-graph LM head for at most as many rows as the largest decode graph's, or 256: one graph-internal
+                # logits buffer of that many rows (the decode graphs already hold max_num_seqs rows of logits).
                 self._verify_argmax_tokens = max(self.graphs.max_size, 256)
                 self.verify_graphs = DecodeGraphs(self._verify_graph_forward, self.max_num_seqs,
                                                   sizes=verify_graph_sizes(self.max_num_seqs, self.num_spec_tokens,
