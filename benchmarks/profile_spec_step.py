@@ -7,6 +7,7 @@ the step cost is what this measures, not the speedup).
 
     python -m benchmarks.profile_spec_step --model SmolLM2.gguf --num-seqs 1 16 --k 0 3 5 --steps 50
     python -m benchmarks.profile_spec_step --model ../shared/models/llama-3.2-1b --load-format dummy
+    python -m benchmarks.profile_spec_step --device cpu --model TINY_MODEL_DIR --num-seqs 1 16 --k 3 --count-ops 5
 """
 
 from __future__ import annotations
@@ -50,6 +51,27 @@ class PhaseTimer:
     def reset(self) -> None:
         self.totals.clear()
 
+    @property
+    def phase(self) -> str:
+        return self._stack[-1][0] if self._stack else "other"
+
+
+def count_ops(timer: PhaseTimer):
+    """A dispatch mode counting the aten ops (each a kernel launch or a copy on CUDA) per phase of ``timer``: the
+    host cost a step's phases would have on the GPU, measurable on CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counts: dict[str, int] = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[timer.phase] += 1
+            return func(*args, **(kwargs or {}))
+
+    return OpCounter()
+
 
 def instrument(engine, timer: PhaseTimer) -> list:
     """Wrap the engine's phases in ``timer``; returns the (owner, name, original) to restore."""
@@ -62,6 +84,7 @@ def instrument(engine, timer: PhaseTimer) -> list:
         (engine.scheduler, "schedule", "schedule"), (engine, "_propose", "propose"),
         (runner.inputs, "stage", "stage"), (runner.model, "forward", "forward"),
         (runner.model, "compute_logits", "forward"), (model_runner, "verify_step", "verify"),
+        (model_runner, "launch_greedy_verify", "verify"),
         (Sampler, "__call__", "sample"), (StepHandle, "result", "wait"), (engine, "_update", "update"),
         (runner, "launch", "launch_other"),
     ]
@@ -149,14 +172,23 @@ def profile_one(args: argparse.Namespace, num_seqs: int, k: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    totals = dict(timer.totals)  # before the op-counting steps add theirs
+    ops_per_step = None
+    if args.count_ops:
+        counter = count_ops(timer)
+        with counter:
+            _run_steps(engine, args.count_ops)
+        ops_per_step = {phase: round(n / args.count_ops, 2) for phase, n in sorted(counter.counts.items())}
     uninstrument(restore)
-    per_step_ms = {phase: round(1e3 * timer.totals.get(phase, 0.0) / args.steps, 3) for phase in PHASES}
+    per_step_ms = {phase: round(1e3 * totals.get(phase, 0.0) / args.steps, 3) for phase in PHASES}
     per_step_ms["other"] = round(1e3 * elapsed / args.steps - sum(per_step_ms.values()), 3)
     result = {
         "num_seqs": num_seqs, "k": k, "steps": args.steps, "step_ms": round(1e3 * elapsed / args.steps, 3),
         "tokens_per_step": round(emitted / args.steps, 3), "tok_per_s": round(emitted / elapsed, 1),
         "host_ms_per_step": per_step_ms,
     }
+    if ops_per_step is not None:
+        result["ops_per_step"] = ops_per_step
     if cuda and args.profile_steps:
         result.update(_cuda_profile(engine, args))
     engine.shutdown()
@@ -199,6 +231,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--profile-steps", type=int, default=20, help="CUDA only: steps under torch.profiler (0: none).")
     p.add_argument("--top-kernels", type=int, default=15)
+    p.add_argument("--count-ops", type=int, default=0, metavar="STEPS",
+                   help="Also count the torch (aten) ops per phase over this many more steps: the host cost proxy "
+                        "on CPU, where the model's forward ops land in 'forward'.")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--num-gpu-blocks-override", type=int, default=None)
     p.add_argument("--json", default=None, help="Append one JSON object per configuration to this file.")
@@ -215,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             phases = " ".join(f"{name}={ms:.2f}" for name, ms in r["host_ms_per_step"].items())
             print(f"{num_seqs:>5} {k:>3} {r['step_ms']:>8.2f} {r['tokens_per_step']:>8.2f} {r['tok_per_s']:>9.1f}  "
                   f"{phases}")
+            if "ops_per_step" in r:
+                print(f"      torch ops per step by phase: {r['ops_per_step']}")
             if "per_step_sync_and_copy_calls" in r:
                 print(f"      syncs/copies per step: {r['per_step_sync_and_copy_calls']}")
             if args.json:

@@ -30,6 +30,7 @@ from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
 from core.scheduler import ScheduledSeq, SchedulerOutput
 from core.spec_decode.draft_model import DraftModelProposer, load_draft_config
+from core.spec_decode.greedy_verify import GreedyVerifiedStep, is_plain_greedy, launch_greedy_verify
 from core.spec_decode.verifier import VerifiedStep, verify_step
 from ipc.config import SpeculativeConfig
 from ipc.messages import EngineConfig, Logprobs
@@ -57,7 +58,7 @@ class StepHandle:
     host_tokens: torch.Tensor | None  # pinned copy of the sampled ids (CUDA)
     event: torch.cuda.Event | None
     prompt_logprobs: dict[tuple[str, int], tuple[int, Logprobs]]
-    verified: VerifiedStep | None = None  # a speculative step's results (``sampled`` is None then)
+    verified: VerifiedStep | GreedyVerifiedStep | None = None  # a speculative step's results (``sampled`` is None)
 
     def result(self) -> RunnerOutput:
         if self.verified is not None:
@@ -134,6 +135,10 @@ class ModelRunner:
                                  self.block_size, self.device)
         pin = self.device.type == "cuda"
         self._host_tokens = [torch.zeros(self.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        # The fast greedy verify's argmax of every verified row (at most a step's tokens), double buffered like
+        # ``_host_tokens``.
+        self._host_verify_ids = [torch.zeros(self.max_num_batched_tokens, dtype=torch.int64, pin_memory=pin)
+                                 for _ in range(2)] if pin else None
         self._step_count = 0
         self.input_batch = InputBatch(self.max_num_seqs, self.max_blocks_per_seq, pin_memory=False)
         self.kv_caches: list[torch.Tensor] = []
@@ -144,6 +149,7 @@ class ModelRunner:
         self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
         # Speculative decode steps (every sequence a decode of 1 + up to k tokens) replay these: see _verify_forward.
         self.verify_graphs: DecodeGraphs | None = None
+        self._verify_argmax_tokens = 0  # verify graphs of at most this many rows also return the LM head's argmax
         self.draft = self._load_draft(spec) if spec is not None and spec.method == "draft_model" else None
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -248,7 +254,10 @@ class ModelRunner:
             self.inputs.prepare_graph_capture(self.graphs.max_size)
             self.graphs.capture()
             if self.num_spec_tokens:
-                self.verify_graphs = DecodeGraphs(self._verify_forward, self.max_num_seqs,
+                # In-graph LM head for at most as many rows as the largest decode graph's, or 256: one graph-internal
+                # logits buffer of that many rows (the decode graphs already hold max_num_seqs rows of logits).
+                self._verify_argmax_tokens = max(self.graphs.max_size, 256)
+                self.verify_graphs = DecodeGraphs(self._verify_graph_forward, self.max_num_seqs,
                                                   sizes=verify_graph_sizes(self.max_num_seqs, self.num_spec_tokens,
                                                                            self.max_num_batched_tokens),
                                                   name="verify")
@@ -256,6 +265,8 @@ class ModelRunner:
                     size = self.verify_graphs.max_size
                     self.inputs.prepare_verify_capture(size, size * (1 + self.num_spec_tokens))
                 self.verify_graphs.capture(pool=self.graphs.pool)  # never replayed while a decode graph runs
+            if self.draft is not None:  # its own pool: its static outputs are read on the host after the replay
+                self.draft.capture_graphs(self.max_num_seqs, self.max_blocks_per_seq)
 
     @torch.inference_mode()
     def _warmup(self, num_blocks: int) -> None:
@@ -345,6 +356,12 @@ class ModelRunner:
             logits = self.graphs.replay(bucket)[: len(seqs)]
         else:
             prompt_lp = self._prompt_logprob_rows(seqs) if verify_bucket is None else []
+            plain_greedy = speculative and all(is_plain_greedy(seqs[i].seq, seqs[i].output_index) for i in sampling)
+            graph_argmax = None
+            if verify_bucket is not None:
+                hidden, graph_argmax = self.verify_graphs.replay(verify_bucket)
+                if plain_greedy and graph_argmax is not None:  # the LM head and argmax ran inside the graph
+                    return self._launch_greedy_verify(seqs, sampling, graph_argmax[:num_tokens], {})
             sample_rows = self.inputs.host.qsl_np[1:][sampling].astype(np.int64) - 1
             if speculative:  # every verified position's logits: 1 + len(drafts) rows per sampling sequence
                 sample_rows = _verified_rows(sample_rows, np.fromiter(
@@ -354,13 +371,13 @@ class ModelRunner:
                 # On the device this would be an opaque index assert that kills the process: name it here.
                 raise RuntimeError(f"logits rows {rows_np.min()}..{rows_np.max()} outside the step's {num_tokens} "
                                    f"tokens ({len(seqs)} sequences)")
-            rows_t = to_device(rows_np, torch.int64, self.device)
-            if verify_bucket is not None:
-                hidden = self.verify_graphs.replay(verify_bucket)
-            else:
+            # Every row in order (a speculative step of decodes only): a slice, no index upload or gather.
+            every_row = len(rows_np) == num_tokens and bool((rows_np == np.arange(num_tokens)).all())
+            rows_t = None if every_row else to_device(rows_np, torch.int64, self.device)
+            if verify_bucket is None:
                 hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
                                     self.kv_caches, meta)
-            logits = self.model.compute_logits(hidden[rows_t])
+            logits = self.model.compute_logits(hidden[:num_tokens] if rows_t is None else hidden[rows_t])
         num_prompt_rows = sum(len(r) for _, r, _, _ in prompt_lp)
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         if not sampling_seqs:
@@ -368,6 +385,9 @@ class ModelRunner:
         output_indices = [seqs[i].output_index for i in sampling]
         if speculative:
             drafts = [seqs[i].spec_token_ids for i in sampling]
+            if plain_greedy:
+                return self._launch_greedy_verify(seqs, sampling, logits[num_prompt_rows:].argmax(-1),
+                                                  prompt_logprobs)
             grammar = None
             if self.structured_output is not None:
                 # Constrained sequences carry no drafts (EngineCore does not propose for them): one verify row each,
@@ -395,6 +415,17 @@ class ModelRunner:
         sample_index = {seq.key: i for i, seq in enumerate(sampling_seqs)}
         return StepHandle(sampling_seqs, sample_index, sampled, host_tokens, event, prompt_logprobs)
 
+    def _launch_greedy_verify(self, seqs: list[ScheduledSeq], sampling: list[int], target_ids: torch.Tensor,
+                              prompt_logprobs: dict) -> StepHandle:
+        """The fast verify path (every verified sequence plain greedy): ``target_ids``, the target's argmax of every
+        verified row, on its way to the host."""
+        host_ids = None
+        if self._host_verify_ids is not None:
+            self._step_count += 1
+            host_ids = self._host_verify_ids[self._step_count % 2]
+        verified = launch_greedy_verify(target_ids, [seqs[i].spec_token_ids for i in sampling], host_ids)
+        return StepHandle([seqs[i].seq for i in sampling], {}, None, None, None, prompt_logprobs, verified)
+
     def _decode_forward(self, batch_size: int) -> torch.Tensor:
         """The graph body: ``batch_size`` one-token sequences from the static buffers -> logits."""
         inputs = self.inputs
@@ -412,6 +443,16 @@ class ModelRunner:
         num_tokens = batch_size * (1 + self.num_spec_tokens)
         meta = inputs.metadata(num_tokens, batch_size, 1 + self.num_spec_tokens)
         return self.model(inputs.input_ids[:num_tokens], inputs.positions[:num_tokens], self.kv_caches, meta)
+
+    def _verify_graph_forward(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A verify graph's body: the hidden states of every row, and for graphs of at most
+        ``_verify_argmax_tokens`` rows the LM head's argmax of every row too (the fast greedy verify reads only that,
+        so a greedy step launches nothing but the replay and one copy). The logits stay a graph-internal buffer,
+        reused across the pool's graphs; sampling steps recompute the LM head on their rows after the replay."""
+        hidden = self._verify_forward(batch_size)
+        if hidden.shape[0] > self._verify_argmax_tokens:
+            return hidden, None
+        return hidden, self.model.compute_logits(hidden).argmax(-1)
 
     def _verify_bucket(self, seqs: list[ScheduledSeq], num_sampling: int) -> int | None:
         """The verify graph batch size for a speculative step, or None (eager): only steps where every sequence

@@ -1,6 +1,12 @@
 """A step's flat inputs: built with numpy in pinned host buffers, copied to persistent device buffers without
 blocking. The device buffers never move, so CUDA graphs captured on them stay valid; the host side is double
-buffered, so the next step can be staged while the copies of the one in flight may still be pending."""
+buffered, so the next step can be staged while the copies of the one in flight may still be pending.
+
+A non-blocking copy reads the pinned buffer when the device gets to it, not when it is enqueued: a host buffer is
+only rewritten once the copies last enqueued from it have run (an event per buffer). Without that wait, steps that
+never sync (prefill chunks that sample nothing) let the host stage two steps ahead of the device and overwrite a
+buffer whose copies were still pending: the device then ran a step with another step's slot mapping, block tables
+and query offsets (an intermittent device-side index assert, gone under CUDA_LAUNCH_BLOCKING=1)."""
 
 from __future__ import annotations
 
@@ -33,6 +39,9 @@ class StepInputs:
         self._hosts = [_HostStaging(max_tokens, max_seqs, max_blocks, pin) for _ in range(2 if pin else 1)]
         self._turn = 0
         self.host = self._hosts[0]
+        # Per host buffer: recorded after its copies were enqueued; waited on before the buffer is written again.
+        self._copied: list[torch.cuda.Event | None] = [None] * len(self._hosts)
+        self._views: dict[tuple[int, int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
         def zeros(shape, dtype):
             return torch.zeros(shape, dtype=dtype, device=device)
@@ -55,6 +64,9 @@ class StepInputs:
         real ones are dummies that belong to no sequence."""
         self._turn = (self._turn + 1) % len(self._hosts)
         host = self.host = self._hosts[self._turn]
+        copied = self._copied[self._turn]
+        if copied is not None:
+            copied.synchronize()  # its previous step's copies have run (almost always already: no wait)
         bs = self.block_size
         num_seqs, num_tokens = len(nums), len(token_ids)
         qsl = host.qsl_np[: num_seqs + 1]
@@ -73,9 +85,10 @@ class StepInputs:
         elif pad_to is not None:
             self.fill_padding(num_seqs, pad_to)
             num_seqs = num_tokens = pad_to
-        if num_tokens == num_seqs:  # a decode-only step
+        decode = num_tokens == num_seqs  # a decode-only step: the only kind whose attention reads the launch order
+        if decode:
             host.order_np[:num_seqs] = decode_order_host(host.seq_np[:num_seqs])
-        self._upload(num_tokens, num_seqs)
+        self._upload(num_tokens, num_seqs, with_order=decode)
         return self.metadata(num_tokens, num_seqs, int(nums.max()) if len(nums) else 0)
 
     def fill_padding(self, start: int, end: int) -> None:
@@ -113,13 +126,31 @@ class StepInputs:
         self.host.order_np[:num_seqs] = np.arange(num_seqs)
         self._upload(num_tokens, num_seqs)
 
-    def _upload(self, num_tokens: int, num_seqs: int) -> None:
-        h = self.host
-        for src, dst, n in ((h.ids, self.input_ids, num_tokens), (h.pos, self.positions, num_tokens),
-                            (h.slot, self.slot_mapping, num_tokens), (h.seq, self.seq_lens, num_seqs),
-                            (h.qsl, self.query_start_loc, num_seqs + 1), (h.bt, self.block_tables, num_seqs),
-                            (h.order, self.decode_order, num_seqs)):
-            dst[:n].copy_(src[:n], non_blocking=True)
+    def _upload(self, num_tokens: int, num_seqs: int, with_order: bool = True) -> None:
+        for dst, src in self._copy_views(num_tokens, num_seqs)[: None if with_order else -1]:
+            dst.copy_(src, non_blocking=True)
+        if self.input_ids.is_cuda:
+            event = self._copied[self._turn]
+            if event is None:
+                event = self._copied[self._turn] = torch.cuda.Event()
+            event.record()
+
+    def _copy_views(self, num_tokens: int, num_seqs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(device, host) slice pairs of the current host buffer for a step's sizes (the launch order last), made
+        once per sizes: slicing is a dispatcher call per tensor, a dict lookup is not."""
+        key = (self._turn, num_tokens, num_seqs)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) >= 4096:  # bounded: token counts of prefill steps vary freely
+                self._views.clear()
+            h = self.host
+            views = self._views[key] = [
+                (dst[:n], src[:n]) for src, dst, n in (
+                    (h.ids, self.input_ids, num_tokens), (h.pos, self.positions, num_tokens),
+                    (h.slot, self.slot_mapping, num_tokens), (h.seq, self.seq_lens, num_seqs),
+                    (h.qsl, self.query_start_loc, num_seqs + 1), (h.bt, self.block_tables, num_seqs),
+                    (h.order, self.decode_order, num_seqs))]
+        return views
 
     def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int) -> AttentionMetadata:
         return AttentionMetadata(

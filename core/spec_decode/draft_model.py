@@ -24,8 +24,13 @@ need no ``[S, k, V]`` probability tensor and no second random stream (seeded req
 verifier's counters alone), and greedy requests, the common case for latency, are drafted identically either way;
 sampled requests at high temperature may accept fewer drafts than with sampled ones.
 
-Everything runs eagerly (CUDA graphs for the draft's single-token steps are not captured yet). The drafts reach the
-host with one copy after the ``k`` forwards: the scheduler needs them to size the next step.
+On CUDA (unless enforce_eager) the ``k`` proposal steps of a batch bucket replay one captured graph
+(``capture_graphs``): static ``[k, bucket]`` inputs, each step's argmax feeding the next step's input ids inside the
+graph. Every sequence of the bucket runs all ``k`` steps there: a sequence that wants ``n < k`` drafts repeats its
+last drafted position ``P + n - 1`` in the later steps (its slot is reserved; whatever those steps write there is
+rewritten by the verify step's catch-up before anything reads it, and their outputs are dropped); padding rows have
+no context and write no KV. Catch-up stays eager (its shapes are the target step's). The drafts reach the host with
+one copy after the ``k`` forwards: the scheduler needs them to size the next step.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 
 from core.config import ModelConfig
+from core.cuda_graphs import DecodeGraphs
 from core.host_copy import to_device
 from core.input_batch import InputBatch
 from core.kv_cache import KVBlock
@@ -42,6 +48,7 @@ from core.loader import load_hf_config
 from core.model_source import ModelSource, resolve_model
 from core.sequence import Sequence
 from ipc.config import SpeculativeConfig
+from kernels.paged_attention import decode_order_host
 
 
 def load_draft_config(spec: SpeculativeConfig, vocab_size: int, max_model_len: int
@@ -75,6 +82,7 @@ class DraftModelProposer:
         self.dtype = dtype
         self.device = device
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs: DecodeGraphs | None = None  # the k proposal steps per batch bucket (capture_graphs)
 
     # ------------------------------------------------------------------------------------------------ KV cache
     def kv_block_bytes(self) -> int:
@@ -86,12 +94,80 @@ class DraftModelProposer:
         shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
 
+    # ------------------------------------------------------------------------------------------------ graphs
+    def capture_graphs(self, max_num_seqs: int, max_blocks_per_seq: int, pool=None) -> None:
+        """Static ``[k, max_num_seqs]`` proposal inputs (no context, no KV writes until a step fills them) and a
+        graph of the ``k`` steps per batch bucket."""
+        self._allocate_static(max_num_seqs, max_blocks_per_seq)
+        self.graphs = DecodeGraphs(self._graph_body, max_num_seqs, name="draft proposal")
+        self.graphs.capture(pool=pool)
+
+    def _allocate_static(self, max_num_seqs: int, max_blocks_per_seq: int) -> None:
+        k, device = self.k, self.device
+        self._ids = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        self._positions = torch.zeros((k, max_num_seqs), dtype=torch.int64, device=device)
+        self._slots = torch.full((k, max_num_seqs), -1, dtype=torch.int64, device=device)
+        self._seq_lens = torch.zeros((k, max_num_seqs), dtype=torch.int32, device=device)
+        self._orders = torch.arange(max_num_seqs, dtype=torch.int32, device=device).repeat(k, 1)
+        self._table = torch.zeros((max_num_seqs, max_blocks_per_seq), dtype=torch.int32, device=device)
+        self._qsl = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)  # one query row per sequence
+        self._drafts = torch.zeros((k, max_num_seqs), dtype=torch.int64, device=device)
+
+    def _graph_body(self, size: int) -> torch.Tensor:
+        """All ``k`` steps for the first ``size`` rows of the static inputs -> the static ``[k, size]`` drafts."""
+        metas = [AttentionMetadata(slot_mapping=self._slots[j, :size], block_tables=self._table[:size],
+                                   seq_lens=self._seq_lens[j, :size], query_start_loc=self._qsl[: size + 1],
+                                   max_query_len=1, decode_order=self._orders[j, :size]) for j in range(self.k)]
+        self._run_steps(self._ids[:size], self._positions[:, :size], metas, self._drafts[:, :size],
+                        [size] * self.k)
+        return self._drafts[:, :size]
+
+    def _run_steps(self, input_ids: torch.Tensor, positions: torch.Tensor, metas: list[AttentionMetadata],
+                   drafts: torch.Tensor, active: list[int]) -> None:
+        """Step ``j`` runs the first ``active[j]`` sequences at ``positions[j]``; its argmax is step ``j + 1``'s input
+        ids and row ``j`` of ``drafts``."""
+        for j, meta in enumerate(metas):
+            a = active[j]
+            hidden = self.model(input_ids[:a], positions[j, :a], self.kv_caches, meta)
+            drafts[j, :a] = self.model.compute_logits(hidden).argmax(-1)
+            input_ids = drafts[j]
+
     # ------------------------------------------------------------------------------------------------ catch-up
     def catch_up(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
         """The target's step inputs through the draft: its KV at the same slots (no logits needed)."""
         self.model(input_ids, positions, self.kv_caches, meta)
 
     # ------------------------------------------------------------------------------------------------ proposal
+    def _replay(self, bucket: int, last_tokens: np.ndarray, start: np.ndarray, counts: np.ndarray,
+                table: np.ndarray) -> torch.Tensor:
+        """Fill the static inputs' first ``bucket`` rows (sequences sorted by draft count, then padding) for all
+        ``k`` steps, in one upload per dtype, and replay the bucket's graph: the ``[k, bucket]`` drafts."""
+        k, n, bs = self.k, len(counts), self.block_size
+        positions = np.zeros((k, bucket), dtype=np.int64)
+        # A sequence's steps past its drafts repeat its last drafted position (a reserved slot; see the module doc).
+        positions[:, :n] = start[None, :] + np.minimum(np.arange(k)[:, None], counts[None, :] - 1)
+        slots = np.full((k, bucket), -1, dtype=np.int64)
+        slots[:, :n] = (np.take_along_axis(table, positions[:, :n].T // bs, 1).T.astype(np.int64) * bs
+                        + positions[:, :n] % bs)
+        seq_lens = np.zeros((k, bucket), dtype=np.int32)
+        seq_lens[:, :n] = positions[:, :n] + 1
+        orders = np.stack([decode_order_host(row) for row in seq_lens])
+        ids = np.zeros(bucket, dtype=np.int64)
+        ids[:n] = last_tokens
+        padded_table = np.zeros((bucket, table.shape[1]), dtype=np.int32)
+        padded_table[:n] = table
+        wide = to_device(np.concatenate((ids, positions.ravel(), slots.ravel())), torch.int64, self.device)
+        narrow = to_device(np.concatenate((padded_table.ravel(), seq_lens.ravel(), orders.ravel())), torch.int32,
+                           self.device)
+        size = k * bucket
+        self._ids[:bucket].copy_(wide[:bucket])
+        self._positions[:, :bucket].copy_(wide[bucket : bucket + size].view(k, bucket))
+        self._slots[:, :bucket].copy_(wide[bucket + size :].view(k, bucket))
+        self._table[:bucket, : table.shape[1]].copy_(narrow[: padded_table.size].view(bucket, -1))
+        self._seq_lens[:, :bucket].copy_(narrow[padded_table.size : padded_table.size + size].view(k, bucket))
+        self._orders[:, :bucket].copy_(narrow[padded_table.size + size :].view(k, bucket))
+        return self.graphs.replay(bucket)
+
     def remove(self, keys: list[tuple[str, int]]) -> None:
         """Nothing per sequence lives here: the KV is addressed through the runner's block tables."""
 
@@ -117,6 +193,13 @@ class DraftModelProposer:
         start = np.fromiter((seqs[i].num_tokens - 1 for i in order), dtype=np.int64, count=num_seqs)
         last_tokens = np.fromiter((seqs[i].all_token_ids[-1] for i in order), dtype=np.int64, count=num_seqs)
         table = self.input_batch.block_table[rows]
+        bucket = self.graphs.bucket(num_seqs) if self.graphs is not None else None
+        if bucket is not None:
+            drafts = self._replay(bucket, last_tokens, start, counts, table)
+            host = drafts[:, :num_seqs].T.tolist()  # the drafts' one device -> host copy
+            for row, i in enumerate(order):
+                out[i] = host[row][: counts[row]]
+            return out
         active = (counts[None, :] > np.arange(num_steps)[:, None]).sum(1)  # [num_steps]
         # [num_steps, num_seqs]; a sequence's rows past its drafts (not run) repeat its last position, in range
         positions = start[None, :] + np.minimum(np.arange(num_steps)[:, None], counts[None, :] - 1)
@@ -139,14 +222,10 @@ class DraftModelProposer:
         orders_t = narrow[table.size + n : table.size + 2 * n].view(num_steps, num_seqs)
         qsl_t = narrow[table.size + 2 * n :]
         drafts = torch.zeros((num_steps, num_seqs), dtype=torch.int64, device=self.device)  # rows: contiguous inputs
-        for j in range(num_steps):
-            a = int(active[j])
-            meta = AttentionMetadata(slot_mapping=slots_t[j, :a], block_tables=table_t[:a],
-                                     seq_lens=seq_lens_t[j, :a], query_start_loc=qsl_t[: a + 1], max_query_len=1,
-                                     decode_order=orders_t[j, :a])
-            hidden = self.model(input_ids[:a], positions_t[j, :a], self.kv_caches, meta)
-            drafts[j, :a] = self.model.compute_logits(hidden).argmax(-1)
-            input_ids = drafts[j]
+        metas = [AttentionMetadata(slot_mapping=slots_t[j, : active[j]], block_tables=table_t[: active[j]],
+                                   seq_lens=seq_lens_t[j, : active[j]], query_start_loc=qsl_t[: active[j] + 1],
+                                   max_query_len=1, decode_order=orders_t[j, : active[j]]) for j in range(num_steps)]
+        self._run_steps(input_ids, positions_t, metas, drafts, [int(a) for a in active])
         host = drafts.T.tolist()  # the drafts' one device -> host copy
         for row, i in enumerate(order):
             out[i] = host[row][: counts[row]]

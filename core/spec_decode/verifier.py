@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from core.host_copy import to_device
-from core.sampler import Sampler, gather_logprobs
-from core.sampling_metadata import build_sampling_batch
+from core.sampler import Sampler, SamplingBatch, gather_logprobs
+from core.sampling_metadata import build_sampling_batch, unseeded_row_keys
 from core.sequence import Sequence
 from core.spec_decode.rejection_sampler import verify
 from ipc.messages import Logprobs
@@ -30,6 +30,70 @@ class _PositionRow:
         self.eos_token_ids = seq.eos_token_ids
         self.prompt_token_ids = seq.prompt_token_ids
         self.output_token_ids = seq.output_token_ids + drafts_before if drafts_before else seq.output_token_ids
+
+
+def _per_sequence_params(seq: Sequence, output_index: int) -> bool:
+    """Whether every verified position of ``seq`` samples with the same parameters: nothing that depends on the
+    position (min_tokens bans still due, penalties and bad words that read the drafts before it) or that
+    ``position_sampling_batch``'s vectorised build leaves to ``build_sampling_batch`` (bias, masks, requested ids)."""
+    p = seq.sampling_params
+    return (not p.logit_bias and not p.uses_penalties and not p.uses_token_masks and not p.logprob_token_ids
+            and output_index >= p.min_tokens)
+
+
+def position_sampling_batch(
+    seqs: list[Sequence], drafts: list[list[int]], num_drafts: np.ndarray, output_indices: list[int],
+    vocab_size: int, device: torch.device, step_key: int,
+) -> SamplingBatch:
+    """The sampling batch with a row per verified position (``1 + len(drafts[i])`` rows for sequence ``i``), the same
+    as ``build_sampling_batch`` over those positions. When no sequence has position-dependent parameters it is built
+    from per-sequence arrays repeated per row (numpy, no per-row Python objects); otherwise row by row."""
+    if not all(_per_sequence_params(seq, index) for seq, index in zip(seqs, output_indices)):
+        rows: list = []
+        row_output_indices: list[int] = []
+        for seq, seq_drafts, output_index in zip(seqs, drafts, output_indices):
+            # Only penalties and bad words of several tokens read the output tokens: other rows are the sequence
+            # itself (no per-row copies).
+            penalised = seq.sampling_params.reads_output_tokens
+            for j in range(len(seq_drafts) + 1):
+                rows.append(_PositionRow(seq, seq_drafts[:j]) if penalised else seq)
+                row_output_indices.append(output_index + j)
+        return build_sampling_batch(rows, vocab_size, device, row_output_indices, step_key)
+    params = [seq.sampling_params for seq in seqs]
+    widths = num_drafts + 1
+    num_rows = int(widths.sum())
+    seq_temps = np.array([0.0 if p.greedy else p.temperature for p in params], dtype=np.float32)
+    sampled = seq_temps > 0
+    first_row = np.cumsum(widths) - widths
+    position = np.arange(num_rows) - np.repeat(first_row, widths)  # j: the row's verified position
+    # Noise counters: unseeded rows (step key, row), step 0; seeded rows (seed key, output index of the position).
+    seed_keys = np.array([-1 if seq.seed_key is None else seq.seed_key for seq in seqs], dtype=np.int64)
+    row_seed = np.repeat(seed_keys, widths)
+    seeded = row_seed >= 0
+    # Filters only for random rows (as build_sampling_batch): a greedy row takes the argmax whatever its settings.
+    use_top_k = any(p.top_k > 0 for p, s in zip(params, sampled) if s)
+    ints = np.empty((3 if use_top_k else 2, num_rows), dtype=np.int64)
+    ints[0] = np.where(seeded, row_seed, unseeded_row_keys(step_key, num_rows))
+    ints[1] = np.where(seeded, np.repeat(np.asarray(output_indices, dtype=np.int64), widths) + position, 0)
+    if use_top_k:
+        ints[2] = np.repeat(np.array([p.top_k if s else 0 for p, s in zip(params, sampled)], dtype=np.int64), widths)
+    columns = {"temperature": seq_temps}
+    if any(p.top_p < 1.0 for p, s in zip(params, sampled) if s):
+        columns["top_p"] = np.array([p.top_p if s else 1.0 for p, s in zip(params, sampled)], dtype=np.float32)
+    if any(p.min_p > 0.0 for p, s in zip(params, sampled) if s):
+        columns["min_p"] = np.array([p.min_p if s else 0.0 for p, s in zip(params, sampled)], dtype=np.float32)
+    names = list(columns)
+    floats = to_device(np.repeat(np.stack([columns[n] for n in names]), widths, axis=1), torch.float32, device)
+    ints_t = to_device(ints, torch.int64, device)
+    batch = SamplingBatch(temperature=floats[0], all_greedy=not sampled.any(), keys=ints_t[0], steps=ints_t[1])
+    if use_top_k:
+        batch.top_k = ints_t[2]
+    for i, name in enumerate(names[1:], 1):
+        setattr(batch, name, floats[i])
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    if wanted:
+        batch.max_num_logprobs = max(wanted)
+    return batch
 
 
 @dataclass
@@ -74,16 +138,7 @@ def verify_step(
     if logits.shape[0] != int(num_drafts.sum()) + len(drafts):  # a device index assert otherwise: name it here
         raise RuntimeError(f"verify_step: {logits.shape[0]} logits rows for {len(drafts)} sequences with "
                            f"{int(num_drafts.sum())} drafts")
-    rows: list[_PositionRow] = []
-    row_output_indices: list[int] = []
-    for seq, seq_drafts, output_index in zip(seqs, drafts, output_indices):
-        # Only penalties and bad words of several tokens read the output tokens: other rows are the sequence
-        # itself (no per-row copies).
-        penalised = seq.sampling_params.reads_output_tokens
-        for j in range(len(seq_drafts) + 1):
-            rows.append(_PositionRow(seq, seq_drafts[:j]) if penalised else seq)
-            row_output_indices.append(output_index + j)
-    batch = build_sampling_batch(rows, vocab_size, device, row_output_indices, step_key)  # type: ignore[arg-type]
+    batch = position_sampling_batch(seqs, drafts, num_drafts, output_indices, vocab_size, device, step_key)
     batch.grammar = grammar
     processed, raw_logprobs = sampler.process(logits, batch)
     filtered, row_temperature = sampler.filtered(processed, batch)

@@ -14,7 +14,7 @@ def test_profile_runs_with_and_without_speculation(tmp_path, capsys):
     out = tmp_path / "profile.jsonl"
     assert profile_spec_step.main(["--model", str(model), "--num-seqs", "2", "--k", "0", "3", "--steps", "20",
                                    "--warmup-steps", "10", "--prompt-len", "48", "--max-model-len", "512",
-                                   "--num-gpu-blocks-override", "64", "--json", str(out)]) == 0
+                                   "--num-gpu-blocks-override", "64", "--count-ops", "3", "--json", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["num_seqs"], r["k"]) for r in rows] == [(2, 0), (2, 3)]
     plain, spec = rows
@@ -26,4 +26,8 @@ def test_profile_runs_with_and_without_speculation(tmp_path, capsys):
         assert sum(ms for name, ms in phases.items() if name != "other") <= r["step_ms"] * 1.01
     assert spec["host_ms_per_step"]["verify"] > 0 and spec["host_ms_per_step"]["propose"] > 0
     assert plain["host_ms_per_step"]["verify"] == 0 and plain["host_ms_per_step"]["sample"] > 0
-    assert "host ms per step" in capsys.readouterr().out
+    # Greedy drafts take the fast verify: the argmax is launched with the forward, the acceptance runs in numpy.
+    assert spec["ops_per_step"]["forward"] > 0 and spec["ops_per_step"].get("verify", 0) <= 1
+    assert plain["ops_per_step"]["sample"] > 0 and "verify" not in plain["ops_per_step"]
+    printed = capsys.readouterr().out
+    assert "host ms per step" in printed and "torch ops per step by phase" in printed

@@ -191,3 +191,69 @@ def test_sequences_near_max_model_len_draft_fewer(models_dir, draft_arch):
     assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in reference.items()}
     assert [len(got[(i, 0)]["tokens"]) for i in range(3)] == [14, 12, 59]
     assert_no_leak(engine)
+
+
+class _EagerDraftGraphs:
+    """``DecodeGraphs``' interface over the draft's graph body, run eagerly: the proposal goes through the static
+    padded ``[k, bucket]`` layout exactly as a captured graph would."""
+
+    def __init__(self, draft, max_num_seqs: int, max_blocks: int) -> None:
+        from core.cuda_graphs import DecodeGraphs, graph_batch_sizes
+
+        draft._allocate_static(max_num_seqs, max_blocks)
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.bucket = DecodeGraphs.bucket.__get__(self)
+        self._body = draft._graph_body
+        self.replays: dict[int, int] = {}
+
+    def replay(self, size: int):
+        self.replays[size] = self.replays.get(size, 0) + 1
+        return self._body(size)
+
+
+@pytest.mark.parametrize("same_weights", [True, False])
+def test_graph_layout_of_the_proposal_steps_is_lossless(models_dir, same_weights):
+    """The proposal's graph layout (every sequence runs all k steps, padded to a bucket; fewer wanted drafts repeat
+    the last drafted position): the tokens of no speculation, all drafts accepted with the target's own weights."""
+    path = make_tiny_model(models_dir, "llama", 0)
+    draft = path if same_weights else make_tiny_model(models_dir, "qwen3", 1)
+    prompts = random_prompts(3) + random_prompts(4)[:2]
+    # Different lengths, so the batch shrinks through several buckets; near max_model_len some draft fewer than k.
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (30, 12, 20, 8, 25, 16)]
+    kwargs = dict(max_num_seqs=8, max_model_len=96)
+    reference = run_engine(make_engine(path, **kwargs), prompts, params)
+    engine = make_engine(path, speculative_config=draft_config(draft, k=3), **kwargs)
+    runner = engine.runner
+    runner.draft.graphs = graphs = _EagerDraftGraphs(runner.draft, runner.max_num_seqs, runner.max_blocks_per_seq)
+    got = run_engine(engine, prompts, params)
+    assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in reference.items()}
+    assert sum(graphs.replays.values()) > 5 and len(graphs.replays) > 1
+    stats = engine.get_stats()
+    if same_weights:
+        assert stats["spec_num_accepted_tokens"] == stats["spec_num_draft_tokens"] > 0
+    assert_no_leak(engine)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("same_weights", [True, False])
+def test_draft_graphs_match_eager_on_gpu(models_dir, same_weights):
+    """fp32 on the GPU: captured proposal graphs (and verify graphs) give the tokens and acceptance of eager
+    execution."""
+    path = make_tiny_model(models_dir, "llama", 0)
+    draft = path if same_weights else make_tiny_model(models_dir, "qwen3", 1)
+    prompts = random_prompts(3) + random_prompts(4)[:2]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (30, 12, 20, 8, 25, 16)]
+    common = dict(max_num_seqs=8, max_model_len=96, dtype="float32", device="cuda",
+                  speculative_config=draft_config(draft, k=3))
+    eager_engine = make_engine(path, enforce_eager=True, **common)
+    eager = run_engine(eager_engine, prompts, params)
+    engine = make_engine(path, **common)
+    assert engine.runner.draft.graphs is not None
+    replays = []
+    replay = engine.runner.draft.graphs.replay
+    engine.runner.draft.graphs.replay = lambda size: replays.append(size) or replay(size)
+    graphed = run_engine(engine, prompts, params)
+    assert {k: v["tokens"] for k, v in graphed.items()} == {k: v["tokens"] for k, v in eager.items()}
+    assert len(replays) > 5
+    assert engine.get_stats()["spec_num_accepted_tokens"] == eager_engine.get_stats()["spec_num_accepted_tokens"]
+    assert_no_leak(engine)

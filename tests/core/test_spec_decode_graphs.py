@@ -21,11 +21,12 @@ from tests.tiny_models import VOCAB, make_tiny_model
 
 class EagerVerifyGraphs:
     """``DecodeGraphs``' interface, run eagerly: the runner stages the padded verify layout and reads the logits
-    rows exactly as with captured graphs."""
+    rows (or, for greedy steps, the in-graph argmax) exactly as with captured graphs."""
 
     def __init__(self, runner) -> None:
         self.sizes = verify_graph_sizes(runner.max_num_seqs, runner.num_spec_tokens, runner.max_num_batched_tokens)
-        self._forward = runner._verify_forward
+        runner._verify_argmax_tokens = 256  # as initialize_kv_cache sets it with captured graphs
+        self._forward = runner._verify_graph_forward
         self.replays: collections.Counter[int] = collections.Counter()
 
     bucket = DecodeGraphs.bucket
@@ -58,19 +59,23 @@ def test_verify_graph_sizes_and_rows():
     assert rows.tolist() == [0, 1, 2, 3, 4, 8, 9, 10]
 
 
-@pytest.mark.parametrize("k, max_num_seqs", [(5, 16), (3, 4)])
-def test_padded_verify_layout_is_lossless(models_dir, k, max_num_seqs):
+@pytest.mark.parametrize("k, max_num_seqs, logprobs", [(5, 16, 1), (3, 4, 1), (3, 4, None)])
+def test_padded_verify_layout_is_lossless(models_dir, k, max_num_seqs, logprobs):
     """Verify steps through the graph layout (padded batch and token rows), mixed with eager steps (prefill chunks
     beside verifies, more sequences than max_num_seqs so requests join as others finish): the tokens and logprobs
-    of no speculation."""
+    of no speculation. Without logprobs the greedy steps verify from the graph's own argmax (the fast path)."""
     path = make_tiny_model(models_dir, "llama", 0)
     prompts = _prompts(24, k)
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=1)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=logprobs)
     reference = run_engine(make_engine(path, max_num_seqs=max_num_seqs), prompts, params)
     spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
     engine = make_engine(path, max_num_seqs=max_num_seqs, speculative_config=spec)
     engine.runner.verify_graphs = graphs = EagerVerifyGraphs(engine.runner)
+    fast_calls = []
+    fast = engine.runner._launch_greedy_verify
+    engine.runner._launch_greedy_verify = lambda *args: fast_calls.append(1) or fast(*args)
     got = run_engine(engine, prompts, params)
+    assert (len(fast_calls) > 10) if logprobs is None else not fast_calls
     for key in reference:
         assert got[key]["tokens"] == reference[key]["tokens"], key
         for ours, theirs in zip(got[key]["logprobs"], reference[key]["logprobs"]):
