@@ -6,8 +6,9 @@ The model is any Llama-style checkpoint directory turned into a Mistral with ``-
 copied with ``sliding_window`` set; weights are dummy), e.g. Llama-3.1-8B with W = 1024. With long generations
 and a KV cache smaller than the sequences' total length, holding preempts and recomputes; freeing keeps every
 sequence to about W / block_size + 2 blocks (the defaults: 64 sequences of 1024 + 4096 tokens need 20,480 blocks of
-16 when held, about 4,200 when freed, in a budget of 8,192). Reported per mode: out tok/s, the most KV blocks held at once after the
-prefills, preemptions, and whether both modes produced the same tokens (greedy).
+16 when held, about 4,200 when freed, in a budget of 8,192). Reported per mode: out tok/s, the most KV blocks held
+at once after the prefills, preemptions, and whether both modes produced the same greedy tokens (on CPU in fp32
+they must; in bf16 a recompute after preemption runs in other batches, which may flip a near-tie).
 
     python -m benchmarks.sliding_window_bench --model ../shared/models/llama-3.1-8b --sliding-window 1024 \\
         --num-seqs 64 --input-len 1024 --output-len 4096 --num-gpu-blocks 8192

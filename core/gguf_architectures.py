@@ -200,7 +200,7 @@ def _gemma2_config(meta: Meta) -> dict[str, Any]:
 
 
 def _gemma3_layer_types(meta: Meta) -> list[str]:
-    """``attention.sliding_window_pattern`` (a period or one flag per layer) or llama.cpp's default: 5 local, 1 global."""
+    """``attention.sliding_window_pattern`` (a period, or one flag per layer) else llama.cpp's: 5 local, 1 global."""
     pattern = meta.get("attention.sliding_window_pattern", 6)
     if isinstance(pattern, (np.ndarray, list)):
         sliding = [bool(x) for x in pattern]
@@ -329,7 +329,8 @@ _GEMMA2_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_at
 ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "gemma": GGUFArchitecture(
         "GemmaForCausalLM", "gemma", _gemma_config, _HF_LLAMA_GLOBALS, "model.layers.{}",
-        {**_HF_LLAMA_ATTENTION, **_HF_GATED_MLP, "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+        {**_HF_LLAMA_ATTENTION, **_HF_GATED_MLP, "attn_norm": "input_layernorm",
+         "ffn_norm": "post_attention_layernorm"},
         _unshift_norms,
     ),
     "gemma2": GGUFArchitecture(
