@@ -65,7 +65,8 @@ class Meta:
 
         return _float32_to_decimal(self.get(key, default))
 
-    def float(self, key: str, default: float) -> float:
+    def decimal(self, key: str, default: float) -> float:
+        """A float32 metadata value as the decimal it was written from."""
         from core.gguf import _float32_to_decimal
 
         return _float32_to_decimal(self.get(key, default))
@@ -180,7 +181,7 @@ def _gemma_query_scalar(meta: Meta, big_layers: int) -> float:
 
 
 def _gemma_config(meta: Meta) -> dict[str, Any]:
-    return {**_llama_style(meta), "rms_norm_eps": meta.eps(), "rope_theta": meta.float("rope.freq_base", 10000.0),
+    return {**_llama_style(meta), "rms_norm_eps": meta.eps(), "rope_theta": meta.decimal("rope.freq_base", 10000.0),
             "hidden_activation": "gelu_pytorch_tanh"}  # fmt: skip
 
 
@@ -211,13 +212,13 @@ def _gemma3_layer_types(meta: Meta) -> list[str]:
 
 def _gemma3_config(meta: Meta) -> dict[str, Any]:
     config = _gemma_config(meta)
-    global_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": meta.float("rope.freq_base", 1000000.0)}
+    global_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": meta.decimal("rope.freq_base", 1000000.0)}
     if meta.get("rope.scaling.type") == "linear" and meta.get("rope.scaling.factor"):
-        global_rope.update(rope_type="linear", factor=meta.float("rope.scaling.factor", 1.0))
+        global_rope.update(rope_type="linear", factor=meta.decimal("rope.scaling.factor", 1.0))
     config.pop("rope_theta")
     config["rope_parameters"] = {
         "full_attention": global_rope,
-        "sliding_attention": {"rope_type": "default", "rope_theta": meta.float("rope.freq_base_swa", 10000.0)},
+        "sliding_attention": {"rope_type": "default", "rope_theta": meta.decimal("rope.freq_base_swa", 10000.0)},
     }
     config["query_pre_attn_scalar"] = _gemma_query_scalar(meta, big_layers=62)
     if meta.get("final_logit_softcapping"):
@@ -230,7 +231,7 @@ def _gemma3_config(meta: Meta) -> dict[str, Any]:
 
 
 def _phi3_config(meta: Meta) -> dict[str, Any]:
-    config = {**_llama_style(meta), "rms_norm_eps": meta.eps(), "rope_theta": meta.float("rope.freq_base", 10000.0)}
+    config = {**_llama_style(meta), "rms_norm_eps": meta.eps(), "rope_theta": meta.decimal("rope.freq_base", 10000.0)}
     rotary_dims = int(meta.get("rope.dimension_count") or meta.head_dim)
     if rotary_dims != meta.head_dim:
         config["partial_rotary_factor"] = rotary_dims / meta.head_dim
@@ -270,7 +271,7 @@ def _falcon_config(meta: Meta) -> dict[str, Any]:
         "bias": meta.has("blk.0.attn_qkv.bias"),
         "ffn_hidden_size": int(meta.get("feed_forward_length") or 4 * meta.hidden_size),
         "layer_norm_epsilon": meta.eps("attention.layer_norm_epsilon", 1e-5),
-        "rope_theta": meta.float("rope.freq_base", 10000.0),
+        "rope_theta": meta.decimal("rope.freq_base", 10000.0),
         "max_position_embeddings": int(meta.get("context_length", 2048)),
         "tie_word_embeddings": _tied(meta),
     }
@@ -284,7 +285,7 @@ def _gptneox_config(meta: Meta) -> dict[str, Any]:
         "num_hidden_layers": meta.num_layers,
         "num_attention_heads": meta.num_heads,
         "rotary_pct": int(meta.get("rope.dimension_count") or head_dim) / head_dim,
-        "rotary_emb_base": meta.float("rope.freq_base", 10000.0),
+        "rotary_emb_base": meta.decimal("rope.freq_base", 10000.0),
         "layer_norm_eps": meta.eps("attention.layer_norm_epsilon", 1e-5),
         "use_parallel_residual": bool(meta.get("use_parallel_residual", True)),
         "attention_bias": meta.has("blk.0.attn_qkv.bias"),
@@ -309,7 +310,7 @@ def _gpt2_config(meta: Meta) -> dict[str, Any]:
 
 def _starcoder2_config(meta: Meta) -> dict[str, Any]:
     config = {**_llama_style(meta), "norm_epsilon": meta.eps("attention.layer_norm_epsilon", 1e-5),
-              "rope_theta": meta.float("rope.freq_base", 10000.0), "use_bias": meta.has("blk.0.attn_q.bias"),
+              "rope_theta": meta.decimal("rope.freq_base", 10000.0), "use_bias": meta.has("blk.0.attn_q.bias"),
               "hidden_act": "gelu_pytorch_tanh"}  # fmt: skip
     if meta.sliding_window():
         config["sliding_window"] = meta.sliding_window()
