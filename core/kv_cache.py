@@ -223,7 +223,8 @@ class KVCacheManager:
         self, seq: "Sequence", num_new_tokens: int, new_computed_blocks: abc.Sequence[KVBlock] = ()
     ) -> bool:
         """Make room for ``num_new_tokens`` after the computed ones (and the shared ``new_computed_blocks``, which
-        the caller counts as computed). False, with nothing changed, when the pool is short."""
+        the caller counts as computed). False, with nothing changed, when the pool is short (blocks that fell out
+        of the sliding window are freed either way: no query can read them any more; shared ones never taken)."""
         blocks = self.seq_blocks.setdefault(seq.key, [])
         num_computed = seq.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
