@@ -10,7 +10,7 @@ import time
 
 import msgspec
 
-from core.kv_cache import KVCacheManager
+from core.kv_cache import KVCacheManager, freeable_sliding_window
 from core.model_runner import ModelRunner, RunnerOutput, StepHandle
 from core.sequence import Sequence, SequenceStatus
 from core.scheduler import Scheduler, SchedulerOutput
@@ -50,7 +50,9 @@ class EngineCore:
                 f"{self.max_model_len}: lower max_model_len or give the cache more memory."
             )
         self.runner.initialize_kv_cache(num_blocks)
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        draft_model = config.speculative_config is not None and config.speculative_config.method == "draft_model"
+        window = freeable_sliding_window(self.runner.model_config.sliding_windows, shares_block_tables=draft_model)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, sliding_window=window)
         self.async_scheduling = self.runner.resolved.async_scheduling
         self.scheduler = Scheduler(
             self.kv,

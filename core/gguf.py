@@ -20,6 +20,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
+from core import gguf_architectures
+
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
 
@@ -152,14 +154,25 @@ def _float32_to_decimal(value: float) -> float:
     return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
 
 
+def supported_gguf_architectures() -> list[str]:
+    return sorted({*_ARCHITECTURES, *gguf_architectures.ARCHITECTURES})
+
+
+def _check_architecture(gguf: GGUFFile) -> str:
+    arch = gguf.metadata.get("general.architecture")
+    if arch not in _ARCHITECTURES and arch not in gguf_architectures.ARCHITECTURES:
+        raise ValueError(f"GGUF architecture '{arch}' of {gguf.path} is not supported; "
+                         f"supported: {supported_gguf_architectures()}.")  # fmt: skip
+    return arch
+
+
 def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
-    """Rebuild the HF ``config.json`` dict of a llama / qwen2 / qwen3 GGUF (Mistral GGUFs are ``llama``)."""
+    """Rebuild the HF ``config.json`` dict of a GGUF: llama / qwen2 / qwen3 here (Mistral GGUFs are ``llama``), the
+    other families in core/gguf_architectures.py."""
     meta = gguf.metadata
-    arch = meta.get("general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise ValueError(
-            f"GGUF architecture '{arch}' of {gguf.path} is not supported; supported: {sorted(_ARCHITECTURES)}."
-        )
+    arch = _check_architecture(gguf)
+    if arch in gguf_architectures.ARCHITECTURES:
+        return _add_tokens_and_dtype(gguf, gguf_architectures.hf_config(gguf, arch))
     model_type, hf_arch = _ARCHITECTURES[arch]
 
     def get(key: str, default: Any = None) -> Any:
@@ -194,6 +207,14 @@ def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
         "attention_bias": "blk.0.attn_q.bias" in tensors,
         "mlp_bias": False,
     }
+    if get("attention.sliding_window"):  # Mistral with a window
+        config["sliding_window"] = int(get("attention.sliding_window"))
+    return _add_tokens_and_dtype(gguf, config)
+
+
+def _add_tokens_and_dtype(gguf: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
+    """BOS / pad / EOS ids and the dtype, read the same way for every architecture."""
+    meta = gguf.metadata
     for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{gguf_key}" in meta:
             config[hf_key] = int(meta[f"tokenizer.ggml.{gguf_key}"])
@@ -325,9 +346,24 @@ def _unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 def iter_gguf_weights(gguf: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, float32 CPU tensor) for every weight of the file, one dequantized tensor at a time."""
-    arch = gguf.metadata.get("general.architecture")
-    if arch not in _ARCHITECTURES:
-        raise ValueError(f"GGUF architecture '{arch}' of {gguf.path} is not supported.")
+    arch = _check_architecture(gguf)
+    if arch in gguf_architectures.ARCHITECTURES:
+        return _iter_family_weights(gguf, arch)
+    return _iter_llama_weights(gguf, arch)
+
+
+def _iter_family_weights(gguf: GGUFFile, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
+    consumed = gguf_architectures.ARCHITECTURES[arch].consumed_by_config
+    tied = gguf_architectures.hf_config(gguf, arch).get("tie_word_embeddings", False)
+    for name in gguf.tensors:
+        if name in consumed or (tied and name == "output.weight"):
+            continue
+        target = gguf_architectures.hf_tensor_name(gguf, arch, name)
+        array = gguf_architectures.convert_tensor(gguf, arch, name, gguf.to_float32(name))
+        yield target, torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _iter_llama_weights(gguf: GGUFFile, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
     permute_heads = {}
     if arch == "llama":  # only llama.cpp's LlamaModel converter permutes Q/K (qwen2/qwen3 keep HF order)
         n_heads = int(gguf.metadata[f"{arch}.attention.head_count"])

@@ -7,6 +7,12 @@ Prefix caching: every *full* block is named by a hash chained from its parent's 
 request's ``cache_salt``. A hash -> block map finds the longest cached prefix of a new sequence; hits are shared by
 raising their ref count. Freed blocks keep their hash and go to the tail of an LRU free queue; a block is evicted
 (its hash dropped) only when it is popped to hold new content.
+
+Sliding window (models whose every layer sees only the last W positions: Mistral with ``sliding_window``,
+StarCoder2, Phi-3): before each allocation, the leading blocks that no query of the step or later can see are freed
+like any other block and their table entries become the null block, so a long generation holds about W / block_size
++ 2 blocks, not its whole length. Mixed local/global models (Gemma 2/3, Qwen2 with ``max_window_layers``) keep every
+block: their global layers read all positions with the same block table.
 """
 
 from __future__ import annotations
@@ -164,12 +170,17 @@ def hash_block(parent_hash: bytes | None, token_ids: abc.Sequence[int], cache_sa
 class KVCacheManager:
     """Block tables of running sequences, allocation for the tokens a step schedules, and prefix-cache lookup."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True, sliding_window: int = 0) -> None:
+        """``sliding_window`` W > 0: every layer of the model sees only the last W positions, so blocks that fell
+        wholly out of the window are freed while the sequence runs (their table entries become ``null_block``)."""
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, enable_caching)
+        self.null_block = self.pool.blocks[0]  # the reserved block: never allocated, never freed
         self.seq_blocks: dict[tuple[str, int], list[KVBlock]] = {}
         self._num_cached: dict[tuple[str, int], int] = {}  # how many leading blocks are registered in the cache
+        self._num_dropped: dict[tuple[str, int], int] = {}  # leading blocks freed as out of the window
 
     @property
     def usage(self) -> float:
@@ -212,18 +223,29 @@ class KVCacheManager:
         self, seq: "Sequence", num_new_tokens: int, new_computed_blocks: abc.Sequence[KVBlock] = ()
     ) -> bool:
         """Make room for ``num_new_tokens`` after the computed ones (and the shared ``new_computed_blocks``, which
-        the caller counts as computed). False, with nothing changed, when the pool is short."""
+        the caller counts as computed). False, with nothing changed, when the pool is short (blocks that fell out
+        of the sliding window are freed either way: no query can read them any more; shared ones never taken)."""
         blocks = self.seq_blocks.setdefault(seq.key, [])
         num_computed = seq.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         num_needed = -(-total // self.block_size) - len(blocks) - len(new_computed_blocks)
+        num_dead_shared = 0
+        if self.sliding_window:  # this step's first query is at num_computed: what is before its window is dead
+            num_dead = self.num_out_of_window_blocks(num_computed)
+            self._drop_blocks(seq, blocks, min(num_dead, len(blocks)))
+            num_dead_shared = min(max(num_dead - len(blocks), 0), len(new_computed_blocks))
+            new_computed_blocks = new_computed_blocks[num_dead_shared:]  # never taken: nothing will read them
         # Shared blocks that sit in the free queue (cached, ref 0) stop being free once we take them.
         num_leaving_free = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_needed > self.pool.num_free_blocks - num_leaving_free:
             if not blocks:
                 del self.seq_blocks[seq.key]
+                self._num_dropped.pop(seq.key, None)
             return False
-        if new_computed_blocks:
+        if num_dead_shared:
+            blocks.extend([self.null_block] * num_dead_shared)
+            self._num_dropped[seq.key] = len(blocks)
+        if new_computed_blocks or num_dead_shared:
             self.pool.touch(new_computed_blocks)
             blocks.extend(new_computed_blocks)
             # Shared blocks are cached already (or belong to a fork source that registers them itself).
@@ -244,7 +266,8 @@ class KVCacheManager:
         self._update_block_hashes(seq, num_full * self.block_size)
         blocks = self.seq_blocks[seq.key]
         for i in range(start, num_full):
-            self.pool.cache_block(blocks[i], seq.block_hashes[i])
+            if blocks[i] is not self.null_block:
+                self.pool.cache_block(blocks[i], seq.block_hashes[i])
         self._num_cached[seq.key] = num_full
 
     def reserve(self, seq: "Sequence", num_new_tokens: int) -> bool:
@@ -265,6 +288,7 @@ class KVCacheManager:
         if not blocks:
             return
         keep = -(-num_tokens // self.block_size)
+        assert keep >= self._num_dropped.get(seq.key, 0), "a rollback below the sliding window's freed blocks"
         if keep < len(blocks):
             tail = blocks[keep:]
             del blocks[keep:]
@@ -275,8 +299,43 @@ class KVCacheManager:
         """Return a sequence's blocks, tail first, so a chain's tail is evicted before its head."""
         blocks = self.seq_blocks.pop(seq.key, None)
         self._num_cached.pop(seq.key, None)
+        num_dropped = self._num_dropped.pop(seq.key, 0)
         if blocks:
-            self.pool.free_blocks(reversed(blocks))
+            self.pool.free_blocks(reversed(blocks[num_dropped:]))
+
+    def num_out_of_window_blocks(self, first_query_position: int) -> int:
+        """Leading blocks no query at ``first_query_position`` or later can see: the window of a query at p starts
+        at p - W + 1 (HF's ``kv_idx > q_idx - W``), so a block ending before that is never read again."""
+        if not self.sliding_window:
+            return 0
+        return max(first_query_position - self.sliding_window + 1, 0) // self.block_size
+
+    def num_live_blocks(self, seq: "Sequence") -> int:
+        """Blocks the sequence holds (its table's length less the ones freed as out of the window)."""
+        return len(self.seq_blocks.get(seq.key, ())) - self._num_dropped.get(seq.key, 0)
+
+    def _drop_blocks(self, seq: "Sequence", blocks: list[KVBlock], num_dead: int) -> None:
+        """Free the sequence's first ``num_dead`` blocks (those not freed yet), tail first like ``free``; their table
+        entries become ``null_block``. A full block keeps its hash in the free queue like any freed block: its
+        content is still right for its prefix until the block is reused. The runner keeps the old ids in its
+        table; the attention kernels never read positions outside a window, so the ids are never followed."""
+        start = self._num_dropped.get(seq.key, 0)
+        if num_dead <= start:
+            return
+        dead = blocks[start:num_dead]
+        blocks[start:num_dead] = [self.null_block] * len(dead)
+        self._num_dropped[seq.key] = num_dead
+        self.pool.free_blocks(reversed(dead))
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
+
+
+def freeable_sliding_window(sliding_windows: tuple[int, ...], shares_block_tables: bool = False) -> int:
+    """The window to free blocks by: W when every layer slides by the same W (Mistral with ``sliding_window``,
+    StarCoder2, Phi-3). 0 for mixed local/global models (Gemma 2/3, Qwen2's ``max_window_layers``): their global
+    layers read every position, so a block is never dead while its sequence runs; and 0 when another model (a draft
+    model) reads the same block tables."""
+    if shares_block_tables or not sliding_windows or len(set(sliding_windows)) != 1:
+        return 0
+    return max(sliding_windows[0], 0)

@@ -191,7 +191,12 @@ class Scheduler:
             if source.status is SequenceStatus.RUNNING:
                 if source.num_computed_tokens < num_blocks * self.block_size:
                     return None
-                return self.kv.blocks(source)[:num_blocks]
+                shared = self.kv.blocks(source)[:num_blocks]
+                if self.kv.null_block not in shared:
+                    return shared
+                # the source freed blocks that fell out of its sliding window: take what the prefix cache still has
+                seq.fork_source = None
+                return self.kv.find_cached_prefix(seq)
             if source.status is SequenceStatus.WAITING:
                 return None
             seq.fork_source = None  # the source finished: fall back to the prefix cache

@@ -25,4 +25,4 @@ def activation(name: str):
 def gated(x: torch.Tensor, act) -> torch.Tensor:
     """``act(gate) * up`` on a merged ``[..., 2 * I]`` gate/up output (GeGLU when ``act`` is a GELU)."""
     gate, up = x.chunk(2, dim=-1)
-    return act(gate) * up
+    return act(gate).mul_(up)  # into the activation's fresh output: one [..., I] tensor, not two

@@ -137,7 +137,8 @@ class GemmaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = skinny_linear(hidden, self.lm_head.weight, out_dtype=torch.float32, backend=self.kernel_backend)
         cap = self.config.final_softcap
-        return torch.tanh(logits / cap) * cap if cap > 0 else logits
+        # in place on the fresh float32 logits: no [rows, vocab] temporaries (256k vocab: 1 MB a row each)
+        return logits.div_(cap).tanh_().mul_(cap) if cap > 0 else logits
 
     def _place(self, name: str, tensor: torch.Tensor):
         cfg = self.config

@@ -1,0 +1,212 @@
+"""GGUF for every family that has a llama.cpp architecture: a tiny random HF model written as llama.cpp's
+convert_hf_to_gguf.py writes it (its metadata keys, gguf-py's own tensor-name map, its convert-time changes: Gemma's
+``1 + w`` norms, Falcon's and GPT-NeoX's reordered qkv, GPT-2's transposed Conv1D, Llama's Q/K permutation, Phi-3's
+rope factor tensors), loaded by the engine and run against transformers on the safetensors copy: greedy ids identical,
+top-5 logprobs close. Matrices are rounded to fp16 before saving, so storing them as F16 loses nothing."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from tests.core.engine_utils import make_engine, run_engine
+from tests.core.test_loader import llama_cpp_permute
+from tests.core.test_model_parity import GREEDY, MAX_TOKENS, check_against_hf, random_prompts
+from tests.tiny_models import SLIDING_WINDOW, hf_config, hf_greedy
+
+# test name -> (tiny_models arch, GGUF architecture, config overrides a GGUF can express)
+FAMILIES = {
+    "gemma": ("gemma", "gemma", {}),
+    # llama.cpp scales Gemma 2/3 queries by 1/sqrt(head_dim) (27B: hidden/heads); no GGUF key says otherwise
+    "gemma2": ("gemma2", "gemma2", {"query_pre_attn_scalar": 16}),
+    "gemma3": ("gemma3", "gemma3", {"query_pre_attn_scalar": 16}),
+    "phi3": ("phi3", "phi3", {}),
+    "falcon_40b_style": ("falcon", "falcon", {}),
+    "falcon_7b_style": ("falcon_mq", "falcon", {}),
+    "gpt_neox": ("gpt_neox", "gptneox", {}),
+    "gpt2": ("gpt2", "gpt2", {}),
+    "starcoder2": ("starcoder2", "starcoder2", {}),
+    "mistral_sw": ("mistral_sw", "llama", {}),
+    "qwen2": ("qwen2", "qwen2", {}),
+    "qwen3": ("qwen3", "qwen3", {}),
+}
+LENGTHS = (1, 5, SLIDING_WINDOW, 17, 40)
+
+
+def _tiny_hf_model(arch: str, overrides: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, **overrides), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:  # norms and biases informative (HF initialises them to 1 / 0)
+                param.copy_(torch.randn_like(param) * 0.2 + (0.0 if "bias" in name or "gemma" in arch else 1.0))
+            else:  # exactly representable in fp16
+                param.copy_(param.half().float())
+    return model
+
+
+def _metadata(writer: gguf.GGUFWriter, gguf_arch: str, cfg) -> None:
+    """The keys convert_hf_to_gguf.py writes for the family."""
+    d = cfg.to_dict()
+    hidden = d.get("hidden_size") or d["n_embd"]
+    heads = d.get("num_attention_heads") or d["n_head"]
+    writer.add_block_count(d.get("num_hidden_layers") or d["n_layer"])
+    writer.add_embedding_length(hidden)
+    writer.add_head_count(heads)
+    writer.add_context_length(d.get("max_position_embeddings") or d["n_positions"])
+    writer.add_file_type(1)  # MOSTLY_F16
+    writer.add_bos_token_id(d["bos_token_id"])
+    writer.add_eos_token_id(d["eos_token_id"])
+    rope = d.get("rope_parameters") or {}
+    if gguf_arch == "falcon":
+        writer.add_feed_forward_length(d["ffn_hidden_size"])
+        writer.add_head_count_kv(d["num_kv_heads"] if d["new_decoder_architecture"] else 1)
+        writer.add_layer_norm_eps(d["layer_norm_epsilon"])
+        return
+    if gguf_arch == "gpt2":
+        writer.add_feed_forward_length(4 * hidden)
+        writer.add_layer_norm_eps(d["layer_norm_epsilon"])
+        return
+    writer.add_feed_forward_length(d["intermediate_size"])
+    if gguf_arch == "gptneox":
+        writer.add_rope_dimension_count(int(rope["partial_rotary_factor"] * (hidden // heads)))
+        writer.add_parallel_residual(d["use_parallel_residual"])
+        writer.add_layer_norm_eps(d["layer_norm_eps"])
+        return
+    writer.add_head_count_kv(d["num_key_value_heads"])
+    head_dim = d.get("head_dim") or hidden // heads
+    if gguf_arch == "starcoder2":
+        writer.add_layer_norm_eps(d["norm_epsilon"])
+    else:
+        writer.add_layer_norm_rms_eps(d["rms_norm_eps"])
+    if gguf_arch.startswith("gemma"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if gguf_arch == "gemma2":
+        writer.add_attn_logit_softcapping(d["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(d["final_logit_softcapping"])
+        writer.add_sliding_window(d["sliding_window"])
+    if gguf_arch == "gemma3":
+        full = rope["full_attention"]
+        writer.add_rope_freq_base(full["rope_theta"])
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(full["factor"])
+        writer.add_sliding_window(d["sliding_window"])
+        writer.add_sliding_window_pattern(2)  # the tiny model: sliding, global
+    elif gguf_arch in ("llama", "qwen2", "qwen3", "starcoder2", "phi3"):
+        writer.add_rope_freq_base(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    if gguf_arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    if gguf_arch in ("llama", "starcoder2") and d.get("sliding_window"):
+        writer.add_sliding_window(d["sliding_window"])
+    if gguf_arch == "phi3":
+        rotary_dims = int(rope["partial_rotary_factor"] * hidden) // heads
+        original = d["original_max_position_embeddings"]
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_dimension_count(rotary_dims)
+        writer.add_sliding_window(d["sliding_window"])
+        scale = d["max_position_embeddings"] / original
+        writer.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(scale) / np.log(original))))
+
+
+def _convert(gguf_arch: str, cfg, hf_name: str, array: np.ndarray) -> np.ndarray:
+    """convert_hf_to_gguf.py's per-family tensor changes."""
+    if gguf_arch.startswith("gemma") and hf_name.endswith("norm.weight"):
+        return array + 1
+    if gguf_arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = cfg.num_attention_heads if "q_proj" in hf_name else cfg.num_key_value_heads
+        return llama_cpp_permute(array, heads)
+    if gguf_arch == "falcon" and "query_key_value" in hf_name:
+        n_head = cfg.num_attention_heads
+        n_head_kv = cfg.num_kv_heads if cfg.new_decoder_architecture else 1
+        head_dim = cfg.hidden_size // n_head
+        qkv = array.reshape(n_head_kv, n_head // n_head_kv + 2, head_dim, *array.shape[1:])
+        q = qkv[:, :-2].reshape(n_head * head_dim, *array.shape[1:])
+        k = qkv[:, [-2]].reshape(n_head_kv * head_dim, *array.shape[1:])
+        v = qkv[:, [-1]].reshape(n_head_kv * head_dim, *array.shape[1:])
+        return np.concatenate([q, k, v])
+    if gguf_arch == "gptneox" and "query_key_value" in hf_name:
+        n_head = cfg.num_attention_heads
+        qkv = array.reshape(n_head, 3, cfg.hidden_size // n_head, *array.shape[1:])
+        return np.concatenate([qkv[:, i].reshape(-1, *array.shape[1:]) for i in range(3)])
+    if gguf_arch == "gpt2" and hf_name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+        return np.ascontiguousarray(array.T)
+    return array
+
+
+def write_family_gguf(path, gguf_arch: str, model: torch.nn.Module) -> None:
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), gguf_arch)
+    _metadata(writer, gguf_arch, cfg)
+    n_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[{v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[gguf_arch].name],
+                                     n_layers)  # fmt: skip
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    for hf_name, weight in model.state_dict().items():
+        if tied and hf_name in ("lm_head.weight", "embed_out.weight"):
+            continue
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, hf_name
+        array = _convert(gguf_arch, cfg, hf_name, weight.float().numpy())
+        writer.add_tensor(gguf_name, array if array.ndim == 1 else array.astype(np.float16))
+        if gguf_arch == "gpt2" and gguf_name == "token_embd.weight":  # the converter writes the tied head out
+            writer.add_tensor("output.weight", array.astype(np.float16))
+    if gguf_arch == "phi3":
+        rope = cfg.rope_parameters
+        writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_gguf_matches_hf(tmp_path, family):
+    arch, gguf_arch, overrides = FAMILIES[family]
+    model = _tiny_hf_model(arch, overrides)
+    model.save_pretrained(tmp_path / "hf")
+    write_family_gguf(tmp_path / f"{family}.gguf", gguf_arch, model)
+    prompts = random_prompts(7, lengths=LENGTHS)
+    engine = make_engine(tmp_path / f"{family}.gguf")
+    results = run_engine(engine, prompts, GREEDY)
+    check_against_hf(tmp_path / "hf", results, prompts, hf_greedy(tmp_path / "hf", prompts, MAX_TOKENS))
+
+
+def _metadata_only_gguf(path, arch: str, layers: int, **keys) -> dict:
+    from core.gguf import GGUFFile, hf_config_from_gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(layers)
+    writer.add_embedding_length(3584)
+    writer.add_head_count(16)
+    writer.add_head_count_kv(8)
+    writer.add_key_length(128)
+    writer.add_feed_forward_length(64)
+    writer.add_sliding_window(4096)
+    for key, value in keys.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return hf_config_from_gguf(GGUFFile(path))
+
+
+def test_gemma_query_scale_and_layer_pattern_follow_llama_cpp(tmp_path):
+    """What a Gemma GGUF cannot say is what llama.cpp assumes: queries scaled by head_dim except the 27B models
+    (hidden / heads), ``attention.scale`` when stored; Gemma 3 global every 6th layer unless a pattern is stored."""
+    assert _metadata_only_gguf(tmp_path / "a.gguf", "gemma2", 42)["query_pre_attn_scalar"] == 128
+    assert _metadata_only_gguf(tmp_path / "b.gguf", "gemma2", 46)["query_pre_attn_scalar"] == 3584 // 16
+    scaled = _metadata_only_gguf(tmp_path / "c.gguf", "gemma3", 2, attention_scale=1 / 12)
+    assert scaled["query_pre_attn_scalar"] == 144
+    default = _metadata_only_gguf(tmp_path / "d.gguf", "gemma3", 12)
+    assert [i for i, t in enumerate(default["layer_types"]) if t == "full_attention"] == [5, 11]
+    flags = _metadata_only_gguf(tmp_path / "e.gguf", "gemma3", 3, sliding_window_pattern=[True, False, True])
+    assert flags["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    g2 = _metadata_only_gguf(tmp_path / "f.gguf", "gemma2", 4)
+    assert g2["layer_types"] == ["sliding_attention", "full_attention"] * 2 and g2["sliding_window"] == 4096
