@@ -14,6 +14,7 @@ from core.kv_cache import KVCacheManager
 from core.model_runner import ModelRunner, RunnerOutput, StepHandle
 from core.sequence import Sequence, SequenceStatus
 from core.scheduler import Scheduler, SchedulerOutput
+from core.scheduler_output_builder import SchedulerOutputBuilder
 from core.spec_decode.draft_model import DraftModelProposer
 from core.spec_decode.metrics import SpecDecodeMetrics
 from core.spec_decode.proposer import make_proposer
@@ -58,6 +59,7 @@ class EngineCore:
             async_scheduling=self.async_scheduling,
         )
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
+        self.plan_builder = SchedulerOutputBuilder()  # the scheduler's steps as diffs for the runner(s)
         spec = config.speculative_config
         self.proposer = make_proposer(spec, self.runner) if spec is not None else None
         self.spec_metrics = SpecDecodeMetrics(spec.num_speculative_tokens) if spec is not None else None
@@ -162,7 +164,7 @@ class EngineCore:
         runs a step while the host prepares the next), or this one's (synchronous)."""
         outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
-        self.runner.input_batch.remove(sched.freed_keys)
+        self.plan_builder.forget(sched.freed_keys)
         if self.proposer is not None:
             self.proposer.remove(sched.freed_keys)
         errors = self._fail_grammars()
@@ -173,7 +175,7 @@ class EngineCore:
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
         if sched.scheduled:
             prev = self._inflight[1] if self._inflight is not None else None
-            handle = self.runner.launch(sched, self.kv.seq_blocks, prev)
+            handle = self.runner.launch(self.plan_builder.build(sched, self.kv.seq_blocks), prev)
             if self._inflight is not None:
                 outputs.extend(self._finish_inflight())
             self._inflight = (sched, handle)
@@ -234,7 +236,10 @@ class EngineCore:
                 self.spec_metrics.observe(len(scheduled.spec_token_ids), num_accepted)
                 if not finished:
                     self.scheduler.rollback_rejected(seq, len(scheduled.spec_token_ids) - num_accepted)
-                    self.runner.input_batch.truncate(seq.key, len(self.kv.blocks(seq)))
+                    num_blocks = len(self.kv.blocks(seq))
+                    self.plan_builder.trim_blocks(seq.key, num_blocks)
+                    if self.runner.draft is not None:
+                        self.runner.draft.input_batch.truncate(seq.key, num_blocks)
             self.total_generation_tokens += len(tokens)
             out = EngineOutput(seq.request_id, tokens, index=seq.index, new_logprobs=logprobs)
             if not seq.first_output_sent:

@@ -25,14 +25,14 @@ from core.kv_cache import KVBlock
 from core.loader import iter_weights, load_hf_config
 from core.model_source import ModelSource, resolve_model
 from core.models import model_class
-from core.sequence import Sequence
 from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
-from core.scheduler import ScheduledSeq, SchedulerOutput
+from core.worker_batch import BatchSequence, WorkerBatch
 from core.spec_decode.draft_model import DraftModelProposer, load_draft_config
 from core.spec_decode.verifier import VerifiedStep, verify_step
 from ipc.config import SpeculativeConfig
 from ipc.messages import EngineConfig, Logprobs
+from ipc.scheduler_output import ScheduledTokens, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class RunnerOutput:
 class StepHandle:
     """A launched step. ``result()`` waits for it: the step's one device -> host sync."""
 
-    seqs: list[Sequence]  # the sampling sequences, in batch order
+    seqs: list[BatchSequence]  # the sampling sequences, in batch order
     sample_index: dict[tuple[str, int], int]  # sequence key -> its row in ``sampled``
     sampled: SamplerOutput | None
     host_tokens: torch.Tensor | None  # pinned copy of the sampled ids (CUDA)
@@ -135,7 +135,8 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         self._host_tokens = [torch.zeros(self.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._step_count = 0
-        self.input_batch = InputBatch(self.max_num_seqs, self.max_blocks_per_seq, pin_memory=False)
+        self.batch = WorkerBatch(self.max_num_seqs, self.max_blocks_per_seq,
+                                 frozenset(self.model_config.eos_token_ids))
         self.kv_caches: list[torch.Tensor] = []
         self.num_kv_blocks = 0
         self.graphs: DecodeGraphs | None = None
@@ -175,7 +176,9 @@ class ModelRunner:
         model = self._load_model(draft_config, source, spec.load_format)
         logger.info("Loaded draft model %s (%d layers) in %.1f s", spec.model, draft_config.num_layers,
                     time.perf_counter() - start)
-        return DraftModelProposer(spec, model, draft_config, input_batch=self.input_batch,
+        # The draft proposes from the engine's side (its sequences and blocks): its own block-table rows.
+        draft_rows = InputBatch(self.max_num_seqs, self.max_blocks_per_seq, pin_memory=False)
+        return DraftModelProposer(spec, model, draft_config, input_batch=draft_rows,
                                   block_size=self.block_size, dtype=self.dtype, device=self.device)
 
     def kv_block_bytes(self) -> int:
@@ -293,28 +296,27 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------------ step
     @torch.inference_mode()
-    def launch(
-        self, sched: SchedulerOutput, blocks: dict[tuple[str, int], list[KVBlock]], prev: StepHandle | None = None
-    ) -> StepHandle:
-        """Stage inputs and enqueue the step on the device without waiting for it. A sequence whose last input
-        token is still being sampled by ``prev`` (async scheduling) gets it on the device, from ``prev``'s output."""
-        seqs = sched.scheduled
-        rows = np.fromiter((self.input_batch.row(s.seq.key, blocks[s.seq.key]) for s in seqs),
-                           dtype=np.int64, count=len(seqs))
+    def launch(self, plan: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+        """Apply the step's diffs to the persistent batch, stage inputs and enqueue the step on the device without
+        waiting for it. A sequence whose last input token is still being sampled by ``prev`` (async scheduling)
+        gets it on the device, from ``prev``'s output."""
+        seqs = plan.scheduled
+        batch_seqs = self.batch.apply(plan)
+        rows = np.fromiter((self.batch.row(b) for b in batch_seqs), dtype=np.int64, count=len(seqs))
         starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
         nums = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(seqs))
         token_ids: list[int] = []
         fill_dst: list[int] = []
         fill_src: list[int] = []
-        for s in seqs:
-            known = s.seq.all_token_ids
+        for s, b in zip(seqs, batch_seqs):
+            known = b.all_token_ids
             end = s.start + s.num_tokens
             if s.spec_token_ids:  # the last known token, then the drafts to verify
                 token_ids.extend(known[s.start :])
                 token_ids.extend(s.spec_token_ids)
             elif end > len(known):  # the last input token is in flight
                 fill_dst.append(len(token_ids) + s.num_tokens - 1)
-                fill_src.append(prev.sample_index[s.seq.key])
+                fill_src.append(prev.sample_index[b.key])
                 token_ids.extend(known[s.start : end - 1])
                 token_ids.append(0)
             elif s.num_tokens == 1:
@@ -323,7 +325,7 @@ class ModelRunner:
                 token_ids.extend(known[s.start : end])
         num_tokens = len(token_ids)
         sampling = [i for i, s in enumerate(seqs) if s.samples]
-        sampling_seqs = [seqs[i].seq for i in sampling]
+        sampling_seqs = [batch_seqs[i] for i in sampling]
         decode_only = num_tokens == len(seqs) and len(sampling) == len(seqs)
         speculative = any(s.spec_token_ids for s in seqs)
 
@@ -331,7 +333,7 @@ class ModelRunner:
         verify_bucket = self._verify_bucket(seqs, len(sampling)) if speculative else None
         pad_tokens = verify_bucket * (1 + self.num_spec_tokens) if verify_bucket is not None else None
         meta = self.inputs.stage(np.asarray(token_ids, dtype=np.int64), starts, nums,
-                                 self.input_batch.block_table[rows], pad_to=bucket or verify_bucket,
+                                 self.batch.block_table[rows], pad_to=bucket or verify_bucket,
                                  pad_tokens_to=pad_tokens)
         if fill_dst:
             dst = to_device(fill_dst, torch.int64, self.device)
@@ -344,7 +346,7 @@ class ModelRunner:
         if bucket is not None:
             logits = self.graphs.replay(bucket)[: len(seqs)]
         else:
-            prompt_lp = self._prompt_logprob_rows(seqs) if verify_bucket is None else []
+            prompt_lp = self._prompt_logprob_rows(seqs, batch_seqs) if verify_bucket is None else []
             sample_rows = self.inputs.host.qsl_np[1:][sampling].astype(np.int64) - 1
             if speculative:  # every verified position's logits: 1 + len(drafts) rows per sampling sequence
                 sample_rows = _verified_rows(sample_rows, np.fromiter(
@@ -363,6 +365,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows_t])
         num_prompt_rows = sum(len(r) for _, r, _, _ in prompt_lp)
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
+        for seq in sampling_seqs:  # its first sample: every prompt position has been computed
+            seq.prompt_logprobs_done = True
         if not sampling_seqs:
             return StepHandle([], {}, None, None, None, prompt_logprobs)
         output_indices = [seqs[i].output_index for i in sampling]
@@ -413,7 +417,7 @@ class ModelRunner:
         meta = inputs.metadata(num_tokens, batch_size, 1 + self.num_spec_tokens)
         return self.model(inputs.input_ids[:num_tokens], inputs.positions[:num_tokens], self.kv_caches, meta)
 
-    def _verify_bucket(self, seqs: list[ScheduledSeq], num_sampling: int) -> int | None:
+    def _verify_bucket(self, seqs: list[ScheduledTokens], num_sampling: int) -> int | None:
         """The verify graph batch size for a speculative step, or None (eager): only steps where every sequence
         is a decode that samples (its last token and up to k drafts) replay a graph."""
         if self.verify_graphs is None or num_sampling != len(seqs):
@@ -422,13 +426,13 @@ class ModelRunner:
             return None
         return self.verify_graphs.bucket(len(seqs))
 
-    def _prompt_logprob_rows(self, seqs: list[ScheduledSeq]) -> list[tuple[Sequence, np.ndarray, np.ndarray, int]]:
+    def _prompt_logprob_rows(self, seqs: list[ScheduledTokens], batch_seqs: list[BatchSequence]
+                             ) -> list[tuple[BatchSequence, np.ndarray, np.ndarray, int]]:
         """(sequence, flat rows, target prompt tokens, first target index) for the prompt positions whose
         next-token logprob is owed this step: position p gives the logprob of prompt token p + 1."""
         out = []
         qsl = self.inputs.host.qsl_np
-        for i, s in enumerate(seqs):
-            seq = s.seq
+        for i, (s, seq) in enumerate(zip(seqs, batch_seqs)):
             if seq.prompt_logprobs_done:
                 continue
             last = min(s.start + s.num_tokens, seq.num_prompt_tokens - 1)  # position P-1 has no next prompt token
@@ -441,7 +445,7 @@ class ModelRunner:
         return out
 
     def _compute_prompt_logprobs(
-        self, prompt_lp: list[tuple[Sequence, np.ndarray, np.ndarray, int]], logits: torch.Tensor
+        self, prompt_lp: list[tuple[BatchSequence, np.ndarray, np.ndarray, int]], logits: torch.Tensor
     ) -> dict[tuple[str, int], tuple[int, Logprobs]]:
         result = {}
         offset = 0
