@@ -10,6 +10,7 @@ import time
 
 import msgspec
 
+from core.distributed.mp_executor import make_executor
 from core.kv_cache import KVCacheManager
 from core.model_runner import ModelRunner, RunnerOutput, StepHandle
 from core.sequence import Sequence, SequenceStatus
@@ -38,9 +39,19 @@ logger = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
+        # tensor_parallel_size > 1: workers for ranks 1..N-1 (this process is rank 0); None: one device, here.
+        self.executor = make_executor(config)
+        try:
+            self._start(config)
+        except BaseException:
+            if self.executor is not None:
+                self.executor.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
         self.config = config
         start = time.perf_counter()
-        self.runner = ModelRunner(config)
+        self.runner = ModelRunner(config, self.executor.group if self.executor is not None else None)
         self.max_model_len = self.runner.max_model_len
         num_blocks = self.runner.determine_num_blocks()
         max_blocks_per_seq = -(-self.max_model_len // config.block_size)
@@ -175,7 +186,10 @@ class EngineCore:
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
         if sched.scheduled:
             prev = self._inflight[1] if self._inflight is not None else None
-            handle = self.runner.launch(self.plan_builder.build(sched, self.kv.seq_blocks), prev)
+            plan = self.plan_builder.build(sched, self.kv.seq_blocks)
+            if self.executor is not None:
+                self.executor.send(plan)
+            handle = self.runner.launch(plan, prev)
             if self._inflight is not None:
                 outputs.extend(self._finish_inflight())
             self._inflight = (sched, handle)
@@ -326,13 +340,17 @@ class EngineCore:
         }
 
     def shutdown(self) -> None:
-        if self._inflight is not None:
-            self._inflight[1].result()
-            self._inflight = None
-        self.structured.shutdown()
-        self.runner.kv_caches = []
-        if self.runner.draft is not None:
-            self.runner.draft.kv_caches = []
+        try:
+            if self._inflight is not None:
+                self._inflight[1].result()
+                self._inflight = None
+            self.structured.shutdown()
+            self.runner.kv_caches = []
+            if self.runner.draft is not None:
+                self.runner.draft.kv_caches = []
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown()
 
 
 def _first_positions(logprobs: Logprobs | None, n: int) -> Logprobs | None:

@@ -27,6 +27,8 @@ from core.model_source import ModelSource, resolve_model
 from core.models import model_class
 from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
+from core.distributed.parallel_state import TensorParallelGroup
+from core.distributed.tensor_parallel import check_tp_layout, parallelize, shard_config, shard_weights
 from core.worker_batch import BatchSequence, WorkerBatch
 from core.spec_decode.draft_model import DraftModelProposer, load_draft_config
 from core.spec_decode.verifier import VerifiedStep, verify_step
@@ -107,13 +109,27 @@ def _verified_rows(last_rows: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tp_group: TensorParallelGroup | None = None) -> None:
+        """``tp_group``: this rank's tensor-parallel group (None: the whole model on one device). Rank 0 samples;
+        the other ranks run the same steps and receive its sampled token ids."""
         self.config = config
+        self.tp_group = tp_group
+        self.is_driver = tp_group is None or tp_group.rank == 0
         self.source = resolve_model(config.model, config.revision)
         self.model_config = ModelConfig.from_hf_dict(load_hf_config(self.source))
         self.resolved = resolve_config(config, self.model_config)
-        log_resolved(config, self.resolved)
+        if self.is_driver:
+            log_resolved(config, self.resolved)
         self.device = self.resolved.device
+        self.shard_config = self.model_config  # this rank's part of the model (heads, MLP width, vocabulary rows)
+        if tp_group is not None:
+            if config.speculative_config is not None and config.speculative_config.method == "draft_model":
+                raise ValueError("speculative_config method draft_model is not supported with "
+                                 "tensor_parallel_size > 1 yet (ngram is).")
+            check_tp_layout(self.model_config, tp_group.world_size)
+            self.shard_config = shard_config(self.model_config, tp_group.world_size)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", tp_group.local_rank)
         self.dtype = self.resolved.dtype
         self.block_size = config.block_size
         self.max_model_len = self.resolved.max_model_len
@@ -151,7 +167,8 @@ class ModelRunner:
     def _load_model(self, model_config: ModelConfig | None = None, source: ModelSource | None = None,
                     load_format: str | None = None) -> torch.nn.Module:
         """The target model, or (arguments given) the draft model: the same dtype, device, backends and seed."""
-        model_config = model_config or self.model_config
+        split = model_config is None and self.tp_group is not None
+        model_config = model_config or self.shard_config
         load_format = load_format or self.config.load_format
         torch.manual_seed(self.config.seed)  # dummy weights drawn on the GPU: the same for the same config and seed
         cls = model_class(model_config)
@@ -163,10 +180,15 @@ class ModelRunner:
                             kernel_backend=self.resolved.kernel_backend)
         finally:
             torch.set_default_dtype(default_dtype)
+        if split:
+            parallelize(model, self.model_config, self.tp_group)
         if load_format == "dummy":
             model.init_dummy_weights(self.config.seed)
         else:
-            model.load_weights(iter_weights(source or self.source, load_format))
+            weights = iter_weights(source or self.source, load_format)
+            if split:
+                weights = shard_weights(weights, self.model_config, self.tp_group.rank, self.tp_group.world_size)
+            model.load_weights(weights)
         return model.eval()
 
     def _load_draft(self, spec: SpeculativeConfig) -> DraftModelProposer:
@@ -182,18 +204,22 @@ class ModelRunner:
                                   block_size=self.block_size, dtype=self.dtype, device=self.device)
 
     def kv_block_bytes(self) -> int:
-        """Bytes of one block id across every cache it addresses: the target's and the draft model's."""
-        cfg = self.model_config
+        """Bytes of one block id across every cache it addresses (on this rank): the target's and the draft
+        model's."""
+        cfg = self.shard_config
         target = 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize * cfg.num_layers
         return target + (self.draft.kv_block_bytes() if self.draft is not None else 0)
 
     def determine_num_blocks(self) -> int:
-        """Blocks for the KV cache: the override, a fixed budget on CPU, or what the profiled GPU memory leaves."""
+        """Blocks for the KV cache: the override, a fixed budget on CPU, or what the profiled GPU memory leaves;
+        with tensor parallelism, the fewest any rank can hold (every rank addresses the same block ids)."""
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
         if self.device.type != "cuda":
-            return max(2, int(self.config.cpu_kv_cache_gib * 2**30) // self.kv_block_bytes())
-        return self._profile_num_blocks()
+            num_blocks = max(2, int(self.config.cpu_kv_cache_gib * 2**30) // self.kv_block_bytes())
+        else:
+            num_blocks = self._profile_num_blocks()
+        return num_blocks if self.tp_group is None else self.tp_group.min_int(num_blocks)
 
     @torch.inference_mode()
     def _profile_num_blocks(self) -> int:
@@ -285,7 +311,7 @@ class ModelRunner:
         logger.info("Warmed up prefill and sampling kernels in %.1f s", time.perf_counter() - start)
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
-        cfg = self.model_config
+        cfg = self.shard_config
         shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
         if self.draft is not None:
@@ -364,9 +390,11 @@ class ModelRunner:
                                     self.kv_caches, meta)
             logits = self.model.compute_logits(hidden[rows_t])
         num_prompt_rows = sum(len(r) for _, r, _, _ in prompt_lp)
-        prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         for seq in sampling_seqs:  # its first sample: every prompt position has been computed
             seq.prompt_logprobs_done = True
+        if not self.is_driver:
+            return self._follow_driver(sampling_seqs, speculative)
+        prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         if not sampling_seqs:
             return StepHandle([], {}, None, None, None, prompt_logprobs)
         output_indices = [seqs[i].output_index for i in sampling]
@@ -389,6 +417,8 @@ class ModelRunner:
         if self.structured_output is not None:
             batch.grammar = self.structured_output.bitmask(sampling_seqs, self.device)
         sampled = self.sampler(logits[num_prompt_rows:], batch)
+        if self.tp_group is not None:  # the other ranks feed these to their next step (async scheduling)
+            self.tp_group.broadcast(sampled.token_ids)
         host_tokens, event = None, None
         if self.device.type == "cuda":
             self._step_count += 1
@@ -398,6 +428,15 @@ class ModelRunner:
             event.record()
         sample_index = {seq.key: i for i, seq in enumerate(sampling_seqs)}
         return StepHandle(sampling_seqs, sample_index, sampled, host_tokens, event, prompt_logprobs)
+
+    def _follow_driver(self, sampling_seqs: list[BatchSequence], speculative: bool) -> StepHandle:
+        """A non-driver rank's step end: no sampling here; rank 0's sampled ids arrive by broadcast, for the next
+        step's in-flight tokens. (Speculative steps are never followed by one that needs them on the device.)"""
+        if not sampling_seqs or speculative:
+            return StepHandle(sampling_seqs, {}, None, None, None, {})
+        token_ids = self.tp_group.broadcast(torch.empty(len(sampling_seqs), dtype=torch.int64, device=self.device))
+        sample_index = {seq.key: i for i, seq in enumerate(sampling_seqs)}
+        return StepHandle(sampling_seqs, sample_index, SamplerOutput(token_ids), None, None, {})
 
     def _decode_forward(self, batch_size: int) -> torch.Tensor:
         """The graph body: ``batch_size`` one-token sequences from the static buffers -> logits."""
