@@ -28,7 +28,8 @@ from core.models import model_class
 from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
 from core.distributed.parallel_state import TensorParallelGroup
-from core.distributed.tensor_parallel import check_tp_layout, parallelize, shard_config, shard_weights
+from core.distributed.pipeline import PipelineStage, stage_config, stage_layers, stage_weights
+from core.distributed.tensor_parallel import check_layout, parallelize, shard_config, shard_weights
 from core.worker_batch import BatchSequence, WorkerBatch
 from core.spec_decode.draft_model import DraftModelProposer, load_draft_config
 from core.spec_decode.verifier import VerifiedStep, verify_step
@@ -114,7 +115,7 @@ class ModelRunner:
         the other ranks run the same steps and receive its sampled token ids."""
         self.config = config
         self.tp_group = tp_group
-        self.is_driver = tp_group is None or tp_group.rank == 0
+        self.is_driver = tp_group is None or tp_group.global_rank == 0
         self.source = resolve_model(config.model, config.revision)
         self.model_config = ModelConfig.from_hf_dict(load_hf_config(self.source))
         self.resolved = resolve_config(config, self.model_config)
@@ -124,10 +125,11 @@ class ModelRunner:
         self.shard_config = self.model_config  # this rank's part of the model (heads, MLP width, vocabulary rows)
         if tp_group is not None:
             if config.speculative_config is not None and config.speculative_config.method == "draft_model":
-                raise ValueError("speculative_config method draft_model is not supported with "
-                                 "tensor_parallel_size > 1 yet (ngram is).")
-            check_tp_layout(self.model_config, tp_group.world_size)
-            self.shard_config = shard_config(self.model_config, tp_group.world_size)
+                raise ValueError("speculative_config method draft_model is not supported with tensor or "
+                                 "pipeline parallelism yet (ngram is).")
+            check_layout(self.model_config, tp_group.world_size, tp_group.pp_size)
+            self.shard_config = stage_config(shard_config(self.model_config, tp_group.world_size),
+                                             tp_group.pp_size, tp_group.pp_rank)
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", tp_group.local_rank)
         self.dtype = self.resolved.dtype
@@ -156,7 +158,9 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_kv_blocks = 0
         self.graphs: DecodeGraphs | None = None
-        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        # Pipeline stages run eagerly: their send/recv between stages is not captured in CUDA graphs.
+        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager and \
+            (tp_group is None or tp_group.pp_size == 1)
         spec = config.speculative_config
         self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
         # Speculative decode steps (every sequence a decode of 1 + up to k tokens) replay these: see _verify_forward.
@@ -181,13 +185,18 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         if split:
-            parallelize(model, self.model_config, self.tp_group)
+            group = self.tp_group
+            parallelize(model, self.model_config, group)
+            if group.pp_size > 1:
+                model = PipelineStage(model, group)
         if load_format == "dummy":
             model.init_dummy_weights(self.config.seed)
         else:
             weights = iter_weights(source or self.source, load_format)
             if split:
-                weights = shard_weights(weights, self.model_config, self.tp_group.rank, self.tp_group.world_size)
+                weights = stage_weights(weights, *stage_layers(self.model_config.num_layers, group.pp_size,
+                                                               group.pp_rank))
+                weights = shard_weights(weights, self.model_config, group.rank, group.world_size)
             model.load_weights(weights)
         return model.eval()
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from core.config import resolve_device
-from core.distributed.parallel_state import TensorParallelGroup, free_tcp_address, init_tensor_parallel
+from core.distributed.parallel_state import TensorParallelGroup, free_tcp_address, init_parallel
 from core.distributed.worker import run_worker_process
 from ipc.messages import EngineConfig
 from ipc.scheduler_output import SchedulerOutput, encode_scheduler_output
@@ -37,11 +37,12 @@ class WorkerDiedError(RuntimeError):
 
 class MultiprocExecutor:
     def __init__(self, config: EngineConfig) -> None:
-        world_size = config.tensor_parallel_size
+        tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+        world_size = tp * pp
         use_cuda = resolve_device(config.device).type == "cuda"
         if use_cuda and world_size > torch.cuda.device_count():
-            raise ValueError(f"tensor_parallel_size={world_size} needs {world_size} GPUs; this machine has "
-                             f"{torch.cuda.device_count()}.")
+            raise ValueError(f"tensor_parallel_size={tp} x pipeline_parallel_size={pp} needs {world_size} GPUs; "
+                             f"this machine has {torch.cuda.device_count()} (use the ray executor to span nodes).")
         init_method = free_tcp_address()
         ctx = multiprocessing.get_context("spawn")
         self._procs: list[multiprocessing.Process] = []
@@ -51,18 +52,18 @@ class MultiprocExecutor:
         try:
             for rank in range(1, world_size):
                 receiver, sender = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=run_worker_process, name=f"pagedserve-tp{rank}", daemon=True,
-                                   args=(config, rank, world_size, init_method, use_cuda, receiver, os.getpid()))
+                proc = ctx.Process(target=run_worker_process, name=f"pagedserve-rank{rank}", daemon=True,
+                                   args=(config, rank, init_method, use_cuda, receiver, os.getpid()))
                 proc.start()
                 receiver.close()
                 self._procs.append(proc)
                 self._conns.append(sender)
             threading.Thread(target=self._watch, name="worker-watch", daemon=True).start()
-            self.group: TensorParallelGroup = init_tensor_parallel(0, world_size, init_method, use_cuda)
+            self.group: TensorParallelGroup = init_parallel(0, tp, pp, init_method, use_cuda)
         except BaseException:
             self.shutdown()
             raise
-        logger.info("Tensor parallel: %d ranks (%s), workers %s", world_size, self.group.backend,
+        logger.info("Parallel: tp=%d x pp=%d (%s), workers %s", tp, pp, self.group.backend,
                     [p.pid for p in self._procs])
 
     @property
@@ -103,7 +104,7 @@ class MultiprocExecutor:
 
     def shutdown(self) -> None:
         """Stop the workers (an empty message, then a kill for any that does not leave) and leave the group."""
-        from core.distributed.parallel_state import destroy_tensor_parallel
+        from core.distributed.parallel_state import destroy_parallel
 
         if self._stopping.is_set():
             return
@@ -117,12 +118,12 @@ class MultiprocExecutor:
         for proc in self._procs:
             proc.join(timeout=5)
         self._kill_workers()
-        destroy_tensor_parallel()
+        destroy_parallel()
 
 
 def make_executor(config: EngineConfig):
     """None for one device (the runner stays in this process), else the configured executor."""
-    if config.tensor_parallel_size == 1:
+    if config.tensor_parallel_size * config.pipeline_parallel_size == 1:
         return None
     if config.distributed_executor_backend == "ray":
         from core.distributed.ray_executor import RayExecutor

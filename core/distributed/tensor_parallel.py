@@ -24,11 +24,14 @@ from core.layers.parallel_linear import GatheredLogits, RowParallelLinear, Vocab
 TP_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
-def check_tp_layout(cfg: ModelConfig, tp: int) -> None:
-    """Fail at startup, naming the reason, when the model cannot be split ``tp`` ways."""
+def check_layout(cfg: ModelConfig, tp: int, pp: int = 1) -> None:
+    """Fail at startup, naming the reason, when the model cannot be split ``tp`` ways and into ``pp`` stages."""
     if cfg.architecture not in TP_ARCHITECTURES:
-        raise ValueError(f"tensor_parallel_size={tp}: {cfg.architecture} cannot be split across devices yet; "
-                         f"tensor parallelism supports {', '.join(TP_ARCHITECTURES)}.")
+        raise ValueError(f"tensor_parallel_size={tp}, pipeline_parallel_size={pp}: {cfg.architecture} cannot be "
+                         f"split across devices yet; tensor and pipeline parallelism support "
+                         f"{', '.join(TP_ARCHITECTURES)}.")
+    if cfg.num_layers < pp:
+        raise ValueError(f"pipeline_parallel_size={pp} is more stages than the model's {cfg.num_layers} layers.")
     problems = []
     if cfg.num_heads % tp:
         problems.append(f"num_attention_heads={cfg.num_heads} is not divisible by it")

@@ -19,15 +19,17 @@ _PARENT_POLL_S = 0.5
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, rank: int, world_size: int, init_method: str, use_cuda: bool,
+    def __init__(self, config: EngineConfig, rank: int, init_method: str, use_cuda: bool,
                  local_rank: int | None = None) -> None:
-        """Join the group and load this rank's part of the model (blocks until every rank has joined)."""
-        from core.distributed.parallel_state import init_tensor_parallel
+        """Join the grid as global ``rank`` and load this rank's part of the model (blocks until every rank has
+        joined)."""
+        from core.distributed.parallel_state import init_parallel
         from core.model_runner import ModelRunner
 
+        tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         if not use_cuda:  # the ranks share the machine's cores: one OpenMP pool each, not N oversubscribed ones
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        self.group = init_tensor_parallel(rank, world_size, init_method, use_cuda, local_rank)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (tp * pp)))
+        self.group = init_parallel(rank, tp, pp, init_method, use_cuda, local_rank)
         self.runner = ModelRunner(config, self.group)
         self._prev = None
 
@@ -42,10 +44,10 @@ class Worker:
         self._prev = self.runner.launch(decode_scheduler_output(data), self._prev)
 
     def shutdown(self) -> None:
-        from core.distributed.parallel_state import destroy_tensor_parallel
+        from core.distributed.parallel_state import destroy_parallel
 
         self.runner.kv_caches = []
-        destroy_tensor_parallel()
+        destroy_parallel()
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -56,15 +58,15 @@ def _exit_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def run_worker_process(config: EngineConfig, rank: int, world_size: int, init_method: str, use_cuda: bool,
-                       conn, parent_pid: int) -> None:
+def run_worker_process(config: EngineConfig, rank: int, init_method: str, use_cuda: bool, conn,
+                       parent_pid: int) -> None:
     """Entry point of an mp worker process: load, report ready, then one step per message until an empty one
     (shutdown) or the engine's end of the pipe closing."""
     from core import envs
 
-    logging.basicConfig(level=envs.log_level(), format=f"%(asctime)s %(levelname)s [tp{rank}] %(message)s")
+    logging.basicConfig(level=envs.log_level(), format=f"%(asctime)s %(levelname)s [rank{rank}] %(message)s")
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
-    worker = Worker(config, rank, world_size, init_method, use_cuda)
+    worker = Worker(config, rank, init_method, use_cuda)
     worker.initialize()
     while True:
         try:

@@ -1,6 +1,6 @@
-"""Tensor parallelism on CPU (gloo, a worker process per extra rank): greedy tokens with tp=2 equal tp=1 in fp32, for
-Llama and Qwen3, with GQA, one KV head replicated over the ranks, and a vocabulary that does not split evenly;
-impossible layouts fail at startup naming the reason."""
+"""Tensor and pipeline parallelism on CPU (gloo, a worker process per extra rank): greedy tokens with tp=2, pp=2 and
+tp=2 x pp=2 equal one device's in fp32, for Llama and Qwen3, with GQA, one KV head replicated over the ranks, and a
+vocabulary that does not split evenly; impossible layouts fail at startup naming the reason."""
 
 from __future__ import annotations
 
@@ -33,11 +33,13 @@ def models_dir(tmp_path_factory):
 
 def greedy_tokens(path, **kwargs):
     engine = make_engine(path, dtype="float32", max_num_seqs=4, max_num_batched_tokens=64, **kwargs)
-    tp = kwargs.get("tensor_parallel_size", 1)
+    tp, pp = kwargs.get("tensor_parallel_size", 1), kwargs.get("pipeline_parallel_size", 1)
     cfg = engine.runner.model_config
     assert engine.runner.shard_config.num_heads == cfg.num_heads // tp  # this rank holds its share only
     assert engine.runner.kv_caches[0].shape[3] == max(1, cfg.num_kv_heads // tp)
-    assert (engine.executor is None) == (tp == 1) and (tp == 1 or len(engine.executor.worker_pids) == tp - 1)
+    assert len(engine.runner.kv_caches) == cfg.num_layers // pp  # and its stage's layers only
+    assert (engine.executor is None) == (tp * pp == 1)
+    assert tp * pp == 1 or len(engine.executor.worker_pids) == tp * pp - 1
     try:
         params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
         results = run_engine(engine, PROMPTS, params)
@@ -62,6 +64,24 @@ def test_tp2_greedy_equals_tp1(models_dir, arch, overrides):
             assert all(abs(want[t] - got[t]) < 1e-4 for t in want)
 
 
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", {}),
+    ("qwen3", {"num_key_value_heads": 1, "vocab_size": 383}),
+], ids=["llama-gqa", "qwen3-kv1-vocab383"])
+def test_pp2_greedy_equals_pp1(models_dir, arch, overrides):
+    path = save_model(models_dir, arch, **overrides)
+    reference, _ = greedy_tokens(path)
+    tokens, _ = greedy_tokens(path, pipeline_parallel_size=2)
+    assert tokens == reference
+
+
+def test_tp2_x_pp2_greedy_equals_single_device(models_dir):
+    path = save_model(models_dir, "qwen3", num_key_value_heads=1, vocab_size=383)
+    reference, _ = greedy_tokens(path)
+    tokens, _ = greedy_tokens(path, tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert tokens == reference
+
+
 def test_impossible_layouts_fail_at_startup(models_dir):
     path = save_model(models_dir, "llama")
     with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible"):
@@ -69,3 +89,5 @@ def test_impossible_layouts_fail_at_startup(models_dir):
     gpt2 = save_model(models_dir, "gpt2")
     with pytest.raises(ValueError, match="GPT2LMHeadModel cannot be split across devices"):
         make_engine(gpt2, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=3 is more stages than the model's 2 layers"):
+        make_engine(path, pipeline_parallel_size=3)
