@@ -122,9 +122,17 @@ class MultiprocExecutor:
 
 
 def make_executor(config: EngineConfig):
-    """None for one device (the runner stays in this process), else the configured executor."""
+    """None for one device (the runner stays in this process), else the configured executor. An impossible layout
+    fails here, before any worker starts."""
     if config.tensor_parallel_size * config.pipeline_parallel_size == 1:
         return None
+    from core.config import ModelConfig
+    from core.distributed.tensor_parallel import check_layout
+    from core.loader import load_hf_config
+    from core.model_source import resolve_model
+
+    model_config = ModelConfig.from_hf_dict(load_hf_config(resolve_model(config.model, config.revision)))
+    check_layout(model_config, config.tensor_parallel_size, config.pipeline_parallel_size)
     if config.distributed_executor_backend == "ray":
         from core.distributed.ray_executor import RayExecutor
 

@@ -91,3 +91,27 @@ def test_impossible_layouts_fail_at_startup(models_dir):
         make_engine(gpt2, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="pipeline_parallel_size=3 is more stages than the model's 2 layers"):
         make_engine(path, pipeline_parallel_size=3)
+
+
+@pytest.mark.parametrize("features", [
+    # async scheduling (in-flight tokens reach the other rank by broadcast), chunked prefill, preemption, prefix hits
+    {"async_scheduling": True, "num_gpu_blocks_override": 14, "block_size": 4, "max_num_batched_tokens": 16,
+     "max_model_len": 48},
+    {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}},
+], ids=["async-chunked-preempt", "ngram-spec"])
+def test_tp2_keeps_the_engine_features(models_dir, features):
+    path = save_model(models_dir, "llama")
+    prompts = [[5, 6, 7, 8] * 4, [5, 6, 7, 8] * 4 + [9, 10], list(range(20, 45)), [7, 8] * 5]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    results = []
+    for tp in (1, 2):
+        engine = make_engine(path, dtype="float32", max_num_seqs=4, tensor_parallel_size=tp, **features)
+        try:
+            out = run_engine(engine, prompts, params)
+            stats = engine.get_stats()
+        finally:
+            engine.shutdown()
+        results.append({k: v["tokens"] for k, v in out.items()})
+        if "num_gpu_blocks_override" in features:
+            assert stats["total_preemptions"] > 0 and stats["prefix_cache_hits"] > 0, stats
+    assert results[1] == results[0]
