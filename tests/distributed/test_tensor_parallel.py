@@ -115,3 +115,16 @@ def test_tp2_keeps_the_engine_features(models_dir, features):
         if "num_gpu_blocks_override" in features:
             assert stats["total_preemptions"] > 0 and stats["prefix_cache_hits"] > 0, stats
     assert results[1] == results[0]
+
+
+def test_tp2_through_ray_equals_tp1(models_dir):
+    """The same worker code as Ray actors (a local Ray instance, CPU bundles): the same greedy tokens."""
+    ray = pytest.importorskip("ray")
+    path = save_model(models_dir, "qwen3", num_key_value_heads=1, vocab_size=383)
+    reference, _ = greedy_tokens(path)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        tokens, _ = greedy_tokens(path, tensor_parallel_size=2, distributed_executor_backend="ray")
+    finally:
+        ray.shutdown()
+    assert tokens == reference
