@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
-        # tensor_parallel_size > 1: workers for ranks 1..N-1 (this process is rank 0); None: one device, here.
+        # tensor/pipeline parallelism: workers for ranks 1..N-1 (this process is rank 0); None: one device, here.
         self.executor = make_executor(config)
         try:
             self._start(config)

@@ -2,6 +2,10 @@
 graph replay for decode-only steps and for speculative steps whose sequences are all decodes), logits for the rows
 that need them, sampling. Owns the model, the KV-cache tensors and the persistent input buffers.
 
+The runner reads only the engine's ``SchedulerOutput`` messages (ipc/scheduler_output.py) and its own persistent batch
+built from them (core/worker_batch.py), never the scheduler's objects: with tensor/pipeline parallelism the same
+runner runs in every rank's process (core/distributed/), rank 0 (in the engine core) sampling for all.
+
 Inputs are built with numpy in pinned host buffers and copied to persistent device buffers without blocking; the
 only device -> host sync of a step is reading the sampled token ids.
 """

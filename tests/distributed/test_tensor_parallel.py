@@ -31,6 +31,16 @@ def models_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tp-models")
 
 
+_REFERENCES: dict = {}
+
+
+def reference_tokens(path):
+    """One device's greedy run, computed once per model for the module."""
+    if path not in _REFERENCES:
+        _REFERENCES[path] = greedy_tokens(path)
+    return _REFERENCES[path]
+
+
 def greedy_tokens(path, **kwargs):
     engine = make_engine(path, dtype="float32", max_num_seqs=4, max_num_batched_tokens=64, **kwargs)
     tp, pp = kwargs.get("tensor_parallel_size", 1), kwargs.get("pipeline_parallel_size", 1)
@@ -55,7 +65,7 @@ def greedy_tokens(path, **kwargs):
 ], ids=["llama-gqa", "qwen3-kv1-vocab383", "llama-kv1-vocab383"])
 def test_tp2_greedy_equals_tp1(models_dir, arch, overrides):
     path = save_model(models_dir, arch, **overrides)
-    reference, ref_logprobs = greedy_tokens(path)
+    reference, ref_logprobs = reference_tokens(path)
     tokens, logprobs = greedy_tokens(path, tensor_parallel_size=2)
     assert tokens == reference
     for key in reference:  # and the numbers behind them
@@ -70,14 +80,14 @@ def test_tp2_greedy_equals_tp1(models_dir, arch, overrides):
 ], ids=["llama-gqa", "qwen3-kv1-vocab383"])
 def test_pp2_greedy_equals_pp1(models_dir, arch, overrides):
     path = save_model(models_dir, arch, **overrides)
-    reference, _ = greedy_tokens(path)
+    reference, _ = reference_tokens(path)
     tokens, _ = greedy_tokens(path, pipeline_parallel_size=2)
     assert tokens == reference
 
 
 def test_tp2_x_pp2_greedy_equals_single_device(models_dir):
     path = save_model(models_dir, "qwen3", num_key_value_heads=1, vocab_size=383)
-    reference, _ = greedy_tokens(path)
+    reference, _ = reference_tokens(path)
     tokens, _ = greedy_tokens(path, tensor_parallel_size=2, pipeline_parallel_size=2)
     assert tokens == reference
 
@@ -121,7 +131,7 @@ def test_tp2_through_ray_equals_tp1(models_dir):
     """The same worker code as Ray actors (a local Ray instance, CPU bundles): the same greedy tokens."""
     ray = pytest.importorskip("ray")
     path = save_model(models_dir, "qwen3", num_key_value_heads=1, vocab_size=383)
-    reference, _ = greedy_tokens(path)
+    reference, _ = reference_tokens(path)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         tokens, _ = greedy_tokens(path, tensor_parallel_size=2, distributed_executor_backend="ray")
