@@ -71,11 +71,13 @@ def test_killed_worker_fails_requests_and_ends_the_process_tree(tmp_path):
         time.sleep(0.2)
         os.kill(workers[0], signal.SIGKILL)
         killed_at = time.monotonic()
-        health = None
-        try:
-            health = httpx.get(f"{server.url}/health", timeout=5).status_code
-        except httpx.HTTPError:
-            pass  # the API process may already be gone
+        health = 200  # until the death is noticed (the watcher's wake-up): then 503, or the API process is gone
+        while health == 200 and time.monotonic() - killed_at < 10:
+            try:
+                health = httpx.get(f"{server.url}/health", timeout=5).status_code
+            except httpx.HTTPError:
+                health = None
+            time.sleep(0.05)
         for t in threads:
             t.join(30)
             assert not t.is_alive(), "a request hung after the worker died"
