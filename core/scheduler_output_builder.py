@@ -34,25 +34,27 @@ class SchedulerOutputBuilder:
         new: list[NewSequenceData] = []
         cached: list[CachedSequenceData] = []
         scheduled: list[ScheduledTokens] = []
-        for s in step.scheduled:
+        sent_by_key = self._sent
+        for s in step.scheduled:  # a hot loop (every running sequence, every step): locals, no needless lists
             seq = s.seq
             key = seq.key
             seq_blocks = blocks[key]
-            sent = self._sent.get(key)
+            num_blocks = len(seq_blocks)
+            tokens = seq.all_token_ids
+            sent = sent_by_key.get(key)
             if sent is None:
                 new.append(NewSequenceData(
                     request_id=seq.request_id, index=seq.index, prompt_token_ids=seq.prompt_token_ids,
-                    output_token_ids=seq.all_token_ids[seq.num_prompt_tokens :], sampling_params=seq.sampling_params,
+                    output_token_ids=tokens[seq.num_prompt_tokens :], sampling_params=seq.sampling_params,
                     block_ids=[b.block_id for b in seq_blocks], prompt_logprobs_done=seq.prompt_logprobs_done))
-                self._sent[key] = [len(seq.all_token_ids), len(seq_blocks)]
-            else:
-                num_tokens, num_blocks = sent[0], min(sent[1], len(seq_blocks))
-                tokens = seq.all_token_ids
-                if num_tokens < len(tokens) or sent[1] != len(seq_blocks):
-                    cached.append(CachedSequenceData(
-                        request_id=seq.request_id, index=seq.index, new_token_ids=tokens[num_tokens:],
-                        block_ids_from=num_blocks, new_block_ids=[b.block_id for b in seq_blocks[num_blocks:]]))
-                    sent[0], sent[1] = len(tokens), len(seq_blocks)
+                sent_by_key[key] = [len(tokens), num_blocks]
+            elif sent[0] < len(tokens) or sent[1] != num_blocks:
+                kept = min(sent[1], num_blocks)
+                cached.append(CachedSequenceData(
+                    request_id=seq.request_id, index=seq.index, new_token_ids=tokens[sent[0] :], block_ids_from=kept,
+                    new_block_ids=[b.block_id for b in seq_blocks[kept:]] if kept < num_blocks else []))
+                sent[0] = len(tokens)
+                sent[1] = num_blocks
             scheduled.append(ScheduledTokens(
                 request_id=seq.request_id, index=seq.index, start=s.start, num_tokens=s.num_tokens, samples=s.samples,
                 output_index=s.output_index, spec_token_ids=s.spec_token_ids))
