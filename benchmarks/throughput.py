@@ -64,6 +64,8 @@ def run_pagedserve(args: argparse.Namespace, workload: Workload) -> list[dict]:
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
         enable_prefix_caching=not args.no_enable_prefix_caching, skip_tokenizer_init=True, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
     )
     startup = time.perf_counter() - start
     print(f"startup to ready: {startup:.1f} s", file=sys.stderr)
@@ -178,6 +180,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-enable-prefix-caching", action="store_true")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--distributed-executor-backend", choices=("mp", "ray"), default="mp")
     p.add_argument("--num-prompts", type=int, default=None, help="override the workload's request count")
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

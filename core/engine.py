@@ -10,10 +10,12 @@ import time
 
 import msgspec
 
+from core.distributed.mp_executor import make_executor
 from core.kv_cache import KVCacheManager, freeable_sliding_window
 from core.model_runner import ModelRunner, RunnerOutput, StepHandle
 from core.sequence import Sequence, SequenceStatus
 from core.scheduler import Scheduler, SchedulerOutput
+from core.scheduler_output_builder import SchedulerOutputBuilder
 from core.spec_decode.draft_model import DraftModelProposer
 from core.spec_decode.metrics import SpecDecodeMetrics
 from core.spec_decode.proposer import make_proposer
@@ -38,9 +40,19 @@ logger = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
+        # tensor/pipeline parallelism: workers for ranks 1..N-1 (this process is rank 0); None: one device, here.
+        self.executor = make_executor(config)
+        try:
+            self._start(config)
+        except BaseException:
+            if self.executor is not None:
+                self.executor.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig) -> None:
         self.config = config
         start = time.perf_counter()
-        self.runner = ModelRunner(config)
+        self.runner = ModelRunner(config, self.executor.group if self.executor is not None else None)
         self.max_model_len = self.runner.max_model_len
         num_blocks = self.runner.determine_num_blocks()
         max_blocks_per_seq = -(-self.max_model_len // config.block_size)
@@ -61,6 +73,7 @@ class EngineCore:
             async_scheduling=self.async_scheduling,
         )
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
+        self.plan_builder = SchedulerOutputBuilder()  # the scheduler's steps as diffs for the runner(s)
         spec = config.speculative_config
         self.proposer = make_proposer(spec, self.runner) if spec is not None else None
         self.spec_metrics = SpecDecodeMetrics(spec.num_speculative_tokens) if spec is not None else None
@@ -192,7 +205,7 @@ class EngineCore:
         """One step's work, appending to ``outputs`` as results come; the ids of the requests whose sampled tokens
         were processed (with async scheduling, those of the previous launch), or None when no work ran."""
         sched = self.scheduler.schedule()
-        self.runner.input_batch.remove(sched.freed_keys)
+        self.plan_builder.forget(sched.freed_keys)
         if self.proposer is not None:
             self.proposer.remove(sched.freed_keys)
         errors.extend(self._fail_grammars())
@@ -209,7 +222,10 @@ class EngineCore:
             if self._faults.enabled:
                 self._faults.check((s.seq.request_id, s.seq.prompt_token_ids) for s in sched.scheduled)
             prev = self._inflight[1] if self._inflight is not None else None
-            handle = self.runner.launch(sched, self.kv.seq_blocks, prev)
+            plan = self.plan_builder.build(sched, self.kv.seq_blocks)
+            if self.executor is not None:
+                self.executor.send(plan)
+            handle = self.runner.launch(plan, prev)
             ran = ran or set()
             if self._inflight is not None:
                 ran |= self._finish_inflight(outputs)
@@ -294,7 +310,10 @@ class EngineCore:
                 self.spec_metrics.observe(len(scheduled.spec_token_ids), num_accepted)
                 if not finished:
                     self.scheduler.rollback_rejected(seq, len(scheduled.spec_token_ids) - num_accepted)
-                    self.runner.input_batch.truncate(seq.key, len(self.kv.blocks(seq)))
+                    num_blocks = len(self.kv.blocks(seq))
+                    self.plan_builder.trim_blocks(seq.key, num_blocks)
+                    if self.runner.draft is not None:
+                        self.runner.draft.input_batch.truncate(seq.key, num_blocks)
             self.total_generation_tokens += len(tokens)
             out = EngineOutput(seq.request_id, tokens, index=seq.index, new_logprobs=logprobs)
             outputs.append(out)  # now: its tokens are in the sequence whatever happens below
@@ -380,13 +399,17 @@ class EngineCore:
         }
 
     def shutdown(self) -> None:
-        if self._inflight is not None:
-            self._inflight[1].result()
-            self._inflight = None
-        self.structured.shutdown()
-        self.runner.kv_caches = []
-        if self.runner.draft is not None:
-            self.runner.draft.kv_caches = []
+        try:
+            if self._inflight is not None:
+                self._inflight[1].result()
+                self._inflight = None
+            self.structured.shutdown()
+            self.runner.kv_caches = []
+            if self.runner.draft is not None:
+                self.runner.draft.kv_caches = []
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown()
 
 
 def _first_positions(logprobs: Logprobs | None, n: int) -> Logprobs | None:

@@ -115,8 +115,10 @@ class EngineProcess:
         threading.Thread(target=self._watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
         status = 0
         try:
+            from core.distributed import mp_executor
             from core.pooling_engine import create_engine_core  # EngineCore, or the embedding engine
 
+            mp_executor.on_worker_death = self._on_worker_death
             self._core = create_engine_core(self.config)
             self._outputs.put(self._core.ready_message())
             self._busy_loop()
@@ -129,6 +131,15 @@ class EngineProcess:
         finally:
             self._close()
         return status
+
+    def _on_worker_death(self, reason: str) -> None:
+        """A tensor-parallel worker died (the executor has killed the others): report EngineDead and end this
+        process now. The main thread may be blocked in a collective that never returns (NCCL), so no clean exit."""
+        self._outputs.put(EngineDead(error=f"RuntimeError: {reason}"))
+        self._outputs.put(None)
+        self._threads[1].join(timeout=2)
+        time.sleep(0.2)  # the last frame leaves through ZeroMQ's I/O thread
+        os._exit(1)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if not self._stopping.is_set():

@@ -2,6 +2,10 @@
 graph replay for decode-only steps and for speculative steps whose sequences are all decodes), logits for the rows
 that need them, sampling. Owns the model, the KV-cache tensors and the persistent input buffers.
 
+The runner reads only the engine's ``SchedulerOutput`` messages (ipc/scheduler_output.py) and its own persistent batch
+built from them (core/worker_batch.py), never the scheduler's objects: with tensor/pipeline parallelism the same
+runner runs in every rank's process (core/distributed/), rank 0 (in the engine core) sampling for all.
+
 Inputs are built with numpy in pinned host buffers and copied to persistent device buffers without blocking; the
 only device -> host sync of a step is reading the sampled token ids.
 """
@@ -25,15 +29,18 @@ from core.kv_cache import KVBlock
 from core.loader import iter_weights, load_hf_config
 from core.model_source import ModelSource, resolve_model
 from core.models import model_class
-from core.sequence import Sequence
 from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
-from core.scheduler import ScheduledSeq, SchedulerOutput
+from core.distributed.parallel_state import TensorParallelGroup
+from core.distributed.pipeline import PipelineStage, stage_config, stage_layers, stage_weights
+from core.distributed.tensor_parallel import check_layout, parallelize, shard_config, shard_weights
+from core.worker_batch import BatchSequence, WorkerBatch
 from core.spec_decode.draft_model import DraftModelProposer, load_draft_config
 from core.spec_decode.greedy_verify import GreedyVerifiedStep, is_plain_greedy, launch_greedy_verify
 from core.spec_decode.verifier import VerifiedStep, verify_step
 from ipc.config import SpeculativeConfig
 from ipc.messages import EngineConfig, Logprobs
+from ipc.scheduler_output import ScheduledTokens, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ class RunnerOutput:
 class StepHandle:
     """A launched step. ``result()`` waits for it: the step's one device -> host sync."""
 
-    seqs: list[Sequence]  # the sampling sequences, in batch order
+    seqs: list[BatchSequence]  # the sampling sequences, in batch order
     sample_index: dict[tuple[str, int], int]  # sequence key -> its row in ``sampled``
     sampled: SamplerOutput | None
     host_tokens: torch.Tensor | None  # pinned copy of the sampled ids (CUDA)
@@ -108,13 +115,28 @@ def _verified_rows(last_rows: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tp_group: TensorParallelGroup | None = None) -> None:
+        """``tp_group``: this rank's tensor-parallel group (None: the whole model on one device). Rank 0 samples;
+        the other ranks run the same steps and receive its sampled token ids."""
         self.config = config
+        self.tp_group = tp_group
+        self.is_driver = tp_group is None or tp_group.global_rank == 0
         self.source = resolve_model(config.model, config.revision)
         self.model_config = ModelConfig.from_hf_dict(load_hf_config(self.source))
         self.resolved = resolve_config(config, self.model_config)
-        log_resolved(config, self.resolved)
+        if self.is_driver:
+            log_resolved(config, self.resolved)
         self.device = self.resolved.device
+        self.shard_config = self.model_config  # this rank's part of the model (heads, MLP width, vocabulary rows)
+        if tp_group is not None:
+            if config.speculative_config is not None and config.speculative_config.method == "draft_model":
+                raise ValueError("speculative_config method draft_model is not supported with tensor or "
+                                 "pipeline parallelism yet (ngram is).")
+            check_layout(self.model_config, tp_group.world_size, tp_group.pp_size)
+            self.shard_config = stage_config(shard_config(self.model_config, tp_group.world_size),
+                                             tp_group.pp_size, tp_group.pp_rank)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", tp_group.local_rank)
         self.dtype = self.resolved.dtype
         self.block_size = config.block_size
         self.max_model_len = self.resolved.max_model_len
@@ -140,11 +162,14 @@ class ModelRunner:
         self._host_verify_ids = [torch.zeros(self.max_num_batched_tokens, dtype=torch.int64, pin_memory=pin)
                                  for _ in range(2)] if pin else None
         self._step_count = 0
-        self.input_batch = InputBatch(self.max_num_seqs, self.max_blocks_per_seq, pin_memory=False)
+        self.batch = WorkerBatch(self.max_num_seqs, self.max_blocks_per_seq,
+                                 frozenset(self.model_config.eos_token_ids))
         self.kv_caches: list[torch.Tensor] = []
         self.num_kv_blocks = 0
         self.graphs: DecodeGraphs | None = None
-        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        # Pipeline stages run eagerly: their send/recv between stages is not captured in CUDA graphs.
+        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager and \
+            (tp_group is None or tp_group.pp_size == 1)
         spec = config.speculative_config
         self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
         # Speculative decode steps (every sequence a decode of 1 + up to k tokens) replay these: see _verify_forward.
@@ -156,7 +181,8 @@ class ModelRunner:
     def _load_model(self, model_config: ModelConfig | None = None, source: ModelSource | None = None,
                     load_format: str | None = None) -> torch.nn.Module:
         """The target model, or (arguments given) the draft model: the same dtype, device, backends and seed."""
-        model_config = model_config or self.model_config
+        split = model_config is None and self.tp_group is not None
+        model_config = model_config or self.shard_config
         load_format = load_format or self.config.load_format
         torch.manual_seed(self.config.seed)  # dummy weights drawn on the GPU: the same for the same config and seed
         cls = model_class(model_config)
@@ -168,10 +194,20 @@ class ModelRunner:
                             kernel_backend=self.resolved.kernel_backend)
         finally:
             torch.set_default_dtype(default_dtype)
+        if split:
+            group = self.tp_group
+            parallelize(model, self.model_config, group)
+            if group.pp_size > 1:
+                model = PipelineStage(model, group)
         if load_format == "dummy":
             model.init_dummy_weights(self.config.seed)
         else:
-            model.load_weights(iter_weights(source or self.source, load_format))
+            weights = iter_weights(source or self.source, load_format)
+            if split:
+                weights = stage_weights(weights, *stage_layers(self.model_config.num_layers, group.pp_size,
+                                                               group.pp_rank))
+                weights = shard_weights(weights, self.model_config, group.rank, group.world_size)
+            model.load_weights(weights)
         return model.eval()
 
     def _load_draft(self, spec: SpeculativeConfig) -> DraftModelProposer:
@@ -181,22 +217,28 @@ class ModelRunner:
         model = self._load_model(draft_config, source, spec.load_format)
         logger.info("Loaded draft model %s (%d layers) in %.1f s", spec.model, draft_config.num_layers,
                     time.perf_counter() - start)
-        return DraftModelProposer(spec, model, draft_config, input_batch=self.input_batch,
+        # The draft proposes from the engine's side (its sequences and blocks): its own block-table rows.
+        draft_rows = InputBatch(self.max_num_seqs, self.max_blocks_per_seq, pin_memory=False)
+        return DraftModelProposer(spec, model, draft_config, input_batch=draft_rows,
                                   block_size=self.block_size, dtype=self.dtype, device=self.device)
 
     def kv_block_bytes(self) -> int:
-        """Bytes of one block id across every cache it addresses: the target's and the draft model's."""
-        cfg = self.model_config
+        """Bytes of one block id across every cache it addresses (on this rank): the target's and the draft
+        model's."""
+        cfg = self.shard_config
         target = 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize * cfg.num_layers
         return target + (self.draft.kv_block_bytes() if self.draft is not None else 0)
 
     def determine_num_blocks(self) -> int:
-        """Blocks for the KV cache: the override, a fixed budget on CPU, or what the profiled GPU memory leaves."""
+        """Blocks for the KV cache: the override, a fixed budget on CPU, or what the profiled GPU memory leaves;
+        with tensor parallelism, the fewest any rank can hold (every rank addresses the same block ids)."""
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
         if self.device.type != "cuda":
-            return max(2, int(self.config.cpu_kv_cache_gib * 2**30) // self.kv_block_bytes())
-        return self._profile_num_blocks()
+            num_blocks = max(2, int(self.config.cpu_kv_cache_gib * 2**30) // self.kv_block_bytes())
+        else:
+            num_blocks = self._profile_num_blocks()
+        return num_blocks if self.tp_group is None else self.tp_group.min_int(num_blocks)
 
     @torch.inference_mode()
     def _profile_num_blocks(self) -> int:
@@ -293,7 +335,7 @@ class ModelRunner:
         logger.info("Warmed up prefill and sampling kernels in %.1f s", time.perf_counter() - start)
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
-        cfg = self.model_config
+        cfg = self.shard_config
         shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
         if self.draft is not None:
@@ -304,28 +346,27 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------------ step
     @torch.inference_mode()
-    def launch(
-        self, sched: SchedulerOutput, blocks: dict[tuple[str, int], list[KVBlock]], prev: StepHandle | None = None
-    ) -> StepHandle:
-        """Stage inputs and enqueue the step on the device without waiting for it. A sequence whose last input
-        token is still being sampled by ``prev`` (async scheduling) gets it on the device, from ``prev``'s output."""
-        seqs = sched.scheduled
-        rows = np.fromiter((self.input_batch.row(s.seq.key, blocks[s.seq.key]) for s in seqs),
-                           dtype=np.int64, count=len(seqs))
+    def launch(self, plan: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+        """Apply the step's diffs to the persistent batch, stage inputs and enqueue the step on the device without
+        waiting for it. A sequence whose last input token is still being sampled by ``prev`` (async scheduling)
+        gets it on the device, from ``prev``'s output."""
+        seqs = plan.scheduled
+        batch_seqs = self.batch.apply(plan)
+        rows = np.fromiter((self.batch.row(b) for b in batch_seqs), dtype=np.int64, count=len(seqs))
         starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
         nums = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(seqs))
         token_ids: list[int] = []
         fill_dst: list[int] = []
         fill_src: list[int] = []
-        for s in seqs:
-            known = s.seq.all_token_ids
+        for s, b in zip(seqs, batch_seqs):
+            known = b.all_token_ids
             end = s.start + s.num_tokens
             if s.spec_token_ids:  # the last known token, then the drafts to verify
                 token_ids.extend(known[s.start :])
                 token_ids.extend(s.spec_token_ids)
             elif end > len(known):  # the last input token is in flight
                 fill_dst.append(len(token_ids) + s.num_tokens - 1)
-                fill_src.append(prev.sample_index[s.seq.key])
+                fill_src.append(prev.sample_index[b.key])
                 token_ids.extend(known[s.start : end - 1])
                 token_ids.append(0)
             elif s.num_tokens == 1:
@@ -334,7 +375,7 @@ class ModelRunner:
                 token_ids.extend(known[s.start : end])
         num_tokens = len(token_ids)
         sampling = [i for i, s in enumerate(seqs) if s.samples]
-        sampling_seqs = [seqs[i].seq for i in sampling]
+        sampling_seqs = [batch_seqs[i] for i in sampling]
         decode_only = num_tokens == len(seqs) and len(sampling) == len(seqs)
         speculative = any(s.spec_token_ids for s in seqs)
 
@@ -342,7 +383,7 @@ class ModelRunner:
         verify_bucket = self._verify_bucket(seqs, len(sampling)) if speculative else None
         pad_tokens = verify_bucket * (1 + self.num_spec_tokens) if verify_bucket is not None else None
         meta = self.inputs.stage(np.asarray(token_ids, dtype=np.int64), starts, nums,
-                                 self.input_batch.block_table[rows], pad_to=bucket or verify_bucket,
+                                 self.batch.block_table[rows], pad_to=bucket or verify_bucket,
                                  pad_tokens_to=pad_tokens)
         if fill_dst:
             dst = to_device(fill_dst, torch.int64, self.device)
@@ -355,13 +396,15 @@ class ModelRunner:
         if bucket is not None:
             logits = self.graphs.replay(bucket)[: len(seqs)]
         else:
-            prompt_lp = self._prompt_logprob_rows(seqs) if verify_bucket is None else []
-            plain_greedy = speculative and all(is_plain_greedy(seqs[i].seq, seqs[i].output_index) for i in sampling)
+            prompt_lp = self._prompt_logprob_rows(seqs, batch_seqs) if verify_bucket is None else []
+            plain_greedy = speculative and all(is_plain_greedy(batch_seqs[i], seqs[i].output_index) for i in sampling)
             graph_argmax = None
             if verify_bucket is not None:
                 hidden, graph_argmax = self.verify_graphs.replay(verify_bucket)
                 if plain_greedy and graph_argmax is not None:  # the LM head and argmax ran inside the graph
-                    return self._launch_greedy_verify(seqs, sampling, graph_argmax[:num_tokens], {})
+                    if not self.is_driver:
+                        return self._follow_driver(sampling_seqs, speculative)
+                    return self._launch_greedy_verify(seqs, batch_seqs, sampling, graph_argmax[:num_tokens], {})
             sample_rows = self.inputs.host.qsl_np[1:][sampling].astype(np.int64) - 1
             if speculative:  # every verified position's logits: 1 + len(drafts) rows per sampling sequence
                 sample_rows = _verified_rows(sample_rows, np.fromiter(
@@ -379,6 +422,10 @@ class ModelRunner:
                                     self.kv_caches, meta)
             logits = self.model.compute_logits(hidden[:num_tokens] if rows_t is None else hidden[rows_t])
         num_prompt_rows = sum(len(r) for _, r, _, _ in prompt_lp)
+        for seq in sampling_seqs:  # its first sample: every prompt position has been computed
+            seq.prompt_logprobs_done = True
+        if not self.is_driver:
+            return self._follow_driver(sampling_seqs, speculative)
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         if not sampling_seqs:
             return StepHandle([], {}, None, None, None, prompt_logprobs)
@@ -386,7 +433,7 @@ class ModelRunner:
         if speculative:
             drafts = [seqs[i].spec_token_ids for i in sampling]
             if plain_greedy:
-                return self._launch_greedy_verify(seqs, sampling, logits[num_prompt_rows:].argmax(-1),
+                return self._launch_greedy_verify(seqs, batch_seqs, sampling, logits[num_prompt_rows:].argmax(-1),
                                                   prompt_logprobs)
             grammar = None
             if self.structured_output is not None:
@@ -405,6 +452,8 @@ class ModelRunner:
         if self.structured_output is not None:
             batch.grammar = self.structured_output.bitmask(sampling_seqs, self.device)
         sampled = self.sampler(logits[num_prompt_rows:], batch)
+        if self.tp_group is not None:  # the other ranks feed these to their next step (async scheduling)
+            self.tp_group.broadcast(sampled.token_ids)
         host_tokens, event = None, None
         if self.device.type == "cuda":
             self._step_count += 1
@@ -415,8 +464,8 @@ class ModelRunner:
         sample_index = {seq.key: i for i, seq in enumerate(sampling_seqs)}
         return StepHandle(sampling_seqs, sample_index, sampled, host_tokens, event, prompt_logprobs)
 
-    def _launch_greedy_verify(self, seqs: list[ScheduledSeq], sampling: list[int], target_ids: torch.Tensor,
-                              prompt_logprobs: dict) -> StepHandle:
+    def _launch_greedy_verify(self, seqs: list[ScheduledTokens], batch_seqs: list[BatchSequence], sampling: list[int],
+                              target_ids: torch.Tensor, prompt_logprobs: dict) -> StepHandle:
         """The fast verify path (every verified sequence plain greedy): ``target_ids``, the target's argmax of every
         verified row, on its way to the host."""
         host_ids = None
@@ -424,7 +473,16 @@ class ModelRunner:
             self._step_count += 1
             host_ids = self._host_verify_ids[self._step_count % 2]
         verified = launch_greedy_verify(target_ids, [seqs[i].spec_token_ids for i in sampling], host_ids)
-        return StepHandle([seqs[i].seq for i in sampling], {}, None, None, None, prompt_logprobs, verified)
+        return StepHandle([batch_seqs[i] for i in sampling], {}, None, None, None, prompt_logprobs, verified)
+
+    def _follow_driver(self, sampling_seqs: list[BatchSequence], speculative: bool) -> StepHandle:
+        """A non-driver rank's step end: no sampling here; rank 0's sampled ids arrive by broadcast, for the next
+        step's in-flight tokens. (Speculative steps are never followed by one that needs them on the device.)"""
+        if not sampling_seqs or speculative:
+            return StepHandle(sampling_seqs, {}, None, None, None, {})
+        token_ids = self.tp_group.broadcast(torch.empty(len(sampling_seqs), dtype=torch.int64, device=self.device))
+        sample_index = {seq.key: i for i, seq in enumerate(sampling_seqs)}
+        return StepHandle(sampling_seqs, sample_index, SamplerOutput(token_ids), None, None, {})
 
     def _decode_forward(self, batch_size: int) -> torch.Tensor:
         """The graph body: ``batch_size`` one-token sequences from the static buffers -> logits."""
@@ -454,7 +512,7 @@ class ModelRunner:
             return hidden, None
         return hidden, self.model.compute_logits(hidden).argmax(-1)
 
-    def _verify_bucket(self, seqs: list[ScheduledSeq], num_sampling: int) -> int | None:
+    def _verify_bucket(self, seqs: list[ScheduledTokens], num_sampling: int) -> int | None:
         """The verify graph batch size for a speculative step, or None (eager): only steps where every sequence
         is a decode that samples (its last token and up to k drafts) replay a graph."""
         if self.verify_graphs is None or num_sampling != len(seqs):
@@ -463,13 +521,13 @@ class ModelRunner:
             return None
         return self.verify_graphs.bucket(len(seqs))
 
-    def _prompt_logprob_rows(self, seqs: list[ScheduledSeq]) -> list[tuple[Sequence, np.ndarray, np.ndarray, int]]:
+    def _prompt_logprob_rows(self, seqs: list[ScheduledTokens], batch_seqs: list[BatchSequence]
+                             ) -> list[tuple[BatchSequence, np.ndarray, np.ndarray, int]]:
         """(sequence, flat rows, target prompt tokens, first target index) for the prompt positions whose
         next-token logprob is owed this step: position p gives the logprob of prompt token p + 1."""
         out = []
         qsl = self.inputs.host.qsl_np
-        for i, s in enumerate(seqs):
-            seq = s.seq
+        for i, (s, seq) in enumerate(zip(seqs, batch_seqs)):
             if seq.prompt_logprobs_done:
                 continue
             last = min(s.start + s.num_tokens, seq.num_prompt_tokens - 1)  # position P-1 has no next prompt token
@@ -482,7 +540,7 @@ class ModelRunner:
         return out
 
     def _compute_prompt_logprobs(
-        self, prompt_lp: list[tuple[Sequence, np.ndarray, np.ndarray, int]], logits: torch.Tensor
+        self, prompt_lp: list[tuple[BatchSequence, np.ndarray, np.ndarray, int]], logits: torch.Tensor
     ) -> dict[tuple[str, int], tuple[int, Logprobs]]:
         result = {}
         offset = 0

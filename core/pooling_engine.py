@@ -56,6 +56,9 @@ class PoolingScheduler(Scheduler):
 
 class PoolingEngineCore:
     def __init__(self, config: EngineConfig) -> None:
+        if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
+            raise ValueError("Embedding models run on one device: tensor_parallel_size and pipeline_parallel_size "
+                             "must be 1 with task embed.")
         self.config = config
         start = time.perf_counter()
         self.runner = PoolingRunner(config)

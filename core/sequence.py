@@ -70,8 +70,7 @@ class Sequence:
         self.num_placeholders = 0
         # Speculative decoding: draft tokens proposed for the next step (verified, never part of all_token_ids).
         self.spec_token_ids: list[int] = []
-        seed = sampling_params.seed
-        self.seed_key = None if seed is None else _mix32((seed & _MASK32) ^ _mix32((seed >> 32) & _MASK32))
+        self.seed_key = seed_key(sampling_params.seed)
 
     @property
     def num_tokens(self) -> int:
@@ -114,6 +113,11 @@ class Sequence:
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}#{self.index}, tokens={self.num_tokens}, "
                 f"computed={self.num_computed_tokens}, {self.status.name})")
+
+
+def seed_key(seed: int | None) -> int | None:
+    """A seeded sequence's 32-bit noise key (None: unseeded); the runners derive the same one from the params."""
+    return None if seed is None else _mix32((seed & _MASK32) ^ _mix32((seed >> 32) & _MASK32))
 
 
 def _mix32(x: int) -> int:

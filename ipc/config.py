@@ -33,6 +33,7 @@ DEVICES = ("auto", "cuda", "cpu")
 BACKENDS = ("auto", "torch", "triton")
 TASKS = ("auto", "generate", "embed")
 SPEC_METHODS = ("ngram", "draft_model")
+EXECUTOR_BACKENDS = ("mp", "ray")
 
 
 class SpeculativeConfig(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -179,6 +180,16 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         "Speculative decoding, as JSON (vLLM's): '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
         "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' or '{\"method\": \"draft_model\", \"model\": "
         "PATH_OR_ID, \"num_speculative_tokens\": 3}'.", metavar="JSON", parse=parse_speculative_config)] = None
+    tensor_parallel_size: Annotated[int, Arg(
+        "Devices each layer is split across (one worker process per device; torch.distributed: NCCL on GPU, gloo "
+        "on CPU). 1: the model runs in the engine-core process.", aliases=("-tp",))] = 1
+    distributed_executor_backend: Annotated[str, Arg(
+        "How workers start when tensor_parallel_size * pipeline_parallel_size > 1. mp: local processes; ray: Ray "
+        "actors placed by a placement group (one bundle per device), across the nodes of a Ray cluster.",
+        choices=EXECUTOR_BACKENDS)] = "mp"
+    pipeline_parallel_size: Annotated[int, Arg(
+        "Pipeline stages: contiguous blocks of layers, each on its own tensor-parallel group of devices; "
+        "activations pass between stages with torch.distributed send/recv.", aliases=("-pp",))] = 1
 
     def __post_init__(self) -> None:
         for name, info in _FIELDS.items():
@@ -188,6 +199,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
                 setattr(self, name, info.arg.parse(value))  # a JSON string or dict given to the constructor
             if choices is not None and value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
     @property
     def served_model_names(self) -> list[str]:
@@ -299,8 +313,6 @@ class NotSupportedYet:
 NOT_SUPPORTED_YET: dict[str, NotSupportedYet] = {
     "enable_lora": NotSupportedYet("LoRA adapters", switch=True),
     "lora_modules": NotSupportedYet("LoRA adapters", nargs="+"),
-    "tensor_parallel_size": NotSupportedYet("tensor parallelism", aliases=("-tp",), allowed=("1",)),
-    "pipeline_parallel_size": NotSupportedYet("pipeline parallelism", aliases=("-pp",), allowed=("1",)),
     "quantization": NotSupportedYet("quantization methods", aliases=("-q",), allowed=("None",)),
     "kv_cache_dtype": NotSupportedYet("quantized KV cache", allowed=("auto",)),
     "runner": NotSupportedYet("--runner flag (for pooling use --task embed)", allowed=("auto", "generate")),

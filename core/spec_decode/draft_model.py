@@ -72,7 +72,7 @@ class DraftModelProposer:
 
     def __init__(self, spec: SpeculativeConfig, model: torch.nn.Module, model_config: ModelConfig, *,
                  input_batch: InputBatch, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        """``input_batch``: the runner's persistent block tables, shared (the target's rows are the draft's)."""
+        """``input_batch``: block-table rows of the sequences it proposes for, synced from the engine's blocks."""
         self.k = spec.num_speculative_tokens
         self.name = spec.model
         self.model = model
@@ -169,7 +169,8 @@ class DraftModelProposer:
         return self.graphs.replay(bucket)
 
     def remove(self, keys: list[tuple[str, int]]) -> None:
-        """Nothing per sequence lives here: the KV is addressed through the runner's block tables."""
+        """Freed sequences' block-table rows go back (the KV itself is addressed by block id, like the target's)."""
+        self.input_batch.remove(keys)
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], num_drafts: list[int],

@@ -69,3 +69,20 @@ def test_moe_dummy_w1_smoke(tmp_path):
                  "--runs", "1", "--max-model-len", "2048", "--disable-tqdm", "--json", str(out)]) == 0
     record = json.loads(out.read_text().splitlines()[0])
     assert record["runs"][0]["output_tokens"] == make_workload("W1", 1).max_tokens[0]
+
+
+def test_tensor_parallel_smoke(tmp_path):
+    """``--tensor-parallel-size 2`` (the two-GPU measurement's command) on CPU: two ranks over gloo, every requested
+    token comes out."""
+    import torch
+    import transformers
+
+    model = tmp_path / "llama-10k-vocab"
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(
+        hf_config("llama", vocab_size=10240, max_position_embeddings=4096)).save_pretrained(model)
+    out = tmp_path / "results.jsonl"
+    assert main(["--workload", "W4", "--model", str(model), "--tensor-parallel-size", "2", "--num-prompts", "1",
+                 "--runs", "1", "--max-model-len", "2304", "--disable-tqdm", "--json", str(out)]) == 0
+    record = json.loads(out.read_text().splitlines()[0])
+    assert record["runs"][0]["output_tokens"] == 128 and record["args"]["tensor_parallel_size"] == 2

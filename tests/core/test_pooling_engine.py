@@ -69,6 +69,8 @@ def test_generate_task_on_encoder_is_a_startup_error(bert_dir):
         create_engine_core(EngineConfig(model=str(bert_dir), task="generate", device="cpu"))
     with pytest.raises(ValueError, match="task must be"):
         create_engine_core(EngineConfig(model=str(bert_dir), task="classify", device="cpu"))
+    with pytest.raises(ValueError, match="Embedding models run on one device"):
+        create_engine_core(EngineConfig(model=str(bert_dir), device="cpu", tensor_parallel_size=2))
 
 
 def test_prompts_are_scheduled_whole_within_the_budget(bert_dir):

@@ -160,8 +160,7 @@ def test_api_key_defaults_to_the_environment(monkeypatch):
 
 
 UNSUPPORTED = [
-    ["--enable-lora"], ["--lora-modules", "a=/x"], ["--tensor-parallel-size", "2"], ["-tp", "4"],
-    ["--pipeline-parallel-size", "2"], ["-pp", "2"],
+    ["--enable-lora"], ["--lora-modules", "a=/x"],
     ["--quantization", "fp8"], ["-q", "awq"], ["--kv-cache-dtype", "fp8"],
     ["--runner", "pooling"], ["--guided-decoding-backend", "outlines"],
     ["--structured-outputs-config", "{}"], ["--reasoning-parser", "deepseek_r1"],

@@ -31,11 +31,11 @@ def test_choices_are_checked_on_every_construction():
 def test_not_supported_yet_off_values_are_accepted():
     assert engine_config_from_kwargs(tensor_parallel_size=1, kv_cache_dtype="auto", enable_lora=False) == \
         EngineConfig()
-    with pytest.raises(ValueError, match="tensor-parallel-size.*not supported yet"):
-        engine_config_from_kwargs(tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="reasoning-parser.*not supported yet"):
+        engine_config_from_kwargs(reasoning_parser="deepseek_r1")
     with pytest.raises(ValueError, match="enable-lora.*not supported yet"):
         engine_config_from_kwargs(enable_lora=True)
-    assert "tensor_parallel_size" in NOT_SUPPORTED_YET
+    assert "tensor_parallel_size" not in NOT_SUPPORTED_YET and "pipeline_parallel_size" not in NOT_SUPPORTED_YET
 
 
 def test_served_model_names_and_pickling():
