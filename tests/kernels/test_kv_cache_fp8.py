@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels.attention_common import FP8_E4M3_MAX, FP8_KV_DTYPE, dequantize_kv_ref, quantize_kv_ref
-from kernels.attention_prep import attention_prep_ref, attention_prep_triton, write_kv_cache_ref
+from kernels.attention_prep import _store_cache, attention_prep_ref, attention_prep_triton, write_kv_cache_ref
 from kernels.decode_attention import DecodeConfig, paged_decode_attention
 from kernels.paged_attention import paged_attention, paged_attention_ref
 from kernels.prefill_attention import PrefillConfig, paged_prefill_attention
@@ -163,24 +165,20 @@ def test_gpu_fp8_cache_bf16_real_shapes(max_query_len):
     assert_close(out, ref, ATTENTION_TOLERANCE[BF16], f"fp8 cache max_query_len={max_query_len}")
 
 
+@triton.jit
+def _store_fp8(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    _store_cache(y_ptr + offs, tl.load(x_ptr + offs), offs < N, 1.0, True)
+
+
 def test_cache_store_rounds_like_torch_cast():
     """The write kernel's e4m3 rounding equals torch's cast bit for bit at every magnitude: subnormals, ties, carries
     into the next exponent (7.75 -> 8), clamping, signed zeros (the interpreter's own fp8 cast gets several wrong)."""
-    import triton
-    import triton.language as tl
-
-    from kernels.attention_prep import _store_cache
-
-    @triton.jit
-    def store(x_ptr, y_ptr, N: tl.constexpr):
-        offs = tl.arange(0, N)
-        _store_cache(y_ptr + offs, tl.load(x_ptr + offs), offs < N, 1.0, True)
-
     gen = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(512, generator=gen) * s for s in (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1000.0)])
     edges = [7.5, 7.75, 8.5, 9.0, 0.015625, 0.0146484375, 0.0009765625, 0.0029296875, -7.75, 449.0, -460.0, -1e-4]
     x = torch.cat([x, torch.tensor(edges), torch.zeros(4096 - x.numel() - len(edges))]).to(KERNEL_DEVICE)
     y = torch.empty(4096, dtype=FP8_KV_DTYPE, device=KERNEL_DEVICE)
-    store[(1,)](x, y, N=4096)
+    _store_fp8[(1,)](x, y, N=4096)
     expected = x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_KV_DTYPE)
     assert torch.equal(y.view(torch.uint8), expected.view(torch.uint8))
