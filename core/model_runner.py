@@ -115,6 +115,7 @@ class ModelRunner:
         log_resolved(config, self.resolved)
         self.device = self.resolved.device
         self.dtype = self.resolved.dtype
+        self.kv_cache_dtype = self.resolved.kv_cache_dtype  # the model dtype, or e4m3 (--kv-cache-dtype fp8)
         self.block_size = config.block_size
         self.max_model_len = self.resolved.max_model_len
         self.max_num_seqs = config.max_num_seqs
@@ -176,12 +177,13 @@ class ModelRunner:
         logger.info("Loaded draft model %s (%d layers) in %.1f s", spec.model, draft_config.num_layers,
                     time.perf_counter() - start)
         return DraftModelProposer(spec, model, draft_config, input_batch=self.input_batch,
-                                  block_size=self.block_size, dtype=self.dtype, device=self.device)
+                                  block_size=self.block_size, kv_cache_dtype=self.kv_cache_dtype,
+                                  device=self.device)
 
     def kv_block_bytes(self) -> int:
         """Bytes of one block id across every cache it addresses: the target's and the draft model's."""
         cfg = self.model_config
-        target = 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize * cfg.num_layers
+        target = 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.kv_cache_dtype.itemsize * cfg.num_layers
         return target + (self.draft.kv_block_bytes() if self.draft is not None else 0)
 
     def determine_num_blocks(self) -> int:
@@ -284,7 +286,8 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         cfg = self.model_config
         shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+                          for _ in range(cfg.num_layers)]
         if self.draft is not None:
             self.draft.allocate_kv_cache(num_blocks)
 

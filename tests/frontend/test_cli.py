@@ -162,7 +162,7 @@ def test_api_key_defaults_to_the_environment(monkeypatch):
 UNSUPPORTED = [
     ["--enable-lora"], ["--lora-modules", "a=/x"], ["--tensor-parallel-size", "2"], ["-tp", "4"],
     ["--pipeline-parallel-size", "2"], ["-pp", "2"],
-    ["--quantization", "fp8"], ["-q", "awq"], ["--kv-cache-dtype", "fp8"],
+    ["--quantization", "fp8"], ["-q", "awq"],
     ["--runner", "pooling"], ["--guided-decoding-backend", "outlines"],
     ["--structured-outputs-config", "{}"], ["--reasoning-parser", "deepseek_r1"],
 ]
