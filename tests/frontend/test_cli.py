@@ -206,3 +206,11 @@ def test_tool_calling_flags_are_server_options(capsys):
 def test_every_unsupported_flag_is_tested():
     tested = {a[0] for a in UNSUPPORTED}
     assert {"--" + name.replace("_", "-") for name in NOT_SUPPORTED_YET} <= tested
+
+
+def test_kv_cache_dtype_flag():
+    assert cli.engine_config_from_args(cli.serve_parser().parse_args(["--kv-cache-dtype", "fp8"])).kv_cache_dtype == \
+        "fp8"
+    assert cli.engine_config_from_args(cli.serve_parser().parse_args([])).kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit):
+        cli.serve_parser().parse_args(["--kv-cache-dtype", "int8"])
