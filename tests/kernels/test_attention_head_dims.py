@@ -90,3 +90,20 @@ def test_dispatcher_sends_head_dim_80_to_the_kernels(monkeypatch):
     pa.paged_attention(*problem.args(), max_query_len=1, out=out)
     assert calls == [1]
     assert_close(out, ref, ATTENTION_TOLERANCE[F32], "dispatched D=80")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [80, 96])
+@pytest.mark.parametrize("max_query_len", [1, None])
+def test_gpu_head_dims_bf16_real_shapes(head_dim, max_query_len):
+    """Compiled, bf16, Phi-2-like heads (32 query heads; 32 or 8 KV heads), mixed lengths up to 2k, through the
+    dispatcher (split-K decode at batch 3, one split at batch 64)."""
+    gen = torch.Generator().manual_seed(head_dim)
+    for batch, heads in ((3, (32, 32)), (64, (32, 8))):
+        seq_lens = torch.randint(1, 2049, (batch,), generator=gen).tolist()
+        q_lens = [1] * batch if max_query_len == 1 else [min(s, n) for s, n in zip(seq_lens, [1, 9, 200] * 22)]
+        problem = seeded_attention_problem(q_lens, seq_lens, heads, head_dim, 16, torch.bfloat16, seed=batch,
+                                           device="cuda")  # fmt: skip
+        out = poisoned_like(problem.q)
+        pa.paged_attention(*problem.args(), max_query_len=max_query_len, out=out)
+        assert_close(out, problem.float64_reference(), ATTENTION_TOLERANCE[torch.bfloat16], f"D={head_dim} B={batch}")
