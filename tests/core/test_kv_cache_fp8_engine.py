@@ -165,6 +165,24 @@ def test_fp8_with_ngram_speculation_keeps_the_greedy_tokens(model):
         assert speculative[key]["tokens"] == plain[key]["tokens"], key
 
 
+def test_fp8_with_a_draft_model(model):
+    """A draft model (the target's own weights) keeps its KV in fp8 too, sized into the same blocks: its greedy
+    drafts read the same quantized cache the target verifies with, so every draft is accepted, and the tokens are
+    those of the fp8 engine without speculation."""
+    spec = {"method": "draft_model", "model": str(model), "num_speculative_tokens": 3}
+    plain = run_engine(make_engine(model, kv_cache_dtype="fp8"), PROMPTS, greedy())
+    engine = make_engine(model, kv_cache_dtype="fp8", speculative_config=spec)
+    assert all(c.dtype == FP8_KV_DTYPE for c in engine.runner.draft.kv_caches)
+    assert engine.runner.draft.kv_block_bytes() == 2048  # 2 layers x (k, v) x 16 tokens x 2 heads x 16 dims x 1 B
+    assert engine.runner.kv_block_bytes() == 2 * 2048  # one block id addresses the target's and the draft's
+    speculative = run_engine(engine, PROMPTS, greedy())
+    for key in plain:
+        assert speculative[key]["tokens"] == plain[key]["tokens"], key
+    stats = engine.get_stats()
+    assert stats["spec_num_draft_tokens"] > 0
+    assert stats["spec_num_accepted_tokens"] == stats["spec_num_draft_tokens"]
+
+
 @pytest.mark.gpu
 def test_gpu_fp8_engine_matches_the_reference_path(model):
     """On CUDA (Triton prep, decode and prefill kernels, CUDA graphs) the fp8 engine gives the reference fp8 path's
