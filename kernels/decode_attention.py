@@ -158,8 +158,8 @@ def _decode_kernel(
     head_mask = offs_h < GROUP
     heads = kv_head * GROUP + offs_h
     offs_d = tl.arange(0, BLOCK_D)
-    row_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=row_mask, other=0.0)
+    tile_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=tile_mask, other=0.0)
     if not KV_FP8:
         q = q.to(k_cache_ptr.dtype.element_ty)  # an fp8 cache's tiles are upcast to q's dtype instead
 
@@ -189,14 +189,14 @@ def _decode_kernel(
     num_q_heads = num_kv_heads * GROUP
     part = (seq * num_q_heads + heads) * NUM_SPLITS + split  # [BLOCK_H]
     if NUM_SPLITS == 1:
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
     elif not FUSED_REDUCE:
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_mask)
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=tile_mask)
         tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=head_mask)
     elif num_active <= 1:
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask)  # nothing to merge
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_mask)  # nothing to merge
     else:
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_mask)
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=tile_mask)
         tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=head_mask)
         # The last split of this (sequence, KV head) to finish merges all of them ("last arriver reduces"): every
         # thread's partial stores are ordered before the counter increment by the CTA barrier, and the increment
