@@ -197,3 +197,32 @@ def test_gpu_fp8_engine_matches_the_reference_path(model):
         assert n >= NUM_TOKENS // 2, (key, a["tokens"], b["tokens"])  # bf16 near-ties may flip late tokens
         for lp_a, lp_b in zip(a["logprobs"][:n], b["logprobs"][:n]):
             assert max(abs(lp_a[t] - lp_b[t]) for t in lp_a if t in lp_b) <= 0.1
+
+
+def test_embedding_engines_and_the_fp8_cache(model, tmp_path):
+    """A decoder embedding (task embed) computes its prompt through an fp8 scratch cache, close to the auto one's
+    vector; an encoder (BERT) keeps no KV cache, so asking it for fp8 is a startup error that says so."""
+    import numpy as np
+    import transformers
+
+    from core.pooling_engine import create_engine_core
+    from ipc.config import EngineConfig
+    from ipc.messages import EngineRequest
+
+    vectors = {}
+    for kv in ("auto", "fp8"):
+        engine = create_engine_core(EngineConfig(model=str(model), task="embed", device="cpu", kv_cache_dtype=kv))
+        assert engine.runner.kv_caches[0].dtype == (FP8_KV_DTYPE if kv == "fp8" else torch.float32)
+        engine.add_request(EngineRequest("0", PROMPTS[2], SamplingParams(max_tokens=1)))
+        while engine.has_work():
+            for out in engine.step().outputs:
+                vectors[kv] = np.frombuffer(out.embedding, dtype=np.float32)
+    cosine = float(vectors["auto"] @ vectors["fp8"])  # both normalized
+    assert 0.99 < cosine < 1.0 - 1e-7, cosine
+
+    bert = tmp_path / "bert"
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, max_position_embeddings=40, architectures=["BertModel"])
+    transformers.BertModel(cfg).save_pretrained(bert)
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' does not apply: encoder models"):
+        create_engine_core(EngineConfig(model=str(bert), device="cpu", kv_cache_dtype="fp8"))
