@@ -4,6 +4,7 @@
     python benchmarks/bench_decode_attention.py --sweep    # also tile/warps/stages configs on the W1/W2 cases
     python benchmarks/bench_decode_attention.py --cases w1,b1 --variants baseline,lpt-db32-fused
     python benchmarks/bench_decode_attention.py --smoke    # tiny shapes, no graphs: checks the script (CPU: interpreter)
+    python benchmarks/bench_decode_attention.py --kv-cache-dtype fp8 --variants baseline,lpt-db32-fused  # e4m3 caches
 
 Each (case, variant): one CUDA graph of 28 back-to-back launches (one per layer) that rotate over several K/V cache
 copies (enough that the copies together are >= 5x the 50 MB L2, at most 28) with distinct queries, replayed and timed
@@ -94,9 +95,12 @@ class Problem:
         return (q, k, v, self.block_tables, self.seq_lens, self.query_start_loc, self.scale)
 
 
-def make_problem(case: Case, head_dim: int, block_size: int, table_width: int, dtype: torch.dtype, seed: int) -> Problem:
+def make_problem(case: Case, head_dim: int, block_size: int, table_width: int, dtype: torch.dtype, seed: int,
+                 cache_dtype: torch.dtype | None = None) -> Problem:  # fmt: skip
     """Random lengths, each sequence's blocks scattered over a random permutation of the cache (unused table entries
-    point at random blocks); every slot holds random values, never zeros."""
+    point at random blocks); every slot holds random values, never zeros. ``cache_dtype`` (default ``dtype``):
+    ``torch.float8_e4m3fn`` is an fp8 KV cache (scale 1), read into ``dtype``."""
+    cache_dtype = cache_dtype or dtype
     gen = torch.Generator().manual_seed(seed)
     lo, hi = case.context
     lens = torch.randint(lo, hi + 1, (case.batch,), generator=gen).tolist()
@@ -108,16 +112,16 @@ def make_problem(case: Case, head_dim: int, block_size: int, table_width: int, d
     for i, n in enumerate(needed):
         table[i, :n] = perm[start : start + n]
         start += n
-    kv_bytes = sum(lens) * case.num_kv_heads * head_dim * 2 * dtype.itemsize
-    copy_bytes = 2 * num_blocks * block_size * case.num_kv_heads * head_dim * dtype.itemsize
+    kv_bytes = sum(lens) * case.num_kv_heads * head_dim * 2 * cache_dtype.itemsize
+    copy_bytes = 2 * num_blocks * block_size * case.num_kv_heads * head_dim * cache_dtype.itemsize
     copies = 1 if DEVICE == "cpu" else max(2, min(LAYERS, math.ceil(5 * L2_BYTES / copy_bytes)))
     dgen = torch.Generator(device=DEVICE).manual_seed(seed)
     shape = (num_blocks, block_size, case.num_kv_heads, head_dim)
 
-    def randn(*s):
-        return torch.randn(*s, generator=dgen, device=DEVICE, dtype=torch.float32).to(dtype)
+    def randn(*s, to=dtype):
+        return torch.randn(*s, generator=dgen, device=DEVICE, dtype=torch.float32).to(to)
 
-    caches = [(randn(*shape), randn(*shape)) for _ in range(copies)]
+    caches = [(randn(*shape, to=cache_dtype), randn(*shape, to=cache_dtype)) for _ in range(copies)]
     queries = [randn(case.batch, case.num_q_heads, head_dim) for _ in range(copies)]
     return Problem(queries, caches, table.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE),
                    torch.arange(case.batch + 1, dtype=torch.int32, device=DEVICE), head_dim**-0.5, kv_bytes, lens)  # fmt: skip
@@ -229,6 +233,8 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also sweep tile/warps/stages on the W1 and W2 cases")
     parser.add_argument("--cases", default="", help="comma-separated case keys: " + ",".join(c.key for c in CASES))
     parser.add_argument("--variants", default="", help="comma-separated DECODE_VARIANTS names (default: all)")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="fp8: e4m3 caches (half the bytes; GB/s and %% peak count the fp8 bytes)")
     opts = parser.parse_args()
     if DEVICE != "cuda" and not opts.smoke:
         print("bench_decode_attention.py needs a CUDA GPU; --smoke runs on CPU", file=sys.stderr)
@@ -242,18 +248,19 @@ def main() -> int:
         names = names if opts.variants else ["baseline", "lpt-db32-fused", "fused"]
     head_dim, block_size, table_width = (16, 16, 16) if opts.smoke else (128, 16, 4096 // 16)
     dtype = torch.float16 if opts.smoke and DEVICE == "cpu" else torch.bfloat16
+    cache_dtype = torch.float8_e4m3fn if opts.kv_cache_dtype == "fp8" else dtype
     if DEVICE == "cuda":
         props = torch.cuda.get_device_properties(0)
         import triton
 
         print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"# default decode config: {DECODE_CONFIG}")
+    print(f"# default decode config: {DECODE_CONFIG}; queries {dtype}, KV cache {cache_dtype}")
     started = time.time()
     results: list[Result] = []
     case_bytes: dict[str, int] = {}
     for n, case in enumerate(cases):
         t0 = time.time()
-        problem = make_problem(case, head_dim, block_size, table_width, dtype, seed=n)
+        problem = make_problem(case, head_dim, block_size, table_width, dtype, seed=n, cache_dtype=cache_dtype)
         ref = float32_reference(problem.args(0))
         case_bytes[case.key] = problem.kv_bytes
         for name, config, caller_order in variants(names, opts.sweep and case.key in ("w1", "w2")):

@@ -224,9 +224,11 @@ class ResolvedConfig:
     async_scheduling: bool
     kernel_backend: str  # auto | torch | triton, after $PAGEDSERVE_KERNEL_BACKEND
     attention_backend: str  # auto | torch | triton, after $PAGEDSERVE_ATTENTION_BACKEND (and the kernel backend)
+    kv_cache_dtype: torch.dtype  # the KV-cache tensors' element type (resolve_kv_cache_dtype)
 
     def summary(self) -> str:
         return (f"device={self.device} dtype={str(self.dtype).removeprefix('torch.')} "
+                f"kv_cache_dtype={str(self.kv_cache_dtype).removeprefix('torch.')} "
                 f"max_model_len={self.max_model_len} max_num_batched_tokens={self.max_num_batched_tokens} "
                 f"async_scheduling={self.async_scheduling} kernel_backend={self.kernel_backend} "
                 f"attention_backend={self.attention_backend}")
@@ -239,15 +241,26 @@ def resolve_config(config: EngineConfig, model_config: ModelConfig | BertConfig,
     device = resolve_device(config.device) if device is None else device
     max_model_len = resolve_max_model_len(config.max_model_len, model_config.max_model_len)
     attention_backend, kernel_backend = _resolve_backends(config)
+    dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device)
     return ResolvedConfig(
         device=device,
-        dtype=resolve_dtype(config.dtype, model_config.torch_dtype, device),
+        dtype=dtype,
+        kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, dtype),
         max_model_len=max_model_len,
         max_num_batched_tokens=config.max_num_batched_tokens or max(8192, max_model_len),
         async_scheduling=_resolve_async_scheduling(config, device),
         kernel_backend=kernel_backend,
         attention_backend=attention_backend,
     )
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV-cache tensors' element type: the model dtype for ``auto``, e4m3 for ``fp8`` / ``fp8_e4m3``."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype in ("fp8", "fp8_e4m3"):
+        return torch.float8_e4m3fn
+    raise ValueError(f"kv_cache_dtype must be one of auto, fp8, fp8_e4m3; got {kv_cache_dtype!r}.")
 
 
 def log_resolved(config: EngineConfig, resolved: ResolvedConfig) -> None:

@@ -138,6 +138,7 @@ class ModelRunner:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", tp_group.local_rank)
         self.dtype = self.resolved.dtype
+        self.kv_cache_dtype = self.resolved.kv_cache_dtype  # the model dtype, or e4m3 (--kv-cache-dtype fp8)
         self.block_size = config.block_size
         self.max_model_len = self.resolved.max_model_len
         self.max_num_seqs = config.max_num_seqs
@@ -219,14 +220,14 @@ class ModelRunner:
                     time.perf_counter() - start)
         # The draft proposes from the engine's side (its sequences and blocks): its own block-table rows.
         draft_rows = InputBatch(self.max_num_seqs, self.max_blocks_per_seq, pin_memory=False)
-        return DraftModelProposer(spec, model, draft_config, input_batch=draft_rows,
-                                  block_size=self.block_size, dtype=self.dtype, device=self.device)
+        return DraftModelProposer(spec, model, draft_config, input_batch=draft_rows, block_size=self.block_size,
+                                  kv_cache_dtype=self.kv_cache_dtype, device=self.device)
 
     def kv_block_bytes(self) -> int:
         """Bytes of one block id across every cache it addresses (on this rank): the target's and the draft
         model's."""
         cfg = self.shard_config
-        target = 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize * cfg.num_layers
+        target = 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.kv_cache_dtype.itemsize * cfg.num_layers
         return target + (self.draft.kv_block_bytes() if self.draft is not None else 0)
 
     def determine_num_blocks(self) -> int:
@@ -337,7 +338,8 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         cfg = self.shard_config
         shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+                          for _ in range(cfg.num_layers)]
         if self.draft is not None:
             self.draft.allocate_kv_cache(num_blocks)
 

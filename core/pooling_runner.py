@@ -47,6 +47,9 @@ class PoolingRunner:
             self.is_matryoshka = bool(hf_config.get("is_matryoshka") or dims)
             self.matryoshka_dimensions = tuple(dims) if dims else None
         self.resolved = resolve_config(config, self.model_config)
+        if self.is_encoder and config.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} does not apply: encoder models (BERT family) "
+                             "keep no KV cache.")
         log_resolved(config, self.resolved)
         self.pooling = load_pooling_config(directory, default_pooling)
         self.hidden_size = self.model_config.hidden_size
@@ -96,7 +99,8 @@ class PoolingRunner:
         num_blocks = 1 + self.max_num_batched_tokens // bs + self.max_num_seqs
         self.num_scratch_blocks = num_blocks
         shape = (2, num_blocks, bs, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=self.resolved.kv_cache_dtype, device=self.device)
+                          for _ in range(cfg.num_layers)]
         self.inputs = StepInputs(self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq, bs,
                                  self.device)
 

@@ -34,6 +34,8 @@ BACKENDS = ("auto", "torch", "triton")
 TASKS = ("auto", "generate", "embed")
 SPEC_METHODS = ("ngram", "draft_model")
 EXECUTOR_BACKENDS = ("mp", "ray")
+# KV-cache element types (vLLM's spellings); fp8 = fp8_e4m3: e4m3 values with a per-layer scale for keys and values.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 class SpeculativeConfig(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -148,6 +150,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     enforce_eager: Annotated[bool, Arg("Never capture CUDA graphs.")] = False
     block_size: Annotated[int, Arg("Tokens per KV-cache block.")] = 16
     enable_prefix_caching: Annotated[bool, Arg("Reuse the KV blocks of shared prompt prefixes.")] = True
+    kv_cache_dtype: Annotated[str, Arg(
+        "KV-cache element type. auto: the model dtype; fp8 / fp8_e4m3: e4m3 with a per-layer scale for keys and "
+        "values (the checkpoint's k_scale/v_scale (or kv_scale) when it has them, else 1.0): half the bytes of a "
+        "16-bit cache, twice the blocks.", choices=KV_CACHE_DTYPES)] = "auto"
     num_gpu_blocks_override: Annotated[int | None, Arg(
         "Fix the number of KV blocks instead of sizing the cache from memory (tests use it to force "
         "preemption).")] = None
@@ -314,7 +320,6 @@ NOT_SUPPORTED_YET: dict[str, NotSupportedYet] = {
     "enable_lora": NotSupportedYet("LoRA adapters", switch=True),
     "lora_modules": NotSupportedYet("LoRA adapters", nargs="+"),
     "quantization": NotSupportedYet("quantization methods", aliases=("-q",), allowed=("None",)),
-    "kv_cache_dtype": NotSupportedYet("quantized KV cache", allowed=("auto",)),
     "runner": NotSupportedYet("--runner flag (for pooling use --task embed)", allowed=("auto", "generate")),
     "guided_decoding_backend": NotSupportedYet("structured-output backend other than xgrammar",
                                                allowed=("auto", "xgrammar")),

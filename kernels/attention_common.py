@@ -8,7 +8,17 @@ query head ``h`` reads KV head ``h // (Hq // Hk)``. ``q`` is ``[T, Hq, D]``; cac
 
 Both kernels serve all query heads of one KV head per program ("GQA packing"): the K/V tiles are read once per KV
 head and multiplied against the whole query group with one tl.dot. Softmax runs in the log2 domain (exp2) with the
-scale folded into ``scale * LOG2E``.
+scale folded into ``scale * LOG2E``. Both run one key tile through :func:`attend_kv_tile` (load, scores, masks, online
+softmax), so the causal / sliding-window / soft-cap / ALiBi rules exist once.
+
+Head dims that are not powers of two (80, 96) run in a padded ``BLOCK_D = next_power_of_2(head_dim)`` block whose
+extra columns are masked on every load and store (zeros add nothing to ``q @ k``).
+
+FP8 KV cache (``float8_e4m3fn`` caches): the cache holds ``x / scale`` (clamped to e4m3's +-448) with one scale per
+layer for keys and one for values (``k_scale``, ``v_scale``). The kernels load the fp8 tiles, convert them to q's
+dtype and fold the scales in where they cost nothing: ``k_scale`` into the score scale (``q @ (k8 * ks) = ks * (q @
+k8)``) and ``v_scale`` into the final normalization (``sum p (v8 * vs) = vs * sum p v8``). For other cache dtypes the
+scales are ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +29,38 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_E4M3_MAX = 448.0  # largest finite e4m3fn value: quantized values are clamped to it (no inf in e4m3fn)
+
+
+def is_fp8_cache(cache: torch.Tensor) -> bool:
+    """Whether a KV cache tensor holds e4m3 values (to be read with its per-layer scale)."""
+    return cache.dtype == FP8_KV_DTYPE
+
+
+def quantize_kv_ref(x: torch.Tensor, scale: float, cache_dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as the cache stores it: for an fp8 cache ``clamp(x / scale)`` in e4m3 (computed in float32, as the
+    write kernel does), else ``x`` cast to the cache dtype."""
+    if cache_dtype != FP8_KV_DTYPE:
+        return x.to(cache_dtype)
+    return (x.float() * (1.0 / scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(cache_dtype)
+
+
+def dequantize_kv_ref(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cached values back in ``dtype``: fp8 values times their scale; other cache dtypes only cast."""
+    if x.dtype != FP8_KV_DTYPE:
+        return x.to(dtype)
+    return (x.float() * scale).to(dtype)
+
+
+def kv_compute_dtype(q: torch.Tensor, k_cache: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels' dots run in: the cache's, or q's when the cache is fp8 (its tiles are upcast)."""
+    return q.dtype if is_fp8_cache(k_cache) else k_cache.dtype
+
+
+def head_dim_block(head_dim: int) -> int:
+    """The padded head-dim block of the kernels: a power of two >= 16 (tl.dot's smallest K)."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def score_params(scale: float, softcap: float) -> tuple[float, float]:
@@ -41,16 +83,85 @@ def transform_scores(s, qk_scale, cap_log2, slopes, q_pos, k_pos, SOFTCAP: tl.co
     return s
 
 
+@triton.jit
+def mask_invisible(s, q_pos, offs_n, kv_end, sliding_window, WINDOW: tl.constexpr):
+    """Scores of keys a row must not see -> -inf: later than the row's position (causal), at or past ``kv_end`` (the
+    context, or a decode split's end), and with ``WINDOW`` not among the last ``sliding_window`` positions."""
+    visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n < kv_end)[None, :]
+    if WINDOW:
+        visible &= offs_n[None, :] > q_pos[:, None] - sliding_window
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def load_kv_tile(ptrs, key_mask, dim_mask, MASK_KEYS: tl.constexpr, MASK_DIMS: tl.constexpr):
+    """A K or V tile, masked only where needed: keys past the context (``MASK_KEYS``) and the padded head-dim
+    columns (``MASK_DIMS``); the masks broadcast to the tile's shape. A whole unpadded tile loads unmasked."""
+    if MASK_KEYS:
+        if MASK_DIMS:
+            x = tl.load(ptrs, mask=key_mask & dim_mask, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=key_mask, other=0.0)
+    elif MASK_DIMS:
+        x = tl.load(ptrs, mask=dim_mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def attend_kv_tile(
+    acc, m_i, l_i, q, q_pos, tile_start, kv_end, table, k_base, v_base, qk_scale, cap_log2, slopes, sliding_window,
+    stride_kb, stride_ks, stride_vb, stride_vs,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+):  # fmt: skip
+    """One key tile of online softmax for the rows of ``q`` (``[rows, BLOCK_D]``, positions ``q_pos``): gather the
+    tile's K/V through the block table, convert them to q's dtype (an fp8 cache's tiles are upcast here), score,
+    mask (``MASKED`` tiles: causal, context end, window) and fold into ``(acc, m_i, l_i)``.
+
+    Unmasked tiles must lie wholly below every row's position and inside the context (prefill's full tiles)."""
+    offs_n = tile_start + tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_context = offs_n < kv_end
+    if MASKED:
+        page = tl.load(table + offs_n // BLOCK_SIZE, mask=in_context, other=0).to(tl.int64)
+    else:
+        page = tl.load(table + offs_n // BLOCK_SIZE).to(tl.int64)
+    in_page = offs_n % BLOCK_SIZE
+    dim_ok = offs_d < HEAD_DIM
+    k = load_kv_tile(k_base + (page * stride_kb + in_page * stride_ks)[None, :] + offs_d[:, None],
+                     in_context[None, :], dim_ok[:, None], MASKED, BLOCK_D != HEAD_DIM)  # [BLOCK_D, TILE_N]
+    v = load_kv_tile(v_base + (page * stride_vb + in_page * stride_vs)[:, None] + offs_d[None, :],
+                     in_context[:, None], dim_ok[None, :], MASKED, BLOCK_D != HEAD_DIM)  # [TILE_N, BLOCK_D]
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    s = transform_scores(s, qk_scale, cap_log2, slopes, q_pos, offs_n, SOFTCAP, ALIBI)
+    if MASKED:
+        s = mask_invisible(s, q_pos, offs_n, kv_end, sliding_window, WINDOW)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if WINDOW:  # a row may meet a tile wholly outside its window before any visible key: no NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
 def triton_supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Shapes the Triton kernels handle: power-of-two head dim >= 16, whole query groups, unit-stride last dims."""
-    head_dim = q.shape[-1]
-    return (
-        head_dim >= 16
-        and head_dim & (head_dim - 1) == 0
-        and q.shape[1] % k_cache.shape[2] == 0
-        and q.stride(-1) == 1
-        and k_cache.stride(-1) == 1
-    )
+    """Shapes the Triton kernels handle: any head dim (padded to a power of two), whole query groups, unit-stride
+    last dims."""
+    return q.shape[1] % k_cache.shape[2] == 0 and q.stride(-1) == 1 and k_cache.stride(-1) == 1
 
 
 def check_attention_args(q, k_cache, v_cache, block_tables, out) -> torch.Tensor:
@@ -59,6 +170,8 @@ def check_attention_args(q, k_cache, v_cache, block_tables, out) -> torch.Tensor
         raise ValueError(f"unsupported shapes for the Triton attention: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
     if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must have the same shape, dtype and unit last stride")
+    if is_fp8_cache(k_cache) and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"an fp8 KV cache is read into q's dtype, which must be a float type, got {q.dtype}")
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables rows must be contiguous")
     if out is None:
@@ -72,15 +185,20 @@ def check_attention_args(q, k_cache, v_cache, block_tables, out) -> torch.Tensor
 
 
 def gather_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int, *,
+    k_scale: float = 1.0, v_scale: float = 1.0, dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous ``[B, max_len, Hk, D]`` copies of the first ``max_len`` cached positions of each sequence."""
+    """Contiguous ``[B, max_len, Hk, D]`` copies of the first ``max_len`` cached positions of each sequence; an fp8
+    cache comes back dequantized (times ``k_scale`` / ``v_scale``) in ``dtype``."""
     block_size, num_heads, head_dim = k_cache.shape[1:]
     num_blocks = -(-max_len // block_size)
     table = block_tables[:, :num_blocks].long()
     batch = table.shape[0]
     keys = k_cache[table].reshape(batch, num_blocks * block_size, num_heads, head_dim)[:, :max_len]
     values = v_cache[table].reshape(batch, num_blocks * block_size, num_heads, head_dim)[:, :max_len]
+    if is_fp8_cache(k_cache):
+        keys = dequantize_kv_ref(keys, k_scale, dtype or torch.float32)
+        values = dequantize_kv_ref(values, v_scale, dtype or torch.float32)
     return keys, values
 
 

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from kernels.attention_common import (
-    attend, check_attention_args, gather_kv, score_params, transform_scores, visible_keys,
+    attend, attend_kv_tile, check_attention_args, gather_kv, head_dim_block, is_fp8_cache, kv_compute_dtype,
+    score_params, visible_keys,
 )
 from kernels.backend import num_sms
 
@@ -38,10 +39,13 @@ def paged_decode_attention_ref(
     sliding_window: int = 0,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Plain-torch reference for the sequences with exactly one query row, in one padded batch; rows of other
     sequences in ``out`` are left as they are. Reads the lengths on the host (a sync): for CPU and tests.
-    ``sliding_window``/``softcap``/``alibi_slopes``: see kernels/attention_common.py."""
+    ``sliding_window``/``softcap``/``alibi_slopes`` and the fp8 cache's ``k_scale``/``v_scale``: see
+    kernels/attention_common.py."""
     if out is None:
         out = torch.empty_like(q)
     starts = query_start_loc.tolist()
@@ -51,7 +55,8 @@ def paged_decode_attention_ref(
         token_rows = query_start_loc[:-1].index_select(0, rows).long()
         lens = seq_lens.index_select(0, rows)
         max_len = int(lens.max())
-        keys, values = gather_kv(k_cache, v_cache, block_tables.index_select(0, rows), max_len)
+        keys, values = gather_kv(k_cache, v_cache, block_tables.index_select(0, rows), max_len, k_scale=k_scale,
+                                 v_scale=v_scale, dtype=q.dtype)
         query_pos = (lens.long() - 1)[:, None]  # [B, 1]
         mask = visible_keys(query_pos, max_len, sliding_window)  # [B, 1, S]
         out[token_rows] = attend(q[token_rows].unsqueeze(1), keys, values, mask, scale, softcap=softcap,
@@ -83,10 +88,11 @@ def _decode_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
-    qk_scale,
+    qk_scale,  # the fp8 cache's k_scale folded in
     cap_log2,
     slopes_ptr,  # [Hq] float32 ALiBi slopes (ALIBI only)
     sliding_window,  # 0: none; else only the last sliding_window positions are visible
+    v_scale,  # the fp8 cache's value scale (KV_FP8 only)
     num_kv_heads,
     stride_qt,
     stride_qh,
@@ -102,6 +108,7 @@ def _decode_kernel(
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -113,6 +120,8 @@ def _decode_kernel(
     IEEE: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
+    WINDOW: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     if ORDER == 0:
         seq = tl.program_id(0)
@@ -148,68 +157,46 @@ def _decode_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     head_mask = offs_h < GROUP
     heads = kv_head * GROUP + offs_h
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=head_mask[:, None], other=0.0
-    )
-    q = q.to(k_cache_ptr.dtype.element_ty)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=tile_mask, other=0.0)
+    if not KV_FP8:
+        q = q.to(k_cache_ptr.dtype.element_ty)  # an fp8 cache's tiles are upcast to q's dtype instead
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     table = block_tables_ptr + seq * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
     # Sliding window: keys before win_start are invisible; the tiles wholly before it are skipped.
-    win_start = tl.maximum(seq_len - sliding_window, 0) if sliding_window > 0 else 0
+    win_start = tl.maximum(seq_len - sliding_window, 0) if WINDOW else 0
     q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
     slopes = tl.load(slopes_ptr + heads, mask=head_mask, other=0.0) if ALIBI else q_pos
     for tile_start in range(tl.maximum(start, win_start // TILE_N * TILE_N), end, TILE_N):
-        offs_n = tile_start + tl.arange(0, TILE_N)
-        valid = (offs_n < end) & (offs_n >= win_start)
-        page = tl.load(table + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        in_page = offs_n % BLOCK_SIZE
-        k = tl.load(
-            k_base + (page * stride_kb + in_page * stride_ks)[None, :] + offs_d[:, None],
-            mask=valid[None, :],
-            other=0.0,
-        )  # [D, TILE_N]
-        v = tl.load(
-            v_base + (page * stride_vb + in_page * stride_vs)[:, None] + offs_d[None, :],
-            mask=valid[:, None],
-            other=0.0,
-        )  # [TILE_N, D]
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        s = transform_scores(s, qk_scale, cap_log2, slopes, q_pos, offs_n, SOFTCAP, ALIBI)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile wholly outside the window: no NaN
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        # Every decode tile is masked: the split's end, and the window's lower edge in its first tile.
+        acc, m_i, l_i = attend_kv_tile(
+            acc, m_i, l_i, q, q_pos, tile_start, end, table, k_base, v_base, qk_scale, cap_log2, slopes,
+            sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE_N, True,
+            IEEE, SOFTCAP, ALIBI, WINDOW,
+        )  # fmt: skip
 
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (graph padding) gives zeros, not NaN
     out = acc / safe_l[:, None]
+    if KV_FP8:
+        out = out * v_scale
     out_ptrs = out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     num_q_heads = num_kv_heads * GROUP
     part = (seq * num_q_heads + heads) * NUM_SPLITS + split  # [BLOCK_H]
     if NUM_SPLITS == 1:
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
     elif not FUSED_REDUCE:
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_mask[:, None])
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=tile_mask)
         tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=head_mask)
     elif num_active <= 1:
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])  # nothing to merge
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_mask)  # nothing to merge
     else:
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_mask[:, None])
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=tile_mask)
         tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=head_mask)
         # The last split of this (sequence, KV head) to finish merges all of them ("last arriver reduces"): every
         # thread's partial stores are ordered before the counter increment by the CTA barrier, and the increment
@@ -220,7 +207,7 @@ def _decode_kernel(
         if ticket == num_active - 1:
             tl.store(counter, 0)  # ready for the next launch (stream order puts it before the next kernel)
             _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, q_row, seq, kv_head, num_q_heads, num_active,
-                          stride_ot, stride_oh, GROUP, GROUP_PAD, HEAD_DIM, NUM_SPLITS, SPLITS_PAD,
+                          stride_ot, stride_oh, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_D, NUM_SPLITS, SPLITS_PAD,
                           SPLIT_CHUNK)  # fmt: skip
 
 
@@ -239,6 +226,7 @@ def _merge_splits(
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
@@ -259,8 +247,9 @@ def _merge_splits(
     lse_max = tl.where(g_mask, tl.max(lse, 1), 0.0)  # every active split has >= 1 key, so its lse is finite
     total = tl.sum(tl.exp2(lse - lse_max[:, None]), 1)
     total = tl.where(g_mask, total, 1.0)
-    offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
     for chunk_start in range(0, num_active, SPLIT_CHUNK):
         offs_c = chunk_start + tl.arange(0, SPLIT_CHUNK)
         mask = g_mask[:, None] & (offs_c < num_active)[None, :]  # [GROUP_PAD, SPLIT_CHUNK]
@@ -269,7 +258,7 @@ def _merge_splits(
         weight = tl.exp2(lse_c - lse_max[:, None])  # 0 for masked splits
         parts = tl.load(
             part_out_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-            mask=mask[:, :, None],
+            mask=mask[:, :, None] & d_mask[None, None, :],
             other=0.0,
             cache_modifier=".cg",
         )
@@ -278,7 +267,7 @@ def _merge_splits(
     tl.store(
         out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
-        mask=g_mask[:, None],
+        mask=g_mask[:, None] & d_mask[None, :],
     )
 
 
@@ -292,6 +281,7 @@ def _decode_reduce_kernel(
     stride_ot,
     stride_oh,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
@@ -311,11 +301,13 @@ def _decode_reduce_kernel(
     lse_max = tl.max(lse, 0)
     lse_max = tl.where(num_active > 0, lse_max, 0.0)
     weight = tl.exp2(lse - lse_max)  # 0 for inactive splits
-    offs_d = tl.arange(0, HEAD_DIM)
-    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=active[:, None], other=0.0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=active[:, None] & d_mask[None, :],
+                    other=0.0)  # fmt: skip
     total = tl.maximum(tl.sum(weight, 0), 1e-30)
     out = tl.sum(parts * weight[:, None], 0) / total
-    tl.store(out_ptr + q_row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + q_row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 _ORDER_INDEX_BITS = 16  # sort keys: length << 16 | (65535 - index); batches up to 65536 sequences
@@ -445,9 +437,11 @@ def paged_decode_attention(
     sliding_window: int = 0,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Triton decode attention: every sequence has exactly one query row (or none). ``sliding_window``, ``softcap``
-    and ``alibi_slopes`` as in the reference (kernels/attention_common.py).
+    """Triton decode attention: every sequence has exactly one query row (or none). ``sliding_window``, ``softcap``,
+    ``alibi_slopes`` and an fp8 cache's ``k_scale``/``v_scale`` as in the reference (kernels/attention_common.py).
 
     CUDA-graph safe: no host syncs; the grid is ``B x Hk x num_splits`` programs with ``num_splits`` from static shapes;
     the split-K scratch is allocated from static shapes (inside a graph capture it lives in the graph's pool). Sequences
@@ -490,13 +484,15 @@ def paged_decode_attention(
     else:
         part_out = part_lse = out  # never touched
     fused = counters is not None
+    kv_fp8 = is_fp8_cache(k_cache)
     group_pad = triton.next_power_of_2(group)
     splits_pad = triton.next_power_of_2(num_splits)
     grid = (batch, num_kv_heads, num_splits) if order == ORDER_HEAD_MAJOR else (batch * num_kv_heads * num_splits,)
     _decode_kernel[grid](
         out, part_out, part_lse, counters if fused else seq_lens, seq_order,
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        *score_params(scale, softcap), alibi_slopes if alibi_slopes is not None else q, sliding_window, num_kv_heads,
+        *score_params(scale * (k_scale if kv_fp8 else 1.0), softcap), alibi_slopes if alibi_slopes is not None else q,
+        sliding_window, v_scale if kv_fp8 else 1.0, num_kv_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -504,6 +500,7 @@ def paged_decode_attention(
         GROUP=group,
         BLOCK_H=max(16, group_pad),
         HEAD_DIM=head_dim,
+        BLOCK_D=head_dim_block(head_dim),
         BLOCK_SIZE=block_size,
         TILE_N=config.tile_n,
         NUM_SPLITS=num_splits,
@@ -512,9 +509,11 @@ def paged_decode_attention(
         GROUP_PAD=group_pad,
         SPLITS_PAD=splits_pad,
         SPLIT_CHUNK=max(1, min(splits_pad, 32 // group_pad)),
-        IEEE=k_cache.dtype == torch.float32,
+        IEEE=kv_compute_dtype(q, k_cache) == torch.float32,
         SOFTCAP=softcap > 0,
         ALIBI=alibi_slopes is not None,
+        WINDOW=sliding_window > 0,
+        KV_FP8=kv_fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
@@ -522,6 +521,7 @@ def paged_decode_attention(
         _decode_reduce_kernel[(batch, num_q_heads)](
             out, part_out, part_lse, seq_lens, query_start_loc, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim,
+            BLOCK_D=head_dim_block(head_dim),
             TILE_N=config.tile_n,
             NUM_SPLITS=num_splits,
             SPLITS_PAD=splits_pad,

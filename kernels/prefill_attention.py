@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from kernels.attention_common import (
-    attend, check_attention_args, gather_kv, score_params, transform_scores, visible_keys,
+    attend, attend_kv_tile, check_attention_args, gather_kv, head_dim_block, is_fp8_cache, kv_compute_dtype,
+    score_params, visible_keys,
 )
 
 
@@ -33,8 +34,11 @@ def paged_prefill_attention_ref(
     sliding_window: int = 0,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Plain-torch reference, one sequence at a time under a causal mask. Sequences with fewer than ``min_query_len``
+    """Plain-torch reference, one sequence at a time under a causal mask (an fp8 cache read with ``k_scale`` /
+    ``v_scale``, see kernels/attention_common.py). Sequences with fewer than ``min_query_len``
     query rows are left as they are in ``out`` (``paged_attention_ref`` batches its decodes separately). Reads the
     lengths on the host (a sync): for CPU and tests."""
     if out is None:
@@ -46,7 +50,8 @@ def paged_prefill_attention_ref(
         if n < max(min_query_len, 1):
             continue
         seq_len = lens[i]
-        keys, values = gather_kv(k_cache, v_cache, block_tables[i : i + 1], seq_len)
+        keys, values = gather_kv(k_cache, v_cache, block_tables[i : i + 1], seq_len, k_scale=k_scale,
+                                 v_scale=v_scale, dtype=q.dtype)
         query_pos = torch.arange(seq_len - n, seq_len, device=q.device)
         mask = visible_keys(query_pos, seq_len, sliding_window)
         out[start:end] = attend(q[None, start:end], keys, values, mask[None], scale, softcap=softcap,
@@ -59,78 +64,6 @@ def paged_prefill_attention_ref(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _prefill_tile(
-    acc,
-    m_i,
-    l_i,
-    q,
-    q_pos,
-    tile_start,
-    seq_len,
-    kv_end,
-    table,
-    k_base,
-    v_base,
-    qk_scale,
-    cap_log2,
-    slopes,
-    sliding_window,
-    stride_kb,
-    stride_ks,
-    stride_vb,
-    stride_vs,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    TILE_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    IEEE: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr,
-    WINDOW: tl.constexpr,
-):
-    """One key tile of online softmax; ``MASKED`` tiles apply the causal and length masks."""
-    offs_n = tile_start + tl.arange(0, TILE_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    if MASKED:
-        valid = offs_n < kv_end
-        page = tl.load(table + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    else:
-        page = tl.load(table + offs_n // BLOCK_SIZE).to(tl.int64)
-    in_page = offs_n % BLOCK_SIZE
-    k_ptrs = k_base + (page * stride_kb + in_page * stride_ks)[None, :] + offs_d[:, None]
-    v_ptrs = v_base + (page * stride_vb + in_page * stride_vs)[:, None] + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=valid[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    if IEEE:
-        s = tl.dot(q, k, input_precision="ieee")
-    else:
-        s = tl.dot(q, k)
-    s = transform_scores(s, qk_scale, cap_log2, slopes, q_pos, offs_n, SOFTCAP, ALIBI)
-    if MASKED:
-        visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < seq_len)
-        if WINDOW:
-            visible &= offs_n[None, :] > q_pos[:, None] - sliding_window
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if WINDOW:  # a row may meet a tile wholly outside its window before any visible key: no NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_safe = m_new
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
-
-
 @triton.jit(do_not_specialize=["num_seqs"])  # one compiled kernel whatever the batch size
 def _prefill_kernel(
     out_ptr,
@@ -140,10 +73,11 @@ def _prefill_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
-    qk_scale,
+    qk_scale,  # the fp8 cache's k_scale folded in
     cap_log2,
     slopes_ptr,  # [Hq] float32 ALiBi slopes (ALIBI only)
     sliding_window,  # 0: none
+    v_scale,  # the fp8 cache's value scale (KV_FP8 only)
     num_seqs,
     stride_qt,
     stride_qh,
@@ -160,12 +94,14 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     IEEE: tl.constexpr,
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
     WINDOW: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Rows of a program are ``BLOCK_Q`` query tokens x ``GROUP`` query heads of one KV head (row = tok * GROUP + h).
 
@@ -195,18 +131,20 @@ def _prefill_kernel(
     tok = q_block * BLOCK_Q + offs_m // GROUP
     heads = kv_head * GROUP + offs_m % GROUP
     row_mask = (offs_m < BLOCK_Q * GROUP) & (tok < q_len)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(
         q_ptr + (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=row_mask[:, None],
+        mask=tile_mask,
         other=0.0,
     )
-    q = q.to(k_cache_ptr.dtype.element_ty)
+    if not KV_FP8:
+        q = q.to(k_cache_ptr.dtype.element_ty)  # an fp8 cache's tiles are upcast to q's dtype instead
     q_pos = context_len + tok
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table = block_tables_ptr + seq * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
@@ -223,23 +161,25 @@ def _prefill_kernel(
         window_lo = 0
         full_end = (first_pos + 1) // TILE_N * TILE_N
     for tile_start in range(window_lo, full_end, TILE_N):
-        acc, m_i, l_i = _prefill_tile(
-            acc, m_i, l_i, q, q_pos, tile_start, seq_len, kv_end, table, k_base, v_base, qk_scale, cap_log2,
-            slopes, sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, False,
+        acc, m_i, l_i = attend_kv_tile(
+            acc, m_i, l_i, q, q_pos, tile_start, kv_end, table, k_base, v_base, qk_scale, cap_log2, slopes,
+            sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE_N, False,
             IEEE, SOFTCAP, ALIBI, WINDOW,
         )  # fmt: skip
     for tile_start in range(full_end, kv_end, TILE_N):
-        acc, m_i, l_i = _prefill_tile(
-            acc, m_i, l_i, q, q_pos, tile_start, seq_len, kv_end, table, k_base, v_base, qk_scale, cap_log2,
-            slopes, sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_SIZE, TILE_N, True,
+        acc, m_i, l_i = attend_kv_tile(
+            acc, m_i, l_i, q, q_pos, tile_start, kv_end, table, k_base, v_base, qk_scale, cap_log2, slopes,
+            sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE_N, True,
             IEEE, SOFTCAP, ALIBI, WINDOW,
         )  # fmt: skip
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if KV_FP8:
+        out = out * v_scale
     tl.store(
         out_ptr + (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
-        mask=row_mask[:, None],
+        mask=tile_mask,
     )
 
 
@@ -287,9 +227,12 @@ def paged_prefill_attention(
     sliding_window: int = 0,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Triton varlen causal attention over the paged cache, for any mix of prefill chunks and decodes.
-    ``sliding_window``, ``softcap`` and ``alibi_slopes`` as in the reference (kernels/attention_common.py).
+    ``sliding_window``, ``softcap``, ``alibi_slopes`` and an fp8 cache's ``k_scale``/``v_scale`` as in the reference
+    (kernels/attention_common.py).
 
     The grid is sized from ``T`` and ``B`` (shapes), so it needs no host copy of the lengths either.
     """
@@ -304,9 +247,11 @@ def paged_prefill_attention(
     block_m = max(config.block_m, triton.next_power_of_2(group))
     block_q = block_m // group
     grid = (num_tokens // block_q + batch, num_kv_heads)
+    kv_fp8 = is_fp8_cache(k_cache)
     _prefill_kernel[grid](
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        *score_params(scale, softcap), alibi_slopes if alibi_slopes is not None else q, sliding_window, batch,
+        *score_params(scale * (k_scale if kv_fp8 else 1.0), softcap), alibi_slopes if alibi_slopes is not None else q,
+        sliding_window, v_scale if kv_fp8 else 1.0, batch,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -315,12 +260,14 @@ def paged_prefill_attention(
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
         HEAD_DIM=head_dim,
+        BLOCK_D=head_dim_block(head_dim),
         BLOCK_SIZE=block_size,
         TILE_N=config.tile_n,
-        IEEE=k_cache.dtype == torch.float32,
+        IEEE=kv_compute_dtype(q, k_cache) == torch.float32,
         SOFTCAP=softcap > 0,
         ALIBI=alibi_slopes is not None,
         WINDOW=sliding_window > 0,
+        KV_FP8=kv_fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip

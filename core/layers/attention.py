@@ -1,8 +1,13 @@
 """Attention over the paged KV cache: one fused launch for [q/k norm ->] RoPE -> cache write, then attention
-through the block tables."""
+through the block tables.
+
+The cache's element type is the cache tensor's: with ``--kv-cache-dtype fp8`` the runner allocates e4m3 caches and
+each layer quantizes with its own ``k_scale`` / ``v_scale`` (1.0, or the checkpoint's: :func:`load_kv_scale`)."""
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +61,10 @@ class PagedAttention(nn.Module):
         self.rotary = rotary
         self.q_norm = q_norm
         self.k_norm = k_norm
+        # Per-tensor scales of an fp8 KV cache (cached value = x / scale); the kernels ignore them for other caches.
+        # Python floats: fixed after loading, so CUDA graphs capture them as launch arguments.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -69,10 +78,44 @@ class PagedAttention(nn.Module):
             self.q_norm.weight if self.q_norm is not None else None,
             self.k_norm.weight if self.k_norm is not None else None,
             self.q_norm.eps if self.q_norm is not None else 1e-6,
-            backend=self.kernel_backend,
+            backend=self.kernel_backend, k_scale=self.k_scale, v_scale=self.v_scale,
         )
         out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                               self.scale, max_query_len=meta.max_query_len, backend=self.attention_backend,
                               decode_order=meta.decode_order, sliding_window=self.sliding_window,
-                              softcap=self.softcap, alibi_slopes=self.alibi_slopes)  # fmt: skip
+                              softcap=self.softcap, alibi_slopes=self.alibi_slopes, k_scale=self.k_scale,
+                              v_scale=self.v_scale)  # fmt: skip
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+
+# Checkpoint names of KV-cache scales (vLLM's spellings): the suffix -> which of the layer's scales it sets.
+KV_SCALE_NAMES: dict[str, tuple[str, ...]] = {
+    ".k_scale": ("k_scale",),
+    ".v_scale": ("v_scale",),
+    ".kv_scale": ("k_scale", "v_scale"),  # older fp8 checkpoints: one scale for both
+    ".k_proj.output_scale": ("k_scale",),  # older compressed-tensors checkpoints
+    ".v_proj.output_scale": ("v_scale",),
+}
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def load_kv_scale(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
+    """If ``name`` is a KV-cache scale (``model.layers.3.self_attn.k_scale`` ...), set it on layer 3's
+    :class:`PagedAttention` and return True; False for any other tensor. The scale is used when the cache is fp8
+    (``--kv-cache-dtype fp8``) and ignored otherwise, as in vLLM."""
+    attrs = next((a for suffix, a in KV_SCALE_NAMES.items() if name.endswith(suffix)), None)
+    if attrs is None:
+        return False
+    match = _LAYER_INDEX.search(name)
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    if match is None or int(match.group(1)) >= len(layers):
+        raise ValueError(f"KV-cache scale '{name}' names no attention layer of this model ({len(layers)} layers).")
+    if tensor.numel() != 1:
+        raise ValueError(f"KV-cache scale '{name}' has {tensor.numel()} values; only per-tensor scales (one value "
+                         "per layer for keys and one for values) are supported.")
+    value = float(tensor.reshape(()).float())
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"KV-cache scale '{name}' must be a positive finite number, got {value}.")
+    for attr in attrs:
+        setattr(layers[int(match.group(1))], attr, value)
+    return True

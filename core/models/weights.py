@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from core.layers.attention import load_kv_scale
+
 # A family's placement rule: HF name + tensor -> (our parameter name, first row or None for the whole parameter,
 # tensor to copy) for each destination; an empty list skips the tensor (buffers, tied heads).
 Placement = Callable[[str, torch.Tensor], Iterable[tuple[str, int | None, torch.Tensor]]]
@@ -19,6 +21,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
     params = dict(model.named_parameters())
     rows_filled = {name: 0 for name in params}
     for name, tensor in weights:
+        if load_kv_scale(model, name, tensor):  # fp8 KV-cache scales belong to the attention layers, not parameters
+            continue
         for target, row, value in place(name, tensor):
             if target not in params:
                 raise ValueError(f"Checkpoint tensor '{name}' has no place in {architecture}.")

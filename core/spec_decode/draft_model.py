@@ -71,15 +71,16 @@ class DraftModelProposer:
     """The draft model, its KV-cache tensors and its own input buffers for the single-token proposal steps."""
 
     def __init__(self, spec: SpeculativeConfig, model: torch.nn.Module, model_config: ModelConfig, *,
-                 input_batch: InputBatch, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        """``input_batch``: block-table rows of the sequences it proposes for, synced from the engine's blocks."""
+                 input_batch: InputBatch, block_size: int, kv_cache_dtype: torch.dtype, device: torch.device) -> None:
+        """``input_batch``: block-table rows of the sequences it proposes for, synced from the engine's blocks;
+        ``kv_cache_dtype``: the target's (an fp8 cache is fp8 for the draft too)."""
         self.k = spec.num_speculative_tokens
         self.name = spec.model
         self.model = model
         self.model_config = model_config
         self.input_batch = input_batch
         self.block_size = block_size
-        self.dtype = dtype
+        self.kv_cache_dtype = kv_cache_dtype
         self.device = device
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None  # the k proposal steps per batch bucket (capture_graphs)
@@ -87,12 +88,13 @@ class DraftModelProposer:
     # ------------------------------------------------------------------------------------------------ KV cache
     def kv_block_bytes(self) -> int:
         cfg = self.model_config
-        return 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize * cfg.num_layers
+        return 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.kv_cache_dtype.itemsize * cfg.num_layers
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         cfg = self.model_config
         shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+                          for _ in range(cfg.num_layers)]
 
     # ------------------------------------------------------------------------------------------------ graphs
     def capture_graphs(self, max_num_seqs: int, max_blocks_per_seq: int, pool=None) -> None:

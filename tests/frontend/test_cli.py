@@ -161,7 +161,7 @@ def test_api_key_defaults_to_the_environment(monkeypatch):
 
 UNSUPPORTED = [
     ["--enable-lora"], ["--lora-modules", "a=/x"],
-    ["--quantization", "fp8"], ["-q", "awq"], ["--kv-cache-dtype", "fp8"],
+    ["--quantization", "fp8"], ["-q", "awq"],
     ["--runner", "pooling"], ["--guided-decoding-backend", "outlines"],
     ["--structured-outputs-config", "{}"], ["--reasoning-parser", "deepseek_r1"],
 ]
@@ -228,3 +228,11 @@ def test_every_serve_flag_has_help_text():
     assert not missing, missing
     text = parser.format_help()
     assert "--max-request-json-values" in text and "--shutdown-timeout" in text
+
+
+def test_kv_cache_dtype_flag():
+    assert cli.engine_config_from_args(cli.serve_parser().parse_args(["--kv-cache-dtype", "fp8"])).kv_cache_dtype == \
+        "fp8"
+    assert cli.engine_config_from_args(cli.serve_parser().parse_args([])).kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit):
+        cli.serve_parser().parse_args(["--kv-cache-dtype", "int8"])
