@@ -173,9 +173,15 @@ class EngineCore:
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
         if sched.scheduled:
             prev = self._inflight[1] if self._inflight is not None else None
-            handle = self.runner.launch(sched, self.kv.seq_blocks, prev)
-            if self._inflight is not None:
-                outputs.extend(self._finish_inflight())
+
+            def finish_previous() -> None:
+                """Runs inside ``launch`` once this step's forward is queued, before its sampling: the previous
+                step's tokens reach the grammar matchers before this step's mask is filled."""
+                if self._inflight is not None:
+                    outputs.extend(self._finish_inflight())
+
+            handle = self.runner.launch(sched, self.kv.seq_blocks, prev, finish_previous)
+            finish_previous()  # launch had nothing to sample
             self._inflight = (sched, handle)
             if not self.async_scheduling:
                 outputs.extend(self._finish_inflight())
@@ -191,11 +197,10 @@ class EngineCore:
 
     @staticmethod
     def _needs_sampled_tokens(sched: SchedulerOutput) -> bool:
-        """Penalties and multi-token bad words read the output token ids on the host, and a grammar's mask depends on
-        the previous token: wait for the step in flight before such a step."""
-        return any(s.samples and (s.seq.sampling_params.reads_output_tokens
-                                  or s.seq.sampling_params.structured_outputs is not None)
-                   for s in sched.scheduled)
+        """Penalties and multi-token bad words read the output token ids on the host while the step's inputs are
+        built: wait for the step in flight before such a step. (A grammar's mask also needs the previous token, but
+        only at sampling time: ``launch`` finishes the previous step after queueing the forward.)"""
+        return any(s.samples and s.seq.sampling_params.reads_output_tokens for s in sched.scheduled)
 
     def _fail_grammars(self) -> list[RequestError]:
         """Requests whose grammar did not compile: abort them and tell the frontend why (it answers 400)."""
@@ -212,6 +217,8 @@ class EngineCore:
         outputs = []
         sample_idx = 0
         proposing: list[Sequence] = []
+        constrained: list[Sequence] = []
+        constrained_tokens: list[int] = []
         for scheduled in sched.scheduled:
             if not scheduled.samples:
                 continue
@@ -227,8 +234,9 @@ class EngineCore:
             num_accepted = len(tokens) - 1  # drafts accepted by verification (before any truncation)
             finished, tokens = self._append_tokens(seq, tokens)
             if seq.sampling_params.structured_outputs is not None:
-                for token in tokens:  # one token: constrained sequences get no drafts (see _update's proposing)
-                    self.structured.accept(seq, token)
+                # One token: constrained sequences get no drafts (see ``proposing`` below).
+                constrained.append(seq)
+                constrained_tokens.append(tokens[0])
             if scheduled.spec_token_ids:
                 logprobs = _first_positions(logprobs, len(tokens))
                 self.spec_metrics.observe(len(scheduled.spec_token_ids), num_accepted)
@@ -254,6 +262,8 @@ class EngineCore:
                 # advanced through the drafts before it, so constrained rows always verify as plain decode rows.
                 proposing.append(seq)
             outputs.append(out)
+        if constrained:
+            self.structured.accept(constrained, constrained_tokens)  # one batched call for the step
         if proposing:
             for seq, drafts in zip(proposing, self._propose(proposing)):
                 seq.spec_token_ids = drafts
