@@ -174,14 +174,15 @@ class EngineCore:
         if sched.scheduled:
             prev = self._inflight[1] if self._inflight is not None else None
 
-            def finish_previous() -> None:
-                """Runs inside ``launch`` once this step's forward is queued, before its sampling: the previous
-                step's tokens reach the grammar matchers before this step's mask is filled."""
+            def finish_previous(sampling_seqs: list[Sequence] | None = None) -> None:
+                """Runs inside ``launch`` once this step's forward is queued, before its sampling, when some
+                sequence has a grammar: the previous step's tokens go to the grammar threads, which fill this
+                step's masks (``sampling_seqs``) while the previous step's outputs are built."""
                 if self._inflight is not None:
-                    outputs.extend(self._finish_inflight())
+                    outputs.extend(self._finish_inflight(sampling_seqs))
 
             handle = self.runner.launch(sched, self.kv.seq_blocks, prev, finish_previous)
-            finish_previous()  # launch had nothing to sample
+            finish_previous()  # launch did not call it
             self._inflight = (sched, handle)
             if not self.async_scheduling:
                 outputs.extend(self._finish_inflight())
@@ -190,10 +191,19 @@ class EngineCore:
             self.spec_metrics.fill(stats)
         return EngineOutputs(outputs, stats, timestamp=time.time(), errors=errors)
 
-    def _finish_inflight(self) -> list[EngineOutput]:
+    def _finish_inflight(self, next_sampling_seqs: list[Sequence] | None = None) -> list[EngineOutput]:
+        """The step in flight's outputs. Its constrained sequences' tokens advance their matchers first: on the
+        grammar threads, together with the masks of ``next_sampling_seqs`` (the step being launched), or now."""
         sched, handle = self._inflight
         self._inflight = None
-        return self._update(sched, handle.result())
+        result = handle.result()
+        if self.structured.active:
+            seqs, tokens = _constrained_tokens(sched, result)
+            if next_sampling_seqs is not None:
+                self.structured.prepare(seqs, tokens, next_sampling_seqs)
+            else:
+                self.structured.accept(seqs, tokens)
+        return self._update(sched, result)
 
     @staticmethod
     def _needs_sampled_tokens(sched: SchedulerOutput) -> bool:
@@ -217,8 +227,6 @@ class EngineCore:
         outputs = []
         sample_idx = 0
         proposing: list[Sequence] = []
-        constrained: list[Sequence] = []
-        constrained_tokens: list[int] = []
         for scheduled in sched.scheduled:
             if not scheduled.samples:
                 continue
@@ -233,10 +241,6 @@ class EngineCore:
                 continue
             num_accepted = len(tokens) - 1  # drafts accepted by verification (before any truncation)
             finished, tokens = self._append_tokens(seq, tokens)
-            if seq.sampling_params.structured_outputs is not None:
-                # One token: constrained sequences get no drafts (see ``proposing`` below).
-                constrained.append(seq)
-                constrained_tokens.append(tokens[0])
             if scheduled.spec_token_ids:
                 logprobs = _first_positions(logprobs, len(tokens))
                 self.spec_metrics.observe(len(scheduled.spec_token_ids), num_accepted)
@@ -262,8 +266,6 @@ class EngineCore:
                 # advanced through the drafts before it, so constrained rows always verify as plain decode rows.
                 proposing.append(seq)
             outputs.append(out)
-        if constrained:
-            self.structured.accept(constrained, constrained_tokens)  # one batched call for the step
         if proposing:
             for seq, drafts in zip(proposing, self._propose(proposing)):
                 seq.spec_token_ids = drafts
@@ -338,6 +340,23 @@ class EngineCore:
         self.runner.kv_caches = []
         if self.runner.draft is not None:
             self.runner.draft.kv_caches = []
+
+
+def _constrained_tokens(sched: SchedulerOutput, result: RunnerOutput) -> tuple[list[Sequence], list[int]]:
+    """The constrained sequences that sampled in ``sched`` (and are still live), with their sampled token (one:
+    constrained sequences get no drafts, see ``EngineCore._update``)."""
+    seqs, tokens = [], []
+    sample_idx = 0
+    for scheduled in sched.scheduled:
+        if not scheduled.samples:
+            continue
+        seq = scheduled.seq
+        if seq.sampling_params.structured_outputs is not None and not seq.is_finished:
+            seqs.append(seq)
+            tokens.append(result.emitted_token_ids[sample_idx][0] if result.emitted_token_ids is not None
+                          else result.sampled_token_ids[sample_idx])
+        sample_idx += 1
+    return seqs, tokens
 
 
 def _first_positions(logprobs: Logprobs | None, n: int) -> Logprobs | None:

@@ -296,14 +296,15 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(
         self, sched: SchedulerOutput, blocks: dict[tuple[str, int], list[KVBlock]], prev: StepHandle | None = None,
-        before_sample: Callable[[], None] | None = None,
+        before_sample: Callable[[list[Sequence]], None] | None = None,
     ) -> StepHandle:
         """Stage inputs and enqueue the step on the device without waiting for it. A sequence whose last input
         token is still being sampled by ``prev`` (async scheduling) gets it on the device, from ``prev``'s output.
 
-        ``before_sample``: called once the forward is queued and before the grammar masks are built, when some
-        sequence has a grammar (the engine finishes ``prev`` there, so the matchers have its tokens while the
-        device runs this forward); the caller runs it afterwards otherwise."""
+        ``before_sample(sampling_seqs)``: called once the forward is queued and before the grammar masks are
+        collected, when some sequence has a grammar (the engine finishes ``prev`` there and starts this step's
+        masks on the grammar threads, while the device runs this forward); the caller runs it afterwards
+        otherwise."""
         seqs = sched.scheduled
         rows = np.fromiter((self.input_batch.row(s.seq.key, blocks[s.seq.key]) for s in seqs),
                            dtype=np.int64, count=len(seqs))
@@ -373,7 +374,7 @@ class ModelRunner:
             return StepHandle([], {}, None, None, None, prompt_logprobs)
         output_indices = [seqs[i].output_index for i in sampling]
         if before_sample is not None and self.structured_output is not None and self.structured_output.active:
-            before_sample()
+            before_sample(sampling_seqs)
         if speculative:
             drafts = [seqs[i].spec_token_ids for i in sampling]
             grammar = None

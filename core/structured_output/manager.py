@@ -2,21 +2,24 @@
 and each step's token bitmask.
 
 Life of a constrained sequence: ``add`` submits its constraint to the compiler thread; the scheduler skips it while
-``holds`` says its grammar is compiling (other requests keep running); once compiled it gets a matcher, and each
-step ``bitmask`` fills the allowed next tokens of every constrained row in one batched, multi-threaded xgrammar call
-into a pinned buffer, uploaded in one non-blocking copy; ``accept`` advances the matchers with the sampled tokens in
-one batched call. Sequences without a constraint never reach xgrammar.
+``holds`` says its grammar is compiling (other requests keep running); once compiled it gets a matcher, advanced
+with each sampled token, which gives the allowed next tokens as a bitmask. Sequences without a constraint never
+reach xgrammar.
 
-A mask needs the previous token accepted. With async scheduling the engine launches step N's forward first, then
-finishes step N-1 (its tokens reach the matchers) and only then asks for step N's mask (``ModelRunner.launch``'s
-``before_sample``): the host's mask work overlaps the device's forward instead of serialising the steps.
+A step's grammar work (accept the previous step's tokens, then fill the masks) runs off the engine thread and
+overlaps with everything else: the engine queues step N's forward on the device, reads step N-1's tokens and hands
+them to ``prepare`` together with step N's sequences (``ModelRunner.launch``'s ``before_sample``), then does its
+Python bookkeeping for step N-1 while grammar threads (xgrammar releases the GIL) advance and fill the constrained
+rows, in chunks, straight into a pinned buffer; ``bitmask`` joins them and uploads the whole mask in one
+non-blocking copy. No sync with the device, no per-row work on the engine thread beyond collecting the matchers.
 """
-
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,11 +33,30 @@ logger = logging.getLogger(__name__)
 Key = tuple[str, int]
 
 
+def default_grammar_threads() -> int:
+    """Half the CPUs this process may use, at most 8: the engine thread keeps the rest."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
+
+
+# Fewer rows than this per grammar thread are not worth a thread: a row costs tens of microseconds.
+MIN_ROWS_PER_THREAD = 16
+
+
+@dataclass
+class _PreparedMasks:
+    """Masks being filled on the grammar threads for one step's sampling sequences."""
+
+    seqs: list[Sequence]
+    rows: list[int]  # the constrained rows among ``seqs``
+    host: torch.Tensor
+    jobs: list[Future]
+
+
 class StructuredOutputManager:
     def __init__(self, load_tokenizer_info: Callable[[], Any], vocab_size: int, max_num_seqs: int,
-                 fill_threads: int | str = "auto") -> None:
-        """``fill_threads``: xgrammar's thread count for the batched bitmask fill ("auto": half the hardware
-        threads)."""
+                 grammar_threads: int | None = None) -> None:
+        """``grammar_threads``: threads that accept tokens and fill masks, each for a chunk of the constrained rows
+        (default ``default_grammar_threads()``)."""
         self.vocab_size = vocab_size
         self.compiler = GrammarCompilerService(load_tokenizer_info)
         self._compiling: dict[Key, Future] = {}
@@ -42,11 +64,13 @@ class StructuredOutputManager:
         self._failures: list[tuple[Sequence, str]] = []
         self._num_words = -(-vocab_size // 32)
         self._max_rows = max_num_seqs
-        self._fill_threads = fill_threads
-        # True: one batched xgrammar call per step to fill, one to accept. False: a call per sequence (the reference
-        # the batched path is tested against).
+        self._num_threads = grammar_threads or default_grammar_threads()
+        self._pool: ThreadPoolExecutor | None = None
+        self._fillers: dict[int, Any] = {}  # thread ident -> its xgrammar BatchGrammarMatcher
+        # True: batched xgrammar calls on the grammar threads. False: one call per sequence on the engine thread
+        # (the reference the batched path is tested against; ``--per-sequence`` in benchmarks/structured_host_cost).
         self.batched = True
-        self._batch_matcher: Any = None
+        self._prepared: _PreparedMasks | None = None
         # Two pinned host buffers, alternated, each with the event of its last upload: a buffer is refilled only
         # once the copy that read it is done (in practice always, a step later: the wait costs nothing).
         self._host_buffers: list[torch.Tensor] = []
@@ -100,18 +124,76 @@ class StructuredOutputManager:
         self._matchers.pop(key, None)
 
     # ------------------------------------------------------------------------------------------------ step
+    def prepare(self, accepted_seqs: list[Sequence], accepted_tokens: list[int], seqs: list[Sequence]) -> None:
+        """Start, on the grammar threads: advance the matchers of ``accepted_seqs`` with ``accepted_tokens`` (the
+        previous step's), then fill the masks of the constrained rows among ``seqs`` (this step's sampling
+        sequences). ``bitmask(seqs, ...)`` collects them. The caller must not touch these matchers meanwhile."""
+        self._finish_prepared()
+        if not self.batched:
+            self.accept(accepted_seqs, accepted_tokens)
+            return
+        tokens = {seq.key: token for seq, token in zip(accepted_seqs, accepted_tokens)}
+        rows, work = [], []  # work: (host row, matcher, token to accept first or None)
+        get = self._matchers.get
+        for i, seq in enumerate(seqs):
+            matcher = get(seq.key)
+            if matcher is not None:
+                work.append((len(rows), matcher, tokens.pop(seq.key, None)))
+                rows.append(i)
+        # Tokens of sequences not sampling this step (finished, or not scheduled): accept them too.
+        leftover = [(-1, m, t) for key, t in tokens.items() if (m := get(key)) is not None]
+        if not rows and not leftover:
+            return
+        host = self._next_host_buffer(len(rows))
+        pool = self._grammar_pool()
+        num_chunks = max(1, min(self._num_threads, len(work) // MIN_ROWS_PER_THREAD))
+        size = -(-len(work) // num_chunks) if work else 0
+        chunks = [work[i : i + size] for i in range(0, len(work), size)] if work else []
+        if leftover:
+            chunks.append(leftover)
+        jobs = [pool.submit(self._accept_and_fill, chunk, host) for chunk in chunks]
+        self._prepared = _PreparedMasks(seqs, rows, host, jobs)
+
+    def _accept_and_fill(self, work: list[tuple[int, Any, int | None]], host: torch.Tensor) -> None:
+        """One grammar thread's chunk: accept each row's token, then fill the live rows' masks in one call."""
+        import xgrammar as xgr
+
+        accepting = [(m, t) for _, m, t in work if t is not None and not m.is_terminated()]
+        if accepting:
+            _check_accepted(xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in accepting],
+                                                                       [t for _, t in accepting]),
+                            [t for _, t in accepting])
+        live, slots = [], []
+        for slot, matcher, _ in work:
+            if slot < 0:
+                continue
+            if matcher.is_terminated():
+                host[slot].fill_(-1)  # past the grammar's end (ignore_eos, or finished in flight): allow anything
+            else:
+                live.append(matcher)
+                slots.append(slot)
+        if live:
+            self._filler().batch_fill_next_token_bitmask(live, host, slots)
+
     def bitmask(
         self, seqs: list[Sequence], device: torch.device, batch_rows: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, bitmask) for the constrained rows among ``seqs`` (the step's sampling sequences), or None.
-        ``batch_rows[i]``: the sampling batch row of ``seqs[i]`` (default ``i``; a speculative step's verify batch
-        has one row per verified position, and a constrained sequence has exactly one: it gets no drafts).
+        """(rows, bitmask) for the constrained rows among ``seqs`` (the step's sampling sequences), or None: the
+        masks ``prepare`` started for these ``seqs``, or filled now. ``batch_rows[i]``: the sampling batch row of
+        ``seqs[i]`` (default ``i``; a speculative step's verify batch has one row per verified position, and a
+        constrained sequence has exactly one: it gets no drafts). One non-blocking upload from pinned memory."""
+        prepared = self._finish_prepared()
+        if prepared is not None and prepared.seqs is seqs:
+            rows, host = prepared.rows, prepared.host
+        else:
+            rows, host = self._fill_now(seqs)
+        if not rows:
+            return None
+        out_rows = rows if batch_rows is None else [batch_rows[i] for i in rows]
+        return to_device(out_rows, torch.int64, device), self._upload(host[: len(rows)], device)
 
-        Filled on the host for every constrained row in one batched xgrammar call (C++ threads), uploaded from
-        pinned memory in one non-blocking copy: no sync, no per-row Python beyond collecting the matchers.
-        """
-        rows: list[int] = []
-        matchers: list[Any] = []
+    def _fill_now(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
+        rows, matchers = [], []
         get = self._matchers.get
         for i, seq in enumerate(seqs):
             matcher = get(seq.key)
@@ -119,58 +201,66 @@ class StructuredOutputManager:
                 rows.append(i)
                 matchers.append(matcher)
         if not rows:
-            return None
-        host = self._host_buffer(len(rows), device)
-        # A terminated matcher (ignore_eos past the grammar's end, or a sequence finished while this step was in
-        # flight) has no next-token mask: allow anything rather than nothing.
-        live = [slot for slot, matcher in enumerate(matchers) if not matcher.is_terminated()]
-        if len(live) < len(rows):
-            host[: len(rows)].fill_(-1)
+            return rows, None
+        host = self._next_host_buffer(len(rows))
         if self.batched:
-            if live:
-                self._batcher().batch_fill_next_token_bitmask([matchers[slot] for slot in live], host, live)
+            self._accept_and_fill([(slot, m, None) for slot, m in enumerate(matchers)], host)
         else:
-            for slot in live:
-                matchers[slot].fill_next_token_bitmask(host, slot)
-        out_rows = rows if batch_rows is None else [batch_rows[i] for i in rows]
-        return to_device(out_rows, torch.int64, device), self._upload(host[: len(rows)], device)
+            for slot, matcher in enumerate(matchers):
+                if matcher.is_terminated():
+                    host[slot].fill_(-1)
+                else:
+                    matcher.fill_next_token_bitmask(host, slot)
+        return rows, host
+
+    def _finish_prepared(self) -> _PreparedMasks | None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            for job in prepared.jobs:
+                job.result()
+        return prepared
 
     def accept(self, seqs: list[Sequence], tokens: list[int]) -> None:
         """Advance the matchers of ``seqs`` (constrained or not: the others are skipped) with their sampled tokens,
-        in one batched call."""
-        matchers: list[Any] = []
-        accepted: list[int] = []
-        for seq, token in zip(seqs, tokens):
-            matcher = self._matchers.get(seq.key)
-            if matcher is not None and not matcher.is_terminated():
-                matchers.append(matcher)
-                accepted.append(token)
-        if not matchers:
+        now, on this thread."""
+        self._finish_prepared()
+        pairs = [(m, t) for seq, t in zip(seqs, tokens)
+                 if (m := self._matchers.get(seq.key)) is not None and not m.is_terminated()]
+        if not pairs:
             return
         if self.batched:
             import xgrammar as xgr
 
-            ok = xgr.BatchGrammarMatcher.batch_accept_token(matchers, accepted)
+            ok = xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in pairs], [t for _, t in pairs])
         else:
-            ok = [matcher.accept_token(token) for matcher, token in zip(matchers, accepted)]
-        if not all(ok):
-            bad = [token for token, good in zip(accepted, ok) if not good]
-            logger.error("Grammar rejected sampled tokens %s: the bitmask and the sampler disagree.", bad[:8])
+            ok = [m.accept_token(t) for m, t in pairs]
+        _check_accepted(ok, [t for _, t in pairs])
 
-    def _batcher(self) -> Any:
-        if self._batch_matcher is None:
-            import xgrammar as xgr
+    def _grammar_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._num_threads, thread_name_prefix="grammar-step")
+        return self._pool
 
-            self._batch_matcher = xgr.BatchGrammarMatcher(max_threads=self._fill_threads)
-        return self._batch_matcher
+    def _filler(self) -> Any:
+        """This thread's single-threaded xgrammar batch filler (its threads are ours)."""
+        import threading
 
-    def _host_buffer(self, num_rows: int, device: torch.device) -> torch.Tensor:
+        import xgrammar as xgr
+
+        ident = threading.get_ident()
+        filler = self._fillers.get(ident)
+        if filler is None:
+            filler = self._fillers[ident] = xgr.BatchGrammarMatcher(max_threads=1)
+        return filler
+
+    def _next_host_buffer(self, num_rows: int) -> torch.Tensor:
         """The next pinned [max rows, words] int32 buffer, once its previous upload has finished."""
         if not self._host_buffers or self._host_buffers[0].shape[0] < num_rows:
-            pin = device.type == "cuda"
+            pin = torch.cuda.is_available()
             size = max(self._max_rows, num_rows)
-            self._host_buffers = [torch.empty(size, self._num_words, dtype=torch.int32, pin_memory=pin)
-                                  for _ in range(2)]
+            with torch.inference_mode(False):  # grammar threads write them outside the engine's inference mode
+                self._host_buffers = [torch.empty(size, self._num_words, dtype=torch.int32, pin_memory=pin)
+                                      for _ in range(2)]
             self._upload_events = [None, None]
         index = self._num_uploads % 2
         if self._upload_events[index] is not None:
@@ -189,4 +279,13 @@ class StructuredOutputManager:
         return out
 
     def shutdown(self) -> None:
+        self._finish_prepared()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.compiler.shutdown()
+
+
+def _check_accepted(ok: list[bool], tokens: list[int]) -> None:
+    if not all(ok):
+        bad = [token for token, good in zip(tokens, ok) if not good]
+        logger.error("Grammar rejected sampled tokens %s: the bitmask and the sampler disagree.", bad[:8])
