@@ -1,5 +1,7 @@
 """Where structured outputs spend engine time: the same requests unconstrained and under ``json_object``, through
-an in-process EngineCore, with the host time of the grammar work per step (mask fill, matcher accept, mask apply).
+an in-process EngineCore, with the engine thread's time in the grammar work per step: ``prepare_s`` (hand the previous tokens and this step's
+rows to the grammar threads), ``mask_fill_s`` (wait for / fill the masks, upload), ``accept_s`` (matchers advanced on
+the engine thread), ``mask_apply_s`` (the mask op; on CUDA only its launch).
 
     python -m benchmarks.structured_host_cost --model .models/smollm2-135m --load-format dummy --num-requests 256
 
@@ -46,6 +48,8 @@ def run(args: argparse.Namespace) -> dict:
     totals: dict = collections.defaultdict(float)
     engine.structured.bitmask = _timed(totals, "mask_fill_s", engine.structured.bitmask)
     engine.structured.accept = _timed(totals, "accept_s", engine.structured.accept)
+    if hasattr(engine.structured, "prepare"):  # absent before the grammar threads: lets it time an older build
+        engine.structured.prepare = _timed(totals, "prepare_s", engine.structured.prepare)
     core.sampler.apply_token_bitmask = _timed(totals, "mask_apply_s", core.sampler.apply_token_bitmask)
     prompts = [[1 + (7 * i + j) % 1000 for j in range(args.prompt_len)] for i in range(args.num_requests)]
     json_object = StructuredOutputsParams(json_object=True)
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     for name in ("unconstrained", "json_object"):
         r = result[name]
-        grammar = "  ".join(f"{k} {r[k]:.3f}" for k in ("mask_fill_s", "accept_s", "mask_apply_s") if k in r)
+        grammar = "  ".join(f"{k} {r[k]:.3f}" for k in ("prepare_s", "mask_fill_s", "accept_s", "mask_apply_s")
+                            if k in r)
         print(f"{name:>13}: {r['output_tok_per_s']:.1f} out tok/s, {r['steps']} steps, {r['step_ms']:.2f} ms/step"
               + (f"  (per step, ms: {grammar})" if grammar else ""))
     print(f"json_object slowdown: {100 * result['json_object_slowdown']:.1f}%")

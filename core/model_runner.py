@@ -378,7 +378,7 @@ class ModelRunner:
         if speculative:
             drafts = [seqs[i].spec_token_ids for i in sampling]
             grammar = None
-            if self.structured_output is not None:
+            if self.structured_output is not None and self.structured_output.active:
                 # Constrained sequences carry no drafts (EngineCore does not propose for them): one verify row each,
                 # the first of the sequence's rows.
                 if any(d and seq.sampling_params.structured_outputs is not None
@@ -391,7 +391,7 @@ class ModelRunner:
             return StepHandle(sampling_seqs, {}, None, None, None, prompt_logprobs, verified)
         batch = build_sampling_batch(sampling_seqs, self.vocab_size, self.device, output_indices,
                                      self._step_keys.getrandbits(32))
-        if self.structured_output is not None:
+        if self.structured_output is not None and self.structured_output.active:
             batch.grammar = self.structured_output.bitmask(sampling_seqs, self.device)
         sampled = self.sampler(logits[num_prompt_rows:], batch)
         host_tokens, event = None, None

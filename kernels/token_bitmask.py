@@ -10,6 +10,8 @@ torch reference is a few tensor ops (no loop over rows or tokens) and is what CP
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
@@ -18,20 +20,29 @@ from kernels.backend import use_triton
 
 DEFAULT_BLOCK = 4096
 
-_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_BYTE_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: bit j of byte value b."""
+    table = _BYTE_BITS.get(device)
+    if table is None:
+        table = _BYTE_BITS[device] = ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device))
+                                      & 1).bool()
+    return table
 
 
 def apply_token_bitmask_ref(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Set to -inf, in the given ``rows`` of ``logits`` [N, V], every token whose bit is 0 in ``bitmask``
-    [len(rows), >= ceil(V / 32)] int32. In place; returns ``logits``."""
+    [len(rows), >= ceil(V / 32)] int32. In place; returns ``logits``. The words are read as little-endian bytes
+    through a 256-entry table (one byte per token of temporaries, not four)."""
     if rows.numel() == 0:
         return logits
     vocab = logits.shape[-1]
-    shifts = _BIT_SHIFTS.get(logits.device)
-    if shifts is None:
-        shifts = _BIT_SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
-    words = bitmask[:, : -(-vocab // 32)]
-    allowed = ((words[:, :, None] >> shifts) & 1).view(words.shape[0], -1)[:, :vocab].bool()
+    words = bitmask[:, : -(-vocab // 32)].contiguous()
+    if sys.byteorder != "little":
+        raise RuntimeError("apply_token_bitmask_ref reads the bitmask's words as little-endian bytes")
+    allowed = _byte_bits(logits.device)[words.view(torch.uint8).long()].view(words.shape[0], -1)[:, :vocab]
     constrained = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
     return logits.index_copy_(0, rows, constrained)
 
