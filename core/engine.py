@@ -225,10 +225,17 @@ class EngineCore:
             plan = self.plan_builder.build(sched, self.kv.seq_blocks)
             if self.executor is not None:
                 self.executor.send(plan)
-            handle = self.runner.launch(plan, prev)
             ran = ran or set()
-            if self._inflight is not None:
-                ran |= self._finish_inflight(outputs)
+
+            def finish_previous(sampling_seqs: list | None = None) -> None:
+                """Runs inside ``launch`` once this step's forward is queued, before its sampling, when some
+                sequence has a grammar: the previous step's tokens go to the grammar threads, which fill this
+                step's masks (``sampling_seqs``) while the previous step's outputs are built."""
+                if self._inflight is not None:
+                    ran.update(self._finish_inflight(outputs, sampling_seqs))
+
+            handle = self.runner.launch(plan, prev, finish_previous)
+            finish_previous()  # launch did not call it
             self._inflight = (sched, handle)
             if not self.async_scheduling:
                 ran |= self._finish_inflight(outputs)
@@ -257,20 +264,28 @@ class EngineCore:
         return [RequestError(culprit, f"The engine failed while running this request: {type(exc).__name__}: {exc}",
                              internal=True)]
 
-    def _finish_inflight(self, outputs: list[EngineOutput]) -> set[str]:
-        """Wait for the step in flight and apply its results; the ids of the requests that sampled in it."""
+    def _finish_inflight(self, outputs: list[EngineOutput], next_sampling_seqs: list | None = None) -> set[str]:
+        """Wait for the step in flight and apply its results; the ids of the requests that sampled in it. Its
+        constrained sequences' tokens advance their matchers first: on the grammar threads, together with the masks
+        of ``next_sampling_seqs`` (the step being launched), or now."""
         sched, handle = self._inflight
         self._inflight = None
-        self._update(sched, handle.result(), outputs)
+        result = handle.result()
+        if self.structured.active:
+            seqs, tokens = _constrained_tokens(sched, result)
+            if next_sampling_seqs is not None:
+                self.structured.prepare(seqs, tokens, next_sampling_seqs)
+            else:
+                self.structured.accept(seqs, tokens)
+        self._update(sched, result, outputs)
         return {s.seq.request_id for s in sched.scheduled if s.samples}
 
     @staticmethod
     def _needs_sampled_tokens(sched: SchedulerOutput) -> bool:
-        """Penalties and multi-token bad words read the output token ids on the host, and a grammar's mask depends on
-        the previous token: wait for the step in flight before such a step."""
-        return any(s.samples and (s.seq.sampling_params.reads_output_tokens
-                                  or s.seq.sampling_params.structured_outputs is not None)
-                   for s in sched.scheduled)
+        """Penalties and multi-token bad words read the output token ids on the host while the step's inputs are
+        built: wait for the step in flight before such a step. (A grammar's mask also needs the previous token, but
+        only at sampling time: ``launch`` finishes the previous step after queueing the forward.)"""
+        return any(s.samples and s.seq.sampling_params.reads_output_tokens for s in sched.scheduled)
 
     def _fail_grammars(self) -> list[RequestError]:
         """Requests whose grammar did not compile: abort them and tell the frontend why (it answers 400)."""
@@ -302,9 +317,6 @@ class EngineCore:
                 continue
             num_accepted = len(tokens) - 1  # drafts accepted by verification (before any truncation)
             finished, tokens = self._append_tokens(seq, tokens)
-            if seq.sampling_params.structured_outputs is not None:
-                for token in tokens:  # one token: constrained sequences get no drafts (see _update's proposing)
-                    self.structured.accept(seq, token)
             if scheduled.spec_token_ids:
                 logprobs = _first_positions(logprobs, len(tokens))
                 self.spec_metrics.observe(len(scheduled.spec_token_ids), num_accepted)
@@ -410,6 +422,23 @@ class EngineCore:
         finally:
             if self.executor is not None:
                 self.executor.shutdown()
+
+
+def _constrained_tokens(sched: SchedulerOutput, result: RunnerOutput) -> tuple[list[Sequence], list[int]]:
+    """The constrained sequences that sampled in ``sched`` (and are still live), with their sampled token (one:
+    constrained sequences get no drafts, see ``EngineCore._update``)."""
+    seqs, tokens = [], []
+    sample_idx = 0
+    for scheduled in sched.scheduled:
+        if not scheduled.samples:
+            continue
+        seq = scheduled.seq
+        if seq.sampling_params.structured_outputs is not None and not seq.is_finished:
+            seqs.append(seq)
+            tokens.append(result.emitted_token_ids[sample_idx][0] if result.emitted_token_ids is not None
+                          else result.sampled_token_ids[sample_idx])
+        sample_idx += 1
+    return seqs, tokens
 
 
 def _first_positions(logprobs: Logprobs | None, n: int) -> Logprobs | None:

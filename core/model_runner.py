@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -348,10 +349,16 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------------ step
     @torch.inference_mode()
-    def launch(self, plan: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+    def launch(self, plan: SchedulerOutput, prev: StepHandle | None = None,
+               before_sample: Callable[[list[BatchSequence]], None] | None = None) -> StepHandle:
         """Apply the step's diffs to the persistent batch, stage inputs and enqueue the step on the device without
         waiting for it. A sequence whose last input token is still being sampled by ``prev`` (async scheduling)
-        gets it on the device, from ``prev``'s output."""
+        gets it on the device, from ``prev``'s output.
+
+        ``before_sample(sampling_seqs)``: called once the forward is queued and before the grammar masks are
+        collected, when some sequence has a grammar (the engine finishes ``prev`` there and starts this step's
+        masks on the grammar threads, while the device runs this forward); the caller runs it afterwards
+        otherwise."""
         seqs = plan.scheduled
         batch_seqs = self.batch.apply(plan)
         rows = np.fromiter((self.batch.row(b) for b in batch_seqs), dtype=np.int64, count=len(seqs))
@@ -432,13 +439,15 @@ class ModelRunner:
         if not sampling_seqs:
             return StepHandle([], {}, None, None, None, prompt_logprobs)
         output_indices = [seqs[i].output_index for i in sampling]
+        if before_sample is not None and self.structured_output is not None and self.structured_output.active:
+            before_sample(sampling_seqs)
         if speculative:
             drafts = [seqs[i].spec_token_ids for i in sampling]
             if plain_greedy:
                 return self._launch_greedy_verify(seqs, batch_seqs, sampling, logits[num_prompt_rows:].argmax(-1),
                                                   prompt_logprobs)
             grammar = None
-            if self.structured_output is not None:
+            if self.structured_output is not None and self.structured_output.active:
                 # Constrained sequences carry no drafts (EngineCore does not propose for them): one verify row each,
                 # the first of the sequence's rows.
                 if any(d and seq.sampling_params.structured_outputs is not None
@@ -451,7 +460,7 @@ class ModelRunner:
             return StepHandle(sampling_seqs, {}, None, None, None, prompt_logprobs, verified)
         batch = build_sampling_batch(sampling_seqs, self.vocab_size, self.device, output_indices,
                                      self._step_keys.getrandbits(32))
-        if self.structured_output is not None:
+        if self.structured_output is not None and self.structured_output.active:
             batch.grammar = self.structured_output.bitmask(sampling_seqs, self.device)
         sampled = self.sampler(logits[num_prompt_rows:], batch)
         if self.tp_group is not None:  # the other ranks feed these to their next step (async scheduling)

@@ -91,7 +91,7 @@ class Sampler:
         some row wants logprobs. The grammar goes first: nothing it forbids may come back in (nor be a logprob)."""
         logits = logits.float()
         if batch.grammar is not None:
-            apply_token_bitmask(logits, *batch.grammar)
+            apply_token_bitmask(logits, *batch.grammar, backend=self.kernel_backend)
         if batch.logit_bias is not None:
             rows, cols, values = batch.logit_bias
             logits.index_put_((rows, cols), values, accumulate=True)

@@ -2,20 +2,26 @@
 and each step's token bitmask.
 
 Life of a constrained sequence: ``add`` submits its constraint to the compiler thread; the scheduler skips it while
-``holds`` says its grammar is compiling (other requests keep running); once compiled it gets a matcher, and each
-step ``bitmask`` asks the matcher for the allowed next tokens; ``accept`` advances the matcher with the sampled token.
-Matchers need the previous token to build the next mask, so the engine never schedules a constrained sequence's
-sample while its previous token is still in flight (``EngineCore._needs_sampled_tokens``).
-"""
+``holds`` says its grammar is compiling (other requests keep running); once compiled it gets a matcher, advanced
+with each sampled token, which gives the allowed next tokens as a bitmask. Sequences without a constraint never
+reach xgrammar.
 
+A step's grammar work (accept the previous step's tokens, then fill the masks) runs off the engine thread and
+overlaps with everything else: the engine queues step N's forward on the device, reads step N-1's tokens and hands
+them to ``prepare`` together with step N's sequences (``ModelRunner.launch``'s ``before_sample``), then does its
+Python bookkeeping for step N-1 while grammar threads (xgrammar releases the GIL) advance and fill the constrained
+rows, in chunks, straight into a pinned buffer; ``bitmask`` joins them and uploads the whole mask in one
+non-blocking copy. No sync with the device, no per-row work on the engine thread beyond collecting the matchers.
+"""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from core.host_copy import to_device
@@ -27,16 +33,49 @@ logger = logging.getLogger(__name__)
 Key = tuple[str, int]
 
 
+def default_grammar_threads() -> int:
+    """Half the CPUs this process may use, at most 8: the engine thread keeps the rest."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
+
+
+# Fewer rows than this per grammar thread are not worth a thread: a row costs tens of microseconds.
+MIN_ROWS_PER_THREAD = 16
+
+
+@dataclass
+class _PreparedMasks:
+    """Masks being filled on the grammar threads for one step's sampling sequences."""
+
+    seqs: list[Sequence]
+    rows: list[int]  # the constrained rows among ``seqs``
+    host: torch.Tensor
+    jobs: list[Future]
+
+
 class StructuredOutputManager:
-    def __init__(self, load_tokenizer_info: Callable[[], Any], vocab_size: int, max_num_seqs: int) -> None:
+    def __init__(self, load_tokenizer_info: Callable[[], Any], vocab_size: int, max_num_seqs: int,
+                 grammar_threads: int | None = None) -> None:
+        """``grammar_threads``: threads that accept tokens and fill masks, each for a chunk of the constrained rows
+        (default ``default_grammar_threads()``)."""
         self.vocab_size = vocab_size
         self.compiler = GrammarCompilerService(load_tokenizer_info)
         self._compiling: dict[Key, Future] = {}
         self._matchers: dict[Key, Any] = {}
         self._failures: list[tuple[Sequence, str]] = []
         self._num_words = -(-vocab_size // 32)
-        self._host_bitmask: torch.Tensor | None = None
         self._max_rows = max_num_seqs
+        self._num_threads = grammar_threads or default_grammar_threads()
+        self._pool: ThreadPoolExecutor | None = None
+        self._fillers: dict[int, Any] = {}  # thread ident -> its xgrammar BatchGrammarMatcher
+        # True: batched xgrammar calls on the grammar threads. False: one call per sequence on the engine thread
+        # (the reference the batched path is tested against; ``--per-sequence`` in benchmarks/structured_host_cost).
+        self.batched = True
+        self._prepared: _PreparedMasks | None = None
+        # Two pinned host buffers, alternated, each with the event of its last upload: a buffer is refilled only
+        # once the copy that read it is done (in practice always, a step later: the wait costs nothing).
+        self._host_buffers: list[torch.Tensor] = []
+        self._upload_events: list[Any] = [None, None]
+        self._num_uploads = 0
 
     # ------------------------------------------------------------------------------------------------ intake
     def add(self, seq: Sequence) -> None:
@@ -66,6 +105,11 @@ class StructuredOutputManager:
         self._matchers[seq.key] = matcher
         return False
 
+    @property
+    def active(self) -> bool:
+        """Some sequence has a matcher: a step may need a mask."""
+        return bool(self._matchers)
+
     def take_failures(self) -> list[tuple[Sequence, str]]:
         failures, self._failures = self._failures, []
         return failures
@@ -80,38 +124,168 @@ class StructuredOutputManager:
         self._matchers.pop(key, None)
 
     # ------------------------------------------------------------------------------------------------ step
+    def prepare(self, accepted_seqs: list[Sequence], accepted_tokens: list[int], seqs: list[Sequence]) -> None:
+        """Start, on the grammar threads: advance the matchers of ``accepted_seqs`` with ``accepted_tokens`` (the
+        previous step's), then fill the masks of the constrained rows among ``seqs`` (this step's sampling
+        sequences). ``bitmask(seqs, ...)`` collects them. The caller must not touch these matchers meanwhile."""
+        self._finish_prepared()
+        if not self.batched:
+            self.accept(accepted_seqs, accepted_tokens)
+            return
+        tokens = {seq.key: token for seq, token in zip(accepted_seqs, accepted_tokens)}
+        rows, work = [], []  # work: (host row, matcher, token to accept first or None)
+        get = self._matchers.get
+        for i, seq in enumerate(seqs):
+            matcher = get(seq.key)
+            if matcher is not None:
+                work.append((len(rows), matcher, tokens.pop(seq.key, None)))
+                rows.append(i)
+        # Tokens of sequences not sampling this step (finished, or not scheduled): accept them too.
+        leftover = [(-1, m, t) for key, t in tokens.items() if (m := get(key)) is not None]
+        if not rows and not leftover:
+            return
+        host = self._next_host_buffer(len(rows))
+        pool = self._grammar_pool()
+        num_chunks = max(1, min(self._num_threads, len(work) // MIN_ROWS_PER_THREAD))
+        size = -(-len(work) // num_chunks) if work else 0
+        chunks = [work[i : i + size] for i in range(0, len(work), size)] if work else []
+        if leftover:
+            chunks.append(leftover)
+        jobs = [pool.submit(self._accept_and_fill, chunk, host) for chunk in chunks]
+        self._prepared = _PreparedMasks(seqs, rows, host, jobs)
+
+    def _accept_and_fill(self, work: list[tuple[int, Any, int | None]], host: torch.Tensor) -> None:
+        """One grammar thread's chunk: accept each row's token, then fill the live rows' masks in one call."""
+        import xgrammar as xgr
+
+        accepting = [(m, t) for _, m, t in work if t is not None and not m.is_terminated()]
+        if accepting:
+            _check_accepted(xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in accepting],
+                                                                       [t for _, t in accepting]),
+                            [t for _, t in accepting])
+        live, slots = [], []
+        for slot, matcher, _ in work:
+            if slot < 0:
+                continue
+            if matcher.is_terminated():
+                host[slot].fill_(-1)  # past the grammar's end (ignore_eos, or finished in flight): allow anything
+            else:
+                live.append(matcher)
+                slots.append(slot)
+        if live:
+            self._filler().batch_fill_next_token_bitmask(live, host, slots)
+
     def bitmask(
         self, seqs: list[Sequence], device: torch.device, batch_rows: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, bitmask) for the constrained rows among ``seqs`` (the step's sampling sequences), or None.
-        ``batch_rows[i]``: the sampling batch row of ``seqs[i]`` (default ``i``; a speculative step's verify batch
-        has one row per verified position, and a constrained sequence has exactly one: it gets no drafts).
-
-        Filled on the host by each row's matcher (C++, a few microseconds per row) and uploaded in one copy.
-        """
-        rows = [i for i, seq in enumerate(seqs) if seq.key in self._matchers]
+        """(rows, bitmask) for the constrained rows among ``seqs`` (the step's sampling sequences), or None: the
+        masks ``prepare`` started for these ``seqs``, or filled now. ``batch_rows[i]``: the sampling batch row of
+        ``seqs[i]`` (default ``i``; a speculative step's verify batch has one row per verified position, and a
+        constrained sequence has exactly one: it gets no drafts). One non-blocking upload from pinned memory."""
+        prepared = self._finish_prepared()
+        if prepared is not None and prepared.seqs is seqs:
+            rows, host = prepared.rows, prepared.host
+        else:
+            rows, host = self._fill_now(seqs)
         if not rows:
             return None
-        if self._host_bitmask is None or self._host_bitmask.shape[0] < len(rows):
-            self._host_bitmask = torch.empty(max(self._max_rows, len(rows)), self._num_words, dtype=torch.int32)
-        host = self._host_bitmask
-        for slot, row in enumerate(rows):
-            matcher = self._matchers[seqs[row].key]
-            if matcher.is_terminated():  # ignore_eos past the grammar's end: allow anything rather than nothing
-                host[slot].fill_(-1)
-            else:
-                matcher.fill_next_token_bitmask(host, slot)
         out_rows = rows if batch_rows is None else [batch_rows[i] for i in rows]
-        return (to_device(out_rows, torch.int64, device),
-                to_device(np.array(host[: len(rows)].numpy()), torch.int32, device))
+        return to_device(out_rows, torch.int64, device), self._upload(host[: len(rows)], device)
 
-    def accept(self, seq: Sequence, token: int) -> None:
-        """Advance ``seq``'s matcher with its sampled token."""
-        matcher = self._matchers.get(seq.key)
-        if matcher is None or matcher.is_terminated():
+    def _fill_now(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
+        rows, matchers = [], []
+        get = self._matchers.get
+        for i, seq in enumerate(seqs):
+            matcher = get(seq.key)
+            if matcher is not None:
+                rows.append(i)
+                matchers.append(matcher)
+        if not rows:
+            return rows, None
+        host = self._next_host_buffer(len(rows))
+        if self.batched:
+            self._accept_and_fill([(slot, m, None) for slot, m in enumerate(matchers)], host)
+        else:
+            for slot, matcher in enumerate(matchers):
+                if matcher.is_terminated():
+                    host[slot].fill_(-1)
+                else:
+                    matcher.fill_next_token_bitmask(host, slot)
+        return rows, host
+
+    def _finish_prepared(self) -> _PreparedMasks | None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            for job in prepared.jobs:
+                job.result()
+        return prepared
+
+    def accept(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        """Advance the matchers of ``seqs`` (constrained or not: the others are skipped) with their sampled tokens,
+        now, on this thread."""
+        self._finish_prepared()
+        pairs = [(m, t) for seq, t in zip(seqs, tokens)
+                 if (m := self._matchers.get(seq.key)) is not None and not m.is_terminated()]
+        if not pairs:
             return
-        if not matcher.accept_token(token):
-            logger.error("Grammar rejected token %d of %s: the bitmask and the sampler disagree.", token, seq)
+        if self.batched:
+            import xgrammar as xgr
+
+            ok = xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in pairs], [t for _, t in pairs])
+        else:
+            ok = [m.accept_token(t) for m, t in pairs]
+        _check_accepted(ok, [t for _, t in pairs])
+
+    def _grammar_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._num_threads, thread_name_prefix="grammar-step")
+        return self._pool
+
+    def _filler(self) -> Any:
+        """This thread's single-threaded xgrammar batch filler (its threads are ours)."""
+        import threading
+
+        import xgrammar as xgr
+
+        ident = threading.get_ident()
+        filler = self._fillers.get(ident)
+        if filler is None:
+            filler = self._fillers[ident] = xgr.BatchGrammarMatcher(max_threads=1)
+        return filler
+
+    def _next_host_buffer(self, num_rows: int) -> torch.Tensor:
+        """The next pinned [max rows, words] int32 buffer, once its previous upload has finished."""
+        if not self._host_buffers or self._host_buffers[0].shape[0] < num_rows:
+            pin = torch.cuda.is_available()
+            size = max(self._max_rows, num_rows)
+            with torch.inference_mode(False):  # grammar threads write them outside the engine's inference mode
+                self._host_buffers = [torch.empty(size, self._num_words, dtype=torch.int32, pin_memory=pin)
+                                      for _ in range(2)]
+            self._upload_events = [None, None]
+        index = self._num_uploads % 2
+        if self._upload_events[index] is not None:
+            self._upload_events[index].synchronize()
+        return self._host_buffers[index]
+
+    def _upload(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        index = self._num_uploads % 2
+        self._num_uploads += 1
+        if device.type != "cuda":
+            return host.clone()  # the buffer is refilled two steps on
+        out = host.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._upload_events[index] = event
+        return out
 
     def shutdown(self) -> None:
+        self._finish_prepared()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.compiler.shutdown()
+
+
+def _check_accepted(ok: list[bool], tokens: list[int]) -> None:
+    if not all(ok):
+        bad = [token for token, good in zip(tokens, ok) if not good]
+        logger.error("Grammar rejected sampled tokens %s: the bitmask and the sampler disagree.", bad[:8])

@@ -1,0 +1,26 @@
+"""CPU smoke test of the structured-output host-cost benchmark (batched and per-sequence) on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.structured_host_cost import main
+from tests.frontend.model_files import tiny_llama_dir
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_host_cost_benchmark_runs_both_passes(tmp_path_factory, per_sequence):
+    model = tiny_llama_dir(tmp_path_factory.getbasetemp() / "tiny-llama-host-cost")
+    out = tmp_path_factory.mktemp("results") / "results.jsonl"
+    argv = ["--model", str(model), "--device", "cpu", "--num-requests", "4", "--max-tokens", "8",
+            "--max-model-len", "256", "--num-blocks", "64", "--async-scheduling", "on", "--json", str(out)]
+    assert main(argv + (["--per-sequence"] if per_sequence else [])) == 0
+    record = json.loads(out.read_text())
+    assert record["per_sequence"] is per_sequence
+    assert record["unconstrained"]["output_tokens"] == 4 * 8
+    json_pass = record["json_object"]
+    assert 0 < json_pass["output_tokens"] <= 4 * 8
+    assert json_pass["mask_fill_s_calls"] >= json_pass["steps"] - 1 and json_pass["mask_apply_s_calls"] > 0
+    assert "mask_fill_s_calls" not in record["unconstrained"]  # unconstrained steps never reach the grammar path

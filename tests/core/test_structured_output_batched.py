@@ -1,0 +1,110 @@
+"""The batched grammar path (the previous tokens accepted and the masks filled by batched xgrammar calls on grammar
+threads while the engine thread builds the previous step's outputs and the forward runs) against the per-sequence
+path: the same masks at every step and the same tokens, under async scheduling, with constrained, terminated
+(ignore_eos) and unconstrained rows mixed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ipc.messages import FinishReason, SamplingParams, StructuredOutputsParams
+from tests.core.engine_utils import make_engine, run_engine
+from tests.frontend.model_files import tiny_llama_dir
+
+PROMPTS = [[1, 2, 3, 4], [5, 6, 7], [8, 9], [10, 11, 12, 13, 14], [15, 16], [17, 18, 19]]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama-batched"))
+
+
+def _params() -> list[SamplingParams]:
+    json_object = StructuredOutputsParams(json_object=True)
+    return [
+        SamplingParams(temperature=1.0, seed=1, max_tokens=20, structured_outputs=json_object),
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=2, n=2, max_tokens=20,
+                       structured_outputs=StructuredOutputsParams(regex=r"(cat|dog)s? [0-9]{2,4}")),
+        # Past the grammar's end with ignore_eos: a terminated matcher whose row allows anything.
+        SamplingParams(temperature=1.0, seed=3, max_tokens=16, ignore_eos=True,
+                       structured_outputs=StructuredOutputsParams(choice=["yes", "no"])),
+        SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=4, max_tokens=20, structured_outputs=json_object),
+    ]
+
+
+def _tokens(results) -> dict:
+    return {k: v["tokens"] for k, v in results.items()}
+
+
+def test_batched_masks_and_tokens_match_per_sequence(model):
+    engine = make_engine(model, async_scheduling=True, max_num_seqs=16)
+    manager = engine.structured
+    fill = manager.bitmask
+    compared = []
+
+    def both(seqs, device, batch_rows=None):
+        prepared = manager._prepared is not None
+        got = fill(seqs, device, batch_rows)  # the masks the grammar threads filled (prepared), or filled now
+        manager.batched = False
+        reference = fill(seqs, device, batch_rows)  # one xgrammar call per sequence, on the same matcher states
+        manager.batched = True
+        got_rows = dict(zip(got[0].tolist(), got[1])) if got is not None else {}
+        reference_rows = dict(zip(reference[0].tolist(), reference[1])) if reference is not None else {}
+        for row, mask in got_rows.items():
+            if row in reference_rows:
+                assert torch.equal(mask, reference_rows[row]), row
+            else:  # finished by the previous step's tokens after its mask was started: its sample is dropped
+                assert seqs[row].is_finished
+        assert set(reference_rows) <= set(got_rows)
+        if got_rows:
+            compared.append((len(got_rows), prepared))
+        return got
+
+    manager.bitmask = both
+    batched = run_engine(engine, PROMPTS, _params())
+    assert len(compared) > 10 and max(compared)[0] >= 5  # many steps, most constrained rows in one call
+    assert sum(prepared for _, prepared in compared) >= len(compared) - 2  # filled off the engine thread
+
+    per_sequence = make_engine(model, async_scheduling=True, max_num_seqs=16)
+    per_sequence.structured.batched = False
+    assert _tokens(run_engine(per_sequence, PROMPTS, _params())) == _tokens(batched)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    for key in ((0, 0), (5, 0)):
+        if batched[key]["finish_reason"] == FinishReason.STOP:
+            assert isinstance(json.loads(tokenizer.decode(batched[key]["tokens"], skip_special_tokens=True)), dict)
+    assert len(batched[(3, 0)]["tokens"]) == 16
+    assert tokenizer.decode(batched[(3, 0)]["tokens"][:1]) in ("yes", "no", "y", "n", "ye")
+    # The unconstrained rows are what they are without any constrained request around them.
+    alone = run_engine(make_engine(model, async_scheduling=True, max_num_seqs=16), [PROMPTS[1], PROMPTS[4]],
+                       [_params()[1], _params()[4]])
+    assert alone[(0, 0)]["tokens"] == batched[(1, 0)]["tokens"]
+
+
+def test_constrained_steps_keep_async_scheduling(model):
+    """A step with constrained decodes is launched while the previous step is still in flight (its forward is
+    queued before the previous tokens are read), exactly like an unconstrained step; the masks still come after
+    the previous tokens reach the matchers (same tokens as synchronous scheduling)."""
+    engine = make_engine(model, async_scheduling=True, max_num_seqs=16)
+    launch = engine.runner.launch
+    overlapped = []
+
+    def recording(sched, *args):
+        constrained = [s for s in sched.scheduled if s.samples and s.seq.output_token_ids
+                       and s.seq.sampling_params.structured_outputs is not None]
+        if constrained:
+            overlapped.append(engine._inflight is not None)
+        return launch(sched, *args)
+
+    engine.runner.launch = recording
+    got = run_engine(engine, PROMPTS, _params())
+    assert overlapped and sum(overlapped) >= len(overlapped) - 1, overlapped
+    reference = run_engine(make_engine(model, async_scheduling=False, max_num_seqs=16), PROMPTS, _params())
+    assert _tokens(got) == _tokens(reference)
