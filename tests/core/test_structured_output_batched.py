@@ -96,12 +96,13 @@ def test_constrained_steps_keep_async_scheduling(model):
     launch = engine.runner.launch
     overlapped = []
 
-    def recording(sched, *args):
-        constrained = [s for s in sched.scheduled if s.samples and s.seq.output_token_ids
-                       and s.seq.sampling_params.structured_outputs is not None]
+    def recording(plan, *args):
+        seqs = [engine._children[s.request_id][s.index] for s in plan.scheduled if s.samples]
+        constrained = [seq for seq in seqs
+                       if seq.output_token_ids and seq.sampling_params.structured_outputs is not None]
         if constrained:
             overlapped.append(engine._inflight is not None)
-        return launch(sched, *args)
+        return launch(plan, *args)
 
     engine.runner.launch = recording
     got = run_engine(engine, PROMPTS, _params())
