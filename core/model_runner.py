@@ -22,6 +22,7 @@ from core.host_copy import to_device
 from core.input_batch import InputBatch
 from core.step_inputs import StepInputs
 from core.kv_cache import KVBlock
+from core.layers.quantization import resolve_quantization
 from core.loader import iter_weights, load_hf_config
 from core.model_source import ModelSource, resolve_model
 from core.models import model_class
@@ -110,7 +111,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.source = resolve_model(config.model, config.revision)
-        self.model_config = ModelConfig.from_hf_dict(load_hf_config(self.source))
+        hf_config = load_hf_config(self.source)
+        self.model_config = resolve_quantization(ModelConfig.from_hf_dict(hf_config), hf_config, config.quantization)
         self.resolved = resolve_config(config, self.model_config)
         log_resolved(config, self.resolved)
         self.device = self.resolved.device

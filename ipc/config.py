@@ -33,6 +33,7 @@ DEVICES = ("auto", "cuda", "cpu")
 BACKENDS = ("auto", "torch", "triton")
 TASKS = ("auto", "generate", "embed")
 SPEC_METHODS = ("ngram", "draft_model")
+QUANTIZATION_CHOICES = ("fp8", "awq", "gptq")  # core/layers/quantization implements each
 
 
 class SpeculativeConfig(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -180,13 +181,18 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' or '{\"method\": \"draft_model\", \"model\": "
         "PATH_OR_ID, \"num_speculative_tokens\": 3}'.", metavar="JSON", parse=parse_speculative_config)] = None
 
+    quantization: Annotated[str | None, Arg(
+        "Weight quantization. Default: the checkpoint's config.json quantization_config (fp8, compressed-tensors "
+        "float8, awq, gptq). fp8 on an unquantized checkpoint quantizes it at load (per-channel weight scales, "
+        "dynamic per-token activation scales).", choices=QUANTIZATION_CHOICES, aliases=("-q",))] = None
+
     def __post_init__(self) -> None:
         for name, info in _FIELDS.items():
             choices = info.arg.choices
             value = getattr(self, name)
             if info.arg.parse is not None and value is not None:
                 setattr(self, name, info.arg.parse(value))  # a JSON string or dict given to the constructor
-            if choices is not None and value not in choices:
+            if choices is not None and value is not None and value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
 
     @property
@@ -301,7 +307,6 @@ NOT_SUPPORTED_YET: dict[str, NotSupportedYet] = {
     "lora_modules": NotSupportedYet("LoRA adapters", nargs="+"),
     "tensor_parallel_size": NotSupportedYet("tensor parallelism", aliases=("-tp",), allowed=("1",)),
     "pipeline_parallel_size": NotSupportedYet("pipeline parallelism", aliases=("-pp",), allowed=("1",)),
-    "quantization": NotSupportedYet("quantization methods", aliases=("-q",), allowed=("None",)),
     "kv_cache_dtype": NotSupportedYet("quantized KV cache", allowed=("auto",)),
     "runner": NotSupportedYet("--runner flag (for pooling use --task embed)", allowed=("auto", "generate")),
     "guided_decoding_backend": NotSupportedYet("structured-output backend other than xgrammar",
