@@ -47,8 +47,9 @@ def new_parameter(layer: nn.Module, name: str, shape: Sequence[int], dtype: torc
 
 
 def replace_parameter(layer: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Swap a loaded parameter for its processed form (new dtype or shape), freeing the old storage."""
-    delattr(layer, name)
+    """Set (or swap a loaded parameter for) its processed form (new dtype or shape), freeing the old storage."""
+    if hasattr(layer, name):
+        delattr(layer, name)
     layer.register_parameter(name, nn.Parameter(value, requires_grad=False))
 
 
