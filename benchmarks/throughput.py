@@ -4,6 +4,10 @@ Throughput = generated tokens / wall time from submitting the first request to t
 and warm-up are excluded. Prints one table row per run and the median; ``--json`` appends the result to a file.
 
     python -m benchmarks.throughput --workload W1 --model ../shared/models/qwen3-0.6b --load-format dummy
+
+Quantized runs: ``--quantization fp8`` quantizes the (real or dummy) weights at load; ``--dummy-int4 awq`` (or
+``gptq``) runs random int4 weights in that checkpoint layout: the model's config.json is copied into a temporary
+directory with a ``quantization_config`` added, and ``--load-format dummy`` fills the packed tensors.
 """
 
 from __future__ import annotations
@@ -55,15 +59,45 @@ def make_workload(name: str, num_prompts: int | None = None, seed: int = 0) -> W
     raise ValueError(f"Unknown workload {name}; choose from {WORKLOADS}.")
 
 
+def dummy_int4_model(model: str | None, method: str, group_size: int, directory: str) -> str:
+    """A directory holding ``model``'s config.json with an AWQ (GEMM) or GPTQ (v1) ``quantization_config``: with
+    ``--load-format dummy`` the engine builds random int4 weights in that layout (speed does not depend on values)."""
+    from pathlib import Path
+
+    from core.loader import load_hf_config
+    from core.model_source import resolve_model
+
+    config = load_hf_config(resolve_model(model))
+    if method == "awq":
+        qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+    else:
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False, "sym": True,
+              "checkpoint_format": "gptq"}
+    config["quantization_config"] = qc
+    config.setdefault("torch_dtype", "float16")
+    path = Path(directory) / f"dummy-{method}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
 def run_pagedserve(args: argparse.Namespace, workload: Workload) -> list[dict]:
+    import tempfile
+
     from frontend import LLM, SamplingParams
 
+    model, load_format = args.model, args.load_format
+    if args.dummy_int4:
+        temporary = tempfile.TemporaryDirectory(prefix="pagedserve-int4-")
+        model = dummy_int4_model(args.model, args.dummy_int4, args.dummy_group_size, temporary.name)
+        load_format = "dummy"
     start = time.perf_counter()
     llm = LLM(
-        args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
+        model, load_format=load_format, dtype=args.dtype, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
         enable_prefix_caching=not args.no_enable_prefix_caching, skip_tokenizer_init=True, seed=args.seed,
+        quantization=args.quantization,
     )
     startup = time.perf_counter() - start
     print(f"startup to ready: {startup:.1f} s", file=sys.stderr)
@@ -177,6 +211,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--quantization", choices=("fp8", "awq", "gptq"), default=None,
+                   help="weight quantization (fp8: quantize the weights at load)")
+    p.add_argument("--dummy-int4", choices=("awq", "gptq"), default=None,
+                   help="random int4 weights in this checkpoint layout (implies --load-format dummy)")
+    p.add_argument("--dummy-group-size", type=int, default=128)
     p.add_argument("--no-enable-prefix-caching", action="store_true")
     p.add_argument("--num-prompts", type=int, default=None, help="override the workload's request count")
     p.add_argument("--runs", type=int, default=2)
