@@ -291,3 +291,33 @@ def test_unsupported_checkpoint_method_fails_naming_it(tmp_path):
     path = save(tmp_path / "bnb", config, state)
     with pytest.raises(ValueError, match="'bitsandbytes'.*supported quantization methods: awq, fp8, gptq"):
         make_engine(path)
+
+
+GPU_CASES = {"awq": lambda tmp: write_awq(tmp, 64), "gptq-act": lambda tmp: write_gptq(tmp, 32, True, False),
+             "fp8": lambda tmp: write_fp8(tmp, "fp8"), "fp8-ct-static": lambda tmp: write_fp8(tmp, "ct-tensor-static")}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_quantized_checkpoints_on_gpu_with_cuda_graphs(tmp_path, case):
+    """The GPU kernels (Triton int4, fp8 skinny and _scaled_mm) in bf16: first-step logprobs near the dequantized
+    model's, and decode through CUDA graphs token-for-token the same as eager decode of the same model."""
+    quantized, dequantized = GPU_CASES[case](tmp_path)
+    engine, graphs = greedy(quantized, dtype="bfloat16", device="cuda")
+    assert engine.runner.use_graphs
+    _, eager = greedy(quantized, dtype="bfloat16", device="cuda", enforce_eager=True)
+    assert [r["tokens"] for r in graphs] == [r["tokens"] for r in eager]
+    _, reference = greedy(dequantized, dtype="bfloat16", device="cuda")
+    assert logprob_error(graphs, reference, steps=1) <= (FP8_FIRST_STEP_ATOL if "fp8" in case else 0.05)
+
+
+@pytest.mark.gpu
+def test_online_fp8_on_gpu_with_cuda_graphs(tmp_path):
+    config, state = base_checkpoint()
+    path = save(tmp_path / "plain", config, state)
+    engine, graphs = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8")
+    _, eager = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=True)
+    assert [r["tokens"] for r in graphs] == [r["tokens"] for r in eager]
+    _, reference = greedy(path, dtype="bfloat16", device="cuda")
+    assert logprob_error(graphs, reference, steps=1) <= FP8_FIRST_STEP_ATOL
+    assert all(layer.quant_method.use_scaled_mm for layer in linears(engine))

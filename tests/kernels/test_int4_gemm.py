@@ -82,3 +82,20 @@ def test_act_order_permutation(dtype):
     assert_close(out, expected, TOLERANCE[dtype], "act-order kernel")
     ref = int4_linear(x.to(dtype), *args, group, perm.to(torch.int32))  # CPU: the reference path
     assert_close(ref, expected, TOLERANCE[dtype], "act-order reference")
+
+
+LLAMA_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 16, 200])
+@pytest.mark.parametrize("n, k", LLAMA_8B_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_linear_gpu_at_llama_shapes(m, n, k, dtype):
+    gen = torch.Generator().manual_seed(m)
+    group = 128
+    q, zeros, scales, _ = random_int4(k, n, group, gen)
+    args = (pack_int4_rows(q).cuda(), (scales * 0.1).to(dtype).cuda(), zeros.to(dtype).cuda())
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    out = int4_linear(x, *args, group)
+    assert_close(out, int4_linear_ref(x, *args, group).float(), 1e-2, f"int4 m={m} {n}x{k} {dtype}")
