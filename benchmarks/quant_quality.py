@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from core.layers.quantization import weight_bytes
+
 DEFAULT_TEXT = Path(__file__).parent / "data" / "w6_passages.txt"
 METHODS = ("fp8", "awq-rtn")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -89,10 +91,6 @@ def write_awq_rtn(source, directory: Path, group_size: int) -> Path:
     (directory / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
     return directory
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def compare(reference: torch.Tensor, quantized: torch.Tensor) -> dict:

@@ -22,7 +22,7 @@ from core.host_copy import to_device
 from core.input_batch import InputBatch
 from core.step_inputs import StepInputs
 from core.kv_cache import KVBlock
-from core.layers.quantization import resolve_quantization
+from core.layers.quantization import resolve_quantization, weight_bytes
 from core.loader import iter_weights, load_hf_config
 from core.model_source import ModelSource, resolve_model
 from core.models import model_class
@@ -129,6 +129,9 @@ class ModelRunner:
         self.model = self._load_model()
         logger.info("Loaded %s (%s, %s) in %.1f s", self.source.name, self.dtype, self.device,
                     time.perf_counter() - start)
+        if self.model_config.quantization is not None:
+            logger.info("Weights quantized with %s: %.1f MB of weights", self.model_config.quantization.summary(),
+                        weight_bytes(self.model) / 1e6)
         self.sampler = Sampler(self.resolved.kernel_backend)
         self.structured_output = None  # the engine's StructuredOutputManager: grammar bitmasks for constrained rows
         self._step_keys = random.Random(config.seed)  # unseeded rows' noise: reproducible for a given engine seed

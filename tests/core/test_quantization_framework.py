@@ -96,3 +96,10 @@ def test_merged_parameters_load_by_their_layout_attributes():
     bad = tensors + [("a.g_idx", torch.tensor([1, 1, 0, 0], dtype=torch.int32))]
     with pytest.raises(ValueError, match="differs"):
         weight_utils.load_weights(model, bad, place, "Test")
+
+
+def test_quantization_flag_reaches_the_engine_config():
+    from frontend import cli
+
+    for argv in (["--quantization", "fp8"], ["-q", "fp8"]):
+        assert cli.engine_config_from_args(cli.serve_parser().parse_args(argv)).quantization == "fp8"

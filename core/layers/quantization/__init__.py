@@ -97,10 +97,15 @@ def check_family_supports(architecture: str, method: str) -> None:
                          f"{', '.join(families) or 'none'}.")
 
 
+def weight_bytes(model) -> int:
+    """Bytes of every parameter (quantized weights at their packed size): what the model holds on the device."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def linear_method(quant: QuantConfig | None, prefix: str) -> LinearMethod | None:
     """The layer's method, or None (unquantized model, or a layer the checkpoint left unquantized)."""
     return None if quant is None else quant.linear_method(prefix)
 
 
 __all__ = ["LinearMethod", "QuantConfig", "QUANTIZATION_METHODS", "check_family_supports", "linear_method",
-           "quant_config_from_hf", "resolve_quantization", "supported_methods"]
+           "quant_config_from_hf", "resolve_quantization", "supported_methods", "weight_bytes"]
