@@ -106,21 +106,22 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_packed = tl.arange(0, BLOCK_K // 8)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    shifts = ((offs_k % 8) * 4)[:, None]
+    shifts = tl.arange(0, 8) * 4
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        kk = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None], other=0.0)
-        qw = tl.load(qw_ptr + (kk // 8)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-        q = ((qw >> shifts) & 0xF).to(tl.float32)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
+        # Each int32 is loaded once and split into its 8 rows: [BLOCK_K / 8, 8, BLOCK_N] -> [BLOCK_K, BLOCK_N].
+        qw = tl.load(qw_ptr + (k0 // 8 + offs_packed)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+        q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N)).to(tl.float32)
         group = k0 // GROUP_SIZE
         s = tl.load(s_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        w = ((q - z[None, :]) * s[None, :]).to(x.dtype)
+        w = (q * s[None, :] - (z * s)[None, :]).to(x.dtype)  # (q - z) * s as one FMA per element
         acc += tl.dot(x, w, out_dtype=tl.float32)
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
