@@ -49,3 +49,18 @@ def test_quality_script_reports_kl_for_each_method(tmp_path, capsys):
         assert 0 < rows[method]["mean_kl"] < 0.5 and 0 < rows[method]["top1_agreement"] <= 1
         assert rows[method]["weight_bytes"] < rows["none"]["weight_bytes"]
     assert "mean KL" in capsys.readouterr().out
+
+
+def test_quantized_gemm_benchmark_smoke_runs_and_checks_pass():
+    """benchmarks/bench_quant_gemm.py end to end at tiny shapes (interpreted on CPU): the lead runs it on the GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_quant_gemm.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for label in ("## tiny_a", "fp8 skinny (w8a16)", "int4 triton (w4a16)", "# all correctness checks passed"):
+        assert label in proc.stdout
