@@ -8,7 +8,8 @@ Two paths on the GPU, by the number of rows M:
 - M <= 16 (decode): the GEMM is a pass over the weight, so its floor is the weight's bytes; the Triton skinny kernel
   reads the fp8 weight, widens it in registers and multiplies it with the unquantized activations (w8a16: no
   activation quantization to launch, and no activation rounding), scaling each output channel once at the end.
-  x is padded to 16 rows for ``tl.dot`` and K is split over enough programs to fill the GPU.
+  x is padded to 16 rows for ``tl.dot``; output blocks are narrow enough to give every SM work, and only small
+  layers split K (``kernels/split_k.py``).
 
 ``fp8_linear_ref`` (quantize the activations like the W8A8 path, dequantize, fp32 matmul) is the CPU path and the
 reference of the W8A8 path; ``fp8_weight_only_ref`` is the skinny kernel's. Kernels take fp8 tensors as uint8 views
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.backend import num_sms
+from kernels.split_k import decode_launch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -133,17 +134,19 @@ def _fp8_skinny_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, k_per_split, s
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *, block_n: int = 64,
-                    block_k: int = 128, split_k: int | None = None, num_warps: int = 4) -> torch.Tensor:  # fmt: skip
-    """``x [M <= 16, K] @ (weight [N, K] fp8 * weight_scale[:, None])^T`` in x's dtype (the decode path)."""
+def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *, block_n: int | None = None,
+                    block_k: int = 256, split_k: int | None = None, num_warps: int = 4) -> torch.Tensor:  # fmt: skip
+    """``x [M <= 16, K] @ (weight [N, K] fp8 * weight_scale[:, None])^T`` in x's dtype (the decode path). Block
+    sizes and ``split_k`` default to ``decode_launch``'s choice; tests pass their own."""
     m, k = x.shape
     n = weight.shape[0]
     if m > 16:
         raise ValueError(f"fp8_skinny_gemm takes at most 16 rows, got {m}.")
-    n_blocks = triton.cdiv(n, block_n)
     k_blocks = triton.cdiv(k, block_k)
-    if split_k is None:
-        split_k = max(1, min(k_blocks, 2 * num_sms(x.device.index if x.is_cuda else None) // n_blocks))
+    if block_n is None or split_k is None:
+        auto_n, auto_split = decode_launch(n, k_blocks, x.device.index if x.is_cuda else None)
+        block_n, split_k = block_n or auto_n, split_k or auto_split
+    n_blocks = triton.cdiv(n, block_n)
     k_per_split = triton.cdiv(k_blocks, split_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
     out = torch.empty((split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else x.dtype,

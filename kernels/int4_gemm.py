@@ -9,8 +9,8 @@ checkpoints into this layout.
 Two launch shapes of one kernel, each program dequantizing a ``[block_k, block_n]`` tile (one group: block_k
 divides the group size) and feeding ``tl.dot``:
 
-- decode (M <= 16): x padded to 16 rows, the K loop split over ``split_k`` programs so that a skinny GEMM still fills
-  the GPU; fp32 partial sums, added up by one ``sum`` over the splits.
+- decode (M <= 16): x padded to 16 rows; output blocks narrow enough to give every SM work (``kernels/split_k.py``),
+  and only for small layers the K loop split over programs (fp32 partial sums, added up by one ``sum``).
 - prefill (larger M): ``[64, block_n]`` output tiles, no split.
 
 ``int4_linear_ref`` (unpack, dequantize, fp32 matmul) is the reference and the CPU path.
@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import num_sms, use_triton
+from kernels.backend import use_triton
+from kernels.split_k import decode_launch
 
 # AutoAWQ's GEMM packing: nibble i of an int32 holds column AWQ_ORDER[i] of its eight.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -146,17 +147,16 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     n = qweight.shape[1]
     decode = m <= 16
     block_m = 16 if decode else 64
-    block_n = block_n or (64 if decode else 128)
     block_k = block_k or _block_k(k, group_size, 128 if decode else 64)
     if block_k is None or k % block_k or group_size % block_k:
         raise ValueError(f"int4_gemm: no block_k divides K={k} and the group size {group_size}.")
-    n_blocks, m_blocks = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     k_blocks = k // block_k
-    if split_k is None:
-        split_k = 1
-        if decode:  # enough programs to cover every SM about twice
-            target = 2 * num_sms(x.device.index if x.is_cuda else None)
-            split_k = max(1, min(k_blocks, target // max(1, n_blocks)))
+    if decode and (block_n is None or split_k is None):
+        auto_n, auto_split = decode_launch(n, k_blocks, x.device.index if x.is_cuda else None)
+        block_n, split_k = block_n or auto_n, split_k or auto_split
+    block_n = block_n or 128
+    split_k = split_k or 1
+    n_blocks, m_blocks = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     k_per_split = triton.cdiv(k_blocks, split_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
     if split_k == 1:

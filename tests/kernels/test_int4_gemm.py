@@ -99,3 +99,12 @@ def test_int4_linear_gpu_at_llama_shapes(m, n, k, dtype):
     x = torch.randn(m, k, generator=gen).to(dtype).cuda()
     out = int4_linear(x, *args, group)
     assert_close(out, int4_linear_ref(x, *args, group).float(), 1e-2, f"int4 m={m} {n}x{k} {dtype}")
+
+
+def test_decode_launch_splits_k_only_for_small_layers():
+    from kernels.split_k import decode_launch
+
+    for n, k in LLAMA_8B_SHAPES:  # enough output blocks: no partial sums, no reduction launch
+        assert decode_launch(n, k // 128, None)[1] == 1
+    block_n, split = decode_launch(576, 576 // 64, None)  # SmolLM2's o_proj: 36 blocks of 16 rows
+    assert block_n == 16 and split > 1

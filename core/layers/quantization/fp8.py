@@ -10,6 +10,7 @@ merged layer is the shards' max, as in vLLM. The matmul is ``kernels/fp8_linear.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,8 @@ from torch import nn
 
 from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, replace_parameter, shard_starts
 from kernels.fp8_linear import FP8_DTYPE, fp8_linear, fp8_linear_ref, fp8_supported, quantize_per_channel
+
+logger = logging.getLogger(__name__)
 
 
 class Fp8Config(QuantConfig):
@@ -144,7 +147,12 @@ class Fp8LinearMethod(LinearMethod):
             replace_parameter(layer, "input_scale", layer.input_scale.data.float().max().reshape(1))
         else:
             layer.input_scale = None
-        self.use_scaled_mm = fp8_supported(layer.weight.device)
+        out_features, in_features = layer.weight.shape
+        # torch._scaled_mm needs both dims in multiples of 16; other shapes keep the (slow) reference.
+        self.use_scaled_mm = fp8_supported(layer.weight.device) and out_features % 16 == 0 and in_features % 16 == 0
+        if fp8_supported(layer.weight.device) and not self.use_scaled_mm:
+            logger.warning("fp8 layer of shape %s runs the dequantize-then-matmul reference: torch._scaled_mm "
+                           "needs dims that are multiples of 16.", tuple(layer.weight.shape))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.use_scaled_mm and layer.backend != "torch":
