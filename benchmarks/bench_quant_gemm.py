@@ -8,6 +8,10 @@ can reach: at M = 1 a decode step is these four GEMMs per layer.
 
     python benchmarks/bench_quant_gemm.py            # on the GPU
     python benchmarks/bench_quant_gemm.py --smoke    # tiny shapes on CPU (Triton interpreter): the script runs
+    python benchmarks/bench_quant_gemm.py --sweep --m 1 4 16   # + every decode launch config of both kernels
+
+``--sweep`` times the skinny kernels (M <= 16) at each block_n x block_k x split_k x num_warps and prints the best
+per (shape, M) beside the default (``kernels/split_k.py: decode_launch``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--m", type=int, nargs="+", default=None, help="the M values (rows) to time")
+    p.add_argument("--sweep", action="store_true", help="also sweep the skinny kernels' launch configs (M <= 16)")
     return p.parse_args()
 
 
@@ -139,6 +144,31 @@ def references(x: torch.Tensor, weights: dict[str, list]) -> dict[str, torch.Ten
             "int4": int4_linear_ref(x, *weights["int4"][0], GROUP).float()}
 
 
+def sweep(name: str, m: int, x: torch.Tensor, weights: dict[str, list]) -> None:
+    """Time every decode launch config of the fp8 and int4 skinny kernels; print the default's time and the best."""
+    import itertools
+
+    k = x.shape[1]
+    kernels = {
+        "fp8": (lambda i, **c: fp8.fp8_skinny_gemm(x, *weights["fp8"][i], **c), (64, 128, 256, 512)),
+        "int4": (lambda i, **c: int4_gemm(x, *weights["int4"][i], GROUP, **c), (32, 64, 128)),
+    }
+    for kind, (call, block_ks) in kernels.items():
+        default = time_per_call([lambda i=i: call(i) for i in range(COPIES)] * 2)
+        best = (default, "default")
+        for block_n, block_k, split_k, warps in itertools.product((16, 32, 64, 128), block_ks, (1, 2, 4, 8), (2, 4, 8)):
+            if k % block_k or (kind == "int4" and GROUP % block_k) or split_k > k // block_k:
+                continue
+            config = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=warps)
+            try:
+                ms = time_per_call([lambda i=i: call(i, **config) for i in range(COPIES)] * 2)
+            except Exception as exc:  # a config the compiler rejects (registers, shared memory)
+                print(f"#   {kind} {config}: {type(exc).__name__}")
+                continue
+            best = min(best, (ms, str(config)))
+        print(f"# sweep {name} M={m} {kind}: default {default * 1e3:.1f} us, best {best[0] * 1e3:.1f} us {best[1]}")
+
+
 def main() -> int:
     shapes = SMOKE_SHAPES if ARGS.smoke else SHAPES
     m_values = ARGS.m or (SMOKE_M_VALUES if ARGS.smoke else M_VALUES)
@@ -164,6 +194,8 @@ def main() -> int:
                 base = base or ms
                 print(f"{m:>6} {label:>22} {ms * 1e3:>9.1f} {floor_ms * 1e3:>9.1f} {floor_ms / ms:>9.0%} "
                       f"{base / ms:>14.2f}x")
+            if ARGS.sweep and m <= 16:
+                sweep(name, m, x, weights)
         del weights
     if failures:
         print("# correctness check FAILURES:\n" + "\n".join(failures))
