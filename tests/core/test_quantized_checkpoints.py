@@ -321,3 +321,15 @@ def test_online_fp8_on_gpu_with_cuda_graphs(tmp_path):
     _, reference = greedy(path, dtype="bfloat16", device="cuda")
     assert logprob_error(graphs, reference, steps=1) <= FP8_FIRST_STEP_ATOL
     assert all(layer.quant_method.use_scaled_mm for layer in linears(engine))
+
+
+def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculation(tmp_path):
+    """The same greedy tokens from a GPTQ act-order model under chunked prefill, preemption (few blocks), prefix
+    caching and n-gram speculative decoding as from a plain run."""
+    quantized, _ = write_gptq(tmp_path, 32, desc_act=True, sym=False)
+    _, plain = greedy(quantized)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    for kwargs in (dict(max_num_batched_tokens=8, num_gpu_blocks_override=6, max_model_len=64),
+                   dict(speculative_config=spec)):
+        _, stressed = greedy(quantized, **kwargs)
+        assert [r["tokens"] for r in stressed] == [r["tokens"] for r in plain], kwargs
