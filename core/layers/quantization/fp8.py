@@ -5,7 +5,9 @@ Checkpoint layouts read: ``quant_method: fp8`` (AutoFP8 / vLLM: fp8 ``weight``, 
 ``FP8_DYNAMIC``: ``weight_scale`` per tensor or per channel ``[out, 1]``, ``input_scale`` for static per-tensor
 activations). After loading every layer holds an fp8 ``[out, in]`` weight and one fp32 scale per output channel
 (per-tensor shard scales of merged q/k/v are spread over their channels, which is exact); a static input scale of a
-merged layer is the shards' max, as in vLLM. The matmul is ``kernels/fp8_linear.py``.
+merged layer is the shards' max, as in vLLM. The matmul is ``kernels/fp8_linear.py``: W8A8 through
+``torch._scaled_mm`` for more than 16 rows; decode-sized inputs keep their activations unquantized (the skinny w8a16
+kernel reads the same fp8 weights), so a static ``input_scale`` applies to the W8A8 path only.
 """
 
 from __future__ import annotations
