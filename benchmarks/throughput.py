@@ -6,6 +6,10 @@ and warm-up are excluded. Prints one table row per run and the median; ``--json`
     python -m benchmarks.throughput --workload W1 --model ../shared/models/qwen3-0.6b --load-format dummy
     python -m benchmarks.throughput --workload W1 --model ../shared/models/qwen3-0.6b --load-format dummy \
         --kv-cache-dtype fp8      # e4m3 KV cache: twice the blocks of a bf16 one (reported as num_kv_blocks)
+
+Quantized runs: ``--quantization fp8`` quantizes the (real or dummy) weights at load; ``--dummy-int4 awq`` (or
+``gptq``) runs random int4 weights in that checkpoint layout: the model's config.json is copied into a temporary
+directory with a ``quantization_config`` added, and ``--load-format dummy`` fills the packed tensors.
 """
 
 from __future__ import annotations
@@ -57,18 +61,48 @@ def make_workload(name: str, num_prompts: int | None = None, seed: int = 0) -> W
     raise ValueError(f"Unknown workload {name}; choose from {WORKLOADS}.")
 
 
+def dummy_int4_model(model: str | None, method: str, group_size: int, directory: str) -> str:
+    """A directory holding ``model``'s config.json with an AWQ (GEMM) or GPTQ (v1) ``quantization_config``: with
+    ``--load-format dummy`` the engine builds random int4 weights in that layout (speed does not depend on values)."""
+    from pathlib import Path
+
+    from core.loader import load_hf_config
+    from core.model_source import resolve_model
+
+    config = load_hf_config(resolve_model(model))
+    if method == "awq":
+        qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+    else:
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False, "sym": True,
+              "checkpoint_format": "gptq"}
+    config["quantization_config"] = qc
+    config.setdefault("torch_dtype", "float16")
+    path = Path(directory) / f"dummy-{method}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
 def run_pagedserve(args: argparse.Namespace, workload: Workload) -> list[dict]:
+    import tempfile
+
     from frontend import LLM, SamplingParams
 
+    model, load_format = args.model, args.load_format
+    if args.dummy_int4:
+        temporary = tempfile.TemporaryDirectory(prefix="pagedserve-int4-")
+        model = dummy_int4_model(args.model, args.dummy_int4, args.dummy_group_size, temporary.name)
+        load_format = "dummy"
     start = time.perf_counter()
     llm = LLM(
-        args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
+        model, load_format=load_format, dtype=args.dtype, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
         enable_prefix_caching=not args.no_enable_prefix_caching, skip_tokenizer_init=True, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend,
         kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
     )
     startup = time.perf_counter() - start
     num_kv_blocks = llm.engine.get_stats()["num_kv_blocks"]
@@ -186,6 +220,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"), default="auto",
                    help="KV-cache element type (pagedserve backend): fp8 = e4m3 with per-layer scales")
+    p.add_argument("--quantization", choices=("fp8", "awq", "gptq"), default=None,
+                   help="weight quantization (fp8: quantize the weights at load)")
+    p.add_argument("--dummy-int4", choices=("awq", "gptq"), default=None,
+                   help="random int4 weights in this checkpoint layout (implies --load-format dummy)")
+    p.add_argument("--dummy-group-size", type=int, default=128)
     p.add_argument("--no-enable-prefix-caching", action="store_true")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)

@@ -60,6 +60,8 @@ class ModelConfig:
     # Per layer: 0 = full causal attention, W > 0 = only the last W positions (sliding window). Empty: all full.
     sliding_windows: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # The checkpoint's (or --quantization's) weight quantization: a core.layers.quantization QuantConfig, or None.
+    quantization: Any = field(default=None, compare=False)
 
     @property
     def max_model_len(self) -> int:
@@ -68,10 +70,12 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """The family config of an HF ``config.json`` dict, read by its family (core/models/registry.py)."""
+        """The family config of an HF ``config.json`` dict, read by its family (core/models/registry.py), with the
+        checkpoint's own ``quantization_config`` resolved (core/layers/quantization)."""
+        from core.layers.quantization import resolve_quantization
         from core.models.registry import read_config
 
-        return read_config(d)
+        return resolve_quantization(read_config(d), d, None)
 
     def layer_window(self, layer: int) -> int:
         return self.sliding_windows[layer] if self.sliding_windows else 0

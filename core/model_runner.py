@@ -27,6 +27,7 @@ from core.host_copy import to_device
 from core.input_batch import InputBatch
 from core.step_inputs import StepInputs
 from core.kv_cache import KVBlock
+from core.layers.quantization import resolve_quantization, weight_bytes
 from core.loader import iter_weights, load_hf_config
 from core.model_source import ModelSource, resolve_model
 from core.models import model_class
@@ -123,7 +124,8 @@ class ModelRunner:
         self.tp_group = tp_group
         self.is_driver = tp_group is None or tp_group.global_rank == 0
         self.source = resolve_model(config.model, config.revision)
-        self.model_config = ModelConfig.from_hf_dict(load_hf_config(self.source))
+        hf_config = load_hf_config(self.source)
+        self.model_config = resolve_quantization(ModelConfig.from_hf_dict(hf_config), hf_config, config.quantization)
         self.resolved = resolve_config(config, self.model_config)
         if self.is_driver:
             log_resolved(config, self.resolved)
@@ -152,6 +154,9 @@ class ModelRunner:
         self.model = self._load_model()
         logger.info("Loaded %s (%s, %s) in %.1f s", self.source.name, self.dtype, self.device,
                     time.perf_counter() - start)
+        if self.model_config.quantization is not None:
+            logger.info("Weights quantized with %s: %.1f MB of weights", self.model_config.quantization.summary(),
+                        weight_bytes(self.model) / 1e6)
         self.sampler = Sampler(self.resolved.kernel_backend)
         self.structured_output = None  # the engine's StructuredOutputManager: grammar bitmasks for constrained rows
         self._step_keys = random.Random(config.seed)  # unseeded rows' noise: reproducible for a given engine seed

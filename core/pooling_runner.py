@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from core.config import ModelConfig, is_encoder_config, log_resolved, resolve_config
+from core.layers.quantization import resolve_quantization
 from core.loader import iter_weights, load_hf_config
 from core.model_source import resolve_model
 from core.models import model_class
@@ -35,13 +36,17 @@ class PoolingRunner:
         hf_config = load_hf_config(self.source)
         self.is_encoder = is_encoder_config(hf_config)
         directory = None if self.source.is_gguf else Path(self.source.path)
+        if self.is_encoder and config.quantization is not None:
+            raise ValueError(f"--quantization {config.quantization} is not supported for encoder (BERT-family) "
+                             "models.")
         if self.is_encoder:
             self.model_config: BertConfig | ModelConfig = BertConfig.from_hf_dict(hf_config)
             default_pooling = PoolingConfig(PoolingType.CLS, False)  # plain BERT checkpoints: the [CLS] token
             self.is_matryoshka = self.model_config.is_matryoshka
             self.matryoshka_dimensions = self.model_config.matryoshka_dimensions
         else:
-            self.model_config = ModelConfig.from_hf_dict(hf_config)
+            self.model_config = resolve_quantization(ModelConfig.from_hf_dict(hf_config), hf_config,
+                                                     config.quantization)
             default_pooling = PoolingConfig(PoolingType.LAST, True)  # vLLM's default for decoders as embedders
             dims = hf_config.get("matryoshka_dimensions")
             self.is_matryoshka = bool(hf_config.get("is_matryoshka") or dims)

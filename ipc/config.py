@@ -36,6 +36,7 @@ SPEC_METHODS = ("ngram", "draft_model")
 EXECUTOR_BACKENDS = ("mp", "ray")
 # KV-cache element types (vLLM's spellings); fp8 = fp8_e4m3: e4m3 values with a per-layer scale for keys and values.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+QUANTIZATION_CHOICES = ("fp8", "awq", "gptq")  # core/layers/quantization implements each
 
 
 class SpeculativeConfig(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -197,13 +198,18 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         "Pipeline stages: contiguous blocks of layers, each on its own tensor-parallel group of devices; "
         "activations pass between stages with torch.distributed send/recv.", aliases=("-pp",))] = 1
 
+    quantization: Annotated[str | None, Arg(
+        "Weight quantization. Default: the checkpoint's config.json quantization_config (fp8, compressed-tensors "
+        "float8, awq, gptq). fp8 on an unquantized checkpoint quantizes it at load (per-channel weight scales, "
+        "dynamic per-token activation scales).", choices=QUANTIZATION_CHOICES, aliases=("-q",))] = None
+
     def __post_init__(self) -> None:
         for name, info in _FIELDS.items():
             choices = info.arg.choices
             value = getattr(self, name)
             if info.arg.parse is not None and value is not None:
                 setattr(self, name, info.arg.parse(value))  # a JSON string or dict given to the constructor
-            if choices is not None and value not in choices:
+            if choices is not None and value is not None and value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:
@@ -319,7 +325,6 @@ class NotSupportedYet:
 NOT_SUPPORTED_YET: dict[str, NotSupportedYet] = {
     "enable_lora": NotSupportedYet("LoRA adapters", switch=True),
     "lora_modules": NotSupportedYet("LoRA adapters", nargs="+"),
-    "quantization": NotSupportedYet("quantization methods", aliases=("-q",), allowed=("None",)),
     "runner": NotSupportedYet("--runner flag (for pooling use --task embed)", allowed=("auto", "generate")),
     "guided_decoding_backend": NotSupportedYet("structured-output backend other than xgrammar",
                                                allowed=("auto", "xgrammar")),

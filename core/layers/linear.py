@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,19 +13,34 @@ from torch import nn
 from kernels.backend import check_backend
 from kernels.skinny_gemm import linear
 
+if TYPE_CHECKING:
+    from core.layers.quantization.base import LinearMethod
+
 
 class Linear(nn.Module):
     """``y = x W^T + b``: decode-sized inputs (M <= 16 rows) take the Triton skinny GEMM, the rest cuBLAS
-    (``backend="torch"``: always cuBLAS)."""
+    (``backend="torch"``: always cuBLAS). With a ``quant_method`` (core/layers/quantization) the method owns the
+    weight's storage and the matmul; ``output_sizes`` are the merged shards (q, k, v) it may scale separately."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, backend: str = "auto") -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, backend: str = "auto",
+                 quant_method: LinearMethod | None = None, output_sizes: Sequence[int] | None = None) -> None:
         super().__init__()
         self.backend = check_backend(backend)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_method = quant_method
+        if quant_method is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        else:
+            sizes = tuple(output_sizes) if output_sizes is not None else (out_features,)
+            if sum(sizes) != out_features:
+                raise ValueError(f"output_sizes {sizes} do not add up to out_features={out_features}.")
+            quant_method.create_weights(self, in_features, sizes, torch.get_default_dtype())
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, backend=self.backend)
+        if self.quant_method is None:
+            return linear(x, self.weight, self.bias, backend=self.backend)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class Embedding(nn.Module):

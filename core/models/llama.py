@@ -17,12 +17,16 @@ from torch import nn
 from core.config import ModelConfig, common_fields
 from core.layers.attention import AttentionMetadata, PagedAttention
 from core.layers.linear import Embedding, Linear
+from core.layers.quantization import linear_method
 from core.layers.norm import RMSNorm
 from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
 from kernels.activation import silu_and_mul
 from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
+
+# Weight quantization methods this family's layers run (core/layers/quantization); the LM head stays unquantized.
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq")
 
 
 def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:
@@ -37,15 +41,19 @@ def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str,
-                 sliding_window: int = 0, scale: float | None = None, softcap: float = 0.0) -> None:  # fmt: skip
-        """``scale`` None: 1/sqrt(head_dim); ``softcap`` 0: no logit soft-capping (Gemma 2 sets both)."""
+                 sliding_window: int = 0, scale: float | None = None, softcap: float = 0.0,
+                 prefix: str = "") -> None:  # fmt: skip
+        """``scale`` None: 1/sqrt(head_dim); ``softcap`` 0: no logit soft-capping (Gemma 2 sets both). ``prefix``:
+        the HF module name (``model.layers.0.self_attn``), for the quantization config's per-layer choices."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias,
-                               backend=kernel_backend)  # fmt: skip
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, backend=kernel_backend)
+                               backend=kernel_backend, output_sizes=(self.q_size, self.kv_size, self.kv_size),
+                               quant_method=linear_method(cfg.quantization, f"{prefix}.q_proj"))  # fmt: skip
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, backend=kernel_backend,
+                             quant_method=linear_method(cfg.quantization, f"{prefix}.o_proj"))
         if cfg.qk_norm:  # applied inside the fused prep kernel, which only reads their weights
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend=kernel_backend)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, backend=kernel_backend)
@@ -67,11 +75,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, kernel_backend: str) -> None:
+    def __init__(self, cfg: ModelConfig, kernel_backend: str, prefix: str = "") -> None:
         super().__init__()
         self.kernel_backend = kernel_backend
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, backend=kernel_backend)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, backend=kernel_backend)
+        inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, backend=kernel_backend, output_sizes=(inter, inter),
+                                   quant_method=linear_method(cfg.quantization, f"{prefix}.gate_proj"))
+        self.down_proj = Linear(inter, cfg.hidden_size, backend=kernel_backend,
+                                quant_method=linear_method(cfg.quantization, f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), backend=self.kernel_backend))
@@ -81,8 +92,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str,
                  layer: int = 0) -> None:  # fmt: skip
         super().__init__()
-        self.self_attn = Attention(cfg, rotary, attention_backend, kernel_backend, cfg.layer_window(layer))
-        self.mlp = MLP(cfg, kernel_backend)
+        self.self_attn = Attention(cfg, rotary, attention_backend, kernel_backend, cfg.layer_window(layer),
+                                   prefix=f"model.layers.{layer}.self_attn")
+        self.mlp = MLP(cfg, kernel_backend, prefix=f"model.layers.{layer}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend=kernel_backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend=kernel_backend)
 

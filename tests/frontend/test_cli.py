@@ -161,7 +161,6 @@ def test_api_key_defaults_to_the_environment(monkeypatch):
 
 UNSUPPORTED = [
     ["--enable-lora"], ["--lora-modules", "a=/x"],
-    ["--quantization", "fp8"], ["-q", "awq"],
     ["--runner", "pooling"], ["--guided-decoding-backend", "outlines"],
     ["--structured-outputs-config", "{}"], ["--reasoning-parser", "deepseek_r1"],
 ]
@@ -173,8 +172,8 @@ def test_unsupported_flags_say_not_supported_yet(argv, capsys):
         cli.serve_parser().parse_args(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    flag = argv[0] if argv[0].startswith("--") else {"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size",
-                                                     "-q": "--quantization"}[argv[0]]
+    flag = argv[0] if argv[0].startswith("--") else {"-tp": "--tensor-parallel-size",
+                                                     "-pp": "--pipeline-parallel-size"}[argv[0]]
     assert "not supported yet" in err and flag in err and "unrecognized" not in err
 
 

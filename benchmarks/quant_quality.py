@@ -1,0 +1,154 @@
+"""Quantization quality: mean KL divergence of the next-token distributions of a quantized model against the
+unquantized one over a fixed text, with the top-1 agreement beside it, so speed is never bought blindly.
+
+Methods: ``fp8`` (online W8A8: per-channel weight scales, dynamic per-token activation scales), and ``awq-rtn``
+(int4 in AutoAWQ's GEMM layout, round-to-nearest with zero points per group of ``--group-size`` input rows: the
+weights are quantized here and written as a real AWQ checkpoint, then loaded like any other; AutoAWQ's
+activation-aware scaling would only do better). The reference is the model as it loads by default (the default
+SmolLM2 GGUF is dequantized at load).
+
+    python -m benchmarks.quant_quality --methods fp8 awq-rtn            # the default SmolLM2, on GPU or CPU
+    python -m benchmarks.quant_quality --model .models/llama-3.1-8b --methods fp8 --max-tokens 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from core.layers.quantization import weight_bytes
+
+DEFAULT_TEXT = Path(__file__).parent / "data" / "w6_passages.txt"
+METHODS = ("fp8", "awq-rtn")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def load_runner(model: str, args: argparse.Namespace, **overrides):
+    """A model runner (its model only: the KV cache of the one forward pass is made here)."""
+    from core.model_runner import ModelRunner
+    from ipc.config import EngineConfig
+
+    return ModelRunner(EngineConfig(model=model, dtype=args.dtype, device=args.device, enforce_eager=True,
+                                    max_model_len=args.max_tokens, **overrides))
+
+
+@torch.inference_mode()
+def next_token_logprobs(runner, token_ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """``[T, vocab]`` fp32 log-probabilities of the token after each position: one prefill of the whole text."""
+    from core.layers.attention import AttentionMetadata
+
+    cfg, device = runner.model_config, runner.device
+    n = len(token_ids)
+    num_blocks = -(-n // block_size) + 1  # block 0 unused, as in the engine
+    shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    caches = [torch.zeros(shape, dtype=runner.dtype, device=device) for _ in range(cfg.num_layers)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(block_size, block_size + n, device=device),
+        block_tables=torch.arange(1, num_blocks, dtype=torch.int32, device=device)[None],
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+        max_query_len=n,
+    )
+    ids = torch.tensor(token_ids, device=device)
+    hidden = runner.model(ids, torch.arange(n, device=device), caches, meta)
+    return runner.model.compute_logits(hidden).float().log_softmax(-1)
+
+
+def write_awq_rtn(source, directory: Path, group_size: int) -> Path:
+    """The reference weights as an AutoAWQ GEMM checkpoint (round-to-nearest int4, zero points, fp16 scales)."""
+    from safetensors.torch import save_file
+
+    from core.loader import iter_weights, load_hf_config
+    from kernels.int4_gemm import AWQ_ORDER, pack_int4_columns
+
+    tensors = {}
+    for name, tensor in iter_weights(source):
+        if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
+            w_t = tensor.float().t()  # [in, out]
+            rows = w_t.reshape(w_t.shape[0] // group_size, group_size, w_t.shape[1])
+            lo, hi = rows.amin(1).clamp(max=0), rows.amax(1).clamp(min=0)
+            scales = ((hi - lo) / 15).clamp(min=1e-8).half()
+            zeros = torch.round(-lo / scales.float()).clamp(0, 15)
+            codes = torch.clamp(torch.round(rows / scales.float()[:, None]) + zeros[:, None], 0, 15)
+            prefix = name.removesuffix(".weight")
+            tensors[f"{prefix}.qweight"] = pack_int4_columns(codes.reshape(w_t.shape).long(), AWQ_ORDER)
+            tensors[f"{prefix}.qzeros"] = pack_int4_columns(zeros.long(), AWQ_ORDER)
+            tensors[f"{prefix}.scales"] = scales
+        else:
+            tensors[name] = tensor.to(torch.float16) if tensor.is_floating_point() else tensor
+    config = load_hf_config(source)
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size,
+                                     "zero_point": True, "version": "gemm"}
+    config["torch_dtype"] = config.get("torch_dtype") or "bfloat16"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    return directory
+
+
+def compare(reference: torch.Tensor, quantized: torch.Tensor) -> dict:
+    """Mean KL(reference || quantized) in nats per token, and how often the argmax agrees."""
+    kl = (reference.exp() * (reference - quantized)).sum(-1)
+    return {"mean_kl": kl.mean().item(), "max_kl": kl.max().item(),
+            "top1_agreement": (reference.argmax(-1) == quantized.argmax(-1)).float().mean().item()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quant_quality", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model directory, .gguf file or HF id (default: SmolLM2)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--text-file", default=str(DEFAULT_TEXT))
+    p.add_argument("--tokenizer", default=None, help="tokenizer of the text (default: the model's)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text scored (from its start)")
+    p.add_argument("--group-size", type=int, default=64, help="awq-rtn group size (must divide every input size)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="append the results (one JSON object) to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = parse_args(argv)
+    from core.tokenizer import encode, load_tokenizer
+
+    reference_runner = load_runner(args.model, args)
+    tokenizer = load_tokenizer(reference_runner.source, args.tokenizer)
+    token_ids = encode(tokenizer, Path(args.text_file).read_text())[: args.max_tokens]
+    reference = next_token_logprobs(reference_runner, token_ids)
+    rows = [{"method": "none", "weight_bytes": weight_bytes(reference_runner.model), "mean_kl": 0.0, "max_kl": 0.0,
+             "top1_agreement": 1.0}]
+    source = reference_runner.source
+    with tempfile.TemporaryDirectory(prefix="pagedserve-quality-") as tmp:
+        for method in args.methods:
+            start = time.perf_counter()
+            if method == "fp8":
+                runner = load_runner(args.model, args, quantization="fp8")
+            else:
+                path = write_awq_rtn(source, Path(tmp) / "awq-rtn", args.group_size)
+                runner = load_runner(str(path), args)
+            logprobs = next_token_logprobs(runner, token_ids)
+            rows.append({"method": method, "weight_bytes": weight_bytes(runner.model),
+                         **compare(reference, logprobs), "seconds": time.perf_counter() - start})
+            del runner
+    print(f"{len(token_ids)} tokens of {Path(args.text_file).name}, model {source.name} "
+          f"({str(reference_runner.dtype).removeprefix('torch.')}, {reference_runner.device})")
+    print(f"{'method':>8} {'weights MB':>11} {'mean KL':>10} {'max KL':>9} {'top-1 agree':>12}")
+    for r in rows:
+        print(f"{r['method']:>8} {r['weight_bytes'] / 1e6:>11.1f} {r['mean_kl']:>10.5f} {r['max_kl']:>9.4f} "
+              f"{r['top1_agreement']:>12.4f}")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"model": source.name, "tokens": len(token_ids), "results": rows}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

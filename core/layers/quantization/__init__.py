@@ -1,0 +1,111 @@
+"""Weight quantization: which method a checkpoint (or ``--quantization``) asks for, and which model families run it.
+
+A method is a ``QuantConfig`` subclass (``base.py``) registered in ``QUANTIZATION_METHODS``; its ``LinearMethod``
+gives each ``Linear`` its weight storage and matmul. The resolved config rides on ``ModelConfig.quantization``, so
+every path that builds a model (target, draft, pooling) sees the same one. A family runs quantized only if its module
+lists the method in ``SUPPORTED_QUANTIZATION`` (core/models/llama.py); others fail at startup naming the method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from core.layers.quantization.base import LinearMethod, QuantConfig
+
+if TYPE_CHECKING:
+    from core.config import ModelConfig
+
+# Method name -> "module:class" (imported on first use).
+QUANTIZATION_METHODS: dict[str, str] = {
+    "fp8": "core.layers.quantization.fp8:Fp8Config",
+    "awq": "core.layers.quantization.int4:AWQConfig",
+    "gptq": "core.layers.quantization.int4:GPTQConfig",
+}
+
+# Checkpoint ``quant_method`` spellings that are one of ours under another name.
+_CHECKPOINT_ALIASES = {"compressed-tensors": "fp8", "compressed_tensors": "fp8"}
+
+
+def supported_methods() -> list[str]:
+    return sorted(QUANTIZATION_METHODS)
+
+
+def method_class(name: str) -> type[QuantConfig]:
+    if name not in QUANTIZATION_METHODS:
+        raise ValueError(f"Quantization method '{name}' is not supported; supported: {', '.join(supported_methods())}.")
+    module, cls = QUANTIZATION_METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def checkpoint_method(hf_config: dict[str, Any]) -> str | None:
+    """The ``quant_method`` of the checkpoint's ``quantization_config`` (lower case), or None if unquantized."""
+    qc = hf_config.get("quantization_config") or hf_config.get("compression_config")
+    if not qc:
+        return None
+    method = str(qc.get("quant_method") or qc.get("format") or "unknown").lower()
+    return method
+
+
+def quant_config_from_hf(hf_config: dict[str, Any]) -> QuantConfig | None:
+    """The checkpoint's own quantization (``quantization_config`` in config.json), parsed; None if unquantized.
+    An unknown method raises ValueError naming it and listing the supported ones."""
+    method = checkpoint_method(hf_config)
+    if method is None:
+        return None
+    qc = hf_config.get("quantization_config") or hf_config.get("compression_config")
+    ours = _CHECKPOINT_ALIASES.get(method, method)
+    if ours not in QUANTIZATION_METHODS:
+        raise ValueError(f"The checkpoint is quantized with '{method}' (config.json quantization_config), which "
+                         f"pagedserve does not support; supported quantization methods: "
+                         f"{', '.join(supported_methods())}.")
+    return method_class(ours).from_hf(qc)
+
+
+def resolve_quantization(model_config: ModelConfig, hf_config: dict[str, Any], requested: str | None
+                         ) -> ModelConfig:  # fmt: skip
+    """``model_config`` with ``quantization`` set: the checkpoint's, or ``requested`` (``--quantization``) applied
+    online to an unquantized checkpoint. A requested method that contradicts the checkpoint's is an error, as is a
+    family that cannot run the method."""
+    quant = quant_config_from_hf(hf_config)
+    if requested is not None:
+        if requested not in QUANTIZATION_METHODS:
+            raise ValueError(f"Unknown quantization method '{requested}'; supported: "
+                             f"{', '.join(supported_methods())}.")
+        if quant is None:
+            quant = method_class(requested).online()
+        elif quant.name != requested:
+            raise ValueError(f"--quantization {requested} was given, but the checkpoint is quantized with "
+                             f"'{checkpoint_method(hf_config)}' ({quant.name}); leave --quantization out or match it.")
+    if quant is None:
+        return model_config
+    check_family_supports(model_config.architecture, quant.name)
+    return dataclasses.replace(model_config, quantization=quant)
+
+
+def check_family_supports(architecture: str, method: str) -> None:
+    """ValueError unless the family's module lists ``method`` in its ``SUPPORTED_QUANTIZATION``."""
+    from core.models.registry import ARCHITECTURES, _module
+
+    supported = getattr(_module(architecture), "SUPPORTED_QUANTIZATION", ()) if architecture in ARCHITECTURES else ()
+    if method not in supported:
+        families = sorted(a for a in ARCHITECTURES
+                          if method in getattr(_module(a), "SUPPORTED_QUANTIZATION", ()))  # fmt: skip
+        raise ValueError(f"Quantization method '{method}' is not supported for {architecture} (its layers, e.g. MoE "
+                         f"experts, have no {method} kernels); architectures that run {method}: "
+                         f"{', '.join(families) or 'none'}.")
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every parameter (quantized weights at their packed size): what the model holds on the device."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def linear_method(quant: QuantConfig | None, prefix: str) -> LinearMethod | None:
+    """The layer's method, or None (unquantized model, or a layer the checkpoint left unquantized)."""
+    return None if quant is None else quant.linear_method(prefix)
+
+
+__all__ = ["LinearMethod", "QuantConfig", "QUANTIZATION_METHODS", "check_family_supports", "linear_method",
+           "quant_config_from_hf", "resolve_quantization", "supported_methods", "weight_bytes"]

@@ -1,0 +1,105 @@
+"""The two interfaces every quantization method implements.
+
+``QuantConfig``: what a checkpoint's ``quantization_config`` (or ``--quantization``) says, parsed once; it hands
+each linear layer its ``LinearMethod`` (or None: that layer stays unquantized).
+
+``LinearMethod``: how one ``Linear`` stores its weight and multiplies with it. ``create_weights`` registers the
+parameters the checkpoint fills (in the checkpoint's own layout, with the layout attributes below), the loader
+copies tensors in, ``process_weights_after_loading`` converts them once into the kernel's layout, and ``apply``
+runs the matmul.
+
+Layout attributes on parameters, honoured by ``core/models/weights.py`` when it loads one shard (q, k, v; gate, up)
+of a merged projection into its slice:
+
+- ``output_dim``: the dim that holds output channels (default 0, like a plain ``[out, in]`` weight); None: the
+  parameter is not split by output channel and every shard holds the same copy (GPTQ's ``g_idx``).
+- ``pack_factor``: output channels packed per element along ``output_dim`` (8 for int4 in int32); a shard starting
+  at output channel ``row`` starts at ``row // pack_factor``.
+- ``shard_offsets``: the parameter holds one value per shard (per-tensor scales); ``row`` picks the entry.
+- ``dummy_fill(tensor, generator)``: how ``--load-format dummy`` fills it (packed ints, valid group indices).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+DummyFill = Callable[[torch.Tensor, torch.Generator], None]
+
+
+def new_parameter(layer: nn.Module, name: str, shape: Sequence[int], dtype: torch.dtype, *,
+                  output_dim: int | None = 0, pack_factor: int = 1, shard_offsets: Sequence[int] | None = None,
+                  dummy_fill: DummyFill | None = None) -> nn.Parameter:  # fmt: skip
+    """An uninitialized, frozen parameter registered on ``layer`` with its layout attributes (module docstring)."""
+    param = nn.Parameter(torch.empty(tuple(shape), dtype=dtype), requires_grad=False)
+    param.output_dim = output_dim
+    param.pack_factor = pack_factor
+    if shard_offsets is not None:
+        param.shard_offsets = tuple(shard_offsets)
+    if dummy_fill is not None:
+        param.dummy_fill = dummy_fill
+    layer.register_parameter(name, param)
+    return param
+
+
+def replace_parameter(layer: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set (or swap a loaded parameter for) its processed form (new dtype or shape), freeing the old storage."""
+    if hasattr(layer, name):
+        delattr(layer, name)
+    layer.register_parameter(name, nn.Parameter(value, requires_grad=False))
+
+
+def shard_starts(output_sizes: Sequence[int]) -> tuple[int, ...]:
+    """First output channel of each shard of a merged projection (q, k, v sizes -> 0, q, q + k)."""
+    starts, total = [], 0
+    for size in output_sizes:
+        starts.append(total)
+        total += size
+    return tuple(starts)
+
+
+class LinearMethod(ABC):
+    """How one linear layer stores and multiplies its weight (see the module docstring)."""
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
+                       params_dtype: torch.dtype) -> None:  # fmt: skip
+        """Register the parameters the checkpoint fills. ``output_sizes``: the merged shards' sizes (one entry for an
+        unmerged layer); ``params_dtype``: the model's activation dtype."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Convert the loaded tensors into the kernel's layout (once, after the last tensor is loaded)."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W^T (+ bias)`` in x's dtype."""
+
+
+class QuantConfig(ABC):
+    """A parsed quantization method. Subclasses are registered in ``core/layers/quantization/__init__.py``."""
+
+    name: str = ""
+
+    @classmethod
+    @abstractmethod
+    def from_hf(cls, quantization_config: dict[str, Any]) -> QuantConfig:
+        """Parse a checkpoint's ``quantization_config`` (ValueError naming what is not supported)."""
+
+    @classmethod
+    def online(cls) -> QuantConfig:
+        """The method applied to an unquantized checkpoint at load (``--quantization fp8``); ValueError for methods
+        that need a quantized checkpoint."""
+        raise ValueError(f"--quantization {cls.name} needs a checkpoint quantized with {cls.name} (its config.json "
+                         "'quantization_config'); this checkpoint is not quantized.")
+
+    @abstractmethod
+    def linear_method(self, prefix: str) -> LinearMethod | None:
+        """The method for the linear layer with this HF module name (``model.layers.0.self_attn.q_proj``; merged
+        projections pass their first shard's name); None leaves it unquantized (the checkpoint's ignore list)."""
+
+    def summary(self) -> str:
+        return self.name

@@ -1,0 +1,162 @@
+"""FP8 W8A8: online (``--quantization fp8`` on a bf16/fp16 checkpoint) and FP8 checkpoints.
+
+Checkpoint layouts read: ``quant_method: fp8`` (AutoFP8 / vLLM: fp8 ``weight``, per-tensor ``weight_scale``,
+``input_scale`` when ``activation_scheme: static``) and compressed-tensors float8 (llm-compressor ``FP8`` /
+``FP8_DYNAMIC``: ``weight_scale`` per tensor or per channel ``[out, 1]``, ``input_scale`` for static per-tensor
+activations). After loading every layer holds an fp8 ``[out, in]`` weight and one fp32 scale per output channel
+(per-tensor shard scales of merged q/k/v are spread over their channels, which is exact); a static input scale of a
+merged layer is the shards' max, as in vLLM. The matmul is ``kernels/fp8_linear.py``: W8A8 through
+``torch._scaled_mm`` for more than 16 rows; decode-sized inputs keep their activations unquantized (the skinny w8a16
+kernel reads the same fp8 weights), so a static ``input_scale`` applies to the W8A8 path only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, replace_parameter, shard_starts
+from kernels.fp8_linear import FP8_DTYPE, fp8_linear, fp8_linear_ref, fp8_supported, quantize_per_channel
+
+logger = logging.getLogger(__name__)
+
+
+class Fp8Config(QuantConfig):
+    name = "fp8"
+
+    def __init__(self, *, serialized: bool, weight_strategy: str = "channel", static_activations: bool = False,
+                 ignored: Sequence[str] = ()) -> None:  # fmt: skip
+        """``serialized``: the checkpoint holds fp8 weights (else they are quantized at load); ``weight_strategy``:
+        ``tensor`` (one scale per tensor) or ``channel``; ``static_activations``: the checkpoint's ``input_scale``
+        is used instead of per-token dynamic scales; ``ignored``: layers left unquantized (names or ``re:``)."""
+        self.serialized = serialized
+        self.weight_strategy = weight_strategy
+        self.static_activations = static_activations
+        self.ignored = tuple(ignored)
+
+    @classmethod
+    def online(cls) -> Fp8Config:
+        return cls(serialized=False)
+
+    @classmethod
+    def from_hf(cls, qc: dict[str, Any]) -> Fp8Config:
+        method = str(qc.get("quant_method", "fp8")).lower()
+        if method in ("compressed-tensors", "compressed_tensors"):
+            return cls._from_compressed_tensors(qc)
+        if qc.get("weight_block_size"):
+            raise ValueError(f"fp8 checkpoints with block-wise scales (weight_block_size={qc['weight_block_size']}) "
+                             "are not supported; supported: per-tensor and per-channel fp8 scales.")
+        scheme = qc.get("activation_scheme", "dynamic")
+        if scheme not in ("dynamic", "static"):
+            raise ValueError(f"fp8 activation_scheme {scheme!r} is not supported; supported: dynamic, static.")
+        return cls(serialized=True, weight_strategy="tensor", static_activations=scheme == "static",
+                   ignored=qc.get("ignored_layers") or qc.get("modules_to_not_convert") or ())
+
+    @classmethod
+    def _from_compressed_tensors(cls, qc: dict[str, Any]) -> Fp8Config:
+        groups = list((qc.get("config_groups") or {}).values())
+        if len(groups) != 1:
+            raise ValueError(f"compressed-tensors checkpoints with {len(groups)} config_groups are not supported; "
+                             "supported: one float8 group (FP8, FP8_DYNAMIC).")
+        weights, acts = groups[0].get("weights") or {}, groups[0].get("input_activations")
+        scheme = f"weights={weights}, input_activations={acts}"
+        if weights.get("type") != "float" or weights.get("num_bits") != 8:
+            raise ValueError(f"compressed-tensors scheme {scheme} is not supported; supported compressed-tensors "
+                             "schemes: float8 weights (per tensor or channel) with float8 activations (FP8, "
+                             "FP8_DYNAMIC).")
+        strategy = weights.get("strategy", "tensor")
+        if strategy not in ("tensor", "channel"):
+            raise ValueError(f"compressed-tensors float8 weight strategy {strategy!r} is not supported; supported: "
+                             "tensor, channel.")
+        if acts is None or acts.get("type") != "float" or acts.get("num_bits") != 8:
+            raise ValueError(f"compressed-tensors scheme {scheme} is not supported: weight-only float8 (w8a16) has no "
+                             "kernel here; supported: float8 weights with float8 activations.")
+        static = not acts.get("dynamic", False)
+        if static and acts.get("strategy", "tensor") != "tensor":
+            raise ValueError(f"compressed-tensors static activation strategy {acts.get('strategy')!r} is not "
+                             "supported; supported: tensor (static) or dynamic per token.")
+        return cls(serialized=True, weight_strategy=strategy, static_activations=static,
+                   ignored=qc.get("ignore") or ())
+
+    def is_ignored(self, prefix: str) -> bool:
+        for pattern in self.ignored:
+            if pattern.startswith("re:"):
+                if re.fullmatch(pattern[3:], prefix):
+                    return True
+            elif prefix == pattern or prefix.endswith("." + pattern) or pattern.endswith("." + prefix):
+                return True
+        return False
+
+    def linear_method(self, prefix: str) -> LinearMethod | None:
+        return None if self.is_ignored(prefix) else Fp8LinearMethod(self)
+
+    def summary(self) -> str:
+        kind = f"checkpoint, {self.weight_strategy} weight scales" if self.serialized else "online, per-channel"
+        acts = "static per-tensor" if self.static_activations else "dynamic per-token"
+        return f"fp8 ({kind}, {acts} activation scales)"
+
+
+def _fill_fp8(tensor: torch.Tensor, gen: torch.Generator) -> None:
+    values = torch.empty(tensor.shape).uniform_(-1.0, 1.0, generator=gen) if tensor.device.type == "cpu" \
+        else torch.empty(tensor.shape, device=tensor.device).uniform_(-1.0, 1.0)
+    tensor.copy_(values.to(FP8_DTYPE))
+
+
+def _fill_scale(tensor: torch.Tensor, gen: torch.Generator) -> None:
+    tensor.fill_(1e-3)
+
+
+class Fp8LinearMethod(LinearMethod):
+    def __init__(self, config: Fp8Config) -> None:
+        self.config = config
+        self.use_scaled_mm = False
+
+    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
+                       params_dtype: torch.dtype) -> None:  # fmt: skip
+        out_features = sum(output_sizes)
+        layer.output_sizes = tuple(output_sizes)
+        if not self.config.serialized:
+            new_parameter(layer, "weight", (out_features, in_features), params_dtype)
+            return
+        new_parameter(layer, "weight", (out_features, in_features), FP8_DTYPE, dummy_fill=_fill_fp8)
+        if self.config.weight_strategy == "channel":
+            new_parameter(layer, "weight_scale", (out_features, 1), torch.float32, dummy_fill=_fill_scale)
+        else:
+            new_parameter(layer, "weight_scale", (len(output_sizes),), torch.float32,
+                          shard_offsets=shard_starts(output_sizes), dummy_fill=_fill_scale)
+        if self.config.static_activations:
+            new_parameter(layer, "input_scale", (len(output_sizes),), torch.float32,
+                          shard_offsets=shard_starts(output_sizes), dummy_fill=_fill_scale)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if not self.config.serialized:
+            weight, scale = quantize_per_channel(layer.weight.data)
+        else:
+            weight, scale = layer.weight.data, layer.weight_scale.data.float()
+            if self.config.weight_strategy == "channel":
+                scale = scale.reshape(-1)
+            else:  # per-shard scalars -> one per output channel
+                sizes = torch.tensor(layer.output_sizes, device=scale.device)
+                scale = scale.repeat_interleave(sizes)
+        replace_parameter(layer, "weight", weight.contiguous())
+        replace_parameter(layer, "weight_scale", scale.contiguous())
+        if self.config.static_activations:
+            replace_parameter(layer, "input_scale", layer.input_scale.data.float().max().reshape(1))
+        else:
+            layer.input_scale = None
+        out_features, in_features = layer.weight.shape
+        # torch._scaled_mm needs both dims in multiples of 16; other shapes keep the (slow) reference.
+        self.use_scaled_mm = fp8_supported(layer.weight.device) and out_features % 16 == 0 and in_features % 16 == 0
+        if fp8_supported(layer.weight.device) and not self.use_scaled_mm:
+            logger.warning("fp8 layer of shape %s runs the dequantize-then-matmul reference: torch._scaled_mm "
+                           "needs dims that are multiples of 16.", tuple(layer.weight.shape))
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.use_scaled_mm and layer.backend != "torch":
+            return fp8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
+        return fp8_linear_ref(x, layer.weight, layer.weight_scale, layer.input_scale, bias)

@@ -1,0 +1,190 @@
+"""FP8 (e4m3) linear layers: weights quantized per output channel, activations per token.
+
+Two paths on the GPU, by the number of rows M:
+
+- M > 16 (prefill, large decode batches): W8A8. One Triton kernel quantizes each activation row (dynamic per-token
+  scale, or the checkpoint's static per-tensor scale), then ``torch._scaled_mm`` (cuBLASLt/CUTLASS row-wise scaling
+  on Hopper and Ada) multiplies fp8 by fp8 with one fp32 scale per activation row and per weight row, bf16 out.
+- M <= 16 (decode): the GEMM is a pass over the weight, so its floor is the weight's bytes; the Triton skinny kernel
+  reads the fp8 weight, widens it in registers and multiplies it with the unquantized activations (w8a16: no
+  activation quantization to launch, and no activation rounding), scaling each output channel once at the end.
+  x is padded to 16 rows for ``tl.dot``; output blocks are narrow enough to give every SM work, and only small
+  layers split K (``kernels/split_k.py``).
+
+``fp8_linear_ref`` (quantize the activations like the W8A8 path, dequantize, fp32 matmul) is the CPU path and the
+reference of the W8A8 path; ``fp8_weight_only_ref`` is the skinny kernel's. Kernels take fp8 tensors as uint8 views
+(the bits), which the Triton interpreter can also read.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.split_k import decode_launch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # an all-zero row still gets a finite scale
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[out, in]`` weight -> (fp8 weight, fp32 scale per output row), ``weight ~= q * scale[:, None]``."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def quantize_activations(x: torch.Tensor, static_scale: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``[M, K]`` activations -> (fp8 activations, fp32 ``[M, 1]`` scales): dynamic per-token, or ``static_scale``
+    (a per-tensor scale from the checkpoint) for every row."""
+    xf = x.float()
+    if static_scale is None:
+        scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
+    else:
+        scale = static_scale.float().reshape(1, 1).expand(x.shape[0], 1)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: quantize x like the GEMM path, dequantize both operands, fp32 matmul, x's dtype out."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq, x_scale = quantize_activations(x2, input_scale)
+    w = weight.float() * weight_scale.float().reshape(-1, 1)
+    out = F.linear(xq.float() * x_scale, w, None if bias is None else bias.float())
+    return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
+def fp8_weight_only_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of the skinny kernel: unquantized activations times the dequantized weight, fp32, x's dtype out."""
+    w = weight.float() * weight_scale.float().reshape(-1, 1)
+    out = F.linear(x.float(), w, None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_x, FP8_MAX: tl.constexpr,
+                          MIN_SCALE: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """One program per row: its absmax (unless the scale is static), then the row in fp8 (as uint8 bits)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    x_row = x_ptr + row * stride_x
+    if STATIC:
+        scale = tl.load(static_scale_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX, MIN_SCALE)
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        mask = k0 + offs < K
+        x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+        tl.store(q_ptr + row * K + k0 + offs, q.to(tl.uint8, bitcast=True), mask=mask)
+
+
+def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The Triton version of :func:`quantize_activations` (one launch): 2-D ``x`` with unit column stride."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        block = min(4096, triton.next_power_of_2(k))
+        _quantize_rows_kernel[(m,)](x, q, scale, scale if static_scale is None else static_scale, k, x.stride(0),
+                                    FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, STATIC=static_scale is not None,
+                                    BLOCK=block, num_warps=4)
+    return q.view(FP8_DTYPE), scale
+
+
+@triton.jit
+def _fp8_skinny_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_om, stride_os,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """``out[split] = x[:, split's K] @ dequant(w[:, split's K])^T`` in fp32; w is ``[N, K]`` fp8 bits (uint8)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < k_end
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        w_bits = tl.load(w_ptr + offs_n[None, :] * K + kk[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0)
+        w = w_bits.to(tl.float8e4nv, bitcast=True).to(x.dtype)
+        acc += tl.dot(x, w, out_dtype=tl.float32)
+    scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+    acc = acc * scale[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *, block_n: int | None = None,
+                    block_k: int = 256, split_k: int | None = None, num_warps: int = 4) -> torch.Tensor:  # fmt: skip
+    """``x [M <= 16, K] @ (weight [N, K] fp8 * weight_scale[:, None])^T`` in x's dtype (the decode path). Block
+    sizes and ``split_k`` default to ``decode_launch``'s choice; tests pass their own."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > 16:
+        raise ValueError(f"fp8_skinny_gemm takes at most 16 rows, got {m}.")
+    k_blocks = triton.cdiv(k, block_k)
+    if block_n is None or split_k is None:
+        auto_n, auto_split = decode_launch(n, k_blocks, x.device.index if x.is_cuda else None)
+        block_n, split_k = block_n or auto_n, split_k or auto_split
+    n_blocks = triton.cdiv(n, block_n)
+    k_per_split = triton.cdiv(k_blocks, split_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    out = torch.empty((split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else x.dtype,
+                      device=x.device)
+    _fp8_skinny_kernel[(n_blocks, split_k)](
+        x, weight.view(torch.uint8), weight_scale, out, m, n, k, k_per_split, x.stride(0), n,
+        out.stride(0) if split_k > 1 else 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return out if split_k == 1 else out.sum(0).to(x.dtype)
+
+
+SKINNY_MAX_M = 16
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """fp8 tensor cores: compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(weight)^T + bias`` on a GPU with fp8 tensor cores (the caller checks :func:`fp8_supported`):
+    the skinny Triton kernel for M <= 16, else per-token quantization and ``torch._scaled_mm``. ``weight``: fp8
+    ``[N, K]`` (row-major, so ``weight.t()`` is the column-major operand cuBLASLt wants); ``weight_scale``: fp32
+    ``[N]``."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*shape[:-1], weight.shape[0])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if m <= SKINNY_MAX_M:
+        out = fp8_skinny_gemm(x2, weight, weight_scale)
+    else:
+        xq, x_scale = quantize_activations_triton(x2, input_scale)
+        out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.reshape(1, -1),
+                               out_dtype=torch.bfloat16)
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])

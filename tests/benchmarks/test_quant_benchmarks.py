@@ -1,0 +1,66 @@
+"""CPU smoke tests of the quantization benchmarks: throughput with fp8 and with dummy int4 (AWQ layout) weights, and
+the KL-divergence quality script with both of its methods."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks import quant_quality
+from benchmarks.throughput import main as throughput_main
+from benchmarks.throughput import make_workload
+from tests.tiny_models import hf_config
+
+SMOLLM2_VOCAB = 49152
+
+
+def tiny_llama(path, vocab_size: int):
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(
+        hf_config("llama", vocab_size=vocab_size, max_position_embeddings=4096)).save_pretrained(path)
+    return path
+
+
+def test_throughput_with_fp8_and_dummy_awq_weights(tmp_path):
+    model = tiny_llama(tmp_path / "llama-10k-vocab", 10240)
+    out = tmp_path / "results.jsonl"
+    common = ["--workload", "W5", "--model", str(model), "--num-prompts", "1", "--runs", "1",
+              "--max-model-len", "1024", "--disable-tqdm", "--json", str(out)]
+    assert throughput_main(common + ["--quantization", "fp8", "--load-format", "dummy"]) == 0
+    assert throughput_main(common + ["--dummy-int4", "awq", "--dummy-group-size", "32"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["args"]["quantization"], r["args"]["dummy_int4"]) for r in records] == [("fp8", None), (None, "awq")]
+    for record in records:
+        assert record["runs"][0]["output_tokens"] == make_workload("W5", 1).max_tokens[0]
+
+
+def test_quality_script_reports_kl_for_each_method(tmp_path, capsys):
+    model = tiny_llama(tmp_path / "llama-smollm2-vocab", SMOLLM2_VOCAB)
+    out = tmp_path / "quality.jsonl"
+    assert quant_quality.main(["--model", str(model), "--tokenizer", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                               "--max-tokens", "96", "--group-size", "32", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    rows = {r["method"]: r for r in record["results"]}
+    assert record["tokens"] == 96 and set(rows) == {"none", "fp8", "awq-rtn"}
+    for method in ("fp8", "awq-rtn"):
+        assert 0 < rows[method]["mean_kl"] < 0.5 and 0 < rows[method]["top1_agreement"] <= 1
+        assert rows[method]["weight_bytes"] < rows["none"]["weight_bytes"]
+    assert "mean KL" in capsys.readouterr().out
+
+
+def test_quantized_gemm_benchmark_smoke_runs_and_checks_pass():
+    """benchmarks/bench_quant_gemm.py end to end at tiny shapes (interpreted on CPU): the lead runs it on the GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_quant_gemm.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for label in ("## tiny_a", "fp8 skinny (w8a16)", "int4 triton (w4a16)", "# all correctness checks passed"):
+        assert label in proc.stdout

@@ -1,0 +1,105 @@
+"""The quantization framework: method resolution, clear errors, and merged-parameter loading by layout attributes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.config import ModelConfig
+from core.layers.quantization import resolve_quantization, supported_methods
+from core.layers.quantization.base import new_parameter
+from core.models import weights as weight_utils
+from ipc.config import QUANTIZATION_CHOICES, EngineConfig, engine_config_from_kwargs
+
+
+def llama_dict(**extra):
+    d = dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=64,
+             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    d.update(extra)
+    return d
+
+
+def test_engine_choices_match_the_registry():
+    assert sorted(QUANTIZATION_CHOICES) == supported_methods()
+
+
+def test_unsupported_checkpoint_method_is_named_with_the_supported_list():
+    with pytest.raises(ValueError) as info:
+        ModelConfig.from_hf_dict(llama_dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}))
+    message = str(info.value)
+    assert "bitsandbytes" in message and "quantiz" in message
+    for method in supported_methods():
+        assert method in message
+
+
+def test_requested_method_must_match_the_checkpoint():
+    d = llama_dict(quantization_config={"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                        "version": "gemm"})
+    cfg = ModelConfig.from_hf_dict(d)
+    assert cfg.quantization.name == "awq"
+    with pytest.raises(ValueError, match="checkpoint is quantized with 'awq'"):
+        resolve_quantization(cfg, d, "fp8")
+
+
+def test_online_quantization_needs_a_method_that_can_quantize_at_load():
+    d = llama_dict()
+    cfg = ModelConfig.from_hf_dict(d)
+    assert cfg.quantization is None
+    assert resolve_quantization(cfg, d, "fp8").quantization.name == "fp8"
+    with pytest.raises(ValueError, match="needs a checkpoint quantized with awq"):
+        resolve_quantization(cfg, d, "awq")
+
+
+def test_families_without_quantized_kernels_fail_at_startup():
+    d = dict(llama_dict(), architectures=["MixtralForCausalLM"], num_local_experts=4, num_experts_per_tok=2)
+    cfg = ModelConfig.from_hf_dict(d)
+    with pytest.raises(ValueError, match="'fp8' is not supported for MixtralForCausalLM.*LlamaForCausalLM"):
+        resolve_quantization(cfg, d, "fp8")
+
+
+def test_quantization_is_an_engine_argument_not_a_not_supported_flag():
+    assert engine_config_from_kwargs(quantization="fp8").quantization == "fp8"
+    assert EngineConfig().quantization is None
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        EngineConfig(quantization="int3")
+
+
+def test_merged_parameters_load_by_their_layout_attributes():
+    """A packed [in, out/8] tensor (AWQ qweight), a [groups, out] tensor (scales), one value per shard (per-tensor
+    scales) and a copy shared by every shard (g_idx) each land where their attributes say."""
+    layer = torch.nn.Module()
+    new_parameter(layer, "qweight", (4, 24 // 8), torch.int32, output_dim=1, pack_factor=8)
+    new_parameter(layer, "scales", (2, 24), torch.float32, output_dim=1)
+    new_parameter(layer, "weight_scale", (3,), torch.float32, shard_offsets=(0, 8, 16))
+    new_parameter(layer, "g_idx", (4,), torch.int32, output_dim=None)
+    model = torch.nn.Module()
+    model.proj = layer
+    shards = {"a": 0, "b": 8, "c": 16}
+    tensors = []
+    for shard, row in shards.items():
+        tensors += [(f"{shard}.qweight", torch.full((4, 1), row, dtype=torch.int32)),
+                    (f"{shard}.scales", torch.full((2, 8), float(row))),
+                    (f"{shard}.weight_scale", torch.tensor(row + 0.5)),
+                    (f"{shard}.g_idx", torch.tensor([0, 0, 1, 1], dtype=torch.int32))]
+
+    def place(name, tensor):
+        shard, param = name.split(".")
+        return [(f"proj.{param}", shards[shard], tensor)]
+
+    weight_utils.load_weights(model, tensors, place, "Test")
+    assert layer.qweight[:, 1].eq(8).all() and layer.qweight[:, 2].eq(16).all()
+    assert layer.scales[:, 8:16].eq(8).all() and layer.scales[:, 16:].eq(16).all()
+    assert layer.weight_scale.tolist() == [0.5, 8.5, 16.5]
+    assert layer.g_idx.tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="missing"):
+        weight_utils.load_weights(model, tensors[:4], place, "Test")
+    bad = tensors + [("a.g_idx", torch.tensor([1, 1, 0, 0], dtype=torch.int32))]
+    with pytest.raises(ValueError, match="differs"):
+        weight_utils.load_weights(model, bad, place, "Test")
+
+
+def test_quantization_flag_reaches_the_engine_config():
+    from frontend import cli
+
+    for argv in (["--quantization", "fp8"], ["-q", "fp8"]):
+        assert cli.engine_config_from_args(cli.serve_parser().parse_args(argv)).quantization == "fp8"

@@ -1,0 +1,335 @@
+"""Quantized checkpoints round trip: tiny Llama checkpoints written in the real on-disk formats (AutoAWQ GEMM, GPTQ
+v1 with and without act-order, fp8 and compressed-tensors float8, each packed here with the published bit orders)
+load and run, and their logprobs and greedy tokens match the same model saved with the dequantized weights.
+
+int4 runs dequantize-then-matmul on CPU, so it matches the dequantized model to float rounding. fp8 also quantizes
+the activations (as the GPU GEMM does): its first-step logprobs are within fp8's error of the dequantized model, and
+its greedy tokens and logprobs equal the dequantized model's run with the same activation quantization (online fp8,
+exact on these weights: every row of a tensor has the same max, so per-tensor and per-channel scales coincide).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipc.messages import SamplingParams
+from tests.core.engine_utils import make_engine, run_engine
+
+HIDDEN, INTER = 128, 256  # group sizes 32, 64 and 128 all divide both input sizes
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROMPTS = [[5, 17, 33, 2, 99, 140], [7] * 3, list(range(40, 60)), [300, 12, 250, 8, 77]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5)
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's order_map
+
+
+def base_checkpoint() -> tuple[dict, dict[str, torch.Tensor]]:
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   bos_token_id=0, eos_token_id=1, initializer_range=0.1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    config = {**cfg.to_dict(), "architectures": ["LlamaForCausalLM"], "torch_dtype": "float32"}
+    return config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def save(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    return directory
+
+
+def quantized_layers(state: dict[str, torch.Tensor]):
+    return [name for name in state if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS]
+
+
+def as_int32(bits: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit patterns (int64) -> int32 with the same bits, as the packers' uint32 arrays are saved."""
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------- packers
+def awq_pack(intweight: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ's WQLinear_GEMM packing of ``[rows, cols]`` int4 values into ``[rows, cols / 8]`` int32."""
+    packed = torch.zeros(intweight.shape[0], intweight.shape[1] // 8, dtype=torch.int64)
+    for col in range(packed.shape[1]):
+        for i in range(8):
+            packed[:, col] |= intweight[:, col * 8 + AWQ_ORDER[i]].long() << (i * 4)
+    return as_int32(packed)
+
+
+def gptq_pack_rows(intweight: torch.Tensor) -> torch.Tensor:
+    """AutoGPTQ's QuantLinear.pack for qweight: ``[in, out]`` -> ``[in / 8, out]``, row ``8r + j`` at bits 4j."""
+    packed = torch.zeros(intweight.shape[0] // 8, intweight.shape[1], dtype=torch.int64)
+    for row in range(packed.shape[0]):
+        for j in range(8):
+            packed[row] |= intweight[row * 8 + j].long() << (4 * j)
+    return as_int32(packed)
+
+
+def gptq_pack_zeros(zeros: torch.Tensor) -> torch.Tensor:
+    """AutoGPTQ's qzeros: ``zeros - 1`` (the v1 format), column ``8c + j`` at bits 4j."""
+    zeros = zeros.long() - 1
+    packed = torch.zeros(zeros.shape[0], zeros.shape[1] // 8, dtype=torch.int64)
+    for col in range(packed.shape[1]):
+        for j in range(8):
+            packed[:, col] |= zeros[:, col * 8 + j] << (4 * j)
+    return as_int32(packed)
+
+
+def asym_int4(w_t: torch.Tensor, group_of_row: torch.Tensor, groups: int, sym: bool):
+    """Round-to-nearest int4 of ``w_t [in, out]`` per (group, column): codes, zero points (1..15 so GPTQ's v1
+    ``zero - 1`` never underflows), fp16 scales, and the dequantized fp32 weight."""
+    scales = torch.empty(groups, w_t.shape[1])
+    zeros = torch.empty(groups, w_t.shape[1], dtype=torch.long)
+    for g in range(groups):
+        rows = w_t[group_of_row == g]
+        if sym:
+            scales[g] = rows.abs().amax(0).clamp(min=1e-6) / 7
+            zeros[g] = 8
+        else:
+            lo, hi = rows.amin(0).clamp(max=0), rows.amax(0).clamp(min=0)
+            scales[g] = ((hi - lo) / 14).clamp(min=1e-6)
+            zeros[g] = (torch.round(-lo / scales[g]) + 1).clamp(1, 15).long()
+    scales = scales.half()
+    s, z = scales.float()[group_of_row], zeros[group_of_row]
+    codes = torch.clamp(torch.round(w_t / s) + z, 0, 15).long()
+    return codes, zeros, scales, (codes - z).float() * s
+
+
+def write_awq(tmp: Path, group: int) -> tuple[Path, Path]:
+    config, state = base_checkpoint()
+    quant, plain = dict(state), dict(state)
+    for name in quantized_layers(state):
+        w_t = state[name].t()
+        rows = torch.arange(w_t.shape[0]) // group
+        codes, zeros, scales, deq = asym_int4(w_t, rows, w_t.shape[0] // group, sym=False)
+        prefix = name.removesuffix(".weight")
+        del quant[name]
+        quant |= {f"{prefix}.qweight": awq_pack(codes), f"{prefix}.qzeros": awq_pack(zeros),
+                  f"{prefix}.scales": scales}
+        plain[name] = deq.t()
+    qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
+    return (save(tmp / f"awq-{group}", {**config, "quantization_config": qc}, quant),
+            save(tmp / f"awq-{group}-dequantized", config, plain))
+
+
+def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool) -> tuple[Path, Path]:
+    config, state = base_checkpoint()
+    quant, plain = dict(state), dict(state)
+    gen = torch.Generator().manual_seed(group)
+    g_idx_of_input: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) share their input, so their g_idx
+    for name in quantized_layers(state):
+        w_t = state[name].t()
+        k = w_t.shape[0]
+        shared = name.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+        key = (name.split(".")[2], name.split(".")[-3], k) if shared else name
+        if key not in g_idx_of_input:
+            natural = torch.arange(k) // group
+            g_idx_of_input[key] = natural[torch.randperm(k, generator=gen)] if desc_act else natural
+        g_idx = g_idx_of_input[key]
+        codes, zeros, scales, deq = asym_int4(w_t, g_idx, k // group, sym=sym)
+        prefix = name.removesuffix(".weight")
+        del quant[name]
+        quant |= {f"{prefix}.qweight": gptq_pack_rows(codes), f"{prefix}.qzeros": gptq_pack_zeros(zeros),
+                  f"{prefix}.scales": scales, f"{prefix}.g_idx": g_idx.to(torch.int32)}
+        plain[name] = deq.t()
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": desc_act, "sym": sym,
+          "checkpoint_format": "gptq"}
+    tag = f"gptq-{group}-{'act' if desc_act else 'seq'}-{'sym' if sym else 'zp'}"
+    return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
+            save(tmp / f"{tag}-dequantized", config, plain))
+
+
+FP8 = torch.float8_e4m3fn
+
+
+def write_fp8(tmp: Path, layout: str) -> tuple[Path, Path]:
+    """``layout``: ``fp8`` (AutoFP8: per-tensor scales, dynamic activations), ``fp8-static`` (with input_scale),
+    ``ct-channel`` (compressed-tensors FP8_DYNAMIC: [out, 1] scales) or ``ct-tensor-static``."""
+    config, state = base_checkpoint()
+    quant, plain = dict(state), dict(state)
+    for name in quantized_layers(state):
+        w = state[name]
+        w = w / w.abs().amax(1, keepdim=True) * w.abs().amax()  # rows share their max: see the module docstring
+        if layout == "ct-channel":
+            scale = w.abs().amax(1, keepdim=True) / 448
+        else:
+            scale = w.abs().amax().reshape(() if layout.startswith("fp8") else (1,)) / 448
+        q = (w / scale).clamp(-448, 448).to(FP8)
+        prefix = name.removesuffix(".weight")
+        quant[name] = q
+        quant[f"{prefix}.weight_scale"] = scale.float()
+        if layout.endswith("static"):
+            quant[f"{prefix}.input_scale"] = torch.tensor(0.02).reshape(() if layout.startswith("fp8") else (1,))
+        plain[name] = q.float() * scale
+    if layout.startswith("fp8"):
+        qc = {"quant_method": "fp8", "activation_scheme": "static" if layout.endswith("static") else "dynamic"}
+    else:
+        static = layout.endswith("static")
+        qc = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+              "config_groups": {"group_0": {
+                  "targets": ["Linear"],
+                  "weights": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
+                              "strategy": "channel" if layout == "ct-channel" else "tensor"},
+                  "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": not static,
+                                        "strategy": "tensor" if static else "token"}}}}
+    return (save(tmp / layout, {**config, "quantization_config": qc}, quant),
+            save(tmp / f"{layout}-dequantized", config, plain))
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def greedy(path: Path, **kwargs):
+    engine = make_engine(path, **kwargs)
+    results = run_engine(engine, PROMPTS, GREEDY)
+    return engine, [results[(i, 0)] for i in range(len(PROMPTS))]
+
+
+def logprob_error(ours: list[dict], reference: list[dict], steps: int | None = None) -> float:
+    """Largest |difference| of the logprobs both top-5s hold over the first ``steps`` steps of every prompt (inf
+    when our top-5 lacks the reference's top token)."""
+    worst = 0.0
+    for a, b in zip(ours, reference):
+        for step_a, step_b in list(zip(a["logprobs"], b["logprobs"]))[:steps]:
+            if max(step_b, key=step_b.get) not in step_a:
+                return float("inf")
+            for token in step_a.keys() & step_b.keys():
+                worst = max(worst, abs(step_a[token] - step_b[token]))
+    return worst
+
+
+def compare(quantized: Path, dequantized: Path, logprob_atol: float, reference_kwargs=None, **kwargs):
+    """Greedy tokens equal and logprobs within ``logprob_atol`` of the dequantized model's."""
+    engine, ours = greedy(quantized, **kwargs)
+    _, reference = greedy(dequantized, **(reference_kwargs or {}))
+    assert [a["tokens"] for a in ours] == [b["tokens"] for b in reference]
+    worst = logprob_error(ours, reference)
+    assert worst <= logprob_atol, f"logprobs differ by {worst:.2e} > {logprob_atol:.0e}"
+    return engine, ours
+
+
+def linears(engine):
+    return [m for m in engine.runner.model.modules() if getattr(m, "quant_method", None) is not None]
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_awq_checkpoint_matches_dequantized_model(tmp_path, group):
+    engine, _ = compare(*write_awq(tmp_path, group), logprob_atol=1e-4)
+    layers = linears(engine)
+    assert len(layers) == 2 * 4 and all(layer.qweight.dtype == torch.int32 for layer in layers)
+
+
+@pytest.mark.parametrize("group, desc_act, sym", [(32, False, True), (64, True, False), (128, True, True),
+                                                  (64, False, False)])
+def test_gptq_checkpoint_matches_dequantized_model(tmp_path, group, desc_act, sym):
+    engine, _ = compare(*write_gptq(tmp_path, group, desc_act, sym), logprob_atol=1e-4)
+    assert any(layer.perm is not None for layer in linears(engine)) == desc_act
+
+
+# e4m3 activations (3 mantissa bits: ~2.6% rms error per GEMM input) through 14 GEMMs of this tiny random model move
+# its first-step logprobs by up to ~0.33 (measured); a misplaced shard scale moves them by whole units.
+FP8_FIRST_STEP_ATOL = 0.5
+
+
+@pytest.mark.parametrize("layout", ["fp8", "fp8-static", "ct-channel", "ct-tensor-static"])
+def test_fp8_checkpoint_matches_dequantized_model(tmp_path, layout):
+    quantized, dequantized = write_fp8(tmp_path, layout)
+    engine, ours = greedy(quantized)
+    _, weights_only = greedy(dequantized)
+    assert logprob_error(ours, weights_only, steps=1) <= FP8_FIRST_STEP_ATOL
+    layers = linears(engine)
+    assert layers and all(layer.weight.dtype == FP8 and layer.weight_scale.shape == (layer.out_features,)
+                          for layer in layers)
+    static = layout.endswith("static")
+    assert all((layer.input_scale is not None) == static for layer in layers)
+    # Every shard's scale landed on its own channels: the loaded weights dequantize to the dequantized checkpoint's.
+    from safetensors.torch import load_file
+
+    plain = load_file(str(dequantized / "model.safetensors"))
+    merged = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    for name, module in engine.runner.model.named_modules():
+        if getattr(module, "quant_method", None) is None:
+            continue
+        parent, leaf = name.rsplit(".", 1)
+        parts = merged.get(leaf, (leaf,))
+        expected = torch.cat([plain[f"{parent}.{part}.weight"] for part in parts])
+        torch.testing.assert_close(module.weight.float() * module.weight_scale[:, None], expected, rtol=1e-6, atol=0)
+    if not static:  # the same activation quantization on the dequantized weights: the same model, token for token
+        compare(quantized, dequantized, logprob_atol=1e-4, reference_kwargs={"quantization": "fp8"})
+
+
+def test_online_fp8_quantizes_an_unquantized_checkpoint(tmp_path):
+    config, state = base_checkpoint()
+    path = save(tmp_path / "plain", config, state)
+    engine, ours = greedy(path, quantization="fp8")
+    _, reference = greedy(path)
+    assert logprob_error(ours, reference, steps=1) <= FP8_FIRST_STEP_ATOL
+    assert all(layer.weight.dtype == FP8 for layer in linears(engine))
+    assert len(linears(engine)) == 2 * 4
+
+
+def test_dummy_weights_in_quantized_layouts_run(tmp_path):
+    """--load-format dummy builds random packed int4 (AWQ) weights with valid layouts, then processes them."""
+    path, _ = write_gptq(tmp_path, 32, desc_act=False, sym=True)
+    for quantized in (path, write_awq(tmp_path, 64)[0]):
+        engine, results = greedy(quantized, load_format="dummy")
+        assert all(len(r["tokens"]) == GREEDY.max_tokens for r in results)
+        assert all(torch.isfinite(layer.scales).all() for layer in linears(engine))
+
+
+def test_unsupported_checkpoint_method_fails_naming_it(tmp_path):
+    config, state = base_checkpoint()
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    path = save(tmp_path / "bnb", config, state)
+    with pytest.raises(ValueError, match="'bitsandbytes'.*supported quantization methods: awq, fp8, gptq"):
+        make_engine(path)
+
+
+GPU_CASES = {"awq": lambda tmp: write_awq(tmp, 64), "gptq-act": lambda tmp: write_gptq(tmp, 32, True, False),
+             "fp8": lambda tmp: write_fp8(tmp, "fp8"), "fp8-ct-static": lambda tmp: write_fp8(tmp, "ct-tensor-static")}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+def test_quantized_checkpoints_on_gpu_with_cuda_graphs(tmp_path, case):
+    """The GPU kernels (Triton int4, fp8 skinny and _scaled_mm) in bf16: first-step logprobs near the dequantized
+    model's, and decode through CUDA graphs token-for-token the same as eager decode of the same model."""
+    quantized, dequantized = GPU_CASES[case](tmp_path)
+    engine, graphs = greedy(quantized, dtype="bfloat16", device="cuda")
+    assert engine.runner.use_graphs
+    _, eager = greedy(quantized, dtype="bfloat16", device="cuda", enforce_eager=True)
+    assert [r["tokens"] for r in graphs] == [r["tokens"] for r in eager]
+    _, reference = greedy(dequantized, dtype="bfloat16", device="cuda")
+    assert logprob_error(graphs, reference, steps=1) <= (FP8_FIRST_STEP_ATOL if "fp8" in case else 0.05)
+
+
+@pytest.mark.gpu
+def test_online_fp8_on_gpu_with_cuda_graphs(tmp_path):
+    config, state = base_checkpoint()
+    path = save(tmp_path / "plain", config, state)
+    engine, graphs = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8")
+    _, eager = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=True)
+    assert [r["tokens"] for r in graphs] == [r["tokens"] for r in eager]
+    _, reference = greedy(path, dtype="bfloat16", device="cuda")
+    assert logprob_error(graphs, reference, steps=1) <= FP8_FIRST_STEP_ATOL
+    assert all(layer.quant_method.use_scaled_mm for layer in linears(engine))
+
+
+def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculation(tmp_path):
+    """The same greedy tokens from a GPTQ act-order model under chunked prefill, preemption (few blocks), prefix
+    caching and n-gram speculative decoding as from a plain run."""
+    quantized, _ = write_gptq(tmp_path, 32, desc_act=True, sym=False)
+    _, plain = greedy(quantized)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    for kwargs in (dict(max_num_batched_tokens=8, num_gpu_blocks_override=6, max_model_len=64),
+                   dict(speculative_config=spec)):
+        _, stressed = greedy(quantized, **kwargs)
+        assert [r["tokens"] for r in stressed] == [r["tokens"] for r in plain], kwargs

@@ -1,0 +1,110 @@
+"""int4 GEMM (w4a16) against a float64 dequantize-then-matmul reference, and the int4 packers' bit orders.
+
+The Triton kernel runs on ``KERNEL_DEVICE`` (the interpreter on CPU) at small shapes in fp32/fp16, both launch shapes
+(decode M <= 16 with split-K, prefill), blocks that straddle group boundaries' edges, zero points, and GPTQ
+act-order permutations (rows sorted by group at load, x's columns gathered by the permutation).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.int4_gemm import (AWQ_ORDER, dequantize_int4, int4_gemm, int4_linear, int4_linear_ref,
+                               pack_int4_columns, pack_int4_rows, unpack_int4_columns, unpack_int4_rows)
+from tests.kernels.kernel_testing import KERNEL_DEVICE, assert_close
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3}
+
+
+def random_int4(k: int, n: int, group: int, gen: torch.Generator, g_idx: torch.Tensor | None = None):
+    """Random codes, zero points (0..15) and positive scales; the float64 weight they stand for."""
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    zeros = torch.randint(0, 16, (k // group, n), generator=gen)
+    scales = torch.rand(k // group, n, generator=gen, dtype=torch.float64) * 0.02 + 0.005
+    groups = torch.arange(k) // group if g_idx is None else g_idx
+    weight = (q.double() - zeros.double()[groups]) * scales[groups]
+    return q, zeros, scales, weight
+
+
+def test_packers_follow_the_published_bit_orders():
+    q = torch.arange(16).repeat(2, 1)[:, :16] % 16  # [2, 16]
+    packed = pack_int4_columns(q, AWQ_ORDER)
+    # AutoAWQ: nibble i of the first int32 holds column AWQ_ORDER[i] -> 0, 2, 4, 6, 1, 3, 5, 7
+    first = int(packed[0, 0]) & 0xFFFFFFFF
+    assert [(first >> (4 * i)) & 0xF for i in range(8)] == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert torch.equal(unpack_int4_columns(packed, AWQ_ORDER), q)
+    assert torch.equal(unpack_int4_columns(pack_int4_columns(q)), q)
+    rows = torch.randint(0, 16, (16, 5), generator=torch.Generator().manual_seed(0))
+    packed_rows = pack_int4_rows(rows)
+    assert packed_rows.dtype == torch.int32 and packed_rows.shape == (2, 5)
+    assert (int(packed_rows[1, 3]) & 0xFFFFFFFF) >> 28 == int(rows[15, 3])  # row 8j + 7 in the top nibble
+    assert torch.equal(unpack_int4_rows(packed_rows), rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m, n, k, group, block_k, split_k", [
+    (1, 48, 128, 32, 32, 1),  # N not a multiple of block_n (masked columns)
+    (3, 64, 256, 64, 32, 3),  # split-K with an uneven last split; two blocks per group
+    (16, 32, 128, 128, 64, None),  # one group over K, default split
+    (5, 96, 192, 32, 16, 4),
+    (33, 40, 128, 64, 64, 1),  # prefill launch shape (M > 16), M not a multiple of 64
+    (70, 64, 256, 32, 32, 1),
+])
+def test_int4_gemm_matches_reference(m, n, k, group, block_k, split_k, dtype):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    q, zeros, scales, weight = random_int4(k, n, group, gen)
+    x = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    args = (pack_int4_rows(q), scales.to(dtype), zeros.to(dtype))
+    out = int4_gemm(x.to(dtype).to(KERNEL_DEVICE), *(a.to(KERNEL_DEVICE) for a in args), group,
+                    block_n=32, block_k=block_k, split_k=split_k)
+    assert out.shape == (m, n) and out.dtype == dtype
+
+    reference = x.to(dtype).double() @ dequantize_int4(args[0], args[1].double(), args[2].double(), group).double()
+    assert_close(out, reference, TOLERANCE[dtype], f"int4 gemm {m}x{n}x{k} g{group} {dtype}")
+    assert_close(int4_linear_ref(x.to(dtype), *args, group), x @ weight, 2e-3 if dtype == torch.float16 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_act_order_permutation(dtype):
+    """GPTQ act-order: g_idx is a shuffled assignment of rows to groups; sorting the rows by group (as the loader
+    does) and gathering x's columns by the same permutation gives x @ W for the original layout."""
+    k, n, group, m = 128, 32, 32, 4
+    gen = torch.Generator().manual_seed(7)
+    g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=gen)]
+    q, zeros, scales, weight = random_int4(k, n, group, gen, g_idx=g_idx)
+    perm = torch.argsort(g_idx, stable=True)
+    args = (pack_int4_rows(q[perm]), scales.to(dtype), zeros.to(dtype))
+    x = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    expected = x.to(dtype).double() @ ((q.double() - zeros.to(dtype).double()[g_idx]) * scales.to(dtype).double()[g_idx])
+    out = int4_gemm(x.to(dtype)[:, perm].contiguous().to(KERNEL_DEVICE), *(a.to(KERNEL_DEVICE) for a in args), group,
+                    block_n=32, block_k=32)
+    assert_close(out, expected, TOLERANCE[dtype], "act-order kernel")
+    ref = int4_linear(x.to(dtype), *args, group, perm.to(torch.int32))  # CPU: the reference path
+    assert_close(ref, expected, TOLERANCE[dtype], "act-order reference")
+
+
+LLAMA_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 16, 200])
+@pytest.mark.parametrize("n, k", LLAMA_8B_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_linear_gpu_at_llama_shapes(m, n, k, dtype):
+    gen = torch.Generator().manual_seed(m)
+    group = 128
+    q, zeros, scales, _ = random_int4(k, n, group, gen)
+    args = (pack_int4_rows(q).cuda(), (scales * 0.1).to(dtype).cuda(), zeros.to(dtype).cuda())
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    out = int4_linear(x, *args, group)
+    assert_close(out, int4_linear_ref(x, *args, group).float(), 1e-2, f"int4 m={m} {n}x{k} {dtype}")
+
+
+def test_decode_launch_splits_k_only_for_small_layers():
+    from kernels.split_k import decode_launch
+
+    for n, k in LLAMA_8B_SHAPES:  # enough output blocks: no partial sums, no reduction launch
+        assert decode_launch(n, k // 128, None)[1] == 1
+    block_n, split = decode_launch(576, 576 // 64, None)  # SmolLM2's o_proj: 36 blocks of 16 rows
+    assert block_n == 16 and split > 1
