@@ -135,6 +135,10 @@ class ModelRunner:
             if config.speculative_config is not None and config.speculative_config.method == "draft_model":
                 raise ValueError("speculative_config method draft_model is not supported with tensor or "
                                  "pipeline parallelism yet (ngram is).")
+            if self.model_config.quantization is not None:
+                raise ValueError(f"quantization {self.model_config.quantization.summary()} is not supported with "
+                                 "tensor or pipeline parallelism yet: run it with tensor_parallel_size=1 and "
+                                 "pipeline_parallel_size=1, or an unquantized checkpoint.")
             check_layout(self.model_config, tp_group.world_size, tp_group.pp_size)
             self.shard_config = stage_config(shard_config(self.model_config, tp_group.world_size),
                                              tp_group.pp_size, tp_group.pp_rank)
