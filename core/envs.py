@@ -33,6 +33,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "its torch reference; triton or unset: Triton on CUDA.", "unset (auto)"),
     EnvVar("HF_HUB_OFFLINE", "Hugging Face's: 1 never contacts the hub when resolving a model id.", "unset"),
     EnvVar("TRANSFORMERS_OFFLINE", "Same as HF_HUB_OFFLINE (transformers' older spelling).", "unset"),
+    EnvVar("PAGEDSERVE_BATCH_DETOKENIZE", "1: the API process decodes every advancing stream's text in one "
+           "tokenizer call per step (decode_batch); 0: one call per stream. Unset: on with 8 or more cores (rayon, "
+           "which decode_batch runs on, measured slower on 2 busy cores).", "unset (by core count)"),
     EnvVar("OMP_NUM_THREADS", "When set, the CPU engine process keeps torch's thread count; unset, it uses "
            "all cores but one (the API process needs one).", "unset"),
 )
@@ -83,3 +86,10 @@ def hf_hub_offline() -> bool:
 
 def omp_num_threads_set() -> bool:
     return "OMP_NUM_THREADS" in os.environ
+
+
+def batch_detokenize() -> bool:
+    value = _get("PAGEDSERVE_BATCH_DETOKENIZE")
+    if value is None:
+        return (os.cpu_count() or 1) >= 8
+    return value.upper() in _TRUE

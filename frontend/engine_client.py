@@ -23,6 +23,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from core import envs
 from core.engine_process import run_engine_core
 from frontend.metrics import Metrics
 from frontend.output_processor import CompletionOutput, OutputProcessor, RequestOutput
@@ -40,6 +41,10 @@ from ipc.messages import (
 from ipc.transport import Encoder, IpcAddresses, make_socket, message_decoder
 
 logger = logging.getLogger("pagedserve.frontend")
+
+# Stream policy: each step's delta is its own SSE event; only when this many more are already waiting (the client,
+# or this process, is slower than the stream) are they merged into one event. Nothing is ever dropped.
+MERGE_BACKLOG = 8
 
 
 class EngineDeadError(RuntimeError):
@@ -64,7 +69,7 @@ class EngineClient:
         self.config = config
         self.model_name = model_name
         self.startup_timeout_s = startup_timeout_s
-        self.processor = OutputProcessor(tokenizer)
+        self.processor = OutputProcessor(tokenizer, batched_detokenize=envs.batch_detokenize())
         self.ready: ReadyMessage | None = None
         self.metrics: Metrics | None = None
         self.dead_error: str | None = None
@@ -233,8 +238,8 @@ class EngineClient:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                if stream_deltas and not final_only:
-                    item = _merge_queued_deltas(item, state.queue)
+                if stream_deltas and not final_only and state.queue.qsize() >= MERGE_BACKLOG:
+                    item = _merge_queued_deltas(item, state.queue)  # the client is behind: merge, never drop
                 finished = item.finished
                 yield item
         finally:
