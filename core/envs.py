@@ -36,6 +36,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("PAGEDSERVE_BATCH_DETOKENIZE", "1: the API process decodes every advancing stream's text in one "
            "tokenizer call per step (decode_batch); 0: one call per stream. Unset: on with 8 or more cores (rayon, "
            "which decode_batch runs on, measured slower on 2 busy cores).", "unset (by core count)"),
+    EnvVar("PROMETHEUS_MULTIPROC_DIR", "prometheus_client's: set by the --api-server-count launcher for its API "
+           "processes (metrics summed over them); not meant to be set by hand.", "unset"),
     EnvVar("OMP_NUM_THREADS", "When set, the CPU engine process keeps torch's thread count; unset, it uses "
            "all cores but one (the API process needs one).", "unset"),
 )
@@ -93,3 +95,7 @@ def batch_detokenize() -> bool:
     if value is None:
         return (os.cpu_count() or 1) >= 8
     return value.upper() in _TRUE
+
+
+def prometheus_multiproc_dir() -> str | None:
+    return _get("PROMETHEUS_MULTIPROC_DIR") or None

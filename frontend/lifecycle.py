@@ -79,14 +79,18 @@ class Lifecycle:
             await self._wait_answered()
         self.request_exit(0)
 
-    def engine_died(self, reason: str, exit_status: int | None) -> None:
-        """The engine process is gone: log it, answer what is in flight (already failed), then exit non-zero."""
+    def engine_died(self, reason: str, exit_status: int | None, exit_process: bool = True) -> None:
+        """The engine process is gone: log it, answer what is in flight (already failed), then exit non-zero.
+
+        ``exit_process=False`` (an API process of ``--api-server-count``): keep answering 503 until the launcher,
+        which watches the core too, stops every API process."""
         if self.exit_code:
             return
         logger.error("The engine core process died (exit status %s): %s. Exiting with status 1 so a supervisor "
                      "can restart the server.", exit_status, reason)
         self.exit_code = 1
-        self._spawn(self._exit_after_answers())
+        if exit_process:
+            self._spawn(self._exit_after_answers())
 
     async def _exit_after_answers(self) -> None:
         await self._wait_answered()

@@ -70,9 +70,12 @@ class SSEResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, frames: AsyncIterator[bytes | str], ping_s: float = 15.0) -> None:
-        super().__init__(status_code=200, media_type=self.media_type)
-        self.headers["cache-control"] = "no-store"
-        self.headers["x-accel-buffering"] = "no"
+        # Not Response.__init__: it would add content-length: 0 for the empty body.
+        self.status_code = 200
+        self.background = None
+        self.body = b""
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
+                            (b"x-accel-buffering", b"no")]
         self.frames = frames
         self.ping_s = ping_s
 
