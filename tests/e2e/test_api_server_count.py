@@ -50,6 +50,10 @@ def _stream_events(url: str, body: dict) -> list[dict | str]:
     return events
 
 
+def server_model_dir(srv: ServerProcess) -> str:
+    return srv.proc.args[4]  # python -m frontend.cli serve MODEL ...
+
+
 def _tree(srv: ServerProcess) -> tuple[int, list[int]]:
     """(engine core pid, API process pids) from the launcher's log line."""
     match = re.search(r"engine core pid (\d+); 2 API server processes, pids \[(\d+), (\d+)\]", srv.log_text())
@@ -177,16 +181,31 @@ def test_killing_the_core_fails_both_processes_requests(model_dir):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_sigterm_stops_the_whole_tree(model_dir):
-    srv = ServerProcess(model_dir, *ARGS)
-    core, apis = _tree(srv)
-    try:
-        children = child_pids(srv.proc.pid)  # the core, the API processes (and multiprocessing's tracker)
-        assert {core, *apis} <= set(children)
-        assert srv.stop(signal.SIGTERM, timeout_s=60) == 0
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(pid_alive(p) for p in children)
-    finally:
-        srv.stop(signal.SIGKILL)
+def test_bench_serve_against_two_api_processes(server, tmp_path):
+    """W5's command line (`pagedserve bench serve` with vLLM's flags) at a small size against --api-server-count 2:
+    every request completes, every token arrives in its own event, and the peak tokens/s is reported."""
+    from benchmarks.serve import main
+
+    rc = main(["--backend", "vllm", "--base-url", server.url, "--endpoint", "/v1/completions",
+               "--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "16",
+               "--num-prompts", "24", "--max-concurrency", "12", "--ignore-eos", "--seed", "0",
+               "--tokenizer", server_model_dir(server), "--save-result", "--save-detailed", "--no-plots",
+               "--result-dir", str(tmp_path), "--result-filename", "run.json", "--disable-tqdm"])
+    assert rc == 0
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert data["completed"] == 24 and data["total_output_tokens"] == 24 * 16
+    assert data["max_output_tokens_per_s"] > 0 and data["p99_ttft_ms"] > 0 and data["p99_itl_ms"] > 0
+    events = sum(len(itl) + 1 for itl in data["itls"])
+    assert events == 24 * 16  # one SSE event per token: nobody fell behind
+
+
+def test_sigterm_stops_the_whole_tree(server):
+    """Last in the module: it stops the module's server."""
+    core, apis = _tree(server)
+    children = child_pids(server.proc.pid)  # the core, the API processes (and multiprocessing's tracker)
+    assert {core, *apis} <= set(children)
+    assert server.stop(signal.SIGTERM, timeout_s=60) == 0
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(pid_alive(p) for p in children)
