@@ -98,6 +98,7 @@ class SSEResponse(Response):
                 pass
 
         async def ping() -> None:
+            nonlocal last_sent
             while True:
                 await asyncio.sleep(max(0.0, last_sent + self.ping_s - loop.time()))
                 if loop.time() - last_sent >= self.ping_s:
