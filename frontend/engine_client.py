@@ -17,8 +17,8 @@ import logging
 import multiprocessing
 import os
 import time
-from dataclasses import dataclass
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -74,7 +74,6 @@ class EngineAttachment:
     output_addr: str
     engine_pid: int
     client_index: int
-    num_clients: int
 
 
 class EngineClient:
@@ -213,6 +212,10 @@ class EngineClient:
         await self._stop_process(timeout_s)
         if self._output_task is not None:
             self._output_task.cancel()
+        if self.attachment is not None and self._watch_fd is not None:  # our pidfd (a sentinel closes itself)
+            asyncio.get_running_loop().remove_reader(self._watch_fd)  # a no-op once the core's exit removed it
+            os.close(self._watch_fd)
+            self._watch_fd = None
         for sock in (self._in_sock, self._out_sock):
             if sock is not None:
                 sock.close(linger=0)

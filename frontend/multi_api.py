@@ -63,7 +63,7 @@ def run_multi_server(engine_config: EngineConfig, options: ServerOptions, sock: 
     shared = sock if options.uds else None
     workers = []
     for index, a in enumerate(addrs):
-        attachment = EngineAttachment(a.input_addr, a.output_addr, core.pid, index, count)
+        attachment = EngineAttachment(a.input_addr, a.output_addr, core.pid, index)
         worker = ctx.Process(target=run_api_worker, name=f"pagedserve-api-{index}",
                              args=(engine_config, options, shared, attachment, os.getpid()))
         worker.start()
