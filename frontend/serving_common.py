@@ -61,9 +61,8 @@ class ServingContext:
         tokenizer = self.require_tokenizer()
         if len(text) < 256:
             return encode(tokenizer, text, add_special_tokens)
-        ids = await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_pool, encode_without_gil, tokenizer, [text], add_special_tokens)
-        return ids[0]
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_pool, encode, tokenizer, text, add_special_tokens)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run CPU-heavy request work (tokenizing, decoding, parsing a big body) off the event loop, so /health
@@ -158,16 +157,6 @@ class ServingContext:
     def check_engine(self) -> None:
         if not self.client.is_healthy:
             raise OpenAIError(self.client.dead_error or "The engine is not running.", status_code=503)
-
-
-def encode_without_gil(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-    """Token ids of each text, for a worker thread: the Rust tokenizer's ``encode_batch`` releases the GIL while it
-    works (``encode`` holds it: measured, the event loop stalled for a whole 512-token encode of W5's prompts), so
-    tokenizing a long prompt no longer pauses every stream. The ids are ``encode``'s (tested)."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch"):
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
-    return [encode(tokenizer, text, add_special_tokens) for text in texts]
 
 
 def bad_words_token_ids(tokenizer: Any, words: list[str], vocab_size: int) -> list[list[int]]:

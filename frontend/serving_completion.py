@@ -24,7 +24,6 @@ from frontend.protocol import (
 from frontend.serving_common import (
     ServingContext,
     clamp_logprob,
-    encode_without_gil,
     engine_error,
     error_event,
     json_response,
@@ -32,6 +31,7 @@ from frontend.serving_common import (
     run_until_disconnect,
     sse_response,
 )
+from core.tokenizer import encode
 from frontend.stream_frames import CompletionFrames
 from frontend.usage import request_metrics, stream_usage_flags, usage_info
 from ipc.messages import SamplingParams
@@ -107,12 +107,10 @@ class CompletionServing:
         return [self._truncated(text, ids, request) for text, ids in encoded]
 
     def _tokenize_batch(self, items: list[str | list[int]], add_special_tokens: bool) -> list[tuple[str | None, list[int]]]:
-        texts = [prompt for prompt in items if isinstance(prompt, str)]
-        ids = iter(encode_without_gil(self.ctx.require_tokenizer(), texts, add_special_tokens) if texts else [])
         out: list[tuple[str | None, list[int]]] = []
         for prompt in items:
             if isinstance(prompt, str):
-                out.append((prompt, next(ids)))
+                out.append((prompt, encode(self.ctx.require_tokenizer(), prompt, add_special_tokens)))
             else:
                 self.ctx.check_token_ids(prompt)
                 out.append((None, prompt))

@@ -104,14 +104,3 @@ def test_batched_detokenize_gives_the_same_text(tokenizer):
     plain, batched = collect(False), collect(True)
     assert plain == batched
     assert any(text for deltas in plain for step in deltas for _, text, _ in step)
-
-
-def test_encode_without_gil_gives_encodes_ids(tokenizer):
-    from core.tokenizer import encode
-    from frontend.serving_common import encode_without_gil
-
-    rng = random.Random(2)
-    texts = ["Hello world", "", "é中文🙂 " * 40, tokenizer.decode([rng.randrange(tokenizer.vocab_size) for _ in range(600)])]
-    for add_special_tokens in (True, False):
-        assert encode_without_gil(tokenizer, texts, add_special_tokens) == [
-            encode(tokenizer, t, add_special_tokens) for t in texts]
