@@ -99,3 +99,9 @@ def batch_detokenize() -> bool:
 
 def prometheus_multiproc_dir() -> str | None:
     return _get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def set_prometheus_multiproc_dir(path: str) -> None:
+    """The --api-server-count launcher's: its spawned API processes inherit it (prometheus_client reads it at
+    import)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path

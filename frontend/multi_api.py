@@ -46,7 +46,7 @@ def run_multi_server(engine_config: EngineConfig, options: ServerOptions, sock: 
 
     count = options.num_api_servers
     metrics_dir = tempfile.mkdtemp(prefix="pagedserve-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client as the children import it
+    envs.set_prometheus_multiproc_dir(metrics_dir)  # read by prometheus_client as the children import it
     addrs = [IpcAddresses.create() for _ in range(count)]
     ctx = multiprocessing.get_context("spawn")
     stop = threading.Event()
