@@ -34,8 +34,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("HF_HUB_OFFLINE", "Hugging Face's: 1 never contacts the hub when resolving a model id.", "unset"),
     EnvVar("TRANSFORMERS_OFFLINE", "Same as HF_HUB_OFFLINE (transformers' older spelling).", "unset"),
     EnvVar("PAGEDSERVE_BATCH_DETOKENIZE", "1: the API process decodes every advancing stream's text in one "
-           "tokenizer call per step (decode_batch); 0: one call per stream. Unset: on with 8 or more cores (rayon, "
-           "which decode_batch runs on, measured slower on 2 busy cores).", "unset (by core count)"),
+           "tokenizer call per step (decode_batch, on rayon's threads); unset or 0: one call per stream, which "
+           "measured faster on a busy 2-core machine (to be compared on the GPU host).", "0"),
     EnvVar("PROMETHEUS_MULTIPROC_DIR", "prometheus_client's: set by the --api-server-count launcher for its API "
            "processes (metrics summed over them); not meant to be set by hand.", "unset"),
     EnvVar("OMP_NUM_THREADS", "When set, the CPU engine process keeps torch's thread count; unset, it uses "
@@ -91,10 +91,7 @@ def omp_num_threads_set() -> bool:
 
 
 def batch_detokenize() -> bool:
-    value = _get("PAGEDSERVE_BATCH_DETOKENIZE")
-    if value is None:
-        return (os.cpu_count() or 1) >= 8
-    return value.upper() in _TRUE
+    return (_get("PAGEDSERVE_BATCH_DETOKENIZE") or "").upper() in _TRUE
 
 
 def prometheus_multiproc_dir() -> str | None:

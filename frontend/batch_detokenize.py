@@ -5,7 +5,8 @@ streams that is 512 Python->Rust calls a step. ``BatchDecoder.predecode`` gather
 that got exactly one new token this step, decodes them with the Rust tokenizer's ``decode_batch`` (one call per
 ``skip_special_tokens`` setting) and hands each sequence its texts; ``decode_next`` then uses them instead of
 calling the tokenizer. The text is the same as the per-sequence path's (tested). Sequences with several new tokens
-(speculative decoding) or deferred text take the per-sequence path.
+(speculative decoding) or deferred text take the per-sequence path. Opt-in (``PAGEDSERVE_BATCH_DETOKENIZE=1``):
+on a busy 2-core machine rayon's ``decode_batch`` came out slower than the per-sequence calls.
 """
 
 from __future__ import annotations
