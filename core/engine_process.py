@@ -38,6 +38,7 @@ from ipc.messages import (
     UtilityOutput,
     UtilityRequest,
 )
+from ipc.routing import OutputRouter
 from ipc.transport import Encoder, input_decoder, make_socket, parent_alive
 
 logger = logging.getLogger("pagedserve.engine")
@@ -53,12 +54,20 @@ class _Stop(Exception):
 class EngineProcess:
     """Owns the sockets, the two I/O threads and the ``EngineCore``; ``run()`` is the process's life."""
 
-    def __init__(self, config: EngineConfig, input_addr: str, output_addr: str) -> None:
+    def __init__(self, config: EngineConfig, input_addr: str | list[str], output_addr: str | list[str]) -> None:
+        """One address each for one API process; lists (same length) for ``--api-server-count N``: the input
+        socket reads every API process's requests, and each output socket goes to one API process."""
         self.config = config
         self._ctx = zmq.Context(io_threads=1)
-        self._in_sock = make_socket(self._ctx, input_addr, zmq.PULL, bind=False)
-        self._out_sock = make_socket(self._ctx, output_addr, zmq.PUSH, bind=False)
-        self._out_sock.setsockopt(zmq.LINGER, _SEND_LINGER_MS)
+        input_addrs = [input_addr] if isinstance(input_addr, str) else input_addr
+        output_addrs = [output_addr] if isinstance(output_addr, str) else output_addr
+        self._in_sock = make_socket(self._ctx, input_addrs[0], zmq.PULL, bind=False)
+        for addr in input_addrs[1:]:
+            self._in_sock.connect(addr)
+        self._out_socks = [make_socket(self._ctx, addr, zmq.PUSH, bind=False) for addr in output_addrs]
+        for sock in self._out_socks:
+            sock.setsockopt(zmq.LINGER, _SEND_LINGER_MS)
+        self._router = OutputRouter(len(self._out_socks))
         self._inputs: queue.Queue[Any] = queue.Queue()
         self._outputs: queue.Queue[Any] = queue.Queue()
         self._stopping = threading.Event()
@@ -94,7 +103,8 @@ class EngineProcess:
             message = self._outputs.get()
             if message is None:
                 return
-            self._out_sock.send(encoder.encode(message), copy=False)
+            for client, part in self._router.route(message):
+                self._out_socks[client].send(encoder.encode(part), copy=False)
 
     def _watch_parent(self, parent_pid: int) -> None:
         while not self._stopping.wait(_PARENT_POLL_S):
@@ -169,6 +179,8 @@ class EngineProcess:
     def _handle(self, message: Any) -> bool:
         """Apply one input; False on Shutdown."""
         if isinstance(message, EngineRequest):
+            if self._router.num_clients > 1:
+                self._router.add_request(message)  # before any of its outputs can be queued
             try:
                 self._core.add_request(message)
             except Exception as exc:  # one bad request fails alone, never the engine
@@ -186,12 +198,14 @@ class EngineProcess:
         return True
 
     def _call_utility(self, message: UtilityRequest) -> UtilityOutput:
+        client = message.client_index
         if message.name.startswith("_") or not callable(getattr(self._core, message.name, None)):
-            return UtilityOutput(message.call_id, error=f"unknown utility call {message.name!r}")
+            return UtilityOutput(message.call_id, error=f"unknown utility call {message.name!r}", client_index=client)
         try:
-            return UtilityOutput(message.call_id, result=getattr(self._core, message.name)(*message.args))
+            return UtilityOutput(message.call_id, result=getattr(self._core, message.name)(*message.args),
+                                 client_index=client)
         except Exception as exc:
-            return UtilityOutput(message.call_id, error=f"{type(exc).__name__}: {exc}")
+            return UtilityOutput(message.call_id, error=f"{type(exc).__name__}: {exc}", client_index=client)
 
     def _stats_changed(self, stats: SchedulerStats | None) -> bool:
         """Whether these stats tell the frontend anything new (a changed gauge or a non-zero counter delta)."""
@@ -229,7 +243,8 @@ class EngineProcess:
             if t.is_alive():
                 t.join(timeout=5)
         self._in_sock.close()
-        self._out_sock.close()
+        for sock in self._out_socks:
+            sock.close()
         self._ctx.term()
 
 
@@ -254,7 +269,7 @@ def _limit_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
 
 
-def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
+def run_engine_core(config: EngineConfig, input_addr: str | list[str], output_addr: str | list[str]) -> None:
     """Entry point of the engine-core process (a ``multiprocessing`` spawn target)."""
     logging.basicConfig(
         level=envs.log_level(),

@@ -33,6 +33,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "its torch reference; triton or unset: Triton on CUDA.", "unset (auto)"),
     EnvVar("HF_HUB_OFFLINE", "Hugging Face's: 1 never contacts the hub when resolving a model id.", "unset"),
     EnvVar("TRANSFORMERS_OFFLINE", "Same as HF_HUB_OFFLINE (transformers' older spelling).", "unset"),
+    EnvVar("PAGEDSERVE_BATCH_DETOKENIZE", "1: the API process decodes every advancing stream's text in one "
+           "tokenizer call per step (decode_batch, on rayon's threads); unset or 0: one call per stream, which "
+           "measured faster on a busy 2-core machine (to be compared on the GPU host).", "0"),
+    EnvVar("PROMETHEUS_MULTIPROC_DIR", "prometheus_client's: set by the --api-server-count launcher for its API "
+           "processes (metrics summed over them); not meant to be set by hand.", "unset"),
     EnvVar("OMP_NUM_THREADS", "When set, the CPU engine process keeps torch's thread count; unset, it uses "
            "all cores but one (the API process needs one).", "unset"),
     EnvVar("PAGEDSERVE_TEST_STEP_FAULT_TOKENS", "Tests only: comma-separated token ids; an engine step that "
@@ -96,3 +101,17 @@ def step_fault_tokens() -> list[int]:
         return [int(t) for t in value.replace(" ", "").split(",") if t]
     except ValueError:
         raise ValueError(f"PAGEDSERVE_TEST_STEP_FAULT_TOKENS is {value!r}: use comma-separated token ids.") from None
+
+
+def batch_detokenize() -> bool:
+    return (_get("PAGEDSERVE_BATCH_DETOKENIZE") or "").upper() in _TRUE
+
+
+def prometheus_multiproc_dir() -> str | None:
+    return _get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def set_prometheus_multiproc_dir(path: str) -> None:
+    """The --api-server-count launcher's: its spawned API processes inherit it (prometheus_client reads it at
+    import)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path

@@ -30,7 +30,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from frontend.engine_client import EngineClient
+from frontend.engine_client import EngineAttachment, EngineClient
 from frontend.json_budget import check_json_values
 from frontend.lifecycle import Lifecycle, LifecycleMiddleware, header_timeout_protocol, release_memory_soon
 from frontend.metrics import CONTENT_TYPE
@@ -215,8 +215,9 @@ def _check_task(request: Request, task: str) -> None:
 
 
 def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: ServerOptions,
-              default_sampling: dict[str, Any] | None = None) -> FastAPI:
-    """The FastAPI app; its lifespan starts the engine core and waits for READY.
+              default_sampling: dict[str, Any] | None = None, attachment: EngineAttachment | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan starts the engine core (or, with ``attachment``, connects to the one the
+    ``--api-server-count`` launcher started) and waits for READY.
 
     ``default_sampling``: sampling defaults from ``--generation-config`` (``frontend/generation_config.py``).
     """
@@ -255,6 +256,8 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
         app.state.embedding_info = ready.embedding  # None: a generation model
         app.state.embedding = EmbeddingServing(ctx, ready.embedding) if ready.embedding is not None else None
         client.on_dead = lifecycle.engine_died
+        if attachment is not None:  # the launcher stops every API process once the core is gone
+            client.on_dead = lambda reason, status: lifecycle.engine_died(reason, status, exit_process=False)
         lifecycle.ready = True
         where = f"unix:{options.uds}" if options.uds else f"http://{options.host or '0.0.0.0'}:{options.port}"
         logger.info("pagedserve %s serving %s (max_model_len %d) on %s", version(),
@@ -267,7 +270,7 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         client = EngineClient(engine_config, tokenizer, served_names[0],
-                              startup_timeout_s=options.engine_startup_timeout_s)
+                              startup_timeout_s=options.engine_startup_timeout_s, attachment=attachment)
         app.state.client = client
         lifecycle.loop = asyncio.get_running_loop()
         starting = asyncio.create_task(start_engine(app), name="engine-start")
@@ -414,12 +417,21 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
     return app
 
 
-def bind_socket(host: str | None, port: int) -> socket.socket:
-    """Bind the port before the (slow) engine start, so a port in use fails at once."""
+def bind_socket(host: str | None, port: int, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """Bind the port before the (slow) engine start, so a port in use fails at once.
+
+    ``reuse_port``: SO_REUSEPORT, so each ``--api-server-count`` process listens on its own socket and the kernel
+    spreads connections evenly (one shared socket let one process take nearly all of them); the launcher binds
+    without listening, only to hold the port and fail fast.
+    """
     family = socket.AF_INET6 if host and ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+    if not listen:
+        return sock
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -478,6 +490,26 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
 
     Exits with status 1 when the engine fails to start or dies, so a supervisor restarts the server.
     """
+    many = options.num_api_servers > 1
+    try:  # first: a port in use fails before anything is loaded
+        if options.uds:
+            sock = bind_unix_socket(options.uds)
+        else:
+            sock = bind_socket(options.host, options.port, reuse_port=many, listen=not many)
+    except OSError as exc:
+        where = options.uds or f"{options.host or '0.0.0.0'}:{options.port}"
+        logger.error("Cannot listen on %s: %s", where, exc.strerror or exc)
+        sys.exit(1)
+    if many:
+        from frontend.multi_api import run_multi_server
+
+        sys.exit(run_multi_server(engine_config, options, sock))
+    serve_on_socket(engine_config, options, sock)
+
+
+def serve_on_socket(engine_config: EngineConfig, options: ServerOptions, sock: socket.socket,
+                    attachment: EngineAttachment | None = None) -> None:
+    """Load the tokenizer and serve on the bound ``sock`` until SIGTERM / Ctrl-C; exits 1 if the engine dies."""
     import msgspec
     import uvloop
 
@@ -485,12 +517,6 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
     from core.tokenizer import load_tokenizer
     from frontend.generation_config import default_sampling_overrides
 
-    try:  # first: a port in use fails before anything is loaded
-        sock = bind_unix_socket(options.uds) if options.uds else bind_socket(options.host, options.port)
-    except OSError as exc:
-        where = options.uds or f"{options.host or '0.0.0.0'}:{options.port}"
-        logger.error("Cannot listen on %s: %s", where, exc.strerror or exc)
-        sys.exit(1)
     source = resolve_model(engine_config.model, engine_config.revision)
     tokenizer = None
     if not engine_config.skip_tokenizer_init:
@@ -500,7 +526,7 @@ def run_server(engine_config: EngineConfig, options: ServerOptions) -> None:
     default_sampling = default_sampling_overrides(engine_config.generation_config, source)
     if default_sampling:
         logger.info("Default sampling parameters from the generation config: %s", default_sampling)
-    app = build_app(engine_config, tokenizer, options, default_sampling)
+    app = build_app(engine_config, tokenizer, options, default_sampling, attachment)
     lifecycle: Lifecycle = app.state.lifecycle
     server = _Server(uvicorn_config(app, options), lifecycle, app)
     uvloop.run(server.serve(sockets=[sock]))

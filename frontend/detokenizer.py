@@ -71,12 +71,31 @@ class IncrementalDetokenizer:
         if not skip_special_tokens and not spaces_between_special_tokens:
             self._added_tokens = added_token_strings(tokenizer) or None
         self._last_was_added = False
+        self._predecoded: list[str] | None = None
+        self.skip_special_tokens = skip_special_tokens
+
+    def windows_for(self, token_id: int) -> list[list[int]]:
+        """The id lists ``decode_next(token_id)`` will decode, in order: for a batched decode of many sequences
+        (``set_predecoded`` hands the texts back)."""
+        if self._prefix_text is None:
+            prefix = self._ids[self._prefix_offset : self._read_offset]
+            return [prefix, prefix + [token_id]]
+        return [self._ids[self._prefix_offset :] + [token_id]]
+
+    def set_predecoded(self, texts: list[str]) -> None:
+        """Texts of ``windows_for``'s lists, decoded elsewhere: the next ``decode_next`` uses them."""
+        self._predecoded = texts[::-1]
+
+    def _decode_window(self, ids: list[int]) -> str:
+        if self._predecoded:
+            return self._predecoded.pop()
+        return self._decode(ids)
 
     def decode_next(self, token_id: int) -> str:
         self._ids.append(token_id)
         if self._prefix_text is None:
-            self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset :])
+            self._prefix_text = self._decode_window(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode_window(self._ids[self._prefix_offset :])
         if len(new_text) <= len(self._prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
             # Nothing new yet, or the new bytes end mid-character: wait for the next token.
             delta = ""
@@ -138,12 +157,19 @@ class StopStringMatcher:
         """How many trailing chars could be the start of a stop string (and so must not be streamed yet)."""
         if self.include_in_output or not self.stop:
             return 0
-        longest = min(self._max_len - 1, len(text))
-        for k in range(longest, 0, -1):
-            tail = text[-k:]
-            if any(s.startswith(tail) for s in self.stop):
-                return k
-        return 0
+        # Per stop string, the earliest place in the last chars where its first char starts a prefix of it: one
+        # str.find per candidate start instead of a slice and a startswith per tail length.
+        best = 0
+        for s in self.stop:
+            span = min(len(s), self._max_len - 1)
+            window = text[max(0, len(text) - span):] if span > 0 else ""
+            i = window.find(s[0])
+            while i != -1 and len(window) - i > best:
+                if s.startswith(window[i:]):
+                    best = len(window) - i
+                    break
+                i = window.find(s[0], i + 1)
+        return best
 
 
 class SequenceText:
@@ -209,6 +235,21 @@ class SequenceText:
                 self.text = self.text[:cut]
                 return self.stop_string
         return None
+
+    def windows_for(self, token_ids: list[int], stop_token_terminated: bool = False) -> list[list[int]] | None:
+        """What ``add_tokens`` would decode for one new token (for a batched decode across sequences), or None
+        when it decodes nothing or several tokens (those take the per-sequence path)."""
+        if self._deferred is not None or len(token_ids) != 1 or (stop_token_terminated and not
+                                                                  self._include_stop_token):
+            return None
+        return self._detok.windows_for(token_ids[0])
+
+    def set_predecoded(self, texts: list[str]) -> None:
+        self._detok.set_predecoded(texts)
+
+    @property
+    def skip_special_tokens(self) -> bool:
+        return self._detok.skip_special_tokens
 
     def finish(self) -> None:
         """The sequence ended: add text held back for an incomplete final character (or decode it all)."""

@@ -15,14 +15,17 @@ import atexit
 import itertools
 import logging
 import multiprocessing
+import os
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import zmq
 import zmq.asyncio
 
+from core import envs
 from core.engine_process import run_engine_core
 from frontend.metrics import Metrics
 from frontend.output_processor import CompletionOutput, OutputProcessor, RequestOutput
@@ -40,6 +43,10 @@ from ipc.messages import (
 from ipc.transport import Encoder, IpcAddresses, make_socket, message_decoder
 
 logger = logging.getLogger("pagedserve.frontend")
+
+# Stream policy: each step's delta is its own SSE event; only when this many more are already waiting (the client,
+# or this process, is slower than the stream) are they merged into one event. Nothing is ever dropped.
+MERGE_BACKLOG = 8
 
 
 class EngineDeadError(RuntimeError):
@@ -62,13 +69,27 @@ class RequestFailedError(RuntimeError):
     """The request failed inside an engine step (the core survived and failed it alone): an HTTP 500."""
 
 
+@dataclass(frozen=True)
+class EngineAttachment:
+    """``--api-server-count N``: this API process talks to a core that the launcher started (``frontend/
+    multi_api.py``): it binds these addresses, the core connects, and the core's exit is watched by its pid."""
+
+    input_addr: str
+    output_addr: str
+    engine_pid: int
+    client_index: int
+
+
 class EngineClient:
     def __init__(self, config: EngineConfig, tokenizer: Any | None, model_name: str,
-                 startup_timeout_s: float = 1800.0) -> None:
+                 startup_timeout_s: float = 1800.0, attachment: EngineAttachment | None = None) -> None:
         self.config = config
+        self.attachment = attachment
+        self.client_index = attachment.client_index if attachment is not None else 0
+        self._watch_fd: int | None = None  # readable once the core has exited (its sentinel, or a pidfd)
         self.model_name = model_name
         self.startup_timeout_s = startup_timeout_s
-        self.processor = OutputProcessor(tokenizer)
+        self.processor = OutputProcessor(tokenizer, batched_detokenize=envs.batch_detokenize())
         self.ready: ReadyMessage | None = None
         self.metrics: Metrics | None = None
         self.dead_error: str | None = None
@@ -91,7 +112,12 @@ class EngineClient:
 
     @property
     def engine_pid(self) -> int | None:
+        if self.attachment is not None:
+            return self.attachment.engine_pid
         return self._proc.pid if self._proc is not None else None
+
+    def _exit_code(self) -> int | None:
+        return self._proc.exitcode if self._proc is not None else None
 
     @property
     def is_healthy(self) -> bool:
@@ -100,23 +126,31 @@ class EngineClient:
     async def start(self) -> ReadyMessage:
         """Start the core process and wait for READY; raises ``EngineStartupError`` with the core's error."""
         loop = asyncio.get_running_loop()
-        self._addrs = IpcAddresses.create()
+        if self.attachment is None:
+            self._addrs = IpcAddresses.create()
+            input_addr, output_addr = self._addrs.input_addr, self._addrs.output_addr
+        else:
+            input_addr, output_addr = self.attachment.input_addr, self.attachment.output_addr
         self._sync_ctx = zmq.Context()
         self._async_ctx = zmq.asyncio.Context()
-        self._in_sock = make_socket(self._sync_ctx, self._addrs.input_addr, zmq.PUSH, bind=True)
-        self._out_sock = make_socket(self._async_ctx, self._addrs.output_addr, zmq.PULL, bind=True)
-        ctx = multiprocessing.get_context("spawn")
-        self._proc = ctx.Process(
-            target=run_engine_core,
-            args=(self.config, self._addrs.input_addr, self._addrs.output_addr),
-            name="pagedserve-engine",
-        )
-        self._proc.start()
-        # Last resort if this process exits without shutdown(): multiprocessing's own exit hook would otherwise
-        # wait forever on a core that only leaves once we are gone.
-        atexit.register(self._kill_if_alive)
+        self._in_sock = make_socket(self._sync_ctx, input_addr, zmq.PUSH, bind=True)
+        self._out_sock = make_socket(self._async_ctx, output_addr, zmq.PULL, bind=True)
+        if self.attachment is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._proc = ctx.Process(
+                target=run_engine_core,
+                args=(self.config, input_addr, output_addr),
+                name="pagedserve-engine",
+            )
+            self._proc.start()
+            # Last resort if this process exits without shutdown(): multiprocessing's own exit hook would otherwise
+            # wait forever on a core that only leaves once we are gone.
+            atexit.register(self._kill_if_alive)
+            self._watch_fd = self._proc.sentinel
+        else:  # the launcher's child: a pidfd turns readable when it exits (kill -9 included)
+            self._watch_fd = os.pidfd_open(self.attachment.engine_pid)
         exited = loop.create_future()
-        loop.add_reader(self._proc.sentinel, self._on_process_exit, exited)
+        loop.add_reader(self._watch_fd, self._on_process_exit, exited)
         decoder = message_decoder()
         recv = asyncio.ensure_future(self._out_sock.recv(copy=False))
         try:
@@ -132,13 +166,14 @@ class EngineClient:
                 if reason is None and not exited.done():
                     reason = f"no READY within {self.startup_timeout_s:.0f} s"
                 elif reason is None:
-                    reason = f"the process exited with code {self._proc.exitcode}"
+                    reason = f"the process exited with code {self._exit_code()}"
                 await self._stop_process()
                 raise EngineStartupError(f"The engine core failed to start: {reason}")
         finally:
             if not recv.done():
                 recv.cancel()
-        self.metrics = Metrics(self.model_name, self.ready.max_model_len)
+        self.metrics = Metrics(self.model_name, self.ready.max_model_len,
+                               api_server=self.client_index if self.attachment is not None else None)
         self.metrics.record_cache_config(self.ready.block_size, self.ready.num_kv_blocks,
                                          self.config.enable_prefix_caching)
         self._output_task = asyncio.create_task(self._output_loop(decoder), name="engine-outputs")
@@ -157,14 +192,15 @@ class EngineClient:
 
     def _on_process_exit(self, exited: asyncio.Future | None = None) -> None:
         loop = asyncio.get_running_loop()
-        loop.remove_reader(self._proc.sentinel)
+        loop.remove_reader(self._watch_fd)
         if exited is not None and not exited.done():
             exited.set_result(None)
         if self.ready is not None and not self._closed:
-            self._proc.join(timeout=1.0)  # the sentinel fires as the process exits, a moment before it can be reaped
-            self._fail_all(f"The engine core process exited unexpectedly (exit code {self._proc.exitcode}).")
+            if self._proc is not None:  # the sentinel fires as the process exits, a moment before it can be reaped
+                self._proc.join(timeout=1.0)
+            self._fail_all(f"The engine core process exited unexpectedly (exit code {self._exit_code()}).")
             if self.on_dead is not None:
-                self.on_dead(self.last_error or "it reported no error (killed by a signal?)", self._proc.exitcode)
+                self.on_dead(self.last_error or "it reported no error (killed by a signal?)", self._exit_code())
 
     def _kill_if_alive(self) -> None:
         if self._proc is not None and self._proc.exitcode is None:
@@ -180,6 +216,10 @@ class EngineClient:
         await self._stop_process(timeout_s)
         if self._output_task is not None:
             self._output_task.cancel()
+        if self.attachment is not None and self._watch_fd is not None:  # our pidfd (a sentinel closes itself)
+            asyncio.get_running_loop().remove_reader(self._watch_fd)  # a no-op once the core's exit removed it
+            os.close(self._watch_fd)
+            self._watch_fd = None
         for sock in (self._in_sock, self._out_sock):
             if sock is not None:
                 sock.close(linger=0)
@@ -223,13 +263,16 @@ class EngineClient:
         if self.draining_error is not None:
             raise self.draining_error
         try:  # encode first: a value the wire format cannot carry fails this request before it holds any state
-            frame = self._encoder.encode(EngineRequest(request_id, prompt_token_ids, params, cache_salt=cache_salt))
+            frame = self._encoder.encode(EngineRequest(request_id, prompt_token_ids, params, cache_salt=cache_salt,
+                                                       client_index=self.client_index))
         except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
             raise RequestRejectedError(f"The request cannot be sent to the engine: {exc}") from None
         state = self.processor.add_request(request_id, prompt, prompt_token_ids, params,
                                            stream_deltas=stream_deltas and not final_only, final_only=final_only,
                                            queue=asyncio.Queue(), arrival=time.monotonic())
         finished = False
+        if self.metrics is not None and self.metrics.api_server_requests is not None:
+            self.metrics.api_server_requests.inc()
         try:
             self._in_sock.send(frame, copy=False)
             while not finished:
@@ -237,8 +280,8 @@ class EngineClient:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                if stream_deltas and not final_only:
-                    item = _merge_queued_deltas(item, state.queue)
+                if stream_deltas and not final_only and state.queue.qsize() >= MERGE_BACKLOG:
+                    item = _merge_queued_deltas(item, state.queue)  # the client is behind: merge, never drop
                 finished = item.finished
                 yield item
         finally:
@@ -252,7 +295,8 @@ class EngineClient:
             raise EngineDeadError(self.dead_error or "The engine core is not running.")
         state = self.processor.add_embedding_request(request_id, len(prompt_token_ids), queue=asyncio.Queue(),
                                                      arrival=time.monotonic())
-        self._send(EngineRequest(request_id, prompt_token_ids, SamplingParams(max_tokens=1)))
+        self._send(EngineRequest(request_id, prompt_token_ids, SamplingParams(max_tokens=1),
+                                 client_index=self.client_index))
         finished = False
         try:
             item = await state.queue.get()
@@ -279,7 +323,7 @@ class EngineClient:
         call_id = next(self._call_ids)
         future = asyncio.get_running_loop().create_future()
         self._utility_calls[call_id] = future
-        self._send(UtilityRequest(call_id, name, list(args)))
+        self._send(UtilityRequest(call_id, name, list(args), client_index=self.client_index))
         try:
             return await asyncio.wait_for(future, timeout_s)
         finally:

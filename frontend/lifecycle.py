@@ -79,14 +79,18 @@ class Lifecycle:
             await self._wait_answered()
         self.request_exit(0)
 
-    def engine_died(self, reason: str, exit_status: int | None) -> None:
-        """The engine process is gone: log it, answer what is in flight (already failed), then exit non-zero."""
+    def engine_died(self, reason: str, exit_status: int | None, exit_process: bool = True) -> None:
+        """The engine process is gone: log it, answer what is in flight (already failed), then exit non-zero.
+
+        ``exit_process=False`` (an API process of ``--api-server-count``): keep answering 503 until the launcher,
+        which watches the core too, stops every API process."""
         if self.exit_code:
             return
         logger.error("The engine core process died (exit status %s): %s. Exiting with status 1 so a supervisor "
                      "can restart the server.", exit_status, reason)
         self.exit_code = 1
-        self._spawn(self._exit_after_answers())
+        if exit_process:
+            self._spawn(self._exit_after_answers())
 
     async def _exit_after_answers(self) -> None:
         await self._wait_answered()
@@ -199,5 +203,43 @@ def release_memory_soon() -> None:
     loop.call_later(1.0, run)
 
 
-def header_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
-    return type("HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,), {"timeout_request_headers": timeout_s})
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools missing: uvicorn's h11 protocol serves
+    HttpToolsProtocol = None
+
+
+if HttpToolsProtocol is not None:
+    class HeaderTimeoutHttpToolsProtocol(HttpToolsProtocol):
+        """The same head deadline on uvicorn's httptools protocol (C parser: a fraction of h11's cost per request
+        and per streamed chunk, see benchmarks/RESULTS.md)."""
+
+        timeout_request_headers: float = 10.0
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        _arm_head_timer = HeaderTimeoutH11Protocol._arm_head_timer
+        _disarm_head_timer = HeaderTimeoutH11Protocol._disarm_head_timer
+        _head_timed_out = HeaderTimeoutH11Protocol._head_timed_out
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                self._arm_head_timer()  # a new request starts arriving (on_headers_complete disarms)
+            super().data_received(data)
+
+        def on_headers_complete(self) -> None:
+            self._disarm_head_timer()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+
+def header_timeout_protocol(timeout_s: float) -> type:
+    """uvicorn's HTTP protocol class with the head deadline: httptools when installed (a dependency), else h11."""
+    base = HeaderTimeoutHttpToolsProtocol if HttpToolsProtocol is not None else HeaderTimeoutH11Protocol
+    return type(base.__name__, (base,), {"timeout_request_headers": timeout_s})

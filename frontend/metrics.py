@@ -7,8 +7,9 @@ measured here in the frontend, where tokens reach the client (vLLM measures them
 from __future__ import annotations
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
+from core import envs
 from ipc.messages import SchedulerStats
 
 prometheus_client.disable_created_metrics()
@@ -41,21 +42,36 @@ def _token_buckets(max_model_len: int) -> list[float]:
         exponent += 1
 
 
-class Metrics:
-    """One registry per server: ``render()`` is the body of ``GET /metrics``."""
+def multiprocess_dir() -> str | None:
+    """Prometheus' multiprocess directory, set by the ``--api-server-count N`` launcher before the API processes
+    start (prometheus_client reads it at import): every process writes its values there, any one renders the sum."""
+    return envs.prometheus_multiproc_dir()
 
-    def __init__(self, model_name: str, max_model_len: int) -> None:
+
+class Metrics:
+    """One registry per server: ``render()`` is the body of ``GET /metrics``.
+
+    With ``--api-server-count N`` (``api_server`` set, multiprocess mode): counters and histograms are summed over
+    the API processes, the core's gauges show the latest value any process saw; the core's own counters (which
+    reach every process with the scheduler stats) are counted by process 0 only, so sums stay right.
+    ``pagedserve:api_server_requests_total{api_server="i"}`` shows how requests spread over the processes.
+    """
+
+    def __init__(self, model_name: str, max_model_len: int, api_server: int | None = None) -> None:
         self.registry = CollectorRegistry()
-        # The standard process_* and python_gc_* collectors, as vLLM's default registry exports them.
-        prometheus_client.ProcessCollector(registry=self.registry)
-        prometheus_client.GCCollector(registry=self.registry)
-        prometheus_client.PlatformCollector(registry=self.registry)
+        self._multiprocess_dir = multiprocess_dir() if api_server is not None else None
+        if self._multiprocess_dir is None:
+            # The standard process_* and python_gc_* collectors, as vLLM's default registry exports them.
+            prometheus_client.ProcessCollector(registry=self.registry)
+            prometheus_client.GCCollector(registry=self.registry)
+            prometheus_client.PlatformCollector(registry=self.registry)
+        self.counts_core_counters = not api_server  # None (one process) or process 0
         labels = ["model_name", "engine"]
         values = (model_name, "0")
         reg = self.registry
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, labels, registry=reg).labels(*values)
+            return Gauge(name, doc, labels, registry=reg, multiprocess_mode="mostrecent").labels(*values)
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(name, doc, labels, registry=reg).labels(*values)
@@ -113,17 +129,24 @@ class Metrics:
             "vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted tokens per draft position.",
             labels + ["position"], registry=reg)
         self._label_values = values
+        self.api_server_requests = None
+        if api_server is not None:
+            self.api_server_requests = Counter(
+                "pagedserve:api_server_requests", "Requests admitted by each API process (--api-server-count).",
+                labels + ["api_server"], registry=reg).labels(*values, str(api_server))
         self.latest_stats: SchedulerStats | None = None
         for reason in ("stop", "length", "abort"):
             self._success.labels(*values, reason)  # export zeros so dashboards see the series from the start
 
     def record_scheduler_stats(self, stats: SchedulerStats) -> None:
         self.latest_stats = stats  # ORCA load reports read it
-        if stats.num_batched_tokens:
-            self.iteration_tokens.observe(stats.num_batched_tokens)
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
+        if not self.counts_core_counters:
+            return
+        if stats.num_batched_tokens:
+            self.iteration_tokens.observe(stats.num_batched_tokens)
         if stats.num_preemptions:
             self.num_preemptions.inc(stats.num_preemptions)
         if stats.prefix_cache_queries:
@@ -156,7 +179,8 @@ class Metrics:
     def record_cache_config(self, block_size: int, num_gpu_blocks: int, enable_prefix_caching: bool) -> None:
         """vllm:cache_config_info: the KV cache's settings as labels of a constant-1 gauge."""
         info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
-                     ["block_size", "num_gpu_blocks", "enable_prefix_caching"], registry=self.registry)
+                     ["block_size", "num_gpu_blocks", "enable_prefix_caching"], registry=self.registry,
+                     multiprocess_mode="mostrecent")
         info.labels(str(block_size), str(num_gpu_blocks), str(enable_prefix_caching)).set(1)
 
     def record_first_token(self, ttft_s: float, num_prompt_tokens: int) -> None:
@@ -176,4 +200,8 @@ class Metrics:
         self.request_generation_tokens.observe(num_generation_tokens)
 
     def render(self) -> bytes:
+        if self._multiprocess_dir is not None:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self._multiprocess_dir)
+            return prometheus_client.generate_latest(registry)
         return prometheus_client.generate_latest(self.registry)

@@ -13,6 +13,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from frontend.batch_detokenize import BatchDecoder
 from frontend.detokenizer import SequenceText
 from ipc.messages import EngineOutput, FinishReason, Logprobs, SamplingParams
 
@@ -242,10 +243,12 @@ class OutputProcessor:
     for offline generation).
     """
 
-    def __init__(self, tokenizer: Any | None) -> None:
+    def __init__(self, tokenizer: Any | None, batched_detokenize: bool = False) -> None:
         self.tokenizer = tokenizer
         self._token_strings = TokenStrings(tokenizer)
         self._requests: dict[str, RequestState | EmbeddingState] = {}
+        # The server decodes every sequence that advanced in one tokenizer call per step (frontend/batch_detokenize.py).
+        self._batch_decoder = BatchDecoder.for_tokenizer(tokenizer) if batched_detokenize else None
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                     stream_deltas: bool = False, final_only: bool = False, queue: asyncio.Queue | None = None,
@@ -286,6 +289,8 @@ class OutputProcessor:
         """Apply one step's outputs. A request's ``RequestOutput`` goes to its queue, or (no queue) into the
         result; with ``metrics``, the step's token latencies and finished requests are recorded at ``now``."""
         result = ProcessedOutputs()
+        if self._batch_decoder is not None:
+            self._batch_decoder.predecode(outputs, self._requests)
         changed: dict[str, RequestState] = {}
         reached: dict[str, RequestState] = {}  # requests that got outputs this step (latency metrics)
         for out in outputs:

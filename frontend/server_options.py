@@ -6,6 +6,7 @@ generates them); fields without one are set by code (tests, the lifecycle).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -78,12 +79,25 @@ class ServerOptions:
         "--tool-call-parser.")] = False
     tool_call_parser: Annotated[str | None, Arg(
         "How the model writes tool calls (needed by --enable-auto-tool-choice).", choices=tuple(TOOL_PARSERS))] = None
+    api_server_count: Annotated[int | None, Arg(
+        "API server processes sharing the port, each with its own tokenizer, detokenizer and engine connection "
+        "(vLLM's flag). Default: 1 below 8 CPU cores, else one per 8 cores, at most 4.")] = None
     graceful_shutdown_s: float = 5.0
     engine_startup_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice requires --tool-call-parser.")
+        if self.api_server_count is not None and self.api_server_count < 1:
+            raise ValueError(f"--api-server-count must be at least 1, got {self.api_server_count}.")
+
+    @property
+    def num_api_servers(self) -> int:
+        """--api-server-count, or its default from the machine's cores."""
+        if self.api_server_count is not None:
+            return self.api_server_count
+        cores = os.cpu_count() or 1
+        return 1 if cores < 8 else min(4, cores // 8)
 
     @property
     def max_request_body_bytes(self) -> int:

@@ -43,6 +43,7 @@ from frontend.serving_common import (
     run_until_disconnect,
     sse_response,
 )
+from frontend.stream_frames import ChatFrames
 from frontend.tool_calling import ToolPlan, plan_tool_calls, template_message
 from frontend.usage import request_metrics, stream_usage_flags, usage_info
 
@@ -212,7 +213,7 @@ class ChatServing:
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, created: int, prompt: str | None,
                       prompt_ids: list[int], params, role: str, echo_text: str,
-                      tools: ToolPlan | None = None) -> AsyncIterator[str]:
+                      tools: ToolPlan | None = None) -> AsyncIterator[str | bytes]:
         model = self.ctx.model_name
         num_prompt_tokens = len(prompt_ids)
         completion_tokens = 0
@@ -231,6 +232,8 @@ class ChatServing:
             return c.to_json()
 
         streamers = [tools.streamer() for _ in range(params.n)] if tools is not None else None
+        frames = ChatFrames(request_id, created, model)
+        plain_text = not (request.logprobs or request.return_token_ids or continuous_usage)
         try:
             # The first chunk of each choice carries the role (and the echoed message, if asked).
             for index in range(params.n):
@@ -262,6 +265,9 @@ class ChatServing:
                         continue
                     wants_ids = (request.logprobs or request.return_token_ids) and seq.token_ids
                     if not seq.text and seq.finish_reason is None and not wants_ids:
+                        continue
+                    if plain_text and seq.finish_reason is None:
+                        yield frames.text(seq.index, seq.text)  # the per-token path: one pre-encoded frame
                         continue
                     logprobs = None
                     if request.logprobs and seq.logprobs is not None:

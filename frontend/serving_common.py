@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 import msgspec
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
 
 from core.tokenizer import encode
 from frontend.engine_client import EngineClient, EngineDeadError, RequestFailedError, RequestRejectedError
@@ -22,6 +21,7 @@ from frontend.output_processor import Logprob, TokenStrings
 from frontend.protocol import MAX_LOGPROBS, OpenAIError
 from frontend.request_limits import DEFAULT_MAX_N, check_request_limits, max_token_chars
 from frontend.request_logger import RequestLogger
+from frontend.stream_frames import SSEResponse
 from frontend.usage import UsageOptions
 from ipc.messages import SamplingParams
 
@@ -267,15 +267,10 @@ def json_response(model: Any) -> Response:
     return JSONResponse(content=model.model_dump(mode="json"))
 
 
-def sse_response(events: AsyncIterator[str]) -> EventSourceResponse:
-    """An SSE stream of ``data: <json>`` events, ending with ``data: [DONE]``."""
-
-    async def with_done() -> AsyncIterator[dict]:
-        async for data in events:
-            yield {"data": data}
-        yield {"data": "[DONE]"}
-
-    return EventSourceResponse(with_done(), ping=15, sep="\n")
+def sse_response(events: AsyncIterator[str | bytes]) -> SSEResponse:
+    """An SSE stream of ``data: <json>`` events (JSON text, or frames already encoded by ``stream_frames``),
+    ending with ``data: [DONE]``."""
+    return SSEResponse(events, ping_s=15)
 
 
 def error_event(exc: Exception) -> str:

@@ -32,6 +32,7 @@ from frontend.serving_common import (
     sse_response,
 )
 from core.tokenizer import encode
+from frontend.stream_frames import CompletionFrames
 from frontend.usage import request_metrics, stream_usage_flags, usage_info
 from ipc.messages import SamplingParams
 
@@ -180,7 +181,7 @@ class CompletionServing:
         return json_response(response)
 
     async def _stream(self, request: CompletionRequest, base_id: str, created: int, prompts,
-                      params: list[SamplingParams]) -> AsyncIterator[str]:
+                      params: list[SamplingParams]) -> AsyncIterator[str | bytes]:
         n = request.n
         num_prompt_tokens = sum(len(ids) for _, ids in prompts)
         completion_tokens = 0
@@ -192,6 +193,8 @@ class CompletionServing:
         echoed: set[int] = set()
         text_offsets: dict[int, int] = {}
         prompt_rows: dict[int, list] = {}
+        frames = CompletionFrames(base_id, created, self.ctx.model_name)
+        plain_text = not (request.return_token_ids or continuous_usage)
         try:
             async for i, out in merge_async_iterators(*self._generators(request, base_id, prompts, params)):
                 latest[i] = out
@@ -216,6 +219,10 @@ class CompletionServing:
                         logprobs = completion_logprobs(self.ctx, token_ids, rows, num_top_logprobs(params[i]),
                                                        text_offsets.get(index, 0), request.return_tokens_as_token_ids)
                     text_offsets[index] = text_offsets.get(index, 0) + len(text)
+                    if plain_text and logprobs is None and seq.finish_reason is None:
+                        first_chunk_sent.add(index)
+                        yield frames.text(index, text)  # the per-token path: one pre-encoded frame
+                        continue
                     choice = CompletionStreamChoice(index=index, text=text, logprobs=logprobs,
                                                     finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
                     if request.return_token_ids:

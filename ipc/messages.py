@@ -209,6 +209,7 @@ class EngineRequest(msgspec.Struct, tag="add", array_like=True, omit_defaults=Tr
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     cache_salt: str | None = None  # isolates this request's prefix-cache entries from other salts (tenants)
+    client_index: int = 0  # which API process sent it (--api-server-count): its outputs go back there
 
 
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True, gc=False):
@@ -228,6 +229,7 @@ class UtilityRequest(msgspec.Struct, tag="utility", array_like=True, gc=False):
     call_id: int
     name: str
     args: list[Any] = []
+    client_index: int = 0  # the calling API process (--api-server-count): the reply goes back there
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True, gc=False):
@@ -292,6 +294,7 @@ class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
     call_id: int
     result: Any = None
     error: str | None = None
+    client_index: int = 0  # the API process that called
 
 
 class RequestError(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -137,3 +137,18 @@ def test_tokenizer_info_only_with_its_flag():
     assert "/tokenizer_info" not in plain.openapi()["paths"]
     enabled = build_app(EngineConfig(), None, ServerOptions(enable_tokenizer_info_endpoint=True))
     assert "/tokenizer_info" in enabled.openapi()["paths"]
+
+
+def test_api_server_count_flag_and_default(monkeypatch):
+    from frontend.cli import serve_parser, server_options_from_args
+
+    options = server_options_from_args(serve_parser().parse_args(["m", "--api-server-count", "3"]))
+    assert options.api_server_count == 3 and options.num_api_servers == 3
+    with pytest.raises(ValueError, match="--api-server-count must be at least 1"):
+        ServerOptions(api_server_count=0)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert ServerOptions().num_api_servers == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert ServerOptions().num_api_servers == 2
+    monkeypatch.setattr("os.cpu_count", lambda: 128)
+    assert ServerOptions().num_api_servers == 4
