@@ -4,16 +4,21 @@ Why: decoding and validating JSON holds the GIL for the whole call, worker threa
 2.5 million token ids (or 500,000 chat messages) took 0.8 s (3.5 s) of the API process's GIL, so ``/health`` and
 every stream waited that long. The time grows with the number of values, not the bytes (a 20 MB string parses in
 a few milliseconds), so a body with more values than ``--max-request-json-values`` is refused (413) before
-parsing. Counting is cheap: a first bound from three ``bytes.count`` calls (C, no objects); only when that bound is
-over the limit, an exact count that skips string contents (so commas in a prompt's text do not count), in a loop
-of C ``find``/``count`` calls that hands the GIL back between them.
+parsing. Counting is cheap: a first bound from counting ``,``, ``[`` and ``{`` bytes (numpy comparisons, which
+release the GIL: three ``bytes.count`` passes over 20 MB held it for 60-80 ms here); only when that bound is over
+the limit, an exact count that skips string contents (so commas in a prompt's text do not count), in a loop of C
+``find``/count calls that hands the GIL back between them.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from frontend.protocol import OpenAIError
 
 DEFAULT_MAX_JSON_VALUES = 200_000
+_NUMPY_MIN_BYTES = 64 * 1024  # below this, bytes.count is quicker than numpy's call overhead
+_STRUCTURAL = (ord(","), ord("["), ord("{"))
 
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
 
@@ -22,7 +27,10 @@ def values_upper_bound(body: bytes, start: int = 0, end: int | None = None) -> i
     """At least the number of JSON values in ``body[start:end]``: each value follows a comma or opens its
     container (commas and brackets inside strings only make it larger)."""
     end = len(body) if end is None else end
-    return body.count(b",", start, end) + body.count(b"[", start, end) + body.count(b"{", start, end) + 1
+    if end - start < _NUMPY_MIN_BYTES:
+        return body.count(b",", start, end) + body.count(b"[", start, end) + body.count(b"{", start, end) + 1
+    view = np.frombuffer(body, dtype=np.uint8)[start:end]  # no copy
+    return sum(int(np.count_nonzero(view == c)) for c in _STRUCTURAL) + 1
 
 
 def count_json_values(body: bytes, limit: int) -> int:

@@ -33,3 +33,13 @@ def test_a_body_over_the_budget_is_413_and_text_commas_do_not_count():
     with pytest.raises(OpenAIError):
         check_json_values(json.dumps({"messages": [{"role": "user", "content": "x,"}] * 400}).encode(), 1000)
     check_json_values(json.dumps({"prompt": list(range(5000))}).encode(), 0)  # 0: no limit
+
+
+def test_big_bodies_count_the_same_through_numpy():
+    body = json.dumps({"prompt": list(range(40_000)), "stop": ["[x, {y"] * 30_000}).encode()  # > 64 KB
+    expected = body.count(b",") + body.count(b"[") + body.count(b"{") + 1
+    assert values_upper_bound(body) == expected
+    assert values_upper_bound(body, 10, len(body) - 10) == \
+        body.count(b",", 10, len(body) - 10) + body.count(b"[", 10, len(body) - 10) + \
+        body.count(b"{", 10, len(body) - 10) + 1
+    assert count_json_values(body, 10**9) == 1 + 2 + 40_000 + 30_000
