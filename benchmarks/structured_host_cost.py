@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> dict:
                                      else args.async_scheduling == "on"))
     if args.per_sequence:
         engine.structured.batched = False
+    if args.grammar_threads is not None:
+        engine.structured.overlap = args.grammar_threads == "on"
     totals: dict = collections.defaultdict(float)
     engine.structured.bitmask = _timed(totals, "mask_fill_s", engine.structured.bitmask)
     engine.structured.accept = _timed(totals, "accept_s", engine.structured.accept)
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> dict:
 
     for name, params in passes.items():  # warm-up: kernels and the grammar's compile
         generate(params, prompts[:2], f"warm-{name}")
-    result: dict = {"num_requests": args.num_requests, "per_sequence": args.per_sequence, "device": args.device}
+    result: dict = {"num_requests": args.num_requests, "per_sequence": args.per_sequence, "device": args.device,
+                    "grammar_threads": engine.structured.overlap}
     for name, params in passes.items():
         totals.clear()
         t0 = time.perf_counter()
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: profiled on GPU)")
     p.add_argument("--async-scheduling", choices=("on", "off"), default=None)
     p.add_argument("--per-sequence", action="store_true", help="one xgrammar call per sequence (the old path)")
+    p.add_argument("--grammar-threads", choices=("on", "off"), default=None,
+                   help="accept/fill on grammar threads overlapping the engine thread (default: on with >= 4 CPUs)")
     p.add_argument("--json", default=None, help="append the result (one JSON object per line) to this file")
     args = p.parse_args(argv)
     result = run(args)

@@ -12,6 +12,8 @@ them to ``prepare`` together with step N's sequences (``ModelRunner.launch``'s `
 Python bookkeeping for step N-1 while grammar threads (xgrammar releases the GIL) advance and fill the constrained
 rows, in chunks, straight into a pinned buffer; ``bitmask`` joins them and uploads the whole mask in one
 non-blocking copy. No sync with the device, no per-row work on the engine thread beyond collecting the matchers.
+On a machine with fewer than ``MIN_CPUS_FOR_GRAMMAR_THREADS`` CPUs the same batched calls run on the engine thread
+(no core would be free to overlap them).
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def default_grammar_threads() -> int:
     """Half the CPUs this process may use, at most 8: the engine thread keeps the rest."""
     return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
 
+
+MIN_CPUS_FOR_GRAMMAR_THREADS = 4
 
 # Fewer rows than this per grammar thread are not worth a thread: a row costs tens of microseconds.
 MIN_ROWS_PER_THREAD = 16
@@ -65,6 +69,9 @@ class StructuredOutputManager:
         self._num_words = -(-vocab_size // 32)
         self._max_rows = max_num_seqs
         self._num_threads = grammar_threads or default_grammar_threads()
+        # Grammar threads only pay where a core is free to run them next to the engine thread (and the device
+        # runtime's threads); on a small machine the same batched calls run on the engine thread instead.
+        self.overlap = len(os.sched_getaffinity(0)) >= MIN_CPUS_FOR_GRAMMAR_THREADS
         self._pool: ThreadPoolExecutor | None = None
         self._fillers: dict[int, Any] = {}  # thread ident -> its xgrammar BatchGrammarMatcher
         # True: batched xgrammar calls on the grammar threads. False: one call per sequence on the engine thread
@@ -129,8 +136,8 @@ class StructuredOutputManager:
         previous step's), then fill the masks of the constrained rows among ``seqs`` (this step's sampling
         sequences). ``bitmask(seqs, ...)`` collects them. The caller must not touch these matchers meanwhile."""
         self._finish_prepared()
-        if not self.batched:
-            self.accept(accepted_seqs, accepted_tokens)
+        if not (self.batched and self.overlap):
+            self.accept(accepted_seqs, accepted_tokens)  # masks: filled when ``bitmask`` asks
             return
         tokens = {seq.key: token for seq, token in zip(accepted_seqs, accepted_tokens)}
         rows, work = [], []  # work: (host row, matcher, token to accept first or None)
