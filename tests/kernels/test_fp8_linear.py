@@ -86,7 +86,8 @@ def test_fp8_linear_gpu_matches_references(m, n, k):
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
     bias = torch.randn(n, generator=gen).to(torch.bfloat16).cuda()
     out = fp8_linear(x, weight, scale, None, bias)
-    reference = (fp8_weight_only_ref if m <= 16 else fp8_linear_ref)(x, weight, scale, bias)
+    reference = (fp8_weight_only_ref(x, weight, scale, bias) if m <= 16
+                 else fp8_linear_ref(x, weight, scale, None, bias))
     assert out.dtype == torch.bfloat16
     assert_close(out, reference.float(), 1e-2, f"fp8 linear m={m} {n}x{k}")
     if m > 16:  # static per-tensor activation scale
