@@ -11,7 +11,7 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -323,8 +323,9 @@ def _unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def iter_gguf_weights(gguf: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, float32 CPU tensor) for every weight of the file, one dequantized tensor at a time."""
+def iter_gguf_weights(gguf: GGUFFile, keep_quantized: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, float32 CPU tensor) for every weight of the file, one dequantized tensor at a time; tensors
+    whose HF name is in ``keep_quantized`` come as their raw blocks (uint8 ``[rows, row_bytes]``, a copy)."""
     arch = gguf.metadata.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise ValueError(f"GGUF architecture '{arch}' of {gguf.path} is not supported.")
@@ -337,7 +338,7 @@ def iter_gguf_weights(gguf: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
         if name in _CONSUMED_BY_CONFIG:
             continue
         target = hf_name(name)
-        array = gguf.to_float32(name)
+        array = np.array(gguf.raw(name)) if target in keep_quantized else gguf.to_float32(name)
         kind = name.split(".")[-2]
         if kind in permute_heads:
             array = _unpermute_qk(array, permute_heads[kind])

@@ -81,10 +81,28 @@ def _k_scale_min(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.float(), minimum.float()
 
 
+def _half_at(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The float16 at byte ``at`` of every uint8 block ``[..., type_size]``, as fp32 ``[..., 1]``."""
+    return blocks[..., at : at + 2].contiguous().view(torch.float16).float()
+
+
+def _dequantize_32(blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """Q4_0 / Q4_1 / Q8_0 blocks (uint8 ``[N, blocks, type_size]``) -> fp32 ``[N, blocks, 32]``."""
+    if ggml_type == Q8_0:
+        return blocks[..., 2:].contiguous().view(torch.int8).float() * _half_at(blocks, 0)
+    qs = blocks[..., 2:] if ggml_type == Q4_0 else blocks[..., 4:]
+    q = torch.cat([qs & 0xF, qs >> 4], dim=-1).float()
+    if ggml_type == Q4_0:
+        return (q - 8) * _half_at(blocks, 0)
+    return q * _half_at(blocks, 0) + _half_at(blocks, 2)
+
+
 def dequantize_gguf(raw: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:
     """fp32 ``[N, in_features]`` of a ``uint8 [N, row_bytes]`` GGUF tensor of one of ``GGUF_KERNEL_TYPES``."""
     block, type_size = GGUF_KERNEL_TYPES[ggml_type]
     n = raw.shape[0]
+    if ggml_type in (Q4_0, Q4_1, Q8_0):  # byte-sliced fast path (the CPU serving path): no per-element gathers
+        return _dequantize_32(raw.reshape(n, in_features // block, type_size), ggml_type).reshape(n, in_features)
     blocks = raw.reshape(n, in_features // block, type_size).to(torch.int32)
     maps = {k: torch.tensor(v, device=raw.device) for k, v in _element_maps(ggml_type).items()}
     q = blocks[..., maps["q_byte"]]  # [N, blocks, block]
