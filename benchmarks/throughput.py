@@ -97,7 +97,7 @@ def run_pagedserve(args: argparse.Namespace, workload: Workload) -> list[dict]:
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
         enable_prefix_caching=not args.no_enable_prefix_caching, skip_tokenizer_init=True, seed=args.seed,
-        quantization=args.quantization,
+        quantization=args.quantization, gguf_dequantize=args.gguf_dequantize,
     )
     startup = time.perf_counter() - start
     print(f"startup to ready: {startup:.1f} s", file=sys.stderr)
@@ -211,8 +211,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--quantization", choices=("fp8", "awq", "gptq"), default=None,
-                   help="weight quantization (fp8: quantize the weights at load)")
+    p.add_argument("--quantization", choices=("fp8", "awq", "gptq", "gguf"), default=None,
+                   help="weight quantization (fp8: quantize the weights at load; gguf: keep a GGUF file's blocks, "
+                        "the default for GGUF files on CUDA)")
+    p.add_argument("--gguf-dequantize", action="store_true",
+                   help="dequantize a GGUF file's weights at load (the path before GGUF kernels)")
     p.add_argument("--dummy-int4", choices=("awq", "gptq"), default=None,
                    help="random int4 weights in this checkpoint layout (implies --load-format dummy)")
     p.add_argument("--dummy-group-size", type=int, default=128)
