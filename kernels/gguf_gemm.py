@@ -73,6 +73,13 @@ def _element_maps(ggml_type: int) -> dict[str, tuple[int, ...]]:
     }
 
 
+@functools.lru_cache(maxsize=None)
+def _device_maps(ggml_type: int, device: str) -> dict[str, torch.Tensor]:
+    """``_element_maps`` as index tensors on ``device``, made once (the first, eager call): a CUDA graph capture
+    cannot copy host lists to the device."""
+    return {k: torch.tensor(v, device=device) for k, v in _element_maps(ggml_type).items()}
+
+
 def _k_scale_min(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K 6-bit scales and mins ``[..., 8]`` of the 8 sub-blocks, unpacked from the 12 bytes at offset 4."""
     s0, s4, s8 = blocks[..., 4:8], blocks[..., 8:12], blocks[..., 12:16]
@@ -104,7 +111,7 @@ def dequantize_gguf(raw: torch.Tensor, ggml_type: int, in_features: int) -> torc
     if ggml_type in (Q4_0, Q4_1, Q8_0):  # byte-sliced fast path (the CPU serving path): no per-element gathers
         return _dequantize_32(raw.reshape(n, in_features // block, type_size), ggml_type).reshape(n, in_features)
     blocks = raw.reshape(n, in_features // block, type_size).to(torch.int32)
-    maps = {k: torch.tensor(v, device=raw.device) for k, v in _element_maps(ggml_type).items()}
+    maps = _device_maps(ggml_type, str(raw.device))
     q = blocks[..., maps["q_byte"]]  # [N, blocks, block]
     if ggml_type == Q8_0:
         out = _signed8(q).float() * _f16(blocks, 0)[..., None]

@@ -45,3 +45,15 @@ def test_greedy_tokens_match_dequantized_path(quantized):
         assert same == len(PROMPTS)
     else:
         assert same >= len(PROMPTS) - 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_default_on_cuda_keeps_gguf_quantized_with_cuda_graphs():
+    llm = LLM(max_model_len=512)  # no flag: a GGUF file on CUDA stays in its blocks
+    runner = llm.engine.runner
+    assert runner.model_config.quantization.name == "gguf" and runner.use_graphs
+    assert weight_bytes(runner.model) < 105e6
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0.0, max_tokens=16))
+    assert "Paris" in out[0].outputs[0].text
