@@ -41,9 +41,9 @@ def test_torch_dequantize_matches_gguf_package(ggml_type):
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=TYPE_IDS)
 @pytest.mark.parametrize("m,n,k", [(1, 40, 256), (5, 33, 512), (24, 17, 512)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if KERNEL_DEVICE == "cuda" else []))
 def test_kernel_matches_reference(ggml_type, m, n, k, dtype):
-    if ggml_type in (Q4_K, Q5_K, Q6_K) and dtype == torch.float16 and m != 5:
+    if ggml_type in (Q4_K, Q5_K, Q6_K) and dtype == torch.float16 and m != 5 and KERNEL_DEVICE == "cpu":
         pytest.skip("one fp16 shape per k-quant keeps the interpreter run short")
     raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=m * n + k)).to(KERNEL_DEVICE)
     gen = torch.Generator().manual_seed(m + n)
@@ -52,7 +52,9 @@ def test_kernel_matches_reference(ggml_type, m, n, k, dtype):
     out = gguf_gemm(x, raw, ggml_type, bias)
     expected = gguf_linear_ref(x, raw, ggml_type, bias, out_dtype=torch.float32)
     assert out.dtype == dtype and out.shape == (m, n)
-    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    if dtype == torch.float32 and KERNEL_DEVICE == "cuda":
+        tol = 1e-2  # the tl.dot path (M > 16) multiplies fp32 in tf32 on the GPU
     scale = expected.abs().max().item()
     assert (out.float() - expected).abs().max().item() <= tol * scale + tol
 
