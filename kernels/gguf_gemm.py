@@ -161,37 +161,52 @@ def _load_byte(ptr, mask):
 
 
 @triton.jit
-def _decode(w_ptr, offs_n, offs_k, N, K, row_bytes, GGML_TYPE: tl.constexpr, BLOCK: tl.constexpr,
-            TYPE_SIZE: tl.constexpr):
-    """fp32 ``[len(offs_n), len(offs_k)]`` tile of W decoded from its blocks (zeros outside ``N x K``)."""
+def _per_32(values, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[BLOCK_N, BLOCK_K / 32]`` per-(sub-)block values repeated over their 32 elements: ``[BLOCK_N, BLOCK_K]``."""
+    return tl.reshape(tl.broadcast_to(values[:, :, None], (BLOCK_N, BLOCK_K // 32, 32)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _decode(w_ptr, offs_n, k0, N, K, row_bytes, GGML_TYPE: tl.constexpr, BLOCK: tl.constexpr,
+            TYPE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 ``[BLOCK_N, BLOCK_K]`` tile of W (inputs ``k0 ..``) decoded from its blocks (zeros outside ``N x K``).
+    Scales are read once per 32-element (sub-)block and repeated, except Q6_K's (one per 16)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     e = offs_k % BLOCK
-    base = w_ptr + offs_n[:, None].to(tl.int64) * row_bytes + ((offs_k // BLOCK) * TYPE_SIZE)[None, :]
+    row = w_ptr + offs_n[:, None].to(tl.int64) * row_bytes
+    base = row + ((offs_k // BLOCK) * TYPE_SIZE)[None, :]
+    offs_s = k0 // 32 + tl.arange(0, BLOCK_K // 32)  # 32-element (sub-)blocks of the tile
+    mask_s = (offs_n[:, None] < N) & (offs_s[None, :] * 32 < K)
+    base_s = row + ((offs_s * 32 // BLOCK) * TYPE_SIZE)[None, :]
     if GGML_TYPE == 8:  # Q8_0
         q = _load_byte(base + 2 + e[None, :], mask)
         q = tl.where(q >= 128, q - 256, q)
-        w = q.to(tl.float32) * _load_f16(base, mask)
+        w = q.to(tl.float32) * _per_32(_load_f16(base_s, mask_s), BLOCK_N, BLOCK_K)
     elif GGML_TYPE == 2 or GGML_TYPE == 3:  # Q4_0, Q4_1
         header = 2 if GGML_TYPE == 2 else 4
         q = ((_load_byte(base + header + (e % 16)[None, :], mask) >> (4 * (e // 16))[None, :]) & 0xF).to(tl.float32)
+        d = _per_32(_load_f16(base_s, mask_s), BLOCK_N, BLOCK_K)
         if GGML_TYPE == 2:
-            w = (q - 8.0) * _load_f16(base, mask)
+            w = (q - 8.0) * d
         else:
-            w = q * _load_f16(base, mask) + _load_f16(base + 2, mask)
+            w = q * d + _per_32(_load_f16(base_s + 2, mask_s), BLOCK_N, BLOCK_K)
     elif GGML_TYPE == 12 or GGML_TYPE == 13:  # Q4_K, Q5_K
         qs = 16 if GGML_TYPE == 12 else 48
-        sub = (e // 32)[None, :]
         q = (_load_byte(base + qs + (32 * (e // 64) + e % 32)[None, :], mask) >> (4 * ((e // 32) % 2))[None, :]) & 0xF
         if GGML_TYPE == 13:
-            q = q | (((_load_byte(base + 16 + (e % 32)[None, :], mask) >> sub) & 1) << 4)
+            q = q | (((_load_byte(base + 16 + (e % 32)[None, :], mask) >> (e // 32)[None, :]) & 1) << 4)
+        sub = (offs_s % 8)[None, :]
         j = sub % 4
-        s0 = _load_byte(base + 4 + j, mask)
-        s4 = _load_byte(base + 8 + j, mask)
-        s8 = _load_byte(base + 12 + j, mask)
+        s0 = _load_byte(base_s + 4 + j, mask_s)
+        s4 = _load_byte(base_s + 8 + j, mask_s)
+        s8 = _load_byte(base_s + 12 + j, mask_s)
         low = sub < 4
         scale = tl.where(low, s0 & 63, (s8 & 0xF) | ((s0 >> 6) << 4)).to(tl.float32)
         minimum = tl.where(low, s4 & 63, (s8 >> 4) | ((s4 >> 6) << 4)).to(tl.float32)
-        w = _load_f16(base, mask) * scale * q.to(tl.float32) - _load_f16(base + 2, mask) * minimum
+        d_scale = _per_32(_load_f16(base_s, mask_s) * scale, BLOCK_N, BLOCK_K)
+        d_min = _per_32(_load_f16(base_s + 2, mask_s) * minimum, BLOCK_N, BLOCK_K)
+        w = d_scale * q.to(tl.float32) - d_min
     else:  # Q6_K
         half = e // 128
         quarter = (e % 128) // 32
@@ -218,7 +233,7 @@ def _gguf_gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, row_bytes, strid
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _decode(w_ptr, offs_n, offs_k, N, K, row_bytes, GGML_TYPE, BLOCK, TYPE_SIZE)  # [BLOCK_N, BLOCK_K]
+        w = _decode(w_ptr, offs_n, k0, N, K, row_bytes, GGML_TYPE, BLOCK, TYPE_SIZE, BLOCK_N, BLOCK_K)
         if USE_DOT:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
         else:
