@@ -102,7 +102,7 @@ def run_pagedserve(args: argparse.Namespace, workload: Workload) -> list[dict]:
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend,
         kv_cache_dtype=args.kv_cache_dtype,
-        quantization=args.quantization,
+        quantization=args.quantization, gguf_dequantize=args.gguf_dequantize,
     )
     startup = time.perf_counter() - start
     num_kv_blocks = llm.engine.get_stats()["num_kv_blocks"]
@@ -220,8 +220,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"), default="auto",
                    help="KV-cache element type (pagedserve backend): fp8 = e4m3 with per-layer scales")
-    p.add_argument("--quantization", choices=("fp8", "awq", "gptq"), default=None,
-                   help="weight quantization (fp8: quantize the weights at load)")
+    p.add_argument("--quantization", choices=("fp8", "awq", "gptq", "gguf"), default=None,
+                   help="weight quantization (fp8: quantize the weights at load; gguf: keep a GGUF file's blocks, "
+                        "the default for GGUF files on CUDA)")
+    p.add_argument("--gguf-dequantize", action="store_true",
+                   help="dequantize a GGUF file's weights at load (the path before GGUF kernels)")
     p.add_argument("--dummy-int4", choices=("awq", "gptq"), default=None,
                    help="random int4 weights in this checkpoint layout (implies --load-format dummy)")
     p.add_argument("--dummy-group-size", type=int, default=128)

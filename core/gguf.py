@@ -11,7 +11,7 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -344,12 +344,16 @@ def _unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def iter_gguf_weights(gguf: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, float32 CPU tensor) for every weight of the file, one dequantized tensor at a time."""
+def iter_gguf_weights(gguf: GGUFFile, keep_quantized: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, float32 CPU tensor) for every weight of the file, one dequantized tensor at a time; tensors
+    whose HF name is in ``keep_quantized`` come as their raw blocks (uint8 ``[rows, row_bytes]``, a copy). Only the
+    llama-style architectures keep blocks (the other families run unquantized layers)."""
     arch = _check_architecture(gguf)
     if arch in gguf_architectures.ARCHITECTURES:
+        if keep_quantized:
+            raise ValueError(f"GGUF architecture '{arch}' cannot keep its weights quantized; load it dequantized.")
         return _iter_family_weights(gguf, arch)
-    return _iter_llama_weights(gguf, arch)
+    return _iter_llama_weights(gguf, arch, keep_quantized)
 
 
 def _iter_family_weights(gguf: GGUFFile, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -363,7 +367,8 @@ def _iter_family_weights(gguf: GGUFFile, arch: str) -> Iterator[tuple[str, torch
         yield target, torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _iter_llama_weights(gguf: GGUFFile, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_llama_weights(gguf: GGUFFile, arch: str, keep_quantized: Collection[str] = ()
+                        ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     permute_heads = {}
     if arch == "llama":  # only llama.cpp's LlamaModel converter permutes Q/K (qwen2/qwen3 keep HF order)
         n_heads = int(gguf.metadata[f"{arch}.attention.head_count"])
@@ -373,7 +378,7 @@ def _iter_llama_weights(gguf: GGUFFile, arch: str) -> Iterator[tuple[str, torch.
         if name in _CONSUMED_BY_CONFIG:
             continue
         target = hf_name(name)
-        array = gguf.to_float32(name)
+        array = np.array(gguf.raw(name)) if target in keep_quantized else gguf.to_float32(name)
         kind = name.split(".")[-2]
         if kind in permute_heads:
             array = _unpermute_qk(array, permute_heads[kind])

@@ -8,7 +8,7 @@ are the model's job, not the loader's.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -57,17 +57,19 @@ def load_hf_config(source: ModelSource) -> dict[str, Any]:
     return config
 
 
-def iter_weights(source: ModelSource, load_format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(source: ModelSource, load_format: str = "auto", keep_quantized: Collection[str] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     """Yield ``(hf_name, cpu_tensor)`` for every weight of the checkpoint, one tensor at a time.
 
-    Dtypes: safetensors/pt tensors keep the checkpoint's dtype; GGUF tensors are dequantized to float32.
+    Dtypes: safetensors/pt tensors keep the checkpoint's dtype; GGUF tensors are dequantized to float32, except
+    those named in ``keep_quantized`` (HF names; ``core/layers/quantization/gguf.py``): their raw uint8 blocks.
     The format and the files are checked now (ValueError / FileNotFoundError), not at the first ``next()``.
     """
     load_format = resolve_load_format(source, load_format)
     if load_format == "gguf":
         gguf = open_gguf(_gguf_path(source))
         hf_config_from_gguf(gguf)  # rejects unsupported architectures up front
-        return iter_gguf_weights(gguf)
+        return iter_gguf_weights(gguf, keep_quantized or ())
     directory = Path(source.path)
     if load_format == "safetensors":
         return _iter_files(safetensors_files(directory), _iter_safetensors_file)

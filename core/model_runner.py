@@ -21,13 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from core.config import ModelConfig, log_resolved, resolve_config
+from core.config import ModelConfig, log_resolved, resolve_config, resolve_device
 from core.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from core.host_copy import to_device
 from core.input_batch import InputBatch
 from core.step_inputs import StepInputs
 from core.kv_cache import KVBlock
-from core.layers.quantization import resolve_quantization, weight_bytes
+from core.layers.quantization import weight_bytes
+from core.layers.quantization.gguf import resolve_model_quantization
 from core.loader import iter_weights, load_hf_config
 from core.model_source import ModelSource, resolve_model
 from core.models import model_class
@@ -125,7 +126,8 @@ class ModelRunner:
         self.is_driver = tp_group is None or tp_group.global_rank == 0
         self.source = resolve_model(config.model, config.revision)
         hf_config = load_hf_config(self.source)
-        self.model_config = resolve_quantization(ModelConfig.from_hf_dict(hf_config), hf_config, config.quantization)
+        self.model_config = resolve_model_quantization(ModelConfig.from_hf_dict(hf_config), hf_config, config,
+                                                       self.source, resolve_device(config.device))
         self.resolved = resolve_config(config, self.model_config)
         if self.is_driver:
             log_resolved(config, self.resolved)
@@ -213,7 +215,8 @@ class ModelRunner:
         if load_format == "dummy":
             model.init_dummy_weights(self.config.seed)
         else:
-            weights = iter_weights(source or self.source, load_format)
+            weights = iter_weights(source or self.source, load_format,
+                                   keep_quantized=getattr(model_config.quantization, "kept", None))
             if split:
                 weights = stage_weights(weights, *stage_layers(self.model_config.num_layers, group.pp_size,
                                                                group.pp_rank))

@@ -36,7 +36,7 @@ SPEC_METHODS = ("ngram", "draft_model")
 EXECUTOR_BACKENDS = ("mp", "ray")
 # KV-cache element types (vLLM's spellings); fp8 = fp8_e4m3: e4m3 values with a per-layer scale for keys and values.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-QUANTIZATION_CHOICES = ("fp8", "awq", "gptq")  # core/layers/quantization implements each
+QUANTIZATION_CHOICES = ("fp8", "awq", "gptq", "gguf")  # core/layers/quantization implements each
 
 
 class SpeculativeConfig(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -201,7 +201,11 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     quantization: Annotated[str | None, Arg(
         "Weight quantization. Default: the checkpoint's config.json quantization_config (fp8, compressed-tensors "
         "float8, awq, gptq). fp8 on an unquantized checkpoint quantizes it at load (per-channel weight scales, "
-        "dynamic per-token activation scales).", choices=QUANTIZATION_CHOICES, aliases=("-q",))] = None
+        "dynamic per-token activation scales). gguf keeps a .gguf file's Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights in "
+        "their blocks (the default for GGUF files on CUDA).", choices=QUANTIZATION_CHOICES, aliases=("-q",))] = None
+    gguf_dequantize: Annotated[bool, Arg(
+        "Dequantize a .gguf file's weights to the model dtype at load (the path before --quantization gguf; more "
+        "memory, cuBLAS GEMMs). Default: kept quantized on CUDA, dequantized on CPU.")] = False
 
     def __post_init__(self) -> None:
         for name, info in _FIELDS.items():

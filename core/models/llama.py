@@ -25,8 +25,9 @@ from kernels.activation import silu_and_mul
 from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
 
-# Weight quantization methods this family's layers run (core/layers/quantization); the LM head stays unquantized.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq")
+# Weight quantization methods this family's layers run (core/layers/quantization); the LM head stays unquantized
+# except under gguf, which keeps the embedding and LM head in their blocks too.
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf")
 
 
 def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:
@@ -119,7 +120,10 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, attention_backend: str, kernel_backend: str) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        quantized_embedding = getattr(cfg.quantization, "embedding", None)  # gguf: the table stays in its blocks
+        self.embed_tokens = ((quantized_embedding and quantized_embedding(cfg.vocab_size, cfg.hidden_size,
+                                                                          kernel_backend))
+                             or Embedding(cfg.vocab_size, cfg.hidden_size))  # fmt: skip
         # One cos/sin table for all layers (Llama 3.1's 128k positions take 64 MB).
         rotary_dim = cfg.extra.get("rotary_dim", cfg.head_dim)  # Phi-3's partial rotary
         rotary = RotaryEmbedding(rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
@@ -147,8 +151,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.attention_backend, self.kernel_backend = resolve_backends(attention_backend, kernel_backend)
         self.model = LlamaModel(cfg, self.attention_backend, self.kernel_backend)
+        quantized_head = getattr(cfg.quantization, "lm_head", None)  # gguf: an untied head stays in its blocks
         self.lm_head = (self.model.embed_tokens if cfg.tie_word_embeddings
-                        else Linear(cfg.hidden_size, cfg.vocab_size, backend=self.kernel_backend))  # fmt: skip
+                        else (quantized_head and quantized_head(cfg.hidden_size, cfg.vocab_size, self.kernel_backend))
+                        or Linear(cfg.hidden_size, cfg.vocab_size, backend=self.kernel_backend))  # fmt: skip
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttentionMetadata
@@ -157,6 +163,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # fp32 logits in one pass
+        if hasattr(self.lm_head, "compute_logits"):  # kept quantized (gguf)
+            return self.lm_head.compute_logits(hidden)
         return skinny_linear(hidden, self.lm_head.weight, out_dtype=torch.float32, backend=self.kernel_backend)
 
     # ------------------------------------------------------------------------------------------------ weights

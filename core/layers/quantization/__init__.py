@@ -22,6 +22,7 @@ QUANTIZATION_METHODS: dict[str, str] = {
     "fp8": "core.layers.quantization.fp8:Fp8Config",
     "awq": "core.layers.quantization.int4:AWQConfig",
     "gptq": "core.layers.quantization.int4:GPTQConfig",
+    "gguf": "core.layers.quantization.gguf:GGUFConfig",
 }
 
 # Checkpoint ``quant_method`` spellings that are one of ours under another name.

@@ -1,0 +1,222 @@
+"""GGUF weights kept in their GGML blocks on the device, dequantized inside the GEMM (``kernels/gguf_gemm.py``).
+
+Which tensors stay quantized is decided once from the file's header (``GGUFConfig.from_file``), and the same
+decision drives both sides: the loader yields those tensors as their raw ``uint8 [rows, row_bytes]`` blocks
+(``core/gguf.py``), the model gives their layers a ``GGUFLinearMethod`` / ``GGUFEmbedding`` holding exactly those
+bytes. Kept: linear, token-embedding and LM-head weights of the kernel's types (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K);
+a merged projection (q/k/v, gate/up) only if all its parts share one type. Everything else (F32/F16/BF16 tensors,
+other quant types, mixed-type merges) is dequantized at load as before, and logged.
+
+When: ``--quantization gguf``, or automatically for a GGUF file on a CUDA device. On CPU a GGUF file is dequantized
+at load unless ``--quantization gguf`` is given: there is no CPU kernel, and dequantizing every weight per step in
+torch is slower than today's path (memory is rarely the limit there). ``--gguf-dequantize`` forces the dequantized
+path anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from gguf import GGMLQuantizationType
+from torch import nn
+
+from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter
+from kernels.gguf_gemm import GGUF_KERNEL_TYPES, dequantize_gguf, gguf_linear
+
+if TYPE_CHECKING:
+    from core.config import ModelConfig
+    from core.model_source import ModelSource
+    from ipc.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+# Merged projections: HF suffix of the first shard -> every shard's suffix (core/models/llama.py merges these).
+_MERGES = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj")}
+_KEPT_KINDS = re.compile(r"(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|model\.embed_tokens"
+                         r"|lm_head)\.weight")
+EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _type_name(ggml_type: int) -> str:
+    return GGMLQuantizationType(ggml_type).name
+
+
+def _row_bytes(ggml_type: int, in_features: int) -> int:
+    block, type_size = GGUF_KERNEL_TYPES[ggml_type]
+    if in_features % block:
+        raise ValueError(f"GGUF {_type_name(ggml_type)}: input size {in_features} is not a multiple of its "
+                         f"{block}-element blocks.")
+    return in_features // block * type_size
+
+
+class GGUFConfig(QuantConfig):
+    """The tensors of one GGUF file kept in their blocks: HF weight name -> GGML type."""
+
+    name = "gguf"
+
+    def __init__(self, path: str, kept: dict[str, int]) -> None:
+        self.path = path
+        self.kept = kept
+
+    @classmethod
+    def from_hf(cls, quantization_config: dict[str, Any]) -> GGUFConfig:
+        raise ValueError("quantization 'gguf' applies to .gguf model files, not to a config.json checkpoint.")
+
+    @classmethod
+    def online(cls) -> QuantConfig:
+        raise ValueError("--quantization gguf needs a .gguf model file (its weights keep their GGML blocks); this "
+                         "checkpoint is not a GGUF file.")
+
+    @classmethod
+    def from_file(cls, path: str) -> GGUFConfig:
+        """Decide (and log) which tensors of the file stay quantized; the rest are dequantized at load."""
+        from core.gguf import hf_name
+        from core.loader import open_gguf
+
+        gguf = open_gguf(path)
+        types: dict[str, int] = {}
+        for name, info in gguf.tensors.items():
+            try:
+                types[hf_name(name)] = int(info.ggml_type)
+            except ValueError:
+                continue  # rope_freqs and the like: the loader handles (or rejects) them
+        kept = {name: t for name, t in types.items() if _KEPT_KINDS.fullmatch(name) and t in GGUF_KERNEL_TYPES}
+        dequantized: dict[str, list[str]] = {}
+        for name, t in types.items():
+            if name not in kept and t not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                dequantized.setdefault(f"{_type_name(t)} (no kernel for this type or tensor)", []).append(name)
+        for name in list(kept):
+            for first, parts in _MERGES.items():
+                if name.endswith(f".{first}.weight"):
+                    names = [name.replace(f".{first}.", f".{part}.") for part in parts]
+                    part_types = {types.get(n) for n in names}
+                    if len(part_types) > 1 or not all(n in kept for n in names):
+                        reason = "merged projection of mixed types " + "/".join(
+                            _type_name(types[n]) for n in names if n in types)
+                        for n in names:
+                            if kept.pop(n, None) is not None:
+                                dequantized.setdefault(reason, []).append(n)
+        for reason, names in dequantized.items():
+            logger.info("GGUF: %d tensors dequantized at load: %s (e.g. %s)", len(names), reason, names[0])
+        counts: dict[str, int] = {}
+        for t in kept.values():
+            counts[_type_name(t)] = counts.get(_type_name(t), 0) + 1
+        logger.info("GGUF: %d tensors kept in their blocks (%s)", len(kept),
+                    ", ".join(f"{n} {c}" for n, c in sorted(counts.items())))
+        return cls(path, kept)
+
+    def linear_method(self, prefix: str) -> LinearMethod | None:
+        ggml_type = self.kept.get(f"{prefix}.weight")
+        return None if ggml_type is None else GGUFLinearMethod(ggml_type)
+
+    def embedding(self, num_embeddings: int, embedding_dim: int, backend: str) -> nn.Module | None:
+        """The token embedding kept in its blocks, or None (dequantized at load: a plain ``Embedding``)."""
+        ggml_type = self.kept.get(EMBEDDING)
+        return None if ggml_type is None else GGUFEmbedding(num_embeddings, embedding_dim, ggml_type, backend)
+
+    def lm_head(self, hidden_size: int, vocab_size: int, backend: str) -> nn.Module | None:
+        """An untied LM head kept in its blocks, or None."""
+        ggml_type = self.kept.get(LM_HEAD)
+        return None if ggml_type is None else GGUFEmbedding(vocab_size, hidden_size, ggml_type, backend)
+
+    def summary(self) -> str:
+        return f"gguf ({len(self.kept)} tensors kept in their GGML blocks)"
+
+
+class GGUFLinearMethod(LinearMethod):
+    """The layer's ``weight`` is the file's bytes, ``uint8 [out, row_bytes]``: merged shards fill their rows."""
+
+    def __init__(self, ggml_type: int) -> None:
+        self.ggml_type = ggml_type
+
+    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
+                       params_dtype: torch.dtype) -> None:  # fmt: skip
+        new_parameter(layer, "weight", (sum(output_sizes), _row_bytes(self.ggml_type, in_features)), torch.uint8,
+                      dummy_fill=_random_blocks(self.ggml_type))
+        layer.ggml_type = self.ggml_type
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return gguf_linear(x, layer.weight, self.ggml_type, bias, backend=layer.backend)
+
+
+def _random_blocks(ggml_type: int):
+    """``--load-format dummy``: random bytes with every float16 scale set to a small finite value."""
+    block, type_size = GGUF_KERNEL_TYPES[ggml_type]
+    scale_bytes = [208] if ggml_type == 14 else [0] if ggml_type in (2, 8) else [0, 2]
+    small = torch.tensor([1e-4], dtype=torch.float16).view(torch.uint8)
+
+    def fill(tensor: torch.Tensor, gen: torch.Generator) -> None:
+        values = torch.randint(0, 256, tensor.shape, dtype=torch.uint8, generator=gen)
+        blocks = values.view(tensor.shape[0], -1, type_size)
+        for at in scale_bytes:
+            blocks[..., at], blocks[..., at + 1] = small[0], small[1]
+        tensor.copy_(values)
+
+    return fill
+
+
+class GGUFEmbedding(nn.Module):
+    """A ``[num_embeddings, dim]`` table kept in its GGML blocks: the token embedding (a lookup dequantizes only the
+    looked-up rows) and, tied or not, the LM head (``compute_logits``: the block GEMM with fp32 output)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, ggml_type: int, backend: str) -> None:
+        super().__init__()
+        self.embedding_dim, self.ggml_type, self.backend = embedding_dim, ggml_type, backend
+        self.activation_dtype = torch.get_default_dtype()  # the model is built under its dtype
+        self.weight = new_parameter(self, "weight", (num_embeddings, _row_bytes(ggml_type, embedding_dim)),
+                                    torch.uint8, dummy_fill=_random_blocks(ggml_type))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = dequantize_gguf(self.weight[ids.reshape(-1)], self.ggml_type, self.embedding_dim)
+        return rows.to(self.activation_dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return gguf_linear(hidden, self.weight, self.ggml_type, out_dtype=torch.float32, backend=self.backend)
+
+
+def resolve_model_quantization(model_config: ModelConfig, hf_config: dict[str, Any], config: EngineConfig,
+                               source: ModelSource, device: torch.device) -> ModelConfig:  # fmt: skip
+    """``resolve_quantization`` for the engine's model, with GGUF files kept quantized when asked (or, on CUDA, by
+    default; module docstring)."""
+    from core.layers.quantization import check_family_supports, resolve_quantization
+    from core.loader import _gguf_path, resolve_load_format
+
+    requested = config.quantization
+    is_gguf = config.load_format != "dummy" and resolve_load_format(source, config.load_format) == "gguf"
+    if requested == "gguf" and config.gguf_dequantize:
+        raise ValueError("--quantization gguf keeps GGUF weights quantized and --gguf-dequantize dequantizes them at "
+                         "load; give one of them.")
+    if requested == "gguf" and not is_gguf:
+        raise ValueError("--quantization gguf needs a .gguf model file (its weights keep their GGML blocks); "
+                         f"{source.name} is not loaded from a GGUF file.")
+    if is_gguf and requested in (None, "gguf"):
+        # Kept by default only where it runs: CUDA, one device, a family whose layers take GGUF blocks.
+        default_keep = (device.type == "cuda" and not config.gguf_dequantize
+                        and config.tensor_parallel_size == 1 and config.pipeline_parallel_size == 1
+                        and _family_supports(model_config.architecture, "gguf"))
+        keep = requested == "gguf" or default_keep
+        if not keep:
+            reason = ("--gguf-dequantize" if config.gguf_dequantize else "no GGUF kernel on CPU"
+                      if device.type != "cuda" else "tensor/pipeline parallel or a family without GGUF kernels")
+            logger.info("GGUF weights dequantized at load (%s); --quantization gguf keeps them in their blocks.",
+                        reason)
+            return resolve_quantization(model_config, hf_config, None)
+        check_family_supports(model_config.architecture, "gguf")
+        return dataclasses.replace(model_config, quantization=GGUFConfig.from_file(_gguf_path(source)))
+    return resolve_quantization(model_config, hf_config, requested)
+
+
+def _family_supports(architecture: str, method: str) -> bool:
+    from core.layers.quantization import check_family_supports
+
+    try:
+        check_family_supports(architecture, method)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,74 @@
+"""GGUF block GEMM: the torch dequantizer against the ``gguf`` package's, the Triton kernel (interpreter on CPU)
+against the dequantize-then-matmul reference, for every type kept quantized, both launch shapes (decode M <= 16 and
+the ``tl.dot`` path), ragged N and several K (one and several blocks per tile)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from kernels.gguf_gemm import GGUF_KERNEL_TYPES, Q4_K, Q5_K, Q6_K, dequantize_gguf, gguf_gemm, gguf_linear_ref
+from tests.kernels.kernel_testing import KERNEL_DEVICE
+
+TYPES = sorted(GGUF_KERNEL_TYPES)
+TYPE_IDS = [GGMLQuantizationType(t).name for t in TYPES]
+
+
+def random_blocks(ggml_type: int, n: int, k: int, seed: int, scale: float = 0.01) -> np.ndarray:
+    """Random bytes in the type's block layout, with the float16 scales overwritten by finite small values."""
+    rng = np.random.default_rng(seed)
+    block, type_size = GGUF_KERNEL_TYPES[ggml_type]
+    raw = rng.integers(0, 256, (n, k // block * type_size), dtype=np.uint8)
+    blocks = raw.reshape(n, k // block, type_size)
+    f16_at = {Q6_K: [208]}.get(ggml_type, [0] if ggml_type in (2, 8) else [0, 2])
+    for at in f16_at:
+        values = rng.uniform(-scale, scale, blocks.shape[:2]).astype(np.float16)
+        blocks[..., at : at + 2] = values.view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return raw
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=TYPE_IDS)
+def test_torch_dequantize_matches_gguf_package(ggml_type):
+    k = 512
+    raw = random_blocks(ggml_type, 7, k, seed=ggml_type)
+    expected = dequantize(raw, GGMLQuantizationType(ggml_type))
+    ours = dequantize_gguf(torch.from_numpy(raw), ggml_type, k).numpy()
+    np.testing.assert_array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=TYPE_IDS)
+@pytest.mark.parametrize("m,n,k", [(1, 40, 256), (5, 33, 512), (24, 17, 512)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if KERNEL_DEVICE == "cuda" else []))
+def test_kernel_matches_reference(ggml_type, m, n, k, dtype):
+    if ggml_type in (Q4_K, Q5_K, Q6_K) and dtype == torch.float16 and m != 5 and KERNEL_DEVICE == "cpu":
+        pytest.skip("one fp16 shape per k-quant keeps the interpreter run short")
+    raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=m * n + k)).to(KERNEL_DEVICE)
+    gen = torch.Generator().manual_seed(m + n)
+    x = torch.randn(m, k, generator=gen).to(KERNEL_DEVICE, dtype)
+    bias = torch.randn(n, generator=gen).to(KERNEL_DEVICE, dtype)
+    out = gguf_gemm(x, raw, ggml_type, bias)
+    expected = gguf_linear_ref(x, raw, ggml_type, bias, out_dtype=torch.float32)
+    assert out.dtype == dtype and out.shape == (m, n)
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    if dtype == torch.float32 and KERNEL_DEVICE == "cuda":
+        tol = 1e-2  # the tl.dot path (M > 16) multiplies fp32 in tf32 on the GPU
+    scale = expected.abs().max().item()
+    assert (out.float() - expected).abs().max().item() <= tol * scale + tol
+
+
+def test_kernel_float32_output_from_half_input():
+    """The tied LM head asks for fp32 logits from bf16/fp16 hidden states."""
+    raw = torch.from_numpy(random_blocks(8, 48, 256, seed=3)).to(KERNEL_DEVICE)
+    x = torch.randn(2, 256).to(KERNEL_DEVICE, torch.float16)
+    out = gguf_gemm(x, raw, 8, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, gguf_linear_ref(x, raw, 8, out_dtype=torch.float32), rtol=3e-3, atol=3e-3)
+
+
+def test_rejects_rows_that_do_not_hold_k():
+    raw = torch.zeros(4, 20, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="do not hold"):
+        gguf_gemm(torch.zeros(1, 64), raw, 3)
