@@ -222,7 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="KV-cache element type (pagedserve backend): fp8 = e4m3 with per-layer scales")
     p.add_argument("--quantization", choices=("fp8", "awq", "gptq", "gguf"), default=None,
                    help="weight quantization (fp8: quantize the weights at load; gguf: keep a GGUF file's blocks, "
-                        "the default for GGUF files on CUDA)")
+                        "opt-in until measured on the GPU)")
     p.add_argument("--gguf-dequantize", action="store_true",
                    help="dequantize a GGUF file's weights at load (the path before GGUF kernels)")
     p.add_argument("--dummy-int4", choices=("awq", "gptq"), default=None,

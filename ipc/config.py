@@ -202,10 +202,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         "Weight quantization. Default: the checkpoint's config.json quantization_config (fp8, compressed-tensors "
         "float8, awq, gptq). fp8 on an unquantized checkpoint quantizes it at load (per-channel weight scales, "
         "dynamic per-token activation scales). gguf keeps a .gguf file's Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights in "
-        "their blocks (the default for GGUF files on CUDA).", choices=QUANTIZATION_CHOICES, aliases=("-q",))] = None
+        "their blocks (opt-in until the block GEMM is measured on the GPU).", choices=QUANTIZATION_CHOICES, aliases=("-q",))] = None
     gguf_dequantize: Annotated[bool, Arg(
         "Dequantize a .gguf file's weights to the model dtype at load (the path before --quantization gguf; more "
-        "memory, cuBLAS GEMMs). Default: kept quantized on CUDA, dequantized on CPU.")] = False
+        "memory, cuBLAS GEMMs). This is also the default without --quantization gguf.")] = False
 
     def __post_init__(self) -> None:
         for name, info in _FIELDS.items():

@@ -49,8 +49,8 @@ def test_greedy_tokens_match_dequantized_path(quantized):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_default_on_cuda_keeps_gguf_quantized_with_cuda_graphs():
-    llm = LLM(max_model_len=512)  # no flag: a GGUF file on CUDA stays in its blocks
+def test_gguf_quantized_on_cuda_with_cuda_graphs():
+    llm = LLM(max_model_len=512, quantization="gguf")
     runner = llm.engine.runner
     assert runner.model_config.quantization.name == "gguf" and runner.use_graphs
     assert weight_bytes(runner.model) < 105e6

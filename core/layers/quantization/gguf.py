@@ -7,10 +7,10 @@ bytes. Kept: linear, token-embedding and LM-head weights of the kernel's types (
 a merged projection (q/k/v, gate/up) only if all its parts share one type. Everything else (F32/F16/BF16 tensors,
 other quant types, mixed-type merges) is dequantized at load as before, and logged.
 
-When: ``--quantization gguf``, or automatically for a GGUF file on a CUDA device. On CPU a GGUF file is dequantized
-at load unless ``--quantization gguf`` is given: there is no CPU kernel, and dequantizing every weight per step in
-torch is slower than today's path (memory is rarely the limit there). ``--gguf-dequantize`` forces the dequantized
-path anywhere.
+When: ``--quantization gguf``. Without it a GGUF file is dequantized at load, as before: the block GEMM has only run
+in Triton's interpreter so far, and becomes the CUDA default once it is measured on the GPU (on CPU there is no
+kernel, and dequantizing every weight per step in torch is slower than the dequantized path). ``--gguf-dequantize``
+names the dequantized path explicitly.
 """
 
 from __future__ import annotations
@@ -196,14 +196,9 @@ def resolve_model_quantization(model_config: ModelConfig, hf_config: dict[str, A
         raise ValueError("--quantization gguf needs a .gguf model file (its weights keep their GGML blocks); "
                          f"{source.name} is not loaded from a GGUF file.")
     if is_gguf and requested in (None, "gguf"):
-        # Kept by default only where it runs: CUDA, one device, a family whose layers take GGUF blocks.
-        default_keep = (device.type == "cuda" and not config.gguf_dequantize
-                        and config.tensor_parallel_size == 1 and config.pipeline_parallel_size == 1
-                        and _family_supports(model_config.architecture, "gguf"))
-        keep = requested == "gguf" or default_keep
+        keep = requested == "gguf"  # opt-in until the block GEMM is measured on the GPU (module docstring)
         if not keep:
-            reason = ("--gguf-dequantize" if config.gguf_dequantize else "no GGUF kernel on CPU"
-                      if device.type != "cuda" else "tensor/pipeline parallel or a family without GGUF kernels")
+            reason = "--gguf-dequantize" if config.gguf_dequantize else "the default"
             logger.info("GGUF weights dequantized at load (%s); --quantization gguf keeps them in their blocks.",
                         reason)
             return resolve_quantization(model_config, hf_config, None)
@@ -211,12 +206,3 @@ def resolve_model_quantization(model_config: ModelConfig, hf_config: dict[str, A
         return dataclasses.replace(model_config, quantization=GGUFConfig.from_file(_gguf_path(source)))
     return resolve_quantization(model_config, hf_config, requested)
 
-
-def _family_supports(architecture: str, method: str) -> bool:
-    from core.layers.quantization import check_family_supports
-
-    try:
-        check_family_supports(architecture, method)
-    except ValueError:
-        return False
-    return True
