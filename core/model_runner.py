@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -378,12 +379,13 @@ class ModelRunner:
         token_ids: list[int] = []
         fill_dst: list[int] = []
         fill_src: list[int] = []
-        for i, (start, num, b) in enumerate(zip(plan.starts, plan.num_tokens, batch_seqs)):
+        for start, num, b, drafts in zip(plan.starts, plan.num_tokens, batch_seqs,
+                                         drafts_by_row if speculative else repeat(None)):
             known = b.all_token_ids
             end = start + num
-            if speculative and drafts_by_row[i]:  # the last known token, then the drafts to verify
+            if drafts:  # the last known token, then the drafts to verify
                 token_ids.extend(known[start:])
-                token_ids.extend(drafts_by_row[i])
+                token_ids.extend(drafts)
             elif end > len(known):  # the last input token is in flight
                 fill_dst.append(len(token_ids) + num - 1)
                 fill_src.append(prev.sample_index[b.key])

@@ -15,8 +15,14 @@ from ipc.scheduler_output import BlockTableChange, NewSequenceData, SchedulerOut
 
 
 class SchedulerOutputBuilder:
-    def __init__(self) -> None:
-        self._sent: dict[tuple[str, int], list[int]] = {}  # key -> [slot, tokens sent, block ids sent]
+    def __init__(self, speculative: bool = True) -> None:
+        """``speculative``: steps may carry drafts (False skips looking for them: a pass over the batch)."""
+        self.speculative = speculative
+        # key -> [slot, tokens sent, block ids sent, the KV manager's block list], also kept on the Sequence
+        # (``runner_state``: no key lookups per step). The KV manager extends and cuts a sequence's block list in
+        # place until it frees it, which forgets the sequence here (slot -1: a Sequence still holding the state
+        # is sent anew).
+        self._sent: dict[tuple[str, int], list] = {}
         self._finished_slots: list[int] = []  # to forget, sent with the next message
         self._free_slots: list[int] = []
         self._trimmed: set[tuple[str, int]] = set()  # gave blocks back: the next change cuts the runners' list
@@ -31,6 +37,7 @@ class SchedulerOutputBuilder:
                 self._trimmed.discard(key)
                 self._finished_slots.append(sent[0])
                 self._free_slots.append(sent[0])
+                sent[0] = -1
 
     def trim_blocks(self, key: tuple[str, int], num_blocks: int) -> None:
         """The sequence gave blocks back (rejected drafts): the next message cuts its list to ``num_blocks``."""
@@ -65,15 +72,15 @@ class SchedulerOutputBuilder:
             key = seq.key
             tokens = seq.all_token_ids
             num_tokens = len(tokens)
-            sent = sent_by_key.get(key)
-            if sent is None:
+            sent = seq.runner_state
+            if sent is None or sent[0] < 0:
                 seq_blocks = blocks[key]
                 slot = self._new_slot()
                 new.append(NewSequenceData(
                     request_id=seq.request_id, index=seq.index, slot=slot, prompt_token_ids=seq.prompt_token_ids,
                     output_token_ids=tokens[seq.num_prompt_tokens :], sampling_params=seq.sampling_params,
                     block_ids=[b.block_id for b in seq_blocks], prompt_logprobs_done=seq.prompt_logprobs_done))
-                sent_by_key[key] = [slot, num_tokens, len(seq_blocks)]
+                sent_by_key[key] = seq.runner_state = [slot, num_tokens, len(seq_blocks), seq_blocks]
                 slots.append(slot)
                 continue
             slot = sent[0]
@@ -89,14 +96,14 @@ class SchedulerOutputBuilder:
                     appended_counts.append(num_tokens - have)
                 appended_slots.append(slot)
                 sent[1] = num_tokens
-            seq_blocks = blocks[key]
+            seq_blocks = sent[3]
             num_blocks = len(seq_blocks)
             if sent[2] != num_blocks or (trimmed and key in trimmed):
                 trimmed.discard(key)
                 keep = min(sent[2], num_blocks)
                 changes.append(BlockTableChange(slot, keep, [b.block_id for b in seq_blocks[keep:]]))
                 sent[2] = num_blocks
-        spec = [s.spec_token_ids for s in scheduled]
+        spec = [s.spec_token_ids for s in scheduled] if self.speculative else []
         finished, self._finished_slots = self._finished_slots, []
         return SchedulerOutput(
             slots=slots, starts=[s.start for s in scheduled], num_tokens=[s.num_tokens for s in scheduled],

@@ -66,8 +66,8 @@ class WorkerBatch:
             by_slot[data.slot] = seq
             self.block_table[data.slot, : len(seq.block_ids)] = seq.block_ids
         if not out.appended_counts:  # one token each (the usual decode step)
-            for slot, token_id in zip(out.appended_slots, out.appended_token_ids):
-                by_slot[slot].all_token_ids.append(token_id)
+            for seq, token_id in zip(map(by_slot.__getitem__, out.appended_slots), out.appended_token_ids):
+                seq.all_token_ids.append(token_id)
         else:
             offset = 0
             flat = out.appended_token_ids
@@ -79,7 +79,7 @@ class WorkerBatch:
             del seq.block_ids[change.keep :]
             seq.block_ids.extend(change.new_block_ids)
             self.block_table[change.slot, change.keep : len(seq.block_ids)] = change.new_block_ids
-        return [by_slot[slot] for slot in out.slots]
+        return list(map(by_slot.__getitem__, out.slots))
 
     def rows(self, out: SchedulerOutput) -> np.ndarray:
         """The scheduled sequences' block-table rows, in batch order."""
