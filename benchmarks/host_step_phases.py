@@ -59,7 +59,7 @@ def measure(args: argparse.Namespace, model_dir: Path) -> dict[str, float]:
     engine = EngineCore(EngineConfig(model=str(model_dir), load_format="dummy", device="cpu", seed=0,
                                      max_num_seqs=args.num_seqs, max_model_len=args.max_model_len,
                                      max_num_batched_tokens=max(args.num_seqs * args.prompt_len, 2048),
-                                     num_gpu_blocks_override=args.num_seqs * blocks_per_seq + 16))
+                                     num_gpu_blocks_override=max(args.num_seqs * blocks_per_seq, args.max_model_len // 16) + 16))
     for i in range(args.num_seqs):
         prompt = [(7 * i + j) % 500 + 3 for j in range(args.prompt_len)]
         params = SamplingParams(temperature=0.0, max_tokens=args.max_model_len - args.prompt_len, ignore_eos=True)
