@@ -69,11 +69,11 @@ class SchedulerOutputBuilder:
         trimmed = self._trimmed
         for s in scheduled:  # locals only: this runs for every running sequence, every step
             seq = s.seq
-            key = seq.key
             tokens = seq.all_token_ids
             num_tokens = len(tokens)
             sent = seq.runner_state
             if sent is None or sent[0] < 0:
+                key = seq.key
                 seq_blocks = blocks[key]
                 slot = self._new_slot()
                 new.append(NewSequenceData(
@@ -87,7 +87,7 @@ class SchedulerOutputBuilder:
             slots.append(slot)
             have = sent[1]
             if have < num_tokens:
-                if num_tokens - have == 1 and not appended_counts:
+                if have + 1 == num_tokens and not appended_counts:
                     appended_token_ids.append(tokens[have])
                 else:
                     if not appended_counts:
@@ -97,9 +97,9 @@ class SchedulerOutputBuilder:
                 appended_slots.append(slot)
                 sent[1] = num_tokens
             seq_blocks = sent[3]
-            num_blocks = len(seq_blocks)
-            if sent[2] != num_blocks or (trimmed and key in trimmed):
-                trimmed.discard(key)
+            if sent[2] != len(seq_blocks) or (trimmed and seq.key in trimmed):
+                num_blocks = len(seq_blocks)
+                trimmed.discard(seq.key)
                 keep = min(sent[2], num_blocks)
                 changes.append(BlockTableChange(slot, keep, [b.block_id for b in seq_blocks[keep:]]))
                 sent[2] = num_blocks
