@@ -56,10 +56,12 @@ def measure(args: argparse.Namespace, model_dir: Path) -> dict[str, float]:
 
     torch.set_num_threads(1)
     blocks_per_seq = -(-(args.prompt_len + args.warmup_steps + args.steps * args.repeats + 8) // 16)
+    num_blocks = max(args.num_seqs * blocks_per_seq, args.max_model_len // 16) + 16
     engine = EngineCore(EngineConfig(model=str(model_dir), load_format="dummy", device="cpu", seed=0,
                                      max_num_seqs=args.num_seqs, max_model_len=args.max_model_len,
                                      max_num_batched_tokens=max(args.num_seqs * args.prompt_len, 2048),
-                                     num_gpu_blocks_override=max(args.num_seqs * blocks_per_seq, args.max_model_len // 16) + 16))
+                                     num_gpu_blocks_override=num_blocks,
+                                     async_scheduling=args.async_scheduling == "on"))
     for i in range(args.num_seqs):
         prompt = [(7 * i + j) % 500 + 3 for j in range(args.prompt_len)]
         params = SamplingParams(temperature=0.0, max_tokens=args.max_model_len - args.prompt_len, ignore_eos=True)
@@ -80,7 +82,8 @@ def measure(args: argparse.Namespace, model_dir: Path) -> dict[str, float]:
         runner.batch.apply = _timed(totals, "apply message to worker batch", runner.batch.apply)
         for name in ("row", "rows"):  # block-table rows: per sequence (the first message), per step (slots)
             if hasattr(runner.batch, name):
-                setattr(runner.batch, name, _timed(totals, "apply message to worker batch", getattr(runner.batch, name)))
+                timed = _timed(totals, "apply message to worker batch", getattr(runner.batch, name))
+                setattr(runner.batch, name, timed)
     else:  # before the message: the runner synced block-table rows from the KV manager's blocks
         runner.input_batch.row = _timed(totals, "apply message to worker batch", runner.input_batch.row)
     runner.inputs.stage = _timed(totals, "stage inputs", runner.inputs.stage)
@@ -125,19 +128,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=3, help="measure this many runs of --steps; report each phase's least")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measure this many runs of --steps; report each phase's least")
+    p.add_argument("--async-scheduling", choices=["on", "off"], default="on",
+                   help="on: the next step is launched before the last one's tokens are read (as on a GPU)")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--json", default=None, help="append the per-phase ms as one JSON line here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         per_step = measure(args, tiny_llama_config(Path(tmp) / "tiny-llama", args.vocab_size))
-    print(f"{args.num_seqs} sequences decoding, {args.steps} steps, least of {args.repeats} runs (ms/step):")
+    print(f"{args.num_seqs} sequences decoding, {args.steps} steps, least of {args.repeats} runs, async scheduling "
+          f"{args.async_scheduling} (ms/step):")
     for name in PHASES:
         print(f"  {name:<34} {per_step.get(name, 0.0):8.3f}")
     if args.json:
         with open(args.json, "a") as f:
-            f.write(json.dumps({"num_seqs": args.num_seqs, "steps": args.steps, "repeats": args.repeats, "ms_per_step": per_step}) + "\n")
+            f.write(json.dumps({"num_seqs": args.num_seqs, "steps": args.steps, "repeats": args.repeats,
+                                "async_scheduling": args.async_scheduling, "ms_per_step": per_step}) + "\n")
     return 0
 
 

@@ -63,7 +63,7 @@ class StepHandle:
     """A launched step. ``result()`` waits for it: the step's one device -> host sync."""
 
     seqs: list[BatchSequence]  # the sampling sequences, in batch order
-    sample_index: dict[tuple[str, int], int]  # sequence key -> its row in ``sampled``
+    sample_rows: np.ndarray | None  # by slot: the sequence's row in ``sampled`` (-1: it did not sample)
     sampled: SamplerOutput | None
     host_tokens: torch.Tensor | None  # pinned copy of the sampled ids (CUDA)
     event: torch.cuda.Event | None
@@ -378,9 +378,9 @@ class ModelRunner:
         speculative = bool(drafts_by_row)
         token_ids: list[int] = []
         fill_dst: list[int] = []
-        fill_src: list[int] = []
-        for start, num, b, drafts in zip(plan.starts, plan.num_tokens, batch_seqs,
-                                         drafts_by_row if speculative else repeat(None)):
+        fill_slots: list[int] = []
+        for slot, start, num, b, drafts in zip(plan.slots, plan.starts, plan.num_tokens, batch_seqs,
+                                               drafts_by_row if speculative else repeat(None)):
             known = b.all_token_ids
             end = start + num
             if drafts:  # the last known token, then the drafts to verify
@@ -388,7 +388,7 @@ class ModelRunner:
                 token_ids.extend(drafts)
             elif end > len(known):  # the last input token is in flight
                 fill_dst.append(len(token_ids) + num - 1)
-                fill_src.append(prev.sample_index[b.key])
+                fill_slots.append(slot)
                 token_ids.extend(known[start : end - 1])
                 token_ids.append(0)
             elif num == 1:
@@ -408,6 +408,10 @@ class ModelRunner:
                                  pad_tokens_to=pad_tokens)
         if fill_dst:
             dst = to_device(fill_dst, torch.int64, self.device)
+            fill_src = prev.sample_rows[fill_slots]
+            if fill_src.min() < 0:
+                raise RuntimeError(f"sequences in slots {np.asarray(fill_slots)[fill_src < 0].tolist()} wait for a "
+                                   "token the previous step did not sample")
             src = to_device(fill_src, torch.int64, self.device)
             self.inputs.input_ids.index_copy_(0, dst, prev.sampled.token_ids.index_select(0, src))
         prompt_lp: list = []
@@ -425,7 +429,7 @@ class ModelRunner:
                 hidden, graph_argmax = self.verify_graphs.replay(verify_bucket)
                 if plain_greedy and graph_argmax is not None:  # the LM head and argmax ran inside the graph
                     if not self.is_driver:
-                        return self._follow_driver(sampling_seqs, speculative)
+                        return self._follow_driver(sampling_seqs, rows[sampling], speculative)
                     return self._launch_greedy_verify(drafts_by_row, batch_seqs, sampling, graph_argmax[:num_tokens],
                                                       {})
             sample_rows = self.inputs.host.qsl_np[1:][sampling].astype(np.int64) - 1
@@ -448,10 +452,10 @@ class ModelRunner:
         for seq in sampling_seqs:  # its first sample: every prompt position has been computed
             seq.prompt_logprobs_done = True
         if not self.is_driver:
-            return self._follow_driver(sampling_seqs, speculative)
+            return self._follow_driver(sampling_seqs, rows[sampling], speculative)
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         if not sampling_seqs:
-            return StepHandle([], {}, None, None, None, prompt_logprobs)
+            return StepHandle([], None, None, None, None, prompt_logprobs)
         output_indices = [plan.output_indices[i] for i in sampling]
         if before_sample is not None and self.structured_output is not None and self.structured_output.active:
             before_sample(sampling_seqs)
@@ -471,7 +475,7 @@ class ModelRunner:
                 grammar = self.structured_output.bitmask(sampling_seqs, self.device, row_starts)
             verified = verify_step(self.sampler, logits[num_prompt_rows:], sampling_seqs, drafts, output_indices,
                                    self.vocab_size, self._step_keys.getrandbits(32), grammar=grammar)
-            return StepHandle(sampling_seqs, {}, None, None, None, prompt_logprobs, verified)
+            return StepHandle(sampling_seqs, None, None, None, None, prompt_logprobs, verified)
         batch = build_sampling_batch(sampling_seqs, self.vocab_size, self.device, output_indices,
                                      self._step_keys.getrandbits(32))
         if self.structured_output is not None and self.structured_output.active:
@@ -486,8 +490,8 @@ class ModelRunner:
             host_tokens.copy_(sampled.token_ids, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        sample_index = {seq.key: i for i, seq in enumerate(sampling_seqs)}
-        return StepHandle(sampling_seqs, sample_index, sampled, host_tokens, event, prompt_logprobs)
+        return StepHandle(sampling_seqs, self._sample_rows(rows[sampling]), sampled, host_tokens, event,
+                          prompt_logprobs)
 
     def _launch_greedy_verify(self, drafts_by_row: list[list[int]], batch_seqs: list[BatchSequence],
                               sampling: list[int], target_ids: torch.Tensor, prompt_logprobs: dict) -> StepHandle:
@@ -498,16 +502,22 @@ class ModelRunner:
             self._step_count += 1
             host_ids = self._host_verify_ids[self._step_count % 2]
         verified = launch_greedy_verify(target_ids, [drafts_by_row[i] for i in sampling], host_ids)
-        return StepHandle([batch_seqs[i] for i in sampling], {}, None, None, None, prompt_logprobs, verified)
+        return StepHandle([batch_seqs[i] for i in sampling], None, None, None, None, prompt_logprobs, verified)
 
-    def _follow_driver(self, sampling_seqs: list[BatchSequence], speculative: bool) -> StepHandle:
+    def _sample_rows(self, sampling_slots: np.ndarray) -> np.ndarray:
+        """By slot, the row in the step's sampled ids (-1: none): the next step's in-flight tokens come from there."""
+        sample_rows = np.full(self.max_num_seqs, -1, dtype=np.int64)
+        sample_rows[sampling_slots] = np.arange(len(sampling_slots))
+        return sample_rows
+
+    def _follow_driver(self, sampling_seqs: list[BatchSequence], sampling_slots: np.ndarray,
+                       speculative: bool) -> StepHandle:
         """A non-driver rank's step end: no sampling here; rank 0's sampled ids arrive by broadcast, for the next
         step's in-flight tokens. (Speculative steps are never followed by one that needs them on the device.)"""
         if not sampling_seqs or speculative:
-            return StepHandle(sampling_seqs, {}, None, None, None, {})
+            return StepHandle(sampling_seqs, None, None, None, None, {})
         token_ids = self.tp_group.broadcast(torch.empty(len(sampling_seqs), dtype=torch.int64, device=self.device))
-        sample_index = {seq.key: i for i, seq in enumerate(sampling_seqs)}
-        return StepHandle(sampling_seqs, sample_index, SamplerOutput(token_ids), None, None, {})
+        return StepHandle(sampling_seqs, self._sample_rows(sampling_slots), SamplerOutput(token_ids), None, None, {})
 
     def _decode_forward(self, batch_size: int) -> torch.Tensor:
         """The graph body: ``batch_size`` one-token sequences from the static buffers -> logits."""

@@ -13,7 +13,7 @@ def test_host_step_phases_measures_every_phase(tmp_path):
                  "--max-model-len", "128", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     ms = record["ms_per_step"]
-    assert record["num_seqs"] == 4 and record["repeats"] == 2
+    assert record["num_seqs"] == 4 and record["repeats"] == 2 and record["async_scheduling"] == "on"
     assert set(PHASES) <= set(ms)
     for phase in ("schedule", "build message", "apply message to worker batch", "stage inputs", "update"):
         assert ms[phase] > 0, phase

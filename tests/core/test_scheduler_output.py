@@ -88,7 +88,8 @@ def test_worker_batch_follows_the_engine_through_random_steps():
                 continue
             seq = s.seq
             # Sometimes two tokens (an accepted draft, then the sampled one): the runner gets both in one message.
-            if seq.append_token(rng.randrange(1, 50)) or (rng.random() < 0.15 and seq.append_token(rng.randrange(1, 50))):
+            two = rng.random() < 0.15
+            if seq.append_token(rng.randrange(1, 50)) or (two and seq.append_token(rng.randrange(1, 50))):
                 scheduler.finish(seq, seq.finish_reason)
                 del live[seq.key]
             elif rng.random() < 0.2:  # a draft model reserves slots for drafts (the runner sees them next step)
