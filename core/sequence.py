@@ -72,7 +72,7 @@ class Sequence:
         # Speculative decoding: draft tokens proposed for the next step (verified, never part of all_token_ids).
         self.spec_token_ids: list[int] = []
         # What the runners were sent about this sequence (core/scheduler_output_builder.py keeps it; None: nothing).
-        self.runner_state: list[int] | None = None
+        self.runner_state: list | None = None
         self.seed_key = seed_key(sampling_params.seed)
 
     @property

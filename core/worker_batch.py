@@ -60,6 +60,9 @@ class WorkerBatch:
                 del self.sequences[seq.key]
         for data in out.new_sequences:
             seq = BatchSequence(data, self.eos_token_ids)
+            if not 0 <= data.slot < len(by_slot):
+                raise RuntimeError(f"scheduler output puts sequence {seq.key} in slot {data.slot}, outside this "
+                                   f"runner's {len(by_slot)} rows")
             if seq.key in self.sequences or by_slot[data.slot] is not None:
                 raise RuntimeError(f"scheduler output adds sequence {seq.key} (slot {data.slot}) twice")
             self.sequences[seq.key] = seq
