@@ -73,7 +73,8 @@ class EngineCore:
             async_scheduling=self.async_scheduling,
         )
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
-        self.plan_builder = SchedulerOutputBuilder()  # the scheduler's steps as diffs for the runner(s)
+        # the scheduler's steps as diffs for the runner(s)
+        self.plan_builder = SchedulerOutputBuilder(speculative=config.speculative_config is not None)
         spec = config.speculative_config
         self.proposer = make_proposer(spec, self.runner) if spec is not None else None
         self.spec_metrics = SpecDecodeMetrics(spec.num_speculative_tokens) if spec is not None else None

@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from core.spec_decode.greedy_verify import GreedyVerifiedStep, is_plain_greedy, 
 from core.spec_decode.verifier import VerifiedStep, verify_step
 from ipc.config import SpeculativeConfig
 from ipc.messages import EngineConfig, Logprobs
-from ipc.scheduler_output import ScheduledTokens, SchedulerOutput
+from ipc.scheduler_output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class StepHandle:
     """A launched step. ``result()`` waits for it: the step's one device -> host sync."""
 
     seqs: list[BatchSequence]  # the sampling sequences, in batch order
-    sample_index: dict[tuple[str, int], int]  # sequence key -> its row in ``sampled``
+    sample_rows: np.ndarray | None  # by slot: the sequence's row in ``sampled`` (-1: it did not sample)
     sampled: SamplerOutput | None
     host_tokens: torch.Tensor | None  # pinned copy of the sampled ids (CUDA)
     event: torch.cuda.Event | None
@@ -371,43 +372,49 @@ class ModelRunner:
         collected, when some sequence has a grammar (the engine finishes ``prev`` there and starts this step's
         masks on the grammar threads, while the device runs this forward); the caller runs it afterwards
         otherwise."""
-        seqs = plan.scheduled
         batch_seqs = self.batch.apply(plan)
-        rows = np.fromiter((self.batch.row(b) for b in batch_seqs), dtype=np.int64, count=len(seqs))
-        starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=len(seqs))
-        nums = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(seqs))
+        num_seqs = plan.num_rows
+        rows = self.batch.rows(plan)
+        starts = np.asarray(plan.starts, dtype=np.int64)
+        nums = np.asarray(plan.num_tokens, dtype=np.int64)
+        drafts_by_row = plan.spec_token_ids  # empty unless some row verifies drafts
+        speculative = bool(drafts_by_row)
         token_ids: list[int] = []
         fill_dst: list[int] = []
-        fill_src: list[int] = []
-        for s, b in zip(seqs, batch_seqs):
+        fill_slots: list[int] = []
+        for slot, start, num, b, drafts in zip(plan.slots, plan.starts, plan.num_tokens, batch_seqs,
+                                               drafts_by_row if speculative else repeat(None)):
             known = b.all_token_ids
-            end = s.start + s.num_tokens
-            if s.spec_token_ids:  # the last known token, then the drafts to verify
-                token_ids.extend(known[s.start :])
-                token_ids.extend(s.spec_token_ids)
+            end = start + num
+            if drafts:  # the last known token, then the drafts to verify
+                token_ids.extend(known[start:])
+                token_ids.extend(drafts)
             elif end > len(known):  # the last input token is in flight
-                fill_dst.append(len(token_ids) + s.num_tokens - 1)
-                fill_src.append(prev.sample_index[b.key])
-                token_ids.extend(known[s.start : end - 1])
+                fill_dst.append(len(token_ids) + num - 1)
+                fill_slots.append(slot)
+                token_ids.extend(known[start : end - 1])
                 token_ids.append(0)
-            elif s.num_tokens == 1:
-                token_ids.append(known[s.start])
+            elif num == 1:
+                token_ids.append(known[start])
             else:
-                token_ids.extend(known[s.start : end])
+                token_ids.extend(known[start:end])
         num_tokens = len(token_ids)
-        sampling = [i for i, s in enumerate(seqs) if s.samples]
+        sampling = [i for i, samples in enumerate(plan.samples) if samples]
         sampling_seqs = [batch_seqs[i] for i in sampling]
-        decode_only = num_tokens == len(seqs) and len(sampling) == len(seqs)
-        speculative = any(s.spec_token_ids for s in seqs)
+        decode_only = num_tokens == num_seqs and len(sampling) == num_seqs
 
-        bucket = self.graphs.bucket(len(seqs)) if self.graphs is not None and decode_only else None
-        verify_bucket = self._verify_bucket(seqs, len(sampling)) if speculative else None
+        bucket = self.graphs.bucket(num_seqs) if self.graphs is not None and decode_only else None
+        verify_bucket = self._verify_bucket(plan, len(sampling)) if speculative else None
         pad_tokens = verify_bucket * (1 + self.num_spec_tokens) if verify_bucket is not None else None
         meta = self.inputs.stage(np.asarray(token_ids, dtype=np.int64), starts, nums,
                                  self.batch.block_table[rows], pad_to=bucket or verify_bucket,
                                  pad_tokens_to=pad_tokens)
         if fill_dst:
             dst = to_device(fill_dst, torch.int64, self.device)
+            fill_src = prev.sample_rows[fill_slots]
+            if fill_src.min() < 0:
+                raise RuntimeError(f"sequences in slots {np.asarray(fill_slots)[fill_src < 0].tolist()} wait for a "
+                                   "token the previous step did not sample")
             src = to_device(fill_src, torch.int64, self.device)
             self.inputs.input_ids.index_copy_(0, dst, prev.sampled.token_ids.index_select(0, src))
         prompt_lp: list = []
@@ -415,26 +422,28 @@ class ModelRunner:
             num_rows = pad_tokens or bucket or num_tokens
             self.draft.catch_up(self.inputs.input_ids[:num_rows], self.inputs.positions[:num_rows], meta)
         if bucket is not None:
-            logits = self.graphs.replay(bucket)[: len(seqs)]
+            logits = self.graphs.replay(bucket)[:num_seqs]
         else:
-            prompt_lp = self._prompt_logprob_rows(seqs, batch_seqs) if verify_bucket is None else []
-            plain_greedy = speculative and all(is_plain_greedy(batch_seqs[i], seqs[i].output_index) for i in sampling)
+            prompt_lp = self._prompt_logprob_rows(plan, batch_seqs) if verify_bucket is None else []
+            plain_greedy = speculative and all(is_plain_greedy(batch_seqs[i], plan.output_indices[i])
+                                               for i in sampling)
             graph_argmax = None
             if verify_bucket is not None:
                 hidden, graph_argmax = self.verify_graphs.replay(verify_bucket)
                 if plain_greedy and graph_argmax is not None:  # the LM head and argmax ran inside the graph
                     if not self.is_driver:
-                        return self._follow_driver(sampling_seqs, speculative)
-                    return self._launch_greedy_verify(seqs, batch_seqs, sampling, graph_argmax[:num_tokens], {})
+                        return self._follow_driver(sampling_seqs, rows[sampling], speculative)
+                    return self._launch_greedy_verify(drafts_by_row, batch_seqs, sampling, graph_argmax[:num_tokens],
+                                                      {})
             sample_rows = self.inputs.host.qsl_np[1:][sampling].astype(np.int64) - 1
             if speculative:  # every verified position's logits: 1 + len(drafts) rows per sampling sequence
                 sample_rows = _verified_rows(sample_rows, np.fromiter(
-                    (len(seqs[i].spec_token_ids) for i in sampling), dtype=np.int64, count=len(sampling)))
+                    (len(drafts_by_row[i]) for i in sampling), dtype=np.int64, count=len(sampling)))
             rows_np = np.concatenate([r for _, r, _, _ in prompt_lp] + [sample_rows])
             if len(rows_np) and (rows_np.min() < 0 or rows_np.max() >= num_tokens):
                 # On the device this would be an opaque index assert that kills the process: name it here.
                 raise RuntimeError(f"logits rows {rows_np.min()}..{rows_np.max()} outside the step's {num_tokens} "
-                                   f"tokens ({len(seqs)} sequences)")
+                                   f"tokens ({num_seqs} sequences)")
             # Every row in order (a speculative step of decodes only): a slice, no index upload or gather.
             every_row = len(rows_np) == num_tokens and bool((rows_np == np.arange(num_tokens)).all())
             rows_t = None if every_row else to_device(rows_np, torch.int64, self.device)
@@ -446,17 +455,17 @@ class ModelRunner:
         for seq in sampling_seqs:  # its first sample: every prompt position has been computed
             seq.prompt_logprobs_done = True
         if not self.is_driver:
-            return self._follow_driver(sampling_seqs, speculative)
+            return self._follow_driver(sampling_seqs, rows[sampling], speculative)
         prompt_logprobs = self._compute_prompt_logprobs(prompt_lp, logits[:num_prompt_rows])
         if not sampling_seqs:
-            return StepHandle([], {}, None, None, None, prompt_logprobs)
-        output_indices = [seqs[i].output_index for i in sampling]
+            return StepHandle([], None, None, None, None, prompt_logprobs)
+        output_indices = [plan.output_indices[i] for i in sampling]
         if before_sample is not None and self.structured_output is not None and self.structured_output.active:
             before_sample(sampling_seqs)
         if speculative:
-            drafts = [seqs[i].spec_token_ids for i in sampling]
+            drafts = [drafts_by_row[i] for i in sampling]
             if plain_greedy:
-                return self._launch_greedy_verify(seqs, batch_seqs, sampling, logits[num_prompt_rows:].argmax(-1),
+                return self._launch_greedy_verify(drafts_by_row, batch_seqs, sampling, logits[num_prompt_rows:].argmax(-1),
                                                   prompt_logprobs)
             grammar = None
             if self.structured_output is not None and self.structured_output.active:
@@ -469,7 +478,7 @@ class ModelRunner:
                 grammar = self.structured_output.bitmask(sampling_seqs, self.device, row_starts)
             verified = verify_step(self.sampler, logits[num_prompt_rows:], sampling_seqs, drafts, output_indices,
                                    self.vocab_size, self._step_keys.getrandbits(32), grammar=grammar)
-            return StepHandle(sampling_seqs, {}, None, None, None, prompt_logprobs, verified)
+            return StepHandle(sampling_seqs, None, None, None, None, prompt_logprobs, verified)
         batch = build_sampling_batch(sampling_seqs, self.vocab_size, self.device, output_indices,
                                      self._step_keys.getrandbits(32))
         if self.structured_output is not None and self.structured_output.active:
@@ -484,28 +493,34 @@ class ModelRunner:
             host_tokens.copy_(sampled.token_ids, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        sample_index = {seq.key: i for i, seq in enumerate(sampling_seqs)}
-        return StepHandle(sampling_seqs, sample_index, sampled, host_tokens, event, prompt_logprobs)
+        return StepHandle(sampling_seqs, self._sample_rows(rows[sampling]), sampled, host_tokens, event,
+                          prompt_logprobs)
 
-    def _launch_greedy_verify(self, seqs: list[ScheduledTokens], batch_seqs: list[BatchSequence], sampling: list[int],
-                              target_ids: torch.Tensor, prompt_logprobs: dict) -> StepHandle:
+    def _launch_greedy_verify(self, drafts_by_row: list[list[int]], batch_seqs: list[BatchSequence],
+                              sampling: list[int], target_ids: torch.Tensor, prompt_logprobs: dict) -> StepHandle:
         """The fast verify path (every verified sequence plain greedy): ``target_ids``, the target's argmax of every
         verified row, on its way to the host."""
         host_ids = None
         if self._host_verify_ids is not None:
             self._step_count += 1
             host_ids = self._host_verify_ids[self._step_count % 2]
-        verified = launch_greedy_verify(target_ids, [seqs[i].spec_token_ids for i in sampling], host_ids)
-        return StepHandle([batch_seqs[i] for i in sampling], {}, None, None, None, prompt_logprobs, verified)
+        verified = launch_greedy_verify(target_ids, [drafts_by_row[i] for i in sampling], host_ids)
+        return StepHandle([batch_seqs[i] for i in sampling], None, None, None, None, prompt_logprobs, verified)
 
-    def _follow_driver(self, sampling_seqs: list[BatchSequence], speculative: bool) -> StepHandle:
+    def _sample_rows(self, sampling_slots: np.ndarray) -> np.ndarray:
+        """By slot, the row in the step's sampled ids (-1: none): the next step's in-flight tokens come from there."""
+        sample_rows = np.full(self.max_num_seqs, -1, dtype=np.int64)
+        sample_rows[sampling_slots] = np.arange(len(sampling_slots))
+        return sample_rows
+
+    def _follow_driver(self, sampling_seqs: list[BatchSequence], sampling_slots: np.ndarray,
+                       speculative: bool) -> StepHandle:
         """A non-driver rank's step end: no sampling here; rank 0's sampled ids arrive by broadcast, for the next
         step's in-flight tokens. (Speculative steps are never followed by one that needs them on the device.)"""
         if not sampling_seqs or speculative:
-            return StepHandle(sampling_seqs, {}, None, None, None, {})
+            return StepHandle(sampling_seqs, None, None, None, None, {})
         token_ids = self.tp_group.broadcast(torch.empty(len(sampling_seqs), dtype=torch.int64, device=self.device))
-        sample_index = {seq.key: i for i, seq in enumerate(sampling_seqs)}
-        return StepHandle(sampling_seqs, sample_index, SamplerOutput(token_ids), None, None, {})
+        return StepHandle(sampling_seqs, self._sample_rows(sampling_slots), SamplerOutput(token_ids), None, None, {})
 
     def _decode_forward(self, batch_size: int) -> torch.Tensor:
         """The graph body: ``batch_size`` one-token sequences from the static buffers -> logits."""
@@ -535,31 +550,31 @@ class ModelRunner:
             return hidden, None
         return hidden, self.model.compute_logits(hidden).argmax(-1)
 
-    def _verify_bucket(self, seqs: list[ScheduledTokens], num_sampling: int) -> int | None:
+    def _verify_bucket(self, plan: SchedulerOutput, num_sampling: int) -> int | None:
         """The verify graph batch size for a speculative step, or None (eager): only steps where every sequence
         is a decode that samples (its last token and up to k drafts) replay a graph."""
-        if self.verify_graphs is None or num_sampling != len(seqs):
+        if self.verify_graphs is None or num_sampling != plan.num_rows:
             return None
-        if any(s.num_tokens != 1 + len(s.spec_token_ids) for s in seqs):
+        if any(num != 1 + len(drafts) for num, drafts in zip(plan.num_tokens, plan.spec_token_ids)):
             return None
-        return self.verify_graphs.bucket(len(seqs))
+        return self.verify_graphs.bucket(plan.num_rows)
 
-    def _prompt_logprob_rows(self, seqs: list[ScheduledTokens], batch_seqs: list[BatchSequence]
+    def _prompt_logprob_rows(self, plan: SchedulerOutput, batch_seqs: list[BatchSequence]
                              ) -> list[tuple[BatchSequence, np.ndarray, np.ndarray, int]]:
         """(sequence, flat rows, target prompt tokens, first target index) for the prompt positions whose
         next-token logprob is owed this step: position p gives the logprob of prompt token p + 1."""
         out = []
         qsl = self.inputs.host.qsl_np
-        for i, (s, seq) in enumerate(zip(seqs, batch_seqs)):
+        for i, (start, num, seq) in enumerate(zip(plan.starts, plan.num_tokens, batch_seqs)):
             if seq.prompt_logprobs_done:
                 continue
-            last = min(s.start + s.num_tokens, seq.num_prompt_tokens - 1)  # position P-1 has no next prompt token
-            if last <= s.start:
+            last = min(start + num, seq.num_prompt_tokens - 1)  # position P-1 has no next prompt token
+            if last <= start:
                 continue
-            positions = np.arange(s.start, last)
-            rows = qsl[i] + (positions - s.start)
+            positions = np.arange(start, last)
+            rows = qsl[i] + (positions - start)
             targets = np.asarray(seq.prompt_token_ids, dtype=np.int64)[positions + 1]
-            out.append((seq, rows.astype(np.int64), targets, s.start + 1))
+            out.append((seq, rows.astype(np.int64), targets, start + 1))
         return out
 
     def _compute_prompt_logprobs(

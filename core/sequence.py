@@ -26,6 +26,7 @@ class Sequence:
         "num_computed_tokens", "status", "finish_reason", "stop_reason", "block_hashes", "fork_source",
         "num_cached_tokens", "prefix_query_counted", "seed_key", "prompt_logprobs_done",
         "first_output_sent", "num_placeholders", "arrival_time", "queue_time_s", "spec_token_ids",
+        "runner_state",
     )
 
     def __init__(
@@ -70,6 +71,8 @@ class Sequence:
         self.num_placeholders = 0
         # Speculative decoding: draft tokens proposed for the next step (verified, never part of all_token_ids).
         self.spec_token_ids: list[int] = []
+        # What the runners were sent about this sequence (core/scheduler_output_builder.py keeps it; None: nothing).
+        self.runner_state: list | None = None
         self.seed_key = seed_key(sampling_params.seed)
 
     @property

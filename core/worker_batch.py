@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.input_batch import SequenceRows
 from core.sequence import seed_key
 from ipc.messages import SamplingParams
 from ipc.scheduler_output import NewSequenceData, SchedulerOutput
@@ -42,35 +41,49 @@ class BatchSequence:
 
 
 class WorkerBatch:
-    """Live sequences by key, and a block-table row per sequence (synced incrementally: only new block ids are
-    copied)."""
+    """Live sequences by slot, and a block-table row per sequence: row = slot (the engine picks slots, so applying a
+    step needs no key lookups; block ids are copied only when a sequence's block list changed)."""
 
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, eos_token_ids: frozenset[int]) -> None:
         self.block_table = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int32)
-        self._rows = SequenceRows(self.block_table)
         self.eos_token_ids = eos_token_ids
+        self.by_slot: list[BatchSequence | None] = [None] * max_num_seqs
         self.sequences: dict[tuple[str, int], BatchSequence] = {}
 
     def apply(self, out: SchedulerOutput) -> list[BatchSequence]:
         """Fold one step's diffs in; returns the scheduled sequences in batch order."""
-        keys = [tuple(k) for k in out.finished_keys]
-        for key in keys:
-            self.sequences.pop(key, None)
-        self._rows.remove(keys)
+        by_slot = self.by_slot
+        for slot in out.finished_slots:
+            seq = by_slot[slot]
+            if seq is not None:
+                by_slot[slot] = None
+                del self.sequences[seq.key]
         for data in out.new_sequences:
             seq = BatchSequence(data, self.eos_token_ids)
-            if seq.key in self.sequences:
-                raise RuntimeError(f"scheduler output adds sequence {seq.key} twice")
+            if not 0 <= data.slot < len(by_slot):
+                raise RuntimeError(f"scheduler output puts sequence {seq.key} in slot {data.slot}, outside this "
+                                   f"runner's {len(by_slot)} rows")
+            if seq.key in self.sequences or by_slot[data.slot] is not None:
+                raise RuntimeError(f"scheduler output adds sequence {seq.key} (slot {data.slot}) twice")
             self.sequences[seq.key] = seq
-        for diff in out.cached_sequences:
-            seq = self.sequences[(diff.request_id, diff.index)]
-            seq.all_token_ids.extend(diff.new_token_ids)
-            if diff.block_ids_from < len(seq.block_ids):
-                del seq.block_ids[diff.block_ids_from :]
-                self._rows.truncate(seq.key, diff.block_ids_from)
-            seq.block_ids.extend(diff.new_block_ids)
-        return [self.sequences[(s.request_id, s.index)] for s in out.scheduled]
+            by_slot[data.slot] = seq
+            self.block_table[data.slot, : len(seq.block_ids)] = seq.block_ids
+        if not out.appended_counts:  # one token each (the usual decode step)
+            for seq, token_id in zip(map(by_slot.__getitem__, out.appended_slots), out.appended_token_ids):
+                seq.all_token_ids.append(token_id)
+        else:
+            offset = 0
+            flat = out.appended_token_ids
+            for slot, count in zip(out.appended_slots, out.appended_counts):
+                by_slot[slot].all_token_ids.extend(flat[offset : offset + count])
+                offset += count
+        for change in out.block_changes:
+            seq = by_slot[change.slot]
+            del seq.block_ids[change.keep :]
+            seq.block_ids.extend(change.new_block_ids)
+            self.block_table[change.slot, change.keep : len(seq.block_ids)] = change.new_block_ids
+        return list(map(by_slot.__getitem__, out.slots))
 
-    def row(self, seq: BatchSequence) -> int:
-        """The sequence's block-table row, holding all of its block ids."""
-        return self._rows.sync(seq.key, seq.block_ids)
+    def rows(self, out: SchedulerOutput) -> np.ndarray:
+        """The scheduled sequences' block-table rows, in batch order."""
+        return np.asarray(out.slots, dtype=np.int64)

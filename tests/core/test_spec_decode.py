@@ -309,8 +309,9 @@ def test_full_batch_of_long_drafts_is_lossless(models_dir):
     launch = engine.runner.launch
 
     def recording(sched, *args):
-        if all(s.num_tokens == 1 + len(s.spec_token_ids) for s in sched.scheduled):  # a pure verify step
-            widest.append((sched.total_num_tokens, len(sched.scheduled)))
+        drafts = sched.spec_token_ids or [[]] * sched.num_rows
+        if all(n == 1 + len(d) for n, d in zip(sched.num_tokens, drafts)):  # a pure verify step
+            widest.append((sched.total_num_tokens, sched.num_rows))
         return launch(sched, *args)
 
     engine.runner.launch = recording

@@ -98,7 +98,8 @@ def test_constrained_steps_keep_async_scheduling(model):
     overlapped = []
 
     def recording(plan, *args):
-        seqs = [engine._children[s.request_id][s.index] for s in plan.scheduled if s.samples]
+        by_slot = {engine.plan_builder.slot(seq.key): seq for children in engine._children.values() for seq in children}
+        seqs = [by_slot[slot] for slot, samples in zip(plan.slots, plan.samples) if samples]
         constrained = [seq for seq in seqs
                        if seq.output_token_ids and seq.sampling_params.structured_outputs is not None]
         if constrained:
