@@ -85,7 +85,7 @@ class EngineCore:
             self.runner.vocab_size, config.max_num_seqs)
         self._failures = StepFailureTracker()  # a failed step fails its culprit request, not the engine
         self._faults = FaultInjector()  # tests only (PAGEDSERVE_TEST_STEP_FAULT_TOKENS)
-        self._involved: list[str] = []  # request ids of the step being run, for blaming a failure
+        self._involved: list[SchedulerOutput] = []  # the steps being run, for blaming a failure (ids read lazily)
         # constrained requests wait until their grammar compiles; after a failed step, suspects run one at a time
         self.scheduler.holds = self._holds
         self.runner.structured_output = self.structured
@@ -195,29 +195,30 @@ class EngineCore:
         except Exception as exc:
             errors.extend(self._recover_from_step_failure(exc))
         else:
-            if sampled is not None:
-                self._failures.on_success(sampled, self._children)
+            if sampled is not None:  # the ids are only read while a failure is being isolated
+                self._failures.on_success((s.seq.request_id for done in sampled for s in done.scheduled if s.samples),
+                                          self._children)
         stats = self.scheduler.stats()
         if self.spec_metrics is not None:
             self.spec_metrics.fill(stats)
         return EngineOutputs(outputs, stats, timestamp=time.time(), errors=errors)
 
-    def _step(self, outputs: list[EngineOutput], errors: list[RequestError]) -> set[str] | None:
-        """One step's work, appending to ``outputs`` as results come; the ids of the requests whose sampled tokens
-        were processed (with async scheduling, those of the previous launch), or None when no work ran."""
+    def _step(self, outputs: list[EngineOutput], errors: list[RequestError]) -> list[SchedulerOutput] | None:
+        """One step's work, appending to ``outputs`` as results come; the steps whose sampled tokens were processed
+        (with async scheduling, the previous launch), or None when no work ran."""
         sched = self.scheduler.schedule()
         self.plan_builder.forget(sched.freed_keys)
         if self.proposer is not None:
             self.proposer.remove(sched.freed_keys)
         errors.extend(self._fail_grammars())
         if self._inflight is not None:
-            self._involved.extend(s.seq.request_id for s in self._inflight[0].scheduled)
-        self._involved.extend(s.seq.request_id for s in sched.scheduled)
-        ran: set[str] | None = None
+            self._involved.append(self._inflight[0])
+        self._involved.append(sched)
+        ran: list[SchedulerOutput] | None = None
         if sched.is_empty and self._inflight is None and not outputs:
             self.structured.wait_for_compile(0.005)  # only grammars compiling: do not spin against the compiler
         if self._inflight is not None and (sched.is_empty or self._needs_sampled_tokens(sched)):
-            ran = self._finish_inflight(outputs)
+            ran = [self._finish_inflight(outputs)]
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
         if sched.scheduled:
             if self._faults.enabled:
@@ -226,27 +227,28 @@ class EngineCore:
             plan = self.plan_builder.build(sched, self.kv.seq_blocks)
             if self.executor is not None:
                 self.executor.send(plan)
-            ran = ran or set()
+            ran = ran or []
 
             def finish_previous(sampling_seqs: list | None = None) -> None:
                 """Runs inside ``launch`` once this step's forward is queued, before its sampling, when some
                 sequence has a grammar: the previous step's tokens go to the grammar threads, which fill this
                 step's masks (``sampling_seqs``) while the previous step's outputs are built."""
                 if self._inflight is not None:
-                    ran.update(self._finish_inflight(outputs, sampling_seqs))
+                    ran.append(self._finish_inflight(outputs, sampling_seqs))
 
             handle = self.runner.launch(plan, prev, finish_previous)
             finish_previous()  # launch did not call it
             self._inflight = (sched, handle)
             if not self.async_scheduling:
-                ran |= self._finish_inflight(outputs)
+                ran.append(self._finish_inflight(outputs))
         return ran
 
     def _recover_from_step_failure(self, exc: Exception) -> list[RequestError]:
         """Drop the failed step (and any step in flight: their sampled tokens were never emitted), put every running
         sequence back to waiting to be recomputed, and fail the culprit alone if the failure names one; otherwise
         the involved requests are run one at a time until it does. Raises ``StepFailedFatally`` to die."""
-        involved = [r for r in dict.fromkeys(self._involved) if r in self._children]
+        involved = [r for r in dict.fromkeys(s.seq.request_id for step in self._involved for s in step.scheduled)
+                    if r in self._children]
         self._inflight = None
         culprit = self._failures.attribute(exc, involved)
         for sequences in self._children.values():
@@ -265,8 +267,8 @@ class EngineCore:
         return [RequestError(culprit, f"The engine failed while running this request: {type(exc).__name__}: {exc}",
                              internal=True)]
 
-    def _finish_inflight(self, outputs: list[EngineOutput], next_sampling_seqs: list | None = None) -> set[str]:
-        """Wait for the step in flight and apply its results; the ids of the requests that sampled in it. Its
+    def _finish_inflight(self, outputs: list[EngineOutput], next_sampling_seqs: list | None = None) -> SchedulerOutput:
+        """Wait for the step in flight and apply its results; returns that step. Its
         constrained sequences' tokens advance their matchers first: on the grammar threads, together with the masks
         of ``next_sampling_seqs`` (the step being launched), or now."""
         sched, handle = self._inflight
@@ -279,7 +281,7 @@ class EngineCore:
             else:
                 self.structured.accept(seqs, tokens)
         self._update(sched, result, outputs)
-        return {s.seq.request_id for s in sched.scheduled if s.samples}
+        return sched
 
     @staticmethod
     def _needs_sampled_tokens(sched: SchedulerOutput) -> bool:
