@@ -80,4 +80,5 @@ def test_fused_expert_tensors_are_cut_like_per_expert_ones():
             assert gate.shape == (inter // 2, hidden)
             assert torch.equal(fused[f"{prefix}.gate_up_proj"][e], torch.cat([gate, up]))
             assert torch.equal(fused[f"{prefix}.down_proj"][e], split[f"{prefix}.{e}.down_proj.weight"])
-        assert torch.equal(split[f"{prefix}.0.gate_proj.weight"], gate_up[0, rank * inter // 2 : (rank + 1) * inter // 2])
+        rows = slice(rank * inter // 2, (rank + 1) * inter // 2)
+        assert torch.equal(split[f"{prefix}.0.gate_proj.weight"], gate_up[0, rows])
