@@ -1,8 +1,8 @@
 """Expert weights under tensor parallelism (issue 12) on CPU with gloo, fp32: every expert's intermediate dimension
 split over 2 ranks (one all-reduce per MoE block, router replicated, Qwen2-MoE's shared expert split like the dense MLP
 behind its replicated sigmoid gate) gives one device's greedy tokens and logprobs for tiny Mixtral, Qwen2-MoE (a dense
-``mlp_only_layers`` layer) and Qwen3-MoE; pipeline stages keep the right sparse/dense layers; layouts that do not
-split fail at startup naming the field."""
+``mlp_only_layers`` layer) and Qwen3-MoE; pipeline stages (alone and with tp=2) keep the right sparse/dense layers;
+layouts that do not split fail at startup naming the field."""
 
 from __future__ import annotations
 
@@ -36,11 +36,12 @@ def test_moe_tp2_greedy_equals_tp1(models_dir, arch):
     assert_same_run(reference, ref_logprobs, tokens, logprobs)
 
 
-def test_moe_pp2_greedy_equals_pp1(models_dir):
-    """Qwen2-MoE's layer 0 is dense, layer 1 sparse: each stage builds the right kind."""
+@pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "tp2-x-pp2"])
+def test_moe_pp2_greedy_equals_pp1(models_dir, tp):
+    """Qwen2-MoE's layer 0 is dense, layer 1 sparse: each stage builds the right kind (split over 2 ranks too)."""
     path = save_model(models_dir, "qwen2_moe")
     reference, _ = reference_tokens(path)
-    tokens, _ = greedy_tokens(path, pipeline_parallel_size=2)
+    tokens, _ = greedy_tokens(path, pipeline_parallel_size=2, tensor_parallel_size=tp)
     assert tokens == reference
 
 
