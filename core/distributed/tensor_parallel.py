@@ -141,9 +141,10 @@ def _vocab_rows(tensor: torch.Tensor, start: int, rows: int) -> torch.Tensor:
 # dense MLP, Qwen's experts and shared expert; Mixtral's expert names (only under ``.experts.``).
 _MLP_DIM = {"gate_proj": 0, "up_proj": 0, "down_proj": 1}
 _EXPERT_DIM = {"w1": 0, "w3": 0, "w2": 1}
-# transformers 5's fused expert tensors: ``[E, 2I, H]`` and ``[E, H, I]``
-_FUSED_GATE_UP = ".mlp.experts.gate_up_proj"
-_FUSED_DOWN = ".mlp.experts.down_proj"
+# transformers 5's fused expert tensors (under ``.mlp.`` or Mixtral's ``.block_sparse_moe.``): ``[E, 2I, H]`` and
+# ``[E, H, I]``
+_FUSED_GATE_UP = ".experts.gate_up_proj"
+_FUSED_DOWN = ".experts.down_proj"
 
 
 def _mlp_width(name: str, full: ModelConfig) -> int:
