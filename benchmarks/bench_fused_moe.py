@@ -15,6 +15,7 @@ Exit status 0 when every check passed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -46,6 +47,17 @@ SHAPES = [MoeShape("qwen3-30b-a3b", 128, 2048, 768, 8), MoeShape("mixtral-8x7b",
 TOKENS = [64, 256, 8192]
 SMOKE_SHAPES = [MoeShape("smoke", 4, 64, 32, 2)]
 SMOKE_TOKENS = [4, 40]
+
+
+def per_rank_shapes(shapes: list[MoeShape], tp: int) -> list[MoeShape]:
+    """Each rank's problem under ``--tensor-parallel-size tp``: every expert with ``inter / tp`` of its intermediate
+    dimension (core/layers/parallel_moe.py), named ``<model>-tp<tp>``."""
+    if tp == 1:
+        return shapes
+    for shape in shapes:
+        if shape.inter % tp:
+            raise SystemExit(f"--tp {tp}: {shape.name}'s expert width {shape.inter} is not divisible by it")
+    return [dataclasses.replace(s, name=f"{s.name}-tp{tp}", inter=s.inter // tp) for s in shapes]
 
 
 @dataclass
@@ -127,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU: interpreter)")
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 64 256 8192)")
     parser.add_argument("--models", nargs="+", default=None, help="shape names (default: all)")
+    parser.add_argument("--tp", type=int, default=1, help="one rank's shapes under tensor parallelism of this size")
     parser.add_argument("--peak-gbps", type=float, default=4800.0)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     opts = parser.parse_args(argv)
@@ -134,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_fused_moe needs a CUDA GPU; --smoke runs on CPU (interpreter)", file=sys.stderr)
         return 2
     shapes = SMOKE_SHAPES if opts.smoke else [s for s in SHAPES if not opts.models or s.name in opts.models]
+    shapes = per_rank_shapes(shapes, opts.tp)
     token_counts = opts.tokens or (SMOKE_TOKENS if opts.smoke else TOKENS)
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
     tol = 1e-4 if dtype == torch.float32 else 2e-2

@@ -132,6 +132,7 @@ def run_pagedserve(args: argparse.Namespace, workload: Workload) -> list[dict]:
             "preemptions": stats["total_preemptions"] - stats_before["total_preemptions"],
             "prefix_cache_hit_rate": _hit_rate(stats, stats_before), "num_kv_blocks": num_kv_blocks,
         })
+    llm.engine.shutdown()  # its tensor-parallel workers and process group: a later LLM in this process starts its own
     return results
 
 

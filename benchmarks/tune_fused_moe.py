@@ -29,7 +29,7 @@ if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
 import torch  # noqa: E402
 
 from benchmarks.bench_fused_moe import (DEVICE, SHAPES, SMOKE_SHAPES, bench_ms, check_problem,  # noqa: E402
-                                        make_problem)  # fmt: skip
+                                        make_problem, per_rank_shapes)  # fmt: skip
 from kernels.fused_moe import CONFIG_FILE, default_config, fused_moe_triton, shape_key  # noqa: E402
 
 TUNE_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
@@ -58,12 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=None)
     parser.add_argument("--write", action="store_true", help="merge the results into --out")
     parser.add_argument("--out", default=str(CONFIG_FILE))
+    parser.add_argument("--tp", type=int, default=1, help="one rank's shapes under tensor parallelism of this size")
     parser.add_argument("--budget-s", type=float, default=120.0, help="seconds of sweeping per (shape, tokens)")
     opts = parser.parse_args(argv)
     if DEVICE != "cuda" and not opts.smoke:
         print("tune_fused_moe needs a CUDA GPU; --smoke runs on CPU (interpreter)", file=sys.stderr)
         return 2
     shapes = SMOKE_SHAPES if opts.smoke else [s for s in SHAPES if not opts.models or s.name in opts.models]
+    shapes = per_rank_shapes(shapes, opts.tp)
     token_counts = opts.tokens or ([4, 40] if opts.smoke else TUNE_TOKENS)
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
     tol = 1e-4 if dtype == torch.float32 else 2e-2

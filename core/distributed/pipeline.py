@@ -1,5 +1,5 @@
-"""Pipeline parallelism for the Llama family: contiguous blocks of layers per stage, activations passed with
-torch.distributed send/recv.
+"""Pipeline parallelism for the Llama family (and the MoE models on its attention): contiguous blocks of layers per
+stage, activations passed with torch.distributed send/recv.
 
 Each stage builds only its own layers (and KV cache). The first stage embeds and runs its layers, the next stages
 receive (hidden, residual) from the previous one; the last stage applies the final norm and sends the hidden states
@@ -32,7 +32,10 @@ def stage_layers(num_layers: int, pp: int, stage: int) -> tuple[int, int]:
 def stage_config(cfg: ModelConfig, pp: int, stage: int) -> ModelConfig:
     start, end = stage_layers(cfg.num_layers, pp, stage)
     windows = cfg.sliding_windows[start:end] if cfg.sliding_windows else ()
-    return dataclasses.replace(cfg, num_layers=end - start, sliding_windows=windows)
+    per_layer = {}
+    if getattr(cfg, "sparse_layers", ()):  # a mixture of experts: which of the stage's layers are sparse
+        per_layer["sparse_layers"] = cfg.sparse_layers[start:end]
+    return dataclasses.replace(cfg, num_layers=end - start, sliding_windows=windows, **per_layer)
 
 
 _LAYER = re.compile(r"^(.*\blayers\.)(\d+)(\..*)$")

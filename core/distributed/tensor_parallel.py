@@ -1,11 +1,13 @@
-"""Splitting a Llama-family model (Llama, Mistral, Qwen2, Qwen3) over a tensor-parallel group.
+"""Splitting a Llama-family model (Llama, Mistral, Qwen2, Qwen3) or a mixture of experts on its attention (Mixtral,
+Qwen2-MoE, Qwen3-MoE) over a tensor-parallel group.
 
 The model is built from a per-rank config (its share of the query heads, KV heads and MLP width; a padded share of
 the vocabulary), so every module already has its rank's shapes and the KV cache its rank's heads. Then the layers
 that communicate become parallel ones (o/down projections: row-parallel, one all-reduce each; embedding and LM head:
 vocabulary-parallel), and the checkpoint's tensors are cut to the rank's slice as they stream in (``shard_weights``).
 When there are fewer KV heads than ranks, each KV head is replicated on the ``tp / num_kv_heads`` ranks whose query
-heads use it.
+heads use it. A sparse MoE block keeps every expert on every rank with its slice of the expert's intermediate
+dimension (core/layers/parallel_moe.py): one all-reduce after the block, the router replicated.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ from torch import nn
 
 from core.config import ModelConfig
 from core.distributed.parallel_state import TensorParallelGroup
+from core.layers.moe import SparseMoeBlock
 from core.layers.parallel_linear import GatheredLogits, RowParallelLinear, VocabParallelEmbedding, vocab_shard_size
+from core.layers.parallel_moe import ParallelSparseMoeBlock
+from core.models.mixtral import MoeConfig
 
-# Architectures whose model class is core/models/llama.py's LlamaForCausalLM: the ones tensor parallelism supports.
-TP_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Architectures whose model class is core/models/llama.py's LlamaForCausalLM or its MoE subclass in
+# core/models/mixtral.py: the ones tensor parallelism supports.
+TP_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                    "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
 def check_layout(cfg: ModelConfig, tp: int, pp: int = 1) -> None:
@@ -37,25 +44,41 @@ def check_layout(cfg: ModelConfig, tp: int, pp: int = 1) -> None:
         problems.append(f"num_attention_heads={cfg.num_heads} is not divisible by it")
     if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
         problems.append(f"num_key_value_heads={cfg.num_kv_heads} neither divides it nor is divisible by it")
-    if cfg.intermediate_size % tp:
+    has_dense_mlp = not isinstance(cfg, MoeConfig) or not all(cfg.sparse_layers)
+    if has_dense_mlp and cfg.intermediate_size % tp:
         problems.append(f"intermediate_size={cfg.intermediate_size} is not divisible by it")
+    if isinstance(cfg, MoeConfig):
+        if cfg.moe_intermediate_size % tp:
+            problems.append(f"moe_intermediate_size={cfg.moe_intermediate_size} is not divisible by it")
+        if cfg.shared_expert_intermediate_size % tp:
+            problems.append(f"shared_expert_intermediate_size={cfg.shared_expert_intermediate_size} is not "
+                            "divisible by it")
     if problems:
         raise ValueError(f"tensor_parallel_size={tp} does not fit {cfg.architecture}: {'; '.join(problems)}.")
 
 
 def shard_config(cfg: ModelConfig, tp: int) -> ModelConfig:
-    """The config of one rank's part: its query heads, KV heads (at least one), MLP width and vocabulary rows."""
+    """The config of one rank's part: its query heads, KV heads (at least one), MLP width (each expert's and the
+    shared expert's too) and vocabulary rows."""
+    moe = {}
+    if isinstance(cfg, MoeConfig):
+        moe = dict(moe_intermediate_size=cfg.moe_intermediate_size // tp,
+                   shared_expert_intermediate_size=cfg.shared_expert_intermediate_size // tp)
     return dataclasses.replace(
         cfg, num_heads=cfg.num_heads // tp, num_kv_heads=max(1, cfg.num_kv_heads // tp),
-        intermediate_size=cfg.intermediate_size // tp, vocab_size=vocab_shard_size(cfg.vocab_size, tp))
+        intermediate_size=cfg.intermediate_size // tp, vocab_size=vocab_shard_size(cfg.vocab_size, tp), **moe)
 
 
 def parallelize(model: nn.Module, full: ModelConfig, group: TensorParallelGroup) -> nn.Module:
-    """Add the collectives to a model built from ``shard_config``: row-parallel o/down projections, the
-    vocabulary-parallel embedding (and untied LM head, whose rows ``compute_logits`` reads), gathered logits."""
+    """Add the collectives to a model built from ``shard_config``: row-parallel o/down projections (an all-reduce
+    after each sparse MoE block instead), the vocabulary-parallel embedding (and untied LM head, whose rows
+    ``compute_logits`` reads), gathered logits."""
     for layer in model.model.layers:
         RowParallelLinear.adopt(layer.self_attn.o_proj, group)
-        RowParallelLinear.adopt(layer.mlp.down_proj, group)
+        if isinstance(layer.mlp, SparseMoeBlock):
+            ParallelSparseMoeBlock.adopt(layer.mlp, group)
+        else:
+            RowParallelLinear.adopt(layer.mlp.down_proj, group)
     VocabParallelEmbedding.adopt(model.model.embed_tokens, group)
     model.compute_logits = GatheredLogits(model.compute_logits, full.vocab_size, group)
     return model
@@ -72,7 +95,6 @@ def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], full: ModelConfig
     else:  # the one KV head this rank's query heads attend with
         kv_rows = hd
         kv_start = rank * full.num_kv_heads // tp * hd
-    inter = full.intermediate_size // tp
     vocab_rows = vocab_shard_size(full.vocab_size, tp)
     # HF module name -> (dim to cut, first index, length)
     rules = {
@@ -80,14 +102,20 @@ def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], full: ModelConfig
         "k_proj": (0, kv_start, kv_rows),
         "v_proj": (0, kv_start, kv_rows),
         "o_proj": (1, rank * q_rows, q_rows),
-        "gate_proj": (0, rank * inter, inter),
-        "up_proj": (0, rank * inter, inter),
-        "down_proj": (1, rank * inter, inter),
     }
     for name, tensor in weights:
         parts = name.split(".")
         module = parts[-2] if len(parts) >= 2 else ""
-        if module in rules:
+        if name.endswith((_FUSED_GATE_UP, _FUSED_DOWN)):
+            yield name, _fused_expert_slice(name, tensor, rank, tp)
+        elif module in _MLP_DIM or (module in _EXPERT_DIM and ".experts." in name):
+            dim = _MLP_DIM.get(module, _EXPERT_DIM.get(module))
+            inter = _mlp_width(name, full) // tp
+            if tensor.dim() == 1 and dim == 1:  # a row-parallel bias (RowParallelLinear refuses it at build time)
+                yield name, tensor
+                continue
+            yield name, tensor.narrow(dim, rank * inter, inter)
+        elif module in rules:
             dim, start, length = rules[module]
             if tensor.dim() == 1 and dim == 1:  # a row-parallel bias (RowParallelLinear refuses it at build time)
                 yield name, tensor
@@ -107,3 +135,34 @@ def _vocab_rows(tensor: torch.Tensor, start: int, rows: int) -> torch.Tensor:
     out = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype)
     out[: part.shape[0]] = part
     return out
+
+
+# Gated-MLP projections -> the dim cut: the intermediate one (rows of gate/up, columns of down). HF's names for the
+# dense MLP, Qwen's experts and shared expert; Mixtral's expert names (only under ``.experts.``).
+_MLP_DIM = {"gate_proj": 0, "up_proj": 0, "down_proj": 1}
+_EXPERT_DIM = {"w1": 0, "w3": 0, "w2": 1}
+# transformers 5's fused expert tensors (under ``.mlp.`` or Mixtral's ``.block_sparse_moe.``): ``[E, 2I, H]`` and
+# ``[E, H, I]``
+_FUSED_GATE_UP = ".experts.gate_up_proj"
+_FUSED_DOWN = ".experts.down_proj"
+
+
+def _mlp_width(name: str, full: ModelConfig) -> int:
+    """The full intermediate width of the gated MLP a projection belongs to: an expert's, the shared expert's or the
+    dense MLP's."""
+    if isinstance(full, MoeConfig):
+        if ".experts." in name:
+            return full.moe_intermediate_size
+        if ".shared_expert." in name:
+            return full.shared_expert_intermediate_size
+    return full.intermediate_size
+
+
+def _fused_expert_slice(name: str, tensor: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+    """The rank's slice of every expert in a fused tensor: its rows of gate and of up, or its columns of down."""
+    if name.endswith(_FUSED_DOWN):
+        inter = tensor.shape[2] // tp
+        return tensor.narrow(2, rank * inter, inter)
+    full_inter = tensor.shape[1] // 2
+    inter = full_inter // tp
+    return torch.cat([tensor.narrow(1, rank * inter, inter), tensor.narrow(1, full_inter + rank * inter, inter)], 1)

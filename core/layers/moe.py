@@ -3,8 +3,9 @@ kernel (kernels/fused_moe.py), and optionally a dense shared expert behind a sig
 
 The stacked weights are stored as 2-D parameters (``w13``: ``[E * 2I, H]``, ``w2``: ``[E * H, I]``) and viewed as 3-D
 in ``forward``: the loader places each HF per-expert tensor as a block of rows (expert ``e``'s gate at rows
-``e*2I``, its up at ``e*2I + I``, its down at ``e*H``), like any merged projection. Expert parallelism / tensor-parallel
-sharding of the experts is not implemented (tensor parallelism has not landed).
+``e*2I``, its up at ``e*2I + I``, its down at ``e*H``), like any merged projection. Under tensor parallelism the
+block is built with the rank's slice of every expert's intermediate dimension and adds one all-reduce
+(core/layers/parallel_moe.py); expert parallelism (whole experts per rank) is not implemented.
 """
 
 from __future__ import annotations

@@ -30,3 +30,18 @@ def test_tune_fused_moe_smoke_writes_table(tmp_path):
     table = json.loads(out.read_text())["configs"]
     (by_tokens,) = table.values()
     assert set(by_tokens) == {"4", "40"} and all("BLOCK_M" in c for c in by_tokens.values())
+
+
+def test_bench_fused_moe_per_rank_shapes_under_tensor_parallelism():
+    """``--tp 2``: each rank's problem, every expert with half its intermediate dimension (what the lead tunes and
+    measures for a two-GPU MoE run); the smoke run checks it against the reference."""
+    from benchmarks.bench_fused_moe import SHAPES, per_rank_shapes
+
+    qwen3, mixtral = per_rank_shapes(SHAPES, 2)
+    assert (qwen3.name, qwen3.num_experts, qwen3.hidden, qwen3.inter) == ("qwen3-30b-a3b-tp2", 128, 2048, 384)
+    assert (mixtral.name, mixtral.inter) == ("mixtral-8x7b-tp2", 7168)
+    proc = _run("benchmarks.bench_fused_moe", "--smoke", "--tp", "2", "--tokens", "4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "# all correctness checks passed" in proc.stdout and "smoke-tp2  4  " in proc.stdout
+    proc = _run("benchmarks.bench_fused_moe", "--smoke", "--tp", "3")
+    assert proc.returncode != 0 and "expert width 32 is not divisible" in proc.stderr

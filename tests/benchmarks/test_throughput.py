@@ -86,3 +86,19 @@ def test_tensor_parallel_smoke(tmp_path):
                  "--runs", "1", "--max-model-len", "2304", "--disable-tqdm", "--json", str(out)]) == 0
     record = json.loads(out.read_text().splitlines()[0])
     assert record["runs"][0]["output_tokens"] == 128 and record["args"]["tensor_parallel_size"] == 2
+
+
+def test_moe_tensor_parallel_smoke(tmp_path):
+    """The two-GPU MoE measurement's command (``--tensor-parallel-size 2`` on Qwen3-30B-A3B's path: config only,
+    dummy weights) on CPU with a tiny Qwen3-MoE config: two ranks over gloo, every requested token comes out."""
+    model = tmp_path / "qwen3-moe-10k-vocab"
+    model.mkdir()
+    config = hf_config("qwen3_moe", vocab_size=10240, max_position_embeddings=4096, num_hidden_layers=1,
+                       decoder_sparse_step=1).to_dict()
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3MoeForCausalLM"]}))
+    out = tmp_path / "results.jsonl"
+    assert main(["--workload", "W4", "--model", str(model), "--load-format", "dummy", "--tensor-parallel-size", "2",
+                 "--num-prompts", "1", "--runs", "1", "--max-model-len", "2304", "--disable-tqdm",
+                 "--json", str(out)]) == 0
+    record = json.loads(out.read_text().splitlines()[0])
+    assert record["runs"][0]["output_tokens"] == 128 and record["args"]["tensor_parallel_size"] == 2

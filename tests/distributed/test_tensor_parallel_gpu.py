@@ -1,5 +1,5 @@
-"""Tensor parallelism on two GPUs (NCCL): the decode CUDA graphs are captured with the all-reduces and the logits
-gather inside, and greedy tokens match one GPU's (fp32). Skipped without two GPUs."""
+"""Tensor parallelism on two GPUs (NCCL), dense and MoE: the decode CUDA graphs are captured with the all-reduces and
+the logits gather inside, and greedy tokens match one GPU's (fp32). Skipped without two GPUs."""
 
 from __future__ import annotations
 
@@ -24,6 +24,25 @@ def test_tp2_on_gpus_with_cuda_graphs_equals_one_gpu(tmp_path, pp):
         try:
             if "tensor_parallel_size" in kwargs:
                 assert engine.runner.graphs is not None  # decode steps replay graphs holding NCCL collectives
+            out = run_engine(engine, PROMPTS, params)
+        finally:
+            engine.shutdown()
+        results.append({k: v["tokens"] for k, v in out.items()})
+    assert results[1] == results[0]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_tp2_on_gpus_with_cuda_graphs_equals_one_gpu(tmp_path, arch):
+    """The experts' intermediate dimension split over two GPUs (Triton fused MoE, one NCCL all-reduce per MoE block
+    inside the decode graphs): one GPU's greedy tokens (fp32: the kernels' dots run in IEEE fp32)."""
+    path = save_model(tmp_path, arch)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    results = []
+    for tp in (1, 2):
+        engine = make_engine(path, dtype="float32", device="cuda", max_num_seqs=8, tensor_parallel_size=tp)
+        try:
+            assert engine.runner.graphs is not None
             out = run_engine(engine, PROMPTS, params)
         finally:
             engine.shutdown()
