@@ -12,23 +12,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import json
 import tempfile
 import time
 from pathlib import Path
 
-
-def _timed(totals: dict[str, float], name: str, fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            totals[name] += time.perf_counter() - t0
-
-    return wrapper
+from benchmarks.profile_step import _timed
 
 
 def tiny_llama_config(directory: Path, vocab_size: int) -> Path:
