@@ -22,7 +22,7 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from core.config import ModelConfig, log_resolved, resolve_config, resolve_device
+from core.config import ModelConfig, log_resolved, resolve_config
 from core.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from core.host_copy import to_device
 from core.input_batch import InputBatch
@@ -128,7 +128,7 @@ class ModelRunner:
         self.source = resolve_model(config.model, config.revision)
         hf_config = load_hf_config(self.source)
         self.model_config = resolve_model_quantization(ModelConfig.from_hf_dict(hf_config), hf_config, config,
-                                                       self.source, resolve_device(config.device))
+                                                       self.source)
         self.resolved = resolve_config(config, self.model_config)
         if self.is_driver:
             log_resolved(config, self.resolved)

@@ -181,9 +181,9 @@ class GGUFEmbedding(nn.Module):
 
 
 def resolve_model_quantization(model_config: ModelConfig, hf_config: dict[str, Any], config: EngineConfig,
-                               source: ModelSource, device: torch.device) -> ModelConfig:  # fmt: skip
-    """``resolve_quantization`` for the engine's model, with GGUF files kept quantized when asked (or, on CUDA, by
-    default; module docstring)."""
+                               source: ModelSource) -> ModelConfig:  # fmt: skip
+    """``resolve_quantization`` for the engine's model, with GGUF files kept quantized when asked (module
+    docstring)."""
     from core.layers.quantization import check_family_supports, resolve_quantization
     from core.loader import _gguf_path, resolve_load_format
 
