@@ -39,7 +39,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
                 raise ValueError(f"Shape mismatch for '{name}': checkpoint {tuple(value.shape)}, "
                                  f"model {tuple(dest.shape)}.")  # fmt: skip
             if getattr(param, "output_dim", 0) is None and units_filled[target] and not torch.equal(dest, value.to(
-                    dest.dtype)):  # fmt: skip
+                    dest.device, dest.dtype)):  # fmt: skip
                 raise ValueError(f"Checkpoint tensor '{name}' differs from the one already loaded into the merged "
                                  f"parameter '{target}' (its shards must share it).")
             dest.copy_(value)
