@@ -194,9 +194,11 @@ def test_gpu_fp8_engine_matches_the_reference_path(model):
     for key in reference:
         a, b = triton_out[key], reference[key]
         n = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), NUM_TOKENS)
-        assert n >= NUM_TOKENS // 2, (key, a["tokens"], b["tokens"])  # bf16 near-ties may flip late tokens
         for lp_a, lp_b in zip(a["logprobs"][:n], b["logprobs"][:n]):
             assert max(abs(lp_a[t] - lp_b[t]) for t in lp_a if t in lp_b) <= 0.1
+        if n < NUM_TOKENS:  # only a bf16 near-tie may flip a token: both choices within 0.1 nats in the reference
+            chosen, expected = b["logprobs"][n], b["tokens"][n]
+            assert a["tokens"][n] in chosen and chosen[expected] - chosen[a["tokens"][n]] <= 0.1, (key, n, chosen)
 
 
 def test_embedding_engines_and_the_fp8_cache(model, tmp_path):
