@@ -48,7 +48,7 @@ from kernels.decode_attention import (  # noqa: E402
 )
 from kernels.paged_attention import paged_attention_ref  # noqa: E402
 
-PEAK_BYTES_PER_S = 3.02e12
+PEAK_BYTES_PER_S = 3.02e12  # H100 copy bandwidth; main() uses the H200's 4.28e12 on an H200
 L2_BYTES = 50 << 20
 LAYERS = 28
 TOL = 1e-2
@@ -63,6 +63,8 @@ class Case:
     num_kv_heads: int
     batch: int
     context: tuple[int, int]  # uniform random lengths in [lo, hi]; lo == hi for a fixed length
+    head_dim: int = 128
+    softcap: float = 0.0
 
 
 CASES = [
@@ -72,10 +74,16 @@ CASES = [
     Case("b64", "qwen3-0.6b B=64 ctx U[150,2000]", 16, 8, 64, (150, 2000)),
     Case("b8", "qwen3-0.6b B=8 ctx U[150,2000]", 16, 8, 8, (150, 2000)),
     Case("b1", "W3 llama-8b B=1 ctx 640", 32, 8, 1, (640, 640)),
+    Case("g2", "W2-gemma gemma-2-9b B=224 ctx U[150,2000] D=256 softcap 50", 16, 8, 224, (150, 2000), 256, 50.0),
 ]
-SMOKE_CASES = [Case("smoke", "smoke B=5 ctx U[1,90]", 4, 2, 5, (1, 90)), Case("smoke1", "smoke B=1 ctx 70", 4, 2, 1, (70, 70))]
+SMOKE_CASES = [Case("smoke", "smoke B=5 ctx U[1,90]", 4, 2, 5, (1, 90), 16),
+               Case("smoke1", "smoke B=1 ctx 70", 4, 2, 1, (70, 70), 16),
+               Case("smokecap", "smoke B=3 ctx U[1,40] softcap 30", 4, 2, 3, (1, 40), 16, 30.0)]
 # (tile_n, warps, stages): Triton double-buffers K/V from 5 stages, triple-buffers from 7-8 (see kernels/NOTES.md)
 SWEEP = [(16, 4, 5), (16, 4, 8), (32, 4, 7), (32, 8, 5), (64, 8, 5), (128, 8, 5)]
+# Head dim 256: a [256, 64] bf16 K tile is 32 KB, so deep pipelines and wide tiles cost occupancy (g2 case)
+WIDE_SWEEP = [(16, 4, 2), (16, 4, 3), (16, 4, 5), (32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 8, 2), (32, 8, 3),
+              (64, 4, 1), (64, 8, 2), (16, 2, 3), (32, 2, 2)]
 
 
 @dataclass
@@ -88,6 +96,7 @@ class Problem:
     scale: float
     kv_bytes: int  # K + V bytes of every cached token (one launch)
     lens: list[int]
+    softcap: float = 0.0
 
     def args(self, i: int) -> tuple:
         k, v = self.caches[i % len(self.caches)]
@@ -124,16 +133,18 @@ def make_problem(case: Case, head_dim: int, block_size: int, table_width: int, d
     caches = [(randn(*shape, to=cache_dtype), randn(*shape, to=cache_dtype)) for _ in range(copies)]
     queries = [randn(case.batch, case.num_q_heads, head_dim) for _ in range(copies)]
     return Problem(queries, caches, table.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE),
-                   torch.arange(case.batch + 1, dtype=torch.int32, device=DEVICE), head_dim**-0.5, kv_bytes, lens)  # fmt: skip
+                   torch.arange(case.batch + 1, dtype=torch.int32, device=DEVICE), head_dim**-0.5, kv_bytes, lens,
+                   case.softcap)  # fmt: skip
 
 
-def float32_reference(args, seqs_per_chunk: int = 16) -> torch.Tensor:
+def float32_reference(args, seqs_per_chunk: int = 16, softcap: float = 0.0) -> torch.Tensor:
     q, k, v, table, seq_lens, qsl, scale = args
     k32, v32 = k.float(), v.float()
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     for s in range(0, q.shape[0], seqs_per_chunk):
         e = min(s + seqs_per_chunk, q.shape[0])
-        out[s:e] = paged_attention_ref(q[s:e].float(), k32, v32, table[s:e], seq_lens[s:e], qsl[s : e + 1] - s, scale)
+        out[s:e] = paged_attention_ref(q[s:e].float(), k32, v32, table[s:e], seq_lens[s:e], qsl[s : e + 1] - s, scale,
+                                         softcap=softcap)
     return out
 
 
@@ -164,7 +175,8 @@ def run_variant(problem: Problem, case: Case, name: str, config: DecodeConfig, c
     out = torch.full_like(problem.queries[0], float("nan"))
 
     def launch(i: int) -> torch.Tensor:
-        return paged_decode_attention(*problem.args(i), out=out, config=config, seq_order=order)
+        return paged_decode_attention(*problem.args(i), out=out, config=config, seq_order=order,
+                                      softcap=problem.softcap)
 
     launch(0)
     err = rel_err(out, ref)
@@ -204,7 +216,7 @@ def run_variant(problem: Problem, case: Case, name: str, config: DecodeConfig, c
     return Result(case, name, sorted(timings)[len(timings) // 2], err, matches, splits)
 
 
-def variants(names: list[str], sweep: bool) -> list[tuple[str, DecodeConfig, bool]]:
+def variants(names: list[str], sweep: bool, wide: bool = False) -> list[tuple[str, DecodeConfig, bool]]:
     out = []
     for name in names:
         config = DECODE_VARIANTS[name]
@@ -212,7 +224,7 @@ def variants(names: list[str], sweep: bool) -> list[tuple[str, DecodeConfig, boo
         if config.order == "lpt":
             out.append((f"{name} +order", config, True))
     if sweep:
-        for tile, warps, stages in SWEEP:
+        for tile, warps, stages in WIDE_SWEEP if wide else SWEEP:
             config = DecodeConfig(tile_n=tile, num_warps=warps, num_stages=stages, order="lpt", fused_reduce=True)
             out.append((f"sweep lpt-fused {tile}/{warps}/{stages} +order", config, True))
     return out
@@ -246,13 +258,16 @@ def main() -> int:
     names = opts.variants.split(",") if opts.variants else list(DECODE_VARIANTS)
     if opts.smoke:
         names = names if opts.variants else ["baseline", "lpt-db32-fused", "fused"]
-    head_dim, block_size, table_width = (16, 16, 16) if opts.smoke else (128, 16, 4096 // 16)
+    block_size, table_width = (16, 16) if opts.smoke else (16, 4096 // 16)
     dtype = torch.float16 if opts.smoke and DEVICE == "cpu" else torch.bfloat16
     cache_dtype = torch.float8_e4m3fn if opts.kv_cache_dtype == "fp8" else dtype
     if DEVICE == "cuda":
         props = torch.cuda.get_device_properties(0)
         import triton
 
+        global PEAK_BYTES_PER_S
+        if "H200" in props.name:
+            PEAK_BYTES_PER_S = 4.28e12
         print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
     print(f"# default decode config: {DECODE_CONFIG}; queries {dtype}, KV cache {cache_dtype}")
     started = time.time()
@@ -260,10 +275,11 @@ def main() -> int:
     case_bytes: dict[str, int] = {}
     for n, case in enumerate(cases):
         t0 = time.time()
-        problem = make_problem(case, head_dim, block_size, table_width, dtype, seed=n, cache_dtype=cache_dtype)
-        ref = float32_reference(problem.args(0))
+        problem = make_problem(case, case.head_dim, block_size, table_width, dtype, seed=n, cache_dtype=cache_dtype)
+        ref = float32_reference(problem.args(0), softcap=case.softcap)
         case_bytes[case.key] = problem.kv_bytes
-        for name, config, caller_order in variants(names, opts.sweep and case.key in ("w1", "w2")):
+        for name, config, caller_order in variants(names, opts.sweep and case.key in ("w1", "w2", "g2"),
+                                                   wide=case.head_dim > 128):  # fmt: skip
             results.append(run_variant(problem, case, name, config, caller_order, ref))
         print(f"  {case.label}: {len(problem.caches)} cache copies of {problem.kv_bytes / 1e6:.1f} MB read per launch, "
               f"{time.time() - t0:.0f} s")  # fmt: skip

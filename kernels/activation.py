@@ -1,4 +1,6 @@
-"""SiLU-and-mul: the gated MLP's ``silu(gate) * up`` over a merged gate_up projection."""
+"""Gated MLP activations over a merged gate_up projection, one kernel: ``silu(gate) * up`` (SwiGLU: Llama, Qwen,
+Mixtral) and ``gelu(gate) * up`` (GeGLU: Gemma), exact or tanh-approximated. One pass reads ``[gate | up]`` and
+writes the product; the unfused torch form reads the gate twice and writes an intermediate."""
 
 from __future__ import annotations
 
@@ -16,18 +18,37 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x[..., :d]) * x[..., d:]
 
 
+# The ACT constexpr of the kernel; GELU_APPROXIMATIONS maps torch's ``approximate`` argument to it.
+ACT_SILU, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
+GELU_APPROXIMATIONS = {"none": ACT_GELU, "tanh": ACT_GELU_TANH}
+_SQRT_2_OVER_PI = 0.7978845608028654
+_INV_SQRT_2 = 0.7071067811865476
+
+
+def gelu_and_mul_ref(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """``x`` is ``[..., 2 * d]`` = ``[gate | up]``; returns ``gelu(gate) * up``, ``[..., d]``."""
+    d = x.shape[-1] // 2
+    return F.gelu(x[..., :d], approximate=approximate) * x[..., d:]
+
+
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr):
+def _act_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr, ACT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + d + offs, mask=mask).to(tl.float32)
-    out = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if ACT == 0:
+        act = gate / (1.0 + tl.exp(-gate))
+    elif ACT == 1:
+        act = 0.5 * gate * (1.0 + tl.math.erf(gate * _INV_SQRT_2))
+    else:  # 0.5 * (1 + tanh(z)) == sigmoid(2z)
+        z = _SQRT_2_OVER_PI * (gate + 0.044715 * gate * gate * gate)
+        act = gate / (1.0 + tl.exp(-2.0 * z))
+    tl.store(out_ptr + row * stride_out + offs, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def act_and_mul_triton(x: torch.Tensor, act: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Math in float32, one rounding at the end; rows may be strided, the last dim must be contiguous."""
     d = x.shape[-1] // 2
     rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
@@ -39,13 +60,26 @@ def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> tor
     if rows.shape[0] == 0:
         return out
     block = min(1024, triton.next_power_of_2(d))
-    _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
-        rows, out_rows, d, rows.stride(0), out_rows.stride(0), BLOCK=block, num_warps=4
+    _act_and_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
+        rows, out_rows, d, rows.stride(0), out_rows.stride(0), BLOCK=block, ACT=act, num_warps=4
     )
     return out
+
+
+def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return act_and_mul_triton(x, ACT_SILU, out)
 
 
 def silu_and_mul(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     if use_triton(x, backend):
         return silu_and_mul_triton(x)
     return silu_and_mul_ref(x)
+
+
+def gelu_and_mul(x: torch.Tensor, approximate: str = "tanh", *, backend: str = "auto") -> torch.Tensor:
+    """GeGLU; ``approximate`` as torch's ``F.gelu`` ("none" or "tanh")."""
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"gelu approximate must be one of {sorted(GELU_APPROXIMATIONS)}, got {approximate!r}")
+    if use_triton(x, backend):
+        return act_and_mul_triton(x, GELU_APPROXIMATIONS[approximate])
+    return gelu_and_mul_ref(x, approximate)

@@ -356,14 +356,19 @@ class DecodeConfig:
 # the context is split, one launch whose last split merges wins.
 DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="lpt", fused_reduce=False)
 SPLIT_DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="head", fused_reduce=True)
+# Head dims above 128 (Gemma's 256): a key tile is twice the bytes per key, so the 128-dim config's tiles and stages
+# cost occupancy. Measured on the H200 with benchmarks/bench_decode_attention.py --cases g2 --sweep.
+WIDE_DECODE_CONFIG = DECODE_CONFIG
 
 
-def set_decode_configs(config: DecodeConfig, split_config: DecodeConfig | None = None) -> None:
+def set_decode_configs(config: DecodeConfig, split_config: DecodeConfig | None = None,
+                       wide_config: DecodeConfig | None = None) -> None:  # fmt: skip
     """Replace the default configs (benchmarks and experiments; affects launches made, and graphs captured, from now
-    on). ``split_config`` defaults to ``config``."""
-    global DECODE_CONFIG, SPLIT_DECODE_CONFIG
+    on). ``split_config`` and ``wide_config`` default to ``config``."""
+    global DECODE_CONFIG, SPLIT_DECODE_CONFIG, WIDE_DECODE_CONFIG
     DECODE_CONFIG = config
     SPLIT_DECODE_CONFIG = split_config or config
+    WIDE_DECODE_CONFIG = wide_config or config
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, sms: int,
@@ -457,7 +462,7 @@ def paged_decode_attention(
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
     if config is None:
-        config = DECODE_CONFIG
+        config = DECODE_CONFIG if head_dim <= 128 else WIDE_DECODE_CONFIG
         sms = num_sms(q.device.index if q.is_cuda else None)
         if num_splits is None and decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, sms,
                                                     config) > 1:

@@ -55,12 +55,13 @@ def read_config(d: dict[str, Any], architecture: str) -> GemmaConfig:
 class GemmaMLP(nn.Module):
     def __init__(self, cfg: GemmaConfig, kernel_backend: str) -> None:
         super().__init__()
-        self.act = activation(cfg.hidden_activation)
+        activation(cfg.hidden_activation)  # unknown names fail here, at build time
+        self.act_name, self.kernel_backend = cfg.hidden_activation, kernel_backend
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, backend=kernel_backend)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, backend=kernel_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated(self.gate_up_proj(x), self.act))
+        return self.down_proj(gated(self.gate_up_proj(x), self.act_name, self.kernel_backend))
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -1,11 +1,17 @@
-"""Triton SiLU-and-mul against a float64 reference."""
+"""Triton SiLU-and-mul and GELU-and-mul against float64 references."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref, silu_and_mul_triton
+import torch.nn.functional as F
+
+from core.layers.activation import gated
+from kernels.activation import (
+    GELU_APPROXIMATIONS, act_and_mul_triton, gelu_and_mul, gelu_and_mul_ref, silu_and_mul, silu_and_mul_ref,
+    silu_and_mul_triton,
+)
 from tests.kernels.kernel_testing import KERNEL_DEVICE, TOLERANCE, assert_close
 
 
@@ -29,3 +35,37 @@ def test_silu_and_mul_dispatcher_on_cpu():
 def test_gpu_silu_and_mul_bf16(tokens, inter):
     x = torch.randn(tokens, 2 * inter, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16).cuda()
     assert_close(silu_and_mul(x), silu_and_mul_ref(x.double()), TOLERANCE[torch.bfloat16], "silu_and_mul")
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+@pytest.mark.parametrize("shape", [(7, 2 * 96), (3, 5, 2 * 1500)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gelu_and_mul_matches_reference(shape, dtype, approximate):
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = (3 * torch.randn(*shape, generator=gen)).to(dtype).to(KERNEL_DEVICE)
+    out = act_and_mul_triton(x, GELU_APPROXIMATIONS[approximate])
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.dtype == dtype
+    assert_close(out, gelu_and_mul_ref(x.double(), approximate), TOLERANCE[dtype], f"gelu_and_mul {approximate}")
+
+
+def test_gelu_and_mul_rejects_an_unknown_approximation():
+    with pytest.raises(ValueError, match="approximate"):
+        gelu_and_mul(torch.zeros(2, 8), "sigmoid")
+
+
+def test_gated_layer_fuses_gelu_and_keeps_other_activations():
+    """core.layers.activation.gated: GELU names go through gelu_and_mul (tanh for the approximated spellings), other
+    activations through torch, with the same values as act(gate) * up."""
+    x = torch.randn(5, 2 * 40, generator=torch.Generator().manual_seed(1))
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(gated(x, "gelu_pytorch_tanh", "torch"), F.gelu(gate, approximate="tanh") * up)
+    torch.testing.assert_close(gated(x, "gelu", "torch"), F.gelu(gate) * up)
+    torch.testing.assert_close(gated(x, "silu", "torch"), F.silu(gate) * up)
+    torch.testing.assert_close(gated(x, "relu", "torch"), F.relu(gate) * up)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens, inter", [(224, 14336), (4096, 14336)])
+def test_gpu_gelu_and_mul_bf16(tokens, inter):
+    x = torch.randn(tokens, 2 * inter, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16).cuda()
+    assert_close(gelu_and_mul(x), gelu_and_mul_ref(x.double()), TOLERANCE[torch.bfloat16], "gelu_and_mul")
