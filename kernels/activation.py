@@ -21,8 +21,8 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 # The ACT constexpr of the kernel; GELU_APPROXIMATIONS maps torch's ``approximate`` argument to it.
 ACT_SILU, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
 GELU_APPROXIMATIONS = {"none": ACT_GELU, "tanh": ACT_GELU_TANH}
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT_2 = 0.7071067811865476
+_SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)  # jit code may only read constexpr globals
+_INV_SQRT_2: tl.constexpr = tl.constexpr(0.7071067811865476)
 
 
 def gelu_and_mul_ref(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:

@@ -356,9 +356,10 @@ class DecodeConfig:
 # the context is split, one launch whose last split merges wins.
 DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="lpt", fused_reduce=False)
 SPLIT_DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="head", fused_reduce=True)
-# Head dims above 128 (Gemma's 256): a key tile is twice the bytes per key, so the 128-dim config's tiles and stages
-# cost occupancy. Measured on the H200 with benchmarks/bench_decode_attention.py --cases g2 --sweep.
-WIDE_DECODE_CONFIG = DECODE_CONFIG
+# Head dims above 128 (Gemma's 256): a key tile is twice the bytes per key. Measured on the H200 (2026-12-02,
+# benchmarks/bench_decode_attention.py --cases g2 --sweep: gemma-2-9b shapes, B=224, soft-cap): 32 keys x 2 warps x 2
+# stages 426 us per layer (4.41 TB/s of K+V reads, L2 hits included) against 443 us for DECODE_CONFIG.
+WIDE_DECODE_CONFIG = DecodeConfig(tile_n=32, num_warps=2, num_stages=2, order="lpt", fused_reduce=False)
 
 
 def set_decode_configs(config: DecodeConfig, split_config: DecodeConfig | None = None,
