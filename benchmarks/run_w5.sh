@@ -29,6 +29,8 @@ python -m benchmarks.serve --backend vllm --port "$port" --endpoint /v1/completi
   --random-input-len 512 --random-output-len 128 --num-prompts "${NUM_PROMPTS:-1000}" --max-concurrency "${CONCURRENCY:-256}" --ignore-eos --seed 0 \
   --tokenizer "$model" --save-result --result-dir "$results" --disable-tqdm \
   ${RESULT_FILENAME:+--result-filename "$RESULT_FILENAME"} ${BENCH_ARGS:-}
+# The server's side of the tail: event-loop lag and GC pauses of the API processes, tokens per engine step
+curl -sf "http://localhost:$port/metrics" > "$results.metrics.txt" || echo "could not read /metrics"
 if [ -n "${TRITON_CACHE_DIR:-}" ]; then  # kernels compiled while serving (each one stalls the engine)
   comm -13 <(echo "$compiled_before") <(ls "$TRITON_CACHE_DIR" | sort) | while read -r entry; do
     ls "$TRITON_CACHE_DIR/$entry" | grep '\.json$' | grep -v '^__grp__' ; done | sed 's/^/compiled while serving: /'

@@ -23,7 +23,8 @@ for variant in "${variants[@]}"; do
     started=$(date +%s)
     if SERVER_ARGS="$args" CONCURRENCY=$concurrency RESULT_FILENAME="$name.json" \
         BENCH_ARGS="--save-detailed --no-plots" bash "$here/run_w5.sh" "$model" "$out/$name" > "$out/$name.bench.log" 2>&1; then
-      line=$(python -m benchmarks.w5_summary "$out/$name/$name.json")
+      line=$(python -m benchmarks.w5_summary "$out/$name/$name.json" --metrics "$out/$name.metrics.txt" \
+        --server-log "$out/$name.server.log")
     else
       line="$name: FAILED (see $out/$name.bench.log and $out/$name.server.log): $(tail -3 "$out/$name.bench.log" | tr '\n' ' ')"
     fi

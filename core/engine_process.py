@@ -250,6 +250,8 @@ class EngineProcess:
     def _close(self) -> None:
         self._stopping.set()
         if self._core is not None:
+            logger.info("GC pauses while serving: %s", self._gc_pauses.summary())
+        if self._core is not None:
             try:
                 self._core.shutdown()
             except Exception:

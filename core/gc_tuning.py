@@ -20,18 +20,26 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from core import envs
+
 # Young-generation threshold once warm (CPython's default is 700): allocations minus deallocations of tracked
-# objects between gen-0 collections. Per-token churn (output objects, dicts, lists) crosses 700 many times a step.
+# objects between gen-0 collections. Most per-token objects die by reference counting, so a high threshold is
+# rarely crossed: a loop keeping a few thousand small dicts alive ran 533 collections (max 8 ms) at 700 and
+# none at 20,000 (benchmarks/RESULTS.md, GC pauses). Each collection still scans only the young objects.
 GEN0_THRESHOLD = 20_000
 
 
-def freeze_startup_heap(gen0_threshold: int = GEN0_THRESHOLD) -> int:
+def freeze_startup_heap(gen0_threshold: int | None = None) -> int:
     """Collect once, move every surviving object to the permanent generation (never scanned again), and raise
-    the gen-0 threshold. Call once startup is done, before serving. Returns how many objects were frozen."""
+    the gen-0 threshold (default: ``PAGEDSERVE_GC_GEN0_THRESHOLD``, else ``GEN0_THRESHOLD``; 0 leaves it).
+    Call once startup is done, before serving. Returns how many objects were frozen."""
+    if gen0_threshold is None:
+        gen0_threshold = envs.gc_gen0_threshold(GEN0_THRESHOLD)
     gc.collect()
     gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(gen0_threshold, gen1, gen2)
+    if gen0_threshold:
+        _, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(gen0_threshold, gen1, gen2)
     return gc.get_freeze_count()
 
 

@@ -41,3 +41,16 @@ def test_recorder_times_each_collection_and_reports_it(restore_gc):
     assert recorder.count[0] == 1 and recorder.count[2] == 1
     assert all(s > 0 for _, s in seen) and recorder.max_s[2] == seen[1][1]
     assert "gen2: 1 pauses" in recorder.summary()
+
+
+def test_gen0_threshold_comes_from_the_environment(restore_gc, monkeypatch):
+    gc.set_threshold(700, 10, 10)
+    monkeypatch.setenv("PAGEDSERVE_GC_GEN0_THRESHOLD", "0")  # keep CPython's
+    freeze_startup_heap()
+    assert gc.get_threshold() == (700, 10, 10)
+    monkeypatch.setenv("PAGEDSERVE_GC_GEN0_THRESHOLD", "50000")
+    freeze_startup_heap()
+    assert gc.get_threshold() == (50_000, 10, 10)
+    monkeypatch.setenv("PAGEDSERVE_GC_GEN0_THRESHOLD", "lots")
+    with pytest.raises(ValueError, match="PAGEDSERVE_GC_GEN0_THRESHOLD"):
+        freeze_startup_heap()
