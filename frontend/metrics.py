@@ -136,6 +136,8 @@ class Metrics:
         self._gc_pause = Histogram("pagedserve:api_gc_pause_seconds",
                                    "Garbage-collector pauses of the API process, by generation.",
                                    labels + ["generation"], buckets=_STALL_BUCKETS, registry=reg)
+        for generation in ("0", "1", "2"):
+            self._gc_pause.labels(*values, generation)  # export zeros: "no pauses" is a result too
         self.gc_frozen_objects = gauge("pagedserve:api_gc_frozen_objects",
                                        "Objects the API process moved out of the collector's reach once started.")
         self._label_values = values
