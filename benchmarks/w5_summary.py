@@ -29,7 +29,7 @@ def gap_end_times(result: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, float
         return None
     gaps: list[float] = []
     ends: list[float] = []
-    finishes: list[float] = []
+    finishes: list[tuple[int, float]] = []  # (number of gaps, finish time) of each request
     origin = min(starts)
     for start, ttft, request_itls in zip(starts, ttfts, itls):
         if ttft is None:
@@ -38,10 +38,13 @@ def gap_end_times(result: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, float
         times = first_token + np.cumsum(request_itls) if request_itls else np.empty(0)
         gaps.extend(request_itls)
         ends.extend(times.tolist())
-        finishes.append(float(times[-1]) if len(times) else first_token)
+        finishes.append((len(request_itls), float(times[-1]) if len(times) else first_token))
     if not gaps:
         return None
-    return np.asarray(gaps), np.asarray(ends), min(finishes)
+    # The ramp ends when the first regular request finishes: one whose tokens came as a single event (a
+    # merged stream) finishes at its first token and says nothing about the ramp.
+    typical = float(np.median([n for n, _ in finishes])) / 2
+    return np.asarray(gaps), np.asarray(ends), min(t for n, t in finishes if n >= typical)
 
 
 def tail_location(result: dict[str, Any]) -> str:

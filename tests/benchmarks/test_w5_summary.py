@@ -13,9 +13,9 @@ _FLAT = {"request_throughput": 176.24, "median_ttft_ms": 333.0, "p99_ttft_ms": 8
 
 def _result(slow_in_ramp: bool) -> dict:
     """Four requests; request 0 finishes first at t=1.0+0.3 s. One 200 ms gap, early or late."""
-    starts = [0.0, 0.0, 0.5, 2.0]
-    ttfts = [1.0, 1.0, 1.0, 1.0]
-    itls = [[0.01] * 30, [0.01] * 30, [0.01] * 30, [0.01] * 30]
+    starts = [0.0, 0.0, 0.5, 2.0, 0.0]
+    ttfts = [1.0, 1.0, 1.0, 1.0, 0.5]
+    itls = [[0.01] * 30, [0.01] * 30, [0.01] * 30, [0.01] * 30, []]  # the last: all its tokens in one event
     if slow_in_ramp:
         itls[1][0] = 0.2  # ends at 1.2 s, before request 0 finished (1.3 s)
     else:
