@@ -251,7 +251,6 @@ class EngineProcess:
         self._stopping.set()
         if self._core is not None:
             logger.info("GC pauses while serving: %s", self._gc_pauses.summary())
-        if self._core is not None:
             try:
                 self._core.shutdown()
             except Exception:
