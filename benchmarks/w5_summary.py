@@ -4,9 +4,9 @@
     python -m benchmarks.w5_summary RUN.json --metrics RUN.metrics.txt --server-log RUN.server.log
 
 Prints req/s, TTFT p50/p99, ITL p50/p99, TPOT p50/p99 and peak output tok/s. When the JSON has per-request data
-(``--save-detailed``) it also says where the gaps above ITL p99 fall: during the ramp (before the first
-request finished, when the first ``concurrency`` prompts are all being prefilled beside the first decodes) or in
-the steady state after it, and the ITL p99 of the steady state alone. That tells a big-prefill-step tail (ramp)
+(``--save-detailed``) it also says where the gaps above ITL p99 fall: during the ramp (until the first
+``max_concurrency`` requests all have their first token: their prompts are prefilled in big steps beside the first
+decodes) or in the steady state after it, and the ITL p99 of the steady state alone. That tells a big-prefill-step tail (ramp)
 from API-process stalls (spread over the run) without another GPU run.
 """
 
@@ -22,29 +22,25 @@ import numpy as np
 
 
 def gap_end_times(result: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """(gap lengths s, the time each gap ended s, when the first request finished s), all from the run's start;
-    None without per-request data."""
+    """(gap lengths s, the time each gap ended s, when the ramp ended s), from the run's start; None without
+    per-request data. The ramp: until the first ``max_concurrency`` requests (sent at once) all have their first
+    token, i.e. while their prompts are being prefilled beside the decodes of the ones already started."""
     starts, ttfts, itls = result.get("start_times"), result.get("ttfts"), result.get("itls")
     if not starts or ttfts is None or itls is None:
         return None
+    origin = min(starts)
+    first_wave = sorted(range(len(starts)), key=lambda i: starts[i])[:result.get("max_concurrency") or len(starts)]
+    ramp_end = max((starts[i] - origin + ttfts[i] for i in first_wave if ttfts[i] is not None), default=0.0)
     gaps: list[float] = []
     ends: list[float] = []
-    finishes: list[tuple[int, float]] = []  # (number of gaps, finish time) of each request
-    origin = min(starts)
     for start, ttft, request_itls in zip(starts, ttfts, itls):
-        if ttft is None:
+        if ttft is None or not request_itls:
             continue
-        first_token = start - origin + ttft
-        times = first_token + np.cumsum(request_itls) if request_itls else np.empty(0)
         gaps.extend(request_itls)
-        ends.extend(times.tolist())
-        finishes.append((len(request_itls), float(times[-1]) if len(times) else first_token))
+        ends.extend((start - origin + ttft + np.cumsum(request_itls)).tolist())
     if not gaps:
         return None
-    # The ramp ends when the first regular request finishes: one whose tokens came as a single event (a
-    # merged stream) finishes at its first token and says nothing about the ramp.
-    typical = float(np.median([n for n, _ in finishes])) / 2
-    return np.asarray(gaps), np.asarray(ends), min(t for n, t in finishes if n >= typical)
+    return np.asarray(gaps), np.asarray(ends), ramp_end
 
 
 def tail_location(result: dict[str, Any]) -> str:

@@ -12,15 +12,16 @@ _FLAT = {"request_throughput": 176.24, "median_ttft_ms": 333.0, "p99_ttft_ms": 8
 
 
 def _result(slow_in_ramp: bool) -> dict:
-    """Four requests; request 0 finishes first at t=1.0+0.3 s. One 200 ms gap, early or late."""
-    starts = [0.0, 0.0, 0.5, 2.0, 0.0]
-    ttfts = [1.0, 1.0, 1.0, 1.0, 0.5]
-    itls = [[0.01] * 30, [0.01] * 30, [0.01] * 30, [0.01] * 30, []]  # the last: all its tokens in one event
+    """Four requests, three sent at once (the last one's first token at 1.0 s ends the ramp), the fourth at 2 s.
+    One 200 ms gap: early in request 0 (ends at 0.4 s) or in request 3."""
+    starts = [0.0, 0.0, 0.0, 2.0]
+    ttfts = [0.2, 0.5, 1.0, 0.1]
+    itls = [[0.01] * 30, [0.01] * 30, [0.01] * 30, [0.01] * 30]
     if slow_in_ramp:
-        itls[1][0] = 0.2  # ends at 1.2 s, before request 0 finished (1.3 s)
+        itls[0][0] = 0.2
     else:
-        itls[3][5] = 0.2  # request 3 starts at 2.0 s: well after the ramp
-    return {**_FLAT, "start_times": starts, "ttfts": ttfts, "itls": itls}
+        itls[3][5] = 0.2
+    return {**_FLAT, "max_concurrency": 3, "start_times": starts, "ttfts": ttfts, "itls": itls}
 
 
 def test_summary_line_has_every_goal_metric():
@@ -32,7 +33,7 @@ def test_summary_line_has_every_goal_metric():
 def test_tail_location_tells_ramp_from_steady_state():
     ramp = w5_summary.tail_location(_result(slow_in_ramp=True))
     steady = w5_summary.tail_location(_result(slow_in_ramp=False))
-    assert "1 in the ramp (first 1.30 s" in ramp and "0 after it" in ramp
+    assert "1 in the ramp (first 1.00 s" in ramp and "0 after it" in ramp
     assert "steady-state ITL p99 10.0 ms" in ramp
     assert "0 in the ramp" in steady and "1 after it" in steady
     assert float(steady.split("steady-state ITL p99 ")[1].split(" ")[0]) > 10.0
