@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.one_mode:
         print(json.dumps(run_mode(args, args.one_mode)))
         return
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    passthrough = list(argv if argv is not None else sys.argv[1:])
     for mode in args.modes:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.gc_pauses", *passthrough, "--one-mode", mode],
                               cwd=REPO, capture_output=True, text=True, check=True)

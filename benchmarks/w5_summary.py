@@ -6,8 +6,10 @@
 Prints req/s, TTFT p50/p99, ITL p50/p99, TPOT p50/p99 and peak output tok/s. When the JSON has per-request data
 (``--save-detailed``) it also says where the gaps above ITL p99 fall: during the ramp (until the first
 ``max_concurrency`` requests all have their first token: their prompts are prefilled in big steps beside the first
-decodes) or in the steady state after it, and the ITL p99 of the steady state alone. That tells a big-prefill-step tail (ramp)
-from API-process stalls (spread over the run) without another GPU run.
+decodes) or in the steady state after it, and the ITL p99 of the steady state alone. That tells a big-prefill-step
+tail (ramp) from API-process stalls (spread over the run) without another GPU run. With ``--metrics`` (the server's
+/metrics after the load) and ``--server-log``, it adds the API processes' event-loop lag and GC pauses, the engine
+steps over 4096 tokens, and the core's GC pauses.
 """
 
 from __future__ import annotations
