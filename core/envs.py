@@ -36,6 +36,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("PAGEDSERVE_BATCH_DETOKENIZE", "1: the API process decodes every advancing stream's text in one "
            "tokenizer call per step (decode_batch, on rayon's threads); unset or 0: one call per stream, which "
            "measured faster on a busy 2-core machine (to be compared on the GPU host).", "0"),
+    EnvVar("PAGEDSERVE_GC_GEN0_THRESHOLD", "The cyclic collector's young-generation threshold in the engine core "
+           "and API processes once started (after they freeze their startup heap); 0 keeps CPython's default "
+           "(700). See core/gc_tuning.py.", "20000"),
     EnvVar("PROMETHEUS_MULTIPROC_DIR", "prometheus_client's: set by the --api-server-count launcher for its API "
            "processes (metrics summed over them); not meant to be set by hand.", "unset"),
     EnvVar("OMP_NUM_THREADS", "When set, the CPU engine process keeps torch's thread count; unset, it uses "
@@ -105,6 +108,19 @@ def step_fault_tokens() -> list[int]:
 
 def batch_detokenize() -> bool:
     return (_get("PAGEDSERVE_BATCH_DETOKENIZE") or "").upper() in _TRUE
+
+
+def gc_gen0_threshold(default: int) -> int:
+    value = _get("PAGEDSERVE_GC_GEN0_THRESHOLD")
+    if not value:
+        return default
+    try:
+        threshold = int(value)
+    except ValueError:
+        raise ValueError(f"PAGEDSERVE_GC_GEN0_THRESHOLD must be a whole number, not {value!r}") from None
+    if threshold < 0:
+        raise ValueError(f"PAGEDSERVE_GC_GEN0_THRESHOLD must be >= 0 (0: CPython's default), not {threshold}")
+    return threshold
 
 
 def prometheus_multiproc_dir() -> str | None:

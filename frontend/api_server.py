@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import secrets
 import signal
@@ -30,9 +29,11 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.gc_tuning import freeze_startup_heap
 from frontend.engine_client import EngineAttachment, EngineClient
 from frontend.json_budget import check_json_values
 from frontend.lifecycle import Lifecycle, LifecycleMiddleware, header_timeout_protocol, release_memory_soon
+from frontend.loop_monitor import LoopMonitor
 from frontend.metrics import CONTENT_TYPE
 from frontend.protocol import (
     ChatCompletionRequest,
@@ -263,9 +264,10 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
         logger.info("pagedserve %s serving %s (max_model_len %d) on %s", version(),
                     ", ".join(served_names), ready.max_model_len, where)
         # Everything allocated so far lives as long as the server: keep the cyclic GC from rescanning it
-        # (its pauses stall every stream at once).
-        gc.collect()
-        gc.freeze()
+        # (its pauses stall every stream at once), and collect less often under per-token churn.
+        client.metrics.gc_frozen_objects.set(freeze_startup_heap())
+        app.state.loop_monitor = LoopMonitor(client.metrics)
+        app.state.loop_monitor.start()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -279,6 +281,8 @@ def build_app(engine_config: EngineConfig, tokenizer: Any | None, options: Serve
         finally:
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
+            if getattr(app.state, "loop_monitor", None) is not None:
+                await app.state.loop_monitor.stop()
             await client.shutdown()
 
     app = FastAPI(title="pagedserve", version=version(), lifespan=lifespan)

@@ -26,6 +26,8 @@ _E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 
 _PHASE_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                   480.0, 960.0, 1920.0, 7680.0]
+# Event-loop lag and GC pauses of an API process: from "nothing" (1 ms) to "every stream stalled" (a second).
+_STALL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5]
 _ITERATION_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 
@@ -128,6 +130,16 @@ class Metrics:
         self._spec_accepted_per_pos = Counter(
             "vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted tokens per draft position.",
             labels + ["position"], registry=reg)
+        self.event_loop_lag = histogram(
+            "pagedserve:event_loop_lag_seconds", "How late the API process's event loop ran a periodic timer: "
+            "a stall of every stream that process serves.", _STALL_BUCKETS)
+        self._gc_pause = Histogram("pagedserve:api_gc_pause_seconds",
+                                   "Garbage-collector pauses of the API process, by generation.",
+                                   labels + ["generation"], buckets=_STALL_BUCKETS, registry=reg)
+        for generation in ("0", "1", "2"):
+            self._gc_pause.labels(*values, generation)  # export zeros: "no pauses" is a result too
+        self.gc_frozen_objects = gauge("pagedserve:api_gc_frozen_objects",
+                                       "Objects the API process moved out of the collector's reach once started.")
         self._label_values = values
         self.api_server_requests = None
         if api_server is not None:
@@ -137,6 +149,9 @@ class Metrics:
         self.latest_stats: SchedulerStats | None = None
         for reason in ("stop", "length", "abort"):
             self._success.labels(*values, reason)  # export zeros so dashboards see the series from the start
+
+    def record_gc_pause(self, generation: int, seconds: float) -> None:
+        self._gc_pause.labels(*self._label_values, str(generation)).observe(seconds)
 
     def record_scheduler_stats(self, stats: SchedulerStats) -> None:
         self.latest_stats = stats  # ORCA load reports read it

@@ -85,6 +85,9 @@ def test_requests_land_on_both_processes_and_streams_equal_full_text(server):
     # Counters are summed over both processes: every request's success is counted once.
     assert server.metric("vllm:request_success_total") >= 2 * len(prompts)
     assert server.metric("vllm:generation_tokens_total") >= 2 * len(prompts) * 16
+    # Each process watches its own event loop; the histogram is the sum of both.
+    lag_ticks = {k: v for k, v in metrics.items() if k.startswith("pagedserve:event_loop_lag_seconds_count")}
+    assert sum(lag_ticks.values()) > 0, lag_ticks
 
 
 def test_a_64_token_greedy_stream_arrives_as_64_events(server):

@@ -263,6 +263,14 @@ def test_metrics_after_traffic(server, client):
     assert server.metric("vllm:e2e_request_latency_seconds_count") >= 1
 
 
+def test_api_process_froze_its_heap_and_watches_its_loop(server):
+    """Once started, the API process froze its startup heap (no GC rescans it) and its loop-lag monitor ticks."""
+    assert server.metric("pagedserve:api_gc_frozen_objects") > 10_000
+    ticks = server.metric("pagedserve:event_loop_lag_seconds_count")
+    time.sleep(0.3)
+    assert server.metric("pagedserve:event_loop_lag_seconds_count") > ticks > 0
+
+
 def test_prefix_cache_hits_visible(server, client):
     prompt = "A long shared prefix " * 12  # several full 16-token blocks
     client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, **GREEDY)

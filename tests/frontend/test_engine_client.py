@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from transformers import AutoTokenizer
 
+from core.gc_tuning import GEN0_THRESHOLD
 from frontend.engine_client import EngineClient, EngineStartupError, RequestRejectedError
 from ipc.messages import EngineConfig, SamplingParams
 from tests.frontend.model_files import tiny_llama_dir
@@ -44,6 +45,9 @@ def test_client_round_trip(model_dir):
                     pass
             stats = await client.call_utility("get_stats")
             assert stats["num_running"] == 0
+            # The core froze its startup heap (model, kernels) once warm: no collection rescans it between steps.
+            gc_info = await client.call_utility("gc_info")
+            assert gc_info["frozen_objects"] > 10_000 and gc_info["threshold"][0] == GEN0_THRESHOLD
 
             # Leaving a stream early aborts the request in the core: its blocks come back.
             long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
