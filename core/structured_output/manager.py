@@ -9,9 +9,10 @@ reach xgrammar.
 A step's grammar work (accept the previous step's tokens, then fill the masks) runs off the engine thread and
 overlaps with everything else: the engine queues step N's forward on the device, reads step N-1's tokens and hands
 them to ``prepare`` together with step N's sequences (``ModelRunner.launch``'s ``before_sample``), then does its
-Python bookkeeping for step N-1 while grammar threads (xgrammar releases the GIL) advance and fill the constrained
-rows, in chunks, straight into a pinned buffer; ``bitmask`` joins them and uploads the whole mask in one
-non-blocking copy. No sync with the device, no per-row work on the engine thread beyond collecting the matchers.
+Python bookkeeping for step N-1 while the grammar thread advances and fills the constrained rows (one batched
+accept, one fill on xgrammar's C++ threads, both without the GIL) straight into a pinned buffer; ``bitmask`` joins
+it and uploads the whole mask in one non-blocking copy. No sync with the device, no per-row work on the engine
+thread beyond collecting the matchers.
 On a machine with fewer than ``MIN_CPUS_FOR_GRAMMAR_THREADS`` CPUs the same batched calls run on the engine thread
 (no core would be free to overlap them).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -42,8 +44,10 @@ def default_grammar_threads() -> int:
 
 MIN_CPUS_FOR_GRAMMAR_THREADS = 4
 
-# Fewer rows than this per grammar thread are not worth a thread: a row costs tens of microseconds.
-MIN_ROWS_PER_THREAD = 16
+# CPython's switch interval while a grammar job is in flight: how long the grammar thread may wait for the GIL
+# (to start, and between its two C++ calls) while the engine thread runs pure Python. The default 5 ms would
+# serialise the job behind the engine's bookkeeping instead of overlapping it.
+GRAMMAR_SWITCH_INTERVAL_S = 0.0002
 
 
 @dataclass
@@ -59,7 +63,7 @@ class _PreparedMasks:
 class StructuredOutputManager:
     def __init__(self, load_tokenizer_info: Callable[[], Any], vocab_size: int, max_num_seqs: int,
                  grammar_threads: int | None = None) -> None:
-        """``grammar_threads``: threads that accept tokens and fill masks, each for a chunk of the constrained rows
+        """``grammar_threads``: xgrammar's C++ threads that fill the masks, each a share of the constrained rows
         (default ``default_grammar_threads()``)."""
         self.vocab_size = vocab_size
         self.compiler = GrammarCompilerService(load_tokenizer_info)
@@ -72,8 +76,9 @@ class StructuredOutputManager:
         # Grammar threads only pay where a core is free to run them next to the engine thread (and the device
         # runtime's threads); on a small machine the same batched calls run on the engine thread instead.
         self.overlap = len(os.sched_getaffinity(0)) >= MIN_CPUS_FOR_GRAMMAR_THREADS
-        self._pool: ThreadPoolExecutor | None = None
-        self._fillers: dict[int, Any] = {}  # thread ident -> its xgrammar BatchGrammarMatcher
+        self._pool: ThreadPoolExecutor | None = None  # the one grammar thread
+        self._filler: Any = None  # xgrammar BatchGrammarMatcher with ``_num_threads`` C++ threads
+        self._saved_switch_interval = sys.getswitchinterval()
         # True: batched xgrammar calls on the grammar threads. False: one call per sequence on the engine thread
         # (the reference the batched path is tested against; ``--per-sequence`` in benchmarks/structured_host_cost).
         self.batched = True
@@ -132,55 +137,62 @@ class StructuredOutputManager:
 
     # ------------------------------------------------------------------------------------------------ step
     def prepare(self, accepted_seqs: list[Sequence], accepted_tokens: list[int], seqs: list[Sequence]) -> None:
-        """Start, on the grammar threads: advance the matchers of ``accepted_seqs`` with ``accepted_tokens`` (the
+        """Start, on the grammar thread: advance the matchers of ``accepted_seqs`` with ``accepted_tokens`` (the
         previous step's), then fill the masks of the constrained rows among ``seqs`` (this step's sampling
-        sequences). ``bitmask(seqs, ...)`` collects them. The caller must not touch these matchers meanwhile."""
+        sequences). ``bitmask(seqs, ...)`` collects them. The caller must not touch these matchers meanwhile.
+
+        All the per-row Python (which matchers, which slots) runs here, on the engine thread, so the grammar thread
+        makes two C++ calls that release the GIL (one batched accept, one fill on xgrammar's own threads) and
+        needs the GIL only around them; the switch interval is lowered while the job is in flight so those
+        hand-offs take a fraction of a millisecond instead of waiting out CPython's 5 ms for an engine thread
+        that is busy in pure Python (the bookkeeping this job is meant to overlap)."""
         self._finish_prepared()
         if not (self.batched and self.overlap):
             self.accept(accepted_seqs, accepted_tokens)  # masks: filled when ``bitmask`` asks
             return
+        matchers = self._matchers
         tokens = {seq.key: token for seq, token in zip(accepted_seqs, accepted_tokens)}
-        rows, work = [], []  # work: (host row, matcher, token to accept first or None)
-        get = self._matchers.get
+        rows, fill_matchers = [], []
+        accept_matchers, accept_tokens = [], []
         for i, seq in enumerate(seqs):
-            matcher = get(seq.key)
+            matcher = matchers.get(seq.key)
             if matcher is not None:
-                work.append((len(rows), matcher, tokens.pop(seq.key, None)))
                 rows.append(i)
-        # Tokens of sequences not sampling this step (finished, or not scheduled): accept them too.
-        leftover = [(-1, m, t) for key, t in tokens.items() if (m := get(key)) is not None]
-        if not rows and not leftover:
+                fill_matchers.append(matcher)
+        for key, token in tokens.items():  # includes sequences not sampling this step (finished, not scheduled)
+            matcher = matchers.get(key)
+            if matcher is not None and not matcher.is_terminated():
+                accept_matchers.append(matcher)
+                accept_tokens.append(token)
+        if not rows and not accept_matchers:
             return
         host = self._next_host_buffer(len(rows))
-        pool = self._grammar_pool()
-        num_chunks = max(1, min(self._num_threads, len(work) // MIN_ROWS_PER_THREAD))
-        size = -(-len(work) // num_chunks) if work else 0
-        chunks = [work[i : i + size] for i in range(0, len(work), size)] if work else []
-        if leftover:
-            chunks.append(leftover)
-        jobs = [pool.submit(self._accept_and_fill, chunk, host) for chunk in chunks]
-        self._prepared = _PreparedMasks(seqs, rows, host, jobs)
+        self._saved_switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GRAMMAR_SWITCH_INTERVAL_S)
+        job = self._grammar_pool().submit(self._accept_and_fill, accept_matchers, accept_tokens, fill_matchers, host)
+        self._prepared = _PreparedMasks(seqs, rows, host, [job])
 
-    def _accept_and_fill(self, work: list[tuple[int, Any, int | None]], host: torch.Tensor) -> None:
-        """One grammar thread's chunk: accept each row's token, then fill the live rows' masks in one call."""
+    def _accept_and_fill(self, accept_matchers: list[Any], accept_tokens: list[int], fill_matchers: list[Any],
+                         host: torch.Tensor) -> None:
+        """Accept the tokens (one batched call), then fill ``host[i]`` for ``fill_matchers[i]`` (one call on
+        xgrammar's threads). A matcher past its grammar's end (ignore_eos, or finished in flight) allows anything."""
         import xgrammar as xgr
 
-        accepting = [(m, t) for _, m, t in work if t is not None and not m.is_terminated()]
-        if accepting:
-            _check_accepted(xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in accepting],
-                                                                       [t for _, t in accepting]),
-                            [t for _, t in accepting])
-        live, slots = [], []
-        for slot, matcher, _ in work:
-            if slot < 0:
-                continue
-            if matcher.is_terminated():
-                host[slot].fill_(-1)  # past the grammar's end (ignore_eos, or finished in flight): allow anything
-            else:
-                live.append(matcher)
-                slots.append(slot)
+        if accept_matchers:
+            _check_accepted(xgr.BatchGrammarMatcher.batch_accept_token(accept_matchers, accept_tokens),
+                            accept_tokens)
+        if not fill_matchers:
+            return
+        terminated = [i for i, m in enumerate(fill_matchers) if m.is_terminated()]
+        if not terminated:
+            self._batch_filler().batch_fill_next_token_bitmask(fill_matchers, host)
+            return
+        for i in terminated:
+            host[i].fill_(-1)
+        ended = set(terminated)
+        live = [i for i in range(len(fill_matchers)) if i not in ended]
         if live:
-            self._filler().batch_fill_next_token_bitmask(live, host, slots)
+            self._batch_filler().batch_fill_next_token_bitmask([fill_matchers[i] for i in live], host, live)
 
     def bitmask(
         self, seqs: list[Sequence], device: torch.device, batch_rows: list[int] | None = None
@@ -211,7 +223,7 @@ class StructuredOutputManager:
             return rows, None
         host = self._next_host_buffer(len(rows))
         if self.batched:
-            self._accept_and_fill([(slot, m, None) for slot, m in enumerate(matchers)], host)
+            self._accept_and_fill([], [], matchers, host)
         else:
             for slot, matcher in enumerate(matchers):
                 if matcher.is_terminated():
@@ -223,8 +235,11 @@ class StructuredOutputManager:
     def _finish_prepared(self) -> _PreparedMasks | None:
         prepared, self._prepared = self._prepared, None
         if prepared is not None:
-            for job in prepared.jobs:
-                job.result()
+            try:
+                for job in prepared.jobs:
+                    job.result()
+            finally:
+                sys.setswitchinterval(self._saved_switch_interval)
         return prepared
 
     def accept(self, seqs: list[Sequence], tokens: list[int]) -> None:
@@ -245,20 +260,16 @@ class StructuredOutputManager:
 
     def _grammar_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._num_threads, thread_name_prefix="grammar-step")
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-step")
         return self._pool
 
-    def _filler(self) -> Any:
-        """This thread's single-threaded xgrammar batch filler (its threads are ours)."""
-        import threading
+    def _batch_filler(self) -> Any:
+        """The xgrammar batch filler: one call fills every row on ``grammar_threads`` C++ threads (no GIL)."""
+        if self._filler is None:
+            import xgrammar as xgr
 
-        import xgrammar as xgr
-
-        ident = threading.get_ident()
-        filler = self._fillers.get(ident)
-        if filler is None:
-            filler = self._fillers[ident] = xgr.BatchGrammarMatcher(max_threads=1)
-        return filler
+            self._filler = xgr.BatchGrammarMatcher(max_threads=self._num_threads)
+        return self._filler
 
     def _next_host_buffer(self, num_rows: int) -> torch.Tensor:
         """The next pinned [max rows, words] int32 buffer, once its previous upload has finished."""
