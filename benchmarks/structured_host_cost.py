@@ -119,7 +119,8 @@ def component_costs(args: argparse.Namespace, num_rows: int) -> dict:
     xgrammar accept and fill (one thread, thread CPU time), the mask's upload and apply, and through
     ``StructuredOutputManager`` (the engine's path): engine-thread CPU time in ``prepare`` + ``bitmask`` (the glue;
     includes the work itself when it runs inline) and the wall time ``bitmask`` waits while the engine thread did
-    ``--engine-busy-ms`` of pure Python after ``prepare`` (the overlap: ~0 when the grammar job hides behind it).
+    ``--engine-busy-ms`` of pure Python after ``prepare`` (the overlap: ~0 when the grammar job hides behind it), and
+    when the grammar thread started the job, counted from ``prepare`` (it must not wait for the engine to block).
 
     Every row samples a uniformly random allowed token each step (a matcher that ends its object starts over), so
     the rows spread over the grammar's states as a random model's do."""
@@ -152,6 +153,14 @@ def component_costs(args: argparse.Namespace, num_rows: int) -> dict:
     while any(manager.holds(seq) for seq in seqs):
         manager.wait_for_compile(0.05)
     matchers = [manager._matchers[seq.key] for seq in seqs]
+    job_starts: list[float] = []
+    accept_and_fill = manager._accept_and_fill
+
+    def timed_job(*job_args):  # when the grammar thread got to run the step's job
+        job_starts.append(time.perf_counter())
+        return accept_and_fill(*job_args)
+
+    manager._accept_and_fill = timed_job
     generator = torch.Generator().manual_seed(0)
     filler = xgr.BatchGrammarMatcher(max_threads=1)
     raw_mask = torch.empty(num_rows, -(-vocab_size // 32), dtype=torch.int32)
@@ -170,7 +179,7 @@ def component_costs(args: argparse.Namespace, num_rows: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    accept_ms, fill_ms, copy_ms, apply_ms, glue_ms, wait_ms = [], [], [], [], [], []
+    accept_ms, fill_ms, copy_ms, apply_ms, glue_ms, wait_ms, start_ms = [], [], [], [], [], [], []
     _, mask = manager.bitmask(seqs, torch.device("cpu"))
     mask = mask.clone()
     restart_ended(mask)
@@ -189,6 +198,7 @@ def component_costs(args: argparse.Namespace, num_rows: int) -> dict:
             raise RuntimeError("a sampled token was rejected: the benchmark's masks are wrong")
         xgr.BatchGrammarMatcher.batch_rollback(matchers, 1)
         # The engine's path: prepare (hand off), the engine's own Python meanwhile, bitmask (join, upload).
+        job_starts.clear()
         c0, w0 = time.thread_time(), time.perf_counter()
         manager.prepare(seqs, tokens, seqs)
         c1 = time.thread_time()
@@ -211,6 +221,8 @@ def component_costs(args: argparse.Namespace, num_rows: int) -> dict:
             fill_ms.append(1e3 * (t2 - t1b))
             glue_ms.append(1e3 * ((c1 - c0) + (c3 - c2)))
             wait_ms.append(1e3 * (w3 - w2))
+            if job_starts:  # absent when the job ran inline, in bitmask
+                start_ms.append(1e3 * (job_starts[0] - w0))
             copy_ms.append(1e3 * (w4 - w3))
             apply_ms.append(1e3 * (w5 - w4) if device.type == "cuda" else float("nan"))
     manager.shutdown()
@@ -219,6 +231,7 @@ def component_costs(args: argparse.Namespace, num_rows: int) -> dict:
             "num_grammar_threads": manager._num_threads, "engine_busy_ms": args.engine_busy_ms,
             "raw_accept_ms": median(accept_ms), "raw_fill_ms": median(fill_ms),
             "engine_thread_cpu_ms": median(glue_ms), "bitmask_wait_ms": median(wait_ms),
+            "job_start_ms": median(start_ms) if start_ms else float("nan"),
             "upload_wait_ms": median(copy_ms), "apply_ms": median(apply_ms)}
 
 
@@ -249,12 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="append the result (one JSON object per line) to this file")
     args = p.parse_args(argv)
     if args.components:
-        print("rows  raw accept  raw fill(1 thr)  engine-thread CPU  bitmask wait  upload  apply   (ms per step, "
+        print("rows  raw accept  raw fill(1 thr)  engine-thread CPU  job start  bitmask wait  upload  apply   (ms per step, "
               f"engine busy {args.engine_busy_ms} ms)")
         for rows in (int(r) for r in args.components.split(",")):
             r = component_costs(args, rows)
             print(f"{rows:>4}  {r['raw_accept_ms']:>10.3f}  {r['raw_fill_ms']:>15.3f}  {r['engine_thread_cpu_ms']:>17.3f}"
-                  f"  {r['bitmask_wait_ms']:>12.3f}  {r['upload_wait_ms']:>6.3f}  {r['apply_ms']:>5.3f}"
+                  f"  {r['job_start_ms']:>9.3f}  {r['bitmask_wait_ms']:>12.3f}  {r['upload_wait_ms']:>6.3f}  {r['apply_ms']:>5.3f}"
                   f"   ({r['device']}, grammar thread {'on' if r['grammar_threads_on'] else 'off'}, "
                   f"{r['num_grammar_threads']} fill threads)")
             if args.json:

@@ -289,7 +289,9 @@ class StructuredOutputManager:
         index = self._num_uploads % 2
         self._num_uploads += 1
         if device.type != "cuda":
-            return host.clone()  # the buffer is refilled two steps on
+            # The sampler reads it within this step, long before the buffer comes round again (two steps on); a
+            # copy would cost more than the fill on a busy machine (an intra-op parallel copy waits for every core).
+            return host
         out = host.to(device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
