@@ -69,6 +69,11 @@ class StructuredOutputManager:
         self.compiler = GrammarCompilerService(load_tokenizer_info)
         self._compiling: dict[Key, Future] = {}
         self._matchers: dict[Key, Any] = {}
+        # Sequences whose matcher accepted a stop token (it terminates exactly then: matchers are made without
+        # ``terminate_without_stop_token``). Kept here so a step asks no matcher ``is_terminated()``: a row in it
+        # allows anything (ignore_eos, or finished while the step was in flight) and accepts nothing more.
+        self._ended: set[Key] = set()
+        self._stop_token_ids: frozenset[int] = frozenset()  # the same for every grammar: one TokenizerInfo
         self._failures: list[tuple[Sequence, str]] = []
         self._num_words = -(-vocab_size // 32)
         self._max_rows = max_num_seqs
@@ -112,8 +117,11 @@ class StructuredOutputManager:
         import xgrammar as xgr
 
         matcher = xgr.GrammarMatcher(compiled)
+        self._stop_token_ids = frozenset(matcher.stop_token_ids)
         for token in seq.output_token_ids:  # a sequence that already has output (never today: kept safe)
             matcher.accept_token(token)
+        if matcher.is_terminated():
+            self._ended.add(seq.key)
         self._matchers[seq.key] = matcher
         return False
 
@@ -134,6 +142,7 @@ class StructuredOutputManager:
     def remove(self, key: Key) -> None:
         self._compiling.pop(key, None)
         self._matchers.pop(key, None)
+        self._ended.discard(key)
 
     # ------------------------------------------------------------------------------------------------ step
     def prepare(self, accepted_seqs: list[Sequence], accepted_tokens: list[int], seqs: list[Sequence]) -> None:
@@ -150,49 +159,75 @@ class StructuredOutputManager:
         if not (self.batched and self.overlap):
             self.accept(accepted_seqs, accepted_tokens)  # masks: filled when ``bitmask`` asks
             return
-        matchers = self._matchers
-        tokens = {seq.key: token for seq, token in zip(accepted_seqs, accepted_tokens)}
-        rows, fill_matchers = [], []
-        accept_matchers, accept_tokens = [], []
-        for i, seq in enumerate(seqs):
-            matcher = matchers.get(seq.key)
-            if matcher is not None:
-                rows.append(i)
-                fill_matchers.append(matcher)
-        for key, token in tokens.items():  # includes sequences not sampling this step (finished, not scheduled)
-            matcher = matchers.get(key)
-            if matcher is not None and not matcher.is_terminated():
-                accept_matchers.append(matcher)
-                accept_tokens.append(token)
+        # Accepted first (sequences not sampling this step too: finished, or not scheduled), so that a stop token
+        # accepted now marks its row ended before the rows to fill are picked.
+        accept_keys, accept_matchers, accept_tokens = self._to_accept(accepted_seqs, accepted_tokens)
+        rows, fill_matchers, fill_slots, ended_slots = self._rows_to_fill(seqs)
         if not rows and not accept_matchers:
             return
         host = self._next_host_buffer(len(rows))
         self._saved_switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GRAMMAR_SWITCH_INTERVAL_S)
-        job = self._grammar_pool().submit(self._accept_and_fill, accept_matchers, accept_tokens, fill_matchers, host)
+        job = self._grammar_pool().submit(self._accept_and_fill, accept_keys, accept_matchers, accept_tokens,
+                                          fill_matchers, fill_slots, ended_slots, host)
         self._prepared = _PreparedMasks(seqs, rows, host, [job])
 
-    def _accept_and_fill(self, accept_matchers: list[Any], accept_tokens: list[int], fill_matchers: list[Any],
+    def _to_accept(self, seqs: list[Sequence], tokens: list[int]) -> tuple[list[Key], list[Any], list[int]]:
+        """The keys and live matchers among ``seqs``, with their tokens; those whose token is a stop token are
+        marked ended (accepting it terminates them; ``_accepted`` corrects a rejected one)."""
+        matchers, ended, stop = self._matchers, self._ended, self._stop_token_ids
+        accept_keys, accept_matchers, accept_tokens = [], [], []
+        for seq, token in zip(seqs, tokens):
+            key = seq.key
+            matcher = matchers.get(key)
+            if matcher is not None and key not in ended:
+                accept_keys.append(key)
+                accept_matchers.append(matcher)
+                accept_tokens.append(token)
+                if token in stop:
+                    ended.add(key)
+        return accept_keys, accept_matchers, accept_tokens
+
+    def _accepted(self, keys: list[Key], matchers: list[Any], tokens: list[int], ok: list[bool]) -> None:
+        """Log rejected tokens (the mask and the sampler disagree: a bug); a rejected stop token did not end its
+        sequence's grammar."""
+        if all(ok):
+            return
+        _check_accepted(ok, tokens)
+        for key, matcher, token, good in zip(keys, matchers, tokens, ok):
+            if not good and token in self._stop_token_ids and not matcher.is_terminated():
+                self._ended.discard(key)
+
+    def _rows_to_fill(self, seqs: list[Sequence]) -> tuple[list[int], list[Any], list[int], list[int]]:
+        """(constrained rows of ``seqs``, the live matchers to fill and their slots in the step's mask, the slots
+        of ended rows)."""
+        matchers, ended = self._matchers, self._ended
+        rows, fill_matchers, fill_slots, ended_slots = [], [], [], []
+        for i, seq in enumerate(seqs):
+            matcher = matchers.get(seq.key)
+            if matcher is not None:
+                if seq.key in ended:
+                    ended_slots.append(len(rows))
+                else:
+                    fill_slots.append(len(rows))
+                    fill_matchers.append(matcher)
+                rows.append(i)
+        return rows, fill_matchers, fill_slots, ended_slots
+
+    def _accept_and_fill(self, accept_keys: list[Key], accept_matchers: list[Any], accept_tokens: list[int],
+                         fill_matchers: list[Any], fill_slots: list[int], ended_slots: list[int],
                          host: torch.Tensor) -> None:
-        """Accept the tokens (one batched call), then fill ``host[i]`` for ``fill_matchers[i]`` (one call on
-        xgrammar's threads). A matcher past its grammar's end (ignore_eos, or finished in flight) allows anything."""
+        """Accept the tokens (one batched call), then fill ``host[fill_slots[i]]`` for ``fill_matchers[i]`` (one
+        call on xgrammar's threads). Ended rows (past the grammar's end) allow anything."""
         import xgrammar as xgr
 
         if accept_matchers:
-            _check_accepted(xgr.BatchGrammarMatcher.batch_accept_token(accept_matchers, accept_tokens),
-                            accept_tokens)
-        if not fill_matchers:
-            return
-        terminated = [i for i, m in enumerate(fill_matchers) if m.is_terminated()]
-        if not terminated:
-            self._batch_filler().batch_fill_next_token_bitmask(fill_matchers, host)
-            return
-        for i in terminated:
-            host[i].fill_(-1)
-        ended = set(terminated)
-        live = [i for i in range(len(fill_matchers)) if i not in ended]
-        if live:
-            self._batch_filler().batch_fill_next_token_bitmask([fill_matchers[i] for i in live], host, live)
+            self._accepted(accept_keys, accept_matchers, accept_tokens,
+                           xgr.BatchGrammarMatcher.batch_accept_token(accept_matchers, accept_tokens))
+        for slot in ended_slots:
+            host[slot].fill_(-1)
+        if fill_matchers:
+            self._batch_filler().batch_fill_next_token_bitmask(fill_matchers, host, fill_slots)
 
     def bitmask(
         self, seqs: list[Sequence], device: torch.device, batch_rows: list[int] | None = None
@@ -212,20 +247,15 @@ class StructuredOutputManager:
         return to_device(out_rows, torch.int64, device), self._upload(host[: len(rows)], device)
 
     def _fill_now(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
-        rows, matchers = [], []
-        get = self._matchers.get
-        for i, seq in enumerate(seqs):
-            matcher = get(seq.key)
-            if matcher is not None:
-                rows.append(i)
-                matchers.append(matcher)
+        rows, fill_matchers, fill_slots, ended_slots = self._rows_to_fill(seqs)
         if not rows:
             return rows, None
         host = self._next_host_buffer(len(rows))
         if self.batched:
-            self._accept_and_fill([], [], matchers, host)
-        else:
-            for slot, matcher in enumerate(matchers):
+            self._accept_and_fill([], [], [], fill_matchers, fill_slots, ended_slots, host)
+        else:  # the reference: one call per sequence, asking each matcher whether it ended
+            for slot, i in enumerate(rows):
+                matcher = self._matchers[seqs[i].key]
                 if matcher.is_terminated():
                     host[slot].fill_(-1)
                 else:
@@ -246,17 +276,14 @@ class StructuredOutputManager:
         """Advance the matchers of ``seqs`` (constrained or not: the others are skipped) with their sampled tokens,
         now, on this thread."""
         self._finish_prepared()
-        pairs = [(m, t) for seq, t in zip(seqs, tokens)
-                 if (m := self._matchers.get(seq.key)) is not None and not m.is_terminated()]
-        if not pairs:
+        keys, matchers, accept_tokens = self._to_accept(seqs, tokens)
+        if not matchers:
             return
         if self.batched:
-            import xgrammar as xgr
-
-            ok = xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in pairs], [t for _, t in pairs])
+            self._accept_and_fill(keys, matchers, accept_tokens, [], [], [], torch.empty(0))
         else:
-            ok = [m.accept_token(t) for m, t in pairs]
-        _check_accepted(ok, [t for _, t in pairs])
+            self._accepted(keys, matchers, accept_tokens,
+                           [m.accept_token(t) for m, t in zip(matchers, accept_tokens)])
 
     def _grammar_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:

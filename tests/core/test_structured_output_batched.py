@@ -130,9 +130,9 @@ def test_grammar_job_runs_off_the_engine_thread_with_a_short_switch_interval(mod
     jobs = []
     accept_and_fill = manager._accept_and_fill
 
-    def recording(accept_matchers, accept_tokens, fill_matchers, host):
+    def recording(accept_keys, accept_matchers, accept_tokens, fill_matchers, *rest):
         jobs.append((threading.get_ident(), sys.getswitchinterval(), len(accept_matchers), len(fill_matchers)))
-        return accept_and_fill(accept_matchers, accept_tokens, fill_matchers, host)
+        return accept_and_fill(accept_keys, accept_matchers, accept_tokens, fill_matchers, *rest)
 
     manager._accept_and_fill = recording
     run_engine(engine, PROMPTS, _params())
