@@ -169,10 +169,13 @@ def component_costs(args: argparse.Namespace, num_rows: int) -> dict:
     def sample(mask) -> list[int]:
         return torch.multinomial(_allowed_tokens(mask, vocab_size).float(), 1, generator=generator)[:, 0].tolist()
 
+    ended = getattr(manager, "_ended", set())  # the manager's record of ended grammars (absent in older builds)
+
     def restart_ended(mask) -> None:
         for i, matcher in enumerate(matchers):
             if matcher.is_terminated():
                 matcher.reset()
+                ended.discard(seqs[i].key)
                 matcher.fill_next_token_bitmask(mask, i)
 
     def sync() -> None:
@@ -221,7 +224,7 @@ def component_costs(args: argparse.Namespace, num_rows: int) -> dict:
             fill_ms.append(1e3 * (t2 - t1b))
             glue_ms.append(1e3 * ((c1 - c0) + (c3 - c2)))
             wait_ms.append(1e3 * (w3 - w2))
-            if job_starts:  # absent when the job ran inline, in bitmask
+            if job_starts and manager.overlap:  # inline (no grammar thread), the job is bitmask's own work
                 start_ms.append(1e3 * (job_starts[0] - w0))
             copy_ms.append(1e3 * (w4 - w3))
             apply_ms.append(1e3 * (w5 - w4) if device.type == "cuda" else float("nan"))
