@@ -88,6 +88,8 @@ class StructuredOutputManager:
         # (the reference the batched path is tested against; ``--per-sequence`` in benchmarks/structured_host_cost).
         self.batched = True
         self._prepared: _PreparedMasks | None = None
+        self._arange: torch.Tensor | None = None  # row ids for a step whose every row is constrained
+        self._arange_device: torch.device | None = None
         # Two pinned host buffers, alternated, each with the event of its last upload: a buffer is refilled only
         # once the copy that read it is done (in practice always, a step later: the wait costs nothing).
         self._host_buffers: list[torch.Tensor] = []
@@ -243,8 +245,19 @@ class StructuredOutputManager:
             rows, host = self._fill_now(seqs)
         if not rows:
             return None
-        out_rows = rows if batch_rows is None else [batch_rows[i] for i in rows]
-        return to_device(out_rows, torch.int64, device), self._upload(host[: len(rows)], device)
+        if batch_rows is None and rows[-1] == len(rows) - 1:  # rows 0..n-1 (every row constrained): no upload
+            device_rows = self._row_ids(len(rows), device)
+        else:
+            out_rows = rows if batch_rows is None else [batch_rows[i] for i in rows]
+            device_rows = to_device(out_rows, torch.int64, device)
+        return device_rows, self._upload(host[: len(rows)], device)
+
+    def _row_ids(self, num_rows: int, device: torch.device) -> torch.Tensor:
+        """``arange(num_rows)`` on ``device``, sliced from one made once."""
+        if self._arange is None or self._arange_device != device or self._arange.numel() < num_rows:
+            self._arange = torch.arange(max(num_rows, self._max_rows), dtype=torch.int64, device=device)
+            self._arange_device = device  # as asked ("cuda" is not the tensor's "cuda:0")
+        return self._arange[:num_rows]
 
     def _fill_now(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
         rows, fill_matchers, fill_slots, ended_slots = self._rows_to_fill(seqs)
