@@ -40,4 +40,7 @@ def test_component_costs_split_the_step(tmp_path_factory, grammar_thread):
     for r in records:
         assert r["grammar_threads_on"] is (grammar_thread == "on")
         assert r["raw_accept_ms"] > 0 and r["raw_fill_ms"] > 0 and r["engine_thread_cpu_ms"] > 0
-        assert (r["job_start_ms"] >= 0) if grammar_thread == "on" else r["job_start_ms"] != r["job_start_ms"]  # nan
+        if grammar_thread == "on":
+            assert r["job_start_ms"] >= 0 and 0 <= r["job_started_while_busy"] <= 1
+        else:  # no grammar thread: nan
+            assert r["job_start_ms"] != r["job_start_ms"] and r["job_started_while_busy"] != r["job_started_while_busy"]
