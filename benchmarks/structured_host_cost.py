@@ -8,6 +8,12 @@ the engine thread), ``mask_apply_s`` (the mask op; on CUDA only its launch).
 On CPU (``--device cpu``, a tiny model) it measures the host side alone: greedy by default, so the CPU sampler's
 noise does not drown the grammar's cost. ``--per-sequence`` uses one xgrammar call per sequence instead of the
 batched calls (the old path), for a before/after on the same build.
+
+``--components 64,256`` runs no model: the per-step grammar cost at those row counts with the model's tokenizer, split
+into raw accept, raw fill, engine-thread glue, the overlap (when the grammar job started; how long ``bitmask`` waited)
+and the mask's upload and apply (``component_costs``):
+
+    python -m benchmarks.structured_host_cost --model .models/smollm2-135m --components 64,256 --device cuda
 """
 
 from __future__ import annotations
