@@ -52,7 +52,7 @@ GRAMMAR_SWITCH_INTERVAL_S = 0.0002
 
 @dataclass
 class _PreparedMasks:
-    """Masks being filled on the grammar threads for one step's sampling sequences."""
+    """Masks being filled on the grammar thread for one step's sampling sequences."""
 
     seqs: list[Sequence]
     rows: list[int]  # the constrained rows among ``seqs``
@@ -84,7 +84,7 @@ class StructuredOutputManager:
         self._pool: ThreadPoolExecutor | None = None  # the one grammar thread
         self._filler: Any = None  # xgrammar BatchGrammarMatcher with ``_num_threads`` C++ threads
         self._saved_switch_interval = sys.getswitchinterval()
-        # True: batched xgrammar calls on the grammar threads. False: one call per sequence on the engine thread
+        # True: batched xgrammar calls (on the grammar thread when ``overlap``). False: one call per sequence on the engine thread
         # (the reference the batched path is tested against; ``--per-sequence`` in benchmarks/structured_host_cost).
         self.batched = True
         self._prepared: _PreparedMasks | None = None
@@ -168,10 +168,10 @@ class StructuredOutputManager:
         if not rows and not accept_matchers:
             return
         host = self._next_host_buffer(len(rows))
-        self._saved_switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(GRAMMAR_SWITCH_INTERVAL_S)
         job = self._grammar_pool().submit(self._accept_and_fill, accept_keys, accept_matchers, accept_tokens,
                                           fill_matchers, fill_slots, ended_slots, host)
+        self._saved_switch_interval = sys.getswitchinterval()  # restored by ``_finish_prepared``
+        sys.setswitchinterval(GRAMMAR_SWITCH_INTERVAL_S)
         self._prepared = _PreparedMasks(seqs, rows, host, [job])
 
     def _to_accept(self, seqs: list[Sequence], tokens: list[int]) -> tuple[list[Key], list[Any], list[int]]:
