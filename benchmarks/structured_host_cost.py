@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
               f"engine busy {args.engine_busy_ms} ms)")
         for rows in (int(r) for r in args.components.split(",")):
             r = component_costs(args, rows)
-            print(f"{rows:>4}  {r['raw_accept_ms']:>10.3f}  {r['raw_fill_ms']:>15.3f}  {r['engine_thread_cpu_ms']:>17.3f}"
+            print(f"{rows:>4}  {r['raw_accept_ms']:>10.3f}  {r['raw_fill_ms']:>15.3f}"
+                  f"  {r['engine_thread_cpu_ms']:>17.3f}"
                   f"  {r['job_start_ms']:>9.3f}  {100 * r['job_started_while_busy']:>14.0f}%"
                   f"  {r['bitmask_wait_ms']:>12.3f}  {r['upload_wait_ms']:>6.3f}  {r['apply_ms']:>5.3f}"
                   f"   ({r['device']}, grammar thread {'on' if r['grammar_threads_on'] else 'off'}, "

@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> dict:
                                                                                    for r in runs)}
     result["json_object_slowdown"] = 1 - (result["json_object"]["median_output_tok_per_s"]
                                           / result["unconstrained"]["median_output_tok_per_s"])
-    result["json_object_slowdown_same_lengths"] = 1 - (result["json_object"]["median_output_tok_per_s"]
-                                                       / result["unconstrained_same_lengths"]["median_output_tok_per_s"])
+    same_lengths = result["unconstrained_same_lengths"]["median_output_tok_per_s"]
+    result["json_object_slowdown_same_lengths"] = 1 - result["json_object"]["median_output_tok_per_s"] / same_lengths
     return result
 
 

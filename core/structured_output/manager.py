@@ -84,8 +84,9 @@ class StructuredOutputManager:
         self._pool: ThreadPoolExecutor | None = None  # the one grammar thread
         self._filler: Any = None  # xgrammar BatchGrammarMatcher with ``_num_threads`` C++ threads
         self._saved_switch_interval = sys.getswitchinterval()
-        # True: batched xgrammar calls (on the grammar thread when ``overlap``). False: one call per sequence on the engine thread
-        # (the reference the batched path is tested against; ``--per-sequence`` in benchmarks/structured_host_cost).
+        # True: batched xgrammar calls (on the grammar thread when ``overlap``). False: one call per sequence on
+        # the engine thread (the reference the batched path is tested against; ``--per-sequence`` in
+        # benchmarks/structured_host_cost).
         self.batched = True
         self._prepared: _PreparedMasks | None = None
         self._arange: torch.Tensor | None = None  # row ids for a step whose every row is constrained
