@@ -169,10 +169,14 @@ class StructuredOutputManager:
         if not rows and not accept_matchers:
             return
         host = self._next_host_buffer(len(rows))
-        job = self._grammar_pool().submit(self._accept_and_fill, accept_keys, accept_matchers, accept_tokens,
-                                          fill_matchers, fill_slots, ended_slots, host)
         self._saved_switch_interval = sys.getswitchinterval()  # restored by ``_finish_prepared``
-        sys.setswitchinterval(GRAMMAR_SWITCH_INTERVAL_S)
+        sys.setswitchinterval(GRAMMAR_SWITCH_INTERVAL_S)  # before the job exists: its first hand-off needs it too
+        try:
+            job = self._grammar_pool().submit(self._accept_and_fill, accept_keys, accept_matchers, accept_tokens,
+                                              fill_matchers, fill_slots, ended_slots, host)
+        except BaseException:
+            sys.setswitchinterval(self._saved_switch_interval)
+            raise
         self._prepared = _PreparedMasks(seqs, rows, host, [job])
 
     def _to_accept(self, seqs: list[Sequence], tokens: list[int]) -> tuple[list[Key], list[Any], list[int]]:
