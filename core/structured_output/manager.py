@@ -9,9 +9,10 @@ reach xgrammar.
 A step's grammar work (accept the previous step's tokens, then fill the masks) runs off the engine thread and
 overlaps with everything else: the engine queues step N's forward on the device, reads step N-1's tokens and hands
 them to ``prepare`` together with step N's sequences (``ModelRunner.launch``'s ``before_sample``), then does its
-Python bookkeeping for step N-1 while grammar threads (xgrammar releases the GIL) advance and fill the constrained
-rows, in chunks, straight into a pinned buffer; ``bitmask`` joins them and uploads the whole mask in one
-non-blocking copy. No sync with the device, no per-row work on the engine thread beyond collecting the matchers.
+Python bookkeeping for step N-1 while the grammar thread advances and fills the constrained rows (one batched
+accept, one fill on xgrammar's C++ threads, both without the GIL) straight into a pinned buffer; ``bitmask`` joins
+it and uploads the whole mask in one non-blocking copy. No sync with the device, no per-row work on the engine
+thread beyond collecting the matchers.
 On a machine with fewer than ``MIN_CPUS_FOR_GRAMMAR_THREADS`` CPUs the same batched calls run on the engine thread
 (no core would be free to overlap them).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -42,13 +44,15 @@ def default_grammar_threads() -> int:
 
 MIN_CPUS_FOR_GRAMMAR_THREADS = 4
 
-# Fewer rows than this per grammar thread are not worth a thread: a row costs tens of microseconds.
-MIN_ROWS_PER_THREAD = 16
+# CPython's switch interval while a grammar job is in flight: how long the grammar thread may wait for the GIL
+# (to start, and between its two C++ calls) while the engine thread runs pure Python. The default 5 ms would
+# serialise the job behind the engine's bookkeeping instead of overlapping it.
+GRAMMAR_SWITCH_INTERVAL_S = 0.0002
 
 
 @dataclass
 class _PreparedMasks:
-    """Masks being filled on the grammar threads for one step's sampling sequences."""
+    """Masks being filled on the grammar thread for one step's sampling sequences."""
 
     seqs: list[Sequence]
     rows: list[int]  # the constrained rows among ``seqs``
@@ -59,12 +63,17 @@ class _PreparedMasks:
 class StructuredOutputManager:
     def __init__(self, load_tokenizer_info: Callable[[], Any], vocab_size: int, max_num_seqs: int,
                  grammar_threads: int | None = None) -> None:
-        """``grammar_threads``: threads that accept tokens and fill masks, each for a chunk of the constrained rows
+        """``grammar_threads``: xgrammar's C++ threads that fill the masks, each a share of the constrained rows
         (default ``default_grammar_threads()``)."""
         self.vocab_size = vocab_size
         self.compiler = GrammarCompilerService(load_tokenizer_info)
         self._compiling: dict[Key, Future] = {}
         self._matchers: dict[Key, Any] = {}
+        # Sequences whose matcher accepted a stop token (it terminates exactly then: matchers are made without
+        # ``terminate_without_stop_token``). Kept here so a step asks no matcher ``is_terminated()``: a row in it
+        # allows anything (ignore_eos, or finished while the step was in flight) and accepts nothing more.
+        self._ended: set[Key] = set()
+        self._stop_token_ids: frozenset[int] = frozenset()  # the same for every grammar: one TokenizerInfo
         self._failures: list[tuple[Sequence, str]] = []
         self._num_words = -(-vocab_size // 32)
         self._max_rows = max_num_seqs
@@ -72,12 +81,16 @@ class StructuredOutputManager:
         # Grammar threads only pay where a core is free to run them next to the engine thread (and the device
         # runtime's threads); on a small machine the same batched calls run on the engine thread instead.
         self.overlap = len(os.sched_getaffinity(0)) >= MIN_CPUS_FOR_GRAMMAR_THREADS
-        self._pool: ThreadPoolExecutor | None = None
-        self._fillers: dict[int, Any] = {}  # thread ident -> its xgrammar BatchGrammarMatcher
-        # True: batched xgrammar calls on the grammar threads. False: one call per sequence on the engine thread
-        # (the reference the batched path is tested against; ``--per-sequence`` in benchmarks/structured_host_cost).
+        self._pool: ThreadPoolExecutor | None = None  # the one grammar thread
+        self._filler: Any = None  # xgrammar BatchGrammarMatcher with ``_num_threads`` C++ threads
+        self._saved_switch_interval = sys.getswitchinterval()
+        # True: batched xgrammar calls (on the grammar thread when ``overlap``). False: one call per sequence on
+        # the engine thread (the reference the batched path is tested against; ``--per-sequence`` in
+        # benchmarks/structured_host_cost).
         self.batched = True
         self._prepared: _PreparedMasks | None = None
+        self._arange: torch.Tensor | None = None  # row ids for a step whose every row is constrained
+        self._arange_device: torch.device | None = None
         # Two pinned host buffers, alternated, each with the event of its last upload: a buffer is refilled only
         # once the copy that read it is done (in practice always, a step later: the wait costs nothing).
         self._host_buffers: list[torch.Tensor] = []
@@ -107,8 +120,11 @@ class StructuredOutputManager:
         import xgrammar as xgr
 
         matcher = xgr.GrammarMatcher(compiled)
+        self._stop_token_ids = frozenset(matcher.stop_token_ids)
         for token in seq.output_token_ids:  # a sequence that already has output (never today: kept safe)
             matcher.accept_token(token)
+        if matcher.is_terminated():
+            self._ended.add(seq.key)
         self._matchers[seq.key] = matcher
         return False
 
@@ -129,58 +145,96 @@ class StructuredOutputManager:
     def remove(self, key: Key) -> None:
         self._compiling.pop(key, None)
         self._matchers.pop(key, None)
+        self._ended.discard(key)
 
     # ------------------------------------------------------------------------------------------------ step
     def prepare(self, accepted_seqs: list[Sequence], accepted_tokens: list[int], seqs: list[Sequence]) -> None:
-        """Start, on the grammar threads: advance the matchers of ``accepted_seqs`` with ``accepted_tokens`` (the
+        """Start, on the grammar thread: advance the matchers of ``accepted_seqs`` with ``accepted_tokens`` (the
         previous step's), then fill the masks of the constrained rows among ``seqs`` (this step's sampling
-        sequences). ``bitmask(seqs, ...)`` collects them. The caller must not touch these matchers meanwhile."""
+        sequences). ``bitmask(seqs, ...)`` collects them. The caller must not touch these matchers meanwhile.
+
+        All the per-row Python (which matchers, which slots) runs here, on the engine thread, so the grammar thread
+        makes two C++ calls that release the GIL (one batched accept, one fill on xgrammar's own threads) and
+        needs the GIL only around them; the switch interval is lowered while the job is in flight so those
+        hand-offs take a fraction of a millisecond instead of waiting out CPython's 5 ms for an engine thread
+        that is busy in pure Python (the bookkeeping this job is meant to overlap)."""
         self._finish_prepared()
         if not (self.batched and self.overlap):
             self.accept(accepted_seqs, accepted_tokens)  # masks: filled when ``bitmask`` asks
             return
-        tokens = {seq.key: token for seq, token in zip(accepted_seqs, accepted_tokens)}
-        rows, work = [], []  # work: (host row, matcher, token to accept first or None)
-        get = self._matchers.get
-        for i, seq in enumerate(seqs):
-            matcher = get(seq.key)
-            if matcher is not None:
-                work.append((len(rows), matcher, tokens.pop(seq.key, None)))
-                rows.append(i)
-        # Tokens of sequences not sampling this step (finished, or not scheduled): accept them too.
-        leftover = [(-1, m, t) for key, t in tokens.items() if (m := get(key)) is not None]
-        if not rows and not leftover:
+        # Accepted first (sequences not sampling this step too: finished, or not scheduled), so that a stop token
+        # accepted now marks its row ended before the rows to fill are picked.
+        accept_keys, accept_matchers, accept_tokens = self._to_accept(accepted_seqs, accepted_tokens)
+        rows, fill_matchers, fill_slots, ended_slots = self._rows_to_fill(seqs)
+        if not rows and not accept_matchers:
             return
         host = self._next_host_buffer(len(rows))
-        pool = self._grammar_pool()
-        num_chunks = max(1, min(self._num_threads, len(work) // MIN_ROWS_PER_THREAD))
-        size = -(-len(work) // num_chunks) if work else 0
-        chunks = [work[i : i + size] for i in range(0, len(work), size)] if work else []
-        if leftover:
-            chunks.append(leftover)
-        jobs = [pool.submit(self._accept_and_fill, chunk, host) for chunk in chunks]
-        self._prepared = _PreparedMasks(seqs, rows, host, jobs)
+        self._saved_switch_interval = sys.getswitchinterval()  # restored by ``_finish_prepared``
+        sys.setswitchinterval(GRAMMAR_SWITCH_INTERVAL_S)  # before the job exists: its first hand-off needs it too
+        try:
+            job = self._grammar_pool().submit(self._accept_and_fill, accept_keys, accept_matchers, accept_tokens,
+                                              fill_matchers, fill_slots, ended_slots, host)
+        except BaseException:
+            sys.setswitchinterval(self._saved_switch_interval)
+            raise
+        self._prepared = _PreparedMasks(seqs, rows, host, [job])
 
-    def _accept_and_fill(self, work: list[tuple[int, Any, int | None]], host: torch.Tensor) -> None:
-        """One grammar thread's chunk: accept each row's token, then fill the live rows' masks in one call."""
+    def _to_accept(self, seqs: list[Sequence], tokens: list[int]) -> tuple[list[Key], list[Any], list[int]]:
+        """The keys and live matchers among ``seqs``, with their tokens; those whose token is a stop token are
+        marked ended (accepting it terminates them; ``_accepted`` corrects a rejected one)."""
+        matchers, ended, stop = self._matchers, self._ended, self._stop_token_ids
+        accept_keys, accept_matchers, accept_tokens = [], [], []
+        for seq, token in zip(seqs, tokens):
+            key = seq.key
+            matcher = matchers.get(key)
+            if matcher is not None and key not in ended:
+                accept_keys.append(key)
+                accept_matchers.append(matcher)
+                accept_tokens.append(token)
+                if token in stop:
+                    ended.add(key)
+        return accept_keys, accept_matchers, accept_tokens
+
+    def _accepted(self, keys: list[Key], matchers: list[Any], tokens: list[int], ok: list[bool]) -> None:
+        """Log rejected tokens (the mask and the sampler disagree: a bug); a rejected stop token did not end its
+        sequence's grammar."""
+        if all(ok):
+            return
+        _check_accepted(ok, tokens)
+        for key, matcher, token, good in zip(keys, matchers, tokens, ok):
+            if not good and token in self._stop_token_ids and not matcher.is_terminated():
+                self._ended.discard(key)
+
+    def _rows_to_fill(self, seqs: list[Sequence]) -> tuple[list[int], list[Any], list[int], list[int]]:
+        """(constrained rows of ``seqs``, the live matchers to fill and their slots in the step's mask, the slots
+        of ended rows)."""
+        matchers, ended = self._matchers, self._ended
+        rows, fill_matchers, fill_slots, ended_slots = [], [], [], []
+        for i, seq in enumerate(seqs):
+            matcher = matchers.get(seq.key)
+            if matcher is not None:
+                if seq.key in ended:
+                    ended_slots.append(len(rows))
+                else:
+                    fill_slots.append(len(rows))
+                    fill_matchers.append(matcher)
+                rows.append(i)
+        return rows, fill_matchers, fill_slots, ended_slots
+
+    def _accept_and_fill(self, accept_keys: list[Key], accept_matchers: list[Any], accept_tokens: list[int],
+                         fill_matchers: list[Any], fill_slots: list[int], ended_slots: list[int],
+                         host: torch.Tensor) -> None:
+        """Accept the tokens (one batched call), then fill ``host[fill_slots[i]]`` for ``fill_matchers[i]`` (one
+        call on xgrammar's threads). Ended rows (past the grammar's end) allow anything."""
         import xgrammar as xgr
 
-        accepting = [(m, t) for _, m, t in work if t is not None and not m.is_terminated()]
-        if accepting:
-            _check_accepted(xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in accepting],
-                                                                       [t for _, t in accepting]),
-                            [t for _, t in accepting])
-        live, slots = [], []
-        for slot, matcher, _ in work:
-            if slot < 0:
-                continue
-            if matcher.is_terminated():
-                host[slot].fill_(-1)  # past the grammar's end (ignore_eos, or finished in flight): allow anything
-            else:
-                live.append(matcher)
-                slots.append(slot)
-        if live:
-            self._filler().batch_fill_next_token_bitmask(live, host, slots)
+        if accept_matchers:
+            self._accepted(accept_keys, accept_matchers, accept_tokens,
+                           xgr.BatchGrammarMatcher.batch_accept_token(accept_matchers, accept_tokens))
+        for slot in ended_slots:
+            host[slot].fill_(-1)
+        if fill_matchers:
+            self._batch_filler().batch_fill_next_token_bitmask(fill_matchers, host, fill_slots)
 
     def bitmask(
         self, seqs: list[Sequence], device: torch.device, batch_rows: list[int] | None = None
@@ -196,24 +250,30 @@ class StructuredOutputManager:
             rows, host = self._fill_now(seqs)
         if not rows:
             return None
-        out_rows = rows if batch_rows is None else [batch_rows[i] for i in rows]
-        return to_device(out_rows, torch.int64, device), self._upload(host[: len(rows)], device)
+        if batch_rows is None and rows[-1] == len(rows) - 1:  # rows 0..n-1 (every row constrained): no upload
+            device_rows = self._row_ids(len(rows), device)
+        else:
+            out_rows = rows if batch_rows is None else [batch_rows[i] for i in rows]
+            device_rows = to_device(out_rows, torch.int64, device)
+        return device_rows, self._upload(host[: len(rows)], device)
+
+    def _row_ids(self, num_rows: int, device: torch.device) -> torch.Tensor:
+        """``arange(num_rows)`` on ``device``, sliced from one made once."""
+        if self._arange is None or self._arange_device != device or self._arange.numel() < num_rows:
+            self._arange = torch.arange(max(num_rows, self._max_rows), dtype=torch.int64, device=device)
+            self._arange_device = device  # as asked ("cuda" is not the tensor's "cuda:0")
+        return self._arange[:num_rows]
 
     def _fill_now(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
-        rows, matchers = [], []
-        get = self._matchers.get
-        for i, seq in enumerate(seqs):
-            matcher = get(seq.key)
-            if matcher is not None:
-                rows.append(i)
-                matchers.append(matcher)
+        rows, fill_matchers, fill_slots, ended_slots = self._rows_to_fill(seqs)
         if not rows:
             return rows, None
         host = self._next_host_buffer(len(rows))
         if self.batched:
-            self._accept_and_fill([(slot, m, None) for slot, m in enumerate(matchers)], host)
-        else:
-            for slot, matcher in enumerate(matchers):
+            self._accept_and_fill([], [], [], fill_matchers, fill_slots, ended_slots, host)
+        else:  # the reference: one call per sequence, asking each matcher whether it ended
+            for slot, i in enumerate(rows):
+                matcher = self._matchers[seqs[i].key]
                 if matcher.is_terminated():
                     host[slot].fill_(-1)
                 else:
@@ -223,42 +283,38 @@ class StructuredOutputManager:
     def _finish_prepared(self) -> _PreparedMasks | None:
         prepared, self._prepared = self._prepared, None
         if prepared is not None:
-            for job in prepared.jobs:
-                job.result()
+            try:
+                for job in prepared.jobs:
+                    job.result()
+            finally:
+                sys.setswitchinterval(self._saved_switch_interval)
         return prepared
 
     def accept(self, seqs: list[Sequence], tokens: list[int]) -> None:
         """Advance the matchers of ``seqs`` (constrained or not: the others are skipped) with their sampled tokens,
         now, on this thread."""
         self._finish_prepared()
-        pairs = [(m, t) for seq, t in zip(seqs, tokens)
-                 if (m := self._matchers.get(seq.key)) is not None and not m.is_terminated()]
-        if not pairs:
+        keys, matchers, accept_tokens = self._to_accept(seqs, tokens)
+        if not matchers:
             return
         if self.batched:
-            import xgrammar as xgr
-
-            ok = xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in pairs], [t for _, t in pairs])
+            self._accept_and_fill(keys, matchers, accept_tokens, [], [], [], torch.empty(0))
         else:
-            ok = [m.accept_token(t) for m, t in pairs]
-        _check_accepted(ok, [t for _, t in pairs])
+            self._accepted(keys, matchers, accept_tokens,
+                           [m.accept_token(t) for m, t in zip(matchers, accept_tokens)])
 
     def _grammar_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._num_threads, thread_name_prefix="grammar-step")
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-step")
         return self._pool
 
-    def _filler(self) -> Any:
-        """This thread's single-threaded xgrammar batch filler (its threads are ours)."""
-        import threading
+    def _batch_filler(self) -> Any:
+        """The xgrammar batch filler: one call fills every row on ``grammar_threads`` C++ threads (no GIL)."""
+        if self._filler is None:
+            import xgrammar as xgr
 
-        import xgrammar as xgr
-
-        ident = threading.get_ident()
-        filler = self._fillers.get(ident)
-        if filler is None:
-            filler = self._fillers[ident] = xgr.BatchGrammarMatcher(max_threads=1)
-        return filler
+            self._filler = xgr.BatchGrammarMatcher(max_threads=self._num_threads)
+        return self._filler
 
     def _next_host_buffer(self, num_rows: int) -> torch.Tensor:
         """The next pinned [max rows, words] int32 buffer, once its previous upload has finished."""
@@ -278,7 +334,9 @@ class StructuredOutputManager:
         index = self._num_uploads % 2
         self._num_uploads += 1
         if device.type != "cuda":
-            return host.clone()  # the buffer is refilled two steps on
+            # The sampler reads it within this step, long before the buffer comes round again (two steps on); a
+            # copy would cost more than the fill on a busy machine (an intra-op parallel copy waits for every core).
+            return host
         out = host.to(device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()

@@ -24,3 +24,23 @@ def test_host_cost_benchmark_runs_both_passes(tmp_path_factory, per_sequence):
     assert 0 < json_pass["output_tokens"] <= 4 * 8
     assert json_pass["mask_fill_s_calls"] >= json_pass["steps"] - 1 and json_pass["mask_apply_s_calls"] > 0
     assert "mask_fill_s_calls" not in record["unconstrained"]  # unconstrained steps never reach the grammar path
+
+
+@pytest.mark.parametrize("grammar_thread", ["on", "off"])
+def test_component_costs_split_the_step(tmp_path_factory, grammar_thread):
+    """``--components``: the per-step split through the manager (whose masks it checks against xgrammar's own
+    fill every step) with and without the grammar thread."""
+    model = tiny_llama_dir(tmp_path_factory.getbasetemp() / "tiny-llama-host-cost")
+    out = tmp_path_factory.mktemp("results") / "components.jsonl"
+    argv = ["--model", str(model), "--device", "cpu", "--components", "4,16", "--steps", "4", "--warmup-steps", "1",
+            "--engine-busy-ms", "1", "--grammar-threads", grammar_thread, "--json", str(out)]
+    assert main(argv) == 0
+    records = [json.loads(line)["components"] for line in out.read_text().splitlines()]
+    assert [r["rows"] for r in records] == [4, 16]
+    for r in records:
+        assert r["grammar_threads_on"] is (grammar_thread == "on")
+        assert r["raw_accept_ms"] > 0 and r["raw_fill_ms"] > 0 and r["engine_thread_cpu_ms"] > 0
+        if grammar_thread == "on":
+            assert r["job_start_ms"] >= 0 and 0 <= r["job_started_while_busy"] <= 1
+        else:  # no grammar thread: nan
+            assert r["job_start_ms"] != r["job_start_ms"] and r["job_started_while_busy"] != r["job_started_while_busy"]

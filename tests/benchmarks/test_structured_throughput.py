@@ -25,3 +25,6 @@ def test_json_object_benchmark_runs_both_passes(tmp_path):
     assert record["unconstrained"]["runs"][0]["output_tokens"] == record["w1_output_tokens"]
     assert 0 < record["json_object"]["runs"][0]["output_tokens"] <= record["w1_output_tokens"]
     assert record["json_object"]["median_output_tok_per_s"] > 0
+    same = record["unconstrained_same_lengths"]["runs"][0]["output_tokens"]
+    assert same == record["json_object"]["runs"][0]["output_tokens"]  # W1 cut to the constrained outputs' lengths
+    assert "json_object_slowdown_same_lengths" in record

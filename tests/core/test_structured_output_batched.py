@@ -111,3 +111,32 @@ def test_constrained_steps_keep_async_scheduling(model):
     assert overlapped and sum(overlapped) >= len(overlapped) - 1, overlapped
     reference = run_engine(make_engine(model, async_scheduling=False, max_num_seqs=16), PROMPTS, _params())
     assert _tokens(got) == _tokens(reference)
+
+
+def test_grammar_job_runs_off_the_engine_thread_with_a_short_switch_interval(model):
+    """The step's grammar job runs on the grammar thread while the engine thread does its Python bookkeeping; at
+    CPython's default 5 ms switch interval the job would only get the GIL once the engine thread blocked for the
+    masks (no overlap), so the interval is lowered while a job is in flight and restored once it is collected."""
+    import sys
+    import threading
+
+    from core.structured_output.manager import GRAMMAR_SWITCH_INTERVAL_S
+
+    engine = make_engine(model, async_scheduling=True, max_num_seqs=16)
+    manager = engine.structured
+    manager.overlap = True
+    before = sys.getswitchinterval()
+    engine_thread = threading.get_ident()
+    jobs = []
+    accept_and_fill = manager._accept_and_fill
+
+    def recording(accept_keys, accept_matchers, accept_tokens, fill_matchers, *rest):
+        jobs.append((threading.get_ident(), sys.getswitchinterval(), len(accept_matchers), len(fill_matchers)))
+        return accept_and_fill(accept_keys, accept_matchers, accept_tokens, fill_matchers, *rest)
+
+    manager._accept_and_fill = recording
+    run_engine(engine, PROMPTS, _params())
+    off_thread = [job for job in jobs if job[0] != engine_thread]
+    assert off_thread and all(interval == pytest.approx(GRAMMAR_SWITCH_INTERVAL_S) for _, interval, _, _ in off_thread)
+    assert any(accepted > 0 and filled > 0 for _, _, accepted, filled in off_thread)  # accept then fill, one job
+    assert sys.getswitchinterval() == before
