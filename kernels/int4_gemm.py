@@ -140,8 +140,6 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_packed = tl.arange(0, BLOCK_K // 8)
-    # Tile row 8p + i is nibble i of word p, i.e. input row 32 (p // 4) + 4 i + p % 4 of the tile (the interleave).
-    x_cols = 32 * (offs_k // 32) + 4 * (offs_k % 8) + (offs_k // 8) % 4
     m_mask = offs_m < M
     n_mask = offs_n < N
     shifts = tl.arange(0, 8) * 4
@@ -149,7 +147,10 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + x_cols)[None, :], mask=m_mask[:, None], other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
+        # Tile row 8p + i below is nibble i of word p = 4c + r, i.e. input row 32c + 4i + r (the interleave): x's
+        # columns reordered to match, [.., c, i, r] -> [.., c, r, i] (in registers / shared memory, not by a gather).
+        x = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 8, 4)), (0, 1, 3, 2)), (BLOCK_M, BLOCK_K))
         # Each int32 is loaded once and split into its 8 rows: [BLOCK_K / 8, 8, BLOCK_N] -> [BLOCK_K, BLOCK_N].
         qw = tl.load(qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + (k0 // 8 + offs_packed)[:, None],
                      mask=n_mask[None, :], other=0)
