@@ -128,3 +128,17 @@ def test_fp8_linear_gpu_matches_references(m, n, k):
     if m > 16:  # static per-tensor activation scale
         static = torch.tensor([0.02], device="cuda")
         assert_close(fp8_linear(x, weight, scale, static), fp8_linear_ref(x, weight, scale, static).float(), 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["fma:4x1024:w4:p0", "fma:8x512:w4:p2", "fma:2x2048:w8:p0", "fma:16x256:w4:p0"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_fma_w8a16_kernel_gpu(m, config):
+    """The compiled fma kernel (its PTX e4m3x2 -> f16x2 conversion of whole 32-bit words, which the interpreter
+    replaces by per-byte casts) against the reference, at a Llama shape with a ragged K tail and N edge."""
+    gen = torch.Generator().manual_seed(m)
+    n, k = 4096 + 24, 4096 + 48
+    weight, scale = quantize_per_channel((torch.randn(n, k, generator=gen) * 0.02).cuda())
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+    out = fp8_fma_gemm(x, weight, scale, SkinnyConfig.parse(config))
+    assert_close(out, fp8_weight_only_ref(x, weight, scale).float(), 1e-2, f"fp8 fma gpu m={m} {config}")
