@@ -64,7 +64,7 @@ DTYPE = torch.float16 if ARGS.smoke else torch.bfloat16  # bf16 tl.dot is wrong 
 from kernels import fp8_linear as fp8  # noqa: E402  (after TRITON_INTERPRET is set)
 from kernels import int4_gemm as i4  # noqa: E402
 from kernels.int4_gemm import int4_gemm, int4_linear_ref, pack_int4_kernel  # noqa: E402
-from kernels.skinny_gemm import SkinnyConfig  # noqa: E402
+from kernels.skinny_gemm import SkinnyConfig, m_bucket  # noqa: E402
 from kernels.skinny_gemm import linear as skinny_linear  # noqa: E402
 
 
@@ -199,6 +199,9 @@ FP8_PREFETCH = (2, 4)  # tried on each (shape, M)'s best config
 INT4_CANDIDATES = ["fma:4x1024:w4:p0", "fma:8x1024:w4:p0", "fma:16x1024:w4:p0", "fma:8x2048:w4:p0",
                    "fma:4x2048:w4:p0", "fma:2x2048:w4:p0", "fma:8x512:w4:p0", "fma:16x512:w4:p0",
                    "fma:8x1024:w8:p0", "fma:16x1024:w8:p0", "fma:8x2048:w8:p0", "fma:4x4096:w8:p0"]  # fmt: skip
+# Per thread and tile: fp8 weights (= accumulator registers per x row), int4 words; above these, compiling for
+# sm_90 spilled registers (fp8 M = 4 at 64 weights: ~320 spill stores; int4 M = 4 at 16 words).
+MAX_PER_THREAD = {("fp8", 1): 64, ("fp8", 2): 64, ("fp8", 4): 32, ("int4", 1): 16, ("int4", 2): 16, ("int4", 4): 8}
 SMOKE_FP8_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
 SMOKE_INT4_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
 
@@ -245,6 +248,15 @@ def sweep_calls(fmt: str, weights: list, k: int, out_dtype: torch.dtype | None =
         if i4._fit_block_k(config, k, GROUP) == config:  # block_k divides K (14336 = 7 * 2048)
             calls[text] = lambda i, x, c=config: i4.int4_fma_gemm(x, *weights[i], GROUP, c)
     return calls
+
+
+def fits_registers(fmt: str, label: str, m: int) -> bool:
+    """False for an fma candidate whose per-thread tile would spill at this M (see MAX_PER_THREAD)."""
+    if not label.startswith("fma") or ARGS.smoke:
+        return True
+    c = SkinnyConfig.parse(label)
+    per_thread = c.block_n * c.block_k // (32 * c.num_warps) // (8 if fmt == "int4" else 1)
+    return per_thread <= MAX_PER_THREAD[(fmt, m_bucket(m))]
 
 
 def sweep_reference(fmt: str, weights: list, x: torch.Tensor) -> torch.Tensor:
@@ -299,13 +311,15 @@ def decode_sweep() -> int:
             calls = sweep_calls(fmt, weights, k, torch.float32 if name == "lm_head" else None)
             xs = {m: torch.randn(m, k, generator=gen, device=DEVICE).to(DTYPE) for m in m_values}
             # one small-N slice per kernel specialization (M bucket x config) to compile in parallel
-            precompile([(call, xs[m]) for m in m_values for call in calls.values()] if name == next(iter(shapes))
-                       else [])
+            precompile([(call, xs[m]) for m in m_values for label, call in calls.items()
+                        if fits_registers(fmt, label, m)] if name == next(iter(shapes)) else [])
             for m in m_values:
                 x = xs[m]
                 ref = sweep_reference(fmt, weights, x)
                 times: dict[str, float] = {}
                 for label, call in calls.items():
+                    if not fits_registers(fmt, label, m):
+                        continue
                     try:
                         check(f"{fmt} {name} M={m} {label}", call(0, x), ref, 2e-2)
                         times[label] = time_per_call([lambda i=i: call(i, x) for i in range(len(weights))])
