@@ -17,8 +17,8 @@ Two kernels:
   multiplied into one fp32 accumulator per x row at word granularity, reduced once at the end. Configs per shape in
   ``INT4_SKINNY_CONFIGS`` / ``INT4_DEFAULT_CONFIGS`` (``benchmarks/bench_quant_gemm.py --sweep`` measures them).
 - ``dot`` (tl.dot, any M; the decode launch pads x to 16 rows, the prefill one uses ``[64, block_n]`` tiles):
-  each program dequantizes a ``[block_k, block_n]`` tile of one group in registers, its x columns gathered in the
-  interleaved order; at decode output blocks are narrow enough to give every SM work (``kernels/split_k.py``), and
+  each program dequantizes a ``[block_k, block_n]`` tile of one group in registers, its x tile (loaded contiguous)
+  reordered to the interleave in registers (``tl.permute``); at decode output blocks are narrow enough to give every SM work (``kernels/split_k.py``), and
   only small layers split K (fp32 partial sums, added up by one ``sum``).
 
 ``int4_linear_ref`` (unpack, dequantize, fp32 matmul) is the reference and the CPU path.
