@@ -1,17 +1,24 @@
 """Quantized GEMMs at Llama-3.1-8B's linear shapes: bf16 (cuBLAS and the skinny dispatcher) against fp8 (the
-skinny w8a16 Triton kernel, and per-token quantization + ``torch._scaled_mm``) and int4 (the Triton w4a16 kernel,
+skinny w8a16 Triton kernels, and per-token quantization + ``torch._scaled_mm``) and int4 (the Triton w4a16 kernels,
 group 128), per M, in microseconds per call and as a fraction of each format's weight-read floor (weight bytes /
 the measured device copy bandwidth). Every kernel is checked against its reference first.
 
 This is what picks the fp8 path per shape (``kernels/fp8_linear.py: SKINNY_MAX_M``) and shows what W3 at fp8 / int4
 can reach: at M = 1 a decode step is these four GEMMs per layer.
 
-    python benchmarks/bench_quant_gemm.py            # on the GPU
-    python benchmarks/bench_quant_gemm.py --smoke    # tiny shapes on CPU (Triton interpreter): the script runs
-    python benchmarks/bench_quant_gemm.py --sweep --m 1 4 16   # + every decode launch config of both kernels
+    python benchmarks/bench_quant_gemm.py            # on the GPU: every kernel at M = 1 .. 4096
+    python benchmarks/bench_quant_gemm.py --sweep    # decode (M = 1, 2, 4) fma config sweep; ~2-4 min on the H200
+    python benchmarks/bench_quant_gemm.py --smoke [--sweep]   # tiny shapes on CPU (Triton interpreter)
+    python benchmarks/bench_quant_gemm.py --sweep-dot --m 1 4 16   # + every tl.dot decode launch config
 
-``--sweep`` times the skinny kernels (M <= 16) at each block_n x block_k x split_k x num_warps and prints the best
-per (shape, M) beside the default (``kernels/split_k.py: decode_launch``).
+``--sweep`` times the CUDA-core fma kernels (``fp8_fma_gemm``, ``int4_fma_gemm``) at each candidate config for
+M = 1, 2, 4 at the four layer shapes (the LM head stays bf16 under fp8 and AWQ: timed as the bf16 skinny kernel for
+the step total), beside the current tl.dot kernels and the bf16 skinny kernel, each call on its own copy of the
+weight (copies >= 128 MB in all, so nothing is served from the 50 MB L2). It prints per (format, shape, M) the best
+config, us, GB/s and % of 4.28 TB/s (H200 HBM3e peak), a config block to paste into ``FP8_SKINNY_CONFIGS`` /
+``FP8_DEFAULT_CONFIGS`` and ``INT4_SKINNY_CONFIGS`` / ``INT4_DEFAULT_CONFIGS``, and the predicted GEMM time of one
+W3 decode step (32 layers x 4 GEMMs + the bf16 LM head). ``--sweep-dot`` is the older sweep of the tl.dot kernels'
+block_n x block_k x split_k x num_warps.
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--m", type=int, nargs="+", default=None, help="the M values (rows) to time")
-    p.add_argument("--sweep", action="store_true", help="also sweep the skinny kernels' launch configs (M <= 16)")
+    p.add_argument("--sweep", action="store_true", help="sweep the fma decode kernels' configs at M = 1, 2, 4 (only)")
+    p.add_argument("--sweep-dot", action="store_true", help="also sweep the tl.dot decode kernels' launch configs")
     return p.parse_args()
 
 
@@ -54,7 +62,9 @@ DEVICE = "cpu" if ARGS.smoke else "cuda"
 DTYPE = torch.float16 if ARGS.smoke else torch.bfloat16  # bf16 tl.dot is wrong in the interpreter
 
 from kernels import fp8_linear as fp8  # noqa: E402  (after TRITON_INTERPRET is set)
-from kernels.int4_gemm import int4_gemm, int4_linear_ref, pack_int4_rows  # noqa: E402
+from kernels import int4_gemm as i4  # noqa: E402
+from kernels.int4_gemm import int4_gemm, int4_linear_ref, pack_int4_kernel  # noqa: E402
+from kernels.skinny_gemm import SkinnyConfig, m_bucket  # noqa: E402
 from kernels.skinny_gemm import linear as skinny_linear  # noqa: E402
 
 
@@ -114,7 +124,7 @@ def make_weights(n: int, k: int, gen: torch.Generator) -> dict[str, list]:
         q4 = torch.randint(0, 16, (k, n), generator=gen)
         scales = (torch.rand(k // GROUP, n, generator=gen) * 0.004 + 0.001).to(DTYPE)
         zeros = torch.randint(0, 16, (k // GROUP, n), generator=gen).to(DTYPE)
-        formats["int4"].append((pack_int4_rows(q4).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE)))
+        formats["int4"].append((pack_int4_kernel(q4).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE)))
     return formats
 
 
@@ -125,9 +135,11 @@ def candidates(m: int, weights: dict[str, list]) -> dict[str, tuple[Callable, st
         runs["skinny bf16"] = (lambda i, x: skinny_linear(x, weights["bf16"][i]), "bf16")
     if m <= fp8.SKINNY_MAX_M:
         runs["fp8 skinny (w8a16)"] = (lambda i, x: fp8.fp8_skinny_gemm(x, *weights["fp8"][i]), "fp8")
+        runs["fp8 decode dispatch"] = (lambda i, x: fp8.fp8_decode_gemm(x, *weights["fp8"][i]), "fp8")
     if DEVICE == "cuda" and fp8.fp8_supported(torch.device(DEVICE)):
         runs["fp8 quant+_scaled_mm"] = (lambda i, x: _scaled_mm_path(x, *weights["fp8"][i]), "fp8")
     runs["int4 triton (w4a16)"] = (lambda i, x: int4_gemm(x, *weights["int4"][i], GROUP), "int4")
+    runs["int4 dispatch"] = (lambda i, x: i4.int4_decode_or_prefill_gemm(x, *weights["int4"][i], GROUP), "int4")
     return runs
 
 
@@ -140,6 +152,7 @@ def references(x: torch.Tensor, weights: dict[str, list]) -> dict[str, torch.Ten
     q8, s8 = weights["fp8"][0]
     return {"bf16": x.float() @ weights["bf16"][0].float().T,
             "fp8 skinny (w8a16)": fp8.fp8_weight_only_ref(x, q8, s8).float(),
+            "fp8 decode dispatch": fp8.fp8_weight_only_ref(x, q8, s8).float(),
             "fp8 quant+_scaled_mm": fp8.fp8_linear_ref(x, q8, s8).float(),
             "int4": int4_linear_ref(x, *weights["int4"][0], GROUP).float()}
 
@@ -169,7 +182,250 @@ def sweep(name: str, m: int, x: torch.Tensor, weights: dict[str, list]) -> None:
         print(f"# sweep {name} M={m} {kind}: default {default * 1e3:.1f} us, best {best[0] * 1e3:.1f} us {best[1]}")
 
 
+# ------------------------------------------------------------------------------------- --sweep: the fma decode kernels
+
+HBM_PEAK = 4.28e12  # H200 HBM3e, bytes/s: the % column's denominator (the brief's floor)
+LAYERS = 32  # Llama-3.1-8B
+LM_HEAD = (128256, 4096)  # stays bf16 under fp8 and AWQ: timed as the bf16 skinny kernel
+ROTATE_BYTES = 128 << 20  # weight copies per shape, in all: >= 2.5x the H200's 50 MB L2
+DECODE_M = (1, 2, 4)
+# Candidates per format (all M buckets): 16-byte loads, so fp8 tiles hold >= 16 weights per thread
+# (block_n * block_k / (32 * warps)) and int4 tiles >= 4 words; up to 64 weights / 16 words, where the M fp32
+# accumulator tiles (fp8: one register per weight; int4: one per word) still fit ~128-168 registers.
+FP8_CANDIDATES = ["fma:2x1024:w4:p0", "fma:4x512:w4:p0", "fma:4x1024:w4:p0", "fma:8x512:w4:p0", "fma:2x2048:w4:p0",
+                  "fma:8x1024:w4:p0", "fma:4x2048:w4:p0", "fma:4x1024:w8:p0", "fma:8x1024:w8:p0",
+                  "fma:4x2048:w8:p0", "fma:16x512:w8:p0", "fma:8x2048:w8:p0"]  # fmt: skip
+FP8_PREFETCH = (2, 4)  # tried on each (shape, M)'s best config
+INT4_CANDIDATES = ["fma:4x1024:w4:p0", "fma:8x1024:w4:p0", "fma:16x1024:w4:p0", "fma:8x2048:w4:p0",
+                   "fma:4x2048:w4:p0", "fma:2x2048:w4:p0", "fma:8x512:w4:p0", "fma:16x512:w4:p0",
+                   "fma:8x1024:w8:p0", "fma:16x1024:w8:p0", "fma:8x2048:w8:p0", "fma:4x4096:w8:p0"]  # fmt: skip
+# Per thread and tile: fp8 weights (= accumulator registers per x row), int4 words; above these, compiling for
+# sm_90 spilled registers (fp8 M = 4 at 64 weights: ~320 spill stores; int4 M = 4 at 16 words).
+MAX_PER_THREAD = {("fp8", 1): 64, ("fp8", 2): 64, ("fp8", 4): 32, ("int4", 1): 16, ("int4", 2): 16, ("int4", 4): 8}
+SMOKE_FP8_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
+SMOKE_INT4_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
+
+
+def format_bytes(fmt: str, n: int, k: int) -> int:
+    """Bytes one call must read: the weight and its scales (fp32 per channel; int4: bf16 scales + zeros per group)."""
+    if fmt == "bf16":
+        return n * k * 2
+    if fmt == "fp8":
+        return n * k + n * 4
+    return n * k // 2 + 2 * (k // GROUP) * n * 2
+
+
+def sweep_weights(fmt: str, n: int, k: int, gen: torch.Generator) -> list:
+    """Enough copies of one shape's weight in ``fmt`` to cover ROTATE_BYTES, made on the device."""
+    copies = 1 if DEVICE == "cpu" else max(2, -(-ROTATE_BYTES // format_bytes(fmt, n, k)))
+    out = []
+    for _ in range(copies):
+        if fmt == "int4":
+            q4 = torch.randint(0, 16, (k, n), generator=gen, device=DEVICE)
+            scales = (torch.rand(k // GROUP, n, generator=gen, device=DEVICE) * 0.004 + 0.001).to(DTYPE)
+            zeros = torch.randint(0, 16, (k // GROUP, n), generator=gen, device=DEVICE).to(DTYPE)
+            out.append((pack_int4_kernel(q4), scales, zeros))
+            continue
+        w = (torch.randn(n, k, generator=gen, device=DEVICE) * 0.02).to(DTYPE)
+        out.append(w if fmt == "bf16" else fp8.quantize_per_channel(w.float()))
+    return out
+
+
+def sweep_calls(fmt: str, weights: list, k: int, out_dtype: torch.dtype | None = None) -> dict[str, Callable]:
+    """label -> call(copy i, x): the current kernel, then every fma candidate that fits this K (bf16: the skinny
+    dispatcher, in ``out_dtype``: the LM head's logits are fp32)."""
+    if fmt == "bf16":
+        return {"bf16 skinny": lambda i, x: skinny_linear(x, weights[i], out_dtype=out_dtype)}
+    if fmt == "fp8":
+        calls = {"current (tl.dot)": lambda i, x: fp8.fp8_skinny_gemm(x, *weights[i])}
+        for text in SMOKE_FP8_CANDIDATES if ARGS.smoke else FP8_CANDIDATES:
+            config = SkinnyConfig.parse(text)
+            calls[text] = lambda i, x, c=config: fp8.fp8_fma_gemm(x, *weights[i], c)
+        return calls
+    calls = {"current (tl.dot)": lambda i, x: int4_gemm(x, *weights[i], GROUP)}
+    for text in SMOKE_INT4_CANDIDATES if ARGS.smoke else INT4_CANDIDATES:
+        config = SkinnyConfig.parse(text)
+        if i4._fit_block_k(config, k, GROUP) == config:  # block_k divides K (14336 = 7 * 2048)
+            calls[text] = lambda i, x, c=config: i4.int4_fma_gemm(x, *weights[i], GROUP, c)
+    return calls
+
+
+def fits_registers(fmt: str, label: str, m: int) -> bool:
+    """False for an fma candidate whose per-thread tile would spill at this M (see MAX_PER_THREAD)."""
+    if not label.startswith("fma") or ARGS.smoke:
+        return True
+    c = SkinnyConfig.parse(label)
+    per_thread = c.block_n * c.block_k // (32 * c.num_warps) // (8 if fmt == "int4" else 1)
+    return per_thread <= MAX_PER_THREAD[(fmt, m_bucket(m))]
+
+
+def sweep_reference(fmt: str, weights: list, x: torch.Tensor) -> torch.Tensor:
+    if fmt == "bf16":
+        return x.float() @ weights[0].float().T
+    if fmt == "fp8":
+        return fp8.fp8_weight_only_ref(x, *weights[0]).float()
+    return int4_linear_ref(x, *weights[0], GROUP).float()
+
+
+def precompile(jobs: list[tuple[Callable, torch.Tensor]]) -> None:
+    """Run one call per (kernel specialization) in parallel threads first: ptxas is a subprocess and Triton's passes
+    release the GIL, so the sweep's compile time is divided by the threads. Failures surface in the timed run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(job: tuple[Callable, torch.Tensor]) -> None:
+        try:
+            job[0](0, job[1])
+        except Exception:  # noqa: BLE001  (reported by the timed run)
+            pass
+
+    start = time.perf_counter()
+    if jobs:
+        run(jobs[0])
+    workers = 1 if DEVICE == "cpu" else min(16, os.cpu_count() or 4)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run, jobs[1:]))
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    print(f"# precompiled {len(jobs)} calls in {time.perf_counter() - start:.1f} s ({workers} threads)")
+
+
+def decode_sweep() -> int:
+    """The --sweep section (see the module docstring)."""
+    start = time.perf_counter()
+    shapes = {"tiny_b": SMOKE_SHAPES["tiny_b"]} if ARGS.smoke else SHAPES
+    m_values = ARGS.m or ((1, 4) if ARGS.smoke else DECODE_M)
+    if any(m > 4 for m in m_values):
+        print("# --sweep times the fma kernels, for M <= 4; larger M values are left out")
+        m_values = [m for m in m_values if m <= 4]
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    print(f"# device {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu (interpreter)'}, {DTYPE}, "
+          f"% of {HBM_PEAK / 1e12:.2f} TB/s, int4 group {GROUP}")
+    # results[(fmt, shape, m)] = {label: ms}
+    results: dict[tuple[str, str, int], dict[str, float]] = {}
+    timed_shapes = dict(shapes)
+    if not ARGS.smoke:
+        timed_shapes["lm_head"] = LM_HEAD
+    for name, (n, k) in timed_shapes.items():
+        for fmt in ("bf16", "fp8", "int4") if name != "lm_head" else ("bf16",):
+            weights = sweep_weights(fmt, n, k, gen)
+            calls = sweep_calls(fmt, weights, k, torch.float32 if name == "lm_head" else None)
+            xs = {m: torch.randn(m, k, generator=gen, device=DEVICE).to(DTYPE) for m in m_values}
+            # one small-N slice per kernel specialization (M bucket x config) to compile in parallel
+            precompile([(call, xs[m]) for m in m_values for label, call in calls.items()
+                        if fits_registers(fmt, label, m)] if name == next(iter(shapes)) else [])
+            for m in m_values:
+                x = xs[m]
+                ref = sweep_reference(fmt, weights, x)
+                times: dict[str, float] = {}
+                for label, call in calls.items():
+                    if not fits_registers(fmt, label, m):
+                        continue
+                    try:
+                        check(f"{fmt} {name} M={m} {label}", call(0, x), ref, 2e-2)
+                        times[label] = time_per_call([lambda i=i: call(i, x) for i in range(len(weights))])
+                    except Exception as exc:  # a config that does not compile (registers, shared memory)
+                        print(f"#   {fmt} {name} M={m} {label}: {type(exc).__name__}: {str(exc)[:160]}")
+                if fmt == "fp8" and not ARGS.smoke and _best_fma(times):  # L2 prefetch depths on the best config
+                    for depth in FP8_PREFETCH:
+                        c = SkinnyConfig.parse(_best_fma(times)[0])
+                        text = str(SkinnyConfig("fma", c.block_n, c.block_k, c.num_warps, prefetch=depth))
+                        config = SkinnyConfig.parse(text)
+                        call = lambda i, x, c=config: fp8.fp8_fma_gemm(x, *weights[i], c)  # noqa: E731
+                        try:
+                            check(f"fp8 {name} M={m} {text}", call(0, x), ref, 2e-2)
+                            times[text] = time_per_call([lambda i=i: call(i, x) for i in range(len(weights))])
+                        except Exception as exc:
+                            print(f"#   fp8 {name} M={m} {text}: {type(exc).__name__}: {str(exc)[:160]}")
+                results[(fmt, name, m)] = times
+            del weights
+    print(f"# sweep timed in {time.perf_counter() - start:.0f} s")
+    print_sweep(results, shapes, m_values)
+    if failures:
+        print("# correctness check FAILURES:\n" + "\n".join(failures))
+        return 1
+    print("# all correctness checks passed")
+    return 0
+
+
+def _best_fma(times: dict[str, float]) -> tuple[str, float] | None:
+    fma = [(ms, label) for label, ms in times.items() if label.startswith("fma")]
+    return (min(fma)[1], min(fma)[0]) if fma else None
+
+
+def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: list[int]) -> None:
+    def rate(fmt: str, n: int, k: int, ms: float) -> str:
+        bps = format_bytes(fmt, n, k) / (ms * 1e-3)
+        return f"{ms * 1e3:7.1f} us {bps / 1e9:6.0f} GB/s {bps / HBM_PEAK:4.0%}"
+
+    picks: dict[tuple[str, str, int], str | None] = {}
+    for fmt in ("fp8", "int4"):
+        print(f"\n## {fmt}: best fma config per (shape, M) against the current tl.dot kernel and bf16 skinny")
+        for name, (n, k) in shapes.items():
+            for m in m_values:
+                times = results.get((fmt, name, m), {})
+                best = _best_fma(times)
+                current = times.get("current (tl.dot)")
+                bf16 = results.get(("bf16", name, m), {}).get("bf16 skinny")
+                if best is None:
+                    print(f"{name:>13} M={m}: no fma config ran")
+                    continue
+                label, ms = best
+                picks[(fmt, name, m)] = label if current is None or ms < current else None
+                cur = f"current {rate(fmt, n, k, current)}" if current else "current -"
+                ref = f"bf16 skinny {rate('bf16', n, k, bf16)}" if bf16 else "bf16 -"
+                print(f"{name:>13} M={m} {label:>18} {rate(fmt, n, k, ms)} | {cur} | {ref}")
+
+    for fmt, table, defaults in (("fp8", "FP8_SKINNY_CONFIGS", "FP8_DEFAULT_CONFIGS"),
+                                 ("int4", "INT4_SKINNY_CONFIGS", "INT4_DEFAULT_CONFIGS")):
+        module = "kernels/fp8_linear.py" if fmt == "fp8" else "kernels/int4_gemm.py"
+        print(f"\n## paste into {module} (measured on this device)")
+        print(f"{table}: dict[tuple[int, int, int], SkinnyConfig | None] = {{")
+        for name, (n, k) in shapes.items():
+            for m in m_values:
+                if (fmt, name, m) not in picks:
+                    continue
+                pick, times = picks[(fmt, name, m)], results[(fmt, name, m)]
+                best = _best_fma(times)
+                cur = times.get("current (tl.dot)")
+                note = f"{name}: fma {best[1] * 1e3:.1f} us" + (f", tl.dot {cur * 1e3:.1f} us" if cur else "")
+                print(f"    ({m}, {n}, {k}): {f'_c({pick!r})' if pick else 'None'},  # {note}")
+        print("}")
+        print(f"{defaults}: dict[int, SkinnyConfig | None] = {{")
+        for m in m_values:  # the config with the best geometric mean over the shapes it ran on
+            per_config: dict[str, list[float]] = {}
+            for name in shapes:
+                for label, ms in results.get((fmt, name, m), {}).items():
+                    if label.startswith("fma"):
+                        per_config.setdefault(label, []).append(ms)
+            full = {lbl: v for lbl, v in per_config.items() if len(v) == len(shapes)}
+            if full:
+                geo = {lbl: statistics.geometric_mean(v) for lbl, v in full.items()}
+                label = min(geo, key=geo.get)
+                print(f"    {m}: _c({label!r}),  # geo-mean over the layer shapes {geo[label] * 1e3:.1f} us")
+        print("}")
+
+    print(f"\n## predicted W3 decode step, GEMMs only: {LAYERS} x (qkv + o + gate_up + down) + bf16 LM head")
+    for m in m_values:
+        head = results.get(("bf16", "lm_head", m), {}).get("bf16 skinny", 0.0)
+        line = [f"M={m}: LM head (bf16) {head * 1e3:.0f} us"]
+        for fmt in ("bf16", "fp8", "int4"):
+            for which in (("current (tl.dot)", "best") if fmt != "bf16" else ("bf16 skinny",)):
+                total = 0.0
+                for name in shapes:
+                    times = results.get((fmt, name, m), {})
+                    if which == "best":  # what the dispatcher runs once the pasted table is in
+                        total += min(times.values()) if times else float("nan")
+                    else:
+                        total += times.get(which, float("nan"))
+                step = LAYERS * total + head
+                tag = "bf16 skinny" if fmt == "bf16" else f"{fmt} {'tl.dot now' if which != 'best' else 'tuned'}"
+                line.append(f"{tag} {step:.2f} ms ({m / step * 1e3:.0f} tok/s GEMM-bound)")
+        print("  " + " | ".join(line))
+
+
 def main() -> int:
+    if ARGS.sweep:
+        return decode_sweep()
     shapes = SMOKE_SHAPES if ARGS.smoke else SHAPES
     m_values = ARGS.m or (SMOKE_M_VALUES if ARGS.smoke else M_VALUES)
     bandwidth = copy_bandwidth()
@@ -194,7 +450,7 @@ def main() -> int:
                 base = base or ms
                 print(f"{m:>6} {label:>22} {ms * 1e3:>9.1f} {floor_ms * 1e3:>9.1f} {floor_ms / ms:>9.0%} "
                       f"{base / ms:>14.2f}x")
-            if ARGS.sweep and m <= 16:
+            if ARGS.sweep_dot and m <= 16:
                 sweep(name, m, x, weights)
         del weights
     if failures:

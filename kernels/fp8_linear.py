@@ -8,8 +8,12 @@ Two paths on the GPU, by the number of rows M:
 - M <= 16 (decode): the GEMM is a pass over the weight, so its floor is the weight's bytes; the Triton skinny kernel
   reads the fp8 weight, widens it in registers and multiplies it with the unquantized activations (w8a16: no
   activation quantization to launch, and no activation rounding), scaling each output channel once at the end.
-  x is padded to 16 rows for ``tl.dot``; output blocks are narrow enough to give every SM work, and only small
-  layers split K (``kernels/split_k.py``).
+  Two kernels: for M <= 4 the CUDA-core ``fma`` kernel of ``kernels/skinny_gemm.py`` (its tile loaders and
+  register double buffer, reused here) reading the fp8 bits with 16-byte loads (16 elements, so wider ``block_k``
+  than bf16 for the same bytes in flight), widening them to fp32 in registers; configs per shape in
+  ``FP8_SKINNY_CONFIGS`` / ``FP8_DEFAULT_CONFIGS`` (measured by ``benchmarks/bench_quant_gemm.py --sweep``). For
+  M of 5..16 (or a shape whose config is None) x is padded to 16 rows for ``tl.dot``; output blocks are narrow
+  enough to give every SM work, and only small layers split K (``kernels/split_k.py``).
 
 ``fp8_linear_ref`` (quantize the activations like the W8A8 path, dequantize, fp32 matmul) is the CPU path and the
 reference of the W8A8 path; ``fp8_weight_only_ref`` is the skinny kernel's. Kernels take fp8 tensors as uint8 views
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.skinny_gemm import SkinnyConfig, _c, _fma_tile, _load_w_tile, _prefetch_l2, m_bucket
 from kernels.split_k import decode_launch
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -158,6 +163,172 @@ def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 
 
+# ------------------------------------------------------------------------------- fma kernel (M <= 4, CUDA cores)
+
+# Exact shapes: (m_bucket, N, K) -> config for M <= 4; None sends the shape to the tl.dot kernel. Paste the block
+# printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; unlisted shapes use FP8_DEFAULT_CONFIGS.
+FP8_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {}
+# Per M bucket, sized for 1-byte elements: one 16-byte load is 16 weights, so a [block_n, block_k] tile holds twice
+# the bf16 kernel's elements per byte; 16-32 weights (1-2 loads) per thread per tile keep the M fp32 accumulator
+# tiles (block_n * block_k / threads registers each) within ~128 registers.
+FP8_DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {
+    1: _c("fma:4x1024:w4:p0"),  # 32 weights per thread per tile
+    2: _c("fma:4x512:w4:p0"),  # 16 per thread: two accumulator tiles
+    4: _c("fma:4x512:w4:p0"),  # 16 per thread: four accumulator tiles
+}
+FMA_MAX_M = 4
+
+
+def pick_fp8_config(m: int, n: int, k: int) -> SkinnyConfig | None:
+    """The fma configuration for this shape (M <= 4), or None for the tl.dot kernel."""
+    if m > FMA_MAX_M:
+        return None
+    bucket = m_bucket(m)
+    key = (bucket, n, k)
+    return FP8_SKINNY_CONFIGS[key] if key in FP8_SKINNY_CONFIGS else FP8_DEFAULT_CONFIGS.get(bucket)
+
+
+@triton.jit
+def _e4m3_byte_to_f32(words, byte: tl.constexpr):
+    return ((words >> (8 * byte)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _fp8_bits_to_f32(bits, USE_PTX: tl.constexpr):
+    """``[BN, BK]`` e4m3 bits (uint8) -> fp32, four bytes at a time from the 32-bit registers the 16-byte load
+    filled (the byte sum below folds back into those registers): on the GPU (``USE_PTX``) two
+    ``cvt.rn.f16x2.e4m3x2`` and four f16 -> f32 per word. Triton's own cast splits the bytes into one register each
+    and re-packs pairs for the same cvt (~3 more instructions per weight). The interpreter extracts each byte."""
+    bn: tl.constexpr = bits.shape[0]
+    bk: tl.constexpr = bits.shape[1]
+    words = tl.reshape(bits, (bn, bk // 4, 4), can_reorder=False).to(tl.uint32)
+    words = tl.sum(words << (tl.arange(0, 4) * 8).to(tl.uint32)[None, None, :], axis=2).to(tl.int32, bitcast=True)
+    if USE_PTX:
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b16 lo, hi, a, b, c, d;
+            .reg .b32 h01, h23;
+            mov.b32 {lo, hi}, $4;
+            cvt.rn.f16x2.e4m3x2 h01, lo;
+            cvt.rn.f16x2.e4m3x2 h23, hi;
+            mov.b32 {a, b}, h01;
+            mov.b32 {c, d}, h23;
+            cvt.f32.f16 $0, a;
+            cvt.f32.f16 $1, b;
+            cvt.f32.f16 $2, c;
+            cvt.f32.f16 $3, d;
+            }""",
+            constraints="=f,=f,=f,=f,r", args=[words], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True, pack=1)
+    else:
+        w0 = _e4m3_byte_to_f32(words, 0)
+        w1 = _e4m3_byte_to_f32(words, 1)
+        w2 = _e4m3_byte_to_f32(words, 2)
+        w3 = _e4m3_byte_to_f32(words, 3)
+    # join adds a minor dim: [bn, bk / 4, 2, 2] with [.., p, q] = (w0, w2 | w1, w3)[p] of column q = byte 2p + q
+    return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (bn, bk), can_reorder=False)
+
+
+@triton.jit
+def _store_scaled_row(out_ptr, m, M, stride_om, acc, scale, rows, N):
+    y = tl.sum(acc, axis=1) * scale
+    n_valid = tl.where(m < M, N, 0)  # (rows < N) & (m < M), in a form the interpreter takes too
+    tl.store(out_ptr + m * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=rows < n_valid)
+
+
+@triton.jit
+def _fp8_fma_kernel(
+    x_ptr, w_ptr, scale_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PF_COLS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_PTX: tl.constexpr,
+):  # fmt: skip
+    """Program (n, m): out[m*BLOCK_M : +BLOCK_M, n*BLOCK_N : +BLOCK_N] = x @ (w bits -> e4m3 -> fp32)^T * scale,
+    the bf16 ``_skinny_fma_kernel``'s loop (unmasked 16-byte weight loads, tile t+1 in flight while tile t is
+    multiplied) with the weight widened in registers and the channel scale applied once to the reduced sums."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = tl.minimum(rows, N - 1).to(tl.int64) * stride_wn
+    w_ptrs = w_ptr + w_rows[:, None] + offs_k[None, :]
+    num_tiles = tl.cdiv(K, BLOCK_K)
+    if PREFETCH > 0:  # PF_COLS addresses per tile row: one per 128-byte line
+        l2_ptrs = w_ptr + w_rows[:, None] + (tl.arange(0, PF_COLS) * (BLOCK_K // PF_COLS))[None, :]
+        for t in tl.static_range(PREFETCH):
+            _prefetch_l2(l2_ptrs + tl.minimum(t, num_tiles - 1) * BLOCK_K)
+    w = _load_w_tile(w_ptrs, 0, K, offs_k, EVEN_K)
+
+    m0 = tl.program_id(1) * BLOCK_M
+    last = M - 1
+    x0_ptr = x_ptr + tl.minimum(m0, last).to(tl.int64) * stride_xm
+    x1_ptr = x_ptr + tl.minimum(m0 + 1, last).to(tl.int64) * stride_xm
+    x2_ptr = x_ptr + tl.minimum(m0 + 2, last).to(tl.int64) * stride_xm
+    x3_ptr = x_ptr + tl.minimum(m0 + 3, last).to(tl.int64) * stride_xm
+    row_zeros = tl.zeros([BLOCK_N], dtype=tl.int32)
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for t in range(1, num_tiles):
+        if PREFETCH > 0:
+            _prefetch_l2(l2_ptrs + tl.minimum(t + PREFETCH - 1, num_tiles - 1) * BLOCK_K)
+        w_next = _load_w_tile(w_ptrs, t * BLOCK_K, K, offs_k, EVEN_K)
+        acc0, acc1, acc2, acc3 = _fma_tile(acc0, acc1, acc2, acc3, _fp8_bits_to_f32(w, USE_PTX), x0_ptr, x1_ptr,
+                                           x2_ptr, x3_ptr, (t - 1) * BLOCK_K, K, offs_k, row_zeros, BLOCK_M, EVEN_K)
+        w = w_next
+    acc0, acc1, acc2, acc3 = _fma_tile(acc0, acc1, acc2, acc3, _fp8_bits_to_f32(w, USE_PTX), x0_ptr, x1_ptr, x2_ptr,
+                                       x3_ptr, (num_tiles - 1) * BLOCK_K, K, offs_k, row_zeros, BLOCK_M, EVEN_K)
+
+    scale = tl.load(scale_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    _store_scaled_row(out_ptr, m0, M, stride_om, acc0, scale, rows, N)
+    if BLOCK_M > 1:
+        _store_scaled_row(out_ptr, m0 + 1, M, stride_om, acc1, scale, rows, N)
+    if BLOCK_M > 2:
+        _store_scaled_row(out_ptr, m0 + 2, M, stride_om, acc2, scale, rows, N)
+        _store_scaled_row(out_ptr, m0 + 3, M, stride_om, acc3, scale, rows, N)
+
+
+def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, config: SkinnyConfig
+                 ) -> torch.Tensor:  # fmt: skip
+    """``x [M, K] @ (weight [N, K] fp8 * weight_scale[:, None])^T`` in x's dtype on the CUDA cores (an ``fma``
+    config; any M, 4 rows of x per program, but meant for M <= 4). ``x``: rows with unit column stride."""
+    if config.kind != "fma":
+        raise ValueError(f"fp8_fma_gemm takes an fma config, got {config}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"fp8 weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    bits = weight.view(torch.uint8)
+    if bits.stride(1) != 1:
+        bits = bits.contiguous()
+    block_m = min(4, m_bucket(m))
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m))
+    _fp8_fma_kernel[grid](
+        x, bits, weight_scale, out, m, n, k, x.stride(0), bits.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        PREFETCH=config.prefetch if x.is_cuda else 0, PF_COLS=max(1, config.block_k // 128),
+        EVEN_K=k % config.block_k == 0, USE_PTX=x.is_cuda, num_warps=config.num_warps, num_stages=1,
+    )  # fmt: skip
+    return out
+
+
+def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The decode (M <= 16) w8a16 GEMM: the fma kernel where this shape has an fma config (M <= 4), else the
+    tl.dot kernel."""
+    config = pick_fp8_config(x.shape[0], weight.shape[0], x.shape[1])
+    if config is not None:
+        return fp8_fma_gemm(x, weight, weight_scale, config)
+    return fp8_skinny_gemm(x, weight, weight_scale)
+
+
 SKINNY_MAX_M = 16
 
 
@@ -180,7 +351,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if m <= SKINNY_MAX_M:
-        out = fp8_skinny_gemm(x2, weight, weight_scale)
+        out = fp8_decode_gemm(x2, weight, weight_scale)
     else:
         xq, x_scale = quantize_activations_triton(x2, input_scale)
         out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.reshape(1, -1),

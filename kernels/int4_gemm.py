@@ -1,17 +1,25 @@
 """int4 weight GEMM (w4a16): ``out[M, N] = x[M, K] @ W[K, N]`` with ``W`` dequantized in registers.
 
-Weight layout: ``qweight`` int32 ``[K / 8, N]``, input row ``8j + i`` of column ``n`` in bits ``4i..4i+3`` of
-``qweight[j, n]``; ``scales`` and ``zeros`` ``[K / group, N]`` (zeros as numbers, in the activation dtype);
-``W[k, n] = (q[k, n] - zeros[k // group, n]) * scales[k // group, n]``. A ``perm`` (GPTQ act-order) gathers x's
-columns first: the rows were sorted by group at load. ``core/layers/quantization/int4.py`` repacks AWQ and GPTQ
-checkpoints into this layout.
+Weight layout (``pack_int4_kernel``): ``qweight`` int32 ``[N, K / 8]``, each output column's codes contiguous along K
+(so the decode kernel streams a column with 16-byte loads), interleaved within each 32-row block of K: nibble ``i``
+of word ``4c + r`` holds input row ``32c + 4i + r``. Then the x values a thread needs for nibble ``i`` of its four
+consecutive words are four consecutive elements (one 8-byte load), not four scattered ones. ``scales`` and ``zeros``
+``[K / group, N]`` (zeros as numbers, in the activation dtype); ``W[k, n] = (q[k, n] - zeros[k // group, n]) *
+scales[k // group, n]``. A ``perm`` (GPTQ act-order) gathers x's columns first: the rows were sorted by group at load.
+``core/layers/quantization/int4.py`` repacks AWQ and GPTQ checkpoints into this layout; K must be a multiple of 32.
 
-Two launch shapes of one kernel, each program dequantizing a ``[block_k, block_n]`` tile (one group: block_k
-divides the group size) and feeding ``tl.dot``:
+Two kernels:
 
-- decode (M <= 16): x padded to 16 rows; output blocks narrow enough to give every SM work (``kernels/split_k.py``),
-  and only for small layers the K loop split over programs (fp32 partial sums, added up by one ``sum``).
-- prefill (larger M): ``[64, block_n]`` output tiles, no split.
+- ``fma`` (M <= 4, CUDA cores), the int4 twin of ``kernels/skinny_gemm.py``'s: each program owns ``block_n``
+  columns and walks K in ``block_k`` tiles spanning any number of groups, the next tile's words (and its group
+  scales/zeros) loaded while the current one is used; a nibble becomes a float without an int->float convert (its
+  bits or'ed into 1.0's mantissa: ``f = 1 + q / 16``), is dequantized with one FMA (``f * 16s - (16 + z)s``) and
+  multiplied into one fp32 accumulator per x row at word granularity, reduced once at the end. Configs per shape in
+  ``INT4_SKINNY_CONFIGS`` / ``INT4_DEFAULT_CONFIGS`` (``benchmarks/bench_quant_gemm.py --sweep`` measures them).
+- ``dot`` (tl.dot, any M; the decode launch pads x to 16 rows, the prefill one uses ``[64, block_n]`` tiles):
+  each program dequantizes a ``[block_k, block_n]`` tile of one group in registers, its x tile (loaded contiguous)
+  reordered to the interleave in registers (``tl.permute``); at decode output blocks are narrow enough to give every SM work (``kernels/split_k.py``), and
+  only small layers split K (fp32 partial sums, added up by one ``sum``).
 
 ``int4_linear_ref`` (unpack, dequantize, fp32 matmul) is the reference and the CPU path.
 """
@@ -23,6 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.skinny_gemm import SkinnyConfig, _c, _store_row, m_bucket
 from kernels.split_k import decode_launch
 
 # AutoAWQ's GEMM packing: nibble i of an int32 holds column AWQ_ORDER[i] of its eight.
@@ -75,10 +84,32 @@ def pack_int4_columns(q: torch.Tensor, order: tuple[int, ...] | None = None) -> 
     return _to_int32_bits((grouped << shifts).sum(-1))
 
 
+KERNEL_K_BLOCK = 32  # the kernel layout interleaves codes within blocks of 32 input rows
+
+
+def pack_int4_kernel(q: torch.Tensor) -> torch.Tensor:
+    """``[K, N]`` codes 0..15 -> the kernel layout ``[N, K / 8]`` int32 (nibble ``i`` of word ``4c + r`` holds row
+    ``32c + 4i + r`` of the column). K must be a multiple of 32."""
+    k, n = q.shape
+    if k % KERNEL_K_BLOCK:
+        raise ValueError(f"the int4 kernel layout needs K to be a multiple of {KERNEL_K_BLOCK}, got {k}")
+    blocks = q.to(torch.int64).t().reshape(n, k // 32, 8, 4)  # [n, c, i, r]: row 32c + 4i + r
+    words = blocks.transpose(2, 3).reshape(n, k // 8, 8)  # [n, word 4c + r, nibble i]
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=q.device)
+    return _to_int32_bits((words << shifts).sum(-1))
+
+
+def unpack_int4_kernel(qweight: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_kernel`: ``[N, K / 8]`` int32 -> ``[K, N]`` codes (int32)."""
+    n, words = qweight.shape
+    nib = _nibbles(qweight, 2)  # [n, word, i]
+    return nib.reshape(n, words // 4, 4, 8).transpose(2, 3).reshape(n, words * 8).t()
+
+
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
                     ) -> torch.Tensor:  # fmt: skip
     """The fp32 ``[K, N]`` weight of the kernel layout (rows in the permuted order, if any)."""
-    q = unpack_int4_rows(qweight).float()
+    q = unpack_int4_kernel(qweight).float()
     groups = torch.arange(q.shape[0], device=q.device) // group_size
     return (q - zeros.float()[groups]) * scales.float()[groups]
 
@@ -98,9 +129,10 @@ def int4_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 
 
 @triton.jit
-def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_om,
+def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_qn, stride_om,
                       stride_os, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):  # fmt: skip
+    """The tl.dot kernel: program (n, m, split) dequantizes ``[BLOCK_K, BLOCK_N]`` tiles of one group each."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -116,8 +148,12 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
+        # Tile row 8p + i below is nibble i of word p = 4c + r, i.e. input row 32c + 4i + r (the interleave): x's
+        # columns reordered to match, [.., c, i, r] -> [.., c, r, i] (in registers / shared memory, not by a gather).
+        x = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 8, 4)), (0, 1, 3, 2)), (BLOCK_M, BLOCK_K))
         # Each int32 is loaded once and split into its 8 rows: [BLOCK_K / 8, 8, BLOCK_N] -> [BLOCK_K, BLOCK_N].
-        qw = tl.load(qw_ptr + (k0 // 8 + offs_packed)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+        qw = tl.load(qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + (k0 // 8 + offs_packed)[:, None],
+                     mask=n_mask[None, :], other=0)
         q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N)).to(tl.float32)
         group = k0 // GROUP_SIZE
         s = tl.load(s_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -129,9 +165,9 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
 
 
 def _block_k(k: int, group_size: int, largest: int) -> int | None:
-    """The largest block_k <= ``largest`` (16..128, a power of two) dividing both K and the group size."""
+    """The largest block_k <= ``largest`` (32..128, a power of two) dividing both K and the group size."""
     block = largest
-    while block >= 16:
+    while block >= KERNEL_K_BLOCK:
         if k % block == 0 and group_size % block == 0:
             return block
         block //= 2
@@ -141,15 +177,16 @@ def _block_k(k: int, group_size: int, largest: int) -> int | None:
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               *, block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
               num_warps: int = 4) -> torch.Tensor:  # fmt: skip
-    """The Triton kernel on a 2-D ``x [M, K]`` (contiguous rows): the decode shape for M <= 16, else prefill.
+    """The tl.dot kernel on a 2-D ``x [M, K]`` (contiguous rows): the decode shape for M <= 16, else prefill.
     Block sizes and ``split_k`` default to a per-shape choice; tests pass their own."""
     m, k = x.shape
-    n = qweight.shape[1]
+    n = qweight.shape[0]
     decode = m <= 16
     block_m = 16 if decode else 64
     block_k = block_k or _block_k(k, group_size, 128 if decode else 64)
-    if block_k is None or k % block_k or group_size % block_k:
-        raise ValueError(f"int4_gemm: no block_k divides K={k} and the group size {group_size}.")
+    if block_k is None or k % block_k or group_size % block_k or block_k % KERNEL_K_BLOCK:
+        raise ValueError(f"int4_gemm: no block_k (a multiple of {KERNEL_K_BLOCK}) divides K={k} and the group size "
+                         f"{group_size}.")
     k_blocks = k // block_k
     if decode and (block_n is None or split_k is None):
         auto_n, auto_split = decode_launch(n, k_blocks, x.device.index if x.is_cuda else None)
@@ -166,10 +203,169 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
         stride_os = out.stride(0)
     _int4_gemm_kernel[(n_blocks, m_blocks, split_k)](
-        x, qweight, scales, zeros, out, m, n, k, k_per_split, x.stride(0), n, stride_os,
+        x, qweight, scales, zeros, out, m, n, k, k_per_split, x.stride(0), qweight.stride(0), n, stride_os,
         GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
     return out if split_k == 1 else out.sum(0).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------- fma kernel (M <= 4, CUDA cores)
+
+# Exact shapes: (m_bucket, N, K) -> config for M <= 4 at group 128; None sends the shape to the tl.dot kernel.
+# Paste the block printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; other shapes use
+# INT4_DEFAULT_CONFIGS. block_k counts input rows (block_k / 8 words per column per tile).
+INT4_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {}
+# One 16-byte load is 4 words = 32 weights; a [block_n, block_k / 8] word tile over 32 * num_warps threads gives each
+# thread block_n * block_k / (256 * num_warps) words per tile (8 here: two loads in flight, plus the next tile's), and
+# the accumulators stay at word granularity (that many fp32 registers per x row).
+INT4_DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {
+    1: _c("fma:8x1024:w4:p0"),
+    2: _c("fma:8x1024:w4:p0"),
+    4: _c("fma:8x1024:w4:p0"),
+}
+INT4_FMA_MAX_M = 4
+
+
+def pick_int4_config(m: int, n: int, k: int, group_size: int) -> SkinnyConfig | None:
+    """The fma configuration for this shape (M <= 4), or None for the tl.dot kernel."""
+    if m > INT4_FMA_MAX_M:
+        return None
+    bucket = m_bucket(m)
+    key = (bucket, n, k)
+    config = INT4_SKINNY_CONFIGS[key] if key in INT4_SKINNY_CONFIGS and group_size == 128 \
+        else INT4_DEFAULT_CONFIGS.get(bucket)
+    return config if config is None else _fit_block_k(config, k, group_size)
+
+
+def _fit_block_k(config: SkinnyConfig, k: int, group_size: int) -> SkinnyConfig | None:
+    """``config`` with block_k halved until it divides K and nests with the group size (one divides the other), or
+    None if no multiple of 32 does."""
+    block_k = config.block_k
+    while block_k >= KERNEL_K_BLOCK and (k % block_k or (group_size % block_k and block_k % group_size)):
+        block_k //= 2
+    if block_k < KERNEL_K_BLOCK:
+        return None
+    return config if block_k == config.block_k else SkinnyConfig("fma", config.block_n, block_k, config.num_warps)
+
+
+@triton.jit
+def _nibble_as_float(words, i: tl.constexpr):
+    """Nibble ``i`` of each int32 as ``1 + q / 16`` (its bits moved to 19..22 and or'ed into 1.0: no I2F)."""
+    if 4 * i <= 19:
+        bits = (words << (19 - 4 * i)) & 0x00780000
+    else:
+        bits = (words >> (4 * i - 19)) & 0x00780000
+    return (bits | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_fma_tile(acc0, acc1, acc2, acc3, words, s, z, x0_ptr, x1_ptr, x2_ptr, x3_ptr, x_offs,
+                   BLOCK_M: tl.constexpr):  # fmt: skip
+    """acc_r[n, j] += sum_i W[k(j, i), n] * x_r[k(j, i)] over one tile: W = (f - 1 - z / 16) * 16 s = f * 16 s
+    - (16 + z) s, one FMA per weight, then one FMA per weight and x row."""
+    sf = s.to(tl.float32)
+    s16 = sf * 16.0
+    shift = -(16.0 + z.to(tl.float32)) * sf
+    for i in tl.static_range(8):
+        w = _nibble_as_float(words, i) * s16 + shift
+        acc0 += w * tl.load(x0_ptr + x_offs + 4 * i).to(tl.float32)
+        if BLOCK_M > 1:
+            acc1 += w * tl.load(x1_ptr + x_offs + 4 * i).to(tl.float32)
+        if BLOCK_M > 2:
+            acc2 += w * tl.load(x2_ptr + x_offs + 4 * i).to(tl.float32)
+            acc3 += w * tl.load(x3_ptr + x_offs + 4 * i).to(tl.float32)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _int4_fma_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_qn, stride_om,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Program (n, m) computes out[m*BLOCK_M : +BLOCK_M, n*BLOCK_N : +BLOCK_N]: ``[BLOCK_N, BLOCK_K / 8]`` word
+    tiles (16-byte loads along K, columns past N re-read the last one), the next tile and its group scales/zeros
+    loaded before the current one is used. BLOCK_K divides K and nests with GROUP_SIZE (one divides the other)."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    safe_rows = tl.minimum(rows, N - 1)
+    offs_j = tl.arange(0, WORDS)
+    q_ptrs = qw_ptr + (safe_rows.to(tl.int64) * stride_qn)[:, None] + offs_j[None, :]
+    # Word j of a tile starts at input row 32 (j // 4) + j % 4 of it; nibble i adds 4 i.
+    word_k = 32 * (offs_j // 4) + offs_j % 4
+    sz_offs = (word_k // GROUP_SIZE)[None, :] * N + safe_rows[:, None]  # a tile's groups, from its first one
+    x_offs = tl.zeros([BLOCK_N], dtype=tl.int32)[:, None] + word_k[None, :]
+    num_tiles = K // BLOCK_K
+
+    words = tl.load(q_ptrs, eviction_policy="evict_first")
+    s = tl.load(s_ptr + sz_offs)
+    z = tl.load(z_ptr + sz_offs)
+    m0 = tl.program_id(1) * BLOCK_M
+    last = M - 1
+    x0_ptr = x_ptr + tl.minimum(m0, last).to(tl.int64) * stride_xm
+    x1_ptr = x_ptr + tl.minimum(m0 + 1, last).to(tl.int64) * stride_xm
+    x2_ptr = x_ptr + tl.minimum(m0 + 2, last).to(tl.int64) * stride_xm
+    x3_ptr = x_ptr + tl.minimum(m0 + 3, last).to(tl.int64) * stride_xm
+    acc0 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    for t in range(1, num_tiles):
+        group_row = (t * BLOCK_K) // GROUP_SIZE * N
+        words_next = tl.load(q_ptrs + t * WORDS, eviction_policy="evict_first")
+        s_next = tl.load(s_ptr + group_row + sz_offs)
+        z_next = tl.load(z_ptr + group_row + sz_offs)
+        acc0, acc1, acc2, acc3 = _int4_fma_tile(acc0, acc1, acc2, acc3, words, s, z, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
+                                                (t - 1) * BLOCK_K + x_offs, BLOCK_M)
+        words, s, z = words_next, s_next, z_next
+    acc0, acc1, acc2, acc3 = _int4_fma_tile(acc0, acc1, acc2, acc3, words, s, z, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
+                                            (num_tiles - 1) * BLOCK_K + x_offs, BLOCK_M)
+
+    _store_row(out_ptr, m0, M, stride_om, acc0, 0.0, rows, N, False)
+    if BLOCK_M > 1:
+        _store_row(out_ptr, m0 + 1, M, stride_om, acc1, 0.0, rows, N, False)
+    if BLOCK_M > 2:
+        _store_row(out_ptr, m0 + 2, M, stride_om, acc2, 0.0, rows, N, False)
+        _store_row(out_ptr, m0 + 3, M, stride_om, acc3, 0.0, rows, N, False)
+
+
+def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group_size: int, config: SkinnyConfig) -> torch.Tensor:  # fmt: skip
+    """The CUDA-core kernel on a 2-D ``x [M, K]`` (rows with unit column stride; any M, 4 rows per program, meant
+    for M <= 4) with an ``fma`` config whose block_k divides K and nests with the group size."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    block_k = config.block_k
+    if config.kind != "fma" or block_k % KERNEL_K_BLOCK or k % block_k or (group_size % block_k
+                                                                            and block_k % group_size):
+        raise ValueError(f"int4_fma_gemm: config {config} does not fit K={k}, group {group_size} (an fma config "
+                         f"whose block_k, a multiple of {KERNEL_K_BLOCK}, divides K and nests with the group size)")
+    if qweight.shape[1] * 8 != k:
+        raise ValueError(f"int4 qweight {tuple(qweight.shape)} does not match x {tuple(x.shape)}")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    block_m = min(4, m_bucket(m))
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m))
+    _int4_fma_kernel[grid](
+        x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0), out.stride(0),
+        GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
+        num_warps=config.num_warps, num_stages=1,
+    )  # fmt: skip
+    return out
+
+
+def int4_decode_or_prefill_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                                group_size: int) -> torch.Tensor:  # fmt: skip
+    """The fma kernel where this shape has an fma config (M <= 4), else the tl.dot kernel."""
+    config = pick_int4_config(x.shape[0], qweight.shape[0], x.shape[1], group_size)
+    if config is not None:
+        return int4_fma_gemm(x, qweight, scales, zeros, group_size, config)
+    return int4_gemm(x, qweight, scales, zeros, group_size)
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
@@ -178,13 +374,14 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                 perm: torch.Tensor | None = None, bias: torch.Tensor | None = None, *, backend: str = "auto"
                 ) -> torch.Tensor:  # fmt: skip
-    """``x @ W (+ bias)``: the Triton kernel on CUDA (fp16/bf16), the reference otherwise."""
+    """``x @ W (+ bias)``: the Triton kernels on CUDA (fp16/bf16), the reference otherwise."""
     k = x.shape[-1]
+    n = qweight.shape[0]
     if not (use_triton(x, backend) and x.dtype in _TRITON_DTYPES and _block_k(k, group_size, 128) is not None):
         return int4_linear_ref(x, qweight, scales, zeros, group_size, perm, bias)
     x2 = x.reshape(-1, k)
     x2 = x2[:, perm] if perm is not None else x2.contiguous()
-    out = int4_gemm(x2, qweight, scales, zeros, group_size) if x2.shape[0] else x2.new_empty(0, qweight.shape[1])
+    out = int4_decode_or_prefill_gemm(x2, qweight, scales, zeros, group_size) if x2.shape[0] else x2.new_empty(0, n)
     if bias is not None:
         out = out + bias
-    return out.reshape(*x.shape[:-1], qweight.shape[1])
+    return out.reshape(*x.shape[:-1], n)

@@ -64,3 +64,21 @@ def test_quantized_gemm_benchmark_smoke_runs_and_checks_pass():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for label in ("## tiny_a", "fp8 skinny (w8a16)", "int4 triton (w4a16)", "# all correctness checks passed"):
         assert label in proc.stdout
+
+
+def test_quantized_gemm_decode_sweep_smoke_prints_tables_and_step_prediction():
+    """``bench_quant_gemm.py --sweep`` (the fma decode kernels' config sweep) at a tiny shape, interpreted on CPU:
+    every candidate passes its correctness check, and the paste blocks and the step prediction are printed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_quant_gemm.py"), "--smoke", "--sweep"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for label in ("## fp8: best fma config", "## int4: best fma config", "FP8_SKINNY_CONFIGS:", "INT4_DEFAULT_CONFIGS:",
+                  "(1, 48, 256):", "## predicted W3 decode step", "int4 tuned", "# all correctness checks passed"):
+        assert label in proc.stdout, label
+    assert "Error" not in proc.stdout  # no candidate failed to run

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fp8_linear import (FP8_DTYPE, FP8_MAX, fp8_linear, fp8_linear_ref, fp8_skinny_gemm, fp8_supported,
-                                fp8_weight_only_ref, quantize_activations, quantize_activations_triton,
+from kernels.fp8_linear import (FP8_DEFAULT_CONFIGS, FP8_DTYPE, FP8_MAX, fp8_decode_gemm, fp8_fma_gemm, fp8_linear,
+                                fp8_linear_ref, fp8_skinny_gemm, fp8_supported, fp8_weight_only_ref,
+                                pick_fp8_config, quantize_activations, quantize_activations_triton,
                                 quantize_per_channel)
+from kernels.skinny_gemm import SkinnyConfig
 from tests.kernels.kernel_testing import INTERPRETED, KERNEL_DEVICE, assert_close
 
 E4M3_RELATIVE_STEP = 2.0**-3  # 3 mantissa bits: neighbouring normal values differ by at most 1/8
@@ -63,6 +65,39 @@ def test_skinny_w8a16_kernel_matches_reference(m, n, k, block_k, split_k, dtype)
     assert_close(fp8_weight_only_ref(x, weight, scale), reference, 3e-3 if dtype == torch.float16 else 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m, n, k, config", [
+    (1, 48, 256, "fma:8x64:w2:p0"),  # even K, N a multiple of block_n
+    (2, 37, 200, "fma:4x64:w1:p2"),  # ragged N (rows past N re-read the last row) and K (masked last tile), prefetch
+    (3, 20, 96, "fma:16x32:w2:p0"),  # M = 3 in a program of 4 rows, one program along N
+    (4, 64, 160, "fma:8x128:w4:p0"),  # K shorter than two tiles, ragged
+    (4, 9, 48, "fma:4x16:w1:p1"),  # one 16-byte load per row per tile
+])
+def test_fma_w8a16_kernel_matches_reference(m, n, k, config, dtype):
+    """The CUDA-core decode kernel (M <= 4): fp8 bits widened in registers, channel scale at the end."""
+    gen = torch.Generator().manual_seed(n * k + m)
+    weight, scale = quantize_per_channel(torch.randn(n, k, generator=gen) * 0.05)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    out = fp8_fma_gemm(x.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE),
+                       SkinnyConfig.parse(config))
+    assert out.shape == (m, n) and out.dtype == dtype
+    reference = x.double() @ (weight.double() * scale.double()[:, None]).T
+    assert_close(out, reference, {torch.float32: 1e-5, torch.float16: 3e-3}[dtype], f"fp8 fma {config}")
+
+
+def test_decode_dispatch_takes_fma_up_to_four_rows_and_dot_above():
+    assert pick_fp8_config(1, 4096, 4096) is not None and pick_fp8_config(4, 4096, 4096) is not None
+    assert pick_fp8_config(5, 4096, 4096) is None and pick_fp8_config(16, 4096, 4096) is None
+    for config in FP8_DEFAULT_CONFIGS.values():  # 16-byte loads of 1-byte elements: block_k a multiple of 16
+        assert config is None or (config.kind == "fma" and config.block_k % 16 == 0)
+    gen = torch.Generator().manual_seed(3)
+    weight, scale = quantize_per_channel(torch.randn(24, 1024, generator=gen) * 0.05)
+    for m in (2, 6):
+        x = torch.randn(m, 1024, generator=gen).to(torch.float16)
+        out = fp8_decode_gemm(x.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE))
+        assert_close(out, x.double() @ (weight.double() * scale.double()[:, None]).T, 3e-3, f"fp8 decode m={m}")
+
+
 def test_w8a8_reference_is_within_fp8_error_of_the_exact_product():
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(32, 256, generator=gen), torch.randn(128, 256, generator=gen) * 0.02
@@ -93,3 +128,17 @@ def test_fp8_linear_gpu_matches_references(m, n, k):
     if m > 16:  # static per-tensor activation scale
         static = torch.tensor([0.02], device="cuda")
         assert_close(fp8_linear(x, weight, scale, static), fp8_linear_ref(x, weight, scale, static).float(), 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["fma:4x1024:w4:p0", "fma:8x512:w4:p2", "fma:2x2048:w8:p0", "fma:16x256:w4:p0"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_fma_w8a16_kernel_gpu(m, config):
+    """The compiled fma kernel (its PTX e4m3x2 -> f16x2 conversion of whole 32-bit words, which the interpreter
+    replaces by per-byte casts) against the reference, at a Llama shape with a ragged K tail and N edge."""
+    gen = torch.Generator().manual_seed(m)
+    n, k = 4096 + 24, 4096 + 48
+    weight, scale = quantize_per_channel((torch.randn(n, k, generator=gen) * 0.02).cuda())
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+    out = fp8_fma_gemm(x, weight, scale, SkinnyConfig.parse(config))
+    assert_close(out, fp8_weight_only_ref(x, weight, scale).float(), 1e-2, f"fp8 fma gpu m={m} {config}")

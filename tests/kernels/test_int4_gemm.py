@@ -1,7 +1,8 @@
 """int4 GEMM (w4a16) against a float64 dequantize-then-matmul reference, and the int4 packers' bit orders.
 
-The Triton kernel runs on ``KERNEL_DEVICE`` (the interpreter on CPU) at small shapes in fp32/fp16, both launch shapes
-(decode M <= 16 with split-K, prefill), blocks that straddle group boundaries' edges, zero points, and GPTQ
+The Triton kernels run on ``KERNEL_DEVICE`` (the interpreter on CPU) at small shapes in fp32/fp16: the tl.dot kernel
+in both launch shapes (decode M <= 16 with split-K, prefill), the CUDA-core fma kernel (M = 1..4, tiles spanning
+several groups or a part of one, ragged N), blocks that straddle group boundaries' edges, zero points, and GPTQ
 act-order permutations (rows sorted by group at load, x's columns gathered by the permutation).
 """
 
@@ -10,8 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.int4_gemm import (AWQ_ORDER, dequantize_int4, int4_gemm, int4_linear, int4_linear_ref,
-                               pack_int4_columns, pack_int4_rows, unpack_int4_columns, unpack_int4_rows)
+from kernels.int4_gemm import (AWQ_ORDER, INT4_DEFAULT_CONFIGS, dequantize_int4, int4_decode_or_prefill_gemm,
+                               int4_fma_gemm, int4_gemm, int4_linear, int4_linear_ref, pack_int4_columns,
+                               pack_int4_kernel, pack_int4_rows, pick_int4_config, unpack_int4_columns,
+                               unpack_int4_kernel, unpack_int4_rows)
+from kernels.skinny_gemm import SkinnyConfig
 from tests.kernels.kernel_testing import KERNEL_DEVICE, assert_close
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3}
@@ -42,12 +46,29 @@ def test_packers_follow_the_published_bit_orders():
     assert torch.equal(unpack_int4_rows(packed_rows), rows)
 
 
+def test_kernel_layout_interleaves_rows_within_blocks_of_32():
+    """Nibble i of word 4c + r of a column holds input row 32c + 4i + r (so four consecutive words' nibble i cover
+    four consecutive rows); the packer and unpacker invert each other."""
+    k, n = 64, 3
+    q = (torch.arange(k)[:, None] + 5 * torch.arange(n)[None, :]) % 16
+    packed = pack_int4_kernel(q)
+    assert packed.dtype == torch.int32 and packed.shape == (n, k // 8)
+    for col in range(n):
+        for word in range(k // 8):
+            bits = int(packed[col, word]) & 0xFFFFFFFF
+            c, r = divmod(word, 4)
+            assert [(bits >> (4 * i)) & 0xF for i in range(8)] == [int(q[32 * c + 4 * i + r, col]) for i in range(8)]
+    assert torch.equal(unpack_int4_kernel(packed), q)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_int4_kernel(torch.zeros(48, 8, dtype=torch.long))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m, n, k, group, block_k, split_k", [
     (1, 48, 128, 32, 32, 1),  # N not a multiple of block_n (masked columns)
     (3, 64, 256, 64, 32, 3),  # split-K with an uneven last split; two blocks per group
     (16, 32, 128, 128, 64, None),  # one group over K, default split
-    (5, 96, 192, 32, 16, 4),
+    (5, 96, 192, 32, 32, 4),
     (33, 40, 128, 64, 64, 1),  # prefill launch shape (M > 16), M not a multiple of 64
     (70, 64, 256, 32, 32, 1),
 ])
@@ -55,7 +76,7 @@ def test_int4_gemm_matches_reference(m, n, k, group, block_k, split_k, dtype):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     q, zeros, scales, weight = random_int4(k, n, group, gen)
     x = torch.randn(m, k, generator=gen, dtype=torch.float64)
-    args = (pack_int4_rows(q), scales.to(dtype), zeros.to(dtype))
+    args = (pack_int4_kernel(q), scales.to(dtype), zeros.to(dtype))
     out = int4_gemm(x.to(dtype).to(KERNEL_DEVICE), *(a.to(KERNEL_DEVICE) for a in args), group,
                     block_n=32, block_k=block_k, split_k=split_k)
     assert out.shape == (m, n) and out.dtype == dtype
@@ -74,7 +95,7 @@ def test_act_order_permutation(dtype):
     g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=gen)]
     q, zeros, scales, weight = random_int4(k, n, group, gen, g_idx=g_idx)
     perm = torch.argsort(g_idx, stable=True)
-    args = (pack_int4_rows(q[perm]), scales.to(dtype), zeros.to(dtype))
+    args = (pack_int4_kernel(q[perm]), scales.to(dtype), zeros.to(dtype))
     x = torch.randn(m, k, generator=gen, dtype=torch.float64)
     expected = x.to(dtype).double() @ ((q.double() - zeros.to(dtype).double()[g_idx]) * scales.to(dtype).double()[g_idx])
     out = int4_gemm(x.to(dtype)[:, perm].contiguous().to(KERNEL_DEVICE), *(a.to(KERNEL_DEVICE) for a in args), group,
@@ -82,20 +103,64 @@ def test_act_order_permutation(dtype):
     assert_close(out, expected, TOLERANCE[dtype], "act-order kernel")
     ref = int4_linear(x.to(dtype), *args, group, perm.to(torch.int32))  # CPU: the reference path
     assert_close(ref, expected, TOLERANCE[dtype], "act-order reference")
+    x_perm = x.to(dtype)[:, perm].contiguous().to(KERNEL_DEVICE)
+    for config in ("fma:8x64:w2:p0", "fma:4x128:w1:p0"):  # the decode fma kernel on the permuted rows
+        out = int4_fma_gemm(x_perm, *(a.to(KERNEL_DEVICE) for a in args), group, SkinnyConfig.parse(config))
+        assert_close(out, expected, TOLERANCE[dtype], f"act-order fma {config}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m, n, k, group, config", [
+    (1, 48, 256, 128, "fma:8x256:w2:p0"),  # a tile of two groups
+    (2, 37, 256, 32, "fma:4x128:w1:p0"),  # ragged N (columns past N re-read the last one), four groups per tile
+    (3, 20, 384, 128, "fma:16x64:w2:p0"),  # tiles of half a group; M = 3 in a program of 4 rows
+    (4, 64, 192, 64, "fma:8x64:w1:p0"),  # one group per tile, three tiles
+    (4, 9, 96, 96, "fma:2x32:w1:p0"),  # one group over K (group -1), tiles of a third of it
+    (1, 8, 64, 32, "fma:1x64:w1:p0"),  # one column, one tile
+])
+def test_int4_fma_kernel_matches_reference(m, n, k, group, config, dtype):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    q, zeros, scales, _ = random_int4(k, n, group, gen)
+    x = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    args = (pack_int4_kernel(q), scales.to(dtype), zeros.to(dtype))
+    out = int4_fma_gemm(x.to(dtype).to(KERNEL_DEVICE), *(a.to(KERNEL_DEVICE) for a in args), group,
+                        SkinnyConfig.parse(config))
+    assert out.shape == (m, n) and out.dtype == dtype
+    reference = x.to(dtype).double() @ dequantize_int4(args[0], args[1].double(), args[2].double(), group).double()
+    assert_close(out, reference, TOLERANCE[dtype], f"int4 fma {m}x{n}x{k} g{group} {config} {dtype}")
+
+
+def test_int4_decode_dispatch():
+    """fma for M <= 4 (block_k fitted to K and the group), tl.dot above; both match the reference."""
+    assert pick_int4_config(5, 4096, 4096, 128) is None
+    for m in (1, 2, 4):
+        config = pick_int4_config(m, 4096, 4096, 128)
+        assert config is not None and config.kind == "fma" and config.block_k % 32 == 0
+    assert pick_int4_config(1, 4096, 4096 + 96, 32).block_k == 32  # K = 4192 = 131 * 32: only 32 divides it
+    assert all(c is None or c.kind == "fma" for c in INT4_DEFAULT_CONFIGS.values())
+    gen = torch.Generator().manual_seed(11)
+    k, n, group = 512, 24, 64
+    q, zeros, scales, _ = random_int4(k, n, group, gen)
+    args = (pack_int4_kernel(q), scales.to(torch.float16), zeros.to(torch.float16))
+    reference_w = dequantize_int4(args[0], args[1].double(), args[2].double(), group).double()
+    for m in (3, 7):
+        x = torch.randn(m, k, generator=gen).to(torch.float16)
+        out = int4_decode_or_prefill_gemm(x.to(KERNEL_DEVICE), *(a.to(KERNEL_DEVICE) for a in args), group)
+        assert_close(out, x.double() @ reference_w, TOLERANCE[torch.float16], f"int4 decode m={m}")
 
 
 LLAMA_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 7, 16, 200])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 16, 200])
 @pytest.mark.parametrize("n, k", LLAMA_8B_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int4_linear_gpu_at_llama_shapes(m, n, k, dtype):
     gen = torch.Generator().manual_seed(m)
     group = 128
     q, zeros, scales, _ = random_int4(k, n, group, gen)
-    args = (pack_int4_rows(q).cuda(), (scales * 0.1).to(dtype).cuda(), zeros.to(dtype).cuda())
+    args = (pack_int4_kernel(q).cuda(), (scales * 0.1).to(dtype).cuda(), zeros.to(dtype).cuda())
     x = torch.randn(m, k, generator=gen).to(dtype).cuda()
     out = int4_linear(x, *args, group)
     assert_close(out, int4_linear_ref(x, *args, group).float(), 1e-2, f"int4 m={m} {n}x{k} {dtype}")

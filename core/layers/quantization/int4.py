@@ -10,8 +10,9 @@ row ``k``):
   ``qzeros`` int32 ``[groups, out / 8]`` (sequential nibbles) storing ``zero - 1``; ``scales`` ``[groups, out]``;
   ``g_idx`` int32 ``[in]``: the group of each input row (with ``desc_act`` / act-order, not ``k // group``).
 
-Kernel layout (``kernels/int4_gemm.py``): ``qweight`` int32 ``[in / 8, out]`` with sequential nibbles along the input
-dim and groups of consecutive rows, ``scales`` and ``zeros`` (as numbers) ``[groups, out]`` in the activation dtype,
+Kernel layout (``kernels/int4_gemm.py: pack_int4_kernel``): ``qweight`` int32 ``[out, in / 8]``, each output
+column's codes contiguous along the input dim (interleaved within blocks of 32 rows, for the decode kernel's wide
+loads), groups of consecutive rows, ``scales`` and ``zeros`` (as numbers) ``[groups, out]`` in the activation dtype,
 and for act-order checkpoints a permutation of the input rows (x's columns are gathered by it before the GEMM).
 """
 
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 
 from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, replace_parameter
-from kernels.int4_gemm import AWQ_ORDER, int4_linear, pack_int4_rows, unpack_int4_columns, unpack_int4_rows
+from kernels.int4_gemm import (AWQ_ORDER, KERNEL_K_BLOCK, int4_linear, pack_int4_kernel, unpack_int4_columns,
+                               unpack_int4_rows)
 
 PACK = 8  # int4 values per int32
 
@@ -119,6 +121,9 @@ class Int4LinearMethod(LinearMethod):
         if in_features % group or in_features % PACK:
             raise ValueError(f"{name}: a layer's input size {in_features} must be a multiple of the group size "
                              f"{group} and of {PACK}.")
+        if in_features % KERNEL_K_BLOCK:
+            raise ValueError(f"{name}: a layer's input size {in_features} must be a multiple of {KERNEL_K_BLOCK} "
+                             "(the int4 kernels' layout interleaves codes in blocks of 32 input rows).")
         if any(size % PACK for size in output_sizes):
             raise ValueError(f"{name}: output sizes {tuple(output_sizes)} must be multiples of {PACK} (int4 packing).")
         groups = in_features // group
@@ -159,7 +164,7 @@ class Int4LinearMethod(LinearMethod):
                 q = q[perm]
                 perm = perm.to(torch.int32)
             delattr(layer, "g_idx")
-        replace_parameter(layer, "qweight", pack_int4_rows(q))
+        replace_parameter(layer, "qweight", pack_int4_kernel(q))
         delattr(layer, "qzeros")
         replace_parameter(layer, "scales", scales.contiguous())
         replace_parameter(layer, "zeros", zeros.to(scales.dtype).contiguous())
