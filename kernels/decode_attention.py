@@ -21,7 +21,7 @@ import triton.language as tl
 
 from kernels.attention_common import (
     attend, attend_kv_tile, check_attention_args, gather_kv, head_dim_block, is_fp8_cache, kv_compute_dtype,
-    score_params, visible_keys,
+    fp8_read_flags, queries_to_fp16, score_params, visible_keys,
 )
 from kernels.backend import num_sms
 
@@ -122,6 +122,9 @@ def _decode_kernel(
     ALIBI: tl.constexpr,
     WINDOW: tl.constexpr,
     KV_FP8: tl.constexpr,
+    FP8_F16_DOTS: tl.constexpr,  # KV_FP8 with fp16/bf16 queries: dots in fp16 (see queries_to_fp16)
+    V_PAIRS: tl.constexpr,  # fp8 V tiles read as uint16 pairs (see e4m3_pairs_to_fp16)
+    PAIRS_ASM: tl.constexpr,  # ... converted by the PTX instruction (CUDA), else byte by byte
 ):
     if ORDER == 0:
         seq = tl.program_id(0)
@@ -160,7 +163,9 @@ def _decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     tile_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=tile_mask, other=0.0)
-    if not KV_FP8:
+    if FP8_F16_DOTS:
+        q, qk_scale = queries_to_fp16(q, qk_scale)  # the fp8 tiles are converted to fp16
+    elif not KV_FP8:
         q = q.to(k_cache_ptr.dtype.element_ty)  # an fp8 cache's tiles are upcast to q's dtype instead
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -178,7 +183,7 @@ def _decode_kernel(
         acc, m_i, l_i = attend_kv_tile(
             acc, m_i, l_i, q, q_pos, tile_start, end, table, k_base, v_base, qk_scale, cap_log2, slopes,
             sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE_N, True,
-            IEEE, SOFTCAP, ALIBI, WINDOW,
+            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM,
         )  # fmt: skip
 
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (graph padding) gives zeros, not NaN
@@ -349,6 +354,9 @@ class DecodeConfig:
     programs_per_sm: int = 4
     min_split_tokens: int = 128
     max_splits: int = 64
+    # How an fp8 cache is read (kernels/attention_common.py fp8_read_flags): "f16-vpairs" (fp16 dots, V converted as
+    # packed pairs before its transpose), "f16" (fp16 dots, plain casts), "upcast" (tiles cast to q's dtype).
+    fp8_path: str = "f16-vpairs"
 
 
 # Measured on the H100 (benchmarks/bench_decode_attention.py; numbers in benchmarks/decode_attention_variants.py):
@@ -514,6 +522,7 @@ def paged_decode_attention(
         ALIBI=alibi_slopes is not None,
         WINDOW=sliding_window > 0,
         KV_FP8=kv_fp8,
+        **fp8_read_flags(q, k_cache, v_cache, config.fp8_path),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
