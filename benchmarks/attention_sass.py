@@ -2,6 +2,7 @@
 
     python benchmarks/attention_sass.py                      # bf16 cache, fp8 via bf16 (old), fp8 via fp16 (new)
     python benchmarks/attention_sass.py --configs 64/4/2,128/8/3 --dump /tmp/sass
+    python benchmarks/attention_sass.py --configs 64/4/2 --prefill 128/64/8/2,16/64/4/2   # the prefill kernel too
 
 Compiles ``_decode_kernel`` for sm_90 (``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``, pointer
 and stride arguments carrying the divisibility-16 attribute the JIT gives them) at W1's shape (head dim 128, 16 query /
@@ -28,7 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 
-from kernels import decode_attention  # noqa: E402
+from kernels import decode_attention, prefill_attention  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -53,6 +54,24 @@ def compile_decode(cache_ty: str, dot_ty: str, v_pairs: bool, tile_n: int, num_w
                       FUSED_REDUCE=False, GROUP_PAD=triton.next_power_of_2(group), SPLITS_PAD=1, SPLIT_CHUNK=1,
                       IEEE=False, SOFTCAP=False, ALIBI=False, WINDOW=False, KV_FP8=fp8,
                       FP8_F16_DOTS=fp8 and dot_ty == "fp16", V_PAIRS=v_pairs, PAIRS_ASM=v_pairs)  # fmt: skip
+    return _compile(kernel, pointers, floats, constexprs, num_warps, num_stages)
+
+
+def compile_prefill(cache_ty: str, dot_ty: str, v_pairs: bool, block_m: int, tile_n: int, num_warps: int,
+                    num_stages: int, *, group: int = 2, head_dim: int = 128, block_size: int = 16):  # fmt: skip
+    """The compiled prefill kernel for one variant (same variants as :func:`compile_decode`)."""
+    kernel = prefill_attention._prefill_kernel
+    fp8 = cache_ty == "fp8e4nv"
+    pointers = {"out_ptr": "*bf16", "q_ptr": "*bf16", "k_cache_ptr": f"*{cache_ty}", "v_cache_ptr": f"*{cache_ty}",
+                "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "slopes_ptr": "*bf16"}  # fmt: skip
+    block_m = max(block_m, triton.next_power_of_2(group))
+    constexprs = dict(GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_m // group, HEAD_DIM=head_dim, BLOCK_D=head_dim,
+                      BLOCK_SIZE=block_size, TILE_N=tile_n, IEEE=False, SOFTCAP=False, ALIBI=False, WINDOW=False,
+                      KV_FP8=fp8, FP8_F16_DOTS=fp8 and dot_ty == "fp16", V_PAIRS=v_pairs, PAIRS_ASM=v_pairs)  # fmt: skip
+    return _compile(kernel, pointers, {"qk_scale", "cap_log2", "v_scale"}, constexprs, num_warps, num_stages)
+
+
+def _compile(kernel, pointers: dict[str, str], floats: set[str], constexprs: dict, num_warps: int, num_stages: int):
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -124,6 +143,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="64/4/2", help="comma-separated tile_n/warps/stages")
     parser.add_argument("--group", type=int, default=2, help="query heads per KV head (W1: 2, W2: 4)")
+    parser.add_argument("--prefill", default="", help="also the prefill kernel: comma-separated block_m/tile_n/warps/stages")
     parser.add_argument("--verbose", action="store_true", help="every opcode of the loop with its modifiers")
     parser.add_argument("--dump", default="", help="write each variant's PTX and SASS into this folder")
     opts = parser.parse_args()
@@ -145,6 +165,14 @@ def main() -> int:
                 base.parent.mkdir(parents=True, exist_ok=True)
                 base.with_suffix(".ptx").write_text(info["ptx"])
                 base.with_suffix(".sass").write_text(info["sass"])
+    for spec in filter(None, opts.prefill.split(",")):
+        block_m, tile_n, warps, stages = (int(x) for x in spec.split("/"))
+        print(f"\n## prefill kernel, group {opts.group}, block_m {block_m} / tile {tile_n} / {warps} warps / {stages} stages")
+        for label, cache_ty, dot_ty, v_pairs in VARIANTS:
+            info = summarize(compile_prefill(cache_ty, dot_ty, v_pairs, block_m, tile_n, warps, stages, group=opts.group))
+            mma = ", ".join(f"{k} {v}" for k, v in sorted(info["loop_detail"].items()) if "MMA" in k or "GMMA" in k)
+            print(f"- {label}: {info['loop_total']} SASS instructions in the loop, {info['regs']} regs, "
+                  f"{info['smem']} B smem; {mma}")  # fmt: skip
     return 0
 
 
