@@ -6,7 +6,8 @@ programs; the splits are merged either by the last split to finish (one launch, 
 reduce kernel. The launch order of the programs is a parameter: with mixed context lengths, longest sequences first
 ("lpt") keeps long programs out of the tail. Layout and shared pieces: kernels/attention_common.py.
 
-The engine uses :data:`DECODE_CONFIG` and, when the context is split, :data:`SPLIT_DECODE_CONFIG`; the other
+The engine uses :data:`DECODE_CONFIG` and, when the context is split, :data:`SPLIT_DECODE_CONFIG` (an fp8 cache:
+:data:`FP8_DECODE_CONFIG` / :data:`FP8_SPLIT_DECODE_CONFIG`); the other
 configurations benchmarks/bench_decode_attention.py compares live in benchmarks/decode_attention_variants.py.
 """
 
@@ -364,14 +365,34 @@ class DecodeConfig:
 # the context is split, one launch whose last split merges wins.
 DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="lpt", fused_reduce=False)
 SPLIT_DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="head", fused_reduce=True)
+# An fp8 cache has its own configs: its tiles are half the bytes and its loop does different work (conversions), so
+# the best tile / warps / stages differ. `python benchmarks/bench_decode_attention.py --kv-cache-dtype fp8` sweeps
+# them and prints the line to paste here. Until measured: the bf16 configs with the fp16-dots + V-pairs read path
+# (64/4/2: 440 SASS instructions per key tile on sm_90 against 797 for the first fp8 path, 118 registers against 168,
+# so 4 programs per SM again; benchmarks/attention_sass.py).
+FP8_DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="lpt", fused_reduce=False,
+                                 fp8_path="f16-vpairs")  # fmt: skip
+FP8_SPLIT_DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="head", fused_reduce=True,
+                                       fp8_path="f16-vpairs")  # fmt: skip
 
 
-def set_decode_configs(config: DecodeConfig, split_config: DecodeConfig | None = None) -> None:
+def set_decode_configs(config: DecodeConfig, split_config: DecodeConfig | None = None, *,
+                       fp8_config: DecodeConfig | None = None, fp8_split_config: DecodeConfig | None = None) -> None:  # fmt: skip
     """Replace the default configs (benchmarks and experiments; affects launches made, and graphs captured, from now
-    on). ``split_config`` defaults to ``config``."""
-    global DECODE_CONFIG, SPLIT_DECODE_CONFIG
+    on). ``split_config`` defaults to ``config``; the fp8-cache configs default to the same two (a variant set for
+    an experiment applies to both cache dtypes unless fp8 ones are given)."""
+    global DECODE_CONFIG, SPLIT_DECODE_CONFIG, FP8_DECODE_CONFIG, FP8_SPLIT_DECODE_CONFIG
     DECODE_CONFIG = config
     SPLIT_DECODE_CONFIG = split_config or config
+    FP8_DECODE_CONFIG = fp8_config or DECODE_CONFIG
+    FP8_SPLIT_DECODE_CONFIG = fp8_split_config or fp8_config or SPLIT_DECODE_CONFIG
+
+
+def default_decode_configs(fp8_cache: bool) -> tuple[DecodeConfig, DecodeConfig]:
+    """(unsplit, split) default configs for a cache dtype."""
+    if fp8_cache:
+        return FP8_DECODE_CONFIG, FP8_SPLIT_DECODE_CONFIG
+    return DECODE_CONFIG, SPLIT_DECODE_CONFIG
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, sms: int,
@@ -465,11 +486,11 @@ def paged_decode_attention(
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
     if config is None:
-        config = DECODE_CONFIG
+        config, split_config = default_decode_configs(is_fp8_cache(k_cache))
         sms = num_sms(q.device.index if q.is_cuda else None)
         if num_splits is None and decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, sms,
                                                     config) > 1:
-            config = SPLIT_DECODE_CONFIG
+            config = split_config
     if num_splits is None:
         sms = num_sms(q.device.index if q.is_cuda else None)
         num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, sms, config)
