@@ -15,8 +15,9 @@ Head dims that are not powers of two (80, 96) run in a padded ``BLOCK_D = next_p
 extra columns are masked on every load and store (zeros add nothing to ``q @ k``).
 
 FP8 KV cache (``float8_e4m3fn`` caches): the cache holds ``x / scale`` (clamped to e4m3's +-448) with one scale per
-layer for keys and one for values (``k_scale``, ``v_scale``). The kernels load the fp8 tiles, convert them to q's
-dtype and fold the scales in where they cost nothing: ``k_scale`` into the score scale (``q @ (k8 * ks) = ks * (q @
+layer for keys and one for values (``k_scale``, ``v_scale``). The kernels load the fp8 tiles, convert them (with
+fp16/bf16 queries: to fp16, q converted once per program, see :func:`queries_to_fp16` and :func:`fp8_read_flags`;
+fp32 queries: to fp32) and fold the scales in where they cost nothing: ``k_scale`` into the score scale (``q @ (k8 * ks) = ks * (q @
 k8)``) and ``v_scale`` into the final normalization (``sum p (v8 * vs) = vs * sum p v8``). For other cache dtypes the
 scales are ignored.
 """
