@@ -282,6 +282,7 @@ def compare_fp8(opts, cases: list[Case]) -> int:
     sweep_us: dict[str, dict[str, float]] = {}  # config label -> case -> us (passing runs only)
     sweep_configs: dict[str, DecodeConfig] = {}
     failed: list[str] = []
+    errors: dict[tuple[str, str], str] = {}
     for n, case in enumerate(cases):
         t0 = time.time()
         results: list[tuple[str, Result, int]] = []
@@ -294,7 +295,13 @@ def compare_fp8(opts, cases: list[Case]) -> int:
         problem = make_problem(case, head_dim, block_size, table_width, dtype, seed=n, cache_dtype=torch.float8_e4m3fn)
         ref = float32_reference(problem.args(0))
         for label, config, caller_order in fp8_runs(names, opts.smoke):
-            result = run_variant(problem, case, label, config, caller_order, ref)
+            try:  # one config that cannot compile or launch (e.g. out of shared memory) must not lose the others
+                result = run_variant(problem, case, label, config, caller_order, ref)
+            except Exception as exc:  # noqa: BLE001 - reported in the table and in the exit status
+                errors[(case.key, label)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                result = Result(case, label, float("nan"), float("inf"), False, 0)
+                if DEVICE == "cuda":
+                    torch.cuda.synchronize()
             results.append((label, result, problem.kv_bytes))
             if label.startswith("sweep") and result.ok():
                 sweep_us.setdefault(label, {})[case.key] = result.us
@@ -310,7 +317,9 @@ def compare_fp8(opts, cases: list[Case]) -> int:
             gbs = kv_bytes / (r.us * 1e-6)
             rows.append([case.key, label, f"{r.us:.1f}", f"{gbs / 1e9:.0f}", f"{gbs / PEAK_BYTES_PER_S:.0%}",
                          f"{bf16_us / r.us:.2f}x", f"{old_us / r.us:.2f}x", f"{r.err:.1e}", "ok" if r.ok() else "FAIL"])  # fmt: skip
-            if not r.ok():
+            if (case.key, label) in errors:
+                failed.append(f"{case.key} {label}: {errors[case.key, label]}")
+            elif not r.ok():
                 failed.append(f"{case.key} {label}: rel err {r.err:.2e}, graph == eager: {r.graph_matches_eager}")
     print_table(f"fp8 KV cache decode attention, us per launch inside a CUDA graph of {LAYERS} launches; GB/s of the "
                 f"cache's own K+V bytes; % of {PEAK_BYTES_PER_S / 1e12:.2f} TB/s",
