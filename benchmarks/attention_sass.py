@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("attention_sass.py compiles the kernels: run it without TRITON_INTERPRET=1")
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
