@@ -18,9 +18,9 @@ Exit status 1 when any check failed.
 
 ``--kv-cache-dtype fp8`` compares, on W1 and W2 (``--cases`` to change), the 16-bit cache (the engine's default
 config), the first fp8 read path (``fp8_path="upcast"``: tiles cast to bf16), fp16 dots with plain casts (``"f16"``),
-the default fp8 config (``FP8_DECODE_CONFIG``) and a sweep of tile / warps / stages on the ``"f16-vpairs"`` path, then
-prints the fastest sweep config over both cases as the ``FP8_DECODE_CONFIG`` line to paste into
-kernels/decode_attention.py.
+the default fp8 config (``FP8_DECODE_CONFIG``) and a sweep of tile / warps / stages on the ``"f16-vpairs"`` path (a
+few on ``"f16"``), then prints the fastest of these over both cases (sum of us) as the ``FP8_DECODE_CONFIG`` line to
+paste into kernels/decode_attention.py.
 """
 
 from __future__ import annotations
@@ -86,9 +86,11 @@ SMOKE_CASES = [Case("smoke", "smoke B=5 ctx U[1,90]", 4, 2, 5, (1, 90)), Case("s
 SWEEP = [(16, 4, 5), (16, 4, 8), (32, 4, 7), (32, 8, 5), (64, 8, 5), (128, 8, 5)]
 # fp8 cache sweep on the "f16-vpairs" path (tile_n, warps, stages): half-size tiles may want more keys per tile; the
 # loop's instruction counts, registers and shared memory of each are in benchmarks/attention_sass.py's output.
-FP8_SWEEP = [(32, 4, 2), (32, 4, 5), (64, 4, 2), (64, 4, 3), (64, 4, 5), (64, 8, 2), (128, 4, 2), (128, 8, 2),
-             (128, 8, 3), (256, 8, 2)]  # fmt: skip
-FP8_SMOKE_SWEEP = [(16, 4, 2), (32, 4, 3)]
+# (fp8_path, tile_n, warps, stages); the default FP8_DECODE_CONFIG and "f16" at 64/4/2 run anyway.
+FP8_SWEEP = [("f16-vpairs", 32, 4, 2), ("f16-vpairs", 32, 4, 5), ("f16-vpairs", 64, 4, 3), ("f16-vpairs", 64, 4, 5),
+             ("f16-vpairs", 64, 8, 2), ("f16-vpairs", 128, 4, 2), ("f16-vpairs", 128, 8, 2), ("f16-vpairs", 128, 8, 3),
+             ("f16", 32, 4, 5), ("f16", 128, 4, 2), ("f16", 128, 8, 2)]  # fmt: skip
+FP8_SMOKE_SWEEP = [("f16-vpairs", 16, 4, 2), ("f16-vpairs", 32, 4, 3)]
 
 
 @dataclass
@@ -259,10 +261,11 @@ def fp8_runs(names: list[str], smoke: bool) -> list[tuple[str, DecodeConfig, boo
     for name in names:
         config = DECODE_VARIANTS[name]
         runs.append((f"fp8 variant {name}", config, config.order == "lpt"))
-    for tile, warps, stages in FP8_SMOKE_SWEEP if smoke else FP8_SWEEP:
+    for path, tile, warps, stages in FP8_SMOKE_SWEEP if smoke else FP8_SWEEP:
         config = DecodeConfig(tile_n=tile, num_warps=warps, num_stages=stages, order="lpt", fused_reduce=False,
-                              fp8_path="f16-vpairs")  # fmt: skip
-        runs.append((f"sweep f16-vpairs {fmt(config)}", config, True))
+                              fp8_path=path)  # fmt: skip
+        if config != FP8_DECODE_CONFIG:
+            runs.append((f"sweep {path} {fmt(config)}", config, True))
     return runs
 
 
@@ -303,7 +306,7 @@ def compare_fp8(opts, cases: list[Case]) -> int:
                 if DEVICE == "cuda":
                     torch.cuda.synchronize()
             results.append((label, result, problem.kv_bytes))
-            if label.startswith("sweep") and result.ok():
+            if label.startswith(("sweep", "fp8 default", "fp8 f16 dots")) and result.ok():  # candidates to paste
                 sweep_us.setdefault(label, {})[case.key] = result.us
                 sweep_configs[label] = config
         print(f"  {case.label}: {time.time() - t0:.0f} s")
@@ -329,10 +332,10 @@ def compare_fp8(opts, cases: list[Case]) -> int:
         best = min(complete, key=lambda label: sum(complete[label].values()))
         config = sweep_configs[best]
         per_case = ", ".join(f"{k} {v:.1f} us" for k, v in complete[best].items())
-        print(f"\n# fastest fp8 sweep config over {', '.join(c.key for c in cases)}: {best} ({per_case})")
+        print(f"\n# fastest fp8 config over {', '.join(c.key for c in cases)} (sum of us): {best} ({per_case})")
         print("# paste into kernels/decode_attention.py:")
         print(f"FP8_DECODE_CONFIG = DecodeConfig(tile_n={config.tile_n}, num_warps={config.num_warps}, "
-              f"num_stages={config.num_stages}, order=\"lpt\", fused_reduce=False, fp8_path=\"f16-vpairs\")")  # fmt: skip
+              f"num_stages={config.num_stages}, order=\"lpt\", fused_reduce=False, fp8_path=\"{config.fp8_path}\")")  # fmt: skip
     print(f"\n# total {time.time() - started:.0f} s")
     if failed:
         for line in failed:
