@@ -15,11 +15,11 @@ Head dims that are not powers of two (80, 96) run in a padded ``BLOCK_D = next_p
 extra columns are masked on every load and store (zeros add nothing to ``q @ k``).
 
 FP8 KV cache (``float8_e4m3fn`` caches): the cache holds ``x / scale`` (clamped to e4m3's +-448) with one scale per
-layer for keys and one for values (``k_scale``, ``v_scale``). The kernels load the fp8 tiles, convert them (with
-fp16/bf16 queries: to fp16, q converted once per program, see :func:`queries_to_fp16` and :func:`fp8_read_flags`;
-fp32 queries: to fp32) and fold the scales in where they cost nothing: ``k_scale`` into the score scale (``q @ (k8 * ks) = ks * (q @
-k8)``) and ``v_scale`` into the final normalization (``sum p (v8 * vs) = vs * sum p v8``). For other cache dtypes the
-scales are ignored.
+layer for keys and one for values (``k_scale``, ``v_scale``). The kernels load the fp8 tiles, convert them (fp16/bf16
+queries: to fp16, q converted once per program, see :func:`queries_to_fp16` and :func:`fp8_read_flags`; fp32
+queries: to fp32) and fold the scales in where they cost nothing: ``k_scale`` into the score scale (``q @ (k8 * ks) =
+ks * (q @ k8)``) and ``v_scale`` into the final normalization (``sum p (v8 * vs) = vs * sum p v8``). For other cache
+dtypes the scales are ignored.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def queries_to_fp16(q, qk_scale):
     """``q`` (fp16 or bf16) as fp16 for the dots against an fp8 cache's tiles, and the score scale to use with it.
 
     Why fp16: e4m3 -> fp16 is exact and one packed conversion per two values on sm_89+ (``cvt.rn.f16x2.e4m3x2``);
-    e4m3 -> bf16 has no such instruction and goes through fp16 and fp32, which made the fp8 loop ALU-bound.
+    e4m3 -> bf16 has no such instruction (e4m3x2 -> f16x2, then each half to bf16 alone), which made the fp8 loop
+    instruction-bound.
     Overflow guard: fp16 ends at 65504 where bf16 does not; when the tile's largest ``|q|`` exceeds 2^15, the whole
     tile is divided by a power of two (exact) and ``qk_scale`` multiplied by it, so the scores are unchanged and no
     query element overflows. The dots accumulate in fp32 (``|q . k| <= D * 65504 * 448``, far inside fp32). Called once
@@ -178,7 +179,8 @@ def attend_kv_tile(
     V_PAIRS: tl.constexpr, PAIRS_ASM: tl.constexpr,
 ):  # fmt: skip
     """One key tile of online softmax for the rows of ``q`` (``[rows, BLOCK_D]``, positions ``q_pos``): gather the
-    tile's K/V through the block table, convert them to q's dtype (an fp8 cache's tiles are upcast here), score,
+    tile's K/V through the block table, convert them to q's dtype (an fp8 cache's tiles: to fp16 when q was made
+    fp16 by :func:`queries_to_fp16`, V as packed pairs with ``V_PAIRS``; see :func:`fp8_read_flags`), score,
     mask (``MASKED`` tiles: causal, context end, window) and fold into ``(acc, m_i, l_i)``.
 
     Unmasked tiles must lie wholly below every row's position and inside the context (prefill's full tiles)."""
