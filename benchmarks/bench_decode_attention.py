@@ -4,16 +4,23 @@
     python benchmarks/bench_decode_attention.py --sweep    # also tile/warps/stages configs on the W1/W2 cases
     python benchmarks/bench_decode_attention.py --cases w1,b1 --variants baseline,lpt-db32-fused
     python benchmarks/bench_decode_attention.py --smoke    # tiny shapes, no graphs: checks the script (CPU: interpreter)
-    python benchmarks/bench_decode_attention.py --kv-cache-dtype fp8 --variants baseline,lpt-db32-fused  # e4m3 caches
+    python benchmarks/bench_decode_attention.py --kv-cache-dtype fp8   # fp8 cache read paths + sweep on W1/W2 (~2 min)
+    python benchmarks/bench_decode_attention.py --kv-cache-dtype fp8 --variants lpt-db32-fused  # also these variants
 
 Each (case, variant): one CUDA graph of 28 back-to-back launches (one per layer) that rotate over several K/V cache
 copies (enough that the copies together are >= 5x the 50 MB L2, at most 28) with distinct queries, replayed and timed
 with events (median of 5 timings of 10 replays each); "us" is per launch. "% peak" is the K+V bytes of every cached
-token read once over the 3.02 TB/s copy ceiling. "lpt" variants run twice: "+order" takes the permutation from the
+token read once (in the cache's own dtype) over ``--peak-tbps`` (4.28 TB/s: the H200's copy ceiling). "lpt" variants run twice: "+order" takes the permutation from the
 caller (staged once per step by a runner, free in the graph); without it every launch sorts the lengths first (one
 extra small launch per layer). Every variant is checked against a float32 reference (relative error < 1e-2), and the
 graph's last output against an eager launch on the same inputs (bit-identical: a race in a fused merge would differ).
 Exit status 1 when any check failed.
+
+``--kv-cache-dtype fp8`` compares, on W1 and W2 (``--cases`` to change), the 16-bit cache (the engine's default
+config), the first fp8 read path (``fp8_path="upcast"``: tiles cast to bf16), fp16 dots with plain casts (``"f16"``),
+the default fp8 config (``FP8_DECODE_CONFIG``) and a sweep of tile / warps / stages on the ``"f16-vpairs"`` path (a
+few on ``"f16"``), then prints the fastest of these over both cases (sum of us) as the ``FP8_DECODE_CONFIG`` line to
+paste into kernels/decode_attention.py.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from benchmarks.decode_attention_variants import DECODE_VARIANTS  # noqa: E402
 from kernels.backend import num_sms  # noqa: E402
 from kernels.decode_attention import (  # noqa: E402
     DECODE_CONFIG,
+    FP8_DECODE_CONFIG,
     DecodeConfig,
     decode_num_splits,
     decode_order,
@@ -48,7 +56,7 @@ from kernels.decode_attention import (  # noqa: E402
 )
 from kernels.paged_attention import paged_attention_ref  # noqa: E402
 
-PEAK_BYTES_PER_S = 3.02e12  # H100 copy bandwidth; main() uses the H200's 4.28e12 on an H200
+PEAK_BYTES_PER_S = 4.28e12  # --peak-tbps
 L2_BYTES = 50 << 20
 LAYERS = 28
 TOL = 1e-2
@@ -84,6 +92,13 @@ SWEEP = [(16, 4, 5), (16, 4, 8), (32, 4, 7), (32, 8, 5), (64, 8, 5), (128, 8, 5)
 # Head dim 256: a [256, 64] bf16 K tile is 32 KB, so deep pipelines and wide tiles cost occupancy (g2 case)
 WIDE_SWEEP = [(16, 4, 2), (16, 4, 3), (16, 4, 5), (32, 4, 2), (32, 4, 3), (32, 4, 4), (32, 8, 2), (32, 8, 3),
               (64, 4, 1), (64, 8, 2), (16, 2, 3), (32, 2, 2)]
+# fp8 cache sweep on the "f16-vpairs" path (tile_n, warps, stages): half-size tiles may want more keys per tile; the
+# loop's instruction counts, registers and shared memory of each are in benchmarks/attention_sass.py's output.
+# (fp8_path, tile_n, warps, stages); the default FP8_DECODE_CONFIG and "f16" at 64/4/2 run anyway.
+FP8_SWEEP = [("f16-vpairs", 32, 4, 2), ("f16-vpairs", 32, 4, 5), ("f16-vpairs", 64, 4, 3), ("f16-vpairs", 64, 4, 5),
+             ("f16-vpairs", 64, 8, 2), ("f16-vpairs", 128, 4, 2), ("f16-vpairs", 128, 8, 2), ("f16-vpairs", 128, 8, 3),
+             ("f16", 32, 4, 5), ("f16", 128, 4, 2), ("f16", 128, 8, 2)]  # fmt: skip
+FP8_SMOKE_SWEEP = [("f16-vpairs", 16, 4, 2), ("f16-vpairs", 32, 4, 3)]
 
 
 @dataclass
@@ -239,37 +254,146 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     sys.stdout.flush()
 
 
+def print_header(dtype: torch.dtype, cache_dtype: torch.dtype, config: DecodeConfig) -> None:
+    if DEVICE == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        import triton
+
+        print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"# default decode config: {config}; queries {dtype}, KV cache {cache_dtype}")
+
+
+def fp8_runs(names: list[str], smoke: bool) -> list[tuple[str, DecodeConfig, bool]]:
+    """(label, config, caller order) of the fp8-cache runs: the read paths at the engine's 16-bit config, the default
+    fp8 config, the named variants, the sweep."""
+    base = dataclasses.replace(DECODE_CONFIG)
+    runs = [(f"fp8 upcast (first path) {fmt(base)}", dataclasses.replace(base, fp8_path="upcast"), True),
+            (f"fp8 f16 dots {fmt(base)}", dataclasses.replace(base, fp8_path="f16"), True),
+            (f"fp8 default FP8_DECODE_CONFIG {fmt(FP8_DECODE_CONFIG)}", FP8_DECODE_CONFIG, True)]
+    for name in names:
+        config = DECODE_VARIANTS[name]
+        runs.append((f"fp8 variant {name}", config, config.order == "lpt"))
+    for path, tile, warps, stages in FP8_SMOKE_SWEEP if smoke else FP8_SWEEP:
+        config = DecodeConfig(tile_n=tile, num_warps=warps, num_stages=stages, order="lpt", fused_reduce=False,
+                              fp8_path=path)  # fmt: skip
+        if config != FP8_DECODE_CONFIG:
+            runs.append((f"sweep {path} {fmt(config)}", config, True))
+    return runs
+
+
+def fmt(config: DecodeConfig) -> str:
+    return f"{config.tile_n}/{config.num_warps}/{config.num_stages} {config.order}{' fused' if config.fused_reduce else ''}"
+
+
+def compare_fp8(opts, cases: list[Case]) -> int:
+    """The --kv-cache-dtype fp8 report: 16-bit cache vs the fp8 read paths and the sweep, per case; then the fastest
+    sweep config over all cases as the line to paste."""
+    block_size, table_width = (16, 16) if opts.smoke else (16, 4096 // 16)
+    dtype = torch.float16 if opts.smoke and DEVICE == "cpu" else torch.bfloat16
+    print_header(dtype, torch.float8_e4m3fn, FP8_DECODE_CONFIG)
+    names = [n for n in opts.variants.split(",") if n]
+    started = time.time()
+    rows: list[list[str]] = []
+    sweep_us: dict[str, dict[str, float]] = {}  # config label -> case -> us (passing runs only)
+    sweep_configs: dict[str, DecodeConfig] = {}
+    failed: list[str] = []
+    errors: dict[tuple[str, str], str] = {}
+    for n, case in enumerate(cases):
+        t0 = time.time()
+        results: list[tuple[str, Result, int]] = []
+        problem = make_problem(case, case.head_dim, block_size, table_width, dtype, seed=n)
+        ref = float32_reference(problem.args(0), softcap=case.softcap)
+        results.append((f"{dtype_name(dtype)} cache {fmt(DECODE_CONFIG)}",
+                        run_variant(problem, case, "16-bit", DECODE_CONFIG, DECODE_CONFIG.order == "lpt", ref),
+                        problem.kv_bytes))  # fmt: skip
+        del problem, ref
+        problem = make_problem(case, case.head_dim, block_size, table_width, dtype, seed=n,
+                               cache_dtype=torch.float8_e4m3fn)  # fmt: skip
+        ref = float32_reference(problem.args(0), softcap=case.softcap)
+        for label, config, caller_order in fp8_runs(names, opts.smoke):
+            try:  # one config that cannot compile or launch (e.g. out of shared memory) must not lose the others
+                result = run_variant(problem, case, label, config, caller_order, ref)
+            except Exception as exc:  # noqa: BLE001 - reported in the table and in the exit status
+                errors[(case.key, label)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                result = Result(case, label, float("nan"), float("inf"), False, 0)
+                if DEVICE == "cuda":
+                    torch.cuda.synchronize()
+            results.append((label, result, problem.kv_bytes))
+            if label.startswith(("sweep", "fp8 default", "fp8 f16 dots")) and result.ok():  # candidates to paste
+                sweep_us.setdefault(label, {})[case.key] = result.us
+                sweep_configs[label] = config
+        print(f"  {case.label}: {time.time() - t0:.0f} s")
+        sys.stdout.flush()
+        del problem, ref
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        bf16_us = results[0][1].us
+        old_us = results[1][1].us
+        for label, r, kv_bytes in results:
+            gbs = kv_bytes / (r.us * 1e-6)
+            rows.append([case.key, label, f"{r.us:.1f}", f"{gbs / 1e9:.0f}", f"{gbs / PEAK_BYTES_PER_S:.0%}",
+                         f"{bf16_us / r.us:.2f}x", f"{old_us / r.us:.2f}x", f"{r.err:.1e}", "ok" if r.ok() else "FAIL"])  # fmt: skip
+            if (case.key, label) in errors:
+                failed.append(f"{case.key} {label}: {errors[case.key, label]}")
+            elif not r.ok():
+                failed.append(f"{case.key} {label}: rel err {r.err:.2e}, graph == eager: {r.graph_matches_eager}")
+    print_table(f"fp8 KV cache decode attention, us per launch inside a CUDA graph of {LAYERS} launches; GB/s of the "
+                f"cache's own K+V bytes; % of {PEAK_BYTES_PER_S / 1e12:.2f} TB/s",
+                ["case", "run", "us", "GB/s", "% peak", "vs 16-bit", "vs fp8 first", "rel err", "check"], rows)  # fmt: skip
+    complete = {label: us for label, us in sweep_us.items() if len(us) == len(cases)}
+    if complete:
+        best = min(complete, key=lambda label: sum(complete[label].values()))
+        config = sweep_configs[best]
+        per_case = ", ".join(f"{k} {v:.1f} us" for k, v in complete[best].items())
+        print(f"\n# fastest fp8 config over {', '.join(c.key for c in cases)} (sum of us): {best} ({per_case})")
+        print("# paste into kernels/decode_attention.py:")
+        print(f"FP8_DECODE_CONFIG = DecodeConfig(tile_n={config.tile_n}, num_warps={config.num_warps}, "
+              f"num_stages={config.num_stages}, order=\"lpt\", fused_reduce=False, fp8_path=\"{config.fp8_path}\")")  # fmt: skip
+    print(f"\n# total {time.time() - started:.0f} s")
+    if failed:
+        for line in failed:
+            print(f"# FAILED {line}")
+        return 1
+    print("# all correctness checks passed")
+    return 0
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def main() -> int:
+    global PEAK_BYTES_PER_S
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU: interpreter)")
     parser.add_argument("--sweep", action="store_true", help="also sweep tile/warps/stages on the W1 and W2 cases")
     parser.add_argument("--cases", default="", help="comma-separated case keys: " + ",".join(c.key for c in CASES))
     parser.add_argument("--variants", default="", help="comma-separated DECODE_VARIANTS names (default: all)")
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
-                        help="fp8: e4m3 caches (half the bytes; GB/s and %% peak count the fp8 bytes)")
+                        help="fp8: compare the fp8 cache read paths and sweep their configs on W1/W2 (GB/s and %% "
+                             "peak count the fp8 bytes)")  # fmt: skip
+    parser.add_argument("--peak-tbps", type=float, default=PEAK_BYTES_PER_S / 1e12,
+                        help="copy ceiling for %% peak, TB/s (H200: 4.28; H100: 3.02)")
     opts = parser.parse_args()
+    PEAK_BYTES_PER_S = opts.peak_tbps * 1e12
     if DEVICE != "cuda" and not opts.smoke:
         print("bench_decode_attention.py needs a CUDA GPU; --smoke runs on CPU", file=sys.stderr)
         return 1
     cases = SMOKE_CASES if opts.smoke else CASES
+    if opts.kv_cache_dtype == "fp8" and not opts.cases and not opts.smoke:
+        opts.cases = "w1,w2"
     if opts.cases:
         wanted = opts.cases.split(",")
         cases = [c for c in cases if c.key in wanted]
+    if opts.kv_cache_dtype == "fp8":
+        return compare_fp8(opts, cases)
     names = opts.variants.split(",") if opts.variants else list(DECODE_VARIANTS)
     if opts.smoke:
         names = names if opts.variants else ["baseline", "lpt-db32-fused", "fused"]
     block_size, table_width = (16, 16) if opts.smoke else (16, 4096 // 16)
     dtype = torch.float16 if opts.smoke and DEVICE == "cpu" else torch.bfloat16
-    cache_dtype = torch.float8_e4m3fn if opts.kv_cache_dtype == "fp8" else dtype
-    if DEVICE == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        import triton
-
-        global PEAK_BYTES_PER_S
-        if "H200" in props.name:
-            PEAK_BYTES_PER_S = 4.28e12
-        print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"# default decode config: {DECODE_CONFIG}; queries {dtype}, KV cache {cache_dtype}")
+    cache_dtype = dtype
+    print_header(dtype, cache_dtype, DECODE_CONFIG)
     started = time.time()
     results: list[Result] = []
     case_bytes: dict[str, int] = {}

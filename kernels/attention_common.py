@@ -15,10 +15,11 @@ Head dims that are not powers of two (80, 96) run in a padded ``BLOCK_D = next_p
 extra columns are masked on every load and store (zeros add nothing to ``q @ k``).
 
 FP8 KV cache (``float8_e4m3fn`` caches): the cache holds ``x / scale`` (clamped to e4m3's +-448) with one scale per
-layer for keys and one for values (``k_scale``, ``v_scale``). The kernels load the fp8 tiles, convert them to q's
-dtype and fold the scales in where they cost nothing: ``k_scale`` into the score scale (``q @ (k8 * ks) = ks * (q @
-k8)``) and ``v_scale`` into the final normalization (``sum p (v8 * vs) = vs * sum p v8``). For other cache dtypes the
-scales are ignored.
+layer for keys and one for values (``k_scale``, ``v_scale``). The kernels load the fp8 tiles, convert them (fp16/bf16
+queries: to fp16, q converted once per program, see :func:`queries_to_fp16` and :func:`fp8_read_flags`; fp32
+queries: to fp32) and fold the scales in where they cost nothing: ``k_scale`` into the score scale (``q @ (k8 * ks) =
+ks * (q @ k8)``) and ``v_scale`` into the final normalization (``sum p (v8 * vs) = vs * sum p v8``). For other cache
+dtypes the scales are ignored.
 """
 
 from __future__ import annotations
@@ -58,6 +59,26 @@ def kv_compute_dtype(q: torch.Tensor, k_cache: torch.Tensor) -> torch.dtype:
     return q.dtype if is_fp8_cache(k_cache) else k_cache.dtype
 
 
+FP8_READ_PATHS = ("f16-vpairs", "f16", "upcast")
+
+
+def fp8_read_flags(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, path: str) -> dict[str, bool]:
+    """The constexprs that choose how the kernels read an fp8 cache (``path``, a config's ``fp8_path``):
+
+    - ``"f16-vpairs"`` (the default): dots in fp16 (:func:`queries_to_fp16`), and the V tile read as uint16 pairs
+      converted to fp16 with one packed instruction each before its layout conversion (:func:`e4m3_pairs_to_fp16`);
+    - ``"f16"``: dots in fp16, the tiles cast with ``.to`` (the compiler transposes V for ``p @ v`` byte by byte);
+    - ``"upcast"``: the tiles cast to q's dtype (the first fp8 path: bf16 on the GPU, no packed e4m3 -> bf16).
+    fp32 queries (CPU tests) always upcast; so does every path when the cache is not fp8. The pairs need an even head
+    dim and even V strides (always true of the engine's caches); ``PAIRS_ASM`` (the PTX conversion) on CUDA only."""
+    if path not in FP8_READ_PATHS:
+        raise ValueError(f"unknown fp8 read path {path!r}; expected one of {FP8_READ_PATHS}")
+    f16_dots = is_fp8_cache(k_cache) and q.dtype in (torch.float16, torch.bfloat16) and path != "upcast"
+    even = q.shape[-1] % 2 == 0 and all(s % 2 == 0 for s in v_cache.stride()[:3]) and v_cache.data_ptr() % 2 == 0
+    v_pairs = f16_dots and path == "f16-vpairs" and even
+    return {"FP8_F16_DOTS": f16_dots, "V_PAIRS": v_pairs, "PAIRS_ASM": v_pairs and q.is_cuda}
+
+
 def head_dim_block(head_dim: int) -> int:
     """The padded head-dim block of the kernels: a power of two >= 16 (tl.dot's smallest K)."""
     return max(16, triton.next_power_of_2(head_dim))
@@ -94,6 +115,46 @@ def mask_invisible(s, q_pos, offs_n, kv_end, sliding_window, WINDOW: tl.constexp
 
 
 @triton.jit
+def queries_to_fp16(q, qk_scale):
+    """``q`` (fp16 or bf16) as fp16 for the dots against an fp8 cache's tiles, and the score scale to use with it.
+
+    Why fp16: e4m3 -> fp16 is exact and one packed conversion per two values on sm_89+ (``cvt.rn.f16x2.e4m3x2``);
+    e4m3 -> bf16 has no such instruction (e4m3x2 -> f16x2, then each half to bf16 alone), which made the fp8 loop
+    instruction-bound.
+    Overflow guard: fp16 ends at 65504 where bf16 does not; when the tile's largest ``|q|`` exceeds 2^15, the whole
+    tile is divided by a power of two (exact) and ``qk_scale`` multiplied by it, so the scores are unchanged and no
+    query element overflows. The dots accumulate in fp32 (``|q . k| <= D * 65504 * 448``, far inside fp32). Called once
+    per program, not per tile."""
+    q32 = q.to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(q32), 1), 0)
+    shift = tl.where(amax > 32768.0, tl.exp2(tl.ceil(tl.log2(amax)) - 15.0), 1.0)
+    return (q32 * (1.0 / shift)).to(tl.float16), qk_scale * shift
+
+
+@triton.jit
+def e4m3_pairs_to_fp16(pairs, ASM: tl.constexpr):
+    """A ``[rows, cols]`` uint16 tile, each element two e4m3 values (little endian: the low byte is the even
+    column), -> the ``[rows, 2 * cols]`` fp16 tile. ``ASM``: one packed ``cvt.rn.f16x2.e4m3x2`` per pair (sm_89+);
+    otherwise the bytes are split and cast one by one (the interpreter, which has no inline assembly).
+
+    The join + reshape keeps the compiler from moving the tile's layout conversion for the dot ahead of the
+    conversion: the tile is then transposed for ``p @ v`` as 16-bit data (ldmatrix.trans) instead of byte by byte."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+            constraints="=h,=h,h",
+            args=[pairs],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        lo = (pairs & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        hi = (pairs >> 8).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    return tl.reshape(tl.join(lo, hi), [pairs.shape[0], 2 * pairs.shape[1]])
+
+
+@triton.jit
 def load_kv_tile(ptrs, key_mask, dim_mask, MASK_KEYS: tl.constexpr, MASK_DIMS: tl.constexpr):
     """A K or V tile, masked only where needed: keys past the context (``MASK_KEYS``) and the padded head-dim
     columns (``MASK_DIMS``); the masks broadcast to the tile's shape. A whole unpadded tile loads unmasked."""
@@ -115,9 +176,11 @@ def attend_kv_tile(
     stride_kb, stride_ks, stride_vb, stride_vs,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    V_PAIRS: tl.constexpr, PAIRS_ASM: tl.constexpr,
 ):  # fmt: skip
     """One key tile of online softmax for the rows of ``q`` (``[rows, BLOCK_D]``, positions ``q_pos``): gather the
-    tile's K/V through the block table, convert them to q's dtype (an fp8 cache's tiles are upcast here), score,
+    tile's K/V through the block table, convert them to q's dtype (an fp8 cache's tiles: to fp16 when q was made
+    fp16 by :func:`queries_to_fp16`, V as packed pairs with ``V_PAIRS``; see :func:`fp8_read_flags`), score,
     mask (``MASKED`` tiles: causal, context end, window) and fold into ``(acc, m_i, l_i)``.
 
     Unmasked tiles must lie wholly below every row's position and inside the context (prefill's full tiles)."""
@@ -132,9 +195,16 @@ def attend_kv_tile(
     dim_ok = offs_d < HEAD_DIM
     k = load_kv_tile(k_base + (page * stride_kb + in_page * stride_ks)[None, :] + offs_d[:, None],
                      in_context[None, :], dim_ok[:, None], MASKED, BLOCK_D != HEAD_DIM)  # [BLOCK_D, TILE_N]
-    v = load_kv_tile(v_base + (page * stride_vb + in_page * stride_vs)[:, None] + offs_d[None, :],
-                     in_context[:, None], dim_ok[None, :], MASKED, BLOCK_D != HEAD_DIM)  # [TILE_N, BLOCK_D]
-    k = k.to(q.dtype)
+    if V_PAIRS:  # fp8 V read as uint16 pairs, converted to fp16 before its layout conversion (e4m3_pairs_to_fp16)
+        offs_p = tl.arange(0, BLOCK_D // 2)
+        v_pairs = v_base.to(tl.pointer_type(tl.uint16)) + ((page * stride_vb + in_page * stride_vs) // 2)[:, None]
+        v = e4m3_pairs_to_fp16(load_kv_tile(v_pairs + offs_p[None, :], in_context[:, None],
+                                            (offs_p < HEAD_DIM // 2)[None, :], MASKED, BLOCK_D != HEAD_DIM),
+                               PAIRS_ASM)  # fmt: skip
+    else:
+        v = load_kv_tile(v_base + (page * stride_vb + in_page * stride_vs)[:, None] + offs_d[None, :],
+                         in_context[:, None], dim_ok[None, :], MASKED, BLOCK_D != HEAD_DIM)  # [TILE_N, BLOCK_D]
+    k = k.to(q.dtype)  # an fp8 tile: to fp16 (packed cvt) or q's dtype, see queries_to_fp16
     v = v.to(q.dtype)
     if IEEE:
         s = tl.dot(q, k, input_precision="ieee")

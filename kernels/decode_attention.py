@@ -6,7 +6,8 @@ programs; the splits are merged either by the last split to finish (one launch, 
 reduce kernel. The launch order of the programs is a parameter: with mixed context lengths, longest sequences first
 ("lpt") keeps long programs out of the tail. Layout and shared pieces: kernels/attention_common.py.
 
-The engine uses :data:`DECODE_CONFIG` and, when the context is split, :data:`SPLIT_DECODE_CONFIG`; the other
+The engine uses :data:`DECODE_CONFIG` and, when the context is split, :data:`SPLIT_DECODE_CONFIG` (an fp8 cache:
+:data:`FP8_DECODE_CONFIG` / :data:`FP8_SPLIT_DECODE_CONFIG`); the other
 configurations benchmarks/bench_decode_attention.py compares live in benchmarks/decode_attention_variants.py.
 """
 
@@ -21,7 +22,7 @@ import triton.language as tl
 
 from kernels.attention_common import (
     attend, attend_kv_tile, check_attention_args, gather_kv, head_dim_block, is_fp8_cache, kv_compute_dtype,
-    score_params, visible_keys,
+    fp8_read_flags, queries_to_fp16, score_params, visible_keys,
 )
 from kernels.backend import num_sms
 
@@ -122,6 +123,9 @@ def _decode_kernel(
     ALIBI: tl.constexpr,
     WINDOW: tl.constexpr,
     KV_FP8: tl.constexpr,
+    FP8_F16_DOTS: tl.constexpr,  # KV_FP8 with fp16/bf16 queries: dots in fp16 (see queries_to_fp16)
+    V_PAIRS: tl.constexpr,  # fp8 V tiles read as uint16 pairs (see e4m3_pairs_to_fp16)
+    PAIRS_ASM: tl.constexpr,  # ... converted by the PTX instruction (CUDA), else byte by byte
 ):
     if ORDER == 0:
         seq = tl.program_id(0)
@@ -160,7 +164,9 @@ def _decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     tile_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=tile_mask, other=0.0)
-    if not KV_FP8:
+    if FP8_F16_DOTS:
+        q, qk_scale = queries_to_fp16(q, qk_scale)  # the fp8 tiles are converted to fp16
+    elif not KV_FP8:
         q = q.to(k_cache_ptr.dtype.element_ty)  # an fp8 cache's tiles are upcast to q's dtype instead
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -178,7 +184,7 @@ def _decode_kernel(
         acc, m_i, l_i = attend_kv_tile(
             acc, m_i, l_i, q, q_pos, tile_start, end, table, k_base, v_base, qk_scale, cap_log2, slopes,
             sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE_N, True,
-            IEEE, SOFTCAP, ALIBI, WINDOW,
+            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM,
         )  # fmt: skip
 
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (graph padding) gives zeros, not NaN
@@ -349,6 +355,9 @@ class DecodeConfig:
     programs_per_sm: int = 4
     min_split_tokens: int = 128
     max_splits: int = 64
+    # How an fp8 cache is read (kernels/attention_common.py fp8_read_flags): "f16-vpairs" (fp16 dots, V converted as
+    # packed pairs before its transpose), "f16" (fp16 dots, plain casts), "upcast" (tiles cast to q's dtype).
+    fp8_path: str = "f16-vpairs"
 
 
 # Measured on the H100 (benchmarks/bench_decode_attention.py; numbers in benchmarks/decode_attention_variants.py):
@@ -360,16 +369,36 @@ SPLIT_DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="
 # benchmarks/bench_decode_attention.py --cases g2 --sweep: gemma-2-9b shapes, B=224, soft-cap): 32 keys x 2 warps x 2
 # stages 426 us per layer (4.41 TB/s of K+V reads, L2 hits included) against 443 us for DECODE_CONFIG.
 WIDE_DECODE_CONFIG = DecodeConfig(tile_n=32, num_warps=2, num_stages=2, order="lpt", fused_reduce=False)
+# An fp8 cache has its own configs: its tiles are half the bytes and its loop does different work (conversions), so
+# the best tile / warps / stages differ. `python benchmarks/bench_decode_attention.py --kv-cache-dtype fp8` sweeps
+# them and prints the line to paste here. Until measured: the bf16 configs with the fp16-dots + V-pairs read path
+# (64/4/2: 440 SASS instructions per key tile on sm_90 against 797 for the first fp8 path, 118 registers against 168,
+# so 4 programs per SM again; benchmarks/attention_sass.py).
+FP8_DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="lpt", fused_reduce=False,
+                                 fp8_path="f16-vpairs")  # fmt: skip
+FP8_SPLIT_DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="head", fused_reduce=True,
+                                       fp8_path="f16-vpairs")  # fmt: skip
 
 
-def set_decode_configs(config: DecodeConfig, split_config: DecodeConfig | None = None,
-                       wide_config: DecodeConfig | None = None) -> None:  # fmt: skip
+def set_decode_configs(config: DecodeConfig, split_config: DecodeConfig | None = None, *,
+                       wide_config: DecodeConfig | None = None, fp8_config: DecodeConfig | None = None,
+                       fp8_split_config: DecodeConfig | None = None) -> None:  # fmt: skip
     """Replace the default configs (benchmarks and experiments; affects launches made, and graphs captured, from now
-    on). ``split_config`` and ``wide_config`` default to ``config``."""
-    global DECODE_CONFIG, SPLIT_DECODE_CONFIG, WIDE_DECODE_CONFIG
+    on). ``split_config`` and ``wide_config`` default to ``config``; the fp8-cache configs default to the same two (a
+    variant set for an experiment applies to both cache dtypes unless fp8 ones are given)."""
+    global DECODE_CONFIG, SPLIT_DECODE_CONFIG, WIDE_DECODE_CONFIG, FP8_DECODE_CONFIG, FP8_SPLIT_DECODE_CONFIG
     DECODE_CONFIG = config
     SPLIT_DECODE_CONFIG = split_config or config
     WIDE_DECODE_CONFIG = wide_config or config
+    FP8_DECODE_CONFIG = fp8_config or DECODE_CONFIG
+    FP8_SPLIT_DECODE_CONFIG = fp8_split_config or fp8_config or SPLIT_DECODE_CONFIG
+
+
+def default_decode_configs(fp8_cache: bool, head_dim: int = 128) -> tuple[DecodeConfig, DecodeConfig]:
+    """(unsplit, split) default configs for a cache dtype and head dim."""
+    if fp8_cache:
+        return FP8_DECODE_CONFIG, FP8_SPLIT_DECODE_CONFIG
+    return (DECODE_CONFIG if head_dim <= 128 else WIDE_DECODE_CONFIG), SPLIT_DECODE_CONFIG
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, sms: int,
@@ -463,11 +492,11 @@ def paged_decode_attention(
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
     if config is None:
-        config = DECODE_CONFIG if head_dim <= 128 else WIDE_DECODE_CONFIG
+        config, split_config = default_decode_configs(is_fp8_cache(k_cache), head_dim)
         sms = num_sms(q.device.index if q.is_cuda else None)
         if num_splits is None and decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, sms,
                                                     config) > 1:
-            config = SPLIT_DECODE_CONFIG
+            config = split_config
     if num_splits is None:
         sms = num_sms(q.device.index if q.is_cuda else None)
         num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, sms, config)
@@ -520,6 +549,7 @@ def paged_decode_attention(
         ALIBI=alibi_slopes is not None,
         WINDOW=sliding_window > 0,
         KV_FP8=kv_fp8,
+        **fp8_read_flags(q, k_cache, v_cache, config.fp8_path),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip

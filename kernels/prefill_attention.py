@@ -16,7 +16,7 @@ import triton.language as tl
 
 from kernels.attention_common import (
     attend, attend_kv_tile, check_attention_args, gather_kv, head_dim_block, is_fp8_cache, kv_compute_dtype,
-    score_params, visible_keys,
+    fp8_read_flags, queries_to_fp16, score_params, visible_keys,
 )
 
 
@@ -102,6 +102,9 @@ def _prefill_kernel(
     ALIBI: tl.constexpr,
     WINDOW: tl.constexpr,
     KV_FP8: tl.constexpr,
+    FP8_F16_DOTS: tl.constexpr,  # KV_FP8 with fp16/bf16 queries: dots in fp16 (see queries_to_fp16)
+    V_PAIRS: tl.constexpr,  # fp8 V tiles read as uint16 pairs (see e4m3_pairs_to_fp16)
+    PAIRS_ASM: tl.constexpr,  # ... converted by the PTX instruction (CUDA), else byte by byte
 ):
     """Rows of a program are ``BLOCK_Q`` query tokens x ``GROUP`` query heads of one KV head (row = tok * GROUP + h).
 
@@ -138,7 +141,9 @@ def _prefill_kernel(
         mask=tile_mask,
         other=0.0,
     )
-    if not KV_FP8:
+    if FP8_F16_DOTS:
+        q, qk_scale = queries_to_fp16(q, qk_scale)  # the fp8 tiles are converted to fp16
+    elif not KV_FP8:
         q = q.to(k_cache_ptr.dtype.element_ty)  # an fp8 cache's tiles are upcast to q's dtype instead
     q_pos = context_len + tok
 
@@ -164,13 +169,13 @@ def _prefill_kernel(
         acc, m_i, l_i = attend_kv_tile(
             acc, m_i, l_i, q, q_pos, tile_start, kv_end, table, k_base, v_base, qk_scale, cap_log2, slopes,
             sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE_N, False,
-            IEEE, SOFTCAP, ALIBI, WINDOW,
+            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM,
         )  # fmt: skip
     for tile_start in range(full_end, kv_end, TILE_N):
         acc, m_i, l_i = attend_kv_tile(
             acc, m_i, l_i, q, q_pos, tile_start, kv_end, table, k_base, v_base, qk_scale, cap_log2, slopes,
             sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE_N, True,
-            IEEE, SOFTCAP, ALIBI, WINDOW,
+            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM,
         )  # fmt: skip
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -194,6 +199,8 @@ class PrefillConfig:
     tile_n: int
     num_warps: int
     num_stages: int
+    # How an fp8 cache is read: see DecodeConfig.fp8_path and kernels/attention_common.py fp8_read_flags.
+    fp8_path: str = "f16-vpairs"
 
 
 # (minimum average query length T / B, config): the first whose threshold the batch meets wins.
@@ -268,6 +275,7 @@ def paged_prefill_attention(
         ALIBI=alibi_slopes is not None,
         WINDOW=sliding_window > 0,
         KV_FP8=kv_fp8,
+        **fp8_read_flags(q, k_cache, v_cache, config.fp8_path),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
