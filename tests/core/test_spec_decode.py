@@ -80,6 +80,28 @@ def test_ngram_proposes_continuation_of_longest_match():
     assert proposer.propose([(("a", 0), a2), (("e", 0), [3, 3])]) == [[9, 10, 5], [3]]
 
 
+@pytest.mark.parametrize("nmin,nmax,k", [(1, 3, 3), (2, 4, 5), (3, 3, 2)])
+def test_ngram_small_batch_index_matches_batched_search(nmin, nmax, k):
+    """The per-sequence incremental index (small batches) proposes exactly what the batched numpy search does, as
+    sequences grow by several tokens per step and the batch size crosses the small-batch threshold both ways."""
+    from core.spec_decode import ngram
+
+    rng = np.random.default_rng(nmin * 10 + nmax)
+    seqs = [(("s", i), rng.integers(0, 6, int(rng.integers(1, 30))).tolist()) for i in range(ngram.SMALL_BATCH + 3)]
+    proposer = NgramProposer(k, nmin, nmax, max_num_seqs=len(seqs), max_model_len=512)
+    proposed_small = 0
+    for step in range(40):
+        size = 1 + step % len(seqs) if step % 3 else len(seqs)
+        batch = seqs[:size]
+        expected = [ngram.propose_batch(np.array([t + [0] * (512 - len(t))]), np.array([len(t)]), k, nmin, nmax)[0]
+                    for _, t in batch]
+        assert proposer.propose(batch) == expected, step
+        proposed_small += size <= ngram.SMALL_BATCH and any(expected)
+        for _, tokens in seqs:
+            tokens.extend(rng.integers(0, 6, int(rng.integers(1, k + 2))).tolist())
+    assert proposed_small > 5  # the index path ran and found matches
+
+
 def test_ngram_respects_min_length():
     proposer = NgramProposer(2, 2, 3, max_num_seqs=2, max_model_len=32)
     assert proposer.propose([(("a", 0), [1, 2, 3, 1])]) == [[]]  # only a 1-gram matches
