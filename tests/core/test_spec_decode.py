@@ -185,6 +185,8 @@ STRESS = {
     "preemption": dict(num_gpu_blocks_override=12, max_model_len=160),
     "tiny_budget": dict(max_num_batched_tokens=6),
     "no_prefix_caching": dict(enable_prefix_caching=False),
+    # step() returns with the next speculative step in flight (EngineCore._step_overlapped), under preemption
+    "overlap_outputs": dict(async_scheduling=True, num_gpu_blocks_override=12, max_model_len=160),
 }
 
 
@@ -211,8 +213,38 @@ def test_ngram_greedy_is_lossless(models_dir, arch, stress):
     assert sum(per_pos) == stats["spec_num_accepted_tokens"]
     assert all(a >= b for a, b in zip(per_pos, per_pos[1:]))
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1  # no leaked block
-    if stress == "preemption":
+    if stress in ("preemption", "overlap_outputs"):
         assert engine.scheduler.total_preemptions > 0
+
+
+def test_overlapped_steps_stay_in_flight_and_aborts_free_everything(models_dir):
+    """With overlap_outputs, step() returns while the next speculative step runs; aborting a request then (its blocks
+    are being written by that step) loses no block and leaves the other requests' tokens unchanged."""
+    from ipc.messages import EngineRequest
+
+    path = make_tiny_model(models_dir, "llama", 0)
+    prompts = repeating_prompts(path, 5)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    reference = run_engine(make_engine(path), prompts, params)
+    engine = make_engine(path, speculative_config=NGRAM, async_scheduling=True)
+    assert engine.overlap_outputs and not engine.async_scheduling
+    for i, p in enumerate(prompts):
+        engine.add_request(EngineRequest(str(i), p, params))
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    steps = 0
+    while engine.has_work():
+        out = engine.step()
+        steps += 1
+        for o in out.outputs:
+            tokens[o.request_id].extend(o.new_token_ids)
+        if steps == 1:
+            assert engine._inflight is not None  # returned with the step it launched still running
+        if steps == 6:
+            engine.abort_requests(["0"])
+    assert tokens["1"] == reference[(1, 0)]["tokens"] and tokens["2"] == reference[(2, 0)]["tokens"]
+    assert tokens["0"] == reference[(0, 0)]["tokens"][: len(tokens["0"])] and len(tokens["0"]) < 40
+    assert engine.get_stats()["spec_num_accepted_tokens"] > 0
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1  # no leaked block
 
 
 def test_prefix_cache_shared_prompt_and_n2(models_dir):
