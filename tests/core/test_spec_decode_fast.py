@@ -58,6 +58,25 @@ def test_accept_greedy_matches_the_rejection_samplers_greedy_path(seed):
     assert any(len(g) > 1 for g in got) and any(len(g) == 1 for g in got)  # accepted and rejected runs both occur
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_small_batch_acceptance_on_lists_matches_numpy(seed):
+    """Batches of up to SMALL_BATCH sequences accept on lists (greedy_verify.accept_greedy_lists): the same tokens as
+    the numpy layout, for uneven draft counts (none included) and runs of every length."""
+    from core.spec_decode.greedy_verify import SMALL_BATCH, accept_greedy_lists
+
+    rng = np.random.default_rng(seed)
+    for num_seqs in range(1, SMALL_BATCH + 1):
+        num_drafts = rng.integers(0, 6, size=num_seqs)
+        argmax = rng.integers(0, 4, size=int(num_drafts.sum()) + num_seqs)
+        drafts, row = [], 0
+        for n in num_drafts:
+            drafts.append([int(argmax[row + j]) if rng.random() < 0.8 else int(rng.integers(4)) for j in range(n)])
+            row += n + 1
+        want = accept_greedy(argmax, *draft_layout(drafts))
+        assert accept_greedy_lists(argmax.tolist(), drafts) == want
+        assert launch_greedy_verify(torch.from_numpy(argmax), drafts, None).result()[0] == want
+
+
 def test_accept_greedy_padding_never_matches():
     """A sequence with fewer drafts than the widest: its padding (-1) never counts as accepted."""
     argmax = np.array([5, 6, 7, 8, 1, 2])  # seq 0: rows 0..3 (3 drafts), seq 1: rows 4..5 (1 draft)
