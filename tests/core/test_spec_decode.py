@@ -108,6 +108,26 @@ def test_ngram_respects_min_length():
     assert proposer.propose([(("b", 0), [1, 2, 3, 1, 2])]) == [[3, 1]]
 
 
+def test_spec_metrics_per_position_counts():
+    """Per-position accepted counts (position j: verifications that accepted more than j drafts), per step and in
+    total, and the log line's rates."""
+    from core.spec_decode.metrics import SpecDecodeMetrics
+    from ipc.messages import SchedulerStats
+
+    metrics = SpecDecodeMetrics(3)
+    for num_drafts, num_accepted in [(3, 3), (3, 1), (2, 0), (0, 0), (3, 2)]:
+        metrics.observe(num_drafts, num_accepted)
+    stats = SchedulerStats(num_running=0, num_waiting=0, kv_cache_usage=0.0)
+    metrics.fill(stats)
+    assert (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens) == (4, 11, 6)
+    assert stats.spec_num_accepted_tokens_per_pos == [3, 2, 1]
+    metrics.observe(1, 1)
+    metrics.fill(stats)
+    assert stats.spec_num_accepted_tokens_per_pos == [1, 0, 0]
+    assert metrics.totals()["spec_num_accepted_tokens_per_pos"] == [4, 2, 1]
+    assert "Per-position acceptance rate: 0.800, 0.400, 0.200" in metrics.summary()
+
+
 # ------------------------------------------------------------------------------------------------ rejection sampler
 
 
