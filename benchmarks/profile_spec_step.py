@@ -131,6 +131,8 @@ def _make_engine(args: argparse.Namespace, num_seqs: int, k: int):
             engine_args[name] = getattr(args, name)
     if args.enforce_eager:
         engine_args["enforce_eager"] = True
+    if args.async_scheduling is not None:  # with speculation: on = overlap_outputs (see EngineCore._step_overlapped)
+        engine_args["async_scheduling"] = args.async_scheduling == "on"
     if k:
         engine_args["speculative_config"] = {"method": "ngram", "num_speculative_tokens": k,
                                              "prompt_lookup_max": 4, "prompt_lookup_min": 1}
@@ -266,6 +268,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Also count the torch (aten) ops per phase over this many more steps: the host cost proxy "
                         "on CPU, where the model's forward ops land in 'forward'.")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", choices=["on", "off"], default=None,
+                   help="default: the engine's (on with CUDA); with speculation, on = each step returns with the next "
+                        "one in flight, off = one step at a time")
     p.add_argument("--continue-prompts", action="store_true",
                    help="CPU, tied-embedding models: rewire the weights so that greedy output continues each "
                         "prompt's repeated chunk and every n-gram draft is accepted (the full-acceptance host cost).")
