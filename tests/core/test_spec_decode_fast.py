@@ -163,6 +163,37 @@ def test_draft_model_fast_path_is_lossless_in_fp32(models_dir, monkeypatch):
     assert calls["fast"] > 0 and calls["general"] == 0
 
 
+def test_steps_without_drafts_skip_the_sampler(models_dir, monkeypatch):
+    """While speculating, plain greedy steps that verify no draft (prefills, no n-gram match) take the argmax path
+    too: the sampler never runs, and the tokens are those of decoding without speculation; a request with logprobs
+    still goes through the sampler."""
+    from core.sampler import Sampler
+
+    path = make_tiny_model(models_dir, "llama", 0)
+    rng = random.Random(9)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(n)] for n in (7, 23)]  # random: few n-gram matches
+    params = SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True)
+    reference = run_engine(make_engine(path, dtype="float32"), prompts, params)
+    sampler_calls = {"n": 0}
+    original = Sampler.__call__
+
+    def counted(self, *args, **kwargs):
+        sampler_calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "__call__", counted)
+    strict = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 3}
+    engine = make_engine(path, dtype="float32", speculative_config=strict)
+    got = run_engine(engine, prompts, params)
+    assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in reference.items()}
+    assert sampler_calls["n"] == 0
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
+    with_logprobs = SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True, logprobs=1)
+    got = run_engine(make_engine(path, dtype="float32", speculative_config=strict), prompts, with_logprobs)
+    assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in reference.items()}
+    assert sampler_calls["n"] > 0
+
+
 def test_min_tokens_keeps_the_general_path_until_reached(models_dir, monkeypatch):
     """min_tokens bans stop tokens for the first positions: those steps go through the general path, later ones
     through the fast path, with the tokens of decoding without speculation."""
