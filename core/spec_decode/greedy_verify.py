@@ -3,9 +3,10 @@ bans, logprobs or grammar), so verification needs no sampling batch at all.
 
 The device work is one ``argmax`` over the verified rows' logits and one device -> host copy of those token ids (the
 step's one sync). The acceptance test itself (the leading run of drafts equal to the target's argmax, then the argmax
-at the first mismatch, or the bonus token) runs in numpy on the host on ``[S, K + 1]`` integers, which costs less
-than launching the handful of device ops it would take. The emitted tokens are exactly those of
-``rejection_sampler.verify(..., all_greedy=True)`` on the same logits (and so those of plain greedy decoding).
+at the first mismatch, or the bonus token) runs on the host over the copied ids, which costs less than launching the
+handful of device ops it would take (``accept_greedy_lists``; ``accept_greedy`` is the same in numpy). The emitted
+tokens are exactly those of ``rejection_sampler.verify(..., all_greedy=True)`` on the same logits (and so those of
+plain greedy decoding).
 """
 
 from __future__ import annotations
@@ -52,13 +53,10 @@ def accept_greedy(argmax: np.ndarray, starts: np.ndarray, drafts: np.ndarray, nu
     return [row[:count] for row, count in zip(target.tolist(), counts.tolist())]
 
 
-# Up to this many sequences, acceptance is a Python loop over lists (a few microseconds); beyond, numpy over the
-# [S, K + 1] layout (whose dozen array ops cost more than the loop for a handful of sequences).
-SMALL_BATCH = 4
-
-
 def accept_greedy_lists(argmax: list[int], drafts: list[list[int]]) -> list[list[int]]:
-    """``accept_greedy`` for a few sequences, on lists: the same emitted tokens."""
+    """``accept_greedy`` on lists, the same emitted tokens: what ``GreedyVerifiedStep`` runs. Cheaper than building
+    the numpy layout at every batch size measured (CPU, k = 3: 0.7 against 13 us at 1-4 sequences, 2.4 against 18 at
+    16, 35 against 115 at 256)."""
     emitted = []
     row = 0
     for seq_drafts in drafts:
@@ -90,10 +88,7 @@ class GreedyVerifiedStep:
     def result(self) -> tuple[list[list[int]], list[Logprobs | None]]:
         if self.event is not None:
             self.event.synchronize()  # the step's one sync
-        if len(self.drafts) <= SMALL_BATCH:
-            emitted = accept_greedy_lists(self.token_ids.tolist(), self.drafts)
-        else:
-            emitted = accept_greedy(self.token_ids.numpy(), *draft_layout(self.drafts))
+        emitted = accept_greedy_lists(self.token_ids.tolist(), self.drafts)
         return emitted, [None] * len(emitted)
 
 
