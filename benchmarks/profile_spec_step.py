@@ -8,6 +8,8 @@ the step cost is what this measures, not the speedup).
     python -m benchmarks.profile_spec_step --model SmolLM2.gguf --num-seqs 1 16 --k 0 3 5 --steps 50
     python -m benchmarks.profile_spec_step --model ../shared/models/llama-3.2-1b --load-format dummy
     python -m benchmarks.profile_spec_step --device cpu --model TINY_MODEL_DIR --num-seqs 1 16 --k 3 --count-ops 5
+    python -m benchmarks.profile_spec_step --device cpu --model TINY_MODEL_DIR --load-format dummy --num-seqs 1 16 \
+        --k 3 5 --prompt-len 128 --continue-prompts   # every draft accepted: the full-acceptance host cost on CPU
 """
 
 from __future__ import annotations
