@@ -8,6 +8,8 @@ the step cost is what this measures, not the speedup).
     python -m benchmarks.profile_spec_step --model SmolLM2.gguf --num-seqs 1 16 --k 0 3 5 --steps 50
     python -m benchmarks.profile_spec_step --model ../shared/models/llama-3.2-1b --load-format dummy
     python -m benchmarks.profile_spec_step --device cpu --model TINY_MODEL_DIR --num-seqs 1 16 --k 3 --count-ops 5
+    python -m benchmarks.profile_spec_step --device cpu --model TINY_MODEL_DIR --load-format dummy --num-seqs 1 16 \
+        --k 3 5 --prompt-len 128 --continue-prompts   # every draft accepted: the full-acceptance host cost on CPU
 """
 
 from __future__ import annotations
@@ -131,10 +133,40 @@ def _make_engine(args: argparse.Namespace, num_seqs: int, k: int):
             engine_args[name] = getattr(args, name)
     if args.enforce_eager:
         engine_args["enforce_eager"] = True
+    if args.async_scheduling is not None:  # with speculation: on = overlap_outputs (see EngineCore._step_overlapped)
+        engine_args["async_scheduling"] = args.async_scheduling == "on"
     if k:
         engine_args["speculative_config"] = {"method": "ngram", "num_speculative_tokens": k,
                                              "prompt_lookup_max": 4, "prompt_lookup_min": 1}
     return EngineCore(EngineConfig(**engine_args))
+
+
+def make_model_continue_prompts(engine, prompts: list[list[int]]) -> None:
+    """Rewire a tied-embedding model so that its greedy output continues each prompt's repeated 16-token chunk:
+    every layer's attention-output and MLP-down projections are zeroed (the final hidden state is the input token's
+    normalised embedding) and the LM head gets its own table in which chunk token ``c[i + 1]``'s row is ``c[i]``'s
+    embedding. The n-gram proposer then drafts exactly what the model says: a full-acceptance speculative steady
+    state from a tiny random model on CPU (the host work of a step that accepts every draft, as in a quoting answer).
+    Eager CPU runs only (a captured CUDA graph would keep reading the old head)."""
+    import torch
+
+    runner = engine.runner
+    model = runner.model
+    if runner.graphs is not None or not model.config.tie_word_embeddings:
+        raise ValueError("--continue-prompts needs an eager run of a tied-embedding model")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("o_proj", "down_proj")):
+                module.weight.zero_()
+        embedding = model.lm_head.weight
+        head = embedding.detach().clone()
+        for prompt in prompts:
+            chunk = prompt[:16]
+            for i, token in enumerate(chunk):
+                head[chunk[(i + 1) % len(chunk)]] = embedding[token]
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(head, requires_grad=False)
+    model.lm_head = holder
 
 
 def _run_steps(engine, count: int) -> int:
@@ -154,9 +186,12 @@ def profile_one(args: argparse.Namespace, num_seqs: int, k: int) -> dict:
     engine = _make_engine(args, num_seqs, k)
     cuda = engine.runner.device.type == "cuda"
     vocab = engine.runner.vocab_size
+    prompts = repeated_prompts(num_seqs, args.prompt_len, vocab, seed=0)
+    if args.continue_prompts:
+        make_model_continue_prompts(engine, prompts)
     total = args.warmup_steps + args.steps + (args.profile_steps if cuda else 0) + 8
     params = SamplingParams(temperature=0.0, max_tokens=total * (k + 1) + 8, ignore_eos=True)
-    for i, prompt in enumerate(repeated_prompts(num_seqs, args.prompt_len, vocab, seed=0)):
+    for i, prompt in enumerate(prompts):
         engine.add_request(EngineRequest(str(i), prompt, params))
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or \
             engine.scheduler.waiting:
@@ -235,6 +270,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Also count the torch (aten) ops per phase over this many more steps: the host cost proxy "
                         "on CPU, where the model's forward ops land in 'forward'.")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", choices=["on", "off"], default=None,
+                   help="default: the engine's (on with CUDA); with speculation, on = each step returns with the next "
+                        "one in flight, off = one step at a time")
+    p.add_argument("--continue-prompts", action="store_true",
+                   help="CPU, tied-embedding models: rewire the weights so that greedy output continues each "
+                        "prompt's repeated chunk and every n-gram draft is accepted (the full-acceptance host cost).")
     p.add_argument("--num-gpu-blocks-override", type=int, default=None)
     p.add_argument("--json", default=None, help="Append one JSON object per configuration to this file.")
     return p.parse_args(argv)

@@ -67,6 +67,8 @@ def run_one(args: argparse.Namespace, prompts: list[dict], concurrency: int, k: 
         engine_args["load_format"] = args.load_format
     if args.num_gpu_blocks_override:
         engine_args["num_gpu_blocks_override"] = args.num_gpu_blocks_override
+    if args.async_scheduling is not None:  # with speculation: whether steps overlap the output handling
+        engine_args["async_scheduling"] = args.async_scheduling == "on"
     if k:
         engine_args["speculative_config"] = {"method": "ngram", "num_speculative_tokens": k,
                                              "prompt_lookup_max": args.prompt_lookup_max,
@@ -118,6 +120,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--num-prompts", type=int, default=None, help="Use the first N prompts (smoke tests).")
     p.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    p.add_argument("--async-scheduling", choices=["on", "off"], default=None,
+                   help="default: the engine's (on with CUDA). With speculation, on = the next verify step runs "
+                        "while the previous step's outputs are handled (overlap_outputs); off = one step at a time.")
     p.add_argument("--json", default=None, help="Append the results (one JSON object per line) to this file.")
     p.add_argument("--write-prompts", action="store_true", help="Rebuild w6_prompts.jsonl from the passages.")
     return p.parse_args(argv)

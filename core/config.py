@@ -210,11 +210,16 @@ def _resolve_backends(config: EngineConfig) -> tuple[str, str]:
 def _resolve_async_scheduling(config: EngineConfig, device: torch.device) -> bool:
     """On with CUDA by default. Off with speculative decoding: a step's drafts come from the previous step's
     accepted tokens, which the host must have before it can schedule."""
-    wanted = device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
+    wanted = _wants_async_scheduling(config, device)
     if wanted and config.speculative_config is not None:
-        logger.info("async_scheduling is off with speculative decoding (drafts need the previous step's tokens).")
+        logger.info("async_scheduling is off with speculative decoding (drafts need the previous step's tokens); "
+                    "a step stays in flight while the previous step's outputs go out instead.")
         return False
     return wanted
+
+
+def _wants_async_scheduling(config: EngineConfig, device: torch.device) -> bool:
+    return device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
 
 
 @dataclass(frozen=True)
@@ -229,13 +234,17 @@ class ResolvedConfig:
     kernel_backend: str  # auto | torch | triton, after $PAGEDSERVE_KERNEL_BACKEND
     attention_backend: str  # auto | torch | triton, after $PAGEDSERVE_ATTENTION_BACKEND (and the kernel backend)
     kv_cache_dtype: torch.dtype  # the KV-cache tensors' element type (resolve_kv_cache_dtype)
+    # Speculative decoding, where async scheduling would have been on: each step is scheduled after the previous
+    # one's results are applied (as without async scheduling), but ``EngineCore.step`` returns with it still running,
+    # so the caller's output handling (detokenising, sending to the API process) overlaps the device.
+    overlap_outputs: bool = False
 
     def summary(self) -> str:
         return (f"device={self.device} dtype={str(self.dtype).removeprefix('torch.')} "
                 f"kv_cache_dtype={str(self.kv_cache_dtype).removeprefix('torch.')} "
                 f"max_model_len={self.max_model_len} max_num_batched_tokens={self.max_num_batched_tokens} "
-                f"async_scheduling={self.async_scheduling} kernel_backend={self.kernel_backend} "
-                f"attention_backend={self.attention_backend}")
+                f"async_scheduling={self.async_scheduling} overlap_outputs={self.overlap_outputs} "
+                f"kernel_backend={self.kernel_backend} attention_backend={self.attention_backend}")
 
 
 def resolve_config(config: EngineConfig, model_config: ModelConfig | BertConfig, device: torch.device | None = None
@@ -253,6 +262,7 @@ def resolve_config(config: EngineConfig, model_config: ModelConfig | BertConfig,
         max_model_len=max_model_len,
         max_num_batched_tokens=config.max_num_batched_tokens or max(8192, max_model_len),
         async_scheduling=_resolve_async_scheduling(config, device),
+        overlap_outputs=config.speculative_config is not None and _wants_async_scheduling(config, device),
         kernel_backend=kernel_backend,
         attention_backend=attention_backend,
     )

@@ -66,6 +66,7 @@ class EngineCore:
         window = freeable_sliding_window(self.runner.model_config.sliding_windows, shares_block_tables=draft_model)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, sliding_window=window)
         self.async_scheduling = self.runner.resolved.async_scheduling
+        self.overlap_outputs = self.runner.resolved.overlap_outputs  # speculative steps: see _step_overlapped
         self.scheduler = Scheduler(
             self.kv,
             max_num_seqs=config.max_num_seqs,
@@ -206,6 +207,8 @@ class EngineCore:
     def _step(self, outputs: list[EngineOutput], errors: list[RequestError]) -> list[SchedulerOutput] | None:
         """One step's work, appending to ``outputs`` as results come; the steps whose sampled tokens were processed
         (with async scheduling, the previous launch), or None when no work ran."""
+        if self.overlap_outputs:
+            return self._step_overlapped(outputs, errors)
         sched = self.scheduler.schedule()
         self.plan_builder.forget(sched.freed_keys)
         if self.proposer is not None:
@@ -242,6 +245,34 @@ class EngineCore:
             if not self.async_scheduling:
                 ran.append(self._finish_inflight(outputs))
         return ran
+
+    def _step_overlapped(self, outputs: list[EngineOutput], errors: list[RequestError]
+                         ) -> list[SchedulerOutput] | None:
+        """A speculative step where async scheduling would be on: the step in flight is finished first (its accepted
+        tokens make the next drafts), then the next step is scheduled and launched, and ``step`` returns with it
+        running. The engine does exactly what it does without async scheduling, in the same order; only the return
+        to the caller moves to after the launch, so the caller's handling of these outputs (detokenising, sending
+        them to the API process) runs while the device verifies the next drafts instead of while it idles."""
+        ran: list[SchedulerOutput] | None = None
+        if self._inflight is not None:
+            self._involved.append(self._inflight[0])
+            ran = [self._finish_inflight(outputs)]
+        sched = self.scheduler.schedule()
+        self.plan_builder.forget(sched.freed_keys)
+        self.proposer.remove(sched.freed_keys)
+        errors.extend(self._fail_grammars())
+        self._involved.append(sched)
+        if sched.is_empty:
+            if ran is None and not outputs:
+                self.structured.wait_for_compile(0.005)  # only grammars compiling: do not spin against the compiler
+            return ran
+        if self._faults.enabled:
+            self._faults.check((s.seq.request_id, s.seq.prompt_token_ids) for s in sched.scheduled)
+        plan = self.plan_builder.build(sched, self.kv.seq_blocks)
+        if self.executor is not None:
+            self.executor.send(plan)
+        self._inflight = (sched, self.runner.launch(plan))
+        return ran or []
 
     def _recover_from_step_failure(self, exc: Exception) -> list[RequestError]:
         """Drop the failed step (and any step in flight: their sampled tokens were never emitted), put every running

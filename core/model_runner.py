@@ -479,6 +479,14 @@ class ModelRunner:
             verified = verify_step(self.sampler, logits[num_prompt_rows:], sampling_seqs, drafts, output_indices,
                                    self.vocab_size, self._step_keys.getrandbits(32), grammar=grammar)
             return StepHandle(sampling_seqs, None, None, None, None, prompt_logprobs, verified)
+        if self.num_spec_tokens and self.tp_group is None and not (
+                self.structured_output is not None and self.structured_output.active) and all(
+                is_plain_greedy(seq, index) for seq, index in zip(sampling_seqs, output_indices)):
+            # A step without drafts while speculating (no n-gram match, say): plain greedy rows need only their
+            # argmax, as in the fast verify (no sampling batch to build and upload). Steps are never async while
+            # speculating, so no later step reads these tokens on the device.
+            return self._launch_greedy_verify([[]] * num_seqs, batch_seqs, sampling,
+                                              logits[num_prompt_rows:].argmax(-1), prompt_logprobs)
         batch = build_sampling_batch(sampling_seqs, self.vocab_size, self.device, output_indices,
                                      self._step_keys.getrandbits(32))
         if self.structured_output is not None and self.structured_output.active:

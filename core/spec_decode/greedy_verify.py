@@ -3,9 +3,10 @@ bans, logprobs or grammar), so verification needs no sampling batch at all.
 
 The device work is one ``argmax`` over the verified rows' logits and one device -> host copy of those token ids (the
 step's one sync). The acceptance test itself (the leading run of drafts equal to the target's argmax, then the argmax
-at the first mismatch, or the bonus token) runs in numpy on the host on ``[S, K + 1]`` integers, which costs less
-than launching the handful of device ops it would take. The emitted tokens are exactly those of
-``rejection_sampler.verify(..., all_greedy=True)`` on the same logits (and so those of plain greedy decoding).
+at the first mismatch, or the bonus token) runs on the host over the copied ids, which costs less than launching the
+handful of device ops it would take (``accept_greedy_lists``; ``accept_greedy`` is the same in numpy). The emitted
+tokens are exactly those of ``rejection_sampler.verify(..., all_greedy=True)`` on the same logits (and so those of
+plain greedy decoding).
 """
 
 from __future__ import annotations
@@ -52,20 +53,42 @@ def accept_greedy(argmax: np.ndarray, starts: np.ndarray, drafts: np.ndarray, nu
     return [row[:count] for row, count in zip(target.tolist(), counts.tolist())]
 
 
+def accept_greedy_lists(argmax: list[int], drafts: list[list[int]]) -> list[list[int]]:
+    """``accept_greedy`` on lists, the same emitted tokens: what ``GreedyVerifiedStep`` runs. Cheaper than building
+    the numpy layout at every batch size measured (CPU, k = 3: 0.7 against 13 us at 1-4 sequences, 2.4 against 18 at
+    16, 35 against 115 at 256)."""
+    emitted = []
+    row = 0
+    for seq_drafts in drafts:
+        out = []
+        for draft in seq_drafts:
+            target = argmax[row]
+            out.append(target)
+            row += 1
+            if target != draft:
+                break
+        else:
+            out.append(argmax[row])  # every draft accepted: the bonus token
+            row += 1
+            emitted.append(out)
+            continue
+        row += len(seq_drafts) + 1 - len(out)  # skip the rows after the first mismatch
+        emitted.append(out)
+    return emitted
+
+
 @dataclass
 class GreedyVerifiedStep:
     """A launched fast-path verify: the argmax of every verified row on its way to the host."""
 
     token_ids: torch.Tensor  # [R]: the pinned host copy (CUDA, complete once ``event`` has) or the CPU result
     event: torch.cuda.Event | None
-    starts: np.ndarray
-    drafts: np.ndarray
-    num_drafts: np.ndarray
+    drafts: list[list[int]]
 
     def result(self) -> tuple[list[list[int]], list[Logprobs | None]]:
         if self.event is not None:
             self.event.synchronize()  # the step's one sync
-        emitted = accept_greedy(self.token_ids.numpy(), self.starts, self.drafts, self.num_drafts)
+        emitted = accept_greedy_lists(self.token_ids.tolist(), self.drafts)
         return emitted, [None] * len(emitted)
 
 
@@ -74,14 +97,14 @@ def launch_greedy_verify(argmax: torch.Tensor, drafts: list[list[int]], host_buf
     """``argmax [R]``: the target's argmax of each verified row, ``1 + len(drafts[i])`` consecutive rows per
     sequence. ``host_buffer``: a pinned int64 buffer of at least ``R`` entries that no step in flight uses (CUDA), or
     None (CPU)."""
-    starts, matrix, num_drafts = draft_layout(drafts)
-    if argmax.shape[0] != int(num_drafts.sum()) + len(drafts):  # a wrong row would silently verify garbage
+    num_rows = sum(map(len, drafts)) + len(drafts)
+    if argmax.shape[0] != num_rows:  # a wrong row would silently verify garbage
         raise RuntimeError(f"greedy verify: {argmax.shape[0]} rows for {len(drafts)} sequences with "
-                           f"{int(num_drafts.sum())} drafts")
+                           f"{num_rows - len(drafts)} drafts")
     if host_buffer is None or not argmax.is_cuda:
-        return GreedyVerifiedStep(argmax.cpu(), None, starts, matrix, num_drafts)
-    host = host_buffer[: argmax.shape[0]]
+        return GreedyVerifiedStep(argmax.cpu(), None, drafts)
+    host = host_buffer[:num_rows]
     host.copy_(argmax, non_blocking=True)
     event = torch.cuda.Event()
     event.record()
-    return GreedyVerifiedStep(host, event, starts, matrix, num_drafts)
+    return GreedyVerifiedStep(host, event, drafts)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
-
 from ipc.messages import SchedulerStats
 
 logger = logging.getLogger(__name__)
@@ -23,7 +21,18 @@ class SpecDecodeMetrics:
         self._last_log = time.monotonic()
 
     def _zeros(self) -> dict:
-        return {"drafts": 0, "draft_tokens": 0, "accepted": 0, "per_pos": np.zeros(self.k, dtype=np.int64)}
+        # "by_accepted"[a]: verifications that accepted exactly a drafts (one increment per observation; the
+        # per-position counts are its tail sums, taken only when read)
+        return {"drafts": 0, "draft_tokens": 0, "accepted": 0, "by_accepted": [0] * (self.k + 1)}
+
+    @staticmethod
+    def _per_pos(counters: dict) -> list[int]:
+        """Accepted drafts per position: position j counts the verifications that accepted more than j drafts."""
+        per_pos, running = [], 0
+        for count in reversed(counters["by_accepted"][1:]):
+            running += count
+            per_pos.append(running)
+        return per_pos[::-1]
 
     def observe(self, num_drafts: int, num_accepted: int) -> None:
         """One sequence's verification: ``num_drafts`` drafts offered, the first ``num_accepted`` accepted."""
@@ -33,7 +42,7 @@ class SpecDecodeMetrics:
             counters["drafts"] += 1
             counters["draft_tokens"] += num_drafts
             counters["accepted"] += num_accepted
-            counters["per_pos"][:num_accepted] += 1
+            counters["by_accepted"][num_accepted] += 1
 
     def fill(self, stats: SchedulerStats) -> None:
         """Move the deltas since the previous stats message into ``stats``; log every ``log_interval_s``."""
@@ -41,7 +50,7 @@ class SpecDecodeMetrics:
         stats.spec_num_drafts = d["drafts"]
         stats.spec_num_draft_tokens = d["draft_tokens"]
         stats.spec_num_accepted_tokens = d["accepted"]
-        stats.spec_num_accepted_tokens_per_pos = d["per_pos"].tolist()
+        stats.spec_num_accepted_tokens_per_pos = self._per_pos(d)
         self._delta = self._zeros()
         now = time.monotonic()
         if now - self._last_log >= self.log_interval_s and self._since_log["drafts"]:
@@ -55,7 +64,7 @@ class SpecDecodeMetrics:
         drafts, draft_tokens, accepted = c["drafts"], c["draft_tokens"], c["accepted"]
         rate = accepted / draft_tokens if draft_tokens else 0.0
         mean_length = 1 + accepted / drafts if drafts else 0.0
-        per_pos = ", ".join(f"{n / drafts:.3f}" if drafts else "0.000" for n in c["per_pos"])
+        per_pos = ", ".join(f"{n / drafts:.3f}" if drafts else "0.000" for n in self._per_pos(c))
         return (f"SpecDecoding metrics: Mean acceptance length: {mean_length:.2f}, Accepted: {accepted} tokens, "
                 f"Drafted: {draft_tokens} tokens, Per-position acceptance rate: {per_pos}, "
                 f"Avg Draft acceptance rate: {rate * 100:.1f}%")
@@ -63,4 +72,4 @@ class SpecDecodeMetrics:
     def totals(self) -> dict:
         c = self.total
         return {"spec_num_drafts": c["drafts"], "spec_num_draft_tokens": c["draft_tokens"],
-                "spec_num_accepted_tokens": c["accepted"], "spec_num_accepted_tokens_per_pos": c["per_pos"].tolist()}
+                "spec_num_accepted_tokens": c["accepted"], "spec_num_accepted_tokens_per_pos": self._per_pos(c)}

@@ -31,3 +31,16 @@ def test_profile_runs_with_and_without_speculation(tmp_path, capsys):
     assert plain["ops_per_step"]["sample"] > 0 and "verify" not in plain["ops_per_step"]
     printed = capsys.readouterr().out
     assert "host ms per step" in printed and "torch ops per step by phase" in printed
+
+
+def test_continue_prompts_gives_full_acceptance(tmp_path):
+    """--continue-prompts rewires the tiny model to continue its prompts' repeated chunk: every n-gram draft is
+    accepted, so each speculative step emits 1 + k tokens per sequence (the full-acceptance host cost on CPU)."""
+    model = tiny_llama_dir(tmp_path / "tiny-llama")
+    out = tmp_path / "profile.jsonl"
+    assert profile_spec_step.main(["--model", str(model), "--num-seqs", "1", "2", "--k", "3", "--steps", "10",
+                                   "--warmup-steps", "8", "--prompt-len", "48", "--max-model-len", "512",
+                                   "--num-gpu-blocks-override", "64", "--continue-prompts",
+                                   "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["num_seqs"], r["tokens_per_step"]) for r in rows] == [(1, 4), (2, 8)]

@@ -80,10 +80,52 @@ def test_ngram_proposes_continuation_of_longest_match():
     assert proposer.propose([(("a", 0), a2), (("e", 0), [3, 3])]) == [[9, 10, 5], [3]]
 
 
+@pytest.mark.parametrize("nmin,nmax,k", [(1, 3, 3), (2, 4, 5), (3, 3, 2)])
+def test_ngram_small_batch_index_matches_batched_search(nmin, nmax, k):
+    """The per-sequence incremental index (small batches) proposes exactly what the batched numpy search does, as
+    sequences grow by several tokens per step and the batch size crosses the small-batch threshold both ways."""
+    from core.spec_decode import ngram
+
+    rng = np.random.default_rng(nmin * 10 + nmax)
+    seqs = [(("s", i), rng.integers(0, 6, int(rng.integers(1, 30))).tolist()) for i in range(ngram.SMALL_BATCH + 3)]
+    proposer = NgramProposer(k, nmin, nmax, max_num_seqs=len(seqs), max_model_len=512)
+    proposed_small = 0
+    for step in range(40):
+        size = 1 + step % len(seqs) if step % 3 else len(seqs)
+        batch = seqs[:size]
+        expected = [ngram.propose_batch(np.array([t + [0] * (512 - len(t))]), np.array([len(t)]), k, nmin, nmax)[0]
+                    for _, t in batch]
+        assert proposer.propose(batch) == expected, step
+        proposed_small += size <= ngram.SMALL_BATCH and any(expected)
+        for _, tokens in seqs:
+            tokens.extend(rng.integers(0, 6, int(rng.integers(1, k + 2))).tolist())
+    assert proposed_small > 5  # the index path ran and found matches
+
+
 def test_ngram_respects_min_length():
     proposer = NgramProposer(2, 2, 3, max_num_seqs=2, max_model_len=32)
     assert proposer.propose([(("a", 0), [1, 2, 3, 1])]) == [[]]  # only a 1-gram matches
     assert proposer.propose([(("b", 0), [1, 2, 3, 1, 2])]) == [[3, 1]]
+
+
+def test_spec_metrics_per_position_counts():
+    """Per-position accepted counts (position j: verifications that accepted more than j drafts), per step and in
+    total, and the log line's rates."""
+    from core.spec_decode.metrics import SpecDecodeMetrics
+    from ipc.messages import SchedulerStats
+
+    metrics = SpecDecodeMetrics(3)
+    for num_drafts, num_accepted in [(3, 3), (3, 1), (2, 0), (0, 0), (3, 2)]:
+        metrics.observe(num_drafts, num_accepted)
+    stats = SchedulerStats(num_running=0, num_waiting=0, kv_cache_usage=0.0)
+    metrics.fill(stats)
+    assert (stats.spec_num_drafts, stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens) == (4, 11, 6)
+    assert stats.spec_num_accepted_tokens_per_pos == [3, 2, 1]
+    metrics.observe(1, 1)
+    metrics.fill(stats)
+    assert stats.spec_num_accepted_tokens_per_pos == [1, 0, 0]
+    assert metrics.totals()["spec_num_accepted_tokens_per_pos"] == [4, 2, 1]
+    assert "Per-position acceptance rate: 0.800, 0.400, 0.200" in metrics.summary()
 
 
 # ------------------------------------------------------------------------------------------------ rejection sampler
@@ -163,6 +205,8 @@ STRESS = {
     "preemption": dict(num_gpu_blocks_override=12, max_model_len=160),
     "tiny_budget": dict(max_num_batched_tokens=6),
     "no_prefix_caching": dict(enable_prefix_caching=False),
+    # step() returns with the next speculative step in flight (EngineCore._step_overlapped), under preemption
+    "overlap_outputs": dict(async_scheduling=True, num_gpu_blocks_override=12, max_model_len=160),
 }
 
 
@@ -189,8 +233,38 @@ def test_ngram_greedy_is_lossless(models_dir, arch, stress):
     assert sum(per_pos) == stats["spec_num_accepted_tokens"]
     assert all(a >= b for a, b in zip(per_pos, per_pos[1:]))
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1  # no leaked block
-    if stress == "preemption":
+    if stress in ("preemption", "overlap_outputs"):
         assert engine.scheduler.total_preemptions > 0
+
+
+def test_overlapped_steps_stay_in_flight_and_aborts_free_everything(models_dir):
+    """With overlap_outputs, step() returns while the next speculative step runs; aborting a request then (its blocks
+    are being written by that step) loses no block and leaves the other requests' tokens unchanged."""
+    from ipc.messages import EngineRequest
+
+    path = make_tiny_model(models_dir, "llama", 0)
+    prompts = repeating_prompts(path, 5)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    reference = run_engine(make_engine(path), prompts, params)
+    engine = make_engine(path, speculative_config=NGRAM, async_scheduling=True)
+    assert engine.overlap_outputs and not engine.async_scheduling
+    for i, p in enumerate(prompts):
+        engine.add_request(EngineRequest(str(i), p, params))
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    steps = 0
+    while engine.has_work():
+        out = engine.step()
+        steps += 1
+        for o in out.outputs:
+            tokens[o.request_id].extend(o.new_token_ids)
+        if steps == 1:
+            assert engine._inflight is not None  # returned with the step it launched still running
+        if steps == 6:
+            engine.abort_requests(["0"])
+    assert tokens["1"] == reference[(1, 0)]["tokens"] and tokens["2"] == reference[(2, 0)]["tokens"]
+    assert tokens["0"] == reference[(0, 0)]["tokens"][: len(tokens["0"])] and len(tokens["0"]) < 40
+    assert engine.get_stats()["spec_num_accepted_tokens"] > 0
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1  # no leaked block
 
 
 def test_prefix_cache_shared_prompt_and_n2(models_dir):

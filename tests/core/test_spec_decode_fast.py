@@ -58,6 +58,25 @@ def test_accept_greedy_matches_the_rejection_samplers_greedy_path(seed):
     assert any(len(g) > 1 for g in got) and any(len(g) == 1 for g in got)  # accepted and rejected runs both occur
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_acceptance_on_lists_matches_numpy(seed):
+    """Acceptance on lists (greedy_verify.accept_greedy_lists, what the fast path runs): the same tokens as the
+    numpy layout, for uneven draft counts (none included) and runs of every length."""
+    from core.spec_decode.greedy_verify import accept_greedy_lists
+
+    rng = np.random.default_rng(seed)
+    for num_seqs in (1, 2, 3, 4, 9, 17):
+        num_drafts = rng.integers(0, 6, size=num_seqs)
+        argmax = rng.integers(0, 4, size=int(num_drafts.sum()) + num_seqs)
+        drafts, row = [], 0
+        for n in num_drafts:
+            drafts.append([int(argmax[row + j]) if rng.random() < 0.8 else int(rng.integers(4)) for j in range(n)])
+            row += n + 1
+        want = accept_greedy(argmax, *draft_layout(drafts))
+        assert accept_greedy_lists(argmax.tolist(), drafts) == want
+        assert launch_greedy_verify(torch.from_numpy(argmax), drafts, None).result()[0] == want
+
+
 def test_accept_greedy_padding_never_matches():
     """A sequence with fewer drafts than the widest: its padding (-1) never counts as accepted."""
     argmax = np.array([5, 6, 7, 8, 1, 2])  # seq 0: rows 0..3 (3 drafts), seq 1: rows 4..5 (1 draft)
@@ -142,6 +161,37 @@ def test_draft_model_fast_path_is_lossless_in_fp32(models_dir, monkeypatch):
             assert stats["spec_num_accepted_tokens"] < 0.2 * stats["spec_num_draft_tokens"]
         assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
     assert calls["fast"] > 0 and calls["general"] == 0
+
+
+def test_steps_without_drafts_skip_the_sampler(models_dir, monkeypatch):
+    """While speculating, plain greedy steps that verify no draft (prefills, no n-gram match) take the argmax path
+    too: the sampler never runs, and the tokens are those of decoding without speculation; a request with logprobs
+    still goes through the sampler."""
+    from core.sampler import Sampler
+
+    path = make_tiny_model(models_dir, "llama", 0)
+    rng = random.Random(9)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(n)] for n in (7, 23)]  # random: few n-gram matches
+    params = SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True)
+    reference = run_engine(make_engine(path, dtype="float32"), prompts, params)
+    sampler_calls = {"n": 0}
+    original = Sampler.__call__
+
+    def counted(self, *args, **kwargs):
+        sampler_calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "__call__", counted)
+    strict = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 3}
+    engine = make_engine(path, dtype="float32", speculative_config=strict)
+    got = run_engine(engine, prompts, params)
+    assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in reference.items()}
+    assert sampler_calls["n"] == 0
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
+    with_logprobs = SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True, logprobs=1)
+    got = run_engine(make_engine(path, dtype="float32", speculative_config=strict), prompts, with_logprobs)
+    assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in reference.items()}
+    assert sampler_calls["n"] > 0
 
 
 def test_min_tokens_keeps_the_general_path_until_reached(models_dir, monkeypatch):

@@ -61,7 +61,8 @@ def test_grammar_failing_in_the_core_is_a_request_error(model):
     assert not engine.structured._matchers and not engine.structured._compiling
 
 
-def test_structured_outputs_with_speculation_verify_without_drafts(model):
+@pytest.mark.parametrize("overlap_outputs", [False, True])  # True: step() returns with the next step in flight
+def test_structured_outputs_with_speculation_verify_without_drafts(model, overlap_outputs):
     """With speculation on, constrained sequences get no drafts (a mask per drafted position would need the matcher
     advanced through the drafts): they verify as one plain row each, the grammar mask on that row, while the free
     sequences around them (several verify rows each) keep speculating. Drafts come from an oracle (the free
@@ -77,7 +78,8 @@ def test_structured_outputs_with_speculation_verify_without_drafts(model):
     params = [free, constrained, free]
     reference = run_engine(make_engine(model), prompts, params)
 
-    engine = make_engine(model, speculative_config=ngram)
+    engine = make_engine(model, speculative_config=ngram, async_scheduling=overlap_outputs)
+    assert engine.overlap_outputs is overlap_outputs
     proposed_for: list[bool] = []
 
     def oracle(seqs):
