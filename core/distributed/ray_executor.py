@@ -15,7 +15,7 @@ import threading
 from core.config import resolve_device
 from core.distributed.parallel_state import TensorParallelGroup, init_parallel
 from ipc.messages import EngineConfig
-from ipc.scheduler_output import SchedulerOutput, encode_scheduler_output
+from ipc.scheduler_output import FINISH_OLDEST_STEP, SchedulerOutput, encode_scheduler_output
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class RayExecutor:
         self.dead_reason: str | None = None
         self._pending: list = []
         self._lock = threading.Lock()
+        self._tp = tp
 
         def actor(bundle: int):
             return actor_cls.options(
@@ -126,6 +127,17 @@ class RayExecutor:
             raise WorkerDiedError(self.dead_reason)
         data = encode_scheduler_output(plan)
         refs = [a.execute.remote(data) for a in self._actors]
+        with self._lock:
+            self._pending.extend(refs)
+
+    def finish_oldest_step(self) -> None:
+        """Pipeline parallelism: the first stage's other ranks compute their share of the oldest micro-batch's
+        logits as the engine samples it (see ``MultiprocExecutor.finish_oldest_step``)."""
+        from core.distributed.mp_executor import WorkerDiedError
+
+        if self.dead_reason is not None:
+            raise WorkerDiedError(self.dead_reason)
+        refs = [a.execute.remote(FINISH_OLDEST_STEP) for a in self._actors[: self._tp - 1]]
         with self._lock:
             self._pending.extend(refs)
 
