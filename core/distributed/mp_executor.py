@@ -40,6 +40,10 @@ class MultiprocExecutor:
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         world_size = tp * pp
         use_cuda = resolve_device(config.device).type == "cuda"
+        if not use_cuda and pp > 1:
+            # The stages compute at the same time (micro-batches in flight): rank 0 takes its share of the cores
+            # like the workers do (core/distributed/worker.py), not an OpenMP pool oversubscribing theirs.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         if use_cuda and world_size > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size={tp} x pipeline_parallel_size={pp} needs {world_size} GPUs; "
                              f"this machine has {torch.cuda.device_count()} (use the ray executor to span nodes).")

@@ -10,7 +10,10 @@ the one rank 0 uses (Ray gives every other actor its own GPU through ``CUDA_VISI
 from __future__ import annotations
 
 import logging
+import os
 import threading
+
+import torch
 
 from core.config import resolve_device
 from core.distributed.parallel_state import TensorParallelGroup, init_parallel
@@ -72,6 +75,10 @@ class RayExecutor:
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         world_size = tp * pp
         use_cuda = resolve_device(config.device).type == "cuda"
+        if not use_cuda and pp > 1:
+            # The stages compute at the same time (micro-batches in flight): rank 0 takes its share of the cores
+            # like the workers do (core/distributed/worker.py), not an OpenMP pool oversubscribing theirs.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         if not ray.is_initialized():
             ray.init()  # RAY_ADDRESS, else the cluster started on this machine, else a new local one
         driver_ip = ray.util.get_node_ip_address()
