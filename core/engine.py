@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
+        if config.pipeline_parallel_size == 1 and (config.pipeline_micro_batches or 1) > 1:
+            raise ValueError(f"pipeline_micro_batches={config.pipeline_micro_batches} needs pipeline parallelism "
+                             "(pipeline_parallel_size > 1): one stage runs one step at a time.")
         # tensor/pipeline parallelism: workers for ranks 1..N-1 (this process is rank 0); None: one device, here.
         self.executor = make_executor(config)
         try:

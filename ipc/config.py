@@ -222,12 +222,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.pipeline_micro_batches is not None:
-            if self.pipeline_micro_batches < 1:
-                raise ValueError(f"pipeline_micro_batches must be >= 1, got {self.pipeline_micro_batches}.")
-            if self.pipeline_parallel_size == 1 and self.pipeline_micro_batches > 1:
-                raise ValueError(f"pipeline_micro_batches={self.pipeline_micro_batches} needs pipeline parallelism "
-                                 "(pipeline_parallel_size > 1): one stage runs one step at a time.")
+        if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
+            raise ValueError(f"pipeline_micro_batches must be >= 1, got {self.pipeline_micro_batches}.")
 
     @property
     def served_model_names(self) -> list[str]:

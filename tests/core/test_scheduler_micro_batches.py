@@ -81,8 +81,10 @@ def test_micro_batches_off_schedules_everything_in_one_step():
 
 
 def test_pipeline_micro_batches_needs_pipeline_parallelism():
+    from core.engine import EngineCore
+
     with pytest.raises(ValueError, match="pipeline_micro_batches=2 needs pipeline parallelism"):
-        EngineConfig(model="m", pipeline_micro_batches=2)
+        EngineCore(EngineConfig(model="m", pipeline_micro_batches=2))  # before anything is loaded
     with pytest.raises(ValueError, match="pipeline_micro_batches must be >= 1"):
         EngineConfig(model="m", pipeline_parallel_size=2, pipeline_micro_batches=0)
     assert EngineConfig(model="m", pipeline_parallel_size=2, pipeline_micro_batches=1).pipeline_micro_batches == 1
