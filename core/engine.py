@@ -330,6 +330,10 @@ class EngineCore:
                 seq.num_placeholders = 0  # the steps that were sampling them are gone
                 seq.in_flight = False
         self.scheduler.preempt_all()
+        # The failed step's blocks were registered in the prefix cache when it was scheduled, but their KV was never
+        # (or only partly) computed: a recompute must not hit them. Every block is free now.
+        if not self.kv.reset_prefix_cache():
+            logger.warning("the prefix cache could not be reset after a failed step (blocks still in use)")
         if culprit is None:
             logger.warning("an engine step with %d requests failed (%s: %s); running them one at a time to find "
                            "the culprit", len(involved), type(exc).__name__, exc)

@@ -116,3 +116,41 @@ def test_pp2_micro_batches_with_preemption_and_aborts_in_flight(models_dir):
         else:
             assert results[i]["tokens"] == reference[(i, 0)]["tokens"], i
     assert again[(0, 0)]["tokens"] == reference[(2, 0)]["tokens"]
+
+
+def test_pp2_step_fault_fails_only_its_request_with_micro_batches_in_flight(models_dir):
+    """A step that raises while another micro-batch is in flight: that one is finished on every rank and dropped
+    (the ranks stay paired), the culprit fails alone, every other request's tokens equal one device's."""
+    from core.step_recovery import FaultInjector
+    from tests.core.test_step_recovery import MARKER, PROMPTS as FAULT_PROMPTS, assert_no_leak, drive
+
+    path = save_model(models_dir, "llama")
+    prompts = {k: FAULT_PROMPTS[k] for k in ("a", "b", "bad", "c")}  # "bad" in the second micro-batch
+    good = {k: v for k, v in prompts.items() if k != "bad"}
+    engine = make_engine(path, dtype="float32", max_num_seqs=4)
+    try:
+        expected, _, _ = drive(engine, good)
+    finally:
+        engine.shutdown()
+    engine = make_engine(path, dtype="float32", max_num_seqs=4, pipeline_parallel_size=2)
+    try:
+        in_flight_at_fault = []
+
+        class RecordingInjector(FaultInjector):
+            def check(self, scheduled):
+                scheduled = list(scheduled)
+                if any(p == prompts["bad"] for _, p in scheduled):
+                    in_flight_at_fault.append(len(engine._batch_queue))
+                super().check(scheduled)
+
+        engine._faults = RecordingInjector(MARKER)
+        tokens, finished, errors = drive(engine, prompts)
+        assert in_flight_at_fault[0] == 1  # the first micro-batch was in flight when the second one failed
+        assert [(e.request_id, e.internal) for e in errors] == [("bad", True)]
+        assert {k: tokens[k] for k in good} == expected and "bad" not in finished
+        assert_no_leak(engine)
+        engine._faults = FaultInjector([])
+        again, _, errors = drive(engine, {"a": prompts["a"]})
+        assert not errors and again["a"] == expected["a"]
+    finally:
+        engine.shutdown()
