@@ -6,9 +6,10 @@ setting produced the same greedy tokens.
 Throughput = generated tokens / wall time of ``LLM.generate`` (load and a warm-up excluded); the median of
 ``--runs``. Each setting runs in a fresh ``LLM`` (its workers and process group are shut down before the next).
 
-    # two GPUs (the lead's run): Qwen3-0.6B shapes, random weights, a decode-heavy batch
-    python -m benchmarks.pipeline_micro_batches --model ../shared/models/qwen3-0.6b --load-format dummy -pp 2 \
-        --num-prompts 256 --input-len 512 --output-len 256 --single-device --json pp_micro_batches.jsonl
+    # two GPUs, from the repository root with the configs in .models/ (cp -r ../shared/models .models): Llama-3.1-8B
+    # shapes, random weights, a decode-heavy batch
+    python -m benchmarks.pipeline_micro_batches --model .models/llama-3.1-8b --load-format dummy --dtype bfloat16 \
+        -pp 2 --single-device --num-prompts 256 --input-len 512 --output-len 256 --json pp_micro_batches.jsonl
     # CPU (gloo, one worker process per extra stage): a tiny model, each stage with real work
     python -m benchmarks.pipeline_micro_batches --model TINY_LLAMA_DIR --dtype float32 -pp 2 --num-prompts 16 \
         --input-len 32 --output-len 32 --max-num-seqs 16

@@ -401,7 +401,7 @@ class ModelRunner:
         return self._sample(forwarded, before_sample)
 
     @torch.inference_mode()
-    def start_step(self, plan: SchedulerOutput) -> "ForwardedStep | StepHandle":
+    def start_step(self, plan: SchedulerOutput) -> ForwardedStep | StepHandle:
         """Pipeline parallelism: run this stage's part of a micro-batch and return without waiting for the later
         stages. On the first stage, ``finish_step`` later receives its final hidden states and samples; the other
         stages are done with it (an empty handle). Every sequence's input tokens are known (the engine never
@@ -409,13 +409,13 @@ class ModelRunner:
         return self._forward(plan, None)
 
     @torch.inference_mode()
-    def finish_step(self, step: "ForwardedStep | StepHandle") -> StepHandle:
+    def finish_step(self, step: ForwardedStep | StepHandle) -> StepHandle:
         """The second half of ``start_step``'s micro-batch: logits and sampling (on the first stage's ranks)."""
         if isinstance(step, StepHandle):
             return step
         return self._sample(step, None)
 
-    def _forward(self, plan: SchedulerOutput, prev: StepHandle | None) -> "ForwardedStep | StepHandle":
+    def _forward(self, plan: SchedulerOutput, prev: StepHandle | None) -> ForwardedStep | StepHandle:
         """``launch`` up to the logits: the step's inputs staged and its forward queued (with pipeline parallelism,
         this stage's part of it). A ``StepHandle`` when the step is already complete here (a verify graph that
         ran the LM head, or a pipeline stage after the first)."""
@@ -514,7 +514,7 @@ class ModelRunner:
         return ForwardedStep(plan, batch_seqs, rows, sampling, sampling_seqs, drafts_by_row, speculative,
                              plain_greedy, prompt_lp, num_tokens, hidden, rows_t, logits)
 
-    def _sample(self, step: "ForwardedStep", before_sample: Callable[[list[BatchSequence]], None] | None
+    def _sample(self, step: ForwardedStep, before_sample: Callable[[list[BatchSequence]], None] | None
                 ) -> StepHandle:
         """``launch`` from the logits on: prompt logprobs, then sampling or verification (rank 0; the other ranks
         follow it)."""
