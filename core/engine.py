@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import msgspec
 
 from core.distributed.mp_executor import make_executor
 from core.kv_cache import KVCacheManager, freeable_sliding_window
-from core.model_runner import ModelRunner, RunnerOutput, StepHandle
+from core.model_runner import ForwardedStep, ModelRunner, RunnerOutput, StepHandle
 from core.sequence import Sequence, SequenceStatus
 from core.scheduler import Scheduler, SchedulerOutput
 from core.scheduler_output_builder import SchedulerOutputBuilder
@@ -40,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
+        if config.pipeline_parallel_size == 1 and (config.pipeline_micro_batches or 1) > 1:
+            raise ValueError(f"pipeline_micro_batches={config.pipeline_micro_batches} needs pipeline parallelism "
+                             "(pipeline_parallel_size > 1): one stage runs one step at a time.")
         # tensor/pipeline parallelism: workers for ranks 1..N-1 (this process is rank 0); None: one device, here.
         self.executor = make_executor(config)
         try:
@@ -67,13 +71,27 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, sliding_window=window)
         self.async_scheduling = self.runner.resolved.async_scheduling
         self.overlap_outputs = self.runner.resolved.overlap_outputs  # speculative steps: see _step_overlapped
+        # Pipeline parallelism: up to this many micro-batches in flight (vLLM's batch queue); 0: one step at a time,
+        # or two with async scheduling. The batch queue is how pipelined steps overlap the host's work with the
+        # devices', so async scheduling's placeholder tokens are not used then.
+        self.micro_batches = 0
+        if self.runner.pipelined:
+            self.micro_batches = config.pipeline_micro_batches or config.pipeline_parallel_size
+            if self.async_scheduling:
+                logger.info("Pipeline parallelism: %d micro-batches in flight; steps overlap through them (the "
+                            "scheduler skips a request until its previous step's token is in), so async "
+                            "scheduling's placeholder tokens are off.", self.micro_batches)
+                self.async_scheduling = False
         self.scheduler = Scheduler(
             self.kv,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=self.runner.max_num_batched_tokens,
             async_scheduling=self.async_scheduling,
         )
+        self.scheduler.micro_batches = self.micro_batches
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
+        # pipeline parallelism: micro-batches started (oldest first), each sampled when it comes back
+        self._batch_queue: deque[tuple[SchedulerOutput, ForwardedStep | StepHandle]] = deque()
         # the scheduler's steps as diffs for the runner(s)
         self.plan_builder = SchedulerOutputBuilder(speculative=config.speculative_config is not None)
         spec = config.speculative_config
@@ -176,7 +194,8 @@ class EngineCore:
             self._forget_if_done(request_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished_sequences() or bool(self._pending) or self._inflight is not None
+        return self.scheduler.has_unfinished_sequences() or bool(self._pending) or self._inflight is not None or \
+            bool(self._batch_queue)
 
     def _holds(self, seq: Sequence) -> bool:
         return self.structured.holds(seq) or self._failures.holds(seq.request_id)
@@ -192,7 +211,7 @@ class EngineCore:
         errors: list[RequestError] = []
         self._involved = []
         try:
-            sampled = self._step(outputs, errors)
+            sampled = self._step_pipelined(outputs, errors) if self.micro_batches else self._step(outputs, errors)
         except Exception as exc:
             errors.extend(self._recover_from_step_failure(exc))
         else:
@@ -274,6 +293,60 @@ class EngineCore:
         self._inflight = (sched, self.runner.launch(plan))
         return ran or []
 
+    def _step_pipelined(self, outputs: list[EngineOutput], errors: list[RequestError]) -> list[SchedulerOutput] | None:
+        """One step with pipeline parallelism, as vLLM's batch queue: sample the oldest micro-batch when
+        ``micro_batches`` are in flight, then schedule and start a new one from the sequences not in flight (the
+        first stage runs it while the later stages work on the older ones). With nothing new to start, wait for
+        the oldest. Returns the micro-batches whose results were applied."""
+        queue = self._batch_queue
+        ran: list[SchedulerOutput] = []
+        self._involved.extend(step for step, _ in queue)
+        if len(queue) >= self.micro_batches:
+            ran.append(self._finish_oldest_batch(outputs))
+        sched = self.scheduler.schedule()
+        self.plan_builder.forget(sched.freed_keys)
+        if self.proposer is not None:
+            self.proposer.remove(sched.freed_keys)
+        errors.extend(self._fail_grammars())
+        self._involved.append(sched)
+        if sched.is_empty and not queue and not outputs:
+            self.structured.wait_for_compile(0.005)  # only grammars compiling: do not spin against the compiler
+        if sched.scheduled:
+            if self._faults.enabled:
+                self._faults.check((s.seq.request_id, s.seq.prompt_token_ids) for s in sched.scheduled)
+            plan = self.plan_builder.build(sched, self.kv.seq_blocks)
+            self.executor.send(plan)
+            for scheduled in sched.scheduled:
+                scheduled.seq.in_flight = True
+            queue.append((sched, self.runner.start_step(plan)))
+        elif queue:
+            ran.append(self._finish_oldest_batch(outputs))
+        return ran or None
+
+    def _finish_oldest_batch(self, outputs: list[EngineOutput]) -> SchedulerOutput:
+        """Sample the oldest micro-batch in flight (its final hidden states come back from the last stage) and
+        apply its results; its sequences can be scheduled again."""
+        sched, step = self._batch_queue.popleft()
+        self.executor.finish_oldest_step()
+        result = self.runner.finish_step(step).result()
+        for scheduled in sched.scheduled:
+            scheduled.seq.in_flight = False
+        if self.structured.active:
+            self.structured.accept(*_constrained_tokens(sched, result))
+        self._update(sched, result, outputs)
+        return sched
+
+    def _drain_batch_queue(self) -> None:
+        """Drop the micro-batches in flight (after a failed step, at shutdown): every rank still finishes each one
+        it started, so the ranks' sends, receives and gathers stay paired; their tokens are never emitted."""
+        while self._batch_queue:
+            _, step = self._batch_queue.popleft()
+            try:
+                self.executor.finish_oldest_step()
+                self.runner.finish_step(step)
+            except Exception:
+                logger.exception("finishing a dropped micro-batch failed")
+
     def _recover_from_step_failure(self, exc: Exception) -> list[RequestError]:
         """Drop the failed step (and any step in flight: their sampled tokens were never emitted), put every running
         sequence back to waiting to be recomputed, and fail the culprit alone if the failure names one; otherwise
@@ -281,11 +354,17 @@ class EngineCore:
         involved = [r for r in dict.fromkeys(s.seq.request_id for step in self._involved for s in step.scheduled)
                     if r in self._children]
         self._inflight = None
+        self._drain_batch_queue()
         culprit = self._failures.attribute(exc, involved)
         for sequences in self._children.values():
             for seq in sequences:
                 seq.num_placeholders = 0  # the steps that were sampling them are gone
+                seq.in_flight = False
         self.scheduler.preempt_all()
+        # The failed step's blocks were registered in the prefix cache when it was scheduled, but their KV was never
+        # (or only partly) computed: a recompute must not hit them. Every block is free now.
+        if not self.kv.reset_prefix_cache():
+            logger.warning("the prefix cache could not be reset after a failed step (blocks still in use)")
         if culprit is None:
             logger.warning("an engine step with %d requests failed (%s: %s); running them one at a time to find "
                            "the culprit", len(involved), type(exc).__name__, exc)
@@ -449,6 +528,7 @@ class EngineCore:
             if self._inflight is not None:
                 self._inflight[1].result()
                 self._inflight = None
+            self._drain_batch_queue()
             self.structured.shutdown()
             self.runner.kv_caches = []
             if self.runner.draft is not None:

@@ -36,7 +36,7 @@ from core.models import model_class
 from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
 from core.distributed.parallel_state import TensorParallelGroup
-from core.distributed.pipeline import PipelineStage, stage_config, stage_layers, stage_weights
+from core.distributed.pipeline import PendingHidden, PipelineStage, stage_config, stage_layers, stage_weights
 from core.distributed.tensor_parallel import check_layout, parallelize, shard_config, shard_weights
 from core.worker_batch import BatchSequence, WorkerBatch
 from core.spec_decode.draft_model import DraftModelProposer, load_draft_config
@@ -98,6 +98,27 @@ class StepHandle:
                 elif k is not None:
                     logprobs[i] = Logprobs([ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i]])
         return RunnerOutput(token_ids, logprobs, self.prompt_logprobs)
+
+
+@dataclass
+class ForwardedStep:
+    """A step whose forward is queued (with pipeline parallelism: possibly still in the later stages), waiting for
+    its logits and sampling: what ``ModelRunner._sample`` needs, captured when the step was launched (the runner's
+    input buffers and batch move on to the next step meanwhile)."""
+
+    plan: SchedulerOutput
+    batch_seqs: list[BatchSequence]
+    rows: np.ndarray
+    sampling: list[int]  # batch rows that sample
+    sampling_seqs: list[BatchSequence]
+    drafts_by_row: list[list[int]]
+    speculative: bool
+    plain_greedy: bool
+    prompt_lp: list
+    num_tokens: int
+    hidden: torch.Tensor | PendingHidden | None  # the final hidden states, or their pending receive
+    rows_t: torch.Tensor | None  # rows of ``hidden`` that need logits (None: all)
+    logits: torch.Tensor | None  # already computed (a decode graph's replay)
 
 
 # Verify graphs hold the activations of batch * (1 + k) tokens: captured up to this many tokens; larger speculative
@@ -184,6 +205,8 @@ class ModelRunner:
         # Pipeline stages run eagerly: their send/recv between stages is not captured in CUDA graphs.
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager and \
             (tp_group is None or tp_group.pp_size == 1)
+        # Pipeline parallelism: steps run as micro-batches (start_step / finish_step), several in flight.
+        self.pipelined = tp_group is not None and tp_group.pp_size > 1
         spec = config.speculative_config
         self.num_spec_tokens = spec.num_speculative_tokens if spec is not None else 0
         # Speculative decode steps (every sequence a decode of 1 + up to k tokens) replay these: see _verify_forward.
@@ -372,6 +395,30 @@ class ModelRunner:
         collected, when some sequence has a grammar (the engine finishes ``prev`` there and starts this step's
         masks on the grammar threads, while the device runs this forward); the caller runs it afterwards
         otherwise."""
+        forwarded = self._forward(plan, prev)
+        if isinstance(forwarded, StepHandle):
+            return forwarded
+        return self._sample(forwarded, before_sample)
+
+    @torch.inference_mode()
+    def start_step(self, plan: SchedulerOutput) -> ForwardedStep | StepHandle:
+        """Pipeline parallelism: run this stage's part of a micro-batch and return without waiting for the later
+        stages. On the first stage, ``finish_step`` later receives its final hidden states and samples; the other
+        stages are done with it (an empty handle). Every sequence's input tokens are known (the engine never
+        schedules a sequence that has a step in flight)."""
+        return self._forward(plan, None)
+
+    @torch.inference_mode()
+    def finish_step(self, step: ForwardedStep | StepHandle) -> StepHandle:
+        """The second half of ``start_step``'s micro-batch: logits and sampling (on the first stage's ranks)."""
+        if isinstance(step, StepHandle):
+            return step
+        return self._sample(step, None)
+
+    def _forward(self, plan: SchedulerOutput, prev: StepHandle | None) -> ForwardedStep | StepHandle:
+        """``launch`` up to the logits: the step's inputs staged and its forward queued (with pipeline parallelism,
+        this stage's part of it). A ``StepHandle`` when the step is already complete here (a verify graph that
+        ran the LM head, or a pipeline stage after the first)."""
         batch_seqs = self.batch.apply(plan)
         num_seqs = plan.num_rows
         rows = self.batch.rows(plan)
@@ -410,6 +457,9 @@ class ModelRunner:
                                  self.batch.block_table[rows], pad_to=bucket or verify_bucket,
                                  pad_tokens_to=pad_tokens)
         if fill_dst:
+            if prev is None or prev.sample_rows is None:
+                raise RuntimeError(f"sequences in slots {fill_slots} were scheduled while their last token is still "
+                                   "being sampled by a step this runner cannot read")
             dst = to_device(fill_dst, torch.int64, self.device)
             fill_src = prev.sample_rows[fill_slots]
             if fill_src.min() < 0:
@@ -418,6 +468,10 @@ class ModelRunner:
             src = to_device(fill_src, torch.int64, self.device)
             self.inputs.input_ids.index_copy_(0, dst, prev.sampled.token_ids.index_select(0, src))
         prompt_lp: list = []
+        plain_greedy = False
+        rows_t = None
+        hidden = None
+        logits = None
         if self.draft is not None:  # the draft's KV for the same tokens, at the same slots
             num_rows = pad_tokens or bucket or num_tokens
             self.draft.catch_up(self.inputs.input_ids[:num_rows], self.inputs.positions[:num_rows], meta)
@@ -447,9 +501,30 @@ class ModelRunner:
             # Every row in order (a speculative step of decodes only): a slice, no index upload or gather.
             every_row = len(rows_np) == num_tokens and bool((rows_np == np.arange(num_tokens)).all())
             rows_t = None if every_row else to_device(rows_np, torch.int64, self.device)
-            if verify_bucket is None:
+            if self.pipelined:
+                hidden = self.model.start(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
+                                          self.kv_caches, meta)
+                if not self.tp_group.is_first_stage:  # sent on: the first stage samples
+                    for seq in sampling_seqs:
+                        seq.prompt_logprobs_done = True
+                    return StepHandle([], None, None, None, None, {})
+            elif verify_bucket is None:
                 hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
                                     self.kv_caches, meta)
+        return ForwardedStep(plan, batch_seqs, rows, sampling, sampling_seqs, drafts_by_row, speculative,
+                             plain_greedy, prompt_lp, num_tokens, hidden, rows_t, logits)
+
+    def _sample(self, step: ForwardedStep, before_sample: Callable[[list[BatchSequence]], None] | None
+                ) -> StepHandle:
+        """``launch`` from the logits on: prompt logprobs, then sampling or verification (rank 0; the other ranks
+        follow it)."""
+        plan, batch_seqs, rows, sampling = step.plan, step.batch_seqs, step.rows, step.sampling
+        sampling_seqs, drafts_by_row, speculative = step.sampling_seqs, step.drafts_by_row, step.speculative
+        plain_greedy, prompt_lp, num_tokens = step.plain_greedy, step.prompt_lp, step.num_tokens
+        logits = step.logits
+        if logits is None:
+            hidden = step.hidden.wait() if isinstance(step.hidden, PendingHidden) else step.hidden
+            rows_t = step.rows_t
             logits = self.model.compute_logits(hidden[:num_tokens] if rows_t is None else hidden[rows_t])
         num_prompt_rows = sum(len(r) for _, r, _, _ in prompt_lp)
         for seq in sampling_seqs:  # its first sample: every prompt position has been computed
@@ -492,7 +567,8 @@ class ModelRunner:
         if self.structured_output is not None and self.structured_output.active:
             batch.grammar = self.structured_output.bitmask(sampling_seqs, self.device)
         sampled = self.sampler(logits[num_prompt_rows:], batch)
-        if self.tp_group is not None:  # the other ranks feed these to their next step (async scheduling)
+        if self.tp_group is not None and not self.pipelined:  # the other ranks feed these to their next step
+            # (async scheduling; with pipeline parallelism no step needs a token still in flight)
             self.tp_group.broadcast(sampled.token_ids)
         host_tokens, event = None, None
         if self.device.type == "cuda":
@@ -525,7 +601,7 @@ class ModelRunner:
                        speculative: bool) -> StepHandle:
         """A non-driver rank's step end: no sampling here; rank 0's sampled ids arrive by broadcast, for the next
         step's in-flight tokens. (Speculative steps are never followed by one that needs them on the device.)"""
-        if not sampling_seqs or speculative:
+        if not sampling_seqs or speculative or self.pipelined:
             return StepHandle(sampling_seqs, None, None, None, None, {})
         token_ids = self.tp_group.broadcast(torch.empty(len(sampling_seqs), dtype=torch.int64, device=self.device))
         return StepHandle(sampling_seqs, self._sample_rows(sampling_slots), SamplerOutput(token_ids), None, None, {})

@@ -66,6 +66,10 @@ class Scheduler:
         self.total_prefix_queries = 0
         self.total_prefix_hits = 0
         self.holds: Callable[[Sequence], bool] | None = None  # a waiting sequence it holds is skipped this step
+        # Pipeline parallelism (0: off): steps are micro-batches, this many in flight. A sequence with a step in
+        # flight is skipped (its next token is not known yet), and a step takes at most 1/micro_batches of the live
+        # sequences, so the running ones split into groups that flow through the stages back to back.
+        self.micro_batches = 0
 
     # ------------------------------------------------------------------------------------------------ intake
     def add_sequence(self, seq: Sequence) -> None:
@@ -91,10 +95,17 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
+        max_rows = self._micro_batch_rows() if self.micro_batches else None
 
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if max_rows is not None:
+                if seq.in_flight:
+                    i += 1
+                    continue
+                if len(scheduled) >= max_rows:
+                    break
             if seq.num_tokens >= seq.max_total_tokens:
                 i += 1  # its last token is being sampled: nothing more to compute
                 continue
@@ -112,12 +123,17 @@ class Scheduler:
             i += 1
 
         if not preempted:
-            budget = self._schedule_waiting(scheduled, budget)
+            budget = self._schedule_waiting(scheduled, budget, max_rows)
 
         freed, self._freed_keys = self._freed_keys, []
         freed.extend(r.key for r in preempted)
         self._batched_tokens = self.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled, self._batched_tokens, preempted, freed)
+
+    def _micro_batch_rows(self) -> int:
+        """Most sequences one micro-batch takes: an equal share of the live ones (at least one)."""
+        live = min(self.max_num_seqs, len(self.running) + len(self.waiting))
+        return max(1, -(-live // self.micro_batches))
 
     @staticmethod
     def _schedulable_drafts(seq: Sequence, budget: int) -> list[int]:
@@ -147,15 +163,17 @@ class Scheduler:
                 return False
         return True
 
-    def _schedule_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> int:
+    def _schedule_waiting(self, scheduled: list[ScheduledSeq], budget: int, max_rows: int | None = None) -> int:
         skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and \
+                (max_rows is None or len(scheduled) < max_rows):
             seq = self.waiting[0]
             if self.holds is not None and self.holds(seq):  # e.g. its grammar is still compiling
                 skipped.append(self.waiting.popleft())
                 continue
-            shared = self._shared_prefix(seq) if not seq.num_placeholders else None
+            shared = self._shared_prefix(seq) if not seq.num_placeholders and not seq.in_flight else None
             if shared is None:  # a fork whose source has not scheduled its prompt yet, or a token still in flight
+                # (preempted while its micro-batch is in flight: recomputed once that step's token is in)
                 skipped.append(self.waiting.popleft())
                 continue
             num_shared_tokens = len(shared) * self.block_size

@@ -26,7 +26,7 @@ class Sequence:
         "num_computed_tokens", "status", "finish_reason", "stop_reason", "block_hashes", "fork_source",
         "num_cached_tokens", "prefix_query_counted", "seed_key", "prompt_logprobs_done",
         "first_output_sent", "num_placeholders", "arrival_time", "queue_time_s", "spec_token_ids",
-        "runner_state",
+        "runner_state", "in_flight",
     )
 
     def __init__(
@@ -73,6 +73,9 @@ class Sequence:
         self.spec_token_ids: list[int] = []
         # What the runners were sent about this sequence (core/scheduler_output_builder.py keeps it; None: nothing).
         self.runner_state: list | None = None
+        # Pipeline parallelism: a micro-batch with this sequence is in flight (the scheduler skips it until its
+        # results are in, so its next step's inputs are known).
+        self.in_flight = False
         self.seed_key = seed_key(sampling_params.seed)
 
     @property

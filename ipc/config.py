@@ -197,6 +197,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     pipeline_parallel_size: Annotated[int, Arg(
         "Pipeline stages: contiguous blocks of layers, each on its own tensor-parallel group of devices; "
         "activations pass between stages with torch.distributed send/recv.", aliases=("-pp",))] = 1
+    pipeline_micro_batches: Annotated[int | None, Arg(
+        "Steps in flight at once with pipeline parallelism (default: pipeline_parallel_size, as vLLM's batch "
+        "queue): the running requests split into this many groups that flow through the stages back to back, so "
+        "no stage waits for the others. 1: one step at a time (each stage idle (P-1)/P of the time).")] = None
 
     quantization: Annotated[str | None, Arg(
         "Weight quantization. Default: the checkpoint's config.json quantization_config (fp8, compressed-tensors "
@@ -218,6 +222,8 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
+            raise ValueError(f"pipeline_micro_batches must be >= 1, got {self.pipeline_micro_batches}.")
 
     @property
     def served_model_names(self) -> list[str]:

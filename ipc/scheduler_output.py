@@ -71,6 +71,11 @@ class SchedulerOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fa
         return len(self.slots)
 
 
+# Pipeline parallelism: the message telling the first stage's workers to sample the oldest micro-batch they have in
+# flight, as the engine does next (the vocabulary-parallel LM head's gather pairs across that stage's ranks). A
+# msgpack nil: never a valid encoded ``SchedulerOutput``.
+FINISH_OLDEST_STEP = b"\xc0"
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(SchedulerOutput)
 

@@ -22,7 +22,7 @@ from core.config import resolve_device
 from core.distributed.parallel_state import TensorParallelGroup, free_tcp_address, init_parallel
 from core.distributed.worker import run_worker_process
 from ipc.messages import EngineConfig
-from ipc.scheduler_output import SchedulerOutput, encode_scheduler_output
+from ipc.scheduler_output import FINISH_OLDEST_STEP, SchedulerOutput, encode_scheduler_output
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,14 @@ class MultiprocExecutor:
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         world_size = tp * pp
         use_cuda = resolve_device(config.device).type == "cuda"
+        if not use_cuda and pp > 1:
+            # The stages compute at the same time (micro-batches in flight): rank 0 takes its share of the cores
+            # like the workers do (core/distributed/worker.py), not an OpenMP pool oversubscribing theirs.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         if use_cuda and world_size > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size={tp} x pipeline_parallel_size={pp} needs {world_size} GPUs; "
                              f"this machine has {torch.cuda.device_count()} (use the ray executor to span nodes).")
+        self._first_stage_conns = tp - 1  # ranks 1..tp-1: the first stage's other workers
         init_method = free_tcp_address()
         ctx = multiprocessing.get_context("spawn")
         self._procs: list[multiprocessing.Process] = []
@@ -78,6 +83,17 @@ class MultiprocExecutor:
         try:
             for conn in self._conns:
                 conn.send_bytes(data)
+        except OSError as exc:
+            raise WorkerDiedError(f"a tensor-parallel worker is gone ({exc})") from exc
+
+    def finish_oldest_step(self) -> None:
+        """Pipeline parallelism: the engine samples its oldest micro-batch; the first stage's other ranks compute
+        their share of its logits with it (the later stages are done with it)."""
+        if self.dead_reason is not None:
+            raise WorkerDiedError(self.dead_reason)
+        try:
+            for conn in self._conns[: self._first_stage_conns]:
+                conn.send_bytes(FINISH_OLDEST_STEP)
         except OSError as exc:
             raise WorkerDiedError(f"a tensor-parallel worker is gone ({exc})") from exc
 

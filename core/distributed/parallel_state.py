@@ -27,6 +27,10 @@ class TensorParallelGroup:
     pp_rank: int = 0  # pipeline stage
     pp_size: int = 1
     process_group: Any = None  # this stage's tensor-parallel group (None: the default group, when pp == 1)
+    # pp > 1: the first and last stages' ranks. The final hidden states go back to the first stage through it, so
+    # they never queue behind the activations sent forward (on NCCL a communicator orders its send/recv, and one
+    # cycle of micro-batches over a single communicator deadlocks).
+    return_group: Any = None
 
     @property
     def global_rank(self) -> int:
@@ -72,21 +76,22 @@ class TensorParallelGroup:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
-    # pipeline: activations between stages (same tensor-parallel rank, neighbouring stage)
-    def send_next(self, x: torch.Tensor) -> None:
-        dist.send(x.contiguous(), dst=self.global_rank + self.world_size)
+    # pipeline: activations between stages (same tensor-parallel rank, neighbouring stage), asynchronous so a stage
+    # can start the next micro-batch while its output is still on its way; the caller keeps the returned work (and
+    # so the tensor) until it is done.
+    def isend_next(self, x: torch.Tensor) -> dist.Work:
+        return dist.isend(x, dst=self.global_rank + self.world_size)
 
     def recv_prev(self, x: torch.Tensor) -> torch.Tensor:
         dist.recv(x, src=self.global_rank - self.world_size)
         return x
 
-    def send_first(self, x: torch.Tensor) -> None:
+    def isend_first(self, x: torch.Tensor) -> dist.Work:
         """Last stage -> first stage: the final hidden states, for the LM head and sampling on the engine's stage."""
-        dist.send(x.contiguous(), dst=self.rank)
+        return dist.isend(x, dst=self.rank, group=self.return_group)
 
-    def recv_last(self, x: torch.Tensor) -> torch.Tensor:
-        dist.recv(x, src=(self.pp_size - 1) * self.world_size + self.rank)
-        return x
+    def irecv_last(self, x: torch.Tensor) -> dist.Work:
+        return dist.irecv(x, src=(self.pp_size - 1) * self.world_size + self.rank, group=self.return_group)
 
 
 def init_parallel(global_rank: int, tp: int, pp: int, init_method: str, use_cuda: bool,
@@ -104,7 +109,11 @@ def init_parallel(global_rank: int, tp: int, pp: int, init_method: str, use_cuda
             group = dist.new_group(list(range(stage * tp, (stage + 1) * tp)))
             if stage == global_rank // tp:
                 process_group = group
-    return TensorParallelGroup(global_rank % tp, tp, backend, local_rank, global_rank // tp, pp, process_group)
+        return_group = dist.new_group([*range(tp), *range((pp - 1) * tp, pp * tp)])
+    else:
+        return_group = None
+    return TensorParallelGroup(global_rank % tp, tp, backend, local_rank, global_rank // tp, pp, process_group,
+                               return_group)
 
 
 def destroy_parallel() -> None:

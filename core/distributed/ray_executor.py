@@ -10,12 +10,15 @@ the one rank 0 uses (Ray gives every other actor its own GPU through ``CUDA_VISI
 from __future__ import annotations
 
 import logging
+import os
 import threading
+
+import torch
 
 from core.config import resolve_device
 from core.distributed.parallel_state import TensorParallelGroup, init_parallel
 from ipc.messages import EngineConfig
-from ipc.scheduler_output import SchedulerOutput, encode_scheduler_output
+from ipc.scheduler_output import FINISH_OLDEST_STEP, SchedulerOutput, encode_scheduler_output
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,10 @@ class RayExecutor:
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         world_size = tp * pp
         use_cuda = resolve_device(config.device).type == "cuda"
+        if not use_cuda and pp > 1:
+            # The stages compute at the same time (micro-batches in flight): rank 0 takes its share of the cores
+            # like the workers do (core/distributed/worker.py), not an OpenMP pool oversubscribing theirs.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         if not ray.is_initialized():
             ray.init()  # RAY_ADDRESS, else the cluster started on this machine, else a new local one
         driver_ip = ray.util.get_node_ip_address()
@@ -90,6 +97,7 @@ class RayExecutor:
         self.dead_reason: str | None = None
         self._pending: list = []
         self._lock = threading.Lock()
+        self._tp = tp
 
         def actor(bundle: int):
             return actor_cls.options(
@@ -126,6 +134,17 @@ class RayExecutor:
             raise WorkerDiedError(self.dead_reason)
         data = encode_scheduler_output(plan)
         refs = [a.execute.remote(data) for a in self._actors]
+        with self._lock:
+            self._pending.extend(refs)
+
+    def finish_oldest_step(self) -> None:
+        """Pipeline parallelism: the first stage's other ranks compute their share of the oldest micro-batch's
+        logits as the engine samples it (see ``MultiprocExecutor.finish_oldest_step``)."""
+        from core.distributed.mp_executor import WorkerDiedError
+
+        if self.dead_reason is not None:
+            raise WorkerDiedError(self.dead_reason)
+        refs = [a.execute.remote(FINISH_OLDEST_STEP) for a in self._actors[: self._tp - 1]]
         with self._lock:
             self._pending.extend(refs)
 

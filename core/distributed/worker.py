@@ -7,11 +7,12 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 
 import torch
 
 from ipc.messages import EngineConfig
-from ipc.scheduler_output import decode_scheduler_output
+from ipc.scheduler_output import FINISH_OLDEST_STEP, decode_scheduler_output
 
 logger = logging.getLogger("pagedserve.worker")
 
@@ -32,6 +33,7 @@ class Worker:
         self.group = init_parallel(rank, tp, pp, init_method, use_cuda, local_rank)
         self.runner = ModelRunner(config, self.group)
         self._prev = None
+        self._in_flight: deque = deque()  # pipeline parallelism, first stage: micro-batches started, not sampled
 
     def initialize(self) -> int:
         """Size the KV cache with the other ranks (the smallest wins) and allocate it; returns the block count."""
@@ -40,8 +42,18 @@ class Worker:
         return num_blocks
 
     def execute(self, data: bytes) -> None:
-        """Run one step (its collectives pair with the other ranks')."""
-        self._prev = self.runner.launch(decode_scheduler_output(data), self._prev)
+        """Run one step (its collectives pair with the other ranks'). With pipeline parallelism: start a
+        micro-batch (a later stage runs all of its part now), or ``FINISH_OLDEST_STEP``: the first stage's logits
+        for its oldest micro-batch, when the engine samples it."""
+        runner = self.runner
+        if not runner.pipelined:
+            self._prev = runner.launch(decode_scheduler_output(data), self._prev)
+        elif data == FINISH_OLDEST_STEP:
+            runner.finish_step(self._in_flight.popleft())
+        else:
+            step = runner.start_step(decode_scheduler_output(data))
+            if self.group.is_first_stage:
+                self._in_flight.append(step)
 
     def shutdown(self) -> None:
         from core.distributed.parallel_state import destroy_parallel

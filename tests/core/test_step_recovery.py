@@ -214,3 +214,18 @@ def test_offline_llm_raises_for_a_prompt_failed_in_a_step(model):
     outputs = llm.generate([{"prompt_token_ids": PROMPTS["a"]}], greedy(), use_tqdm=False)
     assert len(outputs[0].outputs[0].token_ids) == 8
     assert_no_leak(llm.engine)
+
+
+def test_a_failed_step_leaves_no_uncomputed_block_in_the_prefix_cache(model):
+    """The failed step's full blocks were registered in the prefix cache when it was scheduled, but never computed:
+    on a fresh engine (nothing cached from an earlier run), the recomputed requests must not hit them."""
+    reference = make_engine(model)
+    good = {k: v for k, v in PROMPTS.items() if k != "bad"}
+    expected, _, _ = drive(reference, good)
+    reference.shutdown()
+    engine = make_engine(model)
+    engine._faults = FaultInjector(MARKER)
+    tokens, _, errors = drive(engine, PROMPTS)
+    assert [e.request_id for e in errors] == ["bad"]
+    assert {k: tokens[k] for k in good} == expected
+    assert_no_leak(engine)

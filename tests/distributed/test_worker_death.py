@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.frontend.model_files import tiny_llama_dir
 from tests.frontend.server_process import ServerProcess, child_pids, pid_alive
@@ -32,10 +33,13 @@ def _wait_gone(pids: list[int], timeout_s: float) -> bool:
     return False
 
 
-def test_killed_worker_fails_requests_and_ends_the_process_tree(tmp_path):
+@pytest.mark.parametrize("layout", [["-tp", "2"], ["-pp", "2"]], ids=["tp2", "pp2-micro-batches"])
+def test_killed_worker_fails_requests_and_ends_the_process_tree(tmp_path, layout):
+    """With -pp 2 the worker is the last stage and dies while micro-batches are in flight (rank 0 may be waiting
+    for its hidden states)."""
     model = str(tiny_llama_dir(tmp_path / "tiny-llama"))
     server = ServerProcess(model, "--served-model-name", MODEL, "--max-model-len", "2048",
-                           "--num-gpu-blocks-override", "512", "-tp", "2")
+                           "--num-gpu-blocks-override", "512", *layout)
     engine = server.engine_pid()
     workers = [p for p in child_pids(engine) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
     tree = [engine, *workers]
