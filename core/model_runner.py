@@ -560,7 +560,7 @@ class ModelRunner:
             # A step without drafts while speculating (no n-gram match, say): plain greedy rows need only their
             # argmax, as in the fast verify (no sampling batch to build and upload). Steps are never async while
             # speculating, so no later step reads these tokens on the device.
-            return self._launch_greedy_verify([[]] * num_seqs, batch_seqs, sampling,
+            return self._launch_greedy_verify([[]] * len(batch_seqs), batch_seqs, sampling,
                                               logits[num_prompt_rows:].argmax(-1), prompt_logprobs)
         batch = build_sampling_batch(sampling_seqs, self.vocab_size, self.device, output_indices,
                                      self._step_keys.getrandbits(32))
