@@ -113,7 +113,8 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
 
 @triton.jit
 def _fp8_skinny_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_om, stride_os,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       IEEE: tl.constexpr):  # fmt: skip
     """``out[split] = x[:, split's K] @ dequant(w[:, split's K])^T`` in fp32; w is ``[N, K]`` fp8 bits (uint8)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -132,7 +133,10 @@ def _fp8_skinny_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, k_per_split, s
                     other=0.0)
         w_bits = tl.load(w_ptr + offs_n[None, :] * K + kk[:, None], mask=n_mask[None, :] & k_mask[:, None], other=0)
         w = w_bits.to(tl.float8e4nv, bitcast=True).to(x.dtype)
-        acc += tl.dot(x, w, out_dtype=tl.float32)
+        if IEEE:  # fp32 activations (CPU-path dtypes, tests): no TF32 rounding on the GPU
+            acc += tl.dot(x, w, out_dtype=tl.float32, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w, out_dtype=tl.float32)
     scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
     acc = acc * scale[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -158,7 +162,8 @@ def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
                       device=x.device)
     _fp8_skinny_kernel[(n_blocks, split_k)](
         x, weight.view(torch.uint8), weight_scale, out, m, n, k, k_per_split, x.stride(0), n,
-        out.stride(0) if split_k > 1 else 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        out.stride(0) if split_k > 1 else 0, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        IEEE=x.dtype == torch.float32, num_warps=num_warps,
     )
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 

@@ -131,7 +131,7 @@ def int4_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 @triton.jit
 def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_qn, stride_om,
                       stride_os, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):  # fmt: skip
+                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """The tl.dot kernel: program (n, m, split) dequantizes ``[BLOCK_K, BLOCK_N]`` tiles of one group each."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -159,7 +159,10 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
         s = tl.load(s_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         w = (q * s[None, :] - (z * s)[None, :]).to(x.dtype)  # (q - z) * s as one FMA per element
-        acc += tl.dot(x, w, out_dtype=tl.float32)
+        if IEEE:  # fp32 activations (CPU-path dtypes, tests): no TF32 rounding on the GPU
+            acc += tl.dot(x, w, out_dtype=tl.float32, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w, out_dtype=tl.float32)
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -204,7 +207,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         stride_os = out.stride(0)
     _int4_gemm_kernel[(n_blocks, m_blocks, split_k)](
         x, qweight, scales, zeros, out, m, n, k, k_per_split, x.stride(0), qweight.stride(0), n, stride_os,
-        GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        IEEE=x.dtype == torch.float32, num_warps=num_warps,
     )
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 
