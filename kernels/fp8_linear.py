@@ -172,7 +172,12 @@ def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 
 # Exact shapes: (m_bucket, N, K) -> config for M <= 4; None sends the shape to the tl.dot kernel. Paste the block
 # printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; unlisted shapes use FP8_DEFAULT_CONFIGS.
-FP8_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {}
+FP8_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-02, Llama-3.1-8B, M = 1
+    (1, 6144, 4096): _c("fma:2x1024:w4:p0"),  # qkv_proj: fma 13.8 us, tl.dot 21.5 us
+    (1, 4096, 4096): _c("fma:16x512:w8:p0"),  # o_proj: fma 9.2 us, tl.dot 15.8 us
+    (1, 28672, 4096): _c("fma:4x512:w4:p0"),  # gate_up_proj: fma 49.4 us, tl.dot 51.2 us
+    (1, 4096, 14336): _c("fma:16x512:w8:p0"),  # down_proj: fma 25.5 us, tl.dot 47.9 us
+}
 # Per M bucket, sized for 1-byte elements: one 16-byte load is 16 weights, so a [block_n, block_k] tile holds twice
 # the bf16 kernel's elements per byte; 16-32 weights (1-2 loads) per thread per tile keep the M fp32 accumulator
 # tiles (block_n * block_k / threads registers each) within ~128 registers.

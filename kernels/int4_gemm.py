@@ -218,7 +218,12 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 # Exact shapes: (m_bucket, N, K) -> config for M <= 4 at group 128; None sends the shape to the tl.dot kernel.
 # Paste the block printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; other shapes use
 # INT4_DEFAULT_CONFIGS. block_k counts input rows (block_k / 8 words per column per tile).
-INT4_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {}
+INT4_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-02, Llama-3.1-8B, M = 1
+    (1, 6144, 4096): _c("fma:8x1024:w4:p0"),  # qkv_proj: fma 27.8 us, tl.dot 45.5 us
+    (1, 4096, 4096): _c("fma:16x512:w4:p0"),  # o_proj: fma 17.7 us, tl.dot 34.7 us
+    (1, 28672, 4096): None,  # gate_up_proj: fma 116.2 us, tl.dot 91.2 us
+    (1, 4096, 14336): _c("fma:16x512:w4:p0"),  # down_proj: fma 58.9 us, tl.dot 116.2 us
+}
 # One 16-byte load is 4 words = 32 weights; a [block_n, block_k / 8] word tile over 32 * num_warps threads gives each
 # thread block_n * block_k / (256 * num_warps) words per tile (8 here: two loads in flight, plus the next tile's), and
 # the accumulators stay at word granularity (that many fp32 registers per x row).
