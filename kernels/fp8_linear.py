@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.skinny_gemm import SkinnyConfig, _c, _fma_tile, _load_w_tile, _prefetch_l2, m_bucket
+from kernels.skinny_gemm import SkinnyConfig, _c, _fma_tile, _load_w_tile, _prefetch_l2, _x_row_ptrs, m_bucket
 from kernels.split_k import decode_launch
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -274,11 +274,7 @@ def _fp8_fma_kernel(
     w = _load_w_tile(w_ptrs, 0, K, offs_k, EVEN_K)
 
     m0 = tl.program_id(1) * BLOCK_M
-    last = M - 1
-    x0_ptr = x_ptr + tl.minimum(m0, last).to(tl.int64) * stride_xm
-    x1_ptr = x_ptr + tl.minimum(m0 + 1, last).to(tl.int64) * stride_xm
-    x2_ptr = x_ptr + tl.minimum(m0 + 2, last).to(tl.int64) * stride_xm
-    x3_ptr = x_ptr + tl.minimum(m0 + 3, last).to(tl.int64) * stride_xm
+    x0_ptr, x1_ptr, x2_ptr, x3_ptr = _x_row_ptrs(x_ptr, m0, M, stride_xm)
     row_zeros = tl.zeros([BLOCK_N], dtype=tl.int32)
     acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
-from kernels.skinny_gemm import SkinnyConfig, _c, _store_row, m_bucket
+from kernels.skinny_gemm import SkinnyConfig, _c, _store_row, _x_row_ptrs, m_bucket
 from kernels.split_k import decode_launch
 
 # AutoAWQ's GEMM packing: nibble i of an int32 holds column AWQ_ORDER[i] of its eight.
@@ -314,11 +314,7 @@ def _int4_fma_kernel(
     s = tl.load(s_ptr + sz_offs)
     z = tl.load(z_ptr + sz_offs)
     m0 = tl.program_id(1) * BLOCK_M
-    last = M - 1
-    x0_ptr = x_ptr + tl.minimum(m0, last).to(tl.int64) * stride_xm
-    x1_ptr = x_ptr + tl.minimum(m0 + 1, last).to(tl.int64) * stride_xm
-    x2_ptr = x_ptr + tl.minimum(m0 + 2, last).to(tl.int64) * stride_xm
-    x3_ptr = x_ptr + tl.minimum(m0 + 3, last).to(tl.int64) * stride_xm
+    x0_ptr, x1_ptr, x2_ptr, x3_ptr = _x_row_ptrs(x_ptr, m0, M, stride_xm)
     acc0 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)

@@ -221,6 +221,17 @@ def _load_x_row(x_row_ptr, k0, K, offs_k, row_zeros, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _x_row_ptrs(x_ptr, m0, M, stride_xm):
+    """The rows m0..m0+3 of x for an fma program of up to four rows; rows past M repeat the last row (their sums are
+    never stored), so every load stays in bounds without a mask."""
+    last = M - 1
+    return (x_ptr + tl.minimum(m0, last).to(tl.int64) * stride_xm,
+            x_ptr + tl.minimum(m0 + 1, last).to(tl.int64) * stride_xm,
+            x_ptr + tl.minimum(m0 + 2, last).to(tl.int64) * stride_xm,
+            x_ptr + tl.minimum(m0 + 3, last).to(tl.int64) * stride_xm)
+
+
+@triton.jit
 def _fma_tile(acc0, acc1, acc2, acc3, w, x0_ptr, x1_ptr, x2_ptr, x3_ptr, k0, K, offs_k, row_zeros,
               BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
     """acc_i += w * x_i over one [BLOCK_N, BLOCK_K] tile, for the program's BLOCK_M (1, 2 or 4) x rows."""
@@ -273,11 +284,7 @@ def _skinny_fma_kernel(
         _gdc_wait()
 
     m0 = tl.program_id(1) * BLOCK_M
-    last = M - 1
-    x0_ptr = x_ptr + tl.minimum(m0, last).to(tl.int64) * stride_xm
-    x1_ptr = x_ptr + tl.minimum(m0 + 1, last).to(tl.int64) * stride_xm
-    x2_ptr = x_ptr + tl.minimum(m0 + 2, last).to(tl.int64) * stride_xm
-    x3_ptr = x_ptr + tl.minimum(m0 + 3, last).to(tl.int64) * stride_xm
+    x0_ptr, x1_ptr, x2_ptr, x3_ptr = _x_row_ptrs(x_ptr, m0, M, stride_xm)
     row_zeros = tl.zeros([BLOCK_N], dtype=tl.int32)
     acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
