@@ -335,6 +335,101 @@ def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     return fp8_skinny_gemm(x, weight, weight_scale)
 
 
+# ------------------------------------------------------------- W8A8 tensor-core kernel (M <= 16, fp8 x fp8 MMA)
+@triton.jit
+def _fp8_mma_kernel(xq_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_wn,
+                    stride_om, stride_os, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr):  # fmt: skip
+    """Program (n, split): ``out[split][:, n block] = (xq @ w^T)[.., split's K] * x_scale[m] * w_scale[n]``, both
+    operands e4m3 bits (uint8) reinterpreted as fp8 and fed to ``tl.dot`` as they are (fp8 MMA, fp32 accumulation):
+    no per-weight conversion. Computed as ``w @ xq^T`` so the weight tile is the MMA's M side (``BLOCK_N`` >= 64
+    rows: one Hopper wgmma, ``QGMMA.64x16x32`` on sm_90) and the 16 padded token rows its N side, both K-major as
+    fp8 wgmma requires; with ``x @ w^T`` (M = 16) Triton falls back to mma.sync and widens both tiles to fp16 first
+    (``benchmarks/fp8_gemm_sass.py``)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = tl.minimum(offs_m, M - 1)  # padding rows re-read row M-1 (in L1) and are never stored
+    w_rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn  # unmasked loads; tail columns are never stored
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    x_ptrs = xq_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + w_rows[:, None] + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            x_bits = tl.load(x_ptrs + k0)
+            w_bits = tl.load(w_ptrs + k0)
+        else:
+            k_mask = k0 + offs_k < k_end
+            x_bits = tl.load(x_ptrs + k0, mask=k_mask[None, :], other=0)
+            w_bits = tl.load(w_ptrs + k0, mask=k_mask[None, :], other=0)
+        x = x_bits.to(tl.float8e4nv, bitcast=True)
+        w = w_bits.to(tl.float8e4nv, bitcast=True)
+        acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.float32)
+    x_scale = tl.load(x_scale_ptr + offs_m, mask=m_mask, other=0.0)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    y = tl.trans(acc * w_scale[:, None] * x_scale[None, :])
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def mma_split_k(n: int, k: int, config: SkinnyConfig, device_index: int | None) -> int:
+    """K splits for an ``mma`` config: 1 where the output blocks already cover every SM, else just enough programs
+    for ``PROGRAMS_PER_SM`` per SM (``kernels/split_k.py``'s rule at this config's fixed block_n)."""
+    k_blocks = triton.cdiv(k, config.block_k)
+    return decode_launch(n, k_blocks, device_index, block_ns=(config.block_n,))[1]
+
+
+def fp8_mma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, config: SkinnyConfig,
+                 input_scale: torch.Tensor | None = None, *, split_k: int | None = None) -> torch.Tensor:  # fmt: skip
+    """W8A8 decode GEMM: ``x [M <= 16, K]`` quantized per token (or with the static ``input_scale``) to e4m3, then
+    ``xq @ weight^T`` on the fp8 tensor cores, scaled per token and per channel; x's dtype out. Same numerics as
+    :func:`fp8_linear_ref` (and the prefill ``_scaled_mm`` path). ``split_k`` defaults to :func:`mma_split_k`."""
+    if config.kind != "mma":
+        raise ValueError(f"fp8_mma_gemm takes an mma config, got {config}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > SKINNY_MAX_M:
+        raise ValueError(f"fp8_mma_gemm takes at most {SKINNY_MAX_M} rows, got {m}.")
+    if weight.shape[1] != k:
+        raise ValueError(f"fp8 weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
+    if m == 0 or n == 0:
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
+    xq, x_scale = quantize_activations_triton(x, input_scale)
+    return fp8_mma_gemm_quantized(xq, x_scale, weight, weight_scale, config, x.dtype, split_k=split_k)
+
+
+def fp8_mma_gemm_quantized(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                           config: SkinnyConfig, out_dtype: torch.dtype, *, split_k: int | None = None
+                           ) -> torch.Tensor:  # fmt: skip
+    """The GEMM half of :func:`fp8_mma_gemm`: ``xq`` e4m3 ``[M <= 16, K]`` (unit column stride), ``x_scale`` fp32
+    ``[M, 1]``."""
+    m, k = xq.shape
+    n = weight.shape[0]
+    bits = weight.view(torch.uint8)
+    if bits.stride(1) != 1:
+        bits = bits.contiguous()
+    if split_k is None:
+        split_k = mma_split_k(n, k, config, xq.device.index if xq.is_cuda else None)
+    k_blocks = triton.cdiv(k, config.block_k)
+    k_per_split = triton.cdiv(k_blocks, max(1, split_k)) * config.block_k
+    split_k = triton.cdiv(k, k_per_split)
+    out = torch.empty((split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else out_dtype,
+                      device=xq.device)
+    _fp8_mma_kernel[(triton.cdiv(n, config.block_n), split_k)](
+        xq.view(torch.uint8), x_scale, bits, weight_scale, out, m, n, k, k_per_split, xq.stride(0), bits.stride(0),
+        n, out.stride(0) if split_k > 1 else 0, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        EVEN_K=k % config.block_k == 0 and k_per_split % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out if split_k == 1 else out.sum(0).to(out_dtype)
+
+
 SKINNY_MAX_M = 16
 
 
