@@ -14,6 +14,12 @@ Two paths on the GPU, by the number of rows M:
   ``FP8_SKINNY_CONFIGS`` / ``FP8_DEFAULT_CONFIGS`` (measured by ``benchmarks/bench_quant_gemm.py --sweep``). For
   M of 5..16 (or a shape whose config is None) x is padded to 16 rows for ``tl.dot``; output blocks are narrow
   enough to give every SM work, and only small layers split K (``kernels/split_k.py``).
+  Those two are instruction-bound on the per-weight widening (43-56% of HBM bandwidth on the H200). The third,
+  ``mma`` (W8A8, any M <= 16, chosen only where a measured table entry says so): activations quantized per token
+  to e4m3 (one small launch), then ``_fp8_mma_kernel`` feeds both fp8 tiles to the tensor cores as they are (sm_90:
+  wgmma ``QGMMA.64x16x32``, the weight tile as the 64-row side), fp32 accumulation, ``x_scale[m] * w_scale[n]``
+  at the end: the loop has no conversion (``benchmarks/fp8_gemm_sass.py``: ~24 warp instructions per 1000 weights
+  against the fma kernel's ~160), and its numerics are the prefill path's (``fp8_linear_ref``).
 
 ``fp8_linear_ref`` (quantize the activations like the W8A8 path, dequantize, fp32 matmul) is the CPU path and the
 reference of the W8A8 path; ``fp8_weight_only_ref`` is the skinny kernel's. Kernels take fp8 tensors as uint8 views
@@ -170,8 +176,10 @@ def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 
 # ------------------------------------------------------------------------------- fma kernel (M <= 4, CUDA cores)
 
-# Exact shapes: (m_bucket, N, K) -> config for M <= 4; None sends the shape to the tl.dot kernel. Paste the block
-# printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; unlisted shapes use FP8_DEFAULT_CONFIGS.
+# Exact shapes: (m_bucket, N, K) -> config for M <= 16: an ``fma`` config (w8a16 on the CUDA cores, M <= 4 only) or
+# an ``mma`` one (W8A8: per-token e4m3 activations, fp8 tensor cores); None sends the shape to the tl.dot kernel.
+# Paste the block printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; unlisted shapes use
+# FP8_DEFAULT_CONFIGS.
 FP8_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-02, Llama-3.1-8B, M = 1
     (1, 6144, 4096): _c("fma:2x1024:w4:p0"),  # qkv_proj: fma 13.8 us, tl.dot 21.5 us
     (1, 4096, 4096): _c("fma:16x512:w8:p0"),  # o_proj: fma 9.2 us, tl.dot 15.8 us
@@ -190,12 +198,14 @@ FMA_MAX_M = 4
 
 
 def pick_fp8_config(m: int, n: int, k: int) -> SkinnyConfig | None:
-    """The fma configuration for this shape (M <= 4), or None for the tl.dot kernel."""
-    if m > FMA_MAX_M:
-        return None
+    """The decode configuration for this shape (``fma`` for M <= 4, ``mma`` wherever a table entry says so), or None
+    for the tl.dot kernel."""
     bucket = m_bucket(m)
     key = (bucket, n, k)
-    return FP8_SKINNY_CONFIGS[key] if key in FP8_SKINNY_CONFIGS else FP8_DEFAULT_CONFIGS.get(bucket)
+    config = FP8_SKINNY_CONFIGS[key] if key in FP8_SKINNY_CONFIGS else FP8_DEFAULT_CONFIGS.get(bucket)
+    if config is not None and config.kind == "fma" and m > FMA_MAX_M:
+        return None
+    return config
 
 
 @triton.jit
@@ -326,10 +336,14 @@ def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     return out
 
 
-def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """The decode (M <= 16) w8a16 GEMM: the fma kernel where this shape has an fma config (M <= 4), else the
-    tl.dot kernel."""
+def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    input_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The decode (M <= 16) GEMM, by the shape's measured config: W8A8 on the fp8 tensor cores for an ``mma``
+    config (activations quantized per token, or with the checkpoint's static ``input_scale``: ``fp8_linear_ref``'s
+    numerics), else w8a16 (``input_scale`` unused): the fma kernel for an ``fma`` config (M <= 4), else tl.dot."""
     config = pick_fp8_config(x.shape[0], weight.shape[0], x.shape[1])
+    if config is not None and config.kind == "mma":
+        return fp8_mma_gemm(x, weight, weight_scale, config, input_scale)
     if config is not None:
         return fp8_fma_gemm(x, weight, weight_scale, config)
     return fp8_skinny_gemm(x, weight, weight_scale)
@@ -441,7 +455,7 @@ def fp8_supported(device: torch.device) -> bool:
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequant(weight)^T + bias`` on a GPU with fp8 tensor cores (the caller checks :func:`fp8_supported`):
-    the skinny Triton kernel for M <= 16, else per-token quantization and ``torch._scaled_mm``. ``weight``: fp8
+    the decode kernels for M <= 16 (:func:`fp8_decode_gemm`), else per-token quantization and ``torch._scaled_mm``. ``weight``: fp8
     ``[N, K]`` (row-major, so ``weight.t()`` is the column-major operand cuBLASLt wants); ``weight_scale``: fp32
     ``[N]``."""
     shape = x.shape
@@ -452,7 +466,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if m <= SKINNY_MAX_M:
-        out = fp8_decode_gemm(x2, weight, weight_scale)
+        out = fp8_decode_gemm(x2, weight, weight_scale, input_scale)
     else:
         xq, x_scale = quantize_activations_triton(x2, input_scale)
         out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.reshape(1, -1),
