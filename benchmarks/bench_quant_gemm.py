@@ -201,8 +201,10 @@ FP8_CANDIDATES = ["fma:2x1024:w4:p0", "fma:4x512:w4:p0", "fma:4x1024:w4:p0", "fm
 FP8_PREFETCH = (2, 4)  # tried on each (shape, M)'s best config
 # W8A8 tensor-core kernel (per-token activation quantization + fp8 wgmma; split K chosen by mma_split_k): weight
 # tiles of 64 / 128 rows (one / two wgmma M-tiles) and 128-512 bytes of K, pipeline depth 2-5; any M <= 16.
+# mmq: the same kernel quantizing the activations itself (one launch less, more instructions per tile).
 FP8_MMA_CANDIDATES = ["mma:64x128:w4:s4", "mma:64x256:w4:s3", "mma:64x256:w4:s5", "mma:64x512:w4:s3",
-                      "mma:128x128:w4:s4", "mma:128x256:w4:s3", "mma:128x256:w8:s4", "mma:128x512:w8:s2"]  # fmt: skip
+                      "mma:128x128:w4:s4", "mma:128x256:w4:s3", "mma:128x256:w8:s4", "mma:128x512:w8:s2",
+                      "mmq:64x256:w4:s3", "mmq:64x512:w4:s3", "mmq:128x256:w4:s3", "mmq:128x256:w8:s4"]  # fmt: skip
 SCALED_MM_LABEL = "_scaled_mm (x padded to 16)"  # timed beside, not a table kind (cuBLASLt picks its own tiles)
 INT4_CANDIDATES = ["fma:4x1024:w4:p0", "fma:8x1024:w4:p0", "fma:16x1024:w4:p0", "fma:8x2048:w4:p0",
                    "fma:4x2048:w4:p0", "fma:2x2048:w4:p0", "fma:8x512:w4:p0", "fma:16x512:w4:p0",
@@ -211,7 +213,7 @@ INT4_CANDIDATES = ["fma:4x1024:w4:p0", "fma:8x1024:w4:p0", "fma:16x1024:w4:p0", 
 # sm_90 spilled registers (fp8 M = 4 at 64 weights: ~320 spill stores; int4 M = 4 at 16 words).
 MAX_PER_THREAD = {("fp8", 1): 64, ("fp8", 2): 64, ("fp8", 4): 32, ("int4", 1): 16, ("int4", 2): 16, ("int4", 4): 8}
 SMOKE_FP8_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
-SMOKE_FP8_MMA_CANDIDATES = ["mma:64x64:w4:s1"]
+SMOKE_FP8_MMA_CANDIDATES = ["mma:64x64:w4:s1", "mmq:64x64:w4:s1"]
 SMOKE_INT4_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
 
 
@@ -292,7 +294,7 @@ def fits_registers(fmt: str, label: str, m: int) -> bool:
 def sweep_reference(fmt: str, weights: list, x: torch.Tensor, label: str = "") -> torch.Tensor:
     """The reference of one sweep call: W8A8 (``fp8_linear_ref``) for the ``mma`` and ``_scaled_mm`` calls, else the
     format's weight-only reference."""
-    if fmt == "fp8" and (label.startswith("mma") or label == SCALED_MM_LABEL):
+    if fmt == "fp8" and (label.startswith(fp8.MMA_KINDS) or label == SCALED_MM_LABEL):
         if ARGS.smoke:  # the interpreter's fp32 -> e4m3 cast is not the GPU's (tests/kernels/test_fp8_linear.py):
             xq, x_scale = fp8.quantize_activations_triton(x)  # dequantize its own activations
             return (xq.float() * x_scale) @ (weights[0][0].float() * weights[0][1][:, None]).T
@@ -357,7 +359,7 @@ def decode_sweep() -> int:
                 for label, call in calls.items():
                     if not runs_at(fmt, label, m):
                         continue
-                    w8a8 = label.startswith("mma") or label == SCALED_MM_LABEL
+                    w8a8 = label.startswith(fp8.MMA_KINDS) or label == SCALED_MM_LABEL
                     if w8a8 not in refs:
                         refs[w8a8] = sweep_reference(fmt, weights, x, label)
                     try:
@@ -392,7 +394,7 @@ def _best_fma(times: dict[str, float], kinds: tuple[str, ...] = ("fma",)) -> tup
     return (min(fma)[1], min(fma)[0]) if fma else None
 
 
-TABLE_KINDS = ("fma", "mma")  # what a config table entry can name
+TABLE_KINDS = ("fma", "mma", "mmq")  # what a config table entry can name
 
 
 def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: list[int]) -> None:
@@ -402,8 +404,8 @@ def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: lis
 
     picks: dict[tuple[str, str, int], str | None] = {}
     for fmt in ("fp8", "int4"):
-        print(f"\n## {fmt}: best table config (fma / mma) per (shape, M) against the current tl.dot kernel and bf16"
-              " skinny" + ("; best fma, best mma (W8A8) and _scaled_mm with x padded to 16 beside" if fmt == "fp8"
+        print(f"\n## {fmt}: best table config (fma / mma / mmq) per (shape, M) against the current tl.dot kernel and bf16"
+              " skinny" + ("; best fma, best mma / mmq (W8A8) and _scaled_mm with x padded to 16 beside" if fmt == "fp8"
                            else ""))  # fmt: skip
         for name, (n, k) in shapes.items():
             for m in m_values:

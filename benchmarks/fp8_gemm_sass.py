@@ -64,9 +64,14 @@ def compile_fma(config: SkinnyConfig, block_m: int = 1):
 
 
 def compile_mma(config: SkinnyConfig):
-    """``_fp8_mma_kernel`` as ``fp8_mma_gemm_quantized`` launches it (16 padded token rows, bf16 out)."""
-    pointers = {"xq_ptr": "*u8", "x_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32", "out_ptr": "*bf16"}
-    constexprs = dict(BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=True)
+    """``_fp8_mma_kernel`` as ``fp8_mma_gemm`` launches it (16 padded token rows, bf16 out): an ``mma`` config
+    reads e4m3 activations, an ``mmq`` one quantizes bf16 activations in the kernel."""
+    pointers = {"x_ptr": "*u8", "x_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32", "out_ptr": "*bf16"}
+    quant_x = config.kind == "mmq"  # x: bf16 activations quantized in the kernel, else e4m3 bits
+    if quant_x:
+        pointers["x_ptr"] = "*bf16"
+    constexprs = dict(BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=True, QUANT_X=quant_x,
+                      STATIC=False, FP8_MAX=fp8_linear.FP8_MAX, MIN_SCALE=fp8_linear._MIN_SCALE)  # fmt: skip
     return _compile(fp8_linear._fp8_mma_kernel, pointers, constexprs, config.num_warps, config.num_stages)
 
 
@@ -93,14 +98,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fma", default="fma:2x1024:w4:p0,fma:16x512:w8:p0,fma:4x512:w4:p0",
                         help="comma-separated fma configs (today's FP8_SKINNY_CONFIGS entries)")
-    parser.add_argument("--mma", default="mma:64x256:w4:s3,mma:128x256:w4:s3,mma:64x512:w4:s2",
-                        help="comma-separated mma configs")
+    parser.add_argument("--mma", default="mma:64x256:w4:s3,mma:128x256:w4:s3,mma:64x512:w4:s2,mmq:64x256:w4:s3,mmq:128x256:w4:s3",
+                        help="comma-separated mma / mmq configs")
     parser.add_argument("--verbose", action="store_true", help="every opcode of the loop with its modifiers")
     parser.add_argument("--dump", default="", help="write each kernel's PTX and SASS into this folder")
     opts = parser.parse_args()
     print("kernel config | loop SASS instr | warp instr / 1000 weights | conversions | MMAs | regs | stack bytes")
     jobs = [("fma", c, compile_fma) for c in opts.fma.split(",") if c] + \
-        [("mma", c, compile_mma) for c in opts.mma.split(",") if c]  # fmt: skip
+        [(c[:3], c, compile_mma) for c in opts.mma.split(",") if c]  # fmt: skip
     for kind, text, compile_fn in jobs:
         config = SkinnyConfig.parse(text)
         info = loop_summary(compile_fn(config), config)

@@ -338,11 +338,11 @@ def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 
 def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     input_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """The decode (M <= 16) GEMM, by the shape's measured config: W8A8 on the fp8 tensor cores for an ``mma``
-    config (activations quantized per token, or with the checkpoint's static ``input_scale``: ``fp8_linear_ref``'s
+    """The decode (M <= 16) GEMM, by the shape's measured config: W8A8 on the fp8 tensor cores for an ``mma`` /
+    ``mmq`` config (activations quantized per token, or with the checkpoint's static ``input_scale``: ``fp8_linear_ref``'s
     numerics), else w8a16 (``input_scale`` unused): the fma kernel for an ``fma`` config (M <= 4), else tl.dot."""
     config = pick_fp8_config(x.shape[0], weight.shape[0], x.shape[1])
-    if config is not None and config.kind == "mma":
+    if config is not None and config.kind in MMA_KINDS:
         return fp8_mma_gemm(x, weight, weight_scale, config, input_scale)
     if config is not None:
         return fp8_fma_gemm(x, weight, weight_scale, config)
@@ -351,15 +351,22 @@ def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 
 # ------------------------------------------------------------- W8A8 tensor-core kernel (M <= 16, fp8 x fp8 MMA)
 @triton.jit
-def _fp8_mma_kernel(xq_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_wn,
+def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_wn,
                     stride_om, stride_os, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr):  # fmt: skip
+                    EVEN_K: tl.constexpr, QUANT_X: tl.constexpr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr,
+                    MIN_SCALE: tl.constexpr):  # fmt: skip
     """Program (n, split): ``out[split][:, n block] = (xq @ w^T)[.., split's K] * x_scale[m] * w_scale[n]``, both
-    operands e4m3 bits (uint8) reinterpreted as fp8 and fed to ``tl.dot`` as they are (fp8 MMA, fp32 accumulation):
-    no per-weight conversion. Computed as ``w @ xq^T`` so the weight tile is the MMA's M side (``BLOCK_N`` >= 64
-    rows: one Hopper wgmma, ``QGMMA.64x16x32`` on sm_90) and the 16 padded token rows its N side, both K-major as
-    fp8 wgmma requires; with ``x @ w^T`` (M = 16) Triton falls back to mma.sync and widens both tiles to fp16 first
-    (``benchmarks/fp8_gemm_sass.py``)."""
+    operands e4m3 reinterpreted from their bits and fed to ``tl.dot`` as they are (fp8 MMA, fp32 accumulation): no
+    per-weight conversion. Computed as ``w @ xq^T`` so the weight tile is the MMA's M side (``BLOCK_N`` >= 64 rows:
+    one Hopper wgmma, ``QGMMA.64x16x32`` on sm_90) and the 16 padded token rows its N side, both K-major as fp8
+    wgmma requires; with ``x @ w^T`` (M = 16) Triton falls back to mma.sync and widens both tiles to fp16 first
+    (``benchmarks/fp8_gemm_sass.py``).
+
+    ``QUANT_X`` (the ``mmq`` kind): ``x_ptr`` is the unquantized activations and the kernel quantizes them itself,
+    saving the quantization launch: a first pass over the whole row gives each token's scale (``x_scale_ptr``: the
+    static per-tensor scale when ``STATIC``), then each x tile is divided, clamped and cast like
+    ``_quantize_rows_kernel`` does (the same ops, so the same bits). Otherwise ``x_ptr`` holds e4m3 bits and
+    ``x_scale_ptr`` their per-row scales."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -371,30 +378,46 @@ def _fp8_mma_kernel(xq_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, k
     w_rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn  # unmasked loads; tail columns are never stored
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    x_ptrs = xq_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
+    x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + w_rows[:, None] + offs_k[None, :]
+    if QUANT_X:
+        if STATIC:
+            x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(x_scale_ptr).to(tl.float32)
+        else:  # the whole row's absmax (x is a few KB, in L2), whatever this program's K split
+            amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xv = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(xv))
+            x_scale = tl.maximum(tl.max(amax, axis=1) / FP8_MAX, MIN_SCALE)
+    else:
+        x_scale = tl.load(x_scale_ptr + x_rows)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
-            x_bits = tl.load(x_ptrs + k0)
+            x_in = tl.load(x_ptrs + k0)
             w_bits = tl.load(w_ptrs + k0)
         else:
             k_mask = k0 + offs_k < k_end
-            x_bits = tl.load(x_ptrs + k0, mask=k_mask[None, :], other=0)
+            x_in = tl.load(x_ptrs + k0, mask=k_mask[None, :], other=0)
             w_bits = tl.load(w_ptrs + k0, mask=k_mask[None, :], other=0)
-        x = x_bits.to(tl.float8e4nv, bitcast=True)
+        if QUANT_X:
+            x = tl.minimum(tl.maximum(x_in.to(tl.float32) / x_scale[:, None], -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+        else:
+            x = x_in.to(tl.float8e4nv, bitcast=True)
         w = w_bits.to(tl.float8e4nv, bitcast=True)
         acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.float32)
-    x_scale = tl.load(x_scale_ptr + offs_m, mask=m_mask, other=0.0)
     w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
     y = tl.trans(acc * w_scale[:, None] * x_scale[None, :])
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+MMA_KINDS = ("mma", "mmq")  # W8A8 tensor-core configs: activations quantized by a separate launch / in the kernel
+
+
 def mma_split_k(n: int, k: int, config: SkinnyConfig, device_index: int | None) -> int:
-    """K splits for an ``mma`` config: 1 where the output blocks already cover every SM, else just enough programs
-    for ``PROGRAMS_PER_SM`` per SM (``kernels/split_k.py``'s rule at this config's fixed block_n)."""
+    """K splits for an ``mma`` / ``mmq`` config: 1 where the output blocks already cover every SM, else just enough
+    programs for ``PROGRAMS_PER_SM`` per SM (``kernels/split_k.py``'s rule at this config's fixed block_n)."""
     k_blocks = triton.cdiv(k, config.block_k)
     return decode_launch(n, k_blocks, device_index, block_ns=(config.block_n,))[1]
 
@@ -403,9 +426,11 @@ def fp8_mma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
                  input_scale: torch.Tensor | None = None, *, split_k: int | None = None) -> torch.Tensor:  # fmt: skip
     """W8A8 decode GEMM: ``x [M <= 16, K]`` quantized per token (or with the static ``input_scale``) to e4m3, then
     ``xq @ weight^T`` on the fp8 tensor cores, scaled per token and per channel; x's dtype out. Same numerics as
-    :func:`fp8_linear_ref` (and the prefill ``_scaled_mm`` path). ``split_k`` defaults to :func:`mma_split_k`."""
-    if config.kind != "mma":
-        raise ValueError(f"fp8_mma_gemm takes an mma config, got {config}")
+    :func:`fp8_linear_ref` (and the prefill ``_scaled_mm`` path). ``mma``: quantization by
+    :func:`quantize_activations_triton` first; ``mmq``: inside the GEMM kernel. ``split_k`` defaults to
+    :func:`mma_split_k`. ``x``: rows with unit column stride."""
+    if config.kind not in MMA_KINDS:
+        raise ValueError(f"fp8_mma_gemm takes an mma or mmq config, got {config}")
     m, k = x.shape
     n = weight.shape[0]
     if m > SKINNY_MAX_M:
@@ -414,6 +439,10 @@ def fp8_mma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         raise ValueError(f"fp8 weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
     if m == 0 or n == 0:
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if config.kind == "mmq":
+        scale = input_scale if input_scale is not None else weight_scale  # unread unless static
+        return _launch_mma(x, scale, weight, weight_scale, config, x.dtype, split_k, quant_x=True,
+                           static=input_scale is not None)  # fmt: skip
     xq, x_scale = quantize_activations_triton(x, input_scale)
     return fp8_mma_gemm_quantized(xq, x_scale, weight, weight_scale, config, x.dtype, split_k=split_k)
 
@@ -421,25 +450,32 @@ def fp8_mma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 def fp8_mma_gemm_quantized(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                            config: SkinnyConfig, out_dtype: torch.dtype, *, split_k: int | None = None
                            ) -> torch.Tensor:  # fmt: skip
-    """The GEMM half of :func:`fp8_mma_gemm`: ``xq`` e4m3 ``[M <= 16, K]`` (unit column stride), ``x_scale`` fp32
-    ``[M, 1]``."""
-    m, k = xq.shape
+    """The GEMM half of an ``mma`` config's :func:`fp8_mma_gemm`: ``xq`` e4m3 ``[M <= 16, K]`` (unit column
+    stride), ``x_scale`` fp32 ``[M, 1]``."""
+    return _launch_mma(xq.view(torch.uint8), x_scale, weight, weight_scale, config, out_dtype, split_k, quant_x=False,
+                       static=False)  # fmt: skip
+
+
+def _launch_mma(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                config: SkinnyConfig, out_dtype: torch.dtype, split_k: int | None, *, quant_x: bool, static: bool
+                ) -> torch.Tensor:  # fmt: skip
+    m, k = x.shape
     n = weight.shape[0]
     bits = weight.view(torch.uint8)
     if bits.stride(1) != 1:
         bits = bits.contiguous()
     if split_k is None:
-        split_k = mma_split_k(n, k, config, xq.device.index if xq.is_cuda else None)
+        split_k = mma_split_k(n, k, config, x.device.index if x.is_cuda else None)
     k_blocks = triton.cdiv(k, config.block_k)
     k_per_split = triton.cdiv(k_blocks, max(1, split_k)) * config.block_k
     split_k = triton.cdiv(k, k_per_split)
     out = torch.empty((split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else out_dtype,
-                      device=xq.device)
+                      device=x.device)
     _fp8_mma_kernel[(triton.cdiv(n, config.block_n), split_k)](
-        xq.view(torch.uint8), x_scale, bits, weight_scale, out, m, n, k, k_per_split, xq.stride(0), bits.stride(0),
+        x, x_scale, bits, weight_scale, out, m, n, k, k_per_split, x.stride(0), bits.stride(0),
         n, out.stride(0) if split_k > 1 else 0, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        EVEN_K=k % config.block_k == 0 and k_per_split % config.block_k == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        EVEN_K=k % config.block_k == 0 and k_per_split % config.block_k == 0, QUANT_X=quant_x, STATIC=static,
+        FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out if split_k == 1 else out.sum(0).to(out_dtype)
 

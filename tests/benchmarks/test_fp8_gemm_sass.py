@@ -1,7 +1,8 @@
 """benchmarks/fp8_gemm_sass.py compiles the fp8 decode GEMMs for sm_90 without a GPU (Triton's bundled ptxas /
 cuobjdump) and shows why the W8A8 kernel exists: the w8a16 fma kernel's loop widens every weight (e4m3x2 -> f16x2
 unpacks, f16 -> f32 adds, byte permutes) before its FMAs, while the ``mma`` kernel's loop hands both fp8 tiles to
-Hopper's fp8 wgmma (``QGMMA``) with no conversion at all, in a fraction of the instructions per weight.
+Hopper's fp8 wgmma (``QGMMA``) with no conversion at all, in a fraction of the instructions per weight (``mmq``, which
+quantizes the activation tile in the loop, converts only x).
 
 Compiled in a subprocess without TRITON_INTERPRET (the test session interprets the kernels)."""
 
@@ -25,7 +26,7 @@ from benchmarks.fp8_gemm_sass import compile_fma, compile_mma, loop_summary
 from kernels.skinny_gemm import SkinnyConfig
 out = {}
 for text, compile_fn in (("fma:2x1024:w4:p0", compile_fma), ("mma:64x256:w4:s3", compile_mma),
-                         ("mma:128x256:w4:s3", compile_mma)):
+                         ("mma:128x256:w4:s3", compile_mma), ("mmq:128x256:w4:s3", compile_mma)):
     config = SkinnyConfig.parse(text)
     info = loop_summary(compile_fn(config), config)
     out[text] = {k: info[k] for k in ("loop", "loop_total", "conversions", "mmas", "per_1000_weights")}
@@ -56,3 +57,10 @@ def test_mma_loop_feeds_fp8_to_wgmma_without_converting_the_weight():
         assert mma["loop"].get("QGMMA.64", 0) == mma["mmas"]
         assert mma["mmas"] == config_n // 64 * config_k // 32
         assert mma["per_1000_weights"] < 0.25 * fma["per_1000_weights"]
+    # mmq quantizes the activation tile in the loop (fp32 -> e4m3 packs: conversions, but of x, not of the weight)
+    mmq = result["mmq:128x256:w4:s3"]
+    assert mmq["loop"].get("F2FP.F16.E4M3.UNPACK_B", 0) == 0 and mmq["loop"].get("HADD2.F32", 0) == 0
+    assert not any(op.startswith("HMMA") for op in mmq["loop"]), mmq["loop"]
+    assert mmq["loop"].get("F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C", 0) > 0
+    assert mmq["loop"].get("QGMMA.64", 0) == mmq["mmas"] == 128 // 64 * 256 // 32
+    assert mmq["per_1000_weights"] < 0.5 * fma["per_1000_weights"]

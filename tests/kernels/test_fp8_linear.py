@@ -109,16 +109,19 @@ def e4m3_grid_activations(m: int, k: int, gen: torch.Generator, dtype: torch.dty
     return (q * 2.0 ** -(6 + torch.arange(m, dtype=torch.float32) % 8)[:, None]).to(dtype)  # above _MIN_SCALE
 
 
+@pytest.mark.parametrize("kind", ["mma", "mmq"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m, n, k, config, split_k", [
-    (1, 64, 256, "mma:64x64:w4:s1", 1),  # one block, even K
-    (3, 100, 200, "mma:64x64:w4:s2", 1),  # ragged N (rows past N re-read the last row) and K (masked tail)
-    (16, 128, 384, "mma:128x128:w4:s1", 3),  # all 16 rows, split K into fp32 partials
-    (5, 70, 340, "mma:64x32:w4:s1", 2),  # split K, the last split shorter and ending in a masked tile
+    (1, 64, 256, "64x64:w4:s1", 1),  # one block, even K
+    (3, 100, 200, "64x64:w4:s2", 1),  # ragged N (rows past N re-read the last row) and K (masked tail)
+    (16, 128, 384, "128x128:w4:s1", 3),  # all 16 rows, split K into fp32 partials
+    (5, 70, 340, "64x32:w4:s1", 2),  # split K, the last split shorter and ending in a masked tile
 ])
-def test_mma_w8a8_kernel_matches_reference(m, n, k, config, split_k, dtype):
+def test_mma_w8a8_kernel_matches_reference(m, n, k, config, split_k, dtype, kind):
     """The W8A8 decode kernel (fp8 x fp8 ``tl.dot``; the interpreter multiplies the e4m3 values exactly) against
-    ``fp8_linear_ref``: same activation quantization, same math, so decode and prefill agree."""
+    ``fp8_linear_ref``: same activation quantization, same math, so decode and prefill agree. ``mma`` quantizes the
+    activations in a launch before, ``mmq`` in the GEMM kernel (each program over the whole row, split or not)."""
+    config = f"{kind}:{config}"
     gen = torch.Generator().manual_seed(n * k + m)
     weight, scale = quantize_per_channel(torch.randn(n, k, generator=gen) * 0.05)
     x = e4m3_grid_activations(m, k, gen, dtype)
@@ -129,14 +132,15 @@ def test_mma_w8a8_kernel_matches_reference(m, n, k, config, split_k, dtype):
     assert_close(out, reference, {torch.float32: 1e-5, torch.float16: 2e-3}[dtype], f"fp8 mma {config}")
 
 
-def test_mma_gemm_on_quantized_random_activations_and_static_scale():
+@pytest.mark.parametrize("kind", ["mma", "mmq"])
+def test_mma_gemm_on_quantized_random_activations_and_static_scale(kind):
     """The GEMM half on arbitrary e4m3 activations with per-row scales; and a static per-tensor input scale."""
     gen = torch.Generator().manual_seed(7)
     m, n, k = 9, 72, 160
     weight, scale = quantize_per_channel(torch.randn(n, k, generator=gen) * 0.05)
     xq = (torch.randn(m, k, generator=gen) * 60).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     x_scale = torch.rand(m, 1, generator=gen) + 0.01
-    config = SkinnyConfig.parse("mma:64x64:w4:s1")
+    config = SkinnyConfig.parse(f"{kind}:64x64:w4:s1")
     out = fp8_mma_gemm_quantized(xq.to(KERNEL_DEVICE), x_scale.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE),
                                  scale.to(KERNEL_DEVICE), config, torch.float32)
     reference = (xq.double() * x_scale.double()) @ (weight.double() * scale.double()[:, None]).T
@@ -150,8 +154,13 @@ def test_mma_gemm_on_quantized_random_activations_and_static_scale():
 
 def test_mma_configs_need_a_wgmma_sized_weight_tile():
     assert str(SkinnyConfig.parse("mma:64x256:w4:s3")) == "mma:64x256:w4:s3"
+    assert str(SkinnyConfig.parse("mmq:128x128:w8")) == "mmq:128x128:w8:s1"
     with pytest.raises(ValueError, match="block_n >= 64"):
         SkinnyConfig.parse("mma:32x256:w4:s3")  # x @ w^T at M = 16: Triton widens both fp8 tiles to fp16 first
+    with pytest.raises(ValueError, match="block_n >= 64"):
+        SkinnyConfig.parse("mmq:16x256:w4:s3")
+    with pytest.raises(ValueError, match="takes an mma or mmq config"):
+        fp8_mma_gemm(torch.randn(1, 64), *quantize_per_channel(torch.randn(64, 64)), SkinnyConfig.parse("fma:4x64:w1"))
     with pytest.raises(ValueError, match="'p' \\(prefetch\\) goes with fma"):
         SkinnyConfig.parse("mma:64x256:w4:p1")
     x = torch.randn(17, 64)
@@ -166,10 +175,10 @@ def test_decode_dispatch_takes_mma_only_where_the_table_says(monkeypatch):
     n, k = 64, 256
     assert all(c is None or c.kind == "fma" for c in fp8_module.FP8_SKINNY_CONFIGS.values())
     assert pick_fp8_config(1, n, k).kind == "fma" and pick_fp8_config(8, n, k) is None
-    config = SkinnyConfig.parse("mma:64x64:w4:s1")
+    config, fused = SkinnyConfig.parse("mma:64x64:w4:s1"), SkinnyConfig.parse("mmq:64x128:w4:s1")
     monkeypatch.setitem(fp8_module.FP8_SKINNY_CONFIGS, (1, n, k), config)
-    monkeypatch.setitem(fp8_module.FP8_SKINNY_CONFIGS, (8, n, k), config)
-    assert pick_fp8_config(1, n, k) == config and pick_fp8_config(6, n, k) == config
+    monkeypatch.setitem(fp8_module.FP8_SKINNY_CONFIGS, (8, n, k), fused)
+    assert pick_fp8_config(1, n, k) == config and pick_fp8_config(6, n, k) == fused
     assert pick_fp8_config(2, n, k).kind == "fma" and pick_fp8_config(1, n, 2 * k).kind == "fma"
     gen = torch.Generator().manual_seed(5)
     weight, scale = quantize_per_channel(torch.randn(n, k, generator=gen) * 0.05)
@@ -227,7 +236,8 @@ def test_fma_w8a16_kernel_gpu(m, config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", ["mma:64x256:w4:s3", "mma:128x256:w4:s3", "mma:64x512:w4:s2", "mma:128x128:w8:s4"])
+@pytest.mark.parametrize("config", ["mma:64x256:w4:s3", "mma:128x256:w4:s3", "mma:64x512:w4:s2", "mma:128x128:w8:s4",
+                                    "mmq:64x256:w4:s3", "mmq:128x256:w4:s3"])
 @pytest.mark.parametrize("m", [1, 3, 8, 16])
 def test_mma_w8a8_kernel_gpu(m, config):
     """The compiled W8A8 kernel (fp8 wgmma) against ``fp8_linear_ref`` at a Llama shape with a ragged K tail and N
