@@ -212,7 +212,7 @@ def test_fp8_linear_gpu_matches_references(m, n, k):
     bias = torch.randn(n, generator=gen).to(torch.bfloat16).cuda()
     out = fp8_linear(x, weight, scale, None, bias)
     config = pick_fp8_config(m, n, k) if m <= 16 else None
-    w8a16 = m <= 16 and (config is None or config.kind != "mma")  # the measured tables pick w8a16 or W8A8 per shape
+    w8a16 = m <= 16 and (config is None or config.kind not in fp8_module.MMA_KINDS)  # the tables pick per shape
     reference = fp8_weight_only_ref(x, weight, scale, bias) if w8a16 else fp8_linear_ref(x, weight, scale, None, bias)
     assert out.dtype == torch.bfloat16
     assert_close(out, reference.float(), 1e-2, f"fp8 linear m={m} {n}x{k}")
