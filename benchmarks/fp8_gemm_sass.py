@@ -86,7 +86,8 @@ def loop_summary(kernel, config: SkinnyConfig) -> dict:
     weights = config.block_n * config.block_k
     return {"loop": dict(detail), "loop_total": len(loop), "conversions": conversions, "mmas": mmas,
             "per_1000_weights": len(loop) * config.num_warps * 1000 / weights, "sass": sass,
-            "ptx": kernel.asm["ptx"], "regs": _resource(res, "REG"), "stack": _resource(res, "STACK")}  # fmt: skip
+            "ptx": kernel.asm["ptx"], "regs": _resource(res, "REG"), "stack": _resource(res, "STACK"),
+            "smem": kernel.metadata.shared}  # fmt: skip
 
 
 def _resource(usage: str, name: str) -> int:
@@ -103,14 +104,14 @@ def main() -> int:
     parser.add_argument("--verbose", action="store_true", help="every opcode of the loop with its modifiers")
     parser.add_argument("--dump", default="", help="write each kernel's PTX and SASS into this folder")
     opts = parser.parse_args()
-    print("kernel config | loop SASS instr | warp instr / 1000 weights | conversions | MMAs | regs | stack bytes")
+    print("kernel config | loop SASS instr | warp instr / 1000 weights | conversions | MMAs | regs | stack bytes | smem bytes")
     jobs = [("fma", c, compile_fma) for c in opts.fma.split(",") if c] + \
         [(c[:3], c, compile_mma) for c in opts.mma.split(",") if c]  # fmt: skip
     for kind, text, compile_fn in jobs:
         config = SkinnyConfig.parse(text)
         info = loop_summary(compile_fn(config), config)
         print(f"{text} | {info['loop_total']} | {info['per_1000_weights']:.1f} | {info['conversions']} | "
-              f"{info['mmas']} | {info['regs']} | {info['stack']}")  # fmt: skip
+              f"{info['mmas']} | {info['regs']} | {info['stack']} | {info['smem']}")  # fmt: skip
         if opts.verbose:
             print("    loop: " + ", ".join(f"{k} {v}" for k, v in sorted(info["loop"].items())))
         if opts.dump:
