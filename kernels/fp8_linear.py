@@ -15,8 +15,8 @@ Two paths on the GPU, by the number of rows M:
   M of 5..16 (or a shape whose config is None) x is padded to 16 rows for ``tl.dot``; output blocks are narrow
   enough to give every SM work, and only small layers split K (``kernels/split_k.py``).
   Those two are instruction-bound on the per-weight widening (43-56% of HBM bandwidth on the H200). The third,
-  ``mma`` (W8A8, any M <= 16, chosen only where a measured table entry says so): activations quantized per token
-  to e4m3 (one small launch), then ``_fp8_mma_kernel`` feeds both fp8 tiles to the tensor cores as they are (sm_90:
+  ``mma`` / ``mmq`` (W8A8, any M <= 16, chosen only where a measured table entry says so): activations quantized
+  per token to e4m3 (``mma``: one small launch before; ``mmq``: inside the GEMM kernel), then ``_fp8_mma_kernel`` feeds both fp8 tiles to the tensor cores as they are (sm_90:
   wgmma ``QGMMA.64x16x32``, the weight tile as the 64-row side), fp32 accumulation, ``x_scale[m] * w_scale[n]``
   at the end: the loop has no conversion (``benchmarks/fp8_gemm_sass.py``: ~24 warp instructions per 1000 weights
   against the fma kernel's ~160), and its numerics are the prefill path's (``fp8_linear_ref``).

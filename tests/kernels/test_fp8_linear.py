@@ -186,6 +186,13 @@ def test_decode_dispatch_takes_mma_only_where_the_table_says(monkeypatch):
         x = e4m3_grid_activations(m, k, gen, torch.float16)
         out = fp8_decode_gemm(x.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE))
         assert_close(out, fp8_linear_ref(x.float(), weight, scale).double(), 2e-3, f"fp8 decode mma m={m}")
+        # through fp8_linear (a 3-D batch, bias, the checkpoint's static input scale): the layer's entry point
+        bias, static = torch.randn(n, generator=gen).to(torch.float16), torch.tensor([2.0**-7])
+        out = fp8_linear(x.reshape(1, m, k).to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE),
+                         static.to(KERNEL_DEVICE), bias.to(KERNEL_DEVICE))
+        assert out.shape == (1, m, n)
+        reference = fp8_linear_ref(x.float(), weight, scale, static, bias.float()).double()
+        assert_close(out.reshape(m, n), reference, 2e-3, f"fp8_linear mma static m={m}")
 
 
 def test_w8a8_reference_is_within_fp8_error_of_the_exact_product():
