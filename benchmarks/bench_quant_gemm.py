@@ -7,12 +7,15 @@ This is what picks the fp8 path per shape (``kernels/fp8_linear.py: SKINNY_MAX_M
 can reach: at M = 1 a decode step is these four GEMMs per layer.
 
     python benchmarks/bench_quant_gemm.py            # on the GPU: every kernel at M = 1 .. 4096
-    python benchmarks/bench_quant_gemm.py --sweep    # decode (M = 1, 2, 4) fma config sweep; ~2-4 min on the H200
+    python benchmarks/bench_quant_gemm.py --sweep    # decode (M = 1, 2, 4) fma + mma config sweep on the H200
+    python benchmarks/bench_quant_gemm.py --sweep --m 1   # M = 1 only (W3's decode step)
     python benchmarks/bench_quant_gemm.py --smoke [--sweep]   # tiny shapes on CPU (Triton interpreter)
     python benchmarks/bench_quant_gemm.py --sweep-dot --m 1 4 16   # + every tl.dot decode launch config
 
 ``--sweep`` times the CUDA-core fma kernels (``fp8_fma_gemm``, ``int4_fma_gemm``) at each candidate config for
-M = 1, 2, 4 at the four layer shapes (the LM head stays bf16 under fp8 and AWQ: timed as the bf16 skinny kernel for
+M = 1, 2, 4 (``--m`` up to 16: fma configs run to M = 4), fp8 also the W8A8 tensor-core kernel's ``mma`` configs
+(``fp8_mma_gemm``: activation quantization included) and per-token quantization + ``torch._scaled_mm`` with x padded
+to 16 rows (timed beside; not a table kind), at the four layer shapes (the LM head stays bf16 under fp8 and AWQ: timed as the bf16 skinny kernel for
 the step total), beside the current tl.dot kernels and the bf16 skinny kernel, each call on its own copy of the
 weight (copies >= 128 MB in all, so nothing is served from the 50 MB L2). It prints per (format, shape, M) the best
 config, us, GB/s and % of 4.28 TB/s (H200 HBM3e peak), a config block to paste into ``FP8_SKINNY_CONFIGS`` /
@@ -196,6 +199,13 @@ FP8_CANDIDATES = ["fma:2x1024:w4:p0", "fma:4x512:w4:p0", "fma:4x1024:w4:p0", "fm
                   "fma:8x1024:w4:p0", "fma:4x2048:w4:p0", "fma:4x1024:w8:p0", "fma:8x1024:w8:p0",
                   "fma:4x2048:w8:p0", "fma:16x512:w8:p0", "fma:8x2048:w8:p0"]  # fmt: skip
 FP8_PREFETCH = (2, 4)  # tried on each (shape, M)'s best config
+# W8A8 tensor-core kernel (per-token activation quantization + fp8 wgmma; split K chosen by mma_split_k): weight
+# tiles of 64 / 128 rows (one / two wgmma M-tiles) and 128-512 bytes of K, pipeline depth 2-5; any M <= 16.
+# mmq: the same kernel quantizing the activations itself (one launch less, more instructions per tile).
+FP8_MMA_CANDIDATES = ["mma:64x128:w4:s4", "mma:64x256:w4:s3", "mma:64x256:w4:s5", "mma:64x512:w4:s3",
+                      "mma:128x128:w4:s4", "mma:128x256:w4:s3", "mma:128x256:w8:s4", "mma:128x512:w8:s2",
+                      "mmq:64x256:w4:s3", "mmq:64x512:w4:s3", "mmq:128x256:w4:s3", "mmq:128x256:w8:s4"]  # fmt: skip
+SCALED_MM_LABEL = "_scaled_mm (x padded to 16)"  # timed beside, not a table kind (cuBLASLt picks its own tiles)
 INT4_CANDIDATES = ["fma:4x1024:w4:p0", "fma:8x1024:w4:p0", "fma:16x1024:w4:p0", "fma:8x2048:w4:p0",
                    "fma:4x2048:w4:p0", "fma:2x2048:w4:p0", "fma:8x512:w4:p0", "fma:16x512:w4:p0",
                    "fma:8x1024:w8:p0", "fma:16x1024:w8:p0", "fma:8x2048:w8:p0", "fma:4x4096:w8:p0"]  # fmt: skip
@@ -203,6 +213,7 @@ INT4_CANDIDATES = ["fma:4x1024:w4:p0", "fma:8x1024:w4:p0", "fma:16x1024:w4:p0", 
 # sm_90 spilled registers (fp8 M = 4 at 64 weights: ~320 spill stores; int4 M = 4 at 16 words).
 MAX_PER_THREAD = {("fp8", 1): 64, ("fp8", 2): 64, ("fp8", 4): 32, ("int4", 1): 16, ("int4", 2): 16, ("int4", 4): 8}
 SMOKE_FP8_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
+SMOKE_FP8_MMA_CANDIDATES = ["mma:64x64:w4:s1", "mmq:64x64:w4:s1"]
 SMOKE_INT4_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
 
 
@@ -233,7 +244,8 @@ def sweep_weights(fmt: str, n: int, k: int, gen: torch.Generator) -> list:
 
 def sweep_calls(fmt: str, weights: list, k: int, out_dtype: torch.dtype | None = None) -> dict[str, Callable]:
     """label -> call(copy i, x): the current kernel, then every fma candidate that fits this K (bf16: the skinny
-    dispatcher, in ``out_dtype``: the LM head's logits are fp32)."""
+    dispatcher, in ``out_dtype``: the LM head's logits are fp32); fp8 also the W8A8 ``mma`` candidates and, on an
+    fp8 GPU, per-token quantization + ``torch._scaled_mm`` with x padded to 16 rows."""
     if fmt == "bf16":
         return {"bf16 skinny": lambda i, x: skinny_linear(x, weights[i], out_dtype=out_dtype)}
     if fmt == "fp8":
@@ -241,6 +253,11 @@ def sweep_calls(fmt: str, weights: list, k: int, out_dtype: torch.dtype | None =
         for text in SMOKE_FP8_CANDIDATES if ARGS.smoke else FP8_CANDIDATES:
             config = SkinnyConfig.parse(text)
             calls[text] = lambda i, x, c=config: fp8.fp8_fma_gemm(x, *weights[i], c)
+        for text in SMOKE_FP8_MMA_CANDIDATES if ARGS.smoke else FP8_MMA_CANDIDATES:
+            config = SkinnyConfig.parse(text)
+            calls[text] = lambda i, x, c=config: fp8.fp8_mma_gemm(x, *weights[i], c)
+        if DEVICE == "cuda" and fp8.fp8_supported(torch.device(DEVICE)):
+            calls[SCALED_MM_LABEL] = lambda i, x: _scaled_mm_padded(x, *weights[i])
         return calls
     calls = {"current (tl.dot)": lambda i, x: int4_gemm(x, *weights[i], GROUP)}
     for text in SMOKE_INT4_CANDIDATES if ARGS.smoke else INT4_CANDIDATES:
@@ -248,6 +265,21 @@ def sweep_calls(fmt: str, weights: list, k: int, out_dtype: torch.dtype | None =
         if i4._fit_block_k(config, k, GROUP) == config:  # block_k divides K (14336 = 7 * 2048)
             calls[text] = lambda i, x, c=config: i4.int4_fma_gemm(x, *weights[i], GROUP, c)
     return calls
+
+
+def _scaled_mm_padded(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W8A8 through cuBLASLt at decode M: x zero-padded to 16 rows (the row-wise-scaled fp8 GEMM wants M % 16 == 0
+    for its fast kernels), quantized per token, ``torch._scaled_mm``, the real rows out."""
+    m = x.shape[0]
+    padded = F.pad(x, (0, 0, 0, 16 - m)) if m < 16 else x
+    return _scaled_mm_path(padded, weight, scale)[:m]
+
+
+def runs_at(fmt: str, label: str, m: int) -> bool:
+    """Whether a sweep candidate runs at this M: fma only up to M = 4 and within its register budget."""
+    if label.startswith("fma") and m > fp8.FMA_MAX_M:
+        return False
+    return fits_registers(fmt, label, m)
 
 
 def fits_registers(fmt: str, label: str, m: int) -> bool:
@@ -259,7 +291,14 @@ def fits_registers(fmt: str, label: str, m: int) -> bool:
     return per_thread <= MAX_PER_THREAD[(fmt, m_bucket(m))]
 
 
-def sweep_reference(fmt: str, weights: list, x: torch.Tensor) -> torch.Tensor:
+def sweep_reference(fmt: str, weights: list, x: torch.Tensor, label: str = "") -> torch.Tensor:
+    """The reference of one sweep call: W8A8 (``fp8_linear_ref``) for the ``mma`` and ``_scaled_mm`` calls, else the
+    format's weight-only reference."""
+    if fmt == "fp8" and (label.startswith(fp8.MMA_KINDS) or label == SCALED_MM_LABEL):
+        if ARGS.smoke:  # the interpreter's fp32 -> e4m3 cast is not the GPU's (tests/kernels/test_fp8_linear.py):
+            xq, x_scale = fp8.quantize_activations_triton(x)  # dequantize its own activations
+            return (xq.float() * x_scale) @ (weights[0][0].float() * weights[0][1][:, None]).T
+        return fp8.fp8_linear_ref(x, *weights[0]).float()
     if fmt == "bf16":
         return x.float() @ weights[0].float().T
     if fmt == "fp8":
@@ -294,9 +333,9 @@ def decode_sweep() -> int:
     start = time.perf_counter()
     shapes = {"tiny_b": SMOKE_SHAPES["tiny_b"]} if ARGS.smoke else SHAPES
     m_values = ARGS.m or ((1, 4) if ARGS.smoke else DECODE_M)
-    if any(m > 4 for m in m_values):
-        print("# --sweep times the fma kernels, for M <= 4; larger M values are left out")
-        m_values = [m for m in m_values if m <= 4]
+    if any(m > fp8.SKINNY_MAX_M for m in m_values):
+        print(f"# --sweep times the decode kernels, M <= {fp8.SKINNY_MAX_M} (fma: M <= 4); larger M are left out")
+        m_values = [m for m in m_values if m <= fp8.SKINNY_MAX_M]
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     print(f"# device {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu (interpreter)'}, {DTYPE}, "
           f"% of {HBM_PEAK / 1e12:.2f} TB/s, int4 group {GROUP}")
@@ -312,16 +351,19 @@ def decode_sweep() -> int:
             xs = {m: torch.randn(m, k, generator=gen, device=DEVICE).to(DTYPE) for m in m_values}
             # one small-N slice per kernel specialization (M bucket x config) to compile in parallel
             precompile([(call, xs[m]) for m in m_values for label, call in calls.items()
-                        if fits_registers(fmt, label, m)] if name == next(iter(shapes)) else [])
+                        if runs_at(fmt, label, m)] if name == next(iter(shapes)) else [])
             for m in m_values:
                 x = xs[m]
-                ref = sweep_reference(fmt, weights, x)
+                refs: dict[bool, torch.Tensor] = {}
                 times: dict[str, float] = {}
                 for label, call in calls.items():
-                    if not fits_registers(fmt, label, m):
+                    if not runs_at(fmt, label, m):
                         continue
+                    w8a8 = label.startswith(fp8.MMA_KINDS) or label == SCALED_MM_LABEL
+                    if w8a8 not in refs:
+                        refs[w8a8] = sweep_reference(fmt, weights, x, label)
                     try:
-                        check(f"{fmt} {name} M={m} {label}", call(0, x), ref, 2e-2)
+                        check(f"{fmt} {name} M={m} {label}", call(0, x), refs[w8a8], 2e-2)
                         times[label] = time_per_call([lambda i=i: call(i, x) for i in range(len(weights))])
                     except Exception as exc:  # a config that does not compile (registers, shared memory)
                         print(f"#   {fmt} {name} M={m} {label}: {type(exc).__name__}: {str(exc)[:160]}")
@@ -332,7 +374,7 @@ def decode_sweep() -> int:
                         config = SkinnyConfig.parse(text)
                         call = lambda i, x, c=config: fp8.fp8_fma_gemm(x, *weights[i], c)  # noqa: E731
                         try:
-                            check(f"fp8 {name} M={m} {text}", call(0, x), ref, 2e-2)
+                            check(f"fp8 {name} M={m} {text}", call(0, x), refs[False], 2e-2)
                             times[text] = time_per_call([lambda i=i: call(i, x) for i in range(len(weights))])
                         except Exception as exc:
                             print(f"#   fp8 {name} M={m} {text}: {type(exc).__name__}: {str(exc)[:160]}")
@@ -347,9 +389,12 @@ def decode_sweep() -> int:
     return 0
 
 
-def _best_fma(times: dict[str, float]) -> tuple[str, float] | None:
-    fma = [(ms, label) for label, ms in times.items() if label.startswith("fma")]
+def _best_fma(times: dict[str, float], kinds: tuple[str, ...] = ("fma",)) -> tuple[str, float] | None:
+    fma = [(ms, label) for label, ms in times.items() if label.startswith(kinds)]
     return (min(fma)[1], min(fma)[0]) if fma else None
+
+
+TABLE_KINDS = ("fma", "mma", "mmq")  # what a config table entry can name
 
 
 def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: list[int]) -> None:
@@ -359,21 +404,29 @@ def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: lis
 
     picks: dict[tuple[str, str, int], str | None] = {}
     for fmt in ("fp8", "int4"):
-        print(f"\n## {fmt}: best fma config per (shape, M) against the current tl.dot kernel and bf16 skinny")
+        print(f"\n## {fmt}: best table config (fma / mma / mmq) per (shape, M) against the current tl.dot kernel and bf16"
+              " skinny" + ("; best fma, best mma / mmq (W8A8) and _scaled_mm with x padded to 16 beside" if fmt == "fp8"
+                           else ""))  # fmt: skip
         for name, (n, k) in shapes.items():
             for m in m_values:
                 times = results.get((fmt, name, m), {})
-                best = _best_fma(times)
+                best = _best_fma(times, TABLE_KINDS)
                 current = times.get("current (tl.dot)")
                 bf16 = results.get(("bf16", name, m), {}).get("bf16 skinny")
                 if best is None:
-                    print(f"{name:>13} M={m}: no fma config ran")
+                    print(f"{name:>13} M={m}: no fma / mma config ran")
                     continue
                 label, ms = best
                 picks[(fmt, name, m)] = label if current is None or ms < current else None
                 cur = f"current {rate(fmt, n, k, current)}" if current else "current -"
                 ref = f"bf16 skinny {rate('bf16', n, k, bf16)}" if bf16 else "bf16 -"
                 print(f"{name:>13} M={m} {label:>18} {rate(fmt, n, k, ms)} | {cur} | {ref}")
+                if fmt == "fp8":
+                    side = [f"{kind} {b[0]} {rate(fmt, n, k, b[1])}" for kind in TABLE_KINDS
+                            if (b := _best_fma(times, (kind,)))]  # fmt: skip
+                    if SCALED_MM_LABEL in times:
+                        side.append(f"{SCALED_MM_LABEL} {rate(fmt, n, k, times[SCALED_MM_LABEL])}")
+                    print(f"{'':>13}       " + " | ".join(side))
 
     for fmt, table, defaults in (("fp8", "FP8_SKINNY_CONFIGS", "FP8_DEFAULT_CONFIGS"),
                                  ("int4", "INT4_SKINNY_CONFIGS", "INT4_DEFAULT_CONFIGS")):
@@ -385,9 +438,12 @@ def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: lis
                 if (fmt, name, m) not in picks:
                     continue
                 pick, times = picks[(fmt, name, m)], results[(fmt, name, m)]
-                best = _best_fma(times)
+                parts = [f"{kind} {b[1] * 1e3:.1f} us" for kind in TABLE_KINDS if (b := _best_fma(times, (kind,)))]
                 cur = times.get("current (tl.dot)")
-                note = f"{name}: fma {best[1] * 1e3:.1f} us" + (f", tl.dot {cur * 1e3:.1f} us" if cur else "")
+                parts += [f"tl.dot {cur * 1e3:.1f} us"] if cur else []
+                pad = times.get(SCALED_MM_LABEL)
+                parts += [f"_scaled_mm pad16 {pad * 1e3:.1f} us"] if pad else []
+                note = f"{name}: " + ", ".join(parts)
                 print(f"    ({m}, {n}, {k}): {f'_c({pick!r})' if pick else 'None'},  # {note}")
         print("}")
         print(f"{defaults}: dict[int, SkinnyConfig | None] = {{")
@@ -395,7 +451,7 @@ def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: lis
             per_config: dict[str, list[float]] = {}
             for name in shapes:
                 for label, ms in results.get((fmt, name, m), {}).items():
-                    if label.startswith("fma"):
+                    if label.startswith(TABLE_KINDS):
                         per_config.setdefault(label, []).append(ms)
             full = {lbl: v for lbl, v in per_config.items() if len(v) == len(shapes)}
             if full:
@@ -414,7 +470,8 @@ def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: lis
                 for name in shapes:
                     times = results.get((fmt, name, m), {})
                     if which == "best":  # what the dispatcher runs once the pasted table is in
-                        total += min(times.values()) if times else float("nan")
+                        runnable = [ms for label, ms in times.items() if label != SCALED_MM_LABEL]
+                        total += min(runnable) if runnable else float("nan")
                     else:
                         total += times.get(which, float("nan"))
                 step = LAYERS * total + head

@@ -14,6 +14,12 @@ Two paths on the GPU, by the number of rows M:
   ``FP8_SKINNY_CONFIGS`` / ``FP8_DEFAULT_CONFIGS`` (measured by ``benchmarks/bench_quant_gemm.py --sweep``). For
   M of 5..16 (or a shape whose config is None) x is padded to 16 rows for ``tl.dot``; output blocks are narrow
   enough to give every SM work, and only small layers split K (``kernels/split_k.py``).
+  Those two are instruction-bound on the per-weight widening (43-56% of HBM bandwidth on the H200). The third,
+  ``mma`` / ``mmq`` (W8A8, any M <= 16, chosen only where a measured table entry says so): activations quantized
+  per token to e4m3 (``mma``: one small launch before; ``mmq``: inside the GEMM kernel), then ``_fp8_mma_kernel`` feeds both fp8 tiles to the tensor cores as they are (sm_90:
+  wgmma ``QGMMA.64x16x32``, the weight tile as the 64-row side), fp32 accumulation, ``x_scale[m] * w_scale[n]``
+  at the end: the loop has no conversion (``benchmarks/fp8_gemm_sass.py``: ~24 warp instructions per 1000 weights
+  against the fma kernel's ~160), and its numerics are the prefill path's (``fp8_linear_ref``).
 
 ``fp8_linear_ref`` (quantize the activations like the W8A8 path, dequantize, fp32 matmul) is the CPU path and the
 reference of the W8A8 path; ``fp8_weight_only_ref`` is the skinny kernel's. Kernels take fp8 tensors as uint8 views
@@ -170,8 +176,10 @@ def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 
 # ------------------------------------------------------------------------------- fma kernel (M <= 4, CUDA cores)
 
-# Exact shapes: (m_bucket, N, K) -> config for M <= 4; None sends the shape to the tl.dot kernel. Paste the block
-# printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; unlisted shapes use FP8_DEFAULT_CONFIGS.
+# Exact shapes: (m_bucket, N, K) -> config for M <= 16: an ``fma`` config (w8a16 on the CUDA cores, M <= 4 only) or
+# an ``mma`` one (W8A8: per-token e4m3 activations, fp8 tensor cores); None sends the shape to the tl.dot kernel.
+# Paste the block printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; unlisted shapes use
+# FP8_DEFAULT_CONFIGS.
 FP8_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-02, Llama-3.1-8B, M = 1
     (1, 6144, 4096): _c("fma:2x1024:w4:p0"),  # qkv_proj: fma 13.8 us, tl.dot 21.5 us
     (1, 4096, 4096): _c("fma:16x512:w8:p0"),  # o_proj: fma 9.2 us, tl.dot 15.8 us
@@ -190,12 +198,14 @@ FMA_MAX_M = 4
 
 
 def pick_fp8_config(m: int, n: int, k: int) -> SkinnyConfig | None:
-    """The fma configuration for this shape (M <= 4), or None for the tl.dot kernel."""
-    if m > FMA_MAX_M:
-        return None
+    """The decode configuration for this shape (``fma`` for M <= 4, ``mma`` wherever a table entry says so), or None
+    for the tl.dot kernel."""
     bucket = m_bucket(m)
     key = (bucket, n, k)
-    return FP8_SKINNY_CONFIGS[key] if key in FP8_SKINNY_CONFIGS else FP8_DEFAULT_CONFIGS.get(bucket)
+    config = FP8_SKINNY_CONFIGS[key] if key in FP8_SKINNY_CONFIGS else FP8_DEFAULT_CONFIGS.get(bucket)
+    if config is not None and config.kind == "fma" and m > FMA_MAX_M:
+        return None
+    return config
 
 
 @triton.jit
@@ -326,13 +336,148 @@ def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     return out
 
 
-def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """The decode (M <= 16) w8a16 GEMM: the fma kernel where this shape has an fma config (M <= 4), else the
-    tl.dot kernel."""
+def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    input_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The decode (M <= 16) GEMM, by the shape's measured config: W8A8 on the fp8 tensor cores for an ``mma`` /
+    ``mmq`` config (activations quantized per token, or with the checkpoint's static ``input_scale``: ``fp8_linear_ref``'s
+    numerics), else w8a16 (``input_scale`` unused): the fma kernel for an ``fma`` config (M <= 4), else tl.dot."""
     config = pick_fp8_config(x.shape[0], weight.shape[0], x.shape[1])
+    if config is not None and config.kind in MMA_KINDS:
+        return fp8_mma_gemm(x, weight, weight_scale, config, input_scale)
     if config is not None:
         return fp8_fma_gemm(x, weight, weight_scale, config)
     return fp8_skinny_gemm(x, weight, weight_scale)
+
+
+# ------------------------------------------------------------- W8A8 tensor-core kernel (M <= 16, fp8 x fp8 MMA)
+@triton.jit
+def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_wn,
+                    stride_om, stride_os, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, QUANT_X: tl.constexpr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr,
+                    MIN_SCALE: tl.constexpr):  # fmt: skip
+    """Program (n, split): ``out[split][:, n block] = (xq @ w^T)[.., split's K] * x_scale[m] * w_scale[n]``, both
+    operands e4m3 reinterpreted from their bits and fed to ``tl.dot`` as they are (fp8 MMA, fp32 accumulation): no
+    per-weight conversion. Computed as ``w @ xq^T`` so the weight tile is the MMA's M side (``BLOCK_N`` >= 64 rows:
+    one Hopper wgmma, ``QGMMA.64x16x32`` on sm_90) and the 16 padded token rows its N side, both K-major as fp8
+    wgmma requires; with ``x @ w^T`` (M = 16) Triton falls back to mma.sync and widens both tiles to fp16 first
+    (``benchmarks/fp8_gemm_sass.py``).
+
+    ``QUANT_X`` (the ``mmq`` kind): ``x_ptr`` is the unquantized activations and the kernel quantizes them itself,
+    saving the quantization launch: a first pass over the whole row gives each token's scale (``x_scale_ptr``: the
+    static per-tensor scale when ``STATIC``), then each x tile is divided, clamped and cast like
+    ``_quantize_rows_kernel`` does (the same ops, so the same bits). Otherwise ``x_ptr`` holds e4m3 bits and
+    ``x_scale_ptr`` their per-row scales."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = tl.minimum(offs_m, M - 1)  # padding rows re-read row M-1 (in L1) and are never stored
+    w_rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn  # unmasked loads; tail columns are never stored
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + w_rows[:, None] + offs_k[None, :]
+    if QUANT_X:
+        if STATIC:
+            x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(x_scale_ptr).to(tl.float32)
+        else:  # the whole row's absmax (x is a few KB, in L2), whatever this program's K split
+            amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xv = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(xv))
+            x_scale = tl.maximum(tl.max(amax, axis=1) / FP8_MAX, MIN_SCALE)
+    else:
+        x_scale = tl.load(x_scale_ptr + x_rows)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            x_in = tl.load(x_ptrs + k0)
+            w_bits = tl.load(w_ptrs + k0)
+        else:
+            k_mask = k0 + offs_k < k_end
+            x_in = tl.load(x_ptrs + k0, mask=k_mask[None, :], other=0)
+            w_bits = tl.load(w_ptrs + k0, mask=k_mask[None, :], other=0)
+        if QUANT_X:
+            x = tl.minimum(tl.maximum(x_in.to(tl.float32) / x_scale[:, None], -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+        else:
+            x = x_in.to(tl.float8e4nv, bitcast=True)
+        w = w_bits.to(tl.float8e4nv, bitcast=True)
+        acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.float32)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    y = tl.trans(acc * w_scale[:, None] * x_scale[None, :])
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+MMA_KINDS = ("mma", "mmq")  # W8A8 tensor-core configs: activations quantized by a separate launch / in the kernel
+
+
+def mma_split_k(n: int, k: int, config: SkinnyConfig, device_index: int | None) -> int:
+    """K splits for an ``mma`` / ``mmq`` config: 1 where the output blocks already cover every SM, else just enough
+    programs for ``PROGRAMS_PER_SM`` per SM (``kernels/split_k.py``'s rule at this config's fixed block_n)."""
+    k_blocks = triton.cdiv(k, config.block_k)
+    return decode_launch(n, k_blocks, device_index, block_ns=(config.block_n,))[1]
+
+
+def fp8_mma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, config: SkinnyConfig,
+                 input_scale: torch.Tensor | None = None, *, split_k: int | None = None) -> torch.Tensor:  # fmt: skip
+    """W8A8 decode GEMM: ``x [M <= 16, K]`` quantized per token (or with the static ``input_scale``) to e4m3, then
+    ``xq @ weight^T`` on the fp8 tensor cores, scaled per token and per channel; x's dtype out. Same numerics as
+    :func:`fp8_linear_ref` (and the prefill ``_scaled_mm`` path). ``mma``: quantization by
+    :func:`quantize_activations_triton` first; ``mmq``: inside the GEMM kernel. ``split_k`` defaults to
+    :func:`mma_split_k`. ``x``: rows with unit column stride."""
+    if config.kind not in MMA_KINDS:
+        raise ValueError(f"fp8_mma_gemm takes an mma or mmq config, got {config}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > SKINNY_MAX_M:
+        raise ValueError(f"fp8_mma_gemm takes at most {SKINNY_MAX_M} rows, got {m}.")
+    if weight.shape[1] != k:
+        raise ValueError(f"fp8 weight {tuple(weight.shape)} does not match x {tuple(x.shape)}")
+    if m == 0 or n == 0:
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if config.kind == "mmq":
+        scale = input_scale if input_scale is not None else weight_scale  # unread unless static
+        return _launch_mma(x, scale, weight, weight_scale, config, x.dtype, split_k, quant_x=True,
+                           static=input_scale is not None)  # fmt: skip
+    xq, x_scale = quantize_activations_triton(x, input_scale)
+    return fp8_mma_gemm_quantized(xq, x_scale, weight, weight_scale, config, x.dtype, split_k=split_k)
+
+
+def fp8_mma_gemm_quantized(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                           config: SkinnyConfig, out_dtype: torch.dtype, *, split_k: int | None = None
+                           ) -> torch.Tensor:  # fmt: skip
+    """The GEMM half of an ``mma`` config's :func:`fp8_mma_gemm`: ``xq`` e4m3 ``[M <= 16, K]`` (unit column
+    stride), ``x_scale`` fp32 ``[M, 1]``."""
+    return _launch_mma(xq.view(torch.uint8), x_scale, weight, weight_scale, config, out_dtype, split_k, quant_x=False,
+                       static=False)  # fmt: skip
+
+
+def _launch_mma(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                config: SkinnyConfig, out_dtype: torch.dtype, split_k: int | None, *, quant_x: bool, static: bool
+                ) -> torch.Tensor:  # fmt: skip
+    m, k = x.shape
+    n = weight.shape[0]
+    bits = weight.view(torch.uint8)
+    if bits.stride(1) != 1:
+        bits = bits.contiguous()
+    if split_k is None:
+        split_k = mma_split_k(n, k, config, x.device.index if x.is_cuda else None)
+    k_blocks = triton.cdiv(k, config.block_k)
+    k_per_split = triton.cdiv(k_blocks, max(1, split_k)) * config.block_k
+    split_k = triton.cdiv(k, k_per_split)
+    out = torch.empty((split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else out_dtype,
+                      device=x.device)
+    _fp8_mma_kernel[(triton.cdiv(n, config.block_n), split_k)](
+        x, x_scale, bits, weight_scale, out, m, n, k, k_per_split, x.stride(0), bits.stride(0),
+        n, out.stride(0) if split_k > 1 else 0, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        EVEN_K=k % config.block_k == 0 and k_per_split % config.block_k == 0, QUANT_X=quant_x, STATIC=static,
+        FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out if split_k == 1 else out.sum(0).to(out_dtype)
 
 
 SKINNY_MAX_M = 16
@@ -346,7 +491,7 @@ def fp8_supported(device: torch.device) -> bool:
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequant(weight)^T + bias`` on a GPU with fp8 tensor cores (the caller checks :func:`fp8_supported`):
-    the skinny Triton kernel for M <= 16, else per-token quantization and ``torch._scaled_mm``. ``weight``: fp8
+    the decode kernels for M <= 16 (:func:`fp8_decode_gemm`), else per-token quantization and ``torch._scaled_mm``. ``weight``: fp8
     ``[N, K]`` (row-major, so ``weight.t()`` is the column-major operand cuBLASLt wants); ``weight_scale``: fp32
     ``[N]``."""
     shape = x.shape
@@ -357,7 +502,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if m <= SKINNY_MAX_M:
-        out = fp8_decode_gemm(x2, weight, weight_scale)
+        out = fp8_decode_gemm(x2, weight, weight_scale, input_scale)
     else:
         xq, x_scale = quantize_activations_triton(x2, input_scale)
         out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.reshape(1, -1),

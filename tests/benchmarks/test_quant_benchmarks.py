@@ -78,7 +78,11 @@ def test_quantized_gemm_decode_sweep_smoke_prints_tables_and_step_prediction():
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_quant_gemm.py"), "--smoke", "--sweep"],
                           capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for label in ("## fp8: best fma config", "## int4: best fma config", "FP8_SKINNY_CONFIGS:", "INT4_DEFAULT_CONFIGS:",
-                  "(1, 48, 256):", "## predicted W3 decode step", "int4 tuned", "# all correctness checks passed"):
+    for label in ("## fp8: best table config (fma / mma / mmq)", "## int4: best table config", "FP8_SKINNY_CONFIGS:",
+                  "INT4_DEFAULT_CONFIGS:", "(1, 48, 256):", "## predicted W3 decode step", "int4 tuned",
+                  "# all correctness checks passed"):
         assert label in proc.stdout, label
     assert "Error" not in proc.stdout  # no candidate failed to run
+    # the W8A8 tensor-core kernel ran beside the fma ones (checked against fp8_linear_ref's math) and is in the notes
+    assert "mma mma:64x64:w4:s1" in proc.stdout and "mmq mmq:64x64:w4:s1" in proc.stdout
+    assert "tiny_b: fma " in proc.stdout and ", mma " in proc.stdout and ", mmq " in proc.stdout

@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import fp8_linear as fp8_module
 from kernels.fp8_linear import (FP8_DEFAULT_CONFIGS, FP8_DTYPE, FP8_MAX, fp8_decode_gemm, fp8_fma_gemm, fp8_linear,
-                                fp8_linear_ref, fp8_skinny_gemm, fp8_supported, fp8_weight_only_ref,
-                                pick_fp8_config, quantize_activations, quantize_activations_triton,
-                                quantize_per_channel)
+                                fp8_linear_ref, fp8_mma_gemm, fp8_mma_gemm_quantized, fp8_skinny_gemm, fp8_supported,
+                                fp8_weight_only_ref, pick_fp8_config, quantize_activations,
+                                quantize_activations_triton, quantize_per_channel)
 from kernels.skinny_gemm import SkinnyConfig
 from tests.kernels.kernel_testing import INTERPRETED, KERNEL_DEVICE, assert_close
 
@@ -98,6 +99,102 @@ def test_decode_dispatch_takes_fma_up_to_four_rows_and_dot_above():
         assert_close(out, x.double() @ (weight.double() * scale.double()[:, None]).T, 3e-3, f"fp8 decode m={m}")
 
 
+def e4m3_grid_activations(m: int, k: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Activations that per-token quantization maps back exactly: e4m3 values (each row's absmax 448) times a power of
+    two per row, so x / scale is exact. The interpreter's own fp32 -> e4m3 cast drops the carry when rounding crosses
+    a power of two (see the row-quantization test); on this grid nothing rounds, and the kernels' GEMM is compared
+    with ``fp8_linear_ref`` exactly as on the GPU."""
+    q = (torch.randn(m, k, generator=gen) * 100).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
+    q[:, 0] = FP8_MAX
+    return (q * 2.0 ** -(6 + torch.arange(m, dtype=torch.float32) % 8)[:, None]).to(dtype)  # above _MIN_SCALE
+
+
+@pytest.mark.parametrize("kind", ["mma", "mmq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m, n, k, config, split_k", [
+    (1, 64, 256, "64x64:w4:s1", 1),  # one block, even K
+    (3, 100, 200, "64x64:w4:s2", 1),  # ragged N (rows past N re-read the last row) and K (masked tail)
+    (16, 128, 384, "128x128:w4:s1", 3),  # all 16 rows, split K into fp32 partials
+    (5, 70, 340, "64x32:w4:s1", 2),  # split K, the last split shorter and ending in a masked tile
+])
+def test_mma_w8a8_kernel_matches_reference(m, n, k, config, split_k, dtype, kind):
+    """The W8A8 decode kernel (fp8 x fp8 ``tl.dot``; the interpreter multiplies the e4m3 values exactly) against
+    ``fp8_linear_ref``: same activation quantization, same math, so decode and prefill agree. ``mma`` quantizes the
+    activations in a launch before, ``mmq`` in the GEMM kernel (each program over the whole row, split or not)."""
+    config = f"{kind}:{config}"
+    gen = torch.Generator().manual_seed(n * k + m)
+    weight, scale = quantize_per_channel(torch.randn(n, k, generator=gen) * 0.05)
+    x = e4m3_grid_activations(m, k, gen, dtype)
+    out = fp8_mma_gemm(x.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE),
+                       SkinnyConfig.parse(config), split_k=split_k)
+    assert out.shape == (m, n) and out.dtype == dtype
+    reference = fp8_linear_ref(x.float(), weight, scale).double()
+    assert_close(out, reference, {torch.float32: 1e-5, torch.float16: 2e-3}[dtype], f"fp8 mma {config}")
+
+
+@pytest.mark.parametrize("kind", ["mma", "mmq"])
+def test_mma_gemm_on_quantized_random_activations_and_static_scale(kind):
+    """The GEMM half on arbitrary e4m3 activations with per-row scales; and a static per-tensor input scale."""
+    gen = torch.Generator().manual_seed(7)
+    m, n, k = 9, 72, 160
+    weight, scale = quantize_per_channel(torch.randn(n, k, generator=gen) * 0.05)
+    xq = (torch.randn(m, k, generator=gen) * 60).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    x_scale = torch.rand(m, 1, generator=gen) + 0.01
+    config = SkinnyConfig.parse(f"{kind}:64x64:w4:s1")
+    out = fp8_mma_gemm_quantized(xq.to(KERNEL_DEVICE), x_scale.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE),
+                                 scale.to(KERNEL_DEVICE), config, torch.float32)
+    reference = (xq.double() * x_scale.double()) @ (weight.double() * scale.double()[:, None]).T
+    assert_close(out, reference, 1e-5, "fp8 mma on quantized activations")
+    static = torch.tensor([2.0**-8])
+    x = e4m3_grid_activations(m, k, gen, torch.float32) * 2.0**-2  # |x| <= 448 * 2^-8: in range of the static scale
+    out = fp8_mma_gemm(x.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE), config,
+                       static.to(KERNEL_DEVICE))
+    assert_close(out, fp8_linear_ref(x, weight, scale, static).double(), 1e-5, "fp8 mma static scale")
+
+
+def test_mma_configs_need_a_wgmma_sized_weight_tile():
+    assert str(SkinnyConfig.parse("mma:64x256:w4:s3")) == "mma:64x256:w4:s3"
+    assert str(SkinnyConfig.parse("mmq:128x128:w8")) == "mmq:128x128:w8:s1"
+    with pytest.raises(ValueError, match="block_n >= 64"):
+        SkinnyConfig.parse("mma:32x256:w4:s3")  # x @ w^T at M = 16: Triton widens both fp8 tiles to fp16 first
+    with pytest.raises(ValueError, match="block_n >= 64"):
+        SkinnyConfig.parse("mmq:16x256:w4:s3")
+    with pytest.raises(ValueError, match="takes an mma or mmq config"):
+        fp8_mma_gemm(torch.randn(1, 64), *quantize_per_channel(torch.randn(64, 64)), SkinnyConfig.parse("fma:4x64:w1"))
+    with pytest.raises(ValueError, match="'p' \\(prefetch\\) goes with fma"):
+        SkinnyConfig.parse("mma:64x256:w4:p1")
+    x = torch.randn(17, 64)
+    weight, scale = quantize_per_channel(torch.randn(64, 64))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        fp8_mma_gemm(x, weight, scale, SkinnyConfig.parse("mma:64x64:w4:s1"))
+
+
+def test_decode_dispatch_takes_mma_only_where_the_table_says(monkeypatch):
+    """No table entry: the fma / tl.dot kernels as before (w8a16 numerics). An ``mma`` entry for (bucket, N, K):
+    the W8A8 kernel for that shape only, M up to 16, with the W8A8 reference's numerics."""
+    n, k = 64, 256
+    assert all(c is None or c.kind == "fma" for c in fp8_module.FP8_SKINNY_CONFIGS.values())
+    assert pick_fp8_config(1, n, k).kind == "fma" and pick_fp8_config(8, n, k) is None
+    config, fused = SkinnyConfig.parse("mma:64x64:w4:s1"), SkinnyConfig.parse("mmq:64x128:w4:s1")
+    monkeypatch.setitem(fp8_module.FP8_SKINNY_CONFIGS, (1, n, k), config)
+    monkeypatch.setitem(fp8_module.FP8_SKINNY_CONFIGS, (8, n, k), fused)
+    assert pick_fp8_config(1, n, k) == config and pick_fp8_config(6, n, k) == fused
+    assert pick_fp8_config(2, n, k).kind == "fma" and pick_fp8_config(1, n, 2 * k).kind == "fma"
+    gen = torch.Generator().manual_seed(5)
+    weight, scale = quantize_per_channel(torch.randn(n, k, generator=gen) * 0.05)
+    for m in (1, 6):
+        x = e4m3_grid_activations(m, k, gen, torch.float16)
+        out = fp8_decode_gemm(x.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE))
+        assert_close(out, fp8_linear_ref(x.float(), weight, scale).double(), 2e-3, f"fp8 decode mma m={m}")
+        # through fp8_linear (a 3-D batch, bias, the checkpoint's static input scale): the layer's entry point
+        bias, static = torch.randn(n, generator=gen).to(torch.float16), torch.tensor([2.0**-7])
+        out = fp8_linear(x.reshape(1, m, k).to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE),
+                         static.to(KERNEL_DEVICE), bias.to(KERNEL_DEVICE))
+        assert out.shape == (1, m, n)
+        reference = fp8_linear_ref(x.float(), weight, scale, static, bias.float()).double()
+        assert_close(out.reshape(m, n), reference, 2e-3, f"fp8_linear mma static m={m}")
+
+
 def test_w8a8_reference_is_within_fp8_error_of_the_exact_product():
     gen = torch.Generator().manual_seed(1)
     x, w = torch.randn(32, 256, generator=gen), torch.randn(128, 256, generator=gen) * 0.02
@@ -121,8 +218,9 @@ def test_fp8_linear_gpu_matches_references(m, n, k):
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
     bias = torch.randn(n, generator=gen).to(torch.bfloat16).cuda()
     out = fp8_linear(x, weight, scale, None, bias)
-    reference = (fp8_weight_only_ref(x, weight, scale, bias) if m <= 16
-                 else fp8_linear_ref(x, weight, scale, None, bias))
+    config = pick_fp8_config(m, n, k) if m <= 16 else None
+    w8a16 = m <= 16 and (config is None or config.kind not in fp8_module.MMA_KINDS)  # the tables pick per shape
+    reference = fp8_weight_only_ref(x, weight, scale, bias) if w8a16 else fp8_linear_ref(x, weight, scale, None, bias)
     assert out.dtype == torch.bfloat16
     assert_close(out, reference.float(), 1e-2, f"fp8 linear m={m} {n}x{k}")
     if m > 16:  # static per-tensor activation scale
@@ -142,3 +240,27 @@ def test_fma_w8a16_kernel_gpu(m, config):
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
     out = fp8_fma_gemm(x, weight, scale, SkinnyConfig.parse(config))
     assert_close(out, fp8_weight_only_ref(x, weight, scale).float(), 1e-2, f"fp8 fma gpu m={m} {config}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["mma:64x256:w4:s3", "mma:128x256:w4:s3", "mma:64x512:w4:s2", "mma:128x128:w8:s4",
+                                    "mmq:64x256:w4:s3", "mmq:128x256:w4:s3"])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+def test_mma_w8a8_kernel_gpu(m, config):
+    """The compiled W8A8 kernel (fp8 wgmma) against ``fp8_linear_ref`` at a Llama shape with a ragged K tail and N
+    edge, unsplit and split along K, and with a static input scale."""
+    if not fp8_supported(torch.device("cuda")):
+        pytest.skip("needs fp8 tensor cores (compute capability 8.9+)")
+    gen = torch.Generator().manual_seed(m)
+    n, k = 4096 + 24, 4096 + 64
+    weight, scale = quantize_per_channel((torch.randn(n, k, generator=gen) * 0.02).cuda())
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+    parsed = SkinnyConfig.parse(config)
+    reference = fp8_linear_ref(x, weight, scale).float()
+    for split_k in (None, 1, 4):
+        out = fp8_mma_gemm(x, weight, scale, parsed, split_k=split_k)
+        assert out.dtype == torch.bfloat16
+        assert_close(out, reference, 1e-2, f"fp8 mma gpu m={m} {config} split {split_k}")
+    static = torch.tensor([0.02], device="cuda")
+    assert_close(fp8_mma_gemm(x, weight, scale, parsed, static), fp8_linear_ref(x, weight, scale, static).float(),
+                 1e-2, f"fp8 mma gpu static m={m} {config}")

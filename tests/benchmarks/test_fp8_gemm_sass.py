@@ -1,0 +1,66 @@
+"""benchmarks/fp8_gemm_sass.py compiles the fp8 decode GEMMs for sm_90 without a GPU (Triton's bundled ptxas /
+cuobjdump) and shows why the W8A8 kernel exists: the w8a16 fma kernel's loop widens every weight (e4m3x2 -> f16x2
+unpacks, f16 -> f32 adds, byte permutes) before its FMAs, while the ``mma`` kernel's loop hands both fp8 tiles to
+Hopper's fp8 wgmma (``QGMMA``) with no conversion at all, in a fraction of the instructions per weight (``mmq``, which
+quantizes the activation tile in the loop, converts only x).
+
+Compiled in a subprocess without TRITON_INTERPRET (the test session interprets the kernels)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+COMPILE = """
+import json
+from benchmarks.fp8_gemm_sass import compile_fma, compile_mma, loop_summary
+from kernels.skinny_gemm import SkinnyConfig
+out = {}
+for text, compile_fn in (("fma:2x1024:w4:p0", compile_fma), ("mma:64x256:w4:s3", compile_mma),
+                         ("mma:128x256:w4:s3", compile_mma), ("mmq:128x256:w4:s3", compile_mma)):
+    config = SkinnyConfig.parse(text)
+    info = loop_summary(compile_fn(config), config)
+    out[text] = {k: info[k] for k in ("loop", "loop_total", "conversions", "mmas", "per_1000_weights")}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not (BIN / "ptxas").exists() or not (BIN / "cuobjdump").exists(),
+                    reason="this Triton build ships no ptxas / cuobjdump")  # fmt: skip
+def test_mma_loop_feeds_fp8_to_wgmma_without_converting_the_weight():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    fma = result["fma:2x1024:w4:p0"]
+    assert fma["loop"].get("F2FP.F16.E4M3.UNPACK_B", 0) > 0 and fma["loop"].get("HADD2.F32", 0) > 0
+    assert fma["mmas"] == 0 and fma["conversions"] > 0
+    for text in ("mma:64x256:w4:s3", "mma:128x256:w4:s3"):
+        mma = result[text]
+        config_n, config_k = (int(v) for v in text.split(":")[1].split("x"))
+        assert mma["conversions"] == 0, mma["loop"]  # no F2F / F2FP / I2F / HADD2 / PRMT in the loop
+        assert not any(op.startswith(("HMMA", "F2F", "I2F")) for op in mma["loop"]), mma["loop"]
+        # fp8 wgmma with M = 64 (the SASS is QGMMA.64x16x32.F32.E4M3.E4M3; the opcode regex stops at the "x"): one
+        # per 64 weight rows and 32 bytes of K
+        assert mma["loop"].get("QGMMA.64", 0) == mma["mmas"]
+        assert mma["mmas"] == config_n // 64 * config_k // 32
+        assert mma["per_1000_weights"] < 0.25 * fma["per_1000_weights"]
+    # mmq quantizes the activation tile in the loop (fp32 -> e4m3 packs: conversions, but of x, not of the weight)
+    mmq = result["mmq:128x256:w4:s3"]
+    assert mmq["loop"].get("F2FP.F16.E4M3.UNPACK_B", 0) == 0 and mmq["loop"].get("HADD2.F32", 0) == 0
+    assert not any(op.startswith("HMMA") for op in mmq["loop"]), mmq["loop"]
+    assert mmq["loop"].get("F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C", 0) > 0
+    assert mmq["loop"].get("QGMMA.64", 0) == mmq["mmas"] == 128 // 64 * 256 // 32
+    assert mmq["per_1000_weights"] < 0.5 * fma["per_1000_weights"]
