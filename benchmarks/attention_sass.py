@@ -73,7 +73,10 @@ def compile_prefill(cache_ty: str, dot_ty: str, v_pairs: bool, block_m: int, til
     return _compile(kernel, pointers, {"qk_scale", "cap_log2", "v_scale"}, constexprs, num_warps, num_stages)
 
 
-def _compile(kernel, pointers: dict[str, str], floats: set[str], constexprs: dict, num_warps: int, num_stages: int):
+def _compile(kernel, pointers: dict[str, str], floats: set[str], constexprs: dict, num_warps: int, num_stages: int,
+             divisible_ints: frozenset[str] = frozenset()):  # fmt: skip
+    """The kernel compiled for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU:
+    pointers, the strides (but the block table's) and ``divisible_ints`` marked divisible by 16."""
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -85,7 +88,7 @@ def _compile(kernel, pointers: dict[str, str], floats: set[str], constexprs: dic
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name.startswith("stride_") and name not in ("stride_bt",):
+            if (name.startswith("stride_") and name not in ("stride_bt",)) or name in divisible_ints:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     backend = make_backend(TARGET)

@@ -25,10 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("fp8_gemm_sass.py compiles the kernels: run it without TRITON_INTERPRET=1")
 
-import triton  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-
-from benchmarks.attention_sass import TARGET, loop_body, sass_and_resources  # noqa: E402
+from benchmarks.attention_sass import _compile as compile_sm90, loop_body, sass_and_resources  # noqa: E402
 from kernels import fp8_linear  # noqa: E402
 from kernels.skinny_gemm import SkinnyConfig  # noqa: E402
 
@@ -39,20 +36,7 @@ DIVISIBLE_INTS = {"K", "k_per_split"}  # 4096 / 14336 and multiples of block_k: 
 
 
 def _compile(kernel, pointers: dict[str, str], constexprs: dict, num_warps: int, num_stages: int):
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride_") or name in DIVISIBLE_INTS:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = make_backend(TARGET).parse_options({"num_warps": num_warps, "num_stages": num_stages})
-    return triton.compile(src, target=TARGET, options=options.__dict__)
+    return compile_sm90(kernel, pointers, set(), constexprs, num_warps, num_stages, divisible_ints=DIVISIBLE_INTS)
 
 
 def compile_fma(config: SkinnyConfig, block_m: int = 1):

@@ -7,17 +7,7 @@ Compiled in a subprocess without TRITON_INTERPRET (the test session interprets t
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-import triton
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+from tests.benchmarks.offline_sass import needs_sass_tools, run_compile_script
 
 COMPILE = """
 import json
@@ -30,16 +20,9 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(not (BIN / "ptxas").exists() or not (BIN / "cuobjdump").exists(),
-                    reason="this Triton build ships no ptxas / cuobjdump")  # fmt: skip
+@needs_sass_tools
 def test_fp8_pairs_loop_has_no_byte_loads_and_fewer_instructions():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=ROOT)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_compile_script(COMPILE)
     first, pairs = result["first"], result["pairs"]
     assert first["loop"].get("F2F.BF16.F16", 0) > 0  # the first path: e4m3 -> f16 -> bf16, one value at a time
     assert first["loop"].get("LDS.U8", 0) > 0  # and V transposed byte by byte

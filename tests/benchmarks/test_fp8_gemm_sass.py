@@ -8,17 +8,7 @@ Compiled in a subprocess without TRITON_INTERPRET (the test session interprets t
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-import triton
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+from tests.benchmarks.offline_sass import needs_sass_tools, run_compile_script
 
 COMPILE = """
 import json
@@ -34,16 +24,9 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(not (BIN / "ptxas").exists() or not (BIN / "cuobjdump").exists(),
-                    reason="this Triton build ships no ptxas / cuobjdump")  # fmt: skip
+@needs_sass_tools
 def test_mma_loop_feeds_fp8_to_wgmma_without_converting_the_weight():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, timeout=300, env=env,
-                          cwd=ROOT)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_compile_script(COMPILE)
     fma = result["fma:2x1024:w4:p0"]
     assert fma["loop"].get("F2FP.F16.E4M3.UNPACK_B", 0) > 0 and fma["loop"].get("HADD2.F32", 0) > 0
     assert fma["mmas"] == 0 and fma["conversions"] > 0
