@@ -23,6 +23,7 @@ from core.spec_decode.proposer import make_proposer
 from core.step_recovery import FaultInjector, StepFailureTracker
 from core.structured_output.manager import StructuredOutputManager
 from core.structured_output.tokenizer_info import load_tokenizer_info
+from ipc.scheduler_output import SchedulerOutput as StepPlan
 from ipc.messages import (
     EngineConfig,
     EngineOutput,
@@ -223,16 +224,32 @@ class EngineCore:
             self.spec_metrics.fill(stats)
         return EngineOutputs(outputs, stats, timestamp=time.time(), errors=errors)
 
-    def _step(self, outputs: list[EngineOutput], errors: list[RequestError]) -> list[SchedulerOutput] | None:
-        """One step's work, appending to ``outputs`` as results come; the steps whose sampled tokens were processed
-        (with async scheduling, the previous launch), or None when no work ran."""
-        if self.overlap_outputs:
-            return self._step_overlapped(outputs, errors)
+    def _schedule(self, errors: list[RequestError]) -> SchedulerOutput:
+        """The next step's schedule. The sequences it freed are forgotten by the plan builder and the proposer;
+        requests whose grammar failed are failed (appended to ``errors``)."""
         sched = self.scheduler.schedule()
         self.plan_builder.forget(sched.freed_keys)
         if self.proposer is not None:
             self.proposer.remove(sched.freed_keys)
         errors.extend(self._fail_grammars())
+        return sched
+
+    def _plan(self, sched: SchedulerOutput) -> StepPlan:
+        """The runner's message for a schedule with work (after the test-only fault injector's check), also sent
+        to the worker processes when there are any."""
+        if self._faults.enabled:
+            self._faults.check((s.seq.request_id, s.seq.prompt_token_ids) for s in sched.scheduled)
+        plan = self.plan_builder.build(sched, self.kv.seq_blocks)
+        if self.executor is not None:
+            self.executor.send(plan)
+        return plan
+
+    def _step(self, outputs: list[EngineOutput], errors: list[RequestError]) -> list[SchedulerOutput] | None:
+        """One step's work, appending to ``outputs`` as results come; the steps whose sampled tokens were processed
+        (with async scheduling, the previous launch), or None when no work ran."""
+        if self.overlap_outputs:
+            return self._step_overlapped(outputs, errors)
+        sched = self._schedule(errors)
         if self._inflight is not None:
             self._involved.append(self._inflight[0])
         self._involved.append(sched)
@@ -243,12 +260,8 @@ class EngineCore:
             ran = [self._finish_inflight(outputs)]
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
         if sched.scheduled:
-            if self._faults.enabled:
-                self._faults.check((s.seq.request_id, s.seq.prompt_token_ids) for s in sched.scheduled)
             prev = self._inflight[1] if self._inflight is not None else None
-            plan = self.plan_builder.build(sched, self.kv.seq_blocks)
-            if self.executor is not None:
-                self.executor.send(plan)
+            plan = self._plan(sched)
             ran = ran or []
 
             def finish_previous(sampling_seqs: list | None = None) -> None:
@@ -276,21 +289,13 @@ class EngineCore:
         if self._inflight is not None:
             self._involved.append(self._inflight[0])
             ran = [self._finish_inflight(outputs)]
-        sched = self.scheduler.schedule()
-        self.plan_builder.forget(sched.freed_keys)
-        self.proposer.remove(sched.freed_keys)
-        errors.extend(self._fail_grammars())
+        sched = self._schedule(errors)
         self._involved.append(sched)
         if sched.is_empty:
             if ran is None and not outputs:
                 self.structured.wait_for_compile(0.005)  # only grammars compiling: do not spin against the compiler
             return ran
-        if self._faults.enabled:
-            self._faults.check((s.seq.request_id, s.seq.prompt_token_ids) for s in sched.scheduled)
-        plan = self.plan_builder.build(sched, self.kv.seq_blocks)
-        if self.executor is not None:
-            self.executor.send(plan)
-        self._inflight = (sched, self.runner.launch(plan))
+        self._inflight = (sched, self.runner.launch(self._plan(sched)))
         return ran or []
 
     def _step_pipelined(self, outputs: list[EngineOutput], errors: list[RequestError]) -> list[SchedulerOutput] | None:
@@ -303,19 +308,12 @@ class EngineCore:
         self._involved.extend(step for step, _ in queue)
         if len(queue) >= self.micro_batches:
             ran.append(self._finish_oldest_batch(outputs))
-        sched = self.scheduler.schedule()
-        self.plan_builder.forget(sched.freed_keys)
-        if self.proposer is not None:
-            self.proposer.remove(sched.freed_keys)
-        errors.extend(self._fail_grammars())
+        sched = self._schedule(errors)
         self._involved.append(sched)
         if sched.is_empty and not queue and not outputs:
             self.structured.wait_for_compile(0.005)  # only grammars compiling: do not spin against the compiler
         if sched.scheduled:
-            if self._faults.enabled:
-                self._faults.check((s.seq.request_id, s.seq.prompt_token_ids) for s in sched.scheduled)
-            plan = self.plan_builder.build(sched, self.kv.seq_blocks)
-            self.executor.send(plan)
+            plan = self._plan(sched)
             for scheduled in sched.scheduled:
                 scheduled.seq.in_flight = True
             queue.append((sched, self.runner.start_step(plan)))
