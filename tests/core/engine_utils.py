@@ -21,15 +21,20 @@ def run_engine(engine, prompts: list[list[int]], params: SamplingParams | list[S
     results: dict[tuple[int, int], dict] = {}
     while engine.has_work():
         for out in engine.step().outputs:
-            r = results.setdefault((int(out.request_id), out.index),
-                                   {"tokens": [], "logprobs": [], "finish_reason": None, "prompt_logprobs": None})
-            r["tokens"].extend(out.new_token_ids)
-            if out.new_logprobs is not None:
-                for ids, lps in zip(out.new_logprobs.token_ids, out.new_logprobs.logprobs):
-                    r["logprobs"].append(dict(zip(ids, lps)))
-            if out.prompt_logprobs is not None:
-                r["prompt_logprobs"] = out.prompt_logprobs
-            if out.finish_reason is not None:
-                r["finish_reason"] = out.finish_reason
-                r["stop_reason"] = out.stop_reason
+            record_output(results, (int(out.request_id), out.index), out)
     return results
+
+
+def record_output(results: dict, key, out) -> None:
+    """Fold one engine output into ``results[key]``: {"tokens", "logprobs", "finish_reason", "prompt_logprobs",
+    "stop_reason"}."""
+    r = results.setdefault(key, {"tokens": [], "logprobs": [], "finish_reason": None, "prompt_logprobs": None})
+    r["tokens"].extend(out.new_token_ids)
+    if out.new_logprobs is not None:
+        for ids, lps in zip(out.new_logprobs.token_ids, out.new_logprobs.logprobs):
+            r["logprobs"].append(dict(zip(ids, lps)))
+    if out.prompt_logprobs is not None:
+        r["prompt_logprobs"] = out.prompt_logprobs
+    if out.finish_reason is not None:
+        r["finish_reason"] = out.finish_reason
+        r["stop_reason"] = out.stop_reason

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from ipc.messages import EngineRequest, FinishReason, SamplingParams
-from tests.core.engine_utils import make_engine, run_engine
+from tests.core.engine_utils import make_engine, record_output, run_engine
 from tests.distributed.test_tensor_parallel import save_model
 
 # Shared prefixes (prefix-cache hits), a prompt longer than the token budget (chunked prefill), short ones.
@@ -33,13 +33,7 @@ def run_recording_batches(engine, prompts, params, abort_after: int | None = Non
     steps = 0
     while engine.has_work():
         for out in engine.step().outputs:
-            r = results.setdefault(int(out.request_id), {"tokens": [], "logprobs": [], "finish_reason": None})
-            r["tokens"].extend(out.new_token_ids)
-            if out.new_logprobs is not None:
-                for ids, lps in zip(out.new_logprobs.token_ids, out.new_logprobs.logprobs):
-                    r["logprobs"].append(dict(zip(ids, lps)))
-            if out.finish_reason is not None:
-                r["finish_reason"] = out.finish_reason
+            record_output(results, int(out.request_id), out)
         snapshots.append([{s.seq.request_id for s in sched.scheduled} for sched, _ in engine._batch_queue])
         steps += 1
         if steps == abort_after:
@@ -48,6 +42,14 @@ def run_recording_batches(engine, prompts, params, abort_after: int | None = Non
             assert len(aborted) == num_aborts, snapshots[-1]
             engine.abort_requests(aborted)
     return results, snapshots, aborted
+
+
+def one_device_reference(path, params: SamplingParams, settings: dict) -> dict:
+    engine = make_engine(path, **settings)
+    try:
+        return run_engine(engine, PROMPTS, params)
+    finally:
+        engine.shutdown()
 
 
 def assert_two_disjoint_batches_in_flight(snapshots):
@@ -66,11 +68,7 @@ def test_pp2_micro_batches_greedy_equal_one_device(models_dir, arch, overrides):
     path = save_model(models_dir, arch, **overrides)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
     settings = dict(dtype="float32", max_num_seqs=8, max_num_batched_tokens=32)
-    engine = make_engine(path, **settings)
-    try:
-        reference = run_engine(engine, PROMPTS, params)
-    finally:
-        engine.shutdown()
+    reference = one_device_reference(path, params, settings)
     engine = make_engine(path, pipeline_parallel_size=2, **settings)
     try:
         assert engine.micro_batches == 2
@@ -95,11 +93,7 @@ def test_pp2_micro_batches_with_preemption_and_aborts_in_flight(models_dir):
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     settings = dict(dtype="float32", max_num_seqs=6, num_gpu_blocks_override=17, block_size=4,
                     max_num_batched_tokens=16, max_model_len=64)
-    engine = make_engine(path, **settings)
-    try:
-        reference = run_engine(engine, PROMPTS, params)
-    finally:
-        engine.shutdown()
+    reference = one_device_reference(path, params, settings)
     engine = make_engine(path, pipeline_parallel_size=2, **settings)
     try:
         results, snapshots, aborted = run_recording_batches(engine, PROMPTS, params, abort_after=6, num_aborts=2)
