@@ -20,7 +20,9 @@ import time
 from benchmarks.throughput import make_workload
 
 
-def _timed(totals: dict[str, float], name: str, fn):
+def _timed(totals: dict[str, float], name: str, fn, count_calls: bool = False):
+    """``fn`` adding its wall time to ``totals[name]`` (and, with ``count_calls``, 1 to ``totals[name + "_calls"]``)."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         t0 = time.perf_counter()
@@ -28,6 +30,8 @@ def _timed(totals: dict[str, float], name: str, fn):
             return fn(*args, **kwargs)
         finally:
             totals[name] += time.perf_counter() - t0
+            if count_calls:
+                totals[name + "_calls"] += 1
 
     return wrapper
 

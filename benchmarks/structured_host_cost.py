@@ -20,24 +20,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import json
 import logging
 import time
 from pathlib import Path
 
-
-def _timed(totals: dict, name: str, fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            totals[name] += time.perf_counter() - t0
-            totals[name + "_calls"] += 1
-
-    return wrapper
+from benchmarks.profile_step import _timed
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -55,11 +43,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.grammar_threads is not None:
         engine.structured.overlap = args.grammar_threads == "on"
     totals: dict = collections.defaultdict(float)
-    engine.structured.bitmask = _timed(totals, "mask_fill_s", engine.structured.bitmask)
-    engine.structured.accept = _timed(totals, "accept_s", engine.structured.accept)
+    engine.structured.bitmask = _timed(totals, "mask_fill_s", engine.structured.bitmask, count_calls=True)
+    engine.structured.accept = _timed(totals, "accept_s", engine.structured.accept, count_calls=True)
     if hasattr(engine.structured, "prepare"):  # absent before the grammar threads: lets it time an older build
-        engine.structured.prepare = _timed(totals, "prepare_s", engine.structured.prepare)
-    core.sampler.apply_token_bitmask = _timed(totals, "mask_apply_s", core.sampler.apply_token_bitmask)
+        engine.structured.prepare = _timed(totals, "prepare_s", engine.structured.prepare, count_calls=True)
+    core.sampler.apply_token_bitmask = _timed(totals, "mask_apply_s", core.sampler.apply_token_bitmask,
+                                              count_calls=True)
     prompts = [[1 + (7 * i + j) % 1000 for j in range(args.prompt_len)] for i in range(args.num_requests)]
     json_object = StructuredOutputsParams(json_object=True)
     passes = {
