@@ -180,17 +180,17 @@ def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 # an ``mma`` one (W8A8: per-token e4m3 activations, fp8 tensor cores); None sends the shape to the tl.dot kernel.
 # Paste the block printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; unlisted shapes use
 # FP8_DEFAULT_CONFIGS.
-FP8_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-02, Llama-3.1-8B, M = 1
-    (1, 6144, 4096): _c("fma:2x1024:w4:p0"),  # qkv_proj: fma 13.8 us, tl.dot 21.5 us
-    (1, 4096, 4096): _c("fma:16x512:w8:p0"),  # o_proj: fma 9.2 us, tl.dot 15.8 us
-    (1, 28672, 4096): _c("fma:4x512:w4:p0"),  # gate_up_proj: fma 49.4 us, tl.dot 51.2 us
-    (1, 4096, 14336): _c("fma:16x512:w8:p0"),  # down_proj: fma 25.5 us, tl.dot 47.9 us
+FP8_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-02 (3rd), Llama-3.1-8B, M = 1
+    (1, 6144, 4096): _c("fma:2x1024:w4:p0"),  # qkv_proj: fma 14.1 us, mma 16.3, mmq 22.4, tl.dot 21.8, _scaled_mm 23.5
+    (1, 4096, 4096): _c("fma:8x512:w4:p0"),  # o_proj: fma 9.7 us, mma 14.0, mmq 17.0, tl.dot 16.3, _scaled_mm 19.0
+    (1, 28672, 4096): _c("mma:128x256:w8:s4"),  # gate_up_proj: mma 41.9 us, fma 52.4, mmq 45.0, tl.dot 52.9, _scaled_mm 55.6
+    (1, 4096, 14336): _c("fma:8x512:w4:p0"),  # down_proj: fma 26.7 us, mma 29.1, mmq 43.1, tl.dot 50.3, _scaled_mm 47.3
 }
 # Per M bucket, sized for 1-byte elements: one 16-byte load is 16 weights, so a [block_n, block_k] tile holds twice
 # the bf16 kernel's elements per byte; 16-32 weights (1-2 loads) per thread per tile keep the M fp32 accumulator
 # tiles (block_n * block_k / threads registers each) within ~128 registers.
 FP8_DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {
-    1: _c("fma:4x1024:w4:p0"),  # 32 weights per thread per tile
+    1: _c("fma:16x512:w8:p0"),  # measured: best geo-mean over the Llama-3.1-8B layer shapes (21.6 us)
     2: _c("fma:4x512:w4:p0"),  # 16 per thread: two accumulator tiles
     4: _c("fma:4x512:w4:p0"),  # 16 per thread: four accumulator tiles
 }
