@@ -4,6 +4,11 @@ the top GPU kernels, measured on steady-state decode steps of a workload.
     python -m benchmarks.profile_step --model .models/qwen3-0.6b --workload W1 --steps 50
     python -m benchmarks.profile_step --model .models/qwen3-0.6b --decode-variant lpt-db32-fused \
         --skinny-config fma:8x512:w4:p0
+    python -m benchmarks.profile_step --model .models/smollm2-135m --json-object   # every request json_object
+
+With ``--json-object`` (a model directory with a tokenizer) the grammar work on the engine thread is timed too:
+``prepare`` (hand the last tokens and next rows to the grammar thread), ``bitmask`` (wait for the masks, upload) and
+``accept`` (advance matchers when no mask job ran); the mask apply shows among the GPU kernels.
 
 The kernel switches (decode-attention variant, skinny-GEMM settings) are set in this process before the engine is
 built, so the profiled steps (and the CUDA graphs captured for them) use them.
@@ -64,20 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skinny-max-m", type=int, default=None, help="largest M that takes the skinny GEMM")
     p.add_argument("--skinny-pdl", action="store_true", help="skinny GEMMs with programmatic dependent launch")
     p.add_argument("--no-skinny-gemm", action="store_true", help="cuBLAS for every linear layer")
+    p.add_argument("--json-object", action="store_true", help="every request under response_format json_object")
     args = p.parse_args(argv)
     _set_kernel_switches(args)
 
     import torch
 
     from frontend import LLM, SamplingParams
-    from ipc.messages import EngineRequest
+    from ipc.messages import EngineRequest, StructuredOutputsParams
 
-    llm = LLM(args.model, load_format=args.load_format, max_model_len=args.max_model_len, skip_tokenizer_init=True,
+    llm = LLM(args.model, load_format=args.load_format, max_model_len=args.max_model_len, skip_tokenizer_init=not args.json_object,
               enforce_eager=args.enforce_eager)
     engine = llm.engine
     workload = make_workload(args.workload, args.num_prompts)
     for i, (prompt, max_tokens) in enumerate(zip(workload.prompts, workload.max_tokens)):
-        params = SamplingParams(temperature=workload.temperature, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=workload.temperature, max_tokens=max_tokens, ignore_eos=not args.json_object,
+                                structured_outputs=StructuredOutputsParams(json_object=True) if args.json_object else None)
         engine.add_request(EngineRequest(str(i), prompt, params))
     for _ in range(args.warmup_steps):  # past the prefills
         engine.step()
@@ -93,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model_runner.StepHandle.result = _timed(totals, "wait for GPU + read tokens", model_runner.StepHandle.result)
     engine._update = _timed(totals, "update requests + outputs", engine._update)
+    if args.json_object:
+        structured = engine.structured
+        for name in ("prepare", "bitmask", "accept"):
+            setattr(structured, name, _timed(totals, f"grammar {name}", getattr(structured, name)))
 
     batch_sizes = []
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
