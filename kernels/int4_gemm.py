@@ -390,3 +390,193 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------- mma kernel (M <= 16, w4a16 on the tensor cores)
+
+# Magic-number dequantization: a nibble q or'ed into the low mantissa bits of a float whose units-in-the-last-place
+# are 1 (fp16 1024.0 = 0x6400, bf16 128.0 = 0x4300, fp32 2^23 = 0x4B000000) is that float + q exactly, so
+# ``(bits | q) - (magic + z)`` is ``q - z`` without an int -> float conversion.
+_MAGIC_F16 = tl.constexpr(0x6400)
+_MAGIC_BF16 = tl.constexpr(0x4300)
+_MAGIC_F32 = tl.constexpr(0x4B000000)
+_MAGIC_VALUES = {torch.float16: 1024.0, torch.bfloat16: 128.0, torch.float32: 8388608.0}
+
+
+@triton.jit
+def _nibble_magic(halves, j: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Interpreter / fallback: nibble ``j`` of each int16 or'ed into the magic float's mantissa (magic + q)."""
+    q = (halves.to(tl.int32) >> (4 * j)) & 0xF
+    if DOT_DTYPE == tl.float16:
+        return (q | _MAGIC_F16).to(tl.int16).to(tl.float16, bitcast=True)
+    elif DOT_DTYPE == tl.bfloat16:
+        return (q | _MAGIC_BF16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return (q | _MAGIC_F32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dequant_halves(halves, magic_z, hi_z, s, DOT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
+    """``[BN, E]`` int16 (four 4-bit codes each, nibble j at bits 4j) -> four ``[BN, E]`` tiles of ``(q_j - z) * s``
+    in ``DOT_DTYPE``. ``magic_z`` is ``magic + z``, ``hi_z`` is ``-(magic / 16 + z)`` (fp16 only), both in DOT_DTYPE.
+
+    ``USE_ASM`` (CUDA, fp16 / bf16): two int16 per 32-bit register, so each step below is one instruction per two
+    weights. fp16 (Marlin's): ``lop3`` puts nibbles 0 and 1 of both halves into the mantissas of 1024.0 (nibble 1
+    as 16 q: subtracted as ``fma(h, 1/16, -(64 + z))``), one shift and two more ``lop3`` give nibbles 2 and 3; then
+    ``sub`` / ``fma`` for the zero point and ``mul`` for the scale, all ``.f16x2``. bf16 (7 mantissa bits: every
+    nibble shifted down to bits 0..3 of 128.0): three shifts, four ``lop3``, ``fma.bf16x2`` by 1 and ``-(128 + z)``
+    and by the scale (+ -0.0). The fallback does the same arithmetic one element at a time."""
+    if USE_ASM:
+        if DOT_DTYPE == tl.float16:
+            w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 a, b, c, d, t, k;
+                mov.b32 k, 0x2c002c00;
+                lop3.b32 a, $4, 0x000f000f, 0x64006400, 0xea;
+                lop3.b32 b, $4, 0x00f000f0, 0x64006400, 0xea;
+                shr.u32 t, $4, 8;
+                lop3.b32 c, t, 0x000f000f, 0x64006400, 0xea;
+                lop3.b32 d, t, 0x00f000f0, 0x64006400, 0xea;
+                sub.f16x2 a, a, $5;
+                fma.rn.f16x2 b, b, k, $6;
+                sub.f16x2 c, c, $5;
+                fma.rn.f16x2 d, d, k, $6;
+                mul.f16x2 $0, a, $7;
+                mul.f16x2 $1, b, $7;
+                mul.f16x2 $2, c, $7;
+                mul.f16x2 $3, d, $7;
+                }""",
+                constraints="=r,=r,=r,=r,r,r,r,r", args=[halves, magic_z, hi_z, s],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+        else:
+            w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 a, b, c, d, t, one, nz;
+                mov.b32 one, 0x3f803f80;
+                mov.b32 nz, 0x80008000;
+                lop3.b32 a, $4, 0x000f000f, 0x43004300, 0xea;
+                shr.u32 t, $4, 4;
+                lop3.b32 b, t, 0x000f000f, 0x43004300, 0xea;
+                shr.u32 t, $4, 8;
+                lop3.b32 c, t, 0x000f000f, 0x43004300, 0xea;
+                shr.u32 t, $4, 12;
+                lop3.b32 d, t, 0x000f000f, 0x43004300, 0xea;
+                fma.rn.bf16x2 a, a, one, $5;
+                fma.rn.bf16x2 b, b, one, $5;
+                fma.rn.bf16x2 c, c, one, $5;
+                fma.rn.bf16x2 d, d, one, $5;
+                fma.rn.bf16x2 $0, a, $7, nz;
+                fma.rn.bf16x2 $1, b, $7, nz;
+                fma.rn.bf16x2 $2, c, $7, nz;
+                fma.rn.bf16x2 $3, d, $7, nz;
+                }""",
+                constraints="=r,=r,=r,=r,r,r,r,r", args=[halves, -magic_z, hi_z, s],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+    else:
+        w0 = (_nibble_magic(halves, 0, DOT_DTYPE) - magic_z) * s
+        w1 = (_nibble_magic(halves, 1, DOT_DTYPE) - magic_z) * s
+        w2 = (_nibble_magic(halves, 2, DOT_DTYPE) - magic_z) * s
+        w3 = (_nibble_magic(halves, 3, DOT_DTYPE) - magic_z) * s
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_qn, stride_om,
+                     stride_os, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, USE_ASM: tl.constexpr):  # fmt: skip
+    """Program (n, split): ``out[split][:, n block] = x[:, split's K] @ W[split's K, n block]``, computed as
+    ``W^T @ x^T`` so the dequantized ``[BLOCK_N, BLOCK_K]`` weight tile is the MMA's M side (64 / 128 rows: Hopper
+    wgmma) and the 16 padded token rows its N side; fp32 accumulation in place across K.
+
+    ``qh_ptr`` is the kernel layout's qweight viewed as int16 ``[N, K / 4]``: half ``h`` of word ``p`` holds
+    nibbles ``4h .. 4h + 3``, so nibble ``j`` of int16 ``e = 2p + h`` is nibble ``i = 4h + j`` of word ``p``,
+    dequantized into tile column ``4e + j = 8p + i`` (input row ``32c + 4i + r`` for ``p = 4c + r``): x's tile
+    columns are reordered to match (as in ``_int4_gemm_kernel``). A tile lies within one group (BLOCK_K <=
+    GROUP_SIZE, one scale / zero per column) or spans whole groups (GROUP_SIZE < BLOCK_K: ``[BLOCK_N, groups]``
+    scales broadcast over each group's ``GROUP_SIZE / 4`` int16). ``MAGIC``: the magic float's value in x's dtype."""
+    HALVES: tl.constexpr = BLOCK_K // 4
+    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # groups per tile, when a tile spans several
+    DOT_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_e = tl.arange(0, HALVES)
+    x_rows = tl.minimum(offs_m, M - 1)  # padding rows re-read row M-1 and are never stored
+    w_rows = tl.minimum(offs_n, N - 1)  # unmasked loads; tail columns are never stored
+    x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
+    q_ptrs = qh_ptr + (w_rows.to(tl.int64) * stride_qn)[:, None] + offs_e[None, :]
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        halves = tl.load(q_ptrs + k0 // 4)
+        if BLOCK_K <= GROUP_SIZE:
+            sz = (k0 // GROUP_SIZE) * N + w_rows
+            s = tl.load(s_ptr + sz).to(tl.float32)[:, None]
+            z = tl.load(z_ptr + sz).to(tl.float32)[:, None]
+        else:
+            sz = (k0 // GROUP_SIZE + tl.arange(0, GROUPS))[None, :] * N + w_rows[:, None]
+            s = tl.load(s_ptr + sz).to(tl.float32)
+            z = tl.load(z_ptr + sz).to(tl.float32)
+            s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE // 4)), (BLOCK_N, HALVES))
+            z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE // 4)), (BLOCK_N, HALVES))
+        shape: tl.constexpr = (BLOCK_N, HALVES)
+        magic_z = tl.broadcast_to((MAGIC + z).to(DOT_DTYPE), shape)
+        hi_z = tl.broadcast_to((-(MAGIC / 16.0) - z).to(DOT_DTYPE), shape)
+        w0, w1, w2, w3 = _dequant_halves(halves, magic_z, hi_z, tl.broadcast_to(s.to(DOT_DTYPE), shape), DOT_DTYPE,
+                                         USE_ASM)
+        # join adds a minor dim: [BN, E, 2, 2] with [.., u, t] = nibble 2u + t -> tile column 4e + j
+        w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, BLOCK_K))
+        x = tl.load(x_ptrs + k0)
+        x = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 8, 4)), (0, 1, 3, 2)), (BLOCK_M, BLOCK_K))
+        if DOT_DTYPE == tl.float32:  # CPU-path dtype (tests): no TF32 rounding on the GPU
+            acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.float32, input_precision="ieee")
+        else:
+            acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.float32)
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, tl.trans(acc).to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+INT4_MMA_MAX_M = 16
+
+
+def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group_size: int, config: SkinnyConfig, *, split_k: int | None = None) -> torch.Tensor:  # fmt: skip
+    """The tensor-core decode kernel on a 2-D ``x [M <= 16, K]`` (unit column stride; fp16 / bf16, fp32 for tests)
+    with an ``mma`` config whose block_k (a multiple of 32) divides K and nests with the group size. ``split_k``
+    defaults to ``decode_launch``'s rule at the config's block_n."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    block_k = config.block_k
+    if config.kind != "mma":
+        raise ValueError(f"int4_mma_gemm takes an mma config, got {config}")
+    if m > INT4_MMA_MAX_M:
+        raise ValueError(f"int4_mma_gemm takes at most {INT4_MMA_MAX_M} rows, got {m}")
+    if k % KERNEL_K_BLOCK:
+        raise ValueError(f"int4_mma_gemm: K={k} is not a multiple of {KERNEL_K_BLOCK} (the int4 kernel layout)")
+    if block_k % KERNEL_K_BLOCK or k % block_k or (group_size % block_k and block_k % group_size):
+        raise ValueError(f"int4_mma_gemm: config {config} does not fit K={k}, group {group_size} (block_k, a "
+                         f"multiple of {KERNEL_K_BLOCK}, must divide K and nest with the group size)")
+    if qweight.shape[1] * 8 != k:
+        raise ValueError(f"int4 qweight {tuple(qweight.shape)} does not match x {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        raise ValueError("int4_mma_gemm needs x with unit column stride")
+    if m == 0 or n == 0:
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
+    k_blocks = k // block_k
+    if split_k is None:
+        split_k = decode_launch(n, k_blocks, x.device.index if x.is_cuda else None, block_ns=(config.block_n,))[1]
+    k_per_split = triton.cdiv(k_blocks, max(1, split_k)) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    out = torch.empty((split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else x.dtype,
+                      device=x.device)
+    halves = qweight.view(torch.int16)  # [N, K / 4]
+    _int4_mma_kernel[(triton.cdiv(n, config.block_n), split_k)](
+        x, halves, scales, zeros, out, m, n, k, k_per_split, x.stride(0), halves.stride(0), n,
+        out.stride(0) if split_k > 1 else 0, GROUP_SIZE=group_size, BLOCK_M=16, BLOCK_N=config.block_n,
+        BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], USE_ASM=x.is_cuda and x.dtype in (torch.float16, torch.bfloat16),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out if split_k == 1 else out.sum(0).to(x.dtype)
