@@ -8,7 +8,7 @@ consecutive words are four consecutive elements (one 8-byte load), not four scat
 scales[k // group, n]``. A ``perm`` (GPTQ act-order) gathers x's columns first: the rows were sorted by group at load.
 ``core/layers/quantization/int4.py`` repacks AWQ and GPTQ checkpoints into this layout; K must be a multiple of 32.
 
-Two kernels:
+Three kernels:
 
 - ``fma`` (M <= 4, CUDA cores), the int4 twin of ``kernels/skinny_gemm.py``'s: each program owns ``block_n``
   columns and walks K in ``block_k`` tiles spanning any number of groups, the next tile's words (and its group
@@ -20,11 +20,19 @@ Two kernels:
   each program dequantizes a ``[block_k, block_n]`` tile of one group in registers, its x tile (loaded contiguous)
   reordered to the interleave in registers (``tl.permute``); at decode output blocks are narrow enough to give every SM work (``kernels/split_k.py``), and
   only small layers split K (fp32 partial sums, added up by one ``sum``).
+- ``mma`` (M <= 16, tensor cores; chosen only where a measured ``INT4_SKINNY_CONFIGS`` entry names it):
+  ``_int4_mma_kernel`` computes ``W^T @ x^T`` so the weight tile is the 64/128-row side of Hopper's wgmma (the fp8
+  ``_fp8_mma_kernel``'s trick), dequantizing it in registers with Marlin's magic-number conversion: nibbles or'ed
+  into the mantissa of fp16 1024.0 / bf16 128.0 two at a time (``lop3``), then ``- (magic + zero)`` and ``* scale``
+  as packed half2 ops (inline PTX; plain bit ops under the interpreter), fp32 accumulation in place across K.
+  ``benchmarks/int4_gemm_sass.py`` counts its loop against the fma kernel's offline.
 
 ``int4_linear_ref`` (unpack, dequantize, fp32 matmul) is the reference and the CPU path.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -215,7 +223,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 
 # ------------------------------------------------------------------------------- fma kernel (M <= 4, CUDA cores)
 
-# Exact shapes: (m_bucket, N, K) -> config for M <= 4 at group 128; None sends the shape to the tl.dot kernel.
+# Exact shapes: (m_bucket, N, K) -> config at group 128: an ``fma`` one (CUDA cores, M <= 4) or an ``mma`` one
+# (tensor cores, M <= 16: ``_int4_mma_kernel``); None sends the shape to the tl.dot kernel.
 # Paste the block printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; other shapes use
 # INT4_DEFAULT_CONFIGS. block_k counts input rows (block_k / 8 words per column per tile).
 INT4_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-02, Llama-3.1-8B, M = 1
@@ -233,17 +242,21 @@ INT4_DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {
     4: _c("fma:8x1024:w4:p0"),
 }
 INT4_FMA_MAX_M = 4
+INT4_MMA_MAX_M = 16  # the mma kernel pads x to 16 rows (the MMA's N side)
 
 
 def pick_int4_config(m: int, n: int, k: int, group_size: int) -> SkinnyConfig | None:
-    """The fma configuration for this shape (M <= 4), or None for the tl.dot kernel."""
-    if m > INT4_FMA_MAX_M:
-        return None
+    """The decode configuration for this shape: ``fma`` (M <= 4) or ``mma`` (M <= 16, only where a table entry
+    names it), or None for the tl.dot kernel."""
     bucket = m_bucket(m)
+    if bucket > INT4_MMA_MAX_M:
+        return None
     key = (bucket, n, k)
     config = INT4_SKINNY_CONFIGS[key] if key in INT4_SKINNY_CONFIGS and group_size == 128 \
         else INT4_DEFAULT_CONFIGS.get(bucket)
-    return config if config is None else _fit_block_k(config, k, group_size)
+    if config is None or (config.kind == "fma" and m > INT4_FMA_MAX_M):
+        return None
+    return _fit_block_k(config, k, group_size)
 
 
 def _fit_block_k(config: SkinnyConfig, k: int, group_size: int) -> SkinnyConfig | None:
@@ -254,7 +267,7 @@ def _fit_block_k(config: SkinnyConfig, k: int, group_size: int) -> SkinnyConfig 
         block_k //= 2
     if block_k < KERNEL_K_BLOCK:
         return None
-    return config if block_k == config.block_k else SkinnyConfig("fma", config.block_n, block_k, config.num_warps)
+    return config if block_k == config.block_k else dataclasses.replace(config, block_k=block_k)
 
 
 @triton.jit
@@ -366,8 +379,11 @@ def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 def int4_decode_or_prefill_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                                 group_size: int) -> torch.Tensor:  # fmt: skip
-    """The fma kernel where this shape has an fma config (M <= 4), else the tl.dot kernel."""
+    """The shape's measured decode kernel (``pick_int4_config``: mma for M <= 16 or fma for M <= 4), else the tl.dot
+    kernel."""
     config = pick_int4_config(x.shape[0], qweight.shape[0], x.shape[1], group_size)
+    if config is not None and config.kind == "mma":
+        return int4_mma_gemm(x, qweight, scales, zeros, group_size, config)
     if config is not None:
         return int4_fma_gemm(x, qweight, scales, zeros, group_size, config)
     return int4_gemm(x, qweight, scales, zeros, group_size)
@@ -490,8 +506,8 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,
 
     ``qh_ptr`` is the kernel layout's qweight viewed as int16 ``[N, K / 4]``: half ``h`` of word ``p`` holds
     nibbles ``4h .. 4h + 3``, so nibble ``j`` of int16 ``e = 2p + h`` is nibble ``i = 4h + j`` of word ``p``,
-    dequantized into tile column ``4e + j = 8p + i`` (input row ``32c + 4i + r`` for ``p = 4c + r``): x's tile
-    columns are reordered to match (as in ``_int4_gemm_kernel``). A tile lies within one group (BLOCK_K <=
+    input row ``32c + 4i + r`` for ``p = 4c + r``; it is dequantized into tile column ``j * BLOCK_K / 4 + e`` and
+    x's tile columns are reordered to match. A tile lies within one group (BLOCK_K <=
     GROUP_SIZE, one scale / zero per column) or spans whole groups (GROUP_SIZE < BLOCK_K: ``[BLOCK_N, groups]``
     scales broadcast over each group's ``GROUP_SIZE / 4`` int16). ``MAGIC``: the magic float's value in x's dtype."""
     HALVES: tl.constexpr = BLOCK_K // 4
@@ -527,10 +543,14 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,
         hi_z = tl.broadcast_to((-(MAGIC / 16.0) - z).to(DOT_DTYPE), shape)
         w0, w1, w2, w3 = _dequant_halves(halves, magic_z, hi_z, tl.broadcast_to(s.to(DOT_DTYPE), shape), DOT_DTYPE,
                                          USE_ASM)
-        # join adds a minor dim: [BN, E, 2, 2] with [.., u, t] = nibble 2u + t -> tile column 4e + j
-        w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, BLOCK_K))
+        # Tile column j * E + e holds nibble j of int16 e (join adds a minor dim: [BN, E, 2, 2] with [.., u, t] =
+        # nibble 2u + t, moved in front of e): each 32-bit register the asm wrote is two adjacent tile columns.
+        w = tl.reshape(tl.permute(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (0, 2, 3, 1)), (BLOCK_N, BLOCK_K))
+        # ... which is input row 32c + 16h + 4j + r of the tile for e = 8c + 2r + h: x's columns reordered to match
+        # ([.., c, h, j, r] -> [.., j, c, r, h]), in registers / shared memory, not by a gather.
         x = tl.load(x_ptrs + k0)
-        x = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 8, 4)), (0, 1, 3, 2)), (BLOCK_M, BLOCK_K))
+        x = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 2, 4, 4)), (0, 3, 1, 4, 2)),
+                       (BLOCK_M, BLOCK_K))
         if DOT_DTYPE == tl.float32:  # CPU-path dtype (tests): no TF32 rounding on the GPU
             acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.float32, input_precision="ieee")
         else:
@@ -538,8 +558,6 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, tl.trans(acc).to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
-
-INT4_MMA_MAX_M = 16
 
 
 def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -576,7 +594,7 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     _int4_mma_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, halves, scales, zeros, out, m, n, k, k_per_split, x.stride(0), halves.stride(0), n,
         out.stride(0) if split_k > 1 else 0, GROUP_SIZE=group_size, BLOCK_M=16, BLOCK_N=config.block_n,
-        BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], USE_ASM=x.is_cuda and x.dtype in (torch.float16, torch.bfloat16),
+        BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out if split_k == 1 else out.sum(0).to(x.dtype)

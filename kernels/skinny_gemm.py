@@ -65,7 +65,8 @@ except ImportError:  # pragma: no cover - older Triton
 @dataclass(frozen=True)
 class SkinnyConfig:
     """One launch configuration. ``kind`` is ``"fma"``, ``"dot"`` or ``"mma"`` / ``"mmq"`` (the fp8 W8A8
-    tensor-core kernel, activations quantized by a separate launch / in the kernel; ``kernels/fp8_linear.py`` only);
+    tensor-core kernel, activations quantized by a separate launch / in the kernel; ``kernels/fp8_linear.py``; ``mma``
+    is also ``kernels/int4_gemm.py``'s w4a16 tensor-core kernel);
     ``prefetch`` (fma only) is how many tiles ahead each program asks L2 for (0: off); ``num_stages`` (the others)
     is Triton's software-pipeline depth."""
 
