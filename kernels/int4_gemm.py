@@ -425,8 +425,8 @@ def _nibble_magic(halves, j: tl.constexpr, DOT_DTYPE: tl.constexpr):
     q = (halves.to(tl.int32) >> (4 * j)) & 0xF
     if DOT_DTYPE == tl.float16:
         return (q | _MAGIC_F16).to(tl.int16).to(tl.float16, bitcast=True)
-    elif DOT_DTYPE == tl.bfloat16:
-        return (q | _MAGIC_BF16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif DOT_DTYPE == tl.bfloat16:  # bf16 128 + q as the top half of an fp32 (the same bits, widened)
+        return ((q | _MAGIC_BF16) << 16).to(tl.float32, bitcast=True)
     else:
         return (q | _MAGIC_F32).to(tl.float32, bitcast=True)
 
@@ -488,6 +488,13 @@ def _dequant_halves(halves, magic_z, hi_z, s, DOT_DTYPE: tl.constexpr, USE_ASM: 
                 }""",
                 constraints="=r,=r,=r,=r,r,r,r,r", args=[halves, -magic_z, hi_z, s],
                 dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+    elif DOT_DTYPE == tl.bfloat16:  # in fp32, rounded once at the end: the same bits as the PTX (q - z exact,
+        mz = magic_z.to(tl.float32)  # (q - z) * s exact in fp32); the interpreter's bf16 arithmetic is wrong
+        sf = s.to(tl.float32)
+        w0 = ((_nibble_magic(halves, 0, DOT_DTYPE) - mz) * sf).to(DOT_DTYPE)
+        w1 = ((_nibble_magic(halves, 1, DOT_DTYPE) - mz) * sf).to(DOT_DTYPE)
+        w2 = ((_nibble_magic(halves, 2, DOT_DTYPE) - mz) * sf).to(DOT_DTYPE)
+        w3 = ((_nibble_magic(halves, 3, DOT_DTYPE) - mz) * sf).to(DOT_DTYPE)
     else:
         w0 = (_nibble_magic(halves, 0, DOT_DTYPE) - magic_z) * s
         w1 = (_nibble_magic(halves, 1, DOT_DTYPE) - magic_z) * s
