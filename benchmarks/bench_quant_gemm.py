@@ -20,7 +20,8 @@ the step total), beside the current tl.dot kernels and the bf16 skinny kernel, e
 weight (copies >= 128 MB in all, so nothing is served from the 50 MB L2). It prints per (format, shape, M) the best
 config, us, GB/s and % of 4.28 TB/s (H200 HBM3e peak), a config block to paste into ``FP8_SKINNY_CONFIGS`` /
 ``FP8_DEFAULT_CONFIGS`` and ``INT4_SKINNY_CONFIGS`` / ``INT4_DEFAULT_CONFIGS`` (int4 candidates: the fma kernel's
-and the w4a16 tensor-core kernel's ``mma`` configs, ``int4_mma_gemm``, checked against ``int4_linear_ref``), and the predicted GEMM time of one
+and the w4a16 tensor-core kernel's ``mma`` / ``mms`` configs, ``int4_mma_gemm``, checked against
+``int4_linear_ref``), and the predicted GEMM time of one
 W3 decode step (32 layers x 4 GEMMs + the bf16 LM head). ``--sweep-dot`` is the older sweep of the tl.dot kernels'
 block_n x block_k x split_k x num_warps.
 """
@@ -215,14 +216,17 @@ INT4_CANDIDATES = ["fma:4x1024:w4:p0", "fma:8x1024:w4:p0", "fma:16x1024:w4:p0", 
 MAX_PER_THREAD = {("fp8", 1): 64, ("fp8", 2): 64, ("fp8", 4): 32, ("int4", 1): 16, ("int4", 2): 16, ("int4", 4): 8}
 # int4 tensor-core kernel (``int4_mma_gemm``, w4a16, any M <= 16, split K by decode_launch at the config's block_n):
 # weight tiles of 64 / 128 / 256 rows (one to four wgmma M-tiles) and 128-512 rows of K (tiles spanning groups
-# broadcast their scales), pipeline depth 2-5.
+# broadcast their scales), pipeline depth 2-5. ``mms``: the products scaled per tile instead of the weights (tiles
+# within a group: block_k <= 128), ~11% fewer loop instructions (benchmarks/int4_gemm_sass.py).
 INT4_MMA_CANDIDATES = ["mma:64x128:w4:s4", "mma:64x128:w4:s5", "mma:64x256:w4:s3", "mma:64x512:w4:s2",
                        "mma:128x128:w4:s3", "mma:128x128:w4:s4", "mma:128x256:w4:s3", "mma:128x128:w8:s4",
-                       "mma:128x256:w8:s3", "mma:128x512:w8:s2", "mma:256x128:w8:s3", "mma:256x256:w8:s2"]  # fmt: skip
+                       "mma:128x256:w8:s3", "mma:128x512:w8:s2", "mma:256x128:w8:s3", "mma:256x256:w8:s2",
+                       "mms:64x128:w4:s4", "mms:64x128:w4:s5", "mms:128x64:w4:s4", "mms:128x128:w4:s3",
+                       "mms:128x128:w4:s4", "mms:128x128:w8:s3", "mms:256x128:w8:s3"]  # fmt: skip
 SMOKE_FP8_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
 SMOKE_FP8_MMA_CANDIDATES = ["mma:64x64:w4:s1", "mmq:64x64:w4:s1"]
 SMOKE_INT4_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
-SMOKE_INT4_MMA_CANDIDATES = ["mma:64x128:w4:s1", "mma:64x256:w4:s1"]  # one group per tile / two
+SMOKE_INT4_MMA_CANDIDATES = ["mma:64x128:w4:s1", "mma:64x256:w4:s1", "mms:64x64:w4:s1"]  # 1 / 2 / 0.5 groups a tile
 
 
 def format_bytes(fmt: str, n: int, k: int) -> int:
@@ -406,7 +410,7 @@ def _best_fma(times: dict[str, float], kinds: tuple[str, ...] = ("fma",)) -> tup
     return (min(fma)[1], min(fma)[0]) if fma else None
 
 
-TABLE_KINDS = ("fma", "mma", "mmq")  # what a config table entry can name
+TABLE_KINDS = ("fma", "mma", "mmq", "mms")  # what a config table entry can name (mmq: fp8 only, mms: int4 only)
 
 
 def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: list[int]) -> None:
@@ -418,7 +422,7 @@ def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: lis
     for fmt in ("fp8", "int4"):
         print(f"\n## {fmt}: best table config (fma / mma / mmq) per (shape, M) against the current tl.dot kernel and bf16"
               " skinny" + ("; best fma, best mma / mmq (W8A8) and _scaled_mm with x padded to 16 beside" if fmt == "fp8"
-                           else "; best fma and best mma (w4a16 tensor cores) beside"))  # fmt: skip
+                           else "; best fma, best mma / mms (w4a16 tensor cores) beside"))  # fmt: skip
         for name, (n, k) in shapes.items():
             for m in m_values:
                 times = results.get((fmt, name, m), {})

@@ -1,6 +1,7 @@
 """What the compiler makes of the int4 (w4a16) decode GEMM loops, without a GPU: the CUDA-core ``_int4_fma_kernel``
 (nibbles or'ed into 1.0's mantissa, one FMA to dequantize and one per x row, all fp32) against the tensor-core
-``_int4_mma_kernel`` (magic-number dequantization two weights per 32-bit instruction, then wgmma).
+``_int4_mma_kernel`` (magic-number dequantization two weights per 32-bit instruction, then wgmma; ``mms`` configs
+scale each tile's product instead of each weight).
 
     python benchmarks/int4_gemm_sass.py                        # today's fma configs and mma candidates, sm_90, bf16
     python benchmarks/int4_gemm_sass.py --mma mma:128x256:w8:s3 --dtype fp16 --verbose --dump /tmp/sass
@@ -41,11 +42,12 @@ def compile_fma(config: SkinnyConfig, dtype: str = "bf16", block_m: int = 1):
 
 
 def compile_mma(config: SkinnyConfig, dtype: str = "bf16"):
-    """``_int4_mma_kernel`` as ``int4_mma_gemm`` launches it on the GPU (16 padded token rows, PTX dequantization)."""
+    """``_int4_mma_kernel`` as ``int4_mma_gemm`` launches it on the GPU (16 padded token rows, PTX dequantization;
+    an ``mms`` config scales the products instead of the weights)."""
     pointers = {"x_ptr": f"*{dtype}", "qh_ptr": "*i16", "s_ptr": f"*{dtype}", "z_ptr": f"*{dtype}",
                 "out_ptr": f"*{dtype}"}  # fmt: skip
     constexprs = dict(GROUP_SIZE=GROUP, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                      MAGIC=MAGIC[dtype], USE_ASM=True)  # fmt: skip
+                      MAGIC=MAGIC[dtype], SCALE_AFTER=config.kind == "mms", USE_ASM=True)  # fmt: skip
     return compile_sm90(int4_gemm._int4_mma_kernel, pointers, set(), constexprs, config.num_warps, config.num_stages,
                         divisible_ints={"K", "k_per_split"})  # fmt: skip
 
@@ -53,8 +55,8 @@ def compile_mma(config: SkinnyConfig, dtype: str = "bf16"):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fma", default="fma:8x1024:w4:p0,fma:16x512:w4:p0", help="comma-separated fma configs")
-    parser.add_argument("--mma", default="mma:64x128:w4:s4,mma:128x128:w4:s3,mma:64x256:w4:s3,mma:128x256:w8:s3",
-                        help="comma-separated mma configs")
+    parser.add_argument("--mma", default="mma:64x128:w4:s4,mma:128x128:w4:s3,mma:64x256:w4:s3,mma:128x256:w8:s3,"
+                        "mms:64x128:w4:s4,mms:128x128:w4:s3,mms:128x128:w8:s3", help="comma-separated mma / mms configs")
     parser.add_argument("--dtype", default="bf16", choices=sorted(MAGIC), help="activation dtype")
     parser.add_argument("--verbose", action="store_true", help="every opcode of the loop with its modifiers")
     parser.add_argument("--dump", default="", help="write each kernel's PTX and SASS into this folder")

@@ -25,7 +25,9 @@ Three kernels:
   ``_fp8_mma_kernel``'s trick), dequantizing it in registers with Marlin's magic-number conversion: nibbles or'ed
   into the mantissa of fp16 1024.0 / bf16 128.0 two at a time (``lop3``), then ``- (magic + zero)`` and ``* scale``
   as packed half2 ops (inline PTX; plain bit ops under the interpreter), fp32 accumulation in place across K.
-  ``benchmarks/int4_gemm_sass.py`` counts its loop against the fma kernel's offline.
+  ``mms``: the same kernel feeding ``q - z`` (exact) to the MMA and scaling each tile's fp32 product per column
+  (tiles within one group; ~11% fewer loop instructions). ``benchmarks/int4_gemm_sass.py`` counts their loops
+  against the fma kernel's offline.
 
 ``int4_linear_ref`` (unpack, dequantize, fp32 matmul) is the reference and the CPU path.
 """
@@ -223,8 +225,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 
 # ------------------------------------------------------------------------------- fma kernel (M <= 4, CUDA cores)
 
-# Exact shapes: (m_bucket, N, K) -> config at group 128: an ``fma`` one (CUDA cores, M <= 4) or an ``mma`` one
-# (tensor cores, M <= 16: ``_int4_mma_kernel``); None sends the shape to the tl.dot kernel.
+# Exact shapes: (m_bucket, N, K) -> config at group 128: an ``fma`` one (CUDA cores, M <= 4) or an ``mma`` / ``mms``
+# one (tensor cores, M <= 16: ``_int4_mma_kernel``); None sends the shape to the tl.dot kernel.
 # Paste the block printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; other shapes use
 # INT4_DEFAULT_CONFIGS. block_k counts input rows (block_k / 8 words per column per tile).
 INT4_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-02, Llama-3.1-8B, M = 1
@@ -243,11 +245,14 @@ INT4_DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {
 }
 INT4_FMA_MAX_M = 4
 INT4_MMA_MAX_M = 16  # the mma kernel pads x to 16 rows (the MMA's N side)
+# The tensor-core kernel's kinds: ``mma`` scales each weight before the MMA (tiles may span groups), ``mms`` scales
+# each tile's fp32 product per column after it (tiles within a group).
+INT4_MMA_KINDS = ("mma", "mms")
 
 
 def pick_int4_config(m: int, n: int, k: int, group_size: int) -> SkinnyConfig | None:
-    """The decode configuration for this shape: ``fma`` (M <= 4) or ``mma`` (M <= 16, only where a table entry
-    names it), or None for the tl.dot kernel."""
+    """The decode configuration for this shape: ``fma`` (M <= 4) or ``mma`` / ``mms`` (M <= 16, only where a table
+    entry names it), or None for the tl.dot kernel."""
     bucket = m_bucket(m)
     if bucket > INT4_MMA_MAX_M:
         return None
@@ -263,11 +268,18 @@ def _fit_block_k(config: SkinnyConfig, k: int, group_size: int) -> SkinnyConfig 
     """``config`` with block_k halved until it divides K and nests with the group size (one divides the other), or
     None if no multiple of 32 does."""
     block_k = config.block_k
-    while block_k >= KERNEL_K_BLOCK and (k % block_k or (group_size % block_k and block_k % group_size)):
+    while block_k >= KERNEL_K_BLOCK and not _block_k_fits(config.kind, block_k, k, group_size):
         block_k //= 2
     if block_k < KERNEL_K_BLOCK:
         return None
     return config if block_k == config.block_k else dataclasses.replace(config, block_k=block_k)
+
+
+def _block_k_fits(kind: str, block_k: int, k: int, group_size: int) -> bool:
+    """block_k divides K and nests with the group size (``mms``: divides it, so a tile has one scale per column)."""
+    if k % block_k or block_k % KERNEL_K_BLOCK:
+        return False
+    return group_size % block_k == 0 or (kind != "mms" and block_k % group_size == 0)
 
 
 @triton.jit
@@ -382,7 +394,7 @@ def int4_decode_or_prefill_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: 
     """The shape's measured decode kernel (``pick_int4_config``: mma for M <= 16 or fma for M <= 4), else the tl.dot
     kernel."""
     config = pick_int4_config(x.shape[0], qweight.shape[0], x.shape[1], group_size)
-    if config is not None and config.kind == "mma":
+    if config is not None and config.kind in INT4_MMA_KINDS:
         return int4_mma_gemm(x, qweight, scales, zeros, group_size, config)
     if config is not None:
         return int4_fma_gemm(x, qweight, scales, zeros, group_size, config)
@@ -431,21 +443,14 @@ def _nibble_magic(halves, j: tl.constexpr, DOT_DTYPE: tl.constexpr):
         return (q | _MAGIC_F32).to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _dequant_halves(halves, magic_z, hi_z, s, DOT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
-    """``[BN, E]`` int16 (four 4-bit codes each, nibble j at bits 4j) -> four ``[BN, E]`` tiles of ``(q_j - z) * s``
-    in ``DOT_DTYPE``. ``magic_z`` is ``magic + z``, ``hi_z`` is ``-(magic / 16 + z)`` (fp16 only), both in DOT_DTYPE.
+def _dequant_asm(body: str, scale_op: str) -> tl.constexpr:
+    """The PTX of one dequantization step: ``body`` leaves ``q - z`` of nibbles 0..3 in a, b, c, d (half2 each);
+    ``scale_op`` (``mul.f16x2 $i, r, $7`` / ``fma.rn.bf16x2 $i, r, $7, nz``, or ``mov.b32 $i, r``) writes outputs."""
+    tail = "\n".join("                " + scale_op.format(out=f"${i}", reg=reg) + ";" for i, reg in enumerate("abcd"))
+    return tl.constexpr("{\n" + body + tail + "\n}")
 
-    ``USE_ASM`` (CUDA, fp16 / bf16): two int16 per 32-bit register, so each step below is one instruction per two
-    weights. fp16 (Marlin's): ``lop3`` puts nibbles 0 and 1 of both halves into the mantissas of 1024.0 (nibble 1
-    as 16 q: subtracted as ``fma(h, 1/16, -(64 + z))``), one shift and two more ``lop3`` give nibbles 2 and 3; then
-    ``sub`` / ``fma`` for the zero point and ``mul`` for the scale, all ``.f16x2``. bf16 (7 mantissa bits: every
-    nibble shifted down to bits 0..3 of 128.0): three shifts, four ``lop3``, ``fma.bf16x2`` by 1 and ``-(128 + z)``
-    and by the scale (+ -0.0). The fallback does the same arithmetic one element at a time."""
-    if USE_ASM:
-        if DOT_DTYPE == tl.float16:
-            w0, w1, w2, w3 = tl.inline_asm_elementwise(
-                asm="""{
+
+_F16_BODY = """
                 .reg .b32 a, b, c, d, t, k;
                 mov.b32 k, 0x2c002c00;
                 lop3.b32 a, $4, 0x000f000f, 0x64006400, 0xea;
@@ -457,16 +462,8 @@ def _dequant_halves(halves, magic_z, hi_z, s, DOT_DTYPE: tl.constexpr, USE_ASM: 
                 fma.rn.f16x2 b, b, k, $6;
                 sub.f16x2 c, c, $5;
                 fma.rn.f16x2 d, d, k, $6;
-                mul.f16x2 $0, a, $7;
-                mul.f16x2 $1, b, $7;
-                mul.f16x2 $2, c, $7;
-                mul.f16x2 $3, d, $7;
-                }""",
-                constraints="=r,=r,=r,=r,r,r,r,r", args=[halves, magic_z, hi_z, s],
-                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
-        else:
-            w0, w1, w2, w3 = tl.inline_asm_elementwise(
-                asm="""{
+"""
+_BF16_BODY = """
                 .reg .b32 a, b, c, d, t, one, nz;
                 mov.b32 one, 0x3f803f80;
                 mov.b32 nz, 0x80008000;
@@ -481,32 +478,70 @@ def _dequant_halves(halves, magic_z, hi_z, s, DOT_DTYPE: tl.constexpr, USE_ASM: 
                 fma.rn.bf16x2 b, b, one, $5;
                 fma.rn.bf16x2 c, c, one, $5;
                 fma.rn.bf16x2 d, d, one, $5;
-                fma.rn.bf16x2 $0, a, $7, nz;
-                fma.rn.bf16x2 $1, b, $7, nz;
-                fma.rn.bf16x2 $2, c, $7, nz;
-                fma.rn.bf16x2 $3, d, $7, nz;
-                }""",
-                constraints="=r,=r,=r,=r,r,r,r,r", args=[halves, -magic_z, hi_z, s],
-                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+"""
+_F16_SCALED_ASM = _dequant_asm(_F16_BODY, "mul.f16x2 {out}, {reg}, $7")
+_BF16_SCALED_ASM = _dequant_asm(_BF16_BODY, "fma.rn.bf16x2 {out}, {reg}, $7, nz")
+_F16_UNSCALED_ASM = _dequant_asm(_F16_BODY, "mov.b32 {out}, {reg}")
+_BF16_UNSCALED_ASM = _dequant_asm(_BF16_BODY, "mov.b32 {out}, {reg}")
+
+
+@triton.jit
+def _dequant_halves(halves, magic_z, hi_z, s, DOT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr,
+                    SCALE: tl.constexpr):  # fmt: skip
+    """``[BN, E]`` int16 (four 4-bit codes each, nibble j at bits 4j) -> four ``[BN, E]`` tiles of ``(q_j - z) * s``
+    (``SCALE``; else ``q_j - z``, exact) in ``DOT_DTYPE``. ``magic_z`` is ``magic + z``, ``hi_z`` is
+    ``-(magic / 16 + z)`` (fp16 only), both in DOT_DTYPE.
+
+    ``USE_ASM`` (CUDA, fp16 / bf16): two int16 per 32-bit register, so each step below is one instruction per two
+    weights. fp16 (Marlin's): ``lop3`` puts nibbles 0 and 1 of both halves into the mantissas of 1024.0 (nibble 1
+    as 16 q: subtracted as ``fma(h, 1/16, -(64 + z))``), one shift and two more ``lop3`` give nibbles 2 and 3; then
+    ``sub`` / ``fma`` for the zero point and ``mul`` for the scale, all ``.f16x2``. bf16 (7 mantissa bits: every
+    nibble shifted down to bits 0..3 of 128.0): three shifts, four ``lop3``, ``fma.bf16x2`` by 1 and ``-(128 + z)``
+    and by the scale (+ -0.0). The fallback does the same arithmetic one element at a time."""
+    if USE_ASM:
+        if DOT_DTYPE == tl.float16:
+            if SCALE:
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    asm=_F16_SCALED_ASM, constraints="=r,=r,=r,=r,r,r,r,r", args=[halves, magic_z, hi_z, s],
+                    dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+            else:
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    asm=_F16_UNSCALED_ASM, constraints="=r,=r,=r,=r,r,r,r,r", args=[halves, magic_z, hi_z, s],
+                    dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+        else:
+            if SCALE:
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    asm=_BF16_SCALED_ASM, constraints="=r,=r,=r,=r,r,r,r,r", args=[halves, -magic_z, hi_z, s],
+                    dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+            else:
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    asm=_BF16_UNSCALED_ASM, constraints="=r,=r,=r,=r,r,r,r,r", args=[halves, -magic_z, hi_z, s],
+                    dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
     elif DOT_DTYPE == tl.bfloat16:  # in fp32, rounded once at the end: the same bits as the PTX (q - z exact,
         mz = magic_z.to(tl.float32)  # (q - z) * s exact in fp32); the interpreter's bf16 arithmetic is wrong
-        sf = s.to(tl.float32)
-        w0 = ((_nibble_magic(halves, 0, DOT_DTYPE) - mz) * sf).to(DOT_DTYPE)
-        w1 = ((_nibble_magic(halves, 1, DOT_DTYPE) - mz) * sf).to(DOT_DTYPE)
-        w2 = ((_nibble_magic(halves, 2, DOT_DTYPE) - mz) * sf).to(DOT_DTYPE)
-        w3 = ((_nibble_magic(halves, 3, DOT_DTYPE) - mz) * sf).to(DOT_DTYPE)
+        w0 = _nibble_magic(halves, 0, DOT_DTYPE) - mz
+        w1 = _nibble_magic(halves, 1, DOT_DTYPE) - mz
+        w2 = _nibble_magic(halves, 2, DOT_DTYPE) - mz
+        w3 = _nibble_magic(halves, 3, DOT_DTYPE) - mz
+        if SCALE:
+            sf = s.to(tl.float32)
+            w0, w1, w2, w3 = w0 * sf, w1 * sf, w2 * sf, w3 * sf
+        w0, w1, w2, w3 = w0.to(DOT_DTYPE), w1.to(DOT_DTYPE), w2.to(DOT_DTYPE), w3.to(DOT_DTYPE)
     else:
-        w0 = (_nibble_magic(halves, 0, DOT_DTYPE) - magic_z) * s
-        w1 = (_nibble_magic(halves, 1, DOT_DTYPE) - magic_z) * s
-        w2 = (_nibble_magic(halves, 2, DOT_DTYPE) - magic_z) * s
-        w3 = (_nibble_magic(halves, 3, DOT_DTYPE) - magic_z) * s
+        w0 = _nibble_magic(halves, 0, DOT_DTYPE) - magic_z
+        w1 = _nibble_magic(halves, 1, DOT_DTYPE) - magic_z
+        w2 = _nibble_magic(halves, 2, DOT_DTYPE) - magic_z
+        w3 = _nibble_magic(halves, 3, DOT_DTYPE) - magic_z
+        if SCALE:
+            w0, w1, w2, w3 = w0 * s, w1 * s, w2 * s, w3 * s
     return w0, w1, w2, w3
 
 
 @triton.jit
 def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_qn, stride_om,
                      stride_os, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, USE_ASM: tl.constexpr):  # fmt: skip
+                     BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, SCALE_AFTER: tl.constexpr,
+                     USE_ASM: tl.constexpr):  # fmt: skip
     """Program (n, split): ``out[split][:, n block] = x[:, split's K] @ W[split's K, n block]``, computed as
     ``W^T @ x^T`` so the dequantized ``[BLOCK_N, BLOCK_K]`` weight tile is the MMA's M side (64 / 128 rows: Hopper
     wgmma) and the 16 padded token rows its N side; fp32 accumulation in place across K.
@@ -516,7 +551,11 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,
     input row ``32c + 4i + r`` for ``p = 4c + r``; it is dequantized into tile column ``j * BLOCK_K / 4 + e`` and
     x's tile columns are reordered to match. A tile lies within one group (BLOCK_K <=
     GROUP_SIZE, one scale / zero per column) or spans whole groups (GROUP_SIZE < BLOCK_K: ``[BLOCK_N, groups]``
-    scales broadcast over each group's ``GROUP_SIZE / 4`` int16). ``MAGIC``: the magic float's value in x's dtype."""
+    scales broadcast over each group's ``GROUP_SIZE / 4`` int16). ``MAGIC``: the magic float's value in x's dtype.
+
+    ``SCALE_AFTER`` (the ``mms`` kind; tiles within one group): the tile is dequantized to ``q - z`` only (exact
+    small integers) and each tile's fp32 product is scaled per column before it is added up: one FMA per output
+    element and tile instead of one multiply per two weights, but a fresh MMA accumulator per tile."""
     HALVES: tl.constexpr = BLOCK_K // 4
     GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # groups per tile, when a tile spans several
     DOT_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -549,7 +588,7 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,
         magic_z = tl.broadcast_to((MAGIC + z).to(DOT_DTYPE), shape)
         hi_z = tl.broadcast_to((-(MAGIC / 16.0) - z).to(DOT_DTYPE), shape)
         w0, w1, w2, w3 = _dequant_halves(halves, magic_z, hi_z, tl.broadcast_to(s.to(DOT_DTYPE), shape), DOT_DTYPE,
-                                         USE_ASM)
+                                         USE_ASM, not SCALE_AFTER)
         # Tile column j * E + e holds nibble j of int16 e (join adds a minor dim: [BN, E, 2, 2] with [.., u, t] =
         # nibble 2u + t, moved in front of e): each 32-bit register the asm wrote is two adjacent tile columns.
         w = tl.reshape(tl.permute(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (0, 2, 3, 1)), (BLOCK_N, BLOCK_K))
@@ -558,7 +597,13 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,
         x = tl.load(x_ptrs + k0)
         x = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 2, 4, 4)), (0, 3, 1, 4, 2)),
                        (BLOCK_M, BLOCK_K))
-        if DOT_DTYPE == tl.float32:  # CPU-path dtype (tests): no TF32 rounding on the GPU
+        if SCALE_AFTER:
+            tl.static_assert(BLOCK_K <= GROUP_SIZE)
+            if DOT_DTYPE == tl.float32:  # CPU-path dtype (tests): no TF32 rounding on the GPU
+                acc += tl.dot(w, tl.trans(x), out_dtype=tl.float32, input_precision="ieee") * s
+            else:
+                acc += tl.dot(w, tl.trans(x), out_dtype=tl.float32) * s
+        elif DOT_DTYPE == tl.float32:
             acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.float32, input_precision="ieee")
         else:
             acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.float32)
@@ -570,20 +615,21 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,
 def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   group_size: int, config: SkinnyConfig, *, split_k: int | None = None) -> torch.Tensor:  # fmt: skip
     """The tensor-core decode kernel on a 2-D ``x [M <= 16, K]`` (unit column stride; fp16 / bf16, fp32 for tests)
-    with an ``mma`` config whose block_k (a multiple of 32) divides K and nests with the group size. ``split_k``
-    defaults to ``decode_launch``'s rule at the config's block_n."""
+    with an ``mma`` / ``mms`` config whose block_k (a multiple of 32) divides K and nests with the group size
+    (``mms``: divides it). ``split_k`` defaults to ``decode_launch``'s rule at the config's block_n."""
     m, k = x.shape
     n = qweight.shape[0]
     block_k = config.block_k
-    if config.kind != "mma":
-        raise ValueError(f"int4_mma_gemm takes an mma config, got {config}")
+    if config.kind not in INT4_MMA_KINDS:
+        raise ValueError(f"int4_mma_gemm takes an mma or mms config, got {config}")
     if m > INT4_MMA_MAX_M:
         raise ValueError(f"int4_mma_gemm takes at most {INT4_MMA_MAX_M} rows, got {m}")
     if k % KERNEL_K_BLOCK:
         raise ValueError(f"int4_mma_gemm: K={k} is not a multiple of {KERNEL_K_BLOCK} (the int4 kernel layout)")
-    if block_k % KERNEL_K_BLOCK or k % block_k or (group_size % block_k and block_k % group_size):
+    if not _block_k_fits(config.kind, block_k, k, group_size):
         raise ValueError(f"int4_mma_gemm: config {config} does not fit K={k}, group {group_size} (block_k, a "
-                         f"multiple of {KERNEL_K_BLOCK}, must divide K and nest with the group size)")
+                         f"multiple of {KERNEL_K_BLOCK}, must divide K and nest with the group size; mms: divide "
+                         "the group size)")
     if qweight.shape[1] * 8 != k:
         raise ValueError(f"int4 qweight {tuple(qweight.shape)} does not match x {tuple(x.shape)}")
     if x.stride(1) != 1:
@@ -601,7 +647,7 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     _int4_mma_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, halves, scales, zeros, out, m, n, k, k_per_split, x.stride(0), halves.stride(0), n,
         out.stride(0) if split_k > 1 else 0, GROUP_SIZE=group_size, BLOCK_M=16, BLOCK_N=config.block_n,
-        BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES,
+        BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], SCALE_AFTER=config.kind == "mms", USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out if split_k == 1 else out.sum(0).to(x.dtype)

@@ -2,7 +2,7 @@
 cuobjdump) and checks what the tensor-core kernel is for: its loop dequantizes two weights per packed half2
 instruction (no int -> float conversion: the magic-number trick), hands the tile to Hopper's wgmma (``HGMMA.64``,
 the weight as the 64-row side, never mma.sync), and needs well under the CUDA-core fma kernel's instructions per
-weight.
+weight; the ``mms`` variant drops the per-weight scale multiply for one FMA per output element and tile.
 
 Compiled in a subprocess without TRITON_INTERPRET (the test session interprets the kernels)."""
 
@@ -18,7 +18,7 @@ from kernels.skinny_gemm import SkinnyConfig
 out = {}
 for text, dtype, compile_fn in (("fma:8x1024:w4:p0", "bf16", compile_fma), ("fma:16x512:w4:p0", "bf16", compile_fma),
                                 ("mma:64x128:w4:s4", "bf16", compile_mma), ("mma:128x128:w4:s3", "bf16", compile_mma),
-                                ("mma:128x128:w4:s3", "fp16", compile_mma)):
+                                ("mma:128x128:w4:s3", "fp16", compile_mma), ("mms:128x128:w4:s3", "bf16", compile_mma)):
     config = SkinnyConfig.parse(text)
     info = loop_summary(compile_fn(config, dtype), config)
     out[f"{text} {dtype}"] = {k: info[k] for k in ("loop", "loop_total", "mmas", "per_1000_weights", "stack")}
@@ -45,3 +45,8 @@ def test_mma_loop_dequantizes_in_packed_half2_into_wgmma():
         assert loop.get("LOP3.LUT", 0) <= weights_per_thread // 2 + 2, loop  # lop3: two nibbles per instruction
         assert info["stack"] == 0
         assert info["per_1000_weights"] < 0.6 * fma, (key, info["per_1000_weights"], fma)
+    # mms: q - z into the MMA (no per-weight multiply), one FFMA per accumulator element and tile for the scale
+    mms, mma = result["mms:128x128:w4:s3 bf16"], result["mma:128x128:w4:s3 bf16"]
+    assert "HMUL2.BF16_V2" not in mms["loop"] and mms["loop"].get("FFMA", 0) == 128 * 16 // 128
+    assert mms["loop"].get("HGMMA.64", 0) == 16 and mms["stack"] == 0
+    assert mms["per_1000_weights"] < 0.95 * mma["per_1000_weights"]

@@ -88,4 +88,4 @@ def test_quantized_gemm_decode_sweep_smoke_prints_tables_and_step_prediction():
     assert "tiny_b: fma " in proc.stdout and ", mma " in proc.stdout and ", mmq " in proc.stdout
     # the int4 tensor-core kernel's candidates ran too (checked against int4_linear_ref), beside the fma ones
     int4_section = proc.stdout.split("## int4: best table config")[1].split("## paste")[0]
-    assert "| mma mma:64x" in int4_section and "fma fma:" in int4_section
+    assert "| mma mma:64x" in int4_section and "| mms mms:64x64" in int4_section and "fma fma:" in int4_section

@@ -188,6 +188,11 @@ def test_decode_launch_splits_k_only_for_small_layers():
     (5, 130, 384, 128, "mma:128x64:w4:s1", 3),  # N past two blocks of 128, uneven split
     (1, 72, 96, 96, "mma:64x32:w4:s1", 1),  # one group over K (group -1), tiles of a third of it
     (16, 64, 128, 64, "mma:64x128:w4:s1", 1),  # one tile of two groups
+    # mms: q - z into the MMA, each tile's product scaled per column (tiles within one group)
+    (1, 64, 256, 128, "mms:64x128:w4:s1", 1),
+    (3, 100, 256, 64, "mms:64x32:w4:s2", 3),
+    (16, 130, 384, 128, "mms:128x64:w4:s1", None),
+    (2, 72, 96, 96, "mms:64x32:w4:s1", 1),
 ])
 def test_int4_mma_kernel_matches_reference(m, n, k, group, config, split_k, dtype):
     gen = torch.Generator().manual_seed(m * 1000 + n + k + group)
@@ -213,7 +218,7 @@ def test_int4_mma_act_order(dtype):
     w = (q.double() - zeros.to(dtype).double()[g_idx]) * scales.to(dtype).double()[g_idx]
     for m in (1, 3, 16):
         x = torch.randn(m, k, generator=gen, dtype=torch.float64).to(dtype)
-        for config in ("mma:64x64:w4:s1", "mma:64x128:w4:s1"):
+        for config in ("mma:64x64:w4:s1", "mma:64x128:w4:s1", "mms:64x64:w4:s1"):
             out = int4_mma_gemm(x[:, perm].contiguous().to(KERNEL_DEVICE), *args, group, SkinnyConfig.parse(config))
             assert_close(out, x.double() @ w, TOLERANCE[dtype], f"act-order mma m={m} {config}")
 
@@ -231,7 +236,9 @@ def test_int4_mma_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="does not fit"):  # block_k 128 and group 96 do not nest
         int4_mma_gemm(torch.zeros(4, 384, dtype=torch.float16, device=KERNEL_DEVICE),
                       torch.zeros(64, 48, dtype=torch.int32, device=KERNEL_DEVICE), sz, sz, 96, config)
-    with pytest.raises(ValueError, match="mma config"):
+    with pytest.raises(ValueError, match="does not fit"):  # mms: a tile spanning two groups
+        int4_mma_gemm(x, qweight, sz, sz, 64, SkinnyConfig.parse("mms:64x128:w4:s1"))
+    with pytest.raises(ValueError, match="mma or mms config"):
         int4_mma_gemm(x, qweight, sz, sz, 128, SkinnyConfig.parse("fma:8x128:w4:p0"))
     with pytest.raises(ValueError, match="does not match"):
         int4_mma_gemm(x, qweight[:, :16], sz, sz, 128, config)
@@ -242,7 +249,7 @@ def test_int4_mma_dispatch_only_where_a_table_entry_names_it(monkeypatch):
     to the tensor-core kernel for every M up to 16 (block_k fitted to K and the group), fma entries stop at M = 4."""
     import kernels.int4_gemm as i4
 
-    assert all(c is None or c.kind == "fma" for c in i4.INT4_SKINNY_CONFIGS.values())
+    assert all(c is None or c.kind == "fma" for c in i4.INT4_SKINNY_CONFIGS.values())  # until measured
     assert all(c is None or c.kind == "fma" for c in i4.INT4_DEFAULT_CONFIGS.values())
     k, n, group = 256, 72, 128
     assert pick_int4_config(8, n, k, group) is None
@@ -251,37 +258,42 @@ def test_int4_mma_dispatch_only_where_a_table_entry_names_it(monkeypatch):
     assert pick_int4_config(8, n, k, group) == SkinnyConfig.parse("mma:64x256:w4:s2")  # 512 does not divide K
     assert pick_int4_config(8, n, k, 64) is None  # entries are measured at group 128; no default at M = 8
     assert pick_int4_config(17, n, k, group) is None
+    monkeypatch.setitem(i4.INT4_SKINNY_CONFIGS, (4, n, k), SkinnyConfig.parse("mms:64x256:w4:s2"))
+    assert pick_int4_config(3, n, k, 64).kind == "fma"  # not group 128: the M bucket's default
+    assert pick_int4_config(3, n, k, group) == SkinnyConfig.parse("mms:64x128:w4:s2")  # within the group of 128
     calls = []
     real = i4.int4_mma_gemm
     monkeypatch.setattr(i4, "int4_mma_gemm", lambda *a, **kw: calls.append(a[-1]) or real(*a, **kw))
     gen = torch.Generator().manual_seed(3)
     q, zeros, scales, _ = random_int4(k, n, group, gen)
     args = tuple(a.to(KERNEL_DEVICE) for a in (pack_int4_kernel(q), scales.half(), zeros.half()))
-    for m in (7, 16):
+    for m in (3, 7, 16):
         x = torch.randn(m, k, generator=gen).half()
         out = int4_decode_or_prefill_gemm(x.to(KERNEL_DEVICE), *args, group)
         assert_close(out, int4_linear_ref(x.double(), args[0].cpu(), scales.double(), zeros.double(), group),
                      TOLERANCE[torch.float16], f"dispatch m={m}")
-    assert [c.block_k for c in calls] == [256, 128]
+    assert [str(c) for c in calls] == ["mms:64x128:w4:s2", "mma:64x256:w4:s2", "mma:64x128:w4:s2"]
 
 
 @triton.jit
-def _dequant_test_kernel(h_ptr, z_ptr, s_ptr, out_ptr, E: tl.constexpr, MAGIC: tl.constexpr,
-                         USE_ASM: tl.constexpr):  # fmt: skip
+def _dequant_test_kernel(h_ptr, z_ptr, s_ptr, out_ptr, E: tl.constexpr, MAGIC: tl.constexpr, USE_ASM: tl.constexpr,
+                         SCALE: tl.constexpr):  # fmt: skip
     rows = tl.arange(0, 16)
     offs = rows[:, None] * E + tl.arange(0, E)[None, :]
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     z = tl.load(z_ptr + offs).to(tl.float32)
     w = _dequant_halves(tl.load(h_ptr + offs), (MAGIC + z).to(dtype), (-(MAGIC / 16.0) - z).to(dtype),
-                        tl.load(s_ptr + offs), dtype, USE_ASM)
+                        tl.load(s_ptr + offs), dtype, USE_ASM, SCALE)
     for j in tl.static_range(4):
         tl.store(out_ptr + j * 16 * E + offs, w[j])
 
 
+@pytest.mark.parametrize("scale", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_magic_number_dequantization(dtype):
-    """Each nibble of each int16 becomes ``(q - z) * s`` rounded once to the dtype (bf16 included: no tl.dot here),
-    on the GPU through the packed-half2 PTX (fp16 / bf16), in the interpreter through the plain bit ops."""
+def test_magic_number_dequantization(dtype, scale):
+    """Each nibble of each int16 becomes ``(q - z) * s`` rounded once to the dtype (bf16 included: no tl.dot here;
+    without ``scale``: ``q - z`` exactly), on the GPU through the packed-half2 PTX (fp16 / bf16), in the interpreter
+    through the plain bit ops."""
     from kernels.int4_gemm import _MAGIC_VALUES
 
     gen = torch.Generator().manual_seed(5)
@@ -290,9 +302,10 @@ def test_magic_number_dequantization(dtype):
     scales = (torch.rand(16, 32, generator=gen) * 0.02 + 0.001).to(dtype)
     out = torch.empty(4, 16, 32, dtype=dtype, device=KERNEL_DEVICE)
     _dequant_test_kernel[(1,)](halves.to(KERNEL_DEVICE), zeros.to(KERNEL_DEVICE), scales.to(KERNEL_DEVICE), out,
-                               E=32, MAGIC=_MAGIC_VALUES[dtype], USE_ASM=KERNEL_DEVICE == "cuda" and dtype != torch.float32)
+                               E=32, MAGIC=_MAGIC_VALUES[dtype], USE_ASM=KERNEL_DEVICE == "cuda" and dtype != torch.float32,
+                               SCALE=scale)  # fmt: skip
     codes = torch.stack([(halves.int() >> (4 * j)) & 0xF for j in range(4)])
-    exact = (codes.double() - zeros.double()) * scales.double()  # (q - z) * s is exact in fp32
+    exact = (codes.double() - zeros.double()) * (scales.double() if scale else 1.0)  # exact in fp32
     expected = exact.to(dtype)
     if dtype == torch.bfloat16 and KERNEL_DEVICE == "cpu":  # the interpreter truncates fp32 -> bf16
         truncated = (exact.float().view(torch.int32) & -65536).view(torch.float32).to(dtype)
@@ -305,7 +318,7 @@ def test_magic_number_dequantization(dtype):
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("n, k", LLAMA_8B_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("config", ["mma:64x128:w4:s4", "mma:128x256:w8:s3"])
+@pytest.mark.parametrize("config", ["mma:64x128:w4:s4", "mma:128x256:w8:s3", "mms:128x128:w4:s3"])
 def test_int4_mma_gpu_at_llama_shapes(m, n, k, dtype, config):
     gen = torch.Generator().manual_seed(m)
     q, zeros, scales, _ = random_int4(k, n, 128, gen)
