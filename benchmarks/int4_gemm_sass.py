@@ -56,7 +56,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fma", default="fma:8x1024:w4:p0,fma:16x512:w4:p0", help="comma-separated fma configs")
     parser.add_argument("--mma", default="mma:64x128:w4:s4,mma:128x128:w4:s3,mma:64x256:w4:s3,mma:128x256:w8:s3,"
-                        "mms:64x128:w4:s4,mms:128x128:w4:s3,mms:128x128:w8:s3", help="comma-separated mma / mms configs")
+                        "mms:64x128:w4:s4,mms:128x128:w4:s3,mms:128x128:w8:s3",
+                        help="comma-separated mma / mms configs")
     parser.add_argument("--dtype", default="bf16", choices=sorted(MAGIC), help="activation dtype")
     parser.add_argument("--verbose", action="store_true", help="every opcode of the loop with its modifiers")
     parser.add_argument("--dump", default="", help="write each kernel's PTX and SASS into this folder")

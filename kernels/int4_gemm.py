@@ -647,7 +647,8 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     _int4_mma_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, halves, scales, zeros, out, m, n, k, k_per_split, x.stride(0), halves.stride(0), n,
         out.stride(0) if split_k > 1 else 0, GROUP_SIZE=group_size, BLOCK_M=16, BLOCK_N=config.block_n,
-        BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], SCALE_AFTER=config.kind == "mms", USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES,
+        BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], SCALE_AFTER=config.kind == "mms",
+        USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out if split_k == 1 else out.sum(0).to(x.dtype)

@@ -302,8 +302,8 @@ def test_magic_number_dequantization(dtype, scale):
     scales = (torch.rand(16, 32, generator=gen) * 0.02 + 0.001).to(dtype)
     out = torch.empty(4, 16, 32, dtype=dtype, device=KERNEL_DEVICE)
     _dequant_test_kernel[(1,)](halves.to(KERNEL_DEVICE), zeros.to(KERNEL_DEVICE), scales.to(KERNEL_DEVICE), out,
-                               E=32, MAGIC=_MAGIC_VALUES[dtype], USE_ASM=KERNEL_DEVICE == "cuda" and dtype != torch.float32,
-                               SCALE=scale)  # fmt: skip
+                               E=32, MAGIC=_MAGIC_VALUES[dtype], SCALE=scale,
+                               USE_ASM=KERNEL_DEVICE == "cuda" and dtype != torch.float32)  # fmt: skip
     codes = torch.stack([(halves.int() >> (4 * j)) & 0xF for j in range(4)])
     exact = (codes.double() - zeros.double()) * (scales.double() if scale else 1.0)  # exact in fp32
     expected = exact.to(dtype)
