@@ -49,7 +49,7 @@ def compile_mma(config: SkinnyConfig, dtype: str = "bf16"):
     constexprs = dict(GROUP_SIZE=GROUP, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                       MAGIC=MAGIC[dtype], SCALE_AFTER=config.kind == "mms", USE_ASM=True)  # fmt: skip
     return compile_sm90(int4_gemm._int4_mma_kernel, pointers, set(), constexprs, config.num_warps, config.num_stages,
-                        divisible_ints={"K", "k_per_split"})  # fmt: skip
+                        divisible_ints={"K"})  # fmt: skip
 
 
 def main() -> int:

@@ -153,8 +153,8 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
     m_mask = offs_m < M
     n_mask = offs_n < N
     shifts = tl.arange(0, 8) * 4
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, K // BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
@@ -538,7 +538,7 @@ def _dequant_halves(halves, magic_z, hi_z, s, DOT_DTYPE: tl.constexpr, USE_ASM: 
 
 
 @triton.jit
-def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_qn, stride_om,
+def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, tiles_per_split, stride_xm, stride_qn, stride_om,
                      stride_os, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, SCALE_AFTER: tl.constexpr,
                      USE_ASM: tl.constexpr):  # fmt: skip
@@ -569,11 +569,12 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,
     w_rows = tl.minimum(offs_n, N - 1)  # unmasked loads; tail columns are never stored
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
     q_ptrs = qh_ptr + (w_rows.to(tl.int64) * stride_qn)[:, None] + offs_e[None, :]
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, K // BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        halves = tl.load(q_ptrs + k0 // 4)
+    for t in range(t_start, t_end):  # tile t: offsets t * HALVES are known 16-byte aligned (16-byte async copies)
+        k0 = t * BLOCK_K
+        halves = tl.load(q_ptrs + t * HALVES)
         if BLOCK_K <= GROUP_SIZE:
             sz = (k0 // GROUP_SIZE) * N + w_rows
             s = tl.load(s_ptr + sz).to(tl.float32)[:, None]
@@ -645,7 +646,7 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                       device=x.device)
     halves = qweight.view(torch.int16)  # [N, K / 4]
     _int4_mma_kernel[(triton.cdiv(n, config.block_n), split_k)](
-        x, halves, scales, zeros, out, m, n, k, k_per_split, x.stride(0), halves.stride(0), n,
+        x, halves, scales, zeros, out, m, n, k, k_per_split // block_k, x.stride(0), halves.stride(0), n,
         out.stride(0) if split_k > 1 else 0, GROUP_SIZE=group_size, BLOCK_M=16, BLOCK_N=config.block_n,
         BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], SCALE_AFTER=config.kind == "mms",
         USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES,
