@@ -153,8 +153,8 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
     m_mask = offs_m < M
     n_mask = offs_n < N
     shifts = tl.arange(0, 8) * 4
-    t_start = pid_k * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, K // BLOCK_K)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
