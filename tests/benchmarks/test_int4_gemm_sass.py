@@ -44,6 +44,8 @@ def test_mma_loop_dequantizes_in_packed_half2_into_wgmma():
         assert loop.get(mul, 0) == weights_per_thread // 2, loop
         assert loop.get("LOP3.LUT", 0) <= weights_per_thread // 2 + 2, loop  # lop3: two nibbles per instruction
         assert info["stack"] == 0
+        # the weight streams through 16-byte async copies that skip L1 (cp.async.cg), not 8-byte ones
+        assert loop.get("LDGSTS.E.BYPASS.128", 0) > 0 and "LDGSTS.E.64" not in loop, loop
         assert info["per_1000_weights"] < 0.6 * fma, (key, info["per_1000_weights"], fma)
     # mms: q - z into the MMA (no per-weight multiply), one FFMA per accumulator element and tile for the scale
     mms, mma = result["mms:128x128:w4:s3 bf16"], result["mma:128x128:w4:s3 bf16"]
