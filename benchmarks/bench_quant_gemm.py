@@ -19,7 +19,9 @@ to 16 rows (timed beside; not a table kind), at the four layer shapes (the LM he
 the step total), beside the current tl.dot kernels and the bf16 skinny kernel, each call on its own copy of the
 weight (copies >= 128 MB in all, so nothing is served from the 50 MB L2). It prints per (format, shape, M) the best
 config, us, GB/s and % of 4.28 TB/s (H200 HBM3e peak), a config block to paste into ``FP8_SKINNY_CONFIGS`` /
-``FP8_DEFAULT_CONFIGS`` and ``INT4_SKINNY_CONFIGS`` / ``INT4_DEFAULT_CONFIGS``, and the predicted GEMM time of one
+``FP8_DEFAULT_CONFIGS`` and ``INT4_SKINNY_CONFIGS`` / ``INT4_DEFAULT_CONFIGS`` (int4 candidates: the fma kernel's
+and the w4a16 tensor-core kernel's ``mma`` / ``mms`` configs, ``int4_mma_gemm``, checked against
+``int4_linear_ref``), and the predicted GEMM time of one
 W3 decode step (32 layers x 4 GEMMs + the bf16 LM head). ``--sweep-dot`` is the older sweep of the tl.dot kernels'
 block_n x block_k x split_k x num_warps.
 """
@@ -212,9 +214,19 @@ INT4_CANDIDATES = ["fma:4x1024:w4:p0", "fma:8x1024:w4:p0", "fma:16x1024:w4:p0", 
 # Per thread and tile: fp8 weights (= accumulator registers per x row), int4 words; above these, compiling for
 # sm_90 spilled registers (fp8 M = 4 at 64 weights: ~320 spill stores; int4 M = 4 at 16 words).
 MAX_PER_THREAD = {("fp8", 1): 64, ("fp8", 2): 64, ("fp8", 4): 32, ("int4", 1): 16, ("int4", 2): 16, ("int4", 4): 8}
+# int4 tensor-core kernel (``int4_mma_gemm``, w4a16, any M <= 16, split K by decode_launch at the config's block_n):
+# weight tiles of 64 / 128 / 256 rows (one to four wgmma M-tiles) and 128-512 rows of K (tiles spanning groups
+# broadcast their scales), pipeline depth 2-5. ``mms``: the products scaled per tile instead of the weights (tiles
+# within a group: block_k <= 128), ~11% fewer loop instructions (benchmarks/int4_gemm_sass.py).
+INT4_MMA_CANDIDATES = ["mma:64x128:w4:s4", "mma:64x128:w4:s5", "mma:64x256:w4:s3", "mma:64x512:w4:s2",
+                       "mma:128x128:w4:s3", "mma:128x128:w4:s4", "mma:128x256:w4:s3", "mma:128x128:w8:s4",
+                       "mma:128x256:w8:s3", "mma:128x512:w8:s2", "mma:256x128:w8:s3", "mma:256x256:w8:s2",
+                       "mms:64x128:w4:s4", "mms:64x128:w4:s5", "mms:128x64:w4:s4", "mms:128x128:w4:s3",
+                       "mms:128x128:w4:s4", "mms:128x128:w8:s3", "mms:256x128:w8:s3"]  # fmt: skip
 SMOKE_FP8_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
 SMOKE_FP8_MMA_CANDIDATES = ["mma:64x64:w4:s1", "mmq:64x64:w4:s1"]
 SMOKE_INT4_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
+SMOKE_INT4_MMA_CANDIDATES = ["mma:64x128:w4:s1", "mma:64x256:w4:s1", "mms:64x64:w4:s1"]  # 1 / 2 / 0.5 groups a tile
 
 
 def format_bytes(fmt: str, n: int, k: int) -> int:
@@ -264,6 +276,10 @@ def sweep_calls(fmt: str, weights: list, k: int, out_dtype: torch.dtype | None =
         config = SkinnyConfig.parse(text)
         if i4._fit_block_k(config, k, GROUP) == config:  # block_k divides K (14336 = 7 * 2048)
             calls[text] = lambda i, x, c=config: i4.int4_fma_gemm(x, *weights[i], GROUP, c)
+    for text in SMOKE_INT4_MMA_CANDIDATES if ARGS.smoke else INT4_MMA_CANDIDATES:
+        config = SkinnyConfig.parse(text)
+        if i4._fit_block_k(config, k, GROUP) == config:
+            calls[text] = lambda i, x, c=config: i4.int4_mma_gemm(x, *weights[i], GROUP, c)
     return calls
 
 
@@ -394,7 +410,7 @@ def _best_fma(times: dict[str, float], kinds: tuple[str, ...] = ("fma",)) -> tup
     return (min(fma)[1], min(fma)[0]) if fma else None
 
 
-TABLE_KINDS = ("fma", "mma", "mmq")  # what a config table entry can name
+TABLE_KINDS = ("fma", "mma", "mmq", "mms")  # what a config table entry can name (mmq: fp8 only, mms: int4 only)
 
 
 def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: list[int]) -> None:
@@ -406,7 +422,7 @@ def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: lis
     for fmt in ("fp8", "int4"):
         print(f"\n## {fmt}: best table config (fma / mma / mmq) per (shape, M) against the current tl.dot kernel and bf16"
               " skinny" + ("; best fma, best mma / mmq (W8A8) and _scaled_mm with x padded to 16 beside" if fmt == "fp8"
-                           else ""))  # fmt: skip
+                           else "; best fma, best mma / mms (w4a16 tensor cores) beside"))  # fmt: skip
         for name, (n, k) in shapes.items():
             for m in m_values:
                 times = results.get((fmt, name, m), {})
@@ -421,7 +437,7 @@ def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: lis
                 cur = f"current {rate(fmt, n, k, current)}" if current else "current -"
                 ref = f"bf16 skinny {rate('bf16', n, k, bf16)}" if bf16 else "bf16 -"
                 print(f"{name:>13} M={m} {label:>18} {rate(fmt, n, k, ms)} | {cur} | {ref}")
-                if fmt == "fp8":
+                if fmt in ("fp8", "int4"):
                     side = [f"{kind} {b[0]} {rate(fmt, n, k, b[1])}" for kind in TABLE_KINDS
                             if (b := _best_fma(times, (kind,)))]  # fmt: skip
                     if SCALED_MM_LABEL in times:

@@ -8,7 +8,7 @@ consecutive words are four consecutive elements (one 8-byte load), not four scat
 scales[k // group, n]``. A ``perm`` (GPTQ act-order) gathers x's columns first: the rows were sorted by group at load.
 ``core/layers/quantization/int4.py`` repacks AWQ and GPTQ checkpoints into this layout; K must be a multiple of 32.
 
-Two kernels:
+Three kernels:
 
 - ``fma`` (M <= 4, CUDA cores), the int4 twin of ``kernels/skinny_gemm.py``'s: each program owns ``block_n``
   columns and walks K in ``block_k`` tiles spanning any number of groups, the next tile's words (and its group
@@ -20,11 +20,21 @@ Two kernels:
   each program dequantizes a ``[block_k, block_n]`` tile of one group in registers, its x tile (loaded contiguous)
   reordered to the interleave in registers (``tl.permute``); at decode output blocks are narrow enough to give every SM work (``kernels/split_k.py``), and
   only small layers split K (fp32 partial sums, added up by one ``sum``).
+- ``mma`` (M <= 16, tensor cores; chosen only where a measured ``INT4_SKINNY_CONFIGS`` entry names it):
+  ``_int4_mma_kernel`` computes ``W^T @ x^T`` so the weight tile is the 64/128-row side of Hopper's wgmma (the fp8
+  ``_fp8_mma_kernel``'s trick), dequantizing it in registers with Marlin's magic-number conversion: nibbles or'ed
+  into the mantissa of fp16 1024.0 / bf16 128.0 two at a time (``lop3``), then ``- (magic + zero)`` and ``* scale``
+  as packed half2 ops (inline PTX; plain bit ops under the interpreter), fp32 accumulation in place across K.
+  ``mms``: the same kernel feeding ``q - z`` (exact) to the MMA and scaling each tile's fp32 product per column
+  (tiles within one group; ~11% fewer loop instructions). ``benchmarks/int4_gemm_sass.py`` counts their loops
+  against the fma kernel's offline.
 
 ``int4_linear_ref`` (unpack, dequantize, fp32 matmul) is the reference and the CPU path.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -215,7 +225,8 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 
 # ------------------------------------------------------------------------------- fma kernel (M <= 4, CUDA cores)
 
-# Exact shapes: (m_bucket, N, K) -> config for M <= 4 at group 128; None sends the shape to the tl.dot kernel.
+# Exact shapes: (m_bucket, N, K) -> config at group 128: an ``fma`` one (CUDA cores, M <= 4) or an ``mma`` / ``mms``
+# one (tensor cores, M <= 16: ``_int4_mma_kernel``); None sends the shape to the tl.dot kernel.
 # Paste the block printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; other shapes use
 # INT4_DEFAULT_CONFIGS. block_k counts input rows (block_k / 8 words per column per tile).
 INT4_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-02, Llama-3.1-8B, M = 1
@@ -233,28 +244,42 @@ INT4_DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {
     4: _c("fma:8x1024:w4:p0"),
 }
 INT4_FMA_MAX_M = 4
+INT4_MMA_MAX_M = 16  # the mma kernel pads x to 16 rows (the MMA's N side)
+# The tensor-core kernel's kinds: ``mma`` scales each weight before the MMA (tiles may span groups), ``mms`` scales
+# each tile's fp32 product per column after it (tiles within a group).
+INT4_MMA_KINDS = ("mma", "mms")
 
 
 def pick_int4_config(m: int, n: int, k: int, group_size: int) -> SkinnyConfig | None:
-    """The fma configuration for this shape (M <= 4), or None for the tl.dot kernel."""
-    if m > INT4_FMA_MAX_M:
-        return None
+    """The decode configuration for this shape: ``fma`` (M <= 4) or ``mma`` / ``mms`` (M <= 16, only where a table
+    entry names it), or None for the tl.dot kernel."""
     bucket = m_bucket(m)
+    if bucket > INT4_MMA_MAX_M:
+        return None
     key = (bucket, n, k)
     config = INT4_SKINNY_CONFIGS[key] if key in INT4_SKINNY_CONFIGS and group_size == 128 \
         else INT4_DEFAULT_CONFIGS.get(bucket)
-    return config if config is None else _fit_block_k(config, k, group_size)
+    if config is None or (config.kind == "fma" and m > INT4_FMA_MAX_M):
+        return None
+    return _fit_block_k(config, k, group_size)
 
 
 def _fit_block_k(config: SkinnyConfig, k: int, group_size: int) -> SkinnyConfig | None:
     """``config`` with block_k halved until it divides K and nests with the group size (one divides the other), or
     None if no multiple of 32 does."""
     block_k = config.block_k
-    while block_k >= KERNEL_K_BLOCK and (k % block_k or (group_size % block_k and block_k % group_size)):
+    while block_k >= KERNEL_K_BLOCK and not _block_k_fits(config.kind, block_k, k, group_size):
         block_k //= 2
     if block_k < KERNEL_K_BLOCK:
         return None
-    return config if block_k == config.block_k else SkinnyConfig("fma", config.block_n, block_k, config.num_warps)
+    return config if block_k == config.block_k else dataclasses.replace(config, block_k=block_k)
+
+
+def _block_k_fits(kind: str, block_k: int, k: int, group_size: int) -> bool:
+    """block_k divides K and nests with the group size (``mms``: divides it, so a tile has one scale per column)."""
+    if k % block_k or block_k % KERNEL_K_BLOCK:
+        return False
+    return group_size % block_k == 0 or (kind != "mms" and block_k % group_size == 0)
 
 
 @triton.jit
@@ -366,8 +391,11 @@ def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 def int4_decode_or_prefill_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                                 group_size: int) -> torch.Tensor:  # fmt: skip
-    """The fma kernel where this shape has an fma config (M <= 4), else the tl.dot kernel."""
+    """The shape's measured decode kernel (``pick_int4_config``: mma for M <= 16 or fma for M <= 4), else the tl.dot
+    kernel."""
     config = pick_int4_config(x.shape[0], qweight.shape[0], x.shape[1], group_size)
+    if config is not None and config.kind in INT4_MMA_KINDS:
+        return int4_mma_gemm(x, qweight, scales, zeros, group_size, config)
     if config is not None:
         return int4_fma_gemm(x, qweight, scales, zeros, group_size, config)
     return int4_gemm(x, qweight, scales, zeros, group_size)
@@ -390,3 +418,238 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------- mma kernel (M <= 16, w4a16 on the tensor cores)
+
+# Magic-number dequantization: a nibble q or'ed into the low mantissa bits of a float whose units-in-the-last-place
+# are 1 (fp16 1024.0 = 0x6400, bf16 128.0 = 0x4300, fp32 2^23 = 0x4B000000) is that float + q exactly, so
+# ``(bits | q) - (magic + z)`` is ``q - z`` without an int -> float conversion.
+_MAGIC_F16 = tl.constexpr(0x6400)
+_MAGIC_BF16 = tl.constexpr(0x4300)
+_MAGIC_F32 = tl.constexpr(0x4B000000)
+_MAGIC_VALUES = {torch.float16: 1024.0, torch.bfloat16: 128.0, torch.float32: 8388608.0}
+
+
+@triton.jit
+def _nibble_magic(halves, j: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Interpreter / fallback: nibble ``j`` of each int16 or'ed into the magic float's mantissa (magic + q)."""
+    q = (halves.to(tl.int32) >> (4 * j)) & 0xF
+    if DOT_DTYPE == tl.float16:
+        return (q | _MAGIC_F16).to(tl.int16).to(tl.float16, bitcast=True)
+    elif DOT_DTYPE == tl.bfloat16:  # bf16 128 + q as the top half of an fp32 (the same bits, widened)
+        return ((q | _MAGIC_BF16) << 16).to(tl.float32, bitcast=True)
+    else:
+        return (q | _MAGIC_F32).to(tl.float32, bitcast=True)
+
+
+def _dequant_asm(body: str, scale_op: str) -> tl.constexpr:
+    """The PTX of one dequantization step: ``body`` leaves ``q - z`` of nibbles 0..3 in a, b, c, d (half2 each);
+    ``scale_op`` (``mul.f16x2 $i, r, $7`` / ``fma.rn.bf16x2 $i, r, $7, nz``, or ``mov.b32 $i, r``) writes outputs."""
+    tail = "\n".join("                " + scale_op.format(out=f"${i}", reg=reg) + ";" for i, reg in enumerate("abcd"))
+    return tl.constexpr("{\n" + body + tail + "\n}")
+
+
+_F16_BODY = """
+                .reg .b32 a, b, c, d, t, k;
+                mov.b32 k, 0x2c002c00;
+                lop3.b32 a, $4, 0x000f000f, 0x64006400, 0xea;
+                lop3.b32 b, $4, 0x00f000f0, 0x64006400, 0xea;
+                shr.u32 t, $4, 8;
+                lop3.b32 c, t, 0x000f000f, 0x64006400, 0xea;
+                lop3.b32 d, t, 0x00f000f0, 0x64006400, 0xea;
+                sub.f16x2 a, a, $5;
+                fma.rn.f16x2 b, b, k, $6;
+                sub.f16x2 c, c, $5;
+                fma.rn.f16x2 d, d, k, $6;
+"""
+_BF16_BODY = """
+                .reg .b32 a, b, c, d, t, one, nz;
+                mov.b32 one, 0x3f803f80;
+                mov.b32 nz, 0x80008000;
+                lop3.b32 a, $4, 0x000f000f, 0x43004300, 0xea;
+                shr.u32 t, $4, 4;
+                lop3.b32 b, t, 0x000f000f, 0x43004300, 0xea;
+                shr.u32 t, $4, 8;
+                lop3.b32 c, t, 0x000f000f, 0x43004300, 0xea;
+                shr.u32 t, $4, 12;
+                lop3.b32 d, t, 0x000f000f, 0x43004300, 0xea;
+                fma.rn.bf16x2 a, a, one, $5;
+                fma.rn.bf16x2 b, b, one, $5;
+                fma.rn.bf16x2 c, c, one, $5;
+                fma.rn.bf16x2 d, d, one, $5;
+"""
+_F16_SCALED_ASM = _dequant_asm(_F16_BODY, "mul.f16x2 {out}, {reg}, $7")
+_BF16_SCALED_ASM = _dequant_asm(_BF16_BODY, "fma.rn.bf16x2 {out}, {reg}, $7, nz")
+_F16_UNSCALED_ASM = _dequant_asm(_F16_BODY, "mov.b32 {out}, {reg}")
+_BF16_UNSCALED_ASM = _dequant_asm(_BF16_BODY, "mov.b32 {out}, {reg}")
+
+
+@triton.jit
+def _dequant_halves(halves, magic_z, hi_z, s, DOT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr,
+                    SCALE: tl.constexpr):  # fmt: skip
+    """``[BN, E]`` int16 (four 4-bit codes each, nibble j at bits 4j) -> four ``[BN, E]`` tiles of ``(q_j - z) * s``
+    (``SCALE``; else ``q_j - z``, exact) in ``DOT_DTYPE``. ``magic_z`` is ``magic + z``, ``hi_z`` is
+    ``-(magic / 16 + z)`` (fp16 only), both in DOT_DTYPE.
+
+    ``USE_ASM`` (CUDA, fp16 / bf16): two int16 per 32-bit register, so each step below is one instruction per two
+    weights. fp16 (Marlin's): ``lop3`` puts nibbles 0 and 1 of both halves into the mantissas of 1024.0 (nibble 1
+    as 16 q: subtracted as ``fma(h, 1/16, -(64 + z))``), one shift and two more ``lop3`` give nibbles 2 and 3; then
+    ``sub`` / ``fma`` for the zero point and ``mul`` for the scale, all ``.f16x2``. bf16 (7 mantissa bits: every
+    nibble shifted down to bits 0..3 of 128.0): three shifts, four ``lop3``, ``fma.bf16x2`` by 1 and ``-(128 + z)``
+    and by the scale (+ -0.0). The fallback does the same arithmetic one element at a time."""
+    if USE_ASM:
+        if DOT_DTYPE == tl.float16:
+            if SCALE:
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    asm=_F16_SCALED_ASM, constraints="=r,=r,=r,=r,r,r,r,r", args=[halves, magic_z, hi_z, s],
+                    dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+            else:
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    asm=_F16_UNSCALED_ASM, constraints="=r,=r,=r,=r,r,r,r,r", args=[halves, magic_z, hi_z, s],
+                    dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+        else:
+            if SCALE:
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    asm=_BF16_SCALED_ASM, constraints="=r,=r,=r,=r,r,r,r,r", args=[halves, -magic_z, hi_z, s],
+                    dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+            else:
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    asm=_BF16_UNSCALED_ASM, constraints="=r,=r,=r,=r,r,r,r,r", args=[halves, -magic_z, hi_z, s],
+                    dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+    elif DOT_DTYPE == tl.bfloat16:  # in fp32, rounded once at the end: the same bits as the PTX (q - z exact,
+        mz = magic_z.to(tl.float32)  # (q - z) * s exact in fp32); the interpreter's bf16 arithmetic is wrong
+        w0 = _nibble_magic(halves, 0, DOT_DTYPE) - mz
+        w1 = _nibble_magic(halves, 1, DOT_DTYPE) - mz
+        w2 = _nibble_magic(halves, 2, DOT_DTYPE) - mz
+        w3 = _nibble_magic(halves, 3, DOT_DTYPE) - mz
+        if SCALE:
+            sf = s.to(tl.float32)
+            w0, w1, w2, w3 = w0 * sf, w1 * sf, w2 * sf, w3 * sf
+        w0, w1, w2, w3 = w0.to(DOT_DTYPE), w1.to(DOT_DTYPE), w2.to(DOT_DTYPE), w3.to(DOT_DTYPE)
+    else:
+        w0 = _nibble_magic(halves, 0, DOT_DTYPE) - magic_z
+        w1 = _nibble_magic(halves, 1, DOT_DTYPE) - magic_z
+        w2 = _nibble_magic(halves, 2, DOT_DTYPE) - magic_z
+        w3 = _nibble_magic(halves, 3, DOT_DTYPE) - magic_z
+        if SCALE:
+            w0, w1, w2, w3 = w0 * s, w1 * s, w2 * s, w3 * s
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, tiles_per_split, stride_xm, stride_qn, stride_om,
+                     stride_os, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, SCALE_AFTER: tl.constexpr,
+                     USE_ASM: tl.constexpr):  # fmt: skip
+    """Program (n, split): ``out[split][:, n block] = x[:, split's K] @ W[split's K, n block]``, computed as
+    ``W^T @ x^T`` so the dequantized ``[BLOCK_N, BLOCK_K]`` weight tile is the MMA's M side (64 / 128 rows: Hopper
+    wgmma) and the 16 padded token rows its N side; fp32 accumulation in place across K.
+
+    ``qh_ptr`` is the kernel layout's qweight viewed as int16 ``[N, K / 4]``: half ``h`` of word ``p`` holds
+    nibbles ``4h .. 4h + 3``, so nibble ``j`` of int16 ``e = 2p + h`` is nibble ``i = 4h + j`` of word ``p``,
+    input row ``32c + 4i + r`` for ``p = 4c + r``; it is dequantized into tile column ``j * BLOCK_K / 4 + e`` and
+    x's tile columns are reordered to match. A tile lies within one group (BLOCK_K <=
+    GROUP_SIZE, one scale / zero per column) or spans whole groups (GROUP_SIZE < BLOCK_K: ``[BLOCK_N, groups]``
+    scales broadcast over each group's ``GROUP_SIZE / 4`` int16). ``MAGIC``: the magic float's value in x's dtype.
+
+    ``SCALE_AFTER`` (the ``mms`` kind; tiles within one group): the tile is dequantized to ``q - z`` only (exact
+    small integers) and each tile's fp32 product is scaled per column before it is added up: one FMA per output
+    element and tile instead of one multiply per two weights, but a fresh MMA accumulator per tile."""
+    HALVES: tl.constexpr = BLOCK_K // 4
+    GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # groups per tile, when a tile spans several
+    DOT_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_e = tl.arange(0, HALVES)
+    x_rows = tl.minimum(offs_m, M - 1)  # padding rows re-read row M-1 and are never stored
+    w_rows = tl.minimum(offs_n, N - 1)  # unmasked loads; tail columns are never stored
+    x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
+    q_ptrs = qh_ptr + (w_rows.to(tl.int64) * stride_qn)[:, None] + offs_e[None, :]
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, K // BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for t in range(t_start, t_end):  # tile t: offsets t * HALVES are known 16-byte aligned (16-byte async copies)
+        k0 = t * BLOCK_K
+        halves = tl.load(q_ptrs + t * HALVES)
+        if BLOCK_K <= GROUP_SIZE:
+            sz = (k0 // GROUP_SIZE) * N + w_rows
+            s = tl.load(s_ptr + sz).to(tl.float32)[:, None]
+            z = tl.load(z_ptr + sz).to(tl.float32)[:, None]
+        else:
+            sz = (k0 // GROUP_SIZE + tl.arange(0, GROUPS))[None, :] * N + w_rows[:, None]
+            s = tl.load(s_ptr + sz).to(tl.float32)
+            z = tl.load(z_ptr + sz).to(tl.float32)
+            s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE // 4)), (BLOCK_N, HALVES))
+            z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE // 4)), (BLOCK_N, HALVES))
+        shape: tl.constexpr = (BLOCK_N, HALVES)
+        magic_z = tl.broadcast_to((MAGIC + z).to(DOT_DTYPE), shape)
+        hi_z = tl.broadcast_to((-(MAGIC / 16.0) - z).to(DOT_DTYPE), shape)
+        w0, w1, w2, w3 = _dequant_halves(halves, magic_z, hi_z, tl.broadcast_to(s.to(DOT_DTYPE), shape), DOT_DTYPE,
+                                         USE_ASM, not SCALE_AFTER)
+        # Tile column j * E + e holds nibble j of int16 e (join adds a minor dim: [BN, E, 2, 2] with [.., u, t] =
+        # nibble 2u + t, moved in front of e): each 32-bit register the asm wrote is two adjacent tile columns.
+        w = tl.reshape(tl.permute(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (0, 2, 3, 1)), (BLOCK_N, BLOCK_K))
+        # ... which is input row 32c + 16h + 4j + r of the tile for e = 8c + 2r + h: x's columns reordered to match
+        # ([.., c, h, j, r] -> [.., j, c, r, h]), in registers / shared memory, not by a gather.
+        x = tl.load(x_ptrs + k0)
+        x = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 2, 4, 4)), (0, 3, 1, 4, 2)),
+                       (BLOCK_M, BLOCK_K))
+        if SCALE_AFTER:
+            tl.static_assert(BLOCK_K <= GROUP_SIZE)
+            if DOT_DTYPE == tl.float32:  # CPU-path dtype (tests): no TF32 rounding on the GPU
+                acc += tl.dot(w, tl.trans(x), out_dtype=tl.float32, input_precision="ieee") * s
+            else:
+                acc += tl.dot(w, tl.trans(x), out_dtype=tl.float32) * s
+        elif DOT_DTYPE == tl.float32:
+            acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.float32, input_precision="ieee")
+        else:
+            acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.float32)
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, tl.trans(acc).to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+
+def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group_size: int, config: SkinnyConfig, *, split_k: int | None = None) -> torch.Tensor:  # fmt: skip
+    """The tensor-core decode kernel on a 2-D ``x [M <= 16, K]`` (unit column stride; fp16 / bf16, fp32 for tests)
+    with an ``mma`` / ``mms`` config whose block_k (a multiple of 32) divides K and nests with the group size
+    (``mms``: divides it). ``split_k`` defaults to ``decode_launch``'s rule at the config's block_n."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    block_k = config.block_k
+    if config.kind not in INT4_MMA_KINDS:
+        raise ValueError(f"int4_mma_gemm takes an mma or mms config, got {config}")
+    if m > INT4_MMA_MAX_M:
+        raise ValueError(f"int4_mma_gemm takes at most {INT4_MMA_MAX_M} rows, got {m}")
+    if k % KERNEL_K_BLOCK:
+        raise ValueError(f"int4_mma_gemm: K={k} is not a multiple of {KERNEL_K_BLOCK} (the int4 kernel layout)")
+    if not _block_k_fits(config.kind, block_k, k, group_size):
+        raise ValueError(f"int4_mma_gemm: config {config} does not fit K={k}, group {group_size} (block_k, a "
+                         f"multiple of {KERNEL_K_BLOCK}, must divide K and nest with the group size; mms: divide "
+                         "the group size)")
+    if qweight.shape[1] * 8 != k:
+        raise ValueError(f"int4 qweight {tuple(qweight.shape)} does not match x {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        raise ValueError("int4_mma_gemm needs x with unit column stride")
+    if m == 0 or n == 0:
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
+    k_blocks = k // block_k
+    if split_k is None:
+        split_k = decode_launch(n, k_blocks, x.device.index if x.is_cuda else None, block_ns=(config.block_n,))[1]
+    k_per_split = triton.cdiv(k_blocks, max(1, split_k)) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    out = torch.empty((split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else x.dtype,
+                      device=x.device)
+    halves = qweight.view(torch.int16)  # [N, K / 4]
+    _int4_mma_kernel[(triton.cdiv(n, config.block_n), split_k)](
+        x, halves, scales, zeros, out, m, n, k, k_per_split // block_k, x.stride(0), halves.stride(0), n,
+        out.stride(0) if split_k > 1 else 0, GROUP_SIZE=group_size, BLOCK_M=16, BLOCK_N=config.block_n,
+        BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], SCALE_AFTER=config.kind == "mms",
+        USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out if split_k == 1 else out.sum(0).to(x.dtype)

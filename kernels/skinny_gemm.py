@@ -65,7 +65,8 @@ except ImportError:  # pragma: no cover - older Triton
 @dataclass(frozen=True)
 class SkinnyConfig:
     """One launch configuration. ``kind`` is ``"fma"``, ``"dot"`` or ``"mma"`` / ``"mmq"`` (the fp8 W8A8
-    tensor-core kernel, activations quantized by a separate launch / in the kernel; ``kernels/fp8_linear.py`` only);
+    tensor-core kernel, activations quantized by a separate launch / in the kernel; ``kernels/fp8_linear.py``; ``mma``
+    and ``mms`` are also ``kernels/int4_gemm.py``'s w4a16 tensor-core kernel, scaling the weights / the products);
     ``prefetch`` (fma only) is how many tiles ahead each program asks L2 for (0: off); ``num_stages`` (the others)
     is Triton's software-pipeline depth."""
 
@@ -77,15 +78,15 @@ class SkinnyConfig:
     prefetch: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("fma", "dot", "mma", "mmq"):
-            raise ValueError(f"kind must be 'fma', 'dot', 'mma' or 'mmq', got {self.kind!r}")
+        if self.kind not in ("fma", "dot", "mma", "mmq", "mms"):
+            raise ValueError(f"kind must be 'fma', 'dot', 'mma', 'mmq' or 'mms', got {self.kind!r}")
         for name in ("block_n", "block_k", "num_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
-        if self.kind in ("dot", "mma", "mmq") and (self.block_n < 16 or self.block_k < 16):
+        if self.kind in ("dot", "mma", "mmq", "mms") and (self.block_n < 16 or self.block_k < 16):
             raise ValueError(f"{self.kind} configs need block_n and block_k >= 16 (tl.dot's minimum)")
-        if self.kind in ("mma", "mmq") and (self.block_n < 64 or self.block_k < 32):
+        if self.kind in ("mma", "mmq", "mms") and (self.block_n < 64 or self.block_k < 32):
             raise ValueError(f"{self.kind} configs need block_n >= 64 (one fp8 wgmma's M) and block_k >= 32 (its K)")
         if self.block_k < 8:
             raise ValueError("block_k must be >= 8 (one 16-byte vector of bf16)")
@@ -97,7 +98,7 @@ class SkinnyConfig:
     @classmethod
     def parse(cls, text: str) -> SkinnyConfig:
         """Inverse of ``str()``: ``fma:8x512:w4:p2`` or ``dot:32x128:w4:s4`` (the last field may be left out)."""
-        match = re.fullmatch(r"\s*(fma|dot|mma|mmq):(\d+)x(\d+):w(\d+)(?::([ps])(\d+))?\s*", text)
+        match = re.fullmatch(r"\s*(fma|dot|mma|mmq|mms):(\d+)x(\d+):w(\d+)(?::([ps])(\d+))?\s*", text)
         if match is None:
             raise ValueError(f"cannot parse skinny GEMM config {text!r} (expected e.g. 'fma:8x512:w4:p0')")
         kind, bn, bk, warps, tag, value = match.groups()

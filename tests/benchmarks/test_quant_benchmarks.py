@@ -86,3 +86,6 @@ def test_quantized_gemm_decode_sweep_smoke_prints_tables_and_step_prediction():
     # the W8A8 tensor-core kernel ran beside the fma ones (checked against fp8_linear_ref's math) and is in the notes
     assert "mma mma:64x64:w4:s1" in proc.stdout and "mmq mmq:64x64:w4:s1" in proc.stdout
     assert "tiny_b: fma " in proc.stdout and ", mma " in proc.stdout and ", mmq " in proc.stdout
+    # the int4 tensor-core kernel's candidates ran too (checked against int4_linear_ref), beside the fma ones
+    int4_section = proc.stdout.split("## int4: best table config")[1].split("## paste")[0]
+    assert "| mma mma:64x" in int4_section and "| mms mms:64x64" in int4_section and "fma fma:" in int4_section

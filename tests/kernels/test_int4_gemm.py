@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from kernels.int4_gemm import (AWQ_ORDER, INT4_DEFAULT_CONFIGS, dequantize_int4, int4_decode_or_prefill_gemm,
-                               int4_fma_gemm, int4_gemm, int4_linear, int4_linear_ref, pack_int4_columns,
+from kernels.int4_gemm import (AWQ_ORDER, INT4_DEFAULT_CONFIGS, _dequant_halves, dequantize_int4,
+                               int4_decode_or_prefill_gemm, int4_fma_gemm, int4_gemm, int4_linear, int4_linear_ref,
+                               int4_mma_gemm, pack_int4_columns,
                                pack_int4_kernel, pack_int4_rows, pick_int4_config, unpack_int4_columns,
                                unpack_int4_kernel, unpack_int4_rows)
 from kernels.skinny_gemm import SkinnyConfig
@@ -173,3 +176,153 @@ def test_decode_launch_splits_k_only_for_small_layers():
         assert decode_launch(n, k // 128, None)[1] == 1
     block_n, split = decode_launch(576, 576 // 64, None)  # SmolLM2's o_proj: 36 blocks of 16 rows
     assert block_n == 16 and split > 1
+
+
+# ------------------------------------------------------------------------------ mma kernel (tensor cores, M <= 16)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m, n, k, group, config, split_k", [
+    (1, 64, 256, 128, "mma:64x128:w4:s1", 1),  # one group per tile
+    (3, 100, 256, 32, "mma:64x128:w4:s2", 2),  # tiles of four groups (scales broadcast per group), ragged N, split K
+    (16, 64, 256, 64, "mma:64x32:w4:s1", None),  # tiles of half a group, all 16 rows
+    (5, 130, 384, 128, "mma:128x64:w4:s1", 3),  # N past two blocks of 128, uneven split
+    (1, 72, 96, 96, "mma:64x32:w4:s1", 1),  # one group over K (group -1), tiles of a third of it
+    (16, 64, 128, 64, "mma:64x128:w4:s1", 1),  # one tile of two groups
+    # mms: q - z into the MMA, each tile's product scaled per column (tiles within one group)
+    (1, 64, 256, 128, "mms:64x128:w4:s1", 1),
+    (3, 100, 256, 64, "mms:64x32:w4:s2", 3),
+    (16, 130, 384, 128, "mms:128x64:w4:s1", None),
+    (2, 72, 96, 96, "mms:64x32:w4:s1", 1),
+])
+def test_int4_mma_kernel_matches_reference(m, n, k, group, config, split_k, dtype):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k + group)
+    q, zeros, scales, _ = random_int4(k, n, group, gen)
+    x = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    args = (pack_int4_kernel(q), scales.to(dtype), zeros.to(dtype))
+    out = int4_mma_gemm(x.to(dtype).to(KERNEL_DEVICE), *(a.to(KERNEL_DEVICE) for a in args), group,
+                        SkinnyConfig.parse(config), split_k=split_k)
+    assert out.shape == (m, n) and out.dtype == dtype
+    reference = int4_linear_ref(x.to(dtype).double(), args[0], args[1].double(), args[2].double(), group)
+    assert_close(out, reference, TOLERANCE[dtype], f"int4 mma {m}x{n}x{k} g{group} {config} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_int4_mma_act_order(dtype):
+    """GPTQ act-order through the mma kernel: rows sorted by group, x's columns gathered by the permutation."""
+    k, n, group = 256, 64, 64
+    gen = torch.Generator().manual_seed(21)
+    g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=gen)]
+    q, zeros, scales, _ = random_int4(k, n, group, gen, g_idx=g_idx)
+    perm = torch.argsort(g_idx, stable=True)
+    args = tuple(a.to(KERNEL_DEVICE) for a in (pack_int4_kernel(q[perm]), scales.to(dtype), zeros.to(dtype)))
+    w = (q.double() - zeros.to(dtype).double()[g_idx]) * scales.to(dtype).double()[g_idx]
+    for m in (1, 3, 16):
+        x = torch.randn(m, k, generator=gen, dtype=torch.float64).to(dtype)
+        for config in ("mma:64x64:w4:s1", "mma:64x128:w4:s1", "mms:64x64:w4:s1"):
+            out = int4_mma_gemm(x[:, perm].contiguous().to(KERNEL_DEVICE), *args, group, SkinnyConfig.parse(config))
+            assert_close(out, x.double() @ w, TOLERANCE[dtype], f"act-order mma m={m} {config}")
+
+
+def test_int4_mma_rejects_what_it_cannot_run():
+    x = torch.zeros(4, 256, dtype=torch.float16, device=KERNEL_DEVICE)
+    qweight = torch.zeros(64, 32, dtype=torch.int32, device=KERNEL_DEVICE)
+    sz = torch.ones(2, 64, dtype=torch.float16, device=KERNEL_DEVICE)
+    config = SkinnyConfig.parse("mma:64x128:w4:s1")
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        int4_mma_gemm(torch.zeros(17, 256, dtype=torch.float16, device=KERNEL_DEVICE), qweight, sz, sz, 128, config)
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        int4_mma_gemm(torch.zeros(4, 240, dtype=torch.float16, device=KERNEL_DEVICE), qweight[:, :30], sz, sz, 48,
+                      SkinnyConfig.parse("mma:64x32:w4:s1"))
+    with pytest.raises(ValueError, match="does not fit"):  # block_k 128 and group 96 do not nest
+        int4_mma_gemm(torch.zeros(4, 384, dtype=torch.float16, device=KERNEL_DEVICE),
+                      torch.zeros(64, 48, dtype=torch.int32, device=KERNEL_DEVICE), sz, sz, 96, config)
+    with pytest.raises(ValueError, match="does not fit"):  # mms: a tile spanning two groups
+        int4_mma_gemm(x, qweight, sz, sz, 64, SkinnyConfig.parse("mms:64x128:w4:s1"))
+    with pytest.raises(ValueError, match="mma or mms config"):
+        int4_mma_gemm(x, qweight, sz, sz, 128, SkinnyConfig.parse("fma:8x128:w4:p0"))
+    with pytest.raises(ValueError, match="does not match"):
+        int4_mma_gemm(x, qweight[:, :16], sz, sz, 128, config)
+
+
+def test_int4_mma_dispatch_only_where_a_table_entry_names_it(monkeypatch):
+    """Today's tables name no mma config (the engine's kernels stay as measured); an ``mma`` entry sends its shape
+    to the tensor-core kernel for every M up to 16 (block_k fitted to K and the group), fma entries stop at M = 4."""
+    import kernels.int4_gemm as i4
+
+    assert all(c is None or c.kind == "fma" for c in i4.INT4_SKINNY_CONFIGS.values())  # until measured
+    assert all(c is None or c.kind == "fma" for c in i4.INT4_DEFAULT_CONFIGS.values())
+    k, n, group = 256, 72, 128
+    assert pick_int4_config(8, n, k, group) is None
+    monkeypatch.setitem(i4.INT4_SKINNY_CONFIGS, (8, n, k), SkinnyConfig.parse("mma:64x512:w4:s2"))
+    monkeypatch.setitem(i4.INT4_SKINNY_CONFIGS, (16, n, k), SkinnyConfig.parse("mma:64x128:w4:s2"))
+    assert pick_int4_config(8, n, k, group) == SkinnyConfig.parse("mma:64x256:w4:s2")  # 512 does not divide K
+    assert pick_int4_config(8, n, k, 64) is None  # entries are measured at group 128; no default at M = 8
+    assert pick_int4_config(17, n, k, group) is None
+    monkeypatch.setitem(i4.INT4_SKINNY_CONFIGS, (4, n, k), SkinnyConfig.parse("mms:64x256:w4:s2"))
+    assert pick_int4_config(3, n, k, 64).kind == "fma"  # not group 128: the M bucket's default
+    assert pick_int4_config(3, n, k, group) == SkinnyConfig.parse("mms:64x128:w4:s2")  # within the group of 128
+    calls = []
+    real = i4.int4_mma_gemm
+    monkeypatch.setattr(i4, "int4_mma_gemm", lambda *a, **kw: calls.append(a[-1]) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(3)
+    q, zeros, scales, _ = random_int4(k, n, group, gen)
+    args = tuple(a.to(KERNEL_DEVICE) for a in (pack_int4_kernel(q), scales.half(), zeros.half()))
+    for m in (3, 7, 16):
+        x = torch.randn(m, k, generator=gen).half()
+        out = int4_decode_or_prefill_gemm(x.to(KERNEL_DEVICE), *args, group)
+        assert_close(out, int4_linear_ref(x.double(), args[0].cpu(), scales.double(), zeros.double(), group),
+                     TOLERANCE[torch.float16], f"dispatch m={m}")
+    assert [str(c) for c in calls] == ["mms:64x128:w4:s2", "mma:64x256:w4:s2", "mma:64x128:w4:s2"]
+
+
+@triton.jit
+def _dequant_test_kernel(h_ptr, z_ptr, s_ptr, out_ptr, E: tl.constexpr, MAGIC: tl.constexpr, USE_ASM: tl.constexpr,
+                         SCALE: tl.constexpr):  # fmt: skip
+    rows = tl.arange(0, 16)
+    offs = rows[:, None] * E + tl.arange(0, E)[None, :]
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    z = tl.load(z_ptr + offs).to(tl.float32)
+    w = _dequant_halves(tl.load(h_ptr + offs), (MAGIC + z).to(dtype), (-(MAGIC / 16.0) - z).to(dtype),
+                        tl.load(s_ptr + offs), dtype, USE_ASM, SCALE)
+    for j in tl.static_range(4):
+        tl.store(out_ptr + j * 16 * E + offs, w[j])
+
+
+@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_magic_number_dequantization(dtype, scale):
+    """Each nibble of each int16 becomes ``(q - z) * s`` rounded once to the dtype (bf16 included: no tl.dot here;
+    without ``scale``: ``q - z`` exactly), on the GPU through the packed-half2 PTX (fp16 / bf16), in the interpreter
+    through the plain bit ops."""
+    from kernels.int4_gemm import _MAGIC_VALUES
+
+    gen = torch.Generator().manual_seed(5)
+    halves = torch.randint(-(2**15), 2**15, (16, 32), generator=gen, dtype=torch.int32).to(torch.int16)
+    zeros = torch.randint(0, 17, (16, 32), generator=gen).to(dtype)
+    scales = (torch.rand(16, 32, generator=gen) * 0.02 + 0.001).to(dtype)
+    out = torch.empty(4, 16, 32, dtype=dtype, device=KERNEL_DEVICE)
+    _dequant_test_kernel[(1,)](halves.to(KERNEL_DEVICE), zeros.to(KERNEL_DEVICE), scales.to(KERNEL_DEVICE), out,
+                               E=32, MAGIC=_MAGIC_VALUES[dtype], SCALE=scale,
+                               USE_ASM=KERNEL_DEVICE == "cuda" and dtype != torch.float32)  # fmt: skip
+    codes = torch.stack([(halves.int() >> (4 * j)) & 0xF for j in range(4)])
+    exact = (codes.double() - zeros.double()) * (scales.double() if scale else 1.0)  # exact in fp32
+    expected = exact.to(dtype)
+    if dtype == torch.bfloat16 and KERNEL_DEVICE == "cpu":  # the interpreter truncates fp32 -> bf16
+        truncated = (exact.float().view(torch.int32) & -65536).view(torch.float32).to(dtype)
+        assert ((out == expected) | (out == truncated)).all()
+    else:
+        assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n, k", LLAMA_8B_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", ["mma:64x128:w4:s4", "mma:128x256:w8:s3", "mms:128x128:w4:s3"])
+def test_int4_mma_gpu_at_llama_shapes(m, n, k, dtype, config):
+    gen = torch.Generator().manual_seed(m)
+    q, zeros, scales, _ = random_int4(k, n, 128, gen)
+    args = (pack_int4_kernel(q).cuda(), (scales * 0.1).to(dtype).cuda(), zeros.to(dtype).cuda())
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    out = int4_mma_gemm(x, *args, 128, SkinnyConfig.parse(config))
+    assert_close(out, int4_linear_ref(x, *args, 128).float(), 1e-2, f"int4 mma m={m} {n}x{k} {dtype} {config}")

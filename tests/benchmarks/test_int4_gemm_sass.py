@@ -1,0 +1,54 @@
+"""benchmarks/int4_gemm_sass.py compiles the int4 decode GEMMs for sm_90 without a GPU (Triton's bundled ptxas /
+cuobjdump) and checks what the tensor-core kernel is for: its loop dequantizes two weights per packed half2
+instruction (no int -> float conversion: the magic-number trick), hands the tile to Hopper's wgmma (``HGMMA.64``,
+the weight as the 64-row side, never mma.sync), and needs well under the CUDA-core fma kernel's instructions per
+weight; the ``mms`` variant drops the per-weight scale multiply for one FMA per output element and tile.
+
+Compiled in a subprocess without TRITON_INTERPRET (the test session interprets the kernels)."""
+
+from __future__ import annotations
+
+from tests.benchmarks.offline_sass import needs_sass_tools, run_compile_script
+
+COMPILE = """
+import json
+from benchmarks.int4_gemm_sass import compile_fma, compile_mma
+from benchmarks.fp8_gemm_sass import loop_summary
+from kernels.skinny_gemm import SkinnyConfig
+out = {}
+for text, dtype, compile_fn in (("fma:8x1024:w4:p0", "bf16", compile_fma), ("fma:16x512:w4:p0", "bf16", compile_fma),
+                                ("mma:64x128:w4:s4", "bf16", compile_mma), ("mma:128x128:w4:s3", "bf16", compile_mma),
+                                ("mma:128x128:w4:s3", "fp16", compile_mma), ("mms:128x128:w4:s3", "bf16", compile_mma)):
+    config = SkinnyConfig.parse(text)
+    info = loop_summary(compile_fn(config, dtype), config)
+    out[f"{text} {dtype}"] = {k: info[k] for k in ("loop", "loop_total", "mmas", "per_1000_weights", "stack")}
+print(json.dumps(out))
+"""
+
+
+@needs_sass_tools
+def test_mma_loop_dequantizes_in_packed_half2_into_wgmma():
+    result = run_compile_script(COMPILE)
+    fma = min(result[f"{c} bf16"]["per_1000_weights"] for c in ("fma:8x1024:w4:p0", "fma:16x512:w4:p0"))
+    assert all(result[f"{c} bf16"]["mmas"] == 0 for c in ("fma:8x1024:w4:p0", "fma:16x512:w4:p0"))
+    for key in ("mma:64x128:w4:s4 bf16", "mma:128x128:w4:s3 bf16", "mma:128x128:w4:s3 fp16"):
+        info = result[key]
+        loop = info["loop"]
+        block_n, block_k = (int(v) for v in key.split(":")[1].split("x"))
+        weights_per_thread = block_n * block_k // 128  # 4 warps
+        assert not any(op.startswith(("HMMA", "I2F", "F2F", "F2FP")) for op in loop), loop
+        # bf16 / fp16 wgmma with M = 64 (HGMMA.64x16x16): one per 64 weight rows and 16 of K
+        assert loop.get("HGMMA.64", 0) == info["mmas"] == block_n // 64 * block_k // 16, loop
+        # the scale multiply: one packed instruction per two weights
+        mul = "HMUL2.BF16_V2" if key.endswith("bf16") else "HMUL2"
+        assert loop.get(mul, 0) == weights_per_thread // 2, loop
+        assert loop.get("LOP3.LUT", 0) <= weights_per_thread // 2 + 2, loop  # lop3: two nibbles per instruction
+        assert info["stack"] == 0
+        # the weight streams through 16-byte async copies that skip L1 (cp.async.cg), not 8-byte ones
+        assert loop.get("LDGSTS.E.BYPASS.128", 0) > 0 and "LDGSTS.E.64" not in loop, loop
+        assert info["per_1000_weights"] < 0.6 * fma, (key, info["per_1000_weights"], fma)
+    # mms: q - z into the MMA (no per-weight multiply), one FFMA per accumulator element and tile for the scale
+    mms, mma = result["mms:128x128:w4:s3 bf16"], result["mma:128x128:w4:s3 bf16"]
+    assert "HMUL2.BF16_V2" not in mms["loop"] and mms["loop"].get("FFMA", 0) == 128 * 16 // 128
+    assert mms["loop"].get("HGMMA.64", 0) == 16 and mms["stack"] == 0
+    assert mms["per_1000_weights"] < 0.95 * mma["per_1000_weights"]
