@@ -57,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--m", type=int, nargs="+", default=None, help="the M values (rows) to time")
     p.add_argument("--sweep", action="store_true", help="sweep the fma decode kernels' configs at M = 1, 2, 4 (only)")
     p.add_argument("--sweep-dot", action="store_true", help="also sweep the tl.dot decode kernels' launch configs")
+    p.add_argument("--formats", nargs="+", choices=("fp8", "int4"), default=["fp8", "int4"],
+                   help="--sweep: the quantized formats to sweep (bf16 skinny always runs, as the yardstick)")
     return p.parse_args()
 
 
@@ -361,7 +363,7 @@ def decode_sweep() -> int:
     if not ARGS.smoke:
         timed_shapes["lm_head"] = LM_HEAD
     for name, (n, k) in timed_shapes.items():
-        for fmt in ("bf16", "fp8", "int4") if name != "lm_head" else ("bf16",):
+        for fmt in ("bf16", *ARGS.formats) if name != "lm_head" else ("bf16",):
             weights = sweep_weights(fmt, n, k, gen)
             calls = sweep_calls(fmt, weights, k, torch.float32 if name == "lm_head" else None)
             xs = {m: torch.randn(m, k, generator=gen, device=DEVICE).to(DTYPE) for m in m_values}
@@ -419,7 +421,7 @@ def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: lis
         return f"{ms * 1e3:7.1f} us {bps / 1e9:6.0f} GB/s {bps / HBM_PEAK:4.0%}"
 
     picks: dict[tuple[str, str, int], str | None] = {}
-    for fmt in ("fp8", "int4"):
+    for fmt in ARGS.formats:
         print(f"\n## {fmt}: best table config (fma / mma / mmq) per (shape, M) against the current tl.dot kernel and bf16"
               " skinny" + ("; best fma, best mma / mmq (W8A8) and _scaled_mm with x padded to 16 beside" if fmt == "fp8"
                            else "; best fma, best mma / mms (w4a16 tensor cores) beside"))  # fmt: skip
@@ -446,6 +448,8 @@ def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: lis
 
     for fmt, table, defaults in (("fp8", "FP8_SKINNY_CONFIGS", "FP8_DEFAULT_CONFIGS"),
                                  ("int4", "INT4_SKINNY_CONFIGS", "INT4_DEFAULT_CONFIGS")):
+        if fmt not in ARGS.formats:
+            continue
         module = "kernels/fp8_linear.py" if fmt == "fp8" else "kernels/int4_gemm.py"
         print(f"\n## paste into {module} (measured on this device)")
         print(f"{table}: dict[tuple[int, int, int], SkinnyConfig | None] = {{")
