@@ -56,12 +56,13 @@ class StepInputs:
 
     def stage(
         self, token_ids: np.ndarray, starts: np.ndarray, nums: np.ndarray, table_rows: np.ndarray,
-        pad_to: int | None = None, pad_tokens_to: int | None = None,
+        pad_to: int | None = None, pad_tokens_to: int | None = None, decode_queries: int = 0,
     ) -> AttentionMetadata:
         """Inputs for sequences that compute ``nums[i]`` tokens from position ``starts[i]`` with block-table rows
         ``table_rows``; padded with empty rows up to ``pad_to`` (a graph's batch size). ``pad_tokens_to``: a verify
         graph's token count (``pad_to * (1 + k)``): the padding sequences get no tokens, and the token rows past the
-        real ones are dummies that belong to no sequence."""
+        real ones are dummies that belong to no sequence. ``decode_queries``: a speculative verify step (every
+        sequence at most that many tokens, see ``AttentionMetadata``); its attention reads the launch order too."""
         self._turn = (self._turn + 1) % len(self._hosts)
         host = self.host = self._hosts[self._turn]
         copied = self._copied[self._turn]
@@ -85,11 +86,12 @@ class StepInputs:
         elif pad_to is not None:
             self.fill_padding(num_seqs, pad_to)
             num_seqs = num_tokens = pad_to
-        decode = num_tokens == num_seqs  # a decode-only step: the only kind whose attention reads the launch order
+        # Decode-only and verify steps: the kinds whose attention (the decode kernel) reads the launch order.
+        decode = num_tokens == num_seqs or decode_queries > 1
         if decode:
             host.order_np[:num_seqs] = decode_order_host(host.seq_np[:num_seqs])
         self._upload(num_tokens, num_seqs, with_order=decode)
-        return self.metadata(num_tokens, num_seqs, int(nums.max()) if len(nums) else 0)
+        return self.metadata(num_tokens, num_seqs, int(nums.max()) if len(nums) else 0, decode_queries)
 
     def fill_padding(self, start: int, end: int) -> None:
         """Rows ``start..end`` of a decode graph batch: one dummy query each, no context, no cache write."""
@@ -152,7 +154,8 @@ class StepInputs:
                     (h.order, self.decode_order, num_seqs))]
         return views
 
-    def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int) -> AttentionMetadata:
+    def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int, decode_queries: int = 0
+                 ) -> AttentionMetadata:  # fmt: skip
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:num_tokens],
             block_tables=self.block_tables[:num_seqs],
@@ -160,4 +163,5 @@ class StepInputs:
             query_start_loc=self.query_start_loc[: num_seqs + 1],
             max_query_len=max_query_len,
             decode_order=self.decode_order[:num_seqs],
+            decode_queries=decode_queries,
         )
