@@ -54,22 +54,33 @@ def paged_decode_attention_ref(
     starts = query_start_loc.tolist()
     q_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
     decode_rows = [i for i, n in enumerate(q_lens) if 1 <= n <= queries]
-    if decode_rows:
+    if not decode_rows:
+        return out
+    width = max(q_lens[i] for i in decode_rows)
+    if len(decode_rows) == len(q_lens) and all(n == width for n in q_lens):
+        # Every sequence has the same row count (a decode or a full verify step): plain reshapes, no gathers.
+        lens, table = seq_lens, block_tables
+        num_queries = torch.full((len(q_lens), 1), width, device=q.device)
+        token_rows = slice(starts[0], starts[-1])
+        queries_in = q[token_rows].reshape(len(q_lens), width, *q.shape[1:])
+    else:
         rows = torch.tensor(decode_rows, device=q.device)
+        lens, table = seq_lens.index_select(0, rows), block_tables.index_select(0, rows)
         first = query_start_loc[:-1].index_select(0, rows).long()
-        num_queries = torch.tensor([q_lens[i] for i in decode_rows], device=q.device)
-        width = int(max(q_lens[i] for i in decode_rows))
+        num_queries = torch.tensor([q_lens[i] for i in decode_rows], device=q.device)[:, None]
         offs = torch.arange(width, device=q.device)
-        live = offs[None, :] < num_queries[:, None]  # [B, W]: padded rows are computed and dropped
+        live = offs[None, :] < num_queries  # [B, W]: padded rows are computed and dropped
         token_rows = torch.where(live, first[:, None] + offs[None, :], first[:, None])
-        lens = seq_lens.index_select(0, rows)
-        max_len = int(lens.max())
-        keys, values = gather_kv(k_cache, v_cache, block_tables.index_select(0, rows), max_len, k_scale=k_scale,
-                                 v_scale=v_scale, dtype=q.dtype)
-        query_pos = lens.long()[:, None] - num_queries[:, None] + offs[None, :]  # [B, W]
-        mask = visible_keys(query_pos, max_len, sliding_window)  # [B, W, S]
-        result = attend(q[token_rows], keys, values, mask, scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                        query_pos=query_pos)  # [B, W, Hq, D]
+        queries_in = q[token_rows]
+    max_len = int(lens.max())
+    keys, values = gather_kv(k_cache, v_cache, table, max_len, k_scale=k_scale, v_scale=v_scale, dtype=q.dtype)
+    query_pos = lens.long()[:, None] - num_queries + torch.arange(width, device=q.device)[None, :]  # [B, W]
+    mask = visible_keys(query_pos, max_len, sliding_window)  # [B, W, S]
+    result = attend(queries_in, keys, values, mask, scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                    query_pos=query_pos)  # [B, W, Hq, D]
+    if isinstance(token_rows, slice):
+        out[token_rows] = result.reshape(-1, *q.shape[1:])
+    else:
         out[token_rows[live]] = result[live]
     return out
 
