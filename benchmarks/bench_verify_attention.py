@@ -4,6 +4,7 @@ kernel (what it ran before), with a plain one-query decode step beside them for 
 
     python benchmarks/bench_verify_attention.py              # SmolLM2-135M dims, B = 1 and 16, Q = 6 (< 1 minute)
     python benchmarks/bench_verify_attention.py --batches 1,4,16,64 --queries 4,6 --context 300,1500
+    python benchmarks/bench_verify_attention.py --sweep      # also tile / warps / stages of the multi-query kernel
     python benchmarks/bench_verify_attention.py --smoke      # tiny shapes, no graphs: checks the script (CPU: interpreter)
 
 Each (batch, queries, variant): one CUDA graph of ``--layers`` (30: SmolLM2) back-to-back launches, each on its own
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -110,7 +112,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def variants(problem: Problem) -> dict[str, object]:
+# --sweep: (tile_n, warps, stages) of the multi-query decode kernel, under the default split choice and merge
+SWEEP = [(32, 4, 2), (64, 4, 2), (64, 8, 2), (32, 4, 5), (64, 8, 3), (128, 8, 2)]
+
+
+def variants(problem: Problem, sweep: bool = False) -> dict[str, object]:
     """name -> launch(layer, out): one attention launch of that variant on the layer's cache."""
     p = problem
     split_config = default_decode_configs(False, p.q.shape[2])[1]
@@ -120,7 +126,7 @@ def variants(problem: Problem) -> dict[str, object]:
         k, v = p.caches[layer]
         return (q, k, v, p.block_tables, p.seq_lens, qsl, p.scale)
 
-    return {
+    out = {
         "varlen": lambda layer, out: paged_prefill_attention(*args(p.q, p.query_start_loc, layer), out=out),
         "mq-decode": lambda layer, out: paged_decode_attention(*args(p.q, p.query_start_loc, layer), out=out,
                                                                seq_order=p.order, queries=p.queries),
@@ -132,6 +138,21 @@ def variants(problem: Problem) -> dict[str, object]:
         "decode Q=1": lambda layer, out: paged_decode_attention(*args(p.decode_q, p.decode_start_loc, layer),
                                                                 out=out, seq_order=p.order),
     }  # fmt: skip
+    if sweep:
+        unsplit_config = default_decode_configs(False, p.q.shape[2])[0]
+        splits = decode_num_splits(p.seq_lens.shape[0], p.caches[0][0].shape[2], p.block_tables.shape[1],
+                                   p.caches[0][0].shape[1], num_sms(0 if DEVICE == "cuda" else None), unsplit_config)
+        base = split_config if splits > 1 else unsplit_config
+        for tile_n, warps, stages in SWEEP if DEVICE == "cuda" else SWEEP[1:3]:  # the interpreter: two of them
+            config = dataclasses.replace(base, tile_n=tile_n, num_warps=warps, num_stages=stages)
+            out[f"mq {tile_n}/{warps}/{stages}"] = functools.partial(_launch_config, p, config)
+    return out
+
+
+def _launch_config(p: Problem, config, layer: int, out: torch.Tensor) -> torch.Tensor:
+    k, v = p.caches[layer]
+    return paged_decode_attention(p.q, k, v, p.block_tables, p.seq_lens, p.query_start_loc, p.scale, out=out,
+                                  config=config, seq_order=p.order, queries=p.queries)
 
 
 @dataclass
@@ -193,6 +214,7 @@ def main() -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--layers", type=int, default=30, help="launches per graph, each on its own cache")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--sweep", action="store_true", help="also tile/warps/stages configs of the multi-query kernel")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, no graphs (CPU: the interpreter)")
     opts = parser.parse_args()
     batches = [int(x) for x in opts.batches.split(",")]
@@ -223,7 +245,7 @@ def main() -> int:
             print(f"\n## B={batch} Q={queries} (decode split-K factor {splits})")
             print(f"{'variant':<20} {'us/layer':>9} {'x varlen':>9} {'rel err':>9}  graph==eager")
             results = []
-            for name, launch in variants(problem).items():
+            for name, launch in variants(problem, opts.sweep).items():
                 q, r = (problem.decode_q, decode_ref) if name == "decode Q=1" else (problem.q, ref)
                 results.append(run_variant(name, launch, q, r, layers))
             base = results[0].us
