@@ -5,7 +5,7 @@ kernel (what it ran before), with a plain one-query decode step beside them for 
     python benchmarks/bench_verify_attention.py              # SmolLM2-135M dims, B = 1 and 16, Q = 6 (< 1 minute)
     python benchmarks/bench_verify_attention.py --batches 1,4,16,64 --queries 4,6 --context 300,1500
     python benchmarks/bench_verify_attention.py --sweep      # also tile / warps / stages of the multi-query kernel
-    python benchmarks/bench_verify_attention.py --smoke      # tiny shapes, no graphs: checks the script (CPU: interpreter)
+    python benchmarks/bench_verify_attention.py --smoke      # tiny shapes, no graphs: checks the script (CPU)
 
 Each (batch, queries, variant): one CUDA graph of ``--layers`` (30: SmolLM2) back-to-back launches, each on its own
 K/V cache (one per layer, as in the engine), replayed and timed with events (median of 5 timings of 10 replays each);
@@ -227,7 +227,8 @@ def main() -> int:
         batches, query_counts, context, head_dim, layers = [1, 3], [4], (250, 400), 16, 2  # split at B=1
         dtype = torch.float32 if DEVICE == "cpu" else dtype
     sms = num_sms(0 if DEVICE == "cuda" else None)
-    print(f"# verify-step attention: {DEVICE} ({torch.cuda.get_device_name(0) if DEVICE == 'cuda' else 'interpreter'}), "
+    device_name = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "interpreter"
+    print(f"# verify-step attention: {DEVICE} ({device_name}), "
           f"{dtype}, heads {heads[0]}/{heads[1]}, head dim {head_dim}, block {opts.block_size}, context "
           f"U[{context[0]},{context[1]}], {layers} launches per graph, {sms} SMs")  # fmt: skip
     failed = False

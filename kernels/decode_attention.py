@@ -2,10 +2,11 @@
 verify step of speculative decoding, up to ``queries`` rows (its last token and its drafts; the ``QUERIES`` constexpr).
 
 One program per (sequence, KV head, split) serves the KV head's whole query group (padded to 16 rows for
-``tl.dot``); with several queries the tile's rows are the (query, head) pairs, each row under its own causal limit. Split-K (the context cut into ``num_splits`` shares) only when the batch leaves the GPU short of
-programs; the splits are merged either by the last split to finish (one launch, ``fused_reduce``) or by a separate
-reduce kernel. The launch order of the programs is a parameter: with mixed context lengths, longest sequences first
-("lpt") keeps long programs out of the tail. Layout and shared pieces: kernels/attention_common.py.
+``tl.dot``); with several queries the tile's rows are the (query, head) pairs, each row under its own causal limit.
+Split-K (the context cut into ``num_splits`` shares) only when the batch leaves the GPU short of programs; the splits
+are merged either by the last split to finish (one launch, ``fused_reduce``) or by a separate reduce kernel. The
+launch order of the programs is a parameter: with mixed context lengths, longest sequences first ("lpt") keeps long
+programs out of the tail. Layout and shared pieces: kernels/attention_common.py.
 
 The engine uses :data:`DECODE_CONFIG` and, when the context is split, :data:`SPLIT_DECODE_CONFIG` (an fp8 cache:
 :data:`FP8_DECODE_CONFIG` / :data:`FP8_SPLIT_DECODE_CONFIG`); the other
