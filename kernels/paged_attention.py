@@ -81,8 +81,8 @@ def paged_attention(
     the decode kernel with that many query rows per sequence, when its (query, head) rows fit one tile
     (:func:`multi_query_decode_supported`); a step whose ``max_query_len`` exceeds it is refused. Any head dim runs
     in the kernels (padded to a power of two); layouts they do not handle (query heads not a multiple of the KV heads,
-    strided last dims) fall back to the reference. ``backend="torch"`` forces the reference, which syncs and is not graph-safe
-    (kernels/backend.py). An fp8 (e4m3) cache is read with its per-layer ``k_scale``/``v_scale``.
+    strided last dims) fall back to the reference. ``backend="torch"`` forces the reference, which syncs and is not
+    graph-safe (kernels/backend.py). An fp8 (e4m3) cache is read with its per-layer ``k_scale``/``v_scale``.
     """
     features = dict(sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes, k_scale=k_scale,
                     v_scale=v_scale)
