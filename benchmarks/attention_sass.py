@@ -3,6 +3,7 @@
     python benchmarks/attention_sass.py                      # bf16 cache, fp8 via bf16 (old), fp8 via fp16 (new)
     python benchmarks/attention_sass.py --configs 64/4/2,128/8/3 --dump /tmp/sass
     python benchmarks/attention_sass.py --configs 64/4/2 --prefill 128/64/8/2,16/64/4/2   # the prefill kernel too
+    python benchmarks/attention_sass.py --group 3 --queries 6    # a verify step's tile (SmolLM2-135M, k = 5: 18 rows)
 
 Compiles ``_decode_kernel`` for sm_90 (``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``, pointer
 and stride arguments carrying the divisibility-16 attribute the JIT gives them) at W1's shape (head dim 128, 16 query /
@@ -42,18 +43,20 @@ VARIANTS = [("bf16 cache", "bf16", "bf16", False), ("fp8 cache, bf16 dots (old)"
 
 
 def compile_decode(cache_ty: str, dot_ty: str, v_pairs: bool, tile_n: int, num_warps: int, num_stages: int, *, group: int = 2,
-                   head_dim: int = 128, block_size: int = 16):  # fmt: skip
+                   head_dim: int = 128, block_size: int = 16, queries: int = 1):  # fmt: skip
     """The compiled decode kernel for one variant (queries are bf16 in the engine; ``dot_ty`` is the type q and the
-    K/V tiles are converted to before the dots)."""
+    K/V tiles are converted to before the dots). ``queries``: query rows per sequence (1 + k for a speculative
+    verify step; the tile's rows are the queries x group (query, head) pairs)."""
     kernel = decode_attention._decode_kernel
     fp8 = cache_ty == "fp8e4nv"
     pointers = {"out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "counter_ptr": "*i32",
                 "order_ptr": "*i32", "q_ptr": "*bf16", "k_cache_ptr": f"*{cache_ty}", "v_cache_ptr": f"*{cache_ty}",
                 "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "slopes_ptr": "*bf16"}  # fmt: skip
     floats = {"qk_scale", "cap_log2", "v_scale"}
-    constexprs = dict(GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+    rows_pad = triton.next_power_of_2(queries * group)
+    constexprs = dict(GROUP=group, BLOCK_H=max(16, rows_pad), HEAD_DIM=head_dim,
                       BLOCK_D=head_dim, BLOCK_SIZE=block_size, TILE_N=tile_n, NUM_SPLITS=1, ORDER=2,
-                      FUSED_REDUCE=False, GROUP_PAD=triton.next_power_of_2(group), SPLITS_PAD=1, SPLIT_CHUNK=1,
+                      FUSED_REDUCE=False, GROUP_PAD=rows_pad, SPLITS_PAD=1, SPLIT_CHUNK=1, QUERIES=queries,
                       IEEE=False, SOFTCAP=False, ALIBI=False, WINDOW=False, KV_FP8=fp8,
                       FP8_F16_DOTS=fp8 and dot_ty == "fp16", V_PAIRS=v_pairs, PAIRS_ASM=v_pairs)  # fmt: skip
     return _compile(kernel, pointers, floats, constexprs, num_warps, num_stages)
@@ -148,15 +151,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="64/4/2", help="comma-separated tile_n/warps/stages")
     parser.add_argument("--group", type=int, default=2, help="query heads per KV head (W1: 2, W2: 4)")
+    parser.add_argument("--queries", type=int, default=1, help="query rows per sequence (a verify step: 1 + k)")
     parser.add_argument("--prefill", default="", help="also the prefill kernel: comma-separated block_m/tile_n/warps/stages")
     parser.add_argument("--verbose", action="store_true", help="every opcode of the loop with its modifiers")
     parser.add_argument("--dump", default="", help="write each variant's PTX and SASS into this folder")
     opts = parser.parse_args()
     for spec in opts.configs.split(","):
         tile_n, warps, stages = (int(x) for x in spec.split("/"))
-        print(f"\n## decode kernel, group {opts.group}, tile {tile_n} / {warps} warps / {stages} stages, sm_90")
+        print(f"\n## decode kernel, group {opts.group}, {opts.queries} queries, tile {tile_n} / {warps} warps / "
+              f"{stages} stages, sm_90")
         for label, cache_ty, dot_ty, v_pairs in VARIANTS:
-            info = summarize(compile_decode(cache_ty, dot_ty, v_pairs, tile_n, warps, stages, group=opts.group))
+            info = summarize(compile_decode(cache_ty, dot_ty, v_pairs, tile_n, warps, stages, group=opts.group,
+                                            queries=opts.queries))  # fmt: skip
             cvts = ", ".join(f"{k} x{v}" for k, v in sorted(info["ptx_cvt"].items()) if "f32.s32" not in k)
             ops = ", ".join(f"{k} {info['loop_ops'][k]}" for k in CONVERSION_OPS if info["loop_ops"][k])
             print(f"- {label}: {info['loop_total']} SASS instructions in the key-tile loop ({info['sass_total']} in all), "
@@ -166,7 +172,8 @@ def main() -> int:
             if opts.verbose:
                 print("    loop detail: " + ", ".join(f"{k} {v}" for k, v in sorted(info["loop_detail"].items())))
             if opts.dump:
-                base = Path(opts.dump) / f"decode_{tile_n}_{warps}_{stages}_{cache_ty}_{dot_ty}{'_pairs' * v_pairs}"
+                base = Path(opts.dump) / (f"decode_{tile_n}_{warps}_{stages}_{cache_ty}_{dot_ty}{'_pairs' * v_pairs}"
+                                          f"{f'_q{opts.queries}' * (opts.queries > 1)}")
                 base.parent.mkdir(parents=True, exist_ok=True)
                 base.with_suffix(".ptx").write_text(info["ptx"])
                 base.with_suffix(".sass").write_text(info["sass"])

@@ -451,11 +451,14 @@ class ModelRunner:
         decode_only = num_tokens == num_seqs and len(sampling) == num_seqs
 
         bucket = self.graphs.bucket(num_seqs) if self.graphs is not None and decode_only else None
-        verify_bucket = self._verify_bucket(plan, len(sampling)) if speculative else None
+        # A uniform verify step: every sequence a decode of its last token and its drafts (at most 1 + k rows).
+        verify_layout = speculative and all(num == 1 + len(drafts) for num, drafts in zip(plan.num_tokens,
+                                                                                          drafts_by_row))
+        verify_bucket = self._verify_bucket(plan, len(sampling)) if verify_layout else None
         pad_tokens = verify_bucket * (1 + self.num_spec_tokens) if verify_bucket is not None else None
         meta = self.inputs.stage(np.asarray(token_ids, dtype=np.int64), starts, nums,
                                  self.batch.block_table[rows], pad_to=bucket or verify_bucket,
-                                 pad_tokens_to=pad_tokens)
+                                 pad_tokens_to=pad_tokens, decode_queries=self._verify_queries(verify_layout))
         if fill_dst:
             if prev is None or prev.sample_rows is None:
                 raise RuntimeError(f"sequences in slots {fill_slots} were scheduled while their last token is still "
@@ -615,13 +618,14 @@ class ModelRunner:
 
     def _verify_forward(self, batch_size: int) -> torch.Tensor:
         """The verify graph body: ``batch_size`` sequences of up to ``1 + k`` query tokens each over the paged cache
-        (the varlen attention kernel, whose grid depends only on the token and sequence counts), in the static
+        (the multi-query decode attention kernel, whose grid depends only on the sequence count; sequences with
+        fewer drafts have fewer rows, padding sequences none), in the static
         buffers' first ``batch_size * (1 + k)`` token rows -> the hidden states of every row. The LM head runs
         after the replay on the verified rows only (one GEMM): graph-held logits of every padded row would cost
         ``rows x vocab`` floats of graph memory per bucket."""
         inputs = self.inputs
         num_tokens = batch_size * (1 + self.num_spec_tokens)
-        meta = inputs.metadata(num_tokens, batch_size, 1 + self.num_spec_tokens)
+        meta = inputs.metadata(num_tokens, batch_size, 1 + self.num_spec_tokens, self._verify_queries(True))
         return self.model(inputs.input_ids[:num_tokens], inputs.positions[:num_tokens], self.kv_caches, meta)
 
     def _verify_graph_forward(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -635,13 +639,16 @@ class ModelRunner:
         return hidden, self.model.compute_logits(hidden).argmax(-1)
 
     def _verify_bucket(self, plan: SchedulerOutput, num_sampling: int) -> int | None:
-        """The verify graph batch size for a speculative step, or None (eager): only steps where every sequence
-        is a decode that samples (its last token and up to k drafts) replay a graph."""
+        """The verify graph batch size for a uniform verify step (every sequence a decode of its last token and
+        up to k drafts), or None (eager): only steps where every sequence samples replay a graph."""
         if self.verify_graphs is None or num_sampling != plan.num_rows:
             return None
-        if any(num != 1 + len(drafts) for num, drafts in zip(plan.num_tokens, plan.spec_token_ids)):
-            return None
         return self.verify_graphs.bucket(plan.num_rows)
+
+    def _verify_queries(self, verify_layout: bool) -> int:
+        """``AttentionMetadata.decode_queries`` of a step: 1 + k for a uniform verify step (attention then takes
+        the multi-query decode kernel, captured graphs included), else 0 (the varlen kernel for multi-row steps)."""
+        return 1 + self.num_spec_tokens if verify_layout and self.num_spec_tokens else 0
 
     def _prompt_logprob_rows(self, plan: SchedulerOutput, batch_seqs: list[BatchSequence]
                              ) -> list[tuple[BatchSequence, np.ndarray, np.ndarray, int]]:

@@ -17,6 +17,36 @@ from core.layers.attention import AttentionMetadata
 from kernels.paged_attention import decode_order_host
 
 
+class _SeqLayout:
+    """Where the per-sequence int32 inputs (context lengths, query offsets, launch order, block tables) lie in one
+    flat buffer, host and device alike, so a step uploads them with one copy (the prefix up to its last block-table
+    row) instead of four: each copy is several microseconds of host time on the step's critical path. Every part
+    starts on a 64-byte boundary (the kernels' pointer-alignment specialisation sees the same as separate tensors)."""
+
+    ALIGN = 16  # int32 elements
+
+    def __init__(self, max_seqs: int, max_blocks: int) -> None:
+        def up(n: int) -> int:
+            return -(-n // self.ALIGN) * self.ALIGN
+
+        self.max_seqs, self.max_blocks = max_seqs, max_blocks
+        self.seq = 0
+        self.qsl = up(max_seqs)
+        self.order = self.qsl + up(max_seqs + 1)
+        self.bt = self.order + up(max_seqs)
+        self.total = self.bt + max_seqs * max_blocks
+
+    def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(seq_lens, query_start_loc, order, block_tables) views of a flat buffer."""
+        return (flat[self.seq : self.seq + self.max_seqs], flat[self.qsl : self.qsl + self.max_seqs + 1],
+                flat[self.order : self.order + self.max_seqs],
+                flat[self.bt : self.total].view(self.max_seqs, self.max_blocks))  # fmt: skip
+
+    def used(self, num_seqs: int) -> int:
+        """Elements to upload for a step of ``num_seqs`` sequences."""
+        return self.bt + num_seqs * self.max_blocks
+
+
 class _HostStaging:
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool) -> None:
         def alloc(shape, dtype):
@@ -26,10 +56,11 @@ class _HostStaging:
         self.ids, self.ids_np = alloc(max_tokens, torch.int64)
         self.pos, self.pos_np = alloc(max_tokens, torch.int64)
         self.slot, self.slot_np = alloc(max_tokens, torch.int64)
-        self.seq, self.seq_np = alloc(max_seqs, torch.int32)
-        self.qsl, self.qsl_np = alloc(max_seqs + 1, torch.int32)
-        self.bt, self.bt_np = alloc((max_seqs, max_blocks), torch.int32)
-        self.order, self.order_np = alloc(max_seqs, torch.int32)
+        layout = _SeqLayout(max_seqs, max_blocks)
+        self.per_seq, _ = alloc(layout.total, torch.int32)
+        self.seq, self.qsl, self.order, self.bt = layout.views(self.per_seq)
+        self.seq_np, self.qsl_np, self.order_np, self.bt_np = (t.numpy() for t in (self.seq, self.qsl, self.order,
+                                                                                    self.bt))
 
 
 class StepInputs:
@@ -42,6 +73,7 @@ class StepInputs:
         # Per host buffer: recorded after its copies were enqueued; waited on before the buffer is written again.
         self._copied: list[torch.cuda.Event | None] = [None] * len(self._hosts)
         self._views: dict[tuple[int, int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._metas: dict[tuple[int, int, int, int], AttentionMetadata] = {}
 
         def zeros(shape, dtype):
             return torch.zeros(shape, dtype=dtype, device=device)
@@ -49,19 +81,20 @@ class StepInputs:
         self.input_ids = zeros(max_tokens, torch.int64)
         self.positions = zeros(max_tokens, torch.int64)
         self.slot_mapping = zeros(max_tokens, torch.int64)
-        self.seq_lens = zeros(max_seqs, torch.int32)
-        self.query_start_loc = zeros(max_seqs + 1, torch.int32)
-        self.block_tables = zeros((max_seqs, max_blocks), torch.int32)
-        self.decode_order = zeros(max_seqs, torch.int32)  # decode attention's launch order: longest context first
+        self._layout = _SeqLayout(max_seqs, max_blocks)
+        self._per_seq = zeros(self._layout.total, torch.int32)
+        # decode_order: decode attention's launch order, longest context first (read by decode and verify steps)
+        self.seq_lens, self.query_start_loc, self.decode_order, self.block_tables = self._layout.views(self._per_seq)
 
     def stage(
         self, token_ids: np.ndarray, starts: np.ndarray, nums: np.ndarray, table_rows: np.ndarray,
-        pad_to: int | None = None, pad_tokens_to: int | None = None,
+        pad_to: int | None = None, pad_tokens_to: int | None = None, decode_queries: int = 0,
     ) -> AttentionMetadata:
         """Inputs for sequences that compute ``nums[i]`` tokens from position ``starts[i]`` with block-table rows
         ``table_rows``; padded with empty rows up to ``pad_to`` (a graph's batch size). ``pad_tokens_to``: a verify
         graph's token count (``pad_to * (1 + k)``): the padding sequences get no tokens, and the token rows past the
-        real ones are dummies that belong to no sequence."""
+        real ones are dummies that belong to no sequence. ``decode_queries``: a speculative verify step (every
+        sequence at most that many tokens, see ``AttentionMetadata``); its attention reads the launch order too."""
         self._turn = (self._turn + 1) % len(self._hosts)
         host = self.host = self._hosts[self._turn]
         copied = self._copied[self._turn]
@@ -85,11 +118,11 @@ class StepInputs:
         elif pad_to is not None:
             self.fill_padding(num_seqs, pad_to)
             num_seqs = num_tokens = pad_to
-        decode = num_tokens == num_seqs  # a decode-only step: the only kind whose attention reads the launch order
-        if decode:
+        # Decode-only and verify steps: the kinds whose attention (the decode kernel) reads the launch order.
+        if num_tokens == num_seqs or decode_queries > 1:
             host.order_np[:num_seqs] = decode_order_host(host.seq_np[:num_seqs])
-        self._upload(num_tokens, num_seqs, with_order=decode)
-        return self.metadata(num_tokens, num_seqs, int(nums.max()) if len(nums) else 0)
+        self._upload(num_tokens, num_seqs)  # other steps upload a stale order, which their attention never reads
+        return self.metadata(num_tokens, num_seqs, int(nums.max()) if len(nums) else 0, decode_queries)
 
     def fill_padding(self, start: int, end: int) -> None:
         """Rows ``start..end`` of a decode graph batch: one dummy query each, no context, no cache write."""
@@ -126,8 +159,8 @@ class StepInputs:
         self.host.order_np[:num_seqs] = np.arange(num_seqs)
         self._upload(num_tokens, num_seqs)
 
-    def _upload(self, num_tokens: int, num_seqs: int, with_order: bool = True) -> None:
-        for dst, src in self._copy_views(num_tokens, num_seqs)[: None if with_order else -1]:
+    def _upload(self, num_tokens: int, num_seqs: int) -> None:
+        for dst, src in self._copy_views(num_tokens, num_seqs):
             dst.copy_(src, non_blocking=True)
         if self.input_ids.is_cuda:
             event = self._copied[self._turn]
@@ -136,8 +169,9 @@ class StepInputs:
             event.record()
 
     def _copy_views(self, num_tokens: int, num_seqs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(device, host) slice pairs of the current host buffer for a step's sizes (the launch order last), made
-        once per sizes: slicing is a dispatcher call per tensor, a dict lookup is not."""
+        """(device, host) slice pairs of the current host buffer for a step's sizes, made once per sizes: slicing is
+        a dispatcher call per tensor, a dict lookup is not. Four copies: the three token arrays and the per-sequence
+        block (see ``_SeqLayout``)."""
         key = (self._turn, num_tokens, num_seqs)
         views = self._views.get(key)
         if views is None:
@@ -147,12 +181,23 @@ class StepInputs:
             views = self._views[key] = [
                 (dst[:n], src[:n]) for src, dst, n in (
                     (h.ids, self.input_ids, num_tokens), (h.pos, self.positions, num_tokens),
-                    (h.slot, self.slot_mapping, num_tokens), (h.seq, self.seq_lens, num_seqs),
-                    (h.qsl, self.query_start_loc, num_seqs + 1), (h.bt, self.block_tables, num_seqs),
-                    (h.order, self.decode_order, num_seqs))]
+                    (h.slot, self.slot_mapping, num_tokens), (h.per_seq, self._per_seq, self._layout.used(num_seqs)))]
         return views
 
-    def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int) -> AttentionMetadata:
+    def metadata(self, num_tokens: int, num_seqs: int, max_query_len: int, decode_queries: int = 0
+                 ) -> AttentionMetadata:  # fmt: skip
+        """The step's views of the device buffers, made once per sizes (five slices cost ~10 us of host time per
+        step; the buffers never move, so the views stay valid). Shared: never modify a returned metadata."""
+        key = (num_tokens, num_seqs, max_query_len, decode_queries)
+        meta = self._metas.get(key)
+        if meta is None:
+            if len(self._metas) >= 4096:  # bounded: token counts of prefill steps vary freely
+                self._metas.clear()
+            meta = self._metas[key] = self._make_metadata(num_tokens, num_seqs, max_query_len, decode_queries)
+        return meta
+
+    def _make_metadata(self, num_tokens: int, num_seqs: int, max_query_len: int, decode_queries: int
+                       ) -> AttentionMetadata:  # fmt: skip
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:num_tokens],
             block_tables=self.block_tables[:num_seqs],
@@ -160,4 +205,5 @@ class StepInputs:
             query_start_loc=self.query_start_loc[: num_seqs + 1],
             max_query_len=max_query_len,
             decode_order=self.decode_order[:num_seqs],
+            decode_queries=decode_queries,
         )

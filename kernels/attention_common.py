@@ -176,14 +176,17 @@ def attend_kv_tile(
     stride_kb, stride_ks, stride_vb, stride_vs,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    V_PAIRS: tl.constexpr, PAIRS_ASM: tl.constexpr,
+    V_PAIRS: tl.constexpr, PAIRS_ASM: tl.constexpr, EMPTY_ROWS: tl.constexpr = False,
 ):  # fmt: skip
     """One key tile of online softmax for the rows of ``q`` (``[rows, BLOCK_D]``, positions ``q_pos``): gather the
     tile's K/V through the block table, convert them to q's dtype (an fp8 cache's tiles: to fp16 when q was made
     fp16 by :func:`queries_to_fp16`, V as packed pairs with ``V_PAIRS``; see :func:`fp8_read_flags`), score,
     mask (``MASKED`` tiles: causal, context end, window) and fold into ``(acc, m_i, l_i)``.
 
-    Unmasked tiles must lie wholly below every row's position and inside the context (prefill's full tiles)."""
+    Unmasked tiles must lie wholly below every row's position and inside the context (prefill's full tiles).
+    ``EMPTY_ROWS``: a row may meet a whole tile of keys it must not see before any visible key (with ``WINDOW``
+    always; the multi-query decode kernel's split-K, where a split may start after a row's causal limit), so the
+    running maximum can still be -inf: guarded, no NaN."""
     offs_n = tile_start + tl.arange(0, TILE_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_context = offs_n < kv_end
@@ -214,7 +217,7 @@ def attend_kv_tile(
     if MASKED:
         s = mask_invisible(s, q_pos, offs_n, kv_end, sliding_window, WINDOW)
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if WINDOW:  # a row may meet a tile wholly outside its window before any visible key: no NaN
+    if WINDOW or EMPTY_ROWS:  # a row may meet a tile wholly invisible to it before any visible key: no NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_safe = m_new

@@ -1,10 +1,12 @@
-"""Decode attention over the paged KV cache: every sequence has exactly one query row (or none this step).
+"""Decode attention over the paged KV cache: every sequence has one query row (or none this step), or, for the
+verify step of speculative decoding, up to ``queries`` rows (its last token and its drafts; the ``QUERIES`` constexpr).
 
 One program per (sequence, KV head, split) serves the KV head's whole query group (padded to 16 rows for
-``tl.dot``). Split-K (the context cut into ``num_splits`` shares) only when the batch leaves the GPU short of
-programs; the splits are merged either by the last split to finish (one launch, ``fused_reduce``) or by a separate
-reduce kernel. The launch order of the programs is a parameter: with mixed context lengths, longest sequences first
-("lpt") keeps long programs out of the tail. Layout and shared pieces: kernels/attention_common.py.
+``tl.dot``); with several queries the tile's rows are the (query, head) pairs, each row under its own causal limit.
+Split-K (the context cut into ``num_splits`` shares) only when the batch leaves the GPU short of programs; the splits
+are merged either by the last split to finish (one launch, ``fused_reduce``) or by a separate reduce kernel. The
+launch order of the programs is a parameter: with mixed context lengths, longest sequences first ("lpt") keeps long
+programs out of the tail. Layout and shared pieces: kernels/attention_common.py.
 
 The engine uses :data:`DECODE_CONFIG` and, when the context is split, :data:`SPLIT_DECODE_CONFIG` (an fp8 cache:
 :data:`FP8_DECODE_CONFIG` / :data:`FP8_SPLIT_DECODE_CONFIG`); the other
@@ -37,31 +39,50 @@ def paged_decode_attention_ref(
     scale: float,
     *,
     out: torch.Tensor | None = None,
+    queries: int = 1,
     sliding_window: int = 0,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Plain-torch reference for the sequences with exactly one query row, in one padded batch; rows of other
-    sequences in ``out`` are left as they are. Reads the lengths on the host (a sync): for CPU and tests.
-    ``sliding_window``/``softcap``/``alibi_slopes`` and the fp8 cache's ``k_scale``/``v_scale``: see
-    kernels/attention_common.py."""
+    """Plain-torch reference for the sequences with 1 to ``queries`` query rows (a decode, or a speculative verify:
+    the last token and its drafts), in one padded batch; rows of other sequences in ``out`` are left as they are.
+    Reads the lengths on the host (a sync): for CPU and tests. ``sliding_window``/``softcap``/``alibi_slopes`` and
+    the fp8 cache's ``k_scale``/``v_scale``: see kernels/attention_common.py."""
     if out is None:
         out = torch.empty_like(q)
     starts = query_start_loc.tolist()
-    decode_rows = [i for i, (a, b) in enumerate(zip(starts[:-1], starts[1:])) if b - a == 1]
-    if decode_rows:
+    q_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    decode_rows = [i for i, n in enumerate(q_lens) if 1 <= n <= queries]
+    if not decode_rows:
+        return out
+    width = max(q_lens[i] for i in decode_rows)
+    if len(decode_rows) == len(q_lens) and all(n == width for n in q_lens):
+        # Every sequence has the same row count (a decode or a full verify step): plain reshapes, no gathers.
+        lens, table = seq_lens, block_tables
+        num_queries = torch.full((len(q_lens), 1), width, device=q.device)
+        token_rows = slice(starts[0], starts[-1])
+        queries_in = q[token_rows].reshape(len(q_lens), width, *q.shape[1:])
+    else:
         rows = torch.tensor(decode_rows, device=q.device)
-        token_rows = query_start_loc[:-1].index_select(0, rows).long()
-        lens = seq_lens.index_select(0, rows)
-        max_len = int(lens.max())
-        keys, values = gather_kv(k_cache, v_cache, block_tables.index_select(0, rows), max_len, k_scale=k_scale,
-                                 v_scale=v_scale, dtype=q.dtype)
-        query_pos = (lens.long() - 1)[:, None]  # [B, 1]
-        mask = visible_keys(query_pos, max_len, sliding_window)  # [B, 1, S]
-        out[token_rows] = attend(q[token_rows].unsqueeze(1), keys, values, mask, scale, softcap=softcap,
-                                 alibi_slopes=alibi_slopes, query_pos=query_pos).squeeze(1)
+        lens, table = seq_lens.index_select(0, rows), block_tables.index_select(0, rows)
+        first = query_start_loc[:-1].index_select(0, rows).long()
+        num_queries = torch.tensor([q_lens[i] for i in decode_rows], device=q.device)[:, None]
+        offs = torch.arange(width, device=q.device)
+        live = offs[None, :] < num_queries  # [B, W]: padded rows are computed and dropped
+        token_rows = torch.where(live, first[:, None] + offs[None, :], first[:, None])
+        queries_in = q[token_rows]
+    max_len = int(lens.max())
+    keys, values = gather_kv(k_cache, v_cache, table, max_len, k_scale=k_scale, v_scale=v_scale, dtype=q.dtype)
+    query_pos = lens.long()[:, None] - num_queries + torch.arange(width, device=q.device)[None, :]  # [B, W]
+    mask = visible_keys(query_pos, max_len, sliding_window)  # [B, W, S]
+    result = attend(queries_in, keys, values, mask, scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                    query_pos=query_pos)  # [B, W, Hq, D]
+    if isinstance(token_rows, slice):
+        out[token_rows] = result.reshape(-1, *q.shape[1:])
+    else:
+        out[token_rows[live]] = result[live]
     return out
 
 
@@ -126,6 +147,7 @@ def _decode_kernel(
     FP8_F16_DOTS: tl.constexpr,  # KV_FP8 with fp16/bf16 queries: dots in fp16 (see queries_to_fp16)
     V_PAIRS: tl.constexpr,  # fp8 V tiles read as uint16 pairs (see e4m3_pairs_to_fp16)
     PAIRS_ASM: tl.constexpr,  # ... converted by the PTX instruction (CUDA), else byte by byte
+    QUERIES: tl.constexpr,  # query rows per sequence at most (1: decode; 1 + k: a speculative verify)
 ):
     if ORDER == 0:
         seq = tl.program_id(0)
@@ -143,8 +165,14 @@ def _decode_kernel(
         else:
             seq = rank
     q_row = tl.load(query_start_loc_ptr + seq)
-    if tl.load(query_start_loc_ptr + seq + 1) == q_row:
-        return  # a sequence with no query row this step
+    if QUERIES == 1:
+        if tl.load(query_start_loc_ptr + seq + 1) == q_row:
+            return  # a sequence with no query row this step
+        q_len = 1
+    else:
+        q_len = tl.minimum(tl.load(query_start_loc_ptr + seq + 1) - q_row, QUERIES)
+        if q_len <= 0:
+            return  # a sequence with no query row this step (a verify graph's padding)
     seq_len = tl.load(seq_lens_ptr + seq)
     # Each split covers a TILE_N-aligned share of this sequence's context; short sequences leave late splits empty.
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE_N) * TILE_N
@@ -159,11 +187,23 @@ def _decode_kernel(
             return  # the reduce kernel derives the same split count from seq_len and never reads this one
 
     offs_h = tl.arange(0, BLOCK_H)
-    head_mask = offs_h < GROUP
-    heads = kv_head * GROUP + offs_h
-    offs_d = tl.arange(0, BLOCK_D)
-    tile_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=tile_mask, other=0.0)
+    if QUERIES == 1:
+        head_mask = offs_h < GROUP
+        heads = kv_head * GROUP + offs_h
+        offs_d = tl.arange(0, BLOCK_D)
+        tile_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=tile_mask,
+                    other=0.0)  # fmt: skip
+    else:
+        # Row r of the tile: query token r // GROUP of the sequence's q_len (the last ones of its context), query
+        # head kv_head * GROUP + r % GROUP.
+        query = offs_h // GROUP
+        head_mask = query < q_len
+        heads = kv_head * GROUP + (offs_h - query * GROUP)
+        offs_d = tl.arange(0, BLOCK_D)
+        tile_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q = tl.load(q_ptr + (q_row + query)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=tile_mask, other=0.0)  # fmt: skip
     if FP8_F16_DOTS:
         q, qk_scale = queries_to_fp16(q, qk_scale)  # the fp8 tiles are converted to fp16
     elif not KV_FP8:
@@ -175,30 +215,39 @@ def _decode_kernel(
     table = block_tables_ptr + seq * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
-    # Sliding window: keys before win_start are invisible; the tiles wholly before it are skipped.
-    win_start = tl.maximum(seq_len - sliding_window, 0) if WINDOW else 0
-    q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
+    # Sliding window: keys before win_start (the first row's window) are invisible; tiles wholly before it are skipped.
+    if QUERIES == 1:
+        win_start = tl.maximum(seq_len - sliding_window, 0) if WINDOW else 0
+        q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
+    else:
+        win_start = tl.maximum(seq_len - q_len + 1 - sliding_window, 0) if WINDOW else 0
+        q_pos = seq_len - q_len + query  # each row's causal limit
     slopes = tl.load(slopes_ptr + heads, mask=head_mask, other=0.0) if ALIBI else q_pos
     for tile_start in range(tl.maximum(start, win_start // TILE_N * TILE_N), end, TILE_N):
-        # Every decode tile is masked: the split's end, and the window's lower edge in its first tile.
+        # Every decode tile is masked: the split's end, the window's lower edge in its first tile, and with several
+        # queries each row's causal limit (a split may lie wholly after the earliest rows': EMPTY_ROWS).
         acc, m_i, l_i = attend_kv_tile(
             acc, m_i, l_i, q, q_pos, tile_start, end, table, k_base, v_base, qk_scale, cap_log2, slopes,
             sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE_N, True,
-            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM,
+            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM, QUERIES > 1,
         )  # fmt: skip
 
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (graph padding) gives zeros, not NaN
     out = acc / safe_l[:, None]
     if KV_FP8:
         out = out * v_scale
-    out_ptrs = out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     num_q_heads = num_kv_heads * GROUP
-    part = (seq * num_q_heads + heads) * NUM_SPLITS + split  # [BLOCK_H]
+    if QUERIES == 1:
+        out_ptrs = out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        part = (seq * num_q_heads + heads) * NUM_SPLITS + split  # [BLOCK_H]
+    else:
+        out_ptrs = out_ptr + (q_row + query)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        part = ((seq * QUERIES + query) * num_q_heads + heads) * NUM_SPLITS + split
     if NUM_SPLITS == 1:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
     elif not FUSED_REDUCE:
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=tile_mask)
-        tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=head_mask)
+        tl.store(part_lse_ptr + part, m_i + tl.log2(safe_l), mask=head_mask)  # -inf: no key of this split visible
     elif num_active <= 1:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_mask)  # nothing to merge
     else:
@@ -212,9 +261,23 @@ def _decode_kernel(
         ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if ticket == num_active - 1:
             tl.store(counter, 0)  # ready for the next launch (stream order puts it before the next kernel)
-            _merge_splits(out_ptr, part_out_ptr, part_lse_ptr, q_row, seq, kv_head, num_q_heads, num_active,
-                          stride_ot, stride_oh, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_D, NUM_SPLITS, SPLITS_PAD,
-                          SPLIT_CHUNK)  # fmt: skip
+            if QUERIES == 1:
+                offs_g = tl.arange(0, GROUP_PAD)
+                merge_mask = offs_g < GROUP
+                merge_heads = kv_head * GROUP + offs_g
+                merge_base = (seq * num_q_heads + merge_heads) * NUM_SPLITS  # [GROUP_PAD]
+                merge_rows = out_ptr + q_row * stride_ot  # the sequence's one output row
+                merge_out = merge_heads * stride_oh
+            else:
+                offs_g = tl.arange(0, GROUP_PAD)  # GROUP_PAD: QUERIES * GROUP rounded up to a power of two
+                merge_query = offs_g // GROUP
+                merge_mask = merge_query < q_len
+                merge_heads = kv_head * GROUP + (offs_g - merge_query * GROUP)
+                merge_base = ((seq * QUERIES + merge_query) * num_q_heads + merge_heads) * NUM_SPLITS
+                merge_rows = out_ptr
+                merge_out = (q_row + merge_query) * stride_ot + merge_heads * stride_oh
+            _merge_splits(merge_rows, part_out_ptr, part_lse_ptr, merge_base, merge_mask, merge_out, num_active,
+                          GROUP_PAD, HEAD_DIM, BLOCK_D, SPLITS_PAD, SPLIT_CHUNK)  # fmt: skip
 
 
 @triton.jit
@@ -222,43 +285,36 @@ def _merge_splits(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
-    q_row,
-    seq,
-    kv_head,
-    num_q_heads,
+    base,  # [ROWS] the part index of each row's split 0
+    row_mask,  # [ROWS] the rows to merge (a real (query, head) pair)
+    out_offs,  # [ROWS] each row's offset from out_ptr
     num_active,
-    stride_ot,
-    stride_oh,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
 ):
-    """Weights ``2^(lse_s - max lse)`` over the ``num_active >= 2`` splits of one KV head's query group, then the
-    weighted sum of the split outputs ``SPLIT_CHUNK`` splits at a time (keeps the [group, chunk, D] tile small)."""
-    offs_g = tl.arange(0, GROUP_PAD)
-    g_mask = offs_g < GROUP
-    heads = kv_head * GROUP + offs_g
-    base = (seq * num_q_heads + heads) * NUM_SPLITS  # [GROUP_PAD]
+    """Weights ``2^(lse_s - max lse)`` over the ``num_active >= 2`` splits of one KV head's (query, head) rows, then
+    the weighted sum of the split outputs ``SPLIT_CHUNK`` splits at a time (keeps the [rows, chunk, D] tile small)."""
     offs_s = tl.arange(0, SPLITS_PAD)
     lse = tl.load(
         part_lse_ptr + base[:, None] + offs_s[None, :],
-        mask=g_mask[:, None] & (offs_s < num_active)[None, :],
+        mask=row_mask[:, None] & (offs_s < num_active)[None, :],
         other=float("-inf"),
         cache_modifier=".cg",
     )
-    lse_max = tl.where(g_mask, tl.max(lse, 1), 0.0)  # every active split has >= 1 key, so its lse is finite
+    # Finite for every real row: the split holding the row's own position sees that key (a split of keys all
+    # after a row's causal limit has lse -inf, weight 0).
+    lse_max = tl.where(row_mask, tl.max(lse, 1), 0.0)
     total = tl.sum(tl.exp2(lse - lse_max[:, None]), 1)
-    total = tl.where(g_mask, total, 1.0)
+    total = tl.where(row_mask, total, 1.0)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for chunk_start in range(0, num_active, SPLIT_CHUNK):
         offs_c = chunk_start + tl.arange(0, SPLIT_CHUNK)
-        mask = g_mask[:, None] & (offs_c < num_active)[None, :]  # [GROUP_PAD, SPLIT_CHUNK]
+        mask = row_mask[:, None] & (offs_c < num_active)[None, :]  # [ROWS, SPLIT_CHUNK]
         rows = base[:, None] + offs_c[None, :]
         lse_c = tl.load(part_lse_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
         weight = tl.exp2(lse_c - lse_max[:, None])  # 0 for masked splits
@@ -271,9 +327,9 @@ def _merge_splits(
         acc += tl.sum(parts * weight[:, :, None], 1)
     out = acc / total[:, None]
     tl.store(
-        out_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        out_ptr + out_offs[:, None] + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
-        mask=g_mask[:, None] & d_mask[None, :],
+        mask=row_mask[:, None] & d_mask[None, :],
     )
 
 
@@ -291,22 +347,32 @@ def _decode_reduce_kernel(
     TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    QUERIES: tl.constexpr,
 ):
+    """Grid ``(B, Hq)``, with several queries ``(B, Hq, QUERIES)``: one (sequence, head[, query]) row's splits."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_row = tl.load(query_start_loc_ptr + seq)
-    if tl.load(query_start_loc_ptr + seq + 1) == q_row:
-        return
+    if QUERIES == 1:
+        if tl.load(query_start_loc_ptr + seq + 1) == q_row:
+            return
+        part_row = seq
+    else:
+        query = tl.program_id(2)
+        if query >= tl.minimum(tl.load(query_start_loc_ptr + seq + 1) - q_row, QUERIES):
+            return
+        part_row = seq * QUERIES + query
+        q_row += query
     seq_len = tl.load(seq_lens_ptr + seq)
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE_N) * TILE_N
     num_active = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # 0 when seq_len == 0
     offs_s = tl.arange(0, SPLITS_PAD)
     active = offs_s < num_active
-    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
+    part = (part_row * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
     lse = tl.load(part_lse_ptr + part, mask=active, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     lse_max = tl.where(num_active > 0, lse_max, 0.0)
-    weight = tl.exp2(lse - lse_max)  # 0 for inactive splits
+    weight = tl.exp2(lse - lse_max)  # 0 for inactive splits (and for splits wholly after this row's position)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=active[:, None] & d_mask[None, :],
@@ -401,6 +467,16 @@ def default_decode_configs(fp8_cache: bool, head_dim: int = 128) -> tuple[Decode
     return (DECODE_CONFIG if head_dim <= 128 else WIDE_DECODE_CONFIG), SPLIT_DECODE_CONFIG
 
 
+# The multi-query tile's rows (queries x group, padded to a power of two) at most: beyond it the program's q and
+# accumulator tiles outgrow the registers and the varlen prefill kernel serves the step instead.
+MAX_MULTI_QUERY_ROWS = 64
+
+
+def multi_query_decode_supported(queries: int, group: int) -> bool:
+    """Whether the decode kernel takes ``queries`` query rows per sequence for a query group of ``group`` heads."""
+    return queries >= 1 and triton.next_power_of_2(queries * group) <= MAX_MULTI_QUERY_ROWS
+
+
 def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, sms: int,
                       config: DecodeConfig | None = None) -> int:  # fmt: skip
     """Split-K factor from static shapes: enough programs to fill the GPU, never splits shorter than a minimum.
@@ -474,9 +550,14 @@ def paged_decode_attention(
     alibi_slopes: torch.Tensor | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    queries: int = 1,
 ) -> torch.Tensor:
-    """Triton decode attention: every sequence has exactly one query row (or none). ``sliding_window``, ``softcap``,
-    ``alibi_slopes`` and an fp8 cache's ``k_scale``/``v_scale`` as in the reference (kernels/attention_common.py).
+    """Triton decode attention: every sequence has at most ``queries`` query rows (one for a decode; 1 + k for a
+    speculative verify: the last token and its drafts), the last positions of its context, each row under its own
+    causal limit; none is allowed too. ``sliding_window``, ``softcap``, ``alibi_slopes`` and an fp8 cache's
+    ``k_scale``/``v_scale`` as in the reference (kernels/attention_common.py). With several queries the program's
+    tile packs the (query, head) pairs of a KV head in its rows (``queries * group`` rows, padded to a power of two),
+    so the K/V tiles are still read once per KV head and split.
 
     CUDA-graph safe: no host syncs; the grid is ``B x Hk x num_splits`` programs with ``num_splits`` from static shapes;
     the split-K scratch is allocated from static shapes (inside a graph capture it lives in the graph's pool). Sequences
@@ -487,6 +568,8 @@ def paged_decode_attention(
     one extra launch (:func:`decode_order`). Other orders ignore it.
     """
     out = check_attention_args(q, k_cache, v_cache, block_tables, out)
+    if queries < 1:
+        raise ValueError(f"queries must be >= 1, got {queries}")
     batch = seq_lens.shape[0]
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -512,8 +595,9 @@ def paged_decode_attention(
         seq_order = seq_lens  # never read
     counters = None
     if num_splits > 1:
-        part_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+        part_out = torch.empty((batch * queries, num_q_heads, num_splits, head_dim), dtype=torch.float32,
+                               device=q.device)  # fmt: skip
+        part_lse = torch.empty((batch * queries, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
         if config.fused_reduce:
             counters = _split_counters(q.device, batch * num_kv_heads)
     else:
@@ -521,6 +605,7 @@ def paged_decode_attention(
     fused = counters is not None
     kv_fp8 = is_fp8_cache(k_cache)
     group_pad = triton.next_power_of_2(group)
+    rows_pad = group_pad if queries == 1 else triton.next_power_of_2(queries * group)  # the fused merge's rows
     splits_pad = triton.next_power_of_2(num_splits)
     grid = (batch, num_kv_heads, num_splits) if order == ORDER_HEAD_MAJOR else (batch * num_kv_heads * num_splits,)
     _decode_kernel[grid](
@@ -533,7 +618,7 @@ def paged_decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         GROUP=group,
-        BLOCK_H=max(16, group_pad),
+        BLOCK_H=max(16, rows_pad),
         HEAD_DIM=head_dim,
         BLOCK_D=head_dim_block(head_dim),
         BLOCK_SIZE=block_size,
@@ -541,26 +626,28 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits,
         ORDER=order,
         FUSED_REDUCE=fused,
-        GROUP_PAD=group_pad,
+        GROUP_PAD=rows_pad,
         SPLITS_PAD=splits_pad,
-        SPLIT_CHUNK=max(1, min(splits_pad, 32 // group_pad)),
+        SPLIT_CHUNK=max(1, min(splits_pad, 32 // rows_pad)),
         IEEE=kv_compute_dtype(q, k_cache) == torch.float32,
         SOFTCAP=softcap > 0,
         ALIBI=alibi_slopes is not None,
         WINDOW=sliding_window > 0,
         KV_FP8=kv_fp8,
         **fp8_read_flags(q, k_cache, v_cache, config.fp8_path),
+        QUERIES=queries,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
     if num_splits > 1 and not fused:
-        _decode_reduce_kernel[(batch, num_q_heads)](
+        _decode_reduce_kernel[(batch, num_q_heads) if queries == 1 else (batch, num_q_heads, queries)](
             out, part_out, part_lse, seq_lens, query_start_loc, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim,
             BLOCK_D=head_dim_block(head_dim),
             TILE_N=config.tile_n,
             NUM_SPLITS=num_splits,
             SPLITS_PAD=splits_pad,
+            QUERIES=queries,
             num_warps=4,
         )  # fmt: skip
     return out

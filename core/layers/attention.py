@@ -30,6 +30,9 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B + 1] int32: row offsets of each sequence's new tokens
     max_query_len: int  # on the host: 1 means a decode-only batch
     decode_order: torch.Tensor | None = None  # [B] int32 permutation: decode attention's launch order
+    # > 1: a speculative verify step, every sequence at most this many query rows (its last token and its drafts):
+    # attention takes the multi-query decode kernel (kernels/paged_attention.py)
+    decode_queries: int = 0
 
 
 class PagedAttention(nn.Module):
@@ -82,7 +85,8 @@ class PagedAttention(nn.Module):
         )
         out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                               self.scale, max_query_len=meta.max_query_len, backend=self.attention_backend,
-                              decode_order=meta.decode_order, sliding_window=self.sliding_window,
+                              decode_order=meta.decode_order, decode_queries=meta.decode_queries,
+                              sliding_window=self.sliding_window,
                               softcap=self.softcap, alibi_slopes=self.alibi_slopes, k_scale=self.k_scale,
                               v_scale=self.v_scale)  # fmt: skip
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -149,3 +149,33 @@ def test_padded_verify_layout_with_a_draft_model(models_dir):
         if draft == path:
             assert stats["spec_num_accepted_tokens"] >= 0.9 * stats["spec_num_draft_tokens"]
         assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_verify_steps_take_the_multi_query_decode_kernel(models_dir, monkeypatch, arch):
+    """The attention kernels run in the Triton interpreter on CPU tensors: uniform verify steps (through the verify
+    graph layout: padded batch, dummy token rows) go to the decode kernel with 1 + k query rows per sequence, and the
+    greedy tokens equal those of no speculation. gemma2: sliding-window and soft-capped layers on that path too."""
+    import kernels.paged_attention as dispatch
+
+    path = make_tiny_model(models_dir, arch, 0)
+    prompts = _prompts(5, 11)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    reference = run_engine(make_engine(path, max_num_seqs=4), prompts, params)
+    monkeypatch.setattr(dispatch, "use_triton", lambda tensor, backend: backend != "torch")
+    launches: collections.Counter[int] = collections.Counter()
+    kernel = dispatch.paged_decode_attention
+
+    def counting(*args, queries: int = 1, **kwargs):
+        launches[queries] += 1
+        return kernel(*args, queries=queries, **kwargs)
+
+    monkeypatch.setattr(dispatch, "paged_decode_attention", counting)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    engine = make_engine(path, max_num_seqs=4, speculative_config=spec)
+    engine.runner.verify_graphs = graphs = EagerVerifyGraphs(engine.runner)
+    got = run_engine(engine, prompts, params)
+    assert {key: r["tokens"] for key, r in got.items()} == {key: r["tokens"] for key, r in reference.items()}
+    layers = len(engine.runner.kv_caches)
+    assert launches[4] >= layers * sum(graphs.replays.values()) > 0  # every layer of every verify replay
+    assert engine.get_stats()["spec_num_accepted_tokens"] > 0

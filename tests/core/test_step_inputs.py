@@ -35,3 +35,24 @@ def test_stage_waits_for_the_copies_of_the_buffer_it_rewrites():
     meta = stage()
     assert log == ["buffer 0", "buffer 1"]
     assert inputs.input_ids[:3].tolist() == [5, 6, 7] and meta.slot_mapping.tolist() == [0, 1, 2]
+
+
+def test_per_sequence_inputs_share_one_upload_and_stay_aligned():
+    """Lengths, offsets, launch order and block tables live in one flat buffer (one copy per step): each view starts
+    on a 64-byte boundary, none overlaps another, and a verify step (decode_queries) stages all of them, the launch
+    order included (its attention reads it)."""
+    inputs = StepInputs(64, 5, 7, 4, torch.device("cpu"))
+    views = [inputs.seq_lens, inputs.query_start_loc, inputs.decode_order, inputs.block_tables]
+    spans = sorted((v.data_ptr(), v.data_ptr() + v.numel() * 4) for v in views)
+    assert all(start % 64 == 0 for start, _ in spans)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    table = np.arange(21, dtype=np.int32).reshape(3, 7)
+    starts, nums = np.array([9, 2, 5]), np.array([3, 1, 2])
+    meta = inputs.stage(np.arange(6), starts, nums, table, decode_queries=3)
+    assert meta.decode_queries == 3 and meta.max_query_len == 3
+    assert meta.seq_lens.tolist() == [12, 3, 7]
+    assert meta.query_start_loc.tolist() == [0, 3, 4, 6]
+    assert meta.block_tables.tolist() == table.tolist()
+    assert meta.decode_order.tolist() == [0, 2, 1]  # longest context first
+    # slot = table[seq, pos // 4] * 4 + pos % 4: positions 9-11 (block 2), 2 (block 7), 5-6 (block 15)
+    assert inputs.slot_mapping[:6].tolist() == [9, 10, 11, 30, 61, 62]
