@@ -71,6 +71,13 @@ class StepHandle:
     prompt_logprobs: dict[tuple[str, int], tuple[int, Logprobs]]
     verified: VerifiedStep | GreedyVerifiedStep | None = None  # a speculative step's results (``sampled`` is None)
 
+    def ready(self) -> bool:
+        """True when ``result()`` would not wait for the device (a non-blocking event query; speculative steps:
+        False, their results are not polled)."""
+        if self.verified is not None:
+            return False
+        return self.event is None or self.event.query()
+
     def result(self) -> RunnerOutput:
         if self.verified is not None:
             emitted, logprobs = self.verified.result()

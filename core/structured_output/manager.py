@@ -7,12 +7,14 @@ with each sampled token, which gives the allowed next tokens as a bitmask. Seque
 reach xgrammar.
 
 A step's grammar work (accept the previous step's tokens, then fill the masks) runs off the engine thread and
-overlaps with everything else: the engine queues step N's forward on the device, reads step N-1's tokens and hands
-them to ``prepare`` together with step N's sequences (``ModelRunner.launch``'s ``before_sample``), then does its
-Python bookkeeping for step N-1 while the grammar thread advances and fills the constrained rows (one batched
-accept, one fill on xgrammar's C++ threads, both without the GIL) straight into a pinned buffer; ``bitmask`` joins
-it and uploads the whole mask in one non-blocking copy. No sync with the device, no per-row work on the engine
-thread beyond collecting the matchers.
+overlaps with everything else: as soon as step N is scheduled and step N-1's tokens are on the host (a
+non-blocking check; a host-bound step always finds them there), the engine hands them to ``prepare`` together with
+step N's sampling sequences, then plans and stages step N, queues its forward and does its Python bookkeeping for
+step N-1 while the grammar thread advances and fills the constrained rows (one batched accept, one fill on
+xgrammar's C++ threads, both without the GIL) straight into a pinned buffer; ``bitmask`` joins it and uploads the
+whole mask in one non-blocking copy. When step N-1 is still running on the device, the hand-off waits until step
+N's forward is queued (``ModelRunner.launch``'s ``before_sample``) and overlaps only the bookkeeping. No sync with
+the device, no per-row work on the engine thread beyond collecting the matchers.
 On a machine with fewer than ``MIN_CPUS_FOR_GRAMMAR_THREADS`` CPUs the same batched calls run on the engine thread
 (no core would be free to overlap them).
 """
@@ -55,6 +57,7 @@ class _PreparedMasks:
     """Masks being filled on the grammar thread for one step's sampling sequences."""
 
     seqs: list[Sequence]
+    keys: list[Key] | None  # the keys of ``seqs``, made when ``bitmask`` is asked with another list than ``seqs``
     rows: list[int]  # the constrained rows among ``seqs``
     host: torch.Tensor
     jobs: list[Future]
@@ -151,7 +154,8 @@ class StructuredOutputManager:
     def prepare(self, accepted_seqs: list[Sequence], accepted_tokens: list[int], seqs: list[Sequence]) -> None:
         """Start, on the grammar thread: advance the matchers of ``accepted_seqs`` with ``accepted_tokens`` (the
         previous step's), then fill the masks of the constrained rows among ``seqs`` (this step's sampling
-        sequences). ``bitmask(seqs, ...)`` collects them. The caller must not touch these matchers meanwhile.
+        sequences). ``bitmask(seqs, ...)`` collects them (``seqs`` there: this list, or any with the same keys in
+        the same order). The caller must not touch these matchers meanwhile.
 
         All the per-row Python (which matchers, which slots) runs here, on the engine thread, so the grammar thread
         makes two C++ calls that release the GIL (one batched accept, one fill on xgrammar's own threads) and
@@ -177,7 +181,7 @@ class StructuredOutputManager:
         except BaseException:
             sys.setswitchinterval(self._saved_switch_interval)
             raise
-        self._prepared = _PreparedMasks(seqs, rows, host, [job])
+        self._prepared = _PreparedMasks(seqs, None, rows, host, [job])
 
     def _to_accept(self, seqs: list[Sequence], tokens: list[int]) -> tuple[list[Key], list[Any], list[int]]:
         """The keys and live matchers among ``seqs``, with their tokens; those whose token is a stop token are
@@ -244,7 +248,7 @@ class StructuredOutputManager:
         ``seqs[i]`` (default ``i``; a speculative step's verify batch has one row per verified position, and a
         constrained sequence has exactly one: it gets no drafts). One non-blocking upload from pinned memory."""
         prepared = self._finish_prepared()
-        if prepared is not None and prepared.seqs is seqs:
+        if prepared is not None and _same_sequences(prepared, seqs):
             rows, host = prepared.rows, prepared.host
         else:
             rows, host = self._fill_now(seqs)
@@ -348,6 +352,18 @@ class StructuredOutputManager:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self.compiler.shutdown()
+
+
+def _same_sequences(prepared: _PreparedMasks, seqs: list[Any]) -> bool:
+    """Whether ``seqs`` are the sequences ``prepared`` was filled for, in the same order: the same list, or (the engine
+    starts the job from the scheduler's sequences, the runner asks with its own) the same keys."""
+    if prepared.seqs is seqs:
+        return True
+    if len(prepared.seqs) != len(seqs):
+        return False
+    if prepared.keys is None:
+        prepared.keys = [seq.key for seq in prepared.seqs]
+    return prepared.keys == [seq.key for seq in seqs]
 
 
 def _check_accepted(ok: list[bool], tokens: list[int]) -> None:
