@@ -574,19 +574,16 @@ class EngineCore:
 
 
 def _constrained_tokens(sched: SchedulerOutput, result: RunnerOutput) -> tuple[list[Sequence], list[int]]:
-    """The constrained sequences that sampled in ``sched`` (and are still live), with their sampled token (one:
-    constrained sequences get no drafts, see ``EngineCore._update``)."""
-    seqs, tokens = [], []
-    sample_idx = 0
-    for scheduled in sched.scheduled:
-        if not scheduled.samples:
-            continue
-        seq = scheduled.seq
-        if seq.sampling_params.structured_outputs is not None and not seq.is_finished:
-            seqs.append(seq)
-            tokens.append(result.emitted_token_ids[sample_idx][0] if result.emitted_token_ids is not None
-                          else result.sampled_token_ids[sample_idx])
-        sample_idx += 1
+    """The sequences that sampled in ``sched`` and are still live, with their sampled token (one: constrained
+    sequences get no drafts, see ``EngineCore._update``), for the grammar, which skips those without a matcher
+    (unconstrained). Finished ones are left out (an aborted request's id may be reused at once: its token must not
+    reach the new request's matcher). Per row, only the two list comprehensions."""
+    seqs = [scheduled.seq for scheduled in sched.scheduled if scheduled.samples]
+    tokens = result.sampled_token_ids if result.emitted_token_ids is None else \
+        [emitted[0] for emitted in result.emitted_token_ids]
+    if SequenceStatus.FINISHED in [seq.status for seq in seqs]:
+        live = [i for i, seq in enumerate(seqs) if seq.status is not SequenceStatus.FINISHED]
+        return [seqs[i] for i in live], [tokens[i] for i in live]
     return seqs, tokens
 
 
