@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     import core.model_runner as model_runner
 
     model_runner.StepHandle.result = _timed(totals, "wait for GPU + read tokens", model_runner.StepHandle.result)
+    # Two more per-row host phases, so that "other host time" is what is left of the step's glue.
+    engine._plan = _timed(totals, "plan (scheduler output diffs)", engine._plan)
+    model_runner.build_sampling_batch = _timed(totals, "sampling batch (host)", model_runner.build_sampling_batch)
     engine._update = _timed(totals, "update requests + outputs", engine._update)
     early_starts = collections.Counter()
     if args.json_object:
