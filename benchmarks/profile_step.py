@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-object", action="store_true", help="every request under response_format json_object")
     p.add_argument("--async-scheduling", choices=("on", "off"), default=None,
                    help="default: the engine's (on with CUDA)")
+    p.add_argument("--grammar-switch-interval-us", type=float, default=None,
+                   help="CPython switch interval while a grammar job is in flight (default: the engine's, "
+                        "core.structured_output.manager.GRAMMAR_SWITCH_INTERVAL_S)")
     args = p.parse_args(argv)
     _set_kernel_switches(args)
 
@@ -81,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from frontend import LLM, SamplingParams
     from ipc.messages import EngineRequest, StructuredOutputsParams
+
+    if args.grammar_switch_interval_us is not None:
+        from core.structured_output import manager
+
+        manager.GRAMMAR_SWITCH_INTERVAL_S = args.grammar_switch_interval_us / 1e6
 
     llm = LLM(args.model, load_format=args.load_format, max_model_len=args.max_model_len, skip_tokenizer_init=not args.json_object,
               enforce_eager=args.enforce_eager,

@@ -195,7 +195,8 @@ def test_a_failed_step_after_the_early_hand_off_keeps_the_grammar_in_step(model)
     previous step (it completed) rather than dropping it: its sequences keep the tokens their matchers accepted,
     so after the recompute every constrained output is exactly the one of a run without the failure."""
     prompts = PROMPTS[:4]
-    params = [SamplingParams(temperature=0.0, max_tokens=24, structured_outputs=StructuredOutputsParams(json_object=True)),
+    json_object = StructuredOutputsParams(json_object=True)
+    params = [SamplingParams(temperature=0.0, max_tokens=24, structured_outputs=json_object),
               SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=24,
                              structured_outputs=StructuredOutputsParams(regex=r"(cat|dog)s? [0-9]{2,4}!")),
