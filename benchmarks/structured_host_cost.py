@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                             if k in r)
         print(f"{name:>13}: {r['output_tok_per_s']:.1f} out tok/s, {r['steps']} steps, {r['step_ms']:.2f} ms/step"
               + (f"  (per step, ms: {grammar})" if grammar else "")
-              + (f"  grammar job started early in {r['early_starts']:.0f} steps" if "early_starts" in r else ""))
+              + (f"  grammar job started early in {r['early_starts']:.0f} steps" if grammar and "early_starts" in r
+                 else ""))
     print(f"json_object slowdown: {100 * result['json_object_slowdown']:.1f}%")
     if args.json:
         with open(args.json, "a") as f:
