@@ -231,9 +231,9 @@ class StructuredOutputManager:
         """Accept the tokens (one batched call), then fill ``host[fill_slots[i]]`` for ``fill_matchers[i]`` (one
         call on xgrammar's threads). Ended rows (past the grammar's end) allow anything."""
         if accept_matchers:
-            rejected = batch_accept_token(accept_matchers, accept_tokens)
-            if rejected is not None:
-                self._accepted(accept_keys, accept_matchers, accept_tokens, rejected)
+            ok = batch_accept_token(accept_matchers, accept_tokens)
+            if ok is not None:  # some token was rejected
+                self._accepted(accept_keys, accept_matchers, accept_tokens, ok)
         for slot in ended_slots:
             host[slot].fill_(-1)
         if fill_matchers:
