@@ -267,8 +267,12 @@ class EngineCore:
             early = prev is not None and self._start_grammar_job_early(sched)
             plan = self._plan(sched)
             if prev is not None and not early:
-                self._start_grammar_job_early(sched)  # a second look, the plan's time later
+                early = self._start_grammar_job_early(sched)  # a second look, the plan's time later
             ran = ran or []
+
+            def last_early_look() -> None:
+                """Inside ``launch`` once the inputs are staged, before the forward is queued: a third look."""
+                self._start_grammar_job_early(sched)
 
             def finish_previous(sampling_seqs: list | None = None) -> None:
                 """Runs inside ``launch`` once this step's forward is queued, before its sampling, when some
@@ -277,7 +281,8 @@ class EngineCore:
                 if self._inflight is not None:
                     ran.append(self._finish_inflight(outputs, sampling_seqs))
 
-            handle = self.runner.launch(plan, prev, finish_previous)
+            handle = self.runner.launch(plan, prev, finish_previous,
+                                        last_early_look if prev is not None and not early else None)
             finish_previous()  # launch did not call it
             self._inflight = (sched, handle)
             if not self.async_scheduling:

@@ -12,8 +12,9 @@ non-blocking check; a host-bound step always finds them there), the engine hands
 step N's sampling sequences, then plans and stages step N, queues its forward and does its Python bookkeeping for
 step N-1 while the grammar thread advances and fills the constrained rows (one batched accept, one fill on
 xgrammar's C++ threads, both without the GIL) straight into a pinned buffer; ``bitmask`` joins it and uploads the
-whole mask in one non-blocking copy. When step N-1 is still running on the device, the hand-off waits until step
-N's forward is queued (``ModelRunner.launch``'s ``before_sample``) and overlaps only the bookkeeping. No sync with
+whole mask in one non-blocking copy. The engine looks again after planning and once step N's inputs are staged;
+when step N-1 is still running on the device even then, the hand-off waits until step N's forward is queued
+(``ModelRunner.launch``'s ``before_sample``) and overlaps only the bookkeeping. No sync with
 the device, no per-row work on the engine thread beyond collecting the matchers.
 On a machine with fewer than ``MIN_CPUS_FOR_GRAMMAR_THREADS`` CPUs the same batched calls run on the engine thread
 (no core would be free to overlap them).

@@ -226,3 +226,39 @@ def test_a_failed_step_after_the_early_hand_off_keeps_the_grammar_in_step(model)
     assert _tokens(got) == _tokens(expected)
     assert all(r["finish_reason"] is not None for r in got.values())
     assert len(expected[(3, 0)]["tokens"]) >= 13  # the regex ran its course
+
+
+def test_a_last_early_look_after_staging_starts_the_grammar_job_before_the_forward(model):
+    """The step in flight done only once this step's inputs are staged (the first two looks miss): the third look,
+    inside ``launch`` before the forward is queued, starts the grammar job; same tokens as synchronous scheduling."""
+    from core.model_runner import StepHandle
+
+    reference = _tokens(run_engine(make_engine(model, async_scheduling=False, max_num_seqs=16), PROMPTS, _params()))
+    engine = make_engine(model, async_scheduling=True, max_num_seqs=16)
+    engine.structured.overlap = True
+    runner = engine.runner
+    phase = {"staged": False, "forwarded": False}
+    stage, forward, prepare = runner.inputs.stage, runner.model.forward, engine.structured.prepare
+    hand_offs = []
+
+    def staging(*args, **kwargs):
+        phase["staged"], phase["forwarded"] = True, False
+        return stage(*args, **kwargs)
+
+    def forwarding(*args, **kwargs):
+        phase["staged"], phase["forwarded"] = False, True
+        return forward(*args, **kwargs)
+
+    def preparing(accepted_seqs, accepted_tokens, seqs):
+        if accepted_tokens:
+            hand_offs.append(phase["staged"] and not phase["forwarded"])
+        return prepare(accepted_seqs, accepted_tokens, seqs)
+
+    runner.inputs.stage, runner.model.forward, engine.structured.prepare = staging, forwarding, preparing
+    ready = StepHandle.ready
+    StepHandle.ready = lambda self: phase["staged"]  # done on the device only once the next inputs are staged
+    try:
+        assert _tokens(run_engine(engine, PROMPTS, _params())) == reference
+    finally:
+        StepHandle.ready = ready
+    assert len(hand_offs) > 10 and all(hand_offs), hand_offs
