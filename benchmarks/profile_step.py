@@ -8,7 +8,9 @@ the top GPU kernels, measured on steady-state decode steps of a workload.
 
 With ``--json-object`` (a model directory with a tokenizer) the grammar work on the engine thread is timed too:
 ``prepare`` (hand the last tokens and next rows to the grammar thread), ``bitmask`` (wait for the masks, upload) and
-``accept`` (advance matchers when no mask job ran); the mask apply shows among the GPU kernels.
+``accept`` (advance matchers when no mask job ran); the mask apply shows among the GPU kernels. It also counts the
+steps whose grammar job started right after scheduling (the step in flight already done on the device) rather than
+after the forward was queued.
 
 The kernel switches (decode-attention variant, skinny-GEMM settings) are set in this process before the engine is
 built, so the profiled steps (and the CUDA graphs captured for them) use them.
@@ -70,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skinny-pdl", action="store_true", help="skinny GEMMs with programmatic dependent launch")
     p.add_argument("--no-skinny-gemm", action="store_true", help="cuBLAS for every linear layer")
     p.add_argument("--json-object", action="store_true", help="every request under response_format json_object")
+    p.add_argument("--async-scheduling", choices=("on", "off"), default=None,
+                   help="default: the engine's (on with CUDA)")
+    p.add_argument("--grammar-switch-interval-us", type=float, default=None,
+                   help="CPython switch interval while a grammar job is in flight (default: the engine's, "
+                        "core.structured_output.manager.GRAMMAR_SWITCH_INTERVAL_S)")
     args = p.parse_args(argv)
     _set_kernel_switches(args)
 
@@ -78,8 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     from frontend import LLM, SamplingParams
     from ipc.messages import EngineRequest, StructuredOutputsParams
 
+    if args.grammar_switch_interval_us is not None:
+        from core.structured_output import manager
+
+        manager.GRAMMAR_SWITCH_INTERVAL_S = args.grammar_switch_interval_us / 1e6
+
     llm = LLM(args.model, load_format=args.load_format, max_model_len=args.max_model_len, skip_tokenizer_init=not args.json_object,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager,
+              async_scheduling=None if args.async_scheduling is None else args.async_scheduling == "on")
     engine = llm.engine
     workload = make_workload(args.workload, args.num_prompts)
     if args.json_object:  # compile the grammar and the mask kernels outside the profiled steps
@@ -106,11 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     import core.model_runner as model_runner
 
     model_runner.StepHandle.result = _timed(totals, "wait for GPU + read tokens", model_runner.StepHandle.result)
+    # Two more per-row host phases, so that "other host time" is what is left of the step's glue.
+    engine._plan = _timed(totals, "plan (scheduler output diffs)", engine._plan)
+    model_runner.build_sampling_batch = _timed(totals, "sampling batch (host)", model_runner.build_sampling_batch)
     engine._update = _timed(totals, "update requests + outputs", engine._update)
+    early_starts = collections.Counter()
     if args.json_object:
         structured = engine.structured
         for name in ("prepare", "bitmask", "accept"):
             setattr(structured, name, _timed(totals, f"grammar {name}", getattr(structured, name)))
+        start_early = engine._start_grammar_job_early
+
+        def counting_start_early(sched):
+            started = start_early(sched)
+            early_starts[started] += 1
+            return started
+
+        engine._start_grammar_job_early = counting_start_early
 
     batch_sizes = []
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -129,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<32} {seconds / args.steps * 1e3:8.3f} ms/step")
         accounted += seconds
     print(f"  {'other host time':<32} {(wall - accounted) / args.steps * 1e3:8.3f} ms/step")
+    if args.json_object:
+        print(f"grammar job started right after scheduling in {early_starts[True]} of {args.steps} steps "
+              f"({early_starts[False]} looks found the step in flight still running)")
     kernel_time = collections.Counter()
     for event in prof.key_averages():
         if event.device_type == torch.autograd.DeviceType.CUDA:

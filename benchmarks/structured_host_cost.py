@@ -49,6 +49,15 @@ def run(args: argparse.Namespace) -> dict:
         engine.structured.prepare = _timed(totals, "prepare_s", engine.structured.prepare, count_calls=True)
     core.sampler.apply_token_bitmask = _timed(totals, "mask_apply_s", core.sampler.apply_token_bitmask,
                                               count_calls=True)
+    if hasattr(engine, "_start_grammar_job_early"):  # absent in older builds
+        start_early = engine._start_grammar_job_early
+
+        def counting_start_early(sched):
+            started = start_early(sched)
+            totals["early_starts"] += started
+            return started
+
+        engine._start_grammar_job_early = counting_start_early
     prompts = [[1 + (7 * i + j) % 1000 for j in range(args.prompt_len)] for i in range(args.num_requests)]
     json_object = StructuredOutputsParams(json_object=True)
     passes = {
@@ -77,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
         elapsed = time.perf_counter() - t0
         result[name] = {"output_tokens": tokens, "steps": steps, "elapsed_s": elapsed,
                         "output_tok_per_s": tokens / elapsed, "step_ms": 1e3 * elapsed / steps,
-                        **{k: (v if k.endswith("_calls") else 1e3 * v / steps) for k, v in totals.items()}}
+                        **{k: (v if k.endswith(("_calls", "_starts")) else 1e3 * v / steps) for k, v in totals.items()}}
     result["json_object_slowdown"] = 1 - (result["json_object"]["output_tok_per_s"]
                                           / result["unconstrained"]["output_tok_per_s"])
     engine.shutdown()
@@ -287,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         grammar = "  ".join(f"{k} {r[k]:.3f}" for k in ("prepare_s", "mask_fill_s", "accept_s", "mask_apply_s")
                             if k in r)
         print(f"{name:>13}: {r['output_tok_per_s']:.1f} out tok/s, {r['steps']} steps, {r['step_ms']:.2f} ms/step"
-              + (f"  (per step, ms: {grammar})" if grammar else ""))
+              + (f"  (per step, ms: {grammar})" if grammar else "")
+              + (f"  grammar job started early in {r['early_starts']:.0f} steps" if grammar and "early_starts" in r
+                 else ""))
     print(f"json_object slowdown: {100 * result['json_object_slowdown']:.1f}%")
     if args.json:
         with open(args.json, "a") as f:

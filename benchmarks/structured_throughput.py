@@ -27,6 +27,10 @@ def run(args: argparse.Namespace) -> dict:
     from ipc.messages import StructuredOutputsParams
 
     workload = make_workload("W1", args.num_prompts, args.seed)
+    if args.grammar_switch_interval_us is not None:
+        from core.structured_output import manager
+
+        manager.GRAMMAR_SWITCH_INTERVAL_S = args.grammar_switch_interval_us / 1e6
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
               gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
               enforce_eager=args.enforce_eager, skip_tokenizer_init=True, seed=args.seed)
@@ -86,6 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--grammar-switch-interval-us", type=float, default=None,
+                   help="CPython switch interval while a grammar job is in flight (default: the engine's, "
+                        "core.structured_output.manager.GRAMMAR_SWITCH_INTERVAL_S)")
     p.add_argument("--json", default=None, help="append the result (one JSON object per line) to this file")
     return p.parse_args(argv)
 

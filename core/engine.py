@@ -91,6 +91,9 @@ class EngineCore:
         )
         self.scheduler.micro_batches = self.micro_batches
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
+        # The step in flight's handle and result once they were read early, its constrained tokens already handed
+        # to the grammar job (``_start_grammar_job_early``); ``_finish_inflight`` applies that result.
+        self._early_result: tuple[StepHandle, RunnerOutput] | None = None
         # pipeline parallelism: micro-batches started (oldest first), each sampled when it comes back
         self._batch_queue: deque[tuple[SchedulerOutput, ForwardedStep | StepHandle]] = deque()
         # the scheduler's steps as diffs for the runner(s)
@@ -214,7 +217,7 @@ class EngineCore:
         try:
             sampled = self._step_pipelined(outputs, errors) if self.micro_batches else self._step(outputs, errors)
         except Exception as exc:
-            errors.extend(self._recover_from_step_failure(exc))
+            errors.extend(self._recover_from_step_failure(exc, outputs))
         else:
             if sampled is not None:  # the ids are only read while a failure is being isolated
                 self._failures.on_success((s.seq.request_id for done in sampled for s in done.scheduled if s.samples),
@@ -261,8 +264,15 @@ class EngineCore:
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
         if sched.scheduled:
             prev = self._inflight[1] if self._inflight is not None else None
+            early = prev is not None and self._start_grammar_job_early(sched)
             plan = self._plan(sched)
+            if prev is not None and not early:
+                early = self._start_grammar_job_early(sched)  # a second look, the plan's time later
             ran = ran or []
+
+            def last_early_look() -> None:
+                """Inside ``launch`` once the inputs are staged, before the forward is queued: a third look."""
+                self._start_grammar_job_early(sched)
 
             def finish_previous(sampling_seqs: list | None = None) -> None:
                 """Runs inside ``launch`` once this step's forward is queued, before its sampling, when some
@@ -271,12 +281,30 @@ class EngineCore:
                 if self._inflight is not None:
                     ran.append(self._finish_inflight(outputs, sampling_seqs))
 
-            handle = self.runner.launch(plan, prev, finish_previous)
+            handle = self.runner.launch(plan, prev, finish_previous,
+                                        last_early_look if prev is not None and not early else None)
             finish_previous()  # launch did not call it
             self._inflight = (sched, handle)
             if not self.async_scheduling:
                 ran.append(self._finish_inflight(outputs))
         return ran
+
+    def _start_grammar_job_early(self, sched: SchedulerOutput) -> bool:
+        """When some sequence has a grammar and the step in flight is done on the device (a non-blocking check: a
+        host-bound step always is by now), read its tokens and start the grammar job (accept them, fill the masks of
+        ``sched``'s sampling sequences) now, so that it overlaps this step's plan, input staging and forward launch
+        as well as the previous step's bookkeeping, instead of only the bookkeeping (``launch``'s ``before_sample``,
+        the fallback when the device is still busy). True when it started."""
+        if not self.structured.active or self._early_result is not None:
+            return False
+        prev_sched, handle = self._inflight
+        if not handle.ready():
+            return False
+        result = handle.result()
+        self._early_result = (handle, result)
+        seqs, tokens = _constrained_tokens(prev_sched, result)
+        self.structured.prepare(seqs, tokens, [s.seq for s in sched.scheduled if s.samples])
+        return True
 
     def _step_overlapped(self, outputs: list[EngineOutput], errors: list[RequestError]
                          ) -> list[SchedulerOutput] | None:
@@ -345,13 +373,23 @@ class EngineCore:
             except Exception:
                 logger.exception("finishing a dropped micro-batch failed")
 
-    def _recover_from_step_failure(self, exc: Exception) -> list[RequestError]:
+    def _recover_from_step_failure(self, exc: Exception, outputs: list[EngineOutput]) -> list[RequestError]:
         """Drop the failed step (and any step in flight: their sampled tokens were never emitted), put every running
         sequence back to waiting to be recomputed, and fail the culprit alone if the failure names one; otherwise
-        the involved requests are run one at a time until it does. Raises ``StepFailedFatally`` to die."""
+        the involved requests are run one at a time until it does. Raises ``StepFailedFatally`` to die.
+
+        A step in flight whose tokens already went to the grammar job (read early) is applied instead (appended to
+        ``outputs``): it completed, and its constrained sequences' matchers have accepted those tokens."""
         involved = [r for r in dict.fromkeys(s.seq.request_id for step in self._involved for s in step.scheduled)
                     if r in self._children]
+        if self._inflight is not None and self._early_result is not None \
+                and self._early_result[0] is self._inflight[1]:
+            try:
+                self._finish_inflight(outputs)
+            except Exception:
+                logger.exception("applying the step in flight after a failed step failed")
         self._inflight = None
+        self._early_result = None
         self._drain_batch_queue()
         culprit = self._failures.attribute(exc, involved)
         for sequences in self._children.values():
@@ -381,13 +419,17 @@ class EngineCore:
         of ``next_sampling_seqs`` (the step being launched), or now."""
         sched, handle = self._inflight
         self._inflight = None
-        result = handle.result()
-        if self.structured.active:
-            seqs, tokens = _constrained_tokens(sched, result)
-            if next_sampling_seqs is not None:
-                self.structured.prepare(seqs, tokens, next_sampling_seqs)
-            else:
-                self.structured.accept(seqs, tokens)
+        early, self._early_result = self._early_result, None
+        if early is not None and early[0] is handle:
+            result = early[1]  # read by ``_start_grammar_job_early``: its tokens are with the grammar job already
+        else:
+            result = handle.result()
+            if self.structured.active:
+                seqs, tokens = _constrained_tokens(sched, result)
+                if next_sampling_seqs is not None:
+                    self.structured.prepare(seqs, tokens, next_sampling_seqs)
+                else:
+                    self.structured.accept(seqs, tokens)
         self._update(sched, result, outputs)
         return sched
 
@@ -537,19 +579,16 @@ class EngineCore:
 
 
 def _constrained_tokens(sched: SchedulerOutput, result: RunnerOutput) -> tuple[list[Sequence], list[int]]:
-    """The constrained sequences that sampled in ``sched`` (and are still live), with their sampled token (one:
-    constrained sequences get no drafts, see ``EngineCore._update``)."""
-    seqs, tokens = [], []
-    sample_idx = 0
-    for scheduled in sched.scheduled:
-        if not scheduled.samples:
-            continue
-        seq = scheduled.seq
-        if seq.sampling_params.structured_outputs is not None and not seq.is_finished:
-            seqs.append(seq)
-            tokens.append(result.emitted_token_ids[sample_idx][0] if result.emitted_token_ids is not None
-                          else result.sampled_token_ids[sample_idx])
-        sample_idx += 1
+    """The sequences that sampled in ``sched`` and are still live, with their sampled token (one: constrained
+    sequences get no drafts, see ``EngineCore._update``), for the grammar, which skips those without a matcher
+    (unconstrained). Finished ones are left out (an aborted request's id may be reused at once: its token must not
+    reach the new request's matcher). Per row, only the two list comprehensions."""
+    seqs = [scheduled.seq for scheduled in sched.scheduled if scheduled.samples]
+    tokens = result.sampled_token_ids if result.emitted_token_ids is None else \
+        [emitted[0] for emitted in result.emitted_token_ids]
+    if SequenceStatus.FINISHED in [seq.status for seq in seqs]:
+        live = [i for i, seq in enumerate(seqs) if seq.status is not SequenceStatus.FINISHED]
+        return [seqs[i] for i in live], [tokens[i] for i in live]
     return seqs, tokens
 
 

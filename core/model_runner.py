@@ -71,6 +71,13 @@ class StepHandle:
     prompt_logprobs: dict[tuple[str, int], tuple[int, Logprobs]]
     verified: VerifiedStep | GreedyVerifiedStep | None = None  # a speculative step's results (``sampled`` is None)
 
+    def ready(self) -> bool:
+        """True when ``result()`` would not wait for the device (a non-blocking event query; speculative steps:
+        False, their results are not polled)."""
+        if self.verified is not None:
+            return False
+        return self.event is None or self.event.query()
+
     def result(self) -> RunnerOutput:
         if self.verified is not None:
             emitted, logprobs = self.verified.result()
@@ -386,7 +393,8 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------------ step
     @torch.inference_mode()
     def launch(self, plan: SchedulerOutput, prev: StepHandle | None = None,
-               before_sample: Callable[[list[BatchSequence]], None] | None = None) -> StepHandle:
+               before_sample: Callable[[list[BatchSequence]], None] | None = None,
+               before_forward: Callable[[], None] | None = None) -> StepHandle:
         """Apply the step's diffs to the persistent batch, stage inputs and enqueue the step on the device without
         waiting for it. A sequence whose last input token is still being sampled by ``prev`` (async scheduling)
         gets it on the device, from ``prev``'s output.
@@ -394,8 +402,9 @@ class ModelRunner:
         ``before_sample(sampling_seqs)``: called once the forward is queued and before the grammar masks are
         collected, when some sequence has a grammar (the engine finishes ``prev`` there and starts this step's
         masks on the grammar threads, while the device runs this forward); the caller runs it afterwards
-        otherwise."""
-        forwarded = self._forward(plan, prev)
+        otherwise. ``before_forward()``: called once the inputs are staged, before the forward is queued (the
+        engine's last early look at ``prev``)."""
+        forwarded = self._forward(plan, prev, before_forward)
         if isinstance(forwarded, StepHandle):
             return forwarded
         return self._sample(forwarded, before_sample)
@@ -415,7 +424,8 @@ class ModelRunner:
             return step
         return self._sample(step, None)
 
-    def _forward(self, plan: SchedulerOutput, prev: StepHandle | None) -> ForwardedStep | StepHandle:
+    def _forward(self, plan: SchedulerOutput, prev: StepHandle | None,
+                 before_forward: Callable[[], None] | None = None) -> ForwardedStep | StepHandle:
         """``launch`` up to the logits: the step's inputs staged and its forward queued (with pipeline parallelism,
         this stage's part of it). A ``StepHandle`` when the step is already complete here (a verify graph that
         ran the LM head, or a pipeline stage after the first)."""
@@ -470,6 +480,8 @@ class ModelRunner:
                                    "token the previous step did not sample")
             src = to_device(fill_src, torch.int64, self.device)
             self.inputs.input_ids.index_copy_(0, dst, prev.sampled.token_ids.index_select(0, src))
+        if before_forward is not None:
+            before_forward()
         prompt_lp: list = []
         plain_greedy = False
         rows_t = None

@@ -7,12 +7,15 @@ with each sampled token, which gives the allowed next tokens as a bitmask. Seque
 reach xgrammar.
 
 A step's grammar work (accept the previous step's tokens, then fill the masks) runs off the engine thread and
-overlaps with everything else: the engine queues step N's forward on the device, reads step N-1's tokens and hands
-them to ``prepare`` together with step N's sequences (``ModelRunner.launch``'s ``before_sample``), then does its
-Python bookkeeping for step N-1 while the grammar thread advances and fills the constrained rows (one batched
-accept, one fill on xgrammar's C++ threads, both without the GIL) straight into a pinned buffer; ``bitmask`` joins
-it and uploads the whole mask in one non-blocking copy. No sync with the device, no per-row work on the engine
-thread beyond collecting the matchers.
+overlaps with everything else: as soon as step N is scheduled and step N-1's tokens are on the host (a
+non-blocking check; a host-bound step always finds them there), the engine hands them to ``prepare`` together with
+step N's sampling sequences, then plans and stages step N, queues its forward and does its Python bookkeeping for
+step N-1 while the grammar thread advances and fills the constrained rows (one batched accept, one fill on
+xgrammar's C++ threads, both without the GIL) straight into a pinned buffer; ``bitmask`` joins it and uploads the
+whole mask in one non-blocking copy. The engine looks again after planning and once step N's inputs are staged;
+when step N-1 is still running on the device even then, the hand-off waits until step N's forward is queued
+(``ModelRunner.launch``'s ``before_sample``) and overlaps only the bookkeeping. No sync with
+the device, no per-row work on the engine thread beyond collecting the matchers.
 On a machine with fewer than ``MIN_CPUS_FOR_GRAMMAR_THREADS`` CPUs the same batched calls run on the engine thread
 (no core would be free to overlap them).
 """
@@ -55,6 +58,7 @@ class _PreparedMasks:
     """Masks being filled on the grammar thread for one step's sampling sequences."""
 
     seqs: list[Sequence]
+    keys: list[Key] | None  # the keys of ``seqs``, made when ``bitmask`` is asked with another list than ``seqs``
     rows: list[int]  # the constrained rows among ``seqs``
     host: torch.Tensor
     jobs: list[Future]
@@ -151,7 +155,8 @@ class StructuredOutputManager:
     def prepare(self, accepted_seqs: list[Sequence], accepted_tokens: list[int], seqs: list[Sequence]) -> None:
         """Start, on the grammar thread: advance the matchers of ``accepted_seqs`` with ``accepted_tokens`` (the
         previous step's), then fill the masks of the constrained rows among ``seqs`` (this step's sampling
-        sequences). ``bitmask(seqs, ...)`` collects them. The caller must not touch these matchers meanwhile.
+        sequences). ``bitmask(seqs, ...)`` collects them (``seqs`` there: this list, or any with the same keys in
+        the same order). The caller must not touch these matchers meanwhile.
 
         All the per-row Python (which matchers, which slots) runs here, on the engine thread, so the grammar thread
         makes two C++ calls that release the GIL (one batched accept, one fill on xgrammar's own threads) and
@@ -177,7 +182,7 @@ class StructuredOutputManager:
         except BaseException:
             sys.setswitchinterval(self._saved_switch_interval)
             raise
-        self._prepared = _PreparedMasks(seqs, rows, host, [job])
+        self._prepared = _PreparedMasks(seqs, None, rows, host, [job])
 
     def _to_accept(self, seqs: list[Sequence], tokens: list[int]) -> tuple[list[Key], list[Any], list[int]]:
         """The keys and live matchers among ``seqs``, with their tokens; those whose token is a stop token are
@@ -226,15 +231,17 @@ class StructuredOutputManager:
                          host: torch.Tensor) -> None:
         """Accept the tokens (one batched call), then fill ``host[fill_slots[i]]`` for ``fill_matchers[i]`` (one
         call on xgrammar's threads). Ended rows (past the grammar's end) allow anything."""
-        import xgrammar as xgr
-
         if accept_matchers:
-            self._accepted(accept_keys, accept_matchers, accept_tokens,
-                           xgr.BatchGrammarMatcher.batch_accept_token(accept_matchers, accept_tokens))
+            ok = batch_accept_token(accept_matchers, accept_tokens)
+            if ok is not None:  # some token was rejected
+                self._accepted(accept_keys, accept_matchers, accept_tokens, ok)
         for slot in ended_slots:
             host[slot].fill_(-1)
         if fill_matchers:
-            self._batch_filler().batch_fill_next_token_bitmask(fill_matchers, host, fill_slots)
+            # Slots 0..n-1 (no ended row) go as None: xgrammar converts an index list element by element, holding
+            # the GIL.
+            contiguous = fill_slots[-1] == len(fill_slots) - 1
+            self._batch_filler().batch_fill_next_token_bitmask(fill_matchers, host, None if contiguous else fill_slots)
 
     def bitmask(
         self, seqs: list[Sequence], device: torch.device, batch_rows: list[int] | None = None
@@ -244,7 +251,7 @@ class StructuredOutputManager:
         ``seqs[i]`` (default ``i``; a speculative step's verify batch has one row per verified position, and a
         constrained sequence has exactly one: it gets no drafts). One non-blocking upload from pinned memory."""
         prepared = self._finish_prepared()
-        if prepared is not None and prepared.seqs is seqs:
+        if prepared is not None and _same_sequences(prepared, seqs):
             rows, host = prepared.rows, prepared.host
         else:
             rows, host = self._fill_now(seqs)
@@ -348,6 +355,51 @@ class StructuredOutputManager:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self.compiler.shutdown()
+
+
+def _same_sequences(prepared: _PreparedMasks, seqs: list[Any]) -> bool:
+    """Whether ``seqs`` are the sequences ``prepared`` was filled for, in the same order: the same list, or (the engine
+    starts the job from the scheduler's sequences, the runner asks with its own) the same keys."""
+    if prepared.seqs is seqs:
+        return True
+    if len(prepared.seqs) != len(seqs):
+        return False
+    if prepared.keys is None:
+        prepared.keys = [seq.key for seq in prepared.seqs]
+    return prepared.keys == [seq.key for seq in seqs]
+
+
+def batch_accept_token(matchers: list[Any], tokens: list[int]) -> list[bool] | None:
+    """Advance each matcher with its token in one xgrammar call (C++, without the GIL); None when every token was
+    accepted, else the per-token results.
+
+    xgrammar's ``BatchGrammarMatcher.batch_accept_token`` converts its result to a list of bools element by element
+    through its FFI array (about 0.5 us a row, ~120 us at 256 rows, holding the GIL that the engine thread needs);
+    its core binding's result answers ``0 in result`` in C (~1 us), so that one is called when present."""
+    import xgrammar as xgr
+
+    core = _xgrammar_core()
+    if core is None:
+        ok = xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
+        return None if all(ok) else ok
+    result = core.BatchGrammarMatcher.batch_accept_token([m._handle for m in matchers], tokens, False)
+    if 0 not in result:
+        return None
+    return [bool(ok) for ok in result]
+
+
+_XGRAMMAR_CORE: list[Any] = []
+
+
+def _xgrammar_core() -> Any:
+    """xgrammar's core bindings when they have the batched accept this module calls (checked once), else None."""
+    if not _XGRAMMAR_CORE:
+        from xgrammar import base
+
+        core = getattr(base, "_core", None)
+        usable = callable(getattr(getattr(core, "BatchGrammarMatcher", None), "batch_accept_token", None))
+        _XGRAMMAR_CORE.append(core if usable else None)
+    return _XGRAMMAR_CORE[0]
 
 
 def _check_accepted(ok: list[bool], tokens: list[int]) -> None:

@@ -140,3 +140,125 @@ def test_grammar_job_runs_off_the_engine_thread_with_a_short_switch_interval(mod
     assert off_thread and all(interval == pytest.approx(GRAMMAR_SWITCH_INTERVAL_S) for _, interval, _, _ in off_thread)
     assert any(accepted > 0 and filled > 0 for _, _, accepted, filled in off_thread)  # accept then fill, one job
     assert sys.getswitchinterval() == before
+
+
+def _record_grammar_hand_offs(engine) -> list[tuple[bool, int]]:
+    """(inside ``runner.launch``, number of tokens accepted) for every ``prepare`` call with tokens to accept."""
+    launch, prepare = engine.runner.launch, engine.structured.prepare
+    in_launch = [False]
+    hand_offs: list[tuple[bool, int]] = []
+
+    def launching(*args, **kwargs):
+        in_launch[0] = True
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            in_launch[0] = False
+
+    def preparing(accepted_seqs, accepted_tokens, seqs):
+        if accepted_tokens:
+            hand_offs.append((in_launch[0], len(accepted_tokens)))
+        return prepare(accepted_seqs, accepted_tokens, seqs)
+
+    engine.runner.launch, engine.structured.prepare = launching, preparing
+    return hand_offs
+
+
+def test_grammar_job_starts_before_the_step_is_planned_when_the_previous_step_is_done(model):
+    """With the step in flight already done on the device (always on CPU), its tokens go to the grammar job right
+    after scheduling, before the next step's plan, staging and forward (which it then overlaps); while the device
+    is still busy the hand-off waits for the forward to be queued, inside ``launch``. Same tokens either way, the
+    same as synchronous scheduling."""
+    from core.model_runner import StepHandle
+
+    reference = _tokens(run_engine(make_engine(model, async_scheduling=False, max_num_seqs=16), PROMPTS, _params()))
+    engine = make_engine(model, async_scheduling=True, max_num_seqs=16)
+    engine.structured.overlap = True
+    early = _record_grammar_hand_offs(engine)
+    assert _tokens(run_engine(engine, PROMPTS, _params())) == reference
+    assert len(early) > 10 and not any(inside for inside, _ in early), early
+
+    busy = make_engine(model, async_scheduling=True, max_num_seqs=16)
+    busy.structured.overlap = True
+    late = _record_grammar_hand_offs(busy)
+    ready = StepHandle.ready
+    StepHandle.ready = lambda self: False  # the device still running the previous step
+    try:
+        assert _tokens(run_engine(busy, PROMPTS, _params())) == reference
+    finally:
+        StepHandle.ready = ready
+    assert len(late) > 10 and all(inside for inside, _ in late), late
+
+
+def test_a_failed_step_after_the_early_hand_off_keeps_the_grammar_in_step(model):
+    """A step that fails after the previous step's tokens went to the grammar job (its plan raises) applies that
+    previous step (it completed) rather than dropping it: its sequences keep the tokens their matchers accepted,
+    so after the recompute every constrained output is exactly the one of a run without the failure."""
+    prompts = PROMPTS[:4]
+    json_object = StructuredOutputsParams(json_object=True)
+    params = [SamplingParams(temperature=0.0, max_tokens=24, structured_outputs=json_object),
+              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=24,
+                             structured_outputs=StructuredOutputsParams(regex=r"(cat|dog)s? [0-9]{2,4}!")),
+              # Counted digits: a matcher one token ahead of its sequence would put the "x" a digit early.
+              SamplingParams(temperature=0.0, max_tokens=24,
+                             structured_outputs=StructuredOutputsParams(regex=r"[0-9]{6}x[0-9]{6}"))]
+    expected = run_engine(make_engine(model, async_scheduling=True, max_num_seqs=16), prompts, params)
+    engine = make_engine(model, async_scheduling=True, max_num_seqs=16)
+    engine.structured.overlap = True
+    early = _record_grammar_hand_offs(engine)
+
+    class FailOnce:
+        """Raises in the plan of the first step scheduled after a hand-off with request 3 three tokens in."""
+
+        enabled = True
+        fired = False
+
+        def check(self, prompts):
+            seq = engine._children["3"][0] if "3" in engine._children else None
+            if not self.fired and early and seq is not None and seq.num_output_tokens == 3:
+                self.fired = True
+                raise RuntimeError("transient")
+
+    engine._faults = FailOnce()
+    got = run_engine(engine, prompts, params)
+    assert engine._faults.fired
+    assert _tokens(got) == _tokens(expected)
+    assert all(r["finish_reason"] is not None for r in got.values())
+    assert len(expected[(3, 0)]["tokens"]) >= 13  # the regex ran its course
+
+
+def test_a_last_early_look_after_staging_starts_the_grammar_job_before_the_forward(model):
+    """The step in flight done only once this step's inputs are staged (the first two looks miss): the third look,
+    inside ``launch`` before the forward is queued, starts the grammar job; same tokens as synchronous scheduling."""
+    from core.model_runner import StepHandle
+
+    reference = _tokens(run_engine(make_engine(model, async_scheduling=False, max_num_seqs=16), PROMPTS, _params()))
+    engine = make_engine(model, async_scheduling=True, max_num_seqs=16)
+    engine.structured.overlap = True
+    runner = engine.runner
+    phase = {"staged": False, "forwarded": False}
+    stage, forward, prepare = runner.inputs.stage, runner.model.forward, engine.structured.prepare
+    hand_offs = []
+
+    def staging(*args, **kwargs):
+        phase["staged"], phase["forwarded"] = True, False
+        return stage(*args, **kwargs)
+
+    def forwarding(*args, **kwargs):
+        phase["staged"], phase["forwarded"] = False, True
+        return forward(*args, **kwargs)
+
+    def preparing(accepted_seqs, accepted_tokens, seqs):
+        if accepted_tokens:
+            hand_offs.append(phase["staged"] and not phase["forwarded"])
+        return prepare(accepted_seqs, accepted_tokens, seqs)
+
+    runner.inputs.stage, runner.model.forward, engine.structured.prepare = staging, forwarding, preparing
+    ready = StepHandle.ready
+    StepHandle.ready = lambda self: phase["staged"]  # done on the device only once the next inputs are staged
+    try:
+        assert _tokens(run_engine(engine, PROMPTS, _params())) == reference
+    finally:
+        StepHandle.ready = ready
+    assert len(hand_offs) > 10 and all(hand_offs), hand_offs
