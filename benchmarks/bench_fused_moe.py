@@ -21,11 +21,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
-    import torch
+from benchmarks.smoke import interpret_smoke_without_cuda  # noqa: E402
 
-    if not torch.cuda.is_available():  # must be set before kernels/ is imported
-        os.environ["TRITON_INTERPRET"] = "1"
+interpret_smoke_without_cuda()  # before kernels/ is imported
 
 import torch  # noqa: E402
 

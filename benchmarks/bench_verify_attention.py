@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -37,11 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
-    import torch
+from benchmarks.smoke import interpret_smoke_without_cuda  # noqa: E402
 
-    if not torch.cuda.is_available():  # must be set before kernels/ is imported
-        os.environ["TRITON_INTERPRET"] = "1"
+interpret_smoke_without_cuda()  # before kernels/ is imported
 
 import torch  # noqa: E402
 

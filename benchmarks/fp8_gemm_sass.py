@@ -79,6 +79,17 @@ def _resource(usage: str, name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
+def print_loop_and_dump(info: dict, verbose: bool, dump: str | None, stem: str) -> None:
+    """``--verbose``: the loop's opcode counts; ``--dump DIR``: the kernel's PTX and SASS as DIR/stem.{ptx,sass}."""
+    if verbose:
+        print("    loop: " + ", ".join(f"{k} {v}" for k, v in sorted(info["loop"].items())))
+    if dump:
+        base = Path(dump) / stem
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.with_suffix(".ptx").write_text(info["ptx"])
+        base.with_suffix(".sass").write_text(info["sass"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fma", default="fma:2x1024:w4:p0,fma:16x512:w8:p0,fma:4x512:w4:p0",
@@ -96,13 +107,7 @@ def main() -> int:
         info = loop_summary(compile_fn(config), config)
         print(f"{text} | {info['loop_total']} | {info['per_1000_weights']:.1f} | {info['conversions']} | "
               f"{info['mmas']} | {info['regs']} | {info['stack']} | {info['smem']}")  # fmt: skip
-        if opts.verbose:
-            print("    loop: " + ", ".join(f"{k} {v}" for k, v in sorted(info["loop"].items())))
-        if opts.dump:
-            base = Path(opts.dump) / text.replace(":", "_")
-            base.parent.mkdir(parents=True, exist_ok=True)
-            base.with_suffix(".ptx").write_text(info["ptx"])
-            base.with_suffix(".sass").write_text(info["sass"])
+        print_loop_and_dump(info, opts.verbose, opts.dump, text.replace(":", "_"))
     return 0
 
 

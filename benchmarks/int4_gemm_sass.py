@@ -24,7 +24,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("int4_gemm_sass.py compiles the kernels: run it without TRITON_INTERPRET=1")
 
 from benchmarks.attention_sass import _compile as compile_sm90  # noqa: E402
-from benchmarks.fp8_gemm_sass import loop_summary  # noqa: E402
+from benchmarks.fp8_gemm_sass import loop_summary, print_loop_and_dump  # noqa: E402
 from kernels import int4_gemm  # noqa: E402
 from kernels.skinny_gemm import SkinnyConfig  # noqa: E402
 
@@ -69,13 +69,7 @@ def main() -> int:
         info = loop_summary(compile_fn(config, opts.dtype), config)
         print(f"{text} | {info['loop_total']} | {info['per_1000_weights']:.1f} | {info['mmas']} | {info['regs']} | "
               f"{info['stack']} | {info['smem']}")  # fmt: skip
-        if opts.verbose:
-            print("    loop: " + ", ".join(f"{k} {v}" for k, v in sorted(info["loop"].items())))
-        if opts.dump:
-            base = Path(opts.dump) / f"int4_{opts.dtype}_{text.replace(':', '_')}"
-            base.parent.mkdir(parents=True, exist_ok=True)
-            base.with_suffix(".ptx").write_text(info["ptx"])
-            base.with_suffix(".sass").write_text(info["sass"])
+        print_loop_and_dump(info, opts.verbose, opts.dump, f"int4_{opts.dtype}_{text.replace(':', '_')}")
     return 0
 
 

@@ -20,11 +20,9 @@ import os
 import sys
 import time
 
-if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
-    import torch
+from benchmarks.smoke import interpret_smoke_without_cuda
 
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+interpret_smoke_without_cuda()  # before kernels/ is imported
 
 import torch  # noqa: E402
 
