@@ -42,6 +42,7 @@ interpret_smoke_without_cuda()  # before kernels/ is imported
 import torch  # noqa: E402
 
 from benchmarks.decode_attention_variants import DECODE_VARIANTS  # noqa: E402
+from benchmarks.graph_timing import median_us_per_launch  # noqa: E402
 from kernels.backend import num_sms  # noqa: E402
 from kernels.decode_attention import (  # noqa: E402
     DECODE_CONFIG,
@@ -199,33 +200,11 @@ def run_variant(problem: Problem, case: Case, name: str, config: DecodeConfig, c
         launch(1)
         return Result(case, name, (time.perf_counter() - start) * 1e6, err, True, splits)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(len(problem.caches)):  # compiles every kernel the graph launches, allocates workspaces
-            launch(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(LAYERS):
-            launch(i)
-    for _ in range(3):
-        graph.replay()
-    replays, timings = 10, []
-    for _ in range(5):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        timings.append(begin.elapsed_time(end) * 1e3 / (replays * LAYERS))
+    us = median_us_per_launch(launch, LAYERS, warm_layers=len(problem.caches))
     graph_out = out.clone()
     eager = launch(LAYERS - 1)
     matches = torch.equal(graph_out, eager)
-    del graph
-    return Result(case, name, sorted(timings)[len(timings) // 2], err, matches, splits)
+    return Result(case, name, us, err, matches, splits)
 
 
 def variants(names: list[str], sweep: bool, wide: bool = False) -> list[tuple[str, DecodeConfig, bool]]:

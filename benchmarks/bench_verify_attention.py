@@ -42,6 +42,8 @@ interpret_smoke_without_cuda()  # before kernels/ is imported
 
 import torch  # noqa: E402
 
+from benchmarks.graph_timing import median_us_per_launch  # noqa: E402
+
 from kernels.backend import num_sms  # noqa: E402
 from kernels.decode_attention import (  # noqa: E402
     decode_num_splits,
@@ -172,33 +174,11 @@ def run_variant(name: str, launch, q: torch.Tensor, ref: torch.Tensor, layers: i
         start = time.perf_counter()
         launch(min(1, layers - 1), out)
         return Result(name, (time.perf_counter() - start) * 1e6, err, True)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for layer in range(layers):  # compiles what the graph launches, allocates the split counters
-            launch(layer, out)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for layer in range(layers):
-            launch(layer, out)
-    for _ in range(3):
-        graph.replay()
-    replays, timings = 10, []
-    for _ in range(5):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        timings.append(begin.elapsed_time(end) * 1e3 / (replays * layers))
+    us = median_us_per_launch(lambda layer: launch(layer, out), layers)
     graph_out = out.clone()
     eager = launch(layers - 1, out)
     matches = torch.equal(graph_out, eager)
-    del graph
-    return Result(name, sorted(timings)[len(timings) // 2], err, matches)
+    return Result(name, us, err, matches)
 
 
 def main() -> int:
