@@ -59,6 +59,9 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="pagedserve-test-", suffix=".log", delete=False)
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        # --api-server-count N: one /health 200 says only that the process that answered is ready; the others
+        # may still be loading (503), so wait for every process's "serving" log line too.
+        self.api_processes = int(args[args.index("--api-server-count") + 1]) if "--api-server-count" in args else 1
         if wait:
             self._wait_ready(timeout_s)
 
@@ -75,7 +78,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()[-5000:]}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if (httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+                        and self.log_text().count(" serving ") >= self.api_processes):
                     return
             except httpx.HTTPError:
                 pass
