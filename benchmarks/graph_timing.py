@@ -6,6 +6,8 @@ from typing import Callable
 
 import torch
 
+from core.cuda_graphs import capture_after_warmup
+
 
 def median_us_per_launch(launch: Callable[[int], object], layers: int, warm_layers: int | None = None,
                          replays: int = 10, rounds: int = 5) -> float:  # fmt: skip
@@ -13,17 +15,13 @@ def median_us_per_launch(launch: Callable[[int], object], layers: int, warm_laye
     launches. The eager warm-up (``warm_layers``, default ``layers``) runs on a side stream first: it compiles what
     the graph launches and allocates workspaces outside the capture. Tensors written by the launches hold the last
     replay's results on return."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for layer in range(layers if warm_layers is None else warm_layers):
+
+    def launches(count: int) -> None:
+        for layer in range(count):
             launch(layer)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for layer in range(layers):
-            launch(layer)
+
+    warm = layers if warm_layers is None else warm_layers
+    graph = capture_after_warmup(lambda: launches(layers), lambda: launches(warm))
     for _ in range(3):
         graph.replay()
     timings = []

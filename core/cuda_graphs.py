@@ -20,6 +20,23 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return capped + [max_num_seqs] if max_num_seqs <= 512 else capped
 
 
+def capture_after_warmup(launch: Callable[[], object], warmup: Callable[[], object] | None = None
+                         ) -> torch.cuda.CUDAGraph:  # fmt: skip
+    """A CUDA graph of ``launch()``, captured after ``warmup()`` (default: ``launch``) ran eagerly on a side stream:
+    the warm-up compiles what the graph launches and allocates workspaces, neither of which may happen inside a
+    capture. For kernel tests and benchmarks; the engine's graphs share a pool (``DecodeGraphs.capture``)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        (warmup or launch)()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    return graph
+
+
 class DecodeGraphs:
     def __init__(self, forward: Callable[[int], torch.Tensor], max_num_seqs: int, sizes: list[int] | None = None,
                  name: str = "decode") -> None:

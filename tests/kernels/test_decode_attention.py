@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.cuda_graphs import capture_after_warmup
 import kernels.decode_attention as da
 from kernels.decode_attention import (
     SPLIT_DECODE_CONFIG,
@@ -172,14 +173,7 @@ def test_gpu_graph_replays_fused_and_lpt(variant, host_order):
         return paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, qsl, scale, out=out, config=config,
                                       seq_order=order if host_order else None)  # fmt: skip
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()  # compiles, allocates the split counters outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    graph = capture_after_warmup(call)  # the warm-up allocates the split counters outside the capture
     gen = torch.Generator().manual_seed(11)
     for step in range(20):
         new_lens = torch.randint(0, 1700, (batch,), generator=gen, dtype=torch.int32)
@@ -210,15 +204,10 @@ def test_gpu_capture_without_counters_falls_back_to_the_reduce_kernel():
     da._SPLIT_COUNTERS.clear()
     try:
         out = torch.empty_like(problem.q)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            unfused = dataclasses.replace(config, fused_reduce=False)  # compiles what the capture will launch
-            paged_decode_attention(*problem.args(), out=out, num_splits=4, config=unfused)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            paged_decode_attention(*problem.args(), out=out, num_splits=4, config=config)
+        unfused = dataclasses.replace(config, fused_reduce=False)  # the warm-up compiles what the capture launches
+        graph = capture_after_warmup(
+            lambda: paged_decode_attention(*problem.args(), out=out, num_splits=4, config=config),
+            lambda: paged_decode_attention(*problem.args(), out=out, num_splits=4, config=unfused))
         assert not da._SPLIT_COUNTERS, "counters must not be allocated inside a capture"
         out.fill_(float("nan"))
         graph.replay()

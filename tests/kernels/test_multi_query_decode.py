@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.cuda_graphs import capture_after_warmup
 from kernels.attention_common import FP8_KV_DTYPE, quantize_kv_ref
 from kernels.decode_attention import DecodeConfig, paged_decode_attention, paged_decode_attention_ref
 from kernels.paged_attention import paged_attention, paged_attention_ref
@@ -164,14 +165,7 @@ def test_gpu_verify_graph_replays_match_eager_and_reference(batch):
         return paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, scale, out=out, max_query_len=queries,
                                decode_queries=queries, decode_order=order)  # fmt: skip
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()  # compiles, allocates the split counters outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
+    graph = capture_after_warmup(call)  # the warm-up allocates the split counters outside the capture
     gen = torch.Generator().manual_seed(5)
     for step in range(12):
         rows = torch.randint(0, queries + 1, (batch,), generator=gen, dtype=torch.int32)

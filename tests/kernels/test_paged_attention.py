@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.cuda_graphs import capture_after_warmup
 from kernels.paged_attention import paged_attention
 from tests.kernels.kernel_testing import (
     BF16,
@@ -81,14 +82,8 @@ def test_gpu_decode_replays_in_cuda_graph():
                      extra_table_columns=64)  # fmt: skip
     q, k_cache, v_cache, tables, seq_lens, qsl, scale = first.args()
     out = torch.empty_like(q)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, scale, max_query_len=1, out=out)  # compile
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, scale, max_query_len=1, out=out)
+    graph = capture_after_warmup(
+        lambda: paged_attention(q, k_cache, v_cache, tables, seq_lens, qsl, scale, max_query_len=1, out=out))
     gen = torch.Generator().manual_seed(2)
     for _ in range(3):
         new_lens = torch.randint(0, 1600, (batch,), generator=gen, dtype=torch.int32)
