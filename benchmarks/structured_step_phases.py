@@ -1,0 +1,248 @@
+"""A json_object step against an unconstrained step of the same batch, phase by phase: where the extra host time of
+constrained rows goes.
+
+Two passes through one in-process EngineCore on the same prompts: every request under ``json_object`` (objects end
+where the grammar ends them), then every request unconstrained and cut to the length its constrained output had, so
+both passes run the same number of steps with the same batch at every step: the difference is the grammar's cost
+alone. Each phase of the engine step is timed (wall) and reported in ms per step and in us per sampled row.
+
+On CPU (the default here) the model is a tiny dummy Llama with the tokenizer (and the 49,152-token vocabulary) of
+``--tokenizer-from`` so that the grammar sees a real vocabulary while the forward stays small; the forward, the
+logits and the sampler are CPU compute (on a GPU host they are launches), so "host" below leaves them out.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.structured_step_phases --num-requests 128 --max-tokens 96
+    python -m benchmarks.structured_step_phases --model .models/smollm2-135m --device cuda --num-requests 256
+
+``--grammar-thread on`` forces the grammar job onto its thread (the default turns it on with >= 4 CPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import functools
+
+# Phases that are device work on a GPU host (launches there) and CPU compute here: left out of "host".
+_COMPUTE = ("forward + logits", "sampler")
+
+
+def _exclusive_timer(totals: dict[str, float], cpu_totals: dict[str, float], stack: list[list[float]]):
+    """A wrapper factory: each wrapped call adds its wall time (and the calling thread's CPU time, to
+    ``cpu_totals``) *minus its timed callees'* to ``totals[label]``, so nested phases (the update run inside
+    ``launch``, say) are counted once and the phases add up to the step."""
+
+    def timed(label: str, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            stack.append([0.0, 0.0])
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
+                inner, inner_cpu = stack.pop()
+                totals[label] += elapsed - inner
+                cpu_totals[label] += cpu - inner_cpu
+                if stack:
+                    stack[-1][0] += elapsed
+                    stack[-1][1] += cpu
+        return wrapper
+
+    return timed
+
+
+def tiny_model_with_tokenizer(directory: Path, tokenizer_from: Path) -> Path:
+    """A 2-layer, hidden-32 dummy Llama config beside the tokenizer files of ``tokenizer_from`` (its vocabulary
+    size), so grammars compile against a real vocabulary."""
+    from benchmarks.host_step_phases import tiny_llama_config
+
+    vocab_size = json.loads((tokenizer_from / "config.json").read_text()).get("vocab_size", 49152)
+    tiny_llama_config(directory, vocab_size)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+    (directory / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (tokenizer_from / name).is_file():
+            shutil.copy(tokenizer_from / name, directory / name)
+    return directory
+
+
+def _instrument(engine, totals: dict[str, float], cpu_totals: dict[str, float]) -> list:
+    """Wrap the engine's phases with wall timers adding to ``totals``; returns the (object, name, original) to put
+    back."""
+    import core.model_runner as model_runner
+
+    runner = engine.runner
+    saved = []
+    timed = _exclusive_timer(totals, cpu_totals, [])
+
+    def wrap(obj, name: str, label: str) -> None:
+        original = getattr(obj, name)
+        saved.append((obj, name, original))
+        setattr(obj, name, timed(label, original))
+
+    wrap(engine.scheduler, "schedule", "schedule")
+    wrap(engine, "_plan", "plan (scheduler output diffs)")
+    wrap(runner, "launch", "launch (rest)")
+    wrap(runner.inputs, "stage", "stage inputs")
+    wrap(runner.model, "forward", "forward + logits")
+    wrap(runner.model, "compute_logits", "forward + logits")
+    wrap(runner.sampler.__class__, "__call__", "sampler")
+    wrap(model_runner, "build_sampling_batch", "sampling batch (host)")
+    wrap(model_runner.StepHandle, "result", "read results")
+    wrap(engine, "_update", "update requests + outputs")
+    wrap(engine, "_finish_inflight", "finish step (rest)")
+    wrap(engine, "_start_grammar_job_early", "grammar early look + prepare")
+    wrap(engine.structured, "bitmask", "grammar bitmask (join + upload)")
+    wrap(engine.structured, "accept", "grammar accept (inline)")
+    return saved
+
+
+def run_pass(engine, prompts: list[list[int]], params_list: list, tag: str) -> dict:
+    """Run the requests to the end; per phase ms, the batch sizes, and the output lengths."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    cpu_totals: dict[str, float] = collections.defaultdict(float)
+    for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+        engine.add_request(_request(f"{tag}-{i}", prompt, params))
+    lengths: dict[str, int] = collections.Counter()
+    # The prefills first, untimed: the comparison is about decode steps.
+    while any(seq.num_computed_tokens < len(seq.prompt_token_ids)
+              for seq in (*engine.scheduler.waiting, *engine.scheduler.running)):
+        collect(engine.step(), lengths)
+    saved = _instrument(engine, totals, cpu_totals)
+    steps = rows = 0
+    batch_sizes: list[int] = []
+    t0, c0 = time.perf_counter(), time.thread_time()
+    try:
+        while engine.has_work():
+            batch_sizes.append(len(engine.scheduler.running))
+            rows += batch_sizes[-1]
+            collect(engine.step(), lengths)
+            steps += 1
+    finally:
+        wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        for obj, name, original in reversed(saved):
+            setattr(obj, name, original)
+    return {"steps": steps, "rows": rows, "wall_s": wall, "cpu_s": cpu, "totals_s": dict(totals),
+            "cpu_totals_s": dict(cpu_totals), "batch_sizes": batch_sizes, "lengths": lengths}
+
+
+def collect(outputs, lengths: dict[str, int]) -> None:
+    for out in outputs.outputs:
+        lengths[out.request_id] += len(out.new_token_ids)
+
+
+def _request(request_id: str, prompt: list[int], params):
+    from ipc.messages import EngineRequest
+
+    return EngineRequest(request_id, prompt, params)
+
+
+def summarize(result: dict, clock: str = "wall") -> dict[str, float]:
+    """ms per step of each phase (timed callees excluded), the step, the step's host time (less the CPU compute),
+    and host us per sampled row; ``clock``: "wall", or "cpu" (the engine thread's own CPU time: what a grammar
+    thread or another process takes meanwhile does not count)."""
+    steps = result["steps"]
+    totals, whole = (result["totals_s"], result["wall_s"]) if clock == "wall" else (result["cpu_totals_s"],
+                                                                                    result["cpu_s"])
+    per_step = {name: 1e3 * seconds / steps for name, seconds in totals.items()}
+    per_step["step"] = 1e3 * whole / steps
+    per_step["other (engine.step glue)"] = per_step["step"] - sum(
+        ms for name, ms in per_step.items() if name != "step")
+    per_step["host (step - CPU compute)"] = per_step["step"] - sum(per_step.get(n, 0.0) for n in _COMPUTE)
+    per_step["host us per row"] = 1e3 * per_step["host (step - CPU compute)"] * steps / max(1, result["rows"])
+    return per_step
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    if args.device == "cpu":
+        torch.set_num_threads(args.cpu_threads)
+    with tempfile.TemporaryDirectory() as tmp:  # the grammar compiler reads the tokenizer from it later
+        model = args.model or str(tiny_model_with_tokenizer(Path(tmp) / "tiny", Path(args.tokenizer_from)))
+        return _run(args, model)
+
+
+def _run(args: argparse.Namespace, model: str) -> dict:
+    from core.engine import EngineCore
+    from ipc.messages import EngineConfig, SamplingParams, StructuredOutputsParams
+
+    blocks_per_seq = -(-(args.prompt_len + args.max_tokens + 16) // 16)
+    engine = EngineCore(EngineConfig(
+        model=model, load_format="dummy", device=args.device, seed=0, max_num_seqs=args.num_requests,
+        max_model_len=args.prompt_len + args.max_tokens + 16,
+        num_gpu_blocks_override=args.num_requests * blocks_per_seq + 16 if args.device == "cpu" else None,
+        async_scheduling=args.async_scheduling == "on"))
+    if args.grammar_thread is not None:
+        engine.structured.overlap = args.grammar_thread == "on"
+    prompts = [[3 + (7 * i + j) % 5000 for j in range(args.prompt_len)] for i in range(args.num_requests)]
+    json_object = StructuredOutputsParams(json_object=True)
+    constrained = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=None,
+                                 structured_outputs=json_object)
+    # Warm-up: the grammar's compile, the kernels.
+    run_pass(engine, prompts[:4], [SamplingParams(temperature=args.temperature, max_tokens=8,
+                                                  structured_outputs=json_object)] * 4, "warm-json")
+    run_pass(engine, prompts[:4], [SamplingParams(temperature=args.temperature, max_tokens=8, ignore_eos=True)] * 4,
+             "warm-plain")
+    result: dict = {"device": args.device, "num_requests": args.num_requests, "grammar_thread": engine.structured.overlap,
+                    "async_scheduling": engine.async_scheduling}
+    for repeat in range(args.repeats):
+        constrained_pass = run_pass(engine, prompts, [constrained] * len(prompts), f"json{repeat}")
+        lengths = [constrained_pass["lengths"][f"json{repeat}-{i}"] for i in range(len(prompts))]
+        plain = [SamplingParams(temperature=args.temperature, max_tokens=max(1, n), ignore_eos=True) for n in lengths]
+        plain_pass = run_pass(engine, prompts, plain, f"plain{repeat}")
+        for name, r in (("json_object", constrained_pass), ("unconstrained_same_lengths", plain_pass)):
+            best = result.setdefault(name, {"steps": r["steps"], "rows": r["rows"]})
+            for clock in ("wall", "cpu"):
+                summary = summarize(r, clock)
+                kept = best.setdefault(f"{clock}_ms_per_step", summary)
+                best[f"{clock}_ms_per_step"] = {k: min(v, kept.get(k, v)) for k, v in summary.items()}
+        result["mean_batch"] = constrained_pass["rows"] / max(1, constrained_pass["steps"])
+        result["same_batches"] = constrained_pass["batch_sizes"] == plain_pass["batch_sizes"]
+    engine.shutdown()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.structured_step_phases", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="a model directory with a tokenizer (default: a tiny dummy Llama "
+                                                 "with --tokenizer-from's tokenizer)")
+    p.add_argument("--tokenizer-from", default=".models/smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cpu-threads", type=int, default=1)
+    p.add_argument("--num-requests", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.6, help="W1's")
+    p.add_argument("--async-scheduling", choices=("on", "off"), default="on")
+    p.add_argument("--grammar-thread", choices=("on", "off"), default=None)
+    p.add_argument("--repeats", type=int, default=2, help="report each phase's least over this many pass pairs")
+    p.add_argument("--json", default=None, help="append the result as one JSON line here")
+    args = p.parse_args(argv)
+    result = run(args)
+    a, b = result["json_object"], result["unconstrained_same_lengths"]
+    print(f"{args.num_requests} requests, {a['steps']} decode steps, mean batch {result['mean_batch']:.1f}, same "
+          f"batch every step: {result['same_batches']}, grammar thread {'on' if result['grammar_thread'] else 'off'}")
+    for clock, title in (("wall", "wall"), ("cpu", "engine-thread CPU")):
+        x_ms, y_ms = a[f"{clock}_ms_per_step"], b[f"{clock}_ms_per_step"]
+        print(f"  {title + ' ms per step (least of ' + str(args.repeats) + ')':<44} {'json_object':>12} "
+              f"{'unconstrained':>14} {'diff':>8}")
+        names = sorted(set(x_ms) | set(y_ms), key=lambda n: (n.startswith(("step", "host")), n))
+        for name in names:
+            x, y = x_ms.get(name, 0.0), y_ms.get(name, 0.0)
+            print(f"  {name:<44} {x:12.3f} {y:14.3f} {x - y:8.3f}")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({**result, "args": vars(args)}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
