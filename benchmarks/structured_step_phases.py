@@ -101,6 +101,17 @@ def _instrument(engine, totals: dict[str, float], cpu_totals: dict[str, float]) 
     wrap(engine, "_start_grammar_job_early", "grammar early look + prepare")
     wrap(engine.structured, "bitmask", "grammar bitmask (join + upload)")
     wrap(engine.structured, "accept", "grammar accept (inline)")
+    wrap(runner.batch, "apply", "apply message to worker batch")
+    # The grammar's per-row Python on the engine thread, inside the phases above.
+    import core.engine as engine_module
+    import core.structured_output.manager as manager_module
+
+    wrap(engine_module, "_constrained_tokens", "grammar: tokens of the step (per row)")
+    for name in ("_to_accept", "_rows_to_fill"):
+        if hasattr(engine.structured, name):
+            wrap(engine.structured, name, f"grammar: {name} (per row)")
+    if hasattr(manager_module, "_same_sequences"):
+        wrap(manager_module, "_same_sequences", "grammar: _same_sequences (per row)")
     return saved
 
 
