@@ -3,30 +3,32 @@ constrained rows goes.
 
 Two passes through one in-process EngineCore on the same prompts: every request under ``json_object`` (objects end
 where the grammar ends them), then every request unconstrained and cut to the length its constrained output had, so
-both passes run the same number of steps with the same batch at every step: the difference is the grammar's cost
-alone. Each phase of the engine step is timed (wall) and reported in ms per step and in us per sampled row.
+both passes run the same decode steps with the same batch at every step (checked: "same batch every step"): the
+difference is the grammar's cost alone. Prefills run first, untimed. Each phase of the engine step is timed (wall,
+and the engine thread's own CPU time; a timed phase excludes the timed phases inside it) and reported in ms per
+step; the last line is the decode steps' wall time of the json_object pass over the unconstrained one.
 
 On CPU (the default here) the model is a tiny dummy Llama with the tokenizer (and the 49,152-token vocabulary) of
 ``--tokenizer-from`` so that the grammar sees a real vocabulary while the forward stays small; the forward, the
-logits and the sampler are CPU compute (on a GPU host they are launches), so "host" below leaves them out.
+logits and the sampler are CPU compute there (on a GPU they are launches), so "host" leaves them out on CPU.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.structured_step_phases --num-requests 128 --max-tokens 96
-    python -m benchmarks.structured_step_phases --model .models/smollm2-135m --device cuda --num-requests 256
+    OMP_NUM_THREADS=1 python -m benchmarks.structured_step_phases --num-requests 128 --max-tokens 64 --temperature 0
+    python -m benchmarks.structured_step_phases --model .models/smollm2-135m --device cuda --workload W1
 
-``--grammar-thread on`` forces the grammar job onto its thread (the default turns it on with >= 4 CPUs).
+``--grammar-thread on`` forces the grammar job onto its thread (the engine turns it on with >= 4 CPUs);
+``--fill-threads`` and ``--switch-interval-us`` try other settings of the grammar job.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
-
-import functools
 
 # Phases that are device work on a GPU host (launches there) and CPU compute here: left out of "host".
 _COMPUTE = ("forward + logits", "sampler")
@@ -91,6 +93,8 @@ def _instrument(engine, totals: dict[str, float], cpu_totals: dict[str, float]) 
     wrap(engine, "_plan", "plan (scheduler output diffs)")
     wrap(runner, "launch", "launch (rest)")
     wrap(runner.inputs, "stage", "stage inputs")
+    if runner.graphs is not None:  # CUDA graphs: decode steps replay them instead of calling the model
+        wrap(runner.graphs, "replay", "graph replay (launch)")
     wrap(runner.model, "forward", "forward + logits")
     wrap(runner.model, "compute_logits", "forward + logits")
     wrap(runner.sampler.__class__, "__call__", "sampler")
@@ -155,7 +159,7 @@ def _request(request_id: str, prompt: list[int], params):
     return EngineRequest(request_id, prompt, params)
 
 
-def summarize(result: dict, clock: str = "wall") -> dict[str, float]:
+def summarize(result: dict, clock: str = "wall", device: str = "cpu") -> dict[str, float]:
     """ms per step of each phase (timed callees excluded), the step, the step's host time (less the CPU compute),
     and host us per sampled row; ``clock``: "wall", or "cpu" (the engine thread's own CPU time: what a grammar
     thread or another process takes meanwhile does not count)."""
@@ -166,7 +170,9 @@ def summarize(result: dict, clock: str = "wall") -> dict[str, float]:
     per_step["step"] = 1e3 * whole / steps
     per_step["other (engine.step glue)"] = per_step["step"] - sum(
         ms for name, ms in per_step.items() if name != "step")
-    per_step["host (step - CPU compute)"] = per_step["step"] - sum(per_step.get(n, 0.0) for n in _COMPUTE)
+    # On CPU the forward and the sampler are compute, not host work; on a GPU they are launches (host work).
+    compute = sum(per_step.get(n, 0.0) for n in _COMPUTE) if device == "cpu" else 0.0
+    per_step["host (step - CPU compute)"] = per_step["step"] - compute
     per_step["host us per row"] = 1e3 * per_step["host (step - CPU compute)"] * steps / max(1, result["rows"])
     return per_step
 
@@ -181,41 +187,64 @@ def run(args: argparse.Namespace) -> dict:
         return _run(args, model)
 
 
+def _workload(args: argparse.Namespace) -> tuple[list[list[int]], list[int], float]:
+    """(prompts, max_tokens, temperature): W1's (``--workload W1``) or ``--num-requests`` short prompts."""
+    if args.workload:
+        from benchmarks.throughput import make_workload
+
+        workload = make_workload(args.workload, args.num_requests)
+        temperature = workload.temperature if args.temperature is None else args.temperature
+        return workload.prompts, workload.max_tokens, temperature
+    prompts = [[3 + (7 * i + j) % 5000 for j in range(args.prompt_len)] for i in range(args.num_requests)]
+    return prompts, [args.max_tokens] * len(prompts), 0.6 if args.temperature is None else args.temperature
+
+
 def _run(args: argparse.Namespace, model: str) -> dict:
+    import core.structured_output.manager as manager_module
     from core.engine import EngineCore
     from ipc.messages import EngineConfig, SamplingParams, StructuredOutputsParams
 
-    blocks_per_seq = -(-(args.prompt_len + args.max_tokens + 16) // 16)
+    if args.switch_interval_us is not None:
+        manager_module.GRAMMAR_SWITCH_INTERVAL_S = args.switch_interval_us / 1e6
+    prompts, max_tokens, temperature = _workload(args)
+    max_model_len = max(len(p) + m for p, m in zip(prompts, max_tokens)) + 16
+    blocks = sum(-(-(len(p) + m + 16) // 16) for p, m in zip(prompts, max_tokens)) + 16
     engine = EngineCore(EngineConfig(
-        model=model, load_format="dummy", device=args.device, seed=0, max_num_seqs=args.num_requests,
-        max_model_len=args.prompt_len + args.max_tokens + 16,
-        num_gpu_blocks_override=args.num_requests * blocks_per_seq + 16 if args.device == "cpu" else None,
-        async_scheduling=args.async_scheduling == "on"))
+        model=model, load_format="dummy", device=args.device, seed=0, max_num_seqs=len(prompts),
+        max_model_len=max_model_len, num_gpu_blocks_override=blocks if args.device == "cpu" else None,
+        max_num_batched_tokens=max(8192, max_model_len), async_scheduling=args.async_scheduling == "on"))
+    structured = engine.structured
     if args.grammar_thread is not None:
-        engine.structured.overlap = args.grammar_thread == "on"
-    prompts = [[3 + (7 * i + j) % 5000 for j in range(args.prompt_len)] for i in range(args.num_requests)]
+        structured.overlap = args.grammar_thread == "on"
+    if args.fill_threads is not None:
+        structured._num_threads = args.fill_threads
     json_object = StructuredOutputsParams(json_object=True)
-    constrained = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=None,
-                                 structured_outputs=json_object)
-    # Warm-up: the grammar's compile, the kernels.
-    run_pass(engine, prompts[:4], [SamplingParams(temperature=args.temperature, max_tokens=8,
+    # Warm-up: the grammar's compile, the kernels (and CUDA graphs).
+    run_pass(engine, prompts[:4], [SamplingParams(temperature=temperature, max_tokens=8,
                                                   structured_outputs=json_object)] * 4, "warm-json")
-    run_pass(engine, prompts[:4], [SamplingParams(temperature=args.temperature, max_tokens=8, ignore_eos=True)] * 4,
+    run_pass(engine, prompts[:4], [SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True)] * 4,
              "warm-plain")
-    result: dict = {"device": args.device, "num_requests": args.num_requests, "grammar_thread": engine.structured.overlap,
-                    "async_scheduling": engine.async_scheduling}
+    result: dict = {"device": args.device, "num_requests": len(prompts), "workload": args.workload,
+                    "grammar_thread": structured.overlap, "fill_threads": structured._num_threads,
+                    "switch_interval_us": 1e6 * manager_module.GRAMMAR_SWITCH_INTERVAL_S,
+                    "async_scheduling": engine.async_scheduling, "ratios": []}
     for repeat in range(args.repeats):
-        constrained_pass = run_pass(engine, prompts, [constrained] * len(prompts), f"json{repeat}")
+        constrained = [SamplingParams(temperature=temperature, max_tokens=m, structured_outputs=json_object)
+                       for m in max_tokens]
+        constrained_pass = run_pass(engine, prompts, constrained, f"json{repeat}")
         lengths = [constrained_pass["lengths"][f"json{repeat}-{i}"] for i in range(len(prompts))]
-        plain = [SamplingParams(temperature=args.temperature, max_tokens=max(1, n), ignore_eos=True) for n in lengths]
+        plain = [SamplingParams(temperature=temperature, max_tokens=max(1, n), ignore_eos=True) for n in lengths]
         plain_pass = run_pass(engine, prompts, plain, f"plain{repeat}")
         for name, r in (("json_object", constrained_pass), ("unconstrained_same_lengths", plain_pass)):
             best = result.setdefault(name, {"steps": r["steps"], "rows": r["rows"]})
             for clock in ("wall", "cpu"):
-                summary = summarize(r, clock)
+                summary = summarize(r, clock, args.device)
                 kept = best.setdefault(f"{clock}_ms_per_step", summary)
                 best[f"{clock}_ms_per_step"] = {k: min(v, kept.get(k, v)) for k, v in summary.items()}
+        # The decode steps' wall time, json_object over unconstrained at the same batches: the grammar's cost.
+        result["ratios"].append(constrained_pass["wall_s"] / plain_pass["wall_s"])
         result["mean_batch"] = constrained_pass["rows"] / max(1, constrained_pass["steps"])
+        result["num_closed_at_once"] = sum(n <= 3 for n in lengths)
         result["same_batches"] = constrained_pass["batch_sizes"] == plain_pass["batch_sizes"]
     engine.shutdown()
     return result
@@ -228,19 +257,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer-from", default=".models/smollm2-135m")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cpu-threads", type=int, default=1)
-    p.add_argument("--num-requests", type=int, default=128)
+    p.add_argument("--workload", choices=("W1",), default=None,
+                   help="W1's prompts and output lengths (the json_object pass stops where its objects end)")
+    p.add_argument("--num-requests", type=int, default=None, help="default: 128, or the workload's")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--temperature", type=float, default=0.6, help="W1's")
+    p.add_argument("--temperature", type=float, default=None, help="default: the workload's (W1: 0.6), else 0.6")
     p.add_argument("--async-scheduling", choices=("on", "off"), default="on")
-    p.add_argument("--grammar-thread", choices=("on", "off"), default=None)
+    p.add_argument("--grammar-thread", choices=("on", "off"), default=None,
+                   help="default: the engine's (on with >= 4 CPUs)")
+    p.add_argument("--fill-threads", type=int, default=None, help="xgrammar's mask-fill threads (default: engine's)")
+    p.add_argument("--switch-interval-us", type=float, default=None,
+                   help="CPython switch interval while a grammar job is in flight (default: the engine's)")
     p.add_argument("--repeats", type=int, default=2, help="report each phase's least over this many pass pairs")
     p.add_argument("--json", default=None, help="append the result as one JSON line here")
     args = p.parse_args(argv)
+    if args.num_requests is None and not args.workload:
+        args.num_requests = 128
     result = run(args)
     a, b = result["json_object"], result["unconstrained_same_lengths"]
-    print(f"{args.num_requests} requests, {a['steps']} decode steps, mean batch {result['mean_batch']:.1f}, same "
-          f"batch every step: {result['same_batches']}, grammar thread {'on' if result['grammar_thread'] else 'off'}")
+    print(f"{result['num_requests']} requests ({result['num_closed_at_once']} closed their object at once), "
+          f"{a['steps']} decode steps, mean batch {result['mean_batch']:.1f}, same batch every step: "
+          f"{result['same_batches']}; grammar thread {'on' if result['grammar_thread'] else 'off'}, "
+          f"{result['fill_threads']} fill threads, switch interval {result['switch_interval_us']:.0f} us")
     for clock, title in (("wall", "wall"), ("cpu", "engine-thread CPU")):
         x_ms, y_ms = a[f"{clock}_ms_per_step"], b[f"{clock}_ms_per_step"]
         print(f"  {title + ' ms per step (least of ' + str(args.repeats) + ')':<44} {'json_object':>12} "
@@ -249,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             x, y = x_ms.get(name, 0.0), y_ms.get(name, 0.0)
             print(f"  {name:<44} {x:12.3f} {y:14.3f} {x - y:8.3f}")
+    ratios = ", ".join(f"{100 * (r - 1):.1f}%" for r in result["ratios"])
+    print(f"json_object decode steps slower than the same batches unconstrained (wall, per repeat): {ratios}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({**result, "args": vars(args)}) + "\n")
