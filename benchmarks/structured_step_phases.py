@@ -16,7 +16,8 @@ logits and the sampler are CPU compute there (on a GPU they are launches), so "h
     python -m benchmarks.structured_step_phases --model .models/smollm2-135m --device cuda --workload W1
 
 ``--grammar-thread on`` forces the grammar job onto its thread (the engine turns it on with >= 4 CPUs);
-``--fill-threads`` and ``--switch-interval-us`` try other settings of the grammar job.
+``--fill-threads``, ``--rows-per-fill-thread`` (several values compared in one run) and ``--switch-interval-us`` try
+other settings of the grammar job.
 """
 
 from __future__ import annotations
@@ -227,25 +228,32 @@ def _run(args: argparse.Namespace, model: str) -> dict:
     result: dict = {"device": args.device, "num_requests": len(prompts), "workload": args.workload,
                     "grammar_thread": structured.overlap, "fill_threads": structured._num_threads,
                     "switch_interval_us": 1e6 * manager_module.GRAMMAR_SWITCH_INTERVAL_S,
-                    "async_scheduling": engine.async_scheduling, "ratios": []}
-    for repeat in range(args.repeats):
-        constrained = [SamplingParams(temperature=temperature, max_tokens=m, structured_outputs=json_object)
-                       for m in max_tokens]
-        constrained_pass = run_pass(engine, prompts, constrained, f"json{repeat}")
-        lengths = [constrained_pass["lengths"][f"json{repeat}-{i}"] for i in range(len(prompts))]
-        plain = [SamplingParams(temperature=temperature, max_tokens=max(1, n), ignore_eos=True) for n in lengths]
-        plain_pass = run_pass(engine, prompts, plain, f"plain{repeat}")
-        for name, r in (("json_object", constrained_pass), ("unconstrained_same_lengths", plain_pass)):
-            best = result.setdefault(name, {"steps": r["steps"], "rows": r["rows"]})
-            for clock in ("wall", "cpu"):
-                summary = summarize(r, clock, args.device)
-                kept = best.setdefault(f"{clock}_ms_per_step", summary)
-                best[f"{clock}_ms_per_step"] = {k: min(v, kept.get(k, v)) for k, v in summary.items()}
-        # The decode steps' wall time, json_object over unconstrained at the same batches: the grammar's cost.
-        result["ratios"].append(constrained_pass["wall_s"] / plain_pass["wall_s"])
-        result["mean_batch"] = constrained_pass["rows"] / max(1, constrained_pass["steps"])
-        result["num_closed_at_once"] = sum(n <= 3 for n in lengths)
-        result["same_batches"] = constrained_pass["batch_sizes"] == plain_pass["batch_sizes"]
+                    "async_scheduling": engine.async_scheduling, "variants": []}
+    rows_per_thread = [structured.rows_per_fill_thread] if args.rows_per_fill_thread is None else \
+        [int(v) for v in args.rows_per_fill_thread.split(",")]
+    for rows in rows_per_thread:  # each variant: its own pass pairs (the constrained lengths vary run to run)
+        structured.rows_per_fill_thread = rows
+        variant: dict = {"rows_per_fill_thread": rows, "ratios": []}
+        for repeat in range(args.repeats):
+            tag = f"{rows}-{repeat}"
+            constrained = [SamplingParams(temperature=temperature, max_tokens=m, structured_outputs=json_object)
+                           for m in max_tokens]
+            constrained_pass = run_pass(engine, prompts, constrained, f"json{tag}")
+            lengths = [constrained_pass["lengths"][f"json{tag}-{i}"] for i in range(len(prompts))]
+            plain = [SamplingParams(temperature=temperature, max_tokens=max(1, n), ignore_eos=True) for n in lengths]
+            plain_pass = run_pass(engine, prompts, plain, f"plain{tag}")
+            for name, r in (("json_object", constrained_pass), ("unconstrained_same_lengths", plain_pass)):
+                best = variant.setdefault(name, {"steps": r["steps"], "rows": r["rows"]})
+                for clock in ("wall", "cpu"):
+                    summary = summarize(r, clock, args.device)
+                    kept = best.setdefault(f"{clock}_ms_per_step", summary)
+                    best[f"{clock}_ms_per_step"] = {k: min(v, kept.get(k, v)) for k, v in summary.items()}
+            # The decode steps' wall time, json_object over unconstrained at the same batches: the grammar's cost.
+            variant["ratios"].append(constrained_pass["wall_s"] / plain_pass["wall_s"])
+            variant["mean_batch"] = constrained_pass["rows"] / max(1, constrained_pass["steps"])
+            variant["num_closed_at_once"] = sum(n <= 3 for n in lengths)
+            variant["same_batches"] = constrained_pass["batch_sizes"] == plain_pass["batch_sizes"]
+        result["variants"].append(variant)
     engine.shutdown()
     return result
 
@@ -266,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--async-scheduling", choices=("on", "off"), default="on")
     p.add_argument("--grammar-thread", choices=("on", "off"), default=None,
                    help="default: the engine's (on with >= 4 CPUs)")
-    p.add_argument("--fill-threads", type=int, default=None, help="xgrammar's mask-fill threads (default: engine's)")
+    p.add_argument("--fill-threads", type=int, default=None,
+                   help="at most this many xgrammar mask-fill threads (default: the engine's)")
+    p.add_argument("--rows-per-fill-thread", default=None, metavar="N[,N...]",
+                   help="one fill thread per N rows (0: always the most); several values: one pass pair each "
+                        "(default: the engine's)")
     p.add_argument("--switch-interval-us", type=float, default=None,
                    help="CPython switch interval while a grammar job is in flight (default: the engine's)")
     p.add_argument("--repeats", type=int, default=2, help="report each phase's least over this many pass pairs")
@@ -275,21 +287,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_requests is None and not args.workload:
         args.num_requests = 128
     result = run(args)
-    a, b = result["json_object"], result["unconstrained_same_lengths"]
-    print(f"{result['num_requests']} requests ({result['num_closed_at_once']} closed their object at once), "
-          f"{a['steps']} decode steps, mean batch {result['mean_batch']:.1f}, same batch every step: "
-          f"{result['same_batches']}; grammar thread {'on' if result['grammar_thread'] else 'off'}, "
+    print(f"{result['num_requests']} requests; grammar thread {'on' if result['grammar_thread'] else 'off'}, up to "
           f"{result['fill_threads']} fill threads, switch interval {result['switch_interval_us']:.0f} us")
-    for clock, title in (("wall", "wall"), ("cpu", "engine-thread CPU")):
-        x_ms, y_ms = a[f"{clock}_ms_per_step"], b[f"{clock}_ms_per_step"]
-        print(f"  {title + ' ms per step (least of ' + str(args.repeats) + ')':<44} {'json_object':>12} "
-              f"{'unconstrained':>14} {'diff':>8}")
-        names = sorted(set(x_ms) | set(y_ms), key=lambda n: (n.startswith(("step", "host")), n))
-        for name in names:
-            x, y = x_ms.get(name, 0.0), y_ms.get(name, 0.0)
-            print(f"  {name:<44} {x:12.3f} {y:14.3f} {x - y:8.3f}")
-    ratios = ", ".join(f"{100 * (r - 1):.1f}%" for r in result["ratios"])
-    print(f"json_object decode steps slower than the same batches unconstrained (wall, per repeat): {ratios}")
+    for variant in result["variants"]:
+        a, b = variant["json_object"], variant["unconstrained_same_lengths"]
+        print(f"rows per fill thread {variant['rows_per_fill_thread']}: {variant['num_closed_at_once']} requests "
+              f"closed their object at once, {a['steps']} decode steps, mean batch {variant['mean_batch']:.1f}, same "
+              f"batch every step: {variant['same_batches']}")
+        for clock, title in (("wall", "wall"), ("cpu", "engine-thread CPU")):
+            x_ms, y_ms = a[f"{clock}_ms_per_step"], b[f"{clock}_ms_per_step"]
+            print(f"  {title + ' ms per step (least of ' + str(args.repeats) + ')':<44} {'json_object':>12} "
+                  f"{'unconstrained':>14} {'diff':>8}")
+            names = sorted(set(x_ms) | set(y_ms), key=lambda n: (n.startswith(("step", "host")), n))
+            for name in names:
+                x, y = x_ms.get(name, 0.0), y_ms.get(name, 0.0)
+                print(f"  {name:<44} {x:12.3f} {y:14.3f} {x - y:8.3f}")
+    for variant in result["variants"]:
+        ratios = ", ".join(f"{100 * (r - 1):.1f}%" for r in variant["ratios"])
+        print(f"rows per fill thread {variant['rows_per_fill_thread']:>4}: json_object decode steps slower than the "
+              f"same batches unconstrained (wall, per repeat): {ratios}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({**result, "args": vars(args)}) + "\n")

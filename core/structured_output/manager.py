@@ -51,6 +51,19 @@ def default_grammar_threads() -> int:
 
 MIN_CPUS_FOR_GRAMMAR_THREADS = 4
 
+# xgrammar starts its fill threads for every call (a thread costs tens of microseconds to start and join, ~60 us seen
+# for a second one on the dev box) while a row's mask takes ~2-4 us to fill, so a fill gets one thread per this many
+# rows (up to the manager's ``_num_threads``): small batches, e.g. the tail of a workload, fill on one thread.
+ROWS_PER_FILL_THREAD = 64
+
+
+def fill_threads(num_rows: int, max_threads: int, rows_per_thread: int = ROWS_PER_FILL_THREAD) -> int:
+    """Threads for a fill of ``num_rows`` masks: one per ``rows_per_thread`` rows, 1 to ``max_threads`` (0 rows per
+    thread: always ``max_threads``)."""
+    if rows_per_thread <= 0:
+        return max_threads
+    return max(1, min(max_threads, -(-num_rows // rows_per_thread)))
+
 # CPython's switch interval while a grammar job is in flight: how long the grammar thread may wait for the GIL
 # (to start, and between its two C++ calls) while the engine thread runs pure Python. The default 5 ms would
 # serialise the job behind the engine's bookkeeping instead of overlapping it.
@@ -71,8 +84,8 @@ class _PreparedMasks:
 class StructuredOutputManager:
     def __init__(self, load_tokenizer_info: Callable[[], Any], vocab_size: int, max_num_seqs: int,
                  grammar_threads: int | None = None) -> None:
-        """``grammar_threads``: xgrammar's C++ threads that fill the masks, each a share of the constrained rows
-        (default ``default_grammar_threads()``)."""
+        """``grammar_threads``: at most this many xgrammar C++ threads fill the masks, each a share of the
+        constrained rows, one per ``rows_per_fill_thread`` rows (default ``default_grammar_threads()``)."""
         self.vocab_size = vocab_size
         self.compiler = GrammarCompilerService(load_tokenizer_info)
         self._compiling: dict[Key, Future] = {}
@@ -94,7 +107,8 @@ class StructuredOutputManager:
         # runtime's threads); on a small machine the same batched calls run on the engine thread instead.
         self.overlap = len(os.sched_getaffinity(0)) >= MIN_CPUS_FOR_GRAMMAR_THREADS
         self._pool: ThreadPoolExecutor | None = None  # the one grammar thread
-        self._filler: Any = None  # xgrammar BatchGrammarMatcher with ``_num_threads`` C++ threads
+        self.rows_per_fill_thread = ROWS_PER_FILL_THREAD
+        self._fillers: dict[int, Any] = {}  # xgrammar BatchGrammarMatchers by their number of C++ threads
         self._saved_switch_interval = sys.getswitchinterval()
         # True: batched xgrammar calls (on the grammar thread when ``overlap``). False: one call per sequence on
         # the engine thread (the reference the batched path is tested against; ``--per-sequence`` in
@@ -266,7 +280,7 @@ class StructuredOutputManager:
         for slot in ended_slots:
             host[slot].fill_(-1)
         if fill_handles:
-            filler = self._batch_filler()
+            filler = self._batch_filler(len(fill_handles))
             if _xgrammar_core() is not None:
                 filler._handle.batch_fill_next_token_bitmask(fill_handles, host, fill_slots, False)
             else:
@@ -345,13 +359,16 @@ class StructuredOutputManager:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-step")
         return self._pool
 
-    def _batch_filler(self) -> Any:
-        """The xgrammar batch filler: one call fills every row on ``grammar_threads`` C++ threads (no GIL)."""
-        if self._filler is None:
+    def _batch_filler(self, num_rows: int) -> Any:
+        """The xgrammar batch filler for ``num_rows`` rows: one call fills them all on ``fill_threads`` C++ threads
+        (no GIL)."""
+        threads = fill_threads(num_rows, self._num_threads, self.rows_per_fill_thread)
+        filler = self._fillers.get(threads)
+        if filler is None:
             import xgrammar as xgr
 
-            self._filler = xgr.BatchGrammarMatcher(max_threads=self._num_threads)
-        return self._filler
+            filler = self._fillers[threads] = xgr.BatchGrammarMatcher(max_threads=threads)
+        return filler
 
     def _next_host_buffer(self, num_rows: int) -> torch.Tensor:
         """The next pinned [max rows, words] int32 buffer, once its previous upload has finished."""

@@ -14,12 +14,15 @@ def test_json_object_pass_and_unconstrained_pass_run_the_same_batches(tmp_path_f
     out = tmp_path_factory.mktemp("results") / "phases.jsonl"
     argv = ["--model", str(model), "--num-requests", "4", "--max-tokens", "8", "--temperature", "0",
             "--repeats", "1", "--grammar-thread", "on", "--fill-threads", "2", "--switch-interval-us", "300",
-            "--json", str(out)]
+            "--rows-per-fill-thread", "0,2", "--json", str(out)]
     assert main(argv) == 0
     record = json.loads(out.read_text())
-    assert record["same_batches"] is True and record["grammar_thread"] is True
+    assert record["grammar_thread"] is True
     assert record["fill_threads"] == 2 and record["switch_interval_us"] == 300
-    constrained, plain = record["json_object"], record["unconstrained_same_lengths"]
+    assert [v["rows_per_fill_thread"] for v in record["variants"]] == [0, 2]
+    variant = record["variants"][1]
+    assert variant["same_batches"] is True
+    constrained, plain = variant["json_object"], variant["unconstrained_same_lengths"]
     assert constrained["steps"] == plain["steps"] > 0 and constrained["rows"] == plain["rows"]
     phases = constrained["wall_ms_per_step"]
     # The grammar's phases exist only in the constrained pass; nested phases are counted once (a phase timed inside
@@ -28,7 +31,7 @@ def test_json_object_pass_and_unconstrained_pass_run_the_same_batches(tmp_path_f
     assert "grammar bitmask (join + upload)" not in plain["wall_ms_per_step"]
     for summary in (phases, plain["wall_ms_per_step"]):
         assert min(summary.values()) >= 0 and summary["other (engine.step glue)"] < summary["step"]
-    assert len(record["ratios"]) == 1 and record["ratios"][0] > 0
+    assert len(variant["ratios"]) == 1 and variant["ratios"][0] > 0
 
 
 def test_w1_workload_takes_its_prompts_lengths_and_temperature():
