@@ -16,7 +16,7 @@ logits and the sampler are CPU compute there (on a GPU they are launches), so "h
     python -m benchmarks.structured_step_phases --model .models/smollm2-135m --device cuda --workload W1
 
 ``--grammar-thread on`` forces the grammar job onto its thread (the engine turns it on with >= 4 CPUs);
-``--fill-threads``, ``--rows-per-fill-thread`` (several values compared in one run) and ``--switch-interval-us`` try
+``--fill-threads`` and ``--variants`` (rows per fill thread and switch interval, several compared in one run) try
 other settings of the grammar job.
 """
 
@@ -205,8 +205,6 @@ def _run(args: argparse.Namespace, model: str) -> dict:
     from core.engine import EngineCore
     from ipc.messages import EngineConfig, SamplingParams, StructuredOutputsParams
 
-    if args.switch_interval_us is not None:
-        manager_module.GRAMMAR_SWITCH_INTERVAL_S = args.switch_interval_us / 1e6
     prompts, max_tokens, temperature = _workload(args)
     max_model_len = max(len(p) + m for p, m in zip(prompts, max_tokens)) + 16
     blocks = sum(-(-(len(p) + m + 16) // 16) for p, m in zip(prompts, max_tokens)) + 16
@@ -227,15 +225,31 @@ def _run(args: argparse.Namespace, model: str) -> dict:
              "warm-plain")
     result: dict = {"device": args.device, "num_requests": len(prompts), "workload": args.workload,
                     "grammar_thread": structured.overlap, "fill_threads": structured._num_threads,
-                    "switch_interval_us": 1e6 * manager_module.GRAMMAR_SWITCH_INTERVAL_S,
                     "async_scheduling": engine.async_scheduling, "variants": []}
-    rows_per_thread = [structured.rows_per_fill_thread] if args.rows_per_fill_thread is None else \
-        [int(v) for v in args.rows_per_fill_thread.split(",")]
-    for rows in rows_per_thread:  # each variant: its own pass pairs (the constrained lengths vary run to run)
-        structured.rows_per_fill_thread = rows
-        variant: dict = {"rows_per_fill_thread": rows, "ratios": []}
+    saved_interval = manager_module.GRAMMAR_SWITCH_INTERVAL_S
+    try:
+        _run_variants(args, engine, prompts, max_tokens, temperature, result)
+    finally:
+        manager_module.GRAMMAR_SWITCH_INTERVAL_S = saved_interval
+        engine.shutdown()
+    return result
+
+
+def _run_variants(args: argparse.Namespace, engine, prompts: list[list[int]], max_tokens: list[int],
+                  temperature: float, result: dict) -> None:
+    import core.structured_output.manager as manager_module
+    from ipc.messages import SamplingParams, StructuredOutputsParams
+
+    structured = engine.structured
+    json_object = StructuredOutputsParams(json_object=True)
+    default = f"{structured.rows_per_fill_thread}:{1e6 * manager_module.GRAMMAR_SWITCH_INTERVAL_S:g}"
+    for spec in (args.variants or default).split(","):  # each variant: its own pass pairs (lengths vary by run)
+        rows, interval_us = spec.split(":")
+        structured.rows_per_fill_thread = int(rows)
+        manager_module.GRAMMAR_SWITCH_INTERVAL_S = float(interval_us) / 1e6
+        variant: dict = {"rows_per_fill_thread": int(rows), "switch_interval_us": float(interval_us), "ratios": []}
         for repeat in range(args.repeats):
-            tag = f"{rows}-{repeat}"
+            tag = f"{spec}-{repeat}"
             constrained = [SamplingParams(temperature=temperature, max_tokens=m, structured_outputs=json_object)
                            for m in max_tokens]
             constrained_pass = run_pass(engine, prompts, constrained, f"json{tag}")
@@ -254,8 +268,6 @@ def _run(args: argparse.Namespace, model: str) -> dict:
             variant["num_closed_at_once"] = sum(n <= 3 for n in lengths)
             variant["same_batches"] = constrained_pass["batch_sizes"] == plain_pass["batch_sizes"]
         result["variants"].append(variant)
-    engine.shutdown()
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,11 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: the engine's (on with >= 4 CPUs)")
     p.add_argument("--fill-threads", type=int, default=None,
                    help="at most this many xgrammar mask-fill threads (default: the engine's)")
-    p.add_argument("--rows-per-fill-thread", default=None, metavar="N[,N...]",
-                   help="one fill thread per N rows (0: always the most); several values: one pass pair each "
-                        "(default: the engine's)")
-    p.add_argument("--switch-interval-us", type=float, default=None,
-                   help="CPython switch interval while a grammar job is in flight (default: the engine's)")
+    p.add_argument("--variants", default=None, metavar="R:S[,R:S...]",
+                   help="grammar job settings to compare, each with its own pass pairs: R rows per fill thread (0: "
+                        "always the most), S the switch interval in us while a job is in flight (default: the "
+                        "engine's, e.g. 64:50; the settings before this branch: 0:200)")
     p.add_argument("--repeats", type=int, default=2, help="report each phase's least over this many pass pairs")
     p.add_argument("--json", default=None, help="append the result as one JSON line here")
     args = p.parse_args(argv)
@@ -288,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         args.num_requests = 128
     result = run(args)
     print(f"{result['num_requests']} requests; grammar thread {'on' if result['grammar_thread'] else 'off'}, up to "
-          f"{result['fill_threads']} fill threads, switch interval {result['switch_interval_us']:.0f} us")
+          f"{result['fill_threads']} fill threads")
     for variant in result["variants"]:
         a, b = variant["json_object"], variant["unconstrained_same_lengths"]
-        print(f"rows per fill thread {variant['rows_per_fill_thread']}: {variant['num_closed_at_once']} requests "
+        print(f"rows per fill thread {variant['rows_per_fill_thread']}, switch interval "
+              f"{variant['switch_interval_us']:g} us: {variant['num_closed_at_once']} requests "
               f"closed their object at once, {a['steps']} decode steps, mean batch {variant['mean_batch']:.1f}, same "
               f"batch every step: {variant['same_batches']}")
         for clock, title in (("wall", "wall"), ("cpu", "engine-thread CPU")):
@@ -304,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name:<44} {x:12.3f} {y:14.3f} {x - y:8.3f}")
     for variant in result["variants"]:
         ratios = ", ".join(f"{100 * (r - 1):.1f}%" for r in variant["ratios"])
-        print(f"rows per fill thread {variant['rows_per_fill_thread']:>4}: json_object decode steps slower than the "
-              f"same batches unconstrained (wall, per repeat): {ratios}")
+        print(f"rows per fill thread {variant['rows_per_fill_thread']:>4}, switch interval "
+              f"{variant['switch_interval_us']:>5g} us: json_object decode steps slower than the same batches "
+              f"unconstrained (wall, per repeat): {ratios}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({**result, "args": vars(args)}) + "\n")

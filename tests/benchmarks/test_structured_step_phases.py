@@ -10,16 +10,19 @@ from tests.frontend.model_files import tiny_llama_dir
 
 
 def test_json_object_pass_and_unconstrained_pass_run_the_same_batches(tmp_path_factory):
+    from core.structured_output import manager
+
+    interval = manager.GRAMMAR_SWITCH_INTERVAL_S
     model = tiny_llama_dir(tmp_path_factory.getbasetemp() / "tiny-llama-step-phases")
     out = tmp_path_factory.mktemp("results") / "phases.jsonl"
     argv = ["--model", str(model), "--num-requests", "4", "--max-tokens", "8", "--temperature", "0",
-            "--repeats", "1", "--grammar-thread", "on", "--fill-threads", "2", "--switch-interval-us", "300",
-            "--rows-per-fill-thread", "0,2", "--json", str(out)]
+            "--repeats", "1", "--grammar-thread", "on", "--fill-threads", "2", "--variants", "0:300,2:50",
+            "--json", str(out)]
     assert main(argv) == 0
     record = json.loads(out.read_text())
     assert record["grammar_thread"] is True
-    assert record["fill_threads"] == 2 and record["switch_interval_us"] == 300
-    assert [v["rows_per_fill_thread"] for v in record["variants"]] == [0, 2]
+    assert record["fill_threads"] == 2
+    assert [(v["rows_per_fill_thread"], v["switch_interval_us"]) for v in record["variants"]] == [(0, 300), (2, 50)]
     variant = record["variants"][1]
     assert variant["same_batches"] is True
     constrained, plain = variant["json_object"], variant["unconstrained_same_lengths"]
@@ -32,6 +35,7 @@ def test_json_object_pass_and_unconstrained_pass_run_the_same_batches(tmp_path_f
     for summary in (phases, plain["wall_ms_per_step"]):
         assert min(summary.values()) >= 0 and summary["other (engine.step glue)"] < summary["step"]
     assert len(variant["ratios"]) == 1 and variant["ratios"][0] > 0
+    assert manager.GRAMMAR_SWITCH_INTERVAL_S == interval  # the variants' settings are put back
 
 
 def test_w1_workload_takes_its_prompts_lengths_and_temperature():
