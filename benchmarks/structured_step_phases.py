@@ -242,7 +242,8 @@ def _run_variants(args: argparse.Namespace, engine, prompts: list[list[int]], ma
 
     structured = engine.structured
     json_object = StructuredOutputsParams(json_object=True)
-    default = f"{structured.rows_per_fill_thread}:{1e6 * manager_module.GRAMMAR_SWITCH_INTERVAL_S:g}"
+    # (An older manager without ``rows_per_fill_thread`` always fills on its most threads: 0.)
+    default = f"{getattr(structured, 'rows_per_fill_thread', 0)}:{1e6 * manager_module.GRAMMAR_SWITCH_INTERVAL_S:g}"
     for spec in (args.variants or default).split(","):  # each variant: its own pass pairs (lengths vary by run)
         rows, interval_us = spec.split(":")
         structured.rows_per_fill_thread = int(rows)
