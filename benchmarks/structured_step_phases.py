@@ -124,6 +124,9 @@ def run_pass(engine, prompts: list[list[int]], params_list: list, tag: str) -> d
     """Run the requests to the end; per phase ms, the batch sizes, and the output lengths."""
     totals: dict[str, float] = collections.defaultdict(float)
     cpu_totals: dict[str, float] = collections.defaultdict(float)
+    # A cold prefix cache for every pass: the prefills (untimed) then take the same steps in both passes, so the
+    # timed decode steps start at the same point with the same batches.
+    engine.reset_prefix_cache()
     for i, (prompt, params) in enumerate(zip(prompts, params_list)):
         engine.add_request(_request(f"{tag}-{i}", prompt, params))
     lengths: dict[str, int] = collections.Counter()
