@@ -22,11 +22,13 @@ On a machine with fewer than ``MIN_CPUS_FOR_GRAMMAR_THREADS`` CPUs the same batc
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -39,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 Key = tuple[str, int]
 
+_key_of = operator.attrgetter("key")  # ``map(_key_of, seqs)``: the keys of a step's rows at C speed
+
 
 def default_grammar_threads() -> int:
     """Half the CPUs this process may use, at most 8: the engine thread keeps the rest."""
@@ -47,10 +51,28 @@ def default_grammar_threads() -> int:
 
 MIN_CPUS_FOR_GRAMMAR_THREADS = 4
 
+# xgrammar starts its fill threads for every call (a thread costs tens of microseconds to start and join, ~60 us seen
+# for a second one on the dev box) while a row's mask takes ~2-4 us to fill, so a fill gets one thread per this many
+# rows (up to the manager's ``_num_threads``): small batches, e.g. the tail of a workload, fill on one thread.
+ROWS_PER_FILL_THREAD = 64
+
+
+def fill_threads(num_rows: int, max_threads: int, rows_per_thread: int = ROWS_PER_FILL_THREAD) -> int:
+    """Threads for a fill of ``num_rows`` masks: one per ``rows_per_thread`` rows, 1 to ``max_threads`` (0 rows per
+    thread: always ``max_threads``)."""
+    if rows_per_thread <= 0:
+        return max_threads
+    return max(1, min(max_threads, -(-num_rows // rows_per_thread)))
+
 # CPython's switch interval while a grammar job is in flight: how long the grammar thread may wait for the GIL
-# (to start, and between its two C++ calls) while the engine thread runs pure Python. The default 5 ms would
-# serialise the job behind the engine's bookkeeping instead of overlapping it.
-GRAMMAR_SWITCH_INTERVAL_S = 0.0002
+# (to start, between its two C++ calls, and to finish) while the engine thread runs pure Python. The default 5 ms
+# would serialise the job behind the engine's bookkeeping instead of overlapping it. A job takes the GIL three
+# times, each after up to one interval, so the interval sets its latency (a job with two GIL-free calls of 0.1 ms
+# each, beside 1 ms of engine Python, done after 1.25 ms at 200 us, 0.84 ms at 50 us), while the engine thread
+# gives the GIL up the same three times whatever the interval (its Python took no longer at 50 us than at 200 us).
+# Below the worker's short GIL-held stretches (tens of microseconds) the two threads would take the GIL back and
+# forth.
+GRAMMAR_SWITCH_INTERVAL_S = 0.00005
 
 
 @dataclass
@@ -58,7 +80,7 @@ class _PreparedMasks:
     """Masks being filled on the grammar thread for one step's sampling sequences."""
 
     seqs: list[Sequence]
-    keys: list[Key] | None  # the keys of ``seqs``, made when ``bitmask`` is asked with another list than ``seqs``
+    keys: list[Key]  # the keys of ``seqs``: ``bitmask`` may be asked with another list of the same sequences
     rows: list[int]  # the constrained rows among ``seqs``
     host: torch.Tensor
     jobs: list[Future]
@@ -67,12 +89,16 @@ class _PreparedMasks:
 class StructuredOutputManager:
     def __init__(self, load_tokenizer_info: Callable[[], Any], vocab_size: int, max_num_seqs: int,
                  grammar_threads: int | None = None) -> None:
-        """``grammar_threads``: xgrammar's C++ threads that fill the masks, each a share of the constrained rows
-        (default ``default_grammar_threads()``)."""
+        """``grammar_threads``: at most this many xgrammar C++ threads fill the masks, each a share of the
+        constrained rows, one per ``rows_per_fill_thread`` rows (default ``default_grammar_threads()``)."""
         self.vocab_size = vocab_size
         self.compiler = GrammarCompilerService(load_tokenizer_info)
         self._compiling: dict[Key, Future] = {}
         self._matchers: dict[Key, Any] = {}
+        # What the batched xgrammar calls take for each matcher: its core handle (the calls then skip xgrammar's
+        # Python wrappers, which rebuild the handle list row by row holding the GIL on the grammar thread), or the
+        # matcher itself where xgrammar has no core binding for them.
+        self._handles: dict[Key, Any] = {}
         # Sequences whose matcher accepted a stop token (it terminates exactly then: matchers are made without
         # ``terminate_without_stop_token``). Kept here so a step asks no matcher ``is_terminated()``: a row in it
         # allows anything (ignore_eos, or finished while the step was in flight) and accepts nothing more.
@@ -86,7 +112,8 @@ class StructuredOutputManager:
         # runtime's threads); on a small machine the same batched calls run on the engine thread instead.
         self.overlap = len(os.sched_getaffinity(0)) >= MIN_CPUS_FOR_GRAMMAR_THREADS
         self._pool: ThreadPoolExecutor | None = None  # the one grammar thread
-        self._filler: Any = None  # xgrammar BatchGrammarMatcher with ``_num_threads`` C++ threads
+        self.rows_per_fill_thread = ROWS_PER_FILL_THREAD
+        self._fillers: dict[int, Any] = {}  # xgrammar BatchGrammarMatchers by their number of C++ threads
         self._saved_switch_interval = sys.getswitchinterval()
         # True: batched xgrammar calls (on the grammar thread when ``overlap``). False: one call per sequence on
         # the engine thread (the reference the batched path is tested against; ``--per-sequence`` in
@@ -130,6 +157,7 @@ class StructuredOutputManager:
         if matcher.is_terminated():
             self._ended.add(seq.key)
         self._matchers[seq.key] = matcher
+        self._handles[seq.key] = matcher._handle if _xgrammar_core() is not None else matcher
         return False
 
     @property
@@ -149,6 +177,7 @@ class StructuredOutputManager:
     def remove(self, key: Key) -> None:
         self._compiling.pop(key, None)
         self._matchers.pop(key, None)
+        self._handles.pop(key, None)
         self._ended.discard(key)
 
     # ------------------------------------------------------------------------------------------------ step
@@ -169,79 +198,98 @@ class StructuredOutputManager:
             return
         # Accepted first (sequences not sampling this step too: finished, or not scheduled), so that a stop token
         # accepted now marks its row ended before the rows to fill are picked.
-        accept_keys, accept_matchers, accept_tokens = self._to_accept(accepted_seqs, accepted_tokens)
-        rows, fill_matchers, fill_slots, ended_slots = self._rows_to_fill(seqs)
-        if not rows and not accept_matchers:
+        accept_keys, accept_handles, accept_tokens = self._to_accept(accepted_seqs, accepted_tokens)
+        keys = list(map(_key_of, seqs))
+        rows, fill_handles, fill_slots, ended_slots = self._rows_to_fill(keys)
+        if not rows and not accept_handles:
             return
         host = self._next_host_buffer(len(rows))
         self._saved_switch_interval = sys.getswitchinterval()  # restored by ``_finish_prepared``
         sys.setswitchinterval(GRAMMAR_SWITCH_INTERVAL_S)  # before the job exists: its first hand-off needs it too
         try:
-            job = self._grammar_pool().submit(self._accept_and_fill, accept_keys, accept_matchers, accept_tokens,
-                                              fill_matchers, fill_slots, ended_slots, host)
+            job = self._grammar_pool().submit(self._accept_and_fill, accept_keys, accept_handles, accept_tokens,
+                                              fill_handles, fill_slots, ended_slots, host)
         except BaseException:
             sys.setswitchinterval(self._saved_switch_interval)
             raise
-        self._prepared = _PreparedMasks(seqs, None, rows, host, [job])
+        self._prepared = _PreparedMasks(seqs, keys, rows, host, [job])
 
     def _to_accept(self, seqs: list[Sequence], tokens: list[int]) -> tuple[list[Key], list[Any], list[int]]:
-        """The keys and live matchers among ``seqs``, with their tokens; those whose token is a stop token are
-        marked ended (accepting it terminates them; ``_accepted`` corrects a rejected one)."""
-        matchers, ended, stop = self._matchers, self._ended, self._stop_token_ids
-        accept_keys, accept_matchers, accept_tokens = [], [], []
-        for seq, token in zip(seqs, tokens):
-            key = seq.key
-            matcher = matchers.get(key)
-            if matcher is not None and key not in ended:
+        """The keys and live matchers (their ``_handles``) among ``seqs``, with their tokens; those whose token is a
+        stop token are marked ended (accepting it terminates them; ``_accepted`` corrects a rejected one).
+
+        A step whose every row is constrained and live (the steady state of a constrained batch) takes no per-row
+        Python: the keys and handles are gathered with ``map`` and the ended / stop-token checks are set
+        operations."""
+        keys = list(map(_key_of, seqs))
+        handles = list(map(self._handles.get, keys))
+        ended, stop = self._ended, self._stop_token_ids
+        if not _has_none(handles) and (not ended or ended.isdisjoint(keys)):
+            if not stop.isdisjoint(tokens):
+                ended.update(key for key, token in zip(keys, tokens) if token in stop)
+            return keys, handles, list(tokens)
+        accept_keys, accept_handles, accept_tokens = [], [], []
+        for key, handle, token in zip(keys, handles, tokens):
+            if handle is not None and key not in ended:
                 accept_keys.append(key)
-                accept_matchers.append(matcher)
+                accept_handles.append(handle)
                 accept_tokens.append(token)
                 if token in stop:
                     ended.add(key)
-        return accept_keys, accept_matchers, accept_tokens
+        return accept_keys, accept_handles, accept_tokens
 
-    def _accepted(self, keys: list[Key], matchers: list[Any], tokens: list[int], ok: list[bool]) -> None:
+    def _accepted(self, keys: list[Key], handles: list[Any], tokens: list[int], ok: list[bool]) -> None:
         """Log rejected tokens (the mask and the sampler disagree: a bug); a rejected stop token did not end its
         sequence's grammar."""
         if all(ok):
             return
         _check_accepted(ok, tokens)
-        for key, matcher, token, good in zip(keys, matchers, tokens, ok):
-            if not good and token in self._stop_token_ids and not matcher.is_terminated():
+        for key, handle, token, good in zip(keys, handles, tokens, ok):
+            if not good and token in self._stop_token_ids and not handle.is_terminated():
                 self._ended.discard(key)
 
-    def _rows_to_fill(self, seqs: list[Sequence]) -> tuple[list[int], list[Any], list[int], list[int]]:
-        """(constrained rows of ``seqs``, the live matchers to fill and their slots in the step's mask, the slots
-        of ended rows)."""
-        matchers, ended = self._matchers, self._ended
-        rows, fill_matchers, fill_slots, ended_slots = [], [], [], []
-        for i, seq in enumerate(seqs):
-            matcher = matchers.get(seq.key)
-            if matcher is not None:
-                if seq.key in ended:
+    def _rows_to_fill(self, keys: list[Key]) -> tuple[list[int], list[Any], list[int] | None, list[int]]:
+        """For a step's rows (their ``keys``): (its constrained rows, the live matchers' handles to fill and their
+        slots in the step's mask (None: slots 0..n-1), the slots of ended rows). Every row constrained and live:
+        no per-row Python (see ``_to_accept``)."""
+        handles = list(map(self._handles.get, keys))
+        ended = self._ended
+        if not _has_none(handles) and (not ended or ended.isdisjoint(keys)):
+            return list(range(len(keys))), handles, None, []
+        rows, fill_handles, fill_slots, ended_slots = [], [], [], []
+        for i, (key, handle) in enumerate(zip(keys, handles)):
+            if handle is not None:
+                if key in ended:
                     ended_slots.append(len(rows))
                 else:
                     fill_slots.append(len(rows))
-                    fill_matchers.append(matcher)
+                    fill_handles.append(handle)
                 rows.append(i)
-        return rows, fill_matchers, fill_slots, ended_slots
+        # Slots 0..n-1 (no ended row) go as None: xgrammar converts an index list element by element, holding the
+        # GIL on the grammar thread.
+        if fill_slots and fill_slots[-1] == len(fill_slots) - 1:
+            fill_slots = None
+        return rows, fill_handles, fill_slots, ended_slots
 
-    def _accept_and_fill(self, accept_keys: list[Key], accept_matchers: list[Any], accept_tokens: list[int],
-                         fill_matchers: list[Any], fill_slots: list[int], ended_slots: list[int],
+    def _accept_and_fill(self, accept_keys: list[Key], accept_handles: list[Any], accept_tokens: list[int],
+                         fill_handles: list[Any], fill_slots: list[int] | None, ended_slots: list[int],
                          host: torch.Tensor) -> None:
-        """Accept the tokens (one batched call), then fill ``host[fill_slots[i]]`` for ``fill_matchers[i]`` (one
-        call on xgrammar's threads). Ended rows (past the grammar's end) allow anything."""
-        if accept_matchers:
-            ok = batch_accept_token(accept_matchers, accept_tokens)
+        """Accept the tokens (one batched call), then fill ``host[fill_slots[i]]`` (``host[i]`` when None) for
+        ``fill_handles[i]`` (one call on xgrammar's threads). Ended rows (past the grammar's end) allow anything.
+        Both calls release the GIL; what runs here around them holds it, so it is kept to a few operations (no
+        per-row Python: the engine thread built every list)."""
+        if accept_handles:
+            ok = _batch_accept_handles(accept_handles, accept_tokens)
             if ok is not None:  # some token was rejected
-                self._accepted(accept_keys, accept_matchers, accept_tokens, ok)
+                self._accepted(accept_keys, accept_handles, accept_tokens, ok)
         for slot in ended_slots:
             host[slot].fill_(-1)
-        if fill_matchers:
-            # Slots 0..n-1 (no ended row) go as None: xgrammar converts an index list element by element, holding
-            # the GIL.
-            contiguous = fill_slots[-1] == len(fill_slots) - 1
-            self._batch_filler().batch_fill_next_token_bitmask(fill_matchers, host, None if contiguous else fill_slots)
+        if fill_handles:
+            filler = self._batch_filler(len(fill_handles))
+            if _xgrammar_core() is not None:
+                filler._handle.batch_fill_next_token_bitmask(fill_handles, host, fill_slots, False)
+            else:
+                filler.batch_fill_next_token_bitmask(fill_handles, host, fill_slots)
 
     def bitmask(
         self, seqs: list[Sequence], device: torch.device, batch_rows: list[int] | None = None
@@ -272,12 +320,12 @@ class StructuredOutputManager:
         return self._arange[:num_rows]
 
     def _fill_now(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
-        rows, fill_matchers, fill_slots, ended_slots = self._rows_to_fill(seqs)
+        rows, fill_handles, fill_slots, ended_slots = self._rows_to_fill(list(map(_key_of, seqs)))
         if not rows:
             return rows, None
         host = self._next_host_buffer(len(rows))
         if self.batched:
-            self._accept_and_fill([], [], [], fill_matchers, fill_slots, ended_slots, host)
+            self._accept_and_fill([], [], [], fill_handles, fill_slots, ended_slots, host)
         else:  # the reference: one call per sequence, asking each matcher whether it ended
             for slot, i in enumerate(rows):
                 matcher = self._matchers[seqs[i].key]
@@ -301,13 +349,14 @@ class StructuredOutputManager:
         """Advance the matchers of ``seqs`` (constrained or not: the others are skipped) with their sampled tokens,
         now, on this thread."""
         self._finish_prepared()
-        keys, matchers, accept_tokens = self._to_accept(seqs, tokens)
-        if not matchers:
+        keys, handles, accept_tokens = self._to_accept(seqs, tokens)
+        if not handles:
             return
         if self.batched:
-            self._accept_and_fill(keys, matchers, accept_tokens, [], [], [], torch.empty(0))
+            self._accept_and_fill(keys, handles, accept_tokens, [], None, [], torch.empty(0))
         else:
-            self._accepted(keys, matchers, accept_tokens,
+            matchers = [self._matchers[key] for key in keys]
+            self._accepted(keys, handles, accept_tokens,
                            [m.accept_token(t) for m, t in zip(matchers, accept_tokens)])
 
     def _grammar_pool(self) -> ThreadPoolExecutor:
@@ -315,13 +364,16 @@ class StructuredOutputManager:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-step")
         return self._pool
 
-    def _batch_filler(self) -> Any:
-        """The xgrammar batch filler: one call fills every row on ``grammar_threads`` C++ threads (no GIL)."""
-        if self._filler is None:
+    def _batch_filler(self, num_rows: int) -> Any:
+        """The xgrammar batch filler for ``num_rows`` rows: one call fills them all on ``fill_threads`` C++ threads
+        (no GIL)."""
+        threads = fill_threads(num_rows, self._num_threads, self.rows_per_fill_thread)
+        filler = self._fillers.get(threads)
+        if filler is None:
             import xgrammar as xgr
 
-            self._filler = xgr.BatchGrammarMatcher(max_threads=self._num_threads)
-        return self._filler
+            filler = self._fillers[threads] = xgr.BatchGrammarMatcher(max_threads=threads)
+        return filler
 
     def _next_host_buffer(self, num_rows: int) -> torch.Tensor:
         """The next pinned [max rows, words] int32 buffer, once its previous upload has finished."""
@@ -360,13 +412,12 @@ class StructuredOutputManager:
 def _same_sequences(prepared: _PreparedMasks, seqs: list[Any]) -> bool:
     """Whether ``seqs`` are the sequences ``prepared`` was filled for, in the same order: the same list, or (the engine
     starts the job from the scheduler's sequences, the runner asks with its own) the same keys."""
-    if prepared.seqs is seqs:
-        return True
-    if len(prepared.seqs) != len(seqs):
-        return False
-    if prepared.keys is None:
-        prepared.keys = [seq.key for seq in prepared.seqs]
-    return prepared.keys == [seq.key for seq in seqs]
+    return prepared.seqs is seqs or (len(prepared.seqs) == len(seqs) and list(map(_key_of, seqs)) == prepared.keys)
+
+
+def _has_none(values: list[Any]) -> bool:
+    """``None in values`` by identity (no ``__eq__`` call per element)."""
+    return any(map(operator.is_, values, repeat(None)))
 
 
 def batch_accept_token(matchers: list[Any], tokens: list[int]) -> list[bool] | None:
@@ -376,13 +427,21 @@ def batch_accept_token(matchers: list[Any], tokens: list[int]) -> list[bool] | N
     xgrammar's ``BatchGrammarMatcher.batch_accept_token`` converts its result to a list of bools element by element
     through its FFI array (about 0.5 us a row, ~120 us at 256 rows, holding the GIL that the engine thread needs);
     its core binding's result answers ``0 in result`` in C (~1 us), so that one is called when present."""
-    import xgrammar as xgr
+    if _xgrammar_core() is not None:
+        return _batch_accept_handles([m._handle for m in matchers], tokens)
+    return _batch_accept_handles(matchers, tokens)
 
+
+def _batch_accept_handles(handles: list[Any], tokens: list[int]) -> list[bool] | None:
+    """``batch_accept_token`` on the manager's ``_handles`` (core handles, or the matchers without the core
+    binding)."""
     core = _xgrammar_core()
     if core is None:
-        ok = xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
+        import xgrammar as xgr
+
+        ok = xgr.BatchGrammarMatcher.batch_accept_token(handles, tokens)
         return None if all(ok) else ok
-    result = core.BatchGrammarMatcher.batch_accept_token([m._handle for m in matchers], tokens, False)
+    result = core.BatchGrammarMatcher.batch_accept_token(handles, tokens, False)
     if 0 not in result:
         return None
     return [bool(ok) for ok in result]
@@ -392,12 +451,15 @@ _XGRAMMAR_CORE: list[Any] = []
 
 
 def _xgrammar_core() -> Any:
-    """xgrammar's core bindings when they have the batched accept this module calls (checked once), else None."""
+    """xgrammar's core bindings when they have the batched accept and fill this module calls with matcher handles
+    (checked once), else None (then the public wrappers are called with the matchers)."""
     if not _XGRAMMAR_CORE:
         from xgrammar import base
 
         core = getattr(base, "_core", None)
-        usable = callable(getattr(getattr(core, "BatchGrammarMatcher", None), "batch_accept_token", None))
+        batch = getattr(core, "BatchGrammarMatcher", None)
+        usable = callable(getattr(batch, "batch_accept_token", None)) and \
+            callable(getattr(batch, "batch_fill_next_token_bitmask", None))
         _XGRAMMAR_CORE.append(core if usable else None)
     return _XGRAMMAR_CORE[0]
 

@@ -41,3 +41,33 @@ def test_batch_accept_token_matches_the_public_api(monkeypatch, use_core):
     assert _masks(ours) == _masks(reference)
     assert batch_accept_token(ours[:2], [5, 2]) is None  # the stop token ends "ab"; "ac" goes on with "c"
     assert ours[0].is_terminated() and not ours[1].is_terminated()
+
+
+def test_fill_threads_grow_with_the_rows_up_to_the_maximum():
+    from core.structured_output.manager import fill_threads
+
+    assert [fill_threads(n, 8, 64) for n in (1, 64, 65, 162, 256, 512, 4096)] == [1, 1, 2, 3, 4, 8, 8]
+    assert fill_threads(16, 8, 0) == 8  # 0 rows per thread: always the maximum (xgrammar's own split)
+    assert fill_threads(300, 1, 64) == 1
+
+
+def test_a_fill_split_over_threads_gives_the_masks_of_one_thread():
+    """The manager's filler for many rows (several C++ threads) writes exactly the masks one thread writes."""
+    import torch
+
+    from core.structured_output.manager import StructuredOutputManager
+
+    info = xgr.TokenizerInfo(VOCAB, stop_token_ids=[5])
+    grammar = xgr.GrammarCompiler(info).compile_regex(r"(ab|ac)c*")
+    matchers = [xgr.GrammarMatcher(grammar) for _ in range(130)]
+    for i, matcher in enumerate(matchers):  # three states: start, after "a", after "ab"
+        for token in [0, 1][: i % 3]:
+            assert matcher.accept_token(token)
+    manager = StructuredOutputManager(lambda: info, len(VOCAB), 130, grammar_threads=4)
+    manager.rows_per_fill_thread = 32
+    split = torch.zeros(130, 1, dtype=torch.int32)
+    manager._batch_filler(130).batch_fill_next_token_bitmask(matchers, split)
+    assert sorted(manager._fillers) == [4]
+    one = torch.zeros(130, 1, dtype=torch.int32)
+    xgr.BatchGrammarMatcher(max_threads=1).batch_fill_next_token_bitmask(matchers, one)
+    assert torch.equal(split, one) and len({tuple(row.tolist()) for row in one}) == 3
