@@ -80,26 +80,43 @@ def test_ngram_proposes_continuation_of_longest_match():
     assert proposer.propose([(("a", 0), a2), (("e", 0), [3, 3])]) == [[9, 10, 5], [3]]
 
 
+@pytest.mark.parametrize("occurrence", ["latest", "first"])
 @pytest.mark.parametrize("nmin,nmax,k", [(1, 3, 3), (2, 4, 5), (3, 3, 2)])
-def test_ngram_small_batch_index_matches_batched_search(nmin, nmax, k):
+def test_ngram_small_batch_index_matches_batched_search(nmin, nmax, k, occurrence):
     """The per-sequence incremental index (small batches) proposes exactly what the batched numpy search does, as
     sequences grow by several tokens per step and the batch size crosses the small-batch threshold both ways."""
     from core.spec_decode import ngram
 
     rng = np.random.default_rng(nmin * 10 + nmax)
     seqs = [(("s", i), rng.integers(0, 6, int(rng.integers(1, 30))).tolist()) for i in range(ngram.SMALL_BATCH + 3)]
-    proposer = NgramProposer(k, nmin, nmax, max_num_seqs=len(seqs), max_model_len=512)
+    proposer = NgramProposer(k, nmin, nmax, max_num_seqs=len(seqs), max_model_len=512, occurrence=occurrence)
+    first = occurrence == "first"
     proposed_small = 0
     for step in range(40):
         size = 1 + step % len(seqs) if step % 3 else len(seqs)
         batch = seqs[:size]
-        expected = [ngram.propose_batch(np.array([t + [0] * (512 - len(t))]), np.array([len(t)]), k, nmin, nmax)[0]
-                    for _, t in batch]
+        expected = [ngram.propose_batch(np.array([t + [0] * (512 - len(t))]), np.array([len(t)]), k, nmin, nmax,
+                                        first=first)[0] for _, t in batch]
         assert proposer.propose(batch) == expected, step
         proposed_small += size <= ngram.SMALL_BATCH and any(expected)
         for _, tokens in seqs:
             tokens.extend(rng.integers(0, 6, int(rng.integers(1, k + 2))).tolist())
     assert proposed_small > 5  # the index path ran and found matches
+
+
+def test_ngram_occurrence_latest_or_first():
+    """Several earlier occurrences of the matched n-gram: the latest proposes by default, the earliest with
+    occurrence="first" (vLLM's choice), on both the small-batch index and the batched search."""
+    from core.spec_decode import ngram
+
+    tokens = [1, 2, 3, 9, 1, 2, 4, 9, 1, 2]  # "1 2" ends at 2 (-> 3 9 ...) and at 6 (-> 4 9 ...)
+    for occurrence, want in (("latest", [4, 9, 1]), ("first", [3, 9, 1])):
+        proposer = NgramProposer(3, 2, 2, max_num_seqs=1, max_model_len=32, occurrence=occurrence)
+        assert proposer.propose([(("a", 0), tokens)]) == [want]
+        assert ngram.propose_batch(np.array([tokens]), np.array([len(tokens)]), 3, 2, 2,
+                                   first=occurrence == "first") == [want]
+        grown = tokens + [5, 1, 2]  # incremental: a third occurrence ending at 11 (-> 5 1 2)
+        assert proposer.propose([(("a", 0), grown)]) == [[5, 1, 2] if occurrence == "latest" else [3, 9, 1]]
 
 
 def test_ngram_respects_min_length():
