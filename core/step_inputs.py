@@ -47,17 +47,29 @@ class _SeqLayout:
         return self.bt + num_seqs * self.max_blocks
 
 
+def _packed_layout(max_tokens: int, layout: _SeqLayout) -> tuple[int, int]:
+    """(token capacity, bytes) of the packed staging buffer: token ids, positions and slot mapping (int64, each of the
+    capacity, a multiple of 16 so that every part starts on a 128-byte boundary), then the per-sequence block."""
+    capacity = -(-max_tokens // 16) * 16
+    return capacity, 3 * capacity * 8 + layout.total * 4
+
+
+def _packed_views(packed: torch.Tensor, capacity: int, layout: _SeqLayout
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token ids, positions, slot mapping, per-sequence block) views of a packed byte buffer."""
+    part = capacity * 8
+    return (packed[:part].view(torch.int64), packed[part : 2 * part].view(torch.int64),
+            packed[2 * part : 3 * part].view(torch.int64), packed[3 * part :].view(torch.int32))  # fmt: skip
+
+
 class _HostStaging:
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool) -> None:
-        def alloc(shape, dtype):
-            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-            return host, host.numpy()
-
-        self.ids, self.ids_np = alloc(max_tokens, torch.int64)
-        self.pos, self.pos_np = alloc(max_tokens, torch.int64)
-        self.slot, self.slot_np = alloc(max_tokens, torch.int64)
         layout = _SeqLayout(max_seqs, max_blocks)
-        self.per_seq, _ = alloc(layout.total, torch.int32)
+        capacity, num_bytes = _packed_layout(max_tokens, layout)
+        # One buffer for every input (see StepInputs._upload: one copy per step on CUDA).
+        self.packed = torch.zeros(num_bytes, dtype=torch.uint8, pin_memory=pin)
+        self.ids, self.pos, self.slot, self.per_seq = _packed_views(self.packed, capacity, layout)
+        self.ids_np, self.pos_np, self.slot_np = self.ids.numpy(), self.pos.numpy(), self.slot.numpy()
         self.seq, self.qsl, self.order, self.bt = layout.views(self.per_seq)
         self.seq_np, self.qsl_np, self.order_np, self.bt_np = (t.numpy() for t in (self.seq, self.qsl, self.order,
                                                                                     self.bt))
@@ -75,14 +87,17 @@ class StepInputs:
         self._views: dict[tuple[int, int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._metas: dict[tuple[int, int, int, int], AttentionMetadata] = {}
 
-        def zeros(shape, dtype):
-            return torch.zeros(shape, dtype=dtype, device=device)
-
-        self.input_ids = zeros(max_tokens, torch.int64)
-        self.positions = zeros(max_tokens, torch.int64)
-        self.slot_mapping = zeros(max_tokens, torch.int64)
         self._layout = _SeqLayout(max_seqs, max_blocks)
-        self._per_seq = zeros(self._layout.total, torch.int32)
+        self._capacity, num_bytes = _packed_layout(max_tokens, self._layout)
+        # The device buffers are views of one packed buffer laid out as the host's, so that on CUDA a step uploads
+        # its inputs with a single copy: the packed prefix up to its last block-table row (the token arrays whole,
+        # ``3 * 8 * capacity`` bytes, a few microseconds of copy engine) instead of four copies of the parts it uses.
+        # Each copy of pinned memory costs the host a copy call and a caching-allocator event record, on a
+        # speculative step's critical path. On CPU the four prefix copies stay: copying bytes is all they cost.
+        self.single_copy = pin
+        self._packed = torch.zeros(num_bytes, dtype=torch.uint8, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self._per_seq = _packed_views(
+            self._packed, self._capacity, self._layout)
         # decode_order: decode attention's launch order, longest context first (read by decode and verify steps)
         self.seq_lens, self.query_start_loc, self.decode_order, self.block_tables = self._layout.views(self._per_seq)
 
@@ -170,14 +185,18 @@ class StepInputs:
 
     def _copy_views(self, num_tokens: int, num_seqs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(device, host) slice pairs of the current host buffer for a step's sizes, made once per sizes: slicing is
-        a dispatcher call per tensor, a dict lookup is not. Four copies: the three token arrays and the per-sequence
-        block (see ``_SeqLayout``)."""
-        key = (self._turn, num_tokens, num_seqs)
+        a dispatcher call per tensor, a dict lookup is not. With ``single_copy``, one: the packed prefix through the
+        step's block-table rows; else four: the three token arrays and the per-sequence block (see ``_SeqLayout``)."""
+        key = (self._turn, 0 if self.single_copy else num_tokens, num_seqs)
         views = self._views.get(key)
         if views is None:
             if len(self._views) >= 4096:  # bounded: token counts of prefill steps vary freely
                 self._views.clear()
             h = self.host
+            if self.single_copy:
+                end = 3 * 8 * self._capacity + 4 * self._layout.used(num_seqs)
+                views = self._views[key] = [(self._packed[:end], h.packed[:end])]
+                return views
             views = self._views[key] = [
                 (dst[:n], src[:n]) for src, dst, n in (
                     (h.ids, self.input_ids, num_tokens), (h.pos, self.positions, num_tokens),
