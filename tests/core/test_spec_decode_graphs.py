@@ -59,7 +59,7 @@ def test_verify_graph_sizes_and_rows():
     assert rows.tolist() == [0, 1, 2, 3, 4, 8, 9, 10]
 
 
-@pytest.mark.parametrize("k, max_num_seqs, logprobs", [(5, 16, 1), (3, 4, 1), (3, 4, None)])
+@pytest.mark.parametrize("k, max_num_seqs, logprobs", [(5, 16, 1), (3, 4, 1), (3, 4, None), (15, 4, None)])
 def test_padded_verify_layout_is_lossless(models_dir, k, max_num_seqs, logprobs):
     """Verify steps through the graph layout (padded batch and token rows), mixed with eager steps (prefill chunks
     beside verifies, more sequences than max_num_seqs so requests join as others finish): the tokens and logprobs
@@ -87,7 +87,7 @@ def test_padded_verify_layout_is_lossless(models_dir, k, max_num_seqs, logprobs)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("k", [3, 5, 15])  # 15: 16 query rows, the most a decode-sized GEMM takes (W6's k at c=1)
 def test_verify_graphs_match_eager_on_gpu(models_dir, k):
     """fp32 tiny model on the GPU: captured verify graphs (and decode graphs) give the tokens of eager execution."""
     path = make_tiny_model(models_dir, "qwen3", 0)
