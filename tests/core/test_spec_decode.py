@@ -284,6 +284,47 @@ def test_overlapped_steps_stay_in_flight_and_aborts_free_everything(models_dir):
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1  # no leaked block
 
 
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True),  # the fast greedy path
+    SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=1, min_tokens=3),  # the sampler's
+])
+def test_run_ahead_after_draftless_steps_is_lossless(models_dir, params):
+    """With overlap_outputs and n-gram drafts, a step without drafts lets the next one launch before its tokens are
+    read (EngineCore._step_run_ahead; the next step takes them on the device): same tokens and logprobs as without
+    speculation, drafts still accepted, no block leaked, under preemption too; off (speculative_run_ahead=False),
+    no step runs ahead."""
+    path = make_tiny_model(models_dir, "llama", 0)
+    rng = random.Random(9)
+    prompts = repeating_prompts(path, 3) + [[rng.randrange(2, VOCAB) for _ in range(n)] for n in (7, 20)]
+    # one sequence at a time (W6's concurrency 1): steps without drafts between verifying ones; then a batch
+    # under preemption
+    for kwargs in (dict(max_num_seqs=1), dict(max_num_seqs=4, num_gpu_blocks_override=14, max_model_len=160)):
+        reference = run_engine(make_engine(path, **kwargs), prompts, params)
+        for run_ahead in (None, False):
+            engine = make_engine(path, speculative_config=NGRAM, async_scheduling=True,
+                                 speculative_run_ahead=run_ahead, **kwargs)
+            assert engine.overlap_outputs and engine.run_ahead == (run_ahead is None)
+            calls = []
+            step_run_ahead = engine._step_run_ahead
+            engine._step_run_ahead = lambda *a: calls.append(1) or step_run_ahead(*a)
+            got = run_engine(engine, prompts, params)
+            for key in reference:
+                assert got[key]["tokens"] == reference[key]["tokens"], (key, kwargs, run_ahead)
+                for ours, theirs in zip(got[key]["logprobs"], reference[key]["logprobs"]):
+                    assert all(ours[t] == pytest.approx(theirs[t], abs=1e-4) for t in ours)
+            assert (len(calls) > 10) if run_ahead is None else not calls
+            assert engine.get_stats()["spec_num_accepted_tokens"] > 0
+            assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1  # no leaked block
+            if "num_gpu_blocks_override" in kwargs:
+                assert engine.scheduler.total_preemptions > 0
+
+
+def test_run_ahead_asked_where_it_cannot_apply_fails_at_startup(models_dir):
+    path = make_tiny_model(models_dir, "llama", 0)
+    with pytest.raises(ValueError, match="speculative_run_ahead needs n-gram speculation"):
+        make_engine(path, speculative_config=NGRAM, speculative_run_ahead=True)  # CPU: async scheduling not wanted
+
+
 def test_prefix_cache_shared_prompt_and_n2(models_dir):
     """Two requests with the same prompt (the second hits the first's cached blocks) and n = 2 seeded sampling
     (reproducible with the same seeds), greedy n = 2 identical to without speculation."""
