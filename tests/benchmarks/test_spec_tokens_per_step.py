@@ -22,6 +22,21 @@ def test_replay_counts_steps_drafts_and_acceptance():
     assert r2["decode_steps"] == 3 and r2["drafted_share"] == 2 / 3 and r2["decode_tokens"] == 7
 
 
+def test_replay_with_run_ahead():
+    """ra=1: while a step without drafts is in flight and the last read proposed nothing, the next step launches
+    first (one token), and the read one token behind decides whether to wait before the following launch."""
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12]
+    rows = [{"id": "a", "prompt_token_ids": prompt, "output_token_ids": [1, 2] + prompt}]  # 2 new tokens, then a copy
+    serial = tool.replay(tool.ProposerConfig.parse("k=3,min=2,max=2"), rows, max_tokens=10)
+    ahead = tool.replay(tool.ProposerConfig.parse("k=3,min=2,max=2,ra=1"), rows, max_tokens=10)
+    assert serial["run_ahead_steps"] == 0 and ahead["run_ahead_steps"] > 0
+    assert serial["decode_tokens"] == ahead["decode_tokens"] == 9
+    # the 2-gram "5 6" matches once 6 is out: serial verifies its drafts in the next step, run-ahead one step later
+    # (that step ran ahead before 6 was read)
+    assert serial["decode_steps"] < ahead["decode_steps"]
+    assert ahead["num_accepted_tokens"] <= serial["num_accepted_tokens"]
+
+
 def test_tool_matches_engine_on_tiny_model(tmp_path, capsys):
     model = tiny_llama_dir(tmp_path / "tiny-llama")
     outputs = tmp_path / "outputs.json"
@@ -38,3 +53,9 @@ def test_tool_matches_engine_on_tiny_model(tmp_path, capsys):
     assert rows[0]["num_drafts"] > 0  # 1-gram drafts: the engine's counters were compared on real verifications
     printed = capsys.readouterr().out
     assert "check (k=3,min=1,max=3, 2 prompts, engine vs replay)" in printed
+    # the engine's run-ahead (async scheduling forced on, CPU) against the replay's model of it
+    assert tool.main(["--model", str(model), "--outputs", str(outputs), "--subset", "all", "--num-prompts", "2",
+                      "--max-tokens", "40", "--configs", "k=3,min=1,max=3,ra=1", "--check", "2",
+                      "--json", str(out)]) == 0
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["run_ahead_steps"] > 0
