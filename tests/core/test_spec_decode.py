@@ -325,22 +325,24 @@ def test_run_ahead_asked_where_it_cannot_apply_fails_at_startup(models_dir):
         make_engine(path, speculative_config=NGRAM, speculative_run_ahead=True)  # CPU: async scheduling not wanted
 
 
-def test_prefix_cache_shared_prompt_and_n2(models_dir):
+@pytest.mark.parametrize("overlap", [False, True])  # True: overlap_outputs, run-ahead after draftless steps
+def test_prefix_cache_shared_prompt_and_n2(models_dir, overlap):
     """Two requests with the same prompt (the second hits the first's cached blocks) and n = 2 seeded sampling
     (reproducible with the same seeds), greedy n = 2 identical to without speculation."""
+    spec_args = dict(speculative_config=NGRAM, async_scheduling=True) if overlap else dict(speculative_config=NGRAM)
     path = make_tiny_model(models_dir, "llama", 0)
     prompts = repeating_prompts(path, 2)[:2]
     prompts = [prompts[0], prompts[0], prompts[1]]
     greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, n=2)
     reference = run_engine(make_engine(path), prompts, greedy)
-    engine = make_engine(path, speculative_config=NGRAM)
+    engine = make_engine(path, **spec_args)
     got = run_engine(engine, prompts, greedy)
     assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in reference.items()}
     assert engine.get_stats()["prefix_cache_hits"] > 0
     seeded = SamplingParams(temperature=0.8, max_tokens=40, ignore_eos=True, n=2, seed=11, top_k=20,
                             presence_penalty=0.5, repetition_penalty=1.1, logprobs=1)
-    first = run_engine(make_engine(path, speculative_config=NGRAM), prompts, seeded)
-    again = run_engine(make_engine(path, speculative_config=NGRAM), list(reversed(prompts)), seeded)
+    first = run_engine(make_engine(path, **spec_args), prompts, seeded)
+    again = run_engine(make_engine(path, **spec_args), list(reversed(prompts)), seeded)
     for i in range(3):
         for index in range(2):
             assert first[(i, index)]["tokens"] == again[(2 - i, index)]["tokens"]
@@ -348,7 +350,8 @@ def test_prefix_cache_shared_prompt_and_n2(models_dir):
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
 
 
-def test_penalties_min_tokens_and_stops_inside_accepted_runs(models_dir):
+@pytest.mark.parametrize("overlap", [False, True])  # True: overlap_outputs, run-ahead after draftless steps
+def test_penalties_min_tokens_and_stops_inside_accepted_runs(models_dir, overlap):
     """Greedy with penalties, min_tokens, a stop token and max_tokens: the same tokens and finish reasons as
     without speculation, never a token past the stop."""
     path = make_tiny_model(models_dir, "qwen3", 0)
@@ -365,7 +368,7 @@ def test_penalties_min_tokens_and_stops_inside_accepted_runs(models_dir):
     all_prompts = [p for p in prompts for _ in cases]
     all_params = [c for _ in prompts for c in cases]
     reference = run_engine(make_engine(path), all_prompts, all_params)
-    engine = make_engine(path, speculative_config=NGRAM)
+    engine = make_engine(path, speculative_config=NGRAM, async_scheduling=overlap)
     got = run_engine(engine, all_prompts, all_params)
     for key in reference:
         assert got[key]["tokens"] == reference[key]["tokens"], key
