@@ -33,14 +33,16 @@ from pathlib import Path
 from benchmarks.spec_decode_bench import load_prompts
 
 DEFAULT_OUTPUTS = Path(__file__).resolve().parent / "results" / "w6_greedy_outputs_cpu.json"
-DEFAULT_CONFIGS = [
-    "k=5,min=2,max=4",  # the lead's W6 setting
-    "k=3,min=2,max=4",
+DEFAULT_CONFIGS = [  # the first is the cost model's fit (the lead's W6 setting, measured on the H200)
+    "k=5,min=2,max=4",
+    "k=5,min=2,max=4,occurrence=first",
     "k=5,min=1,max=4",
-    "k=8,min=2,max=4",
-    "k=8,min=1,max=4",
-    "k=8,min=1,max=8",
-    "k=10,min=1,max=8",
+    "k=9,min=2,max=4",  # the most drafts whose verify tile stays at 32 rows (SmolLM2: 3 query heads per KV head)
+    "k=15,min=2,max=4",  # the most whose verify GEMMs stay decode-sized (M <= 16 rows at one sequence)
+    "k=15,min=1,max=4",
+    "k=5,min=2,max=4,ra=1",
+    "k=9,min=2,max=4,ra=1",
+    "k=15,min=2,max=4,ra=1",
 ]
 
 
