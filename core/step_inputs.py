@@ -17,6 +17,11 @@ from core.layers.attention import AttentionMetadata
 from kernels.paged_attention import decode_order_host
 
 
+# One upload per step while the three token arrays take at most this many bytes (max_num_batched_tokens <= 10,922;
+# 8,192 by default up to max_model_len 8,192): ~5 us of copy engine at ~50 GB/s.
+SINGLE_COPY_MAX_BYTES = 256 * 1024
+
+
 class _SeqLayout:
     """Where the per-sequence int32 inputs (context lengths, query offsets, launch order, block tables) lie in one
     flat buffer, host and device alike, so a step uploads them with one copy (the prefix up to its last block-table
@@ -93,8 +98,10 @@ class StepInputs:
         # its inputs with a single copy: the packed prefix up to its last block-table row (the token arrays whole,
         # ``3 * 8 * capacity`` bytes, a few microseconds of copy engine) instead of four copies of the parts it uses.
         # Each copy of pinned memory costs the host a copy call and a caching-allocator event record, on a
-        # speculative step's critical path. On CPU the four prefix copies stay: copying bytes is all they cost.
-        self.single_copy = pin
+        # speculative step's critical path. On CPU the four prefix copies stay: copying bytes is all they cost; so do
+        # they where the token arrays are large (a long context's token budget: the whole arrays would cost more
+        # copy-engine time per decode step than the three calls they save).
+        self.single_copy = pin and 3 * 8 * self._capacity <= SINGLE_COPY_MAX_BYTES
         self._packed = torch.zeros(num_bytes, dtype=torch.uint8, device=device)
         self.input_ids, self.positions, self.slot_mapping, self._per_seq = _packed_views(
             self._packed, self._capacity, self._layout)
