@@ -259,7 +259,8 @@ class ResolvedConfig:
         return (f"device={self.device} dtype={str(self.dtype).removeprefix('torch.')} "
                 f"kv_cache_dtype={str(self.kv_cache_dtype).removeprefix('torch.')} "
                 f"max_model_len={self.max_model_len} max_num_batched_tokens={self.max_num_batched_tokens} "
-                f"async_scheduling={self.async_scheduling} overlap_outputs={self.overlap_outputs} run_ahead={self.run_ahead} "
+                f"async_scheduling={self.async_scheduling} overlap_outputs={self.overlap_outputs} "
+                f"run_ahead={self.run_ahead} "
                 f"kernel_backend={self.kernel_backend} attention_backend={self.attention_backend}")
 
 
