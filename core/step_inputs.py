@@ -92,6 +92,8 @@ class StepInputs:
         self._views: dict[tuple[int, int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._metas: dict[tuple[int, int, int, int], AttentionMetadata] = {}
 
+        self._arange32 = np.arange(max_tokens + 1, dtype=np.int32)  # query offsets of uniform layouts
+        self._arange64 = np.arange(max_tokens, dtype=np.int64)
         self._layout = _SeqLayout(max_seqs, max_blocks)
         self._capacity, num_bytes = _packed_layout(max_tokens, self._layout)
         # The device buffers are views of one packed buffer laid out as the host's, so that on CUDA a step uploads
@@ -125,26 +127,43 @@ class StepInputs:
         bs = self.block_size
         num_seqs, num_tokens = len(nums), len(token_ids)
         qsl = host.qsl_np[: num_seqs + 1]
-        qsl[0] = 0
-        np.cumsum(nums, out=qsl[1:])
-        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(qsl[:-1] - starts, nums)
-        seq_of_token = np.repeat(np.arange(num_seqs), nums)
         host.ids_np[:num_tokens] = token_ids
-        host.pos_np[:num_tokens] = positions
-        host.slot_np[:num_tokens] = table_rows[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        max_query_len = int(nums.max()) if num_seqs else 0
+        if num_seqs and max_query_len * num_seqs == num_tokens:
+            # Every sequence the same width (a decode-only step, a full verify step, one sequence): the 2-D form,
+            # half the numpy calls of the general layout (a speculative step at one sequence is on the critical path).
+            width = max_query_len
+            np.multiply(self._arange32[: num_seqs + 1], width, out=qsl)
+            positions = host.pos_np[:num_tokens].reshape(num_seqs, width)
+            np.add(starts[:, None], self._arange64[:width], out=positions)
+            slots = host.slot_np[:num_tokens].reshape(num_seqs, width)
+            np.multiply(np.take_along_axis(table_rows, positions // bs, axis=1), bs, out=slots)
+            slots += positions % bs
+        else:
+            qsl[0] = 0
+            np.cumsum(nums, out=qsl[1:])
+            positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(qsl[:-1] - starts, nums)
+            seq_of_token = np.repeat(np.arange(num_seqs), nums)
+            host.pos_np[:num_tokens] = positions
+            host.slot_np[:num_tokens] = table_rows[seq_of_token, positions // bs].astype(np.int64) * bs + \
+                positions % bs
         host.seq_np[:num_seqs] = starts + nums
         host.bt_np[:num_seqs, : table_rows.shape[1]] = table_rows
         if pad_tokens_to is not None:
-            self.fill_verify_padding(num_seqs, pad_to, num_tokens, pad_tokens_to)
+            if pad_tokens_to > num_tokens or pad_to > num_seqs:  # (a full bucket has nothing to pad)
+                self.fill_verify_padding(num_seqs, pad_to, num_tokens, pad_tokens_to)
             num_seqs, num_tokens = pad_to, pad_tokens_to
         elif pad_to is not None:
-            self.fill_padding(num_seqs, pad_to)
+            if pad_to > num_seqs:
+                self.fill_padding(num_seqs, pad_to)
             num_seqs = num_tokens = pad_to
         # Decode-only and verify steps: the kinds whose attention (the decode kernel) reads the launch order.
-        if num_tokens == num_seqs or decode_queries > 1:
+        if num_seqs == 1:
+            host.order_np[0] = 0
+        elif num_tokens == num_seqs or decode_queries > 1:
             host.order_np[:num_seqs] = decode_order_host(host.seq_np[:num_seqs])
         self._upload(num_tokens, num_seqs)  # other steps upload a stale order, which their attention never reads
-        return self.metadata(num_tokens, num_seqs, int(nums.max()) if len(nums) else 0, decode_queries)
+        return self.metadata(num_tokens, num_seqs, max_query_len, decode_queries)
 
     def fill_padding(self, start: int, end: int) -> None:
         """Rows ``start..end`` of a decode graph batch: one dummy query each, no context, no cache write."""

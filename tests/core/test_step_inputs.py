@@ -83,3 +83,33 @@ def test_single_copy_upload_stages_every_input():
     meta = inputs.stage(np.array([7]), np.array([20]), np.array([1]), table[1:2])
     assert inputs.input_ids[:1].tolist() == [7] and inputs.positions[:1].tolist() == [20]
     assert meta.slot_mapping.tolist() == [12 * 4] and meta.seq_lens.tolist() == [21]  # block 5 of row 7..13: 12
+
+
+def test_uniform_layouts_stage_as_the_general_one():
+    """Decode-only steps, full verify steps and single sequences take the 2-D staging path: the same positions,
+    slots, offsets, lengths and launch order as the general layout's formula, padding included."""
+    rng = np.random.default_rng(3)
+    bs = 4
+    for num_seqs, width, pad_to in [(1, 1, None), (1, 6, None), (3, 1, 4), (2, 4, 2), (3, 5, 4), (1, 16, 1)]:
+        inputs = StepInputs(128, 8, 16, bs, torch.device("cpu"))
+        table = rng.permutation(200)[: num_seqs * 16].reshape(num_seqs, 16).astype(np.int32)
+        starts = rng.integers(0, 40, num_seqs)
+        nums = np.full(num_seqs, width)
+        tokens = rng.integers(0, 1000, num_seqs * width)
+        pad_tokens = pad_to * width if pad_to is not None and width > 1 else None
+        meta = inputs.stage(tokens, starts, nums, table, pad_to=pad_to, pad_tokens_to=pad_tokens,
+                            decode_queries=width if width > 1 else 0)
+        positions = np.concatenate([np.arange(s, s + width) for s in starts])
+        slots = np.concatenate([table[i, p // bs] * bs + p % bs for i, p in enumerate(positions.reshape(num_seqs, -1))])
+        n = num_seqs * width
+        assert inputs.input_ids[:n].tolist() == tokens.tolist()
+        assert inputs.positions[:n].tolist() == positions.tolist()
+        assert inputs.slot_mapping[:n].tolist() == slots.tolist()
+        assert meta.query_start_loc[: num_seqs + 1].tolist() == list(range(0, n + 1, width))
+        assert meta.seq_lens[:num_seqs].tolist() == (starts + width).tolist()
+        assert meta.max_query_len == width
+        assert sorted(meta.decode_order.tolist()[:num_seqs]) == list(range(num_seqs))
+        lengths = (starts + width).tolist()
+        assert [lengths[i] for i in meta.decode_order.tolist()[:num_seqs]] == sorted(lengths, reverse=True)
+        if pad_to is not None and pad_to > num_seqs:
+            assert meta.seq_lens[num_seqs:pad_to].tolist() == [0] * (pad_to - num_seqs)
