@@ -137,7 +137,7 @@ class StepInputs:
             positions = host.pos_np[:num_tokens].reshape(num_seqs, width)
             np.add(starts[:, None], self._arange64[:width], out=positions)
             slots = host.slot_np[:num_tokens].reshape(num_seqs, width)
-            np.multiply(np.take_along_axis(table_rows, positions // bs, axis=1), bs, out=slots)
+            np.multiply(table_rows[self._arange64[:num_seqs, None], positions // bs], bs, out=slots)
             slots += positions % bs
         else:
             qsl[0] = 0
