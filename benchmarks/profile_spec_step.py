@@ -141,6 +141,41 @@ def _make_engine(args: argparse.Namespace, num_seqs: int, k: int):
     return EngineCore(EngineConfig(**engine_args))
 
 
+class EagerGraphs:
+    """``DecodeGraphs``' interface run eagerly (``--graph-stand-ins``, CPU): the runner then takes its CUDA-graph host
+    path (padded decode / verify layouts, the in-graph argmax and the fast greedy verify) with the forward run in
+    place of a replay, so the host phases measured are those of the GPU's graph steps."""
+
+    def __init__(self, forward, sizes: list[int]) -> None:
+        self._forward = forward
+        self.sizes = sizes
+
+    def bucket(self, batch_size: int) -> int | None:
+        return next((size for size in self.sizes if size >= batch_size), None)
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1] if self.sizes else 0
+
+    def replay(self, size: int):
+        return self._forward(size)
+
+
+def use_graph_stand_ins(engine) -> None:
+    """Decode and verify "graphs" that run eagerly, as the runner would capture them on CUDA."""
+    from core.cuda_graphs import graph_batch_sizes
+    from core.model_runner import verify_graph_sizes
+
+    runner = engine.runner
+    if runner.graphs is not None:
+        raise ValueError("--graph-stand-ins is for runs without CUDA graphs (CPU)")
+    runner.graphs = EagerGraphs(runner._decode_forward, graph_batch_sizes(runner.max_num_seqs))
+    if runner.num_spec_tokens:
+        runner._verify_argmax_tokens = max(runner.graphs.max_size, 256)
+        runner.verify_graphs = EagerGraphs(runner._verify_graph_forward, verify_graph_sizes(
+            runner.max_num_seqs, runner.num_spec_tokens, runner.max_num_batched_tokens))
+
+
 def make_model_continue_prompts(engine, prompts: list[list[int]]) -> None:
     """Rewire a tied-embedding model so that its greedy output continues each prompt's repeated 16-token chunk:
     every layer's attention-output and MLP-down projections are zeroed (the final hidden state is the input token's
@@ -189,6 +224,8 @@ def profile_one(args: argparse.Namespace, num_seqs: int, k: int) -> dict:
     prompts = repeated_prompts(num_seqs, args.prompt_len, vocab, seed=0)
     if args.continue_prompts:
         make_model_continue_prompts(engine, prompts)
+    if args.graph_stand_ins:
+        use_graph_stand_ins(engine)
     total = args.warmup_steps + args.steps + (args.profile_steps if cuda else 0) + 8
     params = SamplingParams(temperature=0.0, max_tokens=total * (k + 1) + 8, ignore_eos=True)
     for i, prompt in enumerate(prompts):
@@ -276,6 +313,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--continue-prompts", action="store_true",
                    help="CPU, tied-embedding models: rewire the weights so that greedy output continues each "
                         "prompt's repeated chunk and every n-gram draft is accepted (the full-acceptance host cost).")
+    p.add_argument("--graph-stand-ins", action="store_true",
+                   help="CPU: decode and verify steps take the runner's CUDA-graph host path, the forward run eagerly "
+                        "in place of each replay (the host phases of the GPU's graph steps)")
     p.add_argument("--num-gpu-blocks-override", type=int, default=None)
     p.add_argument("--json", default=None, help="Append one JSON object per configuration to this file.")
     return p.parse_args(argv)

@@ -58,7 +58,8 @@ def load_prompts() -> list[dict]:
     return [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
 
 
-def run_one(args: argparse.Namespace, prompts: list[dict], concurrency: int, k: int) -> dict:
+def run_one(args: argparse.Namespace, prompts: list[dict], concurrency: int, k: int, run_ahead: str | None = None
+            ) -> dict:
     from frontend.llm import LLM
     from ipc.messages import SamplingParams
 
@@ -69,6 +70,8 @@ def run_one(args: argparse.Namespace, prompts: list[dict], concurrency: int, k: 
         engine_args["num_gpu_blocks_override"] = args.num_gpu_blocks_override
     if args.async_scheduling is not None:  # with speculation: whether steps overlap the output handling
         engine_args["async_scheduling"] = args.async_scheduling == "on"
+    if k and run_ahead is not None:  # draftless speculative steps launch the next one before being read
+        engine_args["speculative_run_ahead"] = run_ahead == "on"
     if k:
         engine_args["speculative_config"] = {"method": "ngram", "num_speculative_tokens": k,
                                              "prompt_lookup_max": args.prompt_lookup_max,
@@ -87,6 +90,8 @@ def run_one(args: argparse.Namespace, prompts: list[dict], concurrency: int, k: 
     accepted = after.get("spec_num_accepted_tokens", 0) - before.get("spec_num_accepted_tokens", 0)
     result = {
         "workload": "W6", "concurrency": concurrency, "k": k, "num_prompts": len(prompts),
+        "prompt_lookup": [args.prompt_lookup_min, args.prompt_lookup_max] if k else None,
+        "run_ahead": run_ahead if k else None,
         "output_tokens": num_tokens, "seconds": round(elapsed, 3), "tok_per_s": round(num_tokens / elapsed, 1),
         "acceptance_rate": round(accepted / draft_tokens, 4) if draft_tokens else None,
         "mean_accepted_length": round(1 + accepted / drafts, 3) if drafts else None,
@@ -123,6 +128,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--async-scheduling", choices=["on", "off"], default=None,
                    help="default: the engine's (on with CUDA). With speculation, on = the next verify step runs "
                         "while the previous step's outputs are handled (overlap_outputs); off = one step at a time.")
+    p.add_argument("--run-ahead", choices=["on", "off"], nargs="+", default=None,
+                   help="each k > 0 runs once per value (default: once, the engine's: on where async scheduling would "
+                        "be, n-gram). on = a step without drafts lets the next one launch before its tokens are "
+                        "read (EngineCore._step_run_ahead)")
     p.add_argument("--json", default=None, help="Append the results (one JSON object per line) to this file.")
     p.add_argument("--write-prompts", action="store_true", help="Rebuild w6_prompts.jsonl from the passages.")
     return p.parse_args(argv)
@@ -136,23 +145,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     prompts = load_prompts()[: args.num_prompts]
     baseline: dict[int, list[str]] = {}
-    print(f"{'conc':>5} {'k':>3} {'tok/s':>9} {'speedup':>8} {'accept':>7} {'mean len':>9} {'same text':>9}")
+    print(f"{'conc':>5} {'k':>6} {'tok/s':>9} {'speedup':>8} {'accept':>7} {'mean len':>9} {'same text':>9}")
     for concurrency in args.concurrency:
         base_tps = None
         for k in args.ks:
-            r = run_one(args, prompts, concurrency, k)
-            texts = r.pop("texts")
-            if k == 0:
-                baseline[concurrency], base_tps = texts, r["tok_per_s"]
-            same = texts == baseline.get(concurrency, texts)
-            r["same_text_as_no_spec"] = same
-            speedup = f"{r['tok_per_s'] / base_tps:.2f}x" if base_tps else "-"
-            print(f"{concurrency:>5} {k:>3} {r['tok_per_s']:>9.1f} {speedup:>8} "
-                  f"{r['acceptance_rate'] if r['acceptance_rate'] is not None else '-':>7} "
-                  f"{r['mean_accepted_length'] if r['mean_accepted_length'] is not None else '-':>9} {same!s:>9}")
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(r) + "\n")
+            for run_ahead in (args.run_ahead or [None]) if k else [None]:
+                r = run_one(args, prompts, concurrency, k, run_ahead)
+                texts = r.pop("texts")
+                if k == 0:
+                    baseline[concurrency], base_tps = texts, r["tok_per_s"]
+                same = texts == baseline.get(concurrency, texts)
+                r["same_text_as_no_spec"] = same
+                speedup = f"{r['tok_per_s'] / base_tps:.2f}x" if base_tps else "-"
+                label = f"{k}{'' if run_ahead is None else '/' + run_ahead}"
+                print(f"{concurrency:>5} {label:>6} {r['tok_per_s']:>9.1f} {speedup:>8} "
+                      f"{r['acceptance_rate'] if r['acceptance_rate'] is not None else '-':>7} "
+                      f"{r['mean_accepted_length'] if r['mean_accepted_length'] is not None else '-':>9} {same!s:>9}")
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(r) + "\n")
     return 0
 
 

@@ -218,6 +218,19 @@ def _resolve_async_scheduling(config: EngineConfig, device: torch.device) -> boo
     return wanted
 
 
+def _resolve_run_ahead(config: EngineConfig, overlap_outputs: bool) -> bool:
+    """On by default where it applies: n-gram speculation on one device with overlap_outputs (async scheduling
+    wanted). Asked for where it cannot apply: a startup error that says why."""
+    spec = config.speculative_config
+    supported = overlap_outputs and spec is not None and spec.method == "ngram" and \
+        config.tensor_parallel_size * config.pipeline_parallel_size == 1
+    if config.speculative_run_ahead and not supported:
+        raise ValueError("speculative_run_ahead needs n-gram speculation (speculative_config method ngram) with "
+                         "async scheduling wanted (on by default with CUDA, or async_scheduling=True) on one device "
+                         "(no tensor or pipeline parallelism).")
+    return supported and config.speculative_run_ahead is not False
+
+
 def _wants_async_scheduling(config: EngineConfig, device: torch.device) -> bool:
     return device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
 
@@ -238,12 +251,16 @@ class ResolvedConfig:
     # one's results are applied (as without async scheduling), but ``EngineCore.step`` returns with it still running,
     # so the caller's output handling (detokenising, sending to the API process) overlaps the device.
     overlap_outputs: bool = False
+    # N-gram speculation with overlap_outputs: a step without drafts lets the next one be launched before its tokens
+    # are read (``EngineCore._step_run_ahead``).
+    run_ahead: bool = False
 
     def summary(self) -> str:
         return (f"device={self.device} dtype={str(self.dtype).removeprefix('torch.')} "
                 f"kv_cache_dtype={str(self.kv_cache_dtype).removeprefix('torch.')} "
                 f"max_model_len={self.max_model_len} max_num_batched_tokens={self.max_num_batched_tokens} "
                 f"async_scheduling={self.async_scheduling} overlap_outputs={self.overlap_outputs} "
+                f"run_ahead={self.run_ahead} "
                 f"kernel_backend={self.kernel_backend} attention_backend={self.attention_backend}")
 
 
@@ -255,6 +272,7 @@ def resolve_config(config: EngineConfig, model_config: ModelConfig | BertConfig,
     max_model_len = resolve_max_model_len(config.max_model_len, model_config.max_model_len)
     attention_backend, kernel_backend = _resolve_backends(config)
     dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device)
+    overlap_outputs = config.speculative_config is not None and _wants_async_scheduling(config, device)
     return ResolvedConfig(
         device=device,
         dtype=dtype,
@@ -262,7 +280,8 @@ def resolve_config(config: EngineConfig, model_config: ModelConfig | BertConfig,
         max_model_len=max_model_len,
         max_num_batched_tokens=config.max_num_batched_tokens or max(8192, max_model_len),
         async_scheduling=_resolve_async_scheduling(config, device),
-        overlap_outputs=config.speculative_config is not None and _wants_async_scheduling(config, device),
+        overlap_outputs=overlap_outputs,
+        run_ahead=_resolve_run_ahead(config, overlap_outputs),
         kernel_backend=kernel_backend,
         attention_backend=attention_backend,
     )

@@ -72,6 +72,7 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, sliding_window=window)
         self.async_scheduling = self.runner.resolved.async_scheduling
         self.overlap_outputs = self.runner.resolved.overlap_outputs  # speculative steps: see _step_overlapped
+        self.run_ahead = self.runner.resolved.run_ahead  # draftless speculative steps: see _step_run_ahead
         # Pipeline parallelism: up to this many micro-batches in flight (vLLM's batch queue); 0: one step at a time,
         # or two with async scheduling. The batch queue is how pipelined steps overlap the host's work with the
         # devices', so async scheduling's placeholder tokens are not used then.
@@ -90,6 +91,7 @@ class EngineCore:
             async_scheduling=self.async_scheduling,
         )
         self.scheduler.micro_batches = self.micro_batches
+        self.scheduler.placeholders_for_draftless = self.run_ahead
         self._inflight: tuple[SchedulerOutput, StepHandle] | None = None
         # The step in flight's handle and result once they were read early, its constrained tokens already handed
         # to the grammar job (``_start_grammar_job_early``); ``_finish_inflight`` applies that result.
@@ -313,6 +315,8 @@ class EngineCore:
         running. The engine does exactly what it does without async scheduling, in the same order; only the return
         to the caller moves to after the launch, so the caller's handling of these outputs (detokenising, sending
         them to the API process) runs while the device verifies the next drafts instead of while it idles."""
+        if self.run_ahead and self._inflight is not None and self._can_run_ahead(*self._inflight):
+            return self._step_run_ahead(outputs, errors)
         ran: list[SchedulerOutput] | None = None
         if self._inflight is not None:
             self._involved.append(self._inflight[0])
@@ -325,6 +329,44 @@ class EngineCore:
             return ran
         self._inflight = (sched, self.runner.launch(self._plan(sched)))
         return ran or []
+
+    def _can_run_ahead(self, sched: SchedulerOutput, handle: StepHandle) -> bool:
+        """Whether the next step may be scheduled before the step in flight is read: it verifies no drafts (so each
+        of its sequences gains exactly one token, a placeholder), the next step can take its tokens on the device,
+        no grammar waits for them, and none of its sequences had a proposal at the last read (a sequence that had
+        one is likely to have drafts again: the step after this one is worth waiting for, to verify them)."""
+        if handle.sample_rows is None or self.structured.active:
+            return False
+        for scheduled in sched.scheduled:
+            if scheduled.spec_token_ids or (scheduled.samples and scheduled.seq.spec_token_ids
+                                            and not scheduled.seq.is_finished):
+                return False
+        return True
+
+    def _step_run_ahead(self, outputs: list[EngineOutput], errors: list[RequestError]
+                        ) -> list[SchedulerOutput] | None:
+        """N-gram speculation after a step without drafts (no n-gram match): as with async scheduling, the next step
+        is scheduled (each such sequence's in-flight token a placeholder, so it gets no drafts) and launched, taking
+        those tokens on the device, before the step in flight is read and applied; its host work then overlaps the
+        device instead of following it. The reading proposes again: a sequence with a proposal makes the engine
+        read the next step before scheduling (``_can_run_ahead``), so its drafts are verified one step later than
+        in the serial order. Greedy outputs are the same either way (drafts never change what is emitted)."""
+        prev_sched, prev = self._inflight
+        self._involved.append(prev_sched)
+        sched = self._schedule(errors)
+        self._involved.append(sched)
+        ran: list[SchedulerOutput] = []
+        if sched.is_empty or self._needs_sampled_tokens(sched):
+            ran.append(self._finish_inflight(outputs))
+            prev = None
+            sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
+            if not sched.scheduled:
+                return ran
+        handle = self.runner.launch(self._plan(sched), prev)
+        if prev is not None:
+            ran.append(self._finish_inflight(outputs))
+        self._inflight = (sched, handle)
+        return ran
 
     def _step_pipelined(self, outputs: list[EngineOutput], errors: list[RequestError]) -> list[SchedulerOutput] | None:
         """One step with pipeline parallelism, as vLLM's batch queue: sample the oldest micro-batch when

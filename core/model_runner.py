@@ -69,7 +69,9 @@ class StepHandle:
     host_tokens: torch.Tensor | None  # pinned copy of the sampled ids (CUDA)
     event: torch.cuda.Event | None
     prompt_logprobs: dict[tuple[str, int], tuple[int, Logprobs]]
-    verified: VerifiedStep | GreedyVerifiedStep | None = None  # a speculative step's results (``sampled`` is None)
+    # A speculative step's results (``sampled`` is None, except for a greedy step without drafts: its argmax, which
+    # a run-ahead step reads on the device).
+    verified: VerifiedStep | GreedyVerifiedStep | None = None
 
     def ready(self) -> bool:
         """True when ``result()`` would not wait for the device (a non-blocking event query; speculative steps:
@@ -573,10 +575,12 @@ class ModelRunner:
                 self.structured_output is not None and self.structured_output.active) and all(
                 is_plain_greedy(seq, index) for seq, index in zip(sampling_seqs, output_indices)):
             # A step without drafts while speculating (no n-gram match, say): plain greedy rows need only their
-            # argmax, as in the fast verify (no sampling batch to build and upload). Steps are never async while
-            # speculating, so no later step reads these tokens on the device.
-            return self._launch_greedy_verify([[]] * len(batch_seqs), batch_seqs, sampling,
-                                              logits[num_prompt_rows:].argmax(-1), prompt_logprobs)
+            # argmax, as in the fast verify (no sampling batch to build and upload). With speculative run-ahead the
+            # next step may be launched before these tokens are read: it takes them on the device (sample_rows).
+            argmax = logits[num_prompt_rows:].argmax(-1)
+            handle = self._launch_greedy_verify([[]] * len(batch_seqs), batch_seqs, sampling, argmax, prompt_logprobs)
+            handle.sample_rows, handle.sampled = self._sample_rows(rows[sampling]), SamplerOutput(argmax)
+            return handle
         batch = build_sampling_batch(sampling_seqs, self.vocab_size, self.device, output_indices,
                                      self._step_keys.getrandbits(32))
         if self.structured_output is not None and self.structured_output.active:

@@ -70,6 +70,10 @@ class Scheduler:
         # flight is skipped (its next token is not known yet), and a step takes at most 1/micro_batches of the live
         # sequences, so the running ones split into groups that flow through the stages back to back.
         self.micro_batches = 0
+        # Speculative run-ahead (EngineCore._step_run_ahead): a sequence that samples without drafts gets a
+        # placeholder for its token in flight, as with async scheduling (a verify step's count is not known ahead:
+        # the engine reads its results before scheduling again).
+        self.placeholders_for_draftless = False
 
     # ------------------------------------------------------------------------------------------------ intake
     def add_sequence(self, seq: Sequence) -> None:
@@ -228,7 +232,7 @@ class Scheduler:
         scheduled = ScheduledSeq(seq, start, num_new, samples, seq.num_tokens - seq.num_prompt_tokens,
                                  drafts or [])
         seq.num_computed_tokens += num_new
-        if samples and self.async_scheduling:
+        if samples and (self.async_scheduling or (self.placeholders_for_draftless and not drafts)):
             seq.num_placeholders += 1
         return scheduled
 

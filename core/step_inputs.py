@@ -17,6 +17,11 @@ from core.layers.attention import AttentionMetadata
 from kernels.paged_attention import decode_order_host
 
 
+# One upload per step while the three token arrays take at most this many bytes (max_num_batched_tokens <= 10,922;
+# 8,192 by default up to max_model_len 8,192): ~5 us of copy engine at ~50 GB/s.
+SINGLE_COPY_MAX_BYTES = 256 * 1024
+
+
 class _SeqLayout:
     """Where the per-sequence int32 inputs (context lengths, query offsets, launch order, block tables) lie in one
     flat buffer, host and device alike, so a step uploads them with one copy (the prefix up to its last block-table
@@ -47,17 +52,29 @@ class _SeqLayout:
         return self.bt + num_seqs * self.max_blocks
 
 
+def _packed_layout(max_tokens: int, layout: _SeqLayout) -> tuple[int, int]:
+    """(token capacity, bytes) of the packed staging buffer: token ids, positions and slot mapping (int64, each of the
+    capacity, a multiple of 16 so that every part starts on a 128-byte boundary), then the per-sequence block."""
+    capacity = -(-max_tokens // 16) * 16
+    return capacity, 3 * capacity * 8 + layout.total * 4
+
+
+def _packed_views(packed: torch.Tensor, capacity: int, layout: _SeqLayout
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token ids, positions, slot mapping, per-sequence block) views of a packed byte buffer."""
+    part = capacity * 8
+    return (packed[:part].view(torch.int64), packed[part : 2 * part].view(torch.int64),
+            packed[2 * part : 3 * part].view(torch.int64), packed[3 * part :].view(torch.int32))  # fmt: skip
+
+
 class _HostStaging:
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool) -> None:
-        def alloc(shape, dtype):
-            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-            return host, host.numpy()
-
-        self.ids, self.ids_np = alloc(max_tokens, torch.int64)
-        self.pos, self.pos_np = alloc(max_tokens, torch.int64)
-        self.slot, self.slot_np = alloc(max_tokens, torch.int64)
         layout = _SeqLayout(max_seqs, max_blocks)
-        self.per_seq, _ = alloc(layout.total, torch.int32)
+        capacity, num_bytes = _packed_layout(max_tokens, layout)
+        # One buffer for every input (see StepInputs._upload: one copy per step on CUDA).
+        self.packed = torch.zeros(num_bytes, dtype=torch.uint8, pin_memory=pin)
+        self.ids, self.pos, self.slot, self.per_seq = _packed_views(self.packed, capacity, layout)
+        self.ids_np, self.pos_np, self.slot_np = self.ids.numpy(), self.pos.numpy(), self.slot.numpy()
         self.seq, self.qsl, self.order, self.bt = layout.views(self.per_seq)
         self.seq_np, self.qsl_np, self.order_np, self.bt_np = (t.numpy() for t in (self.seq, self.qsl, self.order,
                                                                                     self.bt))
@@ -75,14 +92,21 @@ class StepInputs:
         self._views: dict[tuple[int, int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._metas: dict[tuple[int, int, int, int], AttentionMetadata] = {}
 
-        def zeros(shape, dtype):
-            return torch.zeros(shape, dtype=dtype, device=device)
-
-        self.input_ids = zeros(max_tokens, torch.int64)
-        self.positions = zeros(max_tokens, torch.int64)
-        self.slot_mapping = zeros(max_tokens, torch.int64)
+        self._arange32 = np.arange(max_tokens + 1, dtype=np.int32)  # query offsets of uniform layouts
+        self._arange64 = np.arange(max_tokens, dtype=np.int64)
         self._layout = _SeqLayout(max_seqs, max_blocks)
-        self._per_seq = zeros(self._layout.total, torch.int32)
+        self._capacity, num_bytes = _packed_layout(max_tokens, self._layout)
+        # The device buffers are views of one packed buffer laid out as the host's, so that on CUDA a step uploads
+        # its inputs with a single copy: the packed prefix up to its last block-table row (the token arrays whole,
+        # ``3 * 8 * capacity`` bytes, a few microseconds of copy engine) instead of four copies of the parts it uses.
+        # Each copy of pinned memory costs the host a copy call and a caching-allocator event record, on a
+        # speculative step's critical path. On CPU the four prefix copies stay: copying bytes is all they cost; so do
+        # they where the token arrays are large (a long context's token budget: the whole arrays would cost more
+        # copy-engine time per decode step than the three calls they save).
+        self.single_copy = pin and 3 * 8 * self._capacity <= SINGLE_COPY_MAX_BYTES
+        self._packed = torch.zeros(num_bytes, dtype=torch.uint8, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self._per_seq = _packed_views(
+            self._packed, self._capacity, self._layout)
         # decode_order: decode attention's launch order, longest context first (read by decode and verify steps)
         self.seq_lens, self.query_start_loc, self.decode_order, self.block_tables = self._layout.views(self._per_seq)
 
@@ -103,26 +127,43 @@ class StepInputs:
         bs = self.block_size
         num_seqs, num_tokens = len(nums), len(token_ids)
         qsl = host.qsl_np[: num_seqs + 1]
-        qsl[0] = 0
-        np.cumsum(nums, out=qsl[1:])
-        positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(qsl[:-1] - starts, nums)
-        seq_of_token = np.repeat(np.arange(num_seqs), nums)
         host.ids_np[:num_tokens] = token_ids
-        host.pos_np[:num_tokens] = positions
-        host.slot_np[:num_tokens] = table_rows[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        max_query_len = int(nums.max()) if num_seqs else 0
+        if num_seqs and max_query_len * num_seqs == num_tokens:
+            # Every sequence the same width (a decode-only step, a full verify step, one sequence): the 2-D form,
+            # half the numpy calls of the general layout (a speculative step at one sequence is on the critical path).
+            width = max_query_len
+            np.multiply(self._arange32[: num_seqs + 1], width, out=qsl)
+            positions = host.pos_np[:num_tokens].reshape(num_seqs, width)
+            np.add(starts[:, None], self._arange64[:width], out=positions)
+            slots = host.slot_np[:num_tokens].reshape(num_seqs, width)
+            np.multiply(table_rows[self._arange64[:num_seqs, None], positions // bs], bs, out=slots)
+            slots += positions % bs
+        else:
+            qsl[0] = 0
+            np.cumsum(nums, out=qsl[1:])
+            positions = np.arange(num_tokens, dtype=np.int64) - np.repeat(qsl[:-1] - starts, nums)
+            seq_of_token = np.repeat(np.arange(num_seqs), nums)
+            host.pos_np[:num_tokens] = positions
+            host.slot_np[:num_tokens] = table_rows[seq_of_token, positions // bs].astype(np.int64) * bs + \
+                positions % bs
         host.seq_np[:num_seqs] = starts + nums
         host.bt_np[:num_seqs, : table_rows.shape[1]] = table_rows
         if pad_tokens_to is not None:
-            self.fill_verify_padding(num_seqs, pad_to, num_tokens, pad_tokens_to)
+            if pad_tokens_to > num_tokens or pad_to > num_seqs:  # (a full bucket has nothing to pad)
+                self.fill_verify_padding(num_seqs, pad_to, num_tokens, pad_tokens_to)
             num_seqs, num_tokens = pad_to, pad_tokens_to
         elif pad_to is not None:
-            self.fill_padding(num_seqs, pad_to)
+            if pad_to > num_seqs:
+                self.fill_padding(num_seqs, pad_to)
             num_seqs = num_tokens = pad_to
         # Decode-only and verify steps: the kinds whose attention (the decode kernel) reads the launch order.
-        if num_tokens == num_seqs or decode_queries > 1:
+        if num_seqs == 1:
+            host.order_np[0] = 0
+        elif num_tokens == num_seqs or decode_queries > 1:
             host.order_np[:num_seqs] = decode_order_host(host.seq_np[:num_seqs])
         self._upload(num_tokens, num_seqs)  # other steps upload a stale order, which their attention never reads
-        return self.metadata(num_tokens, num_seqs, int(nums.max()) if len(nums) else 0, decode_queries)
+        return self.metadata(num_tokens, num_seqs, max_query_len, decode_queries)
 
     def fill_padding(self, start: int, end: int) -> None:
         """Rows ``start..end`` of a decode graph batch: one dummy query each, no context, no cache write."""
@@ -170,14 +211,18 @@ class StepInputs:
 
     def _copy_views(self, num_tokens: int, num_seqs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(device, host) slice pairs of the current host buffer for a step's sizes, made once per sizes: slicing is
-        a dispatcher call per tensor, a dict lookup is not. Four copies: the three token arrays and the per-sequence
-        block (see ``_SeqLayout``)."""
-        key = (self._turn, num_tokens, num_seqs)
+        a dispatcher call per tensor, a dict lookup is not. With ``single_copy``, one: the packed prefix through the
+        step's block-table rows; else four: the three token arrays and the per-sequence block (see ``_SeqLayout``)."""
+        key = (self._turn, 0 if self.single_copy else num_tokens, num_seqs)
         views = self._views.get(key)
         if views is None:
             if len(self._views) >= 4096:  # bounded: token counts of prefill steps vary freely
                 self._views.clear()
             h = self.host
+            if self.single_copy:
+                end = 3 * 8 * self._capacity + 4 * self._layout.used(num_seqs)
+                views = self._views[key] = [(self._packed[:end], h.packed[:end])]
+                return views
             views = self._views[key] = [
                 (dst[:n], src[:n]) for src, dst, n in (
                     (h.ids, self.input_ids, num_tokens), (h.pos, self.positions, num_tokens),

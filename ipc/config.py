@@ -187,6 +187,10 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         "Speculative decoding, as JSON (vLLM's): '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
         "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' or '{\"method\": \"draft_model\", \"model\": "
         "PATH_OR_ID, \"num_speculative_tokens\": 3}'.", metavar="JSON", parse=parse_speculative_config)] = None
+    speculative_run_ahead: Annotated[bool | None, Arg(
+        "N-gram speculation where async scheduling would be on: after a step that verifies no drafts (no n-gram "
+        "match), the next step is scheduled and launched before that step's tokens are read, as with async "
+        "scheduling (default: on where async scheduling would be, with method ngram on one device).")] = None
     tensor_parallel_size: Annotated[int, Arg(
         "Devices each layer is split across (one worker process per device; torch.distributed: NCCL on GPU, gloo "
         "on CPU). 1: the model runs in the engine-core process.", aliases=("-tp",))] = 1

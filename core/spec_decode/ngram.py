@@ -28,20 +28,22 @@ SMALL_BATCH = 32
 
 
 class SuffixIndex:
-    """One sequence's n-grams of lengths ``nmin..nmax`` mapped to the latest position right after an occurrence that
-    has a continuation (``end <= len(tokens) - 1``), updated with the tokens appended since the last call."""
+    """One sequence's n-grams of lengths ``nmin..nmax`` mapped to the latest (or, ``first``, the earliest) position
+    right after an occurrence that has a continuation (``end <= len(tokens) - 1``), updated with the tokens appended
+    since the last call."""
 
-    __slots__ = ("nmin", "nmax", "latest_end", "indexed")
+    __slots__ = ("nmin", "nmax", "first", "latest_end", "indexed")
 
-    def __init__(self, nmin: int, nmax: int) -> None:
+    def __init__(self, nmin: int, nmax: int, first: bool = False) -> None:
         self.nmin = nmin
         self.nmax = nmax
+        self.first = first
         self.latest_end: list[dict[tuple[int, ...], int]] = [{} for _ in range(nmax + 1)]  # by n
         self.indexed = 0  # ends below this are in the index (ends < len(tokens) at the last update)
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
         """The drafts ``propose_batch`` gives for ``tokens``: the continuation (up to ``k`` tokens) of the latest
-        earlier occurrence of the longest suffix n-gram (``nmax`` down to ``nmin``)."""
+        (``first``: earliest) earlier occurrence of the longest suffix n-gram (``nmax`` down to ``nmin``)."""
         length = len(tokens)
         nmin, nmax, latest_end = self.nmin, self.nmax, self.latest_end
         for n in range(nmin, nmax + 1):
@@ -50,7 +52,12 @@ class SuffixIndex:
             start = max(self.indexed, n)
             if start < length:
                 shifted = [tokens[start - n + i : length - n + i] for i in range(n)]
-                latest_end[n].update(zip(zip(*shifted), range(start, length)))
+                if self.first:  # keep the earliest end: new n-grams only, the earliest of a repeat written last
+                    ends = latest_end[n]
+                    new = [(gram, end) for gram, end in zip(zip(*shifted), range(start, length)) if gram not in ends]
+                    ends.update(reversed(new))
+                else:
+                    latest_end[n].update(zip(zip(*shifted), range(start, length)))
         self.indexed = max(self.indexed, length)
         for n in range(min(nmax, length), nmin - 1, -1):
             end = latest_end[n].get(tuple(tokens[length - n :]))
@@ -61,7 +68,12 @@ class SuffixIndex:
 
 class NgramProposer:
     def __init__(self, num_speculative_tokens: int, prompt_lookup_min: int, prompt_lookup_max: int,
-                 max_num_seqs: int, max_model_len: int) -> None:
+                 max_num_seqs: int, max_model_len: int, occurrence: str = "latest") -> None:
+        """``occurrence``: which earlier occurrence of the matched n-gram proposes when there are several,
+        "latest" or "first"."""
+        if occurrence not in ("latest", "first"):
+            raise ValueError(f"occurrence must be 'latest' or 'first', got {occurrence!r}")
+        self.first = occurrence == "first"
         self.k = num_speculative_tokens
         self.nmin = prompt_lookup_min
         self.nmax = prompt_lookup_max
@@ -84,19 +96,21 @@ class NgramProposer:
             for key, tokens in sequences:
                 index = indexes.get(key)
                 if index is None:
-                    index = indexes[key] = SuffixIndex(self.nmin, self.nmax)
+                    index = indexes[key] = SuffixIndex(self.nmin, self.nmax, self.first)
                 out.append(index.propose(tokens, self.k))
             return out
         rows = np.fromiter((self._rows.sync(key, tokens) for key, tokens in sequences), dtype=np.int64,
                            count=len(sequences))
         lengths = np.fromiter((len(tokens) for _, tokens in sequences), dtype=np.int64, count=len(sequences))
-        return propose_batch(self.tokens[rows, : int(lengths.max())], lengths, self.k, self.nmin, self.nmax)
+        return propose_batch(self.tokens[rows, : int(lengths.max())], lengths, self.k, self.nmin, self.nmax,
+                             first=self.first)
 
 
-def propose_batch(window: np.ndarray, lengths: np.ndarray, k: int, nmin: int, nmax: int) -> list[list[int]]:
+def propose_batch(window: np.ndarray, lengths: np.ndarray, k: int, nmin: int, nmax: int, first: bool = False
+                  ) -> list[list[int]]:
     """``window[i, :lengths[i]]``: sequence i's tokens. A candidate end ``e`` (an earlier n-gram occupies
     ``[e - n, e)``, followed by token ``e``) matches ``n`` when its ``n`` tokens before ``e`` equal the sequence's last
-    ``n``; the best candidate has the longest match (>= nmin, up to nmax), the latest on ties.
+    ``n``; the best candidate has the longest match (>= nmin, up to nmax), the latest (``first``: earliest) on ties.
 
     One full pass finds the candidates whose previous token equals the last token (few, in practice); the longer
     matches are checked on those candidates only."""
@@ -129,7 +143,8 @@ def propose_batch(window: np.ndarray, lengths: np.ndarray, k: int, nmin: int, nm
     row, end, run = row[good], end[good], run[good]
     if not len(row):
         return empty
-    order = np.lexsort((end, run, row))  # per row: the last entry has the longest run, then the latest end
+    # per row: the last entry has the longest run, then the latest (first: earliest) end
+    order = np.lexsort((-end if first else end, run, row))
     last_of_row = np.ones(len(order), dtype=bool)
     last_of_row[:-1] = row[order][1:] != row[order][:-1]
     out = empty

@@ -44,3 +44,26 @@ def test_continue_prompts_gives_full_acceptance(tmp_path):
                                    "--json", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["num_seqs"], r["tokens_per_step"]) for r in rows] == [(1, 4), (2, 8)]
+
+
+def test_graph_stand_ins_take_the_graph_host_path(tmp_path, monkeypatch):
+    """--graph-stand-ins (CPU): decode and verify steps go through the runner's graph path (padded layouts, the
+    in-graph argmax, the fast greedy verify), the forward run in place of each replay."""
+    import core.model_runner as model_runner
+
+    model = tiny_llama_dir(tmp_path / "tiny-llama")
+    out = tmp_path / "profile.jsonl"
+    replays = []
+    original = profile_spec_step.EagerGraphs.replay
+    monkeypatch.setattr(profile_spec_step.EagerGraphs, "replay",
+                        lambda self, size: replays.append(self._forward.__name__) or original(self, size))
+    eager_logits_rows = []
+    monkeypatch.setattr(model_runner, "_verified_rows", lambda *a: eager_logits_rows.append(1))  # eager path only
+    assert profile_spec_step.main(["--model", str(model), "--num-seqs", "1", "3", "--k", "0", "3", "--steps", "10",
+                                   "--warmup-steps", "8", "--prompt-len", "48", "--max-model-len", "512",
+                                   "--num-gpu-blocks-override", "64", "--continue-prompts", "--graph-stand-ins",
+                                   "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["num_seqs"], r["k"], r["tokens_per_step"]) for r in rows] == [(1, 0, 1), (1, 3, 4), (3, 0, 3),
+                                                                             (3, 3, 12)]
+    assert "_decode_forward" in replays and "_verify_graph_forward" in replays and not eager_logits_rows

@@ -34,3 +34,16 @@ def test_bench_runs_and_reports(tmp_path, capsys, async_scheduling):
     assert rows[0]["acceptance_rate"] is None and rows[1]["same_text_as_no_spec"] and rows[2]["same_text_as_no_spec"]
     printed = capsys.readouterr().out
     assert "tok/s" in printed and "accept" in printed and "mean len" in printed
+
+
+def test_bench_runs_each_run_ahead_mode(tmp_path):
+    """--run-ahead on off: each k > 0 runs once per mode (run-ahead needs async scheduling: forced on here)."""
+    model = tiny_llama_dir(tmp_path / "tiny-llama")
+    out = tmp_path / "w6.jsonl"
+    assert spec_decode_bench.main(["--model", str(model), "--num-prompts", "2", "--max-tokens", "12",
+                                   "--concurrency", "1", "--ks", "0", "3", "--max-model-len", "1024",
+                                   "--num-gpu-blocks-override", "128", "--async-scheduling", "on",
+                                   "--run-ahead", "on", "off", "--prompt-lookup-min", "1", "--json", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["k"], r["run_ahead"]) for r in rows] == [(0, None), (3, "on"), (3, "off")]
+    assert rows[1]["prompt_lookup"] == [1, 4] and rows[1]["same_text_as_no_spec"] and rows[2]["same_text_as_no_spec"]

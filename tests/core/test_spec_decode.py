@@ -80,26 +80,43 @@ def test_ngram_proposes_continuation_of_longest_match():
     assert proposer.propose([(("a", 0), a2), (("e", 0), [3, 3])]) == [[9, 10, 5], [3]]
 
 
+@pytest.mark.parametrize("occurrence", ["latest", "first"])
 @pytest.mark.parametrize("nmin,nmax,k", [(1, 3, 3), (2, 4, 5), (3, 3, 2)])
-def test_ngram_small_batch_index_matches_batched_search(nmin, nmax, k):
+def test_ngram_small_batch_index_matches_batched_search(nmin, nmax, k, occurrence):
     """The per-sequence incremental index (small batches) proposes exactly what the batched numpy search does, as
     sequences grow by several tokens per step and the batch size crosses the small-batch threshold both ways."""
     from core.spec_decode import ngram
 
     rng = np.random.default_rng(nmin * 10 + nmax)
     seqs = [(("s", i), rng.integers(0, 6, int(rng.integers(1, 30))).tolist()) for i in range(ngram.SMALL_BATCH + 3)]
-    proposer = NgramProposer(k, nmin, nmax, max_num_seqs=len(seqs), max_model_len=512)
+    proposer = NgramProposer(k, nmin, nmax, max_num_seqs=len(seqs), max_model_len=512, occurrence=occurrence)
+    first = occurrence == "first"
     proposed_small = 0
     for step in range(40):
         size = 1 + step % len(seqs) if step % 3 else len(seqs)
         batch = seqs[:size]
-        expected = [ngram.propose_batch(np.array([t + [0] * (512 - len(t))]), np.array([len(t)]), k, nmin, nmax)[0]
-                    for _, t in batch]
+        expected = [ngram.propose_batch(np.array([t + [0] * (512 - len(t))]), np.array([len(t)]), k, nmin, nmax,
+                                        first=first)[0] for _, t in batch]
         assert proposer.propose(batch) == expected, step
         proposed_small += size <= ngram.SMALL_BATCH and any(expected)
         for _, tokens in seqs:
             tokens.extend(rng.integers(0, 6, int(rng.integers(1, k + 2))).tolist())
     assert proposed_small > 5  # the index path ran and found matches
+
+
+def test_ngram_occurrence_latest_or_first():
+    """Several earlier occurrences of the matched n-gram: the latest proposes by default, the earliest with
+    occurrence="first" (vLLM's choice), on both the small-batch index and the batched search."""
+    from core.spec_decode import ngram
+
+    tokens = [1, 2, 3, 9, 1, 2, 4, 9, 1, 2]  # "1 2" ends at 2 (-> 3 9 ...) and at 6 (-> 4 9 ...)
+    for occurrence, want in (("latest", [4, 9, 1]), ("first", [3, 9, 1])):
+        proposer = NgramProposer(3, 2, 2, max_num_seqs=1, max_model_len=32, occurrence=occurrence)
+        assert proposer.propose([(("a", 0), tokens)]) == [want]
+        assert ngram.propose_batch(np.array([tokens]), np.array([len(tokens)]), 3, 2, 2,
+                                   first=occurrence == "first") == [want]
+        grown = tokens + [5, 1, 2]  # incremental: a third occurrence ending at 11 (-> 5 1 2)
+        assert proposer.propose([(("a", 0), grown)]) == [[5, 1, 2] if occurrence == "latest" else [3, 9, 1]]
 
 
 def test_ngram_respects_min_length():
@@ -267,22 +284,65 @@ def test_overlapped_steps_stay_in_flight_and_aborts_free_everything(models_dir):
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1  # no leaked block
 
 
-def test_prefix_cache_shared_prompt_and_n2(models_dir):
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True),  # the fast greedy path
+    SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=1, min_tokens=3),  # the sampler's
+])
+def test_run_ahead_after_draftless_steps_is_lossless(models_dir, params):
+    """With overlap_outputs and n-gram drafts, a step without drafts lets the next one launch before its tokens are
+    read (EngineCore._step_run_ahead; the next step takes them on the device): same tokens and logprobs as without
+    speculation, drafts still accepted, no block leaked, under preemption too; off (speculative_run_ahead=False),
+    no step runs ahead."""
+    path = make_tiny_model(models_dir, "llama", 0)
+    rng = random.Random(9)
+    prompts = repeating_prompts(path, 3) + [[rng.randrange(2, VOCAB) for _ in range(n)] for n in (7, 20)]
+    # one sequence at a time (W6's concurrency 1): steps without drafts between verifying ones; then a batch
+    # under preemption
+    for kwargs in (dict(max_num_seqs=1), dict(max_num_seqs=4, num_gpu_blocks_override=14, max_model_len=160)):
+        reference = run_engine(make_engine(path, **kwargs), prompts, params)
+        for run_ahead in (None, False):
+            engine = make_engine(path, speculative_config=NGRAM, async_scheduling=True,
+                                 speculative_run_ahead=run_ahead, **kwargs)
+            assert engine.overlap_outputs and engine.run_ahead == (run_ahead is None)
+            calls = []
+            step_run_ahead = engine._step_run_ahead
+            engine._step_run_ahead = lambda *a: calls.append(1) or step_run_ahead(*a)
+            got = run_engine(engine, prompts, params)
+            for key in reference:
+                assert got[key]["tokens"] == reference[key]["tokens"], (key, kwargs, run_ahead)
+                for ours, theirs in zip(got[key]["logprobs"], reference[key]["logprobs"]):
+                    assert all(ours[t] == pytest.approx(theirs[t], abs=1e-4) for t in ours)
+            assert (len(calls) > 10) if run_ahead is None else not calls
+            assert engine.get_stats()["spec_num_accepted_tokens"] > 0
+            assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1  # no leaked block
+            if "num_gpu_blocks_override" in kwargs:
+                assert engine.scheduler.total_preemptions > 0
+
+
+def test_run_ahead_asked_where_it_cannot_apply_fails_at_startup(models_dir):
+    path = make_tiny_model(models_dir, "llama", 0)
+    with pytest.raises(ValueError, match="speculative_run_ahead needs n-gram speculation"):
+        make_engine(path, speculative_config=NGRAM, speculative_run_ahead=True)  # CPU: async scheduling not wanted
+
+
+@pytest.mark.parametrize("overlap", [False, True])  # True: overlap_outputs, run-ahead after draftless steps
+def test_prefix_cache_shared_prompt_and_n2(models_dir, overlap):
     """Two requests with the same prompt (the second hits the first's cached blocks) and n = 2 seeded sampling
     (reproducible with the same seeds), greedy n = 2 identical to without speculation."""
+    spec_args = dict(speculative_config=NGRAM, async_scheduling=True) if overlap else dict(speculative_config=NGRAM)
     path = make_tiny_model(models_dir, "llama", 0)
     prompts = repeating_prompts(path, 2)[:2]
     prompts = [prompts[0], prompts[0], prompts[1]]
     greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, n=2)
     reference = run_engine(make_engine(path), prompts, greedy)
-    engine = make_engine(path, speculative_config=NGRAM)
+    engine = make_engine(path, **spec_args)
     got = run_engine(engine, prompts, greedy)
     assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in reference.items()}
     assert engine.get_stats()["prefix_cache_hits"] > 0
     seeded = SamplingParams(temperature=0.8, max_tokens=40, ignore_eos=True, n=2, seed=11, top_k=20,
                             presence_penalty=0.5, repetition_penalty=1.1, logprobs=1)
-    first = run_engine(make_engine(path, speculative_config=NGRAM), prompts, seeded)
-    again = run_engine(make_engine(path, speculative_config=NGRAM), list(reversed(prompts)), seeded)
+    first = run_engine(make_engine(path, **spec_args), prompts, seeded)
+    again = run_engine(make_engine(path, **spec_args), list(reversed(prompts)), seeded)
     for i in range(3):
         for index in range(2):
             assert first[(i, index)]["tokens"] == again[(2 - i, index)]["tokens"]
@@ -290,7 +350,8 @@ def test_prefix_cache_shared_prompt_and_n2(models_dir):
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
 
 
-def test_penalties_min_tokens_and_stops_inside_accepted_runs(models_dir):
+@pytest.mark.parametrize("overlap", [False, True])  # True: overlap_outputs, run-ahead after draftless steps
+def test_penalties_min_tokens_and_stops_inside_accepted_runs(models_dir, overlap):
     """Greedy with penalties, min_tokens, a stop token and max_tokens: the same tokens and finish reasons as
     without speculation, never a token past the stop."""
     path = make_tiny_model(models_dir, "qwen3", 0)
@@ -307,7 +368,7 @@ def test_penalties_min_tokens_and_stops_inside_accepted_runs(models_dir):
     all_prompts = [p for p in prompts for _ in cases]
     all_params = [c for _ in prompts for c in cases]
     reference = run_engine(make_engine(path), all_prompts, all_params)
-    engine = make_engine(path, speculative_config=NGRAM)
+    engine = make_engine(path, speculative_config=NGRAM, async_scheduling=overlap)
     got = run_engine(engine, all_prompts, all_params)
     for key in reference:
         assert got[key]["tokens"] == reference[key]["tokens"], key

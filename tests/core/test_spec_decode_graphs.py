@@ -59,7 +59,7 @@ def test_verify_graph_sizes_and_rows():
     assert rows.tolist() == [0, 1, 2, 3, 4, 8, 9, 10]
 
 
-@pytest.mark.parametrize("k, max_num_seqs, logprobs", [(5, 16, 1), (3, 4, 1), (3, 4, None)])
+@pytest.mark.parametrize("k, max_num_seqs, logprobs", [(5, 16, 1), (3, 4, 1), (3, 4, None), (15, 4, None)])
 def test_padded_verify_layout_is_lossless(models_dir, k, max_num_seqs, logprobs):
     """Verify steps through the graph layout (padded batch and token rows), mixed with eager steps (prefill chunks
     beside verifies, more sequences than max_num_seqs so requests join as others finish): the tokens and logprobs
@@ -87,7 +87,7 @@ def test_padded_verify_layout_is_lossless(models_dir, k, max_num_seqs, logprobs)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("k", [3, 5, 15])  # 15: 16 query rows, the most a decode-sized GEMM takes (W6's k at c=1)
 def test_verify_graphs_match_eager_on_gpu(models_dir, k):
     """fp32 tiny model on the GPU: captured verify graphs (and decode graphs) give the tokens of eager execution."""
     path = make_tiny_model(models_dir, "qwen3", 0)
@@ -110,6 +110,30 @@ def test_verify_graphs_match_eager_on_gpu(models_dir, k):
     assert {key: r["tokens"] for key, r in graphed.items()} == {key: r["tokens"] for key, r in eager.items()}
     assert sum(replays.values()) > 10
     assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
+
+
+@pytest.mark.gpu
+def test_run_ahead_matches_read_first_on_gpu(models_dir):
+    """fp32 tiny model on the GPU with graphs: speculative run-ahead (on by default with CUDA: draftless steps let
+    the next one launch, its input token taken on the device) gives the tokens of the read-first order and of no
+    speculation, one sequence at a time and in a batch."""
+    path = make_tiny_model(models_dir, "llama", 0)
+    prompts = _prompts(12, 3) + [[(7 * i + 3) % 40 + 2 for i in range(n)] for n in (9, 23)]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    spec = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    for max_num_seqs in (1, 8):
+        common = dict(max_num_seqs=max_num_seqs, dtype="float32", device="cuda")
+        plain = run_engine(make_engine(path, **common), prompts, params)
+        for run_ahead in (None, False):
+            engine = make_engine(path, speculative_config=spec, speculative_run_ahead=run_ahead, **common)
+            assert engine.run_ahead == (run_ahead is None)
+            calls = []
+            step_run_ahead = engine._step_run_ahead
+            engine._step_run_ahead = lambda *a: calls.append(1) or step_run_ahead(*a)
+            got = run_engine(engine, prompts, params)
+            assert {k: r["tokens"] for k, r in got.items()} == {k: r["tokens"] for k, r in plain.items()}
+            assert bool(calls) == (run_ahead is None)
+            assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
 
 
 def test_verify_capture_inputs_write_no_cache(models_dir):
