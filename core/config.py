@@ -219,8 +219,9 @@ def _resolve_async_scheduling(config: EngineConfig, device: torch.device) -> boo
 
 
 def _resolve_run_ahead(config: EngineConfig, overlap_outputs: bool) -> bool:
-    """On by default where it applies: n-gram speculation on one device with overlap_outputs (async scheduling
-    wanted). Asked for where it cannot apply: a startup error that says why."""
+    """Only when asked for (its CUDA path has not yet run on a GPU; the default turns on once W6 measures it): n-gram
+    speculation on one device with overlap_outputs (async scheduling wanted). Asked for where it cannot apply: a
+    startup error that says why."""
     spec = config.speculative_config
     supported = overlap_outputs and spec is not None and spec.method == "ngram" and \
         config.tensor_parallel_size * config.pipeline_parallel_size == 1
@@ -228,7 +229,7 @@ def _resolve_run_ahead(config: EngineConfig, overlap_outputs: bool) -> bool:
         raise ValueError("speculative_run_ahead needs n-gram speculation (speculative_config method ngram) with "
                          "async scheduling wanted (on by default with CUDA, or async_scheduling=True) on one device "
                          "(no tensor or pipeline parallelism).")
-    return supported and config.speculative_run_ahead is not False
+    return supported and config.speculative_run_ahead is True
 
 
 def _wants_async_scheduling(config: EngineConfig, device: torch.device) -> bool:

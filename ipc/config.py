@@ -190,7 +190,7 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     speculative_run_ahead: Annotated[bool | None, Arg(
         "N-gram speculation where async scheduling would be on: after a step that verifies no drafts (no n-gram "
         "match), the next step is scheduled and launched before that step's tokens are read, as with async "
-        "scheduling (default: on where async scheduling would be, with method ngram on one device).")] = None
+        "scheduling (default: off; it needs method ngram on one device with async scheduling wanted).")] = None
     tensor_parallel_size: Annotated[int, Arg(
         "Devices each layer is split across (one worker process per device; torch.distributed: NCCL on GPU, gloo "
         "on CPU). 1: the model runs in the engine-core process.", aliases=("-tp",))] = 1

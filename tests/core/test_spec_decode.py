@@ -300,10 +300,10 @@ def test_run_ahead_after_draftless_steps_is_lossless(models_dir, params):
     # under preemption
     for kwargs in (dict(max_num_seqs=1), dict(max_num_seqs=4, num_gpu_blocks_override=14, max_model_len=160)):
         reference = run_engine(make_engine(path, **kwargs), prompts, params)
-        for run_ahead in (None, False):
+        for run_ahead in (True, False):
             engine = make_engine(path, speculative_config=NGRAM, async_scheduling=True,
                                  speculative_run_ahead=run_ahead, **kwargs)
-            assert engine.overlap_outputs and engine.run_ahead == (run_ahead is None)
+            assert engine.overlap_outputs and engine.run_ahead == run_ahead
             calls = []
             step_run_ahead = engine._step_run_ahead
             engine._step_run_ahead = lambda *a: calls.append(1) or step_run_ahead(*a)
@@ -312,7 +312,7 @@ def test_run_ahead_after_draftless_steps_is_lossless(models_dir, params):
                 assert got[key]["tokens"] == reference[key]["tokens"], (key, kwargs, run_ahead)
                 for ours, theirs in zip(got[key]["logprobs"], reference[key]["logprobs"]):
                     assert all(ours[t] == pytest.approx(theirs[t], abs=1e-4) for t in ours)
-            assert (len(calls) > 10) if run_ahead is None else not calls
+            assert (len(calls) > 10) if run_ahead else not calls
             assert engine.get_stats()["spec_num_accepted_tokens"] > 0
             assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1  # no leaked block
             if "num_gpu_blocks_override" in kwargs:
@@ -329,7 +329,8 @@ def test_run_ahead_asked_where_it_cannot_apply_fails_at_startup(models_dir):
 def test_prefix_cache_shared_prompt_and_n2(models_dir, overlap):
     """Two requests with the same prompt (the second hits the first's cached blocks) and n = 2 seeded sampling
     (reproducible with the same seeds), greedy n = 2 identical to without speculation."""
-    spec_args = dict(speculative_config=NGRAM, async_scheduling=True) if overlap else dict(speculative_config=NGRAM)
+    spec_args = dict(speculative_config=NGRAM, async_scheduling=True, speculative_run_ahead=True) if overlap \
+        else dict(speculative_config=NGRAM)
     path = make_tiny_model(models_dir, "llama", 0)
     prompts = repeating_prompts(path, 2)[:2]
     prompts = [prompts[0], prompts[0], prompts[1]]
@@ -368,7 +369,7 @@ def test_penalties_min_tokens_and_stops_inside_accepted_runs(models_dir, overlap
     all_prompts = [p for p in prompts for _ in cases]
     all_params = [c for _ in prompts for c in cases]
     reference = run_engine(make_engine(path), all_prompts, all_params)
-    engine = make_engine(path, speculative_config=NGRAM, async_scheduling=overlap)
+    engine = make_engine(path, speculative_config=NGRAM, async_scheduling=overlap, speculative_run_ahead=overlap)
     got = run_engine(engine, all_prompts, all_params)
     for key in reference:
         assert got[key]["tokens"] == reference[key]["tokens"], key

@@ -114,7 +114,7 @@ def test_verify_graphs_match_eager_on_gpu(models_dir, k):
 
 @pytest.mark.gpu
 def test_run_ahead_matches_read_first_on_gpu(models_dir):
-    """fp32 tiny model on the GPU with graphs: speculative run-ahead (on by default with CUDA: draftless steps let
+    """fp32 tiny model on the GPU with graphs: speculative run-ahead (asked for: draftless steps let
     the next one launch, its input token taken on the device) gives the tokens of the read-first order and of no
     speculation, one sequence at a time and in a batch."""
     path = make_tiny_model(models_dir, "llama", 0)
@@ -124,15 +124,15 @@ def test_run_ahead_matches_read_first_on_gpu(models_dir):
     for max_num_seqs in (1, 8):
         common = dict(max_num_seqs=max_num_seqs, dtype="float32", device="cuda")
         plain = run_engine(make_engine(path, **common), prompts, params)
-        for run_ahead in (None, False):
+        for run_ahead in (True, False):
             engine = make_engine(path, speculative_config=spec, speculative_run_ahead=run_ahead, **common)
-            assert engine.run_ahead == (run_ahead is None)
+            assert engine.run_ahead == run_ahead
             calls = []
             step_run_ahead = engine._step_run_ahead
             engine._step_run_ahead = lambda *a: calls.append(1) or step_run_ahead(*a)
             got = run_engine(engine, prompts, params)
             assert {k: r["tokens"] for k, r in got.items()} == {k: r["tokens"] for k, r in plain.items()}
-            assert bool(calls) == (run_ahead is None)
+            assert bool(calls) == run_ahead
             assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks - 1
 
 
