@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import sys
 import time
 
 import numpy as np
+
+from benchmarks.json_lines import append_json_line
 
 
 def _make_engine(args: argparse.Namespace, draft: str | None, k: int):
@@ -133,10 +134,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             print(f"{name:>7} {k:>2} {batch_size:>5} {r['step_ms']:>8.2f} {r['verify_ms']:>8.2f} "
                   f"{r['propose_ms']:>8.2f} {r['step_vs_plain'] or 0:>7.2f}x {r['tokens_per_seq_step']:>8.2f} "
                   f"{r['tok_per_s']:>9.1f} {r['acceptance_rate'] if r['acceptance_rate'] is not None else '-':>7}")
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps({"benchmark": "draft_model_mechanics", "model": args.model,
-                                        "draft_model": draft, **r}) + "\n")
+            append_json_line(args.json, {"benchmark": "draft_model_mechanics", "model": args.model,
+                                         "draft_model": draft, **r})
         engine.shutdown()
         del engine
         gc.collect()

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from benchmarks.json_lines import append_json_line
 
 MODEL = "all-MiniLM-L6-v2"
 # Common words that MiniLM's WordPiece vocabulary holds whole: a sentence of n words is n + 2 tokens.
@@ -180,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                "batch_size": args.st_batch_size if name == "st" else None, "device": args.device, "dtype": args.dtype}
         results.append(row)
         print(f"{name:10s} {elapsed:9.2f} {row['embeddings_per_s']:13.1f} {cos:20.6f}", flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_json_line(args.json, row)
     by_run = {r["run"]: r["embeddings_per_s"] for r in results}
     if "offline" in by_run and "st" in by_run:
         print(f"offline / sentence-transformers: {by_run['offline'] / by_run['st']:.2f}x")

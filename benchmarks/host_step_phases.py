@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.json_lines import append_json_line
 from benchmarks.profile_step import _timed
 
 
@@ -131,10 +132,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.async_scheduling} (ms/step):")
     for name in PHASES:
         print(f"  {name:<34} {per_step.get(name, 0.0):8.3f}")
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps({"num_seqs": args.num_seqs, "steps": args.steps, "repeats": args.repeats,
-                                "async_scheduling": args.async_scheduling, "ms_per_step": per_step}) + "\n")
+    append_json_line(args.json, {"num_seqs": args.num_seqs, "steps": args.steps, "repeats": args.repeats,
+                                 "async_scheduling": args.async_scheduling, "ms_per_step": per_step})
     return 0
 
 

@@ -18,12 +18,13 @@ import argparse
 import collections
 import functools
 import gc
-import json
 import logging
 import sys
 import time
 
 import numpy as np
+
+from benchmarks.json_lines import append_json_line
 
 PHASES = ("schedule", "propose", "stage", "forward", "verify", "sample", "wait", "update", "launch_other", "other")
 
@@ -335,9 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"      torch ops per step by phase: {r['ops_per_step']}")
             if "per_step_sync_and_copy_calls" in r:
                 print(f"      syncs/copies per step: {r['per_step_sync_and_copy_calls']}")
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(r) + "\n")
+            append_json_line(args.json, r)
     return 0
 
 

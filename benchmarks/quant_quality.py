@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.json_lines import append_json_line
 from core.layers.quantization import weight_bytes
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "w6_passages.txt"
@@ -144,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['method']:>8} {r['weight_bytes'] / 1e6:>11.1f} {r['mean_kl']:>10.5f} {r['max_kl']:>9.4f} "
               f"{r['top1_agreement']:>12.4f}")
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps({"model": source.name, "tokens": len(token_ids), "results": rows}) + "\n")
+    append_json_line(args.json, {"model": source.name, "tokens": len(token_ids), "results": rows})
     return 0
 
 

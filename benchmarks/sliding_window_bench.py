@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.json_lines import append_json_line
+
 
 def windowed_model(model: str, window: int, directory: Path) -> Path:
     """A copy of ``model``'s config.json as MistralForCausalLM with ``sliding_window`` = ``window`` (dummy weights)."""
@@ -115,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['mode']:>8}: {row['out_tok_per_s']:>10.1f} out tok/s  {row['elapsed_s']:8.2f} s  "
               f"most blocks held {row['most_blocks_held_decoding']:>6} of {row['num_gpu_blocks'] - 1}  "
               f"preemptions {row['preemptions']}")
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_json_line(args.json, row)
     if len(rows) == 2:
         print(f"freeing / holding: {rows[0]['out_tok_per_s'] / rows[1]['out_tok_per_s']:.2f}x; "
               f"same greedy tokens: {same}")

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.json_lines import append_json_line
+
 DATA = Path(__file__).resolve().parent / "data"
 PROMPTS = DATA / "w6_prompts.jsonl"
 INSTRUCTIONS = [
@@ -161,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{concurrency:>5} {label:>6} {r['tok_per_s']:>9.1f} {speedup:>8} "
                       f"{r['acceptance_rate'] if r['acceptance_rate'] is not None else '-':>7} "
                       f"{r['mean_accepted_length'] if r['mean_accepted_length'] is not None else '-':>9} {same!s:>9}")
-                if args.json:
-                    with open(args.json, "a") as f:
-                        f.write(json.dumps(r) + "\n")
+                append_json_line(args.json, r)
     return 0
 
 

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.json_lines import append_json_line
 from benchmarks.spec_decode_bench import load_prompts
 
 DEFAULT_OUTPUTS = Path(__file__).resolve().parent / "results" / "w6_greedy_outputs_cpu.json"
@@ -246,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['config']:<34} {r['decode_steps']:>6} {r['tokens_per_step']:>8.3f} {r['drafted_share']:>8.3f} "
               f"{r['run_ahead_steps'] / r['decode_steps']:>6.3f} {r['acceptance_rate'] or 0:>7.3f} "
               f"{r['mean_accepted_length'] or 0:>8.3f} {1e3 / ms:>9.0f} {args.decode_ms / ms:>5.2f}x")
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(r) + "\n")
+        append_json_line(args.json, r)
     if args.check:
         check = rows[: args.check]
         got = generate_outputs(model, prompts[: args.check], args.max_tokens, 1, configs[0].engine_args())

@@ -18,6 +18,7 @@ import json
 import sys
 import time
 
+from benchmarks.json_lines import append_json_line
 from benchmarks.throughput import make_workload
 from core.step_recovery import InjectedStepFault
 from ipc.messages import EngineConfig, EngineRequest, SamplingParams
@@ -114,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "survivors_identical": lossless,
     }
     print(json.dumps(record))
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    append_json_line(args.json, record)
     ok = lossless and sorted(faulty["failed_requests"]) == sorted(culprits)
     if not ok:
         print("FAILED: survivors differ from the clean run or the wrong requests failed", file=sys.stderr)

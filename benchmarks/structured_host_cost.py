@@ -25,6 +25,7 @@ import logging
 import time
 from pathlib import Path
 
+from benchmarks.json_lines import append_json_line
 from benchmarks.profile_step import _timed
 
 
@@ -286,9 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"  {r['bitmask_wait_ms']:>12.3f}  {r['upload_wait_ms']:>6.3f}  {r['apply_ms']:>5.3f}"
                   f"   ({r['device']}, grammar thread {'on' if r['grammar_threads_on'] else 'off'}, "
                   f"{r['num_grammar_threads']} fill threads)")
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps({"components": r, "args": vars(args)}) + "\n")
+            append_json_line(args.json, {"components": r, "args": vars(args)})
         return 0
     result = run(args)
     for name in ("unconstrained", "json_object"):
@@ -300,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"  grammar job started early in {r['early_starts']:.0f} steps" if grammar and "early_starts" in r
                  else ""))
     print(f"json_object slowdown: {100 * result['json_object_slowdown']:.1f}%")
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps({**result, "args": vars(args)}) + "\n")
+    append_json_line(args.json, {**result, "args": vars(args)})
     return 0
 
 

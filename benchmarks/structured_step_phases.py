@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.json_lines import append_json_line
+
 # Phases that are device work on a GPU host (launches there) and CPU compute here: left out of "host".
 _COMPUTE = ("forward + logits", "sampler")
 
@@ -323,9 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rows per fill thread {variant['rows_per_fill_thread']:>4}, switch interval "
               f"{variant['switch_interval_us']:>5g} us: json_object decode steps slower than the same batches "
               f"unconstrained (wall, per repeat): {ratios}")
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps({**result, "args": vars(args)}) + "\n")
+    append_json_line(args.json, {**result, "args": vars(args)})
     return 0
 
 

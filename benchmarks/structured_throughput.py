@@ -13,12 +13,12 @@ must hold a tokenizer (the grammar needs the vocabulary).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
 import time
 
+from benchmarks.json_lines import append_json_line
 from benchmarks.throughput import make_workload
 
 
@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"json_object slowdown: {100 * result['json_object_slowdown']:.1f}% against W1, "
           f"{100 * result['json_object_slowdown_same_lengths']:.1f}% against W1 cut to the same output lengths",
           file=sys.stdout)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps({**result, "args": vars(args)}) + "\n")
+    append_json_line(args.json, {**result, "args": vars(args)})
     return 0
 
 
