@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from benchmarks.json_lines import append_json_line
+
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
 
 
@@ -257,11 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['run']:>4} {r['elapsed_s']:>10.2f} {r['output_tokens']:>11} {r['output_tok_per_s']:>10.1f}")
     print(f"{args.workload} {args.backend} median output throughput: {median:.1f} tok/s "
           f"({len(workload.prompts)} requests, {workload.num_output_tokens} output tokens)")
-    if args.json:
-        record = {"workload": args.workload, "backend": args.backend, "model": args.model,
-                  "median_output_tok_per_s": median, "runs": runs, "args": vars(args)}
-        with open(args.json, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    append_json_line(args.json, {"workload": args.workload, "backend": args.backend, "model": args.model,
+                                 "median_output_tok_per_s": median, "runs": runs, "args": vars(args)})
     return 0
 
 
