@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import gc
 import logging
 import sys
@@ -25,38 +24,9 @@ import time
 import numpy as np
 
 from benchmarks.json_lines import append_json_line
+from benchmarks.phase_timer import PhaseTimer
 
 PHASES = ("schedule", "propose", "stage", "forward", "verify", "sample", "wait", "update", "launch_other", "other")
-
-
-class PhaseTimer:
-    """Exclusive host time per phase: a phase's nested phases are subtracted from it."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = collections.defaultdict(float)
-        self._stack: list[list] = []  # [phase, start, nested seconds]
-
-    def wrap(self, phase: str, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            self._stack.append([phase, time.perf_counter(), 0.0])
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                name, start, nested = self._stack.pop()
-                elapsed = time.perf_counter() - start
-                self.totals[name] += elapsed - nested
-                if self._stack:
-                    self._stack[-1][2] += elapsed
-
-        return wrapper
-
-    def reset(self) -> None:
-        self.totals.clear()
-
-    @property
-    def phase(self) -> str:
-        return self._stack[-1][0] if self._stack else "other"
 
 
 def count_ops(timer: PhaseTimer):
@@ -76,8 +46,8 @@ def count_ops(timer: PhaseTimer):
     return OpCounter()
 
 
-def instrument(engine, timer: PhaseTimer) -> list:
-    """Wrap the engine's phases in ``timer``; returns the (owner, name, original) to restore."""
+def instrument(engine, timer: PhaseTimer) -> None:
+    """Wrap the engine's phases in ``timer`` (``timer.unpatch()`` puts them back)."""
     import core.model_runner as model_runner
     from core.model_runner import StepHandle
     from core.sampler import Sampler
@@ -94,23 +64,8 @@ def instrument(engine, timer: PhaseTimer) -> list:
     for graphs in (runner.graphs, getattr(runner, "verify_graphs", None)):
         if graphs is not None:
             patches.append((graphs, "replay", "forward"))
-    restore = []
     for owner, name, phase in patches:
-        own = vars(owner).get(name, _MISSING)
-        restore.append((owner, name, own))
-        setattr(owner, name, timer.wrap(phase, getattr(owner, name)))
-    return restore
-
-
-_MISSING = object()
-
-
-def uninstrument(restore: list) -> None:
-    for owner, name, own in reversed(restore):
-        if own is _MISSING:
-            delattr(owner, name)  # an instance attribute shadowing its class's method
-        else:
-            setattr(owner, name, own)
+        timer.patch(owner, name, phase)
 
 
 def repeated_prompts(num_seqs: int, prompt_len: int, vocab: int, *, seed: int) -> list[list[int]]:
@@ -237,7 +192,7 @@ def profile_one(args: argparse.Namespace, num_seqs: int, k: int) -> dict:
     _run_steps(engine, args.warmup_steps)
 
     timer = PhaseTimer()
-    restore = instrument(engine, timer)
+    instrument(engine, timer)
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -252,7 +207,7 @@ def profile_one(args: argparse.Namespace, num_seqs: int, k: int) -> dict:
         with counter:
             _run_steps(engine, args.count_ops)
         ops_per_step = {phase: round(n / args.count_ops, 2) for phase, n in sorted(counter.counts.items())}
-    uninstrument(restore)
+    timer.unpatch()
     per_step_ms = {phase: round(1e3 * totals.get(phase, 0.0) / args.steps, 3) for phase in PHASES}
     per_step_ms["other"] = round(1e3 * elapsed / args.steps - sum(per_step_ms.values()), 3)
     result = {

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import json
 import shutil
 import tempfile
@@ -32,34 +31,10 @@ import time
 from pathlib import Path
 
 from benchmarks.json_lines import append_json_line
+from benchmarks.phase_timer import PhaseTimer
 
 # Phases that are device work on a GPU host (launches there) and CPU compute here: left out of "host".
 _COMPUTE = ("forward + logits", "sampler")
-
-
-def _exclusive_timer(totals: dict[str, float], cpu_totals: dict[str, float], stack: list[list[float]]):
-    """A wrapper factory: each wrapped call adds its wall time (and the calling thread's CPU time, to
-    ``cpu_totals``) *minus its timed callees'* to ``totals[label]``, so nested phases (the update run inside
-    ``launch``, say) are counted once and the phases add up to the step."""
-
-    def timed(label: str, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            stack.append([0.0, 0.0])
-            t0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
-                inner, inner_cpu = stack.pop()
-                totals[label] += elapsed - inner
-                cpu_totals[label] += cpu - inner_cpu
-                if stack:
-                    stack[-1][0] += elapsed
-                    stack[-1][1] += cpu
-        return wrapper
-
-    return timed
 
 
 def tiny_model_with_tokenizer(directory: Path, tokenizer_from: Path) -> Path:
@@ -78,54 +53,46 @@ def tiny_model_with_tokenizer(directory: Path, tokenizer_from: Path) -> Path:
     return directory
 
 
-def _instrument(engine, totals: dict[str, float], cpu_totals: dict[str, float]) -> list:
-    """Wrap the engine's phases with wall timers adding to ``totals``; returns the (object, name, original) to put
-    back."""
+def _instrument(engine, timer: PhaseTimer) -> None:
+    """Wrap the engine's phases with ``timer`` (exclusive wall and engine-thread CPU time per phase, so nested phases,
+    the update run inside ``launch`` say, are counted once and the phases add up to the step; ``timer.unpatch()``
+    puts them back)."""
     import core.model_runner as model_runner
 
     runner = engine.runner
-    saved = []
-    timed = _exclusive_timer(totals, cpu_totals, [])
-
-    def wrap(obj, name: str, label: str) -> None:
-        original = getattr(obj, name)
-        saved.append((obj, name, original))
-        setattr(obj, name, timed(label, original))
-
-    wrap(engine.scheduler, "schedule", "schedule")
-    wrap(engine, "_plan", "plan (scheduler output diffs)")
-    wrap(runner, "launch", "launch (rest)")
-    wrap(runner.inputs, "stage", "stage inputs")
+    patch = timer.patch
+    patch(engine.scheduler, "schedule", "schedule")
+    patch(engine, "_plan", "plan (scheduler output diffs)")
+    patch(runner, "launch", "launch (rest)")
+    patch(runner.inputs, "stage", "stage inputs")
     if runner.graphs is not None:  # CUDA graphs: decode steps replay them instead of calling the model
-        wrap(runner.graphs, "replay", "graph replay (launch)")
-    wrap(runner.model, "forward", "forward + logits")
-    wrap(runner.model, "compute_logits", "forward + logits")
-    wrap(runner.sampler.__class__, "__call__", "sampler")
-    wrap(model_runner, "build_sampling_batch", "sampling batch (host)")
-    wrap(model_runner.StepHandle, "result", "read results")
-    wrap(engine, "_update", "update requests + outputs")
-    wrap(engine, "_finish_inflight", "finish step (rest)")
-    wrap(engine, "_start_grammar_job_early", "grammar early look + prepare")
-    wrap(engine.structured, "bitmask", "grammar bitmask (join + upload)")
-    wrap(engine.structured, "accept", "grammar accept (inline)")
-    wrap(runner.batch, "apply", "apply message to worker batch")
+        patch(runner.graphs, "replay", "graph replay (launch)")
+    patch(runner.model, "forward", "forward + logits")
+    patch(runner.model, "compute_logits", "forward + logits")
+    patch(runner.sampler.__class__, "__call__", "sampler")
+    patch(model_runner, "build_sampling_batch", "sampling batch (host)")
+    patch(model_runner.StepHandle, "result", "read results")
+    patch(engine, "_update", "update requests + outputs")
+    patch(engine, "_finish_inflight", "finish step (rest)")
+    patch(engine, "_start_grammar_job_early", "grammar early look + prepare")
+    patch(engine.structured, "bitmask", "grammar bitmask (join + upload)")
+    patch(engine.structured, "accept", "grammar accept (inline)")
+    patch(runner.batch, "apply", "apply message to worker batch")
     # The grammar's per-row Python on the engine thread, inside the phases above.
     import core.engine as engine_module
     import core.structured_output.manager as manager_module
 
-    wrap(engine_module, "_constrained_tokens", "grammar: tokens of the step (per row)")
+    patch(engine_module, "_constrained_tokens", "grammar: tokens of the step (per row)")
     for name in ("_to_accept", "_rows_to_fill"):
         if hasattr(engine.structured, name):
-            wrap(engine.structured, name, f"grammar: {name} (per row)")
+            patch(engine.structured, name, f"grammar: {name} (per row)")
     if hasattr(manager_module, "_same_sequences"):
-        wrap(manager_module, "_same_sequences", "grammar: _same_sequences (per row)")
-    return saved
+        patch(manager_module, "_same_sequences", "grammar: _same_sequences (per row)")
 
 
 def run_pass(engine, prompts: list[list[int]], params_list: list, tag: str) -> dict:
     """Run the requests to the end; per phase ms, the batch sizes, and the output lengths."""
-    totals: dict[str, float] = collections.defaultdict(float)
-    cpu_totals: dict[str, float] = collections.defaultdict(float)
+    timer = PhaseTimer(cpu=True)
     # A cold prefix cache for every pass: the prefills (untimed) then take the same steps in both passes, so the
     # timed decode steps start at the same point with the same batches.
     engine.reset_prefix_cache()
@@ -136,7 +103,7 @@ def run_pass(engine, prompts: list[list[int]], params_list: list, tag: str) -> d
     while any(seq.num_computed_tokens < len(seq.prompt_token_ids)
               for seq in (*engine.scheduler.waiting, *engine.scheduler.running)):
         collect(engine.step(), lengths)
-    saved = _instrument(engine, totals, cpu_totals)
+    _instrument(engine, timer)
     steps = rows = 0
     batch_sizes: list[int] = []
     t0, c0 = time.perf_counter(), time.thread_time()
@@ -148,10 +115,9 @@ def run_pass(engine, prompts: list[list[int]], params_list: list, tag: str) -> d
             steps += 1
     finally:
         wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
-        for obj, name, original in reversed(saved):
-            setattr(obj, name, original)
-    return {"steps": steps, "rows": rows, "wall_s": wall, "cpu_s": cpu, "totals_s": dict(totals),
-            "cpu_totals_s": dict(cpu_totals), "batch_sizes": batch_sizes, "lengths": lengths}
+        timer.unpatch()
+    return {"steps": steps, "rows": rows, "wall_s": wall, "cpu_s": cpu, "totals_s": dict(timer.totals),
+            "cpu_totals_s": dict(timer.cpu_totals), "batch_sizes": batch_sizes, "lengths": lengths}
 
 
 def collect(outputs, lengths: dict[str, int]) -> None:
