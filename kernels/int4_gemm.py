@@ -229,17 +229,17 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 # one (tensor cores, M <= 16: ``_int4_mma_kernel``); None sends the shape to the tl.dot kernel.
 # Paste the block printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; other shapes use
 # INT4_DEFAULT_CONFIGS. block_k counts input rows (block_k / 8 words per column per tile).
-INT4_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-02, Llama-3.1-8B, M = 1
-    (1, 6144, 4096): _c("fma:8x1024:w4:p0"),  # qkv_proj: fma 27.8 us, tl.dot 45.5 us
-    (1, 4096, 4096): _c("fma:16x512:w4:p0"),  # o_proj: fma 17.7 us, tl.dot 34.7 us
-    (1, 28672, 4096): None,  # gate_up_proj: fma 116.2 us, tl.dot 91.2 us
-    (1, 4096, 14336): _c("fma:16x512:w4:p0"),  # down_proj: fma 58.9 us, tl.dot 116.2 us
+INT4_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-02 (fifth), Llama-3.1-8B
+    (1, 6144, 4096): _c("mms:128x128:w8:s3"),  # qkv_proj: fma 27.5 us, mma 15.5 us, mms 15.3 us, tl.dot 45.3 us
+    (1, 4096, 4096): _c("mms:128x128:w8:s3"),  # o_proj: fma 17.8 us, mma 12.9 us, mms 12.4 us, tl.dot 34.8 us
+    (1, 28672, 4096): _c("mma:128x256:w4:s3"),  # gate_up_proj: fma 114.7 us, mma 50.7 us, mms 56.6 us, tl.dot 91.1 us
+    (1, 4096, 14336): _c("mms:256x128:w8:s3"),  # down_proj: fma 58.8 us, mma 26.4 us, mms 26.1 us, tl.dot 116.9 us
 }
 # One 16-byte load is 4 words = 32 weights; a [block_n, block_k / 8] word tile over 32 * num_warps threads gives each
 # thread block_n * block_k / (256 * num_warps) words per tile (8 here: two loads in flight, plus the next tile's), and
 # the accumulators stay at word granularity (that many fp32 registers per x row).
 INT4_DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {
-    1: _c("fma:8x1024:w4:p0"),
+    1: _c("mma:128x256:w4:s3"),  # geo-mean over the Llama-3.1-8B layer shapes 22.9 us (fma's best 43 us)
     2: _c("fma:8x1024:w4:p0"),
     4: _c("fma:8x1024:w4:p0"),
 }

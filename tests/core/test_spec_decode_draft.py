@@ -234,6 +234,37 @@ def test_graph_layout_of_the_proposal_steps_is_lossless(models_dir, same_weights
     assert_no_leak(engine)
 
 
+def test_catch_up_runs_inside_the_target_step_graphs(models_dir):
+    """On the graph path (decode and verify steps replayed, here through eager stand-ins) the draft's catch-up runs
+    inside the target's graph body, not beside it: with the target's own weights every draft is still accepted
+    (a missed catch-up leaves the draft's KV stale and its drafts wrong), and the tokens are those without
+    speculation."""
+    from benchmarks.profile_spec_step import use_graph_stand_ins
+
+    path = make_tiny_model(models_dir, "llama", 0)
+    prompts = random_prompts(3) + random_prompts(4)[:2]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (30, 12, 20, 8, 25, 16)]
+    kwargs = dict(max_num_seqs=8, max_model_len=96)
+    reference = run_engine(make_engine(path, **kwargs), prompts, params)
+    engine = make_engine(path, speculative_config=draft_config(path, k=3), **kwargs)
+    use_graph_stand_ins(engine)
+    runner = engine.runner
+    replays, draft_forwards = [], []
+    verify_replay = runner.verify_graphs.replay
+    runner.verify_graphs.replay = lambda size: replays.append(size) or verify_replay(size)
+    body_catch_up = runner._draft_catch_up
+    runner._draft_catch_up = lambda *a: replays.append("catch-up") or body_catch_up(*a)
+    catch_up = runner.draft.catch_up
+    runner.draft.catch_up = lambda *a: draft_forwards.append(1) or catch_up(*a)
+    got = run_engine(engine, prompts, params)
+    assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in reference.items()}
+    assert replays.count("catch-up") >= len([r for r in replays if r != "catch-up"]) > 5
+    assert len(draft_forwards) > replays.count("catch-up")  # each in-graph catch-up runs the draft; prefill too
+    stats = engine.get_stats()
+    assert stats["spec_num_accepted_tokens"] == stats["spec_num_draft_tokens"] > 0
+    assert_no_leak(engine)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("same_weights", [True, False])
 def test_draft_graphs_match_eager_on_gpu(models_dir, same_weights):
@@ -252,8 +283,11 @@ def test_draft_graphs_match_eager_on_gpu(models_dir, same_weights):
     replays = []
     replay = engine.runner.draft.graphs.replay
     engine.runner.draft.graphs.replay = lambda size: replays.append(size) or replay(size)
+    verify_replays = []
+    verify_replay = engine.runner.verify_graphs.replay
+    engine.runner.verify_graphs.replay = lambda size: verify_replays.append(size) or verify_replay(size)
     graphed = run_engine(engine, prompts, params)
     assert {k: v["tokens"] for k, v in graphed.items()} == {k: v["tokens"] for k, v in eager.items()}
-    assert len(replays) > 5
+    assert len(replays) > 5 and len(verify_replays) > 5  # the draft catches up inside the verify graphs
     assert engine.get_stats()["spec_num_accepted_tokens"] == eager_engine.get_stats()["spec_num_accepted_tokens"]
     assert_no_leak(engine)

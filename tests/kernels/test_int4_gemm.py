@@ -134,13 +134,15 @@ def test_int4_fma_kernel_matches_reference(m, n, k, group, config, dtype):
 
 
 def test_int4_decode_dispatch():
-    """fma for M <= 4 (block_k fitted to K and the group), tl.dot above; both match the reference."""
+    """M = 1 on the tensor-core kernel (the H200 sweep's default), fma for M = 2..4 (block_k fitted to K and the
+    group), tl.dot above; all match the reference."""
     assert pick_int4_config(5, 4096, 4096, 128) is None
-    for m in (1, 2, 4):
+    assert pick_int4_config(1, 4096, 4096, 128).kind in ("mma", "mms")
+    for m in (2, 4):
         config = pick_int4_config(m, 4096, 4096, 128)
         assert config is not None and config.kind == "fma" and config.block_k % 32 == 0
     assert pick_int4_config(1, 4096, 4096 + 96, 32).block_k == 32  # K = 4192 = 131 * 32: only 32 divides it
-    assert all(c is None or c.kind == "fma" for c in INT4_DEFAULT_CONFIGS.values())
+    assert INT4_DEFAULT_CONFIGS[2].kind == INT4_DEFAULT_CONFIGS[4].kind == "fma"
     gen = torch.Generator().manual_seed(11)
     k, n, group = 512, 24, 64
     q, zeros, scales, _ = random_int4(k, n, group, gen)
@@ -245,12 +247,10 @@ def test_int4_mma_rejects_what_it_cannot_run():
 
 
 def test_int4_mma_dispatch_only_where_a_table_entry_names_it(monkeypatch):
-    """Today's tables name no mma config (the engine's kernels stay as measured); an ``mma`` entry sends its shape
-    to the tensor-core kernel for every M up to 16 (block_k fitted to K and the group), fma entries stop at M = 4."""
+    """An ``mma`` entry sends its shape to the tensor-core kernel for every M up to 16 (block_k fitted to K and the
+    group), fma entries stop at M = 4."""
     import kernels.int4_gemm as i4
 
-    assert all(c is None or c.kind == "fma" for c in i4.INT4_SKINNY_CONFIGS.values())  # until measured
-    assert all(c is None or c.kind == "fma" for c in i4.INT4_DEFAULT_CONFIGS.values())
     k, n, group = 256, 72, 128
     assert pick_int4_config(8, n, k, group) is None
     monkeypatch.setitem(i4.INT4_SKINNY_CONFIGS, (8, n, k), SkinnyConfig.parse("mma:64x512:w4:s2"))
