@@ -5,8 +5,8 @@ Three engines per ``k``, each timed at every batch size (random prompts, greedy,
 
 * ``plain``: no speculation (decode steps replay CUDA graphs);
 * ``draft``: the draft model. With dummy weights the draft and the target share nothing, so acceptance is ~0 and
-  each step emits one token: the step time is pure overhead (draft catch-up + k draft forwards + a verify forward
-  of 1 + k tokens per sequence, eager);
+  each step emits one token: the step time is pure overhead (k draft forwards + a verify forward of 1 + k tokens per
+  sequence with the draft's catch-up on them, both in CUDA graphs unless ``--enforce-eager``);
 * ``self``: the target's own files as the draft (same seed, so identical dummy weights): every draft is accepted
   (up to numerical ties), the best case for the mechanics.
 

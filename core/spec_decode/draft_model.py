@@ -29,7 +29,8 @@ On CUDA (unless enforce_eager) the ``k`` proposal steps of a batch bucket replay
 graph. Every sequence of the bucket runs all ``k`` steps there: a sequence that wants ``n < k`` drafts repeats its
 last drafted position ``P + n - 1`` in the later steps (its slot is reserved; whatever those steps write there is
 rewritten by the verify step's catch-up before anything reads it, and their outputs are dropped); padding rows have
-no context and write no KV. Catch-up stays eager (its shapes are the target step's). The drafts reach the host with
+no context and write no KV. Catch-up has the target step's shapes: it runs inside the target's decode and verify
+graphs (``ModelRunner._draft_catch_up``), eagerly for prefill and mixed steps. The drafts reach the host with
 one copy after the ``k`` forwards: the scheduler needs them to size the next step.
 """
 
