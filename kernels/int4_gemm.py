@@ -20,7 +20,7 @@ Three kernels:
   each program dequantizes a ``[block_k, block_n]`` tile of one group in registers, its x tile (loaded contiguous)
   reordered to the interleave in registers (``tl.permute``); at decode output blocks are narrow enough to give every SM work (``kernels/split_k.py``), and
   only small layers split K (fp32 partial sums, added up by one ``sum``).
-- ``mma`` (M <= 16, tensor cores; chosen only where a measured ``INT4_SKINNY_CONFIGS`` entry names it):
+- ``mma`` (M <= 16, tensor cores; the H200 sweep's choice for every Llama-3.1-8B shape at M = 1, and the default):
   ``_int4_mma_kernel`` computes ``W^T @ x^T`` so the weight tile is the 64/128-row side of Hopper's wgmma (the fp8
   ``_fp8_mma_kernel``'s trick), dequantizing it in registers with Marlin's magic-number conversion: nibbles or'ed
   into the mantissa of fp16 1024.0 / bf16 128.0 two at a time (``lop3``), then ``- (magic + zero)`` and ``* scale``
@@ -235,13 +235,12 @@ INT4_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200
     (1, 28672, 4096): _c("mma:128x256:w4:s3"),  # gate_up_proj: fma 114.7 us, mma 50.7 us, mms 56.6 us, tl.dot 91.1 us
     (1, 4096, 14336): _c("mms:256x128:w8:s3"),  # down_proj: fma 58.8 us, mma 26.4 us, mms 26.1 us, tl.dot 116.9 us
 }
-# One 16-byte load is 4 words = 32 weights; a [block_n, block_k / 8] word tile over 32 * num_warps threads gives each
-# thread block_n * block_k / (256 * num_warps) words per tile (8 here: two loads in flight, plus the next tile's), and
-# the accumulators stay at word granularity (that many fp32 registers per x row).
+# Shapes without an entry: the best geo-mean over the Llama-3.1-8B layer shapes at M = 1 (22.9 us; the best fma
+# config's 43 us). The tensor-core kernel always computes 16 x rows (BLOCK_M = 16, the MMA's N side), so its time at
+# M = 1 is its time at every M up to 16: the buckets above 1 reuse M = 1's tensor-core entries and default
+# (``pick_int4_config``), while an fma config's time grows with M.
 INT4_DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {
-    1: _c("mma:128x256:w4:s3"),  # geo-mean over the Llama-3.1-8B layer shapes 22.9 us (fma's best 43 us)
-    2: _c("fma:8x1024:w4:p0"),
-    4: _c("fma:8x1024:w4:p0"),
+    1: _c("mma:128x256:w4:s3"),
 }
 INT4_FMA_MAX_M = 4
 INT4_MMA_MAX_M = 16  # the mma kernel pads x to 16 rows (the MMA's N side)
@@ -251,17 +250,30 @@ INT4_MMA_KINDS = ("mma", "mms")
 
 
 def pick_int4_config(m: int, n: int, k: int, group_size: int) -> SkinnyConfig | None:
-    """The decode configuration for this shape: ``fma`` (M <= 4) or ``mma`` / ``mms`` (M <= 16, only where a table
-    entry names it), or None for the tl.dot kernel."""
+    """The decode configuration for this shape: ``fma`` (M <= 4) or ``mma`` / ``mms`` (M <= 16), or None for the
+    tl.dot kernel. A bucket without its own entry (or default) takes M = 1's when that is a tensor-core config, whose
+    time does not depend on M up to 16."""
     bucket = m_bucket(m)
     if bucket > INT4_MMA_MAX_M:
         return None
-    key = (bucket, n, k)
-    config = INT4_SKINNY_CONFIGS[key] if key in INT4_SKINNY_CONFIGS and group_size == 128 \
-        else INT4_DEFAULT_CONFIGS.get(bucket)
+    config = _table_config(bucket, n, k, group_size)
+    if config is None and bucket not in INT4_DEFAULT_CONFIGS and not _has_entry(bucket, n, k, group_size):
+        m1_config = _table_config(1, n, k, group_size)
+        config = m1_config if m1_config is not None and m1_config.kind in INT4_MMA_KINDS else None
     if config is None or (config.kind == "fma" and m > INT4_FMA_MAX_M):
         return None
     return _fit_block_k(config, k, group_size)
+
+
+def _has_entry(bucket: int, n: int, k: int, group_size: int) -> bool:
+    return group_size == 128 and (bucket, n, k) in INT4_SKINNY_CONFIGS
+
+
+def _table_config(bucket: int, n: int, k: int, group_size: int) -> SkinnyConfig | None:
+    """The bucket's entry for this shape (entries are measured at group 128), else the bucket's default."""
+    if _has_entry(bucket, n, k, group_size):
+        return INT4_SKINNY_CONFIGS[(bucket, n, k)]
+    return INT4_DEFAULT_CONFIGS.get(bucket)
 
 
 def _fit_block_k(config: SkinnyConfig, k: int, group_size: int) -> SkinnyConfig | None:

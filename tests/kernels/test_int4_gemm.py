@@ -134,21 +134,19 @@ def test_int4_fma_kernel_matches_reference(m, n, k, group, config, dtype):
 
 
 def test_int4_decode_dispatch():
-    """M = 1 on the tensor-core kernel (the H200 sweep's default), fma for M = 2..4 (block_k fitted to K and the
-    group), tl.dot above; all match the reference."""
-    assert pick_int4_config(5, 4096, 4096, 128) is None
-    assert pick_int4_config(1, 4096, 4096, 128).kind in ("mma", "mms")
-    for m in (2, 4):
-        config = pick_int4_config(m, 4096, 4096, 128)
-        assert config is not None and config.kind == "fma" and config.block_k % 32 == 0
+    """M <= 16 on the tensor-core kernel (the H200 sweep's choice at M = 1, whose time does not depend on M up to
+    16: every bucket reuses it), block_k fitted to K and the group; tl.dot above; all match the reference."""
+    assert pick_int4_config(17, 4096, 4096, 128) is None
+    configs = {m: pick_int4_config(m, 4096, 4096, 128) for m in (1, 2, 3, 4, 7, 16)}
+    assert set(configs.values()) == {configs[1]} and configs[1].kind in ("mma", "mms")
+    assert pick_int4_config(9, 72, 256, 128) == INT4_DEFAULT_CONFIGS[1]  # a shape without entries: M = 1's default
     assert pick_int4_config(1, 4096, 4096 + 96, 32).block_k == 32  # K = 4192 = 131 * 32: only 32 divides it
-    assert INT4_DEFAULT_CONFIGS[2].kind == INT4_DEFAULT_CONFIGS[4].kind == "fma"
     gen = torch.Generator().manual_seed(11)
     k, n, group = 512, 24, 64
     q, zeros, scales, _ = random_int4(k, n, group, gen)
     args = (pack_int4_kernel(q), scales.to(torch.float16), zeros.to(torch.float16))
     reference_w = dequantize_int4(args[0], args[1].double(), args[2].double(), group).double()
-    for m in (3, 7):
+    for m in (3, 7, 20):
         x = torch.randn(m, k, generator=gen).to(torch.float16)
         out = int4_decode_or_prefill_gemm(x.to(KERNEL_DEVICE), *(a.to(KERNEL_DEVICE) for a in args), group)
         assert_close(out, x.double() @ reference_w, TOLERANCE[torch.float16], f"int4 decode m={m}")
@@ -248,9 +246,11 @@ def test_int4_mma_rejects_what_it_cannot_run():
 
 def test_int4_mma_dispatch_only_where_a_table_entry_names_it(monkeypatch):
     """An ``mma`` entry sends its shape to the tensor-core kernel for every M up to 16 (block_k fitted to K and the
-    group), fma entries stop at M = 4."""
+    group), fma entries stop at M = 4; a bucket without an entry or default reuses M = 1's only if it is mma."""
     import kernels.int4_gemm as i4
 
+    fma = SkinnyConfig.parse("fma:8x1024:w4:p0")
+    monkeypatch.setattr(i4, "INT4_DEFAULT_CONFIGS", {1: fma, 2: fma, 4: fma})
     k, n, group = 256, 72, 128
     assert pick_int4_config(8, n, k, group) is None
     monkeypatch.setitem(i4.INT4_SKINNY_CONFIGS, (8, n, k), SkinnyConfig.parse("mma:64x512:w4:s2"))
@@ -258,6 +258,10 @@ def test_int4_mma_dispatch_only_where_a_table_entry_names_it(monkeypatch):
     assert pick_int4_config(8, n, k, group) == SkinnyConfig.parse("mma:64x256:w4:s2")  # 512 does not divide K
     assert pick_int4_config(8, n, k, 64) is None  # entries are measured at group 128; no default at M = 8
     assert pick_int4_config(17, n, k, group) is None
+    monkeypatch.setitem(i4.INT4_SKINNY_CONFIGS, (1, n, k), SkinnyConfig.parse("mms:64x128:w4:s2"))
+    monkeypatch.delitem(i4.INT4_SKINNY_CONFIGS, (8, n, k))
+    assert pick_int4_config(5, n, k, group) == SkinnyConfig.parse("mms:64x128:w4:s2")  # M = 1's tensor-core entry
+    monkeypatch.setitem(i4.INT4_SKINNY_CONFIGS, (8, n, k), SkinnyConfig.parse("mma:64x512:w4:s2"))
     monkeypatch.setitem(i4.INT4_SKINNY_CONFIGS, (4, n, k), SkinnyConfig.parse("mms:64x256:w4:s2"))
     assert pick_int4_config(3, n, k, 64).kind == "fma"  # not group 128: the M bucket's default
     assert pick_int4_config(3, n, k, group) == SkinnyConfig.parse("mms:64x128:w4:s2")  # within the group of 128
