@@ -27,7 +27,7 @@ import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
 
@@ -84,6 +84,7 @@ class _PreparedMasks:
     rows: list[int]  # the constrained rows among ``seqs``
     host: torch.Tensor
     jobs: list[Future]
+    removed: set[Key] = field(default_factory=set)  # keys removed since (a reused id's mask here is stale)
 
 
 class StructuredOutputManager:
@@ -175,6 +176,8 @@ class StructuredOutputManager:
             wait(list(self._compiling.values()), timeout=timeout, return_when=FIRST_COMPLETED)
 
     def remove(self, key: Key) -> None:
+        if self._prepared is not None:
+            self._prepared.removed.add(key)
         self._compiling.pop(key, None)
         self._matchers.pop(key, None)
         self._handles.pop(key, None)
@@ -299,8 +302,12 @@ class StructuredOutputManager:
         ``seqs[i]`` (default ``i``; a speculative step's verify batch has one row per verified position, and a
         constrained sequence has exactly one: it gets no drafts). One non-blocking upload from pinned memory."""
         prepared = self._finish_prepared()
-        if prepared is not None and _same_sequences(prepared, seqs):
+        slots = None  # the host row of each of ``rows`` (None: row i's mask is in host row i)
+        if prepared is not None and not prepared.removed and _same_sequences(prepared, seqs):
             rows, host = prepared.rows, prepared.host
+        elif prepared is not None and prepared.rows:
+            # Filled for other sequences (the previous step's, say), or some finished meanwhile (their rows go).
+            rows, host, slots = self._reuse_prepared(prepared, seqs)
         else:
             rows, host = self._fill_now(seqs)
         if not rows:
@@ -310,7 +317,50 @@ class StructuredOutputManager:
         else:
             out_rows = rows if batch_rows is None else [batch_rows[i] for i in rows]
             device_rows = to_device(out_rows, torch.int64, device)
-        return device_rows, self._upload(host[: len(rows)], device)
+        if slots is None:
+            return device_rows, self._upload(host[: len(rows)], device)
+        # The used host rows go up as they are (one copy); the device picks this step's rows out of them.
+        num_slots = max(slots) + 1
+        if slots == list(range(num_slots)):
+            return device_rows, self._upload(host[:num_slots], device)
+        mask = self._upload(host[:num_slots], device)
+        return device_rows, mask.index_select(0, to_device(slots, torch.int64, device))
+
+    def _reuse_prepared(self, prepared: _PreparedMasks, seqs: list[Sequence]
+                        ) -> tuple[list[int], torch.Tensor, list[int]]:
+        """(constrained rows among ``seqs``, host masks, the host row of each) from masks ``prepare`` filled for
+        other sequences (the engine starts the job before it knows this step's rows): a row whose sequence was
+        filled there reuses its mask; the others (new or resumed sequences, a reused id) are filled now, after the
+        prepared ones in the same buffer. The per-row Python here (a dict lookup a row) runs only when the rows
+        changed."""
+        keys = list(map(_key_of, seqs))
+        prepared_keys = prepared.keys
+        slot_of = {prepared_keys[row]: slot for slot, row in enumerate(prepared.rows)}
+        for key in prepared.removed:
+            slot_of.pop(key, None)
+        host, handles, ended = prepared.host, self._handles, self._ended
+        next_slot = len(prepared.rows)
+        rows, slots, fill_handles, fill_slots, ended_slots = [], [], [], [], []
+        for i, key in enumerate(keys):
+            handle = handles.get(key)
+            if handle is None:
+                continue
+            slot = slot_of.get(key)
+            if slot is None:
+                slot = next_slot
+                next_slot += 1
+                if key in ended:
+                    ended_slots.append(slot)
+                else:
+                    fill_handles.append(handle)
+                    fill_slots.append(slot)
+            rows.append(i)
+            slots.append(slot)
+        if next_slot > host.shape[0]:  # more rows than a buffer holds (never with max_num_seqs sequences a step)
+            return (*self._fill_now(seqs), None)  # type: ignore[return-value]
+        if fill_handles or ended_slots:  # (only the batched path prepares jobs)
+            self._accept_and_fill([], [], [], fill_handles, fill_slots, ended_slots, host)
+        return rows, host, slots
 
     def _row_ids(self, num_rows: int, device: torch.device) -> torch.Tensor:
         """``arange(num_rows)`` on ``device``, sliced from one made once."""
@@ -379,7 +429,9 @@ class StructuredOutputManager:
         """The next pinned [max rows, words] int32 buffer, once its previous upload has finished."""
         if not self._host_buffers or self._host_buffers[0].shape[0] < num_rows:
             pin = torch.cuda.is_available()
-            size = max(self._max_rows, num_rows)
+            # Twice the most rows a step has: masks filled for the previous step's sequences leave room for this
+            # step's new ones (``_reuse_prepared``).
+            size = max(2 * self._max_rows, num_rows)
             with torch.inference_mode(False):  # grammar threads write them outside the engine's inference mode
                 self._host_buffers = [torch.empty(size, self._num_words, dtype=torch.int32, pin_memory=pin)
                                       for _ in range(2)]
