@@ -296,3 +296,15 @@ def test_a_bitmask_that_does_not_cover_the_logits_is_refused():
     with pytest.raises(ValueError, match="does not cover"):
         gumbel_argmax_triton(logits, temperature, keys, steps, bitmask=torch.zeros(2, 3, dtype=torch.int32,
                                                                                   device=KERNEL_DEVICE))
+
+
+@pytest.mark.gpu
+def test_gpu_fused_bitmask_at_full_vocab():
+    from kernels.token_bitmask import apply_token_bitmask_ref
+
+    n = 64
+    logits, temperature, keys, steps = _problem(n, QWEN3_VOCAB, seed=12, device="cuda", greedy_rows=[0])
+    bitmask = _bitmask(n, QWEN3_VOCAB, seed=13, allowed_per_row=500).cuda()
+    tokens = gumbel_argmax(logits.bfloat16(), temperature, keys, steps, bitmask=bitmask)
+    masked = apply_token_bitmask_ref(logits.bfloat16().float(), torch.arange(n, device="cuda"), bitmask)
+    _assert_same_tokens(tokens[:-1], (masked[:-1], temperature[:-1], keys[:-1], steps[:-1]), min_checked=n - 2)
