@@ -93,10 +93,13 @@ class Sampler:
 
     @staticmethod
     def _grammar_only(logits: torch.Tensor, batch: SamplingBatch) -> bool:
-        """Every row constrained (its rows ascending and one per row: rows 0..N-1, so mask row i is logits row i),
-        some row random, and nothing else to apply between the mask and the sampling pass (no bias, token masks,
-        penalties, logprobs or filters): the steady state of a batch of json_object requests."""
-        return (batch.grammar is not None and not batch.all_greedy and batch.grammar[0].numel() == logits.shape[0]
+        """Every row constrained (its rows ascending and one per row: rows 0..N-1, so mask row i is logits row i)
+        and nothing else to apply between the mask and the sampling pass (no bias, token masks, penalties, logprobs
+        or filters): the steady state of a batch of json_object requests. An all-greedy batch too on CUDA (the
+        kernel takes the argmax of greedy rows); on CPU it keeps the plain argmax (the reference would draw noise
+        for every row)."""
+        return (batch.grammar is not None and (logits.is_cuda or not batch.all_greedy)
+                and batch.grammar[0].numel() == logits.shape[0]
                 and batch.logit_bias is None and batch.allowed is None and batch.banned is None
                 and batch.penalties is None and batch.max_num_logprobs is None and batch.top_k is None
                 and batch.top_p is None and batch.min_p is None)

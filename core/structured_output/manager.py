@@ -21,6 +21,7 @@ On a machine with fewer than ``MIN_CPUS_FOR_GRAMMAR_THREADS`` CPUs the same batc
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import operator
 import os
@@ -73,6 +74,27 @@ def fill_threads(num_rows: int, max_threads: int, rows_per_thread: int = ROWS_PE
 # Below the worker's short GIL-held stretches (tens of microseconds) the two threads would take the GIL back and
 # forth.
 GRAMMAR_SWITCH_INTERVAL_S = 0.00005
+
+
+# PR_SET_TIMERSLACK (linux/prctl.h) and the slack asked for the grammar thread, in ns (Linux's default: 50 us).
+_PR_SET_TIMERSLACK = 29
+GRAMMAR_THREAD_TIMER_SLACK_NS = 1000
+
+
+def precise_timed_waits() -> None:
+    """Run on the grammar thread (Linux; elsewhere nothing): its timed waits end within 1 us of their timeout instead
+    of Linux's default 50 us slack. A thread asking for the GIL waits one switch interval at a time, then asks the
+    holder to drop it; with the default slack each 50 us wait took ~100 us, and a grammar job takes the GIL three
+    times (start, between its accept and its fill, end), each while the engine thread runs Python. Measured on the
+    dev box (a Python thread releasing the GIL for 0.1 ms, then taking it back from a busy thread): 0.32 ms for the
+    round trip with the default slack, 0.21-0.23 ms with this one. The switch interval itself is unchanged."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_TIMERSLACK, GRAMMAR_THREAD_TIMER_SLACK_NS, 0, 0, 0)
+    except (OSError, AttributeError):  # no libc to ask: the default slack stays
+        logger.debug("could not set the grammar thread's timer slack", exc_info=True)
 
 
 @dataclass
@@ -411,7 +433,7 @@ class StructuredOutputManager:
 
     def _grammar_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-step")
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-step", initializer=precise_timed_waits)
         return self._pool
 
     def _batch_filler(self, num_rows: int) -> Any:
