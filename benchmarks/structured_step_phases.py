@@ -13,6 +13,7 @@ On CPU (the default here) the model is a tiny dummy Llama with the tokenizer (an
 logits and the sampler are CPU compute there (on a GPU they are launches), so "host" leaves them out on CPU.
 
     OMP_NUM_THREADS=1 python -m benchmarks.structured_step_phases --num-requests 128 --max-tokens 64 --temperature 0
+    OMP_NUM_THREADS=1 python -m benchmarks.structured_step_phases --host-bound --grammar-thread on --fill-threads 1
     python -m benchmarks.structured_step_phases --model .models/smollm2-135m --device cuda --workload W1
 
 ``--grammar-thread on`` forces the grammar job onto its thread (the engine turns it on with >= 4 CPUs);
@@ -51,6 +52,60 @@ def tiny_model_with_tokenizer(directory: Path, tokenizer_from: Path) -> Path:
         if (tokenizer_from / name).is_file():
             shutil.copy(tokenizer_from / name, directory / name)
     return directory
+
+
+class MaskPickSampler:
+    """``--host-bound``'s sampler: for each constrained row a pseudo-random allowed token of its grammar mask (the
+    first allowed word at or after a random word, its lowest allowed bit: a few tensor ops for the whole batch),
+    token 100 for the other rows. The outputs are valid for their grammar, the cost is a fraction of a millisecond."""
+
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        import torch
+
+        self.vocab_size = vocab_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits, batch):
+        import torch
+
+        from core.sampler import SamplerOutput
+
+        tokens = torch.full((logits.shape[0],), 100, dtype=torch.int64)
+        if batch.grammar is not None:
+            rows, mask = batch.grammar
+            num_words = mask.shape[1]
+            # A window of words from a random one: most rows allow a token in it; the others take their first word.
+            start = torch.randint(0, num_words, (rows.numel(), 1), generator=self.generator)
+            cols = (start + torch.arange(min(64, num_words))[None, :]) % num_words
+            hit = mask.gather(1, cols) != 0
+            word = cols.gather(1, hit.int().argmax(-1, keepdim=True))[:, 0]
+            missed = ~hit.any(-1)
+            if bool(missed.any()):
+                word[missed] = (mask[missed] != 0).int().argmax(-1)
+            bits = mask.gather(1, word[:, None])[:, 0].long() & 0xFFFFFFFF
+            token = word * 32 + torch.log2((bits & -bits).double()).long()
+            tokens[rows] = torch.where(token < self.vocab_size, token, 100)
+        return SamplerOutput(tokens)
+
+
+def make_host_bound(engine) -> None:
+    """CPU only: make the engine loop host-bound as it is on the GPU, where the forward and the sampler are launches
+    that return at once. The forward returns zeros, the logits are one random tensor made once, the sampler is
+    ``MaskPickSampler``: no CPU compute is left in the step, so a grammar job races the engine's own host work
+    (schedule, plan, staging, bookkeeping) as it does on the H200, instead of hiding behind a CPU forward and a CPU
+    bitmask pass many times longer."""
+    import torch
+
+    runner = engine.runner
+    model = runner.model
+    logits = torch.randn(runner.max_num_batched_tokens + runner.max_num_seqs, runner.vocab_size)
+
+    def forward(input_ids, *args, **kwargs):
+        return torch.zeros(input_ids.shape[0], 1)
+
+    model.forward = forward
+    model.compute_logits = lambda hidden: logits[: hidden.shape[0]]
+    runner.sampler = MaskPickSampler(runner.vocab_size)
 
 
 def _instrument(engine, timer: PhaseTimer) -> None:
@@ -275,6 +330,10 @@ def _run(args: argparse.Namespace, model: str) -> dict:
         max_model_len=max_model_len, num_gpu_blocks_override=blocks if args.device == "cpu" else None,
         max_num_batched_tokens=max(8192, max_model_len), async_scheduling=args.async_scheduling == "on"))
     structured = engine.structured
+    if args.host_bound:
+        if args.device != "cpu":
+            raise SystemExit("--host-bound is for CPU runs (a GPU loop is host-bound already)")
+        make_host_bound(engine)
     if args.grammar_thread is not None:
         structured.overlap = args.grammar_thread == "on"
     if args.fill_threads is not None:
@@ -356,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="grammar job settings to compare, each with its own pass pairs: R rows per fill thread (0: "
                         "always the most), S the switch interval in us while a job is in flight (default: the "
                         "engine's, e.g. 64:50; the settings before this branch: 0:200)")
+    p.add_argument("--host-bound", action="store_true",
+                   help="CPU: no forward, logits or sampling compute (zeros, one random logits tensor, a mask-aware "
+                        "pick), so the loop is host-bound as on the GPU and the grammar job's join wait shows")
     p.add_argument("--repeats", type=int, default=2, help="report each phase's least over this many pass pairs")
     p.add_argument("--json", default=None, help="append the result as one JSON line here")
     args = p.parse_args(argv)
