@@ -325,10 +325,13 @@ class StructuredOutputManager:
         constrained sequence has exactly one: it gets no drafts). One non-blocking upload from pinned memory."""
         prepared = self._finish_prepared()
         slots = None  # the host row of each of ``rows`` (None: row i's mask is in host row i)
-        if prepared is not None and not prepared.removed and _same_sequences(prepared, seqs):
+        # A sequence that finished while the job ran keeps its row (its sample is dropped), unless its id came back
+        # with a new matcher: then its mask is stale and the rows are taken one by one.
+        if prepared is not None and (not prepared.removed or prepared.removed.isdisjoint(self._handles)) \
+                and _same_sequences(prepared, seqs):
             rows, host = prepared.rows, prepared.host
         elif prepared is not None and prepared.rows:
-            # Filled for other sequences (the previous step's, say), or some finished meanwhile (their rows go).
+            # Filled for other sequences (the previous step's, say), or an id reused meanwhile.
             rows, host, slots = self._reuse_prepared(prepared, seqs)
         else:
             rows, host = self._fill_now(seqs)

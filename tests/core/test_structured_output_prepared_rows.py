@@ -1,5 +1,6 @@
 """Masks the grammar job filled for the previous step's rows (the engine starts it before scheduling) serve the next
-step whatever its rows: reordered, with new sequences filled at the join, without the sequences removed meanwhile;
+step whatever its rows: reordered, with new sequences filled at the join, a sequence whose id came back with a
+new matcher meanwhile filled afresh;
 and the grammar thread's timer slack."""
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ def model(tmp_path_factory):
     return tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama-prepared"))
 
 
-def _constrained_sequences(engine, constraints: list[StructuredOutputsParams]) -> list:
+def _constrained_sequences(engine, constraints: list[StructuredOutputsParams], prefix: str = "r") -> list:
     """One running-ready sequence per constraint, its grammar compiled and its matcher made."""
     seqs = []
     for i, constraint in enumerate(constraints):
-        engine.add_request(EngineRequest(f"r{i}", [1 + i, 2, 3], SamplingParams(max_tokens=8,
-                                                                                structured_outputs=constraint)))
-        seq = engine._children[f"r{i}"][0]
+        engine.add_request(EngineRequest(f"{prefix}{i}", [1 + i, 2, 3], SamplingParams(max_tokens=8,
+                                                                                       structured_outputs=constraint)))
+        seq = engine._children[f"{prefix}{i}"][0]
         while engine.structured.holds(seq):
             engine.structured.wait_for_compile(0.05)
         seqs.append(seq)
@@ -81,14 +82,29 @@ def test_masks_prepared_for_the_previous_rows_serve_a_reordered_step_with_new_ro
     # The accepted tokens moved the matchers on: the masks differ from the first ones for some row.
     assert any(not torch.equal(got[step.index(s)], first[previous.index(s)]) for s in (seqs[0], seqs[1], seqs[2]))
 
-    # A sequence removed while the job ran (finished) loses its row; the others keep theirs.
+    # A sequence removed while the job ran (finished: its sample is dropped) keeps its row; the others are unchanged.
     tokens = [_first_allowed(expected[3]), _first_allowed(expected[4]), _first_allowed(expected[0])]
-    manager.prepare([seqs[0], seqs[1], seqs[2]], tokens, [seqs[0], seqs[1], seqs[2]])
-    manager.remove(seqs[1].key)
     same_rows = [seqs[0], seqs[1], seqs[2]]
+    manager.prepare(same_rows, tokens, same_rows)
+    manager.remove(seqs[1].key)
     got = _masks(manager.bitmask(same_rows, CPU))
     expected = _reference(manager, same_rows)
-    assert sorted(got) == sorted(expected) == [0, 2]
+    assert sorted(got) == [0, 1, 2] and sorted(expected) == [0, 2]
+    for row in expected:
+        assert torch.equal(got[row], expected[row]), row
+
+    # Its id back with a new matcher before the join (a reused request id): that row is filled afresh.
+    seqs[1] = same_rows[1] = _constrained_sequences(engine, [StructuredOutputsParams(regex=r"(cat|dog)s? [0-9]{2,4}")],
+                                                    "again")[0]
+    before = _reference(manager, same_rows)
+    manager.prepare(same_rows, [_first_allowed(before[row]) for row in range(3)], same_rows)
+    manager.remove(seqs[1].key)
+    manager.add(seqs[1])
+    while manager.holds(seqs[1]):
+        manager.wait_for_compile(0.05)
+    got = _masks(manager.bitmask(same_rows, CPU))
+    expected = _reference(manager, same_rows)
+    assert sorted(got) == sorted(expected) == [0, 1, 2]
     for row in expected:
         assert torch.equal(got[row], expected[row]), row
     engine.shutdown()
