@@ -7,12 +7,14 @@ with each sampled token, which gives the allowed next tokens as a bitmask. Seque
 reach xgrammar.
 
 A step's grammar work (accept the previous step's tokens, then fill the masks) runs off the engine thread and
-overlaps with everything else: as soon as step N is scheduled and step N-1's tokens are on the host (a
-non-blocking check; a host-bound step always finds them there), the engine hands them to ``prepare`` together with
-step N's sampling sequences, then plans and stages step N, queues its forward and does its Python bookkeeping for
-step N-1 while the grammar thread advances and fills the constrained rows (one batched accept, one fill on
-xgrammar's C++ threads, both without the GIL) straight into a pinned buffer; ``bitmask`` joins it and uploads the
-whole mask in one non-blocking copy. The engine looks again after planning and once step N's inputs are staged;
+overlaps with everything else: as soon as step N-1's tokens are on the host (a non-blocking check at the top of
+step N, before it is scheduled; a host-bound step finds them there), the engine hands them to ``prepare`` with
+step N-1's live sequences, then schedules, plans and stages step N, queues its forward and does its Python
+bookkeeping for step N-1 while the grammar thread advances and fills the constrained rows (one batched accept, one
+fill on xgrammar's C++ threads, both without the GIL) straight into a pinned buffer; ``bitmask`` joins it, takes
+step N's rows out of those masks (filling only rows that were not there: new or resumed sequences) and uploads
+them in one non-blocking copy. The engine looks again after scheduling (then with step N's own sequences), after
+planning and once step N's inputs are staged;
 when step N-1 is still running on the device even then, the hand-off waits until step N's forward is queued
 (``ModelRunner.launch``'s ``before_sample``) and overlaps only the bookkeeping. No sync with
 the device, no per-row work on the engine thread beyond collecting the matchers.
