@@ -226,8 +226,15 @@ class StructuredOutputManager:
         # Accepted first (sequences not sampling this step too: finished, or not scheduled), so that a stop token
         # accepted now marks its row ended before the rows to fill are picked.
         accept_keys, accept_handles, accept_tokens = self._to_accept(accepted_seqs, accepted_tokens)
-        keys = list(map(_key_of, seqs))
-        rows, fill_handles, fill_slots, ended_slots = self._rows_to_fill(keys)
+        ended = self._ended
+        if seqs is accepted_seqs and len(accept_keys) == len(seqs) and (not ended or ended.isdisjoint(accept_keys)):
+            # The rows that just accepted (the look before scheduling), every one constrained and still live: the
+            # accept's lists are the fill's.
+            keys, fill_handles = accept_keys, accept_handles
+            rows, fill_slots, ended_slots = list(range(len(keys))), None, []
+        else:
+            keys = list(map(_key_of, seqs))
+            rows, fill_handles, fill_slots, ended_slots = self._rows_to_fill(keys)
         if not rows and not accept_handles:
             return
         host = self._next_host_buffer(len(rows))
