@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             setattr(structured, name, _timed(totals, f"grammar {name}", getattr(structured, name)))
         start_early = engine._start_grammar_job_early
 
-        def counting_start_early(sched):
-            started = start_early(sched)
+        def counting_start_early(*args):
+            started = start_early(*args)
             early_starts[started] += 1
             return started
 

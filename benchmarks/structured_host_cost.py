@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> dict:
     if hasattr(engine, "_start_grammar_job_early"):  # absent in older builds
         start_early = engine._start_grammar_job_early
 
-        def counting_start_early(sched):
-            started = start_early(sched)
+        def counting_start_early(*args):
+            started = start_early(*args)
             totals["early_starts"] += started
             return started
 

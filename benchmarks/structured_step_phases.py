@@ -13,6 +13,7 @@ On CPU (the default here) the model is a tiny dummy Llama with the tokenizer (an
 logits and the sampler are CPU compute there (on a GPU they are launches), so "host" leaves them out on CPU.
 
     OMP_NUM_THREADS=1 python -m benchmarks.structured_step_phases --num-requests 128 --max-tokens 64 --temperature 0
+    OMP_NUM_THREADS=1 python -m benchmarks.structured_step_phases --host-bound --grammar-thread on --fill-threads 1
     python -m benchmarks.structured_step_phases --model .models/smollm2-135m --device cuda --workload W1
 
 ``--grammar-thread on`` forces the grammar job onto its thread (the engine turns it on with >= 4 CPUs);
@@ -53,6 +54,60 @@ def tiny_model_with_tokenizer(directory: Path, tokenizer_from: Path) -> Path:
     return directory
 
 
+class MaskPickSampler:
+    """``--host-bound``'s sampler: for each constrained row a pseudo-random allowed token of its grammar mask (the
+    first allowed word at or after a random word, its lowest allowed bit: a few tensor ops for the whole batch),
+    token 100 for the other rows. The outputs are valid for their grammar, the cost is a fraction of a millisecond."""
+
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        import torch
+
+        self.vocab_size = vocab_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits, batch):
+        import torch
+
+        from core.sampler import SamplerOutput
+
+        tokens = torch.full((logits.shape[0],), 100, dtype=torch.int64)
+        if batch.grammar is not None:
+            rows, mask = batch.grammar
+            num_words = mask.shape[1]
+            # A window of words from a random one: most rows allow a token in it; the others take their first word.
+            start = torch.randint(0, num_words, (rows.numel(), 1), generator=self.generator)
+            cols = (start + torch.arange(min(64, num_words))[None, :]) % num_words
+            hit = mask.gather(1, cols) != 0
+            word = cols.gather(1, hit.int().argmax(-1, keepdim=True))[:, 0]
+            missed = ~hit.any(-1)
+            if bool(missed.any()):
+                word[missed] = (mask[missed] != 0).int().argmax(-1)
+            bits = mask.gather(1, word[:, None])[:, 0].long() & 0xFFFFFFFF
+            token = word * 32 + torch.log2((bits & -bits).double()).long()
+            tokens[rows] = torch.where(token < self.vocab_size, token, 100)
+        return SamplerOutput(tokens)
+
+
+def make_host_bound(engine) -> None:
+    """CPU only: make the engine loop host-bound as it is on the GPU, where the forward and the sampler are launches
+    that return at once. The forward returns zeros, the logits are one random tensor made once, the sampler is
+    ``MaskPickSampler``: no CPU compute is left in the step, so a grammar job races the engine's own host work
+    (schedule, plan, staging, bookkeeping) as it does on the H200, instead of hiding behind a CPU forward and a CPU
+    bitmask pass many times longer."""
+    import torch
+
+    runner = engine.runner
+    model = runner.model
+    logits = torch.randn(runner.max_num_batched_tokens + runner.max_num_seqs, runner.vocab_size)
+
+    def forward(input_ids, *args, **kwargs):
+        return torch.zeros(input_ids.shape[0], 1)
+
+    model.forward = forward
+    model.compute_logits = lambda hidden: logits[: hidden.shape[0]]
+    runner.sampler = MaskPickSampler(runner.vocab_size)
+
+
 def _instrument(engine, timer: PhaseTimer) -> None:
     """Wrap the engine's phases with ``timer`` (exclusive wall and engine-thread CPU time per phase, so nested phases,
     the update run inside ``launch`` say, are counted once and the phases add up to the step; ``timer.unpatch()``
@@ -90,6 +145,92 @@ def _instrument(engine, timer: PhaseTimer) -> None:
         patch(manager_module, "_same_sequences", "grammar: _same_sequences (per row)")
 
 
+class GrammarJobTimeline:
+    """When each step's grammar job ran against the engine thread: where the engine started it (which look at the
+    step in flight found it done, or the fallback inside ``launch``), and, in ms, the job's start delay (submitted
+    until its thread runs it: the GIL hand-off), its batched accept and its fill, its head start (submitted until
+    the engine thread joins it) and the join's wait (joined until done). A job whose latency exceeds its head start
+    makes the engine thread wait: shorten the job or start it earlier."""
+
+    def __init__(self, engine) -> None:
+        import core.structured_output.manager as manager_module
+
+        self.engine, self.manager, self.module = engine, engine.structured, manager_module
+        self.looks: collections.Counter = collections.Counter()
+        self.ms: dict[str, list[float]] = collections.defaultdict(list)
+        self._submitted: float | None = None
+        self._done: float | None = None
+        self._saved = (manager_module._batch_accept_handles,)
+        manager, timeline = self.manager, self
+        prepare, finish, job = manager.prepare, manager._finish_prepared, manager._accept_and_fill
+        batch_accept = manager_module._batch_accept_handles
+
+        def preparing(*args):
+            manager._finish_prepared()  # the previous job's join is not this one's
+            timeline._submitted, timeline._done = time.perf_counter(), None
+            return prepare(*args)
+
+        def finishing():
+            submitted, pending = timeline._submitted, manager._prepared is not None
+            joined = time.perf_counter()
+            out = finish()
+            if pending and submitted is not None:
+                timeline.ms["head start (submitted -> joined)"].append(1e3 * (joined - submitted))
+                done = timeline._done if timeline._done is not None else joined
+                timeline.ms["join wait (joined -> done)"].append(1e3 * max(0.0, done - joined))
+                timeline.ms["job latency (submitted -> done)"].append(1e3 * (done - submitted))
+                timeline._submitted = None
+            return out
+
+        def accepting_and_filling(accept_keys, accept_handles, accept_tokens, fill_handles, *rest):
+            start = time.perf_counter()
+            in_job = timeline._submitted is not None and timeline._done is None
+            if in_job:
+                timeline.ms["job start delay (submitted -> running)"].append(1e3 * (start - timeline._submitted))
+            accept_s = [0.0]
+
+            def timed_accept(handles, tokens):
+                t0 = time.perf_counter()
+                try:
+                    return batch_accept(handles, tokens)
+                finally:
+                    accept_s[0] += time.perf_counter() - t0
+
+            manager_module._batch_accept_handles = timed_accept
+            try:
+                return job(accept_keys, accept_handles, accept_tokens, fill_handles, *rest)
+            finally:
+                manager_module._batch_accept_handles = batch_accept
+                end = time.perf_counter()
+                if in_job:
+                    timeline._done = end
+                    timeline.ms["job accept"].append(1e3 * accept_s[0])
+                    timeline.ms["job fill"].append(1e3 * (end - start - accept_s[0]))
+                    timeline.ms["rows accepted"].append(len(accept_handles))
+                    timeline.ms["rows filled"].append(len(fill_handles))
+                else:
+                    timeline.ms["fill at join (rows not prepared)"].append(1e3 * (end - start))
+
+        manager.prepare, manager._finish_prepared, manager._accept_and_fill = (
+            preparing, finishing, accepting_and_filling)
+
+    def before_step(self) -> None:
+        self.engine.grammar_job_started_at = None
+
+    def after_step(self) -> None:
+        self.looks[getattr(self.engine, "grammar_job_started_at", None) or "no job"] += 1
+
+    def unpatch(self) -> None:
+        for name in ("prepare", "_finish_prepared", "_accept_and_fill"):
+            vars(self.manager).pop(name, None)
+        self.module._batch_accept_handles = self._saved[0]
+
+    def summary(self) -> dict:
+        means = {name: sum(v) / len(v) for name, v in self.ms.items() if v}
+        medians = {name: sorted(v)[len(v) // 2] for name, v in self.ms.items() if v}
+        return {"job_started_at": dict(self.looks), "mean": means, "median": medians}
+
+
 def run_pass(engine, prompts: list[list[int]], params_list: list, tag: str) -> dict:
     """Run the requests to the end; per phase ms, the batch sizes, and the output lengths."""
     timer = PhaseTimer(cpu=True)
@@ -103,6 +244,7 @@ def run_pass(engine, prompts: list[list[int]], params_list: list, tag: str) -> d
     while any(seq.num_computed_tokens < len(seq.prompt_token_ids)
               for seq in (*engine.scheduler.waiting, *engine.scheduler.running)):
         collect(engine.step(), lengths)
+    timeline = GrammarJobTimeline(engine)
     _instrument(engine, timer)
     steps = rows = 0
     batch_sizes: list[int] = []
@@ -111,13 +253,17 @@ def run_pass(engine, prompts: list[list[int]], params_list: list, tag: str) -> d
         while engine.has_work():
             batch_sizes.append(len(engine.scheduler.running))
             rows += batch_sizes[-1]
+            timeline.before_step()
             collect(engine.step(), lengths)
+            timeline.after_step()
             steps += 1
     finally:
         wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
         timer.unpatch()
+        timeline.unpatch()
     return {"steps": steps, "rows": rows, "wall_s": wall, "cpu_s": cpu, "totals_s": dict(timer.totals),
-            "cpu_totals_s": dict(timer.cpu_totals), "batch_sizes": batch_sizes, "lengths": lengths}
+            "cpu_totals_s": dict(timer.cpu_totals), "batch_sizes": batch_sizes, "lengths": lengths,
+            "grammar_job": timeline.summary()}
 
 
 def collect(outputs, lengths: dict[str, int]) -> None:
@@ -184,6 +330,10 @@ def _run(args: argparse.Namespace, model: str) -> dict:
         max_model_len=max_model_len, num_gpu_blocks_override=blocks if args.device == "cpu" else None,
         max_num_batched_tokens=max(8192, max_model_len), async_scheduling=args.async_scheduling == "on"))
     structured = engine.structured
+    if args.host_bound:
+        if args.device != "cpu":
+            raise SystemExit("--host-bound is for CPU runs (a GPU loop is host-bound already)")
+        make_host_bound(engine)
     if args.grammar_thread is not None:
         structured.overlap = args.grammar_thread == "on"
     if args.fill_threads is not None:
@@ -236,6 +386,7 @@ def _run_variants(args: argparse.Namespace, engine, prompts: list[list[int]], ma
                     best[f"{clock}_ms_per_step"] = {k: min(v, kept.get(k, v)) for k, v in summary.items()}
             # The decode steps' wall time, json_object over unconstrained at the same batches: the grammar's cost.
             variant["ratios"].append(constrained_pass["wall_s"] / plain_pass["wall_s"])
+            variant.setdefault("grammar_job", []).append(constrained_pass["grammar_job"])
             variant["mean_batch"] = constrained_pass["rows"] / max(1, constrained_pass["steps"])
             variant["num_closed_at_once"] = sum(n <= 3 for n in lengths)
             variant["same_batches"] = constrained_pass["batch_sizes"] == plain_pass["batch_sizes"]
@@ -264,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="grammar job settings to compare, each with its own pass pairs: R rows per fill thread (0: "
                         "always the most), S the switch interval in us while a job is in flight (default: the "
                         "engine's, e.g. 64:50; the settings before this branch: 0:200)")
+    p.add_argument("--host-bound", action="store_true",
+                   help="CPU: no forward, logits or sampling compute (zeros, one random logits tensor, a mask-aware "
+                        "pick), so the loop is host-bound as on the GPU and the grammar job's join wait shows")
     p.add_argument("--repeats", type=int, default=2, help="report each phase's least over this many pass pairs")
     p.add_argument("--json", default=None, help="append the result as one JSON line here")
     args = p.parse_args(argv)
@@ -286,6 +440,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 x, y = x_ms.get(name, 0.0), y_ms.get(name, 0.0)
                 print(f"  {name:<44} {x:12.3f} {y:14.3f} {x - y:8.3f}")
+        for job in variant.get("grammar_job", []):
+            looks = ", ".join(f"{look} {count}" for look, count in sorted(job["job_started_at"].items()))
+            print(f"  grammar job started (steps): {looks}")
+            print(f"  {'grammar job (ms, rows)':<44} {'mean':>12} {'median':>14}")
+            for name, value in job["mean"].items():
+                print(f"  {name:<44} {value:12.3f} {job['median'][name]:14.3f}")
     for variant in result["variants"]:
         ratios = ", ".join(f"{100 * (r - 1):.1f}%" for r in variant["ratios"])
         print(f"rows per fill thread {variant['rows_per_fill_thread']:>4}, switch interval "

@@ -96,6 +96,9 @@ class EngineCore:
         # The step in flight's handle and result once they were read early, its constrained tokens already handed
         # to the grammar job (``_start_grammar_job_early``); ``_finish_inflight`` applies that result.
         self._early_result: tuple[StepHandle, RunnerOutput] | None = None
+        # Where the last grammar job was started (``GRAMMAR_LOOKS`` or "before sample"): what the step-phase
+        # benchmark reports, to tell how much of a step the job overlapped.
+        self.grammar_job_started_at: str | None = None
         # pipeline parallelism: micro-batches started (oldest first), each sampled when it comes back
         self._batch_queue: deque[tuple[SchedulerOutput, ForwardedStep | StepHandle]] = deque()
         # the scheduler's steps as diffs for the runner(s)
@@ -254,6 +257,10 @@ class EngineCore:
         (with async scheduling, the previous launch), or None when no work ran."""
         if self.overlap_outputs:
             return self._step_overlapped(outputs, errors)
+        # The first look, before scheduling: the grammar job then also overlaps the schedule. It fills the masks of
+        # the previous step's live sampling sequences (this step's are not known yet); ``bitmask`` picks this
+        # step's rows out of them and fills only the rows that were not there (new or resumed sequences).
+        early = self._inflight is not None and self._start_grammar_job_early(None, GRAMMAR_LOOKS[0])
         sched = self._schedule(errors)
         if self._inflight is not None:
             self._involved.append(self._inflight[0])
@@ -266,15 +273,15 @@ class EngineCore:
             sched.scheduled = [s for s in sched.scheduled if not s.seq.is_finished]
         if sched.scheduled:
             prev = self._inflight[1] if self._inflight is not None else None
-            early = prev is not None and self._start_grammar_job_early(sched)
+            early = early or (prev is not None and self._start_grammar_job_early(sched, GRAMMAR_LOOKS[1]))
             plan = self._plan(sched)
             if prev is not None and not early:
-                early = self._start_grammar_job_early(sched)  # a second look, the plan's time later
+                early = self._start_grammar_job_early(sched, GRAMMAR_LOOKS[2])  # the plan's time later
             ran = ran or []
 
             def last_early_look() -> None:
-                """Inside ``launch`` once the inputs are staged, before the forward is queued: a third look."""
-                self._start_grammar_job_early(sched)
+                """Inside ``launch`` once the inputs are staged, before the forward is queued: the last look."""
+                self._start_grammar_job_early(sched, GRAMMAR_LOOKS[3])
 
             def finish_previous(sampling_seqs: list | None = None) -> None:
                 """Runs inside ``launch`` once this step's forward is queued, before its sampling, when some
@@ -291,12 +298,13 @@ class EngineCore:
                 ran.append(self._finish_inflight(outputs))
         return ran
 
-    def _start_grammar_job_early(self, sched: SchedulerOutput) -> bool:
+    def _start_grammar_job_early(self, sched: SchedulerOutput | None, look: str) -> bool:
         """When some sequence has a grammar and the step in flight is done on the device (a non-blocking check: a
         host-bound step always is by now), read its tokens and start the grammar job (accept them, fill the masks of
-        ``sched``'s sampling sequences) now, so that it overlaps this step's plan, input staging and forward launch
-        as well as the previous step's bookkeeping, instead of only the bookkeeping (``launch``'s ``before_sample``,
-        the fallback when the device is still busy). True when it started."""
+        ``sched``'s sampling sequences, or, before scheduling (``sched`` None), of the previous step's live ones)
+        now, so that it overlaps this step's schedule (when looked before it), plan, input staging and forward
+        launch as well as the previous step's bookkeeping, instead of only the bookkeeping (``launch``'s
+        ``before_sample``, the fallback when the device is still busy). True when it started."""
         if not self.structured.active or self._early_result is not None:
             return False
         prev_sched, handle = self._inflight
@@ -305,7 +313,8 @@ class EngineCore:
         result = handle.result()
         self._early_result = (handle, result)
         seqs, tokens = _constrained_tokens(prev_sched, result)
-        self.structured.prepare(seqs, tokens, [s.seq for s in sched.scheduled if s.samples])
+        self.structured.prepare(seqs, tokens, seqs if sched is None else [s.seq for s in sched.scheduled if s.samples])
+        self.grammar_job_started_at = look
         return True
 
     def _step_overlapped(self, outputs: list[EngineOutput], errors: list[RequestError]
@@ -470,6 +479,7 @@ class EngineCore:
                 seqs, tokens = _constrained_tokens(sched, result)
                 if next_sampling_seqs is not None:
                     self.structured.prepare(seqs, tokens, next_sampling_seqs)
+                    self.grammar_job_started_at = "before sample"
                 else:
                     self.structured.accept(seqs, tokens)
         self._update(sched, result, outputs)
@@ -618,6 +628,10 @@ class EngineCore:
         finally:
             if self.executor is not None:
                 self.executor.shutdown()
+
+
+# The engine's looks at the step in flight, in step order: the grammar job starts at the first that finds it done.
+GRAMMAR_LOOKS = ("before schedule", "after schedule", "after plan", "before forward")
 
 
 def _constrained_tokens(sched: SchedulerOutput, result: RunnerOutput) -> tuple[list[Sequence], list[int]]:

@@ -42,7 +42,8 @@ class SamplingBatch:
     # logprob_token_ids: [N, M] int64, each row's requested ids padded (with 0) to the longest list; rows that
     # asked for none hold padding. Their logprobs come back in ``SamplerOutput.requested_logprobs``.
     requested_token_ids: torch.Tensor | None = None
-    grammar: tuple[torch.Tensor, torch.Tensor] | None = None  # constrained rows, their xgrammar bitmask [rows, V/32]
+    # Constrained rows (ascending, as the structured-output manager lists them), their xgrammar bitmask [rows, V/32].
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -71,6 +72,10 @@ class Sampler:
         self.kernel_backend = check_backend(kernel_backend)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if self._grammar_only(logits, batch):
+            # The bitmask is applied inside the sampling pass as the logits are read: one kernel for the step.
+            return SamplerOutput(gumbel_argmax(logits, batch.temperature, batch.keys, batch.steps,
+                                               backend=self.kernel_backend, bitmask=batch.grammar[1]))
         logits, raw_logprobs = self.process(logits, batch)
         if batch.all_greedy:
             sampled = logits.argmax(-1)
@@ -85,6 +90,19 @@ class Sampler:
             if batch.requested_token_ids is not None:
                 out.requested_logprobs = raw_logprobs.gather(-1, batch.requested_token_ids)
         return out
+
+    @staticmethod
+    def _grammar_only(logits: torch.Tensor, batch: SamplingBatch) -> bool:
+        """Every row constrained (its rows ascending and one per row: rows 0..N-1, so mask row i is logits row i)
+        and nothing else to apply between the mask and the sampling pass (no bias, token masks, penalties, logprobs
+        or filters): the steady state of a batch of json_object requests. An all-greedy batch too on CUDA (the
+        kernel takes the argmax of greedy rows); on CPU it keeps the plain argmax (the reference would draw noise
+        for every row)."""
+        return (batch.grammar is not None and (logits.is_cuda or not batch.all_greedy)
+                and batch.grammar[0].numel() == logits.shape[0]
+                and batch.logit_bias is None and batch.allowed is None and batch.banned is None
+                and batch.penalties is None and batch.max_num_logprobs is None and batch.top_k is None
+                and batch.top_p is None and batch.min_p is None)
 
     def process(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Grammar bitmask, bias, allowed-token masks, bans and penalties applied (float32), and the raw logprobs when

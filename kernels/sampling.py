@@ -29,6 +29,7 @@ import triton.language as tl
 from triton.language.extra.cuda import libdevice as cuda_libdevice
 
 from kernels.backend import num_sms, use_triton
+from kernels.token_bitmask import apply_token_bitmask_ref
 
 _M32 = 0xFFFFFFFF
 _STEP_MIX = 0x9E3779B9
@@ -91,10 +92,16 @@ def gumbel_scores_ref(
 
 
 def gumbel_argmax_ref(
-    logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor
+    logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor,
+    bitmask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The contract: token ids ``[N]`` int64. ``logits [N, V]``, ``temperature [N]`` (0 = greedy), ``keys``/``steps``
-    ``[N]`` int64 (keys hold 32-bit values). Masked tokens are ``-inf`` in ``logits``."""
+    ``[N]`` int64 (keys hold 32-bit values). Masked tokens are ``-inf`` in ``logits``. ``bitmask``: a grammar's
+    token bitmask for every row (xgrammar's layout, ``[N, >= ceil(V / 32)]`` int32, see ``kernels.token_bitmask``):
+    the tokens whose bit is 0 are masked too."""
+    if bitmask is not None:
+        logits = apply_token_bitmask_ref(logits.float().clone(), torch.arange(logits.shape[0], device=logits.device),
+                                         bitmask)
     return gumbel_scores_ref(logits, temperature, keys, steps).argmax(-1)
 
 
@@ -158,15 +165,19 @@ def _gumbel_argmax_kernel(
     token_ptr,
     part_value_ptr,
     part_index_ptr,
+    bitmask_ptr,
+    bitmask_stride,
     vocab_size,
     chunk,
     num_splits,
     SPLIT: tl.constexpr,
     BLOCK: tl.constexpr,
     FAST_LOG: tl.constexpr,
+    HAS_BITMASK: tl.constexpr,
 ):
     """One (row, chunk of ``chunk`` tokens): the best score and its lowest token id, written to the partials
-    (``SPLIT``) or straight to ``token_ptr``."""
+    (``SPLIT``) or straight to ``token_ptr``. ``HAS_BITMASK``: row ``row``'s grammar bitmask masks its tokens as
+    they are read (no separate pass writing -inf into the logits)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     start = split * chunk
@@ -182,6 +193,10 @@ def _gumbel_argmax_kernel(
     for offset in range(start, end, BLOCK):
         tokens = offset + lanes
         x = tl.load(row_ptr + tokens, mask=tokens < end, other=float("-inf")).to(tl.float32)
+        if HAS_BITMASK:
+            words = tl.load(bitmask_ptr + row.to(tl.int64) * bitmask_stride + tokens // 32, mask=tokens < end,
+                            other=0)
+            x = tl.where(((words >> (tokens % 32)) & 1) != 0, x, float("-inf"))
         if greedy:
             score = x
         else:
@@ -242,11 +257,18 @@ def gumbel_argmax_triton(
     *,
     block: int = DEFAULT_BLOCK,
     num_splits: int | None = None,
+    bitmask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``gumbel_argmax_ref`` in one pass over ``logits`` (float32/bf16/fp16, unit last stride). No host syncs:
-    CUDA-graph safe. ``num_splits`` overrides the chunking (tests, benchmarks)."""
+    """``gumbel_argmax_ref`` in one pass over ``logits`` (float32/bf16/fp16, unit last stride), ``bitmask`` (every
+    row's) applied as the logits are read. No host syncs: CUDA-graph safe. ``num_splits`` overrides the chunking
+    (tests, benchmarks)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    if bitmask is not None:
+        if bitmask.shape[0] != logits.shape[0] or bitmask.shape[1] * 32 < logits.shape[1]:
+            raise ValueError(f"a bitmask of shape {tuple(bitmask.shape)} does not cover logits {tuple(logits.shape)}")
+        if bitmask.stride(-1) != 1:
+            bitmask = bitmask.contiguous()
     num_rows, vocab_size = logits.shape
     tokens = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
@@ -263,8 +285,10 @@ def gumbel_argmax_triton(
         part_values = part_indices = tokens  # unused
     _gumbel_argmax_kernel[(num_rows, num_splits)](
         logits, logits.stride(0), temperature, keys, steps, tokens, part_values, part_indices,
+        tokens if bitmask is None else bitmask, 0 if bitmask is None else bitmask.stride(0),
         vocab_size, chunk, num_splits,
-        SPLIT=split, BLOCK=block, FAST_LOG=_fast_log(logits), num_warps=8 if block >= 2048 else 4,
+        SPLIT=split, BLOCK=block, FAST_LOG=_fast_log(logits), HAS_BITMASK=bitmask is not None,
+        num_warps=8 if block >= 2048 else 4,
     )  # fmt: skip
     if split:
         _reduce_splits_kernel[(num_rows,)](
@@ -287,10 +311,11 @@ def gumbel_noise_triton(
 
 
 def gumbel_argmax(
-    logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, *, backend: str = "auto"
+    logits: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, *, backend: str = "auto",
+    bitmask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sampled token ids ``[N]`` int64: the Triton kernel on CUDA unless ``backend`` is "torch", the reference
-    otherwise (see ``gumbel_argmax_ref``)."""
+    otherwise (see ``gumbel_argmax_ref``; ``bitmask``: every row's grammar bitmask)."""
     if use_triton(logits, backend):
-        return gumbel_argmax_triton(logits, temperature, keys, steps)
-    return gumbel_argmax_ref(logits, temperature, keys, steps)
+        return gumbel_argmax_triton(logits, temperature, keys, steps, bitmask=bitmask)
+    return gumbel_argmax_ref(logits, temperature, keys, steps, bitmask)

@@ -43,3 +43,24 @@ def test_w1_workload_takes_its_prompts_lengths_and_temperature():
     prompts, max_tokens, temperature = _workload(args)
     assert len(prompts) == len(max_tokens) == 8 and temperature == 0.6
     assert all(100 <= len(p) <= 1024 for p in prompts) and all(100 <= m <= 1024 for m in max_tokens)
+
+
+def test_host_bound_mode_runs_without_cpu_compute_and_reports_the_grammar_job(tmp_path_factory):
+    """``--host-bound``: the forward, logits and sampler are stand-ins (the constrained outputs still follow their
+    grammar: the pass runs to the objects' ends), and the grammar job's timeline says where each job started."""
+    model = tiny_llama_dir(tmp_path_factory.getbasetemp() / "tiny-llama-step-phases")
+    out = tmp_path_factory.mktemp("results-host-bound") / "phases.jsonl"
+    argv = ["--model", str(model), "--num-requests", "6", "--max-tokens", "12", "--repeats", "1", "--host-bound",
+            "--grammar-thread", "on", "--fill-threads", "1", "--json", str(out)]
+    assert main(argv) == 0
+    variant = json.loads(out.read_text())["variants"][0]
+    assert variant["same_batches"] is True
+    constrained = variant["json_object"]["cpu_ms_per_step"]
+    assert constrained["forward + logits"] < 1.0  # no CPU forward left in the step
+    job = variant["grammar_job"][0]
+    assert sum(job["job_started_at"].values()) == variant["json_object"]["steps"]
+    assert job["job_started_at"].get("before schedule", 0) >= variant["json_object"]["steps"] - 2
+    for name in ("job start delay (submitted -> running)", "job fill", "head start (submitted -> joined)",
+                 "join wait (joined -> done)", "job latency (submitted -> done)"):
+        assert job["mean"][name] >= 0
+    assert job["mean"]["job latency (submitted -> done)"] >= job["mean"]["job fill"]

@@ -239,3 +239,47 @@ def test_requested_logprob_token_ids_are_gathered_in_one_batch():
     assert out.logprobs.shape == (3, 3) and torch.allclose(out.logprobs[:, 0], lp.gather(-1, out.token_ids[:, None])[:, 0])
     none = build_sampling_batch(rows[1:2], 30, CPU, [0], 0)
     assert none.requested_token_ids is None
+
+
+def _grammar_bitmask(allowed: list[list[int]], vocab: int) -> torch.Tensor:
+    words = torch.zeros(len(allowed), -(-vocab // 32), dtype=torch.int64)
+    for row, tokens in enumerate(allowed):
+        for token in tokens:
+            words[row, token // 32] |= 1 << (token % 32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def test_a_grammar_on_every_row_is_applied_inside_the_sampling_pass(monkeypatch):
+    """Every row constrained and nothing else to apply: one fused pass (no separate bitmask op), the same tokens as
+    the bitmask applied first; with a logit bias too, the separate op runs (and the bias cannot revive a token)."""
+    import core.sampler as sampler_module
+
+    torch.manual_seed(3)
+    vocab = 70
+    logits = torch.randn(3, vocab) * 4
+    allowed = [[1, 5, 40, 69], [2, 3], [64, 65, 66]]
+    rows, bitmask = torch.arange(3), _grammar_bitmask(allowed, vocab)
+    temps = [0.8, 1.5, 0.0]
+    steps = torch.arange(3, dtype=torch.int64) * 11
+    separate = []
+    from core.structured_output.bitmask import apply_token_bitmask
+
+    def counting(*args, **kw):
+        separate.append(1)
+        return apply_token_bitmask(*args, **kw)
+
+    monkeypatch.setattr(sampler_module, "apply_token_bitmask", counting)
+    masked = logits.clone()
+    apply_token_bitmask(masked, rows, bitmask)
+    for step in range(20):  # many noise draws: each must stay inside its row's grammar
+        fused = Sampler()(logits.clone(), batch(temps, steps=steps + step, grammar=(rows, bitmask)))
+        assert fused.token_ids.tolist() == gumbel_argmax_ref(masked, torch.tensor(temps), batch(temps).keys,
+                                                             steps + step).tolist()
+        assert all(token in allowed[i] for i, token in enumerate(fused.token_ids.tolist()))
+    assert not separate
+    bias = (torch.tensor([0]), torch.tensor([7]), torch.tensor([100.0]))
+    biased = Sampler()(logits.clone(), batch(temps, steps=steps, grammar=(rows, bitmask), logit_bias=bias))
+    assert separate and biased.token_ids[0].item() in allowed[0]
+    separate.clear()
+    some_rows = Sampler()(logits[:2].clone(), batch(temps[:2], grammar=(rows[:1], bitmask[:1])))
+    assert separate and some_rows.token_ids[0].item() in allowed[0]

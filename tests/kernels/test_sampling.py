@@ -243,3 +243,68 @@ def test_gpu_kernel_in_a_cuda_graph(n):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, gumbel_argmax(*fresh))
+
+
+# ------------------------------------------------------------------------------------------------ grammar bitmask
+
+
+def _bitmask(n: int, vocab: int, seed: int, allowed_per_row: int) -> torch.Tensor:
+    """xgrammar's layout: ``allowed_per_row`` random tokens allowed in each row (the last row: none)."""
+    gen = torch.Generator().manual_seed(seed)
+    words = torch.zeros(n, -(-vocab // 32) + 1, dtype=torch.int64)  # one spare word: wider than the vocabulary
+    for row in range(n - 1):
+        for token in torch.randperm(vocab, generator=gen)[:allowed_per_row].tolist():
+            words[row, token // 32] |= 1 << (token % 32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the bit pattern as int32
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_kernel_applies_a_grammar_bitmask_as_it_reads(num_splits):
+    """Fused bitmask: the tokens of the reference on the masked logits, every sampled token allowed by its row's
+    mask, a row with nothing allowed answering 0 as ``argmax`` of all -inf does; the logits are not written."""
+    from kernels.token_bitmask import apply_token_bitmask_ref
+
+    n, vocab = 6, 1001
+    logits, temperature, keys, steps = _problem(n, vocab, seed=7, device=KERNEL_DEVICE, greedy_rows=[1])
+    bitmask = _bitmask(n, vocab, seed=8, allowed_per_row=40).to(KERNEL_DEVICE)
+    before = logits.clone()
+    tokens = gumbel_argmax_triton(logits, temperature, keys, steps, block=256, num_splits=num_splits, bitmask=bitmask)
+    assert torch.equal(logits, before)
+    masked = apply_token_bitmask_ref(logits.clone(), torch.arange(n, device=KERNEL_DEVICE), bitmask)
+    _assert_same_tokens(tokens[:-1], (masked[:-1], temperature[:-1], keys[:-1], steps[:-1]), min_checked=n - 1)
+    assert tokens[-1].item() == 0
+    words = bitmask.cpu().long()
+    for row, token in enumerate(tokens[:-1].tolist()):
+        assert (words[row, token // 32] >> (token % 32)) & 1, (row, token)
+    assert torch.equal(gumbel_argmax_ref(logits, temperature, keys, steps, bitmask),
+                       gumbel_argmax_ref(masked, temperature, keys, steps))
+
+
+def test_kernel_bitmask_reads_half_precision_logits():
+    from kernels.token_bitmask import apply_token_bitmask_ref
+
+    logits, temperature, keys, steps = _problem(3, 700, seed=9, device=KERNEL_DEVICE)
+    bitmask = _bitmask(4, 700, seed=10, allowed_per_row=25)[:3].to(KERNEL_DEVICE)
+    half = logits.half()
+    tokens = gumbel_argmax_triton(half, temperature, keys, steps, block=256, bitmask=bitmask)
+    masked = apply_token_bitmask_ref(half.float(), torch.arange(3, device=KERNEL_DEVICE), bitmask)
+    _assert_same_tokens(tokens, (masked, temperature, keys, steps), min_checked=3)
+
+
+def test_a_bitmask_that_does_not_cover_the_logits_is_refused():
+    logits, temperature, keys, steps = _problem(2, 100, seed=11, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match="does not cover"):
+        gumbel_argmax_triton(logits, temperature, keys, steps, bitmask=torch.zeros(2, 3, dtype=torch.int32,
+                                                                                  device=KERNEL_DEVICE))
+
+
+@pytest.mark.gpu
+def test_gpu_fused_bitmask_at_full_vocab():
+    from kernels.token_bitmask import apply_token_bitmask_ref
+
+    n = 64
+    logits, temperature, keys, steps = _problem(n, QWEN3_VOCAB, seed=12, device="cuda", greedy_rows=[0])
+    bitmask = _bitmask(n, QWEN3_VOCAB, seed=13, allowed_per_row=500).cuda()
+    tokens = gumbel_argmax(logits.bfloat16(), temperature, keys, steps, bitmask=bitmask)
+    masked = apply_token_bitmask_ref(logits.bfloat16().float(), torch.arange(n, device="cuda"), bitmask)
+    _assert_same_tokens(tokens[:-1], (masked[:-1], temperature[:-1], keys[:-1], steps[:-1]), min_checked=n - 2)
