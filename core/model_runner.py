@@ -327,8 +327,7 @@ class ModelRunner:
                                  table)
         hidden = self.model(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens],
                             self.kv_caches, meta)
-        if self.draft is not None:
-            self.draft.catch_up(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens], meta)
+        self._draft_catch_up(num_tokens, meta)
         logits = self.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
         ones = torch.ones(num_seqs, device=self.device)
         zeros = torch.zeros(num_seqs, dtype=torch.int64, device=self.device)
@@ -490,9 +489,8 @@ class ModelRunner:
         rows_t = None
         hidden = None
         logits = None
-        if self.draft is not None and bucket is None and verify_bucket is None:
-            # The draft's KV for the same tokens at the same slots (graphed steps run it inside their graph).
-            self.draft.catch_up(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens], meta)
+        if bucket is None and verify_bucket is None:  # graphed steps run the draft's catch-up inside their graph
+            self._draft_catch_up(num_tokens, meta)
         if bucket is not None:
             logits = self.graphs.replay(bucket)[:num_seqs]
         else:
@@ -635,9 +633,9 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     def _draft_catch_up(self, num_tokens: int, meta: AttentionMetadata) -> None:
-        """A draft model's forward over the step's own inputs (its KV at the same slots), inside the decode and
-        verify graphs: eager, it cost more than the target's graphed verify step (a 1B draft behind an 8B target:
-        13.9 ms against a 4.8 ms plain step on the H200)."""
+        """A draft model's forward over the step's first ``num_tokens`` inputs (its KV at the target's slots). The
+        decode and verify graphs run it inside themselves: eager beside them, it cost more than the target's graphed
+        verify step (a 1B draft behind an 8B target: 13.9 ms against a 4.8 ms plain step on the H200)."""
         if self.draft is not None:
             self.draft.catch_up(self.inputs.input_ids[:num_tokens], self.inputs.positions[:num_tokens], meta)
 
