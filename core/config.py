@@ -219,9 +219,9 @@ def _resolve_async_scheduling(config: EngineConfig, device: torch.device) -> boo
 
 
 def _resolve_run_ahead(config: EngineConfig, overlap_outputs: bool) -> bool:
-    """Only when asked for (its CUDA path has not yet run on a GPU; the default turns on once W6 measures it): n-gram
-    speculation on one device with overlap_outputs (async scheduling wanted). Asked for where it cannot apply: a
-    startup error that says why."""
+    """Only when asked for (on the H200, W6 measured +1% at k = 15 and -6% at k = 5, so it is not the default):
+    n-gram speculation on one device with overlap_outputs (async scheduling wanted). Asked for where it cannot
+    apply: a startup error that says why."""
     spec = config.speculative_config
     supported = overlap_outputs and spec is not None and spec.method == "ngram" and \
         config.tensor_parallel_size * config.pipeline_parallel_size == 1

@@ -256,10 +256,12 @@ def pick_int4_config(m: int, n: int, k: int, group_size: int) -> SkinnyConfig | 
     bucket = m_bucket(m)
     if bucket > INT4_MMA_MAX_M:
         return None
-    config = _table_config(bucket, n, k, group_size)
-    if config is None and bucket not in INT4_DEFAULT_CONFIGS and not _has_entry(bucket, n, k, group_size):
-        m1_config = _table_config(1, n, k, group_size)
-        config = m1_config if m1_config is not None and m1_config.kind in INT4_MMA_KINDS else None
+    if _has_entry(bucket, n, k, group_size) or bucket in INT4_DEFAULT_CONFIGS:
+        config = _table_config(bucket, n, k, group_size)
+    else:  # M = 1's, if a tensor-core config (an fma config's time grows with M)
+        config = _table_config(1, n, k, group_size)
+        if config is not None and config.kind not in INT4_MMA_KINDS:
+            config = None
     if config is None or (config.kind == "fma" and m > INT4_FMA_MAX_M):
         return None
     return _fit_block_k(config, k, group_size)
