@@ -62,28 +62,43 @@ def dense_weights(cfg) -> tuple[int, int]:
     return cfg.num_layers * per_layer, cfg.vocab_size * cfg.hidden_size
 
 
+def kv_read_bytes(cfg, contexts: np.ndarray, kv_bytes: int = 2) -> float:
+    """Bytes of K and V that decoding reads for queries at these context lengths: every position of every layer, a
+    sliding-window layer's last ``window`` only."""
+    position_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * kv_bytes  # K and V of one position in one layer
+    contexts = np.asarray(contexts, dtype=np.float64)
+    positions = 0.0
+    for layer in range(cfg.num_layers):
+        window = cfg.sliding_windows[layer] if cfg.sliding_windows else 0
+        positions += float(np.minimum(contexts, window).sum() if window else contexts.sum())
+    return positions * position_bytes
+
+
+def step_linear_s(cfg, rows, sampled_rows, *, weight_bytes: float = 2, bandwidth: float = H200_COPY_BYTES_PER_S,
+                  flops: float = H200_BF16_FLOPS):
+    """One step's linear layers (numbers or arrays of steps): ``rows`` through the decoder layers, ``sampled_rows``
+    through the LM head, at the FLOP peak or one read of the weights, whichever is longer."""
+    layer_weights, head_weights = dense_weights(cfg)
+    compute = 2 * (np.asarray(rows) * layer_weights + np.asarray(sampled_rows) * head_weights) / flops
+    return np.maximum(compute, (layer_weights + head_weights) * weight_bytes / bandwidth)
+
+
 def roofline(cfg, input_lens: np.ndarray, output_lens: np.ndarray, *, kv_bytes: int = 2, weight_bytes: float = 2,
              bandwidth: float = H200_COPY_BYTES_PER_S, flops: float = H200_BF16_FLOPS) -> Roofline:
     inputs, outputs = input_lens.astype(np.float64), output_lens.astype(np.float64)
-    # Decode attention: token t of a request (t = 0 .. out - 1) reads in + t positions, capped per layer by its window.
-    position_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * kv_bytes  # K and V of one position in one layer
-    windows = [cfg.sliding_windows[i] if cfg.sliding_windows else 0 for i in range(cfg.num_layers)]
-    read_positions = 0.0
-    for window in windows:
-        for i, o in zip(inputs, outputs):
-            context = i + np.arange(o)
-            read_positions += float(np.minimum(context, window).sum() if window else context.sum())
-    decode_attention_s = read_positions * position_bytes / bandwidth
+    # Decode attention: token t of a request (t = 0 .. out - 1) reads in + t positions.
+    contexts = np.concatenate([i + np.arange(o) for i, o in zip(inputs, outputs)])
+    decode_attention_s = kv_read_bytes(cfg, contexts, kv_bytes) / bandwidth
     layer_weights, head_weights = dense_weights(cfg)
     rows = inputs.sum() + outputs.sum()
     sampled_rows = outputs.sum() + len(inputs)
     linear_compute_s = 2 * (rows * layer_weights + sampled_rows * head_weights) / flops
     linear_weight_stream_s = outputs.max() * (layer_weights + head_weights) * weight_bytes / bandwidth
     batch_per_step = (outputs[None, :] > np.arange(int(outputs.max()))[:, None]).sum(1)
-    step_compute = 2 * batch_per_step * (layer_weights + head_weights) / flops
-    step_weights = (layer_weights + head_weights) * weight_bytes / bandwidth
     prefill_linear_s = 2 * (inputs.sum() * layer_weights + len(inputs) * head_weights) / flops
-    linear_all_at_once_s = prefill_linear_s + float(np.maximum(step_compute, step_weights).sum())
+    decode_linear_s = step_linear_s(cfg, batch_per_step, batch_per_step, weight_bytes=weight_bytes,
+                                    bandwidth=bandwidth, flops=flops)
+    linear_all_at_once_s = prefill_linear_s + float(decode_linear_s.sum())
     # Causal prefill: QK^T and PV each 2 * L^2 / 2 * head_dim FLOPs per query head and layer.
     prefill_flops = 2 * float((inputs**2).sum()) * cfg.head_dim * cfg.num_heads * cfg.num_layers
     return Roofline(decode_attention_s, max(linear_compute_s, linear_weight_stream_s), linear_compute_s,

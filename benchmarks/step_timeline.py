@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from benchmarks.json_lines import append_json_line
-from benchmarks.roofline import H200_BF16_FLOPS, H200_COPY_BYTES_PER_S, dense_weights, load_model_config
+from benchmarks.roofline import H200_BF16_FLOPS, H200_COPY_BYTES_PER_S, kv_read_bytes, load_model_config, step_linear_s
 from benchmarks.throughput import make_workload
 
 DECODE_BINS = ((1, 31), (32, 127), (128, 255), (256, 1 << 30))
@@ -39,18 +39,11 @@ class StepRecord:
 def step_bound(cfg, record: StepRecord, *, kv_bytes: int = 2, weight_bytes: float = 2,
                bandwidth: float = H200_COPY_BYTES_PER_S, flops: float = H200_BF16_FLOPS) -> float:
     """The step's lower bound in seconds: KV reads of its decodes + its linear layers (FLOPs or a weight read)."""
-    position_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * kv_bytes
-    contexts = np.asarray(record.decode_contexts, dtype=np.float64)
-    read = 0.0
-    for layer in range(cfg.num_layers):
-        window = cfg.sliding_windows[layer] if cfg.sliding_windows else 0
-        read += float(np.minimum(contexts, window).sum() if window else contexts.sum())
-    layer_weights, head_weights = dense_weights(cfg)
-    rows = record.prefill_tokens + len(contexts)
-    sampled = len(contexts) + (1 if record.prefill_tokens else 0)
-    linear = max(2 * (rows * layer_weights + sampled * head_weights) / flops,
-                 (layer_weights + head_weights) * weight_bytes / bandwidth)
-    return read * position_bytes / bandwidth + linear
+    decodes = len(record.decode_contexts)
+    sampled = decodes + (1 if record.prefill_tokens else 0)
+    linear = step_linear_s(cfg, record.prefill_tokens + decodes, sampled, weight_bytes=weight_bytes,
+                           bandwidth=bandwidth, flops=flops)
+    return kv_read_bytes(cfg, np.asarray(record.decode_contexts), kv_bytes) / bandwidth + float(linear)
 
 
 def summarize(cfg, records: list[StepRecord]) -> list[dict]:
