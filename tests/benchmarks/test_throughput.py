@@ -43,6 +43,23 @@ def test_pagedserve_and_hf_backends_generate_every_requested_token(tmp_path, cap
     assert "median output throughput" in capsys.readouterr().out
 
 
+def test_keep_prefix_cache_lets_a_later_run_reuse_the_prompts(tmp_path):
+    """By default each run starts with an empty prefix cache (no run finds the previous one's prompts); with
+    ``--keep-prefix-cache`` the second run of the same prompt hits every block the first one cached but the last
+    (2112 tokens = 132 full blocks; the block of the last prompt token is computed again, for its logits)."""
+    out = tmp_path / "results.jsonl"
+    model = tmp_path / "llama-10k-vocab"
+    model.mkdir()
+    config = hf_config("llama", vocab_size=10240, max_position_embeddings=4096).to_dict()
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
+    common = ["--workload", "W4", "--model", str(model), "--load-format", "dummy", "--num-prompts", "1", "--runs",
+              "2", "--max-model-len", "2304", "--disable-tqdm", "--json", str(out)]
+    assert main(common) == 0 and main([*common, "--keep-prefix-cache"]) == 0
+    reset, kept = (json.loads(line)["runs"] for line in out.read_text().splitlines())
+    assert [r["prefix_cache_hit_rate"] for r in reset] == [0.0, 0.0]
+    assert kept[0]["prefix_cache_hit_rate"] == 0.0 and kept[1]["prefix_cache_hit_rate"] == 131 * 16 / 2112
+
+
 def test_gemma2_dummy_w2_smoke(tmp_path):
     """The Gemma-2-9B benchmark's path (config only, dummy weights, W2's requests) on a tiny Gemma 2 config: sliding
     window and soft-capping layers run and every requested token comes out."""
