@@ -1,13 +1,18 @@
 """W1 with every request under ``response_format={"type": "json_object"}``, against unconstrained W1 (offline LLM).
 
-    python -m benchmarks.structured_throughput --model ../shared/models/qwen3-0.6b --load-format dummy
+    python -m benchmarks.structured_throughput --model ../shared/models/smollm2-135m --load-format dummy
 
 Both passes run in one engine on the same requests. The unconstrained pass ignores EOS (exact W1); the constrained
 pass stops where the grammar ends the object (a finished object only allows EOS), so it is compared by output
 tokens per second, with the share of W1's tokens it produced. A third pass, ``unconstrained_same_lengths``, runs W1
 unconstrained with each request cut to the length its constrained output had: fewer tokens per step in a long tail
-is the workload's shape, not the grammar's cost, and this pass takes it out of the comparison. The model directory
-must hold a tokenizer (the grammar needs the vocabulary).
+is the workload's shape, not the grammar's cost, and this pass takes it out of the comparison. The grammar needs a
+vocabulary: the model directory's tokenizer, or ``--tokenizer`` for a config-only directory. W1's own model,
+Qwen3-0.6B, ships here without one, so its run borrows SmolLM2's (dummy weights do not care what a token means; the
+grammar then allows SmolLM2's 49,152 tokens of Qwen3's 151,936 logits, and the mask is as wide as Qwen3's vocabulary):
+
+    python -m benchmarks.structured_throughput --model ../shared/models/qwen3-0.6b --load-format dummy \
+        --tokenizer ../shared/models/smollm2-135m
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def run(args: argparse.Namespace) -> dict:
         manager.GRAMMAR_SWITCH_INTERVAL_S = args.grammar_switch_interval_us / 1e6
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
               gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-              enforce_eager=args.enforce_eager, skip_tokenizer_init=True, seed=args.seed)
+              enforce_eager=args.enforce_eager, skip_tokenizer_init=True, seed=args.seed, tokenizer=args.tokenizer)
     json_object = StructuredOutputsParams(json_object=True)
     passes = {
         "unconstrained": [SamplingParams(temperature=workload.temperature, max_tokens=m, ignore_eos=True)
@@ -80,6 +85,8 @@ def run(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.structured_throughput", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model directory with a tokenizer (default: SmolLM2)")
+    p.add_argument("--tokenizer", default=None,
+                   help="the grammar's vocabulary, when the model directory has no tokenizer (a config-only one)")
     p.add_argument("--load-format", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=4096)

@@ -29,9 +29,12 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None, chat_templ
 
     ``chat_template`` (a file path or an inline Jinja string) replaces the tokenizer's own template.
     """
-    if tokenizer is not None:
-        source = resolve_model(tokenizer)
-    tok = _load_gguf_tokenizer(Path(source.gguf_file)) if source.is_gguf else _load_directory_tokenizer(source.path)
+    if tokenizer is not None and Path(tokenizer).is_dir():
+        tok = _load_directory_tokenizer(Path(tokenizer))  # tokenizer files alone: no model config needed
+    else:
+        if tokenizer is not None:
+            source = resolve_model(tokenizer)
+        tok = _load_gguf_tokenizer(Path(source.gguf_file)) if source.is_gguf else _load_directory_tokenizer(source.path)
     if chat_template is not None:
         tok.chat_template = read_chat_template(chat_template)
     _disable_backend_padding(tok)

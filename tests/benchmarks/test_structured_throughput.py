@@ -28,3 +28,18 @@ def test_json_object_benchmark_runs_both_passes(tmp_path):
     same = record["unconstrained_same_lengths"]["runs"][0]["output_tokens"]
     assert same == record["json_object"]["runs"][0]["output_tokens"]  # W1 cut to the constrained outputs' lengths
     assert "json_object_slowdown_same_lengths" in record
+
+
+def test_json_object_benchmark_takes_the_vocabulary_from_tokenizer(tmp_path):
+    """W1's own model ships as a config without a tokenizer: ``--tokenizer`` gives the grammar one, and the mask
+    covers the model's wider vocabulary (Qwen3's 151,936 logits, SmolLM2's 49,152 tokens)."""
+    model = tmp_path / "qwen3-config-only"
+    model.mkdir()
+    config = hf_config("qwen3", vocab_size=151936, max_position_embeddings=2048).to_dict()
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3ForCausalLM"]}))
+    tokenizer = copy_tokenizer_files(tmp_path / "tokenizer")
+    out = tmp_path / "results.jsonl"
+    assert main(["--model", str(model), "--load-format", "dummy", "--tokenizer", str(tokenizer), "--num-prompts", "1",
+                 "--runs", "1", "--max-model-len", "2048", "--disable-tqdm", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert 0 < record["json_object"]["runs"][0]["output_tokens"] <= record["w1_output_tokens"]

@@ -153,6 +153,16 @@ def test_tokenizer_argument_overrides_source(reference_dir, reference, tmp_path)
     assert tok.encode(TEXTS[2]) == reference.encode(TEXTS[2])
 
 
+def test_tokenizer_argument_needs_no_model_config(reference_dir, reference, tmp_path):
+    """``tokenizer`` may be a directory of tokenizer files alone (no config.json), as vLLM's ``--tokenizer`` takes."""
+    files_only = tmp_path / "tokenizer-files"
+    files_only.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(reference_dir / name, files_only / name)
+    tok = load_tokenizer(ModelSource(name="elsewhere", path=str(tmp_path)), tokenizer=str(files_only))
+    assert tok.encode(TEXTS[2]) == reference.encode(TEXTS[2])
+
+
 def test_inline_chat_template_overrides(reference_dir):
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     tok = load_tokenizer(ModelSource(name="hf", path=str(reference_dir)), chat_template=template)
