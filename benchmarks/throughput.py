@@ -15,8 +15,8 @@ directory with a ``quantization_config`` added, and ``--load-format dummy`` fill
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import statistics
 import sys
 import time
