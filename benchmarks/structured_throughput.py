@@ -8,23 +8,44 @@ tokens per second, with the share of W1's tokens it produced. A third pass, ``un
 unconstrained with each request cut to the length its constrained output had: fewer tokens per step in a long tail
 is the workload's shape, not the grammar's cost, and this pass takes it out of the comparison. The grammar needs a
 vocabulary: the model directory's tokenizer, or ``--tokenizer`` for a config-only directory. W1's own model,
-Qwen3-0.6B, ships here without one, so its run borrows SmolLM2's (dummy weights do not care what a token means; the
-grammar then allows SmolLM2's 49,152 tokens of Qwen3's 151,936 logits, and the mask is as wide as Qwen3's vocabulary):
+Qwen3-0.6B, ships here without one, so its run borrows SmolLM2's with ``--vocab-from-tokenizer`` (dummy weights only):
+the model keeps its layers but takes the tokenizer's vocabulary (49,152 ids, its EOS), as a real checkpoint's
+tokenizer covers its vocabulary. Without it, Qwen3's 151,936 logits hold 102,784 ids that SmolLM2's tokenizer lacks;
+xgrammar treats each as a special token to clear in every mask, ~100 us per row per step (real checkpoints pad a few
+hundred ids at most):
 
     python -m benchmarks.structured_throughput --model ../shared/models/qwen3-0.6b --load-format dummy \
-        --tokenizer ../shared/models/smollm2-135m
+        --tokenizer ../shared/models/smollm2-135m --vocab-from-tokenizer
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from benchmarks.json_lines import append_json_line
 from benchmarks.throughput import make_workload
+
+
+def model_with_tokenizer_vocab(model: str, tokenizer: str, directory: str) -> str:
+    """A directory holding ``model``'s config.json with the vocabulary of ``tokenizer``: ``vocab_size`` = its length
+    and its EOS as the model's (for dummy weights: the embedding and LM head take the new size)."""
+    from core.loader import load_hf_config
+    from core.model_source import ModelSource, resolve_model
+    from core.tokenizer import load_tokenizer
+
+    config = load_hf_config(resolve_model(model))
+    tok = load_tokenizer(ModelSource(name="tokenizer", path=tokenizer), tokenizer)
+    config["vocab_size"] = len(tok)
+    config["eos_token_id"] = tok.eos_token_id
+    Path(directory, "config.json").write_text(json.dumps(config))
+    return directory
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -36,7 +57,11 @@ def run(args: argparse.Namespace) -> dict:
         from core.structured_output import manager
 
         manager.GRAMMAR_SWITCH_INTERVAL_S = args.grammar_switch_interval_us / 1e6
-    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
+    model = args.model
+    if args.vocab_from_tokenizer:
+        temporary = tempfile.TemporaryDirectory(prefix="pagedserve-vocab-")
+        model = model_with_tokenizer_vocab(args.model, args.tokenizer, temporary.name)
+    llm = LLM(model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
               gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
               enforce_eager=args.enforce_eager, skip_tokenizer_init=True, seed=args.seed, tokenizer=args.tokenizer)
     json_object = StructuredOutputsParams(json_object=True)
@@ -87,6 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model directory with a tokenizer (default: SmolLM2)")
     p.add_argument("--tokenizer", default=None,
                    help="the grammar's vocabulary, when the model directory has no tokenizer (a config-only one)")
+    p.add_argument("--vocab-from-tokenizer", action="store_true",
+                   help="dummy weights: the model takes the tokenizer's vocabulary size and EOS (see above)")
     p.add_argument("--load-format", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=4096)
@@ -101,7 +128,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="CPython switch interval while a grammar job is in flight (default: the engine's, "
                         "core.structured_output.manager.GRAMMAR_SWITCH_INTERVAL_S)")
     p.add_argument("--json", default=None, help="append the result (one JSON object per line) to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.vocab_from_tokenizer and (args.tokenizer is None or args.load_format != "dummy"):
+        p.error("--vocab-from-tokenizer needs --tokenizer and --load-format dummy (it resizes the embedding)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from benchmarks.structured_throughput import main
+from benchmarks.structured_throughput import main, model_with_tokenizer_vocab
 from tests.frontend.model_files import copy_tokenizer_files
 from tests.tiny_models import hf_config
 
@@ -30,16 +31,31 @@ def test_json_object_benchmark_runs_both_passes(tmp_path):
     assert "json_object_slowdown_same_lengths" in record
 
 
-def test_json_object_benchmark_takes_the_vocabulary_from_tokenizer(tmp_path):
-    """W1's own model ships as a config without a tokenizer: ``--tokenizer`` gives the grammar one, and the mask
-    covers the model's wider vocabulary (Qwen3's 151,936 logits, SmolLM2's 49,152 tokens)."""
-    model = tmp_path / "qwen3-config-only"
-    model.mkdir()
-    config = hf_config("qwen3", vocab_size=151936, max_position_embeddings=2048).to_dict()
-    (model / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3ForCausalLM"]}))
+def _qwen3_config_only(directory):
+    directory.mkdir()
+    config = hf_config("qwen3", vocab_size=151936, max_position_embeddings=2048, eos_token_id=151645).to_dict()
+    (directory / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3ForCausalLM"]}))
+    return directory
+
+
+def test_json_object_benchmark_runs_a_config_only_model_with_tokenizer(tmp_path):
+    """W1's own model ships as a config without a tokenizer: ``--tokenizer`` gives the grammar one, and
+    ``--vocab-from-tokenizer`` gives the model that tokenizer's vocabulary."""
+    model = _qwen3_config_only(tmp_path / "qwen3-config-only")
     tokenizer = copy_tokenizer_files(tmp_path / "tokenizer")
     out = tmp_path / "results.jsonl"
-    assert main(["--model", str(model), "--load-format", "dummy", "--tokenizer", str(tokenizer), "--num-prompts", "1",
-                 "--runs", "1", "--max-model-len", "2048", "--disable-tqdm", "--json", str(out)]) == 0
+    assert main(["--model", str(model), "--load-format", "dummy", "--tokenizer", str(tokenizer),
+                 "--vocab-from-tokenizer", "--num-prompts", "1", "--runs", "1", "--max-model-len", "2048",
+                 "--disable-tqdm", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert 0 < record["json_object"]["runs"][0]["output_tokens"] <= record["w1_output_tokens"]
+
+
+def test_vocab_from_tokenizer_resizes_the_config(tmp_path):
+    model = _qwen3_config_only(tmp_path / "qwen3-config-only")
+    tokenizer = copy_tokenizer_files(tmp_path / "tokenizer")
+    (tmp_path / "resized").mkdir()
+    config = json.loads((Path(model_with_tokenizer_vocab(str(model), str(tokenizer), str(tmp_path / "resized")))
+                         / "config.json").read_text())
+    assert (config["vocab_size"], config["eos_token_id"]) == (49152, 2)
+    assert config["num_hidden_layers"] == json.loads((model / "config.json").read_text())["num_hidden_layers"]
