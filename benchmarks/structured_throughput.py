@@ -37,11 +37,12 @@ def model_with_tokenizer_vocab(model: str, tokenizer: str, directory: str) -> st
     """A directory holding ``model``'s config.json with the vocabulary of ``tokenizer``: ``vocab_size`` = its length
     and its EOS as the model's (for dummy weights: the embedding and LM head take the new size)."""
     from core.loader import load_hf_config
-    from core.model_source import ModelSource, resolve_model
+    from core.model_source import resolve_model
     from core.tokenizer import load_tokenizer
 
-    config = load_hf_config(resolve_model(model))
-    tok = load_tokenizer(ModelSource(name="tokenizer", path=tokenizer), tokenizer)
+    source = resolve_model(model)
+    config = load_hf_config(source)
+    tok = load_tokenizer(source, tokenizer)
     config["vocab_size"] = len(tok)
     config["eos_token_id"] = tok.eos_token_id
     Path(directory, "config.json").write_text(json.dumps(config))
