@@ -249,6 +249,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.backend == "hf" and args.kv_cache_dtype != "auto":
         p.error(f"--kv-cache-dtype {args.kv_cache_dtype} applies to the pagedserve backend only")
+    if args.keep_prefix_cache and (args.backend == "hf" or args.no_enable_prefix_caching):
+        p.error("--keep-prefix-cache needs the pagedserve backend with prefix caching on")
     return args
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
-from benchmarks.throughput import main, make_workload
+from benchmarks.throughput import main, make_workload, parse_args
 from tests.tiny_models import hf_config
 
 
@@ -58,6 +59,13 @@ def test_keep_prefix_cache_lets_a_later_run_reuse_the_prompts(tmp_path):
     reset, kept = (json.loads(line)["runs"] for line in out.read_text().splitlines())
     assert [r["prefix_cache_hit_rate"] for r in reset] == [0.0, 0.0]
     assert kept[0]["prefix_cache_hit_rate"] == 0.0 and kept[1]["prefix_cache_hit_rate"] == 131 * 16 / 2112
+
+
+@pytest.mark.parametrize("extra", [["--backend", "hf"], ["--no-enable-prefix-caching"]])
+def test_keep_prefix_cache_without_a_prefix_cache_is_refused(extra, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--workload", "W1", "--keep-prefix-cache", *extra])
+    assert "--keep-prefix-cache needs" in capsys.readouterr().err
 
 
 def test_gemma2_dummy_w2_smoke(tmp_path):
