@@ -32,6 +32,8 @@ from pathlib import Path
 from benchmarks.json_lines import append_json_line
 from benchmarks.throughput import make_workload
 
+MAX_MISSING_IDS = 1024  # real checkpoints pad their vocabulary past the tokenizer by a few hundred ids at most
+
 
 def model_with_tokenizer_vocab(model: str, tokenizer: str, directory: str) -> str:
     """A directory holding ``model``'s config.json with the vocabulary of ``tokenizer``: ``vocab_size`` = its length
@@ -49,6 +51,21 @@ def model_with_tokenizer_vocab(model: str, tokenizer: str, directory: str) -> st
     return directory
 
 
+def _warn_on_vocabulary_gap(model: str, tokenizer: str) -> None:
+    """A borrowed tokenizer far shorter than the model's vocabulary times xgrammar clearing the missing ids, not the
+    grammar: say so (and how to avoid it) before the run."""
+    from core.loader import load_hf_config
+    from core.model_source import resolve_model
+    from core.tokenizer import load_tokenizer
+
+    source = resolve_model(model)
+    vocab_size = load_hf_config(source).get("vocab_size", 0)
+    missing = vocab_size - len(load_tokenizer(source, tokenizer))
+    if missing > MAX_MISSING_IDS:
+        print(f"warning: {missing} of the model's {vocab_size} ids are not in the tokenizer; xgrammar clears each in "
+              "every mask, which this run will time (--vocab-from-tokenizer avoids it)", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> dict:
     from frontend import LLM, SamplingParams
     from ipc.messages import StructuredOutputsParams
@@ -62,6 +79,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.vocab_from_tokenizer:
         temporary = tempfile.TemporaryDirectory(prefix="pagedserve-vocab-")
         model = model_with_tokenizer_vocab(args.model, args.tokenizer, temporary.name)
+    elif args.tokenizer is not None:
+        _warn_on_vocabulary_gap(args.model, args.tokenizer)
     llm = LLM(model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
               gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
               enforce_eager=args.enforce_eager, skip_tokenizer_init=True, seed=args.seed, tokenizer=args.tokenizer)

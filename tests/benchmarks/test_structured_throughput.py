@@ -59,3 +59,11 @@ def test_vocab_from_tokenizer_resizes_the_config(tmp_path):
                          / "config.json").read_text())
     assert (config["vocab_size"], config["eos_token_id"]) == (49152, 2)
     assert config["num_hidden_layers"] == json.loads((model / "config.json").read_text())["num_hidden_layers"]
+
+
+def test_a_tokenizer_far_shorter_than_the_vocabulary_is_reported(tmp_path, capsys):
+    from benchmarks.structured_throughput import _warn_on_vocabulary_gap
+
+    model = _qwen3_config_only(tmp_path / "qwen3-config-only")
+    _warn_on_vocabulary_gap(str(model), str(copy_tokenizer_files(tmp_path / "tokenizer")))
+    assert "102784 of the model's 151936 ids are not in the tokenizer" in capsys.readouterr().err
