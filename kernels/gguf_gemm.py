@@ -11,9 +11,11 @@ Types dequantized in the kernel (``GGUF_KERNEL_TYPES``): Q4_0, Q4_1, Q8_0 (32-el
   with 6-bit scale/min packed in ``scales``; ``d * sc * q - dmin * m``, Q5_K's fifth bit ``qh[e % 32] >> s``.
 - Q6_K ``[ql 128, qh 64, scales int8 16, d]``: ``d * sc * (q6 - 32)``.
 
-One kernel, two launch shapes: decode (M <= 16) keeps the whole (padded) batch in one program and sums the
-``[M, N, K]`` tile product (no ``tl.dot`` minimum of 16 rows to pad to); larger M dequantizes a ``[block_n, block_k]``
-tile and feeds ``tl.dot``. ``gguf_linear_ref`` (dequantize, fp32 matmul) is the reference and the CPU path.
+Q4_0, Q4_1 and Q8_0 at M <= 4 (decode of a few sequences; the default SmolLM2's linears are Q4_1, its embedding and
+tied LM head Q8_0) take ``_gguf_small_decode_kernel``, which reads whole words of each block instead of one load per
+byte. Otherwise one kernel, two launch shapes: decode (M <= 16) keeps the whole (padded) batch in one program and sums
+the ``[M, N, K]`` tile product (no ``tl.dot`` minimum of 16 rows to pad to); larger M dequantizes a
+``[block_n, block_k]`` tile and feeds ``tl.dot``. ``gguf_linear_ref`` (dequantize, fp32 matmul) is the reference and the CPU path.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ GGUF_KERNEL_TYPES: dict[int, tuple[int, int]] = {
     Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210),
 }
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The word-load decode kernel (M <= 4, 32-element types): (output channels, 32-blocks per iteration, warps) per type,
+# for M = 1 and for M = 2..4. Chosen offline from the sm_90 SASS (fewest loop instructions per weight at <= 160
+# registers: Q4_1 at M = 1 231 warp instructions per 1,000 weights against the byte-gather kernel's 1,400); not yet
+# timed on the GPU, where the byte-gather kernel measured 2.5-30x slower than bf16 cuBLAS (RESULTS.md, sixth session).
+SMALL_DECODE_MAX_M = 4
+SMALL_DECODE_CONFIGS: dict[tuple[int, bool], tuple[int, int, int]] = {
+    (Q4_0, True): (32, 4, 4), (Q4_1, True): (32, 4, 4), (Q8_0, True): (16, 8, 4),
+    (Q4_0, False): (32, 4, 4), (Q4_1, False): (32, 4, 4), (Q8_0, False): (16, 4, 4),
+}  # (type, M == 1) -> config
+_WORDS = {Q4_1: (4, 8), Q4_0: (8, 4), Q8_0: (16, 2)}  # a block's quant words and quants per word (the kernel's)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,6 +233,101 @@ def _decode(w_ptr, offs_n, k0, N, K, row_bytes, GGML_TYPE: tl.constexpr, BLOCK: 
 
 
 @triton.jit
+def _half_bits_to_f32(bits):
+    """The low 16 bits of an int32 tensor as an fp16 value, widened to fp32."""
+    return (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _small_block_quants(starts, GGML_TYPE: tl.constexpr):
+    """One 32-element block per entry of ``starts`` (``[BN, NB]`` byte addresses): ``(q, d, m, k_in_block)``, the
+    quants as fp32 ``[BN, NB, WORDS, PER_WORD]`` in the order the words unpack to, the scale ``d`` and Q4_1's min ``m``
+    (``[BN, NB]``; Q4_0 / Q8_0 give ``d`` again), and ``k_in_block`` ``[WORDS, PER_WORD]``: each quant's input."""
+    if GGML_TYPE == 3:  # Q4_1 [d f16, m f16, qs 16]: 5 words of 4 bytes
+        header = tl.load(starts.to(tl.pointer_type(tl.int32)))
+        d = _half_bits_to_f32(header)
+        m = _half_bits_to_f32(header >> 16)
+        words = tl.load((starts[:, :, None] + 4 + 4 * tl.arange(0, 4)[None, None, :]).to(tl.pointer_type(tl.int32)))
+        # nibble j of a word: byte j // 2 of it, low (element 4w + j // 2) or high (element 16 + 4w + j // 2)
+        j = tl.arange(0, 8)
+        q = ((words[:, :, :, None] >> (4 * j)[None, None, None, :]) & 0xF).to(tl.float32)
+        k_in_block = (j % 2)[None, :] * 16 + 4 * tl.arange(0, 4)[:, None] + (j // 2)[None, :]
+    elif GGML_TYPE == 2:  # Q4_0 [d f16, qs 16]: 9 words of 2 bytes
+        d = tl.load(starts.to(tl.pointer_type(tl.int16))).to(tl.float16, bitcast=True).to(tl.float32)
+        m = d
+        words = tl.load((starts[:, :, None] + 2 + 2 * tl.arange(0, 8)[None, None, :]).to(tl.pointer_type(tl.int16)))
+        j = tl.arange(0, 4)
+        q = ((words.to(tl.int32)[:, :, :, None] >> (4 * j)[None, None, None, :]) & 0xF).to(tl.float32)
+        k_in_block = (j % 2)[None, :] * 16 + 2 * tl.arange(0, 8)[:, None] + (j // 2)[None, :]
+    else:  # Q8_0 [d f16, qs int8 32]: 17 words of 2 bytes
+        d = tl.load(starts.to(tl.pointer_type(tl.int16))).to(tl.float16, bitcast=True).to(tl.float32)
+        m = d
+        words = tl.load((starts[:, :, None] + 2 + 2 * tl.arange(0, 16)[None, None, :]).to(tl.pointer_type(tl.int16)))
+        j = tl.arange(0, 2)
+        q = ((words.to(tl.int32)[:, :, :, None] << (24 - 8 * j)[None, None, None, :]) >> 24).to(tl.float32)
+        k_in_block = 2 * tl.arange(0, 16)[:, None] + j[None, :]
+    return q, d, m, k_in_block
+
+
+@triton.jit
+def _gguf_small_decode_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om,
+                              GGML_TYPE: tl.constexpr, TYPE_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+                              WORDS: tl.constexpr, PER_WORD: tl.constexpr):  # fmt: skip
+    """Decode (M <= 4) for the 32-element types: Q4_0, Q4_1, Q8_0. The weight is read as whole words (4-byte words
+    for Q4_1's 20-byte blocks, 2-byte for Q4_0's 18 and Q8_0's 34, the widest their block alignment allows) rather than
+    one load per byte; x is gathered in the order the words unpack to (``_small_block_quants``).
+
+    M = 1: each weight is dequantized with one FMA and its product accumulated in a tile-shaped accumulator, reduced
+    once after the loop. M > 1: each block's dot products are taken on the raw quants and scaled once per block,
+    ``d * sum(q x)`` plus ``m * sum(x)`` (Q4_1) or less ``8 d sum(x)`` (Q4_0).
+    Program: ``BLOCK_N`` output channels x ``BLOCK_M`` rows, ``NB`` blocks of 32 inputs per iteration."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * row_bytes  # clamped: ragged N loads row N-1 again
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64) * stride_xm
+    num_blocks = K // 32
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_tile = tl.zeros((BLOCK_N, NB, WORDS, PER_WORD), dtype=tl.float32)  # M = 1 only
+    for b0 in range(0, num_blocks, NB):
+        blk = b0 + tl.arange(0, NB)
+        blk_c = tl.minimum(blk, num_blocks - 1)  # a tail block past K reads the last block; its x is zero
+        q, d, m, k_in_block = _small_block_quants(rows[:, None] + (blk_c * TYPE_SIZE)[None, :], GGML_TYPE)
+        k_idx = (blk_c * 32)[:, None, None] + k_in_block[None, :, :]  # [NB, WORDS, PER_WORD]
+        x_mask = (blk < num_blocks)[:, None, None]
+        if BLOCK_M == 1:
+            xs = tl.load(x_rows + k_idx, mask=x_mask, other=0.0).to(tl.float32)  # m_ok: the one row exists
+            if GGML_TYPE == 3:
+                w = q * d[:, :, None, None] + m[:, :, None, None]
+            elif GGML_TYPE == 2:
+                w = (q - 8.0) * d[:, :, None, None]
+            else:
+                w = q * d[:, :, None, None]
+            acc_tile += w * xs[None, :, :, :]
+        else:
+            xs = tl.load(x_rows[:, None, None, None] + k_idx[None, :, :, :],
+                         mask=m_ok[:, None, None, None] & x_mask[None, :, :, :], other=0.0).to(tl.float32)
+            dots = tl.sum(tl.sum(q[None, :, :, :, :] * xs[:, None, :, :, :], axis=4), axis=3)  # [BM, BN, NB]
+            if GGML_TYPE == 3:
+                x_sums = tl.sum(tl.sum(xs, axis=3), axis=2)  # [BM, NB]
+                acc += tl.sum(d[None, :, :] * dots + m[None, :, :] * x_sums[:, None, :], axis=2)
+            elif GGML_TYPE == 2:
+                x_sums = tl.sum(tl.sum(xs, axis=3), axis=2)
+                acc += tl.sum(d[None, :, :] * (dots - 8.0 * x_sums[:, None, :]), axis=2)
+            else:
+                acc += tl.sum(d[None, :, :] * dots, axis=2)
+    if BLOCK_M == 1:
+        acc += tl.sum(tl.sum(tl.sum(acc_tile, axis=3), axis=2), axis=1)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
 def _gguf_gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om,
                       GGML_TYPE: tl.constexpr, BLOCK: tl.constexpr, TYPE_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -253,6 +360,16 @@ def gguf_gemm(x: torch.Tensor, raw: torch.Tensor, ggml_type: int, bias: torch.Te
     if k % block or raw.shape[1] != k // block * type_size:
         raise ValueError(f"GGUF type {ggml_type}: weight rows of {raw.shape[1]} bytes do not hold {k} inputs.")
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    if 0 < m <= SMALL_DECODE_MAX_M and (ggml_type, m == 1) in SMALL_DECODE_CONFIGS:
+        block_n, nb, num_warps = SMALL_DECODE_CONFIGS[ggml_type, m == 1]
+        block_m = triton.next_power_of_2(m)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+        _gguf_small_decode_kernel[grid](
+            x, raw, bias if bias is not None else out, out, m, n, k, raw.shape[1], x.stride(0), out.stride(0),
+            GGML_TYPE=ggml_type, TYPE_SIZE=type_size, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            NB=nb, WORDS=_WORDS[ggml_type][0], PER_WORD=_WORDS[ggml_type][1], num_warps=num_warps,
+        )  # fmt: skip
+        return out
     decode = m <= 16
     block_m = max(1, triton.next_power_of_2(m)) if decode else 64
     block_n = 32 if decode else 64

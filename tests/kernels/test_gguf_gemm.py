@@ -59,6 +59,38 @@ def test_kernel_matches_reference(ggml_type, m, n, k, dtype):
     assert (out.float() - expected).abs().max().item() <= tol * scale + tol
 
 
+@pytest.mark.parametrize("ggml_type", [2, 3, 8], ids=["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("m,n,k", [(1, 33, 96), (2, 5, 32), (3, 40, 160), (4, 70, 256)])
+def test_word_load_decode_kernel_matches_reference(ggml_type, m, n, k):
+    """The M <= 4 kernel of the 32-element types (``_gguf_small_decode_kernel``): one row (per-weight FMA path) and
+    two to four (per-block dot path), ragged N, and K that leaves the last iteration's blocks partly past the end."""
+    raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=7 * m + n + k)).to(KERNEL_DEVICE)
+    gen = torch.Generator().manual_seed(m * n)
+    x = torch.randn(m, k, generator=gen).to(KERNEL_DEVICE)
+    bias = torch.randn(n, generator=gen).to(KERNEL_DEVICE)
+    expected = gguf_linear_ref(x, raw, ggml_type, bias, out_dtype=torch.float32)
+    torch.testing.assert_close(gguf_gemm(x, raw, ggml_type, bias), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ggml_type,m,small", [(3, 1, True), (8, 4, True), (2, 3, True), (3, 5, False),
+                                                (12, 1, False)])
+def test_word_load_kernel_takes_the_small_batches_of_its_types(monkeypatch, ggml_type, m, small):
+    import kernels.gguf_gemm as module
+
+    launched = []
+    kernel = module._gguf_small_decode_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, "_gguf_small_decode_kernel", Recorder())
+    raw = torch.from_numpy(random_blocks(ggml_type, 8, 256, seed=1)).to(KERNEL_DEVICE)
+    gguf_gemm(torch.randn(m, 256).to(KERNEL_DEVICE), raw, ggml_type)
+    assert bool(launched) == small
+
+
 def test_kernel_float32_output_from_half_input():
     """The tied LM head asks for fp32 logits from bf16/fp16 hidden states."""
     raw = torch.from_numpy(random_blocks(8, 48, 256, seed=3)).to(KERNEL_DEVICE)
