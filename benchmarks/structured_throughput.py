@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.json_lines import append_json_line
 from benchmarks.throughput import make_workload
@@ -35,16 +36,20 @@ from benchmarks.throughput import make_workload
 MAX_MISSING_IDS = 1024  # real checkpoints pad their vocabulary past the tokenizer by a few hundred ids at most
 
 
-def model_with_tokenizer_vocab(model: str, tokenizer: str, directory: str) -> str:
-    """A directory holding ``model``'s config.json with the vocabulary of ``tokenizer``: ``vocab_size`` = its length
-    and its EOS as the model's (for dummy weights: the embedding and LM head take the new size)."""
+def _config_and_tokenizer(model: str, tokenizer: str) -> tuple[dict, Any]:
+    """``model``'s HF config and the tokenizer the engine would load for it with the ``tokenizer`` override."""
     from core.loader import load_hf_config
     from core.model_source import resolve_model
     from core.tokenizer import load_tokenizer
 
     source = resolve_model(model)
-    config = load_hf_config(source)
-    tok = load_tokenizer(source, tokenizer)
+    return load_hf_config(source), load_tokenizer(source, tokenizer)
+
+
+def model_with_tokenizer_vocab(model: str, tokenizer: str, directory: str) -> str:
+    """A directory holding ``model``'s config.json with the vocabulary of ``tokenizer``: ``vocab_size`` = its length
+    and its EOS as the model's (for dummy weights: the embedding and LM head take the new size)."""
+    config, tok = _config_and_tokenizer(model, tokenizer)
     config["vocab_size"] = len(tok)
     config["eos_token_id"] = tok.eos_token_id
     Path(directory, "config.json").write_text(json.dumps(config))
@@ -54,13 +59,9 @@ def model_with_tokenizer_vocab(model: str, tokenizer: str, directory: str) -> st
 def _warn_on_vocabulary_gap(model: str, tokenizer: str) -> None:
     """A borrowed tokenizer far shorter than the model's vocabulary times xgrammar clearing the missing ids, not the
     grammar: say so (and how to avoid it) before the run."""
-    from core.loader import load_hf_config
-    from core.model_source import resolve_model
-    from core.tokenizer import load_tokenizer
-
-    source = resolve_model(model)
-    vocab_size = load_hf_config(source).get("vocab_size", 0)
-    missing = vocab_size - len(load_tokenizer(source, tokenizer))
+    config, tok = _config_and_tokenizer(model, tokenizer)
+    vocab_size = config.get("vocab_size", 0)
+    missing = vocab_size - len(tok)
     if missing > MAX_MISSING_IDS:
         print(f"warning: {missing} of the model's {vocab_size} ids are not in the tokenizer; xgrammar clears each in "
               "every mask, which this run will time (--vocab-from-tokenizer avoids it)", file=sys.stderr)

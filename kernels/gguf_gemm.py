@@ -15,7 +15,8 @@ Q4_0, Q4_1 and Q8_0 at M <= 4 (decode of a few sequences; the default SmolLM2's 
 tied LM head Q8_0) take ``_gguf_small_decode_kernel``, which reads whole words of each block instead of one load per
 byte. Otherwise one kernel, two launch shapes: decode (M <= 16) keeps the whole (padded) batch in one program and sums
 the ``[M, N, K]`` tile product (no ``tl.dot`` minimum of 16 rows to pad to); larger M dequantizes a
-``[block_n, block_k]`` tile and feeds ``tl.dot``. ``gguf_linear_ref`` (dequantize, fp32 matmul) is the reference and the CPU path.
+``[block_n, block_k]`` tile and feeds ``tl.dot``. ``gguf_linear_ref`` (dequantize, fp32 matmul) is the reference and
+the CPU path.
 """
 
 from __future__ import annotations
