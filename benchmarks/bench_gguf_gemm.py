@@ -8,6 +8,10 @@ Shapes: the default SmolLM2-135M's layers (its GGUF: Q4_1 linears, Q8_0 embeddin
     python benchmarks/bench_gguf_gemm.py                      # on the GPU, every type
     python benchmarks/bench_gguf_gemm.py --types Q4_1 Q8_0 --m 1 8 64
     python benchmarks/bench_gguf_gemm.py --smoke              # tiny shapes on CPU (Triton interpreter)
+    python benchmarks/bench_gguf_gemm.py --types Q4_1 Q8_0 --m 1 4 --sweep-small   # word-load kernel configs
+
+``--sweep-small`` times, for the word-load decode kernel's types and M <= 4, the byte-gather kernel (``old``) and
+each config of ``SMALL_SWEEP`` beside the default, and prints the fastest per (type, M == 1) summed over the shapes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ SMOKE_SHAPES = {"tiny_a": (48, 256), "tiny_b": (40, 512)}
 M_VALUES = (1, 4, 16, 64, 256, 1024)
 SMOKE_M_VALUES = (1, 20)
 TYPE_NAMES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+GRAPH_CALLS = 16
+L2_BYTES = 50 << 20
+SMALL_SWEEP = [(bn, nb, w) for bn in (16, 32, 64) for nb in (2, 4, 8) for w in (4, 8) if bn * nb <= 256]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,22 +49,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--types", nargs="+", choices=TYPE_NAMES, default=list(TYPE_NAMES))
     p.add_argument("--m", type=int, nargs="+", default=None, help="the M values (rows) to time")
     p.add_argument("--replays", type=int, default=20)
+    p.add_argument("--sweep-small", action="store_true", help="time the word-load decode kernel's configs (M <= 4)")
     return p.parse_args(argv)
 
 
 def time_us(fn, replays: int, device: str) -> float:
-    """Median microseconds per call (after a warm-up call)."""
-    fn()
+    """Median microseconds per ``fn(copy)`` call: on the GPU inside one CUDA graph of ``GRAPH_CALLS`` calls that
+    rotate over the weight copies (no Python launch cost or host sync in the figure); on CPU one wall-clock call."""
+    if device == "cuda":
+        from benchmarks.graph_timing import median_us_per_launch
+
+        return median_us_per_launch(fn, GRAPH_CALLS, replays=max(1, replays // 4))
+    fn(0)
     samples = []
-    for _ in range(replays):
-        if device == "cuda":
-            torch.cuda.synchronize()
+    for i in range(replays):
         start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        fn(i)
         samples.append((time.perf_counter() - start) * 1e6)
     return statistics.median(samples)
+
+
+def weight_copies(raw: torch.Tensor, device: str) -> list[torch.Tensor]:
+    """``raw`` and enough copies of it that together they are >= 4x the 50 MB L2 (at most GRAPH_CALLS): every timed
+    call reads its weight from HBM."""
+    count = 1 if device != "cuda" else max(2, min(GRAPH_CALLS, -(-4 * L2_BYTES // max(1, raw.numel()))))
+    return [raw] + [raw.clone() for _ in range(count - 1)]
 
 
 def copy_bandwidth(device: str) -> float:
@@ -66,8 +82,56 @@ def copy_bandwidth(device: str) -> float:
         return float("nan")
     src = torch.empty(2**30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    us = time_us(lambda: dst.copy_(src), 10, device)
+    us = time_us(lambda i: dst.copy_(src), 8, device)
     return 2 * src.numel() / (us * 1e-6)  # read + write
+
+
+def sweep_small(types: list[str], shapes: dict, m_values: list[int], replays: int, device: str) -> list[str]:
+    """Per (type, M): total microseconds over the shapes of the byte-gather kernel and of each word-load config."""
+    from gguf import GGMLQuantizationType
+
+    import kernels.gguf_gemm as module
+    from tests.kernels.test_gguf_gemm import random_blocks
+
+    failures = []
+    defaults = dict(module.SMALL_DECODE_CONFIGS)
+    for type_name in types:
+        ggml_type = int(GGMLQuantizationType[type_name])
+        if (ggml_type, True) not in defaults:
+            continue
+        _, type_size = module.GGUF_KERNEL_TYPES[ggml_type]
+        weights = {name: weight_copies(torch.from_numpy(random_blocks(ggml_type, n, k, seed=n + k, scale=1e-3))
+                                       .to(device), device) for name, (n, k) in shapes.items()}
+        for m in [m for m in m_values if m <= module.SMALL_DECODE_MAX_M]:
+            xs = {name: torch.randn(m, shapes[name][1], dtype=torch.bfloat16, device=device) for name in shapes}
+            totals: dict[str, float] = {}
+            for config in ["old", "default", *(SMALL_SWEEP if device == "cuda" else SMALL_SWEEP[:2])]:
+                saved_max_m = module.SMALL_DECODE_MAX_M
+                if config == "old":
+                    module.SMALL_DECODE_MAX_M = 0
+                elif config != "default":
+                    module.SMALL_DECODE_CONFIGS[ggml_type, m == 1] = config
+                try:
+                    total = 0.0
+                    for name, raws in weights.items():
+                        x, raw = xs[name], raws[0]
+                        out = module.gguf_gemm(x, raw, ggml_type)
+                        ref = module.gguf_linear_ref(x, raw, ggml_type, out_dtype=torch.float32)
+                        err = (out.float() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6)
+                        if not err < 2e-2:
+                            failures.append(f"{type_name} {config} {name} M={m}: relative error {err:.3g}")
+                        total += time_us(lambda i: module.gguf_gemm(x, raws[i % len(raws)], ggml_type), replays, device)
+                    totals[str(config)] = total
+                except Exception as exc:  # a config that does not compile (registers, shared memory)
+                    print(f"{type_name} M={m} {config}: {type(exc).__name__}: {str(exc)[:120]}")
+                finally:
+                    module.SMALL_DECODE_MAX_M = saved_max_m
+                    module.SMALL_DECODE_CONFIGS.update(defaults)
+            ranked = sorted(totals.items(), key=lambda item: item[1])
+            print(f"{type_name} M={m}: old {totals.get('old', float('nan')):.1f} us, default "
+                  f"{totals.get('default', float('nan')):.1f} us, best " +
+                  ", ".join(f"{name} {us:.1f}" for name, us in ranked[:5]))
+    return failures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth(device)
     failures = []
     print(f"device={device} dtype={dtype} copy bandwidth={bandwidth / 1e9:.0f} GB/s")
+    if args.sweep_small:
+        failures = sweep_small(args.types, shapes, m_values, replays, device)
+        for failure in failures:
+            print("FAILED", failure)
+        return 1 if failures else 0
     print(f"{'type':6} {'shape':22} {'N':>6} {'K':>6} {'M':>5} {'gguf us':>9} {'bf16 us':>9} {'speedup':>8} "
           f"{'floor us':>9} {'of floor':>8}")
     for type_name in args.types:
@@ -96,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             if k % block:
                 continue
             raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=n + k, scale=1e-3)).to(device)
+            raws = weight_copies(raw, device)
             dense = torch.randn(n, k, dtype=dtype, device=device)
+            denses = weight_copies(dense, device)
             floor_us = raw.numel() / bandwidth * 1e6
             for m in m_values:
                 x = torch.randn(m, k, dtype=dtype, device=device)
@@ -105,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                 err = (out.float() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6)
                 if not err < 2e-2:
                     failures.append(f"{type_name} {shape_name} M={m}: relative error {err:.3g}")
-                us = time_us(lambda: gguf_gemm(x, raw, ggml_type), replays, device)
-                bf16_us = time_us(lambda: F.linear(x, dense), replays, device)
+                us = time_us(lambda i: gguf_gemm(x, raws[i % len(raws)], ggml_type), replays, device)
+                bf16_us = time_us(lambda i: F.linear(x, denses[i % len(denses)]), replays, device)
                 print(f"{type_name:6} {shape_name:22} {n:6} {k:6} {m:5} {us:9.1f} {bf16_us:9.1f} "
                       f"{bf16_us / us:8.2f} {floor_us:9.1f} {floor_us / us:8.2f}")
     for failure in failures:
