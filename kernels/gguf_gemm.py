@@ -36,13 +36,15 @@ GGUF_KERNEL_TYPES: dict[int, tuple[int, int]] = {
 }
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The word-load decode kernel (M <= 4, 32-element types): (output channels, 32-blocks per iteration, warps) per type,
-# for M = 1 and for M = 2..4. Chosen offline from the sm_90 SASS (fewest loop instructions per weight at <= 160
-# registers: Q4_1 at M = 1 231 warp instructions per 1,000 weights against the byte-gather kernel's 1,400); not yet
-# timed on the GPU, where the byte-gather kernel measured 2.5-30x slower than bf16 cuBLAS (RESULTS.md, sixth session).
+# for M = 1 and for M = 2..4. Q4_1 and Q8_0 from the H200 sweep (2026-12-02, seventh session: `python
+# benchmarks/bench_gguf_gemm.py --types Q4_1 Q8_0 --m 1 4 --sweep-small`, CUDA-graph timing, the nine SmolLM2 and
+# Llama-3.1-8B shapes summed): Q4_1 M = 1 267 us against 452 for the first guess (32, 4, 4) and 1,997 for the
+# byte-gather kernel; Q4_1 M = 4 1,017 / 1,170 / 2,859; Q8_0 M = 1 and 4 within 5% of their guesses. Q4_0 is not
+# measured and keeps the offline guess. Still 2.7x slower than bf16 cuBLAS at M = 1 on Llama-8B's gate_up.
 SMALL_DECODE_MAX_M = 4
 SMALL_DECODE_CONFIGS: dict[tuple[int, bool], tuple[int, int, int]] = {
-    (Q4_0, True): (32, 4, 4), (Q4_1, True): (32, 4, 4), (Q8_0, True): (16, 8, 4),
-    (Q4_0, False): (32, 4, 4), (Q4_1, False): (32, 4, 4), (Q8_0, False): (16, 4, 4),
+    (Q4_0, True): (32, 4, 4), (Q4_1, True): (16, 8, 8), (Q8_0, True): (16, 8, 4),
+    (Q4_0, False): (32, 4, 4), (Q4_1, False): (16, 8, 4), (Q8_0, False): (16, 8, 4),
 }  # (type, M == 1) -> config
 _WORDS = {Q4_1: (4, 8), Q4_0: (8, 4), Q8_0: (16, 2)}  # a block's quant words and quants per word (the kernel's)
 
