@@ -24,10 +24,11 @@ import torch
 
 from core.config import ModelConfig, log_resolved, resolve_config
 from core.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from core.distributed.parallel_state import TensorParallelGroup
+from core.distributed.pipeline import PendingHidden, PipelineStage, stage_config, stage_layers, stage_weights
+from core.distributed.tensor_parallel import check_layout, parallelize, shard_config, shard_weights
 from core.host_copy import to_device
 from core.input_batch import InputBatch
-from core.step_inputs import StepInputs
-from core.kv_cache import KVBlock
 from core.layers.attention import AttentionMetadata
 from core.layers.quantization import weight_bytes
 from core.layers.quantization.gguf import resolve_model_quantization
@@ -36,13 +37,11 @@ from core.model_source import ModelSource, resolve_model
 from core.models import model_class
 from core.sampler import Sampler, SamplerOutput, SamplingBatch, gather_logprobs
 from core.sampling_metadata import build_sampling_batch
-from core.distributed.parallel_state import TensorParallelGroup
-from core.distributed.pipeline import PendingHidden, PipelineStage, stage_config, stage_layers, stage_weights
-from core.distributed.tensor_parallel import check_layout, parallelize, shard_config, shard_weights
-from core.worker_batch import BatchSequence, WorkerBatch
 from core.spec_decode.draft_model import DraftModelProposer, load_draft_config
 from core.spec_decode.greedy_verify import GreedyVerifiedStep, is_plain_greedy, launch_greedy_verify
 from core.spec_decode.verifier import VerifiedStep, verify_step
+from core.step_inputs import StepInputs
+from core.worker_batch import BatchSequence, WorkerBatch
 from ipc.config import SpeculativeConfig
 from ipc.messages import EngineConfig, Logprobs
 from ipc.scheduler_output import SchedulerOutput
@@ -188,6 +187,9 @@ class ModelRunner:
         self.vocab_size = self.model_config.vocab_size
         torch.manual_seed(config.seed)
 
+        # Memory other engines of this process hold already (an LLM beside another one): gpu_memory_utilization is
+        # this engine's share, as in vLLM, so the profile below does not count theirs as its own.
+        self._memory_before_load = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         start = time.perf_counter()
         self.model = self._load_model()
         logger.info("Loaded %s (%s, %s) in %.1f s", self.source.name, self.dtype, self.device,
@@ -308,10 +310,13 @@ class ModelRunner:
         if self.draft is not None:
             self.draft.kv_caches = []
         torch.cuda.empty_cache()
-        budget = total * self.config.gpu_memory_utilization - (peak - kv_bytes) - non_torch
+        # Torch memory this process held before this engine loaded (another engine's weights and KV cache) is counted
+        # in the peak but is not this engine's; whatever it left unused is not this engine's budget either.
+        own_peak = peak - kv_bytes - self._memory_before_load
+        budget = total * self.config.gpu_memory_utilization - own_peak - non_torch
         num_blocks = int(budget // self.kv_block_bytes())
         logger.info("Memory: %.1f GiB total, weights + peak activations %.2f GiB, non-torch %.2f GiB -> %d KV blocks "
-                    "(%.1f GiB)", total / 2**30, (peak - kv_bytes) / 2**30, non_torch / 2**30, num_blocks,
+                    "(%.1f GiB)", total / 2**30, own_peak / 2**30, non_torch / 2**30, num_blocks,
                     num_blocks * self.kv_block_bytes() / 2**30)
         if num_blocks < 2:
             raise RuntimeError("No GPU memory left for the KV cache: raise gpu_memory_utilization or lower "

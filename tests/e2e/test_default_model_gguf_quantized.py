@@ -17,11 +17,14 @@ pytestmark = pytest.mark.slow  # CPU: the torch reference dequantizes every weig
 PROMPTS = ["The three primary colors are", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The largest planet in the solar system is"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+# Two engines live at once below (the module's and the dequantized reference): on a GPU each takes a small share, or
+# the first one's KV cache leaves the second no memory.
+MEMORY = {"gpu_memory_utilization": 0.2}
 
 
 @pytest.fixture(scope="module")
 def quantized():
-    return LLM(max_model_len=512, quantization="gguf")
+    return LLM(max_model_len=512, quantization="gguf", **MEMORY)
 
 
 def test_kept_quantized_answers_paris_in_100_mb(quantized):
@@ -36,7 +39,7 @@ def test_kept_quantized_answers_paris_in_100_mb(quantized):
 
 def test_greedy_tokens_match_dequantized_path(quantized):
     ours = [o.outputs[0].token_ids for o in quantized.generate(PROMPTS, GREEDY)]
-    dequantized = LLM(max_model_len=512, gguf_dequantize=True, dtype=quantized.config.dtype)
+    dequantized = LLM(max_model_len=512, gguf_dequantize=True, dtype=quantized.config.dtype, **MEMORY)
     assert dequantized.engine.runner.model_config.quantization is None
     reference = [o.outputs[0].token_ids for o in dequantized.generate(PROMPTS, GREEDY)]
     same = sum(a == b for a, b in zip(ours, reference))
@@ -50,7 +53,7 @@ def test_greedy_tokens_match_dequantized_path(quantized):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gguf_quantized_on_cuda_with_cuda_graphs():
-    llm = LLM(max_model_len=512, quantization="gguf")
+    llm = LLM(max_model_len=512, quantization="gguf", **MEMORY)
     runner = llm.engine.runner
     assert runner.model_config.quantization.name == "gguf" and runner.use_graphs
     assert weight_bytes(runner.model) < 105e6
