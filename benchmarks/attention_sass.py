@@ -36,14 +36,18 @@ from kernels import decode_attention, prefill_attention  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-# Variants: (label, cache element type, dot element type): the dots run in the dot type, q is cast to it once.
-VARIANTS = [("bf16 cache", "bf16", "bf16", False), ("fp8 cache, bf16 dots (old)", "fp8e4nv", "bf16", False),
-            ("fp8 cache, fp16 dots", "fp8e4nv", "fp16", False),
-            ("fp8 cache, fp16 dots, V as pairs", "fp8e4nv", "fp16", True)]  # fmt: skip
+# Variants: (label, cache element type, dot element type, V as pairs, p @ v in two halves): the dots run in the dot
+# type, q is cast to it once.
+VARIANTS = [("bf16 cache", "bf16", "bf16", False, False),
+            ("fp8 cache, bf16 dots (old)", "fp8e4nv", "bf16", False, False),
+            ("fp8 cache, fp16 dots", "fp8e4nv", "fp16", False, False),
+            ("fp8 cache, fp16 dots, V as pairs", "fp8e4nv", "fp16", True, False),
+            ("fp8 cache, fp16 dots, V as pairs in two halves", "fp8e4nv", "fp16", True, True)]  # fmt: skip
 
 
 def compile_decode(cache_ty: str, dot_ty: str, v_pairs: bool, tile_n: int, num_warps: int, num_stages: int, *, group: int = 2,
-                   head_dim: int = 128, block_size: int = 16, queries: int = 1):  # fmt: skip
+                   head_dim: int = 128, block_size: int = 16, queries: int = 1, split_v: bool = False,
+                   max_registers: int | None = None):  # fmt: skip
     """The compiled decode kernel for one variant (queries are bf16 in the engine; ``dot_ty`` is the type q and the
     K/V tiles are converted to before the dots). ``queries``: query rows per sequence (1 + k for a speculative
     verify step; the tile's rows are the queries x group (query, head) pairs)."""
@@ -58,12 +62,14 @@ def compile_decode(cache_ty: str, dot_ty: str, v_pairs: bool, tile_n: int, num_w
                       BLOCK_D=head_dim, BLOCK_SIZE=block_size, TILE_N=tile_n, NUM_SPLITS=1, ORDER=2,
                       FUSED_REDUCE=False, GROUP_PAD=rows_pad, SPLITS_PAD=1, SPLIT_CHUNK=1, QUERIES=queries,
                       IEEE=False, SOFTCAP=False, ALIBI=False, WINDOW=False, KV_FP8=fp8,
-                      FP8_F16_DOTS=fp8 and dot_ty == "fp16", V_PAIRS=v_pairs, PAIRS_ASM=v_pairs)  # fmt: skip
-    return _compile(kernel, pointers, floats, constexprs, num_warps, num_stages)
+                      FP8_F16_DOTS=fp8 and dot_ty == "fp16", V_PAIRS=v_pairs, PAIRS_ASM=v_pairs,
+                      SPLIT_V=split_v)  # fmt: skip
+    return _compile(kernel, pointers, floats, constexprs, num_warps, num_stages, max_registers=max_registers)
 
 
 def compile_prefill(cache_ty: str, dot_ty: str, v_pairs: bool, block_m: int, tile_n: int, num_warps: int,
-                    num_stages: int, *, group: int = 2, head_dim: int = 128, block_size: int = 16):  # fmt: skip
+                    num_stages: int, *, group: int = 2, head_dim: int = 128, block_size: int = 16,
+                    split_v: bool = False):  # fmt: skip
     """The compiled prefill kernel for one variant (same variants as :func:`compile_decode`)."""
     kernel = prefill_attention._prefill_kernel
     fp8 = cache_ty == "fp8e4nv"
@@ -72,14 +78,16 @@ def compile_prefill(cache_ty: str, dot_ty: str, v_pairs: bool, block_m: int, til
     block_m = max(block_m, triton.next_power_of_2(group))
     constexprs = dict(GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_m // group, HEAD_DIM=head_dim, BLOCK_D=head_dim,
                       BLOCK_SIZE=block_size, TILE_N=tile_n, IEEE=False, SOFTCAP=False, ALIBI=False, WINDOW=False,
-                      KV_FP8=fp8, FP8_F16_DOTS=fp8 and dot_ty == "fp16", V_PAIRS=v_pairs, PAIRS_ASM=v_pairs)  # fmt: skip
+                      KV_FP8=fp8, FP8_F16_DOTS=fp8 and dot_ty == "fp16", V_PAIRS=v_pairs, PAIRS_ASM=v_pairs,
+                      SPLIT_V=split_v)  # fmt: skip
     return _compile(kernel, pointers, {"qk_scale", "cap_log2", "v_scale"}, constexprs, num_warps, num_stages)
 
 
 def _compile(kernel, pointers: dict[str, str], floats: set[str], constexprs: dict, num_warps: int, num_stages: int,
-             divisible_ints: frozenset[str] = frozenset()):  # fmt: skip
+             divisible_ints: frozenset[str] = frozenset(), max_registers: int | None = None):  # fmt: skip
     """The kernel compiled for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU:
-    pointers, the strides (but the block table's) and ``divisible_ints`` marked divisible by 16."""
+    pointers, the strides (but the block table's) and ``divisible_ints`` marked divisible by 16; ``max_registers``
+    is Triton's ``maxnreg``."""
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -95,7 +103,8 @@ def _compile(kernel, pointers: dict[str, str], floats: set[str], constexprs: dic
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     backend = make_backend(TARGET)
-    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages,
+                                     **({"maxnreg": max_registers} if max_registers else {})})
     return triton.compile(src, target=TARGET, options=options.__dict__)
 
 
@@ -137,10 +146,16 @@ def summarize(kernel) -> dict:
     loop = loop_body(sass)
     loop_ops = collections.Counter(op.split(".")[0] for _, op, _ in loop)
     regs = re.search(r"REG:(\d+)", res)
-    smem = re.search(r"SHARED:(\d+)", res)
     return {"ptx_cvt": cvt, "sass_ops": ops, "sass_total": sum(ops.values()), "loop_ops": loop_ops,
             "loop_total": len(loop), "loop_detail": collections.Counter(op for _, op, _ in loop),
             "regs": int(regs.group(1)) if regs else -1, "smem": kernel.metadata.shared, "sass": sass, "ptx": ptx}  # fmt: skip
+
+
+def programs_per_sm(regs: int, smem: int, warps: int) -> int:
+    """Programs of ``warps`` warps that fit on an H100/H200 SM: 64K registers, 227 KB of shared memory (+1 KB
+    reserved per program), 64 warps."""
+    by_regs = 65536 // max(1, regs * 32 * warps) if regs > 0 else 64
+    return min(by_regs, (227 * 1024) // (smem + 1024), 64 // warps)
 
 
 CONVERSION_OPS = ("F2FP", "F2F", "I2F", "HADD2", "HMUL2", "PRMT", "LOP3", "SHF", "IMAD", "FMUL", "HMMA", "LDS", "LDSM",
@@ -155,24 +170,30 @@ def main() -> int:
     parser.add_argument("--prefill", default="", help="also the prefill kernel: comma-separated block_m/tile_n/warps/stages")
     parser.add_argument("--verbose", action="store_true", help="every opcode of the loop with its modifiers")
     parser.add_argument("--dump", default="", help="write each variant's PTX and SASS into this folder")
+    parser.add_argument("--max-registers", type=int, default=None, help="Triton's maxnreg for the decode kernel")
     opts = parser.parse_args()
     for spec in opts.configs.split(","):
         tile_n, warps, stages = (int(x) for x in spec.split("/"))
         print(f"\n## decode kernel, group {opts.group}, {opts.queries} queries, tile {tile_n} / {warps} warps / "
               f"{stages} stages, sm_90")
-        for label, cache_ty, dot_ty, v_pairs in VARIANTS:
+        for label, cache_ty, dot_ty, v_pairs, split_v in VARIANTS:
             info = summarize(compile_decode(cache_ty, dot_ty, v_pairs, tile_n, warps, stages, group=opts.group,
-                                            queries=opts.queries))  # fmt: skip
+                                            queries=opts.queries, split_v=split_v,
+                                            max_registers=opts.max_registers))  # fmt: skip
             cvts = ", ".join(f"{k} x{v}" for k, v in sorted(info["ptx_cvt"].items()) if "f32.s32" not in k)
             ops = ", ".join(f"{k} {info['loop_ops'][k]}" for k in CONVERSION_OPS if info["loop_ops"][k])
+            spills = len(re.findall(r"\b(?:STL|LDL)\b", info["sass"]))
             print(f"- {label}: {info['loop_total']} SASS instructions in the key-tile loop ({info['sass_total']} in all), "
-                  f"{info['loop_total'] * 64 / tile_n:.0f} per 64 keys; {info['regs']} regs, {info['smem']} B smem")  # fmt: skip
+                  f"{info['loop_total'] * 64 / tile_n:.0f} per 64 keys; {info['regs']} regs, {info['smem']} B smem, "
+                  f"{programs_per_sm(info['regs'], info['smem'], warps)} programs per SM, "
+                  f"{spills} spill instructions")  # fmt: skip
             print(f"    PTX cvt (whole kernel): {cvts or 'none'}")
             print(f"    loop SASS: {ops}")
             if opts.verbose:
                 print("    loop detail: " + ", ".join(f"{k} {v}" for k, v in sorted(info["loop_detail"].items())))
             if opts.dump:
                 base = Path(opts.dump) / (f"decode_{tile_n}_{warps}_{stages}_{cache_ty}_{dot_ty}{'_pairs' * v_pairs}"
+                                          f"{'_split' * split_v}"
                                           f"{f'_q{opts.queries}' * (opts.queries > 1)}")
                 base.parent.mkdir(parents=True, exist_ok=True)
                 base.with_suffix(".ptx").write_text(info["ptx"])
@@ -180,8 +201,9 @@ def main() -> int:
     for spec in filter(None, opts.prefill.split(",")):
         block_m, tile_n, warps, stages = (int(x) for x in spec.split("/"))
         print(f"\n## prefill kernel, group {opts.group}, block_m {block_m} / tile {tile_n} / {warps} warps / {stages} stages")
-        for label, cache_ty, dot_ty, v_pairs in VARIANTS:
-            info = summarize(compile_prefill(cache_ty, dot_ty, v_pairs, block_m, tile_n, warps, stages, group=opts.group))
+        for label, cache_ty, dot_ty, v_pairs, split_v in VARIANTS:
+            info = summarize(compile_prefill(cache_ty, dot_ty, v_pairs, block_m, tile_n, warps, stages,
+                                             group=opts.group, split_v=split_v))
             mma = ", ".join(f"{k} {v}" for k, v in sorted(info["loop_detail"].items()) if "MMA" in k or "GMMA" in k)
             print(f"- {label}: {info['loop_total']} SASS instructions in the loop, {info['regs']} regs, "
                   f"{info['smem']} B smem; {mma}")  # fmt: skip

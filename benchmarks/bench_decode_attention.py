@@ -92,11 +92,16 @@ WIDE_SWEEP = [(16, 4, 2), (16, 4, 3), (16, 4, 5), (32, 4, 2), (32, 4, 3), (32, 4
               (64, 4, 1), (64, 8, 2), (16, 2, 3), (32, 2, 2)]
 # fp8 cache sweep on the "f16-vpairs" path (tile_n, warps, stages): half-size tiles may want more keys per tile; the
 # loop's instruction counts, registers and shared memory of each are in benchmarks/attention_sass.py's output.
-# (fp8_path, tile_n, warps, stages); the default FP8_DECODE_CONFIG and "f16" at 64/4/2 run anyway.
+# (fp8_path, tile_n, warps, stages[, max_registers]); the default FP8_DECODE_CONFIG and "f16" at 64/4/2 run anyway.
+# "f16-vsplit" (p @ v in two halves of the keys) halves the fp16 V tile staged in shared memory: at 128/4/2 with 128
+# registers 4 programs fit on an SM instead of 3, at 64/4/2 5 instead of 4 (offline, attention_sass.py); the
+# seventh session's Nsight Compute profile found the fp8 kernel latency-bound at 3 programs per SM.
 FP8_SWEEP = [("f16-vpairs", 32, 4, 2), ("f16-vpairs", 32, 4, 5), ("f16-vpairs", 64, 4, 3), ("f16-vpairs", 64, 4, 5),
              ("f16-vpairs", 64, 8, 2), ("f16-vpairs", 128, 4, 2), ("f16-vpairs", 128, 8, 2), ("f16-vpairs", 128, 8, 3),
-             ("f16", 32, 4, 5), ("f16", 128, 4, 2), ("f16", 128, 8, 2)]  # fmt: skip
-FP8_SMOKE_SWEEP = [("f16-vpairs", 16, 4, 2), ("f16-vpairs", 32, 4, 3)]
+             ("f16", 32, 4, 5), ("f16", 128, 4, 2), ("f16", 128, 8, 2),
+             ("f16-vsplit", 128, 4, 2), ("f16-vsplit", 128, 4, 2, 128), ("f16-vsplit", 128, 4, 3, 128),
+             ("f16-vsplit", 64, 4, 2), ("f16-vsplit", 64, 4, 3), ("f16-vsplit", 128, 8, 2)]  # fmt: skip
+FP8_SMOKE_SWEEP = [("f16-vpairs", 16, 4, 2), ("f16-vpairs", 32, 4, 3), ("f16-vsplit", 32, 4, 2, 128)]
 
 
 @dataclass
@@ -249,16 +254,17 @@ def fp8_runs(names: list[str], smoke: bool) -> list[tuple[str, DecodeConfig, boo
     for name in names:
         config = DECODE_VARIANTS[name]
         runs.append((f"fp8 variant {name}", config, config.order == "lpt"))
-    for path, tile, warps, stages in FP8_SMOKE_SWEEP if smoke else FP8_SWEEP:
+    for path, tile, warps, stages, *max_registers in FP8_SMOKE_SWEEP if smoke else FP8_SWEEP:
         config = DecodeConfig(tile_n=tile, num_warps=warps, num_stages=stages, order="lpt", fused_reduce=False,
-                              fp8_path=path)  # fmt: skip
+                              fp8_path=path, max_registers=max_registers[0] if max_registers else None)  # fmt: skip
         if config != FP8_DECODE_CONFIG:
             runs.append((f"sweep {path} {fmt(config)}", config, True))
     return runs
 
 
 def fmt(config: DecodeConfig) -> str:
-    return f"{config.tile_n}/{config.num_warps}/{config.num_stages} {config.order}{' fused' if config.fused_reduce else ''}"
+    return (f"{config.tile_n}/{config.num_warps}/{config.num_stages} {config.order}{' fused' if config.fused_reduce else ''}"
+            f"{f' maxnreg={config.max_registers}' if config.max_registers else ''}")
 
 
 def compare_fp8(opts, cases: list[Case]) -> int:
@@ -323,8 +329,10 @@ def compare_fp8(opts, cases: list[Case]) -> int:
         per_case = ", ".join(f"{k} {v:.1f} us" for k, v in complete[best].items())
         print(f"\n# fastest fp8 config over {', '.join(c.key for c in cases)} (sum of us): {best} ({per_case})")
         print("# paste into kernels/decode_attention.py:")
+        registers = f", max_registers={config.max_registers}" if config.max_registers else ""
         print(f"FP8_DECODE_CONFIG = DecodeConfig(tile_n={config.tile_n}, num_warps={config.num_warps}, "
-              f"num_stages={config.num_stages}, order=\"lpt\", fused_reduce=False, fp8_path=\"{config.fp8_path}\")")  # fmt: skip
+              f"num_stages={config.num_stages}, order=\"lpt\", fused_reduce=False, fp8_path=\"{config.fp8_path}\""
+              f"{registers})")  # fmt: skip
     print(f"\n# total {time.time() - started:.0f} s")
     if failed:
         for line in failed:

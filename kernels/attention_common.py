@@ -59,7 +59,7 @@ def kv_compute_dtype(q: torch.Tensor, k_cache: torch.Tensor) -> torch.dtype:
     return q.dtype if is_fp8_cache(k_cache) else k_cache.dtype
 
 
-FP8_READ_PATHS = ("f16-vpairs", "f16", "upcast")
+FP8_READ_PATHS = ("f16-vpairs", "f16", "upcast", "f16-vsplit")
 
 
 def fp8_read_flags(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, path: str) -> dict[str, bool]:
@@ -68,15 +68,19 @@ def fp8_read_flags(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     - ``"f16-vpairs"`` (the default): dots in fp16 (:func:`queries_to_fp16`), and the V tile read as uint16 pairs
       converted to fp16 with one packed instruction each before its layout conversion (:func:`e4m3_pairs_to_fp16`);
     - ``"f16"``: dots in fp16, the tiles cast with ``.to`` (the compiler transposes V for ``p @ v`` byte by byte);
-    - ``"upcast"``: the tiles cast to q's dtype (the first fp8 path: bf16 on the GPU, no packed e4m3 -> bf16).
+    - ``"upcast"``: the tiles cast to q's dtype (the first fp8 path: bf16 on the GPU, no packed e4m3 -> bf16);
+    - ``"f16-vsplit"``: as ``"f16-vpairs"``, but ``p @ v`` in two halves, the even keys then the odd ones
+      (:func:`split_pv`), so the fp16 V tile staged in shared memory for the dot is half the size (tiles of >= 32
+      keys; smaller ones read V whole).
     fp32 queries (CPU tests) always upcast; so does every path when the cache is not fp8. The pairs need an even head
     dim and even V strides (always true of the engine's caches); ``PAIRS_ASM`` (the PTX conversion) on CUDA only."""
     if path not in FP8_READ_PATHS:
         raise ValueError(f"unknown fp8 read path {path!r}; expected one of {FP8_READ_PATHS}")
     f16_dots = is_fp8_cache(k_cache) and q.dtype in (torch.float16, torch.bfloat16) and path != "upcast"
     even = q.shape[-1] % 2 == 0 and all(s % 2 == 0 for s in v_cache.stride()[:3]) and v_cache.data_ptr() % 2 == 0
-    v_pairs = f16_dots and path == "f16-vpairs" and even
-    return {"FP8_F16_DOTS": f16_dots, "V_PAIRS": v_pairs, "PAIRS_ASM": v_pairs and q.is_cuda}
+    v_pairs = f16_dots and path in ("f16-vpairs", "f16-vsplit") and even
+    return {"FP8_F16_DOTS": f16_dots, "V_PAIRS": v_pairs, "PAIRS_ASM": v_pairs and q.is_cuda,
+            "SPLIT_V": v_pairs and path == "f16-vsplit"}
 
 
 def head_dim_block(head_dim: int) -> int:
@@ -176,12 +180,13 @@ def attend_kv_tile(
     stride_kb, stride_ks, stride_vb, stride_vs,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    V_PAIRS: tl.constexpr, PAIRS_ASM: tl.constexpr, EMPTY_ROWS: tl.constexpr = False,
+    V_PAIRS: tl.constexpr, PAIRS_ASM: tl.constexpr, EMPTY_ROWS: tl.constexpr = False, SPLIT_V: tl.constexpr = False,
 ):  # fmt: skip
     """One key tile of online softmax for the rows of ``q`` (``[rows, BLOCK_D]``, positions ``q_pos``): gather the
     tile's K/V through the block table, convert them to q's dtype (an fp8 cache's tiles: to fp16 when q was made
-    fp16 by :func:`queries_to_fp16`, V as packed pairs with ``V_PAIRS``; see :func:`fp8_read_flags`), score,
-    mask (``MASKED`` tiles: causal, context end, window) and fold into ``(acc, m_i, l_i)``.
+    fp16 by :func:`queries_to_fp16`, V as packed pairs with ``V_PAIRS``, in two halves with ``SPLIT_V``; see
+    :func:`fp8_read_flags`), score, mask (``MASKED`` tiles: causal, context end, window) and fold into
+    ``(acc, m_i, l_i)``.
 
     Unmasked tiles must lie wholly below every row's position and inside the context (prefill's full tiles).
     ``EMPTY_ROWS``: a row may meet a whole tile of keys it must not see before any visible key (with ``WINDOW``
@@ -198,17 +203,15 @@ def attend_kv_tile(
     dim_ok = offs_d < HEAD_DIM
     k = load_kv_tile(k_base + (page * stride_kb + in_page * stride_ks)[None, :] + offs_d[:, None],
                      in_context[None, :], dim_ok[:, None], MASKED, BLOCK_D != HEAD_DIM)  # [BLOCK_D, TILE_N]
-    if V_PAIRS:  # fp8 V read as uint16 pairs, converted to fp16 before its layout conversion (e4m3_pairs_to_fp16)
-        offs_p = tl.arange(0, BLOCK_D // 2)
-        v_pairs = v_base.to(tl.pointer_type(tl.uint16)) + ((page * stride_vb + in_page * stride_vs) // 2)[:, None]
-        v = e4m3_pairs_to_fp16(load_kv_tile(v_pairs + offs_p[None, :], in_context[:, None],
-                                            (offs_p < HEAD_DIM // 2)[None, :], MASKED, BLOCK_D != HEAD_DIM),
-                               PAIRS_ASM)  # fmt: skip
+    if V_PAIRS and SPLIT_V and TILE_N >= 32:  # halves of >= 16 keys (tl.dot's smallest K)
+        v = None  # read in halves after the scores (split_pv)
+    elif V_PAIRS:  # fp8 V read as uint16 pairs, converted to fp16 before its layout conversion (e4m3_pairs_to_fp16)
+        v = load_v_pairs(v_base, page, in_page, in_context, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, MASKED, PAIRS_ASM)
     else:
         v = load_kv_tile(v_base + (page * stride_vb + in_page * stride_vs)[:, None] + offs_d[None, :],
                          in_context[:, None], dim_ok[None, :], MASKED, BLOCK_D != HEAD_DIM)  # [TILE_N, BLOCK_D]
+        v = v.to(q.dtype)
     k = k.to(q.dtype)  # an fp8 tile: to fp16 (packed cvt) or q's dtype, see queries_to_fp16
-    v = v.to(q.dtype)
     if IEEE:
         s = tl.dot(q, k, input_precision="ieee")
     else:
@@ -224,11 +227,45 @@ def attend_kv_tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
+    if V_PAIRS and SPLIT_V and TILE_N >= 32:
+        acc = split_pv(acc * alpha[:, None], p, v_base, page, in_page, in_context, stride_vb, stride_vs, HEAD_DIM,
+                       BLOCK_D, TILE_N, MASKED, PAIRS_ASM)  # fmt: skip
+    elif IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
+
+
+@triton.jit
+def load_v_pairs(v_base, page, in_page, in_context, stride_vb, stride_vs, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, MASKED: tl.constexpr, PAIRS_ASM: tl.constexpr):  # fmt: skip
+    """The fp8 V rows of the keys at ``(page, in_page)`` (1-D, one per key), read as uint16 pairs and converted to
+    an fp16 ``[keys, BLOCK_D]`` tile (:func:`e4m3_pairs_to_fp16`)."""
+    offs_p = tl.arange(0, BLOCK_D // 2)
+    v_pairs = v_base.to(tl.pointer_type(tl.uint16)) + ((page * stride_vb + in_page * stride_vs) // 2)[:, None]
+    return e4m3_pairs_to_fp16(load_kv_tile(v_pairs + offs_p[None, :], in_context[:, None],
+                                           (offs_p < HEAD_DIM // 2)[None, :], MASKED, BLOCK_D != HEAD_DIM),
+                              PAIRS_ASM)  # fmt: skip
+
+
+@triton.jit
+def split_pv(acc, p, v_base, page, in_page, in_context, stride_vb, stride_vs, HEAD_DIM: tl.constexpr,
+             BLOCK_D: tl.constexpr, TILE_N: tl.constexpr, MASKED: tl.constexpr, PAIRS_ASM: tl.constexpr):  # fmt: skip
+    """``acc + p @ v`` for an fp8 V tile in two halves, the even keys then the odd ones (``p``'s columns split by
+    reshape, no data movement), each read as pairs and converted on its own: the fp16 tile that the dot stages in
+    shared memory is half the size (at 128 keys and 4 warps, sm_90: 55 KB of shared memory per program against 74,
+    so 4 programs fit on an SM with <= 128 registers; ``DecodeConfig.max_registers``)."""
+    p_even, p_odd = tl.split(tl.reshape(p, [p.shape[0], TILE_N // 2, 2]))
+    page_even, page_odd = tl.split(tl.reshape(page, [TILE_N // 2, 2]))
+    slot_even, slot_odd = tl.split(tl.reshape(in_page, [TILE_N // 2, 2]))
+    ctx_even, ctx_odd = tl.split(tl.reshape(in_context, [TILE_N // 2, 2]))
+    v_even = load_v_pairs(v_base, page_even, slot_even, ctx_even, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, MASKED,
+                          PAIRS_ASM)  # fmt: skip
+    acc += tl.dot(p_even.to(tl.float16), v_even)
+    v_odd = load_v_pairs(v_base, page_odd, slot_odd, ctx_odd, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, MASKED,
+                         PAIRS_ASM)  # fmt: skip
+    return acc + tl.dot(p_odd.to(tl.float16), v_odd)
 
 
 def triton_supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:

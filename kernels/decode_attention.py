@@ -147,6 +147,7 @@ def _decode_kernel(
     FP8_F16_DOTS: tl.constexpr,  # KV_FP8 with fp16/bf16 queries: dots in fp16 (see queries_to_fp16)
     V_PAIRS: tl.constexpr,  # fp8 V tiles read as uint16 pairs (see e4m3_pairs_to_fp16)
     PAIRS_ASM: tl.constexpr,  # ... converted by the PTX instruction (CUDA), else byte by byte
+    SPLIT_V: tl.constexpr,  # ... and p @ v in two halves of the keys (see split_pv)
     QUERIES: tl.constexpr,  # query rows per sequence at most (1: decode; 1 + k: a speculative verify)
 ):
     if ORDER == 0:
@@ -229,7 +230,7 @@ def _decode_kernel(
         acc, m_i, l_i = attend_kv_tile(
             acc, m_i, l_i, q, q_pos, tile_start, end, table, k_base, v_base, qk_scale, cap_log2, slopes,
             sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE_N, True,
-            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM, QUERIES > 1,
+            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM, QUERIES > 1, SPLIT_V,
         )  # fmt: skip
 
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (graph padding) gives zeros, not NaN
@@ -422,8 +423,12 @@ class DecodeConfig:
     min_split_tokens: int = 128
     max_splits: int = 64
     # How an fp8 cache is read (kernels/attention_common.py fp8_read_flags): "f16-vpairs" (fp16 dots, V converted as
-    # packed pairs before its transpose), "f16" (fp16 dots, plain casts), "upcast" (tiles cast to q's dtype).
+    # packed pairs before its transpose), "f16-vsplit" (the same, p @ v in two halves of the keys), "f16" (fp16 dots,
+    # plain casts), "upcast" (tiles cast to q's dtype).
     fp8_path: str = "f16-vpairs"
+    # Registers per thread the compiler may use (Triton's maxnreg; None: its own choice). Programs per SM are the
+    # fewest that registers and shared memory allow: 128 lets 4 programs of 4 warps share an SM.
+    max_registers: int | None = None
 
 
 # Measured on the H100 (benchmarks/bench_decode_attention.py; numbers in benchmarks/decode_attention_variants.py):
@@ -638,6 +643,7 @@ def paged_decode_attention(
         QUERIES=queries,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **({"maxnreg": config.max_registers} if config.max_registers and q.is_cuda else {}),
     )  # fmt: skip
     if num_splits > 1 and not fused:
         _decode_reduce_kernel[(batch, num_q_heads) if queries == 1 else (batch, num_q_heads, queries)](

@@ -32,3 +32,25 @@ def test_fp8_pairs_loop_has_no_byte_loads_and_fewer_instructions():
     assert pairs["loop"].get("F2FP.F16.E4M3.UNPACK_B", 0) > 0  # cvt.rn.f16x2.e4m3x2: two values per instruction
     assert pairs["total"] < 0.7 * first["total"]
     assert pairs["regs"] < first["regs"]
+
+
+SPLIT = """
+import json
+from benchmarks.attention_sass import compile_decode, programs_per_sm, summarize
+out = {}
+for name, kwargs in (("whole", {}), ("halves", {"split_v": True, "max_registers": 128})):
+    info = summarize(compile_decode("fp8e4nv", "fp16", True, 128, 4, 2, **kwargs))
+    out[name] = {"smem": info["smem"], "regs": info["regs"], "programs": programs_per_sm(info["regs"], info["smem"], 4)}
+print(json.dumps(out))
+"""
+
+
+@needs_sass_tools
+def test_split_v_fits_four_programs_per_sm():
+    """``"f16-vsplit"`` at 128 keys / 4 warps / 2 stages with 128 registers: the fp16 V staging tile is half the
+    size, so shared memory no longer caps an SM at 3 programs (kernels/NOTES.md)."""
+    result = run_compile_script(SPLIT)
+    assert result["whole"]["programs"] == 3
+    assert result["halves"]["regs"] <= 128
+    assert result["halves"]["smem"] < 0.8 * result["whole"]["smem"]
+    assert result["halves"]["programs"] == 4

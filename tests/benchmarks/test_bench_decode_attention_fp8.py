@@ -23,9 +23,10 @@ def test_decode_attention_bench_fp8_smoke():
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     assert "KV cache torch.float8_e4m3fn" in out
     for run in ("float16 cache", "fp8 upcast (first path)", "fp8 f16 dots", "fp8 default FP8_DECODE_CONFIG",
-                "fp8 variant fused", "sweep f16-vpairs 16/4/2", "sweep f16-vpairs 32/4/3"):
+                "fp8 variant fused", "sweep f16-vpairs 16/4/2", "sweep f16-vpairs 32/4/3",
+                "sweep f16-vsplit 32/4/2 lpt maxnreg=128"):
         assert re.search(rf"^smoke1\s+{re.escape(run)}.*\bok$", out, re.M), run
     assert "% of 4.28 TB/s" in out
     assert re.search(r"^FP8_DECODE_CONFIG = DecodeConfig\(tile_n=(16|32|64|128), num_warps=4, num_stages=(2|3), "
-                     r'order="lpt", fused_reduce=False, fp8_path="(f16-vpairs|f16)"\)$', out, re.M)  # fmt: skip
+                     r'order="lpt", fused_reduce=False, fp8_path="(f16-vpairs|f16|f16-vsplit)"(, max_registers=128)?\)$', out, re.M)  # fmt: skip
     assert "# all correctness checks passed" in out

@@ -55,6 +55,34 @@ def test_prefill_fp8_read_paths_match_reference(dtype, path):
         assert_close(out, ref, ATTENTION_TOLERANCE[dtype], f"{path} prefill block_m={block_m}")
 
 
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_split_v_halves_match_reference(dtype):
+    """``"f16-vsplit"`` at tiles of 32 and 64 keys (halves of 16 and 32: the split is taken; smaller tiles read V
+    whole, as the parametrized tests above check): decode unsplit, split with a fused merge, with a window and
+    soft-cap, and prefill's unmasked and diagonal tiles."""
+    problem, k64, v64 = _fp8_problem([1] * 5, [1, 16, 33, 70, 47], (4, 2), 64, dtype, 21, 0.05, 4.0)
+    ref = _reference(problem, k64, v64)
+    for tile in (32, 64):
+        for splits, fused in ((1, False), (3, True)):
+            out = poisoned_like(problem.q)
+            paged_decode_attention(*problem.args(), out=out, num_splits=splits, k_scale=0.05, v_scale=4.0,
+                                   config=DecodeConfig(tile_n=tile, order="seq", fused_reduce=fused,
+                                                       fp8_path="f16-vsplit", max_registers=128))  # fmt: skip
+            assert_close(out, ref, ATTENTION_TOLERANCE[dtype], f"vsplit decode tile={tile} splits={splits}")
+    features = dict(sliding_window=9, softcap=3.0)
+    ref = _reference(problem, k64, v64, **features)
+    out = poisoned_like(problem.q)
+    paged_decode_attention(*problem.args(), out=out, num_splits=1, k_scale=0.05, v_scale=4.0, **features,
+                           config=DecodeConfig(tile_n=32, fp8_path="f16-vsplit"))  # fmt: skip
+    assert_close(out, ref, ATTENTION_TOLERANCE[dtype], "vsplit decode window + softcap")
+    problem, k64, v64 = _fp8_problem([20, 1, 9], [20, 37, 30], (4, 2), 64, dtype, 22, 0.5, 0.25)
+    ref = _reference(problem, k64, v64)
+    out = poisoned_like(problem.q)
+    paged_prefill_attention(*problem.args(), out=out, k_scale=0.5, v_scale=0.25,
+                            config=PrefillConfig(block_m=16, tile_n=32, num_warps=4, num_stages=2, fp8_path="f16-vsplit"))  # fmt: skip
+    assert_close(out, ref, ATTENTION_TOLERANCE[dtype], "vsplit prefill")
+
+
 def test_pairs_path_with_padded_head_dim_window_and_softcap():
     """D=80 (a padded 128 block: the pairs are masked past 40) composes with the window and soft-cap."""
     features = dict(sliding_window=9, softcap=3.0)
@@ -92,14 +120,19 @@ def test_fp8_read_flags():
     strides; the PTX conversion only on CUDA tensors; an unknown path is refused by name."""
     q = torch.zeros(2, 4, 64, dtype=BF16)
     fp8 = torch.zeros(3, 16, 2, 64, dtype=FP8_KV_DTYPE)
-    assert fp8_read_flags(q, fp8, fp8, "f16-vpairs") == {"FP8_F16_DOTS": True, "V_PAIRS": True, "PAIRS_ASM": False}
-    assert fp8_read_flags(q, fp8, fp8, "f16") == {"FP8_F16_DOTS": True, "V_PAIRS": False, "PAIRS_ASM": False}
+    assert fp8_read_flags(q, fp8, fp8, "f16-vpairs") == {"FP8_F16_DOTS": True, "V_PAIRS": True, "PAIRS_ASM": False,
+                                                         "SPLIT_V": False}  # fmt: skip
+    assert fp8_read_flags(q, fp8, fp8, "f16-vsplit") == {"FP8_F16_DOTS": True, "V_PAIRS": True, "PAIRS_ASM": False,
+                                                         "SPLIT_V": True}  # fmt: skip
+    assert fp8_read_flags(q, fp8, fp8, "f16") == {"FP8_F16_DOTS": True, "V_PAIRS": False, "PAIRS_ASM": False,
+                                                  "SPLIT_V": False}  # fmt: skip
     assert not any(fp8_read_flags(q, fp8, fp8, "upcast").values())
     assert not any(fp8_read_flags(q.float(), fp8, fp8, "f16-vpairs").values())  # fp32 queries: the IEEE path
     bf16_cache = torch.zeros(3, 16, 2, 64, dtype=BF16)
     assert not any(fp8_read_flags(q, bf16_cache, bf16_cache, "f16-vpairs").values())
     odd = torch.zeros(3, 16, 2, 65, dtype=FP8_KV_DTYPE)[..., :64]  # odd strides: no uint16 view of the rows
     assert fp8_read_flags(q, fp8, odd, "f16-vpairs")["V_PAIRS"] is False
+    assert not fp8_read_flags(q, fp8, odd, "f16-vsplit")["SPLIT_V"]  # the halves read pairs too
     with pytest.raises(ValueError, match="fp8 read path 'fp32'.*f16-vpairs"):
         fp8_read_flags(q, fp8, fp8, "fp32")
 
@@ -165,3 +198,17 @@ def test_gpu_fp8_read_paths_bf16_real_shapes(path, max_query_len):
         paged_prefill_attention(*problem.args(), out=out, k_scale=0.1, v_scale=0.2,
                                 config=PrefillConfig(block_m=64, tile_n=64, num_warps=4, num_stages=2, fp8_path=path))  # fmt: skip
     assert_close(out, ref, ATTENTION_TOLERANCE[BF16], f"fp8 {path} max_query_len={max_query_len}")
+
+
+@pytest.mark.gpu
+def test_gpu_split_v_with_register_cap_at_w1_shapes():
+    """``"f16-vsplit"`` at 128 keys / 4 warps / 2 stages capped at 128 registers (the candidate that fits 4 programs
+    per SM, attention_sass.py) against the reference at W1's head shapes."""
+    gen = torch.Generator().manual_seed(7)
+    seq_lens = torch.randint(1, 2000, (64,), generator=gen).tolist()
+    problem, k64, v64 = _fp8_problem([1] * 64, seq_lens, (16, 8), 128, BF16, 8, 0.1, 0.2, device="cuda")
+    out = poisoned_like(problem.q)
+    paged_decode_attention(*problem.args(), out=out, k_scale=0.1, v_scale=0.2,
+                           config=DecodeConfig(tile_n=128, num_warps=4, num_stages=2, fp8_path="f16-vsplit",
+                                               max_registers=128))  # fmt: skip
+    assert_close(out, _reference(problem, k64, v64), ATTENTION_TOLERANCE[BF16], "vsplit 128/4/2 maxnreg=128")
