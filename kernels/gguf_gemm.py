@@ -16,7 +16,8 @@ tied LM head Q8_0) take ``_gguf_small_decode_kernel``, which reads whole words o
 byte. Otherwise one kernel, two launch shapes: decode (M <= 16) keeps the whole (padded) batch in one program and sums
 the ``[M, N, K]`` tile product (no ``tl.dot`` minimum of 16 rows to pad to); larger M dequantizes a
 ``[block_n, block_k]`` tile and feeds ``tl.dot``. ``gguf_linear_ref`` (dequantize, fp32 matmul) is the reference and
-the CPU path.
+the CPU path. ``q4_blocks_as_int4`` rewrites Q4_0 / Q4_1 weights for the w4a16 int4 kernels instead
+(``kernels/int4_gemm.py``, group 32), which ``core/layers/quantization/gguf.py`` does on CUDA.
 """
 
 from __future__ import annotations
@@ -117,6 +118,40 @@ def _dequantize_32(blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
     if ggml_type == Q4_0:
         return (q - 8) * _half_at(blocks, 0)
     return q * _half_at(blocks, 0) + _half_at(blocks, 2)
+
+
+def q4_blocks_as_int4(raw: torch.Tensor, ggml_type: int, in_features: int, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """A Q4_0 / Q4_1 weight (``uint8 [N, row_bytes]``) as the w4a16 kernels' ``(codes [K, N] int32, scales, zeros)``
+    (``kernels/int4_gemm.py``: ``W = (q - z) * s``, one group per 32-element block; scales and zeros ``[K / 32, N]``
+    in ``dtype``), or None when the blocks do not fit that form exactly enough.
+
+    Q4_0 ``(q - 8) d``: ``s = d, z = 8``, exact in fp16 / fp32 (bf16 rounds the fp16 ``d``, as bf16 rounds each
+    weight of the dequantized model). Q4_1 ``q d + m``: ``s = d, z = -m / d``, rounded to ``dtype`` (an error of
+    ``|m|`` times dtype's half-ulp, the size of rounding the block's largest weight to it). A Q4_1 block with
+    ``d = 0`` is the constant ``m``: ggml writes its quants as 0, so ``s = m, z = -1``; quants that are not 0 there,
+    or a ``z`` that overflows ``dtype`` (fp16, tiny ``d``), return None."""
+    block, type_size = GGUF_KERNEL_TYPES[ggml_type]
+    if ggml_type not in (Q4_0, Q4_1):
+        raise ValueError(f"GGUF type {ggml_type} is not a 4-bit block type with 32 elements")
+    n = raw.shape[0]
+    blocks = raw.reshape(n, in_features // block, type_size)
+    qs = blocks[..., 2:] if ggml_type == Q4_0 else blocks[..., 4:]
+    q = torch.cat([qs & 0xF, qs >> 4], dim=-1).to(torch.int32)  # [N, blocks, 32], element order of the block
+    d = _half_at(blocks, 0)[..., 0]  # [N, blocks]
+    if ggml_type == Q4_0:
+        scales, zeros = d, torch.full_like(d, 8.0)
+    else:
+        m = _half_at(blocks, 2)[..., 0]
+        constant = d == 0
+        if bool((q[constant] != 0).any()):
+            return None
+        scales = torch.where(constant, m, d)
+        zeros = torch.where(constant, torch.full_like(d, -1.0), -m / torch.where(constant, 1.0, d))
+    if not torch.isfinite(zeros.to(dtype)).all() or not torch.isfinite(scales.to(dtype)).all():
+        return None
+    codes = q.reshape(n, in_features).t().contiguous()  # [K, N]
+    return codes, scales.t().to(dtype).contiguous(), zeros.t().to(dtype).contiguous()
 
 
 def dequantize_gguf(raw: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ match the same file dequantized at load (CPU: the torch reference, dequantizing 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 
 from core.layers.quantization import weight_bytes
+from core.layers.quantization.gguf import repack_for_int4_kernels
 from ipc.messages import SamplingParams
 from tests.core.engine_utils import make_engine, run_engine
 from tests.kernels.test_gguf_gemm import random_blocks
@@ -114,3 +116,16 @@ def test_gguf_flags_conflict_and_non_gguf_model(tiny_gguf, tmp_path):
     directory = make_tiny_model(tmp_path / "llama", "llama")
     with pytest.raises(ValueError, match="needs a .gguf model file"):
         make_engine(directory, quantization="gguf", skip_tokenizer_init=True)
+
+
+def test_q4_layer_repacked_for_the_int4_kernels_computes_the_same(runs):
+    """What loading does on CUDA (``process_weights_after_loading``): a Q4_1 layer's blocks replaced by the int4
+    kernels' ``qweight`` / ``scales`` / ``zeros``; the layer computes what its blocks did (CPU: both references)."""
+    quantized = runs[0]
+    layer = copy.deepcopy(quantized.runner.model.model.layers[1].self_attn.o_proj)
+    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(3))
+    before = layer(x)
+    assert repack_for_int4_kernels(layer, int(T.Q4_1))
+    assert not hasattr(layer, "weight") and layer.qweight.dtype == torch.int32
+    assert layer.scales.shape == layer.zeros.shape == (HIDDEN // 32, HIDDEN)
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)

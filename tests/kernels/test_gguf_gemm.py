@@ -10,7 +10,10 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from kernels.gguf_gemm import GGUF_KERNEL_TYPES, Q4_K, Q5_K, Q6_K, dequantize_gguf, gguf_gemm, gguf_linear_ref
+from kernels.gguf_gemm import (
+    GGUF_KERNEL_TYPES, Q4_K, Q5_K, Q6_K, dequantize_gguf, gguf_gemm, gguf_linear_ref, q4_blocks_as_int4,
+)
+from kernels.int4_gemm import int4_linear, int4_linear_ref, pack_int4_kernel
 from tests.kernels.kernel_testing import KERNEL_DEVICE
 
 TYPES = sorted(GGUF_KERNEL_TYPES)
@@ -104,3 +107,61 @@ def test_rejects_rows_that_do_not_hold_k():
     raw = torch.zeros(4, 20, dtype=torch.uint8)
     with pytest.raises(ValueError, match="do not hold"):
         gguf_gemm(torch.zeros(1, 64), raw, 3)
+
+
+@pytest.mark.parametrize("ggml_type", [2, 3], ids=["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_q4_blocks_as_int4_computes_the_same_weight(ggml_type, dtype):
+    """Q4_0 / Q4_1 repacked for the w4a16 int4 kernels (group 32): the int4 reference on the repacked weight equals
+    the GGUF reference to fp32 rounding, and to the rounding of the fp16 ``d`` (bf16) and ``z = -m / d`` (Q4_1) in a
+    16-bit activation dtype."""
+    n, k = 24, 256
+    raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=11 + ggml_type))
+    codes, scales, zeros = q4_blocks_as_int4(raw, ggml_type, k, dtype)
+    assert codes.shape == (k, n) and scales.shape == zeros.shape == (k // 32, n)
+    assert scales.dtype == zeros.dtype == dtype
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(2))
+    ours = int4_linear_ref(x, pack_int4_kernel(codes), scales, zeros, 32)
+    expected = gguf_linear_ref(x, raw, ggml_type, out_dtype=torch.float32)
+    exact = dtype == torch.float32 or (ggml_type == 2 and dtype == torch.float16)  # Q4_0's d is an fp16
+    tol = 1e-5 if exact else {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(ours, expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_q4_1_constant_blocks_and_unfit_scales():
+    """A Q4_1 block with d = 0 is the constant m (ggml writes its quants as 0): s = m, z = -1. Non-zero quants there,
+    or a z = -m / d past fp16's range, cannot take the int4 form: None (the layer keeps its blocks)."""
+    k = 64
+    raw = torch.from_numpy(random_blocks(3, 2, k, seed=4)).reshape(2, 2, 20)
+    raw[0, 1, 0:2] = torch.tensor([0.0], dtype=torch.float16).view(torch.uint8)  # d = 0
+    raw[0, 1, 2:4] = torch.tensor([0.25], dtype=torch.float16).view(torch.uint8)  # m = 0.25
+    raw[0, 1, 4:] = 0
+    raw = raw.reshape(2, 40)
+    codes, scales, zeros = q4_blocks_as_int4(raw, 3, k, torch.float32)
+    weight = (codes.float() - zeros.repeat_interleave(32, 0)) * scales.repeat_interleave(32, 0)  # [K, N]
+    torch.testing.assert_close(weight.t(), dequantize_gguf(raw, 3, k))
+    assert torch.all(weight[32:, 0] == 0.25)
+    stray = raw.clone().reshape(2, 2, 20)
+    stray[0, 1, 10] = 0x31
+    assert q4_blocks_as_int4(stray.reshape(2, 40), 3, k, torch.float32) is None
+    tiny = raw.clone().reshape(2, 2, 20)
+    tiny[1, 0, 0:2] = torch.tensor([1e-7], dtype=torch.float16).view(torch.uint8)  # subnormal d: -m / d ~ 1e5
+    tiny[1, 0, 2:4] = torch.tensor([-0.01], dtype=torch.float16).view(torch.uint8)
+    assert q4_blocks_as_int4(tiny.reshape(2, 40), 3, k, torch.float16) is None
+    assert q4_blocks_as_int4(tiny.reshape(2, 40), 3, k, torch.bfloat16) is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="needs CUDA")
+@pytest.mark.parametrize("ggml_type", [2, 3], ids=["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("m", [1, 4, 16, 100])
+def test_q4_repacked_int4_kernels_match_gguf_reference(ggml_type, m):
+    """The int4 kernels (decode fma / tensor-core mma, prefill tl.dot) on a repacked Q4 weight at Llama-like shapes
+    against the GGUF reference, bf16 activations."""
+    n, k = 1536, 2048
+    raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=m, scale=2e-3)).cuda()
+    codes, scales, zeros = q4_blocks_as_int4(raw, ggml_type, k, torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = int4_linear(x, pack_int4_kernel(codes), scales, zeros, 32)
+    expected = gguf_linear_ref(x, raw, ggml_type, out_dtype=torch.float32)
+    assert (out.float() - expected).abs().max().item() <= 3e-2 * expected.abs().max().item()
