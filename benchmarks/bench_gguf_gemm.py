@@ -93,6 +93,25 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() / statistics.median(samples[1:])  # read + write
 
 
+def q4_as_int4(raw: torch.Tensor, ggml_type: int, k: int, dtype: torch.dtype) -> tuple:
+    """A Q4_0 / Q4_1 weight as the engine repacks it on CUDA: ``(qweight, scales, zeros)`` for ``int4_linear``."""
+    from kernels.gguf_gemm import q4_blocks_as_int4
+    from kernels.int4_gemm import pack_int4_kernel
+
+    codes, scales, zeros = q4_blocks_as_int4(raw, ggml_type, k, dtype)
+    return pack_int4_kernel(codes), scales, zeros
+
+
+def ggml_like_q4_1(raw: torch.Tensor) -> torch.Tensor:
+    """Q4_1 blocks as ggml writes them (``d = (max - min) / 15 > 0``, ``m = min``, here ``-7.5 d``: weights centred
+    on zero) instead of random signed ``d`` and ``m``, whose ``-m / d`` can pass fp16's range."""
+    blocks = raw.reshape(raw.shape[0], -1, 20)
+    d = (blocks[..., 0:2].contiguous().view(torch.float16).float().abs() + 1e-5).half()
+    blocks[..., 0:2] = d.view(torch.uint8)
+    blocks[..., 2:4] = (d.float() * -7.5).half().view(torch.uint8)
+    return raw
+
+
 def sweep_small(types: list[str], shapes: dict, m_values: list[int], replays: int, device: str) -> list[str]:
     """Per (type, M): total microseconds over the shapes of the byte-gather kernel and of each word-load config."""
     from gguf import GGMLQuantizationType
@@ -147,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     from gguf import GGMLQuantizationType
 
-    from kernels.gguf_gemm import GGUF_KERNEL_TYPES, gguf_gemm, gguf_linear_ref
+    from kernels.gguf_gemm import GGUF_KERNEL_TYPES, Q4_0, Q4_1, gguf_gemm, gguf_linear_ref
+    from kernels.int4_gemm import int4_linear
     from tests.kernels.test_gguf_gemm import random_blocks
 
     device = "cpu" if args.smoke else "cuda"
@@ -164,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             print("FAILED", failure)
         return 1 if failures else 0
     print(f"{'type':6} {'shape':22} {'N':>6} {'K':>6} {'M':>5} {'gguf us':>9} {'bf16 us':>9} {'speedup':>8} "
-          f"{'floor us':>9} {'of floor':>8}")
+          f"{'floor us':>9} {'of floor':>8} {'int4 us':>9}")
     for type_name in args.types:
         ggml_type = int(GGMLQuantizationType[type_name])
         block, type_size = GGUF_KERNEL_TYPES[ggml_type]
@@ -172,10 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             if k % block:
                 continue
             raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=n + k, scale=1e-3)).to(device)
+            if ggml_type == Q4_1:
+                raw = ggml_like_q4_1(raw)
             raws = weight_copies(raw, device)
             dense = torch.randn(n, k, dtype=dtype, device=device)
             denses = weight_copies(dense, device)
             floor_us = raw.numel() / bandwidth * 1e6
+            int4s = [q4_as_int4(r, ggml_type, k, dtype) for r in raws] if ggml_type in (Q4_0, Q4_1) else None
             for m in m_values:
                 x = torch.randn(m, k, dtype=dtype, device=device)
                 out = gguf_gemm(x, raw, ggml_type)
@@ -185,8 +208,17 @@ def main(argv: list[str] | None = None) -> int:
                     failures.append(f"{type_name} {shape_name} M={m}: relative error {err:.3g}")
                 us = time_us(lambda i: gguf_gemm(x, raws[i % len(raws)], ggml_type), replays, device)
                 bf16_us = time_us(lambda i: F.linear(x, denses[i % len(denses)]), replays, device)
+                int4_us = float("nan")
+                if int4s is not None:  # what the engine runs for Q4_0 / Q4_1 layers on CUDA (repacked at load)
+                    zeros_whole = ggml_type == Q4_0
+                    got = int4_linear(x, *int4s[0], 32, integer_zeros=zeros_whole, backend="triton")
+                    err = (got.float() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6)
+                    if not err < 2e-2:
+                        failures.append(f"{type_name} int4 {shape_name} M={m}: relative error {err:.3g}")
+                    int4_us = time_us(lambda i: int4_linear(x, *int4s[i % len(int4s)], 32, integer_zeros=zeros_whole,
+                                                            backend="triton"), replays, device)  # fmt: skip
                 print(f"{type_name:6} {shape_name:22} {n:6} {k:6} {m:5} {us:9.1f} {bf16_us:9.1f} "
-                      f"{bf16_us / us:8.2f} {floor_us:9.1f} {floor_us / us:8.2f}")
+                      f"{bf16_us / us:8.2f} {floor_us:9.1f} {floor_us / us:8.2f} {int4_us:9.1f}")
     for failure in failures:
         print("FAILED", failure)
     return 1 if failures else 0

@@ -404,11 +404,15 @@ def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 
 def int4_decode_or_prefill_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                                group_size: int) -> torch.Tensor:  # fmt: skip
+                                group_size: int, integer_zeros: bool = True) -> torch.Tensor:  # fmt: skip
     """The shape's measured decode kernel (``pick_int4_config``: mma for M <= 16 or fma for M <= 4), else the tl.dot
-    kernel."""
+    kernel. ``integer_zeros=False``: zero points that are not whole numbers (GGUF Q4_1's ``-m / d``) skip the
+    tensor-core kernels, which subtract ``magic + z`` rounded to the dot dtype (exact for AWQ / GPTQ's 0..15 only);
+    the fma and tl.dot kernels dequantize in fp32."""
     config = pick_int4_config(x.shape[0], qweight.shape[0], x.shape[1], group_size)
     if config is not None and config.kind in INT4_MMA_KINDS:
+        if not integer_zeros:
+            return int4_gemm(x, qweight, scales, zeros, group_size)
         return int4_mma_gemm(x, qweight, scales, zeros, group_size, config)
     if config is not None:
         return int4_fma_gemm(x, qweight, scales, zeros, group_size, config)
@@ -419,16 +423,18 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                perm: torch.Tensor | None = None, bias: torch.Tensor | None = None, *, backend: str = "auto"
-                ) -> torch.Tensor:  # fmt: skip
-    """``x @ W (+ bias)``: the Triton kernels on CUDA (fp16/bf16), the reference otherwise."""
+                perm: torch.Tensor | None = None, bias: torch.Tensor | None = None, *, backend: str = "auto",
+                integer_zeros: bool = True) -> torch.Tensor:  # fmt: skip
+    """``x @ W (+ bias)``: the Triton kernels on CUDA (fp16/bf16), the reference otherwise. ``integer_zeros``: see
+    :func:`int4_decode_or_prefill_gemm`."""
     k = x.shape[-1]
     n = qweight.shape[0]
     if not (use_triton(x, backend) and x.dtype in _TRITON_DTYPES and _block_k(k, group_size, 128) is not None):
         return int4_linear_ref(x, qweight, scales, zeros, group_size, perm, bias)
     x2 = x.reshape(-1, k)
     x2 = x2[:, perm] if perm is not None else x2.contiguous()
-    out = int4_decode_or_prefill_gemm(x2, qweight, scales, zeros, group_size) if x2.shape[0] else x2.new_empty(0, n)
+    out = (int4_decode_or_prefill_gemm(x2, qweight, scales, zeros, group_size, integer_zeros) if x2.shape[0]
+           else x2.new_empty(0, n))
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], n)

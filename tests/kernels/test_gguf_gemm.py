@@ -13,7 +13,7 @@ from gguf.quants import dequantize
 from kernels.gguf_gemm import (
     GGUF_KERNEL_TYPES, Q4_K, Q5_K, Q6_K, dequantize_gguf, gguf_gemm, gguf_linear_ref, q4_blocks_as_int4,
 )
-from kernels.int4_gemm import int4_linear, int4_linear_ref, pack_int4_kernel
+from kernels.int4_gemm import int4_gemm, int4_linear, int4_linear_ref, pack_int4_kernel
 from tests.kernels.kernel_testing import KERNEL_DEVICE
 
 TYPES = sorted(GGUF_KERNEL_TYPES)
@@ -151,17 +151,47 @@ def test_q4_1_constant_blocks_and_unfit_scales():
     assert q4_blocks_as_int4(tiny.reshape(2, 40), 3, k, torch.bfloat16) is not None
 
 
+@pytest.mark.parametrize("ggml_type", [2, 3], ids=["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("m", [1, 20])
+def test_q4_repacked_runs_on_the_int4_tl_dot_kernel(ggml_type, m):
+    """The int4 tl.dot kernel (the path Q4_1 takes for every M, Q4_0 past the decode kernels) on a repacked weight,
+    group 32, fractional zero points (Q4_1), against the GGUF reference; fp16 activations (interpreted on CPU)."""
+    n, k = 40, 128
+    raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=5 * m + ggml_type)).to(KERNEL_DEVICE)
+    codes, scales, zeros = q4_blocks_as_int4(raw, ggml_type, k, torch.float16)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(KERNEL_DEVICE, torch.float16)
+    out = int4_gemm(x, pack_int4_kernel(codes), scales, zeros, 32)
+    expected = gguf_linear_ref(x, raw, ggml_type, out_dtype=torch.float32)
+    assert (out.float() - expected).abs().max().item() <= 3e-3 * expected.abs().max().item() + 3e-3
+
+
+def test_fractional_zero_points_skip_the_tensor_core_kernel(monkeypatch):
+    """``integer_zeros=False`` (Q4_1): a shape whose measured decode kernel is the tensor-core one (which rounds
+    ``magic + z`` to the dot dtype) runs the tl.dot kernel instead; whole-number zeros keep it."""
+    import kernels.int4_gemm as module
+
+    calls = []
+    monkeypatch.setattr(module, "int4_mma_gemm", lambda *args, **kwargs: calls.append("mma"))
+    monkeypatch.setattr(module, "int4_gemm", lambda *args, **kwargs: calls.append("dot"))
+    x = torch.zeros(1, 4096)
+    qweight, scales = torch.zeros(6144, 512, dtype=torch.int32), torch.zeros(128, 6144)
+    assert module.pick_int4_config(1, 6144, 4096, 32).kind in module.INT4_MMA_KINDS
+    module.int4_decode_or_prefill_gemm(x, qweight, scales, scales, 32, integer_zeros=True)
+    module.int4_decode_or_prefill_gemm(x, qweight, scales, scales, 32, integer_zeros=False)
+    assert calls == ["mma", "dot"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="needs CUDA")
 @pytest.mark.parametrize("ggml_type", [2, 3], ids=["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("m", [1, 4, 16, 100])
 def test_q4_repacked_int4_kernels_match_gguf_reference(ggml_type, m):
-    """The int4 kernels (decode fma / tensor-core mma, prefill tl.dot) on a repacked Q4 weight at Llama-like shapes
-    against the GGUF reference, bf16 activations."""
+    """The int4 kernels the GGUF layer calls (Q4_0: the tensor-core decode kernel too; Q4_1: fma / tl.dot) on a
+    repacked Q4 weight at Llama-like shapes against the GGUF reference, bf16 activations."""
     n, k = 1536, 2048
     raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=m, scale=2e-3)).cuda()
     codes, scales, zeros = q4_blocks_as_int4(raw, ggml_type, k, torch.bfloat16)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    out = int4_linear(x, pack_int4_kernel(codes), scales, zeros, 32)
+    out = int4_linear(x, pack_int4_kernel(codes), scales, zeros, 32, integer_zeros=ggml_type == 2)
     expected = gguf_linear_ref(x, raw, ggml_type, out_dtype=torch.float32)
-    assert (out.float() - expected).abs().max().item() <= 3e-2 * expected.abs().max().item()
+    assert (out.float() - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()

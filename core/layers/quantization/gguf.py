@@ -10,8 +10,10 @@ other quant types, mixed-type merges) is dequantized at load as before, and logg
 Q4_0 and Q4_1 linear weights are 4-bit codes with one scale (Q4_1: and one min) per 32 inputs, which is the w4a16
 int4 form with group size 32: after loading they are repacked once into the int4 kernels' layout
 (``kernels/gguf_gemm.py: q4_blocks_as_int4``, ``kernels/int4_gemm.py``; the same bytes for Q4_1, 11% more for
-Q4_0), so they run on the tuned int4 decode and prefill kernels (tensor cores at decode) instead of the block GEMM
-(H200: 1.8-2x bf16's time at M = 1, 7-8x at M = 4, more for larger batches). A layer whose blocks do not fit that
+Q4_0), so they run on the int4 decode and prefill kernels instead of the block GEMM (H200: 1.8-2x bf16's time at
+M = 1, 7-8x at M = 4, more for larger batches): Q4_0 (zero point 8) on all of them, the tensor-core decode kernel
+included; Q4_1 (zero point ``-m / d``, not a whole number) on the fp32-dequantizing fma and tl.dot kernels only.
+Not yet timed on the GPU. A layer whose blocks do not fit that
 form (see ``q4_blocks_as_int4``) keeps its blocks. The other types, the embedding and the LM head
 stay in their blocks, and so does everything on CPU (there both paths dequantize in torch).
 
@@ -158,9 +160,9 @@ class GGUFLinearMethod(LinearMethod):
             repack_for_int4_kernels(layer, self.ggml_type)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if hasattr(layer, "qweight"):
+        if hasattr(layer, "qweight"):  # Q4_1's zeros -m / d are not whole numbers: no tensor-core int4 kernel
             return int4_linear(x, layer.qweight, layer.scales, layer.zeros, self.INT4_GROUP, None, bias,
-                               backend=layer.backend)
+                               backend=layer.backend, integer_zeros=self.ggml_type == Q4_0)
         return gguf_linear(x, layer.weight, self.ggml_type, bias, backend=layer.backend)
 
 
