@@ -4,11 +4,15 @@ unquantized one over a fixed text, with the top-1 agreement beside it, so speed 
 Methods: ``fp8`` (online W8A8: per-channel weight scales, dynamic per-token activation scales), and ``awq-rtn``
 (int4 in AutoAWQ's GEMM layout, round-to-nearest with zero points per group of ``--group-size`` input rows: the
 weights are quantized here and written as a real AWQ checkpoint, then loaded like any other; AutoAWQ's
-activation-aware scaling would only do better). The reference is the model as it loads by default (the default
-SmolLM2 GGUF is dequantized at load).
+activation-aware scaling would only do better). For a GGUF model, ``gguf`` keeps its blocks (dequantized per call
+on CPU, the block GEMM on CUDA), and ``gguf-int4`` also repacks its Q4_0 / Q4_1 linear layers for the int4 kernels
+as CUDA does (``repack_for_int4_kernels``, on any device here: scales and zero points rounded to the model dtype, the
+cost of that form). The reference is the model as it loads by default (the default SmolLM2 GGUF is dequantized at
+load).
 
     python -m benchmarks.quant_quality --methods fp8 awq-rtn            # the default SmolLM2, on GPU or CPU
     python -m benchmarks.quant_quality --model .models/llama-3.1-8b --methods fp8 --max-tokens 2048
+    python -m benchmarks.quant_quality --methods gguf gguf-int4 --dtype bfloat16   # the default SmolLM2's own blocks
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from benchmarks.json_lines import append_json_line
 from core.layers.quantization import weight_bytes
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "w6_passages.txt"
-METHODS = ("fp8", "awq-rtn")
+METHODS = ("fp8", "awq-rtn", "gguf", "gguf-int4")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -94,6 +98,20 @@ def write_awq_rtn(source, directory: Path, group_size: int) -> Path:
     return directory
 
 
+def repack_q4_layers(model: torch.nn.Module) -> int:
+    """Repack every GGUF Q4_0 / Q4_1 linear layer still in its blocks for the int4 kernels, as loading on CUDA does;
+    how many were."""
+    from core.layers.quantization.gguf import GGUFLinearMethod, repack_for_int4_kernels
+    from kernels.gguf_gemm import Q4_0, Q4_1
+
+    count = 0
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, GGUFLinearMethod) and method.ggml_type in (Q4_0, Q4_1) and hasattr(module, "weight"):
+            count += repack_for_int4_kernels(module, method.ggml_type)
+    return count
+
+
 def compare(reference: torch.Tensor, quantized: torch.Tensor) -> dict:
     """Mean KL(reference || quantized) in nats per token, and how often the argmax agrees."""
     kl = (reference.exp() * (reference - quantized)).sum(-1)
@@ -104,7 +122,7 @@ def compare(reference: torch.Tensor, quantized: torch.Tensor) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quant_quality", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model directory, .gguf file or HF id (default: SmolLM2)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["fp8", "awq-rtn"])
     p.add_argument("--text-file", default=str(DEFAULT_TEXT))
     p.add_argument("--tokenizer", default=None, help="tokenizer of the text (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text scored (from its start)")
@@ -132,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             if method == "fp8":
                 runner = load_runner(args.model, args, quantization="fp8")
+            elif method in ("gguf", "gguf-int4"):
+                runner = load_runner(args.model, args, quantization="gguf")
+                if method == "gguf-int4":
+                    print(f"gguf-int4: {repack_q4_layers(runner.model)} Q4_0 / Q4_1 layers repacked")
             else:
                 path = write_awq_rtn(source, Path(tmp) / "awq-rtn", args.group_size)
                 runner = load_runner(str(path), args)

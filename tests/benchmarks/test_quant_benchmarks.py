@@ -89,3 +89,17 @@ def test_quantized_gemm_decode_sweep_smoke_prints_tables_and_step_prediction():
     # the int4 tensor-core kernel's candidates ran too (checked against int4_linear_ref), beside the fma ones
     int4_section = proc.stdout.split("## int4: best table config")[1].split("## paste")[0]
     assert "| mma mma:64x" in int4_section and "| mms mms:64x64" in int4_section and "fma fma:" in int4_section
+
+
+def test_quality_script_measures_the_default_gguf_kept_and_repacked(tmp_path, capsys):
+    """The default SmolLM2 GGUF in its blocks (``gguf``) and with its Q4 layers repacked for the int4 kernels
+    (``gguf-int4``, the CUDA form, bf16 scales and zero points) against the same file dequantized at load."""
+    out = tmp_path / "quality.jsonl"
+    assert quant_quality.main(["--methods", "gguf", "gguf-int4", "--dtype", "bfloat16", "--max-tokens", "64",
+                               "--json", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"none", "gguf", "gguf-int4"}
+    assert "120 Q4_0 / Q4_1 layers repacked" in capsys.readouterr().out
+    for method in ("gguf", "gguf-int4"):
+        assert 0 <= rows[method]["mean_kl"] < 0.01 and rows[method]["top1_agreement"] > 0.9
+        assert rows[method]["weight_bytes"] < 0.4 * rows["none"]["weight_bytes"]
