@@ -41,7 +41,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # benchmarks/bench_gguf_gemm.py --types Q4_1 Q8_0 --m 1 4 --sweep-small`, CUDA-graph timing, the nine SmolLM2 and
 # Llama-3.1-8B shapes summed): Q4_1 M = 1 267 us against 452 for the first guess (32, 4, 4) and 1,997 for the
 # byte-gather kernel; Q4_1 M = 4 1,017 / 1,170 / 2,859; Q8_0 M = 1 and 4 within 5% of their guesses. Q4_0 is not
-# measured and keeps the offline guess. Still 2.7x slower than bf16 cuBLAS at M = 1 on Llama-8B's gate_up.
+# measured and keeps the offline guess. Still 1.8x bf16 cuBLAS's time at M = 1 on Llama-8B's gate_up (103 / 57 us).
 SMALL_DECODE_MAX_M = 4
 SMALL_DECODE_CONFIGS: dict[tuple[int, bool], tuple[int, int, int]] = {
     (Q4_0, True): (32, 4, 4), (Q4_1, True): (16, 8, 8), (Q8_0, True): (16, 8, 4),
@@ -109,12 +109,18 @@ def _half_at(blocks: torch.Tensor, at: int) -> torch.Tensor:
     return blocks[..., at : at + 2].contiguous().view(torch.float16).float()
 
 
+def _q4_codes(blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """The 4-bit codes of Q4_0 / Q4_1 blocks (uint8 ``[N, blocks, type_size]``) in element order, ``[N, blocks, 32]``
+    (low nibbles are elements 0-15, high nibbles 16-31)."""
+    qs = blocks[..., 2:] if ggml_type == Q4_0 else blocks[..., 4:]
+    return torch.cat([qs & 0xF, qs >> 4], dim=-1)
+
+
 def _dequantize_32(blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
     """Q4_0 / Q4_1 / Q8_0 blocks (uint8 ``[N, blocks, type_size]``) -> fp32 ``[N, blocks, 32]``."""
     if ggml_type == Q8_0:
         return blocks[..., 2:].contiguous().view(torch.int8).float() * _half_at(blocks, 0)
-    qs = blocks[..., 2:] if ggml_type == Q4_0 else blocks[..., 4:]
-    q = torch.cat([qs & 0xF, qs >> 4], dim=-1).float()
+    q = _q4_codes(blocks, ggml_type).float()
     if ggml_type == Q4_0:
         return (q - 8) * _half_at(blocks, 0)
     return q * _half_at(blocks, 0) + _half_at(blocks, 2)
@@ -136,8 +142,7 @@ def q4_blocks_as_int4(raw: torch.Tensor, ggml_type: int, in_features: int, dtype
         raise ValueError(f"GGUF type {ggml_type} is not a 4-bit block type with 32 elements")
     n = raw.shape[0]
     blocks = raw.reshape(n, in_features // block, type_size)
-    qs = blocks[..., 2:] if ggml_type == Q4_0 else blocks[..., 4:]
-    q = torch.cat([qs & 0xF, qs >> 4], dim=-1).to(torch.int32)  # [N, blocks, 32], element order of the block
+    q = _q4_codes(blocks, ggml_type).to(torch.int32)  # [N, blocks, 32]
     d = _half_at(blocks, 0)[..., 0]  # [N, blocks]
     if ggml_type == Q4_0:
         scales, zeros = d, torch.full_like(d, 8.0)
@@ -148,10 +153,10 @@ def q4_blocks_as_int4(raw: torch.Tensor, ggml_type: int, in_features: int, dtype
             return None
         scales = torch.where(constant, m, d)
         zeros = torch.where(constant, torch.full_like(d, -1.0), -m / torch.where(constant, 1.0, d))
-    if not torch.isfinite(zeros.to(dtype)).all() or not torch.isfinite(scales.to(dtype)).all():
+    scales, zeros = scales.t().to(dtype).contiguous(), zeros.t().to(dtype).contiguous()
+    if not torch.isfinite(zeros).all() or not torch.isfinite(scales).all():
         return None
-    codes = q.reshape(n, in_features).t().contiguous()  # [K, N]
-    return codes, scales.t().to(dtype).contiguous(), zeros.t().to(dtype).contiguous()
+    return q.reshape(n, in_features).t().contiguous(), scales, zeros  # codes [K, N]
 
 
 def dequantize_gguf(raw: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:

@@ -13,9 +13,9 @@ int4 form with group size 32: after loading they are repacked once into the int4
 Q4_0), so they run on the int4 decode and prefill kernels instead of the block GEMM (H200: 1.8-2x bf16's time at
 M = 1, 7-8x at M = 4, more for larger batches): Q4_0 (zero point 8) on all of them, the tensor-core decode kernel
 included; Q4_1 (zero point ``-m / d``, not a whole number) on the fp32-dequantizing fma and tl.dot kernels only.
-Not yet timed on the GPU. A layer whose blocks do not fit that
-form (see ``q4_blocks_as_int4``) keeps its blocks. The other types, the embedding and the LM head
-stay in their blocks, and so does everything on CPU (there both paths dequantize in torch).
+Not yet timed on the GPU. A layer whose blocks do not fit that form (see ``q4_blocks_as_int4``) keeps its blocks.
+The other types, the embedding and the LM head stay in their blocks, and so does everything on CPU (there both paths
+dequantize in torch).
 
 When: ``--quantization gguf``. Without it a GGUF file is dequantized at load, as before (kept quantized it saves
 memory, not time: on CPU there is no kernel and every weight is dequantized per step in torch). ``--gguf-dequantize``
