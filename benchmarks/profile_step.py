@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skinny-pdl", action="store_true", help="skinny GEMMs with programmatic dependent launch")
     p.add_argument("--no-skinny-gemm", action="store_true", help="cuBLAS for every linear layer")
     p.add_argument("--json-object", action="store_true", help="every request under response_format json_object")
+    p.add_argument("--quantization", default=None, help="as LLM(quantization=...), e.g. fp8")
+    p.add_argument("--kv-cache-dtype", default="auto", help="as LLM(kv_cache_dtype=...)")
+    p.add_argument("--top", type=int, default=15, help="how many kernels to list")
     p.add_argument("--async-scheduling", choices=("on", "off"), default=None,
                    help="default: the engine's (on with CUDA)")
     p.add_argument("--grammar-switch-interval-us", type=float, default=None,
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         manager.GRAMMAR_SWITCH_INTERVAL_S = args.grammar_switch_interval_us / 1e6
 
     llm = LLM(args.model, load_format=args.load_format, max_model_len=args.max_model_len, skip_tokenizer_init=not args.json_object,
-              enforce_eager=args.enforce_eager,
+              enforce_eager=args.enforce_eager, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
               async_scheduling=None if args.async_scheduling is None else args.async_scheduling == "on")
     engine = llm.engine
     workload = make_workload(args.workload, args.num_prompts)
@@ -158,13 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grammar job started right after scheduling in {early_starts[True]} of {args.steps} steps "
               f"({early_starts[False]} looks found the step in flight still running)")
     kernel_time = collections.Counter()
+    kernel_calls = collections.Counter()
     for event in prof.key_averages():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernel_time[event.key] += getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+            kernel_calls[event.key] += event.count
     total_gpu = sum(kernel_time.values())
-    print(f"GPU busy {total_gpu / args.steps / 1e3:.2f} ms/step; top kernels (ms/step):")
-    for name, us in kernel_time.most_common(15):
-        print(f"  {us / args.steps / 1e3:8.3f}  {name[:100]}")
+    print(f"GPU busy {total_gpu / args.steps / 1e3:.2f} ms/step in {sum(kernel_calls.values()) / args.steps:.0f} "
+          f"kernels/step; top kernels (ms/step, calls/step, us/call):")
+    for name, us in kernel_time.most_common(args.top):
+        calls = kernel_calls[name] / args.steps
+        print(f"  {us / args.steps / 1e3:8.3f} {calls:6.1f} {us / args.steps / max(calls, 1e-9):8.1f}  {name[:90]}")
     if args.trace:
         prof.export_chrome_trace(args.trace)
     return 0

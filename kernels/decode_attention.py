@@ -441,12 +441,13 @@ SPLIT_DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="
 # stages 426 us per layer (4.41 TB/s of K+V reads, L2 hits included) against 443 us for DECODE_CONFIG.
 WIDE_DECODE_CONFIG = DecodeConfig(tile_n=32, num_warps=2, num_stages=2, order="lpt", fused_reduce=False)
 # An fp8 cache has its own configs: its tiles are half the bytes and its loop does different work (conversions), so
-# the best tile / warps / stages differ. Measured on the H200 (2026-12-02, third session,
-# `python benchmarks/bench_decode_attention.py --kv-cache-dtype fp8 --sweep`): 128 keys x 4 warps x 2 stages with the
-# fp16-dots + V-pairs read path, 215.9 / 210.9 us per W1 / W2 layer against 232.0 / 223.0 for 64/4/2 and 256.7 /
-# 250.2 for the bf16 cache (1.19x; the loop is instruction-bound on the conversions, 60% of the copy bandwidth).
-FP8_DECODE_CONFIG = DecodeConfig(tile_n=128, num_warps=4, num_stages=2, order="lpt", fused_reduce=False,
-                                 fp8_path="f16-vpairs")  # fmt: skip
+# the best tile / warps / stages differ. Measured on the H200 (2026-12-02, eighth session,
+# `python benchmarks/bench_decode_attention.py --kv-cache-dtype fp8 --sweep`): 128 keys x 4 warps x 3 stages with the
+# split-V read path (p @ v over even keys, then odd ones: half the fp16 V tile in shared memory) and 128 registers per
+# thread (4 programs per SM instead of 3), 197.0 / 192.2 us per W1 / W2 layer against 215.6 / 209.8 for the
+# f16-vpairs 128/4/2 before it and 257.1 / 250.5 for the bf16 cache (1.30x).
+FP8_DECODE_CONFIG = DecodeConfig(tile_n=128, num_warps=4, num_stages=3, order="lpt", fused_reduce=False,
+                                 fp8_path="f16-vsplit", max_registers=128)  # fmt: skip
 FP8_SPLIT_DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="head", fused_reduce=True,
                                        fp8_path="f16-vpairs")  # fmt: skip
 

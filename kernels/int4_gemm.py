@@ -406,14 +406,14 @@ def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 def int4_decode_or_prefill_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                                 group_size: int, integer_zeros: bool = True) -> torch.Tensor:  # fmt: skip
     """The shape's measured decode kernel (``pick_int4_config``: mma for M <= 16 or fma for M <= 4), else the tl.dot
-    kernel. ``integer_zeros=False``: zero points that are not whole numbers (GGUF Q4_1's ``-m / d``) skip the
-    tensor-core kernels, which subtract ``magic + z`` rounded to the dot dtype (exact for AWQ / GPTQ's 0..15 only);
-    the fma and tl.dot kernels dequantize in fp32."""
+    kernel. ``integer_zeros=False``: zero points that are not whole numbers (GGUF Q4_1's ``-m / d``) take the
+    tensor-core kernel's ``mma`` kind (an ``mms`` config becomes the ``mma`` one of the same tiles), which adds the
+    fractional part apart; the fma and tl.dot kernels dequantize in fp32."""
     config = pick_int4_config(x.shape[0], qweight.shape[0], x.shape[1], group_size)
     if config is not None and config.kind in INT4_MMA_KINDS:
-        if not integer_zeros:
-            return int4_gemm(x, qweight, scales, zeros, group_size)
-        return int4_mma_gemm(x, qweight, scales, zeros, group_size, config)
+        if not integer_zeros and config.kind != "mma":
+            config = dataclasses.replace(config, kind="mma")  # tiles within a group fit the mma kind too
+        return int4_mma_gemm(x, qweight, scales, zeros, group_size, config, integer_zeros=integer_zeros)
     if config is not None:
         return int4_fma_gemm(x, qweight, scales, zeros, group_size, config)
     return int4_gemm(x, qweight, scales, zeros, group_size)
@@ -501,16 +501,20 @@ _BF16_BODY = """
 """
 _F16_SCALED_ASM = _dequant_asm(_F16_BODY, "mul.f16x2 {out}, {reg}, $7")
 _BF16_SCALED_ASM = _dequant_asm(_BF16_BODY, "fma.rn.bf16x2 {out}, {reg}, $7, nz")
+# Fractional zero points: ``(q - zi) * s + o`` with ``o = (zi - z) * s`` ($8), one rounding.
+_F16_OFFSET_ASM = _dequant_asm(_F16_BODY, "fma.rn.f16x2 {out}, {reg}, $7, $8")
+_BF16_OFFSET_ASM = _dequant_asm(_BF16_BODY, "fma.rn.bf16x2 {out}, {reg}, $7, $8")
 _F16_UNSCALED_ASM = _dequant_asm(_F16_BODY, "mov.b32 {out}, {reg}")
 _BF16_UNSCALED_ASM = _dequant_asm(_BF16_BODY, "mov.b32 {out}, {reg}")
 
 
 @triton.jit
-def _dequant_halves(halves, magic_z, hi_z, s, DOT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr,
-                    SCALE: tl.constexpr):  # fmt: skip
+def _dequant_halves(halves, magic_z, hi_z, s, offset, DOT_DTYPE: tl.constexpr, USE_ASM: tl.constexpr,
+                    SCALE: tl.constexpr, OFFSET: tl.constexpr):  # fmt: skip
     """``[BN, E]`` int16 (four 4-bit codes each, nibble j at bits 4j) -> four ``[BN, E]`` tiles of ``(q_j - z) * s``
     (``SCALE``; else ``q_j - z``, exact) in ``DOT_DTYPE``. ``magic_z`` is ``magic + z``, ``hi_z`` is
-    ``-(magic / 16 + z)`` (fp16 only), both in DOT_DTYPE.
+    ``-(magic / 16 + z)`` (fp16 only), both in DOT_DTYPE. ``OFFSET`` (with ``SCALE``): ``(q_j - z) * s + offset``,
+    for a ``z`` that is the whole-number part of a zero point and ``offset`` the rest times ``-s``.
 
     ``USE_ASM`` (CUDA, fp16 / bf16): two int16 per 32-bit register, so each step below is one instruction per two
     weights. fp16 (Marlin's): ``lop3`` puts nibbles 0 and 1 of both halves into the mantissas of 1024.0 (nibble 1
@@ -518,7 +522,16 @@ def _dequant_halves(halves, magic_z, hi_z, s, DOT_DTYPE: tl.constexpr, USE_ASM: 
     ``sub`` / ``fma`` for the zero point and ``mul`` for the scale, all ``.f16x2``. bf16 (7 mantissa bits: every
     nibble shifted down to bits 0..3 of 128.0): three shifts, four ``lop3``, ``fma.bf16x2`` by 1 and ``-(128 + z)``
     and by the scale (+ -0.0). The fallback does the same arithmetic one element at a time."""
-    if USE_ASM:
+    if USE_ASM and OFFSET:
+        if DOT_DTYPE == tl.float16:
+            w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                asm=_F16_OFFSET_ASM, constraints="=r,=r,=r,=r,r,r,r,r,r", args=[halves, magic_z, hi_z, s, offset],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+        else:
+            w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                asm=_BF16_OFFSET_ASM, constraints="=r,=r,=r,=r,r,r,r,r,r", args=[halves, -magic_z, hi_z, s, offset],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+    elif USE_ASM:
         if DOT_DTYPE == tl.float16:
             if SCALE:
                 w0, w1, w2, w3 = tl.inline_asm_elementwise(
@@ -546,6 +559,9 @@ def _dequant_halves(halves, magic_z, hi_z, s, DOT_DTYPE: tl.constexpr, USE_ASM: 
         if SCALE:
             sf = s.to(tl.float32)
             w0, w1, w2, w3 = w0 * sf, w1 * sf, w2 * sf, w3 * sf
+        if OFFSET:
+            of = offset.to(tl.float32)
+            w0, w1, w2, w3 = w0 + of, w1 + of, w2 + of, w3 + of
         w0, w1, w2, w3 = w0.to(DOT_DTYPE), w1.to(DOT_DTYPE), w2.to(DOT_DTYPE), w3.to(DOT_DTYPE)
     else:
         w0 = _nibble_magic(halves, 0, DOT_DTYPE) - magic_z
@@ -554,6 +570,8 @@ def _dequant_halves(halves, magic_z, hi_z, s, DOT_DTYPE: tl.constexpr, USE_ASM: 
         w3 = _nibble_magic(halves, 3, DOT_DTYPE) - magic_z
         if SCALE:
             w0, w1, w2, w3 = w0 * s, w1 * s, w2 * s, w3 * s
+        if OFFSET:
+            w0, w1, w2, w3 = w0 + offset, w1 + offset, w2 + offset, w3 + offset
     return w0, w1, w2, w3
 
 
@@ -561,7 +579,7 @@ def _dequant_halves(halves, magic_z, hi_z, s, DOT_DTYPE: tl.constexpr, USE_ASM: 
 def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, tiles_per_split, stride_xm, stride_qn, stride_om,
                      stride_os, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, SCALE_AFTER: tl.constexpr,
-                     USE_ASM: tl.constexpr):  # fmt: skip
+                     USE_ASM: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr = False):  # fmt: skip
     """Program (n, split): ``out[split][:, n block] = x[:, split's K] @ W[split's K, n block]``, computed as
     ``W^T @ x^T`` so the dequantized ``[BLOCK_N, BLOCK_K]`` weight tile is the MMA's M side (64 / 128 rows: Hopper
     wgmma) and the 16 padded token rows its N side; fp32 accumulation in place across K.
@@ -575,7 +593,11 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, tiles_per_sp
 
     ``SCALE_AFTER`` (the ``mms`` kind; tiles within one group): the tile is dequantized to ``q - z`` only (exact
     small integers) and each tile's fp32 product is scaled per column before it is added up: one FMA per output
-    element and tile instead of one multiply per two weights, but a fresh MMA accumulator per tile."""
+    element and tile instead of one multiply per two weights, but a fresh MMA accumulator per tile.
+
+    ``FRACTIONAL_ZEROS`` (the ``mma`` kind; zero points that are not whole numbers, GGUF Q4_1's ``-m / d``): ``magic +
+    z`` in the dot dtype would round ``z`` to a whole number ``zi``, so the weight is ``(q - zi) * s + (zi - z) * s``,
+    the second term added by the same fused multiply-add that scales: no extra instruction."""
     HALVES: tl.constexpr = BLOCK_K // 4
     GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # groups per tile, when a tile spans several
     DOT_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -606,10 +628,19 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, tiles_per_sp
             s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE // 4)), (BLOCK_N, HALVES))
             z = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE // 4)), (BLOCK_N, HALVES))
         shape: tl.constexpr = (BLOCK_N, HALVES)
-        magic_z = tl.broadcast_to((MAGIC + z).to(DOT_DTYPE), shape)
+        magic_z = (MAGIC + z).to(DOT_DTYPE)
+        if FRACTIONAL_ZEROS:
+            tl.static_assert(not SCALE_AFTER)
+            magic_z = (MAGIC + tl.floor(z + 0.5)).to(DOT_DTYPE)
+            z_whole = magic_z.to(tl.float32) - MAGIC  # the zero point magic_z holds
+            offset = ((z_whole - z) * s).to(DOT_DTYPE)
+            z = z_whole
+        else:
+            offset = s.to(DOT_DTYPE)  # unused
         hi_z = tl.broadcast_to((-(MAGIC / 16.0) - z).to(DOT_DTYPE), shape)
-        w0, w1, w2, w3 = _dequant_halves(halves, magic_z, hi_z, tl.broadcast_to(s.to(DOT_DTYPE), shape), DOT_DTYPE,
-                                         USE_ASM, not SCALE_AFTER)
+        w0, w1, w2, w3 = _dequant_halves(halves, tl.broadcast_to(magic_z, shape), hi_z,
+                                         tl.broadcast_to(s.to(DOT_DTYPE), shape), tl.broadcast_to(offset, shape),
+                                         DOT_DTYPE, USE_ASM, not SCALE_AFTER, FRACTIONAL_ZEROS)
         # Tile column j * E + e holds nibble j of int16 e (join adds a minor dim: [BN, E, 2, 2] with [.., u, t] =
         # nibble 2u + t, moved in front of e): each 32-bit register the asm wrote is two adjacent tile columns.
         w = tl.reshape(tl.permute(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (0, 2, 3, 1)), (BLOCK_N, BLOCK_K))
@@ -634,15 +665,19 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, tiles_per_sp
 
 
 def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                  group_size: int, config: SkinnyConfig, *, split_k: int | None = None) -> torch.Tensor:  # fmt: skip
+                  group_size: int, config: SkinnyConfig, *, split_k: int | None = None,
+                  integer_zeros: bool = True) -> torch.Tensor:  # fmt: skip
     """The tensor-core decode kernel on a 2-D ``x [M <= 16, K]`` (unit column stride; fp16 / bf16, fp32 for tests)
     with an ``mma`` / ``mms`` config whose block_k (a multiple of 32) divides K and nests with the group size
-    (``mms``: divides it). ``split_k`` defaults to ``decode_launch``'s rule at the config's block_n."""
+    (``mms``: divides it). ``split_k`` defaults to ``decode_launch``'s rule at the config's block_n.
+    ``integer_zeros=False`` (zero points that are not whole numbers) needs an ``mma`` config (``FRACTIONAL_ZEROS``)."""
     m, k = x.shape
     n = qweight.shape[0]
     block_k = config.block_k
     if config.kind not in INT4_MMA_KINDS:
         raise ValueError(f"int4_mma_gemm takes an mma or mms config, got {config}")
+    if not integer_zeros and config.kind != "mma":
+        raise ValueError(f"int4_mma_gemm: zero points that are not whole numbers need an mma config, got {config}")
     if m > INT4_MMA_MAX_M:
         raise ValueError(f"int4_mma_gemm takes at most {INT4_MMA_MAX_M} rows, got {m}")
     if k % KERNEL_K_BLOCK:
@@ -669,7 +704,7 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         x, halves, scales, zeros, out, m, n, k, k_per_split // block_k, x.stride(0), halves.stride(0), n,
         out.stride(0) if split_k > 1 else 0, GROUP_SIZE=group_size, BLOCK_M=16, BLOCK_N=config.block_n,
         BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], SCALE_AFTER=config.kind == "mms",
-        USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES,
+        USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES, FRACTIONAL_ZEROS=not integer_zeros,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out if split_k == 1 else out.sum(0).to(x.dtype)

@@ -154,7 +154,7 @@ def test_q4_1_constant_blocks_and_unfit_scales():
 @pytest.mark.parametrize("ggml_type", [2, 3], ids=["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("m", [1, 20])
 def test_q4_repacked_runs_on_the_int4_tl_dot_kernel(ggml_type, m):
-    """The int4 tl.dot kernel (the path Q4_1 takes for every M, Q4_0 past the decode kernels) on a repacked weight,
+    """The int4 tl.dot kernel (the path Q4_0 and Q4_1 take past the decode kernels) on a repacked weight,
     group 32, fractional zero points (Q4_1), against the GGUF reference; fp16 activations (interpreted on CPU)."""
     n, k = 40, 128
     raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=5 * m + ggml_type)).to(KERNEL_DEVICE)
@@ -165,20 +165,22 @@ def test_q4_repacked_runs_on_the_int4_tl_dot_kernel(ggml_type, m):
     assert (out.float() - expected).abs().max().item() <= 3e-3 * expected.abs().max().item() + 3e-3
 
 
-def test_fractional_zero_points_skip_the_tensor_core_kernel(monkeypatch):
-    """``integer_zeros=False`` (Q4_1): a shape whose measured decode kernel is the tensor-core one (which rounds
-    ``magic + z`` to the dot dtype) runs the tl.dot kernel instead; whole-number zeros keep it."""
+def test_fractional_zero_points_take_the_mma_kind(monkeypatch):
+    """``integer_zeros=False`` (Q4_1): a shape whose measured decode kernel is the tensor-core kernel runs its ``mma``
+    kind (which adds the zero point's fractional part apart), an ``mms`` config as the ``mma`` one of the same
+    tiles; whole-number zeros keep the table's config."""
     import kernels.int4_gemm as module
 
     calls = []
-    monkeypatch.setattr(module, "int4_mma_gemm", lambda *args, **kwargs: calls.append("mma"))
-    monkeypatch.setattr(module, "int4_gemm", lambda *args, **kwargs: calls.append("dot"))
+    monkeypatch.setattr(module, "int4_mma_gemm",
+                        lambda *args, **kwargs: calls.append((args[5].kind, args[5].block_k, kwargs["integer_zeros"])))
     x = torch.zeros(1, 4096)
-    qweight, scales = torch.zeros(6144, 512, dtype=torch.int32), torch.zeros(128, 6144)
-    assert module.pick_int4_config(1, 6144, 4096, 32).kind in module.INT4_MMA_KINDS
-    module.int4_decode_or_prefill_gemm(x, qweight, scales, scales, 32, integer_zeros=True)
-    module.int4_decode_or_prefill_gemm(x, qweight, scales, scales, 32, integer_zeros=False)
-    assert calls == ["mma", "dot"]
+    config = module.pick_int4_config(1, 6144, 4096, 128)  # a measured mms entry (group 128)
+    assert config.kind == "mms"
+    qweight, scales = torch.zeros(6144, 512, dtype=torch.int32), torch.zeros(32, 6144)
+    module.int4_decode_or_prefill_gemm(x, qweight, scales, scales, 128, integer_zeros=True)
+    module.int4_decode_or_prefill_gemm(x, qweight, scales, scales, 128, integer_zeros=False)
+    assert calls == [("mms", config.block_k, True), ("mma", config.block_k, False)]
 
 
 @pytest.mark.gpu
@@ -186,10 +188,14 @@ def test_fractional_zero_points_skip_the_tensor_core_kernel(monkeypatch):
 @pytest.mark.parametrize("ggml_type", [2, 3], ids=["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("m", [1, 4, 16, 100])
 def test_q4_repacked_int4_kernels_match_gguf_reference(ggml_type, m):
-    """The int4 kernels the GGUF layer calls (Q4_0: the tensor-core decode kernel too; Q4_1: fma / tl.dot) on a
-    repacked Q4 weight at Llama-like shapes against the GGUF reference, bf16 activations."""
+    """The int4 kernels the GGUF layer calls (the tensor-core decode kernel up to 16 rows: Q4_0's whole-number zeros
+    in the weight, Q4_1's fractional ones after each tile's product; tl.dot past it) on a repacked Q4 weight at
+    Llama-like shapes against the GGUF reference, bf16 activations."""
     n, k = 1536, 2048
-    raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=m, scale=2e-3)).cuda()
+    blocks = random_blocks(ggml_type, n, k, seed=m, scale=2e-3).reshape(n, k // 32, -1)
+    if ggml_type == 3:  # a d that rounded to 0 makes a constant block, whose quants ggml writes as 0
+        blocks[(blocks[..., 0:2].view(np.float16)[..., 0] == 0), 4:] = 0
+    raw = torch.from_numpy(blocks.reshape(n, -1)).cuda()
     codes, scales, zeros = q4_blocks_as_int4(raw, ggml_type, k, torch.bfloat16)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     out = int4_linear(x, pack_int4_kernel(codes), scales, zeros, 32, integer_zeros=ggml_type == 2)

@@ -207,6 +207,29 @@ def test_int4_mma_kernel_matches_reference(m, n, k, group, config, split_k, dtyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m, n, k, group, config, split_k", [
+    (1, 64, 128, 32, "mma:64x32:w4:s1", 1),  # GGUF Q4's group 32, one tile per group
+    (5, 100, 256, 32, "mma:64x128:w4:s2", 2),  # tiles of four groups, ragged N, split K
+    (16, 130, 256, 64, "mma:128x32:w4:s1", None),  # half-group tiles
+])
+def test_int4_mma_kernel_fractional_zero_points(m, n, k, group, config, split_k, dtype):
+    """Zero points that are not whole numbers (GGUF Q4_1's ``-m / d``, any real): the mma kind with
+    ``integer_zeros=False`` adds their fractional part apart, against the reference; the mms kind is refused."""
+    gen = torch.Generator().manual_seed(m * 100 + n + k)
+    q, _, scales, _ = random_int4(k, n, group, gen)
+    zeros = torch.empty(k // group, n).uniform_(-20.0, 20.0, generator=gen)
+    x = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    args = (pack_int4_kernel(q), scales.to(dtype), zeros.to(dtype))
+    out = int4_mma_gemm(x.to(dtype).to(KERNEL_DEVICE), *(a.to(KERNEL_DEVICE) for a in args), group,
+                        SkinnyConfig.parse(config), split_k=split_k, integer_zeros=False)
+    reference = int4_linear_ref(x.to(dtype).double(), args[0], args[1].double(), args[2].double(), group)
+    assert_close(out, reference, TOLERANCE[dtype], f"int4 mma fractional zeros {m}x{n}x{k} g{group} {dtype}")
+    with pytest.raises(ValueError, match="need an mma config"):
+        int4_mma_gemm(x.to(dtype).to(KERNEL_DEVICE), *(a.to(KERNEL_DEVICE) for a in args), group,
+                      SkinnyConfig.parse("mms:64x32:w4:s1"), integer_zeros=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_int4_mma_act_order(dtype):
     """GPTQ act-order through the mma kernel: rows sorted by group, x's columns gathered by the permutation."""
     k, n, group = 256, 64, 64
@@ -280,36 +303,43 @@ def test_int4_mma_dispatch_only_where_a_table_entry_names_it(monkeypatch):
 
 
 @triton.jit
-def _dequant_test_kernel(h_ptr, z_ptr, s_ptr, out_ptr, E: tl.constexpr, MAGIC: tl.constexpr, USE_ASM: tl.constexpr,
-                         SCALE: tl.constexpr):  # fmt: skip
+def _dequant_test_kernel(h_ptr, z_ptr, s_ptr, o_ptr, out_ptr, E: tl.constexpr, MAGIC: tl.constexpr,
+                         USE_ASM: tl.constexpr, SCALE: tl.constexpr, OFFSET: tl.constexpr):  # fmt: skip
     rows = tl.arange(0, 16)
     offs = rows[:, None] * E + tl.arange(0, E)[None, :]
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     z = tl.load(z_ptr + offs).to(tl.float32)
     w = _dequant_halves(tl.load(h_ptr + offs), (MAGIC + z).to(dtype), (-(MAGIC / 16.0) - z).to(dtype),
-                        tl.load(s_ptr + offs), dtype, USE_ASM, SCALE)
+                        tl.load(s_ptr + offs), tl.load(o_ptr + offs), dtype, USE_ASM, SCALE, OFFSET)
     for j in tl.static_range(4):
         tl.store(out_ptr + j * 16 * E + offs, w[j])
 
 
-@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("mode", ["scale", "exact", "offset"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_magic_number_dequantization(dtype, scale):
+def test_magic_number_dequantization(dtype, mode):
     """Each nibble of each int16 becomes ``(q - z) * s`` rounded once to the dtype (bf16 included: no tl.dot here;
-    without ``scale``: ``q - z`` exactly), on the GPU through the packed-half2 PTX (fp16 / bf16), in the interpreter
-    through the plain bit ops."""
+    ``exact``: ``q - z`` exactly; ``offset``: ``(q - z) * s + o``, the fractional zero points' form, to the dtype's
+    rounding), on the GPU through the packed-half2 PTX (fp16 / bf16), in the interpreter through the plain bit ops."""
     from kernels.int4_gemm import _MAGIC_VALUES
 
     gen = torch.Generator().manual_seed(5)
     halves = torch.randint(-(2**15), 2**15, (16, 32), generator=gen, dtype=torch.int32).to(torch.int16)
     zeros = torch.randint(0, 17, (16, 32), generator=gen).to(dtype)
     scales = (torch.rand(16, 32, generator=gen) * 0.02 + 0.001).to(dtype)
+    offsets = ((torch.rand(16, 32, generator=gen) - 0.5) * scales.float()).to(dtype)  # (zi - z) * s, |zi - z| <= 1/2
     out = torch.empty(4, 16, 32, dtype=dtype, device=KERNEL_DEVICE)
-    _dequant_test_kernel[(1,)](halves.to(KERNEL_DEVICE), zeros.to(KERNEL_DEVICE), scales.to(KERNEL_DEVICE), out,
-                               E=32, MAGIC=_MAGIC_VALUES[dtype], SCALE=scale,
+    _dequant_test_kernel[(1,)](halves.to(KERNEL_DEVICE), zeros.to(KERNEL_DEVICE), scales.to(KERNEL_DEVICE),
+                               offsets.to(KERNEL_DEVICE), out, E=32, MAGIC=_MAGIC_VALUES[dtype],
+                               SCALE=mode != "exact", OFFSET=mode == "offset",
                                USE_ASM=KERNEL_DEVICE == "cuda" and dtype != torch.float32)  # fmt: skip
     codes = torch.stack([(halves.int() >> (4 * j)) & 0xF for j in range(4)])
-    exact = (codes.double() - zeros.double()) * (scales.double() if scale else 1.0)  # exact in fp32
+    exact = (codes.double() - zeros.double()) * (scales.double() if mode != "exact" else 1.0)  # exact in fp32
+    if mode == "offset":  # one rounding on the GPU (fma), up to two in the interpreter
+        exact = exact + offsets.double()
+        tolerance = 2 * torch.finfo(dtype).eps * exact.abs() + torch.finfo(dtype).tiny
+        assert ((out.cpu().double() - exact).abs() <= tolerance).all()
+        return
     expected = exact.to(dtype)
     if dtype == torch.bfloat16 and KERNEL_DEVICE == "cpu":  # the interpreter truncates fp32 -> bf16
         truncated = (exact.float().view(torch.int32) & -65536).view(torch.float32).to(dtype)

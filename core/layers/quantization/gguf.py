@@ -11,9 +11,9 @@ Q4_0 and Q4_1 linear weights are 4-bit codes with one scale (Q4_1: and one min) 
 int4 form with group size 32: after loading they are repacked once into the int4 kernels' layout
 (``kernels/gguf_gemm.py: q4_blocks_as_int4``, ``kernels/int4_gemm.py``; the same bytes for Q4_1, 11% more for
 Q4_0), so they run on the int4 decode and prefill kernels instead of the block GEMM (H200: 1.8-2x bf16's time at
-M = 1, 7-8x at M = 4, more for larger batches): Q4_0 (zero point 8) on all of them, the tensor-core decode kernel
-included; Q4_1 (zero point ``-m / d``, not a whole number) on the fp32-dequantizing fma and tl.dot kernels only.
-Not yet timed on the GPU. A layer whose blocks do not fit that form (see ``q4_blocks_as_int4``) keeps its blocks.
+M = 1, 7-8x at M = 4, more for larger batches). Up to 16 rows that is the tensor-core decode kernel: Q4_0's zero
+point 8 inside the weight, Q4_1's ``-m / d`` (not a whole number) applied to each tile's fp32 product (its ``mms``
+kind); tl.dot past it. A layer whose blocks do not fit that form (see ``q4_blocks_as_int4``) keeps its blocks.
 The other types, the embedding and the LM head stay in their blocks, and so does everything on CPU (there both paths
 dequantize in torch).
 
@@ -160,7 +160,7 @@ class GGUFLinearMethod(LinearMethod):
             repack_for_int4_kernels(layer, self.ggml_type)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if hasattr(layer, "qweight"):  # Q4_1's zeros -m / d are not whole numbers: no tensor-core int4 kernel
+        if hasattr(layer, "qweight"):  # Q4_1's zeros -m / d are not whole numbers: the kernels apply them apart
             return int4_linear(x, layer.qweight, layer.scales, layer.zeros, self.INT4_GROUP, None, bias,
                                backend=layer.backend, integer_zeros=self.ggml_type == Q4_0)
         return gguf_linear(x, layer.weight, self.ggml_type, bias, backend=layer.backend)
