@@ -11,6 +11,7 @@ can reach: at M = 1 a decode step is these four GEMMs per layer.
     python benchmarks/bench_quant_gemm.py --sweep --m 1   # M = 1 only (W3's decode step)
     python benchmarks/bench_quant_gemm.py --smoke [--sweep]   # tiny shapes on CPU (Triton interpreter)
     python benchmarks/bench_quant_gemm.py --sweep-dot --m 1 4 16   # + every tl.dot decode launch config
+    python benchmarks/bench_quant_gemm.py --formats int4 --m 16 32 64 128 256 1024   # int4's dequant crossover
 
 ``--sweep`` times the CUDA-core fma kernels (``fp8_fma_gemm``, ``int4_fma_gemm``) at each candidate config for
 M = 1, 2, 4 (``--m`` up to 16: fma configs run to M = 4), fp8 also the W8A8 tensor-core kernel's ``mma`` configs
@@ -147,6 +148,7 @@ def candidates(m: int, weights: dict[str, list]) -> dict[str, tuple[Callable, st
         runs["fp8 quant+_scaled_mm"] = (lambda i, x: _scaled_mm_path(x, *weights["fp8"][i]), "fp8")
     runs["int4 triton (w4a16)"] = (lambda i, x: int4_gemm(x, *weights["int4"][i], GROUP), "int4")
     runs["int4 dispatch"] = (lambda i, x: i4.int4_decode_or_prefill_gemm(x, *weights["int4"][i], GROUP), "int4")
+    runs["int4 dequant+cuBLAS"] = (lambda i, x: i4.int4_dequant_gemm(x, *weights["int4"][i], GROUP), "int4")
     return runs
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -403,12 +404,77 @@ def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     return out
 
 
+# ------------------------------------------------------- many rows: dequantize once, then the dense GEMM (cuBLAS)
+
+# From this many rows on, the weight is dequantized into a scratch buffer and multiplied by cuBLAS: at prefill sizes
+# the tl.dot kernel (which dequantizes every tile once per 64 rows of x) takes ~5x bf16's time (H200, Llama-8B
+# shapes, M = 256: 1,119 us per layer against 176), while dequantizing costs one pass over the int4 weight and one
+# write of the dense one. vLLM's AWQ path makes the same switch (at 256 rows). Measured crossover:
+# ``benchmarks/bench_quant_gemm.py --int4-rows``.
+INT4_DEQUANT_MIN_M = 128
+
+
+@triton.jit
+def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, GROUP_SIZE: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Program (n, k): the ``[BLOCK_N, BLOCK_K]`` block of ``W^T`` (``out [N, K]``, x's dtype, row-major: the
+    layout ``F.linear`` hands cuBLAS) from the kernel layout; a block lies within one group."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    k0 = pid_k * BLOCK_K
+    words = tl.load(qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :],
+                    mask=n_mask[:, None], other=0)  # [BLOCK_N, BLOCK_K / 8]
+    q = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # [.., word 4c + r, nibble i]
+    # nibble i of word 4c + r is input row 32c + 4i + r: [n, c, r, i] -> [n, c, i, r] puts the rows in order
+    q = tl.reshape(tl.permute(tl.reshape(q, (BLOCK_N, BLOCK_K // 32, 4, 8)), (0, 1, 3, 2)), (BLOCK_N, BLOCK_K))
+    group = k0 // GROUP_SIZE
+    s = tl.load(s_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    w = (q.to(tl.float32) - z[:, None]) * s[:, None]
+    out_ptrs = out_ptr + offs_n[:, None].to(tl.int64) * K + (k0 + tl.arange(0, BLOCK_K))[None, :]
+    tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
+
+
+_DEQUANT_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def dequantize_int4_into_scratch(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                                 dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """``W^T`` ``[N, K]`` in ``dtype``, in a buffer shared by every layer on the device (grown to the largest
+    layer, by the engine's profile run before its memory is measured and before CUDA graphs are captured, so its
+    address is fixed there): layers run one after another on one stream, so one buffer is enough."""
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    key = (qweight.device, dtype)
+    buffer = _DEQUANT_SCRATCH.get(key)
+    if buffer is None or buffer.numel() < n * k:
+        buffer = _DEQUANT_SCRATCH[key] = torch.empty(n * k, dtype=dtype, device=qweight.device)
+    out = buffer[: n * k].view(n, k)
+    block_k = _block_k(k, group_size, 128)
+    block_n = 32
+    _int4_dequant_kernel[(triton.cdiv(n, block_n), k // block_k)](
+        qweight, scales, zeros, out, n, k, qweight.stride(0), GROUP_SIZE=group_size, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=4)  # fmt: skip
+    return out
+
+
+def int4_dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int) -> torch.Tensor:  # fmt: skip
+    """``x @ W`` for many rows: the weight dequantized once (:func:`dequantize_int4_into_scratch`), then the dense
+    GEMM."""
+    return F.linear(x, dequantize_int4_into_scratch(qweight, scales, zeros, group_size, x.dtype))
+
+
 def int4_decode_or_prefill_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                                 group_size: int, integer_zeros: bool = True) -> torch.Tensor:  # fmt: skip
-    """The shape's measured decode kernel (``pick_int4_config``: mma for M <= 16 or fma for M <= 4), else the tl.dot
-    kernel. ``integer_zeros=False``: zero points that are not whole numbers (GGUF Q4_1's ``-m / d``) take the
-    tensor-core kernel's ``mma`` kind (an ``mms`` config becomes the ``mma`` one of the same tiles), which adds the
-    fractional part apart; the fma and tl.dot kernels dequantize in fp32."""
+    """The shape's measured decode kernel (``pick_int4_config``: mma for M <= 16 or fma for M <= 4), the dequantized
+    weight through cuBLAS from ``INT4_DEQUANT_MIN_M`` rows on (CUDA), else the tl.dot kernel.
+    ``integer_zeros=False``: zero points that are not whole numbers (GGUF Q4_1's ``-m / d``) take the tensor-core
+    kernel's ``mma`` kind (an ``mms`` config becomes the ``mma`` one of the same tiles), which adds the fractional
+    part apart; the other kernels dequantize in fp32."""
+    if x.shape[0] >= INT4_DEQUANT_MIN_M and x.is_cuda:
+        return int4_dequant_gemm(x, qweight, scales, zeros, group_size)
     config = pick_int4_config(x.shape[0], qweight.shape[0], x.shape[1], group_size)
     if config is not None and config.kind in INT4_MMA_KINDS:
         if not integer_zeros and config.kind != "mma":

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from kernels.int4_gemm import (AWQ_ORDER, INT4_DEFAULT_CONFIGS, _dequant_halves, dequantize_int4,
-                               int4_decode_or_prefill_gemm, int4_fma_gemm, int4_gemm, int4_linear, int4_linear_ref,
-                               int4_mma_gemm, pack_int4_columns,
+                               int4_decode_or_prefill_gemm, int4_dequant_gemm, int4_fma_gemm, int4_gemm, int4_linear,
+                               int4_linear_ref, int4_mma_gemm, pack_int4_columns,
                                pack_int4_kernel, pack_int4_rows, pick_int4_config, unpack_int4_columns,
                                unpack_int4_kernel, unpack_int4_rows)
 from kernels.skinny_gemm import SkinnyConfig
@@ -227,6 +227,40 @@ def test_int4_mma_kernel_fractional_zero_points(m, n, k, group, config, split_k,
     with pytest.raises(ValueError, match="need an mma config"):
         int4_mma_gemm(x.to(dtype).to(KERNEL_DEVICE), *(a.to(KERNEL_DEVICE) for a in args), group,
                       SkinnyConfig.parse("mms:64x32:w4:s1"), integer_zeros=False)
+
+
+def test_int4_dequant_gemm_matches_reference():
+    """Many rows: the weight dequantized into the shared scratch buffer, then the dense GEMM; a larger layer grows
+    the buffer, a smaller one after it reuses it (group 32 with fractional zero points, group 128, one group)."""
+    gen = torch.Generator().manual_seed(3)
+    for m, n, k, group in [(20, 40, 64, 32), (33, 72, 256, 128), (5, 24, 96, 96)]:
+        q, zeros, scales, _ = random_int4(k, n, group, gen)
+        if group == 32:
+            zeros = zeros + torch.rand(zeros.shape, generator=gen)  # GGUF Q4_1's -m / d
+        args = (pack_int4_kernel(q), scales.to(torch.float16), zeros.to(torch.float16))
+        x = torch.randn(m, k, generator=gen).to(torch.float16)
+        out = int4_dequant_gemm(x.to(KERNEL_DEVICE), *(a.to(KERNEL_DEVICE) for a in args), group)
+        assert out.shape == (m, n) and out.dtype == torch.float16
+        reference = int4_linear_ref(x.double(), args[0], args[1].double(), args[2].double(), group)
+        assert_close(out, reference, TOLERANCE[torch.float16], f"int4 dequant+GEMM {m}x{n}x{k} g{group}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [128, 1000])
+def test_int4_linear_gpu_dequantizes_for_many_rows(m):
+    """From ``INT4_DEQUANT_MIN_M`` rows the dispatcher dequantizes and calls cuBLAS; group 32 with fractional zero
+    points (GGUF Q4_1) at a Llama shape against the reference."""
+    from kernels.int4_gemm import INT4_DEQUANT_MIN_M
+
+    assert m >= INT4_DEQUANT_MIN_M
+    gen = torch.Generator().manual_seed(m)
+    n, k, group = 4096, 14336, 32
+    q, zeros, scales, _ = random_int4(k, n, group, gen)
+    zeros = zeros + torch.rand(zeros.shape, generator=gen)
+    args = (pack_int4_kernel(q).cuda(), (scales * 0.1).bfloat16().cuda(), zeros.bfloat16().cuda())
+    x = torch.randn(m, k, generator=gen).bfloat16().cuda()
+    out = int4_linear(x, *args, group, integer_zeros=False)
+    assert_close(out, int4_linear_ref(x, *args, group).float(), 1e-2, f"int4 dequant m={m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
