@@ -406,12 +406,13 @@ def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 # ------------------------------------------------------- many rows: dequantize once, then the dense GEMM (cuBLAS)
 
-# From this many rows on, the weight is dequantized into a scratch buffer and multiplied by cuBLAS: at prefill sizes
-# the tl.dot kernel (which dequantizes every tile once per 64 rows of x) takes ~5x bf16's time (H200, Llama-8B
-# shapes, M = 256: 1,119 us per layer against 176), while dequantizing costs one pass over the int4 weight and one
-# write of the dense one. vLLM's AWQ path makes the same switch (at 256 rows). Measured crossover:
-# ``benchmarks/bench_quant_gemm.py --int4-rows``.
-INT4_DEQUANT_MIN_M = 128
+# Past the tensor-core decode kernel's 16 rows, the weight is dequantized into a scratch buffer and multiplied by
+# cuBLAS. H200, Llama-8B shapes (2026-12-02, `benchmarks/bench_quant_gemm.py --m 16 32 64 128 256 1024`, group 128),
+# us per layer (qkv + o + gate_up + down), tl.dot kernel against dequantize + cuBLAS: M = 32 442 / 305, M = 64
+# 446 / 310, M = 256 ~1,100 / ~350 (bf16 ~176): the tl.dot kernel's [64, 128] tiles leave most SMs idle on the
+# narrow layers (down_proj: 32 programs, 229 us against 83), and past ~128 rows it dequantizes each tile again per
+# 64 rows. Only gate_up is faster on tl.dot below 128 rows (94 against 162 us). vLLM's AWQ makes the same switch.
+INT4_DEQUANT_MIN_M = INT4_MMA_MAX_M + 1
 
 
 @triton.jit
