@@ -8,7 +8,7 @@ consecutive words are four consecutive elements (one 8-byte load), not four scat
 scales[k // group, n]``. A ``perm`` (GPTQ act-order) gathers x's columns first: the rows were sorted by group at load.
 ``core/layers/quantization/int4.py`` repacks AWQ and GPTQ checkpoints into this layout; K must be a multiple of 32.
 
-Three kernels:
+Four paths:
 
 - ``fma`` (M <= 4, CUDA cores), the int4 twin of ``kernels/skinny_gemm.py``'s: each program owns ``block_n``
   columns and walks K in ``block_k`` tiles spanning any number of groups, the next tile's words (and its group
@@ -27,7 +27,10 @@ Three kernels:
   as packed half2 ops (inline PTX; plain bit ops under the interpreter), fp32 accumulation in place across K.
   ``mms``: the same kernel feeding ``q - z`` (exact) to the MMA and scaling each tile's fp32 product per column
   (tiles within one group; ~11% fewer loop instructions). ``benchmarks/int4_gemm_sass.py`` counts their loops
-  against the fma kernel's offline.
+  against the fma kernel's offline. Zero points that are not whole numbers (GGUF Q4_1) take the ``mma`` kind with
+  ``FRACTIONAL_ZEROS``.
+- dequantize + cuBLAS (more than 16 rows, CUDA): ``_int4_dequant_kernel`` writes the dense weight into a scratch
+  buffer shared by all layers, then ``F.linear`` (``INT4_DEQUANT_MIN_M``).
 
 ``int4_linear_ref`` (unpack, dequantize, fp32 matmul) is the reference and the CPU path.
 """
