@@ -410,11 +410,12 @@ def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 # ------------------------------------------------------- many rows: dequantize once, then the dense GEMM (cuBLAS)
 
 # Past the tensor-core decode kernel's 16 rows, the weight is dequantized into a scratch buffer and multiplied by
-# cuBLAS. H200, Llama-8B shapes (2026-12-02, `benchmarks/bench_quant_gemm.py --m 16 32 64 128 256 1024`, group 128),
-# us per layer (qkv + o + gate_up + down), tl.dot kernel against dequantize + cuBLAS: M = 32 442 / 305, M = 64
-# 446 / 310, M = 256 ~1,100 / ~350 (bf16 ~176): the tl.dot kernel's [64, 128] tiles leave most SMs idle on the
-# narrow layers (down_proj: 32 programs, 229 us against 83), and past ~128 rows it dequantizes each tile again per
-# 64 rows. Only gate_up is faster on tl.dot below 128 rows (94 against 162 us). vLLM's AWQ makes the same switch.
+# cuBLAS. H200, Llama-8B shapes (2026-12-02, `benchmarks/bench_quant_gemm.py --m 16 32 64 128 256 1024`, group
+# 128), us per layer (qkv + o + gate_up + down), the tl.dot kernel against dequantize + cuBLAS (bf16 cuBLAS): M = 32
+# 442 / 304 (120), M = 64 446 / 310 (127), M = 256 715 / 360 (178), M = 1024 2,300 / 740 (571). The tl.dot kernel's
+# [64, 128] tiles leave most SMs idle on the narrow layers (down_proj: 32 programs, 229 us against 83), and it
+# dequantizes each tile again per 64 rows. Only gate_up is faster on tl.dot below 128 rows (94 against 162 us).
+# vLLM's AWQ makes the same switch.
 INT4_DEQUANT_MIN_M = INT4_MMA_MAX_M + 1
 
 
