@@ -47,7 +47,8 @@ def compile_mma(config: SkinnyConfig, dtype: str = "bf16"):
     pointers = {"x_ptr": f"*{dtype}", "qh_ptr": "*i16", "s_ptr": f"*{dtype}", "z_ptr": f"*{dtype}",
                 "out_ptr": f"*{dtype}"}  # fmt: skip
     constexprs = dict(GROUP_SIZE=GROUP, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                      MAGIC=MAGIC[dtype], SCALE_AFTER=config.kind == "mms", USE_ASM=True)  # fmt: skip
+                      MAGIC=MAGIC[dtype], SCALE_AFTER=config.kind == "mms", USE_ASM=True,
+                      FRACTIONAL_ZEROS=False)  # fmt: skip
     return compile_sm90(int4_gemm._int4_mma_kernel, pointers, set(), constexprs, config.num_warps, config.num_stages,
                         divisible_ints={"K"})  # fmt: skip
 
