@@ -12,6 +12,7 @@ can reach: at M = 1 a decode step is these four GEMMs per layer.
     python benchmarks/bench_quant_gemm.py --smoke [--sweep]   # tiny shapes on CPU (Triton interpreter)
     python benchmarks/bench_quant_gemm.py --sweep-dot --m 1 4 16   # + every tl.dot decode launch config
     python benchmarks/bench_quant_gemm.py --formats int4 --m 16 32 64 128 256 1024   # int4's dequant crossover
+    python benchmarks/bench_quant_gemm.py --sweep --m 1 --split-k 1 2 4 8   # + fixed K splits of the mma configs
 
 ``--sweep`` times the CUDA-core fma kernels (``fp8_fma_gemm``, ``int4_fma_gemm``) at each candidate config for
 M = 1, 2, 4 (``--m`` up to 16: fma configs run to M = 4), fp8 also the W8A8 tensor-core kernel's ``mma`` configs
@@ -30,6 +31,7 @@ block_n x block_k x split_k x num_warps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -58,6 +60,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--m", type=int, nargs="+", default=None, help="the M values (rows) to time")
     p.add_argument("--sweep", action="store_true", help="sweep the fma decode kernels' configs at M = 1, 2, 4 (only)")
     p.add_argument("--sweep-dot", action="store_true", help="also sweep the tl.dot decode kernels' launch configs")
+    p.add_argument("--split-k", type=int, nargs="+", default=[], metavar="S",
+                   help="--sweep: also time each tensor-core candidate at these fixed K splits (label suffix :kS)")
     p.add_argument("--formats", nargs="+", choices=("fp8", "int4"), default=["fp8", "int4"],
                    help="--sweep: the quantized formats to sweep (bf16 skinny always runs, as the yardstick)")
     return p.parse_args()
@@ -269,9 +273,8 @@ def sweep_calls(fmt: str, weights: list, k: int, out_dtype: torch.dtype | None =
         for text in SMOKE_FP8_CANDIDATES if ARGS.smoke else FP8_CANDIDATES:
             config = SkinnyConfig.parse(text)
             calls[text] = lambda i, x, c=config: fp8.fp8_fma_gemm(x, *weights[i], c)
-        for text in SMOKE_FP8_MMA_CANDIDATES if ARGS.smoke else FP8_MMA_CANDIDATES:
-            config = SkinnyConfig.parse(text)
-            calls[text] = lambda i, x, c=config: fp8.fp8_mma_gemm(x, *weights[i], c)
+        for config in with_splits(SMOKE_FP8_MMA_CANDIDATES if ARGS.smoke else FP8_MMA_CANDIDATES, k):
+            calls[str(config)] = lambda i, x, c=config: fp8.fp8_mma_gemm(x, *weights[i], c)
         if DEVICE == "cuda" and fp8.fp8_supported(torch.device(DEVICE)):
             calls[SCALED_MM_LABEL] = lambda i, x: _scaled_mm_padded(x, *weights[i])
         return calls
@@ -280,11 +283,20 @@ def sweep_calls(fmt: str, weights: list, k: int, out_dtype: torch.dtype | None =
         config = SkinnyConfig.parse(text)
         if i4._fit_block_k(config, k, GROUP) == config:  # block_k divides K (14336 = 7 * 2048)
             calls[text] = lambda i, x, c=config: i4.int4_fma_gemm(x, *weights[i], GROUP, c)
-    for text in SMOKE_INT4_MMA_CANDIDATES if ARGS.smoke else INT4_MMA_CANDIDATES:
-        config = SkinnyConfig.parse(text)
+    for config in with_splits(SMOKE_INT4_MMA_CANDIDATES if ARGS.smoke else INT4_MMA_CANDIDATES, k):
         if i4._fit_block_k(config, k, GROUP) == config:
-            calls[text] = lambda i, x, c=config: i4.int4_mma_gemm(x, *weights[i], GROUP, c)
+            calls[str(config)] = lambda i, x, c=config: i4.int4_mma_gemm(x, *weights[i], GROUP, c)
     return calls
+
+
+def with_splits(texts: list[str], k: int) -> list[SkinnyConfig]:
+    """The tensor-core candidates, each also at every ``--split-k`` value its K has tiles for (``:kS`` configs)."""
+    configs = []
+    for text in texts:
+        config = SkinnyConfig.parse(text)
+        configs.append(config)
+        configs += [dataclasses.replace(config, split_k=s) for s in ARGS.split_k if 1 <= s <= k // config.block_k]
+    return configs
 
 
 def _scaled_mm_padded(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -409,6 +421,21 @@ def decode_sweep() -> int:
     return 0
 
 
+def split_lines(times: dict[str, float]) -> list[str]:
+    """With ``--split-k``: per tensor-core kind, its best config's time at the default split rule and at each fixed
+    split, so a sweep shows what the splits buy."""
+    lines = []
+    for kind in ("mma", "mmq", "mms"):
+        base = {label: ms for label, ms in times.items() if label.startswith(kind) and ":k" not in label}
+        if not ARGS.split_k or not base:
+            continue
+        best = min(base, key=base.get)
+        parts = [f"rule {base[best] * 1e3:.1f} us"]
+        parts += [f"k{s} {times[f'{best}:k{s}'] * 1e3:.1f} us" for s in ARGS.split_k if f"{best}:k{s}" in times]
+        lines.append(f"{best} by K split: " + ", ".join(parts))
+    return lines
+
+
 def _best_fma(times: dict[str, float], kinds: tuple[str, ...] = ("fma",)) -> tuple[str, float] | None:
     fma = [(ms, label) for label, ms in times.items() if label.startswith(kinds)]
     return (min(fma)[1], min(fma)[0]) if fma else None
@@ -447,6 +474,8 @@ def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: lis
                     if SCALED_MM_LABEL in times:
                         side.append(f"{SCALED_MM_LABEL} {rate(fmt, n, k, times[SCALED_MM_LABEL])}")
                     print(f"{'':>13}       " + " | ".join(side))
+                    for line in split_lines(times):
+                        print(f"{'':>13}       {line}")
 
     for fmt, table, defaults in (("fp8", "FP8_SKINNY_CONFIGS", "FP8_DEFAULT_CONFIGS"),
                                  ("int4", "INT4_SKINNY_CONFIGS", "INT4_DEFAULT_CONFIGS")):

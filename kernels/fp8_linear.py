@@ -427,8 +427,8 @@ def fp8_mma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     """W8A8 decode GEMM: ``x [M <= 16, K]`` quantized per token (or with the static ``input_scale``) to e4m3, then
     ``xq @ weight^T`` on the fp8 tensor cores, scaled per token and per channel; x's dtype out. Same numerics as
     :func:`fp8_linear_ref` (and the prefill ``_scaled_mm`` path). ``mma``: quantization by
-    :func:`quantize_activations_triton` first; ``mmq``: inside the GEMM kernel. ``split_k`` defaults to
-    :func:`mma_split_k`. ``x``: rows with unit column stride."""
+    :func:`quantize_activations_triton` first; ``mmq``: inside the GEMM kernel. ``split_k`` defaults to the
+    config's, else :func:`mma_split_k`. ``x``: rows with unit column stride."""
     if config.kind not in MMA_KINDS:
         raise ValueError(f"fp8_mma_gemm takes an mma or mmq config, got {config}")
     m, k = x.shape
@@ -465,7 +465,7 @@ def _launch_mma(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, we
     if bits.stride(1) != 1:
         bits = bits.contiguous()
     if split_k is None:
-        split_k = mma_split_k(n, k, config, x.device.index if x.is_cuda else None)
+        split_k = config.split_k or mma_split_k(n, k, config, x.device.index if x.is_cuda else None)
     k_blocks = triton.cdiv(k, config.block_k)
     k_per_split = triton.cdiv(k_blocks, max(1, split_k)) * config.block_k
     split_k = triton.cdiv(k, k_per_split)

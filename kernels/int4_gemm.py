@@ -740,7 +740,7 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                   integer_zeros: bool = True) -> torch.Tensor:  # fmt: skip
     """The tensor-core decode kernel on a 2-D ``x [M <= 16, K]`` (unit column stride; fp16 / bf16, fp32 for tests)
     with an ``mma`` / ``mms`` config whose block_k (a multiple of 32) divides K and nests with the group size
-    (``mms``: divides it). ``split_k`` defaults to ``decode_launch``'s rule at the config's block_n.
+    (``mms``: divides it). ``split_k`` defaults to the config's, else ``decode_launch``'s rule at its block_n.
     ``integer_zeros=False`` (zero points that are not whole numbers) needs an ``mma`` config (``FRACTIONAL_ZEROS``)."""
     m, k = x.shape
     n = qweight.shape[0]
@@ -765,7 +765,8 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
     k_blocks = k // block_k
     if split_k is None:
-        split_k = decode_launch(n, k_blocks, x.device.index if x.is_cuda else None, block_ns=(config.block_n,))[1]
+        split_k = config.split_k or decode_launch(n, k_blocks, x.device.index if x.is_cuda else None,
+                                                  block_ns=(config.block_n,))[1]
     k_per_split = triton.cdiv(k_blocks, max(1, split_k)) * block_k
     split_k = triton.cdiv(k, k_per_split)
     out = torch.empty((split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else x.dtype,

@@ -68,7 +68,8 @@ class SkinnyConfig:
     tensor-core kernel, activations quantized by a separate launch / in the kernel; ``kernels/fp8_linear.py``; ``mma``
     and ``mms`` are also ``kernels/int4_gemm.py``'s w4a16 tensor-core kernel, scaling the weights / the products);
     ``prefetch`` (fma only) is how many tiles ahead each program asks L2 for (0: off); ``num_stages`` (the others)
-    is Triton's software-pipeline depth."""
+    is Triton's software-pipeline depth; ``split_k`` (tensor-core kinds only, ``:k4``) fixes the K splits of the
+    launch (0: ``kernels/split_k.py``'s rule), for shapes where a sweep measured more programs per SM to pay."""
 
     kind: str
     block_n: int
@@ -76,6 +77,7 @@ class SkinnyConfig:
     num_warps: int
     num_stages: int = 1
     prefetch: int = 0
+    split_k: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("fma", "dot", "mma", "mmq", "mms"):
@@ -90,23 +92,27 @@ class SkinnyConfig:
             raise ValueError(f"{self.kind} configs need block_n >= 64 (one fp8 wgmma's M) and block_k >= 32 (its K)")
         if self.block_k < 8:
             raise ValueError("block_k must be >= 8 (one 16-byte vector of bf16)")
+        if self.split_k < 0 or (self.split_k and self.kind not in ("mma", "mmq", "mms")):
+            raise ValueError(f"split_k is a tensor-core config's (mma / mmq / mms) and >= 1, got {self}")
 
     def __str__(self) -> str:
         tail = f"p{self.prefetch}" if self.kind == "fma" else f"s{self.num_stages}"
-        return f"{self.kind}:{self.block_n}x{self.block_k}:w{self.num_warps}:{tail}"
+        split = f":k{self.split_k}" if self.split_k else ""
+        return f"{self.kind}:{self.block_n}x{self.block_k}:w{self.num_warps}:{tail}{split}"
 
     @classmethod
     def parse(cls, text: str) -> SkinnyConfig:
-        """Inverse of ``str()``: ``fma:8x512:w4:p2`` or ``dot:32x128:w4:s4`` (the last field may be left out)."""
-        match = re.fullmatch(r"\s*(fma|dot|mma|mmq|mms):(\d+)x(\d+):w(\d+)(?::([ps])(\d+))?\s*", text)
+        """Inverse of ``str()``: ``fma:8x512:w4:p2``, ``dot:32x128:w4:s4`` (the last field may be left out) or
+        ``mma:128x256:w4:s3:k2`` (a fixed K split)."""
+        match = re.fullmatch(r"\s*(fma|dot|mma|mmq|mms):(\d+)x(\d+):w(\d+)(?::([ps])(\d+))?(?::k(\d+))?\s*", text)
         if match is None:
             raise ValueError(f"cannot parse skinny GEMM config {text!r} (expected e.g. 'fma:8x512:w4:p0')")
-        kind, bn, bk, warps, tag, value = match.groups()
-        extra = {}
+        kind, bn, bk, warps, tag, value, split = match.groups()
+        extra = {"split_k": int(split)} if split is not None else {}
         if tag is not None:
             if (tag == "p") != (kind == "fma"):
                 raise ValueError(f"{text!r}: 'p' (prefetch) goes with fma, 's' (stages) with dot")
-            extra = {"prefetch": int(value)} if tag == "p" else {"num_stages": int(value)}
+            extra |= {"prefetch": int(value)} if tag == "p" else {"num_stages": int(value)}
         return cls(kind, int(bn), int(bk), int(warps), **extra)
 
 

@@ -4,6 +4,7 @@ the KL-divergence quality script with both of its methods."""
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -75,7 +76,8 @@ def test_quantized_gemm_decode_sweep_smoke_prints_tables_and_step_prediction():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_quant_gemm.py"), "--smoke", "--sweep"],
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_quant_gemm.py"), "--smoke", "--sweep",
+                           "--split-k", "2"],
                           capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for label in ("## fp8: best table config (fma / mma / mmq)", "## int4: best table config", "FP8_SKINNY_CONFIGS:",
@@ -89,6 +91,11 @@ def test_quantized_gemm_decode_sweep_smoke_prints_tables_and_step_prediction():
     # the int4 tensor-core kernel's candidates ran too (checked against int4_linear_ref), beside the fma ones
     int4_section = proc.stdout.split("## int4: best table config")[1].split("## paste")[0]
     assert "| mma mma:64x" in int4_section and "| mms mms:64x64" in int4_section and "fma fma:" in int4_section
+    # --split-k 2: each tensor-core candidate also ran at two fixed K splits (checked like the others)
+    assert re.search(r"mms:64x64:w4:s1 by K split: rule [\d.]+ us, k2 [\d.]+ us", int4_section)
+    fp8_section = proc.stdout.split("## fp8: best table config")[1].split("## int4")[0]
+    for kind in ("mma", "mmq"):
+        assert re.search(kind + r":64x64:w4:s1 by K split: rule [\d.]+ us, k2 [\d.]+ us", fp8_section), kind
 
 
 def test_quality_script_measures_the_default_gguf_kept_and_repacked(tmp_path, capsys):

@@ -132,6 +132,19 @@ def test_mma_w8a8_kernel_matches_reference(m, n, k, config, split_k, dtype, kind
     assert_close(out, reference, {torch.float32: 1e-5, torch.float16: 2e-3}[dtype], f"fp8 mma {config}")
 
 
+def test_mma_gemm_takes_the_configs_k_split(monkeypatch):
+    """A config's ``:kS`` sets the W8A8 launch's K splits instead of :func:`mma_split_k` (not consulted)."""
+    import kernels.fp8_linear as fp8_module
+
+    monkeypatch.setattr(fp8_module, "mma_split_k", lambda *a, **k: pytest.fail("the rule was consulted"))
+    gen = torch.Generator().manual_seed(11)
+    weight, scale = quantize_per_channel(torch.randn(72, 320, generator=gen) * 0.05)
+    x = e4m3_grid_activations(3, 320, gen, torch.float32)
+    out = fp8_mma_gemm(x.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE),
+                       SkinnyConfig.parse("mma:64x64:w4:s1:k3"))
+    assert_close(out, fp8_linear_ref(x, weight, scale).double(), 1e-5, "fp8 mma with a fixed K split")
+
+
 @pytest.mark.parametrize("kind", ["mma", "mmq"])
 def test_mma_gemm_on_quantized_random_activations_and_static_scale(kind):
     """The GEMM half on arbitrary e4m3 activations with per-row scales; and a static per-tensor input scale."""

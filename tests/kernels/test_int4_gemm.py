@@ -206,6 +206,21 @@ def test_int4_mma_kernel_matches_reference(m, n, k, group, config, split_k, dtyp
     assert_close(out, reference, TOLERANCE[dtype], f"int4 mma {m}x{n}x{k} g{group} {config} {dtype}")
 
 
+def test_int4_mma_kernel_takes_the_configs_k_split(monkeypatch):
+    """A config's ``:kS`` sets the launch's K splits instead of ``decode_launch``'s rule (not consulted)."""
+    import kernels.int4_gemm as int4_module
+
+    monkeypatch.setattr(int4_module, "decode_launch", lambda *a, **k: pytest.fail("the rule was consulted"))
+    gen = torch.Generator().manual_seed(5)
+    q, zeros, scales, _ = random_int4(256, 64, 64, gen)
+    x = torch.randn(2, 256, generator=gen)
+    args = (pack_int4_kernel(q), scales, zeros)
+    out = int4_mma_gemm(x.to(KERNEL_DEVICE), *(a.to(KERNEL_DEVICE) for a in args), 64,
+                        SkinnyConfig.parse("mma:64x64:w4:s1:k3"))
+    reference = int4_linear_ref(x.double(), args[0], args[1].double(), args[2].double(), 64)
+    assert_close(out, reference, TOLERANCE[torch.float32], "int4 mma with a fixed K split")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m, n, k, group, config, split_k", [
     (1, 64, 128, 32, "mma:64x32:w4:s1", 1),  # GGUF Q4's group 32, one tile per group

@@ -108,6 +108,16 @@ def test_config_string_round_trip():
             SkinnyConfig.parse(bad)
 
 
+def test_tensor_core_configs_carry_a_fixed_k_split():
+    """``:kS`` fixes an mma / mmq / mms config's K splits (a sweep's pick); the other kinds have none."""
+    config = SkinnyConfig.parse("mma:128x256:w4:s3:k4")
+    assert config.split_k == 4 and str(config) == "mma:128x256:w4:s3:k4"
+    assert SkinnyConfig.parse("mms:128x128:w8:s3").split_k == 0  # 0: kernels/split_k.py's rule
+    for bad in ["fma:8x512:w4:p0:k2", "dot:32x128:w4:s4:k2"]:
+        with pytest.raises(ValueError, match="split_k"):
+            SkinnyConfig.parse(bad)
+
+
 def test_m_buckets_and_config_table(monkeypatch):
     assert [m_bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
     special = SkinnyConfig("fma", 32, 128, 8)
