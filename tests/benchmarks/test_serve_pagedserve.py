@@ -14,20 +14,15 @@ from PIL import Image
 
 from benchmarks.serve import main
 from core.model_source import DEFAULT_MODEL
-from tests.frontend.server_process import ServerProcess
 
 NUM_PROMPTS, CONCURRENCY, INPUT_LEN, OUTPUT_LEN = 20, 4, 24, 6
 
 
 @pytest.fixture(scope="module")
-def server():
-    # One intra-op thread: on a busy 2-core machine torch's OpenMP threads spin against each other and a tiny
-    # decode matmul takes 20x longer with 2 threads than with 1 (measured: 23 ms vs 0.9 ms).
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("OMP_NUM_THREADS", "1")
-        srv = ServerProcess(None, "--max-model-len", "512", "--max-num-seqs", "8")
-    yield srv
-    srv.stop()
+def server(smollm_server):
+    # tests/conftest.py: the session's one SmolLM2 server (one intra-op thread, as tests/conftest.py sets for every
+    # process: on a busy 2-core machine a tiny decode matmul takes 20x longer with 2 threads than with 1)
+    return smollm_server
 
 
 def _bench(server, out_dir: Path, *extra: str) -> tuple[int, dict]:

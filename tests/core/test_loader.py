@@ -42,14 +42,9 @@ def smollm2() -> ModelSource:
 
 
 @pytest.fixture(scope="module")
-def transformers_smollm2_state(smollm2) -> dict[str, torch.Tensor]:
-    """transformers' own GGUF dequantization of the same file (slow: ~30 s on 2 cores, so once per module).
-
-    transformers needs ``accelerate`` for GGUF; it is in the ``test`` extras."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2.path, gguf_file=smollm2.gguf_file, dtype=torch.float32
-    )
-    return model.state_dict()
+def transformers_smollm2_state(transformers_smollm2) -> dict[str, torch.Tensor]:
+    """transformers' own GGUF dequantization of the same file (tests/conftest.py loads it once per session)."""
+    return transformers_smollm2.state_dict()
 
 
 def test_gguf_config_matches_hf_config(smollm2):

