@@ -142,7 +142,7 @@ def variants(problem: Problem, sweep: bool = False) -> dict[str, object]:
         splits = decode_num_splits(p.seq_lens.shape[0], p.caches[0][0].shape[2], p.block_tables.shape[1],
                                    p.caches[0][0].shape[1], num_sms(0 if DEVICE == "cuda" else None), unsplit_config)
         base = split_config if splits > 1 else unsplit_config
-        for tile_n, warps, stages in SWEEP if DEVICE == "cuda" else SWEEP[1:3]:  # the interpreter: two of them
+        for tile_n, warps, stages in SWEEP if DEVICE == "cuda" else SWEEP[2:3]:  # the interpreter: one of them
             config = dataclasses.replace(base, tile_n=tile_n, num_warps=warps, num_stages=stages)
             out[f"mq {tile_n}/{warps}/{stages}"] = functools.partial(_launch_config, p, config)
     return out

@@ -77,7 +77,7 @@ def test_quantized_gemm_decode_sweep_smoke_prints_tables_and_step_prediction():
 
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_quant_gemm.py"), "--smoke", "--sweep",
-                           "--split-k", "2"],
+                           "--m", "1", "--split-k", "2"],
                           capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for label in ("## fp8: best table config (fma / mma / mmq)", "## int4: best table config", "FP8_SKINNY_CONFIGS:",

@@ -21,8 +21,10 @@ SPEC = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
 def servers(tmp_path_factory):
     model = tiny_llama_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
     common = ("--served-model-name", MODEL, "--max-model-len", "1024", "--num-gpu-blocks-override", "256")
-    plain = ServerProcess(str(model), *common)
-    spec = ServerProcess(str(model), *common, "--speculative-config", SPEC)
+    plain = ServerProcess(str(model), *common, wait=False)
+    spec = ServerProcess(str(model), *common, "--speculative-config", SPEC, wait=False)
+    plain.wait_ready()
+    spec.wait_ready()
     yield plain, spec
     plain.stop()
     spec.stop()

@@ -63,7 +63,7 @@ class ServerProcess:
         # may still be loading (503), so wait for every process's "serving" log line too.
         self.api_processes = int(args[args.index("--api-server-count") + 1]) if "--api-server-count" in args else 1
         if wait:
-            self._wait_ready(timeout_s)
+            self.wait_ready(timeout_s)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -72,7 +72,9 @@ class ServerProcess:
     def log_text(self) -> str:
         return Path(self.log.name).read_text()
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float = 300) -> None:
+        """Until /health answers 200 and every API process logged "serving" (for ``wait=False``: start several
+        servers first, then wait for each, so their start-ups overlap)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
