@@ -209,7 +209,7 @@ FP8_CANDIDATES = ["fma:2x1024:w4:p0", "fma:4x512:w4:p0", "fma:4x1024:w4:p0", "fm
                   "fma:8x1024:w4:p0", "fma:4x2048:w4:p0", "fma:4x1024:w8:p0", "fma:8x1024:w8:p0",
                   "fma:4x2048:w8:p0", "fma:16x512:w8:p0", "fma:8x2048:w8:p0"]  # fmt: skip
 FP8_PREFETCH = (2, 4)  # tried on each (shape, M)'s best config
-# W8A8 tensor-core kernel (per-token activation quantization + fp8 wgmma; split K chosen by mma_split_k): weight
+# W8A8 tensor-core kernel (per-token activation quantization + fp8 wgmma; split K by tensor_core_split_k): weight
 # tiles of 64 / 128 rows (one / two wgmma M-tiles) and 128-512 bytes of K, pipeline depth 2-5; any M <= 16.
 # mmq: the same kernel quantizing the activations itself (one launch less, more instructions per tile).
 FP8_MMA_CANDIDATES = ["mma:64x128:w4:s4", "mma:64x256:w4:s3", "mma:64x256:w4:s5", "mma:64x512:w4:s3",
@@ -425,9 +425,9 @@ def split_lines(times: dict[str, float]) -> list[str]:
     """With ``--split-k``: per tensor-core kind, its best config's time at the default split rule and at each fixed
     split, so a sweep shows what the splits buy."""
     lines = []
-    for kind in ("mma", "mmq", "mms"):
+    for kind in ("mma", "mmq", "mms") if ARGS.split_k else ():
         base = {label: ms for label, ms in times.items() if label.startswith(kind) and ":k" not in label}
-        if not ARGS.split_k or not base:
+        if not base:
             continue
         best = min(base, key=base.get)
         parts = [f"rule {base[best] * 1e3:.1f} us"]

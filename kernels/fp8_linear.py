@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.skinny_gemm import SkinnyConfig, _c, _fma_tile, _load_w_tile, _prefetch_l2, _x_row_ptrs, m_bucket
-from kernels.split_k import decode_launch
+from kernels.split_k import decode_launch, tensor_core_split_k
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -415,20 +415,13 @@ def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, k_
 MMA_KINDS = ("mma", "mmq")  # W8A8 tensor-core configs: activations quantized by a separate launch / in the kernel
 
 
-def mma_split_k(n: int, k: int, config: SkinnyConfig, device_index: int | None) -> int:
-    """K splits for an ``mma`` / ``mmq`` config: 1 where the output blocks already cover every SM, else just enough
-    programs for ``PROGRAMS_PER_SM`` per SM (``kernels/split_k.py``'s rule at this config's fixed block_n)."""
-    k_blocks = triton.cdiv(k, config.block_k)
-    return decode_launch(n, k_blocks, device_index, block_ns=(config.block_n,))[1]
-
-
 def fp8_mma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, config: SkinnyConfig,
                  input_scale: torch.Tensor | None = None, *, split_k: int | None = None) -> torch.Tensor:  # fmt: skip
     """W8A8 decode GEMM: ``x [M <= 16, K]`` quantized per token (or with the static ``input_scale``) to e4m3, then
     ``xq @ weight^T`` on the fp8 tensor cores, scaled per token and per channel; x's dtype out. Same numerics as
     :func:`fp8_linear_ref` (and the prefill ``_scaled_mm`` path). ``mma``: quantization by
-    :func:`quantize_activations_triton` first; ``mmq``: inside the GEMM kernel. ``split_k`` defaults to the
-    config's, else :func:`mma_split_k`. ``x``: rows with unit column stride."""
+    :func:`quantize_activations_triton` first; ``mmq``: inside the GEMM kernel. ``split_k`` defaults to
+    ``kernels/split_k.py: tensor_core_split_k`` (the config's, else the rule). ``x``: rows with unit column stride."""
     if config.kind not in MMA_KINDS:
         raise ValueError(f"fp8_mma_gemm takes an mma or mmq config, got {config}")
     m, k = x.shape
@@ -465,7 +458,7 @@ def _launch_mma(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, we
     if bits.stride(1) != 1:
         bits = bits.contiguous()
     if split_k is None:
-        split_k = config.split_k or mma_split_k(n, k, config, x.device.index if x.is_cuda else None)
+        split_k = tensor_core_split_k(n, k, config, x.device.index if x.is_cuda else None)
     k_blocks = triton.cdiv(k, config.block_k)
     k_per_split = triton.cdiv(k_blocks, max(1, split_k)) * config.block_k
     split_k = triton.cdiv(k, k_per_split)

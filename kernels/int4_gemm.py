@@ -46,7 +46,7 @@ import triton.language as tl
 
 from kernels.backend import use_triton
 from kernels.skinny_gemm import SkinnyConfig, _c, _store_row, _x_row_ptrs, m_bucket
-from kernels.split_k import decode_launch
+from kernels.split_k import decode_launch, tensor_core_split_k
 
 # AutoAWQ's GEMM packing: nibble i of an int32 holds column AWQ_ORDER[i] of its eight.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -740,7 +740,7 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                   integer_zeros: bool = True) -> torch.Tensor:  # fmt: skip
     """The tensor-core decode kernel on a 2-D ``x [M <= 16, K]`` (unit column stride; fp16 / bf16, fp32 for tests)
     with an ``mma`` / ``mms`` config whose block_k (a multiple of 32) divides K and nests with the group size
-    (``mms``: divides it). ``split_k`` defaults to the config's, else ``decode_launch``'s rule at its block_n.
+    (``mms``: divides it). ``split_k`` defaults to ``tensor_core_split_k`` (the config's, else the rule).
     ``integer_zeros=False`` (zero points that are not whole numbers) needs an ``mma`` config (``FRACTIONAL_ZEROS``)."""
     m, k = x.shape
     n = qweight.shape[0]
@@ -765,8 +765,7 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
     k_blocks = k // block_k
     if split_k is None:
-        split_k = config.split_k or decode_launch(n, k_blocks, x.device.index if x.is_cuda else None,
-                                                  block_ns=(config.block_n,))[1]
+        split_k = tensor_core_split_k(n, k, config, x.device.index if x.is_cuda else None)
     k_per_split = triton.cdiv(k_blocks, max(1, split_k)) * block_k
     split_k = triton.cdiv(k, k_per_split)
     out = torch.empty((split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else x.dtype,

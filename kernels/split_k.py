@@ -7,9 +7,14 @@ and a reduction launch afterwards (two more kernels per layer per step), so it i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import triton
 
 from kernels.backend import num_sms
+
+if TYPE_CHECKING:
+    from kernels.skinny_gemm import SkinnyConfig
 
 PROGRAMS_PER_SM = 2
 
@@ -27,3 +32,12 @@ def decode_launch(n: int, k_blocks: int, device_index: int | None, block_ns: tup
     if n_blocks >= sms:
         return block_n, 1
     return block_n, max(1, min(k_blocks, triton.cdiv(PROGRAMS_PER_SM * sms, n_blocks)))
+
+
+def tensor_core_split_k(n: int, k: int, config: SkinnyConfig, device_index: int | None) -> int:
+    """K splits for a tensor-core decode config (fp8 ``mma`` / ``mmq``, int4 ``mma`` / ``mms``): the config's own
+    ``:kS`` where a sweep pinned one, else :func:`decode_launch`'s rule at the config's fixed block_n (1 where the
+    output blocks already cover every SM, else just enough programs for ``PROGRAMS_PER_SM`` per SM)."""
+    if config.split_k:
+        return config.split_k
+    return decode_launch(n, triton.cdiv(k, config.block_k), device_index, block_ns=(config.block_n,))[1]

@@ -133,10 +133,10 @@ def test_mma_w8a8_kernel_matches_reference(m, n, k, config, split_k, dtype, kind
 
 
 def test_mma_gemm_takes_the_configs_k_split(monkeypatch):
-    """A config's ``:kS`` sets the W8A8 launch's K splits instead of :func:`mma_split_k` (not consulted)."""
-    import kernels.fp8_linear as fp8_module
+    """A config's ``:kS`` sets the W8A8 launch's K splits instead of ``decode_launch``'s rule (not consulted)."""
+    import kernels.split_k as split_k_module
 
-    monkeypatch.setattr(fp8_module, "mma_split_k", lambda *a, **k: pytest.fail("the rule was consulted"))
+    monkeypatch.setattr(split_k_module, "decode_launch", lambda *a, **k: pytest.fail("the rule was consulted"))
     gen = torch.Generator().manual_seed(11)
     weight, scale = quantize_per_channel(torch.randn(72, 320, generator=gen) * 0.05)
     x = e4m3_grid_activations(3, 320, gen, torch.float32)

@@ -208,9 +208,9 @@ def test_int4_mma_kernel_matches_reference(m, n, k, group, config, split_k, dtyp
 
 def test_int4_mma_kernel_takes_the_configs_k_split(monkeypatch):
     """A config's ``:kS`` sets the launch's K splits instead of ``decode_launch``'s rule (not consulted)."""
-    import kernels.int4_gemm as int4_module
+    import kernels.split_k as split_k_module
 
-    monkeypatch.setattr(int4_module, "decode_launch", lambda *a, **k: pytest.fail("the rule was consulted"))
+    monkeypatch.setattr(split_k_module, "decode_launch", lambda *a, **k: pytest.fail("the rule was consulted"))
     gen = torch.Generator().manual_seed(5)
     q, zeros, scales, _ = random_int4(256, 64, 64, gen)
     x = torch.randn(2, 256, generator=gen)
