@@ -47,15 +47,17 @@ def compile_fma(config: SkinnyConfig, block_m: int = 1):
     return _compile(fp8_linear._fp8_fma_kernel, pointers, constexprs, config.num_warps, 1)
 
 
-def compile_mma(config: SkinnyConfig):
+def compile_mma(config: SkinnyConfig, split: bool = False):
     """``_fp8_mma_kernel`` as ``fp8_mma_gemm`` launches it (16 padded token rows, bf16 out): an ``mma`` config
     reads e4m3 activations, an ``mmq`` one quantizes bf16 activations in the kernel."""
-    pointers = {"x_ptr": "*u8", "x_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32", "out_ptr": "*bf16"}
+    pointers = {"x_ptr": "*u8", "x_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32", "out_ptr": "*bf16",
+                "partial_ptr": "*fp32", "counter_ptr": "*i32"}
     quant_x = config.kind == "mmq"  # x: bf16 activations quantized in the kernel, else e4m3 bits
     if quant_x:
         pointers["x_ptr"] = "*bf16"
     constexprs = dict(BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=True, QUANT_X=quant_x,
-                      STATIC=False, FP8_MAX=fp8_linear.FP8_MAX, MIN_SCALE=fp8_linear._MIN_SCALE)  # fmt: skip
+                      STATIC=False, FP8_MAX=fp8_linear.FP8_MAX, MIN_SCALE=fp8_linear._MIN_SCALE,
+                      SPLIT=split)  # fmt: skip
     return _compile(fp8_linear._fp8_mma_kernel, pointers, constexprs, config.num_warps, config.num_stages)
 
 

@@ -41,14 +41,14 @@ def compile_fma(config: SkinnyConfig, dtype: str = "bf16", block_m: int = 1):
                         divisible_ints={"K"})  # fmt: skip
 
 
-def compile_mma(config: SkinnyConfig, dtype: str = "bf16"):
+def compile_mma(config: SkinnyConfig, dtype: str = "bf16", split: bool = False):
     """``_int4_mma_kernel`` as ``int4_mma_gemm`` launches it on the GPU (16 padded token rows, PTX dequantization;
     an ``mms`` config scales the products instead of the weights)."""
     pointers = {"x_ptr": f"*{dtype}", "qh_ptr": "*i16", "s_ptr": f"*{dtype}", "z_ptr": f"*{dtype}",
-                "out_ptr": f"*{dtype}"}  # fmt: skip
+                "out_ptr": f"*{dtype}", "partial_ptr": "*fp32", "counter_ptr": "*i32"}  # fmt: skip
     constexprs = dict(GROUP_SIZE=GROUP, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                       MAGIC=MAGIC[dtype], SCALE_AFTER=config.kind == "mms", USE_ASM=True,
-                      FRACTIONAL_ZEROS=False)  # fmt: skip
+                      FRACTIONAL_ZEROS=False, SPLIT=split)  # fmt: skip
     return compile_sm90(int4_gemm._int4_mma_kernel, pointers, set(), constexprs, config.num_warps, config.num_stages,
                         divisible_ints={"K"})  # fmt: skip
 

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.skinny_gemm import SkinnyConfig, _c, _fma_tile, _load_w_tile, _prefetch_l2, _x_row_ptrs, m_bucket
-from kernels.split_k import decode_launch, tensor_core_split_k
+from kernels.split_k import decode_launch, split_workspace, store_split_partial, tensor_core_split_k
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -351,11 +351,12 @@ def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 
 # ------------------------------------------------------------- W8A8 tensor-core kernel (M <= 16, fp8 x fp8 MMA)
 @triton.jit
-def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_wn,
-                    stride_om, stride_os, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, k_per_split,
+                    split_k, stride_xm, stride_wn, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, QUANT_X: tl.constexpr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr,
-                    MIN_SCALE: tl.constexpr):  # fmt: skip
-    """Program (n, split): ``out[split][:, n block] = (xq @ w^T)[.., split's K] * x_scale[m] * w_scale[n]``, both
+                    MIN_SCALE: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+    """Program (n, split): ``(xq @ w^T)[.., split's K] * x_scale[m] * w_scale[n]``, the splits added up into ``out``
+    by the column block's last program (``store_split_partial``); both
     operands e4m3 reinterpreted from their bits and fed to ``tl.dot`` as they are (fp8 MMA, fp32 accumulation): no
     per-weight conversion. Computed as ``w @ xq^T`` so the weight tile is the MMA's M side (``BLOCK_N`` >= 64 rows:
     one Hopper wgmma, ``QGMMA.64x16x32`` on sm_90) and the 16 padded token rows its N side, both K-major as fp8
@@ -372,7 +373,6 @@ def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, k_
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
     n_mask = offs_n < N
     x_rows = tl.minimum(offs_m, M - 1)  # padding rows re-read row M-1 (in L1) and are never stored
     w_rows = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn  # unmasked loads; tail columns are never stored
@@ -408,8 +408,8 @@ def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, k_
         acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.float32)
     w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
     y = tl.trans(acc * w_scale[:, None] * x_scale[None, :])
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_split_partial(y, out_ptr, partial_ptr, counter_ptr, pid_n, pid_k, split_k, M, N, stride_om,
+                        SPLIT)
 
 
 MMA_KINDS = ("mma", "mmq")  # W8A8 tensor-core configs: activations quantized by a separate launch / in the kernel
@@ -462,15 +462,15 @@ def _launch_mma(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, we
     k_blocks = triton.cdiv(k, config.block_k)
     k_per_split = triton.cdiv(k_blocks, max(1, split_k)) * config.block_k
     split_k = triton.cdiv(k, k_per_split)
-    out = torch.empty((split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else out_dtype,
-                      device=x.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    partials, counters = split_workspace(out, split_k, triton.cdiv(n, config.block_n))
     _fp8_mma_kernel[(triton.cdiv(n, config.block_n), split_k)](
-        x, x_scale, bits, weight_scale, out, m, n, k, k_per_split, x.stride(0), bits.stride(0),
-        n, out.stride(0) if split_k > 1 else 0, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        x, x_scale, bits, weight_scale, out, partials, counters, m, n, k, k_per_split, split_k, x.stride(0),
+        bits.stride(0), n, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0 and k_per_split % config.block_k == 0, QUANT_X=quant_x, STATIC=static,
-        FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, num_warps=config.num_warps, num_stages=config.num_stages,
+        FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, SPLIT=split_k > 1, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return out if split_k == 1 else out.sum(0).to(out_dtype)
+    return out
 
 
 SKINNY_MAX_M = 16

@@ -46,7 +46,7 @@ import triton.language as tl
 
 from kernels.backend import use_triton
 from kernels.skinny_gemm import SkinnyConfig, _c, _store_row, _x_row_ptrs, m_bucket
-from kernels.split_k import decode_launch, tensor_core_split_k
+from kernels.split_k import decode_launch, split_workspace, store_split_partial, tensor_core_split_k
 
 # AutoAWQ's GEMM packing: nibble i of an int32 holds column AWQ_ORDER[i] of its eight.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -647,11 +647,13 @@ def _dequant_halves(halves, magic_z, hi_z, s, offset, DOT_DTYPE: tl.constexpr, U
 
 
 @triton.jit
-def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, tiles_per_split, stride_xm, stride_qn, stride_om,
-                     stride_os, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, tiles_per_split, split_k,
+                     stride_xm, stride_qn, stride_om, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, SCALE_AFTER: tl.constexpr,
-                     USE_ASM: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr = False):  # fmt: skip
-    """Program (n, split): ``out[split][:, n block] = x[:, split's K] @ W[split's K, n block]``, computed as
+                     USE_ASM: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr = False,
+                     SPLIT: tl.constexpr = False):  # fmt: skip
+    """Program (n, split): ``x[:, split's K] @ W[split's K, n block]`` (the splits added up into ``out`` by the column
+    block's last program, ``store_split_partial``), computed as
     ``W^T @ x^T`` so the dequantized ``[BLOCK_N, BLOCK_K]`` weight tile is the MMA's M side (64 / 128 rows: Hopper
     wgmma) and the 16 padded token rows its N side; fp32 accumulation in place across K.
 
@@ -730,9 +732,8 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, N, K, tiles_per_sp
             acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.float32, input_precision="ieee")
         else:
             acc = tl.dot(w, tl.trans(x), acc, out_dtype=tl.float32)
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, tl.trans(acc).to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
-
+    store_split_partial(tl.trans(acc), out_ptr, partial_ptr, counter_ptr, pid_n, pid_k, split_k, M, N,
+                        stride_om, SPLIT)
 
 
 def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -768,14 +769,14 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         split_k = tensor_core_split_k(n, k, config, x.device.index if x.is_cuda else None)
     k_per_split = triton.cdiv(k_blocks, max(1, split_k)) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    out = torch.empty((split_k, m, n) if split_k > 1 else (m, n), dtype=torch.float32 if split_k > 1 else x.dtype,
-                      device=x.device)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    partials, counters = split_workspace(out, split_k, triton.cdiv(n, config.block_n))
     halves = qweight.view(torch.int16)  # [N, K / 4]
     _int4_mma_kernel[(triton.cdiv(n, config.block_n), split_k)](
-        x, halves, scales, zeros, out, m, n, k, k_per_split // block_k, x.stride(0), halves.stride(0), n,
-        out.stride(0) if split_k > 1 else 0, GROUP_SIZE=group_size, BLOCK_M=16, BLOCK_N=config.block_n,
+        x, halves, scales, zeros, out, partials, counters, m, n, k, k_per_split // block_k, split_k, x.stride(0),
+        halves.stride(0), n, GROUP_SIZE=group_size, BLOCK_M=16, BLOCK_N=config.block_n,
         BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], SCALE_AFTER=config.kind == "mms",
         USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES, FRACTIONAL_ZEROS=not integer_zeros,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        SPLIT=split_k > 1, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return out if split_k == 1 else out.sum(0).to(x.dtype)
+    return out

@@ -20,6 +20,8 @@ for text, compile_fn in (("fma:2x1024:w4:p0", compile_fma), ("mma:64x256:w4:s3",
     config = SkinnyConfig.parse(text)
     info = loop_summary(compile_fn(config), config)
     out[text] = {k: info[k] for k in ("loop", "loop_total", "conversions", "mmas", "per_1000_weights")}
+config = SkinnyConfig.parse("mma:128x256:w4:s3")  # a K-split launch: the in-kernel reduction after the loop
+out["split"] = loop_summary(compile_mma(config, split=True), config)["loop_total"]
 print(json.dumps(out))
 """
 
@@ -40,6 +42,8 @@ def test_mma_loop_feeds_fp8_to_wgmma_without_converting_the_weight():
         assert mma["loop"].get("QGMMA.64", 0) == mma["mmas"]
         assert mma["mmas"] == config_n // 64 * config_k // 32
         assert mma["per_1000_weights"] < 0.25 * fma["per_1000_weights"]
+    # the split launch's epilogue (partials, arrival counter, the last program's sum) leaves the K loop as it was
+    assert result["split"] <= result["mma:128x256:w4:s3"]["loop_total"] + 2, result["split"]
     # mmq quantizes the activation tile in the loop (fp32 -> e4m3 packs: conversions, but of x, not of the weight)
     mmq = result["mmq:128x256:w4:s3"]
     assert mmq["loop"].get("F2FP.F16.E4M3.UNPACK_B", 0) == 0 and mmq["loop"].get("HADD2.F32", 0) == 0

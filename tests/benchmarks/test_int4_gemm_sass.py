@@ -22,6 +22,8 @@ for text, dtype, compile_fn in (("fma:8x1024:w4:p0", "bf16", compile_fma), ("fma
     config = SkinnyConfig.parse(text)
     info = loop_summary(compile_fn(config, dtype), config)
     out[f"{text} {dtype}"] = {k: info[k] for k in ("loop", "loop_total", "mmas", "per_1000_weights", "stack")}
+config = SkinnyConfig.parse("mma:64x128:w4:s4")  # a K-split launch: the in-kernel reduction after the loop
+out["split"] = loop_summary(compile_mma(config, "bf16", split=True), config)["loop_total"]
 print(json.dumps(out))
 """
 
@@ -47,6 +49,8 @@ def test_mma_loop_dequantizes_in_packed_half2_into_wgmma():
         # the weight streams through 16-byte async copies that skip L1 (cp.async.cg), not 8-byte ones
         assert loop.get("LDGSTS.E.BYPASS.128", 0) > 0 and "LDGSTS.E.64" not in loop, loop
         assert info["per_1000_weights"] < 0.6 * fma, (key, info["per_1000_weights"], fma)
+    # the split launch's epilogue (partials, arrival counter, the last program's sum) leaves the K loop as it was
+    assert result["split"] <= result["mma:64x128:w4:s4 bf16"]["loop_total"] + 2, result["split"]
     # mms: q - z into the MMA (no per-weight multiply), one FFMA per accumulator element and tile for the scale
     mms, mma = result["mms:128x128:w4:s3 bf16"], result["mma:128x128:w4:s3 bf16"]
     assert "HMUL2.BF16_V2" not in mms["loop"] and mms["loop"].get("FFMA", 0) == 128 * 16 // 128

@@ -131,3 +131,13 @@ def seeded_attention_problem(q_lens, seq_lens, heads, head_dim, block_size, dtyp
         q_lens, seq_lens, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, block_size=block_size,
         dtype=dtype, device=device, generator=gen, **kw,
     )  # fmt: skip
+
+
+def e4m3_grid_activations(m: int, k: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Activations that per-token quantization maps back exactly: e4m3 values (each row's absmax 448) times a power of
+    two per row, so x / scale is exact. The interpreter's own fp32 -> e4m3 cast drops the carry when rounding crosses
+    a power of two (see the row-quantization test); on this grid nothing rounds, and the kernels' GEMM is compared
+    with ``fp8_linear_ref`` exactly as on the GPU."""
+    q = (torch.randn(m, k, generator=gen) * 100).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
+    q[:, 0] = 448.0
+    return (q * 2.0 ** -(6 + torch.arange(m, dtype=torch.float32) % 8)[:, None]).to(dtype)  # above _MIN_SCALE

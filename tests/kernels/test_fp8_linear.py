@@ -13,7 +13,7 @@ from kernels.fp8_linear import (FP8_DEFAULT_CONFIGS, FP8_DTYPE, FP8_MAX, fp8_dec
                                 fp8_weight_only_ref, pick_fp8_config, quantize_activations,
                                 quantize_activations_triton, quantize_per_channel)
 from kernels.skinny_gemm import SkinnyConfig
-from tests.kernels.kernel_testing import INTERPRETED, KERNEL_DEVICE, assert_close
+from tests.kernels.kernel_testing import INTERPRETED, KERNEL_DEVICE, assert_close, e4m3_grid_activations
 
 E4M3_RELATIVE_STEP = 2.0**-3  # 3 mantissa bits: neighbouring normal values differ by at most 1/8
 
@@ -97,16 +97,6 @@ def test_decode_dispatch_takes_fma_up_to_four_rows_and_dot_above():
         x = torch.randn(m, 1024, generator=gen).to(torch.float16)
         out = fp8_decode_gemm(x.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE))
         assert_close(out, x.double() @ (weight.double() * scale.double()[:, None]).T, 3e-3, f"fp8 decode m={m}")
-
-
-def e4m3_grid_activations(m: int, k: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """Activations that per-token quantization maps back exactly: e4m3 values (each row's absmax 448) times a power of
-    two per row, so x / scale is exact. The interpreter's own fp32 -> e4m3 cast drops the carry when rounding crosses
-    a power of two (see the row-quantization test); on this grid nothing rounds, and the kernels' GEMM is compared
-    with ``fp8_linear_ref`` exactly as on the GPU."""
-    q = (torch.randn(m, k, generator=gen) * 100).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
-    q[:, 0] = FP8_MAX
-    return (q * 2.0 ** -(6 + torch.arange(m, dtype=torch.float32) % 8)[:, None]).to(dtype)  # above _MIN_SCALE
 
 
 @pytest.mark.parametrize("kind", ["mma", "mmq"])
