@@ -207,7 +207,9 @@ DECODE_M = (1, 2, 4)
 # accumulator tiles (fp8: one register per weight; int4: one per word) still fit ~128-168 registers.
 FP8_CANDIDATES = ["fma:2x1024:w4:p0", "fma:4x512:w4:p0", "fma:4x1024:w4:p0", "fma:8x512:w4:p0", "fma:2x2048:w4:p0",
                   "fma:8x1024:w4:p0", "fma:4x2048:w4:p0", "fma:4x1024:w8:p0", "fma:8x1024:w8:p0",
-                  "fma:4x2048:w8:p0", "fma:16x512:w8:p0", "fma:8x2048:w8:p0"]  # fmt: skip
+                  "fma:4x2048:w8:p0", "fma:16x512:w8:p0", "fma:8x2048:w8:p0",
+                  # a whole 4096-wide row in one tile: every load of a program issued before its first FMA
+                  "fma:1x2048:w4:p0", "fma:1x4096:w4:p0", "fma:2x4096:w4:p0", "fma:4x4096:w8:p0"]  # fmt: skip
 FP8_PREFETCH = (2, 4)  # tried on each (shape, M)'s best config
 # W8A8 tensor-core kernel (per-token activation quantization + fp8 wgmma; split K by tensor_core_split_k): weight
 # tiles of 64 / 128 rows (one / two wgmma M-tiles) and 128-512 bytes of K, pipeline depth 2-5; any M <= 16.
