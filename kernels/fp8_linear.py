@@ -28,6 +28,8 @@ reference of the W8A8 path; ``fp8_weight_only_ref`` is the skinny kernel's. Kern
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -38,13 +40,23 @@ from kernels.split_k import decode_launch, split_workspace, store_split_partial,
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
-_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # an all-zero row still gets a finite scale
+FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # an all-zero row still gets a finite scale
+
+
+class Fp8Activations(NamedTuple):
+    """Activations with their per-token e4m3 quantization (``quantize_activations``' result), made by the kernel
+    that produced them (``kernels/rmsnorm.py: rms_norm_fp8``), so a W8A8 GEMM reading them skips its own
+    quantization launch. Layers that cannot use ``xq`` read ``x``."""
+
+    x: torch.Tensor
+    xq: torch.Tensor  # e4m3 [M, K]
+    scale: torch.Tensor  # fp32 [M, 1]
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[out, in]`` weight -> (fp8 weight, fp32 scale per output row), ``weight ~= q * scale[:, None]``."""
     w = weight.float()
-    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
     return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
@@ -54,7 +66,7 @@ def quantize_activations(x: torch.Tensor, static_scale: torch.Tensor | None = No
     (a per-tensor scale from the checkpoint) for every row."""
     xf = x.float()
     if static_scale is None:
-        scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
+        scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
     else:
         scale = static_scale.float().reshape(1, 1).expand(x.shape[0], 1)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
@@ -112,7 +124,7 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
     if m:
         block = min(4096, triton.next_power_of_2(k))
         _quantize_rows_kernel[(m,)](x, q, scale, scale if static_scale is None else static_scale, k, x.stride(0),
-                                    FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, STATIC=static_scale is not None,
+                                    FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, STATIC=static_scale is not None,
                                     BLOCK=block, num_warps=4)
     return q.view(FP8_DTYPE), scale
 
@@ -180,11 +192,11 @@ def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 # an ``mma`` one (W8A8: per-token e4m3 activations, fp8 tensor cores); None sends the shape to the tl.dot kernel.
 # Paste the block printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; unlisted shapes use
 # FP8_DEFAULT_CONFIGS.
-FP8_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-02 (3rd), Llama-3.1-8B, M = 1
-    (1, 6144, 4096): _c("fma:2x1024:w4:p0"),  # qkv_proj: fma 14.1 us, mma 16.3, mmq 22.4, tl.dot 21.8, _scaled_mm 23.5
-    (1, 4096, 4096): _c("fma:8x512:w4:p0"),  # o_proj: fma 9.7 us, mma 14.0, mmq 17.0, tl.dot 16.3, _scaled_mm 19.0
-    (1, 28672, 4096): _c("mma:128x256:w8:s4"),  # gate_up_proj: mma 41.9 us, fma 52.4, mmq 45.0, tl.dot 52.9, _scaled_mm 55.6
-    (1, 4096, 14336): _c("fma:8x512:w4:p0"),  # down_proj: fma 26.7 us, mma 29.1, mmq 43.1, tl.dot 50.3, _scaled_mm 47.3
+FP8_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-03, Llama-3.1-8B, M = 1
+    (1, 6144, 4096): _c("mma:64x256:w4:s3:k4"),  # qkv_proj: fma 14.0 us, mma 13.4, mmq 16.1, tl.dot 21.9, _scaled_mm 22.9
+    (1, 4096, 4096): _c("fma:16x512:w8:p0"),  # o_proj: fma 9.5 us, mma 10.9, mmq 13.5, tl.dot 16.1, _scaled_mm 19.1
+    (1, 28672, 4096): _c("mma:128x256:w4:s3"),  # gate_up_proj: mma 39.7 us, fma 48.9, mmq 43.9, tl.dot 51.1, _scaled_mm 56.0
+    (1, 4096, 14336): _c("mma:128x256:w8:s4:k4"),  # down_proj: mma 25.8 us, fma 26.2, mmq 34.3, tl.dot 48.6, _scaled_mm 47.3
 }
 # Per M bucket, sized for 1-byte elements: one 16-byte load is 16 weights, so a [block_n, block_k] tile holds twice
 # the bf16 kernel's elements per byte; 16-32 weights (1-2 loads) per thread per tile keep the M fp32 accumulator
@@ -337,12 +349,18 @@ def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 
 
 def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                    input_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                    input_scale: torch.Tensor | None = None,
+                    quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """The decode (M <= 16) GEMM, by the shape's measured config: W8A8 on the fp8 tensor cores for an ``mma`` /
     ``mmq`` config (activations quantized per token, or with the checkpoint's static ``input_scale``: ``fp8_linear_ref``'s
-    numerics), else w8a16 (``input_scale`` unused): the fma kernel for an ``fma`` config (M <= 4), else tl.dot."""
+    numerics), else w8a16 (``input_scale`` unused): the fma kernel for an ``fma`` config (M <= 4), else tl.dot.
+    ``quantized``: x's per-token ``(xq, scale)`` made upstream (``Fp8Activations``), used by a W8A8 config in place
+    of its own quantization (dynamic activations only: ignored with a static ``input_scale``)."""
     config = pick_fp8_config(x.shape[0], weight.shape[0], x.shape[1])
     if config is not None and config.kind in MMA_KINDS:
+        if quantized is not None and input_scale is None:
+            xq, x_scale = quantized
+            return fp8_mma_gemm_quantized(xq, x_scale, weight, weight_scale, config, x.dtype)
         return fp8_mma_gemm(x, weight, weight_scale, config, input_scale)
     if config is not None:
         return fp8_fma_gemm(x, weight, weight_scale, config)
@@ -468,7 +486,7 @@ def _launch_mma(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, we
         x, x_scale, bits, weight_scale, out, partials, counters, m, n, k, k_per_split, split_k, x.stride(0),
         bits.stride(0), n, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0 and k_per_split % config.block_k == 0, QUANT_X=quant_x, STATIC=static,
-        FP8_MAX=FP8_MAX, MIN_SCALE=_MIN_SCALE, SPLIT=split_k > 1, num_warps=config.num_warps, num_stages=config.num_stages,
+        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, SPLIT=split_k > 1, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
 
@@ -482,11 +500,15 @@ def fp8_supported(device: torch.device) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+               input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """``x @ dequant(weight)^T + bias`` on a GPU with fp8 tensor cores (the caller checks :func:`fp8_supported`):
-    the decode kernels for M <= 16 (:func:`fp8_decode_gemm`), else per-token quantization and ``torch._scaled_mm``. ``weight``: fp8
-    ``[N, K]`` (row-major, so ``weight.t()`` is the column-major operand cuBLASLt wants); ``weight_scale``: fp32
-    ``[N]``."""
+    the decode kernels for M <= 16 (:func:`fp8_decode_gemm`), else per-token quantization and ``torch._scaled_mm``.
+    ``weight``: fp8 ``[N, K]`` (row-major, so ``weight.t()`` is the column-major operand cuBLASLt wants);
+    ``weight_scale``: fp32 ``[N]``. ``quantized``: 2-D x's ``(xq, scale)`` from upstream (``Fp8Activations``),
+    which replaces the per-token quantization where the activations are dynamic (no ``input_scale``)."""
+    if quantized is not None and (input_scale is not None or x.dim() != 2):
+        quantized = None
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     m = x2.shape[0]
@@ -495,9 +517,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if m <= SKINNY_MAX_M:
-        out = fp8_decode_gemm(x2, weight, weight_scale, input_scale)
+        out = fp8_decode_gemm(x2, weight, weight_scale, input_scale, quantized)
     else:
-        xq, x_scale = quantize_activations_triton(x2, input_scale)
+        xq, x_scale = quantized if quantized is not None else quantize_activations_triton(x2, input_scale)
         out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.reshape(1, -1),
                                out_dtype=torch.bfloat16)
     if bias is not None:

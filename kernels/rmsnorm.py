@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.fp8_linear import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, Fp8Activations, quantize_activations
 
 
 def rms_norm_ref(
@@ -45,11 +46,18 @@ def _rms_norm_kernel(
     stride_o0,
     stride_o1,
     eps,
+    q_ptr,
+    scale_ptr,
     HAS_RESIDUAL: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    QUANTIZE: tl.constexpr = False,
+    FP8_MAX: tl.constexpr = 448.0,
+    MIN_SCALE: tl.constexpr = 0.0,
 ):
-    """``out = weight * round(norm(x))``; with a residual, ``x + residual`` (rounded) is also stored into it."""
+    """``out = weight * round(norm(x))``; with a residual, ``x + residual`` (rounded) is also stored into it. With
+    ``QUANTIZE`` also the rounded ``out`` quantized per row to e4m3 (bits into ``q_ptr [rows, n_cols]``, fp32 scales
+    into ``scale_ptr``), by ``kernels/fp8_linear.py: _quantize_rows_kernel``'s ops, so the same bits."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -67,6 +75,12 @@ def _rms_norm_kernel(
     out = normed * weight[None, :]
     o_ptrs = out_ptr + _row_offsets(rows, inner, stride_o0, stride_o1)[:, None] + cols[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if QUANTIZE:
+        rounded = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(rounded), axis=1) / FP8_MAX, MIN_SCALE)
+        q = tl.minimum(tl.maximum(rounded / scale[:, None], -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+        tl.store(q_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], q.to(tl.uint8, bitcast=True), mask=mask)
+        tl.store(scale_ptr + rows, scale, mask=rows < num_rows)
 
 
 def _as_rows(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -81,13 +95,15 @@ def _as_rows(t: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def rms_norm_triton(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    fp8_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same function as the reference, in one pass over each row.
 
     Without ``residual``: returns a new contiguous tensor; ``x`` may be a strided 3-D view (q/k heads of a fused qkv
     output). With ``residual``: IN PLACE - the normed output overwrites ``x`` and ``x + residual`` overwrites
     ``residual``; returns ``(x, residual)``. Callers must use the return values and not hold on to the inputs.
+    ``fp8_out`` (uint8 ``[rows, n]``, fp32 ``[rows, 1]``): also write the output's per-row e4m3 quantization there.
     """
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -107,12 +123,15 @@ def rms_norm_triton(
         return out if residual is None else (out, residual)
     block_n = triton.next_power_of_2(n_cols)
     rows_per_program = max(1, min(16, 2048 // block_n))
+    q, scale = fp8_out if fp8_out is not None else (out, out)
+    quantize = {} if fp8_out is None else {"QUANTIZE": True, "FP8_MAX": FP8_MAX, "MIN_SCALE": FP8_MIN_SCALE}
     _rms_norm_kernel[(triton.cdiv(num_rows, rows_per_program),)](
-        x, res_arg, weight, out, num_rows, n_cols, inner, sx0, sx1, sr0, sr1, so0, so1, eps,
+        x, res_arg, weight, out, num_rows, n_cols, inner, sx0, sx1, sr0, sr1, so0, so1, eps, q, scale,
         HAS_RESIDUAL=residual is not None,
         ROWS=rows_per_program,
         BLOCK_N=block_n,
         num_warps=8 if block_n >= 4096 else 4,
+        **quantize,
     )  # fmt: skip
     return out if residual is None else (out, residual)
 
@@ -124,3 +143,22 @@ def rms_norm(
     if use_triton(x, backend):
         return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
+
+
+def rms_norm_fp8(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *, backend: str = "auto"
+) -> tuple[Fp8Activations, torch.Tensor | None]:
+    """``rms_norm`` whose output also comes quantized per token to e4m3 (``Fp8Activations``) in the same launch, for
+    a W8A8 fp8 GEMM that reads it next (no quantization launch of its own); ``(activations, residual)``, the
+    residual None without one. 2-D ``x``. The quantization equals ``quantize_activations`` of the output."""
+    if x.dim() != 2:
+        raise ValueError(f"rms_norm_fp8 takes 2-D rows, got {tuple(x.shape)}")
+    if not use_triton(x, backend):
+        result = rms_norm_ref(x, weight, eps, residual)
+        out, residual = result if residual is not None else (result, None)
+        return Fp8Activations(out, *quantize_activations(out)), residual
+    q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    result = rms_norm_triton(x, weight, eps, residual, fp8_out=(q, scale))
+    out, residual = result if residual is not None else (result, None)
+    return Fp8Activations(out, q.view(FP8_DTYPE), scale), residual

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.backend import check_backend
+from kernels.fp8_linear import Fp8Activations
 from kernels.skinny_gemm import linear
 
 if TYPE_CHECKING:
@@ -37,10 +38,20 @@ class Linear(nn.Module):
             quant_method.create_weights(self, in_features, sizes, torch.get_default_dtype())
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor:
+        """``x`` may come with its fp8 quantization (``Fp8Activations``, from ``RMSNorm(..., quantize_fp8=True)``):
+        a W8A8 fp8 layer reads that, any other layer ``x.x``."""
+        if isinstance(x, Fp8Activations):
+            if self.quant_method is not None:
+                return self.quant_method.apply_fp8_activations(self, x, self.bias)
+            x = x.x
         if self.quant_method is None:
             return linear(x, self.weight, self.bias, backend=self.backend)
         return self.quant_method.apply(self, x, self.bias)
+
+    def takes_fp8_activations(self) -> bool:
+        """Whether this layer's quantization method reads upstream fp8 activations (see ``forward``)."""
+        return self.quant_method is not None and self.quant_method.takes_fp8_activations(self)
 
 
 class Embedding(nn.Module):

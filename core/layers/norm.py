@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from kernels.backend import check_backend
-from kernels.rmsnorm import rms_norm
+from kernels.fp8_linear import Fp8Activations
+from kernels.rmsnorm import rms_norm, rms_norm_fp8
 
 
 class RMSNorm(nn.Module):
@@ -17,8 +18,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, *, quantize_fp8: bool = False
+    ) -> torch.Tensor | Fp8Activations | tuple[torch.Tensor | Fp8Activations, torch.Tensor]:
+        """``quantize_fp8``: the output also quantized per token to e4m3 in the same launch (``Fp8Activations``), for
+        the W8A8 fp8 layer that reads it next (``Linear.takes_fp8_activations``)."""
+        if quantize_fp8:
+            out, residual_out = rms_norm_fp8(x, self.weight, self.eps, residual, backend=self.backend)
+            return out if residual is None else (out, residual_out)
         return rms_norm(x, self.weight, self.eps, residual, backend=self.backend)
 
 

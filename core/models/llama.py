@@ -89,6 +89,12 @@ class MLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), backend=self.kernel_backend))
 
 
+def _reads_fp8(module: nn.Module, name: str) -> bool:
+    """Whether ``module.<name>`` is a W8A8 fp8 ``Linear`` that reads its input quantized upstream."""
+    layer = getattr(module, name, None)
+    return isinstance(layer, Linear) and layer.takes_fp8_activations()
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str,
                  layer: int = 0) -> None:  # fmt: skip
@@ -107,13 +113,16 @@ class DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # W8A8 fp8 projections read the norms' outputs already quantized (one launch fewer each)
+        quantize_qkv = _reads_fp8(self.self_attn, "qkv_proj")
         if residual is None:
             residual = hidden
-            hidden = self.input_layernorm(hidden)
+            hidden = self.input_layernorm(hidden, quantize_fp8=quantize_qkv)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, quantize_fp8=quantize_qkv)
         hidden = self.self_attn(positions, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        quantize_gate_up = _reads_fp8(self.mlp, "gate_up_proj")  # MoE blocks: no such layer
+        hidden, residual = self.post_attention_layernorm(hidden, residual, quantize_fp8=quantize_gate_up)
         return self.mlp(hidden), residual
 
 

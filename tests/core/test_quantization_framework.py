@@ -103,3 +103,24 @@ def test_quantization_flag_reaches_the_engine_config():
 
     for argv in (["--quantization", "fp8"], ["-q", "fp8"]):
         assert cli.engine_config_from_args(cli.serve_parser().parse_args(argv)).quantization == "fp8"
+
+
+def test_layers_that_cannot_use_fp8_activations_read_the_unquantized_ones():
+    """``Linear`` given ``Fp8Activations`` (an RMSNorm's output with its fp8 quantization): a bf16 layer, and an fp8
+    layer off the W8A8 GPU path (here the CPU reference), multiply ``x.x``; only a W8A8 layer says it takes them."""
+    from core.layers.linear import Linear
+    from core.layers.quantization.fp8 import Fp8Config
+    from kernels.fp8_linear import Fp8Activations, quantize_activations
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 32, generator=gen)
+    activations = Fp8Activations(x, *quantize_activations(x))
+    plain = Linear(32, 16, backend="torch")
+    plain.weight.data = torch.randn(16, 32, generator=gen)
+    assert not plain.takes_fp8_activations()
+    assert torch.equal(plain(activations), plain(x))
+    fp8_layer = Linear(32, 16, backend="torch", quant_method=Fp8Config.online().linear_method("layer"))
+    fp8_layer.weight.data = torch.randn(16, 32, generator=gen)
+    fp8_layer.quant_method.process_weights_after_loading(fp8_layer)
+    assert not fp8_layer.takes_fp8_activations()
+    assert torch.equal(fp8_layer(activations), fp8_layer(x))

@@ -347,6 +347,33 @@ def test_online_fp8_on_gpu_with_cuda_graphs(tmp_path):
     assert all(layer.quant_method.use_scaled_mm for layer in linears(engine))
 
 
+@pytest.mark.gpu
+def test_fp8_norms_quantize_for_the_w8a8_projections_on_gpu(tmp_path, monkeypatch):
+    """With online fp8, the RMSNorms before qkv_proj and gate_up_proj quantize their outputs in their own launch
+    (``Fp8Activations``), for the decode kernels (forced to a W8A8 ``mma`` config at every M bucket) and prefill's
+    ``_scaled_mm``: the same bits as the projections' own quantization, so the same logprobs, with two activation
+    quantization launches per layer instead of four."""
+    import core.models.llama as llama
+    import kernels.fp8_linear as fp8
+    from kernels.skinny_gemm import SkinnyConfig
+
+    for bucket in (1, 2, 4, 8, 16):
+        monkeypatch.setitem(fp8.FP8_DEFAULT_CONFIGS, bucket, SkinnyConfig.parse("mma:64x64:w4:s2"))
+    launches = []
+    real = fp8.quantize_activations_triton
+    monkeypatch.setattr(fp8, "quantize_activations_triton", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    config, state = base_checkpoint()
+    path = save(tmp_path / "plain", config, state)
+    _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=True)
+    fused_launches = len(launches)
+    launches.clear()
+    monkeypatch.setattr(llama, "_reads_fp8", lambda module, name: False)
+    _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=True)
+    assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
+    assert logprob_error(fused, unfused) == 0.0
+    assert fused_launches > 0 and 2 * fused_launches == len(launches)
+
+
 def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculation(tmp_path):
     """The same greedy tokens from a GPTQ act-order model under chunked prefill, preemption (few blocks), prefix
     caching and n-gram speculative decoding as from a plain run."""

@@ -140,4 +140,4 @@ def e4m3_grid_activations(m: int, k: int, gen: torch.Generator, dtype: torch.dty
     with ``fp8_linear_ref`` exactly as on the GPU."""
     q = (torch.randn(m, k, generator=gen) * 100).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
     q[:, 0] = 448.0
-    return (q * 2.0 ** -(6 + torch.arange(m, dtype=torch.float32) % 8)[:, None]).to(dtype)  # above _MIN_SCALE
+    return (q * 2.0 ** -(6 + torch.arange(m, dtype=torch.float32) % 8)[:, None]).to(dtype)  # above FP8_MIN_SCALE

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rmsnorm import rms_norm, rms_norm_ref, rms_norm_triton
+from kernels.fp8_linear import quantize_activations
+from kernels.rmsnorm import rms_norm, rms_norm_fp8, rms_norm_ref, rms_norm_triton
 from tests.kernels.kernel_testing import KERNEL_DEVICE, TOLERANCE, assert_close
 
 
@@ -45,6 +46,38 @@ def test_rms_norm_on_strided_head_view():
     w = _randn(gen, 128, dtype=torch.float32, device=KERNEL_DEVICE)
     out = rms_norm_triton(q, w, 1e-6)
     assert_close(out, rms_norm_ref(q.double(), w.double(), 1e-6), TOLERANCE[torch.float32], "strided heads")
+
+
+@pytest.mark.parametrize("rows, hidden, with_residual", [(1, 4096, True), (5, 96, False), (3, 576, True)])
+def test_rms_norm_fp8_quantizes_its_output_like_the_gemm_would(rows, hidden, with_residual):
+    """The norm's output quantized per token in the same launch: the bits and scales of ``quantize_activations``
+    (what the W8A8 GEMM's own quantization launch gives on the GPU), and the normed output itself unchanged."""
+    gen = torch.Generator().manual_seed(rows * hidden)
+    x = _randn(gen, rows, hidden, dtype=torch.float16, device=KERNEL_DEVICE)
+    residual = _randn(gen, rows, hidden, dtype=torch.float16, device=KERNEL_DEVICE) if with_residual else None
+    w = _randn(gen, hidden, dtype=torch.float16, device=KERNEL_DEVICE)
+    plain = rms_norm_triton(x.clone(), w, 1e-6, None if residual is None else residual.clone())
+    fused, fused_residual = rms_norm_fp8(x.clone(), w, 1e-6, None if residual is None else residual.clone(),
+                                         backend="triton")
+    plain_out = plain[0] if with_residual else plain
+    assert torch.equal(fused.x, plain_out)
+    assert (fused_residual is None) == (residual is None)
+    if with_residual:
+        assert torch.equal(fused_residual, plain[1])
+    xq, scale = quantize_activations(plain_out)
+    assert torch.equal(fused.scale, scale)
+    assert torch.equal(fused.xq.view(torch.uint8), xq.view(torch.uint8))
+
+
+def test_rms_norm_fp8_reference_path_on_cpu():
+    gen = torch.Generator().manual_seed(6)
+    x, r = (torch.randn(4, 32, generator=gen) for _ in range(2))
+    w = torch.randn(32, generator=gen)
+    fused, residual = rms_norm_fp8(x, w, 1e-6, r, backend="torch")
+    out, ref_residual = rms_norm_ref(x, w, 1e-6, r)
+    xq, scale = quantize_activations(out)
+    assert torch.equal(fused.x, out) and torch.equal(residual, ref_residual) and torch.equal(fused.scale, scale)
+    assert torch.equal(fused.xq.view(torch.uint8), xq.view(torch.uint8))
 
 
 def test_rms_norm_dispatcher_on_cpu():

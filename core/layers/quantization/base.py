@@ -23,10 +23,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from kernels.fp8_linear import Fp8Activations
 
 DummyFill = Callable[[torch.Tensor, torch.Generator], None]
 
@@ -77,6 +80,15 @@ class LinearMethod(ABC):
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W^T (+ bias)`` in x's dtype."""
+
+    def takes_fp8_activations(self, layer: nn.Module) -> bool:
+        """Whether :meth:`apply_fp8_activations` uses the upstream quantization (a W8A8 method with dynamic per-token
+        activation scales); the producer of x then quantizes in its own kernel."""
+        return False
+
+    def apply_fp8_activations(self, layer: nn.Module, x: Fp8Activations, bias: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`apply` on activations that come with their per-token e4m3 quantization; by default ``x.x``."""
+        return self.apply(layer, x.x, bias)
 
 
 class QuantConfig(ABC):

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, replace_parameter, shard_starts
-from kernels.fp8_linear import FP8_DTYPE, fp8_linear, fp8_linear_ref, fp8_supported, quantize_per_channel
+from kernels.fp8_linear import (FP8_DTYPE, Fp8Activations, fp8_linear, fp8_linear_ref, fp8_supported,
+                                quantize_per_channel)
 
 logger = logging.getLogger(__name__)
 
@@ -160,3 +161,11 @@ class Fp8LinearMethod(LinearMethod):
         if self.use_scaled_mm and layer.backend != "torch":
             return fp8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
         return fp8_linear_ref(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
+
+    def takes_fp8_activations(self, layer: nn.Module) -> bool:
+        return self.use_scaled_mm and layer.backend != "torch" and layer.input_scale is None
+
+    def apply_fp8_activations(self, layer: nn.Module, x: Fp8Activations, bias: torch.Tensor | None) -> torch.Tensor:
+        if not self.takes_fp8_activations(layer):
+            return self.apply(layer, x.x, bias)
+        return fp8_linear(x.x, layer.weight, layer.weight_scale, None, bias, quantized=(x.xq, x.scale))
