@@ -10,6 +10,8 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.fp8_linear import (FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, Fp8Activations, quantize_activations,
+                                quantize_activations_triton)
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -64,6 +66,60 @@ def act_and_mul_triton(x: torch.Tensor, act: int, out: torch.Tensor | None = Non
         rows, out_rows, d, rows.stride(0), out_rows.stride(0), BLOCK=block, ACT=act, num_warps=4
     )
     return out
+
+
+@triton.jit
+def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, q_ptr, scale_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr,
+                             FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):  # fmt: skip
+    """One program per row (the whole row in registers, so its absmax is in one program): ``silu(gate) * up``
+    rounded to the output dtype, stored, and also quantized per row to e4m3 by ``_quantize_rows_kernel``'s ops."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < d
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + d + offs, mask=mask, other=0.0).to(tl.float32)
+    out = (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
+    rounded = out.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(rounded), axis=0) / FP8_MAX, MIN_SCALE)
+    q = tl.minimum(tl.maximum(rounded / scale, -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+    tl.store(q_ptr + row * d + offs, q.to(tl.uint8, bitcast=True), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+FP8_FUSED_MAX_D = 16384  # rows up to this width fit one program's registers (16 warps: 32 + 32 values a thread)
+
+
+def silu_and_mul_fp8_triton(x: torch.Tensor) -> Fp8Activations:
+    """:func:`silu_and_mul_fp8` in one Triton launch; rows wider than ``FP8_FUSED_MAX_D`` take the two unfused
+    kernels (same result)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    d = x.shape[-1] // 2
+    if d > FP8_FUSED_MAX_D:
+        out = silu_and_mul_triton(x)
+        return Fp8Activations(out, *quantize_activations_triton(out))
+    out = torch.empty((x.shape[0], d), dtype=x.dtype, device=x.device)
+    q = torch.empty((x.shape[0], d), dtype=torch.uint8, device=x.device)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    if x.shape[0]:
+        block = triton.next_power_of_2(d)
+        _silu_and_mul_fp8_kernel[(x.shape[0],)](x, out, q, scale, d, x.stride(0), out.stride(0), BLOCK=block,
+                                                 FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
+                                                 num_warps=max(4, min(16, block // 1024)))  # fmt: skip
+    return Fp8Activations(out, q.view(FP8_DTYPE), scale)
+
+
+def silu_and_mul_fp8(x: torch.Tensor, *, backend: str = "auto") -> Fp8Activations:
+    """``silu_and_mul`` whose output also comes quantized per token to e4m3 (``Fp8Activations``) in the same launch,
+    for a W8A8 fp8 down projection (no quantization launch of its own). 2-D ``x``. The quantization equals
+    ``quantize_activations`` of the output."""
+    if x.dim() != 2:
+        raise ValueError(f"silu_and_mul_fp8 takes 2-D rows, got {tuple(x.shape)}")
+    if use_triton(x, backend):
+        return silu_and_mul_fp8_triton(x)
+    out = silu_and_mul_ref(x)
+    return Fp8Activations(out, *quantize_activations(out))
 
 
 def silu_and_mul_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

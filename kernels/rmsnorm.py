@@ -145,6 +145,17 @@ def rms_norm(
     return rms_norm_ref(x, weight, eps, residual)
 
 
+def rms_norm_fp8_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[Fp8Activations, torch.Tensor | None]:
+    """:func:`rms_norm_fp8` in one Triton launch (in place with a residual, as ``rms_norm_triton``)."""
+    q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    result = rms_norm_triton(x, weight, eps, residual, fp8_out=(q, scale))
+    out, residual = result if residual is not None else (result, None)
+    return Fp8Activations(out, q.view(FP8_DTYPE), scale), residual
+
+
 def rms_norm_fp8(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *, backend: str = "auto"
 ) -> tuple[Fp8Activations, torch.Tensor | None]:
@@ -153,12 +164,8 @@ def rms_norm_fp8(
     residual None without one. 2-D ``x``. The quantization equals ``quantize_activations`` of the output."""
     if x.dim() != 2:
         raise ValueError(f"rms_norm_fp8 takes 2-D rows, got {tuple(x.shape)}")
-    if not use_triton(x, backend):
-        result = rms_norm_ref(x, weight, eps, residual)
-        out, residual = result if residual is not None else (result, None)
-        return Fp8Activations(out, *quantize_activations(out)), residual
-    q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
-    result = rms_norm_triton(x, weight, eps, residual, fp8_out=(q, scale))
+    if use_triton(x, backend):
+        return rms_norm_fp8_triton(x, weight, eps, residual)
+    result = rms_norm_ref(x, weight, eps, residual)
     out, residual = result if residual is not None else (result, None)
-    return Fp8Activations(out, q.view(FP8_DTYPE), scale), residual
+    return Fp8Activations(out, *quantize_activations(out)), residual

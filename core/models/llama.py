@@ -21,7 +21,7 @@ from core.layers.quantization import linear_method
 from core.layers.norm import RMSNorm
 from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
-from kernels.activation import silu_and_mul
+from kernels.activation import silu_and_mul, silu_and_mul_fp8
 from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
 
@@ -86,7 +86,10 @@ class MLP(nn.Module):
                                 quant_method=linear_method(cfg.quantization, f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), backend=self.kernel_backend))
+        gate_up = self.gate_up_proj(x)
+        if gate_up.dim() == 2 and self.down_proj.takes_fp8_activations():  # quantized in the activation's launch
+            return self.down_proj(silu_and_mul_fp8(gate_up, backend=self.kernel_backend))
+        return self.down_proj(silu_and_mul(gate_up, backend=self.kernel_backend))
 
 
 def _reads_fp8(module: nn.Module, name: str) -> bool:

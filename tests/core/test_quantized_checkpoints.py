@@ -349,12 +349,12 @@ def test_online_fp8_on_gpu_with_cuda_graphs(tmp_path):
 
 @pytest.mark.gpu
 def test_fp8_norms_quantize_for_the_w8a8_projections_on_gpu(tmp_path, monkeypatch):
-    """With online fp8, the RMSNorms before qkv_proj and gate_up_proj quantize their outputs in their own launch
-    (``Fp8Activations``), for the decode kernels (forced to a W8A8 ``mma`` config at every M bucket) and prefill's
-    ``_scaled_mm``: the same bits as the projections' own quantization, so the same logprobs, with two activation
-    quantization launches per layer instead of four."""
-    import core.models.llama as llama
+    """With online fp8, the RMSNorms before qkv_proj and gate_up_proj and the SiLU-and-mul before down_proj quantize
+    their outputs in their own launches (``Fp8Activations``), for the decode kernels (forced to a W8A8 ``mma`` config
+    at every M bucket) and prefill's ``_scaled_mm``: the same bits as the projections' own quantization, so the same
+    logprobs, with one activation quantization launch per layer (o_proj's) instead of four."""
     import kernels.fp8_linear as fp8
+    from core.layers.linear import Linear
     from kernels.skinny_gemm import SkinnyConfig
 
     for bucket in (1, 2, 4, 8, 16):
@@ -367,11 +367,11 @@ def test_fp8_norms_quantize_for_the_w8a8_projections_on_gpu(tmp_path, monkeypatc
     _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=True)
     fused_launches = len(launches)
     launches.clear()
-    monkeypatch.setattr(llama, "_reads_fp8", lambda module, name: False)
+    monkeypatch.setattr(Linear, "takes_fp8_activations", lambda self: False)
     _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=True)
     assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
     assert logprob_error(fused, unfused) == 0.0
-    assert fused_launches > 0 and 2 * fused_launches == len(launches)
+    assert fused_launches > 0 and 4 * fused_launches == len(launches)
 
 
 def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculation(tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fp8_linear import quantize_activations
-from kernels.rmsnorm import rms_norm, rms_norm_fp8, rms_norm_ref, rms_norm_triton
-from tests.kernels.kernel_testing import KERNEL_DEVICE, TOLERANCE, assert_close
+from kernels.fp8_linear import quantize_activations, quantize_activations_triton
+from kernels.rmsnorm import rms_norm, rms_norm_fp8, rms_norm_fp8_triton, rms_norm_ref, rms_norm_triton
+from tests.kernels.kernel_testing import INTERPRETED, KERNEL_DEVICE, TOLERANCE, assert_close
 
 
 def _randn(gen, *shape, dtype, device):
@@ -57,14 +57,15 @@ def test_rms_norm_fp8_quantizes_its_output_like_the_gemm_would(rows, hidden, wit
     residual = _randn(gen, rows, hidden, dtype=torch.float16, device=KERNEL_DEVICE) if with_residual else None
     w = _randn(gen, hidden, dtype=torch.float16, device=KERNEL_DEVICE)
     plain = rms_norm_triton(x.clone(), w, 1e-6, None if residual is None else residual.clone())
-    fused, fused_residual = rms_norm_fp8(x.clone(), w, 1e-6, None if residual is None else residual.clone(),
-                                         backend="triton")
+    fused, fused_residual = rms_norm_fp8_triton(x.clone(), w, 1e-6, None if residual is None else residual.clone())
     plain_out = plain[0] if with_residual else plain
     assert torch.equal(fused.x, plain_out)
     assert (fused_residual is None) == (residual is None)
     if with_residual:
         assert torch.equal(fused_residual, plain[1])
-    xq, scale = quantize_activations(plain_out)
+    # the interpreter's fp32 -> e4m3 cast is off by a step at some ties (tests/kernels/test_fp8_linear.py), the same
+    # in the unfused quantization kernel; on the GPU both equal torch's cast
+    xq, scale = (quantize_activations_triton if INTERPRETED else quantize_activations)(plain_out)
     assert torch.equal(fused.scale, scale)
     assert torch.equal(fused.xq.view(torch.uint8), xq.view(torch.uint8))
 
