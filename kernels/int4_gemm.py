@@ -233,11 +233,11 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 # one (tensor cores, M <= 16: ``_int4_mma_kernel``); None sends the shape to the tl.dot kernel.
 # Paste the block printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; other shapes use
 # INT4_DEFAULT_CONFIGS. block_k counts input rows (block_k / 8 words per column per tile).
-INT4_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-02 (fifth), Llama-3.1-8B
-    (1, 6144, 4096): _c("mms:128x128:w8:s3"),  # qkv_proj: fma 27.5 us, mma 15.5 us, mms 15.3 us, tl.dot 45.3 us
-    (1, 4096, 4096): _c("mms:128x128:w8:s3"),  # o_proj: fma 17.8 us, mma 12.9 us, mms 12.4 us, tl.dot 34.8 us
-    (1, 28672, 4096): _c("mma:128x256:w4:s3"),  # gate_up_proj: fma 114.7 us, mma 50.7 us, mms 56.6 us, tl.dot 91.1 us
-    (1, 4096, 14336): _c("mms:256x128:w8:s3"),  # down_proj: fma 58.8 us, mma 26.4 us, mms 26.1 us, tl.dot 116.9 us
+INT4_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-03 (tenth), Llama-3.1-8B
+    (1, 6144, 4096): _c("mms:128x128:w8:s3"),  # qkv_proj: fma 27.4 us, mma 12.5 us, mms 11.7 us, tl.dot 45.1 us
+    (1, 4096, 4096): _c("mms:128x128:w8:s3"),  # o_proj: fma 17.8 us, mma 10.0 us, mms 9.4 us, tl.dot 34.9 us
+    (1, 28672, 4096): _c("mma:128x256:w4:s3:k1"),  # gate_up_proj: fma 114.8 us, mma 50.9 us, mms 52.0 us, tl.dot 91.8 us
+    (1, 4096, 14336): _c("mms:128x128:w8:s3:k8"),  # down_proj: fma 58.2 us, mma 23.1 us, mms 21.6 us, tl.dot 115.2 us
 }
 # Shapes without an entry: the best geo-mean over the Llama-3.1-8B layer shapes at M = 1 (22.9 us; the best fma
 # config's 43 us). The tensor-core kernel always computes 16 x rows (BLOCK_M = 16, the MMA's N side), so its time at

@@ -15,6 +15,9 @@ from kernels.fp8_linear import (FP8_DEFAULT_CONFIGS, FP8_DTYPE, FP8_MAX, fp8_dec
 from kernels.skinny_gemm import SkinnyConfig
 from tests.kernels.kernel_testing import INTERPRETED, KERNEL_DEVICE, assert_close, e4m3_grid_activations
 
+# fp32 results of the W8A8 kernel against fp8_linear_ref: the interpreter multiplies exactly; Hopper's fp8 wgmma
+# accumulates with fewer bits than fp32 (relative errors up to 2.3e-4 seen on the H200)
+FP32_MMA_TOLERANCE = 1e-5 if INTERPRETED else 1e-3
 E4M3_RELATIVE_STEP = 2.0**-3  # 3 mantissa bits: neighbouring normal values differ by at most 1/8
 
 
@@ -119,7 +122,7 @@ def test_mma_w8a8_kernel_matches_reference(m, n, k, config, split_k, dtype, kind
                        SkinnyConfig.parse(config), split_k=split_k)
     assert out.shape == (m, n) and out.dtype == dtype
     reference = fp8_linear_ref(x.float(), weight, scale).double()
-    assert_close(out, reference, {torch.float32: 1e-5, torch.float16: 2e-3}[dtype], f"fp8 mma {config}")
+    assert_close(out, reference, {torch.float32: FP32_MMA_TOLERANCE, torch.float16: 2e-3}[dtype], f"fp8 mma {config}")
 
 
 def test_mma_gemm_takes_the_configs_k_split(monkeypatch):
@@ -132,7 +135,7 @@ def test_mma_gemm_takes_the_configs_k_split(monkeypatch):
     x = e4m3_grid_activations(3, 320, gen, torch.float32)
     out = fp8_mma_gemm(x.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE),
                        SkinnyConfig.parse("mma:64x64:w4:s1:k3"))
-    assert_close(out, fp8_linear_ref(x, weight, scale).double(), 1e-5, "fp8 mma with a fixed K split")
+    assert_close(out, fp8_linear_ref(x, weight, scale).double(), FP32_MMA_TOLERANCE, "fp8 mma with a fixed K split")
 
 
 @pytest.mark.parametrize("kind", ["mma", "mmq"])
@@ -147,7 +150,7 @@ def test_mma_gemm_on_quantized_random_activations_and_static_scale(kind):
     out = fp8_mma_gemm_quantized(xq.to(KERNEL_DEVICE), x_scale.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE),
                                  scale.to(KERNEL_DEVICE), config, torch.float32)
     reference = (xq.double() * x_scale.double()) @ (weight.double() * scale.double()[:, None]).T
-    assert_close(out, reference, 1e-5, "fp8 mma on quantized activations")
+    assert_close(out, reference, FP32_MMA_TOLERANCE, "fp8 mma on quantized activations")
     static = torch.tensor([2.0**-8])
     x = e4m3_grid_activations(m, k, gen, torch.float32) * 2.0**-2  # |x| <= 448 * 2^-8: in range of the static scale
     out = fp8_mma_gemm(x.to(KERNEL_DEVICE), weight.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE), config,

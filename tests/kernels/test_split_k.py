@@ -11,7 +11,10 @@ from kernels import split_k as split_k_module
 from kernels.fp8_linear import fp8_linear_ref, fp8_mma_gemm, quantize_per_channel
 from kernels.skinny_gemm import SkinnyConfig
 from kernels.split_k import MAX_SPLIT_K, split_workspace, tensor_core_split_k
-from tests.kernels.kernel_testing import KERNEL_DEVICE, assert_close, e4m3_grid_activations
+from tests.kernels.kernel_testing import INTERPRETED, KERNEL_DEVICE, assert_close, e4m3_grid_activations
+
+# exact products under the interpreter; Hopper's fp8 wgmma accumulates with fewer than fp32's bits (~3e-4 seen)
+TOLERANCE = 1e-5 if INTERPRETED else 1e-3
 
 
 def _fp8_problem(m: int, n: int, k: int, seed: int):
@@ -29,15 +32,15 @@ def test_split_launches_reduce_in_the_kernel_and_leave_the_counters_at_zero():
     second = fp8_mma_gemm(x, weight, scale, config, split_k=4)  # the counters were reset: same answer again
     assert torch.equal(first, second)
     unsplit = fp8_mma_gemm(x, weight, scale, config, split_k=1)
-    assert_close(first, unsplit.double(), 1e-5, "split against unsplit")
-    assert_close(first, fp8_linear_ref(x.float().cpu(), weight.cpu(), scale.cpu()).double(), 1e-5, "split vs ref")
+    assert_close(first, unsplit.double(), TOLERANCE, "split against unsplit")
+    assert_close(first, fp8_linear_ref(x.float().cpu(), weight.cpu(), scale.cpu()).double(), TOLERANCE, "split vs ref")
 
 
 def test_the_most_splits_the_reduction_adds_up():
     x, weight, scale = _fp8_problem(2, 64, 16 * 64, seed=2)
     config = SkinnyConfig.parse("mma:64x64:w4:s1")
     out = fp8_mma_gemm(x, weight, scale, config, split_k=MAX_SPLIT_K.value)  # one 64-wide tile per split
-    assert_close(out, fp8_linear_ref(x.float().cpu(), weight.cpu(), scale.cpu()).double(), 1e-5, "16 splits")
+    assert_close(out, fp8_linear_ref(x.float().cpu(), weight.cpu(), scale.cpu()).double(), TOLERANCE, "16 splits")
     with pytest.raises(ValueError, match="split_k must be 1 .. 16"):
         split_workspace(out, MAX_SPLIT_K.value + 1, 1)
 
