@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
-from kernels.fp8_linear import (FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, Fp8Activations, quantize_activations,
-                                quantize_activations_triton)
+from kernels.fp8_linear import (FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, Fp8Activations, e4m3_row_scale,
+                                quantize_activations, quantize_activations_triton, to_e4m3)
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,8 @@ def act_and_mul_triton(x: torch.Tensor, act: int, out: torch.Tensor | None = Non
 def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, q_ptr, scale_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr,
                              FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):  # fmt: skip
     """One program per row (the whole row in registers, so its absmax is in one program): ``silu(gate) * up``
-    rounded to the output dtype, stored, and also quantized per row to e4m3 by ``_quantize_rows_kernel``'s ops."""
+    rounded to the output dtype, stored, and also quantized per row to e4m3 (``to_e4m3``, like every quantizing
+    kernel)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
@@ -81,8 +82,8 @@ def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, q_ptr, scale_ptr, d, stride_x, stri
     out = (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
     rounded = out.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(rounded), axis=0) / FP8_MAX, MIN_SCALE)
-    q = tl.minimum(tl.maximum(rounded / scale, -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+    scale = e4m3_row_scale(tl.max(tl.abs(rounded), axis=0), FP8_MAX, MIN_SCALE)
+    q = to_e4m3(rounded, scale, FP8_MAX)
     tl.store(q_ptr + row * d + offs, q.to(tl.uint8, bitcast=True), mask=mask)
     tl.store(scale_ptr + row, scale)
 

@@ -93,6 +93,19 @@ def fp8_weight_only_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
 
 # ------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
+def e4m3_row_scale(amax, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """A row's dynamic per-token scale from its absmax (``quantize_activations``' formula)."""
+    return tl.maximum(amax / FP8_MAX, MIN_SCALE)
+
+
+@triton.jit
+def to_e4m3(x, scale, FP8_MAX: tl.constexpr):
+    """fp32 ``x / scale`` clamped to e4m3's range and rounded to e4m3. Every kernel that quantizes activations
+    (this module's, the RMSNorm's and SiLU-and-mul's fused outputs) goes through here, so they give the same bits."""
+    return tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_x, FP8_MAX: tl.constexpr,
                           MIN_SCALE: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """One program per row: its absmax (unless the scale is static), then the row in fp8 (as uint8 bits)."""
@@ -106,12 +119,12 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_x
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX, MIN_SCALE)
+        scale = e4m3_row_scale(tl.max(amax, axis=0), FP8_MAX, MIN_SCALE)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         mask = k0 + offs < K
         x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+        q = to_e4m3(x, scale, FP8_MAX)
         tl.store(q_ptr + row * K + k0 + offs, q.to(tl.uint8, bitcast=True), mask=mask)
 
 
@@ -193,10 +206,10 @@ def fp8_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 # Paste the block printed by ``benchmarks/bench_quant_gemm.py --sweep`` (on the H200) here; unlisted shapes use
 # FP8_DEFAULT_CONFIGS.
 FP8_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-03, Llama-3.1-8B, M = 1
-    (1, 6144, 4096): _c("mma:64x256:w4:s3:k4"),  # qkv_proj: fma 14.0 us, mma 13.4, mmq 16.1, tl.dot 21.9, _scaled_mm 22.9
-    (1, 4096, 4096): _c("fma:16x512:w8:p0"),  # o_proj: fma 9.5 us, mma 10.9, mmq 13.5, tl.dot 16.1, _scaled_mm 19.1
-    (1, 28672, 4096): _c("mma:128x256:w4:s3"),  # gate_up_proj: mma 39.7 us, fma 48.9, mmq 43.9, tl.dot 51.1, _scaled_mm 56.0
-    (1, 4096, 14336): _c("mma:128x256:w8:s4:k4"),  # down_proj: mma 25.8 us, fma 26.2, mmq 34.3, tl.dot 48.6, _scaled_mm 47.3
+    (1, 6144, 4096): _c("mma:64x256:w4:s3:k4"),  # qkv: mma 13.4 us, fma 14.0, mmq 16.1, tl.dot 21.9, scaled_mm 22.9
+    (1, 4096, 4096): _c("fma:16x512:w8:p0"),  # o_proj: fma 9.5 us, mma 10.9, mmq 13.5, tl.dot 16.1, scaled_mm 19.1
+    (1, 28672, 4096): _c("mma:128x256:w4:s3"),  # gate_up: mma 39.7 us, fma 48.9, mmq 43.9, tl.dot 51.1, scaled_mm 56.0
+    (1, 4096, 14336): _c("mma:128x256:w8:s4:k4"),  # down: mma 25.8 us, fma 26.2, mmq 34.3, tl.dot 48.6, scaled_mm 47.3
 }
 # Per M bucket, sized for 1-byte elements: one 16-byte load is 16 weights, so a [block_n, block_k] tile holds twice
 # the bf16 kernel's elements per byte; 16-32 weights (1-2 loads) per thread per tile keep the M fp32 accumulator
@@ -370,7 +383,8 @@ def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 # ------------------------------------------------------------- W8A8 tensor-core kernel (M <= 16, fp8 x fp8 MMA)
 @triton.jit
 def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, k_per_split,
-                    split_k, stride_xm, stride_wn, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    split_k, stride_xm, stride_wn, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, QUANT_X: tl.constexpr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr,
                     MIN_SCALE: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
     """Program (n, split): ``(xq @ w^T)[.., split's K] * x_scale[m] * w_scale[n]``, the splits added up into ``out``
@@ -406,7 +420,7 @@ def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr
             for k0 in range(0, K, BLOCK_K):
                 xv = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.abs(xv))
-            x_scale = tl.maximum(tl.max(amax, axis=1) / FP8_MAX, MIN_SCALE)
+            x_scale = e4m3_row_scale(tl.max(amax, axis=1), FP8_MAX, MIN_SCALE)
     else:
         x_scale = tl.load(x_scale_ptr + x_rows)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -419,7 +433,7 @@ def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr
             x_in = tl.load(x_ptrs + k0, mask=k_mask[None, :], other=0)
             w_bits = tl.load(w_ptrs + k0, mask=k_mask[None, :], other=0)
         if QUANT_X:
-            x = tl.minimum(tl.maximum(x_in.to(tl.float32) / x_scale[:, None], -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+            x = to_e4m3(x_in.to(tl.float32), x_scale[:, None], FP8_MAX)
         else:
             x = x_in.to(tl.float8e4nv, bitcast=True)
         w = w_bits.to(tl.float8e4nv, bitcast=True)
@@ -486,7 +500,8 @@ def _launch_mma(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, we
         x, x_scale, bits, weight_scale, out, partials, counters, m, n, k, k_per_split, split_k, x.stride(0),
         bits.stride(0), n, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0 and k_per_split % config.block_k == 0, QUANT_X=quant_x, STATIC=static,
-        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, SPLIT=split_k > 1, num_warps=config.num_warps, num_stages=config.num_stages,
+        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, SPLIT=split_k > 1, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )  # fmt: skip
     return out
 

@@ -236,7 +236,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 INT4_SKINNY_CONFIGS: dict[tuple[int, int, int], SkinnyConfig | None] = {  # H200, 2026-12-03 (tenth), Llama-3.1-8B
     (1, 6144, 4096): _c("mms:128x128:w8:s3"),  # qkv_proj: fma 27.4 us, mma 12.5 us, mms 11.7 us, tl.dot 45.1 us
     (1, 4096, 4096): _c("mms:128x128:w8:s3"),  # o_proj: fma 17.8 us, mma 10.0 us, mms 9.4 us, tl.dot 34.9 us
-    (1, 28672, 4096): _c("mma:128x256:w4:s3:k1"),  # gate_up_proj: fma 114.8 us, mma 50.9 us, mms 52.0 us, tl.dot 91.8 us
+    (1, 28672, 4096): _c("mma:128x256:w4:s3:k1"),  # gate_up: fma 114.8 us, mma 50.9 us, mms 52.0 us, tl.dot 91.8 us
     (1, 4096, 14336): _c("mms:128x128:w8:s3:k8"),  # down_proj: fma 58.2 us, mma 23.1 us, mms 21.6 us, tl.dot 115.2 us
 }
 # Shapes without an entry: the best geo-mean over the Llama-3.1-8B layer shapes at M = 1 (22.9 us; the best fma
@@ -648,8 +648,8 @@ def _dequant_halves(halves, magic_z, hi_z, s, offset, DOT_DTYPE: tl.constexpr, U
 
 @triton.jit
 def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, tiles_per_split, split_k,
-                     stride_xm, stride_qn, stride_om, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, SCALE_AFTER: tl.constexpr,
+                     stride_xm, stride_qn, stride_om, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, SCALE_AFTER: tl.constexpr,
                      USE_ASM: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr = False,
                      SPLIT: tl.constexpr = False):  # fmt: skip
     """Program (n, split): ``x[:, split's K] @ W[split's K, n block]`` (the splits added up into ``out`` by the column

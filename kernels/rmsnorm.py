@@ -7,7 +7,8 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
-from kernels.fp8_linear import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, Fp8Activations, quantize_activations
+from kernels.fp8_linear import (FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, Fp8Activations, e4m3_row_scale,
+                                quantize_activations, to_e4m3)
 
 
 def rms_norm_ref(
@@ -57,7 +58,7 @@ def _rms_norm_kernel(
 ):
     """``out = weight * round(norm(x))``; with a residual, ``x + residual`` (rounded) is also stored into it. With
     ``QUANTIZE`` also the rounded ``out`` quantized per row to e4m3 (bits into ``q_ptr [rows, n_cols]``, fp32 scales
-    into ``scale_ptr``), by ``kernels/fp8_linear.py: _quantize_rows_kernel``'s ops, so the same bits."""
+    into ``scale_ptr``) by ``kernels/fp8_linear.py``'s ``to_e4m3``, so the bits of the separate quantization launch."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -77,8 +78,8 @@ def _rms_norm_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
     if QUANTIZE:
         rounded = out.to(out_ptr.dtype.element_ty).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(rounded), axis=1) / FP8_MAX, MIN_SCALE)
-        q = tl.minimum(tl.maximum(rounded / scale[:, None], -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+        scale = e4m3_row_scale(tl.max(tl.abs(rounded), axis=1), FP8_MAX, MIN_SCALE)
+        q = to_e4m3(rounded, scale[:, None], FP8_MAX)
         tl.store(q_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], q.to(tl.uint8, bitcast=True), mask=mask)
         tl.store(scale_ptr + rows, scale, mask=rows < num_rows)
 
