@@ -217,6 +217,9 @@ FP8_PREFETCH = (2, 4)  # tried on each (shape, M)'s best config
 FP8_MMA_CANDIDATES = ["mma:64x128:w4:s4", "mma:64x256:w4:s3", "mma:64x256:w4:s5", "mma:64x512:w4:s3",
                       "mma:128x128:w4:s4", "mma:128x256:w4:s3", "mma:128x256:w8:s4", "mma:128x512:w8:s2",
                       "mmq:64x256:w4:s3", "mmq:64x512:w4:s3", "mmq:128x256:w4:s3", "mmq:128x256:w8:s4"]  # fmt: skip
+# Stream-K W8A8 (kernels/fp8_stream_k.py): one persistent launch, 1-3 programs per SM splitting the weight's tiles
+FP8_STREAM_K_CANDIDATES = [f"msk:{tile}:w4:s{stages}:g{per_sm}" for tile in ("64x256", "128x128", "128x256")
+                           for stages in (3, 4, 6) for per_sm in (1, 2, 3)]  # fmt: skip
 SCALED_MM_LABEL = "_scaled_mm (x padded to 16)"  # timed beside, not a table kind (cuBLASLt picks its own tiles)
 INT4_CANDIDATES = ["fma:4x1024:w4:p0", "fma:8x1024:w4:p0", "fma:16x1024:w4:p0", "fma:8x2048:w4:p0",
                    "fma:4x2048:w4:p0", "fma:2x2048:w4:p0", "fma:8x512:w4:p0", "fma:16x512:w4:p0",
@@ -234,7 +237,7 @@ INT4_MMA_CANDIDATES = ["mma:64x128:w4:s4", "mma:64x128:w4:s5", "mma:64x256:w4:s3
                        "mms:64x128:w4:s4", "mms:64x128:w4:s5", "mms:128x64:w4:s4", "mms:128x128:w4:s3",
                        "mms:128x128:w4:s4", "mms:128x128:w8:s3", "mms:256x128:w8:s3"]  # fmt: skip
 SMOKE_FP8_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
-SMOKE_FP8_MMA_CANDIDATES = ["mma:64x64:w4:s1", "mmq:64x64:w4:s1"]
+SMOKE_FP8_MMA_CANDIDATES = ["mma:64x64:w4:s1", "mmq:64x64:w4:s1", "msk:64x64:w4:s1:g1"]
 SMOKE_INT4_CANDIDATES = ["fma:4x64:w1:p0", "fma:2x128:w2:p0"]
 SMOKE_INT4_MMA_CANDIDATES = ["mma:64x128:w4:s1", "mma:64x256:w4:s1", "mms:64x64:w4:s1"]  # 1 / 2 / 0.5 groups a tile
 
@@ -275,7 +278,8 @@ def sweep_calls(fmt: str, weights: list, k: int, out_dtype: torch.dtype | None =
         for text in SMOKE_FP8_CANDIDATES if ARGS.smoke else FP8_CANDIDATES:
             config = SkinnyConfig.parse(text)
             calls[text] = lambda i, x, c=config: fp8.fp8_fma_gemm(x, *weights[i], c)
-        for config in with_splits(SMOKE_FP8_MMA_CANDIDATES if ARGS.smoke else FP8_MMA_CANDIDATES, k):
+        texts = SMOKE_FP8_MMA_CANDIDATES if ARGS.smoke else FP8_MMA_CANDIDATES + FP8_STREAM_K_CANDIDATES
+        for config in with_splits(texts, k):
             calls[str(config)] = lambda i, x, c=config: fp8.fp8_mma_gemm(x, *weights[i], c)
         if DEVICE == "cuda" and fp8.fp8_supported(torch.device(DEVICE)):
             calls[SCALED_MM_LABEL] = lambda i, x: _scaled_mm_padded(x, *weights[i])
@@ -297,6 +301,8 @@ def with_splits(texts: list[str], k: int) -> list[SkinnyConfig]:
     for text in texts:
         config = SkinnyConfig.parse(text)
         configs.append(config)
+        if config.kind == "msk":  # no K split: the stream-K launch divides K itself
+            continue
         configs += [dataclasses.replace(config, split_k=s) for s in ARGS.split_k if 1 <= s <= k // config.block_k]
     return configs
 
@@ -443,7 +449,7 @@ def _best_fma(times: dict[str, float], kinds: tuple[str, ...] = ("fma",)) -> tup
     return (min(fma)[1], min(fma)[0]) if fma else None
 
 
-TABLE_KINDS = ("fma", "mma", "mmq", "mms")  # what a config table entry can name (mmq: fp8 only, mms: int4 only)
+TABLE_KINDS = ("fma", "mma", "mmq", "mms", "msk")  # what a config table entry can name (mmq: fp8 only, mms: int4 only)
 
 
 def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: list[int]) -> None:

@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
-from kernels.fp8_linear import (FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, Fp8Activations, e4m3_row_scale,
-                                quantize_activations, quantize_activations_triton, to_e4m3)
+from kernels.fp8_linear import Fp8Activations, quantize_activations, quantize_activations_triton
+from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, to_e4m3
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:

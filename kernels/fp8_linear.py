@@ -35,12 +35,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, to_e4m3
+from kernels.fp8_stream_k import fp8_stream_k_gemm
 from kernels.skinny_gemm import SkinnyConfig, _c, _fma_tile, _load_w_tile, _prefetch_l2, _x_row_ptrs, m_bucket
 from kernels.split_k import decode_launch, split_workspace, store_split_partial, tensor_core_split_k
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
-FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # an all-zero row still gets a finite scale
 
 
 class Fp8Activations(NamedTuple):
@@ -92,19 +90,6 @@ def fp8_weight_only_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
 
 
 # ------------------------------------------------------------------------------------------------------- kernels
-@triton.jit
-def e4m3_row_scale(amax, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-    """A row's dynamic per-token scale from its absmax (``quantize_activations``' formula)."""
-    return tl.maximum(amax / FP8_MAX, MIN_SCALE)
-
-
-@triton.jit
-def to_e4m3(x, scale, FP8_MAX: tl.constexpr):
-    """fp32 ``x / scale`` clamped to e4m3's range and rounded to e4m3. Every kernel that quantizes activations
-    (this module's, the RMSNorm's and SiLU-and-mul's fused outputs) goes through here, so they give the same bits."""
-    return tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
-
-
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_x, FP8_MAX: tl.constexpr,
                           MIN_SCALE: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
@@ -444,7 +429,9 @@ def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr
                         SPLIT)
 
 
-MMA_KINDS = ("mma", "mmq")  # W8A8 tensor-core configs: activations quantized by a separate launch / in the kernel
+# W8A8 tensor-core configs: activations quantized by a separate launch (mma), in the kernel (mmq); msk: the stream-K
+# kernel (kernels/fp8_stream_k.py), activations quantized by a separate launch
+MMA_KINDS = ("mma", "mmq", "msk")
 
 
 def fp8_mma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, config: SkinnyConfig,
@@ -452,8 +439,9 @@ def fp8_mma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     """W8A8 decode GEMM: ``x [M <= 16, K]`` quantized per token (or with the static ``input_scale``) to e4m3, then
     ``xq @ weight^T`` on the fp8 tensor cores, scaled per token and per channel; x's dtype out. Same numerics as
     :func:`fp8_linear_ref` (and the prefill ``_scaled_mm`` path). ``mma``: quantization by
-    :func:`quantize_activations_triton` first; ``mmq``: inside the GEMM kernel. ``split_k`` defaults to
-    ``kernels/split_k.py: tensor_core_split_k`` (the config's, else the rule). ``x``: rows with unit column stride."""
+    :func:`quantize_activations_triton` first; ``mmq``: inside the GEMM kernel; ``msk``: quantization first, then the
+    stream-K kernel. ``split_k`` (not ``msk``) defaults to ``kernels/split_k.py: tensor_core_split_k`` (the config's,
+    else the rule). ``x``: rows with unit column stride."""
     if config.kind not in MMA_KINDS:
         raise ValueError(f"fp8_mma_gemm takes an mma or mmq config, got {config}")
     m, k = x.shape
@@ -475,8 +463,12 @@ def fp8_mma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 def fp8_mma_gemm_quantized(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                            config: SkinnyConfig, out_dtype: torch.dtype, *, split_k: int | None = None
                            ) -> torch.Tensor:  # fmt: skip
-    """The GEMM half of an ``mma`` config's :func:`fp8_mma_gemm`: ``xq`` e4m3 ``[M <= 16, K]`` (unit column
-    stride), ``x_scale`` fp32 ``[M, 1]``."""
+    """The GEMM half of an ``mma`` / ``msk`` config's :func:`fp8_mma_gemm`: ``xq`` e4m3 ``[M <= 16, K]`` (unit
+    column stride), ``x_scale`` fp32 ``[M, 1]``."""
+    if config.kind == "msk":
+        return fp8_stream_k_gemm(xq, x_scale, weight, weight_scale, out_dtype, block_n=config.block_n,
+                                 block_k=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+                                 programs_per_sm=config.per_sm or 1)  # fmt: skip
     return _launch_mma(xq.view(torch.uint8), x_scale, weight, weight_scale, config, out_dtype, split_k, quant_x=False,
                        static=False)  # fmt: skip
 

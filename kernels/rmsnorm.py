@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
-from kernels.fp8_linear import (FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, Fp8Activations, e4m3_row_scale,
-                                quantize_activations, to_e4m3)
+from kernels.fp8_linear import Fp8Activations, quantize_activations
+from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, to_e4m3
 
 
 def rms_norm_ref(

@@ -69,7 +69,9 @@ class SkinnyConfig:
     and ``mms`` are also ``kernels/int4_gemm.py``'s w4a16 tensor-core kernel, scaling the weights / the products);
     ``prefetch`` (fma only) is how many tiles ahead each program asks L2 for (0: off); ``num_stages`` (the others)
     is Triton's software-pipeline depth; ``split_k`` (tensor-core kinds only, ``:k4``) fixes the K splits of the
-    launch (0: ``kernels/split_k.py``'s rule), for shapes where a sweep measured more programs per SM to pay."""
+    launch (0: ``kernels/split_k.py``'s rule), for shapes where a sweep measured more programs per SM to pay.
+    ``msk`` is the fp8 W8A8 stream-K kernel (``kernels/fp8_stream_k.py``: one persistent launch of ``per_sm``
+    programs per SM, ``:g2``, default 1, splitting the weight's tiles evenly)."""
 
     kind: str
     block_n: int
@@ -78,37 +80,44 @@ class SkinnyConfig:
     num_stages: int = 1
     prefetch: int = 0
     split_k: int = 0
+    per_sm: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("fma", "dot", "mma", "mmq", "mms"):
-            raise ValueError(f"kind must be 'fma', 'dot', 'mma', 'mmq' or 'mms', got {self.kind!r}")
+        if self.kind not in ("fma", "dot", "mma", "mmq", "mms", "msk"):
+            raise ValueError(f"kind must be 'fma', 'dot', 'mma', 'mmq', 'mms' or 'msk', got {self.kind!r}")
         for name in ("block_n", "block_k", "num_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
-        if self.kind in ("dot", "mma", "mmq", "mms") and (self.block_n < 16 or self.block_k < 16):
+        if self.kind in ("dot", "mma", "mmq", "mms", "msk") and (self.block_n < 16 or self.block_k < 16):
             raise ValueError(f"{self.kind} configs need block_n and block_k >= 16 (tl.dot's minimum)")
-        if self.kind in ("mma", "mmq", "mms") and (self.block_n < 64 or self.block_k < 32):
+        if self.kind in ("mma", "mmq", "mms", "msk") and (self.block_n < 64 or self.block_k < 32):
             raise ValueError(f"{self.kind} configs need block_n >= 64 (one fp8 wgmma's M) and block_k >= 32 (its K)")
         if self.block_k < 8:
             raise ValueError("block_k must be >= 8 (one 16-byte vector of bf16)")
         if self.split_k < 0 or (self.split_k and self.kind not in ("mma", "mmq", "mms")):
             raise ValueError(f"split_k is a tensor-core config's (mma / mmq / mms) and >= 1, got {self}")
+        if self.per_sm < 0 or (self.per_sm and self.kind != "msk"):
+            raise ValueError(f"per_sm (programs per SM) is a stream-K (msk) config's and >= 1, got {self}")
 
     def __str__(self) -> str:
         tail = f"p{self.prefetch}" if self.kind == "fma" else f"s{self.num_stages}"
         split = f":k{self.split_k}" if self.split_k else ""
-        return f"{self.kind}:{self.block_n}x{self.block_k}:w{self.num_warps}:{tail}{split}"
+        per_sm = f":g{self.per_sm}" if self.per_sm else ""
+        return f"{self.kind}:{self.block_n}x{self.block_k}:w{self.num_warps}:{tail}{split}{per_sm}"
 
     @classmethod
     def parse(cls, text: str) -> SkinnyConfig:
         """Inverse of ``str()``: ``fma:8x512:w4:p2``, ``dot:32x128:w4:s4`` (the last field may be left out) or
-        ``mma:128x256:w4:s3:k2`` (a fixed K split)."""
-        match = re.fullmatch(r"\s*(fma|dot|mma|mmq|mms):(\d+)x(\d+):w(\d+)(?::([ps])(\d+))?(?::k(\d+))?\s*", text)
+        ``mma:128x256:w4:s3:k2`` (a fixed K split) or ``msk:128x256:w4:s4:g2`` (programs per SM)."""
+        match = re.fullmatch(r"\s*(fma|dot|mma|mmq|mms|msk):(\d+)x(\d+):w(\d+)(?::([ps])(\d+))?(?::k(\d+))?"
+                             r"(?::g(\d+))?\s*", text)
         if match is None:
             raise ValueError(f"cannot parse skinny GEMM config {text!r} (expected e.g. 'fma:8x512:w4:p0')")
-        kind, bn, bk, warps, tag, value, split = match.groups()
+        kind, bn, bk, warps, tag, value, split, per_sm = match.groups()
         extra = {"split_k": int(split)} if split is not None else {}
+        if per_sm is not None:
+            extra["per_sm"] = int(per_sm)
         if tag is not None:
             if (tag == "p") != (kind == "fma"):
                 raise ValueError(f"{text!r}: 'p' (prefetch) goes with fma, 's' (stages) with dot")

@@ -100,17 +100,25 @@ def store_split_partial(y, out_ptr, partial_ptr, counter_ptr, pid_n, pid_k, spli
     else:
         partial_ptrs = partial_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.store(partial_ptrs + pid_k * M * N, y, mask=mask)
-        tl.debug_barrier()  # every thread's partial is written before the release below publishes them
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == split_k - 1:
-            flat = tl.arange(0, y.shape[0] * y.shape[1])
-            rows = flat // y.shape[1]
-            cols = pid_n * y.shape[1] + flat % y.shape[1]
-            total = tl.zeros(flat.shape, dtype=tl.float32)
-            for s in tl.static_range(MAX_SPLIT_K):
-                split_rows = tl.where(s < split_k, M, 0)  # (s < split_k) & ..., in a form the interpreter takes
-                total += tl.load(partial_ptr + s * M * N + rows * N + cols, mask=(rows < split_rows) & (cols < N),
-                                 other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + rows * stride_om + cols, total.to(out_ptr.dtype.element_ty),
-                     mask=(rows < M) & (cols < N))
-            tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+        add_up_if_last(out_ptr, partial_ptr, counter_ptr, pid_n, split_k, M, N, stride_om, y.shape[0], y.shape[1])
+
+
+@triton.jit
+def add_up_if_last(out_ptr, partial_ptr, counter_ptr, pid_n, split_k, M, N, stride_om, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):  # fmt: skip
+    """Called by each of the ``split_k`` programs sharing column block ``pid_n`` once its partial is stored in
+    ``partial_ptr [split_k, M, N]``: the last to arrive adds the splits up in order, writes ``out`` and resets the
+    block's counter."""
+    tl.debug_barrier()  # every thread's partial is written before the release below publishes them
+    arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if arrived == split_k - 1:
+        flat = tl.arange(0, BLOCK_M * BLOCK_N)
+        rows = flat // BLOCK_N
+        cols = pid_n * BLOCK_N + flat % BLOCK_N
+        total = tl.zeros(flat.shape, dtype=tl.float32)
+        for s in tl.static_range(MAX_SPLIT_K):
+            split_rows = tl.where(s < split_k, M, 0)  # (s < split_k) & ..., in a form the interpreter takes
+            total += tl.load(partial_ptr + s * M * N + rows * N + cols, mask=(rows < split_rows) & (cols < N),
+                             other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + rows * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=(rows < M) & (cols < N))
+        tl.atomic_xchg(counter_ptr + pid_n, 0, sem="relaxed", scope="gpu")
