@@ -430,7 +430,7 @@ def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr
 
 
 # W8A8 tensor-core configs: activations quantized by a separate launch (mma), in the kernel (mmq); msk: the stream-K
-# kernel (kernels/fp8_stream_k.py), activations quantized by a separate launch
+# kernel (kernels/fp8_stream_k.py), activations quantized in the kernel unless the caller has them (Fp8Activations)
 MMA_KINDS = ("mma", "mmq", "msk")
 
 
@@ -439,11 +439,11 @@ def fp8_mma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     """W8A8 decode GEMM: ``x [M <= 16, K]`` quantized per token (or with the static ``input_scale``) to e4m3, then
     ``xq @ weight^T`` on the fp8 tensor cores, scaled per token and per channel; x's dtype out. Same numerics as
     :func:`fp8_linear_ref` (and the prefill ``_scaled_mm`` path). ``mma``: quantization by
-    :func:`quantize_activations_triton` first; ``mmq``: inside the GEMM kernel; ``msk``: quantization first, then the
-    stream-K kernel. ``split_k`` (not ``msk``) defaults to ``kernels/split_k.py: tensor_core_split_k`` (the config's,
-    else the rule). ``x``: rows with unit column stride."""
+    :func:`quantize_activations_triton` first; ``mmq``: inside the GEMM kernel; ``msk``: the stream-K kernel,
+    quantizing inside it (a static ``input_scale``: by the launch first). ``split_k`` (not ``msk``) defaults to
+    ``kernels/split_k.py: tensor_core_split_k`` (the config's, else the rule). ``x``: rows with unit column stride."""
     if config.kind not in MMA_KINDS:
-        raise ValueError(f"fp8_mma_gemm takes an mma or mmq config, got {config}")
+        raise ValueError(f"fp8_mma_gemm takes an mma, mmq or msk config, got {config}")
     m, k = x.shape
     n = weight.shape[0]
     if m > SKINNY_MAX_M:
@@ -456,6 +456,8 @@ def fp8_mma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         scale = input_scale if input_scale is not None else weight_scale  # unread unless static
         return _launch_mma(x, scale, weight, weight_scale, config, x.dtype, split_k, quant_x=True,
                            static=input_scale is not None)  # fmt: skip
+    if config.kind == "msk" and input_scale is None:  # dynamic scales: quantized inside the stream-K kernel
+        return _stream_k(x, None, weight, weight_scale, config, x.dtype)
     xq, x_scale = quantize_activations_triton(x, input_scale)
     return fp8_mma_gemm_quantized(xq, x_scale, weight, weight_scale, config, x.dtype, split_k=split_k)
 
@@ -466,11 +468,16 @@ def fp8_mma_gemm_quantized(xq: torch.Tensor, x_scale: torch.Tensor, weight: torc
     """The GEMM half of an ``mma`` / ``msk`` config's :func:`fp8_mma_gemm`: ``xq`` e4m3 ``[M <= 16, K]`` (unit
     column stride), ``x_scale`` fp32 ``[M, 1]``."""
     if config.kind == "msk":
-        return fp8_stream_k_gemm(xq, x_scale, weight, weight_scale, out_dtype, block_n=config.block_n,
-                                 block_k=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
-                                 programs_per_sm=config.per_sm or 1)  # fmt: skip
+        return _stream_k(xq, x_scale, weight, weight_scale, config, out_dtype)
     return _launch_mma(xq.view(torch.uint8), x_scale, weight, weight_scale, config, out_dtype, split_k, quant_x=False,
                        static=False)  # fmt: skip
+
+
+def _stream_k(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
+              config: SkinnyConfig, out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    return fp8_stream_k_gemm(x, x_scale, weight, weight_scale, out_dtype, block_n=config.block_n,
+                             block_k=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+                             programs_per_sm=config.per_sm or 1)  # fmt: skip
 
 
 def _launch_mma(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

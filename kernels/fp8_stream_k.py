@@ -6,8 +6,8 @@ layers need K splits to have programs at all. Here the ``column blocks x K tiles
 ``programs`` contiguous, equal ranges (stream-K). Each program walks its range in one software-pipelined loop, so
 its loads run ahead across the column blocks it crosses. A column block that one program covers whole goes straight
 to ``out``; one shared by several programs (only a range's first and last can be; at most ``MAX_SPLIT_K``) is stored
-as fp32 partials and added up, in program order, by the last to arrive (``kernels/split_k.py: add_up_if_last``). Same numerics as
-``_fp8_mma_kernel`` (e4m3 x e4m3 on the tensor cores, fp32 accumulation, ``x_scale[m] * w_scale[n]``).
+as fp32 partials and added up, in program order, by the last to arrive (``kernels/split_k.py: add_up_if_last``).
+Same numerics as ``_fp8_mma_kernel`` (e4m3 x e4m3 on the tensor cores, fp32 accumulation, ``x_scale[m] * w_scale[n]``).
 """
 
 from __future__ import annotations
@@ -157,10 +157,12 @@ def fp8_stream_k_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, weight: to
     counters = arrival_counters(xq.device, column_blocks)
     quant_x = x_scale is None
     pdl = pdl and xq.is_cuda and _pdl_supported(xq.device.index or 0)
+    x_bits, scales = (xq, weight_scale) if quant_x else (xq.view(torch.uint8), x_scale)  # x_scale_ptr unread: quant_x
     _fp8_stream_k_kernel[(grid,)](
-        xq if quant_x else xq.view(torch.uint8), weight_scale if quant_x else x_scale, bits, weight_scale, out, partials, counters, m, n, k, k_tiles,
-        column_blocks * k_tiles, xq.stride(0), bits.stride(0), out.stride(0), BLOCK_M=16, BLOCK_N=block_n,
-        BLOCK_K=block_k, EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0, NUM_STAGES=num_stages, QUANT_X=quant_x,
-        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, USE_PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
+        x_bits, scales, bits, weight_scale, out, partials, counters, m, n, k, k_tiles, column_blocks * k_tiles,
+        xq.stride(0), bits.stride(0), out.stride(0), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0, NUM_STAGES=num_stages, QUANT_X=quant_x,
+        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, USE_PDL=pdl, num_warps=num_warps,
+        **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return out

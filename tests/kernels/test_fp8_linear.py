@@ -165,7 +165,7 @@ def test_mma_configs_need_a_wgmma_sized_weight_tile():
         SkinnyConfig.parse("mma:32x256:w4:s3")  # x @ w^T at M = 16: Triton widens both fp8 tiles to fp16 first
     with pytest.raises(ValueError, match="block_n >= 64"):
         SkinnyConfig.parse("mmq:16x256:w4:s3")
-    with pytest.raises(ValueError, match="takes an mma or mmq config"):
+    with pytest.raises(ValueError, match="takes an mma, mmq or msk config"):
         fp8_mma_gemm(torch.randn(1, 64), *quantize_per_channel(torch.randn(64, 64)), SkinnyConfig.parse("fma:4x64:w1"))
     with pytest.raises(ValueError, match="'p' \\(prefetch\\) goes with fma"):
         SkinnyConfig.parse("mma:64x256:w4:p1")
