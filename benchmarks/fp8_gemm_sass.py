@@ -26,7 +26,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("fp8_gemm_sass.py compiles the kernels: run it without TRITON_INTERPRET=1")
 
 from benchmarks.attention_sass import _compile as compile_sm90, loop_body, sass_and_resources  # noqa: E402
-from kernels import fp8_linear  # noqa: E402
+from kernels import fp8_linear, fp8_stream_k  # noqa: E402
 from kernels.skinny_gemm import SkinnyConfig  # noqa: E402
 
 # Opcodes that widen or re-pack the weight (the fma kernel's per-weight cost) and the tensor-core ones.
@@ -61,6 +61,17 @@ def compile_mma(config: SkinnyConfig, split: bool = False):
     return _compile(fp8_linear._fp8_mma_kernel, pointers, constexprs, config.num_warps, config.num_stages)
 
 
+def compile_stream_k(config: SkinnyConfig, quant_x: bool = False):
+    """``kernels/fp8_stream_k.py: _fp8_stream_k_kernel`` as an ``msk`` config launches it (bf16 out; ``quant_x``:
+    bf16 activations quantized in the kernel, else e4m3 bits)."""
+    pointers = {"x_ptr": "*bf16" if quant_x else "*u8", "x_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32",
+                "out_ptr": "*bf16", "partial_ptr": "*fp32", "counter_ptr": "*i32"}
+    constexprs = dict(BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=True, EVEN_N=True,
+                      NUM_STAGES=config.num_stages, QUANT_X=quant_x, FP8_MAX=fp8_linear.FP8_MAX,
+                      MIN_SCALE=fp8_linear.FP8_MIN_SCALE, USE_PDL=False)  # fmt: skip
+    return _compile(fp8_stream_k._fp8_stream_k_kernel, pointers, constexprs, config.num_warps, config.num_stages)
+
+
 def loop_summary(kernel, config: SkinnyConfig) -> dict:
     """The main loop's opcodes (with modifiers), its size, conversions, MMAs and warp instructions per 1000 weights."""
     sass, res = sass_and_resources(kernel.asm["cubin"])
@@ -73,7 +84,7 @@ def loop_summary(kernel, config: SkinnyConfig) -> dict:
     return {"loop": dict(detail), "loop_total": len(loop), "conversions": conversions, "mmas": mmas,
             "per_1000_weights": len(loop) * config.num_warps * 1000 / weights, "sass": sass,
             "ptx": kernel.asm["ptx"], "regs": _resource(res, "REG"), "stack": _resource(res, "STACK"),
-            "smem": kernel.metadata.shared}  # fmt: skip
+            "smem": kernel.metadata.shared, "async_copies": kernel.asm["ttgir"].count("async_copy_global_to_local")}
 
 
 def _resource(usage: str, name: str) -> int:
@@ -98,12 +109,14 @@ def main() -> int:
                         help="comma-separated fma configs (today's FP8_SKINNY_CONFIGS entries)")
     parser.add_argument("--mma", default="mma:64x256:w4:s3,mma:128x256:w4:s3,mma:64x512:w4:s2,mmq:64x256:w4:s3,mmq:128x256:w4:s3",
                         help="comma-separated mma / mmq configs")
+    parser.add_argument("--msk", default="msk:64x256:w4:s4,msk:128x256:w4:s3", help="comma-separated msk configs")
     parser.add_argument("--verbose", action="store_true", help="every opcode of the loop with its modifiers")
     parser.add_argument("--dump", default="", help="write each kernel's PTX and SASS into this folder")
     opts = parser.parse_args()
     print("kernel config | loop SASS instr | warp instr / 1000 weights | conversions | MMAs | regs | stack bytes | smem bytes")
     jobs = [("fma", c, compile_fma) for c in opts.fma.split(",") if c] + \
-        [(c[:3], c, compile_mma) for c in opts.mma.split(",") if c]  # fmt: skip
+        [(c[:3], c, compile_mma) for c in opts.mma.split(",") if c] + \
+        [("msk", c, compile_stream_k) for c in opts.msk.split(",") if c]  # fmt: skip
     for kind, text, compile_fn in jobs:
         config = SkinnyConfig.parse(text)
         info = loop_summary(compile_fn(config), config)

@@ -51,3 +51,29 @@ def test_mma_loop_feeds_fp8_to_wgmma_without_converting_the_weight():
     assert mmq["loop"].get("F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C", 0) > 0
     assert mmq["loop"].get("QGMMA.64", 0) == mmq["mmas"] == 128 // 64 * 256 // 32
     assert mmq["per_1000_weights"] < 0.5 * fma["per_1000_weights"]
+
+
+STREAM_K = """
+import json
+from benchmarks.fp8_gemm_sass import compile_stream_k, loop_summary
+from kernels.skinny_gemm import SkinnyConfig
+out = {}
+for text, quant_x in (("msk:64x256:w4:s4", False), ("msk:128x256:w4:s3", False), ("msk:64x256:w4:s4", True)):
+    config = SkinnyConfig.parse(text)
+    info = loop_summary(compile_stream_k(config, quant_x), config)
+    out[f"{text} quant_x={quant_x}"] = {k: info[k] for k in ("loop", "mmas", "async_copies", "stack")}
+print(json.dumps(out))
+"""
+
+
+@needs_sass_tools
+def test_stream_k_loop_stays_software_pipelined():
+    """The stream-K loop ends column blocks inside it (plain stores only) and arrives at shared blocks after it: an
+    atomic or a barrier of the split reduction inside the loop made Triton give up its cp.async pipeline."""
+    result = run_compile_script(STREAM_K)
+    for label, info in result.items():
+        assert info["async_copies"] > 0, label  # the weight and x tiles go through cp.async stages
+        assert info["loop"].get("LDGSTS.E.BYPASS.128", 0) > 0, (label, info["loop"])
+        assert info["mmas"] > 0 and not any(op.startswith("HMMA") for op in info["loop"]), (label, info["loop"])
+        assert not any(op.startswith(("ATOM", "RED")) for op in info["loop"]), (label, info["loop"])
+        assert info["stack"] == 0, label
