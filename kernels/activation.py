@@ -12,6 +12,7 @@ import triton.language as tl
 from kernels.backend import use_triton
 from kernels.fp8_linear import Fp8Activations, quantize_activations, quantize_activations_triton
 from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, to_e4m3
+from kernels.pdl import launch_options, use_pdl, wait_then_release
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -34,7 +35,9 @@ def gelu_and_mul_ref(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor
 
 
 @triton.jit
-def _act_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr, ACT: tl.constexpr):
+def _act_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr, ACT: tl.constexpr,
+                        USE_PDL: tl.constexpr = False):  # fmt: skip
+    wait_then_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < d
@@ -62,18 +65,22 @@ def act_and_mul_triton(x: torch.Tensor, act: int, out: torch.Tensor | None = Non
     if rows.shape[0] == 0:
         return out
     block = min(1024, triton.next_power_of_2(d))
+    pdl = use_pdl(x)
     _act_and_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
-        rows, out_rows, d, rows.stride(0), out_rows.stride(0), BLOCK=block, ACT=act, num_warps=4
+        rows, out_rows, d, rows.stride(0), out_rows.stride(0), BLOCK=block, ACT=act, USE_PDL=pdl, num_warps=4,
+        **launch_options(pdl),
     )
     return out
 
 
 @triton.jit
 def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, q_ptr, scale_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr,
-                             FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):  # fmt: skip
+                             FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                             USE_PDL: tl.constexpr = False):  # fmt: skip
     """One program per row (the whole row in registers, so its absmax is in one program): ``silu(gate) * up``
     rounded to the output dtype, stored, and also quantized per row to e4m3 (``to_e4m3``, like every quantizing
     kernel)."""
+    wait_then_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < d
@@ -106,8 +113,9 @@ def silu_and_mul_fp8_triton(x: torch.Tensor) -> Fp8Activations:
     if x.shape[0]:
         block = triton.next_power_of_2(d)
         _silu_and_mul_fp8_kernel[(x.shape[0],)](x, out, q, scale, d, x.stride(0), out.stride(0), BLOCK=block,
-                                                 FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
-                                                 num_warps=max(4, min(16, block // 1024)))  # fmt: skip
+                                                 FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, USE_PDL=use_pdl(x),
+                                                 num_warps=max(4, min(16, block // 1024)),
+                                                 **launch_options(use_pdl(x)))  # fmt: skip
     return Fp8Activations(out, q.view(FP8_DTYPE), scale)
 
 

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from kernels.attention_common import FP8_E4M3_MAX, is_fp8_cache, quantize_kv_ref
 from kernels.backend import use_triton
+from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.rmsnorm import rms_norm_ref
 
 
@@ -177,7 +178,9 @@ def _attention_prep_kernel(
     REST: tl.constexpr,  # head dims past the rotary ones (partial rotary), copied as they are
     BLOCK_REST: tl.constexpr,
     KV_FP8: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    wait_then_release(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_HALF)[None, :]
@@ -275,7 +278,9 @@ def attention_prep_triton(
         REST=rest,
         BLOCK_REST=triton.next_power_of_2(max(rest, 1)),
         KV_FP8=is_fp8_cache(k_cache),
+        USE_PDL=use_pdl(q),
         num_warps=4,
+        **launch_options(use_pdl(q)),
     )  # fmt: skip
     return q
 

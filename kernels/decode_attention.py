@@ -27,6 +27,7 @@ from kernels.attention_common import (
     fp8_read_flags, queries_to_fp16, score_params, visible_keys,
 )
 from kernels.backend import num_sms
+from kernels.pdl import launch_options, use_pdl, wait_then_release
 
 
 def paged_decode_attention_ref(
@@ -149,7 +150,9 @@ def _decode_kernel(
     PAIRS_ASM: tl.constexpr,  # ... converted by the PTX instruction (CUDA), else byte by byte
     SPLIT_V: tl.constexpr,  # ... and p @ v in two halves of the keys (see split_pv)
     QUERIES: tl.constexpr,  # query rows per sequence at most (1: decode; 1 + k: a speculative verify)
+    USE_PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
+    wait_then_release(USE_PDL)
     if ORDER == 0:
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -349,8 +352,10 @@ def _decode_reduce_kernel(
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     QUERIES: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(B, Hq)``, with several queries ``(B, Hq, QUERIES)``: one (sequence, head[, query]) row's splits."""
+    wait_then_release(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_row = tl.load(query_start_loc_ptr + seq)
@@ -642,9 +647,11 @@ def paged_decode_attention(
         KV_FP8=kv_fp8,
         **fp8_read_flags(q, k_cache, v_cache, config.fp8_path),
         QUERIES=queries,
+        USE_PDL=use_pdl(q),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **({"maxnreg": config.max_registers} if config.max_registers and q.is_cuda else {}),
+        **launch_options(use_pdl(q)),
     )  # fmt: skip
     if num_splits > 1 and not fused:
         _decode_reduce_kernel[(batch, num_q_heads) if queries == 1 else (batch, num_q_heads, queries)](
@@ -655,6 +662,8 @@ def paged_decode_attention(
             NUM_SPLITS=num_splits,
             SPLITS_PAD=splits_pad,
             QUERIES=queries,
+            USE_PDL=use_pdl(q),
             num_warps=4,
+            **launch_options(use_pdl(q)),
         )  # fmt: skip
     return out

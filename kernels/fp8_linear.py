@@ -37,6 +37,7 @@ import triton.language as tl
 
 from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, to_e4m3
 from kernels.fp8_stream_k import fp8_stream_k_gemm
+from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.skinny_gemm import SkinnyConfig, _c, _fma_tile, _load_w_tile, _prefetch_l2, _x_row_ptrs, m_bucket
 from kernels.split_k import decode_launch, split_workspace, store_split_partial, tensor_core_split_k
 
@@ -92,8 +93,10 @@ def fp8_weight_only_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
 # ------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_x, FP8_MAX: tl.constexpr,
-                          MIN_SCALE: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                          MIN_SCALE: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr,
+                          USE_PDL: tl.constexpr = False):  # fmt: skip
     """One program per row: its absmax (unless the scale is static), then the row in fp8 (as uint8 bits)."""
+    wait_then_release(USE_PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     x_row = x_ptr + row * stride_x
@@ -123,7 +126,7 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
         block = min(4096, triton.next_power_of_2(k))
         _quantize_rows_kernel[(m,)](x, q, scale, scale if static_scale is None else static_scale, k, x.stride(0),
                                     FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, STATIC=static_scale is not None,
-                                    BLOCK=block, num_warps=4)
+                                    BLOCK=block, USE_PDL=use_pdl(x), num_warps=4, **launch_options(use_pdl(x)))
     return q.view(FP8_DTYPE), scale
 
 
@@ -278,6 +281,7 @@ def _fp8_fma_kernel(
     PF_COLS: tl.constexpr,
     EVEN_K: tl.constexpr,
     USE_PTX: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Program (n, m): out[m*BLOCK_M : +BLOCK_M, n*BLOCK_N : +BLOCK_N] = x @ (w bits -> e4m3 -> fp32)^T * scale,
     the bf16 ``_skinny_fma_kernel``'s loop (unmasked 16-byte weight loads, tile t+1 in flight while tile t is
@@ -292,6 +296,7 @@ def _fp8_fma_kernel(
         for t in tl.static_range(PREFETCH):
             _prefetch_l2(l2_ptrs + tl.minimum(t, num_tiles - 1) * BLOCK_K)
     w = _load_w_tile(w_ptrs, 0, K, offs_k, EVEN_K)
+    wait_then_release(USE_PDL)  # everything above touched only the weight, which no kernel writes
 
     m0 = tl.program_id(1) * BLOCK_M
     x0_ptr, x1_ptr, x2_ptr, x3_ptr = _x_row_ptrs(x_ptr, m0, M, stride_xm)
@@ -341,7 +346,8 @@ def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         x, bits, weight_scale, out, m, n, k, x.stride(0), bits.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         PREFETCH=config.prefetch if x.is_cuda else 0, PF_COLS=max(1, config.block_k // 128),
-        EVEN_K=k % config.block_k == 0, USE_PTX=x.is_cuda, num_warps=config.num_warps, num_stages=1,
+        EVEN_K=k % config.block_k == 0, USE_PTX=x.is_cuda, USE_PDL=use_pdl(x), num_warps=config.num_warps,
+        num_stages=1, **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out
 
@@ -371,7 +377,8 @@ def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr
                     split_k, stride_xm, stride_wn, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, QUANT_X: tl.constexpr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr,
-                    MIN_SCALE: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+                    MIN_SCALE: tl.constexpr, SPLIT: tl.constexpr, PF_COLS: tl.constexpr = 1,
+                    USE_PDL: tl.constexpr = False):  # fmt: skip
     """Program (n, split): ``(xq @ w^T)[.., split's K] * x_scale[m] * w_scale[n]``, the splits added up into ``out``
     by the column block's last program (``store_split_partial``); both
     operands e4m3 reinterpreted from their bits and fed to ``tl.dot`` as they are (fp8 MMA, fp32 accumulation): no
@@ -397,6 +404,11 @@ def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr
     k_end = tl.minimum(k_start + k_per_split, K)
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + w_rows[:, None] + offs_k[None, :]
+    if USE_PDL:  # ask L2 for the first two weight tiles (no kernel writes them), then wait for the previous kernel
+        l2_ptrs = w_ptr + w_rows[:, None] + (tl.arange(0, PF_COLS) * (BLOCK_K // PF_COLS))[None, :]
+        _prefetch_l2(l2_ptrs + k_start)
+        _prefetch_l2(l2_ptrs + tl.minimum(k_start + BLOCK_K, k_end - 1))
+    wait_then_release(USE_PDL)
     if QUANT_X:
         if STATIC:
             x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(x_scale_ptr).to(tl.float32)
@@ -499,8 +511,8 @@ def _launch_mma(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, we
         x, x_scale, bits, weight_scale, out, partials, counters, m, n, k, k_per_split, split_k, x.stride(0),
         bits.stride(0), n, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0 and k_per_split % config.block_k == 0, QUANT_X=quant_x, STATIC=static,
-        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, SPLIT=split_k > 1, num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, SPLIT=split_k > 1, PF_COLS=max(1, config.block_k // 128),
+        USE_PDL=use_pdl(x), num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out
 

@@ -16,9 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl as pdl_module
 from kernels.backend import num_sms
 from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, to_e4m3
-from kernels.skinny_gemm import _gdc_wait, _pdl_supported, _prefetch_l2
+from kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_supported
+from kernels.skinny_gemm import _prefetch_l2
 from kernels.split_k import MAX_SPLIT_K, add_up_if_last, arrival_counters
 
 
@@ -63,7 +65,8 @@ def _fp8_stream_k_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partia
             block0 = it0 // k_tiles
             rows0 = tl.minimum(block0 * BLOCK_N + offs_bn, N - 1).to(tl.int64) * stride_wn
             _prefetch_l2(w_ptr + rows0[:, None] + ((it0 - block0 * k_tiles) * BLOCK_K + pf_cols)[None, :])
-        _gdc_wait()
+        gdc_wait()
+        gdc_launch_dependents()
     x_rows = tl.minimum(offs_m, M - 1)  # padding rows re-read row M-1 and are never stored
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
     if QUANT_X:  # the whole row's absmax (x is a few KB, in L2), whatever K tiles this program walks
@@ -130,12 +133,13 @@ def _arrive(block, out_ptr, partial_ptr, counter_ptr, programs, total, k_tiles, 
 def fp8_stream_k_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
                       weight_scale: torch.Tensor, out_dtype: torch.dtype, *, block_n: int, block_k: int,
                       num_warps: int, num_stages: int, programs_per_sm: int = 1, programs: int | None = None,
-                      pdl: bool = False) -> torch.Tensor:  # fmt: skip
+                      pdl: bool | None = None) -> torch.Tensor:  # fmt: skip
     """``(xq * x_scale) @ (weight * weight_scale[:, None])^T`` in ``out_dtype``: ``xq`` e4m3 ``[M <= 16, K]`` (unit
     column stride) with fp32 per-row scales ``[M, 1]``, ``weight`` e4m3 ``[N, K]`` with fp32 ``[N]`` scales. With
     ``x_scale`` None, ``xq`` is the unquantized activations, quantized per token inside the kernel (dynamic scales:
     the same bits as ``quantize_activations_triton``). ``programs`` (default ``programs_per_sm`` per SM) is capped by
-    :func:`stream_k_programs`. ``pdl``: launch with programmatic dependent launch (Hopper; ignored elsewhere)."""
+    :func:`stream_k_programs`. ``pdl``: launch with programmatic dependent launch (Hopper; ignored elsewhere;
+    default: ``kernels/pdl.py``'s switch)."""
     m, k = xq.shape
     n = weight.shape[0]
     if m > 16:
@@ -156,13 +160,13 @@ def fp8_stream_k_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, weight: to
     partials = torch.empty((MAX_SPLIT_K.value, m, n), dtype=torch.float32, device=xq.device)
     counters = arrival_counters(xq.device, column_blocks)
     quant_x = x_scale is None
-    pdl = pdl and xq.is_cuda and _pdl_supported(xq.device.index or 0)
+    pdl = (pdl_module.ENABLED if pdl is None else pdl) and xq.is_cuda and pdl_supported(xq.device.index or 0)
     x_bits, scales = (xq, weight_scale) if quant_x else (xq.view(torch.uint8), x_scale)  # x_scale_ptr unread: quant_x
     _fp8_stream_k_kernel[(grid,)](
         x_bits, scales, bits, weight_scale, out, partials, counters, m, n, k, k_tiles, column_blocks * k_tiles,
         xq.stride(0), bits.stride(0), out.stride(0), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0, NUM_STAGES=num_stages, QUANT_X=quant_x,
         FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, USE_PDL=pdl, num_warps=num_warps,
-        **({"launch_pdl": True} if pdl else {}),
+        **launch_options(pdl),
     )  # fmt: skip
     return out

@@ -9,6 +9,7 @@ import triton.language as tl
 from kernels.backend import use_triton
 from kernels.fp8_linear import Fp8Activations, quantize_activations
 from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, to_e4m3
+from kernels.pdl import launch_options, use_pdl, wait_then_release
 
 
 def rms_norm_ref(
@@ -55,10 +56,12 @@ def _rms_norm_kernel(
     QUANTIZE: tl.constexpr = False,
     FP8_MAX: tl.constexpr = 448.0,
     MIN_SCALE: tl.constexpr = 0.0,
+    USE_PDL: tl.constexpr = False,
 ):
     """``out = weight * round(norm(x))``; with a residual, ``x + residual`` (rounded) is also stored into it. With
     ``QUANTIZE`` also the rounded ``out`` quantized per row to e4m3 (bits into ``q_ptr [rows, n_cols]``, fp32 scales
     into ``scale_ptr``) by ``kernels/fp8_linear.py``'s ``to_e4m3``, so the bits of the separate quantization launch."""
+    wait_then_release(USE_PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -133,6 +136,8 @@ def rms_norm_triton(
         BLOCK_N=block_n,
         num_warps=8 if block_n >= 4096 else 4,
         **quantize,
+        USE_PDL=use_pdl(x),
+        **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out if residual is None else (out, residual)
 

@@ -36,7 +36,6 @@ dispatcher off (always ``F.linear``); ``max_m`` is the largest M that takes the 
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 
@@ -45,19 +44,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import pdl as pdl_module
 from kernels.backend import use_triton
-
-try:  # griddepcontrol (programmatic dependent launch) intrinsics: Triton >= 3.5 on Hopper
-    from triton.language.extra.cuda import gdc_wait as _gdc_wait
-
-    HAS_GDC = True
-except ImportError:  # pragma: no cover - older Triton
-    HAS_GDC = False
-
-    @triton.jit
-    def _gdc_wait():
-        pass
-
+from kernels.pdl import gdc_launch_dependents, gdc_wait
 
 # ------------------------------------------------------------------------------------------------- configurations
 
@@ -301,7 +290,8 @@ def _skinny_fma_kernel(
 
     w = _load_w_tile(w_ptrs, 0, K, offs_k, EVEN_K)
     if USE_PDL:  # everything above touched only the weight; x and out may belong to the previous kernel
-        _gdc_wait()
+        gdc_wait()
+        gdc_launch_dependents()
 
     m0 = tl.program_id(1) * BLOCK_M
     x0_ptr, x1_ptr, x2_ptr, x3_ptr = _x_row_ptrs(x_ptr, m0, M, stride_xm)
@@ -356,7 +346,8 @@ def _skinny_dot_kernel(
             + (tl.arange(0, PF_COLS) * (BLOCK_K // PF_COLS))[None, :]
         _prefetch_l2(l2_ptrs)
         _prefetch_l2(l2_ptrs + tl.minimum(BLOCK_K, ((K - 1) // BLOCK_K) * BLOCK_K))
-        _gdc_wait()
+        gdc_wait()
+        gdc_launch_dependents()
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
@@ -374,11 +365,6 @@ def _skinny_dot_kernel(
 
 
 # ------------------------------------------------------------------------------------------------------ launchers
-
-
-@functools.lru_cache(maxsize=None)
-def _pdl_supported(device_index: int) -> bool:
-    return HAS_GDC and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def skinny_gemm(
@@ -418,9 +404,9 @@ def skinny_gemm(
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     if pdl is None:
-        pdl = USE_PDL
-    pdl = bool(pdl) and x.is_cuda and _pdl_supported(x.device.index or 0)
-    launch_pdl = {"launch_pdl": True} if pdl else {}
+        pdl = USE_PDL or pdl_module.ENABLED
+    pdl = bool(pdl) and x.is_cuda and pdl_module.pdl_supported(x.device.index or 0)
+    launch_pdl = pdl_module.launch_options(pdl)
     bias_arg = bias if bias is not None else weight  # never read without HAS_BIAS
     even_k = k % config.block_k == 0
     pf_cols = max(1, config.block_k * weight.element_size() // 128)  # L2 prefetch: one address per 128-byte line
