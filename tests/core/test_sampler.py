@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from core.sequence import Sequence
@@ -149,6 +150,22 @@ def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
     logits = torch.randn(4, 30)
     out = Sampler()(logits.clone(), batch([0.0, 1.0, 0.0, 2.0]))
     assert out.token_ids[0] == logits[0].argmax() and out.token_ids[2] == logits[2].argmax()
+
+
+@pytest.mark.gpu
+def test_all_greedy_batch_on_cuda_takes_torchs_argmax_ties_included():
+    """An all-greedy batch on CUDA runs the sampling kernel's split argmax instead of ``torch.argmax``: the same
+    token, the lowest id among equal maxima, at a Llama-3 vocabulary and with few rows."""
+    torch.manual_seed(3)
+    for rows in (1, 3):
+        logits = torch.randn(rows, 128256, device="cuda")
+        logits[:, 5000] = logits[:, 90000] = logits.max() + 1.0  # a tie across two vocabulary chunks
+        if rows > 1:
+            logits[-1, :] = float("-inf")  # every token masked: torch answers 0
+        greedy = batch([0.0] * rows)
+        greedy = SamplingBatch(greedy.temperature.cuda(), all_greedy=True, keys=greedy.keys.cuda(),
+                               steps=greedy.steps.cuda())
+        assert torch.equal(Sampler()(logits.clone(), greedy).token_ids, logits.argmax(-1))
 
 
 def test_logit_bias_and_banned_tokens():
