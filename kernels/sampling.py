@@ -29,6 +29,7 @@ import triton.language as tl
 from triton.language.extra.cuda import libdevice as cuda_libdevice
 
 from kernels.backend import num_sms, use_triton
+from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.token_bitmask import apply_token_bitmask_ref
 
 _M32 = 0xFFFFFFFF
@@ -174,10 +175,12 @@ def _gumbel_argmax_kernel(
     BLOCK: tl.constexpr,
     FAST_LOG: tl.constexpr,
     HAS_BITMASK: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """One (row, chunk of ``chunk`` tokens): the best score and its lowest token id, written to the partials
     (``SPLIT``) or straight to ``token_ptr``. ``HAS_BITMASK``: row ``row``'s grammar bitmask masks its tokens as
     they are read (no separate pass writing -inf into the logits)."""
+    wait_then_release(USE_PDL)
     row = tl.program_id(0)
     split = tl.program_id(1)
     start = split * chunk
@@ -214,8 +217,10 @@ def _gumbel_argmax_kernel(
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _reduce_splits_kernel(part_value_ptr, part_index_ptr, token_ptr, num_splits, BLOCK_S: tl.constexpr):
+def _reduce_splits_kernel(part_value_ptr, part_index_ptr, token_ptr, num_splits, BLOCK_S: tl.constexpr,
+                          USE_PDL: tl.constexpr = False):  # fmt: skip
     """Best chunk of a row; ties go to the lowest chunk (= lowest token id, chunks are in vocabulary order)."""
+    wait_then_release(USE_PDL)
     row = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     mask = s < num_splits
@@ -283,16 +288,18 @@ def gumbel_argmax_triton(
         part_indices = torch.empty(num_rows, num_splits, dtype=torch.int32, device=logits.device)
     else:
         part_values = part_indices = tokens  # unused
+    pdl = use_pdl(logits)
     _gumbel_argmax_kernel[(num_rows, num_splits)](
         logits, logits.stride(0), temperature, keys, steps, tokens, part_values, part_indices,
         tokens if bitmask is None else bitmask, 0 if bitmask is None else bitmask.stride(0),
         vocab_size, chunk, num_splits,
-        SPLIT=split, BLOCK=block, FAST_LOG=_fast_log(logits), HAS_BITMASK=bitmask is not None,
-        num_warps=8 if block >= 2048 else 4,
+        SPLIT=split, BLOCK=block, FAST_LOG=_fast_log(logits), HAS_BITMASK=bitmask is not None, USE_PDL=pdl,
+        num_warps=8 if block >= 2048 else 4, **launch_options(pdl),
     )  # fmt: skip
     if split:
         _reduce_splits_kernel[(num_rows,)](
-            part_values, part_indices, tokens, num_splits, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=1
+            part_values, part_indices, tokens, num_splits, BLOCK_S=triton.next_power_of_2(num_splits), USE_PDL=pdl,
+            num_warps=1, **launch_options(pdl),
         )
     return tokens
 
