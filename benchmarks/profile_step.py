@@ -44,8 +44,9 @@ def _timed(totals: dict[str, float], name: str, fn, count_calls: bool = False):
 
 
 def _set_kernel_switches(args: argparse.Namespace) -> None:
-    from kernels import skinny_gemm
+    from kernels import pdl, skinny_gemm
 
+    pdl.configure(args.pdl)
     if args.decode_variant:
         from benchmarks.decode_attention_variants import set_decode_variant
 
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skinny-config", default=None, help="force one skinny-GEMM config, e.g. fma:8x512:w4:p0")
     p.add_argument("--skinny-max-m", type=int, default=None, help="largest M that takes the skinny GEMM")
     p.add_argument("--skinny-pdl", action="store_true", help="skinny GEMMs with programmatic dependent launch")
+    p.add_argument("--pdl", action="store_true", help="every decode-chain kernel with programmatic dependent launch "
+                   "(kernels/pdl.py)")
     p.add_argument("--no-skinny-gemm", action="store_true", help="cuBLAS for every linear layer")
     p.add_argument("--json-object", action="store_true", help="every request under response_format json_object")
     p.add_argument("--quantization", default=None, help="as LLM(quantization=...), e.g. fp8")
