@@ -44,9 +44,8 @@ def _timed(totals: dict[str, float], name: str, fn, count_calls: bool = False):
 
 
 def _set_kernel_switches(args: argparse.Namespace) -> None:
-    from kernels import pdl, skinny_gemm
+    from kernels import skinny_gemm
 
-    pdl.configure(args.pdl)
     if args.decode_variant:
         from benchmarks.decode_attention_variants import set_decode_variant
 
@@ -71,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skinny-config", default=None, help="force one skinny-GEMM config, e.g. fma:8x512:w4:p0")
     p.add_argument("--skinny-max-m", type=int, default=None, help="largest M that takes the skinny GEMM")
     p.add_argument("--skinny-pdl", action="store_true", help="skinny GEMMs with programmatic dependent launch")
-    p.add_argument("--pdl", action="store_true", help="every decode-chain kernel with programmatic dependent launch "
-                   "(kernels/pdl.py)")
+    p.add_argument("--no-enable-pdl", action="store_true", help="no programmatic dependent launch (kernels/pdl.py)")
     p.add_argument("--no-skinny-gemm", action="store_true", help="cuBLAS for every linear layer")
     p.add_argument("--json-object", action="store_true", help="every request under response_format json_object")
     p.add_argument("--quantization", default=None, help="as LLM(quantization=...), e.g. fp8")
@@ -97,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         manager.GRAMMAR_SWITCH_INTERVAL_S = args.grammar_switch_interval_us / 1e6
 
     llm = LLM(args.model, load_format=args.load_format, max_model_len=args.max_model_len, skip_tokenizer_init=not args.json_object,
-              enforce_eager=args.enforce_eager, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+              enforce_eager=args.enforce_eager, enable_pdl=not args.no_enable_pdl, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype,
               async_scheduling=None if args.async_scheduling is None else args.async_scheduling == "on")
     engine = llm.engine
     workload = make_workload(args.workload, args.num_prompts)

@@ -100,6 +100,7 @@ def run_pagedserve(args: argparse.Namespace, workload: Workload) -> list[dict]:
         model, load_format=load_format, dtype=args.dtype, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+        enable_pdl=not args.no_enable_pdl,
         enable_prefix_caching=not args.no_enable_prefix_caching, skip_tokenizer_init=True, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend,
@@ -222,6 +223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-enable-pdl", action="store_true", help="no programmatic dependent launch (kernels/pdl.py)")
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3"), default="auto",
                    help="KV-cache element type (pagedserve backend): fp8 = e4m3 with per-layer scales")
     p.add_argument("--quantization", choices=("fp8", "awq", "gptq", "gguf"), default=None,

@@ -45,6 +45,7 @@ from core.worker_batch import BatchSequence, WorkerBatch
 from ipc.config import SpeculativeConfig
 from ipc.messages import EngineConfig, Logprobs
 from ipc.scheduler_output import SchedulerOutput
+from kernels import pdl
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ class ModelRunner:
         self.num_kv_blocks = 0
         self.graphs: DecodeGraphs | None = None
         # Pipeline stages run eagerly: their send/recv between stages is not captured in CUDA graphs.
+        pdl.configure(config.enable_pdl and self.device.type == "cuda")
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager and \
             (tp_group is None or tp_group.pp_size == 1)
         # Pipeline parallelism: steps run as micro-batches (start_step / finish_step), several in flight.

@@ -149,6 +149,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     skip_tokenizer_init: Annotated[bool, Arg(
         "Load no tokenizer: prompts must be token ids and no text is returned.")] = False
     enforce_eager: Annotated[bool, Arg("Never capture CUDA graphs.")] = False
+    enable_pdl: Annotated[bool, Arg(
+        "Launch the decode chain's Triton kernels with programmatic dependent launch on Hopper GPUs (each kernel's "
+        "launch overlaps the one before it; kernels/pdl.py).")] = True
     block_size: Annotated[int, Arg("Tokens per KV-cache block.")] = 16
     enable_prefix_caching: Annotated[bool, Arg("Reuse the KV blocks of shared prompt prefixes.")] = True
     kv_cache_dtype: Annotated[str, Arg(

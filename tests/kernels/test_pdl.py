@@ -28,9 +28,10 @@ def test_pdl_chain_gives_the_same_tokens_and_logprobs_in_cuda_graphs(tmp_path, m
         pytest.skip("programmatic dependent launch needs Hopper (sm_90+) and Triton's griddepcontrol")
     config, state = base_checkpoint()
     path = save(tmp_path / "plain", config, state)
-    monkeypatch.setattr(pdl, "ENABLED", False)
-    _, plain = greedy(path, dtype="bfloat16", device="cuda", quantization=quantization)
-    monkeypatch.setattr(pdl, "ENABLED", True)
-    _, chained = greedy(path, dtype="bfloat16", device="cuda", quantization=quantization)
+    monkeypatch.setattr(pdl, "ENABLED", False)  # restored after the test: the engines below configure it
+    _, plain = greedy(path, dtype="bfloat16", device="cuda", quantization=quantization, enable_pdl=False)
+    assert pdl.ENABLED is False
+    _, chained = greedy(path, dtype="bfloat16", device="cuda", quantization=quantization, enable_pdl=True)
+    assert pdl.ENABLED is True
     assert [r["tokens"] for r in chained] == [r["tokens"] for r in plain]
     assert logprob_error(chained, plain) == 0.0
