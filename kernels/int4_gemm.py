@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.skinny_gemm import SkinnyConfig, _c, _store_row, _x_row_ptrs, m_bucket
 from kernels.split_k import decode_launch, split_workspace, store_split_partial, tensor_core_split_k
 
@@ -145,8 +146,9 @@ def int4_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 @triton.jit
 def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_qn, stride_om,
                       stride_os, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr = False):  # fmt: skip
     """The tl.dot kernel: program (n, m, split) dequantizes ``[BLOCK_K, BLOCK_N]`` tiles of one group each."""
+    wait_then_release(USE_PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -222,7 +224,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     _int4_gemm_kernel[(n_blocks, m_blocks, split_k)](
         x, qweight, scales, zeros, out, m, n, k, k_per_split, x.stride(0), qweight.stride(0), n, stride_os,
         GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        IEEE=x.dtype == torch.float32, num_warps=num_warps,
+        IEEE=x.dtype == torch.float32, USE_PDL=use_pdl(x), num_warps=num_warps, **launch_options(use_pdl(x)),
     )
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 
@@ -338,10 +340,12 @@ def _int4_fma_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Program (n, m) computes out[m*BLOCK_M : +BLOCK_M, n*BLOCK_N : +BLOCK_N]: ``[BLOCK_N, BLOCK_K / 8]`` word
     tiles (16-byte loads along K, columns past N re-read the last one), the next tile and its group scales/zeros
     loaded before the current one is used. BLOCK_K divides K and nests with GROUP_SIZE (one divides the other)."""
+    wait_then_release(USE_PDL)
     WORDS: tl.constexpr = BLOCK_K // 8
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     safe_rows = tl.minimum(rows, N - 1)
@@ -401,8 +405,8 @@ def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m))
     _int4_fma_kernel[grid](
         x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0), out.stride(0),
-        GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-        num_warps=config.num_warps, num_stages=1,
+        GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, USE_PDL=use_pdl(x),
+        num_warps=config.num_warps, num_stages=1, **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out
 
@@ -651,7 +655,7 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, counter_
                      stride_xm, stride_qn, stride_om, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, SCALE_AFTER: tl.constexpr,
                      USE_ASM: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr = False,
-                     SPLIT: tl.constexpr = False):  # fmt: skip
+                     SPLIT: tl.constexpr = False, USE_PDL: tl.constexpr = False):  # fmt: skip
     """Program (n, split): ``x[:, split's K] @ W[split's K, n block]`` (the splits added up into ``out`` by the column
     block's last program, ``store_split_partial``), computed as
     ``W^T @ x^T`` so the dequantized ``[BLOCK_N, BLOCK_K]`` weight tile is the MMA's M side (64 / 128 rows: Hopper
@@ -671,6 +675,7 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, counter_
     ``FRACTIONAL_ZEROS`` (the ``mma`` kind; zero points that are not whole numbers, GGUF Q4_1's ``-m / d``): ``magic +
     z`` in the dot dtype would round ``z`` to a whole number ``zi``, so the weight is ``(q - zi) * s + (zi - z) * s``,
     the second term added by the same fused multiply-add that scales: no extra instruction."""
+    wait_then_release(USE_PDL)
     HALVES: tl.constexpr = BLOCK_K // 4
     GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # groups per tile, when a tile spans several
     DOT_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -777,6 +782,7 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         halves.stride(0), n, GROUP_SIZE=group_size, BLOCK_M=16, BLOCK_N=config.block_n,
         BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], SCALE_AFTER=config.kind == "mms",
         USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES, FRACTIONAL_ZEROS=not integer_zeros,
-        SPLIT=split_k > 1, num_warps=config.num_warps, num_stages=config.num_stages,
+        SPLIT=split_k > 1, USE_PDL=use_pdl(x), num_warps=config.num_warps, num_stages=config.num_stages,
+        **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out
