@@ -89,6 +89,10 @@ def _compile(kernel, pointers: dict[str, str], floats: set[str], constexprs: dic
     pointers, the strides (but the block table's) and ``divisible_ints`` marked divisible by 16; ``max_registers``
     is Triton's ``maxnreg``."""
     signature, attrs = {}, {}
+    # constexprs with defaults the caller left out (a bare ASTSource does not apply them): PDL off, as launched
+    # without programmatic dependent launch; PF_COLS (the PDL prefetch's width) at its default
+    constexprs = {**{name: value for name, value in (("USE_PDL", False), ("PF_COLS", 1)) if name in kernel.arg_names},
+                  **constexprs}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
