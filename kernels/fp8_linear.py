@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, to_e4m3
+from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, row_scales, to_e4m3
 from kernels.fp8_stream_k import fp8_stream_k_gemm
 from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.skinny_gemm import SkinnyConfig, _c, _fma_tile, _load_w_tile, _prefetch_l2, _x_row_ptrs, m_bucket
@@ -412,12 +412,8 @@ def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr
     if QUANT_X:
         if STATIC:
             x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(x_scale_ptr).to(tl.float32)
-        else:  # the whole row's absmax (x is a few KB, in L2), whatever this program's K split
-            amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                xv = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.abs(xv))
-            x_scale = e4m3_row_scale(tl.max(amax, axis=1), FP8_MAX, MIN_SCALE)
+        else:
+            x_scale = row_scales(x_ptrs, K, offs_k, FP8_MAX, MIN_SCALE)
     else:
         x_scale = tl.load(x_scale_ptr + x_rows)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)

@@ -23,3 +23,15 @@ def e4m3_row_scale(amax, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
 def to_e4m3(x, scale, FP8_MAX: tl.constexpr):
     """fp32 ``x / scale`` clamped to e4m3's range and rounded to e4m3."""
     return tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+
+
+@triton.jit
+def row_scales(x_ptrs, K, offs_k, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """Dynamic per-token scales of the rows ``x_ptrs`` (``[BLOCK_M, BLOCK_K]`` pointers at K offset 0) point at,
+    from one pass over their whole width: for a GEMM that quantizes its activations tile by tile (x is a few KB,
+    in L2), whatever part of K the program walks."""
+    amax = tl.zeros(x_ptrs.shape, dtype=tl.float32)
+    for k0 in range(0, K, x_ptrs.shape[1]):
+        xv = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(xv))
+    return e4m3_row_scale(tl.max(amax, axis=1), FP8_MAX, MIN_SCALE)

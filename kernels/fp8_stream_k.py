@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kernels import pdl as pdl_module
 from kernels.backend import num_sms
-from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, to_e4m3
+from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE, row_scales, to_e4m3
 from kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_supported
 from kernels.skinny_gemm import _prefetch_l2
 from kernels.split_k import MAX_SPLIT_K, add_up_if_last, arrival_counters
@@ -69,12 +69,8 @@ def _fp8_stream_k_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partia
         gdc_launch_dependents()
     x_rows = tl.minimum(offs_m, M - 1)  # padding rows re-read row M-1 and are never stored
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
-    if QUANT_X:  # the whole row's absmax (x is a few KB, in L2), whatever K tiles this program walks
-        amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            xv = tl.load(x_ptrs + k0, mask=(k0 + offs_k < K)[None, :], other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(xv))
-        x_scale = e4m3_row_scale(tl.max(amax, axis=1), FP8_MAX, MIN_SCALE)
+    if QUANT_X:
+        x_scale = row_scales(x_ptrs, K, offs_k, FP8_MAX, MIN_SCALE)
     else:
         x_scale = tl.load(x_scale_ptr + x_rows)
     w_offsets = offs_bn[:, None] * stride_wn + offs_k[None, :]
