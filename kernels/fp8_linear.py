@@ -20,6 +20,8 @@ Two paths on the GPU, by the number of rows M:
   wgmma ``QGMMA.64x16x32``, the weight tile as the 64-row side), fp32 accumulation, ``x_scale[m] * w_scale[n]``
   at the end: the loop has no conversion (``benchmarks/fp8_gemm_sass.py``: ~24 warp instructions per 1000 weights
   against the fma kernel's ~160), and its numerics are the prefill path's (``fp8_linear_ref``).
+  ``msk`` runs the same W8A8 product as one persistent stream-K launch (``kernels/fp8_stream_k.py``); measured,
+  it won no Llama-8B shape (``kernels/NOTES.md``), so no table entry names it today.
 
 ``fp8_linear_ref`` (quantize the activations like the W8A8 path, dequantize, fp32 matmul) is the CPU path and the
 reference of the W8A8 path; ``fp8_weight_only_ref`` is the skinny kernel's. Kernels take fp8 tensors as uint8 views
