@@ -215,8 +215,8 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_kv_blocks = 0
         self.graphs: DecodeGraphs | None = None
-        # Pipeline stages run eagerly: their send/recv between stages is not captured in CUDA graphs.
         pdl.configure(config.enable_pdl and self.device.type == "cuda")
+        # Pipeline stages run eagerly: their send/recv between stages is not captured in CUDA graphs.
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager and \
             (tp_group is None or tp_group.pp_size == 1)
         # Pipeline parallelism: steps run as micro-batches (start_step / finish_step), several in flight.

@@ -16,10 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import pdl as pdl_module
 from kernels.backend import num_sms
 from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE, row_scales, to_e4m3
-from kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, pdl_supported
+from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.skinny_gemm import _prefetch_l2
 from kernels.split_k import MAX_SPLIT_K, add_up_if_last, arrival_counters
 
@@ -37,6 +36,13 @@ def stream_k_programs(column_blocks: int, k_tiles: int, programs: int) -> int:
 def _owner(iteration, programs, total):
     """The program whose range ``[p * total // programs, (p + 1) * total // programs)`` holds ``iteration``."""
     return ((iteration + 1) * programs - 1) // total
+
+
+@triton.jit
+def _sharers(block, k_tiles, programs, total):
+    """``(first, count)``: the first program whose range touches column block ``block``, and how many do."""
+    first = _owner(block * k_tiles, programs, total)
+    return first, _owner(block * k_tiles + k_tiles - 1, programs, total) - first + 1
 
 
 @triton.jit
@@ -65,8 +71,7 @@ def _fp8_stream_k_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partia
             block0 = it0 // k_tiles
             rows0 = tl.minimum(block0 * BLOCK_N + offs_bn, N - 1).to(tl.int64) * stride_wn
             _prefetch_l2(w_ptr + rows0[:, None] + ((it0 - block0 * k_tiles) * BLOCK_K + pf_cols)[None, :])
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_then_release(USE_PDL)
     x_rows = tl.minimum(offs_m, M - 1)  # padding rows re-read row M-1 and are never stored
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
     if QUANT_X:
@@ -96,8 +101,7 @@ def _fp8_stream_k_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partia
             x = x_in.to(tl.float8e4nv, bitcast=True)
         acc = tl.dot(w_bits.to(tl.float8e4nv, bitcast=True), tl.trans(x), acc, out_dtype=tl.float32)
         if (k0 + BLOCK_K >= K) | (it == end - 1):  # this program's share of the column block is done
-            first = _owner(block * k_tiles, programs, total)
-            sharers = _owner(block * k_tiles + k_tiles - 1, programs, total) - first + 1
+            first, sharers = _sharers(block, k_tiles, programs, total)
             cols = block * BLOCK_N + offs_bn
             w_scale = tl.load(w_scale_ptr + cols, mask=cols < N, other=0.0)
             y = tl.trans(acc * w_scale[:, None] * x_scale[None, :])
@@ -121,21 +125,20 @@ def _fp8_stream_k_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partia
 @triton.jit
 def _arrive(block, out_ptr, partial_ptr, counter_ptr, programs, total, k_tiles, M, N, stride_om, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr):  # fmt: skip
-    first = _owner(block * k_tiles, programs, total)
-    sharers = _owner(block * k_tiles + k_tiles - 1, programs, total) - first + 1
+    sharers = _sharers(block, k_tiles, programs, total)[1]
     if sharers > 1:
         add_up_if_last(out_ptr, partial_ptr, counter_ptr, block, sharers, M, N, stride_om, BLOCK_M, BLOCK_N)
 
+
 def fp8_stream_k_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
                       weight_scale: torch.Tensor, out_dtype: torch.dtype, *, block_n: int, block_k: int,
-                      num_warps: int, num_stages: int, programs_per_sm: int = 1, programs: int | None = None,
-                      pdl: bool | None = None) -> torch.Tensor:  # fmt: skip
+                      num_warps: int, num_stages: int, programs_per_sm: int = 1,
+                      programs: int | None = None) -> torch.Tensor:  # fmt: skip
     """``(xq * x_scale) @ (weight * weight_scale[:, None])^T`` in ``out_dtype``: ``xq`` e4m3 ``[M <= 16, K]`` (unit
     column stride) with fp32 per-row scales ``[M, 1]``, ``weight`` e4m3 ``[N, K]`` with fp32 ``[N]`` scales. With
     ``x_scale`` None, ``xq`` is the unquantized activations, quantized per token inside the kernel (dynamic scales:
     the same bits as ``quantize_activations_triton``). ``programs`` (default ``programs_per_sm`` per SM) is capped by
-    :func:`stream_k_programs`. ``pdl``: launch with programmatic dependent launch (Hopper; ignored elsewhere;
-    default: ``kernels/pdl.py``'s switch)."""
+    :func:`stream_k_programs`. Launched with PDL where ``kernels/pdl.py`` says so."""
     m, k = xq.shape
     n = weight.shape[0]
     if m > 16:
@@ -156,7 +159,7 @@ def fp8_stream_k_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, weight: to
     partials = torch.empty((MAX_SPLIT_K.value, m, n), dtype=torch.float32, device=xq.device)
     counters = arrival_counters(xq.device, column_blocks)
     quant_x = x_scale is None
-    pdl = (pdl_module.ENABLED if pdl is None else pdl) and xq.is_cuda and pdl_supported(xq.device.index or 0)
+    pdl = use_pdl(xq)
     x_bits, scales = (xq, weight_scale) if quant_x else (xq.view(torch.uint8), x_scale)  # x_scale_ptr unread: quant_x
     _fp8_stream_k_kernel[(grid,)](
         x_bits, scales, bits, weight_scale, out, partials, counters, m, n, k, k_tiles, column_blocks * k_tiles,

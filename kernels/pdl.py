@@ -8,7 +8,8 @@ call ``gdc_wait`` (``griddepcontrol.wait``: the previous kernel has finished and
 reads anything a kernel wrote or writes anything a kernel reads. So every PDL kernel here starts with
 :func:`wait_then_release` (after, for a GEMM, asking L2 for its first weight tiles, which no kernel writes), and
 releases its own dependents right after the wait. Kernels launched without PDL wait as usual; the release is a no-op
-for them. Off unless :func:`configure` turns it on (``LLM(..., pdl=True)``; the benchmarks' ``--pdl``).
+for them. The engine turns it on in the model runner (``EngineConfig.enable_pdl``, default on; ``--no-enable-pdl``
+or ``LLM(enable_pdl=False)`` keeps it off); outside an engine it is off unless :func:`configure` says otherwise.
 """
 
 from __future__ import annotations

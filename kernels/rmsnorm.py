@@ -60,7 +60,7 @@ def _rms_norm_kernel(
 ):
     """``out = weight * round(norm(x))``; with a residual, ``x + residual`` (rounded) is also stored into it. With
     ``QUANTIZE`` also the rounded ``out`` quantized per row to e4m3 (bits into ``q_ptr [rows, n_cols]``, fp32 scales
-    into ``scale_ptr``) by ``kernels/fp8_linear.py``'s ``to_e4m3``, so the bits of the separate quantization launch."""
+    into ``scale_ptr``) by ``kernels/fp8_quant.py``'s ``to_e4m3``, so the bits of the separate quantization launch."""
     wait_then_release(USE_PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
