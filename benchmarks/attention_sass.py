@@ -37,13 +37,12 @@ from kernels import decode_attention, prefill_attention  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # Variants: (label, cache element type, dot element type, V as pairs, p @ v in two halves): the dots run in the dot
-# type, q is cast to it once; "fp8": the scores on the fp8 tensor cores (q as two e4m3 terms), p @ v in fp16.
+# type, q is cast to it once.
 VARIANTS = [("bf16 cache", "bf16", "bf16", False, False),
             ("fp8 cache, bf16 dots (old)", "fp8e4nv", "bf16", False, False),
             ("fp8 cache, fp16 dots", "fp8e4nv", "fp16", False, False),
             ("fp8 cache, fp16 dots, V as pairs", "fp8e4nv", "fp16", True, False),
-            ("fp8 cache, fp16 dots, V as pairs in two halves", "fp8e4nv", "fp16", True, True),
-            ("fp8 cache, fp8 scores, V as pairs in two halves", "fp8e4nv", "fp8", True, True)]  # fmt: skip
+            ("fp8 cache, fp16 dots, V as pairs in two halves", "fp8e4nv", "fp16", True, True)]  # fmt: skip
 
 
 def compile_decode(cache_ty: str, dot_ty: str, v_pairs: bool, tile_n: int, num_warps: int, num_stages: int, *, group: int = 2,
@@ -63,8 +62,8 @@ def compile_decode(cache_ty: str, dot_ty: str, v_pairs: bool, tile_n: int, num_w
                       BLOCK_D=head_dim, BLOCK_SIZE=block_size, TILE_N=tile_n, NUM_SPLITS=1, ORDER=2,
                       FUSED_REDUCE=False, GROUP_PAD=rows_pad, SPLITS_PAD=1, SPLIT_CHUNK=1, QUERIES=queries,
                       IEEE=False, SOFTCAP=False, ALIBI=False, WINDOW=False, KV_FP8=fp8,
-                      FP8_F16_DOTS=fp8 and dot_ty in ("fp16", "fp8"), V_PAIRS=v_pairs, PAIRS_ASM=v_pairs,
-                      SPLIT_V=split_v, FP8_QK=fp8 and dot_ty == "fp8")  # fmt: skip
+                      FP8_F16_DOTS=fp8 and dot_ty == "fp16", V_PAIRS=v_pairs, PAIRS_ASM=v_pairs,
+                      SPLIT_V=split_v)  # fmt: skip
     return _compile(kernel, pointers, floats, constexprs, num_warps, num_stages, max_registers=max_registers)
 
 
@@ -79,8 +78,8 @@ def compile_prefill(cache_ty: str, dot_ty: str, v_pairs: bool, block_m: int, til
     block_m = max(block_m, triton.next_power_of_2(group))
     constexprs = dict(GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_m // group, HEAD_DIM=head_dim, BLOCK_D=head_dim,
                       BLOCK_SIZE=block_size, TILE_N=tile_n, IEEE=False, SOFTCAP=False, ALIBI=False, WINDOW=False,
-                      KV_FP8=fp8, FP8_F16_DOTS=fp8 and dot_ty in ("fp16", "fp8"), V_PAIRS=v_pairs, PAIRS_ASM=v_pairs,
-                      SPLIT_V=split_v, FP8_QK=fp8 and dot_ty == "fp8")  # fmt: skip
+                      KV_FP8=fp8, FP8_F16_DOTS=fp8 and dot_ty == "fp16", V_PAIRS=v_pairs, PAIRS_ASM=v_pairs,
+                      SPLIT_V=split_v)  # fmt: skip
     return _compile(kernel, pointers, {"qk_scale", "cap_log2", "v_scale"}, constexprs, num_warps, num_stages)
 
 

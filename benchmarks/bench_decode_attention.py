@@ -95,19 +95,14 @@ WIDE_SWEEP = [(16, 4, 2), (16, 4, 3), (16, 4, 5), (32, 4, 2), (32, 4, 3), (32, 4
 # (fp8_path, tile_n, warps, stages[, max_registers]); the default FP8_DECODE_CONFIG and "f16" at 64/4/2 run anyway.
 # "f16-vsplit" (p @ v in two halves of the keys) halves the fp16 V tile staged in shared memory: at 128/4/2 with 128
 # registers 4 programs fit on an SM instead of 3, at 64/4/2 5 instead of 4 (offline, attention_sass.py); the
-# seventh session's Nsight Compute profile found the fp8 kernel latency-bound at 3 programs per SM. "f8qk-*": the
-# scores on the fp8 tensor cores from the unconverted K tile (kernels/attention_common.py fp8_scores).
+# seventh session's Nsight Compute profile found the fp8 kernel latency-bound at 3 programs per SM.
 FP8_SWEEP = [("f16-vpairs", 128, 4, 2), ("f16-vpairs", 64, 4, 3), ("f16", 128, 4, 2),
              ("f16-vsplit", 128, 4, 3), ("f16-vsplit", 128, 4, 2, 128), ("f16-vsplit", 128, 4, 3, 128),
              ("f16-vsplit", 128, 4, 4, 128), ("f16-vsplit", 128, 4, 3, 112), ("f16-vsplit", 128, 4, 3, 96),
              ("f16-vsplit", 128, 4, 4, 96), ("f16-vsplit", 64, 4, 3, 128), ("f16-vsplit", 64, 4, 4, 96),
              ("f16-vsplit", 64, 4, 5, 96), ("f16-vsplit", 256, 4, 2, 128), ("f16-vsplit", 256, 8, 2, 128),
-             ("f16-vsplit", 256, 8, 3, 96), ("f16-vsplit", 128, 8, 3, 96), ("f16-vsplit", 128, 8, 4, 64),
-             ("f8qk-vsplit", 128, 4, 2, 128), ("f8qk-vsplit", 128, 4, 3, 128), ("f8qk-vsplit", 128, 4, 3),
-             ("f8qk-vsplit", 64, 4, 3, 128), ("f8qk-vsplit", 64, 4, 4, 128), ("f8qk-vpairs", 64, 4, 3, 128),
-             ("f8qk-vpairs", 64, 4, 4), ("f8qk-vsplit", 128, 8, 3, 96), ("f8qk-vsplit", 256, 8, 2, 128)]  # fmt: skip
-FP8_SMOKE_SWEEP = [("f16-vpairs", 16, 4, 2), ("f16-vpairs", 32, 4, 3), ("f16-vsplit", 32, 4, 2, 128),
-                   ("f8qk-vsplit", 32, 4, 2, 128)]  # fmt: skip
+             ("f16-vsplit", 256, 8, 3, 96), ("f16-vsplit", 128, 8, 3, 96), ("f16-vsplit", 128, 8, 4, 64)]  # fmt: skip
+FP8_SMOKE_SWEEP = [("f16-vpairs", 16, 4, 2), ("f16-vpairs", 32, 4, 3), ("f16-vsplit", 32, 4, 2, 128)]
 
 
 @dataclass

@@ -59,7 +59,7 @@ def kv_compute_dtype(q: torch.Tensor, k_cache: torch.Tensor) -> torch.dtype:
     return q.dtype if is_fp8_cache(k_cache) else k_cache.dtype
 
 
-FP8_READ_PATHS = ("f16-vpairs", "f16", "upcast", "f16-vsplit", "f8qk-vpairs", "f8qk-vsplit")
+FP8_READ_PATHS = ("f16-vpairs", "f16", "upcast", "f16-vsplit")
 
 
 def fp8_read_flags(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, path: str) -> dict[str, bool]:
@@ -71,21 +71,16 @@ def fp8_read_flags(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     - ``"upcast"``: the tiles cast to q's dtype (the first fp8 path: bf16 on the GPU, no packed e4m3 -> bf16);
     - ``"f16-vsplit"``: as ``"f16-vpairs"``, but ``p @ v`` in two halves, the even keys then the odd ones
       (:func:`split_pv`), so the fp16 V tile staged in shared memory for the dot is half the size (tiles of >= 32
-      keys; smaller ones read V whole);
-    - ``"f8qk-vpairs"`` / ``"f8qk-vsplit"``: V as those two, but the scores on the fp8 tensor cores straight from the
-      e4m3 K tile, against q split into two e4m3 terms (:func:`queries_to_e4m3_pairs`, :func:`fp8_scores`): the K
-      tile is never converted, so it can go from global to shared memory to the MMA untouched. Head dims >= 32 (fp8
-      dots take K >= 32); smaller ones take the matching ``f16-`` path.
+      keys; smaller ones read V whole).
     fp32 queries (CPU tests) always upcast; so does every path when the cache is not fp8. The pairs need an even head
     dim and even V strides (always true of the engine's caches); ``PAIRS_ASM`` (the PTX conversion) on CUDA only."""
     if path not in FP8_READ_PATHS:
         raise ValueError(f"unknown fp8 read path {path!r}; expected one of {FP8_READ_PATHS}")
     f16_dots = is_fp8_cache(k_cache) and q.dtype in (torch.float16, torch.bfloat16) and path != "upcast"
     even = q.shape[-1] % 2 == 0 and all(s % 2 == 0 for s in v_cache.stride()[:3]) and v_cache.data_ptr() % 2 == 0
-    v_pairs = f16_dots and path.endswith(("-vpairs", "-vsplit")) and even
+    v_pairs = f16_dots and path in ("f16-vpairs", "f16-vsplit") and even
     return {"FP8_F16_DOTS": f16_dots, "V_PAIRS": v_pairs, "PAIRS_ASM": v_pairs and q.is_cuda,
-            "SPLIT_V": v_pairs and path.endswith("-vsplit"),
-            "FP8_QK": f16_dots and path.startswith("f8qk") and head_dim_block(q.shape[-1]) >= 32}
+            "SPLIT_V": v_pairs and path == "f16-vsplit"}
 
 
 def head_dim_block(head_dim: int) -> int:
@@ -141,49 +136,6 @@ def queries_to_fp16(q, qk_scale):
 
 
 @triton.jit
-def queries_to_e4m3_pairs(q):
-    """``q`` ``[rows, D]`` (fp16 or bf16) as ``2 * rows`` e4m3 rows for :func:`fp8_scores`, and each row's scale:
-    row ``2r`` is ``hi = e4m3(q[r] / scale[r])``, row ``2r + 1`` is ``lo = e4m3(16 * (q[r] / scale[r] - hi))``, so
-    ``q[r] ~= scale[r] * (hi + lo / 16)`` to about 8 significant bits, bf16's precision (one e4m3 term alone keeps 4).
-    ``scale`` maps the row's largest ``|q|`` to e4m3's 448; the residual of a value in [256, 448] is at most 16 (the
-    e4m3 step there is 32), so ``16 * residual`` never saturates. Zero rows (padding) get scale 1. Called once per
-    program, not per tile."""
-    q32 = q.to(tl.float32)
-    amax = tl.max(tl.abs(q32), 1)
-    scale = tl.where(amax > 0.0, amax * (1.0 / 448.0), 1.0)
-    x = tl.clamp(q32 / scale[:, None], -448.0, 448.0)
-    hi = round_to_e4m3(x)
-    lo = round_to_e4m3((x - hi) * 16.0)
-    pairs = tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), [2 * q.shape[0], q.shape[1]])
-    return pairs.to(tl.float8e4nv), scale
-
-
-@triton.jit
-def round_to_e4m3(x):
-    """``x`` (fp32, ``|x| <= 448``) rounded to the nearest e4m3 value (ties away from zero), still fp32: the step is
-    2^(exponent - 3), 2^-9 below e4m3's smallest normal, found from the bits. The cast to e4m3 afterwards is then
-    exact. Not ``x.to(tl.float8e4nv)``: Triton's interpreter drops the carry when rounding up crosses a power of two
-    (126 -> 64), and the CPU tests run there."""
-    exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    step = ((tl.maximum(exponent, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    magnitude = tl.floor(tl.abs(x) / step + 0.5) * step
-    return tl.where(x < 0.0, -magnitude, magnitude)
-
-
-@triton.jit
-def fp8_scores(k8, q_pairs, q_scale):
-    """Raw ``q @ k^T`` ``[rows, keys]`` from an e4m3 K tile ``[keys, D]`` and :func:`queries_to_e4m3_pairs`' output.
-
-    Computed as ``k8 @ q_pairs^T`` so the keys are the MMA's M side (>= 64 rows: one Hopper fp8 wgmma, both operands
-    K-major as it requires, the K tile read from shared memory as loaded) and the query rows, hi and lo interleaved,
-    its N side; the hi and lo columns are then split apart by reshape (a thread holds both) and summed, and the
-    ``[keys, rows]`` result transposed (one small layout conversion per tile)."""
-    st = tl.dot(k8, tl.trans(q_pairs))  # [keys, 2 * rows] fp32
-    hi, lo = tl.split(tl.reshape(st, [st.shape[0], st.shape[1] // 2, 2]))
-    return tl.trans(hi + lo * 0.0625) * q_scale[:, None]
-
-
-@triton.jit
 def e4m3_pairs_to_fp16(pairs, ASM: tl.constexpr):
     """A ``[rows, cols]`` uint16 tile, each element two e4m3 values (little endian: the low byte is the even
     column), -> the ``[rows, 2 * cols]`` fp16 tile. ``ASM``: one packed ``cvt.rn.f16x2.e4m3x2`` per pair (sm_89+);
@@ -229,14 +181,12 @@ def attend_kv_tile(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
     V_PAIRS: tl.constexpr, PAIRS_ASM: tl.constexpr, EMPTY_ROWS: tl.constexpr = False, SPLIT_V: tl.constexpr = False,
-    q_scale=1.0, FP8_QK: tl.constexpr = False,
 ):  # fmt: skip
     """One key tile of online softmax for the rows of ``q`` (``[rows, BLOCK_D]``, positions ``q_pos``): gather the
     tile's K/V through the block table, convert them to q's dtype (an fp8 cache's tiles: to fp16 when q was made
     fp16 by :func:`queries_to_fp16`, V as packed pairs with ``V_PAIRS``, in two halves with ``SPLIT_V``; see
     :func:`fp8_read_flags`), score, mask (``MASKED`` tiles: causal, context end, window) and fold into
-    ``(acc, m_i, l_i)``. ``FP8_QK``: ``q`` is :func:`queries_to_e4m3_pairs`' rows (``q_scale`` their scales) and the
-    e4m3 K tile goes into :func:`fp8_scores` unconverted; V is read as fp16 (pairs or a cast).
+    ``(acc, m_i, l_i)``.
 
     Unmasked tiles must lie wholly below every row's position and inside the context (prefill's full tiles).
     ``EMPTY_ROWS``: a row may meet a whole tile of keys it must not see before any visible key (with ``WINDOW``
@@ -251,12 +201,8 @@ def attend_kv_tile(
         page = tl.load(table + offs_n // BLOCK_SIZE).to(tl.int64)
     in_page = offs_n % BLOCK_SIZE
     dim_ok = offs_d < HEAD_DIM
-    if FP8_QK:
-        k = load_kv_tile(k_base + (page * stride_kb + in_page * stride_ks)[:, None] + offs_d[None, :],
-                         in_context[:, None], dim_ok[None, :], MASKED, BLOCK_D != HEAD_DIM)  # [TILE_N, BLOCK_D] e4m3
-    else:
-        k = load_kv_tile(k_base + (page * stride_kb + in_page * stride_ks)[None, :] + offs_d[:, None],
-                         in_context[None, :], dim_ok[:, None], MASKED, BLOCK_D != HEAD_DIM)  # [BLOCK_D, TILE_N]
+    k = load_kv_tile(k_base + (page * stride_kb + in_page * stride_ks)[None, :] + offs_d[:, None],
+                     in_context[None, :], dim_ok[:, None], MASKED, BLOCK_D != HEAD_DIM)  # [BLOCK_D, TILE_N]
     if V_PAIRS and SPLIT_V and TILE_N >= 32:  # halves of >= 16 keys (tl.dot's smallest K)
         v = None  # read in halves after the scores (split_pv)
     elif V_PAIRS:  # fp8 V read as uint16 pairs, converted to fp16 before its layout conversion (e4m3_pairs_to_fp16)
@@ -264,15 +210,12 @@ def attend_kv_tile(
     else:
         v = load_kv_tile(v_base + (page * stride_vb + in_page * stride_vs)[:, None] + offs_d[None, :],
                          in_context[:, None], dim_ok[None, :], MASKED, BLOCK_D != HEAD_DIM)  # [TILE_N, BLOCK_D]
-        v = v.to(tl.float16) if FP8_QK else v.to(q.dtype)
-    if FP8_QK:
-        s = fp8_scores(k, q, q_scale)
+        v = v.to(q.dtype)
+    k = k.to(q.dtype)  # an fp8 tile: to fp16 (packed cvt) or q's dtype, see queries_to_fp16
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
     else:
-        k = k.to(q.dtype)  # an fp8 tile: to fp16 (packed cvt) or q's dtype, see queries_to_fp16
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
+        s = tl.dot(q, k)
     s = transform_scores(s, qk_scale, cap_log2, slopes, q_pos, offs_n, SOFTCAP, ALIBI)
     if MASKED:
         s = mask_invisible(s, q_pos, offs_n, kv_end, sliding_window, WINDOW)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from kernels.attention_common import (
     attend, attend_kv_tile, check_attention_args, gather_kv, head_dim_block, is_fp8_cache, kv_compute_dtype,
-    fp8_read_flags, queries_to_e4m3_pairs, queries_to_fp16, score_params, visible_keys,
+    fp8_read_flags, queries_to_fp16, score_params, visible_keys,
 )
 from kernels.backend import num_sms
 from kernels.pdl import launch_options, use_pdl, wait_then_release
@@ -149,7 +149,6 @@ def _decode_kernel(
     V_PAIRS: tl.constexpr,  # fp8 V tiles read as uint16 pairs (see e4m3_pairs_to_fp16)
     PAIRS_ASM: tl.constexpr,  # ... converted by the PTX instruction (CUDA), else byte by byte
     SPLIT_V: tl.constexpr,  # ... and p @ v in two halves of the keys (see split_pv)
-    FP8_QK: tl.constexpr,  # ... and the scores on fp8 tensor cores (see fp8_scores)
     QUERIES: tl.constexpr,  # query rows per sequence at most (1: decode; 1 + k: a speculative verify)
     USE_PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
 ):
@@ -209,10 +208,7 @@ def _decode_kernel(
         tile_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
         q = tl.load(q_ptr + (q_row + query)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=tile_mask, other=0.0)  # fmt: skip
-    q_scale = qk_scale  # unread unless FP8_QK
-    if FP8_QK:
-        q, q_scale = queries_to_e4m3_pairs(q)  # scored against the e4m3 K tiles as they are
-    elif FP8_F16_DOTS:
+    if FP8_F16_DOTS:
         q, qk_scale = queries_to_fp16(q, qk_scale)  # the fp8 tiles are converted to fp16
     elif not KV_FP8:
         q = q.to(k_cache_ptr.dtype.element_ty)  # an fp8 cache's tiles are upcast to q's dtype instead
@@ -237,7 +233,7 @@ def _decode_kernel(
         acc, m_i, l_i = attend_kv_tile(
             acc, m_i, l_i, q, q_pos, tile_start, end, table, k_base, v_base, qk_scale, cap_log2, slopes,
             sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE_N, True,
-            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM, QUERIES > 1, SPLIT_V, q_scale, FP8_QK,
+            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM, QUERIES > 1, SPLIT_V,
         )  # fmt: skip
 
     safe_l = tl.where(l_i > 0.0, l_i, 1.0)  # seq_len == 0 (graph padding) gives zeros, not NaN

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from kernels.attention_common import (
     attend, attend_kv_tile, check_attention_args, gather_kv, head_dim_block, is_fp8_cache, kv_compute_dtype,
-    fp8_read_flags, queries_to_e4m3_pairs, queries_to_fp16, score_params, visible_keys,
+    fp8_read_flags, queries_to_fp16, score_params, visible_keys,
 )
 
 
@@ -106,7 +106,6 @@ def _prefill_kernel(
     V_PAIRS: tl.constexpr,  # fp8 V tiles read as uint16 pairs (see e4m3_pairs_to_fp16)
     PAIRS_ASM: tl.constexpr,  # ... converted by the PTX instruction (CUDA), else byte by byte
     SPLIT_V: tl.constexpr,  # ... and p @ v in two halves of the keys (see split_pv)
-    FP8_QK: tl.constexpr,  # ... and the scores on fp8 tensor cores (see fp8_scores)
 ):
     """Rows of a program are ``BLOCK_Q`` query tokens x ``GROUP`` query heads of one KV head (row = tok * GROUP + h).
 
@@ -143,10 +142,7 @@ def _prefill_kernel(
         mask=tile_mask,
         other=0.0,
     )
-    q_scale = qk_scale  # unread unless FP8_QK
-    if FP8_QK:
-        q, q_scale = queries_to_e4m3_pairs(q)  # scored against the e4m3 K tiles as they are
-    elif FP8_F16_DOTS:
+    if FP8_F16_DOTS:
         q, qk_scale = queries_to_fp16(q, qk_scale)  # the fp8 tiles are converted to fp16
     elif not KV_FP8:
         q = q.to(k_cache_ptr.dtype.element_ty)  # an fp8 cache's tiles are upcast to q's dtype instead
@@ -174,13 +170,13 @@ def _prefill_kernel(
         acc, m_i, l_i = attend_kv_tile(
             acc, m_i, l_i, q, q_pos, tile_start, kv_end, table, k_base, v_base, qk_scale, cap_log2, slopes,
             sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE_N, False,
-            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM, False, SPLIT_V, q_scale, FP8_QK,
+            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM, False, SPLIT_V,
         )  # fmt: skip
     for tile_start in range(full_end, kv_end, TILE_N):
         acc, m_i, l_i = attend_kv_tile(
             acc, m_i, l_i, q, q_pos, tile_start, kv_end, table, k_base, v_base, qk_scale, cap_log2, slopes,
             sliding_window, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE_N, True,
-            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM, False, SPLIT_V, q_scale, FP8_QK,
+            IEEE, SOFTCAP, ALIBI, WINDOW, V_PAIRS, PAIRS_ASM, False, SPLIT_V,
         )  # fmt: skip
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]

@@ -123,17 +123,11 @@ def test_fp8_read_flags():
     q = torch.zeros(2, 4, 64, dtype=BF16)
     fp8 = torch.zeros(3, 16, 2, 64, dtype=FP8_KV_DTYPE)
     assert fp8_read_flags(q, fp8, fp8, "f16-vpairs") == {"FP8_F16_DOTS": True, "V_PAIRS": True, "PAIRS_ASM": False,
-                                                         "SPLIT_V": False, "FP8_QK": False}  # fmt: skip
+                                                         "SPLIT_V": False}  # fmt: skip
     assert fp8_read_flags(q, fp8, fp8, "f16-vsplit") == {"FP8_F16_DOTS": True, "V_PAIRS": True, "PAIRS_ASM": False,
-                                                         "SPLIT_V": True, "FP8_QK": False}  # fmt: skip
+                                                         "SPLIT_V": True}  # fmt: skip
     assert fp8_read_flags(q, fp8, fp8, "f16") == {"FP8_F16_DOTS": True, "V_PAIRS": False, "PAIRS_ASM": False,
-                                                  "SPLIT_V": False, "FP8_QK": False}  # fmt: skip
-    assert fp8_read_flags(q, fp8, fp8, "f8qk-vsplit") == {"FP8_F16_DOTS": True, "V_PAIRS": True, "PAIRS_ASM": False,
-                                                          "SPLIT_V": True, "FP8_QK": True}  # fmt: skip
-    assert fp8_read_flags(q, fp8, fp8, "f8qk-vpairs")["FP8_QK"]
-    narrow = torch.zeros(3, 16, 2, 16, dtype=FP8_KV_DTYPE)  # fp8 dots take K >= 32: the f16 scores instead
-    assert not fp8_read_flags(q[..., :16], narrow, narrow, "f8qk-vsplit")["FP8_QK"]
-    assert not fp8_read_flags(q.float(), fp8, fp8, "f8qk-vsplit")["FP8_QK"]
+                                                  "SPLIT_V": False}  # fmt: skip
     assert not any(fp8_read_flags(q, fp8, fp8, "upcast").values())
     assert not any(fp8_read_flags(q.float(), fp8, fp8, "f16-vpairs").values())  # fp32 queries: the IEEE path
     bf16_cache = torch.zeros(3, 16, 2, 64, dtype=BF16)
