@@ -54,27 +54,3 @@ def test_split_v_fits_four_programs_per_sm():
     assert result["halves"]["regs"] <= 128
     assert result["halves"]["smem"] < 0.8 * result["whole"]["smem"]
     assert result["halves"]["programs"] == 4
-
-
-FP8_SCORES = """
-import json
-from benchmarks.attention_sass import compile_decode, summarize
-out = {}
-for name, dot_ty in (("f16", "fp16"), ("f8qk", "fp8")):
-    info = summarize(compile_decode("fp8e4nv", dot_ty, True, 128, 4, 2, group=4, split_v=True, max_registers=128))
-    out[name] = dict(info["loop_detail"])
-print(json.dumps(out))
-"""
-
-
-@needs_sass_tools
-def test_f8qk_scores_run_on_fp8_wgmma_from_the_unconverted_k_tile():
-    """``"f8qk-vsplit"`` at W2's group: the scores are fp8 wgmma (``QGMMA``) on the K tile as loaded, so the loop
-    converts only V (half the packed e4m3 conversions of ``"f16-vsplit"``) and the fp16 HMMAs are p @ v's alone."""
-    result = run_compile_script(FP8_SCORES)
-    f16, f8qk = result["f16"], result["f8qk"]
-    assert not any(op.startswith("QGMMA") for op in f16)
-    assert sum(n for op, n in f8qk.items() if op.startswith("QGMMA")) > 0
-    unpack = "F2FP.F16.E4M3.UNPACK_B"
-    assert f8qk.get(unpack, 0) * 2 == f16[unpack]
-    assert f8qk.get("HMMA.16816.F32", 0) * 2 == f16["HMMA.16816.F32"]

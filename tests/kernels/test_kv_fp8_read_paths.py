@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 import kernels.decode_attention as decode_attention
-from kernels.attention_common import FP8_KV_DTYPE, FP8_READ_PATHS, fp8_read_flags, queries_to_e4m3_pairs
+from kernels.attention_common import FP8_KV_DTYPE, FP8_READ_PATHS, fp8_read_flags
 from kernels.decode_attention import DecodeConfig, paged_decode_attention
 from kernels.prefill_attention import PrefillConfig, paged_prefill_attention
 from tests.kernels.kernel_testing import (
@@ -214,36 +212,3 @@ def test_gpu_split_v_with_register_cap_at_w1_shapes():
                            config=DecodeConfig(tile_n=128, num_warps=4, num_stages=2, fp8_path="f16-vsplit",
                                                max_registers=128))  # fmt: skip
     assert_close(out, _reference(problem, k64, v64), ATTENTION_TOLERANCE[BF16], "vsplit 128/4/2 maxnreg=128")
-
-
-@triton.jit
-def _query_pairs_kernel(q_ptr, pairs_ptr, scale_ptr, ROWS: tl.constexpr, D: tl.constexpr):
-    rows, cols = tl.arange(0, ROWS), tl.arange(0, D)
-    pairs, scale = queries_to_e4m3_pairs(tl.load(q_ptr + rows[:, None] * D + cols[None, :]))
-    rows2 = tl.arange(0, 2 * ROWS)
-    tl.store(pairs_ptr + rows2[:, None] * D + cols[None, :], pairs.to(tl.float32))
-    tl.store(scale_ptr + rows, scale)
-
-
-def test_query_pairs_round_like_torch_and_keep_bf16_precision():
-    """The ``"f8qk"`` paths' query split: ``hi`` is q / scale rounded to e4m3 as torch rounds it (values off the
-    ties; the kernel rounds ties away from zero), values just under a power of two round up across it, and
-    ``scale * (hi + lo / 16)`` is q to bf16's precision; a zero row stays zero."""
-    gen = torch.Generator().manual_seed(3)
-    q = torch.randn(16, 64, generator=gen) * torch.logspace(-3, 2, 16)[:, None]
-    q[3] = 0.0
-    q[5, :4] = torch.tensor([125.9, -127.9, 31.8, 448.0]) / 448.0 * q[5].abs().max()  # just under 128 and 32
-    q = q.to(F16).to(KERNEL_DEVICE)
-    pairs = torch.empty(32, 64, device=KERNEL_DEVICE)
-    scale = torch.empty(16, device=KERNEL_DEVICE)
-    _query_pairs_kernel[(1,)](q, pairs, scale, 16, 64)
-    x = q.float() / scale[:, None]
-    hi, lo = pairs[0::2], pairs[1::2]
-    expected_hi = x.to(FP8_KV_DTYPE).float()
-    differ = hi != expected_hi
-    assert torch.equal((x - hi).abs()[differ], (x - expected_hi).abs()[differ])  # ties only
-    assert hi[5, :2].tolist() == [128.0, -128.0] and hi[5, 2] == 32.0
-    assert scale[3] == 1.0 and not pairs[6:8].any()
-    rebuilt = scale[:, None] * (hi + lo / 16)
-    row_max = q.float().abs().amax(1, keepdim=True).clamp(min=1e-30)
-    assert ((rebuilt - q.float()).abs() / row_max).max() < 2**-9
