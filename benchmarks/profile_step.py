@@ -50,8 +50,7 @@ def _set_kernel_switches(args: argparse.Namespace) -> None:
         from benchmarks.decode_attention_variants import set_decode_variant
 
         set_decode_variant(args.decode_variant)
-    skinny_gemm.configure(enabled=not args.no_skinny_gemm, max_m=args.skinny_max_m, forced_config=args.skinny_config,
-                          pdl=args.skinny_pdl)  # fmt: skip
+    skinny_gemm.configure(enabled=not args.no_skinny_gemm, max_m=args.skinny_max_m, forced_config=args.skinny_config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-variant", default=None, help="a name of benchmarks/decode_attention_variants.py")
     p.add_argument("--skinny-config", default=None, help="force one skinny-GEMM config, e.g. fma:8x512:w4:p0")
     p.add_argument("--skinny-max-m", type=int, default=None, help="largest M that takes the skinny GEMM")
-    p.add_argument("--skinny-pdl", action="store_true", help="skinny GEMMs with programmatic dependent launch")
     p.add_argument("--no-enable-pdl", action="store_true", help="no programmatic dependent launch (kernels/pdl.py)")
     p.add_argument("--no-skinny-gemm", action="store_true", help="cuBLAS for every linear layer")
     p.add_argument("--json-object", action="store_true", help="every request under response_format json_object")

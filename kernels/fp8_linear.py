@@ -40,7 +40,16 @@ import triton.language as tl
 from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, row_scales, to_e4m3
 from kernels.fp8_stream_k import fp8_stream_k_gemm
 from kernels.pdl import launch_options, use_pdl, wait_then_release
-from kernels.skinny_gemm import SkinnyConfig, _c, _fma_tile, _load_w_tile, _prefetch_l2, _x_row_ptrs, m_bucket
+from kernels.skinny_gemm import (
+    SkinnyConfig,
+    _c,
+    _fma_tile,
+    _load_w_tile,
+    _prefetch_l2,
+    _x_row_ptrs,
+    m_bucket,
+    prefetch_two_tiles,
+)
 from kernels.split_k import decode_launch, split_workspace, store_split_partial, tensor_core_split_k
 
 
@@ -406,10 +415,8 @@ def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr
     k_end = tl.minimum(k_start + k_per_split, K)
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + w_rows[:, None] + offs_k[None, :]
-    if USE_PDL:  # ask L2 for the first two weight tiles (no kernel writes them), then wait for the previous kernel
-        l2_ptrs = w_ptr + w_rows[:, None] + (tl.arange(0, PF_COLS) * (BLOCK_K // PF_COLS))[None, :]
-        _prefetch_l2(l2_ptrs + k_start)
-        _prefetch_l2(l2_ptrs + tl.minimum(k_start + BLOCK_K, k_end - 1))
+    if USE_PDL:
+        prefetch_two_tiles(w_ptr, w_rows, k_start, k_end, BLOCK_K, PF_COLS)
     wait_then_release(USE_PDL)
     if QUANT_X:
         if STATIC:

@@ -50,9 +50,15 @@ def pdl_supported(device_index: int) -> bool:
     return HAS_GDC and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def can_use_pdl(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s device can launch with PDL at all (a CUDA GPU of compute capability 9+, Triton's
+    griddepcontrol)."""
+    return tensor.is_cuda and pdl_supported(tensor.device.index or 0)
+
+
 def use_pdl(tensor: torch.Tensor) -> bool:
     """Whether a kernel on ``tensor``'s device launches with PDL now."""
-    return ENABLED and tensor.is_cuda and pdl_supported(tensor.device.index or 0)
+    return ENABLED and can_use_pdl(tensor)
 
 
 def launch_options(pdl: bool) -> dict:

@@ -18,10 +18,9 @@ Rows past N (and x rows past M) re-read the last valid row instead of being mask
 vectors; only the stores are masked. Outputs are written in x's dtype or in float32 (the LM head's logits, which
 saves the separate ``.float()`` pass over [M, vocab]).
 
-Optionally (``pdl=True``, or ``configure(pdl=True)`` for every launch) the kernels are launched with programmatic
-dependent launch: a program may start while the previous kernel in the stream finishes, issues its first weight loads
-(weights are never written by a kernel), and only then waits (``griddepcontrol.wait``) before it reads x or writes
-its output.
+With programmatic dependent launch on (``kernels/pdl.py``: the engine's ``enable_pdl``; ``pdl=`` overrides it per
+call) a program may start while the previous kernel in the stream finishes, issues its first weight loads (weights
+are never written by a kernel), and only then waits (``griddepcontrol.wait``) before it reads x or writes its output.
 
 Launch configurations live in ``SKINNY_CONFIGS`` (exact ``(m_bucket, N, K)`` shapes, measured by
 ``benchmarks/bench_skinny_gemm.py``, which prints a block to paste here) and ``DEFAULT_CONFIGS`` (per M bucket, for
@@ -30,8 +29,7 @@ other shapes); a ``None`` entry sends that class to cuBLAS.
 The dispatcher ``linear`` takes the caller's kernel backend (``"torch"``: always cuBLAS). Experiment switches, set by
 the benchmark scripts through :func:`configure` (module settings, read at each call): ``enabled=False`` turns the
 dispatcher off (always ``F.linear``); ``max_m`` is the largest M that takes the Triton path (default 16);
-``forced_config`` (e.g. ``"fma:8x512:w4:p0"`` or ``"dot:32x128:w4:s4"``) forces one configuration for every shape;
-``pdl`` turns programmatic dependent launch on or off.
+``forced_config`` (e.g. ``"fma:8x512:w4:p0"`` or ``"dot:32x128:w4:s4"``) forces one configuration for every shape.
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ import triton.language as tl
 
 from kernels import pdl as pdl_module
 from kernels.backend import use_triton
-from kernels.pdl import gdc_launch_dependents, gdc_wait
+from kernels.pdl import wait_then_release
 
 # ------------------------------------------------------------------------------------------------- configurations
 
@@ -162,16 +160,14 @@ DEFAULT_CONFIGS: dict[int, SkinnyConfig | None] = {
 ENABLED = True
 MAX_M = 16
 FORCED_CONFIG: SkinnyConfig | None = None
-USE_PDL = False
 
 
 def configure(
     *, enabled: bool | None = None, max_m: int | None = None, forced_config: str | SkinnyConfig | None = None,
-    pdl: bool | None = None,
 ) -> None:
     """Set the experiment switches that are given (the others keep their values); ``forced_config=""`` clears a
     forced configuration. Takes effect for launches made, and CUDA graphs captured, from now on."""
-    global ENABLED, MAX_M, FORCED_CONFIG, USE_PDL
+    global ENABLED, MAX_M, FORCED_CONFIG
     if enabled is not None:
         ENABLED = enabled
     if max_m is not None:
@@ -180,8 +176,6 @@ def configure(
         if isinstance(forced_config, str):
             forced_config = SkinnyConfig.parse(forced_config) if forced_config else None
         FORCED_CONFIG = forced_config
-    if pdl is not None:
-        USE_PDL = pdl
 
 
 def m_bucket(m: int) -> int:
@@ -209,6 +203,16 @@ def _prefetch_l2(ptrs):
     tl.inline_asm_elementwise(
         "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
     )
+
+
+@triton.jit
+def prefetch_two_tiles(w_ptr, w_rows, k_start, k_end, BLOCK_K: tl.constexpr, PF_COLS: tl.constexpr):
+    """Ask L2 for the first two ``BLOCK_K`` tiles of ``[k_start, k_end)`` in the weight rows at offsets ``w_rows``
+    (``PF_COLS`` addresses per row: one per 128-byte line): what a PDL-launched GEMM does before it waits on the
+    previous kernel, since no kernel writes a weight."""
+    l2_ptrs = w_ptr + w_rows[:, None] + (tl.arange(0, PF_COLS) * (BLOCK_K // PF_COLS))[None, :]
+    _prefetch_l2(l2_ptrs + k_start)
+    _prefetch_l2(l2_ptrs + tl.minimum(k_start + BLOCK_K, k_end - 1))
 
 
 @triton.jit
@@ -289,9 +293,7 @@ def _skinny_fma_kernel(
             _prefetch_l2(l2_ptrs + tl.minimum(t, num_tiles - 1) * BLOCK_K)
 
     w = _load_w_tile(w_ptrs, 0, K, offs_k, EVEN_K)
-    if USE_PDL:  # everything above touched only the weight; x and out may belong to the previous kernel
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_then_release(USE_PDL)  # everything above touched only the weight; x and out may be the previous kernel's
 
     m0 = tl.program_id(1) * BLOCK_M
     x0_ptr, x1_ptr, x2_ptr, x3_ptr = _x_row_ptrs(x_ptr, m0, M, stride_xm)
@@ -341,13 +343,9 @@ def _skinny_dot_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + (tl.minimum(rows_n, N - 1).to(tl.int64) * stride_wn)[:, None] + offs_k[None, :]
     x_ptrs = x_ptr + (tl.minimum(rows_m, M - 1).to(tl.int64) * stride_xm)[:, None] + offs_k[None, :]
-    if USE_PDL:  # ask L2 for the first two weight tiles before waiting on the previous kernel
-        l2_ptrs = w_ptr + (tl.minimum(rows_n, N - 1).to(tl.int64) * stride_wn)[:, None] \
-            + (tl.arange(0, PF_COLS) * (BLOCK_K // PF_COLS))[None, :]
-        _prefetch_l2(l2_ptrs)
-        _prefetch_l2(l2_ptrs + tl.minimum(BLOCK_K, ((K - 1) // BLOCK_K) * BLOCK_K))
-        gdc_wait()
-        gdc_launch_dependents()
+    if USE_PDL:
+        prefetch_two_tiles(w_ptr, tl.minimum(rows_n, N - 1).to(tl.int64) * stride_wn, 0, K, BLOCK_K, PF_COLS)
+    wait_then_release(USE_PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
@@ -403,9 +401,7 @@ def skinny_gemm(
         config = pick_config(m, n, k) or DEFAULT_CONFIGS[16] or _c("dot:32x128:w4:s4")
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
-    if pdl is None:
-        pdl = USE_PDL or pdl_module.ENABLED
-    pdl = bool(pdl) and x.is_cuda and pdl_module.pdl_supported(x.device.index or 0)
+    pdl = pdl_module.use_pdl(x) if pdl is None else (bool(pdl) and pdl_module.can_use_pdl(x))
     launch_pdl = pdl_module.launch_options(pdl)
     bias_arg = bias if bias is not None else weight  # never read without HAS_BIAS
     even_k = k % config.block_k == 0

@@ -130,13 +130,13 @@ def test_m_buckets_and_config_table(monkeypatch):
 
 
 def test_configure_sets_only_the_given_switches(monkeypatch):
-    for name in ("ENABLED", "MAX_M", "FORCED_CONFIG", "USE_PDL"):
+    for name in ("ENABLED", "MAX_M", "FORCED_CONFIG"):
         monkeypatch.setattr(sg, name, getattr(sg, name))  # restored after the test
     sg.configure(forced_config="dot:32x128:w4:s4", max_m=8)
     assert pick_config(1, 512, 256) == SkinnyConfig("dot", 32, 128, 4, 4)
-    assert (sg.MAX_M, sg.ENABLED, sg.USE_PDL) == (8, True, False)
-    sg.configure(enabled=False, pdl=True)
-    assert (sg.ENABLED, sg.USE_PDL, sg.MAX_M) == (False, True, 8)
+    assert (sg.MAX_M, sg.ENABLED) == (8, True)
+    sg.configure(enabled=False)
+    assert (sg.ENABLED, sg.MAX_M) == (False, 8)
     assert sg.FORCED_CONFIG == SkinnyConfig("dot", 32, 128, 4, 4)
     sg.configure(forced_config="")
     assert sg.FORCED_CONFIG is None
