@@ -13,7 +13,6 @@ can reach: at M = 1 a decode step is these four GEMMs per layer.
     python benchmarks/bench_quant_gemm.py --sweep-dot --m 1 4 16   # + every tl.dot decode launch config
     python benchmarks/bench_quant_gemm.py --formats int4 --m 16 32 64 128 256 1024   # int4's dequant crossover
     python benchmarks/bench_quant_gemm.py --sweep --m 1 --split-k 1 2 4 8   # + fixed K splits of the mma configs
-    python benchmarks/bench_quant_gemm.py --look-ahead   # the M = 1 tables' tensor-core entries at L2 look-aheads
 
 ``--sweep`` times the CUDA-core fma kernels (``fp8_fma_gemm``, ``int4_fma_gemm``) at each candidate config for
 M = 1, 2, 4 (``--m`` up to 16: fma configs run to M = 4), fp8 also the W8A8 tensor-core kernel's ``mma`` configs
@@ -33,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -64,11 +62,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep-dot", action="store_true", help="also sweep the tl.dot decode kernels' launch configs")
     p.add_argument("--split-k", type=int, nargs="+", default=[], metavar="S",
                    help="--sweep: also time each tensor-core candidate at these fixed K splits (label suffix :kS)")
-    p.add_argument("--look-ahead", action="store_true",
-                   help="time each tensor-core entry of the M = 1 tables at L2 look-ahead depths (:pN) and print "
-                        "the entries to paste")  # fmt: skip
-    p.add_argument("--write-table", default=None, metavar="FILE",
-                   help="--look-ahead: also write the picks as JSON {format: {'N,K': config}}")
     p.add_argument("--formats", nargs="+", choices=("fp8", "int4"), default=["fp8", "int4"],
                    help="--sweep: the quantized formats to sweep (bf16 skinny always runs, as the yardstick)")
     return p.parse_args()
@@ -436,55 +429,6 @@ def decode_sweep() -> int:
     return 0
 
 
-LOOK_AHEAD_DEPTHS = (0, 2, 4, 8)  # tiles ahead of the one loading that a program asks L2 for (0: none)
-
-
-def look_ahead_sweep() -> int:
-    """The --look-ahead section: each tensor-core entry of the M = 1 tables (fp8 ``FP8_SKINNY_CONFIGS``, int4
-    ``INT4_SKINNY_CONFIGS``) timed as it is and with an L2 look-ahead of 2 / 4 / 8 tiles (``prefetch.global.L2`` of
-    a later weight tile inside the K loop: more bytes in flight without shared memory or registers, for launches
-    with few programs per SM), each checked against its reference; then the entries to paste."""
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-    shapes = {"tiny_b": SMOKE_SHAPES["tiny_b"]} if ARGS.smoke else SHAPES
-    picks: dict[str, dict[str, str]] = {}
-    for fmt in ARGS.formats:
-        table = fp8.FP8_SKINNY_CONFIGS if fmt == "fp8" else i4.INT4_SKINNY_CONFIGS
-        for name, (n, k) in shapes.items():
-            base = table.get((1, n, k)) or (SkinnyConfig.parse("mma:64x128:w4:s2") if ARGS.smoke else None)
-            if base is None or base.kind not in ("mma", "mmq", "mms"):
-                print(f"# {fmt} {name}: table entry {base} is not a tensor-core config: skipped")
-                continue
-            weights = sweep_weights(fmt, n, k, gen)
-            x = torch.randn(1, k, generator=gen, device=DEVICE).to(DTYPE)
-            calls = {}
-            for depth in LOOK_AHEAD_DEPTHS:
-                c = dataclasses.replace(base, prefetch=depth)
-                calls[str(c)] = ((lambda i, x, c=c: fp8.fp8_mma_gemm(x, *weights[i], c)) if fmt == "fp8" else
-                                 (lambda i, x, c=c: i4.int4_mma_gemm(x, *weights[i], GROUP, c)))  # fmt: skip
-            precompile([(call, x) for call in calls.values()])
-            ref = sweep_reference(fmt, weights, x, str(base))
-            times = {}
-            for label, call in calls.items():
-                check(f"{fmt} {name} {label}", call(0, x), ref, 2e-2)
-                times[label] = time_per_call([lambda i=i: call(i, x) for i in range(len(weights))])
-            best = min(times, key=times.get)
-            picks.setdefault(fmt, {})[f"{n},{k}"] = best
-            print(f"{fmt:>5} {name:>13}: " + " | ".join(f"{label} {ms * 1e3:.1f} us" for label, ms in times.items())
-                  + f"  -> {best}")
-    for fmt, entries in picks.items():
-        print(f"\n## {fmt}: entries to paste ({'kernels/fp8_linear.py' if fmt == 'fp8' else 'kernels/int4_gemm.py'})")
-        for key, label in entries.items():
-            print(f"    (1, {key.replace(',', ', ')}): _c({label!r}),")
-    if ARGS.write_table:
-        with open(ARGS.write_table, "w") as f:
-            json.dump(picks, f, indent=1)
-    if failures:
-        print("# correctness check FAILURES:\n" + "\n".join(failures))
-        return 1
-    print("# all correctness checks passed")
-    return 0
-
-
 def split_lines(times: dict[str, float]) -> list[str]:
     """With ``--split-k``: per tensor-core kind, its best config's time at the default split rule and at each fixed
     split, so a sweep shows what the splits buy."""
@@ -596,8 +540,6 @@ def print_sweep(results: dict, shapes: dict[str, tuple[int, int]], m_values: lis
 
 
 def main() -> int:
-    if ARGS.look_ahead:
-        return look_ahead_sweep()
     if ARGS.sweep:
         return decode_sweep()
     shapes = SMOKE_SHAPES if ARGS.smoke else SHAPES

@@ -57,7 +57,7 @@ def compile_mma(config: SkinnyConfig, split: bool = False):
         pointers["x_ptr"] = "*bf16"
     constexprs = dict(BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=True, QUANT_X=quant_x,
                       STATIC=False, FP8_MAX=fp8_linear.FP8_MAX, MIN_SCALE=fp8_linear.FP8_MIN_SCALE,
-                      SPLIT=split, PREFETCH=config.prefetch, PF_COLS=max(1, config.block_k // 128))  # fmt: skip
+                      SPLIT=split)  # fmt: skip
     return _compile(fp8_linear._fp8_mma_kernel, pointers, constexprs, config.num_warps, config.num_stages)
 
 

@@ -48,8 +48,7 @@ def compile_mma(config: SkinnyConfig, dtype: str = "bf16", split: bool = False):
                 "out_ptr": f"*{dtype}", "partial_ptr": "*fp32", "counter_ptr": "*i32"}  # fmt: skip
     constexprs = dict(GROUP_SIZE=GROUP, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                       MAGIC=MAGIC[dtype], SCALE_AFTER=config.kind == "mms", USE_ASM=True,
-                      FRACTIONAL_ZEROS=False, SPLIT=split, PREFETCH=config.prefetch,
-                      PF_COLS=max(1, config.block_k // 256))  # fmt: skip
+                      FRACTIONAL_ZEROS=False, SPLIT=split)  # fmt: skip
     return compile_sm90(int4_gemm._int4_mma_kernel, pointers, set(), constexprs, config.num_warps, config.num_stages,
                         divisible_ints={"K"})  # fmt: skip
 

@@ -389,7 +389,7 @@ def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr
                     BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, QUANT_X: tl.constexpr, STATIC: tl.constexpr, FP8_MAX: tl.constexpr,
                     MIN_SCALE: tl.constexpr, SPLIT: tl.constexpr, PF_COLS: tl.constexpr = 1,
-                    USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):  # fmt: skip
+                    USE_PDL: tl.constexpr = False):  # fmt: skip
     """Program (n, split): ``(xq @ w^T)[.., split's K] * x_scale[m] * w_scale[n]``, the splits added up into ``out``
     by the column block's last program (``store_split_partial``); both
     operands e4m3 reinterpreted from their bits and fed to ``tl.dot`` as they are (fp8 MMA, fp32 accumulation): no
@@ -426,11 +426,7 @@ def _fp8_mma_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, partial_ptr
     else:
         x_scale = tl.load(x_scale_ptr + x_rows)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if PREFETCH > 0:  # the L2 look-ahead (an ``:pN`` config): tile k0 + PREFETCH asked for while tile k0 loads
-        l2_ahead = w_ptr + w_rows[:, None] + (tl.arange(0, PF_COLS) * (BLOCK_K // PF_COLS))[None, :]
     for k0 in range(k_start, k_end, BLOCK_K):
-        if PREFETCH > 0:
-            _prefetch_l2(l2_ahead + tl.minimum(k0 + PREFETCH * BLOCK_K, k_end - 1))
         if EVEN_K:
             x_in = tl.load(x_ptrs + k0)
             w_bits = tl.load(w_ptrs + k0)
@@ -521,8 +517,7 @@ def _launch_mma(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, we
         bits.stride(0), n, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0 and k_per_split % config.block_k == 0, QUANT_X=quant_x, STATIC=static,
         FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, SPLIT=split_k > 1, PF_COLS=max(1, config.block_k // 128),
-        USE_PDL=use_pdl(x), PREFETCH=config.prefetch if x.is_cuda else 0, num_warps=config.num_warps,
-        num_stages=config.num_stages, **launch_options(use_pdl(x)),
+        USE_PDL=use_pdl(x), num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out
 

@@ -46,7 +46,7 @@ import triton.language as tl
 
 from kernels.backend import use_triton
 from kernels.pdl import launch_options, use_pdl, wait_then_release
-from kernels.skinny_gemm import SkinnyConfig, _c, _prefetch_l2, _store_row, _x_row_ptrs, m_bucket
+from kernels.skinny_gemm import SkinnyConfig, _c, _store_row, _x_row_ptrs, m_bucket
 from kernels.split_k import decode_launch, split_workspace, store_split_partial, tensor_core_split_k
 
 # AutoAWQ's GEMM packing: nibble i of an int32 holds column AWQ_ORDER[i] of its eight.
@@ -655,8 +655,7 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, counter_
                      stride_xm, stride_qn, stride_om, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, SCALE_AFTER: tl.constexpr,
                      USE_ASM: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr = False,
-                     SPLIT: tl.constexpr = False, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-                     PF_COLS: tl.constexpr = 1):  # fmt: skip
+                     SPLIT: tl.constexpr = False, USE_PDL: tl.constexpr = False):  # fmt: skip
     """Program (n, split): ``x[:, split's K] @ W[split's K, n block]`` (the splits added up into ``out`` by the column
     block's last program, ``store_split_partial``), computed as
     ``W^T @ x^T`` so the dequantized ``[BLOCK_N, BLOCK_K]`` weight tile is the MMA's M side (64 / 128 rows: Hopper
@@ -693,13 +692,8 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, counter_
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, K // BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if PREFETCH > 0:  # the L2 look-ahead (an ``:pN`` config): tile t + PREFETCH asked for while tile t loads
-        l2_ahead = (qh_ptr + (w_rows.to(tl.int64) * stride_qn)[:, None]
-                    + (tl.arange(0, PF_COLS) * (HALVES // PF_COLS))[None, :])  # one address per 128-byte line
     for t in range(t_start, t_end):  # tile t: offsets t * HALVES are known 16-byte aligned (16-byte async copies)
         k0 = t * BLOCK_K
-        if PREFETCH > 0:
-            _prefetch_l2(l2_ahead + tl.minimum(t + PREFETCH, t_end - 1) * HALVES)
         halves = tl.load(q_ptrs + t * HALVES)
         if BLOCK_K <= GROUP_SIZE:
             sz = (k0 // GROUP_SIZE) * N + w_rows
@@ -788,8 +782,7 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         halves.stride(0), n, GROUP_SIZE=group_size, BLOCK_M=16, BLOCK_N=config.block_n,
         BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], SCALE_AFTER=config.kind == "mms",
         USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES, FRACTIONAL_ZEROS=not integer_zeros,
-        SPLIT=split_k > 1, USE_PDL=use_pdl(x), PREFETCH=config.prefetch if x.is_cuda else 0,
-        PF_COLS=max(1, block_k // 256), num_warps=config.num_warps, num_stages=config.num_stages,
+        SPLIT=split_k > 1, USE_PDL=use_pdl(x), num_warps=config.num_warps, num_stages=config.num_stages,
         **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out

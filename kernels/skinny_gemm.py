@@ -54,8 +54,8 @@ class SkinnyConfig:
     """One launch configuration. ``kind`` is ``"fma"``, ``"dot"`` or ``"mma"`` / ``"mmq"`` (the fp8 W8A8
     tensor-core kernel, activations quantized by a separate launch / in the kernel; ``kernels/fp8_linear.py``; ``mma``
     and ``mms`` are also ``kernels/int4_gemm.py``'s w4a16 tensor-core kernel, scaling the weights / the products);
-    ``prefetch`` (fma; also mma / mmq / mms, as ``:pN`` after the stages) is how many tiles ahead each program asks
-    L2 for (0: off); ``num_stages`` (the others) is Triton's software-pipeline depth; ``split_k`` (tensor-core kinds only, ``:k4``) fixes the K splits of the
+    ``prefetch`` (fma only) is how many tiles ahead each program asks L2 for (0: off); ``num_stages`` (the others)
+    is Triton's software-pipeline depth; ``split_k`` (tensor-core kinds only, ``:k4``) fixes the K splits of the
     launch (0: ``kernels/split_k.py``'s rule), for shapes where a sweep measured more programs per SM to pay.
     ``msk`` is the fp8 W8A8 stream-K kernel (``kernels/fp8_stream_k.py``: one persistent launch of ``per_sm``
     programs per SM, ``:g2``, default 1, splitting the weight's tiles evenly)."""
@@ -86,13 +86,9 @@ class SkinnyConfig:
             raise ValueError(f"split_k is a tensor-core config's (mma / mmq / mms) and >= 1, got {self}")
         if self.per_sm < 0 or (self.per_sm and self.kind != "msk"):
             raise ValueError(f"per_sm (programs per SM) is a stream-K (msk) config's and >= 1, got {self}")
-        if self.prefetch < 0 or (self.prefetch and self.kind not in ("fma", "mma", "mmq", "mms")):
-            raise ValueError(f"prefetch (L2 look-ahead in tiles) is an fma or tensor-core config's, got {self}")
 
     def __str__(self) -> str:
         tail = f"p{self.prefetch}" if self.kind == "fma" else f"s{self.num_stages}"
-        if self.kind != "fma" and self.prefetch:
-            tail += f":p{self.prefetch}"
         split = f":k{self.split_k}" if self.split_k else ""
         per_sm = f":g{self.per_sm}" if self.per_sm else ""
         return f"{self.kind}:{self.block_n}x{self.block_k}:w{self.num_warps}:{tail}{split}{per_sm}"
@@ -100,20 +96,15 @@ class SkinnyConfig:
     @classmethod
     def parse(cls, text: str) -> SkinnyConfig:
         """Inverse of ``str()``: ``fma:8x512:w4:p2``, ``dot:32x128:w4:s4`` (the last field may be left out) or
-        ``mma:128x256:w4:s3:k2`` (a fixed K split) or ``mma:128x256:w4:s3:p4`` (L2 look-ahead of 4 tiles) or
-        ``msk:128x256:w4:s4:g2`` (programs per SM)."""
-        match = re.fullmatch(r"\s*(fma|dot|mma|mmq|mms|msk):(\d+)x(\d+):w(\d+)(?::([ps])(\d+))?(?::p(\d+))?"
-                             r"(?::k(\d+))?(?::g(\d+))?\s*", text)
+        ``mma:128x256:w4:s3:k2`` (a fixed K split) or ``msk:128x256:w4:s4:g2`` (programs per SM)."""
+        match = re.fullmatch(r"\s*(fma|dot|mma|mmq|mms|msk):(\d+)x(\d+):w(\d+)(?::([ps])(\d+))?(?::k(\d+))?"
+                             r"(?::g(\d+))?\s*", text)
         if match is None:
             raise ValueError(f"cannot parse skinny GEMM config {text!r} (expected e.g. 'fma:8x512:w4:p0')")
-        kind, bn, bk, warps, tag, value, ahead, split, per_sm = match.groups()
+        kind, bn, bk, warps, tag, value, split, per_sm = match.groups()
         extra = {"split_k": int(split)} if split is not None else {}
         if per_sm is not None:
             extra["per_sm"] = int(per_sm)
-        if ahead is not None:
-            if tag != "s":
-                raise ValueError(f"{text!r}: an L2 look-ahead ':pN' follows the stages ':sN' of a tensor-core config")
-            extra["prefetch"] = int(ahead)
         if tag is not None:
             if (tag == "p") != (kind == "fma"):
                 raise ValueError(f"{text!r}: 'p' (prefetch) goes with fma, 's' (stages) with dot")

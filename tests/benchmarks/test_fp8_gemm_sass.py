@@ -77,32 +77,3 @@ def test_stream_k_loop_stays_software_pipelined():
         assert info["mmas"] > 0 and not any(op.startswith("HMMA") for op in info["loop"]), (label, info["loop"])
         assert not any(op.startswith(("ATOM", "RED")) for op in info["loop"]), (label, info["loop"])
         assert info["stack"] == 0, label
-
-
-LOOK_AHEAD = """
-import json
-from benchmarks.fp8_gemm_sass import compile_mma as compile_fp8, loop_summary
-from benchmarks.int4_gemm_sass import compile_mma as compile_int4
-from kernels.skinny_gemm import SkinnyConfig
-out = {}
-for name, compile_mma in (("fp8", compile_fp8), ("int4", compile_int4)):
-    for text in ("mma:128x256:w4:s3", "mma:128x256:w4:s3:p4"):
-        config = SkinnyConfig.parse(text)
-        info = loop_summary(compile_mma(config), config)
-        out[f"{name} {text}"] = {k: info[k] for k in ("loop", "async_copies")}
-print(json.dumps(out))
-"""
-
-
-@needs_sass_tools
-def test_l2_look_ahead_keeps_the_async_copy_pipeline():
-    """An ``:pN`` tensor-core config asks L2 for a later tile inside the K loop (``prefetch.global.L2``: CCTL.E.PF2)
-    of the fp8 and int4 decode kernels without costing Triton's cp.async pipeline (an impure instruction in the loop
-    could have: an atomic there did, see the stream-K test above)."""
-    result = run_compile_script(LOOK_AHEAD)
-    for fmt in ("fp8", "int4"):
-        plain, ahead = result[f"{fmt} mma:128x256:w4:s3"], result[f"{fmt} mma:128x256:w4:s3:p4"]
-        assert plain["loop"].get("CCTL.E.PF2", 0) == 0 and ahead["loop"].get("CCTL.E.PF2", 0) > 0, fmt
-        assert ahead["async_copies"] == plain["async_copies"] > 0, fmt
-        copies = [op for op in plain["loop"] if op.startswith("LDGSTS")]
-        assert copies and all(ahead["loop"].get(op) == plain["loop"][op] for op in copies), (fmt, ahead["loop"])

@@ -98,30 +98,6 @@ def test_quantized_gemm_decode_sweep_smoke_prints_tables_and_step_prediction():
         assert re.search(kind + r":64x64:w4:s1 by K split: rule [\d.]+ us, k2 [\d.]+ us", fp8_section), kind
 
 
-def test_quantized_gemm_look_ahead_smoke_writes_the_picks(tmp_path):
-    """``bench_quant_gemm.py --look-ahead`` at a tiny shape, interpreted on CPU (where the look-ahead itself is off:
-    the L2 prefetch is PTX): every depth of each format's tensor-core entry passes its check, and the picks are
-    printed to paste and written as JSON."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    table = tmp_path / "picks.json"
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_quant_gemm.py"), "--smoke", "--look-ahead",
-                           "--write-table", str(table)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=root)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "# all correctness checks passed" in proc.stdout
-    for fmt in ("fp8", "int4"):
-        assert "mma:64x128:w4:s2:p8" in proc.stdout.split(f"{fmt:>5}        tiny_b:")[1].split("\n")[0]
-        assert f"## {fmt}: entries to paste" in proc.stdout
-    picks = json.loads(table.read_text())
-    assert set(picks) == {"fp8", "int4"} and all(re.fullmatch(r"mma:64x128:w4:s2(:p\d)?", picks[f]["48,256"])
-                                                  for f in picks)  # fmt: skip
-
-
 def test_quality_script_measures_the_default_gguf_kept_and_repacked(tmp_path, capsys):
     """The default SmolLM2 GGUF in its blocks (``gguf``) and with its Q4 layers repacked for the int4 kernels
     (``gguf-int4``, the CUDA form, bf16 scales and zero points) against the same file dequantized at load."""

@@ -118,16 +118,6 @@ def test_tensor_core_configs_carry_a_fixed_k_split():
             SkinnyConfig.parse(bad)
 
 
-def test_tensor_core_configs_carry_an_l2_look_ahead():
-    """``:pN`` after an mma / mmq / mms config's stages: how many tiles ahead it asks L2 for (0 when left out)."""
-    config = SkinnyConfig.parse("mma:128x256:w4:s3:p4:k2")
-    assert (config.prefetch, config.num_stages, config.split_k) == (4, 3, 2)
-    assert str(config) == "mma:128x256:w4:s3:p4:k2" and str(SkinnyConfig.parse("mms:128x128:w8:s3")) == "mms:128x128:w8:s3"
-    for bad in ["mma:128x256:w4:p4", "dot:32x128:w4:s4:p2", "msk:128x256:w4:s4:p2:g2", "fma:8x512:w4:p0:p2"]:
-        with pytest.raises(ValueError):
-            SkinnyConfig.parse(bad)
-
-
 def test_m_buckets_and_config_table(monkeypatch):
     assert [m_bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
     special = SkinnyConfig("fma", 32, 128, 8)
