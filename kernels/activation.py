@@ -67,7 +67,7 @@ def act_and_mul_triton(x: torch.Tensor, act: int, out: torch.Tensor | None = Non
     block = min(1024, triton.next_power_of_2(d))
     pdl = use_pdl(x)
     _act_and_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
-        rows, out_rows, d, rows.stride(0), out_rows.stride(0), BLOCK=block, ACT=act, USE_PDL=pdl, num_warps=4,
+        rows, out_rows, d, rows.stride(0), out_rows.stride(0), BLOCK=block, ACT=act, num_warps=4,
         **launch_options(pdl),
     )
     return out
@@ -113,7 +113,7 @@ def silu_and_mul_fp8_triton(x: torch.Tensor) -> Fp8Activations:
     if x.shape[0]:
         block = triton.next_power_of_2(d)
         _silu_and_mul_fp8_kernel[(x.shape[0],)](x, out, q, scale, d, x.stride(0), out.stride(0), BLOCK=block,
-                                                 FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, USE_PDL=use_pdl(x),
+                                                 FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
                                                  num_warps=max(4, min(16, block // 1024)),
                                                  **launch_options(use_pdl(x)))  # fmt: skip
     return Fp8Activations(out, q.view(FP8_DTYPE), scale)

@@ -278,7 +278,6 @@ def attention_prep_triton(
         REST=rest,
         BLOCK_REST=triton.next_power_of_2(max(rest, 1)),
         KV_FP8=is_fp8_cache(k_cache),
-        USE_PDL=use_pdl(q),
         num_warps=4,
         **launch_options(use_pdl(q)),
     )  # fmt: skip

@@ -647,7 +647,6 @@ def paged_decode_attention(
         KV_FP8=kv_fp8,
         **fp8_read_flags(q, k_cache, v_cache, config.fp8_path),
         QUERIES=queries,
-        USE_PDL=use_pdl(q),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **({"maxnreg": config.max_registers} if config.max_registers and q.is_cuda else {}),
@@ -662,7 +661,6 @@ def paged_decode_attention(
             NUM_SPLITS=num_splits,
             SPLITS_PAD=splits_pad,
             QUERIES=queries,
-            USE_PDL=use_pdl(q),
             num_warps=4,
             **launch_options(use_pdl(q)),
         )  # fmt: skip

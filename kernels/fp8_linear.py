@@ -137,7 +137,7 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
         block = min(4096, triton.next_power_of_2(k))
         _quantize_rows_kernel[(m,)](x, q, scale, scale if static_scale is None else static_scale, k, x.stride(0),
                                     FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, STATIC=static_scale is not None,
-                                    BLOCK=block, USE_PDL=use_pdl(x), num_warps=4, **launch_options(use_pdl(x)))
+                                    BLOCK=block, num_warps=4, **launch_options(use_pdl(x)))
     return q.view(FP8_DTYPE), scale
 
 
@@ -357,7 +357,7 @@ def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         x, bits, weight_scale, out, m, n, k, x.stride(0), bits.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         PREFETCH=config.prefetch if x.is_cuda else 0, PF_COLS=max(1, config.block_k // 128),
-        EVEN_K=k % config.block_k == 0, USE_PTX=x.is_cuda, USE_PDL=use_pdl(x), num_warps=config.num_warps,
+        EVEN_K=k % config.block_k == 0, USE_PTX=x.is_cuda, num_warps=config.num_warps,
         num_stages=1, **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out
@@ -517,7 +517,7 @@ def _launch_mma(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, we
         bits.stride(0), n, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0 and k_per_split % config.block_k == 0, QUANT_X=quant_x, STATIC=static,
         FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, SPLIT=split_k > 1, PF_COLS=max(1, config.block_k // 128),
-        USE_PDL=use_pdl(x), num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(use_pdl(x)),
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out
 

@@ -165,7 +165,7 @@ def fp8_stream_k_gemm(xq: torch.Tensor, x_scale: torch.Tensor | None, weight: to
         x_bits, scales, bits, weight_scale, out, partials, counters, m, n, k, k_tiles, column_blocks * k_tiles,
         xq.stride(0), bits.stride(0), out.stride(0), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0, NUM_STAGES=num_stages, QUANT_X=quant_x,
-        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, USE_PDL=pdl, num_warps=num_warps,
+        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, num_warps=num_warps,
         **launch_options(pdl),
     )  # fmt: skip
     return out

@@ -224,7 +224,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     _int4_gemm_kernel[(n_blocks, m_blocks, split_k)](
         x, qweight, scales, zeros, out, m, n, k, k_per_split, x.stride(0), qweight.stride(0), n, stride_os,
         GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        IEEE=x.dtype == torch.float32, USE_PDL=use_pdl(x), num_warps=num_warps, **launch_options(use_pdl(x)),
+        IEEE=x.dtype == torch.float32, num_warps=num_warps, **launch_options(use_pdl(x)),
     )
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 
@@ -405,7 +405,7 @@ def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m))
     _int4_fma_kernel[grid](
         x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0), out.stride(0),
-        GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, USE_PDL=use_pdl(x),
+        GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
         num_warps=config.num_warps, num_stages=1, **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out
@@ -782,7 +782,7 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         halves.stride(0), n, GROUP_SIZE=group_size, BLOCK_M=16, BLOCK_N=config.block_n,
         BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], SCALE_AFTER=config.kind == "mms",
         USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES, FRACTIONAL_ZEROS=not integer_zeros,
-        SPLIT=split_k > 1, USE_PDL=use_pdl(x), num_warps=config.num_warps, num_stages=config.num_stages,
+        SPLIT=split_k > 1, num_warps=config.num_warps, num_stages=config.num_stages,
         **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out

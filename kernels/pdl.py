@@ -62,8 +62,9 @@ def use_pdl(tensor: torch.Tensor) -> bool:
 
 
 def launch_options(pdl: bool) -> dict:
-    """The launch keyword that asks Triton for PDL."""
-    return {"launch_pdl": True} if pdl else {}
+    """A decode-chain kernel's PDL launch arguments: its ``USE_PDL`` constexpr and, when on, the launch keyword
+    that asks Triton for PDL."""
+    return {"USE_PDL": True, "launch_pdl": True} if pdl else {"USE_PDL": False}
 
 
 @triton.jit

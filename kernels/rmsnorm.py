@@ -136,7 +136,6 @@ def rms_norm_triton(
         BLOCK_N=block_n,
         num_warps=8 if block_n >= 4096 else 4,
         **quantize,
-        USE_PDL=use_pdl(x),
         **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out if residual is None else (out, residual)

@@ -293,12 +293,12 @@ def gumbel_argmax_triton(
         logits, logits.stride(0), temperature, keys, steps, tokens, part_values, part_indices,
         tokens if bitmask is None else bitmask, 0 if bitmask is None else bitmask.stride(0),
         vocab_size, chunk, num_splits,
-        SPLIT=split, BLOCK=block, FAST_LOG=_fast_log(logits), HAS_BITMASK=bitmask is not None, USE_PDL=pdl,
+        SPLIT=split, BLOCK=block, FAST_LOG=_fast_log(logits), HAS_BITMASK=bitmask is not None,
         num_warps=8 if block >= 2048 else 4, **launch_options(pdl),
     )  # fmt: skip
     if split:
         _reduce_splits_kernel[(num_rows,)](
-            part_values, part_indices, tokens, num_splits, BLOCK_S=triton.next_power_of_2(num_splits), USE_PDL=pdl,
+            part_values, part_indices, tokens, num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=1, **launch_options(pdl),
         )
     return tokens

@@ -402,7 +402,7 @@ def skinny_gemm(
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     pdl = pdl_module.use_pdl(x) if pdl is None else (bool(pdl) and pdl_module.can_use_pdl(x))
-    launch_pdl = pdl_module.launch_options(pdl)
+    pdl_args = pdl_module.launch_options(pdl)  # USE_PDL and the launch keyword
     bias_arg = bias if bias is not None else weight  # never read without HAS_BIAS
     even_k = k % config.block_k == 0
     pf_cols = max(1, config.block_k * weight.element_size() // 128)  # L2 prefetch: one address per 128-byte line
@@ -412,16 +412,16 @@ def skinny_gemm(
         _skinny_fma_kernel[grid](
             rows, weight, bias_arg, out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            PREFETCH=config.prefetch if x.is_cuda else 0, PF_COLS=pf_cols, EVEN_K=even_k, USE_PDL=pdl,
-            num_warps=config.num_warps, num_stages=1, **launch_pdl,
+            PREFETCH=config.prefetch if x.is_cuda else 0, PF_COLS=pf_cols, EVEN_K=even_k,
+            num_warps=config.num_warps, num_stages=1, **pdl_args,
         )  # fmt: skip
     else:
         grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, 16))
         _skinny_dot_kernel[grid](
             rows, weight, bias_arg, out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            PF_COLS=pf_cols, EVEN_K=even_k, USE_PDL=pdl, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=config.num_warps, num_stages=config.num_stages, **launch_pdl,
+            PF_COLS=pf_cols, EVEN_K=even_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=config.num_warps, num_stages=config.num_stages, **pdl_args,
         )  # fmt: skip
     return out.view(*lead, n)
 

@@ -16,7 +16,8 @@ def test_pdl_is_off_by_default_and_never_for_cpu_tensors(monkeypatch):
     pdl.configure(True)
     assert pdl.ENABLED is True
     assert not pdl.use_pdl(torch.zeros(1))  # CPU (and the interpreter): never
-    assert pdl.launch_options(False) == {} and pdl.launch_options(True) == {"launch_pdl": True}
+    assert pdl.launch_options(False) == {"USE_PDL": False}  # the kernel's constexpr, no launch keyword
+    assert pdl.launch_options(True) == {"USE_PDL": True, "launch_pdl": True}
 
 
 @pytest.mark.gpu
