@@ -46,7 +46,7 @@ def step_bound(cfg, record: StepRecord, *, kv_bytes: int = 2, weight_bytes: floa
     return kv_read_bytes(cfg, np.asarray(record.decode_contexts), kv_bytes) / bandwidth + float(linear)
 
 
-def summarize(cfg, records: list[StepRecord]) -> list[dict]:
+def summarize(cfg, records: list[StepRecord], kv_bytes: int = 2) -> list[dict]:
     """One row per kind of step: prefill (any prefill tokens), then decode-only steps by batch size."""
     kinds: list[tuple[str, list[StepRecord]]] = [("prefill or mixed", [r for r in records if r.prefill_tokens])]
     for lo, hi in DECODE_BINS:
@@ -57,7 +57,7 @@ def summarize(cfg, records: list[StepRecord]) -> list[dict]:
         if not group:
             continue
         seconds = sum(r.seconds for r in group)
-        bound = sum(step_bound(cfg, r) for r in group)
+        bound = sum(step_bound(cfg, r, kv_bytes=kv_bytes) for r in group)
         tokens = sum(len(r.decode_contexts) for r in group)
         rows.append({"kind": label, "steps": len(group), "seconds": round(seconds, 3), "bound_s": round(bound, 3),
                      "of_bound": round(bound / seconds, 3) if seconds else None, "decode_tokens": tokens,
@@ -69,7 +69,7 @@ def run_timeline(args: argparse.Namespace) -> list[StepRecord]:
     from frontend import LLM, SamplingParams
     from ipc.messages import EngineRequest
 
-    engine_args = dict(max_model_len=args.max_model_len, skip_tokenizer_init=True)
+    engine_args = dict(max_model_len=args.max_model_len, skip_tokenizer_init=True, kv_cache_dtype=args.kv_cache_dtype)
     if args.load_format:
         engine_args["load_format"] = args.load_format
     if args.device:
@@ -82,9 +82,13 @@ def run_timeline(args: argparse.Namespace) -> list[StepRecord]:
         engine.add_request(EngineRequest(f"warm-{i}", prompt[::-1], SamplingParams(temperature=0.0, max_tokens=8)))
     while engine.has_work():
         engine.step()
-    for i, (prompt, max_tokens) in enumerate(zip(workload.prompts, workload.max_tokens)):
-        params = SamplingParams(temperature=workload.temperature, max_tokens=max_tokens, ignore_eos=True)
-        engine.add_request(EngineRequest(str(i), prompt, params))
+    for run in ("warm-run-", "") if args.warm else ("",):  # --warm: the timed run finds its prompts cached
+        for i, (prompt, max_tokens) in enumerate(zip(workload.prompts, workload.max_tokens)):
+            params = SamplingParams(temperature=workload.temperature, max_tokens=max_tokens, ignore_eos=True)
+            engine.add_request(EngineRequest(f"{run}{i}", prompt, params))
+        if run:
+            while engine.has_work():
+                engine.step()
     scheduled: list = []
     schedule = engine.scheduler.schedule
     engine.scheduler.schedule = lambda *a, **kw: scheduled.append(schedule(*a, **kw)) or scheduled[-1]
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--warmup-prompts", type=int, default=16, help="short requests run before the timed run")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8 (the bound then counts 1-byte KV reads)")
+    p.add_argument("--warm", action="store_true",
+                   help="run the workload once untimed first, so the timed run finds its prompts in the prefix cache "
+                        "(BENCHMARKS.md's warm figures)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.workload} on {args.model}: {len(records)} steps, {total:.2f} s, "
           f"{output_tokens / total:,.0f} decode tok/s")
     print(f"{'kind':<18} {'steps':>6} {'seconds':>8} {'bound s':>8} {'of bound':>9} {'decodes':>8} {'prefill':>8}")
-    rows = summarize(cfg, records)
+    rows = summarize(cfg, records, kv_bytes=1 if args.kv_cache_dtype.startswith("fp8") else 2)
     for row in rows:
         print(f"{row['kind']:<18} {row['steps']:>6} {row['seconds']:>8.2f} {row['bound_s']:>8.2f} "
               f"{row['of_bound'] or 0:>9.2f} {row['decode_tokens']:>8} {row['prefill_tokens']:>8}")

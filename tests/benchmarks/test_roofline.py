@@ -72,3 +72,27 @@ def test_step_timeline_runs_a_workload_on_cpu(tmp_path_factory, tmp_path, capsys
     workload = make_workload("W2", 1)
     assert prefill_tokens == sum(len(p) for p in workload.prompts)
     assert decode_tokens == sum(workload.max_tokens) - 1  # each request's first token comes from its prefill
+
+
+def test_an_fp8_cache_halves_the_kv_term_of_the_bound():
+    cfg = _config()
+    decode = StepRecord(seconds=2.0, prefill_tokens=0, decode_contexts=[3, 5])
+    kwargs = dict(bandwidth=1.0, flops=1.0)
+    assert step_bound(cfg, decode, kv_bytes=2, **kwargs) - step_bound(cfg, decode, kv_bytes=1, **kwargs) == \
+        pytest.approx(8 * 2 * 4)  # 8 positions x 2 layers x 4 bytes fewer (K and V, 2 values each, at 1 byte)
+    long = StepRecord(seconds=1.0, prefill_tokens=0, decode_contexts=[10**12])  # KV-bound at H200 bandwidth
+    bf16, fp8 = summarize(cfg, [long]), summarize(cfg, [long], kv_bytes=1)
+    assert fp8[0]["bound_s"] == pytest.approx(bf16[0]["bound_s"] / 2, rel=1e-3)
+
+
+def test_step_timeline_warm_run_finds_its_prompts_cached(tmp_path_factory, tmp_path):
+    model = tiny_llama_dir(tmp_path_factory.getbasetemp() / "tiny-llama-timeline-warm")
+    out_json = tmp_path / "timeline.jsonl"
+    assert main(["--workload", "W2", "--model", str(model), "--num-prompts", "1", "--max-model-len", "2048",
+                 "--warmup-prompts", "0", "--warm", "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    prefill_tokens = sum(r["prefill_tokens"] for r in result["rows"])
+    from benchmarks.throughput import make_workload
+
+    prompt_len = len(make_workload("W2", 1).prompts[0])
+    assert 0 < prefill_tokens < 16 < prompt_len  # only the last, partly filled block is computed again
