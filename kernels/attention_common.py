@@ -59,7 +59,7 @@ def kv_compute_dtype(q: torch.Tensor, k_cache: torch.Tensor) -> torch.dtype:
     return q.dtype if is_fp8_cache(k_cache) else k_cache.dtype
 
 
-FP8_READ_PATHS = ("f16-vpairs", "f16", "upcast", "f16-vsplit")
+FP8_READ_PATHS = ("f16-vpairs", "f16", "upcast", "f16-vsplit", "gluon")
 
 
 def fp8_read_flags(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, path: str) -> dict[str, bool]:
@@ -71,11 +71,14 @@ def fp8_read_flags(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     - ``"upcast"``: the tiles cast to q's dtype (the first fp8 path: bf16 on the GPU, no packed e4m3 -> bf16);
     - ``"f16-vsplit"``: as ``"f16-vpairs"``, but ``p @ v`` in two halves, the even keys then the odd ones
       (:func:`split_pv`), so the fp16 V tile staged in shared memory for the dot is half the size (tiles of >= 32
-      keys; smaller ones read V whole).
+      keys; smaller ones read V whole);
+    - ``"gluon"``: decode calls that ``kernels/fp8_decode_gluon.py`` serves run there (no shared memory in its loop);
+      every other call reads as ``"f16-vsplit"``.
     fp32 queries (CPU tests) always upcast; so does every path when the cache is not fp8. The pairs need an even head
     dim and even V strides (always true of the engine's caches); ``PAIRS_ASM`` (the PTX conversion) on CUDA only."""
     if path not in FP8_READ_PATHS:
         raise ValueError(f"unknown fp8 read path {path!r}; expected one of {FP8_READ_PATHS}")
+    path = "f16-vsplit" if path == "gluon" else path
     f16_dots = is_fp8_cache(k_cache) and q.dtype in (torch.float16, torch.bfloat16) and path != "upcast"
     even = q.shape[-1] % 2 == 0 and all(s % 2 == 0 for s in v_cache.stride()[:3]) and v_cache.data_ptr() % 2 == 0
     v_pairs = f16_dots and path in ("f16-vpairs", "f16-vsplit") and even

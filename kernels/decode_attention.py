@@ -27,6 +27,7 @@ from kernels.attention_common import (
     fp8_read_flags, queries_to_fp16, score_params, visible_keys,
 )
 from kernels.backend import num_sms
+from kernels.fp8_decode_gluon import gluon_decode_supported, gluon_fp8_decode
 from kernels.pdl import launch_options, use_pdl, wait_then_release
 
 
@@ -429,7 +430,8 @@ class DecodeConfig:
     max_splits: int = 64
     # How an fp8 cache is read (kernels/attention_common.py fp8_read_flags): "f16-vpairs" (fp16 dots, V converted as
     # packed pairs before its transpose), "f16-vsplit" (the same, p @ v in two halves of the keys), "f16" (fp16 dots,
-    # plain casts), "upcast" (tiles cast to q's dtype).
+    # plain casts), "upcast" (tiles cast to q's dtype), "gluon" (unsplit decodes the Gluon kernel serves run there,
+    # kernels/fp8_decode_gluon.py; the rest as "f16-vsplit" with this config).
     fp8_path: str = "f16-vpairs"
     # Registers per thread the compiler may use (Triton's maxnreg; None: its own choice). Programs per SM are the
     # fewest that registers and shared memory allow: 128 lets 4 programs of 4 warps share an SM.
@@ -604,6 +606,11 @@ def paged_decode_attention(
             raise ValueError(f"seq_order must be int32 of shape ({batch},), got {seq_order.dtype} {tuple(seq_order.shape)}")
     else:
         seq_order = seq_lens  # never read
+    if config.fp8_path == "gluon" and num_splits == 1 and gluon_decode_supported(
+            q, k_cache, queries=queries, softcap=softcap, alibi_slopes=alibi_slopes, sliding_window=sliding_window):
+        order_arg = seq_order if order == ORDER_PERMUTED else decode_order(seq_lens)
+        return gluon_fp8_decode(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out, order_arg,
+                                k_scale=k_scale, v_scale=v_scale)  # fmt: skip
     counters = None
     if num_splits > 1:
         part_out = torch.empty((batch * queries, num_q_heads, num_splits, head_dim), dtype=torch.float32,

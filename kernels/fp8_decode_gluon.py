@@ -1,0 +1,186 @@
+"""Decode attention over an fp8 (e4m3) KV cache, written in Gluon (Triton's explicit-layout language) so that the fp8
+tiles go from global memory to the tensor cores through registers only.
+
+Why: the Triton kernel (``kernels/decode_attention.py``, ``f16-vsplit``) converts each fp8 K/V tile to fp16 and then
+lets the compiler move it into the MMA operand layout through shared memory (stored, then read back with ldmatrix):
+on the H200 that kernel is bound by shared memory (82% busy) and reads the cache at ~65% of HBM bandwidth. Triton
+picks the layouts itself and cannot be told that a thread could load exactly its own fragment. Gluon can:
+
+- **Head dim permuted.** The score ``q @ K^T`` sums over the head dim, so any order of it works if q uses the same.
+  In the mma.sync B fragment a thread holds dims ``2q + e + 8h + 16s`` (``q`` = lane % 4, ``e``, ``h`` in {0, 1},
+  ``s`` < 8) of a key; the kernel reads logical dim ``16s + 8h + 2q + e`` from byte ``32q + 4s + 2h + e``, so each
+  thread's 32 bytes of a key are contiguous (two 16-byte loads). q is loaded through the same permutation.
+- **Output dims permuted.** In ``p @ V`` a thread holds output columns ``g + 8j`` (``g`` = lane // 4, ``j`` < 16);
+  column ``8j + g`` is read from byte ``16g + j`` of each V row (16 contiguous bytes) and the result is stored back
+  through the same map.
+- The relabelling is a reshape + permute of the loaded tile, and ``convert_layout(..., assert_trivial=True)`` to the
+  MMA operand layout compiles: no data moves. e4m3 -> fp16 is one packed ``cvt`` per two values (exact), in
+  registers; the loop has no shared-memory instruction (``benchmarks/gluon_decode_sass.py``).
+- **Warps split the keys.** Each of the 4 warps runs its own online softmax over 32 keys of every 128-key tile
+  (a batched 3-D ``mma_v2`` with the warp as the batch dimension), so the loop needs no exchange between warps; the
+  warps' partial results merge once at the end.
+
+Scope: one query row per sequence (decode), head dim 128, query groups up to 16 heads, fp16/bf16 queries, no
+soft-capping / ALiBi / sliding window, no split of the context: :func:`gluon_decode_supported` says when, and the
+caller (``paged_decode_attention``) uses the Triton kernel otherwise. Gluon has no interpreter, so on the CPU the
+Triton kernel runs; the GPU tests compare this kernel with the float32 reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    HAS_GLUON = True
+except ImportError:  # pragma: no cover - a Triton without Gluon
+    HAS_GLUON = False
+
+HEAD_DIM = 128
+MAX_GROUP = 16
+LOG2E = 1.4426950408889634
+
+if HAS_GLUON:
+    _W = gl.constexpr(4)  # warps, each with its own keys
+    _KEYS = gl.constexpr(32)  # keys per warp per tile
+    _D = gl.constexpr(HEAD_DIM)
+    _ROWS = gl.constexpr(MAX_GROUP)  # query rows of the MMA (the group, padded)
+    _MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1, 1], instr_shape=[1, 16, 8]))
+    # The K tile [warp, key, byte] as loaded: each thread's 32 contiguous bytes of keys lane // 4 + 8 r
+    _K_TILE = gl.constexpr(gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 0, 16], [0, 8, 0], [0, 16, 0]],
+        lane_bases=[[0, 0, 32], [0, 0, 64], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+        warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, 32, 128]))
+    # The V tile [warp, key, byte]: 16 contiguous bytes at 16 (lane // 4) of keys 2 (lane % 4) + {0, 1, 8, 9, 16, ...}
+    _V_TILE = gl.constexpr(gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 1, 0], [0, 8, 0], [0, 16, 0]],
+        lane_bases=[[0, 2, 0], [0, 4, 0], [0, 0, 16], [0, 0, 32], [0, 0, 64]],
+        warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, 32, 128]))
+    _Q_LOAD = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 4, 8],
+                                            warps_per_cta=[4, 1, 1], order=[2, 1, 0]))
+    _O_STORE = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
+                                             order=[1, 0]))
+
+    @gluon.jit
+    def _load_kv_tile(k_ptr, v_ptr, table, seq_len, start, k_keys, v_keys, k_bytes, v_bytes, head, stride_kb,
+                      stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE: gl.constexpr):
+        """The fp8 bytes of keys ``start + k_keys`` / ``start + v_keys`` (zeros past the context), through the block
+        table, each in its load layout."""
+        key = start + k_keys
+        live = key < seq_len
+        page = gl.load(table + key // BLOCK_SIZE, mask=live, other=0).to(gl.int64)
+        row = page * stride_kb + (key % BLOCK_SIZE) * stride_ks + head * stride_kh
+        k8 = gl.load(k_ptr + (row[:, :, None] + k_bytes[None, None, :]), mask=live[:, :, None], other=0)
+        key = start + v_keys
+        live = key < seq_len
+        page = gl.load(table + key // BLOCK_SIZE, mask=live, other=0).to(gl.int64)
+        row = page * stride_vb + (key % BLOCK_SIZE) * stride_vs + head * stride_vh
+        v8 = gl.load(v_ptr + (row[:, :, None] + v_bytes[None, None, :]), mask=live[:, :, None], other=0)
+        return k8, v8
+
+    @gluon.jit
+    def _gluon_decode_kernel(out_ptr, q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, query_start_ptr, order_ptr,
+                             qk_scale, v_scale, num_kv_heads, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
+                             stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr):  # fmt: skip
+        """Program (sequence ``order[pid // Hk]``, KV head ``pid % Hk``): the group's attention over the context."""
+        pid = gl.program_id(0)
+        seq = gl.load(order_ptr + pid // num_kv_heads)
+        head = pid % num_kv_heads
+        seq_len = gl.load(seq_lens_ptr + seq)
+        token = gl.load(query_start_ptr + seq)
+        dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_MMA, k_width=2)
+        dot_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=_MMA, k_width=2)
+
+        # q [warp, row, d] (every warp holds the whole group), head dim in the permuted order, scaled to the log2
+        # domain, in fp16: divided by a power of two first if it would overflow (scores rescaled after the dot)
+        q_rows = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(0, _Q_LOAD)))
+        q_dims = gl.arange(0, _D, layout=gl.SliceLayout(0, gl.SliceLayout(0, _Q_LOAD)))
+        q_bytes = 32 * ((q_dims >> 1) & 3) + 4 * (q_dims >> 4) + 2 * ((q_dims >> 3) & 1) + (q_dims & 1)
+        q_off = (token * stride_qt + (head * GROUP + gl.minimum(q_rows, GROUP - 1)) * stride_qh)[:, None]
+        warps = gl.zeros([_W, 1, 1], gl.int32, layout=_Q_LOAD)
+        q = gl.load(q_ptr + (q_off + q_bytes[None, :])[None, :, :] + warps).to(gl.float32) * qk_scale
+        q_max = gl.max(gl.max(gl.max(gl.abs(q), 2), 1), 0)
+        shift = gl.where(q_max > 32768.0, gl.exp2(gl.ceil(gl.log2(q_max)) - 15.0), 1.0)
+        q = gl.convert_layout((q * (1.0 / shift)).to(gl.float16), dot_a)
+
+        k_keys = ((gl.arange(0, _W, layout=gl.SliceLayout(1, gl.SliceLayout(2, _K_TILE))) * _KEYS)[:, None]
+                  + gl.arange(0, _KEYS, layout=gl.SliceLayout(0, gl.SliceLayout(2, _K_TILE)))[None, :])
+        v_keys = ((gl.arange(0, _W, layout=gl.SliceLayout(1, gl.SliceLayout(2, _V_TILE))) * _KEYS)[:, None]
+                  + gl.arange(0, _KEYS, layout=gl.SliceLayout(0, gl.SliceLayout(2, _V_TILE)))[None, :])
+        s_keys = ((gl.arange(0, _W, layout=gl.SliceLayout(1, gl.SliceLayout(1, _MMA))) * _KEYS)[:, None]
+                  + gl.arange(0, _KEYS, layout=gl.SliceLayout(0, gl.SliceLayout(1, _MMA)))[None, :])
+        k_bytes = gl.arange(0, _D, layout=gl.SliceLayout(0, gl.SliceLayout(1, _K_TILE)))
+        v_bytes = gl.arange(0, _D, layout=gl.SliceLayout(0, gl.SliceLayout(1, _V_TILE)))
+        table = table_ptr + seq * stride_bt
+
+        m_i = gl.full([_W, _ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(2, _MMA))
+        l_i = gl.zeros([_W, _ROWS], gl.float32, layout=gl.SliceLayout(2, _MMA))
+        acc = gl.zeros([_W, _ROWS, _D], gl.float32, layout=_MMA)
+        for start in range(0, seq_len, _W * _KEYS):
+            k8, v8 = _load_kv_tile(k_ptr, v_ptr, table, seq_len, start, k_keys, v_keys, k_bytes, v_bytes, head,
+                                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
+            # K: byte 32q + 4s + 2h + e is logical dim 16s + 8h + 2q + e
+            k16 = gl.reshape(k8.to(gl.float8e4nv, bitcast=True).to(gl.float16), [_W, _KEYS, 4, 8, 2, 2])
+            k_t = gl.reshape(gl.permute(k16, [0, 3, 4, 2, 5, 1]), [_W, _D, _KEYS])
+            s = mma_v2(q, gl.convert_layout(k_t, dot_b, assert_trivial=True),
+                       gl.zeros([_W, _ROWS, _KEYS], gl.float32, layout=_MMA)) * shift
+            s = gl.where((start + s_keys < seq_len)[:, None, :], s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=2))
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_safe)
+            p = gl.exp2(s - m_safe[:, :, None])
+            l_i = l_i * alpha + gl.sum(p, axis=2)
+            m_i = m_new
+            # V: byte 16g + j of a key is output column 8j + g
+            v16 = gl.reshape(v8.to(gl.float8e4nv, bitcast=True).to(gl.float16), [_W, _KEYS, 8, 16])
+            v_n = gl.reshape(gl.permute(v16, [0, 1, 3, 2]), [_W, _KEYS, _D])
+            acc = mma_v2(gl.convert_layout(p.to(gl.float16), dot_a), gl.convert_layout(v_n, dot_b, assert_trivial=True),
+                         acc * alpha[:, :, None])
+
+        # merge the warps' online softmaxes; a sequence without context (CUDA-graph padding) gets zeros
+        m_all = gl.max(m_i, axis=0)
+        weight = gl.exp2(m_i - gl.where(m_all == float("-inf"), 0.0, m_all)[None, :])
+        l_all = gl.sum(l_i * weight, axis=0)
+        o = gl.sum(acc * weight[:, :, None], axis=0)
+        inv = gl.convert_layout(gl.where(l_all > 0.0, v_scale / l_all, 0.0), gl.SliceLayout(1, gl.SliceLayout(0, _MMA)))
+        o = gl.convert_layout(o * inv[:, None], _O_STORE)
+        rows = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, _O_STORE))
+        cols = gl.arange(0, _D, layout=gl.SliceLayout(0, _O_STORE))
+        out = out_ptr + (token * stride_ot + (head * GROUP + rows) * stride_oh)[:, None] + (16 * (cols % 8) + cols // 8)[None, :]
+        gl.store(out, o.to(out_ptr.dtype.element_ty), mask=(rows < GROUP)[:, None])
+
+
+def gluon_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, *, queries: int = 1, softcap: float = 0.0,
+                           alibi_slopes: torch.Tensor | None = None, sliding_window: int = 0) -> bool:  # fmt: skip
+    """Whether :func:`gluon_fp8_decode` serves this call: a CUDA GPU of compute capability 8.9+ (packed e4m3 ->
+    fp16), an e4m3 cache, fp16/bf16 queries, head dim 128, a query group of at most 16 heads, one query row per
+    sequence, and none of soft-capping, ALiBi or a sliding window."""
+    if not (HAS_GLUON and q.is_cuda and k_cache.dtype == torch.float8_e4m3fn):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] != HEAD_DIM or k_cache.shape[-1] != HEAD_DIM:
+        return False
+    group = q.shape[1] // k_cache.shape[2]
+    if group > MAX_GROUP or queries != 1 or softcap > 0 or alibi_slopes is not None or sliding_window > 0:
+        return False
+    return torch.cuda.get_device_capability(q.device) >= (8, 9)
+
+
+def gluon_fp8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, out: torch.Tensor,
+                     seq_order: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """One program per (sequence, KV head), launched in ``seq_order`` (a permutation of the sequences, e.g. longest
+    first); q ``[T, Hq, 128]``, caches ``[blocks, block_size, Hk, 128]`` e4m3 holding ``x / scale``; writes ``out``
+    rows ``query_start_loc[:-1]``. Callers check :func:`gluon_decode_supported` first."""
+    batch, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
+    k_bits, v_bits = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    _gluon_decode_kernel[(batch * num_kv_heads,)](
+        out, q, k_bits, v_bits, block_tables, seq_lens, query_start_loc, seq_order, scale * k_scale * LOG2E,
+        v_scale, num_kv_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_bits.stride(0), k_bits.stride(1), k_bits.stride(2), v_bits.stride(0), v_bits.stride(1), v_bits.stride(2),
+        block_tables.stride(0), GROUP=q.shape[1] // num_kv_heads, BLOCK_SIZE=k_cache.shape[1], num_warps=4,
+    )  # fmt: skip
+    return out
