@@ -150,7 +150,8 @@ if HAS_GLUON:
         o = gl.convert_layout(o * inv[:, None], _O_STORE)
         rows = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, _O_STORE))
         cols = gl.arange(0, _D, layout=gl.SliceLayout(0, _O_STORE))
-        out = out_ptr + (token * stride_ot + (head * GROUP + rows) * stride_oh)[:, None] + (16 * (cols % 8) + cols // 8)[None, :]
+        out_cols = 16 * (cols % 8) + cols // 8  # output column 8j + g was computed from byte 16g + j of V
+        out = out_ptr + (token * stride_ot + (head * GROUP + rows) * stride_oh)[:, None] + out_cols[None, :]
         gl.store(out, o.to(out_ptr.dtype.element_ty), mask=(rows < GROUP)[:, None])
 
 
