@@ -1,0 +1,85 @@
+"""What the compiler makes of the Gluon fp8 decode kernel's loop (kernels/fp8_decode_gluon.py), without a GPU.
+
+    python benchmarks/gluon_decode_sass.py              # W2's query group (4); --group 2 for W1's
+
+Compiles ``_gluon_decode_kernel`` for sm_90 (Triton's bundled ptxas / cuobjdump) and prints its registers, shared
+memory and the opcodes of the key-tile loop. The point of the kernel is what the loop lacks: no shared-memory
+instruction (``STS`` / ``LDS`` / ``LDSM``) and no barrier, only 16-byte global loads, packed e4m3 -> fp16 conversions
+(``F2FP.F16.E4M3.UNPACK_B``), byte permutes and ``HMMA``; the Triton kernel's loop stages every fp8 tile through
+shared memory twice (``benchmarks/attention_sass.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("gluon_decode_sass.py compiles the kernel: run it without TRITON_INTERPRET=1")
+
+import triton  # noqa: E402
+from triton.compiler import make_backend  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+
+from benchmarks.attention_sass import TARGET, loop_body, sass_and_resources  # noqa: E402
+from kernels import fp8_decode_gluon  # noqa: E402
+
+POINTERS = {"out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*u8", "v_ptr": "*u8", "table_ptr": "*i32",
+            "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "order_ptr": "*i32"}  # fmt: skip
+
+
+def compile_gluon_decode(group: int = 4, block_size: int = 16):
+    """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU."""
+    kernel = fp8_decode_gluon._gluon_decode_kernel
+    constexprs = {"GROUP": group, "BLOCK_SIZE": block_size}
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in POINTERS:
+            signature[name] = POINTERS[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("qk_scale", "v_scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") and name != "stride_bt":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = make_backend(TARGET).parse_options({"num_warps": 4})
+    return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=TARGET,
+                          options=options.__dict__)  # fmt: skip
+
+
+def summarize(compiled) -> dict:
+    sass, resources = sass_and_resources(compiled.asm["cubin"])
+    loop = collections.Counter(op for _, op, _ in loop_body(sass))
+    usage = dict(re.findall(r"(REG|SHARED|STACK):(\d+)", resources))
+    return {"registers": int(usage.get("REG", 0)), "shared": int(usage.get("SHARED", 0)),
+            "stack": int(usage.get("STACK", 0)), "loop_total": sum(loop.values()), "loop": dict(loop)}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--group", type=int, default=4, help="query heads per KV head (W2: 4, W1: 2)")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    opts = parser.parse_args()
+    info = summarize(compile_gluon_decode(opts.group))
+    if opts.json:
+        print(json.dumps(info))
+        return 0
+    print(f"Gluon fp8 decode, group {opts.group}, sm_90: {info['registers']} registers, {info['shared']} B shared "
+          f"memory, {info['stack']} B stack; key-tile loop (128 keys, 32 per warp): {info['loop_total']} "
+          "instructions per warp")
+    for op, count in sorted(info["loop"].items(), key=lambda kv: -kv[1]):
+        print(f"  {op:<28} {count}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
