@@ -41,6 +41,9 @@ except ImportError:  # pragma: no cover - a Triton without Gluon
 
 HEAD_DIM = 128
 MAX_GROUP = 16
+# Registers per thread the compiler may use (maxnreg; None: its own choice, 182 at sm_90: 2 programs per SM; 168
+# fits 3 with 11 spill instructions in the loop, benchmarks/gluon_decode_sass.py)
+MAX_REGISTERS: int | None = None
 LOG2E = 1.4426950408889634
 
 if HAS_GLUON:
@@ -65,20 +68,26 @@ if HAS_GLUON:
                                              order=[1, 0]))
 
     @gluon.jit
-    def _load_kv_tile(k_ptr, v_ptr, table, seq_len, start, k_keys, v_keys, k_bytes, v_bytes, head, stride_kb,
-                      stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE: gl.constexpr):
-        """The fp8 bytes of keys ``start + k_keys`` / ``start + v_keys`` (zeros past the context), through the block
-        table, each in its load layout."""
+    def _tile_pages(table, seq_len, start, k_keys, v_keys, BLOCK_SIZE: gl.constexpr):
+        """The cache blocks of keys ``start + k_keys`` / ``start + v_keys`` (0 past the context), each in its load
+        layout's key slice."""
         key = start + k_keys
-        live = key < seq_len
-        page = gl.load(table + key // BLOCK_SIZE, mask=live, other=0).to(gl.int64)
-        row = page * stride_kb + (key % BLOCK_SIZE) * stride_ks + head * stride_kh
-        k8 = gl.load(k_ptr + (row[:, :, None] + k_bytes[None, None, :]), mask=live[:, :, None], other=0)
+        k_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
         key = start + v_keys
-        live = key < seq_len
-        page = gl.load(table + key // BLOCK_SIZE, mask=live, other=0).to(gl.int64)
-        row = page * stride_vb + (key % BLOCK_SIZE) * stride_vs + head * stride_vh
-        v8 = gl.load(v_ptr + (row[:, :, None] + v_bytes[None, None, :]), mask=live[:, :, None], other=0)
+        v_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
+        return k_page, v_page
+
+    @gluon.jit
+    def _load_kv_tile(k_ptr, v_ptr, k_page, v_page, seq_len, start, k_keys, v_keys, k_bytes, v_bytes, head,
+                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE: gl.constexpr):
+        """The fp8 bytes of keys ``start + k_keys`` / ``start + v_keys`` (zeros past the context), in their load
+        layouts."""
+        key = start + k_keys
+        row = k_page.to(gl.int64) * stride_kb + (key % BLOCK_SIZE) * stride_ks + head * stride_kh
+        k8 = gl.load(k_ptr + (row[:, :, None] + k_bytes[None, None, :]), mask=(key < seq_len)[:, :, None], other=0)
+        key = start + v_keys
+        row = v_page.to(gl.int64) * stride_vb + (key % BLOCK_SIZE) * stride_vs + head * stride_vh
+        v8 = gl.load(v_ptr + (row[:, :, None] + v_bytes[None, None, :]), mask=(key < seq_len)[:, :, None], other=0)
         return k8, v8
 
     @gluon.jit
@@ -120,9 +129,12 @@ if HAS_GLUON:
         m_i = gl.full([_W, _ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(2, _MMA))
         l_i = gl.zeros([_W, _ROWS], gl.float32, layout=gl.SliceLayout(2, _MMA))
         acc = gl.zeros([_W, _ROWS, _D], gl.float32, layout=_MMA)
+        k_page, v_page = _tile_pages(table, seq_len, 0, k_keys, v_keys, BLOCK_SIZE)
         for start in range(0, seq_len, _W * _KEYS):
-            k8, v8 = _load_kv_tile(k_ptr, v_ptr, table, seq_len, start, k_keys, v_keys, k_bytes, v_bytes, head,
-                                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
+            k8, v8 = _load_kv_tile(k_ptr, v_ptr, k_page, v_page, seq_len, start, k_keys, v_keys, k_bytes, v_bytes,
+                                   head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
+            # the next tile's blocks: their lookup overlaps this tile's loads and math
+            k_page, v_page = _tile_pages(table, seq_len, start + _W * _KEYS, k_keys, v_keys, BLOCK_SIZE)
             # K: byte 32q + 4s + 2h + e is logical dim 16s + 8h + 2q + e
             k16 = gl.reshape(k8.to(gl.float8e4nv, bitcast=True).to(gl.float16), [_W, _KEYS, 4, 8, 2, 2])
             k_t = gl.reshape(gl.permute(k16, [0, 3, 4, 2, 5, 1]), [_W, _D, _KEYS])
@@ -172,7 +184,8 @@ def gluon_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, *, queries: i
 
 def gluon_fp8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, out: torch.Tensor,
-                     seq_order: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+                     seq_order: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0,
+                     max_registers: int | None = None) -> torch.Tensor:  # fmt: skip
     """One program per (sequence, KV head), launched in ``seq_order`` (a permutation of the sequences, e.g. longest
     first); q ``[T, Hq, 128]``, caches ``[blocks, block_size, Hk, 128]`` e4m3 holding ``x / scale``; writes ``out``
     rows ``query_start_loc[:-1]``. Callers check :func:`gluon_decode_supported` first."""
@@ -183,5 +196,6 @@ def gluon_fp8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_scale, num_kv_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_bits.stride(0), k_bits.stride(1), k_bits.stride(2), v_bits.stride(0), v_bits.stride(1), v_bits.stride(2),
         block_tables.stride(0), GROUP=q.shape[1] // num_kv_heads, BLOCK_SIZE=k_cache.shape[1], num_warps=4,
+        **({"maxnreg": regs} if (regs := max_registers or MAX_REGISTERS) else {}),
     )  # fmt: skip
     return out
