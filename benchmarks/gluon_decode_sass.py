@@ -34,10 +34,10 @@ POINTERS = {"out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*u8", "v_ptr": "*u8"
             "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "order_ptr": "*i32"}  # fmt: skip
 
 
-def compile_gluon_decode(group: int = 4, block_size: int = 16):
+def compile_gluon_decode(group: int = 4, block_size: int = 16, stages: int = 0):
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU."""
     kernel = fp8_decode_gluon._gluon_decode_kernel
-    constexprs = {"GROUP": group, "BLOCK_SIZE": block_size}
+    constexprs = {"GROUP": group, "BLOCK_SIZE": block_size, "STAGES": stages}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -67,9 +67,10 @@ def summarize(compiled) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--group", type=int, default=4, help="query heads per KV head (W2: 4, W1: 2)")
+    parser.add_argument("--stages", type=int, default=0, help="cp.async ring depth (0: loads straight to registers)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     opts = parser.parse_args()
-    info = summarize(compile_gluon_decode(opts.group))
+    info = summarize(compile_gluon_decode(opts.group, stages=opts.stages))
     if opts.json:
         print(json.dumps(info))
         return 0

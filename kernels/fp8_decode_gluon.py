@@ -33,8 +33,10 @@ import torch
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+    # cp.async global -> shared: Triton 3.6 calls it async_copy_global_to_shared, later versions async_load
+    _cp_async = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
     HAS_GLUON = True
 except ImportError:  # pragma: no cover - a Triton without Gluon
     HAS_GLUON = False
@@ -44,6 +46,8 @@ MAX_GROUP = 16
 # Registers per thread the compiler may use (maxnreg; None: its own choice, 182 at sm_90: 2 programs per SM; 168
 # fits 3 with 11 spill instructions in the loop, benchmarks/gluon_decode_sass.py)
 MAX_REGISTERS: int | None = None
+# Tiles of K/V in flight through a cp.async ring in shared memory (0: loaded straight to registers)
+STAGES = 0
 LOG2E = 1.4426950408889634
 
 if HAS_GLUON:
@@ -64,6 +68,8 @@ if HAS_GLUON:
         warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, 32, 128]))
     _Q_LOAD = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 4, 8],
                                             warps_per_cta=[4, 1, 1], order=[2, 1, 0]))
+    # the cp.async ring [stage, warp, key, byte]: 16-byte chunks swizzled across the 8 rows of a 128-byte phase
+    _RING = gl.constexpr(gl.SwizzledSharedLayout(vec=16, per_phase=1, max_phase=8, order=[2, 1, 0]))
     _O_STORE = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
                                              order=[1, 0]))
 
@@ -91,10 +97,24 @@ if HAS_GLUON:
         return k8, v8
 
     @gluon.jit
+    def _copy_kv_tile(k_slot, v_slot, k_ptr, v_ptr, k_page, v_page, seq_len, start, k_keys, v_keys, k_bytes,
+                      v_bytes, head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                      BLOCK_SIZE: gl.constexpr):
+        """cp.async of keys ``start + k_keys`` / ``start + v_keys`` into a ring slot, each thread the bytes it will
+        read back itself (the load layouts), so no barrier is needed between the copy and the read."""
+        key = start + k_keys
+        row = k_page.to(gl.int64) * stride_kb + (key % BLOCK_SIZE) * stride_ks + head * stride_kh
+        _cp_async(k_slot, k_ptr + (row[:, :, None] + k_bytes[None, None, :]), mask=(key < seq_len)[:, :, None])
+        key = start + v_keys
+        row = v_page.to(gl.int64) * stride_vb + (key % BLOCK_SIZE) * stride_vs + head * stride_vh
+        _cp_async(v_slot, v_ptr + (row[:, :, None] + v_bytes[None, None, :]), mask=(key < seq_len)[:, :, None])
+        async_copy.commit_group()
+
+    @gluon.jit
     def _gluon_decode_kernel(out_ptr, q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, query_start_ptr, order_ptr,
                              qk_scale, v_scale, num_kv_heads, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
                              stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr):  # fmt: skip
+                             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
         """Program (sequence ``order[pid // Hk]``, KV head ``pid % Hk``): the group's attention over the context."""
         pid = gl.program_id(0)
         seq = gl.load(order_ptr + pid // num_kv_heads)
@@ -129,12 +149,37 @@ if HAS_GLUON:
         m_i = gl.full([_W, _ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(2, _MMA))
         l_i = gl.zeros([_W, _ROWS], gl.float32, layout=gl.SliceLayout(2, _MMA))
         acc = gl.zeros([_W, _ROWS, _D], gl.float32, layout=_MMA)
-        k_page, v_page = _tile_pages(table, seq_len, 0, k_keys, v_keys, BLOCK_SIZE)
-        for start in range(0, seq_len, _W * _KEYS):
-            k8, v8 = _load_kv_tile(k_ptr, v_ptr, k_page, v_page, seq_len, start, k_keys, v_keys, k_bytes, v_bytes,
-                                   head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
-            # the next tile's blocks: their lookup overlaps this tile's loads and math
-            k_page, v_page = _tile_pages(table, seq_len, start + _W * _KEYS, k_keys, v_keys, BLOCK_SIZE)
+        TILE: gl.constexpr = _W * _KEYS
+        if STAGES > 0:  # a ring of STAGES tiles in shared memory, filled by cp.async STAGES - 1 tiles ahead
+            k_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, _W, _KEYS, _D], _RING)
+            v_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, _W, _KEYS, _D], _RING)
+            for i in gl.static_range(STAGES - 1):
+                k_page, v_page = _tile_pages(table, seq_len, i * TILE, k_keys, v_keys, BLOCK_SIZE)
+                _copy_kv_tile(k_ring.index(i), v_ring.index(i), k_ptr, v_ptr, k_page, v_page, seq_len, i * TILE,
+                              k_keys, v_keys, k_bytes, v_bytes, head, stride_kb, stride_ks, stride_kh, stride_vb,
+                              stride_vs, stride_vh, BLOCK_SIZE)
+            k_page, v_page = _tile_pages(table, seq_len, (STAGES - 1) * TILE, k_keys, v_keys, BLOCK_SIZE)
+        else:
+            k_page, v_page = _tile_pages(table, seq_len, 0, k_keys, v_keys, BLOCK_SIZE)
+        tile = 0
+        for start in range(0, seq_len, TILE):
+            if STAGES > 0:
+                ahead = start + (STAGES - 1) * TILE
+                slot = (tile + STAGES - 1) % STAGES
+                _copy_kv_tile(k_ring.index(slot), v_ring.index(slot), k_ptr, v_ptr, k_page, v_page, seq_len, ahead,
+                              k_keys, v_keys, k_bytes, v_bytes, head, stride_kb, stride_ks, stride_kh, stride_vb,
+                              stride_vs, stride_vh, BLOCK_SIZE)
+                k_page, v_page = _tile_pages(table, seq_len, ahead + TILE, k_keys, v_keys, BLOCK_SIZE)
+                async_copy.wait_group(STAGES - 1)
+                k8 = k_ring.index(tile % STAGES).load(_K_TILE)
+                v8 = v_ring.index(tile % STAGES).load(_V_TILE)
+                tile += 1
+            else:
+                k8, v8 = _load_kv_tile(k_ptr, v_ptr, k_page, v_page, seq_len, start, k_keys, v_keys, k_bytes,
+                                       v_bytes, head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                       BLOCK_SIZE)
+                # the next tile's blocks: their lookup overlaps this tile's loads and math
+                k_page, v_page = _tile_pages(table, seq_len, start + TILE, k_keys, v_keys, BLOCK_SIZE)
             # K: byte 32q + 4s + 2h + e is logical dim 16s + 8h + 2q + e
             k16 = gl.reshape(k8.to(gl.float8e4nv, bitcast=True).to(gl.float16), [_W, _KEYS, 4, 8, 2, 2])
             k_t = gl.reshape(gl.permute(k16, [0, 3, 4, 2, 5, 1]), [_W, _D, _KEYS])
@@ -195,7 +240,8 @@ def gluon_fp8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out, q, k_bits, v_bits, block_tables, seq_lens, query_start_loc, seq_order, scale * k_scale * LOG2E,
         v_scale, num_kv_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_bits.stride(0), k_bits.stride(1), k_bits.stride(2), v_bits.stride(0), v_bits.stride(1), v_bits.stride(2),
-        block_tables.stride(0), GROUP=q.shape[1] // num_kv_heads, BLOCK_SIZE=k_cache.shape[1], num_warps=4,
+        block_tables.stride(0), GROUP=q.shape[1] // num_kv_heads, BLOCK_SIZE=k_cache.shape[1], STAGES=STAGES,
+        num_warps=4,
         **({"maxnreg": regs} if (regs := max_registers or MAX_REGISTERS) else {}),
     )  # fmt: skip
     return out
