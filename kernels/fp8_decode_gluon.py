@@ -1,5 +1,5 @@
-"""Decode attention over an fp8 (e4m3) KV cache, written in Gluon (Triton's explicit-layout language) so that the fp8
-tiles go from global memory to the tensor cores through registers only.
+"""Decode attention over an fp8 (e4m3) KV cache, written in Gluon (Triton's explicit-layout language) so that each
+thread loads exactly its own tensor-core fragments of the fp8 tiles and converts them in registers.
 
 Why: the Triton kernel (``kernels/decode_attention.py``, ``f16-vsplit``) converts each fp8 K/V tile to fp16 and then
 lets the compiler move it into the MMA operand layout through shared memory (stored, then read back with ldmatrix):
@@ -15,10 +15,14 @@ picks the layouts itself and cannot be told that a thread could load exactly its
   through the same map.
 - The relabelling is a reshape + permute of the loaded tile, and ``convert_layout(..., assert_trivial=True)`` to the
   MMA operand layout compiles: no data moves. e4m3 -> fp16 is one packed ``cvt`` per two values (exact), in
-  registers; the loop has no shared-memory instruction (``benchmarks/gluon_decode_sass.py``).
+  registers.
 - **Warps split the keys.** Each of the 4 warps runs its own online softmax over 32 keys of every 128-key tile
   (a batched 3-D ``mma_v2`` with the warp as the batch dimension), so the loop needs no exchange between warps; the
   warps' partial results merge once at the end.
+- **Loads.** ``STAGES = 0``: straight to registers, the loop has no shared-memory instruction at all; but a warp then
+  waits for its own loads every tile (55% of bandwidth). ``STAGES = 2`` (the default): a cp.async ring in shared
+  memory one tile ahead, each thread copying the bytes it reads back itself (one 16-byte ``LDS`` per 16 bytes: one
+  trip through shared memory instead of the Triton kernel's three). ``benchmarks/gluon_decode_sass.py`` shows both.
 
 Scope: one query row per sequence (decode), head dim 128, query groups up to 16 heads, fp16/bf16 queries, no
 soft-capping / ALiBi / sliding window, no split of the context: :func:`gluon_decode_supported` says when, and the
@@ -43,11 +47,12 @@ except ImportError:  # pragma: no cover - a Triton without Gluon
 
 HEAD_DIM = 128
 MAX_GROUP = 16
-# Registers per thread the compiler may use (maxnreg; None: its own choice, 182 at sm_90: 2 programs per SM; 168
-# fits 3 with 11 spill instructions in the loop, benchmarks/gluon_decode_sass.py)
-MAX_REGISTERS: int | None = None
-# Tiles of K/V in flight through a cp.async ring in shared memory (0: loaded straight to registers)
-STAGES = 0
+# Tiles of K/V in a cp.async ring in shared memory (0: loaded straight to registers) and the registers per thread
+# the compiler may use (maxnreg; None: its own choice, ~176 at sm_90, 2 programs per SM; 168 fits 3). Measured on the
+# H200 at W2's shape (thirteenth session, RESULTS.md): registers only 227.8 us per layer at 160 registers, the
+# 2-stage ring 190.5 us at 168 (207.7 uncapped), the Triton kernel 193.6.
+STAGES = 2
+MAX_REGISTERS: int | None = 168
 LOG2E = 1.4426950408889634
 
 if HAS_GLUON:
@@ -197,6 +202,8 @@ if HAS_GLUON:
             v_n = gl.reshape(gl.permute(v16, [0, 1, 3, 2]), [_W, _KEYS, _D])
             acc = mma_v2(gl.convert_layout(p.to(gl.float16), dot_a), gl.convert_layout(v_n, dot_b, assert_trivial=True),
                          acc * alpha[:, :, None])
+        if STAGES > 0:
+            async_copy.wait_group(0)  # the copies issued past the context (masked) end before the program does
 
         # merge the warps' online softmaxes; a sequence without context (CUDA-graph padding) gets zeros
         m_all = gl.max(m_i, axis=0)
@@ -230,7 +237,7 @@ def gluon_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, *, queries: i
 def gluon_fp8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, out: torch.Tensor,
                      seq_order: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0,
-                     max_registers: int | None = None) -> torch.Tensor:  # fmt: skip
+                     max_registers: int | None = None, stages: int | None = None) -> torch.Tensor:  # fmt: skip
     """One program per (sequence, KV head), launched in ``seq_order`` (a permutation of the sequences, e.g. longest
     first); q ``[T, Hq, 128]``, caches ``[blocks, block_size, Hk, 128]`` e4m3 holding ``x / scale``; writes ``out``
     rows ``query_start_loc[:-1]``. Callers check :func:`gluon_decode_supported` first."""
@@ -240,7 +247,8 @@ def gluon_fp8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out, q, k_bits, v_bits, block_tables, seq_lens, query_start_loc, seq_order, scale * k_scale * LOG2E,
         v_scale, num_kv_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_bits.stride(0), k_bits.stride(1), k_bits.stride(2), v_bits.stride(0), v_bits.stride(1), v_bits.stride(2),
-        block_tables.stride(0), GROUP=q.shape[1] // num_kv_heads, BLOCK_SIZE=k_cache.shape[1], STAGES=STAGES,
+        block_tables.stride(0), GROUP=q.shape[1] // num_kv_heads, BLOCK_SIZE=k_cache.shape[1],
+        STAGES=STAGES if stages is None else stages,
         num_warps=4,
         **({"maxnreg": regs} if (regs := max_registers or MAX_REGISTERS) else {}),
     )  # fmt: skip

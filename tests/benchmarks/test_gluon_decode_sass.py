@@ -13,14 +13,22 @@ from tests.benchmarks.offline_sass import needs_sass_tools, run_compile_script
 COMPILE = """
 import json
 from benchmarks.gluon_decode_sass import compile_gluon_decode, summarize
-print(json.dumps({group: summarize(compile_gluon_decode(group)) for group in (2, 4)}))
+out = {group: summarize(compile_gluon_decode(group)) for group in (2, 4)}
+out["ring"] = summarize(compile_gluon_decode(4, stages=2))
+print(json.dumps(out))
 """
 
 
 @needs_sass_tools
 def test_gluon_decode_loop_keeps_fp8_tiles_out_of_shared_memory():
+    """Registers only (``STAGES = 0``): no shared memory in the loop; the ring (``STAGES = 2``): 16-byte cp.async
+    in, 16-byte loads out, nothing else."""
     pytest.importorskip("triton.experimental.gluon")
-    for group, info in run_compile_script(COMPILE).items():
+    result = run_compile_script(COMPILE)
+    ring = result.pop("ring")["loop"]  # the cp.async ring: one trip through shared memory, 16 bytes at a time
+    assert ring.get("LDGSTS.E.BYPASS.128", 0) == 16 and ring.get("LDS.128", 0) == 16, ring
+    assert not any(op.startswith(("STS", "LDSM")) for op in ring), ring
+    for group, info in result.items():
         loop = info["loop"]
         assert not any(op.startswith(("STS", "LDS", "LDSM", "BAR", "STSM")) for op in loop), (group, loop)
         assert loop.get("LDG.E.128", 0) == 16, (group, loop)  # K: 4 keys x 32 B, V: 8 keys x 16 B per thread
