@@ -84,10 +84,11 @@ def compile_prefill(cache_ty: str, dot_ty: str, v_pairs: bool, block_m: int, til
 
 
 def _compile(kernel, pointers: dict[str, str], floats: set[str], constexprs: dict, num_warps: int, num_stages: int,
-             divisible_ints: frozenset[str] = frozenset(), max_registers: int | None = None):  # fmt: skip
+             divisible_ints: frozenset[str] = frozenset(), max_registers: int | None = None,
+             source_cls=ASTSource):  # fmt: skip
     """The kernel compiled for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU:
     pointers, the strides (but the block table's) and ``divisible_ints`` marked divisible by 16; ``max_registers``
-    is Triton's ``maxnreg``."""
+    is Triton's ``maxnreg``; ``source_cls``: ``GluonASTSource`` for a Gluon kernel."""
     signature, attrs = {}, {}
     # constexprs with defaults the caller left out (a bare ASTSource does not apply them): PDL off, as launched
     # without programmatic dependent launch; PF_COLS (the PDL prefetch's width) at its default
@@ -105,7 +106,7 @@ def _compile(kernel, pointers: dict[str, str], floats: set[str], constexprs: dic
             signature[name] = "i32"
             if (name.startswith("stride_") and name not in ("stride_bt",)) or name in divisible_ints:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    src = source_cls(kernel, signature, constexprs, attrs)
     backend = make_backend(TARGET)
     options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages,
                                      **({"maxnreg": max_registers} if max_registers else {})})

@@ -23,11 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("gluon_decode_sass.py compiles the kernel: run it without TRITON_INTERPRET=1")
 
-import triton  # noqa: E402
-from triton.compiler import make_backend  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
-from benchmarks.attention_sass import TARGET, loop_body, sass_and_resources  # noqa: E402
+from benchmarks.attention_sass import _compile, loop_body, sass_and_resources  # noqa: E402
 from kernels import fp8_decode_gluon  # noqa: E402
 
 POINTERS = {"out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*u8", "v_ptr": "*u8", "table_ptr": "*i32",
@@ -36,24 +34,8 @@ POINTERS = {"out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*u8", "v_ptr": "*u8"
 
 def compile_gluon_decode(group: int = 4, block_size: int = 16, stages: int = 0):
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU."""
-    kernel = fp8_decode_gluon._gluon_decode_kernel
-    constexprs = {"GROUP": group, "BLOCK_SIZE": block_size, "STAGES": stages}
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in POINTERS:
-            signature[name] = POINTERS[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("qk_scale", "v_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride_") and name != "stride_bt":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    options = make_backend(TARGET).parse_options({"num_warps": 4})
-    return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=TARGET,
-                          options=options.__dict__)  # fmt: skip
+    return _compile(fp8_decode_gluon._gluon_decode_kernel, POINTERS, {"qk_scale", "v_scale"},
+                    {"GROUP": group, "BLOCK_SIZE": block_size, "STAGES": stages}, 4, 1, source_cls=GluonASTSource)
 
 
 def summarize(compiled) -> dict:
