@@ -2,11 +2,12 @@
 
     python benchmarks/gluon_decode_sass.py              # W2's query group (4); --group 2 for W1's
 
-Compiles ``_gluon_decode_kernel`` for sm_90 (Triton's bundled ptxas / cuobjdump) and prints its registers, shared
-memory and the opcodes of the key-tile loop. The point of the kernel is what the loop lacks: no shared-memory
-instruction (``STS`` / ``LDS`` / ``LDSM``) and no barrier, only 16-byte global loads, packed e4m3 -> fp16 conversions
-(``F2FP.F16.E4M3.UNPACK_B``), byte permutes and ``HMMA``; the Triton kernel's loop stages every fp8 tile through
-shared memory twice (``benchmarks/attention_sass.py``).
+Compiles ``_gluon_decode_kernel`` for sm_90 (Triton's bundled ptxas / cuobjdump) at the module's ring depth and
+register cap, and prints its registers, stack and the opcodes of the key-tile loop. The point of the kernel is the
+path the fp8 tiles take: 16-byte cp.async into shared memory (``LDGSTS``), 16-byte loads straight into each thread's
+mma fragments (``LDS.128``), packed e4m3 -> fp16 conversions (``F2FP.F16.E4M3.UNPACK_B``) and ``HMMA``, with no
+shared-memory store or ldmatrix; the Triton kernel's loop stages every fp8 tile through shared memory three times
+(``benchmarks/attention_sass.py``).
 """
 
 from __future__ import annotations
@@ -32,33 +33,36 @@ POINTERS = {"out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*u8", "v_ptr": "*u8"
             "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "order_ptr": "*i32"}  # fmt: skip
 
 
-def compile_gluon_decode(group: int = 4, block_size: int = 16, stages: int = 0):
-    """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU."""
+def compile_gluon_decode(group: int = 4, block_size: int = 16, max_registers: int | None = None):
+    """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU and the module's
+    ring depth (``STAGES``); ``max_registers`` is Triton's ``maxnreg`` (``gluon_fp8_decode`` launches at the module's
+    ``MAX_REGISTERS``)."""
     return _compile(fp8_decode_gluon._gluon_decode_kernel, POINTERS, {"qk_scale", "v_scale"},
-                    {"GROUP": group, "BLOCK_SIZE": block_size, "STAGES": stages}, 4, 1, source_cls=GluonASTSource)
+                    {"GROUP": group, "BLOCK_SIZE": block_size, "STAGES": fp8_decode_gluon.STAGES}, 4, 1,
+                    max_registers=max_registers, source_cls=GluonASTSource)  # fmt: skip
 
 
 def summarize(compiled) -> dict:
     sass, resources = sass_and_resources(compiled.asm["cubin"])
     loop = collections.Counter(op for _, op, _ in loop_body(sass))
     usage = dict(re.findall(r"(REG|SHARED|STACK):(\d+)", resources))
-    return {"registers": int(usage.get("REG", 0)), "shared": int(usage.get("SHARED", 0)),
-            "stack": int(usage.get("STACK", 0)), "loop_total": sum(loop.values()), "loop": dict(loop)}  # fmt: skip
+    return {"registers": int(usage.get("REG", 0)), "stack": int(usage.get("STACK", 0)),
+            "loop_total": sum(loop.values()), "loop": dict(loop)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--group", type=int, default=4, help="query heads per KV head (W2: 4, W1: 2)")
-    parser.add_argument("--stages", type=int, default=0, help="cp.async ring depth (0: loads straight to registers)")
+    parser.add_argument("--max-registers", type=int, default=fp8_decode_gluon.MAX_REGISTERS,
+                        help="Triton's maxnreg (default: the cap the kernel launches with; 0: the compiler's choice)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     opts = parser.parse_args()
-    info = summarize(compile_gluon_decode(opts.group, stages=opts.stages))
+    info = summarize(compile_gluon_decode(opts.group, max_registers=opts.max_registers or None))
     if opts.json:
         print(json.dumps(info))
         return 0
-    print(f"Gluon fp8 decode, group {opts.group}, sm_90: {info['registers']} registers, {info['shared']} B shared "
-          f"memory, {info['stack']} B stack; key-tile loop (128 keys, 32 per warp): {info['loop_total']} "
-          "instructions per warp")
+    print(f"Gluon fp8 decode, group {opts.group}, sm_90: {info['registers']} registers, {info['stack']} B stack; "
+          f"key-tile loop (128 keys, 32 per warp): {info['loop_total']} instructions per warp")
     for op, count in sorted(info["loop"].items(), key=lambda kv: -kv[1]):
         print(f"  {op:<28} {count}")
     return 0

@@ -19,10 +19,11 @@ picks the layouts itself and cannot be told that a thread could load exactly its
 - **Warps split the keys.** Each of the 4 warps runs its own online softmax over 32 keys of every 128-key tile
   (a batched 3-D ``mma_v2`` with the warp as the batch dimension), so the loop needs no exchange between warps; the
   warps' partial results merge once at the end.
-- **Loads.** ``STAGES = 0``: straight to registers, the loop has no shared-memory instruction at all; but a warp then
-  waits for its own loads every tile (55% of bandwidth). ``STAGES = 2`` (the default): a cp.async ring in shared
-  memory one tile ahead, each thread copying the bytes it reads back itself (one 16-byte ``LDS`` per 16 bytes: one
-  trip through shared memory instead of the Triton kernel's three). ``benchmarks/gluon_decode_sass.py`` shows both.
+- **Loads.** A cp.async ring in shared memory, ``STAGES - 1`` tiles ahead, each thread copying the bytes it reads
+  back itself (one 16-byte ``LDS`` per 16 bytes: one trip through shared memory instead of the Triton kernel's
+  three; ``benchmarks/gluon_decode_sass.py`` shows the loop). Loading straight to registers, with no shared memory
+  in the loop at all, was measured and dropped: each warp then waits for its own loads every tile (55% of
+  bandwidth against the ring's 65%).
 
 Scope: one query row per sequence (decode), head dim 128, query groups up to 16 heads, fp16/bf16 queries, no
 soft-capping / ALiBi / sliding window, no split of the context: :func:`gluon_decode_supported` says when, and the
@@ -47,10 +48,10 @@ except ImportError:  # pragma: no cover - a Triton without Gluon
 
 HEAD_DIM = 128
 MAX_GROUP = 16
-# Tiles of K/V in a cp.async ring in shared memory (0: loaded straight to registers) and the registers per thread
-# the compiler may use (maxnreg; None: its own choice, ~176 at sm_90, 2 programs per SM; 168 fits 3). Measured on the
-# H200 at W2's shape (thirteenth session, RESULTS.md): registers only 227.8 us per layer at 160 registers, the
-# 2-stage ring 190.5 us at 168 (207.7 uncapped), the Triton kernel 193.6.
+# Tiles of K/V in the cp.async ring in shared memory (2 or 4: a power of two) and the registers per thread the
+# compiler may use (maxnreg; None: its own choice, ~176 at sm_90, 2 programs per SM; 168 fits 3). Measured on the
+# H200 at W2's shape (thirteenth session, RESULTS.md): the 2-stage ring 190.5 us per layer at 168 registers (207.7
+# uncapped), the Triton kernel 193.6; loads straight to registers instead of the ring (removed since) 227.8 at best.
 STAGES = 2
 MAX_REGISTERS: int | None = 168
 LOG2E = 1.4426950408889634
@@ -89,24 +90,12 @@ if HAS_GLUON:
         return k_page, v_page
 
     @gluon.jit
-    def _load_kv_tile(k_ptr, v_ptr, k_page, v_page, seq_len, start, k_keys, v_keys, k_bytes, v_bytes, head,
-                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE: gl.constexpr):
-        """The fp8 bytes of keys ``start + k_keys`` / ``start + v_keys`` (zeros past the context), in their load
-        layouts."""
-        key = start + k_keys
-        row = k_page.to(gl.int64) * stride_kb + (key % BLOCK_SIZE) * stride_ks + head * stride_kh
-        k8 = gl.load(k_ptr + (row[:, :, None] + k_bytes[None, None, :]), mask=(key < seq_len)[:, :, None], other=0)
-        key = start + v_keys
-        row = v_page.to(gl.int64) * stride_vb + (key % BLOCK_SIZE) * stride_vs + head * stride_vh
-        v8 = gl.load(v_ptr + (row[:, :, None] + v_bytes[None, None, :]), mask=(key < seq_len)[:, :, None], other=0)
-        return k8, v8
-
-    @gluon.jit
     def _copy_kv_tile(k_slot, v_slot, k_ptr, v_ptr, k_page, v_page, seq_len, start, k_keys, v_keys, k_bytes,
                       v_bytes, head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                       BLOCK_SIZE: gl.constexpr):
-        """cp.async of keys ``start + k_keys`` / ``start + v_keys`` into a ring slot, each thread the bytes it will
-        read back itself (the load layouts), so no barrier is needed between the copy and the read."""
+        """cp.async of keys ``start + k_keys`` / ``start + v_keys`` (zeros past the context) into a ring slot, each
+        thread the bytes it will read back itself (the load layouts), so no barrier is needed between the copy and
+        the read."""
         key = start + k_keys
         row = k_page.to(gl.int64) * stride_kb + (key % BLOCK_SIZE) * stride_ks + head * stride_kh
         _cp_async(k_slot, k_ptr + (row[:, :, None] + k_bytes[None, None, :]), mask=(key < seq_len)[:, :, None])
@@ -155,36 +144,28 @@ if HAS_GLUON:
         l_i = gl.zeros([_W, _ROWS], gl.float32, layout=gl.SliceLayout(2, _MMA))
         acc = gl.zeros([_W, _ROWS, _D], gl.float32, layout=_MMA)
         TILE: gl.constexpr = _W * _KEYS
-        if STAGES > 0:  # a ring of STAGES tiles in shared memory, filled by cp.async STAGES - 1 tiles ahead
-            k_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, _W, _KEYS, _D], _RING)
-            v_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, _W, _KEYS, _D], _RING)
-            for i in gl.static_range(STAGES - 1):
-                k_page, v_page = _tile_pages(table, seq_len, i * TILE, k_keys, v_keys, BLOCK_SIZE)
-                _copy_kv_tile(k_ring.index(i), v_ring.index(i), k_ptr, v_ptr, k_page, v_page, seq_len, i * TILE,
-                              k_keys, v_keys, k_bytes, v_bytes, head, stride_kb, stride_ks, stride_kh, stride_vb,
-                              stride_vs, stride_vh, BLOCK_SIZE)
-            k_page, v_page = _tile_pages(table, seq_len, (STAGES - 1) * TILE, k_keys, v_keys, BLOCK_SIZE)
-        else:
-            k_page, v_page = _tile_pages(table, seq_len, 0, k_keys, v_keys, BLOCK_SIZE)
+        # a ring of STAGES tiles in shared memory, filled by cp.async STAGES - 1 tiles ahead; the block-table lookup
+        # of the tile after that overlaps the current tile's math
+        k_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, _W, _KEYS, _D], _RING)
+        v_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, _W, _KEYS, _D], _RING)
+        for i in gl.static_range(STAGES - 1):
+            k_page, v_page = _tile_pages(table, seq_len, i * TILE, k_keys, v_keys, BLOCK_SIZE)
+            _copy_kv_tile(k_ring.index(i), v_ring.index(i), k_ptr, v_ptr, k_page, v_page, seq_len, i * TILE, k_keys,
+                          v_keys, k_bytes, v_bytes, head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                          stride_vh, BLOCK_SIZE)
+        k_page, v_page = _tile_pages(table, seq_len, (STAGES - 1) * TILE, k_keys, v_keys, BLOCK_SIZE)
         tile = 0
         for start in range(0, seq_len, TILE):
-            if STAGES > 0:
-                ahead = start + (STAGES - 1) * TILE
-                slot = (tile + STAGES - 1) % STAGES
-                _copy_kv_tile(k_ring.index(slot), v_ring.index(slot), k_ptr, v_ptr, k_page, v_page, seq_len, ahead,
-                              k_keys, v_keys, k_bytes, v_bytes, head, stride_kb, stride_ks, stride_kh, stride_vb,
-                              stride_vs, stride_vh, BLOCK_SIZE)
-                k_page, v_page = _tile_pages(table, seq_len, ahead + TILE, k_keys, v_keys, BLOCK_SIZE)
-                async_copy.wait_group(STAGES - 1)
-                k8 = k_ring.index(tile % STAGES).load(_K_TILE)
-                v8 = v_ring.index(tile % STAGES).load(_V_TILE)
-                tile += 1
-            else:
-                k8, v8 = _load_kv_tile(k_ptr, v_ptr, k_page, v_page, seq_len, start, k_keys, v_keys, k_bytes,
-                                       v_bytes, head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                       BLOCK_SIZE)
-                # the next tile's blocks: their lookup overlaps this tile's loads and math
-                k_page, v_page = _tile_pages(table, seq_len, start + TILE, k_keys, v_keys, BLOCK_SIZE)
+            ahead = start + (STAGES - 1) * TILE
+            slot = (tile + STAGES - 1) % STAGES
+            _copy_kv_tile(k_ring.index(slot), v_ring.index(slot), k_ptr, v_ptr, k_page, v_page, seq_len, ahead,
+                          k_keys, v_keys, k_bytes, v_bytes, head, stride_kb, stride_ks, stride_kh, stride_vb,
+                          stride_vs, stride_vh, BLOCK_SIZE)
+            k_page, v_page = _tile_pages(table, seq_len, ahead + TILE, k_keys, v_keys, BLOCK_SIZE)
+            async_copy.wait_group(STAGES - 1)
+            k8 = k_ring.index(tile % STAGES).load(_K_TILE)
+            v8 = v_ring.index(tile % STAGES).load(_V_TILE)
+            tile += 1
             # K: byte 32q + 4s + 2h + e is logical dim 16s + 8h + 2q + e
             k16 = gl.reshape(k8.to(gl.float8e4nv, bitcast=True).to(gl.float16), [_W, _KEYS, 4, 8, 2, 2])
             k_t = gl.reshape(gl.permute(k16, [0, 3, 4, 2, 5, 1]), [_W, _D, _KEYS])
@@ -202,8 +183,7 @@ if HAS_GLUON:
             v_n = gl.reshape(gl.permute(v16, [0, 1, 3, 2]), [_W, _KEYS, _D])
             acc = mma_v2(gl.convert_layout(p.to(gl.float16), dot_a), gl.convert_layout(v_n, dot_b, assert_trivial=True),
                          acc * alpha[:, :, None])
-        if STAGES > 0:
-            async_copy.wait_group(0)  # the copies issued past the context (masked) end before the program does
+        async_copy.wait_group(0)  # the copies issued past the context (masked) end before the program does
 
         # merge the warps' online softmaxes; a sequence without context (CUDA-graph padding) gets zeros
         m_all = gl.max(m_i, axis=0)
@@ -236,8 +216,8 @@ def gluon_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, *, queries: i
 
 def gluon_fp8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, out: torch.Tensor,
-                     seq_order: torch.Tensor, *, k_scale: float = 1.0, v_scale: float = 1.0,
-                     max_registers: int | None = None, stages: int | None = None) -> torch.Tensor:  # fmt: skip
+                     seq_order: torch.Tensor, *, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
     """One program per (sequence, KV head), launched in ``seq_order`` (a permutation of the sequences, e.g. longest
     first); q ``[T, Hq, 128]``, caches ``[blocks, block_size, Hk, 128]`` e4m3 holding ``x / scale``; writes ``out``
     rows ``query_start_loc[:-1]``. Callers check :func:`gluon_decode_supported` first."""
@@ -248,8 +228,6 @@ def gluon_fp8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_scale, num_kv_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_bits.stride(0), k_bits.stride(1), k_bits.stride(2), v_bits.stride(0), v_bits.stride(1), v_bits.stride(2),
         block_tables.stride(0), GROUP=q.shape[1] // num_kv_heads, BLOCK_SIZE=k_cache.shape[1],
-        STAGES=STAGES if stages is None else stages,
-        num_warps=4,
-        **({"maxnreg": regs} if (regs := max_registers or MAX_REGISTERS) else {}),
+        STAGES=STAGES, num_warps=4, **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
     )  # fmt: skip
     return out

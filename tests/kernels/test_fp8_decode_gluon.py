@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import kernels.decode_attention as decode_attention
-import kernels.fp8_decode_gluon as fp8_decode_gluon
 from kernels.attention_common import FP8_KV_DTYPE, fp8_read_flags
 from kernels.decode_attention import DecodeConfig, decode_order, paged_decode_attention
 from kernels.fp8_decode_gluon import gluon_decode_supported, gluon_fp8_decode
@@ -30,34 +29,29 @@ def test_gluon_path_is_declined_on_cpu_and_reads_as_vsplit():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stages", [0, 2])
 @pytest.mark.parametrize("heads", [(8, 8), (16, 8), (32, 8), (64, 8), (32, 2)])
 @pytest.mark.parametrize("dtype", [BF16, F16])
-def test_gpu_gluon_decode_matches_reference(heads, dtype, stages):
-    """Query groups of 1 to 16 heads, fp16 and bf16 queries, scales that are not 1, lengths around the tiles, loads
-    to registers and through the cp.async ring."""
+def test_gpu_gluon_decode_matches_reference(heads, dtype):
+    """Query groups of 1 to 16 heads, fp16 and bf16 queries, scales that are not 1, lengths around the tiles."""
     problem, k64, v64 = _fp8_problem([1] * len(LENGTHS), LENGTHS, heads, 128, dtype, 31, 0.1, 2.0, device="cuda")
     out = poisoned_like(problem.q)
-    gluon_fp8_decode(*problem.args(), out=out, seq_order=decode_order(problem.seq_lens), k_scale=0.1, v_scale=2.0,
-                     stages=stages)  # fmt: skip
-    assert_close(out, _reference(problem, k64, v64), ATTENTION_TOLERANCE[dtype], f"gluon heads={heads} {stages}")
+    gluon_fp8_decode(*problem.args(), out=out, seq_order=decode_order(problem.seq_lens), k_scale=0.1, v_scale=2.0)
+    assert_close(out, _reference(problem, k64, v64), ATTENTION_TOLERANCE[dtype], f"gluon heads={heads}")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stages", [0, 2])
-def test_gpu_gluon_decode_zero_length_rows_and_launch_order(stages):
+def test_gpu_gluon_decode_zero_length_rows_and_launch_order():
     """A sequence of length 0 (CUDA-graph padding) gets zero rows; the result does not depend on the launch order."""
     problem, k64, v64 = _fp8_problem([1] * 4, [40, 300, 7, 129], (32, 8), 128, BF16, 32, 1.0, 1.0, device="cuda")
     ref = _reference(problem, k64, v64)
-    first = gluon_fp8_decode(*problem.args(), out=poisoned_like(problem.q), stages=stages,
+    first = gluon_fp8_decode(*problem.args(), out=poisoned_like(problem.q),
                              seq_order=torch.arange(4, dtype=torch.int32, device="cuda"))  # fmt: skip
-    again = gluon_fp8_decode(*problem.args(), out=poisoned_like(problem.q), stages=stages,
+    again = gluon_fp8_decode(*problem.args(), out=poisoned_like(problem.q),
                              seq_order=torch.tensor([3, 1, 0, 2], dtype=torch.int32, device="cuda"))  # fmt: skip
     assert_close(first, ref, ATTENTION_TOLERANCE[BF16], "gluon in batch order")
     assert torch.equal(first, again)
     problem.seq_lens[2] = 0
-    out = gluon_fp8_decode(*problem.args(), out=poisoned_like(problem.q), seq_order=decode_order(problem.seq_lens),
-                           stages=stages)  # fmt: skip
+    out = gluon_fp8_decode(*problem.args(), out=poisoned_like(problem.q), seq_order=decode_order(problem.seq_lens))
     assert torch.equal(out[2], torch.zeros_like(out[2]))
     assert_close(out[[0, 1, 3]], ref[[0, 1, 3]], ATTENTION_TOLERANCE[BF16], "gluon beside an empty sequence")
 
@@ -108,10 +102,8 @@ def test_gpu_gluon_decode_replays_in_a_cuda_graph():
     assert_close(out, _reference(problem, k64, v64), ATTENTION_TOLERANCE[BF16], "gluon replayed")
 
 
-def test_supported_needs_head_dim_128_small_groups_and_plain_decode():
-    assert fp8_decode_gluon.HEAD_DIM == 128 and fp8_decode_gluon.MAX_GROUP == 16
-    if not torch.cuda.is_available():
-        pytest.skip("the positive cases need a CUDA tensor")
+@pytest.mark.gpu
+def test_gpu_supported_needs_head_dim_128_small_groups_and_plain_decode():
     q = torch.zeros(2, 32, 128, dtype=BF16, device="cuda")
     fp8 = torch.zeros(3, 16, 8, 128, dtype=FP8_KV_DTYPE, device="cuda")
     assert gluon_decode_supported(q, fp8)
