@@ -33,12 +33,17 @@ POINTERS = {"out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*u8", "v_ptr": "*u8"
             "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "order_ptr": "*i32"}  # fmt: skip
 
 
-def compile_gluon_decode(group: int = 4, block_size: int = 16, max_registers: int | None = None):
-    """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU and the module's
-    ring depth (``STAGES``); ``max_registers`` is Triton's ``maxnreg`` (``gluon_fp8_decode`` launches at the module's
-    ``MAX_REGISTERS``)."""
+def compile_gluon_decode(group: int = 4, block_size: int = 16, max_registers: int | None = None,
+                         stages: int | None = None, keys: int | None = None):  # fmt: skip
+    """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU, at the module's
+    ring depth (``STAGES``) and keys per warp (``KEYS_PER_WARP``) unless given; ``max_registers`` is Triton's
+    ``maxnreg`` (``gluon_fp8_decode`` launches at the module's ``MAX_REGISTERS``)."""
+    stages = stages or fp8_decode_gluon.STAGES
+    keys = keys or fp8_decode_gluon.KEYS_PER_WARP
+    k_tile, v_tile, scores = fp8_decode_gluon.tile_layouts(keys)
     return _compile(fp8_decode_gluon._gluon_decode_kernel, POINTERS, {"qk_scale", "v_scale"},
-                    {"GROUP": group, "BLOCK_SIZE": block_size, "STAGES": fp8_decode_gluon.STAGES}, 4, 1,
+                    {"GROUP": group, "BLOCK_SIZE": block_size, "STAGES": stages,
+                     "KEYS": keys, "K_TILE": k_tile, "V_TILE": v_tile, "SCORES": scores}, 4, 1,
                     max_registers=max_registers, source_cls=GluonASTSource)  # fmt: skip
 
 
@@ -55,14 +60,18 @@ def main() -> int:
     parser.add_argument("--group", type=int, default=4, help="query heads per KV head (W2: 4, W1: 2)")
     parser.add_argument("--max-registers", type=int, default=fp8_decode_gluon.MAX_REGISTERS,
                         help="Triton's maxnreg (default: the cap the kernel launches with; 0: the compiler's choice)")
+    parser.add_argument("--stages", type=int, default=fp8_decode_gluon.STAGES, help="tiles in the cp.async ring")
+    parser.add_argument("--keys", type=int, default=fp8_decode_gluon.KEYS_PER_WARP, choices=(16, 32),
+                        help="keys per warp per tile")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     opts = parser.parse_args()
-    info = summarize(compile_gluon_decode(opts.group, max_registers=opts.max_registers or None))
+    info = summarize(compile_gluon_decode(opts.group, max_registers=opts.max_registers or None,
+                                         stages=opts.stages, keys=opts.keys))
     if opts.json:
         print(json.dumps(info))
         return 0
     print(f"Gluon fp8 decode, group {opts.group}, sm_90: {info['registers']} registers, {info['stack']} B stack; "
-          f"key-tile loop (128 keys, 32 per warp): {info['loop_total']} instructions per warp")
+          f"key-tile loop ({4 * opts.keys} keys, {opts.keys} per warp, {opts.stages} stages): {info['loop_total']} instructions per warp")
     for op, count in sorted(info["loop"].items(), key=lambda kv: -kv[1]):
         print(f"  {op:<28} {count}")
     return 0

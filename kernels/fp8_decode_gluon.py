@@ -33,6 +33,8 @@ Triton kernel runs; the GPU tests compare this kernel with the float32 reference
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -47,31 +49,39 @@ except ImportError:  # pragma: no cover - a Triton without Gluon
     HAS_GLUON = False
 
 HEAD_DIM = 128
-MAX_GROUP = 16
-# Tiles of K/V in the cp.async ring in shared memory (2 or 4: a power of two) and the registers per thread the
+MAX_GROUP = 8
+# Keys per warp per tile (16 or 32: a tile is 4x that, KEYS_PER_WARP KB of K and of V), tiles of K/V in the
+# cp.async ring in shared memory (2 or more; STAGES - 1 in flight while one is read) and the registers per thread the
 # compiler may use (maxnreg; None: its own choice, ~176 at sm_90, 2 programs per SM; 168 fits 3). Measured on the
 # H200 at W2's shape (thirteenth session, RESULTS.md): the 2-stage ring 190.5 us per layer at 168 registers (207.7
 # uncapped), the Triton kernel 193.6; loads straight to registers instead of the ring (removed since) 227.8 at best.
+KEYS_PER_WARP = 16
 STAGES = 2
-MAX_REGISTERS: int | None = 168
+MAX_REGISTERS: int | None = None
 LOG2E = 1.4426950408889634
+
+
+def _tile_layout(keys: int, byte_bases: list, lane_bases: list, head_dim: int = HEAD_DIM):
+    """A K or V tile's load layout ``[warp, key, byte]`` over ``keys`` keys per warp: the given byte (and key)
+    register and lane bases, then key bits 8, 16, ... in registers (the mma.sync n-tiles of K, k-steps of V)."""
+    key_bases = [[0, 8 << i, 0] for i in range(keys.bit_length() - 4)]
+    return gl.DistributedLinearLayout(reg_bases=byte_bases + key_bases, lane_bases=lane_bases,
+                                      warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, keys, head_dim])
+
 
 if HAS_GLUON:
     _W = gl.constexpr(4)  # warps, each with its own keys
-    _KEYS = gl.constexpr(32)  # keys per warp per tile
     _D = gl.constexpr(HEAD_DIM)
     _ROWS = gl.constexpr(MAX_GROUP)  # query rows of the MMA (the group, padded)
     _MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1, 1], instr_shape=[1, 16, 8]))
     # The K tile [warp, key, byte] as loaded: each thread's 32 contiguous bytes of keys lane // 4 + 8 r
-    _K_TILE = gl.constexpr(gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 0, 16], [0, 8, 0], [0, 16, 0]],
-        lane_bases=[[0, 0, 32], [0, 0, 64], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
-        warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, 32, 128]))
-    # The V tile [warp, key, byte]: 16 contiguous bytes at 16 (lane // 4) of keys 2 (lane % 4) + {0, 1, 8, 9, 16, ...}
-    _V_TILE = gl.constexpr(gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 1, 0], [0, 8, 0], [0, 16, 0]],
-        lane_bases=[[0, 2, 0], [0, 4, 0], [0, 0, 16], [0, 0, 32], [0, 0, 64]],
-        warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, 32, 128]))
+    _K_TILE_BYTES = ([[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 0, 16]],
+                     [[0, 0, 32], [0, 0, 64], [0, 1, 0], [0, 2, 0], [0, 4, 0]])
+    # The V tile [warp, key, byte]: 16 contiguous bytes at 16 (lane // 4) of keys 2 (lane % 4) + {0, 1, 8, 9, ...}
+    _V_TILE_BYTES = ([[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 1, 0]],
+                     [[0, 2, 0], [0, 4, 0], [0, 0, 16], [0, 0, 32], [0, 0, 64]])
+    # The scores [warp, row, key] (the mma's rows 0-7): rows lane // 4, keys 2 (lane % 4) + {0, 1, 8, 9, ...}
+    _SCORE_BASES = ([[0, 0, 1]], [[0, 0, 2], [0, 0, 4], [0, 1, 0], [0, 2, 0], [0, 4, 0]])
     _Q_LOAD = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 4, 8],
                                             warps_per_cta=[4, 1, 1], order=[2, 1, 0]))
     # the cp.async ring [stage, warp, key, byte]: 16-byte chunks swizzled across the 8 rows of a 128-byte phase
@@ -108,7 +118,8 @@ if HAS_GLUON:
     def _gluon_decode_kernel(out_ptr, q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, query_start_ptr, order_ptr,
                              qk_scale, v_scale, num_kv_heads, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
                              stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+                             GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, KEYS: gl.constexpr,
+                             K_TILE: gl.constexpr, V_TILE: gl.constexpr, SCORES: gl.constexpr):  # fmt: skip
         """Program (sequence ``order[pid // Hk]``, KV head ``pid % Hk``): the group's attention over the context."""
         pid = gl.program_id(0)
         seq = gl.load(order_ptr + pid // num_kv_heads)
@@ -118,9 +129,10 @@ if HAS_GLUON:
         dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_MMA, k_width=2)
         dot_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=_MMA, k_width=2)
 
-        # q [warp, row, d] (every warp holds the whole group), head dim in the permuted order, scaled to the log2
-        # domain, in fp16: divided by a power of two first if it would overflow (scores rescaled after the dot)
-        q_rows = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(0, _Q_LOAD)))
+        # q [warp, row, d] (every warp holds the whole group; rows past it repeat its last), head dim in the permuted
+        # order, scaled to the log2 domain, in fp16: divided by a power of two first if it would overflow (scores
+        # rescaled after the dot)
+        q_rows = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, _Q_LOAD)))
         q_dims = gl.arange(0, _D, layout=gl.SliceLayout(0, gl.SliceLayout(0, _Q_LOAD)))
         q_bytes = 32 * ((q_dims >> 1) & 3) + 4 * (q_dims >> 4) + 2 * ((q_dims >> 3) & 1) + (q_dims & 1)
         q_off = (token * stride_qt + (head * GROUP + gl.minimum(q_rows, GROUP - 1)) * stride_qh)[:, None]
@@ -130,24 +142,25 @@ if HAS_GLUON:
         shift = gl.where(q_max > 32768.0, gl.exp2(gl.ceil(gl.log2(q_max)) - 15.0), 1.0)
         q = gl.convert_layout((q * (1.0 / shift)).to(gl.float16), dot_a)
 
-        k_keys = ((gl.arange(0, _W, layout=gl.SliceLayout(1, gl.SliceLayout(2, _K_TILE))) * _KEYS)[:, None]
-                  + gl.arange(0, _KEYS, layout=gl.SliceLayout(0, gl.SliceLayout(2, _K_TILE)))[None, :])
-        v_keys = ((gl.arange(0, _W, layout=gl.SliceLayout(1, gl.SliceLayout(2, _V_TILE))) * _KEYS)[:, None]
-                  + gl.arange(0, _KEYS, layout=gl.SliceLayout(0, gl.SliceLayout(2, _V_TILE)))[None, :])
-        s_keys = ((gl.arange(0, _W, layout=gl.SliceLayout(1, gl.SliceLayout(1, _MMA))) * _KEYS)[:, None]
-                  + gl.arange(0, _KEYS, layout=gl.SliceLayout(0, gl.SliceLayout(1, _MMA)))[None, :])
-        k_bytes = gl.arange(0, _D, layout=gl.SliceLayout(0, gl.SliceLayout(1, _K_TILE)))
-        v_bytes = gl.arange(0, _D, layout=gl.SliceLayout(0, gl.SliceLayout(1, _V_TILE)))
+        k_keys = ((gl.arange(0, _W, layout=gl.SliceLayout(1, gl.SliceLayout(2, K_TILE))) * KEYS)[:, None]
+                  + gl.arange(0, KEYS, layout=gl.SliceLayout(0, gl.SliceLayout(2, K_TILE)))[None, :])
+        v_keys = ((gl.arange(0, _W, layout=gl.SliceLayout(1, gl.SliceLayout(2, V_TILE))) * KEYS)[:, None]
+                  + gl.arange(0, KEYS, layout=gl.SliceLayout(0, gl.SliceLayout(2, V_TILE)))[None, :])
+        s_keys = ((gl.arange(0, _W, layout=gl.SliceLayout(1, gl.SliceLayout(1, SCORES))) * KEYS)[:, None]
+                  + gl.arange(0, KEYS, layout=gl.SliceLayout(0, gl.SliceLayout(1, SCORES)))[None, :])
+        k_bytes = gl.arange(0, _D, layout=gl.SliceLayout(0, gl.SliceLayout(1, K_TILE)))
+        v_bytes = gl.arange(0, _D, layout=gl.SliceLayout(0, gl.SliceLayout(1, V_TILE)))
         table = table_ptr + seq * stride_bt
 
-        m_i = gl.full([_W, _ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(2, _MMA))
-        l_i = gl.zeros([_W, _ROWS], gl.float32, layout=gl.SliceLayout(2, _MMA))
-        acc = gl.zeros([_W, _ROWS, _D], gl.float32, layout=_MMA)
-        TILE: gl.constexpr = _W * _KEYS
+        # softmax state per (warp, query row) in the scores' layout; the output transposed, [warp, d, row]
+        m_i = gl.full([_W, _ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(2, SCORES))
+        l_i = gl.zeros([_W, _ROWS], gl.float32, layout=gl.SliceLayout(2, SCORES))
+        acc = gl.zeros([_W, _D, _ROWS], gl.float32, layout=_MMA)
+        TILE: gl.constexpr = _W * KEYS
         # a ring of STAGES tiles in shared memory, filled by cp.async STAGES - 1 tiles ahead; the block-table lookup
         # of the tile after that overlaps the current tile's math
-        k_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, _W, _KEYS, _D], _RING)
-        v_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, _W, _KEYS, _D], _RING)
+        k_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, _W, KEYS, _D], _RING)
+        v_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, _W, KEYS, _D], _RING)
         for i in gl.static_range(STAGES - 1):
             k_page, v_page = _tile_pages(table, seq_len, i * TILE, k_keys, v_keys, BLOCK_SIZE)
             _copy_kv_tile(k_ring.index(i), v_ring.index(i), k_ptr, v_ptr, k_page, v_page, seq_len, i * TILE, k_keys,
@@ -163,14 +176,17 @@ if HAS_GLUON:
                           stride_vs, stride_vh, BLOCK_SIZE)
             k_page, v_page = _tile_pages(table, seq_len, ahead + TILE, k_keys, v_keys, BLOCK_SIZE)
             async_copy.wait_group(STAGES - 1)
-            k8 = k_ring.index(tile % STAGES).load(_K_TILE)
-            v8 = v_ring.index(tile % STAGES).load(_V_TILE)
+            k8 = k_ring.index(tile % STAGES).load(K_TILE)
+            v8 = v_ring.index(tile % STAGES).load(V_TILE)
             tile += 1
-            # K: byte 32q + 4s + 2h + e is logical dim 16s + 8h + 2q + e
-            k16 = gl.reshape(k8.to(gl.float8e4nv, bitcast=True).to(gl.float16), [_W, _KEYS, 4, 8, 2, 2])
-            k_t = gl.reshape(gl.permute(k16, [0, 3, 4, 2, 5, 1]), [_W, _D, _KEYS])
-            s = mma_v2(q, gl.convert_layout(k_t, dot_b, assert_trivial=True),
-                       gl.zeros([_W, _ROWS, _KEYS], gl.float32, layout=_MMA)) * shift
+            # scores q @ K^T over 16 rows (the mma's least); K: byte 32q + 4s + 2h + e is logical dim 16s + 8h + 2q + e
+            k16 = gl.reshape(k8.to(gl.float8e4nv, bitcast=True).to(gl.float16), [_W, KEYS, 4, 8, 2, 2])
+            k_t = gl.reshape(gl.permute(k16, [0, 3, 4, 2, 5, 1]), [_W, _D, KEYS])
+            s16 = mma_v2(q, gl.convert_layout(k_t, dot_b, assert_trivial=True),
+                         gl.zeros([_W, 16, KEYS], gl.float32, layout=_MMA))
+            # rows 0-7 (rows 8-15 are a register apart in the mma's result: a free split)
+            s, _ = gl.split(gl.permute(gl.reshape(s16, [_W, 2, _ROWS, KEYS]), [0, 2, 3, 1]))
+            s = gl.convert_layout(s, SCORES, assert_trivial=True) * shift
             s = gl.where((start + s_keys < seq_len)[:, None, :], s, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, axis=2))
             m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -178,25 +194,34 @@ if HAS_GLUON:
             p = gl.exp2(s - m_safe[:, :, None])
             l_i = l_i * alpha + gl.sum(p, axis=2)
             m_i = m_new
-            # V: byte 16g + j of a key is output column 8j + g
-            v16 = gl.reshape(v8.to(gl.float8e4nv, bitcast=True).to(gl.float16), [_W, _KEYS, 8, 16])
-            v_n = gl.reshape(gl.permute(v16, [0, 1, 3, 2]), [_W, _KEYS, _D])
-            acc = mma_v2(gl.convert_layout(p.to(gl.float16), dot_a), gl.convert_layout(v_n, dot_b, assert_trivial=True),
-                         acc * alpha[:, :, None])
+            # out^T += V^T @ p^T: d is the mma's M (8 row tiles of 16), the query rows its N (8): half the mma work
+            # and accumulator of p @ V with 16 padded rows. V: byte 16g + j of a key is output column 8j + g
+            v16 = gl.reshape(v8.to(gl.float8e4nv, bitcast=True).to(gl.float16), [_W, KEYS, 8, 16])
+            v_t = gl.reshape(gl.permute(v16, [0, 3, 2, 1]), [_W, _D, KEYS])
+            p_t = gl.convert_layout(gl.permute(p.to(gl.float16), [0, 2, 1]), dot_b, assert_trivial=True)
+            alpha_t = gl.convert_layout(alpha, gl.SliceLayout(1, _MMA))
+            acc = mma_v2(gl.convert_layout(v_t, dot_a, assert_trivial=True), p_t, acc * alpha_t[:, None, :])
         async_copy.wait_group(0)  # the copies issued past the context (masked) end before the program does
 
         # merge the warps' online softmaxes; a sequence without context (CUDA-graph padding) gets zeros
         m_all = gl.max(m_i, axis=0)
         weight = gl.exp2(m_i - gl.where(m_all == float("-inf"), 0.0, m_all)[None, :])
         l_all = gl.sum(l_i * weight, axis=0)
-        o = gl.sum(acc * weight[:, :, None], axis=0)
-        inv = gl.convert_layout(gl.where(l_all > 0.0, v_scale / l_all, 0.0), gl.SliceLayout(1, gl.SliceLayout(0, _MMA)))
-        o = gl.convert_layout(o * inv[:, None], _O_STORE)
+        o = gl.sum(acc * gl.convert_layout(weight, gl.SliceLayout(1, _MMA))[:, None, :], axis=0)  # [d, row]
+        inv = gl.convert_layout(gl.where(l_all > 0.0, v_scale / l_all, 0.0), gl.SliceLayout(0, gl.SliceLayout(0, _MMA)))
+        o = gl.convert_layout(gl.permute(o * inv[None, :], [1, 0]), _O_STORE)
         rows = gl.arange(0, _ROWS, layout=gl.SliceLayout(1, _O_STORE))
         cols = gl.arange(0, _D, layout=gl.SliceLayout(0, _O_STORE))
         out_cols = 16 * (cols % 8) + cols // 8  # output column 8j + g was computed from byte 16g + j of V
         out = out_ptr + (token * stride_ot + (head * GROUP + rows) * stride_oh)[:, None] + out_cols[None, :]
         gl.store(out, o.to(out_ptr.dtype.element_ty), mask=(rows < GROUP)[:, None])
+
+
+@functools.cache
+def tile_layouts(keys: int) -> tuple:
+    """The K and V tiles' load layouts and the scores' layout at ``keys`` keys per warp (16 or 32)."""
+    return (_tile_layout(keys, *_K_TILE_BYTES), _tile_layout(keys, *_V_TILE_BYTES),
+            _tile_layout(keys, *_SCORE_BASES, head_dim=MAX_GROUP))
 
 
 def gluon_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, *, queries: int = 1, softcap: float = 0.0,
@@ -223,11 +248,12 @@ def gluon_fp8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     rows ``query_start_loc[:-1]``. Callers check :func:`gluon_decode_supported` first."""
     batch, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
     k_bits, v_bits = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    k_tile, v_tile, scores = tile_layouts(KEYS_PER_WARP)
     _gluon_decode_kernel[(batch * num_kv_heads,)](
         out, q, k_bits, v_bits, block_tables, seq_lens, query_start_loc, seq_order, scale * k_scale * LOG2E,
         v_scale, num_kv_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_bits.stride(0), k_bits.stride(1), k_bits.stride(2), v_bits.stride(0), v_bits.stride(1), v_bits.stride(2),
         block_tables.stride(0), GROUP=q.shape[1] // num_kv_heads, BLOCK_SIZE=k_cache.shape[1],
-        STAGES=STAGES, num_warps=4, **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
+        STAGES=STAGES, KEYS=KEYS_PER_WARP, K_TILE=k_tile, V_TILE=v_tile, SCORES=scores, num_warps=4, **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
     )  # fmt: skip
     return out

@@ -28,5 +28,5 @@ def test_decode_attention_bench_fp8_smoke():
         assert re.search(rf"^smoke1\s+{re.escape(run)}.*\bok$", out, re.M), run
     assert "% of 4.28 TB/s" in out
     assert re.search(r"^FP8_DECODE_CONFIG = DecodeConfig\(tile_n=(16|32|64|128), num_warps=4, num_stages=(2|3), "
-                     r'order="lpt", fused_reduce=False, fp8_path="(f16-vpairs|f16|f16-vsplit)"(, max_registers=128)?\)$', out, re.M)  # fmt: skip
+                     r'order="lpt", fused_reduce=False, fp8_path="(f16-vpairs|f16|f16-vsplit|gluon)"(, max_registers=128)?\)$', out, re.M)  # fmt: skip
     assert "# all correctness checks passed" in out
