@@ -34,7 +34,7 @@ POINTERS = {"out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*u8", "v_ptr": "*u8"
 
 
 def compile_gluon_decode(group: int = 4, block_size: int = 16, max_registers: int | None = None,
-                         stages: int | None = None, keys: int | None = None):  # fmt: skip
+                         stages: int | None = None, keys: int | None = None, use_pdl: bool = False):  # fmt: skip
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU, at the module's
     ring depth (``STAGES``) and keys per warp (``KEYS_PER_WARP``) unless given; ``max_registers`` is Triton's
     ``maxnreg`` (``gluon_fp8_decode`` launches at the module's ``MAX_REGISTERS``)."""
@@ -43,7 +43,8 @@ def compile_gluon_decode(group: int = 4, block_size: int = 16, max_registers: in
     k_tile, v_tile, scores = fp8_decode_gluon.tile_layouts(keys)
     return _compile(fp8_decode_gluon._gluon_decode_kernel, POINTERS, {"qk_scale", "v_scale"},
                     {"GROUP": group, "BLOCK_SIZE": block_size, "STAGES": stages,
-                     "KEYS": keys, "K_TILE": k_tile, "V_TILE": v_tile, "SCORES": scores}, 4, 1,
+                     "KEYS": keys, "K_TILE": k_tile, "V_TILE": v_tile, "SCORES": scores,
+                     "USE_PDL": use_pdl}, 4, 1,
                     max_registers=max_registers, source_cls=GluonASTSource)  # fmt: skip
 
 

@@ -37,6 +37,8 @@ import functools
 
 import torch
 
+from kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, use_pdl
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -119,8 +121,12 @@ if HAS_GLUON:
                              qk_scale, v_scale, num_kv_heads, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb,
                              stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                              GROUP: gl.constexpr, BLOCK_SIZE: gl.constexpr, STAGES: gl.constexpr, KEYS: gl.constexpr,
-                             K_TILE: gl.constexpr, V_TILE: gl.constexpr, SCORES: gl.constexpr):  # fmt: skip
+                             K_TILE: gl.constexpr, V_TILE: gl.constexpr, SCORES: gl.constexpr,
+                             USE_PDL: gl.constexpr):  # fmt: skip
         """Program (sequence ``order[pid // Hk]``, KV head ``pid % Hk``): the group's attention over the context."""
+        if USE_PDL:  # launched with programmatic dependent launch (kernels/pdl.py): the kernels before have written
+            gdc_wait()  # q and the cache
+            gdc_launch_dependents()
         pid = gl.program_id(0)
         seq = gl.load(order_ptr + pid // num_kv_heads)
         head = pid % num_kv_heads
@@ -254,6 +260,7 @@ def gluon_fp8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_scale, num_kv_heads, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_bits.stride(0), k_bits.stride(1), k_bits.stride(2), v_bits.stride(0), v_bits.stride(1), v_bits.stride(2),
         block_tables.stride(0), GROUP=q.shape[1] // num_kv_heads, BLOCK_SIZE=k_cache.shape[1],
-        STAGES=STAGES, KEYS=KEYS_PER_WARP, K_TILE=k_tile, V_TILE=v_tile, SCORES=scores, num_warps=4, **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
+        STAGES=STAGES, KEYS=KEYS_PER_WARP, K_TILE=k_tile, V_TILE=v_tile, SCORES=scores, num_warps=4,
+        **launch_options(use_pdl(q)), **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
     )  # fmt: skip
     return out

@@ -89,17 +89,30 @@ def test_gpu_paged_decode_hands_supported_calls_to_gluon(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_gluon_decode_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("enable_pdl", [False, True])
+def test_gpu_gluon_decode_replays_in_a_cuda_graph(monkeypatch, enable_pdl):
+    """Replayed in a graph, also launched with PDL behind the kernel that writes its queries (it waits for them)."""
     from core.cuda_graphs import capture_after_warmup
+    from kernels import pdl
 
+    if enable_pdl and not pdl.pdl_supported(0):
+        pytest.skip("programmatic dependent launch needs Hopper (sm_90+) and Triton's griddepcontrol")
+    monkeypatch.setattr(pdl, "ENABLED", enable_pdl)
     problem, k64, v64 = _fp8_problem([1] * 5, [3, 150, 77, 600, 31], (16, 8), 128, BF16, 35, 1.0, 1.0, device="cuda")
+    queries = problem.q.clone()
     out = poisoned_like(problem.q)
     order = decode_order(problem.seq_lens)
-    graph = capture_after_warmup(lambda: gluon_fp8_decode(*problem.args(), out=out, seq_order=order))
+
+    def step():
+        problem.q.copy_(queries * 2.0)  # the kernel before writes q
+        gluon_fp8_decode(*problem.args(), out=out, seq_order=order)
+
+    graph = capture_after_warmup(step)
+    problem.q.fill_(float("nan"))
     out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    assert_close(out, _reference(problem, k64, v64), ATTENTION_TOLERANCE[BF16], "gluon replayed")
+    assert_close(out, _reference(problem, k64, v64), ATTENTION_TOLERANCE[BF16], f"gluon replayed, pdl={enable_pdl}")
 
 
 @pytest.mark.gpu
