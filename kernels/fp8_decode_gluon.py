@@ -92,13 +92,20 @@ if HAS_GLUON:
                                              order=[1, 0]))
 
     @gluon.jit
-    def _tile_pages(table, seq_len, start, k_keys, v_keys, BLOCK_SIZE: gl.constexpr):
+    def _tile_pages(table, seq_len, start, k_keys, v_keys, BLOCK_SIZE: gl.constexpr, KEYS: gl.constexpr):
         """The cache blocks of keys ``start + k_keys`` / ``start + v_keys`` (0 past the context), each in its load
-        layout's key slice."""
-        key = start + k_keys
-        k_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
-        key = start + v_keys
-        v_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
+        layout's key slice. A warp's keys of a tile lie in one block when the block size is a multiple of them: one
+        lookup per warp then, broadcast over its keys."""
+        if BLOCK_SIZE % KEYS == 0:
+            key = start + gl.min(k_keys, axis=1, keep_dims=True)  # the warp's first key
+            k_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
+            key = start + gl.min(v_keys, axis=1, keep_dims=True)
+            v_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
+        else:
+            key = start + k_keys
+            k_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
+            key = start + v_keys
+            v_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
         return k_page, v_page
 
     @gluon.jit
@@ -168,11 +175,11 @@ if HAS_GLUON:
         k_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, _W, KEYS, _D], _RING)
         v_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, _W, KEYS, _D], _RING)
         for i in gl.static_range(STAGES - 1):
-            k_page, v_page = _tile_pages(table, seq_len, i * TILE, k_keys, v_keys, BLOCK_SIZE)
+            k_page, v_page = _tile_pages(table, seq_len, i * TILE, k_keys, v_keys, BLOCK_SIZE, KEYS)
             _copy_kv_tile(k_ring.index(i), v_ring.index(i), k_ptr, v_ptr, k_page, v_page, seq_len, i * TILE, k_keys,
                           v_keys, k_bytes, v_bytes, head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                           stride_vh, BLOCK_SIZE)
-        k_page, v_page = _tile_pages(table, seq_len, (STAGES - 1) * TILE, k_keys, v_keys, BLOCK_SIZE)
+        k_page, v_page = _tile_pages(table, seq_len, (STAGES - 1) * TILE, k_keys, v_keys, BLOCK_SIZE, KEYS)
         tile = 0
         for start in range(0, seq_len, TILE):
             ahead = start + (STAGES - 1) * TILE
@@ -180,7 +187,7 @@ if HAS_GLUON:
             _copy_kv_tile(k_ring.index(slot), v_ring.index(slot), k_ptr, v_ptr, k_page, v_page, seq_len, ahead,
                           k_keys, v_keys, k_bytes, v_bytes, head, stride_kb, stride_ks, stride_kh, stride_vb,
                           stride_vs, stride_vh, BLOCK_SIZE)
-            k_page, v_page = _tile_pages(table, seq_len, ahead + TILE, k_keys, v_keys, BLOCK_SIZE)
+            k_page, v_page = _tile_pages(table, seq_len, ahead + TILE, k_keys, v_keys, BLOCK_SIZE, KEYS)
             async_copy.wait_group(STAGES - 1)
             k8 = k_ring.index(tile % STAGES).load(K_TILE)
             v8 = v_ring.index(tile % STAGES).load(V_TILE)

@@ -40,6 +40,16 @@ def test_gpu_gluon_decode_matches_reference(heads, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_gpu_gluon_decode_block_sizes(block_size):
+    """Blocks of 16+ slots hold a warp's keys of a tile (one table lookup per warp), blocks of 8 do not (one per key)."""
+    problem, k64, v64 = _fp8_problem([1] * len(LENGTHS), LENGTHS, (32, 8), 128, BF16, 36, 1.0, 1.0, device="cuda",
+                                     block_size=block_size)  # fmt: skip
+    out = gluon_fp8_decode(*problem.args(), out=poisoned_like(problem.q), seq_order=decode_order(problem.seq_lens))
+    assert_close(out, _reference(problem, k64, v64), ATTENTION_TOLERANCE[BF16], f"gluon block size {block_size}")
+
+
+@pytest.mark.gpu
 def test_gpu_gluon_decode_zero_length_rows_and_launch_order():
     """A sequence of length 0 (CUDA-graph padding) gets zero rows; the result does not depend on the launch order."""
     problem, k64, v64 = _fp8_problem([1] * 4, [40, 300, 7, 129], (32, 8), 128, BF16, 32, 1.0, 1.0, device="cuda")

@@ -75,10 +75,11 @@ def test_prep_kernel_writes_fp8_like_the_reference(dtype, scales):
     assert (kv[0].view(torch.uint8) == expected[0].view(torch.uint8)).float().mean() > 0.95
 
 
-def _fp8_problem(q_lens, seq_lens, heads, head_dim, dtype, seed, k_scale, v_scale, device=KERNEL_DEVICE):
+def _fp8_problem(q_lens, seq_lens, heads, head_dim, dtype, seed, k_scale, v_scale, device=KERNEL_DEVICE,
+                 block_size=16):  # fmt: skip
     """A random problem whose caches are quantized to e4m3 with the scales; also returns the float64 dequantized
     caches the reference reads (the ground truth of an fp8 read)."""
-    problem = seeded_attention_problem(q_lens, seq_lens, heads, head_dim, 16, dtype, seed, device)
+    problem = seeded_attention_problem(q_lens, seq_lens, heads, head_dim, block_size, dtype, seed, device)
     k8 = quantize_kv_ref(problem.k_cache.float() * k_scale, k_scale, FP8_KV_DTYPE)
     v8 = quantize_kv_ref(problem.v_cache.float() * v_scale, v_scale, FP8_KV_DTYPE)
     problem.k_cache, problem.v_cache = k8, v8
