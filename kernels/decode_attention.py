@@ -453,9 +453,9 @@ WIDE_DECODE_CONFIG = DecodeConfig(tile_n=32, num_warps=2, num_stages=2, order="l
 # split-V read path (p @ v over even keys, then odd ones: half the fp16 V tile in shared memory) and 128 registers per
 # thread (4 programs per SM instead of 3), 197.0 / 192.2 us per W1 / W2 layer against 215.6 / 209.8 for the
 # f16-vpairs 128/4/2 before it and 257.1 / 250.5 for the bf16 cache (1.30x). Since the fourteenth session the
-# unsplit decodes it serves run the Gluon kernel (kernels/fp8_decode_gluon.py): 156.0 us per W2 layer against this
-# Triton config's 192.4, W2-kvfp8 16,290 tok/s against 14,567; the rest (splits, verify rows, soft-capping, head
-# dim 256) run this config's Triton kernel on the "f16-vsplit" path.
+# unsplit decodes it serves run the Gluon kernel (kernels/fp8_decode_gluon.py): 152.3 us per W2 layer against this
+# Triton config's 192.4, W2-kvfp8 16,652 tok/s against 14,567; the rest (splits, verify rows, query groups over 8,
+# soft-capping, head dim 256) run this config's Triton kernel on the "f16-vsplit" path.
 FP8_DECODE_CONFIG = DecodeConfig(tile_n=128, num_warps=4, num_stages=3, order="lpt", fused_reduce=False,
                                  fp8_path="gluon", max_registers=128)  # fmt: skip
 FP8_SPLIT_DECODE_CONFIG = DecodeConfig(tile_n=64, num_warps=4, num_stages=2, order="head", fused_reduce=True,

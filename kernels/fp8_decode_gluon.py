@@ -10,22 +10,30 @@ picks the layouts itself and cannot be told that a thread could load exactly its
   In the mma.sync B fragment a thread holds dims ``2q + e + 8h + 16s`` (``q`` = lane % 4, ``e``, ``h`` in {0, 1},
   ``s`` < 8) of a key; the kernel reads logical dim ``16s + 8h + 2q + e`` from byte ``32q + 4s + 2h + e``, so each
   thread's 32 bytes of a key are contiguous (two 16-byte loads). q is loaded through the same permutation.
-- **Output dims permuted.** In ``p @ V`` a thread holds output columns ``g + 8j`` (``g`` = lane // 4, ``j`` < 16);
-  column ``8j + g`` is read from byte ``16g + j`` of each V row (16 contiguous bytes) and the result is stored back
-  through the same map.
-- The relabelling is a reshape + permute of the loaded tile, and ``convert_layout(..., assert_trivial=True)`` to the
-  MMA operand layout compiles: no data moves. e4m3 -> fp16 is one packed ``cvt`` per two values (exact), in
-  registers.
-- **Warps split the keys.** Each of the 4 warps runs its own online softmax over 32 keys of every 128-key tile
+- **The output transposed.** ``out^T += V^T @ p^T``: the head dim is the mma's M (8 tiles of 16) and the query
+  rows its N (8, the group padded). ``p @ V`` with the rows as M would pad a group of 4 to 16 rows: twice the mma
+  work and a 64-float accumulator per thread instead of 32 (the registers that decide how many programs share an
+  SM). In the V^T fragment a thread holds dims ``g + 8j`` (``g`` = lane // 4, ``j`` < 16); dim ``8j + g`` is read
+  from byte ``16g + j`` of each V row (16 contiguous bytes) and the result is stored back through the same map.
+  The scores ``q @ K^T`` keep the rows as M (16, the mma's least); rows 0-7 of the result are a register apart
+  from rows 8-15, and their layout is already ``p^T``'s as the B operand: no data moves.
+- The relabellings are reshapes + permutes of the loaded tiles, and ``convert_layout(..., assert_trivial=True)``
+  to the MMA operand layouts compiles: no data moves. e4m3 -> fp16 is one packed ``cvt`` per two values (exact),
+  in registers.
+- **Warps split the keys.** Each of the 4 warps runs its own online softmax over 16 keys of every 64-key tile
   (a batched 3-D ``mma_v2`` with the warp as the batch dimension), so the loop needs no exchange between warps; the
-  warps' partial results merge once at the end.
+  warps' partial results merge once at the end. A warp's 16 keys lie in one cache block (blocks of 16+ slots): one
+  block-table lookup per warp and tile.
 - **Loads.** A cp.async ring in shared memory, ``STAGES - 1`` tiles ahead, each thread copying the bytes it reads
   back itself (one 16-byte ``LDS`` per 16 bytes: one trip through shared memory instead of the Triton kernel's
   three; ``benchmarks/gluon_decode_sass.py`` shows the loop). Loading straight to registers, with no shared memory
   in the loop at all, was measured and dropped: each warp then waits for its own loads every tile (55% of
-  bandwidth against the ring's 65%).
+  bandwidth against the ring's 65%, thirteenth session).
+- 124 registers and a 32 KB ring (K and V) per program: 4 programs (16 warps) per SM. Measured on the H200 at W2's shape
+  (fourteenth session): 152.3 us per layer, 82% of HBM bandwidth; a read-only kernel with the same access pattern
+  reaches 85%. The Triton kernel: 192.4 us (65%).
 
-Scope: one query row per sequence (decode), head dim 128, query groups up to 16 heads, fp16/bf16 queries, no
+Scope: one query row per sequence (decode), head dim 128, query groups up to 8 heads, fp16/bf16 queries, no
 soft-capping / ALiBi / sliding window, no split of the context: :func:`gluon_decode_supported` says when, and the
 caller (``paged_decode_attention``) uses the Triton kernel otherwise. Gluon has no interpreter, so on the CPU the
 Triton kernel runs; the GPU tests compare this kernel with the float32 reference.
@@ -52,11 +60,12 @@ except ImportError:  # pragma: no cover - a Triton without Gluon
 
 HEAD_DIM = 128
 MAX_GROUP = 8
-# Keys per warp per tile (16 or 32: a tile is 4x that, KEYS_PER_WARP KB of K and of V), tiles of K/V in the
-# cp.async ring in shared memory (2 or more; STAGES - 1 in flight while one is read) and the registers per thread the
-# compiler may use (maxnreg; None: its own choice, ~176 at sm_90, 2 programs per SM; 168 fits 3). Measured on the
-# H200 at W2's shape (thirteenth session, RESULTS.md): the 2-stage ring 190.5 us per layer at 168 registers (207.7
-# uncapped), the Triton kernel 193.6; loads straight to registers instead of the ring (removed since) 227.8 at best.
+# Keys per warp per tile (16 or 32: a tile is 4x that, KEYS_PER_WARP / 2 KB of K and as much of V), tiles of K/V in
+# the cp.async ring in shared memory (2 or more; STAGES - 1 in flight while one is read) and the registers per thread
+# the compiler may use (maxnreg; None: its own choice). Programs per SM are the fewest that registers and shared
+# memory allow, and they decide the speed more than the ring's depth. Measured on the H200 at W2's shape (fourteenth
+# session, RESULTS.md; before the one-lookup-per-warp change): 16 keys x 2 stages 156.0 us per layer (127 registers,
+# 4 programs per SM), x 3 stages 156.4, x 4 stages 169.7 (3 programs: shared memory); 32 keys x 2 stages 161.5.
 KEYS_PER_WARP = 16
 STAGES = 2
 MAX_REGISTERS: int | None = None
@@ -240,7 +249,7 @@ def tile_layouts(keys: int) -> tuple:
 def gluon_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, *, queries: int = 1, softcap: float = 0.0,
                            alibi_slopes: torch.Tensor | None = None, sliding_window: int = 0) -> bool:  # fmt: skip
     """Whether :func:`gluon_fp8_decode` serves this call: a CUDA GPU of compute capability 8.9+ (packed e4m3 ->
-    fp16), an e4m3 cache, fp16/bf16 queries, head dim 128, a query group of at most 16 heads, one query row per
+    fp16), an e4m3 cache, fp16/bf16 queries, head dim 128, a query group of at most 8 heads, one query row per
     sequence, and none of soft-capping, ALiBi or a sliding window."""
     if not (HAS_GLUON and q.is_cuda and k_cache.dtype == torch.float8_e4m3fn):
         return False
