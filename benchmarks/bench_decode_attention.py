@@ -20,7 +20,9 @@ Exit status 1 when any check failed.
 config), the first fp8 read path (``fp8_path="upcast"``: tiles cast to bf16), fp16 dots with plain casts (``"f16"``),
 the default fp8 config (``FP8_DECODE_CONFIG``) and a sweep of tile / warps / stages on the ``"f16-vpairs"`` path (a
 few on ``"f16"``), then prints the fastest of these over both cases (sum of us) as the ``FP8_DECODE_CONFIG`` line to
-paste into kernels/decode_attention.py.
+paste into kernels/decode_attention.py. With the default on the Gluon kernel (``fp8_path="gluon"``) its Triton config,
+which serves the calls the Gluon kernel does not, is timed on its own as well; only Triton configs are candidates,
+and the line keeps ``"gluon"`` (or says that it would turn the Gluon kernel off).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch  # noqa: E402
 
 from benchmarks.decode_attention_variants import DECODE_VARIANTS  # noqa: E402
 from benchmarks.graph_timing import median_us_per_launch  # noqa: E402
+from kernels.attention_common import fp8_triton_path  # noqa: E402
 from kernels.backend import num_sms  # noqa: E402
 from kernels.decode_attention import (  # noqa: E402
     DECODE_CONFIG,
@@ -252,6 +255,9 @@ def fp8_runs(names: list[str], smoke: bool) -> list[tuple[str, DecodeConfig, boo
     runs = [(f"fp8 upcast (first path) {fmt(base)}", dataclasses.replace(base, fp8_path="upcast"), True),
             (f"fp8 f16 dots {fmt(base)}", dataclasses.replace(base, fp8_path="f16"), True),
             (f"fp8 default FP8_DECODE_CONFIG {fmt(FP8_DECODE_CONFIG)}", FP8_DECODE_CONFIG, True)]
+    if FP8_DECODE_CONFIG.fp8_path == "gluon":  # the Gluon kernel on the GPU; its Triton config serves the rest
+        runs.append((f"fp8 default's Triton kernel {fmt(FP8_DECODE_CONFIG)}",
+                     dataclasses.replace(FP8_DECODE_CONFIG, fp8_path=fp8_triton_path("gluon")), True))  # fmt: skip
     for name in names:
         config = DECODE_VARIANTS[name]
         runs.append((f"fp8 variant {name}", config, config.order == "lpt"))
@@ -302,7 +308,8 @@ def compare_fp8(opts, cases: list[Case]) -> int:
                 if DEVICE == "cuda":
                     torch.cuda.synchronize()
             results.append((label, result, problem.kv_bytes))
-            if label.startswith(("sweep", "fp8 default", "fp8 f16 dots")) and result.ok():  # candidates to paste
+            # candidates to paste: Triton configs only (the Gluon kernel has no tile config to choose)
+            if label.startswith(("sweep", "fp8 default", "fp8 f16 dots")) and config.fp8_path != "gluon" and result.ok():
                 sweep_us.setdefault(label, {})[case.key] = result.us
                 sweep_configs[label] = config
         print(f"  {case.label}: {time.time() - t0:.0f} s")
@@ -331,8 +338,15 @@ def compare_fp8(opts, cases: list[Case]) -> int:
         print(f"\n# fastest fp8 config over {', '.join(c.key for c in cases)} (sum of us): {best} ({per_case})")
         print("# paste into kernels/decode_attention.py:")
         registers = f", max_registers={config.max_registers}" if config.max_registers else ""
+        path = config.fp8_path
+        if FP8_DECODE_CONFIG.fp8_path == "gluon":
+            if path == fp8_triton_path("gluon"):
+                path = "gluon"
+                print("# (the Triton kernel's config for the calls the Gluon kernel does not serve; \"gluon\" kept)")
+            else:
+                print(f"# note: fp8_path=\"{path}\" turns the Gluon kernel off (it runs where \"gluon\" is set)")
         print(f"FP8_DECODE_CONFIG = DecodeConfig(tile_n={config.tile_n}, num_warps={config.num_warps}, "
-              f"num_stages={config.num_stages}, order=\"lpt\", fused_reduce=False, fp8_path=\"{config.fp8_path}\""
+              f"num_stages={config.num_stages}, order=\"lpt\", fused_reduce=False, fp8_path=\"{path}\""
               f"{registers})")  # fmt: skip
     print(f"\n# total {time.time() - started:.0f} s")
     if failed:

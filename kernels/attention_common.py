@@ -62,6 +62,12 @@ def kv_compute_dtype(q: torch.Tensor, k_cache: torch.Tensor) -> torch.dtype:
 FP8_READ_PATHS = ("f16-vpairs", "f16", "upcast", "f16-vsplit", "gluon")
 
 
+def fp8_triton_path(path: str) -> str:
+    """The read path of the Triton kernels under a config's ``fp8_path``: ``"gluon"`` reads as ``"f16-vsplit"``
+    wherever the Gluon kernel does not run."""
+    return "f16-vsplit" if path == "gluon" else path
+
+
 def fp8_read_flags(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, path: str) -> dict[str, bool]:
     """The constexprs that choose how the kernels read an fp8 cache (``path``, a config's ``fp8_path``):
 
@@ -72,13 +78,13 @@ def fp8_read_flags(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     - ``"f16-vsplit"``: as ``"f16-vpairs"``, but ``p @ v`` in two halves, the even keys then the odd ones
       (:func:`split_pv`), so the fp16 V tile staged in shared memory for the dot is half the size (tiles of >= 32
       keys; smaller ones read V whole);
-    - ``"gluon"``: decode calls that ``kernels/fp8_decode_gluon.py`` serves run there (no shared memory in its loop);
-      every other call reads as ``"f16-vsplit"``.
+    - ``"gluon"``: decode calls that ``kernels/fp8_decode_gluon.py`` serves run there (tiles converted in
+      registers); every other call reads as ``"f16-vsplit"`` (:func:`fp8_triton_path`).
     fp32 queries (CPU tests) always upcast; so does every path when the cache is not fp8. The pairs need an even head
     dim and even V strides (always true of the engine's caches); ``PAIRS_ASM`` (the PTX conversion) on CUDA only."""
     if path not in FP8_READ_PATHS:
         raise ValueError(f"unknown fp8 read path {path!r}; expected one of {FP8_READ_PATHS}")
-    path = "f16-vsplit" if path == "gluon" else path
+    path = fp8_triton_path(path)
     f16_dots = is_fp8_cache(k_cache) and q.dtype in (torch.float16, torch.bfloat16) and path != "upcast"
     even = q.shape[-1] % 2 == 0 and all(s % 2 == 0 for s in v_cache.stride()[:3]) and v_cache.data_ptr() % 2 == 0
     v_pairs = f16_dots and path in ("f16-vpairs", "f16-vsplit") and even
