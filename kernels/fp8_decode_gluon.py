@@ -72,12 +72,21 @@ MAX_REGISTERS: int | None = None
 LOG2E = 1.4426950408889634
 
 
-def _tile_layout(keys: int, byte_bases: list, lane_bases: list, head_dim: int = HEAD_DIM):
+def _tile_layout(keys: int, byte_bases: list, lane_bases: list):
     """A K or V tile's load layout ``[warp, key, byte]`` over ``keys`` keys per warp: the given byte (and key)
     register and lane bases, then key bits 8, 16, ... in registers (the mma.sync n-tiles of K, k-steps of V)."""
     key_bases = [[0, 8 << i, 0] for i in range(keys.bit_length() - 4)]
     return gl.DistributedLinearLayout(reg_bases=byte_bases + key_bases, lane_bases=lane_bases,
-                                      warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, keys, head_dim])
+                                      warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, keys, HEAD_DIM])
+
+
+def _scores_layout(keys: int):
+    """The scores' layout ``[warp, row, key]`` (rows 0-7 of the mma's result): rows lane // 4, keys 2 (lane % 4) + e
+    and 8, 16, ... in registers."""
+    key_bases = [[0, 0, 8 << i] for i in range(keys.bit_length() - 4)]
+    return gl.DistributedLinearLayout(reg_bases=[[0, 0, 1]] + key_bases,
+                                      lane_bases=[[0, 0, 2], [0, 0, 4], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+                                      warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, MAX_GROUP, keys])
 
 
 if HAS_GLUON:
@@ -91,8 +100,6 @@ if HAS_GLUON:
     # The V tile [warp, key, byte]: 16 contiguous bytes at 16 (lane // 4) of keys 2 (lane % 4) + {0, 1, 8, 9, ...}
     _V_TILE_BYTES = ([[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 1, 0]],
                      [[0, 2, 0], [0, 4, 0], [0, 0, 16], [0, 0, 32], [0, 0, 64]])
-    # The scores [warp, row, key] (the mma's rows 0-7): rows lane // 4, keys 2 (lane % 4) + {0, 1, 8, 9, ...}
-    _SCORE_BASES = ([[0, 0, 1]], [[0, 0, 2], [0, 0, 4], [0, 1, 0], [0, 2, 0], [0, 4, 0]])
     _Q_LOAD = gl.constexpr(gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 4, 8],
                                             warps_per_cta=[4, 1, 1], order=[2, 1, 0]))
     # the cp.async ring [stage, warp, key, byte]: 16-byte chunks swizzled across the 8 rows of a 128-byte phase
@@ -243,7 +250,7 @@ if HAS_GLUON:
 def tile_layouts(keys: int) -> tuple:
     """The K and V tiles' load layouts and the scores' layout at ``keys`` keys per warp (16 or 32)."""
     return (_tile_layout(keys, *_K_TILE_BYTES), _tile_layout(keys, *_V_TILE_BYTES),
-            _tile_layout(keys, *_SCORE_BASES, head_dim=MAX_GROUP))
+            _scores_layout(keys))
 
 
 def gluon_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, *, queries: int = 1, softcap: float = 0.0,
