@@ -255,7 +255,7 @@ def tile_layouts(keys: int) -> tuple:
 
 def gluon_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, *, queries: int = 1, softcap: float = 0.0,
                            alibi_slopes: torch.Tensor | None = None, sliding_window: int = 0) -> bool:  # fmt: skip
-    """Whether :func:`gluon_fp8_decode` serves this call: a CUDA GPU of compute capability 8.9+ (packed e4m3 ->
+    """Whether :func:`gluon_fp8_decode` serves this call: an NVIDIA GPU of compute capability 8.9+ (packed e4m3 ->
     fp16), an e4m3 cache, fp16/bf16 queries, head dim 128, a query group of at most 8 heads, one query row per
     sequence, and none of soft-capping, ALiBi or a sliding window."""
     if not (HAS_GLUON and q.is_cuda and k_cache.dtype == torch.float8_e4m3fn):
@@ -265,7 +265,7 @@ def gluon_decode_supported(q: torch.Tensor, k_cache: torch.Tensor, *, queries: i
     group = q.shape[1] // k_cache.shape[2]
     if group > MAX_GROUP or queries != 1 or softcap > 0 or alibi_slopes is not None or sliding_window > 0:
         return False
-    return torch.cuda.get_device_capability(q.device) >= (8, 9)
+    return torch.version.hip is None and torch.cuda.get_device_capability(q.device) >= (8, 9)  # NVIDIA mma / cp.async
 
 
 def gluon_fp8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

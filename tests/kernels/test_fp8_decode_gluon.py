@@ -28,6 +28,25 @@ def test_gluon_path_is_declined_on_cpu_and_reads_as_vsplit():
     assert fp8_read_flags(q, fp8, fp8, "gluon") == fp8_read_flags(q, fp8, fp8, "f16-vsplit")
 
 
+@pytest.mark.parametrize("hip, capability, served", [(None, (9, 0), True), (None, (8, 9), True),
+                                                     (None, (8, 6), False), ("6.2", (9, 4), False)])  # fmt: skip
+def test_gluon_needs_an_nvidia_gpu_with_packed_e4m3(monkeypatch, hip, capability, served):
+    """The device rule without a GPU: compute capability 8.9+ (packed e4m3 -> fp16), and not ROCm (whose tensors are
+    also "cuda" and whose GPUs report capabilities of 9+), whose Gluon has no mma.sync or cp.async."""
+    import kernels.fp8_decode_gluon as gluon_module
+
+    class OnGpu:  # the attributes the rule reads, as a CUDA tensor would have them
+        def __init__(self, tensor):
+            self.is_cuda, self.dtype, self.shape, self.device = True, tensor.dtype, tensor.shape, "cuda:0"
+
+    monkeypatch.setattr(gluon_module, "HAS_GLUON", True)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    q = OnGpu(torch.zeros(2, 32, 128, dtype=BF16))
+    fp8 = OnGpu(torch.zeros(3, 16, 8, 128, dtype=FP8_KV_DTYPE))
+    assert gluon_decode_supported(q, fp8) is served
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads", [(8, 8), (16, 8), (32, 8), (64, 8), (12, 4)])
 @pytest.mark.parametrize("dtype", [BF16, F16])
