@@ -112,16 +112,13 @@ if HAS_GLUON:
         """The cache blocks of keys ``start + k_keys`` / ``start + v_keys`` (0 past the context), each in its load
         layout's key slice. A warp's keys of a tile lie in one block when the block size is a multiple of them: one
         lookup per warp then, broadcast over its keys."""
-        if BLOCK_SIZE % KEYS == 0:
-            key = start + gl.min(k_keys, axis=1, keep_dims=True)  # the warp's first key
-            k_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
-            key = start + gl.min(v_keys, axis=1, keep_dims=True)
-            v_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
-        else:
-            key = start + k_keys
-            k_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
-            key = start + v_keys
-            v_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
+        if BLOCK_SIZE % KEYS == 0:  # each warp's first key
+            k_keys = gl.min(k_keys, axis=1, keep_dims=True)
+            v_keys = gl.min(v_keys, axis=1, keep_dims=True)
+        key = start + k_keys
+        k_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
+        key = start + v_keys
+        v_page = gl.load(table + key // BLOCK_SIZE, mask=key < seq_len, other=0)
         return k_page, v_page
 
     @gluon.jit

@@ -17,7 +17,7 @@ from tests.kernels.kernel_testing import ATTENTION_TOLERANCE, BF16, F16, assert_
 from tests.kernels.test_kv_cache_fp8 import _fp8_problem, _reference
 
 GLUON = DecodeConfig(tile_n=128, num_warps=4, num_stages=3, order="lpt", fused_reduce=False, fp8_path="gluon")
-# context lengths around the 128-key tile and the 32 keys of each warp, and past the 16-slot pages
+# context lengths within one 64-key tile (16 keys a warp), around 2 tiles and 32 keys, and past the 16-slot pages
 LENGTHS = [1, 5, 31, 32, 33, 127, 128, 129, 200, 1000]
 
 
