@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.fp8_gemv_gluon import GemvConfig, gemv_supported, gluon_fp8_gemv
 from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, row_scales, to_e4m3
 from kernels.fp8_stream_k import fp8_stream_k_gemm
 from kernels.pdl import launch_options, use_pdl, wait_then_release
@@ -363,6 +364,21 @@ def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     return out
 
 
+# The Gluon decode GEMM (kernels/fp8_gemv_gluon.py, W8A8, M <= 8) on GPUs where it runs: configs per (N, K), else
+# FP8_GEMV_DEFAULT; None (or GEMV_ENABLED off) sends the shape to the Triton kernels' tables below.
+FP8_GEMV_CONFIGS: dict[tuple[int, int], GemvConfig | None] = {}
+FP8_GEMV_DEFAULT: GemvConfig | None = GemvConfig(warps=4, chunks=2)
+GEMV_ENABLED = True
+
+
+def pick_gemv_config(x: torch.Tensor, weight: torch.Tensor) -> GemvConfig | None:
+    """The Gluon GEMV's config for ``x @ weight^T``, or None where it does not serve the call."""
+    if not GEMV_ENABLED or not gemv_supported(x, weight):
+        return None
+    key = (weight.shape[0], weight.shape[1])
+    return FP8_GEMV_CONFIGS[key] if key in FP8_GEMV_CONFIGS else FP8_GEMV_DEFAULT
+
+
 def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     input_scale: torch.Tensor | None = None,
                     quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
@@ -371,6 +387,14 @@ def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     numerics), else w8a16 (``input_scale`` unused): the fma kernel for an ``fma`` config (M <= 4), else tl.dot.
     ``quantized``: x's per-token ``(xq, scale)`` made upstream (``Fp8Activations``), used by a W8A8 config in place
     of its own quantization (dynamic activations only: ignored with a static ``input_scale``)."""
+    gemv = pick_gemv_config(x, weight)
+    if gemv is not None:
+        if input_scale is not None:
+            quantized = quantize_activations_triton(x, input_scale)
+        if quantized is None:  # quantized per token inside the kernel
+            return gluon_fp8_gemv(x, weight, weight_scale, config=gemv)
+        return gluon_fp8_gemv(quantized[0], weight, weight_scale, x_scale=quantized[1], out_dtype=x.dtype,
+                              config=gemv)  # fmt: skip
     config = pick_fp8_config(x.shape[0], weight.shape[0], x.shape[1])
     if config is not None and config.kind in MMA_KINDS:
         if quantized is not None and input_scale is None:

@@ -1,0 +1,77 @@
+"""What the compiler makes of the Gluon fp8 decode GEMM's loop (kernels/fp8_gemv_gluon.py), without a GPU.
+
+    python benchmarks/gluon_gemv_sass.py [--warps 4] [--chunks 2] [--quant-x]
+
+Compiles ``_gemv_kernel`` for sm_90 (Triton's bundled ptxas / cuobjdump) and prints its registers, stack and the
+opcodes of the K loop. The point of the kernel: per 128-byte chunk of a weight row pair, two 16-byte global loads
+per thread straight into the mma fragments and one fp8 ``mma.sync`` per k32 step (``HMMA...E4M3``), with no
+shared memory and no conversion in the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("gluon_gemv_sass.py compiles the kernel: run it without TRITON_INTERPRET=1")
+
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+
+from benchmarks.attention_sass import _compile, loop_body, sass_and_resources  # noqa: E402
+from kernels import fp8_gemv_gluon  # noqa: E402
+from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE  # noqa: E402
+
+
+def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k: bool = True,
+                 use_pdl: bool = False):  # fmt: skip
+    """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU."""
+    w_tile, x_tile, mma = fp8_gemv_gluon.gemv_layouts(warps, chunks)
+    pointers = {"x_ptr": "*bf16" if quant_x else "*u8", "x_scale_ptr": "*fp32", "w_ptr": "*u8",
+                "w_scale_ptr": "*fp32", "out_ptr": "*bf16"}
+    return _compile(fp8_gemv_gluon._gemv_kernel, pointers, set(),
+                    {"WARPS": warps, "CHUNKS": chunks, "W_TILE": w_tile, "X_TILE": x_tile, "MMA": mma,
+                     "EVEN_K": even_k, "QUANT_X": quant_x, "FP8_MAX": FP8_MAX, "MIN_SCALE": FP8_MIN_SCALE,
+                     "USE_PDL": use_pdl}, warps, 1, divisible_ints=frozenset({"K"}),
+                    source_cls=GluonASTSource)  # fmt: skip
+
+
+def summarize(compiled) -> dict:
+    sass, resources = sass_and_resources(compiled.asm["cubin"])
+    loop = collections.Counter(op for _, op, _ in loop_body(sass))
+    usage = dict(re.findall(r"(REG|SHARED|STACK):(\d+)", resources))
+    return {"registers": int(usage.get("REG", 0)), "stack": int(usage.get("STACK", 0)),
+            "shared": int(usage.get("SHARED", 0)), "loop_total": sum(loop.values()), "loop": dict(loop)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--chunks", type=int, default=2)
+    parser.add_argument("--quant-x", action="store_true", help="x in bf16, quantized in the kernel")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    parser.add_argument("--sass", action="store_true", help="print the whole SASS")
+    opts = parser.parse_args()
+    compiled = compile_gemv(opts.warps, opts.chunks, opts.quant_x)
+    if opts.sass:
+        print(sass_and_resources(compiled.asm["cubin"])[0])
+    info = summarize(compiled)
+    if opts.json:
+        print(json.dumps(info))
+        return 0
+    print(f"Gluon fp8 GEMV, sm_90, {opts.warps} warps x {opts.chunks} chunks: {info['registers']} registers, "
+          f"{info['stack']} B stack, {info['shared']} B shared; K loop: {info['loop_total']} instructions per warp "
+          f"per {opts.chunks * 2} KB of weight")
+    for op, count in sorted(info["loop"].items(), key=lambda kv: -kv[1]):
+        print(f"  {op:<28} {count}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

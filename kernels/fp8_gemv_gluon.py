@@ -1,0 +1,192 @@
+"""Decode GEMMs over fp8 (e4m3) weights for a few rows (M <= 8), written in Gluon so that each thread loads exactly
+its own tensor-core fragments of the weight, 16 bytes at a time, and feeds them to the fp8 MMA as loaded.
+
+Why: at M = 1 a GEMM is a pass over the weight, and its floor is the weight's bytes over HBM bandwidth. The Triton
+decode kernels (``kernels/fp8_linear.py``) reach 41-76% of it on the H200 (qkv 13.4 us, o 9.5, down 25.8, gate_up
+~36 per Llama-8B layer): the ``fma`` kernel is bound by issuing the per-weight widening, the ``mma`` one by latency
+(few programs, 17% occupancy, the weight staged through shared memory for wgmma). Here:
+
+- **The K order permuted.** ``mma.sync.m16n8k32`` on e4m3 (sm_89+) sums over k, so any order of k works if both
+  operands use it. In the A fragment a thread holds, of rows ``g`` and ``g + 8`` (``g`` = lane // 4), the k values
+  ``4t + e + 16h + 32s`` (``t`` = lane % 4, ``e`` < 4, ``h`` < 2, ``s``: the k32 step). The kernel reads logical k
+  ``32s + 16h + 4t + e`` of each 128-byte chunk from byte ``32t + 8s + 4h + e``, so each thread's bytes of a row
+  are 32 contiguous bytes (two 16-byte loads), and the B fragment (x, the token rows as the mma's N, padded to 8)
+  is read through the same map. The relabelling is a reshape + permute of the loaded tiles and
+  ``convert_layout(..., assert_trivial=True)``: no data moves, no conversion (fp8 in, fp32 accumulation).
+- **Warps split K.** A program owns 16 weight rows (the mma's M); each of its warps walks its own part of K with a
+  batched 3-D ``mma_v2`` (the warp as the batch dimension), and the warps' partial sums are added once at the end.
+  Per 2 KB of weight a warp issues 4 loads and 4 mma: the loop is a stream of loads.
+- W8A8 numerics (``fp8_linear_ref``): x quantized per token to e4m3 (given, from the kernel that made x:
+  ``Fp8Activations``, or quantized here from bf16 / fp16 x: each program reads x's rows for their absmax first, the
+  quantize kernel's formula), fp32 accumulation, ``x_scale[m] * w_scale[n]`` at the end.
+
+Gluon has no interpreter: on the CPU the Triton kernels run; the GPU tests compare this kernel with
+``fp8_linear_ref``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE
+from kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, use_pdl
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    HAS_GLUON = True
+except ImportError:  # pragma: no cover - a Triton without Gluon
+    HAS_GLUON = False
+
+MAX_M = 8  # token rows: the mma's N
+ROWS = 16  # weight rows per program: the mma's M
+CHUNK = 128  # bytes of a weight row per warp per chunk: 4 k32 steps, 32 contiguous bytes per thread
+
+
+class GemvConfig:
+    """Warps per program (each its own part of K) and 128-byte chunks per warp per loop step (the bytes each thread
+    has in flight: 64 per chunk)."""
+
+    def __init__(self, warps: int = 4, chunks: int = 2):
+        self.warps, self.chunks = warps, chunks
+
+    def __repr__(self) -> str:
+        return f"GemvConfig(warps={self.warps}, chunks={self.chunks})"
+
+
+def _fragment_layout(warps: int, chunks: int, rows: int):
+    """A ``[warp, row, byte]`` tile of ``chunks`` 128-byte chunks per warp, each thread holding 32 contiguous bytes
+    (at ``32 (lane % 4)``) of row ``lane // 4`` (and ``+ 8`` when ``rows`` is 16) of every chunk."""
+    reg_bases = [[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 0, 16]]
+    if rows == 16:
+        reg_bases.append([0, 8, 0])
+    reg_bases += [[0, 0, CHUNK << i] for i in range(chunks.bit_length() - 1)]
+    lane_bases = [[0, 0, 32], [0, 0, 64], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
+    warp_bases = [[1 << i, 0, 0] for i in range(warps.bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg_bases=reg_bases, lane_bases=lane_bases, warp_bases=warp_bases,
+                                      block_bases=[], shape=[warps, rows, CHUNK * chunks])
+
+
+@functools.cache
+def gemv_layouts(warps: int, chunks: int) -> tuple:
+    """The weight tile's and the x tile's load layouts and the accumulator's (mma v2) layout."""
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1, 1], instr_shape=[1, 16, 8])
+    return _fragment_layout(warps, chunks, ROWS), _fragment_layout(warps, chunks, MAX_M), mma
+
+
+if HAS_GLUON:
+
+    @gluon.jit
+    def _logical_k(tile, WARPS: gl.constexpr, R: gl.constexpr, CHUNKS: gl.constexpr):
+        """Widen a loaded ``[warp, row, byte]`` e4m3 tile to fp16 and relabel its last dim to logical k: byte
+        ``32t + 4s + 2h + e`` of a chunk is k ``16s + 8h + 2t + e``."""
+        t = gl.reshape(tile.to(gl.float8e4nv, bitcast=True).to(gl.float16), [WARPS, R, CHUNKS, 4, 8, 2, 2])
+        return gl.reshape(gl.permute(t, [0, 1, 2, 4, 5, 3, 6]), [WARPS, R, CHUNKS * 128])
+
+    @gluon.jit
+    def _gemv_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                     WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr, X_TILE: gl.constexpr,
+                     MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, FP8_MAX: gl.constexpr,
+                     MIN_SCALE: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
+        """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
+        ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits."""
+        pid = gl.program_id(0)
+        dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        dot_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        STEP: gl.constexpr = WARPS * CHUNKS * 128
+
+        w_warps = gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, W_TILE)))
+        w_rows = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, W_TILE)))
+        w_bytes = gl.arange(0, CHUNKS * 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, W_TILE)))
+        rows = gl.minimum(pid * 16 + w_rows, N - 1).to(gl.int64) * stride_wn  # tail rows re-read, never stored
+        w_k = (w_warps * (CHUNKS * 128))[:, None, None] + w_bytes[None, None, :]
+        w_ptrs = w_ptr + rows[None, :, None] + w_k
+
+        x_warps = gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, X_TILE)))
+        x_rows = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, X_TILE)))
+        x_bytes = gl.arange(0, CHUNKS * 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, X_TILE)))
+        x_k = (x_warps * (CHUNKS * 128))[:, None, None] + x_bytes[None, None, :]
+        x_ptrs = x_ptr + (gl.minimum(x_rows, M - 1) * stride_xm)[None, :, None] + x_k
+        x_live = (x_rows < M)[None, :, None]
+
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+        if QUANT_X:  # per-token scales from one pass over x's rows (a few KB, in L2)
+            amax = gl.zeros([WARPS, 8, CHUNKS * 128], gl.float32, layout=X_TILE)
+            for k0 in range(0, K, STEP):
+                xv = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0.0).to(gl.float32)
+                amax = gl.maximum(amax, gl.abs(xv))
+            x_scale = gl.maximum(gl.max(gl.max(amax, axis=2), axis=0) / FP8_MAX, MIN_SCALE)
+            x_scale_k = gl.convert_layout(x_scale, gl.SliceLayout(0, gl.SliceLayout(2, X_TILE)))[None, :, None]
+
+        acc = gl.zeros([WARPS, 16, 8], gl.float32, layout=MMA)
+        for k0 in range(0, K, STEP):
+            if EVEN_K:
+                w8 = gl.load(w_ptrs + k0)
+            else:
+                w8 = gl.load(w_ptrs + k0, mask=w_k + k0 < K, other=0)
+            if QUANT_X:
+                xv = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0.0).to(gl.float32)
+                x8 = gl.minimum(gl.maximum(xv / x_scale_k, -FP8_MAX), FP8_MAX).to(gl.float8e4nv)
+                x8 = x8.to(gl.uint8, bitcast=True)
+            else:
+                x8 = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0)
+            a = gl.convert_layout(_logical_k(w8, WARPS, 16, CHUNKS), dot_a, assert_trivial=True)
+            b = gl.convert_layout(gl.permute(_logical_k(x8, WARPS, 8, CHUNKS), [0, 2, 1]), dot_b,
+                                  assert_trivial=True)
+            acc = mma_v2(a, b, acc)
+
+        out = gl.sum(acc, axis=0)  # [row, token]: the warps' parts of K added up
+        o_rows = pid * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA)))
+        o_tokens = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
+        w_scale = gl.load(w_scale_ptr + o_rows, mask=o_rows < N, other=0.0)
+        if QUANT_X:
+            t_scale = gl.convert_layout(x_scale, gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
+        else:
+            t_scale = gl.load(x_scale_ptr + o_tokens, mask=o_tokens < M, other=0.0)
+        y = out * w_scale[:, None] * t_scale[None, :]
+        gl.store(out_ptr + o_tokens[None, :] * stride_om + o_rows[:, None], y.to(out_ptr.dtype.element_ty),
+                 mask=(o_rows < N)[:, None] & (o_tokens < M)[None, :])
+
+
+def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`gluon_fp8_gemv` serves ``x @ weight^T``: an NVIDIA GPU with fp8 mma.sync (compute capability
+    8.9+), at most 8 rows, K a multiple of 16 (16-byte loads) and the weight's rows 16-byte aligned."""
+    if not (HAS_GLUON and x.is_cuda and torch.version.hip is None):
+        return False
+    m, k = x.shape
+    if m > MAX_M or k % 16 or weight.stride(-1) != 1 or weight.stride(0) % 16 or weight.data_ptr() % 16:
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+def gluon_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
+                   x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                   config: GemvConfig | None = None) -> torch.Tensor:  # fmt: skip
+    """W8A8 ``x [M <= 8, K] @ weight[N, K]^T``: ``x`` e4m3 with its per-token ``x_scale`` ``[M, 1]`` (from
+    ``Fp8Activations``), or bf16 / fp16 quantized here per token (``x_scale`` None). ``weight_scale`` fp32 ``[N]``.
+    Callers check :func:`gemv_supported` first."""
+    config = config or GemvConfig()
+    m, k = x.shape
+    n = weight.shape[0]
+    quant_x = x_scale is None
+    out = torch.empty((m, n), dtype=out_dtype or (x.dtype if quant_x else torch.bfloat16), device=x.device)
+    if m == 0 or n == 0:
+        return out
+    xv = x if quant_x else x.view(torch.uint8)
+    w_tile, x_tile, mma = gemv_layouts(config.warps, config.chunks)
+    step = config.warps * config.chunks * CHUNK
+    _gemv_kernel[(triton.cdiv(n, ROWS),)](
+        xv, weight_scale if quant_x else x_scale, weight.view(torch.uint8), weight_scale, out, m, n, k,
+        xv.stride(0), weight.stride(0), out.stride(0), WARPS=config.warps, CHUNKS=config.chunks, W_TILE=w_tile,
+        X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0, QUANT_X=quant_x, FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
+        num_warps=config.warps, **launch_options(use_pdl(x)),
+    )  # fmt: skip
+    return out

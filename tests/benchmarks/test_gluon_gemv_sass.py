@@ -1,0 +1,31 @@
+"""benchmarks/gluon_gemv_sass.py compiles the Gluon fp8 decode GEMM for sm_90 without a GPU and pins its K loop:
+16-byte global loads straight into the mma fragments, packed e4m3 -> fp16 conversions and mma.sync, nothing else
+per weight (no byte shuffles, no shared memory, no spills).
+
+Compiled in a subprocess without TRITON_INTERPRET (the test session interprets the kernels)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.benchmarks.offline_sass import needs_sass_tools, run_compile_script
+
+COMPILE = """
+import json
+from benchmarks.gluon_gemv_sass import compile_gemv, summarize
+print(json.dumps({chunks: summarize(compile_gemv(4, chunks)) for chunks in (1, 2)}))
+"""
+
+
+@needs_sass_tools
+def test_gluon_gemv_loop_is_loads_conversions_and_mma():
+    pytest.importorskip("triton.experimental.gluon")
+    for chunks, info in run_compile_script(COMPILE).items():
+        chunks, loop = int(chunks), info["loop"]
+        # per thread and chunk: 2 weight rows x 32 B and 32 B of x, 16 bytes a load
+        assert loop.get("LDG.E.128", 0) == 6 * chunks, (chunks, loop)
+        assert loop.get("F2FP.F16.E4M3.UNPACK_B", 0) == 48 * chunks, (chunks, loop)  # 96 fp8 values, 2 each
+        assert loop.get("HMMA.16816.F32", 0) == 8 * chunks, (chunks, loop)  # 16 rows x 128 k per warp
+        assert not any(op.startswith(("PRMT", "LDS", "STS", "LDL", "STL")) for op in loop), (chunks, loop)
+        assert info["loop_total"] <= 100 * chunks, (chunks, info["loop_total"])
+        assert info["stack"] == 0, info

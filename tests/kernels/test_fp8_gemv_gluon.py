@@ -1,0 +1,106 @@
+"""The Gluon fp8 decode GEMM (kernels/fp8_gemv_gluon.py) against the W8A8 reference, and the rule for when it
+serves a call.
+
+Gluon has no interpreter: the kernel tests are ``gpu`` tests; on the CPU the Triton decode kernels run
+(``test_fp8_linear.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import pdl
+from kernels.fp8_gemv_gluon import GemvConfig, gemv_supported, gluon_fp8_gemv
+from kernels.fp8_linear import fp8_linear_ref, quantize_activations, quantize_per_channel
+
+BF16 = torch.bfloat16
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def test_gemv_is_declined_on_cpu():
+    x = torch.zeros(1, 64, dtype=BF16)
+    w = torch.zeros(32, 64, dtype=torch.float8_e4m3fn)
+    assert not gemv_supported(x, w)
+
+
+@pytest.mark.parametrize("hip, capability, rows, k, served", [
+    (None, (9, 0), 1, 4096, True), (None, (8, 9), 8, 4096, True), (None, (9, 0), 9, 4096, False),
+    (None, (9, 0), 1, 4104, False), (None, (8, 6), 1, 4096, False), ("6.2", (9, 4), 1, 4096, False),
+])  # fmt: skip
+def test_gemv_device_and_shape_rule(monkeypatch, hip, capability, rows, k, served):
+    """Compute capability 8.9+ and not ROCm, at most 8 rows, K a multiple of 16 (16-byte loads)."""
+    import kernels.fp8_gemv_gluon as gemv_module
+
+    class OnGpu:  # the attributes the rule reads, as a CUDA tensor would have them
+        def __init__(self, shape):
+            self.is_cuda, self.shape, self.device = True, shape, "cuda:0"
+
+        def stride(self, dim=None):
+            strides = (self.shape[1], 1)
+            return strides if dim is None else strides[dim]
+
+        def data_ptr(self):
+            return 1 << 20
+
+    monkeypatch.setattr(gemv_module, "HAS_GLUON", True)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert gemv_supported(OnGpu((rows, k)), OnGpu((4096, k))) is served
+
+
+def _problem(m: int, n: int, k: int, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w, w_scale = quantize_per_channel(torch.randn(n, k, device="cuda", generator=gen) * 0.05)
+    x = torch.randn(m, k, device="cuda", generator=gen).to(BF16)
+    return x, w, w_scale
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 14336), (100, 4096), (48, 4112)])
+@pytest.mark.parametrize("config", [GemvConfig(4, 1), GemvConfig(4, 2), GemvConfig(8, 4)], ids=repr)
+def test_gpu_gemv_matches_w8a8_reference(m, n, k, config):
+    """Pre-quantized rows (``Fp8Activations``): row tails (N not a multiple of 16), K not a multiple of a step."""
+    x, w, w_scale = _problem(m, n, k)
+    xq, x_scale = quantize_activations(x)
+    out = gluon_fp8_gemv(xq, w, w_scale, x_scale=x_scale, out_dtype=BF16, config=config)
+    assert out.shape == (m, n) and out.dtype == BF16
+    assert _rel_err(out, fp8_linear_ref(x, w, w_scale)) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (100, 4112)])
+def test_gpu_gemv_quantizes_rows_itself(m, n, k):
+    """bf16 rows quantized per token inside the kernel: the W8A8 reference's numerics, x's dtype out."""
+    x, w, w_scale = _problem(m, n, k, seed=1)
+    x[0, 7] = 30.0  # one outlier sets row 0's scale
+    out = gluon_fp8_gemv(x, w, w_scale)
+    assert out.dtype == BF16
+    assert _rel_err(out, fp8_linear_ref(x, w, w_scale)) < 5e-3
+
+
+@pytest.mark.gpu
+def test_gpu_gemv_with_pdl_in_a_cuda_graph():
+    """Launched with PDL behind the kernel that writes x, replayed in a CUDA graph: it waits for x."""
+    x, w, w_scale = _problem(1, 4096, 4096, seed=2)
+    src = torch.randn_like(x)
+    pdl.configure(True)
+    try:
+        def step():
+            x.copy_(src * 2.0)
+            return gluon_fp8_gemv(x, w, w_scale)
+
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        src.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+    finally:
+        pdl.configure(False)
+    assert _rel_err(out, fp8_linear_ref(src * 2.0, w, w_scale)) < 5e-3
