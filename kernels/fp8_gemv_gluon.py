@@ -27,6 +27,7 @@ Gluon has no interpreter: on the CPU the Triton kernels run; the GPU tests compa
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -48,15 +49,14 @@ ROWS = 16  # weight rows per program: the mma's M
 CHUNK = 128  # bytes of a weight row per warp per chunk: 4 k32 steps, 32 contiguous bytes per thread
 
 
-class GemvConfig:
-    """Warps per program (each its own part of K) and 128-byte chunks per warp per loop step (the bytes each thread
-    has in flight: 64 per chunk)."""
+class GemvConfig(NamedTuple):
+    """Warps per program (each its own part of K), 128-byte chunks per warp per loop step (the bytes each thread
+    has in flight: 64 per chunk), and whether unquantized (bf16 / fp16) rows are served too, quantized inside the
+    kernel (slower per byte than rows quantized upstream: measured per shape)."""
 
-    def __init__(self, warps: int = 4, chunks: int = 2):
-        self.warps, self.chunks = warps, chunks
-
-    def __repr__(self) -> str:
-        return f"GemvConfig(warps={self.warps}, chunks={self.chunks})"
+    warps: int = 4
+    chunks: int = 2
+    quantize_x: bool = False
 
 
 def _fragment_layout(warps: int, chunks: int, rows: int):

@@ -365,18 +365,27 @@ def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 
 
 # The Gluon decode GEMM (kernels/fp8_gemv_gluon.py, W8A8, M <= 8) on GPUs where it runs: configs per (N, K), else
-# FP8_GEMV_DEFAULT; None (or GEMV_ENABLED off) sends the shape to the Triton kernels' tables below.
-FP8_GEMV_CONFIGS: dict[tuple[int, int], GemvConfig | None] = {}
-FP8_GEMV_DEFAULT: GemvConfig | None = GemvConfig(warps=4, chunks=2)
+# FP8_GEMV_DEFAULT; None (or GEMV_ENABLED off) sends the shape to the Triton kernels' tables above. Rows that come
+# unquantized (no ``Fp8Activations``, e.g. o_proj's) take it only where the config says ``quantize_x``.
+# H200, 2026-12-03 (fifteenth session), M = 1, PDL on, us (RESULTS.md); "table": the Triton kernels' entry above.
+FP8_GEMV_CONFIGS: dict[tuple[int, int], GemvConfig | None] = {
+    (6144, 4096): GemvConfig(4, 4),  # qkv: 9.9 (8 warps x 2 chunks 10.9; PDL off 9.5), table 10.0
+    (4096, 4096): GemvConfig(8, 4),  # o_proj: 6.8, table 8.7 (quantizing x in the kernel: 9.4)
+    (28672, 4096): GemvConfig(4, 1),  # gate_up: 31.3, table 32.2
+    (4096, 14336): GemvConfig(8, 1),  # down: 18.7, table 25.9
+}
+FP8_GEMV_DEFAULT: GemvConfig | None = GemvConfig(8, 2)
 GEMV_ENABLED = True
 
 
-def pick_gemv_config(x: torch.Tensor, weight: torch.Tensor) -> GemvConfig | None:
-    """The Gluon GEMV's config for ``x @ weight^T``, or None where it does not serve the call."""
+def pick_gemv_config(x: torch.Tensor, weight: torch.Tensor, prequantized: bool) -> GemvConfig | None:
+    """The Gluon GEMV's config for ``x @ weight^T`` (``prequantized``: x's e4m3 rows come with it), or None where it
+    does not serve the call."""
     if not GEMV_ENABLED or not gemv_supported(x, weight):
         return None
     key = (weight.shape[0], weight.shape[1])
-    return FP8_GEMV_CONFIGS[key] if key in FP8_GEMV_CONFIGS else FP8_GEMV_DEFAULT
+    config = FP8_GEMV_CONFIGS[key] if key in FP8_GEMV_CONFIGS else FP8_GEMV_DEFAULT
+    return config if config is not None and (prequantized or config.quantize_x) else None
 
 
 def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -387,12 +396,14 @@ def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     numerics), else w8a16 (``input_scale`` unused): the fma kernel for an ``fma`` config (M <= 4), else tl.dot.
     ``quantized``: x's per-token ``(xq, scale)`` made upstream (``Fp8Activations``), used by a W8A8 config in place
     of its own quantization (dynamic activations only: ignored with a static ``input_scale``)."""
-    gemv = pick_gemv_config(x, weight)
+    if input_scale is not None:
+        quantized = None  # static scales: the upstream per-token quantization does not apply
+    gemv = pick_gemv_config(x, weight, prequantized=quantized is not None)
     if gemv is not None:
-        if input_scale is not None:
+        if quantized is None:  # quantized per token inside the kernel (or with the static scale, first)
+            if input_scale is None:
+                return gluon_fp8_gemv(x, weight, weight_scale, config=gemv)
             quantized = quantize_activations_triton(x, input_scale)
-        if quantized is None:  # quantized per token inside the kernel
-            return gluon_fp8_gemv(x, weight, weight_scale, config=gemv)
         return gluon_fp8_gemv(quantized[0], weight, weight_scale, x_scale=quantized[1], out_dtype=x.dtype,
                               config=gemv)  # fmt: skip
     config = pick_fp8_config(x.shape[0], weight.shape[0], x.shape[1])
