@@ -30,15 +30,15 @@ from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE  # noqa: E402
 
 
 def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k: bool = True,
-                 use_pdl: bool = False):  # fmt: skip
+                 single_step: bool = False, use_pdl: bool = False):  # fmt: skip
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU."""
     w_tile, x_tile, mma = fp8_gemv_gluon.gemv_layouts(warps, chunks)
     pointers = {"x_ptr": "*bf16" if quant_x else "*u8", "x_scale_ptr": "*fp32", "w_ptr": "*u8",
                 "w_scale_ptr": "*fp32", "out_ptr": "*bf16"}
     return _compile(fp8_gemv_gluon._gemv_kernel, pointers, set(),
                     {"WARPS": warps, "CHUNKS": chunks, "W_TILE": w_tile, "X_TILE": x_tile, "MMA": mma,
-                     "EVEN_K": even_k, "QUANT_X": quant_x, "FP8_MAX": FP8_MAX, "MIN_SCALE": FP8_MIN_SCALE,
-                     "USE_PDL": use_pdl}, warps, 1, divisible_ints=frozenset({"K"}),
+                     "EVEN_K": even_k, "QUANT_X": quant_x, "SINGLE_STEP": single_step, "FP8_MAX": FP8_MAX,
+                     "MIN_SCALE": FP8_MIN_SCALE, "USE_PDL": use_pdl}, warps, 1, divisible_ints=frozenset({"K"}),
                     source_cls=GluonASTSource)  # fmt: skip
 
 

@@ -89,15 +89,26 @@ if HAS_GLUON:
         return gl.reshape(gl.permute(t, [0, 1, 2, 4, 5, 3, 6]), [WARPS, R, CHUNKS * 128])
 
     @gluon.jit
-    def _gemv_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                     WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr, X_TILE: gl.constexpr,
-                     MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, FP8_MAX: gl.constexpr,
-                     MIN_SCALE: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
-        """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
-        ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits."""
-        pid = gl.program_id(0)
+    def _mma_step(w8, x8, acc, WARPS: gl.constexpr, CHUNKS: gl.constexpr, MMA: gl.constexpr):
+        """``acc += w8 @ x8^T`` over a step's chunks: both e4m3 tiles (as loaded) widened to fp16 and relabelled
+        into the mma fragments in place."""
         dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         dot_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        a = gl.convert_layout(_logical_k(w8, WARPS, 16, CHUNKS), dot_a, assert_trivial=True)
+        b = gl.convert_layout(gl.permute(_logical_k(x8, WARPS, 8, CHUNKS), [0, 2, 1]), dot_b, assert_trivial=True)
+        return mma_v2(a, b, acc)
+
+    @gluon.jit
+    def _gemv_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                     WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr, X_TILE: gl.constexpr,
+                     MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
+                     FP8_MAX: gl.constexpr,
+                     MIN_SCALE: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
+        """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
+        ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits.
+        ``SINGLE_STEP`` (``QUANT_X`` with K within one step): x is loaded once and quantized in registers, and the
+        weight's loads go out before the PDL wait."""
+        pid = gl.program_id(0)
         STEP: gl.constexpr = WARPS * CHUNKS * 128
 
         w_warps = gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, W_TILE)))
@@ -114,34 +125,44 @@ if HAS_GLUON:
         x_ptrs = x_ptr + (gl.minimum(x_rows, M - 1) * stride_xm)[None, :, None] + x_k
         x_live = (x_rows < M)[None, :, None]
 
-        if USE_PDL:
-            gdc_wait()
-            gdc_launch_dependents()
-
-        if QUANT_X:  # per-token scales from one pass over x's rows (a few KB, in L2)
-            amax = gl.zeros([WARPS, 8, CHUNKS * 128], gl.float32, layout=X_TILE)
-            for k0 in range(0, K, STEP):
-                xv = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0.0).to(gl.float32)
-                amax = gl.maximum(amax, gl.abs(xv))
-            x_scale = gl.maximum(gl.max(gl.max(amax, axis=2), axis=0) / FP8_MAX, MIN_SCALE)
-            x_scale_k = gl.convert_layout(x_scale, gl.SliceLayout(0, gl.SliceLayout(2, X_TILE)))[None, :, None]
-
         acc = gl.zeros([WARPS, 16, 8], gl.float32, layout=MMA)
-        for k0 in range(0, K, STEP):
-            if EVEN_K:
-                w8 = gl.load(w_ptrs + k0)
+        if SINGLE_STEP:  # the whole of K in one step: x's rows are loaded once, and quantized in registers
+            if EVEN_K:  # the weight is never written by a kernel: its loads go out before the wait
+                w8 = gl.load(w_ptrs)
             else:
-                w8 = gl.load(w_ptrs + k0, mask=w_k + k0 < K, other=0)
-            if QUANT_X:
-                xv = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0.0).to(gl.float32)
-                x8 = gl.minimum(gl.maximum(xv / x_scale_k, -FP8_MAX), FP8_MAX).to(gl.float8e4nv)
-                x8 = x8.to(gl.uint8, bitcast=True)
-            else:
-                x8 = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0)
-            a = gl.convert_layout(_logical_k(w8, WARPS, 16, CHUNKS), dot_a, assert_trivial=True)
-            b = gl.convert_layout(gl.permute(_logical_k(x8, WARPS, 8, CHUNKS), [0, 2, 1]), dot_b,
-                                  assert_trivial=True)
-            acc = mma_v2(a, b, acc)
+                w8 = gl.load(w_ptrs, mask=w_k < K, other=0)
+            if USE_PDL:
+                gdc_wait()
+                gdc_launch_dependents()
+            xv = gl.load(x_ptrs, mask=x_live & (x_k < K), other=0.0).to(gl.float32)
+            x_scale = gl.maximum(gl.max(gl.max(gl.abs(xv), axis=2), axis=0) / FP8_MAX, MIN_SCALE)
+            x_scale_k = gl.convert_layout(x_scale, gl.SliceLayout(0, gl.SliceLayout(2, X_TILE)))[None, :, None]
+            x8 = gl.minimum(gl.maximum(xv / x_scale_k, -FP8_MAX), FP8_MAX).to(gl.float8e4nv).to(gl.uint8,
+                                                                                                bitcast=True)
+            acc = _mma_step(w8, x8, acc, WARPS, CHUNKS, MMA)
+        else:
+            if USE_PDL:
+                gdc_wait()
+                gdc_launch_dependents()
+            if QUANT_X:  # per-token scales from one pass over x's rows (a few KB, in L2)
+                amax = gl.zeros([WARPS, 8, CHUNKS * 128], gl.float32, layout=X_TILE)
+                for k0 in range(0, K, STEP):
+                    xv = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0.0).to(gl.float32)
+                    amax = gl.maximum(amax, gl.abs(xv))
+                x_scale = gl.maximum(gl.max(gl.max(amax, axis=2), axis=0) / FP8_MAX, MIN_SCALE)
+                x_scale_k = gl.convert_layout(x_scale, gl.SliceLayout(0, gl.SliceLayout(2, X_TILE)))[None, :, None]
+            for k0 in range(0, K, STEP):
+                if EVEN_K:
+                    w8 = gl.load(w_ptrs + k0)
+                else:
+                    w8 = gl.load(w_ptrs + k0, mask=w_k + k0 < K, other=0)
+                if QUANT_X:
+                    xv = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0.0).to(gl.float32)
+                    x8 = gl.minimum(gl.maximum(xv / x_scale_k, -FP8_MAX), FP8_MAX).to(gl.float8e4nv)
+                    x8 = x8.to(gl.uint8, bitcast=True)
+                else:
+                    x8 = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0)
+                acc = _mma_step(w8, x8, acc, WARPS, CHUNKS, MMA)
 
         out = gl.sum(acc, axis=0)  # [row, token]: the warps' parts of K added up
         o_rows = pid * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA)))
@@ -186,7 +207,8 @@ def gluon_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     _gemv_kernel[(triton.cdiv(n, ROWS),)](
         xv, weight_scale if quant_x else x_scale, weight.view(torch.uint8), weight_scale, out, m, n, k,
         xv.stride(0), weight.stride(0), out.stride(0), WARPS=config.warps, CHUNKS=config.chunks, W_TILE=w_tile,
-        X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0, QUANT_X=quant_x, FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
+        X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0, QUANT_X=quant_x, SINGLE_STEP=quant_x and k <= step,
+        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
         num_warps=config.warps, **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out

@@ -73,12 +73,14 @@ def test_gpu_gemv_matches_w8a8_reference(m, n, k, config):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("n, k", [(4096, 4096), (100, 4112)])
-def test_gpu_gemv_quantizes_rows_itself(m, n, k):
-    """bf16 rows quantized per token inside the kernel: the W8A8 reference's numerics, x's dtype out."""
+@pytest.mark.parametrize("n, k", [(4096, 4096), (100, 4112), (64, 2000)])
+@pytest.mark.parametrize("config", [GemvConfig(4, 2), GemvConfig(8, 4), GemvConfig(16, 2)], ids=repr)
+def test_gpu_gemv_quantizes_rows_itself(m, n, k, config):
+    """bf16 rows quantized per token inside the kernel, over several steps or (K within one step: 8 x 4 and
+    16 x 2 chunks at K = 4096 and 2000) in registers: the W8A8 reference's numerics, x's dtype out."""
     x, w, w_scale = _problem(m, n, k, seed=1)
     x[0, 7] = 30.0  # one outlier sets row 0's scale
-    out = gluon_fp8_gemv(x, w, w_scale)
+    out = gluon_fp8_gemv(x, w, w_scale, config=config)
     assert out.dtype == BF16
     assert _rel_err(out, fp8_linear_ref(x, w, w_scale)) < 5e-3
 
