@@ -89,6 +89,18 @@ if HAS_GLUON:
         return gl.reshape(gl.permute(t, [0, 1, 2, 4, 5, 3, 6]), [WARPS, R, CHUNKS * 128])
 
     @gluon.jit
+    def _prefetch_first_step(w_ptr, pid, N, K, stride_wn, STEP: gl.constexpr, WARPS: gl.constexpr):
+        """Ask L2 for the program's first step of weight (its 16 rows x ``STEP`` bytes, one address per 128-byte
+        line): a PDL-launched GEMM does this before it waits on the kernel before it, whose few microseconds
+        leave HBM idle (the Triton decode GEMMs do the same, ``kernels/skinny_gemm.py: prefetch_two_tiles``)."""
+        LINES: gl.constexpr = STEP // 128
+        idx = gl.arange(0, 16 * LINES, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+        row = gl.minimum(pid * 16 + idx // LINES, N - 1).to(gl.int64) * stride_wn
+        ptrs = w_ptr + row + gl.minimum((idx % LINES) * 128, K - 1)
+        gl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
     def _mma_step(w8, x8, acc, WARPS: gl.constexpr, CHUNKS: gl.constexpr, MMA: gl.constexpr):
         """``acc += w8 @ x8^T`` over a step's chunks: both e4m3 tiles (as loaded) widened to fp16 and relabelled
         into the mma fragments in place."""
@@ -142,6 +154,7 @@ if HAS_GLUON:
             acc = _mma_step(w8, x8, acc, WARPS, CHUNKS, MMA)
         else:
             if USE_PDL:
+                _prefetch_first_step(w_ptr, pid, N, K, stride_wn, STEP, WARPS)
                 gdc_wait()
                 gdc_launch_dependents()
             if QUANT_X:  # per-token scales from one pass over x's rows (a few KB, in L2)
@@ -152,10 +165,10 @@ if HAS_GLUON:
                 x_scale = gl.maximum(gl.max(gl.max(amax, axis=2), axis=0) / FP8_MAX, MIN_SCALE)
                 x_scale_k = gl.convert_layout(x_scale, gl.SliceLayout(0, gl.SliceLayout(2, X_TILE)))[None, :, None]
             for k0 in range(0, K, STEP):
-                if EVEN_K:
-                    w8 = gl.load(w_ptrs + k0)
+                if EVEN_K:  # evict_first: the weight is read once per step, x and the outputs are reused
+                    w8 = gl.load(w_ptrs + k0, eviction_policy="evict_first")
                 else:
-                    w8 = gl.load(w_ptrs + k0, mask=w_k + k0 < K, other=0)
+                    w8 = gl.load(w_ptrs + k0, mask=w_k + k0 < K, other=0, eviction_policy="evict_first")
                 if QUANT_X:
                     xv = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0.0).to(gl.float32)
                     x8 = gl.minimum(gl.maximum(xv / x_scale_k, -FP8_MAX), FP8_MAX).to(gl.float8e4nv)

@@ -23,7 +23,8 @@ def test_gluon_gemv_loop_is_loads_conversions_and_mma():
     for chunks, info in run_compile_script(COMPILE).items():
         chunks, loop = int(chunks), info["loop"]
         # per thread and chunk: 2 weight rows x 32 B and 32 B of x, 16 bytes a load
-        assert loop.get("LDG.E.128", 0) == 6 * chunks, (chunks, loop)
+        loads = sum(count for op, count in loop.items() if op.startswith("LDG") and op.endswith(".128"))
+        assert loads == 6 * chunks and loop.get("LDG.E.EF.128", 0) == 4 * chunks, (chunks, loop)  # weight: evict-first
         assert loop.get("F2FP.F16.E4M3.UNPACK_B", 0) == 48 * chunks, (chunks, loop)  # 96 fp8 values, 2 each
         assert loop.get("HMMA.16816.F32", 0) == 8 * chunks, (chunks, loop)  # 16 rows x 128 k per warp
         assert not any(op.startswith(("PRMT", "LDS", "STS", "LDL", "STL")) for op in loop), (chunks, loop)
