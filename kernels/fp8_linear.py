@@ -375,12 +375,23 @@ def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 # unquantized (no ``Fp8Activations``, e.g. o_proj's) take it only where the config says ``quantize_x``.
 # H200, 2026-12-03 (fifteenth session), M = 1, PDL on, us (RESULTS.md); "table": the Triton kernels' entry above.
 FP8_GEMV_CONFIGS: dict[tuple[int, int], GemvConfig | None] = {
+    # Llama-3.1-8B
     (6144, 4096): GemvConfig(4, 4),  # qkv: 9.9 (8 warps x 2 chunks 10.9; PDL off 9.5), table 10.0
     (4096, 4096): GemvConfig(8, 4),  # o_proj: 6.8, table 8.7 (quantizing x in the kernel: 9.4)
     (28672, 4096): GemvConfig(4, 1),  # gate_up: 31.3, table 32.2
     (4096, 14336): GemvConfig(8, 1),  # down: 18.7, table 25.9
+    # Llama-3.2-1B
+    (3072, 2048): None,  # qkv: table 4.2, 4 x 4 4.3
+    (2048, 2048): None,  # o_proj: table 3.4, quantizing x in the kernel 3.3
+    (16384, 2048): GemvConfig(2, 2),  # gate_up: 11.4, table 16.2
+    (2048, 8192): GemvConfig(8, 2),  # down: 8.2, table 10.8
+    # Qwen3-0.6B
+    (4096, 1024): None,  # qkv: table 2.7, 4 x 1 3.7
+    (1024, 2048): GemvConfig(8, 2, quantize_x=True),  # o_proj: 2.8 quantizing x in the kernel, table 3.1
+    (6144, 1024): None,  # gate_up: table 4.4, 4 x 4 4.5
+    (1024, 3072): GemvConfig(8, 1),  # down: 4.0, table 4.6
 }
-FP8_GEMV_DEFAULT: GemvConfig | None = GemvConfig(8, 2)
+FP8_GEMV_DEFAULT: GemvConfig | None = None  # unmeasured shapes: the Triton kernels won about half of those measured
 GEMV_ENABLED = True
 
 

@@ -21,7 +21,8 @@ def test_freeze_moves_the_startup_heap_out_of_reach_and_raises_gen0(restore_gc):
     gc.unfreeze()
     survivors = [[i] for i in range(5000)]  # tracked objects that outlive startup
     frozen = freeze_startup_heap()
-    assert frozen == gc.get_freeze_count() >= len(survivors)
+    # frozen objects may still be freed (a thread dropping its last reference), never added: the count only falls
+    assert frozen >= len(survivors) and len(survivors) <= gc.get_freeze_count() <= frozen
     assert gc.get_threshold()[0] == GEN0_THRESHOLD
     # A full collection now scans only what was made after the freeze.
     assert gc.collect() == 0

@@ -350,13 +350,15 @@ def test_online_fp8_on_gpu_with_cuda_graphs(tmp_path):
 @pytest.mark.gpu
 def test_fp8_norms_quantize_for_the_w8a8_projections_on_gpu(tmp_path, monkeypatch):
     """With online fp8, the RMSNorms before qkv_proj and gate_up_proj and the SiLU-and-mul before down_proj quantize
-    their outputs in their own launches (``Fp8Activations``), for the decode kernels (forced to a W8A8 ``mma`` config
-    at every M bucket) and prefill's ``_scaled_mm``: the same bits as the projections' own quantization, so the same
-    logprobs, with one activation quantization launch per layer (o_proj's) instead of four."""
+    their outputs in their own launches (``Fp8Activations``), for the Triton decode kernels (forced to a W8A8 ``mma``
+    config at every M bucket, the Gluon GEMV off) and prefill's ``_scaled_mm``: the same bits as the projections' own
+    quantization, so the same logprobs, with one activation quantization launch per layer (o_proj's) instead of
+    four."""
     import kernels.fp8_linear as fp8
     from core.layers.linear import Linear
     from kernels.skinny_gemm import SkinnyConfig
 
+    monkeypatch.setattr(fp8, "GEMV_ENABLED", False)
     for bucket in (1, 2, 4, 8, 16):
         monkeypatch.setitem(fp8.FP8_DEFAULT_CONFIGS, bucket, SkinnyConfig.parse("mma:64x64:w4:s2"))
     launches = []
@@ -372,6 +374,29 @@ def test_fp8_norms_quantize_for_the_w8a8_projections_on_gpu(tmp_path, monkeypatc
     assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
     assert logprob_error(fused, unfused) == 0.0
     assert fused_launches > 0 and 4 * fused_launches == len(launches)
+
+
+@pytest.mark.gpu
+def test_fp8_gluon_gemv_takes_the_norms_quantization_or_makes_the_same_bits_on_gpu(tmp_path, monkeypatch):
+    """The Gluon decode GEMV (every shape, unquantized rows too: quantized in the kernel) gives the same logprobs
+    whether the RMSNorm / SiLU-and-mul kernels quantize its rows (``Fp8Activations``) or it does: one formula."""
+    import kernels.fp8_linear as fp8
+    from core.layers.linear import Linear
+    from kernels.fp8_gemv_gluon import GemvConfig
+
+    monkeypatch.setattr(fp8, "FP8_GEMV_CONFIGS", {})
+    monkeypatch.setattr(fp8, "FP8_GEMV_DEFAULT", GemvConfig(4, 2, quantize_x=True))
+    calls = []
+    real = fp8.gluon_fp8_gemv
+    monkeypatch.setattr(fp8, "gluon_fp8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    config, state = base_checkpoint()
+    path = save(tmp_path / "plain", config, state)
+    _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=True)
+    monkeypatch.setattr(Linear, "takes_fp8_activations", lambda self: False)
+    _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=True)
+    assert calls
+    assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
+    assert logprob_error(fused, unfused) == 0.0
 
 
 def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculation(tmp_path):
