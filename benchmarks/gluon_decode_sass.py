@@ -53,7 +53,17 @@ def summarize(compiled) -> dict:
     loop = collections.Counter(op for _, op, _ in loop_body(sass))
     usage = dict(re.findall(r"(REG|SHARED|STACK):(\d+)", resources))
     return {"registers": int(usage.get("REG", 0)), "stack": int(usage.get("STACK", 0)),
-            "loop_total": sum(loop.values()), "loop": dict(loop)}
+            "shared": int(usage.get("SHARED", 0)), "loop_total": sum(loop.values()), "loop": dict(loop)}
+
+
+def print_summary(info: dict, headline: str, as_json: bool) -> None:
+    """One JSON line, or the headline and the loop's opcodes, most frequent first."""
+    if as_json:
+        print(json.dumps(info))
+        return
+    print(headline)
+    for op, count in sorted(info["loop"].items(), key=lambda kv: -kv[1]):
+        print(f"  {op:<28} {count}")
 
 
 def main() -> int:
@@ -68,15 +78,10 @@ def main() -> int:
     opts = parser.parse_args()
     info = summarize(compile_gluon_decode(opts.group, max_registers=opts.max_registers or None,
                                          stages=opts.stages, keys=opts.keys))
-    if opts.json:
-        print(json.dumps(info))
-        return 0
-    print(f"Gluon fp8 decode, group {opts.group}, sm_90: {info['registers']} registers, {info['stack']} B stack; "
-          f"key-tile loop ({4 * opts.keys} keys, {opts.keys} per warp, {opts.stages} stages): {info['loop_total']} instructions per warp")
-    for op, count in sorted(info["loop"].items(), key=lambda kv: -kv[1]):
-        print(f"  {op:<28} {count}")
+    print_summary(info, f"Gluon fp8 decode, group {opts.group}, sm_90: {info['registers']} registers, "
+                        f"{info['stack']} B stack; key-tile loop ({4 * opts.keys} keys, {opts.keys} per warp, "
+                        f"{opts.stages} stages): {info['loop_total']} instructions per warp", opts.json)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,10 +11,7 @@ shared memory and no conversion in the loop.
 from __future__ import annotations
 
 import argparse
-import collections
-import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -24,7 +21,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
-from benchmarks.attention_sass import _compile, loop_body, sass_and_resources  # noqa: E402
+from benchmarks.attention_sass import _compile, sass_and_resources  # noqa: E402
+from benchmarks.gluon_decode_sass import print_summary, summarize  # noqa: E402
 from kernels import fp8_gemv_gluon  # noqa: E402
 from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE  # noqa: E402
 
@@ -42,14 +40,6 @@ def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k:
                     source_cls=GluonASTSource)  # fmt: skip
 
 
-def summarize(compiled) -> dict:
-    sass, resources = sass_and_resources(compiled.asm["cubin"])
-    loop = collections.Counter(op for _, op, _ in loop_body(sass))
-    usage = dict(re.findall(r"(REG|SHARED|STACK):(\d+)", resources))
-    return {"registers": int(usage.get("REG", 0)), "stack": int(usage.get("STACK", 0)),
-            "shared": int(usage.get("SHARED", 0)), "loop_total": sum(loop.values()), "loop": dict(loop)}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--warps", type=int, default=4)
@@ -62,16 +52,10 @@ def main() -> int:
     if opts.sass:
         print(sass_and_resources(compiled.asm["cubin"])[0])
     info = summarize(compiled)
-    if opts.json:
-        print(json.dumps(info))
-        return 0
-    print(f"Gluon fp8 GEMV, sm_90, {opts.warps} warps x {opts.chunks} chunks: {info['registers']} registers, "
-          f"{info['stack']} B stack, {info['shared']} B shared; K loop: {info['loop_total']} instructions per warp "
-          f"per {opts.chunks * 2} KB of weight")
-    for op, count in sorted(info["loop"].items(), key=lambda kv: -kv[1]):
-        print(f"  {op:<28} {count}")
+    print_summary(info, f"Gluon fp8 GEMV, sm_90, {opts.warps} warps x {opts.chunks} chunks: {info['registers']} "
+                        f"registers, {info['stack']} B stack, {info['shared']} B shared; K loop: "
+                        f"{info['loop_total']} instructions per warp per {opts.chunks * 2} KB of weight", opts.json)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

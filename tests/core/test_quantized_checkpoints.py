@@ -355,25 +355,33 @@ def test_fp8_norms_quantize_for_the_w8a8_projections_on_gpu(tmp_path, monkeypatc
     quantization, so the same logprobs, with one activation quantization launch per layer (o_proj's) instead of
     four."""
     import kernels.fp8_linear as fp8
-    from core.layers.linear import Linear
     from kernels.skinny_gemm import SkinnyConfig
 
     monkeypatch.setattr(fp8, "GEMV_ENABLED", False)
     for bucket in (1, 2, 4, 8, 16):
         monkeypatch.setitem(fp8.FP8_DEFAULT_CONFIGS, bucket, SkinnyConfig.parse("mma:64x64:w4:s2"))
-    launches = []
+    launches, fused_launches = [], []
     real = fp8.quantize_activations_triton
     monkeypatch.setattr(fp8, "quantize_activations_triton", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    _same_bits_with_and_without_upstream_quantization(
+        tmp_path, monkeypatch, between=lambda: (fused_launches.append(len(launches)), launches.clear()))
+    assert fused_launches[0] > 0 and 4 * fused_launches[0] == len(launches)
+
+
+def _same_bits_with_and_without_upstream_quantization(tmp_path, monkeypatch, between=lambda: None) -> None:
+    """Greedy runs of the online-fp8 model with the RMSNorm / SiLU-and-mul kernels quantizing the projections'
+    rows (``Fp8Activations``), then (after ``between()``) with each projection quantizing its own: the same
+    tokens and logprobs."""
+    from core.layers.linear import Linear
+
     config, state = base_checkpoint()
     path = save(tmp_path / "plain", config, state)
     _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=True)
-    fused_launches = len(launches)
-    launches.clear()
+    between()
     monkeypatch.setattr(Linear, "takes_fp8_activations", lambda self: False)
     _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=True)
     assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
     assert logprob_error(fused, unfused) == 0.0
-    assert fused_launches > 0 and 4 * fused_launches == len(launches)
 
 
 @pytest.mark.gpu
@@ -381,7 +389,6 @@ def test_fp8_gluon_gemv_takes_the_norms_quantization_or_makes_the_same_bits_on_g
     """The Gluon decode GEMV (every shape, unquantized rows too: quantized in the kernel) gives the same logprobs
     whether the RMSNorm / SiLU-and-mul kernels quantize its rows (``Fp8Activations``) or it does: one formula."""
     import kernels.fp8_linear as fp8
-    from core.layers.linear import Linear
     from kernels.fp8_gemv_gluon import GemvConfig
 
     monkeypatch.setattr(fp8, "FP8_GEMV_CONFIGS", {})
@@ -389,14 +396,8 @@ def test_fp8_gluon_gemv_takes_the_norms_quantization_or_makes_the_same_bits_on_g
     calls = []
     real = fp8.gluon_fp8_gemv
     monkeypatch.setattr(fp8, "gluon_fp8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    config, state = base_checkpoint()
-    path = save(tmp_path / "plain", config, state)
-    _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=True)
-    monkeypatch.setattr(Linear, "takes_fp8_activations", lambda self: False)
-    _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=True)
+    _same_bits_with_and_without_upstream_quantization(tmp_path, monkeypatch)
     assert calls
-    assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
-    assert logprob_error(fused, unfused) == 0.0
 
 
 def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculation(tmp_path):
