@@ -271,3 +271,45 @@ def test_mma_w8a8_kernel_gpu(m, config):
     static = torch.tensor([0.02], device="cuda")
     assert_close(fp8_mma_gemm(x, weight, scale, parsed, static), fp8_linear_ref(x, weight, scale, static).float(),
                  1e-2, f"fp8 mma gpu static m={m} {config}")
+
+
+def test_decode_dispatch_takes_the_gluon_gemv_where_its_table_says(monkeypatch):
+    """Where the Gluon GEMV runs (patched in on the CPU, with a stand-in recording its calls): a shape with a config
+    takes it for prequantized rows (``Fp8Activations``), for unquantized rows only with ``quantize_x``, and with a
+    static input scale after the quantize launch; None, unlisted shapes (no default) and ``GEMV_ENABLED`` off keep
+    the Triton kernels."""
+    from kernels.fp8_gemv_gluon import GemvConfig
+
+    n, k = 64, 256
+    calls = []
+
+    def fake_gemv(x, weight, weight_scale, *, x_scale=None, out_dtype=None, config=None):
+        calls.append((x.dtype, x_scale is not None, config))
+        return torch.zeros(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype)
+
+    monkeypatch.setattr(fp8_module, "gemv_supported", lambda x, weight: True)
+    monkeypatch.setattr(fp8_module, "gluon_fp8_gemv", fake_gemv)
+    monkeypatch.setattr(fp8_module, "FP8_GEMV_DEFAULT", None)
+    gen = torch.Generator().manual_seed(6)
+    weight, scale = quantize_per_channel(torch.randn(n, k, generator=gen) * 0.05)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    prequantized = fp8_module.quantize_activations(x)
+    for config, expect in ((GemvConfig(8, 2), [True, None]), (GemvConfig(8, 2, quantize_x=True), [True, False]),
+                           (None, [None, None])):  # fmt: skip
+        monkeypatch.setitem(fp8_module.FP8_GEMV_CONFIGS, (n, k), config)
+        calls.clear()
+        fp8_decode_gemm(x, weight, scale, quantized=prequantized)
+        fp8_decode_gemm(x, weight, scale)
+        assert [c[1] for c in calls] == [e for e in expect if e is not None], config
+        assert all(c[2] == config for c in calls)
+    monkeypatch.setitem(fp8_module.FP8_GEMV_CONFIGS, (n, k), GemvConfig(8, 2, quantize_x=True))
+    calls.clear()
+    fp8_decode_gemm(x, weight, scale, input_scale=torch.tensor([2.0**-7]), quantized=prequantized)
+    assert calls == [(FP8_DTYPE, True, GemvConfig(8, 2, quantize_x=True))]  # the static scale's own quantization
+    monkeypatch.setattr(fp8_module, "GEMV_ENABLED", False)
+    calls.clear()
+    fp8_decode_gemm(x, weight, scale, quantized=prequantized)
+    monkeypatch.setattr(fp8_module, "GEMV_ENABLED", True)
+    monkeypatch.delitem(fp8_module.FP8_GEMV_CONFIGS, (n, k))
+    fp8_decode_gemm(x, weight, scale, quantized=prequantized)
+    assert calls == []
