@@ -35,7 +35,8 @@ def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k:
                 "w_scale_ptr": "*fp32", "out_ptr": "*bf16"}
     return _compile(fp8_gemv_gluon._gemv_kernel, pointers, set(),
                     {"WARPS": warps, "CHUNKS": chunks, "W_TILE": w_tile, "X_TILE": x_tile, "MMA": mma,
-                     "EVEN_K": even_k, "QUANT_X": quant_x, "SINGLE_STEP": single_step, "FP8_MAX": FP8_MAX,
+                     "EVEN_K": even_k, "QUANT_X": quant_x, "SINGLE_STEP": single_step,
+                     "PREFETCH_STEPS": fp8_gemv_gluon.PREFETCH_STEPS, "FP8_MAX": FP8_MAX,
                      "MIN_SCALE": FP8_MIN_SCALE, "USE_PDL": use_pdl}, warps, 1, divisible_ints=frozenset({"K"}),
                     source_cls=GluonASTSource)  # fmt: skip
 

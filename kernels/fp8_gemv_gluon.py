@@ -1,24 +1,29 @@
 """Decode GEMMs over fp8 (e4m3) weights for a few rows (M <= 8), written in Gluon so that each thread loads exactly
-its own tensor-core fragments of the weight, 16 bytes at a time, and feeds them to the fp8 MMA as loaded.
+its own tensor-core fragments of the weight, 16 bytes at a time, and widens them in place.
 
 Why: at M = 1 a GEMM is a pass over the weight, and its floor is the weight's bytes over HBM bandwidth. The Triton
-decode kernels (``kernels/fp8_linear.py``) reach 41-76% of it on the H200 (qkv 13.4 us, o 9.5, down 25.8, gate_up
-~36 per Llama-8B layer): the ``fma`` kernel is bound by issuing the per-weight widening, the ``mma`` one by latency
-(few programs, 17% occupancy, the weight staged through shared memory for wgmma). Here:
+decode kernels (``kernels/fp8_linear.py``) reach 41-76% of it on the H200: the ``fma`` kernel is bound by issuing
+the per-weight widening, the ``mma`` one by latency (few programs, 17% occupancy, the weight staged through shared
+memory for wgmma). Here:
 
-- **The K order permuted.** ``mma.sync.m16n8k32`` on e4m3 (sm_89+) sums over k, so any order of k works if both
-  operands use it. In the A fragment a thread holds, of rows ``g`` and ``g + 8`` (``g`` = lane // 4), the k values
-  ``4t + e + 16h + 32s`` (``t`` = lane % 4, ``e`` < 4, ``h`` < 2, ``s``: the k32 step). The kernel reads logical k
-  ``32s + 16h + 4t + e`` of each 128-byte chunk from byte ``32t + 8s + 4h + e``, so each thread's bytes of a row
+- **The K order permuted.** The mma sums over k, so any order of k works if both operands use it. In the fp16
+  ``mma.sync.m16n8k16`` A fragment a thread holds, of rows ``g`` and ``g + 8`` (``g`` = lane // 4), the k values
+  ``2t + e + 8h + 16s`` (``t`` = lane % 4, ``e``, ``h`` < 2, ``s``: the k16 step). The kernel reads logical k
+  ``16s + 8h + 2t + e`` of each 128-byte chunk from byte ``32t + 4s + 2h + e``, so each thread's bytes of a row
   are 32 contiguous bytes (two 16-byte loads), and the B fragment (x, the token rows as the mma's N, padded to 8)
-  is read through the same map. The relabelling is a reshape + permute of the loaded tiles and
-  ``convert_layout(..., assert_trivial=True)``: no data moves, no conversion (fp8 in, fp32 accumulation).
+  is read through the same map. e4m3 -> fp16 is one packed ``cvt`` per two values (exact), in registers; the
+  relabelling is a reshape + permute and ``convert_layout(..., assert_trivial=True)``: no data moves.
+  (Gluon's ``mma_v2`` on e4m3 operands widens and repacks them itself on sm_90: 6x the loop instructions.)
 - **Warps split K.** A program owns 16 weight rows (the mma's M); each of its warps walks its own part of K with a
   batched 3-D ``mma_v2`` (the warp as the batch dimension), and the warps' partial sums are added once at the end.
-  Per 2 KB of weight a warp issues 4 loads and 4 mma: the loop is a stream of loads.
+  Per 2 KB of weight a warp issues 6 loads (4 of weight, 2 of x), 48 conversions and 8 mma: 86 instructions
+  (``benchmarks/gluon_gemv_sass.py``). Each step loads and uses its own tiles: carrying loaded bytes across
+  iterations (a register double buffer) makes the compiler split them into single bytes.
 - W8A8 numerics (``fp8_linear_ref``): x quantized per token to e4m3 (given, from the kernel that made x:
-  ``Fp8Activations``, or quantized here from bf16 / fp16 x: each program reads x's rows for their absmax first, the
-  quantize kernel's formula), fp32 accumulation, ``x_scale[m] * w_scale[n]`` at the end.
+  ``Fp8Activations``, or quantized here from bf16 / fp16 x with the quantize kernel's formula), fp32 accumulation,
+  ``x_scale[m] * w_scale[n]`` at the end.
+- Measured on the H200 (Llama-8B, M = 1; RESULTS.md, fifteenth session): qkv 9.8 us, o 6.8, gate_up 31.3, down
+  18.5, 93% of a read-only kernel's time per GEMM; ``kernels/fp8_linear.py`` picks it per shape.
 
 Gluon has no interpreter: on the CPU the Triton kernels run; the GPU tests compare this kernel with
 ``fp8_linear_ref``.
@@ -46,7 +51,9 @@ except ImportError:  # pragma: no cover - a Triton without Gluon
 
 MAX_M = 8  # token rows: the mma's N
 ROWS = 16  # weight rows per program: the mma's M
-CHUNK = 128  # bytes of a weight row per warp per chunk: 4 k32 steps, 32 contiguous bytes per thread
+CHUNK = 128  # bytes of a weight row per warp per chunk: 8 k16 steps, 32 contiguous bytes per thread
+# Steps of weight each program asks L2 for before its PDL wait (kernels/pdl.py): 1 measured W3-fp8 337 tok/s
+PREFETCH_STEPS = 1
 
 
 class GemvConfig(NamedTuple):
@@ -89,11 +96,11 @@ if HAS_GLUON:
         return gl.reshape(gl.permute(t, [0, 1, 2, 4, 5, 3, 6]), [WARPS, R, CHUNKS * 128])
 
     @gluon.jit
-    def _prefetch_first_step(w_ptr, pid, N, K, stride_wn, STEP: gl.constexpr, WARPS: gl.constexpr):
-        """Ask L2 for the program's first step of weight (its 16 rows x ``STEP`` bytes, one address per 128-byte
-        line): a PDL-launched GEMM does this before it waits on the kernel before it, whose few microseconds
-        leave HBM idle (the Triton decode GEMMs do the same, ``kernels/skinny_gemm.py: prefetch_two_tiles``)."""
-        LINES: gl.constexpr = STEP // 128
+    def _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, BYTES: gl.constexpr, WARPS: gl.constexpr):
+        """Ask L2 for the program's first ``BYTES`` of each of its 16 weight rows (one address per 128-byte line):
+        a PDL-launched GEMM does this before it waits on the kernel before it, whose few microseconds leave HBM
+        idle (the Triton decode GEMMs do the same, ``kernels/skinny_gemm.py: prefetch_two_tiles``)."""
+        LINES: gl.constexpr = BYTES // 128
         idx = gl.arange(0, 16 * LINES, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
         row = gl.minimum(pid * 16 + idx // LINES, N - 1).to(gl.int64) * stride_wn
         ptrs = w_ptr + row + gl.minimum((idx % LINES) * 128, K - 1)
@@ -114,7 +121,7 @@ if HAS_GLUON:
     def _gemv_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                      WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr, X_TILE: gl.constexpr,
                      MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
-                     FP8_MAX: gl.constexpr,
+                     PREFETCH_STEPS: gl.constexpr, FP8_MAX: gl.constexpr,
                      MIN_SCALE: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
         ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits.
@@ -154,7 +161,7 @@ if HAS_GLUON:
             acc = _mma_step(w8, x8, acc, WARPS, CHUNKS, MMA)
         else:
             if USE_PDL:
-                _prefetch_first_step(w_ptr, pid, N, K, stride_wn, STEP, WARPS)
+                _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, STEP * PREFETCH_STEPS, WARPS)
                 gdc_wait()
                 gdc_launch_dependents()
             if QUANT_X:  # per-token scales from one pass over x's rows (a few KB, in L2)
@@ -221,7 +228,7 @@ def gluon_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
         xv, weight_scale if quant_x else x_scale, weight.view(torch.uint8), weight_scale, out, m, n, k,
         xv.stride(0), weight.stride(0), out.stride(0), WARPS=config.warps, CHUNKS=config.chunks, W_TILE=w_tile,
         X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0, QUANT_X=quant_x, SINGLE_STEP=quant_x and k <= step,
-        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
+        PREFETCH_STEPS=PREFETCH_STEPS, FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
         num_warps=config.warps, **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out
