@@ -205,7 +205,14 @@ def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     m, k = x.shape
     if m > MAX_M or k % 16 or weight.stride(-1) != 1 or weight.stride(0) % 16 or weight.data_ptr() % 16:
         return False
-    return torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return _has_fp8_conversions(x.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fp8_conversions(device) -> bool:
+    """Packed e4m3 -> fp16 conversions: compute capability 8.9+ (asked once per device: eager decode calls this per
+    layer)."""
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def gluon_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
