@@ -374,6 +374,7 @@ def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 # FP8_GEMV_DEFAULT; None (or GEMV_ENABLED off) sends the shape to the Triton kernels' tables above. Rows that come
 # unquantized (no ``Fp8Activations``, e.g. o_proj's) take it only where the config says ``quantize_x``.
 # H200, 2026-12-03 (fifteenth session), M = 1, PDL on, us (RESULTS.md); "table": the Triton kernels' entry above.
+# ``benchmarks/bench_fp8_gemv.py --models ...`` times every config against the table and prints this block.
 FP8_GEMV_CONFIGS: dict[tuple[int, int], GemvConfig | None] = {
     # Llama-3.1-8B
     (6144, 4096): GemvConfig(4, 4),  # qkv: 9.9 (8 warps x 2 chunks 10.9; PDL off 9.5), table 10.0
