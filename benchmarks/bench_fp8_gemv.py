@@ -16,7 +16,6 @@ paste. GPU only: Gluon has no interpreter.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_skinny_gemm import time_per_call  # noqa: E402
 from kernels import fp8_linear, pdl  # noqa: E402
 from kernels.fp8_gemv_gluon import GemvConfig, gluon_fp8_gemv  # noqa: E402
 
@@ -66,28 +66,6 @@ def config_block(picks: dict[tuple[int, int], tuple[str, GemvConfig | None, dict
     return "\n".join(lines)
 
 
-def time_calls(calls: list[Callable[[], object]], replays: int) -> float:
-    """Microseconds per call, the calls captured back to back in one CUDA graph."""
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times) / len(calls) * 1e3
-
-
 def time_shape(n: int, k: int, replays: int, gen: torch.Generator) -> dict[str, float]:
     """Each config's (and the table's) microseconds per call at M = 1, after checking its output."""
     base_w, base_s = fp8_linear.quantize_per_channel(torch.randn(n, k, device="cuda", generator=gen) * 0.05)
@@ -115,7 +93,7 @@ def time_shape(n: int, k: int, replays: int, gen: torch.Generator) -> dict[str, 
             err = ((out - expected).norm() / expected.norm()).item()
             if err > 1e-2:
                 raise AssertionError(f"relative error {err:.2e} against fp8_linear_ref")
-            times[name] = time_calls([lambda w=w, s=s: call(w, s) for w, s in weights], replays)
+            times[name] = time_per_call([lambda w=w, s=s: call(w, s) for w, s in weights], replays) * 1e3
         except Exception as exc:  # a config that does not compile, or a wrong result: reported, not timed
             print(f"#   {n}x{k} {name}: {type(exc).__name__}: {str(exc)[:160]}")
         finally:
