@@ -83,5 +83,6 @@ def main() -> int:
                         f"{opts.stages} stages): {info['loop_total']} instructions per warp", opts.json)
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

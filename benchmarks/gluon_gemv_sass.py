@@ -2,10 +2,11 @@
 
     python benchmarks/gluon_gemv_sass.py [--warps 4] [--chunks 2] [--quant-x]
 
-Compiles ``_gemv_kernel`` for sm_90 (Triton's bundled ptxas / cuobjdump) and prints its registers, stack and the
-opcodes of the K loop. The point of the kernel: per 128-byte chunk of a weight row pair, two 16-byte global loads
-per thread straight into the mma fragments and one fp8 ``mma.sync`` per k32 step (``HMMA...E4M3``), with no
-shared memory and no conversion in the loop.
+Compiles ``_gemv_kernel`` for sm_90 (Triton's bundled ptxas / cuobjdump) and prints its registers, stack, shared
+memory and the opcodes of the K loop. The point of the kernel: per 128-byte chunk of a weight row pair, two 16-byte
+global loads per thread straight into the mma fragments, packed e4m3 -> fp16 conversions in place
+(``F2FP.F16.E4M3.UNPACK_B``) and the fp16 ``mma.sync`` (``HMMA.16816.F32``), with no byte shuffles and no shared
+memory in the loop.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main() -> int:
                         f"registers, {info['stack']} B stack, {info['shared']} B shared; K loop: "
                         f"{info['loop_total']} instructions per warp per {opts.chunks * 2} KB of weight", opts.json)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -108,6 +108,18 @@ if HAS_GLUON:
                                   is_pure=False, pack=1)
 
     @gluon.jit
+    def _token_scales(amax, X_TILE: gl.constexpr, FP8_MAX: gl.constexpr, MIN_SCALE: gl.constexpr):
+        """Per-token e4m3 scales from an x tile's elementwise absmax (``kernels/fp8_quant.py: e4m3_row_scale``'s
+        formula): the scales, and the same broadcastable over the x tile."""
+        x_scale = gl.maximum(gl.max(gl.max(amax, axis=2), axis=0) / FP8_MAX, MIN_SCALE)
+        return x_scale, gl.convert_layout(x_scale, gl.SliceLayout(0, gl.SliceLayout(2, X_TILE)))[None, :, None]
+
+    @gluon.jit
+    def _e4m3_bits(xv, x_scale_k, FP8_MAX: gl.constexpr):
+        """``xv / scale`` clamped and rounded to e4m3 (``kernels/fp8_quant.py: to_e4m3``), as its bits."""
+        return gl.minimum(gl.maximum(xv / x_scale_k, -FP8_MAX), FP8_MAX).to(gl.float8e4nv).to(gl.uint8, bitcast=True)
+
+    @gluon.jit
     def _mma_step(w8, x8, acc, WARPS: gl.constexpr, CHUNKS: gl.constexpr, MMA: gl.constexpr):
         """``acc += w8 @ x8^T`` over a step's chunks: both e4m3 tiles (as loaded) widened to fp16 and relabelled
         into the mma fragments in place."""
@@ -154,11 +166,8 @@ if HAS_GLUON:
                 gdc_wait()
                 gdc_launch_dependents()
             xv = gl.load(x_ptrs, mask=x_live & (x_k < K), other=0.0).to(gl.float32)
-            x_scale = gl.maximum(gl.max(gl.max(gl.abs(xv), axis=2), axis=0) / FP8_MAX, MIN_SCALE)
-            x_scale_k = gl.convert_layout(x_scale, gl.SliceLayout(0, gl.SliceLayout(2, X_TILE)))[None, :, None]
-            x8 = gl.minimum(gl.maximum(xv / x_scale_k, -FP8_MAX), FP8_MAX).to(gl.float8e4nv).to(gl.uint8,
-                                                                                                bitcast=True)
-            acc = _mma_step(w8, x8, acc, WARPS, CHUNKS, MMA)
+            x_scale, x_scale_k = _token_scales(gl.abs(xv), X_TILE, FP8_MAX, MIN_SCALE)
+            acc = _mma_step(w8, _e4m3_bits(xv, x_scale_k, FP8_MAX), acc, WARPS, CHUNKS, MMA)
         else:
             if USE_PDL:
                 _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, STEP * PREFETCH_STEPS, WARPS)
@@ -169,8 +178,7 @@ if HAS_GLUON:
                 for k0 in range(0, K, STEP):
                     xv = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0.0).to(gl.float32)
                     amax = gl.maximum(amax, gl.abs(xv))
-                x_scale = gl.maximum(gl.max(gl.max(amax, axis=2), axis=0) / FP8_MAX, MIN_SCALE)
-                x_scale_k = gl.convert_layout(x_scale, gl.SliceLayout(0, gl.SliceLayout(2, X_TILE)))[None, :, None]
+                x_scale, x_scale_k = _token_scales(amax, X_TILE, FP8_MAX, MIN_SCALE)
             for k0 in range(0, K, STEP):
                 if EVEN_K:  # evict_first: the weight is read once per step, x and the outputs are reused
                     w8 = gl.load(w_ptrs + k0, eviction_policy="evict_first")
@@ -178,8 +186,7 @@ if HAS_GLUON:
                     w8 = gl.load(w_ptrs + k0, mask=w_k + k0 < K, other=0, eviction_policy="evict_first")
                 if QUANT_X:
                     xv = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0.0).to(gl.float32)
-                    x8 = gl.minimum(gl.maximum(xv / x_scale_k, -FP8_MAX), FP8_MAX).to(gl.float8e4nv)
-                    x8 = x8.to(gl.uint8, bitcast=True)
+                    x8 = _e4m3_bits(xv, x_scale_k, FP8_MAX)
                 else:
                     x8 = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0)
                 acc = _mma_step(w8, x8, acc, WARPS, CHUNKS, MMA)
