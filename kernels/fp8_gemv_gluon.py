@@ -96,13 +96,14 @@ if HAS_GLUON:
         return gl.reshape(gl.permute(t, [0, 1, 2, 4, 5, 3, 6]), [WARPS, R, CHUNKS * 128])
 
     @gluon.jit
-    def _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, BYTES: gl.constexpr, WARPS: gl.constexpr):
+    def _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, BYTES: gl.constexpr, WARPS: gl.constexpr,
+                              HEAD_DIM: gl.constexpr):  # fmt: skip
         """Ask L2 for the program's first ``BYTES`` of each of its 16 weight rows (one address per 128-byte line):
         a PDL-launched GEMM does this before it waits on the kernel before it, whose few microseconds leave HBM
         idle (the Triton decode GEMMs do the same, ``kernels/skinny_gemm.py: prefetch_two_tiles``)."""
         LINES: gl.constexpr = BYTES // 128
         idx = gl.arange(0, 16 * LINES, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
-        row = gl.minimum(pid * 16 + idx // LINES, N - 1).to(gl.int64) * stride_wn
+        row = gl.minimum(_program_rows(pid, idx // LINES, PAIRED_ROWS, HEAD_DIM), N - 1).to(gl.int64) * stride_wn
         ptrs = w_ptr + row + gl.minimum((idx % LINES) * 128, K - 1)
         gl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32,
                                   is_pure=False, pack=1)
@@ -120,6 +121,70 @@ if HAS_GLUON:
         return gl.minimum(gl.maximum(xv / x_scale_k, -FP8_MAX), FP8_MAX).to(gl.float8e4nv).to(gl.uint8, bitcast=True)
 
     @gluon.jit
+    def _program_rows(pid, local, PAIRED_ROWS, HEAD_DIM: gl.constexpr):
+        """The weight rows (= output columns) of program ``pid``'s 16 mma rows ``local``: ``16 pid + local``, except
+        in the first ``PAIRED_ROWS`` (q and k of a qkv GEMM with the rotary epilogue), where rows ``local`` and
+        ``local + 8`` are a rotary pair of one head, dims ``i`` and ``i + HEAD_DIM / 2``: the epilogue finds both
+        in the same thread's registers."""
+        base = pid * 16
+        paired = base - base % HEAD_DIM + (base % HEAD_DIM) // 2 + local % 8 + (local // 8) * (HEAD_DIM // 2)
+        return gl.where(base < PAIRED_ROWS, paired, base + local)
+
+    @gluon.jit
+    def _halves(t):
+        """A ``[16, 8]`` epilogue tile's rows 0-7 and 8-15 (register neighbours in the mma layout: no data moves)."""
+        return gl.split(gl.permute(gl.reshape(t, [2, 8, 8]), [1, 2, 0]))
+
+    @gluon.jit
+    def _first_half(t):
+        first, second = _halves(t)
+        return first
+
+    @gluon.jit
+    def _rope_cache_epilogue(y, rows, tokens, pid, M, q_ptr, stride_qm, positions_ptr, cos_sin_ptr, stride_cs,
+                             slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb,
+                             stride_vcs, stride_vch, Q_ROWS, KV_ROWS, HEAD_DIM: gl.constexpr,
+                             BLOCK_SIZE: gl.constexpr):  # fmt: skip
+        """``attention_prep`` in the qkv GEMM's epilogue (no q/k norm, full rotary, a cache of the output dtype):
+        q rotated into ``q_ptr``, k rotated and v into the paged cache; the same roundings as the qkv output
+        followed by the prep kernel (``kernels/attention_prep.py``). ``y``: ``[16 rows, 8 tokens]``."""
+        HALF: gl.constexpr = HEAD_DIM // 2
+        base = pid * 16
+        y = y.to(q_ptr.dtype.element_ty).to(gl.float32)  # the qkv output's rounding
+        row_grid = rows[:, None] + tokens[None, :] * 0
+        token_grid = tokens[None, :] + rows[:, None] * 0
+        token = gl.minimum(token_grid, M - 1)
+        slot = gl.load(slot_ptr + token).to(gl.int64)
+        if base < Q_ROWS + KV_ROWS:  # q or k: rotate each (dim, dim + HALF) pair
+            x1, x2 = _halves(y)
+            dim1 = _first_half(row_grid)  # the pair's first dim, as a qkv column
+            tok1 = _first_half(token)
+            live1 = tok1 == _first_half(token_grid)  # a padding token column reads token M - 1
+            pos = gl.load(positions_ptr + tok1).to(gl.int64)
+            freq = dim1 % HEAD_DIM
+            cos = gl.load(cos_sin_ptr + pos * stride_cs + freq)
+            sin = gl.load(cos_sin_ptr + pos * stride_cs + HALF + freq)
+            r1 = x1 * cos - x2 * sin
+            r2 = x2 * cos + x1 * sin
+            if base < Q_ROWS:
+                q_dst = q_ptr + tok1.to(gl.int64) * stride_qm + dim1
+                gl.store(q_dst, r1.to(q_ptr.dtype.element_ty), mask=live1)
+                gl.store(q_dst + HALF, r2.to(q_ptr.dtype.element_ty), mask=live1)
+            else:
+                slot1 = _first_half(slot)
+                head = (dim1 - Q_ROWS) // HEAD_DIM
+                k_dst = (k_cache_ptr + (slot1 // BLOCK_SIZE) * stride_kcb + (slot1 % BLOCK_SIZE) * stride_kcs
+                         + head * stride_kch + freq)  # fmt: skip
+                keep = live1 & (slot1 >= 0)
+                gl.store(k_dst, r1.to(q_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty), mask=keep)
+                gl.store(k_dst + HALF, r2.to(q_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty), mask=keep)
+        else:  # v: into the cache as it is
+            col = row_grid - Q_ROWS - KV_ROWS
+            v_dst = (v_cache_ptr + (slot // BLOCK_SIZE) * stride_vcb + (slot % BLOCK_SIZE) * stride_vcs
+                     + (col // HEAD_DIM) * stride_vch + col % HEAD_DIM)  # fmt: skip
+            gl.store(v_dst, y.to(v_cache_ptr.dtype.element_ty), mask=(token_grid < M) & (slot >= 0))
+
+    @gluon.jit
     def _mma_step(w8, x8, acc, WARPS: gl.constexpr, CHUNKS: gl.constexpr, MMA: gl.constexpr):
         """``acc += w8 @ x8^T`` over a step's chunks: both e4m3 tiles (as loaded) widened to fp16 and relabelled
         into the mma fragments in place."""
@@ -131,21 +196,28 @@ if HAS_GLUON:
 
     @gluon.jit
     def _gemv_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                     positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb,
+                     stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS,
                      WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr, X_TILE: gl.constexpr,
                      MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
-                     PREFETCH_STEPS: gl.constexpr, FP8_MAX: gl.constexpr,
-                     MIN_SCALE: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
+                     PREFETCH_STEPS: gl.constexpr, FP8_MAX: gl.constexpr, MIN_SCALE: gl.constexpr,
+                     ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+                     USE_PDL: gl.constexpr):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
         ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits.
         ``SINGLE_STEP`` (``QUANT_X`` with K within one step): x is loaded once and quantized in registers, and the
-        weight's loads go out before the PDL wait."""
+        weight's loads go out before the PDL wait. ``ROPE_CACHE``: a qkv GEMM whose epilogue is the attention prep
+        (``_rope_cache_epilogue``; ``out_ptr`` is q's ``[M, Q_ROWS]``); the other arguments after ``stride_om``
+        serve only it."""
         pid = gl.program_id(0)
         STEP: gl.constexpr = WARPS * CHUNKS * 128
+        PAIRED_ROWS = Q_ROWS + KV_ROWS if ROPE_CACHE else 0
 
         w_warps = gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, W_TILE)))
         w_rows = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, W_TILE)))
         w_bytes = gl.arange(0, CHUNKS * 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, W_TILE)))
-        rows = gl.minimum(pid * 16 + w_rows, N - 1).to(gl.int64) * stride_wn  # tail rows re-read, never stored
+        rows = _program_rows(pid, w_rows, PAIRED_ROWS, HEAD_DIM)
+        rows = gl.minimum(rows, N - 1).to(gl.int64) * stride_wn  # tail rows re-read, never stored
         w_k = (w_warps * (CHUNKS * 128))[:, None, None] + w_bytes[None, None, :]
         w_ptrs = w_ptr + rows[None, :, None] + w_k
 
@@ -170,7 +242,8 @@ if HAS_GLUON:
             acc = _mma_step(w8, _e4m3_bits(xv, x_scale_k, FP8_MAX), acc, WARPS, CHUNKS, MMA)
         else:
             if USE_PDL:
-                _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, STEP * PREFETCH_STEPS, WARPS)
+                _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, STEP * PREFETCH_STEPS, WARPS,
+                                      HEAD_DIM)
                 gdc_wait()
                 gdc_launch_dependents()
             if QUANT_X:  # per-token scales from one pass over x's rows (a few KB, in L2)
@@ -192,7 +265,8 @@ if HAS_GLUON:
                 acc = _mma_step(w8, x8, acc, WARPS, CHUNKS, MMA)
 
         out = gl.sum(acc, axis=0)  # [row, token]: the warps' parts of K added up
-        o_rows = pid * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA)))
+        o_rows = _program_rows(pid, gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA))), PAIRED_ROWS,
+                               HEAD_DIM)  # fmt: skip
         o_tokens = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
         w_scale = gl.load(w_scale_ptr + o_rows, mask=o_rows < N, other=0.0)
         if QUANT_X:
@@ -200,8 +274,13 @@ if HAS_GLUON:
         else:
             t_scale = gl.load(x_scale_ptr + o_tokens, mask=o_tokens < M, other=0.0)
         y = out * w_scale[:, None] * t_scale[None, :]
-        gl.store(out_ptr + o_tokens[None, :] * stride_om + o_rows[:, None], y.to(out_ptr.dtype.element_ty),
-                 mask=(o_rows < N)[:, None] & (o_tokens < M)[None, :])
+        if ROPE_CACHE:
+            _rope_cache_epilogue(y, o_rows, o_tokens, pid, M, out_ptr, stride_om, positions_ptr, cos_sin_ptr,
+                                 stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb, stride_kcs, stride_kch,
+                                 stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, HEAD_DIM, BLOCK_SIZE)
+        else:
+            gl.store(out_ptr + o_tokens[None, :] * stride_om + o_rows[:, None], y.to(out_ptr.dtype.element_ty),
+                     mask=(o_rows < N)[:, None] & (o_tokens < M)[None, :])
 
 
 def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -235,14 +314,58 @@ def gluon_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     out = torch.empty((m, n), dtype=out_dtype or (x.dtype if quant_x else torch.bfloat16), device=x.device)
     if m == 0 or n == 0:
         return out
+    _launch(x, x_scale, weight, weight_scale, out, config)
+    return out
+
+
+def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
+            out: torch.Tensor, config: GemvConfig, rope: tuple | None = None) -> None:
+    """One ``_gemv_kernel`` launch over the weight's rows; ``rope``: the rotary epilogue's
+    ``(positions, cos_sin, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)``."""
+    m, k = x.shape
+    quant_x = x_scale is None
     xv = x if quant_x else x.view(torch.uint8)
     w_tile, x_tile, mma = gemv_layouts(config.warps, config.chunks)
     step = config.warps * config.chunks * CHUNK
-    _gemv_kernel[(triton.cdiv(n, ROWS),)](
-        xv, weight_scale if quant_x else x_scale, weight.view(torch.uint8), weight_scale, out, m, n, k,
-        xv.stride(0), weight.stride(0), out.stride(0), WARPS=config.warps, CHUNKS=config.chunks, W_TILE=w_tile,
-        X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0, QUANT_X=quant_x, SINGLE_STEP=quant_x and k <= step,
-        PREFETCH_STEPS=PREFETCH_STEPS, FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
+    if rope is None:
+        epilogue = (out, out, 0, out, out, out, 0, 0, 0, 0, 0, 0, 0, 0)  # unused by a plain store
+        head_dim = block_size = 16
+    else:
+        positions, cos_sin, slots, k_cache, v_cache, q_rows, kv_rows, head_dim = rope
+        block_size = k_cache.shape[1]
+        epilogue = (positions, cos_sin, cos_sin.stride(0), slots, k_cache, v_cache, *k_cache.stride()[:3],
+                    *v_cache.stride()[:3], q_rows, kv_rows)  # fmt: skip
+    _gemv_kernel[(triton.cdiv(weight.shape[0], ROWS),)](
+        xv, weight_scale if quant_x else x_scale, weight.view(torch.uint8), weight_scale, out, m,
+        weight.shape[0], k, xv.stride(0), weight.stride(0), out.stride(0), *epilogue, WARPS=config.warps,
+        CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0, QUANT_X=quant_x,
+        SINGLE_STEP=quant_x and k <= step, PREFETCH_STEPS=PREFETCH_STEPS, FP8_MAX=FP8_MAX,
+        MIN_SCALE=FP8_MIN_SCALE, ROPE_CACHE=rope is not None, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         num_warps=config.warps, **launch_options(use_pdl(x)),
     )  # fmt: skip
-    return out
+
+
+def rope_cache_supported(head_dim: int, rotary_dim: int, q_rows: int, kv_rows: int, dtype: torch.dtype,
+                         cache_dtype: torch.dtype) -> bool:
+    """Whether :func:`gluon_fp8_gemv_rope_cache` serves a qkv projection of this shape: a head dim the 16-row
+    programs tile in rotary pairs, rotated whole (no partial rotary), a cache of the model's dtype (an fp8 cache
+    keeps the prep kernel and its scales)."""
+    return (head_dim % 16 == 0 and rotary_dim == head_dim and q_rows % head_dim == 0 and kv_rows % head_dim == 0
+            and cache_dtype == dtype and dtype in (torch.bfloat16, torch.float16))  # fmt: skip
+
+
+def gluon_fp8_gemv_rope_cache(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                              weight_scale: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                              k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                              q_rows: int, kv_rows: int, head_dim: int, out_dtype: torch.dtype,
+                              config: GemvConfig) -> torch.Tensor:  # fmt: skip
+    """The qkv projection and ``attention_prep`` in one launch: ``xq`` (e4m3, per-token ``x_scale``) times the
+    ``[q | k | v]`` weight; returns q ``[M, q_rows]`` rotated, and writes k (rotated) and v into the paged caches
+    ``[num_blocks, block_size, kv_heads, head_dim]`` at ``slot_mapping`` (negative slots skip). ``positions`` index
+    ``cos_sin_cache`` ``[positions, head_dim]`` (cos | sin, float32). Callers check :func:`gemv_supported` and
+    :func:`rope_cache_supported`."""
+    q = torch.empty((xq.shape[0], q_rows), dtype=out_dtype, device=xq.device)
+    if xq.shape[0]:
+        rope = (positions, cos_sin_cache, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)
+        _launch(xq, x_scale, weight, weight_scale, q, config, rope)
+    return q

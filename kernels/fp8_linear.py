@@ -43,7 +43,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.fp8_gemv_gluon import GemvConfig, gemv_supported, gluon_fp8_gemv
+from kernels.fp8_gemv_gluon import (GemvConfig, gemv_supported, gluon_fp8_gemv, gluon_fp8_gemv_rope_cache,
+                                    rope_cache_supported)
 from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, row_scales, to_e4m3
 from kernels.fp8_stream_k import fp8_stream_k_gemm
 from kernels.pdl import launch_options, use_pdl, wait_then_release
@@ -404,6 +405,27 @@ def pick_gemv_config(x: torch.Tensor, weight: torch.Tensor, prequantized: bool) 
     key = (weight.shape[0], weight.shape[1])
     config = FP8_GEMV_CONFIGS[key] if key in FP8_GEMV_CONFIGS else FP8_GEMV_DEFAULT
     return config if config is not None and (prequantized or config.quantize_x) else None
+
+
+ROPE_CACHE_ENABLED = True  # the qkv GEMV with the attention prep in its epilogue, where it serves the shape
+
+
+def fp8_qkv_rope_cache(x: Fp8Activations, weight: torch.Tensor, weight_scale: torch.Tensor, positions: torch.Tensor,
+                       cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor, q_rows: int, kv_rows: int, head_dim: int) -> torch.Tensor | None:  # fmt: skip
+    """A W8A8 qkv projection (``weight`` ``[q | k | v]``, x quantized upstream) fused with ``attention_prep``
+    (``kernels/attention_prep.py``: rotary on q and k, k and v into the paged cache) in the Gluon GEMV's epilogue:
+    one launch instead of two in a decode step. Returns q ``[M, q_rows]`` ready for attention, or None where the
+    fused kernel does not serve the call (then run the projection and the prep kernel)."""
+    if not ROPE_CACHE_ENABLED or weight.shape[0] != q_rows + 2 * kv_rows:
+        return None
+    if not rope_cache_supported(head_dim, cos_sin_cache.shape[-1], q_rows, kv_rows, x.x.dtype, k_cache.dtype):
+        return None
+    config = pick_gemv_config(x.xq, weight, prequantized=True)
+    if config is None:
+        return None
+    return gluon_fp8_gemv_rope_cache(x.xq, x.scale, weight, weight_scale, positions, cos_sin_cache, k_cache, v_cache,
+                                     slot_mapping, q_rows, kv_rows, head_dim, x.x.dtype, config)  # fmt: skip
 
 
 def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

@@ -83,6 +83,27 @@ class PagedAttention(nn.Module):
             self.q_norm.eps if self.q_norm is not None else 1e-6,
             backend=self.kernel_backend, k_scale=self.k_scale, v_scale=self.v_scale,
         )
+        return self.attend(q, kv_cache, meta)
+
+    def fused_qkv_prep(self, qkv_proj: nn.Module, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                       meta: AttentionMetadata) -> torch.Tensor | None:  # fmt: skip
+        """q ``[T, Hq, D]`` from a qkv projection whose kernel also does the prep (``Linear.rope_cache_forward``:
+        the W8A8 fp8 decode GEMV), the new keys and values already in the cache; None where the projection has no
+        such kernel or this layer needs what it leaves out (q/k norm, an fp8 cache's scales: then project and call
+        this module). Follow it with :meth:`attend`."""
+        if self.q_norm is not None or self.kernel_backend == "torch":
+            return None
+        q = qkv_proj.rope_cache_forward(
+            x, positions=self.rotary.table_positions(positions, meta.seq_lens, meta.query_start_loc),
+            cos_sin_cache=self.rotary.cos_sin_cache, k_cache=kv_cache[0], v_cache=kv_cache[1],
+            slot_mapping=meta.slot_mapping, q_rows=self.num_heads * self.head_dim,
+            kv_rows=self.num_kv_heads * self.head_dim, head_dim=self.head_dim,
+        )  # fmt: skip
+        return None if q is None else q.view(-1, self.num_heads, self.head_dim)
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention of the prepared ``q`` over the cache (the new keys and values already written)."""
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
         out = paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                               self.scale, max_query_len=meta.max_query_len, backend=self.attention_backend,
                               decode_order=meta.decode_order, decode_queries=meta.decode_queries,

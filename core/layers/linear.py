@@ -49,6 +49,15 @@ class Linear(nn.Module):
             return linear(x, self.weight, self.bias, backend=self.backend)
         return self.quant_method.apply(self, x, self.bias)
 
+    def rope_cache_forward(self, x: torch.Tensor | Fp8Activations, **rope) -> torch.Tensor | None:
+        """A qkv projection fused with the attention prep (rotary, cache write; see
+        ``PagedAttention.fused_qkv_prep``): q ready for attention, or None where this layer's method has no such
+        kernel for ``x`` (then call the layer and the prep)."""
+        fused = getattr(self.quant_method, "apply_rope_cache", None)
+        if fused is None or not isinstance(x, Fp8Activations):
+            return None
+        return fused(self, x, **rope)
+
     def takes_fp8_activations(self) -> bool:
         """Whether this layer's quantization method reads upstream fp8 activations (see ``forward``)."""
         return self.quant_method is not None and self.quant_method.takes_fp8_activations(self)

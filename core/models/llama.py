@@ -67,6 +67,9 @@ class Attention(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
+        q = self.attn.fused_qkv_prep(self.qkv_proj, x, positions, kv_cache, meta)  # fp8 decode: one launch
+        if q is not None:
+            return self.o_proj(self.attn.attend(q, kv_cache, meta))
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)

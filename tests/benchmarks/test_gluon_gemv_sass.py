@@ -30,3 +30,20 @@ def test_gluon_gemv_loop_is_loads_conversions_and_mma():
         assert not any(op.startswith(("PRMT", "LDS", "STS", "LDL", "STL")) for op in loop), (chunks, loop)
         assert info["loop_total"] <= 100 * chunks, (chunks, info["loop_total"])
         assert info["stack"] == 0, info
+
+
+ROPE_COMPILE = """
+import json
+from benchmarks.gluon_gemv_sass import compile_gemv, summarize
+print(json.dumps([summarize(compile_gemv(4, 4, rope_cache=rope)) for rope in (False, True)]))
+"""
+
+
+@needs_sass_tools
+def test_rope_cache_epilogue_leaves_the_loop_alone():
+    """The qkv GEMM with the attention prep in its epilogue (rotary pairs as mma row neighbours): the same K loop,
+    no spills."""
+    pytest.importorskip("triton.experimental.gluon")
+    plain, fused = run_compile_script(ROPE_COMPILE)
+    assert fused["loop"] == plain["loop"], (plain["loop"], fused["loop"])
+    assert fused["stack"] == 0, fused

@@ -393,11 +393,36 @@ def test_fp8_gluon_gemv_takes_the_norms_quantization_or_makes_the_same_bits_on_g
 
     monkeypatch.setattr(fp8, "FP8_GEMV_CONFIGS", {})
     monkeypatch.setattr(fp8, "FP8_GEMV_DEFAULT", GemvConfig(4, 2, quantize_x=True))
+    monkeypatch.setattr(fp8, "ROPE_CACHE_ENABLED", False)  # the qkv GEMV's own epilogue: the next test
     calls = []
     real = fp8.gluon_fp8_gemv
     monkeypatch.setattr(fp8, "gluon_fp8_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     _same_bits_with_and_without_upstream_quantization(tmp_path, monkeypatch)
     assert calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda-graphs"])
+def test_fp8_qkv_gemv_with_the_attention_prep_in_its_epilogue_on_gpu(tmp_path, monkeypatch, enforce_eager):
+    """The qkv GEMV that also rotates q and k and writes the cache (``fp8_qkv_rope_cache``) in place of the GEMV
+    and the prep kernel: the same greedy tokens, logprobs within rounding (the rotation's multiply-adds may
+    contract differently)."""
+    import kernels.fp8_linear as fp8
+    from kernels.fp8_gemv_gluon import GemvConfig
+
+    monkeypatch.setattr(fp8, "FP8_GEMV_CONFIGS", {})
+    monkeypatch.setattr(fp8, "FP8_GEMV_DEFAULT", GemvConfig(4, 2))
+    calls = []
+    real = fp8.gluon_fp8_gemv_rope_cache
+    monkeypatch.setattr(fp8, "gluon_fp8_gemv_rope_cache", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    config, state = base_checkpoint()
+    path = save(tmp_path / "plain", config, state)
+    _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
+    assert calls
+    monkeypatch.setattr(fp8, "ROPE_CACHE_ENABLED", False)
+    _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
+    assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
+    assert logprob_error(fused, unfused) < 2e-2
 
 
 def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculation(tmp_path):

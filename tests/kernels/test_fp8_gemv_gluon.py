@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from kernels import pdl
-from kernels.fp8_gemv_gluon import GemvConfig, gemv_supported, gluon_fp8_gemv
+from kernels.attention_prep import attention_prep_triton
+from kernels.fp8_gemv_gluon import (GemvConfig, gemv_supported, gluon_fp8_gemv, gluon_fp8_gemv_rope_cache,
+                                    rope_cache_supported)
 from kernels.fp8_linear import fp8_linear_ref, quantize_activations, quantize_per_channel
 
 BF16 = torch.bfloat16
@@ -110,3 +112,53 @@ def test_gpu_gemv_with_pdl_in_a_cuda_graph():
     finally:
         pdl.configure(False)
     assert _rel_err(out, fp8_linear_ref(src * 2.0, w, w_scale)) < 5e-3
+
+
+@pytest.mark.parametrize("head_dim, rotary_dim, kv_rows, cache_dtype, served", [
+    (128, 128, 1024, BF16, True), (64, 64, 512, BF16, True), (80, 80, 640, BF16, True),
+    (72, 72, 576, BF16, False), (128, 64, 1024, BF16, False), (128, 128, 1024, torch.float8_e4m3fn, False),
+])  # fmt: skip
+def test_rope_cache_rule(head_dim, rotary_dim, kv_rows, cache_dtype, served):
+    """The fused prep needs heads the 16-row programs tile in rotary pairs (head dim a multiple of 16), full
+    rotary, and a cache of the model's dtype (an fp8 cache keeps the prep kernel and its scales)."""
+    assert rope_cache_supported(head_dim, rotary_dim, 32 * head_dim, kv_rows, BF16, cache_dtype) is served
+
+
+def _rope_table(positions: int, head_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
+    angles = torch.arange(positions, device="cuda").float()[:, None] * inv_freq[None, :]
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).contiguous()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(32, 8, 128), (8, 2, 64), (4, 4, 80)])
+def test_gpu_gemv_rope_cache_matches_projection_then_prep(m, num_heads, num_kv_heads, head_dim):
+    """The qkv GEMM with the prep in its epilogue against the GEMM and then the prep kernel: the same q, the same
+    keys and values in the cache slots of the batch (a padding token's slot -1 writes nothing), the rest of the
+    cache untouched."""
+    q_rows, kv_rows = num_heads * head_dim, num_kv_heads * head_dim
+    x, w, w_scale = _problem(m, q_rows + 2 * kv_rows, 4096, seed=3)
+    xq, x_scale = quantize_activations(x)
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    cos_sin = _rope_table(4096, head_dim)
+    positions = torch.randint(0, 4096, (m,), device="cuda", generator=gen)
+    slots = torch.randperm(64 * 16, device="cuda", generator=gen)[:m]
+    if m > 1:
+        slots[1] = -1  # a padding row
+    caches = [torch.randn(64, 16, num_kv_heads, head_dim, device="cuda", generator=gen).to(BF16) for _ in range(2)]
+    fused_caches = [c.clone() for c in caches]
+    config = GemvConfig(4, 4)
+
+    qkv = gluon_fp8_gemv(xq, w, w_scale, x_scale=x_scale, out_dtype=BF16, config=config)
+    q, k, v = qkv.split([q_rows, kv_rows, kv_rows], dim=-1)
+    q = attention_prep_triton(positions, q.reshape(m, num_heads, head_dim), k.reshape(m, num_kv_heads, head_dim),
+                              v.reshape(m, num_kv_heads, head_dim), cos_sin, *caches, slots)  # fmt: skip
+    fused_q = gluon_fp8_gemv_rope_cache(xq, x_scale, w, w_scale, positions, cos_sin, *fused_caches, slots, q_rows,
+                                        kv_rows, head_dim, BF16, config)  # fmt: skip
+    torch.testing.assert_close(fused_q.view(m, num_heads, head_dim), q, rtol=8e-3, atol=1e-5)
+    for fused, ref in zip(fused_caches, caches):
+        torch.testing.assert_close(fused, ref, rtol=8e-3, atol=1e-5)  # the batch's slots
+        written = torch.zeros(64 * 16, dtype=torch.bool, device="cuda")
+        written[slots[slots >= 0]] = True
+        assert torch.equal(fused.view(64 * 16, -1)[~written], ref.view(64 * 16, -1)[~written])  # bit for bit

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, replace_parameter, shard_starts
-from kernels.fp8_linear import (FP8_DTYPE, Fp8Activations, fp8_linear, fp8_linear_ref, fp8_supported,
-                                quantize_per_channel)
+from kernels.fp8_linear import (FP8_DTYPE, Fp8Activations, fp8_linear, fp8_linear_ref, fp8_qkv_rope_cache,
+                                fp8_supported, quantize_per_channel)
 
 logger = logging.getLogger(__name__)
 
@@ -169,3 +169,10 @@ class Fp8LinearMethod(LinearMethod):
         if not self.takes_fp8_activations(layer):
             return self.apply(layer, x.x, bias)
         return fp8_linear(x.x, layer.weight, layer.weight_scale, None, bias, quantized=(x.xq, x.scale))
+
+    def apply_rope_cache(self, layer: nn.Module, x: Fp8Activations, **rope) -> torch.Tensor | None:
+        """A qkv layer's product with the attention prep in its epilogue (``fp8_qkv_rope_cache``: ``rope`` holds
+        its arguments after the weight scale), or None where that kernel does not serve it."""
+        if not self.takes_fp8_activations(layer) or layer.bias is not None:
+            return None
+        return fp8_qkv_rope_cache(x, layer.weight, layer.weight_scale, **rope)
