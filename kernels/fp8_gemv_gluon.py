@@ -165,29 +165,38 @@ if HAS_GLUON:
         gl.atomic_max(amax_ptr + token_ids, amax, mask=token_ids < M)
 
     @gluon.jit
-    def _rope_cache_epilogue(y, rows, tokens, pid, M, q_ptr, stride_qm, positions_ptr, cos_sin_ptr, stride_cs,
-                             slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb,
-                             stride_vcs, stride_vch, Q_ROWS, KV_ROWS, HEAD_DIM: gl.constexpr,
-                             BLOCK_SIZE: gl.constexpr):  # fmt: skip
+    def _rope_inputs(rows, tokens, M, positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, HEAD_DIM: gl.constexpr):
+        """What the rotary epilogue reads besides the product: each token's cache slot (``[16, 8]``, the epilogue's
+        layout) and the cos / sin of each (dim pair, token) (``[8, 8]``). Loaded before the K loop, so the
+        dependent position -> cos / sin loads are not the program's tail. They are step inputs, written before the
+        forward's first kernel: complete before the kernel this one waits on started."""
+        HALF: gl.constexpr = HEAD_DIM // 2
+        token = gl.minimum(tokens[None, :] + rows[:, None] * 0, M - 1)
+        slot = gl.load(slot_ptr + token).to(gl.int64)
+        pos = gl.load(positions_ptr + _first_half(token)).to(gl.int64)
+        freq = _first_half(rows[:, None] + tokens[None, :] * 0) % HEAD_DIM
+        cos = gl.load(cos_sin_ptr + pos * stride_cs + freq)
+        sin = gl.load(cos_sin_ptr + pos * stride_cs + HALF + freq)
+        return slot, cos, sin
+
+    @gluon.jit
+    def _rope_cache_epilogue(y, rows, tokens, pid, M, q_ptr, stride_qm, slot, cos, sin, k_cache_ptr, v_cache_ptr,
+                             stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS,
+                             KV_ROWS, HEAD_DIM: gl.constexpr, BLOCK_SIZE: gl.constexpr):  # fmt: skip
         """``attention_prep`` in the qkv GEMM's epilogue (no q/k norm, full rotary, a cache of the output dtype):
         q rotated into ``q_ptr``, k rotated and v into the paged cache; the same roundings as the qkv output
-        followed by the prep kernel (``kernels/attention_prep.py``). ``y``: ``[16 rows, 8 tokens]``."""
+        followed by the prep kernel (``kernels/attention_prep.py``). ``y``: ``[16 rows, 8 tokens]``; ``slot``,
+        ``cos``, ``sin``: :func:`_rope_inputs`."""
         HALF: gl.constexpr = HEAD_DIM // 2
         base = pid * 16
         y = y.to(q_ptr.dtype.element_ty).to(gl.float32)  # the qkv output's rounding
         row_grid = rows[:, None] + tokens[None, :] * 0
         token_grid = tokens[None, :] + rows[:, None] * 0
-        token = gl.minimum(token_grid, M - 1)
-        slot = gl.load(slot_ptr + token).to(gl.int64)
         if base < Q_ROWS + KV_ROWS:  # q or k: rotate each (dim, dim + HALF) pair
             x1, x2 = _halves(y)
             dim1 = _first_half(row_grid)  # the pair's first dim, as a qkv column
-            tok1 = _first_half(token)
-            live1 = tok1 == _first_half(token_grid)  # a padding token column reads token M - 1
-            pos = gl.load(positions_ptr + tok1).to(gl.int64)
-            freq = dim1 % HEAD_DIM
-            cos = gl.load(cos_sin_ptr + pos * stride_cs + freq)
-            sin = gl.load(cos_sin_ptr + pos * stride_cs + HALF + freq)
+            tok1 = _first_half(token_grid)
+            live1 = tok1 < M
             r1 = x1 * cos - x2 * sin
             r2 = x2 * cos + x1 * sin
             if base < Q_ROWS:
@@ -198,7 +207,7 @@ if HAS_GLUON:
                 slot1 = _first_half(slot)
                 head = (dim1 - Q_ROWS) // HEAD_DIM
                 k_dst = (k_cache_ptr + (slot1 // BLOCK_SIZE) * stride_kcb + (slot1 % BLOCK_SIZE) * stride_kcs
-                         + head * stride_kch + freq)  # fmt: skip
+                         + head * stride_kch + dim1 % HEAD_DIM)  # fmt: skip
                 keep = live1 & (slot1 >= 0)
                 gl.store(k_dst, r1.to(q_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty), mask=keep)
                 gl.store(k_dst + HALF, r2.to(q_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty), mask=keep)
@@ -255,6 +264,12 @@ if HAS_GLUON:
         x_ptrs = x_ptr + (gl.minimum(x_rows, M - 1) * stride_xm)[None, :, None] + x_k
         x_live = (x_rows < M)[None, :, None]
 
+        o_rows = _program_rows(pid, gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA))), N,
+                               PAIRED_ROWS, HEAD_DIM, GATED)  # fmt: skip
+        o_tokens = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
+        if ROPE_CACHE:
+            slot, cos, sin = _rope_inputs(o_rows, o_tokens, M, positions_ptr, cos_sin_ptr, stride_cs, slot_ptr,
+                                          HEAD_DIM)  # fmt: skip
         acc = gl.zeros([WARPS, 16, 8], gl.float32, layout=MMA)
         if SINGLE_STEP:  # the whole of K in one step: x's rows are loaded once, and quantized in registers
             if EVEN_K:  # the weight is never written by a kernel: its loads go out before the wait
@@ -296,9 +311,6 @@ if HAS_GLUON:
                 acc = _mma_step(w8, x8, acc, WARPS, CHUNKS, MMA)
 
         out = gl.sum(acc, axis=0)  # [row, token]: the warps' parts of K added up
-        o_rows = _program_rows(pid, gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA))), N,
-                               PAIRED_ROWS, HEAD_DIM, GATED)  # fmt: skip
-        o_tokens = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
         w_scale = gl.load(w_scale_ptr + o_rows, mask=o_rows < N, other=0.0)
         if QUANT_X:
             t_scale = gl.convert_layout(x_scale, gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
@@ -308,16 +320,16 @@ if HAS_GLUON:
         if GATED:
             _silu_mul_epilogue(y, o_rows, o_tokens, pid, M, out_ptr, stride_om, amax_ptr)
         elif ROPE_CACHE:
-            _rope_cache_epilogue(y, o_rows, o_tokens, pid, M, out_ptr, stride_om, positions_ptr, cos_sin_ptr,
-                                 stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb, stride_kcs, stride_kch,
-                                 stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, HEAD_DIM, BLOCK_SIZE)
+            _rope_cache_epilogue(y, o_rows, o_tokens, pid, M, out_ptr, stride_om, slot, cos, sin, k_cache_ptr,
+                                 v_cache_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                                 Q_ROWS, KV_ROWS, HEAD_DIM, BLOCK_SIZE)
         else:
             gl.store(out_ptr + o_tokens[None, :] * stride_om + o_rows[:, None], y.to(out_ptr.dtype.element_ty),
                      mask=(o_rows < N)[:, None] & (o_tokens < M)[None, :])
         if AMAX_GIVEN:  # every program has read the absmax (its loop is done): the last one clears it
             if gl.atomic_add(counter_ptr, 1) == gl.num_programs(0) - 1:
-                tokens = gl.arange(0, 8, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
-                gl.store(amax_ptr + tokens, gl.zeros([8], gl.float32, layout=tokens.type.layout))
+                CLEAR: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+                gl.store(amax_ptr + gl.arange(0, 8, layout=CLEAR), gl.zeros([8], gl.float32, layout=CLEAR))
                 gl.atomic_xchg(counter_ptr, 0)
 
 
