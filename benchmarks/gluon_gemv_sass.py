@@ -29,22 +29,19 @@ from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE  # noqa: E402
 
 
 def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k: bool = True,
-                 single_step: bool = False, use_pdl: bool = False, rope_cache: bool = False, gated: bool = False,
-                 amax_given: bool = False):  # fmt: skip
+                 single_step: bool = False, use_pdl: bool = False, rope_cache: bool = False):  # fmt: skip
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU
-    (``rope_cache``: the qkv GEMM with the attention prep in its epilogue, Llama-8B's 128-dim heads; ``gated``:
-    gate_up with the SiLU-and-mul epilogue; ``amax_given``: the down GEMM after it, x in bf16)."""
+    (``rope_cache``: the qkv GEMM with the attention prep in its epilogue, Llama-8B's 128-dim heads)."""
     w_tile, x_tile, mma = fp8_gemv_gluon.gemv_layouts(warps, chunks)
     pointers = {"x_ptr": "*bf16" if quant_x else "*u8", "x_scale_ptr": "*fp32", "w_ptr": "*u8",
                 "w_scale_ptr": "*fp32", "out_ptr": "*bf16", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32",
-                "slot_ptr": "*i64", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "amax_ptr": "*fp32",
-                "counter_ptr": "*i32"}
+                "slot_ptr": "*i64", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16"}
     return _compile(fp8_gemv_gluon._gemv_kernel, pointers, set(),
                     {"WARPS": warps, "CHUNKS": chunks, "W_TILE": w_tile, "X_TILE": x_tile, "MMA": mma,
                      "EVEN_K": even_k, "QUANT_X": quant_x, "SINGLE_STEP": single_step,
                      "PREFETCH_STEPS": fp8_gemv_gluon.PREFETCH_STEPS, "FP8_MAX": FP8_MAX,
                      "MIN_SCALE": FP8_MIN_SCALE, "ROPE_CACHE": rope_cache, "HEAD_DIM": 128, "BLOCK_SIZE": 16,
-                     "GATED": gated, "AMAX_GIVEN": amax_given, "USE_PDL": use_pdl}, warps, 1,
+                     "USE_PDL": use_pdl}, warps, 1,
                     divisible_ints=frozenset({"K", "stride_cs", "stride_kcb", "stride_kcs", "stride_kch",
                                               "stride_vcb", "stride_vcs", "stride_vch", "Q_ROWS", "KV_ROWS"}),
                     source_cls=GluonASTSource)  # fmt: skip
@@ -56,13 +53,10 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=2)
     parser.add_argument("--quant-x", action="store_true", help="x in bf16, quantized in the kernel")
     parser.add_argument("--rope-cache", action="store_true", help="the qkv GEMM with the attention prep epilogue")
-    parser.add_argument("--gated", action="store_true", help="gate_up with the SiLU-and-mul epilogue")
-    parser.add_argument("--amax-given", action="store_true", help="the down GEMM after --gated (implies --quant-x)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     parser.add_argument("--sass", action="store_true", help="print the whole SASS")
     opts = parser.parse_args()
-    compiled = compile_gemv(opts.warps, opts.chunks, opts.quant_x or opts.amax_given, rope_cache=opts.rope_cache,
-                            gated=opts.gated, amax_given=opts.amax_given)
+    compiled = compile_gemv(opts.warps, opts.chunks, opts.quant_x, rope_cache=opts.rope_cache)
     if opts.sass:
         print(sass_and_resources(compiled.asm["cubin"])[0])
     info = summarize(compiled)

@@ -97,14 +97,13 @@ if HAS_GLUON:
 
     @gluon.jit
     def _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, BYTES: gl.constexpr, WARPS: gl.constexpr,
-                              HEAD_DIM: gl.constexpr, GATED: gl.constexpr):  # fmt: skip
+                              HEAD_DIM: gl.constexpr):  # fmt: skip
         """Ask L2 for the program's first ``BYTES`` of each of its 16 weight rows (one address per 128-byte line):
         a PDL-launched GEMM does this before it waits on the kernel before it, whose few microseconds leave HBM
         idle (the Triton decode GEMMs do the same, ``kernels/skinny_gemm.py: prefetch_two_tiles``)."""
         LINES: gl.constexpr = BYTES // 128
         idx = gl.arange(0, 16 * LINES, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
-        row = gl.minimum(_program_rows(pid, idx // LINES, N, PAIRED_ROWS, HEAD_DIM, GATED), N - 1)
-        row = row.to(gl.int64) * stride_wn
+        row = gl.minimum(_program_rows(pid, idx // LINES, PAIRED_ROWS, HEAD_DIM), N - 1).to(gl.int64) * stride_wn
         ptrs = w_ptr + row + gl.minimum((idx % LINES) * 128, K - 1)
         gl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32,
                                   is_pure=False, pack=1)
@@ -124,19 +123,14 @@ if HAS_GLUON:
         return (xv / x_scale_k).to(gl.float8e4nv).to(gl.uint8, bitcast=True)
 
     @gluon.jit
-    def _program_rows(pid, local, N, PAIRED_ROWS, HEAD_DIM: gl.constexpr, GATED: gl.constexpr):
+    def _program_rows(pid, local, PAIRED_ROWS, HEAD_DIM: gl.constexpr):
         """The weight rows (= output columns) of program ``pid``'s 16 mma rows ``local``: ``16 pid + local``, except
-        where the epilogue combines rows ``local`` and ``local + 8`` (the same thread's registers): in the first
-        ``PAIRED_ROWS`` (q and k of a qkv GEMM with the rotary epilogue) a rotary pair of one head, dims ``i`` and
-        ``i + HEAD_DIM / 2``; with ``GATED`` (a ``[gate | up]`` GEMM with the SiLU-and-mul epilogue) gate column
-        ``8 pid + i`` and its up column."""
+        in the first ``PAIRED_ROWS`` (q and k of a qkv GEMM with the rotary epilogue), where rows ``local`` and
+        ``local + 8`` are a rotary pair of one head, dims ``i`` and ``i + HEAD_DIM / 2``: the epilogue finds both
+        in the same thread's registers."""
         base = pid * 16
-        if GATED:
-            rows = pid * 8 + local % 8 + (local // 8) * (N // 2)
-        else:
-            paired = base - base % HEAD_DIM + (base % HEAD_DIM) // 2 + local % 8 + (local // 8) * (HEAD_DIM // 2)
-            rows = gl.where(base < PAIRED_ROWS, paired, base + local)
-        return rows
+        paired = base - base % HEAD_DIM + (base % HEAD_DIM) // 2 + local % 8 + (local // 8) * (HEAD_DIM // 2)
+        return gl.where(base < PAIRED_ROWS, paired, base + local)
 
     @gluon.jit
     def _halves(t):
@@ -147,22 +141,6 @@ if HAS_GLUON:
     def _first_half(t):
         first, second = _halves(t)
         return first
-
-    @gluon.jit
-    def _silu_mul_epilogue(y, rows, tokens, pid, M, h_ptr, stride_hm, amax_ptr):
-        """SiLU-and-mul in a ``[gate | up]`` GEMM's epilogue: ``h = silu(gate) * up`` of the program's 8 columns
-        with the roundings of the GEMM's output and ``silu_and_mul_fp8`` (``kernels/activation.py``), stored, and
-        each token's absmax of the stored values into ``amax_ptr`` (atomic max over the programs)."""
-        y = y.to(h_ptr.dtype.element_ty).to(gl.float32)  # the gate_up output's rounding
-        gate, up = _halves(y)
-        h = (gate / (1.0 + gl.exp(-gate)) * up).to(h_ptr.dtype.element_ty)
-        col = _first_half(rows[:, None] + tokens[None, :] * 0)  # 8 pid + i
-        token = _first_half(tokens[None, :] + rows[:, None] * 0)
-        live = token < M
-        gl.store(h_ptr + token.to(gl.int64) * stride_hm + col, h, mask=live)
-        amax = gl.max(gl.where(live, gl.abs(h.to(gl.float32)), 0.0), axis=0)
-        token_ids = gl.max(token, axis=0)
-        gl.atomic_max(amax_ptr + token_ids, amax, mask=token_ids < M)
 
     @gluon.jit
     def _rope_inputs(rows, tokens, M, positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, HEAD_DIM: gl.constexpr):
@@ -230,21 +208,18 @@ if HAS_GLUON:
     @gluon.jit
     def _gemv_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                      positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb,
-                     stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, amax_ptr,
-                     counter_ptr, WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr, X_TILE: gl.constexpr,
+                     stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS,
+                     WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr, X_TILE: gl.constexpr,
                      MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
                      PREFETCH_STEPS: gl.constexpr, FP8_MAX: gl.constexpr, MIN_SCALE: gl.constexpr,
                      ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_SIZE: gl.constexpr,
-                     GATED: gl.constexpr, AMAX_GIVEN: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
+                     USE_PDL: gl.constexpr):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
         ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits.
         ``SINGLE_STEP`` (``QUANT_X`` with K within one step): x is loaded once and quantized in registers, and the
         weight's loads go out before the PDL wait. ``ROPE_CACHE``: a qkv GEMM whose epilogue is the attention prep
-        (``_rope_cache_epilogue``; ``out_ptr`` is q's ``[M, Q_ROWS]``; the arguments up to ``KV_ROWS`` serve only
-        it). ``GATED``: a ``[gate | up]`` GEMM whose epilogue is SiLU-and-mul (``out_ptr``: ``[M, N / 2]``), and
-        each token's absmax of it goes to ``amax_ptr`` (atomic max) for the down GEMM, which runs with
-        ``AMAX_GIVEN``: bf16 rows quantized with those scales, no pass of its own over x; its last program to
-        finish sets the absmax back to 0 (``counter_ptr`` counts the programs), ready for the next layer."""
+        (``_rope_cache_epilogue``; ``out_ptr`` is q's ``[M, Q_ROWS]``); the arguments after ``stride_om`` serve
+        only it."""
         pid = gl.program_id(0)
         STEP: gl.constexpr = WARPS * CHUNKS * 128
         PAIRED_ROWS = Q_ROWS + KV_ROWS if ROPE_CACHE else 0
@@ -252,7 +227,7 @@ if HAS_GLUON:
         w_warps = gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, W_TILE)))
         w_rows = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, W_TILE)))
         w_bytes = gl.arange(0, CHUNKS * 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, W_TILE)))
-        rows = _program_rows(pid, w_rows, N, PAIRED_ROWS, HEAD_DIM, GATED)
+        rows = _program_rows(pid, w_rows, PAIRED_ROWS, HEAD_DIM)
         rows = gl.minimum(rows, N - 1).to(gl.int64) * stride_wn  # tail rows re-read, never stored
         w_k = (w_warps * (CHUNKS * 128))[:, None, None] + w_bytes[None, None, :]
         w_ptrs = w_ptr + rows[None, :, None] + w_k
@@ -264,8 +239,8 @@ if HAS_GLUON:
         x_ptrs = x_ptr + (gl.minimum(x_rows, M - 1) * stride_xm)[None, :, None] + x_k
         x_live = (x_rows < M)[None, :, None]
 
-        o_rows = _program_rows(pid, gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA))), N,
-                               PAIRED_ROWS, HEAD_DIM, GATED)  # fmt: skip
+        o_rows = _program_rows(pid, gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA))), PAIRED_ROWS,
+                               HEAD_DIM)  # fmt: skip
         o_tokens = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
         if ROPE_CACHE:
             slot, cos, sin = _rope_inputs(o_rows, o_tokens, M, positions_ptr, cos_sin_ptr, stride_cs, slot_ptr,
@@ -285,14 +260,10 @@ if HAS_GLUON:
         else:
             if USE_PDL:
                 _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, STEP * PREFETCH_STEPS, WARPS,
-                                      HEAD_DIM, GATED)
+                                      HEAD_DIM)
                 gdc_wait()
                 gdc_launch_dependents()
-            if AMAX_GIVEN:  # the GEMM that made x gave each token's absmax
-                x_amax = gl.load(amax_ptr + gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, X_TILE))))
-                x_scale = gl.maximum(x_amax / FP8_MAX, MIN_SCALE)
-                x_scale_k = x_scale[None, :, None]
-            elif QUANT_X:  # per-token scales from one pass over x's rows (a few KB, in L2)
+            if QUANT_X:  # per-token scales from one pass over x's rows (a few KB, in L2)
                 amax = gl.zeros([WARPS, 8, CHUNKS * 128], gl.float32, layout=X_TILE)
                 for k0 in range(0, K, STEP):
                     xv = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0.0).to(gl.float32)
@@ -317,20 +288,13 @@ if HAS_GLUON:
         else:
             t_scale = gl.load(x_scale_ptr + o_tokens, mask=o_tokens < M, other=0.0)
         y = out * w_scale[:, None] * t_scale[None, :]
-        if GATED:
-            _silu_mul_epilogue(y, o_rows, o_tokens, pid, M, out_ptr, stride_om, amax_ptr)
-        elif ROPE_CACHE:
+        if ROPE_CACHE:
             _rope_cache_epilogue(y, o_rows, o_tokens, pid, M, out_ptr, stride_om, slot, cos, sin, k_cache_ptr,
                                  v_cache_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                                  Q_ROWS, KV_ROWS, HEAD_DIM, BLOCK_SIZE)
         else:
             gl.store(out_ptr + o_tokens[None, :] * stride_om + o_rows[:, None], y.to(out_ptr.dtype.element_ty),
                      mask=(o_rows < N)[:, None] & (o_tokens < M)[None, :])
-        if AMAX_GIVEN:  # every program has read the absmax (its loop is done): the last one clears it
-            if gl.atomic_add(counter_ptr, 1) == gl.num_programs(0) - 1:
-                CLEAR: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-                gl.store(amax_ptr + gl.arange(0, 8, layout=CLEAR), gl.zeros([8], gl.float32, layout=CLEAR))
-                gl.atomic_xchg(counter_ptr, 0)
 
 
 def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -369,11 +333,9 @@ def gluon_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
 
 
 def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
-            out: torch.Tensor, config: GemvConfig, rope: tuple | None = None, gated: bool = False,
-            amax_given: bool = False) -> None:  # fmt: skip
+            out: torch.Tensor, config: GemvConfig, rope: tuple | None = None) -> None:
     """One ``_gemv_kernel`` launch over the weight's rows; ``rope``: the rotary epilogue's
-    ``(positions, cos_sin, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)``; ``gated``: the
-    SiLU-and-mul epilogue, and ``amax_given`` its consumer (both use the device's :func:`absmax_scratch`)."""
+    ``(positions, cos_sin, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)``."""
     m, k = x.shape
     quant_x = x_scale is None
     xv = x if quant_x else x.view(torch.uint8)
@@ -387,50 +349,14 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
         block_size = k_cache.shape[1]
         epilogue = (positions, cos_sin, cos_sin.stride(0), slots, k_cache, v_cache, *k_cache.stride()[:3],
                     *v_cache.stride()[:3], q_rows, kv_rows)  # fmt: skip
-    amax, counter = absmax_scratch(x.device) if gated or amax_given else (weight_scale, weight_scale)
     _gemv_kernel[(triton.cdiv(weight.shape[0], ROWS),)](
         xv, weight_scale if quant_x else x_scale, weight.view(torch.uint8), weight_scale, out, m,
-        weight.shape[0], k, xv.stride(0), weight.stride(0), out.stride(0), *epilogue, amax, counter,
-        WARPS=config.warps, CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0,
-        QUANT_X=quant_x, SINGLE_STEP=quant_x and k <= step, PREFETCH_STEPS=PREFETCH_STEPS, FP8_MAX=FP8_MAX,
-        MIN_SCALE=FP8_MIN_SCALE, ROPE_CACHE=rope is not None, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        GATED=gated, AMAX_GIVEN=amax_given, num_warps=config.warps, **launch_options(use_pdl(x)),
+        weight.shape[0], k, xv.stride(0), weight.stride(0), out.stride(0), *epilogue, WARPS=config.warps,
+        CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0, QUANT_X=quant_x,
+        SINGLE_STEP=quant_x and k <= step, PREFETCH_STEPS=PREFETCH_STEPS, FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
+        ROPE_CACHE=rope is not None, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=config.warps,
+        **launch_options(use_pdl(x)),
     )  # fmt: skip
-
-
-@functools.cache
-def absmax_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device's per-token absmax (fp32 ``[8]``) that a gated GEMM's SiLU-and-mul epilogue raises and its down
-    GEMM reads and clears, and the down GEMM's program counter (int32 ``[1]``); both zero between the pair. One per
-    device: layers run one after another on one stream. Allocated at the first (eager) decode step, never inside a
-    CUDA-graph capture (a graph's pool would own it)."""
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("absmax_scratch is first asked for inside a CUDA-graph capture; run a step eagerly first")
-    words = torch.zeros(16, dtype=torch.int32, device=device)
-    return words[:8].view(torch.float32), words[8:9]
-
-
-def gluon_fp8_gemv_silu_mul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
-                            weight_scale: torch.Tensor, out_dtype: torch.dtype,
-                            config: GemvConfig) -> torch.Tensor:  # fmt: skip
-    """``silu(gate) * up`` of the ``[gate | up]`` projection of ``xq`` (e4m3, per-token ``x_scale``) in one launch:
-    ``[M, N / 2]`` in ``out_dtype``, the roundings of the GEMV followed by ``silu_and_mul_fp8``. Each token's absmax
-    of it is left in :func:`absmax_scratch` for :func:`gluon_fp8_gemv_absmax_rows`, which must run next (it clears
-    it). Callers check :func:`gemv_supported` and that N / 2 is a multiple of 8."""
-    h = torch.empty((xq.shape[0], weight.shape[0] // 2), dtype=out_dtype, device=xq.device)
-    if xq.shape[0]:
-        _launch(xq, x_scale, weight, weight_scale, h, config, gated=True)
-    return h
-
-
-def gluon_fp8_gemv_absmax_rows(h: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                               config: GemvConfig) -> torch.Tensor:  # fmt: skip
-    """W8A8 ``h @ weight^T`` for the rows :func:`gluon_fp8_gemv_silu_mul` just made: quantized per token with the
-    absmax it left (the bits ``quantize_activations`` would give), which this launch then clears."""
-    out = torch.empty((h.shape[0], weight.shape[0]), dtype=h.dtype, device=h.device)
-    if h.shape[0]:
-        _launch(h, None, weight, weight_scale, out, config, amax_given=True)
-    return out
 
 
 def rope_cache_supported(head_dim: int, rotary_dim: int, q_rows: int, kv_rows: int, dtype: torch.dtype,

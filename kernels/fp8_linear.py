@@ -47,9 +47,7 @@ from kernels.fp8_gemv_gluon import (
     GemvConfig,
     gemv_supported,
     gluon_fp8_gemv,
-    gluon_fp8_gemv_absmax_rows,
     gluon_fp8_gemv_rope_cache,
-    gluon_fp8_gemv_silu_mul,
     rope_cache_supported,
 )
 from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, row_scales, to_e4m3
@@ -415,24 +413,6 @@ def pick_gemv_config(x: torch.Tensor, weight: torch.Tensor, prequantized: bool) 
 
 
 ROPE_CACHE_ENABLED = True  # the qkv GEMV with the attention prep in its epilogue, where it serves the shape
-SILU_MUL_ENABLED = True  # the gate_up GEMV with SiLU-and-mul in its epilogue, where it serves both MLP shapes
-
-
-def fp8_silu_mlp(x: Fp8Activations, gate_up: torch.Tensor, gate_up_scale: torch.Tensor, down: torch.Tensor,
-                 down_scale: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
-    """A W8A8 SwiGLU MLP, ``down(silu(gate) * up)``, in two launches instead of three: the gate_up GEMV with
-    SiLU-and-mul in its epilogue (leaving each token's absmax of the product), then the down GEMV quantizing the
-    product's rows with it as it loads them: ``silu_and_mul_fp8``'s bits without its launch. None where the Gluon
-    GEMV does not serve both shapes (then run the layers and the activation kernel)."""
-    inter = down.shape[1]
-    if not SILU_MUL_ENABLED or gate_up.shape[0] != 2 * inter or inter % 8:
-        return None
-    first = pick_gemv_config(x.xq, gate_up, prequantized=True)
-    second = pick_gemv_config(x.xq.new_empty((x.xq.shape[0], inter)), down, prequantized=True)
-    if first is None or second is None:
-        return None
-    h = gluon_fp8_gemv_silu_mul(x.xq, x.scale, gate_up, gate_up_scale, x.x.dtype, first)
-    return gluon_fp8_gemv_absmax_rows(h, down, down_scale, second)
 
 
 def fp8_qkv_rope_cache(x: Fp8Activations, weight: torch.Tensor, weight_scale: torch.Tensor, positions: torch.Tensor,

@@ -19,7 +19,6 @@ from core.layers.attention import AttentionMetadata, PagedAttention
 from core.layers.linear import Embedding, Linear
 from core.layers.norm import RMSNorm
 from core.layers.quantization import linear_method
-from core.layers.quantization.fp8 import fp8_decode_silu_mlp
 from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
 from kernels.activation import silu_and_mul, silu_and_mul_fp8
@@ -90,9 +89,6 @@ class MLP(nn.Module):
                                 quant_method=linear_method(cfg.quantization, f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = fp8_decode_silu_mlp(self.gate_up_proj, self.down_proj, x)  # fp8 decode: two launches, not three
-        if fused is not None:
-            return fused
         gate_up = self.gate_up_proj(x)
         if gate_up.dim() == 2 and self.down_proj.takes_fp8_activations():  # quantized in the activation's launch
             return self.down_proj(silu_and_mul_fp8(gate_up, backend=self.kernel_backend))

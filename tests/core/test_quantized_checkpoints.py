@@ -435,25 +435,3 @@ def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculatio
                    dict(speculative_config=spec)):
         _, stressed = greedy(quantized, **kwargs)
         assert [r["tokens"] for r in stressed] == [r["tokens"] for r in plain], kwargs
-
-
-@pytest.mark.gpu
-def test_fp8_mlp_with_silu_in_the_gate_up_gemv_gives_the_same_bits_on_gpu(tmp_path, monkeypatch):
-    """The gate_up GEMV with SiLU-and-mul in its epilogue and the down GEMV quantizing with its absmax
-    (``fp8_silu_mlp``) in place of three launches: the same greedy tokens and logprobs, in CUDA graphs."""
-    import kernels.fp8_linear as fp8
-    from kernels.fp8_gemv_gluon import GemvConfig
-
-    monkeypatch.setattr(fp8, "FP8_GEMV_CONFIGS", {})
-    monkeypatch.setattr(fp8, "FP8_GEMV_DEFAULT", GemvConfig(4, 1))
-    calls = []
-    real = fp8.gluon_fp8_gemv_silu_mul
-    monkeypatch.setattr(fp8, "gluon_fp8_gemv_silu_mul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    config, state = base_checkpoint()
-    path = save(tmp_path / "plain", config, state)
-    _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8")
-    assert calls
-    monkeypatch.setattr(fp8, "SILU_MUL_ENABLED", False)
-    _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8")
-    assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
-    assert logprob_error(fused, unfused) == 0.0

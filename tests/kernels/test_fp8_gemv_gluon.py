@@ -10,20 +10,15 @@ import pytest
 import torch
 
 from kernels import pdl
-from kernels.activation import silu_and_mul_fp8
 from kernels.attention_prep import attention_prep_triton
 from kernels.fp8_gemv_gluon import (
     GemvConfig,
-    absmax_scratch,
     gemv_supported,
     gluon_fp8_gemv,
-    gluon_fp8_gemv_absmax_rows,
     gluon_fp8_gemv_rope_cache,
-    gluon_fp8_gemv_silu_mul,
     rope_cache_supported,
 )
 from kernels.fp8_linear import fp8_linear_ref, quantize_activations, quantize_per_channel
-from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE
 
 BF16 = torch.bfloat16
 
@@ -173,27 +168,3 @@ def test_gpu_gemv_rope_cache_matches_projection_then_prep(m, num_heads, num_kv_h
         written[slots[slots >= 0]] = True
         assert torch.equal(fused.view(64 * 16, -1)[~written], ref.view(64 * 16, -1)[~written])  # bit for bit
 
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("inter, hidden", [(14336, 4096), (1008, 512)])
-def test_gpu_gemv_silu_mul_pair_gives_the_unfused_bits(m, inter, hidden):
-    """gate_up with SiLU-and-mul in its epilogue, then down quantizing the product with the absmax it left: the
-    bits of gate_up, ``silu_and_mul_fp8`` and down on its quantized rows; the absmax and counter end at zero, so
-    the next pair (another layer) starts clean."""
-    x, w_gu, s_gu = _problem(m, 2 * inter, hidden, seed=5)
-    _, w_down, s_down = _problem(1, hidden, inter, seed=6)
-    xq, x_scale = quantize_activations(x)
-    configs = (GemvConfig(4, 1), GemvConfig(8, 1))
-
-    gate_up = gluon_fp8_gemv(xq, w_gu, s_gu, x_scale=x_scale, out_dtype=BF16, config=configs[0])
-    act = silu_and_mul_fp8(gate_up)
-    ref = gluon_fp8_gemv(act.xq, w_down, s_down, x_scale=act.scale, out_dtype=BF16, config=configs[1])
-    for _ in range(2):  # a second pair sees the first one's cleared scratch
-        h = gluon_fp8_gemv_silu_mul(xq, x_scale, w_gu, s_gu, BF16, configs[0])
-        amax = absmax_scratch(h.device)[0]
-        assert torch.equal(torch.clamp(amax[:m] / FP8_MAX, min=FP8_MIN_SCALE), act.scale.view(-1))  # before down
-        out = gluon_fp8_gemv_absmax_rows(h, w_down, s_down, configs[1])
-        assert torch.equal(h, act.x)
-        assert torch.equal(out, ref)
-        assert not any(t.any() for t in absmax_scratch(h.device))

@@ -27,7 +27,6 @@ from kernels.fp8_linear import (
     fp8_linear,
     fp8_linear_ref,
     fp8_qkv_rope_cache,
-    fp8_silu_mlp,
     fp8_supported,
     quantize_per_channel,
 )
@@ -184,16 +183,3 @@ class Fp8LinearMethod(LinearMethod):
         if not self.takes_fp8_activations(layer) or layer.bias is not None:
             return None
         return fp8_qkv_rope_cache(x, layer.weight, layer.weight_scale, **rope)
-
-
-def fp8_decode_silu_mlp(gate_up_proj: nn.Module, down_proj: nn.Module, x: torch.Tensor | Fp8Activations
-                        ) -> torch.Tensor | None:  # fmt: skip
-    """``down_proj(silu_and_mul(gate_up_proj(x)))`` in two launches (``fp8_silu_mlp``) when both layers are W8A8
-    fp8 without bias and ``x`` comes quantized (``Fp8Activations``, a decode step's norm); None otherwise."""
-    layers = (gate_up_proj, down_proj)
-    if not isinstance(x, Fp8Activations) or not all(
-        isinstance(layer.quant_method, Fp8LinearMethod) and layer.takes_fp8_activations() and layer.bias is None
-        for layer in layers
-    ):
-        return None
-    return fp8_silu_mlp(x, gate_up_proj.weight, gate_up_proj.weight_scale, down_proj.weight, down_proj.weight_scale)
