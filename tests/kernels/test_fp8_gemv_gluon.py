@@ -138,7 +138,8 @@ def _rope_table(positions: int, head_dim: int) -> torch.Tensor:
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(32, 8, 128), (8, 2, 64), (4, 4, 80)])
-def test_gpu_gemv_rope_cache_matches_projection_then_prep(m, num_heads, num_kv_heads, head_dim):
+@pytest.mark.parametrize("config", [GemvConfig(4, 1), GemvConfig(4, 4)], ids=repr)
+def test_gpu_gemv_rope_cache_matches_projection_then_prep(m, num_heads, num_kv_heads, head_dim, config):
     """The qkv GEMM with the prep in its epilogue against the GEMM and then the prep kernel: the same q, the same
     keys and values in the cache slots of the batch (a padding token's slot -1 writes nothing), the rest of the
     cache untouched."""
@@ -153,7 +154,6 @@ def test_gpu_gemv_rope_cache_matches_projection_then_prep(m, num_heads, num_kv_h
         slots[1] = -1  # a padding row
     caches = [torch.randn(64, 16, num_kv_heads, head_dim, device="cuda", generator=gen).to(BF16) for _ in range(2)]
     fused_caches = [c.clone() for c in caches]
-    config = GemvConfig(4, 4)
 
     qkv = gluon_fp8_gemv(xq, w, w_scale, x_scale=x_scale, out_dtype=BF16, config=config)
     q, k, v = qkv.split([q_rows, kv_rows, kv_rows], dim=-1)
