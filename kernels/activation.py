@@ -96,7 +96,6 @@ def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, q_ptr, scale_ptr, d, stride_x, stri
 
 
 FP8_FUSED_MAX_D = 16384  # rows up to this width fit one program's registers (16 warps: 32 + 32 values a thread)
-FP8_FUSED_VALUES_PER_WARP = 1024  # the one program has block / this warps, 4 to 32 (a 14336-wide row: 16)
 
 
 def silu_and_mul_fp8_triton(x: torch.Tensor) -> Fp8Activations:
@@ -115,7 +114,7 @@ def silu_and_mul_fp8_triton(x: torch.Tensor) -> Fp8Activations:
         block = triton.next_power_of_2(d)
         _silu_and_mul_fp8_kernel[(x.shape[0],)](x, out, q, scale, d, x.stride(0), out.stride(0), BLOCK=block,
                                                  FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
-                                                 num_warps=max(4, min(32, block // FP8_FUSED_VALUES_PER_WARP)),
+                                                 num_warps=max(4, min(16, block // 1024)),
                                                  **launch_options(use_pdl(x)))  # fmt: skip
     return Fp8Activations(out, q.view(FP8_DTYPE), scale)
 
