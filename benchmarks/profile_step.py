@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--trace", default=None, help="write a Chrome trace of the profiled steps here")
+    p.add_argument("--trace", default=None, help="write a Chrome trace of the profiled steps here (with PDL the "
+                   "kernel times above overlap: benchmarks/trace_critical_path.py charges each by its end)")
     p.add_argument("--decode-variant", default=None, help="a name of benchmarks/decode_attention_variants.py")
     p.add_argument("--skinny-config", default=None, help="force one skinny-GEMM config, e.g. fma:8x512:w4:p0")
     p.add_argument("--skinny-max-m", type=int, default=None, help="largest M that takes the skinny GEMM")
