@@ -91,8 +91,8 @@ class PagedAttention(nn.Module):
         the W8A8 fp8 decode GEMV), the new keys and values already in the cache; None where the projection has no
         such kernel or this layer needs what it leaves out (q/k norm, an fp8 cache's scales: then project and call
         this module). Follow it with :meth:`attend`."""
-        if self.q_norm is not None or self.kernel_backend == "torch":
-            return None
+        if self.q_norm is not None or self.kernel_backend == "torch" or not qkv_proj.may_rope_cache(x):
+            return None  # before the table positions: a longrope model's are a few kernels per layer
         q = qkv_proj.rope_cache_forward(
             x, positions=self.rotary.table_positions(positions, meta.seq_lens, meta.query_start_loc),
             cos_sin_cache=self.rotary.cos_sin_cache, k_cache=kv_cache[0], v_cache=kv_cache[1],

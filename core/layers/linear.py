@@ -49,14 +49,18 @@ class Linear(nn.Module):
             return linear(x, self.weight, self.bias, backend=self.backend)
         return self.quant_method.apply(self, x, self.bias)
 
+    def may_rope_cache(self, x: torch.Tensor | Fp8Activations) -> bool:
+        """Whether :meth:`rope_cache_forward` can serve ``x`` at all: a method with such a kernel and rows that come
+        quantized. Cheap, so a caller can skip building the kernel's inputs."""
+        return isinstance(x, Fp8Activations) and hasattr(self.quant_method, "apply_rope_cache")
+
     def rope_cache_forward(self, x: torch.Tensor | Fp8Activations, **rope) -> torch.Tensor | None:
         """A qkv projection fused with the attention prep (rotary, cache write; see
         ``PagedAttention.fused_qkv_prep``): q ready for attention, or None where this layer's method has no such
         kernel for ``x`` (then call the layer and the prep)."""
-        fused = getattr(self.quant_method, "apply_rope_cache", None)
-        if fused is None or not isinstance(x, Fp8Activations):
+        if not self.may_rope_cache(x):
             return None
-        return fused(self, x, **rope)
+        return self.quant_method.apply_rope_cache(self, x, **rope)
 
     def takes_fp8_activations(self) -> bool:
         """Whether this layer's quantization method reads upstream fp8 activations (see ``forward``)."""
