@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.layers.rotary import RotaryEmbedding
 from kernels import pdl
 from kernels.attention_prep import attention_prep_triton
 from kernels.fp8_gemv_gluon import (
@@ -129,12 +130,6 @@ def test_rope_cache_rule(head_dim, rotary_dim, kv_rows, cache_dtype, served):
     assert rope_cache_supported(head_dim, rotary_dim, 32 * head_dim, kv_rows, BF16, cache_dtype) is served
 
 
-def _rope_table(positions: int, head_dim: int) -> torch.Tensor:
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
-    angles = torch.arange(positions, device="cuda").float()[:, None] * inv_freq[None, :]
-    return torch.cat((angles.cos(), angles.sin()), dim=-1).contiguous()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(32, 8, 128), (8, 2, 64), (4, 4, 80)])
@@ -147,7 +142,7 @@ def test_gpu_gemv_rope_cache_matches_projection_then_prep(m, num_heads, num_kv_h
     x, w, w_scale = _problem(m, q_rows + 2 * kv_rows, 4096, seed=3)
     xq, x_scale = quantize_activations(x)
     gen = torch.Generator(device="cuda").manual_seed(4)
-    cos_sin = _rope_table(4096, head_dim)
+    cos_sin = RotaryEmbedding(head_dim, 4096, 10000.0, None).cos_sin_cache.cuda()  # the engine's table
     positions = torch.randint(0, 4096, (m,), device="cuda", generator=gen)
     slots = torch.randperm(64 * 16, device="cuda", generator=gen)[:m]
     if m > 1:
