@@ -29,17 +29,22 @@ from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE  # noqa: E402
 
 
 def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k: bool = True,
-                 single_step: bool = False, use_pdl: bool = False, rope_cache: bool = False):  # fmt: skip
+                 single_step: bool = False, use_pdl: bool = False, rope_cache: bool = False,
+                 preload: int = 0):  # fmt: skip
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU
-    (``rope_cache``: the qkv GEMM with the attention prep in its epilogue, Llama-8B's 128-dim heads)."""
+    (``rope_cache``: the qkv GEMM with the attention prep in its epilogue, Llama-8B's 128-dim heads; ``preload``:
+    steps of weight loaded before the PDL wait, with ``use_pdl``, as ``prologue_steps`` picks them)."""
     w_tile, x_tile, mma = fp8_gemv_gluon.gemv_layouts(warps, chunks)
+    config = fp8_gemv_gluon.GemvConfig(warps, chunks, quant_x, preload)
+    whole_steps = 2 * warps * chunks * fp8_gemv_gluon.CHUNK  # a K the preload rule takes whole
+    preload, prefetch = fp8_gemv_gluon.prologue_steps(config, whole_steps, single_step, use_pdl)
     pointers = {"x_ptr": "*bf16" if quant_x else "*u8", "x_scale_ptr": "*fp32", "w_ptr": "*u8",
                 "w_scale_ptr": "*fp32", "out_ptr": "*bf16", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32",
                 "slot_ptr": "*i64", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16"}
     return _compile(fp8_gemv_gluon._gemv_kernel, pointers, set(),
                     {"WARPS": warps, "CHUNKS": chunks, "W_TILE": w_tile, "X_TILE": x_tile, "MMA": mma,
                      "EVEN_K": even_k, "QUANT_X": quant_x, "SINGLE_STEP": single_step,
-                     "PREFETCH_STEPS": fp8_gemv_gluon.PREFETCH_STEPS, "FP8_MAX": FP8_MAX,
+                     "PREFETCH_STEPS": prefetch, "PRELOAD": preload, "FP8_MAX": FP8_MAX,
                      "MIN_SCALE": FP8_MIN_SCALE, "ROPE_CACHE": rope_cache, "HEAD_DIM": 128, "BLOCK_SIZE": 16,
                      "USE_PDL": use_pdl}, warps, 1,
                     divisible_ints=frozenset({"K", "stride_cs", "stride_kcb", "stride_kcs", "stride_kch",

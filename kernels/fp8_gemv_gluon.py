@@ -55,18 +55,20 @@ except ImportError:  # pragma: no cover - a Triton without Gluon
 MAX_M = 8  # token rows: the mma's N
 ROWS = 16  # weight rows per program: the mma's M
 CHUNK = 128  # bytes of a weight row per warp per chunk: 8 k16 steps, 32 contiguous bytes per thread
-# Steps of weight each program asks L2 for before its PDL wait (kernels/pdl.py): 1 measured W3-fp8 337 tok/s
-PREFETCH_STEPS = 1
 
 
 class GemvConfig(NamedTuple):
     """Warps per program (each its own part of K), 128-byte chunks per warp per loop step (the bytes each thread
-    has in flight: 64 per chunk), and whether unquantized (bf16 / fp16) rows are served too, quantized inside the
-    kernel (slower per byte than rows quantized upstream: measured per shape)."""
+    has in flight: 64 per chunk), whether unquantized (bf16 / fp16) rows are served too, quantized inside the
+    kernel (slower per byte than rows quantized upstream: measured per shape), and how many loop steps of weight
+    (0-2) a PDL-launched program loads into registers before it waits on the kernel before it: those bytes stream
+    while that kernel runs, and the first mma goes out as soon as x is there. Where none can (K not whole steps, or
+    no PDL) the program asks L2 for its first step instead."""
 
     warps: int = 4
     chunks: int = 2
     quantize_x: bool = False
+    preload: int = 2
 
 
 def _fragment_layout(warps: int, chunks: int, rows: int):
@@ -102,8 +104,8 @@ if HAS_GLUON:
     def _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, BYTES: gl.constexpr, WARPS: gl.constexpr,
                               HEAD_DIM: gl.constexpr):  # fmt: skip
         """Ask L2 for the program's first ``BYTES`` of each of its 16 weight rows (one address per 128-byte line):
-        a PDL-launched GEMM does this before it waits on the kernel before it, whose few microseconds leave HBM
-        idle (the Triton decode GEMMs do the same, ``kernels/skinny_gemm.py: prefetch_two_tiles``)."""
+        what a PDL-launched GEMM does before it waits on the kernel before it when it cannot load whole steps into
+        registers there (``GemvConfig.preload``), since that kernel's few microseconds leave HBM idle."""
         LINES: gl.constexpr = BYTES // 128
         idx = gl.arange(0, 16 * LINES, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
         row = gl.minimum(_program_rows(pid, idx // LINES, PAIRED_ROWS, HEAD_DIM), N - 1).to(gl.int64) * stride_wn
@@ -199,6 +201,16 @@ if HAS_GLUON:
             gl.store(v_dst, y.to(v_cache_ptr.dtype.element_ty), mask=(token_grid < M) & (slot >= 0))
 
     @gluon.jit
+    def _x_step(x_ptrs, k0, x_live, x_k, K, x_scale_k, QUANT_X: gl.constexpr):
+        """x's e4m3 tile for the loop step at byte ``k0``: loaded as it is, or (``QUANT_X``) loaded and quantized with
+        the per-token scales."""
+        if QUANT_X:
+            xv = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0.0).to(gl.float32)
+            return _e4m3_bits(xv, x_scale_k)
+        else:
+            return gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0)
+
+    @gluon.jit
     def _mma_step(w8, x8, acc, WARPS: gl.constexpr, CHUNKS: gl.constexpr, MMA: gl.constexpr):
         """``acc += w8 @ x8^T`` over a step's chunks: both e4m3 tiles (as loaded) widened to fp16 and relabelled
         into the mma fragments in place."""
@@ -214,9 +226,9 @@ if HAS_GLUON:
                      stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS,
                      WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr, X_TILE: gl.constexpr,
                      MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
-                     PREFETCH_STEPS: gl.constexpr, FP8_MAX: gl.constexpr, MIN_SCALE: gl.constexpr,
-                     ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_SIZE: gl.constexpr,
-                     USE_PDL: gl.constexpr):  # fmt: skip
+                     PREFETCH_STEPS: gl.constexpr, PRELOAD: gl.constexpr, FP8_MAX: gl.constexpr,
+                     MIN_SCALE: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
         ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits.
         ``SINGLE_STEP`` (``QUANT_X`` with K within one step): x is loaded once and quantized in registers, and the
@@ -261,28 +273,38 @@ if HAS_GLUON:
             x_scale, x_scale_k = _token_scales(gl.abs(xv), X_TILE, FP8_MAX, MIN_SCALE)
             acc = _mma_step(w8, _e4m3_bits(xv, x_scale_k), acc, WARPS, CHUNKS, MMA)
         else:
+            # PRELOAD (0-2, the host's pick: whole steps only, with PDL): that many steps of weight loaded into
+            # registers before the wait and multiplied right after it (and after x's scales). Peeled off the loop: a
+            # loop-carried tile of loaded bytes makes the compiler repack them byte by byte.
+            if PRELOAD > 0:
+                w8_first = gl.load(w_ptrs, eviction_policy="evict_first")
+            if PRELOAD > 1:
+                w8_second = gl.load(w_ptrs + STEP, eviction_policy="evict_first")
             if USE_PDL:
-                _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, STEP * PREFETCH_STEPS, WARPS,
-                                      HEAD_DIM)
+                if PREFETCH_STEPS > 0:
+                    _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, STEP * PREFETCH_STEPS, WARPS,
+                                          HEAD_DIM)
                 gdc_wait()
                 gdc_launch_dependents()
+            x_scale_k = 1.0  # unquantized rows only
             if QUANT_X:  # per-token scales from one pass over x's rows (a few KB, in L2)
                 amax = gl.zeros([WARPS, 8, CHUNKS * 128], gl.float32, layout=X_TILE)
                 for k0 in range(0, K, STEP):
                     xv = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0.0).to(gl.float32)
                     amax = gl.maximum(amax, gl.abs(xv))
                 x_scale, x_scale_k = _token_scales(amax, X_TILE, FP8_MAX, MIN_SCALE)
-            for k0 in range(0, K, STEP):
+            if PRELOAD > 0:
+                acc = _mma_step(w8_first, _x_step(x_ptrs, 0, x_live, x_k, K, x_scale_k, QUANT_X), acc, WARPS, CHUNKS,
+                                MMA)  # fmt: skip
+            if PRELOAD > 1:
+                acc = _mma_step(w8_second, _x_step(x_ptrs, STEP, x_live, x_k, K, x_scale_k, QUANT_X), acc, WARPS,
+                                CHUNKS, MMA)  # fmt: skip
+            for k0 in range(STEP * PRELOAD, K, STEP):
                 if EVEN_K:  # evict_first: the weight is read once per step, x and the outputs are reused
                     w8 = gl.load(w_ptrs + k0, eviction_policy="evict_first")
                 else:
                     w8 = gl.load(w_ptrs + k0, mask=w_k + k0 < K, other=0, eviction_policy="evict_first")
-                if QUANT_X:
-                    xv = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0.0).to(gl.float32)
-                    x8 = _e4m3_bits(xv, x_scale_k)
-                else:
-                    x8 = gl.load(x_ptrs + k0, mask=x_live & (x_k + k0 < K), other=0)
-                acc = _mma_step(w8, x8, acc, WARPS, CHUNKS, MMA)
+                acc = _mma_step(w8, _x_step(x_ptrs, k0, x_live, x_k, K, x_scale_k, QUANT_X), acc, WARPS, CHUNKS, MMA)
 
         out = gl.sum(acc, axis=0)  # [row, token]: the warps' parts of K added up
         w_scale = gl.load(w_scale_ptr + o_rows, mask=o_rows < N, other=0.0)
@@ -335,6 +357,17 @@ def gluon_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     return out
 
 
+def prologue_steps(config: GemvConfig, k: int, single_step: bool, pdl: bool) -> tuple[int, int]:
+    """What a program does before its PDL wait: (steps of weight loaded into registers, steps asked of L2). Whole
+    steps only are preloaded (the peeled steps take no mask); else the first step goes to L2. A single-step kernel
+    (x quantized in registers) loads its one step there anyway; without PDL nothing runs before a wait."""
+    step = config.warps * config.chunks * CHUNK
+    if not pdl or single_step:
+        return 0, 0
+    preload = min(config.preload, k // step) if k % step == 0 else 0
+    return preload, 0 if preload else 1
+
+
 def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
             out: torch.Tensor, config: GemvConfig, rope: tuple | None = None) -> None:
     """One ``_gemv_kernel`` launch over the weight's rows; ``rope``: the rotary epilogue's
@@ -344,6 +377,9 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
     xv = x if quant_x else x.view(torch.uint8)
     w_tile, x_tile, mma = gemv_layouts(config.warps, config.chunks)
     step = config.warps * config.chunks * CHUNK
+    pdl = use_pdl(x)
+    single_step = quant_x and k <= step
+    preload, prefetch = prologue_steps(config, k, single_step, pdl)
     if rope is None:
         epilogue = (out, out, 0, out, out, out, 0, 0, 0, 0, 0, 0, 0, 0)  # unused by a plain store
         head_dim = block_size = 16
@@ -356,9 +392,10 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
         xv, weight_scale if quant_x else x_scale, weight.view(torch.uint8), weight_scale, out, m,
         weight.shape[0], k, xv.stride(0), weight.stride(0), out.stride(0), *epilogue, WARPS=config.warps,
         CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0, QUANT_X=quant_x,
-        SINGLE_STEP=quant_x and k <= step, PREFETCH_STEPS=PREFETCH_STEPS, FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
+        SINGLE_STEP=single_step, PREFETCH_STEPS=prefetch, PRELOAD=preload,
+        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
         ROPE_CACHE=rope is not None, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=config.warps,
-        **launch_options(use_pdl(x)),
+        **launch_options(pdl),
     )  # fmt: skip
 
 

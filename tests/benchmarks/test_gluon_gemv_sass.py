@@ -47,3 +47,30 @@ def test_rope_cache_epilogue_leaves_the_loop_alone():
     plain, fused = run_compile_script(ROPE_COMPILE)
     assert fused["loop"] == plain["loop"], (plain["loop"], fused["loop"])
     assert fused["stack"] == 0, fused
+
+
+PRELOAD_COMPILE = """
+import json
+from benchmarks.gluon_gemv_sass import compile_gemv, summarize
+print(json.dumps({f"{chunks} {quant_x} {preload}": summarize(compile_gemv(8, chunks, quant_x, use_pdl=True,
+                                                                            preload=preload))
+                  for chunks in (1, 2) for quant_x in (False, True) for preload in (0, 2)}))
+"""
+
+
+@needs_sass_tools
+def test_preloaded_steps_leave_the_loop_alone():
+    """Steps of weight loaded into registers before the PDL wait are peeled off the loop: the loop's loads,
+    conversions and mma are those without them (no bytes repacked, nothing through shared or local memory; only its
+    bounds' integer arithmetic may differ), with e4m3 rows and with rows quantized in the kernel, and nothing
+    spills."""
+    pytest.importorskip("triton.experimental.gluon")
+    infos = run_compile_script(PRELOAD_COMPILE)
+    work = ("LDG", "F2FP", "HMMA", "PRMT", "LDS", "STS", "LDL", "STL")
+    for chunks in (1, 2):
+        for quant_x in (False, True):
+            plain, preloaded = infos[f"{chunks} {quant_x} 0"], infos[f"{chunks} {quant_x} 2"]
+            ops = ({op: n for op, n in info["loop"].items() if op.startswith(work)} for info in (plain, preloaded))
+            assert next(ops) == next(ops), (chunks, quant_x, plain["loop"], preloaded["loop"])
+            assert abs(preloaded["loop_total"] - plain["loop_total"]) <= 4, (chunks, quant_x)
+            assert preloaded["stack"] == 0, (chunks, quant_x, preloaded)

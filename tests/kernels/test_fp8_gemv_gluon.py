@@ -17,6 +17,7 @@ from kernels.fp8_gemv_gluon import (
     gemv_supported,
     gluon_fp8_gemv,
     gluon_fp8_gemv_rope_cache,
+    prologue_steps,
     rope_cache_supported,
 )
 from kernels.fp8_linear import fp8_linear_ref, quantize_activations, quantize_per_channel
@@ -118,6 +119,56 @@ def test_gpu_gemv_with_pdl_in_a_cuda_graph():
     finally:
         pdl.configure(False)
     assert _rel_err(out, fp8_linear_ref(src * 2.0, w, w_scale)) < 5e-3
+
+
+@pytest.mark.parametrize("config, k, single_step, pdl, expected", [
+    (GemvConfig(4, 4), 4096, False, True, (2, 0)),  # qkv at 2 KB a step: both steps in registers
+    (GemvConfig(4, 4, preload=1), 4096, False, True, (1, 0)),
+    (GemvConfig(8, 4), 4096, False, True, (1, 0)),  # one step is the whole row
+    (GemvConfig(4, 4), 4112, False, True, (0, 1)),  # K not whole steps: L2 is asked instead
+    (GemvConfig(4, 4, preload=0), 4096, False, True, (0, 1)),
+    (GemvConfig(8, 2, quantize_x=True), 2048, True, True, (0, 0)),  # single step: loaded before the wait anyway
+    (GemvConfig(4, 4), 4096, False, False, (0, 0)),  # no PDL: nothing to overlap
+])
+def test_prologue_steps_rule(config, k, single_step, pdl, expected):
+    assert prologue_steps(config, k, single_step, pdl) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k, config", [(6144, 4096, GemvConfig(4, 4)), (4096, 14336, GemvConfig(8, 2)),
+                                          (100, 4096, GemvConfig(4, 1)), (48, 4112, GemvConfig(4, 2))], ids=str)
+@pytest.mark.parametrize("quant_x", [False, True])
+def test_gpu_gemv_preload_changes_no_bit_in_a_cuda_graph(n, k, config, quant_x):
+    """Steps of weight loaded before the PDL wait (and multiplied after it) give the loop's bits exactly, in a CUDA
+    graph behind the kernel that writes x; K not whole steps (4112) takes the L2 path."""
+    x, w, w_scale = _problem(3, n, k, seed=3)
+    src = torch.randn_like(x)
+    xq, x_scale = quantize_activations(src)
+    xq_in = torch.empty_like(xq)
+    pdl.configure(True)
+    try:
+        outs = []
+        for preload in (0, 1, 2):
+            cfg = config._replace(preload=preload)
+
+            def step():
+                if quant_x:
+                    x.copy_(src)
+                    return gluon_fp8_gemv(x, w, w_scale, config=cfg)
+                xq_in.copy_(xq)
+                return gluon_fp8_gemv(xq_in, w, w_scale, x_scale=x_scale, out_dtype=BF16, config=cfg)
+
+            step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+            graph.replay()
+            torch.cuda.synchronize()
+            outs.append(out)
+    finally:
+        pdl.configure(False)
+    assert _rel_err(outs[0], fp8_linear_ref(src, w, w_scale)) < 5e-3
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
 
 
 @pytest.mark.parametrize("head_dim, rotary_dim, kv_rows, cache_dtype, served", [
