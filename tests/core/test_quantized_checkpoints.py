@@ -188,6 +188,9 @@ def write_fp8(tmp: Path, layout: str) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------------------------------------------- checks
 def greedy(path: Path, **kwargs):
+    """The prompts' greedy results, on the CPU unless the test asks for ``device="cuda"``: the tolerances of the
+    CPU tests here are the torch reference path's (on a GPU host the engine would otherwise pick the GPU kernels)."""
+    kwargs.setdefault("device", "cpu")
     engine = make_engine(path, **kwargs)
     results = run_engine(engine, PROMPTS, GREEDY)
     return engine, [results[(i, 0)] for i in range(len(PROMPTS))]
