@@ -232,9 +232,10 @@ if HAS_GLUON:
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
         ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits.
         ``SINGLE_STEP`` (``QUANT_X`` with K within one step): x is loaded once and quantized in registers, and the
-        weight's loads go out before the PDL wait. ``ROPE_CACHE``: a qkv GEMM whose epilogue is the attention prep
-        (``_rope_cache_epilogue``; ``out_ptr`` is q's ``[M, Q_ROWS]``); the arguments after ``stride_om`` serve
-        only it."""
+        weight's loads go out before the PDL wait. Otherwise ``PRELOAD`` steps of weight are loaded before that wait
+        (else, with ``PREFETCH_STEPS``, asked of L2): see :func:`prologue_steps`. ``ROPE_CACHE``: a qkv GEMM whose
+        epilogue is the attention prep (``_rope_cache_epilogue``; ``out_ptr`` is q's ``[M, Q_ROWS]``); the arguments
+        after ``stride_om`` serve only it."""
         pid = gl.program_id(0)
         STEP: gl.constexpr = WARPS * CHUNKS * 128
         PAIRED_ROWS = Q_ROWS + KV_ROWS if ROPE_CACHE else 0
