@@ -36,8 +36,7 @@ def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k:
     steps of weight loaded before the PDL wait, with ``use_pdl``, as ``prologue_steps`` picks them)."""
     w_tile, x_tile, mma = fp8_gemv_gluon.gemv_layouts(warps, chunks)
     config = fp8_gemv_gluon.GemvConfig(warps, chunks, quant_x, preload)
-    whole_steps = 2 * warps * chunks * fp8_gemv_gluon.CHUNK  # a K the preload rule takes whole
-    preload, prefetch = fp8_gemv_gluon.prologue_steps(config, whole_steps, single_step, use_pdl)
+    preload, prefetch = fp8_gemv_gluon.prologue_steps(config, 2 * config.step, single_step, use_pdl)  # whole steps
     pointers = {"x_ptr": "*bf16" if quant_x else "*u8", "x_scale_ptr": "*fp32", "w_ptr": "*u8",
                 "w_scale_ptr": "*fp32", "out_ptr": "*bf16", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32",
                 "slot_ptr": "*i64", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16"}

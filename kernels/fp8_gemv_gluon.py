@@ -70,6 +70,11 @@ class GemvConfig(NamedTuple):
     quantize_x: bool = False
     preload: int = 2
 
+    @property
+    def step(self) -> int:
+        """Bytes of each weight row one loop step reads (the kernel's ``STEP``)."""
+        return self.warps * self.chunks * CHUNK
+
 
 def _fragment_layout(warps: int, chunks: int, rows: int):
     """A ``[warp, row, byte]`` tile of ``chunks`` 128-byte chunks per warp, each thread holding 32 contiguous bytes
@@ -362,10 +367,9 @@ def prologue_steps(config: GemvConfig, k: int, single_step: bool, pdl: bool) -> 
     """What a program does before its PDL wait: (steps of weight loaded into registers, steps asked of L2). Whole
     steps only are preloaded (the peeled steps take no mask); else the first step goes to L2. A single-step kernel
     (x quantized in registers) loads its one step there anyway; without PDL nothing runs before a wait."""
-    step = config.warps * config.chunks * CHUNK
     if not pdl or single_step:
         return 0, 0
-    preload = min(config.preload, k // step) if k % step == 0 else 0
+    preload = min(config.preload, k // config.step) if k % config.step == 0 else 0
     return preload, 0 if preload else 1
 
 
@@ -377,7 +381,7 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
     quant_x = x_scale is None
     xv = x if quant_x else x.view(torch.uint8)
     w_tile, x_tile, mma = gemv_layouts(config.warps, config.chunks)
-    step = config.warps * config.chunks * CHUNK
+    step = config.step
     pdl = use_pdl(x)
     single_step = quant_x and k <= step
     preload, prefetch = prologue_steps(config, k, single_step, pdl)
