@@ -39,11 +39,14 @@ def _compile(kernel, pointers: dict[str, str], constexprs: dict, num_warps: int,
     return compile_sm90(kernel, pointers, set(), constexprs, num_warps, num_stages, divisible_ints=DIVISIBLE_INTS)
 
 
-def compile_fma(config: SkinnyConfig, block_m: int = 1):
-    """``_fp8_fma_kernel`` as ``fp8_fma_gemm`` launches it on the GPU (bf16 activations, PTX fp8 widening)."""
+def compile_fma(config: SkinnyConfig, block_m: int = 1, k: int = 4096):
+    """``_fp8_fma_kernel`` as ``fp8_fma_gemm`` launches it on the GPU (bf16 activations, PTX fp8 widening; with PDL
+    where the config preloads more than one tile of a ``k``-wide weight)."""
     pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*bf16"}
+    preload = fp8_linear.fma_preload(config, k)
     constexprs = dict(BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, PREFETCH=config.prefetch,
-                      PF_COLS=max(1, config.block_k // 128), EVEN_K=True, USE_PTX=True)  # fmt: skip
+                      PF_COLS=max(1, config.block_k // 128), EVEN_K=True, USE_PTX=True, USE_PDL=preload > 1,
+                      PRELOAD=preload)  # fmt: skip
     return _compile(fp8_linear._fp8_fma_kernel, pointers, constexprs, config.num_warps, 1)
 
 

@@ -201,6 +201,28 @@ def attend_kv_tile(
     ``EMPTY_ROWS``: a row may meet a whole tile of keys it must not see before any visible key (with ``WINDOW``
     always; the multi-query decode kernel's split-K, where a split may start after a row's causal limit), so the
     running maximum can still be -inf: guarded, no NaN."""
+    offs_n, page, in_page, in_context, k, v = gather_kv_tile(
+        tile_start, kv_end, table, k_base, v_base, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D,
+        BLOCK_SIZE, TILE_N, MASKED, V_PAIRS and SPLIT_V and TILE_N >= 32, V_PAIRS, PAIRS_ASM)
+    if V_PAIRS and SPLIT_V and TILE_N >= 32:
+        p, alpha, m_new, l_i = _online_softmax(m_i, l_i, q, k, q_pos, offs_n, kv_end, qk_scale, cap_log2, slopes,
+                                               sliding_window, MASKED, IEEE, SOFTCAP, ALIBI, WINDOW, EMPTY_ROWS)
+        acc = split_pv(acc * alpha[:, None], p, v_base, page, in_page, in_context, stride_vb, stride_vs, HEAD_DIM,
+                       BLOCK_D, TILE_N, MASKED, PAIRS_ASM)  # fmt: skip
+        return acc, m_new, l_i
+    return fold_kv_tile(acc, m_i, l_i, q, k, v, q_pos, offs_n, kv_end, qk_scale, cap_log2, slopes, sliding_window,
+                        MASKED, IEEE, SOFTCAP, ALIBI, WINDOW, EMPTY_ROWS)
+
+
+@triton.jit
+def gather_kv_tile(
+    tile_start, kv_end, table, k_base, v_base, stride_kb, stride_ks, stride_vb, stride_vs,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    MASKED: tl.constexpr, SKIP_V: tl.constexpr = False, V_PAIRS: tl.constexpr = False, PAIRS_ASM: tl.constexpr = False,
+):  # fmt: skip
+    """The keys ``tile_start + [0, TILE_N)`` (those before ``kv_end`` when ``MASKED``) through the block table: their
+    positions, pages, slots in the page, which are in context, the K tile ``[BLOCK_D, TILE_N]`` and the V tile
+    ``[TILE_N, BLOCK_D]`` as stored (an fp8 V: as fp16 pairs with ``V_PAIRS``; None with ``SKIP_V``, read later)."""
     offs_n = tile_start + tl.arange(0, TILE_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_context = offs_n < kv_end
@@ -212,14 +234,21 @@ def attend_kv_tile(
     dim_ok = offs_d < HEAD_DIM
     k = load_kv_tile(k_base + (page * stride_kb + in_page * stride_ks)[None, :] + offs_d[:, None],
                      in_context[None, :], dim_ok[:, None], MASKED, BLOCK_D != HEAD_DIM)  # [BLOCK_D, TILE_N]
-    if V_PAIRS and SPLIT_V and TILE_N >= 32:  # halves of >= 16 keys (tl.dot's smallest K)
-        v = None  # read in halves after the scores (split_pv)
+    if SKIP_V:
+        v = None
     elif V_PAIRS:  # fp8 V read as uint16 pairs, converted to fp16 before its layout conversion (e4m3_pairs_to_fp16)
         v = load_v_pairs(v_base, page, in_page, in_context, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, MASKED, PAIRS_ASM)
     else:
         v = load_kv_tile(v_base + (page * stride_vb + in_page * stride_vs)[:, None] + offs_d[None, :],
                          in_context[:, None], dim_ok[None, :], MASKED, BLOCK_D != HEAD_DIM)  # [TILE_N, BLOCK_D]
-        v = v.to(q.dtype)
+    return offs_n, page, in_page, in_context, k, v
+
+
+@triton.jit
+def _online_softmax(m_i, l_i, q, k, q_pos, offs_n, kv_end, qk_scale, cap_log2, slopes, sliding_window,
+                    MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                    WINDOW: tl.constexpr, EMPTY_ROWS: tl.constexpr):  # fmt: skip
+    """A tile's scores folded into the running maximum and sum: ``(p, alpha, m_new, l_i)``."""
     k = k.to(q.dtype)  # an fp8 tile: to fp16 (packed cvt) or q's dtype, see queries_to_fp16
     if IEEE:
         s = tl.dot(q, k, input_precision="ieee")
@@ -236,10 +265,18 @@ def attend_kv_tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if V_PAIRS and SPLIT_V and TILE_N >= 32:
-        acc = split_pv(acc * alpha[:, None], p, v_base, page, in_page, in_context, stride_vb, stride_vs, HEAD_DIM,
-                       BLOCK_D, TILE_N, MASKED, PAIRS_ASM)  # fmt: skip
-    elif IEEE:
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def fold_kv_tile(acc, m_i, l_i, q, k, v, q_pos, offs_n, kv_end, qk_scale, cap_log2, slopes, sliding_window,
+                 MASKED: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                 WINDOW: tl.constexpr, EMPTY_ROWS: tl.constexpr = False):  # fmt: skip
+    """Online softmax over one gathered tile (:func:`gather_kv_tile`'s K and V, V not read in halves)."""
+    p, alpha, m_new, l_i = _online_softmax(m_i, l_i, q, k, q_pos, offs_n, kv_end, qk_scale, cap_log2, slopes,
+                                           sliding_window, MASKED, IEEE, SOFTCAP, ALIBI, WINDOW, EMPTY_ROWS)
+    v = v.to(q.dtype)
+    if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from kernels.attention_common import (
-    attend, attend_kv_tile, check_attention_args, gather_kv, head_dim_block, is_fp8_cache, kv_compute_dtype,
-    fp8_read_flags, queries_to_fp16, score_params, visible_keys,
+    attend, attend_kv_tile, check_attention_args, fold_kv_tile, fp8_read_flags, gather_kv, head_dim_block,
+    is_fp8_cache, kv_compute_dtype, load_kv_tile, queries_to_fp16, score_params, visible_keys,
 )
 from kernels.backend import num_sms
 from kernels.fp8_decode_gluon import gluon_decode_supported, gluon_fp8_decode
@@ -152,8 +152,10 @@ def _decode_kernel(
     SPLIT_V: tl.constexpr,  # ... and p @ v in two halves of the keys (see split_pv)
     QUERIES: tl.constexpr,  # query rows per sequence at most (1: decode; 1 + k: a speculative verify)
     USE_PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
+    PRE_WAIT_KV: tl.constexpr = False,  # one query row, a 16-bit cache: the split's first tile read before the wait
 ):
-    wait_then_release(USE_PDL)
+    if not PRE_WAIT_KV:
+        wait_then_release(USE_PDL)
     if ORDER == 0:
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -191,11 +193,35 @@ def _decode_kernel(
         elif start >= seq_len:
             return  # the reduce kernel derives the same split count from seq_len and never reads this one
 
+    table = block_tables_ptr + seq * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    offs_d = tl.arange(0, BLOCK_D)
+    if PRE_WAIT_KV:
+        # Everything above read step inputs only; so do the block table and the cached keys and values of every
+        # position but the newest, which the kernel this one waits on (the qkv projection) is writing: the split's
+        # first tile of those is loaded now, into registers, while that kernel runs, and the newest row after it.
+        first = tl.maximum(start, tl.maximum(seq_len - sliding_window, 0) // TILE_N * TILE_N) if WINDOW else start
+        pre_n = first + tl.arange(0, TILE_N)
+        pre_page = tl.load(table + pre_n // BLOCK_SIZE, mask=pre_n < end, other=0).to(tl.int64)
+        pre_slot = pre_n % BLOCK_SIZE
+        dim_ok = offs_d < HEAD_DIM
+        k_ptrs = k_base + (pre_page * stride_kb + pre_slot * stride_ks)[None, :] + offs_d[:, None]
+        v_ptrs = v_base + (pre_page * stride_vb + pre_slot * stride_vs)[:, None] + offs_d[None, :]
+        older = pre_n < tl.minimum(end, seq_len - 1)
+        k_pre = load_kv_tile(k_ptrs, older[None, :], dim_ok[:, None], True, BLOCK_D != HEAD_DIM)
+        v_pre = load_kv_tile(v_ptrs, older[:, None], dim_ok[None, :], True, BLOCK_D != HEAD_DIM)
+        wait_then_release(USE_PDL)
+        newest = (pre_n == seq_len - 1) & (pre_n < end)
+        k_pre = tl.where(newest[None, :], load_kv_tile(k_ptrs, newest[None, :], dim_ok[:, None], True,
+                                                       BLOCK_D != HEAD_DIM), k_pre)  # fmt: skip
+        v_pre = tl.where(newest[:, None], load_kv_tile(v_ptrs, newest[:, None], dim_ok[None, :], True,
+                                                       BLOCK_D != HEAD_DIM), v_pre)  # fmt: skip
+
     offs_h = tl.arange(0, BLOCK_H)
     if QUERIES == 1:
         head_mask = offs_h < GROUP
         heads = kv_head * GROUP + offs_h
-        offs_d = tl.arange(0, BLOCK_D)
         tile_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
         q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=tile_mask,
                     other=0.0)  # fmt: skip
@@ -205,7 +231,6 @@ def _decode_kernel(
         query = offs_h // GROUP
         head_mask = query < q_len
         heads = kv_head * GROUP + (offs_h - query * GROUP)
-        offs_d = tl.arange(0, BLOCK_D)
         tile_mask = head_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
         q = tl.load(q_ptr + (q_row + query)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=tile_mask, other=0.0)  # fmt: skip
@@ -217,9 +242,6 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    table = block_tables_ptr + seq * stride_bt
-    k_base = k_cache_ptr + kv_head * stride_kh
-    v_base = v_cache_ptr + kv_head * stride_vh
     # Sliding window: keys before win_start (the first row's window) are invisible; tiles wholly before it are skipped.
     if QUERIES == 1:
         win_start = tl.maximum(seq_len - sliding_window, 0) if WINDOW else 0
@@ -228,7 +250,13 @@ def _decode_kernel(
         win_start = tl.maximum(seq_len - q_len + 1 - sliding_window, 0) if WINDOW else 0
         q_pos = seq_len - q_len + query  # each row's causal limit
     slopes = tl.load(slopes_ptr + heads, mask=head_mask, other=0.0) if ALIBI else q_pos
-    for tile_start in range(tl.maximum(start, win_start // TILE_N * TILE_N), end, TILE_N):
+    first_tile = tl.maximum(start, win_start // TILE_N * TILE_N)
+    if PRE_WAIT_KV:
+        if first_tile < end:
+            acc, m_i, l_i = fold_kv_tile(acc, m_i, l_i, q, k_pre, v_pre, q_pos, pre_n, end, qk_scale, cap_log2,
+                                         slopes, sliding_window, True, IEEE, SOFTCAP, ALIBI, WINDOW)  # fmt: skip
+        first_tile += TILE_N
+    for tile_start in range(first_tile, end, TILE_N):
         # Every decode tile is masked: the split's end, the window's lower edge in its first tile, and with several
         # queries each row's causal limit (a split may lie wholly after the earliest rows': EMPTY_ROWS).
         acc, m_i, l_i = attend_kv_tile(
@@ -506,6 +534,11 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size
     return max(1, min(wanted, by_length, config.max_splits))
 
 
+# Split decodes of one query row over a 16-bit cache load their first tile of cached keys and values (all but the
+# newest row, which the qkv projection before them writes) before their PDL wait: a batch-1 step's attention is a few
+# dependent memory trips long, and these are the ones that do not depend on that kernel.
+PRE_WAIT_KV = True
+
 _ORDER_MODES = {"head": ORDER_HEAD_MAJOR, "seq": ORDER_SEQ_MAJOR, "lpt": ORDER_PERMUTED}
 # Split-K arrival counters for the fused merge, per device; all zero between launches (the last arriver resets its
 # own). Grown outside graph capture only; superseded buffers stay alive because captured graphs may point at them.
@@ -661,6 +694,7 @@ def paged_decode_attention(
         num_stages=config.num_stages,
         **({"maxnreg": config.max_registers} if config.max_registers and q.is_cuda else {}),
         **launch_options(use_pdl(q)),
+        PRE_WAIT_KV=PRE_WAIT_KV and queries == 1 and num_splits > 1 and not kv_fp8,
     )  # fmt: skip
     if num_splits > 1 and not fused:
         _decode_reduce_kernel[(batch, num_q_heads) if queries == 1 else (batch, num_q_heads, queries)](

@@ -68,6 +68,7 @@ class SkinnyConfig:
     prefetch: int = 0
     split_k: int = 0
     per_sm: int = 0
+    preload: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in ("fma", "dot", "mma", "mmq", "mms", "msk"):
@@ -86,25 +87,31 @@ class SkinnyConfig:
             raise ValueError(f"split_k is a tensor-core config's (mma / mmq / mms) and >= 1, got {self}")
         if self.per_sm < 0 or (self.per_sm and self.kind != "msk"):
             raise ValueError(f"per_sm (programs per SM) is a stream-K (msk) config's and >= 1, got {self}")
+        if self.preload < 1 or (self.preload > 1 and self.kind != "fma"):
+            raise ValueError(f"preload (tiles loaded before the PDL wait) is an fma config's and >= 1, got {self}")
 
     def __str__(self) -> str:
         tail = f"p{self.prefetch}" if self.kind == "fma" else f"s{self.num_stages}"
         split = f":k{self.split_k}" if self.split_k else ""
         per_sm = f":g{self.per_sm}" if self.per_sm else ""
-        return f"{self.kind}:{self.block_n}x{self.block_k}:w{self.num_warps}:{tail}{split}{per_sm}"
+        preload = f":r{self.preload}" if self.preload > 1 else ""
+        return f"{self.kind}:{self.block_n}x{self.block_k}:w{self.num_warps}:{tail}{split}{per_sm}{preload}"
 
     @classmethod
     def parse(cls, text: str) -> SkinnyConfig:
         """Inverse of ``str()``: ``fma:8x512:w4:p2``, ``dot:32x128:w4:s4`` (the last field may be left out) or
-        ``mma:128x256:w4:s3:k2`` (a fixed K split) or ``msk:128x256:w4:s4:g2`` (programs per SM)."""
+        ``mma:128x256:w4:s3:k2`` (a fixed K split) or ``msk:128x256:w4:s4:g2`` (programs per SM) or
+        ``fma:32x256:w16:p0:r16`` (tiles loaded before the PDL wait)."""
         match = re.fullmatch(r"\s*(fma|dot|mma|mmq|mms|msk):(\d+)x(\d+):w(\d+)(?::([ps])(\d+))?(?::k(\d+))?"
-                             r"(?::g(\d+))?\s*", text)
+                             r"(?::g(\d+))?(?::r(\d+))?\s*", text)
         if match is None:
             raise ValueError(f"cannot parse skinny GEMM config {text!r} (expected e.g. 'fma:8x512:w4:p0')")
-        kind, bn, bk, warps, tag, value, split, per_sm = match.groups()
+        kind, bn, bk, warps, tag, value, split, per_sm, preload = match.groups()
         extra = {"split_k": int(split)} if split is not None else {}
         if per_sm is not None:
             extra["per_sm"] = int(per_sm)
+        if preload is not None:
+            extra["preload"] = int(preload)
         if tag is not None:
             if (tag == "p") != (kind == "fma"):
                 raise ValueError(f"{text!r}: 'p' (prefetch) goes with fma, 's' (stages) with dot")
@@ -202,6 +209,14 @@ def _prefetch_l2(ptrs):
     """Ask L2 for the lines holding ``ptrs`` (a hint: no registers, nothing to wait on)."""
     tl.inline_asm_elementwise(
         "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def _prefetch_l1(ptrs):
+    """Ask this SM's L1 for the lines holding ``ptrs`` (a hint, as :func:`_prefetch_l2`)."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
     )
 
 

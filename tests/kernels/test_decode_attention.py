@@ -58,6 +58,24 @@ def test_decode_matches_reference(seq_lens, heads, head_dim, block_size, dtype, 
     assert_close(out, problem.float64_reference(), ATTENTION_TOLERANCE[dtype], f"decode splits={num_splits}")
 
 
+@pytest.mark.parametrize("num_splits", [2, 4])  # two tiles a split, one
+@pytest.mark.parametrize("window", [0, 70])
+def test_split_decode_first_tile_before_the_wait_changes_no_bit(monkeypatch, num_splits, window):
+    """``PRE_WAIT_KV``: a split's first tile of cached keys read before the PDL wait, the newest row after it, gives
+    the bits of reading the tile after the wait (lengths on tile edges, a padding row, a sliding window)."""
+    problem = seeded_attention_problem([1] * 5, [200, 7, 64, 65, 1], (4, 1), 64, 16, F16, seed=5)
+    problem.seq_lens[4] = 0
+    outs = []
+    for pre_wait in (False, True):
+        monkeypatch.setattr(da, "PRE_WAIT_KV", pre_wait)
+        out = poisoned_like(problem.q)
+        paged_decode_attention(*problem.args(), out=out, num_splits=num_splits, sliding_window=window)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    if not window:
+        assert_close(outs[1][:4], problem.float64_reference()[:4], ATTENTION_TOLERANCE[F16], "pre-wait tile")
+
+
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_decode_strided_views_and_padding_rows(num_splits):
     """q sliced out of a fused qkv tensor, out a view of a wider buffer, and graph-padding rows with seq_len 0."""

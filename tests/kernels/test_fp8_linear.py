@@ -4,13 +4,15 @@ bf16, real Llama shapes) marked gpu."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from kernels import fp8_linear as fp8_module
-from kernels.fp8_linear import (FP8_DEFAULT_CONFIGS, FP8_DTYPE, FP8_MAX, fp8_decode_gemm, fp8_fma_gemm, fp8_linear,
-                                fp8_linear_ref, fp8_mma_gemm, fp8_mma_gemm_quantized, fp8_skinny_gemm, fp8_supported,
-                                fp8_weight_only_ref, pick_fp8_config, quantize_activations,
+from kernels.fp8_linear import (FP8_DEFAULT_CONFIGS, FP8_DTYPE, FP8_MAX, fma_preload, fp8_decode_gemm, fp8_fma_gemm,
+                                fp8_linear, fp8_linear_ref, fp8_mma_gemm, fp8_mma_gemm_quantized, fp8_skinny_gemm,
+                                fp8_supported, fp8_weight_only_ref, pick_fp8_config, quantize_activations,
                                 quantize_activations_triton, quantize_per_channel)
 from kernels.skinny_gemm import SkinnyConfig
 from tests.kernels.kernel_testing import INTERPRETED, KERNEL_DEVICE, assert_close, e4m3_grid_activations
@@ -87,6 +89,32 @@ def test_fma_w8a16_kernel_matches_reference(m, n, k, config, dtype):
     assert out.shape == (m, n) and out.dtype == dtype
     reference = x.double() @ (weight.double() * scale.double()[:, None]).T
     assert_close(out, reference, {torch.float32: 1e-5, torch.float16: 3e-3}[dtype], f"fp8 fma {config}")
+
+
+@pytest.mark.parametrize("m, n, k, config", [
+    (1, 40, 256, "fma:8x64:w2:p0:r4"),  # every tile loaded before the wait
+    (2, 37, 200, "fma:4x64:w1:p0:r2"),  # two of four, the last one masked (ragged K)
+    (4, 24, 96, "fma:8x32:w2:p0:r8"),  # more than the three tiles there are
+])
+def test_fma_preloaded_tiles_change_no_bit(m, n, k, config):
+    """Tiles loaded before the PDL wait are multiplied in the same order as the loop's: the same bits as one."""
+    gen = torch.Generator().manual_seed(n + k + m)
+    weight, scale = quantize_per_channel(torch.randn(n, k, generator=gen) * 0.05)
+    x = torch.randn(m, k, generator=gen).to(KERNEL_DEVICE)
+    weight, scale = weight.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE)
+    preloaded = SkinnyConfig.parse(config)
+    out = fp8_fma_gemm(x, weight, scale, preloaded)
+    assert torch.equal(out, fp8_fma_gemm(x, weight, scale, dataclasses.replace(preloaded, preload=1)))
+    reference = x.double().cpu() @ (weight.double().cpu() * scale.double().cpu()[:, None]).T
+    assert_close(out, reference, 1e-5, f"fp8 fma {config}")
+
+
+def test_fma_preload_rule():
+    assert fma_preload(SkinnyConfig.parse("fma:16x512:w8:p0:r8"), 4096) == 8
+    assert fma_preload(SkinnyConfig.parse("fma:16x512:w8:p0:r8"), 1024) == 2  # at most the tiles there are
+    assert fma_preload(SkinnyConfig.parse("fma:16x512:w8:p0"), 4096) == 1
+    with pytest.raises(ValueError, match="preload"):
+        SkinnyConfig.parse("mma:64x256:w4:s3:r2")
 
 
 def test_decode_dispatch_takes_fma_up_to_four_rows_and_dot_above():
@@ -236,7 +264,8 @@ def test_fp8_linear_gpu_matches_references(m, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", ["fma:4x1024:w4:p0", "fma:8x512:w4:p2", "fma:2x2048:w8:p0", "fma:16x256:w4:p0"])
+@pytest.mark.parametrize("config", ["fma:4x1024:w4:p0", "fma:8x512:w4:p2", "fma:2x2048:w8:p0", "fma:16x256:w4:p0",
+                                    "fma:16x512:w8:p0:r8", "fma:32x256:w16:p0:r16"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_fma_w8a16_kernel_gpu(m, config):
     """The compiled fma kernel (its PTX e4m3x2 -> f16x2 conversion of whole 32-bit words, which the interpreter
