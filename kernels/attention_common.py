@@ -222,7 +222,8 @@ def gather_kv_tile(
 ):  # fmt: skip
     """The keys ``tile_start + [0, TILE_N)`` (those before ``kv_end`` when ``MASKED``) through the block table: their
     positions, pages, slots in the page, which are in context, the K tile ``[BLOCK_D, TILE_N]`` and the V tile
-    ``[TILE_N, BLOCK_D]`` as stored (an fp8 V: as fp16 pairs with ``V_PAIRS``; None with ``SKIP_V``, read later)."""
+    ``[TILE_N, BLOCK_D]`` as stored (an fp8 V: as fp16 pairs with ``V_PAIRS``; with ``SKIP_V`` not read: the caller
+    reads it in halves, and K stands in for it)."""
     offs_n = tile_start + tl.arange(0, TILE_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_context = offs_n < kv_end
@@ -235,7 +236,7 @@ def gather_kv_tile(
     k = load_kv_tile(k_base + (page * stride_kb + in_page * stride_ks)[None, :] + offs_d[:, None],
                      in_context[None, :], dim_ok[:, None], MASKED, BLOCK_D != HEAD_DIM)  # [BLOCK_D, TILE_N]
     if SKIP_V:
-        v = None
+        v = k  # a placeholder (a jit function returns tensors): the caller reads V itself
     elif V_PAIRS:  # fp8 V read as uint16 pairs, converted to fp16 before its layout conversion (e4m3_pairs_to_fp16)
         v = load_v_pairs(v_base, page, in_page, in_context, stride_vb, stride_vs, HEAD_DIM, BLOCK_D, MASKED, PAIRS_ASM)
     else:

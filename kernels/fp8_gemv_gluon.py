@@ -267,6 +267,9 @@ if HAS_GLUON:
             slot, cos, sin = _rope_inputs(o_rows, o_tokens, M, positions_ptr, cos_sin_ptr, stride_cs, slot_ptr,
                                           HEAD_DIM)  # fmt: skip
         acc = gl.zeros([WARPS, 16, 8], gl.float32, layout=MMA)
+        # The weight's scales (never written by a kernel) before the PDL wait, x's right after it: neither load is
+        # then the program's tail.
+        w_scale = gl.load(w_scale_ptr + o_rows, mask=o_rows < N, other=0.0)
         if SINGLE_STEP:  # the whole of K in one step: x's rows are loaded once, and quantized in registers
             if EVEN_K:  # the weight is never written by a kernel: its loads go out before the wait
                 w8 = gl.load(w_ptrs)
@@ -292,6 +295,8 @@ if HAS_GLUON:
                                           HEAD_DIM)
                 gdc_wait()
                 gdc_launch_dependents()
+            if not QUANT_X:
+                t_scale = gl.load(x_scale_ptr + o_tokens, mask=o_tokens < M, other=0.0)
             x_scale_k = 1.0  # unquantized rows only
             if QUANT_X:  # per-token scales from one pass over x's rows (a few KB, in L2)
                 amax = gl.zeros([WARPS, 8, CHUNKS * 128], gl.float32, layout=X_TILE)
@@ -313,11 +318,8 @@ if HAS_GLUON:
                 acc = _mma_step(w8, _x_step(x_ptrs, k0, x_live, x_k, K, x_scale_k, QUANT_X), acc, WARPS, CHUNKS, MMA)
 
         out = gl.sum(acc, axis=0)  # [row, token]: the warps' parts of K added up
-        w_scale = gl.load(w_scale_ptr + o_rows, mask=o_rows < N, other=0.0)
         if QUANT_X:
             t_scale = gl.convert_layout(x_scale, gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
-        else:
-            t_scale = gl.load(x_scale_ptr + o_tokens, mask=o_tokens < M, other=0.0)
         y = out * w_scale[:, None] * t_scale[None, :]
         if ROPE_CACHE:
             _rope_cache_epilogue(y, o_rows, o_tokens, pid, M, out_ptr, stride_om, slot, cos, sin, k_cache_ptr,

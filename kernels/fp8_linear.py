@@ -58,7 +58,6 @@ from kernels.skinny_gemm import (
     _c,
     _fma_tile,
     _load_w_tile,
-    _prefetch_l1,
     _prefetch_l2,
     _x_row_ptrs,
     m_bucket,
@@ -311,7 +310,6 @@ def _fp8_fma_kernel(
     USE_PTX: tl.constexpr,
     USE_PDL: tl.constexpr = False,
     PRELOAD: tl.constexpr = 1,
-    X_L1_LINES: tl.constexpr = 0,
 ):  # fmt: skip
     """Program (n, m): out[m*BLOCK_M : +BLOCK_M, n*BLOCK_N : +BLOCK_N] = x @ (w bits -> e4m3 -> fp32)^T * scale,
     the bf16 ``_skinny_fma_kernel``'s loop (unmasked 16-byte weight loads, tile t+1 in flight while tile t is
@@ -334,6 +332,7 @@ def _fp8_fma_kernel(
             tiles = tiles + (_load_w_tile(w_ptrs, t * BLOCK_K, K, offs_k, EVEN_K),)
     else:
         w = _load_w_tile(w_ptrs, 0, K, offs_k, EVEN_K)
+    scale = tl.load(scale_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)  # not the program's tail
     wait_then_release(USE_PDL)  # everything above touched only the weight, which no kernel writes
 
     m0 = tl.program_id(1) * BLOCK_M
@@ -343,14 +342,6 @@ def _fp8_fma_kernel(
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if X_L1_LINES > 0:  # x's rows into L1 at once: the tiles' x loads below then wait on L1, not one L2 trip each
-        x_lines = tl.minimum(tl.arange(0, X_L1_LINES) * (128 // x_ptr.dtype.element_ty.primitive_bitwidth * 8), K - 1)
-        _prefetch_l1(x0_ptr + x_lines)
-        if BLOCK_M > 1:
-            _prefetch_l1(x1_ptr + x_lines)
-        if BLOCK_M > 2:
-            _prefetch_l1(x2_ptr + x_lines)
-            _prefetch_l1(x3_ptr + x_lines)
     if PRELOAD > 1:
         for t in tl.static_range(PRELOAD):
             acc0, acc1, acc2, acc3 = _fma_tile(acc0, acc1, acc2, acc3, _fp8_bits_to_f32(tiles[t], USE_PTX), x0_ptr,
@@ -373,16 +364,12 @@ def _fp8_fma_kernel(
                                            x2_ptr, x3_ptr, (num_tiles - 1) * BLOCK_K, K, offs_k, row_zeros, BLOCK_M,
                                            EVEN_K)  # fmt: skip
 
-    scale = tl.load(scale_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
     _store_scaled_row(out_ptr, m0, M, stride_om, acc0, scale, rows, N)
     if BLOCK_M > 1:
         _store_scaled_row(out_ptr, m0 + 1, M, stride_om, acc1, scale, rows, N)
     if BLOCK_M > 2:
         _store_scaled_row(out_ptr, m0 + 2, M, stride_om, acc2, scale, rows, N)
         _store_scaled_row(out_ptr, m0 + 3, M, stride_om, acc3, scale, rows, N)
-
-
-FMA_X_TO_L1 = False  # the fma kernel asks L1 for x's rows right after its PDL wait
 
 
 def fma_preload(config: SkinnyConfig, k: int) -> int:
@@ -414,9 +401,7 @@ def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         PREFETCH=config.prefetch if x.is_cuda else 0, PF_COLS=max(1, config.block_k // 128),
         EVEN_K=k % config.block_k == 0, USE_PTX=x.is_cuda, num_warps=config.num_warps,
-        num_stages=1, PRELOAD=fma_preload(config, k),
-        X_L1_LINES=triton.next_power_of_2(triton.cdiv(k * x.element_size(), 128)) if FMA_X_TO_L1 and x.is_cuda else 0,
-        **launch_options(use_pdl(x)),
+        num_stages=1, PRELOAD=fma_preload(config, k), **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out
 

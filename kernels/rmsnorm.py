@@ -61,10 +61,13 @@ def _rms_norm_kernel(
     """``out = weight * round(norm(x))``; with a residual, ``x + residual`` (rounded) is also stored into it. With
     ``QUANTIZE`` also the rounded ``out`` quantized per row to e4m3 (bits into ``q_ptr [rows, n_cols]``, fp32 scales
     into ``scale_ptr``) by ``kernels/fp8_quant.py``'s ``to_e4m3``, so the bits of the separate quantization launch."""
-    wait_then_release(USE_PDL)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
+    # The norm's weight is never written by a kernel: read before the PDL wait, while the kernel before runs (with
+    # the next GEMM's weight streaming then, a read after it would queue behind that traffic).
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    wait_then_release(USE_PDL)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     mask = (rows < num_rows)[:, None] & col_mask[None, :]
     x_ptrs = x_ptr + _row_offsets(rows, inner, stride_x0, stride_x1)[:, None] + cols[None, :]
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -75,7 +78,6 @@ def _rms_norm_kernel(
         x = summed.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(x * x, 1) / n_cols + eps)
     normed = (x * inv_rms[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     out = normed * weight[None, :]
     o_ptrs = out_ptr + _row_offsets(rows, inner, stride_o0, stride_o1)[:, None] + cols[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -213,14 +213,6 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def _prefetch_l1(ptrs):
-    """Ask this SM's L1 for the lines holding ``ptrs`` (a hint, as :func:`_prefetch_l2`)."""
-    tl.inline_asm_elementwise(
-        "prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-    )
-
-
-@triton.jit
 def prefetch_two_tiles(w_ptr, w_rows, k_start, k_end, BLOCK_K: tl.constexpr, PF_COLS: tl.constexpr):
     """Ask L2 for the first two ``BLOCK_K`` tiles of ``[k_start, k_end)`` in the weight rows at offsets ``w_rows``
     (``PF_COLS`` addresses per row: one per 128-byte line): what a PDL-launched GEMM does before it waits on the

@@ -32,6 +32,10 @@ def test_gluon_gemv_loop_is_loads_conversions_and_mma():
         assert info["stack"] == 0, info
 
 
+# The loop's work per weight byte: loads, conversions, mma, and what must not be there (byte shuffles, shared or
+# local memory). Other opcodes (the bounds' integer arithmetic, a constant reloaded) may move with register choices.
+LOOP_WORK = ("LDG", "F2FP", "HMMA", "PRMT", "LDS", "STS", "LDL", "STL")
+
 ROPE_COMPILE = """
 import json
 from benchmarks.gluon_gemv_sass import compile_gemv, summarize
@@ -41,11 +45,13 @@ print(json.dumps([summarize(compile_gemv(4, 4, rope_cache=rope)) for rope in (Fa
 
 @needs_sass_tools
 def test_rope_cache_epilogue_leaves_the_loop_alone():
-    """The qkv GEMM with the attention prep in its epilogue (rotary pairs as mma row neighbours): the same K loop,
-    no spills."""
+    """The qkv GEMM with the attention prep in its epilogue (rotary pairs as mma row neighbours): the same K loop
+    (loads, conversions, mma; only a constant reload or the bounds' arithmetic may differ), no spills."""
     pytest.importorskip("triton.experimental.gluon")
     plain, fused = run_compile_script(ROPE_COMPILE)
-    assert fused["loop"] == plain["loop"], (plain["loop"], fused["loop"])
+    ops = ({op: n for op, n in info["loop"].items() if op.startswith(LOOP_WORK)} for info in (plain, fused))
+    assert next(ops) == next(ops), (plain["loop"], fused["loop"])
+    assert abs(fused["loop_total"] - plain["loop_total"]) <= 4, (plain["loop_total"], fused["loop_total"])
     assert fused["stack"] == 0, fused
 
 
@@ -66,11 +72,10 @@ def test_preloaded_steps_leave_the_loop_alone():
     spills."""
     pytest.importorskip("triton.experimental.gluon")
     infos = run_compile_script(PRELOAD_COMPILE)
-    work = ("LDG", "F2FP", "HMMA", "PRMT", "LDS", "STS", "LDL", "STL")
     for chunks in (1, 2):
         for quant_x in (False, True):
             plain, preloaded = infos[f"{chunks} {quant_x} 0"], infos[f"{chunks} {quant_x} 2"]
-            ops = ({op: n for op, n in info["loop"].items() if op.startswith(work)} for info in (plain, preloaded))
+            ops = ({op: n for op, n in info["loop"].items() if op.startswith(LOOP_WORK)} for info in (plain, preloaded))
             assert next(ops) == next(ops), (chunks, quant_x, plain["loop"], preloaded["loop"])
             assert abs(preloaded["loop_total"] - plain["loop_total"]) <= 4, (chunks, quant_x)
             assert preloaded["stack"] == 0, (chunks, quant_x, preloaded)
