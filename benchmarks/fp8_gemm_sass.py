@@ -108,7 +108,7 @@ def print_loop_and_dump(info: dict, verbose: bool, dump: str | None, stem: str) 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fma", default="fma:2x1024:w4:p0,fma:16x512:w8:p0,fma:4x512:w4:p0",
+    parser.add_argument("--fma", default="fma:2x1024:w4:p0,fma:16x512:w8:p0:r8,fma:4x512:w4:p0",
                         help="comma-separated fma configs (today's FP8_SKINNY_CONFIGS entries)")
     parser.add_argument("--mma", default="mma:64x256:w4:s3,mma:128x256:w4:s3,mma:64x512:w4:s2,mmq:64x256:w4:s3,mmq:128x256:w4:s3",
                         help="comma-separated mma / mmq configs")

@@ -54,3 +54,44 @@ def test_split_v_fits_four_programs_per_sm():
     assert result["halves"]["regs"] <= 128
     assert result["halves"]["smem"] < 0.8 * result["whole"]["smem"]
     assert result["halves"]["programs"] == 4
+
+
+PRE_WAIT = """
+import json
+import re
+from benchmarks.attention_sass import _compile, sass_and_resources, summarize
+from kernels import decode_attention
+pointers = {"out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "counter_ptr": "*i32",
+            "order_ptr": "*i32", "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+            "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "slopes_ptr": "*bf16"}
+config = decode_attention.SPLIT_DECODE_CONFIG  # Llama-8B at batch 1: 4 query heads a KV head, 32 splits
+out = {}
+for pre_wait in (False, True):
+    constexprs = dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, TILE_N=config.tile_n,
+                      NUM_SPLITS=32, ORDER=0, FUSED_REDUCE=True, GROUP_PAD=4, SPLITS_PAD=32, SPLIT_CHUNK=8,
+                      QUERIES=1, IEEE=False, SOFTCAP=False, ALIBI=False, WINDOW=False, KV_FP8=False,
+                      FP8_F16_DOTS=False, V_PAIRS=False, PAIRS_ASM=False, SPLIT_V=False, USE_PDL=True,
+                      PRE_WAIT_KV=pre_wait)
+    kernel = _compile(decode_attention._decode_kernel, pointers, {"qk_scale", "cap_log2", "v_scale"}, constexprs,
+                      config.num_warps, config.num_stages)
+    ptx = kernel.asm["ptx"].splitlines()
+    wait = next(i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line)
+    info = summarize(kernel)
+    stack = int(re.search(r"STACK:(\d+)", sass_and_resources(kernel.asm["cubin"])[1]).group(1))
+    out[str(pre_wait)] = {"regs": info["regs"], "stack": stack, "tile_n": config.tile_n,
+                          "loads_before_wait": sum("ld.global" in line for line in ptx[:wait])}
+print(json.dumps(out))
+"""
+
+
+@needs_sass_tools
+def test_split_decode_reads_its_first_tile_before_the_pdl_wait():
+    """``PRE_WAIT_KV``: the batch-1 split decode loads its lengths, block table and first K and V tiles before
+    ``griddepcontrol.wait`` (K and V: ``tile_n`` keys x 256 bytes each over 128 threads, 16 bytes a load), nothing
+    without it, and does not spill."""
+    result = run_compile_script(PRE_WAIT)
+    plain, pre_wait = result["False"], result["True"]
+    kv_loads = 2 * pre_wait["tile_n"] * 256 // 16 // 128
+    assert plain["loads_before_wait"] == 0, plain
+    assert pre_wait["loads_before_wait"] >= kv_loads, pre_wait
+    assert pre_wait["stack"] == 0 and pre_wait["regs"] <= 255, pre_wait

@@ -77,3 +77,30 @@ def test_stream_k_loop_stays_software_pipelined():
         assert info["mmas"] > 0 and not any(op.startswith("HMMA") for op in info["loop"]), (label, info["loop"])
         assert not any(op.startswith(("ATOM", "RED")) for op in info["loop"]), (label, info["loop"])
         assert info["stack"] == 0, label
+
+
+PRELOAD = """
+import json
+from benchmarks.fp8_gemm_sass import compile_fma, loop_summary
+from kernels.fp8_linear import FP8_SKINNY_CONFIGS
+config = FP8_SKINNY_CONFIGS[(1, 4096, 4096)]  # Llama-8B's o_proj
+kernel = compile_fma(config, k=4096)
+ptx = kernel.asm["ptx"].splitlines()
+wait = next(i for i, line in enumerate(ptx) if "griddepcontrol.wait" in line)
+info = loop_summary(kernel, config)
+print(json.dumps({"preload": config.preload, "block_n": config.block_n, "block_k": config.block_k,
+                  "warps": config.num_warps, "regs": info["regs"], "stack": info["stack"],
+                  "loads_before_wait": sum("ld.global" in line for line in ptx[:wait])}))
+"""
+
+
+@needs_sass_tools
+def test_o_proj_fma_loads_its_whole_weight_before_the_pdl_wait():
+    """o_proj's ``fma`` config (``:r8``): every tile's 16-byte weight loads go out before ``griddepcontrol.wait``
+    (4096 / 512 tiles x 16 rows x 512 bytes over the program's threads), in at most 128 registers (two programs an
+    SM, so all 256 programs are resident at once) and without spills. (The channel scales are read there too.)"""
+    result = run_compile_script(PRELOAD)
+    weight_loads = result["preload"] * result["block_n"] * result["block_k"] // 16 // (32 * result["warps"])
+    assert result["preload"] == 4096 // result["block_k"]
+    assert weight_loads <= result["loads_before_wait"] <= weight_loads + 2, result
+    assert result["regs"] <= 128 and result["stack"] == 0, result
