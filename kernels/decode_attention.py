@@ -197,12 +197,14 @@ def _decode_kernel(
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
     offs_d = tl.arange(0, BLOCK_D)
+    # Sliding window: keys before win_start (the first row's window) are invisible; tiles wholly before it are skipped.
+    win_start = tl.maximum(seq_len - q_len + 1 - sliding_window, 0) if WINDOW else 0
+    first_tile = tl.maximum(start, win_start // TILE_N * TILE_N)
     if PRE_WAIT_KV:
         # Everything above read step inputs only; so do the block table and the cached keys and values of every
         # position but the newest, which the kernel this one waits on (the qkv projection) is writing: the split's
         # first tile of those is loaded now, into registers, while that kernel runs, and the newest row after it.
-        first = tl.maximum(start, tl.maximum(seq_len - sliding_window, 0) // TILE_N * TILE_N) if WINDOW else start
-        pre_n = first + tl.arange(0, TILE_N)
+        pre_n = first_tile + tl.arange(0, TILE_N)
         pre_page = tl.load(table + pre_n // BLOCK_SIZE, mask=pre_n < end, other=0).to(tl.int64)
         pre_slot = pre_n % BLOCK_SIZE
         dim_ok = offs_d < HEAD_DIM
@@ -242,15 +244,11 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    # Sliding window: keys before win_start (the first row's window) are invisible; tiles wholly before it are skipped.
     if QUERIES == 1:
-        win_start = tl.maximum(seq_len - sliding_window, 0) if WINDOW else 0
         q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
     else:
-        win_start = tl.maximum(seq_len - q_len + 1 - sliding_window, 0) if WINDOW else 0
         q_pos = seq_len - q_len + query  # each row's causal limit
     slopes = tl.load(slopes_ptr + heads, mask=head_mask, other=0.0) if ALIBI else q_pos
-    first_tile = tl.maximum(start, win_start // TILE_N * TILE_N)
     if PRE_WAIT_KV:
         if first_tile < end:
             acc, m_i, l_i = fold_kv_tile(acc, m_i, l_i, q, k_pre, v_pre, q_pos, pre_n, end, qk_scale, cap_log2,

@@ -58,7 +58,8 @@ class SkinnyConfig:
     is Triton's software-pipeline depth; ``split_k`` (tensor-core kinds only, ``:k4``) fixes the K splits of the
     launch (0: ``kernels/split_k.py``'s rule), for shapes where a sweep measured more programs per SM to pay.
     ``msk`` is the fp8 W8A8 stream-K kernel (``kernels/fp8_stream_k.py``: one persistent launch of ``per_sm``
-    programs per SM, ``:g2``, default 1, splitting the weight's tiles evenly)."""
+    programs per SM, ``:g2``, default 1, splitting the weight's tiles evenly). ``preload`` (fma only, ``:r8``) is how
+    many tiles each program loads into registers before its PDL wait (``kernels/fp8_linear.py: fma_preload``)."""
 
     kind: str
     block_n: int
