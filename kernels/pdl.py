@@ -6,10 +6,13 @@ microsecond of launch latency in a CUDA graph, ~7% of the step. A kernel launche
 kernel before it is still running, once every program of that one has called ``gdc_launch_dependents``; it must
 call ``gdc_wait`` (``griddepcontrol.wait``: the previous kernel has finished and its writes are visible) before it
 reads anything a kernel wrote or writes anything a kernel reads. So every PDL kernel here starts with
-:func:`wait_then_release` (after, for a GEMM, asking L2 for its first weight tiles, which no kernel writes), and
-releases its own dependents right after the wait. Kernels launched without PDL wait as usual; the release is a no-op
-for them. The engine turns it on in the model runner (``EngineConfig.enable_pdl``, default on; ``--no-enable-pdl``
-or ``LLM(enable_pdl=False)`` keeps it off); outside an engine it is off unless :func:`configure` says otherwise.
+:func:`wait_then_release` (after, for a GEMM, loading its first weight tiles, which no kernel writes), and
+releases its own dependents right after the wait. The RMSNorm releases its GEMM before it waits
+(:func:`release_early`): that GEMM then loads its first weight tiles while the GEMM before the norm still streams,
+and the norm's own loads do not queue behind them (a batch-1 step 3% faster, RESULTS.md, nineteenth session).
+Kernels launched without PDL wait as usual; the release is a no-op for them. The engine turns it on in the model
+runner (``EngineConfig.enable_pdl``, default on; ``--no-enable-pdl`` or ``LLM(enable_pdl=False)`` keeps it off);
+outside an engine it is off unless :func:`configure` says otherwise.
 """
 
 from __future__ import annotations
@@ -68,8 +71,18 @@ def launch_options(pdl: bool) -> dict:
 
 
 @triton.jit
-def wait_then_release(USE_PDL: tl.constexpr):
-    """Wait for the previous kernel (its writes visible), then let the next PDL kernel start launching."""
+def wait_then_release(USE_PDL: tl.constexpr, RELEASED: tl.constexpr = False):
+    """Wait for the previous kernel (its writes visible), then let the next PDL kernel start launching (unless
+    :func:`release_early` already did)."""
     if USE_PDL:
         gdc_wait()
+        if not RELEASED:
+            gdc_launch_dependents()
+
+
+@triton.jit
+def release_early(EARLY: tl.constexpr):
+    """Let the next PDL kernel start launching before this one waits (``EARLY``: PDL on and the launcher asked)."""
+    if EARLY:
         gdc_launch_dependents()
+

@@ -9,7 +9,10 @@ import triton.language as tl
 from kernels.backend import use_triton
 from kernels.fp8_linear import Fp8Activations, quantize_activations
 from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, to_e4m3
-from kernels.pdl import launch_options, use_pdl, wait_then_release
+from kernels.pdl import launch_options, release_early, use_pdl, wait_then_release
+
+# Release the next PDL kernel (the GEMM this norm feeds) before the wait, not after it: see kernels/pdl.py.
+RELEASE_BEFORE_WAIT = True
 
 
 def rms_norm_ref(
@@ -57,16 +60,20 @@ def _rms_norm_kernel(
     FP8_MAX: tl.constexpr = 448.0,
     MIN_SCALE: tl.constexpr = 0.0,
     USE_PDL: tl.constexpr = False,
+    EARLY_RELEASE: tl.constexpr = False,
 ):
     """``out = weight * round(norm(x))``; with a residual, ``x + residual`` (rounded) is also stored into it. With
     ``QUANTIZE`` also the rounded ``out`` quantized per row to e4m3 (bits into ``q_ptr [rows, n_cols]``, fp32 scales
     into ``scale_ptr``) by ``kernels/fp8_quant.py``'s ``to_e4m3``, so the bits of the separate quantization launch."""
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
+    # The GEMM this norm feeds launches now and loads its first weight tiles while the GEMM before the norm still
+    # runs: after the wait, they would go out with the norm's own loads and delay them.
+    release_early(USE_PDL and EARLY_RELEASE)
     # The norm's weight is never written by a kernel: read before the PDL wait, while the kernel before runs (with
     # the next GEMM's weight streaming then, a read after it would queue behind that traffic).
     weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    wait_then_release(USE_PDL)
+    wait_then_release(USE_PDL, EARLY_RELEASE)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     mask = (rows < num_rows)[:, None] & col_mask[None, :]
     x_ptrs = x_ptr + _row_offsets(rows, inner, stride_x0, stride_x1)[:, None] + cols[None, :]
@@ -137,6 +144,7 @@ def rms_norm_triton(
         ROWS=rows_per_program,
         BLOCK_N=block_n,
         num_warps=8 if block_n >= 4096 else 4,
+        EARLY_RELEASE=RELEASE_BEFORE_WAIT,
         **quantize,
         **launch_options(use_pdl(x)),
     )  # fmt: skip
