@@ -85,4 +85,3 @@ def release_early(EARLY: tl.constexpr):
     """Let the next PDL kernel start launching before this one waits (``EARLY``: PDL on and the launcher asked)."""
     if EARLY:
         gdc_launch_dependents()
-
