@@ -1,6 +1,8 @@
 """The e4m3 activation-quantization formula, shared by every kernel that quantizes activations per token (the
 quantize kernel, the W8A8 GEMMs that quantize their input, the RMSNorm and SiLU-and-mul fused outputs), so they all
-give the same bits."""
+give the same bits: ``x * (1 / scale)``, as vLLM's quantization kernels compute it. One reciprocal per row and a
+multiply per value, where ``x / scale`` is a division per value (a GEMM that quantizes x inside its loop pays it on
+every value of every step)."""
 
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ def e4m3_row_scale(amax, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
 
 @triton.jit
 def to_e4m3(x, scale, FP8_MAX: tl.constexpr):
-    """fp32 ``x / scale`` clamped to e4m3's range and rounded to e4m3."""
-    return tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+    """fp32 ``x * (1 / scale)`` clamped to e4m3's range and rounded to e4m3 (``scale`` a row's scalar or column,
+    so the reciprocal is taken once per row)."""
+    return tl.minimum(tl.maximum(x * (1.0 / scale), -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
 
 
 @triton.jit
