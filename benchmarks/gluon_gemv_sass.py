@@ -30,10 +30,9 @@ from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE  # noqa: E402
 
 def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k: bool = True,
                  single_step: bool = False, use_pdl: bool = False, rope_cache: bool = False,
-                 preload: int = 0, silu_mul: bool = False):  # fmt: skip
+                 preload: int = 0):  # fmt: skip
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU
-    (``rope_cache``: the qkv GEMM with the attention prep in its epilogue, Llama-8B's 128-dim heads; ``silu_mul``:
-    a gate_up GEMM with the SiLU-and-mul epilogue; ``preload``:
+    (``rope_cache``: the qkv GEMM with the attention prep in its epilogue, Llama-8B's 128-dim heads; ``preload``:
     steps of weight loaded before the PDL wait, with ``use_pdl``, as ``prologue_steps`` picks them)."""
     w_tile, x_tile, mma = fp8_gemv_gluon.gemv_layouts(warps, chunks)
     config = fp8_gemv_gluon.GemvConfig(warps, chunks, quant_x, preload)
@@ -45,7 +44,7 @@ def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k:
                     {"WARPS": warps, "CHUNKS": chunks, "W_TILE": w_tile, "X_TILE": x_tile, "MMA": mma,
                      "EVEN_K": even_k, "QUANT_X": quant_x, "SINGLE_STEP": single_step,
                      "PREFETCH_STEPS": prefetch, "PRELOAD": preload, "FP8_MAX": FP8_MAX,
-                     "MIN_SCALE": FP8_MIN_SCALE, "ROPE_CACHE": rope_cache, "SILU_MUL": silu_mul, "HEAD_DIM": 128, "BLOCK_SIZE": 16,
+                     "MIN_SCALE": FP8_MIN_SCALE, "ROPE_CACHE": rope_cache, "HEAD_DIM": 128, "BLOCK_SIZE": 16,
                      "USE_PDL": use_pdl}, warps, 1,
                     divisible_ints=frozenset({"K", "stride_cs", "stride_kcb", "stride_kcs", "stride_kch",
                                               "stride_vcb", "stride_vcs", "stride_vch", "Q_ROWS", "KV_ROWS"}),
@@ -58,11 +57,10 @@ def main() -> int:
     parser.add_argument("--chunks", type=int, default=2)
     parser.add_argument("--quant-x", action="store_true", help="x in bf16, quantized in the kernel")
     parser.add_argument("--rope-cache", action="store_true", help="the qkv GEMM with the attention prep epilogue")
-    parser.add_argument("--silu-mul", action="store_true", help="the gate_up GEMM with the SiLU-and-mul epilogue")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     parser.add_argument("--sass", action="store_true", help="print the whole SASS")
     opts = parser.parse_args()
-    compiled = compile_gemv(opts.warps, opts.chunks, opts.quant_x, rope_cache=opts.rope_cache, silu_mul=opts.silu_mul)
+    compiled = compile_gemv(opts.warps, opts.chunks, opts.quant_x, rope_cache=opts.rope_cache)
     if opts.sass:
         print(sass_and_resources(compiled.asm["cubin"])[0])
     info = summarize(compiled)

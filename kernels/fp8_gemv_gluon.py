@@ -106,15 +106,14 @@ if HAS_GLUON:
         return gl.reshape(gl.permute(t, [0, 1, 2, 4, 5, 3, 6]), [WARPS, R, CHUNKS * 128])
 
     @gluon.jit
-    def _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, INTER, BYTES: gl.constexpr,
-                              WARPS: gl.constexpr, HEAD_DIM: gl.constexpr, SILU_MUL: gl.constexpr):  # fmt: skip
+    def _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, BYTES: gl.constexpr, WARPS: gl.constexpr,
+                              HEAD_DIM: gl.constexpr):  # fmt: skip
         """Ask L2 for the program's first ``BYTES`` of each of its 16 weight rows (one address per 128-byte line):
         what a PDL-launched GEMM does before it waits on the kernel before it when it cannot load whole steps into
         registers there (``GemvConfig.preload``), since that kernel's few microseconds leave HBM idle."""
         LINES: gl.constexpr = BYTES // 128
         idx = gl.arange(0, 16 * LINES, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
-        rows = _program_rows(pid, idx // LINES, PAIRED_ROWS, INTER, HEAD_DIM, SILU_MUL)
-        row = gl.minimum(rows, N - 1).to(gl.int64) * stride_wn
+        row = gl.minimum(_program_rows(pid, idx // LINES, PAIRED_ROWS, HEAD_DIM), N - 1).to(gl.int64) * stride_wn
         ptrs = w_ptr + row + gl.minimum((idx % LINES) * 128, K - 1)
         gl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32,
                                   is_pure=False, pack=1)
@@ -135,14 +134,11 @@ if HAS_GLUON:
         return (xv * inv_scale_k).to(gl.float8e4nv).to(gl.uint8, bitcast=True)
 
     @gluon.jit
-    def _program_rows(pid, local, PAIRED_ROWS, INTER, HEAD_DIM: gl.constexpr, SILU_MUL: gl.constexpr):
+    def _program_rows(pid, local, PAIRED_ROWS, HEAD_DIM: gl.constexpr):
         """The weight rows (= output columns) of program ``pid``'s 16 mma rows ``local``: ``16 pid + local``, except
         in the first ``PAIRED_ROWS`` (q and k of a qkv GEMM with the rotary epilogue), where rows ``local`` and
-        ``local + 8`` are a rotary pair of one head, dims ``i`` and ``i + HEAD_DIM / 2``, and in a ``[gate | up]``
-        GEMM with the SiLU-and-mul epilogue (``SILU_MUL``, ``INTER`` rows each), where they are gate and up row
-        ``8 pid + local % 8``: each epilogue finds both in the same thread's registers."""
-        if SILU_MUL:
-            return pid * 8 + local % 8 + (local // 8) * INTER
+        ``local + 8`` are a rotary pair of one head, dims ``i`` and ``i + HEAD_DIM / 2``: the epilogue finds both
+        in the same thread's registers."""
         base = pid * 16
         paired = base - base % HEAD_DIM + (base % HEAD_DIM) // 2 + local % 8 + (local // 8) * (HEAD_DIM // 2)
         return gl.where(base < PAIRED_ROWS, paired, base + local)
@@ -211,19 +207,6 @@ if HAS_GLUON:
             gl.store(v_dst, y.to(v_cache_ptr.dtype.element_ty), mask=(token_grid < M) & (slot >= 0))
 
     @gluon.jit
-    def _silu_mul_epilogue(y, rows, tokens, M, out_ptr, stride_om, INTER):
-        """``silu(gate) * up`` in a ``[gate | up]`` GEMM's epilogue (``kernels/activation.py``'s formula, on the
-        GEMM's output rounded to the output dtype, as the two launches compute it): ``y`` ``[16 rows, 8 tokens]``,
-        rows 0-7 gate and 8-15 up of columns ``rows[:8]``; ``out_ptr`` ``[M, INTER]``."""
-        y = y.to(out_ptr.dtype.element_ty).to(gl.float32)  # the gate_up output's rounding
-        gate, up = _halves(y)
-        col = _first_half(rows[:, None] + tokens[None, :] * 0)
-        tok = _first_half(tokens[None, :] + rows[:, None] * 0)
-        act = gate / (1.0 + gl.exp(-gate)) * up
-        gl.store(out_ptr + tok.to(gl.int64) * stride_om + col, act.to(out_ptr.dtype.element_ty),
-                 mask=(tok < M) & (col < INTER))
-
-    @gluon.jit
     def _x_step(x_ptrs, k0, x_live, x_k, K, inv_scale_k, QUANT_X: gl.constexpr):
         """x's e4m3 tile for the loop step at byte ``k0``: loaded as it is, or (``QUANT_X``) loaded and quantized with
         the per-token scales (their reciprocals ``inv_scale_k``)."""
@@ -246,11 +229,11 @@ if HAS_GLUON:
     @gluon.jit
     def _gemv_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                      positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb,
-                     stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, INTER,
+                     stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS,
                      WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr, X_TILE: gl.constexpr,
                      MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
                      PREFETCH_STEPS: gl.constexpr, PRELOAD: gl.constexpr, FP8_MAX: gl.constexpr,
-                     MIN_SCALE: gl.constexpr, ROPE_CACHE: gl.constexpr, SILU_MUL: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     MIN_SCALE: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
         ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits.
@@ -258,9 +241,7 @@ if HAS_GLUON:
         weight's loads go out before the PDL wait. Otherwise ``PRELOAD`` steps of weight are loaded before that wait
         (else, with ``PREFETCH_STEPS``, asked of L2): see :func:`prologue_steps`. ``ROPE_CACHE``: a qkv GEMM whose
         epilogue is the attention prep (``_rope_cache_epilogue``; ``out_ptr`` is q's ``[M, Q_ROWS]``); the arguments
-        after ``stride_om`` but ``INTER`` serve only it. ``SILU_MUL``: a ``[gate | up]`` GEMM (``N = 2 INTER``)
-        whose epilogue stores ``silu(gate) * up`` (``_silu_mul_epilogue``, ``out_ptr`` ``[M, INTER]``), a program
-        per 8 columns."""
+        after ``stride_om`` serve only it."""
         pid = gl.program_id(0)
         STEP: gl.constexpr = WARPS * CHUNKS * 128
         PAIRED_ROWS = Q_ROWS + KV_ROWS if ROPE_CACHE else 0
@@ -268,7 +249,7 @@ if HAS_GLUON:
         w_warps = gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, W_TILE)))
         w_rows = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, W_TILE)))
         w_bytes = gl.arange(0, CHUNKS * 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, W_TILE)))
-        rows = _program_rows(pid, w_rows, PAIRED_ROWS, INTER, HEAD_DIM, SILU_MUL)
+        rows = _program_rows(pid, w_rows, PAIRED_ROWS, HEAD_DIM)
         rows = gl.minimum(rows, N - 1).to(gl.int64) * stride_wn  # tail rows re-read, never stored
         w_k = (w_warps * (CHUNKS * 128))[:, None, None] + w_bytes[None, None, :]
         w_ptrs = w_ptr + rows[None, :, None] + w_k
@@ -281,7 +262,7 @@ if HAS_GLUON:
         x_live = (x_rows < M)[None, :, None]
 
         o_rows = _program_rows(pid, gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA))), PAIRED_ROWS,
-                               INTER, HEAD_DIM, SILU_MUL)  # fmt: skip
+                               HEAD_DIM)  # fmt: skip
         o_tokens = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
         if ROPE_CACHE:
             slot, cos, sin = _rope_inputs(o_rows, o_tokens, M, positions_ptr, cos_sin_ptr, stride_cs, slot_ptr,
@@ -311,13 +292,13 @@ if HAS_GLUON:
                 w8_second = gl.load(w_ptrs + STEP, eviction_policy="evict_first")
             if USE_PDL:
                 if PREFETCH_STEPS > 0:
-                    _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, INTER, STEP * PREFETCH_STEPS,
-                                          WARPS, HEAD_DIM, SILU_MUL)
+                    _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, STEP * PREFETCH_STEPS, WARPS,
+                                          HEAD_DIM)
                 gdc_wait()
                 gdc_launch_dependents()
             if not QUANT_X:
                 t_scale = gl.load(x_scale_ptr + o_tokens, mask=o_tokens < M, other=0.0)
-            inv_scale_k = 1.0  # unquantized rows only
+            inv_scale_k = 1.0  # x quantized upstream: unused
             if QUANT_X:  # per-token scales from one pass over x's rows (a few KB, in L2)
                 amax = gl.zeros([WARPS, 8, CHUNKS * 128], gl.float32, layout=X_TILE)
                 for k0 in range(0, K, STEP):
@@ -345,8 +326,6 @@ if HAS_GLUON:
             _rope_cache_epilogue(y, o_rows, o_tokens, pid, M, out_ptr, stride_om, slot, cos, sin, k_cache_ptr,
                                  v_cache_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                                  Q_ROWS, KV_ROWS, HEAD_DIM, BLOCK_SIZE)
-        elif SILU_MUL:
-            _silu_mul_epilogue(y, o_rows, o_tokens, M, out_ptr, stride_om, INTER)
         else:
             gl.store(out_ptr + o_tokens[None, :] * stride_om + o_rows[:, None], y.to(out_ptr.dtype.element_ty),
                      mask=(o_rows < N)[:, None] & (o_tokens < M)[None, :])
@@ -398,10 +377,9 @@ def prologue_steps(config: GemvConfig, k: int, single_step: bool, pdl: bool) -> 
 
 
 def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
-            out: torch.Tensor, config: GemvConfig, rope: tuple | None = None, silu_mul: bool = False) -> None:
+            out: torch.Tensor, config: GemvConfig, rope: tuple | None = None) -> None:
     """One ``_gemv_kernel`` launch over the weight's rows; ``rope``: the rotary epilogue's
-    ``(positions, cos_sin, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)``; ``silu_mul``: the
-    SiLU-and-mul epilogue (``out`` ``[M, N / 2]``)."""
+    ``(positions, cos_sin, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)``."""
     m, k = x.shape
     quant_x = x_scale is None
     xv = x if quant_x else x.view(torch.uint8)
@@ -418,15 +396,13 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
         block_size = k_cache.shape[1]
         epilogue = (positions, cos_sin, cos_sin.stride(0), slots, k_cache, v_cache, *k_cache.stride()[:3],
                     *v_cache.stride()[:3], q_rows, kv_rows)  # fmt: skip
-    inter = weight.shape[0] // 2 if silu_mul else 0
-    programs = triton.cdiv(inter, ROWS // 2) if silu_mul else triton.cdiv(weight.shape[0], ROWS)
-    _gemv_kernel[(programs,)](
+    _gemv_kernel[(triton.cdiv(weight.shape[0], ROWS),)](
         xv, weight_scale if quant_x else x_scale, weight.view(torch.uint8), weight_scale, out, m,
-        weight.shape[0], k, xv.stride(0), weight.stride(0), out.stride(0), *epilogue, inter, WARPS=config.warps,
+        weight.shape[0], k, xv.stride(0), weight.stride(0), out.stride(0), *epilogue, WARPS=config.warps,
         CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0, QUANT_X=quant_x,
         SINGLE_STEP=single_step, PREFETCH_STEPS=prefetch, PRELOAD=preload,
-        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, ROPE_CACHE=rope is not None, SILU_MUL=silu_mul,
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=config.warps,
+        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
+        ROPE_CACHE=rope is not None, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=config.warps,
         **launch_options(pdl),
     )  # fmt: skip
 
@@ -455,17 +431,3 @@ def gluon_fp8_gemv_rope_cache(xq: torch.Tensor, x_scale: torch.Tensor, weight: t
         rope = (positions, cos_sin_cache, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)
         _launch(xq, x_scale, weight, weight_scale, q, config, rope)
     return q
-
-
-def gluon_fp8_gemv_silu_mul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            out_dtype: torch.dtype, config: GemvConfig) -> torch.Tensor:  # fmt: skip
-    """A merged ``[gate | up]`` projection and the SiLU-and-mul after it in one launch: ``xq`` (e4m3, per-token
-    ``x_scale``) times ``weight`` ``[2 I, K]``; returns ``silu(gate) * up`` ``[M, I]`` in ``out_dtype``, what
-    ``silu_and_mul`` of the projection gives. A program multiplies 8 gate rows and the 8 up rows of the same
-    columns, so no kernel (and no trip through memory) sits between the two GEMMs of the MLP; the down projection
-    quantizes these rows itself (``GemvConfig.quantize_x``). Callers check :func:`gemv_supported`."""
-    inter = weight.shape[0] // 2
-    out = torch.empty((xq.shape[0], inter), dtype=out_dtype, device=xq.device)
-    if xq.shape[0] and inter:
-        _launch(xq, x_scale, weight, weight_scale, out, config, silu_mul=True)
-    return out

@@ -48,7 +48,6 @@ from kernels.fp8_gemv_gluon import (
     gemv_supported,
     gluon_fp8_gemv,
     gluon_fp8_gemv_rope_cache,
-    gluon_fp8_gemv_silu_mul,
     rope_cache_supported,
 )
 from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, row_scales, to_e4m3
@@ -419,9 +418,8 @@ FP8_GEMV_CONFIGS: dict[tuple[int, int], GemvConfig | None] = {
     (4096, 4096): GemvConfig(8, 4),  # o_proj: 6.8, table 8.7 (quantizing x in the kernel: 9.4)
     (28672, 4096): GemvConfig(4, 2),  # gate_up: 4 x 1 31.3, table 32.2. Nineteenth session, with the RMSNorm
     # releasing it before its wait (so it launches during attention): 4 x 2 -0.7% a W3-fp8 step against 4 x 1
-    (4096, 14336): GemvConfig(8, 2, quantize_x=True),  # down: 8 x 1 18.7, table 25.9. Seventeenth session, two
-    # steps of weight loaded before the PDL wait (GemvConfig.preload): W3-fp8 at 8 x 2 361.8 / 363.4, 8 x 1 360.9,
-    # 4 x 4 356.3. Twentieth session: quantize_x, for gate_up's SiLU-and-mul epilogue (FP8_SILU_MUL_SHAPES)
+    (4096, 14336): GemvConfig(8, 2),  # down: 8 x 1 18.7, table 25.9. Seventeenth session, two steps of weight
+    # loaded before the PDL wait (GemvConfig.preload): W3-fp8 at 8 x 2 361.8 / 363.4, 8 x 1 360.9, 4 x 4 356.3
     # Llama-3.2-1B
     (3072, 2048): None,  # qkv: table 4.2, 4 x 4 4.3
     (2048, 2048): None,  # o_proj: table 3.4, quantizing x in the kernel 3.3
@@ -448,23 +446,6 @@ def pick_gemv_config(x: torch.Tensor, weight: torch.Tensor, prequantized: bool) 
 
 
 ROPE_CACHE_ENABLED = True  # the qkv GEMV with the attention prep in its epilogue, where it serves the shape
-# [gate | up] weights (N, K) whose GEMV runs with the SiLU-and-mul epilogue: their down projection's config quantizes
-# bf16 rows itself (quantize_x), since nothing is left between the two GEMMs to quantize them. H200, twentieth
-# session (RESULTS.md).
-FP8_SILU_MUL_SHAPES: set[tuple[int, int]] = {(28672, 4096)}  # Llama-3.1-8B
-
-
-def fp8_gate_up_silu_mul(x: Fp8Activations, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor | None:
-    """A W8A8 ``[gate | up]`` projection (x quantized upstream) with ``silu(gate) * up`` in the Gluon GEMV's
-    epilogue (``gluon_fp8_gemv_silu_mul``): one launch instead of the GEMM and the activation kernel in a decode
-    step. Returns the product ``[M, N / 2]`` in x's dtype, or None where the shape is not one of
-    ``FP8_SILU_MUL_SHAPES`` or the GEMV does not serve the call."""
-    if tuple(weight.shape) not in FP8_SILU_MUL_SHAPES:
-        return None
-    config = pick_gemv_config(x.xq, weight, prequantized=True)
-    if config is None:
-        return None
-    return gluon_fp8_gemv_silu_mul(x.xq, x.scale, weight, weight_scale, x.x.dtype, config)
 
 
 def fp8_qkv_rope_cache(x: Fp8Activations, weight: torch.Tensor, weight_scale: torch.Tensor, positions: torch.Tensor,

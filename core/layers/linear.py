@@ -62,13 +62,6 @@ class Linear(nn.Module):
             return None
         return self.quant_method.apply_rope_cache(self, x, **rope)
 
-    def silu_mul_forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor | None:
-        """A merged ``[gate | up]`` projection fused with ``silu(gate) * up``: the product, or None where this
-        layer's method has no such kernel for ``x`` (then call the layer and the activation)."""
-        if not isinstance(x, Fp8Activations) or not hasattr(self.quant_method, "apply_silu_mul"):
-            return None
-        return self.quant_method.apply_silu_mul(self, x)
-
     def takes_fp8_activations(self) -> bool:
         """Whether this layer's quantization method reads upstream fp8 activations (see ``forward``)."""
         return self.quant_method is not None and self.quant_method.takes_fp8_activations(self)

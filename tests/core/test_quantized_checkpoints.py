@@ -428,31 +428,6 @@ def test_fp8_qkv_gemv_with_the_attention_prep_in_its_epilogue_on_gpu(tmp_path, m
     assert logprob_error(fused, unfused) < 2e-2
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda-graphs"])
-def test_fp8_gate_up_gemv_with_silu_and_mul_in_its_epilogue_on_gpu(tmp_path, monkeypatch, enforce_eager):
-    """The gate_up GEMV that also applies ``silu(gate) * up`` (``fp8_gate_up_silu_mul``), its down projection
-    quantizing the product itself, in place of the GEMV, the SiLU-and-mul kernel that quantizes and the down GEMV:
-    the same greedy tokens, and logprobs within rounding."""
-    import kernels.fp8_linear as fp8
-    from kernels.fp8_gemv_gluon import GemvConfig
-
-    monkeypatch.setattr(fp8, "FP8_GEMV_CONFIGS", {})
-    monkeypatch.setattr(fp8, "FP8_GEMV_DEFAULT", GemvConfig(4, 2, quantize_x=True))
-    monkeypatch.setattr(fp8, "FP8_SILU_MUL_SHAPES", {(2 * INTER, HIDDEN)})
-    calls = []
-    real = fp8.gluon_fp8_gemv_silu_mul
-    monkeypatch.setattr(fp8, "gluon_fp8_gemv_silu_mul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    config, state = base_checkpoint()
-    path = save(tmp_path / "plain", config, state)
-    _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
-    assert calls
-    monkeypatch.setattr(fp8, "FP8_SILU_MUL_SHAPES", set())
-    _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
-    assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
-    assert logprob_error(fused, unfused) < 1e-2
-
-
 def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculation(tmp_path):
     """The same greedy tokens from a GPTQ act-order model under chunked prefill, preemption (few blocks), prefix
     caching and n-gram speculative decoding as from a plain run."""

@@ -11,24 +11,16 @@ import torch
 
 from core.layers.rotary import RotaryEmbedding
 from kernels import pdl
-from kernels.activation import silu_and_mul_triton
 from kernels.attention_prep import attention_prep_triton
 from kernels.fp8_gemv_gluon import (
     GemvConfig,
     gemv_supported,
     gluon_fp8_gemv,
     gluon_fp8_gemv_rope_cache,
-    gluon_fp8_gemv_silu_mul,
     prologue_steps,
     rope_cache_supported,
 )
-from kernels.fp8_linear import (
-    Fp8Activations,
-    fp8_gate_up_silu_mul,
-    fp8_linear_ref,
-    quantize_activations,
-    quantize_per_channel,
-)
+from kernels.fp8_linear import fp8_linear_ref, quantize_activations, quantize_per_channel
 
 BF16 = torch.bfloat16
 
@@ -222,27 +214,3 @@ def test_gpu_gemv_rope_cache_matches_projection_then_prep(m, num_heads, num_kv_h
         written[slots[slots >= 0]] = True
         assert torch.equal(fused.view(64 * 16, -1)[~written], ref.view(64 * 16, -1)[~written])  # bit for bit
 
-
-
-def test_silu_mul_epilogue_is_declined_on_cpu():
-    """Where the Gluon GEMV does not run (no GPU) the fused gate_up returns None: the caller runs the projection and
-    the activation kernel."""
-    x = torch.zeros(1, 4096, dtype=BF16)
-    xq = torch.zeros(1, 4096, dtype=torch.float8_e4m3fn)
-    w = torch.zeros(28672, 4096, dtype=torch.float8_e4m3fn)
-    assert fp8_gate_up_silu_mul(Fp8Activations(x, xq, torch.ones(1, 1)), w, torch.ones(28672)) is None
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("inter, k", [(14336, 4096), (100, 4112), (8, 2048)])
-@pytest.mark.parametrize("config", [GemvConfig(4, 1), GemvConfig(4, 2), GemvConfig(8, 4)], ids=repr)
-def test_gpu_gemv_silu_mul_matches_projection_then_activation(m, inter, k, config):
-    """The gate_up GEMM with ``silu(gate) * up`` in its epilogue against the GEMM and then the activation kernel:
-    within one rounding of the output (the columns' tail: ``inter`` not a multiple of 8; K not whole steps)."""
-    x, w, w_scale = _problem(m, 2 * inter, k, seed=5)
-    xq, x_scale = quantize_activations(x)
-    gate_up = gluon_fp8_gemv(xq, w, w_scale, x_scale=x_scale, out_dtype=BF16, config=config)
-    fused = gluon_fp8_gemv_silu_mul(xq, x_scale, w, w_scale, BF16, config)
-    assert fused.shape == (m, inter) and fused.dtype == BF16
-    torch.testing.assert_close(fused, silu_and_mul_triton(gate_up), rtol=8e-3, atol=1e-5)

@@ -24,7 +24,6 @@ from core.layers.quantization.base import LinearMethod, QuantConfig, new_paramet
 from kernels.fp8_linear import (
     FP8_DTYPE,
     Fp8Activations,
-    fp8_gate_up_silu_mul,
     fp8_linear,
     fp8_linear_ref,
     fp8_qkv_rope_cache,
@@ -184,10 +183,3 @@ class Fp8LinearMethod(LinearMethod):
         if not self.takes_fp8_activations(layer) or layer.bias is not None:
             return None
         return fp8_qkv_rope_cache(x, layer.weight, layer.weight_scale, **rope)
-
-    def apply_silu_mul(self, layer: nn.Module, x: Fp8Activations) -> torch.Tensor | None:
-        """A ``[gate | up]`` layer's product with ``silu(gate) * up`` in its epilogue (``fp8_gate_up_silu_mul``), or
-        None where that kernel does not serve it."""
-        if not self.takes_fp8_activations(layer) or layer.bias is not None:
-            return None
-        return fp8_gate_up_silu_mul(x, layer.weight, layer.weight_scale)
