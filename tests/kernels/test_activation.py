@@ -98,3 +98,56 @@ def test_silu_and_mul_fp8_wide_rows_and_torch_backend_take_the_unfused_path(monk
     monkeypatch.setattr(activation, "FP8_FUSED_MAX_D", 64)  # 96 > 64: the two unfused kernels
     wide = silu_and_mul_fp8_triton(x.to(KERNEL_DEVICE))
     assert torch.equal(wide.x, silu_and_mul_triton(x.to(KERNEL_DEVICE)))
+
+
+def _same_fp8_activations(got, ref) -> bool:
+    return (torch.equal(got.x, ref.x) and torch.equal(got.scale, ref.scale)
+            and torch.equal(got.xq.view(torch.uint8), ref.xq.view(torch.uint8)))  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("d", [14336, 1000, 28672])
+def test_gpu_split_silu_and_mul_fp8_gives_the_one_program_kernels_bits(monkeypatch, rows, d):
+    """A decode step's rows over several programs that exchange their absmaxes: the bits of the one-program kernel
+    (of the two unfused kernels past FP8_FUSED_MAX_D), launch after launch (the epoch alternates)."""
+    import kernels.activation as activation
+
+    gen = torch.Generator(device="cuda").manual_seed(rows * d)
+    inputs = [(torch.randn(rows, 2 * d, device="cuda", generator=gen) * s).to(torch.bfloat16) for s in (1, 30, 0.01)]
+    split = [silu_and_mul_fp8_triton(x) for x in inputs]
+    assert torch.device("cuda", torch.cuda.current_device()) in activation._SPLIT_SYNC  # the split kernel ran
+    monkeypatch.setattr(activation, "SPLIT_ENABLED", False)
+    assert all(_same_fp8_activations(got, silu_and_mul_fp8_triton(x)) for x, got in zip(inputs, split))
+
+
+@pytest.mark.gpu
+def test_gpu_split_silu_and_mul_fp8_in_a_cuda_graph_with_pdl():
+    """Launches of the split kernel, each behind the kernel that writes its input, captured in a CUDA graph with PDL
+    on and replayed with new inputs: each waits for its input and for all of its programs' absmaxes."""
+    import kernels.activation as activation
+    from kernels import pdl
+
+    src = torch.randn(2, 2 * 14336, device="cuda").to(torch.bfloat16)
+
+    def step():
+        return [silu_and_mul_fp8_triton(src * scale) for scale in (1.0, 3.0, 0.5)]
+
+    pdl.configure(True)
+    try:
+        step()  # outside the capture first: the sync buffers exist before it
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = step()
+        for _ in range(3):
+            src.copy_(torch.randn_like(src, dtype=torch.float32).to(torch.bfloat16))
+            graph.replay()
+            torch.cuda.synchronize()
+            activation.SPLIT_ENABLED = False
+            try:
+                refs = step()
+            finally:
+                activation.SPLIT_ENABLED = True
+            assert all(_same_fp8_activations(got, ref) for got, ref in zip(outs, refs))
+    finally:
+        pdl.configure(False)
