@@ -76,7 +76,7 @@ def act_and_mul_triton(x: torch.Tensor, act: int, out: torch.Tensor | None = Non
 @triton.jit
 def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, q_ptr, scale_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr,
                              FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                             USE_PDL: tl.constexpr = False, STORE_X: tl.constexpr = True):  # fmt: skip
+                             USE_PDL: tl.constexpr = False):  # fmt: skip
     """One program per row (the whole row in registers, so its absmax is in one program): ``silu(gate) * up``
     rounded to the output dtype, stored, and also quantized per row to e4m3 (``to_e4m3``, like every quantizing
     kernel)."""
@@ -87,8 +87,7 @@ def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, q_ptr, scale_ptr, d, stride_x, stri
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + d + offs, mask=mask, other=0.0).to(tl.float32)
     out = (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty)
-    if STORE_X:
-        tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
+    tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
     rounded = out.to(tl.float32)
     scale = e4m3_row_scale(tl.max(tl.abs(rounded), axis=0), FP8_MAX, MIN_SCALE)
     q = to_e4m3(rounded, scale, FP8_MAX)
@@ -146,7 +145,6 @@ def _silu_and_mul_fp8_split_kernel(x_ptr, out_ptr, q_ptr, scale_ptr, sync_ptr, p
         tl.store(scale_ptr + rows, scale, mask=rows < M)
 
 
-_STORE_X = True
 FP8_FUSED_MAX_D = 16384  # rows up to this width fit one program's registers (16 warps: 32 + 32 values a thread)
 # The split kernel: rows up to SPLIT_MAX_ROWS (a decode step's), BLOCK columns a program, at most SPLIT_MAX_PROGRAMS
 # programs (all resident at once, as its wait needs). Measured on the H200 (RESULTS.md, twentieth session).
@@ -207,7 +205,7 @@ def silu_and_mul_fp8_triton(x: torch.Tensor) -> Fp8Activations:
         block = triton.next_power_of_2(d)
         _silu_and_mul_fp8_kernel[(x.shape[0],)](x, out, q, scale, d, x.stride(0), out.stride(0), BLOCK=block,
                                                  FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
-                                                 num_warps=max(4, min(16, block // 1024)), STORE_X=_STORE_X,
+                                                 num_warps=max(4, min(16, block // 1024)),
                                                  **launch_options(use_pdl(x)))  # fmt: skip
     return Fp8Activations(out, q.view(FP8_DTYPE), scale)
 
