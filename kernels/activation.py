@@ -95,112 +95,21 @@ def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, q_ptr, scale_ptr, d, stride_x, stri
     tl.store(scale_ptr + row, scale)
 
 
-@triton.jit
-def _silu_and_mul_fp8_split_kernel(x_ptr, out_ptr, q_ptr, scale_ptr, sync_ptr, partial_ptr, M, d, stride_x,
-                                   stride_out, ROWS: tl.constexpr, BLOCK: tl.constexpr, PROGRAMS_PAD: tl.constexpr,
-                                   FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr, STORE_X: tl.constexpr = True,
-                                   USE_PDL: tl.constexpr = False):  # fmt: skip
-    """A decode step's few rows (``M <= ROWS``) over ``cdiv(d, BLOCK)`` programs, each owning ``BLOCK`` columns of
-    every row: ``_silu_and_mul_fp8_kernel``'s result without one program doing a whole row's loads, exponentials and
-    stores. The row absmaxes need every program's columns: each program stores its own (``partial_ptr``, a slot per
-    program), arrives on a counter, and waits until the last arriver advances an epoch; then each reads all the
-    partial absmaxes and quantizes its columns.
-
-    Waiting on other programs is safe because they are all resident by then: few (at most 64), and they wait on
-    nothing that needs an SM (a PDL dependent launches only once every program here has passed its own wait).
-    ``sync_ptr``: int32 ``[arrivals, epoch]``, arrivals zero between launches (the last arriver resets them); the
-    epoch is read before the PDL wait (only a previous launch, complete by then, advances it). Launches sharing the
-    buffers must be stream-ordered, as a model's layers are."""
-    epoch = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
-    wait_then_release(USE_PDL)
-    pid = tl.program_id(0)
-    rows = tl.arange(0, ROWS)
-    cols = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = (rows < M)[:, None] & (cols < d)[None, :]
-    src = x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :]
-    gate = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(src + d, mask=mask, other=0.0).to(tl.float32)
-    out = (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty)
-    if STORE_X:
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :], out, mask=mask)
-    rounded = out.to(tl.float32)
-    tl.store(partial_ptr + pid * ROWS + rows, tl.max(tl.abs(rounded), axis=1))
-    # Every thread's partial store is ordered before the arrival by the CTA barrier; the arrival is a gpu-scope
-    # release (and, for the last arriver, acquire), the epoch's advance a release the waiters acquire.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
-    if ticket == tl.num_programs(0) - 1:
-        tl.store(sync_ptr, 0)  # ready for the next launch (stream order puts it before that launch)
-        tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
-    else:
-        while tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu") == epoch:
-            pass
-    slots = tl.arange(0, PROGRAMS_PAD)
-    partials = tl.load(partial_ptr + slots[:, None] * ROWS + rows[None, :],
-                       mask=(slots < tl.num_programs(0))[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-    scale = e4m3_row_scale(tl.max(partials, axis=0), FP8_MAX, MIN_SCALE)
-    q = to_e4m3(rounded, scale[:, None], FP8_MAX)
-    tl.store(q_ptr + rows[:, None].to(tl.int64) * d + cols[None, :], q.to(tl.uint8, bitcast=True), mask=mask)
-    if pid == 0:
-        tl.store(scale_ptr + rows, scale, mask=rows < M)
-
-
 FP8_FUSED_MAX_D = 16384  # rows up to this width fit one program's registers (16 warps: 32 + 32 values a thread)
-# The split kernel: rows up to SPLIT_MAX_ROWS (a decode step's), BLOCK columns a program, at most SPLIT_MAX_PROGRAMS
-# programs (all resident at once, as its wait needs). Measured on the H200 (RESULTS.md, twentieth session).
-SPLIT_MAX_ROWS = 8
-SPLIT_BLOCK = 1024
-SPLIT_MAX_PROGRAMS = 64
-SPLIT_ENABLED = True
-# Per device: the split kernel's int32 [arrivals, epoch] and float32 partial absmaxes [programs, rows], zero at
-# first. Made outside graph capture only (zeros made inside a capture would only exist on replay).
-_SPLIT_SYNC: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _split_buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The split kernel's sync and partial buffers for ``device``, or None while a CUDA graph is being captured and
-    they do not exist yet (the caller then runs the one-program kernel)."""
-    buffers = _SPLIT_SYNC.get(device)
-    if buffers is None and not torch.cuda.is_current_stream_capturing():
-        buffers = (torch.zeros(2, dtype=torch.int32, device=device),
-                   torch.zeros(SPLIT_MAX_PROGRAMS * SPLIT_MAX_ROWS, dtype=torch.float32, device=device))
-        _SPLIT_SYNC[device] = buffers
-    return buffers
-
-
-def _split_launch(x: torch.Tensor, out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
-    """The split kernel where it serves (a GPU, at most SPLIT_MAX_ROWS rows, few enough programs); False otherwise.
-    GPU only: under the interpreter, programs run one after another and a waiting one would wait forever."""
-    m, d = out.shape
-    programs = triton.cdiv(d, SPLIT_BLOCK)
-    if not (SPLIT_ENABLED and x.is_cuda and 0 < m <= SPLIT_MAX_ROWS and programs <= SPLIT_MAX_PROGRAMS):
-        return False
-    buffers = _split_buffers(x.device)
-    if buffers is None:
-        return False
-    _silu_and_mul_fp8_split_kernel[(programs,)](
-        x, out, q, scale, *buffers, m, d, x.stride(0), out.stride(0), ROWS=max(2, triton.next_power_of_2(m)),
-        BLOCK=SPLIT_BLOCK, PROGRAMS_PAD=max(2, triton.next_power_of_2(programs)), FP8_MAX=FP8_MAX,
-        MIN_SCALE=FP8_MIN_SCALE, STORE_X=_STORE_X, num_warps=4, **launch_options(use_pdl(x)),
-    )  # fmt: skip
-    return True
 
 
 def silu_and_mul_fp8_triton(x: torch.Tensor) -> Fp8Activations:
-    """:func:`silu_and_mul_fp8` in one Triton launch: a decode step's few rows over several programs on the GPU
-    (``_split_launch``), else a program per row; rows wider than ``FP8_FUSED_MAX_D`` then take the two unfused
+    """:func:`silu_and_mul_fp8` in one Triton launch; rows wider than ``FP8_FUSED_MAX_D`` take the two unfused
     kernels (same result)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     d = x.shape[-1] // 2
-    out = torch.empty((x.shape[0], d), dtype=x.dtype, device=x.device)
-    q = torch.empty((x.shape[0], d), dtype=torch.uint8, device=x.device)
-    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
-    if _split_launch(x, out, q, scale):
-        return Fp8Activations(out, q.view(FP8_DTYPE), scale)
     if d > FP8_FUSED_MAX_D:
         out = silu_and_mul_triton(x)
         return Fp8Activations(out, *quantize_activations_triton(out))
+    out = torch.empty((x.shape[0], d), dtype=x.dtype, device=x.device)
+    q = torch.empty((x.shape[0], d), dtype=torch.uint8, device=x.device)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
     if x.shape[0]:
         block = triton.next_power_of_2(d)
         _silu_and_mul_fp8_kernel[(x.shape[0],)](x, out, q, scale, d, x.stride(0), out.stride(0), BLOCK=block,
