@@ -201,17 +201,21 @@ def attend_kv_tile(
     ``EMPTY_ROWS``: a row may meet a whole tile of keys it must not see before any visible key (with ``WINDOW``
     always; the multi-query decode kernel's split-K, where a split may start after a row's causal limit), so the
     running maximum can still be -inf: guarded, no NaN."""
+    V_HALVES: tl.constexpr = V_PAIRS and SPLIT_V and TILE_N >= 32  # p @ v over two halves of the keys (split_pv)
     offs_n, page, in_page, in_context, k, v = gather_kv_tile(
         tile_start, kv_end, table, k_base, v_base, stride_kb, stride_ks, stride_vb, stride_vs, HEAD_DIM, BLOCK_D,
-        BLOCK_SIZE, TILE_N, MASKED, V_PAIRS and SPLIT_V and TILE_N >= 32, V_PAIRS, PAIRS_ASM)
-    if V_PAIRS and SPLIT_V and TILE_N >= 32:
+        BLOCK_SIZE, TILE_N, MASKED, V_HALVES, V_PAIRS, PAIRS_ASM)
+    # One branch or the other, no early return: Triton 3.9 compiles the statements after a constexpr branch's
+    # return too, and the fold cannot take V in halves.
+    if V_HALVES:
         p, alpha, m_new, l_i = _online_softmax(m_i, l_i, q, k, q_pos, offs_n, kv_end, qk_scale, cap_log2, slopes,
                                                sliding_window, MASKED, IEEE, SOFTCAP, ALIBI, WINDOW, EMPTY_ROWS)
         acc = split_pv(acc * alpha[:, None], p, v_base, page, in_page, in_context, stride_vb, stride_vs, HEAD_DIM,
                        BLOCK_D, TILE_N, MASKED, PAIRS_ASM)  # fmt: skip
-        return acc, m_new, l_i
-    return fold_kv_tile(acc, m_i, l_i, q, k, v, q_pos, offs_n, kv_end, qk_scale, cap_log2, slopes, sliding_window,
-                        MASKED, IEEE, SOFTCAP, ALIBI, WINDOW, EMPTY_ROWS)
+    else:
+        acc, m_new, l_i = fold_kv_tile(acc, m_i, l_i, q, k, v, q_pos, offs_n, kv_end, qk_scale, cap_log2, slopes,
+                                       sliding_window, MASKED, IEEE, SOFTCAP, ALIBI, WINDOW, EMPTY_ROWS)  # fmt: skip
+    return acc, m_new, l_i
 
 
 @triton.jit
