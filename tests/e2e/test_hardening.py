@@ -216,8 +216,8 @@ def test_big_inputs_are_refused_before_tokenizing_and_health_stays_fast(server):
             assert time.monotonic() - start < 10
     # Tokenizing one of these prompts would hold the event loop for seconds; the 413s are checked by status above.
     # The bound leaves room for the 2-core CI box, shared by this process, the probe and the server (worst answers of
-    # 0.13-0.17 s seen there with nothing blocking).
-    assert not probe.failures and probe.worst < 0.25, (probe.worst, probe.failures[:3])
+    # 0.13-0.17 s seen there with nothing blocking, and 0.28 s once in a fresh-clone run of the suite).
+    assert not probe.failures and probe.worst < 0.5, (probe.worst, probe.failures[:3])
 
 
 def test_request_chat_template_is_refused_without_the_flag(server):
