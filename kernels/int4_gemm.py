@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.int4_gemv_gluon import Int4GemvConfig, gluon_int4_gemv, int4_gemv_supported
 from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.skinny_gemm import SkinnyConfig, _c, _store_row, _x_row_ptrs, m_bucket
 from kernels.split_k import decode_launch, split_workspace, store_split_partial, tensor_core_split_k
@@ -475,15 +476,37 @@ def int4_dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     return F.linear(x, dequantize_int4_into_scratch(qweight, scales, zeros, group_size, x.dtype))
 
 
+# The Gluon decode GEMM (kernels/int4_gemv_gluon.py, M <= 8, whole-number zero points, groups of 128k) on GPUs where
+# it runs: configs per (N, K), else INT4_GEMV_DEFAULT; None (or INT4_GEMV_ENABLED off) sends the shape to the
+# Triton kernels' tables above. ``benchmarks/bench_int4_gemv.py`` times every config against them.
+INT4_GEMV_CONFIGS: dict[tuple[int, int], Int4GemvConfig | None] = {}
+INT4_GEMV_DEFAULT: Int4GemvConfig | None = Int4GemvConfig(4, 2)
+INT4_GEMV_ENABLED = True
+
+
+def pick_int4_gemv_config(x: torch.Tensor, qweight: torch.Tensor, group_size: int, integer_zeros: bool
+                          ) -> Int4GemvConfig | None:  # fmt: skip
+    """The Gluon int4 GEMV's config for ``x @ W``, or None where it does not serve the call (zero points that are
+    not whole numbers keep the Triton kernel's ``FRACTIONAL_ZEROS`` path)."""
+    if not (INT4_GEMV_ENABLED and integer_zeros and int4_gemv_supported(x, qweight, group_size)):
+        return None
+    key = (qweight.shape[0], x.shape[1])
+    return INT4_GEMV_CONFIGS[key] if key in INT4_GEMV_CONFIGS else INT4_GEMV_DEFAULT
+
+
 def int4_decode_or_prefill_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                                 group_size: int, integer_zeros: bool = True) -> torch.Tensor:  # fmt: skip
-    """The shape's measured decode kernel (``pick_int4_config``: mma for M <= 16 or fma for M <= 4), the dequantized
+    """The Gluon GEMV where it serves the call (``pick_int4_gemv_config``), else the shape's measured decode kernel
+    (``pick_int4_config``: mma for M <= 16 or fma for M <= 4), the dequantized
     weight through cuBLAS from ``INT4_DEQUANT_MIN_M`` rows on (CUDA), else the tl.dot kernel.
     ``integer_zeros=False``: zero points that are not whole numbers (GGUF Q4_1's ``-m / d``) take the tensor-core
     kernel's ``mma`` kind (an ``mms`` config becomes the ``mma`` one of the same tiles), which adds the fractional
     part apart; the other kernels dequantize in fp32."""
     if x.shape[0] >= INT4_DEQUANT_MIN_M and x.is_cuda:
         return int4_dequant_gemm(x, qweight, scales, zeros, group_size)
+    gemv_config = pick_int4_gemv_config(x, qweight, group_size, integer_zeros)
+    if gemv_config is not None:
+        return gluon_int4_gemv(x, qweight, scales, zeros, group_size, gemv_config)
     config = pick_int4_config(x.shape[0], qweight.shape[0], x.shape[1], group_size)
     if config is not None and config.kind in INT4_MMA_KINDS:
         if not integer_zeros and config.kind != "mma":
