@@ -6,8 +6,8 @@ kernels' table entry, at M = 1: what fills ``INT4_GEMV_CONFIGS`` in ``kernels/in
 
 Every call is checked against ``int4_linear_ref`` first. Timing: the calls captured back to back in one CUDA graph,
 each on its own copy of the weight (>= 256 MB of copies, so no call reads its weight from L2), median of
-``--replays`` replays, per call; with PDL on unless ``--no-pdl`` (the engine's default). ``g{warps}x{chunks}p{n}s{stages}``:
-the GEMV with ``n`` steps preloaded before the PDL wait and a ring of ``stages`` (0: registers); "table": ``int4_decode_or_prefill_gemm`` with the GEMV off.
+``--replays`` replays, per call; with PDL on unless ``--no-pdl`` (the engine's default). ``g{warps}x{chunks}p{n}``:
+the GEMV with ``n`` steps preloaded before the PDL wait; "table": ``int4_decode_or_prefill_gemm`` with the GEMV off.
 Group 128, bf16 rows. It prints each shape's times, fastest first, the floor (int4 codes + scales + zeros at
 4.28 TB/s) and the block to paste. GPU only: Gluon has no interpreter.
 """
@@ -30,16 +30,14 @@ from kernels.int4_gemm import int4_decode_or_prefill_gemm, int4_linear_ref, pack
 from kernels.int4_gemv_gluon import Int4GemvConfig, gluon_int4_gemv  # noqa: E402
 
 GROUP = 128
-CONFIGS = [Int4GemvConfig(w, c, p, st) for w, c, p, st in (
-    (4, 1, 1, 0), (4, 2, 2, 0), (8, 1, 1, 0), (8, 2, 2, 0),  # registers, one step ahead
-    (4, 1, 1, 4), (4, 1, 2, 4), (4, 1, 1, 8), (4, 2, 1, 4), (4, 2, 2, 4), (8, 1, 1, 4), (8, 2, 1, 2), (8, 2, 1, 4),
-    (8, 2, 2, 4), (16, 1, 1, 4), (4, 4, 1, 2), (8, 4, 1, 2))]  # cp.async rings
+CONFIGS = [Int4GemvConfig(w, c, p) for w, c, p in ((4, 1, 1), (4, 1, 2), (4, 2, 1), (4, 2, 2), (4, 4, 1), (8, 1, 1),
+                                                  (8, 2, 1), (8, 2, 2), (8, 4, 1), (16, 2, 1))]
 ROTATE_BYTES = 256 << 20
 TABLE = "table"
 
 
 def label(config: Int4GemvConfig) -> str:
-    return f"g{config.warps}x{config.chunks}p{config.preload}s{config.stages}"
+    return f"g{config.warps}x{config.chunks}p{config.preload}"
 
 
 def time_shape(n: int, k: int, replays: int, gen: torch.Generator) -> dict[str, float]:
@@ -92,7 +90,7 @@ def main() -> int:
             best = min(gemv, key=gemv.get) if gemv else None
             if best is not None and (TABLE not in times or gemv[best] < times[TABLE]):
                 config = next(c for c in CONFIGS if label(c) == best)
-                entry = f"Int4GemvConfig({config.warps}, {config.chunks}, {config.preload}, {config.stages})"
+                entry = f"Int4GemvConfig({config.warps}, {config.chunks}, {config.preload})"
             else:
                 entry = "None"
             lines.append(f"    ({n}, {k}): {entry},  # {model} {layer}: {gemv.get(best, float('nan')):.1f} us, "

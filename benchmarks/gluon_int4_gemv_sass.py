@@ -30,7 +30,7 @@ from kernels import int4_gemv_gluon  # noqa: E402
 
 
 def compile_int4_gemv(warps: int = 4, chunks: int = 2, fp16: bool = False, n: int = 28672, k: int = 4096,
-                      use_pdl: bool = False, preload: int = 0, group_size: int = 128, stages: int = 0):  # fmt: skip
+                      use_pdl: bool = False, preload: int = 0, group_size: int = 128):  # fmt: skip
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU, for an ``n x
     k`` weight (default: Llama-8B's gate_up; ``preload``: steps of weight loaded before the PDL wait, with
     ``use_pdl``)."""
@@ -41,7 +41,7 @@ def compile_int4_gemv(warps: int = 4, chunks: int = 2, fp16: bool = False, n: in
                     {"WARPS": warps, "CHUNKS": chunks, "W_TILE": w_tile, "X_TILE": x_tile, "MMA": mma,
                      "GROUP_SIZE": group_size, "MAGIC": 1024.0 if fp16 else 128.0, "N": n, "K": k,
                      "stride_qn": k // 4,
-                     "PRELOAD": preload if use_pdl else 0, "STAGES": stages, "USE_PDL": use_pdl}, warps, 1,
+                     "PRELOAD": preload if use_pdl else 0, "USE_PDL": use_pdl}, warps, 1,
                     source_cls=GluonASTSource)  # fmt: skip
 
 
@@ -59,7 +59,6 @@ def main() -> int:
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--chunks", type=int, default=2)
     parser.add_argument("--fp16", action="store_true", help="fp16 activations (default bf16)")
-    parser.add_argument("--stages", type=int, default=0, help="cp.async ring stages (0: registers)")
     parser.add_argument("--n", type=int, default=28672)
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--preload", type=int, default=0, help="steps loaded before the PDL wait (PDL on)")
@@ -67,7 +66,7 @@ def main() -> int:
     parser.add_argument("--sass", action="store_true", help="print the whole SASS")
     opts = parser.parse_args()
     compiled = compile_int4_gemv(opts.warps, opts.chunks, opts.fp16, opts.n, opts.k, use_pdl=opts.preload > 0,
-                                 preload=opts.preload, stages=opts.stages)
+                                 preload=opts.preload)
     if opts.sass:
         print(sass_and_resources(compiled.asm["cubin"])[0])
     info = summarize(compiled)

@@ -479,8 +479,15 @@ def int4_dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 # The Gluon decode GEMM (kernels/int4_gemv_gluon.py, M <= 8, whole-number zero points, groups of 128k) on GPUs where
 # it runs: configs per (N, K), else INT4_GEMV_DEFAULT; None (or INT4_GEMV_ENABLED off) sends the shape to the
 # Triton kernels' tables above. ``benchmarks/bench_int4_gemv.py`` times every config against them.
-INT4_GEMV_CONFIGS: dict[tuple[int, int], Int4GemvConfig | None] = {}
-INT4_GEMV_DEFAULT: Int4GemvConfig | None = Int4GemvConfig(4, 2)
+# H200, 2026-12-04 (twenty-first session), M = 1, PDL on, us (RESULTS.md); "table": the Triton kernels above.
+INT4_GEMV_CONFIGS: dict[tuple[int, int], Int4GemvConfig | None] = {  # Llama-3.1-8B, group 128
+    (6144, 4096): Int4GemvConfig(8, 1, 1),  # qkv: 6.8-6.9 (8 x 2 x 2: 8.3), table 10.9-11.1
+    (4096, 4096): Int4GemvConfig(8, 2, 2),  # o_proj: 5.3-5.4, table 8.3-8.4
+    (28672, 4096): Int4GemvConfig(4, 1, 1),  # gate_up: 25.9-26.8 (8 x 2 x 2: 29.5-30.7), table 52.6-52.8
+    (4096, 14336): Int4GemvConfig(8, 2, 2),  # down: 14.9, table 20.2-20.5
+}
+# Unmeasured shapes: 8 x 2 x 2, faster than the Triton table on all four Llama-8B shapes (the best on two).
+INT4_GEMV_DEFAULT: Int4GemvConfig | None = Int4GemvConfig(8, 2, 2)
 INT4_GEMV_ENABLED = True
 
 

@@ -44,10 +44,7 @@ from kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, use_pdl
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
-
-    # cp.async global -> shared: Triton 3.6 calls it async_copy_global_to_shared, later versions async_load
-    _cp_async = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     HAS_GLUON = True
 except ImportError:  # pragma: no cover - a Triton without Gluon
@@ -63,14 +60,12 @@ _MAGIC_VALUES = {torch.float16: 1024.0, torch.bfloat16: 128.0}
 
 class Int4GemvConfig(NamedTuple):
     """Warps per program, 128-k chunks per warp per loop step (each thread has 32 bytes of weight in flight per
-    chunk), how many loop steps of weight (0-2) a PDL-launched program asks for before it waits on the kernel before
-    it (whole steps only: :func:`preload_steps`), and where the steps ahead wait: ``stages`` 0 = registers, one
-    step ahead; else a cp.async ring of that many steps in shared memory (``stages - 1`` ahead)."""
+    chunk), and how many loop steps of weight (0-2) a PDL-launched program loads before it waits on the kernel
+    before it (whole steps only: :func:`preload_steps`)."""
 
     warps: int = 4
     chunks: int = 2
     preload: int = 1
-    stages: int = 0
 
     @property
     def step_k(self) -> int:
@@ -119,10 +114,6 @@ _BF16_ASM = triton.language.constexpr(_magic_asm(_MAGIC_BITS[torch.bfloat16]))
 
 
 if HAS_GLUON:
-    # the weight ring [stage, chunk, row, int16]: each thread reads back the 16-byte runs it copied; a quarter
-    # warp's runs (rows g, g + 1, four runs each) cover all 32 banks, so no swizzle
-    _RING_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0]))
-
     @gluon.jit
     def _a_operand(halves, BATCH: gl.constexpr, MMA: gl.constexpr, DTYPE: gl.constexpr):
         """A loaded ``[batch, 16, 32]`` int16 tile (thread ``t``'s 8 halves: words ``r`` < 4 of block ``t``, low and
@@ -185,83 +176,10 @@ if HAS_GLUON:
         return acc + mma_v2(a, b, zero) * s[:, :, None] + mma_v2(ones, b, zero) * zs[:, :, None]
 
     @gluon.jit
-    def _copy_step(slot, w_ptrs, w_k, k0: gl.constexpr, K: gl.constexpr, STEP_K: gl.constexpr):
-        """cp.async of the loop step at ``k0``'s weight codes into a ring slot (code 0 past K), each thread the
-        bytes it reads back itself (the weight tile's layout): no barrier between the copy and the read."""
-        if k0 + STEP_K <= K:
-            _cp_async(slot, w_ptrs + k0 // 4)
-        else:
-            _cp_async(slot, w_ptrs + k0 // 4, mask=w_k + k0 < K)
-        async_copy.commit_group()
-
-    @gluon.jit
-    def _stage_scales(s_ptr, z_ptr, pid, K: gl.constexpr, N: gl.constexpr, STEP_K: gl.constexpr,
-                      STEPS: gl.constexpr, BATCH: gl.constexpr, GROUP_SIZE: gl.constexpr, MAGIC: gl.constexpr,
-                      WARPS: gl.constexpr):  # fmt: skip
-        """Every (step, chunk, row) of the program's scales as fp32 ``s`` and ``-(magic + z) s`` in shared memory
-        ``[steps, batch, 16]``, converted once (spread over the program's threads) instead of in the K loop by
-        each of a quad's four threads."""
-        layout: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [WARPS, 1], [1, 0])
-        chunk = gl.arange(0, BATCH, layout=gl.SliceLayout(1, layout))
-        row = gl.minimum(pid * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, layout)), N - 1)
-        smem_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-        s_smem = gl.allocate_shared_memory(gl.float32, [triton.next_power_of_2(STEPS), BATCH, 16], smem_layout)
-        zs_smem = gl.allocate_shared_memory(gl.float32, [triton.next_power_of_2(STEPS), BATCH, 16], smem_layout)
-        for i in gl.static_range(STEPS):
-            k = gl.minimum(i * STEP_K + chunk * 128, K - 1)
-            at = (k // GROUP_SIZE * N)[:, None] + row[None, :]
-            sc = gl.load(s_ptr + at).to(gl.float32)
-            s_smem.index(i).store(sc)
-            zs_smem.index(i).store(-(MAGIC + gl.load(z_ptr + at).to(gl.float32)) * sc)
-        return s_smem, zs_smem
-
-    @gluon.jit
-    def _ring_loop(acc, pid, w_ptrs, w_k, x_ptrs, x_k, s_ptr, z_ptr, K: gl.constexpr, N: gl.constexpr,
-                   STEP_K: gl.constexpr, STEPS: gl.constexpr, GROUP_SIZE: gl.constexpr, MAGIC: gl.constexpr,
-                   W_TILE: gl.constexpr, BATCH: gl.constexpr, MMA: gl.constexpr, DTYPE: gl.constexpr,
-                   PRELOAD: gl.constexpr, STAGES: gl.constexpr, USE_PDL: gl.constexpr,
-                   WARPS: gl.constexpr):  # fmt: skip
-        """The K loop (not unrolled) with the weight streamed through a cp.async ring of ``STAGES`` steps
-        (``STAGES - 1`` ahead, ``PRELOAD`` of the first ones issued before the PDL wait) and the scales staged in
-        shared memory at the start."""
-        ring = gl.allocate_shared_memory(gl.int16, [STAGES, BATCH, 16, 32], _RING_LAYOUT)
-        for i in gl.static_range(STAGES - 1):
-            if i < STEPS and i < PRELOAD:
-                _copy_step(ring.index(i), w_ptrs, w_k, i * STEP_K, K, STEP_K)
-        s_smem, zs_smem = _stage_scales(s_ptr, z_ptr, pid, K, N, STEP_K, STEPS, BATCH, GROUP_SIZE, MAGIC, WARPS)
-        if USE_PDL:
-            gdc_wait()
-            gdc_launch_dependents()
-        for i in gl.static_range(STAGES - 1):
-            if i < STEPS and i >= PRELOAD:
-                _copy_step(ring.index(i), w_ptrs, w_k, i * STEP_K, K, STEP_K)
-        SCALE_LAYOUT: gl.constexpr = gl.SliceLayout(2, MMA)
-        for i in range(STEPS):
-            ahead = (i + STAGES - 1) * STEP_K  # past K on the last steps: masked (an empty copy keeps the count)
-            _cp_async(ring.index((i + STAGES - 1) % STAGES), w_ptrs + ahead // 4, mask=w_k + ahead < K)
-            async_copy.commit_group()
-            xv = gl.load(x_ptrs + i * STEP_K, mask=x_k + i * STEP_K < K, other=0.0)
-            s = s_smem.index(i).load(SCALE_LAYOUT)
-            zs = zs_smem.index(i).load(SCALE_LAYOUT)
-            async_copy.wait_group(STAGES - 1)
-            halves = ring.index(i % STAGES).load(W_TILE)
-            acc = _step_product(halves, xv, s, zs, acc, BATCH, MMA, DTYPE)
-        async_copy.wait_group(0)  # the masked copies past K end before the program does
-        return acc
-
-    @gluon.jit
-    def _x_step(x_ptrs, x_k, k0: gl.constexpr, K: gl.constexpr, STEP_K: gl.constexpr):
-        if k0 + STEP_K <= K:
-            return gl.load(x_ptrs + k0)
-        else:  # chunks past K: x 0 (their codes are 0 too)
-            return gl.load(x_ptrs + k0, mask=x_k + k0 < K, other=0.0)
-
-    @gluon.jit
     def _int4_gemv_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, stride_xm, stride_om, N: gl.constexpr,
                           K: gl.constexpr, stride_qn: gl.constexpr, WARPS: gl.constexpr, CHUNKS: gl.constexpr,
                           W_TILE: gl.constexpr, X_TILE: gl.constexpr, MMA: gl.constexpr, GROUP_SIZE: gl.constexpr,
-                          MAGIC: gl.constexpr, PRELOAD: gl.constexpr, STAGES: gl.constexpr,
-                          USE_PDL: gl.constexpr):  # fmt: skip
+                          MAGIC: gl.constexpr, PRELOAD: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = x @ W[:, 16 pid : 16 pid + 16]``, ``W = (q - z) * s``.
         ``qh_ptr``: the kernel layout's qweight as int16 ``[N, K / 4]``; ``s``, ``z``: ``[K / GROUP_SIZE, N]``.
         ``PRELOAD`` steps of weight (and their scales) are loaded before the PDL wait: no kernel writes them.
@@ -289,39 +207,35 @@ if HAS_GLUON:
         s_batch = gl.arange(0, BATCH, layout=gl.SliceLayout(1, gl.SliceLayout(2, MMA)))
         o_rows = pid * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA)))
         o_tokens = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
-        s_offs = (s_batch * 128, gl.minimum(pid * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA))),
-                                            N - 1))
+        s_rows = gl.minimum(pid * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA))), N - 1)
+        s_offs = (s_batch * 128, s_rows)
 
         acc = gl.zeros([BATCH, 16, 8], gl.float32, layout=MMA)
         STEPS: gl.constexpr = (K + STEP_K - 1) // STEP_K
         # The K loop unrolled and software-pipelined one step deep: step i + 1's weight and scales are asked for
         # before step i is multiplied (a warp otherwise waits for each step's loads, then computes with none in
         # flight). PRELOAD (0-2, whole steps only) of them go out before the PDL wait: no kernel writes them.
-        if STAGES == 0:
-            if PRELOAD > 0:
-                cur = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, 0, K, N, STEP_K, GROUP_SIZE, MAGIC)
-            if PRELOAD > 1:
-                nxt = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, STEP_K, K, N, STEP_K, GROUP_SIZE, MAGIC)
-            if USE_PDL:
-                gdc_wait()
-                gdc_launch_dependents()
-            if PRELOAD == 0:
-                cur = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, 0, K, N, STEP_K, GROUP_SIZE, MAGIC)
-            for i in gl.static_range(STEPS):
-                if i + 1 < STEPS and (i > 0 or PRELOAD < 2):
-                    nxt = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, (i + 1) * STEP_K, K, N, STEP_K, GROUP_SIZE,
-                                       MAGIC)  # fmt: skip
-                if (i + 1) * STEP_K <= K:
-                    xv = gl.load(x_ptrs + i * STEP_K)
-                else:  # chunks past K: x 0 (their codes are 0 too)
-                    xv = gl.load(x_ptrs + i * STEP_K, mask=x_k + i * STEP_K < K, other=0.0)
-                halves, s, zs = cur
-                acc = _step_product(halves, xv, s, zs, acc, BATCH, MMA, DTYPE)
-                if i + 1 < STEPS:
-                    cur = nxt
-        else:
-            acc = _ring_loop(acc, pid, w_ptrs, w_k, x_ptrs, x_k, s_ptr, z_ptr, K, N, STEP_K, STEPS, GROUP_SIZE,
-                             MAGIC, W_TILE, BATCH, MMA, DTYPE, PRELOAD, STAGES, USE_PDL, WARPS)
+        if PRELOAD > 0:
+            cur = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, 0, K, N, STEP_K, GROUP_SIZE, MAGIC)
+        if PRELOAD > 1:
+            nxt = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, STEP_K, K, N, STEP_K, GROUP_SIZE, MAGIC)
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        if PRELOAD == 0:
+            cur = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, 0, K, N, STEP_K, GROUP_SIZE, MAGIC)
+        for i in gl.static_range(STEPS):
+            if i + 1 < STEPS and (i > 0 or PRELOAD < 2):
+                nxt = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, (i + 1) * STEP_K, K, N, STEP_K, GROUP_SIZE,
+                                   MAGIC)  # fmt: skip
+            if (i + 1) * STEP_K <= K:
+                xv = gl.load(x_ptrs + i * STEP_K)
+            else:  # chunks past K: x 0 (their codes are 0 too)
+                xv = gl.load(x_ptrs + i * STEP_K, mask=x_k + i * STEP_K < K, other=0.0)
+            halves, s, zs = cur
+            acc = _step_product(halves, xv, s, zs, acc, BATCH, MMA, DTYPE)
+            if i + 1 < STEPS:
+                cur = nxt
 
         out = gl.sum(acc, axis=0)  # [row, token]: the chunks' and warps' parts of K added up
         gl.store(out_ptr + o_tokens[None, :] * stride_om + o_rows[:, None], out.to(out_ptr.dtype.element_ty),
@@ -371,8 +285,7 @@ def gluon_int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     _int4_gemv_kernel[(triton.cdiv(n, ROWS),)](
         x, halves, scales, zeros, out, m, x.stride(0), out.stride(0), N=n, K=k, stride_qn=halves.stride(0),
         WARPS=config.warps, CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma, GROUP_SIZE=group_size,
-        MAGIC=_MAGIC_VALUES[x.dtype], PRELOAD=preload_steps(config, k, pdl), STAGES=config.stages,
-        num_warps=config.warps,
+        MAGIC=_MAGIC_VALUES[x.dtype], PRELOAD=preload_steps(config, k, pdl), num_warps=config.warps,
         **launch_options(pdl),
     )  # fmt: skip
     return out

@@ -83,7 +83,7 @@ def _problem(m: int, n: int, k: int, group: int, dtype=BF16, seed: int = 0):
 @pytest.mark.parametrize("n, k, group", [(6144, 4096, 128), (4096, 14336, 128), (100, 4096, 128),
                                          (48, 1152, 128), (256, 2048, 256), (96, 3072, 1024)])
 @pytest.mark.parametrize("config", [Int4GemvConfig(4, 1), Int4GemvConfig(4, 2), Int4GemvConfig(8, 4),
-                                    Int4GemvConfig(4, 1, stages=4), Int4GemvConfig(8, 2, stages=2)], ids=repr)
+                                    Int4GemvConfig(8, 2, preload=2)], ids=repr)
 def test_gpu_gemv_matches_reference(m, n, k, group, config):
     """Row tails (N not a multiple of 16), K not whole steps (1152, 3072 at 4 KB steps), groups over several
     chunks (256, 1024)."""
@@ -95,18 +95,17 @@ def test_gpu_gemv_matches_reference(m, n, k, group, config):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("stages", [0, 4])
-def test_gpu_gemv_fp16(m, stages):
+def test_gpu_gemv_fp16(m):
     x, qweight, scales, zeros = _problem(m, 1024, 4096, 128, dtype=torch.float16, seed=1)
-    out = gluon_int4_gemv(x, qweight, scales, zeros, 128, Int4GemvConfig(4, 2, stages=stages))
+    out = gluon_int4_gemv(x, qweight, scales, zeros, 128, Int4GemvConfig(4, 2))
     assert out.dtype == torch.float16
     assert _rel_err(out, int4_linear_ref(x, qweight, scales, zeros, 128)) < 2e-3
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n, k, config", [(6144, 4096, Int4GemvConfig(4, 2)), (4096, 14336, Int4GemvConfig(8, 2)),
-                                          (100, 2048, Int4GemvConfig(4, 1)), (4096, 14336, Int4GemvConfig(8, 2, stages=4)),
-                                          (6144, 4096, Int4GemvConfig(4, 1, stages=8))], ids=str)
+                                          (100, 2048, Int4GemvConfig(4, 1)), (256, 1152, Int4GemvConfig(4, 2))],
+                         ids=str)
 def test_gpu_gemv_preload_changes_no_bit_in_a_cuda_graph(n, k, config):
     """Steps of weight loaded before the PDL wait (and multiplied after it) give the loop's bits exactly, in a CUDA
     graph behind the kernel that writes x."""
