@@ -30,18 +30,24 @@ from kernels import int4_gemv_gluon  # noqa: E402
 
 
 def compile_int4_gemv(warps: int = 4, chunks: int = 2, fp16: bool = False, n: int = 28672, k: int = 4096,
-                      use_pdl: bool = False, preload: int = 0, group_size: int = 128):  # fmt: skip
+                      use_pdl: bool = False, preload: int = 0, group_size: int = 128,
+                      rope_cache: bool = False):  # fmt: skip
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU, for an ``n x
     k`` weight (default: Llama-8B's gate_up; ``preload``: steps of weight loaded before the PDL wait, with
     ``use_pdl``)."""
     w_tile, x_tile, mma = int4_gemv_gluon.gemv_layouts(warps, chunks)
     dtype = "*fp16" if fp16 else "*bf16"
-    pointers = {"x_ptr": dtype, "qh_ptr": "*i16", "s_ptr": dtype, "z_ptr": dtype, "out_ptr": dtype}
+    pointers = {"x_ptr": dtype, "qh_ptr": "*i16", "s_ptr": dtype, "z_ptr": dtype, "out_ptr": dtype,
+                "positions_ptr": "*i64", "cos_sin_ptr": "*fp32", "slot_ptr": "*i64", "k_cache_ptr": dtype,
+                "v_cache_ptr": dtype}
     return _compile(int4_gemv_gluon._int4_gemv_kernel, pointers, set(),
                     {"WARPS": warps, "CHUNKS": chunks, "W_TILE": w_tile, "X_TILE": x_tile, "MMA": mma,
                      "GROUP_SIZE": group_size, "MAGIC": 1024.0 if fp16 else 128.0, "N": n, "K": k,
                      "stride_qn": k // 4,
-                     "PRELOAD": preload if use_pdl else 0, "USE_PDL": use_pdl}, warps, 1,
+                     "PRELOAD": preload if use_pdl else 0, "USE_PDL": use_pdl, "ROPE_CACHE": rope_cache,
+                     "HEAD_DIM": 128, "BLOCK_SIZE": 16}, warps, 1,
+                    divisible_ints=frozenset({"stride_cs", "stride_kcb", "stride_kcs", "stride_kch", "stride_vcb",
+                                              "stride_vcs", "stride_vch", "Q_ROWS", "KV_ROWS"}),
                     source_cls=GluonASTSource)  # fmt: skip
 
 

@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
-from kernels.int4_gemv_gluon import Int4GemvConfig, gluon_int4_gemv, int4_gemv_supported
+from kernels.fp8_gemv_gluon import rope_cache_supported
+from kernels.int4_gemv_gluon import Int4GemvConfig, gluon_int4_gemv, gluon_int4_gemv_rope_cache, int4_gemv_supported
 from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.skinny_gemm import SkinnyConfig, _c, _store_row, _x_row_ptrs, m_bucket
 from kernels.split_k import decode_launch, split_workspace, store_split_partial, tensor_core_split_k
@@ -502,6 +503,29 @@ def pick_int4_gemv_config(x: torch.Tensor, qweight: torch.Tensor, group_size: in
         return None
     key = (qweight.shape[0], x.shape[1])
     return INT4_GEMV_CONFIGS[key] if key in INT4_GEMV_CONFIGS else INT4_GEMV_DEFAULT
+
+
+INT4_ROPE_CACHE_ENABLED = True  # the qkv GEMV with the attention prep in its epilogue, where it serves the shape
+
+
+def int4_qkv_rope_cache(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        group_size: int, perm: torch.Tensor | None, positions: torch.Tensor,
+                        cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, q_rows: int, kv_rows: int, head_dim: int
+                        ) -> torch.Tensor | None:  # fmt: skip
+    """A w4a16 qkv projection (``qweight`` ``[q | k | v]`` rows, whole-number zeros) fused with ``attention_prep``
+    in the Gluon GEMV's epilogue: q ``[M, q_rows]`` ready for attention, the new keys and values in the cache; None
+    where the fused kernel does not serve the call (then run the projection and the prep kernel)."""
+    if not INT4_ROPE_CACHE_ENABLED or qweight.shape[0] != q_rows + 2 * kv_rows:
+        return None
+    if not rope_cache_supported(head_dim, cos_sin_cache.shape[-1], q_rows, kv_rows, x.dtype, k_cache.dtype):
+        return None
+    x2 = x[:, perm] if perm is not None else x
+    config = pick_int4_gemv_config(x2, qweight, group_size, integer_zeros=True)
+    if config is None:
+        return None
+    return gluon_int4_gemv_rope_cache(x2, qweight, scales, zeros, group_size, positions, cos_sin_cache, k_cache,
+                                      v_cache, slot_mapping, q_rows, kv_rows, head_dim, config)
 
 
 def int4_decode_or_prefill_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -46,6 +46,8 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+    from kernels.fp8_gemv_gluon import _program_rows, _rope_cache_epilogue, _rope_inputs
+
     HAS_GLUON = True
 except ImportError:  # pragma: no cover - a Triton without Gluon
     HAS_GLUON = False
@@ -176,24 +178,31 @@ if HAS_GLUON:
         return acc + mma_v2(a, b, zero) * s[:, :, None] + mma_v2(ones, b, zero) * zs[:, :, None]
 
     @gluon.jit
-    def _int4_gemv_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, stride_xm, stride_om, N: gl.constexpr,
-                          K: gl.constexpr, stride_qn: gl.constexpr, WARPS: gl.constexpr, CHUNKS: gl.constexpr,
-                          W_TILE: gl.constexpr, X_TILE: gl.constexpr, MMA: gl.constexpr, GROUP_SIZE: gl.constexpr,
-                          MAGIC: gl.constexpr, PRELOAD: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
+    def _int4_gemv_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, M, stride_xm, stride_om, positions_ptr, cos_sin_ptr,
+                          stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb, stride_kcs, stride_kch,
+                          stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, N: gl.constexpr, K: gl.constexpr,
+                          stride_qn: gl.constexpr, WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr,
+                          X_TILE: gl.constexpr, MMA: gl.constexpr, GROUP_SIZE: gl.constexpr, MAGIC: gl.constexpr,
+                          PRELOAD: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
+                          BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = x @ W[:, 16 pid : 16 pid + 16]``, ``W = (q - z) * s``.
         ``qh_ptr``: the kernel layout's qweight as int16 ``[N, K / 4]``; ``s``, ``z``: ``[K / GROUP_SIZE, N]``.
         ``PRELOAD`` steps of weight (and their scales) are loaded before the PDL wait: no kernel writes them.
         The shape is compiled in (a model has a few): the K loop is unrolled, and every scale's address is a
-        constant offset from the program's base (no group arithmetic in the loop)."""
+        constant offset from the program's base (no group arithmetic in the loop). ``ROPE_CACHE``: a qkv GEMM whose
+        epilogue is the attention prep (``fp8_gemv_gluon._rope_cache_epilogue``: rows paired by rotary dims, q
+        rotated into ``out_ptr`` ``[M, Q_ROWS]``, k and v into the paged cache); the arguments from ``positions_ptr``
+        to ``KV_ROWS`` serve only it."""
         pid = gl.program_id(0)
         BATCH: gl.constexpr = WARPS * CHUNKS
         STEP_K: gl.constexpr = BATCH * 128
         DTYPE: gl.constexpr = x_ptr.dtype.element_ty
+        PAIRED_ROWS = Q_ROWS + KV_ROWS if ROPE_CACHE else 0
 
         w_batch = gl.arange(0, BATCH, layout=gl.SliceLayout(1, gl.SliceLayout(2, W_TILE)))
         w_rows = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, W_TILE)))
         w_halves = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, W_TILE)))
-        rows = gl.minimum(pid * 16 + w_rows, N - 1)  # tail rows re-read, never stored
+        rows = gl.minimum(_program_rows(pid, w_rows, PAIRED_ROWS, HEAD_DIM), N - 1)  # tail rows re-read, never stored
         w_k = (w_batch * 128)[:, None, None] + (w_halves * 0)[None, None, :]  # each chunk's first k (K: whole chunks)
         w_ptrs = qh_ptr + (rows.to(gl.int64) * stride_qn)[None, :, None] + (w_batch * 32)[:, None, None] \
             + w_halves[None, None, :]
@@ -205,11 +214,16 @@ if HAS_GLUON:
         x_ptrs = x_ptr + (gl.minimum(x_rows, M - 1) * stride_xm)[None, :, None] + x_k  # padding rows: never stored
 
         s_batch = gl.arange(0, BATCH, layout=gl.SliceLayout(1, gl.SliceLayout(2, MMA)))
-        o_rows = pid * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA)))
+        o_rows = _program_rows(pid, gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA))), PAIRED_ROWS,
+                               HEAD_DIM)  # fmt: skip
         o_tokens = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
-        s_rows = gl.minimum(pid * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA))), N - 1)
+        s_rows = gl.minimum(_program_rows(pid, gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA))),
+                                          PAIRED_ROWS, HEAD_DIM), N - 1)  # fmt: skip
         s_offs = (s_batch * 128, s_rows)
 
+        if ROPE_CACHE:  # step inputs, written before the forward's first kernel: safe before the PDL wait
+            slot, cos, sin = _rope_inputs(o_rows, o_tokens, M, positions_ptr, cos_sin_ptr, stride_cs, slot_ptr,
+                                          HEAD_DIM)  # fmt: skip
         acc = gl.zeros([BATCH, 16, 8], gl.float32, layout=MMA)
         STEPS: gl.constexpr = (K + STEP_K - 1) // STEP_K
         # The K loop unrolled and software-pipelined one step deep: step i + 1's weight and scales are asked for
@@ -238,8 +252,13 @@ if HAS_GLUON:
                 cur = nxt
 
         out = gl.sum(acc, axis=0)  # [row, token]: the chunks' and warps' parts of K added up
-        gl.store(out_ptr + o_tokens[None, :] * stride_om + o_rows[:, None], out.to(out_ptr.dtype.element_ty),
-                 mask=(o_rows < N)[:, None] & (o_tokens < M)[None, :])
+        if ROPE_CACHE:
+            _rope_cache_epilogue(out, o_rows, o_tokens, pid, M, out_ptr, stride_om, slot, cos, sin, k_cache_ptr,
+                                 v_cache_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                                 Q_ROWS, KV_ROWS, HEAD_DIM, BLOCK_SIZE)
+        else:
+            gl.store(out_ptr + o_tokens[None, :] * stride_om + o_rows[:, None], out.to(out_ptr.dtype.element_ty),
+                     mask=(o_rows < N)[:, None] & (o_tokens < M)[None, :])
 
 
 def int4_gemv_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool:
@@ -273,19 +292,48 @@ def gluon_int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                     group_size: int, config: Int4GemvConfig | None = None) -> torch.Tensor:  # fmt: skip
     """``x [M <= 8, K] @ W`` for the int4 kernel layout (``qweight [N, K / 8]``; ``scales``, ``zeros``
     ``[K / group, N]`` in x's dtype, whole-number zeros). Callers check :func:`int4_gemv_supported` first."""
-    config = config or Int4GemvConfig()
+    out = torch.empty((x.shape[0], qweight.shape[0]), dtype=x.dtype, device=x.device)
+    if x.shape[0] and qweight.shape[0]:
+        _launch(x, qweight, scales, zeros, group_size, out, config or Int4GemvConfig())
+    return out
+
+
+def gluon_int4_gemv_rope_cache(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                               group_size: int, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                               k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_rows: int,
+                               kv_rows: int, head_dim: int, config: Int4GemvConfig) -> torch.Tensor:  # fmt: skip
+    """The qkv projection and ``attention_prep`` in one launch (the fp8 GEMV's ``gluon_fp8_gemv_rope_cache`` for
+    int4 weights): returns q ``[M, q_rows]`` rotated, and writes k (rotated) and v into the paged caches at
+    ``slot_mapping``. Callers check :func:`int4_gemv_supported` and ``rope_cache_supported``."""
+    q = torch.empty((x.shape[0], q_rows), dtype=x.dtype, device=x.device)
+    if x.shape[0]:
+        rope = (positions, cos_sin_cache, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)
+        _launch(x, qweight, scales, zeros, group_size, q, config, rope)
+    return q
+
+
+def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+            out: torch.Tensor, config: Int4GemvConfig, rope: tuple | None = None) -> None:  # fmt: skip
+    """One ``_int4_gemv_kernel`` launch over the weight's rows; ``rope``: the rotary epilogue's
+    ``(positions, cos_sin, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)``."""
     m, k = x.shape
     n = qweight.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
     halves = qweight.view(torch.int16)
     w_tile, x_tile, mma = gemv_layouts(config.warps, config.chunks)
     pdl = use_pdl(x)
+    if rope is None:
+        epilogue = (out, out, 0, out, out, out, 0, 0, 0, 0, 0, 0, 0, 0)  # unused by a plain store
+        head_dim = block_size = 16
+    else:
+        positions, cos_sin, slots, k_cache, v_cache, q_rows, kv_rows, head_dim = rope
+        block_size = k_cache.shape[1]
+        epilogue = (positions, cos_sin, cos_sin.stride(0), slots, k_cache, v_cache, *k_cache.stride()[:3],
+                    *v_cache.stride()[:3], q_rows, kv_rows)  # fmt: skip
     _int4_gemv_kernel[(triton.cdiv(n, ROWS),)](
-        x, halves, scales, zeros, out, m, x.stride(0), out.stride(0), N=n, K=k, stride_qn=halves.stride(0),
-        WARPS=config.warps, CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma, GROUP_SIZE=group_size,
-        MAGIC=_MAGIC_VALUES[x.dtype], PRELOAD=preload_steps(config, k, pdl), num_warps=config.warps,
+        x, halves, scales, zeros, out, m, x.stride(0), out.stride(0), *epilogue, N=n, K=k,
+        stride_qn=halves.stride(0), WARPS=config.warps, CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma,
+        GROUP_SIZE=group_size, MAGIC=_MAGIC_VALUES[x.dtype], PRELOAD=preload_steps(config, k, pdl),
+        ROPE_CACHE=rope is not None, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=config.warps,
         **launch_options(pdl),
     )  # fmt: skip
-    return out
+

@@ -52,7 +52,7 @@ class Linear(nn.Module):
     def may_rope_cache(self, x: torch.Tensor | Fp8Activations) -> bool:
         """Whether :meth:`rope_cache_forward` can serve ``x`` at all: a method with such a kernel and rows that come
         quantized. Cheap, so a caller can skip building the kernel's inputs."""
-        return isinstance(x, Fp8Activations) and hasattr(self.quant_method, "apply_rope_cache")
+        return self.quant_method is not None and self.quant_method.may_rope_cache(self, x)
 
     def rope_cache_forward(self, x: torch.Tensor | Fp8Activations, **rope) -> torch.Tensor | None:
         """A qkv projection fused with the attention prep (rotary, cache write; see

@@ -8,6 +8,7 @@ import torch
 from core.layers.attention import AttentionMetadata, PagedAttention
 from core.layers.linear import Linear
 from core.layers.quantization.fp8 import Fp8Config, Fp8LinearMethod
+from core.layers.quantization.int4 import AWQConfig, Int4LinearMethod
 from core.layers.rotary import RotaryEmbedding
 from kernels.fp8_linear import Fp8Activations
 
@@ -37,7 +38,9 @@ def test_a_projection_without_the_fused_kernel_is_not_asked_and_builds_nothing()
     x = torch.zeros(1, 128)
     fp8_rows = Fp8Activations(x, x.to(torch.float8_e4m3fn), torch.ones(1, 1))
     kv_cache = torch.zeros(2, 1, 16, KV_HEADS, HEAD_DIM)
-    for qkv, rows in ((_qkv(), x), (_qkv(), fp8_rows), (_qkv(Fp8LinearMethod(Fp8Config.online())), x)):
+    int4 = Int4LinearMethod(AWQConfig(group_size=128, zero_point=True))  # its fused kernel needs CUDA rows
+    for qkv, rows in ((_qkv(), x), (_qkv(), fp8_rows), (_qkv(Fp8LinearMethod(Fp8Config.online())), x),
+                      (_qkv(int4), x)):
         assert not qkv.may_rope_cache(rows)
         assert attention.fused_qkv_prep(qkv, rows, torch.zeros(1, dtype=torch.long), kv_cache, _meta()) is None
     assert calls == []

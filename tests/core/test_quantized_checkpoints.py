@@ -315,6 +315,31 @@ def test_quantized_checkpoints_on_gpu_with_cuda_graphs(tmp_path, case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", ["awq-128", "gptq-128-act"])
+@pytest.mark.parametrize("rope_cache", [True, False], ids=["qkv-prep-fused", "qkv-prep-apart"])
+def test_int4_gluon_gemv_in_the_engine_on_gpu(tmp_path, monkeypatch, case, rope_cache):
+    """Groups of 128: decode runs on the Gluon int4 GEMV (and, fused, the qkv GEMV does the attention prep), CUDA
+    graphs included: decode through graphs equals eager decode, and the first-step logprobs stay near the
+    dequantized model's."""
+    import kernels.int4_gemm as i4
+
+    monkeypatch.setattr(i4, "INT4_ROPE_CACHE_ENABLED", rope_cache)
+    calls = []
+    for name in ("gluon_int4_gemv", "gluon_int4_gemv_rope_cache"):
+        real = getattr(i4, name)
+        monkeypatch.setattr(i4, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    make = {"awq-128": lambda: write_awq(tmp_path, 128), "gptq-128-act": lambda: write_gptq(tmp_path, 128, True, False)}
+    quantized, dequantized = make[case]()
+    engine, graphs = greedy(quantized, dtype="bfloat16", device="cuda")
+    assert engine.runner.use_graphs and "gluon_int4_gemv" in calls
+    assert ("gluon_int4_gemv_rope_cache" in calls) is rope_cache
+    _, eager = greedy(quantized, dtype="bfloat16", device="cuda", enforce_eager=True)
+    assert [r["tokens"] for r in graphs] == [r["tokens"] for r in eager]
+    _, reference = greedy(dequantized, dtype="bfloat16", device="cuda")
+    assert logprob_error(graphs, reference, steps=1) <= 0.05
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("config", ["mma:64x128:w4:s3", "mms:64x64:w4:s3"])
 @pytest.mark.parametrize("case", ["awq", "gptq-act"])
 def test_int4_tensor_core_decode_kernel_in_the_engine_on_gpu(tmp_path, monkeypatch, case, config):

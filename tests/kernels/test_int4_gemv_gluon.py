@@ -148,3 +148,40 @@ def test_gpu_decode_dispatch_takes_the_gemv_and_keeps_fractional_zeros_on_triton
     fractional = zeros + 0.25
     out = int4_decode_or_prefill_gemm(x, qweight, scales, fractional, 128, integer_zeros=False)
     assert not calls and _rel_err(out, int4_linear_ref(x, qweight, scales, fractional, 128)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(32, 8, 128), (8, 2, 64)])
+@pytest.mark.parametrize("config", [Int4GemvConfig(8, 1), Int4GemvConfig(4, 2, 2)], ids=repr)
+def test_gpu_gemv_rope_cache_matches_projection_then_prep(m, num_heads, num_kv_heads, head_dim, config):
+    """The int4 qkv GEMV with the prep in its epilogue against the GEMV and then the prep kernel: the same q, the
+    same keys and values in the batch's cache slots (a padding token's slot -1 writes nothing), the rest of the
+    cache untouched."""
+    from core.layers.rotary import RotaryEmbedding
+    from kernels.attention_prep import attention_prep_triton
+    from kernels.int4_gemv_gluon import gluon_int4_gemv_rope_cache
+
+    q_rows, kv_rows = num_heads * head_dim, num_kv_heads * head_dim
+    x, qweight, scales, zeros = _problem(m, q_rows + 2 * kv_rows, 2048, 128, seed=5)
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    cos_sin = RotaryEmbedding(head_dim, 4096, 10000.0, None).cos_sin_cache.cuda()  # the engine's table
+    positions = torch.randint(0, 4096, (m,), device="cuda", generator=gen)
+    slots = torch.randperm(64 * 16, device="cuda", generator=gen)[:m]
+    if m > 1:
+        slots[1] = -1  # a padding row
+    caches = [torch.randn(64, 16, num_kv_heads, head_dim, device="cuda", generator=gen).to(BF16) for _ in range(2)]
+    fused_caches = [c.clone() for c in caches]
+
+    qkv = gluon_int4_gemv(x, qweight, scales, zeros, 128, config)
+    q, k, v = qkv.split([q_rows, kv_rows, kv_rows], dim=-1)
+    q = attention_prep_triton(positions, q.reshape(m, num_heads, head_dim), k.reshape(m, num_kv_heads, head_dim),
+                              v.reshape(m, num_kv_heads, head_dim), cos_sin, *caches, slots)  # fmt: skip
+    fused_q = gluon_int4_gemv_rope_cache(x, qweight, scales, zeros, 128, positions, cos_sin, *fused_caches, slots,
+                                         q_rows, kv_rows, head_dim, config)  # fmt: skip
+    torch.testing.assert_close(fused_q.view(m, num_heads, head_dim), q, rtol=8e-3, atol=1e-5)
+    for fused, ref in zip(fused_caches, caches):
+        torch.testing.assert_close(fused, ref, rtol=8e-3, atol=1e-5)  # the batch's slots
+        written = torch.zeros(64 * 16, dtype=torch.bool, device="cuda")
+        written[slots[slots >= 0]] = True
+        assert torch.equal(fused.view(64 * 16, -1)[~written], ref.view(64 * 16, -1)[~written])  # bit for bit

@@ -90,6 +90,16 @@ class LinearMethod(ABC):
         """:meth:`apply` on activations that come with their per-token e4m3 quantization; by default ``x.x``."""
         return self.apply(layer, x.x, bias)
 
+    def may_rope_cache(self, layer: nn.Module, x: torch.Tensor | Fp8Activations) -> bool:
+        """Whether :meth:`apply_rope_cache` might serve ``x`` (a qkv layer whose kernel can also do the attention
+        prep). Cheap: a caller builds that kernel's inputs only when this says yes."""
+        return False
+
+    def apply_rope_cache(self, layer: nn.Module, x: torch.Tensor | Fp8Activations, **rope) -> torch.Tensor | None:
+        """The qkv product with the attention prep in its epilogue (``PagedAttention.fused_qkv_prep``'s ``rope``
+        arguments): q ready for attention, or None where the kernel does not serve the call."""
+        return None
+
 
 class QuantConfig(ABC):
     """A parsed quantization method. Subclasses are registered in ``core/layers/quantization/__init__.py``."""

@@ -177,6 +177,9 @@ class Fp8LinearMethod(LinearMethod):
             return self.apply(layer, x.x, bias)
         return fp8_linear(x.x, layer.weight, layer.weight_scale, None, bias, quantized=(x.xq, x.scale))
 
+    def may_rope_cache(self, layer: nn.Module, x: torch.Tensor | Fp8Activations) -> bool:
+        return isinstance(x, Fp8Activations)  # the fused kernel reads rows quantized upstream
+
     def apply_rope_cache(self, layer: nn.Module, x: Fp8Activations, **rope) -> torch.Tensor | None:
         """A qkv layer's product with the attention prep in its epilogue (``fp8_qkv_rope_cache``: ``rope`` holds
         its arguments after the weight scale), or None where that kernel does not serve it."""

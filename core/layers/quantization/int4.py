@@ -25,8 +25,10 @@ import torch
 from torch import nn
 
 from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, replace_parameter
-from kernels.int4_gemm import (AWQ_ORDER, KERNEL_K_BLOCK, int4_linear, pack_int4_kernel, unpack_int4_columns,
-                               unpack_int4_rows)
+from kernels.backend import use_triton
+from kernels.int4_gemm import (AWQ_ORDER, KERNEL_K_BLOCK, int4_linear, int4_qkv_rope_cache, pack_int4_kernel,
+                               unpack_int4_columns, unpack_int4_rows)
+from kernels.int4_gemv_gluon import MAX_M as INT4_GEMV_MAX_M
 
 PACK = 8  # int4 values per int32
 
@@ -173,3 +175,15 @@ class Int4LinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return int4_linear(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, bias,
                            backend=layer.backend)
+
+    def may_rope_cache(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        """Decode rows on the GPU (the Gluon GEMV's few rows) of a qkv layer without a bias."""
+        return (isinstance(x, torch.Tensor) and x.is_cuda and x.dim() == 2 and x.shape[0] <= INT4_GEMV_MAX_M
+                and layer.bias is None and use_triton(x, layer.backend))  # fmt: skip
+
+    def apply_rope_cache(self, layer: nn.Module, x: torch.Tensor, **rope) -> torch.Tensor | None:
+        """The qkv product with the attention prep in the int4 GEMV's epilogue (``int4_qkv_rope_cache``), or None
+        where that kernel does not serve it."""
+        if not self.may_rope_cache(layer, x):
+            return None
+        return int4_qkv_rope_cache(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, **rope)
