@@ -27,6 +27,12 @@ loaded before the PDL wait. This is its int4 twin:
   are the batch dimension of a 3-D ``mma_v2`` (chunk ``c``, warp ``w``: batch entry ``c * warps + w``), each with
   its own group's scales, added up once at the end.
 
+- **A qkv epilogue** (:func:`gluon_int4_gemv_rope_cache`): the fp8 GEMV's rotary-pair rows and attention-prep
+  epilogue (q rotated, k rotated and v into the paged cache), one launch fewer per layer.
+- Measured on the H200 (Llama-8B, M = 1; RESULTS.md, twenty-first session): qkv 6.8 us, o 5.3, gate_up 26, down
+  14.9 against the Triton kernels' 10.9 / 8.3 / 52.7 / 20.3; W3-AWQ 279 -> 436 tok/s. ``kernels/int4_gemm.py``
+  picks it per shape (``INT4_GEMV_CONFIGS``).
+
 Gluon has no interpreter: on the CPU the Triton kernels run; the GPU tests compare this kernel with
 ``int4_linear_ref``.
 """
