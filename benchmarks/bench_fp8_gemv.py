@@ -101,17 +101,26 @@ def time_shape(n: int, k: int, replays: int, gen: torch.Generator) -> dict[str, 
     return times
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def gemv_bench_setup(description: str, script: str) -> tuple[argparse.Namespace, torch.Generator] | None:
+    """A GEMV bench's options (``--models``, ``--replays``, ``--no-pdl``), PDL configured from them and a seeded
+    CUDA generator; None (after saying why) without a GPU: Gluon has no interpreter."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--models", nargs="+", default=["llama-3.1-8b"], choices=sorted(MODEL_SHAPES))
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
     opts = parser.parse_args()
     if not torch.cuda.is_available():
-        print("bench_fp8_gemv.py times a Gluon kernel: it needs a CUDA GPU (Gluon has no interpreter)")
-        return 1
+        print(f"{script} times a Gluon kernel: it needs a CUDA GPU (Gluon has no interpreter)")
+        return None
     pdl.configure(not opts.no_pdl)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    return opts, torch.Generator(device="cuda").manual_seed(0)
+
+
+def main() -> int:
+    setup = gemv_bench_setup(__doc__.split("\n\n")[0], "bench_fp8_gemv.py")
+    if setup is None:
+        return 1
+    opts, gen = setup
     picks = {}
     for model in opts.models:
         for layer, (n, k) in MODEL_SHAPES[model].items():

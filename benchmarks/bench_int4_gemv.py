@@ -14,7 +14,6 @@ Group 128, bf16 rows. It prints each shape's times, fastest first, the floor (in
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_fp8_gemv import MODEL_SHAPES  # noqa: E402
+from benchmarks.bench_fp8_gemv import MODEL_SHAPES, gemv_bench_setup  # noqa: E402
 from benchmarks.bench_skinny_gemm import time_per_call  # noqa: E402
-from kernels import int4_gemm, pdl  # noqa: E402
+from kernels import int4_gemm  # noqa: E402
 from kernels.int4_gemm import int4_decode_or_prefill_gemm, int4_linear_ref, pack_int4_kernel  # noqa: E402
 from kernels.int4_gemv_gluon import Int4GemvConfig, gluon_int4_gemv  # noqa: E402
 
@@ -69,16 +68,10 @@ def time_shape(n: int, k: int, replays: int, gen: torch.Generator) -> dict[str, 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["llama-3.1-8b"], choices=sorted(MODEL_SHAPES))
-    parser.add_argument("--replays", type=int, default=20)
-    parser.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
-    opts = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_int4_gemv.py times a Gluon kernel: it needs a CUDA GPU (Gluon has no interpreter)")
+    setup = gemv_bench_setup(__doc__.split("\n\n")[0], "bench_int4_gemv.py")
+    if setup is None:
         return 1
-    pdl.configure(not opts.no_pdl)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    opts, gen = setup
     lines = []
     for model in opts.models:
         for layer, (n, k) in MODEL_SHAPES[model].items():

@@ -388,14 +388,7 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
     pdl = use_pdl(x)
     single_step = quant_x and k <= step
     preload, prefetch = prologue_steps(config, k, single_step, pdl)
-    if rope is None:
-        epilogue = (out, out, 0, out, out, out, 0, 0, 0, 0, 0, 0, 0, 0)  # unused by a plain store
-        head_dim = block_size = 16
-    else:
-        positions, cos_sin, slots, k_cache, v_cache, q_rows, kv_rows, head_dim = rope
-        block_size = k_cache.shape[1]
-        epilogue = (positions, cos_sin, cos_sin.stride(0), slots, k_cache, v_cache, *k_cache.stride()[:3],
-                    *v_cache.stride()[:3], q_rows, kv_rows)  # fmt: skip
+    epilogue, head_dim, block_size = rope_epilogue_args(rope, out)
     _gemv_kernel[(triton.cdiv(weight.shape[0], ROWS),)](
         xv, weight_scale if quant_x else x_scale, weight.view(torch.uint8), weight_scale, out, m,
         weight.shape[0], k, xv.stride(0), weight.stride(0), out.stride(0), *epilogue, WARPS=config.warps,
@@ -405,6 +398,17 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
         ROPE_CACHE=rope is not None, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=config.warps,
         **launch_options(pdl),
     )  # fmt: skip
+
+
+def rope_epilogue_args(rope: tuple | None, out: torch.Tensor) -> tuple[tuple, int, int]:
+    """The rotary epilogue's kernel arguments (``positions_ptr`` .. ``KV_ROWS``), ``HEAD_DIM`` and ``BLOCK_SIZE``
+    from ``rope`` = ``(positions, cos_sin, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)``, or
+    placeholders a plain store never reads (``rope`` None). Shared by the fp8 and int4 GEMVs."""
+    if rope is None:
+        return (out, out, 0, out, out, out, 0, 0, 0, 0, 0, 0, 0, 0), 16, 16
+    positions, cos_sin, slots, k_cache, v_cache, q_rows, kv_rows, head_dim = rope
+    return ((positions, cos_sin, cos_sin.stride(0), slots, k_cache, v_cache, *k_cache.stride()[:3],
+             *v_cache.stride()[:3], q_rows, kv_rows), head_dim, k_cache.shape[1])  # fmt: skip
 
 
 def rope_cache_supported(head_dim: int, rotary_dim: int, q_rows: int, kv_rows: int, dtype: torch.dtype,

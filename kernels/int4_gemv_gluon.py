@@ -45,21 +45,15 @@ from typing import NamedTuple
 import torch
 import triton
 
+from kernels.fp8_gemv_gluon import HAS_GLUON, MAX_M, ROWS, rope_epilogue_args  # the same mma.sync shape
 from kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, use_pdl
 
-try:
+if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     from kernels.fp8_gemv_gluon import _program_rows, _rope_cache_epilogue, _rope_inputs
-
-    HAS_GLUON = True
-except ImportError:  # pragma: no cover - a Triton without Gluon
-    HAS_GLUON = False
-
-MAX_M = 8  # token rows: the mma's N
-ROWS = 16  # weight rows per program: the mma's M
 CHUNK_K = 128  # k per chunk: 64 bytes of a weight row, 16 per thread of a quad
 HALVES_PER_CHUNK = CHUNK_K // 4  # the chunk as int16 (four nibbles each)
 _MAGIC_BITS = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}
@@ -327,14 +321,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     halves = qweight.view(torch.int16)
     w_tile, x_tile, mma = gemv_layouts(config.warps, config.chunks)
     pdl = use_pdl(x)
-    if rope is None:
-        epilogue = (out, out, 0, out, out, out, 0, 0, 0, 0, 0, 0, 0, 0)  # unused by a plain store
-        head_dim = block_size = 16
-    else:
-        positions, cos_sin, slots, k_cache, v_cache, q_rows, kv_rows, head_dim = rope
-        block_size = k_cache.shape[1]
-        epilogue = (positions, cos_sin, cos_sin.stride(0), slots, k_cache, v_cache, *k_cache.stride()[:3],
-                    *v_cache.stride()[:3], q_rows, kv_rows)  # fmt: skip
+    epilogue, head_dim, block_size = rope_epilogue_args(rope, out)
     _int4_gemv_kernel[(triton.cdiv(n, ROWS),)](
         x, halves, scales, zeros, out, m, x.stride(0), out.stride(0), *epilogue, N=n, K=k,
         stride_qn=halves.stride(0), WARPS=config.warps, CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma,

@@ -141,3 +141,71 @@ def e4m3_grid_activations(m: int, k: int, gen: torch.Generator, dtype: torch.dty
     q = (torch.randn(m, k, generator=gen) * 100).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
     q[:, 0] = 448.0
     return (q * 2.0 ** -(6 + torch.arange(m, dtype=torch.float32) % 8)[:, None]).to(dtype)  # above FP8_MIN_SCALE
+
+
+class FakeCudaTensor:
+    """The attributes a GEMV's device and shape rule reads, as a contiguous CUDA tensor of ``shape`` would have
+    them (a rule test runs on any machine)."""
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype | None = None) -> None:
+        self.is_cuda, self.shape, self.dtype, self.device = True, shape, dtype, "cuda:0"
+
+    def stride(self, dim: int | None = None):
+        strides = (self.shape[1], 1)
+        return strides if dim is None else strides[dim]
+
+    def data_ptr(self) -> int:
+        return 1 << 20
+
+
+def rope_cache_problem(m: int, num_kv_heads: int, head_dim: int, seed: int) -> tuple:
+    """A qkv GEMV's rotary epilogue inputs: the engine's cos / sin table, positions, the batch's cache slots (slot
+    -1 on row 1: a padding token) and random k / v caches of 64 blocks of 16."""
+    from core.layers.rotary import RotaryEmbedding
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    cos_sin = RotaryEmbedding(head_dim, 4096, 10000.0, None).cos_sin_cache.cuda()
+    positions = torch.randint(0, 4096, (m,), device="cuda", generator=gen)
+    slots = torch.randperm(64 * 16, device="cuda", generator=gen)[:m]
+    if m > 1:
+        slots[1] = -1
+    caches = [torch.randn(64, 16, num_kv_heads, head_dim, device="cuda", generator=gen).to(torch.bfloat16)
+              for _ in range(2)]  # fmt: skip
+    return cos_sin, positions, slots, caches
+
+
+def assert_rope_cache_matches(fused_q: torch.Tensor, q: torch.Tensor, fused_caches: list, caches: list,
+                              slots: torch.Tensor) -> None:  # fmt: skip
+    """The fused qkv + prep kernel's q and caches against the GEMV then the prep kernel's: the same q and the same
+    keys and values in the batch's slots; the rest of the cache bit for bit untouched."""
+    torch.testing.assert_close(fused_q.view(q.shape), q, rtol=8e-3, atol=1e-5)
+    for fused, ref in zip(fused_caches, caches):
+        torch.testing.assert_close(fused, ref, rtol=8e-3, atol=1e-5)
+        written = torch.zeros(fused.shape[0] * fused.shape[1], dtype=torch.bool, device=fused.device)
+        written[slots[slots >= 0]] = True
+        flat_fused, flat_ref = fused.view(written.numel(), -1), ref.view(written.numel(), -1)
+        assert torch.equal(flat_fused[~written], flat_ref[~written])
+
+
+def replayed_in_cuda_graph(step) -> torch.Tensor:
+    """``step()``'s output from one replay of a CUDA graph captured after an eager call (which compiles what the
+    graph launches): a kernel launched with PDL behind the kernel that writes its input must wait for it."""
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
+def outputs_with_each_preload(config, step) -> list[torch.Tensor]:
+    """``step(config with preload p)`` replayed in a CUDA graph with PDL on, for p = 0, 1, 2 (a GEMV config's steps
+    of weight loaded before the PDL wait)."""
+    from kernels import pdl
+
+    pdl.configure(True)
+    try:
+        return [replayed_in_cuda_graph(lambda cfg=config._replace(preload=p): step(cfg)) for p in (0, 1, 2)]
+    finally:
+        pdl.configure(False)

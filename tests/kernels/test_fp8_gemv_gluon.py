@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.layers.rotary import RotaryEmbedding
 from kernels import pdl
 from kernels.attention_prep import attention_prep_triton
 from kernels.fp8_gemv_gluon import (
@@ -21,6 +20,8 @@ from kernels.fp8_gemv_gluon import (
     rope_cache_supported,
 )
 from kernels.fp8_linear import fp8_linear_ref, quantize_activations, quantize_per_channel
+from tests.kernels.kernel_testing import (FakeCudaTensor, assert_rope_cache_matches, outputs_with_each_preload,
+                                          rope_cache_problem)
 
 BF16 = torch.bfloat16
 
@@ -43,23 +44,12 @@ def test_gemv_device_and_shape_rule(monkeypatch, hip, capability, rows, k, serve
     """Compute capability 8.9+ and not ROCm, at most 8 rows, K a multiple of 16 (16-byte loads)."""
     import kernels.fp8_gemv_gluon as gemv_module
 
-    class OnGpu:  # the attributes the rule reads, as a CUDA tensor would have them
-        def __init__(self, shape):
-            self.is_cuda, self.shape, self.device = True, shape, "cuda:0"
-
-        def stride(self, dim=None):
-            strides = (self.shape[1], 1)
-            return strides if dim is None else strides[dim]
-
-        def data_ptr(self):
-            return 1 << 20
-
     monkeypatch.setattr(gemv_module, "HAS_GLUON", True)
     monkeypatch.setattr(torch.version, "hip", hip)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     gemv_module._has_fp8_conversions.cache_clear()  # asked once per device: forget the real (or last) answer
     try:
-        assert gemv_supported(OnGpu((rows, k)), OnGpu((4096, k))) is served
+        assert gemv_supported(FakeCudaTensor((rows, k)), FakeCudaTensor((4096, k))) is served
     finally:
         gemv_module._has_fp8_conversions.cache_clear()
 
@@ -145,28 +135,15 @@ def test_gpu_gemv_preload_changes_no_bit_in_a_cuda_graph(n, k, config, quant_x):
     src = torch.randn_like(x)
     xq, x_scale = quantize_activations(src)
     xq_in = torch.empty_like(xq)
-    pdl.configure(True)
-    try:
-        outs = []
-        for preload in (0, 1, 2):
-            cfg = config._replace(preload=preload)
 
-            def step():
-                if quant_x:
-                    x.copy_(src)
-                    return gluon_fp8_gemv(x, w, w_scale, config=cfg)
-                xq_in.copy_(xq)
-                return gluon_fp8_gemv(xq_in, w, w_scale, x_scale=x_scale, out_dtype=BF16, config=cfg)
+    def step(cfg: GemvConfig) -> torch.Tensor:
+        if quant_x:
+            x.copy_(src)
+            return gluon_fp8_gemv(x, w, w_scale, config=cfg)
+        xq_in.copy_(xq)
+        return gluon_fp8_gemv(xq_in, w, w_scale, x_scale=x_scale, out_dtype=BF16, config=cfg)
 
-            step()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = step()
-            graph.replay()
-            torch.cuda.synchronize()
-            outs.append(out)
-    finally:
-        pdl.configure(False)
+    outs = outputs_with_each_preload(config, step)
     assert _rel_err(outs[0], fp8_linear_ref(src, w, w_scale)) < 5e-3
     assert all(torch.equal(outs[0], out) for out in outs[1:])
 
@@ -192,13 +169,7 @@ def test_gpu_gemv_rope_cache_matches_projection_then_prep(m, num_heads, num_kv_h
     q_rows, kv_rows = num_heads * head_dim, num_kv_heads * head_dim
     x, w, w_scale = _problem(m, q_rows + 2 * kv_rows, 4096, seed=3)
     xq, x_scale = quantize_activations(x)
-    gen = torch.Generator(device="cuda").manual_seed(4)
-    cos_sin = RotaryEmbedding(head_dim, 4096, 10000.0, None).cos_sin_cache.cuda()  # the engine's table
-    positions = torch.randint(0, 4096, (m,), device="cuda", generator=gen)
-    slots = torch.randperm(64 * 16, device="cuda", generator=gen)[:m]
-    if m > 1:
-        slots[1] = -1  # a padding row
-    caches = [torch.randn(64, 16, num_kv_heads, head_dim, device="cuda", generator=gen).to(BF16) for _ in range(2)]
+    cos_sin, positions, slots, caches = rope_cache_problem(m, num_kv_heads, head_dim, seed=4)
     fused_caches = [c.clone() for c in caches]
 
     qkv = gluon_fp8_gemv(xq, w, w_scale, x_scale=x_scale, out_dtype=BF16, config=config)
@@ -207,10 +178,4 @@ def test_gpu_gemv_rope_cache_matches_projection_then_prep(m, num_heads, num_kv_h
                               v.reshape(m, num_kv_heads, head_dim), cos_sin, *caches, slots)  # fmt: skip
     fused_q = gluon_fp8_gemv_rope_cache(xq, x_scale, w, w_scale, positions, cos_sin, *fused_caches, slots, q_rows,
                                         kv_rows, head_dim, BF16, config)  # fmt: skip
-    torch.testing.assert_close(fused_q.view(m, num_heads, head_dim), q, rtol=8e-3, atol=1e-5)
-    for fused, ref in zip(fused_caches, caches):
-        torch.testing.assert_close(fused, ref, rtol=8e-3, atol=1e-5)  # the batch's slots
-        written = torch.zeros(64 * 16, dtype=torch.bool, device="cuda")
-        written[slots[slots >= 0]] = True
-        assert torch.equal(fused.view(64 * 16, -1)[~written], ref.view(64 * 16, -1)[~written])  # bit for bit
-
+    assert_rope_cache_matches(fused_q, q, fused_caches, caches, slots)

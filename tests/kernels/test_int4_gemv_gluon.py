@@ -9,15 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import int4_gemm, pdl
+from kernels import int4_gemm
 from kernels.int4_gemm import int4_decode_or_prefill_gemm, int4_linear_ref, pack_int4_kernel
 from kernels.int4_gemv_gluon import Int4GemvConfig, gluon_int4_gemv, int4_gemv_supported, preload_steps
+from tests.kernels.kernel_testing import (FakeCudaTensor, assert_rope_cache_matches, relative_error,
+                                          outputs_with_each_preload, rope_cache_problem)
 
 BF16 = torch.bfloat16
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def test_gemv_is_declined_on_cpu():
@@ -37,23 +35,13 @@ def test_gemv_device_and_shape_rule(monkeypatch, hip, capability, rows, k, group
     """Compute capability 8+ and not ROCm, fp16 / bf16 x of at most 8 rows, K and the group multiples of 128."""
     import kernels.int4_gemv_gluon as gemv_module
 
-    class OnGpu:  # the attributes the rule reads, as a CUDA tensor would have them
-        def __init__(self, shape, dtype):
-            self.is_cuda, self.shape, self.dtype, self.device = True, shape, dtype, "cuda:0"
-
-        def stride(self, dim=None):
-            strides = (self.shape[1], 1)
-            return strides if dim is None else strides[dim]
-
-        def data_ptr(self):
-            return 1 << 20
-
     monkeypatch.setattr(gemv_module, "HAS_GLUON", True)
     monkeypatch.setattr(torch.version, "hip", hip)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     gemv_module._has_bf16_mma.cache_clear()  # asked once per device: forget the real (or last) answer
     try:
-        assert int4_gemv_supported(OnGpu((rows, k), dtype), OnGpu((4096, k // 8), torch.int32), group) is served
+        assert int4_gemv_supported(FakeCudaTensor((rows, k), dtype), FakeCudaTensor((4096, k // 8), torch.int32),
+                                   group) is served
     finally:
         gemv_module._has_bf16_mma.cache_clear()
 
@@ -90,7 +78,7 @@ def test_gpu_gemv_matches_reference(m, n, k, group, config):
     x, qweight, scales, zeros = _problem(m, n, k, group)
     out = gluon_int4_gemv(x, qweight, scales, zeros, group, config)
     assert out.shape == (m, n) and out.dtype == BF16
-    assert _rel_err(out, int4_linear_ref(x, qweight, scales, zeros, group)) < 4e-3
+    assert relative_error(out, int4_linear_ref(x, qweight, scales, zeros, group)) < 4e-3
 
 
 @pytest.mark.gpu
@@ -99,7 +87,7 @@ def test_gpu_gemv_fp16(m):
     x, qweight, scales, zeros = _problem(m, 1024, 4096, 128, dtype=torch.float16, seed=1)
     out = gluon_int4_gemv(x, qweight, scales, zeros, 128, Int4GemvConfig(4, 2))
     assert out.dtype == torch.float16
-    assert _rel_err(out, int4_linear_ref(x, qweight, scales, zeros, 128)) < 2e-3
+    assert relative_error(out, int4_linear_ref(x, qweight, scales, zeros, 128)) < 2e-3
 
 
 @pytest.mark.gpu
@@ -111,26 +99,13 @@ def test_gpu_gemv_preload_changes_no_bit_in_a_cuda_graph(n, k, config):
     graph behind the kernel that writes x."""
     x, qweight, scales, zeros = _problem(3, n, k, 128, seed=2)
     src = torch.randn_like(x)
-    pdl.configure(True)
-    try:
-        outs = []
-        for preload in (0, 1, 2):
-            cfg = config._replace(preload=preload)
 
-            def step():
-                x.copy_(src * 2.0)
-                return gluon_int4_gemv(x, qweight, scales, zeros, 128, cfg)
+    def step(cfg: Int4GemvConfig) -> torch.Tensor:
+        x.copy_(src * 2.0)
+        return gluon_int4_gemv(x, qweight, scales, zeros, 128, cfg)
 
-            step()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = step()
-            graph.replay()
-            torch.cuda.synchronize()
-            outs.append(out)
-    finally:
-        pdl.configure(False)
-    assert _rel_err(outs[0], int4_linear_ref(src * 2.0, qweight, scales, zeros, 128)) < 4e-3
+    outs = outputs_with_each_preload(config, step)
+    assert relative_error(outs[0], int4_linear_ref(src * 2.0, qweight, scales, zeros, 128)) < 4e-3
     assert all(torch.equal(outs[0], out) for out in outs[1:])
 
 
@@ -143,11 +118,11 @@ def test_gpu_decode_dispatch_takes_the_gemv_and_keeps_fractional_zeros_on_triton
     real = int4_gemm.gluon_int4_gemv
     monkeypatch.setattr(int4_gemm, "gluon_int4_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     out = int4_decode_or_prefill_gemm(x, qweight, scales, zeros, 128)
-    assert calls and _rel_err(out, int4_linear_ref(x, qweight, scales, zeros, 128)) < 4e-3
+    assert calls and relative_error(out, int4_linear_ref(x, qweight, scales, zeros, 128)) < 4e-3
     calls.clear()
     fractional = zeros + 0.25
     out = int4_decode_or_prefill_gemm(x, qweight, scales, fractional, 128, integer_zeros=False)
-    assert not calls and _rel_err(out, int4_linear_ref(x, qweight, scales, fractional, 128)) < 1e-2
+    assert not calls and relative_error(out, int4_linear_ref(x, qweight, scales, fractional, 128)) < 1e-2
 
 
 @pytest.mark.gpu
@@ -158,30 +133,17 @@ def test_gpu_gemv_rope_cache_matches_projection_then_prep(m, num_heads, num_kv_h
     """The int4 qkv GEMV with the prep in its epilogue against the GEMV and then the prep kernel: the same q, the
     same keys and values in the batch's cache slots (a padding token's slot -1 writes nothing), the rest of the
     cache untouched."""
-    from core.layers.rotary import RotaryEmbedding
     from kernels.attention_prep import attention_prep_triton
     from kernels.int4_gemv_gluon import gluon_int4_gemv_rope_cache
 
     q_rows, kv_rows = num_heads * head_dim, num_kv_heads * head_dim
     x, qweight, scales, zeros = _problem(m, q_rows + 2 * kv_rows, 2048, 128, seed=5)
-    gen = torch.Generator(device="cuda").manual_seed(6)
-    cos_sin = RotaryEmbedding(head_dim, 4096, 10000.0, None).cos_sin_cache.cuda()  # the engine's table
-    positions = torch.randint(0, 4096, (m,), device="cuda", generator=gen)
-    slots = torch.randperm(64 * 16, device="cuda", generator=gen)[:m]
-    if m > 1:
-        slots[1] = -1  # a padding row
-    caches = [torch.randn(64, 16, num_kv_heads, head_dim, device="cuda", generator=gen).to(BF16) for _ in range(2)]
+    cos_sin, positions, slots, caches = rope_cache_problem(m, num_kv_heads, head_dim, seed=6)
     fused_caches = [c.clone() for c in caches]
-
     qkv = gluon_int4_gemv(x, qweight, scales, zeros, 128, config)
     q, k, v = qkv.split([q_rows, kv_rows, kv_rows], dim=-1)
     q = attention_prep_triton(positions, q.reshape(m, num_heads, head_dim), k.reshape(m, num_kv_heads, head_dim),
                               v.reshape(m, num_kv_heads, head_dim), cos_sin, *caches, slots)  # fmt: skip
     fused_q = gluon_int4_gemv_rope_cache(x, qweight, scales, zeros, 128, positions, cos_sin, *fused_caches, slots,
                                          q_rows, kv_rows, head_dim, config)  # fmt: skip
-    torch.testing.assert_close(fused_q.view(m, num_heads, head_dim), q, rtol=8e-3, atol=1e-5)
-    for fused, ref in zip(fused_caches, caches):
-        torch.testing.assert_close(fused, ref, rtol=8e-3, atol=1e-5)  # the batch's slots
-        written = torch.zeros(64 * 16, dtype=torch.bool, device="cuda")
-        written[slots[slots >= 0]] = True
-        assert torch.equal(fused.view(64 * 16, -1)[~written], ref.view(64 * 16, -1)[~written])  # bit for bit
+    assert_rope_cache_matches(fused_q, q, fused_caches, caches, slots)
