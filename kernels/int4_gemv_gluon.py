@@ -1,5 +1,5 @@
-"""Decode GEMMs over int4 weights (w4a16, AWQ / GPTQ / GGUF Q4_0 in ``kernels/int4_gemm.py``'s layout) for a few
-rows (M <= 8), written in Gluon: each thread loads exactly its own tensor-core fragments of the weight, 16 bytes
+"""Decode GEMMs over int4 weights (w4a16, AWQ / GPTQ in ``kernels/int4_gemm.py``'s layout, groups of a multiple of
+128) for a few rows (M <= 8), written in Gluon: each thread loads exactly its own tensor-core fragments of the weight, 16 bytes
 at a time, and dequantizes them in place.
 
 Why: at M = 1 a GEMM is a pass over the weight. The Triton tensor-core kernel (``_int4_mma_kernel``) stages the
@@ -13,25 +13,25 @@ loaded before the PDL wait. This is its int4 twin:
   quad loads the 16 bytes of block ``c = t`` of rows ``g`` and ``g + 8`` (``g`` = lane // 4): two 16-byte loads per
   128 k, and nothing moves between threads.
 - **Marlin's magic numbers, two weights per instruction.** A word's nibbles ``j`` and ``j + 4`` sit 16 bits apart,
-  so ``lop3(word >> 4j, 0x000f000f, magic)`` is two fp16 ``1024 + q`` / bf16 ``128 + q`` at once (exact), and one
-  packed ``fma`` by 1 and ``-(magic + z)`` leaves ``q - z`` (exact small integers): 3 shifts, 4 ``lop3`` and 4
-  ``fma`` per 8 weights, no int -> float conversion.
+  so ``lop3(word >> 4j, 0x000f000f, magic)`` is two fp16 ``1024 + q`` / bf16 ``128 + q`` at once (exact): 3 shifts
+  and 4 ``lop3`` per 8 weights, no int -> float conversion, and no per-weight zero-point subtraction (below).
 - **The K order relabelled.** The mma sums over k, so any order works if x follows it. Each 32-bit register the
   dequantization writes holds k and k + 16 of one row; the kernel names them ``k`` slots ``2t + h`` of the
   ``mma.sync.m16n8k16`` A fragment, and x's B fragment is read through the same map (x's values paired by a byte
   permute in registers). ``convert_layout(..., assert_trivial=True)``: no data moves between threads.
-- **Scales after the product.** A 128-k chunk lies in one group (group sizes that are multiples of 128), so each
-  chunk's fp32 mma product of ``q - z`` is scaled per row (one FFMA per accumulator element) and added up: the
-  weight is never rounded (``int4_linear_ref``'s numerics up to fp32 summation order).
+- **Zero points and scales after the product.** A 128-k chunk lies in one group (group sizes that are multiples of
+  128), so each chunk's fp32 products are combined per row as ``s ((magic + q) @ x) - (magic + z) s (1 @ x)``: the
+  second mma (an all-ones A operand) sums the chunk's x per token. Two FFMA per accumulator element; the weight is
+  never rounded (``int4_linear_ref``'s numerics up to fp32 summation order).
 - **Chunks as the mma's batch.** A program owns 16 weight rows; its ``warps x chunks`` 128-k chunks per loop step
   are the batch dimension of a 3-D ``mma_v2`` (chunk ``c``, warp ``w``: batch entry ``c * warps + w``), each with
   its own group's scales, added up once at the end.
-
 - **A qkv epilogue** (:func:`gluon_int4_gemv_rope_cache`): the fp8 GEMV's rotary-pair rows and attention-prep
   epilogue (q rotated, k rotated and v into the paged cache), one launch fewer per layer.
 - Measured on the H200 (Llama-8B, M = 1; RESULTS.md, twenty-first session): qkv 6.8 us, o 5.3, gate_up 26, down
   14.9 against the Triton kernels' 10.9 / 8.3 / 52.7 / 20.3; W3-AWQ 279 -> 436 tok/s. ``kernels/int4_gemm.py``
-  picks it per shape (``INT4_GEMV_CONFIGS``).
+  picks it per shape (``INT4_GEMV_CONFIGS``). A probe with the math replaced by a sum of the loaded codes takes ~80%
+  of gate_up's time: the access pattern, not the dequantization, is what is left (kernels/NOTES.md).
 
 Gluon has no interpreter: on the CPU the Triton kernels run; the GPU tests compare this kernel with
 ``int4_linear_ref``.
@@ -54,6 +54,7 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     from kernels.fp8_gemv_gluon import _program_rows, _rope_cache_epilogue, _rope_inputs
+
 CHUNK_K = 128  # k per chunk: 64 bytes of a weight row, 16 per thread of a quad
 HALVES_PER_CHUNK = CHUNK_K // 4  # the chunk as int16 (four nibbles each)
 _MAGIC_BITS = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}
@@ -226,9 +227,9 @@ if HAS_GLUON:
                                           HEAD_DIM)  # fmt: skip
         acc = gl.zeros([BATCH, 16, 8], gl.float32, layout=MMA)
         STEPS: gl.constexpr = (K + STEP_K - 1) // STEP_K
-        # The K loop unrolled and software-pipelined one step deep: step i + 1's weight and scales are asked for
-        # before step i is multiplied (a warp otherwise waits for each step's loads, then computes with none in
-        # flight). PRELOAD (0-2, whole steps only) of them go out before the PDL wait: no kernel writes them.
+        # The K loop unrolled, step i + 1's weight and scales asked for before step i is multiplied (as fast as a
+        # plain loop on the H200, but every scale address is a constant offset). PRELOAD (0-2, whole steps only) of
+        # them go out before the PDL wait: no kernel writes them.
         if PRELOAD > 0:
             cur = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, 0, K, N, STEP_K, GROUP_SIZE, MAGIC)
         if PRELOAD > 1:
