@@ -520,10 +520,10 @@ def int4_qkv_rope_cache(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         return None
     if not rope_cache_supported(head_dim, cos_sin_cache.shape[-1], q_rows, kv_rows, x.dtype, k_cache.dtype):
         return None
-    x2 = x[:, perm] if perm is not None else x
-    config = pick_int4_gemv_config(x2, qweight, group_size, integer_zeros=True)
+    config = pick_int4_gemv_config(x, qweight, group_size, integer_zeros=True)
     if config is None:
         return None
+    x2 = x[:, perm] if perm is not None else x  # act-order: the rows were sorted by group at load
     return gluon_int4_gemv_rope_cache(x2, qweight, scales, zeros, group_size, positions, cos_sin_cache, k_cache,
                                       v_cache, slot_mapping, q_rows, kv_rows, head_dim, config)
 
