@@ -480,9 +480,9 @@ def int4_dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     return F.linear(x, dequantize_int4_into_scratch(qweight, scales, zeros, group_size, x.dtype))
 
 
-# The Gluon decode GEMM (kernels/int4_gemv_gluon.py, M <= 8, whole-number zero points, groups of 128k) on GPUs where
-# it runs: configs per (N, K), else INT4_GEMV_DEFAULT; None (or INT4_GEMV_ENABLED off) sends the shape to the
-# Triton kernels' tables above. ``benchmarks/bench_int4_gemv.py`` times every config against them.
+# The Gluon decode GEMM (kernels/int4_gemv_gluon.py: M <= 8, whole-number zero points, groups of a multiple of 128)
+# on GPUs where it runs: configs per (N, K), else INT4_GEMV_DEFAULT; None (or INT4_GEMV_ENABLED off) sends the shape
+# to the Triton kernels' tables above. ``benchmarks/bench_int4_gemv.py`` times every config against them.
 # H200, 2026-12-04 (twenty-first session), M = 1, PDL on, us (RESULTS.md); "table": the Triton kernels above.
 INT4_GEMV_CONFIGS: dict[tuple[int, int], Int4GemvConfig | None] = {  # Llama-3.1-8B, group 128
     (6144, 4096): Int4GemvConfig(8, 1, 1),  # qkv: 6.8-6.9 (8 x 2 x 2: 8.3), table 10.9-11.1
