@@ -101,13 +101,16 @@ def time_shape(n: int, k: int, replays: int, gen: torch.Generator) -> dict[str, 
     return times
 
 
-def gemv_bench_setup(description: str, script: str) -> tuple[argparse.Namespace, torch.Generator] | None:
-    """A GEMV bench's options (``--models``, ``--replays``, ``--no-pdl``), PDL configured from them and a seeded
-    CUDA generator; None (after saying why) without a GPU: Gluon has no interpreter."""
+def gemv_bench_setup(description: str, script: str, add_options=None) -> tuple[argparse.Namespace, torch.Generator] | None:
+    """A GEMV bench's options (``--models``, ``--replays``, ``--no-pdl``, and what ``add_options(parser)`` adds),
+    PDL configured from them and a seeded CUDA generator; None (after saying why) without a GPU: Gluon has no
+    interpreter."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--models", nargs="+", default=["llama-3.1-8b"], choices=sorted(MODEL_SHAPES))
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
+    if add_options is not None:
+        add_options(parser)
     opts = parser.parse_args()
     if not torch.cuda.is_available():
         print(f"{script} times a Gluon kernel: it needs a CUDA GPU (Gluon has no interpreter)")

@@ -31,7 +31,7 @@ from kernels import int4_gemv_gluon  # noqa: E402
 
 def compile_int4_gemv(warps: int = 4, chunks: int = 2, fp16: bool = False, n: int = 28672, k: int = 4096,
                       use_pdl: bool = False, preload: int = 0, group_size: int = 128,
-                      rope_cache: bool = False):  # fmt: skip
+                      rope_cache: bool = False, tiled: bool = False):  # fmt: skip
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU, for an ``n x
     k`` weight (default: Llama-8B's gate_up; ``preload``: steps of weight loaded before the PDL wait, with
     ``use_pdl``)."""
@@ -45,7 +45,7 @@ def compile_int4_gemv(warps: int = 4, chunks: int = 2, fp16: bool = False, n: in
                      "GROUP_SIZE": group_size, "MAGIC": 1024.0 if fp16 else 128.0, "N": n, "K": k,
                      "stride_qn": k // 4,
                      "PRELOAD": preload if use_pdl else 0, "USE_PDL": use_pdl, "ROPE_CACHE": rope_cache,
-                     "HEAD_DIM": 128, "BLOCK_SIZE": 16}, warps, 1,
+                     "HEAD_DIM": 128, "BLOCK_SIZE": 16, "TILED": tiled}, warps, 1,
                     divisible_ints=frozenset({"stride_cs", "stride_kcb", "stride_kcs", "stride_kch", "stride_vcb",
                                               "stride_vcs", "stride_vch", "Q_ROWS", "KV_ROWS"}),
                     source_cls=GluonASTSource)  # fmt: skip
@@ -68,11 +68,12 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=28672)
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--preload", type=int, default=0, help="steps loaded before the PDL wait (PDL on)")
+    parser.add_argument("--tiled", action="store_true", help="the weight in int4_gemm.tile_int4's order")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     parser.add_argument("--sass", action="store_true", help="print the whole SASS")
     opts = parser.parse_args()
     compiled = compile_int4_gemv(opts.warps, opts.chunks, opts.fp16, opts.n, opts.k, use_pdl=opts.preload > 0,
-                                 preload=opts.preload)
+                                 preload=opts.preload, tiled=opts.tiled)
     if opts.sass:
         print(sass_and_resources(compiled.asm["cubin"])[0])
     info = summarize(compiled)

@@ -49,7 +49,8 @@ import triton.language as tl
 
 from kernels.backend import use_triton
 from kernels.fp8_gemv_gluon import rope_cache_supported
-from kernels.int4_gemv_gluon import Int4GemvConfig, gluon_int4_gemv, gluon_int4_gemv_rope_cache, int4_gemv_supported
+from kernels.int4_gemv_gluon import (Int4GemvConfig, gemv_device, gluon_int4_gemv, gluon_int4_gemv_rope_cache,
+                                     int4_gemv_supported)
 from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.skinny_gemm import SkinnyConfig, _c, _store_row, _x_row_ptrs, m_bucket
 from kernels.split_k import decode_launch, split_workspace, store_split_partial, tensor_core_split_k
@@ -126,23 +127,94 @@ def unpack_int4_kernel(qweight: torch.Tensor) -> torch.Tensor:
     return nib.reshape(n, words // 4, 4, 8).transpose(2, 3).reshape(n, words * 8).t()
 
 
-def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-                    ) -> torch.Tensor:  # fmt: skip
-    """The fp32 ``[K, N]`` weight of the kernel layout (rows in the permuted order, if any)."""
+TILE_ROWS = 16  # the tiled layout: 16 output columns (one Gluon GEMV program) ...
+TILE_K = 128  # ... times 128 input rows (64 bytes each) are one contiguous kilobyte
+
+
+def tiling_supported(n: int, k: int, group_size: int) -> bool:
+    """Whether a weight can take the tiled layout (:func:`tile_int4`): whole tiles, groups of whole chunks."""
+    return n % TILE_ROWS == 0 and k % TILE_K == 0 and group_size % TILE_K == 0
+
+
+def tile_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The kernel layout's tensors in the tiled storage order, same shapes and dtypes (every size check reads the
+    same numbers; the kernels take ``tiled=True``): codes ``[N / 16, K / 128, 16, 16 words]`` (each 16 columns'
+    weight one contiguous run, a chunk's 16 x 64 bytes after the other), scales and zeros ``[N / 16, K / group,
+    16]``. The Gluon GEMV's loads are then whole kilobytes; strided 64-byte runs reached ~2.7 TB/s at most."""
+    n, words = qweight.shape
+    groups = scales.shape[0]
+    if not tiling_supported(n, words * 8, words * 8 // groups):
+        raise ValueError(f"the tiled int4 layout needs N % {TILE_ROWS} == 0 and K, group % {TILE_K} == 0, got "
+                         f"{tuple(qweight.shape)} with {groups} groups")
+    codes = qweight.reshape(n // TILE_ROWS, TILE_ROWS, words // 16, 16).transpose(1, 2).reshape(n, words)
+
+    def per_tile(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(groups, n // TILE_ROWS, TILE_ROWS).transpose(0, 1).reshape(groups, n)
+
+    return codes, per_tile(scales), per_tile(zeros)
+
+
+def untile_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Inverse of :func:`tile_int4`."""
+    n, words = qweight.shape
+    groups = scales.shape[0]
+    codes = qweight.reshape(n // TILE_ROWS, words // 16, TILE_ROWS, 16).transpose(1, 2).reshape(n, words)
+
+    def per_group(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(n // TILE_ROWS, groups, TILE_ROWS).transpose(0, 1).reshape(groups, n)
+
+    return codes, per_group(scales), per_group(zeros)
+
+
+@triton.jit
+def _row_offsets(rows, stride, UNIT_K: tl.constexpr, TILED: tl.constexpr):
+    """Where each weight row (output column) starts, in the loaded unit (``UNIT_K`` input rows: 8 for int32, 4 for
+    int16 views); ``stride``: units per row. Tiled: the row's tile, then its 128 k within each chunk."""
+    if TILED:
+        return (rows // 16).to(tl.int64) * (16 * stride) + (rows % 16) * (128 // UNIT_K)
+    return rows.to(tl.int64) * stride
+
+
+@triton.jit
+def _k_offsets(k, UNIT_K: tl.constexpr, TILED: tl.constexpr):
+    """Input row ``k``'s unit from its row's start (:func:`_row_offsets`): tiled, chunks of 128 k are 16 rows
+    apart."""
+    if TILED:
+        return (k // 128) * (16 * 128 // UNIT_K) + (k % 128) // UNIT_K
+    return k // UNIT_K
+
+
+@triton.jit
+def _scale_offsets(group, rows, N, K, GROUP_SIZE: tl.constexpr, TILED: tl.constexpr):
+    """Scale / zero point of ``group`` and weight row ``rows``: ``[K / group, N]`` or tiled ``[N / 16, K / group,
+    16]`` (:func:`tile_int4`)."""
+    if TILED:
+        return (rows // 16) * (16 * (K // GROUP_SIZE)) + group * 16 + rows % 16
+    return group * N + rows
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                    tiled: bool = False) -> torch.Tensor:  # fmt: skip
+    """The fp32 ``[K, N]`` weight of the kernel layout (rows in the permuted order, if any; ``tiled``: in
+    :func:`tile_int4`'s order)."""
+    if tiled:
+        qweight, scales, zeros = untile_int4(qweight, scales, zeros)
     q = unpack_int4_kernel(qweight).float()
     groups = torch.arange(q.shape[0], device=q.device) // group_size
     return (q - zeros.float()[groups]) * scales.float()[groups]
 
 
 def int4_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                    group_size: int, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None
-                    ) -> torch.Tensor:  # fmt: skip
+                    group_size: int, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                    tiled: bool = False) -> torch.Tensor:  # fmt: skip
     """Reference: dequantize the whole weight, fp32 matmul, x's dtype out."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k).float()
     if perm is not None:
         x2 = x2[:, perm.long()]
-    out = x2 @ dequantize_int4(qweight, scales, zeros, group_size)
+    out = x2 @ dequantize_int4(qweight, scales, zeros, group_size, tiled)
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
@@ -151,8 +223,10 @@ def int4_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 @triton.jit
 def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split, stride_xm, stride_qn, stride_om,
                       stride_os, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr = False):  # fmt: skip
-    """The tl.dot kernel: program (n, m, split) dequantizes ``[BLOCK_K, BLOCK_N]`` tiles of one group each."""
+                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr = False,
+                      TILED: tl.constexpr = False):  # fmt: skip
+    """The tl.dot kernel: program (n, m, split) dequantizes ``[BLOCK_K, BLOCK_N]`` tiles of one group each
+    (``TILED``: :func:`tile_int4`'s order; BLOCK_K <= 128)."""
     wait_then_release(USE_PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -167,18 +241,19 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    q_rows = _row_offsets(offs_n, stride_qn, 8, TILED)
     for k0 in range(k_start, k_end, BLOCK_K):
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
         # Tile row 8p + i below is nibble i of word p = 4c + r, i.e. input row 32c + 4i + r (the interleave): x's
         # columns reordered to match, [.., c, i, r] -> [.., c, r, i] (in registers / shared memory, not by a gather).
         x = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 8, 4)), (0, 1, 3, 2)), (BLOCK_M, BLOCK_K))
         # Each int32 is loaded once and split into its 8 rows: [BLOCK_K / 8, 8, BLOCK_N] -> [BLOCK_K, BLOCK_N].
-        qw = tl.load(qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + (k0 // 8 + offs_packed)[:, None],
+        qw = tl.load(qw_ptr + q_rows[None, :] + (_k_offsets(k0, 8, TILED) + offs_packed)[:, None],
                      mask=n_mask[None, :], other=0)
         q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N)).to(tl.float32)
-        group = k0 // GROUP_SIZE
-        s = tl.load(s_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        sz = _scale_offsets(k0 // GROUP_SIZE, offs_n, N, K, GROUP_SIZE, TILED)
+        s = tl.load(s_ptr + sz, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz, mask=n_mask, other=0.0).to(tl.float32)
         w = (q * s[None, :] - (z * s)[None, :]).to(x.dtype)  # (q - z) * s as one FMA per element
         if IEEE:  # fp32 activations (CPU-path dtypes, tests): no TF32 rounding on the GPU
             acc += tl.dot(x, w, out_dtype=tl.float32, input_precision="ieee")
@@ -200,9 +275,10 @@ def _block_k(k: int, group_size: int, largest: int) -> int | None:
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               *, block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-              num_warps: int = 4) -> torch.Tensor:  # fmt: skip
+              num_warps: int = 4, tiled: bool = False) -> torch.Tensor:  # fmt: skip
     """The tl.dot kernel on a 2-D ``x [M, K]`` (contiguous rows): the decode shape for M <= 16, else prefill.
-    Block sizes and ``split_k`` default to a per-shape choice; tests pass their own."""
+    Block sizes and ``split_k`` default to a per-shape choice; tests pass their own. ``tiled``: the weight in
+    :func:`tile_int4`'s order."""
     m, k = x.shape
     n = qweight.shape[0]
     decode = m <= 16
@@ -229,7 +305,7 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     _int4_gemm_kernel[(n_blocks, m_blocks, split_k)](
         x, qweight, scales, zeros, out, m, n, k, k_per_split, x.stride(0), qweight.stride(0), n, stride_os,
         GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        IEEE=x.dtype == torch.float32, num_warps=num_warps, **launch_options(use_pdl(x)),
+        IEEE=x.dtype == torch.float32, num_warps=num_warps, **launch_options(use_pdl(x)), TILED=tiled,
     )
     return out if split_k == 1 else out.sum(0).to(x.dtype)
 
@@ -346,19 +422,26 @@ def _int4_fma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr = False,
+    TILED: tl.constexpr = False,
 ):  # fmt: skip
     """Program (n, m) computes out[m*BLOCK_M : +BLOCK_M, n*BLOCK_N : +BLOCK_N]: ``[BLOCK_N, BLOCK_K / 8]`` word
     tiles (16-byte loads along K, columns past N re-read the last one), the next tile and its group scales/zeros
-    loaded before the current one is used. BLOCK_K divides K and nests with GROUP_SIZE (one divides the other)."""
+    loaded before the current one is used. BLOCK_K divides K and nests with GROUP_SIZE (one divides the other).
+    ``TILED``: :func:`tile_int4`'s order."""
     wait_then_release(USE_PDL)
     WORDS: tl.constexpr = BLOCK_K // 8
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     safe_rows = tl.minimum(rows, N - 1)
     offs_j = tl.arange(0, WORDS)
-    q_ptrs = qw_ptr + (safe_rows.to(tl.int64) * stride_qn)[:, None] + offs_j[None, :]
+    if TILED:
+        q_ptrs = qw_ptr + _row_offsets(safe_rows, stride_qn, 8, True)[:, None] + _k_offsets(8 * offs_j, 8, True)[None, :]
+    else:
+        q_ptrs = qw_ptr + (safe_rows.to(tl.int64) * stride_qn)[:, None] + offs_j[None, :]
     # Word j of a tile starts at input row 32 (j // 4) + j % 4 of it; nibble i adds 4 i.
     word_k = 32 * (offs_j // 4) + offs_j % 4
-    sz_offs = (word_k // GROUP_SIZE)[None, :] * N + safe_rows[:, None]  # a tile's groups, from its first one
+    # a tile's groups, from its first one (the offsets are linear in the group: N or 16 apart)
+    sz_offs = _scale_offsets((word_k // GROUP_SIZE)[None, :], safe_rows[:, None], N, K, GROUP_SIZE, TILED)
+    group_stride = 16 if TILED else N
     x_offs = tl.zeros([BLOCK_N], dtype=tl.int32)[:, None] + word_k[None, :]
     num_tiles = K // BLOCK_K
 
@@ -372,8 +455,9 @@ def _int4_fma_kernel(
     acc2 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     for t in range(1, num_tiles):
-        group_row = (t * BLOCK_K) // GROUP_SIZE * N
-        words_next = tl.load(q_ptrs + t * WORDS, eviction_policy="evict_first")
+        group_row = (t * BLOCK_K) // GROUP_SIZE * group_stride
+        at = _k_offsets(t * BLOCK_K, 8, True) if TILED else t * WORDS
+        words_next = tl.load(q_ptrs + at, eviction_policy="evict_first")
         s_next = tl.load(s_ptr + group_row + sz_offs)
         z_next = tl.load(z_ptr + group_row + sz_offs)
         acc0, acc1, acc2, acc3 = _int4_fma_tile(acc0, acc1, acc2, acc3, words, s, z, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
@@ -391,9 +475,10 @@ def _int4_fma_kernel(
 
 
 def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                  group_size: int, config: SkinnyConfig) -> torch.Tensor:  # fmt: skip
+                  group_size: int, config: SkinnyConfig, tiled: bool = False) -> torch.Tensor:  # fmt: skip
     """The CUDA-core kernel on a 2-D ``x [M, K]`` (rows with unit column stride; any M, 4 rows per program, meant
-    for M <= 4) with an ``fma`` config whose block_k divides K and nests with the group size."""
+    for M <= 4) with an ``fma`` config whose block_k divides K and nests with the group size (``tiled``: the weight
+    in :func:`tile_int4`'s order)."""
     m, k = x.shape
     n = qweight.shape[0]
     block_k = config.block_k
@@ -403,6 +488,8 @@ def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                          f"whose block_k, a multiple of {KERNEL_K_BLOCK}, divides K and nests with the group size)")
     if qweight.shape[1] * 8 != k:
         raise ValueError(f"int4 qweight {tuple(qweight.shape)} does not match x {tuple(x.shape)}")
+    if tiled and block_k % TILE_K and TILE_K % block_k:
+        raise ValueError(f"int4_fma_gemm: the tiled layout needs a block_k that nests with {TILE_K}, got {config}")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
@@ -411,7 +498,7 @@ def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     _int4_fma_kernel[grid](
         x, qweight, scales, zeros, out, m, n, k, x.stride(0), qweight.stride(0), out.stride(0),
         GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-        num_warps=config.num_warps, num_stages=1, **launch_options(use_pdl(x)),
+        num_warps=config.num_warps, num_stages=1, **launch_options(use_pdl(x)), TILED=tiled,
     )  # fmt: skip
     return out
 
@@ -430,22 +517,24 @@ INT4_DEQUANT_MIN_M = INT4_MMA_MAX_M + 1
 
 @triton.jit
 def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, GROUP_SIZE: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILED: tl.constexpr = False):  # fmt: skip
     """Program (n, k): the ``[BLOCK_N, BLOCK_K]`` block of ``W^T`` (``out [N, K]``, x's dtype, row-major: the
-    layout ``F.linear`` hands cuBLAS) from the kernel layout; a block lies within one group."""
+    layout ``F.linear`` hands cuBLAS) from the kernel layout (``TILED``: :func:`tile_int4`'s order; BLOCK_K <=
+    128); a block lies within one group."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k0 = pid_k * BLOCK_K
-    words = tl.load(qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :],
+    words = tl.load(qw_ptr + _row_offsets(offs_n, stride_qn, 8, TILED)[:, None]
+                    + (_k_offsets(k0, 8, TILED) + tl.arange(0, BLOCK_K // 8))[None, :],
                     mask=n_mask[:, None], other=0)  # [BLOCK_N, BLOCK_K / 8]
     q = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # [.., word 4c + r, nibble i]
     # nibble i of word 4c + r is input row 32c + 4i + r: [n, c, r, i] -> [n, c, i, r] puts the rows in order
     q = tl.reshape(tl.permute(tl.reshape(q, (BLOCK_N, BLOCK_K // 32, 4, 8)), (0, 1, 3, 2)), (BLOCK_N, BLOCK_K))
-    group = k0 // GROUP_SIZE
-    s = tl.load(s_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    sz = _scale_offsets(k0 // GROUP_SIZE, offs_n, N, K, GROUP_SIZE, TILED)
+    s = tl.load(s_ptr + sz, mask=n_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + sz, mask=n_mask, other=0.0).to(tl.float32)
     w = (q.to(tl.float32) - z[:, None]) * s[:, None]
     out_ptrs = out_ptr + offs_n[:, None].to(tl.int64) * K + (k0 + tl.arange(0, BLOCK_K))[None, :]
     tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
@@ -455,7 +544,7 @@ _DEQUANT_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def dequantize_int4_into_scratch(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                                 dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+                                 dtype: torch.dtype, tiled: bool = False) -> torch.Tensor:  # fmt: skip
     """``W^T`` ``[N, K]`` in ``dtype``, in a buffer shared by every layer on the device (grown to the largest
     layer, by the engine's profile run before its memory is measured and before CUDA graphs are captured, so its
     address is fixed there): layers run one after another on one stream, so one buffer is enough."""
@@ -469,15 +558,15 @@ def dequantize_int4_into_scratch(qweight: torch.Tensor, scales: torch.Tensor, ze
     block_n = 32
     _int4_dequant_kernel[(triton.cdiv(n, block_n), k // block_k)](
         qweight, scales, zeros, out, n, k, qweight.stride(0), GROUP_SIZE=group_size, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=4)  # fmt: skip
+        BLOCK_K=block_k, TILED=tiled, num_warps=4)  # fmt: skip
     return out
 
 
 def int4_dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int) -> torch.Tensor:  # fmt: skip
+                      group_size: int, tiled: bool = False) -> torch.Tensor:  # fmt: skip
     """``x @ W`` for many rows: the weight dequantized once (:func:`dequantize_int4_into_scratch`), then the dense
     GEMM."""
-    return F.linear(x, dequantize_int4_into_scratch(qweight, scales, zeros, group_size, x.dtype))
+    return F.linear(x, dequantize_int4_into_scratch(qweight, scales, zeros, group_size, x.dtype, tiled))
 
 
 # The Gluon decode GEMM (kernels/int4_gemv_gluon.py: M <= 8, whole-number zero points, groups of a multiple of 128)
@@ -505,6 +594,21 @@ def pick_int4_gemv_config(x: torch.Tensor, qweight: torch.Tensor, group_size: in
     return INT4_GEMV_CONFIGS[key] if key in INT4_GEMV_CONFIGS else INT4_GEMV_DEFAULT
 
 
+# Layers whose decode rows the Gluon GEMV serves keep their weight in the tiled layout (``tile_int4``); every other
+# int4 path reads it too. H200, 2026-12-04 (twenty-second session), M = 1, us: gate_up 26.6 -> 23.3, down 14.5 ->
+# 13.2, o_proj 5.2 -> 4.9 (RESULTS.md). A qkv layer keeps the plain layout: its GEMV pairs rotary rows in its
+# epilogue (``int4_qkv_rope_cache``), which the tiles' fixed 16 rows do not.
+INT4_TILED_ENABLED = True
+
+
+def tiled_layout_pays(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> bool:
+    """Whether a layer's kernel-layout weight should take the tiled layout: on a GPU where the Gluon GEMV runs, in
+    a dtype it takes, a shape that tiles."""
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    return (INT4_TILED_ENABLED and INT4_GEMV_ENABLED and scales.dtype in _TRITON_DTYPES
+            and tiling_supported(n, k, group_size) and gemv_device(qweight.device))  # fmt: skip
+
+
 INT4_ROPE_CACHE_ENABLED = True  # the qkv GEMV with the attention prep in its epilogue, where it serves the shape
 
 
@@ -529,26 +633,28 @@ def int4_qkv_rope_cache(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 
 
 def int4_decode_or_prefill_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                                group_size: int, integer_zeros: bool = True) -> torch.Tensor:  # fmt: skip
+                                group_size: int, integer_zeros: bool = True, tiled: bool = False
+                                ) -> torch.Tensor:  # fmt: skip
     """The Gluon GEMV where it serves the call (``pick_int4_gemv_config``), else the shape's measured decode kernel
     (``pick_int4_config``: mma for M <= 16 or fma for M <= 4), the dequantized
     weight through cuBLAS from ``INT4_DEQUANT_MIN_M`` rows on (CUDA), else the tl.dot kernel.
     ``integer_zeros=False``: zero points that are not whole numbers (GGUF Q4_1's ``-m / d``) take the tensor-core
     kernel's ``mma`` kind (an ``mms`` config becomes the ``mma`` one of the same tiles), which adds the fractional
-    part apart; the other kernels dequantize in fp32."""
+    part apart; the other kernels dequantize in fp32. ``tiled``: the weight in :func:`tile_int4`'s order (every
+    kernel here reads it)."""
     if x.shape[0] >= INT4_DEQUANT_MIN_M and x.is_cuda:
-        return int4_dequant_gemm(x, qweight, scales, zeros, group_size)
+        return int4_dequant_gemm(x, qweight, scales, zeros, group_size, tiled)
     gemv_config = pick_int4_gemv_config(x, qweight, group_size, integer_zeros)
     if gemv_config is not None:
-        return gluon_int4_gemv(x, qweight, scales, zeros, group_size, gemv_config)
+        return gluon_int4_gemv(x, qweight, scales, zeros, group_size, gemv_config, tiled)
     config = pick_int4_config(x.shape[0], qweight.shape[0], x.shape[1], group_size)
     if config is not None and config.kind in INT4_MMA_KINDS:
         if not integer_zeros and config.kind != "mma":
             config = dataclasses.replace(config, kind="mma")  # tiles within a group fit the mma kind too
-        return int4_mma_gemm(x, qweight, scales, zeros, group_size, config, integer_zeros=integer_zeros)
+        return int4_mma_gemm(x, qweight, scales, zeros, group_size, config, integer_zeros=integer_zeros, tiled=tiled)
     if config is not None:
-        return int4_fma_gemm(x, qweight, scales, zeros, group_size, config)
-    return int4_gemm(x, qweight, scales, zeros, group_size)
+        return int4_fma_gemm(x, qweight, scales, zeros, group_size, config, tiled)
+    return int4_gemm(x, qweight, scales, zeros, group_size, tiled=tiled)
 
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16)
@@ -556,16 +662,16 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                 perm: torch.Tensor | None = None, bias: torch.Tensor | None = None, *, backend: str = "auto",
-                integer_zeros: bool = True) -> torch.Tensor:  # fmt: skip
-    """``x @ W (+ bias)``: the Triton kernels on CUDA (fp16/bf16), the reference otherwise. ``integer_zeros``: see
-    :func:`int4_decode_or_prefill_gemm`."""
+                integer_zeros: bool = True, tiled: bool = False) -> torch.Tensor:  # fmt: skip
+    """``x @ W (+ bias)``: the Triton kernels on CUDA (fp16/bf16), the reference otherwise. ``integer_zeros``,
+    ``tiled``: see :func:`int4_decode_or_prefill_gemm`."""
     k = x.shape[-1]
     n = qweight.shape[0]
     if not (use_triton(x, backend) and x.dtype in _TRITON_DTYPES and _block_k(k, group_size, 128) is not None):
-        return int4_linear_ref(x, qweight, scales, zeros, group_size, perm, bias)
+        return int4_linear_ref(x, qweight, scales, zeros, group_size, perm, bias, tiled)
     x2 = x.reshape(-1, k)
     x2 = x2[:, perm] if perm is not None else x2.contiguous()
-    out = (int4_decode_or_prefill_gemm(x2, qweight, scales, zeros, group_size, integer_zeros) if x2.shape[0]
+    out = (int4_decode_or_prefill_gemm(x2, qweight, scales, zeros, group_size, integer_zeros, tiled) if x2.shape[0]
            else x2.new_empty(0, n))
     if bias is not None:
         out = out + bias
@@ -712,7 +818,8 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, counter_
                      stride_xm, stride_qn, stride_om, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, SCALE_AFTER: tl.constexpr,
                      USE_ASM: tl.constexpr, FRACTIONAL_ZEROS: tl.constexpr = False,
-                     SPLIT: tl.constexpr = False, USE_PDL: tl.constexpr = False):  # fmt: skip
+                     SPLIT: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+                     TILED: tl.constexpr = False):  # fmt: skip
     """Program (n, split): ``x[:, split's K] @ W[split's K, n block]`` (the splits added up into ``out`` by the column
     block's last program, ``store_split_partial``), computed as
     ``W^T @ x^T`` so the dequantized ``[BLOCK_N, BLOCK_K]`` weight tile is the MMA's M side (64 / 128 rows: Hopper
@@ -731,7 +838,9 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, counter_
 
     ``FRACTIONAL_ZEROS`` (the ``mma`` kind; zero points that are not whole numbers, GGUF Q4_1's ``-m / d``): ``magic +
     z`` in the dot dtype would round ``z`` to a whole number ``zi``, so the weight is ``(q - zi) * s + (zi - z) * s``,
-    the second term added by the same fused multiply-add that scales: no extra instruction."""
+    the second term added by the same fused multiply-add that scales: no extra instruction.
+
+    ``TILED``: the weight in :func:`tile_int4`'s order (a tile's 128-k chunks 16 rows apart)."""
     wait_then_release(USE_PDL)
     HALVES: tl.constexpr = BLOCK_K // 4
     GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE  # groups per tile, when a tile spans several
@@ -745,19 +854,23 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, counter_
     x_rows = tl.minimum(offs_m, M - 1)  # padding rows re-read row M-1 and are never stored
     w_rows = tl.minimum(offs_n, N - 1)  # unmasked loads; tail columns are never stored
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
-    q_ptrs = qh_ptr + (w_rows.to(tl.int64) * stride_qn)[:, None] + offs_e[None, :]
+    if TILED:
+        q_ptrs = qh_ptr + _row_offsets(w_rows, stride_qn, 4, True)[:, None] + _k_offsets(4 * offs_e, 4, True)[None, :]
+    else:
+        q_ptrs = qh_ptr + (w_rows.to(tl.int64) * stride_qn)[:, None] + offs_e[None, :]
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, K // BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in range(t_start, t_end):  # tile t: offsets t * HALVES are known 16-byte aligned (16-byte async copies)
         k0 = t * BLOCK_K
-        halves = tl.load(q_ptrs + t * HALVES)
+        halves = tl.load(q_ptrs + (_k_offsets(k0, 4, True) if TILED else t * HALVES))
         if BLOCK_K <= GROUP_SIZE:
-            sz = (k0 // GROUP_SIZE) * N + w_rows
+            sz = _scale_offsets(k0 // GROUP_SIZE, w_rows, N, K, GROUP_SIZE, TILED)
             s = tl.load(s_ptr + sz).to(tl.float32)[:, None]
             z = tl.load(z_ptr + sz).to(tl.float32)[:, None]
         else:
-            sz = (k0 // GROUP_SIZE + tl.arange(0, GROUPS))[None, :] * N + w_rows[:, None]
+            sz = _scale_offsets((k0 // GROUP_SIZE + tl.arange(0, GROUPS))[None, :], w_rows[:, None], N, K,
+                                GROUP_SIZE, TILED)  # fmt: skip
             s = tl.load(s_ptr + sz).to(tl.float32)
             z = tl.load(z_ptr + sz).to(tl.float32)
             s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, GROUPS, GROUP_SIZE // 4)), (BLOCK_N, HALVES))
@@ -800,7 +913,7 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, counter_
 
 def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   group_size: int, config: SkinnyConfig, *, split_k: int | None = None,
-                  integer_zeros: bool = True) -> torch.Tensor:  # fmt: skip
+                  integer_zeros: bool = True, tiled: bool = False) -> torch.Tensor:  # fmt: skip
     """The tensor-core decode kernel on a 2-D ``x [M <= 16, K]`` (unit column stride; fp16 / bf16, fp32 for tests)
     with an ``mma`` / ``mms`` config whose block_k (a multiple of 32) divides K and nests with the group size
     (``mms``: divides it). ``split_k`` defaults to ``tensor_core_split_k`` (the config's, else the rule).
@@ -840,6 +953,6 @@ def int4_mma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         BLOCK_K=block_k, MAGIC=_MAGIC_VALUES[x.dtype], SCALE_AFTER=config.kind == "mms",
         USE_ASM=x.is_cuda and x.dtype in _TRITON_DTYPES, FRACTIONAL_ZEROS=not integer_zeros,
         SPLIT=split_k > 1, num_warps=config.num_warps, num_stages=config.num_stages,
-        **launch_options(use_pdl(x)),
+        **launch_options(use_pdl(x)), TILED=tiled,
     )  # fmt: skip
     return out

@@ -144,33 +144,33 @@ if HAS_GLUON:
         return gl.convert_layout(gl.permute(gl.reshape(x, [BATCH, 8, 128]), [0, 2, 1]), dot_b, assert_trivial=True)
 
     @gluon.jit
-    def _chunk_scales(s_ptr, z_ptr, s_offs, k0, K, N, GROUP_SIZE: gl.constexpr, MAGIC: gl.constexpr):
-        """Each chunk's group scale ``s`` and ``-(magic + z) s`` (``[batch, 16]``, fp32, the accumulator's layout)
-        for the loop step at ``k0``. ``s_offs``: ``(each chunk's first k at step 0, the weight row)`` (chunks past
-        K read the last group: their codes and x are 0)."""
-        chunk_k, rows = s_offs
-        at = (gl.minimum(k0 + chunk_k, K - 1) // GROUP_SIZE * N)[:, None] + rows[None, :]
-        s = gl.load(s_ptr + at).to(gl.float32)
-        z = gl.load(z_ptr + at).to(gl.float32)
-        return s, -(MAGIC + z) * s
-
-    @gluon.jit
-    def _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, k0: gl.constexpr, K: gl.constexpr, N: gl.constexpr,
-                     STEP_K: gl.constexpr, GROUP_SIZE: gl.constexpr, MAGIC: gl.constexpr):  # fmt: skip
-        """The loop step at ``k0``'s weight codes (int16, evict-first: read once per step) and its chunks' scales
-        (:func:`_chunk_scales`); chunks past K load code 0."""
+    def _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, k0: gl.constexpr, K: gl.constexpr,
+                     GROUP_STRIDE: gl.constexpr, STEP_K: gl.constexpr, GROUP_SIZE: gl.constexpr,
+                     TILED: gl.constexpr):  # fmt: skip
+        """Asks for the loop step at ``k0``: its weight codes (int16, evict-first: read once per step) and each
+        chunk's group scales and zero points as stored (``[batch, 16]``, the accumulator's layout; nothing waits on
+        them here). Chunks past K load code 0 (and the last group's scales; their x is 0). ``s_offs``: ``(each
+        chunk's first k at step 0, each row's offset)``, a group's scales ``GROUP_STRIDE`` apart. ``TILED``: a
+        chunk of the program's 16 rows is 512 halves (``int4_gemm.tile_int4``), else a row's 128 k are 32."""
+        at: gl.constexpr = k0 * 4 if TILED else k0 // 4
         if k0 + STEP_K <= K:
-            halves = gl.load(w_ptrs + k0 // 4, eviction_policy="evict_first")
+            halves = gl.load(w_ptrs + at, eviction_policy="evict_first")
         else:
-            halves = gl.load(w_ptrs + k0 // 4, mask=w_k + k0 < K, other=0, eviction_policy="evict_first")
-        s, zs = _chunk_scales(s_ptr, z_ptr, s_offs, k0, K, N, GROUP_SIZE, MAGIC)
-        return halves, s, zs
+            halves = gl.load(w_ptrs + at, mask=w_k + k0 < K, other=0, eviction_policy="evict_first")
+        chunk_k, rows = s_offs
+        group = (gl.minimum(k0 + chunk_k, K - 1) // GROUP_SIZE * GROUP_STRIDE)[:, None] + rows[None, :]
+        return halves, gl.load(s_ptr + group), gl.load(z_ptr + group)
 
     @gluon.jit
-    def _step_product(halves, xv, s, zs, acc, BATCH: gl.constexpr, MMA: gl.constexpr, DTYPE: gl.constexpr):
-        """``acc += (q - z) @ x^T * s`` over one loop step's chunks, as ``s ((magic + q) @ x^T) - (magic + z) s
-        (1 @ x^T)``: the second mma (an all-ones A operand, a constant) sums each chunk's x per token, so the zero
-        point costs two FFMA per accumulator element instead of one packed subtraction per two weights."""
+    def _step_product(step, xv, acc, BATCH: gl.constexpr, MMA: gl.constexpr, DTYPE: gl.constexpr,
+                      MAGIC: gl.constexpr):  # fmt: skip
+        """``acc += (q - z) @ x^T * s`` over one loop step's chunks (``step``: :func:`_weight_step`), as ``s
+        ((magic + q) @ x^T) - (magic + z) s (1 @ x^T)``: the second mma (an all-ones A operand, a constant) sums
+        each chunk's x per token, so the zero point costs two FFMA per accumulator element instead of one packed
+        subtraction per two weights."""
+        halves, s_raw, z_raw = step
+        s = s_raw.to(gl.float32)
+        zs = -(MAGIC + z_raw.to(gl.float32)) * s
         a = _a_operand(halves, BATCH, MMA, DTYPE)
         b = _b_operand(xv, BATCH, MMA)
         ones = gl.full([BATCH, 16, 128], 1.0, DTYPE, layout=gl.DotOperandLayout(operand_index=0, parent=MMA,
@@ -185,7 +185,7 @@ if HAS_GLUON:
                           stride_qn: gl.constexpr, WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr,
                           X_TILE: gl.constexpr, MMA: gl.constexpr, GROUP_SIZE: gl.constexpr, MAGIC: gl.constexpr,
                           PRELOAD: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                          BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
+                          BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr, TILED: gl.constexpr = False):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = x @ W[:, 16 pid : 16 pid + 16]``, ``W = (q - z) * s``.
         ``qh_ptr``: the kernel layout's qweight as int16 ``[N, K / 4]``; ``s``, ``z``: ``[K / GROUP_SIZE, N]``.
         ``PRELOAD`` steps of weight (and their scales) are loaded before the PDL wait: no kernel writes them.
@@ -203,10 +203,14 @@ if HAS_GLUON:
         w_batch = gl.arange(0, BATCH, layout=gl.SliceLayout(1, gl.SliceLayout(2, W_TILE)))
         w_rows = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, W_TILE)))
         w_halves = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, W_TILE)))
-        rows = gl.minimum(_program_rows(pid, w_rows, PAIRED_ROWS, HEAD_DIM), N - 1)  # tail rows re-read, never stored
         w_k = (w_batch * 128)[:, None, None] + (w_halves * 0)[None, None, :]  # each chunk's first k (K: whole chunks)
-        w_ptrs = qh_ptr + (rows.to(gl.int64) * stride_qn)[None, :, None] + (w_batch * 32)[:, None, None] \
-            + w_halves[None, None, :]
+        if TILED:  # int4_gemm.tile_int4: the program's weight is [K / 128 chunks, 16 rows, 32 halves], contiguous
+            w_ptrs = qh_ptr + pid.to(gl.int64) * (4 * K) + (w_rows * 32)[None, :, None] \
+                + (w_batch * 512)[:, None, None] + w_halves[None, None, :]
+        else:
+            rows = gl.minimum(_program_rows(pid, w_rows, PAIRED_ROWS, HEAD_DIM), N - 1)  # tail rows re-read
+            w_ptrs = qh_ptr + (rows.to(gl.int64) * stride_qn)[None, :, None] + (w_batch * 32)[:, None, None] \
+                + w_halves[None, None, :]
 
         x_batch = gl.arange(0, BATCH, layout=gl.SliceLayout(1, gl.SliceLayout(2, X_TILE)))
         x_rows = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, X_TILE)))
@@ -218,9 +222,13 @@ if HAS_GLUON:
         o_rows = _program_rows(pid, gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA))), PAIRED_ROWS,
                                HEAD_DIM)  # fmt: skip
         o_tokens = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
-        s_rows = gl.minimum(_program_rows(pid, gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA))),
-                                          PAIRED_ROWS, HEAD_DIM), N - 1)  # fmt: skip
-        s_offs = (s_batch * 128, s_rows)
+        s_tile_rows = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA)))
+        if TILED:  # scales [N / 16, K / GROUP_SIZE, 16]
+            s_offs = (s_batch * 128, pid * (16 * (K // GROUP_SIZE)) + s_tile_rows)
+            GROUP_STRIDE: gl.constexpr = 16
+        else:
+            s_offs = (s_batch * 128, gl.minimum(_program_rows(pid, s_tile_rows, PAIRED_ROWS, HEAD_DIM), N - 1))
+            GROUP_STRIDE: gl.constexpr = N
 
         if ROPE_CACHE:  # step inputs, written before the forward's first kernel: safe before the PDL wait
             slot, cos, sin = _rope_inputs(o_rows, o_tokens, M, positions_ptr, cos_sin_ptr, stride_cs, slot_ptr,
@@ -228,27 +236,26 @@ if HAS_GLUON:
         acc = gl.zeros([BATCH, 16, 8], gl.float32, layout=MMA)
         STEPS: gl.constexpr = (K + STEP_K - 1) // STEP_K
         # The K loop unrolled, step i + 1's weight and scales asked for before step i is multiplied (as fast as a
-        # plain loop on the H200, but every scale address is a constant offset). PRELOAD (0-2, whole steps only) of
-        # them go out before the PDL wait: no kernel writes them.
+        # plain loop on the H200, but every scale address is a constant offset; asking for more steps ahead gained
+        # nothing). PRELOAD (0-2, whole steps only) of them go out before the PDL wait: no kernel writes them.
         if PRELOAD > 0:
-            cur = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, 0, K, N, STEP_K, GROUP_SIZE, MAGIC)
+            cur = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, 0, K, GROUP_STRIDE, STEP_K, GROUP_SIZE, TILED)
         if PRELOAD > 1:
-            nxt = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, STEP_K, K, N, STEP_K, GROUP_SIZE, MAGIC)
+            nxt = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, STEP_K, K, GROUP_STRIDE, STEP_K, GROUP_SIZE, TILED)
         if USE_PDL:
             gdc_wait()
             gdc_launch_dependents()
         if PRELOAD == 0:
-            cur = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, 0, K, N, STEP_K, GROUP_SIZE, MAGIC)
+            cur = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, 0, K, GROUP_STRIDE, STEP_K, GROUP_SIZE, TILED)
         for i in gl.static_range(STEPS):
             if i + 1 < STEPS and (i > 0 or PRELOAD < 2):
-                nxt = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, (i + 1) * STEP_K, K, N, STEP_K, GROUP_SIZE,
-                                   MAGIC)  # fmt: skip
+                nxt = _weight_step(w_ptrs, w_k, s_ptr, z_ptr, s_offs, (i + 1) * STEP_K, K, GROUP_STRIDE, STEP_K,
+                                   GROUP_SIZE, TILED)  # fmt: skip
             if (i + 1) * STEP_K <= K:
                 xv = gl.load(x_ptrs + i * STEP_K)
             else:  # chunks past K: x 0 (their codes are 0 too)
                 xv = gl.load(x_ptrs + i * STEP_K, mask=x_k + i * STEP_K < K, other=0.0)
-            halves, s, zs = cur
-            acc = _step_product(halves, xv, s, zs, acc, BATCH, MMA, DTYPE)
+            acc = _step_product(cur, xv, acc, BATCH, MMA, DTYPE, MAGIC)
             if i + 1 < STEPS:
                 cur = nxt
 
@@ -273,7 +280,13 @@ def int4_gemv_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int)
         return False
     if qweight.stride(-1) != 1 or qweight.stride(0) % 4 or qweight.data_ptr() % 16:
         return False
-    return _has_bf16_mma(x.device)
+    return gemv_device(x.device)
+
+
+def gemv_device(device: torch.device | str) -> bool:
+    """Whether the kernel runs on ``device`` at all: an NVIDIA GPU with bf16 mma.sync (compute capability 8+)."""
+    return (HAS_GLUON and torch.device(device).type == "cuda" and torch.version.hip is None
+            and _has_bf16_mma(device))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=None)
@@ -290,12 +303,14 @@ def preload_steps(config: Int4GemvConfig, k: int, pdl: bool) -> int:
 
 
 def gluon_int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                    group_size: int, config: Int4GemvConfig | None = None) -> torch.Tensor:  # fmt: skip
+                    group_size: int, config: Int4GemvConfig | None = None, tiled: bool = False
+                    ) -> torch.Tensor:  # fmt: skip
     """``x [M <= 8, K] @ W`` for the int4 kernel layout (``qweight [N, K / 8]``; ``scales``, ``zeros``
-    ``[K / group, N]`` in x's dtype, whole-number zeros). Callers check :func:`int4_gemv_supported` first."""
+    ``[K / group, N]`` in x's dtype, whole-number zeros), ``tiled``: in ``int4_gemm.tile_int4``'s order (N a
+    multiple of 16). Callers check :func:`int4_gemv_supported` first."""
     out = torch.empty((x.shape[0], qweight.shape[0]), dtype=x.dtype, device=x.device)
     if x.shape[0] and qweight.shape[0]:
-        _launch(x, qweight, scales, zeros, group_size, out, config or Int4GemvConfig())
+        _launch(x, qweight, scales, zeros, group_size, out, config or Int4GemvConfig(), tiled=tiled)
     return out
 
 
@@ -314,9 +329,10 @@ def gluon_int4_gemv_rope_cache(x: torch.Tensor, qweight: torch.Tensor, scales: t
 
 
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-            out: torch.Tensor, config: Int4GemvConfig, rope: tuple | None = None) -> None:  # fmt: skip
+            out: torch.Tensor, config: Int4GemvConfig, rope: tuple | None = None, tiled: bool = False) -> None:  # fmt: skip
     """One ``_int4_gemv_kernel`` launch over the weight's rows; ``rope``: the rotary epilogue's
-    ``(positions, cos_sin, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)``."""
+    ``(positions, cos_sin, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)``; ``tiled``: the weight in
+    ``int4_gemm.tile_int4``'s order (no rope: its programs' rows are not rotary pairs)."""
     m, k = x.shape
     n = qweight.shape[0]
     halves = qweight.view(torch.int16)
@@ -327,7 +343,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         x, halves, scales, zeros, out, m, x.stride(0), out.stride(0), *epilogue, N=n, K=k,
         stride_qn=halves.stride(0), WARPS=config.warps, CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma,
         GROUP_SIZE=group_size, MAGIC=_MAGIC_VALUES[x.dtype], PRELOAD=preload_steps(config, k, pdl),
-        ROPE_CACHE=rope is not None, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=config.warps,
+        ROPE_CACHE=rope is not None, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILED=tiled, num_warps=config.warps,
         **launch_options(pdl),
     )  # fmt: skip
 

@@ -230,6 +230,23 @@ def test_awq_checkpoint_matches_dequantized_model(tmp_path, group):
     assert len(layers) == 2 * 4 and all(layer.qweight.dtype == torch.int32 for layer in layers)
 
 
+@pytest.mark.parametrize("case", ["awq", "gptq-act"])
+def test_int4_layers_in_the_tiled_layout_match_the_dequantized_model(tmp_path, monkeypatch, case):
+    """Where the Gluon GEMV serves decode rows (a GPU) the int4 layers but qkv take the tiled layout (``tile_int4``);
+    here it is forced on the CPU, whose reference path reads it too: the same tokens and logprobs as the
+    dequantized model, the qkv projections (their GEMV's rotary epilogue reads the plain layout) left as they were."""
+    import core.layers.quantization.int4 as int4_method
+    from kernels.int4_gemm import tiling_supported
+
+    monkeypatch.setattr(int4_method, "tiled_layout_pays",
+                        lambda q, s, g: tiling_supported(q.shape[0], q.shape[1] * 8, g))
+    make = {"awq": lambda: write_awq(tmp_path, 128), "gptq-act": lambda: write_gptq(tmp_path, 128, True, False)}
+    engine, _ = compare(*make[case](), logprob_atol=1e-4)
+    tiled = {name.rsplit(".", 1)[-1]: layer.tiled for name, layer in engine.runner.model.named_modules()
+             if getattr(layer, "quant_method", None) is not None}
+    assert tiled == {"qkv_proj": False, "o_proj": True, "gate_up_proj": True, "down_proj": True}
+
+
 @pytest.mark.parametrize("group, desc_act, sym", [(32, False, True), (64, True, False), (128, True, True),
                                                   (64, False, False)])
 def test_gptq_checkpoint_matches_dequantized_model(tmp_path, group, desc_act, sym):
@@ -333,6 +350,7 @@ def test_int4_gluon_gemv_in_the_engine_on_gpu(tmp_path, monkeypatch, case, rope_
     engine, graphs = greedy(quantized, dtype="bfloat16", device="cuda")
     assert engine.runner.use_graphs and "gluon_int4_gemv" in calls
     assert ("gluon_int4_gemv_rope_cache" in calls) is rope_cache
+    assert sorted(layer.tiled for layer in linears(engine)) == [False] * 2 + [True] * 6  # all but qkv: tiled
     _, eager = greedy(quantized, dtype="bfloat16", device="cuda", enforce_eager=True)
     assert [r["tokens"] for r in graphs] == [r["tokens"] for r in eager]
     _, reference = greedy(dequantized, dtype="bfloat16", device="cuda")

@@ -16,8 +16,8 @@ import triton.language as tl
 from kernels.int4_gemm import (AWQ_ORDER, INT4_DEFAULT_CONFIGS, _dequant_halves, dequantize_int4,
                                int4_decode_or_prefill_gemm, int4_dequant_gemm, int4_fma_gemm, int4_gemm, int4_linear,
                                int4_linear_ref, int4_mma_gemm, pack_int4_columns,
-                               pack_int4_kernel, pack_int4_rows, pick_int4_config, unpack_int4_columns,
-                               unpack_int4_kernel, unpack_int4_rows)
+                               pack_int4_kernel, pack_int4_rows, pick_int4_config, tile_int4, tiling_supported,
+                               unpack_int4_columns, unpack_int4_kernel, unpack_int4_rows, untile_int4)
 from kernels.skinny_gemm import SkinnyConfig
 from tests.kernels.kernel_testing import KERNEL_DEVICE, assert_close
 
@@ -409,3 +409,50 @@ def test_int4_mma_gpu_at_llama_shapes(m, n, k, dtype, config):
     x = torch.randn(m, k, generator=gen).to(dtype).cuda()
     out = int4_mma_gemm(x, *args, 128, SkinnyConfig.parse(config))
     assert_close(out, int4_linear_ref(x, *args, 128).float(), 1e-2, f"int4 mma m={m} {n}x{k} {dtype} {config}")
+
+
+# ------------------------------------------------------------------ the tiled layout (the Gluon GEMV's, tile_int4)
+
+def test_tiled_layout_puts_each_16_columns_weight_in_one_run():
+    """``tile_int4``: same shapes; the codes of 16 columns x 128 input rows are one kilobyte (a chunk's 16 x 64
+    bytes, then the next chunk's), the scales of 16 columns one run per tile; ``untile_int4`` undoes it."""
+    gen = torch.Generator().manual_seed(11)
+    q, zeros, scales, _ = random_int4(256, 48, 128, gen)
+    packed = pack_int4_kernel(q)
+    tiled = tile_int4(packed, scales, zeros.double())
+    assert [t.shape for t in tiled] == [packed.shape, scales.shape, zeros.shape]
+    flat = tiled[0].reshape(-1)
+    # tile 1 (columns 16..31), chunk 1 (input rows 128..255), column 16 + 3: words 16..31 of that column
+    assert torch.equal(flat[(1 * 2 + 1) * 256 + 3 * 16:][:16], packed[19, 16:32])
+    assert tiled[1].reshape(-1)[2 * 2 * 16 + 1 * 16 + 5] == scales[1, 37]  # tile 2, group 1, column 32 + 5
+    back = untile_int4(*tiled)
+    assert torch.equal(back[0], packed) and torch.equal(back[1], scales) and torch.equal(back[2], zeros.double())
+    assert tiling_supported(48, 256, 128) and not tiling_supported(40, 256, 128)
+    assert not tiling_supported(48, 256, 64)
+    with pytest.raises(ValueError, match="tiled int4 layout"):
+        tile_int4(pack_int4_kernel(q[:, :40]), scales[:, :40], zeros[:, :40])
+
+
+@pytest.mark.parametrize("kernel", ["dot-decode", "dot-prefill", "fma", "fma-wide", "mma", "mma-wide", "mms",
+                                    "dequant"])
+def test_every_triton_kernel_reads_the_tiled_layout(kernel):
+    """A layer whose weight takes the tiled layout (for the Gluon GEMV) runs every other int4 path on it too: more
+    rows, act-order, prefill. Each Triton kernel on the tiled tensors gives the plain layout's result."""
+    m, n, k, group = {"dot-prefill": 20, "mma": 9, "mma-wide": 12, "mms": 16, "dequant": 17}.get(kernel, 3), 48, 512, 128
+    gen = torch.Generator().manual_seed(len(kernel))
+    q, zeros, scales, _ = random_int4(k, n, group, gen)
+    args = (pack_int4_kernel(q), scales.float(), zeros.float())
+    tiled = tile_int4(*args)
+    x = torch.randn(m, k, generator=gen).to(KERNEL_DEVICE)
+    on = {"dot-decode": lambda a, t: int4_gemm(x, *a, group, block_n=32, block_k=64, split_k=2, tiled=t),
+          "dot-prefill": lambda a, t: int4_gemm(x, *a, group, block_n=32, tiled=t),
+          "fma": lambda a, t: int4_fma_gemm(x, *a, group, SkinnyConfig.parse("fma:16x64:w2:p0"), t),
+          "fma-wide": lambda a, t: int4_fma_gemm(x, *a, group, SkinnyConfig.parse("fma:8x256:w2:p0"), t),
+          "mma": lambda a, t: int4_mma_gemm(x, *a, group, SkinnyConfig.parse("mma:64x64:w4:s1"), split_k=2, tiled=t),
+          "mma-wide": lambda a, t: int4_mma_gemm(x, *a, group, SkinnyConfig.parse("mma:64x256:w4:s1"), tiled=t),
+          "mms": lambda a, t: int4_mma_gemm(x, *a, group, SkinnyConfig.parse("mms:64x128:w4:s1"), tiled=t),
+          "dequant": lambda a, t: int4_dequant_gemm(x, *a, group, t)}[kernel]
+    plain = on(tuple(a.to(KERNEL_DEVICE) for a in args), False)
+    reference = int4_linear_ref(x.double().cpu(), *tiled, group, tiled=True)
+    assert_close(on(tuple(a.to(KERNEL_DEVICE) for a in tiled), True), reference, TOLERANCE[torch.float32], kernel)
+    assert_close(plain, reference, TOLERANCE[torch.float32], f"{kernel} plain")

@@ -27,7 +27,7 @@ from torch import nn
 from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, replace_parameter
 from kernels.backend import use_triton
 from kernels.int4_gemm import (AWQ_ORDER, KERNEL_K_BLOCK, int4_linear, int4_qkv_rope_cache, pack_int4_kernel,
-                               unpack_int4_columns, unpack_int4_rows)
+                               tile_int4, tiled_layout_pays, unpack_int4_columns, unpack_int4_rows)
 from kernels.int4_gemv_gluon import MAX_M as INT4_GEMV_MAX_M
 
 PACK = 8  # int4 values per int32
@@ -130,6 +130,8 @@ class Int4LinearMethod(LinearMethod):
             raise ValueError(f"{name}: output sizes {tuple(output_sizes)} must be multiples of {PACK} (int4 packing).")
         groups = in_features // group
         layer.group_size = group
+        # q, k, v shards (the last two alike): a qkv projection, whose GEMV may do the attention prep
+        layer.int4_qkv = len(output_sizes) == 3 and output_sizes[1] == output_sizes[2]
 
         def g_idx_fill(tensor: torch.Tensor, gen: torch.Generator) -> None:
             tensor.copy_(torch.arange(in_features, dtype=torch.int32) // group)
@@ -166,20 +168,26 @@ class Int4LinearMethod(LinearMethod):
                 q = q[perm]
                 perm = perm.to(torch.int32)
             delattr(layer, "g_idx")
-        replace_parameter(layer, "qweight", pack_int4_kernel(q))
+        qweight, scales, zeros = pack_int4_kernel(q), scales.contiguous(), zeros.to(scales.dtype).contiguous()
+        # The tiled layout where the Gluon GEMV serves decode rows, but not for a qkv projection (its GEMV's rotary
+        # epilogue reads the plain layout)
+        layer.tiled = not layer.int4_qkv and tiled_layout_pays(qweight, scales, group)
+        if layer.tiled:
+            qweight, scales, zeros = tile_int4(qweight, scales, zeros)
+        replace_parameter(layer, "qweight", qweight)
         delattr(layer, "qzeros")
-        replace_parameter(layer, "scales", scales.contiguous())
-        replace_parameter(layer, "zeros", zeros.to(scales.dtype).contiguous())
+        replace_parameter(layer, "scales", scales)
+        replace_parameter(layer, "zeros", zeros)
         layer.perm = perm
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return int4_linear(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, bias,
-                           backend=layer.backend)
+                           backend=layer.backend, tiled=layer.tiled)
 
     def may_rope_cache(self, layer: nn.Module, x: torch.Tensor) -> bool:
         """Decode rows on the GPU (the Gluon GEMV's few rows) of a qkv layer without a bias."""
         return (isinstance(x, torch.Tensor) and x.is_cuda and x.dim() == 2 and x.shape[0] <= INT4_GEMV_MAX_M
-                and layer.bias is None and use_triton(x, layer.backend))  # fmt: skip
+                and layer.bias is None and not layer.tiled and use_triton(x, layer.backend))  # fmt: skip
 
     def apply_rope_cache(self, layer: nn.Module, x: torch.Tensor, **rope) -> torch.Tensor | None:
         """The qkv product with the attention prep in the int4 GEMV's epilogue (``int4_qkv_rope_cache``), or None
