@@ -169,6 +169,21 @@ def test_int4_linear_gpu_at_llama_shapes(m, n, k, dtype):
     assert_close(out, int4_linear_ref(x, *args, group).float(), 1e-2, f"int4 m={m} {n}x{k} {dtype}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 5, 12, 200])
+@pytest.mark.parametrize("n, k", LLAMA_8B_SHAPES[1:])
+def test_int4_linear_gpu_on_the_tiled_layout(m, n, k):
+    """The engine's tiled layers (all but qkv) through every GPU path: the Gluon GEMV (M <= 8), the tensor-core
+    kernel (9-16 rows), dequantize + cuBLAS (more)."""
+    gen = torch.Generator().manual_seed(m)
+    q, zeros, scales, _ = random_int4(k, n, 128, gen)
+    args = tile_int4(pack_int4_kernel(q).cuda(), (scales * 0.1).to(torch.bfloat16).cuda(),
+                     zeros.to(torch.bfloat16).cuda())
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+    out = int4_linear(x, *args, 128, tiled=True)
+    assert_close(out, int4_linear_ref(x, *args, 128, tiled=True).float(), 1e-2, f"tiled int4 m={m} {n}x{k}")
+
+
 def test_decode_launch_splits_k_only_for_small_layers():
     from kernels.split_k import decode_launch
 
