@@ -588,12 +588,13 @@ def int4_dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 # The Gluon decode GEMM (kernels/int4_gemv_gluon.py: M <= 8, whole-number zero points, groups of a multiple of 128)
 # on GPUs where it runs: configs per (N, K), else INT4_GEMV_DEFAULT; None (or INT4_GEMV_ENABLED off) sends the shape
 # to the Triton kernels' tables above. ``benchmarks/bench_int4_gemv.py`` times every config against them.
-# H200, 2026-12-04 (twenty-first session), M = 1, PDL on, us (RESULTS.md); "table": the Triton kernels above.
+# H200, 2026-12-04 (twenty-second session), M = 1, PDL on, us (RESULTS.md); "table": the Triton kernels above; all
+# but qkv on the tiled layout (``tile_int4``), as the engine stores them.
 INT4_GEMV_CONFIGS: dict[tuple[int, int], Int4GemvConfig | None] = {  # Llama-3.1-8B, group 128
-    (6144, 4096): Int4GemvConfig(8, 1, 1),  # qkv: 6.8-6.9 (8 x 2 x 2: 8.3), table 10.9-11.1
-    (4096, 4096): Int4GemvConfig(8, 2, 2),  # o_proj: 5.3-5.4, table 8.3-8.4
-    (28672, 4096): Int4GemvConfig(4, 1, 1),  # gate_up: 25.9-26.8 (8 x 2 x 2: 29.5-30.7), table 52.6-52.8
-    (4096, 14336): Int4GemvConfig(8, 2, 2),  # down: 14.9, table 20.2-20.5
+    (6144, 4096): Int4GemvConfig(8, 1, 1),  # qkv (plain): 6.8 (8 x 2 x 2: 8.3), table 11.0
+    (4096, 4096): Int4GemvConfig(4, 2, 2),  # o_proj: 5.0 (8 x 2 x 2: 5.2; plain 5.3), table 8.0
+    (28672, 4096): Int4GemvConfig(4, 1, 1),  # gate_up: 23.1-23.7 (plain 25.9-26.8), table 54.8
+    (4096, 14336): Int4GemvConfig(8, 2, 2),  # down: 13.3 (plain 14.5-14.9), table 19.1
 }
 # Unmeasured shapes: 8 x 2 x 2, faster than the Triton table on all four Llama-8B shapes (the best on two).
 INT4_GEMV_DEFAULT: Int4GemvConfig | None = Int4GemvConfig(8, 2, 2)
@@ -611,9 +612,10 @@ def pick_int4_gemv_config(x: torch.Tensor, qweight: torch.Tensor, group_size: in
 
 
 # Layers whose decode rows the Gluon GEMV serves keep their weight in the tiled layout (``tile_int4``); every other
-# int4 path reads it too. H200, 2026-12-04 (twenty-second session), M = 1, us: gate_up 26.6 -> 23.3, down 14.5 ->
-# 13.2, o_proj 5.2 -> 4.9 (RESULTS.md). A qkv layer keeps the plain layout: its GEMV pairs rotary rows in its
-# epilogue (``int4_qkv_rope_cache``), which the tiles' fixed 16 rows do not.
+# int4 path reads it too (the Triton kernels as fast as on the plain layout). H200, 2026-12-04 (twenty-second
+# session), M = 1, us: gate_up 26.6 -> 23.1-23.7, down 14.5 -> 13.3, o_proj 5.2 -> 5.0; W3-AWQ 436 -> 461 tok/s
+# (RESULTS.md). A qkv layer keeps the plain layout: its GEMV pairs rotary rows in its epilogue
+# (``int4_qkv_rope_cache``), which the tiles' fixed 16 rows do not.
 INT4_TILED_ENABLED = True
 
 
