@@ -7,12 +7,14 @@ consecutive words are four consecutive elements (one 8-byte load), not four scat
 ``[K / group, N]`` (zeros as numbers, in the activation dtype); ``W[k, n] = (q[k, n] - zeros[k // group, n]) *
 scales[k // group, n]``. A ``perm`` (GPTQ act-order) gathers x's columns first: the rows were sorted by group at load.
 ``core/layers/quantization/int4.py`` repacks AWQ and GPTQ checkpoints into this layout; K must be a multiple of 32.
+Where the Gluon GEMV serves a layer's decode rows (all but qkv projections) the layer keeps it tiled
+(:func:`tile_int4`: each 16 columns' weight one contiguous run, same shapes); every kernel here takes ``tiled``.
 
 Five paths:
 
 - the Gluon GEMV (``kernels/int4_gemv_gluon.py``; M <= 8 on CUDA, whole-number zero points, groups of a multiple
   of 128): the weight straight into mma.sync fragments, dequantized in registers (``INT4_GEMV_CONFIGS``). On the
-  H200 it halves a Llama-8B layer's decode GEMMs (53 us against 92 us at M = 1); the paths below take the rest.
+  H200 it halves a Llama-8B layer's decode GEMMs (48 us against 93 us at M = 1); the paths below take the rest.
 - ``fma`` (M <= 4, CUDA cores), the int4 twin of ``kernels/skinny_gemm.py``'s: each program owns ``block_n``
   columns and walks K in ``block_k`` tiles spanning any number of groups, the next tile's words (and its group
   scales/zeros) loaded while the current one is used; a nibble becomes a float without an int->float convert (its

@@ -11,7 +11,9 @@ loaded before the PDL wait. This is its int4 twin:
 - **The kernel layout read as it is.** A 64-byte run of a weight row (``qweight [N, K / 8]`` int32) holds 128
   consecutive k: word ``4c + r`` (c < 4) nibble ``i`` is k ``32c + 4i + r``. Thread ``t`` (= lane % 4) of the mma
   quad loads the 16 bytes of block ``c = t`` of rows ``g`` and ``g + 8`` (``g`` = lane // 4): two 16-byte loads per
-  128 k, and nothing moves between threads.
+  128 k, and nothing moves between threads. ``TILED`` (``int4_gemm.tile_int4``, the engine's layout for all but qkv
+  projections): the same runs with a program's 16 rows side by side, so its whole weight is one contiguous run
+  (gate_up 26.6 -> 23.1 us).
 - **Marlin's magic numbers, two weights per instruction.** A word's nibbles ``j`` and ``j + 4`` sit 16 bits apart,
   so ``lop3(word >> 4j, 0x000f000f, magic)`` is two fp16 ``1024 + q`` / bf16 ``128 + q`` at once (exact): 3 shifts
   and 4 ``lop3`` per 8 weights, no int -> float conversion, and no per-weight zero-point subtraction (below).
@@ -28,10 +30,10 @@ loaded before the PDL wait. This is its int4 twin:
   its own group's scales, added up once at the end.
 - **A qkv epilogue** (:func:`gluon_int4_gemv_rope_cache`): the fp8 GEMV's rotary-pair rows and attention-prep
   epilogue (q rotated, k rotated and v into the paged cache), one launch fewer per layer.
-- Measured on the H200 (Llama-8B, M = 1; RESULTS.md, twenty-first session): qkv 6.8 us, o 5.3, gate_up 26, down
-  14.9 against the Triton kernels' 10.9 / 8.3 / 52.7 / 20.3; W3-AWQ 279 -> 436 tok/s. ``kernels/int4_gemm.py``
-  picks it per shape (``INT4_GEMV_CONFIGS``). A probe with the math replaced by a sum of the loaded codes takes ~80%
-  of gate_up's time: the access pattern, not the dequantization, is what is left (kernels/NOTES.md).
+- Measured on the H200 (Llama-8B, M = 1; RESULTS.md, twenty-first and twenty-second sessions): qkv 6.8 us, o 5.0,
+  gate_up 23.1, down 13.3 (the last three tiled) against the Triton kernels' 11.0 / 8.0 / 54.8 / 19.1; W3-AWQ 279 ->
+  436 -> 461 tok/s. ``kernels/int4_gemm.py`` picks it per shape (``INT4_GEMV_CONFIGS``). More steps of weight in
+  flight per thread do not make it faster (kernels/NOTES.md).
 
 Gluon has no interpreter: on the CPU the Triton kernels run; the GPU tests compare this kernel with
 ``int4_linear_ref``.
