@@ -189,7 +189,8 @@ if HAS_GLUON:
                           PRELOAD: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
                           BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr, TILED: gl.constexpr = False):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = x @ W[:, 16 pid : 16 pid + 16]``, ``W = (q - z) * s``.
-        ``qh_ptr``: the kernel layout's qweight as int16 ``[N, K / 4]``; ``s``, ``z``: ``[K / GROUP_SIZE, N]``.
+        ``qh_ptr``: the kernel layout's qweight as int16 ``[N, K / 4]``; ``s``, ``z``: ``[K / GROUP_SIZE, N]``
+        (``TILED``: both in ``int4_gemm.tile_int4``'s order, rows in plain order: never with ``ROPE_CACHE``).
         ``PRELOAD`` steps of weight (and their scales) are loaded before the PDL wait: no kernel writes them.
         The shape is compiled in (a model has a few): the K loop is unrolled, and every scale's address is a
         constant offset from the program's base (no group arithmetic in the loop). ``ROPE_CACHE``: a qkv GEMM whose
