@@ -32,23 +32,25 @@ GROUP = 128
 MAGIC = {"bf16": 128.0, "fp16": 1024.0}
 
 
-def compile_fma(config: SkinnyConfig, dtype: str = "bf16", block_m: int = 1):
-    """``_int4_fma_kernel`` as ``int4_fma_gemm`` launches it (one x row per program at M = 1)."""
+def compile_fma(config: SkinnyConfig, dtype: str = "bf16", block_m: int = 1, tiled: bool = False):
+    """``_int4_fma_kernel`` as ``int4_fma_gemm`` launches it (one x row per program at M = 1; ``tiled``: on
+    ``tile_int4``'s layout)."""
     pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "s_ptr": f"*{dtype}", "z_ptr": f"*{dtype}",
                 "out_ptr": f"*{dtype}"}  # fmt: skip
-    constexprs = dict(GROUP_SIZE=GROUP, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+    constexprs = dict(GROUP_SIZE=GROUP, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                      TILED=tiled)
     return compile_sm90(int4_gemm._int4_fma_kernel, pointers, set(), constexprs, config.num_warps, 1,
                         divisible_ints={"K"})  # fmt: skip
 
 
-def compile_mma(config: SkinnyConfig, dtype: str = "bf16", split: bool = False):
+def compile_mma(config: SkinnyConfig, dtype: str = "bf16", split: bool = False, tiled: bool = False):
     """``_int4_mma_kernel`` as ``int4_mma_gemm`` launches it on the GPU (16 padded token rows, PTX dequantization;
-    an ``mms`` config scales the products instead of the weights)."""
+    an ``mms`` config scales the products instead of the weights; ``tiled``: on ``tile_int4``'s layout)."""
     pointers = {"x_ptr": f"*{dtype}", "qh_ptr": "*i16", "s_ptr": f"*{dtype}", "z_ptr": f"*{dtype}",
                 "out_ptr": f"*{dtype}", "partial_ptr": "*fp32", "counter_ptr": "*i32"}  # fmt: skip
     constexprs = dict(GROUP_SIZE=GROUP, BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                       MAGIC=MAGIC[dtype], SCALE_AFTER=config.kind == "mms", USE_ASM=True,
-                      FRACTIONAL_ZEROS=False, SPLIT=split)  # fmt: skip
+                      FRACTIONAL_ZEROS=False, SPLIT=split, TILED=tiled)  # fmt: skip
     return compile_sm90(int4_gemm._int4_mma_kernel, pointers, set(), constexprs, config.num_warps, config.num_stages,
                         divisible_ints={"K"})  # fmt: skip
 
@@ -60,6 +62,7 @@ def main() -> int:
                         "mms:64x128:w4:s4,mms:128x128:w4:s3,mms:128x128:w8:s3",
                         help="comma-separated mma / mms configs")
     parser.add_argument("--dtype", default="bf16", choices=sorted(MAGIC), help="activation dtype")
+    parser.add_argument("--tiled", action="store_true", help="the weight in tile_int4's layout")
     parser.add_argument("--verbose", action="store_true", help="every opcode of the loop with its modifiers")
     parser.add_argument("--dump", default="", help="write each kernel's PTX and SASS into this folder")
     opts = parser.parse_args()
@@ -67,7 +70,7 @@ def main() -> int:
     jobs = [(c, compile_fma) for c in opts.fma.split(",") if c] + [(c, compile_mma) for c in opts.mma.split(",") if c]
     for text, compile_fn in jobs:
         config = SkinnyConfig.parse(text)
-        info = loop_summary(compile_fn(config, opts.dtype), config)
+        info = loop_summary(compile_fn(config, opts.dtype, tiled=opts.tiled), config)
         print(f"{text} | {info['loop_total']} | {info['per_1000_weights']:.1f} | {info['mmas']} | {info['regs']} | "
               f"{info['stack']} | {info['smem']}")  # fmt: skip
         print_loop_and_dump(info, opts.verbose, opts.dump, f"int4_{opts.dtype}_{text.replace(':', '_')}")
