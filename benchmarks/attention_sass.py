@@ -92,8 +92,9 @@ def _compile(kernel, pointers: dict[str, str], floats: set[str], constexprs: dic
     signature, attrs = {}, {}
     # constexprs with defaults the caller left out (a bare ASTSource does not apply them): PDL off, as launched
     # without programmatic dependent launch, and what is done before its wait at the defaults (PF_COLS, PRELOAD,
-    # PRE_WAIT_KV, EARLY_RELEASE)
-    defaults = (("USE_PDL", False), ("PF_COLS", 1), ("PRELOAD", 1), ("PRE_WAIT_KV", False), ("EARLY_RELEASE", False))
+    # PRE_WAIT_KV, EARLY_RELEASE), and the int4 kernels on the plain layout (TILED)
+    defaults = (("USE_PDL", False), ("PF_COLS", 1), ("PRELOAD", 1), ("PRE_WAIT_KV", False), ("EARLY_RELEASE", False),
+                ("TILED", False))
     constexprs = {**{name: value for name, value in defaults if name in kernel.arg_names}, **constexprs}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
