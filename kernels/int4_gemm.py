@@ -143,7 +143,7 @@ def tile_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     """The kernel layout's tensors in the tiled storage order, same shapes and dtypes (every size check reads the
     same numbers; the kernels take ``tiled=True``): codes ``[N / 16, K / 128, 16, 16 words]`` (each 16 columns'
     weight one contiguous run, a chunk's 16 x 64 bytes after the other), scales and zeros ``[N / 16, K / group,
-    16]``. The Gluon GEMV's loads are then whole kilobytes; strided 64-byte runs reached ~2.7 TB/s at most."""
+    16]``. A Gluon GEMV program then streams one contiguous run (gate_up 26.6 -> 23.1 us on the H200)."""
     n, words = qweight.shape
     groups = scales.shape[0]
     if not tiling_supported(n, words * 8, words * 8 // groups):
@@ -238,7 +238,7 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
                       BLOCK_K: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr = False,
                       TILED: tl.constexpr = False):  # fmt: skip
     """The tl.dot kernel: program (n, m, split) dequantizes ``[BLOCK_K, BLOCK_N]`` tiles of one group each
-    (``TILED``: :func:`tile_int4`'s order; BLOCK_K <= 128)."""
+    (``TILED``: :func:`tile_int4`'s order)."""
     wait_then_release(USE_PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -534,8 +534,8 @@ INT4_DEQUANT_MIN_M = INT4_MMA_MAX_M + 1
 def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, GROUP_SIZE: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILED: tl.constexpr = False):  # fmt: skip
     """Program (n, k): the ``[BLOCK_N, BLOCK_K]`` block of ``W^T`` (``out [N, K]``, x's dtype, row-major: the
-    layout ``F.linear`` hands cuBLAS) from the kernel layout (``TILED``: :func:`tile_int4`'s order; BLOCK_K <=
-    128); a block lies within one group."""
+    layout ``F.linear`` hands cuBLAS) from the kernel layout (``TILED``: :func:`tile_int4`'s order); a block lies
+    within one group."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
