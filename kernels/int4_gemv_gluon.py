@@ -332,7 +332,8 @@ def gluon_int4_gemv_rope_cache(x: torch.Tensor, qweight: torch.Tensor, scales: t
 
 
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-            out: torch.Tensor, config: Int4GemvConfig, rope: tuple | None = None, tiled: bool = False) -> None:  # fmt: skip
+            out: torch.Tensor, config: Int4GemvConfig, rope: tuple | None = None, tiled: bool = False
+            ) -> None:  # fmt: skip
     """One ``_int4_gemv_kernel`` launch over the weight's rows; ``rope``: the rotary epilogue's
     ``(positions, cos_sin, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)``; ``tiled``: the weight in
     ``int4_gemm.tile_int4``'s order (no rope: its programs' rows are not rotary pairs)."""

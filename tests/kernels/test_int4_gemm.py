@@ -453,7 +453,8 @@ def test_tiled_layout_puts_each_16_columns_weight_in_one_run():
 def test_every_triton_kernel_reads_the_tiled_layout(kernel):
     """A layer whose weight takes the tiled layout (for the Gluon GEMV) runs every other int4 path on it too: more
     rows, act-order, prefill. Each Triton kernel on the tiled tensors gives the plain layout's result."""
-    m, n, k, group = {"dot-prefill": 20, "mma": 9, "mma-wide": 12, "mms": 16, "dequant": 17}.get(kernel, 3), 48, 512, 128
+    m = {"dot-prefill": 20, "mma": 9, "mma-wide": 12, "mms": 16, "dequant": 17}.get(kernel, 3)
+    n, k, group = 48, 512, 128
     gen = torch.Generator().manual_seed(len(kernel))
     q, zeros, scales, _ = random_int4(k, n, group, gen)
     args = (pack_int4_kernel(q), scales.float(), zeros.float())
