@@ -101,7 +101,8 @@ def time_shape(n: int, k: int, replays: int, gen: torch.Generator) -> dict[str, 
     return times
 
 
-def gemv_bench_setup(description: str, script: str, add_options: Callable[[argparse.ArgumentParser], object] | None = None
+def gemv_bench_setup(description: str, script: str,
+                     add_options: Callable[[argparse.ArgumentParser], object] | None = None
                      ) -> tuple[argparse.Namespace, torch.Generator] | None:  # fmt: skip
     """A GEMV bench's options (``--models``, ``--replays``, ``--no-pdl``, and what ``add_options(parser)`` adds),
     PDL configured from them and a seeded CUDA generator; None (after saying why) without a GPU: Gluon has no

@@ -1,6 +1,6 @@
 """Decode GEMMs over int4 weights (w4a16, AWQ / GPTQ in ``kernels/int4_gemm.py``'s layout, groups of a multiple of
-128) for a few rows (M <= 8), written in Gluon: each thread loads exactly its own tensor-core fragments of the weight, 16 bytes
-at a time, and dequantizes them in place.
+128) for a few rows (M <= 8), written in Gluon: each thread loads exactly its own tensor-core fragments of the
+weight, 16 bytes at a time, and dequantizes them in place.
 
 Why: at M = 1 a GEMM is a pass over the weight. The Triton tensor-core kernel (``_int4_mma_kernel``) stages the
 weight through shared memory for wgmma and is latency-bound at 24-30% of the H200's bandwidth (93.6 us per
