@@ -180,10 +180,12 @@ def _row_offsets(rows, stride, UNIT_K: tl.constexpr, TILED: tl.constexpr):
 
 
 @triton.jit
-def _tile_offset(t, BLOCK_K: tl.constexpr, UNIT_K: tl.constexpr):
-    """Tiled: where K tile ``t`` (``BLOCK_K`` input rows, a power of two) starts from its row's start
-    (:func:`_row_offsets`), in units of ``UNIT_K`` input rows; chunks of 128 k are 16 rows apart. Written so the
-    compiler sees its alignment (a multiple of ``min(BLOCK_K, 128) / UNIT_K``)."""
+def _tile_offset(t, BLOCK_K: tl.constexpr, UNIT_K: tl.constexpr, TILED: tl.constexpr):
+    """Where K tile ``t`` (``BLOCK_K`` input rows, a power of two) starts from its row's start
+    (:func:`_row_offsets`), in units of ``UNIT_K`` input rows; tiled, chunks of 128 k are 16 rows apart. Written so
+    the compiler sees its alignment (a multiple of ``min(BLOCK_K, 128) / UNIT_K``)."""
+    if not TILED:
+        return t * (BLOCK_K // UNIT_K)
     PER: tl.constexpr = 128 // UNIT_K  # units per 128 k of one row
     if BLOCK_K >= 128:
         return t * (BLOCK_K // 128 * 16 * PER)
@@ -191,9 +193,11 @@ def _tile_offset(t, BLOCK_K: tl.constexpr, UNIT_K: tl.constexpr):
 
 
 @triton.jit
-def _in_tile_offsets(offs, UNIT_K: tl.constexpr):
-    """Tiled: units ``offs`` (an arange) of a K tile from its start (:func:`_tile_offset`): runs of 128 k
+def _in_tile_offsets(offs, UNIT_K: tl.constexpr, TILED: tl.constexpr):
+    """Units ``offs`` (an arange) of a K tile from its start (:func:`_tile_offset`): tiled, runs of 128 k
     contiguous (the compiler sees it: 16-byte loads), the next run 16 rows on."""
+    if not TILED:
+        return offs
     PER: tl.constexpr = 128 // UNIT_K
     return offs + (offs // PER) * (15 * PER)
 
@@ -254,16 +258,14 @@ def _int4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     q_rows = _row_offsets(offs_n, stride_qn, 8, TILED)
+    in_tile = _in_tile_offsets(offs_packed, 8, TILED)
     for k0 in range(k_start, k_end, BLOCK_K):
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
         # Tile row 8p + i below is nibble i of word p = 4c + r, i.e. input row 32c + 4i + r (the interleave): x's
         # columns reordered to match, [.., c, i, r] -> [.., c, r, i] (in registers / shared memory, not by a gather).
         x = tl.reshape(tl.permute(tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 8, 4)), (0, 1, 3, 2)), (BLOCK_M, BLOCK_K))
         # Each int32 is loaded once and split into its 8 rows: [BLOCK_K / 8, 8, BLOCK_N] -> [BLOCK_K, BLOCK_N].
-        if TILED:
-            at = _tile_offset(k0 // BLOCK_K, BLOCK_K, 8) + _in_tile_offsets(offs_packed, 8)
-        else:
-            at = k0 // 8 + offs_packed
+        at = _tile_offset(k0 // BLOCK_K, BLOCK_K, 8, TILED) + in_tile
         qw = tl.load(qw_ptr + q_rows[None, :] + at[:, None], mask=n_mask[None, :], other=0)
         q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N)).to(tl.float32)
         sz = _scale_offsets(k0 // GROUP_SIZE, offs_n, N, K, GROUP_SIZE, TILED)
@@ -448,10 +450,8 @@ def _int4_fma_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     safe_rows = tl.minimum(rows, N - 1)
     offs_j = tl.arange(0, WORDS)
-    if TILED:
-        q_ptrs = qw_ptr + _row_offsets(safe_rows, stride_qn, 8, True)[:, None] + _in_tile_offsets(offs_j, 8)[None, :]
-    else:
-        q_ptrs = qw_ptr + (safe_rows.to(tl.int64) * stride_qn)[:, None] + offs_j[None, :]
+    q_ptrs = (qw_ptr + _row_offsets(safe_rows, stride_qn, 8, TILED)[:, None]
+              + _in_tile_offsets(offs_j, 8, TILED)[None, :])
     # Word j of a tile starts at input row 32 (j // 4) + j % 4 of it; nibble i adds 4 i.
     word_k = 32 * (offs_j // 4) + offs_j % 4
     # a tile's groups, from its first one (the offsets are linear in the group: N or 16 apart)
@@ -471,8 +471,7 @@ def _int4_fma_kernel(
     acc3 = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     for t in range(1, num_tiles):
         group_row = (t * BLOCK_K) // GROUP_SIZE * group_stride
-        at = _tile_offset(t, BLOCK_K, 8) if TILED else t * WORDS
-        words_next = tl.load(q_ptrs + at, eviction_policy="evict_first")
+        words_next = tl.load(q_ptrs + _tile_offset(t, BLOCK_K, 8, TILED), eviction_policy="evict_first")
         s_next = tl.load(s_ptr + group_row + sz_offs)
         z_next = tl.load(z_ptr + group_row + sz_offs)
         acc0, acc1, acc2, acc3 = _int4_fma_tile(acc0, acc1, acc2, acc3, words, s, z, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
@@ -541,10 +540,7 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, GROUP_S
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k0 = pid_k * BLOCK_K
-    if TILED:
-        at = _tile_offset(pid_k, BLOCK_K, 8) + _in_tile_offsets(tl.arange(0, BLOCK_K // 8), 8)
-    else:
-        at = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    at = _tile_offset(pid_k, BLOCK_K, 8, TILED) + _in_tile_offsets(tl.arange(0, BLOCK_K // 8), 8, TILED)
     words = tl.load(qw_ptr + _row_offsets(offs_n, stride_qn, 8, TILED)[:, None] + at[None, :],
                     mask=n_mask[:, None], other=0)  # [BLOCK_N, BLOCK_K / 8]
     q = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # [.., word 4c + r, nibble i]
@@ -874,16 +870,13 @@ def _int4_mma_kernel(x_ptr, qh_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, counter_
     x_rows = tl.minimum(offs_m, M - 1)  # padding rows re-read row M-1 and are never stored
     w_rows = tl.minimum(offs_n, N - 1)  # unmasked loads; tail columns are never stored
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + offs_k[None, :]
-    if TILED:
-        q_ptrs = qh_ptr + _row_offsets(w_rows, stride_qn, 4, True)[:, None] + _in_tile_offsets(offs_e, 4)[None, :]
-    else:
-        q_ptrs = qh_ptr + (w_rows.to(tl.int64) * stride_qn)[:, None] + offs_e[None, :]
+    q_ptrs = qh_ptr + _row_offsets(w_rows, stride_qn, 4, TILED)[:, None] + _in_tile_offsets(offs_e, 4, TILED)[None, :]
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, K // BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in range(t_start, t_end):  # tile t: offsets t * HALVES are known 16-byte aligned (16-byte async copies)
         k0 = t * BLOCK_K
-        halves = tl.load(q_ptrs + (_tile_offset(t, BLOCK_K, 4) if TILED else t * HALVES))
+        halves = tl.load(q_ptrs + _tile_offset(t, BLOCK_K, 4, TILED))
         if BLOCK_K <= GROUP_SIZE:
             sz = _scale_offsets(k0 // GROUP_SIZE, w_rows, N, K, GROUP_SIZE, TILED)
             s = tl.load(s_ptr + sz).to(tl.float32)[:, None]
