@@ -594,7 +594,7 @@ INT4_GEMV_CONFIGS: dict[tuple[int, int], Int4GemvConfig | None] = {  # Llama-3.1
     (28672, 4096): Int4GemvConfig(4, 1, 1),  # gate_up: 23.1-23.7 (plain 25.9-26.8), table 54.8
     (4096, 14336): Int4GemvConfig(8, 2, 2),  # down: 13.3 (plain 14.5-14.9), table 19.1
 }
-# Unmeasured shapes: 8 x 2 x 2, faster than the Triton table on all four Llama-8B shapes (the best on two).
+# Unmeasured shapes: 8 x 2 x 2, faster than the Triton table on all four Llama-8B shapes (the best on down).
 INT4_GEMV_DEFAULT: Int4GemvConfig | None = Int4GemvConfig(8, 2, 2)
 INT4_GEMV_ENABLED = True
 
