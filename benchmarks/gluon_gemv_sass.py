@@ -30,12 +30,13 @@ from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE  # noqa: E402
 
 def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k: bool = True,
                  single_step: bool = False, use_pdl: bool = False, rope_cache: bool = False,
-                 preload: int = 0):  # fmt: skip
+                 preload: int = 0, staged: int = 0):  # fmt: skip
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU
     (``rope_cache``: the qkv GEMM with the attention prep in its epilogue, Llama-8B's 128-dim heads; ``preload``:
-    steps of weight loaded before the PDL wait, with ``use_pdl``, as ``prologue_steps`` picks them)."""
+    steps of weight loaded before the PDL wait, with ``use_pdl``, as ``prologue_steps`` picks them; ``staged``: steps
+    staged in shared memory there too)."""
     w_tile, x_tile, mma = fp8_gemv_gluon.gemv_layouts(warps, chunks)
-    config = fp8_gemv_gluon.GemvConfig(warps, chunks, quant_x, preload)
+    config = fp8_gemv_gluon.GemvConfig(warps, chunks, quant_x, preload, staged)
     preload, prefetch = fp8_gemv_gluon.prologue_steps(config, 2 * config.step, single_step, use_pdl)  # whole steps
     pointers = {"x_ptr": "*bf16" if quant_x else "*u8", "x_scale_ptr": "*fp32", "w_ptr": "*u8",
                 "w_scale_ptr": "*fp32", "out_ptr": "*bf16", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32",
@@ -45,7 +46,8 @@ def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k:
                      "EVEN_K": even_k, "QUANT_X": quant_x, "SINGLE_STEP": single_step,
                      "PREFETCH_STEPS": prefetch, "PRELOAD": preload, "FP8_MAX": FP8_MAX,
                      "MIN_SCALE": FP8_MIN_SCALE, "ROPE_CACHE": rope_cache, "HEAD_DIM": 128, "BLOCK_SIZE": 16,
-                     "USE_PDL": use_pdl}, warps, 1,
+                     "USE_PDL": use_pdl, "STAGED": staged,
+                     "STAGED_LAYOUT": fp8_gemv_gluon.staged_layout() if staged else None}, warps, 1,
                     divisible_ints=frozenset({"K", "stride_cs", "stride_kcb", "stride_kcs", "stride_kch",
                                               "stride_vcb", "stride_vcs", "stride_vch", "Q_ROWS", "KV_ROWS"}),
                     source_cls=GluonASTSource)  # fmt: skip

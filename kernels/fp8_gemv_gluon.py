@@ -46,8 +46,10 @@ from kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, use_pdl
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+    # cp.async global -> shared: Triton 3.6 calls it async_copy_global_to_shared, later versions async_load
+    _cp_async = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
     HAS_GLUON = True
 except ImportError:  # pragma: no cover - a Triton without Gluon
     HAS_GLUON = False
@@ -63,12 +65,15 @@ class GemvConfig(NamedTuple):
     kernel (slower per byte than rows quantized upstream: measured per shape), and how many loop steps of weight
     (0-2) a PDL-launched program loads into registers before it waits on the kernel before it: those bytes stream
     while that kernel runs, and the first mma goes out as soon as x is there. Where none can (K not whole steps, or
-    no PDL) the program asks L2 for its first step instead."""
+    no PDL) the program asks L2 for its first step instead. ``staged``: that many steps after those are copied into
+    shared memory (cp.async) before the wait too, so more of the weight streams while the kernel before runs than
+    registers hold; the loop reads the rest from global memory as usual."""
 
     warps: int = 4
     chunks: int = 2
     quantize_x: bool = False
     preload: int = 2
+    staged: int = 0
 
     @property
     def step(self) -> int:
@@ -234,12 +239,14 @@ if HAS_GLUON:
                      MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
                      PREFETCH_STEPS: gl.constexpr, PRELOAD: gl.constexpr, FP8_MAX: gl.constexpr,
                      MIN_SCALE: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
+                     BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr, STAGED: gl.constexpr = 0,
+                     STAGED_LAYOUT: gl.constexpr = None):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
         ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits.
         ``SINGLE_STEP`` (``QUANT_X`` with K within one step): x is loaded once and quantized in registers, and the
         weight's loads go out before the PDL wait. Otherwise ``PRELOAD`` steps of weight are loaded before that wait
-        (else, with ``PREFETCH_STEPS``, asked of L2): see :func:`prologue_steps`. ``ROPE_CACHE``: a qkv GEMM whose
+        (else, with ``PREFETCH_STEPS``, asked of L2): see :func:`prologue_steps`; ``STAGED`` steps after them are copied
+        into shared memory there too (``GemvConfig.staged``). ``ROPE_CACHE``: a qkv GEMM whose
         epilogue is the attention prep (``_rope_cache_epilogue``; ``out_ptr`` is q's ``[M, Q_ROWS]``); the arguments
         after ``stride_om`` serve only it."""
         pid = gl.program_id(0)
@@ -290,6 +297,11 @@ if HAS_GLUON:
                 w8_first = gl.load(w_ptrs, eviction_policy="evict_first")
             if PRELOAD > 1:
                 w8_second = gl.load(w_ptrs + STEP, eviction_policy="evict_first")
+            if STAGED > 0:  # the next STAGED steps on their way into shared memory before the wait too
+                staged = gl.allocate_shared_memory(gl.uint8, [STAGED, WARPS, 16, CHUNKS * 128], STAGED_LAYOUT)
+                for i in gl.static_range(STAGED):
+                    _cp_async(staged.index(i), w_ptrs + (PRELOAD + i) * STEP, mask=w_k + (PRELOAD + i) * STEP < K)
+                async_copy.commit_group()
             if USE_PDL:
                 if PREFETCH_STEPS > 0:
                     _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, STEP * PREFETCH_STEPS, WARPS,
@@ -311,7 +323,21 @@ if HAS_GLUON:
             if PRELOAD > 1:
                 acc = _mma_step(w8_second, _x_step(x_ptrs, STEP, x_live, x_k, K, inv_scale_k, QUANT_X), acc, WARPS,
                                 CHUNKS, MMA)  # fmt: skip
-            for k0 in range(STEP * PRELOAD, K, STEP):
+            k_loop = STEP * PRELOAD
+            if STAGED > 0:  # the staged steps, then the loop's first step (its loads out before their mma: the
+                # staged steps' math would otherwise leave HBM idle)
+                w8_next = gl.load(w_ptrs + (k_loop + STAGED * STEP), mask=w_k + (k_loop + STAGED * STEP) < K, other=0,
+                                  eviction_policy="evict_first")  # fmt: skip
+                async_copy.wait_group(0)
+                for i in gl.static_range(STAGED):
+                    acc = _mma_step(staged.index(i).load(W_TILE), _x_step(x_ptrs, k_loop + i * STEP, x_live, x_k, K,
+                                                                          inv_scale_k, QUANT_X), acc, WARPS, CHUNKS,
+                                    MMA)  # fmt: skip
+                k_loop += STAGED * STEP
+                acc = _mma_step(w8_next, _x_step(x_ptrs, k_loop, x_live, x_k, K, inv_scale_k, QUANT_X), acc, WARPS,
+                                CHUNKS, MMA)  # fmt: skip
+                k_loop += STEP
+            for k0 in range(k_loop, K, STEP):
                 if EVEN_K:  # evict_first: the weight is read once per step, x and the outputs are reused
                     w8 = gl.load(w_ptrs + k0, eviction_policy="evict_first")
                 else:
@@ -396,8 +422,16 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
         SINGLE_STEP=single_step, PREFETCH_STEPS=prefetch, PRELOAD=preload,
         FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
         ROPE_CACHE=rope is not None, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=config.warps,
-        **launch_options(pdl),
+        STAGED=config.staged, STAGED_LAYOUT=staged_layout() if config.staged else None, **launch_options(pdl),
     )  # fmt: skip
+
+
+@functools.cache
+def staged_layout():
+    """The staged steps' shared layout: a step's ``[warp, row, byte]`` tile with each row's 16-byte vectors XOR-swizzled
+    by the row, so the eight threads of a 128-bit access phase (four byte offsets 32 apart, two rows) hit 32
+    distinct banks."""
+    return gl.SwizzledSharedLayout(vec=16, per_phase=1, max_phase=8, order=[2, 1, 0])
 
 
 def rope_epilogue_args(rope: tuple | None, out: torch.Tensor) -> tuple[tuple, int, int]:

@@ -202,10 +202,15 @@ def replayed_in_cuda_graph(step) -> torch.Tensor:
 def outputs_with_each_preload(config, step) -> list[torch.Tensor]:
     """``step(config with preload p)`` replayed in a CUDA graph with PDL on, for p = 0, 1, 2 (a GEMV config's steps
     of weight loaded before the PDL wait)."""
+    return outputs_with_configs([config._replace(preload=p) for p in (0, 1, 2)], step)
+
+
+def outputs_with_configs(configs, step) -> list[torch.Tensor]:
+    """``step(config)`` replayed in a CUDA graph with PDL on, for each config."""
     from kernels import pdl
 
     pdl.configure(True)
     try:
-        return [replayed_in_cuda_graph(lambda cfg=config._replace(preload=p): step(cfg)) for p in (0, 1, 2)]
+        return [replayed_in_cuda_graph(lambda cfg=cfg: step(cfg)) for cfg in configs]
     finally:
         pdl.configure(False)
