@@ -124,14 +124,10 @@ def test_prologue_steps_rule(config, k, single_step, pdl, expected):
     assert prologue_steps(config, k, single_step, pdl) == expected
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("n, k, config", [(6144, 4096, GemvConfig(4, 4)), (4096, 14336, GemvConfig(8, 2)),
-                                          (100, 4096, GemvConfig(4, 1)), (48, 4112, GemvConfig(4, 2))], ids=str)
-@pytest.mark.parametrize("quant_x", [False, True])
-def test_gpu_gemv_preload_changes_no_bit_in_a_cuda_graph(n, k, config, quant_x):
-    """Steps of weight loaded before the PDL wait (and multiplied after it) give the loop's bits exactly, in a CUDA
-    graph behind the kernel that writes x; K not whole steps (4112) takes the L2 path."""
-    x, w, w_scale = _problem(3, n, k, seed=3)
+def _gemv_step(n: int, k: int, quant_x: bool, seed: int):
+    """A GEMV call as a function of its config, its rows rewritten first (as the kernel before it would in a CUDA
+    graph): bf16 rows quantized in the kernel (``quant_x``) or e4m3 rows with their scales; and its reference."""
+    x, w, w_scale = _problem(3, n, k, seed=seed)
     src = torch.randn_like(x)
     xq, x_scale = quantize_activations(src)
     xq_in = torch.empty_like(xq)
@@ -143,34 +139,36 @@ def test_gpu_gemv_preload_changes_no_bit_in_a_cuda_graph(n, k, config, quant_x):
         xq_in.copy_(xq)
         return gluon_fp8_gemv(xq_in, w, w_scale, x_scale=x_scale, out_dtype=BF16, config=cfg)
 
+    return step, fp8_linear_ref(src, w, w_scale)
+
+
+PROLOGUE_SHAPES = [(6144, 4096, GemvConfig(4, 4)), (4096, 14336, GemvConfig(8, 2)), (100, 4096, GemvConfig(4, 1)),
+                   (48, 4112, GemvConfig(4, 2))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k, config", PROLOGUE_SHAPES, ids=str)
+@pytest.mark.parametrize("quant_x", [False, True])
+def test_gpu_gemv_preload_changes_no_bit_in_a_cuda_graph(n, k, config, quant_x):
+    """Steps of weight loaded before the PDL wait (and multiplied after it) give the loop's bits exactly, in a CUDA
+    graph behind the kernel that writes x; K not whole steps (4112) takes the L2 path."""
+    step, ref = _gemv_step(n, k, quant_x, seed=3)
     outs = outputs_with_each_preload(config, step)
-    assert _rel_err(outs[0], fp8_linear_ref(src, w, w_scale)) < 5e-3
+    assert _rel_err(outs[0], ref) < 5e-3
     assert all(torch.equal(outs[0], out) for out in outs[1:])
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n, k, config", [(4096, 14336, GemvConfig(8, 2)), (6144, 4096, GemvConfig(4, 4)),
-                                          (100, 4096, GemvConfig(4, 1)), (48, 4112, GemvConfig(4, 2))], ids=str)
+@pytest.mark.parametrize("n, k, config", PROLOGUE_SHAPES, ids=str)
 @pytest.mark.parametrize("quant_x", [False, True])
 def test_gpu_gemv_staged_steps_change_no_bit(n, k, config, quant_x):
     """1-3 steps of weight staged in shared memory (after 0 or 2 in registers, all issued before the PDL wait) give
     the register loop's bits exactly, in a CUDA graph behind the kernel that writes x, and launched without PDL;
     K not whole steps (4112) masks the staged copies past K."""
-    x, w, w_scale = _problem(3, n, k, seed=4)
-    src = torch.randn_like(x)
-    xq, x_scale = quantize_activations(src)
-    xq_in = torch.empty_like(xq)
-
-    def step(cfg: GemvConfig) -> torch.Tensor:
-        if quant_x:
-            x.copy_(src)
-            return gluon_fp8_gemv(x, w, w_scale, config=cfg)
-        xq_in.copy_(xq)
-        return gluon_fp8_gemv(xq_in, w, w_scale, x_scale=x_scale, out_dtype=BF16, config=cfg)
-
+    step, ref = _gemv_step(n, k, quant_x, seed=4)
     configs = [config] + [config._replace(preload=p, staged=r) for p in (0, 2) for r in (1, 2, 3)]
     outs = outputs_with_configs(configs, step)
-    assert _rel_err(outs[0], fp8_linear_ref(src, w, w_scale)) < 5e-3
+    assert _rel_err(outs[0], ref) < 5e-3
     assert all(torch.equal(outs[0], out) for out in outs[1:])
     assert torch.equal(step(config._replace(staged=2)), outs[0])  # no PDL
 
