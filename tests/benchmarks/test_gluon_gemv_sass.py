@@ -79,3 +79,36 @@ def test_preloaded_steps_leave_the_loop_alone():
             assert next(ops) == next(ops), (chunks, quant_x, plain["loop"], preloaded["loop"])
             assert abs(preloaded["loop_total"] - plain["loop_total"]) <= 4, (chunks, quant_x)
             assert preloaded["stack"] == 0, (chunks, quant_x, preloaded)
+
+
+STAGED_COMPILE = """
+import collections, json, re
+from benchmarks.attention_sass import sass_and_resources
+from benchmarks.gluon_gemv_sass import compile_gemv, summarize
+out = {}
+for staged in (0, 1, 2):
+    compiled = compile_gemv(8, 2, use_pdl=True, preload=2, staged=staged)
+    ops = collections.Counter(re.findall(r"\\b(LDGSTS\\S*|LDS\\.128)", sass_and_resources(compiled.asm["cubin"])[0]))
+    out[staged] = {"summary": summarize(compiled), "ops": ops, "dynamic_shared": compiled.metadata.shared}
+print(json.dumps(out))
+"""
+
+
+@needs_sass_tools
+def test_staged_steps_are_16_byte_copies_read_back_once():
+    """Steps staged in shared memory before the PDL wait (down's 8 x 2 config): each thread's 32 KB step share is
+    copied with 16-byte cp.async and read back with 128-bit shared loads once, outside the loop, whose loads,
+    conversions and mma stay those without staging; shared memory holds the staged steps, and nothing spills."""
+    pytest.importorskip("triton.experimental.gluon")
+    infos = run_compile_script(STAGED_COMPILE)
+    plain = infos["0"]
+    for staged in (1, 2):
+        info = infos[str(staged)]
+        ops = ({op: n for op, n in i["summary"]["loop"].items() if op.startswith(LOOP_WORK)} for i in (plain, info))
+        assert next(ops) == next(ops), (staged, plain["summary"]["loop"], info["summary"]["loop"])
+        # a step is 16 rows x 2 KB = 32 KB over 256 threads: 8 copies of 16 bytes each, 8 reads back
+        assert info["ops"].get("LDGSTS.E.BYPASS.128", 0) == 8 * staged, (staged, info["ops"])
+        assert info["ops"].get("LDS.128", 0) == plain["ops"].get("LDS.128", 0) + 8 * staged, (staged, info["ops"])
+        assert info["dynamic_shared"] >= staged * 32 * 1024, info["dynamic_shared"]
+        assert info["summary"]["stack"] == 0, info["summary"]
+    assert not any(op.startswith("LDGSTS") for op in plain["ops"]), plain["ops"]
