@@ -12,7 +12,9 @@ memory in the loop.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -22,7 +24,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
-from benchmarks.attention_sass import _compile, sass_and_resources  # noqa: E402
+from benchmarks.attention_sass import INSTRUCTION, _compile, sass_and_resources  # noqa: E402
 from benchmarks.gluon_decode_sass import print_summary, summarize  # noqa: E402
 from kernels import fp8_gemv_gluon  # noqa: E402
 from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE  # noqa: E402
@@ -30,15 +32,18 @@ from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE  # noqa: E402
 
 def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k: bool = True,
                  single_step: bool = False, use_pdl: bool = False, rope_cache: bool = False,
-                 preload: int = 0, staged: int = 0):  # fmt: skip
+                 preload: int = 0, staged: int = 0, silu_mul: bool = False, quant_once: bool = False,
+                 k: int = 0):  # fmt: skip
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU
     (``rope_cache``: the qkv GEMM with the attention prep in its epilogue, Llama-8B's 128-dim heads; ``preload``:
     steps of weight loaded before the PDL wait, with ``use_pdl``, as ``prologue_steps`` picks them; ``staged``: steps
-    staged in shared memory there too)."""
+    staged in shared memory there too; ``silu_mul``: the gate_up GEMM with the SiLU-and-mul epilogue; ``quant_once``:
+    bf16 x quantized once into a scratch row after the wait, for a K of ``k``)."""
     w_tile, x_tile, mma = fp8_gemv_gluon.gemv_layouts(warps, chunks)
-    config = fp8_gemv_gluon.GemvConfig(warps, chunks, quant_x, preload, staged)
+    config = fp8_gemv_gluon.GemvConfig(warps, chunks, quant_x, preload, staged, quant_once)
     preload, prefetch = fp8_gemv_gluon.prologue_steps(config, 2 * config.step, single_step, use_pdl)  # whole steps
-    pointers = {"x_ptr": "*bf16" if quant_x else "*u8", "x_scale_ptr": "*fp32", "w_ptr": "*u8",
+    pointers = {"x_ptr": "*bf16" if quant_x or quant_once else "*u8", "scratch_ptr": "*u8", "x_scale_ptr": "*fp32",
+                "w_ptr": "*u8",
                 "w_scale_ptr": "*fp32", "out_ptr": "*bf16", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32",
                 "slot_ptr": "*i64", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16"}
     return _compile(fp8_gemv_gluon._gemv_kernel, pointers, set(),
@@ -47,10 +52,26 @@ def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k:
                      "PREFETCH_STEPS": prefetch, "PRELOAD": preload, "FP8_MAX": FP8_MAX,
                      "MIN_SCALE": FP8_MIN_SCALE, "ROPE_CACHE": rope_cache, "HEAD_DIM": 128, "BLOCK_SIZE": 16,
                      "USE_PDL": use_pdl, "STAGED": staged,
-                     "STAGED_LAYOUT": fp8_gemv_gluon.staged_layout() if staged else None}, warps, 1,
+                     "STAGED_LAYOUT": fp8_gemv_gluon.staged_layout() if staged else None, "SILU_MUL": silu_mul,
+                     "QUANT_ONCE": quant_once, "PIECES": -(-(k or 2 * config.step) // (256 * warps)),
+                     "SLOTS": fp8_gemv_gluon.QUANT_ONCE_SLOTS}, warps, 1,
                     divisible_ints=frozenset({"K", "stride_cs", "stride_kcb", "stride_kcs", "stride_kch",
                                               "stride_vcb", "stride_vcs", "stride_vch", "Q_ROWS", "KV_ROWS"}),
                     source_cls=GluonASTSource)  # fmt: skip
+
+
+def loops(compiled) -> list[dict[str, int]]:
+    """The opcode counts of every backward-branch region of the SASS, largest first (``summarize`` reports only the
+    largest: with ``quant_once`` that is the rows' quantization, not the K loop)."""
+    sass, _ = sass_and_resources(compiled.asm["cubin"])
+    instrs = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in INSTRUCTION.finditer(sass)]
+    found = []
+    for addr, op, args in instrs:
+        target = re.match(r"\s*0x([0-9a-f]+)", args)
+        if op.startswith("BRA") and target and int(target.group(1), 16) < addr:
+            lo = int(target.group(1), 16)
+            found.append(collections.Counter(o for a, o, _ in instrs if lo <= a <= addr))
+    return [dict(c) for c in sorted(found, key=lambda c: -sum(c.values()))]
 
 
 def main() -> int:

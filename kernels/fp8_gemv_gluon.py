@@ -55,6 +55,7 @@ try:
 
     # cp.async global -> shared: Triton 3.6 calls it async_copy_global_to_shared, later versions async_load
     _cp_async = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
+    _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier  # Triton 3.6: thread_barrier
     HAS_GLUON = True
 except ImportError:  # pragma: no cover - a Triton without Gluon
     HAS_GLUON = False
@@ -72,13 +73,16 @@ class GemvConfig(NamedTuple):
     while that kernel runs, and the first mma goes out as soon as x is there. Where none can (K not whole steps, or
     no PDL) the program asks L2 for its first step instead. ``staged``: that many steps after those are copied into
     shared memory (cp.async) before the wait too, so more of the weight streams while the kernel before runs than
-    registers hold; the loop reads the rest from global memory as usual."""
+    registers hold; the loop reads the rest from global memory as usual. ``quantize_once``: unquantized rows are
+    served by quantizing them once per program after the wait into a scratch row the loop reads like rows
+    quantized upstream (the kernel before then need not quantize: the gate_up GEMV's SiLU-and-mul epilogue)."""
 
     warps: int = 4
     chunks: int = 2
     quantize_x: bool = False
     preload: int = 2
     staged: int = 0
+    quantize_once: bool = False
 
     @property
     def step(self) -> int:
@@ -116,14 +120,15 @@ if HAS_GLUON:
         return gl.reshape(gl.permute(t, [0, 1, 2, 4, 5, 3, 6]), [WARPS, R, CHUNKS * 128])
 
     @gluon.jit
-    def _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, BYTES: gl.constexpr, WARPS: gl.constexpr,
-                              HEAD_DIM: gl.constexpr):  # fmt: skip
+    def _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, GATED_D, BYTES: gl.constexpr,
+                              WARPS: gl.constexpr, HEAD_DIM: gl.constexpr, SILU_MUL: gl.constexpr):  # fmt: skip
         """Ask L2 for the program's first ``BYTES`` of each of its 16 weight rows (one address per 128-byte line):
         what a PDL-launched GEMM does before it waits on the kernel before it when it cannot load whole steps into
         registers there (``GemvConfig.preload``), since that kernel's few microseconds leave HBM idle."""
         LINES: gl.constexpr = BYTES // 128
         idx = gl.arange(0, 16 * LINES, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
-        row = gl.minimum(_program_rows(pid, idx // LINES, PAIRED_ROWS, HEAD_DIM), N - 1).to(gl.int64) * stride_wn
+        row = gl.minimum(_rows_of(pid, idx // LINES, PAIRED_ROWS, GATED_D, HEAD_DIM, SILU_MUL), N - 1)
+        row = row.to(gl.int64) * stride_wn
         ptrs = w_ptr + row + gl.minimum((idx % LINES) * 128, K - 1)
         gl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32,
                                   is_pure=False, pack=1)
@@ -152,6 +157,16 @@ if HAS_GLUON:
         base = pid * 16
         paired = base - base % HEAD_DIM + (base % HEAD_DIM) // 2 + local % 8 + (local // 8) * (HEAD_DIM // 2)
         return gl.where(base < PAIRED_ROWS, paired, base + local)
+
+    @gluon.jit
+    def _rows_of(pid, local, PAIRED_ROWS, GATED_D, HEAD_DIM: gl.constexpr, SILU_MUL: gl.constexpr):
+        """:func:`_program_rows`, or (``SILU_MUL``: a ``[gate | up]`` weight of ``2 GATED_D`` rows) gate rows
+        ``8 pid + local`` and, at ``local + 8``, the up rows of the same columns: the SiLU-and-mul epilogue finds
+        each pair in one thread's registers."""
+        if SILU_MUL:
+            return pid * 8 + local % 8 + (local // 8) * GATED_D
+        else:
+            return _program_rows(pid, local, PAIRED_ROWS, HEAD_DIM)
 
     @gluon.jit
     def _halves(t):
@@ -217,6 +232,44 @@ if HAS_GLUON:
             gl.store(v_dst, y.to(v_cache_ptr.dtype.element_ty), mask=(token_grid < M) & (slot >= 0))
 
     @gluon.jit
+    def _silu_mul_epilogue(y, rows, tokens, M, out_ptr, stride_om):
+        """``silu(gate) * up`` of the program's 8 gate columns (rows 0-7 of ``y`` ``[16 rows, 8 tokens]``) and their
+        up rows (8-15) into ``out`` ``[M, GATED_D]``: the gate_up output's rounding, then ``silu_and_mul``'s
+        formula and rounding (``kernels/activation.py``)."""
+        gate, up = _halves(y.to(out_ptr.dtype.element_ty).to(gl.float32))
+        col = _first_half(rows[:, None] + tokens[None, :] * 0)
+        tok = _first_half(tokens[None, :] + rows[:, None] * 0)
+        h = gate / (1.0 + gl.exp(-gate)) * up
+        gl.store(out_ptr + tok * stride_om + col, h.to(out_ptr.dtype.element_ty), mask=tok < M)
+
+    @gluon.jit
+    def _quantize_rows_once(x_ptr, stride_xm, q_ptr, M, K, tokens, WARPS: gl.constexpr, PIECES: gl.constexpr,
+                            FP8_MAX: gl.constexpr, MIN_SCALE: gl.constexpr):  # fmt: skip
+        """x's ``M`` rows (bf16 / fp16) quantized per token to e4m3 by the whole program, 16 bytes per thread per
+        piece (a pass for the absmax, in x's dtype: exact, and a second one that hits L1) into ``q_ptr`` ``[M, K]``,
+        which the K loop then reads as it reads rows quantized upstream; returns the scales in ``tokens``' layout.
+        Every program writes the same bytes (the same loads and ops), so programs may share a scratch row. The
+        barrier makes this program's stores visible to all its threads."""
+        layout: gl.constexpr = gl.BlockedLayout([8], [32], [WARPS], [0])
+        PIECE: gl.constexpr = 8 * 32 * WARPS
+        offs = gl.arange(0, PIECE, layout=layout)
+        t_scale = tokens.to(gl.float32) * 0.0
+        for m in range(M):
+            row = x_ptr + m * stride_xm
+            amax = gl.abs(gl.load(row + offs, mask=offs < K, other=0.0))
+            for p in gl.static_range(1, PIECES):
+                amax = gl.maximum(amax, gl.abs(gl.load(row + p * PIECE + offs, mask=p * PIECE + offs < K, other=0.0)))
+            scale = gl.maximum(gl.max(amax, axis=0).to(gl.float32) / FP8_MAX, MIN_SCALE)
+            inv_scale = 1.0 / scale
+            for p in gl.static_range(PIECES):
+                live = p * PIECE + offs < K
+                v = gl.load(row + p * PIECE + offs, mask=live, other=0.0).to(gl.float32)
+                gl.store(q_ptr + m * K + p * PIECE + offs, _e4m3_bits(v, inv_scale), mask=live)
+            t_scale = gl.where(tokens == m, scale, t_scale)
+        _cta_barrier()
+        return t_scale
+
+    @gluon.jit
     def _x_step(x_ptrs, k0, x_live, x_k, K, inv_scale_k, QUANT_X: gl.constexpr):
         """x's e4m3 tile for the loop step at byte ``k0``: loaded as it is, or (``QUANT_X``) loaded and quantized with
         the per-token scales (their reciprocals ``inv_scale_k``)."""
@@ -239,13 +292,15 @@ if HAS_GLUON:
     @gluon.jit
     def _gemv_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                      positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb,
-                     stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS,
-                     WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr, X_TILE: gl.constexpr,
+                     stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, scratch_ptr,
+                     GATED_D, WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr, X_TILE: gl.constexpr,
                      MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
                      PREFETCH_STEPS: gl.constexpr, PRELOAD: gl.constexpr, FP8_MAX: gl.constexpr,
                      MIN_SCALE: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr, STAGED: gl.constexpr = 0,
-                     STAGED_LAYOUT: gl.constexpr = None):  # fmt: skip
+                     STAGED_LAYOUT: gl.constexpr = None, SILU_MUL: gl.constexpr = False,
+                     QUANT_ONCE: gl.constexpr = False, PIECES: gl.constexpr = 1,
+                     SLOTS: gl.constexpr = 1):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
         ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits.
         ``SINGLE_STEP`` (``QUANT_X`` with K within one step): x is loaded once and quantized in registers, and the
@@ -253,7 +308,10 @@ if HAS_GLUON:
         (else, with ``PREFETCH_STEPS``, asked of L2): see :func:`prologue_steps`; ``STAGED`` steps after them are copied
         into shared memory there too (``GemvConfig.staged``). ``ROPE_CACHE``: a qkv GEMM whose
         epilogue is the attention prep (``_rope_cache_epilogue``; ``out_ptr`` is q's ``[M, Q_ROWS]``); the arguments
-        after ``stride_om`` serve only it."""
+        after ``stride_om`` up to ``KV_ROWS`` serve only it. ``SILU_MUL``: a ``[gate | up]`` GEMM (``2 GATED_D``
+        rows) whose epilogue is ``silu_and_mul`` (``out_ptr`` ``[M, GATED_D]``). ``QUANT_ONCE``: ``x_ptr`` holds
+        unquantized rows, quantized per token once after the wait into ``scratch_ptr`` (``SLOTS`` rows of
+        ``[M, K]``, shared by programs ``SLOTS`` apart) and read from there by the K loop."""
         pid = gl.program_id(0)
         STEP: gl.constexpr = WARPS * CHUNKS * 128
         PAIRED_ROWS = Q_ROWS + KV_ROWS if ROPE_CACHE else 0
@@ -261,7 +319,7 @@ if HAS_GLUON:
         w_warps = gl.arange(0, WARPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, W_TILE)))
         w_rows = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, W_TILE)))
         w_bytes = gl.arange(0, CHUNKS * 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, W_TILE)))
-        rows = _program_rows(pid, w_rows, PAIRED_ROWS, HEAD_DIM)
+        rows = _rows_of(pid, w_rows, PAIRED_ROWS, GATED_D, HEAD_DIM, SILU_MUL)
         rows = gl.minimum(rows, N - 1).to(gl.int64) * stride_wn  # tail rows re-read, never stored
         w_k = (w_warps * (CHUNKS * 128))[:, None, None] + w_bytes[None, None, :]
         w_ptrs = w_ptr + rows[None, :, None] + w_k
@@ -270,11 +328,15 @@ if HAS_GLUON:
         x_rows = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, X_TILE)))
         x_bytes = gl.arange(0, CHUNKS * 128, layout=gl.SliceLayout(0, gl.SliceLayout(1, X_TILE)))
         x_k = (x_warps * (CHUNKS * 128))[:, None, None] + x_bytes[None, None, :]
-        x_ptrs = x_ptr + (gl.minimum(x_rows, M - 1) * stride_xm)[None, :, None] + x_k
+        if QUANT_ONCE:  # the loop reads the rows this program quantizes after its wait
+            q_rows_ptr = scratch_ptr + (pid % SLOTS) * M * K
+            x_ptrs = q_rows_ptr + (gl.minimum(x_rows, M - 1) * K)[None, :, None] + x_k
+        else:
+            x_ptrs = x_ptr + (gl.minimum(x_rows, M - 1) * stride_xm)[None, :, None] + x_k
         x_live = (x_rows < M)[None, :, None]
 
-        o_rows = _program_rows(pid, gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA))), PAIRED_ROWS,
-                               HEAD_DIM)  # fmt: skip
+        o_rows = _rows_of(pid, gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA))), PAIRED_ROWS,
+                          GATED_D, HEAD_DIM, SILU_MUL)  # fmt: skip
         o_tokens = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))
         if ROPE_CACHE:
             slot, cos, sin = _rope_inputs(o_rows, o_tokens, M, positions_ptr, cos_sin_ptr, stride_cs, slot_ptr,
@@ -309,11 +371,14 @@ if HAS_GLUON:
                 async_copy.commit_group()
             if USE_PDL:
                 if PREFETCH_STEPS > 0:
-                    _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, STEP * PREFETCH_STEPS, WARPS,
-                                          HEAD_DIM)
+                    _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, GATED_D, STEP * PREFETCH_STEPS,
+                                          WARPS, HEAD_DIM, SILU_MUL)
                 gdc_wait()
                 gdc_launch_dependents()
-            if not QUANT_X:
+            if QUANT_ONCE:
+                t_scale = _quantize_rows_once(x_ptr, stride_xm, q_rows_ptr, M, K, o_tokens, WARPS, PIECES, FP8_MAX,
+                                              MIN_SCALE)  # fmt: skip
+            elif not QUANT_X:
                 t_scale = gl.load(x_scale_ptr + o_tokens, mask=o_tokens < M, other=0.0)
             inv_scale_k = 1.0  # x quantized upstream: unused
             if QUANT_X:  # per-token scales from one pass over x's rows (a few KB, in L2)
@@ -357,6 +422,8 @@ if HAS_GLUON:
             _rope_cache_epilogue(y, o_rows, o_tokens, pid, M, out_ptr, stride_om, slot, cos, sin, k_cache_ptr,
                                  v_cache_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                                  Q_ROWS, KV_ROWS, HEAD_DIM, BLOCK_SIZE)
+        elif SILU_MUL:
+            _silu_mul_epilogue(y, o_rows, o_tokens, M, out_ptr, stride_om)
         else:
             gl.store(out_ptr + o_tokens[None, :] * stride_om + o_rows[:, None], y.to(out_ptr.dtype.element_ty),
                      mask=(o_rows < N)[:, None] & (o_tokens < M)[None, :])
@@ -407,10 +474,14 @@ def prologue_steps(config: GemvConfig, k: int, single_step: bool, pdl: bool) -> 
     return preload, 0 if preload else 1
 
 
+QUANT_ONCE_SLOTS = 32  # scratch rows of the quantize-once programs: programs this many apart share one
+
+
 def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
-            out: torch.Tensor, config: GemvConfig, rope: tuple | None = None) -> None:
+            out: torch.Tensor, config: GemvConfig, rope: tuple | None = None, silu_mul: bool = False) -> None:
     """One ``_gemv_kernel`` launch over the weight's rows; ``rope``: the rotary epilogue's
-    ``(positions, cos_sin, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)``."""
+    ``(positions, cos_sin, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)``; ``silu_mul``: the
+    SiLU-and-mul epilogue (``out`` ``[M, N / 2]``)."""
     m, k = x.shape
     quant_x = x_scale is None
     xv = x if quant_x else x.view(torch.uint8)
@@ -418,16 +489,24 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
     step = config.step
     pdl = use_pdl(x)
     single_step = quant_x and k <= step
+    quant_once = quant_x and config.quantize_once and not single_step
+    programs = triton.cdiv(weight.shape[0], ROWS)
+    slots = min(programs, QUANT_ONCE_SLOTS)
+    scratch = torch.empty((slots, m, k) if quant_once else (1,), dtype=torch.uint8, device=x.device)
     preload, prefetch = prologue_steps(config, k, single_step, pdl)
     epilogue, head_dim, block_size = rope_epilogue_args(rope, out)
-    _gemv_kernel[(triton.cdiv(weight.shape[0], ROWS),)](
+    _gemv_kernel[(programs,)](
         xv, weight_scale if quant_x else x_scale, weight.view(torch.uint8), weight_scale, out, m,
-        weight.shape[0], k, xv.stride(0), weight.stride(0), out.stride(0), *epilogue, WARPS=config.warps,
-        CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0, QUANT_X=quant_x,
+        weight.shape[0], k, xv.stride(0), weight.stride(0), out.stride(0), *epilogue, scratch,
+        weight.shape[0] // 2 if silu_mul else 0, WARPS=config.warps,
+        CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0,
+        QUANT_X=quant_x and not quant_once,
         SINGLE_STEP=single_step, PREFETCH_STEPS=prefetch, PRELOAD=preload,
         FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
         ROPE_CACHE=rope is not None, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=config.warps,
-        STAGED=config.staged, STAGED_LAYOUT=staged_layout() if config.staged else None, **launch_options(pdl),
+        STAGED=config.staged, STAGED_LAYOUT=staged_layout() if config.staged else None, SILU_MUL=silu_mul,
+        QUANT_ONCE=quant_once,
+        PIECES=triton.cdiv(k, 256 * config.warps), SLOTS=slots, **launch_options(pdl),
     )  # fmt: skip
 
 
@@ -474,3 +553,19 @@ def gluon_fp8_gemv_rope_cache(xq: torch.Tensor, x_scale: torch.Tensor, weight: t
         rope = (positions, cos_sin_cache, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)
         _launch(xq, x_scale, weight, weight_scale, q, config, rope)
     return q
+
+
+def silu_mul_supported(weight: torch.Tensor) -> bool:
+    """Whether :func:`gluon_fp8_gemv_silu_mul` serves a ``[gate | up]`` weight: whole 8-row groups of each half."""
+    return weight.shape[0] % 16 == 0
+
+
+def gluon_fp8_gemv_silu_mul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                            out_dtype: torch.dtype, config: GemvConfig) -> torch.Tensor:  # fmt: skip
+    """``silu_and_mul(xq @ weight^T)`` in one launch: ``weight`` ``[gate | up]`` (``2 d`` rows), ``xq`` e4m3 with its
+    per-token ``x_scale``; returns ``[M, d]`` in ``out_dtype``, rounded as the GEMM's output and then the
+    activation's. Callers check :func:`gemv_supported` and :func:`silu_mul_supported`."""
+    out = torch.empty((xq.shape[0], weight.shape[0] // 2), dtype=out_dtype, device=xq.device)
+    if xq.shape[0]:
+        _launch(xq, x_scale, weight, weight_scale, out, config, silu_mul=True)
+    return out

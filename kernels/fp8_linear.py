@@ -48,7 +48,9 @@ from kernels.fp8_gemv_gluon import (
     gemv_supported,
     gluon_fp8_gemv,
     gluon_fp8_gemv_rope_cache,
+    gluon_fp8_gemv_silu_mul,
     rope_cache_supported,
+    silu_mul_supported,
 )
 from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, row_scales, to_e4m3
 from kernels.fp8_stream_k import fp8_stream_k_gemm
@@ -418,8 +420,8 @@ FP8_GEMV_CONFIGS: dict[tuple[int, int], GemvConfig | None] = {
     (4096, 4096): GemvConfig(8, 4),  # o_proj: 6.8, table 8.7 (quantizing x in the kernel: 9.4)
     (28672, 4096): GemvConfig(4, 2),  # gate_up: 4 x 1 31.3, table 32.2. Nineteenth session, with the RMSNorm
     # releasing it before its wait (so it launches during attention): 4 x 2 -0.7% a W3-fp8 step against 4 x 1
-    (4096, 14336): GemvConfig(8, 2, staged=1),  # down: 8 x 1 18.7, table 25.9. Seventeenth session, two steps of
-    # weight loaded before the PDL wait (GemvConfig.preload): W3-fp8 at 8 x 2 361.8 / 363.4, 8 x 1 360.9, 4 x 4
+    (4096, 14336): GemvConfig(8, 2, staged=1, quantize_once=True),  # down: 8 x 1 18.7, table 25.9. Seventeenth
+    # session, two steps of weight loaded before the PDL wait (GemvConfig.preload): W3-fp8 at 8 x 2 361.8 / 363.4, 8 x 1 360.9, 4 x 4
     # 356.3. Twenty-third session, a third step staged in shared memory there (staged=1): a W3-fp8 step 2.43 -> 2.38
     # ms; two or three staged steps 2.57-2.59, the same for gate_up, qkv or 8 x 1 / 4 x 2: slower
     # Llama-3.2-1B
@@ -442,9 +444,31 @@ def pick_gemv_config(x: torch.Tensor, weight: torch.Tensor, prequantized: bool) 
     does not serve the call."""
     if not GEMV_ENABLED or not gemv_supported(x, weight):
         return None
+    config = _gemv_table_entry(weight)
+    return config if config is not None and (prequantized or config.quantize_x or config.quantize_once) else None
+
+
+def _gemv_table_entry(weight: torch.Tensor) -> GemvConfig | None:
     key = (weight.shape[0], weight.shape[1])
-    config = FP8_GEMV_CONFIGS[key] if key in FP8_GEMV_CONFIGS else FP8_GEMV_DEFAULT
-    return config if config is not None and (prequantized or config.quantize_x) else None
+    return FP8_GEMV_CONFIGS[key] if key in FP8_GEMV_CONFIGS else FP8_GEMV_DEFAULT
+
+
+SILU_EPILOGUE_ENABLED = True  # the gate_up GEMV with silu_and_mul in its epilogue, where down quantizes its rows
+
+
+def fp8_gate_up_silu(x: Fp8Activations, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     down_weight: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
+    """``silu_and_mul`` of a W8A8 gate_up projection (``weight`` ``[gate | up]``, x quantized upstream) in the Gluon
+    GEMV's epilogue: ``[M, d]`` unquantized, or None where that does not pay or serve. It pays only where the down
+    projection (``down_weight``) quantizes those rows itself, once per program (``GemvConfig.quantize_once``):
+    otherwise the one-program ``silu_and_mul_fp8`` kernel's quantization would be a launch of its own anyway."""
+    if not SILU_EPILOGUE_ENABLED or not silu_mul_supported(weight):
+        return None
+    config = pick_gemv_config(x.xq, weight, prequantized=True)
+    down = _gemv_table_entry(down_weight)
+    if config is None or down is None or not down.quantize_once or down_weight.shape[1] != weight.shape[0] // 2:
+        return None
+    return gluon_fp8_gemv_silu_mul(x.xq, x.scale, weight, weight_scale, x.x.dtype, config)
 
 
 ROPE_CACHE_ENABLED = True  # the qkv GEMV with the attention prep in its epilogue, where it serves the shape

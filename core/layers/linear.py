@@ -62,6 +62,14 @@ class Linear(nn.Module):
             return None
         return self.quant_method.apply_rope_cache(self, x, **rope)
 
+    def silu_and_mul_forward(self, x: torch.Tensor | Fp8Activations, down: Linear) -> torch.Tensor | None:
+        """``silu_and_mul(self(x))`` (a ``[gate | up]`` projection) in this layer's GEMM launch, or None where its
+        method has no such kernel for ``x`` and the ``down`` layer after it (then call the layer and the
+        activation)."""
+        if self.quant_method is None:
+            return None
+        return self.quant_method.apply_silu_and_mul(self, x, down)
+
     def takes_fp8_activations(self) -> bool:
         """Whether this layer's quantization method reads upstream fp8 activations (see ``forward``)."""
         return self.quant_method is not None and self.quant_method.takes_fp8_activations(self)

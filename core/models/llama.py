@@ -23,6 +23,7 @@ from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
 from kernels.activation import silu_and_mul, silu_and_mul_fp8
 from kernels.backend import resolve_backends
+from kernels.fp8_linear import Fp8Activations
 from kernels.skinny_gemm import linear as skinny_linear
 
 # Weight quantization methods this family's layers run (core/layers/quantization); the LM head stays unquantized
@@ -88,7 +89,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, cfg.hidden_size, backend=kernel_backend,
                                 quant_method=linear_method(cfg.quantization, f"{prefix}.down_proj"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor:
+        h = self.gate_up_proj.silu_and_mul_forward(x, self.down_proj)  # fp8 decode: one launch fewer
+        if h is not None:
+            return self.down_proj(h)  # its GEMV quantizes h itself
         gate_up = self.gate_up_proj(x)
         if gate_up.dim() == 2 and self.down_proj.takes_fp8_activations():  # quantized in the activation's launch
             return self.down_proj(silu_and_mul_fp8(gate_up, backend=self.kernel_backend))

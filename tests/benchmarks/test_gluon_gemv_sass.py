@@ -112,3 +112,38 @@ def test_staged_steps_are_16_byte_copies_read_back_once():
         assert info["dynamic_shared"] >= staged * 32 * 1024, info["dynamic_shared"]
         assert info["summary"]["stack"] == 0, info["summary"]
     assert not any(op.startswith("LDGSTS") for op in plain["ops"]), plain["ops"]
+
+
+FUSED_COMPILE = """
+import json
+from benchmarks.gluon_gemv_sass import compile_gemv, loops, summarize
+down = dict(use_pdl=True, preload=2, staged=1, k=14336)  # Llama-8B's down as it runs
+gate_up = dict(use_pdl=True, preload=2)
+out = {}
+for name, kwargs in (("down", down), ("down once", dict(down, quant_once=True)), ("gate_up", gate_up),
+                     ("gate_up silu", dict(gate_up, silu_mul=True))):
+    compiled = compile_gemv(8 if name.startswith("down") else 4, 2, **kwargs)
+    out[name] = dict(summarize(compiled), loops=loops(compiled))
+print(json.dumps(out))
+"""
+
+
+def _loop_work(loop: dict[str, int]) -> dict[str, int]:
+    return {op: n for op, n in loop.items() if op.startswith(LOOP_WORK)}
+
+
+@needs_sass_tools
+def test_silu_epilogue_and_rows_quantized_once_leave_the_loop_alone():
+    """gate_up with the SiLU-and-mul epilogue, and down quantizing its bf16 rows once after the wait: each K loop
+    has the loads, conversions and mma of the plain one; down keeps at most 128 registers (two 8-warp programs an
+    SM) and nothing spills; the rows' quantization is 16-byte loads."""
+    pytest.importorskip("triton.experimental.gluon")
+    infos = run_compile_script(FUSED_COMPILE)
+    for plain, fused in (("down", "down once"), ("gate_up", "gate_up silu")):
+        assert _loop_work(infos[fused]["loops"][-1]) == _loop_work(infos[plain]["loops"][-1]), (plain, infos[fused])
+        assert infos[fused]["stack"] == 0, infos[fused]
+    assert infos["down once"]["registers"] <= 128, infos["down once"]["registers"]
+    rows_loop = infos["down once"]["loops"][0]
+    # 7 pieces of 2,048 bf16 a row: 16-byte loads for the absmax pass, and again (L1 hits) for the quantization
+    assert 7 <= rows_loop.get("LDG.E.128", 0) <= 14, rows_loop
+    assert not any(op.startswith(("LDL", "STL")) for op in rows_loop), rows_loop

@@ -471,6 +471,29 @@ def test_fp8_qkv_gemv_with_the_attention_prep_in_its_epilogue_on_gpu(tmp_path, m
     assert logprob_error(fused, unfused) < 2e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda-graphs"])
+def test_fp8_gate_up_gemv_with_silu_and_mul_in_its_epilogue_on_gpu(tmp_path, monkeypatch, enforce_eager):
+    """gate_up's GEMV doing ``silu_and_mul`` and down's quantizing those rows once (``fp8_gate_up_silu``) in place of
+    the GEMV, the SiLU-and-mul + quantization kernel and the GEMV: the same greedy tokens and logprobs."""
+    import kernels.fp8_linear as fp8
+    from kernels.fp8_gemv_gluon import GemvConfig
+
+    monkeypatch.setattr(fp8, "FP8_GEMV_CONFIGS", {})
+    monkeypatch.setattr(fp8, "FP8_GEMV_DEFAULT", GemvConfig(4, 2, quantize_once=True))
+    calls = []
+    real = fp8.gluon_fp8_gemv_silu_mul
+    monkeypatch.setattr(fp8, "gluon_fp8_gemv_silu_mul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    config, state = base_checkpoint()
+    path = save(tmp_path / "plain", config, state)
+    _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
+    assert calls
+    monkeypatch.setattr(fp8, "SILU_EPILOGUE_ENABLED", False)
+    _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
+    assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
+    assert logprob_error(fused, unfused) == 0.0
+
+
 def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculation(tmp_path):
     """The same greedy tokens from a GPTQ act-order model under chunked prefill, preemption (few blocks), prefix
     caching and n-gram speculative decoding as from a plain run."""

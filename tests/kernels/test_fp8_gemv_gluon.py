@@ -10,14 +10,17 @@ import pytest
 import torch
 
 from kernels import pdl
+from kernels.activation import silu_and_mul_triton
 from kernels.attention_prep import attention_prep_triton
 from kernels.fp8_gemv_gluon import (
     GemvConfig,
     gemv_supported,
     gluon_fp8_gemv,
     gluon_fp8_gemv_rope_cache,
+    gluon_fp8_gemv_silu_mul,
     prologue_steps,
     rope_cache_supported,
+    silu_mul_supported,
 )
 from kernels.fp8_linear import fp8_linear_ref, quantize_activations, quantize_per_channel
 from tests.kernels.kernel_testing import (FakeCudaTensor, assert_rope_cache_matches, outputs_with_configs,
@@ -171,6 +174,78 @@ def test_gpu_gemv_staged_steps_change_no_bit(n, k, config, quant_x):
     assert _rel_err(outs[0], ref) < 5e-3
     assert all(torch.equal(outs[0], out) for out in outs[1:])
     assert torch.equal(step(config._replace(staged=2)), outs[0])  # no PDL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k, config", PROLOGUE_SHAPES, ids=str)
+def test_gpu_gemv_quantizing_rows_once_changes_no_bit(n, k, config):
+    """bf16 rows quantized once per program into a scratch row after the wait (``quantize_once``; 8 programs share
+    one at N = 4096) give the bits of rows quantized in the loop, with steps preloaded or staged before the wait,
+    in a CUDA graph behind the kernel that writes x, and launched without PDL; K not whole steps (4112) too."""
+    step, ref = _gemv_step(n, k, True, seed=5)
+    once = config._replace(quantize_once=True)
+    configs = [config, once, once._replace(preload=0), once._replace(staged=1), once._replace(preload=0, staged=2)]
+    outs = outputs_with_configs(configs, step)
+    assert _rel_err(outs[0], ref) < 5e-3
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
+    assert torch.equal(step(once), outs[0])  # no PDL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 8])
+def test_gpu_gemv_quantizing_rows_once_matches_upstream_quantization(m):
+    """Each token row gets its own scale: the bits of ``quantize_activations`` then the GEMV, at 1-8 rows with an
+    outlier in one row."""
+    x, w, w_scale = _problem(m, 4096, 14336, seed=6)
+    x[m - 1, 11] = 40.0
+    xq, x_scale = quantize_activations(x)
+    upstream = gluon_fp8_gemv(xq, w, w_scale, x_scale=x_scale, out_dtype=BF16, config=GemvConfig(8, 2))
+    assert torch.equal(gluon_fp8_gemv(x, w, w_scale, config=GemvConfig(8, 2, quantize_once=True)), upstream)
+
+
+@pytest.mark.parametrize("n, served", [(28672, True), (2000, True), (2008, False)])
+def test_silu_mul_rule(n, served):
+    """The SiLU-and-mul epilogue pairs 8 gate rows with their 8 up rows in a program: halves of whole 8-row groups."""
+    assert silu_mul_supported(torch.empty(n, 0)) is served
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("d, k", [(14336, 4096), (1000, 2048), (64, 4112)])
+@pytest.mark.parametrize("config", [GemvConfig(4, 2), GemvConfig(8, 1)], ids=repr)
+def test_gpu_gemv_silu_mul_matches_projection_then_activation(m, d, k, config):
+    """``silu_and_mul`` in the gate_up GEMV's epilogue: the bits of the GEMV's ``[gate | up]`` output then the
+    SiLU-and-mul kernel."""
+    x, w, w_scale = _problem(m, 2 * d, k, seed=7)
+    xq, x_scale = quantize_activations(x)
+    gate_up = gluon_fp8_gemv(xq, w, w_scale, x_scale=x_scale, out_dtype=BF16, config=config)
+    out = gluon_fp8_gemv_silu_mul(xq, x_scale, w, w_scale, BF16, config)
+    assert out.shape == (m, d) and out.dtype == BF16
+    assert torch.equal(out, silu_and_mul_triton(gate_up))
+
+
+@pytest.mark.gpu
+def test_gpu_silu_mul_then_down_in_a_cuda_graph():
+    """The fused pair as a decode step runs it, with PDL in a CUDA graph: gate_up with the SiLU epilogue, then down
+    quantizing its rows once, the bits of the three-kernel path (GEMV, ``silu_and_mul_fp8``, GEMV)."""
+    from kernels.activation import silu_and_mul_fp8
+
+    x, w_gu, s_gu = _problem(1, 2 * 2048, 1024, seed=8)
+    _, w_down, s_down = _problem(1, 1024, 2048, seed=9)  # K over one step: not the single-step path
+    xq, x_scale = quantize_activations(x)
+    xq_in = torch.empty_like(xq)
+    gu, down = GemvConfig(4, 2), GemvConfig(4, 2, quantize_once=True)
+
+    def fused(_):
+        xq_in.copy_(xq)
+        h = gluon_fp8_gemv_silu_mul(xq_in, x_scale, w_gu, s_gu, BF16, gu)
+        return gluon_fp8_gemv(h, w_down, s_down, config=down)
+
+    def unfused():
+        act = silu_and_mul_fp8(gluon_fp8_gemv(xq, w_gu, s_gu, x_scale=x_scale, out_dtype=BF16, config=gu))
+        return gluon_fp8_gemv(act.xq, w_down, s_down, x_scale=act.scale, out_dtype=BF16, config=gu)
+
+    assert torch.equal(outputs_with_configs([None], fused)[0], unfused())
 
 
 @pytest.mark.parametrize("head_dim, rotary_dim, kv_rows, cache_dtype, served", [

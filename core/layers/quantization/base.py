@@ -100,6 +100,12 @@ class LinearMethod(ABC):
         arguments): q ready for attention, or None where the kernel does not serve the call."""
         return None
 
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | Fp8Activations,
+                           down: nn.Module) -> torch.Tensor | None:  # fmt: skip
+        """A ``[gate | up]`` layer's ``silu_and_mul`` output from its GEMM's own launch, for the ``down`` layer
+        that reads it, or None where this method has no such kernel for the pair (then project and activate)."""
+        return None
+
 
 class QuantConfig(ABC):
     """A parsed quantization method. Subclasses are registered in ``core/layers/quantization/__init__.py``."""

@@ -24,6 +24,7 @@ from core.layers.quantization.base import LinearMethod, QuantConfig, new_paramet
 from kernels.fp8_linear import (
     FP8_DTYPE,
     Fp8Activations,
+    fp8_gate_up_silu,
     fp8_linear,
     fp8_linear_ref,
     fp8_qkv_rope_cache,
@@ -186,3 +187,12 @@ class Fp8LinearMethod(LinearMethod):
         if not self.takes_fp8_activations(layer) or layer.bias is not None:
             return None
         return fp8_qkv_rope_cache(x, layer.weight, layer.weight_scale, **rope)
+
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | Fp8Activations,
+                           down: nn.Module) -> torch.Tensor | None:  # fmt: skip
+        """A gate_up layer's ``silu_and_mul`` output in its GEMM's launch (``fp8_gate_up_silu``), or None where that
+        kernel does not serve ``x`` or the ``down`` layer that reads the result."""
+        if not (isinstance(x, Fp8Activations) and self.takes_fp8_activations(layer) and layer.bias is None
+                and isinstance(down.quant_method, Fp8LinearMethod) and down.quant_method.takes_fp8_activations(down)):
+            return None
+        return fp8_gate_up_silu(x, layer.weight, layer.weight_scale, down.weight)
