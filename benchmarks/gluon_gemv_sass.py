@@ -33,20 +33,23 @@ from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE  # noqa: E402
 def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k: bool = True,
                  single_step: bool = False, use_pdl: bool = False, rope_cache: bool = False,
                  preload: int = 0, staged: int = 0, silu_mul: bool = False, quant_once: bool = False,
-                 k: int = 0):  # fmt: skip
+                 k: int = 0, norm: int = 0):  # fmt: skip
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU
     (``rope_cache``: the qkv GEMM with the attention prep in its epilogue, Llama-8B's 128-dim heads; ``preload``:
     steps of weight loaded before the PDL wait, with ``use_pdl``, as ``prologue_steps`` picks them; ``staged``: steps
     staged in shared memory there too; ``silu_mul``: the gate_up GEMM with the SiLU-and-mul epilogue; ``quant_once``:
-    bf16 x quantized once into a scratch row after the wait, for a K of ``k``)."""
+    bf16 x quantized once into a scratch row after the wait, for a K of ``k``; ``norm``: 1 RMS-normed first, 2 with
+    the residual add)."""
     w_tile, x_tile, mma = fp8_gemv_gluon.gemv_layouts(warps, chunks)
     config = fp8_gemv_gluon.GemvConfig(warps, chunks, quant_x, preload, staged, quant_once)
     preload, prefetch = fp8_gemv_gluon.prologue_steps(config, 2 * config.step, single_step, use_pdl)  # whole steps
+    quant_once = quant_once or norm > 0
     pointers = {"x_ptr": "*bf16" if quant_x or quant_once else "*u8", "scratch_ptr": "*u8", "x_scale_ptr": "*fp32",
+                "res_ptr": "*bf16", "res_out_ptr": "*bf16", "nw_ptr": "*bf16",
                 "w_ptr": "*u8",
                 "w_scale_ptr": "*fp32", "out_ptr": "*bf16", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32",
                 "slot_ptr": "*i64", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16"}
-    return _compile(fp8_gemv_gluon._gemv_kernel, pointers, set(),
+    return _compile(fp8_gemv_gluon._gemv_kernel, pointers, {"eps"},
                     {"WARPS": warps, "CHUNKS": chunks, "W_TILE": w_tile, "X_TILE": x_tile, "MMA": mma,
                      "EVEN_K": even_k, "QUANT_X": quant_x, "SINGLE_STEP": single_step,
                      "PREFETCH_STEPS": prefetch, "PRELOAD": preload, "FP8_MAX": FP8_MAX,
@@ -54,7 +57,7 @@ def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k:
                      "USE_PDL": use_pdl, "STAGED": staged,
                      "STAGED_LAYOUT": fp8_gemv_gluon.staged_layout() if staged else None, "SILU_MUL": silu_mul,
                      "QUANT_ONCE": quant_once, "PIECES": -(-(k or 2 * config.step) // (256 * warps)),
-                     "SLOTS": fp8_gemv_gluon.QUANT_ONCE_SLOTS}, warps, 1,
+                     "SLOTS": fp8_gemv_gluon.QUANT_ONCE_SLOTS, "NORM": norm}, warps, 1,
                     divisible_ints=frozenset({"K", "stride_cs", "stride_kcb", "stride_kcs", "stride_kch",
                                               "stride_vcb", "stride_vcs", "stride_vch", "Q_ROWS", "KV_ROWS"}),
                     source_cls=GluonASTSource)  # fmt: skip

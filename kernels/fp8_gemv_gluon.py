@@ -32,6 +32,12 @@ memory for wgmma). Here:
 - **A qkv epilogue** (:func:`gluon_fp8_gemv_rope_cache`): the rows of a program are picked so that each thread's
   rows ``g`` and ``g + 8`` are a rotary pair, and the epilogue does ``attention_prep``'s work: q rotated, k rotated
   and v into the paged cache. One launch fewer per layer (W3-fp8 +0.5%, RESULTS.md, sixteenth session).
+- **A SiLU-and-mul epilogue and rows quantized once** (:func:`gluon_fp8_gemv_silu_mul`, ``GemvConfig.quantize_once``):
+  gate_up's programs pair 8 gate rows with the 8 up rows of the same columns (rows ``g`` and ``g + 8`` of a
+  thread) and store ``silu(gate) * up``; down's programs quantize those rows per token after their wait, each the
+  whole row (its absmax needs all of it), into a scratch row in global memory that the unchanged K loop reads as
+  it reads rows quantized upstream. The one-program SiLU-and-mul + quantization kernel between them is gone; the
+  bits are the three-kernel path's.
 
 Gluon has no interpreter: on the CPU the Triton kernels run; the GPU tests compare this kernel with
 ``fp8_linear_ref``.
@@ -270,6 +276,60 @@ if HAS_GLUON:
         return t_scale
 
     @gluon.jit
+    def _summed_row(x_row, res_row, offs, live, ADD: gl.constexpr):
+        """A piece of ``x + residual`` rounded to x's dtype (the fused add-RMSNorm's residual), as fp32."""
+        x = gl.load(x_row + offs, mask=live, other=0.0)
+        if ADD:
+            x = (x.to(gl.float32) + gl.load(res_row + offs, mask=live, other=0.0).to(gl.float32)).to(x.dtype)
+        return x.to(gl.float32)
+
+    @gluon.jit
+    def _normed_piece(h, inv_rms, nw_ptr, offs, live, dtype: gl.constexpr):
+        """``kernels/rmsnorm.py``'s output of a piece: ``weight * round(h * inv_rms)``, rounded, as fp32."""
+        normed = (h * inv_rms).to(dtype).to(gl.float32)
+        return (normed * gl.load(nw_ptr + offs, mask=live, other=0.0).to(gl.float32)).to(dtype).to(gl.float32)
+
+    @gluon.jit
+    def _norm_rows_once(x_ptr, stride_xm, res_ptr, res_out_ptr, nw_ptr, eps, q_ptr, M, K, pid, tokens,
+                        WARPS: gl.constexpr, PIECES: gl.constexpr, ADD: gl.constexpr, FP8_MAX: gl.constexpr,
+                        MIN_SCALE: gl.constexpr):  # fmt: skip
+        """:func:`_quantize_rows_once` of ``rms_norm(x (+ residual)) * weight`` (``kernels/rmsnorm.py``'s kernel and
+        roundings; only the sum of squares is added in another order): every program norms and quantizes the whole
+        rows itself, and program 0 also stores ``x + residual`` (``ADD``) into ``res_out_ptr``. Three passes over
+        each row (sum of squares, absmax, quantization), the second and third from L1."""
+        layout: gl.constexpr = gl.BlockedLayout([8], [32], [WARPS], [0])
+        PIECE: gl.constexpr = 8 * 32 * WARPS
+        dtype: gl.constexpr = x_ptr.dtype.element_ty
+        offs = gl.arange(0, PIECE, layout=layout)
+        t_scale = tokens.to(gl.float32) * 0.0
+        for m in range(M):
+            x_row = x_ptr + m * stride_xm
+            res_row = res_ptr + m * K
+            squares = gl.zeros([PIECE], gl.float32, layout=layout)
+            for p in range(PIECES):
+                live = p * PIECE + offs < K
+                h = _summed_row(x_row, res_row, p * PIECE + offs, live, ADD)
+                if ADD:
+                    gl.store(res_out_ptr + m * K + p * PIECE + offs, h.to(dtype), mask=live & (pid == 0))
+                squares += h * h
+            inv_rms = gl.rsqrt(gl.sum(squares, axis=0) / K + eps)
+            amax = gl.zeros([PIECE], gl.float32, layout=layout)
+            for p in range(PIECES):
+                live = p * PIECE + offs < K
+                h = _summed_row(x_row, res_row, p * PIECE + offs, live, ADD)
+                amax = gl.maximum(amax, gl.abs(_normed_piece(h, inv_rms, nw_ptr, p * PIECE + offs, live, dtype)))
+            scale = gl.maximum(gl.max(amax, axis=0) / FP8_MAX, MIN_SCALE)
+            inv_scale = 1.0 / scale
+            for p in range(PIECES):
+                live = p * PIECE + offs < K
+                h = _summed_row(x_row, res_row, p * PIECE + offs, live, ADD)
+                out = _normed_piece(h, inv_rms, nw_ptr, p * PIECE + offs, live, dtype)
+                gl.store(q_ptr + m * K + p * PIECE + offs, _e4m3_bits(out, inv_scale), mask=live)
+            t_scale = gl.where(tokens == m, scale, t_scale)
+        _cta_barrier()
+        return t_scale
+
+    @gluon.jit
     def _x_step(x_ptrs, k0, x_live, x_k, K, inv_scale_k, QUANT_X: gl.constexpr):
         """x's e4m3 tile for the loop step at byte ``k0``: loaded as it is, or (``QUANT_X``) loaded and quantized with
         the per-token scales (their reciprocals ``inv_scale_k``)."""
@@ -293,14 +353,15 @@ if HAS_GLUON:
     def _gemv_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                      positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb,
                      stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, scratch_ptr,
-                     GATED_D, WARPS: gl.constexpr, CHUNKS: gl.constexpr, W_TILE: gl.constexpr, X_TILE: gl.constexpr,
+                     GATED_D, res_ptr, res_out_ptr, nw_ptr, eps, WARPS: gl.constexpr, CHUNKS: gl.constexpr,
+                     W_TILE: gl.constexpr, X_TILE: gl.constexpr,
                      MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
                      PREFETCH_STEPS: gl.constexpr, PRELOAD: gl.constexpr, FP8_MAX: gl.constexpr,
                      MIN_SCALE: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr, STAGED: gl.constexpr = 0,
                      STAGED_LAYOUT: gl.constexpr = None, SILU_MUL: gl.constexpr = False,
                      QUANT_ONCE: gl.constexpr = False, PIECES: gl.constexpr = 1,
-                     SLOTS: gl.constexpr = 1):  # fmt: skip
+                     SLOTS: gl.constexpr = 1, NORM: gl.constexpr = 0):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
         ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits.
         ``SINGLE_STEP`` (``QUANT_X`` with K within one step): x is loaded once and quantized in registers, and the
@@ -311,7 +372,8 @@ if HAS_GLUON:
         after ``stride_om`` up to ``KV_ROWS`` serve only it. ``SILU_MUL``: a ``[gate | up]`` GEMM (``2 GATED_D``
         rows) whose epilogue is ``silu_and_mul`` (``out_ptr`` ``[M, GATED_D]``). ``QUANT_ONCE``: ``x_ptr`` holds
         unquantized rows, quantized per token once after the wait into ``scratch_ptr`` (``SLOTS`` rows of
-        ``[M, K]``, shared by programs ``SLOTS`` apart) and read from there by the K loop."""
+        ``[M, K]``, shared by programs ``SLOTS`` apart) and read from there by the K loop; ``NORM`` (1, or 2 with
+        the residual add): the rows are first RMS-normed with ``nw_ptr`` (``_norm_rows_once``)."""
         pid = gl.program_id(0)
         STEP: gl.constexpr = WARPS * CHUNKS * 128
         PAIRED_ROWS = Q_ROWS + KV_ROWS if ROPE_CACHE else 0
@@ -375,7 +437,10 @@ if HAS_GLUON:
                                           WARPS, HEAD_DIM, SILU_MUL)
                 gdc_wait()
                 gdc_launch_dependents()
-            if QUANT_ONCE:
+            if NORM > 0:
+                t_scale = _norm_rows_once(x_ptr, stride_xm, res_ptr, res_out_ptr, nw_ptr, eps, q_rows_ptr, M, K, pid,
+                                          o_tokens, WARPS, PIECES, NORM == 2, FP8_MAX, MIN_SCALE)  # fmt: skip
+            elif QUANT_ONCE:
                 t_scale = _quantize_rows_once(x_ptr, stride_xm, q_rows_ptr, M, K, o_tokens, WARPS, PIECES, FP8_MAX,
                                               MIN_SCALE)  # fmt: skip
             elif not QUANT_X:
@@ -449,10 +514,10 @@ def _has_fp8_conversions(device) -> bool:
 
 def gluon_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *,
                    x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                   config: GemvConfig | None = None) -> torch.Tensor:  # fmt: skip
+                   config: GemvConfig | None = None, norm: RowNorm | None = None) -> torch.Tensor:  # fmt: skip
     """W8A8 ``x [M <= 8, K] @ weight[N, K]^T``: ``x`` e4m3 with its per-token ``x_scale`` ``[M, 1]`` (from
-    ``Fp8Activations``), or bf16 / fp16 quantized here per token (``x_scale`` None). ``weight_scale`` fp32 ``[N]``.
-    Callers check :func:`gemv_supported` first."""
+    ``Fp8Activations``), or bf16 / fp16 quantized here per token (``x_scale`` None), RMS-normed first with ``norm``.
+    ``weight_scale`` fp32 ``[N]``. Callers check :func:`gemv_supported` first."""
     config = config or GemvConfig()
     m, k = x.shape
     n = weight.shape[0]
@@ -460,7 +525,7 @@ def gluon_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     out = torch.empty((m, n), dtype=out_dtype or (x.dtype if quant_x else torch.bfloat16), device=x.device)
     if m == 0 or n == 0:
         return out
-    _launch(x, x_scale, weight, weight_scale, out, config)
+    _launch(x, x_scale, weight, weight_scale, out, config, norm=norm)
     return out
 
 
@@ -474,14 +539,26 @@ def prologue_steps(config: GemvConfig, k: int, single_step: bool, pdl: bool) -> 
     return preload, 0 if preload else 1
 
 
+class RowNorm(NamedTuple):
+    """An RMSNorm the GEMV applies to its rows before quantizing them once (``kernels/rmsnorm.py``'s fused
+    add-RMSNorm): ``weight`` ``[K]``, ``eps``; with ``residual`` the rows are ``x + residual``, which program 0
+    stores into ``residual_out`` (a tensor other than ``residual``: the other programs still read it)."""
+
+    weight: torch.Tensor
+    eps: float
+    residual: torch.Tensor | None = None
+    residual_out: torch.Tensor | None = None
+
+
 QUANT_ONCE_SLOTS = 32  # scratch rows of the quantize-once programs: programs this many apart share one
 
 
 def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
-            out: torch.Tensor, config: GemvConfig, rope: tuple | None = None, silu_mul: bool = False) -> None:
+            out: torch.Tensor, config: GemvConfig, rope: tuple | None = None, silu_mul: bool = False,
+            norm: RowNorm | None = None) -> None:  # fmt: skip
     """One ``_gemv_kernel`` launch over the weight's rows; ``rope``: the rotary epilogue's
     ``(positions, cos_sin, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)``; ``silu_mul``: the
-    SiLU-and-mul epilogue (``out`` ``[M, N / 2]``)."""
+    SiLU-and-mul epilogue (``out`` ``[M, N / 2]``); ``norm``: x's rows RMS-normed first (quantized once)."""
     m, k = x.shape
     quant_x = x_scale is None
     xv = x if quant_x else x.view(torch.uint8)
@@ -489,7 +566,15 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
     step = config.step
     pdl = use_pdl(x)
     single_step = quant_x and k <= step
-    quant_once = quant_x and config.quantize_once and not single_step
+    quant_once = quant_x and (config.quantize_once or norm is not None) and not single_step
+    if norm is not None and not quant_once:
+        raise ValueError("the RMSNorm prologue needs unquantized rows over more than one step (quantize_once)")
+    norm_args = (x, x, x, 0.0)  # placeholders NORM = 0 never reads
+    if norm is not None:
+        residual = norm.residual if norm.residual is not None else x
+        if residual.stride(0) != k or norm.residual_out is not None and norm.residual_out.stride(0) != k:
+            raise ValueError("the RMSNorm prologue takes contiguous residual rows")
+        norm_args = (residual, norm.residual_out if norm.residual_out is not None else x, norm.weight, norm.eps)
     programs = triton.cdiv(weight.shape[0], ROWS)
     slots = min(programs, QUANT_ONCE_SLOTS)
     scratch = torch.empty((slots, m, k) if quant_once else (1,), dtype=torch.uint8, device=x.device)
@@ -498,7 +583,7 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
     _gemv_kernel[(programs,)](
         xv, weight_scale if quant_x else x_scale, weight.view(torch.uint8), weight_scale, out, m,
         weight.shape[0], k, xv.stride(0), weight.stride(0), out.stride(0), *epilogue, scratch,
-        weight.shape[0] // 2 if silu_mul else 0, WARPS=config.warps,
+        weight.shape[0] // 2 if silu_mul else 0, *norm_args, WARPS=config.warps,
         CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0,
         QUANT_X=quant_x and not quant_once,
         SINGLE_STEP=single_step, PREFETCH_STEPS=prefetch, PRELOAD=preload,
@@ -506,7 +591,8 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
         ROPE_CACHE=rope is not None, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, num_warps=config.warps,
         STAGED=config.staged, STAGED_LAYOUT=staged_layout() if config.staged else None, SILU_MUL=silu_mul,
         QUANT_ONCE=quant_once,
-        PIECES=triton.cdiv(k, 256 * config.warps), SLOTS=slots, **launch_options(pdl),
+        PIECES=triton.cdiv(k, 256 * config.warps), SLOTS=slots,
+        NORM=0 if norm is None else 1 if norm.residual is None else 2, **launch_options(pdl),
     )  # fmt: skip
 
 
@@ -542,16 +628,17 @@ def gluon_fp8_gemv_rope_cache(xq: torch.Tensor, x_scale: torch.Tensor, weight: t
                               weight_scale: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                               k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                               q_rows: int, kv_rows: int, head_dim: int, out_dtype: torch.dtype,
-                              config: GemvConfig) -> torch.Tensor:  # fmt: skip
-    """The qkv projection and ``attention_prep`` in one launch: ``xq`` (e4m3, per-token ``x_scale``) times the
-    ``[q | k | v]`` weight; returns q ``[M, q_rows]`` rotated, and writes k (rotated) and v into the paged caches
-    ``[num_blocks, block_size, kv_heads, head_dim]`` at ``slot_mapping`` (negative slots skip). ``positions`` index
-    ``cos_sin_cache`` ``[positions, head_dim]`` (cos | sin, float32). Callers check :func:`gemv_supported` and
+                              config: GemvConfig, norm: RowNorm | None = None) -> torch.Tensor:  # fmt: skip
+    """The qkv projection and ``attention_prep`` in one launch: ``xq`` (e4m3, per-token ``x_scale``; or with
+    ``norm``, unnormed rows of ``out_dtype`` and ``x_scale`` None) times the ``[q | k | v]`` weight; returns q
+    ``[M, q_rows]`` rotated, and writes k (rotated) and v into the paged caches ``[num_blocks, block_size,
+    kv_heads, head_dim]`` at ``slot_mapping`` (negative slots skip). ``positions`` index ``cos_sin_cache``
+    ``[positions, head_dim]`` (cos | sin, float32). Callers check :func:`gemv_supported` and
     :func:`rope_cache_supported`."""
     q = torch.empty((xq.shape[0], q_rows), dtype=out_dtype, device=xq.device)
     if xq.shape[0]:
         rope = (positions, cos_sin_cache, slot_mapping, k_cache, v_cache, q_rows, kv_rows, head_dim)
-        _launch(xq, x_scale, weight, weight_scale, q, config, rope)
+        _launch(xq, x_scale, weight, weight_scale, q, config, rope, norm=norm)
     return q
 
 

@@ -45,6 +45,7 @@ import triton.language as tl
 
 from kernels.fp8_gemv_gluon import (
     GemvConfig,
+    RowNorm,
     gemv_supported,
     gluon_fp8_gemv,
     gluon_fp8_gemv_rope_cache,
@@ -76,6 +77,15 @@ class Fp8Activations(NamedTuple):
     x: torch.Tensor
     xq: torch.Tensor  # e4m3 [M, K]
     scale: torch.Tensor  # fp32 [M, 1]
+
+
+class NormedRows(NamedTuple):
+    """Rows an RMSNorm is still to be applied to (``norm``: its weight, eps and the residual add), for a GEMM that
+    norms and quantizes them in its own launch (the Gluon GEMV's RMSNorm prologue: ``fp8_qkv_rope_cache``). Where
+    it serves them, ``norm.residual_out`` holds ``x + residual`` after the launch."""
+
+    x: torch.Tensor
+    norm: RowNorm
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,7 +425,7 @@ def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 # ``benchmarks/bench_fp8_gemv.py --models ...`` times every config against the table and prints this block.
 FP8_GEMV_CONFIGS: dict[tuple[int, int], GemvConfig | None] = {
     # Llama-3.1-8B
-    (6144, 4096): GemvConfig(4, 4),  # qkv: 9.9 (8 x 2 10.9; PDL off 9.5), table 10.0. Sixteenth session 4 x 1
+    (6144, 4096): GemvConfig(4, 4, preload=1, staged=1, quantize_once=True),  # qkv: 9.9 (8 x 2 10.9; PDL off 9.5), table 10.0. Sixteenth session 4 x 1
     # 9.8 against 10.8 in isolation, but W3-fp8 333.1 against 333.9 (4 runs each): kept
     (4096, 4096): GemvConfig(8, 4),  # o_proj: 6.8, table 8.7 (quantizing x in the kernel: 9.4)
     (28672, 4096): GemvConfig(4, 2),  # gate_up: 4 x 1 31.3, table 32.2. Nineteenth session, with the RMSNorm
@@ -472,24 +482,44 @@ def fp8_gate_up_silu(x: Fp8Activations, weight: torch.Tensor, weight_scale: torc
 
 
 ROPE_CACHE_ENABLED = True  # the qkv GEMV with the attention prep in its epilogue, where it serves the shape
+NORM_PROLOGUE_ENABLED = True  # the qkv GEMV norming its rows itself (NormedRows), where its config quantizes once
 
 
-def fp8_qkv_rope_cache(x: Fp8Activations, weight: torch.Tensor, weight_scale: torch.Tensor, positions: torch.Tensor,
-                       cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor, q_rows: int, kv_rows: int, head_dim: int) -> torch.Tensor | None:  # fmt: skip
-    """A W8A8 qkv projection (``weight`` ``[q | k | v]``, x quantized upstream) fused with ``attention_prep``
+def fp8_qkv_rope_cache(x: Fp8Activations | NormedRows, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       positions: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_rows: int, kv_rows: int,
+                       head_dim: int) -> torch.Tensor | None:  # fmt: skip
+    """A W8A8 qkv projection (``weight`` ``[q | k | v]``, x quantized upstream, or rows still to be normed, which
+    its config then norms and quantizes once: ``NormedRows``) fused with ``attention_prep``
     (``kernels/attention_prep.py``: rotary on q and k, k and v into the paged cache) in the Gluon GEMV's epilogue:
-    one launch instead of two in a decode step. Returns q ``[M, q_rows]`` ready for attention, or None where the
-    fused kernel does not serve the call (then run the projection and the prep kernel)."""
+    one launch instead of two in a decode step (three with the norm). Returns q ``[M, q_rows]`` ready for
+    attention, or None where the fused kernel does not serve the call (then run the norm, the projection and the
+    prep kernel)."""
     if not ROPE_CACHE_ENABLED or weight.shape[0] != q_rows + 2 * kv_rows:
         return None
     if not rope_cache_supported(head_dim, cos_sin_cache.shape[-1], q_rows, kv_rows, x.x.dtype, k_cache.dtype):
         return None
+    if isinstance(x, NormedRows):
+        config = pick_gemv_config(x.x, weight, prequantized=False)
+        if not (NORM_PROLOGUE_ENABLED and config is not None and config.quantize_once and _norms_rows(x, config)):
+            return None
+        return gluon_fp8_gemv_rope_cache(x.x, None, weight, weight_scale, positions, cos_sin_cache, k_cache, v_cache,
+                                         slot_mapping, q_rows, kv_rows, head_dim, x.x.dtype, config, norm=x.norm)
     config = pick_gemv_config(x.xq, weight, prequantized=True)
     if config is None:
         return None
     return gluon_fp8_gemv_rope_cache(x.xq, x.scale, weight, weight_scale, positions, cos_sin_cache, k_cache, v_cache,
                                      slot_mapping, q_rows, kv_rows, head_dim, x.x.dtype, config)  # fmt: skip
+
+
+def _norms_rows(x: NormedRows, config: GemvConfig) -> bool:
+    """Whether the GEMV's RMSNorm prologue serves ``x``: contiguous rows over more than one loop step (a single
+    step quantizes in registers, without the prologue), a residual and its output of x's shape."""
+    rows, norm = x.x, x.norm
+    if rows.shape[1] <= config.step or rows.stride(-1) != 1 or norm.weight.shape != (rows.shape[1],):
+        return False
+    return norm.residual is None or all(t is not None and t.shape == rows.shape and t.is_contiguous()
+                                        for t in (norm.residual, norm.residual_out))  # fmt: skip
 
 
 def fp8_decode_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

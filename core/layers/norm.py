@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from kernels.backend import check_backend
-from kernels.fp8_linear import Fp8Activations
+from kernels.fp8_gemv_gluon import RowNorm
+from kernels.fp8_linear import Fp8Activations, NormedRows
 from kernels.rmsnorm import rms_norm, rms_norm_fp8
 
 
@@ -26,6 +27,12 @@ class RMSNorm(nn.Module):
             out, residual_out = rms_norm_fp8(x, self.weight, self.eps, residual, backend=self.backend)
             return out if residual is None else (out, residual_out)
         return rms_norm(x, self.weight, self.eps, residual, backend=self.backend)
+
+    def pending(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> NormedRows:
+        """This norm of ``x`` (after the residual add) left to the GEMM that reads it (``NormedRows``), with a fresh
+        buffer for ``x + residual``: that GEMM's programs still read ``residual`` while one of them writes the sum."""
+        residual_out = None if residual is None else torch.empty_like(residual)
+        return NormedRows(x, RowNorm(self.weight, self.eps, residual, residual_out))
 
 
 class LayerNorm(nn.Module):

@@ -23,7 +23,7 @@ from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
 from kernels.activation import silu_and_mul, silu_and_mul_fp8
 from kernels.backend import resolve_backends
-from kernels.fp8_linear import Fp8Activations
+from kernels.fp8_linear import Fp8Activations, NormedRows
 from kernels.skinny_gemm import linear as skinny_linear
 
 # Weight quantization methods this family's layers run (core/layers/quantization); the LM head stays unquantized
@@ -78,6 +78,13 @@ class Attention(nn.Module):
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(positions, q, k, v, kv_cache, meta))
 
+    def forward_normed(self, positions: torch.Tensor, rows: NormedRows, kv_cache: torch.Tensor,
+                       meta: AttentionMetadata) -> torch.Tensor | None:  # fmt: skip
+        """:meth:`forward` of rows whose input norm the qkv projection applies in its own launch (the fp8 decode
+        GEMV), or None where it does not (then norm the rows and call :meth:`forward`)."""
+        q = self.attn.fused_qkv_prep(self.qkv_proj, rows, positions, kv_cache, meta)
+        return None if q is None else self.o_proj(self.attn.attend(q, kv_cache, meta))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, kernel_backend: str, prefix: str = "") -> None:
@@ -123,14 +130,23 @@ class DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # W8A8 fp8 projections read the norms' outputs already quantized (one launch fewer each)
+        # W8A8 fp8 projections read the norms' outputs already quantized (one launch fewer each); the qkv decode
+        # GEMV applies the input norm itself (one more)
         quantize_qkv = _reads_fp8(self.self_attn, "qkv_proj")
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden, quantize_fp8=quantize_qkv)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual, quantize_fp8=quantize_qkv)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        attended = None
+        if quantize_qkv:
+            rows = self.input_layernorm.pending(hidden, residual)
+            attended = self.self_attn.forward_normed(positions, rows, kv_cache, meta)
+            if attended is not None:
+                residual = hidden if residual is None else rows.norm.residual_out
+        if attended is None:
+            if residual is None:
+                residual = hidden
+                hidden = self.input_layernorm(hidden, quantize_fp8=quantize_qkv)
+            else:
+                hidden, residual = self.input_layernorm(hidden, residual, quantize_fp8=quantize_qkv)
+            attended = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden = attended
         quantize_gate_up = _reads_fp8(self.mlp, "gate_up_proj")  # MoE blocks: no such layer
         hidden, residual = self.post_attention_layernorm(hidden, residual, quantize_fp8=quantize_gate_up)
         return self.mlp(hidden), residual

@@ -119,10 +119,12 @@ import json
 from benchmarks.gluon_gemv_sass import compile_gemv, loops, summarize
 down = dict(use_pdl=True, preload=2, staged=1, k=14336)  # Llama-8B's down as it runs
 gate_up = dict(use_pdl=True, preload=2)
+qkv = dict(use_pdl=True, preload=1, staged=1, rope_cache=True, k=4096)
 out = {}
 for name, kwargs in (("down", down), ("down once", dict(down, quant_once=True)), ("gate_up", gate_up),
-                     ("gate_up silu", dict(gate_up, silu_mul=True))):
-    compiled = compile_gemv(8 if name.startswith("down") else 4, 2, **kwargs)
+                     ("gate_up silu", dict(gate_up, silu_mul=True)), ("qkv", qkv), ("qkv norm", dict(qkv, norm=2)),
+                     ("qkv first norm", dict(qkv, norm=1))):
+    compiled = compile_gemv(8 if name.startswith("down") else 4, 4 if name.startswith("qkv") else 2, **kwargs)
     out[name] = dict(summarize(compiled), loops=loops(compiled))
 print(json.dumps(out))
 """
@@ -133,16 +135,20 @@ def _loop_work(loop: dict[str, int]) -> dict[str, int]:
 
 
 @needs_sass_tools
-def test_silu_epilogue_and_rows_quantized_once_leave_the_loop_alone():
-    """gate_up with the SiLU-and-mul epilogue, and down quantizing its bf16 rows once after the wait: each K loop
-    has the loads, conversions and mma of the plain one; down keeps at most 128 registers (two 8-warp programs an
-    SM) and nothing spills; the rows' quantization is 16-byte loads."""
+def test_silu_epilogue_rows_quantized_once_and_norm_prologue_leave_the_loop_alone():
+    """gate_up with the SiLU-and-mul epilogue, down quantizing its bf16 rows once after the wait, qkv norming them
+    first: each K loop has the loads, conversions and mma of the plain one; down keeps at most 128 registers (two
+    8-warp programs an SM), qkv 168 (three 4-warp ones), and nothing spills; the rows' quantization is 16-byte
+    loads."""
     pytest.importorskip("triton.experimental.gluon")
     infos = run_compile_script(FUSED_COMPILE)
-    for plain, fused in (("down", "down once"), ("gate_up", "gate_up silu")):
+    for plain, fused in (("down", "down once"), ("gate_up", "gate_up silu"), ("qkv", "qkv norm"),
+                         ("qkv", "qkv first norm")):
         assert _loop_work(infos[fused]["loops"][-1]) == _loop_work(infos[plain]["loops"][-1]), (plain, infos[fused])
         assert infos[fused]["stack"] == 0, infos[fused]
     assert infos["down once"]["registers"] <= 128, infos["down once"]["registers"]
+    # qkv's 384 programs of 4 warps all resident at once (three an SM), so all preload before their wait
+    assert max(infos[name]["registers"] for name in ("qkv norm", "qkv first norm")) <= 168, infos["qkv norm"]
     rows_loop = infos["down once"]["loops"][0]
     # 7 pieces of 2,048 bf16 a row: 16-byte loads for the absmax pass, and again (L1 hits) for the quantization
     assert 7 <= rows_loop.get("LDG.E.128", 0) <= 14, rows_loop

@@ -26,10 +26,10 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's order_map
 
 
-def base_checkpoint() -> tuple[dict, dict[str, torch.Tensor]]:
+def base_checkpoint(hidden: int = HIDDEN) -> tuple[dict, dict[str, torch.Tensor]]:
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=hidden, intermediate_size=INTER, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                    bos_token_id=0, eos_token_id=1, initializer_range=0.1, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -492,6 +492,31 @@ def test_fp8_gate_up_gemv_with_silu_and_mul_in_its_epilogue_on_gpu(tmp_path, mon
     _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
     assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
     assert logprob_error(fused, unfused) == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda-graphs"])
+def test_fp8_qkv_gemv_norming_its_rows_on_gpu(tmp_path, monkeypatch, enforce_eager):
+    """The qkv GEMV applying the input RMSNorm itself (``NormedRows``; 512 wide rows: two loop steps of 1 x 2
+    chunks) in place of the RMSNorm kernel: the same greedy tokens, logprobs within rounding (the sum of squares is
+    added in another order)."""
+    import kernels.fp8_linear as fp8
+    from kernels.fp8_gemv_gluon import GemvConfig
+
+    monkeypatch.setattr(fp8, "FP8_GEMV_CONFIGS", {})
+    monkeypatch.setattr(fp8, "FP8_GEMV_DEFAULT", GemvConfig(1, 2, quantize_once=True))
+    calls = []
+    real = fp8.gluon_fp8_gemv_rope_cache
+    monkeypatch.setattr(fp8, "gluon_fp8_gemv_rope_cache",
+                        lambda *a, **kw: calls.append(kw.get("norm") is not None) or real(*a, **kw))
+    config, state = base_checkpoint(hidden=512)
+    path = save(tmp_path / "plain", config, state)
+    _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
+    assert any(calls)
+    monkeypatch.setattr(fp8, "NORM_PROLOGUE_ENABLED", False)
+    _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
+    assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
+    assert logprob_error(fused, unfused) < 2e-2
 
 
 def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculation(tmp_path):

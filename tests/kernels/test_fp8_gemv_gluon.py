@@ -14,6 +14,7 @@ from kernels.activation import silu_and_mul_triton
 from kernels.attention_prep import attention_prep_triton
 from kernels.fp8_gemv_gluon import (
     GemvConfig,
+    RowNorm,
     gemv_supported,
     gluon_fp8_gemv,
     gluon_fp8_gemv_rope_cache,
@@ -278,4 +279,78 @@ def test_gpu_gemv_rope_cache_matches_projection_then_prep(m, num_heads, num_kv_h
                               v.reshape(m, num_kv_heads, head_dim), cos_sin, *caches, slots)  # fmt: skip
     fused_q = gluon_fp8_gemv_rope_cache(xq, x_scale, w, w_scale, positions, cos_sin, *fused_caches, slots, q_rows,
                                         kv_rows, head_dim, BF16, config)  # fmt: skip
+    assert_rope_cache_matches(fused_q, q, fused_caches, caches, slots)
+
+
+def _norm_problem(m: int, k: int, seed: int, with_residual: bool):
+    """Rows, a residual (or None) and an RMSNorm weight as a decoder layer's input norm sees them."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = (torch.randn(m, k, device="cuda", generator=gen) * 2.0).to(BF16)
+    residual = (torch.randn(m, k, device="cuda", generator=gen) * 4.0).to(BF16) if with_residual else None
+    weight = (1.0 + 0.1 * torch.randn(k, device="cuda", generator=gen)).to(BF16)
+    return x, residual, weight
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n, k", [(6144, 4096), (100, 4112)])
+@pytest.mark.parametrize("with_residual", [True, False], ids=["add", "first-layer"])
+def test_gpu_gemv_norms_its_rows_as_the_rmsnorm_kernel(m, n, k, with_residual):
+    """The RMSNorm prologue (``norm``): the GEMV of ``rms_norm_fp8``'s rows within rounding (only the sum of squares
+    is added in another order), and ``x + residual`` stored bit for bit, the residual itself untouched."""
+    from kernels.rmsnorm import rms_norm_fp8
+
+    x, residual, weight = _norm_problem(m, k, 10, with_residual)
+    _, w, w_scale = _problem(m, n, k, seed=11)
+    residual_out = torch.empty_like(x) if with_residual else None
+    kept = None if residual is None else residual.clone()
+    config = GemvConfig(4, 4, preload=1, staged=1, quantize_once=True)
+    out = gluon_fp8_gemv(x, w, w_scale, config=config, norm=RowNorm(weight, 1e-5, residual, residual_out))
+    acts, summed = rms_norm_fp8(x.clone(), weight, 1e-5, None if residual is None else residual.clone())
+    ref = gluon_fp8_gemv(acts.xq, w, w_scale, x_scale=acts.scale, out_dtype=BF16, config=config)
+    assert _rel_err(out, ref) < 2e-3
+    if with_residual:
+        assert torch.equal(residual_out, summed) and torch.equal(residual, kept)
+
+
+@pytest.mark.gpu
+def test_gpu_gemv_norm_prologue_changes_no_bit_with_the_prologue_steps():
+    """With PDL in a CUDA graph behind the kernel that writes x: the same bits whatever is loaded before the wait
+    (steps in registers, staged, nothing) and launched without PDL."""
+    x, residual, weight = _norm_problem(2, 4096, 12, True)
+    _, w, w_scale = _problem(2, 6144, 4096, seed=13)
+    src, residual_out = x.clone(), torch.empty_like(x)
+    norm = RowNorm(weight, 1e-5, residual, residual_out)
+
+    def step(cfg):
+        x.copy_(src)
+        return gluon_fp8_gemv(x, w, w_scale, config=cfg, norm=norm)
+
+    base = GemvConfig(4, 4, quantize_once=True)
+    configs = [base, base._replace(preload=1, staged=1), base._replace(preload=0), base._replace(preload=0, staged=2)]
+    outs = outputs_with_configs(configs, step)
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
+    assert torch.equal(step(configs[1]), outs[0])  # no PDL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3])
+def test_gpu_gemv_rope_cache_with_the_norm_prologue_matches_norm_then_fused(m):
+    """The qkv GEMV that norms its rows, rotates q and k and writes the cache: q and the caches of the RMSNorm kernel
+    then the qkv GEMV with the prep epilogue, within rounding."""
+    from kernels.rmsnorm import rms_norm_fp8
+
+    num_heads, num_kv_heads, head_dim = 32, 8, 128
+    q_rows, kv_rows = num_heads * head_dim, num_kv_heads * head_dim
+    x, residual, weight = _norm_problem(m, 4096, 14, True)
+    _, w, w_scale = _problem(m, q_rows + 2 * kv_rows, 4096, seed=15)
+    cos_sin, positions, slots, caches = rope_cache_problem(m, num_kv_heads, head_dim, seed=16)
+    fused_caches = [c.clone() for c in caches]
+    config = GemvConfig(4, 4, preload=1, staged=1, quantize_once=True)
+    norm = RowNorm(weight, 1e-5, residual, torch.empty_like(x))
+    fused_q = gluon_fp8_gemv_rope_cache(x, None, w, w_scale, positions, cos_sin, *fused_caches, slots, q_rows, kv_rows,
+                                        head_dim, BF16, config, norm=norm)  # fmt: skip
+    acts, _ = rms_norm_fp8(x.clone(), weight, 1e-5, residual.clone())
+    q = gluon_fp8_gemv_rope_cache(acts.xq, acts.scale, w, w_scale, positions, cos_sin, *caches, slots, q_rows, kv_rows,
+                                  head_dim, BF16, config)  # fmt: skip
     assert_rope_cache_matches(fused_q, q, fused_caches, caches, slots)

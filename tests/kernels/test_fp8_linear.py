@@ -342,3 +342,27 @@ def test_decode_dispatch_takes_the_gluon_gemv_where_its_table_says(monkeypatch):
     monkeypatch.delitem(fp8_module.FP8_GEMV_CONFIGS, (n, k))
     fp8_decode_gemm(x, weight, scale, quantized=prequantized)
     assert calls == []
+
+
+def _normed_rows(m: int, k: int, residual: bool = True, contiguous: bool = True):
+    from kernels.fp8_gemv_gluon import RowNorm
+    from kernels.fp8_linear import NormedRows
+
+    x = torch.zeros(m, k)
+    res = torch.zeros(m, 2 * k)[:, :k] if not contiguous else torch.zeros(m, k)
+    out = torch.zeros(m, k) if residual else None
+    return NormedRows(x, RowNorm(torch.ones(k), 1e-5, res if residual else None, out))
+
+
+@pytest.mark.parametrize("rows, served", [
+    (_normed_rows(1, 4096), True), (_normed_rows(8, 4096, residual=False), True),
+    (_normed_rows(1, 2048), False),  # one step of 4 x 4 chunks: the single-step path has no prologue
+    (_normed_rows(2, 4096, contiguous=False), False),  # the prologue addresses residual rows K apart
+], ids=["add", "first-layer", "one-step", "strided-residual"])  # fmt: skip
+def test_gemv_norm_prologue_rule(rows, served):
+    """Which ``NormedRows`` the qkv GEMV's RMSNorm prologue takes: more than one loop step, contiguous residual
+    rows."""
+    from kernels.fp8_gemv_gluon import GemvConfig
+    from kernels.fp8_linear import _norms_rows
+
+    assert _norms_rows(rows, GemvConfig(4, 4, quantize_once=True)) is served

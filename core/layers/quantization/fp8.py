@@ -24,6 +24,7 @@ from core.layers.quantization.base import LinearMethod, QuantConfig, new_paramet
 from kernels.fp8_linear import (
     FP8_DTYPE,
     Fp8Activations,
+    NormedRows,
     fp8_gate_up_silu,
     fp8_linear,
     fp8_linear_ref,
@@ -178,10 +179,10 @@ class Fp8LinearMethod(LinearMethod):
             return self.apply(layer, x.x, bias)
         return fp8_linear(x.x, layer.weight, layer.weight_scale, None, bias, quantized=(x.xq, x.scale))
 
-    def may_rope_cache(self, layer: nn.Module, x: torch.Tensor | Fp8Activations) -> bool:
-        return isinstance(x, Fp8Activations)  # the fused kernel reads rows quantized upstream
+    def may_rope_cache(self, layer: nn.Module, x: torch.Tensor | Fp8Activations | NormedRows) -> bool:
+        return isinstance(x, (Fp8Activations, NormedRows))  # rows quantized upstream, or to be normed in the kernel
 
-    def apply_rope_cache(self, layer: nn.Module, x: Fp8Activations, **rope) -> torch.Tensor | None:
+    def apply_rope_cache(self, layer: nn.Module, x: Fp8Activations | NormedRows, **rope) -> torch.Tensor | None:
         """A qkv layer's product with the attention prep in its epilogue (``fp8_qkv_rope_cache``: ``rope`` holds
         its arguments after the weight scale), or None where that kernel does not serve it."""
         if not self.takes_fp8_activations(layer) or layer.bias is not None:
