@@ -647,12 +647,14 @@ def silu_mul_supported(weight: torch.Tensor) -> bool:
     return weight.shape[0] % 16 == 0
 
 
-def gluon_fp8_gemv_silu_mul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            out_dtype: torch.dtype, config: GemvConfig) -> torch.Tensor:  # fmt: skip
+def gluon_fp8_gemv_silu_mul(xq: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
+                            weight_scale: torch.Tensor, out_dtype: torch.dtype, config: GemvConfig,
+                            norm: RowNorm | None = None) -> torch.Tensor:  # fmt: skip
     """``silu_and_mul(xq @ weight^T)`` in one launch: ``weight`` ``[gate | up]`` (``2 d`` rows), ``xq`` e4m3 with its
-    per-token ``x_scale``; returns ``[M, d]`` in ``out_dtype``, rounded as the GEMM's output and then the
-    activation's. Callers check :func:`gemv_supported` and :func:`silu_mul_supported`."""
+    per-token ``x_scale`` (or with ``norm``, unnormed rows of ``out_dtype`` and ``x_scale`` None); returns ``[M, d]``
+    in ``out_dtype``, rounded as the GEMM's output and then the activation's. Callers check :func:`gemv_supported`
+    and :func:`silu_mul_supported`."""
     out = torch.empty((xq.shape[0], weight.shape[0] // 2), dtype=out_dtype, device=xq.device)
     if xq.shape[0]:
-        _launch(xq, x_scale, weight, weight_scale, out, config, silu_mul=True)
+        _launch(xq, x_scale, weight, weight_scale, out, config, silu_mul=True, norm=norm)
     return out

@@ -466,23 +466,31 @@ def _gemv_table_entry(weight: torch.Tensor) -> GemvConfig | None:
 SILU_EPILOGUE_ENABLED = True  # the gate_up GEMV with silu_and_mul in its epilogue, where down quantizes its rows
 
 
-def fp8_gate_up_silu(x: Fp8Activations, weight: torch.Tensor, weight_scale: torch.Tensor,
+def fp8_gate_up_silu(x: Fp8Activations | NormedRows, weight: torch.Tensor, weight_scale: torch.Tensor,
                      down_weight: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
-    """``silu_and_mul`` of a W8A8 gate_up projection (``weight`` ``[gate | up]``, x quantized upstream) in the Gluon
-    GEMV's epilogue: ``[M, d]`` unquantized, or None where that does not pay or serve. It pays only where the down
-    projection (``down_weight``) quantizes those rows itself, once per program (``GemvConfig.quantize_once``):
-    otherwise the one-program ``silu_and_mul_fp8`` kernel's quantization would be a launch of its own anyway."""
+    """``silu_and_mul`` of a W8A8 gate_up projection (``weight`` ``[gate | up]``, x quantized upstream, or rows still
+    to be normed where its config quantizes once: ``NormedRows``) in the Gluon GEMV's epilogue: ``[M, d]``
+    unquantized, or None where that does not pay or serve. It pays only where the down projection
+    (``down_weight``) quantizes those rows itself, once per program (``GemvConfig.quantize_once``): otherwise the
+    one-program ``silu_and_mul_fp8`` kernel's quantization would be a launch of its own anyway."""
     if not SILU_EPILOGUE_ENABLED or not silu_mul_supported(weight):
         return None
-    config = pick_gemv_config(x.xq, weight, prequantized=True)
     down = _gemv_table_entry(down_weight)
-    if config is None or down is None or not down.quantize_once or down_weight.shape[1] != weight.shape[0] // 2:
+    if down is None or not down.quantize_once or down_weight.shape[1] != weight.shape[0] // 2:
+        return None
+    if isinstance(x, NormedRows):
+        config = pick_gemv_config(x.x, weight, prequantized=False)
+        if not (NORM_PROLOGUE_ENABLED and config is not None and config.quantize_once and _norms_rows(x, config)):
+            return None
+        return gluon_fp8_gemv_silu_mul(x.x, None, weight, weight_scale, x.x.dtype, config, norm=x.norm)
+    config = pick_gemv_config(x.xq, weight, prequantized=True)
+    if config is None:
         return None
     return gluon_fp8_gemv_silu_mul(x.xq, x.scale, weight, weight_scale, x.x.dtype, config)
 
 
 ROPE_CACHE_ENABLED = True  # the qkv GEMV with the attention prep in its epilogue, where it serves the shape
-NORM_PROLOGUE_ENABLED = True  # the qkv GEMV norming its rows itself (NormedRows), where its config quantizes once
+NORM_PROLOGUE_ENABLED = True  # GEMVs norming their rows themselves (NormedRows), where their config quantizes once
 
 
 def fp8_qkv_rope_cache(x: Fp8Activations | NormedRows, weight: torch.Tensor, weight_scale: torch.Tensor,

@@ -105,6 +105,12 @@ class MLP(nn.Module):
             return self.down_proj(silu_and_mul_fp8(gate_up, backend=self.kernel_backend))
         return self.down_proj(silu_and_mul(gate_up, backend=self.kernel_backend))
 
+    def forward_normed(self, rows: NormedRows) -> torch.Tensor | None:
+        """:meth:`forward` of rows whose norm gate_up's fp8 decode GEMV applies in its own launch (with SiLU-and-mul
+        in its epilogue), or None where it does not (then norm the rows and call :meth:`forward`)."""
+        h = self.gate_up_proj.silu_and_mul_forward(rows, self.down_proj)
+        return None if h is None else self.down_proj(h)
+
 
 def _reads_fp8(module: nn.Module, name: str) -> bool:
     """Whether ``module.<name>`` is a W8A8 fp8 ``Linear`` that reads its input quantized upstream."""
@@ -148,6 +154,11 @@ class DecoderLayer(nn.Module):
             attended = self.self_attn(positions, hidden, kv_cache, meta)
         hidden = attended
         quantize_gate_up = _reads_fp8(self.mlp, "gate_up_proj")  # MoE blocks: no such layer
+        if quantize_gate_up:  # where its config says so, the gate_up decode GEMV applies this norm itself
+            rows = self.post_attention_layernorm.pending(hidden, residual)
+            out = self.mlp.forward_normed(rows)
+            if out is not None:
+                return out, rows.norm.residual_out
         hidden, residual = self.post_attention_layernorm(hidden, residual, quantize_fp8=quantize_gate_up)
         return self.mlp(hidden), residual
 

@@ -354,3 +354,21 @@ def test_gpu_gemv_rope_cache_with_the_norm_prologue_matches_norm_then_fused(m):
     q = gluon_fp8_gemv_rope_cache(acts.xq, acts.scale, w, w_scale, positions, cos_sin, *caches, slots, q_rows, kv_rows,
                                   head_dim, BF16, config)  # fmt: skip
     assert_rope_cache_matches(fused_q, q, fused_caches, caches, slots)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3])
+def test_gpu_gemv_silu_mul_with_the_norm_prologue_matches_norm_then_fused(m):
+    """gate_up norming its rows (the post-attention norm) with the SiLU-and-mul epilogue: the RMSNorm kernel then
+    the fused GEMV within rounding, and ``x + residual`` stored bit for bit."""
+    from kernels.rmsnorm import rms_norm_fp8
+
+    x, residual, weight = _norm_problem(m, 4096, 17, True)
+    _, w, w_scale = _problem(m, 2 * 2048, 4096, seed=18)
+    config = GemvConfig(4, 2, quantize_once=True)
+    norm = RowNorm(weight, 1e-5, residual, torch.empty_like(x))
+    out = gluon_fp8_gemv_silu_mul(x, None, w, w_scale, BF16, config, norm=norm)
+    acts, summed = rms_norm_fp8(x.clone(), weight, 1e-5, residual.clone())
+    ref = gluon_fp8_gemv_silu_mul(acts.xq, acts.scale, w, w_scale, BF16, config)
+    assert _rel_err(out, ref) < 2e-3
+    assert torch.equal(norm.residual_out, summed)

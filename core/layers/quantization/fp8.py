@@ -193,7 +193,7 @@ class Fp8LinearMethod(LinearMethod):
                            down: nn.Module) -> torch.Tensor | None:  # fmt: skip
         """A gate_up layer's ``silu_and_mul`` output in its GEMM's launch (``fp8_gate_up_silu``), or None where that
         kernel does not serve ``x`` or the ``down`` layer that reads the result."""
-        if not (isinstance(x, Fp8Activations) and self.takes_fp8_activations(layer) and layer.bias is None
+        if not (isinstance(x, (Fp8Activations, NormedRows)) and self.takes_fp8_activations(layer) and layer.bias is None
                 and isinstance(down.quant_method, Fp8LinearMethod) and down.quant_method.takes_fp8_activations(down)):
             return None
         return fp8_gate_up_silu(x, layer.weight, layer.weight_scale, down.weight)
