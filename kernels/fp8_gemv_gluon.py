@@ -38,6 +38,9 @@ memory for wgmma). Here:
   whole row (its absmax needs all of it), into a scratch row in global memory that the unchanged K loop reads as
   it reads rows quantized upstream. The one-program SiLU-and-mul + quantization kernel between them is gone; the
   bits are the three-kernel path's.
+- **An RMSNorm prologue** (``RowNorm``): the rows quantized once are first ``x + residual`` (program 0 stores that
+  sum for the next layer) RMS-normed with the norm's weight, with ``kernels/rmsnorm.py``'s roundings: the qkv
+  GEMV takes the decoder layer's input norm, so the one-program RMSNorm kernel before it is gone too.
 
 Gluon has no interpreter: on the CPU the Triton kernels run; the GPU tests compare this kernel with
 ``fp8_linear_ref``.

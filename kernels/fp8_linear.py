@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8_gemv_gluon import (
+    HAS_GLUON,
     GemvConfig,
     RowNorm,
     gemv_supported,
@@ -420,20 +421,24 @@ def fp8_fma_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
 
 # The Gluon decode GEMM (kernels/fp8_gemv_gluon.py, W8A8, M <= 8) on GPUs where it runs: configs per (N, K), else
 # FP8_GEMV_DEFAULT; None (or GEMV_ENABLED off) sends the shape to the Triton kernels' tables above. Rows that come
-# unquantized (no ``Fp8Activations``, e.g. o_proj's) take it only where the config says ``quantize_x``.
+# unquantized (no ``Fp8Activations``, e.g. o_proj's) take it only where the config says ``quantize_x`` or
+# ``quantize_once``; an entry with ``quantize_once`` also takes rows still to be normed (``NormedRows``), and a
+# down entry with it turns on gate_up's SiLU-and-mul epilogue (``fp8_gate_up_silu``).
 # H200, 2026-12-03 (fifteenth session), M = 1, PDL on, us (RESULTS.md); "table": the Triton kernels' entry above.
 # ``benchmarks/bench_fp8_gemv.py --models ...`` times every config against the table and prints this block.
 FP8_GEMV_CONFIGS: dict[tuple[int, int], GemvConfig | None] = {
     # Llama-3.1-8B
-    (6144, 4096): GemvConfig(4, 4, preload=1, staged=1, quantize_once=True),  # qkv: 9.9 (8 x 2 10.9; PDL off 9.5), table 10.0. Sixteenth session 4 x 1
+    (6144, 4096): GemvConfig(4, 4),  # qkv: 9.9 (8 x 2 10.9; PDL off 9.5), table 10.0. Sixteenth session 4 x 1
     # 9.8 against 10.8 in isolation, but W3-fp8 333.1 against 333.9 (4 runs each): kept
     (4096, 4096): GemvConfig(8, 4),  # o_proj: 6.8, table 8.7 (quantizing x in the kernel: 9.4)
     (28672, 4096): GemvConfig(4, 2),  # gate_up: 4 x 1 31.3, table 32.2. Nineteenth session, with the RMSNorm
     # releasing it before its wait (so it launches during attention): 4 x 2 -0.7% a W3-fp8 step against 4 x 1
     (4096, 14336): GemvConfig(8, 2, staged=1, quantize_once=True),  # down: 8 x 1 18.7, table 25.9. Seventeenth
-    # session, two steps of weight loaded before the PDL wait (GemvConfig.preload): W3-fp8 at 8 x 2 361.8 / 363.4, 8 x 1 360.9, 4 x 4
-    # 356.3. Twenty-third session, a third step staged in shared memory there (staged=1): a W3-fp8 step 2.43 -> 2.38
-    # ms; two or three staged steps 2.57-2.59, the same for gate_up, qkv or 8 x 1 / 4 x 2: slower
+    # session, two steps of weight loaded before the PDL wait (GemvConfig.preload): W3-fp8 at 8 x 2 361.8 / 363.4,
+    # 8 x 1 360.9, 4 x 4 356.3. Twenty-third session, a third step staged in shared memory there (staged=1): a
+    # W3-fp8 step 2.43 -> 2.38 ms; two or three staged steps 2.57-2.59, the same for gate_up, qkv or 8 x 1 / 4 x 2:
+    # slower. Twenty-fourth, its rows quantized once (so gate_up does SiLU-and-mul, no kernel between them): W3-fp8
+    # 411.0-416.9 tok/s (warm runs) against 397.6-412.6 without
     # Llama-3.2-1B
     (3072, 2048): None,  # qkv: table 4.2, 4 x 4 4.3
     (2048, 2048): None,  # o_proj: table 3.4, quantizing x in the kernel 3.3
@@ -518,6 +523,13 @@ def fp8_qkv_rope_cache(x: Fp8Activations | NormedRows, weight: torch.Tensor, wei
         return None
     return gluon_fp8_gemv_rope_cache(x.xq, x.scale, weight, weight_scale, positions, cos_sin_cache, k_cache, v_cache,
                                      slot_mapping, q_rows, kv_rows, head_dim, x.x.dtype, config)  # fmt: skip
+
+
+def norm_prologue_configured(weight: torch.Tensor) -> bool:
+    """Whether decode GEMMs of this weight may take ``NormedRows`` at all (their table entry quantizes once): cheap,
+    so a decoder layer builds them (and the residual's new buffer) only then."""
+    config = _gemv_table_entry(weight)
+    return NORM_PROLOGUE_ENABLED and HAS_GLUON and weight.is_cuda and config is not None and config.quantize_once
 
 
 def _norms_rows(x: NormedRows, config: GemvConfig) -> bool:

@@ -62,6 +62,10 @@ class Linear(nn.Module):
             return None
         return self.quant_method.apply_rope_cache(self, x, **rope)
 
+    def may_norm_rows(self) -> bool:
+        """Whether this layer's kernel may apply the RMSNorm before it itself (``NormedRows``; see the method's)."""
+        return self.quant_method is not None and self.quant_method.may_norm_rows(self)
+
     def silu_and_mul_forward(self, x: torch.Tensor | Fp8Activations, down: Linear) -> torch.Tensor | None:
         """``silu_and_mul(self(x))`` (a ``[gate | up]`` projection) in this layer's GEMM launch, or None where its
         method has no such kernel for ``x`` and the ``down`` layer after it (then call the layer and the

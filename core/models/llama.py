@@ -136,11 +136,11 @@ class DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # W8A8 fp8 projections read the norms' outputs already quantized (one launch fewer each); the qkv decode
-        # GEMV applies the input norm itself (one more)
+        # W8A8 fp8 projections read the norms' outputs already quantized (one launch fewer each); where their table
+        # entries say so (fp8_linear.norm_prologue_configured), decode GEMVs apply the norms themselves
         quantize_qkv = _reads_fp8(self.self_attn, "qkv_proj")
         attended = None
-        if quantize_qkv:
+        if quantize_qkv and self.self_attn.qkv_proj.may_norm_rows():
             rows = self.input_layernorm.pending(hidden, residual)
             attended = self.self_attn.forward_normed(positions, rows, kv_cache, meta)
             if attended is not None:
@@ -154,7 +154,7 @@ class DecoderLayer(nn.Module):
             attended = self.self_attn(positions, hidden, kv_cache, meta)
         hidden = attended
         quantize_gate_up = _reads_fp8(self.mlp, "gate_up_proj")  # MoE blocks: no such layer
-        if quantize_gate_up:  # where its config says so, the gate_up decode GEMV applies this norm itself
+        if quantize_gate_up and self.mlp.gate_up_proj.may_norm_rows():  # the gate_up decode GEMV norms the rows
             rows = self.post_attention_layernorm.pending(hidden, residual)
             out = self.mlp.forward_normed(rows)
             if out is not None:

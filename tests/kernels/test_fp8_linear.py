@@ -366,3 +366,20 @@ def test_gemv_norm_prologue_rule(rows, served):
     from kernels.fp8_linear import _norms_rows
 
     assert _norms_rows(rows, GemvConfig(4, 4, quantize_once=True)) is served
+
+
+@pytest.mark.parametrize("key, enabled, configured", [
+    ((64, 128), True, True), ((32, 128), True, False), ((16, 128), True, False), ((64, 128), False, False),
+], ids=["quantizes-once", "upstream-rows-only", "no-entry", "switched-off"])  # fmt: skip
+def test_norm_prologue_is_configured_by_the_gemv_table(monkeypatch, key, enabled, configured):
+    """A decoder layer leaves its RMSNorm to a decode GEMV only where that weight's table entry quantizes its rows
+    once (and the switch is on): elsewhere it norms as before, building nothing for the GEMV."""
+    from kernels.fp8_gemv_gluon import GemvConfig
+    from tests.kernels.kernel_testing import FakeCudaTensor
+
+    monkeypatch.setattr(fp8_module, "HAS_GLUON", True)
+    monkeypatch.setattr(fp8_module, "FP8_GEMV_CONFIGS", {(64, 128): GemvConfig(4, 2, quantize_once=True),
+                                                         (32, 128): GemvConfig(4, 2)})
+    monkeypatch.setattr(fp8_module, "FP8_GEMV_DEFAULT", None)
+    monkeypatch.setattr(fp8_module, "NORM_PROLOGUE_ENABLED", enabled)
+    assert fp8_module.norm_prologue_configured(FakeCudaTensor(key)) is configured

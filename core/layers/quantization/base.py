@@ -100,6 +100,12 @@ class LinearMethod(ABC):
         arguments): q ready for attention, or None where the kernel does not serve the call."""
         return None
 
+    def may_norm_rows(self, layer: nn.Module) -> bool:
+        """Whether this layer's decode kernel may apply the RMSNorm before it itself (``NormedRows``, to
+        :meth:`apply_rope_cache` or :meth:`apply_silu_and_mul`). Cheap: a caller builds those rows only when this
+        says yes, and still norms them itself where the kernel then declines the call."""
+        return False
+
     def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | Fp8Activations,
                            down: nn.Module) -> torch.Tensor | None:  # fmt: skip
         """A ``[gate | up]`` layer's ``silu_and_mul`` output from its GEMM's own launch, for the ``down`` layer

@@ -30,6 +30,7 @@ from kernels.fp8_linear import (
     fp8_linear_ref,
     fp8_qkv_rope_cache,
     fp8_supported,
+    norm_prologue_configured,
     quantize_per_channel,
 )
 
@@ -188,6 +189,9 @@ class Fp8LinearMethod(LinearMethod):
         if not self.takes_fp8_activations(layer) or layer.bias is not None:
             return None
         return fp8_qkv_rope_cache(x, layer.weight, layer.weight_scale, **rope)
+
+    def may_norm_rows(self, layer: nn.Module) -> bool:
+        return self.takes_fp8_activations(layer) and norm_prologue_configured(layer.weight)
 
     def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | Fp8Activations,
                            down: nn.Module) -> torch.Tensor | None:  # fmt: skip
