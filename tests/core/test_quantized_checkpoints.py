@@ -447,28 +447,38 @@ def test_fp8_gluon_gemv_takes_the_norms_quantization_or_makes_the_same_bits_on_g
     assert calls
 
 
+def _fused_against_unfused(tmp_path, monkeypatch, config, kernel: str, switch: str, enforce_eager: bool,
+                           hidden: int = HIDDEN, counted=lambda kwargs: True) -> float:  # fmt: skip
+    """Greedy results with every fp8 shape on the Gluon GEMV at ``config``, through the fused launch ``kernel`` of
+    ``kernels/fp8_linear.py`` (called, as ``counted`` judges its keywords) and with its ``switch`` off: the same
+    tokens; returns the logprobs' largest difference."""
+    import kernels.fp8_linear as fp8
+
+    monkeypatch.setattr(fp8, "FP8_GEMV_CONFIGS", {})
+    monkeypatch.setattr(fp8, "FP8_GEMV_DEFAULT", config)
+    calls = []
+    real = getattr(fp8, kernel)
+    monkeypatch.setattr(fp8, kernel, lambda *a, **kw: calls.append(counted(kw)) or real(*a, **kw))
+    checkpoint, state = base_checkpoint(hidden)
+    path = save(tmp_path / "plain", checkpoint, state)
+    _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
+    assert any(calls)
+    monkeypatch.setattr(fp8, switch, False)
+    _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
+    assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
+    return logprob_error(fused, unfused)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda-graphs"])
 def test_fp8_qkv_gemv_with_the_attention_prep_in_its_epilogue_on_gpu(tmp_path, monkeypatch, enforce_eager):
     """The qkv GEMV that also rotates q and k and writes the cache (``fp8_qkv_rope_cache``) in place of the GEMV
     and the prep kernel: the same greedy tokens, logprobs within rounding (the rotation's multiply-adds may
     contract differently)."""
-    import kernels.fp8_linear as fp8
     from kernels.fp8_gemv_gluon import GemvConfig
 
-    monkeypatch.setattr(fp8, "FP8_GEMV_CONFIGS", {})
-    monkeypatch.setattr(fp8, "FP8_GEMV_DEFAULT", GemvConfig(4, 2))
-    calls = []
-    real = fp8.gluon_fp8_gemv_rope_cache
-    monkeypatch.setattr(fp8, "gluon_fp8_gemv_rope_cache", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    config, state = base_checkpoint()
-    path = save(tmp_path / "plain", config, state)
-    _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
-    assert calls
-    monkeypatch.setattr(fp8, "ROPE_CACHE_ENABLED", False)
-    _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
-    assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
-    assert logprob_error(fused, unfused) < 2e-2
+    assert _fused_against_unfused(tmp_path, monkeypatch, GemvConfig(4, 2), "gluon_fp8_gemv_rope_cache",
+                                  "ROPE_CACHE_ENABLED", enforce_eager) < 2e-2
 
 
 @pytest.mark.gpu
@@ -476,47 +486,23 @@ def test_fp8_qkv_gemv_with_the_attention_prep_in_its_epilogue_on_gpu(tmp_path, m
 def test_fp8_gate_up_gemv_with_silu_and_mul_in_its_epilogue_on_gpu(tmp_path, monkeypatch, enforce_eager):
     """gate_up's GEMV doing ``silu_and_mul`` and down's quantizing those rows once (``fp8_gate_up_silu``) in place of
     the GEMV, the SiLU-and-mul + quantization kernel and the GEMV: the same greedy tokens and logprobs."""
-    import kernels.fp8_linear as fp8
     from kernels.fp8_gemv_gluon import GemvConfig
 
-    monkeypatch.setattr(fp8, "FP8_GEMV_CONFIGS", {})
-    monkeypatch.setattr(fp8, "FP8_GEMV_DEFAULT", GemvConfig(4, 2, quantize_once=True))
-    calls = []
-    real = fp8.gluon_fp8_gemv_silu_mul
-    monkeypatch.setattr(fp8, "gluon_fp8_gemv_silu_mul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    config, state = base_checkpoint()
-    path = save(tmp_path / "plain", config, state)
-    _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
-    assert calls
-    monkeypatch.setattr(fp8, "SILU_EPILOGUE_ENABLED", False)
-    _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
-    assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
-    assert logprob_error(fused, unfused) == 0.0
+    assert _fused_against_unfused(tmp_path, monkeypatch, GemvConfig(4, 2, quantize_once=True),
+                                  "gluon_fp8_gemv_silu_mul", "SILU_EPILOGUE_ENABLED", enforce_eager) == 0.0
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda-graphs"])
-def test_fp8_qkv_gemv_norming_its_rows_on_gpu(tmp_path, monkeypatch, enforce_eager):
-    """The qkv GEMV applying the input RMSNorm itself (``NormedRows``; 512 wide rows: two loop steps of 1 x 2
-    chunks) in place of the RMSNorm kernel: the same greedy tokens, logprobs within rounding (the sum of squares is
-    added in another order)."""
-    import kernels.fp8_linear as fp8
+def test_fp8_gemvs_norming_their_rows_on_gpu(tmp_path, monkeypatch, enforce_eager):
+    """The qkv and gate_up GEMVs applying the RMSNorms before them (``NormedRows``; 512 wide rows: two loop steps
+    of 1 x 2 chunks) in place of the RMSNorm kernels: the same greedy tokens, logprobs within rounding (the sum of
+    squares is added in another order)."""
     from kernels.fp8_gemv_gluon import GemvConfig
 
-    monkeypatch.setattr(fp8, "FP8_GEMV_CONFIGS", {})
-    monkeypatch.setattr(fp8, "FP8_GEMV_DEFAULT", GemvConfig(1, 2, quantize_once=True))
-    calls = []
-    real = fp8.gluon_fp8_gemv_rope_cache
-    monkeypatch.setattr(fp8, "gluon_fp8_gemv_rope_cache",
-                        lambda *a, **kw: calls.append(kw.get("norm") is not None) or real(*a, **kw))
-    config, state = base_checkpoint(hidden=512)
-    path = save(tmp_path / "plain", config, state)
-    _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
-    assert any(calls)
-    monkeypatch.setattr(fp8, "NORM_PROLOGUE_ENABLED", False)
-    _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
-    assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
-    assert logprob_error(fused, unfused) < 2e-2
+    assert _fused_against_unfused(tmp_path, monkeypatch, GemvConfig(1, 2, quantize_once=True),
+                                  "gluon_fp8_gemv_rope_cache", "NORM_PROLOGUE_ENABLED", enforce_eager, hidden=512,
+                                  counted=lambda kwargs: kwargs.get("norm") is not None) < 2e-2
 
 
 def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculation(tmp_path):
