@@ -505,6 +505,23 @@ def test_fp8_gemvs_norming_their_rows_on_gpu(tmp_path, monkeypatch, enforce_eage
                                   counted=lambda kwargs: kwargs.get("norm") is not None) < 2e-2
 
 
+def test_declined_normed_rows_leave_the_decoder_layer_as_it_was(tmp_path, monkeypatch):
+    """Where a layer may take ``NormedRows`` but its kernel declines them (here: no such kernel on the CPU), the
+    decoder layer norms the rows itself: the same greedy tokens and logprobs as a layer that never offers them."""
+    from core.layers.linear import Linear
+
+    config, state = base_checkpoint()
+    path = save(tmp_path / "plain", config, state)
+    _, plain = greedy(path)
+    offered = []
+    monkeypatch.setattr(Linear, "takes_fp8_activations", lambda self: True)
+    monkeypatch.setattr(Linear, "may_norm_rows", lambda self: offered.append(1) or True)
+    _, declined = greedy(path)
+    assert offered
+    assert [r["tokens"] for r in declined] == [r["tokens"] for r in plain]
+    assert logprob_error(declined, plain) < 1e-5
+
+
 def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculation(tmp_path):
     """The same greedy tokens from a GPTQ act-order model under chunked prefill, preemption (few blocks), prefix
     caching and n-gram speculative decoding as from a plain run."""
