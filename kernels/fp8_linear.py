@@ -46,16 +46,14 @@ import triton.language as tl
 from kernels.fp8_gemv_gluon import (
     HAS_GLUON,
     GemvConfig,
-    RowNorm,
     gemv_supported,
     gluon_fp8_gemv,
     gluon_fp8_gemv_rope_cache,
     gluon_fp8_gemv_silu_mul,
-    rope_cache_supported,
-    silu_mul_supported,
 )
 from kernels.fp8_quant import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, e4m3_row_scale, row_scales, to_e4m3
 from kernels.fp8_stream_k import fp8_stream_k_gemm
+from kernels.gemv_rows_gluon import RowNorm, rope_cache_supported, silu_mul_supported
 from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.skinny_gemm import (
     SkinnyConfig,

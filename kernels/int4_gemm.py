@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
-from kernels.fp8_gemv_gluon import rope_cache_supported
+from kernels.gemv_rows_gluon import rope_cache_supported
 from kernels.int4_gemv_gluon import (Int4GemvConfig, gemv_device, gluon_int4_gemv, gluon_int4_gemv_rope_cache,
                                      int4_gemv_supported)
 from kernels.pdl import launch_options, use_pdl, wait_then_release

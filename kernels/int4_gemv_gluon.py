@@ -47,7 +47,8 @@ from typing import NamedTuple
 import torch
 import triton
 
-from kernels.fp8_gemv_gluon import HAS_GLUON, MAX_M, ROWS, rope_epilogue_args  # the same mma.sync shape
+from kernels.fp8_gemv_gluon import HAS_GLUON, MAX_M, ROWS  # the same mma.sync shape
+from kernels.gemv_rows_gluon import rope_epilogue_args
 from kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, use_pdl
 
 if HAS_GLUON:
@@ -55,7 +56,7 @@ if HAS_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from kernels.fp8_gemv_gluon import _program_rows, _rope_cache_epilogue, _rope_inputs
+    from kernels.gemv_rows_gluon import _program_rows, _rope_cache_epilogue, _rope_inputs
 
 CHUNK_K = 128  # k per chunk: 64 bytes of a weight row, 16 per thread of a quad
 HALVES_PER_CHUNK = CHUNK_K // 4  # the chunk as int16 (four nibbles each)
@@ -194,7 +195,7 @@ if HAS_GLUON:
         ``PRELOAD`` steps of weight (and their scales) are loaded before the PDL wait: no kernel writes them.
         The shape is compiled in (a model has a few): the K loop is unrolled, and every scale's address is a
         constant offset from the program's base (no group arithmetic in the loop). ``ROPE_CACHE``: a qkv GEMM whose
-        epilogue is the attention prep (``fp8_gemv_gluon._rope_cache_epilogue``: rows paired by rotary dims, q
+        epilogue is the attention prep (``gemv_rows_gluon._rope_cache_epilogue``: rows paired by rotary dims, q
         rotated into ``out_ptr`` ``[M, Q_ROWS]``, k and v into the paged cache); the arguments from ``positions_ptr``
         to ``KV_ROWS`` serve only it."""
         pid = gl.program_id(0)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from kernels.backend import check_backend
-from kernels.fp8_gemv_gluon import RowNorm
 from kernels.fp8_linear import Fp8Activations, NormedRows
+from kernels.gemv_rows_gluon import RowNorm
 from kernels.rmsnorm import rms_norm, rms_norm_fp8
 
 

@@ -14,16 +14,14 @@ from kernels.activation import silu_and_mul_triton
 from kernels.attention_prep import attention_prep_triton
 from kernels.fp8_gemv_gluon import (
     GemvConfig,
-    RowNorm,
     gemv_supported,
     gluon_fp8_gemv,
     gluon_fp8_gemv_rope_cache,
     gluon_fp8_gemv_silu_mul,
     prologue_steps,
-    rope_cache_supported,
-    silu_mul_supported,
 )
 from kernels.fp8_linear import fp8_linear_ref, quantize_activations, quantize_per_channel
+from kernels.gemv_rows_gluon import RowNorm, rope_cache_supported, silu_mul_supported
 from tests.kernels.kernel_testing import (FakeCudaTensor, assert_rope_cache_matches, outputs_with_configs,
                                           outputs_with_each_preload, rope_cache_problem)
 

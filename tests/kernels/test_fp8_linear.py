@@ -345,7 +345,7 @@ def test_decode_dispatch_takes_the_gluon_gemv_where_its_table_says(monkeypatch):
 
 
 def _normed_rows(m: int, k: int, residual: bool = True, contiguous: bool = True):
-    from kernels.fp8_gemv_gluon import RowNorm
+    from kernels.gemv_rows_gluon import RowNorm
     from kernels.fp8_linear import NormedRows
 
     x = torch.zeros(m, k)
