@@ -1,0 +1,63 @@
+"""A throughput run (``benchmarks.throughput``) with the fp8 decode GEMV's table and fusions changed first: what a
+candidate entry of ``kernels/fp8_linear.py: FP8_GEMV_CONFIGS`` does to a whole decode step, before it is written in.
+
+    python -m benchmarks.fp8_gemv_variants "qkv=GemvConfig(4, 4, preload=1, staged=1, quantize_once=True)" \\
+        --workload W3 --model .models/llama-3.1-8b --load-format dummy --quantization fp8 --runs 5
+
+The first argument is ``;``-separated changes (``table`` for none): ``NAME=GemvConfig(...)`` or ``NAME=None`` sets
+the entry of a Llama-3.1-8B projection (``qkv``, ``o``, ``gate_up``, ``down``) or of an ``N,K`` shape
+(``6144,4096=...``); ``no-silu`` / ``no-norm`` / ``no-rope`` turn the GEMV's SiLU-and-mul epilogue, RMSNorm
+prologue or rotary epilogue off; ``slots=N`` sets how many scratch rows the quantize-once programs share. The rest
+of the arguments are ``benchmarks.throughput``'s. Compare variants run on one machine, in turn.
+"""
+
+from __future__ import annotations
+
+import sys
+
+LLAMA_8B_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+SWITCHES = {"no-silu": "SILU_EPILOGUE_ENABLED", "no-norm": "NORM_PROLOGUE_ENABLED", "no-rope": "ROPE_CACHE_ENABLED"}
+
+
+def apply_variant(variant: str) -> list[str]:
+    """Apply ``variant``'s changes to the kernel modules; returns them as applied, one line each."""
+    import kernels.fp8_gemv_gluon as gemv
+    import kernels.fp8_linear as fp8
+    from kernels.fp8_gemv_gluon import GemvConfig
+
+    applied = []
+    for item in (part.strip() for part in variant.split(";")):
+        if item in ("", "table"):
+            continue
+        if item in SWITCHES:
+            setattr(fp8, SWITCHES[item], False)
+        elif item.startswith("slots="):
+            gemv.QUANT_ONCE_SLOTS = int(item.removeprefix("slots="))
+        elif "=" in item:
+            name, value = (side.strip() for side in item.split("=", 1))
+            key = LLAMA_8B_SHAPES.get(name) or tuple(int(d) for d in name.split(","))
+            if len(key) != 2:
+                raise ValueError(f"{name!r} is neither a Llama-8B projection ({sorted(LLAMA_8B_SHAPES)}) nor N,K")
+            config = None if value == "None" else eval(value, {"GemvConfig": GemvConfig})
+            if config is not None and not isinstance(config, GemvConfig):
+                raise ValueError(f"{value!r} is not a GemvConfig(...) or None")
+            fp8.FP8_GEMV_CONFIGS[key] = config
+        else:
+            raise ValueError(f"unknown change {item!r}: NAME=GemvConfig(...), {', '.join(SWITCHES)} or slots=N")
+        applied.append(item)
+    return applied
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        sys.exit(__doc__)
+    applied = apply_variant(argv[0])
+    print(f"variant: {'; '.join(applied) or 'table'}", file=sys.stderr)
+    from benchmarks.throughput import main as throughput
+
+    return throughput(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
