@@ -80,8 +80,8 @@ class Fp8Activations(NamedTuple):
 
 class NormedRows(NamedTuple):
     """Rows an RMSNorm is still to be applied to (``norm``: its weight, eps and the residual add), for a GEMM that
-    norms and quantizes them in its own launch (the Gluon GEMV's RMSNorm prologue: ``fp8_qkv_rope_cache``). Where
-    it serves them, ``norm.residual_out`` holds ``x + residual`` after the launch."""
+    norms and quantizes them in its own launch (the Gluon GEMV's RMSNorm prologue: ``fp8_qkv_rope_cache``,
+    ``fp8_gate_up_silu``). Where it serves them, ``norm.residual_out`` holds ``x + residual`` after the launch."""
 
     x: torch.Tensor
     norm: RowNorm
@@ -482,8 +482,8 @@ def fp8_gate_up_silu(x: Fp8Activations | NormedRows, weight: torch.Tensor, weigh
     if down is None or not down.quantize_once or down_weight.shape[1] != weight.shape[0] // 2:
         return None
     if isinstance(x, NormedRows):
-        config = pick_gemv_config(x.x, weight, prequantized=False)
-        if not (NORM_PROLOGUE_ENABLED and config is not None and config.quantize_once and _norms_rows(x, config)):
+        config = _norm_prologue_config(x, weight)
+        if config is None:
             return None
         return gluon_fp8_gemv_silu_mul(x.x, None, weight, weight_scale, x.x.dtype, config, norm=x.norm)
     config = pick_gemv_config(x.xq, weight, prequantized=True)
@@ -511,8 +511,8 @@ def fp8_qkv_rope_cache(x: Fp8Activations | NormedRows, weight: torch.Tensor, wei
     if not rope_cache_supported(head_dim, cos_sin_cache.shape[-1], q_rows, kv_rows, x.x.dtype, k_cache.dtype):
         return None
     if isinstance(x, NormedRows):
-        config = pick_gemv_config(x.x, weight, prequantized=False)
-        if not (NORM_PROLOGUE_ENABLED and config is not None and config.quantize_once and _norms_rows(x, config)):
+        config = _norm_prologue_config(x, weight)
+        if config is None:
             return None
         return gluon_fp8_gemv_rope_cache(x.x, None, weight, weight_scale, positions, cos_sin_cache, k_cache, v_cache,
                                          slot_mapping, q_rows, kv_rows, head_dim, x.x.dtype, config, norm=x.norm)
@@ -528,6 +528,14 @@ def norm_prologue_configured(weight: torch.Tensor) -> bool:
     so a decoder layer builds them (and the residual's new buffer) only then."""
     config = _gemv_table_entry(weight)
     return NORM_PROLOGUE_ENABLED and HAS_GLUON and weight.is_cuda and config is not None and config.quantize_once
+
+
+def _norm_prologue_config(x: NormedRows, weight: torch.Tensor) -> GemvConfig | None:
+    """The GEMV config that norms and quantizes ``x`` itself for ``weight``, or None where none does."""
+    config = pick_gemv_config(x.x, weight, prequantized=False)
+    if NORM_PROLOGUE_ENABLED and config is not None and config.quantize_once and _norms_rows(x, config):
+        return config
+    return None
 
 
 def _norms_rows(x: NormedRows, config: GemvConfig) -> bool:

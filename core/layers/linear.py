@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.backend import check_backend
-from kernels.fp8_linear import Fp8Activations
+from kernels.fp8_linear import Fp8Activations, NormedRows
 from kernels.skinny_gemm import linear
 
 if TYPE_CHECKING:
@@ -66,7 +66,8 @@ class Linear(nn.Module):
         """Whether this layer's kernel may apply the RMSNorm before it itself (``NormedRows``; see the method's)."""
         return self.quant_method is not None and self.quant_method.may_norm_rows(self)
 
-    def silu_and_mul_forward(self, x: torch.Tensor | Fp8Activations, down: Linear) -> torch.Tensor | None:
+    def silu_and_mul_forward(self, x: torch.Tensor | Fp8Activations | NormedRows,
+                             down: Linear) -> torch.Tensor | None:  # fmt: skip
         """``silu_and_mul(self(x))`` (a ``[gate | up]`` projection) in this layer's GEMM launch, or None where its
         method has no such kernel for ``x`` and the ``down`` layer after it (then call the layer and the
         activation)."""

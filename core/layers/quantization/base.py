@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from kernels.fp8_linear import Fp8Activations
+    from kernels.fp8_linear import Fp8Activations, NormedRows
 
 DummyFill = Callable[[torch.Tensor, torch.Generator], None]
 
@@ -90,12 +90,13 @@ class LinearMethod(ABC):
         """:meth:`apply` on activations that come with their per-token e4m3 quantization; by default ``x.x``."""
         return self.apply(layer, x.x, bias)
 
-    def may_rope_cache(self, layer: nn.Module, x: torch.Tensor | Fp8Activations) -> bool:
+    def may_rope_cache(self, layer: nn.Module, x: torch.Tensor | Fp8Activations | NormedRows) -> bool:
         """Whether :meth:`apply_rope_cache` might serve ``x`` (a qkv layer whose kernel can also do the attention
         prep). Cheap: a caller builds that kernel's inputs only when this says yes."""
         return False
 
-    def apply_rope_cache(self, layer: nn.Module, x: torch.Tensor | Fp8Activations, **rope) -> torch.Tensor | None:
+    def apply_rope_cache(self, layer: nn.Module, x: torch.Tensor | Fp8Activations | NormedRows,
+                         **rope) -> torch.Tensor | None:  # fmt: skip
         """The qkv product with the attention prep in its epilogue (``PagedAttention.fused_qkv_prep``'s ``rope``
         arguments): q ready for attention, or None where the kernel does not serve the call."""
         return None
@@ -106,7 +107,7 @@ class LinearMethod(ABC):
         says yes, and still norms them itself where the kernel then declines the call."""
         return False
 
-    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | Fp8Activations,
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | Fp8Activations | NormedRows,
                            down: nn.Module) -> torch.Tensor | None:  # fmt: skip
         """A ``[gate | up]`` layer's ``silu_and_mul`` output from its GEMM's own launch, for the ``down`` layer
         that reads it, or None where this method has no such kernel for the pair (then project and activate)."""

@@ -193,7 +193,7 @@ class Fp8LinearMethod(LinearMethod):
     def may_norm_rows(self, layer: nn.Module) -> bool:
         return self.takes_fp8_activations(layer) and norm_prologue_configured(layer.weight)
 
-    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | Fp8Activations,
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | Fp8Activations | NormedRows,
                            down: nn.Module) -> torch.Tensor | None:  # fmt: skip
         """A gate_up layer's ``silu_and_mul`` output in its GEMM's launch (``fp8_gate_up_silu``), or None where that
         kernel does not serve ``x`` or the ``down`` layer that reads the result."""
