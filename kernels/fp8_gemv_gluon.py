@@ -25,10 +25,11 @@ memory for wgmma). Here:
 - Measured on the H200 (Llama-8B, M = 1; RESULTS.md, fifteenth session): qkv 9.8 us, o 6.8, gate_up 31.3, down
   18.5, 93% of a read-only kernel's time per GEMM; ``kernels/fp8_linear.py`` picks it per shape.
 - **Weight on its way before the PDL wait**: ``GemvConfig.preload`` steps into registers, ``GemvConfig.staged``
-  more into shared memory (cp.async, read once after the wait). Llama-8B's down projection stages one: its wait
-  is the one-program SiLU-and-mul kernel's ~6 us, which two register steps did not fill (W3-fp8 step -2.3%). More
-  staged steps, or staging anywhere else, measured slower (RESULTS.md, twenty-third session); so did streaming the
-  whole loop through a shared-memory ring (two CTA barriers a step).
+  more into shared memory (cp.async, read once after the wait). Llama-8B's down projection stages one: measured
+  when its wait was the one-program SiLU-and-mul kernel's ~6 us, which two register steps did not fill (W3-fp8
+  step -2.3%; that kernel is now gate_up's epilogue, below). More staged steps, or staging anywhere else, measured
+  slower (RESULTS.md, twenty-third session); so did streaming the whole loop through a shared-memory ring (two CTA
+  barriers a step).
 - **A qkv epilogue** (:func:`gluon_fp8_gemv_rope_cache`): the rows of a program are picked so that each thread's
   rows ``g`` and ``g + 8`` are a rotary pair, and the epilogue does ``attention_prep``'s work: q rotated, k rotated
   and v into the paged cache. One launch fewer per layer (W3-fp8 +0.5%, RESULTS.md, sixteenth session).
@@ -396,7 +397,8 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
         norm_args = (residual, norm.residual_out if norm.residual_out is not None else x, norm.weight, norm.eps)
     programs = triton.cdiv(weight.shape[0], ROWS)
     slots = min(programs, QUANT_ONCE_SLOTS)
-    scratch = torch.empty((slots, m, k) if quant_once else (1,), dtype=torch.uint8, device=x.device)
+    # the rows quantized once; else a placeholder QUANT_ONCE = 0 never reads (no allocation on the plain path)
+    scratch = torch.empty((slots, m, k), dtype=torch.uint8, device=x.device) if quant_once else out
     preload, prefetch = prologue_steps(config, k, single_step, pdl)
     epilogue, head_dim, block_size = rope_epilogue_args(rope, out)
     _gemv_kernel[(programs,)](
