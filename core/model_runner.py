@@ -169,10 +169,6 @@ class ModelRunner:
             if config.speculative_config is not None and config.speculative_config.method == "draft_model":
                 raise ValueError("speculative_config method draft_model is not supported with tensor or "
                                  "pipeline parallelism yet (ngram is).")
-            if self.model_config.quantization is not None:
-                raise ValueError(f"quantization {self.model_config.quantization.summary()} is not supported with "
-                                 "tensor or pipeline parallelism yet: run it with tensor_parallel_size=1 and "
-                                 "pipeline_parallel_size=1, or an unquantized checkpoint.")
             check_layout(self.model_config, tp_group.world_size, tp_group.pp_size)
             self.shard_config = stage_config(shard_config(self.model_config, tp_group.world_size),
                                              tp_group.pp_size, tp_group.pp_rank)
@@ -255,10 +251,10 @@ class ModelRunner:
         else:
             weights = iter_weights(source or self.source, load_format,
                                    keep_quantized=getattr(model_config.quantization, "kept", None))
-            if split:
+            if split:  # cut by the checkpoint's names (a quantized file's per-tensor types), then renumbered
+                weights = shard_weights(weights, self.model_config, group.rank, group.world_size)
                 weights = stage_weights(weights, *stage_layers(self.model_config.num_layers, group.pp_size,
                                                                group.pp_rank))
-                weights = shard_weights(weights, self.model_config, group.rank, group.world_size)
             model.load_weights(weights)
         return model.eval()
 

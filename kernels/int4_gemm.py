@@ -222,14 +222,23 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return (q - zeros.float()[groups]) * scales.float()[groups]
 
 
+def gather_columns(x2: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """``x2``'s columns in the weight's row order (``perm``: act-order, rows sorted by group at load). A ``perm``
+    longer than x's width also names column ``K``, a zero column appended here: the padding rows of a weight
+    regrouped into equal groups (``core/layers/quantization/int4.py: regroup_rows``)."""
+    if perm is None:
+        return x2.contiguous()
+    if perm.numel() != x2.shape[1]:
+        x2 = torch.nn.functional.pad(x2, (0, 1))
+    return x2[:, perm.long()]
+
+
 def int4_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int, perm: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                     tiled: bool = False) -> torch.Tensor:  # fmt: skip
     """Reference: dequantize the whole weight, fp32 matmul, x's dtype out."""
     k = x.shape[-1]
-    x2 = x.reshape(-1, k).float()
-    if perm is not None:
-        x2 = x2[:, perm.long()]
+    x2 = gather_columns(x.reshape(-1, k).float(), perm)
     out = x2 @ dequantize_int4(qweight, scales, zeros, group_size, tiled)
     if bias is not None:
         out = out + bias.float()
@@ -643,7 +652,7 @@ def int4_qkv_rope_cache(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     config = pick_int4_gemv_config(x, qweight, group_size, integer_zeros=True)
     if config is None:
         return None
-    x2 = x[:, perm] if perm is not None else x  # act-order: the rows were sorted by group at load
+    x2 = gather_columns(x, perm) if perm is not None else x  # act-order: the rows were sorted by group at load
     return gluon_int4_gemv_rope_cache(x2, qweight, scales, zeros, group_size, positions, cos_sin_cache, k_cache,
                                       v_cache, slot_mapping, q_rows, kv_rows, head_dim, config)
 
@@ -683,10 +692,10 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     ``tiled``: see :func:`int4_decode_or_prefill_gemm`."""
     k = x.shape[-1]
     n = qweight.shape[0]
-    if not (use_triton(x, backend) and x.dtype in _TRITON_DTYPES and _block_k(k, group_size, 128) is not None):
+    weight_k = k if perm is None else perm.numel()
+    if not (use_triton(x, backend) and x.dtype in _TRITON_DTYPES and _block_k(weight_k, group_size, 128) is not None):
         return int4_linear_ref(x, qweight, scales, zeros, group_size, perm, bias, tiled)
-    x2 = x.reshape(-1, k)
-    x2 = x2[:, perm] if perm is not None else x2.contiguous()
+    x2 = gather_columns(x.reshape(-1, k), perm)
     out = (int4_decode_or_prefill_gemm(x2, qweight, scales, zeros, group_size, integer_zeros, tiled) if x2.shape[0]
            else x2.new_empty(0, n))
     if bias is not None:

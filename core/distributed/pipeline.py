@@ -37,6 +37,8 @@ def stage_config(cfg: ModelConfig, pp: int, stage: int) -> ModelConfig:
     per_layer = {}
     if getattr(cfg, "sparse_layers", ()):  # a mixture of experts: which of the stage's layers are sparse
         per_layer["sparse_layers"] = cfg.sparse_layers[start:end]
+    if cfg.quantization is not None:  # its per-layer choices are made by the checkpoint's layer names
+        per_layer["quantization"] = cfg.quantization.for_stage(start)
     return dataclasses.replace(cfg, num_layers=end - start, sliding_windows=windows, **per_layer)
 
 

@@ -21,9 +21,14 @@ from torch import nn
 from core.config import ModelConfig
 from core.distributed.parallel_state import TensorParallelGroup
 from core.layers.moe import SparseMoeBlock
+from core.layers.quantization.base import plain_shard
 from core.layers.parallel_linear import GatheredLogits, RowParallelLinear, VocabParallelEmbedding, vocab_shard_size
 from core.layers.parallel_moe import ParallelSparseMoeBlock
 from core.models.mixtral import MoeConfig
+
+# The layers that hold a slice of their input features (one all-reduce after each); the rest of a layer's projections
+# hold a slice of their output features.
+ROW_PARALLEL_MODULES = ("o_proj", "down_proj")
 
 # Architectures whose model class is core/models/llama.py's LlamaForCausalLM or its MoE subclass in
 # core/models/mixtral.py: the ones tensor parallelism supports.
@@ -64,9 +69,11 @@ def shard_config(cfg: ModelConfig, tp: int) -> ModelConfig:
     if isinstance(cfg, MoeConfig):
         moe = dict(moe_intermediate_size=cfg.moe_intermediate_size // tp,
                    shared_expert_intermediate_size=cfg.shared_expert_intermediate_size // tp)
+    quant = cfg.quantization and cfg.quantization.for_tensor_parallel(tp, ROW_PARALLEL_MODULES)
     return dataclasses.replace(
         cfg, num_heads=cfg.num_heads // tp, num_kv_heads=max(1, cfg.num_kv_heads // tp),
-        intermediate_size=cfg.intermediate_size // tp, vocab_size=vocab_shard_size(cfg.vocab_size, tp), **moe)
+        intermediate_size=cfg.intermediate_size // tp, vocab_size=vocab_shard_size(cfg.vocab_size, tp),
+        quantization=quant, **moe)
 
 
 def parallelize(model: nn.Module, full: ModelConfig, group: TensorParallelGroup) -> nn.Module:
@@ -86,7 +93,17 @@ def parallelize(model: nn.Module, full: ModelConfig, group: TensorParallelGroup)
 
 def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], full: ModelConfig, rank: int, tp: int
                   ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's (HF name, tensor) pairs cut to rank ``rank``'s slice; replicated tensors pass through."""
+    """The checkpoint's (HF name, tensor) pairs cut to rank ``rank``'s slice; replicated tensors pass through. A
+    quantized layer's tensors (packed codes, scales, group indices) are cut by its method (``shard_tensor``), in
+    units of the layer's features."""
+    quant = full.quantization
+
+    def cut(name: str, tensor: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+        parallel = "column" if dim == 0 else "row"
+        if quant is None:
+            return plain_shard(tensor, parallel, start, length)
+        return quant.shard_tensor(name, tensor, parallel, start, length)
+
     hd = full.head_dim
     q_rows = full.num_heads // tp * hd
     if full.num_kv_heads >= tp:
@@ -111,16 +128,9 @@ def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], full: ModelConfig
         elif module in _MLP_DIM or (module in _EXPERT_DIM and ".experts." in name):
             dim = _MLP_DIM.get(module, _EXPERT_DIM.get(module))
             inter = _mlp_width(name, full) // tp
-            if tensor.dim() == 1 and dim == 1:  # a row-parallel bias (RowParallelLinear refuses it at build time)
-                yield name, tensor
-                continue
-            yield name, tensor.narrow(dim, rank * inter, inter)
+            yield name, cut(name, tensor, dim, rank * inter, inter)
         elif module in rules:
-            dim, start, length = rules[module]
-            if tensor.dim() == 1 and dim == 1:  # a row-parallel bias (RowParallelLinear refuses it at build time)
-                yield name, tensor
-                continue
-            yield name, tensor.narrow(dim, start, length)
+            yield name, cut(name, tensor, *rules[module])
         elif module in ("embed_tokens", "lm_head"):
             yield name, _vocab_rows(tensor, rank * vocab_rows, vocab_rows)
         else:

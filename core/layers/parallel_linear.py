@@ -9,13 +9,14 @@ quantization method, the parallel ones keep).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from core.distributed.parallel_state import TensorParallelGroup
-from core.layers.linear import Embedding, Linear
+from core.layers.linear import Linear
 
 
 class RowParallelLinear(Linear):
@@ -43,16 +44,17 @@ def vocab_shard_size(vocab_size: int, world_size: int) -> int:
     return -(-vocab_size // world_size)
 
 
-class VocabParallelEmbedding(Embedding):
+class VocabParallelEmbedding(nn.Module):
     """The rank's rows ``[rank * n, (rank + 1) * n)`` of the embedding; ids outside them give zeros, and the sum over
-    ranks is each id's row."""
+    ranks is each id's row. Adopted by a table of any kind (``Embedding``, a GGUF table kept in its blocks): the
+    lookup is the table's own, on the rank's rows."""
 
     tp_group: TensorParallelGroup
     vocab_start: int
 
     @classmethod
-    def adopt(cls, layer: Embedding, group: TensorParallelGroup) -> "VocabParallelEmbedding":
-        layer.__class__ = cls
+    def adopt(cls, layer: nn.Module, group: TensorParallelGroup) -> "VocabParallelEmbedding":
+        layer.__class__ = _vocab_parallel_class(type(layer))
         layer.tp_group = group
         layer.vocab_start = group.rank * layer.weight.shape[0]
         return layer
@@ -60,8 +62,15 @@ class VocabParallelEmbedding(Embedding):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = super().forward(local.masked_fill(outside, 0))
         return self.tp_group.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0))
+
+
+@functools.cache
+def _vocab_parallel_class(table: type) -> type:
+    """``VocabParallelEmbedding`` over ``table``'s lookup (and its other methods: a GGUF table's
+    ``compute_logits``, when it is a tied LM head too)."""
+    return type(f"VocabParallel{table.__name__}", (VocabParallelEmbedding, table), {})
 
 
 class GatheredLogits:

@@ -21,6 +21,8 @@ of a merged projection into its slice:
 
 from __future__ import annotations
 
+import copy
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -115,9 +117,16 @@ class LinearMethod(ABC):
 
 
 class QuantConfig(ABC):
-    """A parsed quantization method. Subclasses are registered in ``core/layers/quantization/__init__.py``."""
+    """A parsed quantization method. Subclasses are registered in ``core/layers/quantization/__init__.py``.
+
+    Split models (core/distributed) see a copy made for their part: a pipeline stage numbers its layers from 0, so
+    ``layer_offset`` turns its module names back into the checkpoint's (:meth:`global_prefix`); a tensor-parallel
+    rank's row-parallel layers hold ``1 / tp_size`` of their input features (:meth:`input_shards`)."""
 
     name: str = ""
+    layer_offset: int = 0
+    tp_size: int = 1
+    row_parallel_modules: tuple[str, ...] = ()
 
     @classmethod
     @abstractmethod
@@ -138,3 +147,44 @@ class QuantConfig(ABC):
 
     def summary(self) -> str:
         return self.name
+
+    def for_stage(self, first_layer: int) -> QuantConfig:
+        """This config for a pipeline stage whose layer 0 is the checkpoint's ``first_layer``."""
+        part = copy.copy(self)
+        part.layer_offset = self.layer_offset + first_layer
+        return part
+
+    def for_tensor_parallel(self, tp: int, row_parallel_modules: Sequence[str]) -> QuantConfig:
+        """This config for one of ``tp`` ranks, whose modules named in ``row_parallel_modules`` (``o_proj``) hold a
+        slice of their input features."""
+        part = copy.copy(self)
+        part.tp_size, part.row_parallel_modules = tp, tuple(row_parallel_modules)
+        return part
+
+    def global_prefix(self, prefix: str) -> str:
+        """A module name of this (stage's) model as the checkpoint names it: ``layers.N`` renumbered."""
+        if not self.layer_offset:
+            return prefix
+        return _LAYER_INDEX.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + self.layer_offset}", prefix, count=1)
+
+    def input_shards(self, prefix: str) -> int:
+        """How many ranks share the input features of the linear layer ``prefix`` (1: it holds all of them)."""
+        return self.tp_size if prefix.rsplit(".", 1)[-1] in self.row_parallel_modules else 1
+
+    def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
+        """A tensor-parallel rank's part of the checkpoint tensor ``name`` of a linear layer: output features
+        ``start .. start + length`` (``parallel="column"``) or input features (``"row"``). This default serves
+        ``[out, in]`` weights and biases (unquantized, or quantized at load); methods with other layouts
+        override it and raise ValueError, naming the layer's sizes, where a slice would cut a packed unit."""
+        return plain_shard(tensor, parallel, start, length)
+
+
+_LAYER_INDEX = re.compile(r"(\blayers\.)(\d+)")
+
+
+def plain_shard(tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
+    """The rank's part of an ``[out, in]`` weight or an ``[out]`` bias (a row-parallel layer's bias, which
+    ``RowParallelLinear`` refuses, passes whole)."""
+    if parallel == "column":
+        return tensor.narrow(0, start, length)
+    return tensor if tensor.dim() == 1 else tensor.narrow(1, start, length)

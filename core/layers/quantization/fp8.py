@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, replace_parameter, shard_starts
+from core.layers.quantization.base import (LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter,
+                                           shard_starts)
 from kernels.fp8_linear import (
     FP8_DTYPE,
     Fp8Activations,
@@ -104,7 +105,16 @@ class Fp8Config(QuantConfig):
         return False
 
     def linear_method(self, prefix: str) -> LinearMethod | None:
-        return None if self.is_ignored(prefix) else Fp8LinearMethod(self)
+        return None if self.is_ignored(self.global_prefix(prefix)) else Fp8LinearMethod(self)
+
+    def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
+        """Per-channel weight scales follow the output features; per-tensor ones and input scales are every
+        rank's."""
+        if name.endswith((".weight_scale", ".input_scale")):
+            if tensor.numel() == 1 or parallel == "row" or name.endswith(".input_scale"):
+                return tensor
+            return tensor.narrow(0, start, length)
+        return plain_shard(tensor, parallel, start, length)
 
     def summary(self) -> str:
         kind = f"checkpoint, {self.weight_strategy} weight scales" if self.serialized else "online, per-channel"

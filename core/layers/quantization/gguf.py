@@ -34,7 +34,7 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, replace_parameter
+from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter
 from kernels.gguf_gemm import GGUF_KERNEL_TYPES, Q4_0, Q4_1, dequantize_gguf, gguf_linear, q4_blocks_as_int4
 from kernels.int4_gemm import int4_linear, pack_int4_kernel
 
@@ -122,8 +122,22 @@ class GGUFConfig(QuantConfig):
         return cls(path, kept)
 
     def linear_method(self, prefix: str) -> LinearMethod | None:
-        ggml_type = self.kept.get(f"{prefix}.weight")
+        ggml_type = self.kept.get(f"{self.global_prefix(prefix)}.weight")
         return None if ggml_type is None else GGUFLinearMethod(ggml_type)
+
+    def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
+        """A kept weight's ``[out, row_bytes]`` blocks: output rows, or whole blocks of input features."""
+        ggml_type = self.kept.get(name)
+        if ggml_type is None:  # dequantized at load: an ``[out, in]`` float tensor
+            return plain_shard(tensor, parallel, start, length)
+        if parallel == "column":
+            return tensor.narrow(0, start, length)
+        block, type_size = GGUF_KERNEL_TYPES[ggml_type]
+        if start % block or length % block:
+            raise ValueError(f"GGUF {_type_name(ggml_type)}: {name} cannot be split over the ranks: each rank's "
+                             f"{length} input features (from {start}) are not whole {block}-element blocks; use "
+                             "fewer ranks, or dequantize the file at load (leave out --quantization gguf).")
+        return tensor.narrow(1, start // block * type_size, length // block * type_size)
 
     def embedding(self, num_embeddings: int, embedding_dim: int, backend: str) -> nn.Module | None:
         """The token embedding kept in its blocks, or None (dequantized at load: a plain ``Embedding``)."""

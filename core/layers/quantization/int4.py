@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, replace_parameter
+from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter
 from kernels.backend import use_triton
 from kernels.int4_gemm import (AWQ_ORDER, KERNEL_K_BLOCK, int4_linear, int4_qkv_rope_cache, pack_int4_kernel,
                                tile_int4, tiled_layout_pays, unpack_int4_columns, unpack_int4_rows)
@@ -52,9 +52,45 @@ class _Int4Config(QuantConfig):
         self.skipped = tuple(skipped)
 
     def linear_method(self, prefix: str) -> LinearMethod | None:
-        if any(f".{name}." in f".{prefix}." for name in self.skipped):
+        name = self.global_prefix(prefix)
+        if any(f".{skip}." in f".{name}." for skip in self.skipped):
             return None
-        return Int4LinearMethod(self)
+        return Int4LinearMethod(self, input_shards=self.input_shards(prefix))
+
+    def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
+        """Packed codes, zero points, scales and group indices cut by output or input features, in whole packed
+        int32s and whole groups. GPTQ act-order's row-parallel layers keep every group's scales and zero points
+        (their input rows are spread over all groups; ``g_idx`` says which) and the checkpoint's group numbers."""
+        suffix = name.rsplit(".", 1)[-1]
+        layer = name.rsplit(".", 1)[0]
+        if suffix not in ("qweight", "qzeros", "scales", "g_idx"):
+            return plain_shard(tensor, parallel, start, length)
+
+        def units(size: int, what: str) -> tuple[int, int]:
+            if start % size or length % size:
+                raise ValueError(f"{self.name}: {layer} cannot be split over the ranks: each rank's {length} "
+                                 f"{'output' if parallel == 'column' else 'input'} features (from {start}) are not "
+                                 f"whole {what} of {size}; use fewer ranks or a checkpoint with smaller groups.")
+            return start // size, length // size
+
+        if parallel == "column":  # output features: the last dim of every tensor but g_idx
+            if suffix == "g_idx":
+                return tensor
+            packed = suffix == "qzeros" or (suffix == "qweight" and self.name == "awq")
+            first, count = units(PACK, "int32s of 8 codes") if packed else (start, length)
+            return tensor.narrow(1, first, count)
+        group = self.group_size
+        if suffix == "qweight":
+            first, count = (start, length) if self.name == "awq" else units(PACK, "int32s of 8 codes")
+            return tensor.narrow(0, first, count)
+        if group == -1:  # one group over every input feature: each rank's rows use it
+            return tensor.narrow(0, start, length) if suffix == "g_idx" else tensor
+        if self.desc_act:
+            return tensor.narrow(0, start, length) if suffix == "g_idx" else tensor
+        first, count = units(group, f"groups (group_size={group})")
+        if suffix == "g_idx":
+            return tensor.narrow(0, start, length) - first  # the rank's groups are numbered from 0
+        return tensor.narrow(0, first, count)
 
     def summary(self) -> str:
         extra = ", act-order" if self.desc_act else ""
@@ -94,6 +130,34 @@ class GPTQConfig(_Int4Config):
         return cls(group_size=group, zero_point=not qc.get("sym", True), desc_act=bool(qc.get("desc_act", False)))
 
 
+def regroup_rows(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                 order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """An int4 weight whose input rows fall into groups of unequal sizes (``g_idx``; ``order`` = its stable argsort),
+    e.g. a tensor-parallel rank's share of a GPTQ act-order layer, in the kernels' form of equal groups: each
+    group's rows in a run padded to a multiple of ``KERNEL_K_BLOCK`` (the new group size), each run's scales and
+    zero points repeated per block. Returns the codes ``[K', N]``, zeros and scales ``[K' / block, N]``, the input
+    row of each new row (padding rows: ``K``, a zero column ``int4_linear`` appends to x, so they add exactly 0)
+    and the block. The product is the same; the kernels read ``K'`` rows for ``K``."""
+    block = KERNEL_K_BLOCK
+    counts = torch.bincount(g_idx, minlength=scales.shape[0])
+    used = torch.nonzero(counts).flatten()
+    padded = (counts[used] + block - 1) // block * block
+    run_start = torch.cumsum(padded, 0) - padded  # where each used group's run begins in the new rows
+    first_of_group = torch.cumsum(counts, 0) - counts  # where each group's rows begin in ``order``
+    sorted_groups = g_idx[order]
+    slot = torch.zeros(len(counts), dtype=torch.long, device=g_idx.device)  # a used group's index in ``used``
+    slot[used] = torch.arange(len(used), device=g_idx.device)
+    rank_in_group = torch.arange(len(order), device=g_idx.device) - first_of_group[sorted_groups]
+    new_row = run_start[slot[sorted_groups]] + rank_in_group
+    total = int(padded.sum())
+    block_group = used.repeat_interleave(padded // block)  # the group of each new block of rows
+    new_q = torch.zeros(total, q.shape[1], dtype=q.dtype, device=q.device)
+    new_q[new_row] = q[order]
+    rows = torch.full((total,), len(order), dtype=torch.long, device=g_idx.device)
+    rows[new_row] = order
+    return new_q, zeros[block_group], scales[block_group], rows, block
+
+
 def _fill_random_int32(tensor: torch.Tensor, gen: torch.Generator) -> None:
     if tensor.device.type == "cpu":
         tensor.copy_(torch.randint(-(2**31), 2**31 - 1, tensor.shape, dtype=torch.int32, generator=gen))
@@ -111,24 +175,32 @@ def _fill_scales(tensor: torch.Tensor, gen: torch.Generator) -> None:
 class Int4LinearMethod(LinearMethod):
     """One method for both layouts; ``process_weights_after_loading`` repacks into the kernel's."""
 
-    def __init__(self, config: _Int4Config) -> None:
+    def __init__(self, config: _Int4Config, input_shards: int = 1) -> None:
+        """``input_shards``: ranks sharing the layer's input features (a row-parallel layer under tensor
+        parallelism); with act-order, the layer then holds every group's scales (``_Int4Config.shard_tensor``)."""
         self.config = config
         self.is_awq = config.name == "awq"
+        self.input_shards = input_shards
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
                        params_dtype: torch.dtype) -> None:  # fmt: skip
         out = sum(output_sizes)
         group = in_features if self.config.group_size == -1 else self.config.group_size
         name = self.config.name
-        if in_features % group or in_features % PACK:
-            raise ValueError(f"{name}: a layer's input size {in_features} must be a multiple of the group size "
-                             f"{group} and of {PACK}.")
+        # Act-order's row-parallel layers hold every group's scales: their rows need not fill whole groups
+        all_groups = self.config.desc_act and self.config.group_size != -1 and self.input_shards > 1
+        grouped = in_features * self.input_shards if all_groups else in_features
+        described = in_features if self.input_shards == 1 else (f"{in_features} (this rank's share of "
+                                                                f"{in_features * self.input_shards})")
+        if grouped % group or in_features % PACK:
+            raise ValueError(f"{name}: a layer's input size {described} must be a multiple of the group size {group} "
+                             f"and of {PACK}.")
         if in_features % KERNEL_K_BLOCK:
-            raise ValueError(f"{name}: a layer's input size {in_features} must be a multiple of {KERNEL_K_BLOCK} "
-                             "(the int4 kernels' layout interleaves codes in blocks of 32 input rows).")
+            raise ValueError(f"{name}: a layer's input size {described} must be a multiple of {KERNEL_K_BLOCK} (the int4 "
+                             "kernels' layout interleaves codes in blocks of 32 input rows).")
         if any(size % PACK for size in output_sizes):
             raise ValueError(f"{name}: output sizes {tuple(output_sizes)} must be multiples of {PACK} (int4 packing).")
-        groups = in_features // group
+        groups = grouped // group
         layer.group_size = group
         # q, k, v shards (the last two alike): a qkv projection, whose GEMV may do the attention prep
         layer.int4_qkv = len(output_sizes) == 3 and output_sizes[1] == output_sizes[2]
@@ -162,10 +234,15 @@ class Int4LinearMethod(LinearMethod):
             natural = torch.arange(in_features, device=g_idx.device) // group
             perm = None
             if not torch.equal(g_idx, natural):
+                if int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[0]:
+                    raise ValueError(f"GPTQ g_idx of a layer names groups outside its {scales.shape[0]} groups "
+                                     f"(from {int(g_idx.min())} to {int(g_idx.max())}).")
                 perm = torch.argsort(g_idx, stable=True)
-                if not torch.equal(g_idx[perm], natural):
-                    raise ValueError(f"GPTQ g_idx of a layer does not put exactly {group} input rows in each group.")
-                q = q[perm]
+                if torch.equal(g_idx[perm], natural):
+                    q = q[perm]
+                else:  # groups of other sizes: a rank's share of an act-order layer's input rows
+                    q, zeros, scales, perm, group = regroup_rows(q, zeros, scales, g_idx, perm)
+                    layer.group_size = group
                 perm = perm.to(torch.int32)
             delattr(layer, "g_idx")
         qweight, scales, zeros = pack_int4_kernel(q), scales.contiguous(), zeros.to(scales.dtype).contiguous()
