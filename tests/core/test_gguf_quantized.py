@@ -35,7 +35,7 @@ SHAPES = dict(attn_q=(HIDDEN, HIDDEN), attn_k=(128, HIDDEN), attn_v=(128, HIDDEN
 SCALE = {T.Q4_0: 0.02, T.Q4_1: 0.02, T.Q8_0: 0.003, T.Q4_K: 5e-4, T.Q5_K: 3e-4, T.Q6_K: 3e-4}
 
 
-def write_tiny_gguf(path: Path) -> Path:
+def write_tiny_gguf(path: Path, layer_types: list[dict] = LAYER_TYPES) -> Path:
     writer = GGUFWriter(str(path), "llama")
     writer.add_block_count(LAYERS)
     writer.add_context_length(512)
@@ -57,7 +57,7 @@ def write_tiny_gguf(path: Path) -> Path:
     add("token_embd.weight", T.Q8_0, VOCAB, HIDDEN)
     add("output.weight", T.Q6_K, VOCAB, HIDDEN)
     writer.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
-    for layer, types in enumerate(LAYER_TYPES):
+    for layer, types in enumerate(layer_types):
         for kind, ggml_type in types.items():
             add(f"blk.{layer}.{kind}.weight", ggml_type, *SHAPES[kind])
         for norm in ("attn_norm", "ffn_norm"):

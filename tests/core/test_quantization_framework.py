@@ -124,3 +124,54 @@ def test_layers_that_cannot_use_fp8_activations_read_the_unquantized_ones():
     fp8_layer.quant_method.process_weights_after_loading(fp8_layer)
     assert not fp8_layer.takes_fp8_activations()
     assert torch.equal(fp8_layer(activations), fp8_layer(x))
+
+
+def test_a_pipeline_stage_matches_layer_choices_by_the_checkpoints_layer_numbers():
+    """Stage 2 of 2 numbers its layers from 0; a checkpoint's per-layer choice (AWQ ``modules_to_not_convert``, an
+    fp8 ignore list) names the checkpoint's layer 1."""
+    from core.layers.quantization.fp8 import Fp8Config
+    from core.layers.quantization.int4 import AWQConfig
+
+    awq = AWQConfig.from_hf({"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                             "version": "gemm", "modules_to_not_convert": ["model.layers.1.mlp"]})
+    fp8 = Fp8Config.from_hf({"quant_method": "fp8", "ignored_layers": ["model.layers.1.mlp.down_proj"]})
+    for config in (awq, fp8):
+        stage = config.for_stage(1)
+        assert stage.global_prefix("model.layers.0.mlp.down_proj") == "model.layers.1.mlp.down_proj"
+        assert stage.linear_method("model.layers.0.mlp.down_proj") is None
+        assert config.linear_method("model.layers.0.mlp.down_proj") is not None
+        assert stage.linear_method("model.layers.0.self_attn.o_proj") is not None
+        assert config.layer_offset == 0  # the copy is the stage's
+
+
+def test_row_parallel_layers_know_their_share_of_the_input_features():
+    from core.layers.quantization.int4 import GPTQConfig
+
+    gptq = GPTQConfig.from_hf({"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True})
+    rank = gptq.for_tensor_parallel(2, ("o_proj", "down_proj"))
+    assert rank.input_shards("model.layers.3.self_attn.o_proj") == 2
+    assert rank.input_shards("model.layers.3.self_attn.q_proj") == 1
+    assert rank.linear_method("model.layers.0.mlp.down_proj").input_shards == 2
+    assert gptq.input_shards("model.layers.3.self_attn.o_proj") == 1
+
+
+def test_unequal_groups_are_regrouped_into_padded_blocks_with_the_same_product():
+    """A rank's share of an act-order layer: its rows fall unevenly into the groups (one group empty, zero points
+    up to GPTQ v1's 16). Regrouped into 32-row blocks (padding rows read an appended zero column of x), the int4
+    reference gives the product of the original weight."""
+    from core.layers.quantization.int4 import regroup_rows
+    from kernels.int4_gemm import int4_linear_ref, pack_int4_kernel
+
+    gen = torch.Generator().manual_seed(0)
+    k, n, groups = 96, 16, 5
+    g_idx = torch.tensor([0] * 40 + [1] * 7 + [3] * 33 + [4] * 16)[torch.randperm(k, generator=gen)]
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    zeros = torch.randint(1, 17, (groups, n), generator=gen)
+    scales = torch.rand(groups, n, generator=gen) + 0.5
+    weight = (q - zeros[g_idx]).float() * scales[g_idx]
+    x = torch.randn(3, k, generator=gen)
+    new_q, new_zeros, new_scales, rows, block = regroup_rows(q, zeros, scales, g_idx, torch.argsort(g_idx, stable=True))
+    assert block == 32 and new_q.shape[0] == 64 + 32 + 64 + 32 and new_zeros.shape == (6, n)
+    assert int((rows == k).sum()) == new_q.shape[0] - k  # the padding rows
+    got = int4_linear_ref(x, pack_int4_kernel(new_q), new_scales, new_zeros.float(), block, rows.to(torch.int32))
+    torch.testing.assert_close(got, x @ weight, rtol=1e-5, atol=1e-5)

@@ -97,8 +97,6 @@ def test_impossible_layouts_fail_at_startup(models_dir):
         make_engine(gpt2, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="pipeline_parallel_size=3 is more stages than the model's 2 layers"):
         make_engine(path, pipeline_parallel_size=3)
-    with pytest.raises(ValueError, match="quantization fp8 .* is not supported with tensor or pipeline parallelism"):
-        make_engine(path, tensor_parallel_size=2, quantization="fp8")
 
 
 @pytest.mark.parametrize("features", [

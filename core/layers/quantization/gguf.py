@@ -57,10 +57,14 @@ def _type_name(ggml_type: int) -> str:
     return GGMLQuantizationType(ggml_type).name
 
 
-def _row_bytes(ggml_type: int, in_features: int) -> int:
+def _row_bytes(ggml_type: int, in_features: int, input_shards: int = 1) -> int:
     block, type_size = GGUF_KERNEL_TYPES[ggml_type]
     if in_features % block:
-        raise ValueError(f"GGUF {_type_name(ggml_type)}: input size {in_features} is not a multiple of its "
+        split = ""
+        if input_shards > 1:
+            split = (f" (this rank's share of {in_features * input_shards}; use fewer ranks, or dequantize the file "
+                     "at load: leave out --quantization gguf)")
+        raise ValueError(f"GGUF {_type_name(ggml_type)}: input size {in_features}{split} is not a multiple of its "
                          f"{block}-element blocks.")
     return in_features // block * type_size
 
@@ -123,7 +127,7 @@ class GGUFConfig(QuantConfig):
 
     def linear_method(self, prefix: str) -> LinearMethod | None:
         ggml_type = self.kept.get(f"{self.global_prefix(prefix)}.weight")
-        return None if ggml_type is None else GGUFLinearMethod(ggml_type)
+        return None if ggml_type is None else GGUFLinearMethod(ggml_type, self.input_shards(prefix))
 
     def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
         """A kept weight's ``[out, row_bytes]`` blocks: output rows, or whole blocks of input features."""
@@ -159,12 +163,14 @@ class GGUFLinearMethod(LinearMethod):
 
     INT4_GROUP = 32  # one Q4_0 / Q4_1 block
 
-    def __init__(self, ggml_type: int) -> None:
+    def __init__(self, ggml_type: int, input_shards: int = 1) -> None:
         self.ggml_type = ggml_type
+        self.input_shards = input_shards  # tensor-parallel ranks sharing the layer's input features
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
                        params_dtype: torch.dtype) -> None:  # fmt: skip
-        new_parameter(layer, "weight", (sum(output_sizes), _row_bytes(self.ggml_type, in_features)), torch.uint8,
+        row_bytes = _row_bytes(self.ggml_type, in_features, self.input_shards)
+        new_parameter(layer, "weight", (sum(output_sizes), row_bytes), torch.uint8,
                       dummy_fill=_random_blocks(self.ggml_type))
         layer.ggml_type = self.ggml_type
         layer.in_features, layer.params_dtype = in_features, params_dtype

@@ -196,8 +196,8 @@ class Int4LinearMethod(LinearMethod):
             raise ValueError(f"{name}: a layer's input size {described} must be a multiple of the group size {group} "
                              f"and of {PACK}.")
         if in_features % KERNEL_K_BLOCK:
-            raise ValueError(f"{name}: a layer's input size {described} must be a multiple of {KERNEL_K_BLOCK} (the int4 "
-                             "kernels' layout interleaves codes in blocks of 32 input rows).")
+            raise ValueError(f"{name}: a layer's input size {described} must be a multiple of {KERNEL_K_BLOCK} "
+                             "(the int4 kernels' layout interleaves codes in blocks of 32 input rows).")
         if any(size % PACK for size in output_sizes):
             raise ValueError(f"{name}: output sizes {tuple(output_sizes)} must be multiples of {PACK} (int4 packing).")
         groups = grouped // group

@@ -1,0 +1,135 @@
+"""Quantized checkpoints split over devices on CPU (gloo, a worker process per extra rank): AWQ, GPTQ (act-order
+included) and GGUF kept in its blocks give one device's greedy tokens and logprobs with tp=2 and pp=2 (their weights
+are the same numbers, cut); fp8 stays within its error of the dequantized model (dynamic per-token activation scales
+are taken over each rank's slice of a row-parallel layer's input, as in vLLM), and rank 0 holds exactly its slice of
+one device's fp8 weights and scales. Layouts that cannot be cut fail at startup naming the layer and the unit."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from core.config import ModelConfig
+from tests.core import test_quantized_checkpoints as qc
+from tests.core.engine_utils import make_engine, run_engine
+from tests.core.test_gguf_quantized import LAYER_TYPES, T, write_tiny_gguf
+
+INT4_CASES = {
+    "awq-32": lambda tmp: qc.write_awq(tmp, 32),
+    "gptq-32-sym": lambda tmp: qc.write_gptq(tmp, 32, False, True),
+    # act-order: each rank's o_proj / down_proj input rows fall unevenly into the groups (regrouped, padded)
+    "gptq-64-act-zp": lambda tmp: qc.write_gptq(tmp, 64, True, False),
+    # group 128 over o_proj's 128 inputs: each rank holds half a group
+    "gptq-128-act-sym": lambda tmp: qc.write_gptq(tmp, 128, True, True),
+}
+
+
+def run(path, **kwargs):
+    """Greedy results of ``qc.PROMPTS`` (fp32, CPU) and rank 0's model; the engine is shut down."""
+    engine = make_engine(path, dtype="float32", device="cpu", **kwargs)
+    try:
+        results = run_engine(engine, qc.PROMPTS, qc.GREEDY)
+        return [results[(i, 0)] for i in range(len(qc.PROMPTS))], engine.runner.model
+    finally:
+        engine.shutdown()
+
+
+def assert_same_run(ours, reference, atol=1e-4):
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in reference]
+    assert qc.logprob_error(ours, reference) <= atol
+
+
+@pytest.mark.parametrize("case", sorted(INT4_CASES))
+def test_int4_checkpoint_over_two_ranks_equals_one_device(tmp_path, case):
+    quantized, _ = INT4_CASES[case](tmp_path)
+    reference, _ = run(quantized)
+    ours, model = run(quantized, tensor_parallel_size=2)
+    assert_same_run(ours, reference)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert o_proj.in_features == 64 and o_proj.qweight.dtype == torch.int32
+    if case == "gptq-64-act-zp":  # rows of two groups, each padded to whole 32-row blocks
+        assert o_proj.group_size == 32 and o_proj.perm.numel() > 64
+
+
+def test_act_order_checkpoint_over_two_stages_and_tp2_x_pp2_equals_one_device(tmp_path):
+    quantized, _ = INT4_CASES["gptq-64-act-zp"](tmp_path)
+    reference, _ = run(quantized)
+    assert_same_run(run(quantized, pipeline_parallel_size=2)[0], reference)
+    assert_same_run(run(quantized, tensor_parallel_size=2, pipeline_parallel_size=2)[0], reference)
+
+
+def _rank0_slice(name: str, full: torch.Tensor, cfg) -> torch.Tensor:
+    """Rank 0's part (of 2) of one device's loaded parameter ``name``: half of every merged shard's rows, half of
+    a row-parallel layer's input columns; per-channel scales follow the rows."""
+    hd = cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    if ".qkv_proj." in name:
+        return torch.cat([full[: q // 2], full[q : q + kv // 2], full[q + kv : q + kv + kv // 2]])
+    if ".gate_up_proj." in name:
+        inter = cfg.intermediate_size
+        return torch.cat([full[: inter // 2], full[inter : inter + inter // 2]])
+    if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+        return full[:, : full.shape[1] // 2]
+    return full  # a row-parallel layer's scales: every output channel
+
+
+@pytest.mark.parametrize("layout", ["fp8", "ct-channel", "online"])
+def test_fp8_over_two_ranks_holds_its_slice_and_stays_within_fp8_error(tmp_path, layout):
+    if layout == "online":
+        config, state = qc.base_checkpoint()
+        quantized = dequantized = qc.save(tmp_path / "plain", config, state)
+        kwargs = {"quantization": "fp8"}
+    else:
+        quantized, dequantized = qc.write_fp8(tmp_path, layout)
+        kwargs = {}
+    weights_only, _ = run(dequantized)
+    one, one_model = run(quantized, **kwargs)
+    ours, model = run(quantized, tensor_parallel_size=2, **kwargs)
+    assert qc.logprob_error(ours, weights_only, steps=1) <= qc.FP8_FIRST_STEP_ATOL
+    full = dict(one_model.named_parameters())
+    cfg = ModelConfig.from_hf_dict(json.loads((quantized / "config.json").read_text()))
+    checked = 0
+    for name, param in model.named_parameters():
+        if not name.endswith(("proj.weight", "proj.weight_scale")):
+            continue
+        row_parallel = ".o_proj." in name or ".down_proj." in name
+        if layout == "online" and row_parallel:
+            continue  # quantized at load from each rank's columns: per-channel scales of half rows
+        assert param.dtype == full[name].dtype
+        torch.testing.assert_close(param.float(), _rank0_slice(name, full[name], cfg).float(), rtol=0, atol=0)
+        checked += 1
+    assert checked == (2 * 4 * 2 if layout != "online" else 2 * 2 * 2)
+
+
+def _gguf_without_256_blocks_in_o_proj(tmp_path):
+    types = copy.deepcopy(LAYER_TYPES)
+    types[0]["attn_output"] = T.Q8_0  # 32-element blocks: each rank's 128 inputs are whole blocks (Q5_K's 256 not)
+    return write_tiny_gguf(tmp_path / "tiny-tp.gguf", types)
+
+
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_gguf_kept_in_blocks_over_two_devices_equals_one_device(tmp_path, layout):
+    """Kept weights cut by rows or by whole blocks of inputs, the Q8_0 embedding and Q6_K LM head by vocabulary rows
+    (vocabulary-parallel over their own lookup and GEMM), per-layer types matched by the file's layer numbers."""
+    path = _gguf_without_256_blocks_in_o_proj(tmp_path)
+    kwargs = {"quantization": "gguf", "skip_tokenizer_init": True}
+    reference, _ = run(path, **kwargs)
+    ours, model = run(path, **kwargs, **layout)
+    assert_same_run(ours, reference)
+    stage = model.model if "pipeline_parallel_size" in layout else model  # a PipelineStage wraps the model
+    assert stage.model.layers[0].mlp.down_proj.weight.dtype == torch.uint8
+    assert stage.model.embed_tokens.weight.dtype == torch.uint8
+
+
+def test_layouts_that_cannot_be_cut_fail_at_startup_naming_the_unit(tmp_path):
+    with pytest.raises(ValueError, match=r"GGUF Q5_K: input size 128 \(this rank's share of 256; .*\) is not a "
+                                         r"multiple of its 256-element blocks"):
+        make_engine(write_tiny_gguf(tmp_path / "q5k.gguf"), quantization="gguf", skip_tokenizer_init=True,
+                    dtype="float32", device="cpu", tensor_parallel_size=2)
+    awq, _ = qc.write_awq(tmp_path, 128)
+    with pytest.raises(ValueError, match=r"input size 64 \(this rank's share of 128\) must be a multiple of the "
+                                         r"group size 128"):
+        make_engine(awq, dtype="float32", device="cpu", tensor_parallel_size=2)
