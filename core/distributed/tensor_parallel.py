@@ -7,7 +7,9 @@ that communicate become parallel ones (o/down projections: row-parallel, one all
 vocabulary-parallel), and the checkpoint's tensors are cut to the rank's slice as they stream in (``shard_weights``).
 When there are fewer KV heads than ranks, each KV head is replicated on the ``tp / num_kv_heads`` ranks whose query
 heads use it. A sparse MoE block keeps every expert on every rank with its slice of the expert's intermediate
-dimension (core/layers/parallel_moe.py): one all-reduce after the block, the router replicated.
+dimension (core/layers/parallel_moe.py): one all-reduce after the block, the router replicated. A quantized
+layer's tensors (packed codes, scales, group indices, GGUF blocks) are cut by its quantization method
+(``QuantConfig.shard_tensor``), which knows their layouts.
 """
 
 from __future__ import annotations
