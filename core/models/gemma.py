@@ -22,11 +22,17 @@ from core.layers.activation import activation, gated
 from core.layers.attention import AttentionMetadata
 from core.layers.linear import Embedding, Linear
 from core.layers.norm import RMSNorm
+from core.layers.quantization import linear_method
 from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
 from core.models.llama import Attention
 from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
+
+
+# Weight quantization methods the family's projections run (core/layers/quantization); the embedding (tied LM head)
+# stays unquantized, so GGUF files are dequantized at load.
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -53,12 +59,16 @@ def read_config(d: dict[str, Any], architecture: str) -> GemmaConfig:
 
 
 class GemmaMLP(nn.Module):
-    def __init__(self, cfg: GemmaConfig, kernel_backend: str) -> None:
+    def __init__(self, cfg: GemmaConfig, kernel_backend: str, prefix: str = "") -> None:
+        """``prefix``: the HF module name (``model.layers.0.mlp``), for the quantization config's choices."""
         super().__init__()
         activation(cfg.hidden_activation)  # unknown names fail here, at build time
         self.act_name, self.kernel_backend = cfg.hidden_activation, kernel_backend
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, backend=kernel_backend)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, backend=kernel_backend)
+        inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, backend=kernel_backend, output_sizes=(inter, inter),
+                                   quant_method=linear_method(cfg.quantization, f"{prefix}.gate_proj"))
+        self.down_proj = Linear(inter, cfg.hidden_size, backend=kernel_backend,
+                                quant_method=linear_method(cfg.quantization, f"{prefix}.down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gated(self.gate_up_proj(x), self.act_name, self.kernel_backend))
@@ -71,8 +81,8 @@ class GemmaDecoderLayer(nn.Module):
         self.sandwich = cfg.sandwich_norms
         scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
         self.self_attn = Attention(cfg, rotary, attention_backend, kernel_backend, cfg.layer_window(layer), scale,
-                                   cfg.attn_softcap)
-        self.mlp = GemmaMLP(cfg, kernel_backend)
+                                   cfg.attn_softcap, prefix=f"model.layers.{layer}.self_attn")
+        self.mlp = GemmaMLP(cfg, kernel_backend, prefix=f"model.layers.{layer}.mlp")
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, backend=kernel_backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, backend=kernel_backend)

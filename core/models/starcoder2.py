@@ -14,10 +14,16 @@ from core.layers.activation import activation
 from core.layers.attention import AttentionMetadata, PagedAttention
 from core.layers.linear import Embedding, Linear
 from core.layers.norm import LayerNorm
+from core.layers.quantization import linear_method
 from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
 from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
+
+
+# Weight quantization methods the family's projections run (core/layers/quantization); GGUF files are dequantized
+# at load.
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq")
 
 
 def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:
@@ -35,13 +41,19 @@ class Starcoder2Layer(nn.Module):
         bias = cfg.qkv_bias
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias, backend=kernel_backend)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=bias, backend=kernel_backend)
+        prefix = f"model.layers.{layer}"  # the HF module names, for the quantization config's choices
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias, backend=kernel_backend,
+                               output_sizes=(self.q_size, self.kv_size, self.kv_size),
+                               quant_method=linear_method(cfg.quantization, f"{prefix}.self_attn.q_proj"))
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=bias, backend=kernel_backend,
+                             quant_method=linear_method(cfg.quantization, f"{prefix}.self_attn.o_proj"))
         self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary,
                                    attention_backend=attention_backend, kernel_backend=kernel_backend,
                                    sliding_window=cfg.layer_window(layer))  # fmt: skip
-        self.c_fc = Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias, backend=kernel_backend)
-        self.c_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias, backend=kernel_backend)
+        self.c_fc = Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias, backend=kernel_backend,
+                           quant_method=linear_method(cfg.quantization, f"{prefix}.mlp.c_fc"))
+        self.c_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias, backend=kernel_backend,
+                             quant_method=linear_method(cfg.quantization, f"{prefix}.mlp.c_proj"))
         self.act = activation(cfg.extra["hidden_act"])
         self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -70,8 +70,8 @@ def _destination(param: torch.Tensor, row: int | None, value: torch.Tensor) -> t
         if row is not None and row not in offsets:
             raise ValueError(f"No shard of a merged parameter starts at output channel {row} (shards: {offsets}).")
         index = 0 if row is None else offsets.index(row)
-        if row is None and len(offsets) > 1:
-            return param.data, value, len(offsets)
+        if row is None and len(offsets) > 1:  # a fused checkpoint tensor: one scale per shard, or one for all
+            return param.data, value.reshape(1).expand(len(offsets)) if value.numel() == 1 else value, len(offsets)
         return param.data[index : index + 1], value.reshape(1) if value.numel() == 1 else value, 1
     dim = getattr(param, "output_dim", 0)
     if dim is None or param.dim() == 0:

@@ -26,15 +26,23 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's order_map
 
 
-def base_checkpoint(hidden: int = HIDDEN) -> tuple[dict, dict[str, torch.Tensor]]:
+def base_checkpoint(hidden: int = HIDDEN, arch: str = "llama") -> tuple[dict, dict[str, torch.Tensor]]:
+    """A tiny random Llama (``hidden`` wide), or another family's tiny model (``tests/tiny_models.py``: 64 wide,
+    MLP 128, so groups of 32 and 64 divide every input size)."""
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=hidden, intermediate_size=INTER, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   bos_token_id=0, eos_token_id=1, initializer_range=0.1, tie_word_embeddings=False)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=hidden, intermediate_size=INTER,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
+                                       initializer_range=0.1, tie_word_embeddings=False)
+    else:
+        from tests.tiny_models import hf_config
+
+        cfg = hf_config(arch, vocab_size=384)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    config = {**cfg.to_dict(), "architectures": ["LlamaForCausalLM"], "torch_dtype": "float32"}
+    config = {**cfg.to_dict(), "architectures": [type(model).__name__], "torch_dtype": "float32"}
     return config, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -48,7 +56,13 @@ def save(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Pat
 
 
 def quantized_layers(state: dict[str, torch.Tensor]):
-    return [name for name in state if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS]
+    """The linear layers' weights: Llama's projections, Phi-3's fused ones, StarCoder2's MLP."""
+    kinds = (*PROJECTIONS, "qkv_proj", "gate_up_proj", "c_fc", "c_proj")
+    return [name for name in state if name.endswith(".weight") and name.split(".")[-2] in kinds]
+
+
+def _tag(arch: str, name: str) -> str:
+    return name if arch == "llama" else f"{arch}-{name}"
 
 
 def as_int32(bits: torch.Tensor) -> torch.Tensor:
@@ -105,8 +119,8 @@ def asym_int4(w_t: torch.Tensor, group_of_row: torch.Tensor, groups: int, sym: b
     return codes, zeros, scales, (codes - z).float() * s
 
 
-def write_awq(tmp: Path, group: int) -> tuple[Path, Path]:
-    config, state = base_checkpoint()
+def write_awq(tmp: Path, group: int, arch: str = "llama") -> tuple[Path, Path]:
+    config, state = base_checkpoint(arch=arch)
     quant, plain = dict(state), dict(state)
     for name in quantized_layers(state):
         w_t = state[name].t()
@@ -118,12 +132,13 @@ def write_awq(tmp: Path, group: int) -> tuple[Path, Path]:
                   f"{prefix}.scales": scales}
         plain[name] = deq.t()
     qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
-    return (save(tmp / f"awq-{group}", {**config, "quantization_config": qc}, quant),
-            save(tmp / f"awq-{group}-dequantized", config, plain))
+    tag = _tag(arch, f"awq-{group}")
+    return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
+            save(tmp / f"{tag}-dequantized", config, plain))
 
 
-def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool) -> tuple[Path, Path]:
-    config, state = base_checkpoint()
+def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "llama") -> tuple[Path, Path]:
+    config, state = base_checkpoint(arch=arch)
     quant, plain = dict(state), dict(state)
     gen = torch.Generator().manual_seed(group)
     g_idx_of_input: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) share their input, so their g_idx
@@ -144,7 +159,7 @@ def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool) -> tuple[Path, 
         plain[name] = deq.t()
     qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": desc_act, "sym": sym,
           "checkpoint_format": "gptq"}
-    tag = f"gptq-{group}-{'act' if desc_act else 'seq'}-{'sym' if sym else 'zp'}"
+    tag = _tag(arch, f"gptq-{group}-{'act' if desc_act else 'seq'}-{'sym' if sym else 'zp'}")
     return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
             save(tmp / f"{tag}-dequantized", config, plain))
 
@@ -152,10 +167,10 @@ def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool) -> tuple[Path, 
 FP8 = torch.float8_e4m3fn
 
 
-def write_fp8(tmp: Path, layout: str) -> tuple[Path, Path]:
+def write_fp8(tmp: Path, layout: str, arch: str = "llama") -> tuple[Path, Path]:
     """``layout``: ``fp8`` (AutoFP8: per-tensor scales, dynamic activations), ``fp8-static`` (with input_scale),
     ``ct-channel`` (compressed-tensors FP8_DYNAMIC: [out, 1] scales) or ``ct-tensor-static``."""
-    config, state = base_checkpoint()
+    config, state = base_checkpoint(arch=arch)
     quant, plain = dict(state), dict(state)
     for name in quantized_layers(state):
         w = state[name]
@@ -182,8 +197,9 @@ def write_fp8(tmp: Path, layout: str) -> tuple[Path, Path]:
                               "strategy": "channel" if layout == "ct-channel" else "tensor"},
                   "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": not static,
                                         "strategy": "tensor" if static else "token"}}}}
-    return (save(tmp / layout, {**config, "quantization_config": qc}, quant),
-            save(tmp / f"{layout}-dequantized", config, plain))
+    tag = _tag(arch, layout)
+    return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
+            save(tmp / f"{tag}-dequantized", config, plain))
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -293,6 +309,23 @@ def test_online_fp8_quantizes_an_unquantized_checkpoint(tmp_path):
     _, reference = greedy(path)
     assert logprob_error(ours, reference, steps=1) <= FP8_FIRST_STEP_ATOL
     assert all(layer.weight.dtype == FP8 for layer in linears(engine))
+    assert len(linears(engine)) == 2 * 4
+
+
+FAMILY_WRITERS = {"awq": lambda tmp, arch: write_awq(tmp, 32, arch),
+                  "gptq-act": lambda tmp, arch: write_gptq(tmp, 64, True, False, arch),
+                  "fp8": lambda tmp, arch: write_fp8(tmp, "fp8", arch)}
+
+
+@pytest.mark.parametrize("method", sorted(FAMILY_WRITERS))
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3", "phi3", "starcoder2"])
+def test_other_families_run_quantized_checkpoints(tmp_path, arch, method):
+    """Gemma 1/2/3 (Llama's attention, their own MLP), Phi-3 (whose checkpoint fuses qkv and gate_up: one
+    per-tensor fp8 scale covers every shard) and StarCoder2 (biases, a plain MLP): the same greedy tokens and
+    logprobs as the dequantized model (fp8: run with the same activation quantization, see the module docstring)."""
+    quantized, dequantized = FAMILY_WRITERS[method](tmp_path, arch)
+    reference = {"quantization": "fp8"} if method == "fp8" else None
+    engine, _ = compare(quantized, dequantized, logprob_atol=1e-4, reference_kwargs=reference, dtype="float32")
     assert len(linears(engine)) == 2 * 4
 
 
