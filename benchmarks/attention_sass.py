@@ -47,10 +47,11 @@ VARIANTS = [("bf16 cache", "bf16", "bf16", False, False),
 
 def compile_decode(cache_ty: str, dot_ty: str, v_pairs: bool, tile_n: int, num_warps: int, num_stages: int, *, group: int = 2,
                    head_dim: int = 128, block_size: int = 16, queries: int = 1, split_v: bool = False,
-                   max_registers: int | None = None):  # fmt: skip
+                   max_registers: int | None = None, **overrides):  # fmt: skip
     """The compiled decode kernel for one variant (queries are bf16 in the engine; ``dot_ty`` is the type q and the
     K/V tiles are converted to before the dots). ``queries``: query rows per sequence (1 + k for a speculative
-    verify step; the tile's rows are the queries x group (query, head) pairs)."""
+    verify step; the tile's rows are the queries x group (query, head) pairs). ``overrides``: other constexprs
+    (``NUM_SPLITS``, ``USE_PDL``, ...)."""
     kernel = decode_attention._decode_kernel
     fp8 = cache_ty == "fp8e4nv"
     pointers = {"out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "counter_ptr": "*i32",
@@ -64,6 +65,7 @@ def compile_decode(cache_ty: str, dot_ty: str, v_pairs: bool, tile_n: int, num_w
                       IEEE=False, SOFTCAP=False, ALIBI=False, WINDOW=False, KV_FP8=fp8,
                       FP8_F16_DOTS=fp8 and dot_ty == "fp16", V_PAIRS=v_pairs, PAIRS_ASM=v_pairs,
                       SPLIT_V=split_v)  # fmt: skip
+    constexprs.update(overrides)
     return _compile(kernel, pointers, floats, constexprs, num_warps, num_stages, max_registers=max_registers)
 
 

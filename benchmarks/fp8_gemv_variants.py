@@ -7,16 +7,22 @@ candidate entry of ``kernels/fp8_linear.py: FP8_GEMV_CONFIGS`` does to a whole d
 The first argument is ``;``-separated changes (``table`` for none): ``NAME=GemvConfig(...)`` or ``NAME=None`` sets
 the entry of a Llama-3.1-8B projection (``qkv``, ``o``, ``gate_up``, ``down``) or of an ``N,K`` shape
 (``6144,4096=...``); ``no-silu`` / ``no-norm`` / ``no-rope`` turn the GEMV's SiLU-and-mul epilogue, RMSNorm
-prologue or rotary epilogue off; ``slots=N`` sets how many scratch rows the quantize-once programs share. The rest
-of the arguments are ``benchmarks.throughput``'s. Compare variants run on one machine, in turn.
+prologue or rotary epilogue off; ``attn-early`` lets o_proj launch before decode attention waits on qkv; ``slots=N``
+sets how many scratch rows the quantize-once programs share. The rest of the arguments are
+``benchmarks.throughput``'s. Compare variants run on one machine, in turn.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 LLAMA_8B_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-SWITCHES = {"no-silu": "SILU_EPILOGUE_ENABLED", "no-norm": "NORM_PROLOGUE_ENABLED", "no-rope": "ROPE_CACHE_ENABLED"}
+# name -> (module, attribute, value it is set to)
+SWITCHES = {"no-silu": ("kernels.fp8_linear", "SILU_EPILOGUE_ENABLED", False),
+            "no-norm": ("kernels.fp8_linear", "NORM_PROLOGUE_ENABLED", False),
+            "no-rope": ("kernels.fp8_linear", "ROPE_CACHE_ENABLED", False),
+            "attn-early": ("kernels.decode_attention", "RELEASE_BEFORE_WAIT", True)}
 
 
 def apply_variant(variant: str) -> list[str]:
@@ -30,7 +36,8 @@ def apply_variant(variant: str) -> list[str]:
         if item in ("", "table"):
             continue
         if item in SWITCHES:
-            setattr(fp8, SWITCHES[item], False)
+            module, attribute, value = SWITCHES[item]
+            setattr(importlib.import_module(module), attribute, value)
         elif item.startswith("slots="):
             gemv.QUANT_ONCE_SLOTS = int(item.removeprefix("slots="))
         elif "=" in item:

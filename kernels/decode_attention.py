@@ -28,7 +28,7 @@ from kernels.attention_common import (
 )
 from kernels.backend import num_sms
 from kernels.fp8_decode_gluon import gluon_decode_supported, gluon_fp8_decode
-from kernels.pdl import launch_options, use_pdl, wait_then_release
+from kernels.pdl import launch_options, release_early, use_pdl, wait_then_release
 
 
 def paged_decode_attention_ref(
@@ -153,9 +153,11 @@ def _decode_kernel(
     QUERIES: tl.constexpr,  # query rows per sequence at most (1: decode; 1 + k: a speculative verify)
     USE_PDL: tl.constexpr = False,  # launched with programmatic dependent launch (kernels/pdl.py)
     PRE_WAIT_KV: tl.constexpr = False,  # one query row, a 16-bit cache: the split's first tile read before the wait
+    EARLY_RELEASE: tl.constexpr = False,  # the next PDL kernel may launch before this one waits (RELEASE_BEFORE_WAIT)
 ):
+    release_early(USE_PDL and EARLY_RELEASE)
     if not PRE_WAIT_KV:
-        wait_then_release(USE_PDL)
+        wait_then_release(USE_PDL, EARLY_RELEASE)
     if ORDER == 0:
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -213,7 +215,7 @@ def _decode_kernel(
         older = pre_n < tl.minimum(end, seq_len - 1)
         k_pre = load_kv_tile(k_ptrs, older[None, :], dim_ok[:, None], True, BLOCK_D != HEAD_DIM)
         v_pre = load_kv_tile(v_ptrs, older[:, None], dim_ok[None, :], True, BLOCK_D != HEAD_DIM)
-        wait_then_release(USE_PDL)
+        wait_then_release(USE_PDL, EARLY_RELEASE)
         newest = (pre_n == seq_len - 1) & (pre_n < end)
         k_pre = tl.where(newest[None, :], load_kv_tile(k_ptrs, newest[None, :], dim_ok[:, None], True,
                                                        BLOCK_D != HEAD_DIM), k_pre)  # fmt: skip
@@ -537,6 +539,12 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size
 # dependent memory trips long, and these are the ones that do not depend on that kernel.
 PRE_WAIT_KV = True
 
+# Let the kernel after decode attention (o_proj) launch before attention waits on the qkv projection, so its
+# programs load their weight while qkv still runs. Off: the nineteenth session measured +3% a W3-fp8 step with
+# o_proj's weight preloaded into registers (its programs took the SMs qkv's needed); a candidate again for an
+# o_proj that stages its weight in shared memory (``benchmarks/fp8_gemv_variants.py``: ``attn-early``).
+RELEASE_BEFORE_WAIT = False
+
 _ORDER_MODES = {"head": ORDER_HEAD_MAJOR, "seq": ORDER_SEQ_MAJOR, "lpt": ORDER_PERMUTED}
 # Split-K arrival counters for the fused merge, per device; all zero between launches (the last arriver resets its
 # own). Grown outside graph capture only; superseded buffers stay alive because captured graphs may point at them.
@@ -693,6 +701,7 @@ def paged_decode_attention(
         **({"maxnreg": config.max_registers} if config.max_registers and q.is_cuda else {}),
         **launch_options(use_pdl(q)),
         PRE_WAIT_KV=PRE_WAIT_KV and queries == 1 and num_splits > 1 and not kv_fp8,
+        EARLY_RELEASE=RELEASE_BEFORE_WAIT,
     )  # fmt: skip
     if num_splits > 1 and not fused:
         _decode_reduce_kernel[(batch, num_q_heads) if queries == 1 else (batch, num_q_heads, queries)](

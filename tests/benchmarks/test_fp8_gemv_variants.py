@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import kernels.decode_attention as attention
 import kernels.fp8_gemv_gluon as gemv
 import kernels.fp8_linear as fp8
 from benchmarks.fp8_gemv_variants import apply_variant
@@ -16,6 +17,7 @@ def tables(monkeypatch):
     for name in ("SILU_EPILOGUE_ENABLED", "NORM_PROLOGUE_ENABLED", "ROPE_CACHE_ENABLED"):
         monkeypatch.setattr(fp8, name, True)
     monkeypatch.setattr(gemv, "QUANT_ONCE_SLOTS", gemv.QUANT_ONCE_SLOTS)
+    monkeypatch.setattr(attention, "RELEASE_BEFORE_WAIT", False)
 
 
 def test_projection_names_and_shapes_set_table_entries(tables):
@@ -29,6 +31,9 @@ def test_switches_and_slots(tables):
     apply_variant("no-silu;no-norm;slots=8")
     assert not fp8.SILU_EPILOGUE_ENABLED and not fp8.NORM_PROLOGUE_ENABLED and fp8.ROPE_CACHE_ENABLED
     assert gemv.QUANT_ONCE_SLOTS == 8
+    assert not attention.RELEASE_BEFORE_WAIT
+    apply_variant("attn-early")
+    assert attention.RELEASE_BEFORE_WAIT
 
 
 def test_the_table_as_it_is(tables):

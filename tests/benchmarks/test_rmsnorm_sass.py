@@ -1,5 +1,6 @@
-"""The RMSNorm releases the GEMM it feeds before it waits on the kernel before it (kernels/pdl.py): compiled for
-sm_90 without a GPU (Triton's bundled ptxas), in a subprocess without TRITON_INTERPRET."""
+"""The RMSNorm releases the GEMM it feeds before it waits on the kernel before it, and decode attention can
+(kernels/pdl.py): compiled for sm_90 without a GPU (Triton's bundled ptxas), in a subprocess without
+TRITON_INTERPRET."""
 
 from __future__ import annotations
 
@@ -34,3 +35,27 @@ def test_rmsnorm_releases_its_gemm_before_it_waits():
     assert early["sass"] == ["PREEXIT", "ACQBULK"], early
     assert late["ptx"] == ["griddepcontrol.wait ;", "griddepcontrol.launch_dependents ;"], late
     assert late["sass"] == ["ACQBULK", "PREEXIT"], late
+
+
+ATTENTION = """
+import json
+from benchmarks.attention_sass import compile_decode, sass_and_resources
+from kernels import decode_attention
+out = {"default": decode_attention.RELEASE_BEFORE_WAIT}
+for early in (True, False):
+    kernel = compile_decode("bf16", "bf16", False, 64, 4, 2, group=4, NUM_SPLITS=8, SPLITS_PAD=8, FUSED_REDUCE=True,
+                            USE_PDL=True, PRE_WAIT_KV=True, EARLY_RELEASE=early)
+    ptx = [line.strip() for line in kernel.asm["ptx"].splitlines() if "griddepcontrol" in line]
+    out[str(early)] = ptx
+print(json.dumps(out))
+"""
+
+
+@needs_sass_tools
+def test_decode_attention_can_release_o_proj_before_it_waits():
+    """``decode_attention.RELEASE_BEFORE_WAIT`` (off by default) moves the split decode's release (reading its first
+    keys and values before the wait) ahead of its wait; off, the release follows the wait, once each."""
+    result = run_compile_script(ATTENTION)
+    assert result["default"] is False
+    assert result["True"] == ["griddepcontrol.launch_dependents ;", "griddepcontrol.wait ;"], result
+    assert result["False"] == ["griddepcontrol.wait ;", "griddepcontrol.launch_dependents ;"], result
