@@ -14,8 +14,10 @@ Steps of the Triton path (all on the device, no host sync, shapes fixed by the t
    (a reduction over the k rows of each token).
 
 Weights: ``w13 [E, 2*I, H]`` (gate rows then up rows, the layout of HF's per-expert ``nn.Linear``s stacked) and
-``w2 [E, H, I]``. Launch configurations by shape live in ``fused_moe_configs.json`` beside this file (filled by
-``benchmarks/tune_fused_moe.py`` on the GPU); shapes not in it take ``default_config``, which are untuned defaults.
+``w2 [E, H, I]``, in the activations' dtype or e4m3 with fp32 scales per expert and output channel (w8a16: the
+kernel widens each weight tile in registers and scales the product). Launch configurations by shape live in
+``fused_moe_configs.json`` beside this file (filled by ``benchmarks/tune_fused_moe.py`` on the GPU); shapes not in it
+take ``default_config``, which are untuned defaults.
 """
 
 from __future__ import annotations
@@ -52,19 +54,29 @@ def fused_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tu
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """Plain torch, one expert at a time (syncs with the host: ``nonzero``); the result in ``x``'s dtype."""
+                  topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Plain torch, one expert at a time (syncs with the host: ``nonzero``); the result in ``x``'s dtype. fp8 expert
+    weights (``w13_scale [E, 2I]``, ``w2_scale [E, H]``: per output channel) are widened to x's dtype and their
+    products scaled, as the kernel does (w8a16)."""
     inter = w2.shape[-1]
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     for expert in range(w13.shape[0]):
         tokens, slots = (topk_ids == expert).nonzero(as_tuple=True)
         if tokens.numel() == 0:
             continue
-        gate_up = x[tokens] @ w13[expert].t()
+        gate_up = _scaled(x[tokens] @ w13[expert].to(x.dtype).t(), w13_scale, expert)
         hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = (hidden @ w2[expert].t()).float() * topk_weights[tokens, slots, None].float()
-        out.index_add_(0, tokens, y)
+        y = _scaled(hidden @ w2[expert].to(x.dtype).t(), w2_scale, expert).float()
+        out.index_add_(0, tokens, y * topk_weights[tokens, slots, None].float())
     return out.to(x.dtype)
+
+
+def _scaled(product: torch.Tensor, scale: torch.Tensor | None, expert: int) -> torch.Tensor:
+    """An fp8 expert's product times its per-channel weight scales (in fp32, rounded to the product's dtype)."""
+    if scale is None:
+        return product
+    return (product.float() * scale[expert].float()).to(product.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- align
@@ -103,14 +115,16 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
 
 @triton.jit
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr,
+    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, b_scale_ptr,
     N, K, num_pairs, capacity,
-    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_se,
     PAIRS_PER_A_ROW: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    B_FP8: tl.constexpr = False,
 ):  # fmt: skip
     """``c[pair, :] = a[pair // PAIRS_PER_A_ROW, :] @ b[expert]^T`` (times the pair's routing weight) for every
-    ``BLOCK_M`` run of sorted pairs, which all share one expert; padding rows are masked out."""
+    ``BLOCK_M`` run of sorted pairs, which all share one expert; padding rows are masked out. ``B_FP8``: ``b`` is
+    e4m3, widened to a's dtype in registers (w8a16), and the product is scaled by ``b_scale [expert, n]``."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(capacity, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -135,9 +149,13 @@ def _moe_gemm_kernel(
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+        if B_FP8:
+            b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if B_FP8:
+        acc = acc * tl.load(b_scale_ptr + expert * stride_se + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if MUL_ROUTING_WEIGHT:
         acc = acc * tl.load(weights_ptr + pair, mask=valid, other=0.0)[:, None]
     c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -146,18 +164,21 @@ def _moe_gemm_kernel(
 
 def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights: torch.Tensor | None,
               sorted_pair_ids: torch.Tensor, block_experts: torch.Tensor, num_padded: torch.Tensor,
-              pairs_per_a_row: int, config: dict[str, int]) -> None:  # fmt: skip
+              pairs_per_a_row: int, config: dict[str, int], b_scale: torch.Tensor | None = None) -> None:  # fmt: skip
     num_pairs = out.shape[0]
     capacity = sorted_pair_ids.shape[0]
     n, k = b.shape[1], b.shape[2]
     grid = (triton.cdiv(capacity, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
     _moe_gemm_kernel[grid](
         a, b, out, topk_weights if topk_weights is not None else out, sorted_pair_ids, block_experts, num_padded,
+        b_scale if b_scale is not None else out,
         n, k, num_pairs, capacity,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
+        b_scale.stride(0) if b_scale is not None else 0,
         PAIRS_PER_A_ROW=pairs_per_a_row, MUL_ROUTING_WEIGHT=topk_weights is not None,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
+        B_FP8=b_scale is not None,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
 
@@ -173,8 +194,13 @@ def default_config(num_tokens: int, num_experts: int) -> dict[str, int]:
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
 
 
-def shape_key(num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> str:
-    return f"E={num_experts},H={hidden},I={inter},dtype={str(dtype).removeprefix('torch.')}"
+def shape_key(num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
+              weight_dtype: torch.dtype | None = None) -> str:  # fmt: skip
+    """The table key of a shape; fp8 expert weights (``weight_dtype``) are a shape of their own."""
+    key = f"E={num_experts},H={hidden},I={inter},dtype={str(dtype).removeprefix('torch.')}"
+    if weight_dtype is not None and weight_dtype != dtype:
+        key += f",w={str(weight_dtype).removeprefix('torch.')}"
+    return key
 
 
 @functools.lru_cache(maxsize=1)
@@ -185,9 +211,10 @@ def _tuned_table() -> dict[str, dict[str, dict[str, int]]]:
     return json.loads(CONFIG_FILE.read_text()).get("configs", {})
 
 
-def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> dict[str, int]:
+def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
+               weight_dtype: torch.dtype | None = None) -> dict[str, int]:  # fmt: skip
     """The tuned config of the nearest tuned token count for this shape, else ``default_config``."""
-    table = _tuned_table().get(shape_key(num_experts, hidden, inter, dtype))
+    table = _tuned_table().get(shape_key(num_experts, hidden, inter, dtype, weight_dtype))
     if not table:
         return default_config(num_tokens, num_experts)
     nearest = min(table, key=lambda m: abs(int(m) - num_tokens))
@@ -198,29 +225,33 @@ def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, dtype
 
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, config: dict[str, int] | None = None) -> torch.Tensor:  # fmt: skip
+                     topk_ids: torch.Tensor, config: dict[str, int] | None = None,
+                     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None
+                     ) -> torch.Tensor:  # fmt: skip
     """The Triton path: align, gate|up grouped GEMM, SiLU-and-mul, down grouped GEMM with the routing weights, top-k
-    sum. ``x [T, H]``; returns ``[T, H]`` in ``x``'s dtype."""
+    sum. ``x [T, H]``; returns ``[T, H]`` in ``x``'s dtype. fp8 experts: see :func:`fused_moe_ref`."""
     num_tokens, top_k = topk_ids.shape
     num_experts, two_inter, hidden = w13.shape
     if config is None:
-        config = get_config(num_tokens, num_experts, hidden, two_inter // 2, x.dtype)
+        config = get_config(num_tokens, num_experts, hidden, two_inter // 2, x.dtype, w13.dtype)
     num_pairs = num_tokens * top_k
     sorted_pair_ids, block_experts, num_padded = moe_align_block_size(topk_ids, num_experts, config["BLOCK_M"])
     gate_up = torch.empty(num_pairs, two_inter, dtype=x.dtype, device=x.device)
-    _moe_gemm(x, w13, gate_up, None, sorted_pair_ids, block_experts, num_padded, top_k, config)
+    _moe_gemm(x, w13, gate_up, None, sorted_pair_ids, block_experts, num_padded, top_k, config, w13_scale)
     hidden_states = silu_and_mul_triton(gate_up)
     down = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _moe_gemm(hidden_states, w2, down, topk_weights.reshape(-1).float().contiguous(), sorted_pair_ids,
-              block_experts, num_padded, 1, config)  # fmt: skip
+              block_experts, num_padded, 1, config, w2_scale)  # fmt: skip
     return down.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor, top_k: int,
-              renormalize: bool, *, backend: str = "auto") -> torch.Tensor:  # fmt: skip
+              renormalize: bool, *, backend: str = "auto", w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Route (softmax, top-k, optional renormalisation) and run the experts: Triton on CUDA, the reference loop
-    otherwise (or with ``backend="torch"``)."""
+    otherwise (or with ``backend="torch"``). ``w13_scale`` / ``w2_scale``: fp8 expert weights' per-channel scales
+    (:func:`fused_moe_ref`)."""
     topk_weights, topk_ids = fused_topk(router_logits, top_k, renormalize)
     if use_triton(x, backend):
-        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids)
-    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)
+    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)

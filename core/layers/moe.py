@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from core.layers.linear import Linear
+from core.layers.quantization import QuantConfig, linear_method
 from kernels.activation import silu_and_mul
 from kernels.backend import check_backend
 from kernels.fused_moe import fused_moe
@@ -22,11 +23,14 @@ from kernels.fused_moe import fused_moe
 class SharedExpert(nn.Module):
     """A dense gated MLP added to every token's expert mix, scaled by ``sigmoid(x @ gate)`` when ``gated``."""
 
-    def __init__(self, hidden: int, inter: int, gated: bool, kernel_backend: str) -> None:
+    def __init__(self, hidden: int, inter: int, gated: bool, kernel_backend: str,
+                 quant: QuantConfig | None = None, prefix: str = "") -> None:  # fmt: skip
         super().__init__()
         self.kernel_backend = kernel_backend
-        self.gate_up_proj = Linear(hidden, 2 * inter, backend=kernel_backend)
-        self.down_proj = Linear(inter, hidden, backend=kernel_backend)
+        self.gate_up_proj = Linear(hidden, 2 * inter, backend=kernel_backend, output_sizes=(inter, inter),
+                                   quant_method=linear_method(quant, f"{prefix}.gate_proj"))
+        self.down_proj = Linear(inter, hidden, backend=kernel_backend,
+                                quant_method=linear_method(quant, f"{prefix}.down_proj"))
         self.gate = Linear(hidden, 1, backend=kernel_backend) if gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +40,10 @@ class SharedExpert(nn.Module):
 
 class SparseMoeBlock(nn.Module):
     def __init__(self, hidden: int, inter: int, num_experts: int, top_k: int, renormalize: bool, *,
-                 kernel_backend: str, shared_expert_inter: int = 0, shared_expert_gated: bool = True) -> None:  # fmt: skip
+                 kernel_backend: str, shared_expert_inter: int = 0, shared_expert_gated: bool = True,
+                 quant: QuantConfig | None = None, prefix: str = "") -> None:  # fmt: skip
+        """``quant``: the model's quantization (its ``moe_method`` stores and runs the experts; the router stays
+        unquantized); ``prefix``: the HF module name (``model.layers.0.mlp``), for its per-layer choices."""
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok={top_k} must be between 1 and the number of experts ({num_experts}).")
@@ -44,16 +51,19 @@ class SparseMoeBlock(nn.Module):
         self.hidden, self.inter, self.num_experts, self.top_k = hidden, inter, num_experts, top_k
         self.renormalize = renormalize
         self.gate = Linear(hidden, num_experts, backend=kernel_backend)  # the router
-        self.w13 = nn.Parameter(torch.empty(num_experts * 2 * inter, hidden), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts * hidden, inter), requires_grad=False)
-        self.shared_expert = (SharedExpert(hidden, shared_expert_inter, shared_expert_gated, kernel_backend)
-                              if shared_expert_inter else None)  # fmt: skip
+        self.quant_method = quant.moe_method(prefix) if quant is not None else None
+        if self.quant_method is None or not self.quant_method.create_weights(self):
+            self.w13 = nn.Parameter(torch.empty(num_experts * 2 * inter, hidden), requires_grad=False)
+            self.w2 = nn.Parameter(torch.empty(num_experts * hidden, inter), requires_grad=False)
+        self.shared_expert = (SharedExpert(hidden, shared_expert_inter, shared_expert_gated, kernel_backend, quant,
+                                           f"{prefix}.shared_expert") if shared_expert_inter else None)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = self.quant_method.expert_scales(self) if self.quant_method is not None else (None, None)
         out = fused_moe(
             x, self.w13.view(self.num_experts, 2 * self.inter, self.hidden),
             self.w2.view(self.num_experts, self.hidden, self.inter), self.gate(x), self.top_k, self.renormalize,
-            backend=self.kernel_backend,
+            backend=self.kernel_backend, w13_scale=scales[0], w2_scale=scales[1],
         )  # fmt: skip
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)

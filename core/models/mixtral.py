@@ -26,6 +26,11 @@ from core.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, Ll
 from kernels.backend import resolve_backends
 
 
+# Weight quantization methods the family runs (core/layers/quantization): fp8 for the dense projections and the
+# experts (w8a16 in the fused MoE kernel); the router stays unquantized.
+SUPPORTED_QUANTIZATION = ("fp8",)
+
+
 @dataclass(frozen=True)
 class MoeConfig(ModelConfig):
     """``intermediate_size`` is the dense MLP's (Qwen's mlp-only layers); ``moe_intermediate_size`` each expert's."""
@@ -60,13 +65,16 @@ class MoeDecoderLayer(DecoderLayer):
     def __init__(self, cfg: MoeConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str,
                  layer: int) -> None:  # fmt: skip
         nn.Module.__init__(self)
-        self.self_attn = Attention(cfg, rotary, attention_backend, kernel_backend, cfg.layer_window(layer))
+        self.self_attn = Attention(cfg, rotary, attention_backend, kernel_backend, cfg.layer_window(layer),
+                                   prefix=f"model.layers.{layer}.self_attn")
+        prefix = f"model.layers.{layer}.mlp"
         if cfg.sparse_layers[layer]:
             self.mlp = SparseMoeBlock(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
                                       cfg.num_experts_per_tok, cfg.norm_topk_prob, kernel_backend=kernel_backend,
-                                      shared_expert_inter=cfg.shared_expert_intermediate_size)  # fmt: skip
+                                      shared_expert_inter=cfg.shared_expert_intermediate_size,
+                                      quant=cfg.quantization, prefix=prefix)  # fmt: skip
         else:
-            self.mlp = MLP(cfg, kernel_backend)
+            self.mlp = MLP(cfg, kernel_backend, prefix=prefix)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend=kernel_backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend=kernel_backend)
 
@@ -82,8 +90,9 @@ class MoeModel(LlamaModel):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend=kernel_backend)
 
 
-# HF expert tensor -> (which stacked parameter, which half of w13)
-_EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$")
+# HF expert tensor -> (which stacked parameter, which half of w13); an fp8 checkpoint's scales go beside it
+_EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\."
+                            r"(weight|weight_scale|input_scale)$")
 _EXPERT_SLOT = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj": ("w13", 1),
                 "w2": ("w2", 0), "down_proj": ("w2", 0)}  # fmt: skip
 
@@ -110,7 +119,8 @@ class MoeForCausalLM(LlamaForCausalLM):
             prefix = name[: expert.start()]
             inter = cfg.moe_intermediate_size
             row = index * 2 * inter + half * inter if param == "w13" else index * cfg.hidden_size
-            return [(f"{prefix}.mlp.{param}", row, tensor)]
+            suffix = "" if expert.group(3) == "weight" else f"_{expert.group(3)}"
+            return [(f"{prefix}.mlp.{param}{suffix}", row, tensor)]
         if name.endswith(".mlp.experts.gate_up_proj"):  # transformers 5's fused layout [E, 2I, H]
             return [(name.replace(".mlp.experts.gate_up_proj", ".mlp.w13"), 0, tensor.reshape(-1, tensor.shape[-1]))]
         if name.endswith(".mlp.experts.down_proj"):  # [E, H, I]

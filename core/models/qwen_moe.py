@@ -8,6 +8,7 @@ from typing import Any
 
 from core.config import common_fields
 from core.models.mixtral import MoeConfig, MoeForCausalLM, check_silu
+from core.models.mixtral import SUPPORTED_QUANTIZATION  # noqa: F401 (the family's quantization methods: Mixtral's)
 
 
 def num_experts(d: dict[str, Any]) -> int:

@@ -51,10 +51,15 @@ def test_online_quantization_needs_a_method_that_can_quantize_at_load():
 
 
 def test_families_without_quantized_kernels_fail_at_startup():
-    d = dict(llama_dict(), architectures=["MixtralForCausalLM"], num_local_experts=4, num_experts_per_tok=2)
-    cfg = ModelConfig.from_hf_dict(d)
-    with pytest.raises(ValueError, match="'fp8' is not supported for MixtralForCausalLM.*LlamaForCausalLM"):
-        resolve_quantization(cfg, d, "fp8")
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    d = dict(llama_dict(), architectures=["MixtralForCausalLM"], num_local_experts=4, num_experts_per_tok=2,
+             quantization_config=awq)  # no int4 expert kernel
+    with pytest.raises(ValueError, match="'awq' is not supported for MixtralForCausalLM.*LlamaForCausalLM"):
+        ModelConfig.from_hf_dict(d)
+    gpt2 = dict(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=128, architectures=["GPT2LMHeadModel"])
+    cfg = ModelConfig.from_hf_dict(gpt2)
+    with pytest.raises(ValueError, match="'fp8' is not supported for GPT2LMHeadModel"):
+        resolve_quantization(cfg, gpt2, "fp8")
 
 
 def test_quantization_is_an_engine_argument_not_a_not_supported_flag():

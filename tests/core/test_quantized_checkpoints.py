@@ -39,11 +39,30 @@ def base_checkpoint(hidden: int = HIDDEN, arch: str = "llama") -> tuple[dict, di
     else:
         from tests.tiny_models import hf_config
 
-        cfg = hf_config(arch, vocab_size=384)
+        cfg = hf_config(arch, vocab_size=384, initializer_range=0.1)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     config = {**cfg.to_dict(), "architectures": [type(model).__name__], "torch_dtype": "float32"}
-    return config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return config, per_expert({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def per_expert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5's fused expert tensors (``mlp.experts.gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) as
+    the per-expert ``mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`` tensors quantized checkpoints hold."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            prefix, inter = name.removesuffix("gate_up_proj"), tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = tensor[e, :inter].clone()
+                out[f"{prefix}{e}.up_proj.weight"] = tensor[e, inter:].clone()
+        elif name.endswith(".mlp.experts.down_proj"):
+            prefix = name.removesuffix("down_proj")
+            for e in range(tensor.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = tensor[e].clone()
+        else:
+            out[name] = tensor
+    return out
 
 
 def save(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:

@@ -133,3 +133,33 @@ def test_layouts_that_cannot_be_cut_fail_at_startup_naming_the_unit(tmp_path):
     with pytest.raises(ValueError, match=r"input size 64 \(this rank's share of 128\) must be a multiple of the "
                                          r"group size 128"):
         make_engine(awq, dtype="float32", device="cpu", tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("layout", ["ct-channel", "online"])
+def test_fp8_experts_over_two_ranks_hold_their_slice(tmp_path, layout):
+    """A MoE block's fp8 experts split by their intermediate dimension: rank 0 holds its rows of every expert's gate
+    and up (with their per-channel scales) and its columns of every down (all of whose scales); the model stays
+    within fp8's error of the unquantized one."""
+    if layout == "online":
+        config, state = qc.base_checkpoint(arch="qwen2_moe")
+        quantized = dequantized = qc.save(tmp_path / "plain-moe", config, state)
+        kwargs = {"quantization": "fp8"}
+    else:
+        quantized, dequantized = qc.write_fp8(tmp_path, layout, "qwen2_moe")
+        kwargs = {}
+    weights_only, _ = run(dequantized)
+    _, one_model = run(quantized, **kwargs)
+    ours, model = run(quantized, tensor_parallel_size=2, **kwargs)
+    assert qc.logprob_error(ours, weights_only, steps=1) <= qc.FP8_FIRST_STEP_ATOL
+    one, two = one_model.model.layers[1].mlp, model.model.layers[1].mlp
+    inter, half = one.inter, one.inter // 2
+    assert two.inter == half and two.w13.dtype == qc.FP8
+    # one device's rows of rank 0's w13: for each expert, the first half of its gate rows, then of its up rows
+    order = torch.cat([torch.cat([torch.arange(e * 2 * inter, e * 2 * inter + half),
+                                  torch.arange(e * 2 * inter + inter, e * 2 * inter + inter + half)])
+                       for e in range(one.num_experts)])
+    torch.testing.assert_close(two.w13.float(), one.w13.float()[order], rtol=0, atol=0)
+    torch.testing.assert_close(two.w13_scale, one.w13_scale[order], rtol=0, atol=0)
+    if layout != "online":  # online: quantized at load from each rank's columns
+        torch.testing.assert_close(two.w2.float(), one.w2.float()[:, :half], rtol=0, atol=0)
+        torch.testing.assert_close(two.w2_scale, one.w2_scale, rtol=0, atol=0)

@@ -148,6 +148,14 @@ class QuantConfig(ABC):
     def summary(self) -> str:
         return self.name
 
+    def moe_method(self, prefix: str) -> Any:
+        """How the sparse MoE block ``prefix`` (``model.layers.0.mlp``) stores and runs its experts (an object with
+        ``create_weights(block) -> bool`` (whether it registered ``w13`` / ``w2``), ``process_weights_after_loading``
+        and ``expert_scales(block)``, e.g.
+        ``fp8.Fp8MoEMethod``), or None to leave them unquantized. Methods without expert kernels raise; the families
+        that list the method in ``SUPPORTED_QUANTIZATION`` never reach that."""
+        raise ValueError(f"quantization {self.name} has no kernel for mixture-of-experts layers ({prefix}).")
+
     def for_stage(self, first_layer: int) -> QuantConfig:
         """This config for a pipeline stage whose layer 0 is the checkpoint's ``first_layer``."""
         part = copy.copy(self)

@@ -116,6 +116,9 @@ class Fp8Config(QuantConfig):
             return tensor.narrow(0, start, length)
         return plain_shard(tensor, parallel, start, length)
 
+    def moe_method(self, prefix: str) -> Fp8MoEMethod | None:
+        return None if self.is_ignored(self.global_prefix(prefix)) else Fp8MoEMethod(self)
+
     def summary(self) -> str:
         kind = f"checkpoint, {self.weight_strategy} weight scales" if self.serialized else "online, per-channel"
         acts = "static per-tensor" if self.static_activations else "dynamic per-token"
@@ -211,3 +214,59 @@ class Fp8LinearMethod(LinearMethod):
                 and isinstance(down.quant_method, Fp8LinearMethod) and down.quant_method.takes_fp8_activations(down)):
             return None
         return fp8_gate_up_silu(x, layer.weight, layer.weight_scale, down.weight)
+
+
+class Fp8MoEMethod:
+    """A sparse MoE block's experts in e4m3 with one fp32 scale per expert and output channel, run w8a16 by the
+    fused MoE kernel (``kernels/fused_moe.py``: each weight tile widened in registers, the products scaled): half the
+    bytes of the experts' weights, which decode reads. Online (``--quantization fp8``) the stacked ``w13`` / ``w2``
+    are quantized per channel after loading; an fp8 checkpoint's per-expert tensors load into e4m3 ``w13`` / ``w2``
+    with their scales (per tensor: one per expert and projection, spread over its channels; per channel). A static
+    ``input_scale`` is read and unused: the activations stay in the model's dtype (w8a16), which the scale was
+    calibrated to approximate."""
+
+    def __init__(self, config: Fp8Config) -> None:
+        self.config = config
+
+    def create_weights(self, block: nn.Module) -> bool:
+        """Register the checkpoint's e4m3 ``w13`` / ``w2`` and their scales; False (online): the block's own 16-bit
+        ``w13`` / ``w2`` load, quantized after loading."""
+        if not self.config.serialized:
+            return False
+        experts, inter, hidden = block.num_experts, block.inter, block.hidden
+        new_parameter(block, "w13", (experts * 2 * inter, hidden), FP8_DTYPE, dummy_fill=_fill_fp8)
+        new_parameter(block, "w2", (experts * hidden, inter), FP8_DTYPE, dummy_fill=_fill_fp8)
+        shards = {"w13": (inter,) * (2 * experts), "w2": (hidden,) * experts}
+        for name, sizes in shards.items():
+            if self.config.weight_strategy == "channel":
+                new_parameter(block, f"{name}_weight_scale", (sum(sizes), 1), torch.float32, dummy_fill=_fill_scale)
+            else:
+                new_parameter(block, f"{name}_weight_scale", (len(sizes),), torch.float32,
+                              shard_offsets=shard_starts(sizes), dummy_fill=_fill_scale)
+            if self.config.static_activations:
+                new_parameter(block, f"{name}_input_scale", (len(sizes),), torch.float32,
+                              shard_offsets=shard_starts(sizes), dummy_fill=_fill_scale)
+        block.expert_shard_sizes = shards
+        return True
+
+    def process_weights_after_loading(self, block: nn.Module) -> None:
+        for name in ("w13", "w2"):
+            weight = getattr(block, name).data
+            if not self.config.serialized:
+                weight, scale = quantize_per_channel(weight)
+            else:
+                scale = getattr(block, f"{name}_weight_scale").data.float()
+                if self.config.weight_strategy == "channel":
+                    scale = scale.reshape(-1)
+                else:  # one scale per expert and projection -> one per output channel
+                    sizes = torch.tensor(block.expert_shard_sizes[name], device=scale.device)
+                    scale = scale.repeat_interleave(sizes)
+                delattr(block, f"{name}_weight_scale")
+                if self.config.static_activations:
+                    delattr(block, f"{name}_input_scale")
+            replace_parameter(block, name, weight.contiguous())
+            replace_parameter(block, f"{name}_scale", scale.contiguous())
+
+    def expert_scales(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w13``'s and ``w2``'s scales as the kernel reads them: ``[E, 2I]`` and ``[E, H]``."""
+        return block.w13_scale.view(block.num_experts, -1), block.w2_scale.view(block.num_experts, -1)

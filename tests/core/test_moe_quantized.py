@@ -1,0 +1,73 @@
+"""fp8 mixtures of experts (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE): the experts stay e4m3 with
+per-channel scales and run w8a16 in the fused MoE kernel (on CPU its reference), the dense projections W8A8.
+Checkpoints written with per-expert fp8 tensors (per-tensor and per-channel scales) give the dequantized model's
+tokens and logprobs when it runs the same quantization (online fp8 of those weights is exact: see
+test_quantized_checkpoints.py's docstring); online fp8 stays within fp8's error of the unquantized model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.core import test_quantized_checkpoints as qc
+
+MOE_ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+def moe_blocks(engine):
+    return [m for m in engine.runner.model.modules() if hasattr(m, "w13")]
+
+
+@pytest.mark.parametrize("layout", ["fp8", "ct-channel"])
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_fp8_moe_checkpoint_matches_dequantized_model(tmp_path, arch, layout):
+    quantized, dequantized = qc.write_fp8(tmp_path, layout, arch)
+    engine, _ = qc.compare(quantized, dequantized, logprob_atol=1e-4, reference_kwargs={"quantization": "fp8"},
+                           dtype="float32")
+    blocks = moe_blocks(engine)
+    assert blocks and all(b.w13.dtype == qc.FP8 and b.w2.dtype == qc.FP8 for b in blocks)
+    assert all(b.w13_scale.shape == (b.w13.shape[0],) and b.w2_scale.shape == (b.w2.shape[0],) for b in blocks)
+    # every expert's scale landed on its own channels: expert e's gate / up / down weights dequantize to the file's
+    from safetensors.torch import load_file
+
+    plain = load_file(str(dequantized / "model.safetensors"))
+    block, inter, hidden = blocks[-1], blocks[-1].inter, blocks[-1].hidden
+    layer = len(engine.runner.model.model.layers) - 1
+    w13 = block.w13.float() * block.w13_scale[:, None]
+    w2 = block.w2.float() * block.w2_scale[:, None]
+    for e in range(block.num_experts):
+        prefix = f"model.layers.{layer}.mlp.experts.{e}"
+        torch.testing.assert_close(w13[e * 2 * inter: e * 2 * inter + inter], plain[f"{prefix}.gate_proj.weight"],
+                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(w13[e * 2 * inter + inter: (e + 1) * 2 * inter], plain[f"{prefix}.up_proj.weight"],
+                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(w2[e * hidden: (e + 1) * hidden], plain[f"{prefix}.down_proj.weight"], rtol=1e-6,
+                                   atol=0)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_online_fp8_quantizes_the_experts(tmp_path, arch):
+    config, state = qc.base_checkpoint(arch=arch)
+    path = qc.save(tmp_path / arch, config, state)
+    engine, ours = qc.greedy(path, quantization="fp8", dtype="float32")
+    _, reference = qc.greedy(path, dtype="float32")
+    assert qc.logprob_error(ours, reference, steps=1) <= qc.FP8_FIRST_STEP_ATOL
+    blocks = moe_blocks(engine)
+    assert blocks and all(b.w13.dtype == qc.FP8 for b in blocks)
+    assert all(b.gate.quant_method is None for b in blocks)  # the router stays as it is
+    if arch == "qwen2_moe":  # the shared expert's projections are fp8 too
+        assert all(b.shared_expert.gate_up_proj.weight.dtype == qc.FP8 for b in blocks)
+
+
+def test_fp8_moe_checkpoint_with_static_input_scales_loads_and_runs_weight_only(tmp_path):
+    """A static ``input_scale`` per expert is read (the checkpoint must load) and unused: the experts run w8a16, so
+    they hold exactly the dynamic checkpoint's weights and scales (the dense projections use theirs)."""
+    static, _ = qc.write_fp8(tmp_path, "fp8-static", "mixtral")
+    dynamic, _ = qc.write_fp8(tmp_path, "fp8", "mixtral")
+    engine, ours = qc.greedy(static, dtype="float32")
+    assert all(len(r["tokens"]) == qc.GREEDY.max_tokens for r in ours)
+    other, _ = qc.greedy(dynamic, dtype="float32")
+    for a, b in zip(moe_blocks(engine), moe_blocks(other)):
+        assert not hasattr(a, "w13_input_scale") and not hasattr(a, "w2_input_scale")
+        for name in ("w13", "w2", "w13_scale", "w2_scale"):
+            assert torch.equal(getattr(a, name).float(), getattr(b, name).float())
