@@ -119,6 +119,22 @@ def test_dispatcher_on_cpu_takes_reference():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 64, 2048])
+def test_gpu_fused_moe_qwen3_30b_shape_with_fp8_experts(tokens):
+    """w8a16 at the real shape in bf16 (the default config: decode's small row blocks, prefill's larger ones)."""
+    gen = torch.Generator().manual_seed(tokens)
+    experts, hidden, inter, top_k = 128, 2048, 768, 8
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
+    (q13, s13) = _fp8_experts(torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5)
+    (q2, s2) = _fp8_experts(torch.randn(experts, hidden, inter, generator=gen) / inter**0.5)
+    q13, s13, q2, s2 = q13.cuda(), s13.cuda(), q2.cuda(), s2.cuda()
+    weights, ids = fused_topk(torch.randn(tokens, experts, generator=gen).cuda(), top_k, True)
+    out = fused_moe_triton(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2)
+    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, s13.double(), s2.double())
+    assert_close(out, ref, TOLERANCE[torch.bfloat16], "fused_moe fp8")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [64, 256, 8192])
 def test_gpu_fused_moe_qwen3_30b_shape_bf16(tokens):
     gen = torch.Generator().manual_seed(tokens)
