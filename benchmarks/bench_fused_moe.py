@@ -3,6 +3,7 @@ and prefill (8192 tokens), each against what it must read (the weights of the ex
 activations) and the FLOPs it does, with a correctness check against the per-expert torch loop at every shape.
 
     python -m benchmarks.bench_fused_moe              # Qwen3-30B-A3B and Mixtral-8x7B shapes, bf16 (CUDA)
+    python -m benchmarks.bench_fused_moe --fp8        # the experts in e4m3 with per-channel scales (w8a16)
     python -m benchmarks.bench_fused_moe --smoke      # tiny shapes: checks the script itself, also on CPU (interpreter)
 
 Columns: ms (median of ``triton.testing.do_bench``, eager launches; ``graph ms``: the same call replayed from a CUDA
@@ -66,6 +67,8 @@ class MoeProblem:
     logits: torch.Tensor
     topk_weights: torch.Tensor
     topk_ids: torch.Tensor
+    w13_scale: torch.Tensor | None = None  # fp8 experts (``--fp8``): per expert and output channel
+    w2_scale: torch.Tensor | None = None
 
     def bytes_and_flops(self) -> tuple[int, int]:
         """Bytes the kernel must move at least (weights of the touched experts once, x in, the gate|up and activation
@@ -75,13 +78,27 @@ class MoeProblem:
         pairs = self.topk_ids.numel()
         touched = int(torch.unique(self.topk_ids).numel())
         elt = self.x.element_size()
-        weights = touched * (two_inter * hidden + hidden * two_inter // 2) * elt
+        weights = touched * (two_inter * hidden + hidden * two_inter // 2) * self.w13.element_size()
         activations = (2 * tokens * hidden + 2 * pairs * two_inter + 2 * pairs * two_inter // 2 + 2 * pairs * hidden) * elt
         flops = 2 * pairs * (two_inter * hidden + hidden * two_inter // 2)
         return weights + activations, flops
 
 
-def make_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int = 0) -> MoeProblem:
+def make_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int = 0, fp8: bool = False) -> MoeProblem:
+    """Random activations, experts and routing; ``fp8``: the experts quantized per output channel to e4m3."""
+    problem = _random_problem(shape, tokens, dtype, seed)
+    if fp8:
+        from kernels.fp8_linear import quantize_per_channel
+
+        for name in ("w13", "w2"):
+            w = getattr(problem, name)
+            q, scale = quantize_per_channel(w.reshape(-1, w.shape[-1]))
+            setattr(problem, name, q.view(w.shape))
+            setattr(problem, f"{name}_scale", scale.view(w.shape[:2]))
+    return problem
+
+
+def _random_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int) -> MoeProblem:
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*size: int, scale: float = 1.0) -> torch.Tensor:
@@ -127,8 +144,10 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_problem(p: MoeProblem, config: dict[str, int] | None = None) -> float:
     """Relative error of the Triton path against the float32 per-expert loop."""
-    out = fused_moe_triton(p.x, p.w13, p.w2, p.topk_weights, p.topk_ids, config=config)
-    ref = fused_moe_ref(p.x.float(), p.w13.float(), p.w2.float(), p.topk_weights, p.topk_ids)
+    out = fused_moe_triton(p.x, p.w13, p.w2, p.topk_weights, p.topk_ids, config=config, w13_scale=p.w13_scale,
+                           w2_scale=p.w2_scale)
+    ref = fused_moe_ref(p.x.float(), p.w13.float(), p.w2.float(), p.topk_weights, p.topk_ids, p.w13_scale,
+                        p.w2_scale)  # fmt: skip
     return relative_error(out, ref)
 
 
@@ -138,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 64 256 8192)")
     parser.add_argument("--models", nargs="+", default=None, help="shape names (default: all)")
     parser.add_argument("--tp", type=int, default=1, help="one rank's shapes under tensor parallelism of this size")
+    parser.add_argument("--fp8", action="store_true", help="experts in e4m3 with per-channel scales (w8a16)")
     parser.add_argument("--peak-gbps", type=float, default=4800.0)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     opts = parser.parse_args(argv)
@@ -155,15 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     for shape in shapes:
         for tokens in token_counts:
-            p = make_problem(shape, tokens, dtype, seed=tokens)
-            config = get_config(tokens, shape.num_experts, shape.hidden, shape.inter, dtype)
+            p = make_problem(shape, tokens, dtype, seed=tokens, fp8=opts.fp8)
+            config = get_config(tokens, shape.num_experts, shape.hidden, shape.inter, dtype, p.w13.dtype)
             err = check_problem(p)
             ok = err <= tol
             if not ok:
                 failures.append(f"{shape.name} T={tokens}: relative error {err:.2e} > {tol:.0e}")
 
             def call() -> torch.Tensor:
-                return fused_moe(p.x, p.w13, p.w2, p.logits, shape.top_k, True)
+                return fused_moe(p.x, p.w13, p.w2, p.logits, shape.top_k, True, w13_scale=p.w13_scale,
+                                 w2_scale=p.w2_scale)
 
             ms = bench_ms(call)
             g_ms = graph_ms(call)

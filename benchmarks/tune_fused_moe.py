@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(CONFIG_FILE))
     parser.add_argument("--tp", type=int, default=1, help="one rank's shapes under tensor parallelism of this size")
     parser.add_argument("--budget-s", type=float, default=120.0, help="seconds of sweeping per (shape, tokens)")
+    parser.add_argument("--fp8", action="store_true", help="experts in e4m3 (w8a16): a table entry of its own")
     opts = parser.parse_args(argv)
     if DEVICE != "cuda" and not opts.smoke:
         print("tune_fused_moe needs a CUDA GPU; --smoke runs on CPU (interpreter)", file=sys.stderr)
@@ -70,15 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, dict[str, int]]] = {}
     failed = False
     for shape in shapes:
-        key = shape_key(shape.num_experts, shape.hidden, shape.inter, dtype)
+        key = shape_key(shape.num_experts, shape.hidden, shape.inter, dtype,
+                        torch.float8_e4m3fn if opts.fp8 else None)  # fmt: skip
         for tokens in token_counts:
-            p = make_problem(shape, tokens, dtype, seed=tokens)
+            p = make_problem(shape, tokens, dtype, seed=tokens, fp8=opts.fp8)
             best, best_ms, deadline = None, float("inf"), time.monotonic() + opts.budget_s
             for config in candidate_configs(opts.smoke, tokens, shape):
                 if time.monotonic() > deadline:
                     break
                 try:
-                    ms = bench_ms(lambda: fused_moe_triton(p.x, p.w13, p.w2, p.topk_weights, p.topk_ids, config))
+                    ms = bench_ms(lambda: fused_moe_triton(p.x, p.w13, p.w2, p.topk_weights, p.topk_ids, config,
+                                                           p.w13_scale, p.w2_scale))  # fmt: skip
                 except Exception as exc:  # out of shared memory / registers: skip this config
                     print(f"  skip {config}: {type(exc).__name__}")
                     continue

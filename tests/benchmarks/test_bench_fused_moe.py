@@ -23,6 +23,12 @@ def test_bench_fused_moe_smoke():
     assert "# all correctness checks passed" in proc.stdout and "smoke  40  " in proc.stdout
 
 
+def test_bench_fused_moe_smoke_with_fp8_experts():
+    proc = _run("benchmarks.bench_fused_moe", "--smoke", "--fp8")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "# all correctness checks passed" in proc.stdout and "smoke  40  " in proc.stdout
+
+
 def test_tune_fused_moe_smoke_writes_table(tmp_path):
     out = tmp_path / "configs.json"
     proc = _run("benchmarks.tune_fused_moe", "--smoke", "--write", "--out", str(out))
@@ -30,6 +36,10 @@ def test_tune_fused_moe_smoke_writes_table(tmp_path):
     table = json.loads(out.read_text())["configs"]
     (by_tokens,) = table.values()
     assert set(by_tokens) == {"4", "40"} and all("BLOCK_M" in c for c in by_tokens.values())
+    proc = _run("benchmarks.tune_fused_moe", "--smoke", "--fp8", "--write", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    keys = sorted(json.loads(out.read_text())["configs"])
+    assert len(keys) == 2 and keys[1] == keys[0] + ",w=float8_e4m3fn"  # fp8 experts: an entry of their own
 
 
 def test_bench_fused_moe_per_rank_shapes_under_tensor_parallelism():
