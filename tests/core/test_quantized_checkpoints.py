@@ -186,12 +186,35 @@ def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "ll
 FP8 = torch.float8_e4m3fn
 
 
+FP8_BLOCK = (32, 32)  # the tiny models' scale blocks (Qwen3 / DeepSeek checkpoints: 128 x 128)
+
+
+def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block-scaled checkpoint's e4m3 weight and its ``[ceil(N / bn), ceil(K / bk)]`` scales (absmax / 448)."""
+    n, k = w.shape
+    bn, bk = block
+    padded = torch.zeros(-(-n // bn) * bn, -(-k // bk) * bk)
+    padded[:n, :k] = w
+    scale = padded.reshape(padded.shape[0] // bn, bn, -1, bk).abs().amax(dim=(1, 3)).clamp(min=1e-8) / 448.0
+    q = (w / scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]).to(FP8)
+    return q, scale
+
+
 def write_fp8(tmp: Path, layout: str, arch: str = "llama") -> tuple[Path, Path]:
     """``layout``: ``fp8`` (AutoFP8: per-tensor scales, dynamic activations), ``fp8-static`` (with input_scale),
-    ``ct-channel`` (compressed-tensors FP8_DYNAMIC: [out, 1] scales) or ``ct-tensor-static``."""
+    ``ct-channel`` (compressed-tensors FP8_DYNAMIC: [out, 1] scales), ``ct-tensor-static``, ``block`` (Qwen3 /
+    DeepSeek FP8: ``weight_block_size`` and ``weight_scale_inv`` per block) or ``ct-block`` (compressed-tensors
+    FP8_BLOCK)."""
     config, state = base_checkpoint(arch=arch)
     quant, plain = dict(state), dict(state)
     for name in quantized_layers(state):
+        if layout.endswith("block"):
+            q, scale = quantize_blocks(state[name], FP8_BLOCK)
+            quant[name] = q
+            quant[name.removesuffix("weight") + ("weight_scale" if layout == "ct-block" else "weight_scale_inv")] = scale
+            plain[name] = q.float() * scale.repeat_interleave(FP8_BLOCK[0], 0)[: q.shape[0]].repeat_interleave(
+                FP8_BLOCK[1], 1)[:, : q.shape[1]]
+            continue
         w = state[name]
         w = w / w.abs().amax(1, keepdim=True) * w.abs().amax()  # rows share their max: see the module docstring
         if layout == "ct-channel":
@@ -205,7 +228,17 @@ def write_fp8(tmp: Path, layout: str, arch: str = "llama") -> tuple[Path, Path]:
         if layout.endswith("static"):
             quant[f"{prefix}.input_scale"] = torch.tensor(0.02).reshape(() if layout.startswith("fp8") else (1,))
         plain[name] = q.float() * scale
-    if layout.startswith("fp8"):
+    if layout == "block":
+        qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": FP8_BLOCK}
+    elif layout == "ct-block":
+        qc = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+              "config_groups": {"group_0": {
+                  "targets": ["Linear"],
+                  "weights": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
+                              "strategy": "block", "block_structure": list(FP8_BLOCK)},
+                  "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
+                                        "strategy": "group", "group_size": FP8_BLOCK[1]}}}}
+    elif layout.startswith("fp8"):
         qc = {"quant_method": "fp8", "activation_scheme": "static" if layout.endswith("static") else "dynamic"}
     else:
         static = layout.endswith("static")
@@ -321,6 +354,25 @@ def test_fp8_checkpoint_matches_dequantized_model(tmp_path, layout):
         compare(quantized, dequantized, logprob_atol=1e-4, reference_kwargs={"quantization": "fp8"})
 
 
+@pytest.mark.parametrize("layout", ["block", "ct-block"])
+def test_fp8_block_scaled_checkpoint_matches_dequantized_model(tmp_path, layout):
+    """Qwen3 / DeepSeek FP8 (``weight_block_size``, ``weight_scale_inv``) and compressed-tensors FP8_BLOCK: each block
+    of the merged q/k/v and gate/up weights keeps its own scale, and the layers run w8a16 (16-bit activations), so
+    the tokens and logprobs are the dequantized model's."""
+    engine, _ = compare(*write_fp8(tmp_path, layout), logprob_atol=1e-4)
+    layers = linears(engine)
+    assert len(layers) == 2 * 4 and all(layer.weight.dtype == FP8 for layer in layers)
+    qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight_scale.shape == (-(-qkv.out_features // 32), -(-qkv.in_features // 32))
+    assert not qkv.takes_fp8_activations()  # w8a16: the norm before it does not quantize
+
+
+def test_fp8_block_scaled_experts_fail_naming_what_is_supported(tmp_path):
+    quantized, _ = write_fp8(tmp_path, "block", "mixtral")
+    with pytest.raises(ValueError, match="block-wise scales are not supported for mixture-of-experts layers"):
+        greedy(quantized)
+
+
 def test_online_fp8_quantizes_an_unquantized_checkpoint(tmp_path):
     config, state = base_checkpoint()
     path = save(tmp_path / "plain", config, state)
@@ -366,7 +418,8 @@ def test_unsupported_checkpoint_method_fails_naming_it(tmp_path):
 
 
 GPU_CASES = {"awq": lambda tmp: write_awq(tmp, 64), "gptq-act": lambda tmp: write_gptq(tmp, 32, True, False),
-             "fp8": lambda tmp: write_fp8(tmp, "fp8"), "fp8-ct-static": lambda tmp: write_fp8(tmp, "ct-tensor-static")}
+             "fp8": lambda tmp: write_fp8(tmp, "fp8"), "fp8-ct-static": lambda tmp: write_fp8(tmp, "ct-tensor-static"),
+             "fp8-block": lambda tmp: write_fp8(tmp, "block")}
 
 
 @pytest.mark.gpu

@@ -61,6 +61,18 @@ def test_act_order_checkpoint_over_two_stages_and_tp2_x_pp2_equals_one_device(tm
     assert_same_run(run(quantized, tensor_parallel_size=2, pipeline_parallel_size=2)[0], reference)
 
 
+@pytest.mark.parametrize("layout", ["block", "ct-block"])
+def test_fp8_block_scaled_checkpoint_over_two_ranks_equals_one_device(tmp_path, layout):
+    """Block scales cut by whole blocks of rows (q/k/v, gate/up) or of columns (o, down); the layers run w8a16, so
+    the split model computes one device's numbers."""
+    quantized, _ = qc.write_fp8(tmp_path, layout)
+    reference, _ = run(quantized)
+    ours, model = run(quantized, tensor_parallel_size=2)
+    assert_same_run(ours, reference)
+    down = model.model.layers[0].mlp.down_proj
+    assert down.weight.shape == (128, 128) and down.weight_scale.shape == (4, 4)
+
+
 def _rank0_slice(name: str, full: torch.Tensor, cfg) -> torch.Tensor:
     """Rank 0's part (of 2) of one device's loaded parameter ``name``: half of every merged shard's rows, half of
     a row-parallel layer's input columns; per-channel scales follow the rows."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from core.layers.quantization.base import (LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter,
                                            shard_starts)
+from kernels.fp8_block_gemm import fp8_block_linear
 from kernels.fp8_linear import (
     FP8_DTYPE,
     Fp8Activations,
@@ -42,14 +43,19 @@ class Fp8Config(QuantConfig):
     name = "fp8"
 
     def __init__(self, *, serialized: bool, weight_strategy: str = "channel", static_activations: bool = False,
-                 ignored: Sequence[str] = ()) -> None:  # fmt: skip
+                 ignored: Sequence[str] = (), block: tuple[int, int] | None = None,
+                 block_scale_name: str = "weight_scale_inv") -> None:  # fmt: skip
         """``serialized``: the checkpoint holds fp8 weights (else they are quantized at load); ``weight_strategy``:
-        ``tensor`` (one scale per tensor) or ``channel``; ``static_activations``: the checkpoint's ``input_scale``
-        is used instead of per-token dynamic scales; ``ignored``: layers left unquantized (names or ``re:``)."""
+        ``tensor`` (one scale per tensor), ``channel`` or ``block`` (one per ``block = (rows, columns)`` of the
+        weight, in the checkpoint tensor ``block_scale_name``; run w8a16, ``kernels/fp8_block_gemm.py``);
+        ``static_activations``: the checkpoint's ``input_scale`` is used instead of per-token dynamic scales;
+        ``ignored``: layers left unquantized (names or ``re:``)."""
         self.serialized = serialized
         self.weight_strategy = weight_strategy
         self.static_activations = static_activations
         self.ignored = tuple(ignored)
+        self.block = block
+        self.block_scale_name = block_scale_name
 
     @classmethod
     def online(cls) -> Fp8Config:
@@ -60,14 +66,18 @@ class Fp8Config(QuantConfig):
         method = str(qc.get("quant_method", "fp8")).lower()
         if method in ("compressed-tensors", "compressed_tensors"):
             return cls._from_compressed_tensors(qc)
-        if qc.get("weight_block_size"):
-            raise ValueError(f"fp8 checkpoints with block-wise scales (weight_block_size={qc['weight_block_size']}) "
-                             "are not supported; supported: per-tensor and per-channel fp8 scales.")
         scheme = qc.get("activation_scheme", "dynamic")
         if scheme not in ("dynamic", "static"):
             raise ValueError(f"fp8 activation_scheme {scheme!r} is not supported; supported: dynamic, static.")
+        ignored = qc.get("ignored_layers") or qc.get("modules_to_not_convert") or ()
+        if qc.get("weight_block_size"):
+            if scheme == "static":
+                raise ValueError("fp8 checkpoints with block-wise scales and static activation scales are not "
+                                 "supported; supported with weight_block_size: activation_scheme dynamic.")
+            return cls(serialized=True, weight_strategy="block", block=_block_shape(qc["weight_block_size"]),
+                       ignored=ignored)
         return cls(serialized=True, weight_strategy="tensor", static_activations=scheme == "static",
-                   ignored=qc.get("ignored_layers") or qc.get("modules_to_not_convert") or ())
+                   ignored=ignored)
 
     @classmethod
     def _from_compressed_tensors(cls, qc: dict[str, Any]) -> Fp8Config:
@@ -82,16 +92,19 @@ class Fp8Config(QuantConfig):
                              "schemes: float8 weights (per tensor or channel) with float8 activations (FP8, "
                              "FP8_DYNAMIC).")
         strategy = weights.get("strategy", "tensor")
-        if strategy not in ("tensor", "channel"):
+        if strategy not in ("tensor", "channel", "block"):
             raise ValueError(f"compressed-tensors float8 weight strategy {strategy!r} is not supported; supported: "
-                             "tensor, channel.")
+                             "tensor, channel, block.")
         if acts is None or acts.get("type") != "float" or acts.get("num_bits") != 8:
             raise ValueError(f"compressed-tensors scheme {scheme} is not supported: weight-only float8 (w8a16) has no "
                              "kernel here; supported: float8 weights with float8 activations.")
         static = not acts.get("dynamic", False)
-        if static and acts.get("strategy", "tensor") != "tensor":
-            raise ValueError(f"compressed-tensors static activation strategy {acts.get('strategy')!r} is not "
-                             "supported; supported: tensor (static) or dynamic per token.")
+        if static and (acts.get("strategy", "tensor") != "tensor" or strategy == "block"):
+            raise ValueError(f"compressed-tensors static activation strategy {acts.get('strategy')!r} with "
+                             f"{strategy} weight scales is not supported; supported: tensor (static) or dynamic.")
+        if strategy == "block":  # FP8_BLOCK: the scales are the weight_scale tensor, one per block
+            return cls(serialized=True, weight_strategy="block", block=_block_shape(weights.get("block_structure")),
+                       block_scale_name="weight_scale", ignored=qc.get("ignore") or ())
         return cls(serialized=True, weight_strategy=strategy, static_activations=static,
                    ignored=qc.get("ignore") or ())
 
@@ -108,8 +121,15 @@ class Fp8Config(QuantConfig):
         return None if self.is_ignored(self.global_prefix(prefix)) else Fp8LinearMethod(self)
 
     def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
-        """Per-channel weight scales follow the output features; per-tensor ones and input scales are every
-        rank's."""
+        """Per-channel weight scales follow the output features, block scales their rows or columns of blocks;
+        per-tensor ones and input scales are every rank's."""
+        if self.weight_strategy == "block" and name.endswith(f".{self.block_scale_name}"):
+            size = self.block[0] if parallel == "column" else self.block[1]
+            if start % size or length % size:
+                raise ValueError(f"fp8: {name.rsplit('.', 1)[0]} cannot be split over the ranks: each rank's {length} "
+                                 f"{'output' if parallel == 'column' else 'input'} features (from {start}) are not "
+                                 f"whole {size}-wide scale blocks; use fewer ranks.")
+            return tensor.narrow(0 if parallel == "column" else 1, start // size, length // size)
         if name.endswith((".weight_scale", ".input_scale")):
             if tensor.numel() == 1 or parallel == "row" or name.endswith(".input_scale"):
                 return tensor
@@ -120,9 +140,18 @@ class Fp8Config(QuantConfig):
         return None if self.is_ignored(self.global_prefix(prefix)) else Fp8MoEMethod(self)
 
     def summary(self) -> str:
+        if self.weight_strategy == "block":
+            return f"fp8 (checkpoint, {self.block[0]}x{self.block[1]} block weight scales, 16-bit activations)"
         kind = f"checkpoint, {self.weight_strategy} weight scales" if self.serialized else "online, per-channel"
         acts = "static per-tensor" if self.static_activations else "dynamic per-token"
         return f"fp8 ({kind}, {acts} activation scales)"
+
+
+def _block_shape(value: Any) -> tuple[int, int]:
+    """A checkpoint's scale block ``[rows, columns]``."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
+        raise ValueError(f"fp8 block-wise scales need a block of [rows, columns], got {value!r}.")
+    return int(value[0]), int(value[1])
 
 
 def _fill_fp8(tensor: torch.Tensor, gen: torch.Generator) -> None:
@@ -148,6 +177,16 @@ class Fp8LinearMethod(LinearMethod):
             new_parameter(layer, "weight", (out_features, in_features), params_dtype)
             return
         new_parameter(layer, "weight", (out_features, in_features), FP8_DTYPE, dummy_fill=_fill_fp8)
+        if self.config.weight_strategy == "block":
+            block_n, block_k = self.config.block
+            if len(output_sizes) > 1 and any(size % block_n for size in output_sizes):
+                raise ValueError(f"fp8 block-wise scales of {block_n} rows do not split the merged projection of "
+                                 f"sizes {tuple(output_sizes)} into its parts.")
+            # one scale row per block of output rows: a shard starting at output row r starts at scale row r / block_n
+            blocks = (-(-out_features // block_n), -(-in_features // block_k))
+            new_parameter(layer, self.config.block_scale_name, blocks, torch.float32, pack_factor=block_n,
+                          dummy_fill=_fill_scale)
+            return
         if self.config.weight_strategy == "channel":
             new_parameter(layer, "weight_scale", (out_features, 1), torch.float32, dummy_fill=_fill_scale)
         else:
@@ -158,6 +197,13 @@ class Fp8LinearMethod(LinearMethod):
                           shard_offsets=shard_starts(output_sizes), dummy_fill=_fill_scale)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if self.config.weight_strategy == "block":
+            scale = getattr(layer, self.config.block_scale_name).data.float().contiguous()
+            delattr(layer, self.config.block_scale_name)
+            replace_parameter(layer, "weight", layer.weight.data.contiguous())
+            replace_parameter(layer, "weight_scale", scale)  # [rows / block, columns / block]
+            layer.input_scale = None
+            return
         if not self.config.serialized:
             weight, scale = quantize_per_channel(layer.weight.data)
         else:
@@ -181,6 +227,8 @@ class Fp8LinearMethod(LinearMethod):
                            "needs dims that are multiples of 16.", tuple(layer.weight.shape))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.config.weight_strategy == "block":
+            return fp8_block_linear(x, layer.weight, layer.weight_scale, self.config.block, bias, backend=layer.backend)
         if self.use_scaled_mm and layer.backend != "torch":
             return fp8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
         return fp8_linear_ref(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
@@ -233,6 +281,10 @@ class Fp8MoEMethod:
         ``w13`` / ``w2`` load, quantized after loading."""
         if not self.config.serialized:
             return False
+        if self.config.weight_strategy == "block":
+            raise ValueError("fp8 checkpoints with block-wise scales are not supported for mixture-of-experts layers "
+                             "yet (dense layers are); supported for experts: per-tensor and per-channel fp8 scales, or "
+                             "--quantization fp8 on a 16-bit checkpoint.")
         experts, inter, hidden = block.num_experts, block.inter, block.hidden
         new_parameter(block, "w13", (experts * 2 * inter, hidden), FP8_DTYPE, dummy_fill=_fill_fp8)
         new_parameter(block, "w2", (experts * hidden, inter), FP8_DTYPE, dummy_fill=_fill_fp8)

@@ -1,0 +1,99 @@
+"""Block-scaled fp8 weights, as DeepSeek-V3 and the Qwen3 FP8 checkpoints store them: an e4m3 ``[N, K]`` weight and
+one fp32 scale per ``[block_n, block_k]`` block (``weight_scale_inv [ceil(N / block_n), ceil(K / block_k)]``,
+``W = q * scale[n // block_n, k // block_k]``).
+
+The product is w8a16: each program widens its e4m3 weight tiles to x's dtype in registers, multiplies them on the
+tensor cores, and scales each K step's partial product by its block's scales (a ``BLOCK_K`` step lies inside one
+scale block) before adding it up in fp32. The weight is read once at half the bytes of bf16; the activations are not
+quantized (vLLM quantizes them per 128-wide group for an fp8 GEMM: closer to the 16-bit model here, slower at large
+batches, where the tensor cores' fp8 rate would count). :func:`fp8_block_linear_ref` is the plain-torch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import use_triton
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The fp32 ``[N, K]`` weight: each e4m3 value times its block's scale."""
+    n, k = weight.shape
+    block_n, block_k = block
+    expanded = scale.float().repeat_interleave(block_n, 0)[:n].repeat_interleave(block_k, 1)[:, :k]
+    return weight.float() * expanded
+
+
+def fp8_block_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+                         bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Reference: dequantize the whole weight, fp32 matmul, x's dtype out."""
+    out = x.float() @ dequantize_fp8_blocks(weight, scale, block).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@triton.jit
+def _fp8_block_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
+                           SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """``out[m, n] = sum over K steps of scale[n // SCALE_N, k0 // SCALE_K] * (x[m, k0:] @ q[n, k0:])``; ``BLOCK_K``
+    divides ``SCALE_K``, so one step's partial product takes one scale per output column."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_live = offs_m < M
+    n_live = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]: the weight transposed
+    s_ptrs = s_ptr + (offs_n // SCALE_N) * stride_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_live = offs_k + k0 < K
+        x = tl.load(x_ptrs + k0, mask=m_live[:, None] & k_live[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=k_live[:, None] & n_live[None, :], other=0.0).to(x.dtype)
+        scale = tl.load(s_ptrs + k0 // SCALE_K, mask=n_live, other=0.0)
+        acc += tl.dot(x, w, input_precision=DOT_PRECISION) * scale[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_live[:, None] & n_live[None, :])
+
+
+def block_gemm_tiles(m: int, block_k: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K): 16 rows for decode batches (narrow N tiles: more programs over the weight), 64
+    for prefill; K steps of up to 128 that divide the scale block."""
+    step = 128
+    while block_k % step:
+        step //= 2
+    return (16, 32, step) if m <= 16 else (64, 64, step)
+
+
+def fp8_block_gemm_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
+                          ) -> torch.Tensor:  # fmt: skip
+    """The Triton kernel: ``x [..., K]`` (fp16 / bf16 / fp32) times the block-scaled ``weight [N, K]``, in x's
+    dtype. The scale block's K side must be a multiple of 16 (a ``tl.dot`` step)."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m:
+        block_m, block_n, block_k = block_gemm_tiles(m, block[1])
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        _fp8_block_gemm_kernel[grid](
+            x2, weight, scale, out, m, n, k, x2.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
+            SCALE_N=block[0], SCALE_K=block[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
+        )  # fmt: skip
+    return out.reshape(*x.shape[:-1], n)
+
+
+def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+                     bias: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:  # fmt: skip
+    """``x @ W^T (+ bias)`` for a block-scaled e4m3 weight: the Triton kernel on CUDA, the reference otherwise."""
+    if not use_triton(x, backend) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or block[1] % 16:
+        return fp8_block_linear_ref(x, weight, scale, block, bias)
+    out = fp8_block_gemm_triton(x, weight, scale, block)
+    return out + bias if bias is not None else out
