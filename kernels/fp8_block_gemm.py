@@ -18,6 +18,19 @@ import triton.language as tl
 from kernels.backend import use_triton
 
 
+def quantize_fp8_blocks(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, K]`` -> (e4m3 weight, fp32 ``[ceil(N / bn), ceil(K / bk)]`` scales: each block's absmax / 448), the
+    layout block-scaled checkpoints hold (benchmarks and tests make their weights with it)."""
+    n, k = weight.shape
+    block_n, block_k = block
+    padded = weight.new_zeros(-(-n // block_n) * block_n, -(-k // block_k) * block_k, dtype=torch.float32)
+    padded[:n, :k] = weight.float()
+    scale = padded.reshape(padded.shape[0] // block_n, block_n, -1, block_k).abs().amax(dim=(1, 3))
+    scale = scale.clamp(min=1e-12) / 448.0
+    expanded = scale.repeat_interleave(block_n, 0)[:n].repeat_interleave(block_k, 1)[:, :k]
+    return (weight.float() / expanded).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
 def dequantize_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """The fp32 ``[N, K]`` weight: each e4m3 value times its block's scale."""
     n, k = weight.shape

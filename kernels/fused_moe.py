@@ -54,26 +54,34 @@ def fused_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tu
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
-                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                  topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                  scale_block: tuple[int, int] | None = None) -> torch.Tensor:  # fmt: skip
     """Plain torch, one expert at a time (syncs with the host: ``nonzero``); the result in ``x``'s dtype. fp8 expert
     weights (``w13_scale [E, 2I]``, ``w2_scale [E, H]``: per output channel) are widened to x's dtype and their
-    products scaled, as the kernel does (w8a16)."""
+    products scaled, as the kernel does (w8a16); with ``scale_block`` the scales are per block of each expert's
+    weight (``[E, 2I / block_n, H / block_k]``, ``[E, H / block_n, I / block_k]``) and the weights are dequantized."""
     inter = w2.shape[-1]
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     for expert in range(w13.shape[0]):
         tokens, slots = (topk_ids == expert).nonzero(as_tuple=True)
         if tokens.numel() == 0:
             continue
-        gate_up = _scaled(x[tokens] @ w13[expert].to(x.dtype).t(), w13_scale, expert)
+        gate_up = _expert_product(x[tokens], w13, w13_scale, scale_block, expert)
         hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = _scaled(hidden @ w2[expert].to(x.dtype).t(), w2_scale, expert).float()
+        y = _expert_product(hidden, w2, w2_scale, scale_block, expert).float()
         out.index_add_(0, tokens, y * topk_weights[tokens, slots, None].float())
     return out.to(x.dtype)
 
 
-def _scaled(product: torch.Tensor, scale: torch.Tensor | None, expert: int) -> torch.Tensor:
-    """An fp8 expert's product times its per-channel weight scales (in fp32, rounded to the product's dtype)."""
+def _expert_product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, block: tuple[int, int] | None,
+                    expert: int) -> torch.Tensor:  # fmt: skip
+    """``x @ w[expert]^T`` for a 16-bit or fp8 expert (per-channel scales applied to the product in fp32, block
+    scales to the weight)."""
+    if scale is not None and block is not None:
+        from kernels.fp8_block_gemm import dequantize_fp8_blocks
+
+        return x @ dequantize_fp8_blocks(w[expert], scale[expert], block).to(x.dtype).t()
+    product = x @ w[expert].to(x.dtype).t()
     if scale is None:
         return product
     return (product.float() * scale[expert].float()).to(product.dtype)
@@ -117,14 +125,16 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, b_scale_ptr,
     N, K, num_pairs, capacity,
-    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_se,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_se, stride_sn,
     PAIRS_PER_A_ROW: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    B_FP8: tl.constexpr = False,
+    B_FP8: tl.constexpr = False, SCALE_N: tl.constexpr = 0, SCALE_K: tl.constexpr = 0,
 ):  # fmt: skip
     """``c[pair, :] = a[pair // PAIRS_PER_A_ROW, :] @ b[expert]^T`` (times the pair's routing weight) for every
     ``BLOCK_M`` run of sorted pairs, which all share one expert; padding rows are masked out. ``B_FP8``: ``b`` is
-    e4m3, widened to a's dtype in registers (w8a16), and the product is scaled by ``b_scale [expert, n]``."""
+    e4m3, widened to a's dtype in registers (w8a16), and the product is scaled by ``b_scale [expert, n]``, or with
+    ``SCALE_N`` / ``SCALE_K`` (block-scaled weights) each K step's partial product by
+    ``b_scale [expert, n // SCALE_N, k // SCALE_K]`` (``BLOCK_K`` divides ``SCALE_K``)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(capacity, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -151,10 +161,15 @@ def _moe_gemm_kernel(
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
         if B_FP8:
             b = b.to(a.dtype)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if SCALE_K > 0:
+            block_scale = tl.load(b_scale_ptr + expert * stride_se + (offs_n // SCALE_N) * stride_sn
+                                  + (k * BLOCK_K) // SCALE_K, mask=offs_n < N, other=0.0)  # fmt: skip
+            acc += tl.dot(a, b, input_precision=DOT_PRECISION) * block_scale[None, :]
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    if B_FP8:
+    if B_FP8 and SCALE_K == 0:
         acc = acc * tl.load(b_scale_ptr + expert * stride_se + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if MUL_ROUTING_WEIGHT:
         acc = acc * tl.load(weights_ptr + pair, mask=valid, other=0.0)[:, None]
@@ -164,23 +179,36 @@ def _moe_gemm_kernel(
 
 def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights: torch.Tensor | None,
               sorted_pair_ids: torch.Tensor, block_experts: torch.Tensor, num_padded: torch.Tensor,
-              pairs_per_a_row: int, config: dict[str, int], b_scale: torch.Tensor | None = None) -> None:  # fmt: skip
+              pairs_per_a_row: int, config: dict[str, int], b_scale: torch.Tensor | None = None,
+              scale_block: tuple[int, int] | None = None) -> None:  # fmt: skip
+    """One grouped GEMM launch; ``b_scale``: fp8 experts' scales, ``[E, N]`` per channel or (``scale_block``)
+    ``[E, N / block_n, K / block_k]`` per block."""
     num_pairs = out.shape[0]
     capacity = sorted_pair_ids.shape[0]
     n, k = b.shape[1], b.shape[2]
+    if scale_block is not None:
+        config = {**config, "BLOCK_K": _block_k_within(config["BLOCK_K"], scale_block[1])}
     grid = (triton.cdiv(capacity, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
     _moe_gemm_kernel[grid](
         a, b, out, topk_weights if topk_weights is not None else out, sorted_pair_ids, block_experts, num_padded,
         b_scale if b_scale is not None else out,
         n, k, num_pairs, capacity,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
-        b_scale.stride(0) if b_scale is not None else 0,
+        b_scale.stride(0) if b_scale is not None else 0, b_scale.stride(1) if scale_block is not None else 0,
         PAIRS_PER_A_ROW=pairs_per_a_row, MUL_ROUTING_WEIGHT=topk_weights is not None,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
-        B_FP8=b_scale is not None,
+        B_FP8=b_scale is not None, SCALE_N=scale_block[0] if scale_block else 0,
+        SCALE_K=scale_block[1] if scale_block else 0,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
+
+
+def _block_k_within(block_k: int, scale_k: int) -> int:
+    """The largest K step of at most ``block_k`` (16..128, a power of two) that divides the scale block's K side."""
+    while block_k > 16 and scale_k % block_k:
+        block_k //= 2
+    return block_k
 
 
 # ---------------------------------------------------------------------------------------------------- configs
@@ -226,8 +254,8 @@ def get_config(num_tokens: int, num_experts: int, hidden: int, inter: int, dtype
 
 def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, config: dict[str, int] | None = None,
-                     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None
-                     ) -> torch.Tensor:  # fmt: skip
+                     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                     scale_block: tuple[int, int] | None = None) -> torch.Tensor:  # fmt: skip
     """The Triton path: align, gate|up grouped GEMM, SiLU-and-mul, down grouped GEMM with the routing weights, top-k
     sum. ``x [T, H]``; returns ``[T, H]`` in ``x``'s dtype. fp8 experts: see :func:`fused_moe_ref`."""
     num_tokens, top_k = topk_ids.shape
@@ -237,21 +265,24 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     num_pairs = num_tokens * top_k
     sorted_pair_ids, block_experts, num_padded = moe_align_block_size(topk_ids, num_experts, config["BLOCK_M"])
     gate_up = torch.empty(num_pairs, two_inter, dtype=x.dtype, device=x.device)
-    _moe_gemm(x, w13, gate_up, None, sorted_pair_ids, block_experts, num_padded, top_k, config, w13_scale)
+    _moe_gemm(x, w13, gate_up, None, sorted_pair_ids, block_experts, num_padded, top_k, config, w13_scale,
+              scale_block)
     hidden_states = silu_and_mul_triton(gate_up)
     down = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _moe_gemm(hidden_states, w2, down, topk_weights.reshape(-1).float().contiguous(), sorted_pair_ids,
-              block_experts, num_padded, 1, config, w2_scale)  # fmt: skip
+              block_experts, num_padded, 1, config, w2_scale, scale_block)  # fmt: skip
     return down.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor, top_k: int,
               renormalize: bool, *, backend: str = "auto", w13_scale: torch.Tensor | None = None,
-              w2_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+              w2_scale: torch.Tensor | None = None, scale_block: tuple[int, int] | None = None
+              ) -> torch.Tensor:  # fmt: skip
     """Route (softmax, top-k, optional renormalisation) and run the experts: Triton on CUDA, the reference loop
-    otherwise (or with ``backend="torch"``). ``w13_scale`` / ``w2_scale``: fp8 expert weights' per-channel scales
-    (:func:`fused_moe_ref`)."""
+    otherwise (or with ``backend="torch"``). ``w13_scale`` / ``w2_scale``: fp8 expert weights' scales, per channel
+    or per ``scale_block`` (:func:`fused_moe_ref`)."""
     topk_weights, topk_ids = fused_topk(router_logits, top_k, renormalize)
     if use_triton(x, backend):
-        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)
-    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale,
+                                scale_block=scale_block)
+    return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, scale_block)

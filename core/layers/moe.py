@@ -59,11 +59,12 @@ class SparseMoeBlock(nn.Module):
                                            f"{prefix}.shared_expert") if shared_expert_inter else None)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scales = self.quant_method.expert_scales(self) if self.quant_method is not None else (None, None)
+        w13_scale, w2_scale, block = (self.quant_method.expert_scales(self) if self.quant_method is not None
+                                      else (None, None, None))  # fmt: skip
         out = fused_moe(
             x, self.w13.view(self.num_experts, 2 * self.inter, self.hidden),
             self.w2.view(self.num_experts, self.hidden, self.inter), self.gate(x), self.top_k, self.renormalize,
-            backend=self.kernel_backend, w13_scale=scales[0], w2_scale=scales[1],
+            backend=self.kernel_backend, w13_scale=w13_scale, w2_scale=w2_scale, scale_block=block,
         )  # fmt: skip
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)

@@ -45,6 +45,17 @@ def test_fp8_moe_checkpoint_matches_dequantized_model(tmp_path, arch, layout):
                                    atol=0)
 
 
+@pytest.mark.parametrize("layout", ["block", "ct-block"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_block_scaled_fp8_moe_checkpoint_matches_dequantized_model(tmp_path, arch, layout):
+    """Qwen3-30B-A3B-FP8's layout: each expert's gate, up and down with a scale per block, the dense layers too; all
+    run w8a16, so the tokens and logprobs are the dequantized model's."""
+    quantized, dequantized = qc.write_fp8(tmp_path, layout, arch)
+    engine, _ = qc.compare(quantized, dequantized, logprob_atol=1e-4, dtype="float32")
+    block = moe_blocks(engine)[-1]
+    assert block.w13.dtype == qc.FP8 and block.w13_scale.shape == (block.w13.shape[0] // 32, block.hidden // 32)
+
+
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_online_fp8_quantizes_the_experts(tmp_path, arch):
     config, state = qc.base_checkpoint(arch=arch)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ipc.messages import SamplingParams
+from kernels.fp8_block_gemm import dequantize_fp8_blocks, quantize_fp8_blocks
 from tests.core.engine_utils import make_engine, run_engine
 
 HIDDEN, INTER = 128, 256  # group sizes 32, 64 and 128 all divide both input sizes
@@ -189,17 +190,6 @@ FP8 = torch.float8_e4m3fn
 FP8_BLOCK = (32, 32)  # the tiny models' scale blocks (Qwen3 / DeepSeek checkpoints: 128 x 128)
 
 
-def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block-scaled checkpoint's e4m3 weight and its ``[ceil(N / bn), ceil(K / bk)]`` scales (absmax / 448)."""
-    n, k = w.shape
-    bn, bk = block
-    padded = torch.zeros(-(-n // bn) * bn, -(-k // bk) * bk)
-    padded[:n, :k] = w
-    scale = padded.reshape(padded.shape[0] // bn, bn, -1, bk).abs().amax(dim=(1, 3)).clamp(min=1e-8) / 448.0
-    q = (w / scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]).to(FP8)
-    return q, scale
-
-
 def write_fp8(tmp: Path, layout: str, arch: str = "llama") -> tuple[Path, Path]:
     """``layout``: ``fp8`` (AutoFP8: per-tensor scales, dynamic activations), ``fp8-static`` (with input_scale),
     ``ct-channel`` (compressed-tensors FP8_DYNAMIC: [out, 1] scales), ``ct-tensor-static``, ``block`` (Qwen3 /
@@ -209,11 +199,10 @@ def write_fp8(tmp: Path, layout: str, arch: str = "llama") -> tuple[Path, Path]:
     quant, plain = dict(state), dict(state)
     for name in quantized_layers(state):
         if layout.endswith("block"):
-            q, scale = quantize_blocks(state[name], FP8_BLOCK)
+            q, scale = quantize_fp8_blocks(state[name], FP8_BLOCK)
             quant[name] = q
             quant[name.removesuffix("weight") + ("weight_scale" if layout == "ct-block" else "weight_scale_inv")] = scale
-            plain[name] = q.float() * scale.repeat_interleave(FP8_BLOCK[0], 0)[: q.shape[0]].repeat_interleave(
-                FP8_BLOCK[1], 1)[:, : q.shape[1]]
+            plain[name] = dequantize_fp8_blocks(q, scale, FP8_BLOCK)
             continue
         w = state[name]
         w = w / w.abs().amax(1, keepdim=True) * w.abs().amax()  # rows share their max: see the module docstring
@@ -365,12 +354,6 @@ def test_fp8_block_scaled_checkpoint_matches_dequantized_model(tmp_path, layout)
     qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj
     assert qkv.weight_scale.shape == (-(-qkv.out_features // 32), -(-qkv.in_features // 32))
     assert not qkv.takes_fp8_activations()  # w8a16: the norm before it does not quantize
-
-
-def test_fp8_block_scaled_experts_fail_naming_what_is_supported(tmp_path):
-    quantized, _ = write_fp8(tmp_path, "block", "mixtral")
-    with pytest.raises(ValueError, match="block-wise scales are not supported for mixture-of-experts layers"):
-        greedy(quantized)
 
 
 def test_online_fp8_quantizes_an_unquantized_checkpoint(tmp_path):

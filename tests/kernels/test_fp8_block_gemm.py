@@ -8,25 +8,13 @@ import pytest
 import torch
 
 from kernels.fp8_block_gemm import (block_gemm_tiles, dequantize_fp8_blocks, fp8_block_gemm_triton, fp8_block_linear,
-                                    fp8_block_linear_ref)
+                                    fp8_block_linear_ref, quantize_fp8_blocks)
 from tests.kernels.kernel_testing import KERNEL_DEVICE, TOLERANCE, assert_close
-
-
-def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight as a block-scaled checkpoint holds it: e4m3 values and one scale per block (its absmax / 448)."""
-    n, k = w.shape
-    bn, bk = block
-    nb, kb = -(-n // bn), -(-k // bk)
-    padded = torch.zeros(nb * bn, kb * bk)
-    padded[:n, :k] = w
-    scale = padded.reshape(nb, bn, kb, bk).abs().amax(dim=(1, 3)).clamp(min=1e-8) / 448.0
-    q = (w / scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]).to(torch.float8_e4m3fn)
-    return q, scale
 
 
 def test_dequantized_blocks_carry_their_own_scales():
     w = torch.cat([torch.full((2, 4), 1.0), torch.full((2, 4), 100.0)])  # two row blocks of very different ranges
-    q, scale = quantize_blocks(w, (2, 4))
+    q, scale = quantize_fp8_blocks(w, (2, 4))
     assert scale.shape == (2, 1)
     torch.testing.assert_close(dequantize_fp8_blocks(q, scale, (2, 4)), w)
 
@@ -38,7 +26,7 @@ def test_dequantized_blocks_carry_their_own_scales():
 def test_fp8_block_kernel_matches_reference(m, shape, block, dtype):
     gen = torch.Generator().manual_seed(m)
     n, k = shape
-    q, scale = quantize_blocks(torch.randn(n, k, generator=gen) / k**0.5, block)
+    q, scale = quantize_fp8_blocks(torch.randn(n, k, generator=gen) / k**0.5, block)
     x = torch.randn(m, k, generator=gen).to(dtype)
     q, scale, x = q.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE), x.to(KERNEL_DEVICE)
     out = fp8_block_gemm_triton(x, q, scale, block)
@@ -53,7 +41,7 @@ def test_tiles_step_inside_one_scale_block():
 
 
 def test_dispatcher_on_cpu_takes_reference_and_adds_the_bias():
-    q, scale = quantize_blocks(torch.randn(64, 64), (32, 32))
+    q, scale = quantize_fp8_blocks(torch.randn(64, 64), (32, 32))
     x, bias = torch.randn(3, 64), torch.randn(64)
     torch.testing.assert_close(fp8_block_linear(x, q, scale, (32, 32), bias),
                                fp8_block_linear_ref(x, q, scale, (32, 32)) + bias)
@@ -64,7 +52,7 @@ def test_dispatcher_on_cpu_takes_reference_and_adds_the_bias():
 def test_gpu_fp8_block_kernel_at_a_qwen3_8b_shape(m):
     """bf16 activations, 128 x 128 blocks, Qwen3-8B's gate_up (24576 x 4096)."""
     gen = torch.Generator().manual_seed(m)
-    q, scale = quantize_blocks(torch.randn(24576, 4096, generator=gen) / 64, (128, 128))
+    q, scale = quantize_fp8_blocks(torch.randn(24576, 4096, generator=gen) / 64, (128, 128))
     x = torch.randn(m, 4096, generator=gen).to(torch.bfloat16)
     out = fp8_block_linear(x.cuda(), q.cuda(), scale.cuda(), (128, 128))
     assert_close(out, fp8_block_linear_ref(x.double(), q, scale, (128, 128)), TOLERANCE[torch.bfloat16], "fp8 block")

@@ -77,6 +77,25 @@ def test_fused_moe_with_fp8_experts_matches_reference(case, dtype):
     assert (ref - unquantized).abs().max() < 0.1 * unquantized.abs().max()  # e4m3's few percent, not a wrong scale
 
 
+@pytest.mark.parametrize("block", [(32, 32), (16, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_moe_with_block_scaled_fp8_experts_matches_reference(block, dtype):
+    """Experts as block-scaled checkpoints hold them (a scale per ``block`` of each expert's gate|up and down): each
+    K step's partial product scaled by its blocks' scales; K steps of the config wider than the block shrink."""
+    from kernels.fp8_block_gemm import quantize_fp8_blocks
+
+    x, w13, w2, weights, ids = _problem(21, 4, 128, 64, 2, dtype, seed=5)
+    blocks = [[quantize_fp8_blocks(w[e].float().cpu(), block) for e in range(w.shape[0])] for w in (w13, w2)]
+    (q13, s13), (q2, s2) = ((torch.stack([q for q, _ in b]), torch.stack([s for _, s in b])) for b in blocks)
+    q13, s13, q2, s2 = (t.to(KERNEL_DEVICE) for t in (q13, s13, q2, s2))
+    config = dict(SMALL, BLOCK_K=128)  # more than the blocks' K side: stepped down to it
+    out = fused_moe_triton(x, q13, q2, weights, ids, config=config, w13_scale=s13, w2_scale=s2, scale_block=block)
+    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, s13, s2, scale_block=block)
+    assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe fp8 blocks")
+    unquantized = fused_moe_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
+    assert (ref - unquantized).abs().max() < 0.1 * unquantized.abs().max()
+
+
 def test_fused_moe_default_config_matches_reference():
     x, w13, w2, weights, ids = _problem(70, 8, 64, 64, 2, torch.float32, seed=1)
     out = fused_moe_triton(x, w13, w2, weights, ids, config=default_config(70, 8))

@@ -269,7 +269,8 @@ class Fp8MoEMethod:
     fused MoE kernel (``kernels/fused_moe.py``: each weight tile widened in registers, the products scaled): half the
     bytes of the experts' weights, which decode reads. Online (``--quantization fp8``) the stacked ``w13`` / ``w2``
     are quantized per channel after loading; an fp8 checkpoint's per-expert tensors load into e4m3 ``w13`` / ``w2``
-    with their scales (per tensor: one per expert and projection, spread over its channels; per channel). A static
+    with their scales (per tensor: one per expert and projection, spread over its channels; per channel; per block
+    of each expert's weight, which the kernel applies to each K step's partial product). A static
     ``input_scale`` is read and unused: the activations stay in the model's dtype (w8a16), which the scale was
     calibrated to approximate."""
 
@@ -281,13 +282,20 @@ class Fp8MoEMethod:
         ``w13`` / ``w2`` load, quantized after loading."""
         if not self.config.serialized:
             return False
-        if self.config.weight_strategy == "block":
-            raise ValueError("fp8 checkpoints with block-wise scales are not supported for mixture-of-experts layers "
-                             "yet (dense layers are); supported for experts: per-tensor and per-channel fp8 scales, or "
-                             "--quantization fp8 on a 16-bit checkpoint.")
         experts, inter, hidden = block.num_experts, block.inter, block.hidden
         new_parameter(block, "w13", (experts * 2 * inter, hidden), FP8_DTYPE, dummy_fill=_fill_fp8)
         new_parameter(block, "w2", (experts * hidden, inter), FP8_DTYPE, dummy_fill=_fill_fp8)
+        if self.config.weight_strategy == "block":
+            block_n, block_k = self.config.block
+            if inter % block_n or hidden % block_n:
+                raise ValueError(f"fp8 block-wise scales of {block_n} rows do not tile the experts' projections (an "
+                                 f"expert's width {inter}, hidden size {hidden}): their rows must be whole blocks.")
+            name = self.config.block_scale_name  # one scale row per block of an expert's rows
+            new_parameter(block, f"w13_{name}", (experts * 2 * inter // block_n, -(-hidden // block_k)), torch.float32,
+                          pack_factor=block_n, dummy_fill=_fill_scale)
+            new_parameter(block, f"w2_{name}", (experts * hidden // block_n, -(-inter // block_k)), torch.float32,
+                          pack_factor=block_n, dummy_fill=_fill_scale)
+            return True
         shards = {"w13": (inter,) * (2 * experts), "w2": (hidden,) * experts}
         for name, sizes in shards.items():
             if self.config.weight_strategy == "channel":
@@ -304,6 +312,11 @@ class Fp8MoEMethod:
     def process_weights_after_loading(self, block: nn.Module) -> None:
         for name in ("w13", "w2"):
             weight = getattr(block, name).data
+            if self.config.weight_strategy == "block":  # the scales as they are: [E * rows / block_n, K / block_k]
+                scale = getattr(block, f"{name}_{self.config.block_scale_name}").data.float()
+                delattr(block, f"{name}_{self.config.block_scale_name}")
+                replace_parameter(block, f"{name}_scale", scale.contiguous())
+                continue
             if not self.config.serialized:
                 weight, scale = quantize_per_channel(weight)
             else:
@@ -319,6 +332,12 @@ class Fp8MoEMethod:
             replace_parameter(block, name, weight.contiguous())
             replace_parameter(block, f"{name}_scale", scale.contiguous())
 
-    def expert_scales(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """``w13``'s and ``w2``'s scales as the kernel reads them: ``[E, 2I]`` and ``[E, H]``."""
-        return block.w13_scale.view(block.num_experts, -1), block.w2_scale.view(block.num_experts, -1)
+    def expert_scales(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
+        """``w13``'s and ``w2``'s scales as the kernel reads them, ``[E, 2I]`` and ``[E, H]`` per channel, or per
+        block ``[E, 2I / block_n, H / block_k]`` and ``[E, H / block_n, I / block_k]``; and the block (None: per
+        channel)."""
+        experts = block.num_experts
+        if self.config.weight_strategy == "block":
+            return (block.w13_scale.view(experts, -1, block.w13_scale.shape[-1]),
+                    block.w2_scale.view(experts, -1, block.w2_scale.shape[-1]), self.config.block)  # fmt: skip
+        return block.w13_scale.view(experts, -1), block.w2_scale.view(experts, -1), None
