@@ -28,7 +28,7 @@ interpret_smoke_without_cuda()  # before kernels/ is imported
 
 import torch  # noqa: E402
 
-from kernels.fused_moe import fused_moe, fused_moe_ref, fused_moe_triton, fused_topk, get_config  # noqa: E402
+from kernels.fused_moe import ExpertQuant, fused_moe, fused_moe_ref, fused_moe_triton, fused_topk, get_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -67,8 +67,7 @@ class MoeProblem:
     logits: torch.Tensor
     topk_weights: torch.Tensor
     topk_ids: torch.Tensor
-    w13_scale: torch.Tensor | None = None  # fp8 experts (``--fp8``): per expert and output channel
-    w2_scale: torch.Tensor | None = None
+    quant: ExpertQuant | None = None  # fp8 experts (``--fp8``): scales per expert and output channel
 
     def bytes_and_flops(self) -> tuple[int, int]:
         """Bytes the kernel must move at least (weights of the touched experts once, x in, the gate|up and activation
@@ -90,11 +89,13 @@ def make_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int = 0
     if fp8:
         from kernels.fp8_linear import quantize_per_channel
 
+        scales = []
         for name in ("w13", "w2"):
             w = getattr(problem, name)
             q, scale = quantize_per_channel(w.reshape(-1, w.shape[-1]))
             setattr(problem, name, q.view(w.shape))
-            setattr(problem, f"{name}_scale", scale.view(w.shape[:2]))
+            scales.append(scale.view(w.shape[:2]))
+        problem.quant = ExpertQuant(*scales)
     return problem
 
 
@@ -144,10 +145,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_problem(p: MoeProblem, config: dict[str, int] | None = None) -> float:
     """Relative error of the Triton path against the float32 per-expert loop."""
-    out = fused_moe_triton(p.x, p.w13, p.w2, p.topk_weights, p.topk_ids, config=config, w13_scale=p.w13_scale,
-                           w2_scale=p.w2_scale)
-    ref = fused_moe_ref(p.x.float(), p.w13.float(), p.w2.float(), p.topk_weights, p.topk_ids, p.w13_scale,
-                        p.w2_scale)  # fmt: skip
+    out = fused_moe_triton(p.x, p.w13, p.w2, p.topk_weights, p.topk_ids, config=config, quant=p.quant)
+    ref = fused_moe_ref(p.x.float(), p.w13.float(), p.w2.float(), p.topk_weights, p.topk_ids, p.quant)
     return relative_error(out, ref)
 
 
@@ -183,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{shape.name} T={tokens}: relative error {err:.2e} > {tol:.0e}")
 
             def call() -> torch.Tensor:
-                return fused_moe(p.x, p.w13, p.w2, p.logits, shape.top_k, True, w13_scale=p.w13_scale,
-                                 w2_scale=p.w2_scale)
+                return fused_moe(p.x, p.w13, p.w2, p.logits, shape.top_k, True, quant=p.quant)
 
             ms = bench_ms(call)
             g_ms = graph_ms(call)

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 try:
                     ms = bench_ms(lambda: fused_moe_triton(p.x, p.w13, p.w2, p.topk_weights, p.topk_ids, config,
-                                                           p.w13_scale, p.w2_scale))  # fmt: skip
+                                                           p.quant))  # fmt: skip
                 except Exception as exc:  # out of shared memory / registers: skip this config
                     print(f"  skip {config}: {type(exc).__name__}")
                     continue

@@ -59,13 +59,13 @@ class SparseMoeBlock(nn.Module):
                                            f"{prefix}.shared_expert") if shared_expert_inter else None)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w13_scale, w2_scale, block = (self.quant_method.expert_scales(self) if self.quant_method is not None
-                                      else (None, None, None))  # fmt: skip
-        out = fused_moe(
-            x, self.w13.view(self.num_experts, 2 * self.inter, self.hidden),
-            self.w2.view(self.num_experts, self.hidden, self.inter), self.gate(x), self.top_k, self.renormalize,
-            backend=self.kernel_backend, w13_scale=w13_scale, w2_scale=w2_scale, scale_block=block,
-        )  # fmt: skip
+        if self.quant_method is not None:  # the experts as the method stores them (kernels/fused_moe.py)
+            w13, w2, quant = self.quant_method.experts(self)
+        else:
+            w13, w2 = self.w13.view(self.num_experts, -1, self.hidden), self.w2.view(self.num_experts, self.hidden, -1)
+            quant = None
+        out = fused_moe(x, w13, w2, self.gate(x), self.top_k, self.renormalize, backend=self.kernel_backend,
+                        quant=quant)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         return out

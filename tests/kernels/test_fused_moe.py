@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fused_moe import (default_config, fused_moe, fused_moe_ref, fused_moe_triton, fused_topk,
+from kernels.fused_moe import (ExpertQuant, default_config, fused_moe, fused_moe_ref, fused_moe_triton, fused_topk,
                                moe_align_block_size)  # fmt: skip
 from tests.kernels.kernel_testing import KERNEL_DEVICE, TOLERANCE, assert_close
 
@@ -69,9 +69,9 @@ def test_fused_moe_with_fp8_experts_matches_reference(case, dtype):
     x, w13, w2, weights, ids = _problem(tokens, experts, hidden, inter, top_k, dtype, seed=tokens, routing=routing)
     (q13, s13), (q2, s2) = _fp8_experts(w13.float()), _fp8_experts(w2.float())
     q13, s13, q2, s2 = (t.to(KERNEL_DEVICE) for t in (q13, s13, q2, s2))
-    out = fused_moe_triton(x, q13, q2, weights, ids, config=SMALL, w13_scale=s13, w2_scale=s2)
+    out = fused_moe_triton(x, q13, q2, weights, ids, config=SMALL, quant=ExpertQuant(s13, s2))
     assert out.shape == (tokens, hidden) and out.dtype == dtype
-    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, s13.double(), s2.double())
+    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, ExpertQuant(s13.double(), s2.double()))
     assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe fp8")
     unquantized = fused_moe_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
     assert (ref - unquantized).abs().max() < 0.1 * unquantized.abs().max()  # e4m3's few percent, not a wrong scale
@@ -89,8 +89,8 @@ def test_fused_moe_with_block_scaled_fp8_experts_matches_reference(block, dtype)
     (q13, s13), (q2, s2) = ((torch.stack([q for q, _ in b]), torch.stack([s for _, s in b])) for b in blocks)
     q13, s13, q2, s2 = (t.to(KERNEL_DEVICE) for t in (q13, s13, q2, s2))
     config = dict(SMALL, BLOCK_K=128)  # more than the blocks' K side: stepped down to it
-    out = fused_moe_triton(x, q13, q2, weights, ids, config=config, w13_scale=s13, w2_scale=s2, scale_block=block)
-    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, s13, s2, scale_block=block)
+    out = fused_moe_triton(x, q13, q2, weights, ids, config=config, quant=ExpertQuant(s13, s2, block))
+    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, ExpertQuant(s13, s2, block))
     assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe fp8 blocks")
     unquantized = fused_moe_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
     assert (ref - unquantized).abs().max() < 0.1 * unquantized.abs().max()
@@ -148,8 +148,8 @@ def test_gpu_fused_moe_qwen3_30b_shape_with_fp8_experts(tokens):
     (q2, s2) = _fp8_experts(torch.randn(experts, hidden, inter, generator=gen) / inter**0.5)
     q13, s13, q2, s2 = q13.cuda(), s13.cuda(), q2.cuda(), s2.cuda()
     weights, ids = fused_topk(torch.randn(tokens, experts, generator=gen).cuda(), top_k, True)
-    out = fused_moe_triton(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2)
-    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, s13.double(), s2.double())
+    out = fused_moe_triton(x, q13, q2, weights, ids, quant=ExpertQuant(s13, s2))
+    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, ExpertQuant(s13.double(), s2.double()))
     assert_close(out, ref, TOLERANCE[torch.bfloat16], "fused_moe fp8")
 
 

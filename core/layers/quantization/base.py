@@ -150,8 +150,9 @@ class QuantConfig(ABC):
 
     def moe_method(self, prefix: str) -> Any:
         """How the sparse MoE block ``prefix`` (``model.layers.0.mlp``) stores and runs its experts (an object with
-        ``create_weights(block) -> bool`` (whether it registered ``w13`` / ``w2``), ``process_weights_after_loading``
-        and ``expert_scales(block)``, e.g.
+        ``create_weights(block) -> bool`` (whether it registered the experts' parameters),
+        ``process_weights_after_loading`` and ``experts(block)``: the fused MoE kernel's ``w13``, ``w2`` and
+        ``ExpertQuant``, e.g.
         ``fp8.Fp8MoEMethod``), or None to leave them unquantized. Methods without expert kernels raise; the families
         that list the method in ``SUPPORTED_QUANTIZATION`` never reach that."""
         raise ValueError(f"quantization {self.name} has no kernel for mixture-of-experts layers ({prefix}).")

@@ -23,6 +23,7 @@ from torch import nn
 from core.layers.quantization.base import (LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter,
                                            shard_starts)
 from kernels.fp8_block_gemm import fp8_block_linear
+from kernels.fused_moe import ExpertQuant
 from kernels.fp8_linear import (
     FP8_DTYPE,
     Fp8Activations,
@@ -332,12 +333,13 @@ class Fp8MoEMethod:
             replace_parameter(block, name, weight.contiguous())
             replace_parameter(block, f"{name}_scale", scale.contiguous())
 
-    def expert_scales(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
-        """``w13``'s and ``w2``'s scales as the kernel reads them, ``[E, 2I]`` and ``[E, H]`` per channel, or per
-        block ``[E, 2I / block_n, H / block_k]`` and ``[E, H / block_n, I / block_k]``; and the block (None: per
-        channel)."""
+    def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
+        """``w13 [E, 2I, H]``, ``w2 [E, H, I]`` and their scales as the fused MoE kernel reads them: ``[E, 2I]`` and
+        ``[E, H]`` per channel, or per block ``[E, 2I / block_n, H / block_k]`` and ``[E, H / block_n, I /
+        block_k]``."""
         experts = block.num_experts
+        w13, w2 = block.w13.view(experts, -1, block.hidden), block.w2.view(experts, block.hidden, -1)
         if self.config.weight_strategy == "block":
-            return (block.w13_scale.view(experts, -1, block.w13_scale.shape[-1]),
-                    block.w2_scale.view(experts, -1, block.w2_scale.shape[-1]), self.config.block)  # fmt: skip
-        return block.w13_scale.view(experts, -1), block.w2_scale.view(experts, -1), None
+            return w13, w2, ExpertQuant(block.w13_scale.view(experts, -1, block.w13_scale.shape[-1]),
+                                        block.w2_scale.view(experts, -1, block.w2_scale.shape[-1]), self.config.block)
+        return w13, w2, ExpertQuant(block.w13_scale.view(experts, -1), block.w2_scale.view(experts, -1))
