@@ -56,20 +56,28 @@ def fused_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tu
 
 class ExpertQuant(NamedTuple):
     """How quantized experts are stored, beside ``w13`` / ``w2``: e4m3 weights with fp32 scales per expert and output
-    channel (``[E, N]``) or per ``block`` (``[E, N / block_n, K / block_k]``); or (``group``) int4 codes in
-    ``kernels/int4_gemm.py``'s kernel layout (``[E, N, K / 8]`` int32) with scales and zero points ``[E, K / group,
-    N]`` (``w13_zeros`` / ``w2_zeros``). All run w16a16 on the tensor cores after widening the weight in registers."""
+    channel (``[E, N]``) or per ``block`` (``[E, N / block_n, K / block_k]``); or (``w13_group`` / ``w2_group``, the
+    group sizes along each GEMM's K) int4 codes in ``kernels/int4_gemm.py``'s kernel layout (``[E, N, K / 8]`` int32)
+    with scales and zero points ``[E, K / group, N]`` (``w13_zeros`` / ``w2_zeros``). All run on the 16-bit tensor
+    cores after widening the weight in registers."""
 
     w13_scale: torch.Tensor
     w2_scale: torch.Tensor
     block: tuple[int, int] | None = None
     w13_zeros: torch.Tensor | None = None
     w2_zeros: torch.Tensor | None = None
-    group: int = 0
+    w13_group: int = 0
+    w2_group: int = 0
 
-    def parts(self, which: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(scales, zero points) of ``w13`` (0) or ``w2`` (1)."""
-        return (self.w13_scale, self.w13_zeros) if which == 0 else (self.w2_scale, self.w2_zeros)
+    @property
+    def int4(self) -> bool:
+        return self.w13_group > 0
+
+    def parts(self, which: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(scales, zero points, int4 group size) of ``w13`` (0) or ``w2`` (1)."""
+        if which == 0:
+            return self.w13_scale, self.w13_zeros, self.w13_group
+        return self.w2_scale, self.w2_zeros, self.w2_group
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -77,7 +85,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     """Plain torch, one expert at a time (syncs with the host: ``nonzero``); the result in ``x``'s dtype. Quantized
     experts (``quant``): fp8 per channel widened to x's dtype with the products scaled, as the kernel does; fp8
     blocks and int4 dequantized first."""
-    inter = w2.shape[-1] if quant is None or not quant.group else w2.shape[-1] * 8
+    inter = w2.shape[-1] * 8 if quant is not None and quant.int4 else w2.shape[-1]
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     for expert in range(w13.shape[0]):
         tokens, slots = (topk_ids == expert).nonzero(as_tuple=True)
@@ -95,11 +103,11 @@ def _expert_product(x: torch.Tensor, w: torch.Tensor, quant: ExpertQuant | None,
     """``x @ w[expert]^T`` for one expert's 16-bit, fp8 or int4 weight (``which``: w13 or w2)."""
     if quant is None:
         return x @ w[expert].t()
-    scale, zeros = quant.parts(which)
-    if quant.group:
+    scale, zeros, group = quant.parts(which)
+    if group:
         from kernels.int4_gemm import dequantize_int4
 
-        return x @ dequantize_int4(w[expert], scale[expert], zeros[expert], quant.group).to(x.dtype)
+        return x @ dequantize_int4(w[expert], scale[expert], zeros[expert], group).to(x.dtype)
     if quant.block is not None:
         from kernels.fp8_block_gemm import dequantize_fp8_blocks
 
@@ -231,11 +239,12 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
     capacity = sorted_pair_ids.shape[0]
     n, k = b.shape[1], b.shape[2]
     kind, scale, zeros = B_PLAIN, out, out
+    group = 0
     if quant is not None:
-        scale, zeros = quant.parts(which)
-        if quant.group:
+        scale, zeros, group = quant.parts(which)
+        if group:
             kind, k = B_INT4, 8 * b.shape[2]
-            config = {**config, "BLOCK_K": max(32, _block_k_within(config["BLOCK_K"], quant.group))}
+            config = {**config, "BLOCK_K": max(32, _block_k_within(config["BLOCK_K"], group))}
         elif quant.block is not None:
             kind = B_FP8_BLOCK
             config = {**config, "BLOCK_K": _block_k_within(config["BLOCK_K"], quant.block[1])}
@@ -253,7 +262,7 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
         B_KIND=kind, SCALE_N=quant.block[0] if kind == B_FP8_BLOCK else 0,
-        SCALE_K=quant.block[1] if kind == B_FP8_BLOCK else 0, GROUP=quant.group if kind == B_INT4 else 0,
+        SCALE_K=quant.block[1] if kind == B_FP8_BLOCK else 0, GROUP=group,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
 
@@ -329,7 +338,7 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
 
 def _weight_kind(w13: torch.Tensor, quant: ExpertQuant | None) -> torch.dtype | str | None:
     """What the config table keys the experts' weights by: their dtype, or ``int4`` (packed in int32)."""
-    if quant is not None and quant.group:
+    if quant is not None and quant.int4:
         return "int4"
     return w13.dtype
 

@@ -26,9 +26,9 @@ from core.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, Ll
 from kernels.backend import resolve_backends
 
 
-# Weight quantization methods the family runs (core/layers/quantization): fp8 for the dense projections and the
-# experts (w8a16 in the fused MoE kernel); the router stays unquantized.
-SUPPORTED_QUANTIZATION = ("fp8",)
+# Weight quantization methods the family runs (core/layers/quantization): the dense projections' and, in the fused
+# MoE kernel, the experts' (fp8: w8a16; AWQ / GPTQ: int4 dequantized in registers); the router stays unquantized.
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq")
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class MoeModel(LlamaModel):
 
 # HF expert tensor -> (which stacked parameter, which half of w13); an fp8 checkpoint's scales go beside it
 _EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\."
-                            r"(weight|weight_scale|weight_scale_inv|input_scale)$")
+                            r"(weight|weight_scale|weight_scale_inv|input_scale|qweight|qzeros|scales|g_idx)$")
 _EXPERT_SLOT = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj": ("w13", 1),
                 "w2": ("w2", 0), "down_proj": ("w2", 0)}  # fmt: skip
 

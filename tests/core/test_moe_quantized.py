@@ -1,5 +1,6 @@
-"""fp8 mixtures of experts (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE): the experts stay e4m3 with
-per-channel scales and run w8a16 in the fused MoE kernel (on CPU its reference), the dense projections W8A8.
+"""Quantized mixtures of experts (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE). fp8: the experts stay e4m3
+with per-channel (or per-block) scales and run w8a16 in the fused MoE kernel (on CPU its reference), the dense
+projections W8A8. AWQ / GPTQ: int4 experts repacked into the int4 kernel layout, dequantized in the kernel.
 Checkpoints written with per-expert fp8 tensors (per-tensor and per-channel scales) give the dequantized model's
 tokens and logprobs when it runs the same quantization (online fp8 of those weights is exact: see
 test_quantized_checkpoints.py's docstring); online fp8 stays within fp8's error of the unquantized model."""
@@ -54,6 +55,30 @@ def test_block_scaled_fp8_moe_checkpoint_matches_dequantized_model(tmp_path, arc
     engine, _ = qc.compare(quantized, dequantized, logprob_atol=1e-4, dtype="float32")
     block = moe_blocks(engine)[-1]
     assert block.w13.dtype == qc.FP8 and block.w13_scale.shape == (block.w13.shape[0] // 32, block.hidden // 32)
+
+
+INT4_WRITERS = {"awq": lambda tmp, arch: qc.write_awq(tmp, 32, arch),
+                "gptq-sym": lambda tmp, arch: qc.write_gptq(tmp, 32, False, True, arch),
+                "gptq-zp": lambda tmp, arch: qc.write_gptq(tmp, 32, False, False, arch)}
+
+
+@pytest.mark.parametrize("method", sorted(INT4_WRITERS))
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_int4_moe_checkpoint_matches_dequantized_model(tmp_path, arch, method):
+    """AWQ / GPTQ experts (Mixtral-AWQ's, Qwen3-30B-A3B-GPTQ-Int4's layouts): each expert's packed tensors repacked
+    into the int4 kernel layout, the same tokens and logprobs as the dequantized model (CPU: the reference)."""
+    quantized, dequantized = INT4_WRITERS[method](tmp_path, arch)
+    engine, _ = qc.compare(quantized, dequantized, logprob_atol=1e-4, dtype="float32")
+    block = moe_blocks(engine)[-1]
+    assert block.w13.dtype == torch.int32 and block.w13.shape == (block.num_experts, 2 * block.inter,
+                                                                  block.hidden // 8)  # fmt: skip
+    assert block.w2_scale.shape == (block.num_experts, block.inter // 32, block.hidden)
+
+
+def test_act_order_experts_fail_naming_what_is_supported(tmp_path):
+    quantized, _ = qc.write_gptq(tmp_path, 32, True, True, "mixtral")
+    with pytest.raises(ValueError, match="act-order .* not supported; supported: GPTQ experts with desc_act false"):
+        qc.greedy(quantized)
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)

@@ -27,9 +27,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's order_map
 
 
-def base_checkpoint(hidden: int = HIDDEN, arch: str = "llama") -> tuple[dict, dict[str, torch.Tensor]]:
+def base_checkpoint(hidden: int = HIDDEN, arch: str = "llama", **overrides) -> tuple[dict, dict[str, torch.Tensor]]:
     """A tiny random Llama (``hidden`` wide), or another family's tiny model (``tests/tiny_models.py``: 64 wide,
-    MLP 128, so groups of 32 and 64 divide every input size)."""
+    MLP 128, so groups of 32 and 64 divide every input size; ``overrides``: its config fields)."""
     import transformers
 
     if arch == "llama":
@@ -40,7 +40,7 @@ def base_checkpoint(hidden: int = HIDDEN, arch: str = "llama") -> tuple[dict, di
     else:
         from tests.tiny_models import hf_config
 
-        cfg = hf_config(arch, vocab_size=384, initializer_range=0.1)
+        cfg = hf_config(arch, **{"vocab_size": 384, "initializer_range": 0.1, **overrides})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     config = {**cfg.to_dict(), "architectures": [type(model).__name__], "torch_dtype": "float32"}
@@ -139,8 +139,8 @@ def asym_int4(w_t: torch.Tensor, group_of_row: torch.Tensor, groups: int, sym: b
     return codes, zeros, scales, (codes - z).float() * s
 
 
-def write_awq(tmp: Path, group: int, arch: str = "llama") -> tuple[Path, Path]:
-    config, state = base_checkpoint(arch=arch)
+def write_awq(tmp: Path, group: int, arch: str = "llama", **overrides) -> tuple[Path, Path]:
+    config, state = base_checkpoint(arch=arch, **overrides)
     quant, plain = dict(state), dict(state)
     for name in quantized_layers(state):
         w_t = state[name].t()
@@ -157,8 +157,9 @@ def write_awq(tmp: Path, group: int, arch: str = "llama") -> tuple[Path, Path]:
             save(tmp / f"{tag}-dequantized", config, plain))
 
 
-def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "llama") -> tuple[Path, Path]:
-    config, state = base_checkpoint(arch=arch)
+def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "llama",
+               **overrides) -> tuple[Path, Path]:  # fmt: skip
+    config, state = base_checkpoint(arch=arch, **overrides)
     quant, plain = dict(state), dict(state)
     gen = torch.Generator().manual_seed(group)
     g_idx_of_input: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) share their input, so their g_idx

@@ -175,3 +175,17 @@ def test_fp8_experts_over_two_ranks_hold_their_slice(tmp_path, layout):
     if layout != "online":  # online: quantized at load from each rank's columns
         torch.testing.assert_close(two.w2.float(), one.w2.float()[:, :half], rtol=0, atol=0)
         torch.testing.assert_close(two.w2_scale, one.w2_scale, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_int4_experts_over_two_ranks_equal_one_device(tmp_path, method):
+    """AWQ / GPTQ experts cut by their intermediate dimension (gate / up columns, down rows, in whole groups): the
+    split Mixtral computes one device's numbers."""
+    wide = {"intermediate_size": 64}  # each rank's 32 expert columns: one group of 32
+    quantized, _ = (qc.write_awq(tmp_path, 32, "mixtral", **wide) if method == "awq"
+                    else qc.write_gptq(tmp_path, 32, False, False, "mixtral", **wide))  # fmt: skip
+    reference, _ = run(quantized)
+    ours, model = run(quantized, tensor_parallel_size=2)
+    assert_same_run(ours, reference)
+    block = model.model.layers[0].mlp
+    assert block.inter == 32 and block.w2.shape == (block.num_experts, block.hidden, 32 // 8)

@@ -96,6 +96,43 @@ def test_fused_moe_with_block_scaled_fp8_experts_matches_reference(block, dtype)
     assert (ref - unquantized).abs().max() < 0.1 * unquantized.abs().max()
 
 
+def _int4_experts(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[E, N, K]`` weights as int4 experts in the kernel layout: words ``[E, N, K / 8]``, scales and zero points
+    ``[E, K / group, N]`` (asymmetric round-to-nearest per group and column)."""
+    from kernels.int4_gemm import pack_int4_kernel
+
+    words, scales, zeros = [], [], []
+    for w_e in w.float().cpu():
+        w_t = w_e.t()  # [K, N]
+        grouped = w_t.reshape(-1, group, w_t.shape[1])
+        lo, hi = grouped.amin(1).clamp(max=0), grouped.amax(1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-6)
+        zero = torch.round(-lo / scale).clamp(0, 15)
+        codes = torch.clamp(torch.round(grouped / scale[:, None]) + zero[:, None], 0, 15).reshape(w_t.shape)
+        words.append(pack_int4_kernel(codes.long()))
+        scales.append(scale)
+        zeros.append(zero)
+    return torch.stack(words), torch.stack(scales), torch.stack(zeros)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_moe_with_int4_experts_matches_reference(group, dtype):
+    """int4 experts (AWQ / GPTQ after loading): the kernel unpacks each step's words in the int4 layout's interleave,
+    reorders a's columns to match, dequantizes with the group's scales and zero points, as the reference does."""
+    x, w13, w2, weights, ids = _problem(19, 4, 128, 64, 2, dtype, seed=group)
+    (q13, s13, z13), (q2, s2, z2) = _int4_experts(w13, group), _int4_experts(w2, group)
+    quant = ExpertQuant(s13.to(dtype), s2.to(dtype), None, z13.to(dtype), z2.to(dtype), group, group)
+    quant = ExpertQuant(*(t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t for t in quant))
+    q13, q2 = q13.to(KERNEL_DEVICE), q2.to(KERNEL_DEVICE)
+    out = fused_moe_triton(x, q13, q2, weights, ids, config=dict(SMALL, BLOCK_K=128), quant=quant)
+    assert out.shape == (19, 128) and out.dtype == dtype
+    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, quant)
+    assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe int4")
+    unquantized = fused_moe_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
+    assert (ref - unquantized).abs().max() < 0.2 * unquantized.abs().max()
+
+
 def test_fused_moe_default_config_matches_reference():
     x, w13, w2, weights, ids = _problem(70, 8, 64, 64, 2, torch.float32, seed=1)
     out = fused_moe_triton(x, w13, w2, weights, ids, config=default_config(70, 8))

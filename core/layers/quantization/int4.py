@@ -28,6 +28,7 @@ from core.layers.quantization.base import LinearMethod, QuantConfig, new_paramet
 from kernels.backend import use_triton
 from kernels.int4_gemm import (AWQ_ORDER, KERNEL_K_BLOCK, int4_linear, int4_qkv_rope_cache, pack_int4_kernel,
                                tile_int4, tiled_layout_pays, unpack_int4_columns, unpack_int4_rows)
+from kernels.fused_moe import ExpertQuant
 from kernels.int4_gemv_gluon import MAX_M as INT4_GEMV_MAX_M
 
 PACK = 8  # int4 values per int32
@@ -91,6 +92,9 @@ class _Int4Config(QuantConfig):
         if suffix == "g_idx":
             return tensor.narrow(0, start, length) - first  # the rank's groups are numbered from 0
         return tensor.narrow(0, first, count)
+
+    def moe_method(self, prefix: str) -> Int4MoEMethod:
+        return Int4MoEMethod(self)
 
     def summary(self) -> str:
         extra = ", act-order" if self.desc_act else ""
@@ -272,3 +276,77 @@ class Int4LinearMethod(LinearMethod):
         if not self.may_rope_cache(layer, x):
             return None
         return int4_qkv_rope_cache(x, layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.perm, **rope)
+
+
+class Int4MoEMethod:
+    """A sparse MoE block's experts from an AWQ or GPTQ checkpoint: each expert's gate, up and down load in the
+    checkpoint's layout into stacked parameters (``w13_qweight`` holds every expert's gate and up columns, as a merged
+    projection would; ``w2_qweight`` every down), then each expert's codes are repacked into the int4 kernel layout
+    (``[E, N, K / 8]``) with its scales and zero points ``[E, K / group, N]``, which the fused MoE kernel dequantizes
+    in registers (``kernels/fused_moe.py``: ``ExpertQuant``). GPTQ act-order experts (a permutation per expert) are
+    not supported."""
+
+    def __init__(self, config: _Int4Config) -> None:
+        self.config = config
+        self.is_awq = config.name == "awq"
+
+    def _projections(self, block: nn.Module) -> tuple[tuple[str, int, int, int], ...]:
+        """(name, output rows per expert, input size K, group) of w13 and w2."""
+        experts_k = (block.hidden, block.inter)
+        groups = [k if self.config.group_size == -1 else self.config.group_size for k in experts_k]
+        return ("w13", 2 * block.inter, block.hidden, groups[0]), ("w2", block.hidden, block.inter, groups[1])
+
+    def create_weights(self, block: nn.Module) -> bool:
+        name = self.config.name
+        if self.config.desc_act:
+            raise ValueError(f"{name}: experts quantized with act-order (desc_act) are not supported; supported: "
+                             "GPTQ experts with desc_act false, AWQ experts.")
+        experts = block.num_experts
+        for param, rows, k, group in self._projections(block):
+            if k % group or k % KERNEL_K_BLOCK or rows % PACK:
+                raise ValueError(f"{name}: an expert's {param} (input size {k}, {rows} outputs) does not fit the int4 "
+                                 f"kernels: the input size must be a multiple of the group size {group} and of "
+                                 f"{KERNEL_K_BLOCK}, the outputs of {PACK}.")
+            out = experts * rows
+            if self.is_awq:
+                new_parameter(block, f"{param}_qweight", (k, out // PACK), torch.int32, output_dim=1,
+                              pack_factor=PACK, dummy_fill=_fill_random_int32)
+            else:
+                new_parameter(block, f"{param}_qweight", (k // PACK, out), torch.int32, output_dim=1,
+                              dummy_fill=_fill_random_int32)
+                new_parameter(block, f"{param}_g_idx", (k,), torch.int32, output_dim=None,
+                              dummy_fill=lambda t, gen, k=k, group=group: t.copy_(torch.arange(k) // group))
+            new_parameter(block, f"{param}_qzeros", (k // group, out // PACK), torch.int32, output_dim=1,
+                          pack_factor=PACK, dummy_fill=_fill_random_int32)
+            new_parameter(block, f"{param}_scales", (k // group, out), torch.get_default_dtype(), output_dim=1,
+                          dummy_fill=_fill_scales)
+        return True
+
+    def process_weights_after_loading(self, block: nn.Module) -> None:
+        experts = block.num_experts
+        for param, rows, k, group in self._projections(block):
+            scales = getattr(block, f"{param}_scales").data
+            if self.is_awq:
+                q = unpack_int4_columns(getattr(block, f"{param}_qweight").data, AWQ_ORDER)  # [K, E * rows]
+                zeros = unpack_int4_columns(getattr(block, f"{param}_qzeros").data, AWQ_ORDER)
+            else:
+                q = unpack_int4_rows(getattr(block, f"{param}_qweight").data)
+                zeros = unpack_int4_columns(getattr(block, f"{param}_qzeros").data) + 1  # GPTQ v1: zero - 1
+                g_idx = getattr(block, f"{param}_g_idx").data.long()
+                if not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // group):
+                    raise ValueError(f"{self.config.name}: the experts' g_idx is not the natural group order (an "
+                                     "act-order checkpoint without desc_act); act-order experts are not supported.")
+                delattr(block, f"{param}_g_idx")
+            words = torch.stack([pack_int4_kernel(q[:, e * rows: (e + 1) * rows]) for e in range(experts)])
+            per_expert = (k // group, experts, rows)
+            for attr in ("qweight", "qzeros", "scales"):
+                delattr(block, f"{param}_{attr}")
+            replace_parameter(block, param, words)  # [E, rows, K / 8]
+            replace_parameter(block, f"{param}_scale", scales.reshape(per_expert).transpose(0, 1).contiguous())
+            replace_parameter(block, f"{param}_zeros",
+                              zeros.to(scales.dtype).reshape(per_expert).transpose(0, 1).contiguous())
+
+    def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
+        (_, _, _, g13), (_, _, _, g2) = self._projections(block)
+        return block.w13, block.w2, ExpertQuant(block.w13_scale, block.w2_scale, None, block.w13_zeros,
+                                                block.w2_zeros, g13, g2)
