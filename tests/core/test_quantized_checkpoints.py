@@ -202,7 +202,8 @@ def write_fp8(tmp: Path, layout: str, arch: str = "llama") -> tuple[Path, Path]:
         if layout.endswith("block"):
             q, scale = quantize_fp8_blocks(state[name], FP8_BLOCK)
             quant[name] = q
-            quant[name.removesuffix("weight") + ("weight_scale" if layout == "ct-block" else "weight_scale_inv")] = scale
+            scale_name = "weight_scale" if layout == "ct-block" else "weight_scale_inv"
+            quant[name.removesuffix("weight") + scale_name] = scale
             plain[name] = dequantize_fp8_blocks(q, scale, FP8_BLOCK)
             continue
         w = state[name]
