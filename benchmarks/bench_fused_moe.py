@@ -4,6 +4,7 @@ activations) and the FLOPs it does, with a correctness check against the per-exp
 
     python -m benchmarks.bench_fused_moe              # Qwen3-30B-A3B and Mixtral-8x7B shapes, bf16 (CUDA)
     python -m benchmarks.bench_fused_moe --fp8        # the experts in e4m3 with per-channel scales (w8a16)
+    python -m benchmarks.bench_fused_moe --int4       # the experts in int4, groups of 128 (w4a16, AWQ / GPTQ)
     python -m benchmarks.bench_fused_moe --smoke      # tiny shapes: checks the script itself, also on CPU (interpreter)
 
 Columns: ms (median of ``triton.testing.do_bench``, eager launches; ``graph ms``: the same call replayed from a CUDA
@@ -67,7 +68,7 @@ class MoeProblem:
     logits: torch.Tensor
     topk_weights: torch.Tensor
     topk_ids: torch.Tensor
-    quant: ExpertQuant | None = None  # fp8 experts (``--fp8``): scales per expert and output channel
+    quant: ExpertQuant | None = None  # quantized experts (``--fp8``, ``--int4``)
 
     def bytes_and_flops(self) -> tuple[int, int]:
         """Bytes the kernel must move at least (weights of the touched experts once, x in, the gate|up and activation
@@ -77,15 +78,31 @@ class MoeProblem:
         pairs = self.topk_ids.numel()
         touched = int(torch.unique(self.topk_ids).numel())
         elt = self.x.element_size()
-        weights = touched * (two_inter * hidden + hidden * two_inter // 2) * self.w13.element_size()
+        per_weight = 0.5 if self.quant is not None and self.quant.int4 else self.w13.element_size()  # int4: packed
+        weights = int(touched * (two_inter * hidden + hidden * two_inter // 2) * per_weight)
         activations = (2 * tokens * hidden + 2 * pairs * two_inter + 2 * pairs * two_inter // 2 + 2 * pairs * hidden) * elt
         flops = 2 * pairs * (two_inter * hidden + hidden * two_inter // 2)
         return weights + activations, flops
 
 
-def make_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int = 0, fp8: bool = False) -> MoeProblem:
-    """Random activations, experts and routing; ``fp8``: the experts quantized per output channel to e4m3."""
+def make_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int = 0, fp8: bool = False,
+                 int4_group: int = 0) -> MoeProblem:  # fmt: skip
+    """Random activations, experts and routing; ``fp8``: the experts quantized per output channel to e4m3;
+    ``int4_group``: to int4 codes in the int4 kernel layout with random scales and zero points per group."""
     problem = _random_problem(shape, tokens, dtype, seed)
+    if int4_group:
+        gen = torch.Generator().manual_seed(seed)
+        parts = []
+        for name in ("w13", "w2"):
+            e, n, k = getattr(problem, name).shape
+            group = min(int4_group, k)
+            words = torch.randint(-(2**31), 2**31 - 1, (e, n, k // 8), generator=gen, dtype=torch.int32)
+            scales = (torch.rand(e, k // group, n, generator=gen) * 2e-3 + 1e-3).to(dtype)
+            zeros = torch.randint(0, 16, (e, k // group, n), generator=gen).to(dtype)
+            setattr(problem, name, words.to(DEVICE))
+            parts.append((scales.to(DEVICE), zeros.to(DEVICE), group))
+        (s13, z13, g13), (s2, z2, g2) = parts
+        problem.quant = ExpertQuant(s13, s2, None, z13, z2, g13, g2)
     if fp8:
         from kernels.fp8_linear import quantize_per_channel
 
@@ -146,7 +163,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def check_problem(p: MoeProblem, config: dict[str, int] | None = None) -> float:
     """Relative error of the Triton path against the float32 per-expert loop."""
     out = fused_moe_triton(p.x, p.w13, p.w2, p.topk_weights, p.topk_ids, config=config, quant=p.quant)
-    ref = fused_moe_ref(p.x.float(), p.w13.float(), p.w2.float(), p.topk_weights, p.topk_ids, p.quant)
+    w13, w2 = (p.w13, p.w2) if p.quant is not None else (p.w13.float(), p.w2.float())
+    ref = fused_moe_ref(p.x.float(), w13, w2, p.topk_weights, p.topk_ids, p.quant)
     return relative_error(out, ref)
 
 
@@ -157,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=None, help="shape names (default: all)")
     parser.add_argument("--tp", type=int, default=1, help="one rank's shapes under tensor parallelism of this size")
     parser.add_argument("--fp8", action="store_true", help="experts in e4m3 with per-channel scales (w8a16)")
+    parser.add_argument("--int4", action="store_true", help="experts in int4, groups of 128 (w4a16)")
     parser.add_argument("--peak-gbps", type=float, default=4800.0)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     opts = parser.parse_args(argv)
@@ -174,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     for shape in shapes:
         for tokens in token_counts:
-            p = make_problem(shape, tokens, dtype, seed=tokens, fp8=opts.fp8)
-            config = get_config(tokens, shape.num_experts, shape.hidden, shape.inter, dtype, p.w13.dtype)
+            p = make_problem(shape, tokens, dtype, seed=tokens, fp8=opts.fp8, int4_group=128 if opts.int4 else 0)
+            config = get_config(tokens, shape.num_experts, shape.hidden, shape.inter, dtype,
+                                "int4" if opts.int4 else p.w13.dtype)  # fmt: skip
             err = check_problem(p)
             ok = err <= tol
             if not ok:

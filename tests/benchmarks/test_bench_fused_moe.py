@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -23,8 +25,9 @@ def test_bench_fused_moe_smoke():
     assert "# all correctness checks passed" in proc.stdout and "smoke  40  " in proc.stdout
 
 
-def test_bench_fused_moe_smoke_with_fp8_experts():
-    proc = _run("benchmarks.bench_fused_moe", "--smoke", "--fp8")
+@pytest.mark.parametrize("kind", ["--fp8", "--int4"])
+def test_bench_fused_moe_smoke_with_quantized_experts(kind):
+    proc = _run("benchmarks.bench_fused_moe", "--smoke", kind)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "# all correctness checks passed" in proc.stdout and "smoke  40  " in proc.stdout
 

@@ -191,6 +191,23 @@ def test_gpu_fused_moe_qwen3_30b_shape_with_fp8_experts(tokens):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 64, 2048])
+def test_gpu_fused_moe_qwen3_30b_shape_with_int4_experts(tokens):
+    """w4a16 at the real shape in bf16, groups of 128 (Qwen3-30B-A3B-GPTQ-Int4's)."""
+    gen = torch.Generator().manual_seed(tokens)
+    experts, hidden, inter, top_k = 128, 2048, 768, 8
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
+    q13, s13, z13 = _int4_experts(torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5, 128)
+    q2, s2, z2 = _int4_experts(torch.randn(experts, hidden, inter, generator=gen) / inter**0.5, 128)
+    quant = ExpertQuant(*(t.to(torch.bfloat16).cuda() for t in (s13, s2)), None,
+                        *(t.to(torch.bfloat16).cuda() for t in (z13, z2)), 128, 128)
+    weights, ids = fused_topk(torch.randn(tokens, experts, generator=gen).cuda(), top_k, True)
+    out = fused_moe_triton(x, q13.cuda(), q2.cuda(), weights, ids, quant=quant)
+    ref = fused_moe_ref(x.double(), q13.cuda(), q2.cuda(), weights.double(), ids, quant)
+    assert_close(out, ref, TOLERANCE[torch.bfloat16], "fused_moe int4")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [64, 256, 8192])
 def test_gpu_fused_moe_qwen3_30b_shape_bf16(tokens):
     gen = torch.Generator().manual_seed(tokens)
