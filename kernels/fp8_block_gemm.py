@@ -76,9 +76,10 @@ def _fp8_block_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, str
 
 
 def block_gemm_tiles(m: int, block_k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K): 16 rows for decode batches (narrow N tiles: more programs over the weight), 64
-    for prefill; K steps of up to 128 that divide the scale block."""
-    step = 128
+    """(BLOCK_M, BLOCK_N, BLOCK_K): 16 rows for decode batches (narrow N tiles: more programs over the weight) in K
+    steps of up to 128, 64 rows for prefill in steps of up to 64 (at 128, Triton 3.6 spills for sm_90); steps that
+    divide the scale block."""
+    step = 128 if m <= 16 else 64
     while block_k % step:
         step //= 2
     return (16, 32, step) if m <= 16 else (64, 64, step)

@@ -1,0 +1,41 @@
+"""The quantized weights' Triton kernels added without a GPU run compile for sm_90 (Triton's bundled ptxas)
+without spills, their products on the tensor cores (HMMA, or wgmma's HGMMA): the fused MoE kernel's four kinds of
+expert weight (16-bit, e4m3 per channel, e4m3 per block, int4) and the block-scaled fp8 GEMM at its decode and
+prefill tiles."""
+
+from __future__ import annotations
+
+from tests.benchmarks.offline_sass import needs_sass_tools, run_compile_script
+
+COMPILE = """
+import json
+from benchmarks.attention_sass import _compile, summarize
+from kernels import fp8_block_gemm, fused_moe
+out = {}
+base = dict(PAIRS_PER_A_ROW=8, MUL_ROUTING_WEIGHT=True, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+            GROUP_M=1)
+kinds = {fused_moe.B_PLAIN: ("*bf16", "*bf16"), fused_moe.B_FP8_CHANNEL: ("*fp8e4nv", "*fp32"),
+         fused_moe.B_FP8_BLOCK: ("*fp8e4nv", "*fp32"), fused_moe.B_INT4: ("*i32", "*bf16")}
+for kind, (b, s) in kinds.items():
+    constexprs = dict(base, B_KIND=kind, SCALE_N=128 if kind == fused_moe.B_FP8_BLOCK else 0,
+                      SCALE_K=128 if kind == fused_moe.B_FP8_BLOCK else 0, GROUP=128 if kind == fused_moe.B_INT4 else 0)
+    pointers = {"a_ptr": "*bf16", "b_ptr": b, "c_ptr": "*bf16", "weights_ptr": "*fp32", "sorted_pair_ids_ptr": "*i32",
+                "block_experts_ptr": "*i32", "num_padded_ptr": "*i32", "s_ptr": s, "z_ptr": s}
+    info = summarize(_compile(fused_moe._moe_gemm_kernel, pointers, set(), constexprs, 4, 3))
+    out[f"moe{kind}"] = [info["regs"], info["sass_ops"].get("STL", 0), info["sass_ops"].get("HMMA", 0) + info["sass_ops"].get("HGMMA", 0)]
+for m in (1, 512):
+    bm, bn, bk = fp8_block_gemm.block_gemm_tiles(m, 128)
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "out_ptr": "*bf16"}
+    constexprs = dict(SCALE_N=128, SCALE_K=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="tf32")
+    info = summarize(_compile(fp8_block_gemm._fp8_block_gemm_kernel, pointers, set(), constexprs, 4, 3))
+    out[f"block{m}"] = [info["regs"], info["sass_ops"].get("STL", 0), info["sass_ops"].get("HMMA", 0) + info["sass_ops"].get("HGMMA", 0)]
+print(json.dumps(out))
+"""
+
+
+@needs_sass_tools
+def test_quantized_weight_kernels_compile_for_sm90_on_the_tensor_cores_without_spills():
+    result = run_compile_script(COMPILE)
+    assert set(result) == {"moe0", "moe1", "moe2", "moe3", "block1", "block512"}
+    for name, (regs, spills, mma) in result.items():
+        assert 0 < regs <= 255 and spills == 0 and mma > 0, (name, result)
