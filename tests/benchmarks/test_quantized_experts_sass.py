@@ -12,6 +12,13 @@ import json
 from benchmarks.attention_sass import _compile, summarize
 from kernels import fp8_block_gemm, fused_moe
 out = {}
+
+
+def facts(info):
+    ops = info["sass_ops"]
+    return [info["regs"], ops.get("STL", 0), ops.get("HMMA", 0) + ops.get("HGMMA", 0)]
+
+
 base = dict(PAIRS_PER_A_ROW=8, MUL_ROUTING_WEIGHT=True, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
             GROUP_M=1)
 kinds = {fused_moe.B_PLAIN: ("*bf16", "*bf16"), fused_moe.B_FP8_CHANNEL: ("*fp8e4nv", "*fp32"),
@@ -22,13 +29,13 @@ for kind, (b, s) in kinds.items():
     pointers = {"a_ptr": "*bf16", "b_ptr": b, "c_ptr": "*bf16", "weights_ptr": "*fp32", "sorted_pair_ids_ptr": "*i32",
                 "block_experts_ptr": "*i32", "num_padded_ptr": "*i32", "s_ptr": s, "z_ptr": s}
     info = summarize(_compile(fused_moe._moe_gemm_kernel, pointers, set(), constexprs, 4, 3))
-    out[f"moe{kind}"] = [info["regs"], info["sass_ops"].get("STL", 0), info["sass_ops"].get("HMMA", 0) + info["sass_ops"].get("HGMMA", 0)]
+    out[f"moe{kind}"] = facts(info)
 for m in (1, 512):
     bm, bn, bk = fp8_block_gemm.block_gemm_tiles(m, 128)
     pointers = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "out_ptr": "*bf16"}
     constexprs = dict(SCALE_N=128, SCALE_K=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="tf32")
     info = summarize(_compile(fp8_block_gemm._fp8_block_gemm_kernel, pointers, set(), constexprs, 4, 3))
-    out[f"block{m}"] = [info["regs"], info["sass_ops"].get("STL", 0), info["sass_ops"].get("HMMA", 0) + info["sass_ops"].get("HGMMA", 0)]
+    out[f"block{m}"] = facts(info)
 print(json.dumps(out))
 """
 
