@@ -20,7 +20,28 @@ def llama_dict(**extra):
 
 
 def test_engine_choices_match_the_registry():
-    assert sorted(QUANTIZATION_CHOICES) == supported_methods()
+    from core.layers.quantization import REQUESTED_ALIASES
+    from ipc.config import QUANTIZATION_ALIASES, QUANTIZATION_METHODS
+
+    assert sorted(QUANTIZATION_METHODS) == supported_methods()
+    assert sorted(QUANTIZATION_ALIASES) == sorted(REQUESTED_ALIASES)
+    assert QUANTIZATION_CHOICES == (*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES)
+
+
+def test_vllm_kernel_names_run_their_checkpoints_and_are_never_applied_online():
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    d = llama_dict(quantization_config=awq)
+    cfg = ModelConfig.from_hf_dict(llama_dict())
+    assert resolve_quantization(cfg, d, "awq_marlin").quantization.name == "awq"
+    with pytest.raises(ValueError, match="--quantization gptq_marlin needs a checkpoint quantized with gptq.*'awq'"):
+        resolve_quantization(cfg, d, "gptq_marlin")
+    with pytest.raises(ValueError, match="--quantization compressed-tensors needs a checkpoint quantized with "
+                                         "compressed-tensors .* not quantized"):
+        resolve_quantization(cfg, llama_dict(), "compressed-tensors")
+    ct = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "type": "float", "dynamic": True}}}}
+    assert resolve_quantization(cfg, llama_dict(quantization_config=ct), "compressed-tensors").quantization.name == "fp8"
 
 
 def test_unsupported_checkpoint_method_is_named_with_the_supported_list():
@@ -52,11 +73,10 @@ def test_online_quantization_needs_a_method_that_can_quantize_at_load():
 
 def test_families_without_quantized_kernels_fail_at_startup():
     awq = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
-    d = dict(llama_dict(), architectures=["MixtralForCausalLM"], num_local_experts=4, num_experts_per_tok=2,
-             quantization_config=awq)  # no int4 expert kernel
-    with pytest.raises(ValueError, match="'awq' is not supported for MixtralForCausalLM.*LlamaForCausalLM"):
-        ModelConfig.from_hf_dict(d)
     gpt2 = dict(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=128, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match="'awq' is not supported for GPT2LMHeadModel.*LlamaForCausalLM.*"
+                                         "MixtralForCausalLM"):
+        ModelConfig.from_hf_dict(dict(gpt2, quantization_config=awq))
     cfg = ModelConfig.from_hf_dict(gpt2)
     with pytest.raises(ValueError, match="'fp8' is not supported for GPT2LMHeadModel"):
         resolve_quantization(cfg, gpt2, "fp8")

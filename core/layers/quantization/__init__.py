@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from core.layers.quantization.base import LinearMethod, QuantConfig
 
 if TYPE_CHECKING:
     from core.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 # Method name -> "module:class" (imported on first use).
 QUANTIZATION_METHODS: dict[str, str] = {
@@ -27,6 +30,11 @@ QUANTIZATION_METHODS: dict[str, str] = {
 
 # Checkpoint ``quant_method`` spellings that are one of ours under another name.
 _CHECKPOINT_ALIASES = {"compressed-tensors": "fp8", "compressed_tensors": "fp8"}
+# ``--quantization`` values of vLLM that name another kernel for a checkpoint method ours serve (Marlin) or the
+# checkpoint format: accepted for a checkpoint of that method (ipc/config.py: QUANTIZATION_ALIASES), never applied
+# online. Value: (our method, the checkpoint ``quant_method`` spellings it accepts).
+REQUESTED_ALIASES = {"awq_marlin": ("awq", ("awq",)), "gptq_marlin": ("gptq", ("gptq",)),
+                     "compressed-tensors": ("fp8", ("compressed-tensors", "compressed_tensors"))}
 
 
 def supported_methods() -> list[str]:
@@ -70,6 +78,16 @@ def resolve_quantization(model_config: ModelConfig, hf_config: dict[str, Any], r
     online to an unquantized checkpoint. A requested method that contradicts the checkpoint's is an error, as is a
     family that cannot run the method."""
     quant = quant_config_from_hf(hf_config)
+    if requested in REQUESTED_ALIASES:
+        method, spellings = REQUESTED_ALIASES[requested]
+        found = checkpoint_method(hf_config)
+        if found not in spellings:
+            raise ValueError(f"--quantization {requested} needs a checkpoint quantized with {spellings[0]} (its "
+                             f"config.json quantization_config); this checkpoint is "
+                             f"{'not quantized' if found is None else f'quantized with {found!r}'}. Supported: "
+                             f"{', '.join(supported_methods())}.")
+        logger.info("--quantization %s: the %s checkpoint runs on pagedserve's %s kernels.", requested, found, method)
+        requested = method
     if requested is not None:
         if requested not in QUANTIZATION_METHODS:
             raise ValueError(f"Unknown quantization method '{requested}'; supported: "
