@@ -41,7 +41,8 @@ def test_vllm_kernel_names_run_their_checkpoints_and_are_never_applied_online():
     ct = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
         "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
         "input_activations": {"num_bits": 8, "type": "float", "dynamic": True}}}}
-    assert resolve_quantization(cfg, llama_dict(quantization_config=ct), "compressed-tensors").quantization.name == "fp8"
+    resolved = resolve_quantization(cfg, llama_dict(quantization_config=ct), "compressed-tensors")
+    assert resolved.quantization.name == "fp8"
 
 
 def test_unsupported_checkpoint_method_is_named_with_the_supported_list():
