@@ -1,10 +1,11 @@
 """Quantization quality: mean KL divergence of the next-token distributions of a quantized model against the
 unquantized one over a fixed text, with the top-1 agreement beside it, so speed is never bought blindly.
 
-Methods: ``fp8`` (online W8A8: per-channel weight scales, dynamic per-token activation scales), and ``awq-rtn``
-(int4 in AutoAWQ's GEMM layout, round-to-nearest with zero points per group of ``--group-size`` input rows: the
-weights are quantized here and written as a real AWQ checkpoint, then loaded like any other; AutoAWQ's
-activation-aware scaling would only do better). For a GGUF model, ``gguf`` keeps its blocks (dequantized per call
+Methods: ``fp8`` (online W8A8: per-channel weight scales, dynamic per-token activation scales), ``fp8-block``
+(a block-scaled fp8 checkpoint as Qwen3 / DeepSeek FP8 releases are, ``--fp8-block`` square blocks, written here and
+loaded like any other: w8a16), and ``awq-rtn`` (int4 in AutoAWQ's GEMM layout, round-to-nearest with zero points
+per group of ``--group-size`` input rows: the weights are quantized here and written as a real AWQ checkpoint, then
+loaded like any other; AutoAWQ's activation-aware scaling would only do better). For a GGUF model, ``gguf`` keeps its blocks (dequantized per call
 on CPU, the block GEMM on CUDA), and ``gguf-int4`` also repacks its Q4_0 / Q4_1 linear layers for the int4 kernels
 as CUDA does (``repack_for_int4_kernels``, on any device here: scales and zero points rounded to the model dtype, the
 cost of that form). The reference is the model as it loads by default (the default SmolLM2 GGUF is dequantized at
@@ -31,7 +32,7 @@ from benchmarks.json_lines import append_json_line
 from core.layers.quantization import weight_bytes
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "w6_passages.txt"
-METHODS = ("fp8", "awq-rtn", "gguf", "gguf-int4")
+METHODS = ("fp8", "fp8-block", "awq-rtn", "gguf", "gguf-int4")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -98,6 +99,31 @@ def write_awq_rtn(source, directory: Path, group_size: int) -> Path:
     return directory
 
 
+def write_fp8_blocks(source, directory: Path, block: int) -> Path:
+    """The reference weights as a block-scaled fp8 checkpoint (``weight_block_size`` ``[block, block]``,
+    ``weight_scale_inv`` per block: the Qwen3 / DeepSeek FP8 layout)."""
+    from safetensors.torch import save_file
+
+    from core.loader import iter_weights, load_hf_config
+    from kernels.fp8_block_gemm import quantize_fp8_blocks
+
+    tensors = {}
+    for name, tensor in iter_weights(source):
+        if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
+            tensors[name], tensors[name.removesuffix("weight") + "weight_scale_inv"] = quantize_fp8_blocks(
+                tensor, (block, block))
+        else:
+            tensors[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+    config = load_hf_config(source)
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": [block, block]}
+    config["torch_dtype"] = config.get("torch_dtype") or "bfloat16"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    return directory
+
+
 def repack_q4_layers(model: torch.nn.Module) -> int:
     """Repack every GGUF Q4_0 / Q4_1 linear layer still in its blocks for the int4 kernels, as loading on CUDA does;
     how many were."""
@@ -127,6 +153,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="tokenizer of the text (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text scored (from its start)")
     p.add_argument("--group-size", type=int, default=64, help="awq-rtn group size (must divide every input size)")
+    p.add_argument("--fp8-block", type=int, default=64,
+                   help="fp8-block's square block (must divide the merged projections' parts; 128 in Qwen3 FP8)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="append the results (one JSON object) to this file")
@@ -154,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                 runner = load_runner(args.model, args, quantization="gguf")
                 if method == "gguf-int4":
                     print(f"gguf-int4: {repack_q4_layers(runner.model)} Q4_0 / Q4_1 layers repacked")
+            elif method == "fp8-block":
+                path = write_fp8_blocks(source, Path(tmp) / "fp8-block", args.fp8_block)
+                runner = load_runner(str(path), args)
             else:
                 path = write_awq_rtn(source, Path(tmp) / "awq-rtn", args.group_size)
                 runner = load_runner(str(path), args)
@@ -163,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             del runner
     print(f"{len(token_ids)} tokens of {Path(args.text_file).name}, model {source.name} "
           f"({str(reference_runner.dtype).removeprefix('torch.')}, {reference_runner.device})")
-    print(f"{'method':>8} {'weights MB':>11} {'mean KL':>10} {'max KL':>9} {'top-1 agree':>12}")
+    print(f"{'method':>9} {'weights MB':>11} {'mean KL':>10} {'max KL':>9} {'top-1 agree':>12}")
     for r in rows:
-        print(f"{r['method']:>8} {r['weight_bytes'] / 1e6:>11.1f} {r['mean_kl']:>10.5f} {r['max_kl']:>9.4f} "
+        print(f"{r['method']:>9} {r['weight_bytes'] / 1e6:>11.1f} {r['mean_kl']:>10.5f} {r['max_kl']:>9.4f} "
               f"{r['top1_agreement']:>12.4f}")
     append_json_line(args.json, {"model": source.name, "tokens": len(token_ids), "results": rows})
     return 0
