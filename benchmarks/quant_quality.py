@@ -5,10 +5,10 @@ Methods: ``fp8`` (online W8A8: per-channel weight scales, dynamic per-token acti
 (a block-scaled fp8 checkpoint as Qwen3 / DeepSeek FP8 releases are, ``--fp8-block`` square blocks, written here and
 loaded like any other: w8a16), and ``awq-rtn`` (int4 in AutoAWQ's GEMM layout, round-to-nearest with zero points
 per group of ``--group-size`` input rows: the weights are quantized here and written as a real AWQ checkpoint, then
-loaded like any other; AutoAWQ's activation-aware scaling would only do better). For a GGUF model, ``gguf`` keeps its blocks (dequantized per call
-on CPU, the block GEMM on CUDA), and ``gguf-int4`` also repacks its Q4_0 / Q4_1 linear layers for the int4 kernels
-as CUDA does (``repack_for_int4_kernels``, on any device here: scales and zero points rounded to the model dtype, the
-cost of that form). The reference is the model as it loads by default (the default SmolLM2 GGUF is dequantized at
+loaded like any other; AutoAWQ's activation-aware scaling would only do better). For a GGUF model, ``gguf`` keeps
+its blocks (dequantized per call on CPU, the block GEMM on CUDA), and ``gguf-int4`` also repacks its Q4_0 / Q4_1
+linear layers for the int4 kernels as CUDA does (``repack_for_int4_kernels``, on any device here: scales and zero
+points rounded to the model dtype, the cost of that form). The reference is the model as it loads by default (the default SmolLM2 GGUF is dequantized at
 load).
 
     python -m benchmarks.quant_quality --methods fp8 awq-rtn            # the default SmolLM2, on GPU or CPU
