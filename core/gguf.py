@@ -350,19 +350,33 @@ def iter_gguf_weights(gguf: GGUFFile, keep_quantized: Collection[str] = ()) -> I
     llama-style architectures keep blocks (the other families run unquantized layers)."""
     arch = _check_architecture(gguf)
     if arch in gguf_architectures.ARCHITECTURES:
-        if keep_quantized:
-            raise ValueError(f"GGUF architecture '{arch}' cannot keep its weights quantized; load it dequantized.")
-        return _iter_family_weights(gguf, arch)
+        if keep_quantized and not gguf_architectures.ARCHITECTURES[arch].keeps_blocks:
+            raise ValueError(f"GGUF architecture '{arch}' cannot keep its weights quantized (llama.cpp reorders its "
+                             "linear weights); load it dequantized (leave out --quantization gguf).")
+        return _iter_family_weights(gguf, arch, keep_quantized)
     return _iter_llama_weights(gguf, arch, keep_quantized)
 
 
-def _iter_family_weights(gguf: GGUFFile, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_hf_name(gguf: GGUFFile, name: str) -> str:
+    """The HF parameter name of one of the file's tensors, for any supported architecture (ValueError for tensors
+    the family has no counterpart of)."""
+    arch = _check_architecture(gguf)
+    if arch in gguf_architectures.ARCHITECTURES:
+        return gguf_architectures.hf_tensor_name(gguf, arch, name)
+    return hf_name(name)
+
+
+def _iter_family_weights(gguf: GGUFFile, arch: str, keep_quantized: Collection[str] = ()
+                         ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     consumed = gguf_architectures.ARCHITECTURES[arch].consumed_by_config
     tied = gguf_architectures.hf_config(gguf, arch).get("tie_word_embeddings", False)
     for name in gguf.tensors:
         if name in consumed or (tied and name == "output.weight"):
             continue
         target = gguf_architectures.hf_tensor_name(gguf, arch, name)
+        if target in keep_quantized:  # the family loads it unchanged (keeps_blocks): its raw blocks
+            yield target, torch.from_numpy(np.array(gguf.raw(name)))
+            continue
         array = gguf_architectures.convert_tensor(gguf, arch, name, gguf.to_float32(name))
         yield target, torch.from_numpy(np.ascontiguousarray(array))
 

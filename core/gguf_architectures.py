@@ -88,6 +88,8 @@ class GGUFArchitecture:
     layer_names: dict[str, str]  # GGUF per-layer module (after blk.N.) -> HF module path inside the layer
     transform: Transform | None = None  # undo llama.cpp's convert-time change of a tensor
     consumed_by_config: frozenset[str] = field(default_factory=frozenset)  # tensors read into the config
+    # its linear weights load unchanged (``transform`` touches none), so they can stay in their GGML blocks
+    keeps_blocks: bool = False
 
     def hf_name(self, gguf_name: str) -> str:
         module, _, kind = gguf_name.rpartition(".")
@@ -332,21 +334,21 @@ ARCHITECTURES: dict[str, GGUFArchitecture] = {
         "GemmaForCausalLM", "gemma", _gemma_config, _HF_LLAMA_GLOBALS, "model.layers.{}",
         {**_HF_LLAMA_ATTENTION, **_HF_GATED_MLP, "attn_norm": "input_layernorm",
          "ffn_norm": "post_attention_layernorm"},
-        _unshift_norms,
+        _unshift_norms, keeps_blocks=True,
     ),
     "gemma2": GGUFArchitecture(
         "Gemma2ForCausalLM", "gemma2", _gemma2_config, _HF_LLAMA_GLOBALS, "model.layers.{}",
-        {**_HF_LLAMA_ATTENTION, **_HF_GATED_MLP, **_GEMMA2_NORMS}, _unshift_norms,
+        {**_HF_LLAMA_ATTENTION, **_HF_GATED_MLP, **_GEMMA2_NORMS}, _unshift_norms, keeps_blocks=True,
     ),
     "gemma3": GGUFArchitecture(
         "Gemma3ForCausalLM", "gemma3_text", _gemma3_config, _HF_LLAMA_GLOBALS, "model.layers.{}",
-        {**_HF_LLAMA_ATTENTION, **_HF_GATED_MLP, **_GEMMA2_NORMS}, _unshift_norms,
+        {**_HF_LLAMA_ATTENTION, **_HF_GATED_MLP, **_GEMMA2_NORMS}, _unshift_norms, keeps_blocks=True,
     ),
     "phi3": GGUFArchitecture(
         "Phi3ForCausalLM", "phi3", _phi3_config, _HF_LLAMA_GLOBALS, "model.layers.{}",
         {"attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj", "ffn_up": "mlp.gate_up_proj",
          "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
-        consumed_by_config=frozenset({"rope_factors_long.weight", "rope_factors_short.weight"}),
+        consumed_by_config=frozenset({"rope_factors_long.weight", "rope_factors_short.weight"}), keeps_blocks=True,
     ),
     "falcon": GGUFArchitecture(
         "FalconForCausalLM", "falcon", _falcon_config,
@@ -377,7 +379,7 @@ ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "starcoder2": GGUFArchitecture(
         "Starcoder2ForCausalLM", "starcoder2", _starcoder2_config, _HF_LLAMA_GLOBALS, "model.layers.{}",
         {**_HF_LLAMA_ATTENTION, "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj", "attn_norm": "input_layernorm",
-         "ffn_norm": "post_attention_layernorm"},
+         "ffn_norm": "post_attention_layernorm"}, keeps_blocks=True,
     ),
 }
 

@@ -30,9 +30,9 @@ from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
 
 
-# Weight quantization methods the family's projections run (core/layers/quantization); the embedding (tied LM head)
-# stays unquantized, so GGUF files are dequantized at load.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq")
+# Weight quantization methods the family's projections run (core/layers/quantization); with gguf the embedding (and
+# tied LM head) may stay in its blocks too.
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf")
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,10 @@ class GemmaDecoderLayer(nn.Module):
 class GemmaModel(nn.Module):
     def __init__(self, cfg: GemmaConfig, attention_backend: str, kernel_backend: str) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        quantized_embedding = getattr(cfg.quantization, "embedding", None)  # gguf: the table stays in its blocks
+        self.embed_tokens = ((quantized_embedding and quantized_embedding(cfg.vocab_size, cfg.hidden_size,
+                                                                          kernel_backend))
+                             or Embedding(cfg.vocab_size, cfg.hidden_size))  # fmt: skip
         self.normalizer = math.sqrt(cfg.hidden_size)
         global_rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         local_rotary = global_rotary
@@ -139,14 +142,19 @@ class GemmaForCausalLM(nn.Module):
         self.config = cfg
         self.attention_backend, self.kernel_backend = resolve_backends(attention_backend, kernel_backend)
         self.model = GemmaModel(cfg, self.attention_backend, self.kernel_backend)
+        quantized_head = getattr(cfg.quantization, "lm_head", None)  # gguf: an untied head stays in its blocks
         self.lm_head = (self.model.embed_tokens if cfg.tie_word_embeddings
-                        else Linear(cfg.hidden_size, cfg.vocab_size, backend=self.kernel_backend))  # fmt: skip
+                        else (quantized_head and quantized_head(cfg.hidden_size, cfg.vocab_size, self.kernel_backend))
+                        or Linear(cfg.hidden_size, cfg.vocab_size, backend=self.kernel_backend))  # fmt: skip
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = skinny_linear(hidden, self.lm_head.weight, out_dtype=torch.float32, backend=self.kernel_backend)
+        if hasattr(self.lm_head, "compute_logits"):  # kept in its GGUF blocks
+            logits = self.lm_head.compute_logits(hidden)
+        else:
+            logits = skinny_linear(hidden, self.lm_head.weight, out_dtype=torch.float32, backend=self.kernel_backend)
         cap = self.config.final_softcap
         # in place on the fresh float32 logits: no [rows, vocab] temporaries (256k vocab: 1 MB a row each)
         return logits.div_(cap).tanh_().mul_(cap) if cap > 0 else logits

@@ -26,5 +26,5 @@ def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:
 Phi3ForCausalLM = LlamaForCausalLM
 
 # Llama's layers: their quantization methods. The fused qkv / gate_up tensors load whole (a per-tensor fp8 scale
-# covers every shard); GGUF files are dequantized at load.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq")
+# covers every shard; a GGUF file's fused tensors stay in their blocks).
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf")

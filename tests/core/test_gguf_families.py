@@ -137,7 +137,9 @@ def _convert(gguf_arch: str, cfg, hf_name: str, array: np.ndarray) -> np.ndarray
     return array
 
 
-def write_family_gguf(path, gguf_arch: str, model: torch.nn.Module) -> None:
+def write_family_gguf(path, gguf_arch: str, model: torch.nn.Module, matrices: gguf.GGMLQuantizationType | None = None
+                      ) -> None:  # fmt: skip
+    """``matrices``: store the 2-D weights in that GGML type (llama.cpp's quantized files) instead of F16."""
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), gguf_arch)
     _metadata(writer, gguf_arch, cfg)
@@ -151,6 +153,9 @@ def write_family_gguf(path, gguf_arch: str, model: torch.nn.Module) -> None:
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, hf_name
         array = _convert(gguf_arch, cfg, hf_name, weight.float().numpy())
+        if matrices is not None and array.ndim == 2:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(array.astype(np.float32), matrices), raw_dtype=matrices)
+            continue
         writer.add_tensor(gguf_name, array if array.ndim == 1 else array.astype(np.float16))
         if gguf_arch == "gpt2" and gguf_name == "token_embd.weight":  # the converter writes the tied head out
             writer.add_tensor("output.weight", array.astype(np.float16))
@@ -174,6 +179,38 @@ def test_family_gguf_matches_hf(tmp_path, family):
     engine = make_engine(tmp_path / f"{family}.gguf")
     results = run_engine(engine, prompts, GREEDY)
     check_against_hf(tmp_path / "hf", results, prompts, hf_greedy(tmp_path / "hf", prompts, MAX_TOKENS))
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3", "phi3", "starcoder2"])
+def test_family_gguf_kept_in_its_blocks_equals_it_dequantized(tmp_path, family):
+    """``--quantization gguf`` on the families whose linear weights llama.cpp stores unchanged: every Q8_0 matrix
+    (Phi-3's fused qkv and gate_up, StarCoder2's biased MLP, the tied embedding / LM head) stays in its blocks, and
+    the tokens and logprobs are those of the same file dequantized at load."""
+    arch, gguf_arch, overrides = FAMILIES[family]
+    path = tmp_path / f"{family}-q8.gguf"
+    write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides), gguf.GGMLQuantizationType.Q8_0)
+    prompts = random_prompts(5, lengths=(3, 17))
+    runs = []
+    for quantization in ("gguf", None):
+        engine = make_engine(path, dtype="float32", quantization=quantization)
+        runs.append((engine, run_engine(engine, prompts, GREEDY)))
+    (kept, ours), (_, reference) = runs
+    model = kept.runner.model
+    assert getattr(model, "model", model).embed_tokens.weight.dtype == torch.uint8
+    linears = [m for m in model.modules() if getattr(m, "quant_method", None) is not None]
+    assert len(linears) == 4 * 2 and all(m.weight.dtype == torch.uint8 for m in linears)
+    for key, expected in reference.items():
+        assert ours[key]["tokens"] == expected["tokens"]
+        for token, logprob in expected["logprobs"][0].items():
+            assert ours[key]["logprobs"][0][token] == pytest.approx(logprob, abs=1e-4)
+
+
+def test_families_whose_weights_llama_cpp_reorders_refuse_to_keep_blocks(tmp_path):
+    arch, gguf_arch, overrides = FAMILIES["gpt_neox"]
+    path = tmp_path / "neox.gguf"
+    write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides))
+    with pytest.raises(ValueError, match="'gguf' is not supported for GPTNeoXForCausalLM"):
+        make_engine(path, quantization="gguf")
 
 
 def _metadata_only_gguf(path, arch: str, layers: int, **keys) -> dict:

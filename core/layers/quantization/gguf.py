@@ -48,8 +48,10 @@ logger = logging.getLogger(__name__)
 # Merged projections: HF suffix of the first shard -> every shard's suffix (core/models/llama.py merges these).
 _MERGES = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
            "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj")}
-_KEPT_KINDS = re.compile(r"(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|model\.embed_tokens"
-                         r"|lm_head)\.weight")
+# A merged projection's first shard -> the one tensor some files hold it in (Phi-3's qkv and gate_up)
+_FUSED = {"self_attn.q_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj"}
+_KEPT_KINDS = re.compile(r"(model\.layers\.\d+\.(self_attn\.([qkvo]|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj"
+                         r"|mlp\.c_(fc|proj))|model\.embed_tokens|lm_head)\.weight")
 EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
@@ -90,14 +92,14 @@ class GGUFConfig(QuantConfig):
     @classmethod
     def from_file(cls, path: str) -> GGUFConfig:
         """Decide (and log) which tensors of the file stay quantized; the rest are dequantized at load."""
-        from core.gguf import hf_name
+        from core.gguf import gguf_hf_name
         from core.loader import open_gguf
 
         gguf = open_gguf(path)
         types: dict[str, int] = {}
         for name, info in gguf.tensors.items():
             try:
-                types[hf_name(name)] = int(info.ggml_type)
+                types[gguf_hf_name(gguf, name)] = int(info.ggml_type)
             except ValueError:
                 continue  # rope_freqs and the like: the loader handles (or rejects) them
         kept = {name: t for name, t in types.items() if _KEPT_KINDS.fullmatch(name) and t in GGUF_KERNEL_TYPES}
@@ -126,7 +128,11 @@ class GGUFConfig(QuantConfig):
         return cls(path, kept)
 
     def linear_method(self, prefix: str) -> LinearMethod | None:
-        ggml_type = self.kept.get(f"{self.global_prefix(prefix)}.weight")
+        name = self.global_prefix(prefix)
+        ggml_type = self.kept.get(f"{name}.weight")
+        for first, fused in _FUSED.items():  # a file whose merged projection is one tensor (Phi-3)
+            if ggml_type is None and name.endswith(f".{first}"):
+                ggml_type = self.kept.get(f"{name.removesuffix(first)}{fused}.weight")
         return None if ggml_type is None else GGUFLinearMethod(ggml_type, self.input_shards(prefix))
 
     def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
