@@ -23,9 +23,9 @@ from torch import nn
 from core.config import ModelConfig
 from core.distributed.parallel_state import TensorParallelGroup
 from core.layers.moe import SparseMoeBlock
-from core.layers.quantization.base import plain_shard
 from core.layers.parallel_linear import GatheredLogits, RowParallelLinear, VocabParallelEmbedding, vocab_shard_size
 from core.layers.parallel_moe import ParallelSparseMoeBlock
+from core.layers.quantization.base import plain_shard
 from core.models.mixtral import MoeConfig
 
 # The layers that hold a slice of their input features (one all-reduce after each); the rest of a layer's projections

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.models.gemma import SUPPORTED_QUANTIZATION as SUPPORTED_QUANTIZATION  # the family's: Gemma's
 from core.models.gemma import GemmaConfig, GemmaForCausalLM, gemma_fields
-from core.models.gemma import SUPPORTED_QUANTIZATION  # noqa: F401 (the family's quantization methods are Gemma's)
 
 
 def read_config(d: dict[str, Any], architecture: str) -> GemmaConfig:

@@ -25,7 +25,6 @@ from core.layers.linear import Embedding, Linear
 from core.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, LlamaModel
 from kernels.backend import resolve_backends
 
-
 # Weight quantization methods the family runs (core/layers/quantization): the dense projections' and, in the fused
 # MoE kernel, the experts' (fp8: w8a16; AWQ / GPTQ: int4 dequantized in registers); the router stays unquantized.
 SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq")

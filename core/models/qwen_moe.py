@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from core.config import common_fields
+from core.models.mixtral import SUPPORTED_QUANTIZATION as SUPPORTED_QUANTIZATION  # the family's: Mixtral's
 from core.models.mixtral import MoeConfig, MoeForCausalLM, check_silu
-from core.models.mixtral import SUPPORTED_QUANTIZATION  # noqa: F401 (the family's quantization methods: Mixtral's)
 
 
 def num_experts(d: dict[str, Any]) -> int:

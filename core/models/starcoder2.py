@@ -20,7 +20,6 @@ from core.models import weights as weight_utils
 from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
 
-
 # Weight quantization methods the family's projections run (core/layers/quantization); with gguf the embedding and
 # LM head may stay in their blocks too.
 SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf")

@@ -23,7 +23,6 @@ from torch import nn
 from core.layers.quantization.base import (LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter,
                                            shard_starts)
 from kernels.fp8_block_gemm import fp8_block_linear
-from kernels.fused_moe import ExpertQuant
 from kernels.fp8_linear import (
     FP8_DTYPE,
     Fp8Activations,
@@ -36,6 +35,7 @@ from kernels.fp8_linear import (
     norm_prologue_configured,
     quantize_per_channel,
 )
+from kernels.fused_moe import ExpertQuant
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from torch import nn
 
 from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter
 from kernels.backend import use_triton
+from kernels.fused_moe import ExpertQuant
 from kernels.int4_gemm import (AWQ_ORDER, KERNEL_K_BLOCK, int4_linear, int4_qkv_rope_cache, pack_int4_kernel,
                                tile_int4, tiled_layout_pays, unpack_int4_columns, unpack_int4_rows)
-from kernels.fused_moe import ExpertQuant
 from kernels.int4_gemv_gluon import MAX_M as INT4_GEMV_MAX_M
 
 PACK = 8  # int4 values per int32
