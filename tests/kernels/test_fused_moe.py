@@ -174,51 +174,36 @@ def test_dispatcher_on_cpu_takes_reference():
     torch.testing.assert_close(out, fused_moe_ref(x.cpu(), w13.cpu(), w2.cpu(), weights, ids))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 64, 2048])
-def test_gpu_fused_moe_qwen3_30b_shape_with_fp8_experts(tokens):
-    """w8a16 at the real shape in bf16 (the default config: decode's small row blocks, prefill's larger ones)."""
-    gen = torch.Generator().manual_seed(tokens)
-    experts, hidden, inter, top_k = 128, 2048, 768, 8
-    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
-    (q13, s13) = _fp8_experts(torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5)
-    (q2, s2) = _fp8_experts(torch.randn(experts, hidden, inter, generator=gen) / inter**0.5)
-    q13, s13, q2, s2 = q13.cuda(), s13.cuda(), q2.cuda(), s2.cuda()
-    weights, ids = fused_topk(torch.randn(tokens, experts, generator=gen).cuda(), top_k, True)
-    out = fused_moe_triton(x, q13, q2, weights, ids, quant=ExpertQuant(s13, s2))
-    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, ExpertQuant(s13.double(), s2.double()))
-    assert_close(out, ref, TOLERANCE[torch.bfloat16], "fused_moe fp8")
+def _qwen3_30b_experts(kind: str, gen: torch.Generator):
+    """Qwen3-30B-A3B's 128 experts (hidden 2048, width 768) on the GPU: bf16, e4m3 per channel, or int4 in groups of
+    128 (its GPTQ-Int4 release's); (w13, w2, ExpertQuant or None)."""
+    experts, hidden, inter = 128, 2048, 768
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5
+    w2 = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
+    if kind == "bf16":
+        return w13.to(torch.bfloat16).cuda(), w2.to(torch.bfloat16).cuda(), None
+    if kind == "fp8":
+        (q13, s13), (q2, s2) = _fp8_experts(w13), _fp8_experts(w2)
+        return q13.cuda(), q2.cuda(), ExpertQuant(s13.cuda(), s2.cuda())
+    (q13, s13, z13), (q2, s2, z2) = _int4_experts(w13, 128), _int4_experts(w2, 128)
+    scales, zeros = (t.to(torch.bfloat16).cuda() for t in (s13, s2)), (t.to(torch.bfloat16).cuda() for t in (z13, z2))
+    return q13.cuda(), q2.cuda(), ExpertQuant(*scales, None, *zeros, 128, 128)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 64, 2048])
-def test_gpu_fused_moe_qwen3_30b_shape_with_int4_experts(tokens):
-    """w4a16 at the real shape in bf16, groups of 128 (Qwen3-30B-A3B-GPTQ-Int4's)."""
+@pytest.mark.parametrize("kind, tokens", [("bf16", 64), ("bf16", 256), ("bf16", 8192), ("fp8", 1), ("fp8", 64),
+                                          ("fp8", 2048), ("int4", 1), ("int4", 64), ("int4", 2048)])
+def test_gpu_fused_moe_at_the_qwen3_30b_shape(kind, tokens):
+    """The real shape in bf16, its experts 16-bit, w8a16 or w4a16 (the default configs: decode's small row blocks,
+    prefill's larger ones), against the reference on the same weights."""
     gen = torch.Generator().manual_seed(tokens)
-    experts, hidden, inter, top_k = 128, 2048, 768, 8
-    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
-    q13, s13, z13 = _int4_experts(torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5, 128)
-    q2, s2, z2 = _int4_experts(torch.randn(experts, hidden, inter, generator=gen) / inter**0.5, 128)
-    quant = ExpertQuant(*(t.to(torch.bfloat16).cuda() for t in (s13, s2)), None,
-                        *(t.to(torch.bfloat16).cuda() for t in (z13, z2)), 128, 128)
-    weights, ids = fused_topk(torch.randn(tokens, experts, generator=gen).cuda(), top_k, True)
-    out = fused_moe_triton(x, q13.cuda(), q2.cuda(), weights, ids, quant=quant)
-    ref = fused_moe_ref(x.double(), q13.cuda(), q2.cuda(), weights.double(), ids, quant)
-    assert_close(out, ref, TOLERANCE[torch.bfloat16], "fused_moe int4")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [64, 256, 8192])
-def test_gpu_fused_moe_qwen3_30b_shape_bf16(tokens):
-    gen = torch.Generator().manual_seed(tokens)
-    experts, hidden, inter, top_k = 128, 2048, 768, 8
-    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).cuda()
-    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(torch.bfloat16).cuda()
-    w2 = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(torch.bfloat16).cuda()
-    weights, ids = fused_topk(torch.randn(tokens, experts, generator=gen).cuda(), top_k, True)
-    out = fused_moe_triton(x, w13, w2, weights, ids)
-    ref = fused_moe_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
-    assert_close(out, ref, TOLERANCE[torch.bfloat16], "fused_moe")
+    x = torch.randn(tokens, 2048, generator=gen).to(torch.bfloat16).cuda()
+    w13, w2, quant = _qwen3_30b_experts(kind, gen)
+    weights, ids = fused_topk(torch.randn(tokens, 128, generator=gen).cuda(), 8, True)
+    out = fused_moe_triton(x, w13, w2, weights, ids, quant=quant)
+    ref_w13, ref_w2 = (w13.double(), w2.double()) if quant is None else (w13, w2)
+    ref = fused_moe_ref(x.double(), ref_w13, ref_w2, weights.double(), ids, quant)
+    assert_close(out, ref, TOLERANCE[torch.bfloat16], f"fused_moe {kind}")
 
 
 @pytest.mark.gpu
