@@ -251,6 +251,8 @@ class ModelRunner:
         else:
             weights = iter_weights(source or self.source, load_format,
                                    keep_quantized=getattr(model_config.quantization, "kept", None))
+            if model_config.quantization is not None:
+                weights = model_config.quantization.checkpoint_tensors(weights)
             if split:  # cut by the checkpoint's names (a quantized file's per-tensor types), then renumbered
                 weights = shard_weights(weights, self.model_config, group.rank, group.world_size)
                 weights = stage_weights(weights, *stage_layers(self.model_config.num_layers, group.pp_size,

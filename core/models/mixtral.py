@@ -91,7 +91,8 @@ class MoeModel(LlamaModel):
 
 # HF expert tensor -> (which stacked parameter, which half of w13); an fp8 checkpoint's scales go beside it
 _EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\."
-                            r"(weight|weight_scale|weight_scale_inv|input_scale|qweight|qzeros|scales|g_idx)$")
+                            r"(weight|weight_scale|weight_scale_inv|input_scale|qweight|qzeros|scales|g_idx"
+                            r"|weight_packed)$")
 _EXPERT_SLOT = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj": ("w13", 1),
                 "w2": ("w2", 0), "down_proj": ("w2", 0)}  # fmt: skip
 

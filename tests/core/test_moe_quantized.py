@@ -59,14 +59,16 @@ def test_block_scaled_fp8_moe_checkpoint_matches_dequantized_model(tmp_path, arc
 
 INT4_WRITERS = {"awq": lambda tmp, arch: qc.write_awq(tmp, 32, arch),
                 "gptq-sym": lambda tmp, arch: qc.write_gptq(tmp, 32, False, True, arch),
-                "gptq-zp": lambda tmp, arch: qc.write_gptq(tmp, 32, False, False, arch)}
+                "gptq-zp": lambda tmp, arch: qc.write_gptq(tmp, 32, False, False, arch),
+                "ct-w4a16": lambda tmp, arch: qc.write_ct_int4(tmp, 32, False, arch)}
 
 
 @pytest.mark.parametrize("method", sorted(INT4_WRITERS))
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_int4_moe_checkpoint_matches_dequantized_model(tmp_path, arch, method):
-    """AWQ / GPTQ experts (Mixtral-AWQ's, Qwen3-30B-A3B-GPTQ-Int4's layouts): each expert's packed tensors repacked
-    into the int4 kernel layout, the same tokens and logprobs as the dequantized model (CPU: the reference)."""
+    """AWQ / GPTQ / compressed-tensors W4A16 experts (Mixtral-AWQ's, Qwen3-30B-A3B-GPTQ-Int4's, RedHatAI's
+    quantized.w4a16 layouts): each expert's packed tensors repacked into the int4 kernel layout, the same tokens and
+    logprobs as the dequantized model (CPU: the reference)."""
     quantized, dequantized = INT4_WRITERS[method](tmp_path, arch)
     engine, _ = qc.compare(quantized, dequantized, logprob_atol=1e-4, dtype="float32")
     block = moe_blocks(engine)[-1]

@@ -185,6 +185,50 @@ def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "ll
             save(tmp / f"{tag}-dequantized", config, plain))
 
 
+def ct_pack(codes: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' ``pack_to_int32`` of unsigned 4-bit codes ``[out, in]`` along the input dim: nibble ``i``
+    of word ``j`` holds input ``8j + i``."""
+    packed = torch.zeros(codes.shape[0], codes.shape[1] // 8, dtype=torch.int64)
+    for i in range(8):
+        packed |= codes[:, i::8].long() << (4 * i)
+    return as_int32(packed)
+
+
+def write_ct_int4(tmp: Path, group: int, actorder: bool, arch: str = "llama", **overrides) -> tuple[Path, Path]:
+    """A compressed-tensors W4A16 checkpoint (llm-compressor's ``pack-quantized``: symmetric int4 stored as ``q +
+    8``, fp16 scales ``[out, in / group]``, ``weight_shape``; with group act-order a ``weight_g_idx``)."""
+    config, state = base_checkpoint(arch=arch, **overrides)
+    quant, plain = dict(state), dict(state)
+    gen = torch.Generator().manual_seed(group)
+    g_idx_of_input: dict = {}  # layers reading one input (q/k/v, gate/up) share its act order, as GPTQ's do
+    for name in quantized_layers(state):
+        w = state[name]  # [out, in]
+        k = w.shape[1]
+        natural = torch.arange(k) // group
+        key = (name.split(".")[2], name.split(".")[-3], k)
+        if key not in g_idx_of_input:
+            g_idx_of_input[key] = natural[torch.randperm(k, generator=gen)] if actorder else natural
+        g_idx = g_idx_of_input[key]
+        scales = torch.stack([w[:, g_idx == g].abs().amax(1) for g in range(k // group)], 1).clamp(min=1e-6) / 7
+        scales = scales.half()
+        s_per_col = scales.float()[:, g_idx]
+        q = torch.clamp(torch.round(w / s_per_col), -8, 7)
+        prefix = name.removesuffix(".weight")
+        del quant[name]
+        quant |= {f"{prefix}.weight_packed": ct_pack((q + 8).long()), f"{prefix}.weight_scale": scales,
+                  f"{prefix}.weight_shape": torch.tensor(list(w.shape))}
+        if actorder:
+            quant[f"{prefix}.weight_g_idx"] = g_idx.to(torch.int32)
+        plain[name] = q * s_per_col
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+          "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
+              "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
+              "actorder": "group" if actorder else None}}}}
+    tag = _tag(arch, f"ct-w4a16-{group}{'-act' if actorder else ''}")
+    return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
+            save(tmp / f"{tag}-dequantized", config, plain))
+
+
 FP8 = torch.float8_e4m3fn
 
 
@@ -311,6 +355,29 @@ def test_int4_layers_in_the_tiled_layout_match_the_dequantized_model(tmp_path, m
 def test_gptq_checkpoint_matches_dequantized_model(tmp_path, group, desc_act, sym):
     engine, _ = compare(*write_gptq(tmp_path, group, desc_act, sym), logprob_atol=1e-4)
     assert any(layer.perm is not None for layer in linears(engine)) == desc_act
+
+
+@pytest.mark.parametrize("group, actorder", [(32, False), (64, True), (128, False)])
+def test_compressed_tensors_w4a16_checkpoint_matches_dequantized_model(tmp_path, group, actorder):
+    """llm-compressor's W4A16 (``pack-quantized``) on the GPTQ method's kernels: the dequantized model's tokens."""
+    engine, _ = compare(*write_ct_int4(tmp_path, group, actorder), logprob_atol=1e-4)
+    assert engine.runner.model_config.quantization.summary().startswith("compressed-tensors int4")
+    assert any(layer.perm is not None for layer in linears(engine)) == actorder
+    _, ours = greedy(write_ct_int4(tmp_path, group, actorder)[0], quantization="compressed-tensors")
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in greedy(write_ct_int4(tmp_path, group, actorder)[1])[1]]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"symmetric": False}, "asymmetric weights"), ({"num_bits": 8}, "8-bit integer weights"),
+], ids=["asymmetric", "8-bit"])
+def test_compressed_tensors_int_schemes_not_served_fail_naming_them(change, message):
+    from core.layers.quantization.compressed_tensors import from_compressed_tensors
+
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128} | change
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+          "config_groups": {"group_0": {"weights": weights, "input_activations": None}}}
+    with pytest.raises(ValueError, match=f"compressed-tensors scheme .* is not supported: {message}"):
+        from_compressed_tensors(qc)
 
 
 # e4m3 activations (3 mantissa bits: ~2.6% rms error per GEMM input) through 14 GEMMs of this tiny random model move

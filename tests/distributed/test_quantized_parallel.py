@@ -24,6 +24,8 @@ INT4_CASES = {
     "gptq-64-act-zp": lambda tmp: qc.write_gptq(tmp, 64, True, False),
     # group 128 over o_proj's 128 inputs: each rank holds half a group
     "gptq-128-act-sym": lambda tmp: qc.write_gptq(tmp, 128, True, True),
+    # compressed-tensors W4A16 with group act-order: its [out, in / 8] codes and [out, groups] scales cut too
+    "ct-w4a16-64-act": lambda tmp: qc.write_ct_int4(tmp, 64, True),
 }
 
 
@@ -50,7 +52,7 @@ def test_int4_checkpoint_over_two_ranks_equals_one_device(tmp_path, case):
     assert_same_run(ours, reference)
     o_proj = model.model.layers[0].self_attn.o_proj
     assert o_proj.in_features == 64 and o_proj.qweight.dtype == torch.int32
-    if case == "gptq-64-act-zp":  # rows of two groups, each padded to whole 32-row blocks
+    if case.endswith("64-act-zp") or case == "ct-w4a16-64-act":  # rows of two groups, each padded to 32-row blocks
         assert o_proj.group_size == 32 and o_proj.perm.numel() > 64
 
 

@@ -28,13 +28,14 @@ QUANTIZATION_METHODS: dict[str, str] = {
     "gguf": "core.layers.quantization.gguf:GGUFConfig",
 }
 
-# Checkpoint ``quant_method`` spellings that are one of ours under another name.
-_CHECKPOINT_ALIASES = {"compressed-tensors": "fp8", "compressed_tensors": "fp8"}
+# Checkpoint ``quant_method`` spellings that are one of ours under another name (compressed-tensors: by its scheme,
+# core/layers/quantization/compressed_tensors.py).
+_CHECKPOINT_ALIASES: dict[str, str] = {}
 # ``--quantization`` values of vLLM that name another kernel for a checkpoint method ours serve (Marlin) or the
 # checkpoint format: accepted for a checkpoint of that method (ipc/config.py: QUANTIZATION_ALIASES), never applied
-# online. Value: (our method, the checkpoint ``quant_method`` spellings it accepts).
+# online. Value: (our method, None for the checkpoint's scheme's; the checkpoint ``quant_method`` spellings).
 REQUESTED_ALIASES = {"awq_marlin": ("awq", ("awq",)), "gptq_marlin": ("gptq", ("gptq",)),
-                     "compressed-tensors": ("fp8", ("compressed-tensors", "compressed_tensors"))}
+                     "compressed-tensors": (None, ("compressed-tensors", "compressed_tensors"))}  # its scheme's
 
 
 def supported_methods() -> list[str]:
@@ -64,6 +65,10 @@ def quant_config_from_hf(hf_config: dict[str, Any]) -> QuantConfig | None:
     if method is None:
         return None
     qc = hf_config.get("quantization_config") or hf_config.get("compression_config")
+    if method in ("compressed-tensors", "compressed_tensors"):  # one format, several schemes and methods
+        from core.layers.quantization.compressed_tensors import from_compressed_tensors
+
+        return from_compressed_tensors(qc)
     ours = _CHECKPOINT_ALIASES.get(method, method)
     if ours not in QUANTIZATION_METHODS:
         raise ValueError(f"The checkpoint is quantized with '{method}' (config.json quantization_config), which "
@@ -86,6 +91,7 @@ def resolve_quantization(model_config: ModelConfig, hf_config: dict[str, Any], r
                              f"config.json quantization_config); this checkpoint is "
                              f"{'not quantized' if found is None else f'quantized with {found!r}'}. Supported: "
                              f"{', '.join(supported_methods())}.")
+        method = method or quant.name  # compressed-tensors: the method of the checkpoint's scheme
         logger.info("--quantization %s: the %s checkpoint runs on pagedserve's %s kernels.", requested, found, method)
         requested = method
     if requested is not None:

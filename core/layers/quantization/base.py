@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -147,6 +147,11 @@ class QuantConfig(ABC):
 
     def summary(self) -> str:
         return self.name
+
+    def checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's (name, tensor) stream as the model loads it: a method drops the tensors its format
+        carries beside the weights that have no parameter (compressed-tensors' ``weight_shape``)."""
+        return weights
 
     def moe_method(self, prefix: str) -> Any:
         """How the sparse MoE block ``prefix`` (``model.layers.0.mlp``) stores and runs its experts (an object with

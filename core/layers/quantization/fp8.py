@@ -65,7 +65,7 @@ class Fp8Config(QuantConfig):
     @classmethod
     def from_hf(cls, qc: dict[str, Any]) -> Fp8Config:
         method = str(qc.get("quant_method", "fp8")).lower()
-        if method in ("compressed-tensors", "compressed_tensors"):
+        if method in ("compressed-tensors", "compressed_tensors"):  # a float8 scheme (compressed_tensors.py)
             return cls._from_compressed_tensors(qc)
         scheme = qc.get("activation_scheme", "dynamic")
         if scheme not in ("dynamic", "static"):

@@ -18,7 +18,7 @@ and for act-order checkpoints a permutation of the input rows (x's columns are g
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -64,6 +64,13 @@ class _Int4Config(QuantConfig):
         (their input rows are spread over all groups; ``g_idx`` says which) and the checkpoint's group numbers."""
         suffix = name.rsplit(".", 1)[-1]
         layer = name.rsplit(".", 1)[0]
+        if isinstance(self, CompressedTensorsInt4Config) and suffix in ("weight_packed", "weight_scale"):
+            # [out, in / 8] and [out, in / group]: output rows, or whole int32s / groups of inputs
+            if parallel == "column":
+                return tensor.narrow(0, start, length)
+            return self.shard_tensor(f"{layer}.qweight" if suffix == "weight_packed" else f"{layer}.scales",
+                                     tensor.t(), parallel, start, length).t()
+        suffix = _CT_NAMES.get(suffix, suffix) if isinstance(self, CompressedTensorsInt4Config) else suffix
         if suffix not in ("qweight", "qzeros", "scales", "g_idx"):
             return plain_shard(tensor, parallel, start, length)
 
@@ -162,6 +169,62 @@ def regroup_rows(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_i
     return new_q, zeros[block_group], scales[block_group], rows, block
 
 
+class CompressedTensorsInt4Config(_Int4Config):
+    """compressed-tensors W4A16 (``pack-quantized``): ``weight_packed`` int32 ``[out, in / 8]`` (nibble ``i`` of word
+    ``j`` = input ``8j + i``, stored as ``q + 8``), ``weight_scale`` ``[out, in / group]``, ``weight_shape``, and with
+    group act-order ``weight_g_idx``. Symmetric int4 as GPTQ makes it (llm-compressor's GPTQModifier): the GPTQ
+    method's kernels and support, only the layout differs."""
+
+    name = "gptq"
+
+    @classmethod
+    def from_hf(cls, qc: dict[str, Any]) -> CompressedTensorsInt4Config:
+        from core.layers.quantization.compressed_tensors import from_compressed_tensors
+
+        config = from_compressed_tensors(qc)
+        if not isinstance(config, cls):
+            raise ValueError("this compressed-tensors checkpoint's scheme is not 4-bit integer weights.")
+        return config
+
+    @classmethod
+    def from_ct(cls, qc: dict[str, Any], group: dict[str, Any]) -> CompressedTensorsInt4Config:
+        weights, acts = group.get("weights") or {}, group.get("input_activations")
+        scheme = f"weights={weights}, input_activations={acts}"
+        fmt = str(qc.get("format", "pack-quantized"))
+        problems = []
+        if weights.get("num_bits") != 4:
+            problems.append(f"{weights.get('num_bits')}-bit integer weights (supported: 4-bit)")
+        if not weights.get("symmetric", True):
+            problems.append("asymmetric weights with zero points (supported: symmetric)")
+        if fmt != "pack-quantized":
+            problems.append(f"format {fmt!r} (supported: pack-quantized)")
+        if acts is not None:
+            problems.append("quantized activations (supported: 16-bit activations, W4A16)")
+        strategy = weights.get("strategy", "group")
+        if strategy not in ("group", "channel"):
+            problems.append(f"weight strategy {strategy!r} (supported: group, channel)")
+        actorder = weights.get("actorder")
+        if actorder not in (None, "group", "weight", False):
+            problems.append(f"actorder {actorder!r} (supported: group, weight, none)")
+        if problems:
+            raise ValueError(f"compressed-tensors scheme {scheme} is not supported: {'; '.join(problems)}.")
+        size = int(weights.get("group_size") or -1) if strategy == "group" else -1
+        if size != -1 and size <= 0:
+            raise ValueError(f"compressed-tensors group_size {size} is not valid.")
+        return cls(group_size=size, zero_point=False, desc_act=actorder == "group", skipped=qc.get("ignore") or ())
+
+    def checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        return ((name, tensor) for name, tensor in weights if not name.endswith(".weight_shape"))
+
+    def summary(self) -> str:
+        extra = ", group act-order" if self.desc_act else ""
+        return f"compressed-tensors int4 (W4A16, group {self.group_size}, symmetric{extra})"
+
+
+# Checkpoint tensor names of each int4 layout -> the role they play (the GPTQ names are AWQ's plus g_idx)
+_CT_NAMES = {"weight_packed": "qweight", "weight_scale": "scales", "weight_g_idx": "g_idx"}
+
+
 def _fill_random_int32(tensor: torch.Tensor, gen: torch.Generator) -> None:
     if tensor.device.type == "cpu":
         tensor.copy_(torch.randint(-(2**31), 2**31 - 1, tensor.shape, dtype=torch.int32, generator=gen))
@@ -184,6 +247,7 @@ class Int4LinearMethod(LinearMethod):
         parallelism); with act-order, the layer then holds every group's scales (``_Int4Config.shard_tensor``)."""
         self.config = config
         self.is_awq = config.name == "awq"
+        self.is_ct = isinstance(config, CompressedTensorsInt4Config)  # compressed-tensors' pack-quantized layout
         self.input_shards = input_shards
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
@@ -212,6 +276,14 @@ class Int4LinearMethod(LinearMethod):
         def g_idx_fill(tensor: torch.Tensor, gen: torch.Generator) -> None:
             tensor.copy_(torch.arange(in_features, dtype=torch.int32) // group)
 
+        if self.is_ct:  # rows are output channels: [out, in / 8] codes, [out, groups] scales, no zero points
+            new_parameter(layer, "weight_packed", (out, in_features // PACK), torch.int32,
+                          dummy_fill=_fill_random_int32)
+            new_parameter(layer, "weight_scale", (out, groups), params_dtype, dummy_fill=_fill_scales)
+            if self.config.desc_act:
+                new_parameter(layer, "weight_g_idx", (in_features,), torch.int32, output_dim=None,
+                              dummy_fill=g_idx_fill)
+            return
         if self.is_awq:
             new_parameter(layer, "qweight", (in_features, out // PACK), torch.int32, output_dim=1,
                           pack_factor=PACK, dummy_fill=_fill_random_int32)
@@ -223,32 +295,45 @@ class Int4LinearMethod(LinearMethod):
                       dummy_fill=_fill_random_int32)
         new_parameter(layer, "scales", (groups, out), params_dtype, output_dim=1, dummy_fill=_fill_scales)
 
+    def _checkpoint_codes(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor | None]:  # fmt: skip
+        """The layer's checkpoint tensors in one form, which are then dropped: codes ``[in, out]``, zero points and
+        scales ``[groups, out]``, and each input row's group (None: consecutive groups, AWQ's)."""
+        if self.is_ct:  # codes stored as q + 8: zero point 8
+            q = unpack_int4_columns(layer.weight_packed.data).t()
+            scales = layer.weight_scale.data.t()
+            zeros = torch.full_like(scales, 8, dtype=torch.int64)
+            g_idx = layer.weight_g_idx.data.long() if self.config.desc_act else None
+            names = ("weight_packed", "weight_scale", "weight_g_idx")
+        elif self.is_awq:
+            q = unpack_int4_columns(layer.qweight.data, AWQ_ORDER)
+            zeros = unpack_int4_columns(layer.qzeros.data, AWQ_ORDER)
+            scales, g_idx, names = layer.scales.data, None, ("qzeros",)
+        else:
+            q = unpack_int4_rows(layer.qweight.data)
+            zeros = unpack_int4_columns(layer.qzeros.data) + 1  # GPTQ v1 stores zero - 1 (sym: 7, so 8)
+            scales, g_idx, names = layer.scales.data, layer.g_idx.data.long(), ("qzeros", "g_idx")
+        for name in names:
+            if hasattr(layer, name):
+                delattr(layer, name)
+        return q, zeros, scales, g_idx
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         group = layer.group_size
-        scales = layer.scales.data
-        if self.is_awq:
-            q = unpack_int4_columns(layer.qweight.data, AWQ_ORDER)  # [in, out]
-            zeros = unpack_int4_columns(layer.qzeros.data, AWQ_ORDER)
-            perm = None
-        else:
-            q = unpack_int4_rows(layer.qweight.data)  # [in, out]
-            zeros = unpack_int4_columns(layer.qzeros.data) + 1  # GPTQ v1 stores zero - 1 (sym: 7, so 8)
-            g_idx = layer.g_idx.data.long()
-            in_features = q.shape[0]
-            natural = torch.arange(in_features, device=g_idx.device) // group
-            perm = None
-            if not torch.equal(g_idx, natural):
-                if int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[0]:
-                    raise ValueError(f"GPTQ g_idx of a layer names groups outside its {scales.shape[0]} groups "
-                                     f"(from {int(g_idx.min())} to {int(g_idx.max())}).")
-                perm = torch.argsort(g_idx, stable=True)
-                if torch.equal(g_idx[perm], natural):
-                    q = q[perm]
-                else:  # groups of other sizes: a rank's share of an act-order layer's input rows
-                    q, zeros, scales, perm, group = regroup_rows(q, zeros, scales, g_idx, perm)
-                    layer.group_size = group
-                perm = perm.to(torch.int32)
-            delattr(layer, "g_idx")
+        q, zeros, scales, g_idx = self._checkpoint_codes(layer)
+        perm = None
+        natural = torch.arange(q.shape[0], device=q.device) // group
+        if g_idx is not None and not torch.equal(g_idx, natural):  # act-order: rows sorted by group
+            if int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[0]:
+                raise ValueError(f"{self.config.name}: g_idx of a layer names groups outside its {scales.shape[0]} "
+                                 f"groups (from {int(g_idx.min())} to {int(g_idx.max())}).")
+            perm = torch.argsort(g_idx, stable=True)
+            if torch.equal(g_idx[perm], natural):
+                q = q[perm]
+            else:  # groups of other sizes: a rank's share of an act-order layer's input rows
+                q, zeros, scales, perm, group = regroup_rows(q, zeros, scales, g_idx, perm)
+                layer.group_size = group
+            perm = perm.to(torch.int32)
         qweight, scales, zeros = pack_int4_kernel(q), scales.contiguous(), zeros.to(scales.dtype).contiguous()
         # The tiled layout where the Gluon GEMV serves decode rows, but not for a qkv projection (its GEMV's rotary
         # epilogue reads the plain layout)
@@ -256,7 +341,6 @@ class Int4LinearMethod(LinearMethod):
         if layer.tiled:
             qweight, scales, zeros = tile_int4(qweight, scales, zeros)
         replace_parameter(layer, "qweight", qweight)
-        delattr(layer, "qzeros")
         replace_parameter(layer, "scales", scales)
         replace_parameter(layer, "zeros", zeros)
         layer.perm = perm
@@ -289,6 +373,7 @@ class Int4MoEMethod:
     def __init__(self, config: _Int4Config) -> None:
         self.config = config
         self.is_awq = config.name == "awq"
+        self.is_ct = isinstance(config, CompressedTensorsInt4Config)
 
     def _projections(self, block: nn.Module) -> tuple[tuple[str, int, int, int], ...]:
         """(name, output rows per expert, input size K, group) of w13 and w2."""
@@ -308,6 +393,12 @@ class Int4MoEMethod:
                                  f"kernels: the input size must be a multiple of the group size {group} and of "
                                  f"{KERNEL_K_BLOCK}, the outputs of {PACK}.")
             out = experts * rows
+            if self.is_ct:  # every expert's rows stacked: [E * rows, K / 8] codes, [E * rows, groups] scales
+                new_parameter(block, f"{param}_weight_packed", (out, k // PACK), torch.int32,
+                              dummy_fill=_fill_random_int32)
+                new_parameter(block, f"{param}_weight_scale", (out, k // group), torch.get_default_dtype(),
+                              dummy_fill=_fill_scales)
+                continue
             if self.is_awq:
                 new_parameter(block, f"{param}_qweight", (k, out // PACK), torch.int32, output_dim=1,
                               pack_factor=PACK, dummy_fill=_fill_random_int32)
@@ -323,8 +414,15 @@ class Int4MoEMethod:
         return True
 
     def process_weights_after_loading(self, block: nn.Module) -> None:
-        experts = block.num_experts
         for param, rows, k, group in self._projections(block):
+            if self.is_ct:  # codes stored as q + 8: zero point 8
+                q = unpack_int4_columns(getattr(block, f"{param}_weight_packed").data).t()  # [K, E * rows]
+                scales = getattr(block, f"{param}_weight_scale").data.t()
+                zeros = torch.full_like(scales, 8, dtype=torch.int64)
+                for attr in ("weight_packed", "weight_scale"):
+                    delattr(block, f"{param}_{attr}")
+                self._store(block, param, q, zeros, scales, rows, k, group)
+                continue
             scales = getattr(block, f"{param}_scales").data
             if self.is_awq:
                 q = unpack_int4_columns(getattr(block, f"{param}_qweight").data, AWQ_ORDER)  # [K, E * rows]
@@ -337,14 +435,22 @@ class Int4MoEMethod:
                     raise ValueError(f"{self.config.name}: the experts' g_idx is not the natural group order (an "
                                      "act-order checkpoint without desc_act); act-order experts are not supported.")
                 delattr(block, f"{param}_g_idx")
-            words = torch.stack([pack_int4_kernel(q[:, e * rows: (e + 1) * rows]) for e in range(experts)])
-            per_expert = (k // group, experts, rows)
             for attr in ("qweight", "qzeros", "scales"):
                 delattr(block, f"{param}_{attr}")
-            replace_parameter(block, param, words)  # [E, rows, K / 8]
-            replace_parameter(block, f"{param}_scale", scales.reshape(per_expert).transpose(0, 1).contiguous())
-            replace_parameter(block, f"{param}_zeros",
-                              zeros.to(scales.dtype).reshape(per_expert).transpose(0, 1).contiguous())
+            self._store(block, param, q, zeros, scales, rows, k, group)
+
+    @staticmethod
+    def _store(block: nn.Module, param: str, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, rows: int,
+               k: int, group: int) -> None:  # fmt: skip
+        """Every expert's codes (``q [K, E * rows]``) in the int4 kernel layout ``[E, rows, K / 8]``, its scales
+        and zero points ``[E, K / group, rows]``."""
+        experts = q.shape[1] // rows
+        words = torch.stack([pack_int4_kernel(q[:, e * rows: (e + 1) * rows]) for e in range(experts)])
+        per_expert = (k // group, experts, rows)
+        replace_parameter(block, param, words)
+        replace_parameter(block, f"{param}_scale", scales.reshape(per_expert).transpose(0, 1).contiguous())
+        replace_parameter(block, f"{param}_zeros",
+                          zeros.to(scales.dtype).reshape(per_expert).transpose(0, 1).contiguous())
 
     def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
         (_, _, _, g13), (_, _, _, g2) = self._projections(block)

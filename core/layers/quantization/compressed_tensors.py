@@ -1,0 +1,32 @@
+"""compressed-tensors checkpoints (llm-compressor's format, e.g. the RedHatAI / neuralmagic releases): one config
+format for several schemes, each served by the method that runs its numbers. float8 weights and activations (FP8,
+FP8_DYNAMIC, FP8_BLOCK): ``fp8.Fp8Config``; 4-bit integer weights with 16-bit activations in the ``pack-quantized``
+format (W4A16, symmetric, per group or channel, optional group act-order): ``int4.CompressedTensorsInt4Config``.
+Anything else fails naming the scheme and listing these."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.layers.quantization.base import QuantConfig
+
+SUPPORTED_SCHEMES = ("float8 weights with float8 activations (FP8, FP8_DYNAMIC, FP8_BLOCK)",
+                     "4-bit integer weights with 16-bit activations, symmetric, pack-quantized (W4A16)")
+
+
+def from_compressed_tensors(qc: dict[str, Any]) -> QuantConfig:
+    """The method config for a compressed-tensors ``quantization_config``."""
+    from core.layers.quantization.fp8 import Fp8Config
+    from core.layers.quantization.int4 import CompressedTensorsInt4Config
+
+    groups = list((qc.get("config_groups") or {}).values())
+    if len(groups) != 1:
+        raise ValueError(f"compressed-tensors checkpoints with {len(groups)} config_groups are not supported; "
+                         f"supported: one group of {' or '.join(SUPPORTED_SCHEMES)}.")
+    weights = groups[0].get("weights") or {}
+    if weights.get("type") == "float":
+        return Fp8Config.from_hf(qc)
+    if weights.get("type") == "int":
+        return CompressedTensorsInt4Config.from_ct(qc, groups[0])
+    raise ValueError(f"compressed-tensors scheme weights={weights} is not supported; supported: "
+                     f"{'; '.join(SUPPORTED_SCHEMES)}.")
