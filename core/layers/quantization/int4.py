@@ -1,4 +1,5 @@
-"""AWQ and GPTQ int4 weights (w4a16): both loaded in their checkpoint layouts, then repacked into one kernel layout.
+"""AWQ, GPTQ and compressed-tensors W4A16 int4 weights (w4a16): loaded in their checkpoint layouts, then repacked
+into one kernel layout; dense layers here (``Int4LinearMethod``) and a MoE block's experts (``Int4MoEMethod``).
 
 Checkpoint layouts (``y = x @ W`` with ``W[k, n] = (q[k, n] - zero[g, n]) * scale[g, n]``, ``g`` the group of input
 row ``k``):
@@ -9,6 +10,9 @@ row ``k``):
 - GPTQ v1: ``qweight`` int32 ``[in / 8, out]``, eight input rows per int32 (nibble ``i`` = row ``8j + i``);
   ``qzeros`` int32 ``[groups, out / 8]`` (sequential nibbles) storing ``zero - 1``; ``scales`` ``[groups, out]``;
   ``g_idx`` int32 ``[in]``: the group of each input row (with ``desc_act`` / act-order, not ``k // group``).
+- compressed-tensors ``pack-quantized`` (symmetric): ``weight_packed`` int32 ``[out, in / 8]`` (nibble ``i`` of word
+  ``j`` = input ``8j + i``, stored as ``q + 8``), ``weight_scale`` ``[out, groups]``, ``weight_shape`` (dropped), and
+  with group act-order ``weight_g_idx``.
 
 Kernel layout (``kernels/int4_gemm.py: pack_int4_kernel``): ``qweight`` int32 ``[out, in / 8]``, each output
 column's codes contiguous along the input dim (interleaved within blocks of 32 rows, for the decode kernel's wide
