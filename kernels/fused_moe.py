@@ -245,9 +245,13 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
         if group:
             kind, k = B_INT4, 8 * b.shape[2]
             config = {**config, "BLOCK_K": max(32, _block_k_within(config["BLOCK_K"], group))}
+            if group % config["BLOCK_K"] or k % config["BLOCK_K"]:
+                raise ValueError(f"int4 experts need groups ({group}) and inputs ({k}) of whole 32-row steps.")
         elif quant.block is not None:
             kind = B_FP8_BLOCK
             config = {**config, "BLOCK_K": _block_k_within(config["BLOCK_K"], quant.block[1])}
+            if quant.block[1] % config["BLOCK_K"]:
+                raise ValueError(f"fp8 expert scale blocks {quant.block} need a K side of whole 16-column steps.")
         else:
             kind = B_FP8_CHANNEL
         zeros = zeros if zeros is not None else scale

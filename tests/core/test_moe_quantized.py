@@ -124,3 +124,13 @@ def test_online_fp8_moe_on_gpu_with_cuda_graphs(tmp_path, arch):
     assert [r["tokens"] for r in graphs] == [r["tokens"] for r in eager]
     _, reference = qc.greedy(path, dtype="bfloat16", device="cuda")
     assert qc.logprob_error(graphs, reference, steps=1) <= qc.FP8_FIRST_STEP_ATOL
+
+
+def test_int4_experts_in_groups_the_kernel_cannot_step_fail_at_build():
+    """Groups of 16: the fused MoE kernel steps K 32 rows at a time, one group's scale each step."""
+    from core.layers.moe import SparseMoeBlock
+    from core.layers.quantization.int4 import AWQConfig
+
+    awq = AWQConfig.from_hf({"quant_method": "awq", "bits": 4, "group_size": 16, "zero_point": True, "version": "gemm"})
+    with pytest.raises(ValueError, match="group size 16, which must be a multiple of 32"):
+        SparseMoeBlock(64, 32, 4, 2, True, kernel_backend="torch", quant=awq, prefix="model.layers.0.mlp")

@@ -201,3 +201,32 @@ def test_unequal_groups_are_regrouped_into_padded_blocks_with_the_same_product()
     assert int((rows == k).sum()) == new_q.shape[0] - k  # the padding rows
     got = int4_linear_ref(x, pack_int4_kernel(new_q), new_scales, new_zeros.float(), block, rows.to(torch.int32))
     torch.testing.assert_close(got, x @ weight, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_configs_skip_the_checkpoints_unquantized_modules_by_name_or_pattern():
+    """AutoAWQ's ``modules_to_not_convert`` (dotted runs of the name) and compressed-tensors' ``re:`` ignore
+    patterns: those layers (and a block's experts) load as they are."""
+    from core.layers.quantization.compressed_tensors import from_compressed_tensors
+    from core.layers.quantization.int4 import AWQConfig
+
+    ct = from_compressed_tensors({"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                  "ignore": ["lm_head", "re:.*down_proj"], "config_groups": {"group_0": {
+                                      "targets": ["Linear"], "input_activations": None,
+                                      "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                  "strategy": "group", "group_size": 128}}}})
+    assert ct.linear_method("model.layers.0.mlp.down_proj") is None
+    assert ct.linear_method("model.layers.0.mlp.gate_proj") is not None
+    awq = AWQConfig.from_hf({"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                             "version": "gemm", "modules_to_not_convert": ["mlp"]})
+    assert awq.linear_method("model.layers.3.mlp.down_proj") is None and awq.moe_method("model.layers.3.mlp") is None
+    assert awq.linear_method("model.layers.3.self_attn.o_proj") is not None
+
+
+def test_compressed_tensors_schemes_for_some_layers_only_fail_naming_the_targets():
+    from core.layers.quantization.compressed_tensors import from_compressed_tensors
+
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": {
+        "targets": ["re:.*self_attn.*"], "input_activations": None,
+        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}}}
+    with pytest.raises(ValueError, match=r"targets \['re:\.\*self_attn\.\*'\] are not supported"):
+        from_compressed_tensors(qc)

@@ -350,6 +350,38 @@ def test_int4_layers_in_the_tiled_layout_match_the_dequantized_model(tmp_path, m
     assert tiled == {"qkv_proj": False, "o_proj": True, "gate_up_proj": True, "down_proj": True}
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+def test_act_order_rank_whose_rows_are_whole_groups_keeps_only_its_groups(monkeypatch, tiled):
+    """A row-parallel act-order layer holds every group's scales; a rank whose rows are whole groups in order (GPTQ
+    ``static_groups``, dummy weights) keeps its own groups, so it takes the plain (or tiled) layout, not regrouping:
+    rank 1 of 2, 128 of 256 inputs, groups of 128."""
+    import core.layers.quantization.int4 as int4_method
+    from core.layers.linear import Linear
+    from core.layers.quantization.int4 import GPTQConfig
+    from kernels.int4_gemm import tiling_supported
+
+    if tiled:  # what loading does where the Gluon GEMV runs (a GPU)
+        monkeypatch.setattr(int4_method, "tiled_layout_pays",
+                            lambda q, sc, g: tiling_supported(q.shape[0], q.shape[1] * 8, g))
+    config = GPTQConfig.from_hf({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True,
+                                 "sym": False}).for_tensor_parallel(2, ("o_proj",))
+    layer = Linear(128, 32, quant_method=config.linear_method("model.layers.0.self_attn.o_proj"))
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (128, 32), generator=gen)
+    zeros = torch.randint(1, 16, (2, 32), generator=gen)
+    scales = torch.rand(2, 32, generator=gen) + 0.5
+    g_idx = torch.full((128,), 1, dtype=torch.int32)  # rank 1: every row in group 1
+    layer.qweight.data.copy_(gptq_pack_rows(codes))
+    layer.qzeros.data.copy_(gptq_pack_zeros(zeros))
+    layer.scales.data.copy_(scales)
+    layer.g_idx.data.copy_(g_idx)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.perm is None and layer.group_size == 128 and layer.tiled == tiled
+    x = torch.randn(3, 128, generator=gen)
+    weight = (codes - zeros[1]).float() * scales[1]
+    torch.testing.assert_close(layer(x), x @ weight, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("group, desc_act, sym", [(32, False, True), (64, True, False), (128, True, True),
                                                   (64, False, False)])
 def test_gptq_checkpoint_matches_dequantized_model(tmp_path, group, desc_act, sym):

@@ -24,6 +24,10 @@ def from_compressed_tensors(qc: dict[str, Any]) -> QuantConfig:
         raise ValueError(f"compressed-tensors checkpoints with {len(groups)} config_groups are not supported; "
                          f"supported: one group of {' or '.join(SUPPORTED_SCHEMES)}.")
     weights = groups[0].get("weights") or {}
+    targets = groups[0].get("targets") or ["Linear"]
+    if list(targets) != ["Linear"]:  # a scheme for some layers only: the others would load as quantized
+        raise ValueError(f"compressed-tensors config_groups targets {targets} are not supported; supported: "
+                         "['Linear'] (every linear layer but the ignore list).")
     if weights.get("type") == "float":
         return Fp8Config.from_hf(qc)
     if weights.get("type") == "int":

@@ -97,8 +97,9 @@ class Fp8Config(QuantConfig):
             raise ValueError(f"compressed-tensors float8 weight strategy {strategy!r} is not supported; supported: "
                              "tensor, channel, block.")
         if acts is None or acts.get("type") != "float" or acts.get("num_bits") != 8:
-            raise ValueError(f"compressed-tensors scheme {scheme} is not supported: weight-only float8 (w8a16) has no "
-                             "kernel here; supported: float8 weights with float8 activations.")
+            raise ValueError(f"compressed-tensors scheme {scheme} is not supported: weight-only float8 checkpoints "
+                             "(W8A16) are not; supported: float8 weights with float8 activations (FP8, FP8_DYNAMIC, "
+                             "FP8_BLOCK).")
         static = not acts.get("dynamic", False)
         if static and (acts.get("strategy", "tensor") != "tensor" or strategy == "block"):
             raise ValueError(f"compressed-tensors static activation strategy {acts.get('strategy')!r} with "
@@ -288,6 +289,9 @@ class Fp8MoEMethod:
         new_parameter(block, "w2", (experts * hidden, inter), FP8_DTYPE, dummy_fill=_fill_fp8)
         if self.config.weight_strategy == "block":
             block_n, block_k = self.config.block
+            if block_k % 16:
+                raise ValueError(f"fp8 block-wise expert scales need blocks of a multiple of 16 inputs (the fused MoE "
+                                 f"kernel's K steps), got {self.config.block}.")
             if inter % block_n or hidden % block_n:
                 raise ValueError(f"fp8 block-wise scales of {block_n} rows do not tile the experts' projections (an "
                                  f"expert's width {inter}, hidden size {hidden}): their rows must be whole blocks.")

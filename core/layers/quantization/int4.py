@@ -22,6 +22,7 @@ and for act-order checkpoints a permutation of the input rows (x's columns are g
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -56,9 +57,19 @@ class _Int4Config(QuantConfig):
         self.desc_act = desc_act
         self.skipped = tuple(skipped)
 
-    def linear_method(self, prefix: str) -> LinearMethod | None:
+    def is_skipped(self, prefix: str) -> bool:
+        """Whether the checkpoint left module ``prefix`` unquantized: one of its dotted parts' runs is listed
+        (AutoAWQ's ``modules_to_not_convert``), or a ``re:`` pattern (compressed-tensors' ``ignore``) matches it."""
         name = self.global_prefix(prefix)
-        if any(f".{skip}." in f".{name}." for skip in self.skipped):
+        for skip in self.skipped:
+            if skip.startswith("re:") and re.fullmatch(skip[3:], name):
+                return True
+            if not skip.startswith("re:") and f".{skip}." in f".{name}.":
+                return True
+        return False
+
+    def linear_method(self, prefix: str) -> LinearMethod | None:
+        if self.is_skipped(prefix):
             return None
         return Int4LinearMethod(self, input_shards=self.input_shards(prefix))
 
@@ -104,8 +115,8 @@ class _Int4Config(QuantConfig):
             return tensor.narrow(0, start, length) - first  # the rank's groups are numbered from 0
         return tensor.narrow(0, first, count)
 
-    def moe_method(self, prefix: str) -> Int4MoEMethod:
-        return Int4MoEMethod(self)
+    def moe_method(self, prefix: str) -> Int4MoEMethod | None:
+        return None if self.is_skipped(prefix) else Int4MoEMethod(self)
 
     def summary(self) -> str:
         extra = ", act-order" if self.desc_act else ""
@@ -327,6 +338,11 @@ class Int4LinearMethod(LinearMethod):
         q, zeros, scales, g_idx = self._checkpoint_codes(layer)
         perm = None
         natural = torch.arange(q.shape[0], device=q.device) // group
+        groups = -(-q.shape[0] // group)
+        if g_idx is not None and scales.shape[0] != groups:  # a rank's rows of an act-order layer: every group held
+            first = int(g_idx.min())
+            if torch.equal(g_idx - first, natural):  # its rows are whole groups in order (GPTQ static_groups, dummy)
+                scales, zeros, g_idx = scales[first: first + groups], zeros[first: first + groups], natural
         if g_idx is not None and not torch.equal(g_idx, natural):  # act-order: rows sorted by group
             if int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[0]:
                 raise ValueError(f"{self.config.name}: g_idx of a layer names groups outside its {scales.shape[0]} "
@@ -338,6 +354,9 @@ class Int4LinearMethod(LinearMethod):
                 q, zeros, scales, perm, group = regroup_rows(q, zeros, scales, g_idx, perm)
                 layer.group_size = group
             perm = perm.to(torch.int32)
+        if scales.shape[0] != -(-q.shape[0] // group):
+            raise ValueError(f"{self.config.name}: a layer's {scales.shape[0]} groups of scales do not fit its "
+                             f"{q.shape[0]} input rows in groups of {group}.")
         qweight, scales, zeros = pack_int4_kernel(q), scales.contiguous(), zeros.to(scales.dtype).contiguous()
         # The tiled layout where the Gluon GEMV serves decode rows, but not for a qkv projection (its GEMV's rotary
         # epilogue reads the plain layout)
@@ -392,10 +411,10 @@ class Int4MoEMethod:
                              "GPTQ experts with desc_act false, AWQ experts.")
         experts = block.num_experts
         for param, rows, k, group in self._projections(block):
-            if k % group or k % KERNEL_K_BLOCK or rows % PACK:
+            if k % group or k % KERNEL_K_BLOCK or group % KERNEL_K_BLOCK or rows % PACK:
                 raise ValueError(f"{name}: an expert's {param} (input size {k}, {rows} outputs) does not fit the int4 "
-                                 f"kernels: the input size must be a multiple of the group size {group} and of "
-                                 f"{KERNEL_K_BLOCK}, the outputs of {PACK}.")
+                                 f"experts' kernel: the input size must be a multiple of the group size {group}, "
+                                 f"which must be a multiple of {KERNEL_K_BLOCK}; the outputs of {PACK}.")
             out = experts * rows
             if self.is_ct:  # every expert's rows stacked: [E * rows, K / 8] codes, [E * rows, groups] scales
                 new_parameter(block, f"{param}_weight_packed", (out, k // PACK), torch.int32,
