@@ -36,7 +36,7 @@ SPEC_METHODS = ("ngram", "draft_model")
 EXECUTOR_BACKENDS = ("mp", "ray")
 # KV-cache element types (vLLM's spellings); fp8 = fp8_e4m3: e4m3 values with a per-layer scale for keys and values.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "gguf")  # core/layers/quantization implements each
+QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "gguf", "bitsandbytes")  # core/layers/quantization implements each
 # vLLM's names for other kernels of those methods' checkpoints: accepted for a checkpoint of that method, which then
 # runs on pagedserve's kernels (core/layers/quantization: REQUESTED_ALIASES)
 QUANTIZATION_ALIASES = ("awq_marlin", "gptq_marlin", "compressed-tensors")
@@ -215,8 +215,9 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     quantization: Annotated[str | None, Arg(
         "Weight quantization. Default: the checkpoint's config.json quantization_config (fp8, compressed-tensors "
-        "float8, awq, gptq). fp8 on an unquantized checkpoint quantizes it at load (per-channel weight scales, "
-        "dynamic per-token activation scales). gguf keeps a .gguf file's Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights in "
+        "float8 or W4A16, awq, gptq, bitsandbytes 4-bit). fp8 on an unquantized checkpoint quantizes it at load "
+        "(per-channel weight scales, dynamic per-token activation scales); bitsandbytes quantizes it to NF4 in "
+        "blocks of 64. gguf keeps a .gguf file's Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights in "
         "their blocks (opt-in until the block GEMM is measured on the GPU). awq_marlin, gptq_marlin and "
         "compressed-tensors (vLLM's names) are accepted for checkpoints of those methods, which run on pagedserve's "
         "kernels.", choices=QUANTIZATION_CHOICES, aliases=("-q",))] = None

@@ -98,6 +98,9 @@ def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], full: ModelConfig
     """The checkpoint's (HF name, tensor) pairs cut to rank ``rank``'s slice; replicated tensors pass through. A
     quantized layer's tensors (packed codes, scales, group indices) are cut by its method (``shard_tensor``), in
     units of the layer's features."""
+    if tp == 1:  # pipeline stages only: every tensor whole
+        yield from weights
+        return
     quant = full.quantization
 
     def cut(name: str, tensor: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:

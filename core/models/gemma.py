@@ -31,7 +31,7 @@ from kernels.skinny_gemm import linear as skinny_linear
 
 # Weight quantization methods the family's projections run (core/layers/quantization); with gguf the embedding (and
 # tied LM head) may stay in its blocks too.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf")
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from kernels.skinny_gemm import linear as skinny_linear
 
 # Weight quantization methods this family's layers run (core/layers/quantization); the LM head stays unquantized
 # except under gguf, which keeps the embedding and LM head in their blocks too.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf")
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes")
 
 
 def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:

@@ -22,7 +22,7 @@ from kernels.skinny_gemm import linear as skinny_linear
 
 # Weight quantization methods the family's projections run (core/layers/quantization); with gguf the embedding and
 # LM head may stay in their blocks too.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf")
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes")
 
 
 def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:

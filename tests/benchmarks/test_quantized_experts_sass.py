@@ -1,7 +1,7 @@
 """The quantized weights' Triton kernels added without a GPU run compile for sm_90 (Triton's bundled ptxas)
 without spills, their products on the tensor cores (HMMA, or wgmma's HGMMA): the fused MoE kernel's four kinds of
-expert weight (16-bit, e4m3 per channel, e4m3 per block, int4) and the block-scaled fp8 GEMM at its decode and
-prefill tiles."""
+expert weight (16-bit, e4m3 per channel, e4m3 per block, int4), the block-scaled fp8 GEMM and the bitsandbytes
+4-bit GEMM at their decode and prefill tiles."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ for kind, (b, s) in kinds.items():
     info = summarize(_compile(fused_moe._moe_gemm_kernel, pointers, set(), constexprs, 4, 3))
     out[f"moe{kind}"] = facts(info)
 for m in (1, 512):
+    from kernels import bnb4_gemm
+    bm, bn = (16, 32) if m <= 16 else (64, 64)
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "codebook_ptr": "*fp32", "out_ptr": "*bf16"}
+    constexprs = dict(BLOCKSIZE=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, DOT_PRECISION="tf32")
+    out[f"bnb{m}"] = facts(summarize(_compile(bnb4_gemm._bnb4_gemm_kernel, pointers, set(), constexprs, 4, 3)))
     bm, bn, bk = fp8_block_gemm.block_gemm_tiles(m, 128)
     pointers = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "out_ptr": "*bf16"}
     constexprs = dict(SCALE_N=128, SCALE_K=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="tf32")
@@ -43,6 +48,6 @@ print(json.dumps(out))
 @needs_sass_tools
 def test_quantized_weight_kernels_compile_for_sm90_on_the_tensor_cores_without_spills():
     result = run_compile_script(COMPILE)
-    assert set(result) == {"moe0", "moe1", "moe2", "moe3", "block1", "block512"}
+    assert set(result) == {"moe0", "moe1", "moe2", "moe3", "block1", "block512", "bnb1", "bnb512"}
     for name, (regs, spills, mma) in result.items():
         assert 0 < regs <= 255 and spills == 0 and mma > 0, (name, result)

@@ -47,9 +47,9 @@ def test_vllm_kernel_names_run_their_checkpoints_and_are_never_applied_online():
 
 def test_unsupported_checkpoint_method_is_named_with_the_supported_list():
     with pytest.raises(ValueError) as info:
-        ModelConfig.from_hf_dict(llama_dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}))
+        ModelConfig.from_hf_dict(llama_dict(quantization_config={"quant_method": "hqq", "nbits": 4}))
     message = str(info.value)
-    assert "bitsandbytes" in message and "quantiz" in message
+    assert "hqq" in message and "quantiz" in message
     for method in supported_methods():
         assert method in message
 

@@ -229,6 +229,49 @@ def write_ct_int4(tmp: Path, group: int, actorder: bool, arch: str = "llama", **
             save(tmp / f"{tag}-dequantized", config, plain))
 
 
+def write_bnb(tmp: Path, quant_type: str, nested: bool, arch: str = "llama") -> tuple[Path, Path]:
+    """A bitsandbytes ``load_in_4bit`` checkpoint as transformers saves it: codes ``[out * in / 2, 1]`` (two a byte,
+    high nibble first), ``.absmax`` per 64 weights (``nested``: 8-bit codes into ``.nested_quant_map`` times
+    ``.nested_absmax`` per 256 blocks plus the state's offset), ``.quant_map`` and the JSON quant state."""
+    from kernels.bnb4_gemm import NF4_CODEBOOK, dequantize_bnb4, quantize_bnb4
+    from tests.kernels.test_bnb4_gemm import FP4_CODEBOOK
+
+    codebook = NF4_CODEBOOK if quant_type == "nf4" else FP4_CODEBOOK
+    table = torch.tensor(codebook)
+    config, state = base_checkpoint(arch=arch)
+    quant, plain = dict(state), dict(state)
+    for name in quantized_layers(state):
+        w = state[name]
+        codes, absmax = quantize_bnb4(w, 64, codebook)
+        meta = {"quant_type": quant_type, "blocksize": 64, "dtype": "float32", "shape": list(w.shape)}
+        quant[name] = codes.reshape(-1, 1)
+        quant[f"{name}.quant_map"] = table.clone()
+        if nested:
+            flat = absmax.flatten()
+            offset = flat.mean().item()
+            nested_map = torch.linspace(-1, 1, 256)
+            groups = (flat - offset).split(256)
+            nested_absmax = torch.stack([g.abs().max() for g in groups])
+            scaled = torch.cat([g / m for g, m in zip(groups, nested_absmax)])
+            absmax_codes = (scaled[:, None] - nested_map).abs().argmin(1).to(torch.uint8)
+            absmax = (nested_map[absmax_codes.long()] * nested_absmax.repeat_interleave(256)[: flat.numel()]
+                      + offset).reshape(absmax.shape)  # fmt: skip
+            meta |= {"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": offset}
+            quant |= {f"{name}.absmax": absmax_codes, f"{name}.nested_absmax": nested_absmax,
+                      f"{name}.nested_quant_map": nested_map.clone()}
+        else:
+            quant[f"{name}.absmax"] = absmax.flatten()
+        blob = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        quant[f"{name}.quant_state.bitsandbytes__{quant_type}"] = blob
+        plain[name] = dequantize_bnb4(codes, absmax, table, 64)
+    qc = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+          "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": nested,
+          "bnb_4bit_compute_dtype": "float32", "llm_int8_skip_modules": None}
+    tag = _tag(arch, f"bnb-{quant_type}{'-nested' if nested else ''}")
+    return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
+            save(tmp / f"{tag}-dequantized", config, plain))
+
+
 FP8 = torch.float8_e4m3fn
 
 
@@ -399,6 +442,40 @@ def test_compressed_tensors_w4a16_checkpoint_matches_dequantized_model(tmp_path,
     assert [r["tokens"] for r in ours] == [r["tokens"] for r in greedy(write_ct_int4(tmp_path, group, actorder)[1])[1]]
 
 
+@pytest.mark.parametrize("quant_type, nested", [("nf4", True), ("fp4", False), ("nf4", False)])
+def test_bitsandbytes_4bit_checkpoint_matches_dequantized_model(tmp_path, quant_type, nested):
+    """transformers' load_in_4bit checkpoints (NF4 / FP4 codebooks, double-quantized or plain absmax): the layers
+    keep their codes and the dequantized model's tokens and logprobs come out."""
+    engine, _ = compare(*write_bnb(tmp_path, quant_type, nested), logprob_atol=1e-4)
+    layers = linears(engine)
+    assert len(layers) == 2 * 4 and all(layer.weight.dtype == torch.uint8 for layer in layers)
+    qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.shape == (qkv.out_features, qkv.in_features // 2)
+
+
+def test_bitsandbytes_quantizes_a_16bit_checkpoint_to_nf4_at_load(tmp_path):
+    """``--quantization bitsandbytes`` on a 16-bit checkpoint: NF4 in blocks of 64 at load, the same model as the
+    checkpoint whose weights are those NF4 values."""
+    from kernels.bnb4_gemm import NF4_CODEBOOK, dequantize_bnb4, quantize_bnb4
+
+    config, state = base_checkpoint()
+    path = save(tmp_path / "plain", config, state)
+    nf4 = {name: dequantize_bnb4(*quantize_bnb4(state[name]), torch.tensor(NF4_CODEBOOK), 64)
+           for name in quantized_layers(state)}  # fmt: skip
+    engine, _ = compare(path, save(tmp_path / "nf4-values", config, state | nf4), logprob_atol=1e-4,
+                        quantization="bitsandbytes")
+    assert all(layer.weight.dtype == torch.uint8 for layer in linears(engine))
+
+
+def test_bitsandbytes_8bit_and_tensor_parallel_fail_naming_them(tmp_path):
+    from core.layers.quantization.bnb import BitsAndBytesConfig
+
+    with pytest.raises(ValueError, match="8-bit .* not supported; supported: 4-bit"):
+        BitsAndBytesConfig.from_hf({"quant_method": "bitsandbytes", "load_in_8bit": True})
+    with pytest.raises(ValueError, match="bitsandbytes 4-bit weights are not supported with tensor parallelism"):
+        greedy(write_bnb(tmp_path, "nf4", True)[0], tensor_parallel_size=2)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"symmetric": False}, "asymmetric weights"), ({"num_bits": 8}, "8-bit integer weights"),
 ], ids=["asymmetric", "8-bit"])
@@ -503,7 +580,7 @@ def test_unsupported_checkpoint_method_fails_naming_it(tmp_path):
 
 GPU_CASES = {"awq": lambda tmp: write_awq(tmp, 64), "gptq-act": lambda tmp: write_gptq(tmp, 32, True, False),
              "fp8": lambda tmp: write_fp8(tmp, "fp8"), "fp8-ct-static": lambda tmp: write_fp8(tmp, "ct-tensor-static"),
-             "fp8-block": lambda tmp: write_fp8(tmp, "block")}
+             "fp8-block": lambda tmp: write_fp8(tmp, "block"), "bnb-nf4": lambda tmp: write_bnb(tmp, "nf4", True)}
 
 
 @pytest.mark.gpu

@@ -56,6 +56,12 @@ def test_int4_checkpoint_over_two_ranks_equals_one_device(tmp_path, case):
         assert o_proj.group_size == 32 and o_proj.perm.numel() > 64
 
 
+def test_bitsandbytes_checkpoint_over_two_stages_equals_one_device(tmp_path):
+    quantized, _ = qc.write_bnb(tmp_path, "nf4", True)
+    reference, _ = run(quantized)
+    assert_same_run(run(quantized, pipeline_parallel_size=2)[0], reference)
+
+
 def test_act_order_checkpoint_over_two_stages_and_tp2_x_pp2_equals_one_device(tmp_path):
     quantized, _ = INT4_CASES["gptq-64-act-zp"](tmp_path)
     reference, _ = run(quantized)

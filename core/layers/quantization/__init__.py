@@ -26,6 +26,7 @@ QUANTIZATION_METHODS: dict[str, str] = {
     "awq": "core.layers.quantization.int4:AWQConfig",
     "gptq": "core.layers.quantization.int4:GPTQConfig",
     "gguf": "core.layers.quantization.gguf:GGUFConfig",
+    "bitsandbytes": "core.layers.quantization.bnb:BitsAndBytesConfig",
 }
 
 # Checkpoint ``quant_method`` spellings that are one of ours under another name (compressed-tensors: by its scheme,

@@ -1,0 +1,146 @@
+"""bitsandbytes 4-bit weights (``load_in_4bit`` checkpoints as transformers saves them, NF4 or FP4, with or without
+double quantization), and ``--quantization bitsandbytes`` on a 16-bit checkpoint (NF4 at load, as vLLM does).
+
+A checkpoint holds, per linear layer: ``weight`` (uint8 ``[out * in / 2, 1]``: the row-major codes, two a byte),
+``weight.absmax`` (one per block of 64 weights: fp32, or with double quantization uint8 codes into
+``weight.nested_quant_map`` times ``weight.nested_absmax`` per 256 blocks plus the state's ``nested_offset``),
+``weight.quant_map`` (the 16-value codebook) and ``weight.quant_state.bitsandbytes__nf4`` (a JSON blob: shape, block
+size, offset). :meth:`BitsAndBytesConfig.checkpoint_tensors` turns each layer's group into what the layer holds:
+``weight`` ``[out, in / 2]``, ``weight_absmax`` fp32 ``[out, in / 64]`` and ``weight_quant_map``
+(``kernels/bnb4_gemm.py`` multiplies them). 8-bit (LLM.int8) checkpoints fail naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, replace_parameter
+from kernels.bnb4_gemm import NF4_CODEBOOK, bnb4_linear, quantize_bnb4
+
+BLOCKSIZE = 64  # transformers' (and vLLM's) 4-bit block; a checkpoint of another fails at load naming it
+_STATE = ".weight.quant_state.bitsandbytes__"
+_PARTS = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
+
+
+class BitsAndBytesConfig(QuantConfig):
+    name = "bitsandbytes"
+
+    def __init__(self, *, serialized: bool, quant_type: str = "nf4", skipped: Sequence[str] = ()) -> None:
+        self.serialized = serialized  # False: a 16-bit checkpoint quantized to NF4 at load
+        self.quant_type = quant_type
+        self.skipped = tuple(skipped)
+
+    @classmethod
+    def from_hf(cls, qc: dict[str, Any]) -> BitsAndBytesConfig:
+        if qc.get("load_in_8bit") or not qc.get("load_in_4bit", qc.get("_load_in_4bit", False)):
+            raise ValueError("bitsandbytes 8-bit (LLM.int8, load_in_8bit) checkpoints are not supported; supported: "
+                             "4-bit (load_in_4bit) NF4 and FP4.")
+        quant_type = str(qc.get("bnb_4bit_quant_type", "fp4")).lower()
+        if quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"bitsandbytes bnb_4bit_quant_type {quant_type!r} is not supported; supported: nf4, fp4.")
+        return cls(serialized=True, quant_type=quant_type, skipped=qc.get("llm_int8_skip_modules") or ())
+
+    @classmethod
+    def online(cls) -> BitsAndBytesConfig:
+        return cls(serialized=False)
+
+    def linear_method(self, prefix: str) -> LinearMethod | None:
+        name = self.global_prefix(prefix)
+        if any(f".{skip}." in f".{name}." for skip in self.skipped):
+            return None
+        return BitsAndBytesLinearMethod(self)
+
+    def for_tensor_parallel(self, tp: int, row_parallel_modules: Sequence[str]) -> QuantConfig:
+        if tp == 1:  # pipeline stages only
+            return super().for_tensor_parallel(tp, row_parallel_modules)
+        raise ValueError("bitsandbytes 4-bit weights are not supported with tensor parallelism yet (their double-"
+                         "quantized statistics span rows); run them with tensor_parallel_size=1 (pipeline "
+                         "parallelism works).")
+
+    def checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each quantized layer's tensors, gathered until its quant state arrives, as the layer holds them; other
+        tensors pass as they come."""
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in weights:
+            layer = next((name.removesuffix(f".{part}") for part in _PARTS if name.endswith(f".{part}")), None)
+            if _STATE in name:
+                layer = name.split(_STATE)[0]
+                pending.setdefault(layer, {})["state"] = tensor
+                yield from _layer_tensors(layer, pending.pop(layer))
+            elif layer is not None:
+                pending.setdefault(layer, {})[name.removeprefix(f"{layer}.")] = tensor
+            elif self.serialized and name.endswith(".weight") and tensor.dtype == torch.uint8:
+                pending.setdefault(name.removesuffix(".weight"), {})["weight"] = tensor
+            else:
+                yield name, tensor
+        if pending:
+            raise ValueError(f"bitsandbytes: {len(pending)} layers have no quant state (e.g. {next(iter(pending))}); "
+                             "the checkpoint is incomplete.")
+
+    def summary(self) -> str:
+        return f"bitsandbytes 4-bit {self.quant_type} (block {BLOCKSIZE}{'' if self.serialized else ', at load'})"
+
+
+def _layer_tensors(layer: str, parts: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """One layer's bitsandbytes tensors as ``weight [out, in / 2]``, ``weight_absmax [out, in / 64]`` (fp32, double
+    quantization undone) and ``weight_quant_map``."""
+    state = json.loads(bytes(parts["state"].flatten().tolist()).decode())
+    if int(state.get("blocksize", BLOCKSIZE)) != BLOCKSIZE:
+        raise ValueError(f"bitsandbytes: {layer} has blocks of {state['blocksize']} weights; supported: {BLOCKSIZE}.")
+    out, in_features = (int(d) for d in state["shape"])
+    absmax = parts["weight.absmax"]
+    if "weight.nested_absmax" in parts:  # double quantization: 8-bit codes of the absmax, per 256 blocks
+        nested = parts["weight.nested_absmax"].float().repeat_interleave(int(state["nested_blocksize"]))
+        absmax = parts["weight.nested_quant_map"].float()[absmax.long()] * nested[: absmax.numel()]
+        absmax = absmax + float(state["nested_offset"])
+    yield f"{layer}.weight", parts["weight"].reshape(out, in_features // 2)
+    yield f"{layer}.weight_absmax", absmax.float().reshape(out, in_features // BLOCKSIZE)
+    yield f"{layer}.weight_quant_map", parts["weight.quant_map"].float()
+
+
+def _fill_codes(tensor: torch.Tensor, gen: torch.Generator) -> None:
+    tensor.copy_(torch.randint(0, 256, tensor.shape, dtype=torch.uint8, generator=gen))
+
+
+def _fill_absmax(tensor: torch.Tensor, gen: torch.Generator) -> None:
+    tensor.fill_(1e-2)
+
+
+def _fill_codebook(tensor: torch.Tensor, gen: torch.Generator) -> None:
+    tensor.copy_(torch.tensor(NF4_CODEBOOK))
+
+
+class BitsAndBytesLinearMethod(LinearMethod):
+    """The layer's codes and block absmax, multiplied by ``kernels/bnb4_gemm.py`` (w4a16)."""
+
+    def __init__(self, config: BitsAndBytesConfig) -> None:
+        self.config = config
+
+    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
+                       params_dtype: torch.dtype) -> None:  # fmt: skip
+        out = sum(output_sizes)
+        if in_features % BLOCKSIZE:
+            raise ValueError(f"bitsandbytes: a layer's input size {in_features} is not a multiple of the "
+                             f"{BLOCKSIZE}-weight blocks.")
+        if not self.config.serialized:  # quantized after loading
+            new_parameter(layer, "weight", (out, in_features), params_dtype)
+            return
+        new_parameter(layer, "weight", (out, in_features // 2), torch.uint8, dummy_fill=_fill_codes)
+        new_parameter(layer, "weight_absmax", (out, in_features // BLOCKSIZE), torch.float32, dummy_fill=_fill_absmax)
+        new_parameter(layer, "weight_quant_map", (16,), torch.float32, output_dim=None, dummy_fill=_fill_codebook)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if not self.config.serialized:
+            codes, absmax = quantize_bnb4(layer.weight.data, BLOCKSIZE)
+            replace_parameter(layer, "weight", codes)
+            replace_parameter(layer, "weight_absmax", absmax)
+            replace_parameter(layer, "weight_quant_map", torch.tensor(NF4_CODEBOOK, device=codes.device))
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return bnb4_linear(x, layer.weight, layer.weight_absmax, layer.weight_quant_map, BLOCKSIZE, bias,
+                           backend=layer.backend)

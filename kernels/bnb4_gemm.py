@@ -1,0 +1,126 @@
+"""bitsandbytes 4-bit weights (NF4 / FP4, as transformers saves ``load_in_4bit`` models): each weight is a code
+into a 16-value codebook (the checkpoint's ``quant_map``), two codes a byte (the high nibble first), times the absmax
+of its block of ``blocksize`` consecutive weights of the row-major ``[N, K]`` matrix: ``W[n, k] =
+codebook[code] * absmax[n, k // blocksize]`` (with K a multiple of the block, each block lies in one row).
+
+The codebook is not affine (NF4's values are normal quantiles), so the int4 kernels' ``(q - z) * s`` form does not
+hold it: the Triton kernel here looks each code up in the 16-entry table (an L1-resident load), scales it by its
+block's absmax and multiplies on the tensor cores in x's dtype (w4a16). :func:`bnb4_linear_ref` is the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import use_triton
+
+# bitsandbytes' NF4 codebook (``create_normal_map``): what ``--quantization bitsandbytes`` quantizes to at load
+NF4_CODEBOOK = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0)  # fmt: skip
+
+
+def unpack_codes(weight: torch.Tensor) -> torch.Tensor:
+    """``[N, K / 2]`` bytes -> ``[N, K]`` codes (0..15): element ``2b`` is byte ``b``'s high nibble, ``2b + 1`` its
+    low one."""
+    return torch.stack([weight >> 4, weight & 15], -1).reshape(weight.shape[0], -1).long()
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """:func:`unpack_codes`' inverse: ``[N, K]`` codes -> ``[N, K / 2]`` uint8."""
+    pairs = codes.reshape(codes.shape[0], -1, 2).to(torch.uint8)
+    return (pairs[..., 0] << 4) | pairs[..., 1]
+
+
+def dequantize_bnb4(weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, blocksize: int
+                    ) -> torch.Tensor:  # fmt: skip
+    """The fp32 ``[N, K]`` weight of ``weight [N, K / 2]`` (uint8), ``absmax [N, K / blocksize]``, ``codebook [16]``."""
+    values = codebook.float()[unpack_codes(weight)]
+    return values * absmax.float().repeat_interleave(blocksize, 1)
+
+
+def quantize_bnb4(weight: torch.Tensor, blocksize: int = 64, codebook: tuple[float, ...] = NF4_CODEBOOK
+                  ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``[N, K]`` -> (``[N, K / 2]`` uint8 codes, fp32 ``[N, K / blocksize]`` absmax): each value divided by its
+    block's absmax and rounded to the nearest codebook entry, as bitsandbytes' ``quantize_4bit`` does."""
+    n, k = weight.shape
+    blocks = weight.float().reshape(n, k // blocksize, blocksize)
+    absmax = blocks.abs().amax(-1).clamp(min=1e-12)
+    table = torch.tensor(codebook, device=weight.device)
+    scaled = blocks / absmax[..., None]
+    if all(a < b for a, b in zip(codebook, codebook[1:])):  # sorted (NF4): the nearest code by its midpoints
+        codes = torch.bucketize(scaled, (table[1:] + table[:-1]) / 2)
+    else:
+        codes = (scaled[..., None] - table).abs().argmin(-1)
+    return pack_codes(codes.reshape(n, k)), absmax
+
+
+def bnb4_linear_ref(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
+                    blocksize: int, bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Reference: dequantize the whole weight, fp32 matmul, x's dtype out."""
+    out = x.float() @ dequantize_bnb4(weight, absmax, codebook, blocksize).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@triton.jit
+def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, codebook_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_an,
+                      stride_om, BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """``out = x @ W^T`` over K steps of ``BLOCK_K`` (a divisor of ``BLOCKSIZE``: one absmax per row a step): each
+    step's bytes split into their two codes, looked up in the codebook and scaled by the rows' absmax."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_K // 2)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_live = offs_m < M
+    n_live = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :]  # [BLOCK_N, BLOCK_K / 2] bytes
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs + k0, mask=m_live[:, None], other=0.0)
+        packed = tl.load(w_ptrs + k0 // 2, mask=n_live[:, None], other=0).to(tl.int32)
+        codes = tl.reshape(tl.join(packed >> 4, packed & 15), (BLOCK_N, BLOCK_K))  # byte b: codes 2b, 2b + 1
+        scale = tl.load(absmax_ptr + offs_n * stride_an + k0 // BLOCKSIZE, mask=n_live, other=0.0)
+        w = (tl.load(codebook_ptr + codes) * scale[:, None]).to(x.dtype)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_live[:, None] & n_live[None, :])
+
+
+def bnb4_gemm_triton(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
+                     blocksize: int) -> torch.Tensor:  # fmt: skip
+    """The Triton kernel: ``x [..., K]`` (fp16 / bf16 / fp32) times the 4-bit ``weight [N, K / 2]``, in x's dtype.
+    K and the block must be multiples of 32 (the kernel's K step divides the block)."""
+    n, k = weight.shape[0], weight.shape[1] * 2
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m:
+        block_m, block_n = (16, 32) if m <= 16 else (64, 64)
+        block_k = 64 if blocksize % 64 == 0 else 32
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        _bnb4_gemm_kernel[grid](
+            x2, weight, absmax, codebook, out, m, n, k, x2.stride(0), weight.stride(0), absmax.stride(0),
+            out.stride(0), BLOCKSIZE=blocksize, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
+        )  # fmt: skip
+    return out.reshape(*x.shape[:-1], n)
+
+
+def bnb4_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, blocksize: int,
+                bias: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:  # fmt: skip
+    """``x @ W^T (+ bias)``: the Triton kernel on CUDA, the reference otherwise."""
+    k = weight.shape[1] * 2
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    if not use_triton(x, backend) or x.dtype not in dtypes or k % 32 or blocksize % 32:
+        return bnb4_linear_ref(x, weight, absmax, codebook, blocksize, bias)
+    out = bnb4_gemm_triton(x, weight, absmax, codebook, blocksize)
+    return out + bias if bias is not None else out
