@@ -5,7 +5,8 @@ Methods: ``fp8`` (online W8A8: per-channel weight scales, dynamic per-token acti
 (a block-scaled fp8 checkpoint as Qwen3 / DeepSeek FP8 releases are, ``--fp8-block`` square blocks, written here and
 loaded like any other: w8a16), and ``awq-rtn`` (int4 in AutoAWQ's GEMM layout, round-to-nearest with zero points
 per group of ``--group-size`` input rows: the weights are quantized here and written as a real AWQ checkpoint, then
-loaded like any other; AutoAWQ's activation-aware scaling would only do better). For a GGUF model, ``gguf`` keeps
+loaded like any other; AutoAWQ's activation-aware scaling would only do better), ``bnb-nf4`` (``--quantization
+bitsandbytes``: NF4 in blocks of 64 at load). For a GGUF model, ``gguf`` keeps
 its blocks (dequantized per call on CPU, the block GEMM on CUDA), and ``gguf-int4`` also repacks its Q4_0 / Q4_1
 linear layers for the int4 kernels as CUDA does (``repack_for_int4_kernels``, on any device here: scales and zero
 points rounded to the model dtype, the cost of that form). The reference is the model as it loads by default (the default SmolLM2 GGUF is dequantized at
@@ -32,7 +33,7 @@ from benchmarks.json_lines import append_json_line
 from core.layers.quantization import weight_bytes
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "w6_passages.txt"
-METHODS = ("fp8", "fp8-block", "awq-rtn", "gguf", "gguf-int4")
+METHODS = ("fp8", "fp8-block", "awq-rtn", "bnb-nf4", "gguf", "gguf-int4")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 runner = load_runner(args.model, args, quantization="gguf")
                 if method == "gguf-int4":
                     print(f"gguf-int4: {repack_q4_layers(runner.model)} Q4_0 / Q4_1 layers repacked")
+            elif method == "bnb-nf4":
+                runner = load_runner(args.model, args, quantization="bitsandbytes")
             elif method == "fp8-block":
                 path = write_fp8_blocks(source, Path(tmp) / "fp8-block", args.fp8_block)
                 runner = load_runner(str(path), args)
