@@ -467,13 +467,11 @@ def test_bitsandbytes_quantizes_a_16bit_checkpoint_to_nf4_at_load(tmp_path):
     assert all(layer.weight.dtype == torch.uint8 for layer in linears(engine))
 
 
-def test_bitsandbytes_8bit_and_tensor_parallel_fail_naming_them(tmp_path):
+def test_bitsandbytes_8bit_fails_naming_it():
     from core.layers.quantization.bnb import BitsAndBytesConfig
 
     with pytest.raises(ValueError, match="8-bit .* not supported; supported: 4-bit"):
         BitsAndBytesConfig.from_hf({"quant_method": "bitsandbytes", "load_in_8bit": True})
-    with pytest.raises(ValueError, match="bitsandbytes 4-bit weights are not supported with tensor parallelism"):
-        greedy(write_bnb(tmp_path, "nf4", True)[0], tensor_parallel_size=2)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -56,10 +56,17 @@ def test_int4_checkpoint_over_two_ranks_equals_one_device(tmp_path, case):
         assert o_proj.group_size == 32 and o_proj.perm.numel() > 64
 
 
-def test_bitsandbytes_checkpoint_over_two_stages_equals_one_device(tmp_path):
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_bitsandbytes_checkpoint_over_two_devices_equals_one_device(tmp_path, layout):
+    """Double quantization undone at load, each rank's codes and block absmax stand alone: cut by rows or by whole
+    blocks of inputs, the same numbers as one device."""
     quantized, _ = qc.write_bnb(tmp_path, "nf4", True)
     reference, _ = run(quantized)
-    assert_same_run(run(quantized, pipeline_parallel_size=2)[0], reference)
+    ours, model = run(quantized, **layout)
+    assert_same_run(ours, reference)
+    if "tensor_parallel_size" in layout:
+        down = model.model.layers[0].mlp.down_proj
+        assert down.weight.shape == (128, 64) and down.weight_absmax.shape == (128, 2)
 
 
 def test_act_order_checkpoint_over_two_stages_and_tp2_x_pp2_equals_one_device(tmp_path):

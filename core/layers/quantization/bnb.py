@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, replace_parameter
+from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter
 from kernels.bnb4_gemm import NF4_CODEBOOK, bnb4_linear, quantize_bnb4
 
 BLOCKSIZE = 64  # transformers' (and vLLM's) 4-bit block; a checkpoint of another fails at load naming it
@@ -55,12 +55,19 @@ class BitsAndBytesConfig(QuantConfig):
             return None
         return BitsAndBytesLinearMethod(self)
 
-    def for_tensor_parallel(self, tp: int, row_parallel_modules: Sequence[str]) -> QuantConfig:
-        if tp == 1:  # pipeline stages only
-            return super().for_tensor_parallel(tp, row_parallel_modules)
-        raise ValueError("bitsandbytes 4-bit weights are not supported with tensor parallelism yet (their double-"
-                         "quantized statistics span rows); run them with tensor_parallel_size=1 (pipeline "
-                         "parallelism works).")
+    def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
+        """The layer's tensors as :meth:`checkpoint_tensors` made them (double quantization undone, so a rank's rows
+        or blocks of inputs stand alone): codes two a byte and block absmax cut by rows or whole blocks."""
+        codes = name.endswith(".weight") and tensor.dtype == torch.uint8
+        if not (codes or name.endswith(".weight_absmax")):
+            return tensor if name.endswith(".weight_quant_map") else plain_shard(tensor, parallel, start, length)
+        if parallel == "column":
+            return tensor.narrow(0, start, length)
+        if start % BLOCKSIZE or length % BLOCKSIZE:
+            raise ValueError(f"bitsandbytes: {name.rsplit('.', 1)[0]} cannot be split over the ranks: each rank's "
+                             f"{length} input features (from {start}) are not whole {BLOCKSIZE}-weight blocks.")
+        unit = 2 if codes else BLOCKSIZE
+        return tensor.narrow(1, start // unit, length // unit)
 
     def checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Each quantized layer's tensors, gathered until its quant state arrives, as the layer holds them; other
