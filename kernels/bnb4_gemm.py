@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.fp8_block_gemm import decode_split
+from kernels.split_k import split_workspace, store_split_partial
 
 # bitsandbytes' NF4 codebook (``create_normal_map``): what ``--quantization bitsandbytes`` quantizes to at load
 NF4_CODEBOOK = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -68,13 +70,16 @@ def bnb4_linear_ref(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor,
 
 
 @triton.jit
-def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, codebook_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_an,
-                      stride_om, BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, codebook_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, k_per_split,
+                      split_k, stride_xm, stride_wn, stride_an, stride_om, BLOCKSIZE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr = False):  # fmt: skip
     """``out = x @ W^T`` over K steps of ``BLOCK_K`` (a divisor of ``BLOCKSIZE``: one absmax per row a step): each
-    step's bytes split into their two codes, looked up in the codebook and scaled by the rows' absmax."""
+    step's bytes split into their two codes, looked up in the codebook and scaled by the rows' absmax. ``SPLIT``:
+    K shared out as ``kernels/fp8_block_gemm.py``'s decode launch does."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_b = tl.arange(0, BLOCK_K // 2)
@@ -84,15 +89,19 @@ def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, codebook_ptr, out_ptr, M, N, K, 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :]  # [BLOCK_N, BLOCK_K / 2] bytes
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         x = tl.load(x_ptrs + k0, mask=m_live[:, None], other=0.0)
         packed = tl.load(w_ptrs + k0 // 2, mask=n_live[:, None], other=0).to(tl.int32)
         codes = tl.reshape(tl.join(packed >> 4, packed & 15), (BLOCK_N, BLOCK_K))  # byte b: codes 2b, 2b + 1
         scale = tl.load(absmax_ptr + offs_n * stride_an + k0 // BLOCKSIZE, mask=n_live, other=0.0)
         w = (tl.load(codebook_ptr + codes) * scale[:, None]).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_live[:, None] & n_live[None, :])
+    if SPLIT:
+        store_split_partial(acc, out_ptr, partial_ptr, counter_ptr, pid_n, pid_k, split_k, M, N, stride_om, True)
+    else:
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_live[:, None] & n_live[None, :])
 
 
 def bnb4_gemm_triton(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
@@ -106,11 +115,14 @@ def bnb4_gemm_triton(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor
     if m:
         block_m, block_n = (16, 32) if m <= 16 else (64, 64)
         block_k = 64 if blocksize % 64 == 0 else 32
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        block_n, k_per_split, split_k = decode_split(m, n, k, block_n, block_k, x.device)
+        partials, counters = split_workspace(out, split_k, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
         _bnb4_gemm_kernel[grid](
-            x2, weight, absmax, codebook, out, m, n, k, x2.stride(0), weight.stride(0), absmax.stride(0),
-            out.stride(0), BLOCKSIZE=blocksize, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
+            x2, weight, absmax, codebook, out, partials, counters, m, n, k, k_per_split, split_k, x2.stride(0),
+            weight.stride(0), absmax.stride(0), out.stride(0), BLOCKSIZE=blocksize, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=split_k > 1,
+            num_warps=4, num_stages=3,
         )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 

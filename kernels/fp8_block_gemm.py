@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.split_k import MAX_SPLIT_K, decode_launch, split_workspace, store_split_partial
 
 
 def quantize_fp8_blocks(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,13 +50,17 @@ def fp8_block_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
 
 
 @triton.jit
-def _fp8_block_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
-                           SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+def _fp8_block_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, k_per_split, split_k,
+                           stride_xm, stride_wn, stride_sn, stride_om, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr = False):  # fmt: skip
     """``out[m, n] = sum over K steps of scale[n // SCALE_N, k0 // SCALE_K] * (x[m, k0:] @ q[n, k0:])``; ``BLOCK_K``
-    divides ``SCALE_K``, so one step's partial product takes one scale per output column."""
+    divides ``SCALE_K``, so one step's partial product takes one scale per output column. ``SPLIT`` (decode rows, one
+    M block): program ``(n, k)`` adds up its ``k_per_split`` share of K and the column block's last program to finish
+    adds the shares up in order (``kernels/split_k.py``)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -65,18 +70,22 @@ def _fp8_block_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, str
     w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]: the weight transposed
     s_ptrs = s_ptr + (offs_n // SCALE_N) * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         k_live = offs_k + k0 < K
         x = tl.load(x_ptrs + k0, mask=m_live[:, None] & k_live[None, :], other=0.0)
         w = tl.load(w_ptrs + k0, mask=k_live[:, None] & n_live[None, :], other=0.0).to(x.dtype)
         scale = tl.load(s_ptrs + k0 // SCALE_K, mask=n_live, other=0.0)
         acc += tl.dot(x, w, input_precision=DOT_PRECISION) * scale[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_live[:, None] & n_live[None, :])
+    if SPLIT:
+        store_split_partial(acc, out_ptr, partial_ptr, counter_ptr, pid_n, pid_k, split_k, M, N, stride_om, True)
+    else:
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_live[:, None] & n_live[None, :])
 
 
 def block_gemm_tiles(m: int, block_k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K): 16 rows for decode batches (narrow N tiles: more programs over the weight) in K
+    """(BLOCK_M, BLOCK_N, BLOCK_K): 16 rows for decode batches (their BLOCK_N and K split: ``decode_launch``) in K
     steps of up to 128, 64 rows for prefill in steps of up to 64 (at 128, Triton 3.6 spills for sm_90); steps that
     divide the scale block."""
     step = 128 if m <= 16 else 64
@@ -95,13 +104,27 @@ def fp8_block_gemm_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Te
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         block_m, block_n, block_k = block_gemm_tiles(m, block[1])
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+        block_n, k_per_split, split_k = decode_split(m, n, k, block_n, block_k, x.device)
+        partials, counters = split_workspace(out, split_k, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
         _fp8_block_gemm_kernel[grid](
-            x2, weight, scale, out, m, n, k, x2.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
-            SCALE_N=block[0], SCALE_K=block[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3,
+            x2, weight, scale, out, partials, counters, m, n, k, k_per_split, split_k, x2.stride(0),
+            weight.stride(0), scale.stride(0), out.stride(0), SCALE_N=block[0], SCALE_K=block[1], BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            SPLIT=split_k > 1, num_warps=4, num_stages=3,
         )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
+
+
+def decode_split(m: int, n: int, k: int, block_n: int, block_k: int, device: torch.device) -> tuple[int, int, int]:
+    """``(block_n, k_per_split, split_k)``: decode rows (one 16-row block) take ``decode_launch``'s narrower blocks
+    and K split, so a few thousand output rows still give every SM programs; prefill keeps its tiles, unsplit."""
+    if m > 16:
+        return block_n, k, 1
+    k_blocks = triton.cdiv(k, block_k)
+    block_n, split_k = decode_launch(n, k_blocks, device.index if device.type == "cuda" else None, (64, 32, 16))
+    k_per_split = triton.cdiv(k_blocks, min(split_k, MAX_SPLIT_K.value)) * block_k
+    return block_n, k_per_split, triton.cdiv(k, k_per_split)
 
 
 def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],

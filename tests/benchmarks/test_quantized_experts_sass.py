@@ -30,15 +30,18 @@ for kind, (b, s) in kinds.items():
                 "block_experts_ptr": "*i32", "num_padded_ptr": "*i32", "s_ptr": s, "z_ptr": s}
     info = summarize(_compile(fused_moe._moe_gemm_kernel, pointers, set(), constexprs, 4, 3))
     out[f"moe{kind}"] = facts(info)
-for m in (1, 512):
+for m in (1, 512):  # decode: split K (its in-kernel reduction), prefill: whole
     from kernels import bnb4_gemm
     bm, bn = (16, 32) if m <= 16 else (64, 64)
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "codebook_ptr": "*fp32", "out_ptr": "*bf16"}
-    constexprs = dict(BLOCKSIZE=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, DOT_PRECISION="tf32")
+    split = {"partial_ptr": "*fp32", "counter_ptr": "*i32"}
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "codebook_ptr": "*fp32", "out_ptr": "*bf16",
+                **split}
+    constexprs = dict(BLOCKSIZE=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, DOT_PRECISION="tf32", SPLIT=m == 1)
     out[f"bnb{m}"] = facts(summarize(_compile(bnb4_gemm._bnb4_gemm_kernel, pointers, set(), constexprs, 4, 3)))
     bm, bn, bk = fp8_block_gemm.block_gemm_tiles(m, 128)
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "out_ptr": "*bf16"}
-    constexprs = dict(SCALE_N=128, SCALE_K=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="tf32")
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "out_ptr": "*bf16", **split}
+    constexprs = dict(SCALE_N=128, SCALE_K=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="tf32",
+                      SPLIT=m == 1)
     info = summarize(_compile(fp8_block_gemm._fp8_block_gemm_kernel, pointers, set(), constexprs, 4, 3))
     out[f"block{m}"] = facts(info)
 print(json.dumps(out))

@@ -56,3 +56,17 @@ def test_gpu_fp8_block_kernel_at_a_qwen3_8b_shape(m):
     x = torch.randn(m, 4096, generator=gen).to(torch.bfloat16)
     out = fp8_block_linear(x.cuda(), q.cuda(), scale.cuda(), (128, 128))
     assert_close(out, fp8_block_linear_ref(x.double(), q, scale, (128, 128)), TOLERANCE[torch.bfloat16], "fp8 block")
+
+
+def test_decode_launch_splits_k_when_the_rows_leave_sms_idle():
+    """One decode row block: narrower output blocks, then K shared out (at most MAX_SPLIT_K ways, whole K steps);
+    prefill keeps its tiles whole."""
+    from kernels.fp8_block_gemm import decode_split
+    from kernels.split_k import MAX_SPLIT_K
+
+    cpu = torch.device("cpu")  # 132 SMs assumed without a GPU
+    block_n, per_split, splits = decode_split(1, 4096, 4096, 32, 128, cpu)
+    assert (block_n, splits) == (16, 1) and per_split == 4096  # 256 column blocks: every SM busy already
+    block_n, per_split, splits = decode_split(1, 128, 8192, 32, 128, cpu)
+    assert block_n == 16 and 1 < splits <= MAX_SPLIT_K.value and per_split % 128 == 0 and per_split * splits >= 8192
+    assert decode_split(64, 128, 8192, 64, 64, cpu) == (64, 8192, 1)
