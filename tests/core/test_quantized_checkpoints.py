@@ -570,9 +570,9 @@ def test_dummy_weights_in_quantized_layouts_run(tmp_path):
 
 def test_unsupported_checkpoint_method_fails_naming_it(tmp_path):
     config, state = base_checkpoint()
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
-    path = save(tmp_path / "bnb", config, state)
-    with pytest.raises(ValueError, match="'bitsandbytes'.*supported quantization methods: awq, fp8, (gguf, )?gptq"):
+    config["quantization_config"] = {"quant_method": "hqq", "nbits": 4}
+    path = save(tmp_path / "hqq", config, state)
+    with pytest.raises(ValueError, match="'hqq'.*supported quantization methods: awq, bitsandbytes, fp8, gguf, gptq"):
         make_engine(path)
 
 
