@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
-from kernels.fp8_block_gemm import decode_split
+from kernels.fp8_block_gemm import decode_split, output_tile
 from kernels.split_k import split_workspace, store_split_partial
 
 # bitsandbytes' NF4 codebook (``create_normal_map``): what ``--quantization bitsandbytes`` quantizes to at load
@@ -77,15 +77,9 @@ def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, codebook_ptr, out_ptr, partial_p
     """``out = x @ W^T`` over K steps of ``BLOCK_K`` (a divisor of ``BLOCKSIZE``: one absmax per row a step): each
     step's bytes split into their two codes, looked up in the codebook and scaled by the rows' absmax. ``SPLIT``:
     K shared out as ``kernels/fp8_block_gemm.py``'s decode launch does."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n, pid_k, offs_m, offs_n, m_live, n_live = output_tile(M, N, BLOCK_M, BLOCK_N)
     offs_b = tl.arange(0, BLOCK_K // 2)
     offs_k = tl.arange(0, BLOCK_K)
-    m_live = offs_m < M
-    n_live = offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :]  # [BLOCK_N, BLOCK_K / 2] bytes
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -50,6 +50,15 @@ def fp8_block_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
 
 
 @triton.jit
+def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program ``(m, n, k)`` of a ``(M / BLOCK_M, N / BLOCK_N, splits)`` grid: its column block and K split, its
+    output rows and columns and which of them exist."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.program_id(1), tl.program_id(2), offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
 def _fp8_block_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, k_per_split, split_k,
                            stride_xm, stride_wn, stride_sn, stride_om, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -58,14 +67,8 @@ def _fp8_block_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, partial_ptr, counter_pt
     divides ``SCALE_K``, so one step's partial product takes one scale per output column. ``SPLIT`` (decode rows, one
     M block): program ``(n, k)`` adds up its ``k_per_split`` share of K and the column block's last program to finish
     adds the shares up in order (``kernels/split_k.py``)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n, pid_k, offs_m, offs_n, m_live, n_live = output_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_live = offs_m < M
-    n_live = offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]: the weight transposed
     s_ptrs = s_ptr + (offs_n // SCALE_N) * stride_sn
