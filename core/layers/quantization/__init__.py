@@ -29,9 +29,6 @@ QUANTIZATION_METHODS: dict[str, str] = {
     "bitsandbytes": "core.layers.quantization.bnb:BitsAndBytesConfig",
 }
 
-# Checkpoint ``quant_method`` spellings that are one of ours under another name (compressed-tensors: by its scheme,
-# core/layers/quantization/compressed_tensors.py).
-_CHECKPOINT_ALIASES: dict[str, str] = {}
 # ``--quantization`` values of vLLM that name another kernel for a checkpoint method ours serve (Marlin) or the
 # checkpoint format: accepted for a checkpoint of that method (ipc/config.py: QUANTIZATION_ALIASES), never applied
 # online. Value: (our method, None for the checkpoint's scheme's; the checkpoint ``quant_method`` spellings).
@@ -70,12 +67,11 @@ def quant_config_from_hf(hf_config: dict[str, Any]) -> QuantConfig | None:
         from core.layers.quantization.compressed_tensors import from_compressed_tensors
 
         return from_compressed_tensors(qc)
-    ours = _CHECKPOINT_ALIASES.get(method, method)
-    if ours not in QUANTIZATION_METHODS:
+    if method not in QUANTIZATION_METHODS:
         raise ValueError(f"The checkpoint is quantized with '{method}' (config.json quantization_config), which "
                          f"pagedserve does not support; supported quantization methods: "
                          f"{', '.join(supported_methods())}.")
-    return method_class(ours).from_hf(qc)
+    return method_class(method).from_hf(qc)
 
 
 def resolve_quantization(model_config: ModelConfig, hf_config: dict[str, Any], requested: str | None
