@@ -141,6 +141,39 @@ class Fp8Config(QuantConfig):
     def moe_method(self, prefix: str) -> Fp8MoEMethod | None:
         return None if self.is_ignored(self.global_prefix(prefix)) else Fp8MoEMethod(self)
 
+    def register_weight_scales(self, holder: nn.Module, prefix: str, sizes: Sequence[int], in_features: int) -> None:
+        """The checkpoint's scale parameters of an fp8 weight of ``sizes`` output rows per shard (a merged
+        projection's parts, or every expert's): ``{prefix}weight_scale`` per channel or one per shard, with static
+        activations ``{prefix}input_scale`` per shard; or the block scales (one row per ``block_n`` output rows, so a
+        shard starting at row ``r`` starts at scale row ``r / block_n``)."""
+        if self.weight_strategy == "block":
+            block_n, block_k = self.block
+            blocks = (-(-sum(sizes) // block_n), -(-in_features // block_k))
+            new_parameter(holder, f"{prefix}{self.block_scale_name}", blocks, torch.float32, pack_factor=block_n,
+                          dummy_fill=_fill_scale)
+            return
+        if self.weight_strategy == "channel":
+            new_parameter(holder, f"{prefix}weight_scale", (sum(sizes), 1), torch.float32, dummy_fill=_fill_scale)
+        else:
+            new_parameter(holder, f"{prefix}weight_scale", (len(sizes),), torch.float32,
+                          shard_offsets=shard_starts(sizes), dummy_fill=_fill_scale)
+        if self.static_activations:
+            new_parameter(holder, f"{prefix}input_scale", (len(sizes),), torch.float32,
+                          shard_offsets=shard_starts(sizes), dummy_fill=_fill_scale)
+
+    def take_weight_scales(self, holder: nn.Module, prefix: str, sizes: Sequence[int]) -> torch.Tensor:
+        """The scales loaded into :meth:`register_weight_scales`' parameter, which is dropped, as the kernels read
+        them: block scales as they are, else one fp32 scale per output channel (a shard's per-tensor scale spread
+        over its rows, which is exact)."""
+        name = f"{prefix}{self.block_scale_name if self.weight_strategy == 'block' else 'weight_scale'}"
+        scale = getattr(holder, name).data.float()
+        delattr(holder, name)
+        if self.weight_strategy == "channel":
+            scale = scale.reshape(-1)
+        elif self.weight_strategy == "tensor":
+            scale = scale.repeat_interleave(torch.tensor(tuple(sizes), device=scale.device))
+        return scale.contiguous()
+
     def summary(self) -> str:
         if self.weight_strategy == "block":
             return f"fp8 (checkpoint, {self.block[0]}x{self.block[1]} block weight scales, 16-bit activations)"
@@ -180,41 +213,23 @@ class Fp8LinearMethod(LinearMethod):
             return
         new_parameter(layer, "weight", (out_features, in_features), FP8_DTYPE, dummy_fill=_fill_fp8)
         if self.config.weight_strategy == "block":
-            block_n, block_k = self.config.block
+            block_n = self.config.block[0]
             if len(output_sizes) > 1 and any(size % block_n for size in output_sizes):
                 raise ValueError(f"fp8 block-wise scales of {block_n} rows do not split the merged projection of "
                                  f"sizes {tuple(output_sizes)} into its parts.")
-            # one scale row per block of output rows: a shard starting at output row r starts at scale row r / block_n
-            blocks = (-(-out_features // block_n), -(-in_features // block_k))
-            new_parameter(layer, self.config.block_scale_name, blocks, torch.float32, pack_factor=block_n,
-                          dummy_fill=_fill_scale)
-            return
-        if self.config.weight_strategy == "channel":
-            new_parameter(layer, "weight_scale", (out_features, 1), torch.float32, dummy_fill=_fill_scale)
-        else:
-            new_parameter(layer, "weight_scale", (len(output_sizes),), torch.float32,
-                          shard_offsets=shard_starts(output_sizes), dummy_fill=_fill_scale)
-        if self.config.static_activations:
-            new_parameter(layer, "input_scale", (len(output_sizes),), torch.float32,
-                          shard_offsets=shard_starts(output_sizes), dummy_fill=_fill_scale)
+        self.config.register_weight_scales(layer, "", output_sizes, in_features)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if self.config.weight_strategy == "block":
-            scale = getattr(layer, self.config.block_scale_name).data.float().contiguous()
-            delattr(layer, self.config.block_scale_name)
+            scale = self.config.take_weight_scales(layer, "", layer.output_sizes)  # [rows / block, columns / block]
             replace_parameter(layer, "weight", layer.weight.data.contiguous())
-            replace_parameter(layer, "weight_scale", scale)  # [rows / block, columns / block]
+            replace_parameter(layer, "weight_scale", scale)
             layer.input_scale = None
             return
         if not self.config.serialized:
             weight, scale = quantize_per_channel(layer.weight.data)
         else:
-            weight, scale = layer.weight.data, layer.weight_scale.data.float()
-            if self.config.weight_strategy == "channel":
-                scale = scale.reshape(-1)
-            else:  # per-shard scalars -> one per output channel
-                sizes = torch.tensor(layer.output_sizes, device=scale.device)
-                scale = scale.repeat_interleave(sizes)
+            weight, scale = layer.weight.data, self.config.take_weight_scales(layer, "", layer.output_sizes)
         replace_parameter(layer, "weight", weight.contiguous())
         replace_parameter(layer, "weight_scale", scale.contiguous())
         if self.config.static_activations:
@@ -295,47 +310,27 @@ class Fp8MoEMethod:
             if inter % block_n or hidden % block_n:
                 raise ValueError(f"fp8 block-wise scales of {block_n} rows do not tile the experts' projections (an "
                                  f"expert's width {inter}, hidden size {hidden}): their rows must be whole blocks.")
-            name = self.config.block_scale_name  # one scale row per block of an expert's rows
-            new_parameter(block, f"w13_{name}", (experts * 2 * inter // block_n, -(-hidden // block_k)), torch.float32,
-                          pack_factor=block_n, dummy_fill=_fill_scale)
-            new_parameter(block, f"w2_{name}", (experts * hidden // block_n, -(-inter // block_k)), torch.float32,
-                          pack_factor=block_n, dummy_fill=_fill_scale)
-            return True
-        shards = {"w13": (inter,) * (2 * experts), "w2": (hidden,) * experts}
-        for name, sizes in shards.items():
-            if self.config.weight_strategy == "channel":
-                new_parameter(block, f"{name}_weight_scale", (sum(sizes), 1), torch.float32, dummy_fill=_fill_scale)
-            else:
-                new_parameter(block, f"{name}_weight_scale", (len(sizes),), torch.float32,
-                              shard_offsets=shard_starts(sizes), dummy_fill=_fill_scale)
-            if self.config.static_activations:
-                new_parameter(block, f"{name}_input_scale", (len(sizes),), torch.float32,
-                              shard_offsets=shard_starts(sizes), dummy_fill=_fill_scale)
-        block.expert_shard_sizes = shards
+        for name, sizes, k in self._projections(block):
+            self.config.register_weight_scales(block, f"{name}_", sizes, k)
         return True
 
+    @staticmethod
+    def _projections(block: nn.Module) -> tuple[tuple[str, tuple[int, ...], int], ...]:
+        """(name, every expert's output rows per shard, input size) of w13 (gate and up) and w2."""
+        experts, inter, hidden = block.num_experts, block.inter, block.hidden
+        return ("w13", (inter,) * (2 * experts), hidden), ("w2", (hidden,) * experts, inter)
+
     def process_weights_after_loading(self, block: nn.Module) -> None:
-        for name in ("w13", "w2"):
+        for name, sizes, _ in self._projections(block):
             weight = getattr(block, name).data
-            if self.config.weight_strategy == "block":  # the scales as they are: [E * rows / block_n, K / block_k]
-                scale = getattr(block, f"{name}_{self.config.block_scale_name}").data.float()
-                delattr(block, f"{name}_{self.config.block_scale_name}")
-                replace_parameter(block, f"{name}_scale", scale.contiguous())
-                continue
             if not self.config.serialized:
                 weight, scale = quantize_per_channel(weight)
-            else:
-                scale = getattr(block, f"{name}_weight_scale").data.float()
-                if self.config.weight_strategy == "channel":
-                    scale = scale.reshape(-1)
-                else:  # one scale per expert and projection -> one per output channel
-                    sizes = torch.tensor(block.expert_shard_sizes[name], device=scale.device)
-                    scale = scale.repeat_interleave(sizes)
-                delattr(block, f"{name}_weight_scale")
+            else:  # per block: [E * rows / block_n, K / block_k]; else one per output channel
+                scale = self.config.take_weight_scales(block, f"{name}_", sizes)
                 if self.config.static_activations:
                     delattr(block, f"{name}_input_scale")
             replace_parameter(block, name, weight.contiguous())
-            replace_parameter(block, f"{name}_scale", scale.contiguous())
+            replace_parameter(block, f"{name}_scale", scale)
 
     def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
         """``w13 [E, 2I, H]``, ``w2 [E, H, I]`` and their scales as the fused MoE kernel reads them: ``[E, 2I]`` and
