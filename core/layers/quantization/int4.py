@@ -57,6 +57,11 @@ class _Int4Config(QuantConfig):
         self.desc_act = desc_act
         self.skipped = tuple(skipped)
 
+    @property
+    def layout(self) -> str:
+        """The checkpoint's tensor layout: ``awq``, ``gptq`` or ``ct`` (compressed-tensors ``pack-quantized``)."""
+        return self.name
+
     def is_skipped(self, prefix: str) -> bool:
         """Whether the checkpoint left module ``prefix`` unquantized: one of its dotted parts' runs is listed
         (AutoAWQ's ``modules_to_not_convert``), or a ``re:`` pattern (compressed-tensors' ``ignore``) matches it."""
@@ -79,13 +84,13 @@ class _Int4Config(QuantConfig):
         (their input rows are spread over all groups; ``g_idx`` says which) and the checkpoint's group numbers."""
         suffix = name.rsplit(".", 1)[-1]
         layer = name.rsplit(".", 1)[0]
-        if isinstance(self, CompressedTensorsInt4Config) and suffix in ("weight_packed", "weight_scale"):
+        if self.layout == "ct" and suffix in ("weight_packed", "weight_scale"):
             # [out, in / 8] and [out, in / group]: output rows, or whole int32s / groups of inputs
             if parallel == "column":
                 return tensor.narrow(0, start, length)
             return self.shard_tensor(f"{layer}.qweight" if suffix == "weight_packed" else f"{layer}.scales",
                                      tensor.t(), parallel, start, length).t()
-        suffix = _CT_NAMES.get(suffix, suffix) if isinstance(self, CompressedTensorsInt4Config) else suffix
+        suffix = _CT_NAMES.get(suffix, suffix) if self.layout == "ct" else suffix
         if suffix not in ("qweight", "qzeros", "scales", "g_idx"):
             return plain_shard(tensor, parallel, start, length)
 
@@ -99,12 +104,12 @@ class _Int4Config(QuantConfig):
         if parallel == "column":  # output features: the last dim of every tensor but g_idx
             if suffix == "g_idx":
                 return tensor
-            packed = suffix == "qzeros" or (suffix == "qweight" and self.name == "awq")
+            packed = suffix == "qzeros" or (suffix == "qweight" and self.layout == "awq")
             first, count = units(PACK, "int32s of 8 codes") if packed else (start, length)
             return tensor.narrow(1, first, count)
         group = self.group_size
         if suffix == "qweight":
-            first, count = (start, length) if self.name == "awq" else units(PACK, "int32s of 8 codes")
+            first, count = (start, length) if self.layout == "awq" else units(PACK, "int32s of 8 codes")
             return tensor.narrow(0, first, count)
         if group == -1:  # one group over every input feature: each rank's rows use it
             return tensor.narrow(0, start, length) if suffix == "g_idx" else tensor
@@ -191,6 +196,7 @@ class CompressedTensorsInt4Config(_Int4Config):
     method's kernels and support, only the layout differs."""
 
     name = "gptq"
+    layout = "ct"
 
     @classmethod
     def from_hf(cls, qc: dict[str, Any]) -> CompressedTensorsInt4Config:
@@ -240,6 +246,64 @@ class CompressedTensorsInt4Config(_Int4Config):
 _CT_NAMES = {"weight_packed": "qweight", "weight_scale": "scales", "weight_g_idx": "g_idx"}
 
 
+def register_checkpoint_layout(holder: nn.Module, prefix: str, layout: str, desc_act: bool, out: int,
+                               in_features: int, group: int, groups: int, dtype: torch.dtype) -> None:  # fmt: skip
+    """The parameters ``{prefix}...`` an int4 checkpoint of ``layout`` fills for ``out`` output rows (a merged
+    projection's parts, or every expert's stacked) of ``in_features`` inputs in ``groups`` groups (module
+    docstring); merged parts and experts land by their first output row (``output_dim`` / ``pack_factor``)."""
+
+    def natural_groups(tensor: torch.Tensor, gen: torch.Generator) -> None:
+        tensor.copy_(torch.arange(in_features, dtype=torch.int32) // group)
+
+    if layout == "ct":  # rows are output channels: [out, in / 8] codes, [out, groups] scales, no zero points
+        new_parameter(holder, f"{prefix}weight_packed", (out, in_features // PACK), torch.int32,
+                      dummy_fill=_fill_random_int32)
+        new_parameter(holder, f"{prefix}weight_scale", (out, groups), dtype, dummy_fill=_fill_scales)
+        if desc_act:
+            new_parameter(holder, f"{prefix}weight_g_idx", (in_features,), torch.int32, output_dim=None,
+                          dummy_fill=natural_groups)
+        return
+    if layout == "awq":
+        new_parameter(holder, f"{prefix}qweight", (in_features, out // PACK), torch.int32, output_dim=1,
+                      pack_factor=PACK, dummy_fill=_fill_random_int32)
+    else:
+        new_parameter(holder, f"{prefix}qweight", (in_features // PACK, out), torch.int32, output_dim=1,
+                      dummy_fill=_fill_random_int32)
+        new_parameter(holder, f"{prefix}g_idx", (in_features,), torch.int32, output_dim=None,
+                      dummy_fill=natural_groups)
+    new_parameter(holder, f"{prefix}qzeros", (groups, out // PACK), torch.int32, output_dim=1, pack_factor=PACK,
+                  dummy_fill=_fill_random_int32)
+    new_parameter(holder, f"{prefix}scales", (groups, out), dtype, output_dim=1, dummy_fill=_fill_scales)
+
+
+def take_checkpoint_codes(holder: nn.Module, prefix: str, layout: str
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """What :func:`register_checkpoint_layout`'s parameters loaded, in one form, the parameters dropped: codes
+    ``[in, out]``, zero points and scales ``[groups, out]``, and each input row's group (None: consecutive groups,
+    AWQ's and compressed-tensors' without act-order)."""
+    def get(name: str) -> torch.Tensor:
+        return getattr(holder, f"{prefix}{name}").data
+
+    if layout == "ct":  # codes stored as q + 8: zero point 8
+        q = unpack_int4_columns(get("weight_packed")).t()
+        scales = get("weight_scale").t()
+        zeros = torch.full_like(scales, 8, dtype=torch.int64)
+        g_idx = get("weight_g_idx").long() if hasattr(holder, f"{prefix}weight_g_idx") else None
+        names = ("weight_packed", "weight_scale", "weight_g_idx")
+    elif layout == "awq":
+        q = unpack_int4_columns(get("qweight"), AWQ_ORDER)
+        zeros = unpack_int4_columns(get("qzeros"), AWQ_ORDER)
+        scales, g_idx, names = get("scales"), None, ("qweight", "qzeros", "scales")
+    else:
+        q = unpack_int4_rows(get("qweight"))
+        zeros = unpack_int4_columns(get("qzeros")) + 1  # GPTQ v1 stores zero - 1 (sym: 7, so 8)
+        scales, g_idx, names = get("scales"), get("g_idx").long(), ("qweight", "qzeros", "scales", "g_idx")
+    for name in names:
+        if hasattr(holder, f"{prefix}{name}"):
+            delattr(holder, f"{prefix}{name}")
+    return q, zeros, scales, g_idx
+
+
 def _fill_random_int32(tensor: torch.Tensor, gen: torch.Generator) -> None:
     if tensor.device.type == "cpu":
         tensor.copy_(torch.randint(-(2**31), 2**31 - 1, tensor.shape, dtype=torch.int32, generator=gen))
@@ -261,8 +325,6 @@ class Int4LinearMethod(LinearMethod):
         """``input_shards``: ranks sharing the layer's input features (a row-parallel layer under tensor
         parallelism); with act-order, the layer then holds every group's scales (``_Int4Config.shard_tensor``)."""
         self.config = config
-        self.is_awq = config.name == "awq"
-        self.is_ct = isinstance(config, CompressedTensorsInt4Config)  # compressed-tensors' pack-quantized layout
         self.input_shards = input_shards
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
@@ -287,55 +349,12 @@ class Int4LinearMethod(LinearMethod):
         layer.group_size = group
         # q, k, v shards (the last two alike): a qkv projection, whose GEMV may do the attention prep
         layer.int4_qkv = len(output_sizes) == 3 and output_sizes[1] == output_sizes[2]
-
-        def g_idx_fill(tensor: torch.Tensor, gen: torch.Generator) -> None:
-            tensor.copy_(torch.arange(in_features, dtype=torch.int32) // group)
-
-        if self.is_ct:  # rows are output channels: [out, in / 8] codes, [out, groups] scales, no zero points
-            new_parameter(layer, "weight_packed", (out, in_features // PACK), torch.int32,
-                          dummy_fill=_fill_random_int32)
-            new_parameter(layer, "weight_scale", (out, groups), params_dtype, dummy_fill=_fill_scales)
-            if self.config.desc_act:
-                new_parameter(layer, "weight_g_idx", (in_features,), torch.int32, output_dim=None,
-                              dummy_fill=g_idx_fill)
-            return
-        if self.is_awq:
-            new_parameter(layer, "qweight", (in_features, out // PACK), torch.int32, output_dim=1,
-                          pack_factor=PACK, dummy_fill=_fill_random_int32)
-        else:
-            new_parameter(layer, "qweight", (in_features // PACK, out), torch.int32, output_dim=1,
-                          dummy_fill=_fill_random_int32)
-            new_parameter(layer, "g_idx", (in_features,), torch.int32, output_dim=None, dummy_fill=g_idx_fill)
-        new_parameter(layer, "qzeros", (groups, out // PACK), torch.int32, output_dim=1, pack_factor=PACK,
-                      dummy_fill=_fill_random_int32)
-        new_parameter(layer, "scales", (groups, out), params_dtype, output_dim=1, dummy_fill=_fill_scales)
-
-    def _checkpoint_codes(self, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                          torch.Tensor | None]:  # fmt: skip
-        """The layer's checkpoint tensors in one form, which are then dropped: codes ``[in, out]``, zero points and
-        scales ``[groups, out]``, and each input row's group (None: consecutive groups, AWQ's)."""
-        if self.is_ct:  # codes stored as q + 8: zero point 8
-            q = unpack_int4_columns(layer.weight_packed.data).t()
-            scales = layer.weight_scale.data.t()
-            zeros = torch.full_like(scales, 8, dtype=torch.int64)
-            g_idx = layer.weight_g_idx.data.long() if self.config.desc_act else None
-            names = ("weight_packed", "weight_scale", "weight_g_idx")
-        elif self.is_awq:
-            q = unpack_int4_columns(layer.qweight.data, AWQ_ORDER)
-            zeros = unpack_int4_columns(layer.qzeros.data, AWQ_ORDER)
-            scales, g_idx, names = layer.scales.data, None, ("qzeros",)
-        else:
-            q = unpack_int4_rows(layer.qweight.data)
-            zeros = unpack_int4_columns(layer.qzeros.data) + 1  # GPTQ v1 stores zero - 1 (sym: 7, so 8)
-            scales, g_idx, names = layer.scales.data, layer.g_idx.data.long(), ("qzeros", "g_idx")
-        for name in names:
-            if hasattr(layer, name):
-                delattr(layer, name)
-        return q, zeros, scales, g_idx
+        register_checkpoint_layout(layer, "", self.config.layout, self.config.desc_act, out, in_features, group,
+                                   groups, params_dtype)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         group = layer.group_size
-        q, zeros, scales, g_idx = self._checkpoint_codes(layer)
+        q, zeros, scales, g_idx = take_checkpoint_codes(layer, "", self.config.layout)
         perm = None
         natural = torch.arange(q.shape[0], device=q.device) // group
         groups = -(-q.shape[0] // group)
@@ -386,17 +405,16 @@ class Int4LinearMethod(LinearMethod):
 
 
 class Int4MoEMethod:
-    """A sparse MoE block's experts from an AWQ or GPTQ checkpoint: each expert's gate, up and down load in the
-    checkpoint's layout into stacked parameters (``w13_qweight`` holds every expert's gate and up columns, as a merged
-    projection would; ``w2_qweight`` every down), then each expert's codes are repacked into the int4 kernel layout
+    """A sparse MoE block's experts from an AWQ, GPTQ or compressed-tensors checkpoint: each expert's gate, up and
+    down load in the checkpoint's layout into stacked parameters (``w13_qweight`` holds every expert's gate and up
+    columns, as a merged projection would; ``w2_qweight`` every down; ``register_checkpoint_layout``), then each
+    expert's codes are repacked into the int4 kernel layout
     (``[E, N, K / 8]``) with its scales and zero points ``[E, K / group, N]``, which the fused MoE kernel dequantizes
     in registers (``kernels/fused_moe.py``: ``ExpertQuant``). GPTQ act-order experts (a permutation per expert) are
     not supported."""
 
     def __init__(self, config: _Int4Config) -> None:
         self.config = config
-        self.is_awq = config.name == "awq"
-        self.is_ct = isinstance(config, CompressedTensorsInt4Config)
 
     def _projections(self, block: nn.Module) -> tuple[tuple[str, int, int, int], ...]:
         """(name, output rows per expert, input size K, group) of w13 and w2."""
@@ -415,51 +433,16 @@ class Int4MoEMethod:
                 raise ValueError(f"{name}: an expert's {param} (input size {k}, {rows} outputs) does not fit the int4 "
                                  f"experts' kernel: the input size must be a multiple of the group size {group}, "
                                  f"which must be a multiple of {KERNEL_K_BLOCK}; the outputs of {PACK}.")
-            out = experts * rows
-            if self.is_ct:  # every expert's rows stacked: [E * rows, K / 8] codes, [E * rows, groups] scales
-                new_parameter(block, f"{param}_weight_packed", (out, k // PACK), torch.int32,
-                              dummy_fill=_fill_random_int32)
-                new_parameter(block, f"{param}_weight_scale", (out, k // group), torch.get_default_dtype(),
-                              dummy_fill=_fill_scales)
-                continue
-            if self.is_awq:
-                new_parameter(block, f"{param}_qweight", (k, out // PACK), torch.int32, output_dim=1,
-                              pack_factor=PACK, dummy_fill=_fill_random_int32)
-            else:
-                new_parameter(block, f"{param}_qweight", (k // PACK, out), torch.int32, output_dim=1,
-                              dummy_fill=_fill_random_int32)
-                new_parameter(block, f"{param}_g_idx", (k,), torch.int32, output_dim=None,
-                              dummy_fill=lambda t, gen, k=k, group=group: t.copy_(torch.arange(k) // group))
-            new_parameter(block, f"{param}_qzeros", (k // group, out // PACK), torch.int32, output_dim=1,
-                          pack_factor=PACK, dummy_fill=_fill_random_int32)
-            new_parameter(block, f"{param}_scales", (k // group, out), torch.get_default_dtype(), output_dim=1,
-                          dummy_fill=_fill_scales)
+            register_checkpoint_layout(block, f"{param}_", self.config.layout, False, experts * rows, k, group,
+                                       k // group, torch.get_default_dtype())
         return True
 
     def process_weights_after_loading(self, block: nn.Module) -> None:
         for param, rows, k, group in self._projections(block):
-            if self.is_ct:  # codes stored as q + 8: zero point 8
-                q = unpack_int4_columns(getattr(block, f"{param}_weight_packed").data).t()  # [K, E * rows]
-                scales = getattr(block, f"{param}_weight_scale").data.t()
-                zeros = torch.full_like(scales, 8, dtype=torch.int64)
-                for attr in ("weight_packed", "weight_scale"):
-                    delattr(block, f"{param}_{attr}")
-                self._store(block, param, q, zeros, scales, rows, k, group)
-                continue
-            scales = getattr(block, f"{param}_scales").data
-            if self.is_awq:
-                q = unpack_int4_columns(getattr(block, f"{param}_qweight").data, AWQ_ORDER)  # [K, E * rows]
-                zeros = unpack_int4_columns(getattr(block, f"{param}_qzeros").data, AWQ_ORDER)
-            else:
-                q = unpack_int4_rows(getattr(block, f"{param}_qweight").data)
-                zeros = unpack_int4_columns(getattr(block, f"{param}_qzeros").data) + 1  # GPTQ v1: zero - 1
-                g_idx = getattr(block, f"{param}_g_idx").data.long()
-                if not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // group):
-                    raise ValueError(f"{self.config.name}: the experts' g_idx is not the natural group order (an "
-                                     "act-order checkpoint without desc_act); act-order experts are not supported.")
-                delattr(block, f"{param}_g_idx")
-            for attr in ("qweight", "qzeros", "scales"):
-                delattr(block, f"{param}_{attr}")
+            q, zeros, scales, g_idx = take_checkpoint_codes(block, f"{param}_", self.config.layout)
+            if g_idx is not None and not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // group):
+                raise ValueError(f"{self.config.name}: the experts' g_idx is not the natural group order (an "
+                                 "act-order checkpoint without desc_act); act-order experts are not supported.")
             self._store(block, param, q, zeros, scales, rows, k, group)
 
     @staticmethod
