@@ -196,6 +196,18 @@ class QuantConfig(ABC):
 _LAYER_INDEX = re.compile(r"(\blayers\.)(\d+)")
 
 
+def module_listed(patterns: Sequence[str], name: str) -> bool:
+    """Whether the checkpoint's list of unquantized modules names module ``name``: a run of its dotted parts
+    (AutoAWQ's ``modules_to_not_convert``, bitsandbytes' ``llm_int8_skip_modules``), or a ``re:`` pattern matching
+    it whole (compressed-tensors' ``ignore``)."""
+    for pattern in patterns:
+        if pattern.startswith("re:") and re.fullmatch(pattern[3:], name):
+            return True
+        if not pattern.startswith("re:") and f".{pattern}." in f".{name}.":
+            return True
+    return False
+
+
 def plain_shard(tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
     """The rank's part of an ``[out, in]`` weight or an ``[out]`` bias (a row-parallel layer's bias, which
     ``RowParallelLinear`` refuses, passes whole)."""

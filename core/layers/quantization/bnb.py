@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter
+from core.layers.quantization.base import (LinearMethod, QuantConfig, module_listed, new_parameter, plain_shard,
+                                           replace_parameter)
 from kernels.bnb4_gemm import NF4_CODEBOOK, bnb4_linear, quantize_bnb4
 
 BLOCKSIZE = 64  # transformers' (and vLLM's) 4-bit block; a checkpoint of another fails at load naming it
@@ -50,8 +51,7 @@ class BitsAndBytesConfig(QuantConfig):
         return cls(serialized=False)
 
     def linear_method(self, prefix: str) -> LinearMethod | None:
-        name = self.global_prefix(prefix)
-        if any(f".{skip}." in f".{name}." for skip in self.skipped):
+        if module_listed(self.skipped, self.global_prefix(prefix)):
             return None
         return BitsAndBytesLinearMethod(self)
 

@@ -22,14 +22,14 @@ and for act-order checkpoints a permutation of the input rows (x's columns are g
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter
+from core.layers.quantization.base import (LinearMethod, QuantConfig, module_listed, new_parameter, plain_shard,
+                                           replace_parameter)
 from kernels.backend import use_triton
 from kernels.fused_moe import ExpertQuant
 from kernels.int4_gemm import (AWQ_ORDER, KERNEL_K_BLOCK, int4_linear, int4_qkv_rope_cache, pack_int4_kernel,
@@ -63,15 +63,8 @@ class _Int4Config(QuantConfig):
         return self.name
 
     def is_skipped(self, prefix: str) -> bool:
-        """Whether the checkpoint left module ``prefix`` unquantized: one of its dotted parts' runs is listed
-        (AutoAWQ's ``modules_to_not_convert``), or a ``re:`` pattern (compressed-tensors' ``ignore``) matches it."""
-        name = self.global_prefix(prefix)
-        for skip in self.skipped:
-            if skip.startswith("re:") and re.fullmatch(skip[3:], name):
-                return True
-            if not skip.startswith("re:") and f".{skip}." in f".{name}.":
-                return True
-        return False
+        """Whether the checkpoint left module ``prefix`` unquantized (``module_listed``)."""
+        return module_listed(self.skipped, self.global_prefix(prefix))
 
     def linear_method(self, prefix: str) -> LinearMethod | None:
         if self.is_skipped(prefix):
