@@ -15,6 +15,7 @@ from kernels.fp8_linear import Fp8Activations, NormedRows
 from kernels.skinny_gemm import linear
 
 if TYPE_CHECKING:
+    from core.config import ModelConfig
     from core.layers.quantization.base import LinearMethod
 
 
@@ -87,3 +88,26 @@ class Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
+
+
+def token_embedding(cfg: ModelConfig, backend: str) -> nn.Module:
+    """The model's token embedding: an ``Embedding``, or the table its quantization keeps (GGUF: in its blocks)."""
+    quantized = getattr(cfg.quantization, "embedding", None)
+    return (quantized and quantized(cfg.vocab_size, cfg.hidden_size, backend)) or Embedding(cfg.vocab_size,
+                                                                                             cfg.hidden_size)
+
+
+def lm_head(cfg: ModelConfig, embedding: nn.Module, backend: str) -> nn.Module:
+    """The LM head: the embedding when tied, else the head its quantization keeps (GGUF), else a ``Linear``."""
+    if cfg.tie_word_embeddings:
+        return embedding
+    quantized = getattr(cfg.quantization, "lm_head", None)
+    return (quantized and quantized(cfg.hidden_size, cfg.vocab_size, backend)) or Linear(
+        cfg.hidden_size, cfg.vocab_size, backend=backend)
+
+
+def head_logits(head: nn.Module, hidden: torch.Tensor, backend: str) -> torch.Tensor:
+    """fp32 logits in one pass: the head's own ``compute_logits`` (kept in GGUF blocks), else the skinny GEMM."""
+    if hasattr(head, "compute_logits"):
+        return head.compute_logits(hidden)
+    return linear(hidden, head.weight, out_dtype=torch.float32, backend=backend)

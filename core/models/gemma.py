@@ -20,14 +20,13 @@ from torch import nn
 from core.config import ModelConfig, common_fields
 from core.layers.activation import activation, gated
 from core.layers.attention import AttentionMetadata
-from core.layers.linear import Embedding, Linear
+from core.layers.linear import Linear, head_logits, lm_head, token_embedding
 from core.layers.norm import RMSNorm
 from core.layers.quantization import linear_method
 from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
 from core.models.llama import Attention
 from kernels.backend import resolve_backends
-from kernels.skinny_gemm import linear as skinny_linear
 
 # Weight quantization methods the family's projections run (core/layers/quantization); with gguf the embedding (and
 # tied LM head) may stay in its blocks too.
@@ -108,10 +107,7 @@ class GemmaDecoderLayer(nn.Module):
 class GemmaModel(nn.Module):
     def __init__(self, cfg: GemmaConfig, attention_backend: str, kernel_backend: str) -> None:
         super().__init__()
-        quantized_embedding = getattr(cfg.quantization, "embedding", None)  # gguf: the table stays in its blocks
-        self.embed_tokens = ((quantized_embedding and quantized_embedding(cfg.vocab_size, cfg.hidden_size,
-                                                                          kernel_backend))
-                             or Embedding(cfg.vocab_size, cfg.hidden_size))  # fmt: skip
+        self.embed_tokens = token_embedding(cfg, kernel_backend)
         self.normalizer = math.sqrt(cfg.hidden_size)
         global_rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         local_rotary = global_rotary
@@ -141,19 +137,13 @@ class GemmaForCausalLM(nn.Module):
         self.config = cfg
         self.attention_backend, self.kernel_backend = resolve_backends(attention_backend, kernel_backend)
         self.model = GemmaModel(cfg, self.attention_backend, self.kernel_backend)
-        quantized_head = getattr(cfg.quantization, "lm_head", None)  # gguf: an untied head stays in its blocks
-        self.lm_head = (self.model.embed_tokens if cfg.tie_word_embeddings
-                        else (quantized_head and quantized_head(cfg.hidden_size, cfg.vocab_size, self.kernel_backend))
-                        or Linear(cfg.hidden_size, cfg.vocab_size, backend=self.kernel_backend))  # fmt: skip
+        self.lm_head = lm_head(cfg, self.model.embed_tokens, self.kernel_backend)
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.lm_head, "compute_logits"):  # kept in its GGUF blocks
-            logits = self.lm_head.compute_logits(hidden)
-        else:
-            logits = skinny_linear(hidden, self.lm_head.weight, out_dtype=torch.float32, backend=self.kernel_backend)
+        logits = head_logits(self.lm_head, hidden, self.kernel_backend)
         cap = self.config.final_softcap
         # in place on the fresh float32 logits: no [rows, vocab] temporaries (256k vocab: 1 MB a row each)
         return logits.div_(cap).tanh_().mul_(cap) if cap > 0 else logits

@@ -16,7 +16,7 @@ from torch import nn
 
 from core.config import ModelConfig, common_fields
 from core.layers.attention import AttentionMetadata, PagedAttention
-from core.layers.linear import Embedding, Linear
+from core.layers.linear import Linear, head_logits, lm_head, token_embedding
 from core.layers.norm import RMSNorm
 from core.layers.quantization import linear_method
 from core.layers.rotary import RotaryEmbedding
@@ -24,7 +24,6 @@ from core.models import weights as weight_utils
 from kernels.activation import silu_and_mul, silu_and_mul_fp8
 from kernels.backend import resolve_backends
 from kernels.fp8_linear import Fp8Activations, NormedRows
-from kernels.skinny_gemm import linear as skinny_linear
 
 # Weight quantization methods this family's layers run (core/layers/quantization); the LM head stays unquantized
 # except under gguf, which keeps the embedding and LM head in their blocks too.
@@ -166,10 +165,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, attention_backend: str, kernel_backend: str) -> None:
         super().__init__()
-        quantized_embedding = getattr(cfg.quantization, "embedding", None)  # gguf: the table stays in its blocks
-        self.embed_tokens = ((quantized_embedding and quantized_embedding(cfg.vocab_size, cfg.hidden_size,
-                                                                          kernel_backend))
-                             or Embedding(cfg.vocab_size, cfg.hidden_size))  # fmt: skip
+        self.embed_tokens = token_embedding(cfg, kernel_backend)
         # One cos/sin table for all layers (Llama 3.1's 128k positions take 64 MB).
         rotary_dim = cfg.extra.get("rotary_dim", cfg.head_dim)  # Phi-3's partial rotary
         rotary = RotaryEmbedding(rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
@@ -197,10 +193,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.attention_backend, self.kernel_backend = resolve_backends(attention_backend, kernel_backend)
         self.model = LlamaModel(cfg, self.attention_backend, self.kernel_backend)
-        quantized_head = getattr(cfg.quantization, "lm_head", None)  # gguf: an untied head stays in its blocks
-        self.lm_head = (self.model.embed_tokens if cfg.tie_word_embeddings
-                        else (quantized_head and quantized_head(cfg.hidden_size, cfg.vocab_size, self.kernel_backend))
-                        or Linear(cfg.hidden_size, cfg.vocab_size, backend=self.kernel_backend))  # fmt: skip
+        self.lm_head = lm_head(cfg, self.model.embed_tokens, self.kernel_backend)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttentionMetadata
@@ -208,10 +201,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # fp32 logits in one pass
-        if hasattr(self.lm_head, "compute_logits"):  # kept quantized (gguf)
-            return self.lm_head.compute_logits(hidden)
-        return skinny_linear(hidden, self.lm_head.weight, out_dtype=torch.float32, backend=self.kernel_backend)
+        return head_logits(self.lm_head, hidden, self.kernel_backend)
 
     # ------------------------------------------------------------------------------------------------ weights
     def _param_slices(self) -> dict[str, tuple[str, int, int]]:

@@ -12,13 +12,12 @@ from torch import nn
 from core.config import ModelConfig, common_fields
 from core.layers.activation import activation
 from core.layers.attention import AttentionMetadata, PagedAttention
-from core.layers.linear import Embedding, Linear
+from core.layers.linear import Linear, head_logits, lm_head, token_embedding
 from core.layers.norm import LayerNorm
 from core.layers.quantization import linear_method
 from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
 from kernels.backend import resolve_backends
-from kernels.skinny_gemm import linear as skinny_linear
 
 # Weight quantization methods the family's projections run (core/layers/quantization); with gguf the embedding and
 # LM head may stay in their blocks too.
@@ -72,17 +71,11 @@ class Starcoder2ForCausalLM(nn.Module):
         self.config = cfg
         self.attention_backend, self.kernel_backend = resolve_backends(attention_backend, kernel_backend)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        quantized_embedding = getattr(cfg.quantization, "embedding", None)  # gguf: the table stays in its blocks
-        self.embed_tokens = ((quantized_embedding and quantized_embedding(cfg.vocab_size, cfg.hidden_size,
-                                                                          self.kernel_backend))
-                             or Embedding(cfg.vocab_size, cfg.hidden_size))  # fmt: skip
+        self.embed_tokens = token_embedding(cfg, self.kernel_backend)
         self.layers = nn.ModuleList(Starcoder2Layer(cfg, rotary, i, self.attention_backend, self.kernel_backend)
                                     for i in range(cfg.num_layers))  # fmt: skip
         self.norm = LayerNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        quantized_head = getattr(cfg.quantization, "lm_head", None)  # gguf: an untied head stays in its blocks
-        self.lm_head = (self.embed_tokens if cfg.tie_word_embeddings
-                        else (quantized_head and quantized_head(cfg.hidden_size, cfg.vocab_size, self.kernel_backend))
-                        or Linear(cfg.hidden_size, cfg.vocab_size, backend=self.kernel_backend))  # fmt: skip
+        self.lm_head = lm_head(cfg, self.embed_tokens, self.kernel_backend)
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
@@ -91,9 +84,7 @@ class Starcoder2ForCausalLM(nn.Module):
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.lm_head, "compute_logits"):  # kept in its GGUF blocks
-            return self.lm_head.compute_logits(hidden)
-        return skinny_linear(hidden, self.lm_head.weight, out_dtype=torch.float32, backend=self.kernel_backend)
+        return head_logits(self.lm_head, hidden, self.kernel_backend)
 
     def _place(self, name: str, tensor: torch.Tensor):
         cfg = self.config
