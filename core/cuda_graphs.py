@@ -3,9 +3,11 @@ the next bucket. One replay launches the whole forward pass and the LM head, ins
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -20,6 +22,22 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return capped + [max_num_seqs] if max_num_seqs <= 512 else capped
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Collect garbage now and let no automatic collection run until the block ends. A collection during a capture
+    can free an earlier engine's graphs (cyclic garbage: torch no longer collects when a capture starts), and
+    destroying a graph is not permitted while a stream captures: the destroy fails (that graph's memory leaks) and
+    the capture under way can fail with it."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def capture_after_warmup(launch: Callable[[], object], warmup: Callable[[], object] | None = None
                          ) -> torch.cuda.CUDAGraph:  # fmt: skip
     """A CUDA graph of ``launch()``, captured after ``warmup()`` (default: ``launch``) ran eagerly on a side stream:
@@ -32,7 +50,7 @@ def capture_after_warmup(launch: Callable[[], object], warmup: Callable[[], obje
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with collector_paused(), torch.cuda.graph(graph):
         launch()
     return graph
 
@@ -67,7 +85,7 @@ class DecodeGraphs:
         self.pool = pool
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with collector_paused(), torch.cuda.stream(stream):
             for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
                 for _ in range(2):  # compile every kernel variant this size needs before capturing
                     self._forward(size)
