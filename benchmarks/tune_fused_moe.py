@@ -7,6 +7,7 @@ takes ``kernels.fused_moe.default_config`` (untuned defaults).
 
     python -m benchmarks.tune_fused_moe --write                      # W7 shapes, bf16, all token counts (H200)
     python -m benchmarks.tune_fused_moe --models qwen3-30b-a3b --tokens 1 64 256 --write
+    python -m benchmarks.tune_fused_moe --int4 --write                # int4 experts (AWQ / GPTQ): entries of their own
     python -m benchmarks.tune_fused_moe --smoke --out /tmp/cfg.json  # tiny: checks the script (CPU: interpreter)
 """
 
@@ -59,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=1, help="one rank's shapes under tensor parallelism of this size")
     parser.add_argument("--budget-s", type=float, default=120.0, help="seconds of sweeping per (shape, tokens)")
     parser.add_argument("--fp8", action="store_true", help="experts in e4m3 (w8a16): a table entry of its own")
+    parser.add_argument("--int4", action="store_true", help="experts in int4, groups of 128 (w4a16): an entry of its own")
     opts = parser.parse_args(argv)
+    if opts.fp8 and opts.int4:
+        parser.error("--fp8 and --int4 are two table entries: tune them in two runs")
     if DEVICE != "cuda" and not opts.smoke:
         print("tune_fused_moe needs a CUDA GPU; --smoke runs on CPU (interpreter)", file=sys.stderr)
         return 2
@@ -72,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for shape in shapes:
         key = shape_key(shape.num_experts, shape.hidden, shape.inter, dtype,
-                        torch.float8_e4m3fn if opts.fp8 else None)  # fmt: skip
+                        torch.float8_e4m3fn if opts.fp8 else "int4" if opts.int4 else None)  # fmt: skip
         for tokens in token_counts:
-            p = make_problem(shape, tokens, dtype, seed=tokens, fp8=opts.fp8)
+            p = make_problem(shape, tokens, dtype, seed=tokens, fp8=opts.fp8, int4_group=128 if opts.int4 else 0)
             best, best_ms, deadline = None, float("inf"), time.monotonic() + opts.budget_s
             for config in candidate_configs(opts.smoke, tokens, shape):
                 if time.monotonic() > deadline:

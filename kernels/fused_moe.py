@@ -34,6 +34,7 @@ import triton.language as tl
 
 from kernels.activation import silu_and_mul_triton
 from kernels.backend import use_triton
+from kernels.int4_gemm import _MAGIC_VALUES, _TRITON_DTYPES, _dequant_halves
 
 CONFIG_FILE = Path(__file__).with_name("fused_moe_configs.json")
 
@@ -151,68 +152,69 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int
 
 
 # What the grouped GEMM's ``b`` holds (``B_KIND``)
-B_PLAIN, B_FP8_CHANNEL, B_FP8_BLOCK, B_INT4 = 0, 1, 2, 3
+B_PLAIN, B_FP8_CHANNEL, B_FP8_BLOCK = 0, 1, 2
 
 
 @triton.jit
-def _moe_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, s_ptr, z_ptr,
-    N, K, num_pairs, capacity,
-    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_se, stride_s1,
-    PAIRS_PER_A_ROW: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    B_KIND: tl.constexpr = 0, SCALE_N: tl.constexpr = 0, SCALE_K: tl.constexpr = 0, GROUP: tl.constexpr = 0,
-):  # fmt: skip
-    """``c[pair, :] = a[pair // PAIRS_PER_A_ROW, :] @ b[expert]^T`` (times the pair's routing weight) for every
-    ``BLOCK_M`` run of sorted pairs, which all share one expert; padding rows are masked out. ``B_KIND``
-    (:class:`ExpertQuant`): e4m3 ``b`` widened to a's dtype in registers, the product scaled by ``s [expert, n]``
-    after the K loop (``B_FP8_CHANNEL``) or each K step's partial product by ``s [expert, n // SCALE_N,
-    k // SCALE_K]`` (``B_FP8_BLOCK``; ``BLOCK_K`` divides ``SCALE_K``); or int4 words ``b [expert, n, k / 8]`` in the
-    int4 kernel layout, dequantized ``(q - z) * s`` with ``s`` / ``z [expert, k // GROUP, n]`` (``B_INT4``; ``K`` a
-    multiple of ``BLOCK_K``, which divides ``GROUP``)."""
+def _block_of_pairs(sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, N, num_pairs, capacity,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+    """This program's ``BLOCK_M`` run of sorted pairs and ``BLOCK_N`` output columns: ``(live, pair, valid,
+    expert, offs_n)``; ``live`` is False past the padded total (the program has nothing to do). Grouped ordering:
+    ``GROUP_M`` row blocks walk the N tiles together (reuse of the expert's weight tiles in L2)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(capacity, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: GROUP_M row blocks walk the N tiles together (reuse of the expert's weight tiles in L2)
     group_size = GROUP_M * num_pid_n
     first_m = (pid // group_size) * GROUP_M
     rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group_size) % rows_in_group
     pid_n = (pid % group_size) // rows_in_group
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_pair_ids_ptr + offs_m).to(tl.int64)
-    valid = pair < num_pairs
+    live = pid_m * BLOCK_M < tl.load(num_padded_ptr)
+    pair = tl.load(sorted_pair_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return live, pair, pair < num_pairs, expert, pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _store_pair_rows(acc, c_ptr, weights_ptr, pair, valid, offs_n, N, stride_cm, stride_cn,
+                     MUL_ROUTING_WEIGHT: tl.constexpr):  # fmt: skip
+    """``acc [BLOCK_M, BLOCK_N]`` (times each pair's routing weight) into the pairs' rows of ``c``."""
+    if MUL_ROUTING_WEIGHT:
+        acc = acc * tl.load(weights_ptr + pair, mask=valid, other=0.0)[:, None]
+    c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, s_ptr,
+    N, K, num_pairs, capacity,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_se, stride_s1,
+    PAIRS_PER_A_ROW: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    B_KIND: tl.constexpr = 0, SCALE_N: tl.constexpr = 0, SCALE_K: tl.constexpr = 0,
+):  # fmt: skip
+    """``c[pair, :] = a[pair // PAIRS_PER_A_ROW, :] @ b[expert]^T`` (times the pair's routing weight) for every
+    ``BLOCK_M`` run of sorted pairs, which all share one expert; padding rows are masked out. ``B_KIND``
+    (:class:`ExpertQuant`): e4m3 ``b`` widened to a's dtype in registers, the product scaled by ``s [expert, n]``
+    after the K loop (``B_FP8_CHANNEL``) or each K step's partial product by ``s [expert, n // SCALE_N,
+    k // SCALE_K]`` (``B_FP8_BLOCK``; ``BLOCK_K`` divides ``SCALE_K``). int4 experts: :func:`_moe_int4_kernel`."""
+    live, pair, valid, expert, offs_n = _block_of_pairs(sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, N,
+                                                        num_pairs, capacity, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live:
+        return
     n_live = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (pair // PAIRS_PER_A_ROW)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    if B_KIND == 3:  # int4: BLOCK_K / 8 words of each column a step
-        b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + tl.arange(0, BLOCK_K // 8)[:, None]
-        shifts = tl.arange(0, 8) * 4
-    else:
-        b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
     s_ptrs = s_ptr + expert * stride_se + offs_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        if B_KIND == 3:
-            # Row 8p + i of the unpacked tile is nibble i of word p = 4c + r, i.e. input row 32c + 4i + r (the
-            # kernel layout's interleave): a's columns reordered to match, as the dense int4 kernel does.
-            a = tl.reshape(tl.permute(tl.reshape(a, (BLOCK_M, BLOCK_K // 32, 8, 4)), (0, 1, 3, 2)), (BLOCK_M, BLOCK_K))
-            words = tl.load(b_ptrs + k * (BLOCK_K // 8), mask=n_live[None, :], other=0)
-            q = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N)).to(tl.float32)
-            group_row = (k * BLOCK_K) // GROUP * stride_s1
-            s = tl.load(s_ptrs + group_row, mask=n_live, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + expert * stride_se + offs_n + group_row, mask=n_live, other=0.0).to(tl.float32)
-            b = (q * s[None, :] - (z * s)[None, :]).to(a.dtype)
-        else:
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_live[None, :], other=0.0)
-            if B_KIND != 0:
-                b = b.to(a.dtype)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_live[None, :], other=0.0)
+        if B_KIND != 0:
+            b = b.to(a.dtype)
         if B_KIND == 2:
             block_scale = tl.load(s_ptr + expert * stride_se + (offs_n // SCALE_N) * stride_s1
                                   + (k * BLOCK_K) // SCALE_K, mask=n_live, other=0.0)  # fmt: skip
@@ -220,14 +222,60 @@ def _moe_gemm_kernel(
         else:
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
-        if B_KIND != 3:
-            b_ptrs += BLOCK_K * stride_bk
+        b_ptrs += BLOCK_K * stride_bk
     if B_KIND == 1:
         acc = acc * tl.load(s_ptrs, mask=n_live, other=0.0)[None, :]
-    if MUL_ROUTING_WEIGHT:
-        acc = acc * tl.load(weights_ptr + pair, mask=valid, other=0.0)[:, None]
-    c_ptrs = c_ptr + pair[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_live[None, :])
+    _store_pair_rows(acc, c_ptr, weights_ptr, pair, valid, offs_n, N, stride_cm, stride_cn, MUL_ROUTING_WEIGHT)
+
+
+@triton.jit
+def _moe_int4_kernel(
+    a_ptr, qh_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, s_ptr, z_ptr,
+    N, K, num_pairs, capacity,
+    stride_am, stride_qe, stride_qn, stride_cm, stride_cn, stride_se, stride_s1,
+    PAIRS_PER_A_ROW: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GROUP: tl.constexpr, MAGIC: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """:func:`_moe_gemm_kernel` for int4 experts in the int4 kernel layout (``[E, N, K / 8]`` words, viewed as int16
+    ``qh [E, N, K / 4]``), scales and zero points ``s`` / ``z [E, K / GROUP, N]`` (a's dtype; ``BLOCK_K`` divides
+    ``GROUP`` and ``K``). Each step's weight tile is dequantized as the dense tensor-core decode kernel does
+    (``kernels/int4_gemm.py: _int4_mma_kernel``): Marlin's magic-number conversion, two weights per instruction
+    (``_dequant_halves``), into the MMA's first operand straight from registers (``W @ a^T``: the tile's
+    ``BLOCK_N`` rows are the MMA's M side), so nothing but a's rows goes through shared memory; a's columns are
+    reordered to the tile's column order."""
+    live, pair, valid, expert, offs_n = _block_of_pairs(sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, N,
+                                                        num_pairs, capacity, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live:
+        return
+    HALVES: tl.constexpr = BLOCK_K // 4
+    DOT_DTYPE: tl.constexpr = a_ptr.dtype.element_ty
+    w_rows = tl.minimum(offs_n, N - 1)  # unmasked weight loads; tail columns are never stored
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (pair // PAIRS_PER_A_ROW)[:, None] * stride_am + offs_k[None, :]
+    q_ptrs = qh_ptr + expert * stride_qe + w_rows[:, None] * stride_qn + tl.arange(0, HALVES)[None, :]
+    sz_ptrs = expert * stride_se + w_rows
+    shape: tl.constexpr = (BLOCK_N, HALVES)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for t in range(0, K // BLOCK_K):
+        halves = tl.load(q_ptrs + t * HALVES)
+        group_row = (t * BLOCK_K) // GROUP * stride_s1
+        s = tl.load(s_ptr + sz_ptrs + group_row).to(tl.float32)[:, None]
+        z = tl.load(z_ptr + sz_ptrs + group_row).to(tl.float32)[:, None]
+        s_dot = tl.broadcast_to(s.to(DOT_DTYPE), shape)
+        w0, w1, w2, w3 = _dequant_halves(halves, tl.broadcast_to((MAGIC + z).to(DOT_DTYPE), shape),
+                                         tl.broadcast_to((-(MAGIC / 16.0) - z).to(DOT_DTYPE), shape), s_dot, s_dot,
+                                         DOT_DTYPE, USE_ASM, True, False)  # fmt: skip
+        # Tile column j * E + e holds nibble j of int16 e (the dense kernel's construction and a's order to match)
+        w = tl.reshape(tl.permute(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (0, 2, 3, 1)), (BLOCK_N, BLOCK_K))
+        a = tl.load(a_ptrs + t * BLOCK_K, mask=valid[:, None], other=0.0)
+        a = tl.reshape(tl.permute(tl.reshape(a, (BLOCK_M, BLOCK_K // 32, 2, 4, 4)), (0, 3, 1, 4, 2)),
+                       (BLOCK_M, BLOCK_K))
+        if DOT_DTYPE == tl.float32:  # CPU-path dtype (tests): no TF32 rounding
+            acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.float32, input_precision="ieee")
+        else:
+            acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.float32)
+    _store_pair_rows(tl.trans(acc), c_ptr, weights_ptr, pair, valid, offs_n, N, stride_cm, stride_cn,
+                     MUL_ROUTING_WEIGHT)
 
 
 def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights: torch.Tensor | None,
@@ -235,39 +283,44 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
               pairs_per_a_row: int, config: dict[str, int], quant: ExpertQuant | None = None,
               which: int = 0) -> None:  # fmt: skip
     """One grouped GEMM launch: ``b`` is ``w13`` (``which`` 0) or ``w2`` (1), quantized as ``quant`` says."""
-    num_pairs = out.shape[0]
-    capacity = sorted_pair_ids.shape[0]
+    num_pairs, capacity = out.shape[0], sorted_pair_ids.shape[0]
     n, k = b.shape[1], b.shape[2]
-    kind, scale, zeros = B_PLAIN, out, out
-    group = 0
-    if quant is not None:
-        scale, zeros, group = quant.parts(which)
-        if group:
-            kind, k = B_INT4, 8 * b.shape[2]
-            config = {**config, "BLOCK_K": max(32, _block_k_within(config["BLOCK_K"], group))}
-            if group % config["BLOCK_K"] or k % config["BLOCK_K"]:
-                raise ValueError(f"int4 experts need groups ({group}) and inputs ({k}) of whole 32-row steps.")
-        elif quant.block is not None:
-            kind = B_FP8_BLOCK
-            config = {**config, "BLOCK_K": _block_k_within(config["BLOCK_K"], quant.block[1])}
-            if quant.block[1] % config["BLOCK_K"]:
-                raise ValueError(f"fp8 expert scale blocks {quant.block} need a K side of whole 16-column steps.")
-        else:
-            kind = B_FP8_CHANNEL
-        zeros = zeros if zeros is not None else scale
     grid = (triton.cdiv(capacity, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+    routing = topk_weights if topk_weights is not None else out
+    common = dict(PAIRS_PER_A_ROW=pairs_per_a_row, MUL_ROUTING_WEIGHT=topk_weights is not None,
+                  BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], GROUP_M=config["GROUP_M"],
+                  num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if quant is not None and quant.int4:
+        scale, zeros, group = quant.parts(which)
+        k = 8 * b.shape[2]
+        block_k = max(32, _block_k_within(config["BLOCK_K"], group))
+        if group % block_k or k % block_k:
+            raise ValueError(f"int4 experts need groups ({group}) and inputs ({k}) of whole 32-row steps.")
+        if a.stride(1) != 1:
+            raise ValueError("int4 experts need activations with unit column stride")
+        halves = b.view(torch.int16)  # [E, N, K / 4]
+        _moe_int4_kernel[grid](
+            a, halves, out, routing, sorted_pair_ids, block_experts, num_padded, scale, zeros, n, k, num_pairs,
+            capacity, a.stride(0), halves.stride(0), halves.stride(1), out.stride(0), out.stride(1), scale.stride(0),
+            scale.stride(1), BLOCK_K=block_k, GROUP=group, MAGIC=_MAGIC_VALUES[a.dtype],
+            USE_ASM=a.is_cuda and a.dtype in _TRITON_DTYPES, **common,
+        )  # fmt: skip
+        return
+    kind, scale, block_k = B_PLAIN, out, config["BLOCK_K"]
+    if quant is not None and quant.block is not None:
+        kind, scale = B_FP8_BLOCK, quant.parts(which)[0]
+        block_k = _block_k_within(block_k, quant.block[1])
+        if quant.block[1] % block_k:
+            raise ValueError(f"fp8 expert scale blocks {quant.block} need a K side of whole 16-column steps.")
+    elif quant is not None:
+        kind, scale = B_FP8_CHANNEL, quant.parts(which)[0]
     _moe_gemm_kernel[grid](
-        a, b, out, topk_weights if topk_weights is not None else out, sorted_pair_ids, block_experts, num_padded,
-        scale, zeros,
-        n, k, num_pairs, capacity,
+        a, b, out, routing, sorted_pair_ids, block_experts, num_padded, scale, n, k, num_pairs, capacity,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
-        scale.stride(0) if kind != B_PLAIN else 0, scale.stride(1) if kind in (B_FP8_BLOCK, B_INT4) else 0,
-        PAIRS_PER_A_ROW=pairs_per_a_row, MUL_ROUTING_WEIGHT=topk_weights is not None,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
-        B_KIND=kind, SCALE_N=quant.block[0] if kind == B_FP8_BLOCK else 0,
-        SCALE_K=quant.block[1] if kind == B_FP8_BLOCK else 0, GROUP=group,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        scale.stride(0) if kind != B_PLAIN else 0, scale.stride(1) if kind == B_FP8_BLOCK else 0,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_K=block_k, B_KIND=kind,
+        SCALE_N=quant.block[0] if kind == B_FP8_BLOCK else 0, SCALE_K=quant.block[1] if kind == B_FP8_BLOCK else 0,
+        **common,
     )  # fmt: skip
 
 

@@ -41,8 +41,11 @@ def test_tune_fused_moe_smoke_writes_table(tmp_path):
     assert set(by_tokens) == {"4", "40"} and all("BLOCK_M" in c for c in by_tokens.values())
     proc = _run("benchmarks.tune_fused_moe", "--smoke", "--fp8", "--write", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _run("benchmarks.tune_fused_moe", "--smoke", "--int4", "--write", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     keys = sorted(json.loads(out.read_text())["configs"])
-    assert len(keys) == 2 and keys[1] == keys[0] + ",w=float8_e4m3fn"  # fp8 experts: an entry of their own
+    # fp8 and int4 experts: entries of their own
+    assert len(keys) == 3 and keys[1:] == [keys[0] + ",w=float8_e4m3fn", keys[0] + ",w=int4"]
 
 
 def test_bench_fused_moe_per_rank_shapes_under_tensor_parallelism():

@@ -116,10 +116,11 @@ def _int4_experts(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
 
 
 @pytest.mark.parametrize("group", [32, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_moe_with_int4_experts_matches_reference(group, dtype):
-    """int4 experts (AWQ / GPTQ after loading): the kernel unpacks each step's words in the int4 layout's interleave,
-    reorders a's columns to match, dequantizes with the group's scales and zero points, as the reference does."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16: on the GPU (the interpreter's bf16 dot
+def test_fused_moe_with_int4_experts_matches_reference(group, dtype):  # is wrong, int4 or not)
+    """int4 experts (AWQ / GPTQ after loading): the kernel dequantizes each step's codes by the magic-number
+    conversion (each dtype's magic float) in the int4 layout's interleave, reorders a's columns to match and scales
+    by the group's scales and zero points, as the reference does."""
     x, w13, w2, weights, ids = _problem(19, 4, 128, 64, 2, dtype, seed=group)
     (q13, s13, z13), (q2, s2, z2) = _int4_experts(w13, group), _int4_experts(w2, group)
     quant = ExpertQuant(s13.to(dtype), s2.to(dtype), None, z13.to(dtype), z2.to(dtype), group, group)
