@@ -209,6 +209,9 @@ def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
     }
     if get("attention.sliding_window"):  # Mistral with a window
         config["sliding_window"] = int(get("attention.sliding_window"))
+    if arch == "llama" and get("expert_count"):  # Mixtral: llama.cpp's llama with stacked experts
+        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                      num_local_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")))
     return _add_tokens_and_dtype(gguf, config)
 
 
@@ -323,8 +326,25 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",  # Mixtral's router
 }
 _CONSUMED_BY_CONFIG = {"rope_freqs.weight"}
+# llama.cpp stacks a layer's experts into one tensor per projection, [experts, out, in]; HF names one per expert
+_EXPERT_STACKS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+_EXPERT_STACK_RE = re.compile(r"blk\.(\d+)\.(ffn_(?:gate|up|down)_exps)\.weight")
+
+
+def _split_experts(gguf: GGUFFile, name: str, layer_prefix: str) -> Iterator[tuple[str, torch.Tensor]] | None:
+    """A stacked expert tensor (``blk.N.ffn_gate_exps.weight``) dequantized and cut into HF's per-expert weights
+    (``{layer_prefix}.mlp.experts.{e}.gate_proj.weight``); None for any other tensor."""
+    match = _EXPERT_STACK_RE.fullmatch(name)
+    if match is None:
+        return None
+    prefix = layer_prefix.format(match.group(1))
+    projection = _EXPERT_STACKS[match.group(2)]
+    stacked = gguf.to_float32(name)
+    return ((f"{prefix}.mlp.experts.{e}.{projection}.weight", torch.from_numpy(np.ascontiguousarray(expert)))
+            for e, expert in enumerate(stacked))  # fmt: skip
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
 
@@ -370,8 +390,13 @@ def _iter_family_weights(gguf: GGUFFile, arch: str, keep_quantized: Collection[s
                          ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     consumed = gguf_architectures.ARCHITECTURES[arch].consumed_by_config
     tied = gguf_architectures.hf_config(gguf, arch).get("tie_word_embeddings", False)
+    layer_prefix = gguf_architectures.ARCHITECTURES[arch].layer_prefix
     for name in gguf.tensors:
         if name in consumed or (tied and name == "output.weight"):
+            continue
+        experts = _split_experts(gguf, name, layer_prefix)
+        if experts is not None:
+            yield from experts
             continue
         target = gguf_architectures.hf_tensor_name(gguf, arch, name)
         if target in keep_quantized:  # the family loads it unchanged (keeps_blocks): its raw blocks
@@ -390,6 +415,10 @@ def _iter_llama_weights(gguf: GGUFFile, arch: str, keep_quantized: Collection[st
         permute_heads = {"attn_q": n_heads, "attn_k": n_kv_heads}
     for name in gguf.tensors:
         if name in _CONSUMED_BY_CONFIG:
+            continue
+        experts = _split_experts(gguf, name, "model.layers.{}")
+        if experts is not None:
+            yield from experts
             continue
         target = hf_name(name)
         array = np.array(gguf.raw(name)) if target in keep_quantized else gguf.to_float32(name)

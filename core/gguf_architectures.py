@@ -136,6 +136,11 @@ def _neox_qkv(name: str, array: np.ndarray, meta: Meta) -> np.ndarray:
     return split.swapaxes(0, 1).reshape(array.shape)
 
 
+def _router_row(name: str, array: np.ndarray, meta: Meta) -> np.ndarray:
+    """Qwen2-MoE's shared-expert gate is HF's ``[1, hidden]`` linear; llama.cpp stores it as ``[hidden]``."""
+    return array.reshape(1, -1) if name.endswith(".ffn_gate_inp_shexp.weight") else array
+
+
 _GPT2_CONV1D = (".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight", ".ffn_down.weight")
 
 
@@ -319,6 +324,36 @@ def _starcoder2_config(meta: Meta) -> dict[str, Any]:
     return config
 
 
+def _qwen_moe_config(meta: Meta) -> dict[str, Any]:
+    """Qwen2-MoE / Qwen3-MoE. llama.cpp runs every layer that has a router as sparse and the rest dense, and
+    renormalises the top-k weights for qwen3moe only (``expert_weights_norm`` where a file says it)."""
+    from core.gguf import _rope_scaling
+
+    moe_size = int(meta.require("expert_feed_forward_length"))
+    head_dim = int(meta.get("attention.key_length") or meta.tensors["blk.0.attn_q.weight"].shape[0] // meta.num_heads)
+    config = {
+        **_llama_style(meta),
+        "intermediate_size": int(meta.get("feed_forward_length") or moe_size),  # the dense layers' MLP
+        "head_dim": head_dim,
+        "rms_norm_eps": meta.eps(),
+        "rope_theta": meta.decimal("rope.freq_base", 1000000.0),
+        "hidden_act": "silu",
+        "num_experts": int(meta.require("expert_count")),
+        "num_experts_per_tok": int(meta.require("expert_used_count")),
+        "moe_intermediate_size": moe_size,
+        "norm_topk_prob": bool(meta.get("expert_weights_norm", meta.arch == "qwen3moe")),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i in range(meta.num_layers) if not meta.has(f"blk.{i}.ffn_gate_inp.weight")],
+    }
+    scaling = _rope_scaling(meta.gguf, meta.arch, head_dim)
+    if scaling is not None:
+        config["rope_scaling"] = scaling
+    if meta.arch == "qwen2moe":
+        config["qkv_bias"] = meta.has("blk.0.attn_q.bias")
+        config["shared_expert_intermediate_size"] = int(meta.get("expert_shared_feed_forward_length") or 0)
+    return config
+
+
 # -- the table ----------------------------------------------------------------------------------------------------
 
 _HF_LLAMA_GLOBALS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -326,6 +361,9 @@ _HF_LLAMA_ATTENTION = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj
                        "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
                        "attn_k_norm": "self_attn.k_norm"}  # fmt: skip
 _HF_GATED_MLP = {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_HF_MOE = {"ffn_gate_inp": "mlp.gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+           "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
+           "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}  # fmt: skip
 _GEMMA2_NORMS = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
                  "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}  # fmt: skip
 
@@ -376,6 +414,11 @@ ARCHITECTURES: dict[str, GGUFArchitecture] = {
          "attn_norm": "ln_1", "ffn_norm": "ln_2"},
         _gpt2_conv1d,
     ),
+    **{arch: GGUFArchitecture(
+        f"{family}ForCausalLM", model_type, _qwen_moe_config, _HF_LLAMA_GLOBALS, "model.layers.{}",
+        {**_HF_LLAMA_ATTENTION, **_HF_GATED_MLP, **_HF_MOE, "attn_norm": "input_layernorm",
+         "ffn_norm": "post_attention_layernorm"}, _router_row,
+    ) for arch, family, model_type in (("qwen2moe", "Qwen2Moe", "qwen2_moe"), ("qwen3moe", "Qwen3Moe", "qwen3_moe"))},
     "starcoder2": GGUFArchitecture(
         "Starcoder2ForCausalLM", "starcoder2", _starcoder2_config, _HF_LLAMA_GLOBALS, "model.layers.{}",
         {**_HF_LLAMA_ATTENTION, "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj", "attn_norm": "input_layernorm",

@@ -32,6 +32,10 @@ FAMILIES = {
     "mistral_sw": ("mistral_sw", "llama", {}),
     "qwen2": ("qwen2", "qwen2", {}),
     "qwen3": ("qwen3", "qwen3", {}),
+    # mixtures of experts in llama.cpp's stacked layout; its qwen2moe / qwen3moe have no dense layers
+    "mixtral": ("mixtral", "llama", {}),
+    "qwen2_moe": ("qwen2_moe", "qwen2moe", {"mlp_only_layers": []}),
+    "qwen3_moe": ("qwen3_moe", "qwen3moe", {"decoder_sparse_step": 1}),
 }
 LENGTHS = (1, 5, SLIDING_WINDOW, 17, 40)
 
@@ -96,8 +100,18 @@ def _metadata(writer: gguf.GGUFWriter, gguf_arch: str, cfg) -> None:
         writer.add_rope_scaling_factor(full["factor"])
         writer.add_sliding_window(d["sliding_window"])
         writer.add_sliding_window_pattern(2)  # the tiny model: sliding, global
-    elif gguf_arch in ("llama", "qwen2", "qwen3", "starcoder2", "phi3"):
+    elif gguf_arch in ("llama", "qwen2", "qwen3", "starcoder2", "phi3", "qwen2moe", "qwen3moe"):
         writer.add_rope_freq_base(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    if d.get("num_local_experts") or d.get("num_experts"):
+        writer.add_expert_count(d.get("num_local_experts") or d["num_experts"])
+        writer.add_expert_used_count(d["num_experts_per_tok"])
+    if gguf_arch in ("qwen2moe", "qwen3moe"):
+        writer.add_expert_feed_forward_length(d["moe_intermediate_size"])
+    if gguf_arch == "qwen2moe":
+        writer.add_expert_shared_feed_forward_length(d["shared_expert_intermediate_size"])
+    if gguf_arch == "qwen3moe":  # convert_hf_to_gguf.py writes a head_dim the config gives
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     if gguf_arch == "llama":
         writer.add_rope_dimension_count(head_dim)
     if gguf_arch in ("llama", "starcoder2") and d.get("sliding_window"):
@@ -149,6 +163,18 @@ def write_family_gguf(path, gguf_arch: str, model: torch.nn.Module, matrices: gg
     tied = getattr(cfg, "tie_word_embeddings", False)
     for hf_name, weight in model.state_dict().items():
         if tied and hf_name in ("lm_head.weight", "embed_out.weight"):
+            continue
+        if hf_name.endswith(".mlp.experts.gate_up_proj"):  # [E, 2I, H]: llama.cpp's gate and up stacks
+            layer = names.get_name(hf_name.replace("gate_up_proj", "gate_proj")).removesuffix(".ffn_gate_exps")
+            halves = weight.float().numpy().astype(np.float16).reshape(weight.shape[0], 2, -1, weight.shape[2])
+            writer.add_tensor(f"{layer}.ffn_gate_exps.weight", np.ascontiguousarray(halves[:, 0]))
+            writer.add_tensor(f"{layer}.ffn_up_exps.weight", np.ascontiguousarray(halves[:, 1]))
+            continue
+        if hf_name.endswith(".mlp.experts.down_proj"):  # [E, H, I]
+            writer.add_tensor(f"{names.get_name(hf_name)}.weight", weight.float().numpy().astype(np.float16))
+            continue
+        if hf_name.endswith(".mlp.shared_expert_gate.weight"):  # llama.cpp's shape: [hidden]
+            writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), weight.float().numpy().reshape(-1))
             continue
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, hf_name
@@ -205,11 +231,15 @@ def test_family_gguf_kept_in_its_blocks_equals_it_dequantized(tmp_path, family):
             assert ours[key]["logprobs"][0][token] == pytest.approx(logprob, abs=1e-4)
 
 
-def test_families_whose_weights_llama_cpp_reorders_refuse_to_keep_blocks(tmp_path):
-    arch, gguf_arch, overrides = FAMILIES["gpt_neox"]
-    path = tmp_path / "neox.gguf"
+@pytest.mark.parametrize("family, hf_architecture", [("gpt_neox", "GPTNeoXForCausalLM"),
+                                                     ("qwen3_moe", "Qwen3MoeForCausalLM")])
+def test_families_without_block_kernels_refuse_to_keep_blocks(tmp_path, family, hf_architecture):
+    """GPT-NeoX (llama.cpp reorders its weights) and the mixtures of experts (no GGUF expert kernel): a clear error
+    for ``--quantization gguf``; the same files load dequantized (above)."""
+    arch, gguf_arch, overrides = FAMILIES[family]
+    path = tmp_path / f"{family}.gguf"
     write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides))
-    with pytest.raises(ValueError, match="'gguf' is not supported for GPTNeoXForCausalLM"):
+    with pytest.raises(ValueError, match=f"'gguf' is not supported for {hf_architecture}"):
         make_engine(path, quantization="gguf")
 
 
