@@ -59,8 +59,9 @@ class ExpertQuant(NamedTuple):
     """How quantized experts are stored, beside ``w13`` / ``w2``: e4m3 weights with fp32 scales per expert and output
     channel (``[E, N]``) or per ``block`` (``[E, N / block_n, K / block_k]``); or (``w13_group`` / ``w2_group``, the
     group sizes along each GEMM's K) int4 codes in ``kernels/int4_gemm.py``'s kernel layout (``[E, N, K / 8]`` int32)
-    with scales and zero points ``[E, K / group, N]`` (``w13_zeros`` / ``w2_zeros``). All run on the 16-bit tensor
-    cores after widening the weight in registers."""
+    with scales and zero points ``[E, K / group, N]`` (``w13_zeros`` / ``w2_zeros``), and for GPTQ act-order
+    experts each expert's input rows sorted by group: ``x[:, perm[e]]`` times its weight (``w13_perm`` /
+    ``w2_perm``). All run on the 16-bit tensor cores after widening the weight in registers."""
 
     w13_scale: torch.Tensor
     w2_scale: torch.Tensor
@@ -69,16 +70,18 @@ class ExpertQuant(NamedTuple):
     w2_zeros: torch.Tensor | None = None
     w13_group: int = 0
     w2_group: int = 0
+    w13_perm: torch.Tensor | None = None  # act order: each expert's int4 rows sorted by group, [E, K] int32
+    w2_perm: torch.Tensor | None = None
 
     @property
     def int4(self) -> bool:
         return self.w13_group > 0
 
-    def parts(self, which: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """(scales, zero points, int4 group size) of ``w13`` (0) or ``w2`` (1)."""
+    def parts(self, which: int) -> tuple[torch.Tensor, torch.Tensor | None, int, torch.Tensor | None]:
+        """(scales, zero points, int4 group size, act-order permutations) of ``w13`` (0) or ``w2`` (1)."""
         if which == 0:
-            return self.w13_scale, self.w13_zeros, self.w13_group
-        return self.w2_scale, self.w2_zeros, self.w2_group
+            return self.w13_scale, self.w13_zeros, self.w13_group, self.w13_perm
+        return self.w2_scale, self.w2_zeros, self.w2_group, self.w2_perm
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -104,10 +107,11 @@ def _expert_product(x: torch.Tensor, w: torch.Tensor, quant: ExpertQuant | None,
     """``x @ w[expert]^T`` for one expert's 16-bit, fp8 or int4 weight (``which``: w13 or w2)."""
     if quant is None:
         return x @ w[expert].t()
-    scale, zeros, group = quant.parts(which)
+    scale, zeros, group, perm = quant.parts(which)
     if group:
         from kernels.int4_gemm import dequantize_int4
 
+        x = x if perm is None else x[:, perm[expert].long()]
         return x @ dequantize_int4(w[expert], scale[expert], zeros[expert], group).to(x.dtype)
     if quant.block is not None:
         from kernels.fp8_block_gemm import dequantize_fp8_blocks
@@ -231,10 +235,11 @@ def _moe_gemm_kernel(
 @triton.jit
 def _moe_int4_kernel(
     a_ptr, qh_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, s_ptr, z_ptr,
-    N, K, num_pairs, capacity,
+    perm_ptr, N, K, num_pairs, capacity,
     stride_am, stride_qe, stride_qn, stride_cm, stride_cn, stride_se, stride_s1,
     PAIRS_PER_A_ROW: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GROUP: tl.constexpr, MAGIC: tl.constexpr, USE_ASM: tl.constexpr,
+    PERMUTED: tl.constexpr = False,
 ):  # fmt: skip
     """:func:`_moe_gemm_kernel` for int4 experts in the int4 kernel layout (``[E, N, K / 8]`` words, viewed as int16
     ``qh [E, N, K / 4]``), scales and zero points ``s`` / ``z [E, K / GROUP, N]`` (a's dtype; ``BLOCK_K`` divides
@@ -242,7 +247,8 @@ def _moe_int4_kernel(
     (``kernels/int4_gemm.py: _int4_mma_kernel``): Marlin's magic-number conversion, two weights per instruction
     (``_dequant_halves``), into the MMA's first operand straight from registers (``W @ a^T``: the tile's
     ``BLOCK_N`` rows are the MMA's M side), so nothing but a's rows goes through shared memory; a's columns are
-    reordered to the tile's column order."""
+    reordered to the tile's column order. ``PERMUTED`` (act order): the expert's rows were sorted by group, so a's
+    columns are read through its permutation ``perm [E, K]``."""
     live, pair, valid, expert, offs_n = _block_of_pairs(sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, N,
                                                         num_pairs, capacity, BLOCK_M, BLOCK_N, GROUP_M)
     if not live:
@@ -267,7 +273,11 @@ def _moe_int4_kernel(
                                          DOT_DTYPE, USE_ASM, True, False)  # fmt: skip
         # Tile column j * E + e holds nibble j of int16 e (the dense kernel's construction and a's order to match)
         w = tl.reshape(tl.permute(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (0, 2, 3, 1)), (BLOCK_N, BLOCK_K))
-        a = tl.load(a_ptrs + t * BLOCK_K, mask=valid[:, None], other=0.0)
+        if PERMUTED:
+            columns = tl.load(perm_ptr + expert * K + t * BLOCK_K + offs_k)
+            a = tl.load(a_ptrs - offs_k[None, :] + columns[None, :], mask=valid[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs + t * BLOCK_K, mask=valid[:, None], other=0.0)
         a = tl.reshape(tl.permute(tl.reshape(a, (BLOCK_M, BLOCK_K // 32, 2, 4, 4)), (0, 3, 1, 4, 2)),
                        (BLOCK_M, BLOCK_K))
         if DOT_DTYPE == tl.float32:  # CPU-path dtype (tests): no TF32 rounding
@@ -291,7 +301,7 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
                   BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], GROUP_M=config["GROUP_M"],
                   num_warps=config["num_warps"], num_stages=config["num_stages"])
     if quant is not None and quant.int4:
-        scale, zeros, group = quant.parts(which)
+        scale, zeros, group, perm = quant.parts(which)
         k = 8 * b.shape[2]
         block_k = max(32, _block_k_within(config["BLOCK_K"], group))
         if group % block_k or k % block_k:
@@ -300,10 +310,11 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
             raise ValueError("int4 experts need activations with unit column stride")
         halves = b.view(torch.int16)  # [E, N, K / 4]
         _moe_int4_kernel[grid](
-            a, halves, out, routing, sorted_pair_ids, block_experts, num_padded, scale, zeros, n, k, num_pairs,
-            capacity, a.stride(0), halves.stride(0), halves.stride(1), out.stride(0), out.stride(1), scale.stride(0),
-            scale.stride(1), BLOCK_K=block_k, GROUP=group, MAGIC=_MAGIC_VALUES[a.dtype],
-            USE_ASM=a.is_cuda and a.dtype in _TRITON_DTYPES, **common,
+            a, halves, out, routing, sorted_pair_ids, block_experts, num_padded, scale, zeros,
+            perm if perm is not None else scale, n, k, num_pairs, capacity, a.stride(0), halves.stride(0),
+            halves.stride(1), out.stride(0), out.stride(1), scale.stride(0), scale.stride(1), BLOCK_K=block_k,
+            GROUP=group, MAGIC=_MAGIC_VALUES[a.dtype], USE_ASM=a.is_cuda and a.dtype in _TRITON_DTYPES,
+            PERMUTED=perm is not None, **common,
         )  # fmt: skip
         return
     kind, scale, block_k = B_PLAIN, out, config["BLOCK_K"]

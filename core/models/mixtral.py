@@ -92,7 +92,7 @@ class MoeModel(LlamaModel):
 # HF expert tensor -> (which stacked parameter, which half of w13); an fp8 checkpoint's scales go beside it
 _EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\."
                             r"(weight|weight_scale|weight_scale_inv|input_scale|qweight|qzeros|scales|g_idx"
-                            r"|weight_packed)$")
+                            r"|weight_packed|weight_g_idx)$")
 _EXPERT_SLOT = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj": ("w13", 1),
                 "w2": ("w2", 0), "down_proj": ("w2", 0)}  # fmt: skip
 
@@ -120,6 +120,8 @@ class MoeForCausalLM(LlamaForCausalLM):
             inter = cfg.moe_intermediate_size
             row = index * 2 * inter + half * inter if param == "w13" else index * cfg.hidden_size
             suffix = "" if expert.group(3) == "weight" else f"_{expert.group(3)}"
+            if suffix.endswith("g_idx"):  # one row per expert projection: [experts * projections, inputs]
+                tensor = tensor.reshape(1, -1)
             return [(f"{prefix}.mlp.{param}{suffix}", row, tensor)]
         if name.endswith(".mlp.experts.gate_up_proj"):  # transformers 5's fused layout [E, 2I, H]
             return [(name.replace(".mlp.experts.gate_up_proj", ".mlp.w13"), 0, tensor.reshape(-1, tensor.shape[-1]))]

@@ -77,9 +77,34 @@ def test_int4_moe_checkpoint_matches_dequantized_model(tmp_path, arch, method):
     assert block.w2_scale.shape == (block.num_experts, block.inter // 32, block.hidden)
 
 
-def test_act_order_experts_fail_naming_what_is_supported(tmp_path):
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("method", ["gptq-act", "ct-w4a16-act"])
+def test_act_order_experts_match_dequantized_model(tmp_path, arch, method):
+    """GPTQ / compressed-tensors act-order experts (each expert's own ``g_idx``, shared by its gate and up): each
+    expert's rows sorted by group at load, its permutation kept, the same tokens and logprobs as the dequantized
+    model."""
+    wider = {"mixtral": {"intermediate_size": 64}, "qwen3_moe": {"moe_intermediate_size": 64}}[arch]  # 2 groups
+    write = {"gptq-act": lambda: qc.write_gptq(tmp_path, 32, True, False, arch, **wider),
+             "ct-w4a16-act": lambda: qc.write_ct_int4(tmp_path, 32, True, arch, **wider)}[method]
+    quantized, dequantized = write()
+    engine, _ = qc.compare(quantized, dequantized, logprob_atol=1e-4, dtype="float32")
+    block = moe_blocks(engine)[-1]
+    for perm, k in ((block.w13_perm, block.hidden), (block.w2_perm, block.inter)):
+        assert perm.shape == (block.num_experts, k) and len({tuple(p.tolist()) for p in perm}) == block.num_experts
+
+
+def test_act_order_experts_whose_gate_and_up_orders_differ_fail(tmp_path):
+    """An expert's gate and up read one input, so GPTQ gives them one act order; a file where they differ is
+    refused rather than run with one of them."""
+    from safetensors.torch import load_file, save_file
+
     quantized, _ = qc.write_gptq(tmp_path, 32, True, True, "mixtral")
-    with pytest.raises(ValueError, match="act-order .* not supported; supported: GPTQ experts with desc_act false"):
+    (shard,) = quantized.glob("*.safetensors")
+    tensors = load_file(shard)
+    name = next(n for n in tensors if n.endswith("experts.0.up_proj.g_idx"))
+    tensors[name] = tensors[name].flip(0).contiguous()
+    save_file(tensors, shard)
+    with pytest.raises(ValueError, match="gate and up projections have different g_idx"):
         qc.greedy(quantized)
 
 

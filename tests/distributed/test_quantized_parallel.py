@@ -204,3 +204,11 @@ def test_int4_experts_over_two_ranks_equal_one_device(tmp_path, method):
     assert_same_run(ours, reference)
     block = model.model.layers[0].mlp
     assert block.inter == 32 and block.w2.shape == (block.num_experts, block.hidden, 32 // 8)
+
+
+def test_act_order_experts_over_two_ranks_fail_naming_it(tmp_path):
+    """GPTQ act-order experts: each rank's down-projection inputs fall unevenly into the groups, which the experts'
+    kernel cannot regroup (the dense layers can): a startup error that says so, on one device they run (tests/core)."""
+    quantized, _ = qc.write_gptq(tmp_path, 32, True, False, "mixtral", intermediate_size=64)
+    with pytest.raises(ValueError, match="act-order experts split over tensor-parallel ranks are not supported"):
+        run(quantized, tensor_parallel_size=2)

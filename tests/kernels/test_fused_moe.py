@@ -134,6 +134,33 @@ def test_fused_moe_with_int4_experts_matches_reference(group, dtype):  # is wron
     assert (ref - unquantized).abs().max() < 0.2 * unquantized.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_moe_with_act_order_int4_experts_matches_reference(dtype):
+    """GPTQ act-order experts: every expert's rows sorted by group with a permutation of its own; the kernel reads
+    a's columns through it, as the reference's ``x[:, perm[e]]`` does, and the result is the unpermuted weights'."""
+    from kernels.int4_gemm import dequantize_int4
+
+    x, w13, w2, weights, ids = _problem(19, 4, 128, 64, 2, dtype, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    perms = [torch.stack([torch.randperm(w.shape[2], generator=gen) for _ in range(4)]) for w in (w13, w2)]
+    # sorted weights: row j of expert e's is input perm[e, j] of the original
+    (q13, s13, z13), (q2, s2, z2) = (_int4_experts(torch.stack([w[e][:, p[e]] for e in range(4)]), 32)
+                                     for w, p in zip((w13, w2), perms))  # fmt: skip
+    quant = ExpertQuant(s13.to(dtype), s2.to(dtype), None, z13.to(dtype), z2.to(dtype), 32, 32,
+                        *(p.to(torch.int32) for p in perms))  # fmt: skip
+    quant = ExpertQuant(*(t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t for t in quant))
+    q13, q2 = q13.to(KERNEL_DEVICE), q2.to(KERNEL_DEVICE)
+    out = fused_moe_triton(x, q13, q2, weights, ids, config=dict(SMALL, BLOCK_K=32), quant=quant)
+    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, quant)
+    assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe act-order int4")
+    unsorted = [torch.empty(4, w.shape[1], w.shape[2], dtype=torch.float64) for w in (w13, w2)]
+    for target, q, sc, z, p in ((unsorted[0], q13, s13, z13, perms[0]), (unsorted[1], q2, s2, z2, perms[1])):
+        for e in range(4):
+            target[e][:, p[e]] = dequantize_int4(q[e].cpu(), sc[e].double(), z[e].double(), 32).t().double()
+    plain = fused_moe_ref(x.double(), *unsorted, weights.double(), ids)
+    assert_close(ref, plain, TOLERANCE[dtype], "act order undone")
+
+
 def test_fused_moe_default_config_matches_reference():
     x, w13, w2, weights, ids = _problem(70, 8, 64, 64, 2, torch.float32, seed=1)
     out = fused_moe_triton(x, w13, w2, weights, ids, config=default_config(70, 8))

@@ -240,21 +240,30 @@ _CT_NAMES = {"weight_packed": "qweight", "weight_scale": "scales", "weight_g_idx
 
 
 def register_checkpoint_layout(holder: nn.Module, prefix: str, layout: str, desc_act: bool, out: int,
-                               in_features: int, group: int, groups: int, dtype: torch.dtype) -> None:  # fmt: skip
+                               in_features: int, group: int, groups: int, dtype: torch.dtype,
+                               g_idx_units: int = 0) -> None:  # fmt: skip
     """The parameters ``{prefix}...`` an int4 checkpoint of ``layout`` fills for ``out`` output rows (a merged
     projection's parts, or every expert's stacked) of ``in_features`` inputs in ``groups`` groups (module
-    docstring); merged parts and experts land by their first output row (``output_dim`` / ``pack_factor``)."""
+    docstring); merged parts and experts land by their first output row (``output_dim`` / ``pack_factor``).
+    ``g_idx_units``: the group indices are not one shared row but one per that many parts of ``out`` (experts:
+    each expert's projections have their own act order), ``[g_idx_units, in_features]``."""
 
     def natural_groups(tensor: torch.Tensor, gen: torch.Generator) -> None:
         tensor.copy_(torch.arange(in_features, dtype=torch.int32) // group)
+
+    def new_g_idx(name: str) -> None:
+        if g_idx_units:
+            new_parameter(holder, name, (g_idx_units, in_features), torch.int32, output_dim=0,
+                          pack_factor=out // g_idx_units, dummy_fill=natural_groups)
+        else:
+            new_parameter(holder, name, (in_features,), torch.int32, output_dim=None, dummy_fill=natural_groups)
 
     if layout == "ct":  # rows are output channels: [out, in / 8] codes, [out, groups] scales, no zero points
         new_parameter(holder, f"{prefix}weight_packed", (out, in_features // PACK), torch.int32,
                       dummy_fill=_fill_random_int32)
         new_parameter(holder, f"{prefix}weight_scale", (out, groups), dtype, dummy_fill=_fill_scales)
         if desc_act:
-            new_parameter(holder, f"{prefix}weight_g_idx", (in_features,), torch.int32, output_dim=None,
-                          dummy_fill=natural_groups)
+            new_g_idx(f"{prefix}weight_g_idx")
         return
     if layout == "awq":
         new_parameter(holder, f"{prefix}qweight", (in_features, out // PACK), torch.int32, output_dim=1,
@@ -262,8 +271,7 @@ def register_checkpoint_layout(holder: nn.Module, prefix: str, layout: str, desc
     else:
         new_parameter(holder, f"{prefix}qweight", (in_features // PACK, out), torch.int32, output_dim=1,
                       dummy_fill=_fill_random_int32)
-        new_parameter(holder, f"{prefix}g_idx", (in_features,), torch.int32, output_dim=None,
-                      dummy_fill=natural_groups)
+        new_g_idx(f"{prefix}g_idx")
     new_parameter(holder, f"{prefix}qzeros", (groups, out // PACK), torch.int32, output_dim=1, pack_factor=PACK,
                   dummy_fill=_fill_random_int32)
     new_parameter(holder, f"{prefix}scales", (groups, out), dtype, output_dim=1, dummy_fill=_fill_scales)
@@ -403,40 +411,62 @@ class Int4MoEMethod:
     columns, as a merged projection would; ``w2_qweight`` every down; ``register_checkpoint_layout``), then each
     expert's codes are repacked into the int4 kernel layout
     (``[E, N, K / 8]``) with its scales and zero points ``[E, K / group, N]``, which the fused MoE kernel dequantizes
-    in registers (``kernels/fused_moe.py``: ``ExpertQuant``). GPTQ act-order experts (a permutation per expert) are
-    not supported."""
+    in registers (``kernels/fused_moe.py``: ``ExpertQuant``). GPTQ act-order experts (each expert's input rows in an
+    order of their own, ``g_idx``): every expert's rows sorted by group at load, and the kernel reads the
+    activations' columns in that order (``ExpertQuant.w13_perm`` / ``w2_perm``)."""
 
     def __init__(self, config: _Int4Config) -> None:
         self.config = config
 
-    def _projections(self, block: nn.Module) -> tuple[tuple[str, int, int, int], ...]:
-        """(name, output rows per expert, input size K, group) of w13 and w2."""
+    def _projections(self, block: nn.Module) -> tuple[tuple[str, int, int, int, int], ...]:
+        """(name, output rows per expert, input size K, group, projections per expert) of w13 and w2."""
         experts_k = (block.hidden, block.inter)
         groups = [k if self.config.group_size == -1 else self.config.group_size for k in experts_k]
-        return ("w13", 2 * block.inter, block.hidden, groups[0]), ("w2", block.hidden, block.inter, groups[1])
+        return ("w13", 2 * block.inter, block.hidden, groups[0], 2), ("w2", block.hidden, block.inter, groups[1], 1)
 
     def create_weights(self, block: nn.Module) -> bool:
         name = self.config.name
-        if self.config.desc_act:
-            raise ValueError(f"{name}: experts quantized with act-order (desc_act) are not supported; supported: "
-                             "GPTQ experts with desc_act false, AWQ experts.")
+        if self.config.desc_act and self.config.tp_size > 1:
+            raise ValueError(f"{name}: act-order experts split over tensor-parallel ranks are not supported (each "
+                             "rank's down-projection inputs fall unevenly into the groups); supported: act-order "
+                             "experts without tensor parallelism, or a checkpoint with desc_act false.")
         experts = block.num_experts
-        for param, rows, k, group in self._projections(block):
+        for param, rows, k, group, parts in self._projections(block):
             if k % group or k % KERNEL_K_BLOCK or group % KERNEL_K_BLOCK or rows % PACK:
                 raise ValueError(f"{name}: an expert's {param} (input size {k}, {rows} outputs) does not fit the int4 "
                                  f"experts' kernel: the input size must be a multiple of the group size {group}, "
                                  f"which must be a multiple of {KERNEL_K_BLOCK}; the outputs of {PACK}.")
-            register_checkpoint_layout(block, f"{param}_", self.config.layout, False, experts * rows, k, group,
-                                       k // group, torch.get_default_dtype())
+            register_checkpoint_layout(block, f"{param}_", self.config.layout, self.config.desc_act, experts * rows,
+                                       k, group, k // group, torch.get_default_dtype(), g_idx_units=experts * parts)
         return True
 
     def process_weights_after_loading(self, block: nn.Module) -> None:
-        for param, rows, k, group in self._projections(block):
+        for param, rows, k, group, parts in self._projections(block):
             q, zeros, scales, g_idx = take_checkpoint_codes(block, f"{param}_", self.config.layout)
-            if g_idx is not None and not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // group):
-                raise ValueError(f"{self.config.name}: the experts' g_idx is not the natural group order (an "
-                                 "act-order checkpoint without desc_act); act-order experts are not supported.")
+            perm = None if g_idx is None else self._sort_rows_by_group(q, g_idx, param, rows, k, group, parts)
+            setattr(block, f"{param}_perm", perm)
             self._store(block, param, q, zeros, scales, rows, k, group)
+
+    def _sort_rows_by_group(self, q: torch.Tensor, g_idx: torch.Tensor, param: str, rows: int, k: int, group: int,
+                            parts: int) -> torch.Tensor | None:  # fmt: skip
+        """Each expert's act order (``g_idx [E * parts, K]``; an expert's gate and up share their input's): its
+        codes' input rows (``q [K, E * rows]``, in place) sorted by group; returns the permutations ``[E, K]``
+        int32, or None where every expert's groups are already in order."""
+        natural = torch.arange(k, device=g_idx.device) // group
+        per_expert = g_idx.reshape(-1, parts, k)
+        if not torch.equal(per_expert, per_expert[:, :1].expand_as(per_expert)):
+            raise ValueError(f"{self.config.name}: an expert's gate and up projections have different g_idx; they "
+                             "read one input, so one act order is expected.")
+        per_expert = per_expert[:, 0]
+        if torch.equal(per_expert, natural.expand_as(per_expert)):
+            return None
+        perms = torch.argsort(per_expert, dim=1, stable=True)
+        if not torch.equal(torch.gather(per_expert, 1, perms), natural.expand_as(per_expert)):
+            raise ValueError(f"{self.config.name}: the experts' {param} g_idx does not put {group} input rows in "
+                             "each group; its act order cannot be sorted into whole groups.")
+        for e, perm in enumerate(perms):
+            q[:, e * rows: (e + 1) * rows] = q[perm, e * rows: (e + 1) * rows]
+        return perms.to(torch.int32).contiguous()
 
     @staticmethod
     def _store(block: nn.Module, param: str, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, rows: int,
@@ -452,6 +482,6 @@ class Int4MoEMethod:
                           zeros.to(scales.dtype).reshape(per_expert).transpose(0, 1).contiguous())
 
     def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
-        (_, _, _, g13), (_, _, _, g2) = self._projections(block)
+        (_, _, _, g13, _), (_, _, _, g2, _) = self._projections(block)
         return block.w13, block.w2, ExpertQuant(block.w13_scale, block.w2_scale, None, block.w13_zeros,
-                                                block.w2_zeros, g13, g2)
+                                                block.w2_zeros, g13, g2, block.w13_perm, block.w2_perm)
