@@ -261,6 +261,12 @@ def _moe_int4_kernel(
     q_ptrs = qh_ptr + expert * stride_qe + w_rows[:, None] * stride_qn + tl.arange(0, HALVES)[None, :]
     sz_ptrs = expert * stride_se + w_rows
     shape: tl.constexpr = (BLOCK_N, HALVES)
+    if PERMUTED:
+        # tile column p = ((j * C + c) * 4 + r) * 2 + h (C = BLOCK_K / 32) reads the step's input 32c + 16h + 4j + r:
+        # the reshape-permute of the unpermuted path below, as index arithmetic
+        chunks: tl.constexpr = BLOCK_K // 32
+        tile_order = ((offs_k // 8) % chunks) * 32 + (offs_k % 2) * 16 + (offs_k // (8 * chunks)) * 4 \
+            + (offs_k // 2) % 4
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in range(0, K // BLOCK_K):
         halves = tl.load(q_ptrs + t * HALVES)
@@ -273,13 +279,13 @@ def _moe_int4_kernel(
                                          DOT_DTYPE, USE_ASM, True, False)  # fmt: skip
         # Tile column j * E + e holds nibble j of int16 e (the dense kernel's construction and a's order to match)
         w = tl.reshape(tl.permute(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (0, 2, 3, 1)), (BLOCK_N, BLOCK_K))
-        if PERMUTED:
-            columns = tl.load(perm_ptr + expert * K + t * BLOCK_K + offs_k)
+        if PERMUTED:  # gathered straight into the tile's column order (arithmetic, not a reshape of the gather)
+            columns = tl.load(perm_ptr + expert * K + t * BLOCK_K + tile_order)
             a = tl.load(a_ptrs - offs_k[None, :] + columns[None, :], mask=valid[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs + t * BLOCK_K, mask=valid[:, None], other=0.0)
-        a = tl.reshape(tl.permute(tl.reshape(a, (BLOCK_M, BLOCK_K // 32, 2, 4, 4)), (0, 3, 1, 4, 2)),
-                       (BLOCK_M, BLOCK_K))
+            a = tl.reshape(tl.permute(tl.reshape(a, (BLOCK_M, BLOCK_K // 32, 2, 4, 4)), (0, 3, 1, 4, 2)),
+                           (BLOCK_M, BLOCK_K))
         if DOT_DTYPE == tl.float32:  # CPU-path dtype (tests): no TF32 rounding
             acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.float32, input_precision="ieee")
         else:

@@ -38,10 +38,11 @@ for kind, (b, s) in kinds.items():
     pointers = {"a_ptr": "*bf16", "b_ptr": b, "s_ptr": s, **routing}
     info = summarize(_compile(fused_moe._moe_gemm_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
     out[f"moe{kind}"] = facts_and_loop(info)
-pointers = {"a_ptr": "*bf16", "qh_ptr": "*i16", "s_ptr": "*bf16", "z_ptr": "*bf16", **routing}
-constexprs = dict(common, GROUP=128, MAGIC=128.0, USE_ASM=True)
-info = summarize(_compile(fused_moe._moe_int4_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
-out["moe_int4"] = facts_and_loop(info)
+pointers = {"a_ptr": "*bf16", "qh_ptr": "*i16", "s_ptr": "*bf16", "z_ptr": "*bf16", "perm_ptr": "*i32", **routing}
+for permuted in (False, True):  # act order: a's columns gathered through the expert's permutation
+    constexprs = dict(common, GROUP=128, MAGIC=128.0, USE_ASM=True, PERMUTED=permuted)
+    info = summarize(_compile(fused_moe._moe_int4_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
+    out["moe_int4_act" if permuted else "moe_int4"] = facts_and_loop(info)
 for m in (1, 512):  # decode: split K (its in-kernel reduction), prefill: whole
     from kernels import bnb4_gemm
     bm, bn = (16, 32) if m <= 16 else (64, 64)
@@ -68,7 +69,7 @@ def compiled():
 @needs_sass_tools
 def test_quantized_weight_kernels_compile_for_sm90_on_the_tensor_cores_without_spills(compiled):
     result = compiled
-    assert set(result) == {"moe0", "moe1", "moe2", "moe_int4", "block1", "block512", "bnb1", "bnb512"}
+    assert set(result) == {"moe0", "moe1", "moe2", "moe_int4", "moe_int4_act", "block1", "block512", "bnb1", "bnb512"}
     for name, (regs, spills, mma, *_) in result.items():
         assert 0 < regs <= 255 and spills == 0 and mma > 0, (name, result)
 
