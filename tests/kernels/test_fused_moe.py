@@ -215,15 +215,21 @@ def _qwen3_30b_experts(kind: str, gen: torch.Generator):
         return q13.cuda(), q2.cuda(), ExpertQuant(s13.cuda(), s2.cuda())
     (q13, s13, z13), (q2, s2, z2) = _int4_experts(w13, 128), _int4_experts(w2, 128)
     scales, zeros = (t.to(torch.bfloat16).cuda() for t in (s13, s2)), (t.to(torch.bfloat16).cuda() for t in (z13, z2))
-    return q13.cuda(), q2.cuda(), ExpertQuant(*scales, None, *zeros, 128, 128)
+    perms = [None, None]
+    if kind == "int4-act":  # each expert's own input order (the rows above then count as sorted by it)
+        perms = [torch.stack([torch.randperm(k, generator=gen) for _ in range(experts)]).to(torch.int32).cuda()
+                 for k in (hidden, inter)]  # fmt: skip
+    return q13.cuda(), q2.cuda(), ExpertQuant(*scales, None, *zeros, 128, 128, *perms)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind, tokens", [("bf16", 64), ("bf16", 256), ("bf16", 8192), ("fp8", 1), ("fp8", 64),
-                                          ("fp8", 2048), ("int4", 1), ("int4", 64), ("int4", 2048)])
+                                          ("fp8", 2048), ("int4", 1), ("int4", 64), ("int4", 2048),
+                                          ("int4-act", 64), ("int4-act", 2048)])
 def test_gpu_fused_moe_at_the_qwen3_30b_shape(kind, tokens):
-    """The real shape in bf16, its experts 16-bit, w8a16 or w4a16 (the default configs: decode's small row blocks,
-    prefill's larger ones), against the reference on the same weights."""
+    """The real shape in bf16, its experts 16-bit, w8a16 or w4a16 (act order: through a permutation per expert; the
+    default configs: decode's small row blocks, prefill's larger ones), against the reference on the same
+    weights."""
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, 2048, generator=gen).to(torch.bfloat16).cuda()
     w13, w2, quant = _qwen3_30b_experts(kind, gen)
