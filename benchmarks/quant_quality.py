@@ -6,7 +6,8 @@ Methods: ``fp8`` (online W8A8: per-channel weight scales, dynamic per-token acti
 loaded like any other: w8a16), and ``awq-rtn`` (int4 in AutoAWQ's GEMM layout, round-to-nearest with zero points
 per group of ``--group-size`` input rows: the weights are quantized here and written as a real AWQ checkpoint, then
 loaded like any other; AutoAWQ's activation-aware scaling would only do better), ``bnb-nf4`` (``--quantization
-bitsandbytes``: NF4 in blocks of 64 at load). For a GGUF model, ``gguf`` keeps
+bitsandbytes``: NF4 in blocks of 64 at load), ``bnb-int8`` (a bitsandbytes 8-bit checkpoint written here: int8 rows
+and their absmax, run w8a16). For a GGUF model, ``gguf`` keeps
 its blocks (dequantized per call on CPU, the block GEMM on CUDA), and ``gguf-int4`` also repacks its Q4_0 / Q4_1
 linear layers for the int4 kernels as CUDA does (``repack_for_int4_kernels``, on any device here: scales and zero
 points rounded to the model dtype, the cost of that form). The reference is the model as it loads by default (the default SmolLM2 GGUF is dequantized at
@@ -33,7 +34,7 @@ from benchmarks.json_lines import append_json_line
 from core.layers.quantization import weight_bytes
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "w6_passages.txt"
-METHODS = ("fp8", "fp8-block", "awq-rtn", "bnb-nf4", "gguf", "gguf-int4")
+METHODS = ("fp8", "fp8-block", "awq-rtn", "bnb-nf4", "bnb-int8", "gguf", "gguf-int4")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -125,6 +126,32 @@ def write_fp8_blocks(source, directory: Path, block: int) -> Path:
     return directory
 
 
+def write_bnb_int8(source, directory: Path) -> Path:
+    """The reference weights as a bitsandbytes 8-bit checkpoint (``Linear8bitLt``'s state dict: int8 ``weight``,
+    ``SCB`` row absmax, ``weight_format`` 0)."""
+    from safetensors.torch import save_file
+
+    from core.loader import iter_weights, load_hf_config
+    from kernels.int8_gemm import quantize_int8_rows
+
+    tensors = {}
+    for name, tensor in iter_weights(source):
+        if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
+            prefix = name.removesuffix(".weight")
+            tensors[name], tensors[f"{prefix}.SCB"] = quantize_int8_rows(tensor)
+            tensors[f"{prefix}.weight_format"] = torch.tensor(0, dtype=torch.uint8)
+        else:
+            tensors[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+    config = load_hf_config(source)
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
+                                     "llm_int8_threshold": 6.0}
+    config["torch_dtype"] = config.get("torch_dtype") or "bfloat16"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    return directory
+
+
 def repack_q4_layers(model: torch.nn.Module) -> int:
     """Repack every GGUF Q4_0 / Q4_1 linear layer still in its blocks for the int4 kernels, as loading on CUDA does;
     how many were."""
@@ -185,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"gguf-int4: {repack_q4_layers(runner.model)} Q4_0 / Q4_1 layers repacked")
             elif method == "bnb-nf4":
                 runner = load_runner(args.model, args, quantization="bitsandbytes")
+            elif method == "bnb-int8":
+                runner = load_runner(str(write_bnb_int8(source, Path(tmp) / "bnb-int8")), args)
             elif method == "fp8-block":
                 path = write_fp8_blocks(source, Path(tmp) / "fp8-block", args.fp8_block)
                 runner = load_runner(str(path), args)

@@ -272,6 +272,26 @@ def write_bnb(tmp: Path, quant_type: str, nested: bool, arch: str = "llama") -> 
             save(tmp / f"{tag}-dequantized", config, plain))
 
 
+def write_bnb8(tmp: Path, arch: str = "llama", **overrides) -> tuple[Path, Path]:
+    """A bitsandbytes ``load_in_8bit`` checkpoint as transformers saves it (``Linear8bitLt``'s state dict): int8
+    ``weight`` (``round(127 * W / absmax)`` per row), fp32 ``SCB`` (each row's absmax) and ``weight_format`` 0
+    (row-major)."""
+    from kernels.int8_gemm import quantize_int8_rows
+
+    config, state = base_checkpoint(arch=arch, **overrides)
+    quant, plain = dict(state), dict(state)
+    for name in quantized_layers(state):
+        codes, absmax = quantize_int8_rows(state[name])
+        prefix = name.removesuffix(".weight")
+        quant |= {name: codes, f"{prefix}.SCB": absmax, f"{prefix}.weight_format": torch.tensor(0, dtype=torch.uint8)}
+        plain[name] = codes.float() * absmax[:, None] / 127
+    qc = {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True, "llm_int8_threshold": 6.0,
+          "llm_int8_skip_modules": None, "llm_int8_has_fp16_weight": False}
+    tag = _tag(arch, "bnb-int8")
+    return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
+            save(tmp / f"{tag}-dequantized", config, plain))
+
+
 FP8 = torch.float8_e4m3fn
 
 
@@ -467,11 +487,34 @@ def test_bitsandbytes_quantizes_a_16bit_checkpoint_to_nf4_at_load(tmp_path):
     assert all(layer.weight.dtype == torch.uint8 for layer in linears(engine))
 
 
-def test_bitsandbytes_8bit_fails_naming_it():
+def test_bitsandbytes_8bit_checkpoint_matches_dequantized_model(tmp_path):
+    """transformers' load_in_8bit checkpoints (LLM.int8: int8 rows, ``SCB`` absmax, row-major ``weight_format``):
+    the layers keep their int8 rows and the dequantized model's tokens and logprobs come out."""
+    engine, _ = compare(*write_bnb8(tmp_path), logprob_atol=1e-4)
+    layers = linears(engine)
+    assert len(layers) == 2 * 4 and all(layer.weight.dtype == torch.int8 for layer in layers)
+    qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.shape == (qkv.out_features, qkv.in_features) and qkv.weight_scale.shape == (qkv.out_features,)
+
+
+def test_bitsandbytes_8bit_tiled_layouts_fail_naming_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    quantized, _ = write_bnb8(tmp_path)
+    (shard,) = quantized.glob("*.safetensors")
+    tensors = load_file(shard)
+    name = next(n for n in tensors if n.endswith(".weight_format"))
+    tensors[name] = torch.tensor(2, dtype=torch.uint8)  # col_turing
+    save_file(tensors, shard)
+    with pytest.raises(ValueError, match=r"weight_format is 2, a tiled 8-bit layout .*supported: 0 \(row-major\)"):
+        greedy(quantized)
+
+
+def test_bitsandbytes_config_without_a_bit_width_fails_naming_both():
     from core.layers.quantization.bnb import BitsAndBytesConfig
 
-    with pytest.raises(ValueError, match="8-bit .* not supported; supported: 4-bit"):
-        BitsAndBytesConfig.from_hf({"quant_method": "bitsandbytes", "load_in_8bit": True})
+    with pytest.raises(ValueError, match="without load_in_4bit or load_in_8bit; supported: 4-bit .* and 8-bit"):
+        BitsAndBytesConfig.from_hf({"quant_method": "bitsandbytes"})
 
 
 @pytest.mark.parametrize("change, message", [

@@ -56,17 +56,22 @@ def test_int4_checkpoint_over_two_ranks_equals_one_device(tmp_path, case):
         assert o_proj.group_size == 32 and o_proj.perm.numel() > 64
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
-def test_bitsandbytes_checkpoint_over_two_devices_equals_one_device(tmp_path, layout):
-    """Double quantization undone at load, each rank's codes and block absmax stand alone: cut by rows or by whole
-    blocks of inputs, the same numbers as one device."""
-    quantized, _ = qc.write_bnb(tmp_path, "nf4", True)
+def test_bitsandbytes_checkpoint_over_two_devices_equals_one_device(tmp_path, layout, bits):
+    """4-bit: double quantization undone at load, each rank's codes and block absmax stand alone, cut by rows or by
+    whole blocks of inputs; 8-bit: int8 rows cut like 16-bit ones, each row's scale with it. The same numbers as
+    one device."""
+    quantized, _ = qc.write_bnb(tmp_path, "nf4", True) if bits == 4 else qc.write_bnb8(tmp_path)
     reference, _ = run(quantized)
     ours, model = run(quantized, **layout)
     assert_same_run(ours, reference)
     if "tensor_parallel_size" in layout:
         down = model.model.layers[0].mlp.down_proj
-        assert down.weight.shape == (128, 64) and down.weight_absmax.shape == (128, 2)
+        if bits == 4:
+            assert down.weight.shape == (128, 64) and down.weight_absmax.shape == (128, 2)
+        else:  # row-parallel: half of every row's inputs, every row's scale
+            assert down.weight.shape == (128, 128) and down.weight_scale.shape == (128,)
 
 
 def test_act_order_checkpoint_over_two_stages_and_tp2_x_pp2_equals_one_device(tmp_path):

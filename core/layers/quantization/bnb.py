@@ -7,7 +7,12 @@ A checkpoint holds, per linear layer: ``weight`` (uint8 ``[out * in / 2, 1]``: t
 ``weight.quant_map`` (the 16-value codebook) and ``weight.quant_state.bitsandbytes__nf4`` (a JSON blob: shape, block
 size, offset). :meth:`BitsAndBytesConfig.checkpoint_tensors` turns each layer's group into what the layer holds:
 ``weight`` ``[out, in / 2]``, ``weight_absmax`` fp32 ``[out, in / 64]`` and ``weight_quant_map``
-(``kernels/bnb4_gemm.py`` multiplies them). 8-bit (LLM.int8) checkpoints fail naming it.
+(``kernels/bnb4_gemm.py`` multiplies them).
+
+8-bit (LLM.int8, ``load_in_8bit``) checkpoints hold ``weight`` (int8 ``[out, in]``, ``round(127 * W / absmax)``),
+``SCB`` (each row's absmax) and ``weight_format`` (0: row-major, the only layout bitsandbytes still writes); the
+layer holds ``weight`` and ``weight_scale = SCB / 127`` and runs ``kernels/int8_gemm.py`` (w8a16: the activations
+stay unquantized, so LLM.int8's outlier threshold has nothing to split off).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import nn
 from core.layers.quantization.base import (LinearMethod, QuantConfig, module_listed, new_parameter, plain_shard,
                                            replace_parameter)
 from kernels.bnb4_gemm import NF4_CODEBOOK, bnb4_linear, quantize_bnb4
+from kernels.int8_gemm import int8_linear
 
 BLOCKSIZE = 64  # transformers' (and vLLM's) 4-bit block; a checkpoint of another fails at load naming it
 _STATE = ".weight.quant_state.bitsandbytes__"
@@ -31,20 +37,25 @@ _PARTS = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.n
 class BitsAndBytesConfig(QuantConfig):
     name = "bitsandbytes"
 
-    def __init__(self, *, serialized: bool, quant_type: str = "nf4", skipped: Sequence[str] = ()) -> None:
+    def __init__(self, *, serialized: bool, quant_type: str = "nf4", skipped: Sequence[str] = (), bits: int = 4
+                 ) -> None:  # fmt: skip
         self.serialized = serialized  # False: a 16-bit checkpoint quantized to NF4 at load
         self.quant_type = quant_type
         self.skipped = tuple(skipped)
+        self.bits = bits
 
     @classmethod
     def from_hf(cls, qc: dict[str, Any]) -> BitsAndBytesConfig:
-        if qc.get("load_in_8bit") or not qc.get("load_in_4bit", qc.get("_load_in_4bit", False)):
-            raise ValueError("bitsandbytes 8-bit (LLM.int8, load_in_8bit) checkpoints are not supported; supported: "
-                             "4-bit (load_in_4bit) NF4 and FP4.")
+        skipped = qc.get("llm_int8_skip_modules") or ()
+        if qc.get("load_in_8bit", qc.get("_load_in_8bit", False)):
+            return cls(serialized=True, quant_type="int8", skipped=skipped, bits=8)
+        if not qc.get("load_in_4bit", qc.get("_load_in_4bit", False)):
+            raise ValueError("bitsandbytes quantization_config without load_in_4bit or load_in_8bit; supported: "
+                             "4-bit (NF4, FP4) and 8-bit (LLM.int8) checkpoints.")
         quant_type = str(qc.get("bnb_4bit_quant_type", "fp4")).lower()
         if quant_type not in ("nf4", "fp4"):
             raise ValueError(f"bitsandbytes bnb_4bit_quant_type {quant_type!r} is not supported; supported: nf4, fp4.")
-        return cls(serialized=True, quant_type=quant_type, skipped=qc.get("llm_int8_skip_modules") or ())
+        return cls(serialized=True, quant_type=quant_type, skipped=skipped)
 
     @classmethod
     def online(cls) -> BitsAndBytesConfig:
@@ -53,11 +64,15 @@ class BitsAndBytesConfig(QuantConfig):
     def linear_method(self, prefix: str) -> LinearMethod | None:
         if module_listed(self.skipped, self.global_prefix(prefix)):
             return None
-        return BitsAndBytesLinearMethod(self)
+        return BitsAndBytes8bitLinearMethod() if self.bits == 8 else BitsAndBytesLinearMethod(self)
 
     def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
         """The layer's tensors as :meth:`checkpoint_tensors` made them (double quantization undone, so a rank's rows
         or blocks of inputs stand alone): codes two a byte and block absmax cut by rows or whole blocks."""
+        if self.bits == 8:  # int8 [out, in] cut like a 16-bit weight; the row scales go with the rows
+            if name.endswith(".weight_scale"):
+                return tensor.narrow(0, start, length) if parallel == "column" else tensor
+            return plain_shard(tensor, parallel, start, length)
         codes = name.endswith(".weight") and tensor.dtype == torch.uint8
         if not (codes or name.endswith(".weight_absmax")):
             return tensor if name.endswith(".weight_quant_map") else plain_shard(tensor, parallel, start, length)
@@ -72,6 +87,9 @@ class BitsAndBytesConfig(QuantConfig):
     def checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Each quantized layer's tensors, gathered until its quant state arrives, as the layer holds them; other
         tensors pass as they come."""
+        if self.bits == 8:
+            yield from _int8_tensors(weights)
+            return
         pending: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in weights:
             layer = next((name.removesuffix(f".{part}") for part in _PARTS if name.endswith(f".{part}")), None)
@@ -90,7 +108,23 @@ class BitsAndBytesConfig(QuantConfig):
                              "the checkpoint is incomplete.")
 
     def summary(self) -> str:
+        if self.bits == 8:
+            return "bitsandbytes 8-bit (LLM.int8 weights, run w8a16)"
         return f"bitsandbytes 4-bit {self.quant_type} (block {BLOCKSIZE}{'' if self.serialized else ', at load'})"
+
+
+def _int8_tensors(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """An 8-bit checkpoint's tensors as the layers hold them: ``SCB`` as ``weight_scale = SCB / 127``, the
+    row-major ``weight_format`` checked and dropped."""
+    for name, tensor in weights:
+        if name.endswith(".weight_format"):
+            if int(tensor.reshape(-1)[0]) != 0:
+                raise ValueError(f"bitsandbytes: {name} is {int(tensor.reshape(-1)[0])}, a tiled 8-bit layout "
+                                 "(col32 / col_turing / col_ampere); supported: 0 (row-major).")
+        elif name.endswith(".SCB"):
+            yield f"{name.removesuffix('.SCB')}.weight_scale", tensor.float() / 127.0
+        else:
+            yield name, tensor
 
 
 def _layer_tensors(layer: str, parts: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -151,3 +185,23 @@ class BitsAndBytesLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return bnb4_linear(x, layer.weight, layer.weight_absmax, layer.weight_quant_map, BLOCKSIZE, bias,
                            backend=layer.backend)
+
+
+def _fill_int8(tensor: torch.Tensor, gen: torch.Generator) -> None:
+    tensor.copy_(torch.randint(-127, 128, tensor.shape, dtype=torch.int8, generator=gen))
+
+
+class BitsAndBytes8bitLinearMethod(LinearMethod):
+    """The layer's int8 weight and row scales, multiplied by ``kernels/int8_gemm.py`` (w8a16)."""
+
+    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
+                       params_dtype: torch.dtype) -> None:  # fmt: skip
+        out = sum(output_sizes)
+        new_parameter(layer, "weight", (out, in_features), torch.int8, dummy_fill=_fill_int8)
+        new_parameter(layer, "weight_scale", (out,), torch.float32, dummy_fill=_fill_absmax)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pass
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return int8_linear(x, layer.weight, layer.weight_scale, bias, backend=layer.backend)
