@@ -1,7 +1,7 @@
 """The quantized weights' Triton kernels added without a GPU run compile for sm_90 (Triton's bundled ptxas)
 without spills, their products on the tensor cores (HMMA, or wgmma's HGMMA): the fused MoE kernels' four kinds of
 expert weight (16-bit, e4m3 per channel, e4m3 per block, int4), the block-scaled fp8 GEMM and the bitsandbytes
-4-bit GEMM at their decode and prefill tiles."""
+4-bit and 8-bit GEMMs at their decode and prefill tiles."""
 
 from __future__ import annotations
 
@@ -51,6 +51,10 @@ for m in (1, 512):  # decode: split K (its in-kernel reduction), prefill: whole
                 **split}
     constexprs = dict(BLOCKSIZE=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, DOT_PRECISION="tf32", SPLIT=m == 1)
     out[f"bnb{m}"] = facts(summarize(_compile(bnb4_gemm._bnb4_gemm_kernel, pointers, set(), constexprs, 4, 3)))
+    from kernels import int8_gemm
+    pointers = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*bf16", **split}
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, DOT_PRECISION="tf32", SPLIT=m == 1)
+    out[f"int8_{m}"] = facts(summarize(_compile(int8_gemm._int8_gemm_kernel, pointers, set(), constexprs, 4, 3)))
     bm, bn, bk = fp8_block_gemm.block_gemm_tiles(m, 128)
     pointers = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "out_ptr": "*bf16", **split}
     constexprs = dict(SCALE_N=128, SCALE_K=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="tf32",
@@ -69,7 +73,8 @@ def compiled():
 @needs_sass_tools
 def test_quantized_weight_kernels_compile_for_sm90_on_the_tensor_cores_without_spills(compiled):
     result = compiled
-    assert set(result) == {"moe0", "moe1", "moe2", "moe_int4", "moe_int4_act", "block1", "block512", "bnb1", "bnb512"}
+    assert set(result) == {"moe0", "moe1", "moe2", "moe_int4", "moe_int4_act", "block1", "block512", "bnb1", "bnb512",
+                           "int8_1", "int8_512"}
     for name, (regs, spills, mma, *_) in result.items():
         assert 0 < regs <= 255 and spills == 0 and mma > 0, (name, result)
 
