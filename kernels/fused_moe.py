@@ -34,6 +34,8 @@ import triton.language as tl
 
 from kernels.activation import silu_and_mul_triton
 from kernels.backend import use_triton
+from kernels.gguf_gemm import GGUF_KERNEL_TYPES
+from kernels.gguf_gemm import _decode as _gguf_decode
 from kernels.int4_gemm import _MAGIC_VALUES, _TRITON_DTYPES, _dequant_halves
 
 CONFIG_FILE = Path(__file__).with_name("fused_moe_configs.json")
@@ -61,10 +63,11 @@ class ExpertQuant(NamedTuple):
     group sizes along each GEMM's K) int4 codes in ``kernels/int4_gemm.py``'s kernel layout (``[E, N, K / 8]`` int32)
     with scales and zero points ``[E, K / group, N]`` (``w13_zeros`` / ``w2_zeros``), and for GPTQ act-order
     experts each expert's input rows sorted by group: ``x[:, perm[e]]`` times its weight (``w13_perm`` /
-    ``w2_perm``). All run on the 16-bit tensor cores after widening the weight in registers."""
+    ``w2_perm``); or GGUF experts in their GGML blocks (``w13_ggml`` / ``w2_ggml``: ``[E, N, row_bytes]`` uint8, the
+    file's bytes). All run on the 16-bit tensor cores after widening the weight in registers."""
 
-    w13_scale: torch.Tensor
-    w2_scale: torch.Tensor
+    w13_scale: torch.Tensor | None = None
+    w2_scale: torch.Tensor | None = None
     block: tuple[int, int] | None = None
     w13_zeros: torch.Tensor | None = None
     w2_zeros: torch.Tensor | None = None
@@ -72,10 +75,16 @@ class ExpertQuant(NamedTuple):
     w2_group: int = 0
     w13_perm: torch.Tensor | None = None  # act order: each expert's int4 rows sorted by group, [E, K] int32
     w2_perm: torch.Tensor | None = None
+    w13_ggml: int = 0  # GGUF experts kept in their blocks: each stack's GGML type (kernels/gguf_gemm.py)
+    w2_ggml: int = 0
 
     @property
     def int4(self) -> bool:
         return self.w13_group > 0
+
+    @property
+    def gguf(self) -> bool:
+        return self.w13_ggml > 0
 
     def parts(self, which: int) -> tuple[torch.Tensor, torch.Tensor | None, int, torch.Tensor | None]:
         """(scales, zero points, int4 group size, act-order permutations) of ``w13`` (0) or ``w2`` (1)."""
@@ -89,7 +98,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     """Plain torch, one expert at a time (syncs with the host: ``nonzero``); the result in ``x``'s dtype. Quantized
     experts (``quant``): fp8 per channel widened to x's dtype with the products scaled, as the kernel does; fp8
     blocks and int4 dequantized first."""
-    inter = w2.shape[-1] * 8 if quant is not None and quant.int4 else w2.shape[-1]
+    inter = w13.shape[1] // 2
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     for expert in range(w13.shape[0]):
         tokens, slots = (topk_ids == expert).nonzero(as_tuple=True)
@@ -107,6 +116,11 @@ def _expert_product(x: torch.Tensor, w: torch.Tensor, quant: ExpertQuant | None,
     """``x @ w[expert]^T`` for one expert's 16-bit, fp8 or int4 weight (``which``: w13 or w2)."""
     if quant is None:
         return x @ w[expert].t()
+    if quant.gguf:
+        from kernels.gguf_gemm import dequantize_gguf
+
+        ggml_type = quant.w13_ggml if which == 0 else quant.w2_ggml
+        return x @ dequantize_gguf(w[expert], ggml_type, x.shape[1]).to(x.dtype).t()
     scale, zeros, group, perm = quant.parts(which)
     if group:
         from kernels.int4_gemm import dequantize_int4
@@ -294,6 +308,32 @@ def _moe_int4_kernel(
                      MUL_ROUTING_WEIGHT)
 
 
+@triton.jit
+def _moe_gguf_kernel(
+    a_ptr, w_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr,
+    N, K, num_pairs, capacity, row_bytes, stride_am, stride_we, stride_cm, stride_cn,
+    PAIRS_PER_A_ROW: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    GGML_TYPE: tl.constexpr, BLOCK: tl.constexpr, TYPE_SIZE: tl.constexpr,
+):  # fmt: skip
+    """:func:`_moe_gemm_kernel` for GGUF experts kept in their blocks (``w [E, N, row_bytes]``, the file's bytes):
+    each step's ``[BLOCK_N, BLOCK_K]`` tile of the expert's weight decoded from its blocks as the dense block GEMM
+    does (``kernels/gguf_gemm.py: _decode``, ggml's formulas), then the 16-bit tensor cores."""
+    live, pair, valid, expert, offs_n = _block_of_pairs(sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, N,
+                                                        num_pairs, capacity, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live:
+        return
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (pair // PAIRS_PER_A_ROW)[:, None] * stride_am + offs_k[None, :]
+    expert_w = w_ptr + expert * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs + k0, mask=valid[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+        w = _gguf_decode(expert_w, offs_n, k0, N, K, row_bytes, GGML_TYPE, BLOCK, TYPE_SIZE, BLOCK_N, BLOCK_K)
+        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc, input_precision=DOT_PRECISION)
+    _store_pair_rows(acc, c_ptr, weights_ptr, pair, valid, offs_n, N, stride_cm, stride_cn, MUL_ROUTING_WEIGHT)
+
+
 def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights: torch.Tensor | None,
               sorted_pair_ids: torch.Tensor, block_experts: torch.Tensor, num_padded: torch.Tensor,
               pairs_per_a_row: int, config: dict[str, int], quant: ExpertQuant | None = None,
@@ -306,6 +346,19 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
     common = dict(PAIRS_PER_A_ROW=pairs_per_a_row, MUL_ROUTING_WEIGHT=topk_weights is not None,
                   BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], GROUP_M=config["GROUP_M"],
                   num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if quant is not None and quant.gguf:
+        ggml_type = quant.w13_ggml if which == 0 else quant.w2_ggml
+        block, type_size = GGUF_KERNEL_TYPES[ggml_type]
+        k = a.shape[1]
+        if a.stride(1) != 1 or b.shape[2] != k // block * type_size:
+            raise ValueError(f"GGUF experts: rows of {b.shape[2]} bytes do not hold {k} inputs of type {ggml_type}")
+        _moe_gguf_kernel[grid](
+            a, b, out, routing, sorted_pair_ids, block_experts, num_padded, n, k, num_pairs, capacity, b.shape[2],
+            a.stride(0), b.stride(0), out.stride(0), out.stride(1),
+            DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_K=64 if k % 64 == 0 else 32,
+            GGML_TYPE=ggml_type, BLOCK=block, TYPE_SIZE=type_size, **common,
+        )  # fmt: skip
+        return
     if quant is not None and quant.int4:
         scale, zeros, group, perm = quant.parts(which)
         k = 8 * b.shape[2]
@@ -411,9 +464,12 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
 
 
 def _weight_kind(w13: torch.Tensor, quant: ExpertQuant | None) -> torch.dtype | str | None:
-    """What the config table keys the experts' weights by: their dtype, or ``int4`` (packed in int32)."""
+    """What the config table keys the experts' weights by: their dtype, ``int4`` (packed in int32) or their GGML
+    types."""
     if quant is not None and quant.int4:
         return "int4"
+    if quant is not None and quant.gguf:
+        return f"gguf{quant.w13_ggml}-{quant.w2_ggml}"
     return w13.dtype
 
 

@@ -161,6 +161,32 @@ def test_fused_moe_with_act_order_int4_experts_matches_reference(dtype):
     assert_close(ref, plain, TOLERANCE[dtype], "act order undone")
 
 
+@pytest.mark.parametrize("w13_type, w2_type", [("Q8_0", "Q4_0"), ("Q4_K", "Q6_K"), ("Q5_K", "Q4_1")])
+def test_fused_moe_with_gguf_experts_matches_reference(w13_type, w2_type):
+    """GGUF experts kept in their blocks (llama.cpp's stacked ``ffn_*_exps``; Q4_K_M files mix Q4_K and Q6_K): the
+    kernel decodes each tile from the file's bytes as the dense block GEMM does, as the reference's dequantization
+    does."""
+    import gguf
+
+    from core.layers.quantization.gguf import _random_blocks
+    from kernels.gguf_gemm import GGUF_KERNEL_TYPES
+
+    x, w13, w2, weights, ids = _problem(19, 4, 256, 256, 2, torch.float32, seed=11)
+    types = [int(gguf.GGMLQuantizationType[name]) for name in (w13_type, w2_type)]
+    gen = torch.Generator().manual_seed(12)
+    raw = []
+    for w, ggml_type in zip((w13, w2), types):  # random blocks with sane scales (gguf-py cannot write K-quants)
+        block, type_size = GGUF_KERNEL_TYPES[ggml_type]
+        blocks = torch.empty(w.shape[0], w.shape[1], w.shape[2] // block * type_size, dtype=torch.uint8)
+        _random_blocks(ggml_type)(blocks, gen)
+        raw.append(blocks.to(KERNEL_DEVICE))
+    quant = ExpertQuant(w13_ggml=types[0], w2_ggml=types[1])
+    out = fused_moe_triton(x, *raw, weights, ids, config=SMALL, quant=quant)
+    ref = fused_moe_ref(x.double(), *raw, weights.double(), ids, quant)
+    assert ref.abs().max() > 0
+    assert_close(out, ref, 4 * TOLERANCE[torch.float32], f"fused_moe gguf {w13_type}/{w2_type}")
+
+
 def test_fused_moe_default_config_matches_reference():
     x, w13, w2, weights, ids = _problem(70, 8, 64, 64, 2, torch.float32, seed=1)
     out = fused_moe_triton(x, w13, w2, weights, ids, config=default_config(70, 8))
