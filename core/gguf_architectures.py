@@ -417,7 +417,7 @@ ARCHITECTURES: dict[str, GGUFArchitecture] = {
     **{arch: GGUFArchitecture(
         f"{family}ForCausalLM", model_type, _qwen_moe_config, _HF_LLAMA_GLOBALS, "model.layers.{}",
         {**_HF_LLAMA_ATTENTION, **_HF_GATED_MLP, **_HF_MOE, "attn_norm": "input_layernorm",
-         "ffn_norm": "post_attention_layernorm"}, _router_row,
+         "ffn_norm": "post_attention_layernorm"}, _router_row, keeps_blocks=True,
     ) for arch, family, model_type in (("qwen2moe", "Qwen2Moe", "qwen2_moe"), ("qwen3moe", "Qwen3Moe", "qwen3_moe"))},
     "starcoder2": GGUFArchitecture(
         "Starcoder2ForCausalLM", "starcoder2", _starcoder2_config, _HF_LLAMA_GLOBALS, "model.layers.{}",

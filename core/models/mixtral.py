@@ -21,13 +21,14 @@ from core.config import ModelConfig, common_fields
 from core.layers.moe import SparseMoeBlock
 from core.layers.norm import RMSNorm
 from core.layers.rotary import RotaryEmbedding
-from core.layers.linear import Embedding, Linear
+from core.layers.linear import lm_head, token_embedding
 from core.models.llama import MLP, Attention, DecoderLayer, LlamaForCausalLM, LlamaModel
 from kernels.backend import resolve_backends
 
 # Weight quantization methods the family runs (core/layers/quantization): the dense projections' and, in the fused
-# MoE kernel, the experts' (fp8: w8a16; AWQ / GPTQ: int4 dequantized in registers); the router stays unquantized.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq")
+# MoE kernel, the experts' (fp8: w8a16; AWQ / GPTQ: int4 dequantized in registers; GGUF: decoded from the file's
+# blocks); the router stays unquantized.
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf")
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class MoeDecoderLayer(DecoderLayer):
 class MoeModel(LlamaModel):
     def __init__(self, cfg: MoeConfig, attention_backend: str, kernel_backend: str) -> None:
         nn.Module.__init__(self)
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = token_embedding(cfg, kernel_backend)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(
             MoeDecoderLayer(cfg, rotary, attention_backend, kernel_backend, i) for i in range(cfg.num_layers)
@@ -93,6 +94,7 @@ class MoeModel(LlamaModel):
 _EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\."
                             r"(weight|weight_scale|weight_scale_inv|input_scale|qweight|qzeros|scales|g_idx"
                             r"|weight_packed|weight_g_idx)$")
+_STACKED_GGUF = re.compile(r"\.mlp\.experts\.(gate|up|down)_proj\.weight$")  # core/gguf.py: expert_stack_name
 _EXPERT_SLOT = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj": ("w13", 1),
                 "w2": ("w2", 0), "down_proj": ("w2", 0)}  # fmt: skip
 
@@ -105,8 +107,7 @@ class MoeForCausalLM(LlamaForCausalLM):
         self.config = cfg
         self.attention_backend, self.kernel_backend = resolve_backends(attention_backend, kernel_backend)
         self.model = MoeModel(cfg, self.attention_backend, self.kernel_backend)
-        self.lm_head = (self.model.embed_tokens if cfg.tie_word_embeddings
-                        else Linear(cfg.hidden_size, cfg.vocab_size, backend=self.kernel_backend))  # fmt: skip
+        self.lm_head = lm_head(cfg, self.model.embed_tokens, self.kernel_backend)
 
     def _place(self, name: str, tensor: torch.Tensor):
         cfg = self.config
@@ -123,6 +124,10 @@ class MoeForCausalLM(LlamaForCausalLM):
             if suffix.endswith("g_idx"):  # one row per expert projection: [experts * projections, inputs]
                 tensor = tensor.reshape(1, -1)
             return [(f"{prefix}.mlp.{param}{suffix}", row, tensor)]
+        stack = _STACKED_GGUF.search(name)
+        if stack is not None and tensor.dim() == 3:  # a GGUF file's experts kept in their blocks [E, rows, bytes]
+            row = cfg.moe_intermediate_size if stack.group(1) == "up" else 0
+            return [(name[: stack.start()] + (".mlp.w2" if stack.group(1) == "down" else ".mlp.w13"), row, tensor)]
         if name.endswith(".mlp.experts.gate_up_proj"):  # transformers 5's fused layout [E, 2I, H]
             return [(name.replace(".mlp.experts.gate_up_proj", ".mlp.w13"), 0, tensor.reshape(-1, tensor.shape[-1]))]
         if name.endswith(".mlp.experts.down_proj"):  # [E, H, I]

@@ -151,6 +151,15 @@ def _convert(gguf_arch: str, cfg, hf_name: str, array: np.ndarray) -> np.ndarray
     return array
 
 
+def _add_matrix(writer: gguf.GGUFWriter, name: str, array: np.ndarray, ggml_type: gguf.GGMLQuantizationType | None
+                ) -> None:  # fmt: skip
+    """A weight matrix (or a stack of experts' matrices) in F16, or quantized to ``ggml_type``."""
+    if ggml_type is None or array.shape[-1] % 32:  # llama.cpp keeps rows that are not whole blocks in F16
+        writer.add_tensor(name, array.astype(np.float16))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(array.astype(np.float32), ggml_type), raw_dtype=ggml_type)
+
+
 def write_family_gguf(path, gguf_arch: str, model: torch.nn.Module, matrices: gguf.GGMLQuantizationType | None = None
                       ) -> None:  # fmt: skip
     """``matrices``: store the 2-D weights in that GGML type (llama.cpp's quantized files) instead of F16."""
@@ -166,12 +175,12 @@ def write_family_gguf(path, gguf_arch: str, model: torch.nn.Module, matrices: gg
             continue
         if hf_name.endswith(".mlp.experts.gate_up_proj"):  # [E, 2I, H]: llama.cpp's gate and up stacks
             layer = names.get_name(hf_name.replace("gate_up_proj", "gate_proj")).removesuffix(".ffn_gate_exps")
-            halves = weight.float().numpy().astype(np.float16).reshape(weight.shape[0], 2, -1, weight.shape[2])
-            writer.add_tensor(f"{layer}.ffn_gate_exps.weight", np.ascontiguousarray(halves[:, 0]))
-            writer.add_tensor(f"{layer}.ffn_up_exps.weight", np.ascontiguousarray(halves[:, 1]))
+            halves = weight.float().numpy().reshape(weight.shape[0], 2, -1, weight.shape[2])
+            _add_matrix(writer, f"{layer}.ffn_gate_exps.weight", np.ascontiguousarray(halves[:, 0]), matrices)
+            _add_matrix(writer, f"{layer}.ffn_up_exps.weight", np.ascontiguousarray(halves[:, 1]), matrices)
             continue
         if hf_name.endswith(".mlp.experts.down_proj"):  # [E, H, I]
-            writer.add_tensor(f"{names.get_name(hf_name)}.weight", weight.float().numpy().astype(np.float16))
+            _add_matrix(writer, f"{names.get_name(hf_name)}.weight", weight.float().numpy(), matrices)
             continue
         if hf_name.endswith(".mlp.shared_expert_gate.weight"):  # llama.cpp's shape: [hidden]
             writer.add_tensor(names.get_name(hf_name, try_suffixes=(".weight",)), weight.float().numpy().reshape(-1))
@@ -180,7 +189,7 @@ def write_family_gguf(path, gguf_arch: str, model: torch.nn.Module, matrices: gg
         assert gguf_name is not None, hf_name
         array = _convert(gguf_arch, cfg, hf_name, weight.float().numpy())
         if matrices is not None and array.ndim == 2:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(array.astype(np.float32), matrices), raw_dtype=matrices)
+            _add_matrix(writer, gguf_name, array, matrices)
             continue
         writer.add_tensor(gguf_name, array if array.ndim == 1 else array.astype(np.float16))
         if gguf_arch == "gpt2" and gguf_name == "token_embd.weight":  # the converter writes the tied head out
@@ -231,16 +240,43 @@ def test_family_gguf_kept_in_its_blocks_equals_it_dequantized(tmp_path, family):
             assert ours[key]["logprobs"][0][token] == pytest.approx(logprob, abs=1e-4)
 
 
-@pytest.mark.parametrize("family, hf_architecture", [("gpt_neox", "GPTNeoXForCausalLM"),
-                                                     ("qwen3_moe", "Qwen3MoeForCausalLM")])
-def test_families_without_block_kernels_refuse_to_keep_blocks(tmp_path, family, hf_architecture):
-    """GPT-NeoX (llama.cpp reorders its weights) and the mixtures of experts (no GGUF expert kernel): a clear error
-    for ``--quantization gguf``; the same files load dequantized (above)."""
-    arch, gguf_arch, overrides = FAMILIES[family]
-    path = tmp_path / f"{family}.gguf"
+def test_families_whose_weights_llama_cpp_reorders_refuse_to_keep_blocks(tmp_path):
+    arch, gguf_arch, overrides = FAMILIES["gpt_neox"]
+    path = tmp_path / "neox.gguf"
     write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides))
-    with pytest.raises(ValueError, match=f"'gguf' is not supported for {hf_architecture}"):
+    with pytest.raises(ValueError, match="'gguf' is not supported for GPTNeoXForCausalLM"):
         make_engine(path, quantization="gguf")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_gguf_experts_kept_in_their_blocks_equal_them_dequantized(tmp_path, family):
+    """``--quantization gguf`` on a mixture of experts: llama.cpp's stacked experts (Q8_0 here) stay in their
+    blocks, ``[experts, rows, row_bytes]`` for the fused MoE kernel, beside the attention's kept blocks; the tokens and
+    logprobs are those of the same file dequantized at load."""
+    arch, gguf_arch, overrides = FAMILIES[family]
+    path = tmp_path / f"{family}-q8.gguf"
+    write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides), gguf.GGMLQuantizationType.Q8_0)
+    prompts = random_prompts(5, lengths=(3, 17))
+    runs = []
+    for quantization in ("gguf", None):
+        engine = make_engine(path, dtype="float32", quantization=quantization)
+        runs.append((engine, run_engine(engine, prompts, GREEDY)))
+    (kept, ours), (_, reference) = runs
+    blocks = [m for m in kept.runner.model.modules() if hasattr(m, "w13")]
+    assert blocks and all(b.w13.dtype == torch.uint8 and b.w13.dim() == 3 for b in blocks)
+    assert all(b.w2.shape[:2] == (b.num_experts, b.hidden) for b in blocks)
+    for key, expected in reference.items():
+        assert ours[key]["tokens"] == expected["tokens"]
+        for token, logprob in expected["logprobs"][0].items():
+            assert ours[key]["logprobs"][0][token] == pytest.approx(logprob, abs=1e-4)
+
+
+def test_moe_gguf_experts_kept_in_blocks_refuse_tensor_parallelism(tmp_path):
+    arch, gguf_arch, overrides = FAMILIES["qwen3_moe"]
+    path = tmp_path / "qwen3moe-q8.gguf"
+    write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides), gguf.GGMLQuantizationType.Q8_0)
+    with pytest.raises(ValueError, match="GGUF experts kept in their blocks cannot be split over tensor-parallel"):
+        make_engine(path, quantization="gguf", dtype="float32", device="cpu", tensor_parallel_size=2)
 
 
 def _metadata_only_gguf(path, arch: str, layers: int, **keys) -> dict:

@@ -35,6 +35,7 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter
+from kernels.fused_moe import ExpertQuant
 from kernels.gguf_gemm import GGUF_KERNEL_TYPES, Q4_0, Q4_1, dequantize_gguf, gguf_linear, q4_blocks_as_int4
 from kernels.int4_gemm import int4_linear, pack_int4_kernel
 
@@ -47,11 +48,14 @@ logger = logging.getLogger(__name__)
 
 # Merged projections: HF suffix of the first shard -> every shard's suffix (core/models/llama.py merges these).
 _MERGES = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-           "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj")}
+           "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
+           # a MoE layer's stacked experts (core/gguf.py: expert_stack_name), run by one fused kernel: all or none
+           "mlp.experts.gate_proj": ("mlp.experts.gate_proj", "mlp.experts.up_proj", "mlp.experts.down_proj")}
 # A merged projection's first shard -> the one tensor some files hold it in (Phi-3's qkv and gate_up)
 _FUSED = {"self_attn.q_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj"}
-_KEPT_KINDS = re.compile(r"(model\.layers\.\d+\.(self_attn\.([qkvo]|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj"
-                         r"|mlp\.c_(fc|proj))|model\.embed_tokens|lm_head)\.weight")
+_KEPT_KINDS = re.compile(r"(model\.layers\.\d+\.(self_attn\.([qkvo]|qkv)_proj"
+                         r"|mlp\.(experts\.)?(gate|up|down|gate_up)_proj|mlp\.c_(fc|proj))"
+                         r"|model\.embed_tokens|lm_head)\.weight")
 EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
@@ -111,7 +115,7 @@ class GGUFConfig(QuantConfig):
             for first, parts in _MERGES.items():
                 if name.endswith(f".{first}.weight"):
                     names = [name.replace(f".{first}.", f".{part}.") for part in parts]
-                    part_types = {types.get(n) for n in names}
+                    part_types = {types.get(n) for n in names[:2]}  # the experts' down may differ from gate / up
                     if len(part_types) > 1 or not all(n in kept for n in names):
                         reason = "merged projection of mixed types " + "/".join(
                             _type_name(types[n]) for n in names if n in types)
@@ -134,6 +138,20 @@ class GGUFConfig(QuantConfig):
             if ggml_type is None and name.endswith(f".{first}"):
                 ggml_type = self.kept.get(f"{name.removesuffix(first)}{fused}.weight")
         return None if ggml_type is None else GGUFLinearMethod(ggml_type, self.input_shards(prefix))
+
+    def moe_method(self, prefix: str) -> GGUFMoEMethod | None:
+        """The MoE block ``prefix``'s experts kept in their blocks (gate and up of one type, down of any), or None
+        (dequantized at load)."""
+        name = self.global_prefix(prefix)
+        gate = self.kept.get(f"{name}.experts.gate_proj.weight")
+        down = self.kept.get(f"{name}.experts.down_proj.weight")
+        if gate is None or down is None:
+            return None
+        if self.tp_size > 1:
+            raise ValueError("GGUF experts kept in their blocks cannot be split over tensor-parallel ranks; leave out "
+                             "--quantization gguf to dequantize them at load, or run on one device per pipeline "
+                             "stage.")
+        return GGUFMoEMethod(gate, down)
 
     def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
         """A kept weight's ``[out, row_bytes]`` blocks: output rows, or whole blocks of input features."""
@@ -190,6 +208,29 @@ class GGUFLinearMethod(LinearMethod):
             return int4_linear(x, layer.qweight, layer.scales, layer.zeros, self.INT4_GROUP, None, bias,
                                backend=layer.backend, integer_zeros=self.ggml_type == Q4_0)
         return gguf_linear(x, layer.weight, self.ggml_type, bias, backend=layer.backend)
+
+
+class GGUFMoEMethod:
+    """A MoE block's experts as the file stacks them (``ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps``):
+    ``w13`` uint8 ``[E, 2 * inter, row_bytes]`` (gate rows then up rows of each expert) and ``w2`` ``[E, hidden,
+    row_bytes]``, decoded tile by tile in the fused MoE kernel (``kernels/fused_moe.py: _moe_gguf_kernel``)."""
+
+    def __init__(self, gate_up_type: int, down_type: int) -> None:
+        self.types = (gate_up_type, down_type)
+
+    def create_weights(self, block: nn.Module) -> bool:
+        experts = block.num_experts
+        for param, rows, k, ggml_type in (("w13", 2 * block.inter, block.hidden, self.types[0]),
+                                          ("w2", block.hidden, block.inter, self.types[1])):  # fmt: skip
+            new_parameter(block, param, (experts, rows, _row_bytes(ggml_type, k)), torch.uint8, output_dim=1,
+                          dummy_fill=_random_blocks(ggml_type))
+        return True
+
+    def process_weights_after_loading(self, block: nn.Module) -> None:
+        pass
+
+    def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
+        return block.w13, block.w2, ExpertQuant(w13_ggml=self.types[0], w2_ggml=self.types[1])
 
 
 def repack_for_int4_kernels(layer: nn.Module, ggml_type: int) -> bool:
