@@ -25,16 +25,17 @@ def facts_and_loop(info):
     return facts(info) + [info["loop_total"]]
 
 
-# N and K divisible by 16, as the JIT specializes them at the models' shapes (the weights' loads then vectorize)
+# What the JIT specializes at the models' shapes: N and K divisible by 16 (the weights' loads then vectorize), the
+# unit strides as constants
 shapes = frozenset({"N", "K"})
-common = dict(PAIRS_PER_A_ROW=8, MUL_ROUTING_WEIGHT=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1)
+common = dict(PAIRS_PER_A_ROW=8, MUL_ROUTING_WEIGHT=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, stride_cn=1)
 routing = {"c_ptr": "*bf16", "weights_ptr": "*fp32", "sorted_pair_ids_ptr": "*i32", "block_experts_ptr": "*i32",
            "num_padded_ptr": "*i32"}
 kinds = {fused_moe.B_PLAIN: ("*bf16", "*bf16"), fused_moe.B_FP8_CHANNEL: ("*fp8e4nv", "*fp32"),
          fused_moe.B_FP8_BLOCK: ("*fp8e4nv", "*fp32")}
 for kind, (b, s) in kinds.items():
     constexprs = dict(common, DOT_PRECISION="tf32", B_KIND=kind, SCALE_N=128 if kind == fused_moe.B_FP8_BLOCK else 0,
-                      SCALE_K=128 if kind == fused_moe.B_FP8_BLOCK else 0)
+                      SCALE_K=128 if kind == fused_moe.B_FP8_BLOCK else 0, stride_ak=1, stride_bk=1)
     pointers = {"a_ptr": "*bf16", "b_ptr": b, "s_ptr": s, **routing}
     info = summarize(_compile(fused_moe._moe_gemm_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
     out[f"moe{kind}"] = facts_and_loop(info)
