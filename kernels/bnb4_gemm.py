@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
-from kernels.fp8_block_gemm import decode_split, output_tile
-from kernels.split_k import split_workspace, store_split_partial
+from kernels.fp8_block_gemm import launch_weight_tiles, output_tile
+from kernels.split_k import store_split_partial
 
 # bitsandbytes' NF4 codebook (``create_normal_map``): what ``--quantization bitsandbytes`` quantizes to at load
 NF4_CODEBOOK = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -103,22 +103,13 @@ def bnb4_gemm_triton(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor
     """The Triton kernel: ``x [..., K]`` (fp16 / bf16 / fp32) times the 4-bit ``weight [N, K / 2]``, in x's dtype.
     K and the block must be multiples of 32 (the kernel's K step divides the block)."""
     n, k = weight.shape[0], weight.shape[1] * 2
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m:
-        block_m, block_n = (16, 32) if m <= 16 else (64, 64)
-        block_k = 64 if blocksize % 64 == 0 else 32
-        block_n, k_per_split, split_k = decode_split(m, n, k, block_n, block_k, x.device)
-        partials, counters = split_workspace(out, split_k, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-        _bnb4_gemm_kernel[grid](
-            x2, weight, absmax, codebook, out, partials, counters, m, n, k, k_per_split, split_k, x2.stride(0),
-            weight.stride(0), absmax.stride(0), out.stride(0), BLOCKSIZE=blocksize, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=split_k > 1,
-            num_warps=4, num_stages=3,
-        )  # fmt: skip
-    return out.reshape(*x.shape[:-1], n)
+
+    def launch(grid, x2, out, partials, counters, m, k_per_split, split_k, **meta):
+        _bnb4_gemm_kernel[grid](x2, weight, absmax, codebook, out, partials, counters, m, n, k, k_per_split, split_k,
+                                x2.stride(0), weight.stride(0), absmax.stride(0), out.stride(0), BLOCKSIZE=blocksize,
+                                **meta)  # fmt: skip
+
+    return launch_weight_tiles(x, n, k, lambda m: 64 if blocksize % 64 == 0 else 32, launch)
 
 
 def bnb4_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, blocksize: int,

@@ -11,6 +11,8 @@ batches, where the tensor cores' fp8 rate would count). :func:`fp8_block_linear_
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -97,26 +99,39 @@ def block_gemm_tiles(m: int, block_k: int) -> tuple[int, int, int]:
     return (16, 32, step) if m <= 16 else (64, 64, step)
 
 
+def launch_weight_tiles(x: torch.Tensor, n: int, k: int, block_k_of: Callable[[int], int], launch) -> torch.Tensor:
+    """What the weight-only tile kernels share (this one, ``bnb4_gemm``, ``int8_gemm``): ``x [..., K]`` as
+    contiguous rows, the output ``[..., N]`` in x's dtype, 16 x 32 tiles for decode rows (split over K by
+    :func:`decode_split`) and 64 x 64 for prefill, K steps of ``block_k_of(rows)``. ``launch(grid, x2, out,
+    partials, counters, m, k_per_split, split_k, **meta)`` starts the kernel; ``meta`` holds its block sizes,
+    ``DOT_PRECISION``, ``SPLIT`` and launch options."""
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m:
+        block_m, block_n = (16, 32) if m <= 16 else (64, 64)
+        block_k = block_k_of(m)
+        block_n, k_per_split, split_k = decode_split(m, n, k, block_n, block_k, x.device)
+        partials, counters = split_workspace(out, split_k, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+        launch(grid, x2, out, partials, counters, m, k_per_split, split_k, BLOCK_M=block_m, BLOCK_N=block_n,
+               BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=split_k > 1,
+               num_warps=4, num_stages=3)  # fmt: skip
+    return out.reshape(*x.shape[:-1], n)
+
+
 def fp8_block_gemm_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
                           ) -> torch.Tensor:  # fmt: skip
     """The Triton kernel: ``x [..., K]`` (fp16 / bf16 / fp32) times the block-scaled ``weight [N, K]``, in x's
     dtype. The scale block's K side must be a multiple of 16 (a ``tl.dot`` step)."""
     n, k = weight.shape
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m:
-        block_m, block_n, block_k = block_gemm_tiles(m, block[1])
-        block_n, k_per_split, split_k = decode_split(m, n, k, block_n, block_k, x.device)
-        partials, counters = split_workspace(out, split_k, triton.cdiv(n, block_n)) if split_k > 1 else (out, out)
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-        _fp8_block_gemm_kernel[grid](
-            x2, weight, scale, out, partials, counters, m, n, k, k_per_split, split_k, x2.stride(0),
-            weight.stride(0), scale.stride(0), out.stride(0), SCALE_N=block[0], SCALE_K=block[1], BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            SPLIT=split_k > 1, num_warps=4, num_stages=3,
-        )  # fmt: skip
-    return out.reshape(*x.shape[:-1], n)
+
+    def launch(grid, x2, out, partials, counters, m, k_per_split, split_k, **meta):
+        _fp8_block_gemm_kernel[grid](x2, weight, scale, out, partials, counters, m, n, k, k_per_split, split_k,
+                                     x2.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
+                                     SCALE_N=block[0], SCALE_K=block[1], **meta)  # fmt: skip
+
+    return launch_weight_tiles(x, n, k, lambda m: block_gemm_tiles(m, block[1])[2], launch)
 
 
 def decode_split(m: int, n: int, k: int, block_n: int, block_k: int, device: torch.device) -> tuple[int, int, int]:

@@ -221,6 +221,15 @@ def test_family_gguf_kept_in_its_blocks_equals_it_dequantized(tmp_path, family):
     """``--quantization gguf`` on the families whose linear weights llama.cpp stores unchanged: every Q8_0 matrix
     (Phi-3's fused qkv and gate_up, StarCoder2's biased MLP, the tied embedding / LM head) stays in its blocks, and
     the tokens and logprobs are those of the same file dequantized at load."""
+    model = _kept_equals_dequantized(tmp_path, family)
+    assert getattr(model, "model", model).embed_tokens.weight.dtype == torch.uint8
+    linears = [m for m in model.modules() if getattr(m, "quant_method", None) is not None]
+    assert len(linears) == 4 * 2 and all(m.weight.dtype == torch.uint8 for m in linears)
+
+
+def _kept_equals_dequantized(tmp_path, family: str) -> torch.nn.Module:
+    """The family's Q8_0 file with ``--quantization gguf`` gives the tokens and first logprobs of the same file
+    dequantized at load; returns the kept model."""
     arch, gguf_arch, overrides = FAMILIES[family]
     path = tmp_path / f"{family}-q8.gguf"
     write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides), gguf.GGMLQuantizationType.Q8_0)
@@ -230,14 +239,11 @@ def test_family_gguf_kept_in_its_blocks_equals_it_dequantized(tmp_path, family):
         engine = make_engine(path, dtype="float32", quantization=quantization)
         runs.append((engine, run_engine(engine, prompts, GREEDY)))
     (kept, ours), (_, reference) = runs
-    model = kept.runner.model
-    assert getattr(model, "model", model).embed_tokens.weight.dtype == torch.uint8
-    linears = [m for m in model.modules() if getattr(m, "quant_method", None) is not None]
-    assert len(linears) == 4 * 2 and all(m.weight.dtype == torch.uint8 for m in linears)
     for key, expected in reference.items():
         assert ours[key]["tokens"] == expected["tokens"]
         for token, logprob in expected["logprobs"][0].items():
             assert ours[key]["logprobs"][0][token] == pytest.approx(logprob, abs=1e-4)
+    return kept.runner.model
 
 
 def test_families_whose_weights_llama_cpp_reorders_refuse_to_keep_blocks(tmp_path):
@@ -253,22 +259,9 @@ def test_moe_gguf_experts_kept_in_their_blocks_equal_them_dequantized(tmp_path, 
     """``--quantization gguf`` on a mixture of experts: llama.cpp's stacked experts (Q8_0 here) stay in their
     blocks, ``[experts, rows, row_bytes]`` for the fused MoE kernel, beside the attention's kept blocks; the tokens and
     logprobs are those of the same file dequantized at load."""
-    arch, gguf_arch, overrides = FAMILIES[family]
-    path = tmp_path / f"{family}-q8.gguf"
-    write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides), gguf.GGMLQuantizationType.Q8_0)
-    prompts = random_prompts(5, lengths=(3, 17))
-    runs = []
-    for quantization in ("gguf", None):
-        engine = make_engine(path, dtype="float32", quantization=quantization)
-        runs.append((engine, run_engine(engine, prompts, GREEDY)))
-    (kept, ours), (_, reference) = runs
-    blocks = [m for m in kept.runner.model.modules() if hasattr(m, "w13")]
+    blocks = [m for m in _kept_equals_dequantized(tmp_path, family).modules() if hasattr(m, "w13")]
     assert blocks and all(b.w13.dtype == torch.uint8 and b.w13.dim() == 3 for b in blocks)
     assert all(b.w2.shape[:2] == (b.num_experts, b.hidden) for b in blocks)
-    for key, expected in reference.items():
-        assert ours[key]["tokens"] == expected["tokens"]
-        for token, logprob in expected["logprobs"][0].items():
-            assert ours[key]["logprobs"][0][token] == pytest.approx(logprob, abs=1e-4)
 
 
 def test_moe_gguf_experts_kept_in_blocks_refuse_tensor_parallelism(tmp_path):
