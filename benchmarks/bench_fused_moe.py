@@ -5,12 +5,14 @@ activations) and the FLOPs it does, with a correctness check against the per-exp
     python -m benchmarks.bench_fused_moe              # Qwen3-30B-A3B and Mixtral-8x7B shapes, bf16 (CUDA)
     python -m benchmarks.bench_fused_moe --fp8        # the experts in e4m3 with per-channel scales (w8a16)
     python -m benchmarks.bench_fused_moe --int4       # the experts in int4, groups of 128 (w4a16, AWQ / GPTQ)
+    python -m benchmarks.bench_fused_moe --gguf Q4_K  # the experts kept in GGUF blocks (a Q4_K_M file's gate / up)
     python -m benchmarks.bench_fused_moe --smoke      # tiny shapes: checks the script itself, also on CPU (interpreter)
 
 Columns: ms (median of ``triton.testing.do_bench``, eager launches; ``graph ms``: the same call replayed from a CUDA
 graph, as decode runs in the engine), GB/s and % of ``--peak-gbps`` (H200 HBM3e: 4800 by default), TFLOP/s and % of
 ``--peak-tflops`` (H200 dense bf16: 989 by default). Decode shapes should be judged on bandwidth, prefill on FLOPs.
-Launch configs come from kernels/fused_moe_configs.json (filled by benchmarks/tune_fused_moe.py) or the untuned defaults.
+Launch configs come from kernels/fused_moe_configs.json (filled by benchmarks/tune_fused_moe.py) or the untuned
+defaults.
 Exit status 0 when every check passed.
 """
 
@@ -29,7 +31,11 @@ interpret_smoke_without_cuda()  # before kernels/ is imported
 
 import torch  # noqa: E402
 
-from kernels.fused_moe import ExpertQuant, fused_moe, fused_moe_ref, fused_moe_triton, fused_topk, get_config  # noqa: E402
+from gguf import GGMLQuantizationType  # noqa: E402
+
+from kernels.fused_moe import (ExpertQuant, _weight_kind, fused_moe, fused_moe_ref, fused_moe_triton,  # noqa: E402
+                               fused_topk, get_config)  # fmt: skip
+from kernels.gguf_gemm import GGUF_KERNEL_TYPES  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -79,17 +85,35 @@ class MoeProblem:
         touched = int(torch.unique(self.topk_ids).numel())
         elt = self.x.element_size()
         per_weight = 0.5 if self.quant is not None and self.quant.int4 else self.w13.element_size()  # int4: packed
+        if self.quant is not None and self.quant.gguf:  # the file's bytes per weight (gate|up's type for both)
+            block, type_size = GGUF_KERNEL_TYPES[self.quant.w13_ggml]
+            per_weight = type_size / block
         weights = int(touched * (two_inter * hidden + hidden * two_inter // 2) * per_weight)
-        activations = (2 * tokens * hidden + 2 * pairs * two_inter + 2 * pairs * two_inter // 2 + 2 * pairs * hidden) * elt
+        activations = (2 * tokens * hidden + 2 * pairs * two_inter + 2 * pairs * two_inter // 2
+                       + 2 * pairs * hidden) * elt
         flops = 2 * pairs * (two_inter * hidden + hidden * two_inter // 2)
         return weights + activations, flops
 
 
 def make_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int = 0, fp8: bool = False,
-                 int4_group: int = 0) -> MoeProblem:  # fmt: skip
+                 int4_group: int = 0, gguf_type: int = 0) -> MoeProblem:  # fmt: skip
     """Random activations, experts and routing; ``fp8``: the experts quantized per output channel to e4m3;
-    ``int4_group``: to int4 codes in the int4 kernel layout with random scales and zero points per group."""
+    ``int4_group``: to int4 codes in the int4 kernel layout with random scales and zero points per group;
+    ``gguf_type``: random GGUF blocks of that GGML type (sane scales), as a kept GGUF file's stacked experts."""
     problem = _random_problem(shape, tokens, dtype, seed)
+    if gguf_type:
+        from core.layers.quantization.gguf import _random_blocks
+
+        gen = torch.Generator().manual_seed(seed)
+        block, type_size = GGUF_KERNEL_TYPES[gguf_type]
+        for name in ("w13", "w2"):
+            e, n, k = getattr(problem, name).shape
+            if k % block:
+                raise ValueError(f"--gguf: the {name} input size {k} is not whole {block}-element blocks")
+            blocks = torch.empty(e, n, k // block * type_size, dtype=torch.uint8)
+            _random_blocks(gguf_type)(blocks, gen)
+            setattr(problem, name, blocks.to(DEVICE))
+        problem.quant = ExpertQuant(w13_ggml=gguf_type, w2_ggml=gguf_type)
     if int4_group:
         gen = torch.Generator().manual_seed(seed)
         parts = []
@@ -176,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=1, help="one rank's shapes under tensor parallelism of this size")
     parser.add_argument("--fp8", action="store_true", help="experts in e4m3 with per-channel scales (w8a16)")
     parser.add_argument("--int4", action="store_true", help="experts in int4, groups of 128 (w4a16)")
+    parser.add_argument("--gguf", choices=["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"], default=None,
+                        help="experts kept in GGUF blocks of this type (random blocks)")
     parser.add_argument("--peak-gbps", type=float, default=4800.0)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     opts = parser.parse_args(argv)
@@ -193,9 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     for shape in shapes:
         for tokens in token_counts:
-            p = make_problem(shape, tokens, dtype, seed=tokens, fp8=opts.fp8, int4_group=128 if opts.int4 else 0)
+            gguf_type = int(GGMLQuantizationType[opts.gguf]) if opts.gguf else 0
+            p = make_problem(shape, tokens, dtype, seed=tokens, fp8=opts.fp8, int4_group=128 if opts.int4 else 0,
+                             gguf_type=gguf_type)  # fmt: skip
             config = get_config(tokens, shape.num_experts, shape.hidden, shape.inter, dtype,
-                                "int4" if opts.int4 else p.w13.dtype)  # fmt: skip
+                                _weight_kind(p.w13, p.quant))  # fmt: skip
             err = check_problem(p)
             ok = err <= tol
             if not ok:

@@ -350,8 +350,9 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
         ggml_type = quant.w13_ggml if which == 0 else quant.w2_ggml
         block, type_size = GGUF_KERNEL_TYPES[ggml_type]
         k = a.shape[1]
-        if a.stride(1) != 1 or b.shape[2] != k // block * type_size:
-            raise ValueError(f"GGUF experts: rows of {b.shape[2]} bytes do not hold {k} inputs of type {ggml_type}")
+        if a.stride(1) != 1 or k % block or b.shape[2] != k // block * type_size:
+            raise ValueError(f"GGUF experts: rows of {b.shape[2]} bytes do not hold {k} inputs of type {ggml_type} "
+                             f"(whole blocks of {block})")
         _moe_gguf_kernel[grid](
             a, b, out, routing, sorted_pair_ids, block_experts, num_padded, n, k, num_pairs, capacity, b.shape[2],
             a.stride(0), b.stride(0), out.stride(0), out.stride(1),
