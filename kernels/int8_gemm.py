@@ -1,12 +1,14 @@
-"""int8 weights with one scale per output row, times 16-bit activations (w8a16): bitsandbytes' 8-bit (LLM.int8)
-checkpoints, whose ``weight`` holds ``round(127 * W / absmax_row)`` and ``SCB`` each row's absmax, so
-``W[n, k] = weight[n, k] * scale[n]`` with ``scale = SCB / 127``.
+"""8-bit weights times 16-bit activations (w8a16): bitsandbytes' 8-bit (LLM.int8) checkpoints, whose ``weight``
+holds ``round(127 * W / absmax_row)`` and ``SCB`` each row's absmax, so ``W[n, k] = weight[n, k] * scale[n]`` with
+``scale = SCB / 127`` (int8 codes, one scale per output row); and GPTQ 8-bit checkpoints, ``W[n, k] = (q[n, k] -
+zero[n, g]) * scale[n, g]`` for the group ``g = k // group`` (uint8 codes, a scale and zero point per group).
 
 LLM.int8 itself quantizes the activations too (per token, to int8) and runs the columns with outliers above a
 threshold apart in 16 bits; here the activations are never quantized, which is what that decomposition
 approximates, so the threshold has nothing left to decide. The Triton kernel widens each ``[BLOCK_N, BLOCK_K]``
 int8 tile to x's dtype (exact: every int8 is a bf16 / fp16), multiplies on the tensor cores and scales each output
-column once after the K loop. :func:`int8_linear_ref` is the reference.
+column once after the K loop; with groups, each K step's product of the exact integers ``q - zero`` is scaled by
+its group's scales. :func:`int8_linear_ref` is the reference.
 """
 
 from __future__ import annotations
@@ -20,10 +22,20 @@ from kernels.fp8_block_gemm import launch_weight_tiles, output_tile
 from kernels.split_k import store_split_partial
 
 
-def int8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None = None, group: int = 0
                     ) -> torch.Tensor:  # fmt: skip
+    """The fp32 ``[N, K]`` weight: ``weight * scale[:, None]`` (per row), or with ``group`` ``(weight - zeros) *
+    scale`` per ``[N, K / group]`` group."""
+    if not group:
+        return weight.float() * scale.float()[:, None]
+    w = weight.float() - (zeros.float().repeat_interleave(group, 1) if zeros is not None else 0.0)
+    return w * scale.float().repeat_interleave(group, 1)
+
+
+def int8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                    zeros: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:  # fmt: skip
     """Reference: dequantize the whole weight, fp32 matmul, x's dtype out."""
-    out = x.float() @ (weight.float() * scale.float()[:, None]).t()
+    out = x.float() @ dequantize_int8(weight, scale, zeros, group).t()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
@@ -38,12 +50,14 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 @triton.jit
-def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, k_per_split, split_k,
-                      stride_xm, stride_wn, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr = False):  # fmt: skip
-    """``out = (x @ weight^T) * scale`` over K steps of ``BLOCK_K`` (K a multiple of it); ``SPLIT``: K shared out
-    as ``kernels/fp8_block_gemm.py``'s decode launch does (each split's partial product scaled alike, so the sum
-    is the same)."""
+def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, k_per_split,
+                      split_k, stride_xm, stride_wn, stride_sn, stride_om, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      SPLIT: tl.constexpr = False, GROUP: tl.constexpr = 0, ZEROS: tl.constexpr = False):  # fmt: skip
+    """``out = (x @ weight^T) * scale`` over K steps of ``BLOCK_K`` (K a multiple of it); ``GROUP`` (a multiple of
+    ``BLOCK_K``): ``scale`` and, with ``ZEROS``, the zero points ``[N, K / GROUP]``, each step's product scaled by
+    its group's. ``SPLIT``: K shared out as ``kernels/fp8_block_gemm.py``'s decode launch does (each split's
+    partial product scaled alike, so the sum is the same)."""
     pid_n, pid_k, offs_m, offs_n, m_live, n_live = output_tile(M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
@@ -52,9 +66,17 @@ def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, partial_ptr, counter_ptr, M,
     k_start = pid_k * k_per_split
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         x = tl.load(x_ptrs + k0, mask=m_live[:, None], other=0.0)
-        w = tl.load(w_ptrs + k0, mask=n_live[:, None], other=0).to(x.dtype)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    acc = acc * tl.load(s_ptr + offs_n, mask=n_live, other=0.0)[None, :]
+        w = tl.load(w_ptrs + k0, mask=n_live[:, None], other=0)
+        if GROUP:
+            s_at = offs_n * stride_sn + k0 // GROUP
+            if ZEROS:  # q - zero: integers of at most 9 bits, exact in x's dtype
+                w = w.to(tl.float32) - tl.load(z_ptr + s_at, mask=n_live, other=0.0)[:, None]
+            step = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
+            acc += step * tl.load(s_ptr + s_at, mask=n_live, other=0.0)[None, :]
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    if not GROUP:
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_live, other=0.0)[None, :]
     if SPLIT:
         store_split_partial(acc, out_ptr, partial_ptr, counter_ptr, pid_n, pid_k, split_k, M, N, stride_om, True)
     else:
@@ -62,23 +84,28 @@ def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, partial_ptr, counter_ptr, M,
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_live[:, None] & n_live[None, :])
 
 
-def int8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The Triton kernel: ``x [..., K]`` (fp16 / bf16 / fp32) times the int8 ``weight [N, K]`` (K a multiple of
-    32) with fp32 ``scale [N]``, in x's dtype."""
+def int8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None = None,
+                     group: int = 0) -> torch.Tensor:  # fmt: skip
+    """The Triton kernel: ``x [..., K]`` (fp16 / bf16 / fp32) times the 8-bit ``weight [N, K]`` (K a multiple of
+    32) with fp32 ``scale [N]``, or with ``group`` (a multiple of 32) ``scale`` / ``zeros [N, K / group]``, in x's
+    dtype."""
     n, k = weight.shape
+    step = 64 if k % 64 == 0 and (not group or group % 64 == 0) else 32
 
     def launch(grid, x2, out, partials, counters, m, k_per_split, split_k, **meta):
-        _int8_gemm_kernel[grid](x2, weight, scale, out, partials, counters, m, n, k, k_per_split, split_k,
-                                x2.stride(0), weight.stride(0), out.stride(0), **meta)  # fmt: skip
+        _int8_gemm_kernel[grid](x2, weight, scale, zeros if zeros is not None else scale, out, partials, counters,
+                                m, n, k, k_per_split, split_k, x2.stride(0), weight.stride(0),
+                                scale.stride(0) if group else 0, out.stride(0), GROUP=group,
+                                ZEROS=zeros is not None, **meta)  # fmt: skip
 
-    return launch_weight_tiles(x, n, k, lambda m: 64 if k % 64 == 0 else 32, launch)
+    return launch_weight_tiles(x, n, k, lambda m: step, launch)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-                backend: str = "auto") -> torch.Tensor:  # fmt: skip
-    """``x @ (weight * scale)^T (+ bias)``: the Triton kernel on CUDA, the reference otherwise."""
+                zeros: torch.Tensor | None = None, group: int = 0, backend: str = "auto") -> torch.Tensor:  # fmt: skip
+    """``x @ W^T (+ bias)`` (:func:`dequantize_int8`'s W): the Triton kernel on CUDA, the reference otherwise."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    if not use_triton(x, backend) or x.dtype not in dtypes or weight.shape[1] % 32:
-        return int8_linear_ref(x, weight, scale, bias)
-    out = int8_gemm_triton(x, weight, scale)
+    if not use_triton(x, backend) or x.dtype not in dtypes or weight.shape[1] % 32 or group % 32:
+        return int8_linear_ref(x, weight, scale, bias, zeros, group)
+    out = int8_gemm_triton(x, weight, scale, zeros, group)
     return out + bias if bias is not None else out

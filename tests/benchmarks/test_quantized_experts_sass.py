@@ -1,7 +1,7 @@
 """The quantized weights' Triton kernels added without a GPU run compile for sm_90 (Triton's bundled ptxas)
 without spills, their products on the tensor cores (HMMA, or wgmma's HGMMA): the fused MoE kernels' kinds of
-expert weight (16-bit, e4m3 per channel, e4m3 per block, int4, GGUF blocks), the block-scaled fp8 GEMM and the
-bitsandbytes 4-bit and 8-bit GEMMs at their decode and prefill tiles."""
+expert weight (16-bit, e4m3 per channel, e4m3 per block, int4, GGUF blocks), the block-scaled fp8 GEMM, the
+bitsandbytes 4-bit and the 8-bit (bitsandbytes, GPTQ) GEMMs at their decode and prefill tiles."""
 
 from __future__ import annotations
 
@@ -60,9 +60,13 @@ for m in (1, 512):  # decode: split K (its in-kernel reduction), prefill: whole
     constexprs = dict(BLOCKSIZE=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, DOT_PRECISION="tf32", SPLIT=m == 1)
     out[f"bnb{m}"] = facts(summarize(_compile(bnb4_gemm._bnb4_gemm_kernel, pointers, set(), constexprs, 4, 3)))
     from kernels import int8_gemm
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*bf16", **split}
-    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, DOT_PRECISION="tf32", SPLIT=m == 1)
-    out[f"int8_{m}"] = facts(summarize(_compile(int8_gemm._int8_gemm_kernel, pointers, set(), constexprs, 4, 3)))
+    for group in (0, 128):  # bitsandbytes 8-bit (a scale per row), GPTQ 8-bit (scales and zero points per group)
+        pointers = {"x_ptr": "*bf16", "w_ptr": "*u8" if group else "*i8", "s_ptr": "*fp32", "z_ptr": "*fp32",
+                    "out_ptr": "*bf16", **split}
+        constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, DOT_PRECISION="tf32", SPLIT=m == 1, GROUP=group,
+                          ZEROS=bool(group))
+        info = summarize(_compile(int8_gemm._int8_gemm_kernel, pointers, set(), constexprs, 4, 3))
+        out[f"int8_{m}" if not group else f"gptq8_{m}"] = facts(info)
     bm, bn, bk = fp8_block_gemm.block_gemm_tiles(m, 128)
     pointers = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "out_ptr": "*bf16", **split}
     constexprs = dict(SCALE_N=128, SCALE_K=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="tf32",
@@ -82,7 +86,7 @@ def compiled():
 def test_quantized_weight_kernels_compile_for_sm90_on_the_tensor_cores_without_spills(compiled):
     result = compiled
     assert set(result) == {"moe0", "moe1", "moe2", "moe_int4", "moe_int4_act", "moe_gguf8", "moe_gguf12", "moe_gguf14",
-                           "block1", "block512", "bnb1", "bnb512", "int8_1", "int8_512"}
+                           "block1", "block512", "bnb1", "bnb512", "int8_1", "int8_512", "gptq8_1", "gptq8_512"}
     for name, (regs, spills, mma, *_) in result.items():
         assert 0 < regs <= 255 and spills == 0 and mma > 0, (name, result)
 

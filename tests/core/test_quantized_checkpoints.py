@@ -185,6 +185,57 @@ def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "ll
             save(tmp / f"{tag}-dequantized", config, plain))
 
 
+def write_gptq8(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "llama", **overrides
+                ) -> tuple[Path, Path]:  # fmt: skip
+    """A GPTQ ``bits: 8`` checkpoint (AutoGPTQ v1: four 8-bit codes an int32, input rows in ``qweight``, output
+    columns in ``qzeros``, which hold ``zero - 1``; symmetric: zero 128), round-to-nearest per group."""
+    config, state = base_checkpoint(arch=arch, **overrides)
+    quant, plain = dict(state), dict(state)
+    gen = torch.Generator().manual_seed(group + 8)
+    g_idx_of_input: dict = {}
+    for name in quantized_layers(state):
+        w_t = state[name].t().float()  # [in, out]
+        k = w_t.shape[0]
+        shared = name.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+        key = (name.split(".")[2], name.split(".")[-3], k) if shared else name
+        size = k if group == -1 else group  # -1: one group over the input
+        if key not in g_idx_of_input:
+            natural = torch.arange(k) // size
+            g_idx_of_input[key] = natural[torch.randperm(k, generator=gen)] if desc_act else natural
+        g_idx = g_idx_of_input[key]
+        groups = k // size
+        scales, zeros = torch.empty(groups, w_t.shape[1]), torch.empty(groups, w_t.shape[1], dtype=torch.long)
+        for g in range(groups):
+            rows = w_t[g_idx == g]
+            if sym:
+                scales[g], zeros[g] = rows.abs().amax(0).clamp(min=1e-6) / 127, 128
+            else:
+                lo, hi = rows.amin(0).clamp(max=0), rows.amax(0).clamp(min=0)
+                scales[g] = ((hi - lo) / 254).clamp(min=1e-6)
+                zeros[g] = (torch.round(-lo / scales[g]) + 1).clamp(1, 255).long()
+        scales = scales.half()
+        s, z = scales.float()[g_idx], zeros[g_idx]
+        codes = torch.clamp(torch.round(w_t / s) + z, 0, 255).long()
+        prefix = name.removesuffix(".weight")
+        del quant[name]
+        quant |= {f"{prefix}.qweight": pack_bytes(codes), f"{prefix}.qzeros": pack_bytes((zeros - 1).t()).t(),
+                  f"{prefix}.scales": scales, f"{prefix}.g_idx": g_idx.to(torch.int32)}
+        plain[name] = ((codes - z).float() * s).t()
+    qc = {"quant_method": "gptq", "bits": 8, "group_size": group, "desc_act": desc_act, "sym": sym,
+          "checkpoint_format": "gptq"}
+    tag = _tag(arch, f"gptq8-{group}-{'act' if desc_act else 'seq'}-{'sym' if sym else 'zp'}")
+    return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
+            save(tmp / f"{tag}-dequantized", config, plain))
+
+
+def pack_bytes(codes: torch.Tensor) -> torch.Tensor:
+    """GPTQ's 8-bit packing along the first dim: row ``4p + i`` of ``codes`` (0..255) in byte ``i`` of word ``p``."""
+    packed = torch.zeros(codes.shape[0] // 4, codes.shape[1], dtype=torch.int64)
+    for i in range(4):
+        packed |= codes[i::4].long() << (8 * i)
+    return as_int32(packed.contiguous())
+
+
 def ct_pack(codes: torch.Tensor) -> torch.Tensor:
     """compressed-tensors' ``pack_to_int32`` of unsigned 4-bit codes ``[out, in]`` along the input dim: nibble ``i``
     of word ``j`` holds input ``8j + i``."""
@@ -485,6 +536,18 @@ def test_bitsandbytes_quantizes_a_16bit_checkpoint_to_nf4_at_load(tmp_path):
     engine, _ = compare(path, save(tmp_path / "nf4-values", config, state | nf4), logprob_atol=1e-4,
                         quantization="bitsandbytes")
     assert all(layer.weight.dtype == torch.uint8 for layer in linears(engine))
+
+
+@pytest.mark.parametrize("group, desc_act, sym", [(32, False, True), (64, True, False), (-1, False, False)],
+                         ids=["g32-sym", "g64-act-zp", "channel-zp"])
+def test_gptq_8bit_checkpoint_matches_dequantized_model(tmp_path, group, desc_act, sym):
+    """GPTQ ``bits: 8`` checkpoints (Qwen's GPTQ-Int8 releases are group 128, symmetric): the layers keep uint8 codes
+    with fp32 group scales and zero points (act order: rows sorted, x gathered), the dequantized model's tokens and
+    logprobs."""
+    engine, _ = compare(*write_gptq8(tmp_path, group, desc_act, sym), logprob_atol=1e-4)
+    layers = linears(engine)
+    assert len(layers) == 2 * 4 and all(layer.weight.dtype == torch.uint8 for layer in layers)
+    assert any(layer.perm is not None for layer in layers) == desc_act
 
 
 def test_bitsandbytes_8bit_checkpoint_matches_dequantized_model(tmp_path):

@@ -217,3 +217,21 @@ def test_act_order_experts_over_two_ranks_fail_naming_it(tmp_path):
     quantized, _ = qc.write_gptq(tmp_path, 32, True, False, "mixtral", intermediate_size=64)
     with pytest.raises(ValueError, match="act-order experts split over tensor-parallel ranks are not supported"):
         run(quantized, tensor_parallel_size=2)
+
+
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_gptq_8bit_checkpoint_over_two_devices_equals_one_device(tmp_path, layout):
+    """GPTQ 8-bit: packed rows cut by whole int32s of 4 codes, zero points and scales by columns or whole groups."""
+    quantized, _ = qc.write_gptq8(tmp_path, 32, False, False)
+    reference, _ = run(quantized)
+    ours, model = run(quantized, **layout)
+    assert_same_run(ours, reference)
+    if "tensor_parallel_size" in layout:
+        down = model.model.layers[0].mlp.down_proj
+        assert down.weight.shape == (128, 128) and down.weight_scale.shape == (128, 128 // 32)
+
+
+def test_gptq_8bit_act_order_over_two_ranks_fails_naming_it(tmp_path):
+    quantized, _ = qc.write_gptq8(tmp_path, 32, True, True)
+    with pytest.raises(ValueError, match="GPTQ 8-bit act-order .* cannot be split over tensor-parallel ranks"):
+        run(quantized, tensor_parallel_size=2)

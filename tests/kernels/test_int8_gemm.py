@@ -1,13 +1,14 @@
-"""int8 weights with a scale per row (bitsandbytes 8-bit): the Triton kernel (interpreter on CPU) against the
-dequantize-then-matmul reference at decode and prefill row counts, K in steps of 32 and 64; the quantizer's codes
-and scales (bitsandbytes' ``int8_vectorwise_quant``)."""
+"""8-bit weights: int8 with a scale per row (bitsandbytes 8-bit) or uint8 with a scale and zero point per group
+(GPTQ 8-bit). The Triton kernel (interpreter on CPU) against the dequantize-then-matmul reference at decode and
+prefill row counts, K in steps of 32 and 64; the quantizer's codes and scales (bitsandbytes'
+``int8_vectorwise_quant``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.int8_gemm import int8_gemm_triton, int8_linear, int8_linear_ref, quantize_int8_rows
+from kernels.int8_gemm import dequantize_int8, int8_gemm_triton, int8_linear, int8_linear_ref, quantize_int8_rows
 from tests.kernels.kernel_testing import KERNEL_DEVICE, TOLERANCE, assert_close
 
 
@@ -33,18 +34,48 @@ def test_int8_kernel_matches_reference(m, k, dtype):
     assert_close(out, int8_linear_ref(x.double(), codes, scale), 4 * TOLERANCE[dtype], "int8")
 
 
+@pytest.mark.parametrize("m", [1, 40])
+@pytest.mark.parametrize("group, zeros", [(32, True), (64, False), (128, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_uint8_kernel_matches_reference(m, group, zeros, dtype):
+    gen = torch.Generator().manual_seed(m + group)
+    n, k = 48, 256
+    codes = torch.randint(0, 256, (n, k), generator=gen, dtype=torch.int32).to(torch.uint8)
+    scale = torch.rand(n, k // group, generator=gen) * 1e-2 + 1e-3
+    zero = torch.randint(100, 156, (n, k // group), generator=gen).float() if zeros else None
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    codes, scale, x = (t.to(KERNEL_DEVICE) for t in (codes, scale, x))
+    zero = zero.to(KERNEL_DEVICE) if zero is not None else None
+    out = int8_gemm_triton(x, codes, scale, zero, group)
+    assert_close(out, int8_linear_ref(x.double(), codes, scale, None, zero, group), 4 * TOLERANCE[dtype], "uint8")
+
+
+def test_grouped_dequantization_subtracts_each_groups_zero_point():
+    codes = torch.tensor([[130, 126, 0, 255]], dtype=torch.uint8)
+    w = dequantize_int8(codes, torch.tensor([[0.5, 2.0]]), torch.tensor([[128.0, 1.0]]), group=2)
+    assert w.tolist() == [[1.0, -1.0, -2.0, 508.0]]
+
+
 def test_dispatcher_on_cpu_takes_reference_and_adds_the_bias():
     codes, absmax = quantize_int8_rows(torch.randn(32, 64))
     x, bias = torch.randn(3, 64), torch.randn(32)
-    torch.testing.assert_close(int8_linear(x, codes, absmax / 127, bias), int8_linear_ref(x, codes, absmax / 127) + bias)
+    scale = absmax / 127
+    torch.testing.assert_close(int8_linear(x, codes, scale, bias), int8_linear_ref(x, codes, scale) + bias)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 300])
 @pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 14336)])
-def test_int8_kernel_on_gpu_at_llama_shapes(m, n, k):
+@pytest.mark.parametrize("group", [0, 128], ids=["per-row", "gptq-group-128"])
+def test_int8_kernel_on_gpu_at_llama_shapes(m, n, k, group):
     gen = torch.Generator().manual_seed(m)
     codes, absmax = quantize_int8_rows(torch.randn(n, k, generator=gen))
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
-    codes, scale = codes.cuda(), (absmax / 127).cuda()
-    assert_close(int8_gemm_triton(x, codes, scale), int8_linear_ref(x, codes, scale).float(), 1e-2, "int8 gpu")
+    scale, zeros = absmax / 127, None
+    if group:  # uint8 codes around a zero point of 128, one scale per group
+        codes = (codes.int() + 128).to(torch.uint8)
+        scale, zeros = scale[:, None].repeat(1, k // group), torch.full((n, k // group), 128.0)
+        zeros = zeros.cuda()
+    codes, scale = codes.cuda(), scale.cuda()
+    out = int8_gemm_triton(x, codes, scale, zeros, group)
+    assert_close(out, int8_linear_ref(x, codes, scale, None, zeros, group).float(), 1e-2, "int8 gpu")

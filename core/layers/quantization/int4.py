@@ -142,16 +142,29 @@ class GPTQConfig(_Int4Config):
     name = "gptq"
 
     @classmethod
-    def from_hf(cls, qc: dict[str, Any]) -> GPTQConfig:
+    def from_hf(cls, qc: dict[str, Any]) -> QuantConfig:
+        bits = int(qc.get("bits", 4))
+        if bits not in (4, 8):
+            raise ValueError(f"GPTQ with {bits}-bit weights is not supported; supported: 4-bit and 8-bit.")
+        if bits == 8:
+            _check_gptq_options(qc)
+            from core.layers.quantization.gptq8 import GPTQInt8Config
+
+            return GPTQInt8Config.from_hf(qc)
         _, group = _bits_and_group(qc, "GPTQ")
-        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
-        if fmt != "gptq":
-            raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported; supported: gptq (v1).")
-        if qc.get("dynamic"):
-            raise ValueError("GPTQ 'dynamic' per-module overrides are not supported.")
-        if qc.get("lm_head"):
-            raise ValueError("GPTQ checkpoints with a quantized lm_head are not supported.")
+        _check_gptq_options(qc)
         return cls(group_size=group, zero_point=not qc.get("sym", True), desc_act=bool(qc.get("desc_act", False)))
+
+
+def _check_gptq_options(qc: dict[str, Any]) -> None:
+    """The GPTQ checkpoint options either bit width refuses, each named."""
+    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+    if fmt != "gptq":
+        raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported; supported: gptq (v1).")
+    if qc.get("dynamic"):
+        raise ValueError("GPTQ 'dynamic' per-module overrides are not supported.")
+    if qc.get("lm_head"):
+        raise ValueError("GPTQ checkpoints with a quantized lm_head are not supported.")
 
 
 def regroup_rows(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
