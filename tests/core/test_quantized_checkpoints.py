@@ -119,23 +119,25 @@ def gptq_pack_zeros(zeros: torch.Tensor) -> torch.Tensor:
     return as_int32(packed)
 
 
-def asym_int4(w_t: torch.Tensor, group_of_row: torch.Tensor, groups: int, sym: bool):
-    """Round-to-nearest int4 of ``w_t [in, out]`` per (group, column): codes, zero points (1..15 so GPTQ's v1
-    ``zero - 1`` never underflows), fp16 scales, and the dequantized fp32 weight."""
+def round_to_nearest(w_t: torch.Tensor, group_of_row: torch.Tensor, groups: int, sym: bool, bits: int = 4):
+    """Round-to-nearest ``bits``-bit codes of ``w_t [in, out]`` per (group, column): codes, zero points (from 1, so
+    GPTQ's v1 ``zero - 1`` never underflows; symmetric: the middle code), fp16 scales, and the dequantized fp32
+    weight."""
+    top = 2**bits - 1
     scales = torch.empty(groups, w_t.shape[1])
     zeros = torch.empty(groups, w_t.shape[1], dtype=torch.long)
     for g in range(groups):
         rows = w_t[group_of_row == g]
         if sym:
-            scales[g] = rows.abs().amax(0).clamp(min=1e-6) / 7
-            zeros[g] = 8
+            scales[g] = rows.abs().amax(0).clamp(min=1e-6) / (top // 2)
+            zeros[g] = top // 2 + 1
         else:
             lo, hi = rows.amin(0).clamp(max=0), rows.amax(0).clamp(min=0)
-            scales[g] = ((hi - lo) / 14).clamp(min=1e-6)
-            zeros[g] = (torch.round(-lo / scales[g]) + 1).clamp(1, 15).long()
+            scales[g] = ((hi - lo) / (top - 1)).clamp(min=1e-6)
+            zeros[g] = (torch.round(-lo / scales[g]) + 1).clamp(1, top).long()
     scales = scales.half()
     s, z = scales.float()[group_of_row], zeros[group_of_row]
-    codes = torch.clamp(torch.round(w_t / s) + z, 0, 15).long()
+    codes = torch.clamp(torch.round(w_t / s) + z, 0, top).long()
     return codes, zeros, scales, (codes - z).float() * s
 
 
@@ -145,7 +147,7 @@ def write_awq(tmp: Path, group: int, arch: str = "llama", **overrides) -> tuple[
     for name in quantized_layers(state):
         w_t = state[name].t()
         rows = torch.arange(w_t.shape[0]) // group
-        codes, zeros, scales, deq = asym_int4(w_t, rows, w_t.shape[0] // group, sym=False)
+        codes, zeros, scales, deq = round_to_nearest(w_t, rows, w_t.shape[0] // group, sym=False)
         prefix = name.removesuffix(".weight")
         del quant[name]
         quant |= {f"{prefix}.qweight": awq_pack(codes), f"{prefix}.qzeros": awq_pack(zeros),
@@ -157,75 +159,42 @@ def write_awq(tmp: Path, group: int, arch: str = "llama", **overrides) -> tuple[
             save(tmp / f"{tag}-dequantized", config, plain))
 
 
-def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "llama",
+def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "llama", bits: int = 4,
                **overrides) -> tuple[Path, Path]:  # fmt: skip
+    """A GPTQ v1 checkpoint (AutoGPTQ's packing: 4-bit codes eight an int32, 8-bit four, input rows in ``qweight``,
+    output columns in ``qzeros``, which hold ``zero - 1``), round-to-nearest per group (-1: one group)."""
     config, state = base_checkpoint(arch=arch, **overrides)
     quant, plain = dict(state), dict(state)
-    gen = torch.Generator().manual_seed(group)
+    gen = torch.Generator().manual_seed(group if bits == 4 else group + 8)
     g_idx_of_input: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) share their input, so their g_idx
     for name in quantized_layers(state):
         w_t = state[name].t()
         k = w_t.shape[0]
         shared = name.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
         key = (name.split(".")[2], name.split(".")[-3], k) if shared else name
+        size = k if group == -1 else group
         if key not in g_idx_of_input:
-            natural = torch.arange(k) // group
+            natural = torch.arange(k) // size
             g_idx_of_input[key] = natural[torch.randperm(k, generator=gen)] if desc_act else natural
         g_idx = g_idx_of_input[key]
-        codes, zeros, scales, deq = asym_int4(w_t, g_idx, k // group, sym=sym)
+        codes, zeros, scales, deq = round_to_nearest(w_t, g_idx, k // size, sym=sym, bits=bits)
         prefix = name.removesuffix(".weight")
         del quant[name]
-        quant |= {f"{prefix}.qweight": gptq_pack_rows(codes), f"{prefix}.qzeros": gptq_pack_zeros(zeros),
-                  f"{prefix}.scales": scales, f"{prefix}.g_idx": g_idx.to(torch.int32)}
+        packed = (gptq_pack_rows(codes), gptq_pack_zeros(zeros)) if bits == 4 else \
+            (pack_bytes(codes), pack_bytes((zeros - 1).t()).t())
+        quant |= {f"{prefix}.qweight": packed[0], f"{prefix}.qzeros": packed[1], f"{prefix}.scales": scales,
+                  f"{prefix}.g_idx": g_idx.to(torch.int32)}
         plain[name] = deq.t()
-    qc = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": desc_act, "sym": sym,
+    qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": desc_act, "sym": sym,
           "checkpoint_format": "gptq"}
-    tag = _tag(arch, f"gptq-{group}-{'act' if desc_act else 'seq'}-{'sym' if sym else 'zp'}")
+    tag = _tag(arch, f"gptq{'' if bits == 4 else bits}-{group}-{'act' if desc_act else 'seq'}-{'sym' if sym else 'zp'}")
     return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
             save(tmp / f"{tag}-dequantized", config, plain))
 
 
 def write_gptq8(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "llama", **overrides
                 ) -> tuple[Path, Path]:  # fmt: skip
-    """A GPTQ ``bits: 8`` checkpoint (AutoGPTQ v1: four 8-bit codes an int32, input rows in ``qweight``, output
-    columns in ``qzeros``, which hold ``zero - 1``; symmetric: zero 128), round-to-nearest per group."""
-    config, state = base_checkpoint(arch=arch, **overrides)
-    quant, plain = dict(state), dict(state)
-    gen = torch.Generator().manual_seed(group + 8)
-    g_idx_of_input: dict = {}
-    for name in quantized_layers(state):
-        w_t = state[name].t().float()  # [in, out]
-        k = w_t.shape[0]
-        shared = name.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-        key = (name.split(".")[2], name.split(".")[-3], k) if shared else name
-        size = k if group == -1 else group  # -1: one group over the input
-        if key not in g_idx_of_input:
-            natural = torch.arange(k) // size
-            g_idx_of_input[key] = natural[torch.randperm(k, generator=gen)] if desc_act else natural
-        g_idx = g_idx_of_input[key]
-        groups = k // size
-        scales, zeros = torch.empty(groups, w_t.shape[1]), torch.empty(groups, w_t.shape[1], dtype=torch.long)
-        for g in range(groups):
-            rows = w_t[g_idx == g]
-            if sym:
-                scales[g], zeros[g] = rows.abs().amax(0).clamp(min=1e-6) / 127, 128
-            else:
-                lo, hi = rows.amin(0).clamp(max=0), rows.amax(0).clamp(min=0)
-                scales[g] = ((hi - lo) / 254).clamp(min=1e-6)
-                zeros[g] = (torch.round(-lo / scales[g]) + 1).clamp(1, 255).long()
-        scales = scales.half()
-        s, z = scales.float()[g_idx], zeros[g_idx]
-        codes = torch.clamp(torch.round(w_t / s) + z, 0, 255).long()
-        prefix = name.removesuffix(".weight")
-        del quant[name]
-        quant |= {f"{prefix}.qweight": pack_bytes(codes), f"{prefix}.qzeros": pack_bytes((zeros - 1).t()).t(),
-                  f"{prefix}.scales": scales, f"{prefix}.g_idx": g_idx.to(torch.int32)}
-        plain[name] = ((codes - z).float() * s).t()
-    qc = {"quant_method": "gptq", "bits": 8, "group_size": group, "desc_act": desc_act, "sym": sym,
-          "checkpoint_format": "gptq"}
-    tag = _tag(arch, f"gptq8-{group}-{'act' if desc_act else 'seq'}-{'sym' if sym else 'zp'}")
-    return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
-            save(tmp / f"{tag}-dequantized", config, plain))
+    return write_gptq(tmp, group, desc_act, sym, arch, bits=8, **overrides)
 
 
 def pack_bytes(codes: torch.Tensor) -> torch.Tensor:

@@ -193,6 +193,17 @@ class QuantConfig(ABC):
         return plain_shard(tensor, parallel, start, length)
 
 
+def whole_units(method: str, layer: str, parallel: str, start: int, length: int, size: int, what: str
+                ) -> tuple[int, int]:  # fmt: skip
+    """A rank's features ``start .. start + length`` of ``layer`` as whole units of ``size`` (packed int32s, groups):
+    ``(first unit, units)``, else a ValueError naming the layer and the unit."""
+    if start % size or length % size:
+        raise ValueError(f"{method}: {layer} cannot be split over the ranks: each rank's {length} "
+                         f"{'output' if parallel == 'column' else 'input'} features (from {start}) are not whole "
+                         f"{what} of {size}; use fewer ranks or a checkpoint with smaller groups.")
+    return start // size, length // size
+
+
 _LAYER_INDEX = re.compile(r"(\blayers\.)(\d+)")
 
 

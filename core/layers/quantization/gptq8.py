@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter
+from core.layers.quantization.base import (LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter,
+                                           whole_units)
 from kernels.int8_gemm import int8_linear
 
 PACK = 4  # 8-bit values per int32
@@ -59,11 +60,7 @@ class GPTQInt8Config(QuantConfig):
         layer = name.rsplit(".", 1)[0]
 
         def units(size: int, what: str) -> tuple[int, int]:
-            if start % size or length % size:
-                raise ValueError(f"GPTQ 8-bit: {layer} cannot be split over the ranks: each rank's {length} "
-                                 f"{'output' if parallel == 'column' else 'input'} features (from {start}) are not "
-                                 f"whole {what} of {size}.")
-            return start // size, length // size
+            return whole_units("GPTQ 8-bit", layer, parallel, start, length, size, what)
 
         if parallel == "column":
             if suffix == "g_idx":
@@ -103,13 +100,12 @@ class GPTQInt8LinearMethod(LinearMethod):
     groups]`` (module docstring)."""
 
     def __init__(self, config: GPTQInt8Config, input_shards: int = 1) -> None:
-        self.config = config
-        self.input_shards = input_shards
+        self.config, self.input_shards = config, input_shards  # ranks sharing the layer's input features
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: Sequence[int],
                        params_dtype: torch.dtype) -> None:  # fmt: skip
-        out = sum(output_sizes)
         group = in_features if self.config.group_size == -1 else self.config.group_size
+        out = sum(output_sizes)
         if self.config.desc_act and self.input_shards > 1:
             raise ValueError("GPTQ 8-bit act-order (desc_act) layers cannot be split over tensor-parallel ranks (each "
                              "rank's input rows fall unevenly into the groups); supported: desc_act false.")

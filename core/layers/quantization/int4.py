@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from core.layers.quantization.base import (LinearMethod, QuantConfig, module_listed, new_parameter, plain_shard,
-                                           replace_parameter)
+                                           replace_parameter, whole_units)
 from kernels.backend import use_triton
 from kernels.fused_moe import ExpertQuant
 from kernels.int4_gemm import (AWQ_ORDER, KERNEL_K_BLOCK, int4_linear, int4_qkv_rope_cache, pack_int4_kernel,
@@ -88,11 +88,7 @@ class _Int4Config(QuantConfig):
             return plain_shard(tensor, parallel, start, length)
 
         def units(size: int, what: str) -> tuple[int, int]:
-            if start % size or length % size:
-                raise ValueError(f"{self.name}: {layer} cannot be split over the ranks: each rank's {length} "
-                                 f"{'output' if parallel == 'column' else 'input'} features (from {start}) are not "
-                                 f"whole {what} of {size}; use fewer ranks or a checkpoint with smaller groups.")
-            return start // size, length // size
+            return whole_units(self.name, layer, parallel, start, length, size, what)
 
         if parallel == "column":  # output features: the last dim of every tensor but g_idx
             if suffix == "g_idx":
