@@ -63,8 +63,10 @@ class ExpertQuant(NamedTuple):
     group sizes along each GEMM's K) int4 codes in ``kernels/int4_gemm.py``'s kernel layout (``[E, N, K / 8]`` int32)
     with scales and zero points ``[E, K / group, N]`` (``w13_zeros`` / ``w2_zeros``), and for GPTQ act-order
     experts each expert's input rows sorted by group: ``x[:, perm[e]]`` times its weight (``w13_perm`` /
-    ``w2_perm``); or GGUF experts in their GGML blocks (``w13_ggml`` / ``w2_ggml``: ``[E, N, row_bytes]`` uint8, the
-    file's bytes). All run on the 16-bit tensor cores after widening the weight in registers."""
+    ``w2_perm``); GGUF experts in their GGML blocks (``w13_ggml`` / ``w2_ggml``: ``[E, N, row_bytes]`` uint8, the
+    file's bytes); or bitsandbytes 4-bit experts (``[E, N, K / 2]`` codes two a byte, ``w13_scale`` / ``w2_scale``
+    the absmax of each ``bnb_block`` weights ``[E, N, K / bnb_block]``, ``codebook``). All run on the 16-bit tensor
+    cores after widening the weight in registers."""
 
     w13_scale: torch.Tensor | None = None
     w2_scale: torch.Tensor | None = None
@@ -77,6 +79,8 @@ class ExpertQuant(NamedTuple):
     w2_perm: torch.Tensor | None = None
     w13_ggml: int = 0  # GGUF experts kept in their blocks: each stack's GGML type (kernels/gguf_gemm.py)
     w2_ggml: int = 0
+    codebook: torch.Tensor | None = None  # bitsandbytes 4-bit: the 16 code values; the scales are block absmax
+    bnb_block: int = 0
 
     @property
     def int4(self) -> bool:
@@ -85,6 +89,10 @@ class ExpertQuant(NamedTuple):
     @property
     def gguf(self) -> bool:
         return self.w13_ggml > 0
+
+    @property
+    def bnb4(self) -> bool:
+        return self.bnb_block > 0
 
     def parts(self, which: int) -> tuple[torch.Tensor, torch.Tensor | None, int, torch.Tensor | None]:
         """(scales, zero points, int4 group size, act-order permutations) of ``w13`` (0) or ``w2`` (1)."""
@@ -116,6 +124,11 @@ def _expert_product(x: torch.Tensor, w: torch.Tensor, quant: ExpertQuant | None,
     """``x @ w[expert]^T`` for one expert's 16-bit, fp8 or int4 weight (``which``: w13 or w2)."""
     if quant is None:
         return x @ w[expert].t()
+    if quant.bnb4:
+        from kernels.bnb4_gemm import dequantize_bnb4
+
+        absmax = (quant.w13_scale if which == 0 else quant.w2_scale)[expert]
+        return x @ dequantize_bnb4(w[expert], absmax, quant.codebook, quant.bnb_block).to(x.dtype).t()
     if quant.gguf:
         from kernels.gguf_gemm import dequantize_gguf
 
@@ -194,6 +207,13 @@ def _block_of_pairs(sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, N, n
 
 
 @triton.jit
+def _pair_a_rows(a_ptr, pair, stride_am, stride_ak, PAIRS_PER_A_ROW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``(offs_k, pointers)`` to the first K step of each pair's activation row ``[BLOCK_M, BLOCK_K]``."""
+    offs_k = tl.arange(0, BLOCK_K)
+    return offs_k, a_ptr + (pair // PAIRS_PER_A_ROW)[:, None] * stride_am + offs_k[None, :] * stride_ak
+
+
+@triton.jit
 def _store_pair_rows(acc, c_ptr, weights_ptr, pair, valid, offs_n, N, stride_cm, stride_cn,
                      MUL_ROUTING_WEIGHT: tl.constexpr):  # fmt: skip
     """``acc [BLOCK_M, BLOCK_N]`` (times each pair's routing weight) into the pairs' rows of ``c``."""
@@ -222,8 +242,7 @@ def _moe_gemm_kernel(
     if not live:
         return
     n_live = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (pair // PAIRS_PER_A_ROW)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    offs_k, a_ptrs = _pair_a_rows(a_ptr, pair, stride_am, stride_ak, PAIRS_PER_A_ROW, BLOCK_K)
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
     s_ptrs = s_ptr + expert * stride_se + offs_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -270,8 +289,7 @@ def _moe_int4_kernel(
     HALVES: tl.constexpr = BLOCK_K // 4
     DOT_DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     w_rows = tl.minimum(offs_n, N - 1)  # unmasked weight loads; tail columns are never stored
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (pair // PAIRS_PER_A_ROW)[:, None] * stride_am + offs_k[None, :]
+    offs_k, a_ptrs = _pair_a_rows(a_ptr, pair, stride_am, 1, PAIRS_PER_A_ROW, BLOCK_K)
     q_ptrs = qh_ptr + expert * stride_qe + w_rows[:, None] * stride_qn + tl.arange(0, HALVES)[None, :]
     sz_ptrs = expert * stride_se + w_rows
     shape: tl.constexpr = (BLOCK_N, HALVES)
@@ -323,14 +341,43 @@ def _moe_gguf_kernel(
                                                         num_pairs, capacity, BLOCK_M, BLOCK_N, GROUP_M)
     if not live:
         return
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (pair // PAIRS_PER_A_ROW)[:, None] * stride_am + offs_k[None, :]
+    offs_k, a_ptrs = _pair_a_rows(a_ptr, pair, stride_am, 1, PAIRS_PER_A_ROW, BLOCK_K)
     expert_w = w_ptr + expert * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs + k0, mask=valid[:, None] & (offs_k[None, :] < K - k0), other=0.0)
         w = _gguf_decode(expert_w, offs_n, k0, N, K, row_bytes, GGML_TYPE, BLOCK, TYPE_SIZE, BLOCK_N, BLOCK_K)
         acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc, input_precision=DOT_PRECISION)
+    _store_pair_rows(acc, c_ptr, weights_ptr, pair, valid, offs_n, N, stride_cm, stride_cn, MUL_ROUTING_WEIGHT)
+
+
+@triton.jit
+def _moe_bnb4_kernel(
+    a_ptr, w_ptr, absmax_ptr, codebook_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr,
+    num_padded_ptr, N, K, num_pairs, capacity, stride_am, stride_we, stride_wn, stride_ae, stride_an, stride_cm,
+    stride_cn, PAIRS_PER_A_ROW: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+):  # fmt: skip
+    """:func:`_moe_gemm_kernel` for bitsandbytes 4-bit experts (``w [E, N, K / 2]``, two codes a byte, the high
+    nibble first): each step's codes looked up in the codebook and scaled by their block's absmax, as
+    ``kernels/bnb4_gemm.py`` does (``BLOCK_K`` divides ``BLOCKSIZE``)."""
+    live, pair, valid, expert, offs_n = _block_of_pairs(sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, N,
+                                                        num_pairs, capacity, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live:
+        return
+    n_live = offs_n < N
+    _, a_ptrs = _pair_a_rows(a_ptr, pair, stride_am, 1, PAIRS_PER_A_ROW, BLOCK_K)
+    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + tl.arange(0, BLOCK_K // 2)[None, :]
+    absmax_ptrs = absmax_ptr + expert * stride_ae + offs_n * stride_an
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs + k0, mask=valid[:, None], other=0.0)
+        packed = tl.load(w_ptrs + k0 // 2, mask=n_live[:, None], other=0).to(tl.int32)
+        codes = tl.reshape(tl.join(packed >> 4, packed & 15), (BLOCK_N, BLOCK_K))  # byte b: codes 2b, 2b + 1
+        scale = tl.load(absmax_ptrs + k0 // BLOCKSIZE, mask=n_live, other=0.0)
+        w = (tl.load(codebook_ptr + codes) * scale[:, None]).to(a.dtype)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
     _store_pair_rows(acc, c_ptr, weights_ptr, pair, valid, offs_n, N, stride_cm, stride_cn, MUL_ROUTING_WEIGHT)
 
 
@@ -346,6 +393,17 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
     common = dict(PAIRS_PER_A_ROW=pairs_per_a_row, MUL_ROUTING_WEIGHT=topk_weights is not None,
                   BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], GROUP_M=config["GROUP_M"],
                   num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if quant is not None and quant.bnb4:
+        absmax, k = quant.parts(which)[0], 2 * b.shape[2]
+        if a.stride(1) != 1 or k % quant.bnb_block or quant.bnb_block % 32:
+            raise ValueError(f"bitsandbytes experts: {k} inputs in blocks of {quant.bnb_block} (multiples of 32)")
+        _moe_bnb4_kernel[grid](
+            a, b, absmax, quant.codebook, out, routing, sorted_pair_ids, block_experts, num_padded, n, k, num_pairs,
+            capacity, a.stride(0), b.stride(0), b.stride(1), absmax.stride(0), absmax.stride(1), out.stride(0),
+            out.stride(1), DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+            BLOCK_K=64 if quant.bnb_block % 64 == 0 else 32, BLOCKSIZE=quant.bnb_block, **common,
+        )  # fmt: skip
+        return
     if quant is not None and quant.gguf:
         ggml_type = quant.w13_ggml if which == 0 else quant.w2_ggml
         block, type_size = GGUF_KERNEL_TYPES[ggml_type]
@@ -471,6 +529,8 @@ def _weight_kind(w13: torch.Tensor, quant: ExpertQuant | None) -> torch.dtype | 
         return "int4"
     if quant is not None and quant.gguf:
         return f"gguf{quant.w13_ggml}-{quant.w2_ggml}"
+    if quant is not None and quant.bnb4:
+        return "bnb4"
     return w13.dtype
 
 

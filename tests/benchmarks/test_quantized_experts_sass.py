@@ -1,7 +1,7 @@
 """The quantized weights' Triton kernels added without a GPU run compile for sm_90 (Triton's bundled ptxas)
 without spills, their products on the tensor cores (HMMA, or wgmma's HGMMA): the fused MoE kernels' kinds of
-expert weight (16-bit, e4m3 per channel, e4m3 per block, int4, GGUF blocks), the block-scaled fp8 GEMM, the
-bitsandbytes 4-bit and the 8-bit (bitsandbytes, GPTQ) GEMMs at their decode and prefill tiles."""
+expert weight (16-bit, e4m3 per channel, e4m3 per block, int4, GGUF blocks, bitsandbytes 4-bit), the block-scaled
+fp8 GEMM, the bitsandbytes 4-bit and the 8-bit (bitsandbytes, GPTQ) GEMMs at their decode and prefill tiles."""
 
 from __future__ import annotations
 
@@ -51,6 +51,10 @@ for ggml_type in (Q8_0, Q4_K, Q6_K):  # GGUF experts kept in their blocks
     constexprs = dict(common, BLOCK_K=64, DOT_PRECISION="tf32", GGML_TYPE=ggml_type, BLOCK=block, TYPE_SIZE=type_size)
     info = summarize(_compile(fused_moe._moe_gguf_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
     out[f"moe_gguf{ggml_type}"] = facts_and_loop(info)
+pointers = {"a_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "codebook_ptr": "*fp32", **routing}
+constexprs = dict(common, BLOCK_K=64, DOT_PRECISION="tf32", BLOCKSIZE=64)
+info = summarize(_compile(fused_moe._moe_bnb4_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
+out["moe_bnb4"] = facts_and_loop(info)
 for m in (1, 512):  # decode: split K (its in-kernel reduction), prefill: whole
     from kernels import bnb4_gemm
     bm, bn = (16, 32) if m <= 16 else (64, 64)
@@ -86,6 +90,7 @@ def compiled():
 def test_quantized_weight_kernels_compile_for_sm90_on_the_tensor_cores_without_spills(compiled):
     result = compiled
     assert set(result) == {"moe0", "moe1", "moe2", "moe_int4", "moe_int4_act", "moe_gguf8", "moe_gguf12", "moe_gguf14",
+                           "moe_bnb4",
                            "block1", "block512", "bnb1", "bnb512", "int8_1", "int8_512", "gptq8_1", "gptq8_512"}
     for name, (regs, spills, mma, *_) in result.items():
         assert 0 < regs <= 255 and spills == 0 and mma > 0, (name, result)

@@ -93,6 +93,42 @@ def test_act_order_experts_match_dequantized_model(tmp_path, arch, method):
         assert perm.shape == (block.num_experts, k) and len({tuple(p.tolist()) for p in perm}) == block.num_experts
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("layout", ["nf4-nested", "fp4"])
+def test_bitsandbytes_experts_match_dequantized_model(tmp_path, arch, layout):
+    """bitsandbytes 4-bit experts (transformers' load_in_4bit MoE checkpoints, each expert's Linear4bit): codes,
+    absmax (double quantization undone) and codebook stacked per block, the dequantized model's tokens and
+    logprobs."""
+    quant_type = layout.split("-")[0]
+    wider = {"mixtral": {"intermediate_size": 64},  # whole 64-weight blocks in every expert's input
+             "qwen2_moe": {"moe_intermediate_size": 64, "shared_expert_intermediate_size": 64}}[arch]
+    quantized, dequantized = qc.write_bnb(tmp_path, quant_type, layout.endswith("nested"), arch, **wider)
+    engine, _ = qc.compare(quantized, dequantized, logprob_atol=1e-4, dtype="float32")
+    block = moe_blocks(engine)[-1]
+    assert block.w13.dtype == torch.uint8 and block.w13.shape == (block.num_experts * 2 * block.inter,
+                                                                  block.hidden // 2)  # fmt: skip
+    assert block.w2_weight_absmax.shape == (block.num_experts * block.hidden, block.inter // 64)
+
+
+def test_bitsandbytes_quantizes_experts_to_nf4_at_load(tmp_path):
+    """``--quantization bitsandbytes`` on a 16-bit MoE checkpoint: the experts too, NF4 at load, the model whose
+    weights are those NF4 values."""
+    from kernels.bnb4_gemm import NF4_CODEBOOK, dequantize_bnb4, quantize_bnb4
+
+    config, state = qc.base_checkpoint(arch="mixtral", intermediate_size=64)
+    path = qc.save(tmp_path / "plain", config, state)
+    nf4 = {}
+    for name, tensor in state.items():
+        if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            flat = tensor.reshape(-1, tensor.shape[-1])
+            nf4[name] = dequantize_bnb4(*quantize_bnb4(flat), torch.tensor(NF4_CODEBOOK), 64).reshape(tensor.shape)
+        elif name in qc.quantized_layers(state):
+            nf4[name] = dequantize_bnb4(*quantize_bnb4(tensor), torch.tensor(NF4_CODEBOOK), 64)
+    engine, _ = qc.compare(path, qc.save(tmp_path / "nf4-values", config, state | nf4), logprob_atol=1e-4,
+                           quantization="bitsandbytes", dtype="float32")
+    assert all(block.w13.dtype == torch.uint8 for block in moe_blocks(engine))
+
+
 def test_act_order_experts_whose_gate_and_up_orders_differ_fail(tmp_path):
     """An expert's gate and up read one input, so GPTQ gives them one act order; a file where they differ is
     refused rather than run with one of them."""

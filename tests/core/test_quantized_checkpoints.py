@@ -249,7 +249,7 @@ def write_ct_int4(tmp: Path, group: int, actorder: bool, arch: str = "llama", **
             save(tmp / f"{tag}-dequantized", config, plain))
 
 
-def write_bnb(tmp: Path, quant_type: str, nested: bool, arch: str = "llama") -> tuple[Path, Path]:
+def write_bnb(tmp: Path, quant_type: str, nested: bool, arch: str = "llama", **overrides) -> tuple[Path, Path]:
     """A bitsandbytes ``load_in_4bit`` checkpoint as transformers saves it: codes ``[out * in / 2, 1]`` (two a byte,
     high nibble first), ``.absmax`` per 64 weights (``nested``: 8-bit codes into ``.nested_quant_map`` times
     ``.nested_absmax`` per 256 blocks plus the state's offset), ``.quant_map`` and the JSON quant state."""
@@ -258,7 +258,7 @@ def write_bnb(tmp: Path, quant_type: str, nested: bool, arch: str = "llama") -> 
 
     codebook = NF4_CODEBOOK if quant_type == "nf4" else FP4_CODEBOOK
     table = torch.tensor(codebook)
-    config, state = base_checkpoint(arch=arch)
+    config, state = base_checkpoint(arch=arch, **overrides)
     quant, plain = dict(state), dict(state)
     for name in quantized_layers(state):
         w = state[name]

@@ -235,3 +235,14 @@ def test_gptq_8bit_act_order_over_two_ranks_fails_naming_it(tmp_path):
     quantized, _ = qc.write_gptq8(tmp_path, 32, True, True)
     with pytest.raises(ValueError, match="GPTQ 8-bit act-order .* cannot be split over tensor-parallel ranks"):
         run(quantized, tensor_parallel_size=2)
+
+
+def test_bitsandbytes_experts_over_two_ranks_equal_one_device(tmp_path):
+    """bitsandbytes 4-bit experts cut by their intermediate dimension (gate / up rows, down's whole 64-weight
+    blocks of inputs): the split Mixtral computes one device's numbers."""
+    quantized, _ = qc.write_bnb(tmp_path, "nf4", True, "mixtral", hidden_size=128, intermediate_size=128)
+    reference, _ = run(quantized)
+    ours, model = run(quantized, tensor_parallel_size=2)
+    assert_same_run(ours, reference)
+    block = model.model.layers[0].mlp
+    assert block.inter == 64 and block.w2.shape == (block.num_experts * block.hidden, 64 // 2)

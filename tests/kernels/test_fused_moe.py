@@ -187,6 +187,24 @@ def test_fused_moe_with_gguf_experts_matches_reference(w13_type, w2_type):
     assert_close(out, ref, 4 * TOLERANCE[torch.float32], f"fused_moe gguf {w13_type}/{w2_type}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_moe_with_bitsandbytes_experts_matches_reference(dtype):
+    """bitsandbytes NF4 experts (two codes a byte, an absmax per 64 weights): the kernel looks each code up and
+    scales it, as the reference's dequantization does, and stays near the unquantized experts."""
+    from kernels.bnb4_gemm import NF4_CODEBOOK, quantize_bnb4
+
+    x, w13, w2, weights, ids = _problem(19, 4, 128, 64, 2, dtype, seed=13)
+    packed = [[quantize_bnb4(w[e].float().cpu()) for e in range(w.shape[0])] for w in (w13, w2)]
+    (q13, a13), (q2, a2) = ((torch.stack([c for c, _ in p]).to(KERNEL_DEVICE),
+                             torch.stack([m for _, m in p]).to(KERNEL_DEVICE)) for p in packed)  # fmt: skip
+    quant = ExpertQuant(a13, a2, codebook=torch.tensor(NF4_CODEBOOK, device=KERNEL_DEVICE), bnb_block=64)
+    out = fused_moe_triton(x, q13, q2, weights, ids, config=SMALL, quant=quant)
+    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, quant)
+    assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe bnb4")
+    unquantized = fused_moe_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
+    assert (ref - unquantized).abs().max() < 0.3 * unquantized.abs().max()
+
+
 def test_fused_moe_default_config_matches_reference():
     x, w13, w2, weights, ids = _problem(70, 8, 64, 64, 2, torch.float32, seed=1)
     out = fused_moe_triton(x, w13, w2, weights, ids, config=default_config(70, 8))

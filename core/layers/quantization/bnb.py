@@ -27,6 +27,7 @@ from torch import nn
 from core.layers.quantization.base import (LinearMethod, QuantConfig, module_listed, new_parameter, plain_shard,
                                            replace_parameter)
 from kernels.bnb4_gemm import NF4_CODEBOOK, bnb4_linear, quantize_bnb4
+from kernels.fused_moe import ExpertQuant
 from kernels.int8_gemm import int8_linear
 
 BLOCKSIZE = 64  # transformers' (and vLLM's) 4-bit block; a checkpoint of another fails at load naming it
@@ -65,6 +66,14 @@ class BitsAndBytesConfig(QuantConfig):
         if module_listed(self.skipped, self.global_prefix(prefix)):
             return None
         return BitsAndBytes8bitLinearMethod() if self.bits == 8 else BitsAndBytesLinearMethod(self)
+
+    def moe_method(self, prefix: str) -> BitsAndBytesMoEMethod | None:
+        if module_listed(self.skipped, f"{self.global_prefix(prefix)}.experts"):
+            return None
+        if self.bits == 8:
+            raise ValueError(f"bitsandbytes 8-bit experts ({prefix}) are not supported; supported: 4-bit (NF4, FP4) "
+                             "experts.")
+        return BitsAndBytesMoEMethod(self)
 
     def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
         """The layer's tensors as :meth:`checkpoint_tensors` made them (double quantization undone, so a rank's rows
@@ -205,3 +214,53 @@ class BitsAndBytes8bitLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return int8_linear(x, layer.weight, layer.weight_scale, bias, backend=layer.backend)
+
+
+class BitsAndBytesMoEMethod:
+    """A MoE block's 4-bit experts: each expert's gate, up and down load as :meth:`BitsAndBytesConfig.
+    checkpoint_tensors` made them into stacked ``w13`` uint8 ``[E * 2 * inter, hidden / 2]`` (gate rows then up
+    rows of each expert) and ``w2``, with their block absmax and the shared codebook; ``--quantization
+    bitsandbytes`` on a 16-bit checkpoint quantizes the block's own experts to NF4 at load. The fused MoE kernel
+    looks the codes up (``kernels/fused_moe.py: _moe_bnb4_kernel``)."""
+
+    def __init__(self, config: BitsAndBytesConfig) -> None:
+        self.config = config
+
+    @staticmethod
+    def _projections(block: nn.Module) -> tuple[tuple[str, int, int], ...]:
+        return ("w13", block.num_experts * 2 * block.inter, block.hidden), ("w2", block.num_experts * block.hidden,
+                                                                               block.inter)  # fmt: skip
+
+    def create_weights(self, block: nn.Module) -> bool:
+        """The checkpoint's codes, absmax and codebook; False (quantized at load): the block's own 16-bit experts."""
+        if not self.config.serialized:
+            return False
+        for name, rows, k in self._projections(block):
+            if k % BLOCKSIZE:
+                raise ValueError(f"bitsandbytes: an expert's input size {k} is not a multiple of the "
+                                 f"{BLOCKSIZE}-weight blocks.")
+            new_parameter(block, name, (rows, k // 2), torch.uint8, dummy_fill=_fill_codes)
+            new_parameter(block, f"{name}_weight_absmax", (rows, k // BLOCKSIZE), torch.float32,
+                          dummy_fill=_fill_absmax)
+            new_parameter(block, f"{name}_weight_quant_map", (16,), torch.float32, output_dim=None,
+                          dummy_fill=_fill_codebook)
+        return True
+
+    def process_weights_after_loading(self, block: nn.Module) -> None:
+        if self.config.serialized:
+            if not torch.equal(block.w13_weight_quant_map, block.w2_weight_quant_map):
+                raise ValueError("bitsandbytes: a MoE block's experts use different codebooks; one is supported.")
+            return
+        for name, _, _ in self._projections(block):
+            codes, absmax = quantize_bnb4(getattr(block, name).data, BLOCKSIZE)
+            replace_parameter(block, name, codes)
+            replace_parameter(block, f"{name}_weight_absmax", absmax)
+        codebook = torch.tensor(NF4_CODEBOOK, device=block.w13.device)
+        replace_parameter(block, "w13_weight_quant_map", codebook)
+
+    def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
+        e = block.num_experts
+        w13, w2 = block.w13.view(e, 2 * block.inter, -1), block.w2.view(e, block.hidden, -1)
+        absmax13 = block.w13_weight_absmax.view(e, 2 * block.inter, -1)
+        absmax2 = block.w2_weight_absmax.view(e, block.hidden, -1)
+        return w13, w2, ExpertQuant(absmax13, absmax2, codebook=block.w13_weight_quant_map, bnb_block=BLOCKSIZE)
