@@ -56,7 +56,7 @@ def test_split_v_fits_four_programs_per_sm():
     assert result["halves"]["programs"] == 4
 
 
-PRE_WAIT = """
+PRE_WAIT = r"""
 import json
 import re
 from benchmarks.attention_sass import _compile, sass_and_resources, summarize
