@@ -108,6 +108,24 @@ def test_logprobs_and_greedy_tokens_match_dequantized_file(runs):
             assert first[token] == pytest.approx(logprob, abs=1e-3)
 
 
+@pytest.mark.parametrize("v_type", [T.Q6_K, T.Q4_K], ids=["v-Q6_K-rows-differ", "v-Q4_K-rows-of-Q4_0-size"])
+def test_qkv_whose_v_has_its_own_type_is_dequantized(tmp_path, v_type):
+    """Q4_K_M files raise some layers' attn_v to Q6_K: q and k of one type, v of another. The merged qkv projection
+    (one GGML type) cannot hold them, so the three are dequantized at load and the file computes what it
+    dequantized computes (a v of Q4_K beside q / k of Q4_0 has the same row bytes: kept, it would be read as
+    Q4_0)."""
+    q_type = T.Q4_K if v_type == T.Q6_K else T.Q4_0
+    types = [dict(layer, attn_q=q_type, attn_k=q_type, attn_v=v_type) for layer in LAYER_TYPES]
+    path = write_tiny_gguf(tmp_path / "mixed-v.gguf", types)
+    kept = make_engine(path, skip_tokenizer_init=True, dtype="float32", quantization="gguf")
+    assert not any(name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))
+                   for name in kept.runner.model_config.quantization.kept)  # fmt: skip
+    reference = make_engine(path, skip_tokenizer_init=True, dtype="float32")
+    ours, theirs = run_engine(kept, PROMPTS, GREEDY), run_engine(reference, PROMPTS, GREEDY)
+    for key, expected in theirs.items():
+        assert ours[key]["tokens"] == expected["tokens"]
+
+
 def test_gguf_flags_conflict_and_non_gguf_model(tiny_gguf, tmp_path):
     with pytest.raises(ValueError, match="--gguf-dequantize"):
         make_engine(tiny_gguf, quantization="gguf", gguf_dequantize=True, skip_tokenizer_init=True)

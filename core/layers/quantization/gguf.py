@@ -115,7 +115,9 @@ class GGUFConfig(QuantConfig):
             for first, parts in _MERGES.items():
                 if name.endswith(f".{first}.weight"):
                     names = [name.replace(f".{first}.", f".{part}.") for part in parts]
-                    part_types = {types.get(n) for n in names[:2]}  # the experts' down may differ from gate / up
+                    # one type for a merged projection's parts; the experts' down may differ from gate / up
+                    same_type = names[:2] if first == "mlp.experts.gate_proj" else names
+                    part_types = {types.get(n) for n in same_type}
                     if len(part_types) > 1 or not all(n in kept for n in names):
                         reason = "merged projection of mixed types " + "/".join(
                             _type_name(types[n]) for n in names if n in types)
