@@ -210,6 +210,8 @@ def hf_config_from_gguf(gguf: GGUFFile) -> dict[str, Any]:
     if get("attention.sliding_window"):  # Mistral with a window
         config["sliding_window"] = int(get("attention.sliding_window"))
     if arch == "llama" and get("expert_count"):  # Mixtral: llama.cpp's llama with stacked experts
+        if not get("expert_used_count"):
+            raise ValueError(f"GGUF file {gguf.path} has experts but lacks 'llama.expert_used_count'.")
         config.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
                       num_local_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")))
     return _add_tokens_and_dtype(gguf, config)

@@ -15,7 +15,8 @@ Steps of the Triton path (all on the device, no host sync, shapes fixed by the t
 
 Weights: ``w13 [E, 2*I, H]`` (gate rows then up rows, the layout of HF's per-expert ``nn.Linear``s stacked) and
 ``w2 [E, H, I]``, in the activations' dtype, or quantized (:class:`ExpertQuant`: e4m3 with scales per channel or
-per block, int4 with group scales and zero points), which the kernel widens tile by tile in registers. Launch
+per block, int4 with group scales and zero points, GGUF blocks, bitsandbytes 4-bit codes), which the kernels widen
+tile by tile in registers. Launch
 configurations by shape live in ``fused_moe_configs.json`` beside this file (filled by ``benchmarks/tune_fused_moe.py``
 on the GPU); shapes not in it take ``default_config``, which are untuned defaults.
 """
@@ -105,7 +106,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
                   topk_ids: torch.Tensor, quant: ExpertQuant | None = None) -> torch.Tensor:  # fmt: skip
     """Plain torch, one expert at a time (syncs with the host: ``nonzero``); the result in ``x``'s dtype. Quantized
     experts (``quant``): fp8 per channel widened to x's dtype with the products scaled, as the kernel does; fp8
-    blocks and int4 dequantized first."""
+    blocks, int4 (act order: x's columns permuted), GGUF blocks and bitsandbytes codes dequantized first."""
     inter = w13.shape[1] // 2
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     for expert in range(w13.shape[0]):
@@ -121,7 +122,8 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
 
 def _expert_product(x: torch.Tensor, w: torch.Tensor, quant: ExpertQuant | None, which: int,
                     expert: int) -> torch.Tensor:  # fmt: skip
-    """``x @ w[expert]^T`` for one expert's 16-bit, fp8 or int4 weight (``which``: w13 or w2)."""
+    """``x @ w[expert]^T`` for one expert's 16-bit, fp8, int4, GGUF or bitsandbytes weight (``which``: w13 or
+    w2)."""
     if quant is None:
         return x @ w[expert].t()
     if quant.bnb4:
@@ -201,7 +203,8 @@ def _block_of_pairs(sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, N, n
     pid_m = first_m + (pid % group_size) % rows_in_group
     pid_n = (pid % group_size) // rows_in_group
     live = pid_m * BLOCK_M < tl.load(num_padded_ptr)
-    pair = tl.load(sorted_pair_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the buffer need not end on a whole block: the last is masked
+    pair = tl.load(sorted_pair_ids_ptr + offs_m, mask=offs_m < capacity, other=num_pairs).to(tl.int64)
     expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
     return live, pair, pair < num_pairs, expert, pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 

@@ -129,6 +129,12 @@ def test_bitsandbytes_quantizes_experts_to_nf4_at_load(tmp_path):
     assert all(block.w13.dtype == torch.uint8 for block in moe_blocks(engine))
 
 
+def test_bitsandbytes_experts_of_partial_blocks_fail_naming_them(tmp_path):
+    config, state = qc.base_checkpoint(arch="mixtral")  # experts 32 wide: half a 64-weight block
+    with pytest.raises(ValueError, match="an expert's input size 32 .* not a multiple of the 64-weight blocks"):
+        qc.greedy(qc.save(tmp_path / "plain", config, state), quantization="bitsandbytes")
+
+
 def test_act_order_experts_whose_gate_and_up_orders_differ_fail(tmp_path):
     """An expert's gate and up read one input, so GPTQ gives them one act order; a file where they differ is
     refused rather than run with one of them."""

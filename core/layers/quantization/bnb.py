@@ -233,12 +233,13 @@ class BitsAndBytesMoEMethod:
 
     def create_weights(self, block: nn.Module) -> bool:
         """The checkpoint's codes, absmax and codebook; False (quantized at load): the block's own 16-bit experts."""
+        for name, rows, k in self._projections(block):
+            if k % BLOCKSIZE:
+                raise ValueError(f"bitsandbytes: an expert's input size {k} (this rank's, under tensor parallelism) "
+                                 f"is not a multiple of the {BLOCKSIZE}-weight blocks.")
         if not self.config.serialized:
             return False
         for name, rows, k in self._projections(block):
-            if k % BLOCKSIZE:
-                raise ValueError(f"bitsandbytes: an expert's input size {k} is not a multiple of the "
-                                 f"{BLOCKSIZE}-weight blocks.")
             new_parameter(block, name, (rows, k // 2), torch.uint8, dummy_fill=_fill_codes)
             new_parameter(block, f"{name}_weight_absmax", (rows, k // BLOCKSIZE), torch.float32,
                           dummy_fill=_fill_absmax)
