@@ -252,7 +252,8 @@ def write_ct_int4(tmp: Path, group: int, actorder: bool, arch: str = "llama", **
 def write_bnb(tmp: Path, quant_type: str, nested: bool, arch: str = "llama", **overrides) -> tuple[Path, Path]:
     """A bitsandbytes ``load_in_4bit`` checkpoint as transformers saves it: codes ``[out * in / 2, 1]`` (two a byte,
     high nibble first), ``.absmax`` per 64 weights (``nested``: 8-bit codes into ``.nested_quant_map`` times
-    ``.nested_absmax`` per 256 blocks plus the state's offset), ``.quant_map`` and the JSON quant state."""
+    ``.nested_absmax`` per 256 blocks plus the state's offset), ``.quant_map`` and the JSON quant state. A MoE's
+    routers are quantized too, as transformers does every Linear but the LM head."""
     from kernels.bnb4_gemm import NF4_CODEBOOK, dequantize_bnb4, quantize_bnb4
     from tests.kernels.test_bnb4_gemm import FP4_CODEBOOK
 
@@ -260,7 +261,9 @@ def write_bnb(tmp: Path, quant_type: str, nested: bool, arch: str = "llama", **o
     table = torch.tensor(codebook)
     config, state = base_checkpoint(arch=arch, **overrides)
     quant, plain = dict(state), dict(state)
-    for name in quantized_layers(state):
+    routers = [name for name in state
+               if name.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight", ".mlp.shared_expert_gate.weight"))]
+    for name in quantized_layers(state) + routers:
         w = state[name]
         codes, absmax = quantize_bnb4(w, 64, codebook)
         meta = {"quant_type": quant_type, "blocksize": 64, "dtype": "float32", "shape": list(w.shape)}

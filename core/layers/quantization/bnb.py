@@ -18,6 +18,7 @@ stay unquantized, so LLM.int8's outlier threshold has nothing to split off).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -26,11 +27,13 @@ from torch import nn
 
 from core.layers.quantization.base import (LinearMethod, QuantConfig, module_listed, new_parameter, plain_shard,
                                            replace_parameter)
-from kernels.bnb4_gemm import NF4_CODEBOOK, bnb4_linear, quantize_bnb4
+from kernels.bnb4_gemm import NF4_CODEBOOK, bnb4_linear, dequantize_bnb4, quantize_bnb4
 from kernels.fused_moe import ExpertQuant
 from kernels.int8_gemm import int8_linear
 
 BLOCKSIZE = 64  # transformers' (and vLLM's) 4-bit block; a checkpoint of another fails at load naming it
+# MoE routers and Qwen2-MoE's shared-expert gate, which transformers' load_in_4bit quantizes like any Linear
+_ROUTER = re.compile(r"\.(mlp|block_sparse_moe)\.(gate|shared_expert_gate)$")
 _STATE = ".weight.quant_state.bitsandbytes__"
 _PARTS = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
 
@@ -148,8 +151,13 @@ def _layer_tensors(layer: str, parts: dict[str, torch.Tensor]) -> Iterator[tuple
         nested = parts["weight.nested_absmax"].float().repeat_interleave(int(state["nested_blocksize"]))
         absmax = parts["weight.nested_quant_map"].float()[absmax.long()] * nested[: absmax.numel()]
         absmax = absmax + float(state["nested_offset"])
-    yield f"{layer}.weight", parts["weight"].reshape(out, in_features // 2)
-    yield f"{layer}.weight_absmax", absmax.float().reshape(out, in_features // BLOCKSIZE)
+    codes = parts["weight"].reshape(out, in_features // 2)
+    absmax = absmax.float().reshape(out, in_features // BLOCKSIZE)
+    if _ROUTER.search(layer):  # a MoE router (or shared-expert gate) stays a 16-bit Linear: its weight dequantized
+        yield f"{layer}.weight", dequantize_bnb4(codes, absmax, parts["weight.quant_map"].float(), BLOCKSIZE)
+        return
+    yield f"{layer}.weight", codes
+    yield f"{layer}.weight_absmax", absmax
     yield f"{layer}.weight_quant_map", parts["weight.quant_map"].float()
 
 
