@@ -261,8 +261,8 @@ def write_bnb(tmp: Path, quant_type: str, nested: bool, arch: str = "llama", **o
     table = torch.tensor(codebook)
     config, state = base_checkpoint(arch=arch, **overrides)
     quant, plain = dict(state), dict(state)
-    routers = [name for name in state
-               if name.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight", ".mlp.shared_expert_gate.weight"))]
+    router_names = (".mlp.gate.weight", ".block_sparse_moe.gate.weight", ".mlp.shared_expert_gate.weight")
+    routers = [name for name in state if name.endswith(router_names)]
     for name in quantized_layers(state) + routers:
         w = state[name]
         codes, absmax = quantize_bnb4(w, 64, codebook)
