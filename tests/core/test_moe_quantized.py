@@ -135,6 +135,13 @@ def test_bitsandbytes_experts_of_partial_blocks_fail_naming_them(tmp_path):
         qc.greedy(qc.save(tmp_path / "plain", config, state), quantization="bitsandbytes")
 
 
+def test_gptq_8bit_experts_fail_naming_what_is_supported(tmp_path):
+    quantized, _ = qc.write_gptq8(tmp_path, 32, False, True, "mixtral", intermediate_size=64)
+    with pytest.raises(ValueError, match=r"GPTQ 8-bit experts \(model.layers.0.mlp\) are not supported; supported: "
+                                         "GPTQ 4-bit experts"):
+        qc.greedy(quantized)
+
+
 def test_act_order_experts_whose_gate_and_up_orders_differ_fail(tmp_path):
     """An expert's gate and up read one input, so GPTQ gives them one act order; a file where they differ is
     refused rather than run with one of them."""

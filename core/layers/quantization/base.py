@@ -159,7 +159,7 @@ class QuantConfig(ABC):
         ``process_weights_after_loading`` and ``experts(block)``: the fused MoE kernel's ``w13``, ``w2`` and
         ``ExpertQuant``, e.g.
         ``fp8.Fp8MoEMethod``), or None to leave them unquantized. Methods without expert kernels raise, naming the
-        block (GPTQ 8-bit reaches this from a family that lists ``gptq`` for its 4-bit experts)."""
+        block (GPTQ 8-bit its own way: the families list ``gptq`` for its 4-bit experts)."""
         raise ValueError(f"quantization {self.name} has no kernel for mixture-of-experts layers ({prefix}).")
 
     def for_stage(self, first_layer: int) -> QuantConfig:

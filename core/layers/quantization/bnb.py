@@ -217,9 +217,6 @@ class BitsAndBytes8bitLinearMethod(LinearMethod):
         new_parameter(layer, "weight", (out, in_features), torch.int8, dummy_fill=_fill_int8)
         new_parameter(layer, "weight_scale", (out,), torch.float32, dummy_fill=_fill_absmax)
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        pass
-
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return int8_linear(x, layer.weight, layer.weight_scale, bias, backend=layer.backend)
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.layers.quantization.base import (LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter,
-                                           whole_units)
+from core.layers.quantization.base import LinearMethod, new_parameter, replace_parameter
+from core.layers.quantization.int4 import GPTQConfig, _fill_random_int32, _fill_scales, natural_groups
 from kernels.int8_gemm import int8_linear
 
 PACK = 4  # 8-bit values per int32
@@ -35,64 +35,27 @@ def unpack_int8_columns(packed: torch.Tensor) -> torch.Tensor:
     return unpack_int8_rows(packed.t().contiguous()).t()
 
 
-class GPTQInt8Config(QuantConfig):
-    name = "gptq"
+class GPTQInt8Config(GPTQConfig):
+    """GPTQ's 4-bit config with four codes an int32: the same tensor names and tensor-parallel cuts
+    (``_Int4Config.shard_tensor`` with ``pack`` 4), layers of its own, no expert kernel."""
 
-    def __init__(self, *, group_size: int, desc_act: bool) -> None:
-        self.group_size = group_size  # -1: one group over the whole input dim
-        self.desc_act = desc_act
+    pack = PACK
 
     @classmethod
     def from_hf(cls, qc: dict[str, Any]) -> GPTQInt8Config:
         group = int(qc.get("group_size", 128))
         if group != -1 and (group <= 0 or group % 32):
             raise ValueError(f"GPTQ 8-bit group_size {group} is not supported; supported: multiples of 32, or -1.")
-        return cls(group_size=group, desc_act=bool(qc.get("desc_act", False)))
+        return cls(group_size=group, zero_point=not qc.get("sym", True), desc_act=bool(qc.get("desc_act", False)))
 
     def linear_method(self, prefix: str) -> LinearMethod | None:
         return GPTQInt8LinearMethod(self, self.input_shards(prefix))
 
-    def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
-        """Packed codes by whole int32s of 4, zero points and scales by columns or whole groups."""
-        suffix = name.rsplit(".", 1)[-1]
-        if suffix not in ("qweight", "qzeros", "scales", "g_idx"):
-            return plain_shard(tensor, parallel, start, length)
-        layer = name.rsplit(".", 1)[0]
-
-        def units(size: int, what: str) -> tuple[int, int]:
-            return whole_units("GPTQ 8-bit", layer, parallel, start, length, size, what)
-
-        if parallel == "column":
-            if suffix == "g_idx":
-                return tensor
-            first, count = units(PACK, "int32s of 4 codes") if suffix == "qzeros" else (start, length)
-            return tensor.narrow(1, first, count)
-        if suffix == "qweight":
-            return tensor.narrow(0, *units(PACK, "int32s of 4 codes"))
-        if self.group_size == -1:
-            return tensor.narrow(0, start, length) if suffix == "g_idx" else tensor
-        first, count = units(self.group_size, f"groups (group_size={self.group_size})")
-        if suffix == "g_idx":
-            return tensor.narrow(0, start, length) - first
-        return tensor.narrow(0, first, count)
+    def moe_method(self, prefix: str) -> None:
+        raise ValueError(f"GPTQ 8-bit experts ({prefix}) are not supported; supported: GPTQ 4-bit experts.")
 
     def summary(self) -> str:
         return f"gptq 8-bit (group {self.group_size}{', act-order' if self.desc_act else ''})"
-
-
-def _natural_groups(group: int, in_features: int):
-    def fill(tensor: torch.Tensor, gen: torch.Generator) -> None:
-        tensor.copy_(torch.arange(in_features, dtype=torch.int32) // group)
-
-    return fill
-
-
-def _fill_words(tensor: torch.Tensor, gen: torch.Generator) -> None:
-    tensor.copy_(torch.randint(-(2**31), 2**31 - 1, tensor.shape, dtype=torch.int32, generator=gen))
-
-
-def _fill_scales(tensor: torch.Tensor, gen: torch.Generator) -> None:
-    tensor.copy_(torch.rand(tensor.shape, generator=gen) * 1e-4 + 1e-4)
 
 
 class GPTQInt8LinearMethod(LinearMethod):
@@ -114,12 +77,13 @@ class GPTQInt8LinearMethod(LinearMethod):
                              f"fit groups of {group} and the packing of {PACK} codes an int32.")
         groups = in_features // group
         layer.group_size = group
-        new_parameter(layer, "qweight", (in_features // PACK, out), torch.int32, output_dim=1, dummy_fill=_fill_words)
+        new_parameter(layer, "qweight", (in_features // PACK, out), torch.int32, output_dim=1,
+                      dummy_fill=_fill_random_int32)
         new_parameter(layer, "qzeros", (groups, out // PACK), torch.int32, output_dim=1, pack_factor=PACK,
-                      dummy_fill=_fill_words)
+                      dummy_fill=_fill_random_int32)
         new_parameter(layer, "scales", (groups, out), params_dtype, output_dim=1, dummy_fill=_fill_scales)
         new_parameter(layer, "g_idx", (in_features,), torch.int32, output_dim=None,
-                      dummy_fill=_natural_groups(group, in_features))
+                      dummy_fill=natural_groups(group, in_features))
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         q = unpack_int8_rows(layer.qweight.data)  # [in, out]

@@ -50,6 +50,8 @@ def _bits_and_group(qc: dict[str, Any], method: str) -> tuple[int, int]:
 
 
 class _Int4Config(QuantConfig):
+    pack = PACK  # codes per int32 (GPTQ 8-bit: 4)
+
     def __init__(self, *, group_size: int, zero_point: bool, desc_act: bool = False,
                  skipped: Sequence[str] = ()) -> None:  # fmt: skip
         self.group_size = group_size  # -1: one group over the whole input dim
@@ -94,11 +96,11 @@ class _Int4Config(QuantConfig):
             if suffix == "g_idx":
                 return tensor
             packed = suffix == "qzeros" or (suffix == "qweight" and self.layout == "awq")
-            first, count = units(PACK, "int32s of 8 codes") if packed else (start, length)
+            first, count = units(self.pack, f"int32s of {self.pack} codes") if packed else (start, length)
             return tensor.narrow(1, first, count)
         group = self.group_size
         if suffix == "qweight":
-            first, count = (start, length) if self.layout == "awq" else units(PACK, "int32s of 8 codes")
+            first, count = (start, length) if self.layout == "awq" else units(self.pack, f"int32s of {self.pack} codes")
             return tensor.narrow(0, first, count)
         if group == -1:  # one group over every input feature: each rank's rows use it
             return tensor.narrow(0, start, length) if suffix == "g_idx" else tensor
@@ -257,15 +259,13 @@ def register_checkpoint_layout(holder: nn.Module, prefix: str, layout: str, desc
     ``g_idx_units``: the group indices are not one shared row but one per that many parts of ``out`` (experts:
     each expert's projections have their own act order), ``[g_idx_units, in_features]``."""
 
-    def natural_groups(tensor: torch.Tensor, gen: torch.Generator) -> None:
-        tensor.copy_(torch.arange(in_features, dtype=torch.int32) // group)
-
     def new_g_idx(name: str) -> None:
+        fill = natural_groups(group, in_features)
         if g_idx_units:
             new_parameter(holder, name, (g_idx_units, in_features), torch.int32, output_dim=0,
-                          pack_factor=out // g_idx_units, dummy_fill=natural_groups)
+                          pack_factor=out // g_idx_units, dummy_fill=fill)
         else:
-            new_parameter(holder, name, (in_features,), torch.int32, output_dim=None, dummy_fill=natural_groups)
+            new_parameter(holder, name, (in_features,), torch.int32, output_dim=None, dummy_fill=fill)
 
     if layout == "ct":  # rows are output channels: [out, in / 8] codes, [out, groups] scales, no zero points
         new_parameter(holder, f"{prefix}weight_packed", (out, in_features // PACK), torch.int32,
@@ -312,6 +312,15 @@ def take_checkpoint_codes(holder: nn.Module, prefix: str, layout: str
         if hasattr(holder, f"{prefix}{name}"):
             delattr(holder, f"{prefix}{name}")
     return q, zeros, scales, g_idx
+
+
+def natural_groups(group: int, in_features: int):
+    """``--load-format dummy`` fill of a ``g_idx``: every input row in its natural group."""
+
+    def fill(tensor: torch.Tensor, gen: torch.Generator) -> None:
+        tensor.copy_(torch.arange(in_features, dtype=torch.int32) // group)
+
+    return fill
 
 
 def _fill_random_int32(tensor: torch.Tensor, gen: torch.Generator) -> None:
