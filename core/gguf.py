@@ -336,27 +336,28 @@ _EXPERT_STACKS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_d
 _EXPERT_STACK_RE = re.compile(r"blk\.(\d+)\.(ffn_(?:gate|up|down)_exps)\.weight")
 
 
-def expert_stack_name(name: str, layer_prefix: str) -> str | None:
+def expert_stack_name(name: str, arch: str) -> str | None:
     """The HF-style name of a stacked expert tensor (``blk.N.ffn_gate_exps.weight`` ->
-    ``{layer_prefix}.mlp.experts.gate_proj.weight``, every expert's in one ``[E, out, ...]`` tensor), or None."""
+    ``model.layers.N.mlp.experts.gate_proj.weight``, every expert's in one ``[E, out, ...]`` tensor), or None."""
     match = _EXPERT_STACK_RE.fullmatch(name)
     if match is None:
         return None
-    return f"{layer_prefix.format(match.group(1))}.mlp.experts.{_EXPERT_STACKS[match.group(2)]}.weight"
+    spec = gguf_architectures.ARCHITECTURES.get(arch)
+    layer = (spec.layer_prefix if spec is not None else "model.layers.{}").format(match.group(1))
+    return f"{layer}.mlp.experts.{_EXPERT_STACKS[match.group(2)]}.weight"
 
 
-def _split_experts(gguf: GGUFFile, name: str, layer_prefix: str, keep_quantized: Collection[str]
+def _split_experts(gguf: GGUFFile, name: str, arch: str, keep_quantized: Collection[str]
                    ) -> Iterator[tuple[str, torch.Tensor]] | None:  # fmt: skip
     """A stacked expert tensor (``blk.N.ffn_gate_exps.weight``): kept (its stack name in ``keep_quantized``), its
     raw blocks ``[E, out, row_bytes]``; else dequantized and cut into HF's per-expert weights
-    (``{layer_prefix}.mlp.experts.{e}.gate_proj.weight``). None for any other tensor."""
-    stack = expert_stack_name(name, layer_prefix)
+    (``model.layers.N.mlp.experts.{e}.gate_proj.weight``). None for any other tensor."""
+    stack = expert_stack_name(name, arch)
     if stack is None:
         return None
     if stack in keep_quantized:
         return iter([(stack, torch.from_numpy(np.array(gguf.raw(name))))])
-    prefix = stack.removesuffix(".weight").rsplit(".", 1)[0]
-    projection = stack.removesuffix(".weight").rsplit(".", 1)[1]
+    prefix, projection = stack.removesuffix(".weight").rsplit(".", 1)
     stacked = gguf.to_float32(name)
     return ((f"{prefix}.{e}.{projection}.weight", torch.from_numpy(np.ascontiguousarray(expert)))
             for e, expert in enumerate(stacked))  # fmt: skip
@@ -396,9 +397,7 @@ def gguf_hf_name(gguf: GGUFFile, name: str) -> str:
     """The HF parameter name of one of the file's tensors, for any supported architecture (ValueError for tensors
     the family has no counterpart of)."""
     arch = _check_architecture(gguf)
-    layer_prefix = gguf_architectures.ARCHITECTURES[arch].layer_prefix if arch in gguf_architectures.ARCHITECTURES \
-        else "model.layers.{}"
-    stack = expert_stack_name(name, layer_prefix)
+    stack = expert_stack_name(name, arch)
     if stack is not None:
         return stack
     if arch in gguf_architectures.ARCHITECTURES:
@@ -410,11 +409,10 @@ def _iter_family_weights(gguf: GGUFFile, arch: str, keep_quantized: Collection[s
                          ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     consumed = gguf_architectures.ARCHITECTURES[arch].consumed_by_config
     tied = gguf_architectures.hf_config(gguf, arch).get("tie_word_embeddings", False)
-    layer_prefix = gguf_architectures.ARCHITECTURES[arch].layer_prefix
     for name in gguf.tensors:
         if name in consumed or (tied and name == "output.weight"):
             continue
-        experts = _split_experts(gguf, name, layer_prefix, keep_quantized)
+        experts = _split_experts(gguf, name, arch, keep_quantized)
         if experts is not None:
             yield from experts
             continue
@@ -436,7 +434,7 @@ def _iter_llama_weights(gguf: GGUFFile, arch: str, keep_quantized: Collection[st
     for name in gguf.tensors:
         if name in _CONSUMED_BY_CONFIG:
             continue
-        experts = _split_experts(gguf, name, "model.layers.{}", keep_quantized)
+        experts = _split_experts(gguf, name, arch, keep_quantized)
         if experts is not None:
             yield from experts
             continue
