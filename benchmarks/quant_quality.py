@@ -10,8 +10,8 @@ bitsandbytes``: NF4 in blocks of 64 at load), ``bnb-int8`` (a bitsandbytes 8-bit
 and their absmax, run w8a16). For a GGUF model, ``gguf`` keeps
 its blocks (dequantized per call on CPU, the block GEMM on CUDA), and ``gguf-int4`` also repacks its Q4_0 / Q4_1
 linear layers for the int4 kernels as CUDA does (``repack_for_int4_kernels``, on any device here: scales and zero
-points rounded to the model dtype, the cost of that form). The reference is the model as it loads by default (the default SmolLM2 GGUF is dequantized at
-load).
+points rounded to the model dtype, the cost of that form). The reference is the model as it loads by default (the
+default SmolLM2 GGUF is dequantized at load).
 
     python -m benchmarks.quant_quality --methods fp8 awq-rtn            # the default SmolLM2, on GPU or CPU
     python -m benchmarks.quant_quality --model .models/llama-3.1-8b --methods fp8 --max-tokens 2048
@@ -69,87 +69,72 @@ def next_token_logprobs(runner, token_ids: list[int], block_size: int = 16) -> t
     return runner.model.compute_logits(hidden).float().log_softmax(-1)
 
 
-def write_awq_rtn(source, directory: Path, group_size: int) -> Path:
-    """The reference weights as an AutoAWQ GEMM checkpoint (round-to-nearest int4, zero points, fp16 scales)."""
+def write_quantized(source, directory: Path, quantize, quantization_config: dict, dtype: torch.dtype) -> Path:
+    """The reference weights as a checkpoint whose linear projections ``quantize(name, weight)`` turns into that
+    layer's checkpoint tensors (a dict), the other tensors in ``dtype``, with ``quantization_config``."""
     from safetensors.torch import save_file
 
     from core.loader import iter_weights, load_hf_config
-    from kernels.int4_gemm import AWQ_ORDER, pack_int4_columns
 
     tensors = {}
     for name, tensor in iter_weights(source):
         if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
-            w_t = tensor.float().t()  # [in, out]
-            rows = w_t.reshape(w_t.shape[0] // group_size, group_size, w_t.shape[1])
-            lo, hi = rows.amin(1).clamp(max=0), rows.amax(1).clamp(min=0)
-            scales = ((hi - lo) / 15).clamp(min=1e-8).half()
-            zeros = torch.round(-lo / scales.float()).clamp(0, 15)
-            codes = torch.clamp(torch.round(rows / scales.float()[:, None]) + zeros[:, None], 0, 15)
-            prefix = name.removesuffix(".weight")
-            tensors[f"{prefix}.qweight"] = pack_int4_columns(codes.reshape(w_t.shape).long(), AWQ_ORDER)
-            tensors[f"{prefix}.qzeros"] = pack_int4_columns(zeros.long(), AWQ_ORDER)
-            tensors[f"{prefix}.scales"] = scales
+            tensors.update(quantize(name, tensor))
         else:
-            tensors[name] = tensor.to(torch.float16) if tensor.is_floating_point() else tensor
+            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     config = load_hf_config(source)
-    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size,
-                                     "zero_point": True, "version": "gemm"}
+    config["quantization_config"] = quantization_config
     config["torch_dtype"] = config.get("torch_dtype") or "bfloat16"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
     return directory
+
+
+def write_awq_rtn(source, directory: Path, group_size: int) -> Path:
+    """The reference weights as an AutoAWQ GEMM checkpoint (round-to-nearest int4, zero points, fp16 scales)."""
+    from kernels.int4_gemm import AWQ_ORDER, pack_int4_columns
+
+    def quantize(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        w_t = tensor.float().t()  # [in, out]
+        rows = w_t.reshape(w_t.shape[0] // group_size, group_size, w_t.shape[1])
+        lo, hi = rows.amin(1).clamp(max=0), rows.amax(1).clamp(min=0)
+        scales = ((hi - lo) / 15).clamp(min=1e-8).half()
+        zeros = torch.round(-lo / scales.float()).clamp(0, 15)
+        codes = torch.clamp(torch.round(rows / scales.float()[:, None]) + zeros[:, None], 0, 15)
+        prefix = name.removesuffix(".weight")
+        return {f"{prefix}.qweight": pack_int4_columns(codes.reshape(w_t.shape).long(), AWQ_ORDER),
+                f"{prefix}.qzeros": pack_int4_columns(zeros.long(), AWQ_ORDER), f"{prefix}.scales": scales}
+
+    config = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
+    return write_quantized(source, directory, quantize, config, torch.float16)
 
 
 def write_fp8_blocks(source, directory: Path, block: int) -> Path:
     """The reference weights as a block-scaled fp8 checkpoint (``weight_block_size`` ``[block, block]``,
     ``weight_scale_inv`` per block: the Qwen3 / DeepSeek FP8 layout)."""
-    from safetensors.torch import save_file
-
-    from core.loader import iter_weights, load_hf_config
     from kernels.fp8_block_gemm import quantize_fp8_blocks
 
-    tensors = {}
-    for name, tensor in iter_weights(source):
-        if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
-            tensors[name], tensors[name.removesuffix("weight") + "weight_scale_inv"] = quantize_fp8_blocks(
-                tensor, (block, block))
-        else:
-            tensors[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
-    config = load_hf_config(source)
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                     "weight_block_size": [block, block]}
-    config["torch_dtype"] = config.get("torch_dtype") or "bfloat16"
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
-    return directory
+    def quantize(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        weight, scale = quantize_fp8_blocks(tensor, (block, block))
+        return {name: weight, name.removesuffix("weight") + "weight_scale_inv": scale}
+
+    config = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [block, block]}
+    return write_quantized(source, directory, quantize, config, torch.bfloat16)
 
 
 def write_bnb_int8(source, directory: Path) -> Path:
     """The reference weights as a bitsandbytes 8-bit checkpoint (``Linear8bitLt``'s state dict: int8 ``weight``,
     ``SCB`` row absmax, ``weight_format`` 0)."""
-    from safetensors.torch import save_file
-
-    from core.loader import iter_weights, load_hf_config
     from kernels.int8_gemm import quantize_int8_rows
 
-    tensors = {}
-    for name, tensor in iter_weights(source):
-        if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
-            prefix = name.removesuffix(".weight")
-            tensors[name], tensors[f"{prefix}.SCB"] = quantize_int8_rows(tensor)
-            tensors[f"{prefix}.weight_format"] = torch.tensor(0, dtype=torch.uint8)
-        else:
-            tensors[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
-    config = load_hf_config(source)
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False,
-                                     "llm_int8_threshold": 6.0}
-    config["torch_dtype"] = config.get("torch_dtype") or "bfloat16"
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
-    return directory
+    def quantize(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        prefix = name.removesuffix(".weight")
+        codes, absmax = quantize_int8_rows(tensor)
+        return {name: codes, f"{prefix}.SCB": absmax, f"{prefix}.weight_format": torch.tensor(0, dtype=torch.uint8)}
+
+    config = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False, "llm_int8_threshold": 6.0}
+    return write_quantized(source, directory, quantize, config, torch.bfloat16)
 
 
 def repack_q4_layers(model: torch.nn.Module) -> int:
