@@ -8,7 +8,8 @@ The first argument is ``;``-separated changes (``table`` for none): ``NAME=GemvC
 the entry of a Llama-3.1-8B projection (``qkv``, ``o``, ``gate_up``, ``down``) or of an ``N,K`` shape
 (``6144,4096=...``); ``no-silu`` / ``no-norm`` / ``no-rope`` turn the GEMV's SiLU-and-mul epilogue, RMSNorm
 prologue or rotary epilogue off; ``attn-early`` lets o_proj launch before decode attention waits on qkv; ``slots=N``
-sets how many scratch rows the quantize-once programs share. The rest of the arguments are
+sets how many scratch rows the quantize-once programs share; ``merge-chunk=N`` the (rows x splits) chunk of split
+decode attention's fused merge. The rest of the arguments are
 ``benchmarks.throughput``'s. Compare variants run on one machine, in turn.
 """
 
@@ -38,6 +39,8 @@ def apply_variant(variant: str) -> list[str]:
         if item in SWITCHES:
             module, attribute, value = SWITCHES[item]
             setattr(importlib.import_module(module), attribute, value)
+        elif item.startswith("merge-chunk="):
+            importlib.import_module("kernels.decode_attention").MERGE_CHUNK = int(item.removeprefix("merge-chunk="))
         elif item.startswith("slots="):
             gemv.QUANT_ONCE_SLOTS = int(item.removeprefix("slots="))
         elif "=" in item:
@@ -50,7 +53,8 @@ def apply_variant(variant: str) -> list[str]:
                 raise ValueError(f"{value!r} is not a GemvConfig(...) or None")
             fp8.FP8_GEMV_CONFIGS[key] = config
         else:
-            raise ValueError(f"unknown change {item!r}: NAME=GemvConfig(...), {', '.join(SWITCHES)} or slots=N")
+            raise ValueError(f"unknown change {item!r}: NAME=GemvConfig(...), {', '.join(SWITCHES)}, slots=N or "
+                             "merge-chunk=N")
         applied.append(item)
     return applied
 

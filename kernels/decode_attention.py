@@ -329,41 +329,54 @@ def _merge_splits(
     SPLIT_CHUNK: tl.constexpr,
 ):
     """Weights ``2^(lse_s - max lse)`` over the ``num_active >= 2`` splits of one KV head's (query, head) rows, then
-    the weighted sum of the split outputs ``SPLIT_CHUNK`` splits at a time (keeps the [rows, chunk, D] tile small)."""
+    the weighted sum of the split outputs ``SPLIT_CHUNK`` splits at a time (keeps the [rows, chunk, D] tile small).
+    The first chunk's partials are requested with the lse of every split: one trip through L2 where a merge of at
+    most ``SPLIT_CHUNK`` splits (a batch-1 decode's) used to take two."""
     offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
     lse = tl.load(
         part_lse_ptr + base[:, None] + offs_s[None, :],
         mask=row_mask[:, None] & (offs_s < num_active)[None, :],
         other=float("-inf"),
         cache_modifier=".cg",
     )
+    lse_c, parts = _split_chunk(part_out_ptr, part_lse_ptr, base, row_mask, 0, num_active, offs_d, d_mask, HEAD_DIM,
+                                SPLIT_CHUNK)  # fmt: skip
     # Finite for every real row: the split holding the row's own position sees that key (a split of keys all
     # after a row's causal limit has lse -inf, weight 0).
     lse_max = tl.where(row_mask, tl.max(lse, 1), 0.0)
     total = tl.sum(tl.exp2(lse - lse_max[:, None]), 1)
     total = tl.where(row_mask, total, 1.0)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    for chunk_start in range(0, num_active, SPLIT_CHUNK):
-        offs_c = chunk_start + tl.arange(0, SPLIT_CHUNK)
-        mask = row_mask[:, None] & (offs_c < num_active)[None, :]  # [ROWS, SPLIT_CHUNK]
-        rows = base[:, None] + offs_c[None, :]
-        lse_c = tl.load(part_lse_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
-        weight = tl.exp2(lse_c - lse_max[:, None])  # 0 for masked splits
-        parts = tl.load(
-            part_out_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-            mask=mask[:, :, None] & d_mask[None, None, :],
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        acc += tl.sum(parts * weight[:, :, None], 1)
+    acc = tl.sum(parts * tl.exp2(lse_c - lse_max[:, None])[:, :, None], 1)  # weights 0 for masked splits
+    for chunk_start in range(SPLIT_CHUNK, num_active, SPLIT_CHUNK):
+        lse_c, parts = _split_chunk(part_out_ptr, part_lse_ptr, base, row_mask, chunk_start, num_active, offs_d,
+                                    d_mask, HEAD_DIM, SPLIT_CHUNK)  # fmt: skip
+        acc += tl.sum(parts * tl.exp2(lse_c - lse_max[:, None])[:, :, None], 1)
     out = acc / total[:, None]
     tl.store(
         out_ptr + out_offs[:, None] + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
         mask=row_mask[:, None] & d_mask[None, :],
     )
+
+
+@triton.jit
+def _split_chunk(part_out_ptr, part_lse_ptr, base, row_mask, chunk_start, num_active, offs_d, d_mask,
+                 HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr):  # fmt: skip
+    """The lse ``[rows, SPLIT_CHUNK]`` and outputs ``[rows, SPLIT_CHUNK, D]`` of splits ``chunk_start...`` (-inf and
+    zeros past ``num_active``), read through L2 (the other splits' programs wrote them)."""
+    offs_c = chunk_start + tl.arange(0, SPLIT_CHUNK)
+    mask = row_mask[:, None] & (offs_c < num_active)[None, :]  # [ROWS, SPLIT_CHUNK]
+    rows = base[:, None] + offs_c[None, :]
+    lse_c = tl.load(part_lse_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
+    parts = tl.load(
+        part_out_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+        mask=mask[:, :, None] & d_mask[None, None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    return lse_c, parts
 
 
 @triton.jit
@@ -545,6 +558,11 @@ PRE_WAIT_KV = True
 # o_proj that stages its weight in shared memory (``benchmarks/fp8_gemv_variants.py``: ``attn-early``).
 RELEASE_BEFORE_WAIT = False
 
+# The fused merge reads the splits' partials in chunks of MERGE_CHUNK (rows x splits): a [rows, chunk, head dim]
+# fp32 tile. 64 holds a batch-1 decode's query group of 4 over up to 16 splits (1,024 keys of 64) in one chunk,
+# 64 registers a thread at 4 warps, so its merge is one trip through L2 (32 took two above 512 keys).
+MERGE_CHUNK = 64
+
 _ORDER_MODES = {"head": ORDER_HEAD_MAJOR, "seq": ORDER_SEQ_MAJOR, "lpt": ORDER_PERMUTED}
 # Split-K arrival counters for the fused merge, per device; all zero between launches (the last arriver resets its
 # own). Grown outside graph capture only; superseded buffers stay alive because captured graphs may point at them.
@@ -688,7 +706,7 @@ def paged_decode_attention(
         FUSED_REDUCE=fused,
         GROUP_PAD=rows_pad,
         SPLITS_PAD=splits_pad,
-        SPLIT_CHUNK=max(1, min(splits_pad, 32 // rows_pad)),
+        SPLIT_CHUNK=max(1, min(splits_pad, MERGE_CHUNK // rows_pad)),
         IEEE=kv_compute_dtype(q, k_cache) == torch.float32,
         SOFTCAP=softcap > 0,
         ALIBI=alibi_slopes is not None,

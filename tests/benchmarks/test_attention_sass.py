@@ -68,7 +68,8 @@ config = decode_attention.SPLIT_DECODE_CONFIG  # Llama-8B at batch 1: 4 query he
 out = {}
 for pre_wait in (False, True):
     constexprs = dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, TILE_N=config.tile_n,
-                      NUM_SPLITS=32, ORDER=0, FUSED_REDUCE=True, GROUP_PAD=4, SPLITS_PAD=32, SPLIT_CHUNK=8,
+                      NUM_SPLITS=32, ORDER=0, FUSED_REDUCE=True, GROUP_PAD=4, SPLITS_PAD=32,
+                      SPLIT_CHUNK=decode_attention.MERGE_CHUNK // 4,
                       QUERIES=1, IEEE=False, SOFTCAP=False, ALIBI=False, WINDOW=False, KV_FP8=False,
                       FP8_F16_DOTS=False, V_PAIRS=False, PAIRS_ASM=False, SPLIT_V=False, USE_PDL=True,
                       PRE_WAIT_KV=pre_wait)

@@ -113,6 +113,17 @@ def test_fused_merge_leaves_counters_zero_and_repeats_exactly():
     assert_close(first, problem.float64_reference(), ATTENTION_TOLERANCE[F32], "fused merge")
 
 
+@pytest.mark.parametrize("merge_chunk", [2, da.MERGE_CHUNK])
+def test_fused_merge_in_several_chunks_matches_reference(monkeypatch, merge_chunk):
+    """The merge's first chunk is read with every split's lse; later chunks in its loop: 2 rows a chunk (one split
+    of a 2-head group) runs the loop over all 8 splits, the default reads them in one."""
+    monkeypatch.setattr(da, "MERGE_CHUNK", merge_chunk)
+    config = DecodeConfig(order="head", fused_reduce=True, tile_n=16)
+    problem = _decode_problem([128, 70, 1], (4, 2), 32, 16, F32, seed=11)
+    out = paged_decode_attention(*problem.args(), num_splits=8, config=config)
+    assert_close(out, problem.float64_reference(), ATTENTION_TOLERANCE[F32], f"merge chunk {merge_chunk}")
+
+
 def test_any_caller_order_gives_the_same_result():
     """The launch order is a schedule only: any permutation passed as ``seq_order`` computes the same outputs."""
     problem = _decode_problem([70, 5, 130, 64, 1, 33], (4, 2), 32, 16, F32, seed=4)
