@@ -5,7 +5,10 @@ activations) and the FLOPs it does, with a correctness check against the per-exp
     python -m benchmarks.bench_fused_moe              # Qwen3-30B-A3B and Mixtral-8x7B shapes, bf16 (CUDA)
     python -m benchmarks.bench_fused_moe --fp8        # the experts in e4m3 with per-channel scales (w8a16)
     python -m benchmarks.bench_fused_moe --int4       # the experts in int4, groups of 128 (w4a16, AWQ / GPTQ)
-    python -m benchmarks.bench_fused_moe --gguf Q4_K  # the experts kept in GGUF blocks (a Q4_K_M file's gate / up)
+    python -m benchmarks.bench_fused_moe --gguf Q4_K  # GGUF Q4_K experts (a Q4_K_M file's gate / up), repacked
+                                                      # for the int4 experts' kernel as loading on CUDA does
+    python -m benchmarks.bench_fused_moe --gguf Q4_K --gguf-down Q6_K   # Q4_K_M's mix: int4 gate / up, Q6_K blocks
+    python -m benchmarks.bench_fused_moe --gguf Q4_K --gguf-blocks      # the same kept in their blocks (the old path)
     python -m benchmarks.bench_fused_moe --smoke      # tiny shapes: checks the script itself, also on CPU (interpreter)
 
 Columns: ms (median of ``triton.testing.do_bench``, eager launches; ``graph ms``: the same call replayed from a CUDA
@@ -35,7 +38,7 @@ from gguf import GGMLQuantizationType  # noqa: E402
 
 from kernels.fused_moe import (ExpertQuant, _weight_kind, fused_moe, fused_moe_ref, fused_moe_triton,  # noqa: E402
                                fused_topk, get_config)  # fmt: skip
-from kernels.gguf_gemm import GGUF_KERNEL_TYPES  # noqa: E402
+from kernels.gguf_gemm import GGUF_KERNEL_TYPES, INT4_TYPES  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -84,36 +87,56 @@ class MoeProblem:
         pairs = self.topk_ids.numel()
         touched = int(torch.unique(self.topk_ids).numel())
         elt = self.x.element_size()
-        per_weight = 0.5 if self.quant is not None and self.quant.int4 else self.w13.element_size()  # int4: packed
-        if self.quant is not None and self.quant.gguf:  # the file's bytes per weight (gate|up's type for both)
-            block, type_size = GGUF_KERNEL_TYPES[self.quant.w13_ggml]
-            per_weight = type_size / block
-        weights = int(touched * (two_inter * hidden + hidden * two_inter // 2) * per_weight)
+        weights = int(touched * (two_inter * hidden * self.bytes_per_weight(0)
+                                 + hidden * two_inter // 2 * self.bytes_per_weight(1)))  # fmt: skip
         activations = (2 * tokens * hidden + 2 * pairs * two_inter + 2 * pairs * two_inter // 2
                        + 2 * pairs * hidden) * elt
         flops = 2 * pairs * (two_inter * hidden + hidden * two_inter // 2)
         return weights + activations, flops
 
+    def bytes_per_weight(self, which: int) -> float:
+        """Bytes per weight of ``w13`` (0) or ``w2`` (1): GGUF blocks as the file's, int4 codes with their scales
+        and zero points or offsets, else the element size."""
+        w = self.w13 if which == 0 else self.w2
+        if self.quant is not None and self.quant.ggml_type(which):
+            block, type_size = GGUF_KERNEL_TYPES[self.quant.ggml_type(which)]
+            return type_size / block
+        if self.quant is not None and self.quant.parts(which)[2]:
+            scale, _, group, _ = self.quant.parts(which)
+            return 0.5 + 2 * scale.element_size() / group
+        return w.element_size()
+
 
 def make_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int = 0, fp8: bool = False,
-                 int4_group: int = 0, gguf_type: int = 0) -> MoeProblem:  # fmt: skip
+                 int4_group: int = 0, gguf_type: int = 0, gguf_down_type: int = 0,
+                 gguf_blocks: bool = False) -> MoeProblem:  # fmt: skip
     """Random activations, experts and routing; ``fp8``: the experts quantized per output channel to e4m3;
     ``int4_group``: to int4 codes in the int4 kernel layout with random scales and zero points per group;
-    ``gguf_type``: random GGUF blocks of that GGML type (sane scales), as a kept GGUF file's stacked experts."""
+    ``gguf_type``: random GGUF blocks of that GGML type (sane scales), as a GGUF file's stacked experts (the down
+    stack of ``gguf_down_type`` if given), a Q4_0 / Q4_1 / Q4_K stack repacked for the int4 experts' kernel as
+    loading on CUDA does (``experts_as_int4``) unless ``gguf_blocks``."""
     problem = _random_problem(shape, tokens, dtype, seed)
     if gguf_type:
-        from core.layers.quantization.gguf import _random_blocks
+        from core.layers.quantization.gguf import _random_blocks, experts_as_int4
 
         gen = torch.Generator().manual_seed(seed)
-        block, type_size = GGUF_KERNEL_TYPES[gguf_type]
-        for name in ("w13", "w2"):
+        fields = {}
+        for name, ggml_type in (("w13", gguf_type), ("w2", gguf_down_type or gguf_type)):
+            block, type_size = GGUF_KERNEL_TYPES[ggml_type]
             e, n, k = getattr(problem, name).shape
             if k % block:
                 raise ValueError(f"--gguf: the {name} input size {k} is not whole {block}-element blocks")
             blocks = torch.empty(e, n, k // block * type_size, dtype=torch.uint8)
-            _random_blocks(gguf_type)(blocks, gen)
-            setattr(problem, name, blocks.to(DEVICE))
-        problem.quant = ExpertQuant(w13_ggml=gguf_type, w2_ggml=gguf_type)
+            _random_blocks(ggml_type)(blocks, gen)
+            blocks = blocks.to(DEVICE)
+            int4 = None if gguf_blocks or ggml_type not in INT4_TYPES else experts_as_int4(blocks, ggml_type, k, dtype)
+            if int4 is None:
+                setattr(problem, name, blocks)
+                fields[f"{name}_ggml"] = ggml_type
+            else:
+                setattr(problem, name, int4[0])
+                fields.update({f"{name}_scale": int4[1], f"{name}_offsets": int4[2], f"{name}_group": 32})
+        problem.quant = ExpertQuant(**fields)
     if int4_group:
         gen = torch.Generator().manual_seed(seed)
         parts = []
@@ -200,8 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=1, help="one rank's shapes under tensor parallelism of this size")
     parser.add_argument("--fp8", action="store_true", help="experts in e4m3 with per-channel scales (w8a16)")
     parser.add_argument("--int4", action="store_true", help="experts in int4, groups of 128 (w4a16)")
-    parser.add_argument("--gguf", choices=["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"], default=None,
-                        help="experts kept in GGUF blocks of this type (random blocks)")
+    gguf_types = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+    parser.add_argument("--gguf", choices=gguf_types, default=None,
+                        help="GGUF experts of this type (random blocks); Q4_0 / Q4_1 / Q4_K repacked for the int4 "
+                             "experts' kernel as loading on CUDA does, the others in their blocks")
+    parser.add_argument("--gguf-down", choices=gguf_types, default=None,
+                        help="the down stack's GGUF type where it differs (Q4_K_M: Q4_K gate / up, Q6_K down)")
+    parser.add_argument("--gguf-blocks", action="store_true",
+                        help="keep Q4_0 / Q4_1 / Q4_K experts in their blocks (the block-decoding kernel)")
     parser.add_argument("--peak-gbps", type=float, default=4800.0)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     opts = parser.parse_args(argv)
@@ -220,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         for tokens in token_counts:
             gguf_type = int(GGMLQuantizationType[opts.gguf]) if opts.gguf else 0
+            down_type = int(GGMLQuantizationType[opts.gguf_down]) if opts.gguf_down else 0
             p = make_problem(shape, tokens, dtype, seed=tokens, fp8=opts.fp8, int4_group=128 if opts.int4 else 0,
-                             gguf_type=gguf_type)  # fmt: skip
+                             gguf_type=gguf_type, gguf_down_type=down_type, gguf_blocks=opts.gguf_blocks)  # fmt: skip
             config = get_config(tokens, shape.num_experts, shape.hidden, shape.inter, dtype,
                                 _weight_kind(p.w13, p.quant))  # fmt: skip
             err = check_problem(p)

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -94,7 +95,8 @@ def copy_bandwidth(device: str) -> float:
 
 
 def q4_as_int4(raw: torch.Tensor, ggml_type: int, k: int, dtype: torch.dtype) -> tuple:
-    """A Q4_0 / Q4_1 weight as the engine repacks it on CUDA: ``(qweight, scales, zeros)`` for ``int4_linear``."""
+    """A Q4_0 / Q4_1 / Q4_K weight as the engine repacks it on CUDA: ``(qweight, scales, zeros)`` for
+    ``int4_linear``."""
     from kernels.gguf_gemm import q4_blocks_as_int4
     from kernels.int4_gemm import pack_int4_kernel
 
@@ -166,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     from gguf import GGMLQuantizationType
 
-    from kernels.gguf_gemm import GGUF_KERNEL_TYPES, Q4_0, Q4_1, gguf_gemm, gguf_linear_ref
+    from kernels.gguf_gemm import GGUF_KERNEL_TYPES, INT4_TYPES, Q4_0, Q4_1, Q4_K, gguf_gemm, gguf_linear_ref
     from kernels.int4_gemm import int4_linear
-    from tests.kernels.test_gguf_gemm import random_blocks
+    from tests.kernels.test_gguf_gemm import quantize_q4_k, random_blocks
 
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float16 if args.smoke else torch.bfloat16  # bf16 tl.dot is wrong in the interpreter
@@ -194,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
             raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=n + k, scale=1e-3)).to(device)
             if ggml_type == Q4_1:
                 raw = ggml_like_q4_1(raw)
+            if ggml_type == Q4_K:  # ggml-like blocks of Gaussian weights (d, dmin > 0): zero points in range
+                gaussian = np.random.default_rng(n + k).standard_normal((n, k), dtype=np.float32) * 0.02
+                raw = torch.from_numpy(quantize_q4_k(gaussian)).to(device)
             raws = weight_copies(raw, device)
             dense = torch.randn(n, k, dtype=dtype, device=device)
             denses = weight_copies(dense, device)
             floor_us = raw.numel() / bandwidth * 1e6
-            int4s = [q4_as_int4(r, ggml_type, k, dtype) for r in raws] if ggml_type in (Q4_0, Q4_1) else None
+            int4s = [q4_as_int4(r, ggml_type, k, dtype) for r in raws] if ggml_type in INT4_TYPES else None
             for m in m_values:
                 x = torch.randn(m, k, dtype=dtype, device=device)
                 out = gguf_gemm(x, raw, ggml_type)
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 us = time_us(lambda i: gguf_gemm(x, raws[i % len(raws)], ggml_type), replays, device)
                 bf16_us = time_us(lambda i: F.linear(x, denses[i % len(denses)]), replays, device)
                 int4_us = float("nan")
-                if int4s is not None:  # what the engine runs for Q4_0 / Q4_1 layers on CUDA (repacked at load)
+                if int4s is not None:  # what the engine runs for Q4_0 / Q4_1 / Q4_K layers on CUDA (repacked)
                     zeros_whole = ggml_type == Q4_0
                     got = int4_linear(x, *int4s[0], 32, integer_zeros=zeros_whole, backend="triton")
                     err = (got.float() - ref).abs().max().item() / (ref.abs().max().item() + 1e-6)

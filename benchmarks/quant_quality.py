@@ -8,9 +8,10 @@ per group of ``--group-size`` input rows: the weights are quantized here and wri
 loaded like any other; AutoAWQ's activation-aware scaling would only do better), ``bnb-nf4`` (``--quantization
 bitsandbytes``: NF4 in blocks of 64 at load), ``bnb-int8`` (a bitsandbytes 8-bit checkpoint written here: int8 rows
 and their absmax, run w8a16). For a GGUF model, ``gguf`` keeps
-its blocks (dequantized per call on CPU, the block GEMM on CUDA), and ``gguf-int4`` also repacks its Q4_0 / Q4_1
-linear layers for the int4 kernels as CUDA does (``repack_for_int4_kernels``, on any device here: scales and zero
-points rounded to the model dtype, the cost of that form). The reference is the model as it loads by default (the
+its blocks (dequantized per call on CPU, the block GEMM on CUDA), and ``gguf-int4`` also repacks its Q4_0 / Q4_1 /
+Q4_K linear layers and expert stacks for the int4 kernels as CUDA does (``repack_for_int4_kernels``,
+``repack_experts_for_int4_kernels``, on any device here: scales and zero points or offsets rounded to the model
+dtype, the cost of that form). The reference is the model as it loads by default (the
 default SmolLM2 GGUF is dequantized at load).
 
     python -m benchmarks.quant_quality --methods fp8 awq-rtn            # the default SmolLM2, on GPU or CPU
@@ -138,16 +139,20 @@ def write_bnb_int8(source, directory: Path) -> Path:
 
 
 def repack_q4_layers(model: torch.nn.Module) -> int:
-    """Repack every GGUF Q4_0 / Q4_1 linear layer still in its blocks for the int4 kernels, as loading on CUDA does;
-    how many were."""
-    from core.layers.quantization.gguf import GGUFLinearMethod, repack_for_int4_kernels
-    from kernels.gguf_gemm import Q4_0, Q4_1
+    """Repack every GGUF Q4_0 / Q4_1 / Q4_K linear layer and expert stack still in its blocks for the int4 kernels,
+    as loading on CUDA does; how many were."""
+    from core.layers.quantization.gguf import (GGUFLinearMethod, GGUFMoEMethod, repack_experts_for_int4_kernels,
+                                               repack_for_int4_kernels)  # fmt: skip
+    from kernels.gguf_gemm import INT4_TYPES
 
     count = 0
     for module in model.modules():
         method = getattr(module, "quant_method", None)
-        if isinstance(method, GGUFLinearMethod) and method.ggml_type in (Q4_0, Q4_1) and hasattr(module, "weight"):
+        if isinstance(method, GGUFLinearMethod) and method.ggml_type in INT4_TYPES and hasattr(module, "weight"):
             count += repack_for_int4_kernels(module, method.ggml_type)
+        elif isinstance(method, GGUFMoEMethod):
+            before = sum(module.int4_stacks)
+            count += sum(repack_experts_for_int4_kernels(module, method.types)) - before
     return count
 
 
@@ -194,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             elif method in ("gguf", "gguf-int4"):
                 runner = load_runner(args.model, args, quantization="gguf")
                 if method == "gguf-int4":
-                    print(f"gguf-int4: {repack_q4_layers(runner.model)} Q4_0 / Q4_1 layers repacked")
+                    print(f"gguf-int4: {repack_q4_layers(runner.model)} Q4_0 / Q4_1 / Q4_K layers and expert "
+                          "stacks repacked")
             elif method == "bnb-nf4":
                 runner = load_runner(args.model, args, quantization="bitsandbytes")
             elif method == "bnb-int8":

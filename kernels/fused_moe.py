@@ -37,7 +37,7 @@ from kernels.activation import silu_and_mul_triton
 from kernels.backend import use_triton
 from kernels.gguf_gemm import GGUF_KERNEL_TYPES
 from kernels.gguf_gemm import _decode as _gguf_decode
-from kernels.int4_gemm import _MAGIC_VALUES, _TRITON_DTYPES, _dequant_halves
+from kernels.int4_gemm import _MAGIC_VALUES, _TRITON_DTYPES, KERNEL_K_BLOCK, _dequant_halves
 
 CONFIG_FILE = Path(__file__).with_name("fused_moe_configs.json")
 
@@ -62,12 +62,14 @@ class ExpertQuant(NamedTuple):
     """How quantized experts are stored, beside ``w13`` / ``w2``: e4m3 weights with fp32 scales per expert and output
     channel (``[E, N]``) or per ``block`` (``[E, N / block_n, K / block_k]``); or (``w13_group`` / ``w2_group``, the
     group sizes along each GEMM's K) int4 codes in ``kernels/int4_gemm.py``'s kernel layout (``[E, N, K / 8]`` int32)
-    with scales and zero points ``[E, K / group, N]`` (``w13_zeros`` / ``w2_zeros``), and for GPTQ act-order
-    experts each expert's input rows sorted by group: ``x[:, perm[e]]`` times its weight (``w13_perm`` /
-    ``w2_perm``); GGUF experts in their GGML blocks (``w13_ggml`` / ``w2_ggml``: ``[E, N, row_bytes]`` uint8, the
-    file's bytes); or bitsandbytes 4-bit experts (``[E, N, K / 2]`` codes two a byte, ``w13_scale`` / ``w2_scale``
-    the absmax of each ``bnb_block`` weights ``[E, N, K / bnb_block]``, ``codebook``). All run on the 16-bit tensor
-    cores after widening the weight in registers."""
+    with scales and zero points ``[E, K / group, N]`` (``w13_zeros`` / ``w2_zeros``: ``W = (q - z) s``) or offsets
+    (``w13_offsets`` / ``w2_offsets``: ``W = q s + o``, GGUF Q4_0 / Q4_1 / Q4_K experts repacked at load), and for
+    GPTQ act-order experts each expert's input rows sorted by group: ``x[:, perm[e]]`` times its weight
+    (``w13_perm`` / ``w2_perm``); GGUF experts in their GGML blocks (``w13_ggml`` / ``w2_ggml``: ``[E, N,
+    row_bytes]`` uint8, the file's bytes); or bitsandbytes 4-bit experts (``[E, N, K / 2]`` codes two a byte,
+    ``w13_scale`` / ``w2_scale`` the absmax of each ``bnb_block`` weights ``[E, N, K / bnb_block]``, ``codebook``).
+    int4 and GGUF blocks are chosen per stack (``ggml_type``, ``parts``): a Q4_K_M file's gate / up repacked to int4
+    beside its down kept in Q6_K blocks. All run on the 16-bit tensor cores after widening the weight in registers."""
 
     w13_scale: torch.Tensor | None = None
     w2_scale: torch.Tensor | None = None
@@ -82,14 +84,26 @@ class ExpertQuant(NamedTuple):
     w2_ggml: int = 0
     codebook: torch.Tensor | None = None  # bitsandbytes 4-bit: the 16 code values; the scales are block absmax
     bnb_block: int = 0
+    w13_offsets: torch.Tensor | None = None  # int4 with offsets in place of zero points: W = q * s + o (GGUF)
+    w2_offsets: torch.Tensor | None = None
 
     @property
     def int4(self) -> bool:
-        return self.w13_group > 0
+        """Some stack is int4."""
+        return self.w13_group > 0 or self.w2_group > 0
 
     @property
     def gguf(self) -> bool:
-        return self.w13_ggml > 0
+        """Some stack is in GGUF blocks."""
+        return self.w13_ggml > 0 or self.w2_ggml > 0
+
+    def ggml_type(self, which: int) -> int:
+        """The GGML type of ``w13`` (0) or ``w2`` (1) kept in its blocks, or 0."""
+        return self.w13_ggml if which == 0 else self.w2_ggml
+
+    def offsets(self, which: int) -> torch.Tensor | None:
+        """The int4 offsets of ``w13`` (0) or ``w2`` (1), where it has them instead of zero points."""
+        return self.w13_offsets if which == 0 else self.w2_offsets
 
     @property
     def bnb4(self) -> bool:
@@ -131,16 +145,18 @@ def _expert_product(x: torch.Tensor, w: torch.Tensor, quant: ExpertQuant | None,
 
         absmax = (quant.w13_scale if which == 0 else quant.w2_scale)[expert]
         return x @ dequantize_bnb4(w[expert], absmax, quant.codebook, quant.bnb_block).to(x.dtype).t()
-    if quant.gguf:
+    if quant.ggml_type(which):
         from kernels.gguf_gemm import dequantize_gguf
 
-        ggml_type = quant.w13_ggml if which == 0 else quant.w2_ggml
-        return x @ dequantize_gguf(w[expert], ggml_type, x.shape[1]).to(x.dtype).t()
+        return x @ dequantize_gguf(w[expert], quant.ggml_type(which), x.shape[1]).to(x.dtype).t()
     scale, zeros, group, perm = quant.parts(which)
     if group:
-        from kernels.int4_gemm import dequantize_int4
+        from kernels.int4_gemm import dequantize_int4, dequantize_int4_offsets
 
         x = x if perm is None else x[:, perm[expert].long()]
+        offsets = quant.offsets(which)
+        if offsets is not None:
+            return x @ dequantize_int4_offsets(w[expert], scale[expert], offsets[expert], group).to(x.dtype)
         return x @ dequantize_int4(w[expert], scale[expert], zeros[expert], group).to(x.dtype)
     if quant.block is not None:
         from kernels.fp8_block_gemm import dequantize_fp8_blocks
@@ -269,33 +285,50 @@ def _moe_gemm_kernel(
 
 
 @triton.jit
+def _per_int16(values, BLOCK_N: tl.constexpr, HALVES: tl.constexpr, GROUPS: tl.constexpr, ONE_GROUP: tl.constexpr):
+    """A step's per-row (``[BLOCK_N, 1]``, ``ONE_GROUP``) or per-group (``[BLOCK_N, GROUPS]``) values repeated over
+    the int16 of the halves tile ``[BLOCK_N, HALVES]`` they apply to (a group's ``HALVES / GROUPS`` consecutive ones),
+    in registers."""
+    if ONE_GROUP:
+        return tl.broadcast_to(values, (BLOCK_N, HALVES))
+    return tl.reshape(tl.broadcast_to(values[:, :, None], (BLOCK_N, GROUPS, HALVES // GROUPS)), (BLOCK_N, HALVES))
+
+
+@triton.jit
 def _moe_int4_kernel(
     a_ptr, qh_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, s_ptr, z_ptr,
     perm_ptr, N, K, num_pairs, capacity,
     stride_am, stride_qe, stride_qn, stride_cm, stride_cn, stride_se, stride_s1,
     PAIRS_PER_A_ROW: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GROUP: tl.constexpr, MAGIC: tl.constexpr, USE_ASM: tl.constexpr,
-    PERMUTED: tl.constexpr = False,
+    PERMUTED: tl.constexpr = False, OFFSETS: tl.constexpr = False,
 ):  # fmt: skip
     """:func:`_moe_gemm_kernel` for int4 experts in the int4 kernel layout (``[E, N, K / 8]`` words, viewed as int16
     ``qh [E, N, K / 4]``), scales and zero points ``s`` / ``z [E, K / GROUP, N]`` (a's dtype; ``BLOCK_K`` divides
-    ``GROUP`` and ``K``). Each step's weight tile is dequantized as the dense tensor-core decode kernel does
-    (``kernels/int4_gemm.py: _int4_mma_kernel``): Marlin's magic-number conversion, two weights per instruction
-    (``_dequant_halves``), into the MMA's first operand straight from registers (``W @ a^T``: the tile's
+    ``K`` and nests with ``GROUP``, a multiple of 32). Each step's weight tile is dequantized as the dense tensor-core
+    decode kernel does (``kernels/int4_gemm.py: _int4_mma_kernel``): Marlin's magic-number conversion, two weights per
+    instruction (``_dequant_halves``), into the MMA's first operand straight from registers (``W @ a^T``: the tile's
     ``BLOCK_N`` rows are the MMA's M side), so nothing but a's rows goes through shared memory; a's columns are
     reordered to the tile's column order. ``PERMUTED`` (act order): the expert's rows were sorted by group, so a's
-    columns are read through its permutation ``perm [E, K]``."""
+    columns are read through its permutation ``perm [E, K]`` (the groups are those of the sorted rows, as here).
+
+    A step within one group (``BLOCK_K <= GROUP``) loads one scale / zero point per row; a step over several
+    (``GROUP < BLOCK_K``: GGUF's groups of 32) loads ``[BLOCK_N, BLOCK_K / GROUP]`` and repeats each over its group's
+    ``GROUP / 4`` int16 in registers (int16 ``e`` of the step holds inputs of its 32-chunk ``e // 8`` only).
+    ``OFFSETS`` (GGUF experts): ``z`` holds offsets ``o``, ``W = q * s + o`` (ggml's own ``d * q + m`` form, whose
+    zero points ``-o / s`` are not whole numbers, which ``magic + z`` would round): ``q`` exact from the magic float,
+    ``o`` added by the fused multiply-add that scales, one rounding per weight and no zero-point arithmetic."""
     live, pair, valid, expert, offs_n = _block_of_pairs(sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, N,
                                                         num_pairs, capacity, BLOCK_M, BLOCK_N, GROUP_M)
     if not live:
         return
     HALVES: tl.constexpr = BLOCK_K // 4
+    GROUPS: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1  # groups per step
     DOT_DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     w_rows = tl.minimum(offs_n, N - 1)  # unmasked weight loads; tail columns are never stored
     offs_k, a_ptrs = _pair_a_rows(a_ptr, pair, stride_am, 1, PAIRS_PER_A_ROW, BLOCK_K)
     q_ptrs = qh_ptr + expert * stride_qe + w_rows[:, None] * stride_qn + tl.arange(0, HALVES)[None, :]
     sz_ptrs = expert * stride_se + w_rows
-    shape: tl.constexpr = (BLOCK_N, HALVES)
     if PERMUTED:
         # tile column p = ((j * C + c) * 4 + r) * 2 + h (C = BLOCK_K / 32) reads the step's input 32c + 16h + 4j + r:
         # the reshape-permute of the unpermuted path below, as index arithmetic
@@ -305,13 +338,24 @@ def _moe_int4_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for t in range(0, K // BLOCK_K):
         halves = tl.load(q_ptrs + t * HALVES)
-        group_row = (t * BLOCK_K) // GROUP * stride_s1
-        s = tl.load(s_ptr + sz_ptrs + group_row).to(tl.float32)[:, None]
-        z = tl.load(z_ptr + sz_ptrs + group_row).to(tl.float32)[:, None]
-        s_dot = tl.broadcast_to(s.to(DOT_DTYPE), shape)
-        w0, w1, w2, w3 = _dequant_halves(halves, tl.broadcast_to((MAGIC + z).to(DOT_DTYPE), shape),
-                                         tl.broadcast_to((-(MAGIC / 16.0) - z).to(DOT_DTYPE), shape), s_dot, s_dot,
-                                         DOT_DTYPE, USE_ASM, True, False)  # fmt: skip
+        if BLOCK_K <= GROUP:  # [BLOCK_N, 1]
+            group_row = (t * BLOCK_K) // GROUP * stride_s1
+            s = tl.load(s_ptr + sz_ptrs + group_row).to(tl.float32)[:, None]
+            z = tl.load(z_ptr + sz_ptrs + group_row).to(tl.float32)[:, None]
+        else:  # [BLOCK_N, GROUPS]
+            group_rows = (t * GROUPS + tl.arange(0, GROUPS)) * stride_s1
+            s = tl.load(s_ptr + sz_ptrs[:, None] + group_rows[None, :]).to(tl.float32)
+            z = tl.load(z_ptr + sz_ptrs[:, None] + group_rows[None, :]).to(tl.float32)
+        s_dot = _per_int16(s.to(DOT_DTYPE), BLOCK_N, HALVES, GROUPS, BLOCK_K <= GROUP)
+        if OFFSETS:  # z holds offsets: q exact from the magic float, o added by the scaling FMA
+            magic_z = tl.full((BLOCK_N, HALVES), MAGIC, DOT_DTYPE)
+            hi_z = tl.full((BLOCK_N, HALVES), -(MAGIC / 16.0), DOT_DTYPE)
+            offset = _per_int16(z.to(DOT_DTYPE), BLOCK_N, HALVES, GROUPS, BLOCK_K <= GROUP)
+        else:
+            magic_z = _per_int16((MAGIC + z).to(DOT_DTYPE), BLOCK_N, HALVES, GROUPS, BLOCK_K <= GROUP)
+            hi_z = _per_int16((-(MAGIC / 16.0) - z).to(DOT_DTYPE), BLOCK_N, HALVES, GROUPS, BLOCK_K <= GROUP)
+            offset = s_dot  # unused
+        w0, w1, w2, w3 = _dequant_halves(halves, magic_z, hi_z, s_dot, offset, DOT_DTYPE, USE_ASM, True, OFFSETS)
         # Tile column j * E + e holds nibble j of int16 e (the dense kernel's construction and a's order to match)
         w = tl.reshape(tl.permute(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (0, 2, 3, 1)), (BLOCK_N, BLOCK_K))
         if PERMUTED:  # gathered straight into the tile's column order (arithmetic, not a reshape of the gather)
@@ -407,8 +451,8 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
             BLOCK_K=64 if quant.bnb_block % 64 == 0 else 32, BLOCKSIZE=quant.bnb_block, **common,
         )  # fmt: skip
         return
-    if quant is not None and quant.gguf:
-        ggml_type = quant.w13_ggml if which == 0 else quant.w2_ggml
+    if quant is not None and quant.ggml_type(which):
+        ggml_type = quant.ggml_type(which)
         block, type_size = GGUF_KERNEL_TYPES[ggml_type]
         k = a.shape[1]
         if a.stride(1) != 1 or k % block or b.shape[2] != k // block * type_size:
@@ -421,21 +465,21 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
             GGML_TYPE=ggml_type, BLOCK=block, TYPE_SIZE=type_size, **common,
         )  # fmt: skip
         return
-    if quant is not None and quant.int4:
+    if quant is not None and quant.parts(which)[2]:
         scale, zeros, group, perm = quant.parts(which)
+        offsets = quant.offsets(which)
         k = 8 * b.shape[2]
-        block_k = max(32, _block_k_within(config["BLOCK_K"], group))
-        if group % block_k or k % block_k:
-            raise ValueError(f"int4 experts need groups ({group}) and inputs ({k}) of whole 32-row steps.")
+        block_k = _int4_block_k(config["BLOCK_K"], group, k)
         if a.stride(1) != 1:
             raise ValueError("int4 experts need activations with unit column stride")
         halves = b.view(torch.int16)  # [E, N, K / 4]
         _moe_int4_kernel[grid](
-            a, halves, out, routing, sorted_pair_ids, block_experts, num_padded, scale, zeros,
-            perm if perm is not None else scale, n, k, num_pairs, capacity, a.stride(0), halves.stride(0),
-            halves.stride(1), out.stride(0), out.stride(1), scale.stride(0), scale.stride(1), BLOCK_K=block_k,
-            GROUP=group, MAGIC=_MAGIC_VALUES[a.dtype], USE_ASM=a.is_cuda and a.dtype in _TRITON_DTYPES,
-            PERMUTED=perm is not None, **common,
+            a, halves, out, routing, sorted_pair_ids, block_experts, num_padded, scale,
+            zeros if offsets is None else offsets, perm if perm is not None else scale, n, k, num_pairs, capacity,
+            a.stride(0), halves.stride(0), halves.stride(1), out.stride(0), out.stride(1), scale.stride(0),
+            scale.stride(1), BLOCK_K=block_k, GROUP=group, MAGIC=_MAGIC_VALUES[a.dtype],
+            USE_ASM=a.is_cuda and a.dtype in _TRITON_DTYPES, PERMUTED=perm is not None, OFFSETS=offsets is not None,
+            **common,
         )  # fmt: skip
         return
     kind, scale, block_k = B_PLAIN, out, config["BLOCK_K"]
@@ -454,6 +498,17 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
         SCALE_N=quant.block[0] if kind == B_FP8_BLOCK else 0, SCALE_K=quant.block[1] if kind == B_FP8_BLOCK else 0,
         **common,
     )  # fmt: skip
+
+
+def _int4_block_k(block_k: int, group: int, k: int) -> int:
+    """The int4 experts' K step: the config's (32..128, or up to a larger group), halved until it divides K and
+    nests with the group (a step within one group, or over whole groups; groups are whole 32-row chunks)."""
+    if group % KERNEL_K_BLOCK or k % KERNEL_K_BLOCK:
+        raise ValueError(f"int4 experts need groups ({group}) and inputs ({k}) of whole {KERNEL_K_BLOCK}-row chunks.")
+    block_k = max(KERNEL_K_BLOCK, min(block_k, max(group, 128)))
+    while block_k > KERNEL_K_BLOCK and (k % block_k or (group % block_k and block_k % group)):
+        block_k //= 2
+    return block_k
 
 
 def _block_k_within(block_k: int, scale_k: int) -> int:
@@ -526,12 +581,15 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
 
 
 def _weight_kind(w13: torch.Tensor, quant: ExpertQuant | None) -> torch.dtype | str | None:
-    """What the config table keys the experts' weights by: their dtype, ``int4`` (packed in int32) or their GGML
-    types."""
-    if quant is not None and quant.int4:
-        return "int4"
-    if quant is not None and quant.gguf:
-        return f"gguf{quant.w13_ggml}-{quant.w2_ggml}"
+    """What the config table keys the experts' weights by: their dtype, ``int4`` (packed in int32), their GGML
+    types (``gguf12-14``) or each stack's kind where one is int4 and the other in blocks (``int4-gguf14``)."""
+    if quant is not None and (quant.int4 or quant.gguf):
+        kinds = [f"gguf{quant.ggml_type(which)}" if quant.ggml_type(which) else "int4" for which in (0, 1)]
+        if kinds == ["int4", "int4"]:
+            return "int4"
+        if quant.ggml_type(0) and quant.ggml_type(1):
+            return f"gguf{quant.w13_ggml}-{quant.w2_ggml}"
+        return "-".join(kinds)
     if quant is not None and quant.bnb4:
         return "bnb4"
     return w13.dtype

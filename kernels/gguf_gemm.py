@@ -16,8 +16,9 @@ tied LM head Q8_0) take ``_gguf_small_decode_kernel``, which reads whole words o
 byte. Otherwise one kernel, two launch shapes: decode (M <= 16) keeps the whole (padded) batch in one program and sums
 the ``[M, N, K]`` tile product (no ``tl.dot`` minimum of 16 rows to pad to); larger M dequantizes a
 ``[block_n, block_k]`` tile and feeds ``tl.dot``. ``gguf_linear_ref`` (dequantize, fp32 matmul) is the reference and
-the CPU path. ``q4_blocks_as_int4`` rewrites Q4_0 / Q4_1 weights for the w4a16 int4 kernels instead
-(``kernels/int4_gemm.py``, group 32), which ``core/layers/quantization/gguf.py`` does on CUDA.
+the CPU path. ``q4_blocks_as_int4`` rewrites Q4_0 / Q4_1 / Q4_K weights (``INT4_TYPES``) for the w4a16 int4
+kernels instead (``kernels/int4_gemm.py`` and the int4 experts' ``kernels/fused_moe.py``, group 32), which
+``core/layers/quantization/gguf.py`` does on CUDA.
 """
 
 from __future__ import annotations
@@ -126,37 +127,65 @@ def _dequantize_32(blocks: torch.Tensor, ggml_type: int) -> torch.Tensor:
     return q * _half_at(blocks, 0) + _half_at(blocks, 2)
 
 
-def q4_blocks_as_int4(raw: torch.Tensor, ggml_type: int, in_features: int, dtype: torch.dtype
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:  # fmt: skip
-    """A Q4_0 / Q4_1 weight (``uint8 [N, row_bytes]``) as the w4a16 kernels' ``(codes [K, N] int32, scales, zeros)``
-    (``kernels/int4_gemm.py``: ``W = (q - z) * s``, one group per 32-element block; scales and zeros ``[K / 32, N]``
-    in ``dtype``), or None when the blocks do not fit that form exactly enough.
+INT4_TYPES = (Q4_0, Q4_1, Q4_K)  # 4-bit codes with a scale and an offset per 32 inputs: the int4 kernels' form
 
-    Q4_0 ``(q - 8) d``: ``s = d, z = 8``, exact in fp16 / fp32 (bf16 rounds the fp16 ``d``, as bf16 rounds each
-    weight of the dequantized model). Q4_1 ``q d + m``: ``s = d, z = -m / d``, rounded to ``dtype`` (an error of
-    ``|m|`` times dtype's half-ulp, the size of rounding the block's largest weight to it). A Q4_1 block with
-    ``d = 0`` is the constant ``m``: ggml writes its quants as 0, so ``s = m, z = -1``; quants that are not 0 there,
-    or a ``z`` that overflows ``dtype`` (fp16, tiny ``d``), return None."""
+
+def _q4_groups(raw: torch.Tensor, ggml_type: int, in_features: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A Q4_0 / Q4_1 / Q4_K weight (``uint8 [N, row_bytes]``) as ``(codes [N, K / 32, 32] uint8, s, o)`` with ``s``
+    and ``o`` fp32 ``[N, K / 32]``: ``W = q * s + o`` for each 32 inputs (a Q4_0 / Q4_1 block, a Q4_K sub-block),
+    exactly (fp32 holds each product of an fp16 and a 6-bit scale). Q4_0 ``s = d, o = -8 d``; Q4_1 ``s = d, o = m``;
+    Q4_K sub-block ``j`` ``s = d * sc_j, o = -dmin * m_j`` (``_k_scale_min``)."""
     block, type_size = GGUF_KERNEL_TYPES[ggml_type]
-    if ggml_type not in (Q4_0, Q4_1):
-        raise ValueError(f"GGUF type {ggml_type} is not a 4-bit block type with 32 elements")
     n = raw.shape[0]
     blocks = raw.reshape(n, in_features // block, type_size)
-    q = _q4_codes(blocks, ggml_type).to(torch.int32)  # [N, blocks, 32]
-    d = _half_at(blocks, 0)[..., 0]  # [N, blocks]
+    d = _half_at(blocks, 0)  # [N, blocks, 1]
+    if ggml_type == Q4_K:  # 32-byte chunk c of qs: sub-block 2c in its low nibbles, 2c + 1 in its high ones
+        qs = blocks[..., 16:].reshape(n, -1, 4, 1, 32)
+        codes = torch.cat([qs & 0xF, qs >> 4], dim=3).reshape(n, -1, 32)
+        scale, minimum = _k_scale_min(blocks)
+        return codes, (d * scale).reshape(n, -1), (-_half_at(blocks, 2) * minimum).reshape(n, -1)
+    codes = _q4_codes(blocks, ggml_type)
     if ggml_type == Q4_0:
-        scales, zeros = d, torch.full_like(d, 8.0)
+        return codes, d[..., 0], -8 * d[..., 0]
+    return codes, d[..., 0], _half_at(blocks, 2)[..., 0]
+
+
+def q4_blocks_as_int4(raw: torch.Tensor, ggml_type: int, in_features: int, dtype: torch.dtype, *,
+                      offsets: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """A Q4_0 / Q4_1 / Q4_K weight (``uint8 [N, row_bytes]``) as the w4a16 kernels' ``(codes [K, N] int32, scales,
+    zeros)`` (``kernels/int4_gemm.py``: ``W = (q - z) * s``, one group per 32 inputs: a Q4_0 / Q4_1 block, a Q4_K
+    sub-block; scales and zeros ``[K / 32, N]`` in ``dtype``), or None when the blocks do not fit that form exactly
+    enough. ``offsets``: ``(codes, scales, offsets)`` with ``W = q * s + o`` instead (``_q4_groups``; the int4
+    experts' kernel takes that form), which every block fits (None only for a scale or offset past ``dtype``'s range).
+
+    Q4_0 ``(q - 8) d``: ``s = d, z = 8``, exact in fp16 / fp32 (bf16 rounds the fp16 ``d``, as bf16 rounds each
+    weight of the dequantized model). Q4_1 ``q d + m`` and Q4_K ``d sc q - dmin m``: ``z = -o / s`` (``m / d``,
+    ``dmin m / (d sc)``), rounded to ``dtype`` (an error of ``|o|`` times dtype's half-ulp, the size of rounding the
+    group's largest weight to it). A group with ``s = 0`` is the constant ``o``: ``s = o, z = -1`` with codes 0. ggml
+    writes a Q4_1 block with ``d = 0`` with quants 0 (others there return None); its Q4_K quantizer leaves a
+    sub-block's quants as they were when its 6-bit scale rounds to 0 (the weight does not depend on them), so they are
+    set to 0. A ``z`` that overflows ``dtype`` (fp16, a tiny ``s``) returns None."""
+    if ggml_type not in INT4_TYPES:
+        raise ValueError(f"GGUF type {ggml_type} is not a 4-bit type with a scale and an offset per 32 elements")
+    codes, s, o = _q4_groups(raw, ggml_type, in_features)
+    codes = codes.to(torch.int32)
+    if offsets:
+        scales, extra = s, o
+    elif ggml_type == Q4_0:
+        scales, extra = s, torch.full_like(s, 8.0)
     else:
-        m = _half_at(blocks, 2)[..., 0]
-        constant = d == 0
-        if bool((q[constant] != 0).any()):
+        constant = s == 0
+        if ggml_type == Q4_K:
+            codes = codes.masked_fill(constant[..., None], 0)
+        elif bool((codes[constant] != 0).any()):
             return None
-        scales = torch.where(constant, m, d)
-        zeros = torch.where(constant, torch.full_like(d, -1.0), -m / torch.where(constant, 1.0, d))
-    scales, zeros = scales.t().to(dtype).contiguous(), zeros.t().to(dtype).contiguous()
-    if not torch.isfinite(zeros).all() or not torch.isfinite(scales).all():
+        scales = torch.where(constant, o, s)
+        extra = torch.where(constant, torch.full_like(s, -1.0), -o / torch.where(constant, 1.0, s))
+    scales, extra = scales.t().to(dtype).contiguous(), extra.t().to(dtype).contiguous()
+    if not torch.isfinite(extra).all() or not torch.isfinite(scales).all():
         return None
-    return q.reshape(n, in_features).t().contiguous(), scales, zeros  # codes [K, N]
+    return codes.reshape(raw.shape[0], in_features).t().contiguous(), scales, extra  # codes [K, N]
 
 
 def dequantize_gguf(raw: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:

@@ -222,6 +222,15 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return (q - zeros.float()[groups]) * scales.float()[groups]
 
 
+def dequantize_int4_offsets(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group_size: int
+                            ) -> torch.Tensor:  # fmt: skip
+    """The fp32 ``[K, N]`` weight ``q * s + o`` of the kernel layout with offsets in place of zero points (GGUF
+    experts: ``kernels/fused_moe.py``)."""
+    q = unpack_int4_kernel(qweight).float()
+    groups = torch.arange(q.shape[0], device=q.device) // group_size
+    return q * scales.float()[groups] + offsets.float()[groups]
+
+
 def gather_columns(x2: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """``x2``'s columns in the weight's row order (``perm``: act-order, rows sorted by group at load). A ``perm``
     longer than x's width also names column ``K``, a zero column appended here: the padding rows of a weight

@@ -107,7 +107,7 @@ def test_quality_script_measures_the_default_gguf_kept_and_repacked(tmp_path, ca
                                "--json", str(out)]) == 0
     rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
     assert set(rows) == {"none", "gguf", "gguf-int4"}
-    assert "120 Q4_0 / Q4_1 layers repacked" in capsys.readouterr().out
+    assert "120 Q4_0 / Q4_1 / Q4_K layers and expert stacks repacked" in capsys.readouterr().out
     for method in ("gguf", "gguf-int4"):
         assert 0 <= rows[method]["mean_kl"] < 0.01 and rows[method]["top1_agreement"] > 0.9
         assert rows[method]["weight_bytes"] < 0.4 * rows["none"]["weight_bytes"]

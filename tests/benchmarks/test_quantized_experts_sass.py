@@ -1,7 +1,8 @@
 """The quantized weights' Triton kernels added without a GPU run compile for sm_90 (Triton's bundled ptxas)
 without spills, their products on the tensor cores (HMMA, or wgmma's HGMMA): the fused MoE kernels' kinds of
-expert weight (16-bit, e4m3 per channel, e4m3 per block, int4, GGUF blocks, bitsandbytes 4-bit), the block-scaled
-fp8 GEMM, the bitsandbytes 4-bit and the 8-bit (bitsandbytes, GPTQ) GEMMs at their decode and prefill tiles."""
+expert weight (16-bit, e4m3 per channel, e4m3 per block, int4 in groups of 128 and of 32 with zero points or
+offsets, GGUF blocks, bitsandbytes 4-bit), the block-scaled fp8 GEMM, the bitsandbytes 4-bit and the 8-bit
+(bitsandbytes, GPTQ) GEMMs at their decode and prefill tiles."""
 
 from __future__ import annotations
 
@@ -41,9 +42,13 @@ for kind, (b, s) in kinds.items():
     out[f"moe{kind}"] = facts_and_loop(info)
 pointers = {"a_ptr": "*bf16", "qh_ptr": "*i16", "s_ptr": "*bf16", "z_ptr": "*bf16", "perm_ptr": "*i32", **routing}
 for permuted in (False, True):  # act order: a's columns gathered through the expert's permutation
-    constexprs = dict(common, GROUP=128, MAGIC=128.0, USE_ASM=True, PERMUTED=permuted)
+    constexprs = dict(common, GROUP=128, MAGIC=128.0, USE_ASM=True, PERMUTED=permuted, OFFSETS=False)
     info = summarize(_compile(fused_moe._moe_int4_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
     out["moe_int4_act" if permuted else "moe_int4"] = facts_and_loop(info)
+for offsets in (False, True):  # groups of 32, four a K step of 128: AWQ / GPTQ's zero points, GGUF's offsets
+    constexprs = dict(common, GROUP=32, MAGIC=128.0, USE_ASM=True, PERMUTED=False, OFFSETS=offsets)
+    info = summarize(_compile(fused_moe._moe_int4_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
+    out["moe_int4_g32_offsets" if offsets else "moe_int4_g32"] = facts_and_loop(info)
 from kernels.gguf_gemm import GGUF_KERNEL_TYPES, Q4_K, Q6_K, Q8_0
 for ggml_type in (Q8_0, Q4_K, Q6_K):  # GGUF experts kept in their blocks
     block, type_size = GGUF_KERNEL_TYPES[ggml_type]
@@ -89,8 +94,8 @@ def compiled():
 @needs_sass_tools
 def test_quantized_weight_kernels_compile_for_sm90_on_the_tensor_cores_without_spills(compiled):
     result = compiled
-    assert set(result) == {"moe0", "moe1", "moe2", "moe_int4", "moe_int4_act", "moe_gguf8", "moe_gguf12", "moe_gguf14",
-                           "moe_bnb4",
+    assert set(result) == {"moe0", "moe1", "moe2", "moe_int4", "moe_int4_act", "moe_int4_g32", "moe_int4_g32_offsets",
+                           "moe_gguf8", "moe_gguf12", "moe_gguf14", "moe_bnb4",
                            "block1", "block512", "bnb1", "bnb512", "int8_1", "int8_512", "gptq8_1", "gptq8_512"}
     for name, (regs, spills, mma, *_) in result.items():
         assert 0 < regs <= 255 and spills == 0 and mma > 0, (name, result)
@@ -103,3 +108,13 @@ def test_int4_experts_dequantize_in_few_instructions_a_step(compiled):
     version, a shift, mask, int -> float conversion and FMA per weight and the tile through shared memory, took 530
     against 138, and ran slower than the 16-bit experts for a quarter of their bytes)."""
     assert compiled["moe_int4"][3] <= 2 * compiled["moe0"][3], compiled
+
+
+@needs_sass_tools
+def test_int4_experts_in_groups_of_32_step_within_an_eighth_of_groups_of_128(compiled):
+    """Groups of 32 (GGUF Q4_0 / Q4_1 / Q4_K experts repacked at load) in the decode tile's K step of 128: the
+    step's four scales and zero points (or offsets) per row loaded as ``[64, 4]`` and repeated over their int16 in
+    registers, not reloaded per int16, so the step stays within 1/8 of the one-group step (sm_90, bf16: 249 with zero
+    points, 246 with offsets, against 236)."""
+    for name in ("moe_int4_g32", "moe_int4_g32_offsets"):
+        assert compiled[name][3] <= compiled["moe_int4"][3] * 9 / 8, compiled

@@ -6,6 +6,8 @@ top-5 logprobs close. Matrices are rounded to fp16 before saving, so storing the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import gguf
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import transformers
 
 from tests.core.engine_utils import make_engine, run_engine
 from tests.core.test_loader import llama_cpp_permute
+from tests.kernels.test_gguf_gemm import quantize_q4_k
 from tests.core.test_model_parity import GREEDY, MAX_TOKENS, check_against_hf, random_prompts
 from tests.tiny_models import SLIDING_WINDOW, hf_config, hf_greedy
 
@@ -154,8 +157,11 @@ def _convert(gguf_arch: str, cfg, hf_name: str, array: np.ndarray) -> np.ndarray
 def _add_matrix(writer: gguf.GGUFWriter, name: str, array: np.ndarray, ggml_type: gguf.GGMLQuantizationType | None
                 ) -> None:  # fmt: skip
     """A weight matrix (or a stack of experts' matrices) in F16, or quantized to ``ggml_type``."""
-    if ggml_type is None or array.shape[-1] % 32:  # llama.cpp keeps rows that are not whole blocks in F16
+    k_quant = ggml_type == gguf.GGMLQuantizationType.Q4_K
+    if ggml_type is None or array.shape[-1] % (256 if k_quant else 32):  # llama.cpp: rows of partial blocks in F16
         writer.add_tensor(name, array.astype(np.float16))
+    elif k_quant:  # gguf-py writes no K-quants
+        writer.add_tensor(name, quantize_q4_k(array), raw_dtype=ggml_type)
     else:
         writer.add_tensor(name, gguf.quants.quantize(array.astype(np.float32), ggml_type), raw_dtype=ggml_type)
 
@@ -227,16 +233,21 @@ def test_family_gguf_kept_in_its_blocks_equals_it_dequantized(tmp_path, family):
     assert len(linears) == 4 * 2 and all(m.weight.dtype == torch.uint8 for m in linears)
 
 
-def _kept_equals_dequantized(tmp_path, family: str) -> torch.nn.Module:
-    """The family's Q8_0 file with ``--quantization gguf`` gives the tokens and first logprobs of the same file
-    dequantized at load; returns the kept model."""
+def _kept_equals_dequantized(tmp_path, family: str, ggml_type: str = "Q8_0", wider: dict | None = None,
+                             prepare: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:  # fmt: skip
+    """The family's file of ``ggml_type`` matrices (``wider``: config overrides) with ``--quantization gguf`` gives
+    the tokens and first logprobs of the same file dequantized at load; ``prepare`` changes the kept model before it
+    runs. Returns the kept model."""
     arch, gguf_arch, overrides = FAMILIES[family]
-    path = tmp_path / f"{family}-q8.gguf"
-    write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides), gguf.GGMLQuantizationType.Q8_0)
+    path = tmp_path / f"{family}-{ggml_type}.gguf"
+    write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides | (wider or {})),
+                      gguf.GGMLQuantizationType[ggml_type])  # fmt: skip
     prompts = random_prompts(5, lengths=(3, 17))
     runs = []
     for quantization in ("gguf", None):
         engine = make_engine(path, dtype="float32", quantization=quantization)
+        if quantization and prepare is not None:
+            prepare(engine.runner.model)
         runs.append((engine, run_engine(engine, prompts, GREEDY)))
     (kept, ours), (_, reference) = runs
     for key, expected in reference.items():
@@ -262,6 +273,39 @@ def test_moe_gguf_experts_kept_in_their_blocks_equal_them_dequantized(tmp_path, 
     blocks = [m for m in _kept_equals_dequantized(tmp_path, family).modules() if hasattr(m, "w13")]
     assert blocks and all(b.w13.dtype == torch.uint8 and b.w13.dim() == 3 for b in blocks)
     assert all(b.w2.shape[:2] == (b.num_experts, b.hidden) for b in blocks)
+
+
+def _repack_as_cuda_does(model: torch.nn.Module) -> None:
+    """What loading does on CUDA (CPU keeps the blocks: both forms dequantize in torch): every expert stack and
+    dense projection of Q4_0 / Q4_1 / Q4_K repacked for the int4 kernels."""
+    from core.layers.quantization.gguf import (GGUFLinearMethod, GGUFMoEMethod, repack_experts_for_int4_kernels,
+                                               repack_for_int4_kernels)  # fmt: skip
+
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, GGUFMoEMethod):
+            assert method.experts(module)[2].gguf  # as loaded on CPU
+            assert repack_experts_for_int4_kernels(module, method.types) == (True, True)
+        elif isinstance(method, GGUFLinearMethod):
+            assert repack_for_int4_kernels(module, method.ggml_type)
+
+
+@pytest.mark.parametrize("family, ggml_type", [("qwen2_moe", "Q4_K"), ("qwen3_moe", "Q4_K"), ("qwen3_moe", "Q4_0")])
+def test_moe_gguf_q4_experts_on_the_int4_experts_kernel_equal_them_dequantized(tmp_path, family, ggml_type):
+    """A Q4_K (Q4_K_M's gate / up) or Q4_0 file's expert stacks repacked as on CUDA for the int4 experts' kernel
+    (codes, scales and offsets in groups of 32: ``ExpertQuant`` int4, no GGUF blocks left) and its dense projections
+    for the int4 kernels: the tokens and logprobs of the same file dequantized at load (K-quants: models 256 wide)."""
+    wider = {"hidden_size": 256, "moe_intermediate_size": 256} if ggml_type == "Q4_K" else None
+    model = _kept_equals_dequantized(tmp_path, family, ggml_type, wider, prepare=_repack_as_cuda_does)
+    blocks = [m for m in model.modules() if hasattr(m, "w13")]
+    assert blocks
+    for block in blocks:
+        _, _, quant = block.quant_method.experts(block)
+        assert quant.int4 and not quant.gguf and quant.w13_group == quant.w2_group == 32
+        assert quant.w13_offsets.shape == (block.num_experts, block.hidden // 32, 2 * block.inter)
+        assert block.w2.dtype == torch.int32 and block.w2.shape == (block.num_experts, block.hidden, block.inter // 8)
+    qkv = next(m for m in model.modules() if hasattr(m, "qkv_proj")).qkv_proj
+    assert qkv.ggml_type == int(gguf.GGMLQuantizationType[ggml_type]) and qkv.qweight.dtype == torch.int32
 
 
 def test_moe_gguf_experts_kept_in_blocks_refuse_tensor_parallelism(tmp_path):

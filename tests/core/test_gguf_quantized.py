@@ -136,14 +136,17 @@ def test_gguf_flags_conflict_and_non_gguf_model(tiny_gguf, tmp_path):
         make_engine(directory, quantization="gguf", skip_tokenizer_init=True)
 
 
-def test_q4_layer_repacked_for_the_int4_kernels_computes_the_same(runs):
-    """What loading does on CUDA (``process_weights_after_loading``): a Q4_1 layer's blocks replaced by the int4
-    kernels' ``qweight`` / ``scales`` / ``zeros``; the layer computes what its blocks did (CPU: both references)."""
+@pytest.mark.parametrize("layer_index, name, ggml_type", [(1, "o_proj", T.Q4_1), (0, "qkv_proj", T.Q4_K)])
+def test_q4_layer_repacked_for_the_int4_kernels_computes_the_same(runs, layer_index, name, ggml_type):
+    """What loading does on CUDA (``process_weights_after_loading``): a Q4_1 layer's (Q4_K's: merged q / k / v)
+    blocks replaced by the int4 kernels' ``qweight`` / ``scales`` / ``zeros``; the layer computes what its blocks did
+    (CPU: both references)."""
     quantized = runs[0]
-    layer = copy.deepcopy(quantized.runner.model.model.layers[1].self_attn.o_proj)
+    layer = copy.deepcopy(getattr(quantized.runner.model.model.layers[layer_index].self_attn, name))
+    assert layer.ggml_type == int(ggml_type)
     x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(3))
     before = layer(x)
-    assert repack_for_int4_kernels(layer, int(T.Q4_1))
+    assert repack_for_int4_kernels(layer, int(ggml_type))
     assert not hasattr(layer, "weight") and layer.qweight.dtype == torch.int32
-    assert layer.scales.shape == layer.zeros.shape == (HIDDEN // 32, HIDDEN)
+    assert layer.scales.shape == layer.zeros.shape == (HIDDEN // 32, layer.qweight.shape[0])
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)

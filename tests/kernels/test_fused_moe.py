@@ -134,29 +134,84 @@ def test_fused_moe_with_int4_experts_matches_reference(group, dtype):  # is wron
     assert (ref - unquantized).abs().max() < 0.2 * unquantized.abs().max()
 
 
+def _offset_experts(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[E, N, K]`` weights as int4 experts whose zero points are not whole numbers (``z = -min / s`` unrounded,
+    GGUF Q4_1's kind): words ``[E, N, K / 8]``, scales, those zero points and their offsets ``o = -z s``
+    ``[E, K / group, N]``."""
+    from kernels.int4_gemm import pack_int4_kernel
+
+    grouped = w.float().cpu().transpose(1, 2).reshape(w.shape[0], -1, group, w.shape[1])  # [E, K / group, group, N]
+    lo, hi = grouped.amin(2), grouped.amax(2)
+    scale = ((hi - lo) / 15).clamp(min=1e-6)
+    zero = -lo / scale
+    codes = torch.clamp(torch.round(grouped / scale[:, :, None] + zero[:, :, None]), 0, 15)
+    words = torch.stack([pack_int4_kernel(c.reshape(-1, w.shape[1]).long()) for c in codes])
+    return words, scale, zero, -zero * scale
+
+
+@pytest.mark.parametrize("group, block_k", [(32, 64), (32, 128), (64, 128), (128, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_moe_with_act_order_int4_experts_matches_reference(dtype):
+def test_fused_moe_with_int4_offset_experts_matches_reference(group, block_k, dtype):
+    """int4 experts with offsets in place of zero points (``W = q s + o``: GGUF Q4_0 / Q4_1 / Q4_K repacked, whose
+    zero points ``-o / s`` are not whole numbers), K steps over one or several groups: the kernel adds each group's
+    offset in the scaling FMA, as the reference does, which is the weight of the fractional zero points."""
+    from kernels.int4_gemm import dequantize_int4
+
+    x, w13, w2, weights, ids = _problem(19, 4, 256, 128, 2, dtype, seed=group + block_k)
+    (q13, s13, z13, o13), (q2, s2, z2, o2) = _offset_experts(w13, group), _offset_experts(w2, group)
+    assert (z13 != z13.round()).any()
+    quant = ExpertQuant(s13.to(dtype), s2.to(dtype), w13_group=group, w2_group=group, w13_offsets=o13.to(dtype),
+                        w2_offsets=o2.to(dtype))  # fmt: skip
+    quant = ExpertQuant(*(t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t for t in quant))
+    q13, q2 = q13.to(KERNEL_DEVICE), q2.to(KERNEL_DEVICE)
+    out = fused_moe_triton(x, q13, q2, weights, ids, config=dict(SMALL, BLOCK_K=block_k), quant=quant)
+    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, quant)
+    assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe int4 offsets")
+    zero_points = [torch.stack([dequantize_int4(q[e].cpu(), sc[e], z[e], group).t() for e in range(4)]).double()
+                   for q, sc, z in ((q13, s13, z13), (q2, s2, z2))]  # fmt: skip
+    plain = fused_moe_ref(x.double().cpu(), *zero_points, weights.double().cpu(), ids.cpu())
+    assert_close(ref.cpu(), plain, TOLERANCE[dtype], "offsets as fractional zero points")
+
+
+def test_int4_experts_step_over_whole_groups():
+    """The int4 experts' K step: the config's (at most 128, or the group), halved until it divides K and nests with
+    the group; groups of less than 32 rows are refused."""
+    from kernels.fused_moe import _int4_block_k
+
+    assert _int4_block_k(128, 32, 2048) == 128  # four groups a step
+    assert _int4_block_k(256, 128, 768) == 128  # one group a step (the 2048-token config's 256)
+    assert _int4_block_k(64, 128, 768) == 64  # half a group
+    assert _int4_block_k(128, 32, 96) == 32  # K of three 32-row chunks
+    assert _int4_block_k(128, 96, 192) == 32  # 32 nests with a group of 96, 64 and 128 do not
+    with pytest.raises(ValueError, match="groups \\(16\\)"):
+        _int4_block_k(128, 16, 256)
+
+
+@pytest.mark.parametrize("group, block_k, dtype", [(32, 32, torch.float32), (32, 32, torch.float16),
+                                                   (32, 128, torch.float32)])  # fmt: skip
+def test_fused_moe_with_act_order_int4_experts_matches_reference(group, block_k, dtype):
     """GPTQ act-order experts: every expert's rows sorted by group with a permutation of its own; the kernel reads
-    a's columns through it, as the reference's ``x[:, perm[e]]`` does, and the result is the unpermuted weights'."""
+    a's columns through it, as the reference's ``x[:, perm[e]]`` does, and the result is the unpermuted weights'
+    (also with K steps over several groups of the sorted rows)."""
     from kernels.int4_gemm import dequantize_int4
 
     x, w13, w2, weights, ids = _problem(19, 4, 128, 64, 2, dtype, seed=7)
     gen = torch.Generator().manual_seed(8)
     perms = [torch.stack([torch.randperm(w.shape[2], generator=gen) for _ in range(4)]) for w in (w13, w2)]
     # sorted weights: row j of expert e's is input perm[e, j] of the original
-    (q13, s13, z13), (q2, s2, z2) = (_int4_experts(torch.stack([w[e][:, p[e]] for e in range(4)]), 32)
+    (q13, s13, z13), (q2, s2, z2) = (_int4_experts(torch.stack([w[e][:, p[e]] for e in range(4)]), group)
                                      for w, p in zip((w13, w2), perms))  # fmt: skip
-    quant = ExpertQuant(s13.to(dtype), s2.to(dtype), None, z13.to(dtype), z2.to(dtype), 32, 32,
+    quant = ExpertQuant(s13.to(dtype), s2.to(dtype), None, z13.to(dtype), z2.to(dtype), group, group,
                         *(p.to(torch.int32) for p in perms))  # fmt: skip
     quant = ExpertQuant(*(t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t for t in quant))
     q13, q2 = q13.to(KERNEL_DEVICE), q2.to(KERNEL_DEVICE)
-    out = fused_moe_triton(x, q13, q2, weights, ids, config=dict(SMALL, BLOCK_K=32), quant=quant)
+    out = fused_moe_triton(x, q13, q2, weights, ids, config=dict(SMALL, BLOCK_K=block_k), quant=quant)
     ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, quant)
     assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe act-order int4")
     unsorted = [torch.empty(4, w.shape[1], w.shape[2], dtype=torch.float64) for w in (w13, w2)]
     for target, q, sc, z, p in ((unsorted[0], q13, s13, z13, perms[0]), (unsorted[1], q2, s2, z2, perms[1])):
         for e in range(4):
-            target[e][:, p[e]] = dequantize_int4(q[e].cpu(), sc[e].double(), z[e].double(), 32).t().double()
+            target[e][:, p[e]] = dequantize_int4(q[e].cpu(), sc[e].double(), z[e].double(), group).t().double()
     plain = fused_moe_ref(x.double(), *unsorted, weights.double(), ids)
     assert_close(ref, plain, TOLERANCE[dtype], "act order undone")
 
@@ -185,6 +240,51 @@ def test_fused_moe_with_gguf_experts_matches_reference(w13_type, w2_type):
     ref = fused_moe_ref(x.double(), *raw, weights.double(), ids, quant)
     assert ref.abs().max() > 0
     assert_close(out, ref, 4 * TOLERANCE[torch.float32], f"fused_moe gguf {w13_type}/{w2_type}")
+
+
+def _gguf_stack(w: torch.Tensor, ggml_type: int, gen: torch.Generator) -> torch.Tensor:
+    """Random blocks of ``ggml_type`` (sane scales) shaped as ``w``'s experts: ``[E, N, row_bytes]``."""
+    from core.layers.quantization.gguf import _random_blocks
+    from kernels.gguf_gemm import GGUF_KERNEL_TYPES
+
+    block, type_size = GGUF_KERNEL_TYPES[ggml_type]
+    blocks = torch.empty(w.shape[0], w.shape[1], w.shape[2] // block * type_size, dtype=torch.uint8)
+    _random_blocks(ggml_type)(blocks, gen)
+    return blocks
+
+
+@pytest.mark.parametrize("w13_type, w2_type", [("Q4_K", "Q6_K"), ("Q4_0", "Q4_K"), ("Q8_0", "Q4_1")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_moe_with_gguf_experts_repacked_to_int4_matches_their_blocks(w13_type, w2_type, dtype):
+    """GGUF Q4_0 / Q4_1 / Q4_K expert stacks repacked for the int4 experts' kernel (``experts_as_int4``: codes,
+    scales and offsets, group 32), each stack on its own beside the other kept in its blocks (a Q4_K_M file's Q4_K
+    gate / up and Q6_K down): the kernels compute what the file's blocks do."""
+    import gguf
+
+    from core.layers.quantization.gguf import experts_as_int4
+    from kernels.gguf_gemm import INT4_TYPES
+
+    x, w13, w2, weights, ids = _problem(19, 4, 256, 256, 2, dtype, seed=17)
+    types = [int(gguf.GGMLQuantizationType[name]) for name in (w13_type, w2_type)]
+    gen = torch.Generator().manual_seed(18)
+    raw = [_gguf_stack(w, t, gen) for w, t in zip((w13, w2), types)]
+    stacks, fields = [], {}
+    for name, blocks, t, k in (("w13", raw[0], types[0], 256), ("w2", raw[1], types[1], 256)):
+        if t in INT4_TYPES:
+            words, scales, offsets = experts_as_int4(blocks, t, k, dtype)
+            stacks.append(words.to(KERNEL_DEVICE))
+            fields.update({f"{name}_scale": scales.to(KERNEL_DEVICE), f"{name}_offsets": offsets.to(KERNEL_DEVICE),
+                           f"{name}_group": 32})
+        else:
+            stacks.append(blocks.to(KERNEL_DEVICE))
+            fields[f"{name}_ggml"] = t
+    quant = ExpertQuant(**fields)
+    assert quant.int4 and (quant.ggml_type(0) == 0) == (types[0] in INT4_TYPES)
+    out = fused_moe_triton(x, *stacks, weights, ids, config=dict(SMALL, BLOCK_K=128), quant=quant)
+    blocks_quant = ExpertQuant(w13_ggml=types[0], w2_ggml=types[1])
+    ref = fused_moe_ref(x.double(), *(r.to(KERNEL_DEVICE) for r in raw), weights.double(), ids, blocks_quant)
+    assert ref.abs().max() > 0
+    assert_close(out, ref, 4 * TOLERANCE[dtype], f"fused_moe gguf {w13_type}/{w2_type} as int4")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -13,6 +13,7 @@ from gguf.quants import dequantize
 from kernels.gguf_gemm import (
     GGUF_KERNEL_TYPES, Q4_K, Q5_K, Q6_K, dequantize_gguf, gguf_gemm, gguf_linear_ref, q4_blocks_as_int4,
 )
+from kernels.gguf_gemm import _k_scale_min
 from kernels.int4_gemm import int4_gemm, int4_linear, int4_linear_ref, pack_int4_kernel
 from tests.kernels.kernel_testing import KERNEL_DEVICE
 
@@ -31,6 +32,44 @@ def random_blocks(ggml_type: int, n: int, k: int, seed: int, scale: float = 0.01
         values = rng.uniform(-scale, scale, blocks.shape[:2]).astype(np.float16)
         blocks[..., at : at + 2] = values.view(np.uint8).reshape(*blocks.shape[:2], 2)
     return raw
+
+
+def quantize_q4_k(array: np.ndarray) -> np.ndarray:
+    """``[..., K]`` floats (K a multiple of 256) as Q4_K blocks ``uint8 [..., K / 256 * 144]`` (gguf-py writes no
+    K-quants): each 32-weight sub-block's range ``[min(x, 0), max(x)]`` in 16 steps as ggml keeps it (``min <= 0``),
+    its scale and ``-min`` as 6-bit multiples of the super-block's fp16 ``d`` / ``dmin``, all rounded to nearest
+    (ggml searches them; the layout is the same)."""
+    shape = array.shape
+    x = array.astype(np.float32).reshape(-1, 8, 32)
+    lo = np.minimum(x.min(-1), 0.0)
+    scale, mins = (x.max(-1) - lo) / 15, -lo
+    d, dmin = (scale.max(-1) / 63).astype(np.float16), (mins.max(-1) / 63).astype(np.float16)
+
+    def six_bits(values: np.ndarray, unit: np.ndarray) -> np.ndarray:
+        unit = unit.astype(np.float32)[:, None]
+        return np.clip(np.rint(values / np.where(unit == 0, 1, unit)), 0, 63).astype(np.uint8)
+
+    sc, m = six_bits(scale, d), six_bits(mins, dmin)
+    step = d.astype(np.float32)[:, None] * sc
+    shifted = x + (dmin.astype(np.float32)[:, None] * m)[..., None]
+    q = np.clip(np.rint(shifted / np.where(step == 0, 1, step)[..., None]), 0, 15).astype(np.uint8)
+    out = np.zeros((x.shape[0], 144), np.uint8)
+    out[:, 0:2], out[:, 2:4] = d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2)
+    out[:, 4:8] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    out[:, 8:12] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    out[:, 12:16] = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
+    out[:, 16:] = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)  # chunk c: sub-blocks 2c (low), 2c + 1 (high)
+    return out.reshape(*shape[:-1], shape[-1] // 256 * 144)
+
+
+def test_q4_k_writer_round_trips_through_the_dequantizer():
+    x = np.random.default_rng(0).standard_normal((6, 512)).astype(np.float32)
+    raw = torch.from_numpy(quantize_q4_k(x))
+    blocks = raw.reshape(6, 2, 144)
+    scale, _ = _k_scale_min(blocks)
+    step = (blocks[..., 0:2].contiguous().view(torch.float16).float() * scale).repeat_interleave(32, -1)
+    err = (dequantize_gguf(raw, Q4_K, 512) - torch.from_numpy(x)).abs()
+    assert (err <= step.reshape(6, 512) * 0.5 + 0.05).all()  # half a step, and the 6-bit scales' rounding
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=TYPE_IDS)
@@ -109,12 +148,13 @@ def test_rejects_rows_that_do_not_hold_k():
         gguf_gemm(torch.zeros(1, 64), raw, 3)
 
 
-@pytest.mark.parametrize("ggml_type", [2, 3], ids=["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("ggml_type", [2, 3, 12], ids=["Q4_0", "Q4_1", "Q4_K"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_q4_blocks_as_int4_computes_the_same_weight(ggml_type, dtype):
-    """Q4_0 / Q4_1 repacked for the w4a16 int4 kernels (group 32): the int4 reference on the repacked weight equals
-    the GGUF reference to fp32 rounding, and to the rounding of the fp16 ``d`` (bf16) and ``z = -m / d`` (Q4_1) in a
-    16-bit activation dtype."""
+    """Q4_0 / Q4_1 / Q4_K repacked for the w4a16 int4 kernels (group 32: a block, a Q4_K sub-block): the int4
+    reference on the repacked weight equals the GGUF reference to fp32 rounding, and to the rounding of the scales
+    (bf16: Q4_0's fp16 ``d``; Q4_K's ``d * sc``) and fractional zero points (Q4_1 ``-m / d``, Q4_K ``dmin * m /
+    (d * sc)``) in a 16-bit activation dtype."""
     n, k = 24, 256
     raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=11 + ggml_type))
     codes, scales, zeros = q4_blocks_as_int4(raw, ggml_type, k, dtype)
@@ -126,6 +166,25 @@ def test_q4_blocks_as_int4_computes_the_same_weight(ggml_type, dtype):
     exact = dtype == torch.float32 or (ggml_type == 2 and dtype == torch.float16)  # Q4_0's d is an fp16
     tol = 1e-5 if exact else {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(ours, expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("ggml_type", [2, 3, 12], ids=["Q4_0", "Q4_1", "Q4_K"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q4_blocks_as_int4_offsets_give_each_weight_rounded_once(ggml_type, dtype):
+    """``offsets=True`` (the int4 experts' form, ``W = q * s + o``): fp32 gives the GGUF weights bit for bit (the
+    scale and offset products are exact), a 16-bit dtype each weight within the rounding of ``s`` and ``o``."""
+    from kernels.int4_gemm import dequantize_int4_offsets
+
+    n, k = 24, 512
+    raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=5 + ggml_type))
+    codes, scales, offsets = q4_blocks_as_int4(raw, ggml_type, k, dtype, offsets=True)
+    assert scales.shape == offsets.shape == (k // 32, n) and offsets.dtype == dtype
+    ours = dequantize_int4_offsets(pack_int4_kernel(codes), scales, offsets, 32).t()
+    expected = dequantize_gguf(raw, ggml_type, k)
+    if dtype == torch.float32:
+        assert torch.equal(ours, expected)
+    else:
+        torch.testing.assert_close(ours, expected, rtol=0, atol=2 ** -8 * expected.abs().max().item())
 
 
 def test_q4_1_constant_blocks_and_unfit_scales():
@@ -151,12 +210,35 @@ def test_q4_1_constant_blocks_and_unfit_scales():
     assert q4_blocks_as_int4(tiny.reshape(2, 40), 3, k, torch.bfloat16) is not None
 
 
-@pytest.mark.parametrize("ggml_type", [2, 3], ids=["Q4_0", "Q4_1"])
+def test_q4_k_constant_sub_blocks_and_unfit_scales():
+    """A Q4_K sub-block whose 6-bit scale is 0 is the constant ``-dmin * m``, whatever its quants (ggml's quantizer
+    leaves them there): its codes become 0, ``s = -dmin * m, z = -1``. A ``z = dmin * m / (d * sc)`` past fp16's
+    range (a subnormal ``d``) cannot take the zero-point form in fp16: None; bf16 and the offsets form hold it."""
+    k = 256
+    x = np.random.default_rng(3).standard_normal((2, k)).astype(np.float32)
+    raw = torch.from_numpy(quantize_q4_k(x)).reshape(2, 144)
+    raw[0, 4] &= 0xC0  # sub-block 0 of row 0: scale 0, min and quants kept
+    raw[0, 8] = (raw[0, 8] & 0xC0) | 5
+    assert int(raw[0, 16] & 0xF) or int(raw[0, 17] & 0xF)  # quants that are not 0
+    codes, scales, zeros = q4_blocks_as_int4(raw, Q4_K, k, torch.float32)
+    weight = (codes.float() - zeros.repeat_interleave(32, 0)) * scales.repeat_interleave(32, 0)  # [K, N]
+    torch.testing.assert_close(weight.t(), dequantize_gguf(raw, Q4_K, k))
+    dmin = raw[0, 2:4].contiguous().view(torch.float16).float()
+    assert torch.all(codes[:32, 0] == 0) and torch.all(weight[:32, 0] == -5 * dmin)
+    tiny = raw.clone()
+    tiny[1, 0:2] = torch.tensor([1e-7], dtype=torch.float16).view(torch.uint8)  # d subnormal: z ~ 1e5 and more
+    assert q4_blocks_as_int4(tiny, Q4_K, k, torch.float16) is None
+    assert q4_blocks_as_int4(tiny, Q4_K, k, torch.bfloat16) is not None
+    assert q4_blocks_as_int4(tiny, Q4_K, k, torch.float16, offsets=True) is not None
+
+
+@pytest.mark.parametrize("ggml_type", [2, 3, 12], ids=["Q4_0", "Q4_1", "Q4_K"])
 @pytest.mark.parametrize("m", [1, 20])
 def test_q4_repacked_runs_on_the_int4_tl_dot_kernel(ggml_type, m):
-    """The int4 tl.dot kernel (the path Q4_0 and Q4_1 take past the decode kernels) on a repacked weight,
-    group 32, fractional zero points (Q4_1), against the GGUF reference; fp16 activations (interpreted on CPU)."""
-    n, k = 40, 128
+    """The int4 tl.dot kernel (the path Q4_0, Q4_1 and Q4_K take past the decode kernels) on a repacked weight,
+    group 32, fractional zero points (Q4_1, Q4_K), against the GGUF reference; fp16 activations (interpreted on
+    CPU)."""
+    n, k = 40, 256 if ggml_type == Q4_K else 128
     raw = torch.from_numpy(random_blocks(ggml_type, n, k, seed=5 * m + ggml_type)).to(KERNEL_DEVICE)
     codes, scales, zeros = q4_blocks_as_int4(raw, ggml_type, k, torch.float16)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(KERNEL_DEVICE, torch.float16)
@@ -185,16 +267,18 @@ def test_fractional_zero_points_take_the_mma_kind(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="needs CUDA")
-@pytest.mark.parametrize("ggml_type", [2, 3], ids=["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("ggml_type", [2, 3, 12], ids=["Q4_0", "Q4_1", "Q4_K"])
 @pytest.mark.parametrize("m", [1, 4, 16, 100])
 def test_q4_repacked_int4_kernels_match_gguf_reference(ggml_type, m):
     """The int4 kernels the GGUF layer calls (the tensor-core decode kernel up to 16 rows: Q4_0's whole-number zeros
-    in the weight, Q4_1's fractional ones after each tile's product; tl.dot past it) on a repacked Q4 weight at
-    Llama-like shapes against the GGUF reference, bf16 activations."""
+    in the weight, Q4_1's and Q4_K's fractional ones apart; tl.dot past it) on a repacked Q4 weight at Llama-like
+    shapes against the GGUF reference, bf16 activations (Q4_K: ggml-like blocks of Gaussian weights)."""
     n, k = 1536, 2048
     blocks = random_blocks(ggml_type, n, k, seed=m, scale=2e-3).reshape(n, k // 32, -1)
     if ggml_type == 3:  # a d that rounded to 0 makes a constant block, whose quants ggml writes as 0
         blocks[(blocks[..., 0:2].view(np.float16)[..., 0] == 0), 4:] = 0
+    if ggml_type == Q4_K:
+        blocks = quantize_q4_k(np.random.default_rng(m).standard_normal((n, k)).astype(np.float32) * 0.02)
     raw = torch.from_numpy(blocks.reshape(n, -1)).cuda()
     codes, scales, zeros = q4_blocks_as_int4(raw, ggml_type, k, torch.bfloat16)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

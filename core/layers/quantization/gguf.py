@@ -7,13 +7,16 @@ bytes. Kept: linear, token-embedding and LM-head weights of the kernel's types (
 a merged projection (q/k/v, gate/up) only if all its parts share one type. Everything else (F32/F16/BF16 tensors,
 other quant types, mixed-type merges) is dequantized at load as before, and logged.
 
-Q4_0 and Q4_1 linear weights are 4-bit codes with one scale (Q4_1: and one min) per 32 inputs, which is the w4a16
-int4 form with group size 32: after loading they are repacked once into the int4 kernels' layout
-(``kernels/gguf_gemm.py: q4_blocks_as_int4``, ``kernels/int4_gemm.py``; the same bytes for Q4_1, 11% more for
-Q4_0), so they run on the int4 decode and prefill kernels instead of the block GEMM (H200: 1.8-2x bf16's time at
-M = 1, 7-8x at M = 4, more for larger batches). Up to 16 rows that is the tensor-core decode kernel: Q4_0's zero
-point 8 inside the weight, Q4_1's ``-m / d`` (not a whole number) applied to each tile's fp32 product (its ``mms``
-kind); tl.dot past it. A layer whose blocks do not fit that form (see ``q4_blocks_as_int4``) keeps its blocks.
+Q4_0, Q4_1 and Q4_K linear weights are 4-bit codes with one scale and one offset per 32 inputs (a Q4_0 / Q4_1
+block, a Q4_K sub-block: ``d * sc * q - dmin * m``), which is the w4a16 int4 form with group size 32: after loading
+they are repacked once into the int4 kernels' layout (``kernels/gguf_gemm.py: q4_blocks_as_int4``,
+``kernels/int4_gemm.py``; the same bytes for Q4_1, 11% more for Q4_0 and Q4_K), so they run on the int4 decode and
+prefill kernels instead of the block GEMM (H200: 1.8-2x bf16's time at M = 1, 7-8x at M = 4, more for larger
+batches). Up to 16 rows that is the tensor-core decode kernel: Q4_0's zero point 8 inside the weight, Q4_1's
+``-m / d`` and Q4_K's ``dmin * m / (d * sc)`` (not whole numbers) with their fractional part apart (its ``mma``
+kind's ``FRACTIONAL_ZEROS``); tl.dot past it. A layer whose blocks do not fit that form (see
+``q4_blocks_as_int4``) keeps its blocks. Mixture-of-experts stacks of those types likewise run on the int4 experts'
+kernel (``GGUFMoEMethod``, each stack on its own: a Q4_K_M file's Q4_K gate / up beside a Q6_K down kept in blocks).
 The other types, the embedding and the LM head stay in their blocks, and so does everything on CPU (there both paths
 dequantize in torch).
 
@@ -36,7 +39,7 @@ from torch import nn
 
 from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter
 from kernels.fused_moe import ExpertQuant
-from kernels.gguf_gemm import GGUF_KERNEL_TYPES, Q4_0, Q4_1, dequantize_gguf, gguf_linear, q4_blocks_as_int4
+from kernels.gguf_gemm import GGUF_KERNEL_TYPES, INT4_TYPES, Q4_0, dequantize_gguf, gguf_linear, q4_blocks_as_int4
 from kernels.int4_gemm import int4_linear, pack_int4_kernel
 
 if TYPE_CHECKING:
@@ -185,9 +188,9 @@ class GGUFConfig(QuantConfig):
 
 class GGUFLinearMethod(LinearMethod):
     """The layer's ``weight`` is the file's bytes, ``uint8 [out, row_bytes]``: merged shards fill their rows. Q4_0 /
-    Q4_1 layers are then repacked for the int4 kernels (module docstring)."""
+    Q4_1 / Q4_K layers are then repacked for the int4 kernels (module docstring)."""
 
-    INT4_GROUP = 32  # one Q4_0 / Q4_1 block
+    INT4_GROUP = 32  # one Q4_0 / Q4_1 block, one Q4_K sub-block
 
     def __init__(self, ggml_type: int, input_shards: int = 1) -> None:
         self.ggml_type = ggml_type
@@ -202,11 +205,11 @@ class GGUFLinearMethod(LinearMethod):
         layer.in_features, layer.params_dtype = in_features, params_dtype
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        if self.ggml_type in (Q4_0, Q4_1) and layer.weight.is_cuda:  # on CPU both paths dequantize in torch
+        if self.ggml_type in INT4_TYPES and layer.weight.is_cuda:  # on CPU both paths dequantize in torch
             repack_for_int4_kernels(layer, self.ggml_type)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if hasattr(layer, "qweight"):  # Q4_1's zeros -m / d are not whole numbers: the kernels apply them apart
+        if hasattr(layer, "qweight"):  # Q4_1 / Q4_K zeros are not whole numbers: the kernels apply them apart
             return int4_linear(x, layer.qweight, layer.scales, layer.zeros, self.INT4_GROUP, None, bias,
                                backend=layer.backend, integer_zeros=self.ggml_type == Q4_0)
         return gguf_linear(x, layer.weight, self.ggml_type, bias, backend=layer.backend)
@@ -215,7 +218,12 @@ class GGUFLinearMethod(LinearMethod):
 class GGUFMoEMethod:
     """A MoE block's experts as the file stacks them (``ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps``):
     ``w13`` uint8 ``[E, 2 * inter, row_bytes]`` (gate rows then up rows of each expert) and ``w2`` ``[E, hidden,
-    row_bytes]``, decoded tile by tile in the fused MoE kernel (``kernels/fused_moe.py: _moe_gguf_kernel``)."""
+    row_bytes]``, decoded tile by tile in the fused MoE kernel (``kernels/fused_moe.py: _moe_gguf_kernel``). On CUDA
+    a Q4_0 / Q4_1 / Q4_K stack is repacked after loading for the int4 experts' kernel instead
+    (``repack_experts_for_int4_kernels``; the H200 timed Q4_K blocks at 2.3x, Q6_K at 10x the 16-bit experts' time,
+    the int4 experts below it); each stack on its own, so the other may stay in blocks."""
+
+    INT4_GROUP = 32  # one Q4_0 / Q4_1 block, one Q4_K sub-block
 
     def __init__(self, gate_up_type: int, down_type: int) -> None:
         self.types = (gate_up_type, down_type)
@@ -226,17 +234,65 @@ class GGUFMoEMethod:
                                           ("w2", block.hidden, block.inter, self.types[1])):  # fmt: skip
             new_parameter(block, param, (experts, rows, _row_bytes(ggml_type, k)), torch.uint8, output_dim=1,
                           dummy_fill=_random_blocks(ggml_type))
+        block.params_dtype = torch.get_default_dtype()  # the model is built under its dtype
+        block.int4_stacks = (False, False)  # w13, w2 repacked for the int4 experts' kernel
         return True
 
     def process_weights_after_loading(self, block: nn.Module) -> None:
-        pass
+        if block.w13.is_cuda:  # on CPU both forms dequantize in torch
+            repack_experts_for_int4_kernels(block, self.types)
 
     def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
-        return block.w13, block.w2, ExpertQuant(w13_ggml=self.types[0], w2_ggml=self.types[1])
+        fields: dict[str, Any] = {}
+        for which, name in enumerate(("w13", "w2")):
+            if block.int4_stacks[which]:
+                fields.update({f"{name}_scale": getattr(block, f"{name}_scale"), f"{name}_group": self.INT4_GROUP,
+                               f"{name}_offsets": getattr(block, f"{name}_offsets")})
+            else:
+                fields[f"{name}_ggml"] = self.types[which]
+        return block.w13, block.w2, ExpertQuant(**fields)
+
+
+def experts_as_int4(raw: torch.Tensor, ggml_type: int, in_features: int, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """A Q4_0 / Q4_1 / Q4_K expert stack (``uint8 [E, N, row_bytes]``) as the int4 experts' ``(codes [E, N, K / 8]
+    int32, scales, offsets)`` (scales and offsets ``[E, K / 32, N]`` in ``dtype``, ``W = q * s + o``: every block
+    fits), one expert at a time; None where a scale or offset is past ``dtype``'s range."""
+    experts, n, _ = raw.shape
+    words = torch.empty(experts, n, in_features // 8, dtype=torch.int32, device=raw.device)
+    scales = torch.empty(experts, in_features // 32, n, dtype=dtype, device=raw.device)
+    offsets = torch.empty_like(scales)
+    for e in range(experts):
+        int4 = q4_blocks_as_int4(raw[e], ggml_type, in_features, dtype, offsets=True)
+        if int4 is None:
+            return None
+        words[e] = pack_int4_kernel(int4[0])
+        scales[e], offsets[e] = int4[1], int4[2]
+    return words, scales, offsets
+
+
+def repack_experts_for_int4_kernels(block: nn.Module, types: tuple[int, int]) -> tuple[bool, bool]:
+    """Replace each Q4_0 / Q4_1 / Q4_K expert stack's blocks by the int4 experts' codes, ``{w13,w2}_scale`` and
+    ``{w13,w2}_offsets`` (``experts_as_int4``; ``block.int4_stacks`` records which); a stack of another type, or
+    whose scales do not fit the block's dtype (logged), keeps its blocks; one already repacked stays as it is."""
+    repacked = list(block.int4_stacks)
+    for which, (name, k) in enumerate((("w13", block.hidden), ("w2", block.inter))):
+        if repacked[which] or types[which] not in INT4_TYPES:
+            continue
+        int4 = experts_as_int4(getattr(block, name).data, types[which], k, block.params_dtype)
+        if int4 is None:
+            logger.info("GGUF: a %s expert stack keeps its blocks (its scales do not fit %s)",
+                        _type_name(types[which]), block.params_dtype)
+            continue
+        for suffix, value in zip(("", "_scale", "_offsets"), int4):
+            replace_parameter(block, f"{name}{suffix}", value)
+        repacked[which] = True
+    block.int4_stacks = tuple(repacked)
+    return block.int4_stacks
 
 
 def repack_for_int4_kernels(layer: nn.Module, ggml_type: int) -> bool:
-    """Replace a Q4_0 / Q4_1 layer's blocks by the int4 kernels' ``qweight`` / ``scales`` / ``zeros`` (group 32);
+    """Replace a Q4_0 / Q4_1 / Q4_K layer's blocks by the int4 kernels' ``qweight`` / ``scales`` / ``zeros`` (group 32);
     False (blocks kept, logged) when they do not fit that form (``q4_blocks_as_int4``)."""
     int4 = q4_blocks_as_int4(layer.weight.data, ggml_type, layer.in_features, layer.params_dtype)
     if int4 is None:
