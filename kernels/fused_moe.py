@@ -15,10 +15,10 @@ Steps of the Triton path (all on the device, no host sync, shapes fixed by the t
 
 Weights: ``w13 [E, 2*I, H]`` (gate rows then up rows, the layout of HF's per-expert ``nn.Linear``s stacked) and
 ``w2 [E, H, I]``, in the activations' dtype, or quantized (:class:`ExpertQuant`: e4m3 with scales per channel or
-per block, int4 with group scales and zero points, GGUF blocks, bitsandbytes 4-bit codes), which the kernels widen
-tile by tile in registers. Launch
-configurations by shape live in ``fused_moe_configs.json`` beside this file (filled by ``benchmarks/tune_fused_moe.py``
-on the GPU); shapes not in it take ``default_config``, which are untuned defaults.
+per block, int4 with group scales and zero points, 8-bit codes with group scales, GGUF blocks, bitsandbytes 4-bit
+codes), which the kernels widen tile by tile in registers. Launch configurations by shape live in
+``fused_moe_configs.json`` beside this file (filled by ``benchmarks/tune_fused_moe.py`` on the GPU); shapes not in it
+take ``default_config``, which are untuned defaults.
 """
 
 from __future__ import annotations
@@ -69,7 +69,10 @@ class ExpertQuant(NamedTuple):
     row_bytes]`` uint8, the file's bytes); or bitsandbytes 4-bit experts (``[E, N, K / 2]`` codes two a byte,
     ``w13_scale`` / ``w2_scale`` the absmax of each ``bnb_block`` weights ``[E, N, K / bnb_block]``, ``codebook``).
     int4 and GGUF blocks are chosen per stack (``ggml_type``, ``parts``): a Q4_K_M file's gate / up repacked to int4
-    beside its down kept in Q6_K blocks. All run on the 16-bit tensor cores after widening the weight in registers."""
+    beside its down kept in Q6_K blocks. Or (``w13_int8`` / ``w2_int8``) 8-bit codes ``[E, N, K]`` (int8, or uint8)
+    with scales ``[E, K / group, N]`` (fp32 or the activations' dtype; group = K: one per channel) and optional
+    offsets, ``W = q * s + o``: GGUF Q8_0 / Q6_K / Q5_K stacks repacked at load (``_moe_int8_kernel``). All run on
+    the 16-bit tensor cores after widening the weight in registers."""
 
     w13_scale: torch.Tensor | None = None
     w2_scale: torch.Tensor | None = None
@@ -86,11 +89,17 @@ class ExpertQuant(NamedTuple):
     bnb_block: int = 0
     w13_offsets: torch.Tensor | None = None  # int4 with offsets in place of zero points: W = q * s + o (GGUF)
     w2_offsets: torch.Tensor | None = None
+    w13_int8: bool = False  # 8-bit codes [E, N, K] (int8 / uint8) with {w13,w2}_scale / _offsets / _group
+    w2_int8: bool = False
 
     @property
     def int4(self) -> bool:
         """Some stack is int4."""
-        return self.w13_group > 0 or self.w2_group > 0
+        return (self.w13_group > 0 and not self.w13_int8) or (self.w2_group > 0 and not self.w2_int8)
+
+    def int8_stack(self, which: int) -> bool:
+        """``w13`` (0) or ``w2`` (1) holds 8-bit codes (``_moe_int8_kernel``)."""
+        return self.w13_int8 if which == 0 else self.w2_int8
 
     @property
     def gguf(self) -> bool:
@@ -150,6 +159,10 @@ def _expert_product(x: torch.Tensor, w: torch.Tensor, quant: ExpertQuant | None,
 
         return x @ dequantize_gguf(w[expert], quant.ggml_type(which), x.shape[1]).to(x.dtype).t()
     scale, zeros, group, perm = quant.parts(which)
+    if quant.int8_stack(which):
+        offsets = quant.offsets(which)
+        offsets = None if offsets is None else offsets[expert]
+        return x @ dequantize_int8_experts(w[expert], scale[expert], offsets, group).to(x.dtype).t()
     if group:
         from kernels.int4_gemm import dequantize_int4, dequantize_int4_offsets
 
@@ -164,6 +177,17 @@ def _expert_product(x: torch.Tensor, w: torch.Tensor, quant: ExpertQuant | None,
         return x @ dequantize_fp8_blocks(w[expert], scale[expert], quant.block).to(x.dtype).t()
     product = x @ w[expert].to(x.dtype).t()
     return (product.float() * scale[expert].float()).to(product.dtype)
+
+
+def dequantize_int8_experts(q: torch.Tensor, scale: torch.Tensor, offsets: torch.Tensor | None,
+                            group: int) -> torch.Tensor:  # fmt: skip
+    """One expert's 8-bit weight ``[N, K]`` from its codes ``q [N, K]``, scales (and offsets) ``[K / group, N]``:
+    ``q * s + o`` in the scales' dtype, one rounding per weight (the kernel's fused multiply-add)."""
+    s = scale.t().repeat_interleave(group, dim=1)
+    w = q.to(s.dtype) * s
+    if offsets is None:
+        return w
+    return w + offsets.t().repeat_interleave(group, dim=1).to(s.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- align
@@ -374,6 +398,56 @@ def _moe_int4_kernel(
 
 
 @triton.jit
+def _moe_int8_kernel(
+    a_ptr, q_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, s_ptr, o_ptr,
+    N, K, num_pairs, capacity, stride_am, stride_qe, stride_qn, stride_cm, stride_cn, stride_se, stride_s1,
+    PAIRS_PER_A_ROW: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GROUP: tl.constexpr,
+    OFFSETS: tl.constexpr, VIA_F32: tl.constexpr = False,
+):  # fmt: skip
+    """:func:`_moe_gemm_kernel` for 8-bit experts: codes ``q [E, N, K]`` (int8 or uint8, exact in any float type),
+    ``W = q * s (+ o)`` with scales / offsets ``s`` / ``o [E, K / GROUP, N]`` (``BLOCK_K`` divides ``K`` and nests
+    with ``GROUP``). A step within one group (``BLOCK_K <= GROUP``: GPTQ's 128, a scale per channel) widens the codes
+    alone and scales the step's partial product per column (offsets: the step's sums of a's rows times ``o``), as
+    ``B_FP8_BLOCK`` does: no per-weight arithmetic. A step over several groups (GGUF's 16 and 32) computes each
+    weight ``q * s + o`` in the scales' dtype (fp32 scales: one fused multiply-add, one rounding to a's dtype, the
+    dequantized file's weight exactly) before the dot. ``VIA_F32``: codes widened through fp32 (the CPU interpreter
+    reinterprets an integer's bits as bf16 where it converts straight)."""
+    live, pair, valid, expert, offs_n = _block_of_pairs(sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, N,
+                                                        num_pairs, capacity, BLOCK_M, BLOCK_N, GROUP_M)
+    if not live:
+        return
+    w_cols = tl.minimum(offs_n, N - 1)  # unmasked weight loads; tail columns are never stored
+    offs_k, a_ptrs = _pair_a_rows(a_ptr, pair, stride_am, 1, PAIRS_PER_A_ROW, BLOCK_K)
+    q_ptrs = q_ptr + expert * stride_qe + w_cols[None, :] * stride_qn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+    so_ptrs = expert * stride_se + w_cols
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, K // BLOCK_K):
+        a = tl.load(a_ptrs + t * BLOCK_K, mask=valid[:, None], other=0.0)
+        q = tl.load(q_ptrs + t * BLOCK_K)
+        if VIA_F32:
+            q = q.to(tl.float32)
+        if BLOCK_K <= GROUP:  # one group: the partial product scaled per column
+            group_row = (t * BLOCK_K) // GROUP * stride_s1
+            s = tl.load(s_ptr + so_ptrs + group_row).to(tl.float32)
+            acc += tl.dot(a, q.to(a.dtype), input_precision=DOT_PRECISION) * s[None, :]
+            if OFFSETS:
+                o = tl.load(o_ptr + so_ptrs + group_row).to(tl.float32)
+                acc += tl.sum(a.to(tl.float32), axis=1)[:, None] * o[None, :]
+        else:  # [BLOCK_K / GROUP, BLOCK_N] scales repeated over their groups' rows in registers
+            GROUPS: tl.constexpr = BLOCK_K // GROUP
+            group_rows = (t * GROUPS + tl.arange(0, GROUPS)) * stride_s1
+            s = tl.load(s_ptr + group_rows[:, None] + so_ptrs[None, :])
+            s = tl.reshape(tl.broadcast_to(s[:, None, :], (GROUPS, GROUP, BLOCK_N)), (BLOCK_K, BLOCK_N))
+            w = q.to(s.dtype) * s
+            if OFFSETS:
+                o = tl.load(o_ptr + group_rows[:, None] + so_ptrs[None, :]).to(s.dtype)
+                w += tl.reshape(tl.broadcast_to(o[:, None, :], (GROUPS, GROUP, BLOCK_N)), (BLOCK_K, BLOCK_N))
+            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    _store_pair_rows(acc, c_ptr, weights_ptr, pair, valid, offs_n, N, stride_cm, stride_cn, MUL_ROUTING_WEIGHT)
+
+
+@triton.jit
 def _moe_gguf_kernel(
     a_ptr, w_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr,
     N, K, num_pairs, capacity, row_bytes, stride_am, stride_we, stride_cm, stride_cn,
@@ -465,6 +539,20 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
             GGML_TYPE=ggml_type, BLOCK=block, TYPE_SIZE=type_size, **common,
         )  # fmt: skip
         return
+    if quant is not None and quant.int8_stack(which):
+        scale, _, group, _ = quant.parts(which)
+        offsets = quant.offsets(which)
+        block_k = _int8_block_k(config["BLOCK_K"], group, k)
+        if a.stride(1) != 1 or b.stride(2) != 1:
+            raise ValueError("8-bit experts need activations and codes with unit column stride")
+        _moe_int8_kernel[grid](
+            a, b, out, routing, sorted_pair_ids, block_experts, num_padded, scale,
+            offsets if offsets is not None else scale, n, k, num_pairs, capacity, a.stride(0), b.stride(0),
+            b.stride(1), out.stride(0), out.stride(1), scale.stride(0), scale.stride(1),
+            DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_K=block_k, GROUP=group,
+            OFFSETS=offsets is not None, VIA_F32=not a.is_cuda, **common,
+        )  # fmt: skip
+        return
     if quant is not None and quant.parts(which)[2]:
         scale, zeros, group, perm = quant.parts(which)
         offsets = quant.offsets(which)
@@ -507,6 +595,17 @@ def _int4_block_k(block_k: int, group: int, k: int) -> int:
         raise ValueError(f"int4 experts need groups ({group}) and inputs ({k}) of whole {KERNEL_K_BLOCK}-row chunks.")
     block_k = max(KERNEL_K_BLOCK, min(block_k, max(group, 128)))
     while block_k > KERNEL_K_BLOCK and (k % block_k or (group % block_k and block_k % group)):
+        block_k //= 2
+    return block_k
+
+
+def _int8_block_k(block_k: int, group: int, k: int) -> int:
+    """The 8-bit experts' K step: the config's (16..128), halved until it divides K and nests with the group (within
+    one group, or over whole groups); groups and K of whole 16-row steps."""
+    if group % 16 or k % 16 or k % group:
+        raise ValueError(f"8-bit experts need groups ({group}) dividing their inputs ({k}), both of whole 16-row steps")
+    block_k = max(16, min(block_k, 128))
+    while block_k > 16 and (k % block_k or (group % block_k and block_k % group)):
         block_k //= 2
     return block_k
 
@@ -581,12 +680,13 @@ def fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
 
 
 def _weight_kind(w13: torch.Tensor, quant: ExpertQuant | None) -> torch.dtype | str | None:
-    """What the config table keys the experts' weights by: their dtype, ``int4`` (packed in int32), their GGML
-    types (``gguf12-14``) or each stack's kind where one is int4 and the other in blocks (``int4-gguf14``)."""
-    if quant is not None and (quant.int4 or quant.gguf):
-        kinds = [f"gguf{quant.ggml_type(which)}" if quant.ggml_type(which) else "int4" for which in (0, 1)]
-        if kinds == ["int4", "int4"]:
-            return "int4"
+    """What the config table keys the experts' weights by: their dtype, ``int4`` (packed in int32), ``int8``, their
+    GGML types (``gguf12-14``) or each stack's kind where they differ (``int4-gguf14``, ``int4-int8``)."""
+    if quant is not None and (quant.int4 or quant.gguf or quant.w13_int8 or quant.w2_int8):
+        kinds = [f"gguf{quant.ggml_type(which)}" if quant.ggml_type(which) else
+                 "int8" if quant.int8_stack(which) else "int4" for which in (0, 1)]  # fmt: skip
+        if kinds[0] == kinds[1] and kinds[0] in ("int4", "int8"):
+            return kinds[0]
         if quant.ggml_type(0) and quant.ggml_type(1):
             return f"gguf{quant.w13_ggml}-{quant.w2_ggml}"
         return "-".join(kinds)

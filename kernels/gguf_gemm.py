@@ -18,7 +18,8 @@ the ``[M, N, K]`` tile product (no ``tl.dot`` minimum of 16 rows to pad to); lar
 ``[block_n, block_k]`` tile and feeds ``tl.dot``. ``gguf_linear_ref`` (dequantize, fp32 matmul) is the reference and
 the CPU path. ``q4_blocks_as_int4`` rewrites Q4_0 / Q4_1 / Q4_K weights (``INT4_TYPES``) for the w4a16 int4
 kernels instead (``kernels/int4_gemm.py`` and the int4 experts' ``kernels/fused_moe.py``, group 32), which
-``core/layers/quantization/gguf.py`` does on CUDA.
+``core/layers/quantization/gguf.py`` does on CUDA; ``blocks_as_int8`` rewrites Q8_0 / Q6_K / Q5_K expert stacks
+(``INT8_TYPES``) for the fused MoE's 8-bit experts likewise.
 """
 
 from __future__ import annotations
@@ -186,6 +187,46 @@ def q4_blocks_as_int4(raw: torch.Tensor, ggml_type: int, in_features: int, dtype
     if not torch.isfinite(extra).all() or not torch.isfinite(scales).all():
         return None
     return codes.reshape(raw.shape[0], in_features).t().contiguous(), scales, extra  # codes [K, N]
+
+
+INT8_TYPES = (Q8_0, Q6_K, Q5_K)  # codes of at most 8 bits with a scale (and offset) per 32 or 16 inputs
+INT8_GROUPS = {Q8_0: 32, Q6_K: 16, Q5_K: 32}
+
+
+def blocks_as_int8(raw: torch.Tensor, ggml_type: int, in_features: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """A Q8_0 / Q6_K / Q5_K weight (``uint8 [N, row_bytes]``) as 8-bit codes, scales and offsets, ``W = q * s + o``
+    (the 8-bit experts' form, ``kernels/fused_moe.py: _moe_int8_kernel``): codes ``[N, K]`` int8, ``s`` and ``o``
+    fp32 ``[K / group, N]``. Q8_0 (group 32): ``q`` the block's int8, ``s = d``, no offset; Q6_K (group 16, a
+    sub-block): ``q = q6 - 32``, ``s = d * sc`` (its int8 scale), no offset; Q5_K (group 32): ``q`` the 5-bit code,
+    ``s = d * sc``, ``o = -dmin * m`` (``_k_scale_min``). Every block fits and fp32 holds each ``s`` and ``o``
+    exactly (an fp16 times an 8-bit integer), so ``q * s + o`` in fp32 is ``dequantize_gguf``'s weight bit for bit,
+    and rounding it to the activations' dtype is the dequantized file's rounding (bf16 scales would round ``d * sc``
+    first: up to 2^-9 of every weight of the group, the same error again on top)."""
+    if ggml_type not in INT8_TYPES:
+        raise ValueError(f"GGUF type {ggml_type} is not an 8-bit-code type (Q8_0 / Q6_K / Q5_K)")
+    block, type_size = GGUF_KERNEL_TYPES[ggml_type]
+    n = raw.shape[0]
+    blocks = raw.reshape(n, in_features // block, type_size)
+    if ggml_type == Q8_0:
+        codes = blocks[..., 2:].contiguous().view(torch.int8)
+        return codes.reshape(n, in_features), _half_at(blocks, 0)[..., 0].t().contiguous(), None
+    words = blocks.to(torch.int32)
+    maps = _device_maps(ggml_type, str(raw.device))
+    q = words[..., maps["q_byte"]]  # [N, blocks, block]
+    if ggml_type == Q6_K:
+        low = (q >> maps["q_shift"]) & 0xF
+        high = (words[..., maps["qh_byte"]] >> maps["qh_shift"]) & 3
+        codes = (low | (high << 4)) - 32
+        scale = _half_at(blocks, 208) * _signed8(words[..., 192:208]).float()  # sub-block j's scale: byte 192 + j
+        offsets = None
+    else:
+        sub = maps["sub"]
+        codes = ((q >> maps["q_shift"]) & 0xF) | (((words[..., maps["qh_byte"]] >> sub) & 1) << 4)
+        sc, m = _k_scale_min(words)
+        scale, offsets = _half_at(blocks, 0) * sc, -_half_at(blocks, 2) * m
+        offsets = offsets.reshape(n, -1).t().contiguous()
+    return codes.to(torch.int8).reshape(n, in_features), scale.reshape(n, -1).t().contiguous(), offsets
 
 
 def dequantize_gguf(raw: torch.Tensor, ggml_type: int, in_features: int) -> torch.Tensor:

@@ -287,6 +287,95 @@ def test_fused_moe_with_gguf_experts_repacked_to_int4_matches_their_blocks(w13_t
     assert_close(out, ref, 4 * TOLERANCE[dtype], f"fused_moe gguf {w13_type}/{w2_type} as int4")
 
 
+@pytest.mark.parametrize("w13_type, w2_type", [("Q4_K", "Q6_K"), ("Q8_0", "Q5_K"), ("Q6_K", "Q4_0")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_moe_with_gguf_experts_repacked_to_int8_matches_their_blocks(w13_type, w2_type, dtype):
+    """GGUF Q8_0 / Q6_K / Q5_K expert stacks repacked for the 8-bit experts' kernel (``experts_as_int8``: int8
+    codes, fp32 scales per 32 / 16 inputs, Q5_K's offsets), beside a Q4 stack on the int4 experts' kernel (a Q4_K_M
+    file's Q4_K gate / up and Q6_K down): the kernels compute what the file's blocks do."""
+    import gguf
+
+    from core.layers.quantization.gguf import experts_as_int4, experts_as_int8
+    from kernels.gguf_gemm import INT4_TYPES, INT8_GROUPS
+
+    x, w13, w2, weights, ids = _problem(19, 4, 256, 256, 2, dtype, seed=23)
+    types = [int(gguf.GGMLQuantizationType[name]) for name in (w13_type, w2_type)]
+    gen = torch.Generator().manual_seed(24)
+    raw = [_gguf_stack(w, t, gen) for w, t in zip((w13, w2), types)]
+    stacks, fields = [], {}
+    for name, blocks, t in (("w13", raw[0], types[0]), ("w2", raw[1], types[1])):
+        if t in INT4_TYPES:
+            words, scales, offsets = experts_as_int4(blocks, t, 256, dtype)
+            fields[f"{name}_group"] = 32
+        else:
+            words, scales, offsets = experts_as_int8(blocks, t, 256)
+            fields.update({f"{name}_group": INT8_GROUPS[t], f"{name}_int8": True})
+        stacks.append(words.to(KERNEL_DEVICE))
+        fields.update({f"{name}_scale": scales.to(KERNEL_DEVICE),
+                       f"{name}_offsets": None if offsets is None else offsets.to(KERNEL_DEVICE)})
+    quant = ExpertQuant(**fields)
+    assert not quant.gguf and quant.int4 == any(t in INT4_TYPES for t in types)
+    out = fused_moe_triton(x, *stacks, weights, ids, config=dict(SMALL, BLOCK_K=128), quant=quant)
+    blocks_quant = ExpertQuant(w13_ggml=types[0], w2_ggml=types[1])
+    ref = fused_moe_ref(x.double(), *(r.to(KERNEL_DEVICE) for r in raw), weights.double(), ids, blocks_quant)
+    assert ref.abs().max() > 0
+    assert_close(out, ref, 4 * TOLERANCE[dtype], f"fused_moe gguf {w13_type}/{w2_type} as int8")
+
+
+def _int8_experts(w: torch.Tensor, group: int, offsets: bool, scale_dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """8-bit experts of ``w [E, N, K]``: symmetric int8 codes (``offsets``: uint8 codes with ``W = q s + o``), scales
+    (and offsets) ``[E, K / group, N]`` in ``scale_dtype``."""
+    grouped = w.float().cpu().transpose(1, 2).reshape(w.shape[0], -1, group, w.shape[1])  # [E, K / group, group, N]
+    if offsets:
+        lo, hi = grouped.amin(2), grouped.amax(2)
+        scale = ((hi - lo) / 255).clamp(min=1e-6)
+        codes = torch.clamp(torch.round((grouped - lo[:, :, None]) / scale[:, :, None]), 0, 255).to(torch.uint8)
+        extra = lo.to(scale_dtype)
+    else:
+        scale = (grouped.abs().amax(2) / 127).clamp(min=1e-6)
+        codes = torch.clamp(torch.round(grouped / scale[:, :, None]), -127, 127).to(torch.int8)
+        extra = None
+    codes = codes.reshape(w.shape[0], -1, w.shape[1]).transpose(1, 2).contiguous()  # [E, N, K]
+    return codes, scale.to(scale_dtype), extra
+
+
+@pytest.mark.parametrize("group, block_k, offsets", [(16, 64, False), (32, 128, True), (64, 32, True),
+                                                     (0, 128, False), (0, 64, True)])  # fmt: skip
+@pytest.mark.parametrize("dtype, scale_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                                (torch.float16, torch.float16)]
+                         + ([(torch.bfloat16, torch.bfloat16)] if KERNEL_DEVICE == "cuda" else []))  # fmt: skip
+def test_fused_moe_with_int8_experts_matches_reference(group, block_k, offsets, dtype, scale_dtype):
+    """8-bit experts (``W = q s (+ o)``, codes ``[E, N, K]``): groups of 16 / 32 (GGUF Q6_K, Q8_0 / Q5_K: the
+    weights scaled before the dot), groups of a step or more and per channel (group 0 here: K; the step's partial
+    product scaled, offsets through a's row sums), with and without offsets, as the reference's dequantization."""
+    x, w13, w2, weights, ids = _problem(19, 4, 256, 128, 2, dtype, seed=group + block_k)
+    (q13, s13, o13), (q2, s2, o2) = (_int8_experts(w, group or w.shape[2], offsets, scale_dtype) for w in (w13, w2))
+    quant = ExpertQuant(s13, s2, w13_group=group or 256, w2_group=group or 128, w13_offsets=o13, w2_offsets=o2,
+                        w13_int8=True, w2_int8=True)  # fmt: skip
+    quant = ExpertQuant(*(t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t for t in quant))
+    assert not quant.int4 and not quant.gguf
+    q13, q2 = q13.to(KERNEL_DEVICE), q2.to(KERNEL_DEVICE)
+    out = fused_moe_triton(x, q13, q2, weights, ids, config=dict(SMALL, BLOCK_K=block_k), quant=quant)
+    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, quant)
+    assert ref.abs().max() > 0
+    assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe int8")
+    unquantized = fused_moe_ref(x.double(), w13.double(), w2.double(), weights.double(), ids)
+    assert_close(ref, unquantized, 0.05, "int8 experts near their weights")
+
+
+def test_int8_experts_step_within_or_over_whole_groups():
+    """The 8-bit experts' K step: the config's (16..128), halved until it divides K and nests with the group."""
+    from kernels.fused_moe import _int8_block_k
+
+    assert _int8_block_k(128, 16, 2048) == 128  # eight Q6_K groups a step
+    assert _int8_block_k(64, 768, 768) == 64  # per channel
+    assert _int8_block_k(128, 768, 768) == 128
+    assert _int8_block_k(128, 48, 96) == 16  # 16 nests with a group of 48, 32 and 64 do not
+    with pytest.raises(ValueError, match="groups \\(8\\)"):
+        _int8_block_k(128, 8, 256)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_moe_with_bitsandbytes_experts_matches_reference(dtype):
     """bitsandbytes NF4 experts (two codes a byte, an absmax per 64 weights): the kernel looks each code up and

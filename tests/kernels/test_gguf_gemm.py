@@ -62,6 +62,64 @@ def quantize_q4_k(array: np.ndarray) -> np.ndarray:
     return out.reshape(*shape[:-1], shape[-1] // 256 * 144)
 
 
+def quantize_q6_k(array: np.ndarray) -> np.ndarray:
+    """``[..., K]`` floats (K a multiple of 256) as Q6_K blocks ``uint8 [..., K / 256 * 210]`` (gguf-py writes no
+    K-quants): each 16-weight sub-block's signed range in 6-bit codes ``q6 - 32``, its scale an int8 multiple of the
+    super-block's fp16 ``d``, rounded to nearest (ggml searches them), in ggml's layout (``_element_maps``)."""
+    from kernels.gguf_gemm import Q6_K, _element_maps
+
+    shape = array.shape
+    x = array.astype(np.float32).reshape(-1, 16, 16)
+    scale = np.abs(x).max(-1) / 31
+    d = (scale.max(-1) / 127).astype(np.float16)
+    unit = d.astype(np.float32)[:, None]
+    sc = np.clip(np.rint(scale / np.where(unit == 0, 1, unit)), -128, 127).astype(np.int8)
+    step = (unit * sc)[..., None]
+    q = (np.clip(np.rint(x / np.where(step == 0, 1, step)), -32, 31) + 32).astype(np.uint8).reshape(-1, 256)
+    maps = {k: np.array(v) for k, v in _element_maps(Q6_K).items()}
+    out = np.zeros((q.shape[0], 210), np.uint8)
+    for shift in (0, 4):  # each shift's elements own distinct bytes
+        at = maps["q_shift"] == shift
+        out[:, maps["q_byte"][at]] |= (q[:, at] & 0xF) << shift
+    for shift in (0, 2, 4, 6):
+        at = maps["qh_shift"] == shift
+        out[:, maps["qh_byte"][at]] |= (q[:, at] >> 4) << shift
+    out[:, 192:208] = sc.view(np.uint8)
+    out[:, 208:210] = d.view(np.uint8).reshape(-1, 2)
+    return out.reshape(*shape[:-1], shape[-1] // 256 * 210)
+
+
+def test_q6_k_writer_round_trips_through_the_dequantizer():
+    x = np.random.default_rng(1).standard_normal((6, 512)).astype(np.float32)
+    raw = torch.from_numpy(quantize_q6_k(x))
+    back = dequantize_gguf(raw, 14, 512).numpy()
+    assert np.abs(back - x).max() < 0.05 * np.abs(x).max()
+
+
+def test_q8_0_q6_k_q5_k_blocks_as_int8_codes_equal_the_dequantized_file():
+    """``blocks_as_int8`` (the 8-bit experts' form of Q8_0 / Q6_K / Q5_K): ``q * s + o`` with fp32 scales and offsets
+    is ``dequantize_gguf``'s fp32 weight bit for bit (so rounding it to the activations' dtype is the dequantized
+    file's rounding); codes within int8, groups of 32 / 16 / 32."""
+    from core.layers.quantization.gguf import _random_blocks
+    from kernels.fused_moe import dequantize_int8_experts
+    from kernels.gguf_gemm import INT8_GROUPS, INT8_TYPES, blocks_as_int8
+
+    gen = torch.Generator().manual_seed(3)
+    for ggml_type in INT8_TYPES:
+        block, type_size = GGUF_KERNEL_TYPES[ggml_type]
+        raw = torch.empty(24, 512 // block * type_size, dtype=torch.uint8)
+        _random_blocks(ggml_type)(raw, gen)
+        codes, scales, offsets = blocks_as_int8(raw, ggml_type, 512)
+        assert codes.dtype == torch.int8 and scales.shape == (512 // INT8_GROUPS[ggml_type], 24)
+        assert (offsets is not None) == (ggml_type == 13)
+        weight = dequantize_int8_experts(codes, scales, offsets, INT8_GROUPS[ggml_type])
+        assert torch.equal(weight, dequantize_gguf(raw, ggml_type, 512)), ggml_type
+    x = np.random.default_rng(4).standard_normal((8, 256)).astype(np.float32)  # realistic Q6_K scales
+    raw = torch.from_numpy(quantize_q6_k(x))
+    codes, scales, _ = blocks_as_int8(raw, 14, 256)
+    assert torch.equal(dequantize_int8_experts(codes, scales, None, 16), dequantize_gguf(raw, 14, 256))
+
+
 def test_q4_k_writer_round_trips_through_the_dequantizer():
     x = np.random.default_rng(0).standard_normal((6, 512)).astype(np.float32)
     raw = torch.from_numpy(quantize_q4_k(x))

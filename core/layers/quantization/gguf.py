@@ -39,7 +39,8 @@ from torch import nn
 
 from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter
 from kernels.fused_moe import ExpertQuant
-from kernels.gguf_gemm import GGUF_KERNEL_TYPES, INT4_TYPES, Q4_0, dequantize_gguf, gguf_linear, q4_blocks_as_int4
+from kernels.gguf_gemm import (GGUF_KERNEL_TYPES, INT4_TYPES, INT8_GROUPS, INT8_TYPES, Q4_0, Q6_K, Q8_0, blocks_as_int8,
+                               dequantize_gguf, gguf_linear, q4_blocks_as_int4)  # fmt: skip
 from kernels.int4_gemm import int4_linear, pack_int4_kernel
 
 if TYPE_CHECKING:
@@ -221,7 +222,9 @@ class GGUFMoEMethod:
     row_bytes]``, decoded tile by tile in the fused MoE kernel (``kernels/fused_moe.py: _moe_gguf_kernel``). On CUDA
     a Q4_0 / Q4_1 / Q4_K stack is repacked after loading for the int4 experts' kernel instead
     (``repack_experts_for_int4_kernels``; the H200 timed Q4_K blocks at 2.3x, Q6_K at 10x the 16-bit experts' time,
-    the int4 experts below it); each stack on its own, so the other may stay in blocks."""
+    the int4 experts below it), and a Q8_0 / Q6_K / Q5_K stack for the 8-bit experts' kernel
+    (``repack_experts_for_int8_kernels``: int8 codes, fp32 scales and offsets, exact); each stack on its own, so a
+    Q4_K_M file's Q4_K gate / up run as int4 beside its Q6_K down as int8."""
 
     INT4_GROUP = 32  # one Q4_0 / Q4_1 block, one Q4_K sub-block
 
@@ -236,11 +239,13 @@ class GGUFMoEMethod:
                           dummy_fill=_random_blocks(ggml_type))
         block.params_dtype = torch.get_default_dtype()  # the model is built under its dtype
         block.int4_stacks = (False, False)  # w13, w2 repacked for the int4 experts' kernel
+        block.int8_stacks = (False, False)  # ... for the 8-bit experts' kernel
         return True
 
     def process_weights_after_loading(self, block: nn.Module) -> None:
         if block.w13.is_cuda:  # on CPU both forms dequantize in torch
             repack_experts_for_int4_kernels(block, self.types)
+            repack_experts_for_int8_kernels(block, self.types)
 
     def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
         fields: dict[str, Any] = {}
@@ -248,6 +253,10 @@ class GGUFMoEMethod:
             if block.int4_stacks[which]:
                 fields.update({f"{name}_scale": getattr(block, f"{name}_scale"), f"{name}_group": self.INT4_GROUP,
                                f"{name}_offsets": getattr(block, f"{name}_offsets")})
+            elif block.int8_stacks[which]:
+                fields.update({f"{name}_scale": getattr(block, f"{name}_scale"), f"{name}_int8": True,
+                               f"{name}_group": INT8_GROUPS[self.types[which]],
+                               f"{name}_offsets": getattr(block, f"{name}_offsets", None)})
             else:
                 fields[f"{name}_ggml"] = self.types[which]
         return block.w13, block.w2, ExpertQuant(**fields)
@@ -289,6 +298,42 @@ def repack_experts_for_int4_kernels(block: nn.Module, types: tuple[int, int]) ->
         repacked[which] = True
     block.int4_stacks = tuple(repacked)
     return block.int4_stacks
+
+
+def experts_as_int8(raw: torch.Tensor, ggml_type: int, in_features: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """A Q8_0 / Q6_K / Q5_K expert stack (``uint8 [E, N, row_bytes]``) as the 8-bit experts' ``(codes [E, N, K]
+    int8, scales, offsets or None)`` (fp32 ``[E, K / group, N]``, ``W = q * s + o`` exactly: ``blocks_as_int8``),
+    one expert at a time."""
+    experts, n, _ = raw.shape
+    group = INT8_GROUPS[ggml_type]
+    codes = torch.empty(experts, n, in_features, dtype=torch.int8, device=raw.device)
+    scales = torch.empty(experts, in_features // group, n, dtype=torch.float32, device=raw.device)
+    offsets = torch.empty_like(scales) if ggml_type not in (Q8_0, Q6_K) else None
+    for e in range(experts):
+        codes[e], scales[e], o = blocks_as_int8(raw[e], ggml_type, in_features)
+        if offsets is not None:
+            offsets[e] = o
+    return codes, scales, offsets
+
+
+def repack_experts_for_int8_kernels(block: nn.Module, types: tuple[int, int]) -> tuple[bool, bool]:
+    """Replace each Q8_0 / Q6_K / Q5_K expert stack's blocks by the 8-bit experts' codes, ``{w13,w2}_scale`` and
+    (Q5_K) ``{w13,w2}_offsets`` (``experts_as_int8``; ``block.int8_stacks`` records which): 8 + 32 / group bits a
+    weight against the blocks' 8.5 / 6.56 / 5.5, for the fused MoE's widening in place of ggml's per-element decode;
+    a stack of another type keeps its blocks; one already repacked stays as it is."""
+    repacked = list(getattr(block, "int8_stacks", (False, False)))
+    for which, (name, k) in enumerate((("w13", block.hidden), ("w2", block.inter))):
+        if repacked[which] or types[which] not in INT8_TYPES:
+            continue
+        codes, scales, offsets = experts_as_int8(getattr(block, name).data, types[which], k)
+        replace_parameter(block, name, codes)
+        replace_parameter(block, f"{name}_scale", scales)
+        if offsets is not None:
+            replace_parameter(block, f"{name}_offsets", offsets)
+        repacked[which] = True
+    block.int8_stacks = tuple(repacked)
+    return block.int8_stacks
 
 
 def repack_for_int4_kernels(layer: nn.Module, ggml_type: int) -> bool:
