@@ -7,7 +7,8 @@ activations) and the FLOPs it does, with a correctness check against the per-exp
     python -m benchmarks.bench_fused_moe --int4       # the experts in int4, groups of 128 (w4a16, AWQ / GPTQ)
     python -m benchmarks.bench_fused_moe --gguf Q4_K  # GGUF Q4_K experts (a Q4_K_M file's gate / up), repacked
                                                       # for the int4 experts' kernel as loading on CUDA does
-    python -m benchmarks.bench_fused_moe --gguf Q4_K --gguf-down Q6_K   # Q4_K_M's mix: int4 gate / up, Q6_K blocks
+    python -m benchmarks.bench_fused_moe --gguf Q4_K --gguf-down Q6_K   # Q4_K_M's mix: int4 gate / up, int8 down
+    python -m benchmarks.bench_fused_moe --gguf Q6_K  # Q8_0 / Q6_K / Q5_K: repacked for the 8-bit experts' kernel
     python -m benchmarks.bench_fused_moe --gguf Q4_K --gguf-blocks      # the same kept in their blocks (the old path)
     python -m benchmarks.bench_fused_moe --smoke      # tiny shapes: checks the script itself, also on CPU (interpreter)
 
@@ -38,7 +39,7 @@ from gguf import GGMLQuantizationType  # noqa: E402
 
 from kernels.fused_moe import (ExpertQuant, _weight_kind, fused_moe, fused_moe_ref, fused_moe_triton,  # noqa: E402
                                fused_topk, get_config)  # fmt: skip
-from kernels.gguf_gemm import GGUF_KERNEL_TYPES, INT4_TYPES  # noqa: E402
+from kernels.gguf_gemm import GGUF_KERNEL_TYPES, INT4_TYPES, INT8_GROUPS, INT8_TYPES  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -101,6 +102,10 @@ class MoeProblem:
         if self.quant is not None and self.quant.ggml_type(which):
             block, type_size = GGUF_KERNEL_TYPES[self.quant.ggml_type(which)]
             return type_size / block
+        if self.quant is not None and self.quant.int8_stack(which):
+            scale, _, group, _ = self.quant.parts(which)
+            offsets = self.quant.offsets(which)
+            return 1 + scale.element_size() * (1 + (offsets is not None)) / group
         if self.quant is not None and self.quant.parts(which)[2]:
             scale, _, group, _ = self.quant.parts(which)
             return 0.5 + 2 * scale.element_size() / group
@@ -114,10 +119,11 @@ def make_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int = 0
     ``int4_group``: to int4 codes in the int4 kernel layout with random scales and zero points per group;
     ``gguf_type``: random GGUF blocks of that GGML type (sane scales), as a GGUF file's stacked experts (the down
     stack of ``gguf_down_type`` if given), a Q4_0 / Q4_1 / Q4_K stack repacked for the int4 experts' kernel as
-    loading on CUDA does (``experts_as_int4``) unless ``gguf_blocks``."""
+    loading on CUDA does (``experts_as_int4``), a Q8_0 / Q6_K / Q5_K stack for the 8-bit experts'
+    (``experts_as_int8``), unless ``gguf_blocks``."""
     problem = _random_problem(shape, tokens, dtype, seed)
     if gguf_type:
-        from core.layers.quantization.gguf import _random_blocks, experts_as_int4
+        from core.layers.quantization.gguf import _random_blocks, experts_as_int4, experts_as_int8
 
         gen = torch.Generator().manual_seed(seed)
         fields = {}
@@ -130,7 +136,12 @@ def make_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int = 0
             _random_blocks(ggml_type)(blocks, gen)
             blocks = blocks.to(DEVICE)
             int4 = None if gguf_blocks or ggml_type not in INT4_TYPES else experts_as_int4(blocks, ggml_type, k, dtype)
-            if int4 is None:
+            if not gguf_blocks and ggml_type in INT8_TYPES:
+                codes, scales, offsets = experts_as_int8(blocks, ggml_type, k)
+                setattr(problem, name, codes)
+                fields.update({f"{name}_scale": scales, f"{name}_offsets": offsets, f"{name}_int8": True,
+                               f"{name}_group": INT8_GROUPS[ggml_type]})
+            elif int4 is None:
                 setattr(problem, name, blocks)
                 fields[f"{name}_ggml"] = ggml_type
             else:
@@ -225,12 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int4", action="store_true", help="experts in int4, groups of 128 (w4a16)")
     gguf_types = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
     parser.add_argument("--gguf", choices=gguf_types, default=None,
-                        help="GGUF experts of this type (random blocks); Q4_0 / Q4_1 / Q4_K repacked for the int4 "
-                             "experts' kernel as loading on CUDA does, the others in their blocks")
+                        help="GGUF experts of this type (random blocks), repacked as loading on CUDA does: Q4_0 / "
+                             "Q4_1 / Q4_K for the int4 experts' kernel, Q8_0 / Q6_K / Q5_K for the 8-bit experts'")
     parser.add_argument("--gguf-down", choices=gguf_types, default=None,
                         help="the down stack's GGUF type where it differs (Q4_K_M: Q4_K gate / up, Q6_K down)")
     parser.add_argument("--gguf-blocks", action="store_true",
-                        help="keep Q4_0 / Q4_1 / Q4_K experts in their blocks (the block-decoding kernel)")
+                        help="keep the GGUF experts in their blocks (the block-decoding kernel)")
     parser.add_argument("--peak-gbps", type=float, default=4800.0)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     opts = parser.parse_args(argv)

@@ -49,6 +49,13 @@ for offsets in (False, True):  # groups of 32, four a K step of 128: AWQ / GPTQ'
     constexprs = dict(common, GROUP=32, MAGIC=128.0, USE_ASM=True, PERMUTED=False, OFFSETS=offsets)
     info = summarize(_compile(fused_moe._moe_int4_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
     out["moe_int4_g32_offsets" if offsets else "moe_int4_g32"] = facts_and_loop(info)
+for group, offsets, scales in ((16, False, "*fp32"), (16, False, "*bf16"), (32, True, "*fp32"), (128, False, "*fp32"),
+                                (128, True, "*fp32")):  # 8-bit experts: GGUF Q6_K / Q5_K repacked; GPTQ's 128
+    pointers = {"a_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": scales, "o_ptr": scales, **routing}
+    constexprs = dict(common, DOT_PRECISION="tf32", GROUP=group, OFFSETS=offsets, VIA_F32=False)
+    info = summarize(_compile(fused_moe._moe_int8_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
+    out[f"moe_int8_g{group}{'_offsets' if offsets else ''}{'_bf16' if scales == '*bf16' else ''}"] = \
+        facts_and_loop(info)
 from kernels.gguf_gemm import GGUF_KERNEL_TYPES, Q4_K, Q6_K, Q8_0
 for ggml_type in (Q8_0, Q4_K, Q6_K):  # GGUF experts kept in their blocks
     block, type_size = GGUF_KERNEL_TYPES[ggml_type]
@@ -95,7 +102,8 @@ def compiled():
 def test_quantized_weight_kernels_compile_for_sm90_on_the_tensor_cores_without_spills(compiled):
     result = compiled
     assert set(result) == {"moe0", "moe1", "moe2", "moe_int4", "moe_int4_act", "moe_int4_g32", "moe_int4_g32_offsets",
-                           "moe_gguf8", "moe_gguf12", "moe_gguf14", "moe_bnb4",
+                           "moe_gguf8", "moe_gguf12", "moe_gguf14", "moe_bnb4", "moe_int8_g16", "moe_int8_g16_bf16",
+                           "moe_int8_g32_offsets", "moe_int8_g128", "moe_int8_g128_offsets",
                            "block1", "block512", "bnb1", "bnb512", "int8_1", "int8_512", "gptq8_1", "gptq8_512"}
     for name, (regs, spills, mma, *_) in result.items():
         assert 0 < regs <= 255 and spills == 0 and mma > 0, (name, result)
@@ -118,3 +126,17 @@ def test_int4_experts_in_groups_of_32_step_within_an_eighth_of_groups_of_128(com
     points, 246 with offsets, against 236)."""
     for name in ("moe_int4_g32", "moe_int4_g32_offsets"):
         assert compiled[name][3] <= compiled["moe_int4"][3] * 9 / 8, compiled
+
+
+@needs_sass_tools
+def test_int8_experts_step_near_the_fp8_experts_step(compiled):
+    """8-bit experts (decode tile 16 x 64 x 128, bf16): a step within one group (GPTQ's 128, per channel) widens the
+    codes and scales the partial product, as many instructions as the e4m3 experts' step (sm_90, Triton 3.6: 296
+    against 288 per channel); a step over groups of 16 / 32 (GGUF Q6_K, Q5_K with offsets) computes ``q s + o`` per
+    weight with fp32 scales (one FFMA each, exact), within 1.4x the e4m3 per-channel step (391 / 394 against 288;
+    bf16 scales 327, two weights an HFMA2, but ``d * sc`` rounded to 8 bits)."""
+    fp8 = compiled["moe1"][3]
+    assert compiled["moe_int8_g128"][3] <= fp8 * 1.1, compiled
+    for name in ("moe_int8_g16", "moe_int8_g32_offsets", "moe_int8_g16_bf16"):
+        assert compiled[name][3] <= fp8 * 1.4, compiled
+    assert compiled["moe_int8_g16_bf16"][3] < compiled["moe_int8_g16"][3], compiled

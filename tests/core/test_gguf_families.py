@@ -16,7 +16,7 @@ import transformers
 
 from tests.core.engine_utils import make_engine, run_engine
 from tests.core.test_loader import llama_cpp_permute
-from tests.kernels.test_gguf_gemm import quantize_q4_k
+from tests.kernels.test_gguf_gemm import quantize_q4_k, quantize_q6_k
 from tests.core.test_model_parity import GREEDY, MAX_TOKENS, check_against_hf, random_prompts
 from tests.tiny_models import SLIDING_WINDOW, hf_config, hf_greedy
 
@@ -157,11 +157,12 @@ def _convert(gguf_arch: str, cfg, hf_name: str, array: np.ndarray) -> np.ndarray
 def _add_matrix(writer: gguf.GGUFWriter, name: str, array: np.ndarray, ggml_type: gguf.GGMLQuantizationType | None
                 ) -> None:  # fmt: skip
     """A weight matrix (or a stack of experts' matrices) in F16, or quantized to ``ggml_type``."""
-    k_quant = ggml_type == gguf.GGMLQuantizationType.Q4_K
+    k_quant = ggml_type in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K)
     if ggml_type is None or array.shape[-1] % (256 if k_quant else 32):  # llama.cpp: rows of partial blocks in F16
         writer.add_tensor(name, array.astype(np.float16))
     elif k_quant:  # gguf-py writes no K-quants
-        writer.add_tensor(name, quantize_q4_k(array), raw_dtype=ggml_type)
+        quantize = quantize_q4_k if ggml_type == gguf.GGMLQuantizationType.Q4_K else quantize_q6_k
+        writer.add_tensor(name, quantize(array), raw_dtype=ggml_type)
     else:
         writer.add_tensor(name, gguf.quants.quantize(array.astype(np.float32), ggml_type), raw_dtype=ggml_type)
 
@@ -306,6 +307,36 @@ def test_moe_gguf_q4_experts_on_the_int4_experts_kernel_equal_them_dequantized(t
         assert block.w2.dtype == torch.int32 and block.w2.shape == (block.num_experts, block.hidden, block.inter // 8)
     qkv = next(m for m in model.modules() if hasattr(m, "qkv_proj")).qkv_proj
     assert qkv.ggml_type == int(gguf.GGMLQuantizationType[ggml_type]) and qkv.qweight.dtype == torch.int32
+
+
+def _repack_experts_as_int8_as_cuda_does(model: torch.nn.Module) -> None:
+    """What loading does on CUDA to Q8_0 / Q6_K expert stacks: repacked for the 8-bit experts' kernel (the dense
+    projections of those types stay in their blocks)."""
+    from core.layers.quantization.gguf import GGUFMoEMethod, repack_experts_for_int8_kernels
+
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, GGUFMoEMethod):
+            assert method.experts(module)[2].gguf  # as loaded on CPU
+            assert repack_experts_for_int8_kernels(module, method.types) == (True, True)
+
+
+@pytest.mark.parametrize("family, ggml_type", [("qwen3_moe", "Q8_0"), ("qwen3_moe", "Q6_K"), ("qwen2_moe", "Q6_K")])
+def test_moe_gguf_8bit_experts_on_the_int8_experts_kernel_equal_them_dequantized(tmp_path, family, ggml_type):
+    """A Q8_0 or Q6_K (Q4_K_M's down) file's expert stacks repacked as on CUDA for the 8-bit experts' kernel (int8
+    codes ``[E, N, K]``, fp32 scales per 32 / 16 inputs: ``ExpertQuant`` int8, no GGUF blocks left): the tokens and
+    logprobs of the same file dequantized at load (K-quants: models 256 wide)."""
+    wider = {"hidden_size": 256, "moe_intermediate_size": 256} if ggml_type == "Q6_K" else None
+    model = _kept_equals_dequantized(tmp_path, family, ggml_type, wider, prepare=_repack_experts_as_int8_as_cuda_does)
+    blocks = [m for m in model.modules() if hasattr(m, "w13")]
+    assert blocks
+    group = 16 if ggml_type == "Q6_K" else 32
+    for block in blocks:
+        _, _, quant = block.quant_method.experts(block)
+        assert quant.w13_int8 and quant.w2_int8 and not quant.gguf and not quant.int4
+        assert quant.w13_group == quant.w2_group == group and quant.w13_offsets is None
+        assert block.w2.dtype == torch.int8 and block.w2.shape == (block.num_experts, block.hidden, block.inter)
+        assert block.w13_scale.shape == (block.num_experts, block.hidden // group, 2 * block.inter)
 
 
 def test_moe_gguf_experts_kept_in_blocks_refuse_tensor_parallelism(tmp_path):

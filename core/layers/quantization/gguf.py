@@ -16,9 +16,10 @@ batches). Up to 16 rows that is the tensor-core decode kernel: Q4_0's zero point
 ``-m / d`` and Q4_K's ``dmin * m / (d * sc)`` (not whole numbers) with their fractional part apart (its ``mma``
 kind's ``FRACTIONAL_ZEROS``); tl.dot past it. A layer whose blocks do not fit that form (see
 ``q4_blocks_as_int4``) keeps its blocks. Mixture-of-experts stacks of those types likewise run on the int4 experts'
-kernel (``GGUFMoEMethod``, each stack on its own: a Q4_K_M file's Q4_K gate / up beside a Q6_K down kept in blocks).
-The other types, the embedding and the LM head stay in their blocks, and so does everything on CPU (there both paths
-dequantize in torch).
+kernel (``GGUFMoEMethod``), and Q8_0 / Q6_K / Q5_K stacks the 8-bit experts' kernel (``blocks_as_int8``: int8 codes,
+fp32 scales per 32 / 16 inputs and Q5_K's offsets, exact); each stack on its own (a Q4_K_M file's Q4_K gate / up as
+int4 beside its Q6_K down as int8). The other types, the embedding and the LM head stay in their blocks, and so
+does everything on CPU (there both paths dequantize in torch).
 
 When: ``--quantization gguf``. Without it a GGUF file is dequantized at load, as before (kept quantized it saves
 memory, not time: on CPU there is no kernel and every weight is dequantized per step in torch). ``--gguf-dequantize``
