@@ -135,11 +135,52 @@ def test_bitsandbytes_experts_of_partial_blocks_fail_naming_them(tmp_path):
         qc.greedy(qc.save(tmp_path / "plain", config, state), quantization="bitsandbytes")
 
 
-def test_gptq_8bit_experts_fail_naming_what_is_supported(tmp_path):
-    quantized, _ = qc.write_gptq8(tmp_path, 32, False, True, "mixtral", intermediate_size=64)
-    with pytest.raises(ValueError, match=r"GPTQ 8-bit experts \(model.layers.0.mlp\) are not supported; supported: "
-                                         "GPTQ 4-bit experts"):
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("group, sym", [(32, True), (32, False), (-1, False)], ids=["g32-sym", "g32-zp", "channel-zp"])
+def test_gptq_8bit_experts_match_dequantized_model(tmp_path, arch, group, sym):
+    """GPTQ ``bits: 8`` experts (Qwen3-30B-A3B-GPTQ-Int8's layout): each expert's packed codes, zero points and
+    scales as the 8-bit experts' uint8 codes ``[E, N, K]`` with scales and offsets ``-z s`` per group, the
+    dequantized model's tokens and logprobs (CPU: the reference)."""
+    wider = {"mixtral": {"intermediate_size": 64}, "qwen3_moe": {"moe_intermediate_size": 64}}[arch]
+    engine, _ = qc.compare(*qc.write_gptq8(tmp_path, group, False, sym, arch, **wider), logprob_atol=1e-4,
+                           dtype="float32")
+    block = moe_blocks(engine)[-1]
+    _, _, quant = block.quant_method.experts(block)
+    assert quant.w13_int8 and quant.w2_int8 and quant.w13_offsets is not None
+    assert block.w13.dtype == torch.uint8 and block.w13.shape == (block.num_experts, 2 * block.inter, block.hidden)
+    groups = 1 if group == -1 else block.inter // group
+    assert block.w2_scale.shape == block.w2_offsets.shape == (block.num_experts, groups, block.hidden)
+
+
+def test_gptq_8bit_act_order_experts_fail_naming_it(tmp_path):
+    quantized, _ = qc.write_gptq8(tmp_path, 32, True, True, "mixtral", intermediate_size=64)
+    with pytest.raises(ValueError, match=r"GPTQ 8-bit act-order \(desc_act\) experts \(model.layers.0.mlp\) are not "
+                                         "supported"):
         qc.greedy(quantized)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_bitsandbytes_8bit_experts_match_dequantized_model(tmp_path, arch):
+    """bitsandbytes ``load_in_8bit`` experts (each expert's Linear8bitLt: int8 rows, ``SCB``) stacked as the 8-bit
+    experts' int8 codes with a scale per output channel; the router (and Qwen2-MoE's shared-expert gate), quantized
+    in the file too, dequantized at load: the dequantized model's tokens and logprobs."""
+    engine, _ = qc.compare(*qc.write_bnb8(tmp_path, arch, routers=True), logprob_atol=1e-4, dtype="float32")
+    block = moe_blocks(engine)[-1]
+    w13, _, quant = block.quant_method.experts(block)
+    assert quant.w13_int8 and quant.w2_int8 and quant.w13_offsets is None and quant.w2_group == block.inter
+    assert w13.dtype == torch.int8 and w13.shape == (block.num_experts, 2 * block.inter, block.hidden)
+    assert quant.w13_scale.shape == (block.num_experts, 1, 2 * block.inter)
+    assert block.gate.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["gptq8", "bnb8"])
+def test_8bit_experts_refuse_tensor_parallelism(tmp_path, method):
+    from tests.core.engine_utils import make_engine
+
+    quantized, _ = (qc.write_gptq8(tmp_path, 32, False, True, "mixtral", intermediate_size=64) if method == "gptq8"
+                    else qc.write_bnb8(tmp_path, "mixtral"))
+    with pytest.raises(ValueError, match=r"8-bit experts \(model.layers.0.mlp\) cannot be split over tensor-parallel"):
+        make_engine(quantized, dtype="float32", device="cpu", tensor_parallel_size=2)
 
 
 def test_act_order_experts_whose_gate_and_up_orders_differ_fail(tmp_path):
@@ -198,6 +239,28 @@ def test_online_fp8_moe_on_gpu_with_cuda_graphs(tmp_path, arch):
     assert [r["tokens"] for r in graphs] == [r["tokens"] for r in eager]
     _, reference = qc.greedy(path, dtype="bfloat16", device="cuda")
     assert qc.logprob_error(graphs, reference, steps=1) <= qc.FP8_FIRST_STEP_ATOL
+
+
+EIGHT_BIT_EXPERTS = {"gptq8-g32-zp": lambda tmp: qc.write_gptq8(tmp, 32, False, False, "qwen3_moe",
+                                                                 moe_intermediate_size=64),
+                     "gptq8-channel-sym": lambda tmp: qc.write_gptq8(tmp, -1, False, True, "mixtral",
+                                                                     intermediate_size=64),
+                     "bnb8": lambda tmp: qc.write_bnb8(tmp, "qwen2_moe", routers=True)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(EIGHT_BIT_EXPERTS))
+def test_8bit_experts_on_gpu_with_cuda_graphs(tmp_path, case):
+    """GPTQ 8-bit and bitsandbytes 8-bit experts on the fused MoE kernel's 8-bit experts (bf16) inside the decode
+    graphs: the same tokens as eager decode, first-step logprobs near the dequantized model's."""
+    quantized, dequantized = EIGHT_BIT_EXPERTS[case](tmp_path)
+    engine, graphs = qc.greedy(quantized, dtype="bfloat16", device="cuda")
+    assert engine.runner.use_graphs
+    assert all(b.quant_method.experts(b)[2].w13_int8 for b in moe_blocks(engine))
+    _, eager = qc.greedy(quantized, dtype="bfloat16", device="cuda", enforce_eager=True)
+    assert [r["tokens"] for r in graphs] == [r["tokens"] for r in eager]
+    _, reference = qc.greedy(dequantized, dtype="bfloat16", device="cuda")
+    assert qc.logprob_error(graphs, reference, steps=1) <= 0.05
 
 
 def test_int4_experts_in_groups_the_kernel_cannot_step_fail_at_build():

@@ -295,15 +295,18 @@ def write_bnb(tmp: Path, quant_type: str, nested: bool, arch: str = "llama", **o
             save(tmp / f"{tag}-dequantized", config, plain))
 
 
-def write_bnb8(tmp: Path, arch: str = "llama", **overrides) -> tuple[Path, Path]:
+def write_bnb8(tmp: Path, arch: str = "llama", routers: bool = False, **overrides) -> tuple[Path, Path]:
     """A bitsandbytes ``load_in_8bit`` checkpoint as transformers saves it (``Linear8bitLt``'s state dict): int8
     ``weight`` (``round(127 * W / absmax)`` per row), fp32 ``SCB`` (each row's absmax) and ``weight_format`` 0
-    (row-major)."""
+    (row-major); ``routers``: MoE routers (and Qwen2-MoE's shared-expert gate) quantized too, as transformers
+    does."""
     from kernels.int8_gemm import quantize_int8_rows
 
     config, state = base_checkpoint(arch=arch, **overrides)
     quant, plain = dict(state), dict(state)
-    for name in quantized_layers(state):
+    gates = [name for name in state if routers and name.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight",
+                                                                     ".mlp.shared_expert_gate.weight"))]
+    for name in quantized_layers(state) + gates:
         codes, absmax = quantize_int8_rows(state[name])
         prefix = name.removesuffix(".weight")
         quant |= {name: codes, f"{prefix}.SCB": absmax, f"{prefix}.weight_format": torch.tensor(0, dtype=torch.uint8)}

@@ -12,7 +12,10 @@ size, offset). :meth:`BitsAndBytesConfig.checkpoint_tensors` turns each layer's 
 8-bit (LLM.int8, ``load_in_8bit``) checkpoints hold ``weight`` (int8 ``[out, in]``, ``round(127 * W / absmax)``),
 ``SCB`` (each row's absmax) and ``weight_format`` (0: row-major, the only layout bitsandbytes still writes); the
 layer holds ``weight`` and ``weight_scale = SCB / 127`` and runs ``kernels/int8_gemm.py`` (w8a16: the activations
-stay unquantized, so LLM.int8's outlier threshold has nothing to split off).
+stay unquantized, so LLM.int8's outlier threshold has nothing to split off). A MoE block's 8-bit experts
+(``BitsAndBytes8bitMoEMethod``) stack each expert's int8 rows and scales and run on the fused MoE kernel's 8-bit
+experts (a scale per output channel); its router, which ``load_in_8bit`` quantizes like any Linear, is dequantized
+at load and stays a 16-bit Linear.
 """
 
 from __future__ import annotations
@@ -70,12 +73,14 @@ class BitsAndBytesConfig(QuantConfig):
             return None
         return BitsAndBytes8bitLinearMethod() if self.bits == 8 else BitsAndBytesLinearMethod(self)
 
-    def moe_method(self, prefix: str) -> BitsAndBytesMoEMethod | None:
+    def moe_method(self, prefix: str) -> BitsAndBytesMoEMethod | BitsAndBytes8bitMoEMethod | None:
         if module_listed(self.skipped, f"{self.global_prefix(prefix)}.experts"):
             return None
         if self.bits == 8:
-            raise ValueError(f"bitsandbytes 8-bit experts ({prefix}) are not supported; supported: 4-bit (NF4, FP4) "
-                             "experts.")
+            if self.tp_size > 1:
+                raise ValueError(f"bitsandbytes 8-bit experts ({prefix}) cannot be split over tensor-parallel ranks; "
+                                 "supported: one rank (tensor_parallel_size 1).")
+            return BitsAndBytes8bitMoEMethod()
         return BitsAndBytesMoEMethod(self)
 
     def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
@@ -127,16 +132,28 @@ class BitsAndBytesConfig(QuantConfig):
 
 def _int8_tensors(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """An 8-bit checkpoint's tensors as the layers hold them: ``SCB`` as ``weight_scale = SCB / 127``, the
-    row-major ``weight_format`` checked and dropped."""
+    row-major ``weight_format`` checked and dropped; a MoE router's (or shared-expert gate's) int8 rows and ``SCB``
+    as its dequantized ``weight``."""
+    routers: dict[str, dict[str, torch.Tensor]] = {}  # a quantized router's rows or SCB, until both arrive
     for name, tensor in weights:
+        layer = name.rsplit(".", 1)[0]
         if name.endswith(".weight_format"):
             if int(tensor.reshape(-1)[0]) != 0:
                 raise ValueError(f"bitsandbytes: {name} is {int(tensor.reshape(-1)[0])}, a tiled 8-bit layout "
                                  "(col32 / col_turing / col_ampere); supported: 0 (row-major).")
+        elif _ROUTER.search(layer) and (name.endswith(".SCB") or tensor.dtype == torch.int8):
+            parts = routers.setdefault(layer, {})
+            parts[name.rsplit(".", 1)[1]] = tensor
+            if len(parts) == 2:
+                del routers[layer]
+                yield f"{layer}.weight", parts["weight"].float() * (parts["SCB"].float() / 127.0)[:, None]
         elif name.endswith(".SCB"):
             yield f"{name.removesuffix('.SCB')}.weight_scale", tensor.float() / 127.0
         else:
             yield name, tensor
+    if routers:
+        raise ValueError(f"bitsandbytes: {len(routers)} 8-bit MoE routers lack their int8 weight or SCB (e.g. "
+                         f"{next(iter(routers))}); the checkpoint is incomplete.")
 
 
 def _layer_tensors(layer: str, parts: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -270,3 +287,29 @@ class BitsAndBytesMoEMethod:
         absmax13 = block.w13_weight_absmax.view(e, 2 * block.inter, -1)
         absmax2 = block.w2_weight_absmax.view(e, block.hidden, -1)
         return w13, w2, ExpertQuant(absmax13, absmax2, codebook=block.w13_weight_quant_map, bnb_block=BLOCKSIZE)
+
+
+class BitsAndBytes8bitMoEMethod:
+    """A MoE block's 8-bit experts: each expert's int8 rows and ``weight_scale`` (``SCB / 127``) stacked into ``w13``
+    ``[E * 2 * inter, hidden]`` (gate rows then up rows of each expert) / ``w2`` and ``{w13,w2}_weight_scale``; the
+    fused MoE kernel's 8-bit experts (``ExpertQuant.w13_int8``) run them with one scale per output channel (group =
+    K) and no offsets."""
+
+    _projections = staticmethod(BitsAndBytesMoEMethod._projections)
+
+    def create_weights(self, block: nn.Module) -> bool:
+        for name, rows, k in self._projections(block):
+            new_parameter(block, name, (rows, k), torch.int8, dummy_fill=_fill_int8)
+            new_parameter(block, f"{name}_weight_scale", (rows,), torch.float32, dummy_fill=_fill_absmax)
+        return True
+
+    def process_weights_after_loading(self, block: nn.Module) -> None:
+        pass
+
+    def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
+        e = block.num_experts
+        w13, w2 = block.w13.view(e, 2 * block.inter, block.hidden), block.w2.view(e, block.hidden, block.inter)
+        scale13 = block.w13_weight_scale.view(e, 1, 2 * block.inter)
+        scale2 = block.w2_weight_scale.view(e, 1, block.hidden)
+        return w13, w2, ExpertQuant(scale13, scale2, w13_group=block.hidden, w2_group=block.inter, w13_int8=True,
+                                    w2_int8=True)

@@ -6,6 +6,12 @@ Per linear layer: ``qweight`` int32 ``[in / 4, out]`` (input row ``4p + i`` in b
 ``g = g_idx[k]``. The layer holds the codes as uint8 ``[out, in]`` and the scales and zero points ``[out,
 groups]`` in fp32 for ``kernels/int8_gemm.py``; act-order (``desc_act``) layers have their input rows sorted by
 group and gather x's columns by the same permutation, as the int4 layers do.
+
+A MoE block's experts (``GPTQInt8MoEMethod``) load each expert's tensors into stacked ``{w13,w2}_qweight`` /
+``_qzeros`` / ``_scales`` / ``_g_idx`` (as the int4 experts do), then become the 8-bit experts' kernel form
+(``kernels/fused_moe.py``: ``ExpertQuant.w13_int8``): uint8 codes ``[E, N, K]``, fp32 scales and offsets
+``o = -zero * scale`` ``[E, K / group, N]`` (``W = q s + o``). Act-order experts and tensor parallelism are
+refused at startup (the 8-bit experts' kernel takes no row permutation; the experts are not cut over ranks).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import torch
 from torch import nn
 
 from core.layers.quantization.base import LinearMethod, new_parameter, replace_parameter
-from core.layers.quantization.int4 import GPTQConfig, _fill_random_int32, _fill_scales, natural_groups
+from core.layers.quantization.int4 import (GPTQConfig, Int4MoEMethod, _fill_random_int32, _fill_scales,
+                                           natural_groups)
+from kernels.fused_moe import ExpertQuant
 from kernels.int8_gemm import int8_linear
 
 PACK = 4  # 8-bit values per int32
@@ -37,7 +45,7 @@ def unpack_int8_columns(packed: torch.Tensor) -> torch.Tensor:
 
 class GPTQInt8Config(GPTQConfig):
     """GPTQ's 4-bit config with four codes an int32: the same tensor names and tensor-parallel cuts
-    (``_Int4Config.shard_tensor`` with ``pack`` 4), layers of its own, no expert kernel."""
+    (``_Int4Config.shard_tensor`` with ``pack`` 4), layers and experts of its own."""
 
     pack = PACK
 
@@ -51,8 +59,8 @@ class GPTQInt8Config(GPTQConfig):
     def linear_method(self, prefix: str) -> LinearMethod | None:
         return GPTQInt8LinearMethod(self, self.input_shards(prefix))
 
-    def moe_method(self, prefix: str) -> None:
-        raise ValueError(f"GPTQ 8-bit experts ({prefix}) are not supported; supported: GPTQ 4-bit experts.")
+    def moe_method(self, prefix: str) -> GPTQInt8MoEMethod | None:
+        return None if self.is_skipped(prefix) else GPTQInt8MoEMethod(self, prefix)
 
     def summary(self) -> str:
         return f"gptq 8-bit (group {self.group_size}{', act-order' if self.desc_act else ''})"
@@ -109,3 +117,64 @@ class GPTQInt8LinearMethod(LinearMethod):
             x = x[..., layer.perm]
         return int8_linear(x, layer.weight, layer.weight_scale, bias, zeros=layer.weight_zeros,
                            group=layer.group_size, backend=layer.backend)
+
+
+class GPTQInt8MoEMethod(Int4MoEMethod):
+    """A MoE block's GPTQ 8-bit experts (module docstring): each expert's ``qweight`` / ``qzeros`` / ``scales`` /
+    ``g_idx`` stacked as a merged projection's would be, then uint8 codes ``[E, N, K]`` with fp32 scales and offsets
+    ``[E, K / group, N]`` for the fused MoE kernel's 8-bit experts."""
+
+    def __init__(self, config: GPTQInt8Config, prefix: str = "") -> None:
+        super().__init__(config)
+        self.prefix = prefix
+
+    def create_weights(self, block: nn.Module) -> bool:
+        if self.config.desc_act:
+            raise ValueError(f"GPTQ 8-bit act-order (desc_act) experts ({self.prefix}) are not supported (the 8-bit "
+                             "experts' kernel takes no row permutation); supported: desc_act false.")
+        if self.config.tp_size > 1:
+            raise ValueError(f"GPTQ 8-bit experts ({self.prefix}) cannot be split over tensor-parallel ranks; "
+                             "supported: one rank (tensor_parallel_size 1).")
+        experts = block.num_experts
+        for param, rows, k, group, parts in self._projections(block):
+            if k % group or k % PACK or rows % PACK:
+                raise ValueError(f"GPTQ 8-bit: an expert's {param} (input size {k}, {rows} outputs) does not fit "
+                                 f"groups of {group} and the packing of {PACK} codes an int32.")
+            out = experts * rows
+            new_parameter(block, f"{param}_qweight", (k // PACK, out), torch.int32, output_dim=1,
+                          dummy_fill=_fill_random_int32)
+            new_parameter(block, f"{param}_qzeros", (k // group, out // PACK), torch.int32, output_dim=1,
+                          pack_factor=PACK, dummy_fill=_fill_random_int32)
+            new_parameter(block, f"{param}_scales", (k // group, out), torch.get_default_dtype(), output_dim=1,
+                          dummy_fill=_fill_scales)
+            new_parameter(block, f"{param}_g_idx", (experts * parts, k), torch.int32, output_dim=0,
+                          pack_factor=out // (experts * parts), dummy_fill=natural_groups(group, k))
+        return True
+
+    def process_weights_after_loading(self, block: nn.Module) -> None:
+        experts = block.num_experts
+        for param, rows, k, group, _ in self._projections(block):
+            qweight, qzeros = getattr(block, f"{param}_qweight").data, getattr(block, f"{param}_qzeros").data
+            scales, g_idx = getattr(block, f"{param}_scales").data.float(), getattr(block, f"{param}_g_idx").data
+            natural = torch.arange(k, device=g_idx.device) // group
+            if not torch.equal(g_idx.long(), natural.expand_as(g_idx)):
+                raise ValueError(f"GPTQ 8-bit experts ({self.prefix}): the {param} g_idx is an act order (input rows "
+                                 "not in consecutive groups); the 8-bit experts' kernel takes no row permutation.")
+            codes = torch.empty(experts, rows, k, dtype=torch.uint8, device=qweight.device)
+            for e in range(experts):  # one expert at a time: the unpacked int64 codes stay small
+                codes[e] = unpack_int8_rows(qweight[:, e * rows: (e + 1) * rows]).t().to(torch.uint8)
+            zeros = unpack_int8_columns(qzeros) + 1  # v1 stores zero - 1 (symmetric: 127, so 128)
+            per_expert = (k // group, experts, rows)
+            scale = scales.reshape(per_expert).transpose(0, 1).contiguous()
+            offsets = (-zeros.float().reshape(per_expert).transpose(0, 1) * scale).contiguous()
+            for name in ("qweight", "qzeros", "scales", "g_idx"):
+                delattr(block, f"{param}_{name}")
+            replace_parameter(block, param, codes)
+            replace_parameter(block, f"{param}_scale", scale)
+            replace_parameter(block, f"{param}_offsets", offsets)
+
+    def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
+        (_, _, _, g13, _), (_, _, _, g2, _) = self._projections(block)
+        return block.w13, block.w2, ExpertQuant(block.w13_scale, block.w2_scale, w13_group=g13, w2_group=g2,
+                                                w13_offsets=block.w13_offsets, w2_offsets=block.w2_offsets,
+                                                w13_int8=True, w2_int8=True)
