@@ -594,6 +594,7 @@ def _int4_block_k(block_k: int, group: int, k: int) -> int:
     if group % KERNEL_K_BLOCK or k % KERNEL_K_BLOCK:
         raise ValueError(f"int4 experts need groups ({group}) and inputs ({k}) of whole {KERNEL_K_BLOCK}-row chunks.")
     block_k = max(KERNEL_K_BLOCK, min(block_k, max(group, 128)))
+    block_k = 1 << (block_k.bit_length() - 1)  # a group of 192 under a tuned 256 would be a step of 192: arange
     while block_k > KERNEL_K_BLOCK and (k % block_k or (group % block_k and block_k % group)):
         block_k //= 2
     return block_k

@@ -174,8 +174,8 @@ def test_fused_moe_with_int4_offset_experts_matches_reference(group, block_k, dt
 
 
 def test_int4_experts_step_over_whole_groups():
-    """The int4 experts' K step: the config's (at most 128, or the group), halved until it divides K and nests with
-    the group; groups of less than 32 rows are refused."""
+    """The int4 experts' K step: the config's (at most 128, or the group), a power of two, halved until it divides K
+    and nests with the group; groups of less than 32 rows are refused."""
     from kernels.fused_moe import _int4_block_k
 
     assert _int4_block_k(128, 32, 2048) == 128  # four groups a step
@@ -183,6 +183,7 @@ def test_int4_experts_step_over_whole_groups():
     assert _int4_block_k(64, 128, 768) == 64  # half a group
     assert _int4_block_k(128, 32, 96) == 32  # K of three 32-row chunks
     assert _int4_block_k(128, 96, 192) == 32  # 32 nests with a group of 96, 64 and 128 do not
+    assert _int4_block_k(256, 192, 384) == 64  # a tuned 256 over a group of 192: a power of two, not the group
     with pytest.raises(ValueError, match="groups \\(16\\)"):
         _int4_block_k(128, 16, 256)
 
