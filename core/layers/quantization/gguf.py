@@ -323,7 +323,7 @@ def repack_experts_for_int8_kernels(block: nn.Module, types: tuple[int, int]) ->
     (Q5_K) ``{w13,w2}_offsets`` (``experts_as_int8``; ``block.int8_stacks`` records which): 8 + 32 / group bits a
     weight against the blocks' 8.5 / 6.56 / 5.5, for the fused MoE's widening in place of ggml's per-element decode;
     a stack of another type keeps its blocks; one already repacked stays as it is."""
-    repacked = list(getattr(block, "int8_stacks", (False, False)))
+    repacked = list(block.int8_stacks)
     for which, (name, k) in enumerate((("w13", block.hidden), ("w2", block.inter))):
         if repacked[which] or types[which] not in INT8_TYPES:
             continue
