@@ -9,9 +9,9 @@ loaded like any other; AutoAWQ's activation-aware scaling would only do better),
 bitsandbytes``: NF4 in blocks of 64 at load), ``bnb-int8`` (a bitsandbytes 8-bit checkpoint written here: int8 rows
 and their absmax, run w8a16). For a GGUF model, ``gguf`` keeps
 its blocks (dequantized per call on CPU, the block GEMM on CUDA), and ``gguf-int4`` also repacks its Q4_0 / Q4_1 /
-Q4_K linear layers and expert stacks for the int4 kernels as CUDA does (``repack_for_int4_kernels``,
-``repack_experts_for_int4_kernels``, on any device here: scales and zero points or offsets rounded to the model
-dtype, the cost of that form). The reference is the model as it loads by default (the
+Q4_K linear layers for the int4 kernels and its expert stacks as CUDA does (``repack_for_int4_kernels``,
+``repack_experts``, on any device here: int4 scales and zero points or offsets rounded to the model dtype, the cost
+of that form; the 8-bit experts' form is exact). The reference is the model as it loads by default (the
 default SmolLM2 GGUF is dequantized at load).
 
     python -m benchmarks.quant_quality --methods fp8 awq-rtn            # the default SmolLM2, on GPU or CPU
@@ -139,9 +139,9 @@ def write_bnb_int8(source, directory: Path) -> Path:
 
 
 def repack_q4_layers(model: torch.nn.Module) -> int:
-    """Repack every GGUF Q4_0 / Q4_1 / Q4_K linear layer and expert stack still in its blocks for the int4 kernels,
-    as loading on CUDA does; how many were."""
-    from core.layers.quantization.gguf import (GGUFLinearMethod, GGUFMoEMethod, repack_experts_for_int4_kernels,
+    """Repack every GGUF Q4_0 / Q4_1 / Q4_K linear layer still in its blocks for the int4 kernels, and every expert
+    stack for its faster kernel, as loading on CUDA does; how many were."""
+    from core.layers.quantization.gguf import (BLOCKS, GGUFLinearMethod, GGUFMoEMethod, repack_experts,
                                                repack_for_int4_kernels)  # fmt: skip
     from kernels.gguf_gemm import INT4_TYPES
 
@@ -151,8 +151,8 @@ def repack_q4_layers(model: torch.nn.Module) -> int:
         if isinstance(method, GGUFLinearMethod) and method.ggml_type in INT4_TYPES and hasattr(module, "weight"):
             count += repack_for_int4_kernels(module, method.ggml_type)
         elif isinstance(method, GGUFMoEMethod):
-            before = sum(module.int4_stacks)
-            count += sum(repack_experts_for_int4_kernels(module, method.types)) - before
+            before = module.stack_kinds.count(BLOCKS)
+            count += before - repack_experts(module, method.types).count(BLOCKS)
     return count
 
 

@@ -71,8 +71,9 @@ class ExpertQuant(NamedTuple):
     int4 and GGUF blocks are chosen per stack (``ggml_type``, ``parts``): a Q4_K_M file's gate / up repacked to int4
     beside its down kept in Q6_K blocks. Or (``w13_int8`` / ``w2_int8``) 8-bit codes ``[E, N, K]`` (int8, or uint8)
     with scales ``[E, K / group, N]`` (fp32 or the activations' dtype; group = K: one per channel) and optional
-    offsets, ``W = q * s + o``: GGUF Q8_0 / Q6_K / Q5_K stacks repacked at load (``_moe_int8_kernel``). All run on
-    the 16-bit tensor cores after widening the weight in registers."""
+    offsets, ``W = q * s + o``: GGUF Q8_0 / Q6_K / Q5_K stacks repacked at load, GPTQ 8-bit (act order too, its
+    ``perm``) and bitsandbytes 8-bit experts (``_moe_int8_kernel``). All run on the 16-bit tensor cores after
+    widening the weight in registers."""
 
     w13_scale: torch.Tensor | None = None
     w2_scale: torch.Tensor | None = None
@@ -81,7 +82,7 @@ class ExpertQuant(NamedTuple):
     w2_zeros: torch.Tensor | None = None
     w13_group: int = 0
     w2_group: int = 0
-    w13_perm: torch.Tensor | None = None  # act order: each expert's int4 rows sorted by group, [E, K] int32
+    w13_perm: torch.Tensor | None = None  # act order: each expert's int4 / 8-bit rows sorted by group, [E, K] int32
     w2_perm: torch.Tensor | None = None
     w13_ggml: int = 0  # GGUF experts kept in their blocks: each stack's GGML type (kernels/gguf_gemm.py)
     w2_ggml: int = 0
@@ -159,6 +160,7 @@ def _expert_product(x: torch.Tensor, w: torch.Tensor, quant: ExpertQuant | None,
 
         return x @ dequantize_gguf(w[expert], quant.ggml_type(which), x.shape[1]).to(x.dtype).t()
     scale, zeros, group, perm = quant.parts(which)
+    x = x if perm is None else x[:, perm[expert].long()]  # act order: the expert's rows sorted by group
     if quant.int8_stack(which):
         offsets = quant.offsets(which)
         offsets = None if offsets is None else offsets[expert]
@@ -166,7 +168,6 @@ def _expert_product(x: torch.Tensor, w: torch.Tensor, quant: ExpertQuant | None,
     if group:
         from kernels.int4_gemm import dequantize_int4, dequantize_int4_offsets
 
-        x = x if perm is None else x[:, perm[expert].long()]
         offsets = quant.offsets(which)
         if offsets is not None:
             return x @ dequantize_int4_offsets(w[expert], scale[expert], offsets[expert], group).to(x.dtype)
@@ -400,10 +401,10 @@ def _moe_int4_kernel(
 @triton.jit
 def _moe_int8_kernel(
     a_ptr, q_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, s_ptr, o_ptr,
-    N, K, num_pairs, capacity, stride_am, stride_qe, stride_qn, stride_cm, stride_cn, stride_se, stride_s1,
+    perm_ptr, N, K, num_pairs, capacity, stride_am, stride_qe, stride_qn, stride_cm, stride_cn, stride_se, stride_s1,
     PAIRS_PER_A_ROW: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GROUP: tl.constexpr,
-    OFFSETS: tl.constexpr, VIA_F32: tl.constexpr = False,
+    OFFSETS: tl.constexpr, VIA_F32: tl.constexpr = False, PERMUTED: tl.constexpr = False,
 ):  # fmt: skip
     """:func:`_moe_gemm_kernel` for 8-bit experts: codes ``q [E, N, K]`` (int8 or uint8, exact in any float type),
     ``W = q * s (+ o)`` with scales / offsets ``s`` / ``o [E, K / GROUP, N]`` (``BLOCK_K`` divides ``K`` and nests
@@ -411,8 +412,9 @@ def _moe_int8_kernel(
     alone and scales the step's partial product per column (offsets: the step's sums of a's rows times ``o``), as
     ``B_FP8_BLOCK`` does: no per-weight arithmetic. A step over several groups (GGUF's 16 and 32) computes each
     weight ``q * s + o`` in the scales' dtype (fp32 scales: one fused multiply-add, one rounding to a's dtype, the
-    dequantized file's weight exactly) before the dot. ``VIA_F32``: codes widened through fp32 (the CPU interpreter
-    reinterprets an integer's bits as bf16 where it converts straight)."""
+    dequantized file's weight exactly) before the dot. ``PERMUTED`` (GPTQ act order): the expert's rows were sorted
+    by group, so a's columns are read through its permutation ``perm [E, K]``. ``VIA_F32``: codes widened through
+    fp32 (the CPU interpreter reinterprets an integer's bits as bf16 where it converts straight)."""
     live, pair, valid, expert, offs_n = _block_of_pairs(sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, N,
                                                         num_pairs, capacity, BLOCK_M, BLOCK_N, GROUP_M)
     if not live:
@@ -423,7 +425,11 @@ def _moe_int8_kernel(
     so_ptrs = expert * stride_se + w_cols
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(0, K // BLOCK_K):
-        a = tl.load(a_ptrs + t * BLOCK_K, mask=valid[:, None], other=0.0)
+        if PERMUTED:
+            columns = tl.load(perm_ptr + expert * K + t * BLOCK_K + offs_k)
+            a = tl.load(a_ptrs - offs_k[None, :] + columns[None, :], mask=valid[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs + t * BLOCK_K, mask=valid[:, None], other=0.0)
         q = tl.load(q_ptrs + t * BLOCK_K)
         if VIA_F32:
             q = q.to(tl.float32)
@@ -540,17 +546,17 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
         )  # fmt: skip
         return
     if quant is not None and quant.int8_stack(which):
-        scale, _, group, _ = quant.parts(which)
+        scale, _, group, perm = quant.parts(which)
         offsets = quant.offsets(which)
         block_k = _int8_block_k(config["BLOCK_K"], group, k)
         if a.stride(1) != 1 or b.stride(2) != 1:
             raise ValueError("8-bit experts need activations and codes with unit column stride")
         _moe_int8_kernel[grid](
             a, b, out, routing, sorted_pair_ids, block_experts, num_padded, scale,
-            offsets if offsets is not None else scale, n, k, num_pairs, capacity, a.stride(0), b.stride(0),
-            b.stride(1), out.stride(0), out.stride(1), scale.stride(0), scale.stride(1),
-            DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_K=block_k, GROUP=group,
-            OFFSETS=offsets is not None, VIA_F32=not a.is_cuda, **common,
+            offsets if offsets is not None else scale, perm if perm is not None else scale, n, k, num_pairs,
+            capacity, a.stride(0), b.stride(0), b.stride(1), out.stride(0), out.stride(1), scale.stride(0),
+            scale.stride(1), DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_K=block_k,
+            GROUP=group, OFFSETS=offsets is not None, VIA_F32=not a.is_cuda, PERMUTED=perm is not None, **common,
         )  # fmt: skip
         return
     if quant is not None and quant.parts(which)[2]:

@@ -279,14 +279,13 @@ def test_moe_gguf_experts_kept_in_their_blocks_equal_them_dequantized(tmp_path, 
 def _repack_as_cuda_does(model: torch.nn.Module) -> None:
     """What loading does on CUDA (CPU keeps the blocks: both forms dequantize in torch): every expert stack and
     dense projection of Q4_0 / Q4_1 / Q4_K repacked for the int4 kernels."""
-    from core.layers.quantization.gguf import (GGUFLinearMethod, GGUFMoEMethod, repack_experts_for_int4_kernels,
-                                               repack_for_int4_kernels)  # fmt: skip
+    from core.layers.quantization.gguf import GGUFLinearMethod, GGUFMoEMethod, repack_experts, repack_for_int4_kernels
 
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if isinstance(method, GGUFMoEMethod):
             assert method.experts(module)[2].gguf  # as loaded on CPU
-            assert repack_experts_for_int4_kernels(module, method.types) == (True, True)
+            assert repack_experts(module, method.types) == ("int4", "int4")
         elif isinstance(method, GGUFLinearMethod):
             assert repack_for_int4_kernels(module, method.ggml_type)
 
@@ -312,13 +311,13 @@ def test_moe_gguf_q4_experts_on_the_int4_experts_kernel_equal_them_dequantized(t
 def _repack_experts_as_int8_as_cuda_does(model: torch.nn.Module) -> None:
     """What loading does on CUDA to Q8_0 / Q6_K expert stacks: repacked for the 8-bit experts' kernel (the dense
     projections of those types stay in their blocks)."""
-    from core.layers.quantization.gguf import GGUFMoEMethod, repack_experts_for_int8_kernels
+    from core.layers.quantization.gguf import GGUFMoEMethod, repack_experts
 
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if isinstance(method, GGUFMoEMethod):
             assert method.experts(module)[2].gguf  # as loaded on CPU
-            assert repack_experts_for_int8_kernels(module, method.types) == (True, True)
+            assert repack_experts(module, method.types) == ("int8", "int8")
 
 
 @pytest.mark.parametrize("family, ggml_type", [("qwen3_moe", "Q8_0"), ("qwen3_moe", "Q6_K"), ("qwen2_moe", "Q6_K")])
@@ -337,14 +336,6 @@ def test_moe_gguf_8bit_experts_on_the_int8_experts_kernel_equal_them_dequantized
         assert quant.w13_group == quant.w2_group == group and quant.w13_offsets is None
         assert block.w2.dtype == torch.int8 and block.w2.shape == (block.num_experts, block.hidden, block.inter)
         assert block.w13_scale.shape == (block.num_experts, block.hidden // group, 2 * block.inter)
-
-
-def test_moe_gguf_experts_kept_in_blocks_refuse_tensor_parallelism(tmp_path):
-    arch, gguf_arch, overrides = FAMILIES["qwen3_moe"]
-    path = tmp_path / "qwen3moe-q8.gguf"
-    write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides), gguf.GGMLQuantizationType.Q8_0)
-    with pytest.raises(ValueError, match="GGUF experts kept in their blocks cannot be split over tensor-parallel"):
-        make_engine(path, quantization="gguf", dtype="float32", device="cpu", tensor_parallel_size=2)
 
 
 def _metadata_only_gguf(path, arch: str, layers: int, **keys) -> dict:

@@ -152,11 +152,19 @@ def test_gptq_8bit_experts_match_dequantized_model(tmp_path, arch, group, sym):
     assert block.w2_scale.shape == block.w2_offsets.shape == (block.num_experts, groups, block.hidden)
 
 
-def test_gptq_8bit_act_order_experts_fail_naming_it(tmp_path):
-    quantized, _ = qc.write_gptq8(tmp_path, 32, True, True, "mixtral", intermediate_size=64)
-    with pytest.raises(ValueError, match=r"GPTQ 8-bit act-order \(desc_act\) experts \(model.layers.0.mlp\) are not "
-                                         "supported"):
-        qc.greedy(quantized)
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_gptq_8bit_act_order_experts_match_dequantized_model(tmp_path, arch):
+    """GPTQ 8-bit act-order experts (each expert's own ``g_idx``, shared by its gate and up): each expert's rows
+    sorted by group at load and read through its permutation by the 8-bit experts' kernel, the dequantized model's
+    tokens and logprobs."""
+    wider = {"mixtral": {"intermediate_size": 64}, "qwen3_moe": {"moe_intermediate_size": 64}}[arch]  # 2 groups
+    engine, _ = qc.compare(*qc.write_gptq8(tmp_path, 32, True, False, arch, **wider), logprob_atol=1e-4,
+                           dtype="float32")
+    block = moe_blocks(engine)[-1]
+    _, _, quant = block.quant_method.experts(block)
+    assert quant.w13_int8 and quant.w2_int8
+    for perm, k in ((quant.w13_perm, block.hidden), (quant.w2_perm, block.inter)):
+        assert perm.shape == (block.num_experts, k) and len({tuple(p.tolist()) for p in perm}) == block.num_experts
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
@@ -173,14 +181,17 @@ def test_bitsandbytes_8bit_experts_match_dequantized_model(tmp_path, arch):
     assert block.gate.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("method", ["gptq8", "bnb8"])
-def test_8bit_experts_refuse_tensor_parallelism(tmp_path, method):
-    from tests.core.engine_utils import make_engine
+def test_gptq_8bit_act_order_experts_refuse_tensor_parallelism():
+    """Each rank's down-projection inputs would fall unevenly into the act-order groups: refused when the block is
+    built (startup), naming it; the same experts run on one rank (above)."""
+    from core.layers.moe import SparseMoeBlock
+    from core.layers.quantization.gptq8 import GPTQInt8Config
 
-    quantized, _ = (qc.write_gptq8(tmp_path, 32, False, True, "mixtral", intermediate_size=64) if method == "gptq8"
-                    else qc.write_bnb8(tmp_path, "mixtral"))
-    with pytest.raises(ValueError, match=r"8-bit experts \(model.layers.0.mlp\) cannot be split over tensor-parallel"):
-        make_engine(quantized, dtype="float32", device="cpu", tensor_parallel_size=2)
+    config = GPTQInt8Config.from_hf({"quant_method": "gptq", "bits": 8, "group_size": 32, "desc_act": True})
+    with pytest.raises(ValueError, match=r"GPTQ 8-bit act-order \(desc_act\) experts \(model.layers.0.mlp\) cannot "
+                                         "be split over tensor-parallel ranks"):
+        SparseMoeBlock(64, 32, 4, 2, True, kernel_backend="torch", prefix="model.layers.0.mlp",
+                       quant=config.for_tensor_parallel(2, ("o_proj", "down_proj")))
 
 
 def test_act_order_experts_whose_gate_and_up_orders_differ_fail(tmp_path):
@@ -243,6 +254,8 @@ def test_online_fp8_moe_on_gpu_with_cuda_graphs(tmp_path, arch):
 
 EIGHT_BIT_EXPERTS = {"gptq8-g32-zp": lambda tmp: qc.write_gptq8(tmp, 32, False, False, "qwen3_moe",
                                                                  moe_intermediate_size=64),
+                     "gptq8-g32-act": lambda tmp: qc.write_gptq8(tmp, 32, True, False, "mixtral",
+                                                                 intermediate_size=64),
                      "gptq8-channel-sym": lambda tmp: qc.write_gptq8(tmp, -1, False, True, "mixtral",
                                                                      intermediate_size=64),
                      "bnb8": lambda tmp: qc.write_bnb8(tmp, "qwen2_moe", routers=True)}

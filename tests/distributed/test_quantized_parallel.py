@@ -246,3 +246,56 @@ def test_bitsandbytes_experts_over_two_ranks_equal_one_device(tmp_path):
     assert_same_run(ours, reference)
     block = model.model.layers[0].mlp
     assert block.inter == 64 and block.w2.shape == (block.num_experts * block.hidden, 64 // 2)
+
+
+@pytest.mark.parametrize("method", ["gptq8", "bnb8"])
+def test_8bit_experts_over_two_ranks_equal_one_device(tmp_path, method):
+    """GPTQ 8-bit experts (codes by columns or whole groups of down's inputs, with their zero points and scales) and
+    bitsandbytes 8-bit experts (int8 rows, per-channel scales): each rank's slice of every expert on the 8-bit
+    experts' kernel form, one device's tokens and logprobs."""
+    quantized, _ = (qc.write_gptq8(tmp_path, 32, False, False, "mixtral", intermediate_size=64) if method == "gptq8"
+                    else qc.write_bnb8(tmp_path, "mixtral", routers=True, intermediate_size=64))  # fmt: skip
+    reference, _ = run(quantized)
+    ours, model = run(quantized, tensor_parallel_size=2)
+    assert_same_run(ours, reference)
+    block = model.model.layers[0].mlp
+    _, w2, quant = block.quant_method.experts(block)
+    assert block.inter == 32 and quant.w2_int8 and w2.shape == (block.num_experts, block.hidden, 32)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_gguf_experts_kept_in_blocks_over_two_ranks_equal_one_device(tmp_path, family):
+    """llama.cpp's stacked experts kept in their Q8_0 blocks, ``[E, rows, row_bytes]``: each rank holds every
+    expert's rows of gate and up and whole blocks of down's inputs (Qwen2-MoE's shared expert cut as a dense MLP),
+    one device's tokens and logprobs."""
+    import gguf
+
+    from tests.core.test_gguf_families import FAMILIES, _tiny_hf_model, write_family_gguf
+
+    arch, gguf_arch, overrides = FAMILIES[family]
+    wide = {"moe_intermediate_size": 64} | ({"shared_expert_intermediate_size": 64} if family == "qwen2_moe" else {})
+    path = tmp_path / f"{family}-q8.gguf"
+    write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides | wide), gguf.GGMLQuantizationType.Q8_0)
+    kwargs = {"quantization": "gguf", "skip_tokenizer_init": True}
+    reference, _ = run(path, **kwargs)
+    ours, model = run(path, tensor_parallel_size=2, **kwargs)
+    assert_same_run(ours, reference)
+    block = model.model.layers[0].mlp
+    _, w2, quant = block.quant_method.experts(block)
+    assert quant.w2_ggml and block.inter == 32 and w2.shape == (block.num_experts, block.hidden, 32 // 32 * 34)
+    assert block.w13.shape[:2] == (block.num_experts, 64)
+
+
+def test_gguf_experts_whose_split_cuts_a_block_fail_naming_it():
+    """K-quant experts 256 wide over two ranks: each rank's 128 of down's inputs are half a 256-element block; the
+    block is refused when built (startup), naming the type, the share and the way out."""
+    from core.layers.moe import SparseMoeBlock
+    from core.layers.quantization.gguf import GGUFConfig
+
+    prefix = "model.layers.0.mlp"
+    kept = {f"{prefix}.experts.{p}_proj.weight": int(T.Q6_K) for p in ("gate", "up", "down")}
+    config = GGUFConfig("tiny.gguf", kept).for_tensor_parallel(2, ("o_proj", "down_proj"))
+    with pytest.raises(ValueError, match=r"GGUF Q6_K: input size 128 \(this rank's share of 256; .*leave out "
+                                         r"--quantization gguf\) is not a multiple of its 256-element blocks"):
+        SparseMoeBlock(256, 128, 4, 2, True, kernel_backend="torch", quant=config, prefix=prefix)
+

@@ -365,6 +365,36 @@ def test_fused_moe_with_int8_experts_matches_reference(group, block_k, offsets, 
     assert_close(ref, unquantized, 0.05, "int8 experts near their weights")
 
 
+@pytest.mark.parametrize("group, block_k, offsets", [(32, 32, True), (64, 32, False), (32, 128, True)])
+def test_fused_moe_with_act_order_int8_experts_matches_reference(group, block_k, offsets):
+    """GPTQ 8-bit act-order experts: every expert's rows sorted by group with a permutation of its own; the 8-bit
+    kernel reads a's columns through it (steps within one group: offsets through the permuted row sums; steps over
+    several), as the reference's ``x[:, perm[e]]`` does, and the result is the unpermuted weights'."""
+    from kernels.fused_moe import dequantize_int8_experts
+
+    dtype = torch.float32
+    x, w13, w2, weights, ids = _problem(19, 4, 128, 64, 2, dtype, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    perms = [torch.stack([torch.randperm(w.shape[2], generator=gen) for _ in range(4)]) for w in (w13, w2)]
+    # sorted weights: row j of expert e's is input perm[e, j] of the original
+    (q13, s13, o13), (q2, s2, o2) = (_int8_experts(torch.stack([w[e][:, p[e]] for e in range(4)]), group, offsets,
+                                                   torch.float32) for w, p in zip((w13, w2), perms))  # fmt: skip
+    quant = ExpertQuant(s13, s2, w13_group=group, w2_group=group, w13_offsets=o13, w2_offsets=o2, w13_int8=True,
+                        w2_int8=True, w13_perm=perms[0].to(torch.int32), w2_perm=perms[1].to(torch.int32))
+    quant = ExpertQuant(*(t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t for t in quant))
+    q13, q2 = q13.to(KERNEL_DEVICE), q2.to(KERNEL_DEVICE)
+    out = fused_moe_triton(x, q13, q2, weights, ids, config=dict(SMALL, BLOCK_K=block_k), quant=quant)
+    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, quant)
+    assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe act-order int8")
+    unsorted = [torch.empty(4, w.shape[1], w.shape[2], dtype=torch.float64) for w in (w13, w2)]
+    for target, q, sc, o, p in ((unsorted[0], q13, s13, o13, perms[0]), (unsorted[1], q2, s2, o2, perms[1])):
+        for e in range(4):
+            target[e][:, p[e]] = dequantize_int8_experts(q[e].cpu(), sc[e].cpu(), None if o is None else o[e].cpu(),
+                                                         group).double()
+    plain = fused_moe_ref(x.double(), *unsorted, weights.double(), ids)
+    assert_close(ref, plain, TOLERANCE[dtype], "act order undone")
+
+
 def test_int8_experts_step_within_or_over_whole_groups():
     """The 8-bit experts' K step: the config's (16..128), halved until it divides K and nests with the group."""
     from kernels.fused_moe import _int8_block_k

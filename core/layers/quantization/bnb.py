@@ -77,9 +77,6 @@ class BitsAndBytesConfig(QuantConfig):
         if module_listed(self.skipped, f"{self.global_prefix(prefix)}.experts"):
             return None
         if self.bits == 8:
-            if self.tp_size > 1:
-                raise ValueError(f"bitsandbytes 8-bit experts ({prefix}) cannot be split over tensor-parallel ranks; "
-                                 "supported: one rank (tensor_parallel_size 1).")
             return BitsAndBytes8bitMoEMethod()
         return BitsAndBytesMoEMethod(self)
 
@@ -299,6 +296,9 @@ class BitsAndBytes8bitMoEMethod:
 
     def create_weights(self, block: nn.Module) -> bool:
         for name, rows, k in self._projections(block):
+            if k % 16:
+                raise ValueError(f"bitsandbytes 8-bit: an expert's input size {k} (this rank's, under tensor "
+                                 "parallelism) is not a multiple of the 8-bit experts' 16-input steps.")
             new_parameter(block, name, (rows, k), torch.int8, dummy_fill=_fill_int8)
             new_parameter(block, f"{name}_weight_scale", (rows,), torch.float32, dummy_fill=_fill_absmax)
         return True

@@ -62,6 +62,7 @@ _KEPT_KINDS = re.compile(r"(model\.layers\.\d+\.(self_attn\.([qkvo]|qkv)_proj"
                          r"|mlp\.(experts\.)?(gate|up|down|gate_up)_proj|mlp\.c_(fc|proj))"
                          r"|model\.embed_tokens|lm_head)\.weight")
 EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+BLOCKS, INT4, INT8 = "blocks", "int4", "int8"  # an expert stack's form: the file's, or repacked (``repack_experts``)
 
 
 def _type_name(ggml_type: int) -> str:
@@ -154,25 +155,23 @@ class GGUFConfig(QuantConfig):
         down = self.kept.get(f"{name}.experts.down_proj.weight")
         if gate is None or down is None:
             return None
-        if self.tp_size > 1:
-            raise ValueError("GGUF experts kept in their blocks cannot be split over tensor-parallel ranks; leave out "
-                             "--quantization gguf to dequantize them at load, or run on one device per pipeline "
-                             "stage.")
-        return GGUFMoEMethod(gate, down)
+        return GGUFMoEMethod(gate, down, self.tp_size)  # under tensor parallelism down's inputs are split
 
     def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
-        """A kept weight's ``[out, row_bytes]`` blocks: output rows, or whole blocks of input features."""
+        """A kept weight's ``[out, row_bytes]`` blocks (an expert stack's ``[E, out, row_bytes]``: every expert's):
+        output rows, or whole blocks of input features."""
         ggml_type = self.kept.get(name)
         if ggml_type is None:  # dequantized at load: an ``[out, in]`` float tensor
             return plain_shard(tensor, parallel, start, length)
+        rows = tensor.dim() - 2  # the output-row dim: 1 for an expert stack
         if parallel == "column":
-            return tensor.narrow(0, start, length)
+            return tensor.narrow(rows, start, length)
         block, type_size = GGUF_KERNEL_TYPES[ggml_type]
         if start % block or length % block:
             raise ValueError(f"GGUF {_type_name(ggml_type)}: {name} cannot be split over the ranks: each rank's "
                              f"{length} input features (from {start}) are not whole {block}-element blocks; use "
                              "fewer ranks, or dequantize the file at load (leave out --quantization gguf).")
-        return tensor.narrow(1, start // block * type_size, length // block * type_size)
+        return tensor.narrow(rows + 1, start // block * type_size, length // block * type_size)
 
     def embedding(self, num_embeddings: int, embedding_dim: int, backend: str) -> nn.Module | None:
         """The token embedding kept in its blocks, or None (dequantized at load: a plain ``Embedding``)."""
@@ -221,45 +220,44 @@ class GGUFMoEMethod:
     """A MoE block's experts as the file stacks them (``ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps``):
     ``w13`` uint8 ``[E, 2 * inter, row_bytes]`` (gate rows then up rows of each expert) and ``w2`` ``[E, hidden,
     row_bytes]``, decoded tile by tile in the fused MoE kernel (``kernels/fused_moe.py: _moe_gguf_kernel``). On CUDA
-    a Q4_0 / Q4_1 / Q4_K stack is repacked after loading for the int4 experts' kernel instead
-    (``repack_experts_for_int4_kernels``; the H200 timed Q4_K blocks at 2.3x, Q6_K at 10x the 16-bit experts' time,
-    the int4 experts below it), and a Q8_0 / Q6_K / Q5_K stack for the 8-bit experts' kernel
-    (``repack_experts_for_int8_kernels``: int8 codes, fp32 scales and offsets, exact); each stack on its own, so a
-    Q4_K_M file's Q4_K gate / up run as int4 beside its Q6_K down as int8."""
+    each stack is repacked after loading for a faster kernel where its type has one (``repack_experts``; the H200
+    timed Q4_K blocks at 2.3x, Q6_K at 10x the 16-bit experts' time, the int4 experts below it): a Q4_0 / Q4_1 / Q4_K
+    stack for the int4 experts' kernel, a Q8_0 / Q6_K / Q5_K stack for the 8-bit experts' kernel (int8 codes, fp32
+    scales and offsets, exact); each stack on its own, so a Q4_K_M file's Q4_K gate / up run as int4 beside its Q6_K
+    down as int8. Under tensor parallelism each rank holds every expert's rows of gate and up and whole blocks of
+    down's inputs (``GGUFConfig.shard_tensor``)."""
 
     INT4_GROUP = 32  # one Q4_0 / Q4_1 block, one Q4_K sub-block
 
-    def __init__(self, gate_up_type: int, down_type: int) -> None:
+    def __init__(self, gate_up_type: int, down_type: int, input_shards: int = 1) -> None:
         self.types = (gate_up_type, down_type)
+        self.input_shards = input_shards  # tensor-parallel ranks sharing down's inputs (each expert's intermediate)
 
     def create_weights(self, block: nn.Module) -> bool:
         experts = block.num_experts
-        for param, rows, k, ggml_type in (("w13", 2 * block.inter, block.hidden, self.types[0]),
-                                          ("w2", block.hidden, block.inter, self.types[1])):  # fmt: skip
-            new_parameter(block, param, (experts, rows, _row_bytes(ggml_type, k)), torch.uint8, output_dim=1,
+        for param, rows, k, ggml_type, shards in (("w13", 2 * block.inter, block.hidden, self.types[0], 1),
+                                                  ("w2", block.hidden, block.inter, self.types[1],
+                                                   self.input_shards)):  # fmt: skip
+            new_parameter(block, param, (experts, rows, _row_bytes(ggml_type, k, shards)), torch.uint8, output_dim=1,
                           dummy_fill=_random_blocks(ggml_type))
         block.params_dtype = torch.get_default_dtype()  # the model is built under its dtype
-        block.int4_stacks = (False, False)  # w13, w2 repacked for the int4 experts' kernel
-        block.int8_stacks = (False, False)  # ... for the 8-bit experts' kernel
+        block.stack_kinds = (BLOCKS, BLOCKS)  # w13's and w2's form: BLOCKS, INT4 or INT8 (``repack_experts``)
         return True
 
     def process_weights_after_loading(self, block: nn.Module) -> None:
-        if block.w13.is_cuda:  # on CPU both forms dequantize in torch
-            repack_experts_for_int4_kernels(block, self.types)
-            repack_experts_for_int8_kernels(block, self.types)
+        if block.w13.is_cuda:  # on CPU every form dequantizes in torch
+            repack_experts(block, self.types)
 
     def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
         fields: dict[str, Any] = {}
         for which, name in enumerate(("w13", "w2")):
-            if block.int4_stacks[which]:
-                fields.update({f"{name}_scale": getattr(block, f"{name}_scale"), f"{name}_group": self.INT4_GROUP,
-                               f"{name}_offsets": getattr(block, f"{name}_offsets")})
-            elif block.int8_stacks[which]:
-                fields.update({f"{name}_scale": getattr(block, f"{name}_scale"), f"{name}_int8": True,
-                               f"{name}_group": INT8_GROUPS[self.types[which]],
-                               f"{name}_offsets": getattr(block, f"{name}_offsets", None)})
-            else:
+            kind = block.stack_kinds[which]
+            if kind == BLOCKS:
                 fields[f"{name}_ggml"] = self.types[which]
+                continue
+            group = self.INT4_GROUP if kind == INT4 else INT8_GROUPS[self.types[which]]
+            fields.update({f"{name}_scale": getattr(block, f"{name}_scale"), f"{name}_group": group,
+                           f"{name}_offsets": getattr(block, f"{name}_offsets", None), f"{name}_int8": kind == INT8})
         return block.w13, block.w2, ExpertQuant(**fields)
 
 
@@ -281,31 +279,12 @@ def experts_as_int4(raw: torch.Tensor, ggml_type: int, in_features: int, dtype: 
     return words, scales, offsets
 
 
-def repack_experts_for_int4_kernels(block: nn.Module, types: tuple[int, int]) -> tuple[bool, bool]:
-    """Replace each Q4_0 / Q4_1 / Q4_K expert stack's blocks by the int4 experts' codes, ``{w13,w2}_scale`` and
-    ``{w13,w2}_offsets`` (``experts_as_int4``; ``block.int4_stacks`` records which); a stack of another type, or
-    whose scales do not fit the block's dtype (logged), keeps its blocks; one already repacked stays as it is."""
-    repacked = list(block.int4_stacks)
-    for which, (name, k) in enumerate((("w13", block.hidden), ("w2", block.inter))):
-        if repacked[which] or types[which] not in INT4_TYPES:
-            continue
-        int4 = experts_as_int4(getattr(block, name).data, types[which], k, block.params_dtype)
-        if int4 is None:
-            logger.info("GGUF: a %s expert stack keeps its blocks (its scales do not fit %s)",
-                        _type_name(types[which]), block.params_dtype)
-            continue
-        for suffix, value in zip(("", "_scale", "_offsets"), int4):
-            replace_parameter(block, f"{name}{suffix}", value)
-        repacked[which] = True
-    block.int4_stacks = tuple(repacked)
-    return block.int4_stacks
-
-
 def experts_as_int8(raw: torch.Tensor, ggml_type: int, in_features: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """A Q8_0 / Q6_K / Q5_K expert stack (``uint8 [E, N, row_bytes]``) as the 8-bit experts' ``(codes [E, N, K]
     int8, scales, offsets or None)`` (fp32 ``[E, K / group, N]``, ``W = q * s + o`` exactly: ``blocks_as_int8``),
-    one expert at a time."""
+    one expert at a time: 8 + 32 / group bits a weight against the blocks' 8.5 / 6.56 / 5.5, for the fused MoE's
+    widening in place of ggml's per-element decode."""
     experts, n, _ = raw.shape
     group = INT8_GROUPS[ggml_type]
     codes = torch.empty(experts, n, in_features, dtype=torch.int8, device=raw.device)
@@ -318,23 +297,33 @@ def experts_as_int8(raw: torch.Tensor, ggml_type: int, in_features: int
     return codes, scales, offsets
 
 
-def repack_experts_for_int8_kernels(block: nn.Module, types: tuple[int, int]) -> tuple[bool, bool]:
-    """Replace each Q8_0 / Q6_K / Q5_K expert stack's blocks by the 8-bit experts' codes, ``{w13,w2}_scale`` and
-    (Q5_K) ``{w13,w2}_offsets`` (``experts_as_int8``; ``block.int8_stacks`` records which): 8 + 32 / group bits a
-    weight against the blocks' 8.5 / 6.56 / 5.5, for the fused MoE's widening in place of ggml's per-element decode;
-    a stack of another type keeps its blocks; one already repacked stays as it is."""
-    repacked = list(block.int8_stacks)
+def repack_experts(block: nn.Module, types: tuple[int, int]) -> tuple[str, str]:
+    """Replace each expert stack's blocks by the form of a faster kernel: Q4_0 / Q4_1 / Q4_K by the int4 experts'
+    codes, ``{w13,w2}_scale`` and ``{w13,w2}_offsets`` (``experts_as_int4``), Q8_0 / Q6_K / Q5_K by the 8-bit
+    experts' (``experts_as_int8``; offsets for Q5_K only). ``block.stack_kinds`` records each stack's form, which
+    is returned. A stack of another type, or an int4 one whose scales do not fit the block's dtype (logged), keeps
+    its blocks; one already repacked stays as it is."""
+    kinds = list(block.stack_kinds)
     for which, (name, k) in enumerate((("w13", block.hidden), ("w2", block.inter))):
-        if repacked[which] or types[which] not in INT8_TYPES:
+        if kinds[which] != BLOCKS:
             continue
-        codes, scales, offsets = experts_as_int8(getattr(block, name).data, types[which], k)
-        replace_parameter(block, name, codes)
-        replace_parameter(block, f"{name}_scale", scales)
-        if offsets is not None:
-            replace_parameter(block, f"{name}_offsets", offsets)
-        repacked[which] = True
-    block.int8_stacks = tuple(repacked)
-    return block.int8_stacks
+        raw, ggml_type = getattr(block, name).data, types[which]
+        if ggml_type in INT4_TYPES:
+            repacked, kind = experts_as_int4(raw, ggml_type, k, block.params_dtype), INT4
+            if repacked is None:
+                logger.info("GGUF: a %s expert stack keeps its blocks (its scales do not fit %s)",
+                            _type_name(ggml_type), block.params_dtype)
+                continue
+        elif ggml_type in INT8_TYPES:
+            repacked, kind = experts_as_int8(raw, ggml_type, k), INT8
+        else:
+            continue
+        for suffix, value in zip(("", "_scale", "_offsets"), repacked):
+            if value is not None:
+                replace_parameter(block, f"{name}{suffix}", value)
+        kinds[which] = kind
+    block.stack_kinds = tuple(kinds)
+    return block.stack_kinds
 
 
 def repack_for_int4_kernels(layer: nn.Module, ggml_type: int) -> bool:

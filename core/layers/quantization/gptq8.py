@@ -10,8 +10,11 @@ group and gather x's columns by the same permutation, as the int4 layers do.
 A MoE block's experts (``GPTQInt8MoEMethod``) load each expert's tensors into stacked ``{w13,w2}_qweight`` /
 ``_qzeros`` / ``_scales`` / ``_g_idx`` (as the int4 experts do), then become the 8-bit experts' kernel form
 (``kernels/fused_moe.py``: ``ExpertQuant.w13_int8``): uint8 codes ``[E, N, K]``, fp32 scales and offsets
-``o = -zero * scale`` ``[E, K / group, N]`` (``W = q s + o``). Act-order experts and tensor parallelism are
-refused at startup (the 8-bit experts' kernel takes no row permutation; the experts are not cut over ranks).
+``o = -zero * scale`` ``[E, K / group, N]`` (``W = q s + o``). Act-order experts have each expert's input rows
+sorted by group and the kernel reads the activations' columns through its permutation, as the int4 experts do.
+Under tensor parallelism every rank holds every expert's slice of the intermediate dimension (codes, zero points and
+scales cut as a dense layer's: by columns, or whole groups of down's inputs); act order with tensor parallelism is
+refused at startup (each rank's down inputs fall unevenly into the groups).
 """
 
 from __future__ import annotations
@@ -129,17 +132,16 @@ class GPTQInt8MoEMethod(Int4MoEMethod):
         self.prefix = prefix
 
     def create_weights(self, block: nn.Module) -> bool:
-        if self.config.desc_act:
-            raise ValueError(f"GPTQ 8-bit act-order (desc_act) experts ({self.prefix}) are not supported (the 8-bit "
-                             "experts' kernel takes no row permutation); supported: desc_act false.")
-        if self.config.tp_size > 1:
-            raise ValueError(f"GPTQ 8-bit experts ({self.prefix}) cannot be split over tensor-parallel ranks; "
-                             "supported: one rank (tensor_parallel_size 1).")
+        if self.config.desc_act and self.config.tp_size > 1:
+            raise ValueError(f"GPTQ 8-bit act-order (desc_act) experts ({self.prefix}) cannot be split over "
+                             "tensor-parallel ranks (each rank's down-projection inputs fall unevenly into the "
+                             "groups); supported: act-order experts on one rank, or desc_act false.")
         experts = block.num_experts
         for param, rows, k, group, parts in self._projections(block):
-            if k % group or k % PACK or rows % PACK:
+            if k % group or k % PACK or rows % PACK or k % 16:
                 raise ValueError(f"GPTQ 8-bit: an expert's {param} (input size {k}, {rows} outputs) does not fit "
-                                 f"groups of {group} and the packing of {PACK} codes an int32.")
+                                 f"groups of {group}, the packing of {PACK} codes an int32 and the 8-bit experts' "
+                                 "16-input steps.")
             out = experts * rows
             new_parameter(block, f"{param}_qweight", (k // PACK, out), torch.int32, output_dim=1,
                           dummy_fill=_fill_random_int32)
@@ -153,16 +155,14 @@ class GPTQInt8MoEMethod(Int4MoEMethod):
 
     def process_weights_after_loading(self, block: nn.Module) -> None:
         experts = block.num_experts
-        for param, rows, k, group, _ in self._projections(block):
+        for param, rows, k, group, parts in self._projections(block):
             qweight, qzeros = getattr(block, f"{param}_qweight").data, getattr(block, f"{param}_qzeros").data
             scales, g_idx = getattr(block, f"{param}_scales").data.float(), getattr(block, f"{param}_g_idx").data
-            natural = torch.arange(k, device=g_idx.device) // group
-            if not torch.equal(g_idx.long(), natural.expand_as(g_idx)):
-                raise ValueError(f"GPTQ 8-bit experts ({self.prefix}): the {param} g_idx is an act order (input rows "
-                                 "not in consecutive groups); the 8-bit experts' kernel takes no row permutation.")
+            perms = self.act_orders(g_idx, param, k, group, parts)  # act order: each expert's rows sorted by group
             codes = torch.empty(experts, rows, k, dtype=torch.uint8, device=qweight.device)
             for e in range(experts):  # one expert at a time: the unpacked int64 codes stay small
-                codes[e] = unpack_int8_rows(qweight[:, e * rows: (e + 1) * rows]).t().to(torch.uint8)
+                q = unpack_int8_rows(qweight[:, e * rows: (e + 1) * rows])  # [K, rows]
+                codes[e] = (q if perms is None else q[perms[e]]).t().to(torch.uint8)
             zeros = unpack_int8_columns(qzeros) + 1  # v1 stores zero - 1 (symmetric: 127, so 128)
             per_expert = (k // group, experts, rows)
             scale = scales.reshape(per_expert).transpose(0, 1).contiguous()
@@ -172,9 +172,11 @@ class GPTQInt8MoEMethod(Int4MoEMethod):
             replace_parameter(block, param, codes)
             replace_parameter(block, f"{param}_scale", scale)
             replace_parameter(block, f"{param}_offsets", offsets)
+            setattr(block, f"{param}_perm", None if perms is None else perms.to(torch.int32).contiguous())
 
     def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
         (_, _, _, g13, _), (_, _, _, g2, _) = self._projections(block)
         return block.w13, block.w2, ExpertQuant(block.w13_scale, block.w2_scale, w13_group=g13, w2_group=g2,
                                                 w13_offsets=block.w13_offsets, w2_offsets=block.w2_offsets,
-                                                w13_int8=True, w2_int8=True)
+                                                w13_int8=True, w2_int8=True, w13_perm=block.w13_perm,
+                                                w2_perm=block.w2_perm)

@@ -467,11 +467,21 @@ class Int4MoEMethod:
 
     def _sort_rows_by_group(self, q: torch.Tensor, g_idx: torch.Tensor, param: str, rows: int, k: int, group: int,
                             parts: int) -> torch.Tensor | None:  # fmt: skip
-        """Each expert's act order (``g_idx [E * parts, K]``; an expert's gate and up share their input's): its
-        codes' input rows (``q [K, E * rows]``, in place) sorted by group; returns the permutations ``[E, K]``
-        int32, or None where every expert's groups are already in order."""
+        """Each expert's act order (``g_idx [E * parts, K]``): its codes' input rows (``q [K, E * rows]``, in place)
+        sorted by group (:meth:`act_orders`); returns the permutations ``[E, K]`` int32, or None where every
+        expert's groups are already in order."""
+        perms = self.act_orders(g_idx, param, k, group, parts)
+        if perms is None:
+            return None
+        for e, perm in enumerate(perms):
+            q[:, e * rows: (e + 1) * rows] = q[perm, e * rows: (e + 1) * rows]
+        return perms.to(torch.int32).contiguous()
+
+    def act_orders(self, g_idx: torch.Tensor, param: str, k: int, group: int, parts: int) -> torch.Tensor | None:
+        """Each expert's permutation ``[E, K]`` that sorts its input rows by group (``g_idx [E * parts, K]``; an
+        expert's gate and up share their input's), or None where every expert's groups are already in order."""
         natural = torch.arange(k, device=g_idx.device) // group
-        per_expert = g_idx.reshape(-1, parts, k)
+        per_expert = g_idx.long().reshape(-1, parts, k)
         if not torch.equal(per_expert, per_expert[:, :1].expand_as(per_expert)):
             raise ValueError(f"{self.config.name}: an expert's gate and up projections have different g_idx; they "
                              "read one input, so one act order is expected.")
@@ -482,9 +492,7 @@ class Int4MoEMethod:
         if not torch.equal(torch.gather(per_expert, 1, perms), natural.expand_as(per_expert)):
             raise ValueError(f"{self.config.name}: the experts' {param} g_idx does not put {group} input rows in "
                              "each group; its act order cannot be sorted into whole groups.")
-        for e, perm in enumerate(perms):
-            q[:, e * rows: (e + 1) * rows] = q[perm, e * rows: (e + 1) * rows]
-        return perms.to(torch.int32).contiguous()
+        return perms
 
     @staticmethod
     def _store(block: nn.Module, param: str, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, rows: int,
