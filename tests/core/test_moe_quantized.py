@@ -181,19 +181,6 @@ def test_bitsandbytes_8bit_experts_match_dequantized_model(tmp_path, arch):
     assert block.gate.weight.dtype == torch.float32
 
 
-def test_gptq_8bit_act_order_experts_refuse_tensor_parallelism():
-    """Each rank's down-projection inputs would fall unevenly into the act-order groups: refused when the block is
-    built (startup), naming it; the same experts run on one rank (above)."""
-    from core.layers.moe import SparseMoeBlock
-    from core.layers.quantization.gptq8 import GPTQInt8Config
-
-    config = GPTQInt8Config.from_hf({"quant_method": "gptq", "bits": 8, "group_size": 32, "desc_act": True})
-    with pytest.raises(ValueError, match=r"GPTQ 8-bit act-order \(desc_act\) experts \(model.layers.0.mlp\) cannot "
-                                         "be split over tensor-parallel ranks"):
-        SparseMoeBlock(64, 32, 4, 2, True, kernel_backend="torch", prefix="model.layers.0.mlp",
-                       quant=config.for_tensor_parallel(2, ("o_proj", "down_proj")))
-
-
 def test_act_order_experts_whose_gate_and_up_orders_differ_fail(tmp_path):
     """An expert's gate and up read one input, so GPTQ gives them one act order; a file where they differ is
     refused rather than run with one of them."""

@@ -211,12 +211,20 @@ def test_int4_experts_over_two_ranks_equal_one_device(tmp_path, method):
     assert block.inter == 32 and block.w2.shape == (block.num_experts, block.hidden, 32 // 8)
 
 
-def test_act_order_experts_over_two_ranks_fail_naming_it(tmp_path):
-    """GPTQ act-order experts: each rank's down-projection inputs fall unevenly into the groups, which the experts'
-    kernel cannot regroup (the dense layers can): a startup error that says so, on one device they run (tests/core)."""
-    quantized, _ = qc.write_gptq(tmp_path, 32, True, False, "mixtral", intermediate_size=64)
-    with pytest.raises(ValueError, match="act-order experts split over tensor-parallel ranks are not supported"):
-        run(quantized, tensor_parallel_size=2)
+@pytest.mark.parametrize("method", ["gptq", "gptq8"])
+def test_act_order_experts_over_two_ranks_equal_one_device(tmp_path, method):
+    """GPTQ act-order experts (int4 and 8-bit): each rank's down inputs fall unevenly into the groups, so the rank
+    holds every group's scales and each expert's rows are regrouped into padded groups of 32 (one length for all
+    experts, padding rows weighing 0): one device's tokens and logprobs."""
+    quantized, _ = qc.write_gptq(tmp_path, 32, True, False, "mixtral", bits=8 if method == "gptq8" else 4,
+                                 intermediate_size=128)  # fmt: skip
+    reference, _ = run(quantized)
+    ours, model = run(quantized, tensor_parallel_size=2)
+    assert_same_run(ours, reference)
+    block = model.model.layers[0].mlp
+    _, _, quant = block.quant_method.experts(block)
+    assert block.inter == 64 and quant.w2_group == 32 and quant.w2_perm.shape[1] > 64  # padded runs
+    assert quant.w13_perm.shape == (block.num_experts, block.hidden) and quant.w13_group == 32
 
 
 @pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
@@ -231,10 +239,15 @@ def test_gptq_8bit_checkpoint_over_two_devices_equals_one_device(tmp_path, layou
         assert down.weight.shape == (128, 128) and down.weight_scale.shape == (128, 128 // 32)
 
 
-def test_gptq_8bit_act_order_over_two_ranks_fails_naming_it(tmp_path):
-    quantized, _ = qc.write_gptq8(tmp_path, 32, True, True)
-    with pytest.raises(ValueError, match="GPTQ 8-bit act-order .* cannot be split over tensor-parallel ranks"):
-        run(quantized, tensor_parallel_size=2)
+def test_gptq_8bit_act_order_over_two_ranks_equals_one_device(tmp_path):
+    """A GPTQ 8-bit act-order checkpoint's row-parallel layers: each rank's inputs regrouped into padded groups of
+    32 (every group's scales held), as the int4 layers are."""
+    quantized, _ = qc.write_gptq8(tmp_path, 64, True, False)
+    reference, _ = run(quantized)
+    ours, model = run(quantized, tensor_parallel_size=2)
+    assert_same_run(ours, reference)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert o_proj.group_size == 32 and o_proj.perm.numel() > 64
 
 
 def test_bitsandbytes_experts_over_two_ranks_equal_one_device(tmp_path):

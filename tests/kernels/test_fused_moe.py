@@ -395,6 +395,60 @@ def test_fused_moe_with_act_order_int8_experts_matches_reference(group, block_k,
     assert_close(ref, plain, TOLERANCE[dtype], "act order undone")
 
 
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_fused_moe_with_regrouped_act_order_down_matches_reference(kind):
+    """A tensor-parallel rank's act-order down projection: each expert's input rows fall unevenly into the groups
+    and are regrouped into padded groups of 32 (``Int4MoEMethod.regroup_experts``: K' > the activations' columns,
+    padding rows weighing 0 and reading column 0); the kernel reads a's columns through each expert's permutation,
+    as the reference does, and the product is that of the expert's weights before regrouping."""
+    from core.layers.quantization.int4 import Int4MoEMethod
+    from kernels.fused_moe import dequantize_int8_experts
+    from kernels.int4_gemm import pack_int4_kernel
+
+    experts, hidden, inter, groups = 4, 64, 64, 4
+    x, w13, w2, weights, ids = _problem(19, experts, hidden, inter, 2, torch.float32, seed=11)
+    g_idx = torch.randint(0, groups, (experts, inter), generator=torch.Generator().manual_seed(12))
+    bits_max, zero = (15, 8) if kind == "int4" else (255, 128)
+    # every group's symmetric scales per column: codes q [inter, E * hidden], zero points / scales [groups, E * hidden]
+    w2_t = w2.cpu().transpose(1, 2)  # [E, inter, hidden]
+    scales = torch.stack([torch.stack([w2_t[e][g_idx[e] == g].abs().amax(0) if (g_idx[e] == g).any()
+                                       else torch.ones(hidden) for g in range(groups)]) for e in range(experts)])
+    scales = (scales / (bits_max - zero)).clamp(min=1e-6)  # [E, groups, hidden]
+    codes = torch.stack([torch.clamp(torch.round(w2_t[e] / scales[e][g_idx[e]]) + zero, 0, bits_max)
+                         for e in range(experts)]).long()  # [E, inter, hidden]
+    plain_w2 = torch.stack([((codes[e] - zero) * scales[e][g_idx[e]]).t() for e in range(experts)]).double()
+    q = codes.transpose(0, 1).reshape(inter, experts * hidden)
+    zeros = torch.full((groups, experts * hidden), zero, dtype=torch.long)
+    flat_scales = scales.transpose(0, 1).reshape(groups, experts * hidden)
+    new_q, new_z, new_s, perms = Int4MoEMethod.regroup_experts(q, zeros, flat_scales, g_idx, hidden)
+    total = new_q.shape[0]
+    assert total > inter and total % 32 == 0
+    per_expert = lambda t: t.reshape(-1, experts, hidden).transpose(0, 1).contiguous()  # noqa: E731
+    s2, z2 = per_expert(new_s), per_expert(new_z)
+    if kind == "int4":
+        q13, s13, z13 = _int4_experts(w13, 32)
+        q2 = torch.stack([pack_int4_kernel(new_q[:, e * hidden: (e + 1) * hidden]) for e in range(experts)])
+        quant = ExpertQuant(s13, s2.float(), None, z13, z2.float(), 32, 32, None, perms)
+    else:
+        q13, s13, o13 = _int8_experts(w13, 32, True, torch.float32)
+        q2 = torch.stack([new_q[:, e * hidden: (e + 1) * hidden].t().to(torch.uint8) for e in range(experts)])
+        quant = ExpertQuant(s13, s2.float(), w13_group=32, w2_group=32, w13_offsets=o13, w2_offsets=-z2 * s2.float(),
+                            w13_int8=True, w2_int8=True, w2_perm=perms)
+    quant = ExpertQuant(*(t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t for t in quant))
+    q13, q2 = q13.to(KERNEL_DEVICE), q2.to(KERNEL_DEVICE)
+    out = fused_moe_triton(x, q13, q2, weights, ids, config=SMALL, quant=quant)
+    ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, quant)
+    assert_close(out, ref, 4 * TOLERANCE[torch.float32], f"fused_moe regrouped {kind} down")
+    if kind == "int4":
+        from kernels.int4_gemm import dequantize_int4
+
+        plain_w13 = torch.stack([dequantize_int4(q13[e].cpu(), s13[e], z13[e], 32).t() for e in range(experts)])
+    else:
+        plain_w13 = torch.stack([dequantize_int8_experts(q13[e].cpu(), s13[e], o13[e], 32) for e in range(experts)])
+    plain = fused_moe_ref(x.double(), plain_w13.double(), plain_w2, weights.double(), ids)
+    assert_close(ref, plain, 1e-5, "regrouping undone")
+
+
 def test_int8_experts_step_within_or_over_whole_groups():
     """The 8-bit experts' K step: the config's (16..128), halved until it divides K and nests with the group."""
     from kernels.fused_moe import _int8_block_k

@@ -5,7 +5,9 @@ Per linear layer: ``qweight`` int32 ``[in / 4, out]`` (input row ``4p + i`` in b
 ``scales`` ``[groups, out]`` and ``g_idx`` ``[in]``: ``W[k, n] = (q[k, n] - zero[g, n]) * scale[g, n]`` for
 ``g = g_idx[k]``. The layer holds the codes as uint8 ``[out, in]`` and the scales and zero points ``[out,
 groups]`` in fp32 for ``kernels/int8_gemm.py``; act-order (``desc_act``) layers have their input rows sorted by
-group and gather x's columns by the same permutation, as the int4 layers do.
+group and gather x's columns by the same permutation, as the int4 layers do (a tensor-parallel rank's share of a
+row-parallel layer's inputs, which falls unevenly into the groups, regrouped into padded groups of 32 whose padding
+rows weigh 0).
 
 A MoE block's experts (``GPTQInt8MoEMethod``) load each expert's tensors into stacked ``{w13,w2}_qweight`` /
 ``_qzeros`` / ``_scales`` / ``_g_idx`` (as the int4 experts do), then become the 8-bit experts' kernel form
@@ -13,8 +15,8 @@ A MoE block's experts (``GPTQInt8MoEMethod``) load each expert's tensors into st
 ``o = -zero * scale`` ``[E, K / group, N]`` (``W = q s + o``). Act-order experts have each expert's input rows
 sorted by group and the kernel reads the activations' columns through its permutation, as the int4 experts do.
 Under tensor parallelism every rank holds every expert's slice of the intermediate dimension (codes, zero points and
-scales cut as a dense layer's: by columns, or whole groups of down's inputs); act order with tensor parallelism is
-refused at startup (each rank's down inputs fall unevenly into the groups).
+scales cut as a dense layer's: by columns, or whole groups of down's inputs); an act-order down projection's rank
+holds every group's scales and regroups each expert's rows into padded groups of 32, as the int4 experts do.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from torch import nn
 
 from core.layers.quantization.base import LinearMethod, new_parameter, replace_parameter
 from core.layers.quantization.int4 import (GPTQConfig, Int4MoEMethod, _fill_random_int32, _fill_scales,
-                                           natural_groups)
+                                           natural_groups, regroup_expert_rows, regrouped_expert_rows)
+from kernels.int4_gemm import KERNEL_K_BLOCK
 from kernels.fused_moe import ExpertQuant
 from kernels.int8_gemm import int8_linear
 
@@ -80,13 +83,13 @@ class GPTQInt8LinearMethod(LinearMethod):
                        params_dtype: torch.dtype) -> None:  # fmt: skip
         group = in_features if self.config.group_size == -1 else self.config.group_size
         out = sum(output_sizes)
-        if self.config.desc_act and self.input_shards > 1:
-            raise ValueError("GPTQ 8-bit act-order (desc_act) layers cannot be split over tensor-parallel ranks (each "
-                             "rank's input rows fall unevenly into the groups); supported: desc_act false.")
-        if in_features % group or in_features % PACK or any(size % PACK for size in output_sizes):
+        # Act-order's row-parallel layers hold every group's scales: their rows need not fill whole groups
+        all_groups = self.config.desc_act and self.config.group_size != -1 and self.input_shards > 1
+        grouped = in_features * self.input_shards if all_groups else in_features
+        if grouped % group or in_features % PACK or any(size % PACK for size in output_sizes):
             raise ValueError(f"GPTQ 8-bit: a layer of {in_features} inputs and outputs {tuple(output_sizes)} does not "
                              f"fit groups of {group} and the packing of {PACK} codes an int32.")
-        groups = in_features // group
+        groups = grouped // group
         layer.group_size = group
         new_parameter(layer, "qweight", (in_features // PACK, out), torch.int32, output_dim=1,
                       dummy_fill=_fill_random_int32)
@@ -103,7 +106,11 @@ class GPTQInt8LinearMethod(LinearMethod):
         group = layer.group_size
         natural = torch.arange(q.shape[0], device=q.device) // group
         perm = None
-        if not torch.equal(g_idx, natural):  # act order: rows sorted by group
+        if scales.shape[0] != -(-q.shape[0] // group):  # a rank's rows of an act-order layer: every group held
+            total = regrouped_expert_rows(g_idx[None], scales.shape[0])
+            q, zeros, scales, perm = regroup_expert_rows(q, zeros, scales, g_idx, total)  # padded groups of 32
+            layer.group_size = KERNEL_K_BLOCK
+        elif not torch.equal(g_idx, natural):  # act order: rows sorted by group
             perm = torch.argsort(g_idx, stable=True)
             if not torch.equal(g_idx[perm], natural):
                 raise ValueError(f"GPTQ 8-bit: a layer's g_idx does not put {group} input rows in each group.")
@@ -132,22 +139,19 @@ class GPTQInt8MoEMethod(Int4MoEMethod):
         self.prefix = prefix
 
     def create_weights(self, block: nn.Module) -> bool:
-        if self.config.desc_act and self.config.tp_size > 1:
-            raise ValueError(f"GPTQ 8-bit act-order (desc_act) experts ({self.prefix}) cannot be split over "
-                             "tensor-parallel ranks (each rank's down-projection inputs fall unevenly into the "
-                             "groups); supported: act-order experts on one rank, or desc_act false.")
         experts = block.num_experts
         for param, rows, k, group, parts in self._projections(block):
-            if k % group or k % PACK or rows % PACK or k % 16:
+            grouped = k * self.config.tp_size if self._all_groups(param) else k
+            if grouped % group or k % PACK or rows % PACK or k % 16:
                 raise ValueError(f"GPTQ 8-bit: an expert's {param} (input size {k}, {rows} outputs) does not fit "
                                  f"groups of {group}, the packing of {PACK} codes an int32 and the 8-bit experts' "
                                  "16-input steps.")
             out = experts * rows
             new_parameter(block, f"{param}_qweight", (k // PACK, out), torch.int32, output_dim=1,
                           dummy_fill=_fill_random_int32)
-            new_parameter(block, f"{param}_qzeros", (k // group, out // PACK), torch.int32, output_dim=1,
+            new_parameter(block, f"{param}_qzeros", (grouped // group, out // PACK), torch.int32, output_dim=1,
                           pack_factor=PACK, dummy_fill=_fill_random_int32)
-            new_parameter(block, f"{param}_scales", (k // group, out), torch.get_default_dtype(), output_dim=1,
+            new_parameter(block, f"{param}_scales", (grouped // group, out), torch.get_default_dtype(), output_dim=1,
                           dummy_fill=_fill_scales)
             new_parameter(block, f"{param}_g_idx", (experts * parts, k), torch.int32, output_dim=0,
                           pack_factor=out // (experts * parts), dummy_fill=natural_groups(group, k))
@@ -158,25 +162,36 @@ class GPTQInt8MoEMethod(Int4MoEMethod):
         for param, rows, k, group, parts in self._projections(block):
             qweight, qzeros = getattr(block, f"{param}_qweight").data, getattr(block, f"{param}_qzeros").data
             scales, g_idx = getattr(block, f"{param}_scales").data.float(), getattr(block, f"{param}_g_idx").data
-            perms = self.act_orders(g_idx, param, k, group, parts)  # act order: each expert's rows sorted by group
-            codes = torch.empty(experts, rows, k, dtype=torch.uint8, device=qweight.device)
-            for e in range(experts):  # one expert at a time: the unpacked int64 codes stay small
-                q = unpack_int8_rows(qweight[:, e * rows: (e + 1) * rows])  # [K, rows]
-                codes[e] = (q if perms is None else q[perms[e]]).t().to(torch.uint8)
             zeros = unpack_int8_columns(qzeros) + 1  # v1 stores zero - 1 (symmetric: 127, so 128)
-            per_expert = (k // group, experts, rows)
-            scale = scales.reshape(per_expert).transpose(0, 1).contiguous()
-            offsets = (-zeros.float().reshape(per_expert).transpose(0, 1) * scale).contiguous()
+            regroup = self._all_groups(param)  # a rank's share of act-order down rows: equal groups of 32, padded
+            perms = None if regroup else self.act_orders(g_idx, param, k, group, parts)  # rows sorted by group
+            total = regrouped_expert_rows(g_idx, scales.shape[0]) if regroup else k
+            codes = torch.empty(experts, rows, total, dtype=torch.uint8, device=qweight.device)
+            scale = scales.new_empty(experts, total // (32 if regroup else group), rows)
+            offsets = torch.empty_like(scale)
+            if regroup:
+                perms = torch.empty(experts, total, dtype=torch.long, device=qweight.device)
+            for e in range(experts):  # one expert at a time: the unpacked int64 codes stay small
+                cols = slice(e * rows, (e + 1) * rows)
+                q = unpack_int8_rows(qweight[:, cols])  # [K, rows]
+                z, s = zeros[:, cols], scales[:, cols]
+                if regroup:
+                    q, z, s, perms[e] = regroup_expert_rows(q, z, s, g_idx[e], total)
+                elif perms is not None:
+                    q = q[perms[e]]
+                codes[e] = q.t().to(torch.uint8)
+                scale[e], offsets[e] = s, -z.float() * s
             for name in ("qweight", "qzeros", "scales", "g_idx"):
                 delattr(block, f"{param}_{name}")
             replace_parameter(block, param, codes)
             replace_parameter(block, f"{param}_scale", scale)
             replace_parameter(block, f"{param}_offsets", offsets)
             setattr(block, f"{param}_perm", None if perms is None else perms.to(torch.int32).contiguous())
+            setattr(block, f"{param}_group", 32 if regroup else group)
 
     def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
-        (_, _, _, g13, _), (_, _, _, g2, _) = self._projections(block)
-        return block.w13, block.w2, ExpertQuant(block.w13_scale, block.w2_scale, w13_group=g13, w2_group=g2,
+        return block.w13, block.w2, ExpertQuant(block.w13_scale, block.w2_scale, w13_group=block.w13_group,
+                                                w2_group=block.w2_group,
                                                 w13_offsets=block.w13_offsets, w2_offsets=block.w2_offsets,
                                                 w13_int8=True, w2_int8=True, w13_perm=block.w13_perm,
                                                 w2_perm=block.w2_perm)

@@ -193,6 +193,36 @@ def regroup_rows(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_i
     return new_q, zeros[block_group], scales[block_group], rows, block
 
 
+def regrouped_expert_rows(g_idx: torch.Tensor, groups: int) -> int:
+    """How many rows :func:`regroup_expert_rows` gives every expert of ``g_idx [E, K]`` (their input rows' groups,
+    of ``groups``): the longest expert's runs, each group's padded to whole ``KERNEL_K_BLOCK`` blocks."""
+    counts = torch.zeros(g_idx.shape[0], groups, dtype=torch.long, device=g_idx.device)
+    counts.scatter_add_(1, g_idx.long(), torch.ones_like(g_idx, dtype=torch.long))
+    block = KERNEL_K_BLOCK
+    return int(((counts + block - 1) // block * block).sum(1).max())
+
+
+def regroup_expert_rows(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, total: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One act-order expert whose input rows fall into groups of unequal sizes (a tensor-parallel rank's share of
+    down's inputs: codes ``q [K, N]``, every group's zero points and scales ``[groups, N]``, ``g_idx [K]``) in the
+    experts' kernels' form of equal groups of ``KERNEL_K_BLOCK`` rows (:func:`regroup_rows`), padded to ``total``
+    rows (:func:`regrouped_expert_rows`, the same for every expert). A padding row's code is its block's zero point,
+    so its weight is 0 (int4: exactly; offsets ``-z s``: to fp32's rounding) whatever the activation it reads
+    (column 0). Returns the codes ``[total, N]``, zero points and scales ``[total / block, N]`` and each row's input
+    column (the expert's permutation)."""
+    k, block = q.shape[0], KERNEL_K_BLOCK
+    new_q, z, s, source, _ = regroup_rows(q, zeros, scales, g_idx.long(), torch.argsort(g_idx, stable=True))
+    extra = total - new_q.shape[0]
+    if extra:
+        new_q = torch.cat([new_q, new_q.new_zeros(extra, new_q.shape[1])])
+        z, s = (torch.cat([t, t[-1:].expand(extra // block, -1)]) for t in (z, s))
+        source = torch.cat([source, source.new_full((extra,), k)])
+    padding = source == k
+    new_q[padding] = z.repeat_interleave(block, 0)[padding].to(new_q.dtype)
+    return new_q, z, s, source.masked_fill(padding, 0)
+
+
 class CompressedTensorsInt4Config(_Int4Config):
     """compressed-tensors W4A16 (``pack-quantized``): ``weight_packed`` int32 ``[out, in / 8]`` (nibble ``i`` of word
     ``j`` = input ``8j + i``, stored as ``q + 8``), ``weight_scale`` ``[out, in / group]``, ``weight_shape``, and with
@@ -431,7 +461,9 @@ class Int4MoEMethod:
     (``[E, N, K / 8]``) with its scales and zero points ``[E, K / group, N]``, which the fused MoE kernel dequantizes
     in registers (``kernels/fused_moe.py``: ``ExpertQuant``). GPTQ act-order experts (each expert's input rows in an
     order of their own, ``g_idx``): every expert's rows sorted by group at load, and the kernel reads the
-    activations' columns in that order (``ExpertQuant.w13_perm`` / ``w2_perm``)."""
+    activations' columns in that order (``ExpertQuant.w13_perm`` / ``w2_perm``). Under tensor parallelism a rank's
+    share of an act-order down projection's inputs falls unevenly into the groups: it holds every group's scales,
+    and each expert's rows are regrouped into padded groups of 32 (``regroup_experts``), as a dense layer's are."""
 
     def __init__(self, config: _Int4Config) -> None:
         self.config = config
@@ -442,28 +474,54 @@ class Int4MoEMethod:
         groups = [k if self.config.group_size == -1 else self.config.group_size for k in experts_k]
         return ("w13", 2 * block.inter, block.hidden, groups[0], 2), ("w2", block.hidden, block.inter, groups[1], 1)
 
+    def _all_groups(self, param: str) -> bool:
+        """Whether ``param``'s scales are every group's: act-order down projections under tensor parallelism, whose
+        rank's share of the inputs falls unevenly into the groups (``_Int4Config.shard_tensor`` keeps them all)."""
+        return param == "w2" and self.config.desc_act and self.config.group_size != -1 and self.config.tp_size > 1
+
     def create_weights(self, block: nn.Module) -> bool:
         name = self.config.name
-        if self.config.desc_act and self.config.tp_size > 1:
-            raise ValueError(f"{name}: act-order experts split over tensor-parallel ranks are not supported (each "
-                             "rank's down-projection inputs fall unevenly into the groups); supported: act-order "
-                             "experts without tensor parallelism, or a checkpoint with desc_act false.")
         experts = block.num_experts
         for param, rows, k, group, parts in self._projections(block):
-            if k % group or k % KERNEL_K_BLOCK or group % KERNEL_K_BLOCK or rows % PACK:
+            grouped = k * self.config.tp_size if self._all_groups(param) else k
+            if grouped % group or k % KERNEL_K_BLOCK or group % KERNEL_K_BLOCK or rows % PACK:
                 raise ValueError(f"{name}: an expert's {param} (input size {k}, {rows} outputs) does not fit the int4 "
                                  f"experts' kernel: the input size must be a multiple of the group size {group}, "
                                  f"which must be a multiple of {KERNEL_K_BLOCK}; the outputs of {PACK}.")
             register_checkpoint_layout(block, f"{param}_", self.config.layout, self.config.desc_act, experts * rows,
-                                       k, group, k // group, torch.get_default_dtype(), g_idx_units=experts * parts)
+                                       k, group, grouped // group, torch.get_default_dtype(),
+                                       g_idx_units=experts * parts)  # fmt: skip
         return True
 
     def process_weights_after_loading(self, block: nn.Module) -> None:
         for param, rows, k, group, parts in self._projections(block):
             q, zeros, scales, g_idx = take_checkpoint_codes(block, f"{param}_", self.config.layout)
-            perm = None if g_idx is None else self._sort_rows_by_group(q, g_idx, param, rows, k, group, parts)
+            if self._all_groups(param):  # each expert's rows regrouped into equal groups of 32
+                q, zeros, scales, perm = self.regroup_experts(q, zeros, scales, g_idx, rows)
+                k, group = q.shape[0], KERNEL_K_BLOCK
+            else:
+                perm = None if g_idx is None else self._sort_rows_by_group(q, g_idx, param, rows, k, group, parts)
             setattr(block, f"{param}_perm", perm)
+            setattr(block, f"{param}_group", group)
             self._store(block, param, q, zeros, scales, rows, k, group)
+
+    @staticmethod
+    def regroup_experts(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, rows: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Every expert's down rows (``q [K, E * rows]``, every group's ``zeros`` / ``scales [groups, E * rows]``,
+        ``g_idx [E, K]``) regrouped (:func:`regroup_expert_rows`) to one length ``K'``: the codes ``[K', E * rows]``,
+        zero points and scales ``[K' / 32, E * rows]`` and the permutations ``[E, K']`` int32."""
+        total = regrouped_expert_rows(g_idx, scales.shape[0])
+        experts = g_idx.shape[0]
+        new_q = q.new_empty(total, q.shape[1])
+        new_z = zeros.new_empty(total // KERNEL_K_BLOCK, zeros.shape[1])
+        new_s = scales.new_empty(total // KERNEL_K_BLOCK, scales.shape[1])
+        perms = torch.empty(experts, total, dtype=torch.int32, device=q.device)
+        for e in range(experts):
+            cols = slice(e * rows, (e + 1) * rows)
+            new_q[:, cols], new_z[:, cols], new_s[:, cols], perms[e] = regroup_expert_rows(
+                q[:, cols], zeros[:, cols], scales[:, cols], g_idx[e], total)
+        return new_q, new_z, new_s, perms
 
     def _sort_rows_by_group(self, q: torch.Tensor, g_idx: torch.Tensor, param: str, rows: int, k: int, group: int,
                             parts: int) -> torch.Tensor | None:  # fmt: skip
@@ -508,6 +566,6 @@ class Int4MoEMethod:
                           zeros.to(scales.dtype).reshape(per_expert).transpose(0, 1).contiguous())
 
     def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
-        (_, _, _, g13, _), (_, _, _, g2, _) = self._projections(block)
         return block.w13, block.w2, ExpertQuant(block.w13_scale, block.w2_scale, None, block.w13_zeros,
-                                                block.w2_zeros, g13, g2, block.w13_perm, block.w2_perm)
+                                                block.w2_zeros, block.w13_group, block.w2_group, block.w13_perm,
+                                                block.w2_perm)
