@@ -167,6 +167,25 @@ def test_gptq_8bit_act_order_experts_match_dequantized_model(tmp_path, arch):
         assert perm.shape == (block.num_experts, k) and len({tuple(p.tolist()) for p in perm}) == block.num_experts
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("group, actorder, fmt", [(-1, False, "pack-quantized"), (32, True, "pack-quantized"),
+                                                  (32, False, "int-quantized")],
+                         ids=["w8a16-channel", "w8a16-g32-act", "w8a8-g32"])  # fmt: skip
+def test_compressed_tensors_int8_experts_match_dequantized_model(tmp_path, arch, group, actorder, fmt):
+    """compressed-tensors 8-bit experts (RedHatAI's Qwen3-30B-A3B quantized.w8a16 / w8a8 layouts): each expert's
+    packed or int8 codes and scales as the 8-bit experts' int8 codes ``[E, N, K]`` with scales ``[E, K / group,
+    N]`` (act order: each expert's permutation), the dequantized model's tokens and logprobs."""
+    wider = {"mixtral": {"intermediate_size": 64}, "qwen3_moe": {"moe_intermediate_size": 64}}[arch]  # 2 groups
+    engine, _ = qc.compare(*qc.write_ct_int8(tmp_path, group, actorder, fmt, None if fmt == "pack-quantized"
+                                             else "dynamic", arch, **wider), logprob_atol=1e-4, dtype="float32")
+    block = moe_blocks(engine)[-1]
+    w13, _, quant = block.quant_method.experts(block)
+    assert quant.w13_int8 and quant.w2_int8 and quant.w13_offsets is None and (quant.w2_perm is not None) == actorder
+    assert w13.dtype == torch.int8 and w13.shape == (block.num_experts, 2 * block.inter, block.hidden)
+    groups = 1 if group == -1 else block.inter // group
+    assert quant.w2_scale.shape == (block.num_experts, groups, block.hidden)
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
 def test_bitsandbytes_8bit_experts_match_dequantized_model(tmp_path, arch):
     """bitsandbytes ``load_in_8bit`` experts (each expert's Linear8bitLt: int8 rows, ``SCB``) stacked as the 8-bit
@@ -245,7 +264,9 @@ EIGHT_BIT_EXPERTS = {"gptq8-g32-zp": lambda tmp: qc.write_gptq8(tmp, 32, False, 
                                                                  intermediate_size=64),
                      "gptq8-channel-sym": lambda tmp: qc.write_gptq8(tmp, -1, False, True, "mixtral",
                                                                      intermediate_size=64),
-                     "bnb8": lambda tmp: qc.write_bnb8(tmp, "qwen2_moe", routers=True)}
+                     "bnb8": lambda tmp: qc.write_bnb8(tmp, "qwen2_moe", routers=True),
+                     "ct-w8a16-g32-act": lambda tmp: qc.write_ct_int8(tmp, 32, True, arch="qwen3_moe",
+                                                                      moe_intermediate_size=64)}
 
 
 @pytest.mark.gpu

@@ -249,6 +249,59 @@ def write_ct_int4(tmp: Path, group: int, actorder: bool, arch: str = "llama", **
             save(tmp / f"{tag}-dequantized", config, plain))
 
 
+def write_ct_int8(tmp: Path, group: int, actorder: bool, fmt: str = "pack-quantized", activations: str | None = None,
+                  arch: str = "llama", **overrides) -> tuple[Path, Path]:  # fmt: skip
+    """A compressed-tensors 8-bit checkpoint: W8A16 ``pack-quantized`` (``pack_to_int32``: four codes ``q + 128`` an
+    int32 along the input, ``weight_shape``) or ``int-quantized`` (int8 ``weight`` with all-zero
+    ``weight_zero_point``), symmetric scales ``[out, in / group]`` (``group`` -1: per channel), with group act-order a
+    ``weight_g_idx``; ``activations`` ``dynamic`` / ``static``: a W8A8 scheme (static: an ``input_scale`` per
+    layer)."""
+    config, state = base_checkpoint(arch=arch, **overrides)
+    quant, plain = dict(state), dict(state)
+    gen = torch.Generator().manual_seed(group + 100)
+    g_idx_of_input: dict = {}  # layers reading one input (q/k/v, gate/up) share its act order
+    for name in quantized_layers(state):
+        w = state[name]  # [out, in]
+        k = w.shape[1]
+        size = k if group == -1 else group
+        natural = torch.arange(k) // size
+        key = (name.split(".")[2], name.split(".")[-3], k)
+        if key not in g_idx_of_input:
+            g_idx_of_input[key] = natural[torch.randperm(k, generator=gen)] if actorder else natural
+        g_idx = g_idx_of_input[key]
+        scales = torch.stack([w[:, g_idx == g].abs().amax(1) for g in range(k // size)], 1).clamp(min=1e-6) / 127
+        scales = scales.to(torch.bfloat16)
+        s_per_col = scales.float()[:, g_idx]
+        q = torch.clamp(torch.round(w / s_per_col), -127, 127)
+        prefix = name.removesuffix(".weight")
+        del quant[name]
+        if fmt == "pack-quantized":
+            packed = torch.zeros(w.shape[0], k // 4, dtype=torch.int64)
+            for i in range(4):
+                packed |= (q[:, i::4].long() + 128) << (8 * i)
+            quant |= {f"{prefix}.weight_packed": as_int32(packed),
+                      f"{prefix}.weight_shape": torch.tensor(list(w.shape))}
+        else:
+            quant |= {f"{prefix}.weight": q.to(torch.int8),
+                      f"{prefix}.weight_zero_point": torch.zeros(w.shape[0], k // size, dtype=torch.int8)}
+        quant[f"{prefix}.weight_scale"] = scales
+        if actorder:
+            quant[f"{prefix}.weight_g_idx"] = g_idx.to(torch.int32)
+        if activations == "static":
+            quant[f"{prefix}.input_scale"] = torch.tensor([0.02], dtype=torch.float32)
+        plain[name] = q * s_per_col
+    strategy = {"strategy": "channel"} if group == -1 else {"strategy": "group", "group_size": group}
+    acts = None if activations is None else {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token"
+                                             if activations == "dynamic" else "tensor",
+                                             "dynamic": activations == "dynamic"}  # fmt: skip
+    qc = {"quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"],
+          "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": acts, "weights": {
+              "num_bits": 8, "type": "int", "symmetric": True, **strategy, "actorder": "group" if actorder else None}}}}
+    tag = _tag(arch, f"ct-w8a{16 if activations is None else 8}-{group}-{fmt}{'-act' if actorder else ''}")
+    return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
+            save(tmp / f"{tag}-dequantized", config, plain))
+
+
 def write_bnb(tmp: Path, quant_type: str, nested: bool, arch: str = "llama", **overrides) -> tuple[Path, Path]:
     """A bitsandbytes ``load_in_4bit`` checkpoint as transformers saves it: codes ``[out * in / 2, 1]`` (two a byte,
     high nibble first), ``.absmax`` per 64 weights (``nested``: 8-bit codes into ``.nested_quant_map`` times
@@ -488,6 +541,39 @@ def test_compressed_tensors_w4a16_checkpoint_matches_dequantized_model(tmp_path,
     assert [r["tokens"] for r in ours] == [r["tokens"] for r in greedy(write_ct_int4(tmp_path, group, actorder)[1])[1]]
 
 
+@pytest.mark.parametrize("group, actorder, fmt, activations", [
+    (-1, False, "pack-quantized", None), (32, True, "pack-quantized", None), (64, False, "int-quantized", "dynamic"),
+    (-1, False, "int-quantized", "static")], ids=["w8a16-channel", "w8a16-g32-act", "w8a8-g64-dynamic",
+                                                   "w8a8-channel-static"])  # fmt: skip
+def test_compressed_tensors_int8_checkpoint_matches_dequantized_model(tmp_path, group, actorder, fmt, activations):
+    """llm-compressor's W8A16 (``pack-quantized``: four codes ``q + 128`` an int32) and W8A8 (``int-quantized``
+    int8 weights, all-zero zero points, a static ``input_scale`` or none) on the 8-bit kernel, activations 16-bit:
+    the dequantized model's tokens and logprobs."""
+    quantized, dequantized = write_ct_int8(tmp_path, group, actorder, fmt, activations)
+    engine, _ = compare(quantized, dequantized, logprob_atol=1e-4)
+    summary = engine.runner.model_config.quantization.summary()
+    assert summary.startswith("compressed-tensors int8") and ("W8A8 run as W8A16" in summary) == bool(activations)
+    layer = linears(engine)[0]
+    assert layer.weight.dtype == torch.int8 and (layer.perm is not None) == actorder
+    assert layer.weight_scale.shape == ((layer.weight.shape[0],) if group == -1 else
+                                        (layer.weight.shape[0], layer.weight.shape[1] // group))  # fmt: skip
+
+
+def test_compressed_tensors_int8_zero_points_that_are_not_zero_fail_naming_them(tmp_path):
+    """A symmetric scheme whose ``weight_zero_point`` holds non-zero values: refused at load rather than run as if
+    they were zero."""
+    from safetensors.torch import load_file, save_file
+
+    quantized, _ = write_ct_int8(tmp_path, -1, False, "int-quantized")
+    shard = next(quantized.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(n for n in tensors if n.endswith(".weight_zero_point"))
+    tensors[name] = torch.ones_like(tensors[name])
+    save_file(tensors, shard)
+    with pytest.raises(ValueError, match=r"weight_zero_point holds non-zero zero points"):
+        greedy(quantized)
+
+
 @pytest.mark.parametrize("quant_type, nested", [("nf4", True), ("fp4", False), ("nf4", False)])
 def test_bitsandbytes_4bit_checkpoint_matches_dequantized_model(tmp_path, quant_type, nested):
     """transformers' load_in_4bit checkpoints (NF4 / FP4 codebooks, double-quantized or plain absmax): the layers
@@ -555,15 +641,17 @@ def test_bitsandbytes_config_without_a_bit_width_fails_naming_both():
         BitsAndBytesConfig.from_hf({"quant_method": "bitsandbytes"})
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"symmetric": False}, "asymmetric weights"), ({"num_bits": 8}, "8-bit integer weights"),
-], ids=["asymmetric", "8-bit"])
-def test_compressed_tensors_int_schemes_not_served_fail_naming_them(change, message):
+@pytest.mark.parametrize("change, acts, message", [
+    ({"symmetric": False}, None, "asymmetric weights"), ({"num_bits": 3}, None, "3-bit integer weights"),
+    ({"num_bits": 8, "symmetric": False}, None, "asymmetric weights"),
+    ({"num_bits": 8}, {"num_bits": 8, "type": "float"}, "activations other than 8-bit integers"),
+], ids=["asymmetric", "3-bit", "8-bit-asymmetric", "8-bit-fp8-activations"])
+def test_compressed_tensors_int_schemes_not_served_fail_naming_them(change, acts, message):
     from core.layers.quantization.compressed_tensors import from_compressed_tensors
 
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128} | change
     qc = {"quant_method": "compressed-tensors", "format": "pack-quantized",
-          "config_groups": {"group_0": {"weights": weights, "input_activations": None}}}
+          "config_groups": {"group_0": {"weights": weights, "input_activations": acts}}}
     with pytest.raises(ValueError, match=f"compressed-tensors scheme .* is not supported: {message}"):
         from_compressed_tensors(qc)
 

@@ -312,3 +312,21 @@ def test_gguf_experts_whose_split_cuts_a_block_fail_naming_it():
                                          r"--quantization gguf\) is not a multiple of its 256-element blocks"):
         SparseMoeBlock(256, 128, 4, 2, True, kernel_backend="torch", quant=config, prefix=prefix)
 
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_compressed_tensors_int8_act_order_over_two_ranks_equals_one_device(tmp_path, arch):
+    """compressed-tensors W8A16 with group act-order: packed codes cut by whole int32s, every group's scales held by
+    each rank of a row-parallel layer (o / down, and the experts' down), its rows regrouped into padded groups of 32:
+    one device's tokens and logprobs."""
+    quantized, _ = qc.write_ct_int8(tmp_path, 32, True, arch=arch, **({"intermediate_size": 128} if arch == "mixtral"
+                                                                      else {}))  # fmt: skip
+    reference, _ = run(quantized)
+    ours, model = run(quantized, tensor_parallel_size=2)
+    assert_same_run(ours, reference)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert o_proj.weight.dtype == torch.int8 and o_proj.group_size == 32 and o_proj.perm.numel() > o_proj.in_features
+    if arch == "mixtral":
+        block = model.model.layers[0].mlp
+        _, w2, quant = block.quant_method.experts(block)
+        assert quant.w2_int8 and block.inter == 64 and w2.shape[2] > 64 and quant.w2_perm.shape[1] == w2.shape[2]
+

@@ -1,8 +1,9 @@
 """compressed-tensors checkpoints (llm-compressor's format, e.g. the RedHatAI / neuralmagic releases): one config
 format for several schemes, each served by the method that runs its numbers. float8 weights and activations (FP8,
 FP8_DYNAMIC, FP8_BLOCK): ``fp8.Fp8Config``; 4-bit integer weights with 16-bit activations in the ``pack-quantized``
-format (W4A16, symmetric, per group or channel, optional group act-order): ``int4.CompressedTensorsInt4Config``.
-Anything else fails naming the scheme and listing these."""
+format (W4A16, symmetric, per group or channel, optional group act-order): ``int4.CompressedTensorsInt4Config``;
+8-bit integer weights (W8A16 ``pack-quantized``, W8A8 ``int-quantized``, symmetric, per group or channel, run
+w8a16): ``ct_int8.CompressedTensorsInt8Config``. Anything else fails naming the scheme and listing these."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from typing import Any
 from core.layers.quantization.base import QuantConfig
 
 SUPPORTED_SCHEMES = ("float8 weights with float8 activations (FP8, FP8_DYNAMIC, FP8_BLOCK)",
-                     "4-bit integer weights with 16-bit activations, symmetric, pack-quantized (W4A16)")
+                     "4-bit integer weights with 16-bit activations, symmetric, pack-quantized (W4A16)",
+                     "8-bit integer weights, symmetric, with 16-bit or int8 activations (W8A16, W8A8 run as W8A16)")
 
 
 def from_compressed_tensors(qc: dict[str, Any]) -> QuantConfig:
     """The method config for a compressed-tensors ``quantization_config``."""
+    from core.layers.quantization.ct_int8 import CompressedTensorsInt8Config
     from core.layers.quantization.fp8 import Fp8Config
     from core.layers.quantization.int4 import CompressedTensorsInt4Config
 
@@ -30,6 +33,8 @@ def from_compressed_tensors(qc: dict[str, Any]) -> QuantConfig:
                          "['Linear'] (every linear layer but the ignore list).")
     if weights.get("type") == "float":
         return Fp8Config.from_hf(qc)
+    if weights.get("type") == "int" and weights.get("num_bits") == 8:
+        return CompressedTensorsInt8Config.from_ct(qc, groups[0])
     if weights.get("type") == "int":
         return CompressedTensorsInt4Config.from_ct(qc, groups[0])
     raise ValueError(f"compressed-tensors scheme weights={weights} is not supported; supported: "

@@ -248,7 +248,7 @@ class CompressedTensorsInt4Config(_Int4Config):
         fmt = str(qc.get("format", "pack-quantized"))
         problems = []
         if weights.get("num_bits") != 4:
-            problems.append(f"{weights.get('num_bits')}-bit integer weights (supported: 4-bit)")
+            problems.append(f"{weights.get('num_bits')}-bit integer weights (supported: 4-bit, 8-bit)")
         if not weights.get("symmetric", True):
             problems.append("asymmetric weights with zero points (supported: symmetric)")
         if fmt != "pack-quantized":
