@@ -16,10 +16,16 @@ from core.layers.activation import activation
 from core.layers.attention import AttentionMetadata, PagedAttention
 from core.layers.linear import Embedding, Linear
 from core.layers.norm import LayerNorm
+from core.layers.quantization import linear_method
 from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
 from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
+
+# Methods applied at load to this family's 16-bit checkpoints (``--quantization fp8`` / ``bitsandbytes``); quantized
+# checkpoints of it are refused: its fused qkv rows are reordered at load (per KV head -> q | k | v), which a quantized
+# checkpoint's packed tensors would need per layout.
+ONLINE_QUANTIZATION = ("fp8", "bitsandbytes")
 
 
 def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:
@@ -59,13 +65,16 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 class FalconAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str,
+                 prefix: str = "") -> None:  # fmt: skip
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.query_key_value = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias,
-                                      backend=kernel_backend)  # fmt: skip
-        self.dense = Linear(self.q_size, cfg.hidden_size, bias=cfg.qkv_bias, backend=kernel_backend)
+                                      backend=kernel_backend,
+                                      quant_method=linear_method(cfg.quantization, f"{prefix}.query_key_value"))
+        self.dense = Linear(self.q_size, cfg.hidden_size, bias=cfg.qkv_bias, backend=kernel_backend,
+                            quant_method=linear_method(cfg.quantization, f"{prefix}.dense"))
         scale = cfg.head_dim**-0.5
         # HF adds the ALiBi bias before scaling the logits: the slopes are scaled too
         slopes = alibi_slopes(cfg.num_heads) * scale if cfg.extra["alibi"] else None
@@ -82,10 +91,12 @@ class FalconAttention(nn.Module):
 
 
 class FalconMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, kernel_backend: str) -> None:
+    def __init__(self, cfg: ModelConfig, kernel_backend: str, prefix: str = "") -> None:
         super().__init__()
-        self.dense_h_to_4h = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.qkv_bias, backend=kernel_backend)
-        self.dense_4h_to_h = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.qkv_bias, backend=kernel_backend)
+        self.dense_h_to_4h = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.qkv_bias, backend=kernel_backend,
+                                    quant_method=linear_method(cfg.quantization, f"{prefix}.dense_h_to_4h"))
+        self.dense_4h_to_h = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.qkv_bias, backend=kernel_backend,
+                                    quant_method=linear_method(cfg.quantization, f"{prefix}.dense_4h_to_h"))
         self.act = activation(cfg.extra["hidden_act"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,11 +104,14 @@ class FalconMLP(nn.Module):
 
 
 class FalconDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str,
+                 prefix: str = "") -> None:  # fmt: skip
+        """``prefix``: the HF module name (``transformer.h.0``), for the quantization config's per-layer choices."""
         super().__init__()
         self.parallel, self.two_norms = cfg.extra["parallel"], cfg.extra["two_norms"]
-        self.self_attention = FalconAttention(cfg, rotary, attention_backend, kernel_backend)
-        self.mlp = FalconMLP(cfg, kernel_backend)
+        self.self_attention = FalconAttention(cfg, rotary, attention_backend, kernel_backend,
+                                              f"{prefix}.self_attention")  # fmt: skip
+        self.mlp = FalconMLP(cfg, kernel_backend, f"{prefix}.mlp")
         eps = cfg.rms_norm_eps
         if self.two_norms:
             self.ln_attn = LayerNorm(cfg.hidden_size, eps)
@@ -125,8 +139,8 @@ class FalconForCausalLM(nn.Module):
         rotary_dim = 0 if cfg.extra["alibi"] else cfg.head_dim
         rotary = RotaryEmbedding(rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.h = nn.ModuleList(FalconDecoderLayer(cfg, rotary, self.attention_backend, self.kernel_backend)
-                               for _ in range(cfg.num_layers))  # fmt: skip
+        self.h = nn.ModuleList(FalconDecoderLayer(cfg, rotary, self.attention_backend, self.kernel_backend,
+                                                  f"transformer.h.{i}") for i in range(cfg.num_layers))  # fmt: skip
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = (self.word_embeddings if cfg.tie_word_embeddings
                         else Linear(cfg.hidden_size, cfg.vocab_size, backend=self.kernel_backend))  # fmt: skip

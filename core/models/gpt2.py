@@ -14,10 +14,16 @@ from core.layers.activation import activation
 from core.layers.attention import AttentionMetadata, PagedAttention
 from core.layers.linear import Embedding, Linear
 from core.layers.norm import LayerNorm
+from core.layers.quantization import linear_method
 from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
 from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
+
+# Methods applied at load to this family's 16-bit checkpoints (``--quantization fp8`` / ``bitsandbytes``); quantized
+# checkpoints of it are refused: its Conv1D weights are stored transposed, so a quantized checkpoint's packed tensors
+# would need their own transposition.
+ONLINE_QUANTIZATION = ("fp8", "bitsandbytes")
 
 # GPT-2's config names -> the common ones
 _ALIASES = {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
@@ -42,8 +48,11 @@ class GPT2Attention(nn.Module):
                  kernel_backend: str) -> None:  # fmt: skip
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.c_attn = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True, backend=kernel_backend)
-        self.c_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True, backend=kernel_backend)
+        prefix = f"transformer.h.{layer}.attn"
+        self.c_attn = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True, backend=kernel_backend,
+                             quant_method=linear_method(cfg.quantization, f"{prefix}.c_attn"))
+        self.c_proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True, backend=kernel_backend,
+                             quant_method=linear_method(cfg.quantization, f"{prefix}.c_proj"))
         scale = cfg.head_dim**-0.5 if cfg.extra["scale_attn_weights"] else 1.0
         if cfg.extra["scale_by_layer"]:
             scale /= layer + 1
@@ -56,10 +65,12 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, kernel_backend: str) -> None:
+    def __init__(self, cfg: ModelConfig, kernel_backend: str, prefix: str = "") -> None:
         super().__init__()
-        self.c_fc = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, backend=kernel_backend)
-        self.c_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, backend=kernel_backend)
+        self.c_fc = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, backend=kernel_backend,
+                           quant_method=linear_method(cfg.quantization, f"{prefix}.c_fc"))
+        self.c_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, backend=kernel_backend,
+                             quant_method=linear_method(cfg.quantization, f"{prefix}.c_proj"))
         self.act = activation(cfg.extra["hidden_act"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +84,7 @@ class GPT2Block(nn.Module):
         self.ln_1 = LayerNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = GPT2Attention(cfg, rotary, layer, attention_backend, kernel_backend)
         self.ln_2 = LayerNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GPT2MLP(cfg, kernel_backend)
+        self.mlp = GPT2MLP(cfg, kernel_backend, f"transformer.h.{layer}.mlp")
 
     def forward(self, positions, hidden, kv_cache, meta):
         hidden = hidden + self.attn(positions, self.ln_1(hidden), kv_cache, meta)

@@ -1,5 +1,6 @@
 """GPT-NeoX (Pythia): fused per-head-interleaved qkv with biases, partial rotary (``partial_rotary_factor``, applied
-inside the fused prep kernel), LayerNorm with bias, GELU MLP, parallel (or sequential) residual, untied ``embed_out``."""
+inside the fused prep kernel), LayerNorm with bias, GELU MLP, parallel (or sequential) residual, untied
+``embed_out``."""
 
 from __future__ import annotations
 
@@ -14,10 +15,17 @@ from core.layers.activation import activation
 from core.layers.attention import AttentionMetadata, PagedAttention
 from core.layers.linear import Embedding, Linear
 from core.layers.norm import LayerNorm
+from core.layers.quantization import linear_method
 from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
 from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
+
+
+# Weight quantization methods this family's layers run (core/layers/quantization): its fused qkv is one tensor in
+# the checkpoint's own layout, so quantized checkpoints load as they are. Not gguf kept in its blocks: llama.cpp
+# reorders the qkv rows, which a GGUF file is dequantized to undo.
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "bitsandbytes")
 
 
 def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:
@@ -35,18 +43,25 @@ def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:
 
 
 class GPTNeoXLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, attention_backend: str, kernel_backend: str,
+                 prefix: str = "") -> None:  # fmt: skip
+        """``prefix``: the HF module name (``gpt_neox.layers.0``), for the quantization config's per-layer choices."""
         super().__init__()
+        quant = cfg.quantization
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.parallel = cfg.extra["parallel_residual"]
         self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.query_key_value = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias, backend=kernel_backend)
-        self.dense = Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias, backend=kernel_backend)
+        self.query_key_value = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias, backend=kernel_backend,
+                                      quant_method=linear_method(quant, f"{prefix}.attention.query_key_value"))
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias, backend=kernel_backend,
+                            quant_method=linear_method(quant, f"{prefix}.attention.dense"))
         self.attn = PagedAttention(cfg.num_heads, cfg.num_heads, cfg.head_dim, rotary,
                                    attention_backend=attention_backend, kernel_backend=kernel_backend)  # fmt: skip
-        self.dense_h_to_4h = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, backend=kernel_backend)
-        self.dense_4h_to_h = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, backend=kernel_backend)
+        self.dense_h_to_4h = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, backend=kernel_backend,
+                                    quant_method=linear_method(quant, f"{prefix}.mlp.dense_h_to_4h"))
+        self.dense_4h_to_h = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, backend=kernel_backend,
+                                    quant_method=linear_method(quant, f"{prefix}.mlp.dense_4h_to_h"))
         self.act = activation(cfg.extra["hidden_act"])
 
     def _attention(self, positions, x, kv_cache, meta):
@@ -70,8 +85,8 @@ class GPTNeoXForCausalLM(nn.Module):
         rotary = RotaryEmbedding(cfg.extra["rotary_dim"], cfg.max_position_embeddings, cfg.rope_theta,
                                  cfg.rope_scaling)  # fmt: skip
         self.embed_in = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(GPTNeoXLayer(cfg, rotary, self.attention_backend, self.kernel_backend)
-                                    for _ in range(cfg.num_layers))  # fmt: skip
+        self.layers = nn.ModuleList(GPTNeoXLayer(cfg, rotary, self.attention_backend, self.kernel_backend,
+                                                 f"gpt_neox.layers.{i}") for i in range(cfg.num_layers))  # fmt: skip
         self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.embed_out = (self.embed_in if cfg.tie_word_embeddings
                           else Linear(cfg.hidden_size, cfg.vocab_size, backend=self.kernel_backend))  # fmt: skip
@@ -88,6 +103,8 @@ class GPTNeoXForCausalLM(nn.Module):
     def _place(self, name: str, tensor: torch.Tensor):
         if name.endswith(("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")):
             return []  # old checkpoints' causal-mask buffers
+        if name == "lm_head.weight":  # transformers 5's in-memory name of the head (its files say embed_out)
+            name = "embed_out.weight"
         if name == "embed_out.weight" and self.config.tie_word_embeddings:
             return []
         name = name.removeprefix("gpt_neox.").replace(".attention.", ".").replace(".mlp.", ".")

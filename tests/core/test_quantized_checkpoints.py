@@ -76,8 +76,10 @@ def save(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Pat
 
 
 def quantized_layers(state: dict[str, torch.Tensor]):
-    """The linear layers' weights: Llama's projections, Phi-3's fused ones, StarCoder2's MLP."""
-    kinds = (*PROJECTIONS, "qkv_proj", "gate_up_proj", "c_fc", "c_proj")
+    """The linear layers' weights: Llama's projections, Phi-3's fused ones, StarCoder2's MLP, GPT-2's (Conv1D:
+    stored ``[in, out]``), GPT-NeoX's and Falcon's."""
+    kinds = (*PROJECTIONS, "qkv_proj", "gate_up_proj", "c_fc", "c_proj", "c_attn", "query_key_value", "dense",
+             "dense_h_to_4h", "dense_4h_to_h")
     return [name for name in state if name.endswith(".weight") and name.split(".")[-2] in kinds]
 
 
@@ -717,15 +719,51 @@ FAMILY_WRITERS = {"awq": lambda tmp, arch: write_awq(tmp, 32, arch),
 
 
 @pytest.mark.parametrize("method", sorted(FAMILY_WRITERS))
-@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3", "phi3", "starcoder2"])
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3", "phi3", "starcoder2", "gpt_neox"])
 def test_other_families_run_quantized_checkpoints(tmp_path, arch, method):
     """Gemma 1/2/3 (Llama's attention, their own MLP), Phi-3 (whose checkpoint fuses qkv and gate_up: one
-    per-tensor fp8 scale covers every shard) and StarCoder2 (biases, a plain MLP): the same greedy tokens and
-    logprobs as the dequantized model (fp8: run with the same activation quantization, see the module docstring)."""
+    per-tensor fp8 scale covers every shard), StarCoder2 (biases, a plain MLP) and GPT-NeoX (its per-head
+    interleaved qkv one tensor, biases, GELU): the same greedy tokens and logprobs as the dequantized model (fp8:
+    run with the same activation quantization, see the module docstring)."""
     quantized, dequantized = FAMILY_WRITERS[method](tmp_path, arch)
     reference = {"quantization": "fp8"} if method == "fp8" else None
     engine, _ = compare(quantized, dequantized, logprob_atol=1e-4, reference_kwargs=reference, dtype="float32")
     assert len(linears(engine)) == 2 * 4
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "falcon", "gpt_neox"])
+def test_older_families_quantize_16bit_checkpoints_at_load(tmp_path, arch):
+    """GPT-2 (Conv1D weights stored transposed), Falcon (qkv rows reordered at load) and GPT-NeoX with
+    ``--quantization bitsandbytes``: NF4 at load, the same model as the checkpoint whose weights are those NF4 values
+    (quantized along each layer's input, as the loaded layer is); ``--quantization fp8`` within fp8's error."""
+    from kernels.bnb4_gemm import NF4_CODEBOOK, dequantize_bnb4, quantize_bnb4
+
+    config, state = base_checkpoint(arch=arch)
+    path = save(tmp_path / "plain", config, state)
+    conv1d = arch == "gpt2"  # [in, out]
+    nf4 = {}
+    for name in quantized_layers(state):
+        w = state[name].t().contiguous() if conv1d else state[name]
+        values = dequantize_bnb4(*quantize_bnb4(w), torch.tensor(NF4_CODEBOOK), 64)
+        nf4[name] = values.t().contiguous() if conv1d else values
+    engine, _ = compare(path, save(tmp_path / "nf4-values", config, state | nf4), logprob_atol=1e-4,
+                        quantization="bitsandbytes")
+    assert len(linears(engine)) == 4 * config.get("num_hidden_layers", config.get("n_layer"))
+    assert all(layer.weight.dtype == torch.uint8 for layer in linears(engine))
+    engine, ours = greedy(path, quantization="fp8")
+    _, reference = greedy(path)
+    assert logprob_error(ours, reference, steps=1) <= FP8_FIRST_STEP_ATOL
+    assert all(layer.weight.dtype == FP8 for layer in linears(engine))
+
+
+def test_quantized_checkpoints_of_families_quantized_only_at_load_fail_naming_the_way(tmp_path):
+    """Falcon's fused qkv rows are reordered at load, which a packed checkpoint's tensors would need per layout: its
+    AWQ / fp8 checkpoints are refused at startup, naming the methods its 16-bit checkpoints take."""
+    quantized, _ = write_fp8(tmp_path, "fp8", "falcon")
+    with pytest.raises(ValueError, match=r"FalconForCausalLM checkpoints quantized with 'fp8' are not supported; its "
+                                         r"16-bit checkpoints are, quantized at load with --quantization fp8 or "
+                                         r"bitsandbytes"):
+        make_engine(quantized, device="cpu")
 
 
 def test_dummy_weights_in_quantized_layouts_run(tmp_path):

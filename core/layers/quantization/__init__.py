@@ -80,6 +80,7 @@ def resolve_quantization(model_config: ModelConfig, hf_config: dict[str, Any], r
     online to an unquantized checkpoint. A requested method that contradicts the checkpoint's is an error, as is a
     family that cannot run the method."""
     quant = quant_config_from_hf(hf_config)
+    online = False  # applied at load to an unquantized checkpoint
     if requested in REQUESTED_ALIASES:
         method, spellings = REQUESTED_ALIASES[requested]
         found = checkpoint_method(hf_config)
@@ -97,20 +98,29 @@ def resolve_quantization(model_config: ModelConfig, hf_config: dict[str, Any], r
                              f"{', '.join(supported_methods())}.")
         if quant is None:
             quant = method_class(requested).online()
+            online = True
         elif quant.name != requested:
             raise ValueError(f"--quantization {requested} was given, but the checkpoint is quantized with "
                              f"'{checkpoint_method(hf_config)}' ({quant.name}); leave --quantization out or match it.")
     if quant is None:
         return model_config
-    check_family_supports(model_config.architecture, quant.name)
+    check_family_supports(model_config.architecture, quant.name, online)
     return dataclasses.replace(model_config, quantization=quant)
 
 
-def check_family_supports(architecture: str, method: str) -> None:
-    """ValueError unless the family's module lists ``method`` in its ``SUPPORTED_QUANTIZATION``."""
+def check_family_supports(architecture: str, method: str, online: bool = False) -> None:
+    """ValueError unless the family's module lists ``method`` in its ``SUPPORTED_QUANTIZATION`` (or, ``online``:
+    applied at load to a 16-bit checkpoint, in its ``ONLINE_QUANTIZATION``, methods that need no checkpoint layout)."""
     from core.models.registry import ARCHITECTURES, _module
 
-    supported = getattr(_module(architecture), "SUPPORTED_QUANTIZATION", ()) if architecture in ARCHITECTURES else ()
+    module = _module(architecture) if architecture in ARCHITECTURES else None
+    supported = getattr(module, "SUPPORTED_QUANTIZATION", ())
+    online_only = getattr(module, "ONLINE_QUANTIZATION", ())
+    if online and method in online_only:
+        return
+    if method in online_only:
+        raise ValueError(f"{architecture} checkpoints quantized with '{method}' are not supported; its 16-bit "
+                         f"checkpoints are, quantized at load with --quantization {' or '.join(online_only)}.")
     if method not in supported:
         families = sorted(a for a in ARCHITECTURES
                           if method in getattr(_module(a), "SUPPORTED_QUANTIZATION", ()))  # fmt: skip
