@@ -49,13 +49,15 @@ for offsets in (False, True):  # groups of 32, four a K step of 128: AWQ / GPTQ'
     constexprs = dict(common, GROUP=32, MAGIC=128.0, USE_ASM=True, PERMUTED=False, OFFSETS=offsets)
     info = summarize(_compile(fused_moe._moe_int4_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
     out["moe_int4_g32_offsets" if offsets else "moe_int4_g32"] = facts_and_loop(info)
-for group, offsets, scales in ((16, False, "*fp32"), (16, False, "*bf16"), (32, True, "*fp32"), (128, False, "*fp32"),
-                                (128, True, "*fp32")):  # 8-bit experts: GGUF Q6_K / Q5_K repacked; GPTQ's 128
-    pointers = {"a_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": scales, "o_ptr": scales, **routing}
-    constexprs = dict(common, DOT_PRECISION="tf32", GROUP=group, OFFSETS=offsets, VIA_F32=False)
+for group, offsets, scales, permuted in ((16, False, "*fp32", False), (16, False, "*bf16", False),
+                                          (32, True, "*fp32", False), (128, False, "*fp32", False),
+                                          (128, True, "*fp32", False), (128, True, "*fp32", True)):
+    # 8-bit experts: GGUF Q6_K / Q5_K repacked; GPTQ's 128, and its act order (a's columns through a permutation)
+    pointers = {"a_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": scales, "o_ptr": scales, "perm_ptr": "*i32", **routing}
+    constexprs = dict(common, DOT_PRECISION="tf32", GROUP=group, OFFSETS=offsets, VIA_F32=False, PERMUTED=permuted)
     info = summarize(_compile(fused_moe._moe_int8_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
-    out[f"moe_int8_g{group}{'_offsets' if offsets else ''}{'_bf16' if scales == '*bf16' else ''}"] = \
-        facts_and_loop(info)
+    out[f"moe_int8_g{group}{'_offsets' if offsets else ''}{'_bf16' if scales == '*bf16' else ''}"
+        f"{'_act' if permuted else ''}"] = facts_and_loop(info)
 from kernels.gguf_gemm import GGUF_KERNEL_TYPES, Q4_K, Q6_K, Q8_0
 for ggml_type in (Q8_0, Q4_K, Q6_K):  # GGUF experts kept in their blocks
     block, type_size = GGUF_KERNEL_TYPES[ggml_type]
@@ -104,7 +106,7 @@ def test_quantized_weight_kernels_compile_for_sm90_on_the_tensor_cores_without_s
     assert set(result) == {"moe0", "moe1", "moe2", "moe_int4", "moe_int4_act", "moe_int4_g32", "moe_int4_g32_offsets",
                            "moe_gguf8", "moe_gguf12", "moe_gguf14", "moe_bnb4", "moe_int8_g16", "moe_int8_g16_bf16",
                            "moe_int8_g32_offsets", "moe_int8_g128", "moe_int8_g128_offsets",
-                           "block1", "block512", "bnb1", "bnb512", "int8_1", "int8_512", "gptq8_1", "gptq8_512"}
+                           "moe_int8_g128_offsets_act", "block1", "block512", "bnb1", "bnb512", "int8_1", "int8_512", "gptq8_1", "gptq8_512"}
     for name, (regs, spills, mma, *_) in result.items():
         assert 0 < regs <= 255 and spills == 0 and mma > 0, (name, result)
 
@@ -140,3 +142,13 @@ def test_int8_experts_step_near_the_fp8_experts_step(compiled):
     for name in ("moe_int8_g16", "moe_int8_g32_offsets", "moe_int8_g16_bf16"):
         assert compiled[name][3] <= fp8 * 1.4, compiled
     assert compiled["moe_int8_g16_bf16"][3] < compiled["moe_int8_g16"][3], compiled
+
+
+@needs_sass_tools
+def test_act_order_int8_experts_gather_within_twice_the_step(compiled):
+    """GPTQ 8-bit act order: each K step's 128 activation columns gathered through the expert's permutation (a
+    permutation load, then 16 scalar loads a thread for the 16 x 128 tile) instead of one contiguous load: within
+    twice the in-order step's instructions (sm_90, Triton 3.6: 649 against 353 with offsets; the int4 experts'
+    gather, into the MMA's second operand, 301 against 236). Untimed: act-order 8-bit experts are rare, and a decode
+    step's weight bytes may still hide it."""
+    assert compiled["moe_int8_g128_offsets_act"][3] <= compiled["moe_int8_g128_offsets"][3] * 2, compiled
