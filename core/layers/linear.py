@@ -97,8 +97,20 @@ def token_embedding(cfg: ModelConfig, backend: str) -> nn.Module:
                                                                                              cfg.hidden_size)
 
 
+class QuantizedLMHead(Linear):
+    """An untied LM head its checkpoint quantized (GPTQ's ``lm_head: true``, compressed-tensors): the method's
+    product in the activations' dtype, upcast to fp32 logits (vLLM's quantized heads do the same)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, backend: str, quant_method: LinearMethod) -> None:
+        super().__init__(hidden_size, vocab_size, backend=backend, quant_method=quant_method)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self(hidden).float()
+
+
 def lm_head(cfg: ModelConfig, embedding: nn.Module, backend: str) -> nn.Module:
-    """The LM head: the embedding when tied, else the head its quantization keeps (GGUF), else a ``Linear``."""
+    """The LM head: the embedding when tied, else the head its quantization keeps (GGUF's blocks, a quantized
+    checkpoint's layer), else a ``Linear``."""
     if cfg.tie_word_embeddings:
         return embedding
     quantized = getattr(cfg.quantization, "lm_head", None)

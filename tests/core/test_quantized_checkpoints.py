@@ -162,14 +162,16 @@ def write_awq(tmp: Path, group: int, arch: str = "llama", **overrides) -> tuple[
 
 
 def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "llama", bits: int = 4,
-               **overrides) -> tuple[Path, Path]:  # fmt: skip
+               checkpoint_format: str = "gptq", lm_head: bool = False, **overrides) -> tuple[Path, Path]:  # fmt: skip
     """A GPTQ v1 checkpoint (AutoGPTQ's packing: 4-bit codes eight an int32, 8-bit four, input rows in ``qweight``,
-    output columns in ``qzeros``, which hold ``zero - 1``), round-to-nearest per group (-1: one group)."""
+    output columns in ``qzeros``, which hold ``zero - 1``; ``gptq_v2``: the zero points themselves), round-to-nearest
+    per group (-1: one group); ``lm_head``: the LM head quantized too (GPTQModel's ``lm_head: true``)."""
     config, state = base_checkpoint(arch=arch, **overrides)
     quant, plain = dict(state), dict(state)
     gen = torch.Generator().manual_seed(group if bits == 4 else group + 8)
     g_idx_of_input: dict[int, torch.Tensor] = {}  # q/k/v (and gate/up) share their input, so their g_idx
-    for name in quantized_layers(state):
+    v2 = int(checkpoint_format == "gptq_v2")  # added back before the v1 packers subtract 1
+    for name in quantized_layers(state) + (["lm_head.weight"] if lm_head else []):
         w_t = state[name].t()
         k = w_t.shape[0]
         shared = name.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -182,14 +184,15 @@ def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "ll
         codes, zeros, scales, deq = round_to_nearest(w_t, g_idx, k // size, sym=sym, bits=bits)
         prefix = name.removesuffix(".weight")
         del quant[name]
-        packed = (gptq_pack_rows(codes), gptq_pack_zeros(zeros)) if bits == 4 else \
-            (pack_bytes(codes), pack_bytes((zeros - 1).t()).t())
+        packed = (gptq_pack_rows(codes), gptq_pack_zeros(zeros + v2)) if bits == 4 else \
+            (pack_bytes(codes), pack_bytes((zeros - 1 + v2).t()).t())
         quant |= {f"{prefix}.qweight": packed[0], f"{prefix}.qzeros": packed[1], f"{prefix}.scales": scales,
                   f"{prefix}.g_idx": g_idx.to(torch.int32)}
         plain[name] = deq.t()
     qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": desc_act, "sym": sym,
-          "checkpoint_format": "gptq"}
-    tag = _tag(arch, f"gptq{'' if bits == 4 else bits}-{group}-{'act' if desc_act else 'seq'}-{'sym' if sym else 'zp'}")
+          "checkpoint_format": checkpoint_format, "lm_head": lm_head}
+    tag = _tag(arch, f"gptq{'' if bits == 4 else bits}-{group}-{'act' if desc_act else 'seq'}-{'sym' if sym else 'zp'}"
+                     f"{'-v2' if v2 else ''}{'-head' if lm_head else ''}")
     return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
             save(tmp / f"{tag}-dequantized", config, plain))
 
@@ -252,22 +255,22 @@ def write_ct_int4(tmp: Path, group: int, actorder: bool, arch: str = "llama", **
 
 
 def write_ct_int8(tmp: Path, group: int, actorder: bool, fmt: str = "pack-quantized", activations: str | None = None,
-                  arch: str = "llama", **overrides) -> tuple[Path, Path]:  # fmt: skip
+                  arch: str = "llama", lm_head: bool = False, **overrides) -> tuple[Path, Path]:  # fmt: skip
     """A compressed-tensors 8-bit checkpoint: W8A16 ``pack-quantized`` (``pack_to_int32``: four codes ``q + 128`` an
     int32 along the input, ``weight_shape``) or ``int-quantized`` (int8 ``weight`` with all-zero
     ``weight_zero_point``), symmetric scales ``[out, in / group]`` (``group`` -1: per channel), with group act-order a
     ``weight_g_idx``; ``activations`` ``dynamic`` / ``static``: a W8A8 scheme (static: an ``input_scale`` per
-    layer)."""
+    layer); ``lm_head``: the LM head quantized too (not in the scheme's ignore list)."""
     config, state = base_checkpoint(arch=arch, **overrides)
     quant, plain = dict(state), dict(state)
     gen = torch.Generator().manual_seed(group + 100)
     g_idx_of_input: dict = {}  # layers reading one input (q/k/v, gate/up) share its act order
-    for name in quantized_layers(state):
+    for name in quantized_layers(state) + (["lm_head.weight"] if lm_head else []):
         w = state[name]  # [out, in]
         k = w.shape[1]
         size = k if group == -1 else group
         natural = torch.arange(k) // size
-        key = (name.split(".")[2], name.split(".")[-3], k)
+        key = (name.split(".")[2], name.split(".")[-3], k) if name.count(".") >= 3 else (name, k)  # lm_head's own
         if key not in g_idx_of_input:
             g_idx_of_input[key] = natural[torch.randperm(k, generator=gen)] if actorder else natural
         g_idx = g_idx_of_input[key]
@@ -296,10 +299,11 @@ def write_ct_int8(tmp: Path, group: int, actorder: bool, fmt: str = "pack-quanti
     acts = None if activations is None else {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token"
                                              if activations == "dynamic" else "tensor",
                                              "dynamic": activations == "dynamic"}  # fmt: skip
-    qc = {"quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"],
+    qc = {"quant_method": "compressed-tensors", "format": fmt, "ignore": [] if lm_head else ["lm_head"],
           "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": acts, "weights": {
               "num_bits": 8, "type": "int", "symmetric": True, **strategy, "actorder": "group" if actorder else None}}}}
-    tag = _tag(arch, f"ct-w8a{16 if activations is None else 8}-{group}-{fmt}{'-act' if actorder else ''}")
+    tag = _tag(arch, f"ct-w8a{16 if activations is None else 8}-{group}-{fmt}{'-act' if actorder else ''}"
+                     f"{'-head' if lm_head else ''}")
     return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
             save(tmp / f"{tag}-dequantized", config, plain))
 
@@ -559,6 +563,27 @@ def test_compressed_tensors_int8_checkpoint_matches_dequantized_model(tmp_path, 
     assert layer.weight.dtype == torch.int8 and (layer.perm is not None) == actorder
     assert layer.weight_scale.shape == ((layer.weight.shape[0],) if group == -1 else
                                         (layer.weight.shape[0], layer.weight.shape[1] // group))  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["gptq-head", "gptq8-v2-head", "gptq-v2-act", "ct-int8-head"])
+def test_gptq_v2_and_quantized_lm_heads_match_dequantized_model(tmp_path, case):
+    """GPTQModel's ``gptq_v2`` format (``qzeros`` hold the zero points, not ``zero - 1``) and LM heads quantized by
+    the checkpoint (GPTQ's ``lm_head: true``; a compressed-tensors scheme that does not ignore it), built as a layer
+    of the method with fp32 logits: the dequantized model's tokens and logprobs."""
+    writers = {"gptq-head": lambda: write_gptq(tmp_path, 32, False, False, lm_head=True),
+               "gptq8-v2-head": lambda: write_gptq(tmp_path, 32, False, False, bits=8, checkpoint_format="gptq_v2",
+                                                   lm_head=True),
+               "gptq-v2-act": lambda: write_gptq(tmp_path, 64, True, False, checkpoint_format="gptq_v2"),
+               "ct-int8-head": lambda: write_ct_int8(tmp_path, -1, False, lm_head=True)}
+    engine, _ = compare(*writers[case](), logprob_atol=1e-4)
+    head = engine.runner.model.lm_head
+    assert (head.quant_method is not None) == case.endswith("-head")
+
+
+def test_a_quantized_lm_head_over_tensor_parallel_ranks_fails_naming_it(tmp_path):
+    quantized, _ = write_gptq(tmp_path, 32, False, True, lm_head=True)
+    with pytest.raises(ValueError, match="a quantized lm_head cannot be split over tensor-parallel ranks"):
+        make_engine(quantized, device="cpu", tensor_parallel_size=2)
 
 
 def test_compressed_tensors_int8_zero_points_that_are_not_zero_fail_naming_them(tmp_path):

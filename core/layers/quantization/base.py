@@ -127,6 +127,9 @@ class QuantConfig(ABC):
     layer_offset: int = 0
     tp_size: int = 1
     row_parallel_modules: tuple[str, ...] = ()
+    # The checkpoint quantized the untied LM head too (GPTQ's ``lm_head: true``; a compressed-tensors scheme whose
+    # ignore list leaves it out): it is built as a layer of this method (:meth:`lm_head`)
+    quantized_lm_head: bool = False
 
     @classmethod
     @abstractmethod
@@ -161,6 +164,20 @@ class QuantConfig(ABC):
         ``fp8.Fp8MoEMethod``), or None to leave them unquantized. Methods without expert kernels raise, naming the
         block (GPTQ 8-bit its own way: the families list ``gptq`` for its 4-bit experts)."""
         raise ValueError(f"quantization {self.name} has no kernel for mixture-of-experts layers ({prefix}).")
+
+    def lm_head(self, hidden_size: int, vocab_size: int, backend: str) -> nn.Module | None:
+        """The untied LM head the checkpoint quantized (``quantized_lm_head``): a ``Linear`` of this method's whose
+        ``compute_logits`` upcasts its product to fp32 (``core/layers/linear.py: QuantizedLMHead``); None: a 16-bit
+        head."""
+        if not self.quantized_lm_head:
+            return None
+        if self.tp_size > 1:
+            raise ValueError(f"{self.name}: a quantized lm_head cannot be split over tensor-parallel ranks (its "
+                             "vocabulary rows are packed by the method's layout); supported: tensor_parallel_size 1, "
+                             "or pipeline parallelism.")
+        from core.layers.linear import QuantizedLMHead
+
+        return QuantizedLMHead(hidden_size, vocab_size, backend, self.linear_method("lm_head"))
 
     def for_stage(self, first_layer: int) -> QuantConfig:
         """This config for a pipeline stage whose layer 0 is the checkpoint's ``first_layer``."""

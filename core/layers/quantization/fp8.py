@@ -105,10 +105,13 @@ class Fp8Config(QuantConfig):
             raise ValueError(f"compressed-tensors static activation strategy {acts.get('strategy')!r} with "
                              f"{strategy} weight scales is not supported; supported: tensor (static) or dynamic.")
         if strategy == "block":  # FP8_BLOCK: the scales are the weight_scale tensor, one per block
-            return cls(serialized=True, weight_strategy="block", block=_block_shape(weights.get("block_structure")),
-                       block_scale_name="weight_scale", ignored=qc.get("ignore") or ())
-        return cls(serialized=True, weight_strategy=strategy, static_activations=static,
-                   ignored=qc.get("ignore") or ())
+            config = cls(serialized=True, weight_strategy="block", block=_block_shape(weights.get("block_structure")),
+                         block_scale_name="weight_scale", ignored=qc.get("ignore") or ())
+        else:
+            config = cls(serialized=True, weight_strategy=strategy, static_activations=static,
+                         ignored=qc.get("ignore") or ())
+        config.quantized_lm_head = not config.is_ignored("lm_head")  # the scheme targets every Linear
+        return config
 
     def is_ignored(self, prefix: str) -> bool:
         for pattern in self.ignored:

@@ -29,7 +29,8 @@ from torch import nn
 
 from core.layers.quantization.base import LinearMethod, new_parameter, replace_parameter
 from core.layers.quantization.int4 import (GPTQConfig, Int4MoEMethod, _fill_random_int32, _fill_scales,
-                                           natural_groups, regroup_expert_rows, regrouped_expert_rows)
+                                           gptq_checkpoint_options, natural_groups, regroup_expert_rows,
+                                           regrouped_expert_rows)
 from kernels.int4_gemm import KERNEL_K_BLOCK
 from kernels.fused_moe import ExpertQuant
 from kernels.int8_gemm import int8_linear
@@ -60,7 +61,8 @@ class GPTQInt8Config(GPTQConfig):
         group = int(qc.get("group_size", 128))
         if group != -1 and (group <= 0 or group % 32):
             raise ValueError(f"GPTQ 8-bit group_size {group} is not supported; supported: multiples of 32, or -1.")
-        return cls(group_size=group, zero_point=not qc.get("sym", True), desc_act=bool(qc.get("desc_act", False)))
+        config = cls(group_size=group, zero_point=not qc.get("sym", True), desc_act=bool(qc.get("desc_act", False)))
+        return gptq_checkpoint_options(config, qc)
 
     def linear_method(self, prefix: str) -> LinearMethod | None:
         return GPTQInt8LinearMethod(self, self.input_shards(prefix))
@@ -101,7 +103,7 @@ class GPTQInt8LinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         q = unpack_int8_rows(layer.qweight.data)  # [in, out]
-        zeros = unpack_int8_columns(layer.qzeros.data) + 1  # v1 stores zero - 1
+        zeros = unpack_int8_columns(layer.qzeros.data) + self.config.zero_offset  # v1 stores zero - 1
         scales, g_idx = layer.scales.data, layer.g_idx.data.long()
         group = layer.group_size
         natural = torch.arange(q.shape[0], device=q.device) // group
@@ -162,7 +164,7 @@ class GPTQInt8MoEMethod(Int4MoEMethod):
         for param, rows, k, group, parts in self._projections(block):
             qweight, qzeros = getattr(block, f"{param}_qweight").data, getattr(block, f"{param}_qzeros").data
             scales, g_idx = getattr(block, f"{param}_scales").data.float(), getattr(block, f"{param}_g_idx").data
-            zeros = unpack_int8_columns(qzeros) + 1  # v1 stores zero - 1 (symmetric: 127, so 128)
+            zeros = unpack_int8_columns(qzeros) + self.config.zero_offset  # v1 stores zero - 1 (sym: 127, so 128)
             regroup = self._all_groups(param)  # a rank's share of act-order down rows: equal groups of 32, padded
             perms = None if regroup else self.act_orders(g_idx, param, k, group, parts)  # rows sorted by group
             total = regrouped_expert_rows(g_idx, scales.shape[0]) if regroup else k

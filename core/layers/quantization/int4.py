@@ -51,6 +51,7 @@ def _bits_and_group(qc: dict[str, Any], method: str) -> tuple[int, int]:
 
 class _Int4Config(QuantConfig):
     pack = PACK  # codes per int32 (GPTQ 8-bit: 4)
+    zero_offset = 1  # GPTQ's qzeros hold ``zero - zero_offset``: v1 stores zero - 1, v2 (gptq_v2) the zero itself
 
     def __init__(self, *, group_size: int, zero_point: bool, desc_act: bool = False,
                  skipped: Sequence[str] = ()) -> None:  # fmt: skip
@@ -151,18 +152,26 @@ class GPTQConfig(_Int4Config):
             return GPTQInt8Config.from_hf(qc)
         _, group = _bits_and_group(qc, "GPTQ")
         _check_gptq_options(qc)
-        return cls(group_size=group, zero_point=not qc.get("sym", True), desc_act=bool(qc.get("desc_act", False)))
+        config = cls(group_size=group, zero_point=not qc.get("sym", True), desc_act=bool(qc.get("desc_act", False)))
+        return gptq_checkpoint_options(config, qc)
 
 
 def _check_gptq_options(qc: dict[str, Any]) -> None:
     """The GPTQ checkpoint options either bit width refuses, each named."""
     fmt = str(qc.get("checkpoint_format", "gptq")).lower()
-    if fmt != "gptq":
-        raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported; supported: gptq (v1).")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported; supported: gptq (v1), gptq_v2.")
     if qc.get("dynamic"):
         raise ValueError("GPTQ 'dynamic' per-module overrides are not supported.")
-    if qc.get("lm_head"):
-        raise ValueError("GPTQ checkpoints with a quantized lm_head are not supported.")
+
+
+def gptq_checkpoint_options(config: _Int4Config, qc: dict[str, Any]) -> _Int4Config:
+    """``config`` with the GPTQ checkpoint's format (v2: ``qzeros`` hold the zero points themselves) and whether it
+    quantized the LM head (GPTQModel's ``lm_head: true``)."""
+    if str(qc.get("checkpoint_format", "gptq")).lower() == "gptq_v2":
+        config.zero_offset = 0
+    config.quantized_lm_head = bool(qc.get("lm_head"))
+    return config
 
 
 def regroup_rows(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
@@ -266,7 +275,9 @@ class CompressedTensorsInt4Config(_Int4Config):
         size = int(weights.get("group_size") or -1) if strategy == "group" else -1
         if size != -1 and size <= 0:
             raise ValueError(f"compressed-tensors group_size {size} is not valid.")
-        return cls(group_size=size, zero_point=False, desc_act=actorder == "group", skipped=qc.get("ignore") or ())
+        config = cls(group_size=size, zero_point=False, desc_act=actorder == "group", skipped=qc.get("ignore") or ())
+        config.quantized_lm_head = not config.is_skipped("lm_head")  # the scheme targets every Linear
+        return config
 
     def checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         return ((name, tensor) for name, tensor in weights if not name.endswith(".weight_shape"))
@@ -316,7 +327,7 @@ def register_checkpoint_layout(holder: nn.Module, prefix: str, layout: str, desc
     new_parameter(holder, f"{prefix}scales", (groups, out), dtype, output_dim=1, dummy_fill=_fill_scales)
 
 
-def take_checkpoint_codes(holder: nn.Module, prefix: str, layout: str
+def take_checkpoint_codes(holder: nn.Module, prefix: str, layout: str, zero_offset: int = 1
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """What :func:`register_checkpoint_layout`'s parameters loaded, in one form, the parameters dropped: codes
     ``[in, out]``, zero points and scales ``[groups, out]``, and each input row's group (None: consecutive groups,
@@ -336,7 +347,7 @@ def take_checkpoint_codes(holder: nn.Module, prefix: str, layout: str
         scales, g_idx, names = get("scales"), None, ("qweight", "qzeros", "scales")
     else:
         q = unpack_int4_rows(get("qweight"))
-        zeros = unpack_int4_columns(get("qzeros")) + 1  # GPTQ v1 stores zero - 1 (sym: 7, so 8)
+        zeros = unpack_int4_columns(get("qzeros")) + zero_offset  # GPTQ v1 stores zero - 1 (sym: 7, so 8)
         scales, g_idx, names = get("scales"), get("g_idx").long(), ("qweight", "qzeros", "scales", "g_idx")
     for name in names:
         if hasattr(holder, f"{prefix}{name}"):
@@ -403,7 +414,7 @@ class Int4LinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         group = layer.group_size
-        q, zeros, scales, g_idx = take_checkpoint_codes(layer, "", self.config.layout)
+        q, zeros, scales, g_idx = take_checkpoint_codes(layer, "", self.config.layout, self.config.zero_offset)
         perm = None
         natural = torch.arange(q.shape[0], device=q.device) // group
         groups = -(-q.shape[0] // group)
@@ -495,7 +506,8 @@ class Int4MoEMethod:
 
     def process_weights_after_loading(self, block: nn.Module) -> None:
         for param, rows, k, group, parts in self._projections(block):
-            q, zeros, scales, g_idx = take_checkpoint_codes(block, f"{param}_", self.config.layout)
+            q, zeros, scales, g_idx = take_checkpoint_codes(block, f"{param}_", self.config.layout,
+                                                            self.config.zero_offset)
             if self._all_groups(param):  # each expert's rows regrouped into equal groups of 32
                 q, zeros, scales, perm = self.regroup_experts(q, zeros, scales, g_idx, rows)
                 k, group = q.shape[0], KERNEL_K_BLOCK
