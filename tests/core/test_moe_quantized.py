@@ -19,6 +19,14 @@ def moe_blocks(engine):
     return [m for m in engine.runner.model.modules() if hasattr(m, "w13")]
 
 
+def test_fp8_weight_only_moe_checkpoint_matches_dequantized_model(tmp_path):
+    """compressed-tensors FP8 W8A16 on a mixture of experts: the attention's layers w8a16 by rows, the experts on the
+    fused MoE kernel's e4m3 experts (always w8a16): the dequantized model's tokens and logprobs."""
+    engine, _ = qc.compare(*qc.write_fp8(tmp_path, "ct-channel-w8a16", "qwen3_moe"), logprob_atol=1e-4,
+                           dtype="float32")
+    assert all(b.w13.dtype == qc.FP8 for b in moe_blocks(engine))
+
+
 @pytest.mark.parametrize("layout", ["fp8", "ct-channel"])
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_fp8_moe_checkpoint_matches_dequantized_model(tmp_path, arch, layout):

@@ -385,9 +385,9 @@ FP8_BLOCK = (32, 32)  # the tiny models' scale blocks (Qwen3 / DeepSeek checkpoi
 
 def write_fp8(tmp: Path, layout: str, arch: str = "llama") -> tuple[Path, Path]:
     """``layout``: ``fp8`` (AutoFP8: per-tensor scales, dynamic activations), ``fp8-static`` (with input_scale),
-    ``ct-channel`` (compressed-tensors FP8_DYNAMIC: [out, 1] scales), ``ct-tensor-static``, ``block`` (Qwen3 /
-    DeepSeek FP8: ``weight_block_size`` and ``weight_scale_inv`` per block) or ``ct-block`` (compressed-tensors
-    FP8_BLOCK)."""
+    ``ct-channel`` (compressed-tensors FP8_DYNAMIC: [out, 1] scales), ``ct-tensor-static``, ``ct-channel-w8a16`` /
+    ``ct-tensor-w8a16`` (compressed-tensors FP8 W8A16: no activation scheme), ``block`` (Qwen3 / DeepSeek FP8:
+    ``weight_block_size`` and ``weight_scale_inv`` per block) or ``ct-block`` (compressed-tensors FP8_BLOCK)."""
     config, state = base_checkpoint(arch=arch)
     quant, plain = dict(state), dict(state)
     for name in quantized_layers(state):
@@ -400,7 +400,7 @@ def write_fp8(tmp: Path, layout: str, arch: str = "llama") -> tuple[Path, Path]:
             continue
         w = state[name]
         w = w / w.abs().amax(1, keepdim=True) * w.abs().amax()  # rows share their max: see the module docstring
-        if layout == "ct-channel":
+        if layout.startswith("ct-channel"):
             scale = w.abs().amax(1, keepdim=True) / 448
         else:
             scale = w.abs().amax().reshape(() if layout.startswith("fp8") else (1,)) / 448
@@ -425,13 +425,15 @@ def write_fp8(tmp: Path, layout: str, arch: str = "llama") -> tuple[Path, Path]:
         qc = {"quant_method": "fp8", "activation_scheme": "static" if layout.endswith("static") else "dynamic"}
     else:
         static = layout.endswith("static")
+        acts = None if layout.endswith("w8a16") else {
+            "num_bits": 8, "type": "float", "symmetric": True, "dynamic": not static,
+            "strategy": "tensor" if static else "token"}
         qc = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
               "config_groups": {"group_0": {
                   "targets": ["Linear"],
                   "weights": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
-                              "strategy": "channel" if layout == "ct-channel" else "tensor"},
-                  "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": not static,
-                                        "strategy": "tensor" if static else "token"}}}}
+                              "strategy": "channel" if layout.startswith("ct-channel") else "tensor"},
+                  "input_activations": acts}}}
     tag = _tag(arch, layout)
     return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
             save(tmp / f"{tag}-dequantized", config, plain))
@@ -726,6 +728,19 @@ def test_fp8_block_scaled_checkpoint_matches_dequantized_model(tmp_path, layout)
     qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj
     assert qkv.weight_scale.shape == (-(-qkv.out_features // 32), -(-qkv.in_features // 32))
     assert not qkv.takes_fp8_activations()  # w8a16: the norm before it does not quantize
+
+
+@pytest.mark.parametrize("layout", ["ct-channel-w8a16", "ct-tensor-w8a16"])
+def test_fp8_weight_only_checkpoint_matches_dequantized_model(tmp_path, layout):
+    """compressed-tensors FP8 W8A16 (float8 weights per channel or per tensor, no activation scheme): each output row
+    keeps its scale (a merged projection's per-tensor scales spread over its shards' rows) and the layers run w8a16,
+    so the tokens and logprobs are the dequantized model's."""
+    engine, _ = compare(*write_fp8(tmp_path, layout), logprob_atol=1e-4)
+    assert engine.runner.model_config.quantization.summary().endswith("16-bit activations: W8A16)")
+    layers = linears(engine)
+    assert len(layers) == 2 * 4 and all(layer.weight.dtype == FP8 for layer in layers)
+    assert all(layer.weight_scale.shape == (layer.out_features, 1) and not layer.takes_fp8_activations()
+               for layer in layers)  # fmt: skip
 
 
 def test_online_fp8_quantizes_an_unquantized_checkpoint(tmp_path):

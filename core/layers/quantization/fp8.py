@@ -7,7 +7,9 @@ activations). After loading every layer holds an fp8 ``[out, in]`` weight and on
 (per-tensor shard scales of merged q/k/v are spread over their channels, which is exact); a static input scale of a
 merged layer is the shards' max, as in vLLM. The matmul is ``kernels/fp8_linear.py``: W8A8 through
 ``torch._scaled_mm`` for more than 16 rows; decode-sized inputs keep their activations unquantized (the skinny w8a16
-kernel reads the same fp8 weights), so a static ``input_scale`` applies to the W8A8 path only.
+kernel reads the same fp8 weights), so a static ``input_scale`` applies to the W8A8 path only. compressed-tensors
+FP8 W8A16 (float8 weights per tensor or channel, no activation scheme) keeps its activations 16-bit: a scale per
+output row, run by the block kernel (``kernels/fp8_block_gemm.py``) with blocks of one row by every input.
 """
 
 from __future__ import annotations
@@ -45,13 +47,16 @@ class Fp8Config(QuantConfig):
 
     def __init__(self, *, serialized: bool, weight_strategy: str = "channel", static_activations: bool = False,
                  ignored: Sequence[str] = (), block: tuple[int, int] | None = None,
-                 block_scale_name: str = "weight_scale_inv") -> None:  # fmt: skip
+                 block_scale_name: str = "weight_scale_inv", weight_only: bool = False) -> None:  # fmt: skip
         """``serialized``: the checkpoint holds fp8 weights (else they are quantized at load); ``weight_strategy``:
         ``tensor`` (one scale per tensor), ``channel`` or ``block`` (one per ``block = (rows, columns)`` of the
         weight, in the checkpoint tensor ``block_scale_name``; run w8a16, ``kernels/fp8_block_gemm.py``);
         ``static_activations``: the checkpoint's ``input_scale`` is used instead of per-token dynamic scales;
-        ``ignored``: layers left unquantized (names or ``re:``)."""
+        ``ignored``: layers left unquantized (names or ``re:``); ``weight_only``: a W8A16 checkpoint (compressed-tensors
+        fp8 weights per tensor or channel, activations left 16-bit), run w8a16 on the block kernel with a scale per
+        output row (a block of one row by every input)."""
         self.serialized = serialized
+        self.weight_only = weight_only
         self.weight_strategy = weight_strategy
         self.static_activations = static_activations
         self.ignored = tuple(ignored)
@@ -96,11 +101,15 @@ class Fp8Config(QuantConfig):
         if strategy not in ("tensor", "channel", "block"):
             raise ValueError(f"compressed-tensors float8 weight strategy {strategy!r} is not supported; supported: "
                              "tensor, channel, block.")
-        if acts is None or acts.get("type") != "float" or acts.get("num_bits") != 8:
-            raise ValueError(f"compressed-tensors scheme {scheme} is not supported: weight-only float8 checkpoints "
-                             "(W8A16) are not; supported: float8 weights with float8 activations (FP8, FP8_DYNAMIC, "
-                             "FP8_BLOCK).")
-        static = not acts.get("dynamic", False)
+        if acts is None and strategy != "block":  # W8A16: fp8 weights, 16-bit activations
+            config = cls(serialized=True, weight_strategy=strategy, weight_only=True, ignored=qc.get("ignore") or ())
+            config.quantized_lm_head = not config.is_ignored("lm_head")
+            return config
+        if acts is not None and (acts.get("type") != "float" or acts.get("num_bits") != 8):
+            raise ValueError(f"compressed-tensors scheme {scheme} is not supported; supported: float8 weights with "
+                             "float8 activations (FP8, FP8_DYNAMIC, FP8_BLOCK) or 16-bit ones (FP8 W8A16, per tensor "
+                             "or channel).")
+        static = acts is not None and not acts.get("dynamic", False)
         if static and (acts.get("strategy", "tensor") != "tensor" or strategy == "block"):
             raise ValueError(f"compressed-tensors static activation strategy {acts.get('strategy')!r} with "
                              f"{strategy} weight scales is not supported; supported: tensor (static) or dynamic.")
@@ -178,6 +187,8 @@ class Fp8Config(QuantConfig):
         return scale.contiguous()
 
     def summary(self) -> str:
+        if self.weight_only:
+            return f"fp8 (checkpoint, {self.weight_strategy} weight scales, 16-bit activations: W8A16)"
         if self.weight_strategy == "block":
             return f"fp8 (checkpoint, {self.block[0]}x{self.block[1]} block weight scales, 16-bit activations)"
         kind = f"checkpoint, {self.weight_strategy} weight scales" if self.serialized else "online, per-channel"
@@ -229,6 +240,12 @@ class Fp8LinearMethod(LinearMethod):
             replace_parameter(layer, "weight_scale", scale)
             layer.input_scale = None
             return
+        if self.config.weight_only:  # one scale per output row: blocks of (1, in_features) for the block kernel
+            scale = self.config.take_weight_scales(layer, "", layer.output_sizes)
+            replace_parameter(layer, "weight", layer.weight.data.contiguous())
+            replace_parameter(layer, "weight_scale", scale.reshape(-1, 1).contiguous())
+            layer.input_scale = None
+            return
         if not self.config.serialized:
             weight, scale = quantize_per_channel(layer.weight.data)
         else:
@@ -249,6 +266,9 @@ class Fp8LinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.config.weight_strategy == "block":
             return fp8_block_linear(x, layer.weight, layer.weight_scale, self.config.block, bias, backend=layer.backend)
+        if self.config.weight_only:
+            return fp8_block_linear(x, layer.weight, layer.weight_scale, (1, layer.in_features), bias,
+                                    backend=layer.backend)
         if self.use_scaled_mm and layer.backend != "torch":
             return fp8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
         return fp8_linear_ref(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
