@@ -40,7 +40,8 @@ def load_hf_config(source: ModelSource) -> dict[str, Any]:
     """The model's HF ``config.json`` as a dict; for GGUF, rebuilt from the file's metadata.
 
     For directories, ``eos_token_id`` from ``generation_config.json`` wins over config.json's: instruct models
-    list their end-of-turn tokens there (a list when there are several).
+    list their end-of-turn tokens there (a list when there are several); an NVIDIA ModelOpt ``hf_quant_config.json``
+    becomes the ``quantization_config`` when config.json has none.
     """
     if source.is_gguf:
         return hf_config_from_gguf(open_gguf(source.gguf_file))
@@ -49,6 +50,10 @@ def load_hf_config(source: ModelSource) -> dict[str, Any]:
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} has no config.json.")
     config = json.loads(config_path.read_text())
+    modelopt_path = directory / "hf_quant_config.json"  # older NVIDIA ModelOpt exports keep their scheme apart
+    if "quantization_config" not in config and modelopt_path.is_file():
+        scheme = json.loads(modelopt_path.read_text()).get("quantization") or {}
+        config["quantization_config"] = {"quant_method": "modelopt", **scheme}
     generation_path = directory / "generation_config.json"
     if generation_path.is_file():
         eos = json.loads(generation_path.read_text()).get("eos_token_id")

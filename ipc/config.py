@@ -39,7 +39,7 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "gguf", "bitsandbytes")  # core/layers/quantization implements each
 # vLLM's names for other kernels of those methods' checkpoints: accepted for a checkpoint of that method, which then
 # runs on pagedserve's kernels (core/layers/quantization: REQUESTED_ALIASES)
-QUANTIZATION_ALIASES = ("awq_marlin", "gptq_marlin", "compressed-tensors")
+QUANTIZATION_ALIASES = ("awq_marlin", "gptq_marlin", "compressed-tensors", "modelopt")
 QUANTIZATION_CHOICES = (*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES)
 
 

@@ -80,8 +80,10 @@ def test_families_without_quantized_kernels_fail_at_startup():
         ModelConfig.from_hf_dict(dict(gpt2, quantization_config=awq))
     cfg = ModelConfig.from_hf_dict(gpt2)
     assert resolve_quantization(cfg, gpt2, "fp8").quantization.name == "fp8"  # at load: no checkpoint layout
-    with pytest.raises(ValueError, match="'awq' is not supported for GPT2LMHeadModel"):
-        resolve_quantization(cfg, gpt2, "awq")
+    fp8 = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    with pytest.raises(ValueError, match="GPT2LMHeadModel checkpoints quantized with 'fp8' are not supported; its "
+                                         "16-bit checkpoints are, quantized at load with --quantization fp8"):
+        ModelConfig.from_hf_dict(dict(gpt2, quantization_config=fp8))
 
 
 def test_quantization_is_an_engine_argument_not_a_not_supported_flag():

@@ -743,6 +743,50 @@ def test_fp8_weight_only_checkpoint_matches_dequantized_model(tmp_path, layout):
                for layer in layers)  # fmt: skip
 
 
+@pytest.mark.parametrize("where", ["config.json", "hf_quant_config.json"])
+def test_modelopt_fp8_checkpoint_runs_as_the_fp8_static_layout(tmp_path, where):
+    """NVIDIA ModelOpt FP8 (``quant_method: modelopt``, ``quant_algo: FP8``; older exports: ``hf_quant_config.json``):
+    per-tensor weight scales, static input scales, ``exclude_modules`` with a wildcard left 16-bit and the KV-cache
+    scales (``k_proj.k_scale``) of ``kv_cache_quant_algo: FP8``: the same tokens and logprobs as those tensors under
+    ``quant_method: fp8`` (static) with the excluded layers listed, both with an fp8 KV cache."""
+    from safetensors.torch import load_file
+
+    quantized, dequantized = write_fp8(tmp_path, "fp8-static")
+    config = json.loads((quantized / "config.json").read_text())
+    tensors, plain = load_file(str(quantized / "model.safetensors")), load_file(str(dequantized / "model.safetensors"))
+    excluded = [name for name in tensors if name.startswith("model.layers.1.mlp.") and name.endswith(".weight")]
+    for name in excluded:  # layer 1's MLP as 16-bit weights, as ModelOpt leaves an excluded module
+        prefix = name.removesuffix(".weight")
+        tensors[name] = plain[name]
+        del tensors[f"{prefix}.weight_scale"], tensors[f"{prefix}.input_scale"]
+    for layer in range(config["num_hidden_layers"]):
+        tensors[f"model.layers.{layer}.self_attn.k_proj.k_scale"] = torch.tensor(0.05 + layer / 100)
+        tensors[f"model.layers.{layer}.self_attn.v_proj.v_scale"] = torch.tensor(0.07)
+    del config["quantization_config"]
+    scheme = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head", "model.layers.1.mlp*"]}
+    modelopt = save(tmp_path / "modelopt", config | ({"quantization_config": {"quant_method": "modelopt", **scheme}}
+                                                    if where == "config.json" else {}), tensors)  # fmt: skip
+    if where == "hf_quant_config.json":
+        (modelopt / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"},
+                                                                   "quantization": scheme}))
+    fp8 = {"quant_method": "fp8", "activation_scheme": "static",
+           "ignored_layers": [name.removesuffix(".weight") for name in excluded]}
+    reference = save(tmp_path / "fp8-static-excluded", config | {"quantization_config": fp8}, tensors)
+    engine, _ = compare(modelopt, reference, logprob_atol=1e-6, reference_kwargs={"kv_cache_dtype": "fp8"},
+                        kv_cache_dtype="fp8")
+    mlp = engine.runner.model.model.layers[1].mlp
+    assert mlp.gate_up_proj.quant_method is None and engine.runner.model.model.layers[0].mlp.gate_up_proj.quant_method
+    attention = engine.runner.model.model.layers[1].self_attn.attn
+    assert attention.k_scale == pytest.approx(0.06) and attention.v_scale == pytest.approx(0.07)
+
+
+def test_modelopt_algorithms_not_served_fail_naming_them():
+    from core.layers.quantization import quant_config_from_hf
+
+    with pytest.raises(ValueError, match="ModelOpt quant_algo 'NVFP4' is not supported; supported: FP8"):
+        quant_config_from_hf({"quantization_config": {"quant_method": "modelopt", "quant_algo": "NVFP4"}})
+
+
 def test_online_fp8_quantizes_an_unquantized_checkpoint(tmp_path):
     config, state = base_checkpoint()
     path = save(tmp_path / "plain", config, state)

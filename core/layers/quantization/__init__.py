@@ -33,7 +33,8 @@ QUANTIZATION_METHODS: dict[str, str] = {
 # checkpoint format: accepted for a checkpoint of that method (ipc/config.py: QUANTIZATION_ALIASES), never applied
 # online. Value: (our method, None for the checkpoint's scheme's; the checkpoint ``quant_method`` spellings).
 REQUESTED_ALIASES = {"awq_marlin": ("awq", ("awq",)), "gptq_marlin": ("gptq", ("gptq",)),
-                     "compressed-tensors": (None, ("compressed-tensors", "compressed_tensors"))}  # its scheme's
+                     "compressed-tensors": (None, ("compressed-tensors", "compressed_tensors")),  # its scheme's
+                     "modelopt": ("fp8", ("modelopt",))}
 
 
 def supported_methods() -> list[str]:
@@ -67,6 +68,10 @@ def quant_config_from_hf(hf_config: dict[str, Any]) -> QuantConfig | None:
         from core.layers.quantization.compressed_tensors import from_compressed_tensors
 
         return from_compressed_tensors(qc)
+    if method == "modelopt":  # NVIDIA ModelOpt: its FP8 algorithm is the fp8 method's static layout
+        from core.layers.quantization.fp8 import Fp8Config
+
+        return Fp8Config.from_modelopt(qc)
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"The checkpoint is quantized with '{method}' (config.json quantization_config), which "
                          f"pagedserve does not support; supported quantization methods: "

@@ -3,17 +3,19 @@
 Checkpoint layouts read: ``quant_method: fp8`` (AutoFP8 / vLLM: fp8 ``weight``, per-tensor ``weight_scale``,
 ``input_scale`` when ``activation_scheme: static``) and compressed-tensors float8 (llm-compressor ``FP8`` /
 ``FP8_DYNAMIC``: ``weight_scale`` per tensor or per channel ``[out, 1]``, ``input_scale`` for static per-tensor
-activations). After loading every layer holds an fp8 ``[out, in]`` weight and one fp32 scale per output channel
+activations), and NVIDIA ModelOpt FP8 (``quant_method: modelopt``, :meth:`Fp8Config.from_modelopt`: per-tensor scales,
+static activations). After loading every layer holds an fp8 ``[out, in]`` weight and one fp32 scale per output channel
 (per-tensor shard scales of merged q/k/v are spread over their channels, which is exact); a static input scale of a
-merged layer is the shards' max, as in vLLM. The matmul is ``kernels/fp8_linear.py``: W8A8 through
-``torch._scaled_mm`` for more than 16 rows; decode-sized inputs keep their activations unquantized (the skinny w8a16
-kernel reads the same fp8 weights), so a static ``input_scale`` applies to the W8A8 path only. compressed-tensors
-FP8 W8A16 (float8 weights per tensor or channel, no activation scheme) keeps its activations 16-bit: a scale per
-output row, run by the block kernel (``kernels/fp8_block_gemm.py``) with blocks of one row by every input.
+merged layer is the shards' max, as in vLLM. The matmul is ``kernels/fp8_linear.py``: W8A8 through ``torch._scaled_mm``
+for more than 16 rows; decode-sized inputs keep their activations unquantized (the skinny w8a16 kernel reads the same
+fp8 weights), so a static ``input_scale`` applies to the W8A8 path only. compressed-tensors FP8 W8A16 (float8 weights
+per tensor or channel, no activation scheme) keeps its activations 16-bit: a scale per output row, run by the block
+kernel (``kernels/fp8_block_gemm.py``) with blocks of one row by every input.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import re
 from collections.abc import Sequence
@@ -121,6 +123,24 @@ class Fp8Config(QuantConfig):
                          ignored=qc.get("ignore") or ())
         config.quantized_lm_head = not config.is_ignored("lm_head")  # the scheme targets every Linear
         return config
+
+    @classmethod
+    def from_modelopt(cls, qc: dict[str, Any]) -> Fp8Config:
+        """NVIDIA ModelOpt's FP8 checkpoints (``quant_method: modelopt``, ``quant_algo: FP8``, e.g. the nvidia/*-FP8
+        releases): fp8 ``weight`` with a per-tensor ``weight_scale`` and a static per-tensor ``input_scale``, the
+        ``quant_method: fp8`` static layout; ``exclude_modules`` (names or ``*`` wildcards) stay 16-bit, and
+        ``kv_cache_quant_algo: FP8`` checkpoints carry ``k_scale`` / ``v_scale``, read when the cache is fp8."""
+        algo = str(qc.get("quant_algo") or "").upper()
+        if algo != "FP8":
+            raise ValueError(f"ModelOpt quant_algo {qc.get('quant_algo')!r} is not supported; supported: FP8 "
+                             "(per-tensor fp8 weights with static activation scales).")
+        kv_algo = qc.get("kv_cache_quant_algo")
+        if kv_algo not in (None, "FP8"):
+            raise ValueError(f"ModelOpt kv_cache_quant_algo {kv_algo!r} is not supported; supported: FP8 (its "
+                             "scales serve --kv-cache-dtype fp8), or none.")
+        exclude = qc.get("exclude_modules") or qc.get("ignore") or ()
+        ignored = [f"re:{fnmatch.translate(p)}" if any(c in p for c in "*?[") else p for p in exclude]
+        return cls(serialized=True, weight_strategy="tensor", static_activations=True, ignored=ignored)
 
     def is_ignored(self, prefix: str) -> bool:
         for pattern in self.ignored:
