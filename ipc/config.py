@@ -36,10 +36,11 @@ SPEC_METHODS = ("ngram", "draft_model")
 EXECUTOR_BACKENDS = ("mp", "ray")
 # KV-cache element types (vLLM's spellings); fp8 = fp8_e4m3: e4m3 values with a per-layer scale for keys and values.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "gguf", "bitsandbytes")  # core/layers/quantization implements each
+# core/layers/quantization implements each
+QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "gguf", "bitsandbytes", "experts_int8")
 # vLLM's names for other kernels of those methods' checkpoints: accepted for a checkpoint of that method, which then
 # runs on pagedserve's kernels (core/layers/quantization: REQUESTED_ALIASES)
-QUANTIZATION_ALIASES = ("awq_marlin", "gptq_marlin", "compressed-tensors", "modelopt")
+QUANTIZATION_ALIASES = ("awq_marlin", "gptq_marlin", "compressed-tensors", "modelopt", "fbgemm_fp8")
 QUANTIZATION_CHOICES = (*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES)
 
 

@@ -19,6 +19,36 @@ def moe_blocks(engine):
     return [m for m in engine.runner.model.modules() if hasattr(m, "w13")]
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_experts_int8_quantizes_the_experts_at_load(tmp_path, arch):
+    """``--quantization experts_int8`` (vLLM's) on a 16-bit MoE checkpoint: the experts int8 per expert and output
+    channel on the 8-bit experts' kernel, every other layer (Qwen2-MoE's shared expert too) 16-bit: the model whose
+    experts hold those int8 values."""
+    from kernels.int8_gemm import quantize_int8_rows
+
+    config, state = qc.base_checkpoint(arch=arch)
+    path = qc.save(tmp_path / "plain", config, state)
+    rounded = {}
+    for name, tensor in state.items():
+        if ".mlp.experts." in name and name.endswith(".weight"):
+            codes, absmax = quantize_int8_rows(tensor)
+            rounded[name] = codes.float() * (absmax / 127.0)[:, None]
+    assert rounded
+    engine, _ = qc.compare(path, qc.save(tmp_path / "int8-values", config, state | rounded), logprob_atol=1e-4,
+                           quantization="experts_int8", dtype="float32")
+    for block in moe_blocks(engine):
+        w13, _, quant = block.quant_method.experts(block)
+        assert w13.dtype == torch.int8 and quant.w13_int8 and quant.w13_group == block.hidden
+    assert all(getattr(m, "quant_method", None) is None for m in engine.runner.model.modules()
+               if type(m).__name__ == "Linear")  # fmt: skip
+
+
+def test_experts_int8_on_a_dense_model_fails_naming_it(tmp_path):
+    config, state = qc.base_checkpoint()
+    with pytest.raises(ValueError, match="'experts_int8' is not supported for LlamaForCausalLM"):
+        qc.greedy(qc.save(tmp_path / "dense", config, state), quantization="experts_int8")
+
+
 def test_fp8_weight_only_moe_checkpoint_matches_dequantized_model(tmp_path):
     """compressed-tensors FP8 W8A16 on a mixture of experts: the attention's layers w8a16 by rows, the experts on the
     fused MoE kernel's e4m3 experts (always w8a16): the dequantized model's tokens and logprobs."""

@@ -780,6 +780,22 @@ def test_modelopt_fp8_checkpoint_runs_as_the_fp8_static_layout(tmp_path, where):
     assert attention.k_scale == pytest.approx(0.06) and attention.v_scale == pytest.approx(0.07)
 
 
+def test_fbgemm_fp8_checkpoint_runs_as_the_per_channel_dynamic_layout(tmp_path):
+    """Meta's FBGEMM fp8 (``quant_method: fbgemm_fp8``: ``[out, 1]`` weight scales, dynamic per-token activations,
+    ``modules_to_not_convert``): the same tokens and logprobs as those tensors under compressed-tensors
+    FP8_DYNAMIC."""
+    from safetensors.torch import load_file
+
+    quantized, _ = write_fp8(tmp_path, "ct-channel")
+    config = json.loads((quantized / "config.json").read_text())
+    tensors = load_file(str(quantized / "model.safetensors"))
+    fbgemm = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["lm_head"]}
+    path = save(tmp_path / "fbgemm", config | {"quantization_config": fbgemm}, tensors)
+    engine, _ = compare(path, quantized, logprob_atol=1e-6)
+    assert all(layer.weight.dtype == FP8 for layer in linears(engine))
+    assert engine.runner.model_config.quantization.summary().startswith("fp8 (checkpoint, channel weight scales")
+
+
 def test_modelopt_algorithms_not_served_fail_naming_them():
     from core.layers.quantization import quant_config_from_hf
 

@@ -27,6 +27,7 @@ QUANTIZATION_METHODS: dict[str, str] = {
     "gptq": "core.layers.quantization.int4:GPTQConfig",
     "gguf": "core.layers.quantization.gguf:GGUFConfig",
     "bitsandbytes": "core.layers.quantization.bnb:BitsAndBytesConfig",
+    "experts_int8": "core.layers.quantization.experts_int8:ExpertsInt8Config",
 }
 
 # ``--quantization`` values of vLLM that name another kernel for a checkpoint method ours serve (Marlin) or the
@@ -34,7 +35,7 @@ QUANTIZATION_METHODS: dict[str, str] = {
 # online. Value: (our method, None for the checkpoint's scheme's; the checkpoint ``quant_method`` spellings).
 REQUESTED_ALIASES = {"awq_marlin": ("awq", ("awq",)), "gptq_marlin": ("gptq", ("gptq",)),
                      "compressed-tensors": (None, ("compressed-tensors", "compressed_tensors")),  # its scheme's
-                     "modelopt": ("fp8", ("modelopt",))}
+                     "modelopt": ("fp8", ("modelopt",)), "fbgemm_fp8": ("fp8", ("fbgemm_fp8",))}
 
 
 def supported_methods() -> list[str]:
@@ -68,10 +69,10 @@ def quant_config_from_hf(hf_config: dict[str, Any]) -> QuantConfig | None:
         from core.layers.quantization.compressed_tensors import from_compressed_tensors
 
         return from_compressed_tensors(qc)
-    if method == "modelopt":  # NVIDIA ModelOpt: its FP8 algorithm is the fp8 method's static layout
+    if method in ("modelopt", "fbgemm_fp8"):  # layouts of the fp8 method: static per-tensor / per-channel dynamic
         from core.layers.quantization.fp8 import Fp8Config
 
-        return Fp8Config.from_modelopt(qc)
+        return Fp8Config.from_modelopt(qc) if method == "modelopt" else Fp8Config.from_fbgemm(qc)
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"The checkpoint is quantized with '{method}' (config.json quantization_config), which "
                          f"pagedserve does not support; supported quantization methods: "

@@ -125,6 +125,18 @@ class Fp8Config(QuantConfig):
         return config
 
     @classmethod
+    def from_fbgemm(cls, qc: dict[str, Any]) -> Fp8Config:
+        """FBGEMM fp8 checkpoints (``quant_method: fbgemm_fp8``, Meta's Llama 3.1 FP8 releases): fp8 ``weight`` with
+        a ``weight_scale`` per output channel ``[out, 1]`` and dynamic per-token activations, the compressed-tensors
+        FP8_DYNAMIC layout; ``modules_to_not_convert`` stay 16-bit. Its ``activation_scale_ub`` (a cap on each
+        token's activation scale) is not applied: tokens past it keep their own scale, which only rounds them more
+        finely than FBGEMM would (logged)."""
+        if qc.get("activation_scale_ub") is not None:
+            logger.info("fbgemm_fp8: activation_scale_ub %s is not applied; each token's activations take their own "
+                        "absmax scale.", qc["activation_scale_ub"])
+        return cls(serialized=True, weight_strategy="channel", ignored=qc.get("modules_to_not_convert") or ())
+
+    @classmethod
     def from_modelopt(cls, qc: dict[str, Any]) -> Fp8Config:
         """NVIDIA ModelOpt's FP8 checkpoints (``quant_method: modelopt``, ``quant_algo: FP8``, e.g. the nvidia/*-FP8
         releases): fp8 ``weight`` with a per-tensor ``weight_scale`` and a static per-tensor ``input_scale``, the
