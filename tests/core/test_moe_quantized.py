@@ -238,6 +238,25 @@ def test_bitsandbytes_8bit_experts_match_dequantized_model(tmp_path, arch):
     assert block.gate.weight.dtype == torch.float32
 
 
+def test_gptq_dynamic_rules_choose_a_blocks_experts_format_and_refuse_mixed_experts():
+    """GPTQModel's ``dynamic`` rules on experts: a rule over a block's experts picks their method (8-bit here), a
+    ``-:`` rule leaves them 16-bit, and rules that give one expert of a block another format than the others fail when
+    the block is built, naming the expert (its experts are stacked, one format)."""
+    from core.layers.moe import SparseMoeBlock
+    from core.layers.quantization import quant_config_from_hf
+    from core.layers.quantization.gptq8 import GPTQInt8MoEMethod
+
+    def block(dynamic):
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "dynamic": dynamic}
+        return SparseMoeBlock(64, 64, 4, 2, True, kernel_backend="torch", prefix="model.layers.0.mlp",
+                              quant=quant_config_from_hf({"quantization_config": qc}))
+
+    assert isinstance(block({r"+:.*\.experts\..*": {"bits": 8}}).quant_method, GPTQInt8MoEMethod)
+    assert block({r"-:.*\.experts\..*": {}}).quant_method is None
+    with pytest.raises(ValueError, match="give expert 2 of model.layers.0.mlp another format than expert 0"):
+        block({r"+:.*\.experts\.2\..*": {"bits": 8}})
+
+
 def test_act_order_experts_whose_gate_and_up_orders_differ_fail(tmp_path):
     """An expert's gate and up read one input, so GPTQ gives them one act order; a file where they differ is
     refused rather than run with one of them."""

@@ -11,6 +11,7 @@ exact on these weights: every row of a tensor has the same max, so per-tensor an
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,31 @@ def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "ll
                      f"{'-v2' if v2 else ''}{'-head' if lm_head else ''}")
     return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
             save(tmp / f"{tag}-dequantized", config, plain))
+
+
+def write_gptq_dynamic(tmp: Path) -> tuple[Path, Path]:
+    """A GPTQ checkpoint with GPTQModel's ``dynamic`` rules: layer 1's MLP 8-bit in groups of 64 (``+:``), layer 0's
+    o_proj left 16-bit (``-:``), every other layer the config's 4-bit groups of 32 (zero points, no act order)."""
+    from safetensors.torch import load_file
+
+    def tensors(path: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(path / "model.safetensors"))
+
+    (four, four_plain), (eight, eight_plain) = write_gptq(tmp, 32, False, False), write_gptq(tmp, 64, False, False,
+                                                                                              bits=8)  # fmt: skip
+    quant, plain = tensors(four), tensors(four_plain)
+    mlp1 = "model.layers.1.mlp."
+    quant = {n: t for n, t in quant.items() if not n.startswith(mlp1)} | {
+        n: t for n, t in tensors(eight).items() if n.startswith(mlp1)}
+    plain |= {n: t for n, t in tensors(eight_plain).items() if n.startswith(mlp1)}
+    o_proj = "model.layers.0.self_attn.o_proj"
+    quant = {n: t for n, t in quant.items() if not n.startswith(f"{o_proj}.")}
+    quant[f"{o_proj}.weight"] = plain[f"{o_proj}.weight"] = base_checkpoint()[1][f"{o_proj}.weight"]
+    config = json.loads((four / "config.json").read_text())
+    config["quantization_config"]["dynamic"] = {rf"-:{re.escape(o_proj)}$": {},
+                                                rf"+:{re.escape(mlp1)}.*": {"bits": 8, "group_size": 64}}
+    plain_config = {k: v for k, v in config.items() if k != "quantization_config"}
+    return save(tmp / "gptq-dynamic", config, quant), save(tmp / "gptq-dynamic-dequantized", plain_config, plain)
 
 
 def write_gptq8(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "llama", **overrides
@@ -580,6 +606,32 @@ def test_gptq_v2_and_quantized_lm_heads_match_dequantized_model(tmp_path, case):
     engine, _ = compare(*writers[case](), logprob_atol=1e-4)
     head = engine.runner.model.lm_head
     assert (head.quant_method is not None) == case.endswith("-head")
+
+
+def test_gptq_dynamic_rules_give_modules_their_own_format(tmp_path):
+    """GPTQModel's ``dynamic`` rules: a ``+:`` rule's modules run 8-bit in groups of 64, a ``-:`` rule's stay 16-bit,
+    the rest the config's 4-bit: the dequantized model's tokens and logprobs."""
+    from core.layers.quantization.gptq8 import GPTQInt8LinearMethod
+    from core.layers.quantization.int4 import Int4LinearMethod
+
+    engine, _ = compare(*write_gptq_dynamic(tmp_path), logprob_atol=1e-4)
+    layers = engine.runner.model.model.layers
+    assert layers[0].self_attn.o_proj.quant_method is None
+    assert isinstance(layers[0].mlp.gate_up_proj.quant_method, Int4LinearMethod)
+    assert isinstance(layers[1].mlp.down_proj.quant_method, GPTQInt8LinearMethod)
+    assert layers[1].mlp.down_proj.group_size == 64
+    assert "2 dynamic rules" in engine.runner.model_config.quantization.summary()
+
+
+@pytest.mark.parametrize("dynamic, message", [
+    ({"+:.*": {"bits": 3}}, "3-bit weights are not supported"), ({"+:.*": {"damp": 0.1}}, r"overrides \['damp'\]"),
+    ({"+:(": {}}, "not a valid regex")], ids=["bits", "unknown-key", "regex"])  # fmt: skip
+def test_gptq_dynamic_rules_that_cannot_run_fail_naming_them(dynamic, message):
+    from core.layers.quantization import quant_config_from_hf
+
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "dynamic": dynamic}
+    with pytest.raises(ValueError, match=message):
+        quant_config_from_hf({"quantization_config": qc})
 
 
 def test_a_quantized_lm_head_over_tensor_parallel_ranks_fails_naming_it(tmp_path):

@@ -330,3 +330,14 @@ def test_compressed_tensors_int8_act_order_over_two_ranks_equals_one_device(tmp_
         _, w2, quant = block.quant_method.experts(block)
         assert quant.w2_int8 and block.inter == 64 and w2.shape[2] > 64 and quant.w2_perm.shape[1] == w2.shape[2]
 
+
+def test_gptq_dynamic_rules_over_two_ranks_equal_one_device(tmp_path):
+    """GPTQModel's dynamic rules: an 8-bit MLP (groups of 64) and a 16-bit o_proj beside 4-bit layers, each layer's
+    tensors cut by its own format."""
+    quantized, _ = qc.write_gptq_dynamic(tmp_path)
+    reference, _ = run(quantized)
+    ours, model = run(quantized, tensor_parallel_size=2)
+    assert_same_run(ours, reference)
+    layers = model.model.layers
+    assert layers[0].self_attn.o_proj.quant_method is None and layers[1].mlp.down_proj.group_size == 64
+

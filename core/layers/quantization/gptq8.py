@@ -64,14 +64,15 @@ class GPTQInt8Config(GPTQConfig):
         config = cls(group_size=group, zero_point=not qc.get("sym", True), desc_act=bool(qc.get("desc_act", False)))
         return gptq_checkpoint_options(config, qc)
 
-    def linear_method(self, prefix: str) -> LinearMethod | None:
+    def layer_method(self, prefix: str) -> LinearMethod | None:
         return GPTQInt8LinearMethod(self, self.input_shards(prefix))
 
-    def moe_method(self, prefix: str) -> GPTQInt8MoEMethod | None:
+    def experts_method(self, prefix: str) -> GPTQInt8MoEMethod | None:
         return None if self.is_skipped(prefix) else GPTQInt8MoEMethod(self, prefix)
 
     def summary(self) -> str:
-        return f"gptq 8-bit (group {self.group_size}{', act-order' if self.desc_act else ''})"
+        rules = f", {len(self.dynamic_rules)} dynamic rules" if self.dynamic_rules else ""
+        return f"gptq 8-bit (group {self.group_size}{', act-order' if self.desc_act else ''}{rules})"
 
 
 class GPTQInt8LinearMethod(LinearMethod):
@@ -141,6 +142,8 @@ class GPTQInt8MoEMethod(Int4MoEMethod):
         self.prefix = prefix
 
     def create_weights(self, block: nn.Module) -> bool:
+        if self.dynamic_check is not None:
+            self.dynamic_check[0].check_uniform_experts(self.dynamic_check[1], block.num_experts)
         experts = block.num_experts
         for param, rows, k, group, parts in self._projections(block):
             grouped = k * self.config.tp_size if self._all_groups(param) else k

@@ -22,6 +22,8 @@ and for act-order checkpoints a permutation of the input rows (x's columns are g
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -139,6 +141,77 @@ class AWQConfig(_Int4Config):
 
 class GPTQConfig(_Int4Config):
     name = "gptq"
+    # GPTQModel's ``dynamic`` per-module rules, in order: (leave 16-bit, regex, overrides of bits / group_size /
+    # desc_act / sym); the first whose regex matches a module's checkpoint name from its start decides it
+    dynamic_rules: tuple[tuple[bool, str, dict[str, Any]], ...] = ()
+
+    def module_config(self, name: str) -> GPTQConfig | None:
+        """The config the ``dynamic`` rules give checkpoint module ``name``: None where a ``-:`` rule leaves it 16-bit,
+        a copy with a rule's overrides (its own method: 4- or 8-bit), else this config."""
+        for skip, pattern, overrides in self.dynamic_rules:
+            if re.match(pattern, name):
+                return None if skip else self._overridden(overrides)
+        return self
+
+    def _overridden(self, overrides: dict[str, Any]) -> GPTQConfig:
+        from core.layers.quantization.gptq8 import GPTQInt8Config
+
+        bits = int(overrides.get("bits", 8 if self.pack == 4 else 4))
+        part = copy.copy(self)
+        part.__class__ = GPTQInt8Config if bits == 8 else GPTQConfig
+        part.group_size = int(overrides.get("group_size", self.group_size))
+        part.zero_point = not overrides.get("sym", not self.zero_point)
+        part.desc_act = bool(overrides.get("desc_act", self.desc_act))
+        part.dynamic_rules = ()
+        return part
+
+    def linear_method(self, prefix: str) -> LinearMethod | None:
+        config = self.module_config(self.global_prefix(prefix))
+        return None if config is None else config.layer_method(prefix)
+
+    def layer_method(self, prefix: str) -> LinearMethod | None:
+        """This config's own method for a linear layer (the ``dynamic`` rules already applied)."""
+        return super().linear_method(prefix)
+
+    def moe_method(self, prefix: str) -> Int4MoEMethod | None:
+        """The experts' method: the ``dynamic`` rules read on expert 0's projections (one method runs a block's
+        experts: every expert is checked against it when the block is built, ``Int4MoEMethod.create_weights``)."""
+        name = self.global_prefix(prefix)
+        configs = [self.module_config(f"{name}.experts.0.{p}_proj") for p in ("gate", "up", "down")]
+        if len({_rule_key(c) for c in configs}) > 1:
+            raise ValueError(f"GPTQ dynamic rules give the experts of {name} different formats across gate / up / "
+                             "down; one format per MoE block is supported.")
+        if configs[0] is None:
+            return None
+        method = configs[0].experts_method(prefix)
+        if method is not None and self.dynamic_rules:
+            method.dynamic_check = (self, name)
+        return method
+
+    def experts_method(self, prefix: str) -> Int4MoEMethod | None:
+        """This config's own method for a MoE block's experts (the ``dynamic`` rules already applied)."""
+        return super().moe_method(prefix)
+
+    def check_uniform_experts(self, name: str, experts: int) -> None:
+        """ValueError unless the ``dynamic`` rules give every expert of MoE block ``name`` one format."""
+        first = _rule_key(self.module_config(f"{name}.experts.0.gate_proj"))
+        for e in range(experts):
+            for proj in ("gate", "up", "down"):
+                if _rule_key(self.module_config(f"{name}.experts.{e}.{proj}_proj")) != first:
+                    raise ValueError(f"GPTQ dynamic rules give expert {e} of {name} another format than expert 0; "
+                                     "one format per MoE block is supported (its experts are stacked).")
+
+    def shard_tensor(self, name: str, tensor: torch.Tensor, parallel: str, start: int, length: int) -> torch.Tensor:
+        config = self.module_config(name.rsplit(".", 1)[0])
+        if config is None:  # left 16-bit by a ``-:`` rule
+            return plain_shard(tensor, parallel, start, length)
+        if config is not self:
+            return config.shard_tensor(name, tensor, parallel, start, length)
+        return super().shard_tensor(name, tensor, parallel, start, length)
+
+    def summary(self) -> str:
+        rules = f", {len(self.dynamic_rules)} dynamic rules" if self.dynamic_rules else ""
+        return super().summary() + rules
 
     @classmethod
     def from_hf(cls, qc: dict[str, Any]) -> QuantConfig:
@@ -161,16 +234,53 @@ def _check_gptq_options(qc: dict[str, Any]) -> None:
     fmt = str(qc.get("checkpoint_format", "gptq")).lower()
     if fmt not in ("gptq", "gptq_v2"):
         raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported; supported: gptq (v1), gptq_v2.")
-    if qc.get("dynamic"):
-        raise ValueError("GPTQ 'dynamic' per-module overrides are not supported.")
 
 
-def gptq_checkpoint_options(config: _Int4Config, qc: dict[str, Any]) -> _Int4Config:
-    """``config`` with the GPTQ checkpoint's format (v2: ``qzeros`` hold the zero points themselves) and whether it
-    quantized the LM head (GPTQModel's ``lm_head: true``)."""
+_RULE_OVERRIDES = ("bits", "group_size", "desc_act", "sym")
+
+
+def _dynamic_rules(dynamic: Any) -> tuple[tuple[bool, str, dict[str, Any]], ...]:
+    """GPTQModel's ``dynamic``: ``{"-:regex": {}}`` leaves matching modules 16-bit, ``{"+:regex": {"bits": 8, ...}}``
+    (or no prefix) quantizes them with those overrides; each checked and named where it cannot run."""
+    if not dynamic:
+        return ()
+    if not isinstance(dynamic, dict):
+        raise ValueError(f"GPTQ 'dynamic' must map module regexes to overrides, got {dynamic!r}.")
+    rules = []
+    for key, overrides in dynamic.items():
+        skip = key.startswith("-:")
+        pattern = key[2:] if key.startswith(("-:", "+:")) else key
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"GPTQ dynamic rule {key!r} is not a valid regex: {e}.") from None
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(_RULE_OVERRIDES))
+        if unknown:
+            raise ValueError(f"GPTQ dynamic rule {key!r} overrides {unknown}, which are not supported; supported: "
+                             f"{', '.join(_RULE_OVERRIDES)}.")
+        bits, group = overrides.get("bits", 4), int(overrides.get("group_size", 32))
+        if bits not in (4, 8):
+            raise ValueError(f"GPTQ dynamic rule {key!r}: {bits}-bit weights are not supported; supported: 4, 8.")
+        if group != -1 and (group <= 0 or group % 32):
+            raise ValueError(f"GPTQ dynamic rule {key!r}: group_size {group} is not supported; supported: multiples "
+                             "of 32, or -1.")
+        rules.append((skip, pattern, overrides))
+    return tuple(rules)
+
+
+def _rule_key(config: GPTQConfig | None) -> tuple | None:
+    """What tells two configs' formats apart (None: 16-bit)."""
+    return None if config is None else (type(config), config.group_size, config.zero_point, config.desc_act)
+
+
+def gptq_checkpoint_options(config: GPTQConfig, qc: dict[str, Any]) -> GPTQConfig:
+    """``config`` with the GPTQ checkpoint's format (v2: ``qzeros`` hold the zero points themselves), whether it
+    quantized the LM head (GPTQModel's ``lm_head: true``) and its ``dynamic`` per-module rules."""
     if str(qc.get("checkpoint_format", "gptq")).lower() == "gptq_v2":
         config.zero_offset = 0
     config.quantized_lm_head = bool(qc.get("lm_head"))
+    config.dynamic_rules = _dynamic_rules(qc.get("dynamic"))
     return config
 
 
@@ -490,7 +600,11 @@ class Int4MoEMethod:
         rank's share of the inputs falls unevenly into the groups (``_Int4Config.shard_tensor`` keeps them all)."""
         return param == "w2" and self.config.desc_act and self.config.group_size != -1 and self.config.tp_size > 1
 
+    dynamic_check: tuple[GPTQConfig, str] | None = None  # (root config, block name): GPTQ ``dynamic`` rules to check
+
     def create_weights(self, block: nn.Module) -> bool:
+        if self.dynamic_check is not None:
+            self.dynamic_check[0].check_uniform_experts(self.dynamic_check[1], block.num_experts)
         name = self.config.name
         experts = block.num_experts
         for param, rows, k, group, parts in self._projections(block):
