@@ -640,6 +640,23 @@ def test_a_quantized_lm_head_over_tensor_parallel_ranks_fails_naming_it(tmp_path
         make_engine(quantized, device="cpu", tensor_parallel_size=2)
 
 
+def test_compressed_tensors_sparse_checkpoints_load_dense_or_fail_naming_the_format(tmp_path):
+    """A compressed-tensors checkpoint with only a ``sparsity_config`` whose weights are stored dense (2:4 sparse
+    Llamas) loads unquantized, its tokens those of the same weights without the config; sparse weights stored
+    compressed (``sparse-24-bitmask``) fail at startup naming the format."""
+    config, state = base_checkpoint()
+    sparse = {"quant_method": "compressed-tensors", "format": "dense",
+              "sparsity_config": {"format": "dense", "sparsity_structure": "2:4", "targets": ["Linear"]}}
+    path = save(tmp_path / "sparse-dense", config | {"quantization_config": sparse}, state)
+    engine, _ = compare(path, save(tmp_path / "plain", config, state), logprob_atol=0)
+    assert engine.runner.model_config.quantization is None
+    with pytest.raises(ValueError, match="holds no quantization scheme"):
+        make_engine(path, device="cpu", quantization="compressed-tensors")
+    compressed = sparse | {"sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}}
+    with pytest.raises(ValueError, match="sparsity format 'sparse-24-bitmask' .* is not supported"):
+        make_engine(save(tmp_path / "sparse-24", config | {"quantization_config": compressed}, state), device="cpu")
+
+
 def test_compressed_tensors_int8_zero_points_that_are_not_zero_fail_naming_them(tmp_path):
     """A symmetric scheme whose ``weight_zero_point`` holds non-zero values: refused at load rather than run as if
     they were zero."""

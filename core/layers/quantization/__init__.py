@@ -95,6 +95,10 @@ def resolve_quantization(model_config: ModelConfig, hf_config: dict[str, Any], r
                              f"config.json quantization_config); this checkpoint is "
                              f"{'not quantized' if found is None else f'quantized with {found!r}'}. Supported: "
                              f"{', '.join(supported_methods())}.")
+        if quant is None:  # a compressed-tensors checkpoint with sparsity only, stored dense
+            raise ValueError(f"--quantization {requested}: this checkpoint's {found} config holds no quantization "
+                             "scheme (its sparse weights are stored dense and load unquantized); leave "
+                             "--quantization out.")
         method = method or quant.name  # compressed-tensors: the method of the checkpoint's scheme
         logger.info("--quantization %s: the %s checkpoint runs on pagedserve's %s kernels.", requested, found, method)
         requested = method

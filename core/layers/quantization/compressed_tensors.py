@@ -16,13 +16,22 @@ SUPPORTED_SCHEMES = ("float8 weights with float8 activations (FP8, FP8_DYNAMIC, 
                      "8-bit integer weights, symmetric, with 16-bit or int8 activations (W8A16, W8A8 run as W8A16)")
 
 
-def from_compressed_tensors(qc: dict[str, Any]) -> QuantConfig:
-    """The method config for a compressed-tensors ``quantization_config``."""
+def from_compressed_tensors(qc: dict[str, Any]) -> QuantConfig | None:
+    """The method config for a compressed-tensors ``quantization_config``; None for a sparse-only checkpoint whose
+    weights are stored dense (``sparsity_config`` format ``dense``, no quantization scheme): it loads unquantized,
+    its zeros computed like any weight."""
     from core.layers.quantization.ct_int8 import CompressedTensorsInt8Config
     from core.layers.quantization.fp8 import Fp8Config
     from core.layers.quantization.int4 import CompressedTensorsInt4Config
 
+    sparsity = qc.get("sparsity_config") or {}
+    sparse_format = str(sparsity.get("format", "dense"))
+    if sparse_format != "dense":
+        raise ValueError(f"compressed-tensors sparsity format {sparse_format!r} (sparse weights stored compressed) "
+                         "is not supported; supported: sparse weights stored dense (sparsity format 'dense').")
     groups = list((qc.get("config_groups") or {}).values())
+    if not groups and sparsity:
+        return None
     if len(groups) != 1:
         raise ValueError(f"compressed-tensors checkpoints with {len(groups)} config_groups are not supported; "
                          f"supported: one group of {' or '.join(SUPPORTED_SCHEMES)}.")
