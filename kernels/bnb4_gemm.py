@@ -1,7 +1,9 @@
 """bitsandbytes 4-bit weights (NF4 / FP4, as transformers saves ``load_in_4bit`` models): each weight is a code
 into a 16-value codebook (the checkpoint's ``quant_map``), two codes a byte (the high nibble first), times the absmax
 of its block of ``blocksize`` consecutive weights of the row-major ``[N, K]`` matrix: ``W[n, k] =
-codebook[code] * absmax[n, k // blocksize]`` (with K a multiple of the block, each block lies in one row).
+codebook[code] * absmax[n, k // blocksize]`` (with K a multiple of the block, each block lies in one row). NVFP4
+weights are the same form (``core/layers/quantization/nvfp4.py``): the e2m1 values as the codebook, each block of 16's
+fp8 scale times the tensor's global scale as its absmax.
 
 The codebook is not affine (NF4's values are normal quantiles), so the int4 kernels' ``(q - z) * s`` form does not
 hold it: the Triton kernel here looks each code up in the 16-entry table (an L1-resident load), scales it by its
@@ -23,6 +25,10 @@ NF4_CODEBOOK = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981
                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
                 0.7229568362236023, 1.0)  # fmt: skip
+
+
+# NVFP4's e2m1 values by code (sign bit 3, two exponent bits, one mantissa bit): the codebook its weights look up
+E2M1_CODEBOOK = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 def unpack_codes(weight: torch.Tensor) -> torch.Tensor:
@@ -70,13 +76,26 @@ def bnb4_linear_ref(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor,
 
 
 @triton.jit
+def step_scales(row_ptrs, k0, n_live, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """The absmax of each weight of a ``[BLOCK_N, BLOCK_K]`` step from K offset ``k0`` (``row_ptrs``: each row's
+    first absmax): one per row when the step lies in one block, else each of the step's blocks repeated over it."""
+    if BLOCK_K <= BLOCKSIZE:
+        return tl.load(row_ptrs + k0 // BLOCKSIZE, mask=n_live, other=0.0)[:, None]
+    BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE
+    scales = tl.load(row_ptrs[:, None] + k0 // BLOCKSIZE + tl.arange(0, BLOCKS)[None, :], mask=n_live[:, None],
+                     other=0.0)  # [BLOCK_N, BLOCKS]
+    return tl.reshape(tl.broadcast_to(scales[:, :, None], (BLOCK_N, BLOCKS, BLOCKSIZE)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, codebook_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, k_per_split,
                       split_k, stride_xm, stride_wn, stride_an, stride_om, BLOCKSIZE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr = False):  # fmt: skip
-    """``out = x @ W^T`` over K steps of ``BLOCK_K`` (a divisor of ``BLOCKSIZE``: one absmax per row a step): each
-    step's bytes split into their two codes, looked up in the codebook and scaled by the rows' absmax. ``SPLIT``:
-    K shared out as ``kernels/fp8_block_gemm.py``'s decode launch does."""
+    """``out = x @ W^T`` over K steps of ``BLOCK_K`` (a divisor of ``BLOCKSIZE``: one absmax per row a step; or a
+    multiple of it, NVFP4's blocks of 16: ``BLOCK_K / BLOCKSIZE`` per row a step, each repeated over its block in
+    registers): each step's bytes split into their two codes, looked up in the codebook and scaled by their block's
+    absmax. ``SPLIT``: K shared out as ``kernels/fp8_block_gemm.py``'s decode launch does."""
     pid_n, pid_k, offs_m, offs_n, m_live, n_live = output_tile(M, N, BLOCK_M, BLOCK_N)
     offs_b = tl.arange(0, BLOCK_K // 2)
     offs_k = tl.arange(0, BLOCK_K)
@@ -88,8 +107,8 @@ def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, codebook_ptr, out_ptr, partial_p
         x = tl.load(x_ptrs + k0, mask=m_live[:, None], other=0.0)
         packed = tl.load(w_ptrs + k0 // 2, mask=n_live[:, None], other=0).to(tl.int32)
         codes = tl.reshape(tl.join(packed >> 4, packed & 15), (BLOCK_N, BLOCK_K))  # byte b: codes 2b, 2b + 1
-        scale = tl.load(absmax_ptr + offs_n * stride_an + k0 // BLOCKSIZE, mask=n_live, other=0.0)
-        w = (tl.load(codebook_ptr + codes) * scale[:, None]).to(x.dtype)
+        scale = step_scales(absmax_ptr + offs_n * stride_an, k0, n_live, BLOCK_N, BLOCK_K, BLOCKSIZE)
+        w = (tl.load(codebook_ptr + codes) * scale).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if SPLIT:
         store_split_partial(acc, out_ptr, partial_ptr, counter_ptr, pid_n, pid_k, split_k, M, N, stride_om, True)
@@ -101,7 +120,7 @@ def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, codebook_ptr, out_ptr, partial_p
 def bnb4_gemm_triton(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
                      blocksize: int) -> torch.Tensor:  # fmt: skip
     """The Triton kernel: ``x [..., K]`` (fp16 / bf16 / fp32) times the 4-bit ``weight [N, K / 2]``, in x's dtype.
-    K and the block must be multiples of 32 (the kernel's K step divides the block)."""
+    K must be a multiple of 32 and the block of 16 (a K step of 32 holds two NVFP4 blocks)."""
     n, k = weight.shape[0], weight.shape[1] * 2
 
     def launch(grid, x2, out, partials, counters, m, k_per_split, split_k, **meta):
@@ -117,7 +136,7 @@ def bnb4_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, cod
     """``x @ W^T (+ bias)``: the Triton kernel on CUDA, the reference otherwise."""
     k = weight.shape[1] * 2
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    if not use_triton(x, backend) or x.dtype not in dtypes or k % 32 or blocksize % 32:
+    if not use_triton(x, backend) or x.dtype not in dtypes or k % 32 or blocksize % 16:
         return bnb4_linear_ref(x, weight, absmax, codebook, blocksize, bias)
     out = bnb4_gemm_triton(x, weight, absmax, codebook, blocksize)
     return out + bias if bias is not None else out

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from kernels.activation import silu_and_mul_triton
 from kernels.backend import use_triton
+from kernels.bnb4_gemm import step_scales
 from kernels.gguf_gemm import GGUF_KERNEL_TYPES
 from kernels.gguf_gemm import _decode as _gguf_decode
 from kernels.int4_gemm import _MAGIC_VALUES, _TRITON_DTYPES, KERNEL_K_BLOCK, _dequant_halves
@@ -488,7 +489,7 @@ def _moe_bnb4_kernel(
 ):  # fmt: skip
     """:func:`_moe_gemm_kernel` for bitsandbytes 4-bit experts (``w [E, N, K / 2]``, two codes a byte, the high
     nibble first): each step's codes looked up in the codebook and scaled by their block's absmax, as
-    ``kernels/bnb4_gemm.py`` does (``BLOCK_K`` divides ``BLOCKSIZE``)."""
+    ``kernels/bnb4_gemm.py`` does (``BLOCK_K`` divides ``BLOCKSIZE``, or NVFP4's blocks of 16 several a step)."""
     live, pair, valid, expert, offs_n = _block_of_pairs(sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, N,
                                                         num_pairs, capacity, BLOCK_M, BLOCK_N, GROUP_M)
     if not live:
@@ -502,8 +503,8 @@ def _moe_bnb4_kernel(
         a = tl.load(a_ptrs + k0, mask=valid[:, None], other=0.0)
         packed = tl.load(w_ptrs + k0 // 2, mask=n_live[:, None], other=0).to(tl.int32)
         codes = tl.reshape(tl.join(packed >> 4, packed & 15), (BLOCK_N, BLOCK_K))  # byte b: codes 2b, 2b + 1
-        scale = tl.load(absmax_ptrs + k0 // BLOCKSIZE, mask=n_live, other=0.0)
-        w = (tl.load(codebook_ptr + codes) * scale[:, None]).to(a.dtype)
+        scale = step_scales(absmax_ptrs, k0, n_live, BLOCK_N, BLOCK_K, BLOCKSIZE)
+        w = (tl.load(codebook_ptr + codes) * scale).to(a.dtype)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
     _store_pair_rows(acc, c_ptr, weights_ptr, pair, valid, offs_n, N, stride_cm, stride_cn, MUL_ROUTING_WEIGHT)
 
@@ -522,8 +523,9 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
                   num_warps=config["num_warps"], num_stages=config["num_stages"])
     if quant is not None and quant.bnb4:
         absmax, k = quant.parts(which)[0], 2 * b.shape[2]
-        if a.stride(1) != 1 or k % quant.bnb_block or quant.bnb_block % 32:
-            raise ValueError(f"bitsandbytes experts: {k} inputs in blocks of {quant.bnb_block} (multiples of 32)")
+        if a.stride(1) != 1 or k % quant.bnb_block or k % 32 or quant.bnb_block % 16:
+            raise ValueError(f"4-bit codebook experts: {k} inputs (a multiple of 32) in blocks of {quant.bnb_block} "
+                             "(a multiple of 16)")
         _moe_bnb4_kernel[grid](
             a, b, absmax, quant.codebook, out, routing, sorted_pair_ids, block_experts, num_padded, n, k, num_pairs,
             capacity, a.stride(0), b.stride(0), b.stride(1), absmax.stride(0), absmax.stride(1), out.stride(0),

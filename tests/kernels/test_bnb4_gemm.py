@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.bnb4_gemm import (NF4_CODEBOOK, bnb4_gemm_triton, bnb4_linear, bnb4_linear_ref, dequantize_bnb4,
-                               pack_codes, quantize_bnb4, unpack_codes)
+from kernels.bnb4_gemm import (E2M1_CODEBOOK, NF4_CODEBOOK, bnb4_gemm_triton, bnb4_linear, bnb4_linear_ref,
+                               dequantize_bnb4, pack_codes, quantize_bnb4, unpack_codes)
 from tests.kernels.kernel_testing import KERNEL_DEVICE, TOLERANCE, assert_close
 
 FP4_CODEBOOK = (0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204,
@@ -31,8 +31,9 @@ def test_quantizer_rounds_each_value_to_its_blocks_nearest_code():
 
 
 @pytest.mark.parametrize("m", [1, 7, 40])
-@pytest.mark.parametrize("codebook, blocksize", [(NF4_CODEBOOK, 64), (FP4_CODEBOOK, 64), (NF4_CODEBOOK, 128)],
-                         ids=["nf4", "fp4", "nf4-block128"])
+@pytest.mark.parametrize("codebook, blocksize", [(NF4_CODEBOOK, 64), (FP4_CODEBOOK, 64), (NF4_CODEBOOK, 128),
+                                                (E2M1_CODEBOOK, 16)],
+                         ids=["nf4", "fp4", "nf4-block128", "nvfp4-block16"])  # NVFP4: two blocks a K step
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_bnb4_kernel_matches_reference(m, codebook, blocksize, dtype):
     gen = torch.Generator().manual_seed(m)

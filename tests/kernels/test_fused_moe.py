@@ -462,16 +462,20 @@ def test_int8_experts_step_within_or_over_whole_groups():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_moe_with_bitsandbytes_experts_matches_reference(dtype):
-    """bitsandbytes NF4 experts (two codes a byte, an absmax per 64 weights): the kernel looks each code up and
-    scales it, as the reference's dequantization does, and stays near the unquantized experts."""
-    from kernels.bnb4_gemm import NF4_CODEBOOK, quantize_bnb4
+@pytest.mark.parametrize("kind", ["nf4", "nvfp4"])
+def test_fused_moe_with_bitsandbytes_experts_matches_reference(dtype, kind):
+    """bitsandbytes NF4 experts (two codes a byte, an absmax per 64 weights) and NVFP4's form of them (e2m1 codes, a
+    scale per 16 weights: several blocks a K step): the kernel looks each code up and scales it, as the
+    reference's dequantization does, and stays near the unquantized experts."""
+    from kernels.bnb4_gemm import E2M1_CODEBOOK, NF4_CODEBOOK, quantize_bnb4
 
+    codebook, block, top = (NF4_CODEBOOK, 64, 1.0) if kind == "nf4" else (E2M1_CODEBOOK, 16, 6.0)
     x, w13, w2, weights, ids = _problem(19, 4, 128, 64, 2, dtype, seed=13)
-    packed = [[quantize_bnb4(w[e].float().cpu()) for e in range(w.shape[0])] for w in (w13, w2)]
+    unit = tuple(v / top for v in codebook)  # quantized against values in [-1, 1], scaled back by the absmax / top
+    packed = [[quantize_bnb4(w[e].float().cpu(), block, unit) for e in range(w.shape[0])] for w in (w13, w2)]
     (q13, a13), (q2, a2) = ((torch.stack([c for c, _ in p]).to(KERNEL_DEVICE),
-                             torch.stack([m for _, m in p]).to(KERNEL_DEVICE)) for p in packed)  # fmt: skip
-    quant = ExpertQuant(a13, a2, codebook=torch.tensor(NF4_CODEBOOK, device=KERNEL_DEVICE), bnb_block=64)
+                             torch.stack([m / top for _, m in p]).to(KERNEL_DEVICE)) for p in packed)  # fmt: skip
+    quant = ExpertQuant(a13, a2, codebook=torch.tensor(codebook, device=KERNEL_DEVICE), bnb_block=block)
     out = fused_moe_triton(x, q13, q2, weights, ids, config=SMALL, quant=quant)
     ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, quant)
     assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe bnb4")
