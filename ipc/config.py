@@ -40,7 +40,7 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "gguf", "bitsandbytes", "experts_int8")
 # vLLM's names for other kernels of those methods' checkpoints: accepted for a checkpoint of that method, which then
 # runs on pagedserve's kernels (core/layers/quantization: REQUESTED_ALIASES)
-QUANTIZATION_ALIASES = ("awq_marlin", "gptq_marlin", "compressed-tensors", "modelopt", "fbgemm_fp8")
+QUANTIZATION_ALIASES = ("awq_marlin", "gptq_marlin", "compressed-tensors", "modelopt", "modelopt_fp4", "fbgemm_fp8")
 QUANTIZATION_CHOICES = (*QUANTIZATION_METHODS, *QUANTIZATION_ALIASES)
 
 

@@ -30,7 +30,7 @@ from kernels.backend import resolve_backends
 
 # Weight quantization methods the family's projections run (core/layers/quantization); with gguf the embedding (and
 # tied LM head) may stay in its blocks too.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes")
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes", "nvfp4")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from kernels.skinny_gemm import linear as skinny_linear
 # Weight quantization methods this family's layers run (core/layers/quantization): its fused qkv is one tensor in
 # the checkpoint's own layout, so quantized checkpoints load as they are. Not gguf kept in its blocks: llama.cpp
 # reorders the qkv rows, which a GGUF file is dequantized to undo.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "bitsandbytes")
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "bitsandbytes", "nvfp4")
 
 
 def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:

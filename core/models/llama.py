@@ -27,7 +27,7 @@ from kernels.fp8_linear import Fp8Activations, NormedRows
 
 # Weight quantization methods this family's layers run (core/layers/quantization); the LM head stays unquantized
 # except under gguf, which keeps the embedding and LM head in their blocks too.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes")
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes", "nvfp4")
 
 
 def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:

@@ -29,7 +29,7 @@ from kernels.backend import resolve_backends
 # MoE kernel, the experts' (fp8: w8a16; AWQ / GPTQ: int4 dequantized in registers; GGUF: decoded from the file's
 # blocks; bitsandbytes: 4-bit codes looked up; experts_int8: only the experts, int8 at load); the router stays
 # unquantized.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes", "experts_int8")
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes", "experts_int8", "nvfp4")
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,8 @@ class MoeModel(LlamaModel):
 # HF expert tensor -> (which stacked parameter, which half of w13); an fp8 checkpoint's scales go beside it
 _EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\."
                             r"(weight|weight_scale|weight_scale_inv|input_scale|qweight|qzeros|scales|g_idx"
-                            r"|weight_packed|weight_g_idx|weight_absmax|weight_quant_map)$")
+                            r"|weight_packed|weight_g_idx|weight_absmax|weight_quant_map|weight_scale_2"
+                            r"|weight_global_scale)$")
 _STACKED_GGUF = re.compile(r"\.mlp\.experts\.(gate|up|down)_proj\.weight$")  # core/gguf.py: expert_stack_name
 _EXPERT_SLOT = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj": ("w13", 1),
                 "w2": ("w2", 0), "down_proj": ("w2", 0)}  # fmt: skip

@@ -27,4 +27,4 @@ Phi3ForCausalLM = LlamaForCausalLM
 
 # Llama's layers: their quantization methods. The fused qkv / gate_up tensors load whole (a per-tensor fp8 scale
 # covers every shard; a GGUF file's fused tensors stay in their blocks).
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes")
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes", "nvfp4")

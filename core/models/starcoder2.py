@@ -21,7 +21,7 @@ from kernels.backend import resolve_backends
 
 # Weight quantization methods the family's projections run (core/layers/quantization); with gguf the embedding and
 # LM head may stay in their blocks too.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes")
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes", "nvfp4")
 
 
 def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:

@@ -49,6 +49,21 @@ def test_experts_int8_on_a_dense_model_fails_naming_it(tmp_path):
         qc.greedy(qc.save(tmp_path / "dense", config, state), quantization="experts_int8")
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("layout", ["modelopt", "ct"])
+def test_nvfp4_experts_match_dequantized_model(tmp_path, arch, layout):
+    """NVFP4 experts (each expert's codes, fp8 block scales and global scale per projection, stacked): the fused
+    MoE kernel's 4-bit codebook experts with the e2m1 values and blocks of 16, the dequantized model's tokens and
+    logprobs."""
+    wider = {"mixtral": {"intermediate_size": 64},
+             "qwen2_moe": {"moe_intermediate_size": 64, "shared_expert_intermediate_size": 64}}[arch]
+    engine, _ = qc.compare(*qc.write_nvfp4(tmp_path, layout, arch, **wider), logprob_atol=1e-4, dtype="float32")
+    block = moe_blocks(engine)[-1]
+    w13, _, quant = block.quant_method.experts(block)
+    assert w13.dtype == torch.uint8 and quant.bnb_block == 16 and quant.codebook[7] == 6.0
+    assert quant.w2_scale.shape == (block.num_experts, block.hidden, block.inter // 16)
+
+
 def test_fp8_weight_only_moe_checkpoint_matches_dequantized_model(tmp_path):
     """compressed-tensors FP8 W8A16 on a mixture of experts: the attention's layers w8a16 by rows, the experts on the
     fused MoE kernel's e4m3 experts (always w8a16): the dequantized model's tokens and logprobs."""

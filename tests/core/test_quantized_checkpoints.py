@@ -334,6 +334,54 @@ def write_ct_int8(tmp: Path, group: int, actorder: bool, fmt: str = "pack-quanti
             save(tmp / f"{tag}-dequantized", config, plain))
 
 
+def nvfp4_quantize(w: torch.Tensor, layout: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``[out, in]`` -> (the layer's NVFP4 tensors, its dequantized fp32 weight): e2m1 codes two a byte (low nibble
+    first), an fp8 scale per 16 weights and a global scale: ModelOpt ``weight_scale_2 = amax / (6 * 448)``
+    multiplies, compressed-tensors ``weight_global_scale = 6 * 448 / amax`` divides."""
+    from kernels.bnb4_gemm import E2M1_CODEBOOK
+
+    table = torch.tensor(E2M1_CODEBOOK)
+    blocks = w.float().reshape(w.shape[0], -1, 16)
+    amax = w.float().abs().amax().clamp(min=1e-6)
+    if layout == "modelopt":
+        glob = amax / (6 * 448)
+        scale = (blocks.abs().amax(-1) / (6 * glob)).to(torch.float8_e4m3fn)
+        effective = scale.float() * glob
+        tensors = {"weight_scale_2": glob.reshape(()), "input_scale": torch.tensor(0.01)}
+    else:
+        glob = 6 * 448 / amax
+        scale = (blocks.abs().amax(-1) / 6 * glob).to(torch.float8_e4m3fn)
+        effective = scale.float() / glob
+        tensors = {"weight_global_scale": glob.reshape(1), "input_global_scale": torch.tensor([100.0])}
+    codes = (blocks / effective.clamp(min=1e-12)[..., None] - table[:, None, None, None]).abs().argmin(0)
+    codes = codes.reshape(w.shape[0], -1)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    tensors |= {"weight" if layout == "modelopt" else "weight_packed": packed, "weight_scale": scale}
+    return tensors, (table[codes].reshape(blocks.shape) * effective[..., None]).reshape(w.shape)
+
+
+def write_nvfp4(tmp: Path, layout: str, arch: str = "llama", **overrides) -> tuple[Path, Path]:
+    """An NVFP4 checkpoint: ModelOpt (``quant_method: modelopt``, ``quant_algo: NVFP4``) or compressed-tensors
+    ``nvfp4-pack-quantized`` (W4A4: its activation scales too), every linear layer but the LM head."""
+    config, state = base_checkpoint(arch=arch, **overrides)
+    quant, plain = dict(state), dict(state)
+    for name in quantized_layers(state):
+        tensors, plain[name] = nvfp4_quantize(state[name], layout)
+        prefix = name.removesuffix(".weight")
+        del quant[name]
+        quant |= {f"{prefix}.{suffix}": t for suffix, t in tensors.items()}
+    if layout == "modelopt":
+        qc = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}
+    else:
+        fp4 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16}
+        qc = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "ignore": ["lm_head"],
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": fp4 | {"dynamic": False},
+                                            "input_activations": fp4 | {"dynamic": "local"}}}}
+    tag = _tag(arch, f"nvfp4-{layout}")
+    return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
+            save(tmp / f"{tag}-dequantized", config, plain))
+
+
 def write_bnb(tmp: Path, quant_type: str, nested: bool, arch: str = "llama", **overrides) -> tuple[Path, Path]:
     """A bitsandbytes ``load_in_4bit`` checkpoint as transformers saves it: codes ``[out * in / 2, 1]`` (two a byte,
     high nibble first), ``.absmax`` per 64 weights (``nested``: 8-bit codes into ``.nested_quant_map`` times
@@ -657,6 +705,19 @@ def test_compressed_tensors_sparse_checkpoints_load_dense_or_fail_naming_the_for
         make_engine(save(tmp_path / "sparse-24", config | {"quantization_config": compressed}, state), device="cpu")
 
 
+@pytest.mark.parametrize("layout", ["modelopt", "ct"])
+def test_nvfp4_checkpoint_matches_dequantized_model(tmp_path, layout):
+    """NVFP4 (ModelOpt ``weight_scale_2``, compressed-tensors ``weight_global_scale``; merged q/k/v and gate/up with
+    a global scale per shard) on the 4-bit codebook kernel, e2m1 values and blocks of 16: the dequantized model's
+    tokens and logprobs."""
+    engine, _ = compare(*write_nvfp4(tmp_path, layout), logprob_atol=1e-4)
+    layers = linears(engine)
+    assert len(layers) == 2 * 4 and all(layer.weight.dtype == torch.uint8 for layer in layers)
+    qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight_absmax.shape == (qkv.out_features, qkv.in_features // 16)
+    assert engine.runner.model_config.quantization.summary().startswith(f"nvfp4 ({layout}")
+
+
 def test_compressed_tensors_int8_zero_points_that_are_not_zero_fail_naming_them(tmp_path):
     """A symmetric scheme whose ``weight_zero_point`` holds non-zero values: refused at load rather than run as if
     they were zero."""
@@ -868,8 +929,8 @@ def test_fbgemm_fp8_checkpoint_runs_as_the_per_channel_dynamic_layout(tmp_path):
 def test_modelopt_algorithms_not_served_fail_naming_them():
     from core.layers.quantization import quant_config_from_hf
 
-    with pytest.raises(ValueError, match="ModelOpt quant_algo 'NVFP4' is not supported; supported: FP8"):
-        quant_config_from_hf({"quantization_config": {"quant_method": "modelopt", "quant_algo": "NVFP4"}})
+    with pytest.raises(ValueError, match="ModelOpt quant_algo 'W4A8_AWQ' is not supported; supported: FP8"):
+        quant_config_from_hf({"quantization_config": {"quant_method": "modelopt", "quant_algo": "W4A8_AWQ"}})
 
 
 def test_online_fp8_quantizes_an_unquantized_checkpoint(tmp_path):
@@ -957,7 +1018,9 @@ GPU_CASES = {"awq": lambda tmp: write_awq(tmp, 64), "gptq-act": lambda tmp: writ
              "fp8-block": lambda tmp: write_fp8(tmp, "block"), "bnb-nf4": lambda tmp: write_bnb(tmp, "nf4", True),
              "bnb-int8": lambda tmp: write_bnb8(tmp), "gptq8-act": lambda tmp: write_gptq8(tmp, 32, True, False),
              "ct-w8a16-g32-act": lambda tmp: write_ct_int8(tmp, 32, True),
-             "ct-w8a8-channel": lambda tmp: write_ct_int8(tmp, -1, False, "int-quantized", "dynamic")}
+             "ct-w8a8-channel": lambda tmp: write_ct_int8(tmp, -1, False, "int-quantized", "dynamic"),
+             "fp8-ct-w8a16": lambda tmp: write_fp8(tmp, "ct-channel-w8a16"),
+             "nvfp4-modelopt": lambda tmp: write_nvfp4(tmp, "modelopt"), "nvfp4-ct": lambda tmp: write_nvfp4(tmp, "ct")}
 
 
 @pytest.mark.gpu

@@ -341,3 +341,16 @@ def test_gptq_dynamic_rules_over_two_ranks_equal_one_device(tmp_path):
     layers = model.model.layers
     assert layers[0].self_attn.o_proj.quant_method is None and layers[1].mlp.down_proj.group_size == 64
 
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_nvfp4_over_two_ranks_equals_one_device(tmp_path, arch):
+    """NVFP4: codes and fp8 block scales cut by rows or whole blocks of 16 inputs, the global scales every rank's
+    (the experts' too): one device's tokens and logprobs."""
+    quantized, _ = qc.write_nvfp4(tmp_path, "modelopt", arch, **({"intermediate_size": 128} if arch == "mixtral"
+                                                                  else {}))  # fmt: skip
+    reference, _ = run(quantized)
+    ours, model = run(quantized, tensor_parallel_size=2)
+    assert_same_run(ours, reference)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert o_proj.weight_absmax.shape == (o_proj.out_features, o_proj.in_features // 16)
+

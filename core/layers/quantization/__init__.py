@@ -35,7 +35,8 @@ QUANTIZATION_METHODS: dict[str, str] = {
 # online. Value: (our method, None for the checkpoint's scheme's; the checkpoint ``quant_method`` spellings).
 REQUESTED_ALIASES = {"awq_marlin": ("awq", ("awq",)), "gptq_marlin": ("gptq", ("gptq",)),
                      "compressed-tensors": (None, ("compressed-tensors", "compressed_tensors")),  # its scheme's
-                     "modelopt": ("fp8", ("modelopt",)), "fbgemm_fp8": ("fp8", ("fbgemm_fp8",))}
+                     "modelopt": (None, ("modelopt",)), "modelopt_fp4": (None, ("modelopt",)),  # fp8 or nvfp4
+                     "fbgemm_fp8": ("fp8", ("fbgemm_fp8",))}
 
 
 def supported_methods() -> list[str]:
@@ -69,6 +70,10 @@ def quant_config_from_hf(hf_config: dict[str, Any]) -> QuantConfig | None:
         from core.layers.quantization.compressed_tensors import from_compressed_tensors
 
         return from_compressed_tensors(qc)
+    if method == "modelopt" and str(qc.get("quant_algo") or "").upper() == "NVFP4":
+        from core.layers.quantization.nvfp4 import Nvfp4Config
+
+        return Nvfp4Config.from_modelopt(qc)
     if method in ("modelopt", "fbgemm_fp8"):  # layouts of the fp8 method: static per-tensor / per-channel dynamic
         from core.layers.quantization.fp8 import Fp8Config
 

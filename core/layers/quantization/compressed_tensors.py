@@ -3,7 +3,8 @@ format for several schemes, each served by the method that runs its numbers. flo
 FP8_DYNAMIC, FP8_BLOCK): ``fp8.Fp8Config``; 4-bit integer weights with 16-bit activations in the ``pack-quantized``
 format (W4A16, symmetric, per group or channel, optional group act-order): ``int4.CompressedTensorsInt4Config``;
 8-bit integer weights (W8A16 ``pack-quantized``, W8A8 ``int-quantized``, symmetric, per group or channel, run
-w8a16): ``ct_int8.CompressedTensorsInt8Config``. Anything else fails naming the scheme and listing these."""
+w8a16): ``ct_int8.CompressedTensorsInt8Config``; NVFP4 (``nvfp4-pack-quantized``, run w4a16):
+``nvfp4.Nvfp4Config``. Anything else fails naming the scheme and listing these."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from core.layers.quantization.base import QuantConfig
 
 SUPPORTED_SCHEMES = ("float8 weights with float8 activations (FP8, FP8_DYNAMIC, FP8_BLOCK)",
                      "4-bit integer weights with 16-bit activations, symmetric, pack-quantized (W4A16)",
-                     "8-bit integer weights, symmetric, with 16-bit or int8 activations (W8A16, W8A8 run as W8A16)")
+                     "8-bit integer weights, symmetric, with 16-bit or int8 activations (W8A16, W8A8 run as W8A16)",
+                     "NVFP4 (fp4 e2m1 weights in blocks of 16, nvfp4-pack-quantized; run W4A16)")
 
 
 def from_compressed_tensors(qc: dict[str, Any]) -> QuantConfig | None:
@@ -40,6 +42,10 @@ def from_compressed_tensors(qc: dict[str, Any]) -> QuantConfig | None:
     if list(targets) != ["Linear"]:  # a scheme for some layers only: the others would load as quantized
         raise ValueError(f"compressed-tensors config_groups targets {targets} are not supported; supported: "
                          "['Linear'] (every linear layer but the ignore list).")
+    if weights.get("type") == "float" and weights.get("num_bits") == 4:
+        from core.layers.quantization.nvfp4 import Nvfp4Config
+
+        return Nvfp4Config.from_ct(qc, groups[0])
     if weights.get("type") == "float":
         return Fp8Config.from_hf(qc)
     if weights.get("type") == "int" and weights.get("num_bits") == 8:

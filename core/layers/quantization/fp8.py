@@ -145,7 +145,7 @@ class Fp8Config(QuantConfig):
         algo = str(qc.get("quant_algo") or "").upper()
         if algo != "FP8":
             raise ValueError(f"ModelOpt quant_algo {qc.get('quant_algo')!r} is not supported; supported: FP8 "
-                             "(per-tensor fp8 weights with static activation scales).")
+                             "(per-tensor fp8 weights with static activation scales), NVFP4.")
         kv_algo = qc.get("kv_cache_quant_algo")
         if kv_algo not in (None, "FP8"):
             raise ValueError(f"ModelOpt kv_cache_quant_algo {kv_algo!r} is not supported; supported: FP8 (its "
