@@ -79,12 +79,14 @@ def bnb4_linear_ref(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor,
 def step_scales(row_ptrs, k0, n_live, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
     """The absmax of each weight of a ``[BLOCK_N, BLOCK_K]`` step from K offset ``k0`` (``row_ptrs``: each row's
     first absmax): one per row when the step lies in one block, else each of the step's blocks repeated over it."""
-    if BLOCK_K <= BLOCKSIZE:
-        return tl.load(row_ptrs + k0 // BLOCKSIZE, mask=n_live, other=0.0)[:, None]
-    BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE
-    scales = tl.load(row_ptrs[:, None] + k0 // BLOCKSIZE + tl.arange(0, BLOCKS)[None, :], mask=n_live[:, None],
-                     other=0.0)  # [BLOCK_N, BLOCKS]
-    return tl.reshape(tl.broadcast_to(scales[:, :, None], (BLOCK_N, BLOCKS, BLOCKSIZE)), (BLOCK_N, BLOCK_K))
+    if BLOCK_K <= BLOCKSIZE:  # constexpr: one branch compiles, one return (Triton needs one return type)
+        scales = tl.load(row_ptrs + k0 // BLOCKSIZE, mask=n_live, other=0.0)[:, None]
+    else:
+        BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE
+        per_block = tl.load(row_ptrs[:, None] + k0 // BLOCKSIZE + tl.arange(0, BLOCKS)[None, :],
+                            mask=n_live[:, None], other=0.0)  # [BLOCK_N, BLOCKS]
+        scales = tl.reshape(tl.broadcast_to(per_block[:, :, None], (BLOCK_N, BLOCKS, BLOCKSIZE)), (BLOCK_N, BLOCK_K))
+    return scales
 
 
 @triton.jit
