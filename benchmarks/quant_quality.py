@@ -9,7 +9,8 @@ loaded like any other; AutoAWQ's activation-aware scaling would only do better),
 bitsandbytes``: NF4 in blocks of 64 at load), ``bnb-int8`` (a bitsandbytes 8-bit checkpoint written here: int8 rows
 and their absmax, run w8a16), ``gptq8-rtn`` (a GPTQ 8-bit checkpoint, round-to-nearest uint8 codes with zero points
 per group of ``--group-size``) and ``ct-w8a16`` (compressed-tensors W8A16 ``pack-quantized``, symmetric int8 per
-channel, as llm-compressor's W8A16 scheme; its W8A8 releases hold the same weights). For a GGUF model, ``gguf`` keeps
+channel, as llm-compressor's W8A16 scheme; its W8A8 releases hold the same weights), ``nvfp4`` (a ModelOpt NVFP4
+checkpoint: e2m1 weights, an fp8 scale per 16 and a global scale, run w4a16). For a GGUF model, ``gguf`` keeps
 its blocks (dequantized per call on CPU, the block GEMM on CUDA), and ``gguf-int4`` also repacks its Q4_0 / Q4_1 /
 Q4_K linear layers for the int4 kernels and its expert stacks as CUDA does (``repack_for_int4_kernels``,
 ``repack_experts``, on any device here: int4 scales and zero points or offsets rounded to the model dtype, the cost
@@ -37,7 +38,8 @@ from benchmarks.json_lines import append_json_line
 from core.layers.quantization import weight_bytes
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "w6_passages.txt"
-METHODS = ("fp8", "fp8-block", "awq-rtn", "gptq8-rtn", "ct-w8a16", "bnb-nf4", "bnb-int8", "gguf", "gguf-int4")
+METHODS = ("fp8", "fp8-block", "awq-rtn", "gptq8-rtn", "ct-w8a16", "nvfp4", "bnb-nf4", "bnb-int8", "gguf",
+           "gguf-int4")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -176,6 +178,28 @@ def write_ct_w8a16(source, directory: Path) -> Path:
     return write_quantized(source, directory, quantize, config, torch.bfloat16)
 
 
+def write_nvfp4(source, directory: Path) -> Path:
+    """The reference weights as a ModelOpt NVFP4 checkpoint: e2m1 codes two a byte (low nibble first), an fp8 scale
+    per 16 weights (its block's absmax / 6 over the global scale) and ``weight_scale_2 = amax / (6 * 448)``."""
+    from kernels.bnb4_gemm import E2M1_CODEBOOK
+
+    table = torch.tensor(E2M1_CODEBOOK)
+
+    def quantize(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        blocks = tensor.float().reshape(tensor.shape[0], -1, 16)
+        glob = tensor.float().abs().amax().clamp(min=1e-12) / (6 * 448)
+        scale = (blocks.abs().amax(-1) / (6 * glob)).to(torch.float8_e4m3fn)
+        effective = (scale.float() * glob).clamp(min=1e-12)
+        codes = torch.stack([((blocks[r] / effective[r, :, None])[..., None] - table).abs().argmin(-1)
+                             for r in range(blocks.shape[0])]).reshape(tensor.shape[0], -1)  # fmt: skip
+        prefix = name.removesuffix(".weight")
+        return {name: (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8), f"{prefix}.weight_scale": scale,
+                f"{prefix}.weight_scale_2": glob.reshape(())}
+
+    config = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}
+    return write_quantized(source, directory, quantize, config, torch.bfloat16)
+
+
 def write_bnb_int8(source, directory: Path) -> Path:
     """The reference weights as a bitsandbytes 8-bit checkpoint (``Linear8bitLt``'s state dict: int8 ``weight``,
     ``SCB`` row absmax, ``weight_format`` 0)."""
@@ -260,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                 runner = load_runner(str(write_bnb_int8(source, Path(tmp) / "bnb-int8")), args)
             elif method == "gptq8-rtn":
                 runner = load_runner(str(write_gptq8_rtn(source, Path(tmp) / "gptq8", args.group_size)), args)
+            elif method == "nvfp4":
+                runner = load_runner(str(write_nvfp4(source, Path(tmp) / "nvfp4")), args)
             elif method == "ct-w8a16":
                 runner = load_runner(str(write_ct_w8a16(source, Path(tmp) / "ct-w8a16")), args)
             elif method == "fp8-block":

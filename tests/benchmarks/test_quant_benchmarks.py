@@ -44,10 +44,10 @@ def test_quality_script_reports_kl_for_each_method(tmp_path, capsys):
     assert quant_quality.main(["--model", str(model), "--tokenizer", "HuggingFaceTB/SmolLM2-135M-Instruct",
                                "--max-tokens", "96", "--group-size", "32", "--fp8-block", "32",
                                "--methods", "fp8", "fp8-block", "awq-rtn", "bnb-int8", "gptq8-rtn", "ct-w8a16",
-                               "--json", str(out)]) == 0
+                               "nvfp4", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     rows = {r["method"]: r for r in record["results"]}
-    methods = ("fp8", "fp8-block", "awq-rtn", "bnb-int8", "gptq8-rtn", "ct-w8a16")
+    methods = ("fp8", "fp8-block", "awq-rtn", "bnb-int8", "gptq8-rtn", "ct-w8a16", "nvfp4")
     assert record["tokens"] == 96 and set(rows) == {"none", *methods}
     for eight_bit in ("bnb-int8", "gptq8-rtn", "ct-w8a16"):  # 8-bit weights: far closer than int4's
         assert rows[eight_bit]["mean_kl"] < rows["awq-rtn"]["mean_kl"] / 4
