@@ -3,7 +3,7 @@ into a 16-value codebook (the checkpoint's ``quant_map``), two codes a byte (the
 of its block of ``blocksize`` consecutive weights of the row-major ``[N, K]`` matrix: ``W[n, k] =
 codebook[code] * absmax[n, k // blocksize]`` (with K a multiple of the block, each block lies in one row). NVFP4
 weights are the same form (``core/layers/quantization/nvfp4.py``): the e2m1 values as the codebook, each block of 16's
-fp8 scale times the tensor's global scale as its absmax.
+fp8 scale as its absmax and the tensor's global scale a row scale applied to the product.
 
 The codebook is not affine (NF4's values are normal quantiles), so the int4 kernels' ``(q - z) * s`` form does not
 hold it: the Triton kernel here looks each code up in the 16-entry table (an L1-resident load), scales it by its
@@ -43,11 +43,12 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     return (pairs[..., 0] << 4) | pairs[..., 1]
 
 
-def dequantize_bnb4(weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, blocksize: int
-                    ) -> torch.Tensor:  # fmt: skip
-    """The fp32 ``[N, K]`` weight of ``weight [N, K / 2]`` (uint8), ``absmax [N, K / blocksize]``, ``codebook [16]``."""
-    values = codebook.float()[unpack_codes(weight)]
-    return values * absmax.float().repeat_interleave(blocksize, 1)
+def dequantize_bnb4(weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, blocksize: int,
+                    row_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The fp32 ``[N, K]`` weight of ``weight [N, K / 2]`` (uint8), ``absmax [N, K / blocksize]`` (fp32, or NVFP4's
+    fp8 block scales), ``codebook [16]`` and ``row_scale [N]`` (NVFP4's global scale; None: 1)."""
+    values = codebook.float()[unpack_codes(weight)] * absmax.float().repeat_interleave(blocksize, 1)
+    return values if row_scale is None else values * row_scale.float()[:, None]
 
 
 def quantize_bnb4(weight: torch.Tensor, blocksize: int = 64, codebook: tuple[float, ...] = NF4_CODEBOOK
@@ -67,9 +68,10 @@ def quantize_bnb4(weight: torch.Tensor, blocksize: int = 64, codebook: tuple[flo
 
 
 def bnb4_linear_ref(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
-                    blocksize: int, bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                    blocksize: int, bias: torch.Tensor | None = None,
+                    row_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Reference: dequantize the whole weight, fp32 matmul, x's dtype out."""
-    out = x.float() @ dequantize_bnb4(weight, absmax, codebook, blocksize).t()
+    out = x.float() @ dequantize_bnb4(weight, absmax, codebook, blocksize, row_scale).t()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
@@ -80,24 +82,27 @@ def step_scales(row_ptrs, k0, n_live, BLOCK_N: tl.constexpr, BLOCK_K: tl.constex
     """The absmax of each weight of a ``[BLOCK_N, BLOCK_K]`` step from K offset ``k0`` (``row_ptrs``: each row's
     first absmax): one per row when the step lies in one block, else each of the step's blocks repeated over it."""
     if BLOCK_K <= BLOCKSIZE:  # constexpr: one branch compiles, one return (Triton needs one return type)
-        scales = tl.load(row_ptrs + k0 // BLOCKSIZE, mask=n_live, other=0.0)[:, None]
+        scales = tl.load(row_ptrs + k0 // BLOCKSIZE, mask=n_live, other=0.0).to(tl.float32)[:, None]
     else:
         BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE
         per_block = tl.load(row_ptrs[:, None] + k0 // BLOCKSIZE + tl.arange(0, BLOCKS)[None, :],
-                            mask=n_live[:, None], other=0.0)  # [BLOCK_N, BLOCKS]
+                            mask=n_live[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCKS]
         scales = tl.reshape(tl.broadcast_to(per_block[:, :, None], (BLOCK_N, BLOCKS, BLOCKSIZE)), (BLOCK_N, BLOCK_K))
     return scales
 
 
 @triton.jit
-def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, codebook_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, k_per_split,
-                      split_k, stride_xm, stride_wn, stride_an, stride_om, BLOCKSIZE: tl.constexpr,
+def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, codebook_ptr, row_scale_ptr, out_ptr, partial_ptr, counter_ptr, M, N,
+                      K, k_per_split, split_k, stride_xm, stride_wn, stride_an, stride_om, BLOCKSIZE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr = False):  # fmt: skip
+                      DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr = False,
+                      ROW_SCALES: tl.constexpr = False):  # fmt: skip
     """``out = x @ W^T`` over K steps of ``BLOCK_K`` (a divisor of ``BLOCKSIZE``: one absmax per row a step; or a
     multiple of it, NVFP4's blocks of 16: ``BLOCK_K / BLOCKSIZE`` per row a step, each repeated over its block in
     registers): each step's bytes split into their two codes, looked up in the codebook and scaled by their block's
-    absmax. ``SPLIT``: K shared out as ``kernels/fp8_block_gemm.py``'s decode launch does."""
+    absmax (fp32, or NVFP4's fp8 block scales). ``ROW_SCALES``: each output column's product times its row scale
+    (NVFP4's global scale, one per shard: it factors out of the K sum). ``SPLIT``: K shared out as
+    ``kernels/fp8_block_gemm.py``'s decode launch does."""
     pid_n, pid_k, offs_m, offs_n, m_live, n_live = output_tile(M, N, BLOCK_M, BLOCK_N)
     offs_b = tl.arange(0, BLOCK_K // 2)
     offs_k = tl.arange(0, BLOCK_K)
@@ -112,6 +117,8 @@ def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, codebook_ptr, out_ptr, partial_p
         scale = step_scales(absmax_ptr + offs_n * stride_an, k0, n_live, BLOCK_N, BLOCK_K, BLOCKSIZE)
         w = (tl.load(codebook_ptr + codes) * scale).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if ROW_SCALES:
+        acc *= tl.load(row_scale_ptr + offs_n, mask=n_live, other=0.0)[None, :]
     if SPLIT:
         store_split_partial(acc, out_ptr, partial_ptr, counter_ptr, pid_n, pid_k, split_k, M, N, stride_om, True)
     else:
@@ -120,25 +127,27 @@ def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, codebook_ptr, out_ptr, partial_p
 
 
 def bnb4_gemm_triton(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
-                     blocksize: int) -> torch.Tensor:  # fmt: skip
+                     blocksize: int, row_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The Triton kernel: ``x [..., K]`` (fp16 / bf16 / fp32) times the 4-bit ``weight [N, K / 2]``, in x's dtype.
     K must be a multiple of 32 and the block of 16 (a K step of 32 holds two NVFP4 blocks)."""
     n, k = weight.shape[0], weight.shape[1] * 2
 
     def launch(grid, x2, out, partials, counters, m, k_per_split, split_k, **meta):
-        _bnb4_gemm_kernel[grid](x2, weight, absmax, codebook, out, partials, counters, m, n, k, k_per_split, split_k,
-                                x2.stride(0), weight.stride(0), absmax.stride(0), out.stride(0), BLOCKSIZE=blocksize,
-                                **meta)  # fmt: skip
+        _bnb4_gemm_kernel[grid](x2, weight, absmax, codebook, row_scale if row_scale is not None else absmax, out,
+                                partials, counters, m, n, k, k_per_split, split_k, x2.stride(0), weight.stride(0),
+                                absmax.stride(0), out.stride(0), BLOCKSIZE=blocksize,
+                                ROW_SCALES=row_scale is not None, **meta)  # fmt: skip
 
     return launch_weight_tiles(x, n, k, lambda m: 64 if blocksize % 64 == 0 else 32, launch)
 
 
 def bnb4_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, blocksize: int,
-                bias: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:  # fmt: skip
+                bias: torch.Tensor | None = None, *, backend: str = "auto",
+                row_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``x @ W^T (+ bias)``: the Triton kernel on CUDA, the reference otherwise."""
     k = weight.shape[1] * 2
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     if not use_triton(x, backend) or x.dtype not in dtypes or k % 32 or blocksize % 16:
-        return bnb4_linear_ref(x, weight, absmax, codebook, blocksize, bias)
-    out = bnb4_gemm_triton(x, weight, absmax, codebook, blocksize)
+        return bnb4_linear_ref(x, weight, absmax, codebook, blocksize, bias, row_scale)
+    out = bnb4_gemm_triton(x, weight, absmax, codebook, blocksize, row_scale)
     return out + bias if bias is not None else out

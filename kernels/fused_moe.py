@@ -93,6 +93,8 @@ class ExpertQuant(NamedTuple):
     w2_offsets: torch.Tensor | None = None
     w13_int8: bool = False  # 8-bit codes [E, N, K] (int8 / uint8) with {w13,w2}_scale / _offsets / _group
     w2_int8: bool = False
+    w13_row_scale: torch.Tensor | None = None  # 4-bit codebook experts: a scale per output row [E, N] (NVFP4's
+    w2_row_scale: torch.Tensor | None = None  # global scales; the block scales then fp8)
 
     @property
     def int4(self) -> bool:
@@ -119,6 +121,10 @@ class ExpertQuant(NamedTuple):
     @property
     def bnb4(self) -> bool:
         return self.bnb_block > 0
+
+    def row_scale(self, which: int) -> torch.Tensor | None:
+        """The 4-bit codebook experts' per-row scales of ``w13`` (0) or ``w2`` (1), or None."""
+        return self.w13_row_scale if which == 0 else self.w2_row_scale
 
     def parts(self, which: int) -> tuple[torch.Tensor, torch.Tensor | None, int, torch.Tensor | None]:
         """(scales, zero points, int4 group size, act-order permutations) of ``w13`` (0) or ``w2`` (1)."""
@@ -154,8 +160,10 @@ def _expert_product(x: torch.Tensor, w: torch.Tensor, quant: ExpertQuant | None,
     if quant.bnb4:
         from kernels.bnb4_gemm import dequantize_bnb4
 
-        absmax = (quant.w13_scale if which == 0 else quant.w2_scale)[expert]
-        return x @ dequantize_bnb4(w[expert], absmax, quant.codebook, quant.bnb_block).to(x.dtype).t()
+        absmax, rows = (quant.w13_scale if which == 0 else quant.w2_scale)[expert], quant.row_scale(which)
+        weight = dequantize_bnb4(w[expert], absmax, quant.codebook, quant.bnb_block,
+                                 None if rows is None else rows[expert])
+        return x @ weight.to(x.dtype).t()
     if quant.ggml_type(which):
         from kernels.gguf_gemm import dequantize_gguf
 
@@ -481,15 +489,16 @@ def _moe_gguf_kernel(
 
 @triton.jit
 def _moe_bnb4_kernel(
-    a_ptr, w_ptr, absmax_ptr, codebook_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_experts_ptr,
-    num_padded_ptr, N, K, num_pairs, capacity, stride_am, stride_we, stride_wn, stride_ae, stride_an, stride_cm,
-    stride_cn, PAIRS_PER_A_ROW: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCKSIZE: tl.constexpr,
+    a_ptr, w_ptr, absmax_ptr, codebook_ptr, row_scale_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr,
+    block_experts_ptr, num_padded_ptr, N, K, num_pairs, capacity, stride_am, stride_we, stride_wn, stride_ae,
+    stride_an, stride_re, stride_cm, stride_cn, PAIRS_PER_A_ROW: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, BLOCKSIZE: tl.constexpr, ROW_SCALES: tl.constexpr = False,
 ):  # fmt: skip
     """:func:`_moe_gemm_kernel` for bitsandbytes 4-bit experts (``w [E, N, K / 2]``, two codes a byte, the high
     nibble first): each step's codes looked up in the codebook and scaled by their block's absmax, as
-    ``kernels/bnb4_gemm.py`` does (``BLOCK_K`` divides ``BLOCKSIZE``, or NVFP4's blocks of 16 several a step)."""
+    ``kernels/bnb4_gemm.py`` does (``BLOCK_K`` divides ``BLOCKSIZE``, or NVFP4's blocks of 16 several a step;
+    ``ROW_SCALES``: each expert's product scaled per output row, NVFP4's global scales)."""
     live, pair, valid, expert, offs_n = _block_of_pairs(sorted_pair_ids_ptr, block_experts_ptr, num_padded_ptr, N,
                                                         num_pairs, capacity, BLOCK_M, BLOCK_N, GROUP_M)
     if not live:
@@ -506,6 +515,8 @@ def _moe_bnb4_kernel(
         scale = step_scales(absmax_ptrs, k0, n_live, BLOCK_N, BLOCK_K, BLOCKSIZE)
         w = (tl.load(codebook_ptr + codes) * scale).to(a.dtype)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if ROW_SCALES:
+        acc *= tl.load(row_scale_ptr + expert * stride_re + offs_n, mask=n_live, other=0.0)[None, :]
     _store_pair_rows(acc, c_ptr, weights_ptr, pair, valid, offs_n, N, stride_cm, stride_cn, MUL_ROUTING_WEIGHT)
 
 
@@ -526,11 +537,14 @@ def _moe_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, topk_weights:
         if a.stride(1) != 1 or k % quant.bnb_block or k % 32 or quant.bnb_block % 16:
             raise ValueError(f"4-bit codebook experts: {k} inputs (a multiple of 32) in blocks of {quant.bnb_block} "
                              "(a multiple of 16)")
+        rows = quant.row_scale(which)
         _moe_bnb4_kernel[grid](
-            a, b, absmax, quant.codebook, out, routing, sorted_pair_ids, block_experts, num_padded, n, k, num_pairs,
-            capacity, a.stride(0), b.stride(0), b.stride(1), absmax.stride(0), absmax.stride(1), out.stride(0),
+            a, b, absmax, quant.codebook, rows if rows is not None else absmax, out, routing, sorted_pair_ids,
+            block_experts, num_padded, n, k, num_pairs, capacity, a.stride(0), b.stride(0), b.stride(1),
+            absmax.stride(0), absmax.stride(1), rows.stride(0) if rows is not None else 0, out.stride(0),
             out.stride(1), DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-            BLOCK_K=64 if quant.bnb_block % 64 == 0 else 32, BLOCKSIZE=quant.bnb_block, **common,
+            BLOCK_K=64 if quant.bnb_block % 64 == 0 else 32, BLOCKSIZE=quant.bnb_block, ROW_SCALES=rows is not None,
+            **common,
         )  # fmt: skip
         return
     if quant is not None and quant.ggml_type(which):

@@ -66,10 +66,11 @@ for ggml_type in (Q8_0, Q4_K, Q6_K):  # GGUF experts kept in their blocks
     info = summarize(_compile(fused_moe._moe_gguf_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
     out[f"moe_gguf{ggml_type}"] = facts_and_loop(info)
 pointers = {"a_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "codebook_ptr": "*fp32", **routing}
-constexprs = dict(common, BLOCK_K=64, DOT_PRECISION="tf32", BLOCKSIZE=64)
+constexprs = dict(common, BLOCK_K=64, DOT_PRECISION="tf32", BLOCKSIZE=64, ROW_SCALES=False)
 info = summarize(_compile(fused_moe._moe_bnb4_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
 out["moe_bnb4"] = facts_and_loop(info)
-constexprs = dict(constexprs, BLOCKSIZE=16)  # NVFP4 experts: four blocks of 16 a K step of 64
+constexprs = dict(constexprs, BLOCKSIZE=16, ROW_SCALES=True)  # NVFP4 experts: four fp8 block scales a K step of 64
+pointers = dict(pointers, absmax_ptr="*fp8e4nv", row_scale_ptr="*fp32")
 info = summarize(_compile(fused_moe._moe_bnb4_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
 out["moe_nvfp4"] = facts_and_loop(info)
 for m in (1, 512):  # decode: split K (its in-kernel reduction), prefill: whole
@@ -78,9 +79,11 @@ for m in (1, 512):  # decode: split K (its in-kernel reduction), prefill: whole
     split = {"partial_ptr": "*fp32", "counter_ptr": "*i32"}
     pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "codebook_ptr": "*fp32", "out_ptr": "*bf16",
                 **split}
-    constexprs = dict(BLOCKSIZE=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, DOT_PRECISION="tf32", SPLIT=m == 1)
+    constexprs = dict(BLOCKSIZE=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, DOT_PRECISION="tf32", SPLIT=m == 1,
+                      ROW_SCALES=False)
     out[f"bnb{m}"] = facts(summarize(_compile(bnb4_gemm._bnb4_gemm_kernel, pointers, set(), constexprs, 4, 3)))
-    constexprs = dict(constexprs, BLOCKSIZE=16, BLOCK_K=32)  # NVFP4: two blocks of 16 a K step
+    constexprs = dict(constexprs, BLOCKSIZE=16, BLOCK_K=32, ROW_SCALES=True)  # NVFP4: two fp8 block scales a step
+    pointers = dict(pointers, absmax_ptr="*fp8e4nv", row_scale_ptr="*fp32")
     out[f"nvfp4_{m}"] = facts(summarize(_compile(bnb4_gemm._bnb4_gemm_kernel, pointers, set(), constexprs, 4, 3)))
     from kernels import int8_gemm
     for group in (0, 128):  # bitsandbytes 8-bit (a scale per row), GPTQ 8-bit (scales and zero points per group)

@@ -714,7 +714,9 @@ def test_nvfp4_checkpoint_matches_dequantized_model(tmp_path, layout):
     layers = linears(engine)
     assert len(layers) == 2 * 4 and all(layer.weight.dtype == torch.uint8 for layer in layers)
     qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj
-    assert qkv.weight_absmax.shape == (qkv.out_features, qkv.in_features // 16)
+    assert qkv.weight_scale.dtype == torch.float8_e4m3fn
+    assert qkv.weight_scale.shape == (qkv.out_features, qkv.in_features // 16)
+    assert qkv.weight_row_scale.shape == (qkv.out_features,)
     assert engine.runner.model_config.quantization.summary().startswith(f"nvfp4 ({layout}")
 
 

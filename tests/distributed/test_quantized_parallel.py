@@ -352,5 +352,5 @@ def test_nvfp4_over_two_ranks_equals_one_device(tmp_path, arch):
     ours, model = run(quantized, tensor_parallel_size=2)
     assert_same_run(ours, reference)
     o_proj = model.model.layers[0].self_attn.o_proj
-    assert o_proj.weight_absmax.shape == (o_proj.out_features, o_proj.in_features // 16)
+    assert o_proj.weight_scale.shape == (o_proj.out_features, o_proj.in_features // 16)
 

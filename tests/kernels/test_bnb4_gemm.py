@@ -47,6 +47,23 @@ def test_bnb4_kernel_matches_reference(m, codebook, blocksize, dtype):
     assert_close(out, bnb4_linear_ref(x.double(), packed, absmax, table, blocksize), 4 * TOLERANCE[dtype], "bnb4")
 
 
+@pytest.mark.parametrize("m", [1, 40])
+def test_nvfp4_form_with_fp8_block_scales_and_row_scales_matches_reference(m):
+    """NVFP4's form: e2m1 codes, an fp8 scale per 16 weights and a global scale per output row applied to the
+    product (``ROW_SCALES``): the kernel as the reference's dequantization (fp8 scales widened, rows scaled)."""
+    gen = torch.Generator().manual_seed(m + 5)
+    n, k = 96, 256
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    scale = torch.empty(n, k // 16).uniform_(0.5, 400, generator=gen).to(torch.float8_e4m3fn)
+    rows = torch.empty(n).uniform_(1e-4, 2e-4, generator=gen)
+    table, x = torch.tensor(E2M1_CODEBOOK), torch.randn(m, k, generator=gen)
+    packed, scale, rows, table, x = (t.to(KERNEL_DEVICE) for t in (packed, scale, rows, table, x))
+    out = bnb4_gemm_triton(x, packed, scale, table, 16, rows)
+    ref = bnb4_linear_ref(x.double(), packed, scale, table, 16, row_scale=rows)
+    assert_close(out, ref, 4 * TOLERANCE[torch.float32], "nvfp4")
+    assert not torch.allclose(ref, bnb4_linear_ref(x.double(), packed, scale, table, 16))
+
+
 def test_dispatcher_on_cpu_takes_reference_and_adds_the_bias():
     packed, absmax = quantize_bnb4(torch.randn(32, 64))
     table, x, bias = torch.tensor(NF4_CODEBOOK), torch.randn(3, 64), torch.randn(32)

@@ -475,7 +475,12 @@ def test_fused_moe_with_bitsandbytes_experts_matches_reference(dtype, kind):
     packed = [[quantize_bnb4(w[e].float().cpu(), block, unit) for e in range(w.shape[0])] for w in (w13, w2)]
     (q13, a13), (q2, a2) = ((torch.stack([c for c, _ in p]).to(KERNEL_DEVICE),
                              torch.stack([m / top for _, m in p]).to(KERNEL_DEVICE)) for p in packed)  # fmt: skip
-    quant = ExpertQuant(a13, a2, codebook=torch.tensor(codebook, device=KERNEL_DEVICE), bnb_block=block)
+    rows = {}
+    if kind == "nvfp4":  # fp8 block scales, each row's global scale applied to the product
+        rows = {f"w{i}_row_scale": (a.amax(-1) / 448).clamp(min=1e-8) for i, a in (("13", a13), ("2", a2))}
+        a13, a2 = ((a / r[..., None]).to(torch.float8_e4m3fn) for a, r in ((a13, rows["w13_row_scale"]),
+                                                                             (a2, rows["w2_row_scale"])))
+    quant = ExpertQuant(a13, a2, codebook=torch.tensor(codebook, device=KERNEL_DEVICE), bnb_block=block, **rows)
     out = fused_moe_triton(x, q13, q2, weights, ids, config=SMALL, quant=quant)
     ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, quant)
     assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe bnb4")

@@ -1,14 +1,14 @@
 """NVFP4 checkpoints (NVIDIA ModelOpt ``quant_algo: NVFP4``, compressed-tensors ``nvfp4-pack-quantized``; e.g. the
-nvidia/*-FP4 and RedHatAI NVFP4 releases), run w4a16 on the 4-bit codebook kernels (``kernels/bnb4_gemm.py``, the
-fused MoE kernel's ``bnb4`` experts).
+nvidia/*-FP4 and RedHatAI NVFP4 releases), run w4a16 on the 4-bit codebook kernels (``kernels/bnb4_gemm.py``, the fused
+MoE kernel's ``bnb4`` experts).
 
-Each weight is an e2m1 code (two a byte, the low nibble first) times its block of 16's fp8 e4m3 scale and a global
-fp32 scale of the tensor: ModelOpt ``weight`` / ``weight_scale`` / ``weight_scale_2`` with ``W = e2m1 * s * s2``;
-compressed-tensors ``weight_packed`` / ``weight_scale`` / ``weight_global_scale`` with ``W = e2m1 * s / g``. That is
-the bitsandbytes form with the e2m1 values as the codebook and ``s * s2`` (or ``s / g``) as each block's absmax:
-after loading the nibbles are swapped into that kernel's order and the absmax kept in fp32 (6 bits a weight against
-the file's 4.5, the scales' two levels folded into one). The checkpoints' fp4 activation scales (W4A4: the
-activations are quantized too on Blackwell GPUs) are read and dropped: the activations stay 16-bit, as vLLM runs
+Each weight is an e2m1 code (two a byte, the low nibble first) times its block of 16's fp8 e4m3 scale and a global fp32
+scale of the tensor: ModelOpt ``weight`` / ``weight_scale`` / ``weight_scale_2`` with ``W = e2m1 * s * s2``;
+compressed-tensors ``weight_packed`` / ``weight_scale`` / ``weight_global_scale`` with ``W = e2m1 * s / g``. That is the
+bitsandbytes form with the e2m1 values as the codebook, the fp8 ``s`` as each block's absmax and ``s2`` (or ``1 / g``) a
+per-row scale of the product (the global scale factors out of the K sum): after loading only the nibbles are swapped
+into that kernel's order, so the layer holds the file's 4.5 bits a weight. The checkpoints' fp4 activation scales (W4A4:
+the activations are quantized too on Blackwell GPUs) are read and dropped: the activations stay 16-bit, as vLLM runs
 NVFP4 on GPUs without fp4 tensor cores.
 """
 
@@ -163,20 +163,19 @@ def register_nvfp4(holder: nn.Module, prefix: str, config: Nvfp4Config, sizes: S
 
 
 def take_nvfp4(holder: nn.Module, prefix: str, config: Nvfp4Config, sizes: Sequence[int]
-               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """What :func:`register_nvfp4`'s parameters loaded, dropped: the codes in the codebook kernels' nibble order
-    (high first) ``[out, in / 2]`` and each block's fp32 absmax ``[out, in / 16]`` (its fp8 scale with the shard's
-    global scale folded in)."""
+    (high first) ``[out, in / 2]``, the fp8 block scales ``[out, in / 16]`` as they are and each output row's global
+    scale ``[out]`` (its shard's: ModelOpt's ``weight_scale_2``, compressed-tensors' ``1 / weight_global_scale``)."""
     codes_name = _codes_param(prefix, config)
     packed = getattr(holder, codes_name).data
     codes = ((packed & 15) << 4) | (packed >> 4)  # the file's low nibble first -> the kernels' high nibble first
-    scale = getattr(holder, f"{prefix}weight_scale").data.float()
+    scale = getattr(holder, f"{prefix}weight_scale").data
     glob = getattr(holder, f"{prefix}{config.global_name}").data.float()
-    per_row = glob.repeat_interleave(torch.tensor(tuple(sizes), device=glob.device))[:, None]
-    absmax = scale * per_row if config.layout == "modelopt" else scale / per_row
+    per_row = glob.repeat_interleave(torch.tensor(tuple(sizes), device=glob.device))
     for name in (codes_name, f"{prefix}weight_scale", f"{prefix}{config.global_name}"):
         delattr(holder, name)
-    return codes, absmax.contiguous()
+    return codes, scale.contiguous(), (per_row if config.layout == "modelopt" else 1.0 / per_row).contiguous()
 
 
 class Nvfp4LinearMethod(LinearMethod):
@@ -192,14 +191,15 @@ class Nvfp4LinearMethod(LinearMethod):
         register_nvfp4(layer, "", self.config, output_sizes, in_features)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        codes, absmax = take_nvfp4(layer, "", self.config, layer.output_sizes)
+        codes, scale, row_scale = take_nvfp4(layer, "", self.config, layer.output_sizes)
         replace_parameter(layer, "weight", codes)
-        replace_parameter(layer, "weight_absmax", absmax)
+        replace_parameter(layer, "weight_scale", scale)
+        replace_parameter(layer, "weight_row_scale", row_scale)
         replace_parameter(layer, "weight_quant_map", torch.tensor(E2M1_CODEBOOK, device=codes.device))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return bnb4_linear(x, layer.weight, layer.weight_absmax, layer.weight_quant_map, BLOCK, bias,
-                           backend=layer.backend)
+        return bnb4_linear(x, layer.weight, layer.weight_scale, layer.weight_quant_map, BLOCK, bias,
+                           backend=layer.backend, row_scale=layer.weight_row_scale)
 
 
 class Nvfp4MoEMethod:
@@ -226,14 +226,15 @@ class Nvfp4MoEMethod:
 
     def process_weights_after_loading(self, block: nn.Module) -> None:
         for name, sizes, _ in self._projections(block):
-            codes, absmax = take_nvfp4(block, f"{name}_", self.config, sizes)
+            codes, scale, row_scale = take_nvfp4(block, f"{name}_", self.config, sizes)
             replace_parameter(block, name, codes)
-            replace_parameter(block, f"{name}_weight_absmax", absmax)
+            replace_parameter(block, f"{name}_weight_scale", scale)
+            replace_parameter(block, f"{name}_row_scale", row_scale)
         replace_parameter(block, "codebook", torch.tensor(E2M1_CODEBOOK, device=block.w13.device))
 
     def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
-        e = block.num_experts
-        w13, w2 = block.w13.view(e, 2 * block.inter, -1), block.w2.view(e, block.hidden, -1)
-        absmax13 = block.w13_weight_absmax.view(e, 2 * block.inter, -1)
-        absmax2 = block.w2_weight_absmax.view(e, block.hidden, -1)
-        return w13, w2, ExpertQuant(absmax13, absmax2, codebook=block.codebook, bnb_block=BLOCK)
+        e, inter, hidden = block.num_experts, block.inter, block.hidden
+        return (block.w13.view(e, 2 * inter, -1), block.w2.view(e, hidden, -1),
+                ExpertQuant(block.w13_weight_scale.view(e, 2 * inter, -1), block.w2_weight_scale.view(e, hidden, -1),
+                            codebook=block.codebook, bnb_block=BLOCK, w13_row_scale=block.w13_row_scale.view(e, -1),
+                            w2_row_scale=block.w2_row_scale.view(e, -1)))
