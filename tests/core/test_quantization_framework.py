@@ -50,8 +50,13 @@ def test_unsupported_checkpoint_method_is_named_with_the_supported_list():
         ModelConfig.from_hf_dict(llama_dict(quantization_config={"quant_method": "hqq", "nbits": 4}))
     message = str(info.value)
     assert "hqq" in message and "quantiz" in message
-    for method in supported_methods():
+    from core.layers.quantization import CHECKPOINT_METHODS, ONLINE_ONLY_METHODS
+
+    for method in CHECKPOINT_METHODS:  # what a checkpoint may say; experts_int8 only quantizes at load
         assert method in message
+    assert not any(method in message for method in ONLINE_ONLY_METHODS)
+    with pytest.raises(ValueError, match="quantized with 'experts_int8'.*does not support"):
+        ModelConfig.from_hf_dict(llama_dict(quantization_config={"quant_method": "experts_int8"}))
 
 
 def test_requested_method_must_match_the_checkpoint():

@@ -1011,7 +1011,8 @@ def test_unsupported_checkpoint_method_fails_naming_it(tmp_path):
     config, state = base_checkpoint()
     config["quantization_config"] = {"quant_method": "hqq", "nbits": 4}
     path = save(tmp_path / "hqq", config, state)
-    with pytest.raises(ValueError, match="'hqq'.*supported quantization methods: awq, bitsandbytes, fp8, gguf, gptq"):
+    with pytest.raises(ValueError, match="'hqq'.*supported checkpoint quantization methods: awq, bitsandbytes, "
+                                         "compressed-tensors, fbgemm_fp8, fp8, gptq, modelopt"):
         make_engine(path)
 
 

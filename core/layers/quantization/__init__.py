@@ -39,6 +39,12 @@ REQUESTED_ALIASES = {"awq_marlin": ("awq", ("awq",)), "gptq_marlin": ("gptq", ("
                      "fbgemm_fp8": ("fp8", ("fbgemm_fp8",))}
 
 
+# Methods that only quantize a 16-bit checkpoint at load (``--quantization``), never read from a checkpoint
+ONLINE_ONLY_METHODS = ("experts_int8",)
+# The ``quant_method`` values a checkpoint's config may carry (those of REQUESTED_ALIASES are formats of ours)
+CHECKPOINT_METHODS = ("awq", "bitsandbytes", "compressed-tensors", "fbgemm_fp8", "fp8", "gptq", "modelopt")
+
+
 def supported_methods() -> list[str]:
     return sorted(QUANTIZATION_METHODS)
 
@@ -78,10 +84,10 @@ def quant_config_from_hf(hf_config: dict[str, Any]) -> QuantConfig | None:
         from core.layers.quantization.fp8 import Fp8Config
 
         return Fp8Config.from_modelopt(qc) if method == "modelopt" else Fp8Config.from_fbgemm(qc)
-    if method not in QUANTIZATION_METHODS:
+    if method not in QUANTIZATION_METHODS or method in ONLINE_ONLY_METHODS:
         raise ValueError(f"The checkpoint is quantized with '{method}' (config.json quantization_config), which "
-                         f"pagedserve does not support; supported quantization methods: "
-                         f"{', '.join(supported_methods())}.")
+                         f"pagedserve does not support; supported checkpoint quantization methods: "
+                         f"{', '.join(CHECKPOINT_METHODS)} (and .gguf files).")
     return method_class(method).from_hf(qc)
 
 
