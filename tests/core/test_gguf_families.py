@@ -16,6 +16,7 @@ import transformers
 
 from tests.core.engine_utils import make_engine, run_engine
 from tests.core.test_loader import llama_cpp_permute
+from tests.kernels.test_gguf_codebook import WRITERS as IQ4_WRITERS
 from tests.kernels.test_gguf_gemm import quantize_q4_k, quantize_q6_k
 from tests.core.test_model_parity import GREEDY, MAX_TOKENS, check_against_hf, random_prompts
 from tests.tiny_models import SLIDING_WINDOW, hf_config, hf_greedy
@@ -157,9 +158,12 @@ def _convert(gguf_arch: str, cfg, hf_name: str, array: np.ndarray) -> np.ndarray
 def _add_matrix(writer: gguf.GGUFWriter, name: str, array: np.ndarray, ggml_type: gguf.GGMLQuantizationType | None
                 ) -> None:  # fmt: skip
     """A weight matrix (or a stack of experts' matrices) in F16, or quantized to ``ggml_type``."""
-    k_quant = ggml_type in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K)
+    k_quant = ggml_type in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K,
+                            gguf.GGMLQuantizationType.IQ4_XS)
     if ggml_type is None or array.shape[-1] % (256 if k_quant else 32):  # llama.cpp: rows of partial blocks in F16
         writer.add_tensor(name, array.astype(np.float16))
+    elif ggml_type in IQ4_WRITERS:  # gguf-py writes no IQ types
+        writer.add_tensor(name, IQ4_WRITERS[ggml_type](array), raw_dtype=ggml_type)
     elif k_quant:  # gguf-py writes no K-quants
         quantize = quantize_q4_k if ggml_type == gguf.GGMLQuantizationType.Q4_K else quantize_q6_k
         writer.add_tensor(name, quantize(array), raw_dtype=ggml_type)
@@ -336,6 +340,22 @@ def test_moe_gguf_8bit_experts_on_the_int8_experts_kernel_equal_them_dequantized
         assert quant.w13_group == quant.w2_group == group and quant.w13_offsets is None
         assert block.w2.dtype == torch.int8 and block.w2.shape == (block.num_experts, block.hidden, block.inter)
         assert block.w13_scale.shape == (block.num_experts, block.hidden // group, 2 * block.inter)
+
+
+@pytest.mark.parametrize("family, ggml_type", [("qwen3", "IQ4_NL"), ("mistral_sw", "IQ4_XS"), ("qwen3_moe", "IQ4_NL"),
+                                               ("qwen2_moe", "IQ4_XS")])  # fmt: skip
+def test_iq4_gguf_runs_on_the_codebook_kernels_as_dequantized(tmp_path, family, ggml_type):
+    """IQ4_NL / IQ4_XS files (llama.cpp's non-linear 4-bit types): their linear layers and expert stacks repacked
+    for the 4-bit codebook kernels on any device (``kvalues_iq4nl`` as the codebook, each block of 32's scale), the
+    embedding dequantized: the tokens and logprobs of the same file dequantized at load (IQ4_XS: models 256 wide)."""
+    wider = {"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 256} if ggml_type == "IQ4_XS" \
+        else None  # fmt: skip
+    model = _kept_equals_dequantized(tmp_path, family, ggml_type, wider)
+    qkv = next(m for m in model.modules() if hasattr(m, "qkv_proj")).qkv_proj
+    assert qkv.weight_absmax.shape == (qkv.out_features, qkv.in_features // 32) and qkv.weight_quant_map[0] == -127
+    for block in (m for m in model.modules() if hasattr(m, "w13")):
+        _, _, quant = block.quant_method.experts(block)
+        assert quant.bnb_block == 32 and quant.w13_scale.shape[-1] == block.hidden // 32
 
 
 def _metadata_only_gguf(path, arch: str, layers: int, **keys) -> dict:

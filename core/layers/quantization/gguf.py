@@ -3,9 +3,11 @@
 Which tensors stay quantized is decided once from the file's header (``GGUFConfig.from_file``), and the same
 decision drives both sides: the loader yields those tensors as their raw ``uint8 [rows, row_bytes]`` blocks
 (``core/gguf.py``), the model gives their layers a ``GGUFLinearMethod`` / ``GGUFEmbedding`` holding exactly those
-bytes. Kept: linear, token-embedding and LM-head weights of the kernel's types (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K);
-a merged projection (q/k/v, gate/up) only if all its parts share one type. Everything else (F32/F16/BF16 tensors,
-other quant types, mixed-type merges) is dequantized at load as before, and logged.
+bytes. Kept: linear, token-embedding and LM-head weights of the kernel's types (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K),
+and linear and expert weights of IQ4_NL / IQ4_XS, which are repacked at load on every device for the 4-bit codebook
+kernels (``kernels/gguf_codebook.py``: llama.cpp's ``kvalues_iq4nl`` as the codebook, exact); a merged projection
+(q/k/v, gate/up) only if all its parts share one type, a MoE block's IQ4 stacks only if all three are. Everything else
+(F32/F16/BF16 tensors, other quant types, mixed-type merges) is dequantized at load as before, and logged.
 
 Q4_0, Q4_1 and Q4_K linear weights are 4-bit codes with one scale and one offset per 32 inputs (a Q4_0 / Q4_1
 block, a Q4_K sub-block: ``d * sc * q - dmin * m``), which is the w4a16 int4 form with group size 32: after loading
@@ -42,6 +44,8 @@ from core.layers.quantization.base import LinearMethod, QuantConfig, new_paramet
 from kernels.fused_moe import ExpertQuant
 from kernels.gguf_gemm import (GGUF_KERNEL_TYPES, INT4_TYPES, INT8_GROUPS, INT8_TYPES, Q4_0, Q6_K, Q8_0, blocks_as_int8,
                                dequantize_gguf, gguf_linear, q4_blocks_as_int4)  # fmt: skip
+from kernels.gguf_codebook import CODEBOOK_BLOCK, CODEBOOK_TYPES, IQ4_CODEBOOK, iq4_blocks_as_codebook
+from kernels.bnb4_gemm import bnb4_linear
 from kernels.int4_gemm import int4_linear, pack_int4_kernel
 
 if TYPE_CHECKING:
@@ -62,7 +66,11 @@ _KEPT_KINDS = re.compile(r"(model\.layers\.\d+\.(self_attn\.([qkvo]|qkv)_proj"
                          r"|mlp\.(experts\.)?(gate|up|down|gate_up)_proj|mlp\.c_(fc|proj))"
                          r"|model\.embed_tokens|lm_head)\.weight")
 EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
-BLOCKS, INT4, INT8 = "blocks", "int4", "int8"  # an expert stack's form: the file's, or repacked (``repack_experts``)
+# an expert stack's form: the file's, or repacked (``repack_experts``)
+BLOCKS, INT4, INT8, CODEBOOK = "blocks", "int4", "int8", "codebook"
+# Every type kept quantized -> (elements per block, bytes per block): the block GEMM's, and IQ4_NL / IQ4_XS, which are
+# always repacked for the 4-bit codebook kernels (linear layers and experts; their embedding / LM head dequantize)
+KEPT_TYPES = GGUF_KERNEL_TYPES | CODEBOOK_TYPES
 
 
 def _type_name(ggml_type: int) -> str:
@@ -70,7 +78,7 @@ def _type_name(ggml_type: int) -> str:
 
 
 def _row_bytes(ggml_type: int, in_features: int, input_shards: int = 1) -> int:
-    block, type_size = GGUF_KERNEL_TYPES[ggml_type]
+    block, type_size = KEPT_TYPES[ggml_type]
     if in_features % block:
         split = ""
         if input_shards > 1:
@@ -112,7 +120,8 @@ class GGUFConfig(QuantConfig):
                 types[gguf_hf_name(gguf, name)] = int(info.ggml_type)
             except ValueError:
                 continue  # rope_freqs and the like: the loader handles (or rejects) them
-        kept = {name: t for name, t in types.items() if _KEPT_KINDS.fullmatch(name) and t in GGUF_KERNEL_TYPES}
+        kept = {name: t for name, t in types.items() if _KEPT_KINDS.fullmatch(name)
+                and (t in GGUF_KERNEL_TYPES or (t in CODEBOOK_TYPES and name not in (EMBEDDING, LM_HEAD)))}
         dequantized: dict[str, list[str]] = {}
         for name, t in types.items():
             if name not in kept and t not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
@@ -124,7 +133,9 @@ class GGUFConfig(QuantConfig):
                     # one type for a merged projection's parts; the experts' down may differ from gate / up
                     same_type = names[:2] if first == "mlp.experts.gate_proj" else names
                     part_types = {types.get(n) for n in same_type}
-                    if len(part_types) > 1 or not all(n in kept for n in names):
+                    # a block's experts run one kernel kind for IQ4 stacks: the codebook experts, all or none
+                    codebook_mix = len({types.get(n) in CODEBOOK_TYPES for n in names}) > 1
+                    if len(part_types) > 1 or not all(n in kept for n in names) or codebook_mix:
                         reason = "merged projection of mixed types " + "/".join(
                             _type_name(types[n]) for n in names if n in types)
                         for n in names:
@@ -166,7 +177,7 @@ class GGUFConfig(QuantConfig):
         rows = tensor.dim() - 2  # the output-row dim: 1 for an expert stack
         if parallel == "column":
             return tensor.narrow(rows, start, length)
-        block, type_size = GGUF_KERNEL_TYPES[ggml_type]
+        block, type_size = KEPT_TYPES[ggml_type]
         if start % block or length % block:
             raise ValueError(f"GGUF {_type_name(ggml_type)}: {name} cannot be split over the ranks: each rank's "
                              f"{length} input features (from {start}) are not whole {block}-element blocks; use "
@@ -206,10 +217,18 @@ class GGUFLinearMethod(LinearMethod):
         layer.in_features, layer.params_dtype = in_features, params_dtype
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        if self.ggml_type in INT4_TYPES and layer.weight.is_cuda:  # on CPU both paths dequantize in torch
+        if self.ggml_type in CODEBOOK_TYPES:  # on every device: the block GEMM has no IQ4 decode
+            codes, absmax = iq4_blocks_as_codebook(layer.weight.data, self.ggml_type, layer.in_features)
+            replace_parameter(layer, "weight", codes)
+            replace_parameter(layer, "weight_absmax", absmax)
+            replace_parameter(layer, "weight_quant_map", torch.tensor(IQ4_CODEBOOK, device=codes.device))
+        elif self.ggml_type in INT4_TYPES and layer.weight.is_cuda:  # on CPU both paths dequantize in torch
             repack_for_int4_kernels(layer, self.ggml_type)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if hasattr(layer, "weight_absmax"):  # IQ4_NL / IQ4_XS on the codebook kernels
+            return bnb4_linear(x, layer.weight, layer.weight_absmax, layer.weight_quant_map, CODEBOOK_BLOCK, bias,
+                               backend=layer.backend)
         if hasattr(layer, "qweight"):  # Q4_1 / Q4_K zeros are not whole numbers: the kernels apply them apart
             return int4_linear(x, layer.qweight, layer.scales, layer.zeros, self.INT4_GROUP, None, bias,
                                backend=layer.backend, integer_zeros=self.ggml_type == Q4_0)
@@ -245,10 +264,13 @@ class GGUFMoEMethod:
         return True
 
     def process_weights_after_loading(self, block: nn.Module) -> None:
-        if block.w13.is_cuda:  # on CPU every form dequantizes in torch
+        if block.w13.is_cuda or self.types[0] in CODEBOOK_TYPES:  # on CPU the other forms dequantize in torch
             repack_experts(block, self.types)
 
     def experts(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor, ExpertQuant]:
+        if block.stack_kinds[0] == CODEBOOK:  # IQ4 stacks: both (GGUFConfig.from_file keeps them so)
+            return block.w13, block.w2, ExpertQuant(block.w13_scale, block.w2_scale, codebook=block.codebook,
+                                                    bnb_block=CODEBOOK_BLOCK)
         fields: dict[str, Any] = {}
         for which, name in enumerate(("w13", "w2")):
             kind = block.stack_kinds[which]
@@ -297,12 +319,24 @@ def experts_as_int8(raw: torch.Tensor, ggml_type: int, in_features: int
     return codes, scales, offsets
 
 
+def experts_as_codebook(raw: torch.Tensor, ggml_type: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An IQ4_NL / IQ4_XS expert stack (``uint8 [E, N, row_bytes]``) as the codebook experts' codes ``[E, N, K / 2]``
+    and fp32 absmax ``[E, N, K / 32]`` (``iq4_blocks_as_codebook``, one expert at a time)."""
+    experts, n, _ = raw.shape
+    codes = torch.empty(experts, n, in_features // 2, dtype=torch.uint8, device=raw.device)
+    absmax = torch.empty(experts, n, in_features // CODEBOOK_BLOCK, dtype=torch.float32, device=raw.device)
+    for e in range(experts):
+        codes[e], absmax[e] = iq4_blocks_as_codebook(raw[e], ggml_type, in_features)
+    return codes, absmax
+
+
 def repack_experts(block: nn.Module, types: tuple[int, int]) -> tuple[str, str]:
     """Replace each expert stack's blocks by the form of a faster kernel: Q4_0 / Q4_1 / Q4_K by the int4 experts'
     codes, ``{w13,w2}_scale`` and ``{w13,w2}_offsets`` (``experts_as_int4``), Q8_0 / Q6_K / Q5_K by the 8-bit
-    experts' (``experts_as_int8``; offsets for Q5_K only). ``block.stack_kinds`` records each stack's form, which
-    is returned. A stack of another type, or an int4 one whose scales do not fit the block's dtype (logged), keeps
-    its blocks; one already repacked stays as it is."""
+    experts' (``experts_as_int8``; offsets for Q5_K only), IQ4_NL / IQ4_XS by the 4-bit codebook experts' codes and
+    block absmax (``experts_as_codebook``; the table in ``block.codebook``). ``block.stack_kinds`` records each
+    stack's form, which is returned. A stack of another type, or an int4 one whose scales do not fit the block's
+    dtype (logged), keeps its blocks; one already repacked stays as it is."""
     kinds = list(block.stack_kinds)
     for which, (name, k) in enumerate((("w13", block.hidden), ("w2", block.inter))):
         if kinds[which] != BLOCKS:
@@ -316,6 +350,9 @@ def repack_experts(block: nn.Module, types: tuple[int, int]) -> tuple[str, str]:
                 continue
         elif ggml_type in INT8_TYPES:
             repacked, kind = experts_as_int8(raw, ggml_type, k), INT8
+        elif ggml_type in CODEBOOK_TYPES:
+            repacked, kind = experts_as_codebook(raw, ggml_type, k), CODEBOOK
+            replace_parameter(block, "codebook", torch.tensor(IQ4_CODEBOOK, device=raw.device))
         else:
             continue
         for suffix, value in zip(("", "_scale", "_offsets"), repacked):
@@ -344,8 +381,8 @@ def repack_for_int4_kernels(layer: nn.Module, ggml_type: int) -> bool:
 
 def _random_blocks(ggml_type: int):
     """``--load-format dummy``: random bytes with every float16 scale set to a small finite value."""
-    block, type_size = GGUF_KERNEL_TYPES[ggml_type]
-    scale_bytes = [208] if ggml_type == 14 else [0] if ggml_type in (2, 8) else [0, 2]
+    block, type_size = KEPT_TYPES[ggml_type]
+    scale_bytes = [208] if ggml_type == 14 else [0] if ggml_type in (2, 8, *CODEBOOK_TYPES) else [0, 2]
     small = torch.tensor([1e-4], dtype=torch.float16).view(torch.uint8)
 
     def fill(tensor: torch.Tensor, gen: torch.Generator) -> None:
