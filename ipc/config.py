@@ -215,13 +215,15 @@ class EngineConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
         "no stage waits for the others. 1: one step at a time (each stage idle (P-1)/P of the time).")] = None
 
     quantization: Annotated[str | None, Arg(
-        "Weight quantization. Default: the checkpoint's config.json quantization_config (fp8, compressed-tensors "
-        "float8 or W4A16, awq, gptq, bitsandbytes 4-bit). fp8 on an unquantized checkpoint quantizes it at load "
-        "(per-channel weight scales, dynamic per-token activation scales); bitsandbytes quantizes it to NF4 in "
-        "blocks of 64. gguf keeps a .gguf file's Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights in "
-        "their blocks (opt-in until the block GEMM is measured on the GPU). awq_marlin, gptq_marlin and "
-        "compressed-tensors (vLLM's names) are accepted for checkpoints of those methods, which run on pagedserve's "
-        "kernels.", choices=QUANTIZATION_CHOICES, aliases=("-q",))] = None
+        "Weight quantization. Default: the checkpoint's config.json quantization_config (fp8, fbgemm_fp8, "
+        "compressed-tensors float8 / W4A16 / W8A16 / W8A8 / NVFP4, awq, gptq 4- and 8-bit, bitsandbytes 4- and "
+        "8-bit, modelopt FP8 / NVFP4). fp8 on an unquantized checkpoint quantizes it at load (per-channel weight "
+        "scales, dynamic per-token activation scales); bitsandbytes quantizes it to NF4 in blocks of 64; "
+        "experts_int8 quantizes a mixture of experts' experts to int8 per channel. gguf keeps a .gguf file's "
+        "Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K/IQ4_NL/IQ4_XS weights quantized (opt-in until the block GEMM is measured on "
+        "the GPU). awq_marlin, gptq_marlin, compressed-tensors, modelopt, modelopt_fp4 and fbgemm_fp8 (vLLM's "
+        "names) are accepted for checkpoints of those methods, which run on pagedserve's kernels.",
+        choices=QUANTIZATION_CHOICES, aliases=("-q",))] = None
     gguf_dequantize: Annotated[bool, Arg(
         "Dequantize a .gguf file's weights to the model dtype at load (the path before --quantization gguf; more "
         "memory, cuBLAS GEMMs). This is also the default without --quantization gguf.")] = False
