@@ -710,7 +710,8 @@ def test_nvfp4_checkpoint_matches_dequantized_model(tmp_path, layout):
     """NVFP4 (ModelOpt ``weight_scale_2``, compressed-tensors ``weight_global_scale``; merged q/k/v and gate/up with
     a global scale per shard) on the 4-bit codebook kernel, e2m1 values and blocks of 16: the dequantized model's
     tokens and logprobs."""
-    engine, _ = compare(*write_nvfp4(tmp_path, layout), logprob_atol=1e-4)
+    requested = {"modelopt": "modelopt_fp4", "ct": "compressed-tensors"}[layout]  # vLLM's names for the format
+    engine, _ = compare(*write_nvfp4(tmp_path, layout), logprob_atol=1e-4, quantization=requested)
     layers = linears(engine)
     assert len(layers) == 2 * 4 and all(layer.weight.dtype == torch.uint8 for layer in layers)
     qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj

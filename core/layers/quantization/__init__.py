@@ -110,9 +110,10 @@ def resolve_quantization(model_config: ModelConfig, hf_config: dict[str, Any], r
             raise ValueError(f"--quantization {requested}: this checkpoint's {found} config holds no quantization "
                              "scheme (its sparse weights are stored dense and load unquantized); leave "
                              "--quantization out.")
-        method = method or quant.name  # compressed-tensors: the method of the checkpoint's scheme
+        method = method or quant.name  # compressed-tensors, modelopt: the method of the checkpoint's scheme
         logger.info("--quantization %s: the %s checkpoint runs on pagedserve's %s kernels.", requested, found, method)
-        requested = method
+        check_family_supports(model_config.architecture, quant.name)  # the checkpoint's own quantization, as read
+        return dataclasses.replace(model_config, quantization=quant)
     if requested is not None:
         if requested not in QUANTIZATION_METHODS:
             raise ValueError(f"Unknown quantization method '{requested}'; supported: "
