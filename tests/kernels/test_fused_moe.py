@@ -188,6 +188,29 @@ def test_int4_experts_step_over_whole_groups():
         _int4_block_k(128, 16, 256)
 
 
+def _sorted_by_act_order(w13: torch.Tensor, w2: torch.Tensor, seed: int
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    """Each expert's own random act order: its permutations ``[E, K]`` per stack, and the weights with their input
+    rows in that order (row ``j`` of expert ``e``'s is input ``perm[e, j]`` of the original)."""
+    gen = torch.Generator().manual_seed(seed)
+    perms = [torch.stack([torch.randperm(w.shape[2], generator=gen) for _ in range(w.shape[0])]) for w in (w13, w2)]
+    return perms, [torch.stack([w[e][:, p[e]] for e in range(w.shape[0])]) for w, p in zip((w13, w2), perms)]
+
+
+def _assert_act_order_undone(x, weights, ids, ref, dequantized: list[torch.Tensor], perms: list[torch.Tensor],
+                             dtype: torch.dtype) -> None:  # fmt: skip
+    """The sorted experts' result equals the plain experts' whose weights are the dequantized ones ``[E, N, K]``
+    with their input rows put back (the act order undone)."""
+    unsorted = []
+    for w, p in zip(dequantized, perms):
+        plain = torch.empty(w.shape, dtype=torch.float64)
+        for e in range(w.shape[0]):
+            plain[e][:, p[e]] = w[e].double()
+        unsorted.append(plain)
+    assert_close(ref, fused_moe_ref(x.double(), *unsorted, weights.double(), ids), TOLERANCE[dtype],
+                 "act order undone")
+
+
 @pytest.mark.parametrize("group, block_k, dtype", [(32, 32, torch.float32), (32, 32, torch.float16),
                                                    (32, 128, torch.float32)])  # fmt: skip
 def test_fused_moe_with_act_order_int4_experts_matches_reference(group, block_k, dtype):
@@ -197,11 +220,8 @@ def test_fused_moe_with_act_order_int4_experts_matches_reference(group, block_k,
     from kernels.int4_gemm import dequantize_int4
 
     x, w13, w2, weights, ids = _problem(19, 4, 128, 64, 2, dtype, seed=7)
-    gen = torch.Generator().manual_seed(8)
-    perms = [torch.stack([torch.randperm(w.shape[2], generator=gen) for _ in range(4)]) for w in (w13, w2)]
-    # sorted weights: row j of expert e's is input perm[e, j] of the original
-    (q13, s13, z13), (q2, s2, z2) = (_int4_experts(torch.stack([w[e][:, p[e]] for e in range(4)]), group)
-                                     for w, p in zip((w13, w2), perms))  # fmt: skip
+    perms, sorted_weights = _sorted_by_act_order(w13, w2, seed=8)
+    (q13, s13, z13), (q2, s2, z2) = (_int4_experts(w, group) for w in sorted_weights)
     quant = ExpertQuant(s13.to(dtype), s2.to(dtype), None, z13.to(dtype), z2.to(dtype), group, group,
                         *(p.to(torch.int32) for p in perms))  # fmt: skip
     quant = ExpertQuant(*(t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t for t in quant))
@@ -209,12 +229,9 @@ def test_fused_moe_with_act_order_int4_experts_matches_reference(group, block_k,
     out = fused_moe_triton(x, q13, q2, weights, ids, config=dict(SMALL, BLOCK_K=block_k), quant=quant)
     ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, quant)
     assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe act-order int4")
-    unsorted = [torch.empty(4, w.shape[1], w.shape[2], dtype=torch.float64) for w in (w13, w2)]
-    for target, q, sc, z, p in ((unsorted[0], q13, s13, z13, perms[0]), (unsorted[1], q2, s2, z2, perms[1])):
-        for e in range(4):
-            target[e][:, p[e]] = dequantize_int4(q[e].cpu(), sc[e].double(), z[e].double(), group).t().double()
-    plain = fused_moe_ref(x.double(), *unsorted, weights.double(), ids)
-    assert_close(ref, plain, TOLERANCE[dtype], "act order undone")
+    dequantized = [torch.stack([dequantize_int4(q[e].cpu(), sc[e].double(), z[e].double(), group).t()
+                                for e in range(4)]) for q, sc, z in ((q13, s13, z13), (q2, s2, z2))]  # fmt: skip
+    _assert_act_order_undone(x, weights, ids, ref, dequantized, perms, dtype)
 
 
 @pytest.mark.parametrize("w13_type, w2_type", [("Q8_0", "Q4_0"), ("Q4_K", "Q6_K"), ("Q5_K", "Q4_1")])
@@ -374,11 +391,8 @@ def test_fused_moe_with_act_order_int8_experts_matches_reference(group, block_k,
 
     dtype = torch.float32
     x, w13, w2, weights, ids = _problem(19, 4, 128, 64, 2, dtype, seed=9)
-    gen = torch.Generator().manual_seed(10)
-    perms = [torch.stack([torch.randperm(w.shape[2], generator=gen) for _ in range(4)]) for w in (w13, w2)]
-    # sorted weights: row j of expert e's is input perm[e, j] of the original
-    (q13, s13, o13), (q2, s2, o2) = (_int8_experts(torch.stack([w[e][:, p[e]] for e in range(4)]), group, offsets,
-                                                   torch.float32) for w, p in zip((w13, w2), perms))  # fmt: skip
+    perms, sorted_weights = _sorted_by_act_order(w13, w2, seed=10)
+    (q13, s13, o13), (q2, s2, o2) = (_int8_experts(w, group, offsets, torch.float32) for w in sorted_weights)
     quant = ExpertQuant(s13, s2, w13_group=group, w2_group=group, w13_offsets=o13, w2_offsets=o2, w13_int8=True,
                         w2_int8=True, w13_perm=perms[0].to(torch.int32), w2_perm=perms[1].to(torch.int32))
     quant = ExpertQuant(*(t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t for t in quant))
@@ -386,13 +400,10 @@ def test_fused_moe_with_act_order_int8_experts_matches_reference(group, block_k,
     out = fused_moe_triton(x, q13, q2, weights, ids, config=dict(SMALL, BLOCK_K=block_k), quant=quant)
     ref = fused_moe_ref(x.double(), q13, q2, weights.double(), ids, quant)
     assert_close(out, ref, 4 * TOLERANCE[dtype], "fused_moe act-order int8")
-    unsorted = [torch.empty(4, w.shape[1], w.shape[2], dtype=torch.float64) for w in (w13, w2)]
-    for target, q, sc, o, p in ((unsorted[0], q13, s13, o13, perms[0]), (unsorted[1], q2, s2, o2, perms[1])):
-        for e in range(4):
-            target[e][:, p[e]] = dequantize_int8_experts(q[e].cpu(), sc[e].cpu(), None if o is None else o[e].cpu(),
-                                                         group).double()
-    plain = fused_moe_ref(x.double(), *unsorted, weights.double(), ids)
-    assert_close(ref, plain, TOLERANCE[dtype], "act order undone")
+    dequantized = [torch.stack([dequantize_int8_experts(q[e].cpu(), sc[e].cpu(), None if o is None else o[e].cpu(),
+                                                        group) for e in range(4)])
+                   for q, sc, o in ((q13, s13, o13), (q2, s2, o2))]  # fmt: skip
+    _assert_act_order_undone(x, weights, ids, ref, dequantized, perms, dtype)
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])

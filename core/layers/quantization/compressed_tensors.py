@@ -8,6 +8,7 @@ w8a16): ``ct_int8.CompressedTensorsInt8Config``; NVFP4 (``nvfp4-pack-quantized``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from core.layers.quantization.base import QuantConfig
@@ -54,3 +55,30 @@ def from_compressed_tensors(qc: dict[str, Any]) -> QuantConfig | None:
         return CompressedTensorsInt4Config.from_ct(qc, groups[0])
     raise ValueError(f"compressed-tensors scheme weights={weights} is not supported; supported: "
                      f"{'; '.join(SUPPORTED_SCHEMES)}.")
+
+
+def integer_scheme(qc: dict[str, Any], group: dict[str, Any], formats: Sequence[str], default_strategy: str,
+                   problems: list[str]) -> tuple[int, bool]:  # fmt: skip
+    """What the integer-weight schemes check alike (symmetric weights, one of ``formats``, a group or channel
+    strategy, act order), after the caller's own ``problems``: a ValueError naming every problem, else ``(group
+    size, or -1 per channel; group act order)``."""
+    weights = group.get("weights") or {}
+    if not weights.get("symmetric", True):
+        problems.append("asymmetric weights with zero points (supported: symmetric)")
+    fmt = str(qc.get("format", formats[0]))
+    if fmt not in formats:
+        problems.append(f"format {fmt!r} (supported: {', '.join(formats)})")
+    strategy = weights.get("strategy", default_strategy)
+    if strategy not in ("group", "channel"):
+        problems.append(f"weight strategy {strategy!r} (supported: group, channel)")
+    actorder = weights.get("actorder")
+    if actorder not in (None, "group", "weight", False):
+        problems.append(f"actorder {actorder!r} (supported: group, weight, none)")
+    if problems:
+        raise ValueError(f"compressed-tensors scheme weights={weights}, input_activations="
+                         f"{group.get('input_activations')} is not supported: {'; '.join(problems)}.")
+    size = int(weights.get("group_size") or -1) if strategy == "group" else -1
+    if size != -1 and size <= 0:
+        raise ValueError(f"compressed-tensors group_size {size} is not valid.")
+    return size, actorder == "group"
+

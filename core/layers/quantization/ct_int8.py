@@ -66,34 +66,19 @@ class CompressedTensorsInt8Config(CompressedTensorsInt4Config):
 
     @classmethod
     def from_ct(cls, qc: dict[str, Any], group: dict[str, Any]) -> CompressedTensorsInt8Config:
-        weights, acts = group.get("weights") or {}, group.get("input_activations")
-        scheme = f"weights={weights}, input_activations={acts}"
-        fmt = str(qc.get("format", "pack-quantized"))
-        problems = []
-        if not weights.get("symmetric", True):
-            problems.append("asymmetric weights with zero points (supported: symmetric)")
-        if fmt not in FORMATS:
-            problems.append(f"format {fmt!r} (supported: {', '.join(FORMATS)})")
+        from core.layers.quantization.compressed_tensors import integer_scheme
+
+        acts, problems = group.get("input_activations"), []
         if acts is not None and (acts.get("type", "int") != "int" or acts.get("num_bits") != 8):
             problems.append("activations other than 8-bit integers (supported: 16-bit activations, W8A16, or int8 "
                             "activations, W8A8, run as W8A16)")
-        strategy = weights.get("strategy", "channel")
-        if strategy not in ("group", "channel"):
-            problems.append(f"weight strategy {strategy!r} (supported: group, channel)")
-        actorder = weights.get("actorder")
-        if actorder not in (None, "group", "weight", False):
-            problems.append(f"actorder {actorder!r} (supported: group, weight, none)")
-        if problems:
-            raise ValueError(f"compressed-tensors scheme {scheme} is not supported: {'; '.join(problems)}.")
-        size = int(weights.get("group_size") or -1) if strategy == "group" else -1
-        if size != -1 and size <= 0:
-            raise ValueError(f"compressed-tensors group_size {size} is not valid.")
+        size, actorder = integer_scheme(qc, group, FORMATS, "channel", problems)
         activations = None if acts is None else ("dynamic" if acts.get("dynamic", True) else "static")
         if activations is not None:
             logger.info("compressed-tensors W8A8: int8 weights run with 16-bit activations (w8a16); the checkpoint's "
                         "%s activation quantization is not applied.", activations)
-        config = cls(group_size=size, desc_act=actorder == "group", skipped=qc.get("ignore") or (),
-                     packed=fmt == "pack-quantized", activations=activations)
+        config = cls(group_size=size, desc_act=actorder, skipped=qc.get("ignore") or (),
+                     packed=str(qc.get("format", FORMATS[0])) == "pack-quantized", activations=activations)
         config.quantized_lm_head = not config.is_skipped("lm_head")  # the scheme targets every Linear
         return config
 

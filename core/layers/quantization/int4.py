@@ -362,30 +362,15 @@ class CompressedTensorsInt4Config(_Int4Config):
 
     @classmethod
     def from_ct(cls, qc: dict[str, Any], group: dict[str, Any]) -> CompressedTensorsInt4Config:
-        weights, acts = group.get("weights") or {}, group.get("input_activations")
-        scheme = f"weights={weights}, input_activations={acts}"
-        fmt = str(qc.get("format", "pack-quantized"))
-        problems = []
+        from core.layers.quantization.compressed_tensors import integer_scheme
+
+        weights, problems = group.get("weights") or {}, []
         if weights.get("num_bits") != 4:
             problems.append(f"{weights.get('num_bits')}-bit integer weights (supported: 4-bit, 8-bit)")
-        if not weights.get("symmetric", True):
-            problems.append("asymmetric weights with zero points (supported: symmetric)")
-        if fmt != "pack-quantized":
-            problems.append(f"format {fmt!r} (supported: pack-quantized)")
-        if acts is not None:
+        if group.get("input_activations") is not None:
             problems.append("quantized activations (supported: 16-bit activations, W4A16)")
-        strategy = weights.get("strategy", "group")
-        if strategy not in ("group", "channel"):
-            problems.append(f"weight strategy {strategy!r} (supported: group, channel)")
-        actorder = weights.get("actorder")
-        if actorder not in (None, "group", "weight", False):
-            problems.append(f"actorder {actorder!r} (supported: group, weight, none)")
-        if problems:
-            raise ValueError(f"compressed-tensors scheme {scheme} is not supported: {'; '.join(problems)}.")
-        size = int(weights.get("group_size") or -1) if strategy == "group" else -1
-        if size != -1 and size <= 0:
-            raise ValueError(f"compressed-tensors group_size {size} is not valid.")
-        config = cls(group_size=size, zero_point=False, desc_act=actorder == "group", skipped=qc.get("ignore") or ())
+        size, actorder = integer_scheme(qc, group, ("pack-quantized",), "group", problems)
+        config = cls(group_size=size, zero_point=False, desc_act=actorder, skipped=qc.get("ignore") or ())
         config.quantized_lm_head = not config.is_skipped("lm_head")  # the scheme targets every Linear
         return config
 
