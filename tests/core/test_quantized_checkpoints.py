@@ -245,7 +245,8 @@ def ct_pack(codes: torch.Tensor) -> torch.Tensor:
     return as_int32(packed)
 
 
-def write_ct_int4(tmp: Path, group: int, actorder: bool, arch: str = "llama", **overrides) -> tuple[Path, Path]:
+def write_ct_int4(tmp: Path, group: int, actorder: bool, arch: str = "llama", activations: str | None = None,
+                  **overrides) -> tuple[Path, Path]:  # fmt: skip
     """A compressed-tensors W4A16 checkpoint (llm-compressor's ``pack-quantized``: symmetric int4 stored as ``q +
     8``, fp16 scales ``[out, in / group]``, ``weight_shape``; with group act-order a ``weight_g_idx``)."""
     config, state = base_checkpoint(arch=arch, **overrides)
@@ -271,11 +272,13 @@ def write_ct_int4(tmp: Path, group: int, actorder: bool, arch: str = "llama", **
         if actorder:
             quant[f"{prefix}.weight_g_idx"] = g_idx.to(torch.int32)
         plain[name] = q * s_per_col
+    acts = None if activations is None else {"num_bits": 8, "type": activations, "symmetric": True,
+                                             "strategy": "token", "dynamic": True}  # W4A8: fp8 or int8 per token
     qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
-          "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
+          "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": acts, "weights": {
               "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group,
               "actorder": "group" if actorder else None}}}}
-    tag = _tag(arch, f"ct-w4a16-{group}{'-act' if actorder else ''}")
+    tag = _tag(arch, f"ct-w4a{16 if activations is None else 8}-{group}{'-act' if actorder else ''}")
     return (save(tmp / tag, {**config, "quantization_config": qc}, quant),
             save(tmp / f"{tag}-dequantized", config, plain))
 
@@ -613,14 +616,17 @@ def test_gptq_checkpoint_matches_dequantized_model(tmp_path, group, desc_act, sy
     assert any(layer.perm is not None for layer in linears(engine)) == desc_act
 
 
-@pytest.mark.parametrize("group, actorder", [(32, False), (64, True), (128, False)])
-def test_compressed_tensors_w4a16_checkpoint_matches_dequantized_model(tmp_path, group, actorder):
-    """llm-compressor's W4A16 (``pack-quantized``) on the GPTQ method's kernels: the dequantized model's tokens."""
-    engine, _ = compare(*write_ct_int4(tmp_path, group, actorder), logprob_atol=1e-4)
+@pytest.mark.parametrize("group, actorder, activations", [(32, False, None), (64, True, None), (128, False, None),
+                                                           (64, False, "float")])  # fmt: skip
+def test_compressed_tensors_w4a16_checkpoint_matches_dequantized_model(tmp_path, group, actorder, activations):
+    """llm-compressor's W4A16 (``pack-quantized``) on the GPTQ method's kernels, and W4A8 (the same weights with fp8
+    activations, run as W4A16): the dequantized model's tokens."""
+    engine, _ = compare(*write_ct_int4(tmp_path, group, actorder, activations=activations), logprob_atol=1e-4)
     assert engine.runner.model_config.quantization.summary().startswith("compressed-tensors int4")
     assert any(layer.perm is not None for layer in linears(engine)) == actorder
-    _, ours = greedy(write_ct_int4(tmp_path, group, actorder)[0], quantization="compressed-tensors")
-    assert [r["tokens"] for r in ours] == [r["tokens"] for r in greedy(write_ct_int4(tmp_path, group, actorder)[1])[1]]
+    quantized, dequantized = write_ct_int4(tmp_path, group, actorder, activations=activations)
+    _, ours = greedy(quantized, quantization="compressed-tensors")
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in greedy(dequantized)[1]]
 
 
 @pytest.mark.parametrize("group, actorder, fmt, activations", [

@@ -14,7 +14,8 @@ from typing import Any
 from core.layers.quantization.base import QuantConfig
 
 SUPPORTED_SCHEMES = ("float8 weights with float8 activations (FP8, FP8_DYNAMIC, FP8_BLOCK)",
-                     "4-bit integer weights with 16-bit activations, symmetric, pack-quantized (W4A16)",
+                     "4-bit integer weights, symmetric, pack-quantized, with 16-bit or 8-bit activations (W4A16, W4A8 "
+                     "run as W4A16)",
                      "8-bit integer weights, symmetric, with 16-bit or int8 activations (W8A16, W8A8 run as W8A16)",
                      "NVFP4 (fp4 e2m1 weights in blocks of 16, nvfp4-pack-quantized; run W4A16)")
 

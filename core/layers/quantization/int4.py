@@ -23,6 +23,7 @@ and for act-order checkpoints a permutation of the input rows (x's columns are g
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -37,6 +38,8 @@ from kernels.fused_moe import ExpertQuant
 from kernels.int4_gemm import (AWQ_ORDER, KERNEL_K_BLOCK, int4_linear, int4_qkv_rope_cache, pack_int4_kernel,
                                tile_int4, tiled_layout_pays, unpack_int4_columns, unpack_int4_rows)
 from kernels.int4_gemv_gluon import MAX_M as INT4_GEMV_MAX_M
+
+logger = logging.getLogger(__name__)
 
 PACK = 8  # int4 values per int32
 
@@ -364,12 +367,16 @@ class CompressedTensorsInt4Config(_Int4Config):
     def from_ct(cls, qc: dict[str, Any], group: dict[str, Any]) -> CompressedTensorsInt4Config:
         from core.layers.quantization.compressed_tensors import integer_scheme
 
-        weights, problems = group.get("weights") or {}, []
+        weights, acts, problems = group.get("weights") or {}, group.get("input_activations"), []
         if weights.get("num_bits") != 4:
             problems.append(f"{weights.get('num_bits')}-bit integer weights (supported: 4-bit, 8-bit)")
-        if group.get("input_activations") is not None:
-            problems.append("quantized activations (supported: 16-bit activations, W4A16)")
+        if acts is not None and acts.get("num_bits") != 8:
+            problems.append(f"{acts.get('num_bits')}-bit activations (supported: 16-bit, W4A16, or 8-bit, W4A8 run as "
+                            "W4A16)")
         size, actorder = integer_scheme(qc, group, ("pack-quantized",), "group", problems)
+        if acts is not None:  # W4A8 (int4 weights, fp8 / int8 activations): the same weights, activations 16-bit
+            logger.info("compressed-tensors W4A8: int4 weights run with 16-bit activations (w4a16); the checkpoint's "
+                        "%s activation quantization is not applied.", acts.get("type", "int"))
         config = cls(group_size=size, zero_point=False, desc_act=actorder, skipped=qc.get("ignore") or ())
         config.quantized_lm_head = not config.is_skipped("lm_head")  # the scheme targets every Linear
         return config
