@@ -22,10 +22,10 @@ from core.models import weights as weight_utils
 from kernels.backend import resolve_backends
 from kernels.skinny_gemm import linear as skinny_linear
 
-# Methods applied at load to this family's 16-bit checkpoints (``--quantization fp8`` / ``bitsandbytes``); quantized
-# checkpoints of it are refused: its fused qkv rows are reordered at load (per KV head -> q | k | v), which a quantized
-# checkpoint's packed tensors would need per layout.
-ONLINE_QUANTIZATION = ("fp8", "bitsandbytes")
+# Weight quantization methods this family's layers run (core/layers/quantization): its fused qkv's output rows are
+# reordered at load (per KV head -> q | k | v), each method's tensors where they hold them (``permute_outputs``).
+# Not gguf kept in its blocks: llama.cpp reorders the qkv rows, which a GGUF file is dequantized to undo.
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "bitsandbytes", "nvfp4")
 
 
 def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:
@@ -174,7 +174,13 @@ class FalconForCausalLM(nn.Module):
             return []
         name = name.removeprefix("transformer.")
         if ".self_attention.query_key_value." in name:
-            tensor = self._qkv_to_q_k_v(tensor)
+            quant = self.config.quantization
+            if quant is None:
+                tensor = self._qkv_to_q_k_v(tensor)
+            else:  # each of the method's tensors reordered where it holds the output features
+                cfg = self.config
+                order = self._qkv_to_q_k_v(torch.arange((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim))
+                tensor = quant.permute_outputs(name, tensor, order)
         return [(name, None, tensor)]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -958,12 +958,14 @@ FAMILY_WRITERS = {"awq": lambda tmp, arch: write_awq(tmp, 32, arch),
 
 
 @pytest.mark.parametrize("method", sorted(FAMILY_WRITERS))
-@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3", "phi3", "starcoder2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3", "phi3", "starcoder2", "gpt_neox", "falcon",
+                                  "falcon_mq"])
 def test_other_families_run_quantized_checkpoints(tmp_path, arch, method):
     """Gemma 1/2/3 (Llama's attention, their own MLP), Phi-3 (whose checkpoint fuses qkv and gate_up: one
-    per-tensor fp8 scale covers every shard), StarCoder2 (biases, a plain MLP) and GPT-NeoX (its per-head
-    interleaved qkv one tensor, biases, GELU): the same greedy tokens and logprobs as the dequantized model (fp8:
-    run with the same activation quantization, see the module docstring)."""
+    per-tensor fp8 scale covers every shard), StarCoder2 (biases, a plain MLP), GPT-NeoX (its per-head interleaved
+    qkv one tensor, biases, GELU) and Falcon 40B / 7B style (a fused qkv whose output rows are reordered at load:
+    AWQ's and GPTQ's packed columns moved in whole int32s): the same greedy tokens and logprobs as the dequantized
+    model (fp8: run with the same activation quantization, see the module docstring)."""
     quantized, dequantized = FAMILY_WRITERS[method](tmp_path, arch)
     reference = {"quantization": "fp8"} if method == "fp8" else None
     engine, _ = compare(quantized, dequantized, logprob_atol=1e-4, reference_kwargs=reference, dtype="float32")
@@ -995,11 +997,21 @@ def test_older_families_quantize_16bit_checkpoints_at_load(tmp_path, arch):
     assert all(layer.weight.dtype == FP8 for layer in linears(engine))
 
 
+@pytest.mark.parametrize("arch", ["falcon", "falcon_mq"])
+@pytest.mark.parametrize("method", ["bnb-nf4", "nvfp4"])
+def test_falcon_codebook_checkpoints_reorder_their_qkv_rows(tmp_path, arch, method):
+    """Falcon's fused qkv in bitsandbytes 4-bit (codes and block absmax as output rows once read) and NVFP4 (codes,
+    fp8 block scales by row, one global scale): reordered at load with the weight, the dequantized model's tokens."""
+    quantized, dequantized = (write_bnb(tmp_path, "nf4", True, arch) if method == "bnb-nf4"
+                              else write_nvfp4(tmp_path, "modelopt", arch))  # fmt: skip
+    compare(quantized, dequantized, logprob_atol=1e-4, dtype="float32")
+
+
 def test_quantized_checkpoints_of_families_quantized_only_at_load_fail_naming_the_way(tmp_path):
-    """Falcon's fused qkv rows are reordered at load, which a packed checkpoint's tensors would need per layout: its
-    AWQ / fp8 checkpoints are refused at startup, naming the methods its 16-bit checkpoints take."""
-    quantized, _ = write_fp8(tmp_path, "fp8", "falcon")
-    with pytest.raises(ValueError, match=r"FalconForCausalLM checkpoints quantized with 'fp8' are not supported; its "
+    """GPT-2 stores its Conv1D weights transposed, which a packed checkpoint's tensors would need per layout: its
+    quantized checkpoints are refused at startup, naming the methods its 16-bit checkpoints take."""
+    quantized, _ = write_fp8(tmp_path, "fp8", "gpt2")
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel checkpoints quantized with 'fp8' are not supported; its "
                                          r"16-bit checkpoints are, quantized at load with --quantization fp8 or "
                                          r"bitsandbytes"):
         make_engine(quantized, device="cpu")

@@ -165,6 +165,15 @@ class QuantConfig(ABC):
         block (GPTQ 8-bit its own way: the families list ``gptq`` for its 4-bit experts)."""
         raise ValueError(f"quantization {self.name} has no kernel for mixture-of-experts layers ({prefix}).")
 
+    def permute_outputs(self, name: str, tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """Checkpoint tensor ``name`` of a layer whose output features a family reorders at load (Falcon's fused
+        qkv), as ``weight[order]`` would be: this default serves tensors indexed by output row first (weights, biases,
+        per-channel and block scales, ``[out, ...]`` codes); per-tensor values pass unchanged. Methods whose tensors
+        hold outputs elsewhere (packed columns) override it."""
+        if tensor.dim() == 0 or tensor.shape[0] != order.numel():
+            return tensor
+        return tensor[order.to(tensor.device)]
+
     def lm_head(self, hidden_size: int, vocab_size: int, backend: str) -> nn.Module | None:
         """The untied LM head the checkpoint quantized (``quantized_lm_head``): a ``Linear`` of this method's whose
         ``compute_logits`` upcasts its product to fp32 (``core/layers/linear.py: QuantizedLMHead``); None: a 16-bit

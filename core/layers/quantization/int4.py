@@ -117,6 +117,24 @@ class _Int4Config(QuantConfig):
             return tensor.narrow(0, start, length) - first  # the rank's groups are numbered from 0
         return tensor.narrow(0, first, count)
 
+    def permute_outputs(self, name: str, tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """AWQ / GPTQ tensors hold output features in their columns (``qweight``, ``qzeros``, ``scales``), packed
+        ones in whole int32s, which ``order`` must move whole; ``g_idx`` indexes inputs. compressed-tensors' are
+        output rows (the default)."""
+        suffix = name.rsplit(".", 1)[-1]
+        if self.layout == "ct" or suffix not in ("qweight", "qzeros", "scales", "g_idx"):
+            return super().permute_outputs(name, tensor, order)
+        if suffix == "g_idx":
+            return tensor
+        if suffix == "qzeros" or (suffix == "qweight" and self.layout == "awq"):  # packed along the outputs
+            runs = order.reshape(-1, self.pack)
+            if not (torch.equal(runs - runs[:, :1], torch.arange(self.pack).expand_as(runs))
+                    and bool((runs[:, 0] % self.pack == 0).all())):  # fmt: skip
+                raise ValueError(f"{self.name}: {name} packs {self.pack} output features an int32, and the family's "
+                                 "reordering of them does not move whole int32s.")
+            order = runs[:, 0] // self.pack
+        return tensor[:, order.to(tensor.device)]
+
     def moe_method(self, prefix: str) -> Int4MoEMethod | None:
         return None if self.is_skipped(prefix) else Int4MoEMethod(self)
 
