@@ -122,10 +122,10 @@ class _Int4Config(QuantConfig):
         ones in whole int32s, which ``order`` must move whole; ``g_idx`` indexes inputs. compressed-tensors' are
         output rows (the default)."""
         suffix = name.rsplit(".", 1)[-1]
-        if self.layout == "ct" or suffix not in ("qweight", "qzeros", "scales", "g_idx"):
-            return super().permute_outputs(name, tensor, order)
-        if suffix == "g_idx":
+        if suffix in ("g_idx", "weight_g_idx"):  # the input rows' groups
             return tensor
+        if self.layout == "ct" or suffix not in ("qweight", "qzeros", "scales"):
+            return super().permute_outputs(name, tensor, order)
         if suffix == "qzeros" or (suffix == "qweight" and self.layout == "awq"):  # packed along the outputs
             runs = order.reshape(-1, self.pack)
             if not (torch.equal(runs - runs[:, :1], torch.arange(self.pack).expand_as(runs))
