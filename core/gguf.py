@@ -417,8 +417,9 @@ def _iter_family_weights(gguf: GGUFFile, arch: str, keep_quantized: Collection[s
             yield from experts
             continue
         target = gguf_architectures.hf_tensor_name(gguf, arch, name)
-        if target in keep_quantized:  # the family loads it unchanged (keeps_blocks): its raw blocks
-            yield target, torch.from_numpy(np.array(gguf.raw(name)))
+        if target in keep_quantized:  # its raw blocks, rows reordered where llama.cpp reordered them (keeps_blocks)
+            raw = gguf_architectures.convert_tensor(gguf, arch, name, np.array(gguf.raw(name)))
+            yield target, torch.from_numpy(np.ascontiguousarray(raw))
             continue
         array = gguf_architectures.convert_tensor(gguf, arch, name, gguf.to_float32(name))
         yield target, torch.from_numpy(np.ascontiguousarray(array))

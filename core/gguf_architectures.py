@@ -88,7 +88,8 @@ class GGUFArchitecture:
     layer_names: dict[str, str]  # GGUF per-layer module (after blk.N.) -> HF module path inside the layer
     transform: Transform | None = None  # undo llama.cpp's convert-time change of a tensor
     consumed_by_config: frozenset[str] = field(default_factory=frozenset)  # tensors read into the config
-    # its linear weights load unchanged (``transform`` touches none), so they can stay in their GGML blocks
+    # its linear weights can stay in their GGML blocks: ``transform`` leaves them alone or only reorders their output
+    # rows (Falcon's, GPT-NeoX's qkv), which it does to the blocks' rows as well (GPT-2's transpose skips them)
     keeps_blocks: bool = False
 
     def hf_name(self, gguf_name: str) -> str:
@@ -145,8 +146,11 @@ _GPT2_CONV1D = (".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight", ".f
 
 
 def _gpt2_conv1d(name: str, array: np.ndarray, meta: Meta) -> np.ndarray:
-    """GPT-2's Conv1D weights are ``[in, out]``; llama.cpp stores them transposed as ordinary linear weights."""
-    return np.ascontiguousarray(array.T) if name.endswith(_GPT2_CONV1D) else array
+    """GPT-2's Conv1D weights are ``[in, out]``; llama.cpp stores them transposed as ordinary linear weights. Kept
+    blocks (uint8 rows) stay so: their rows are the outputs, as a linear layer's (``GPT2LMHeadModel._place``)."""
+    if not name.endswith(_GPT2_CONV1D) or array.dtype == np.uint8:
+        return array
+    return np.ascontiguousarray(array.T)
 
 
 # -- configs ------------------------------------------------------------------------------------------------------
@@ -395,7 +399,7 @@ ARCHITECTURES: dict[str, GGUFArchitecture] = {
         {"attn_qkv": "self_attention.query_key_value", "attn_output": "self_attention.dense",
          "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h", "attn_norm": "input_layernorm",
          "attn_norm_2": "ln_attn"},
-        _falcon_qkv,
+        _falcon_qkv, keeps_blocks=True,
     ),
     "gptneox": GGUFArchitecture(
         "GPTNeoXForCausalLM", "gpt_neox", _gptneox_config,
@@ -403,7 +407,7 @@ ARCHITECTURES: dict[str, GGUFArchitecture] = {
         "gpt_neox.layers.{}",
         {"attn_qkv": "attention.query_key_value", "attn_output": "attention.dense", "ffn_up": "mlp.dense_h_to_4h",
          "ffn_down": "mlp.dense_4h_to_h", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
-        _neox_qkv,
+        _neox_qkv, keeps_blocks=True,
     ),
     "gpt2": GGUFArchitecture(
         "GPT2LMHeadModel", "gpt2", _gpt2_config,
@@ -412,7 +416,7 @@ ARCHITECTURES: dict[str, GGUFArchitecture] = {
         "transformer.h.{}",
         {"attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
          "attn_norm": "ln_1", "ffn_norm": "ln_2"},
-        _gpt2_conv1d,
+        _gpt2_conv1d, keeps_blocks=True,
     ),
     **{arch: GGUFArchitecture(
         f"{family}ForCausalLM", model_type, _qwen_moe_config, _HF_LLAMA_GLOBALS, "model.layers.{}",

@@ -24,8 +24,8 @@ from kernels.skinny_gemm import linear as skinny_linear
 
 # Weight quantization methods this family's layers run (core/layers/quantization): its fused qkv's output rows are
 # reordered at load (per KV head -> q | k | v), each method's tensors where they hold them (``permute_outputs``).
-# Not gguf kept in its blocks: llama.cpp reorders the qkv rows, which a GGUF file is dequantized to undo.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "bitsandbytes", "nvfp4")
+# GGUF files' qkv rows (llama.cpp's q | k | v) are regrouped as the checkpoint's, blocks and all, then reordered so.
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "bitsandbytes", "nvfp4", "gguf")
 
 
 def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:

@@ -22,8 +22,9 @@ from kernels.skinny_gemm import linear as skinny_linear
 
 # Methods applied at load to this family's 16-bit checkpoints (``--quantization fp8`` / ``bitsandbytes``); quantized
 # checkpoints of it are refused: its Conv1D weights are stored transposed, so a quantized checkpoint's packed tensors
-# would need their own transposition.
+# would need their own transposition. GGUF files store them as linear weights, which keep their blocks.
 ONLINE_QUANTIZATION = ("fp8", "bitsandbytes")
+SUPPORTED_QUANTIZATION = ("gguf",)
 
 # GPT-2's config names -> the common ones
 _ALIASES = {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
@@ -120,7 +121,7 @@ class GPT2LMHeadModel(nn.Module):
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             return []
         name = name.removeprefix("transformer.")
-        if name.endswith(_CONV1D):  # Conv1D keeps [in, out]
+        if name.endswith(_CONV1D) and tensor.dtype != torch.uint8:  # Conv1D keeps [in, out]; GGUF blocks are rows
             tensor = tensor.t()
         return [(name, None, tensor)]
 

@@ -23,9 +23,9 @@ from kernels.skinny_gemm import linear as skinny_linear
 
 
 # Weight quantization methods this family's layers run (core/layers/quantization): its fused qkv is one tensor in
-# the checkpoint's own layout, so quantized checkpoints load as they are. Not gguf kept in its blocks: llama.cpp
-# reorders the qkv rows, which a GGUF file is dequantized to undo.
-SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "bitsandbytes", "nvfp4")
+# the checkpoint's own layout, so quantized checkpoints load as they are; a GGUF file's reordered qkv rows are
+# interleaved again, blocks and all (core/gguf_architectures.py).
+SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "bitsandbytes", "nvfp4", "gguf")
 
 
 def read_config(d: dict[str, Any], architecture: str) -> ModelConfig:

@@ -262,12 +262,15 @@ def _kept_equals_dequantized(tmp_path, family: str, ggml_type: str = "Q8_0", wid
     return kept.runner.model
 
 
-def test_families_whose_weights_llama_cpp_reorders_refuse_to_keep_blocks(tmp_path):
-    arch, gguf_arch, overrides = FAMILIES["gpt_neox"]
-    path = tmp_path / "neox.gguf"
-    write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides))
-    with pytest.raises(ValueError, match="'gguf' is not supported for GPTNeoXForCausalLM"):
-        make_engine(path, quantization="gguf")
+@pytest.mark.parametrize("family", ["falcon_40b_style", "falcon_7b_style", "gpt_neox", "gpt2"])
+def test_families_whose_weights_llama_cpp_reorders_keep_blocks(tmp_path, family):
+    """Falcon's and GPT-NeoX's fused qkv rows, which llama.cpp reorders, and GPT-2's Conv1D weights, which it stores
+    transposed as linear weights: their Q8_0 blocks kept, the qkv block rows regrouped as the file's float rows
+    are, the Conv1D blocks left as linear rows; the embeddings and own LM heads dequantized: the tokens and logprobs
+    of the same file dequantized at load."""
+    model = _kept_equals_dequantized(tmp_path, family)
+    linears = [m for m in model.modules() if getattr(m, "quant_method", None) is not None]
+    assert len(linears) == 4 * 2 and all(m.weight.dtype == torch.uint8 for m in linears)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])

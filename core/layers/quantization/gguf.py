@@ -64,7 +64,14 @@ _MERGES = {"self_attn.q_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_at
 _FUSED = {"self_attn.q_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj"}
 _KEPT_KINDS = re.compile(r"(model\.layers\.\d+\.(self_attn\.([qkvo]|qkv)_proj"
                          r"|mlp\.(experts\.)?(gate|up|down|gate_up)_proj|mlp\.c_(fc|proj))"
-                         r"|model\.embed_tokens|lm_head)\.weight")
+                         r"|model\.embed_tokens|lm_head"
+                         # Falcon's, GPT-NeoX's and GPT-2's linear layers (their embeddings and heads dequantize)
+                         r"|transformer\.h\.\d+\.(self_attention\.(query_key_value|dense)|attn\.c_(attn|proj)"
+                         r"|mlp\.(dense_h_to_4h|dense_4h_to_h|c_fc|c_proj))"
+                         r"|gpt_neox\.layers\.\d+\.(attention\.(query_key_value|dense)|mlp\.dense_(h_to_4h|4h_to_h)))"
+                         r"\.weight")
+# Families whose LM head is a plain Linear of their own (no GGUFEmbedding for it): theirs is dequantized at load
+_OWN_HEADS = ("falcon", "gptneox", "gpt2")
 EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 # an expert stack's form: the file's, or repacked (``repack_experts``)
 BLOCKS, INT4, INT8, CODEBOOK = "blocks", "int4", "int8", "codebook"
@@ -120,8 +127,10 @@ class GGUFConfig(QuantConfig):
                 types[gguf_hf_name(gguf, name)] = int(info.ggml_type)
             except ValueError:
                 continue  # rope_freqs and the like: the loader handles (or rejects) them
+        own_head = str(gguf.metadata.get("general.architecture")) in _OWN_HEADS
         kept = {name: t for name, t in types.items() if _KEPT_KINDS.fullmatch(name)
-                and (t in GGUF_KERNEL_TYPES or (t in CODEBOOK_TYPES and name not in (EMBEDDING, LM_HEAD)))}
+                and (t in GGUF_KERNEL_TYPES or (t in CODEBOOK_TYPES and name not in (EMBEDDING, LM_HEAD)))
+                and not (own_head and name == LM_HEAD)}
         dequantized: dict[str, list[str]] = {}
         for name, t in types.items():
             if name not in kept and t not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
