@@ -179,8 +179,8 @@ def take_nvfp4(holder: nn.Module, prefix: str, config: Nvfp4Config, sizes: Seque
 
 
 class Nvfp4LinearMethod(LinearMethod):
-    """The layer's NVFP4 tensors as loaded, then codes, fp32 block absmax and the e2m1 codebook for
-    ``kernels/bnb4_gemm.py`` (module docstring)."""
+    """The layer's NVFP4 tensors as loaded, then its codes in the kernels' nibble order, the fp8 block scales, each
+    row's global scale and the e2m1 codebook for ``kernels/bnb4_gemm.py`` (module docstring)."""
 
     def __init__(self, config: Nvfp4Config) -> None:
         self.config = config
