@@ -27,8 +27,8 @@ from kernels.backend import resolve_backends
 
 # Weight quantization methods the family runs (core/layers/quantization): the dense projections' and, in the fused
 # MoE kernel, the experts' (fp8: w8a16; AWQ / GPTQ: int4 dequantized in registers; GGUF: decoded from the file's
-# blocks; bitsandbytes: 4-bit codes looked up; experts_int8: only the experts, int8 at load); the router stays
-# unquantized.
+# blocks; bitsandbytes and NVFP4: 4-bit codes looked up; experts_int8: only the experts, int8 at load); the router
+# stays unquantized.
 SUPPORTED_QUANTIZATION = ("fp8", "awq", "gptq", "gguf", "bitsandbytes", "experts_int8", "nvfp4")
 
 
