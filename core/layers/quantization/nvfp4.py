@@ -24,6 +24,7 @@ from torch import nn
 
 from core.layers.quantization.base import (LinearMethod, QuantConfig, module_listed, new_parameter, plain_shard,
                                            replace_parameter, shard_starts, whole_units)
+from core.layers.quantization.fp8 import Fp8MoEMethod
 from kernels.bnb4_gemm import E2M1_CODEBOOK, bnb4_linear
 from kernels.fused_moe import ExpertQuant
 
@@ -210,11 +211,7 @@ class Nvfp4MoEMethod:
     def __init__(self, config: Nvfp4Config) -> None:
         self.config = config
 
-    @staticmethod
-    def _projections(block: nn.Module) -> tuple[tuple[str, tuple[int, ...], int], ...]:
-        """(name, every expert's output rows per shard, input size) of w13 and w2."""
-        experts, inter, hidden = block.num_experts, block.inter, block.hidden
-        return ("w13", (inter,) * (2 * experts), hidden), ("w2", (hidden,) * experts, inter)
+    _projections = staticmethod(Fp8MoEMethod._projections)  # per-shard rows: the fp8 experts' per-tensor scales'
 
     def create_weights(self, block: nn.Module) -> bool:
         for name, sizes, k in self._projections(block):
