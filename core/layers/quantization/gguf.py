@@ -43,9 +43,9 @@ from torch import nn
 from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter
 from kernels.bnb4_gemm import bnb4_linear
 from kernels.fused_moe import ExpertQuant
+from kernels.gguf_codebook import CODEBOOK_BLOCK, CODEBOOK_TYPES, IQ4_CODEBOOK, iq4_blocks_as_codebook
 from kernels.gguf_gemm import (GGUF_KERNEL_TYPES, INT4_TYPES, INT8_GROUPS, INT8_TYPES, Q4_0, Q6_K, Q8_0, blocks_as_int8,
                                dequantize_gguf, gguf_linear, q4_blocks_as_int4)  # fmt: skip
-from kernels.gguf_codebook import CODEBOOK_BLOCK, CODEBOOK_TYPES, IQ4_CODEBOOK, iq4_blocks_as_codebook
 from kernels.int4_gemm import int4_linear, pack_int4_kernel
 
 if TYPE_CHECKING:
