@@ -35,9 +35,8 @@ from torch import nn
 from core.layers.quantization.base import LinearMethod, new_parameter, replace_parameter
 from core.layers.quantization.gptq8 import unpack_int8_columns
 from core.layers.quantization.int4 import (CompressedTensorsInt4Config, Int4MoEMethod, _fill_random_int32,
-                                           _fill_scales, natural_groups, regroup_expert_rows, regrouped_expert_rows)
+                                           _fill_scales, natural_groups, regrouped_expert_rows, rows_in_group_order)
 from kernels.fused_moe import ExpertQuant
-from kernels.int4_gemm import KERNEL_K_BLOCK
 from kernels.int8_gemm import int8_linear
 
 logger = logging.getLogger(__name__)
@@ -155,27 +154,13 @@ def take_int8_codes(holder: nn.Module, prefix: str, config: CompressedTensorsInt
     return q, scales, g_idx
 
 
-def sort_by_group(q: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None, group: int, total: int = 0
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:  # fmt: skip
-    """One weight's codes ``q [N, K]`` and scales ``[N, groups]`` in the kernels' order: act order's input rows
-    sorted by group (whole groups), or, where they fall unevenly into the groups (a tensor-parallel rank's share,
-    every group's scales held), regrouped into padded groups of 32 (``total`` rows, else the weight's own). Returns
-    the codes, scales, the permutation of x's columns (None: in order) and the group size."""
-    k = q.shape[1]
-    if g_idx is None:
-        return q, scales, None, group
-    natural = torch.arange(k, device=q.device) // group
-    if scales.shape[1] != -(-k // group):  # unequal groups: regrouped
-        zeros = torch.zeros_like(scales.t(), dtype=q.dtype)  # symmetric: a padding row's code 0 weighs exactly 0
-        total = total or regrouped_expert_rows(g_idx[None], scales.shape[1])
-        q_t, _, s, perm = regroup_expert_rows(q.t(), zeros, scales.t(), g_idx, total)
-        return q_t.t(), s.t(), perm, KERNEL_K_BLOCK
-    if torch.equal(g_idx, natural):
-        return q, scales, None, group
-    perm = torch.argsort(g_idx, stable=True)
-    if not torch.equal(g_idx[perm], natural):
-        raise ValueError(f"compressed-tensors: a layer's g_idx does not put {group} input rows in each group.")
-    return q[:, perm], scales, perm.to(torch.int32), group
+def ordered(q: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None, group: int, total: int = 0
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:  # fmt: skip
+    """One weight's codes ``q [N, K]`` and scales ``[N, groups]`` in the kernels' order (``rows_in_group_order``:
+    symmetric, so a padding row's code 0 weighs exactly 0): the codes, scales, x's column permutation and group."""
+    zeros = torch.zeros_like(scales.t(), dtype=q.dtype)
+    q_t, _, s, perm, group = rows_in_group_order(q.t(), zeros, scales.t(), g_idx, group, "compressed-tensors", total)
+    return q_t.t(), s.t(), perm, group
 
 
 class CompressedTensorsInt8LinearMethod(LinearMethod):
@@ -201,7 +186,7 @@ class CompressedTensorsInt8LinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         q, scales, g_idx = take_int8_codes(layer, "", self.config)
-        q, scales, layer.perm, layer.group_size = sort_by_group(q, scales, g_idx, layer.group_size)
+        q, scales, layer.perm, layer.group_size = ordered(q, scales, g_idx, layer.group_size)
         replace_parameter(layer, "weight", q.to(torch.int8).contiguous())
         per_channel = self.config.group_size == -1
         replace_parameter(layer, "weight_scale", (scales[:, 0] if per_channel else scales).contiguous())
@@ -237,14 +222,10 @@ class CompressedTensorsInt8MoEMethod(Int4MoEMethod):
         for param, rows, k, group, parts in self._projections(block):
             q, scales, g_idx = take_int8_codes(block, f"{param}_", self.config)  # [E * rows, K], [E * rows, G]
             if g_idx is not None:
-                g_idx = g_idx.reshape(experts, parts, k)
-                if not torch.equal(g_idx, g_idx[:, :1].expand_as(g_idx)):
-                    raise ValueError("compressed-tensors: an expert's gate and up projections have different g_idx; "
-                                     "they read one input, so one act order is expected.")
-                g_idx = g_idx[:, 0]
+                g_idx = self.expert_g_idx(g_idx, parts, k)  # [E, K]
             total = regrouped_expert_rows(g_idx, scales.shape[1]) if self._all_groups(param) else 0
-            sorted_experts = [sort_by_group(q[e * rows: (e + 1) * rows], scales[e * rows: (e + 1) * rows],
-                                            None if g_idx is None else g_idx[e], group, total)
+            sorted_experts = [ordered(q[e * rows: (e + 1) * rows], scales[e * rows: (e + 1) * rows],
+                                      None if g_idx is None else g_idx[e], group, total)
                               for e in range(experts)]  # fmt: skip
             codes = torch.stack([qe.to(torch.int8) for qe, _, _, _ in sorted_experts])  # [E, rows, K']
             scale = torch.stack([se.t() for _, se, _, _ in sorted_experts]).contiguous()  # [E, groups', rows]

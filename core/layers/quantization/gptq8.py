@@ -30,8 +30,7 @@ from torch import nn
 from core.layers.quantization.base import LinearMethod, new_parameter, replace_parameter
 from core.layers.quantization.int4 import (GPTQConfig, Int4MoEMethod, _fill_random_int32, _fill_scales,
                                            gptq_checkpoint_options, natural_groups, regroup_expert_rows,
-                                           regrouped_expert_rows)
-from kernels.int4_gemm import KERNEL_K_BLOCK
+                                           regrouped_expert_rows, rows_in_group_order)
 from kernels.fused_moe import ExpertQuant
 from kernels.int8_gemm import int8_linear
 
@@ -106,18 +105,9 @@ class GPTQInt8LinearMethod(LinearMethod):
         q = unpack_int8_rows(layer.qweight.data)  # [in, out]
         zeros = unpack_int8_columns(layer.qzeros.data) + self.config.zero_offset  # v1 stores zero - 1
         scales, g_idx = layer.scales.data, layer.g_idx.data.long()
-        group = layer.group_size
-        natural = torch.arange(q.shape[0], device=q.device) // group
-        perm = None
-        if scales.shape[0] != -(-q.shape[0] // group):  # a rank's rows of an act-order layer: every group held
-            total = regrouped_expert_rows(g_idx[None], scales.shape[0])
-            q, zeros, scales, perm = regroup_expert_rows(q, zeros, scales, g_idx, total)  # padded groups of 32
-            layer.group_size = KERNEL_K_BLOCK
-        elif not torch.equal(g_idx, natural):  # act order: rows sorted by group
-            perm = torch.argsort(g_idx, stable=True)
-            if not torch.equal(g_idx[perm], natural):
-                raise ValueError(f"GPTQ 8-bit: a layer's g_idx does not put {group} input rows in each group.")
-            q = q[perm]
+        # act order: rows sorted by group; a rank's rows of an act-order layer (every group held) regrouped
+        q, zeros, scales, perm, layer.group_size = rows_in_group_order(q, zeros, scales, g_idx, layer.group_size,
+                                                                       "GPTQ 8-bit")  # fmt: skip
         for name in ("qweight", "qzeros", "scales", "g_idx"):
             delattr(layer, name)
         replace_parameter(layer, "weight", q.t().to(torch.uint8).contiguous())

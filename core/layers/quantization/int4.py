@@ -363,6 +363,29 @@ def regroup_expert_rows(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tens
     return new_q, z, s, source.masked_fill(padding, 0)
 
 
+def rows_in_group_order(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
+                        group: int, method: str, total: int = 0
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:  # fmt: skip
+    """One 8-bit weight's codes ``q [K, N]``, zero points and scales ``[groups, N]`` in the kernels' order: act
+    order's input rows sorted by group (whole groups), or, where they fall unevenly into the groups (a tensor-parallel
+    rank's share, every group's scales held), regrouped into padded groups of 32 (:func:`regroup_expert_rows`;
+    ``total`` rows, else the weight's own). Returns the codes, zero points, scales, the permutation of x's columns
+    (None: in order) and the group size."""
+    k = q.shape[0]
+    if g_idx is None:
+        return q, zeros, scales, None, group
+    if scales.shape[0] != -(-k // group):  # unequal groups: regrouped
+        total = total or regrouped_expert_rows(g_idx[None], scales.shape[0])
+        return (*regroup_expert_rows(q, zeros, scales, g_idx, total), KERNEL_K_BLOCK)
+    natural = torch.arange(k, device=q.device) // group
+    if torch.equal(g_idx, natural):
+        return q, zeros, scales, None, group
+    perm = torch.argsort(g_idx, stable=True)
+    if not torch.equal(g_idx[perm], natural):
+        raise ValueError(f"{method}: a layer's g_idx does not put {group} input rows in each group.")
+    return q[perm], zeros, scales, perm, group
+
+
 class CompressedTensorsInt4Config(_Int4Config):
     """compressed-tensors W4A16 (``pack-quantized``): ``weight_packed`` int32 ``[out, in / 8]`` (nibble ``i`` of word
     ``j`` = input ``8j + i``, stored as ``q + 8``), ``weight_scale`` ``[out, in / group]``, ``weight_shape``, and with
@@ -671,15 +694,20 @@ class Int4MoEMethod:
             q[:, e * rows: (e + 1) * rows] = q[perm, e * rows: (e + 1) * rows]
         return perms.to(torch.int32).contiguous()
 
-    def act_orders(self, g_idx: torch.Tensor, param: str, k: int, group: int, parts: int) -> torch.Tensor | None:
-        """Each expert's permutation ``[E, K]`` that sorts its input rows by group (``g_idx [E * parts, K]``; an
-        expert's gate and up share their input's), or None where every expert's groups are already in order."""
-        natural = torch.arange(k, device=g_idx.device) // group
+    def expert_g_idx(self, g_idx: torch.Tensor, parts: int, k: int) -> torch.Tensor:
+        """Each expert's input rows' groups ``[E, K]`` from the stacked ``g_idx [E * parts, K]``: an expert's gate
+        and up read one input, so one act order is expected (ValueError otherwise)."""
         per_expert = g_idx.long().reshape(-1, parts, k)
         if not torch.equal(per_expert, per_expert[:, :1].expand_as(per_expert)):
             raise ValueError(f"{self.config.name}: an expert's gate and up projections have different g_idx; they "
                              "read one input, so one act order is expected.")
-        per_expert = per_expert[:, 0]
+        return per_expert[:, 0]
+
+    def act_orders(self, g_idx: torch.Tensor, param: str, k: int, group: int, parts: int) -> torch.Tensor | None:
+        """Each expert's permutation ``[E, K]`` that sorts its input rows by group (``g_idx [E * parts, K]``:
+        :meth:`expert_g_idx`), or None where every expert's groups are already in order."""
+        natural = torch.arange(k, device=g_idx.device) // group
+        per_expert = self.expert_g_idx(g_idx, parts, k)
         if torch.equal(per_expert, natural.expand_as(per_expert)):
             return None
         perms = torch.argsort(per_expert, dim=1, stable=True)
