@@ -146,13 +146,7 @@ class Fp8Config(QuantConfig):
         if algo != "FP8":
             raise ValueError(f"ModelOpt quant_algo {qc.get('quant_algo')!r} is not supported; supported: FP8 "
                              "(per-tensor fp8 weights with static activation scales), NVFP4.")
-        kv_algo = qc.get("kv_cache_quant_algo")
-        if kv_algo not in (None, "FP8"):
-            raise ValueError(f"ModelOpt kv_cache_quant_algo {kv_algo!r} is not supported; supported: FP8 (its "
-                             "scales serve --kv-cache-dtype fp8), or none.")
-        exclude = qc.get("exclude_modules") or qc.get("ignore") or ()
-        ignored = [f"re:{fnmatch.translate(p)}" if any(c in p for c in "*?[") else p for p in exclude]
-        return cls(serialized=True, weight_strategy="tensor", static_activations=True, ignored=ignored)
+        return cls(serialized=True, weight_strategy="tensor", static_activations=True, ignored=modelopt_excluded(qc))
 
     def is_ignored(self, prefix: str) -> bool:
         for pattern in self.ignored:
@@ -226,6 +220,17 @@ class Fp8Config(QuantConfig):
         kind = f"checkpoint, {self.weight_strategy} weight scales" if self.serialized else "online, per-channel"
         acts = "static per-tensor" if self.static_activations else "dynamic per-token"
         return f"fp8 ({kind}, {acts} activation scales)"
+
+
+def modelopt_excluded(qc: dict[str, Any]) -> list[str]:
+    """A ModelOpt config's modules left 16-bit (``exclude_modules``: names, or ``*`` wildcards as ``re:`` patterns),
+    after checking what its KV cache holds (``kv_cache_quant_algo``: FP8 scales, read when the cache is fp8)."""
+    kv_algo = qc.get("kv_cache_quant_algo")
+    if kv_algo not in (None, "FP8"):
+        raise ValueError(f"ModelOpt kv_cache_quant_algo {kv_algo!r} is not supported; supported: FP8 (its scales "
+                         "serve --kv-cache-dtype fp8), or none.")
+    exclude = qc.get("exclude_modules") or qc.get("ignore") or ()
+    return [f"re:{fnmatch.translate(p)}" if any(c in p for c in "*?[") else p for p in exclude]
 
 
 def _block_shape(value: Any) -> tuple[int, int]:

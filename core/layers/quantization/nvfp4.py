@@ -14,7 +14,6 @@ NVFP4 on GPUs without fp4 tensor cores.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -24,7 +23,7 @@ from torch import nn
 
 from core.layers.quantization.base import (LinearMethod, QuantConfig, module_listed, new_parameter, plain_shard,
                                            replace_parameter, shard_starts, whole_units)
-from core.layers.quantization.fp8 import Fp8MoEMethod
+from core.layers.quantization.fp8 import Fp8MoEMethod, modelopt_excluded
 from kernels.bnb4_gemm import E2M1_CODEBOOK, bnb4_linear
 from kernels.fused_moe import ExpertQuant
 
@@ -56,14 +55,9 @@ class Nvfp4Config(QuantConfig):
         group = int(qc.get("group_size", BLOCK))
         if group != BLOCK:
             raise ValueError(f"ModelOpt NVFP4 group_size {group} is not supported; supported: {BLOCK}.")
-        kv_algo = qc.get("kv_cache_quant_algo")
-        if kv_algo not in (None, "FP8"):
-            raise ValueError(f"ModelOpt kv_cache_quant_algo {kv_algo!r} is not supported; supported: FP8 (its "
-                             "scales serve --kv-cache-dtype fp8), or none.")
-        exclude = qc.get("exclude_modules") or qc.get("ignore") or ()
+        ignored = modelopt_excluded(qc)
         _log_w4a16("ModelOpt NVFP4")
-        return cls(layout="modelopt",
-                   ignored=[f"re:{fnmatch.translate(p)}" if any(c in p for c in "*?[") else p for p in exclude])
+        return cls(layout="modelopt", ignored=ignored)
 
     @classmethod
     def from_ct(cls, qc: dict[str, Any], group: dict[str, Any]) -> Nvfp4Config:
