@@ -935,6 +935,31 @@ def test_fbgemm_fp8_checkpoint_runs_as_the_per_channel_dynamic_layout(tmp_path):
     assert engine.runner.model_config.quantization.summary().startswith("fp8 (checkpoint, channel weight scales")
 
 
+def test_modelopt_fp8_lm_head_not_excluded_is_quantized(tmp_path):
+    """A ModelOpt FP8 export whose ``exclude_modules`` leaves the LM head out holds it in fp8 too: it loads as a
+    quantized head (fp32 logits), within fp8's error of the same head dequantized."""
+    from safetensors.torch import load_file
+
+    quantized, _ = write_fp8(tmp_path, "fp8-static")
+    config = json.loads((quantized / "config.json").read_text())
+    tensors = load_file(str(quantized / "model.safetensors"))
+    head = tensors["lm_head.weight"].float()
+    scale = head.abs().amax() / 448
+    q = (head / scale).to(FP8)
+    head_tensors = {"lm_head.weight": q, "lm_head.weight_scale": scale.reshape(()),
+                    "lm_head.input_scale": torch.tensor(0.02)}
+    del config["quantization_config"]
+    fp8_head = save(tmp_path / "modelopt-head", config | {"quantization_config": {
+        "quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": []}}, tensors | head_tensors)
+    plain_head = save(tmp_path / "modelopt-plain-head", config | {"quantization_config": {
+        "quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": ["lm_head"]}},
+        tensors | {"lm_head.weight": q.float() * scale})  # fmt: skip
+    engine, ours = greedy(fp8_head)
+    assert engine.runner.model.lm_head.weight.dtype == FP8
+    _, reference = greedy(plain_head)
+    assert logprob_error(ours, reference, steps=1) <= FP8_FIRST_STEP_ATOL
+
+
 def test_modelopt_algorithms_not_served_fail_naming_them():
     from core.layers.quantization import quant_config_from_hf
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from core.layers.quantization.base import QuantConfig
+from core.layers.quantization.base import QuantConfig, module_listed
 
 SUPPORTED_SCHEMES = ("float8 weights with float8 activations (FP8, FP8_DYNAMIC, FP8_BLOCK)",
                      "4-bit integer weights, symmetric, pack-quantized, with 16-bit or 8-bit activations (W4A16, W4A8 "
@@ -47,15 +47,18 @@ def from_compressed_tensors(qc: dict[str, Any]) -> QuantConfig | None:
     if weights.get("type") == "float" and weights.get("num_bits") == 4:
         from core.layers.quantization.nvfp4 import Nvfp4Config
 
-        return Nvfp4Config.from_ct(qc, groups[0])
-    if weights.get("type") == "float":
-        return Fp8Config.from_hf(qc)
-    if weights.get("type") == "int" and weights.get("num_bits") == 8:
-        return CompressedTensorsInt8Config.from_ct(qc, groups[0])
-    if weights.get("type") == "int":
-        return CompressedTensorsInt4Config.from_ct(qc, groups[0])
-    raise ValueError(f"compressed-tensors scheme weights={weights} is not supported; supported: "
-                     f"{'; '.join(SUPPORTED_SCHEMES)}.")
+        config = Nvfp4Config.from_ct(qc, groups[0])
+    elif weights.get("type") == "float":
+        config = Fp8Config.from_hf(qc)
+    elif weights.get("type") == "int" and weights.get("num_bits") == 8:
+        config = CompressedTensorsInt8Config.from_ct(qc, groups[0])
+    elif weights.get("type") == "int":
+        config = CompressedTensorsInt4Config.from_ct(qc, groups[0])
+    else:
+        raise ValueError(f"compressed-tensors scheme weights={weights} is not supported; supported: "
+                         f"{'; '.join(SUPPORTED_SCHEMES)}.")
+    config.quantized_lm_head = not module_listed(qc.get("ignore") or (), "lm_head")  # the scheme targets every Linear
+    return config
 
 
 def integer_scheme(qc: dict[str, Any], group: dict[str, Any], formats: Sequence[str], default_strategy: str,

@@ -76,10 +76,8 @@ class CompressedTensorsInt8Config(CompressedTensorsInt4Config):
         if activations is not None:
             logger.info("compressed-tensors W8A8: int8 weights run with 16-bit activations (w8a16); the checkpoint's "
                         "%s activation quantization is not applied.", activations)
-        config = cls(group_size=size, desc_act=actorder, skipped=qc.get("ignore") or (),
-                     packed=str(qc.get("format", FORMATS[0])) == "pack-quantized", activations=activations)
-        config.quantized_lm_head = not config.is_skipped("lm_head")  # the scheme targets every Linear
-        return config
+        return cls(group_size=size, desc_act=actorder, skipped=qc.get("ignore") or (),
+                   packed=str(qc.get("format", FORMATS[0])) == "pack-quantized", activations=activations)
 
     def checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """The stream without the tensors the layers do not hold; a ``weight_zero_point`` must be all zero (the

@@ -104,9 +104,7 @@ class Fp8Config(QuantConfig):
             raise ValueError(f"compressed-tensors float8 weight strategy {strategy!r} is not supported; supported: "
                              "tensor, channel, block.")
         if acts is None and strategy != "block":  # W8A16: fp8 weights, 16-bit activations
-            config = cls(serialized=True, weight_strategy=strategy, weight_only=True, ignored=qc.get("ignore") or ())
-            config.quantized_lm_head = not config.is_ignored("lm_head")
-            return config
+            return cls(serialized=True, weight_strategy=strategy, weight_only=True, ignored=qc.get("ignore") or ())
         if acts is not None and (acts.get("type") != "float" or acts.get("num_bits") != 8):
             raise ValueError(f"compressed-tensors scheme {scheme} is not supported; supported: float8 weights with "
                              "float8 activations (FP8, FP8_DYNAMIC, FP8_BLOCK) or 16-bit ones (FP8 W8A16, per tensor "
@@ -116,13 +114,10 @@ class Fp8Config(QuantConfig):
             raise ValueError(f"compressed-tensors static activation strategy {acts.get('strategy')!r} with "
                              f"{strategy} weight scales is not supported; supported: tensor (static) or dynamic.")
         if strategy == "block":  # FP8_BLOCK: the scales are the weight_scale tensor, one per block
-            config = cls(serialized=True, weight_strategy="block", block=_block_shape(weights.get("block_structure")),
-                         block_scale_name="weight_scale", ignored=qc.get("ignore") or ())
-        else:
-            config = cls(serialized=True, weight_strategy=strategy, static_activations=static,
-                         ignored=qc.get("ignore") or ())
-        config.quantized_lm_head = not config.is_ignored("lm_head")  # the scheme targets every Linear
-        return config
+            return cls(serialized=True, weight_strategy="block", block=_block_shape(weights.get("block_structure")),
+                       block_scale_name="weight_scale", ignored=qc.get("ignore") or ())
+        return cls(serialized=True, weight_strategy=strategy, static_activations=static,
+                   ignored=qc.get("ignore") or ())
 
     @classmethod
     def from_fbgemm(cls, qc: dict[str, Any]) -> Fp8Config:
@@ -146,7 +141,9 @@ class Fp8Config(QuantConfig):
         if algo != "FP8":
             raise ValueError(f"ModelOpt quant_algo {qc.get('quant_algo')!r} is not supported; supported: FP8 "
                              "(per-tensor fp8 weights with static activation scales), NVFP4.")
-        return cls(serialized=True, weight_strategy="tensor", static_activations=True, ignored=modelopt_excluded(qc))
+        config = cls(serialized=True, weight_strategy="tensor", static_activations=True, ignored=modelopt_excluded(qc))
+        config.quantized_lm_head = not config.is_ignored("lm_head")  # ModelOpt quantizes every Linear not excluded
+        return config
 
     def is_ignored(self, prefix: str) -> bool:
         for pattern in self.ignored:

@@ -418,9 +418,7 @@ class CompressedTensorsInt4Config(_Int4Config):
         if acts is not None:  # W4A8 (int4 weights, fp8 / int8 activations): the same weights, activations 16-bit
             logger.info("compressed-tensors W4A8: int4 weights run with 16-bit activations (w4a16); the checkpoint's "
                         "%s activation quantization is not applied.", acts.get("type", "int"))
-        config = cls(group_size=size, zero_point=False, desc_act=actorder, skipped=qc.get("ignore") or ())
-        config.quantized_lm_head = not config.is_skipped("lm_head")  # the scheme targets every Linear
-        return config
+        return cls(group_size=size, zero_point=False, desc_act=actorder, skipped=qc.get("ignore") or ())
 
     def checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         return ((name, tensor) for name, tensor in weights if not name.endswith(".weight_shape"))
