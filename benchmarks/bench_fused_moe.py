@@ -10,6 +10,10 @@ activations) and the FLOPs it does, with a correctness check against the per-exp
     python -m benchmarks.bench_fused_moe --gguf Q4_K --gguf-down Q6_K   # Q4_K_M's mix: int4 gate / up, int8 down
     python -m benchmarks.bench_fused_moe --gguf Q6_K  # Q8_0 / Q6_K / Q5_K: repacked for the 8-bit experts' kernel
     python -m benchmarks.bench_fused_moe --gguf Q4_K --gguf-blocks      # the same kept in their blocks (the old path)
+    python -m benchmarks.bench_fused_moe --int8 channel   # int8 per channel (experts_int8, bitsandbytes 8-bit)
+    python -m benchmarks.bench_fused_moe --int8 gptq      # uint8 codes, groups of 128 with offsets (GPTQ 8-bit)
+    python -m benchmarks.bench_fused_moe --bnb4 nf4       # bitsandbytes NF4 experts (an absmax per 64 weights)
+    python -m benchmarks.bench_fused_moe --bnb4 nvfp4     # NVFP4 experts (e2m1, fp8 scales per 16, a row scale)
     python -m benchmarks.bench_fused_moe --smoke      # tiny shapes: checks the script itself, also on CPU (interpreter)
 
 Columns: ms (median of ``triton.testing.do_bench``, eager launches; ``graph ms``: the same call replayed from a CUDA
@@ -106,6 +110,10 @@ class MoeProblem:
             scale, _, group, _ = self.quant.parts(which)
             offsets = self.quant.offsets(which)
             return 1 + scale.element_size() * (1 + (offsets is not None)) / group
+        if self.quant is not None and self.quant.bnb4:
+            row_scale = self.quant.row_scale(which)
+            per_row = 0 if row_scale is None else row_scale.element_size() / (2 * w.shape[2])  # codes: K / 2 bytes
+            return 0.5 + self.quant.parts(which)[0].element_size() / self.quant.bnb_block + per_row
         if self.quant is not None and self.quant.parts(which)[2]:
             scale, _, group, _ = self.quant.parts(which)
             return 0.5 + 2 * scale.element_size() / group
@@ -114,14 +122,19 @@ class MoeProblem:
 
 def make_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int = 0, fp8: bool = False,
                  int4_group: int = 0, gguf_type: int = 0, gguf_down_type: int = 0,
-                 gguf_blocks: bool = False) -> MoeProblem:  # fmt: skip
+                 gguf_blocks: bool = False, int8: str = "", bnb4: str = "") -> MoeProblem:  # fmt: skip
     """Random activations, experts and routing; ``fp8``: the experts quantized per output channel to e4m3;
     ``int4_group``: to int4 codes in the int4 kernel layout with random scales and zero points per group;
     ``gguf_type``: random GGUF blocks of that GGML type (sane scales), as a GGUF file's stacked experts (the down
     stack of ``gguf_down_type`` if given), a Q4_0 / Q4_1 / Q4_K stack repacked for the int4 experts' kernel as
     loading on CUDA does (``experts_as_int4``), a Q8_0 / Q6_K / Q5_K stack for the 8-bit experts'
-    (``experts_as_int8``), unless ``gguf_blocks``."""
+    (``experts_as_int8``), unless ``gguf_blocks``; ``int8``: random 8-bit codes, ``channel`` int8 with a scale per
+    output channel, ``gptq`` uint8 with a scale and offset per 128 inputs; ``bnb4``: random 4-bit codes two a byte,
+    ``nf4`` with an fp32 absmax per 64 weights, ``nvfp4`` e2m1 with fp8 scales per 16 and an fp32 scale per row.
+    Random codes: the kernels' speed does not depend on the values, and the check dequantizes the same codes."""
     problem = _random_problem(shape, tokens, dtype, seed)
+    if int8 or bnb4:
+        problem.quant = _random_codes(problem, int8, bnb4, seed)
     if gguf_type:
         from core.layers.quantization.gguf import _random_blocks, experts_as_int4, experts_as_int8
 
@@ -172,6 +185,39 @@ def make_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int = 0
             scales.append(scale.view(w.shape[:2]))
         problem.quant = ExpertQuant(*scales)
     return problem
+
+
+def _random_codes(problem: MoeProblem, int8: str, bnb4: str, seed: int) -> ExpertQuant:
+    """Replace ``problem``'s experts with random 8-bit (``int8``) or 4-bit codebook (``bnb4``) codes and scales sized
+    so the products stay near the unquantized experts' magnitude."""
+    from kernels.bnb4_gemm import E2M1_CODEBOOK, NF4_CODEBOOK
+
+    gen = torch.Generator().manual_seed(seed)
+    fields: dict[str, object] = {}
+    block = min(64 if bnb4 == "nf4" else 16, problem.w2.shape[2])  # one block size for both stacks
+    for name in ("w13", "w2"):
+        e, n, k = getattr(problem, name).shape
+        if int8:
+            group = k if int8 == "channel" else min(128, k)
+            low, high, code_dtype = (-127, 128, torch.int8) if int8 == "channel" else (0, 256, torch.uint8)
+            codes = torch.randint(low, high, (e, n, k), generator=gen, dtype=torch.int16).to(code_dtype)
+            scale = torch.rand(e, k // group, n, generator=gen) * k**-0.5 / 64
+            fields.update({f"{name}_scale": scale.to(DEVICE), f"{name}_group": group, f"{name}_int8": True})
+            if int8 == "gptq":
+                fields[f"{name}_offsets"] = (-128 * scale).to(DEVICE)
+        else:
+            codes = torch.randint(0, 256, (e, n, k // 2), generator=gen, dtype=torch.int16).to(torch.uint8)
+            absmax = torch.rand(e, n, k // block, generator=gen) * k**-0.5 + k**-0.5 / 2
+            if bnb4 == "nvfp4":
+                row = absmax.amax(-1) / 448
+                fields[f"{name}_row_scale"] = (row / 6).to(DEVICE)  # e2m1's values run to 6
+                absmax = (absmax / row[..., None]).to(torch.float8_e4m3fn)
+            fields[f"{name}_scale"] = absmax.to(DEVICE)
+        setattr(problem, name, codes.to(DEVICE))
+    if bnb4:
+        codebook = NF4_CODEBOOK if bnb4 == "nf4" else E2M1_CODEBOOK
+        fields.update(codebook=torch.tensor(codebook, device=DEVICE), bnb_block=block)
+    return ExpertQuant(**fields)
 
 
 def _random_problem(shape: MoeShape, tokens: int, dtype: torch.dtype, seed: int) -> MoeProblem:
@@ -242,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the down stack's GGUF type where it differs (Q4_K_M: Q4_K gate / up, Q6_K down)")
     parser.add_argument("--gguf-blocks", action="store_true",
                         help="keep the GGUF experts in their blocks (the block-decoding kernel)")
+    parser.add_argument("--int8", choices=["channel", "gptq"], default="",
+                        help="8-bit experts: int8 per channel (experts_int8, bitsandbytes 8-bit) or GPTQ's uint8 "
+                             "codes with a scale and offset per 128 inputs")
+    parser.add_argument("--bnb4", choices=["nf4", "nvfp4"], default="",
+                        help="4-bit codebook experts: bitsandbytes NF4 or NVFP4 (random codes)")
     parser.add_argument("--peak-gbps", type=float, default=4800.0)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     opts = parser.parse_args(argv)
@@ -262,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             gguf_type = int(GGMLQuantizationType[opts.gguf]) if opts.gguf else 0
             down_type = int(GGMLQuantizationType[opts.gguf_down]) if opts.gguf_down else 0
             p = make_problem(shape, tokens, dtype, seed=tokens, fp8=opts.fp8, int4_group=128 if opts.int4 else 0,
-                             gguf_type=gguf_type, gguf_down_type=down_type, gguf_blocks=opts.gguf_blocks)  # fmt: skip
+                             gguf_type=gguf_type, gguf_down_type=down_type, gguf_blocks=opts.gguf_blocks,
+                             int8=opts.int8, bnb4=opts.bnb4)  # fmt: skip
             config = get_config(tokens, shape.num_experts, shape.hidden, shape.inter, dtype,
                                 _weight_kind(p.w13, p.quant))  # fmt: skip
             err = check_problem(p)

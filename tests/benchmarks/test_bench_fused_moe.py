@@ -25,7 +25,8 @@ def test_bench_fused_moe_smoke():
     assert "# all correctness checks passed" in proc.stdout and "smoke  40  " in proc.stdout
 
 
-@pytest.mark.parametrize("kind", [("--fp8",), ("--int4",), ("--gguf", "Q8_0")], ids=["fp8", "int4", "gguf"])
+@pytest.mark.parametrize("kind", [("--fp8",), ("--int4",), ("--gguf", "Q8_0"), ("--int8", "gptq"), ("--bnb4", "nvfp4")],
+                         ids=["fp8", "int4", "gguf", "gptq8", "nvfp4"])  # fmt: skip
 def test_bench_fused_moe_smoke_with_quantized_experts(kind):
     proc = _run("benchmarks.bench_fused_moe", "--smoke", *kind)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,7 +4,11 @@ the KL-divergence quality script with both of its methods."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -59,11 +63,6 @@ def test_quality_script_reports_kl_for_each_method(tmp_path, capsys):
 
 def test_quantized_gemm_benchmark_smoke_runs_and_checks_pass():
     """benchmarks/bench_quant_gemm.py end to end at tiny shapes (interpreted on CPU): the lead runs it on the GPU."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_quant_gemm.py"), "--smoke"],
                           capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=root)
@@ -75,11 +74,6 @@ def test_quantized_gemm_benchmark_smoke_runs_and_checks_pass():
 def test_quantized_gemm_decode_sweep_smoke_prints_tables_and_step_prediction():
     """``bench_quant_gemm.py --sweep`` (the fma decode kernels' config sweep) at a tiny shape, interpreted on CPU:
     every candidate passes its correctness check, and the paste blocks and the step prediction are printed."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_quant_gemm.py"), "--smoke", "--sweep",
                            "--m", "1", "--split-k", "2"],
@@ -115,3 +109,15 @@ def test_quality_script_measures_the_default_gguf_kept_and_repacked(tmp_path, ca
     for method in ("gguf", "gguf-int4"):
         assert 0 <= rows[method]["mean_kl"] < 0.01 and rows[method]["top1_agreement"] > 0.9
         assert rows[method]["weight_bytes"] < 0.4 * rows["none"]["weight_bytes"]
+
+
+def test_bench_weight_only_gemm_smoke():
+    """benchmarks/bench_weight_only_gemm.py (NF4 / NVFP4 / 8-bit dense kernels) at tiny shapes, interpreted on CPU:
+    each kernel is checked against its format's reference before it is timed."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_weight_only_gemm", "--smoke", "--m", "1", "3"],
+                          capture_output=True, text=True, timeout=600, cwd=root,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for fmt in ("nf4", "nvfp4", "int8", "gptq8"):
+        assert f"down {fmt} (64, 128) M=3:" in proc.stdout

@@ -395,3 +395,30 @@ def test_gemma_query_scale_and_layer_pattern_follow_llama_cpp(tmp_path):
     assert flags["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
     g2 = _metadata_only_gguf(tmp_path / "f.gguf", "gemma2", 4)
     assert g2["layer_types"] == ["sliding_attention", "full_attention"] * 2 and g2["sliding_window"] == 4096
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family, ggml_type", [("qwen3_moe", "Q4_K"), ("qwen3_moe", "Q6_K"), ("qwen2_moe", "IQ4_XS"),
+                                               ("falcon_40b_style", "Q8_0")])  # fmt: skip
+def test_gguf_kept_on_gpu_with_cuda_graphs(tmp_path, family, ggml_type):
+    """On CUDA the loader repacks what it keeps (Q4_K experts and dense layers for the int4 kernels, Q6_K experts for
+    the 8-bit experts', IQ4 for the codebook kernels; Falcon's Q8_0 blocks with their qkv rows regrouped) and the
+    decode graphs run those kernels (bf16): the same tokens as eager decode, first-step logprobs near the same file
+    dequantized at load."""
+    arch, gguf_arch, overrides = FAMILIES[family]
+    wider = {"hidden_size": 256, "intermediate_size": 256, "moe_intermediate_size": 256} \
+        if ggml_type in ("Q4_K", "Q6_K", "IQ4_XS") else {}  # fmt: skip
+    path = tmp_path / f"{family}-{ggml_type}.gguf"
+    write_family_gguf(path, gguf_arch, _tiny_hf_model(arch, overrides | wider), gguf.GGMLQuantizationType[ggml_type])
+    prompts = random_prompts(5, lengths=(3, 17))
+    runs = {}
+    kept = {"quantization": "gguf"}
+    for name, kwargs in (("graphs", kept), ("eager", kept | {"enforce_eager": True}), ("dequantized", {})):
+        engine = make_engine(path, dtype="bfloat16", device="cuda", **kwargs)
+        assert engine.runner.use_graphs == (name != "eager")
+        runs[name] = run_engine(engine, prompts, GREEDY)
+    assert {k: r["tokens"] for k, r in runs["graphs"].items()} == {k: r["tokens"] for k, r in runs["eager"].items()}
+    for key, expected in runs["dequantized"].items():
+        ours = runs["graphs"][key]["logprobs"][0]
+        top = max(expected["logprobs"][0], key=expected["logprobs"][0].get)
+        assert top in ours and abs(ours[top] - expected["logprobs"][0][top]) <= 0.05

@@ -7,6 +7,8 @@ test_quantized_checkpoints.py's docstring); online fp8 stays within fp8's error 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,22 +21,28 @@ def moe_blocks(engine):
     return [m for m in engine.runner.model.modules() if hasattr(m, "w13")]
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_experts_int8_quantizes_the_experts_at_load(tmp_path, arch):
-    """``--quantization experts_int8`` (vLLM's) on a 16-bit MoE checkpoint: the experts int8 per expert and output
-    channel on the 8-bit experts' kernel, every other layer (Qwen2-MoE's shared expert too) 16-bit: the model whose
-    experts hold those int8 values."""
+def experts_int8_checkpoints(tmp: Path, arch: str, **overrides) -> tuple[Path, Path]:
+    """A 16-bit MoE for ``--quantization experts_int8``, and the same model with its experts rounded to those int8
+    values (the reference)."""
     from kernels.int8_gemm import quantize_int8_rows
 
-    config, state = qc.base_checkpoint(arch=arch)
-    path = qc.save(tmp_path / "plain", config, state)
+    config, state = qc.base_checkpoint(arch=arch, **overrides)
     rounded = {}
     for name, tensor in state.items():
         if ".mlp.experts." in name and name.endswith(".weight"):
             codes, absmax = quantize_int8_rows(tensor)
             rounded[name] = codes.float() * (absmax / 127.0)[:, None]
     assert rounded
-    engine, _ = qc.compare(path, qc.save(tmp_path / "int8-values", config, state | rounded), logprob_atol=1e-4,
+    return qc.save(tmp / "plain", config, state), qc.save(tmp / "int8-values", config, state | rounded)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_experts_int8_quantizes_the_experts_at_load(tmp_path, arch):
+    """``--quantization experts_int8`` (vLLM's) on a 16-bit MoE checkpoint: the experts int8 per expert and output
+    channel on the 8-bit experts' kernel, every other layer (Qwen2-MoE's shared expert too) 16-bit: the model whose
+    experts hold those int8 values."""
+    path, rounded = experts_int8_checkpoints(tmp_path, arch)
+    engine, _ = qc.compare(path, rounded, logprob_atol=1e-4,
                            quantization="experts_int8", dtype="float32")
     for block in moe_blocks(engine):
         w13, _, quant = block.quant_method.experts(block)
@@ -330,27 +338,34 @@ def test_online_fp8_moe_on_gpu_with_cuda_graphs(tmp_path, arch):
     assert qc.logprob_error(graphs, reference, steps=1) <= qc.FP8_FIRST_STEP_ATOL
 
 
-EIGHT_BIT_EXPERTS = {"gptq8-g32-zp": lambda tmp: qc.write_gptq8(tmp, 32, False, False, "qwen3_moe",
-                                                                 moe_intermediate_size=64),
-                     "gptq8-g32-act": lambda tmp: qc.write_gptq8(tmp, 32, True, False, "mixtral",
-                                                                 intermediate_size=64),
-                     "gptq8-channel-sym": lambda tmp: qc.write_gptq8(tmp, -1, False, True, "mixtral",
-                                                                     intermediate_size=64),
-                     "bnb8": lambda tmp: qc.write_bnb8(tmp, "qwen2_moe", routers=True),
-                     "ct-w8a16-g32-act": lambda tmp: qc.write_ct_int8(tmp, 32, True, arch="qwen3_moe",
-                                                                      moe_intermediate_size=64)}
+WIDER_EXPERTS = {"qwen2_moe": {"moe_intermediate_size": 64, "shared_expert_intermediate_size": 64}}
+GPU_EXPERTS = {"gptq8-g32-zp": lambda tmp: qc.write_gptq8(tmp, 32, False, False, "qwen3_moe", moe_intermediate_size=64),
+               "gptq8-g32-act": lambda tmp: qc.write_gptq8(tmp, 32, True, False, "mixtral", intermediate_size=64),
+               "gptq8-channel-sym": lambda tmp: qc.write_gptq8(tmp, -1, False, True, "mixtral", intermediate_size=64),
+               "bnb8": lambda tmp: qc.write_bnb8(tmp, "qwen2_moe", routers=True),
+               "ct-w8a16-g32-act": lambda tmp: qc.write_ct_int8(tmp, 32, True, arch="qwen3_moe",
+                                                                moe_intermediate_size=64),
+               "experts_int8": lambda tmp: experts_int8_checkpoints(tmp, "mixtral", intermediate_size=64),
+               "nvfp4-modelopt": lambda tmp: qc.write_nvfp4(tmp, "modelopt", "qwen2_moe", **WIDER_EXPERTS["qwen2_moe"]),
+               "nvfp4-ct": lambda tmp: qc.write_nvfp4(tmp, "ct", "mixtral", intermediate_size=64),
+               "bnb-nf4": lambda tmp: qc.write_bnb(tmp, "nf4", True, "qwen2_moe", **WIDER_EXPERTS["qwen2_moe"])}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", sorted(EIGHT_BIT_EXPERTS))
-def test_8bit_experts_on_gpu_with_cuda_graphs(tmp_path, case):
-    """GPTQ 8-bit and bitsandbytes 8-bit experts on the fused MoE kernel's 8-bit experts (bf16) inside the decode
-    graphs: the same tokens as eager decode, first-step logprobs near the dequantized model's."""
-    quantized, dequantized = EIGHT_BIT_EXPERTS[case](tmp_path)
-    engine, graphs = qc.greedy(quantized, dtype="bfloat16", device="cuda")
+@pytest.mark.parametrize("case", sorted(GPU_EXPERTS))
+def test_quantized_experts_on_gpu_with_cuda_graphs(tmp_path, case):
+    """8-bit experts (GPTQ 8-bit, bitsandbytes 8-bit, compressed-tensors W8A16, ``--quantization experts_int8``) on
+    the fused MoE kernel's 8-bit experts, and 4-bit codebook experts (NVFP4, bitsandbytes NF4) on its codebook
+    experts (bf16), inside the decode graphs: the same tokens as eager decode, first-step logprobs near the
+    dequantized model's."""
+    quantized, dequantized = GPU_EXPERTS[case](tmp_path)
+    kwargs = {"quantization": "experts_int8"} if case == "experts_int8" else {}
+    engine, graphs = qc.greedy(quantized, dtype="bfloat16", device="cuda", **kwargs)
     assert engine.runner.use_graphs
-    assert all(b.quant_method.experts(b)[2].w13_int8 for b in moe_blocks(engine))
-    _, eager = qc.greedy(quantized, dtype="bfloat16", device="cuda", enforce_eager=True)
+    quant = [b.quant_method.experts(b)[2] for b in moe_blocks(engine)]
+    assert quant and all((q.w13_int8 and q.w2_int8) if "nf4" not in case and "nvfp4" not in case else q.bnb4
+                         for q in quant)  # fmt: skip
+    _, eager = qc.greedy(quantized, dtype="bfloat16", device="cuda", enforce_eager=True, **kwargs)
     assert [r["tokens"] for r in graphs] == [r["tokens"] for r in eager]
     _, reference = qc.greedy(dequantized, dtype="bfloat16", device="cuda")
     assert qc.logprob_error(graphs, reference, steps=1) <= 0.05

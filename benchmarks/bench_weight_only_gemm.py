@@ -1,0 +1,111 @@
+"""The weight-only Triton GEMMs that serve checkpoint formats (bitsandbytes NF4 and NVFP4 on the 4-bit codebook
+kernel, ``kernels/bnb4_gemm.py``; bitsandbytes 8-bit and GPTQ 8-bit on ``kernels/int8_gemm.py``) at Llama-3.1-8B's
+four layer shapes and decode M, against each format's weight-read floor and the bf16 skinny kernel.
+
+    python -m benchmarks.bench_weight_only_gemm               # M = 1, 4, 16
+    python -m benchmarks.bench_weight_only_gemm --m 1 --formats nvfp4 nf4
+    python -m benchmarks.bench_weight_only_gemm --smoke       # tiny shapes on CPU (Triton interpreter)
+
+Every call is checked against its format's reference first (random codes: speed does not depend on the values).
+Timing: the calls captured back to back in one CUDA graph, each on its own copy of the weight (>= 256 MB of
+copies, so no call reads its weight from L2), median of ``--replays`` replays, per call. The floor is the format's
+bytes (codes, scales, zero points) at 4.28 TB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from benchmarks.smoke import interpret_smoke_without_cuda
+
+interpret_smoke_without_cuda()  # before kernels/ is imported
+
+import torch  # noqa: E402
+
+from benchmarks.bench_fp8_gemv import MODEL_SHAPES  # noqa: E402
+from benchmarks.bench_skinny_gemm import time_per_call  # noqa: E402
+from kernels.bnb4_gemm import E2M1_CODEBOOK, NF4_CODEBOOK, bnb4_gemm_triton, bnb4_linear_ref  # noqa: E402
+from kernels.int8_gemm import int8_gemm_triton, int8_linear_ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FORMATS = ("nf4", "nvfp4", "int8", "gptq8")
+ROTATE_BYTES = 256 << 20
+SMOKE_SHAPES = {"qkv": (96, 64), "down": (64, 128)}
+
+
+def make_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple[tuple[torch.Tensor, ...], Callable, Callable]:
+    """A random weight of ``fmt`` as the kernel's tensors, with its Triton kernel's call and its reference's (both
+    ``f(x, *tensors)``; the kernel called directly, so ``--smoke`` runs it in the interpreter)."""
+    def rand(*size: int) -> torch.Tensor:
+        return torch.rand(*size, generator=gen, device=DEVICE)
+
+    if fmt in ("nf4", "nvfp4"):
+        block = 64 if fmt == "nf4" else 16
+        codebook = torch.tensor(NF4_CODEBOOK if fmt == "nf4" else E2M1_CODEBOOK, device=DEVICE)
+        codes = torch.randint(0, 256, (n, k // 2), generator=gen, device=DEVICE, dtype=torch.int16).to(torch.uint8)
+        absmax = rand(n, k // block) * k**-0.5 + k**-0.5 / 2
+        if fmt == "nf4":
+            tensors = (codes, absmax)
+            return (tensors, lambda x, w, a: bnb4_gemm_triton(x, w, a, codebook, block),
+                    lambda x, w, a: bnb4_linear_ref(x, w, a, codebook, block))  # fmt: skip
+        row = absmax.amax(-1) / 448
+        tensors = (codes, (absmax / row[:, None]).to(torch.float8_e4m3fn), row / 6)
+        return (tensors, lambda x, w, a, r: bnb4_gemm_triton(x, w, a, codebook, block, r),
+                lambda x, w, a, r: bnb4_linear_ref(x, w, a, codebook, block, row_scale=r))  # fmt: skip
+    if fmt == "int8":
+        codes = torch.randint(-127, 128, (n, k), generator=gen, device=DEVICE, dtype=torch.int16).to(torch.int8)
+        tensors = (codes, rand(n) * k**-0.5 / 64)
+        return tensors, lambda x, w, s: int8_gemm_triton(x, w, s), lambda x, w, s: int8_linear_ref(x, w, s)
+    group = min(128, k)
+    codes = torch.randint(0, 256, (n, k), generator=gen, device=DEVICE, dtype=torch.int16).to(torch.uint8)
+    tensors = (codes, rand(n, k // group) * k**-0.5 / 64, torch.full((n, k // group), 128.0, device=DEVICE))
+    return (tensors, lambda x, w, s, z: int8_gemm_triton(x, w, s, z, group),
+            lambda x, w, s, z: int8_linear_ref(x, w, s, zeros=z, group=group))  # fmt: skip
+
+
+def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torch.Generator,
+                dtype: torch.dtype) -> list[str]:  # fmt: skip
+    """One line per M: microseconds per call, and the fraction of the format's floor (bytes at 4.28 TB/s)."""
+    tensors, kernel, reference = make_weight(fmt, n, k, gen)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    copies = [tuple(t.clone() for t in tensors) for _ in range(max(2, -(-ROTATE_BYTES // nbytes)))]
+    if DEVICE == "cpu":
+        copies = copies[:1]
+    lines = []
+    for m in ms:
+        x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
+        out, ref = kernel(x, *tensors).float(), reference(x, *tensors).float()
+        err = ((out - ref).norm() / ref.norm()).item()
+        if err > 2e-2:
+            raise AssertionError(f"{fmt} {n}x{k} M={m}: relative error {err:.2e} against its reference")
+        us = time_per_call([lambda c=c: kernel(x, *c) for c in copies], replays) * 1e3
+        floor = nbytes / 4.28e12 * 1e6
+        lines.append(f"{fmt} ({n}, {k}) M={m}: {us:.1f} us, floor {floor:.1f} us ({100 * floor / us:.0f}%), "
+                     f"err {err:.1e}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    parser.add_argument("--replays", type=int, default=20)
+    opts = parser.parse_args(argv)
+    if DEVICE != "cuda" and not opts.smoke:
+        print("bench_weight_only_gemm needs a CUDA GPU; --smoke runs on CPU (interpreter)", file=sys.stderr)
+        return 2
+    shapes = SMOKE_SHAPES if opts.smoke else MODEL_SHAPES["llama-3.1-8b"]
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    for fmt in opts.formats:
+        for layer, (n, k) in shapes.items():
+            for line in bench_shape(fmt, n, k, opts.m, opts.replays, gen, dtype):
+                print(f"{layer} {line}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
