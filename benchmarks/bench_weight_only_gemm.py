@@ -1,6 +1,7 @@
 """The weight-only Triton GEMMs that serve checkpoint formats (bitsandbytes NF4 and NVFP4 on the 4-bit codebook
 kernel, ``kernels/bnb4_gemm.py``; bitsandbytes 8-bit and GPTQ 8-bit on ``kernels/int8_gemm.py``) at Llama-3.1-8B's
-four layer shapes and decode M, against each format's weight-read floor and the bf16 skinny kernel.
+four layer shapes and decode M, against each format's weight-read floor; beside them the byte-codes decode GEMV
+(``kernels/codes_gemv.py``) at each of ``GEMV_CONFIGS`` (M <= 16).
 
     python -m benchmarks.bench_weight_only_gemm               # M = 1, 4, 16
     python -m benchmarks.bench_weight_only_gemm --m 1 --formats nvfp4 nf4
@@ -27,17 +28,23 @@ import torch  # noqa: E402
 from benchmarks.bench_fp8_gemv import MODEL_SHAPES  # noqa: E402
 from benchmarks.bench_skinny_gemm import time_per_call  # noqa: E402
 from kernels.bnb4_gemm import E2M1_CODEBOOK, NF4_CODEBOOK, bnb4_gemm_triton, bnb4_linear_ref  # noqa: E402
+from kernels.codes_gemv import GEMV_MAX_M, CodesGemvConfig, codes_gemv  # noqa: E402
 from kernels.int8_gemm import int8_gemm_triton, int8_linear_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ("nf4", "nvfp4", "int8", "gptq8")
 ROTATE_BYTES = 256 << 20
 SMOKE_SHAPES = {"qkv": (96, 64), "down": (64, 128)}
+GEMV_CONFIGS = [CodesGemvConfig(*c) for c in ((8, 128, 2), (16, 128, 4), (16, 64, 2), (32, 64, 4), (32, 128, 8),
+                                              (64, 32, 4), (64, 64, 8), (32, 32, 2))]  # fmt: skip
+SMOKE_GEMV_CONFIGS = [CodesGemvConfig(8, 16, 2)]
 
 
-def make_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple[tuple[torch.Tensor, ...], Callable, Callable]:
-    """A random weight of ``fmt`` as the kernel's tensors, with its Triton kernel's call and its reference's (both
-    ``f(x, *tensors)``; the kernel called directly, so ``--smoke`` runs it in the interpreter)."""
+def make_weight(fmt: str, n: int, k: int, gen: torch.Generator
+                ) -> tuple[tuple[torch.Tensor, ...], Callable, Callable, Callable]:  # fmt: skip
+    """A random weight of ``fmt`` as the kernel's tensors, with its tile kernel's call, its reference's (both ``f(x,
+    *tensors)``; the kernels called directly, so ``--smoke`` runs them in the interpreter) and ``gemv(config)``,
+    the byte-codes GEMV's call at that config."""
     def rand(*size: int) -> torch.Tensor:
         return torch.rand(*size, generator=gen, device=DEVICE)
 
@@ -49,48 +56,61 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator) -> tuple[tuple[t
         if fmt == "nf4":
             tensors = (codes, absmax)
             return (tensors, lambda x, w, a: bnb4_gemm_triton(x, w, a, codebook, block),
-                    lambda x, w, a: bnb4_linear_ref(x, w, a, codebook, block))  # fmt: skip
+                    lambda x, w, a: bnb4_linear_ref(x, w, a, codebook, block),
+                    lambda c: lambda x, w, a: codes_gemv(x, w, a, four_bit=True, group=block, codebook=codebook,
+                                                         config=c))  # fmt: skip
         row = absmax.amax(-1) / 448
         tensors = (codes, (absmax / row[:, None]).to(torch.float8_e4m3fn), row / 6)
         return (tensors, lambda x, w, a, r: bnb4_gemm_triton(x, w, a, codebook, block, r),
-                lambda x, w, a, r: bnb4_linear_ref(x, w, a, codebook, block, row_scale=r))  # fmt: skip
+                lambda x, w, a, r: bnb4_linear_ref(x, w, a, codebook, block, row_scale=r),
+                lambda c: lambda x, w, a, r: codes_gemv(x, w, a, four_bit=True, group=block, codebook=codebook,
+                                                        row_scale=r, config=c))  # fmt: skip
     if fmt == "int8":
         codes = torch.randint(-127, 128, (n, k), generator=gen, device=DEVICE, dtype=torch.int16).to(torch.int8)
         tensors = (codes, rand(n) * k**-0.5 / 64)
-        return tensors, lambda x, w, s: int8_gemm_triton(x, w, s), lambda x, w, s: int8_linear_ref(x, w, s)
+        return (tensors, lambda x, w, s: int8_gemm_triton(x, w, s), lambda x, w, s: int8_linear_ref(x, w, s),
+                lambda c: lambda x, w, s: codes_gemv(x, w, s, four_bit=False, group=0, config=c))  # fmt: skip
     group = min(128, k)
     codes = torch.randint(0, 256, (n, k), generator=gen, device=DEVICE, dtype=torch.int16).to(torch.uint8)
     tensors = (codes, rand(n, k // group) * k**-0.5 / 64, torch.full((n, k // group), 128.0, device=DEVICE))
     return (tensors, lambda x, w, s, z: int8_gemm_triton(x, w, s, z, group),
-            lambda x, w, s, z: int8_linear_ref(x, w, s, zeros=z, group=group))  # fmt: skip
+            lambda x, w, s, z: int8_linear_ref(x, w, s, zeros=z, group=group),
+            lambda c: lambda x, w, s, z: codes_gemv(x, w, s, four_bit=False, group=group, zeros=z, config=c))
 
 
-def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torch.Generator,
-                dtype: torch.dtype) -> list[str]:  # fmt: skip
-    """One line per M: microseconds per call, and the fraction of the format's floor (bytes at 4.28 TB/s)."""
-    tensors, kernel, reference = make_weight(fmt, n, k, gen)
+def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torch.Generator, dtype: torch.dtype,
+                gemv_configs: list[CodesGemvConfig]) -> list[str]:  # fmt: skip
+    """One line per M: the tile kernel's microseconds per call and each GEMV config's (M <= 16), fastest first, and
+    the format's floor (its bytes at 4.28 TB/s)."""
+    tensors, tiles, reference, gemv = make_weight(fmt, n, k, gen)
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     copies = [tuple(t.clone() for t in tensors) for _ in range(max(2, -(-ROTATE_BYTES // nbytes)))]
     if DEVICE == "cpu":
         copies = copies[:1]
+    floor = nbytes / 4.28e12 * 1e6
     lines = []
     for m in ms:
         x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
-        out, ref = kernel(x, *tensors).float(), reference(x, *tensors).float()
-        err = ((out - ref).norm() / ref.norm()).item()
-        if err > 2e-2:
-            raise AssertionError(f"{fmt} {n}x{k} M={m}: relative error {err:.2e} against its reference")
-        us = time_per_call([lambda c=c: kernel(x, *c) for c in copies], replays) * 1e3
-        floor = nbytes / 4.28e12 * 1e6
-        lines.append(f"{fmt} ({n}, {k}) M={m}: {us:.1f} us, floor {floor:.1f} us ({100 * floor / us:.0f}%), "
-                     f"err {err:.1e}")
+        ref = reference(x, *tensors).float()
+        calls = {"tiles": tiles}
+        if m <= GEMV_MAX_M:
+            calls.update({f"gemv{c.block_n}x{c.block_b}w{c.num_warps}": gemv(c) for c in gemv_configs})
+        times = {}
+        for name, call in calls.items():
+            out = call(x, *tensors).float()
+            err = ((out - ref).norm() / ref.norm()).item()
+            if err > 2e-2:
+                raise AssertionError(f"{fmt} {n}x{k} M={m} {name}: relative error {err:.2e} against its reference")
+            times[name] = time_per_call([lambda c=c, f=call: f(x, *c) for c in copies], replays) * 1e3
+        ranked = " ".join(f"{name} {t:.1f}" for name, t in sorted(times.items(), key=lambda kv: kv[1]))
+        lines.append(f"{fmt} ({n}, {k}) M={m}: floor {floor:.1f} us: {ranked}")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
-    parser.add_argument("--m", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 256])
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--replays", type=int, default=20)
     opts = parser.parse_args(argv)
@@ -102,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     for fmt in opts.formats:
         for layer, (n, k) in shapes.items():
-            for line in bench_shape(fmt, n, k, opts.m, opts.replays, gen, dtype):
+            configs = SMOKE_GEMV_CONFIGS if opts.smoke else GEMV_CONFIGS
+            for line in bench_shape(fmt, n, k, opts.m, opts.replays, gen, dtype, configs):
                 print(f"{layer} {line}", flush=True)
     return 0
 

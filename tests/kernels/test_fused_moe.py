@@ -206,7 +206,7 @@ def _assert_act_order_undone(x, weights, ids, ref, dequantized: list[torch.Tenso
         plain = torch.empty(w.shape, dtype=torch.float64)
         for e in range(w.shape[0]):
             plain[e][:, p[e]] = w[e].double()
-        unsorted.append(plain)
+        unsorted.append(plain.to(x.device))
     assert_close(ref, fused_moe_ref(x.double(), *unsorted, weights.double(), ids), TOLERANCE[dtype],
                  "act order undone")
 
@@ -456,7 +456,7 @@ def test_fused_moe_with_regrouped_act_order_down_matches_reference(kind):
         plain_w13 = torch.stack([dequantize_int4(q13[e].cpu(), s13[e], z13[e], 32).t() for e in range(experts)])
     else:
         plain_w13 = torch.stack([dequantize_int8_experts(q13[e].cpu(), s13[e], o13[e], 32) for e in range(experts)])
-    plain = fused_moe_ref(x.double(), plain_w13.double(), plain_w2, weights.double(), ids)
+    plain = fused_moe_ref(x.double(), plain_w13.double().to(x.device), plain_w2.to(x.device), weights.double(), ids)
     assert_close(ref, plain, 1e-5, "regrouping undone")
 
 
