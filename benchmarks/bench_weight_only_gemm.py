@@ -28,54 +28,60 @@ import torch  # noqa: E402
 from benchmarks.bench_fp8_gemv import MODEL_SHAPES  # noqa: E402
 from benchmarks.bench_skinny_gemm import time_per_call  # noqa: E402
 from kernels.bnb4_gemm import E2M1_CODEBOOK, NF4_CODEBOOK, bnb4_gemm_triton, bnb4_linear_ref  # noqa: E402
-from kernels.codes_gemv import GEMV_MAX_M, CodesGemvConfig, codes_gemv  # noqa: E402
+from kernels.codes_gemv import GEMV_MAX_M, CodesGemvConfig, code_pair_table, codes_gemv  # noqa: E402
 from kernels.int8_gemm import int8_gemm_triton, int8_linear_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ("nf4", "nvfp4", "int8", "gptq8")
 ROTATE_BYTES = 256 << 20
 SMOKE_SHAPES = {"qkv": (96, 64), "down": (64, 128)}
-GEMV_CONFIGS = [CodesGemvConfig(*c) for c in ((8, 128, 2), (16, 128, 4), (16, 64, 2), (32, 64, 4), (32, 128, 8),
-                                              (64, 32, 4), (64, 64, 8), (32, 32, 2))]  # fmt: skip
+GEMV_CONFIGS = [CodesGemvConfig(*c) for c in ((8, 128, 2), (8, 256, 2), (8, 128, 1), (4, 128, 1), (16, 256, 4),
+                                              (16, 64, 2), (32, 32, 2))]  # fmt: skip
 SMOKE_GEMV_CONFIGS = [CodesGemvConfig(8, 16, 2)]
+
+
+def codebook_of(fmt: str) -> torch.Tensor:
+    return torch.tensor(NF4_CODEBOOK if fmt == "nf4" else E2M1_CODEBOOK, device=DEVICE)
 
 
 def make_weight(fmt: str, n: int, k: int, gen: torch.Generator
                 ) -> tuple[tuple[torch.Tensor, ...], Callable, Callable, Callable]:  # fmt: skip
     """A random weight of ``fmt`` as the kernel's tensors, with its tile kernel's call, its reference's (both ``f(x,
-    *tensors)``; the kernels called directly, so ``--smoke`` runs them in the interpreter) and ``gemv(config)``,
-    the byte-codes GEMV's call at that config."""
+    *tensors)``; the kernels called directly, so ``--smoke`` runs them in the interpreter) and ``gemv(config,
+    table)``, the byte-codes GEMV's call at that config (4-bit: with that code pair table, else the codebook)."""
     def rand(*size: int) -> torch.Tensor:
         return torch.rand(*size, generator=gen, device=DEVICE)
 
     if fmt in ("nf4", "nvfp4"):
         block = 64 if fmt == "nf4" else 16
-        codebook = torch.tensor(NF4_CODEBOOK if fmt == "nf4" else E2M1_CODEBOOK, device=DEVICE)
+        codebook = codebook_of(fmt)
         codes = torch.randint(0, 256, (n, k // 2), generator=gen, device=DEVICE, dtype=torch.int16).to(torch.uint8)
         absmax = rand(n, k // block) * k**-0.5 + k**-0.5 / 2
         if fmt == "nf4":
             tensors = (codes, absmax)
             return (tensors, lambda x, w, a: bnb4_gemm_triton(x, w, a, codebook, block),
                     lambda x, w, a: bnb4_linear_ref(x, w, a, codebook, block),
-                    lambda c: lambda x, w, a: codes_gemv(x, w, a, four_bit=True, group=block, codebook=codebook,
-                                                         config=c))  # fmt: skip
+                    lambda c, table=None: lambda x, w, a: codes_gemv(x, w, a, four_bit=True, group=block,
+                                                                     codebook=codebook, pairs=table, config=c))
         row = absmax.amax(-1) / 448
         tensors = (codes, (absmax / row[:, None]).to(torch.float8_e4m3fn), row / 6)
         return (tensors, lambda x, w, a, r: bnb4_gemm_triton(x, w, a, codebook, block, r),
                 lambda x, w, a, r: bnb4_linear_ref(x, w, a, codebook, block, row_scale=r),
-                lambda c: lambda x, w, a, r: codes_gemv(x, w, a, four_bit=True, group=block, codebook=codebook,
-                                                        row_scale=r, config=c))  # fmt: skip
+                lambda c, table=None: lambda x, w, a, r: codes_gemv(x, w, a, four_bit=True, group=block,
+                                                                    codebook=codebook, pairs=table, row_scale=r,
+                                                                    config=c))  # fmt: skip
     if fmt == "int8":
         codes = torch.randint(-127, 128, (n, k), generator=gen, device=DEVICE, dtype=torch.int16).to(torch.int8)
         tensors = (codes, rand(n) * k**-0.5 / 64)
         return (tensors, lambda x, w, s: int8_gemm_triton(x, w, s), lambda x, w, s: int8_linear_ref(x, w, s),
-                lambda c: lambda x, w, s: codes_gemv(x, w, s, four_bit=False, group=0, config=c))  # fmt: skip
+                lambda c, table=None: lambda x, w, s: codes_gemv(x, w, s, four_bit=False, group=0, config=c))
     group = min(128, k)
     codes = torch.randint(0, 256, (n, k), generator=gen, device=DEVICE, dtype=torch.int16).to(torch.uint8)
     tensors = (codes, rand(n, k // group) * k**-0.5 / 64, torch.full((n, k // group), 128.0, device=DEVICE))
     return (tensors, lambda x, w, s, z: int8_gemm_triton(x, w, s, z, group),
             lambda x, w, s, z: int8_linear_ref(x, w, s, zeros=z, group=group),
-            lambda c: lambda x, w, s, z: codes_gemv(x, w, s, four_bit=False, group=group, zeros=z, config=c))
+            lambda c, table=None: lambda x, w, s, z: codes_gemv(x, w, s, four_bit=False, group=group, zeros=z,
+                                                                config=c))  # fmt: skip
 
 
 def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torch.Generator, dtype: torch.dtype,
@@ -93,8 +99,11 @@ def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torc
         x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
         ref = reference(x, *tensors).float()
         calls = {"tiles": tiles}
-        if m <= GEMV_MAX_M:
-            calls.update({f"gemv{c.block_n}x{c.block_b}w{c.num_warps}": gemv(c) for c in gemv_configs})
+        if m <= GEMV_MAX_M:  # 4-bit: the pair table (as the layers build it at load), and the codebook at the first
+            table = code_pair_table(codebook_of(fmt)) if fmt in ("nf4", "nvfp4") else None
+            calls.update({f"gemv{c.block_n}x{c.block_b}w{c.num_warps}": gemv(c, table) for c in gemv_configs})
+            if table is not None:
+                calls[f"cb-gemv{gemv_configs[0].block_n}x{gemv_configs[0].block_b}"] = gemv(gemv_configs[0])
         times = {}
         for name, call in calls.items():
             out = call(x, *tensors).float()
@@ -110,7 +119,7 @@ def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torc
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
-    parser.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 256])
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--replays", type=int, default=20)
     opts = parser.parse_args(argv)

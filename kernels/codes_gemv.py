@@ -8,7 +8,8 @@ as in the fp8 / int4 CUDA-core decode kernels (``kernels/skinny_gemm.py``), each
 in 16-byte loads, the next tile in flight while the current one is multiplied on the CUDA cores in fp32, and the
 sums are reduced once at the end:
 
-- 4-bit: each byte's two codes are looked up in the 16-entry codebook (an L1-resident load) and scaled by their
+- 4-bit: each byte's two codes are looked up in the 16-entry codebook (an L1-resident load), or with both at once
+  in the 256-entry table of code pairs (:func:`code_pair_table`: one 8-byte load a byte), and scaled by their
   block's absmax; bf16 rows are read as int32 pairs (``x[2j]`` in the low half, ``x[2j + 1]`` in the high), which
   widen to fp32 with a shift and a mask, so x costs one 16-byte load per 8 bytes of weight;
 - 8-bit: codes widened to fp32, times the group's scale (minus its zero point) per K step, or the row's scale after
@@ -28,9 +29,11 @@ import triton.language as tl
 
 from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.skinny_gemm import _store_row, _x_row_ptrs
-from kernels.backend import num_sms
 
-GEMV_MAX_M = 16  # rows of x up to which the dispatchers take this kernel (4 a program; each group re-reads W from L2)
+# Rows of x up to which the dispatchers (bnb4_linear, int8_linear) take this kernel: one program row of 4. H100,
+# Llama-8B NF4 gate_up (2026-12-05): M = 4 164-206 us against the tile kernel's 798; M = 16 (four program rows, W
+# re-read from L2) 570-1,060 against 807, so the tile kernel keeps those.
+GEMV_MAX_M = 4
 
 
 class CodesGemvConfig(NamedTuple):
@@ -39,6 +42,15 @@ class CodesGemvConfig(NamedTuple):
     block_n: int
     block_b: int
     num_warps: int
+
+
+def code_pair_table(codebook: torch.Tensor) -> torch.Tensor:
+    """The 256 bytes' code values: ``[256]`` int64 whose low word is byte ``b``'s first code's fp32 value (its high
+    nibble, ``codebook[b >> 4]``) and whose high word is its second's (``codebook[b & 15]``), for the kernel's
+    ``PAIRS`` lookup. Built once per codebook (at load), not per call."""
+    values = codebook.float()
+    byte = torch.arange(256, device=codebook.device)
+    return torch.stack([values[byte >> 4], values[byte & 15]], 1).contiguous().view(torch.int64).reshape(256)
 
 
 @triton.jit
@@ -83,6 +95,7 @@ def _codes_gemv_kernel(
     ZEROS: tl.constexpr,
     ROW_SCALES: tl.constexpr,
     X_PAIRS: tl.constexpr,
+    PAIRS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -91,8 +104,9 @@ def _codes_gemv_kernel(
     """Program (n, m): ``out[m*BLOCK_M : +BLOCK_M, n*BLOCK_N : +BLOCK_N]``. ``FOUR_BIT``: codebook codes, ``GROUP``
     weights an absmax (``s [N, K / GROUP]``, fp32 or fp8); else 8-bit codes with ``GROUP`` weights a scale (and
     zero point: ``ZEROS``) ``[N, K / GROUP]``, or (``GROUP`` 0) one scale per row applied to the sum. ``ROW_SCALES``:
-    the sum times ``row_scale[n]`` (NVFP4's global scale). ``X_PAIRS``: x is bf16, read as int32 pairs. K's bytes a
-    row are whole ``BLOCK_B`` steps; an 8-bit step lies in one group."""
+    the sum times ``row_scale[n]`` (NVFP4's global scale). ``X_PAIRS``: x is bf16, read as int32 pairs (4-bit only).
+    ``PAIRS``: ``codebook_ptr`` is :func:`code_pair_table`'s. K's bytes a row are whole ``BLOCK_B`` steps; an 8-bit
+    step lies in one group."""
     wait_then_release(USE_PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     safe_rows = tl.minimum(rows, N - 1).to(tl.int64)
@@ -124,8 +138,13 @@ def _codes_gemv_kernel(
             else:
                 scale = tl.load(s_rows[:, None] + (b0 + offs_b[None, :]) // HALF).to(tl.float32)
             byte = codes.to(tl.int32)
-            w_first = tl.load(codebook_ptr + (byte >> 4)) * scale
-            w_second = tl.load(codebook_ptr + (byte & 15)) * scale
+            if PAIRS:  # both codes' values in one 8-byte load
+                pair = tl.load(codebook_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + byte)
+                w_first = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * scale
+                w_second = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True) * scale
+            else:
+                w_first = tl.load(codebook_ptr + (byte >> 4)) * scale
+                w_second = tl.load(codebook_ptr + (byte & 15)) * scale
             acc0 = _four_bit_step(acc0, w_first, w_second, x0_ptr, b0, offs_b, row_zeros, X_PAIRS)
             if BLOCK_M > 1:
                 acc1 = _four_bit_step(acc1, w_first, w_second, x1_ptr, b0, offs_b, row_zeros, X_PAIRS)
@@ -162,13 +181,12 @@ def _codes_gemv_kernel(
         _store_row(out_ptr, m0 + 3, M, stride_om, acc3, 0.0, rows, N, False)
 
 
-def default_config(n: int, row_bytes: int, step_group: int, device: torch.device) -> CodesGemvConfig:
-    """The widest row block (of 64, 32, 16, 8) giving two programs per SM, 4 warps, and the longest K step (of 128,
-    64, 32, 16 bytes) dividing the row and (``step_group``, 8-bit groups) the group."""
-    sms = num_sms(device.index if device.type == "cuda" else None)
-    block_n = next((b for b in (64, 32, 16) if triton.cdiv(n, b) >= 2 * sms), 8)
+def default_config(row_bytes: int, step_group: int) -> CodesGemvConfig:
+    """8 rows a program, 2 warps, and the longest K step (of 128, 64, 32, 16 bytes) dividing the row and
+    (``step_group``, 8-bit groups) the group: the H100's fastest at M = 1 on Llama-8B's qkv, o and down in NF4 and
+    NVFP4, within 10% of the fastest on gate_up (``benchmarks/bench_weight_only_gemm.py``)."""
     block_b = next(b for b in (128, 64, 32, 16) if row_bytes % b == 0 and (not step_group or step_group % b == 0))
-    return CodesGemvConfig(block_n, block_b, 4)
+    return CodesGemvConfig(8, block_b, 2)
 
 
 def gemv_fits(k: int, four_bit: bool, group: int) -> bool:
@@ -181,11 +199,12 @@ def gemv_fits(k: int, four_bit: bool, group: int) -> bool:
 
 
 def codes_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, four_bit: bool, group: int,
-               codebook: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
-               row_scale: torch.Tensor | None = None, config: CodesGemvConfig | None = None
-               ) -> torch.Tensor:  # fmt: skip
+               codebook: torch.Tensor | None = None, pairs: torch.Tensor | None = None,
+               zeros: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
+               config: CodesGemvConfig | None = None) -> torch.Tensor:  # fmt: skip
     """``x [..., K] @ W^T`` in x's dtype. ``four_bit``: ``weight [N, K / 2]`` uint8 codes into ``codebook`` with
-    ``scale [N, K / group]`` absmaxes (and NVFP4's ``row_scale [N]``); else ``weight [N, K]`` 8-bit codes with
+    ``scale [N, K / group]`` absmaxes (and NVFP4's ``row_scale [N]``; ``pairs``: the codebook's
+    :func:`code_pair_table`, used in its place); else ``weight [N, K]`` 8-bit codes with
     ``scale [N, K / group]`` (and ``zeros``), or ``group`` 0: ``scale [N]`` per row."""
     k = x.shape[-1]
     n = weight.shape[0]
@@ -195,7 +214,7 @@ def codes_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fo
     if m == 0 or n == 0:
         return out.reshape(*x.shape[:-1], n)
     row_bytes = k // 2 if four_bit else k
-    config = config or default_config(n, row_bytes, 0 if four_bit else group, x.device)
+    config = config or default_config(row_bytes, 0 if four_bit else group)
     block_b = config.block_b
     if row_bytes % block_b or (not four_bit and group and (group % block_b)):
         raise ValueError(f"codes_gemv: {block_b}-byte steps do not fit rows of {row_bytes} bytes, group {group}")
@@ -203,11 +222,13 @@ def codes_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fo
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m))
     per_row = scale if not four_bit and not group else row_scale
     _codes_gemv_kernel[grid](
-        x2, weight, scale, zeros if zeros is not None else scale, codebook if codebook is not None else scale,
+        x2, weight, scale, zeros if zeros is not None else scale,
+        next(t for t in (pairs, codebook, scale) if t is not None),
         per_row if per_row is not None else scale, out, m, n, k, x2.stride(0), weight.stride(0),
         scale.stride(0) if scale.dim() == 2 else 0, out.stride(0),
         FOUR_BIT=four_bit, GROUP=group, ZEROS=zeros is not None, ROW_SCALES=row_scale is not None,
-        X_PAIRS=x.dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_B=block_b,
+        X_PAIRS=four_bit and x.dtype == torch.bfloat16, PAIRS=four_bit and pairs is not None, BLOCK_M=block_m,
+        BLOCK_N=config.block_n, BLOCK_B=block_b,
         num_warps=config.num_warps, num_stages=1, **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)

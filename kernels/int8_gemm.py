@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.codes_gemv import GEMV_MAX_M, codes_gemv, gemv_fits
 from kernels.fp8_block_gemm import launch_weight_tiles, output_tile
 from kernels.split_k import store_split_partial
 
@@ -103,9 +104,14 @@ def int8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
                 zeros: torch.Tensor | None = None, group: int = 0, backend: str = "auto") -> torch.Tensor:  # fmt: skip
-    """``x @ W^T (+ bias)`` (:func:`dequantize_int8`'s W): the Triton kernel on CUDA, the reference otherwise."""
+    """``x @ W^T (+ bias)`` (:func:`dequantize_int8`'s W): on CUDA the byte-codes decode GEMV for up to
+    ``GEMV_MAX_M`` rows and the Triton tile kernel past them; the reference otherwise."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    if not use_triton(x, backend) or x.dtype not in dtypes or weight.shape[1] % 32 or group % 32:
+    k = weight.shape[1]
+    if not use_triton(x, backend) or x.dtype not in dtypes or k % 32 or group % 32:
         return int8_linear_ref(x, weight, scale, bias, zeros, group)
-    out = int8_gemm_triton(x, weight, scale, zeros, group)
+    if x.numel() // k <= GEMV_MAX_M and gemv_fits(k, False, group):
+        out = codes_gemv(x, weight, scale, four_bit=False, group=group, zeros=zeros)
+    else:
+        out = int8_gemm_triton(x, weight, scale, zeros, group)
     return out + bias if bias is not None else out

@@ -1073,15 +1073,22 @@ GPU_CASES = {"awq": lambda tmp: write_awq(tmp, 64), "gptq-act": lambda tmp: writ
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
 def test_quantized_checkpoints_on_gpu_with_cuda_graphs(tmp_path, case):
-    """The GPU kernels (Triton int4, fp8 skinny and _scaled_mm) in bf16: first-step logprobs near the dequantized
-    model's, and decode through CUDA graphs token-for-token the same as eager decode of the same model."""
+    """The GPU kernels (Triton int4, fp8 skinny and _scaled_mm, the byte-codes GEMV) in bf16: decode through CUDA
+    graphs token-for-token the same as eager decode of the same model, and first-step logprobs near the dequantized
+    model's: fp8 within its activation quantization's error of the bf16 model; weight-only formats no further from
+    the exact (fp32) dequantized model than bf16's own rounding of it is, plus 0.03 (on these tiny random models
+    bf16 alone moves logprobs by 0.02-0.05, so two bf16 runs can differ by twice that)."""
     quantized, dequantized = GPU_CASES[case](tmp_path)
     engine, graphs = greedy(quantized, dtype="bfloat16", device="cuda")
     assert engine.runner.use_graphs
     _, eager = greedy(quantized, dtype="bfloat16", device="cuda", enforce_eager=True)
     assert [r["tokens"] for r in graphs] == [r["tokens"] for r in eager]
     _, reference = greedy(dequantized, dtype="bfloat16", device="cuda")
-    assert logprob_error(graphs, reference, steps=1) <= (FP8_FIRST_STEP_ATOL if "fp8" in case else 0.05)
+    if "fp8" in case:
+        assert logprob_error(graphs, reference, steps=1) <= FP8_FIRST_STEP_ATOL
+    else:
+        _, exact = greedy(dequantized, dtype="float32", device="cuda")
+        assert logprob_error(graphs, exact, steps=1) <= logprob_error(reference, exact, steps=1) + 0.03
 
 
 @pytest.mark.gpu

@@ -31,6 +31,7 @@ from torch import nn
 from core.layers.quantization.base import (LinearMethod, QuantConfig, module_listed, new_parameter, plain_shard,
                                            replace_parameter)
 from kernels.bnb4_gemm import NF4_CODEBOOK, bnb4_linear, dequantize_bnb4, quantize_bnb4
+from kernels.codes_gemv import code_pair_table
 from kernels.fused_moe import ExpertQuant
 from kernels.int8_gemm import int8_linear
 
@@ -212,10 +213,11 @@ class BitsAndBytesLinearMethod(LinearMethod):
             replace_parameter(layer, "weight", codes)
             replace_parameter(layer, "weight_absmax", absmax)
             replace_parameter(layer, "weight_quant_map", torch.tensor(NF4_CODEBOOK, device=codes.device))
+        layer.register_buffer("weight_code_pairs", code_pair_table(layer.weight_quant_map), persistent=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return bnb4_linear(x, layer.weight, layer.weight_absmax, layer.weight_quant_map, BLOCKSIZE, bias,
-                           backend=layer.backend)
+                           backend=layer.backend, pairs=layer.weight_code_pairs)
 
 
 def _fill_int8(tensor: torch.Tensor, gen: torch.Generator) -> None:

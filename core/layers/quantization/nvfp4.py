@@ -25,6 +25,7 @@ from core.layers.quantization.base import (LinearMethod, QuantConfig, module_lis
                                            replace_parameter, shard_starts, whole_units)
 from core.layers.quantization.fp8 import Fp8MoEMethod, modelopt_excluded
 from kernels.bnb4_gemm import E2M1_CODEBOOK, bnb4_linear
+from kernels.codes_gemv import code_pair_table
 from kernels.fused_moe import ExpertQuant
 
 logger = logging.getLogger(__name__)
@@ -191,10 +192,11 @@ class Nvfp4LinearMethod(LinearMethod):
         replace_parameter(layer, "weight_scale", scale)
         replace_parameter(layer, "weight_row_scale", row_scale)
         replace_parameter(layer, "weight_quant_map", torch.tensor(E2M1_CODEBOOK, device=codes.device))
+        layer.register_buffer("weight_code_pairs", code_pair_table(layer.weight_quant_map), persistent=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return bnb4_linear(x, layer.weight, layer.weight_scale, layer.weight_quant_map, BLOCK, bias,
-                           backend=layer.backend, row_scale=layer.weight_row_scale)
+                           backend=layer.backend, row_scale=layer.weight_row_scale, pairs=layer.weight_code_pairs)
 
 
 class Nvfp4MoEMethod:
