@@ -37,11 +37,13 @@ GEMV_MAX_M = 4
 
 
 class CodesGemvConfig(NamedTuple):
-    """``block_n`` weight rows a program, ``block_b`` bytes of each row a K step, ``num_warps``."""
+    """``block_n`` weight rows a program, ``block_b`` bytes of each row a K step, ``num_warps``, and ``ahead``: how
+    many steps' bytes are in flight while one is multiplied (1 or 2)."""
 
     block_n: int
     block_b: int
     num_warps: int
+    ahead: int = 1
 
 
 def code_pair_table(codebook: torch.Tensor) -> torch.Tensor:
@@ -73,6 +75,7 @@ def _load_x_halves(x_row_ptr, b0, offs_b, row_zeros):
 
 @triton.jit
 def _four_bit_step(acc, w_first, w_second, x_row_ptr, b0, offs_b, row_zeros, X_PAIRS: tl.constexpr):
+    """``acc`` plus each byte's two weights times their x elements."""
     if X_PAIRS:
         x_first, x_second = _load_x_pairs(x_row_ptr, b0, offs_b, row_zeros)
     else:
@@ -83,6 +86,48 @@ def _four_bit_step(acc, w_first, w_second, x_row_ptr, b0, offs_b, row_zeros, X_P
 @triton.jit
 def _eight_bit_step(acc, w, x_row_ptr, b0, offs_b, row_zeros):
     return acc + w * tl.load(x_row_ptr + b0 + row_zeros[:, None] + offs_b[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _step(acc0, acc1, acc2, acc3, codes, b0, offs_b, row_zeros, s_rows, z_rows, codebook_ptr, x0_ptr, x1_ptr, x2_ptr,
+          x3_ptr, FOUR_BIT: tl.constexpr, GROUP: tl.constexpr, ZEROS: tl.constexpr, X_PAIRS: tl.constexpr,
+          PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+    """One K step from byte ``b0`` of each row: the step's codes widened and scaled, times each x row's elements."""
+    if FOUR_BIT:
+        HALF: tl.constexpr = GROUP // 2  # bytes an absmax
+        if BLOCK_B <= HALF:  # constexpr: the step lies in one block
+            scale = tl.load(s_rows + b0 // HALF).to(tl.float32)[:, None]
+        else:
+            scale = tl.load(s_rows[:, None] + (b0 + offs_b[None, :]) // HALF).to(tl.float32)
+        byte = codes.to(tl.int32)
+        if PAIRS:  # both codes' values in one 8-byte load
+            pair = tl.load(codebook_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + byte)
+            w_first = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * scale
+            w_second = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True) * scale
+        else:
+            w_first = tl.load(codebook_ptr + (byte >> 4)) * scale
+            w_second = tl.load(codebook_ptr + (byte & 15)) * scale
+        acc0 = _four_bit_step(acc0, w_first, w_second, x0_ptr, b0, offs_b, row_zeros, X_PAIRS)
+        if BLOCK_M > 1:
+            acc1 = _four_bit_step(acc1, w_first, w_second, x1_ptr, b0, offs_b, row_zeros, X_PAIRS)
+        if BLOCK_M > 2:
+            acc2 = _four_bit_step(acc2, w_first, w_second, x2_ptr, b0, offs_b, row_zeros, X_PAIRS)
+            acc3 = _four_bit_step(acc3, w_first, w_second, x3_ptr, b0, offs_b, row_zeros, X_PAIRS)
+    else:
+        w = codes.to(tl.float32)
+        if GROUP > 0:
+            scale = tl.load(s_rows + b0 // GROUP).to(tl.float32)[:, None]
+            if ZEROS:
+                w = (w - tl.load(z_rows + b0 // GROUP).to(tl.float32)[:, None]) * scale
+            else:
+                w = w * scale
+        acc0 = _eight_bit_step(acc0, w, x0_ptr, b0, offs_b, row_zeros)
+        if BLOCK_M > 1:
+            acc1 = _eight_bit_step(acc1, w, x1_ptr, b0, offs_b, row_zeros)
+        if BLOCK_M > 2:
+            acc2 = _eight_bit_step(acc2, w, x2_ptr, b0, offs_b, row_zeros)
+            acc3 = _eight_bit_step(acc3, w, x3_ptr, b0, offs_b, row_zeros)
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -99,14 +144,15 @@ def _codes_gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    AHEAD: tl.constexpr = 1,
     USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Program (n, m): ``out[m*BLOCK_M : +BLOCK_M, n*BLOCK_N : +BLOCK_N]``. ``FOUR_BIT``: codebook codes, ``GROUP``
     weights an absmax (``s [N, K / GROUP]``, fp32 or fp8); else 8-bit codes with ``GROUP`` weights a scale (and
     zero point: ``ZEROS``) ``[N, K / GROUP]``, or (``GROUP`` 0) one scale per row applied to the sum. ``ROW_SCALES``:
     the sum times ``row_scale[n]`` (NVFP4's global scale). ``X_PAIRS``: x is bf16, read as int32 pairs (4-bit only).
-    ``PAIRS``: ``codebook_ptr`` is :func:`code_pair_table`'s. K's bytes a row are whole ``BLOCK_B`` steps; an 8-bit
-    step lies in one group."""
+    ``PAIRS``: ``codebook_ptr`` is :func:`code_pair_table`'s. ``AHEAD``: steps loaded before the one multiplied (1,
+    2). K's bytes a row are whole ``BLOCK_B`` steps; an 8-bit step lies in one group."""
     wait_then_release(USE_PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     safe_rows = tl.minimum(rows, N - 1).to(tl.int64)
@@ -128,44 +174,21 @@ def _codes_gemv_kernel(
     acc2 = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
     codes = tl.load(w_ptrs, eviction_policy="evict_first")
-    for t in range(num_tiles):
-        b0 = t * BLOCK_B
-        codes_next = tl.load(w_ptrs + tl.minimum(t + 1, num_tiles - 1) * BLOCK_B, eviction_policy="evict_first")
-        if FOUR_BIT:
-            HALF: tl.constexpr = GROUP // 2  # bytes an absmax
-            if BLOCK_B <= HALF:  # constexpr: the step lies in one block
-                scale = tl.load(s_rows + b0 // HALF).to(tl.float32)[:, None]
-            else:
-                scale = tl.load(s_rows[:, None] + (b0 + offs_b[None, :]) // HALF).to(tl.float32)
-            byte = codes.to(tl.int32)
-            if PAIRS:  # both codes' values in one 8-byte load
-                pair = tl.load(codebook_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + byte)
-                w_first = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * scale
-                w_second = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True) * scale
-            else:
-                w_first = tl.load(codebook_ptr + (byte >> 4)) * scale
-                w_second = tl.load(codebook_ptr + (byte & 15)) * scale
-            acc0 = _four_bit_step(acc0, w_first, w_second, x0_ptr, b0, offs_b, row_zeros, X_PAIRS)
-            if BLOCK_M > 1:
-                acc1 = _four_bit_step(acc1, w_first, w_second, x1_ptr, b0, offs_b, row_zeros, X_PAIRS)
-            if BLOCK_M > 2:
-                acc2 = _four_bit_step(acc2, w_first, w_second, x2_ptr, b0, offs_b, row_zeros, X_PAIRS)
-                acc3 = _four_bit_step(acc3, w_first, w_second, x3_ptr, b0, offs_b, row_zeros, X_PAIRS)
-        else:
-            w = codes.to(tl.float32)
-            if GROUP > 0:
-                scale = tl.load(s_rows + b0 // GROUP).to(tl.float32)[:, None]
-                if ZEROS:
-                    w = (w - tl.load(z_rows + b0 // GROUP).to(tl.float32)[:, None]) * scale
-                else:
-                    w = w * scale
-            acc0 = _eight_bit_step(acc0, w, x0_ptr, b0, offs_b, row_zeros)
-            if BLOCK_M > 1:
-                acc1 = _eight_bit_step(acc1, w, x1_ptr, b0, offs_b, row_zeros)
-            if BLOCK_M > 2:
-                acc2 = _eight_bit_step(acc2, w, x2_ptr, b0, offs_b, row_zeros)
-                acc3 = _eight_bit_step(acc3, w, x3_ptr, b0, offs_b, row_zeros)
-        codes = codes_next
+    if AHEAD > 1:  # constexpr: each loop carries only its own tiles (a carried tile of bytes costs a PRMT a byte)
+        codes_after = tl.load(w_ptrs + tl.minimum(1, num_tiles - 1) * BLOCK_B, eviction_policy="evict_first")
+        for t in range(num_tiles):
+            codes_next = tl.load(w_ptrs + tl.minimum(t + 2, num_tiles - 1) * BLOCK_B, eviction_policy="evict_first")
+            acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, codes, t * BLOCK_B, offs_b, row_zeros, s_rows,
+                                           z_rows, codebook_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, FOUR_BIT, GROUP,
+                                           ZEROS, X_PAIRS, PAIRS, BLOCK_M, BLOCK_B)  # fmt: skip
+            codes, codes_after = codes_after, codes_next
+    else:
+        for t in range(num_tiles):
+            codes_next = tl.load(w_ptrs + tl.minimum(t + 1, num_tiles - 1) * BLOCK_B, eviction_policy="evict_first")
+            acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, codes, t * BLOCK_B, offs_b, row_zeros, s_rows,
+                                           z_rows, codebook_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, FOUR_BIT, GROUP,
+                                           ZEROS, X_PAIRS, PAIRS, BLOCK_M, BLOCK_B)  # fmt: skip
+            codes = codes_next
 
     if ROW_SCALES or (not FOUR_BIT and GROUP == 0):  # one factor per output column: after the sums
         factor = tl.load(row_scale_ptr + safe_rows).to(tl.float32)[:, None]
@@ -228,7 +251,7 @@ def codes_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fo
         scale.stride(0) if scale.dim() == 2 else 0, out.stride(0),
         FOUR_BIT=four_bit, GROUP=group, ZEROS=zeros is not None, ROW_SCALES=row_scale is not None,
         X_PAIRS=four_bit and x.dtype == torch.bfloat16, PAIRS=four_bit and pairs is not None, BLOCK_M=block_m,
-        BLOCK_N=config.block_n, BLOCK_B=block_b,
+        BLOCK_N=config.block_n, BLOCK_B=block_b, AHEAD=config.ahead,
         num_warps=config.num_warps, num_stages=1, **launch_options(use_pdl(x)),
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)

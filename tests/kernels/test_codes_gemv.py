@@ -37,7 +37,7 @@ def _four_bit(n: int, k: int, kind: str, gen: torch.Generator):
 @pytest.mark.parametrize("pairs", [False, True], ids=["codebook", "pair-table"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["nf4", "nvfp4"])
-@pytest.mark.parametrize("m, config", [(1, CodesGemvConfig(16, 32, 4)), (3, CodesGemvConfig(8, 64, 2)),
+@pytest.mark.parametrize("m, config", [(1, CodesGemvConfig(16, 32, 4)), (3, CodesGemvConfig(8, 64, 2, ahead=2)),
                                        (6, CodesGemvConfig(32, 16, 4)), (16, None)])  # fmt: skip
 def test_four_bit_codes_match_reference(dtype, kind, m, config, pairs):
     """Each byte's two codes (high nibble first) looked up, one at a time or both from the pair table, and scaled by
@@ -72,7 +72,7 @@ def test_eight_bit_codes_match_reference(dtype, group, m):
         scale, zeros = absmax / 127, None
     x = torch.randn(m, k, generator=gen).to(dtype)
     ref = int8_linear_ref(x.float(), codes, scale, zeros=zeros, group=group)
-    config = CodesGemvConfig(8, 32, 2) if m == 4 else None
+    config = CodesGemvConfig(8, 32, 2, ahead=2) if m == 4 else None
     out = codes_gemv(x.to(DEVICE), codes.to(DEVICE), scale.to(DEVICE), four_bit=False, group=group,
                      zeros=zeros.to(DEVICE) if zeros is not None else None, config=config)  # fmt: skip
     _close(out.cpu(), ref, dtype)
