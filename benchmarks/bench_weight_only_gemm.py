@@ -1,9 +1,10 @@
 """The weight-only Triton GEMMs that serve checkpoint formats (bitsandbytes NF4 and NVFP4 on the 4-bit codebook
 kernel, ``kernels/bnb4_gemm.py``; bitsandbytes 8-bit and GPTQ 8-bit on ``kernels/int8_gemm.py``) at Llama-3.1-8B's
-four layer shapes and decode M, against each format's weight-read floor; beside them the byte-codes decode GEMV
-(``kernels/codes_gemv.py``) at each of ``GEMV_CONFIGS`` (M <= 16).
+four layer shapes, against each format's weight-read floor; beside them the byte-codes decode GEMV
+(``kernels/codes_gemv.py``) at each of ``GEMV_CONFIGS`` (up to its ``GEMV_MAX_M`` rows) and the weight dequantized
+for one cuBLAS GEMM (``kernels/codes_dequant.py``, "dequant"), which the layers run on more rows.
 
-    python -m benchmarks.bench_weight_only_gemm               # M = 1, 4, 16
+    python -m benchmarks.bench_weight_only_gemm               # M = 1, 4, 16, 256
     python -m benchmarks.bench_weight_only_gemm --m 1 --formats nvfp4 nf4
     python -m benchmarks.bench_weight_only_gemm --smoke       # tiny shapes on CPU (Triton interpreter)
 
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 from benchmarks.bench_fp8_gemv import MODEL_SHAPES  # noqa: E402
 from benchmarks.bench_skinny_gemm import time_per_call  # noqa: E402
 from kernels.bnb4_gemm import E2M1_CODEBOOK, NF4_CODEBOOK, bnb4_gemm_triton, bnb4_linear_ref  # noqa: E402
+from kernels.codes_dequant import codes_dequant_gemm  # noqa: E402
 from kernels.codes_gemv import GEMV_MAX_M, CodesGemvConfig, code_pair_table, codes_gemv  # noqa: E402
 from kernels.int8_gemm import int8_gemm_triton, int8_linear_ref  # noqa: E402
 
@@ -36,8 +38,7 @@ FORMATS = ("nf4", "nvfp4", "int8", "gptq8")
 ROTATE_BYTES = 256 << 20
 SMOKE_SHAPES = {"qkv": (96, 64), "down": (64, 128)}
 GEMV_CONFIGS = [CodesGemvConfig(*c) for c in ((8, 128, 2, 1), (8, 128, 2, 2), (8, 256, 2, 1), (8, 128, 1, 1),
-                                              (8, 128, 1, 2), (4, 128, 1, 1), (16, 64, 2, 1), (32, 32, 2, 1),
-                                              (16, 128, 4, 2))]  # fmt: skip
+                                              (16, 64, 2, 1), (32, 32, 2, 1))]  # fmt: skip
 SMOKE_GEMV_CONFIGS = [CodesGemvConfig(8, 16, 2)]
 
 
@@ -46,9 +47,10 @@ def codebook_of(fmt: str) -> torch.Tensor:
 
 
 def make_weight(fmt: str, n: int, k: int, gen: torch.Generator
-                ) -> tuple[tuple[torch.Tensor, ...], Callable, Callable, Callable]:  # fmt: skip
-    """A random weight of ``fmt`` as the kernel's tensors, with its tile kernel's call, its reference's (both ``f(x,
-    *tensors)``; the kernels called directly, so ``--smoke`` runs them in the interpreter) and ``gemv(config,
+                ) -> tuple[tuple[torch.Tensor, ...], Callable, Callable, Callable, Callable]:  # fmt: skip
+    """A random weight of ``fmt`` as the kernel's tensors, with its tile kernel's call, its reference's, the
+    dequantize-then-cuBLAS path's (each ``f(x, *tensors)``; the kernels called directly, so ``--smoke`` runs them in
+    the interpreter) and ``gemv(config,
     table)``, the byte-codes GEMV's call at that config (4-bit: with that code pair table, else the codebook)."""
     def rand(*size: int) -> torch.Tensor:
         return torch.rand(*size, generator=gen, device=DEVICE)
@@ -62,12 +64,15 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator
             tensors = (codes, absmax)
             return (tensors, lambda x, w, a: bnb4_gemm_triton(x, w, a, codebook, block),
                     lambda x, w, a: bnb4_linear_ref(x, w, a, codebook, block),
+                    lambda x, w, a: codes_dequant_gemm(x, w, a, four_bit=True, group=block, codebook=codebook),
                     lambda c, table=None: lambda x, w, a: codes_gemv(x, w, a, four_bit=True, group=block,
                                                                      codebook=codebook, pairs=table, config=c))
         row = absmax.amax(-1) / 448
         tensors = (codes, (absmax / row[:, None]).to(torch.float8_e4m3fn), row / 6)
         return (tensors, lambda x, w, a, r: bnb4_gemm_triton(x, w, a, codebook, block, r),
                 lambda x, w, a, r: bnb4_linear_ref(x, w, a, codebook, block, row_scale=r),
+                lambda x, w, a, r: codes_dequant_gemm(x, w, a, four_bit=True, group=block, codebook=codebook,
+                                                      row_scale=r),
                 lambda c, table=None: lambda x, w, a, r: codes_gemv(x, w, a, four_bit=True, group=block,
                                                                     codebook=codebook, pairs=table, row_scale=r,
                                                                     config=c))  # fmt: skip
@@ -75,12 +80,14 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator
         codes = torch.randint(-127, 128, (n, k), generator=gen, device=DEVICE, dtype=torch.int16).to(torch.int8)
         tensors = (codes, rand(n) * k**-0.5 / 64)
         return (tensors, lambda x, w, s: int8_gemm_triton(x, w, s), lambda x, w, s: int8_linear_ref(x, w, s),
+                lambda x, w, s: codes_dequant_gemm(x, w, s, four_bit=False, group=0),
                 lambda c, table=None: lambda x, w, s: codes_gemv(x, w, s, four_bit=False, group=0, config=c))
     group = min(128, k)
     codes = torch.randint(0, 256, (n, k), generator=gen, device=DEVICE, dtype=torch.int16).to(torch.uint8)
     tensors = (codes, rand(n, k // group) * k**-0.5 / 64, torch.full((n, k // group), 128.0, device=DEVICE))
     return (tensors, lambda x, w, s, z: int8_gemm_triton(x, w, s, z, group),
             lambda x, w, s, z: int8_linear_ref(x, w, s, zeros=z, group=group),
+            lambda x, w, s, z: codes_dequant_gemm(x, w, s, four_bit=False, group=group, zeros=z),
             lambda c, table=None: lambda x, w, s, z: codes_gemv(x, w, s, four_bit=False, group=group, zeros=z,
                                                                 config=c))  # fmt: skip
 
@@ -89,7 +96,7 @@ def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torc
                 gemv_configs: list[CodesGemvConfig]) -> list[str]:  # fmt: skip
     """One line per M: the tile kernel's microseconds per call and each GEMV config's (M <= 16), fastest first, and
     the format's floor (its bytes at 4.28 TB/s)."""
-    tensors, tiles, reference, gemv = make_weight(fmt, n, k, gen)
+    tensors, tiles, reference, dequant, gemv = make_weight(fmt, n, k, gen)
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     copies = [tuple(t.clone() for t in tensors) for _ in range(max(2, -(-ROTATE_BYTES // nbytes)))]
     if DEVICE == "cpu":
@@ -99,7 +106,7 @@ def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torc
     for m in ms:
         x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
         ref = reference(x, *tensors).float()
-        calls = {"tiles": tiles}
+        calls = {"tiles": tiles, "dequant": dequant}
         if m <= GEMV_MAX_M:  # 4-bit: the pair table (as the layers build it at load), and the codebook at the first
             table = code_pair_table(codebook_of(fmt)) if fmt in ("nf4", "nvfp4") else None
             calls.update({f"gemv{c.block_n}x{c.block_b}w{c.num_warps}a{c.ahead}": gemv(c, table) for c in gemv_configs})
@@ -120,7 +127,7 @@ def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torc
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
-    parser.add_argument("--m", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 256])
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--replays", type=int, default=20)
     opts = parser.parse_args(argv)

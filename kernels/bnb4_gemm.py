@@ -7,8 +7,10 @@ fp8 scale as its absmax and the tensor's global scale a row scale applied to the
 
 The codebook is not affine (NF4's values are normal quantiles), so the int4 kernels' ``(q - z) * s`` form does not
 hold it: the Triton kernel here looks each code up in the 16-entry table (an L1-resident load), scales it by its
-block's absmax and multiplies on the tensor cores in x's dtype (w4a16); decode rows take ``kernels/codes_gemv.py``.
-:func:`bnb4_linear_ref` is the reference.
+block's absmax and multiplies on the tensor cores in x's dtype (w4a16). The engine's layers do not run it: decode
+rows take ``kernels/codes_gemv.py``, more rows ``kernels/codes_dequant.py`` (on an H100 this kernel read a Llama-8B
+gate_up at 2% of the bandwidth, 798 us at one to sixteen rows; ``benchmarks/bench_weight_only_gemm.py`` times it
+beside them). :func:`bnb4_linear_ref` is the reference.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.codes_dequant import codes_dequant_gemm
 from kernels.codes_gemv import GEMV_MAX_M, codes_gemv, gemv_fits
 from kernels.fp8_block_gemm import launch_weight_tiles, output_tile
 from kernels.split_k import store_split_partial
@@ -147,14 +150,15 @@ def bnb4_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, cod
                 bias: torch.Tensor | None = None, *, backend: str = "auto", row_scale: torch.Tensor | None = None,
                 pairs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``x @ W^T (+ bias)``: on CUDA the byte-codes decode GEMV for up to ``GEMV_MAX_M`` rows (``pairs``: the
-    codebook's ``code_pair_table``, built at load) and the Triton tile kernel past them; the reference otherwise."""
+    codebook's ``code_pair_table``, built at load) and past them the weight dequantized for one cuBLAS GEMM
+    (``kernels/codes_dequant.py``); the reference otherwise."""
     k = weight.shape[1] * 2
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     if not use_triton(x, backend) or x.dtype not in dtypes or k % 32 or blocksize % 16:
         return bnb4_linear_ref(x, weight, absmax, codebook, blocksize, bias, row_scale)
+    formats = dict(four_bit=True, group=blocksize, codebook=codebook, row_scale=row_scale)
     if x.numel() // k <= GEMV_MAX_M and gemv_fits(k, True, blocksize):
-        out = codes_gemv(x, weight, absmax, four_bit=True, group=blocksize, codebook=codebook, pairs=pairs,
-                         row_scale=row_scale)  # fmt: skip
+        out = codes_gemv(x, weight, absmax, pairs=pairs, **formats)
     else:
-        out = bnb4_gemm_triton(x, weight, absmax, codebook, blocksize, row_scale)
+        out = codes_dequant_gemm(x, weight, absmax, **formats)
     return out + bias if bias is not None else out

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.dense_scratch import dense_weight_scratch
 from kernels.gemv_rows_gluon import rope_cache_supported
 from kernels.int4_gemv_gluon import (Int4GemvConfig, gemv_device, gluon_int4_gemv, gluon_int4_gemv_rope_cache,
                                      int4_gemv_supported)
@@ -572,20 +573,11 @@ def _int4_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qn, GROUP_S
     tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
 
 
-_DEQUANT_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
 def dequantize_int4_into_scratch(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                                  dtype: torch.dtype, tiled: bool = False) -> torch.Tensor:  # fmt: skip
-    """``W^T`` ``[N, K]`` in ``dtype``, in a buffer shared by every layer on the device (grown to the largest
-    layer, by the engine's profile run before its memory is measured and before CUDA graphs are captured, so its
-    address is fixed there): layers run one after another on one stream, so one buffer is enough."""
+    """``W^T`` ``[N, K]`` in ``dtype``, in the device's dense-weight scratch buffer (``kernels/dense_scratch.py``)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
-    key = (qweight.device, dtype)
-    buffer = _DEQUANT_SCRATCH.get(key)
-    if buffer is None or buffer.numel() < n * k:
-        buffer = _DEQUANT_SCRATCH[key] = torch.empty(n * k, dtype=dtype, device=qweight.device)
-    out = buffer[: n * k].view(n, k)
+    out = dense_weight_scratch(qweight.device, dtype, n, k)
     block_k = _block_k(k, group_size, 128)
     block_n = 32
     _int4_dequant_kernel[(triton.cdiv(n, block_n), k // block_k)](

@@ -8,7 +8,9 @@ threshold apart in 16 bits; here the activations are never quantized, which is w
 approximates, so the threshold has nothing left to decide. The Triton kernel widens each ``[BLOCK_N, BLOCK_K]``
 int8 tile to x's dtype (exact: every int8 is a bf16 / fp16), multiplies on the tensor cores and scales each output
 column once after the K loop; with groups, each K step's product of the exact integers ``q - zero`` is scaled by
-its group's scales. :func:`int8_linear_ref` is the reference.
+its group's scales. The engine's layers do not run it: decode rows take ``kernels/codes_gemv.py``, more rows
+``kernels/codes_dequant.py`` (``benchmarks/bench_weight_only_gemm.py`` times it beside them). :func:`int8_linear_ref`
+is the reference.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.codes_dequant import codes_dequant_gemm
 from kernels.codes_gemv import GEMV_MAX_M, codes_gemv, gemv_fits
 from kernels.fp8_block_gemm import launch_weight_tiles, output_tile
 from kernels.split_k import store_split_partial
@@ -105,7 +108,8 @@ def int8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
                 zeros: torch.Tensor | None = None, group: int = 0, backend: str = "auto") -> torch.Tensor:  # fmt: skip
     """``x @ W^T (+ bias)`` (:func:`dequantize_int8`'s W): on CUDA the byte-codes decode GEMV for up to
-    ``GEMV_MAX_M`` rows and the Triton tile kernel past them; the reference otherwise."""
+    ``GEMV_MAX_M`` rows and past them the weight dequantized for one cuBLAS GEMM (``kernels/codes_dequant.py``);
+    the reference otherwise."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     k = weight.shape[1]
     if not use_triton(x, backend) or x.dtype not in dtypes or k % 32 or group % 32:
@@ -113,5 +117,5 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     if x.numel() // k <= GEMV_MAX_M and gemv_fits(k, False, group):
         out = codes_gemv(x, weight, scale, four_bit=False, group=group, zeros=zeros)
     else:
-        out = int8_gemm_triton(x, weight, scale, zeros, group)
+        out = codes_dequant_gemm(x, weight, scale, four_bit=False, group=group, zeros=zeros)
     return out + bias if bias is not None else out

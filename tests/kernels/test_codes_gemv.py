@@ -85,3 +85,40 @@ def test_gemv_fits_whole_steps_only():
     with pytest.raises(ValueError, match="steps do not fit"):
         codes_gemv(torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.uint8), torch.ones(4, 2), four_bit=False,
                    group=32, config=CodesGemvConfig(8, 64, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["nf4", "nvfp4", "int8", "gptq8"])
+def test_codes_dequantized_for_cublas_match_reference(dtype, kind):
+    """Many rows: the weight dequantized into the scratch buffer (the reference's values, rounded once to x's dtype;
+    rows past a block's end masked), then one dense GEMM."""
+    from kernels.bnb4_gemm import dequantize_bnb4
+    from kernels.codes_dequant import codes_dequant_gemm, dequantize_codes_into_scratch
+    from kernels.int8_gemm import dequantize_int8
+
+    gen = torch.Generator().manual_seed(5)
+    n, k = 40, 256
+    formats, zeros = {}, None
+    if kind in ("nf4", "nvfp4"):
+        codes, scale, codebook, block, row = _four_bit(n, k, kind, gen)
+        expected = dequantize_bnb4(codes, scale, codebook, block, row)
+        formats = dict(four_bit=True, group=block, codebook=codebook.to(DEVICE),
+                       row_scale=row.to(DEVICE) if row is not None else None)  # fmt: skip
+    elif kind == "int8":
+        codes, absmax = quantize_int8_rows(torch.randn(n, k, generator=gen))
+        scale = absmax / 127
+        expected = dequantize_int8(codes, scale)
+        formats = dict(four_bit=False, group=0)
+    else:
+        codes = torch.randint(0, 256, (n, k), generator=gen).to(torch.uint8)
+        scale = torch.rand(n, k // 32, generator=gen) / 64 + 1e-3
+        zeros = torch.randint(100, 156, (n, k // 32), generator=gen).float()
+        expected = dequantize_int8(codes, scale, zeros, 32)
+        formats = dict(four_bit=False, group=32, zeros=zeros.to(DEVICE))
+    codes, scale = codes.to(DEVICE), scale.to(DEVICE)
+    weight = dequantize_codes_into_scratch(codes, scale, dtype, **formats)
+    assert weight.shape == (n, k) and weight.dtype == dtype
+    assert torch.equal(weight.cpu(), expected.to(dtype))
+    x = torch.randn(21, k, generator=gen).to(dtype)
+    out = codes_dequant_gemm(x.to(DEVICE), codes, scale, **formats)
+    _close(out.cpu(), x.float() @ expected.t(), dtype)
