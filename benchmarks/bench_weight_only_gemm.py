@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 256])
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--gemv-configs", type=int, default=len(GEMV_CONFIGS), help="time the first N GEMV configs")
     opts = parser.parse_args(argv)
     if DEVICE != "cuda" and not opts.smoke:
         print("bench_weight_only_gemm needs a CUDA GPU; --smoke runs on CPU (interpreter)", file=sys.stderr)
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     for fmt in opts.formats:
         for layer, (n, k) in shapes.items():
-            configs = SMOKE_GEMV_CONFIGS if opts.smoke else GEMV_CONFIGS
+            configs = SMOKE_GEMV_CONFIGS if opts.smoke else GEMV_CONFIGS[:opts.gemv_configs]
             for line in bench_shape(fmt, n, k, opts.m, opts.replays, gen, dtype, configs):
                 print(f"{layer} {line}", flush=True)
     return 0
