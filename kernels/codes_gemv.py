@@ -13,7 +13,8 @@ sums are reduced once at the end:
   block's absmax; bf16 rows are read as int32 pairs (``x[2j]`` in the low half, ``x[2j + 1]`` in the high), which
   widen to fp32 with a shift and a mask, so x costs one 16-byte load per 8 bytes of weight;
 - 8-bit: codes widened to fp32, times the group's scale (minus its zero point) per K step, or the row's scale after
-  the reduction.
+  the reduction. Not dispatched yet: ``int8_gemm``'s tile kernel reads 8-bit weights at 16-47% of HBM's rate (the
+  4-bit one at 2%), and this path has not been timed against it on a GPU.
 
 Exact up to fp32 summation order: no weight is rounded to x's dtype (the tile kernels round each dequantized weight
 to it before the dot). :func:`codes_gemv` takes the formats' own tensors; the references are the formats' own.
@@ -30,9 +31,9 @@ import triton.language as tl
 from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.skinny_gemm import _store_row, _x_row_ptrs
 
-# Rows of x up to which the dispatchers (bnb4_linear, int8_linear) take this kernel: one program row of 4. H100,
-# Llama-8B NF4 gate_up (2026-12-05): M = 4 164-206 us against the tile kernel's 798; M = 16 (four program rows, W
-# re-read from L2) 570-1,060 against 807, so the tile kernel keeps those.
+# Rows of x up to which bnb4_linear takes this kernel: one program row of 4. H100, Llama-8B NF4 gate_up (2026-12-05):
+# M = 4 164-206 us against the tile kernel's 798; M = 16 (four program rows, W re-read from L2) 570-1,060, where
+# dequantizing for cuBLAS costs ~160 by its bytes (kernels/codes_dequant.py takes more rows).
 GEMV_MAX_M = 4
 
 

@@ -8,9 +8,8 @@ threshold apart in 16 bits; here the activations are never quantized, which is w
 approximates, so the threshold has nothing left to decide. The Triton kernel widens each ``[BLOCK_N, BLOCK_K]``
 int8 tile to x's dtype (exact: every int8 is a bf16 / fp16), multiplies on the tensor cores and scales each output
 column once after the K loop; with groups, each K step's product of the exact integers ``q - zero`` is scaled by
-its group's scales. The engine's layers do not run it: decode rows take ``kernels/codes_gemv.py``, more rows
-``kernels/codes_dequant.py`` (``benchmarks/bench_weight_only_gemm.py`` times it beside them). :func:`int8_linear_ref`
-is the reference.
+its group's scales. Decode rows run it; past ``DEQUANT_MIN_M`` rows the weight is dequantized once for cuBLAS
+(``kernels/codes_dequant.py``). :func:`int8_linear_ref` is the reference.
 """
 
 from __future__ import annotations
@@ -21,9 +20,14 @@ import triton.language as tl
 
 from kernels.backend import use_triton
 from kernels.codes_dequant import codes_dequant_gemm
-from kernels.codes_gemv import GEMV_MAX_M, codes_gemv, gemv_fits
 from kernels.fp8_block_gemm import launch_weight_tiles, output_tile
 from kernels.split_k import store_split_partial
+
+# Rows of x from which the weight is dequantized for one cuBLAS GEMM (as int4's INT4_DEQUANT_MIN_M). H100, Llama-8B
+# (2026-12-05): this kernel reads the weight at 16-47% of HBM's rate at 1 and 16 rows alike (gate_up 58 us), where
+# dequantizing costs 5 bytes a weight (1 in, 2 out, 2 read by cuBLAS: ~140 us for gate_up), so decode keeps it. The
+# byte-codes GEMV (kernels/codes_gemv.py) has an 8-bit path, untimed on a GPU: not dispatched until it beats this.
+DEQUANT_MIN_M = 17
 
 
 def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None = None, group: int = 0
@@ -107,15 +111,15 @@ def int8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
                 zeros: torch.Tensor | None = None, group: int = 0, backend: str = "auto") -> torch.Tensor:  # fmt: skip
-    """``x @ W^T (+ bias)`` (:func:`dequantize_int8`'s W): on CUDA the byte-codes decode GEMV for up to
-    ``GEMV_MAX_M`` rows and past them the weight dequantized for one cuBLAS GEMM (``kernels/codes_dequant.py``);
-    the reference otherwise."""
+    """``x @ W^T (+ bias)`` (:func:`dequantize_int8`'s W): on CUDA the Triton kernel for up to ``DEQUANT_MIN_M - 1``
+    rows and past them the weight dequantized for one cuBLAS GEMM (``kernels/codes_dequant.py``); the reference
+    otherwise."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     k = weight.shape[1]
     if not use_triton(x, backend) or x.dtype not in dtypes or k % 32 or group % 32:
         return int8_linear_ref(x, weight, scale, bias, zeros, group)
-    if x.numel() // k <= GEMV_MAX_M and gemv_fits(k, False, group):
-        out = codes_gemv(x, weight, scale, four_bit=False, group=group, zeros=zeros)
-    else:
+    if x.numel() // k >= DEQUANT_MIN_M:
         out = codes_dequant_gemm(x, weight, scale, four_bit=False, group=group, zeros=zeros)
+    else:
+        out = int8_gemm_triton(x, weight, scale, zeros, group)
     return out + bias if bias is not None else out
