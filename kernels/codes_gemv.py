@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.pdl import launch_options, use_pdl, wait_then_release
-from kernels.skinny_gemm import _store_row, _x_row_ptrs
+from kernels.skinny_gemm import _store_rows, _x_row_ptrs
 
 # Rows of x up to which bnb4_linear takes this kernel: one program row of 4. H100, Llama-8B NF4 gate_up (2026-12-05):
 # M = 4 164-206 us against the tile kernel's 798; M = 16 (four program rows, W re-read from L2) 570-1,060, where
@@ -197,12 +197,7 @@ def _codes_gemv_kernel(
         acc1 *= factor
         acc2 *= factor
         acc3 *= factor
-    _store_row(out_ptr, m0, M, stride_om, acc0, 0.0, rows, N, False)
-    if BLOCK_M > 1:
-        _store_row(out_ptr, m0 + 1, M, stride_om, acc1, 0.0, rows, N, False)
-    if BLOCK_M > 2:
-        _store_row(out_ptr, m0 + 2, M, stride_om, acc2, 0.0, rows, N, False)
-        _store_row(out_ptr, m0 + 3, M, stride_om, acc3, 0.0, rows, N, False)
+    _store_rows(out_ptr, m0, M, stride_om, acc0, acc1, acc2, acc3, 0.0, rows, N, False, BLOCK_M)
 
 
 def default_config(row_bytes: int, step_group: int) -> CodesGemvConfig:

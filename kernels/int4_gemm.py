@@ -55,7 +55,7 @@ from kernels.gemv_rows_gluon import rope_cache_supported
 from kernels.int4_gemv_gluon import (Int4GemvConfig, gemv_device, gluon_int4_gemv, gluon_int4_gemv_rope_cache,
                                      int4_gemv_supported)
 from kernels.pdl import launch_options, use_pdl, wait_then_release
-from kernels.skinny_gemm import SkinnyConfig, _c, _store_row, _x_row_ptrs, m_bucket
+from kernels.skinny_gemm import SkinnyConfig, _c, _store_rows, _x_row_ptrs, m_bucket
 from kernels.split_k import decode_launch, split_workspace, store_split_partial, tensor_core_split_k
 
 # AutoAWQ's GEMM packing: nibble i of an int32 holds column AWQ_ORDER[i] of its eight.
@@ -499,12 +499,7 @@ def _int4_fma_kernel(
     acc0, acc1, acc2, acc3 = _int4_fma_tile(acc0, acc1, acc2, acc3, words, s, z, x0_ptr, x1_ptr, x2_ptr, x3_ptr,
                                             (num_tiles - 1) * BLOCK_K + x_offs, BLOCK_M)
 
-    _store_row(out_ptr, m0, M, stride_om, acc0, 0.0, rows, N, False)
-    if BLOCK_M > 1:
-        _store_row(out_ptr, m0 + 1, M, stride_om, acc1, 0.0, rows, N, False)
-    if BLOCK_M > 2:
-        _store_row(out_ptr, m0 + 2, M, stride_om, acc2, 0.0, rows, N, False)
-        _store_row(out_ptr, m0 + 3, M, stride_om, acc3, 0.0, rows, N, False)
+    _store_rows(out_ptr, m0, M, stride_om, acc0, acc1, acc2, acc3, 0.0, rows, N, False, BLOCK_M)
 
 
 def int4_fma_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

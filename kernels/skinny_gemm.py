@@ -276,6 +276,18 @@ def _store_row(out_ptr, m, M, stride_om, acc, bias, rows, N, HAS_BIAS: tl.conste
 
 
 @triton.jit
+def _store_rows(out_ptr, m0, M, stride_om, acc0, acc1, acc2, acc3, bias, rows, N, HAS_BIAS: tl.constexpr,
+                BLOCK_M: tl.constexpr):  # fmt: skip
+    """An fma program's ``BLOCK_M`` (1, 2 or 4) output rows from ``m0``: each accumulator reduced over K and stored."""
+    _store_row(out_ptr, m0, M, stride_om, acc0, bias, rows, N, HAS_BIAS)
+    if BLOCK_M > 1:
+        _store_row(out_ptr, m0 + 1, M, stride_om, acc1, bias, rows, N, HAS_BIAS)
+    if BLOCK_M > 2:
+        _store_row(out_ptr, m0 + 2, M, stride_om, acc2, bias, rows, N, HAS_BIAS)
+        _store_row(out_ptr, m0 + 3, M, stride_om, acc3, bias, rows, N, HAS_BIAS)
+
+
+@triton.jit
 def _skinny_fma_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
     M, N, K,
@@ -323,12 +335,7 @@ def _skinny_fma_kernel(
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-    _store_row(out_ptr, m0, M, stride_om, acc0, bias, rows, N, HAS_BIAS)
-    if BLOCK_M > 1:
-        _store_row(out_ptr, m0 + 1, M, stride_om, acc1, bias, rows, N, HAS_BIAS)
-    if BLOCK_M > 2:
-        _store_row(out_ptr, m0 + 2, M, stride_om, acc2, bias, rows, N, HAS_BIAS)
-        _store_row(out_ptr, m0 + 3, M, stride_om, acc3, bias, rows, N, HAS_BIAS)
+    _store_rows(out_ptr, m0, M, stride_om, acc0, acc1, acc2, acc3, bias, rows, N, HAS_BIAS, BLOCK_M)
 
 
 @triton.jit
