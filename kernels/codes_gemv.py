@@ -151,7 +151,8 @@ def _codes_gemv_kernel(
     """Program (n, m): ``out[m*BLOCK_M : +BLOCK_M, n*BLOCK_N : +BLOCK_N]``. ``FOUR_BIT``: codebook codes, ``GROUP``
     weights an absmax (``s [N, K / GROUP]``, fp32 or fp8); else 8-bit codes with ``GROUP`` weights a scale (and
     zero point: ``ZEROS``) ``[N, K / GROUP]``, or (``GROUP`` 0) one scale per row applied to the sum. ``ROW_SCALES``:
-    the sum times ``row_scale[n]`` (NVFP4's global scale). ``X_PAIRS``: x is bf16, read as int32 pairs (4-bit only).
+    the sum times ``row_scale[n]`` (NVFP4's global scale). ``X_PAIRS``: x is bf16 (4-byte aligned), read as int32
+    pairs (4-bit only).
     ``PAIRS``: ``codebook_ptr`` is :func:`code_pair_table`'s. ``AHEAD``: steps loaded before the one multiplied (1,
     2). K's bytes a row are whole ``BLOCK_B`` steps; an 8-bit step lies in one group."""
     wait_then_release(USE_PDL)
@@ -246,7 +247,8 @@ def codes_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fo
         per_row if per_row is not None else scale, out, m, n, k, x2.stride(0), weight.stride(0),
         scale.stride(0) if scale.dim() == 2 else 0, out.stride(0),
         FOUR_BIT=four_bit, GROUP=group, ZEROS=zeros is not None, ROW_SCALES=row_scale is not None,
-        X_PAIRS=four_bit and x.dtype == torch.bfloat16, PAIRS=four_bit and pairs is not None, BLOCK_M=block_m,
+        X_PAIRS=four_bit and x.dtype == torch.bfloat16 and x2.data_ptr() % 4 == 0,
+        PAIRS=four_bit and pairs is not None, BLOCK_M=block_m,
         BLOCK_N=config.block_n, BLOCK_B=block_b, AHEAD=config.ahead,
         num_warps=config.num_warps, num_stages=1, **launch_options(use_pdl(x)),
     )  # fmt: skip

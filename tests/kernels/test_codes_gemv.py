@@ -122,3 +122,16 @@ def test_codes_dequantized_for_cublas_match_reference(dtype, kind):
     x = torch.randn(21, k, generator=gen).to(dtype)
     out = codes_dequant_gemm(x.to(DEVICE), codes, scale, **formats)
     _close(out.cpu(), x.float() @ expected.t(), dtype)
+
+
+@pytest.mark.gpu
+def test_bf16_rows_off_a_four_byte_boundary_are_read_as_halves():
+    """bf16 rows whose first element is not 4-byte aligned (a view into a larger buffer) cannot be read as int32
+    pairs: the kernel reads them element by element, with the same result."""
+    gen = torch.Generator().manual_seed(9)
+    codes, absmax, codebook, block, _ = _four_bit(24, 128, "nf4", gen)
+    backing = torch.randn(1 + 128, generator=gen).to(torch.bfloat16).to(DEVICE)
+    x = backing[1:].view(1, 128)
+    assert x.data_ptr() % 4
+    out = codes_gemv(x, codes.to(DEVICE), absmax.to(DEVICE), four_bit=True, group=block, codebook=codebook.to(DEVICE))
+    _close(out.cpu(), bnb4_linear_ref(x.cpu().float(), codes, absmax, codebook, block), torch.bfloat16)
