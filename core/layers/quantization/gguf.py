@@ -41,8 +41,7 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter
-from kernels.bnb4_gemm import bnb4_linear
-from kernels.codes_gemv import code_pair_table
+from core.layers.quantization.bnb import codebook_linear, keep_codebook
 from kernels.fused_moe import ExpertQuant
 from kernels.gguf_codebook import CODEBOOK_BLOCK, CODEBOOK_TYPES, IQ4_CODEBOOK, iq4_blocks_as_codebook
 from kernels.gguf_gemm import (GGUF_KERNEL_TYPES, INT4_TYPES, INT8_GROUPS, INT8_TYPES, Q4_0, Q6_K, Q8_0, blocks_as_int8,
@@ -231,15 +230,13 @@ class GGUFLinearMethod(LinearMethod):
             codes, absmax = iq4_blocks_as_codebook(layer.weight.data, self.ggml_type, layer.in_features)
             replace_parameter(layer, "weight", codes)
             replace_parameter(layer, "weight_absmax", absmax)
-            replace_parameter(layer, "weight_quant_map", torch.tensor(IQ4_CODEBOOK, device=codes.device))
-            layer.register_buffer("weight_code_pairs", code_pair_table(layer.weight_quant_map), persistent=False)
+            keep_codebook(layer, torch.tensor(IQ4_CODEBOOK, device=codes.device))
         elif self.ggml_type in INT4_TYPES and layer.weight.is_cuda:  # on CPU both paths dequantize in torch
             repack_for_int4_kernels(layer, self.ggml_type)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if hasattr(layer, "weight_absmax"):  # IQ4_NL / IQ4_XS on the codebook kernels
-            return bnb4_linear(x, layer.weight, layer.weight_absmax, layer.weight_quant_map, CODEBOOK_BLOCK, bias,
-                               backend=layer.backend, pairs=layer.weight_code_pairs)
+            return codebook_linear(layer, x, layer.weight_absmax, CODEBOOK_BLOCK, bias)
         if hasattr(layer, "qweight"):  # Q4_1 / Q4_K zeros are not whole numbers: the kernels apply them apart
             return int4_linear(x, layer.qweight, layer.scales, layer.zeros, self.INT4_GROUP, None, bias,
                                backend=layer.backend, integer_zeros=self.ggml_type == Q4_0)

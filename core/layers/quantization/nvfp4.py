@@ -24,8 +24,8 @@ from torch import nn
 from core.layers.quantization.base import (LinearMethod, QuantConfig, module_listed, new_parameter, plain_shard,
                                            replace_parameter, shard_starts, whole_units)
 from core.layers.quantization.fp8 import Fp8MoEMethod, modelopt_excluded
-from kernels.bnb4_gemm import E2M1_CODEBOOK, bnb4_linear
-from kernels.codes_gemv import code_pair_table
+from core.layers.quantization.bnb import codebook_linear, keep_codebook
+from kernels.bnb4_gemm import E2M1_CODEBOOK
 from kernels.fused_moe import ExpertQuant
 
 logger = logging.getLogger(__name__)
@@ -191,12 +191,10 @@ class Nvfp4LinearMethod(LinearMethod):
         replace_parameter(layer, "weight", codes)
         replace_parameter(layer, "weight_scale", scale)
         replace_parameter(layer, "weight_row_scale", row_scale)
-        replace_parameter(layer, "weight_quant_map", torch.tensor(E2M1_CODEBOOK, device=codes.device))
-        layer.register_buffer("weight_code_pairs", code_pair_table(layer.weight_quant_map), persistent=False)
+        keep_codebook(layer, torch.tensor(E2M1_CODEBOOK, device=codes.device))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return bnb4_linear(x, layer.weight, layer.weight_scale, layer.weight_quant_map, BLOCK, bias,
-                           backend=layer.backend, row_scale=layer.weight_row_scale, pairs=layer.weight_code_pairs)
+        return codebook_linear(layer, x, layer.weight_scale, BLOCK, bias, layer.weight_row_scale)
 
 
 class Nvfp4MoEMethod:
