@@ -1,8 +1,8 @@
-"""The weight-only Triton GEMMs that serve checkpoint formats (bitsandbytes NF4 and NVFP4 on the 4-bit codebook
-kernel, ``kernels/bnb4_gemm.py``; bitsandbytes 8-bit and GPTQ 8-bit on ``kernels/int8_gemm.py``) at Llama-3.1-8B's
-four layer shapes, against each format's weight-read floor; beside them the byte-codes decode GEMV
-(``kernels/codes_gemv.py``) at each of ``GEMV_CONFIGS`` (up to its ``GEMV_MAX_M`` rows) and the weight dequantized
-for one cuBLAS GEMM (``kernels/codes_dequant.py``, "dequant"), which the layers run on more rows.
+"""The weight-only Triton GEMMs that serve checkpoint formats (bitsandbytes NF4 and NVFP4, bitsandbytes 8-bit and
+GPTQ 8-bit) at Llama-3.1-8B's four layer shapes, against each format's weight-read floor: the byte-codes decode GEMV
+(``kernels/codes_gemv.py``) at each of ``GEMV_CONFIGS`` (up to its ``GEMV_MAX_M`` rows), the weight dequantized for
+one cuBLAS GEMM (``kernels/codes_dequant.py``, "dequant"), and for 8-bit the tile kernel (``kernels/int8_gemm.py``,
+"tiles"), which 8-bit layers run up to 16 rows.
 
     python -m benchmarks.bench_weight_only_gemm               # M = 1, 4, 16, 256
     python -m benchmarks.bench_weight_only_gemm --m 1 --formats nvfp4 nf4
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench_fp8_gemv import MODEL_SHAPES  # noqa: E402
 from benchmarks.bench_skinny_gemm import time_per_call  # noqa: E402
-from kernels.bnb4_gemm import E2M1_CODEBOOK, NF4_CODEBOOK, bnb4_gemm_triton, bnb4_linear_ref  # noqa: E402
+from kernels.bnb4_gemm import E2M1_CODEBOOK, NF4_CODEBOOK, bnb4_linear_ref  # noqa: E402
 from kernels.codes_dequant import codes_dequant_gemm  # noqa: E402
 from kernels.codes_gemv import GEMV_MAX_M, CodesGemvConfig, code_pair_table, codes_gemv  # noqa: E402
 from kernels.int8_gemm import int8_gemm_triton, int8_linear_ref  # noqa: E402
@@ -47,11 +47,11 @@ def codebook_of(fmt: str) -> torch.Tensor:
 
 
 def make_weight(fmt: str, n: int, k: int, gen: torch.Generator
-                ) -> tuple[tuple[torch.Tensor, ...], Callable, Callable, Callable, Callable]:  # fmt: skip
-    """A random weight of ``fmt`` as the kernel's tensors, with its tile kernel's call, its reference's, the
-    dequantize-then-cuBLAS path's (each ``f(x, *tensors)``; the kernels called directly, so ``--smoke`` runs them in
-    the interpreter) and ``gemv(config,
-    table)``, the byte-codes GEMV's call at that config (4-bit: with that code pair table, else the codebook)."""
+                ) -> tuple[tuple[torch.Tensor, ...], Callable | None, Callable, Callable, Callable]:  # fmt: skip
+    """A random weight of ``fmt`` as the kernel's tensors, with its tile kernel's call (8-bit; the 4-bit one was
+    removed), its reference's, the dequantize-then-cuBLAS path's (each ``f(x, *tensors)``; the kernels called
+    directly, so ``--smoke`` runs them in the interpreter) and ``gemv(config, table)``, the byte-codes GEMV's call at
+    that config (4-bit: with that code pair table, else the codebook)."""
     def rand(*size: int) -> torch.Tensor:
         return torch.rand(*size, generator=gen, device=DEVICE)
 
@@ -62,15 +62,13 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator
         absmax = rand(n, k // block) * k**-0.5 + k**-0.5 / 2
         if fmt == "nf4":
             tensors = (codes, absmax)
-            return (tensors, lambda x, w, a: bnb4_gemm_triton(x, w, a, codebook, block),
-                    lambda x, w, a: bnb4_linear_ref(x, w, a, codebook, block),
+            return (tensors, None, lambda x, w, a: bnb4_linear_ref(x, w, a, codebook, block),
                     lambda x, w, a: codes_dequant_gemm(x, w, a, four_bit=True, group=block, codebook=codebook),
                     lambda c, table=None: lambda x, w, a: codes_gemv(x, w, a, four_bit=True, group=block,
                                                                      codebook=codebook, pairs=table, config=c))
         row = absmax.amax(-1) / 448
         tensors = (codes, (absmax / row[:, None]).to(torch.float8_e4m3fn), row / 6)
-        return (tensors, lambda x, w, a, r: bnb4_gemm_triton(x, w, a, codebook, block, r),
-                lambda x, w, a, r: bnb4_linear_ref(x, w, a, codebook, block, row_scale=r),
+        return (tensors, None, lambda x, w, a, r: bnb4_linear_ref(x, w, a, codebook, block, row_scale=r),
                 lambda x, w, a, r: codes_dequant_gemm(x, w, a, four_bit=True, group=block, codebook=codebook,
                                                       row_scale=r),
                 lambda c, table=None: lambda x, w, a, r: codes_gemv(x, w, a, four_bit=True, group=block,
@@ -94,8 +92,8 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator
 
 def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torch.Generator, dtype: torch.dtype,
                 gemv_configs: list[CodesGemvConfig]) -> list[str]:  # fmt: skip
-    """One line per M: the tile kernel's microseconds per call and each GEMV config's (M <= 16), fastest first, and
-    the format's floor (its bytes at 4.28 TB/s)."""
+    """One line per M: the dequantize path's, the tile kernel's (8-bit) and each GEMV config's (up to ``GEMV_MAX_M``
+    rows) microseconds per call, fastest first, and the format's floor (its bytes at 4.28 TB/s)."""
     tensors, tiles, reference, dequant, gemv = make_weight(fmt, n, k, gen)
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     copies = [tuple(t.clone() for t in tensors) for _ in range(max(2, -(-ROTATE_BYTES // nbytes)))]
@@ -106,7 +104,7 @@ def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torc
     for m in ms:
         x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
         ref = reference(x, *tensors).float()
-        calls = {"tiles": tiles, "dequant": dequant}
+        calls = {"dequant": dequant} if tiles is None else {"tiles": tiles, "dequant": dequant}
         if m <= GEMV_MAX_M:  # 4-bit: the pair table (as the layers build it at load), and the codebook at the first
             table = code_pair_table(codebook_of(fmt)) if fmt in ("nf4", "nvfp4") else None
             calls.update({f"gemv{c.block_n}x{c.block_b}w{c.num_warps}a{c.ahead}": gemv(c, table) for c in gemv_configs})

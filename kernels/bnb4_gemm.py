@@ -6,11 +6,11 @@ weights are the same form (``core/layers/quantization/nvfp4.py``): the e2m1 valu
 fp8 scale as its absmax and the tensor's global scale a row scale applied to the product.
 
 The codebook is not affine (NF4's values are normal quantiles), so the int4 kernels' ``(q - z) * s`` form does not
-hold it: the Triton kernel here looks each code up in the 16-entry table (an L1-resident load), scales it by its
-block's absmax and multiplies on the tensor cores in x's dtype (w4a16). The engine's layers do not run it: decode
-rows take ``kernels/codes_gemv.py``, more rows ``kernels/codes_dequant.py`` (on an H100 this kernel read a Llama-8B
-gate_up at 2% of the bandwidth, 798 us at one to sixteen rows; ``benchmarks/bench_weight_only_gemm.py`` times it
-beside them). :func:`bnb4_linear_ref` is the reference.
+hold it. Decode rows take the byte-codes GEMV (``kernels/codes_gemv.py``: each byte's two codes looked up at once,
+fp32 sums), more rows the weight dequantized for one cuBLAS GEMM (``kernels/codes_dequant.py``). A ``tl.dot`` tile
+kernel served both before; on an H100 it read a Llama-8B gate_up at 2% of the bandwidth (798 us at one to sixteen
+rows, against 97-106 for the GEMV's first version; RESULTS.md) and was removed. The fused MoE kernel's codebook
+experts share :func:`step_scales`. :func:`bnb4_linear_ref` is the reference.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import triton.language as tl
 from kernels.backend import use_triton
 from kernels.codes_dequant import codes_dequant_gemm
 from kernels.codes_gemv import GEMV_MAX_M, codes_gemv, gemv_fits
-from kernels.fp8_block_gemm import launch_weight_tiles, output_tile
-from kernels.split_k import store_split_partial
 
 # bitsandbytes' NF4 codebook (``create_normal_map``): what ``--quantization bitsandbytes`` quantizes to at load
 NF4_CODEBOOK = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -96,69 +94,26 @@ def step_scales(row_ptrs, k0, n_live, BLOCK_N: tl.constexpr, BLOCK_K: tl.constex
     return scales
 
 
-@triton.jit
-def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, codebook_ptr, row_scale_ptr, out_ptr, partial_ptr, counter_ptr, M, N,
-                      K, k_per_split, split_k, stride_xm, stride_wn, stride_an, stride_om, BLOCKSIZE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr = False,
-                      ROW_SCALES: tl.constexpr = False):  # fmt: skip
-    """``out = x @ W^T`` over K steps of ``BLOCK_K`` (a divisor of ``BLOCKSIZE``: one absmax per row a step; or a
-    multiple of it, NVFP4's blocks of 16: ``BLOCK_K / BLOCKSIZE`` per row a step, each repeated over its block in
-    registers): each step's bytes split into their two codes, looked up in the codebook and scaled by their block's
-    absmax (fp32, or NVFP4's fp8 block scales). ``ROW_SCALES``: each output column's product times its row scale
-    (NVFP4's global scale, one per shard: it factors out of the K sum). ``SPLIT``: K shared out as
-    ``kernels/fp8_block_gemm.py``'s decode launch does."""
-    pid_n, pid_k, offs_m, offs_n, m_live, n_live = output_tile(M, N, BLOCK_M, BLOCK_N)
-    offs_b = tl.arange(0, BLOCK_K // 2)
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :]  # [BLOCK_N, BLOCK_K / 2] bytes
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        x = tl.load(x_ptrs + k0, mask=m_live[:, None], other=0.0)
-        packed = tl.load(w_ptrs + k0 // 2, mask=n_live[:, None], other=0).to(tl.int32)
-        codes = tl.reshape(tl.join(packed >> 4, packed & 15), (BLOCK_N, BLOCK_K))  # byte b: codes 2b, 2b + 1
-        scale = step_scales(absmax_ptr + offs_n * stride_an, k0, n_live, BLOCK_N, BLOCK_K, BLOCKSIZE)
-        w = (tl.load(codebook_ptr + codes) * scale).to(x.dtype)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if ROW_SCALES:
-        acc *= tl.load(row_scale_ptr + offs_n, mask=n_live, other=0.0)[None, :]
-    if SPLIT:
-        store_split_partial(acc, out_ptr, partial_ptr, counter_ptr, pid_n, pid_k, split_k, M, N, stride_om, True)
-    else:
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_live[:, None] & n_live[None, :])
-
-
 def bnb4_gemm_triton(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
-                     blocksize: int, row_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """The Triton kernel: ``x [..., K]`` (fp16 / bf16 / fp32) times the 4-bit ``weight [N, K / 2]``, in x's dtype.
-    K must be a multiple of 32 and the block of 16 (a K step of 32 holds two NVFP4 blocks)."""
-    n, k = weight.shape[0], weight.shape[1] * 2
-
-    def launch(grid, x2, out, partials, counters, m, k_per_split, split_k, **meta):
-        _bnb4_gemm_kernel[grid](x2, weight, absmax, codebook, row_scale if row_scale is not None else absmax, out,
-                                partials, counters, m, n, k, k_per_split, split_k, x2.stride(0), weight.stride(0),
-                                absmax.stride(0), out.stride(0), BLOCKSIZE=blocksize,
-                                ROW_SCALES=row_scale is not None, **meta)  # fmt: skip
-
-    return launch_weight_tiles(x, n, k, lambda m: 64 if blocksize % 64 == 0 else 32, launch)
+                     blocksize: int, row_scale: torch.Tensor | None = None,
+                     pairs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The Triton path: ``x [..., K]`` (fp16 / bf16 / fp32) times the 4-bit ``weight [N, K / 2]``, in x's dtype:
+    the byte-codes decode GEMV for up to ``GEMV_MAX_M`` rows (``pairs``: the codebook's ``code_pair_table``, built at
+    load), past them the weight dequantized for one cuBLAS GEMM. K must be a multiple of 32 and the block of 16."""
+    k = weight.shape[1] * 2
+    formats = dict(four_bit=True, group=blocksize, codebook=codebook, row_scale=row_scale)
+    if x.numel() // k <= GEMV_MAX_M and gemv_fits(k, True, blocksize):
+        return codes_gemv(x, weight, absmax, pairs=pairs, **formats)
+    return codes_dequant_gemm(x, weight, absmax, **formats)
 
 
 def bnb4_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, blocksize: int,
                 bias: torch.Tensor | None = None, *, backend: str = "auto", row_scale: torch.Tensor | None = None,
                 pairs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """``x @ W^T (+ bias)``: on CUDA the byte-codes decode GEMV for up to ``GEMV_MAX_M`` rows (``pairs``: the
-    codebook's ``code_pair_table``, built at load) and past them the weight dequantized for one cuBLAS GEMM
-    (``kernels/codes_dequant.py``); the reference otherwise."""
+    """``x @ W^T (+ bias)``: :func:`bnb4_gemm_triton` on CUDA, the reference otherwise."""
     k = weight.shape[1] * 2
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     if not use_triton(x, backend) or x.dtype not in dtypes or k % 32 or blocksize % 16:
         return bnb4_linear_ref(x, weight, absmax, codebook, blocksize, bias, row_scale)
-    formats = dict(four_bit=True, group=blocksize, codebook=codebook, row_scale=row_scale)
-    if x.numel() // k <= GEMV_MAX_M and gemv_fits(k, True, blocksize):
-        out = codes_gemv(x, weight, absmax, pairs=pairs, **formats)
-    else:
-        out = codes_dequant_gemm(x, weight, absmax, **formats)
+    out = bnb4_gemm_triton(x, weight, absmax, codebook, blocksize, row_scale, pairs)
     return out + bias if bias is not None else out

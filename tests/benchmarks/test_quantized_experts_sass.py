@@ -1,8 +1,9 @@
 """The quantized weights' Triton kernels added without a GPU run compile for sm_90 (Triton's bundled ptxas)
 without spills, their products on the tensor cores (HMMA, or wgmma's HGMMA): the fused MoE kernels' kinds of
 expert weight (16-bit, e4m3 per channel, e4m3 per block, int4 in groups of 128 and of 32 with zero points or
-offsets, GGUF blocks, bitsandbytes 4-bit and NVFP4's blocks of 16), the block-scaled fp8 GEMM, the 4-bit codebook
-(bitsandbytes, NVFP4) and the 8-bit (bitsandbytes, GPTQ) GEMMs at their decode and prefill tiles."""
+offsets, GGUF blocks, bitsandbytes 4-bit and NVFP4's blocks of 16), the block-scaled fp8 GEMM and the 8-bit
+(bitsandbytes, GPTQ) GEMM at their decode and prefill tiles (the 4-bit codebook layers' GEMV:
+test_codes_gemv_sass.py)."""
 
 from __future__ import annotations
 
@@ -74,17 +75,8 @@ pointers = dict(pointers, absmax_ptr="*fp8e4nv", row_scale_ptr="*fp32")
 info = summarize(_compile(fused_moe._moe_bnb4_kernel, pointers, set(), constexprs, 4, 3, divisible_ints=shapes))
 out["moe_nvfp4"] = facts_and_loop(info)
 for m in (1, 512):  # decode: split K (its in-kernel reduction), prefill: whole
-    from kernels import bnb4_gemm
     bm, bn = (16, 32) if m <= 16 else (64, 64)
     split = {"partial_ptr": "*fp32", "counter_ptr": "*i32"}
-    pointers = {"x_ptr": "*bf16", "w_ptr": "*u8", "absmax_ptr": "*fp32", "codebook_ptr": "*fp32", "out_ptr": "*bf16",
-                **split}
-    constexprs = dict(BLOCKSIZE=64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, DOT_PRECISION="tf32", SPLIT=m == 1,
-                      ROW_SCALES=False)
-    out[f"bnb{m}"] = facts(summarize(_compile(bnb4_gemm._bnb4_gemm_kernel, pointers, set(), constexprs, 4, 3)))
-    constexprs = dict(constexprs, BLOCKSIZE=16, BLOCK_K=32, ROW_SCALES=True)  # NVFP4: two fp8 block scales a step
-    pointers = dict(pointers, absmax_ptr="*fp8e4nv", row_scale_ptr="*fp32")
-    out[f"nvfp4_{m}"] = facts(summarize(_compile(bnb4_gemm._bnb4_gemm_kernel, pointers, set(), constexprs, 4, 3)))
     from kernels import int8_gemm
     for group in (0, 128):  # bitsandbytes 8-bit (a scale per row), GPTQ 8-bit (scales and zero points per group)
         pointers = {"x_ptr": "*bf16", "w_ptr": "*u8" if group else "*i8", "s_ptr": "*fp32", "z_ptr": "*fp32",
@@ -114,8 +106,8 @@ def test_quantized_weight_kernels_compile_for_sm90_on_the_tensor_cores_without_s
     assert set(result) == {"moe0", "moe1", "moe2", "moe_int4", "moe_int4_act", "moe_int4_g32",
                            "moe_int4_g32_offsets", "moe_gguf8", "moe_gguf12", "moe_gguf14", "moe_bnb4",
                            "moe_int8_g16", "moe_int8_g16_bf16", "moe_int8_g32_offsets", "moe_int8_g128",
-                           "moe_int8_g128_offsets", "moe_int8_g128_offsets_act", "moe_nvfp4", "nvfp4_1", "nvfp4_512",
-                           "block1", "block512", "bnb1", "bnb512", "int8_1", "int8_512", "gptq8_1", "gptq8_512"}
+                           "moe_int8_g128_offsets", "moe_int8_g128_offsets_act", "moe_nvfp4", "block1", "block512",
+                           "int8_1", "int8_512", "gptq8_1", "gptq8_512"}
     for name, (regs, spills, mma, *_) in result.items():
         assert 0 < regs <= 255 and spills == 0 and mma > 0, (name, result)
 
