@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.bnb4_gemm import pack_codes
+
 IQ4_NL, IQ4_XS = 20, 23  # GGMLQuantizationType values
 # GGMLQuantizationType -> (elements per block, bytes per block)
 CODEBOOK_TYPES: dict[int, tuple[int, int]] = {IQ4_NL: (32, 18), IQ4_XS: (256, 136)}
@@ -48,6 +50,5 @@ def iq4_blocks_as_codebook(raw: torch.Tensor, ggml_type: int, in_features: int) 
         scales_h = words[..., 2] | (words[..., 3] << 8)
         high = (scales_h[..., None] >> (2 * sub)) & 3
         scales = d * ((low | (high << 4)) - 32).float()  # [N, blocks, 8]
-    codes = codes.reshape(n, in_features).to(torch.uint8)
-    packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
+    packed = pack_codes(codes.reshape(n, in_features))
     return packed.contiguous(), scales.reshape(n, in_features // CODEBOOK_BLOCK).contiguous()
