@@ -178,23 +178,41 @@ def write_ct_w8a16(source, directory: Path) -> Path:
     return write_quantized(source, directory, quantize, config, torch.bfloat16)
 
 
-def write_nvfp4(source, directory: Path) -> Path:
-    """The reference weights as a ModelOpt NVFP4 checkpoint: e2m1 codes two a byte (low nibble first), an fp8 scale
-    per 16 weights (its block's absmax / 6 over the global scale) and ``weight_scale_2 = amax / (6 * 448)``."""
+def nvfp4_tensors(w: torch.Tensor, layout: str = "modelopt") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``[out, in]`` -> (one layer's NVFP4 tensors, named without the layer's prefix; its dequantized fp32 weight):
+    e2m1 codes two a byte (low nibble first, the nearest of each value over its block's effective scale), an fp8
+    scale per 16 weights (the block's absmax / 6 over the global scale) and the global scale: ModelOpt
+    ``weight_scale_2 = amax / (6 * 448)`` multiplies, compressed-tensors ``weight_global_scale = 6 * 448 / amax``
+    divides; with the W4A4 exports' activation scales (which the w4a16 layers drop). The tests' checkpoints use it."""
     from kernels.bnb4_gemm import E2M1_CODEBOOK
 
     table = torch.tensor(E2M1_CODEBOOK)
-
-    def quantize(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        blocks = tensor.float().reshape(tensor.shape[0], -1, 16)
-        glob = tensor.float().abs().amax().clamp(min=1e-12) / (6 * 448)
+    blocks = w.float().reshape(w.shape[0], -1, 16)
+    amax = w.float().abs().amax().clamp(min=1e-6)
+    if layout == "modelopt":
+        glob = amax / (6 * 448)
         scale = (blocks.abs().amax(-1) / (6 * glob)).to(torch.float8_e4m3fn)
-        effective = (scale.float() * glob).clamp(min=1e-12)
-        codes = torch.stack([((blocks[r] / effective[r, :, None])[..., None] - table).abs().argmin(-1)
-                             for r in range(blocks.shape[0])]).reshape(tensor.shape[0], -1)  # fmt: skip
+        effective = scale.float() * glob
+        tensors = {"weight_scale_2": glob.reshape(()), "input_scale": torch.tensor(0.01)}
+    else:
+        glob = 6 * 448 / amax
+        scale = (blocks.abs().amax(-1) / 6 * glob).to(torch.float8_e4m3fn)
+        effective = scale.float() / glob
+        tensors = {"weight_global_scale": glob.reshape(1), "input_global_scale": torch.tensor([100.0])}
+    effective = effective.clamp(min=1e-12)
+    # each value's nearest code, a row at a time (a whole 8B layer's distances to 16 codes would not fit in memory)
+    codes = torch.stack([((blocks[r] / effective[r, :, None])[..., None] - table).abs().argmin(-1)
+                         for r in range(blocks.shape[0])]).reshape(w.shape[0], -1)  # fmt: skip
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    tensors |= {"weight" if layout == "modelopt" else "weight_packed": packed, "weight_scale": scale}
+    return tensors, (table[codes].reshape(blocks.shape) * effective[..., None]).reshape(w.shape)
+
+
+def write_nvfp4(source, directory: Path) -> Path:
+    """The reference weights as a ModelOpt NVFP4 checkpoint (:func:`nvfp4_tensors`)."""
+    def quantize(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         prefix = name.removesuffix(".weight")
-        return {name: (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8), f"{prefix}.weight_scale": scale,
-                f"{prefix}.weight_scale_2": glob.reshape(())}
+        return {f"{prefix}.{suffix}": t for suffix, t in nvfp4_tensors(tensor)[0].items()}
 
     config = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}
     return write_quantized(source, directory, quantize, config, torch.bfloat16)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.quant_quality import nvfp4_tensors
 from ipc.messages import SamplingParams
 from kernels.fp8_block_gemm import dequantize_fp8_blocks, quantize_fp8_blocks
 from tests.core.engine_utils import make_engine, run_engine
@@ -337,39 +338,13 @@ def write_ct_int8(tmp: Path, group: int, actorder: bool, fmt: str = "pack-quanti
             save(tmp / f"{tag}-dequantized", config, plain))
 
 
-def nvfp4_quantize(w: torch.Tensor, layout: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """``[out, in]`` -> (the layer's NVFP4 tensors, its dequantized fp32 weight): e2m1 codes two a byte (low nibble
-    first), an fp8 scale per 16 weights and a global scale: ModelOpt ``weight_scale_2 = amax / (6 * 448)``
-    multiplies, compressed-tensors ``weight_global_scale = 6 * 448 / amax`` divides."""
-    from kernels.bnb4_gemm import E2M1_CODEBOOK
-
-    table = torch.tensor(E2M1_CODEBOOK)
-    blocks = w.float().reshape(w.shape[0], -1, 16)
-    amax = w.float().abs().amax().clamp(min=1e-6)
-    if layout == "modelopt":
-        glob = amax / (6 * 448)
-        scale = (blocks.abs().amax(-1) / (6 * glob)).to(torch.float8_e4m3fn)
-        effective = scale.float() * glob
-        tensors = {"weight_scale_2": glob.reshape(()), "input_scale": torch.tensor(0.01)}
-    else:
-        glob = 6 * 448 / amax
-        scale = (blocks.abs().amax(-1) / 6 * glob).to(torch.float8_e4m3fn)
-        effective = scale.float() / glob
-        tensors = {"weight_global_scale": glob.reshape(1), "input_global_scale": torch.tensor([100.0])}
-    codes = (blocks / effective.clamp(min=1e-12)[..., None] - table[:, None, None, None]).abs().argmin(0)
-    codes = codes.reshape(w.shape[0], -1)
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
-    tensors |= {"weight" if layout == "modelopt" else "weight_packed": packed, "weight_scale": scale}
-    return tensors, (table[codes].reshape(blocks.shape) * effective[..., None]).reshape(w.shape)
-
-
 def write_nvfp4(tmp: Path, layout: str, arch: str = "llama", **overrides) -> tuple[Path, Path]:
     """An NVFP4 checkpoint: ModelOpt (``quant_method: modelopt``, ``quant_algo: NVFP4``) or compressed-tensors
     ``nvfp4-pack-quantized`` (W4A4: its activation scales too), every linear layer but the LM head."""
     config, state = base_checkpoint(arch=arch, **overrides)
     quant, plain = dict(state), dict(state)
     for name in quantized_layers(state):
-        tensors, plain[name] = nvfp4_quantize(state[name], layout)
+        tensors, plain[name] = nvfp4_tensors(state[name], layout)
         prefix = name.removesuffix(".weight")
         del quant[name]
         quant |= {f"{prefix}.{suffix}": t for suffix, t in tensors.items()}
