@@ -37,12 +37,14 @@ def _four_bit(n: int, k: int, kind: str, gen: torch.Generator):
 @pytest.mark.parametrize("pairs", [False, True], ids=["codebook", "pair-table"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["nf4", "nvfp4"])
-@pytest.mark.parametrize("m, config", [(1, CodesGemvConfig(16, 32, 4)), (3, CodesGemvConfig(8, 64, 2, ahead=2)),
-                                       (6, CodesGemvConfig(32, 16, 4)), (16, None)])  # fmt: skip
+@pytest.mark.parametrize("m, config", [(1, CodesGemvConfig(16, 32, 4)),
+                                       (1, CodesGemvConfig(8, 64, 2, scale_sums=False)),
+                                       (3, CodesGemvConfig(8, 64, 2, ahead=2)), (6, CodesGemvConfig(32, 16, 4)),
+                                       (16, None)])  # fmt: skip
 def test_four_bit_codes_match_reference(dtype, kind, m, config, pairs):
     """Each byte's two codes (high nibble first) looked up, one at a time or both from the pair table, and scaled by
-    their block's absmax (steps inside one block and over several), NVFP4's row scale after the sum; bf16 rows read
-    as int32 pairs."""
+    their block's absmax (steps inside one block and over several; at one row the byte's products scaled, or each
+    weight), NVFP4's row scale after the sum; bf16 rows read as int32 pairs."""
     gen = torch.Generator().manual_seed(m)
     n, k = 40, 256  # a partial row block
     codes, absmax, codebook, block, row = _four_bit(n, k, kind, gen)
