@@ -13,8 +13,8 @@ sums are reduced once at the end:
   block's absmax; bf16 rows are read as int32 pairs (``x[2j]`` in the low half, ``x[2j + 1]`` in the high), which
   widen to fp32 with a shift and a mask, so x costs one 16-byte load per 8 bytes of weight;
 - 8-bit: codes widened to fp32, times the group's scale (minus its zero point) per K step, or the row's scale after
-  the reduction. Not dispatched yet: ``int8_gemm``'s tile kernel reads 8-bit weights at 16-47% of HBM's rate (the
-  4-bit one at 2%), and this path has not been timed against it on a GPU.
+  the reduction. ``int8_linear`` takes it for one row of weights scaled by row (1.5x ``int8_gemm``'s tile kernel
+  a Llama-8B layer on the H200); group-scaled 8-bit weights keep the tile kernel (untimed here).
 
 Exact up to fp32 summation order: no weight is rounded to x's dtype (the tile kernels round each dequantized weight
 to it before the dot). :func:`codes_gemv` takes the formats' own tensors; the references are the formats' own.
@@ -40,14 +40,16 @@ GEMV_MAX_M = 4
 class CodesGemvConfig(NamedTuple):
     """``block_n`` weight rows a program, ``block_b`` bytes of each row a K step, ``num_warps``, ``ahead``: how
     many steps' bytes are in flight while one is multiplied (1 or 2), and ``scale_sums``: at one row of x, 4-bit
-    weights' absmax multiplies each byte's two products (one FMA a byte, where scaling both weights takes two
-    multiplies: ~9% fewer instructions in the loop offline); more rows share the scaled weights."""
+    weights' absmax multiplies each byte's two products (one FMA a byte where scaling both weights takes two
+    multiplies: 188 instructions a 16-byte step against 207 offline) instead of each weight. Fewer instructions, but
+    slower on the H200 at 2 warps (a longer dependent chain a byte: NF4 313 us a Llama-8B layer against 264); more
+    rows always share the scaled weights."""
 
     block_n: int
     block_b: int
     num_warps: int
     ahead: int = 1
-    scale_sums: bool = True
+    scale_sums: bool = False
 
 
 def code_pair_table(codebook: torch.Tensor) -> torch.Tensor:
@@ -212,12 +214,15 @@ def _codes_gemv_kernel(
     _store_rows(out_ptr, m0, M, stride_om, acc0, acc1, acc2, acc3, 0.0, rows, N, False, BLOCK_M)
 
 
-def default_config(row_bytes: int, step_group: int) -> CodesGemvConfig:
-    """8 rows a program, 2 warps, and the longest K step (of 128, 64, 32, 16 bytes) dividing the row and
-    (``step_group``, 8-bit groups) the group: the H100's fastest at M = 1 on Llama-8B's qkv, o and down in NF4 and
-    NVFP4, within 10% of the fastest on gate_up (``benchmarks/bench_weight_only_gemm.py``)."""
-    block_b = next(b for b in (128, 64, 32, 16) if row_bytes % b == 0 and (not step_group or step_group % b == 0))
-    return CodesGemvConfig(8, block_b, 2)
+def default_config(row_bytes: int, four_bit: bool, group: int, rows: int = 1) -> CodesGemvConfig:
+    """8 rows a program; the longest K step dividing the row (4-bit: of 128, 64, 32, 16 bytes; 8-bit: of 256 down,
+    and dividing its ``group``); at one row of x 2 warps, the weights scaled before their products, at more 1 warp.
+    H200, Llama-8B's four shapes a layer (``benchmarks/bench_weight_only_gemm.py``, 2026-12-05): NF4 at one row 264
+    us, against 313 with ``scale_sums`` and 303 on 1 warp; at 4 rows 320 on 1 warp against 454 on 2 (NVFP4 369
+    against 548); 8-bit rows at one row 121 us in 256-byte steps against 201 in 128."""
+    steps = (128, 64, 32, 16) if four_bit else (256, 128, 64, 32, 16)
+    block_b = next(b for b in steps if row_bytes % b == 0 and (four_bit or not group or group % b == 0))
+    return CodesGemvConfig(8, block_b, 2 if rows == 1 else 1, scale_sums=False)
 
 
 def gemv_fits(k: int, four_bit: bool, group: int) -> bool:
@@ -245,7 +250,7 @@ def codes_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fo
     if m == 0 or n == 0:
         return out.reshape(*x.shape[:-1], n)
     row_bytes = k // 2 if four_bit else k
-    config = config or default_config(row_bytes, 0 if four_bit else group)
+    config = config or default_config(row_bytes, four_bit, group, m)
     block_b = config.block_b
     if row_bytes % block_b or (not four_bit and group and (group % block_b)):
         raise ValueError(f"codes_gemv: {block_b}-byte steps do not fit rows of {row_bytes} bytes, group {group}")

@@ -8,8 +8,9 @@ threshold apart in 16 bits; here the activations are never quantized, which is w
 approximates, so the threshold has nothing left to decide. The Triton kernel widens each ``[BLOCK_N, BLOCK_K]``
 int8 tile to x's dtype (exact: every int8 is a bf16 / fp16), multiplies on the tensor cores and scales each output
 column once after the K loop; with groups, each K step's product of the exact integers ``q - zero`` is scaled by
-its group's scales. Decode rows run it; past ``DEQUANT_MIN_M`` rows the weight is dequantized once for cuBLAS
-(``kernels/codes_dequant.py``). :func:`int8_linear_ref` is the reference.
+its group's scales. Decode rows run it (one row of weights scaled by row: the byte-codes GEMV); past
+``DEQUANT_MIN_M`` rows the weight is dequantized once for cuBLAS (``kernels/codes_dequant.py``).
+:func:`int8_linear_ref` is the reference.
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ import triton.language as tl
 
 from kernels.backend import use_triton
 from kernels.codes_dequant import codes_dequant_gemm
+from kernels.codes_gemv import codes_gemv, gemv_fits
 from kernels.fp8_block_gemm import launch_weight_tiles, output_tile
 from kernels.split_k import store_split_partial
 
 # Rows of x from which the weight is dequantized for one cuBLAS GEMM (as int4's INT4_DEQUANT_MIN_M). H100, Llama-8B
 # (2026-12-05): this kernel reads the weight at 16-47% of HBM's rate at 1 and 16 rows alike (gate_up 58 us), where
-# dequantizing costs 5 bytes a weight (1 in, 2 out, 2 read by cuBLAS: ~140 us for gate_up), so decode keeps it. The
-# byte-codes GEMV (kernels/codes_gemv.py) has an 8-bit path, untimed on a GPU: not dispatched until it beats this.
+# dequantizing costs 5 bytes a weight (1 in, 2 out, 2 read by cuBLAS: ~140 us for gate_up), so decode keeps it.
 DEQUANT_MIN_M = 17
+# Rows of x up to which weights with one scale a row (bitsandbytes 8-bit, compressed-tensors channel-wise) take the
+# byte-codes GEMV (kernels/codes_gemv.py). H200, Llama-8B at one row: qkv 14.9 / o 14.4 / gate_up 40.6 / down 45.5
+# us against this kernel's 26.6 / 24.1 / 49.3 / 80.3; at 4 rows a tie a layer (178 against 181 us). Group-scaled
+# weights keep the tile kernel: their GEMV steps end at a group (128 bytes for GPTQ's 128), untimed there.
+GEMV_MAX_M = 1
 
 
 def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None = None, group: int = 0
@@ -109,17 +115,26 @@ def int8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return launch_weight_tiles(x, n, k, lambda m: step, launch)
 
 
+def int8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None = None,
+                       group: int = 0) -> torch.Tensor:  # fmt: skip
+    """The CUDA path by rows of x: the byte-codes GEMV for ``GEMV_MAX_M`` rows of weights scaled by row, the tile
+    kernel up to ``DEQUANT_MIN_M - 1`` rows, and past them the weight dequantized for one cuBLAS GEMM."""
+    k = weight.shape[1]
+    rows = x.numel() // k
+    if rows >= DEQUANT_MIN_M:
+        return codes_dequant_gemm(x, weight, scale, four_bit=False, group=group, zeros=zeros)
+    if rows <= GEMV_MAX_M and not group and zeros is None and gemv_fits(k, False, 0):
+        return codes_gemv(x, weight, scale, four_bit=False, group=0)
+    return int8_gemm_triton(x, weight, scale, zeros, group)
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
                 zeros: torch.Tensor | None = None, group: int = 0, backend: str = "auto") -> torch.Tensor:  # fmt: skip
-    """``x @ W^T (+ bias)`` (:func:`dequantize_int8`'s W): on CUDA the Triton kernel for up to ``DEQUANT_MIN_M - 1``
-    rows and past them the weight dequantized for one cuBLAS GEMM (``kernels/codes_dequant.py``); the reference
+    """``x @ W^T (+ bias)`` (:func:`dequantize_int8`'s W): on CUDA :func:`int8_linear_triton`, the reference
     otherwise."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     k = weight.shape[1]
     if not use_triton(x, backend) or x.dtype not in dtypes or k % 32 or group % 32:
         return int8_linear_ref(x, weight, scale, bias, zeros, group)
-    if x.numel() // k >= DEQUANT_MIN_M:
-        out = codes_dequant_gemm(x, weight, scale, four_bit=False, group=group, zeros=zeros)
-    else:
-        out = int8_gemm_triton(x, weight, scale, zeros, group)
+    out = int8_linear_triton(x, weight, scale, zeros, group)
     return out + bias if bias is not None else out

@@ -38,7 +38,7 @@ def _four_bit(n: int, k: int, kind: str, gen: torch.Generator):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["nf4", "nvfp4"])
 @pytest.mark.parametrize("m, config", [(1, CodesGemvConfig(16, 32, 4)),
-                                       (1, CodesGemvConfig(8, 64, 2, scale_sums=False)),
+                                       (1, CodesGemvConfig(8, 64, 2, scale_sums=True)),
                                        (3, CodesGemvConfig(8, 64, 2, ahead=2)), (6, CodesGemvConfig(32, 16, 4)),
                                        (16, None)])  # fmt: skip
 def test_four_bit_codes_match_reference(dtype, kind, m, config, pairs):

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.int8_gemm import dequantize_int8, int8_gemm_triton, int8_linear, int8_linear_ref, quantize_int8_rows
+import kernels.int8_gemm as int8_gemm
+from kernels.int8_gemm import (dequantize_int8, int8_gemm_triton, int8_linear, int8_linear_ref, int8_linear_triton,
+                               quantize_int8_rows)
 from tests.kernels.kernel_testing import KERNEL_DEVICE, TOLERANCE, assert_close
 
 
@@ -63,6 +65,31 @@ def test_dispatcher_on_cpu_takes_reference_and_adds_the_bias():
     torch.testing.assert_close(int8_linear(x, codes, scale, bias), int8_linear_ref(x, codes, scale) + bias)
 
 
+def _recording(taken: list[str], name: str, real):
+    def call(*args, **kwargs):
+        taken.append(name)
+        return real(*args, **kwargs)
+
+    return call
+
+
+@pytest.mark.parametrize("m, group, path", [(1, 0, "gemv"), (2, 0, "tiles"), (1, 32, "tiles"), (17, 0, "dequant")])
+def test_rows_choose_the_gemv_the_tile_kernel_or_dequantizing(monkeypatch, m, group, path):
+    """One row of weights scaled by row takes the byte-codes GEMV; more rows or group scales the tile kernel; from
+    ``DEQUANT_MIN_M`` rows the dequantized weight. Each path gives the reference's product."""
+    taken = []
+    for name in ("codes_gemv", "int8_gemm_triton", "codes_dequant_gemm"):
+        monkeypatch.setattr(int8_gemm, name, _recording(taken, name, getattr(int8_gemm, name)))
+    gen = torch.Generator().manual_seed(m + group)
+    n, k = 48, 64
+    codes, absmax = quantize_int8_rows(torch.randn(n, k, generator=gen))
+    scale = (absmax / 127)[:, None].repeat(1, k // group) if group else absmax / 127
+    x = torch.randn(m, k, generator=gen)
+    out = int8_linear_triton(x.to(KERNEL_DEVICE), codes.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE), None, group)
+    assert taken == [{"gemv": "codes_gemv", "tiles": "int8_gemm_triton", "dequant": "codes_dequant_gemm"}[path]]
+    assert_close(out, int8_linear_ref(x.double(), codes, scale, None, None, group), 4 * TOLERANCE[torch.float32], path)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 300])
 @pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 14336)])
@@ -77,5 +104,6 @@ def test_int8_kernel_on_gpu_at_llama_shapes(m, n, k, group):
         scale, zeros = scale[:, None].repeat(1, k // group), torch.full((n, k // group), 128.0)
         zeros = zeros.cuda()
     codes, scale = codes.cuda(), scale.cuda()
-    out = int8_gemm_triton(x, codes, scale, zeros, group)
-    assert_close(out, int8_linear_ref(x, codes, scale, None, zeros, group).float(), 1e-2, "int8 gpu")
+    ref = int8_linear_ref(x, codes, scale, None, zeros, group).float()
+    assert_close(int8_gemm_triton(x, codes, scale, zeros, group), ref, 1e-2, "int8 gpu")
+    assert_close(int8_linear_triton(x, codes, scale, zeros, group), ref, 1e-2, "int8 gpu, by rows")
