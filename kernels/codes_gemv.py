@@ -219,7 +219,7 @@ def default_config(row_bytes: int, four_bit: bool, group: int, rows: int = 1) ->
     and dividing its ``group``); at one row of x 2 warps, the weights scaled before their products, at more 1 warp.
     H200, Llama-8B's four shapes a layer (``benchmarks/bench_weight_only_gemm.py``, 2026-12-05): NF4 at one row 264
     us, against 313 with ``scale_sums`` and 303 on 1 warp; at 4 rows 320 on 1 warp against 454 on 2 (NVFP4 369
-    against 548); 8-bit rows at one row 121 us in 256-byte steps against 201 in 128."""
+    against 548); 8-bit rows at one row 121 us in 256-byte steps against 176 in 128."""
     steps = (128, 64, 32, 16) if four_bit else (256, 128, 64, 32, 16)
     block_b = next(b for b in steps if row_bytes % b == 0 and (four_bit or not group or group % b == 0))
     return CodesGemvConfig(8, block_b, 2 if rows == 1 else 1, scale_sums=False)
