@@ -37,15 +37,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ("nf4", "nvfp4", "int8", "gptq8")
 ROTATE_BYTES = 256 << 20
 SMOKE_SHAPES = {"qkv": (96, 64), "down": (64, 128)}
-GEMV_CONFIGS = [CodesGemvConfig(*c) for c in (
-    (8, 128, 2, 1), (8, 128, 2, 1, True), (8, 128, 1, 1), (8, 128, 1, 1, True), (8, 256, 2, 1), (8, 256, 2, 1, True),
-    (8, 256, 1, 1), (8, 256, 1, 1, True), (4, 256, 1, 1), (16, 128, 2, 1), (32, 32, 2, 1))]  # fmt: skip
+GEMV_CONFIGS = [CodesGemvConfig(*c) for c in ((8, 256, 1, 1), (8, 128, 1, 1), (8, 128, 2, 1), (8, 256, 2, 1),
+                                              (4, 256, 1, 1), (16, 128, 2, 1), (8, 128, 1, 2))]  # fmt: skip
 SMOKE_GEMV_CONFIGS = [CodesGemvConfig(8, 16, 2)]
 
 
 def gemv_name(c: CodesGemvConfig) -> str:
-    """``ss``: ``scale_sums`` on (4-bit: the absmax on each byte's products)."""
-    return f"gemv{c.block_n}x{c.block_b}w{c.num_warps}a{c.ahead}{'ss' if c.scale_sums else ''}"
+    return f"gemv{c.block_n}x{c.block_b}w{c.num_warps}a{c.ahead}"
 
 
 def codebook_of(fmt: str) -> torch.Tensor:
@@ -115,8 +113,8 @@ def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torc
             table = code_pair_table(codebook_of(fmt)) if fmt in ("nf4", "nvfp4") else None
             four_bit, group = fmt in ("nf4", "nvfp4"), min(128, k) if fmt == "gptq8" else 0
             calls.update({gemv_name(c): gemv(c, table) for c in gemv_configs
-                          if (four_bit or not c.scale_sums) and (k // 2 if four_bit else k) % c.block_b == 0
-                          and (four_bit or not group or group % c.block_b == 0)})  # scale_sums: 4-bit only
+                          if (k // 2 if four_bit else k) % c.block_b == 0
+                          and (four_bit or not group or group % c.block_b == 0)})
             if table is not None:
                 calls[f"cb-gemv{gemv_configs[0].block_n}x{gemv_configs[0].block_b}"] = gemv(gemv_configs[0])
         times = {}

@@ -13,8 +13,8 @@ sums are reduced once at the end:
   block's absmax; bf16 rows are read as int32 pairs (``x[2j]`` in the low half, ``x[2j + 1]`` in the high), which
   widen to fp32 with a shift and a mask, so x costs one 16-byte load per 8 bytes of weight;
 - 8-bit: codes widened to fp32, times the group's scale (minus its zero point) per K step, or the row's scale after
-  the reduction. ``int8_linear`` takes it for one row of weights scaled by row (1.5x ``int8_gemm``'s tile kernel
-  a Llama-8B layer on the H200); group-scaled 8-bit weights keep the tile kernel (untimed here).
+  the reduction. ``int8_linear`` takes it for one row of x (1.4-1.6x ``int8_gemm``'s tile kernel a Llama-8B layer
+  on the H200).
 
 Exact up to fp32 summation order: no weight is rounded to x's dtype (the tile kernels round each dequantized weight
 to it before the dot). :func:`codes_gemv` takes the formats' own tensors; the references are the formats' own.
@@ -38,18 +38,13 @@ GEMV_MAX_M = 4
 
 
 class CodesGemvConfig(NamedTuple):
-    """``block_n`` weight rows a program, ``block_b`` bytes of each row a K step, ``num_warps``, ``ahead``: how
-    many steps' bytes are in flight while one is multiplied (1 or 2), and ``scale_sums``: at one row of x, 4-bit
-    weights' absmax multiplies each byte's two products (one FMA a byte where scaling both weights takes two
-    multiplies: 188 instructions a 16-byte step against 207 offline) instead of each weight. Fewer instructions, but
-    slower on the H200 at 2 warps (a longer dependent chain a byte: NF4 313 us a Llama-8B layer against 264); more
-    rows always share the scaled weights."""
+    """``block_n`` weight rows a program, ``block_b`` bytes of each row a K step, ``num_warps``, and ``ahead``: how
+    many steps' bytes are in flight while one is multiplied (1 or 2)."""
 
     block_n: int
     block_b: int
     num_warps: int
     ahead: int = 1
-    scale_sums: bool = False
 
 
 def code_pair_table(codebook: torch.Tensor) -> torch.Tensor:
@@ -97,7 +92,7 @@ def _eight_bit_step(acc, w, x_row_ptr, b0, offs_b, row_zeros):
 @triton.jit
 def _step(acc0, acc1, acc2, acc3, codes, b0, offs_b, row_zeros, s_rows, z_rows, codebook_ptr, x0_ptr, x1_ptr, x2_ptr,
           x3_ptr, FOUR_BIT: tl.constexpr, GROUP: tl.constexpr, ZEROS: tl.constexpr, X_PAIRS: tl.constexpr,
-          PAIRS: tl.constexpr, SCALE_SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+          PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
     """One K step from byte ``b0`` of each row: the step's codes widened and scaled, times each x row's elements."""
     if FOUR_BIT:
         HALF: tl.constexpr = GROUP // 2  # bytes an absmax
@@ -108,18 +103,12 @@ def _step(acc0, acc1, acc2, acc3, codes, b0, offs_b, row_zeros, s_rows, z_rows, 
         byte = codes.to(tl.int32)
         if PAIRS:  # both codes' values in one 8-byte load
             pair = tl.load(codebook_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + byte)
-            w_first = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            w_second = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            w_first = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * scale
+            w_second = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True) * scale
         else:
-            w_first = tl.load(codebook_ptr + (byte >> 4))
-            w_second = tl.load(codebook_ptr + (byte & 15))
-        if SCALE_SUMS:  # one row of x: the byte's two products, then its absmax (3 FP ops a byte, not 4)
-            acc0 += _four_bit_step(tl.zeros_like(acc0), w_first, w_second, x0_ptr, b0, offs_b, row_zeros,
-                                   X_PAIRS) * scale  # fmt: skip
-        else:  # the scaled weights shared by the rows
-            w_first = w_first * scale
-            w_second = w_second * scale
-            acc0 = _four_bit_step(acc0, w_first, w_second, x0_ptr, b0, offs_b, row_zeros, X_PAIRS)
+            w_first = tl.load(codebook_ptr + (byte >> 4)) * scale
+            w_second = tl.load(codebook_ptr + (byte & 15)) * scale
+        acc0 = _four_bit_step(acc0, w_first, w_second, x0_ptr, b0, offs_b, row_zeros, X_PAIRS)
         if BLOCK_M > 1:
             acc1 = _four_bit_step(acc1, w_first, w_second, x1_ptr, b0, offs_b, row_zeros, X_PAIRS)
         if BLOCK_M > 2:
@@ -157,7 +146,6 @@ def _codes_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
     AHEAD: tl.constexpr = 1,
-    SCALE_SUMS: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Program (n, m): ``out[m*BLOCK_M : +BLOCK_M, n*BLOCK_N : +BLOCK_N]``. ``FOUR_BIT``: codebook codes, ``GROUP``
@@ -166,8 +154,7 @@ def _codes_gemv_kernel(
     the sum times ``row_scale[n]`` (NVFP4's global scale). ``X_PAIRS``: x is bf16 (4-byte aligned), read as int32
     pairs (4-bit only).
     ``PAIRS``: ``codebook_ptr`` is :func:`code_pair_table`'s. ``AHEAD``: steps loaded before the one multiplied (1,
-    2). ``SCALE_SUMS`` (4-bit, one row): each byte's products summed before its absmax multiplies them. K's bytes a
-    row are whole ``BLOCK_B`` steps; an 8-bit step lies in one group."""
+    2). K's bytes a row are whole ``BLOCK_B`` steps; an 8-bit step lies in one group."""
     wait_then_release(USE_PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     safe_rows = tl.minimum(rows, N - 1).to(tl.int64)
@@ -195,14 +182,14 @@ def _codes_gemv_kernel(
             codes_next = tl.load(w_ptrs + tl.minimum(t + 2, num_tiles - 1) * BLOCK_B, eviction_policy="evict_first")
             acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, codes, t * BLOCK_B, offs_b, row_zeros, s_rows,
                                            z_rows, codebook_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, FOUR_BIT, GROUP,
-                                           ZEROS, X_PAIRS, PAIRS, SCALE_SUMS, BLOCK_M, BLOCK_B)  # fmt: skip
+                                           ZEROS, X_PAIRS, PAIRS, BLOCK_M, BLOCK_B)  # fmt: skip
             codes, codes_after = codes_after, codes_next
     else:
         for t in range(num_tiles):
             codes_next = tl.load(w_ptrs + tl.minimum(t + 1, num_tiles - 1) * BLOCK_B, eviction_policy="evict_first")
             acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, codes, t * BLOCK_B, offs_b, row_zeros, s_rows,
                                            z_rows, codebook_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, FOUR_BIT, GROUP,
-                                           ZEROS, X_PAIRS, PAIRS, SCALE_SUMS, BLOCK_M, BLOCK_B)  # fmt: skip
+                                           ZEROS, X_PAIRS, PAIRS, BLOCK_M, BLOCK_B)  # fmt: skip
             codes = codes_next
 
     if ROW_SCALES or (not FOUR_BIT and GROUP == 0):  # one factor per output column: after the sums
@@ -215,14 +202,14 @@ def _codes_gemv_kernel(
 
 
 def default_config(row_bytes: int, four_bit: bool, group: int, rows: int = 1) -> CodesGemvConfig:
-    """8 rows a program; the longest K step dividing the row (4-bit: of 128, 64, 32, 16 bytes; 8-bit: of 256 down,
-    and dividing its ``group``); at one row of x 2 warps, the weights scaled before their products, at more 1 warp.
-    H200, Llama-8B's four shapes a layer (``benchmarks/bench_weight_only_gemm.py``, 2026-12-05): NF4 at one row 264
-    us, against 313 with ``scale_sums`` and 303 on 1 warp; at 4 rows 320 on 1 warp against 454 on 2 (NVFP4 369
-    against 548); 8-bit rows at one row 121 us in 256-byte steps against 176 in 128."""
-    steps = (128, 64, 32, 16) if four_bit else (256, 128, 64, 32, 16)
+    """8 rows a program, the longest K step dividing the row (and an 8-bit weight's ``group``) of 256 bytes down at
+    one row of x, of 128 down at more, on one warp; 8-bit steps of 128 bytes or less at one row on two. The H200's
+    fastest Llama-8B layers (``benchmarks/bench_weight_only_gemm.py``, 2026-12-05), us a layer at one row: NF4 205
+    (264 at 8 x 128 x 2 warps), NVFP4 244 (351), 8-bit rows 114, GPTQ 8-bit in groups of 128 154 (175 on one
+    warp); at four rows NF4 321, NVFP4 370 (454 and 548 on two warps)."""
+    steps = (256, 128, 64, 32, 16) if rows == 1 else (128, 64, 32, 16)
     block_b = next(b for b in steps if row_bytes % b == 0 and (four_bit or not group or group % b == 0))
-    return CodesGemvConfig(8, block_b, 2 if rows == 1 else 1, scale_sums=False)
+    return CodesGemvConfig(8, block_b, 2 if rows == 1 and not four_bit and block_b <= 128 else 1)
 
 
 def gemv_fits(k: int, four_bit: bool, group: int) -> bool:
@@ -264,8 +251,7 @@ def codes_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fo
         scale.stride(0) if scale.dim() == 2 else 0, out.stride(0),
         FOUR_BIT=four_bit, GROUP=group, ZEROS=zeros is not None, ROW_SCALES=row_scale is not None,
         X_PAIRS=four_bit and x.dtype == torch.bfloat16 and x2.data_ptr() % 4 == 0,
-        PAIRS=four_bit and pairs is not None, SCALE_SUMS=four_bit and block_m == 1 and config.scale_sums,
-        BLOCK_M=block_m,
+        PAIRS=four_bit and pairs is not None, BLOCK_M=block_m,
         BLOCK_N=config.block_n, BLOCK_B=block_b, AHEAD=config.ahead,
         num_warps=config.num_warps, num_stages=1, **launch_options(use_pdl(x)),
     )  # fmt: skip

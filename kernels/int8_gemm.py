@@ -8,7 +8,7 @@ threshold apart in 16 bits; here the activations are never quantized, which is w
 approximates, so the threshold has nothing left to decide. The Triton kernel widens each ``[BLOCK_N, BLOCK_K]``
 int8 tile to x's dtype (exact: every int8 is a bf16 / fp16), multiplies on the tensor cores and scales each output
 column once after the K loop; with groups, each K step's product of the exact integers ``q - zero`` is scaled by
-its group's scales. Decode rows run it (one row of weights scaled by row: the byte-codes GEMV); past
+its group's scales. Decode rows run it (one row: the byte-codes GEMV); past
 ``DEQUANT_MIN_M`` rows the weight is dequantized once for cuBLAS (``kernels/codes_dequant.py``).
 :func:`int8_linear_ref` is the reference.
 """
@@ -29,10 +29,10 @@ from kernels.split_k import store_split_partial
 # (2026-12-05): this kernel reads the weight at 16-47% of HBM's rate at 1 and 16 rows alike (gate_up 58 us), where
 # dequantizing costs 5 bytes a weight (1 in, 2 out, 2 read by cuBLAS: ~140 us for gate_up), so decode keeps it.
 DEQUANT_MIN_M = 17
-# Rows of x up to which weights with one scale a row (bitsandbytes 8-bit, compressed-tensors channel-wise) take the
-# byte-codes GEMV (kernels/codes_gemv.py). H200, Llama-8B at one row: qkv 14.9 / o 14.4 / gate_up 40.6 / down 45.5
-# us against this kernel's 26.6 / 24.1 / 49.3 / 80.3; at 4 rows a tie a layer (178 against 181 us). Group-scaled
-# weights keep the tile kernel: their GEMV steps end at a group (128 bytes for GPTQ's 128), untimed there.
+# Rows of x up to which 8-bit weights take the byte-codes GEMV (kernels/codes_gemv.py). H200, Llama-8B at one row:
+# scaled by row qkv 15.5 / o 14.3 / gate_up 39.1 / down 44.8 us against this kernel's 26.9 / 24.3 / 49.0 / 80.4;
+# GPTQ groups of 128 20.5 / 19.0 / 51.9 / 62.7 against 31.3 / 27.5 / 63.4 / 91.3. At 4 rows a tie a layer (177
+# against 181 us: gate_up loses 90 to 49).
 GEMV_MAX_M = 1
 
 
@@ -117,14 +117,14 @@ def int8_gemm_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 def int8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None = None,
                        group: int = 0) -> torch.Tensor:  # fmt: skip
-    """The CUDA path by rows of x: the byte-codes GEMV for ``GEMV_MAX_M`` rows of weights scaled by row, the tile
-    kernel up to ``DEQUANT_MIN_M - 1`` rows, and past them the weight dequantized for one cuBLAS GEMM."""
+    """The CUDA path by rows of x: the byte-codes GEMV up to ``GEMV_MAX_M`` rows, the tile kernel up to
+    ``DEQUANT_MIN_M - 1``, and past them the weight dequantized for one cuBLAS GEMM."""
     k = weight.shape[1]
     rows = x.numel() // k
     if rows >= DEQUANT_MIN_M:
         return codes_dequant_gemm(x, weight, scale, four_bit=False, group=group, zeros=zeros)
-    if rows <= GEMV_MAX_M and not group and zeros is None and gemv_fits(k, False, 0):
-        return codes_gemv(x, weight, scale, four_bit=False, group=0)
+    if rows <= GEMV_MAX_M and gemv_fits(k, False, group):
+        return codes_gemv(x, weight, scale, four_bit=False, group=group, zeros=zeros)
     return int8_gemm_triton(x, weight, scale, zeros, group)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels.bnb4_gemm import E2M1_CODEBOOK, NF4_CODEBOOK, bnb4_linear_ref, quantize_bnb4
-from kernels.codes_gemv import CodesGemvConfig, code_pair_table, codes_gemv, gemv_fits
+from kernels.codes_gemv import CodesGemvConfig, code_pair_table, codes_gemv, default_config, gemv_fits
 from kernels.int8_gemm import int8_linear_ref, quantize_int8_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,16 +37,15 @@ def _four_bit(n: int, k: int, kind: str, gen: torch.Generator):
 @pytest.mark.parametrize("pairs", [False, True], ids=["codebook", "pair-table"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["nf4", "nvfp4"])
-@pytest.mark.parametrize("m, config", [(1, CodesGemvConfig(16, 32, 4)),
-                                       (1, CodesGemvConfig(8, 64, 2, scale_sums=True)),
+@pytest.mark.parametrize("m, config", [(1, CodesGemvConfig(16, 32, 4)), (1, None),
                                        (3, CodesGemvConfig(8, 64, 2, ahead=2)), (6, CodesGemvConfig(32, 16, 4)),
                                        (16, None)])  # fmt: skip
 def test_four_bit_codes_match_reference(dtype, kind, m, config, pairs):
     """Each byte's two codes (high nibble first) looked up, one at a time or both from the pair table, and scaled by
-    their block's absmax (steps inside one block and over several; at one row the byte's products scaled, or each
-    weight), NVFP4's row scale after the sum; bf16 rows read as int32 pairs."""
+    their block's absmax (steps inside one block and over several), NVFP4's row scale after the sum; bf16 rows read
+    as int32 pairs."""
     gen = torch.Generator().manual_seed(m)
-    n, k = 40, 256  # a partial row block
+    n, k = 40, 512  # a partial row block; one row's default steps are 256 bytes
     codes, absmax, codebook, block, row = _four_bit(n, k, kind, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
     ref = bnb4_linear_ref(x.float(), codes, absmax, codebook, block, row_scale=row)
@@ -78,6 +77,16 @@ def test_eight_bit_codes_match_reference(dtype, group, m):
     out = codes_gemv(x.to(DEVICE), codes.to(DEVICE), scale.to(DEVICE), four_bit=False, group=group,
                      zeros=zeros.to(DEVICE) if zeros is not None else None, config=config)  # fmt: skip
     _close(out.cpu(), ref, dtype)
+
+
+def test_default_config_by_rows_and_format():
+    """The H200's fastest: one row in steps of up to 256 bytes on one warp (8-bit steps of 128 or less on two), more
+    rows in steps of up to 128 on one."""
+    assert default_config(2048, True, 64, 1) == CodesGemvConfig(8, 256, 1)
+    assert default_config(2048, True, 64, 4) == CodesGemvConfig(8, 128, 1)
+    assert default_config(96, True, 16, 1) == CodesGemvConfig(8, 32, 1)
+    assert default_config(4096, False, 0, 1) == CodesGemvConfig(8, 256, 1)
+    assert default_config(4096, False, 128, 1) == CodesGemvConfig(8, 128, 2)
 
 
 def test_gemv_fits_whole_steps_only():

@@ -73,10 +73,11 @@ def _recording(taken: list[str], name: str, real):
     return call
 
 
-@pytest.mark.parametrize("m, group, path", [(1, 0, "gemv"), (2, 0, "tiles"), (1, 32, "tiles"), (17, 0, "dequant")])
+@pytest.mark.parametrize("m, group, path", [(1, 0, "gemv"), (1, 32, "gemv"), (2, 0, "tiles"), (2, 32, "tiles"),
+                                            (17, 0, "dequant")])  # fmt: skip
 def test_rows_choose_the_gemv_the_tile_kernel_or_dequantizing(monkeypatch, m, group, path):
-    """One row of weights scaled by row takes the byte-codes GEMV; more rows or group scales the tile kernel; from
-    ``DEQUANT_MIN_M`` rows the dequantized weight. Each path gives the reference's product."""
+    """One row takes the byte-codes GEMV (scaled by row or in groups), more rows the tile kernel, from
+    ``DEQUANT_MIN_M`` rows the dequantized weight; each path gives the reference's product."""
     taken = []
     for name in ("codes_gemv", "int8_gemm_triton", "codes_dequant_gemm"):
         monkeypatch.setattr(int8_gemm, name, _recording(taken, name, getattr(int8_gemm, name)))
