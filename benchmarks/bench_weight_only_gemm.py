@@ -37,8 +37,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ("nf4", "nvfp4", "int8", "gptq8")
 ROTATE_BYTES = 256 << 20
 SMOKE_SHAPES = {"qkv": (96, 64), "down": (64, 128)}
-GEMV_CONFIGS = [CodesGemvConfig(*c) for c in ((8, 256, 1, 1), (8, 128, 1, 1), (8, 128, 2, 1), (8, 256, 2, 1),
-                                              (4, 256, 1, 1), (16, 128, 2, 1), (8, 128, 1, 2))]  # fmt: skip
+GEMV_CONFIGS = [CodesGemvConfig(*c) for c in ((8, 256, 1, 1), (8, 128, 1, 1), (8, 128, 2, 1), (8, 512, 1, 1),
+                                              (16, 256, 1, 1), (4, 256, 1, 1), (8, 256, 2, 1))]  # fmt: skip
 SMOKE_GEMV_CONFIGS = [CodesGemvConfig(8, 16, 2)]
 
 
@@ -112,11 +112,11 @@ def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torc
         if m <= GEMV_MAX_M:  # 4-bit: the pair table (as the layers build it at load), and the codebook at the first
             table = code_pair_table(codebook_of(fmt)) if fmt in ("nf4", "nvfp4") else None
             four_bit, group = fmt in ("nf4", "nvfp4"), min(128, k) if fmt == "gptq8" else 0
-            calls.update({gemv_name(c): gemv(c, table) for c in gemv_configs
-                          if (k // 2 if four_bit else k) % c.block_b == 0
-                          and (four_bit or not group or group % c.block_b == 0)})
-            if table is not None:
-                calls[f"cb-gemv{gemv_configs[0].block_n}x{gemv_configs[0].block_b}"] = gemv(gemv_configs[0])
+            fitting = [c for c in gemv_configs if (k // 2 if four_bit else k) % c.block_b == 0
+                       and (four_bit or not group or group % c.block_b == 0)]  # fmt: skip
+            calls.update({gemv_name(c): gemv(c, table) for c in fitting})
+            if table is not None:  # the 16-entry codebook: two 4-byte loads from one 64-byte line a byte
+                calls.update({f"cb-{gemv_name(c)}": gemv(c) for c in fitting})
         times = {}
         for name, call in calls.items():
             out = call(x, *tensors).float()
