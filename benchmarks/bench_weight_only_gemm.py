@@ -2,7 +2,7 @@
 GPTQ 8-bit) at Llama-3.1-8B's four layer shapes, against each format's weight-read floor: the byte-codes decode GEMV
 (``kernels/codes_gemv.py``) at each of ``GEMV_CONFIGS`` (up to its ``GEMV_MAX_M`` rows), the weight dequantized for
 one cuBLAS GEMM (``kernels/codes_dequant.py``, "dequant"), and for 8-bit the tile kernel (``kernels/int8_gemm.py``,
-"tiles"), which 8-bit layers run up to 16 rows.
+"tiles"), which 8-bit layers run from 2 to 16 rows.
 
     python -m benchmarks.bench_weight_only_gemm               # M = 1, 4, 16, 256
     python -m benchmarks.bench_weight_only_gemm --m 1 --formats nvfp4 nf4
@@ -30,7 +30,7 @@ from benchmarks.bench_fp8_gemv import MODEL_SHAPES  # noqa: E402
 from benchmarks.bench_skinny_gemm import time_per_call  # noqa: E402
 from kernels.bnb4_gemm import E2M1_CODEBOOK, NF4_CODEBOOK, bnb4_linear_ref  # noqa: E402
 from kernels.codes_dequant import codes_dequant_gemm  # noqa: E402
-from kernels.codes_gemv import GEMV_MAX_M, CodesGemvConfig, code_pair_table, codes_gemv  # noqa: E402
+from kernels.codes_gemv import GEMV_MAX_M, CodesGemvConfig, codes_gemv  # noqa: E402
 from kernels.int8_gemm import int8_gemm_triton, int8_linear_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,8 +54,8 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator
                 ) -> tuple[tuple[torch.Tensor, ...], Callable | None, Callable, Callable, Callable]:  # fmt: skip
     """A random weight of ``fmt`` as the kernel's tensors, with its tile kernel's call (8-bit; the 4-bit one was
     removed), its reference's, the dequantize-then-cuBLAS path's (each ``f(x, *tensors)``; the kernels called
-    directly, so ``--smoke`` runs them in the interpreter) and ``gemv(config, table)``, the byte-codes GEMV's call at
-    that config (4-bit: with that code pair table, else the codebook)."""
+    directly, so ``--smoke`` runs them in the interpreter) and ``gemv(config)``, the byte-codes GEMV's call at that
+    config."""
     def rand(*size: int) -> torch.Tensor:
         return torch.rand(*size, generator=gen, device=DEVICE)
 
@@ -68,30 +68,29 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator
             tensors = (codes, absmax)
             return (tensors, None, lambda x, w, a: bnb4_linear_ref(x, w, a, codebook, block),
                     lambda x, w, a: codes_dequant_gemm(x, w, a, four_bit=True, group=block, codebook=codebook),
-                    lambda c, table=None: lambda x, w, a: codes_gemv(x, w, a, four_bit=True, group=block,
-                                                                     codebook=codebook, pairs=table, config=c))
+                    lambda c: lambda x, w, a: codes_gemv(x, w, a, four_bit=True, group=block, codebook=codebook,
+                                                         config=c))
         row = absmax.amax(-1) / 448
         tensors = (codes, (absmax / row[:, None]).to(torch.float8_e4m3fn), row / 6)
         return (tensors, None, lambda x, w, a, r: bnb4_linear_ref(x, w, a, codebook, block, row_scale=r),
                 lambda x, w, a, r: codes_dequant_gemm(x, w, a, four_bit=True, group=block, codebook=codebook,
                                                       row_scale=r),
-                lambda c, table=None: lambda x, w, a, r: codes_gemv(x, w, a, four_bit=True, group=block,
-                                                                    codebook=codebook, pairs=table, row_scale=r,
-                                                                    config=c))  # fmt: skip
+                lambda c: lambda x, w, a, r: codes_gemv(x, w, a, four_bit=True, group=block, codebook=codebook,
+                                                        row_scale=r, config=c))  # fmt: skip
     if fmt == "int8":
         codes = torch.randint(-127, 128, (n, k), generator=gen, device=DEVICE, dtype=torch.int16).to(torch.int8)
         tensors = (codes, rand(n) * k**-0.5 / 64)
         return (tensors, lambda x, w, s: int8_gemm_triton(x, w, s), lambda x, w, s: int8_linear_ref(x, w, s),
                 lambda x, w, s: codes_dequant_gemm(x, w, s, four_bit=False, group=0),
-                lambda c, table=None: lambda x, w, s: codes_gemv(x, w, s, four_bit=False, group=0, config=c))
+                lambda c: lambda x, w, s: codes_gemv(x, w, s, four_bit=False, group=0, config=c))
     group = min(128, k)
     codes = torch.randint(0, 256, (n, k), generator=gen, device=DEVICE, dtype=torch.int16).to(torch.uint8)
     tensors = (codes, rand(n, k // group) * k**-0.5 / 64, torch.full((n, k // group), 128.0, device=DEVICE))
     return (tensors, lambda x, w, s, z: int8_gemm_triton(x, w, s, z, group),
             lambda x, w, s, z: int8_linear_ref(x, w, s, zeros=z, group=group),
             lambda x, w, s, z: codes_dequant_gemm(x, w, s, four_bit=False, group=group, zeros=z),
-            lambda c, table=None: lambda x, w, s, z: codes_gemv(x, w, s, four_bit=False, group=group, zeros=z,
-                                                                config=c))  # fmt: skip
+            lambda c: lambda x, w, s, z: codes_gemv(x, w, s, four_bit=False, group=group, zeros=z,
+                                                    config=c))  # fmt: skip
 
 
 def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torch.Generator, dtype: torch.dtype,
@@ -109,14 +108,11 @@ def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torc
         x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
         ref = reference(x, *tensors).float()
         calls = {"dequant": dequant} if tiles is None else {"tiles": tiles, "dequant": dequant}
-        if m <= GEMV_MAX_M:  # 4-bit: the pair table (as the layers build it at load), and the codebook at the first
-            table = code_pair_table(codebook_of(fmt)) if fmt in ("nf4", "nvfp4") else None
+        if m <= GEMV_MAX_M:
             four_bit, group = fmt in ("nf4", "nvfp4"), min(128, k) if fmt == "gptq8" else 0
             fitting = [c for c in gemv_configs if (k // 2 if four_bit else k) % c.block_b == 0
                        and (four_bit or not group or group % c.block_b == 0)]  # fmt: skip
-            calls.update({gemv_name(c): gemv(c, table) for c in fitting})
-            if table is not None:  # the 16-entry codebook: two 4-byte loads from one 64-byte line a byte
-                calls.update({f"cb-{gemv_name(c)}": gemv(c) for c in fitting})
+            calls.update({gemv_name(c): gemv(c) for c in fitting})
         times = {}
         for name, call in calls.items():
             out = call(x, *tensors).float()

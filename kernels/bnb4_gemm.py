@@ -95,25 +95,24 @@ def step_scales(row_ptrs, k0, n_live, BLOCK_N: tl.constexpr, BLOCK_K: tl.constex
 
 
 def bnb4_gemm_triton(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
-                     blocksize: int, row_scale: torch.Tensor | None = None,
-                     pairs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """The Triton path: ``x [..., K]`` (fp16 / bf16 / fp32) times the 4-bit ``weight [N, K / 2]``, in x's dtype:
-    the byte-codes decode GEMV for up to ``GEMV_MAX_M`` rows (``pairs``: the codebook's ``code_pair_table``, built at
-    load), past them the weight dequantized for one cuBLAS GEMM. K must be a multiple of 32 and the block of 16."""
+                     blocksize: int, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton path: ``x [..., K]`` (fp16 / bf16 / fp32) times the 4-bit ``weight [N, K / 2]``, in x's dtype: the
+    byte-codes decode GEMV for up to ``GEMV_MAX_M`` rows, past them the weight dequantized for one cuBLAS GEMM. K must
+    be a multiple of 32 and the block of 16."""
     k = weight.shape[1] * 2
     formats = dict(four_bit=True, group=blocksize, codebook=codebook, row_scale=row_scale)
     if x.numel() // k <= GEMV_MAX_M and gemv_fits(k, True, blocksize):
-        return codes_gemv(x, weight, absmax, pairs=pairs, **formats)
+        return codes_gemv(x, weight, absmax, **formats)
     return codes_dequant_gemm(x, weight, absmax, **formats)
 
 
 def bnb4_linear(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, blocksize: int,
-                bias: torch.Tensor | None = None, *, backend: str = "auto", row_scale: torch.Tensor | None = None,
-                pairs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                bias: torch.Tensor | None = None, *, backend: str = "auto",
+                row_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``x @ W^T (+ bias)``: :func:`bnb4_gemm_triton` on CUDA, the reference otherwise."""
     k = weight.shape[1] * 2
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     if not use_triton(x, backend) or x.dtype not in dtypes or k % 32 or blocksize % 16:
         return bnb4_linear_ref(x, weight, absmax, codebook, blocksize, bias, row_scale)
-    out = bnb4_gemm_triton(x, weight, absmax, codebook, blocksize, row_scale, pairs)
+    out = bnb4_gemm_triton(x, weight, absmax, codebook, blocksize, row_scale)
     return out + bias if bias is not None else out

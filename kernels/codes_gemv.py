@@ -8,10 +8,11 @@ as in the fp8 / int4 CUDA-core decode kernels (``kernels/skinny_gemm.py``), each
 in 16-byte loads, the next tile in flight while the current one is multiplied on the CUDA cores in fp32, and the
 sums are reduced once at the end:
 
-- 4-bit: each byte's two codes are looked up in the 16-entry codebook (an L1-resident load), or with both at once
-  in the 256-entry table of code pairs (:func:`code_pair_table`: one 8-byte load a byte), and scaled by their
-  block's absmax; bf16 rows are read as int32 pairs (``x[2j]`` in the low half, ``x[2j + 1]`` in the high), which
-  widen to fp32 with a shift and a mask, so x costs one 16-byte load per 8 bytes of weight;
+- 4-bit: each byte's two codes are looked up in the 16-entry codebook (two 4-byte loads from one 64-byte line in L1: a
+  warp's gather is one request; a 256-entry table of code pairs, one 8-byte load a byte but 2 KB, made each gather touch
+  ~14 lines and ran 14-17% slower on the H200), and scaled by their block's absmax; bf16 rows are read as int32 pairs
+  (``x[2j]`` in the low half, ``x[2j + 1]`` in the high), which widen to fp32 with a shift and a mask, so x costs one
+  16-byte load per 8 bytes of weight;
 - 8-bit: codes widened to fp32, times the group's scale (minus its zero point) per K step, or the row's scale after
   the reduction. ``int8_linear`` takes it for one row of x (1.4-1.6x ``int8_gemm``'s tile kernel a Llama-8B layer
   on the H200).
@@ -45,15 +46,6 @@ class CodesGemvConfig(NamedTuple):
     block_b: int
     num_warps: int
     ahead: int = 1
-
-
-def code_pair_table(codebook: torch.Tensor) -> torch.Tensor:
-    """The 256 bytes' code values: ``[256]`` int64 whose low word is byte ``b``'s first code's fp32 value (its high
-    nibble, ``codebook[b >> 4]``) and whose high word is its second's (``codebook[b & 15]``), for the kernel's
-    ``PAIRS`` lookup. Built once per codebook (at load), not per call."""
-    values = codebook.float()
-    byte = torch.arange(256, device=codebook.device)
-    return torch.stack([values[byte >> 4], values[byte & 15]], 1).contiguous().view(torch.int64).reshape(256)
 
 
 @triton.jit
@@ -92,7 +84,7 @@ def _eight_bit_step(acc, w, x_row_ptr, b0, offs_b, row_zeros):
 @triton.jit
 def _step(acc0, acc1, acc2, acc3, codes, b0, offs_b, row_zeros, s_rows, z_rows, codebook_ptr, x0_ptr, x1_ptr, x2_ptr,
           x3_ptr, FOUR_BIT: tl.constexpr, GROUP: tl.constexpr, ZEROS: tl.constexpr, X_PAIRS: tl.constexpr,
-          PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+          BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
     """One K step from byte ``b0`` of each row: the step's codes widened and scaled, times each x row's elements."""
     if FOUR_BIT:
         HALF: tl.constexpr = GROUP // 2  # bytes an absmax
@@ -101,13 +93,8 @@ def _step(acc0, acc1, acc2, acc3, codes, b0, offs_b, row_zeros, s_rows, z_rows, 
         else:
             scale = tl.load(s_rows[:, None] + (b0 + offs_b[None, :]) // HALF).to(tl.float32)
         byte = codes.to(tl.int32)
-        if PAIRS:  # both codes' values in one 8-byte load
-            pair = tl.load(codebook_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + byte)
-            w_first = (pair & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True) * scale
-            w_second = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True) * scale
-        else:
-            w_first = tl.load(codebook_ptr + (byte >> 4)) * scale
-            w_second = tl.load(codebook_ptr + (byte & 15)) * scale
+        w_first = tl.load(codebook_ptr + (byte >> 4)) * scale
+        w_second = tl.load(codebook_ptr + (byte & 15)) * scale
         acc0 = _four_bit_step(acc0, w_first, w_second, x0_ptr, b0, offs_b, row_zeros, X_PAIRS)
         if BLOCK_M > 1:
             acc1 = _four_bit_step(acc1, w_first, w_second, x1_ptr, b0, offs_b, row_zeros, X_PAIRS)
@@ -141,7 +128,6 @@ def _codes_gemv_kernel(
     ZEROS: tl.constexpr,
     ROW_SCALES: tl.constexpr,
     X_PAIRS: tl.constexpr,
-    PAIRS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -151,10 +137,9 @@ def _codes_gemv_kernel(
     """Program (n, m): ``out[m*BLOCK_M : +BLOCK_M, n*BLOCK_N : +BLOCK_N]``. ``FOUR_BIT``: codebook codes, ``GROUP``
     weights an absmax (``s [N, K / GROUP]``, fp32 or fp8); else 8-bit codes with ``GROUP`` weights a scale (and
     zero point: ``ZEROS``) ``[N, K / GROUP]``, or (``GROUP`` 0) one scale per row applied to the sum. ``ROW_SCALES``:
-    the sum times ``row_scale[n]`` (NVFP4's global scale). ``X_PAIRS``: x is bf16 (4-byte aligned), read as int32
-    pairs (4-bit only).
-    ``PAIRS``: ``codebook_ptr`` is :func:`code_pair_table`'s. ``AHEAD``: steps loaded before the one multiplied (1,
-    2). K's bytes a row are whole ``BLOCK_B`` steps; an 8-bit step lies in one group."""
+    the sum times ``row_scale[n]`` (NVFP4's global scale). ``X_PAIRS``: x is bf16 (4-byte aligned), read as int32 pairs
+    (4-bit only). ``AHEAD``: steps loaded before the one multiplied (1, 2). K's bytes a row are whole ``BLOCK_B`` steps;
+    an 8-bit step lies in one group."""
     wait_then_release(USE_PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     safe_rows = tl.minimum(rows, N - 1).to(tl.int64)
@@ -182,14 +167,14 @@ def _codes_gemv_kernel(
             codes_next = tl.load(w_ptrs + tl.minimum(t + 2, num_tiles - 1) * BLOCK_B, eviction_policy="evict_first")
             acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, codes, t * BLOCK_B, offs_b, row_zeros, s_rows,
                                            z_rows, codebook_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, FOUR_BIT, GROUP,
-                                           ZEROS, X_PAIRS, PAIRS, BLOCK_M, BLOCK_B)  # fmt: skip
+                                           ZEROS, X_PAIRS, BLOCK_M, BLOCK_B)  # fmt: skip
             codes, codes_after = codes_after, codes_next
     else:
         for t in range(num_tiles):
             codes_next = tl.load(w_ptrs + tl.minimum(t + 1, num_tiles - 1) * BLOCK_B, eviction_policy="evict_first")
             acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, codes, t * BLOCK_B, offs_b, row_zeros, s_rows,
                                            z_rows, codebook_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, FOUR_BIT, GROUP,
-                                           ZEROS, X_PAIRS, PAIRS, BLOCK_M, BLOCK_B)  # fmt: skip
+                                           ZEROS, X_PAIRS, BLOCK_M, BLOCK_B)  # fmt: skip
             codes = codes_next
 
     if ROW_SCALES or (not FOUR_BIT and GROUP == 0):  # one factor per output column: after the sums
@@ -222,12 +207,11 @@ def gemv_fits(k: int, four_bit: bool, group: int) -> bool:
 
 
 def codes_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, four_bit: bool, group: int,
-               codebook: torch.Tensor | None = None, pairs: torch.Tensor | None = None,
+               codebook: torch.Tensor | None = None,
                zeros: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
                config: CodesGemvConfig | None = None) -> torch.Tensor:  # fmt: skip
     """``x [..., K] @ W^T`` in x's dtype. ``four_bit``: ``weight [N, K / 2]`` uint8 codes into ``codebook`` with
-    ``scale [N, K / group]`` absmaxes (and NVFP4's ``row_scale [N]``; ``pairs``: the codebook's
-    :func:`code_pair_table`, used in its place); else ``weight [N, K]`` 8-bit codes with
+    ``scale [N, K / group]`` absmaxes (and NVFP4's ``row_scale [N]``); else ``weight [N, K]`` 8-bit codes with
     ``scale [N, K / group]`` (and ``zeros``), or ``group`` 0: ``scale [N]`` per row."""
     k = x.shape[-1]
     n = weight.shape[0]
@@ -246,12 +230,12 @@ def codes_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fo
     per_row = scale if not four_bit and not group else row_scale
     _codes_gemv_kernel[grid](
         x2, weight, scale, zeros if zeros is not None else scale,
-        next(t for t in (pairs, codebook, scale) if t is not None),
+        codebook if codebook is not None else scale,
         per_row if per_row is not None else scale, out, m, n, k, x2.stride(0), weight.stride(0),
         scale.stride(0) if scale.dim() == 2 else 0, out.stride(0),
         FOUR_BIT=four_bit, GROUP=group, ZEROS=zeros is not None, ROW_SCALES=row_scale is not None,
         X_PAIRS=four_bit and x.dtype == torch.bfloat16 and x2.data_ptr() % 4 == 0,
-        PAIRS=four_bit and pairs is not None, BLOCK_M=block_m,
+        BLOCK_M=block_m,
         BLOCK_N=config.block_n, BLOCK_B=block_b, AHEAD=config.ahead,
         num_warps=config.num_warps, num_stages=1, **launch_options(use_pdl(x)),
     )  # fmt: skip

@@ -1,7 +1,7 @@
 """The byte-codes decode GEMV (kernels/codes_gemv.py) compiles for sm_90 (Triton's bundled ptxas) at its default
 launch (8 rows, 128-byte steps, 2 warps, one step in flight) without spills and without shared memory in its K loop:
 a layout conversion there (the first try at reading the weight as int32 words joined back into bytes put 12 stores,
-9 loads and 6 barriers in each step) would serialize the warps. 4-bit codes through the pair table (NF4's fp32
+9 loads and 6 barriers in each step) would serialize the warps. 4-bit codes through the codebook (NF4's fp32
 absmax per 64, NVFP4's fp8 scales per 16 with a row scale), 8-bit codes per row and in groups with zero points."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ for name, (four_bit, group, scale, codes, zeros, row_scales) in cases.items():
         pointers = {"x_ptr": "*bf16", "w_ptr": codes, "s_ptr": scale, "z_ptr": "*fp32", "codebook_ptr": "*fp32",
                     "row_scale_ptr": "*fp32", "out_ptr": "*bf16"}
         constexprs = dict(FOUR_BIT=four_bit, GROUP=group, ZEROS=zeros, ROW_SCALES=row_scales, X_PAIRS=four_bit,
-                          PAIRS=four_bit, BLOCK_M=1, BLOCK_N=8, BLOCK_B=128, AHEAD=ahead)
+                          BLOCK_M=1, BLOCK_N=8, BLOCK_B=128, AHEAD=ahead)
         info = summarize(_compile(codes_gemv._codes_gemv_kernel, pointers, set(), constexprs, 2, 1,
                                   divisible_ints=frozenset({"K"})))
         loop = info["loop_ops"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels.bnb4_gemm import E2M1_CODEBOOK, NF4_CODEBOOK, bnb4_linear_ref, quantize_bnb4
-from kernels.codes_gemv import CodesGemvConfig, code_pair_table, codes_gemv, default_config, gemv_fits
+from kernels.codes_gemv import CodesGemvConfig, codes_gemv, default_config, gemv_fits
 from kernels.int8_gemm import int8_linear_ref, quantize_int8_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,25 +34,22 @@ def _four_bit(n: int, k: int, kind: str, gen: torch.Generator):
     return codes, (absmax / 6 / row[:, None]).to(torch.float8_e4m3fn), torch.tensor(E2M1_CODEBOOK), 16, row
 
 
-@pytest.mark.parametrize("pairs", [False, True], ids=["codebook", "pair-table"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["nf4", "nvfp4"])
 @pytest.mark.parametrize("m, config", [(1, CodesGemvConfig(16, 32, 4)), (1, None),
                                        (3, CodesGemvConfig(8, 64, 2, ahead=2)), (6, CodesGemvConfig(32, 16, 4)),
                                        (16, None)])  # fmt: skip
-def test_four_bit_codes_match_reference(dtype, kind, m, config, pairs):
-    """Each byte's two codes (high nibble first) looked up, one at a time or both from the pair table, and scaled by
-    their block's absmax (steps inside one block and over several), NVFP4's row scale after the sum; bf16 rows read
-    as int32 pairs."""
+def test_four_bit_codes_match_reference(dtype, kind, m, config):
+    """Each byte's two codes (high nibble first) looked up in the codebook and scaled by their block's absmax (steps
+    inside one block and over several), NVFP4's row scale after the sum; bf16 rows read as int32 pairs."""
     gen = torch.Generator().manual_seed(m)
     n, k = 40, 512  # a partial row block; one row's default steps are 256 bytes
     codes, absmax, codebook, block, row = _four_bit(n, k, kind, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
     ref = bnb4_linear_ref(x.float(), codes, absmax, codebook, block, row_scale=row)
     to = (lambda t: t.to(DEVICE) if t is not None else None)  # noqa: E731
-    table = {"pairs": code_pair_table(to(codebook))} if pairs else {"codebook": to(codebook)}
     out = codes_gemv(x.to(DEVICE), to(codes), to(absmax), four_bit=True, group=block, row_scale=to(row),
-                     config=config, **table)  # fmt: skip
+                     config=config, codebook=to(codebook))  # fmt: skip
     assert out.dtype == dtype and out.shape == (m, n)
     _close(out.cpu(), ref, dtype)
 

@@ -31,7 +31,6 @@ from torch import nn
 from core.layers.quantization.base import (LinearMethod, QuantConfig, module_listed, new_parameter, plain_shard,
                                            replace_parameter)
 from kernels.bnb4_gemm import NF4_CODEBOOK, bnb4_linear, dequantize_bnb4, quantize_bnb4
-from kernels.codes_gemv import code_pair_table
 from kernels.fused_moe import ExpertQuant
 from kernels.int8_gemm import int8_linear
 
@@ -221,11 +220,9 @@ class BitsAndBytesLinearMethod(LinearMethod):
 
 
 def keep_codebook(layer: nn.Module, codebook: torch.Tensor) -> None:
-    """A 4-bit codebook layer's 16 code values (``weight_quant_map``) and the table of code pairs the decode GEMV
-    looks bytes up in (``kernels/codes_gemv.py: code_pair_table``), built once after loading: bitsandbytes 4-bit,
-    NVFP4 and GGUF IQ4 layers."""
+    """A 4-bit codebook layer's 16 code values (``weight_quant_map``), set after loading: bitsandbytes 4-bit, NVFP4
+    and GGUF IQ4 layers."""
     replace_parameter(layer, "weight_quant_map", codebook)
-    layer.register_buffer("weight_code_pairs", code_pair_table(codebook), persistent=False)
 
 
 def codebook_linear(layer: nn.Module, x: torch.Tensor, absmax: torch.Tensor, blocksize: int,
@@ -233,7 +230,7 @@ def codebook_linear(layer: nn.Module, x: torch.Tensor, absmax: torch.Tensor, blo
     """``x @ W^T`` of a layer holding 4-bit codes in ``weight`` and its codebook (:func:`keep_codebook`), each
     ``blocksize`` weights scaled by their ``absmax`` (and NVFP4's ``row_scale`` per output row)."""
     return bnb4_linear(x, layer.weight, absmax, layer.weight_quant_map, blocksize, bias, backend=layer.backend,
-                       row_scale=row_scale, pairs=layer.weight_code_pairs)
+                       row_scale=row_scale)
 
 
 def _fill_int8(tensor: torch.Tensor, gen: torch.Generator) -> None:
