@@ -6,11 +6,11 @@ weights are the same form (``core/layers/quantization/nvfp4.py``): the e2m1 valu
 fp8 scale as its absmax and the tensor's global scale a row scale applied to the product.
 
 The codebook is not affine (NF4's values are normal quantiles), so the int4 kernels' ``(q - z) * s`` form does not
-hold it. Decode rows take the byte-codes GEMV (``kernels/codes_gemv.py``: each byte's two codes looked up at once,
-fp32 sums), more rows the weight dequantized for one cuBLAS GEMM (``kernels/codes_dequant.py``). A ``tl.dot`` tile
-kernel served both before; on an H100 it read a Llama-8B gate_up at 2% of the bandwidth (798 us at one to sixteen
-rows, against 97-106 for the GEMV's first version; RESULTS.md) and was removed. The fused MoE kernel's codebook
-experts share :func:`step_scales`. :func:`bnb4_linear_ref` is the reference.
+hold it. Decode rows take the byte-codes GEMV (``kernels/codes_gemv.py``: each byte's two codes looked up in the
+codebook, fp32 sums), more rows the weight dequantized for one cuBLAS GEMM (``kernels/codes_dequant.py``). A
+``tl.dot`` tile kernel served both before; on an H100 it read a Llama-8B gate_up at 2% of the bandwidth (798 us at
+one to sixteen rows, against 97-106 for the GEMV's first version; RESULTS.md) and was removed. The fused MoE
+kernel's codebook experts share :func:`step_scales`. :func:`bnb4_linear_ref` is the reference.
 """
 
 from __future__ import annotations

@@ -207,27 +207,19 @@ class BitsAndBytesLinearMethod(LinearMethod):
         new_parameter(layer, "weight_quant_map", (16,), torch.float32, output_dim=None, dummy_fill=_fill_codebook)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        if self.config.serialized:
-            keep_codebook(layer, layer.weight_quant_map.data)  # the checkpoint's own quant_map
-            return
-        codes, absmax = quantize_bnb4(layer.weight.data, BLOCKSIZE)
-        replace_parameter(layer, "weight", codes)
-        replace_parameter(layer, "weight_absmax", absmax)
-        keep_codebook(layer, torch.tensor(NF4_CODEBOOK, device=codes.device))
+        if not self.config.serialized:
+            codes, absmax = quantize_bnb4(layer.weight.data, BLOCKSIZE)
+            replace_parameter(layer, "weight", codes)
+            replace_parameter(layer, "weight_absmax", absmax)
+            replace_parameter(layer, "weight_quant_map", torch.tensor(NF4_CODEBOOK, device=codes.device))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return codebook_linear(layer, x, layer.weight_absmax, BLOCKSIZE, bias)
 
 
-def keep_codebook(layer: nn.Module, codebook: torch.Tensor) -> None:
-    """A 4-bit codebook layer's 16 code values (``weight_quant_map``), set after loading: bitsandbytes 4-bit, NVFP4
-    and GGUF IQ4 layers."""
-    replace_parameter(layer, "weight_quant_map", codebook)
-
-
 def codebook_linear(layer: nn.Module, x: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                     bias: torch.Tensor | None, row_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """``x @ W^T`` of a layer holding 4-bit codes in ``weight`` and its codebook (:func:`keep_codebook`), each
+    """``x @ W^T`` of a layer holding 4-bit codes in ``weight`` and its 16 code values in ``weight_quant_map``, each
     ``blocksize`` weights scaled by their ``absmax`` (and NVFP4's ``row_scale`` per output row)."""
     return bnb4_linear(x, layer.weight, absmax, layer.weight_quant_map, blocksize, bias, backend=layer.backend,
                        row_scale=row_scale)

@@ -41,7 +41,7 @@ from gguf import GGMLQuantizationType
 from torch import nn
 
 from core.layers.quantization.base import LinearMethod, QuantConfig, new_parameter, plain_shard, replace_parameter
-from core.layers.quantization.bnb import codebook_linear, keep_codebook
+from core.layers.quantization.bnb import codebook_linear
 from kernels.fused_moe import ExpertQuant
 from kernels.gguf_codebook import CODEBOOK_BLOCK, CODEBOOK_TYPES, IQ4_CODEBOOK, iq4_blocks_as_codebook
 from kernels.gguf_gemm import (GGUF_KERNEL_TYPES, INT4_TYPES, INT8_GROUPS, INT8_TYPES, Q4_0, Q6_K, Q8_0, blocks_as_int8,
@@ -230,7 +230,7 @@ class GGUFLinearMethod(LinearMethod):
             codes, absmax = iq4_blocks_as_codebook(layer.weight.data, self.ggml_type, layer.in_features)
             replace_parameter(layer, "weight", codes)
             replace_parameter(layer, "weight_absmax", absmax)
-            keep_codebook(layer, torch.tensor(IQ4_CODEBOOK, device=codes.device))
+            replace_parameter(layer, "weight_quant_map", torch.tensor(IQ4_CODEBOOK, device=codes.device))
         elif self.ggml_type in INT4_TYPES and layer.weight.is_cuda:  # on CPU both paths dequantize in torch
             repack_for_int4_kernels(layer, self.ggml_type)
 

@@ -24,7 +24,7 @@ from torch import nn
 from core.layers.quantization.base import (LinearMethod, QuantConfig, module_listed, new_parameter, plain_shard,
                                            replace_parameter, shard_starts, whole_units)
 from core.layers.quantization.fp8 import Fp8MoEMethod, modelopt_excluded
-from core.layers.quantization.bnb import codebook_linear, keep_codebook
+from core.layers.quantization.bnb import codebook_linear
 from kernels.bnb4_gemm import E2M1_CODEBOOK
 from kernels.fused_moe import ExpertQuant
 
@@ -191,7 +191,7 @@ class Nvfp4LinearMethod(LinearMethod):
         replace_parameter(layer, "weight", codes)
         replace_parameter(layer, "weight_scale", scale)
         replace_parameter(layer, "weight_row_scale", row_scale)
-        keep_codebook(layer, torch.tensor(E2M1_CODEBOOK, device=codes.device))
+        replace_parameter(layer, "weight_quant_map", torch.tensor(E2M1_CODEBOOK, device=codes.device))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return codebook_linear(layer, x, layer.weight_scale, BLOCK, bias, layer.weight_row_scale)
