@@ -119,6 +119,7 @@ def test_gpu_gemv_with_pdl_in_a_cuda_graph():
     (GemvConfig(8, 4), 4096, False, True, (1, 0)),  # one step is the whole row
     (GemvConfig(4, 4), 4112, False, True, (0, 1)),  # K not whole steps: L2 is asked instead
     (GemvConfig(4, 4, preload=0), 4096, False, True, (0, 1)),
+    (GemvConfig(8, 1, preload=0, staged=4), 4096, False, True, (0, 0)),  # staged: already on its way
     (GemvConfig(8, 2, quantize_x=True), 2048, True, True, (0, 0)),  # single step: loaded before the wait anyway
     (GemvConfig(4, 4), 4096, False, False, (0, 0)),  # no PDL: nothing to overlap
 ])
@@ -188,6 +189,21 @@ def test_gpu_gemv_quantizing_rows_once_changes_no_bit(n, k, config):
     assert _rel_err(outs[0], ref) < 5e-3
     assert all(torch.equal(outs[0], out) for out in outs[1:])
     assert torch.equal(step(once), outs[0])  # no PDL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k, config", PROLOGUE_SHAPES, ids=str)
+def test_gpu_gemv_releasing_early_changes_no_bit(n, k, config):
+    """Releasing the next kernel before the wait (``release_early``), with the whole weight staged in shared memory
+    or steps in registers, gives the same bits in a CUDA graph behind the kernel that writes x."""
+    step, ref = _gemv_step(n, k, True, seed=6)
+    once = config._replace(quantize_once=True)
+    whole = max(1, min(4, k // once.step))
+    configs = [once, once._replace(release_early=True),
+               once._replace(preload=0, staged=whole, release_early=True)]
+    outs = outputs_with_configs(configs, step)
+    assert _rel_err(outs[0], ref) < 5e-3
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
 
 
 @pytest.mark.gpu
