@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.codes_gemv import load_codebook, look_up
 from kernels.dense_scratch import dense_weight_scratch
 
 
@@ -37,8 +38,9 @@ def _codes_dequant_kernel(w_ptr, s_ptr, z_ptr, codebook_ptr, row_scale_ptr, out_
     if FOUR_BIT:
         byte = codes.to(tl.int32)
         scale = tl.load(s_rows[:, None] + offs_b[None, :] // (GROUP // 2)).to(tl.float32)
-        first = tl.load(codebook_ptr + (byte >> 4)) * scale
-        second = tl.load(codebook_ptr + (byte & 15)) * scale
+        codebook = load_codebook(codebook_ptr)
+        first = look_up(codebook, byte >> 4) * scale
+        second = look_up(codebook, byte & 15) * scale
         if ROW_SCALES:  # after the block scale, as the reference rounds
             row = tl.load(row_scale_ptr + safe_rows).to(tl.float32)[:, None]
             first, second = first * row, second * row

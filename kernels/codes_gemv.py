@@ -8,9 +8,11 @@ as in the fp8 / int4 CUDA-core decode kernels (``kernels/skinny_gemm.py``), each
 in 16-byte loads, the next tile in flight while the current one is multiplied on the CUDA cores in fp32, and the
 sums are reduced once at the end:
 
-- 4-bit: each byte's two codes are looked up in the 16-entry codebook (two 4-byte loads from one 64-byte line in L1: a
-  warp's gather is one request; a 256-entry table of code pairs, one 8-byte load a byte but 2 KB, made each gather touch
-  ~14 lines and ran 14-17% slower on the H200), and scaled by their block's absmax; bf16 rows are read as int32 pairs
+- 4-bit: each byte's two codes are looked up in the 16-entry codebook, which the program holds in registers
+  (:func:`look_up`: a warp shuffle a code; a load of ``codebook + code`` took a layout of its own, which Triton 3.6
+  converted each step's tile to and back through shared memory; a 256-entry table of code pairs ran 14-17% slower on
+  the H200), and scaled by their block's absmax (a step's blocks loaded once a row, not at the tile's shape, for the
+  same reason); bf16 rows are read as int32 pairs
   (``x[2j]`` in the low half, ``x[2j + 1]`` in the high), which widen to fp32 with a shift and a mask, so x costs one
   16-byte load per 8 bytes of weight;
 - 8-bit: codes widened to fp32, times the group's scale (minus its zero point) per K step, or the row's scale after
@@ -60,6 +62,27 @@ def _load_x_pairs(x32_row_ptr, b0, offs_b, row_zeros):
 
 
 @triton.jit
+def load_codebook(codebook_ptr, FOUR_BIT: tl.constexpr = True):
+    """The 16 codebook values, held by the program for :func:`look_up` (zeros, unread, for 8-bit codes)."""
+    if FOUR_BIT:
+        values = tl.load(codebook_ptr + tl.arange(0, 16)).to(tl.float32)
+    else:
+        values = tl.zeros([16], dtype=tl.float32)
+    return values
+
+
+@triton.jit
+def look_up(codebook, codes):
+    """``codebook[codes]`` at the codes' 2-D shape, the 16 values held by the program: ``tl.gather``, a warp shuffle
+    (or a shared-memory read) a code. A load of ``codebook_ptr + codes`` instead is a gather the compiler lays out
+    for itself: Triton 3.6 (the GPU's) converted each GEMV step's tile to that layout and back through shared memory
+    (1,360 instructions a step against 829 for NF4 at 8 x 256 bytes, and NVFP4 spilled), and the MoE kernel's
+    pipeliner made it one 4-byte cp.async a code (7-12x the 16-bit experts' time on the H100)."""
+    flat = tl.reshape(codes, [codes.shape[0] * codes.shape[1]])
+    return tl.reshape(tl.gather(codebook, flat, 0), [codes.shape[0], codes.shape[1]])
+
+
+@triton.jit
 def _load_x_halves(x_row_ptr, b0, offs_b, row_zeros):
     """The same two elements from a 16-bit or fp32 row (two strided loads), as fp32."""
     ptrs = x_row_ptr + 2 * (b0 + row_zeros[:, None] + offs_b[None, :])
@@ -82,7 +105,7 @@ def _eight_bit_step(acc, w, x_row_ptr, b0, offs_b, row_zeros):
 
 
 @triton.jit
-def _step(acc0, acc1, acc2, acc3, codes, b0, offs_b, row_zeros, s_rows, z_rows, codebook_ptr, x0_ptr, x1_ptr, x2_ptr,
+def _step(acc0, acc1, acc2, acc3, codes, b0, offs_b, row_zeros, s_rows, z_rows, codebook, x0_ptr, x1_ptr, x2_ptr,
           x3_ptr, FOUR_BIT: tl.constexpr, GROUP: tl.constexpr, ZEROS: tl.constexpr, X_PAIRS: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
     """One K step from byte ``b0`` of each row: the step's codes widened and scaled, times each x row's elements."""
@@ -90,11 +113,15 @@ def _step(acc0, acc1, acc2, acc3, codes, b0, offs_b, row_zeros, s_rows, z_rows, 
         HALF: tl.constexpr = GROUP // 2  # bytes an absmax
         if BLOCK_B <= HALF:  # constexpr: the step lies in one block
             scale = tl.load(s_rows + b0 // HALF).to(tl.float32)[:, None]
-        else:
-            scale = tl.load(s_rows[:, None] + (b0 + offs_b[None, :]) // HALF).to(tl.float32)
+        else:  # the step's blocks loaded once a row, then repeated over their bytes (a load at the tile's shape
+            # takes a layout of its own, and the tile is converted to it and back through shared memory each step)
+            BLOCKS: tl.constexpr = BLOCK_B // HALF
+            per_block = tl.load(s_rows[:, None] + b0 // HALF + tl.arange(0, BLOCKS)[None, :]).to(tl.float32)
+            scale = tl.reshape(tl.broadcast_to(per_block[:, :, None], (per_block.shape[0], BLOCKS, HALF)),
+                               (per_block.shape[0], BLOCK_B))
         byte = codes.to(tl.int32)
-        w_first = tl.load(codebook_ptr + (byte >> 4)) * scale
-        w_second = tl.load(codebook_ptr + (byte & 15)) * scale
+        w_first = look_up(codebook, byte >> 4) * scale
+        w_second = look_up(codebook, byte & 15) * scale
         acc0 = _four_bit_step(acc0, w_first, w_second, x0_ptr, b0, offs_b, row_zeros, X_PAIRS)
         if BLOCK_M > 1:
             acc1 = _four_bit_step(acc1, w_first, w_second, x1_ptr, b0, offs_b, row_zeros, X_PAIRS)
@@ -156,6 +183,7 @@ def _codes_gemv_kernel(
                                           x1_ptr.to(tl.pointer_type(tl.int32), bitcast=True),
                                           x2_ptr.to(tl.pointer_type(tl.int32), bitcast=True),
                                           x3_ptr.to(tl.pointer_type(tl.int32), bitcast=True))  # fmt: skip
+    codebook = load_codebook(codebook_ptr, FOUR_BIT)
     acc0 = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
@@ -166,14 +194,14 @@ def _codes_gemv_kernel(
         for t in range(num_tiles):
             codes_next = tl.load(w_ptrs + tl.minimum(t + 2, num_tiles - 1) * BLOCK_B, eviction_policy="evict_first")
             acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, codes, t * BLOCK_B, offs_b, row_zeros, s_rows,
-                                           z_rows, codebook_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, FOUR_BIT, GROUP,
+                                           z_rows, codebook, x0_ptr, x1_ptr, x2_ptr, x3_ptr, FOUR_BIT, GROUP,
                                            ZEROS, X_PAIRS, BLOCK_M, BLOCK_B)  # fmt: skip
             codes, codes_after = codes_after, codes_next
     else:
         for t in range(num_tiles):
             codes_next = tl.load(w_ptrs + tl.minimum(t + 1, num_tiles - 1) * BLOCK_B, eviction_policy="evict_first")
             acc0, acc1, acc2, acc3 = _step(acc0, acc1, acc2, acc3, codes, t * BLOCK_B, offs_b, row_zeros, s_rows,
-                                           z_rows, codebook_ptr, x0_ptr, x1_ptr, x2_ptr, x3_ptr, FOUR_BIT, GROUP,
+                                           z_rows, codebook, x0_ptr, x1_ptr, x2_ptr, x3_ptr, FOUR_BIT, GROUP,
                                            ZEROS, X_PAIRS, BLOCK_M, BLOCK_B)  # fmt: skip
             codes = codes_next
 
