@@ -215,15 +215,17 @@ def _codes_gemv_kernel(
 
 
 def default_config(row_bytes: int, four_bit: bool, group: int, rows: int = 1) -> CodesGemvConfig:
-    """8 rows a program, the longest K step dividing the row (and an 8-bit weight's ``group``) of 256 bytes down at
-    one row of x, of 128 down at more, on one warp; 8-bit steps of 128 bytes or less at one row on two. The H200's
-    fastest Llama-8B layers (``benchmarks/bench_weight_only_gemm.py``, 2026-12-05), us a layer at one row: NF4 205
-    (264 at 8 x 128 x 2 warps), NVFP4 244 (351), 8-bit rows 114, GPTQ 8-bit in groups of 128 154 (175 on one
-    warp); at four rows NF4 321, NVFP4 370 (454 and 548 on two warps). The 4-bit figures are the pair table's the
-    codebook replaced (14-17% faster at 8 x 128 x 2 warps)."""
+    """4-bit: 4 rows a program in steps of 256 bytes (or the longest dividing the row) on one warp. H100, Llama-8B
+    layers (qkv + o + gate_up + down; ``benchmarks/bench_weight_only_gemm.py``, 2026-12-05, thirty-first session)
+    with the codebook held in registers, us: NF4 98.5 at one row (8 rows a program 114.8; the codebook loaded 169.4),
+    191 at four (8 x 128 bytes 221); NVFP4 99.7 (123.9; 237.7) and 196 (230). 8-bit: 8 rows, steps of 256 bytes at
+    one row of x (on two warps where the group allows only 128 or less), 128 at more, one warp: on the H200, weights
+    scaled by row 114 us a layer, GPTQ 8-bit in groups of 128 154 (175 on one warp)."""
+    if four_bit:
+        return CodesGemvConfig(4, next(b for b in (256, 128, 64, 32, 16) if row_bytes % b == 0), 1)
     steps = (256, 128, 64, 32, 16) if rows == 1 else (128, 64, 32, 16)
-    block_b = next(b for b in steps if row_bytes % b == 0 and (four_bit or not group or group % b == 0))
-    return CodesGemvConfig(8, block_b, 2 if rows == 1 and not four_bit and block_b <= 128 else 1)
+    block_b = next(b for b in steps if row_bytes % b == 0 and (not group or group % b == 0))
+    return CodesGemvConfig(8, block_b, 2 if rows == 1 and block_b <= 128 else 1)
 
 
 def gemv_fits(k: int, four_bit: bool, group: int) -> bool:

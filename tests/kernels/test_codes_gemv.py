@@ -77,11 +77,12 @@ def test_eight_bit_codes_match_reference(dtype, group, m):
 
 
 def test_default_config_by_rows_and_format():
-    """The H200's fastest: one row in steps of up to 256 bytes on one warp (8-bit steps of 128 or less on two), more
-    rows in steps of up to 128 on one."""
-    assert default_config(2048, True, 64, 1) == CodesGemvConfig(8, 256, 1)
-    assert default_config(2048, True, 64, 4) == CodesGemvConfig(8, 128, 1)
-    assert default_config(96, True, 16, 1) == CodesGemvConfig(8, 32, 1)
+    """The fastest measured: 4-bit 4 rows a program in steps of up to 256 bytes on one warp at one to four rows of
+    x; 8-bit 8 rows, one row of x in steps of up to 256 bytes on one warp (128 or less on two), more in 128."""
+    assert default_config(2048, True, 64, 1) == CodesGemvConfig(4, 256, 1)
+    assert default_config(2048, True, 64, 4) == CodesGemvConfig(4, 256, 1)
+    assert default_config(96, True, 16, 1) == CodesGemvConfig(4, 32, 1)
+    assert default_config(4096, False, 0, 4) == CodesGemvConfig(8, 128, 1)
     assert default_config(4096, False, 0, 1) == CodesGemvConfig(8, 256, 1)
     assert default_config(4096, False, 128, 1) == CodesGemvConfig(8, 128, 2)
 
