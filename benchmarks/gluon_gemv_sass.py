@@ -33,13 +33,13 @@ from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE  # noqa: E402
 def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k: bool = True,
                  single_step: bool = False, use_pdl: bool = False, rope_cache: bool = False,
                  preload: int = 0, staged: int = 0, silu_mul: bool = False, quant_once: bool = False,
-                 k: int = 0, norm: int = 0, early_release: bool = False):  # fmt: skip
+                 k: int = 0, norm: int = 0):  # fmt: skip
     """The kernel for sm_90 with the argument types and 16-divisibility the JIT would see on the GPU
     (``rope_cache``: the qkv GEMM with the attention prep in its epilogue, Llama-8B's 128-dim heads; ``preload``:
     steps of weight loaded before the PDL wait, with ``use_pdl``, as ``prologue_steps`` picks them; ``staged``: steps
     staged in shared memory there too; ``silu_mul``: the gate_up GEMM with the SiLU-and-mul epilogue; ``quant_once``:
     bf16 x quantized once into a scratch row after the wait, for a K of ``k``; ``norm``: 1 RMS-normed first, 2 with
-    the residual add; ``early_release``: the next PDL kernel released before the wait)."""
+    the residual add)."""
     w_tile, x_tile, mma = fp8_gemv_gluon.gemv_layouts(warps, chunks)
     config = fp8_gemv_gluon.GemvConfig(warps, chunks, quant_x, preload, staged, quant_once)
     preload, prefetch = fp8_gemv_gluon.prologue_steps(config, 2 * config.step, single_step, use_pdl)  # whole steps
@@ -57,8 +57,7 @@ def compile_gemv(warps: int = 4, chunks: int = 2, quant_x: bool = False, even_k:
                      "USE_PDL": use_pdl, "STAGED": staged,
                      "STAGED_LAYOUT": fp8_gemv_gluon.staged_layout() if staged else None, "SILU_MUL": silu_mul,
                      "QUANT_ONCE": quant_once, "PIECES": -(-(k or 2 * config.step) // (256 * warps)),
-                     "SLOTS": fp8_gemv_gluon.QUANT_ONCE_SLOTS, "NORM": norm,
-                     "EARLY_RELEASE": early_release}, warps, 1,
+                     "SLOTS": fp8_gemv_gluon.QUANT_ONCE_SLOTS, "NORM": norm}, warps, 1,
                     divisible_ints=frozenset({"K", "stride_cs", "stride_kcb", "stride_kcs", "stride_kch",
                                               "stride_vcb", "stride_vcs", "stride_vch", "Q_ROWS", "KV_ROWS"}),
                     source_cls=GluonASTSource)  # fmt: skip

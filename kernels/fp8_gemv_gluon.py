@@ -85,10 +85,7 @@ class GemvConfig(NamedTuple):
     shared memory (cp.async) before the wait too, so more of the weight streams while the kernel before runs than
     registers hold; the loop reads the rest from global memory as usual. ``quantize_once``: unquantized rows are
     served by quantizing them once per program after the wait into a scratch row the loop reads like rows
-    quantized upstream (the kernel before then need not quantize: the gate_up GEMV's SiLU-and-mul epilogue).
-    ``release_early``: with PDL, the next kernel may launch as soon as every program has started, before their wait
-    (``kernels/pdl.py: release_early``): it then loads its own first steps while this one still waits, in the
-    registers this one leaves free (its weight staged in shared memory)."""
+    quantized upstream (the kernel before then need not quantize: the gate_up GEMV's SiLU-and-mul epilogue)."""
 
     warps: int = 4
     chunks: int = 2
@@ -96,7 +93,6 @@ class GemvConfig(NamedTuple):
     preload: int = 2
     staged: int = 0
     quantize_once: bool = False
-    release_early: bool = False
 
     @property
     def step(self) -> int:
@@ -196,8 +192,7 @@ if HAS_GLUON:
                      BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr, STAGED: gl.constexpr = 0,
                      STAGED_LAYOUT: gl.constexpr = None, SILU_MUL: gl.constexpr = False,
                      QUANT_ONCE: gl.constexpr = False, PIECES: gl.constexpr = 1,
-                     SLOTS: gl.constexpr = 1, NORM: gl.constexpr = 0,
-                     EARLY_RELEASE: gl.constexpr = False):  # fmt: skip
+                     SLOTS: gl.constexpr = 1, NORM: gl.constexpr = 0):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
         ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits.
         ``SINGLE_STEP`` (``QUANT_X`` with K within one step): x is loaded once and quantized in registers, and the
@@ -209,10 +204,7 @@ if HAS_GLUON:
         rows) whose epilogue is ``silu_and_mul`` (``out_ptr`` ``[M, GATED_D]``). ``QUANT_ONCE``: ``x_ptr`` holds
         unquantized rows, quantized per token once after the wait into ``scratch_ptr`` (``SLOTS`` rows of
         ``[M, K]``, shared by programs ``SLOTS`` apart) and read from there by the K loop; ``NORM`` (1, or 2 with
-        the residual add): the rows are first RMS-normed with ``nw_ptr`` (``_norm_rows_once``). ``EARLY_RELEASE``
-        (PDL): the next kernel may launch before this one's wait (``GemvConfig.release_early``)."""
-        if USE_PDL and EARLY_RELEASE:
-            gdc_launch_dependents()
+        the residual add): the rows are first RMS-normed with ``nw_ptr`` (``_norm_rows_once``)."""
         pid = gl.program_id(0)
         STEP: gl.constexpr = WARPS * CHUNKS * 128
         PAIRED_ROWS = Q_ROWS + KV_ROWS if ROPE_CACHE else 0
@@ -253,8 +245,7 @@ if HAS_GLUON:
                 w8 = gl.load(w_ptrs, mask=w_k < K, other=0)
             if USE_PDL:
                 gdc_wait()
-                if not EARLY_RELEASE:
-                    gdc_launch_dependents()
+                gdc_launch_dependents()
             xv = gl.load(x_ptrs, mask=x_live & (x_k < K), other=0.0).to(gl.float32)
             x_scale, inv_scale_k = _token_scales(gl.abs(xv), X_TILE, FP8_MAX, MIN_SCALE)
             acc = _mma_step(w8, _e4m3_bits(xv, inv_scale_k), acc, WARPS, CHUNKS, MMA)
@@ -276,8 +267,7 @@ if HAS_GLUON:
                     _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, GATED_D, STEP * PREFETCH_STEPS,
                                           WARPS, HEAD_DIM, SILU_MUL)
                 gdc_wait()
-                if not EARLY_RELEASE:
-                    gdc_launch_dependents()
+                gdc_launch_dependents()
             if NORM > 0:
                 t_scale = _norm_rows_once(x_ptr, stride_xm, res_ptr, res_out_ptr, nw_ptr, eps, q_rows_ptr, M, K, pid,
                                           o_tokens, WARPS, PIECES, NORM == 2, FP8_MAX, MIN_SCALE)  # fmt: skip
@@ -424,8 +414,7 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
         STAGED=config.staged, STAGED_LAYOUT=staged_layout() if config.staged else None, SILU_MUL=silu_mul,
         QUANT_ONCE=quant_once,
         PIECES=triton.cdiv(k, 256 * config.warps), SLOTS=slots,
-        NORM=0 if norm is None else 1 if norm.residual is None else 2, EARLY_RELEASE=pdl and config.release_early,
-        **launch_options(pdl),
+        NORM=0 if norm is None else 1 if norm.residual is None else 2, **launch_options(pdl),
     )  # fmt: skip
 
 

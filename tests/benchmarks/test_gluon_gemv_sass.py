@@ -153,31 +153,3 @@ def test_silu_epilogue_rows_quantized_once_and_norm_prologue_leave_the_loop_alon
     # 7 pieces of 2,048 bf16 a row: 16-byte loads for the absmax pass, and again (L1 hits) for the quantization
     assert 7 <= rows_loop.get("LDG.E.128", 0) <= 14, rows_loop
     assert not any(op.startswith(("LDL", "STL")) for op in rows_loop), rows_loop
-
-
-EARLY_COMPILE = """
-import json
-from benchmarks.gluon_gemv_sass import compile_gemv, sass_and_resources, summarize
-out = {}
-for early in (True, False):  # o_proj's weight all staged in shared memory, its bf16 rows quantized once
-    kernel = compile_gemv(8, 1, use_pdl=True, staged=4, quant_once=True, k=4096, early_release=early)
-    ptx = [line.strip() for line in kernel.asm["ptx"].splitlines() if "griddepcontrol" in line]
-    sass = [line.split(";")[0].split()[-1] for line in sass_and_resources(kernel.asm["cubin"])[0].splitlines()
-            if "PREEXIT" in line or "ACQBULK" in line]
-    out[str(early)] = {"ptx": ptx, "sass": sass, "summary": summarize(kernel)}
-print(json.dumps(out))
-"""
-
-
-@needs_sass_tools
-def test_release_early_releases_the_next_kernel_before_the_wait():
-    """``GemvConfig.release_early``: ``griddepcontrol.launch_dependents`` (SASS ``PREEXIT``) once, before the wait
-    (``ACQBULK``); without it, once after; the loop is the same either way."""
-    pytest.importorskip("triton.experimental.gluon")
-    result = run_compile_script(EARLY_COMPILE)
-    early, late = result["True"], result["False"]
-    assert early["ptx"] == ["griddepcontrol.launch_dependents ;", "griddepcontrol.wait ;"], early["ptx"]
-    assert early["sass"] == ["PREEXIT", "ACQBULK"], early["sass"]
-    assert late["ptx"] == ["griddepcontrol.wait ;", "griddepcontrol.launch_dependents ;"], late["ptx"]
-    assert late["sass"] == ["ACQBULK", "PREEXIT"], late["sass"]
-    assert early["summary"]["loop"] == late["summary"]["loop"]
