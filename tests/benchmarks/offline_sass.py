@@ -20,8 +20,11 @@ needs_sass_tools = pytest.mark.skipif(not (BIN / "ptxas").exists() or not (BIN /
 
 
 def run_compile_script(code: str) -> dict:
+    """``OFFLINE_SASS_TRITON``: a directory holding another Triton package to compile with (the GPU host's 3.6
+    unpacked from its wheel: its compiler makes other layout choices than the one installed here)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
+    other = os.environ.get("OFFLINE_SASS_TRITON")
+    env["PYTHONPATH"] = os.pathsep.join([other, str(ROOT)] if other else [str(ROOT)])
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
                           cwd=ROOT)  # fmt: skip
