@@ -43,7 +43,7 @@ def test_four_bit_codes_match_reference(dtype, kind, m, config):
     """Each byte's two codes (high nibble first) looked up in the codebook and scaled by their block's absmax (steps
     inside one block and over several), NVFP4's row scale after the sum; bf16 rows read as int32 pairs."""
     gen = torch.Generator().manual_seed(m)
-    n, k = 40, 512  # a partial row block; one row's default steps are 256 bytes
+    n, k = 42, 512  # a partial row block at 4, 8, 16 and 32 rows a program; the default steps are 256 bytes
     codes, absmax, codebook, block, row = _four_bit(n, k, kind, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
     ref = bnb4_linear_ref(x.float(), codes, absmax, codebook, block, row_scale=row)
