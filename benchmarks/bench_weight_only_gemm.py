@@ -30,7 +30,7 @@ from benchmarks.bench_fp8_gemv import MODEL_SHAPES  # noqa: E402
 from benchmarks.bench_skinny_gemm import time_per_call  # noqa: E402
 from kernels.bnb4_gemm import E2M1_CODEBOOK, NF4_CODEBOOK, bnb4_linear_ref  # noqa: E402
 from kernels.codes_dequant import codes_dequant_gemm  # noqa: E402
-from kernels.codes_gemv import GEMV_MAX_M, CodesGemvConfig, codes_gemv  # noqa: E402
+from kernels.codes_gemv import GEMV_MAX_M, CodesGemvConfig, codes_gemv, step_fits  # noqa: E402
 from kernels.int8_gemm import int8_gemm_triton, int8_linear_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,8 +110,7 @@ def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torc
         calls = {"dequant": dequant} if tiles is None else {"tiles": tiles, "dequant": dequant}
         if m <= GEMV_MAX_M:
             four_bit, group = fmt in ("nf4", "nvfp4"), min(128, k) if fmt == "gptq8" else 0
-            fitting = [c for c in gemv_configs if (k // 2 if four_bit else k) % c.block_b == 0
-                       and (four_bit or not group or group % c.block_b == 0)]  # fmt: skip
+            fitting = [c for c in gemv_configs if step_fits(c.block_b, k // 2 if four_bit else k, four_bit, group)]
             calls.update({gemv_name(c): gemv(c) for c in fitting})
         times = {}
         for name, call in calls.items():

@@ -221,20 +221,22 @@ def default_config(row_bytes: int, four_bit: bool, group: int, rows: int = 1) ->
     191 at four (8 x 128 bytes 221); NVFP4 99.7 (123.9; 237.7) and 196 (230). 8-bit: 8 rows, steps of 256 bytes at
     one row of x (on two warps where the group allows only 128 or less), 128 at more, one warp: on the H200, weights
     scaled by row 114 us a layer, GPTQ 8-bit in groups of 128 154 (175 on one warp)."""
+    steps = (256, 128, 64, 32, 16) if four_bit or rows == 1 else (128, 64, 32, 16)
+    block_b = next(b for b in steps if step_fits(b, row_bytes, four_bit, group))
     if four_bit:
-        return CodesGemvConfig(4, next(b for b in (256, 128, 64, 32, 16) if row_bytes % b == 0), 1)
-    steps = (256, 128, 64, 32, 16) if rows == 1 else (128, 64, 32, 16)
-    block_b = next(b for b in steps if row_bytes % b == 0 and (not group or group % b == 0))
+        return CodesGemvConfig(4, block_b, 1)
     return CodesGemvConfig(8, block_b, 2 if rows == 1 and block_b <= 128 else 1)
 
 
+def step_fits(block_b: int, row_bytes: int, four_bit: bool, group: int) -> bool:
+    """Whether K steps of ``block_b`` bytes fit the weight: whole steps a row, and (8-bit) each step within one
+    group."""
+    return row_bytes % block_b == 0 and (four_bit or not group or group % block_b == 0)
+
+
 def gemv_fits(k: int, four_bit: bool, group: int) -> bool:
-    """Whether :func:`codes_gemv` takes this weight: whole 16-byte steps a row, and (8-bit) 16-byte steps within
-    one group."""
-    row_bytes = k // 2 if four_bit else k
-    if row_bytes % 16:
-        return False
-    return four_bit or group == 0 or group % 16 == 0
+    """Whether :func:`codes_gemv` takes this weight: its smallest steps (16 bytes) fit."""
+    return step_fits(16, k // 2 if four_bit else k, four_bit, group)
 
 
 def codes_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, four_bit: bool, group: int,
@@ -254,7 +256,7 @@ def codes_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fo
     row_bytes = k // 2 if four_bit else k
     config = config or default_config(row_bytes, four_bit, group, m)
     block_b = config.block_b
-    if row_bytes % block_b or (not four_bit and group and (group % block_b)):
+    if not step_fits(block_b, row_bytes, four_bit, group):
         raise ValueError(f"codes_gemv: {block_b}-byte steps do not fit rows of {row_bytes} bytes, group {group}")
     block_m = min(4, triton.next_power_of_2(m))
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m))
