@@ -9,7 +9,8 @@ the entry of a Llama-3.1-8B projection (``qkv``, ``o``, ``gate_up``, ``down``) o
 (``6144,4096=...``); ``no-silu`` / ``no-norm`` / ``no-rope`` turn the GEMV's SiLU-and-mul epilogue, RMSNorm
 prologue or rotary epilogue off; ``attn-early`` lets o_proj launch before decode attention waits on qkv; ``slots=N``
 sets how many scratch rows the quantize-once programs share; ``merge-chunk=N`` the (rows x splits) chunk of split
-decode attention's fused merge. The rest of the arguments are
+decode attention's fused merge; ``mlp-half`` (or ``mlp-half=MlpHalfConfig(...)``) runs o_proj, the post-attention
+norm and the MLP as one launch (``kernels/fp8_mlp_gluon.py``). The rest of the arguments are
 ``benchmarks.throughput``'s. Compare variants run on one machine, in turn.
 """
 
@@ -19,6 +20,7 @@ import importlib
 import sys
 
 LLAMA_8B_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+LLAMA_8B_MLP_HALF = (4096, 4096, 14336)  # hidden, q_size, intermediate: kernels/fp8_mlp_gluon.py's table key
 # name -> (module, attribute, value it is set to)
 SWITCHES = {"no-silu": ("kernels.fp8_linear", "SILU_EPILOGUE_ENABLED", False),
             "no-norm": ("kernels.fp8_linear", "NORM_PROLOGUE_ENABLED", False),
@@ -41,6 +43,14 @@ def apply_variant(variant: str) -> list[str]:
             setattr(importlib.import_module(module), attribute, value)
         elif item.startswith("merge-chunk="):
             importlib.import_module("kernels.decode_attention").MERGE_CHUNK = int(item.removeprefix("merge-chunk="))
+        elif item == "mlp-half" or item.startswith("mlp-half="):
+            from kernels import fp8_mlp_gluon
+
+            value = item.partition("=")[2] or "MlpHalfConfig()"
+            config = eval(value, {"GemvConfig": GemvConfig, "MlpHalfConfig": fp8_mlp_gluon.MlpHalfConfig})
+            if not isinstance(config, fp8_mlp_gluon.MlpHalfConfig):
+                raise ValueError(f"{value!r} is not a MlpHalfConfig(...)")
+            fp8_mlp_gluon.MLP_HALF_CONFIGS[LLAMA_8B_MLP_HALF] = config
         elif item.startswith("slots="):
             gemv.QUANT_ONCE_SLOTS = int(item.removeprefix("slots="))
         elif "=" in item:
@@ -53,8 +63,8 @@ def apply_variant(variant: str) -> list[str]:
                 raise ValueError(f"{value!r} is not a GemvConfig(...) or None")
             fp8.FP8_GEMV_CONFIGS[key] = config
         else:
-            raise ValueError(f"unknown change {item!r}: NAME=GemvConfig(...), {', '.join(SWITCHES)}, slots=N or "
-                             "merge-chunk=N")
+            raise ValueError(f"unknown change {item!r}: NAME=GemvConfig(...), {', '.join(SWITCHES)}, slots=N, "
+                             "merge-chunk=N or mlp-half[=MlpHalfConfig(...)]")
         applied.append(item)
     return applied
 

@@ -57,7 +57,7 @@ import triton
 
 from kernels.fp8_quant import FP8_MAX, FP8_MIN_SCALE
 from kernels.gemv_rows_gluon import RowNorm, rope_epilogue_args
-from kernels.pdl import gdc_launch_dependents, gdc_wait, launch_options, use_pdl
+from kernels.pdl import launch_options, use_pdl
 
 try:
     from triton.experimental import gluon
@@ -130,6 +130,7 @@ if HAS_GLUON:
         _rows_of,
         _silu_mul_epilogue,
     )
+    from kernels.task_order import inputs_ready
 
     @gluon.jit
     def _logical_k(tile, WARPS: gl.constexpr, R: gl.constexpr, CHUNKS: gl.constexpr):
@@ -181,18 +182,19 @@ if HAS_GLUON:
         return mma_v2(a, b, acc)
 
     @gluon.jit
-    def _gemv_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                     positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb,
-                     stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, scratch_ptr,
-                     GATED_D, res_ptr, res_out_ptr, nw_ptr, eps, WARPS: gl.constexpr, CHUNKS: gl.constexpr,
-                     W_TILE: gl.constexpr, X_TILE: gl.constexpr,
-                     MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
-                     PREFETCH_STEPS: gl.constexpr, PRELOAD: gl.constexpr, FP8_MAX: gl.constexpr,
-                     MIN_SCALE: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr, STAGED: gl.constexpr = 0,
-                     STAGED_LAYOUT: gl.constexpr = None, SILU_MUL: gl.constexpr = False,
-                     QUANT_ONCE: gl.constexpr = False, PIECES: gl.constexpr = 1,
-                     SLOTS: gl.constexpr = 1, NORM: gl.constexpr = 0):  # fmt: skip
+    def _gemv_program(pid, x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                      positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb,
+                      stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, scratch_ptr,
+                      GATED_D, res_ptr, res_out_ptr, nw_ptr, eps, WARPS: gl.constexpr, CHUNKS: gl.constexpr,
+                      W_TILE: gl.constexpr, X_TILE: gl.constexpr,
+                      MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
+                      PREFETCH_STEPS: gl.constexpr, PRELOAD: gl.constexpr, FP8_MAX: gl.constexpr,
+                      MIN_SCALE: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr, STAGED: gl.constexpr = 0,
+                      STAGED_LAYOUT: gl.constexpr = None, SILU_MUL: gl.constexpr = False,
+                      QUANT_ONCE: gl.constexpr = False, PIECES: gl.constexpr = 1,
+                      SLOTS: gl.constexpr = 1, NORM: gl.constexpr = 0, wait_ptr=None, wait_target=0,
+                      WAIT_COUNTER: gl.constexpr = False):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
         ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits.
         ``SINGLE_STEP`` (``QUANT_X`` with K within one step): x is loaded once and quantized in registers, and the
@@ -204,8 +206,9 @@ if HAS_GLUON:
         rows) whose epilogue is ``silu_and_mul`` (``out_ptr`` ``[M, GATED_D]``). ``QUANT_ONCE``: ``x_ptr`` holds
         unquantized rows, quantized per token once after the wait into ``scratch_ptr`` (``SLOTS`` rows of
         ``[M, K]``, shared by programs ``SLOTS`` apart) and read from there by the K loop; ``NORM`` (1, or 2 with
-        the residual add): the rows are first RMS-normed with ``nw_ptr`` (``_norm_rows_once``)."""
-        pid = gl.program_id(0)
+        the residual add): the rows are first RMS-normed with ``nw_ptr`` (``_norm_rows_once``). ``WAIT_COUNTER``:
+        the inputs are ready once ``wait_ptr`` reaches ``wait_target`` (tasks of one launch, ``kernels/task_order.py``),
+        after the PDL wait where there is one."""
         STEP: gl.constexpr = WARPS * CHUNKS * 128
         PAIRED_ROWS = Q_ROWS + KV_ROWS if ROPE_CACHE else 0
 
@@ -243,9 +246,7 @@ if HAS_GLUON:
                 w8 = gl.load(w_ptrs)
             else:
                 w8 = gl.load(w_ptrs, mask=w_k < K, other=0)
-            if USE_PDL:
-                gdc_wait()
-                gdc_launch_dependents()
+            inputs_ready(USE_PDL, WAIT_COUNTER, wait_ptr, wait_target)
             xv = gl.load(x_ptrs, mask=x_live & (x_k < K), other=0.0).to(gl.float32)
             x_scale, inv_scale_k = _token_scales(gl.abs(xv), X_TILE, FP8_MAX, MIN_SCALE)
             acc = _mma_step(w8, _e4m3_bits(xv, inv_scale_k), acc, WARPS, CHUNKS, MMA)
@@ -266,8 +267,7 @@ if HAS_GLUON:
                 if PREFETCH_STEPS > 0:
                     _prefetch_first_steps(w_ptr, pid, N, K, stride_wn, PAIRED_ROWS, GATED_D, STEP * PREFETCH_STEPS,
                                           WARPS, HEAD_DIM, SILU_MUL)
-                gdc_wait()
-                gdc_launch_dependents()
+            inputs_ready(USE_PDL, WAIT_COUNTER, wait_ptr, wait_target)
             if NORM > 0:
                 t_scale = _norm_rows_once(x_ptr, stride_xm, res_ptr, res_out_ptr, nw_ptr, eps, q_rows_ptr, M, K, pid,
                                           o_tokens, WARPS, PIECES, NORM == 2, FP8_MAX, MIN_SCALE)  # fmt: skip
@@ -323,6 +323,28 @@ if HAS_GLUON:
         else:
             gl.store(out_ptr + o_tokens[None, :] * stride_om + o_rows[:, None], y.to(out_ptr.dtype.element_ty),
                      mask=(o_rows < N)[:, None] & (o_tokens < M)[None, :])
+
+    @gluon.jit
+    def _gemv_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                     positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb,
+                     stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, scratch_ptr,
+                     GATED_D, res_ptr, res_out_ptr, nw_ptr, eps, WARPS: gl.constexpr, CHUNKS: gl.constexpr,
+                     W_TILE: gl.constexpr, X_TILE: gl.constexpr,
+                     MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
+                     PREFETCH_STEPS: gl.constexpr, PRELOAD: gl.constexpr, FP8_MAX: gl.constexpr,
+                     MIN_SCALE: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr, STAGED: gl.constexpr = 0,
+                     STAGED_LAYOUT: gl.constexpr = None, SILU_MUL: gl.constexpr = False,
+                     QUANT_ONCE: gl.constexpr = False, PIECES: gl.constexpr = 1,
+                     SLOTS: gl.constexpr = 1, NORM: gl.constexpr = 0):  # fmt: skip
+        """One GEMV a launch: program ``i`` is :func:`_gemv_program` ``i``."""
+        _gemv_program(gl.program_id(0), x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm,
+                      stride_wn, stride_om, positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr,
+                      v_cache_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS,
+                      KV_ROWS, scratch_ptr, GATED_D, res_ptr, res_out_ptr, nw_ptr, eps, WARPS, CHUNKS, W_TILE, X_TILE,
+                      MMA, EVEN_K, QUANT_X, SINGLE_STEP, PREFETCH_STEPS, PRELOAD, FP8_MAX, MIN_SCALE, ROPE_CACHE,
+                      HEAD_DIM, BLOCK_SIZE, USE_PDL, STAGED, STAGED_LAYOUT, SILU_MUL, QUANT_ONCE, PIECES, SLOTS,
+                      NORM)  # fmt: skip
 
 
 def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:

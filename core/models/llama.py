@@ -19,6 +19,7 @@ from core.layers.attention import AttentionMetadata, PagedAttention
 from core.layers.linear import Linear, head_logits, lm_head, token_embedding
 from core.layers.norm import RMSNorm
 from core.layers.quantization import linear_method
+from core.layers.quantization.fp8 import fp8_mlp_half, fp8_mlp_half_config
 from core.layers.rotary import RotaryEmbedding
 from core.models import weights as weight_utils
 from kernels.activation import silu_and_mul, silu_and_mul_fp8
@@ -64,25 +65,28 @@ class Attention(nn.Module):
                                    attention_backend=attention_backend, kernel_backend=kernel_backend,
                                    scale=scale, sliding_window=sliding_window, softcap=softcap)  # fmt: skip
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                project: bool = True) -> torch.Tensor:  # fmt: skip
+        """``project`` False: attention's output before o_proj (which the caller's launch runs)."""
         q = self.attn.fused_qkv_prep(self.qkv_proj, x, positions, kv_cache, meta)  # fp8 decode: one launch
         if q is not None:
-            return self.o_proj(self.attn.attend(q, kv_cache, meta))
+            return self._project(self.attn.attend(q, kv_cache, meta), project)
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(positions, q, k, v, kv_cache, meta))
+        return self._project(self.attn(positions, q, k, v, kv_cache, meta), project)
 
     def forward_normed(self, positions: torch.Tensor, rows: NormedRows, kv_cache: torch.Tensor,
-                       meta: AttentionMetadata) -> torch.Tensor | None:  # fmt: skip
+                       meta: AttentionMetadata, project: bool = True) -> torch.Tensor | None:  # fmt: skip
         """:meth:`forward` of rows whose input norm the qkv projection applies in its own launch (the fp8 decode
         GEMV), or None where it does not (then norm the rows and call :meth:`forward`)."""
         q = self.attn.fused_qkv_prep(self.qkv_proj, rows, positions, kv_cache, meta)
-        return None if q is None else self.o_proj(self.attn.attend(q, kv_cache, meta))
+        return None if q is None else self._project(self.attn.attend(q, kv_cache, meta), project)
+
+    def _project(self, attended: torch.Tensor, project: bool) -> torch.Tensor:
+        return self.o_proj(attended) if project else attended
 
 
 class MLP(nn.Module):
@@ -138,10 +142,14 @@ class DecoderLayer(nn.Module):
         # W8A8 fp8 projections read the norms' outputs already quantized (one launch fewer each); where their table
         # entries say so (fp8_linear.norm_prologue_configured), decode GEMVs apply the norms themselves
         quantize_qkv = _reads_fp8(self.self_attn, "qkv_proj")
+        # W8A8 fp8 decode: o_proj, the post-attention norm and the MLP may run as one launch (its table's shapes)
+        mlp_half = fp8_mlp_half_config(hidden, self.self_attn.o_proj, getattr(self.mlp, "gate_up_proj", None),
+                                       getattr(self.mlp, "down_proj", None))  # fmt: skip
+        project = mlp_half is None
         attended = None
         if quantize_qkv and self.self_attn.qkv_proj.may_norm_rows():
             rows = self.input_layernorm.pending(hidden, residual)
-            attended = self.self_attn.forward_normed(positions, rows, kv_cache, meta)
+            attended = self.self_attn.forward_normed(positions, rows, kv_cache, meta, project)
             if attended is not None:
                 residual = hidden if residual is None else rows.norm.residual_out
         if attended is None:
@@ -150,7 +158,13 @@ class DecoderLayer(nn.Module):
                 hidden = self.input_layernorm(hidden, quantize_fp8=quantize_qkv)
             else:
                 hidden, residual = self.input_layernorm(hidden, residual, quantize_fp8=quantize_qkv)
-            attended = self.self_attn(positions, hidden, kv_cache, meta)
+            attended = self.self_attn(positions, hidden, kv_cache, meta, project)
+        if mlp_half is not None:
+            fused = fp8_mlp_half(attended, residual, self.self_attn.o_proj, self.post_attention_layernorm,
+                                 self.mlp.gate_up_proj, self.mlp.down_proj, mlp_half)  # fmt: skip
+            if fused is not None:
+                return fused
+            attended = self.self_attn.o_proj(attended)
         hidden = attended
         quantize_gate_up = _reads_fp8(self.mlp, "gate_up_proj")  # MoE blocks: no such layer
         if quantize_gate_up and self.mlp.gate_up_proj.may_norm_rows():  # the gate_up decode GEMV norms the rows

@@ -7,6 +7,7 @@ import pytest
 import kernels.decode_attention as attention
 import kernels.fp8_gemv_gluon as gemv
 import kernels.fp8_linear as fp8
+import kernels.fp8_mlp_gluon as mlp
 from benchmarks.fp8_gemv_variants import apply_variant
 from kernels.fp8_gemv_gluon import GemvConfig
 
@@ -18,6 +19,7 @@ def tables(monkeypatch):
         monkeypatch.setattr(fp8, name, True)
     monkeypatch.setattr(gemv, "QUANT_ONCE_SLOTS", gemv.QUANT_ONCE_SLOTS)
     monkeypatch.setattr(attention, "RELEASE_BEFORE_WAIT", False)
+    monkeypatch.setattr(mlp, "MLP_HALF_CONFIGS", dict(mlp.MLP_HALF_CONFIGS))
 
 
 def test_projection_names_and_shapes_set_table_entries(tables):
@@ -41,7 +43,14 @@ def test_the_table_as_it_is(tables):
     assert apply_variant("table") == [] and fp8.FP8_GEMV_CONFIGS == before
 
 
-@pytest.mark.parametrize("variant", ["qkv=4", "up=GemvConfig(4, 2)", "faster"])
+def test_mlp_half_entries(tables):
+    apply_variant("mlp-half")
+    assert mlp.MLP_HALF_CONFIGS[(4096, 4096, 14336)] == mlp.MlpHalfConfig()
+    apply_variant("mlp-half=MlpHalfConfig(GemvConfig(8, 4), GemvConfig(8, 1), GemvConfig(8, 2))")
+    assert mlp.MLP_HALF_CONFIGS[(4096, 4096, 14336)].o == GemvConfig(8, 4)
+
+
+@pytest.mark.parametrize("variant", ["qkv=4", "up=GemvConfig(4, 2)", "faster", "mlp-half=GemvConfig(8, 2)"])
 def test_what_it_cannot_apply_is_refused(tables, variant):
     with pytest.raises(ValueError):
         apply_variant(variant)

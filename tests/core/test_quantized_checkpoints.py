@@ -1250,6 +1250,32 @@ def test_fp8_gemvs_norming_their_rows_on_gpu(tmp_path, monkeypatch, enforce_eage
                                   counted=lambda kwargs: kwargs.get("norm") is not None) < 2e-2
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda-graphs"])
+def test_fp8_mlp_half_in_one_launch_on_gpu(tmp_path, monkeypatch, enforce_eager):
+    """o_proj, the post-attention norm, gate_up and down as tasks of one launch (``kernels/fp8_mlp_gluon.py``, on
+    for the tiny model's shape) in place of their kernels: the same greedy tokens, logprobs within rounding (o_proj
+    on the GEMV, the norm's sum of squares in another order)."""
+    import core.layers.quantization.fp8 as fp8_method
+    import kernels.fp8_mlp_gluon as mlp
+    from kernels.fp8_gemv_gluon import GemvConfig
+
+    hidden = 512  # 4 heads of 128: q_size 512; the MLP INTER (256) wide: two steps of one chunk a warp
+    config = mlp.MlpHalfConfig(GemvConfig(1, 2), GemvConfig(1, 1), GemvConfig(1, 1, staged=1))
+    monkeypatch.setattr(mlp, "MLP_HALF_CONFIGS", {(hidden, hidden, INTER): config})
+    calls = []
+    real = fp8_method.gluon_fp8_mlp_half
+    monkeypatch.setattr(fp8_method, "gluon_fp8_mlp_half", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    checkpoint, state = base_checkpoint(hidden)
+    path = save(tmp_path / "plain", checkpoint, state)
+    _, fused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
+    assert calls
+    monkeypatch.setattr(mlp, "MLP_HALF_ENABLED", False)
+    _, unfused = greedy(path, dtype="bfloat16", device="cuda", quantization="fp8", enforce_eager=enforce_eager)
+    assert [r["tokens"] for r in fused] == [r["tokens"] for r in unfused]
+    assert logprob_error(fused, unfused) < 2e-2
+
 def test_declined_normed_rows_leave_the_decoder_layer_as_it_was(tmp_path, monkeypatch):
     """Where a layer may take ``NormedRows`` but its kernel declines them (here: no such kernel on the CPU), the
     decoder layer norms the rows itself: the same greedy tokens and logprobs as a layer that never offers them."""
@@ -1266,6 +1292,23 @@ def test_declined_normed_rows_leave_the_decoder_layer_as_it_was(tmp_path, monkey
     assert [r["tokens"] for r in declined] == [r["tokens"] for r in plain]
     assert logprob_error(declined, plain) < 1e-5
 
+
+
+def test_declined_mlp_half_leaves_the_decoder_layer_as_it_was(tmp_path, monkeypatch):
+    """Where the one-launch MLP half is configured but its kernel declines the rows, attention's output goes
+    through o_proj and the layer goes on as before: the same greedy tokens and logprobs."""
+    import core.models.llama as llama
+
+    config, state = base_checkpoint()
+    path = save(tmp_path / "plain", config, state)
+    _, plain = greedy(path)
+    offered = []
+    monkeypatch.setattr(llama, "fp8_mlp_half_config", lambda *args: "configured")
+    monkeypatch.setattr(llama, "fp8_mlp_half", lambda *args: offered.append(args[-1]) and None)
+    _, declined = greedy(path)
+    assert offered and set(offered) == {"configured"}
+    assert [r["tokens"] for r in declined] == [r["tokens"] for r in plain]
+    assert logprob_error(declined, plain) < 1e-5
 
 def test_quantized_model_composes_with_chunked_prefill_preemption_and_speculation(tmp_path):
     """The same greedy tokens from a GPTQ act-order model under chunked prefill, preemption (few blocks), prefix

@@ -39,6 +39,7 @@ from kernels.fp8_linear import (
     norm_prologue_configured,
     quantize_per_channel,
 )
+from kernels.fp8_mlp_gluon import MlpHalfConfig, gluon_fp8_mlp_half, mlp_half_config, mlp_half_supported
 from kernels.fused_moe import ExpertQuant
 
 logger = logging.getLogger(__name__)
@@ -399,3 +400,32 @@ class Fp8MoEMethod:
             return w13, w2, ExpertQuant(block.w13_scale.view(experts, -1, block.w13_scale.shape[-1]),
                                         block.w2_scale.view(experts, -1, block.w2_scale.shape[-1]), self.config.block)
         return w13, w2, ExpertQuant(block.w13_scale.view(experts, -1), block.w2_scale.view(experts, -1))
+
+
+def fp8_mlp_half_config(x: torch.Tensor, o_proj: nn.Module | None, gate_up: nn.Module | None,
+                        down: nn.Module | None) -> MlpHalfConfig | None:  # fmt: skip
+    """The config of the one-launch MLP half (``kernels/fp8_mlp_gluon.py``: o_proj, the post-attention norm,
+    gate_up and down) for a decode step over ``x``'s rows, or None where it does not apply: W8A8 fp8 layers with
+    dynamic activations and no bias, none split over devices (a row-parallel layer's all-reduce sits between the
+    GEMMs), a shape its table has an entry for. Cheap: a decoder layer asks before attention."""
+    if x.dim() != 2 or x.shape[0] == 0 or not x.is_cuda:
+        return None
+    for layer in (o_proj, gate_up, down):
+        method = getattr(layer, "quant_method", None)
+        if (not isinstance(method, Fp8LinearMethod) or not method.takes_fp8_activations(layer)
+                or layer.bias is not None or hasattr(layer, "tp_group")):  # fmt: skip
+            return None
+    return mlp_half_config(o_proj.weight.shape[0], o_proj.weight.shape[1], down.weight.shape[1])
+
+
+def fp8_mlp_half(attn: torch.Tensor, residual: torch.Tensor, o_proj: nn.Module, norm: nn.Module, gate_up: nn.Module,
+                 down: nn.Module, config: MlpHalfConfig) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """``(mlp(norm(o_proj(attn) + residual)), o_proj(attn) + residual)`` in one launch (layers for which
+    :func:`fp8_mlp_half_config` gave ``config``), or None where the kernel does not serve these rows (then run
+    o_proj, the norm and the MLP)."""
+    if (not mlp_half_supported(attn, o_proj.weight, gate_up.weight, down.weight)
+            or residual.shape != (attn.shape[0], o_proj.weight.shape[0]) or not residual.is_contiguous()
+            or residual.dtype != attn.dtype):  # fmt: skip
+        return None
+    return gluon_fp8_mlp_half(attn, residual, o_proj.weight, o_proj.weight_scale, norm.weight, norm.eps,
+                              gate_up.weight, gate_up.weight_scale, down.weight, down.weight_scale, config)

@@ -1,0 +1,91 @@
+"""Tasks of one launch that wait on each other: a ticket gives each program its task, arrival counters say when a
+task's inputs are written.
+
+Why: at batch 1 a decode step is a chain of kernels, and each boundary costs the producer grid's completion, the
+consumer's ``griddepcontrol.wait`` and a memory trip (``kernels/NOTES.md``, the persistent decode step). Tasks of
+one launch hand over through a counter instead: the consumer polls it from L2 while its weight is already in its
+registers.
+
+Why a ticket and not the program id: a task waits only on tasks with smaller tickets, and a program takes its ticket
+when it starts running, so every task a waiting program depends on is held by a program already resident, which
+waits only on smaller tickets still: whatever order the hardware schedules programs in and however few fit at once,
+nothing waits on a program that cannot start.
+
+Ordering (the pattern of ``kernels/split_k.py`` and decode attention's merge): a producer's threads store, meet at a
+CTA barrier, and one gpu-scope release increment publishes the stores; each consumer thread polls with volatile
+loads and then fences (``fence.acq_rel.gpu``), which orders its loads after every producer's stores.
+
+The counters live in :func:`task_counters` (zero between launches): the launch's last task resets the ones it
+used, and stream order puts that before the next launch that uses them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.pdl import gdc_launch_dependents, gdc_wait
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    from kernels.gemv_rows_gluon import _cta_barrier
+
+    HAS_GLUON = True
+except ImportError:  # pragma: no cover - a Triton without Gluon
+    HAS_GLUON = False
+
+COUNTERS = 8  # per device: a ticket and the arrival counters of one launch's stages
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def task_counters(device: torch.device) -> torch.Tensor:
+    """The device's int32 ticket and arrival counters (zero between launches). Allocated on first use, which must
+    not be inside a CUDA graph capture (a capture's memory is not zeroed on replay): the engine's eager warm-up
+    step comes first."""
+    counters = _counters.get(device)
+    if counters is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the task counters are first allocated inside a CUDA graph capture; run one step "
+                               "eagerly first")
+        counters = _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return counters
+
+
+if HAS_GLUON:
+
+    @gluon.jit
+    def take_ticket(ticket_ptr):
+        """This program's task: the launch's programs count up from 0 in the order they start."""
+        return gl.atomic_add(ticket_ptr, 1, sem="relaxed", scope="gpu")
+
+    @gluon.jit
+    def wait_for(counter_ptr, target):
+        """Until ``counter_ptr`` reaches ``target``: each thread polls it from L2 (volatile loads), then a gpu-scope
+        fence makes its poll an acquire, so its later loads see the stores the producers' increments published. (An
+        acquire atomic whose result is unused is dropped by the compiler.)"""
+        seen = gl.load(counter_ptr, volatile=True)
+        while seen < target:
+            seen = gl.load(counter_ptr, volatile=True)
+        gl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [seen], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def arrive(counter_ptr):
+        """This program's stores done: publish them (CTA barrier, then a release increment). Returns the count
+        before the increment, so the last of ``n`` arrivers sees ``n - 1`` (and, acquiring, every other's stores)."""
+        _cta_barrier()
+        return gl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+
+    @gluon.jit
+    def inputs_ready(USE_PDL: gl.constexpr, WAIT_COUNTER: gl.constexpr, wait_ptr, wait_target):
+        """The wait before a program reads what other kernels or tasks wrote: the PDL wait (the kernel before has
+        finished), then (``WAIT_COUNTER``) ``wait_ptr`` reaching ``wait_target``; only then does it let the next
+        PDL kernel launch, so a launch of tasks releases its successor when its last tasks' inputs are there, as a
+        chain of kernels would."""
+        if USE_PDL:
+            gdc_wait()
+        if WAIT_COUNTER:
+            wait_for(wait_ptr, wait_target)
+        if USE_PDL:
+            gdc_launch_dependents()
