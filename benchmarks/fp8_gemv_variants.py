@@ -10,7 +10,7 @@ the entry of a Llama-3.1-8B projection (``qkv``, ``o``, ``gate_up``, ``down``) o
 prologue or rotary epilogue off; ``attn-early`` lets o_proj launch before decode attention waits on qkv; ``slots=N``
 sets how many scratch rows the quantize-once programs share; ``merge-chunk=N`` the (rows x splits) chunk of split
 decode attention's fused merge; ``mlp-half`` (or ``mlp-half=MlpHalfConfig(...)``) runs o_proj, the post-attention
-norm and the MLP as one launch (``kernels/fp8_mlp_gluon.py``). The rest of the arguments are
+norm and the MLP as one launch (``kernels/fp8_mlp_gluon.py``), ``no-tickets`` with its tasks by program id. The rest of the arguments are
 ``benchmarks.throughput``'s. Compare variants run on one machine, in turn.
 """
 
@@ -25,7 +25,8 @@ LLAMA_8B_MLP_HALF = (4096, 4096, 14336)  # hidden, q_size, intermediate: kernels
 SWITCHES = {"no-silu": ("kernels.fp8_linear", "SILU_EPILOGUE_ENABLED", False),
             "no-norm": ("kernels.fp8_linear", "NORM_PROLOGUE_ENABLED", False),
             "no-rope": ("kernels.fp8_linear", "ROPE_CACHE_ENABLED", False),
-            "attn-early": ("kernels.decode_attention", "RELEASE_BEFORE_WAIT", True)}
+            "attn-early": ("kernels.decode_attention", "RELEASE_BEFORE_WAIT", True),
+            "no-tickets": ("kernels.fp8_mlp_gluon", "TICKETS", False)}
 
 
 def apply_variant(variant: str) -> list[str]:

@@ -75,7 +75,7 @@ def compile_mlp_half(config=None, hidden: int = 4096, q_size: int = 4096, inter:
     constexprs = {"WARPS": warps, "N_PIECES": -(-hidden // (256 * warps)), "O_PIECES": -(-q_size // (256 * warps)),
                   "D_PIECES": -(-inter // (256 * warps)), "SLOTS": fp8_gemv_gluon.QUANT_ONCE_SLOTS,
                   "STAGED_LAYOUT": fp8_gemv_gluon.staged_layout(), "FP8_MAX": FP8_MAX, "MIN_SCALE": FP8_MIN_SCALE,
-                  "USE_PDL": use_pdl}
+                  "USE_PDL": use_pdl, "TICKETS": fp8_mlp_gluon.TICKETS}
     for prefix, values in args.items():
         for name, value in zip(("CHUNKS", "W_TILE", "X_TILE", "MMA", "EVEN_K", "PRELOAD", "PREFETCH", "STAGED"),
                                values):

@@ -65,6 +65,9 @@ class MlpHalfConfig(NamedTuple):
 # (hidden, q_size, intermediate) -> the config, or None where the kernel chain runs (unmeasured shapes: off)
 MLP_HALF_CONFIGS: dict[tuple[int, int, int], MlpHalfConfig | None] = {}
 MLP_HALF_ENABLED = True
+# Tasks by ticket (an atomic per program, before its first load: deadlock-free whatever order programs start in) or
+# by program id (the order NVIDIA GPUs start a grid's programs in, which CUTLASS's stream-K fix-up also relies on)
+TICKETS = True
 # the counters this launch uses (kernels/task_order.py: task_counters)
 _TICKET, _O_DONE, _NORMED, _GATE_UP_DONE, _DOWN_DONE = (triton.language.constexpr(i) for i in range(5))
 
@@ -101,11 +104,15 @@ if HAS_GLUON:
                          D_MMA: gl.constexpr, D_EVEN_K: gl.constexpr, D_PRELOAD: gl.constexpr,
                          D_PREFETCH: gl.constexpr, D_STAGED: gl.constexpr, D_PIECES: gl.constexpr,
                          N_PIECES: gl.constexpr, STAGED_LAYOUT: gl.constexpr, SLOTS: gl.constexpr,
-                         FP8_MAX: gl.constexpr, MIN_SCALE: gl.constexpr, USE_PDL: gl.constexpr):  # fmt: skip
+                         FP8_MAX: gl.constexpr, MIN_SCALE: gl.constexpr, USE_PDL: gl.constexpr,
+                         TICKETS: gl.constexpr):  # fmt: skip
         """Tickets as the module says. ``a_ptr``: attention's output ``[M, Q_SIZE]``; ``o_out_ptr``: o_proj's
         ``[M, HIDDEN]``; ``xq_ptr`` / ``xs_ptr``: the normed rows' e4m3 bits and per-token scales; ``h_ptr``:
         SiLU-and-mul's ``[M, INTER]``; ``out_ptr``: down's ``[M, HIDDEN]``; ``res_out_ptr``: ``o + residual``."""
-        ticket = take_ticket(sync_ptr + _TICKET)
+        if TICKETS:
+            ticket = take_ticket(sync_ptr + _TICKET)
+        else:  # the hardware starts a grid's programs in order (see TICKETS)
+            ticket = gl.program_id(0)
         if ticket < O_TASKS:
             _gemv_program(ticket, a_ptr, o_s_ptr, o_w_ptr, o_s_ptr, o_out_ptr, M, HIDDEN, Q_SIZE, Q_SIZE, Q_SIZE,
                           HIDDEN, a_ptr, o_s_ptr, 0, a_ptr, a_ptr, a_ptr, 0, 0, 0, 0, 0, 0, 0, 0, o_scratch_ptr, 0,
@@ -190,6 +197,6 @@ def gluon_fp8_mlp_half(attn: torch.Tensor, residual: torch.Tensor, o_weight: tor
         D_CHUNKS=d_args[0], D_W_TILE=d_args[1], D_X_TILE=d_args[2], D_MMA=d_args[3], D_EVEN_K=d_args[4],
         D_PRELOAD=d_args[5], D_PREFETCH=d_args[6], D_STAGED=d_args[7], D_PIECES=triton.cdiv(inter, 256 * warps),
         N_PIECES=triton.cdiv(hidden, 256 * warps), STAGED_LAYOUT=_staged_layout_or_none(bool(staged)), SLOTS=slots,
-        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, num_warps=warps, **launch_options(pdl),
+        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, TICKETS=TICKETS, num_warps=warps, **launch_options(pdl),
     )  # fmt: skip
     return out, res_out

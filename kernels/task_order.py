@@ -12,8 +12,8 @@ waits only on smaller tickets still: whatever order the hardware schedules progr
 nothing waits on a program that cannot start.
 
 Ordering (the pattern of ``kernels/split_k.py`` and decode attention's merge): a producer's threads store, meet at a
-CTA barrier, and one gpu-scope release increment publishes the stores; each consumer thread polls with volatile
-loads and then fences (``fence.acq_rel.gpu``), which orders its loads after every producer's stores.
+CTA barrier, and one gpu-scope release increment publishes the stores; a consumer's polls (relaxed reads) end
+with a fence (``fence.acq_rel.gpu``) and a CTA barrier, which order its loads after every producer's stores.
 
 The counters live in :func:`task_counters` (zero between launches): the launch's last task resets the ones it
 used, and stream order puts that before the next launch that uses them.
@@ -61,14 +61,19 @@ if HAS_GLUON:
 
     @gluon.jit
     def wait_for(counter_ptr, target):
-        """Until ``counter_ptr`` reaches ``target``: each thread polls it from L2 (volatile loads), then a gpu-scope
-        fence makes its poll an acquire, so its later loads see the stores the producers' increments published. (An
-        acquire atomic whose result is unused is dropped by the compiler.)"""
-        seen = gl.load(counter_ptr, volatile=True)
+        """Until ``counter_ptr`` reaches ``target``: one thread of the program polls it (a relaxed read, which the
+        compiler makes of an atomic add of 0: an L2 round trip, its result handed to the others through shared
+        memory), sleeping a little between polls so a few hundred waiting programs leave the counter's L2 slice to
+        the producers. Then a gpu-scope fence, which makes the polling thread's read an acquire, and a CTA barrier
+        after it: every thread's later loads see the stores the increments published."""
+        seen = gl.atomic_add(counter_ptr, 0, sem="relaxed", scope="gpu")
         while seen < target:
-            seen = gl.load(counter_ptr, volatile=True)
+            gl.inline_asm_elementwise("nanosleep.u32 100;\n\tmov.u32 $0, $1;", "=r,r", [seen], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+            seen = gl.atomic_add(counter_ptr, 0, sem="relaxed", scope="gpu")
         gl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [seen], dtype=gl.int32,
                                   is_pure=False, pack=1)
+        _cta_barrier()  # the polling thread's fence before any thread's loads
 
     @gluon.jit
     def arrive(counter_ptr):

@@ -20,6 +20,7 @@ def tables(monkeypatch):
     monkeypatch.setattr(gemv, "QUANT_ONCE_SLOTS", gemv.QUANT_ONCE_SLOTS)
     monkeypatch.setattr(attention, "RELEASE_BEFORE_WAIT", False)
     monkeypatch.setattr(mlp, "MLP_HALF_CONFIGS", dict(mlp.MLP_HALF_CONFIGS))
+    monkeypatch.setattr(mlp, "TICKETS", True)
 
 
 def test_projection_names_and_shapes_set_table_entries(tables):
@@ -48,6 +49,8 @@ def test_mlp_half_entries(tables):
     assert mlp.MLP_HALF_CONFIGS[(4096, 4096, 14336)] == mlp.MlpHalfConfig()
     apply_variant("mlp-half=MlpHalfConfig(GemvConfig(8, 4), GemvConfig(8, 1), GemvConfig(8, 2))")
     assert mlp.MLP_HALF_CONFIGS[(4096, 4096, 14336)].o == GemvConfig(8, 4)
+    apply_variant("no-tickets")
+    assert not mlp.TICKETS
 
 
 @pytest.mark.parametrize("variant", ["qkv=4", "up=GemvConfig(4, 2)", "faster", "mlp-half=GemvConfig(8, 2)"])
