@@ -10,8 +10,8 @@ the entry of a Llama-3.1-8B projection (``qkv``, ``o``, ``gate_up``, ``down``) o
 prologue or rotary epilogue off; ``attn-early`` lets o_proj launch before decode attention waits on qkv; ``slots=N``
 sets how many scratch rows the quantize-once programs share; ``merge-chunk=N`` the (rows x splits) chunk of split
 decode attention's fused merge; ``mlp-half`` (or ``mlp-half=MlpHalfConfig(...)``) runs o_proj, the post-attention
-norm and the MLP as one launch (``kernels/fp8_mlp_gluon.py``), ``no-tickets`` with its tasks by program id. The rest of the arguments are
-``benchmarks.throughput``'s. Compare variants run on one machine, in turn.
+norm and the MLP as one launch (``kernels/fp8_mlp_gluon.py``), ``no-tickets`` with its tasks by program id. The
+rest of the arguments are ``benchmarks.throughput``'s. Compare variants run on one machine, in turn.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ if HAS_GLUON:
 
     from kernels.fp8_gemv_gluon import _gemv_program
     from kernels.gemv_rows_gluon import _cta_barrier, _norm_rows_once
-    from kernels.task_order import arrive, take_ticket
+    from kernels.task_order import arrive, arrive_quietly, take_ticket
 
 
 class MlpHalfConfig(NamedTuple):
@@ -132,7 +132,7 @@ if HAS_GLUON:
                           res_ptr, res_out_ptr, nw_ptr, eps, WARPS, G_CHUNKS, G_W_TILE, G_X_TILE, G_MMA, G_EVEN_K,
                           False, False, G_PREFETCH, G_PRELOAD, FP8_MAX, MIN_SCALE, False, 16, 16, USE_PDL, G_STAGED,
                           STAGED_LAYOUT, True, False, 1, SLOTS, 0, sync_ptr + _NORMED, 1, True)  # fmt: skip
-            arrive(sync_ptr + _GATE_UP_DONE)
+            arrive_quietly(sync_ptr + _GATE_UP_DONE)
         else:
             _gemv_program(ticket - O_TASKS - G_TASKS, h_ptr, d_s_ptr, d_w_ptr, d_s_ptr, out_ptr, M, HIDDEN, INTER,
                           INTER, INTER, HIDDEN, a_ptr, o_s_ptr, 0, a_ptr, a_ptr, a_ptr, 0, 0, 0, 0, 0, 0, 0, 0,

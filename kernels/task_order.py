@@ -12,8 +12,8 @@ waits only on smaller tickets still: whatever order the hardware schedules progr
 nothing waits on a program that cannot start.
 
 Ordering (the pattern of ``kernels/split_k.py`` and decode attention's merge): a producer's threads store, meet at a
-CTA barrier, and one gpu-scope release increment publishes the stores; a consumer's polls (relaxed reads) end
-with a fence (``fence.acq_rel.gpu``) and a CTA barrier, which order its loads after every producer's stores.
+CTA barrier, and one gpu-scope release increment publishes the stores; a consumer's thread polls with acquire
+reads, and a CTA barrier after the one that saw the count orders every thread's loads after the producers' stores.
 
 The counters live in :func:`task_counters` (zero between launches): the launch's last task resets the ones it
 used, and stream order puts that before the next launch that uses them.
@@ -61,19 +61,18 @@ if HAS_GLUON:
 
     @gluon.jit
     def wait_for(counter_ptr, target):
-        """Until ``counter_ptr`` reaches ``target``: one thread of the program polls it (a relaxed read, which the
-        compiler makes of an atomic add of 0: an L2 round trip, its result handed to the others through shared
-        memory), sleeping a little between polls so a few hundred waiting programs leave the counter's L2 slice to
-        the producers. Then a gpu-scope fence, which makes the polling thread's read an acquire, and a CTA barrier
-        after it: every thread's later loads see the stores the increments published."""
-        seen = gl.atomic_add(counter_ptr, 0, sem="relaxed", scope="gpu")
+        """Until ``counter_ptr`` reaches ``target``: one thread of the program polls it with acquire reads (an
+        atomic add of 0, which the compiler makes a load: an L2 round trip, its result handed to the others through
+        shared memory), sleeping a little between polls so a few hundred waiting programs leave the counter's L2
+        slice to the producers; a CTA barrier after the read that saw it puts every thread's later loads after the
+        producers' stores. No fence: a ``fence.acq_rel`` waits for the program's own loads in flight (the weight it
+        loaded before waiting), which cost a W3-fp8 step 19% (RESULTS.md, thirty-second session)."""
+        seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
         while seen < target:
             gl.inline_asm_elementwise("nanosleep.u32 100;\n\tmov.u32 $0, $1;", "=r,r", [seen], dtype=gl.int32,
                                       is_pure=False, pack=1)
-            seen = gl.atomic_add(counter_ptr, 0, sem="relaxed", scope="gpu")
-        gl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [seen], dtype=gl.int32,
-                                  is_pure=False, pack=1)
-        _cta_barrier()  # the polling thread's fence before any thread's loads
+            seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        _cta_barrier()
 
     @gluon.jit
     def arrive(counter_ptr):
@@ -81,6 +80,16 @@ if HAS_GLUON:
         before the increment, so the last of ``n`` arrivers sees ``n - 1`` (and, acquiring, every other's stores)."""
         _cta_barrier()
         return gl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+
+    @gluon.jit
+    def arrive_quietly(counter_ptr):
+        """:func:`arrive` for a program that does not need the count: one thread's ``red.release`` (no reply to
+        wait for), so the program can exit while the increment travels to L2."""
+        _cta_barrier()
+        gl.inline_asm_elementwise(
+            "{\n\t.reg .pred first;\n\t.reg .b32 tid;\n\tmov.u32 tid, %tid.x;\n\tsetp.eq.u32 first, tid, 0;\n\t"
+            "@first red.release.gpu.global.add.u32 [$1], 1;\n\tmov.u32 $0, 0;\n\t}", "=r,l", [counter_ptr],
+            dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def inputs_ready(USE_PDL: gl.constexpr, WAIT_COUNTER: gl.constexpr, wait_ptr, wait_target):
