@@ -19,8 +19,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-import triton.language
-
 LLAMA_8B_SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LLAMA_8B_MLP_HALF = (4096, 4096, 14336)  # hidden, q_size, intermediate: kernels/fp8_mlp_gluon.py's table key
 # name -> (module, attribute, value it is set to)
@@ -28,10 +26,7 @@ SWITCHES = {"no-silu": ("kernels.fp8_linear", "SILU_EPILOGUE_ENABLED", False),
             "no-norm": ("kernels.fp8_linear", "NORM_PROLOGUE_ENABLED", False),
             "no-rope": ("kernels.fp8_linear", "ROPE_CACHE_ENABLED", False),
             "attn-early": ("kernels.decode_attention", "RELEASE_BEFORE_WAIT", True),
-            "no-tickets": ("kernels.fp8_mlp_gluon", "TICKETS", False),
-            # timing bounds only (wrong outputs): polls without the acquire, gate_up not waiting for the norm
-            "relaxed-polls": ("kernels.task_order", "POLL_SEM", "relaxed"),
-            "gu-no-wait": ("kernels.fp8_mlp_gluon", "GATE_UP_WAITS", False)}
+            "no-tickets": ("kernels.fp8_mlp_gluon", "TICKETS", False)}
 
 
 def apply_variant(variant: str) -> list[str]:
@@ -46,8 +41,6 @@ def apply_variant(variant: str) -> list[str]:
             continue
         if item in SWITCHES:
             module, attribute, value = SWITCHES[item]
-            if isinstance(getattr(importlib.import_module(module), attribute), triton.language.constexpr):
-                value = triton.language.constexpr(value)  # read by kernels: a constexpr global
             setattr(importlib.import_module(module), attribute, value)
         elif item.startswith("merge-chunk="):
             importlib.import_module("kernels.decode_attention").MERGE_CHUNK = int(item.removeprefix("merge-chunk="))

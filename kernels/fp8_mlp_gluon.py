@@ -68,10 +68,13 @@ MLP_HALF_ENABLED = True
 # Tasks by ticket (an atomic per program, before its first load: deadlock-free whatever order programs start in) or
 # by program id (the order NVIDIA GPUs start a grid's programs in, which CUTLASS's stream-K fix-up also relies on)
 TICKETS = True
-# gate_up's tasks wait for the norm (correct); False only to time the launch without that wait (outputs wrong)
-GATE_UP_WAITS = triton.language.constexpr(True)
 # the counters this launch uses (kernels/task_order.py: task_counters)
 _TICKET, _O_DONE, _NORMED, _GATE_UP_DONE, _DOWN_DONE = (triton.language.constexpr(i) for i in range(5))
+
+
+def mlp_half_configured() -> bool:
+    """Whether any shape runs the launch (cheap: a decoder layer asks every step)."""
+    return MLP_HALF_ENABLED and bool(MLP_HALF_CONFIGS)
 
 
 def mlp_half_config(hidden: int, q_size: int, intermediate: int) -> MlpHalfConfig | None:
@@ -133,7 +136,7 @@ if HAS_GLUON:
                           HIDDEN, INTER, a_ptr, o_s_ptr, 0, a_ptr, a_ptr, a_ptr, 0, 0, 0, 0, 0, 0, 0, 0, xq_ptr, INTER,
                           res_ptr, res_out_ptr, nw_ptr, eps, WARPS, G_CHUNKS, G_W_TILE, G_X_TILE, G_MMA, G_EVEN_K,
                           False, False, G_PREFETCH, G_PRELOAD, FP8_MAX, MIN_SCALE, False, 16, 16, USE_PDL, G_STAGED,
-                          STAGED_LAYOUT, True, False, 1, SLOTS, 0, sync_ptr + _NORMED, 1, GATE_UP_WAITS)  # fmt: skip
+                          STAGED_LAYOUT, True, False, 1, SLOTS, 0, sync_ptr + _NORMED, 1, True)  # fmt: skip
             arrive_quietly(sync_ptr + _GATE_UP_DONE)
         else:
             _gemv_program(ticket - O_TASKS - G_TASKS, h_ptr, d_s_ptr, d_w_ptr, d_s_ptr, out_ptr, M, HIDDEN, INTER,

@@ -22,7 +22,6 @@ used, and stream order puts that before the next launch that uses them.
 from __future__ import annotations
 
 import torch
-import triton.language
 
 from kernels.pdl import gdc_launch_dependents, gdc_wait
 
@@ -36,9 +35,6 @@ try:
 except ImportError:  # pragma: no cover - a Triton without Gluon
     HAS_GLUON = False
 
-# The polls' memory order: "acquire" (correct); "relaxed" only to time what the acquire's L1 invalidation costs
-# (benchmarks/fp8_gemv_variants.py: relaxed-polls; outputs may then read stale rows)
-POLL_SEM = triton.language.constexpr("acquire")
 COUNTERS = 8  # per device: a ticket and the arrival counters of one launch's stages
 _counters: dict[torch.device, torch.Tensor] = {}
 
@@ -71,11 +67,11 @@ if HAS_GLUON:
         slice to the producers; a CTA barrier after the read that saw it puts every thread's later loads after the
         producers' stores. No fence: a ``fence.acq_rel`` waits for the program's own loads in flight (the weight it
         loaded before waiting), which cost a W3-fp8 step 19% (RESULTS.md, thirty-second session)."""
-        seen = gl.atomic_add(counter_ptr, 0, sem=POLL_SEM, scope="gpu")
+        seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
         while seen < target:
             gl.inline_asm_elementwise("nanosleep.u32 100;\n\tmov.u32 $0, $1;", "=r,r", [seen], dtype=gl.int32,
                                       is_pure=False, pack=1)
-            seen = gl.atomic_add(counter_ptr, 0, sem=POLL_SEM, scope="gpu")
+            seen = gl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
         _cta_barrier()
 
     @gluon.jit

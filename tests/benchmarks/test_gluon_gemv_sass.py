@@ -153,3 +153,26 @@ def test_silu_epilogue_rows_quantized_once_and_norm_prologue_leave_the_loop_alon
     # 7 pieces of 2,048 bf16 a row: 16-byte loads for the absmax pass, and again (L1 hits) for the quantization
     assert 7 <= rows_loop.get("LDG.E.128", 0) <= 14, rows_loop
     assert not any(op.startswith(("LDL", "STL")) for op in rows_loop), rows_loop
+
+
+MLP_HALF_COMPILE = """
+import json
+from benchmarks.gluon_gemv_sass import compile_mlp_half
+from benchmarks.gluon_decode_sass import summarize
+compiled = compile_mlp_half()
+ptx = compiled.asm["ptx"]
+print(json.dumps({"registers": summarize(compiled)["registers"], "fences": ptx.count("fence."),
+                  "acquire_polls": ptx.count("ld.global.gpu.acquire"), "quiet_arrivals": ptx.count("red.release")}))
+"""
+
+
+@needs_sass_tools
+def test_mlp_half_waits_without_a_fence():
+    """The one-launch MLP half (Llama-8B's shapes): its tasks wait with one thread's acquire reads (gate_up for the
+    norm, down for gate_up: a first read and the polling loop's each) and no ``fence.acq_rel``, which would wait
+    for the weight the program loaded before waiting (a W3-fp8 step 19% slower); gate_up arrives with one
+    ``red.release``; two 8-warp programs fit an SM."""
+    pytest.importorskip("triton.experimental.gluon")
+    info = run_compile_script(MLP_HALF_COMPILE)
+    assert info["fences"] == 0 and info["acquire_polls"] == 4 and info["quiet_arrivals"] == 1, info
+    assert info["registers"] <= 128, info

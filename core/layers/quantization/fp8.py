@@ -39,7 +39,8 @@ from kernels.fp8_linear import (
     norm_prologue_configured,
     quantize_per_channel,
 )
-from kernels.fp8_mlp_gluon import MlpHalfConfig, gluon_fp8_mlp_half, mlp_half_config, mlp_half_supported
+from kernels.fp8_mlp_gluon import (MlpHalfConfig, gluon_fp8_mlp_half, mlp_half_config, mlp_half_configured,
+                                   mlp_half_supported)
 from kernels.fused_moe import ExpertQuant
 
 logger = logging.getLogger(__name__)
@@ -408,7 +409,7 @@ def fp8_mlp_half_config(x: torch.Tensor, o_proj: nn.Module | None, gate_up: nn.M
     gate_up and down) for a decode step over ``x``'s rows, or None where it does not apply: W8A8 fp8 layers with
     dynamic activations and no bias, none split over devices (a row-parallel layer's all-reduce sits between the
     GEMMs), a shape its table has an entry for. Cheap: a decoder layer asks before attention."""
-    if x.dim() != 2 or x.shape[0] == 0 or not x.is_cuda:
+    if not mlp_half_configured() or x.dim() != 2 or x.shape[0] == 0 or not x.is_cuda:
         return None
     for layer in (o_proj, gate_up, down):
         method = getattr(layer, "quant_method", None)
