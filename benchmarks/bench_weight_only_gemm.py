@@ -94,9 +94,10 @@ def make_weight(fmt: str, n: int, k: int, gen: torch.Generator
 
 
 def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torch.Generator, dtype: torch.dtype,
-                gemv_configs: list[CodesGemvConfig]) -> list[str]:  # fmt: skip
-    """One line per M: the dequantize path's, the tile kernel's (8-bit) and each GEMV config's (up to ``GEMV_MAX_M``
-    rows) microseconds per call, fastest first, and the format's floor (its bytes at 4.28 TB/s)."""
+                gemv_configs: list[CodesGemvConfig], gemv_max_m: int = GEMV_MAX_M) -> list[str]:  # fmt: skip
+    """One line per M: the dequantize path's, the tile kernel's (8-bit) and each GEMV config's (up to ``gemv_max_m``
+    rows: the dispatch's ``GEMV_MAX_M`` unless asked for more) microseconds per call, fastest first, and the
+    format's floor (its bytes at 4.28 TB/s)."""
     tensors, tiles, reference, dequant, gemv = make_weight(fmt, n, k, gen)
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     copies = [tuple(t.clone() for t in tensors) for _ in range(max(2, -(-ROTATE_BYTES // nbytes)))]
@@ -108,7 +109,7 @@ def bench_shape(fmt: str, n: int, k: int, ms: list[int], replays: int, gen: torc
         x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
         ref = reference(x, *tensors).float()
         calls = {"dequant": dequant} if tiles is None else {"tiles": tiles, "dequant": dequant}
-        if m <= GEMV_MAX_M:
+        if m <= gemv_max_m:
             four_bit, group = fmt in ("nf4", "nvfp4"), min(128, k) if fmt == "gptq8" else 0
             fitting = [c for c in gemv_configs if step_fits(c.block_b, k // 2 if four_bit else k, four_bit, group)]
             calls.update({gemv_name(c): gemv(c) for c in fitting})
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--gemv-configs", type=int, default=len(GEMV_CONFIGS), help="time the first N GEMV configs")
+    parser.add_argument("--gemv-max-m", type=int, default=GEMV_MAX_M,
+                        help="time the GEMV up to this many rows (the dispatch takes it up to GEMV_MAX_M)")
     opts = parser.parse_args(argv)
     if DEVICE != "cuda" and not opts.smoke:
         print("bench_weight_only_gemm needs a CUDA GPU; --smoke runs on CPU (interpreter)", file=sys.stderr)
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     for fmt in opts.formats:
         for layer, (n, k) in shapes.items():
             configs = SMOKE_GEMV_CONFIGS if opts.smoke else GEMV_CONFIGS[:opts.gemv_configs]
-            for line in bench_shape(fmt, n, k, opts.m, opts.replays, gen, dtype, configs):
+            for line in bench_shape(fmt, n, k, opts.m, opts.replays, gen, dtype, configs, opts.gemv_max_m):
                 print(f"{layer} {line}", flush=True)
     return 0
 

@@ -19,6 +19,10 @@ Each task's program body and numerics are the standalone GEMV's, so the launch g
 ``gluon_fp8_gemv`` (o_proj quantizing once) -> ``gluon_fp8_gemv_silu_mul`` with the norm prologue -> ``gluon_fp8_gemv``
 (down quantizing once) run at the same configs (GPU test). Gluon has no interpreter: the CPU path is the model's
 kernel-per-op chain.
+
+Measured slower (RESULTS.md and ``kernels/NOTES.md``, thirty-second session): W3-fp8 8% under the kernel chain on
+the H100, 5% under it even with gate_up not waiting for the norm at all. So :data:`MLP_HALF_CONFIGS` has no entry
+and the launch is off; ``benchmarks/fp8_gemv_variants.py`` (``mlp-half``) runs it.
 """
 
 from __future__ import annotations
