@@ -89,12 +89,16 @@ def mlp_half_config(hidden: int, q_size: int, intermediate: int) -> MlpHalfConfi
 def mlp_half_supported(attn: torch.Tensor, o_weight: torch.Tensor, gate_up_weight: torch.Tensor,
                        down_weight: torch.Tensor) -> bool:  # fmt: skip
     """Whether :func:`gluon_fp8_mlp_half` serves these shapes: each GEMV served by the Gluon kernel, a
-    ``[gate | up]`` weight of whole 8-row groups, contiguous bf16 / fp16 rows over more than one loop step."""
+    ``[gate | up]`` weight of whole 8-row groups, contiguous bf16 / fp16 rows and weights (the launch takes each
+    row stride as its K)."""
     hidden, inter = o_weight.shape[0], down_weight.shape[1]
+    weights = (o_weight, gate_up_weight, down_weight)
     return (attn.dtype in (torch.bfloat16, torch.float16) and attn.is_contiguous()
-            and gate_up_weight.shape == (2 * inter, hidden) and down_weight.shape[0] == hidden
+            and all(w.is_contiguous() for w in weights)
+            and o_weight.shape[1] == attn.shape[1] and gate_up_weight.shape == (2 * inter, hidden)
+            and down_weight.shape[0] == hidden
             and gate_up_weight.shape[0] % 16 == 0 and hidden % 16 == 0 and inter % 16 == 0
-            and all(gemv_supported(attn, w) for w in (o_weight, gate_up_weight, down_weight)))  # fmt: skip
+            and all(gemv_supported(attn, w) for w in weights))  # fmt: skip
 
 
 if HAS_GLUON:
