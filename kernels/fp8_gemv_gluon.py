@@ -182,7 +182,7 @@ if HAS_GLUON:
         return mma_v2(a, b, acc)
 
     @gluon.jit
-    def _gemv_program(pid, x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    def _gemv_kernel(task, x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                       positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb,
                       stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, scratch_ptr,
                       GATED_D, res_ptr, res_out_ptr, nw_ptr, eps, WARPS: gl.constexpr, CHUNKS: gl.constexpr,
@@ -195,7 +195,9 @@ if HAS_GLUON:
                       QUANT_ONCE: gl.constexpr = False, PIECES: gl.constexpr = 1,
                       SLOTS: gl.constexpr = 1, NORM: gl.constexpr = 0, wait_ptr=None, wait_target=0,
                       WAIT_COUNTER: gl.constexpr = False):  # fmt: skip
-        """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``.
+        """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``;
+        ``pid`` is the program id when launched (``task`` None), else ``task`` (a task of another launch's program:
+        ``kernels/fp8_mlp_gluon.py``).
         ``QUANT_X``: ``x_ptr`` holds the unquantized rows (quantized here per token), else their e4m3 bits.
         ``SINGLE_STEP`` (``QUANT_X`` with K within one step): x is loaded once and quantized in registers, and the
         weight's loads go out before the PDL wait. Otherwise ``PRELOAD`` steps of weight are loaded before that wait
@@ -209,6 +211,10 @@ if HAS_GLUON:
         the residual add): the rows are first RMS-normed with ``nw_ptr`` (``_norm_rows_once``). ``WAIT_COUNTER``:
         the inputs are ready once ``wait_ptr`` reaches ``wait_target`` (tasks of one launch, ``kernels/task_order.py``),
         after the PDL wait where there is one."""
+        if task is None:
+            pid = gl.program_id(0)
+        else:
+            pid = task
         STEP: gl.constexpr = WARPS * CHUNKS * 128
         PAIRED_ROWS = Q_ROWS + KV_ROWS if ROPE_CACHE else 0
 
@@ -324,28 +330,6 @@ if HAS_GLUON:
             gl.store(out_ptr + o_tokens[None, :] * stride_om + o_rows[:, None], y.to(out_ptr.dtype.element_ty),
                      mask=(o_rows < N)[:, None] & (o_tokens < M)[None, :])
 
-    @gluon.jit
-    def _gemv_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                     positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb,
-                     stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, scratch_ptr,
-                     GATED_D, res_ptr, res_out_ptr, nw_ptr, eps, WARPS: gl.constexpr, CHUNKS: gl.constexpr,
-                     W_TILE: gl.constexpr, X_TILE: gl.constexpr,
-                     MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
-                     PREFETCH_STEPS: gl.constexpr, PRELOAD: gl.constexpr, FP8_MAX: gl.constexpr,
-                     MIN_SCALE: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr, STAGED: gl.constexpr = 0,
-                     STAGED_LAYOUT: gl.constexpr = None, SILU_MUL: gl.constexpr = False,
-                     QUANT_ONCE: gl.constexpr = False, PIECES: gl.constexpr = 1,
-                     SLOTS: gl.constexpr = 1, NORM: gl.constexpr = 0):  # fmt: skip
-        """One GEMV a launch: program ``i`` is :func:`_gemv_program` ``i``."""
-        _gemv_program(gl.program_id(0), x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm,
-                      stride_wn, stride_om, positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr,
-                      v_cache_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS,
-                      KV_ROWS, scratch_ptr, GATED_D, res_ptr, res_out_ptr, nw_ptr, eps, WARPS, CHUNKS, W_TILE, X_TILE,
-                      MMA, EVEN_K, QUANT_X, SINGLE_STEP, PREFETCH_STEPS, PRELOAD, FP8_MAX, MIN_SCALE, ROPE_CACHE,
-                      HEAD_DIM, BLOCK_SIZE, USE_PDL, STAGED, STAGED_LAYOUT, SILU_MUL, QUANT_ONCE, PIECES, SLOTS,
-                      NORM)  # fmt: skip
-
 
 def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`gluon_fp8_gemv` serves ``x @ weight^T``: an NVIDIA GPU with fp8 mma.sync (compute capability
@@ -425,7 +409,7 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
     preload, prefetch = prologue_steps(config, k, single_step, pdl)
     epilogue, head_dim, block_size = rope_epilogue_args(rope, out)
     _gemv_kernel[(programs,)](
-        xv, weight_scale if quant_x else x_scale, weight.view(torch.uint8), weight_scale, out, m,
+        None, xv, weight_scale if quant_x else x_scale, weight.view(torch.uint8), weight_scale, out, m,
         weight.shape[0], k, xv.stride(0), weight.stride(0), out.stride(0), *epilogue, scratch,
         weight.shape[0] // 2 if silu_mul else 0, *norm_args, WARPS=config.warps,
         CHUNKS=config.chunks, W_TILE=w_tile, X_TILE=x_tile, MMA=mma, EVEN_K=k % step == 0,

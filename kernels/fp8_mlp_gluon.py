@@ -6,7 +6,7 @@ the norm is a kernel of its own), each the producer grid's completion, the consu
 and the step is its weight bytes plus ~14 us a layer that does not shrink with bandwidth (``kernels/NOTES.md``).
 Here a task's inputs are ready when a counter says so:
 
-- tickets ``[0, O)``: o_proj's GEMV programs (``kernels/fp8_gemv_gluon.py: _gemv_program``, the attention output
+- tickets ``[0, O)``: o_proj's GEMV programs (``kernels/fp8_gemv_gluon.py: _gemv_kernel``, the attention output
   quantized once per program), after the PDL wait on attention. The last of them to arrive norms the row sum
   ``o + residual`` and quantizes it per token (``_norm_rows_once``: ``kernels/rmsnorm.py``'s roundings) for all of
   gate_up's programs, and stores the sum, the next layer's residual;
@@ -52,7 +52,7 @@ if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
-    from kernels.fp8_gemv_gluon import _gemv_program
+    from kernels.fp8_gemv_gluon import _gemv_kernel
     from kernels.gemv_rows_gluon import _cta_barrier, _norm_rows_once
     from kernels.task_order import arrive, arrive_quietly, take_ticket
 
@@ -127,7 +127,7 @@ if HAS_GLUON:
         else:  # the hardware starts a grid's programs in order (see TICKETS)
             ticket = gl.program_id(0)
         if ticket < O_TASKS:
-            _gemv_program(ticket, a_ptr, o_s_ptr, o_w_ptr, o_s_ptr, o_out_ptr, M, HIDDEN, Q_SIZE, Q_SIZE, Q_SIZE,
+            _gemv_kernel(ticket, a_ptr, o_s_ptr, o_w_ptr, o_s_ptr, o_out_ptr, M, HIDDEN, Q_SIZE, Q_SIZE, Q_SIZE,
                           HIDDEN, a_ptr, o_s_ptr, 0, a_ptr, a_ptr, a_ptr, 0, 0, 0, 0, 0, 0, 0, 0, o_scratch_ptr, 0,
                           res_ptr, res_out_ptr, nw_ptr, eps, WARPS, O_CHUNKS, O_W_TILE, O_X_TILE, O_MMA, O_EVEN_K,
                           False, False, O_PREFETCH, O_PRELOAD, FP8_MAX, MIN_SCALE, False, 16, 16, USE_PDL, O_STAGED,
@@ -140,14 +140,14 @@ if HAS_GLUON:
                 gl.store(xs_ptr + tokens, t_scale, mask=tokens < M)
                 arrive(sync_ptr + _NORMED)
         elif ticket < O_TASKS + G_TASKS:
-            _gemv_program(ticket - O_TASKS, xq_ptr, xs_ptr, g_w_ptr, g_s_ptr, h_ptr, M, 2 * INTER, HIDDEN, HIDDEN,
+            _gemv_kernel(ticket - O_TASKS, xq_ptr, xs_ptr, g_w_ptr, g_s_ptr, h_ptr, M, 2 * INTER, HIDDEN, HIDDEN,
                           HIDDEN, INTER, a_ptr, o_s_ptr, 0, a_ptr, a_ptr, a_ptr, 0, 0, 0, 0, 0, 0, 0, 0, xq_ptr, INTER,
                           res_ptr, res_out_ptr, nw_ptr, eps, WARPS, G_CHUNKS, G_W_TILE, G_X_TILE, G_MMA, G_EVEN_K,
                           False, False, G_PREFETCH, G_PRELOAD, FP8_MAX, MIN_SCALE, False, 16, 16, USE_PDL, G_STAGED,
                           STAGED_LAYOUT, True, False, 1, SLOTS, 0, sync_ptr + _NORMED, 1, True)  # fmt: skip
             arrive_quietly(sync_ptr + _GATE_UP_DONE)
         else:
-            _gemv_program(ticket - O_TASKS - G_TASKS, h_ptr, d_s_ptr, d_w_ptr, d_s_ptr, out_ptr, M, HIDDEN, INTER,
+            _gemv_kernel(ticket - O_TASKS - G_TASKS, h_ptr, d_s_ptr, d_w_ptr, d_s_ptr, out_ptr, M, HIDDEN, INTER,
                           INTER, INTER, HIDDEN, a_ptr, o_s_ptr, 0, a_ptr, a_ptr, a_ptr, 0, 0, 0, 0, 0, 0, 0, 0,
                           d_scratch_ptr, 0, res_ptr, res_out_ptr, nw_ptr, eps, WARPS, D_CHUNKS, D_W_TILE, D_X_TILE,
                           D_MMA, D_EVEN_K, False, False, D_PREFETCH, D_PRELOAD, FP8_MAX, MIN_SCALE, False, 16, 16,
