@@ -183,18 +183,18 @@ if HAS_GLUON:
 
     @gluon.jit
     def _gemv_kernel(task, x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                      positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb,
-                      stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, scratch_ptr,
-                      GATED_D, res_ptr, res_out_ptr, nw_ptr, eps, WARPS: gl.constexpr, CHUNKS: gl.constexpr,
-                      W_TILE: gl.constexpr, X_TILE: gl.constexpr,
-                      MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
-                      PREFETCH_STEPS: gl.constexpr, PRELOAD: gl.constexpr, FP8_MAX: gl.constexpr,
-                      MIN_SCALE: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
-                      BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr, STAGED: gl.constexpr = 0,
-                      STAGED_LAYOUT: gl.constexpr = None, SILU_MUL: gl.constexpr = False,
-                      QUANT_ONCE: gl.constexpr = False, PIECES: gl.constexpr = 1,
-                      SLOTS: gl.constexpr = 1, NORM: gl.constexpr = 0, wait_ptr=None, wait_target=0,
-                      WAIT_COUNTER: gl.constexpr = False):  # fmt: skip
+                     positions_ptr, cos_sin_ptr, stride_cs, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb,
+                     stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, Q_ROWS, KV_ROWS, scratch_ptr,
+                     GATED_D, res_ptr, res_out_ptr, nw_ptr, eps, WARPS: gl.constexpr, CHUNKS: gl.constexpr,
+                     W_TILE: gl.constexpr, X_TILE: gl.constexpr,
+                     MMA: gl.constexpr, EVEN_K: gl.constexpr, QUANT_X: gl.constexpr, SINGLE_STEP: gl.constexpr,
+                     PREFETCH_STEPS: gl.constexpr, PRELOAD: gl.constexpr, FP8_MAX: gl.constexpr,
+                     MIN_SCALE: gl.constexpr, ROPE_CACHE: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     BLOCK_SIZE: gl.constexpr, USE_PDL: gl.constexpr, STAGED: gl.constexpr = 0,
+                     STAGED_LAYOUT: gl.constexpr = None, SILU_MUL: gl.constexpr = False,
+                     QUANT_ONCE: gl.constexpr = False, PIECES: gl.constexpr = 1,
+                     SLOTS: gl.constexpr = 1, NORM: gl.constexpr = 0, wait_ptr=None, wait_target=0,
+                     WAIT_COUNTER: gl.constexpr = False):  # fmt: skip
         """Program ``pid``: ``out[:, 16 pid : 16 pid + 16] = (xq @ w[16 pid : 16 pid + 16]^T) * x_scale * w_scale``;
         ``pid`` is the program id when launched (``task`` None), else ``task`` (a task of another launch's program:
         ``kernels/fp8_mlp_gluon.py``).
