@@ -10,14 +10,12 @@ hold it. Decode rows take the byte-codes GEMV (``kernels/codes_gemv.py``: each b
 codebook, fp32 sums), more rows the weight dequantized for one cuBLAS GEMM (``kernels/codes_dequant.py``). A
 ``tl.dot`` tile kernel served both before; on an H100 it read a Llama-8B gate_up at 2% of the bandwidth (798 us at
 one to sixteen rows, against 97-106 for the GEMV's first version; RESULTS.md) and was removed. The fused MoE
-kernel's codebook experts share :func:`step_scales`. :func:`bnb4_linear_ref` is the reference.
+kernel's codebook experts share its block scales (``step_scales``). :func:`bnb4_linear_ref` is the reference.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels.backend import use_triton
 from kernels.codes_dequant import codes_dequant_gemm
@@ -78,20 +76,6 @@ def bnb4_linear_ref(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor,
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
-
-
-@triton.jit
-def step_scales(row_ptrs, k0, n_live, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
-    """The absmax of each weight of a ``[BLOCK_N, BLOCK_K]`` step from K offset ``k0`` (``row_ptrs``: each row's
-    first absmax): one per row when the step lies in one block, else each of the step's blocks repeated over it."""
-    if BLOCK_K <= BLOCKSIZE:  # constexpr: one branch compiles, one return (Triton needs one return type)
-        scales = tl.load(row_ptrs + k0 // BLOCKSIZE, mask=n_live, other=0.0).to(tl.float32)[:, None]
-    else:
-        BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE
-        per_block = tl.load(row_ptrs[:, None] + k0 // BLOCKSIZE + tl.arange(0, BLOCKS)[None, :],
-                            mask=n_live[:, None], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCKS]
-        scales = tl.reshape(tl.broadcast_to(per_block[:, :, None], (BLOCK_N, BLOCKS, BLOCKSIZE)), (BLOCK_N, BLOCK_K))
-    return scales
 
 
 def bnb4_gemm_triton(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,

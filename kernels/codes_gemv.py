@@ -83,6 +83,31 @@ def look_up(codebook, codes):
 
 
 @triton.jit
+def step_scales(row_ptrs, k0, live, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr):
+    """The block scale of each element of a ``[rows, BLOCK_K]`` step from K offset ``k0`` (``row_ptrs``: each row's
+    first scale; ``live``: the rows to read, or None where every pointer is a real row's): one per row when the step
+    lies in one block, else the step's blocks loaded once a row and repeated over their elements. (Loaded at the
+    tile's shape instead, the scales take a layout of their own, and Triton 3.6 converted each step's tile to it and
+    back through shared memory.) The GEMV steps in bytes (``BLOCKSIZE`` bytes a block), the MoE kernel in codes."""
+    if BLOCK_K <= BLOCKSIZE:  # constexpr: one branch compiles, one return (Triton needs one return type)
+        ptrs = row_ptrs + k0 // BLOCKSIZE
+        if live is None:
+            scales = tl.load(ptrs).to(tl.float32)[:, None]
+        else:
+            scales = tl.load(ptrs, mask=live, other=0.0).to(tl.float32)[:, None]
+    else:
+        BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE
+        ptrs = row_ptrs[:, None] + k0 // BLOCKSIZE + tl.arange(0, BLOCKS)[None, :]
+        if live is None:
+            per_block = tl.load(ptrs).to(tl.float32)
+        else:
+            per_block = tl.load(ptrs, mask=live[:, None], other=0.0).to(tl.float32)  # [rows, BLOCKS]
+        rows: tl.constexpr = per_block.shape[0]
+        scales = tl.reshape(tl.broadcast_to(per_block[:, :, None], (rows, BLOCKS, BLOCKSIZE)), (rows, BLOCK_K))
+    return scales
+
+
+@triton.jit
 def _load_x_halves(x_row_ptr, b0, offs_b, row_zeros):
     """The same two elements from a 16-bit or fp32 row (two strided loads), as fp32."""
     ptrs = x_row_ptr + 2 * (b0 + row_zeros[:, None] + offs_b[None, :])
@@ -110,15 +135,7 @@ def _step(acc0, acc1, acc2, acc3, codes, b0, offs_b, row_zeros, s_rows, z_rows, 
           BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
     """One K step from byte ``b0`` of each row: the step's codes widened and scaled, times each x row's elements."""
     if FOUR_BIT:
-        HALF: tl.constexpr = GROUP // 2  # bytes an absmax
-        if BLOCK_B <= HALF:  # constexpr: the step lies in one block
-            scale = tl.load(s_rows + b0 // HALF).to(tl.float32)[:, None]
-        else:  # the step's blocks loaded once a row, then repeated over their bytes (a load at the tile's shape
-            # takes a layout of its own, and the tile is converted to it and back through shared memory each step)
-            BLOCKS: tl.constexpr = BLOCK_B // HALF
-            per_block = tl.load(s_rows[:, None] + b0 // HALF + tl.arange(0, BLOCKS)[None, :]).to(tl.float32)
-            scale = tl.reshape(tl.broadcast_to(per_block[:, :, None], (per_block.shape[0], BLOCKS, HALF)),
-                               (per_block.shape[0], BLOCK_B))
+        scale = step_scales(s_rows, b0, None, BLOCK_B, GROUP // 2)  # GROUP // 2 bytes an absmax
         byte = codes.to(tl.int32)
         w_first = look_up(codebook, byte >> 4) * scale
         w_second = look_up(codebook, byte & 15) * scale

@@ -35,8 +35,7 @@ import triton.language as tl
 
 from kernels.activation import silu_and_mul_triton
 from kernels.backend import use_triton
-from kernels.bnb4_gemm import step_scales
-from kernels.codes_gemv import load_codebook, look_up
+from kernels.codes_gemv import load_codebook, look_up, step_scales
 from kernels.gguf_gemm import GGUF_KERNEL_TYPES
 from kernels.gguf_gemm import _decode as _gguf_decode
 from kernels.int4_gemm import _MAGIC_VALUES, _TRITON_DTYPES, KERNEL_K_BLOCK, _dequant_halves
@@ -514,7 +513,7 @@ def _moe_bnb4_kernel(
         a = tl.load(a_ptrs + k0, mask=valid[:, None], other=0.0)
         packed = tl.load(w_ptrs + k0 // 2, mask=n_live[:, None], other=0).to(tl.int32)
         codes = tl.reshape(tl.join(packed >> 4, packed & 15), (BLOCK_N, BLOCK_K))  # byte b: codes 2b, 2b + 1
-        scale = step_scales(absmax_ptrs, k0, n_live, BLOCK_N, BLOCK_K, BLOCKSIZE)
+        scale = step_scales(absmax_ptrs, k0, n_live, BLOCK_K, BLOCKSIZE)
         w = (look_up(codebook, codes) * scale).to(a.dtype)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if ROW_SCALES:
