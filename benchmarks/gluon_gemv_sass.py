@@ -70,24 +70,14 @@ def compile_mlp_half(config=None, hidden: int = 4096, q_size: int = 4096, inter:
     from kernels import fp8_mlp_gluon
 
     config = config or fp8_mlp_gluon.MlpHalfConfig()
-    warps = config.o.warps
-    args = {prefix: fp8_mlp_gluon._task_args(c, k, use_pdl or prefix != "O")
-            for prefix, c, k in (("O", config.o, q_size), ("G", config.gate_up, hidden), ("D", config.down, inter))}
-    constexprs = {"WARPS": warps, "N_PIECES": -(-hidden // (256 * warps)), "O_PIECES": -(-q_size // (256 * warps)),
-                  "D_PIECES": -(-inter // (256 * warps)), "SLOTS": fp8_gemv_gluon.QUANT_ONCE_SLOTS,
-                  "STAGED_LAYOUT": fp8_gemv_gluon.staged_layout(), "FP8_MAX": FP8_MAX, "MIN_SCALE": FP8_MIN_SCALE,
-                  "USE_PDL": use_pdl, "TICKETS": fp8_mlp_gluon.TICKETS}
-    for prefix, values in args.items():
-        for name, value in zip(("CHUNKS", "W_TILE", "X_TILE", "MMA", "EVEN_K", "PRELOAD", "PREFETCH", "STAGED"),
-                               values):
-            constexprs[f"{prefix}_{name}"] = value
+    constexprs = {**fp8_mlp_gluon.launch_constexprs(config, hidden, q_size, inter, use_pdl), "USE_PDL": use_pdl}
     pointers = {name: "*bf16" for name in ("a_ptr", "o_out_ptr", "res_ptr", "res_out_ptr", "nw_ptr", "h_ptr",
                                            "out_ptr")}
     pointers.update({name: "*u8" for name in ("o_w_ptr", "o_scratch_ptr", "xq_ptr", "g_w_ptr", "d_w_ptr",
                                               "d_scratch_ptr")})
     pointers.update({name: "*fp32" for name in ("o_s_ptr", "xs_ptr", "g_s_ptr", "d_s_ptr")})
     pointers["sync_ptr"] = "*i32"
-    return _compile(fp8_mlp_gluon._mlp_half_kernel, pointers, {"eps"}, constexprs, warps, 1,
+    return _compile(fp8_mlp_gluon._mlp_half_kernel, pointers, {"eps"}, constexprs, config.o.warps, 1,
                     divisible_ints=frozenset({"HIDDEN", "Q_SIZE", "INTER"}), source_cls=GluonASTSource)
 
 def loops(compiled) -> list[dict[str, int]]:

@@ -27,7 +27,6 @@ and the launch is off; ``benchmarks/fp8_gemv_variants.py`` (``mlp-half``) runs i
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -158,16 +157,27 @@ if HAS_GLUON:
                 gl.store(sync_ptr + offs, gl.zeros([8], gl.int32, gl.BlockedLayout([1], [32], [WARPS], [0])))
 
 
-def _task_args(config: GemvConfig, k: int, pdl: bool) -> tuple:
-    """One task's layouts and prologue (``prologue_steps``; a counter wait is a wait to load before too)."""
-    w_tile, x_tile, mma = gemv_layouts(config.warps, config.chunks)
-    preload, prefetch = prologue_steps(config, k, False, pdl)
-    return config.chunks, w_tile, x_tile, mma, k % config.step == 0, preload, prefetch, config.staged
-
-
-@functools.cache
-def _staged_layout_or_none(staged: bool):
-    return staged_layout() if staged else None
+def launch_constexprs(config: MlpHalfConfig, hidden: int, q_size: int, inter: int, pdl: bool) -> dict:
+    """The launch's constexprs but ``USE_PDL`` (``kernels/pdl.py: launch_options`` gives it): each task's layouts
+    and prologue (``prologue_steps``; gate_up's and down's counter waits are waits to load before, PDL or not),
+    the quantize-once pieces and scratch slots. ``benchmarks/gluon_gemv_sass.py`` compiles with the same."""
+    warps = config.o.warps
+    if config.gate_up.warps != warps or config.down.warps != warps:
+        raise ValueError(f"one launch runs one warp count: {config}")
+    constexprs = {"WARPS": warps, "O_PIECES": triton.cdiv(q_size, 256 * warps),
+                  "D_PIECES": triton.cdiv(inter, 256 * warps), "N_PIECES": triton.cdiv(hidden, 256 * warps),
+                  "SLOTS": min(triton.cdiv(hidden, ROWS), QUANT_ONCE_SLOTS), "FP8_MAX": FP8_MAX,
+                  "MIN_SCALE": FP8_MIN_SCALE, "TICKETS": TICKETS,
+                  "STAGED_LAYOUT": staged_layout() if any(c.staged for c in config) else None}
+    for prefix, task, k, waits_before in (("O", config.o, q_size, pdl), ("G", config.gate_up, hidden, True),
+                                          ("D", config.down, inter, True)):
+        w_tile, x_tile, mma = gemv_layouts(task.warps, task.chunks)
+        preload, prefetch = prologue_steps(task, k, False, waits_before)
+        values = (task.chunks, w_tile, x_tile, mma, k % task.step == 0, preload, prefetch, task.staged)
+        for name, value in zip(("CHUNKS", "W_TILE", "X_TILE", "MMA", "EVEN_K", "PRELOAD", "PREFETCH", "STAGED"),
+                               values):
+            constexprs[f"{prefix}_{name}"] = value
+    return constexprs
 
 
 def gluon_fp8_mlp_half(attn: torch.Tensor, residual: torch.Tensor, o_weight: torch.Tensor, o_scale: torch.Tensor,
@@ -177,11 +187,10 @@ def gluon_fp8_mlp_half(attn: torch.Tensor, residual: torch.Tensor, o_weight: tor
     """``down(silu_and_mul(gate_up(rms_norm(o_proj(attn) + residual))))`` and ``o_proj(attn) + residual`` (the next
     residual), W8A8 with per-token dynamic activation scales, in one launch. Callers check
     :func:`mlp_half_supported`."""
-    warps = config.o.warps
-    if config.gate_up.warps != warps or config.down.warps != warps:
-        raise ValueError(f"one launch runs one warp count: {config}")
     m, q_size = attn.shape
     hidden, inter = o_weight.shape[0], down_weight.shape[1]
+    pdl = use_pdl(attn)
+    constexprs = launch_constexprs(config, hidden, q_size, inter, pdl)
     dtype = attn.dtype
     dev = attn.device
     o_out = torch.empty((m, hidden), dtype=dtype, device=dev)
@@ -190,26 +199,13 @@ def gluon_fp8_mlp_half(attn: torch.Tensor, residual: torch.Tensor, o_weight: tor
     out = torch.empty((m, hidden), dtype=dtype, device=dev)
     xq = torch.empty((m, hidden), dtype=torch.uint8, device=dev)
     xs = torch.empty((m,), dtype=torch.float32, device=dev)
+    o_scratch = torch.empty((constexprs["SLOTS"], m, q_size), dtype=torch.uint8, device=dev)
+    d_scratch = torch.empty((constexprs["SLOTS"], m, inter), dtype=torch.uint8, device=dev)
     tasks = [triton.cdiv(n, ROWS) for n in (hidden, 2 * inter, hidden)]
-    slots = min(tasks[0], tasks[2], QUANT_ONCE_SLOTS)
-    o_scratch = torch.empty((slots, m, q_size), dtype=torch.uint8, device=dev)
-    d_scratch = torch.empty((slots, m, inter), dtype=torch.uint8, device=dev)
-    pdl = use_pdl(attn)
-    o_args = _task_args(config.o, q_size, pdl)
-    g_args = _task_args(config.gate_up, hidden, True)
-    d_args = _task_args(config.down, inter, True)
-    staged = config.o.staged or config.gate_up.staged or config.down.staged
     _mlp_half_kernel[(sum(tasks),)](
         attn, o_weight.view(torch.uint8), o_scale, o_out, o_scratch, residual, res_out, norm_weight, eps, xq, xs,
         gate_up_weight.view(torch.uint8), gate_up_scale, h, down_weight.view(torch.uint8), down_scale, d_scratch, out,
-        task_counters(dev), m, hidden, q_size, inter, *tasks, WARPS=warps,
-        O_CHUNKS=o_args[0], O_W_TILE=o_args[1], O_X_TILE=o_args[2], O_MMA=o_args[3], O_EVEN_K=o_args[4],
-        O_PRELOAD=o_args[5], O_PREFETCH=o_args[6], O_STAGED=o_args[7], O_PIECES=triton.cdiv(q_size, 256 * warps),
-        G_CHUNKS=g_args[0], G_W_TILE=g_args[1], G_X_TILE=g_args[2], G_MMA=g_args[3], G_EVEN_K=g_args[4],
-        G_PRELOAD=g_args[5], G_PREFETCH=g_args[6], G_STAGED=g_args[7],
-        D_CHUNKS=d_args[0], D_W_TILE=d_args[1], D_X_TILE=d_args[2], D_MMA=d_args[3], D_EVEN_K=d_args[4],
-        D_PRELOAD=d_args[5], D_PREFETCH=d_args[6], D_STAGED=d_args[7], D_PIECES=triton.cdiv(inter, 256 * warps),
-        N_PIECES=triton.cdiv(hidden, 256 * warps), STAGED_LAYOUT=_staged_layout_or_none(bool(staged)), SLOTS=slots,
-        FP8_MAX=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE, TICKETS=TICKETS, num_warps=warps, **launch_options(pdl),
+        task_counters(dev), m, hidden, q_size, inter, *tasks, **constexprs, num_warps=config.o.warps,
+        **launch_options(pdl),
     )  # fmt: skip
     return out, res_out
