@@ -34,10 +34,11 @@ import triton.language as tl
 from kernels.pdl import launch_options, use_pdl, wait_then_release
 from kernels.skinny_gemm import _store_rows, _x_row_ptrs
 
-# Rows of x up to which bnb4_linear takes this kernel: one program row of 4. H100, Llama-8B NF4 gate_up (2026-12-05):
-# M = 4 164-206 us against the tile kernel's 798; M = 16 (four program rows, W re-read from L2) 570-1,060, where
-# dequantizing for cuBLAS costs ~160 by its bytes (kernels/codes_dequant.py takes more rows).
-GEMV_MAX_M = 4
+# Rows of x up to which bnb4_linear takes this kernel (4 rows a program row; more re-read W from L2). H100, a
+# Llama-8B layer (qkv + o + gate_up + down, default configs, benchmarks/bench_weight_only_gemm.py, 2026-12-05): NF4
+# at 8 rows 347 us against dequantizing for cuBLAS's 411 (kernels/codes_dequant.py), NVFP4 363 against 566; at 12
+# rows the dequantize path wins NF4 (412 against 512) and NVFP4 is near (566 against 533), at 16 both (676, 698).
+GEMV_MAX_M = 8
 
 
 class CodesGemvConfig(NamedTuple):

@@ -472,6 +472,17 @@ def test_int8_experts_step_within_or_over_whole_groups():
         _int8_block_k(128, 8, 256)
 
 
+def test_codebook_experts_step_64_codes_where_it_divides_k_and_nests_with_the_block():
+    from kernels.fused_moe import _bnb4_block_k
+
+    assert _bnb4_block_k(16, 2048) == 64  # NVFP4: four blocks a step
+    assert _bnb4_block_k(64, 768) == 64  # NF4: one block a step
+    assert _bnb4_block_k(256, 2048) == 64  # a quarter of a block
+    assert _bnb4_block_k(16, 96) == 32  # 64 does not divide K
+    with pytest.raises(ValueError, match="blocks of 48"):
+        _bnb4_block_k(48, 96)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind", ["nf4", "nvfp4"])
 def test_fused_moe_with_bitsandbytes_experts_matches_reference(dtype, kind):
