@@ -213,6 +213,18 @@ def test_gptq_8bit_experts_match_dequantized_model(tmp_path, arch, group, sym):
     assert block.w2_scale.shape == block.w2_offsets.shape == (block.num_experts, groups, block.hidden)
 
 
+@pytest.mark.parametrize("bits, desc_act", [(3, False), (3, True), (2, False)], ids=["3bit", "3bit-act", "2bit"])
+def test_gptq_3_and_2_bit_experts_match_dequantized_model(tmp_path, bits, desc_act):
+    """GPTQ 3- and 2-bit experts: each expert's runs of codes (3-bit: 32 in 3 words, the merged experts' zero points
+    landing by run) unpacked to the 8-bit experts' uint8 codes, the dequantized model's tokens and logprobs."""
+    engine, _ = qc.compare(*qc.write_gptq(tmp_path, 32, desc_act, False, "qwen3_moe", bits=bits,
+                                          moe_intermediate_size=64), logprob_atol=1e-4, dtype="float32")  # fmt: skip
+    block = moe_blocks(engine)[-1]
+    _, _, quant = block.quant_method.experts(block)
+    assert quant.w13_int8 and quant.w2_int8 and block.w13.dtype == torch.uint8
+    assert int(block.w13.max()) < 2**bits and (quant.w13_perm is not None) == desc_act
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_gptq_8bit_act_order_experts_match_dequantized_model(tmp_path, arch):
     """GPTQ 8-bit act-order experts (each expert's own ``g_idx``, shared by its gate and up): each expert's rows
@@ -267,14 +279,14 @@ def test_gptq_dynamic_rules_choose_a_blocks_experts_format_and_refuse_mixed_expe
     the block is built, naming the expert (its experts are stacked, one format)."""
     from core.layers.moe import SparseMoeBlock
     from core.layers.quantization import quant_config_from_hf
-    from core.layers.quantization.gptq8 import GPTQInt8MoEMethod
+    from core.layers.quantization.gptq_bytes import GPTQBytesMoEMethod
 
     def block(dynamic):
         qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "dynamic": dynamic}
         return SparseMoeBlock(64, 64, 4, 2, True, kernel_backend="torch", prefix="model.layers.0.mlp",
                               quant=quant_config_from_hf({"quantization_config": qc}))
 
-    assert isinstance(block({r"+:.*\.experts\..*": {"bits": 8}}).quant_method, GPTQInt8MoEMethod)
+    assert isinstance(block({r"+:.*\.experts\..*": {"bits": 8}}).quant_method, GPTQBytesMoEMethod)
     assert block({r"-:.*\.experts\..*": {}}).quant_method is None
     with pytest.raises(ValueError, match="give expert 2 of model.layers.0.mlp another format than expert 0"):
         block({r"+:.*\.experts\.2\..*": {"bits": 8}})

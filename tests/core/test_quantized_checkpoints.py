@@ -123,6 +123,40 @@ def gptq_pack_zeros(zeros: torch.Tensor) -> torch.Tensor:
     return as_int32(packed)
 
 
+def autogptq_pack(intweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """AutoGPTQ's QuantLinear.pack loop along the first dim for 2 or 3 bits (3: 32 values in 3 words, values 10 and
+    21 split between two words), literally: ``[rows, cols]`` -> ``[rows * bits / 32, cols]`` int32."""
+    intweight = intweight.long()
+    packed = torch.zeros(intweight.shape[0] * bits // 32, intweight.shape[1], dtype=torch.int64)
+    i = row = 0
+    while row < packed.shape[0]:
+        if bits == 2:
+            for j in range(i, i + 16):
+                packed[row] |= intweight[j] << (2 * (j - i))
+            i += 16
+            row += 1
+            continue
+        for j in range(i, i + 10):
+            packed[row] |= intweight[j] << (3 * (j - i))
+        i += 10
+        packed[row] |= intweight[i] << 30
+        row += 1
+        packed[row] |= (intweight[i] >> 2) & 1
+        i += 1
+        for j in range(i, i + 10):
+            packed[row] |= intweight[j] << (3 * (j - i) + 1)
+        i += 10
+        packed[row] |= intweight[i] << 31
+        row += 1
+        packed[row] |= (intweight[i] >> 1) & 0x3
+        i += 1
+        for j in range(i, i + 10):
+            packed[row] |= intweight[j] << (3 * (j - i) + 2)
+        i += 10
+        row += 1
+    return as_int32(packed & 0xFFFFFFFF)
+
+
 def round_to_nearest(w_t: torch.Tensor, group_of_row: torch.Tensor, groups: int, sym: bool, bits: int = 4):
     """Round-to-nearest ``bits``-bit codes of ``w_t [in, out]`` per (group, column): codes, zero points (from 1, so
     GPTQ's v1 ``zero - 1`` never underflows; symmetric: the middle code), fp16 scales, and the dequantized fp32
@@ -165,9 +199,10 @@ def write_awq(tmp: Path, group: int, arch: str = "llama", **overrides) -> tuple[
 
 def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "llama", bits: int = 4,
                checkpoint_format: str = "gptq", lm_head: bool = False, **overrides) -> tuple[Path, Path]:  # fmt: skip
-    """A GPTQ v1 checkpoint (AutoGPTQ's packing: 4-bit codes eight an int32, 8-bit four, input rows in ``qweight``,
-    output columns in ``qzeros``, which hold ``zero - 1``; ``gptq_v2``: the zero points themselves), round-to-nearest
-    per group (-1: one group); ``lm_head``: the LM head quantized too (GPTQModel's ``lm_head: true``)."""
+    """A GPTQ v1 checkpoint (AutoGPTQ's packing: 4-bit codes eight an int32, 8-bit four, 2-bit sixteen, 3-bit
+    thirty-two in three; input rows in ``qweight``, output columns in ``qzeros``, which hold ``zero - 1``;
+    ``gptq_v2``: the zero points themselves), round-to-nearest per group (-1: one group); ``lm_head``: the LM head
+    quantized too (GPTQModel's ``lm_head: true``)."""
     config, state = base_checkpoint(arch=arch, **overrides)
     quant, plain = dict(state), dict(state)
     gen = torch.Generator().manual_seed(group if bits == 4 else group + 8)
@@ -186,8 +221,12 @@ def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "ll
         codes, zeros, scales, deq = round_to_nearest(w_t, g_idx, k // size, sym=sym, bits=bits)
         prefix = name.removesuffix(".weight")
         del quant[name]
-        packed = (gptq_pack_rows(codes), gptq_pack_zeros(zeros + v2)) if bits == 4 else \
-            (pack_bytes(codes), pack_bytes((zeros - 1 + v2).t()).t())
+        if bits == 4:
+            packed = gptq_pack_rows(codes), gptq_pack_zeros(zeros + v2)
+        elif bits == 8:
+            packed = pack_bytes(codes), pack_bytes((zeros - 1 + v2).t()).t()
+        else:
+            packed = autogptq_pack(codes, bits), autogptq_pack((zeros - 1 + v2).t(), bits).t()
         quant |= {f"{prefix}.qweight": packed[0], f"{prefix}.qzeros": packed[1], f"{prefix}.scales": scales,
                   f"{prefix}.g_idx": g_idx.to(torch.int32)}
         plain[name] = deq.t()
@@ -652,20 +691,20 @@ def test_gptq_v2_and_quantized_lm_heads_match_dequantized_model(tmp_path, case):
 def test_gptq_dynamic_rules_give_modules_their_own_format(tmp_path):
     """GPTQModel's ``dynamic`` rules: a ``+:`` rule's modules run 8-bit in groups of 64, a ``-:`` rule's stay 16-bit,
     the rest the config's 4-bit: the dequantized model's tokens and logprobs."""
-    from core.layers.quantization.gptq8 import GPTQInt8LinearMethod
+    from core.layers.quantization.gptq_bytes import GPTQBytesLinearMethod
     from core.layers.quantization.int4 import Int4LinearMethod
 
     engine, _ = compare(*write_gptq_dynamic(tmp_path), logprob_atol=1e-4)
     layers = engine.runner.model.model.layers
     assert layers[0].self_attn.o_proj.quant_method is None
     assert isinstance(layers[0].mlp.gate_up_proj.quant_method, Int4LinearMethod)
-    assert isinstance(layers[1].mlp.down_proj.quant_method, GPTQInt8LinearMethod)
+    assert isinstance(layers[1].mlp.down_proj.quant_method, GPTQBytesLinearMethod)
     assert layers[1].mlp.down_proj.group_size == 64
     assert "2 dynamic rules" in engine.runner.model_config.quantization.summary()
 
 
 @pytest.mark.parametrize("dynamic, message", [
-    ({"+:.*": {"bits": 3}}, "3-bit weights are not supported"), ({"+:.*": {"damp": 0.1}}, r"overrides \['damp'\]"),
+    ({"+:.*": {"bits": 5}}, "5-bit weights are not supported"), ({"+:.*": {"damp": 0.1}}, r"overrides \['damp'\]"),
     ({"+:(": {}}, "not a valid regex")], ids=["bits", "unknown-key", "regex"])  # fmt: skip
 def test_gptq_dynamic_rules_that_cannot_run_fail_naming_them(dynamic, message):
     from core.layers.quantization import quant_config_from_hf
@@ -763,6 +802,35 @@ def test_gptq_8bit_checkpoint_matches_dequantized_model(tmp_path, group, desc_ac
     engine, _ = compare(*write_gptq8(tmp_path, group, desc_act, sym), logprob_atol=1e-4)
     layers = linears(engine)
     assert len(layers) == 2 * 4 and all(layer.weight.dtype == torch.uint8 for layer in layers)
+    assert any(layer.perm is not None for layer in layers) == desc_act
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_gptq_unpacking_inverts_autogptqs_packing(bits):
+    """Every code of a run back from AutoGPTQ's pack loop, the 3-bit codes that straddle two words included, along
+    rows (``qweight``) and columns (``qzeros``)."""
+    from core.layers.quantization.gptq_bytes import unpack_columns, unpack_rows
+
+    codes = torch.randint(0, 2**bits, (64, 40), generator=torch.Generator().manual_seed(bits))
+    packed = autogptq_pack(codes, bits) if bits != 8 else pack_bytes(codes)
+    assert packed.shape == (64 * bits // 32, 40)
+    assert torch.equal(unpack_rows(packed, bits), codes.to(torch.int32))
+    assert torch.equal(unpack_columns(packed.t().contiguous(), bits), codes.t().to(torch.int32))
+
+
+@pytest.mark.parametrize("bits, group, desc_act, sym", [(3, 32, False, True), (3, 64, True, False),
+                                                        (2, 32, False, False), (2, -1, False, True)],
+                         ids=["3bit-g32-sym", "3bit-g64-act-zp", "2bit-g32-zp", "2bit-channel-sym"])
+def test_gptq_3_and_2_bit_checkpoints_match_dequantized_model(tmp_path, bits, group, desc_act, sym):
+    """GPTQ ``bits: 3`` and ``2`` checkpoints (vLLM's GPTQ takes 2, 3, 4, 8): the codes unpacked from their runs
+    (3-bit: 32 codes in 3 words) and held a byte each on the 8-bit kernel, which the summary says; the dequantized
+    model's tokens and logprobs."""
+    engine, _ = compare(*write_gptq(tmp_path, group, desc_act, sym, bits=bits), logprob_atol=1e-4)
+    assert engine.runner.model_config.quantization.summary().startswith(f"gptq {bits}-bit")
+    assert "codes held a byte each" in engine.runner.model_config.quantization.summary()
+    layers = linears(engine)
+    assert len(layers) == 2 * 4 and all(layer.weight.dtype == torch.uint8 for layer in layers)
+    assert all(int(layer.weight.max()) < 2**bits for layer in layers)
     assert any(layer.perm is not None for layer in layers) == desc_act
 
 

@@ -227,10 +227,12 @@ def test_act_order_experts_over_two_ranks_equal_one_device(tmp_path, method):
     assert quant.w13_perm.shape == (block.num_experts, block.hidden) and quant.w13_group == 32
 
 
-@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
-def test_gptq_8bit_checkpoint_over_two_devices_equals_one_device(tmp_path, layout):
-    """GPTQ 8-bit: packed rows cut by whole int32s of 4 codes, zero points and scales by columns or whole groups."""
-    quantized, _ = qc.write_gptq8(tmp_path, 32, False, False)
+@pytest.mark.parametrize("bits, layout", [(8, {"tensor_parallel_size": 2}), (8, {"pipeline_parallel_size": 2}),
+                                          (3, {"tensor_parallel_size": 2})], ids=["tp2", "pp2", "3bit-tp2"])
+def test_gptq_8bit_checkpoint_over_two_devices_equals_one_device(tmp_path, bits, layout):
+    """GPTQ 8-bit: packed rows cut by whole int32s of 4 codes, zero points and scales by columns or whole groups;
+    3-bit by whole runs of 32 codes in 3 int32s (the merged q / k / v zero points landing by run)."""
+    quantized, _ = qc.write_gptq(tmp_path, 32, False, False, bits=bits)
     reference, _ = run(quantized)
     ours, model = run(quantized, **layout)
     assert_same_run(ours, reference)

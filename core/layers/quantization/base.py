@@ -13,8 +13,9 @@ of a merged projection into its slice:
 
 - ``output_dim``: the dim that holds output channels (default 0, like a plain ``[out, in]`` weight); None: the
   parameter is not split by output channel and every shard holds the same copy (GPTQ's ``g_idx``).
-- ``pack_factor``: output channels packed per element along ``output_dim`` (8 for int4 in int32); a shard starting
-  at output channel ``row`` starts at ``row // pack_factor``.
+- ``pack_factor``: output channels packed per element along ``output_dim`` (8 for int4 in int32; a Fraction where
+  a run of codes fills several int32s, GPTQ 3-bit's 32 in 3); a shard starting at output channel ``row`` starts at
+  ``row // pack_factor``.
 - ``shard_offsets``: the parameter holds one value per shard (per-tensor scales); ``row`` picks the entry.
 - ``dummy_fill(tensor, generator)``: how ``--load-format dummy`` fills it (packed ints, valid group indices).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import re
+from fractions import Fraction
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -37,7 +39,8 @@ DummyFill = Callable[[torch.Tensor, torch.Generator], None]
 
 
 def new_parameter(layer: nn.Module, name: str, shape: Sequence[int], dtype: torch.dtype, *,
-                  output_dim: int | None = 0, pack_factor: int = 1, shard_offsets: Sequence[int] | None = None,
+                  output_dim: int | None = 0, pack_factor: int | Fraction = 1,
+                  shard_offsets: Sequence[int] | None = None,
                   dummy_fill: DummyFill | None = None) -> nn.Parameter:  # fmt: skip
     """An uninitialized, frozen parameter registered on ``layer`` with its layout attributes (module docstring)."""
     param = nn.Parameter(torch.empty(tuple(shape), dtype=dtype), requires_grad=False)

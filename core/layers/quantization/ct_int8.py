@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from core.layers.quantization.base import LinearMethod, new_parameter, replace_parameter
-from core.layers.quantization.gptq8 import unpack_int8_columns
+from core.layers.quantization.gptq_bytes import unpack_int8_columns
 from core.layers.quantization.int4 import (CompressedTensorsInt4Config, Int4MoEMethod, _fill_random_int32,
                                            _fill_scales, natural_groups, regrouped_expert_rows, rows_in_group_order)
 from kernels.fused_moe import ExpertQuant

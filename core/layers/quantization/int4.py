@@ -55,7 +55,8 @@ def _bits_and_group(qc: dict[str, Any], method: str) -> tuple[int, int]:
 
 
 class _Int4Config(QuantConfig):
-    pack = PACK  # codes per int32 (GPTQ 8-bit: 4)
+    pack = PACK  # codes a packed run holds (GPTQ 8-bit: 4; 3-bit: 32)
+    pack_words = 1  # int32s a packed run fills (GPTQ 3-bit: 3)
     zero_offset = 1  # GPTQ's qzeros hold ``zero - zero_offset``: v1 stores zero - 1, v2 (gptq_v2) the zero itself
 
     def __init__(self, *, group_size: int, zero_point: bool, desc_act: bool = False,
@@ -98,15 +99,19 @@ class _Int4Config(QuantConfig):
         def units(size: int, what: str) -> tuple[int, int]:
             return whole_units(self.name, layer, parallel, start, length, size, what)
 
+        def packed_words() -> tuple[int, int]:
+            first, count = units(self.pack, f"runs of {self.pack} packed codes")
+            return first * self.pack_words, count * self.pack_words
+
         if parallel == "column":  # output features: the last dim of every tensor but g_idx
             if suffix == "g_idx":
                 return tensor
             packed = suffix == "qzeros" or (suffix == "qweight" and self.layout == "awq")
-            first, count = units(self.pack, f"int32s of {self.pack} codes") if packed else (start, length)
+            first, count = packed_words() if packed else (start, length)
             return tensor.narrow(1, first, count)
         group = self.group_size
         if suffix == "qweight":
-            first, count = (start, length) if self.layout == "awq" else units(self.pack, f"int32s of {self.pack} codes")
+            first, count = (start, length) if self.layout == "awq" else packed_words()
             return tensor.narrow(0, first, count)
         if group == -1:  # one group over every input feature: each rank's rows use it
             return tensor.narrow(0, start, length) if suffix == "g_idx" else tensor
@@ -130,9 +135,10 @@ class _Int4Config(QuantConfig):
             runs = order.reshape(-1, self.pack)
             if not (torch.equal(runs - runs[:, :1], torch.arange(self.pack).expand_as(runs))
                     and bool((runs[:, 0] % self.pack == 0).all())):  # fmt: skip
-                raise ValueError(f"{self.name}: {name} packs {self.pack} output features an int32, and the family's "
-                                 "reordering of them does not move whole int32s.")
-            order = runs[:, 0] // self.pack
+                raise ValueError(f"{self.name}: {name} packs {self.pack} output features a run of int32s, and the "
+                                 "family's reordering of them does not move whole runs.")
+            first_words = runs[:, 0] // self.pack * self.pack_words
+            order = (first_words[:, None] + torch.arange(self.pack_words)).flatten()
         return tensor[:, order.to(tensor.device)]
 
     def moe_method(self, prefix: str) -> Int4MoEMethod | None:
@@ -160,26 +166,34 @@ class AWQConfig(_Int4Config):
                    skipped=qc.get("modules_to_not_convert") or ())
 
 
+GPTQ_BITS = (2, 3, 4, 8)  # 4: the int4 kernels; 2, 3 and 8: codes held a byte each (gptq_bytes.py)
+
+
 class GPTQConfig(_Int4Config):
     name = "gptq"
+    bits = 4
     # GPTQModel's ``dynamic`` per-module rules, in order: (leave 16-bit, regex, overrides of bits / group_size /
     # desc_act / sym); the first whose regex matches a module's checkpoint name from its start decides it
     dynamic_rules: tuple[tuple[bool, str, dict[str, Any]], ...] = ()
 
     def module_config(self, name: str) -> GPTQConfig | None:
         """The config the ``dynamic`` rules give checkpoint module ``name``: None where a ``-:`` rule leaves it 16-bit,
-        a copy with a rule's overrides (its own method: 4- or 8-bit), else this config."""
+        a copy with a rule's overrides (its own method: the int4 kernels at 4 bits, byte codes at 2, 3 or 8), else
+        this config."""
         for skip, pattern, overrides in self.dynamic_rules:
             if re.match(pattern, name):
                 return None if skip else self._overridden(overrides)
         return self
 
     def _overridden(self, overrides: dict[str, Any]) -> GPTQConfig:
-        from core.layers.quantization.gptq8 import GPTQInt8Config
+        from core.layers.quantization.gptq_bytes import GPTQBytesConfig
 
-        bits = int(overrides.get("bits", 8 if self.pack == 4 else 4))
+        bits = int(overrides.get("bits", self.bits))
         part = copy.copy(self)
-        part.__class__ = GPTQInt8Config if bits == 8 else GPTQConfig
+        part.__dict__.pop("bits", None)
+        part.__class__ = GPTQConfig if bits == 4 else GPTQBytesConfig
+        if bits != 4:
+            part.bits = bits
         part.group_size = int(overrides.get("group_size", self.group_size))
         part.zero_point = not overrides.get("sym", not self.zero_point)
         part.desc_act = bool(overrides.get("desc_act", self.desc_act))
@@ -237,13 +251,14 @@ class GPTQConfig(_Int4Config):
     @classmethod
     def from_hf(cls, qc: dict[str, Any]) -> QuantConfig:
         bits = int(qc.get("bits", 4))
-        if bits not in (4, 8):
-            raise ValueError(f"GPTQ with {bits}-bit weights is not supported; supported: 4-bit and 8-bit.")
-        if bits == 8:
+        if bits not in GPTQ_BITS:
+            raise ValueError(f"GPTQ with {bits}-bit weights is not supported; supported: "
+                             f"{', '.join(f'{b}-bit' for b in GPTQ_BITS)}.")
+        if bits != 4:
             _check_gptq_options(qc)
-            from core.layers.quantization.gptq8 import GPTQInt8Config
+            from core.layers.quantization.gptq_bytes import GPTQBytesConfig
 
-            return GPTQInt8Config.from_hf(qc)
+            return GPTQBytesConfig.from_hf(qc)
         _, group = _bits_and_group(qc, "GPTQ")
         _check_gptq_options(qc)
         config = cls(group_size=group, zero_point=not qc.get("sym", True), desc_act=bool(qc.get("desc_act", False)))
@@ -281,8 +296,9 @@ def _dynamic_rules(dynamic: Any) -> tuple[tuple[bool, str, dict[str, Any]], ...]
             raise ValueError(f"GPTQ dynamic rule {key!r} overrides {unknown}, which are not supported; supported: "
                              f"{', '.join(_RULE_OVERRIDES)}.")
         bits, group = overrides.get("bits", 4), int(overrides.get("group_size", 32))
-        if bits not in (4, 8):
-            raise ValueError(f"GPTQ dynamic rule {key!r}: {bits}-bit weights are not supported; supported: 4, 8.")
+        if bits not in GPTQ_BITS:
+            raise ValueError(f"GPTQ dynamic rule {key!r}: {bits}-bit weights are not supported; supported: "
+                             f"{', '.join(map(str, GPTQ_BITS))}.")
         if group != -1 and (group <= 0 or group % 32):
             raise ValueError(f"GPTQ dynamic rule {key!r}: group_size {group} is not supported; supported: multiples "
                              "of 32, or -1.")
@@ -292,7 +308,7 @@ def _dynamic_rules(dynamic: Any) -> tuple[tuple[bool, str, dict[str, Any]], ...]
 
 def _rule_key(config: GPTQConfig | None) -> tuple | None:
     """What tells two configs' formats apart (None: 16-bit)."""
-    return None if config is None else (type(config), config.group_size, config.zero_point, config.desc_act)
+    return None if config is None else (config.bits, config.group_size, config.zero_point, config.desc_act)
 
 
 def gptq_checkpoint_options(config: GPTQConfig, qc: dict[str, Any]) -> GPTQConfig:
