@@ -1119,6 +1119,7 @@ GPU_CASES = {"awq": lambda tmp: write_awq(tmp, 64), "gptq-act": lambda tmp: writ
              "fp8": lambda tmp: write_fp8(tmp, "fp8"), "fp8-ct-static": lambda tmp: write_fp8(tmp, "ct-tensor-static"),
              "fp8-block": lambda tmp: write_fp8(tmp, "block"), "bnb-nf4": lambda tmp: write_bnb(tmp, "nf4", True),
              "bnb-int8": lambda tmp: write_bnb8(tmp), "gptq8-act": lambda tmp: write_gptq8(tmp, 32, True, False),
+             "gptq3-act": lambda tmp: write_gptq(tmp, 32, True, False, bits=3),
              "ct-w8a16-g32-act": lambda tmp: write_ct_int8(tmp, 32, True),
              "ct-w8a8-channel": lambda tmp: write_ct_int8(tmp, -1, False, "int-quantized", "dynamic"),
              "fp8-ct-w8a16": lambda tmp: write_fp8(tmp, "ct-channel-w8a16"),
