@@ -7,10 +7,11 @@ loaded like any other: w8a16), and ``awq-rtn`` (int4 in AutoAWQ's GEMM layout, r
 per group of ``--group-size`` input rows: the weights are quantized here and written as a real AWQ checkpoint, then
 loaded like any other; AutoAWQ's activation-aware scaling would only do better), ``bnb-nf4`` (``--quantization
 bitsandbytes``: NF4 in blocks of 64 at load), ``bnb-int8`` (a bitsandbytes 8-bit checkpoint written here: int8 rows
-and their absmax, run w8a16), ``gptq8-rtn`` (a GPTQ 8-bit checkpoint, round-to-nearest uint8 codes with zero points
-per group of ``--group-size``) and ``ct-w8a16`` (compressed-tensors W8A16 ``pack-quantized``, symmetric int8 per
-channel, as llm-compressor's W8A16 scheme; its W8A8 releases hold the same weights), ``nvfp4`` (a ModelOpt NVFP4
-checkpoint: e2m1 weights, an fp8 scale per 16 and a global scale, run w4a16). For a GGUF model, ``gguf`` keeps
+and their absmax, run w8a16), ``gptq8-rtn`` / ``gptq3-rtn`` / ``gptq2-rtn`` (a GPTQ 8-, 3- or 2-bit checkpoint,
+round-to-nearest codes with zero points per group of ``--group-size``) and ``ct-w8a16`` (compressed-tensors W8A16
+``pack-quantized``, symmetric int8 per channel, as llm-compressor's W8A16 scheme; its W8A8 releases hold the same
+weights), ``nvfp4`` (a ModelOpt NVFP4 checkpoint: e2m1 weights, an fp8 scale per 16 and a global scale, run
+w4a16). For a GGUF model, ``gguf`` keeps
 its blocks (dequantized per call on CPU, the block GEMM on CUDA), and ``gguf-int4`` also repacks its Q4_0 / Q4_1 /
 Q4_K linear layers for the int4 kernels and its expert stacks as CUDA does (``repack_for_int4_kernels``,
 ``repack_experts``, on any device here: int4 scales and zero points or offsets rounded to the model dtype, the cost
@@ -38,8 +39,8 @@ from benchmarks.json_lines import append_json_line
 from core.layers.quantization import weight_bytes
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "w6_passages.txt"
-METHODS = ("fp8", "fp8-block", "awq-rtn", "gptq8-rtn", "ct-w8a16", "nvfp4", "bnb-nf4", "bnb-int8", "gguf",
-           "gguf-int4")
+GPTQ_RTN = {"gptq8-rtn": 8, "gptq3-rtn": 3, "gptq2-rtn": 2}  # method -> bits
+METHODS = ("fp8", "fp8-block", "awq-rtn", *GPTQ_RTN, "ct-w8a16", "nvfp4", "bnb-nf4", "bnb-int8", "gguf", "gguf-int4")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -128,34 +129,44 @@ def write_fp8_blocks(source, directory: Path, block: int) -> Path:
     return write_quantized(source, directory, quantize, config, torch.bfloat16)
 
 
-def pack_bytes(codes: torch.Tensor, dim: int) -> torch.Tensor:
-    """8-bit codes (0..255) four an int32 along ``dim``: index ``4p + i`` in byte ``i`` of word ``p`` (GPTQ's rows
-    and zero points, compressed-tensors' ``pack_to_int32``)."""
+def pack_codes(codes: torch.Tensor, dim: int, bits: int = 8) -> torch.Tensor:
+    """``bits``-bit codes packed along ``dim`` in GPTQ's runs (``PACKINGS``: 8-bit four an int32, index ``4p + i``
+    in byte ``i`` of word ``p``, as compressed-tensors' ``pack_to_int32`` too; 3-bit 32 in 3 int32s, 2-bit 16 in
+    one), each run's words one little-endian bit stream of its codes."""
+    from core.layers.quantization.gptq_bytes import PACKINGS
+
+    count, words = PACKINGS[bits]
     codes = codes.long().movedim(dim, 0)
-    packed = torch.zeros(codes.shape[0] // 4, *codes.shape[1:], dtype=torch.int64)
-    for i in range(4):
-        packed |= codes[i::4] << (8 * i)
+    runs = codes.reshape(codes.shape[0] // count, count, *codes.shape[1:])
+    packed = torch.zeros(runs.shape[0], words, *codes.shape[1:], dtype=torch.int64)
+    for j in range(count):
+        word, shift = divmod(bits * j, 32)
+        packed[:, word] |= (runs[:, j] << shift) & 0xFFFFFFFF
+        if shift + bits > 32:
+            packed[:, word + 1] |= runs[:, j] >> (32 - shift)
+    packed = packed.reshape(-1, *codes.shape[1:])
     packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # the same bits as int32
     return packed.movedim(0, dim).contiguous()
 
 
-def write_gptq8_rtn(source, directory: Path, group_size: int) -> Path:
-    """The reference weights as a GPTQ 8-bit checkpoint (round-to-nearest uint8 codes with zero points per group of
+def write_gptq_rtn(source, directory: Path, group_size: int, bits: int = 8) -> Path:
+    """The reference weights as a GPTQ ``bits``-bit checkpoint (round-to-nearest codes with zero points per group of
     ``group_size`` input rows, fp16 scales; v1's ``zero - 1`` in ``qzeros``)."""
+    top = 2**bits - 1
 
     def quantize(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         w_t = tensor.float().t()  # [in, out]
         rows = w_t.reshape(w_t.shape[0] // group_size, group_size, w_t.shape[1])
         lo, hi = rows.amin(1).clamp(max=0), rows.amax(1).clamp(min=0)
-        scales = ((hi - lo) / 254).clamp(min=1e-8).half()
-        zeros = (torch.round(-lo / scales.float()) + 1).clamp(1, 255)  # from 1: v1's ``zero - 1`` never underflows
-        codes = torch.clamp(torch.round(rows / scales.float()[:, None]) + zeros[:, None], 0, 255)
+        scales = ((hi - lo) / (top - 1)).clamp(min=1e-8).half()
+        zeros = (torch.round(-lo / scales.float()) + 1).clamp(1, top)  # from 1: v1's ``zero - 1`` never underflows
+        codes = torch.clamp(torch.round(rows / scales.float()[:, None]) + zeros[:, None], 0, top)
         prefix = name.removesuffix(".weight")
-        return {f"{prefix}.qweight": pack_bytes(codes.reshape(w_t.shape).long(), 0),
-                f"{prefix}.qzeros": pack_bytes(zeros.long() - 1, 1), f"{prefix}.scales": scales,
+        return {f"{prefix}.qweight": pack_codes(codes.reshape(w_t.shape).long(), 0, bits),
+                f"{prefix}.qzeros": pack_codes(zeros.long() - 1, 1, bits), f"{prefix}.scales": scales,
                 f"{prefix}.g_idx": (torch.arange(w_t.shape[0]) // group_size).to(torch.int32)}
 
-    config = {"quant_method": "gptq", "bits": 8, "group_size": group_size, "desc_act": False, "sym": False,
+    config = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": False,
               "checkpoint_format": "gptq"}
     return write_quantized(source, directory, quantize, config, torch.float16)
 
@@ -169,7 +180,7 @@ def write_ct_w8a16(source, directory: Path) -> Path:
         scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-8).to(torch.bfloat16)
         codes = torch.clamp(torch.round(w / scale.float()), -127, 127).long() + 128
         prefix = name.removesuffix(".weight")
-        return {f"{prefix}.weight_packed": pack_bytes(codes, 1), f"{prefix}.weight_scale": scale,
+        return {f"{prefix}.weight_packed": pack_codes(codes, 1), f"{prefix}.weight_scale": scale,
                 f"{prefix}.weight_shape": torch.tensor(list(w.shape))}
 
     config = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
@@ -265,7 +276,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="tokenizer of the text (default: the model's)")
     p.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text scored (from its start)")
     p.add_argument("--group-size", type=int, default=64,
-                   help="awq-rtn / gptq8-rtn group size (must divide every input size)")
+                   help="awq-rtn / gptq*-rtn group size (must divide every input size)")
     p.add_argument("--fp8-block", type=int, default=64,
                    help="fp8-block's square block (must divide the merged projections' parts; 128 in Qwen3 FP8)")
     p.add_argument("--dtype", default="auto")
@@ -300,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                 runner = load_runner(args.model, args, quantization="bitsandbytes")
             elif method == "bnb-int8":
                 runner = load_runner(str(write_bnb_int8(source, Path(tmp) / "bnb-int8")), args)
-            elif method == "gptq8-rtn":
-                runner = load_runner(str(write_gptq8_rtn(source, Path(tmp) / "gptq8", args.group_size)), args)
+            elif method in GPTQ_RTN:
+                path = write_gptq_rtn(source, Path(tmp) / method, args.group_size, GPTQ_RTN[method])
+                runner = load_runner(str(path), args)
             elif method == "nvfp4":
                 runner = load_runner(str(write_nvfp4(source, Path(tmp) / "nvfp4")), args)
             elif method == "ct-w8a16":
