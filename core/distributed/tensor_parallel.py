@@ -51,6 +51,9 @@ def check_layout(cfg: ModelConfig, tp: int, pp: int = 1) -> None:
         problems.append(f"num_attention_heads={cfg.num_heads} is not divisible by it")
     if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
         problems.append(f"num_key_value_heads={cfg.num_kv_heads} neither divides it nor is divisible by it")
+    if quantized_lm_head(cfg) and cfg.vocab_size % tp:
+        problems.append(f"the checkpoint's quantized lm_head has vocab_size={cfg.vocab_size} rows, not divisible by it "
+                        "(a 16-bit head's last rank is padded with zero rows; a quantized one's packed rows are not)")
     has_dense_mlp = not isinstance(cfg, MoeConfig) or not all(cfg.sparse_layers)
     if has_dense_mlp and cfg.intermediate_size % tp:
         problems.append(f"intermediate_size={cfg.intermediate_size} is not divisible by it")
@@ -136,10 +139,19 @@ def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], full: ModelConfig
             yield name, cut(name, tensor, dim, rank * inter, inter)
         elif module in rules:
             yield name, cut(name, tensor, *rules[module])
+        elif module == "lm_head" and quantized_lm_head(full):  # the rank's rows: whole vocab_rows (check_layout)
+            yield name, cut(name, tensor, 0, rank * vocab_rows, vocab_rows)
         elif module in ("embed_tokens", "lm_head"):
             yield name, _vocab_rows(tensor, rank * vocab_rows, vocab_rows)
         else:
             yield name, tensor
+
+
+def quantized_lm_head(cfg: ModelConfig) -> bool:
+    """Whether the model's untied LM head is a quantized checkpoint layer (GPTQ's ``lm_head: true``, ...), whose
+    tensors the method cuts as a column-parallel layer's; GGUF's head kept in blocks is cut by vocabulary rows."""
+    return (not cfg.tie_word_embeddings and cfg.quantization is not None
+            and getattr(cfg.quantization, "quantized_lm_head", False))
 
 
 def _vocab_rows(tensor: torch.Tensor, start: int, rows: int) -> torch.Tensor:

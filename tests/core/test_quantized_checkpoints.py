@@ -714,12 +714,6 @@ def test_gptq_dynamic_rules_that_cannot_run_fail_naming_them(dynamic, message):
         quant_config_from_hf({"quantization_config": qc})
 
 
-def test_a_quantized_lm_head_over_tensor_parallel_ranks_fails_naming_it(tmp_path):
-    quantized, _ = write_gptq(tmp_path, 32, False, True, lm_head=True)
-    with pytest.raises(ValueError, match="a quantized lm_head cannot be split over tensor-parallel ranks"):
-        make_engine(quantized, device="cpu", tensor_parallel_size=2)
-
-
 def test_compressed_tensors_sparse_checkpoints_load_dense_or_fail_naming_the_format(tmp_path):
     """A compressed-tensors checkpoint with only a ``sparsity_config`` whose weights are stored dense (2:4 sparse
     Llamas) loads unquantized, its tokens those of the same weights without the config; sparse weights stored

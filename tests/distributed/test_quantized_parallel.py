@@ -252,6 +252,31 @@ def test_gptq_8bit_act_order_over_two_ranks_equals_one_device(tmp_path):
     assert o_proj.group_size == 32 and o_proj.perm.numel() > 64
 
 
+@pytest.mark.parametrize("case", ["gptq-head", "gptq3-head", "ct-int8-head"])
+def test_quantized_lm_head_over_two_ranks_equals_one_device(tmp_path, case):
+    """An LM head the checkpoint quantized (GPTQ's ``lm_head: true``; a compressed-tensors scheme that does not
+    ignore it) cut by vocabulary rows as a column-parallel layer's outputs (GPTQ's packed zero points by whole
+    runs), each rank's logits gathered: one device's tokens and logprobs."""
+    quantized, _ = {"gptq-head": lambda: qc.write_gptq(tmp_path, 32, False, True, lm_head=True),
+                    "gptq3-head": lambda: qc.write_gptq(tmp_path, 32, False, False, bits=3, lm_head=True),
+                    "ct-int8-head": lambda: qc.write_ct_int8(tmp_path, -1, False, lm_head=True)}[case]()
+    reference, _ = run(quantized)
+    ours, model = run(quantized, tensor_parallel_size=2)
+    assert_same_run(ours, reference)
+    assert model.lm_head.quant_method is not None and model.lm_head.out_features == 384 // 2
+
+
+def test_a_quantized_lm_head_whose_vocabulary_does_not_split_evenly_is_named(tmp_path):
+    """A 16-bit head's last rank is padded with zero rows; a quantized head's packed rows are not: startup names it."""
+    from core.distributed.tensor_parallel import check_layout
+
+    quantized, _ = qc.write_gptq(tmp_path, 32, False, True, lm_head=True)
+    config = json.loads((quantized / "config.json").read_text())
+    check_layout(ModelConfig.from_hf_dict(config), 2)  # 384 rows: 192 a rank
+    with pytest.raises(ValueError, match="quantized lm_head has vocab_size=385 rows, not divisible by it"):
+        check_layout(ModelConfig.from_hf_dict({**config, "vocab_size": 385}), 2)
+
+
 def test_bitsandbytes_experts_over_two_ranks_equal_one_device(tmp_path):
     """bitsandbytes 4-bit experts cut by their intermediate dimension (gate / up rows, down's whole 64-weight
     blocks of inputs): the split Mixtral computes one device's numbers."""

@@ -180,13 +180,10 @@ class QuantConfig(ABC):
     def lm_head(self, hidden_size: int, vocab_size: int, backend: str) -> nn.Module | None:
         """The untied LM head the checkpoint quantized (``quantized_lm_head``): a ``Linear`` of this method's whose
         ``compute_logits`` upcasts its product to fp32 (``core/layers/linear.py: QuantizedLMHead``); None: a 16-bit
-        head."""
+        head. Under tensor parallelism ``vocab_size`` is the rank's rows, cut from the checkpoint as a column-parallel
+        layer's outputs (``shard_tensor``)."""
         if not self.quantized_lm_head:
             return None
-        if self.tp_size > 1:
-            raise ValueError(f"{self.name}: a quantized lm_head cannot be split over tensor-parallel ranks (its "
-                             "vocabulary rows are packed by the method's layout); supported: tensor_parallel_size 1, "
-                             "or pipeline parallelism.")
         from core.layers.linear import QuantizedLMHead
 
         return QuantizedLMHead(hidden_size, vocab_size, backend, self.linear_method("lm_head"))
