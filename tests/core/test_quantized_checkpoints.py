@@ -984,6 +984,52 @@ def test_fbgemm_fp8_checkpoint_runs_as_the_per_channel_dynamic_layout(tmp_path):
     assert engine.runner.model_config.quantization.summary().startswith("fp8 (checkpoint, channel weight scales")
 
 
+def test_modelopt_fp8_per_channel_per_token_runs_as_the_per_channel_dynamic_layout(tmp_path):
+    """ModelOpt ``FP8_PER_CHANNEL_PER_TOKEN`` (vLLM's too): a ``weight_scale`` ``[out]`` per output channel, no input
+    scale: the same tokens and logprobs as those tensors under compressed-tensors FP8_DYNAMIC (``[out, 1]``)."""
+    from safetensors.torch import load_file
+
+    quantized, _ = write_fp8(tmp_path, "ct-channel")
+    config = json.loads((quantized / "config.json").read_text())
+    tensors = load_file(str(quantized / "model.safetensors"))
+    tensors = {n: t.reshape(-1) if n.endswith(".weight_scale") else t for n, t in tensors.items()}
+    del config["quantization_config"]
+    path = save(tmp_path / "modelopt-pcpt", config | {"quantization_config": {
+        "quant_method": "modelopt", "quant_algo": "fp8_per_channel_per_token", "exclude_modules": ["lm_head"]}},
+        tensors)  # fmt: skip
+    engine, _ = compare(path, quantized, logprob_atol=1e-6)
+    assert engine.runner.model_config.quantization.summary().startswith("fp8 (checkpoint, channel weight scales, "
+                                                                        "dynamic per-token")
+
+
+def write_modelopt_fp8_blocks(tmp: Path, hidden: int = 256) -> tuple[Path, Path]:
+    """A ModelOpt ``FP8_PB_WO`` checkpoint (fp8 weights, a ``weight_scale`` ``[out / 128, 1, in / 128, 1]`` per 128 x
+    128 block) of a ``hidden``-wide Llama (256: q / k / v 256 / 128 / 128 rows, whole blocks), and the same weights
+    and scales in the Qwen3 / DeepSeek block layout (``weight_block_size``, ``weight_scale_inv`` ``[out / 128, in /
+    128]``)."""
+    from kernels.fp8_block_gemm import quantize_fp8_blocks
+
+    config, state = base_checkpoint(hidden=hidden)
+    modelopt, blocks = dict(state), dict(state)
+    for name in quantized_layers(state):
+        q, scale = quantize_fp8_blocks(state[name], (128, 128))
+        prefix = name.removesuffix(".weight")
+        modelopt |= {name: q, f"{prefix}.weight_scale": scale.reshape(scale.shape[0], 1, scale.shape[1], 1)}
+        blocks |= {name: q, f"{prefix}.weight_scale_inv": scale}
+    return (save(tmp / "modelopt-pbwo", config | {"quantization_config": {
+                "quant_method": "modelopt", "quant_algo": "FP8_PB_WO", "exclude_modules": ["lm_head"]}}, modelopt),
+            save(tmp / "fp8-blocks-128", config | {"quantization_config": {
+                "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}, blocks))
+
+
+def test_modelopt_fp8_per_block_weight_only_runs_as_the_block_layout(tmp_path):
+    """ModelOpt ``FP8_PB_WO`` (vLLM's too), activations 16-bit: the same tokens and logprobs as its weights and
+    scales in the Qwen3 / DeepSeek block layout (:func:`write_modelopt_fp8_blocks`)."""
+    engine, _ = compare(*write_modelopt_fp8_blocks(tmp_path), logprob_atol=1e-6)
+    assert "128x128 block weight scales" in engine.runner.model_config.quantization.summary()
+    assert all(layer.weight_scale.dim() == 2 for layer in linears(engine))
+
+
 def test_modelopt_fp8_lm_head_not_excluded_is_quantized(tmp_path):
     """A ModelOpt FP8 export whose ``exclude_modules`` leaves the LM head out holds it in fp8 too: it loads as a
     quantized head (fp32 logits), within fp8's error of the same head dequantized."""

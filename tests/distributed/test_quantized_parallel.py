@@ -277,6 +277,16 @@ def test_a_quantized_lm_head_whose_vocabulary_does_not_split_evenly_is_named(tmp
         check_layout(ModelConfig.from_hf_dict({**config, "vocab_size": 385}), 2)
 
 
+def test_modelopt_fp8_blocks_over_two_ranks_equal_one_device(tmp_path):
+    """ModelOpt FP8_PB_WO's 4-D block scales ``[out / 128, 1, in / 128, 1]`` cut by rows of blocks (column-parallel)
+    or by their third dim (o / down: row-parallel); 512 wide, so each rank's k / v rows are a whole block."""
+    quantized, _ = qc.write_modelopt_fp8_blocks(tmp_path, hidden=512)
+    reference, _ = run(quantized)
+    ours, model = run(quantized, tensor_parallel_size=2)
+    assert_same_run(ours, reference)
+    assert model.model.layers[0].mlp.down_proj.weight_scale.shape == (512 // 128, 128 // 128)  # 128 of 256 inputs
+
+
 def test_bitsandbytes_experts_over_two_ranks_equal_one_device(tmp_path):
     """bitsandbytes 4-bit experts cut by their intermediate dimension (gate / up rows, down's whole 64-weight
     blocks of inputs): the split Mixtral computes one device's numbers."""

@@ -51,14 +51,17 @@ class Fp8Config(QuantConfig):
 
     def __init__(self, *, serialized: bool, weight_strategy: str = "channel", static_activations: bool = False,
                  ignored: Sequence[str] = (), block: tuple[int, int] | None = None,
-                 block_scale_name: str = "weight_scale_inv", weight_only: bool = False) -> None:  # fmt: skip
+                 block_scale_name: str = "weight_scale_inv", weight_only: bool = False,
+                 modelopt_scales: bool = False) -> None:  # fmt: skip
         """``serialized``: the checkpoint holds fp8 weights (else they are quantized at load); ``weight_strategy``:
         ``tensor`` (one scale per tensor), ``channel`` or ``block`` (one per ``block = (rows, columns)`` of the
         weight, in the checkpoint tensor ``block_scale_name``; run w8a16, ``kernels/fp8_block_gemm.py``);
         ``static_activations``: the checkpoint's ``input_scale`` is used instead of per-token dynamic scales;
         ``ignored``: layers left unquantized (names or ``re:``); ``weight_only``: a W8A16 checkpoint (compressed-tensors
         fp8 weights per tensor or channel, activations left 16-bit), run w8a16 on the block kernel with a scale per
-        output row (a block of one row by every input)."""
+        output row (a block of one row by every input); ``modelopt_scales``: ModelOpt's scale shapes, ``[out]`` per
+        channel and ``[out / block, 1, in / block, 1]`` per block (else ``[out, 1]`` and ``[out / block, in /
+        block]``)."""
         self.serialized = serialized
         self.weight_only = weight_only
         self.weight_strategy = weight_strategy
@@ -66,6 +69,7 @@ class Fp8Config(QuantConfig):
         self.ignored = tuple(ignored)
         self.block = block
         self.block_scale_name = block_scale_name
+        self.modelopt_scales = modelopt_scales
 
     @classmethod
     def online(cls) -> Fp8Config:
@@ -135,15 +139,26 @@ class Fp8Config(QuantConfig):
 
     @classmethod
     def from_modelopt(cls, qc: dict[str, Any]) -> Fp8Config:
-        """NVIDIA ModelOpt's FP8 checkpoints (``quant_method: modelopt``, ``quant_algo: FP8``, e.g. the nvidia/*-FP8
-        releases): fp8 ``weight`` with a per-tensor ``weight_scale`` and a static per-tensor ``input_scale``, the
-        ``quant_method: fp8`` static layout; ``exclude_modules`` (names or ``*`` wildcards) stay 16-bit, and
+        """NVIDIA ModelOpt's FP8 checkpoints (``quant_method: modelopt``): ``quant_algo: FP8`` (e.g. the nvidia/*-FP8
+        releases: fp8 ``weight`` with a per-tensor ``weight_scale`` and a static per-tensor ``input_scale``, the
+        ``quant_method: fp8`` static layout), ``FP8_PER_CHANNEL_PER_TOKEN`` (a ``weight_scale`` per output channel,
+        dynamic per-token activations) and ``FP8_PB_WO`` (weight-only, a ``weight_scale`` per 128 x 128 block, run
+        w8a16 like the other block layouts); ``exclude_modules`` (names or ``*`` wildcards) stay 16-bit, and
         ``kv_cache_quant_algo: FP8`` checkpoints carry ``k_scale`` / ``v_scale``, read when the cache is fp8."""
         algo = str(qc.get("quant_algo") or "").upper()
-        if algo != "FP8":
+        if algo == "FP8":
+            config = cls(serialized=True, weight_strategy="tensor", static_activations=True,
+                         ignored=modelopt_excluded(qc))
+        elif algo == "FP8_PER_CHANNEL_PER_TOKEN":  # the FP8_DYNAMIC layout with [out] scales
+            config = cls(serialized=True, weight_strategy="channel", ignored=modelopt_excluded(qc),
+                         modelopt_scales=True)
+        elif algo == "FP8_PB_WO":  # weight-only 128 x 128 blocks (vLLM's size too), scales [out/128, 1, in/128, 1]
+            config = cls(serialized=True, weight_strategy="block", block=MODELOPT_FP8_BLOCK,
+                         block_scale_name="weight_scale", ignored=modelopt_excluded(qc), modelopt_scales=True)
+        else:
             raise ValueError(f"ModelOpt quant_algo {qc.get('quant_algo')!r} is not supported; supported: FP8 "
-                             "(per-tensor fp8 weights with static activation scales), NVFP4.")
-        config = cls(serialized=True, weight_strategy="tensor", static_activations=True, ignored=modelopt_excluded(qc))
+                             "(per-tensor fp8 weights with static activation scales), FP8_PER_CHANNEL_PER_TOKEN, "
+                             "FP8_PB_WO (128 x 128 weight blocks), NVFP4.")
         config.quantized_lm_head = not config.is_ignored("lm_head")  # ModelOpt quantizes every Linear not excluded
         return config
 
@@ -168,7 +183,8 @@ class Fp8Config(QuantConfig):
                 raise ValueError(f"fp8: {name.rsplit('.', 1)[0]} cannot be split over the ranks: each rank's {length} "
                                  f"{'output' if parallel == 'column' else 'input'} features (from {start}) are not "
                                  f"whole {size}-wide scale blocks; use fewer ranks.")
-            return tensor.narrow(0 if parallel == "column" else 1, start // size, length // size)
+            dim = 0 if parallel == "column" else (2 if tensor.dim() == 4 else 1)  # ModelOpt: [rows, 1, columns, 1]
+            return tensor.narrow(dim, start // size, length // size)
         if name.endswith((".weight_scale", ".input_scale")):
             if tensor.numel() == 1 or parallel == "row" or name.endswith(".input_scale"):
                 return tensor
@@ -186,11 +202,14 @@ class Fp8Config(QuantConfig):
         if self.weight_strategy == "block":
             block_n, block_k = self.block
             blocks = (-(-sum(sizes) // block_n), -(-in_features // block_k))
+            if self.modelopt_scales:
+                blocks = (blocks[0], 1, blocks[1], 1)
             new_parameter(holder, f"{prefix}{self.block_scale_name}", blocks, torch.float32, pack_factor=block_n,
                           dummy_fill=_fill_scale)
             return
         if self.weight_strategy == "channel":
-            new_parameter(holder, f"{prefix}weight_scale", (sum(sizes), 1), torch.float32, dummy_fill=_fill_scale)
+            shape = (sum(sizes),) if self.modelopt_scales else (sum(sizes), 1)
+            new_parameter(holder, f"{prefix}weight_scale", shape, torch.float32, dummy_fill=_fill_scale)
         else:
             new_parameter(holder, f"{prefix}weight_scale", (len(sizes),), torch.float32,
                           shard_offsets=shard_starts(sizes), dummy_fill=_fill_scale)
@@ -207,6 +226,8 @@ class Fp8Config(QuantConfig):
         delattr(holder, name)
         if self.weight_strategy == "channel":
             scale = scale.reshape(-1)
+        elif self.weight_strategy == "block" and scale.dim() == 4:  # ModelOpt's [rows, 1, columns, 1]
+            scale = scale.reshape(scale.shape[0], scale.shape[2])
         elif self.weight_strategy == "tensor":
             scale = scale.repeat_interleave(torch.tensor(tuple(sizes), device=scale.device))
         return scale.contiguous()
@@ -219,6 +240,9 @@ class Fp8Config(QuantConfig):
         kind = f"checkpoint, {self.weight_strategy} weight scales" if self.serialized else "online, per-channel"
         acts = "static per-tensor" if self.static_activations else "dynamic per-token"
         return f"fp8 ({kind}, {acts} activation scales)"
+
+
+MODELOPT_FP8_BLOCK = (128, 128)  # FP8_PB_WO's weight blocks: the configs carry no size
 
 
 def modelopt_excluded(qc: dict[str, Any]) -> list[str]:
