@@ -378,17 +378,19 @@ def write_ct_int8(tmp: Path, group: int, actorder: bool, fmt: str = "pack-quanti
 
 
 def write_nvfp4(tmp: Path, layout: str, arch: str = "llama", **overrides) -> tuple[Path, Path]:
-    """An NVFP4 checkpoint: ModelOpt (``quant_method: modelopt``, ``quant_algo: NVFP4``) or compressed-tensors
-    ``nvfp4-pack-quantized`` (W4A4: its activation scales too), every linear layer but the LM head."""
+    """An NVFP4 checkpoint: ModelOpt (``quant_method: modelopt``, ``quant_algo: NVFP4``; ``modelopt-w4a16``:
+    ``W4A16_NVFP4``, the same tensors) or compressed-tensors ``nvfp4-pack-quantized`` (W4A4: its activation scales
+    too), every linear layer but the LM head."""
     config, state = base_checkpoint(arch=arch, **overrides)
     quant, plain = dict(state), dict(state)
     for name in quantized_layers(state):
-        tensors, plain[name] = nvfp4_tensors(state[name], layout)
+        tensors, plain[name] = nvfp4_tensors(state[name], layout.removesuffix("-w4a16"))
         prefix = name.removesuffix(".weight")
         del quant[name]
         quant |= {f"{prefix}.{suffix}": t for suffix, t in tensors.items()}
-    if layout == "modelopt":
-        qc = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}
+    if layout.startswith("modelopt"):
+        algo = "W4A16_NVFP4" if layout == "modelopt-w4a16" else "NVFP4"
+        qc = {"quant_method": "modelopt", "quant_algo": algo, "group_size": 16, "exclude_modules": ["lm_head"]}
     else:
         fp4 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16}
         qc = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "ignore": ["lm_head"],
@@ -731,12 +733,13 @@ def test_compressed_tensors_sparse_checkpoints_load_dense_or_fail_naming_the_for
         make_engine(save(tmp_path / "sparse-24", config | {"quantization_config": compressed}, state), device="cpu")
 
 
-@pytest.mark.parametrize("layout", ["modelopt", "ct"])
+@pytest.mark.parametrize("layout", ["modelopt", "modelopt-w4a16", "ct"])
 def test_nvfp4_checkpoint_matches_dequantized_model(tmp_path, layout):
     """NVFP4 (ModelOpt ``weight_scale_2``, compressed-tensors ``weight_global_scale``; merged q/k/v and gate/up with
     a global scale per shard) on the 4-bit codebook kernel, e2m1 values and blocks of 16: the dequantized model's
     tokens and logprobs."""
-    requested = {"modelopt": "modelopt_fp4", "ct": "compressed-tensors"}[layout]  # vLLM's names for the format
+    requested = {"modelopt": "modelopt_fp4", "modelopt-w4a16": "modelopt_fp4",
+                 "ct": "compressed-tensors"}[layout]  # vLLM's names for the format
     engine, _ = compare(*write_nvfp4(tmp_path, layout), logprob_atol=1e-4, quantization=requested)
     layers = linears(engine)
     assert len(layers) == 2 * 4 and all(layer.weight.dtype == torch.uint8 for layer in layers)
@@ -744,7 +747,7 @@ def test_nvfp4_checkpoint_matches_dequantized_model(tmp_path, layout):
     assert qkv.weight_scale.dtype == torch.float8_e4m3fn
     assert qkv.weight_scale.shape == (qkv.out_features, qkv.in_features // 16)
     assert qkv.weight_row_scale.shape == (qkv.out_features,)
-    assert engine.runner.model_config.quantization.summary().startswith(f"nvfp4 ({layout}")
+    assert engine.runner.model_config.quantization.summary().startswith(f"nvfp4 ({layout.removesuffix('-w4a16')}")
 
 
 def test_compressed_tensors_int8_zero_points_that_are_not_zero_fail_naming_them(tmp_path):

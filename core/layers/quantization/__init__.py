@@ -76,7 +76,7 @@ def quant_config_from_hf(hf_config: dict[str, Any]) -> QuantConfig | None:
         from core.layers.quantization.compressed_tensors import from_compressed_tensors
 
         return from_compressed_tensors(qc)
-    if method == "modelopt" and str(qc.get("quant_algo") or "").upper() == "NVFP4":
+    if method == "modelopt" and str(qc.get("quant_algo") or "").upper() in ("NVFP4", "W4A16_NVFP4"):
         from core.layers.quantization.nvfp4 import Nvfp4Config
 
         return Nvfp4Config.from_modelopt(qc)

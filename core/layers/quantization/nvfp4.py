@@ -1,6 +1,6 @@
-"""NVFP4 checkpoints (NVIDIA ModelOpt ``quant_algo: NVFP4``, compressed-tensors ``nvfp4-pack-quantized``; e.g. the
-nvidia/*-FP4 and RedHatAI NVFP4 releases), run w4a16 on the 4-bit codebook kernels (``kernels/bnb4_gemm.py``, the fused
-MoE kernel's ``bnb4`` experts).
+"""NVFP4 checkpoints (NVIDIA ModelOpt ``quant_algo: NVFP4`` or ``W4A16_NVFP4``, compressed-tensors
+``nvfp4-pack-quantized``; e.g. the nvidia/*-FP4 and RedHatAI NVFP4 releases), run w4a16 on the 4-bit codebook kernels
+(``kernels/bnb4_gemm.py``, the fused MoE kernel's ``bnb4`` experts).
 
 Each weight is an e2m1 code (two a byte, the low nibble first) times its block of 16's fp8 e4m3 scale and a global fp32
 scale of the tensor: ModelOpt ``weight`` / ``weight_scale`` / ``weight_scale_2`` with ``W = e2m1 * s * s2``;
@@ -57,7 +57,8 @@ class Nvfp4Config(QuantConfig):
         if group != BLOCK:
             raise ValueError(f"ModelOpt NVFP4 group_size {group} is not supported; supported: {BLOCK}.")
         ignored = modelopt_excluded(qc)
-        _log_w4a16("ModelOpt NVFP4")
+        if str(qc.get("quant_algo")).upper() == "NVFP4":  # W4A4; W4A16_NVFP4 is w4a16 as written
+            _log_w4a16("ModelOpt NVFP4")
         return cls(layout="modelopt", ignored=ignored)
 
     @classmethod
