@@ -72,6 +72,16 @@ def test_nvfp4_experts_match_dequantized_model(tmp_path, arch, layout):
     assert quant.w2_scale.shape == (block.num_experts, block.hidden, block.inter // 16)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_mxfp8_experts_match_dequantized_model(tmp_path, arch):
+    """ModelOpt MXFP8 experts (an E8M0 scale per 32 inputs of each expert's rows): the fused MoE kernel's block fp8
+    experts at blocks of one row by 32, the dequantized model's tokens and logprobs."""
+    wider = {"mixtral": {"intermediate_size": 64}, "qwen3_moe": {"moe_intermediate_size": 64}}[arch]
+    engine, _ = qc.compare(*qc.write_mxfp8(tmp_path, arch, **wider), logprob_atol=1e-4, dtype="float32")
+    block = moe_blocks(engine)[-1]
+    assert block.w13.dtype == torch.float8_e4m3fn and block.w13_scale.shape[-1] == block.hidden // 32
+
+
 def test_fp8_weight_only_moe_checkpoint_matches_dequantized_model(tmp_path):
     """compressed-tensors FP8 W8A16 on a mixture of experts: the attention's layers w8a16 by rows, the experts on the
     fused MoE kernel's e4m3 experts (always w8a16): the dequantized model's tokens and logprobs."""
@@ -360,7 +370,10 @@ GPU_EXPERTS = {"gptq8-g32-zp": lambda tmp: qc.write_gptq8(tmp, 32, False, False,
                "experts_int8": lambda tmp: experts_int8_checkpoints(tmp, "mixtral", intermediate_size=64),
                "nvfp4-modelopt": lambda tmp: qc.write_nvfp4(tmp, "modelopt", "qwen2_moe", **WIDER_EXPERTS["qwen2_moe"]),
                "nvfp4-ct": lambda tmp: qc.write_nvfp4(tmp, "ct", "mixtral", intermediate_size=64),
-               "bnb-nf4": lambda tmp: qc.write_bnb(tmp, "nf4", True, "qwen2_moe", **WIDER_EXPERTS["qwen2_moe"])}
+               "bnb-nf4": lambda tmp: qc.write_bnb(tmp, "nf4", True, "qwen2_moe", **WIDER_EXPERTS["qwen2_moe"]),
+               "mxfp8": lambda tmp: qc.write_mxfp8(tmp, "mixtral", intermediate_size=64),
+               "gptq3-g32-act": lambda tmp: qc.write_gptq(tmp, 32, True, False, "qwen3_moe", bits=3,
+                                                          moe_intermediate_size=64)}
 
 
 @pytest.mark.gpu

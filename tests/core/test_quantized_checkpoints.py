@@ -1033,6 +1033,35 @@ def test_modelopt_fp8_per_block_weight_only_runs_as_the_block_layout(tmp_path):
     assert all(layer.weight_scale.dim() == 2 for layer in linears(engine))
 
 
+def write_mxfp8(tmp: Path, arch: str = "llama", **overrides) -> tuple[Path, Path]:
+    """A ModelOpt ``MXFP8`` checkpoint: e4m3 weights with an E8M0 ``weight_scale`` (uint8 ``e``: ``2 ** (e - 127)``,
+    the smallest power of two that keeps the block within e4m3) per 32 inputs of a row, every linear layer (and
+    expert) but the LM head."""
+    config, state = base_checkpoint(arch=arch, **overrides)
+    quant, plain = dict(state), dict(state)
+    experts = [n for n in state if ".experts." in n and n.endswith(".weight")]
+    for name in dict.fromkeys(quantized_layers(state) + experts):
+        blocks = state[name].reshape(state[name].shape[0], -1, 32)
+        exponent = torch.ceil(torch.log2(blocks.abs().amax(-1).clamp(min=2**-100) / 448))
+        q = (blocks / torch.exp2(exponent)[..., None]).to(FP8)
+        quant |= {name: q.reshape(state[name].shape),
+                  name.removesuffix("weight") + "weight_scale": (exponent + 127).to(torch.uint8)}
+        plain[name] = (q.float() * torch.exp2(exponent)[..., None]).reshape(state[name].shape)
+    tag = _tag(arch, "modelopt-mxfp8")
+    return (save(tmp / tag, config | {"quantization_config": {
+                "quant_method": "modelopt", "quant_algo": "MXFP8", "exclude_modules": ["lm_head"]}}, quant),
+            save(tmp / f"{tag}-dequantized", config, plain))
+
+
+def test_modelopt_mxfp8_checkpoint_matches_dequantized_model(tmp_path):
+    """ModelOpt ``MXFP8`` (vLLM's too), run w8a16 as blocks of one row by 32: the dequantized model's tokens and
+    logprobs."""
+    engine, _ = compare(*write_mxfp8(tmp_path), logprob_atol=1e-4)
+    assert engine.runner.model_config.quantization.summary().startswith("fp8 (MXFP8 checkpoint")
+    qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.dtype == FP8 and qkv.weight_scale.shape == (qkv.out_features, qkv.in_features // 32)
+
+
 def test_modelopt_fp8_lm_head_not_excluded_is_quantized(tmp_path):
     """A ModelOpt FP8 export whose ``exclude_modules`` leaves the LM head out holds it in fp8 too: it loads as a
     quantized head (fp32 logits), within fp8's error of the same head dequantized."""
@@ -1163,6 +1192,7 @@ GPU_CASES = {"awq": lambda tmp: write_awq(tmp, 64), "gptq-act": lambda tmp: writ
              "fp8-block": lambda tmp: write_fp8(tmp, "block"), "bnb-nf4": lambda tmp: write_bnb(tmp, "nf4", True),
              "bnb-int8": lambda tmp: write_bnb8(tmp), "gptq8-act": lambda tmp: write_gptq8(tmp, 32, True, False),
              "gptq3-act": lambda tmp: write_gptq(tmp, 32, True, False, bits=3),
+             "mxfp8": lambda tmp: write_mxfp8(tmp),
              "ct-w8a16-g32-act": lambda tmp: write_ct_int8(tmp, 32, True),
              "ct-w8a8-channel": lambda tmp: write_ct_int8(tmp, -1, False, "int-quantized", "dynamic"),
              "fp8-ct-w8a16": lambda tmp: write_fp8(tmp, "ct-channel-w8a16"),

@@ -52,7 +52,7 @@ class Fp8Config(QuantConfig):
     def __init__(self, *, serialized: bool, weight_strategy: str = "channel", static_activations: bool = False,
                  ignored: Sequence[str] = (), block: tuple[int, int] | None = None,
                  block_scale_name: str = "weight_scale_inv", weight_only: bool = False,
-                 modelopt_scales: bool = False) -> None:  # fmt: skip
+                 modelopt_scales: bool = False, e8m0_scales: bool = False) -> None:  # fmt: skip
         """``serialized``: the checkpoint holds fp8 weights (else they are quantized at load); ``weight_strategy``:
         ``tensor`` (one scale per tensor), ``channel`` or ``block`` (one per ``block = (rows, columns)`` of the
         weight, in the checkpoint tensor ``block_scale_name``; run w8a16, ``kernels/fp8_block_gemm.py``);
@@ -61,7 +61,7 @@ class Fp8Config(QuantConfig):
         fp8 weights per tensor or channel, activations left 16-bit), run w8a16 on the block kernel with a scale per
         output row (a block of one row by every input); ``modelopt_scales``: ModelOpt's scale shapes, ``[out]`` per
         channel and ``[out / block, 1, in / block, 1]`` per block (else ``[out, 1]`` and ``[out / block, in /
-        block]``)."""
+        block]``); ``e8m0_scales``: block scales stored as E8M0 exponents (uint8 ``e``: ``2 ** (e - 127)``, MXFP8)."""
         self.serialized = serialized
         self.weight_only = weight_only
         self.weight_strategy = weight_strategy
@@ -70,6 +70,7 @@ class Fp8Config(QuantConfig):
         self.block = block
         self.block_scale_name = block_scale_name
         self.modelopt_scales = modelopt_scales
+        self.e8m0_scales = e8m0_scales
 
     @classmethod
     def online(cls) -> Fp8Config:
@@ -142,8 +143,9 @@ class Fp8Config(QuantConfig):
         """NVIDIA ModelOpt's FP8 checkpoints (``quant_method: modelopt``): ``quant_algo: FP8`` (e.g. the nvidia/*-FP8
         releases: fp8 ``weight`` with a per-tensor ``weight_scale`` and a static per-tensor ``input_scale``, the
         ``quant_method: fp8`` static layout), ``FP8_PER_CHANNEL_PER_TOKEN`` (a ``weight_scale`` per output channel,
-        dynamic per-token activations) and ``FP8_PB_WO`` (weight-only, a ``weight_scale`` per 128 x 128 block, run
-        w8a16 like the other block layouts); ``exclude_modules`` (names or ``*`` wildcards) stay 16-bit, and
+        dynamic per-token activations), ``FP8_PB_WO`` (weight-only, a ``weight_scale`` per 128 x 128 block, run
+        w8a16 like the other block layouts) and ``MXFP8`` (an E8M0 ``weight_scale`` per 32 inputs of a row: blocks
+        of one row by 32, run w8a16); ``exclude_modules`` (names or ``*`` wildcards) stay 16-bit, and
         ``kv_cache_quant_algo: FP8`` checkpoints carry ``k_scale`` / ``v_scale``, read when the cache is fp8."""
         algo = str(qc.get("quant_algo") or "").upper()
         if algo == "FP8":
@@ -152,13 +154,18 @@ class Fp8Config(QuantConfig):
         elif algo == "FP8_PER_CHANNEL_PER_TOKEN":  # the FP8_DYNAMIC layout with [out] scales
             config = cls(serialized=True, weight_strategy="channel", ignored=modelopt_excluded(qc),
                          modelopt_scales=True)
+        elif algo == "MXFP8":  # e4m3 weights, an E8M0 exponent per 32 inputs: blocks of (1, 32), run w8a16
+            logger.info("ModelOpt MXFP8: the weights run w8a16 (each block of 32 scaled by its power of two); the "
+                        "checkpoint's MXFP8 activation quantization is not applied.")
+            config = cls(serialized=True, weight_strategy="block", block=(1, MXFP8_BLOCK),
+                         block_scale_name="weight_scale", ignored=modelopt_excluded(qc), e8m0_scales=True)
         elif algo == "FP8_PB_WO":  # weight-only 128 x 128 blocks (vLLM's size too), scales [out/128, 1, in/128, 1]
             config = cls(serialized=True, weight_strategy="block", block=MODELOPT_FP8_BLOCK,
                          block_scale_name="weight_scale", ignored=modelopt_excluded(qc), modelopt_scales=True)
         else:
             raise ValueError(f"ModelOpt quant_algo {qc.get('quant_algo')!r} is not supported; supported: FP8 "
                              "(per-tensor fp8 weights with static activation scales), FP8_PER_CHANNEL_PER_TOKEN, "
-                             "FP8_PB_WO (128 x 128 weight blocks), NVFP4, W4A16_NVFP4.")
+                             "FP8_PB_WO (128 x 128 weight blocks), MXFP8, NVFP4, W4A16_NVFP4.")
         config.quantized_lm_head = not config.is_ignored("lm_head")  # ModelOpt quantizes every Linear not excluded
         return config
 
@@ -204,8 +211,9 @@ class Fp8Config(QuantConfig):
             blocks = (-(-sum(sizes) // block_n), -(-in_features // block_k))
             if self.modelopt_scales:
                 blocks = (blocks[0], 1, blocks[1], 1)
-            new_parameter(holder, f"{prefix}{self.block_scale_name}", blocks, torch.float32, pack_factor=block_n,
-                          dummy_fill=_fill_scale)
+            dtype, fill = (torch.uint8, _fill_e8m0) if self.e8m0_scales else (torch.float32, _fill_scale)
+            new_parameter(holder, f"{prefix}{self.block_scale_name}", blocks, dtype, pack_factor=block_n,
+                          dummy_fill=fill)
             return
         if self.weight_strategy == "channel":
             shape = (sum(sizes),) if self.modelopt_scales else (sum(sizes), 1)
@@ -222,7 +230,8 @@ class Fp8Config(QuantConfig):
         them: block scales as they are, else one fp32 scale per output channel (a shard's per-tensor scale spread
         over its rows, which is exact)."""
         name = f"{prefix}{self.block_scale_name if self.weight_strategy == 'block' else 'weight_scale'}"
-        scale = getattr(holder, name).data.float()
+        scale = getattr(holder, name).data
+        scale = torch.exp2(scale.float() - 127) if self.e8m0_scales else scale.float()
         delattr(holder, name)
         if self.weight_strategy == "channel":
             scale = scale.reshape(-1)
@@ -235,6 +244,8 @@ class Fp8Config(QuantConfig):
     def summary(self) -> str:
         if self.weight_only:
             return f"fp8 (checkpoint, {self.weight_strategy} weight scales, 16-bit activations: W8A16)"
+        if self.e8m0_scales:
+            return f"fp8 (MXFP8 checkpoint, a power-of-two scale per {self.block[1]} inputs, 16-bit activations)"
         if self.weight_strategy == "block":
             return f"fp8 (checkpoint, {self.block[0]}x{self.block[1]} block weight scales, 16-bit activations)"
         kind = f"checkpoint, {self.weight_strategy} weight scales" if self.serialized else "online, per-channel"
@@ -243,6 +254,7 @@ class Fp8Config(QuantConfig):
 
 
 MODELOPT_FP8_BLOCK = (128, 128)  # FP8_PB_WO's weight blocks: the configs carry no size
+MXFP8_BLOCK = 32  # inputs an E8M0 scale of MXFP8 covers
 
 
 def modelopt_excluded(qc: dict[str, Any]) -> list[str]:
@@ -271,6 +283,10 @@ def _fill_fp8(tensor: torch.Tensor, gen: torch.Generator) -> None:
 
 def _fill_scale(tensor: torch.Tensor, gen: torch.Generator) -> None:
     tensor.fill_(1e-3)
+
+
+def _fill_e8m0(tensor: torch.Tensor, gen: torch.Generator) -> None:
+    tensor.fill_(127 - 10)  # 2 ** -10, as _fill_scale's 1e-3
 
 
 class Fp8LinearMethod(LinearMethod):
