@@ -379,17 +379,18 @@ GPU_EXPERTS = {"gptq8-g32-zp": lambda tmp: qc.write_gptq8(tmp, 32, False, False,
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", sorted(GPU_EXPERTS))
 def test_quantized_experts_on_gpu_with_cuda_graphs(tmp_path, case):
-    """8-bit experts (GPTQ 8-bit, bitsandbytes 8-bit, compressed-tensors W8A16, ``--quantization experts_int8``) on
-    the fused MoE kernel's 8-bit experts, and 4-bit codebook experts (NVFP4, bitsandbytes NF4) on its codebook
-    experts (bf16), inside the decode graphs: the same tokens as eager decode, first-step logprobs within bf16's own
-    error of the fp32 dequantized model."""
+    """8-bit experts (GPTQ 8-bit and 3-bit, bitsandbytes 8-bit, compressed-tensors W8A16, ``--quantization
+    experts_int8``) on the fused MoE kernel's 8-bit experts, 4-bit codebook experts (NVFP4, bitsandbytes NF4) on its
+    codebook experts and MXFP8 on its fp8 block experts (bf16), inside the decode graphs: the same tokens as eager
+    decode, first-step logprobs within bf16's own error of the fp32 dequantized model."""
     quantized, dequantized = GPU_EXPERTS[case](tmp_path)
     kwargs = {"quantization": "experts_int8"} if case == "experts_int8" else {}
     engine, graphs = qc.greedy(quantized, dtype="bfloat16", device="cuda", **kwargs)
     assert engine.runner.use_graphs
     quant = [b.quant_method.experts(b)[2] for b in moe_blocks(engine)]
-    assert quant and all((q.w13_int8 and q.w2_int8) if "nf4" not in case and "nvfp4" not in case else q.bnb4
-                         for q in quant)  # fmt: skip
+    kind = {"nf4": lambda q: q.bnb4, "nvfp4": lambda q: q.bnb4, "mxfp8": lambda q: q.block == (1, 32)}
+    held = next((check for name, check in kind.items() if name in case), lambda q: q.w13_int8 and q.w2_int8)
+    assert quant and all(held(q) for q in quant)
     _, eager = qc.greedy(quantized, dtype="bfloat16", device="cuda", enforce_eager=True, **kwargs)
     assert [r["tokens"] for r in graphs] == [r["tokens"] for r in eager]
     qc.assert_within_bf16_error(graphs, dequantized)
