@@ -82,6 +82,20 @@ def test_mxfp8_experts_match_dequantized_model(tmp_path, arch):
     assert block.w13.dtype == torch.float8_e4m3fn and block.w13_scale.shape[-1] == block.hidden // 32
 
 
+def test_modelopt_mixed_precision_experts_take_their_own_algorithm(tmp_path):
+    """ModelOpt ``MIXED_PRECISION`` with the attention in MXFP8 and every expert in NVFP4 (the router unlisted,
+    16-bit): the experts run the codebook experts, the projections the fp8 block kernel; the dequantized model's
+    tokens and logprobs."""
+    config, state = qc.base_checkpoint(arch="qwen3_moe")
+    algos = {name.removesuffix(".weight"): "NVFP4" if ".experts." in name else "MXFP8"
+             for name in state if name.endswith("_proj.weight")}
+    engine, _ = qc.compare(*qc.write_modelopt_mixed(tmp_path, algos, "qwen3_moe"), logprob_atol=1e-4,
+                           dtype="float32")
+    block = moe_blocks(engine)[-1]
+    assert block.quant_method.experts(block)[2].bnb4
+    assert engine.runner.model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+
+
 def test_fp8_weight_only_moe_checkpoint_matches_dequantized_model(tmp_path):
     """compressed-tensors FP8 W8A16 on a mixture of experts: the attention's layers w8a16 by rows, the experts on the
     fused MoE kernel's e4m3 experts (always w8a16): the dequantized model's tokens and logprobs."""

@@ -1033,20 +1033,25 @@ def test_modelopt_fp8_per_block_weight_only_runs_as_the_block_layout(tmp_path):
     assert all(layer.weight_scale.dim() == 2 for layer in linears(engine))
 
 
+def mxfp8_tensors(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """MXFP8's tensors of ``w [out, in]`` (``weight`` e4m3, ``weight_scale`` uint8 E8M0 exponents: the smallest power
+    of two per 32 inputs that keeps the block within e4m3), and the weight they dequantize to."""
+    blocks = w.reshape(w.shape[0], -1, 32)
+    exponent = torch.ceil(torch.log2(blocks.abs().amax(-1).clamp(min=2**-100) / 448))
+    q = (blocks / torch.exp2(exponent)[..., None]).to(FP8)
+    plain = (q.float() * torch.exp2(exponent)[..., None]).reshape(w.shape)
+    return {"weight": q.reshape(w.shape), "weight_scale": (exponent + 127).to(torch.uint8)}, plain
+
+
 def write_mxfp8(tmp: Path, arch: str = "llama", **overrides) -> tuple[Path, Path]:
-    """A ModelOpt ``MXFP8`` checkpoint: e4m3 weights with an E8M0 ``weight_scale`` (uint8 ``e``: ``2 ** (e - 127)``,
-    the smallest power of two that keeps the block within e4m3) per 32 inputs of a row, every linear layer (and
-    expert) but the LM head."""
+    """A ModelOpt ``MXFP8`` checkpoint (:func:`mxfp8_tensors`: an E8M0 ``weight_scale``, ``2 ** (e - 127)``, per 32
+    inputs of a row), every linear layer (and expert) but the LM head."""
     config, state = base_checkpoint(arch=arch, **overrides)
     quant, plain = dict(state), dict(state)
     experts = [n for n in state if ".experts." in n and n.endswith(".weight")]
     for name in dict.fromkeys(quantized_layers(state) + experts):
-        blocks = state[name].reshape(state[name].shape[0], -1, 32)
-        exponent = torch.ceil(torch.log2(blocks.abs().amax(-1).clamp(min=2**-100) / 448))
-        q = (blocks / torch.exp2(exponent)[..., None]).to(FP8)
-        quant |= {name: q.reshape(state[name].shape),
-                  name.removesuffix("weight") + "weight_scale": (exponent + 127).to(torch.uint8)}
-        plain[name] = (q.float() * torch.exp2(exponent)[..., None]).reshape(state[name].shape)
+        tensors, plain[name] = mxfp8_tensors(state[name])
+        quant |= {name.removesuffix("weight") + suffix: t for suffix, t in tensors.items()}
     tag = _tag(arch, "modelopt-mxfp8")
     return (save(tmp / tag, config | {"quantization_config": {
                 "quant_method": "modelopt", "quant_algo": "MXFP8", "exclude_modules": ["lm_head"]}}, quant),
@@ -1060,6 +1065,66 @@ def test_modelopt_mxfp8_checkpoint_matches_dequantized_model(tmp_path):
     assert engine.runner.model_config.quantization.summary().startswith("fp8 (MXFP8 checkpoint")
     qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj
     assert qkv.weight.dtype == FP8 and qkv.weight_scale.shape == (qkv.out_features, qkv.in_features // 32)
+
+
+def write_modelopt_mixed(tmp: Path, algos: dict[str, str], arch: str = "llama",
+                         **overrides) -> tuple[Path, Path]:  # fmt: skip
+    """A ModelOpt ``MIXED_PRECISION`` checkpoint whose ``quantized_layers`` give each module of ``algos`` (checkpoint
+    module name -> ``MXFP8`` or ``NVFP4``) its algorithm; the other modules stay 16-bit."""
+    config, state = base_checkpoint(arch=arch, **overrides)
+    quant, plain = dict(state), dict(state)
+    for module, algo in algos.items():
+        w = state[f"{module}.weight"]
+        tensors, plain[f"{module}.weight"] = mxfp8_tensors(w) if algo == "MXFP8" else nvfp4_tensors(w, "modelopt")
+        del quant[f"{module}.weight"]
+        quant |= {f"{module}.{suffix}": t for suffix, t in tensors.items()}
+    listed = {module: {"quant_algo": algo} | ({"group_size": 16} if algo == "NVFP4" else {})
+              for module, algo in algos.items()}  # fmt: skip
+    tag = _tag(arch, "modelopt-mixed")
+    return (save(tmp / tag, config | {"quantization_config": {
+                "quant_method": "modelopt", "quant_algo": "MIXED_PRECISION", "quantized_layers": listed}}, quant),
+            save(tmp / f"{tag}-dequantized", config, plain))
+
+
+MIXED_LAYERS = {**{f"model.layers.0.{p}": "MXFP8" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                             "mlp.down_proj")},
+                **{f"model.layers.1.self_attn.{p}": "NVFP4" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}}
+
+
+def test_modelopt_mixed_precision_runs_each_module_on_its_algorithm(tmp_path):
+    """ModelOpt ``MIXED_PRECISION`` (vLLM's too): layer 0 and the LM head in MXFP8, layer 1's attention in NVFP4,
+    layer 1's MLP unlisted (16-bit): each layer on its algorithm's method, the dequantized model's tokens and
+    logprobs."""
+    from core.layers.quantization.fp8 import Fp8LinearMethod
+    from core.layers.quantization.nvfp4 import Nvfp4LinearMethod
+
+    engine, _ = compare(*write_modelopt_mixed(tmp_path, {**MIXED_LAYERS, "lm_head": "MXFP8"}), logprob_atol=1e-4)
+    layers = engine.runner.model.model.layers
+    assert isinstance(layers[0].self_attn.qkv_proj.quant_method, Fp8LinearMethod)
+    assert isinstance(layers[0].mlp.down_proj.quant_method, Fp8LinearMethod)
+    assert isinstance(layers[1].self_attn.o_proj.quant_method, Nvfp4LinearMethod)
+    assert layers[1].mlp.gate_up_proj.quant_method is None
+    assert isinstance(engine.runner.model.lm_head.quant_method, Fp8LinearMethod)
+    assert engine.runner.model_config.quantization.summary() == ("modelopt mixed precision (MXFP8: 8 modules, NVFP4: "
+                                                                 "4 modules; unlisted modules 16-bit)")
+
+
+def test_modelopt_mixed_precision_that_cannot_run_fails_naming_it(tmp_path):
+    from core.layers.quantization import quant_config_from_hf
+
+    def config(listed):
+        return {"quantization_config": {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION",
+                                        "quantized_layers": listed}}
+
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.down_proj' has quant_algo 'W4A8_AWQ'"):
+        quant_config_from_hf(config({"model.layers.0.mlp.down_proj": {"quant_algo": "W4A8_AWQ"}}))
+    with pytest.raises(ValueError, match="non-empty 'quantized_layers'"):
+        quant_config_from_hf(config({}))
+    split = {**MIXED_LAYERS, "model.layers.0.self_attn.k_proj": "NVFP4"}  # q and v MXFP8, k NVFP4
+    quantized, _ = write_modelopt_mixed(tmp_path, split)
+    with pytest.raises(ValueError, match="merged parts .*q_proj.*k_proj.*v_proj.* different quant_algo"):
+        make_engine(quantized, device="cpu")
 
 
 def test_modelopt_fp8_lm_head_not_excluded_is_quantized(tmp_path):

@@ -287,6 +287,19 @@ def test_modelopt_fp8_blocks_over_two_ranks_equal_one_device(tmp_path):
     assert model.model.layers[0].mlp.down_proj.weight_scale.shape == (512 // 128, 128 // 128)  # 128 of 256 inputs
 
 
+@pytest.mark.parametrize("layout", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_modelopt_mixed_precision_over_two_devices_equals_one_device(tmp_path, layout):
+    """A MIXED_PRECISION checkpoint's layers cut each by its own algorithm's method (MXFP8's E8M0 scales by rows or
+    whole 32-input blocks, NVFP4's codes and fp8 scales by rows or whole 16-input blocks), the unlisted ones plain;
+    over two stages, stage 1's layer 0 is the checkpoint's layer 1 (NVFP4 attention, 16-bit MLP)."""
+    quantized, _ = qc.write_modelopt_mixed(tmp_path, qc.MIXED_LAYERS)
+    reference, _ = run(quantized)
+    ours, model = run(quantized, **layout)
+    assert_same_run(ours, reference)
+    if "tensor_parallel_size" in layout:
+        assert model.model.layers[0].mlp.down_proj.weight_scale.shape == (128, 128 // 32)  # 128 of 256 inputs
+
+
 def test_bitsandbytes_experts_over_two_ranks_equal_one_device(tmp_path):
     """bitsandbytes 4-bit experts cut by their intermediate dimension (gate / up rows, down's whole 64-weight
     blocks of inputs): the split Mixtral computes one device's numbers."""

@@ -76,6 +76,10 @@ def quant_config_from_hf(hf_config: dict[str, Any]) -> QuantConfig | None:
         from core.layers.quantization.compressed_tensors import from_compressed_tensors
 
         return from_compressed_tensors(qc)
+    if method == "modelopt" and str(qc.get("quant_algo") or "").upper() == "MIXED_PRECISION":
+        from core.layers.quantization.modelopt_mixed import ModelOptMixedConfig
+
+        return ModelOptMixedConfig.from_hf(qc)
     if method == "modelopt" and str(qc.get("quant_algo") or "").upper() in ("NVFP4", "W4A16_NVFP4"):
         from core.layers.quantization.nvfp4 import Nvfp4Config
 
@@ -112,7 +116,8 @@ def resolve_quantization(model_config: ModelConfig, hf_config: dict[str, Any], r
                              "--quantization out.")
         method = method or quant.name  # compressed-tensors, modelopt: the method of the checkpoint's scheme
         logger.info("--quantization %s: the %s checkpoint runs on pagedserve's %s kernels.", requested, found, method)
-        check_family_supports(model_config.architecture, quant.name)  # the checkpoint's own quantization, as read
+        for name in quant.methods():  # the checkpoint's own quantization, as read
+            check_family_supports(model_config.architecture, name)
         return dataclasses.replace(model_config, quantization=quant)
     if requested is not None:
         if requested not in QUANTIZATION_METHODS:
@@ -126,7 +131,8 @@ def resolve_quantization(model_config: ModelConfig, hf_config: dict[str, Any], r
                              f"'{checkpoint_method(hf_config)}' ({quant.name}); leave --quantization out or match it.")
     if quant is None:
         return model_config
-    check_family_supports(model_config.architecture, quant.name, online)
+    for name in quant.methods():
+        check_family_supports(model_config.architecture, name, online)
     return dataclasses.replace(model_config, quantization=quant)
 
 

@@ -154,6 +154,11 @@ class QuantConfig(ABC):
     def summary(self) -> str:
         return self.name
 
+    def methods(self) -> tuple[str, ...]:
+        """The methods whose kernels the model's layers run (a family must serve each): this one's, or a
+        mixed-precision checkpoint's several."""
+        return (self.name,)
+
     def checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
         """The checkpoint's (name, tensor) stream as the model loads it: a method drops the tensors its format
         carries beside the weights that have no parameter (compressed-tensors' ``weight_shape``)."""

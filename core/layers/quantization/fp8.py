@@ -165,7 +165,7 @@ class Fp8Config(QuantConfig):
         else:
             raise ValueError(f"ModelOpt quant_algo {qc.get('quant_algo')!r} is not supported; supported: FP8 "
                              "(per-tensor fp8 weights with static activation scales), FP8_PER_CHANNEL_PER_TOKEN, "
-                             "FP8_PB_WO (128 x 128 weight blocks), MXFP8, NVFP4, W4A16_NVFP4.")
+                             "FP8_PB_WO (128 x 128 weight blocks), MXFP8, NVFP4, W4A16_NVFP4, MIXED_PRECISION.")
         config.quantized_lm_head = not config.is_ignored("lm_head")  # ModelOpt quantizes every Linear not excluded
         return config
 
