@@ -1258,6 +1258,7 @@ GPU_CASES = {"awq": lambda tmp: write_awq(tmp, 64), "gptq-act": lambda tmp: writ
              "bnb-int8": lambda tmp: write_bnb8(tmp), "gptq8-act": lambda tmp: write_gptq8(tmp, 32, True, False),
              "gptq3-act": lambda tmp: write_gptq(tmp, 32, True, False, bits=3),
              "mxfp8": lambda tmp: write_mxfp8(tmp),
+             "modelopt-mixed": lambda tmp: write_modelopt_mixed(tmp, MIXED_LAYERS),
              "ct-w8a16-g32-act": lambda tmp: write_ct_int8(tmp, 32, True),
              "ct-w8a8-channel": lambda tmp: write_ct_int8(tmp, -1, False, "int-quantized", "dynamic"),
              "fp8-ct-w8a16": lambda tmp: write_fp8(tmp, "ct-channel-w8a16"),
