@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from core.compressed_sparsity import compressed_sparsity, decompress_weights
 from core.gguf import GGUFFile, hf_config_from_gguf, iter_gguf_weights
 from core.model_source import ModelSource
 from ipc.config import WEIGHT_FORMATS
@@ -77,8 +78,12 @@ def iter_weights(source: ModelSource, load_format: str = "auto", keep_quantized:
         return iter_gguf_weights(gguf, keep_quantized or ())
     directory = Path(source.path)
     if load_format == "safetensors":
-        return _iter_files(safetensors_files(directory), _iter_safetensors_file)
-    return _iter_files(pt_files(directory), _iter_pt_file)
+        weights = _iter_files(safetensors_files(directory), _iter_safetensors_file)
+    else:
+        weights = _iter_files(pt_files(directory), _iter_pt_file)
+    if compressed_sparsity(load_hf_config(source)):  # sparse weights stored compressed: dense ones from here on
+        return decompress_weights(weights)
+    return weights
 
 
 def _iter_files(files: list[Path], reader) -> Iterator[tuple[str, torch.Tensor]]:

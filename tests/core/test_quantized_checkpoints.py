@@ -719,7 +719,7 @@ def test_gptq_dynamic_rules_that_cannot_run_fail_naming_them(dynamic, message):
 def test_compressed_tensors_sparse_checkpoints_load_dense_or_fail_naming_the_format(tmp_path):
     """A compressed-tensors checkpoint with only a ``sparsity_config`` whose weights are stored dense (2:4 sparse
     Llamas) loads unquantized, its tokens those of the same weights without the config; sparse weights stored
-    compressed (``sparse-24-bitmask``) fail at startup naming the format."""
+    compressed in a format not read here (``marlin-24``) fail at startup naming it."""
     config, state = base_checkpoint()
     sparse = {"quant_method": "compressed-tensors", "format": "dense",
               "sparsity_config": {"format": "dense", "sparsity_structure": "2:4", "targets": ["Linear"]}}
@@ -728,9 +728,65 @@ def test_compressed_tensors_sparse_checkpoints_load_dense_or_fail_naming_the_for
     assert engine.runner.model_config.quantization is None
     with pytest.raises(ValueError, match="holds no quantization scheme"):
         make_engine(path, device="cpu", quantization="compressed-tensors")
-    compressed = sparse | {"sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}}
-    with pytest.raises(ValueError, match="sparsity format 'sparse-24-bitmask' .* is not supported"):
-        make_engine(save(tmp_path / "sparse-24", config | {"quantization_config": compressed}, state), device="cpu")
+    compressed = sparse | {"sparsity_config": {"format": "marlin-24", "sparsity_structure": "2:4"}}
+    with pytest.raises(ValueError, match="sparsity format 'marlin-24' is not supported"):
+        make_engine(save(tmp_path / "marlin-24", config | {"quantization_config": compressed}, state), device="cpu")
+
+
+def compress_24(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """compressed-tensors' ``sparse-24-bitmask`` tensors of ``w [rows, columns]`` (the two largest of every four
+    kept: ``shape`` ``[[rows], [columns]]``, ``compressed`` the kept values row-major ``[rows, columns / 2]``,
+    ``bitmask`` numpy's ``packbits(..., bitorder="little")`` of the kept places), and the pruned dense weight."""
+    import numpy
+
+    groups = w.float().reshape(-1, 4).abs()
+    kept = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(2, dim=1).indices, True).reshape(w.shape)
+    values = w.view(torch.uint8)[kept].view(w.dtype) if w.element_size() == 1 else w[kept]
+    pruned = torch.zeros_like(w.view(torch.uint8) if w.element_size() == 1 else w)
+    pruned[kept] = values.view(torch.uint8) if w.element_size() == 1 else values
+    bitmask = torch.from_numpy(numpy.packbits(kept.numpy(), axis=-1, bitorder="little"))
+    return ({"shape": torch.tensor(list(w.shape)).reshape(-1, 1), "compressed": values.reshape(w.shape[0], -1),
+             "bitmask": bitmask}, pruned.view(w.dtype) if w.element_size() == 1 else pruned)
+
+
+@pytest.mark.parametrize("scheme", ["sparse-only", "fp8"])
+def test_compressed_tensors_2of4_weights_stored_compressed_decompress_at_load(tmp_path, scheme):
+    """``sparse-24-bitmask`` checkpoints (2:4 sparse, alone or with FP8_DYNAMIC weights): each weight's ``shape`` /
+    ``compressed`` / ``bitmask`` decompressed as the checkpoint streams in: the tokens and logprobs of the same
+    pruned weights stored dense."""
+    from safetensors.torch import load_file
+
+    if scheme == "fp8":
+        quantized, _ = write_fp8(tmp_path, "ct-channel")
+        config = json.loads((quantized / "config.json").read_text())
+        state = load_file(str(quantized / "model.safetensors"))
+        qc = config.pop("quantization_config")
+    else:
+        config, state = base_checkpoint()
+        qc = {"quant_method": "compressed-tensors", "format": "dense"}
+    compressed, pruned = dict(state), dict(state)
+    for name in quantized_layers(state):
+        parts, pruned[name] = compress_24(state[name])
+        del compressed[name]
+        compressed |= {f"{name.removesuffix('.weight')}.{part}": t for part, t in parts.items()}
+    sparsity = {"format": "sparse-24-bitmask", "sparsity_structure": "2:4", "targets": ["Linear"]}
+    path = save(tmp_path / f"2of4-{scheme}", config | {"quantization_config": qc | {"sparsity_config": sparsity}},
+                compressed)
+    dense = save(tmp_path / f"2of4-{scheme}-dense", config | {"quantization_config": qc | {
+        "sparsity_config": sparsity | {"format": "dense"}}}, pruned)  # fmt: skip
+    engine, _ = compare(path, dense, logprob_atol=0)
+    layer = engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert layer.weight.dtype == (FP8 if scheme == "fp8" else torch.float32)
+    assert int((layer.weight.float().reshape(-1, 4) != 0).sum(1).max()) <= 2  # two of every four kept
+
+
+def test_compressed_sparse_weight_with_a_part_missing_fails_naming_it():
+    from core.compressed_sparsity import decompress_weights
+
+    parts, _ = compress_24(torch.randn(8, 16))
+    stream = [("m.layers.0.q_proj.shape", parts["shape"]), ("m.layers.0.q_proj.bitmask", parts["bitmask"])]
+    with pytest.raises(ValueError, match="'m.layers.0.q_proj' lacks \\['compressed'\\]"):
+        list(decompress_weights(stream))
 
 
 @pytest.mark.parametrize("layout", ["modelopt", "modelopt-w4a16", "ct"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from core.compressed_sparsity import SPARSE_FORMATS
 from core.layers.quantization.base import QuantConfig, module_listed
 
 SUPPORTED_SCHEMES = ("float8 weights with float8 activations (FP8, FP8_DYNAMIC, FP8_BLOCK)",
@@ -30,9 +31,10 @@ def from_compressed_tensors(qc: dict[str, Any]) -> QuantConfig | None:
 
     sparsity = qc.get("sparsity_config") or {}
     sparse_format = str(sparsity.get("format", "dense"))
-    if sparse_format != "dense":
-        raise ValueError(f"compressed-tensors sparsity format {sparse_format!r} (sparse weights stored compressed) "
-                         "is not supported; supported: sparse weights stored dense (sparsity format 'dense').")
+    if sparse_format != "dense" and sparse_format not in SPARSE_FORMATS:
+        raise ValueError(f"compressed-tensors sparsity format {sparse_format!r} is not supported; supported: sparse "
+                         f"weights stored dense ('dense') or compressed as {', '.join(SPARSE_FORMATS)} (decompressed "
+                         "at load, core/compressed_sparsity.py).")
     groups = list((qc.get("config_groups") or {}).values())
     if not groups and sparsity:
         return None
