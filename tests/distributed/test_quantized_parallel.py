@@ -156,11 +156,20 @@ def test_gguf_kept_in_blocks_over_two_devices_equals_one_device(tmp_path, layout
     assert stage.model.embed_tokens.weight.dtype == torch.uint8
 
 
+def test_gguf_blocks_a_rank_would_cut_are_dequantized_at_load(tmp_path):
+    """Layer 0's o_proj in Q5_K (256-element blocks) over two ranks of 128 inputs each: that layer is dequantized at
+    load on every rank (the rest stay in their blocks): one device's tokens and logprobs."""
+    path = write_tiny_gguf(tmp_path / "q5k.gguf")
+    kwargs = {"quantization": "gguf", "skip_tokenizer_init": True}
+    reference, _ = run(path, **kwargs)
+    ours, model = run(path, **kwargs, tensor_parallel_size=2)
+    assert_same_run(ours, reference)
+    layer = model.model.layers[0]
+    assert layer.self_attn.o_proj.weight.dtype == torch.float32 and layer.self_attn.o_proj.weight.shape == (256, 128)
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.uint8 and layer.mlp.down_proj.weight.dtype == torch.uint8
+
+
 def test_layouts_that_cannot_be_cut_fail_at_startup_naming_the_unit(tmp_path):
-    with pytest.raises(ValueError, match=r"GGUF Q5_K: input size 128 \(this rank's share of 256; .*\) is not a "
-                                         r"multiple of its 256-element blocks"):
-        make_engine(write_tiny_gguf(tmp_path / "q5k.gguf"), quantization="gguf", skip_tokenizer_init=True,
-                    dtype="float32", device="cpu", tensor_parallel_size=2)
     awq, _ = qc.write_awq(tmp_path, 128)
     with pytest.raises(ValueError, match=r"input size 64 \(this rank's share of 128\) must be a multiple of the "
                                          r"group size 128"):
@@ -349,18 +358,23 @@ def test_gguf_experts_kept_in_blocks_over_two_ranks_equal_one_device(tmp_path, f
     assert block.w13.shape[:2] == (block.num_experts, 64)
 
 
-def test_gguf_experts_whose_split_cuts_a_block_fail_naming_it():
-    """K-quant experts 256 wide over two ranks: each rank's 128 of down's inputs are half a 256-element block; the
-    block is refused when built (startup), naming the type, the share and the way out."""
+def test_gguf_experts_whose_split_cuts_a_block_are_dequantized_at_load():
+    """K-quant experts 256 wide over two ranks: each rank's 128 of down's inputs would be half a 256-element block,
+    so the stack (down, and the gate and up one fused kernel runs with it) is dequantized at load on every rank; a
+    config that does not know the widths (built by hand) still refuses the block when it is built, naming it."""
     from core.layers.moe import SparseMoeBlock
     from core.layers.quantization.gguf import GGUFConfig
 
     prefix = "model.layers.0.mlp"
     kept = {f"{prefix}.experts.{p}_proj.weight": int(T.Q6_K) for p in ("gate", "up", "down")}
-    config = GGUFConfig("tiny.gguf", kept).for_tensor_parallel(2, ("o_proj", "down_proj"))
+    widths = {name: 128 if "gate" in name or "up" in name else 256 for name in kept}
+    config = GGUFConfig("tiny.gguf", kept, widths).for_tensor_parallel(2, ("o_proj", "down_proj"))
+    assert config.kept == {} and config.moe_method(prefix) is None
+    assert GGUFConfig("tiny.gguf", kept, widths).for_tensor_parallel(1, ("o_proj", "down_proj")).kept == kept
+    blind = GGUFConfig("tiny.gguf", kept).for_tensor_parallel(2, ("o_proj", "down_proj"))
     with pytest.raises(ValueError, match=r"GGUF Q6_K: input size 128 \(this rank's share of 256; .*leave out "
                                          r"--quantization gguf\) is not a multiple of its 256-element blocks"):
-        SparseMoeBlock(256, 128, 4, 2, True, kernel_backend="torch", quant=config, prefix=prefix)
+        SparseMoeBlock(256, 128, 4, 2, True, kernel_backend="torch", quant=blind, prefix=prefix)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])

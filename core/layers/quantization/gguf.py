@@ -101,9 +101,12 @@ class GGUFConfig(QuantConfig):
 
     name = "gguf"
 
-    def __init__(self, path: str, kept: dict[str, int]) -> None:
+    def __init__(self, path: str, kept: dict[str, int], widths: dict[str, int] | None = None) -> None:
+        """``kept``: HF weight name -> GGML type of the tensors kept in blocks; ``widths``: their input features
+        (a row's elements), to tell which a tensor-parallel rank's share would cut (:meth:`for_tensor_parallel`)."""
         self.path = path
         self.kept = kept
+        self.widths = widths or {}
 
     @classmethod
     def from_hf(cls, quantization_config: dict[str, Any]) -> GGUFConfig:
@@ -122,11 +125,13 @@ class GGUFConfig(QuantConfig):
 
         gguf = open_gguf(path)
         types: dict[str, int] = {}
+        widths: dict[str, int] = {}
         for name, info in gguf.tensors.items():
             try:
-                types[gguf_hf_name(gguf, name)] = int(info.ggml_type)
+                hf_name = gguf_hf_name(gguf, name)
             except ValueError:
                 continue  # rope_freqs and the like: the loader handles (or rejects) them
+            types[hf_name], widths[hf_name] = int(info.ggml_type), int(info.shape[-1])
         own_head = str(gguf.metadata.get("general.architecture")) in _OWN_HEADS
         kept = {name: t for name, t in types.items() if _KEPT_KINDS.fullmatch(name)
                 and (t in GGUF_KERNEL_TYPES or (t in CODEBOOK_TYPES and name not in (EMBEDDING, LM_HEAD)))
@@ -157,7 +162,23 @@ class GGUFConfig(QuantConfig):
             counts[_type_name(t)] = counts.get(_type_name(t), 0) + 1
         logger.info("GGUF: %d tensors kept in their blocks (%s)", len(kept),
                     ", ".join(f"{n} {c}" for n, c in sorted(counts.items())))
-        return cls(path, kept)
+        return cls(path, kept, {name: widths[name] for name in kept})
+
+    def for_tensor_parallel(self, tp: int, row_parallel_modules: Sequence[str]) -> GGUFConfig:
+        """This config for one of ``tp`` ranks: a row-parallel layer whose rank's share of inputs would cut its
+        GGML blocks is dequantized at load instead (logged; an expert stack with its gate and up, which one fused
+        kernel runs with it), so every rank holds whole blocks or float weights."""
+        part = super().for_tensor_parallel(tp, row_parallel_modules)
+        cut = [name for name, t in self.kept.items() if name.rsplit(".", 2)[-2] in row_parallel_modules
+               and name in self.widths and (self.widths[name] // tp) % KEPT_TYPES[t][0]]
+        for name in list(cut):
+            if ".experts.down_proj." in name:
+                cut += [name.replace(".down_proj.", part_) for part_ in (".gate_proj.", ".up_proj.")]
+        if cut:
+            logger.info("GGUF: %d tensors dequantized at load under tensor_parallel_size=%d: a rank's share of their "
+                        "inputs would cut their blocks (e.g. %s)", len(cut), tp, cut[0])
+            part.kept = {name: t for name, t in self.kept.items() if name not in cut}
+        return part
 
     def linear_method(self, prefix: str) -> LinearMethod | None:
         name = self.global_prefix(prefix)
@@ -181,7 +202,7 @@ class GGUFConfig(QuantConfig):
         """A kept weight's ``[out, row_bytes]`` blocks (an expert stack's ``[E, out, row_bytes]``: every expert's):
         output rows, or whole blocks of input features."""
         ggml_type = self.kept.get(name)
-        if ggml_type is None:  # dequantized at load: an ``[out, in]`` float tensor
+        if ggml_type is None or tensor.dtype != torch.uint8:  # dequantized at load (here, or by a rank's config)
             return plain_shard(tensor, parallel, start, length)
         rows = tensor.dim() - 2  # the output-row dim: 1 for an expert stack
         if parallel == "column":
