@@ -11,12 +11,12 @@ and their absmax, run w8a16), ``gptq8-rtn`` / ``gptq3-rtn`` / ``gptq2-rtn`` (a G
 round-to-nearest codes with zero points per group of ``--group-size``) and ``ct-w8a16`` (compressed-tensors W8A16
 ``pack-quantized``, symmetric int8 per channel, as llm-compressor's W8A16 scheme; its W8A8 releases hold the same
 weights), ``nvfp4`` (a ModelOpt NVFP4 checkpoint: e2m1 weights, an fp8 scale per 16 and a global scale, run
-w4a16). For a GGUF model, ``gguf`` keeps
-its blocks (dequantized per call on CPU, the block GEMM on CUDA), and ``gguf-int4`` also repacks its Q4_0 / Q4_1 /
-Q4_K linear layers for the int4 kernels and its expert stacks as CUDA does (``repack_for_int4_kernels``,
-``repack_experts``, on any device here: int4 scales and zero points or offsets rounded to the model dtype, the cost
-of that form; the 8-bit experts' form is exact). The reference is the model as it loads by default (the
-default SmolLM2 GGUF is dequantized at load).
+w4a16), ``mxfp8`` (a ModelOpt MXFP8 checkpoint: e4m3 weights, a power-of-two scale per 32 inputs, run w8a16).
+For a GGUF model, ``gguf`` keeps its blocks (dequantized per call on CPU, the block GEMM on CUDA), and
+``gguf-int4`` also repacks its Q4_0 / Q4_1 / Q4_K linear layers for the int4 kernels and its expert stacks as CUDA
+does (``repack_for_int4_kernels``, ``repack_experts``, on any device here: int4 scales and zero points or offsets
+rounded to the model dtype, the cost of that form; the 8-bit experts' form is exact). The reference is the model as
+it loads by default (the default SmolLM2 GGUF is dequantized at load).
 
     python -m benchmarks.quant_quality --methods fp8 awq-rtn            # the default SmolLM2, on GPU or CPU
     python -m benchmarks.quant_quality --model .models/llama-3.1-8b --methods fp8 --max-tokens 2048
@@ -40,7 +40,8 @@ from core.layers.quantization import weight_bytes
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "w6_passages.txt"
 GPTQ_RTN = {"gptq8-rtn": 8, "gptq3-rtn": 3, "gptq2-rtn": 2}  # method -> bits
-METHODS = ("fp8", "fp8-block", "awq-rtn", *GPTQ_RTN, "ct-w8a16", "nvfp4", "bnb-nf4", "bnb-int8", "gguf", "gguf-int4")
+METHODS = ("fp8", "fp8-block", "awq-rtn", *GPTQ_RTN, "ct-w8a16", "nvfp4", "mxfp8", "bnb-nf4", "bnb-int8", "gguf",
+           "gguf-int4")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -219,13 +220,27 @@ def nvfp4_tensors(w: torch.Tensor, layout: str = "modelopt") -> tuple[dict[str, 
     return tensors, (table[codes].reshape(blocks.shape) * effective[..., None]).reshape(w.shape)
 
 
-def write_nvfp4(source, directory: Path) -> Path:
-    """The reference weights as a ModelOpt NVFP4 checkpoint (:func:`nvfp4_tensors`)."""
+def mxfp8_tensors(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``[out, in]`` -> (one layer's ModelOpt MXFP8 tensors: ``weight`` e4m3 and ``weight_scale`` uint8 E8M0
+    exponents ``e`` (``2 ** (e - 127)``, the smallest power of two per 32 inputs that keeps the block within e4m3);
+    its dequantized fp32 weight). The tests' checkpoints use it."""
+    blocks = w.float().reshape(w.shape[0], -1, 32)
+    exponent = torch.ceil(torch.log2(blocks.abs().amax(-1).clamp(min=2**-100) / 448))
+    q = (blocks / torch.exp2(exponent)[..., None]).to(torch.float8_e4m3fn)
+    plain = (q.float() * torch.exp2(exponent)[..., None]).reshape(w.shape)
+    return {"weight": q.reshape(w.shape), "weight_scale": (exponent + 127).to(torch.uint8)}, plain
+
+
+def write_modelopt(source, directory: Path, algo: str) -> Path:
+    """The reference weights as a ModelOpt ``NVFP4`` (:func:`nvfp4_tensors`) or ``MXFP8`` (:func:`mxfp8_tensors`)
+    checkpoint, every projection quantized."""
+    tensors_of = {"NVFP4": nvfp4_tensors, "MXFP8": mxfp8_tensors}[algo]
+
     def quantize(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         prefix = name.removesuffix(".weight")
-        return {f"{prefix}.{suffix}": t for suffix, t in nvfp4_tensors(tensor)[0].items()}
+        return {f"{prefix}.{suffix}": t for suffix, t in tensors_of(tensor)[0].items()}
 
-    config = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}
+    config = {"quant_method": "modelopt", "quant_algo": algo, "group_size": 16, "exclude_modules": ["lm_head"]}
     return write_quantized(source, directory, quantize, config, torch.bfloat16)
 
 
@@ -314,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             elif method in GPTQ_RTN:
                 path = write_gptq_rtn(source, Path(tmp) / method, args.group_size, GPTQ_RTN[method])
                 runner = load_runner(str(path), args)
-            elif method == "nvfp4":
-                runner = load_runner(str(write_nvfp4(source, Path(tmp) / "nvfp4")), args)
+            elif method in ("nvfp4", "mxfp8"):
+                runner = load_runner(str(write_modelopt(source, Path(tmp) / method, method.upper())), args)
             elif method == "ct-w8a16":
                 runner = load_runner(str(write_ct_w8a16(source, Path(tmp) / "ct-w8a16")), args)
             elif method == "fp8-block":

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.quant_quality import nvfp4_tensors
+from benchmarks.quant_quality import mxfp8_tensors, nvfp4_tensors
 from ipc.messages import SamplingParams
 from kernels.fp8_block_gemm import dequantize_fp8_blocks, quantize_fp8_blocks
 from tests.core.engine_utils import make_engine, run_engine
@@ -1087,16 +1087,6 @@ def test_modelopt_fp8_per_block_weight_only_runs_as_the_block_layout(tmp_path):
     engine, _ = compare(*write_modelopt_fp8_blocks(tmp_path), logprob_atol=1e-6)
     assert "128x128 block weight scales" in engine.runner.model_config.quantization.summary()
     assert all(layer.weight_scale.dim() == 2 for layer in linears(engine))
-
-
-def mxfp8_tensors(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """MXFP8's tensors of ``w [out, in]`` (``weight`` e4m3, ``weight_scale`` uint8 E8M0 exponents: the smallest power
-    of two per 32 inputs that keeps the block within e4m3), and the weight they dequantize to."""
-    blocks = w.reshape(w.shape[0], -1, 32)
-    exponent = torch.ceil(torch.log2(blocks.abs().amax(-1).clamp(min=2**-100) / 448))
-    q = (blocks / torch.exp2(exponent)[..., None]).to(FP8)
-    plain = (q.float() * torch.exp2(exponent)[..., None]).reshape(w.shape)
-    return {"weight": q.reshape(w.shape), "weight_scale": (exponent + 127).to(torch.uint8)}, plain
 
 
 def write_mxfp8(tmp: Path, arch: str = "llama", **overrides) -> tuple[Path, Path]:
