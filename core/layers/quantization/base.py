@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import copy
 import re
-from fractions import Fraction
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import torch
