@@ -76,18 +76,14 @@ def quant_config_from_hf(hf_config: dict[str, Any]) -> QuantConfig | None:
         from core.layers.quantization.compressed_tensors import from_compressed_tensors
 
         return from_compressed_tensors(qc)
-    if method == "modelopt" and str(qc.get("quant_algo") or "").upper() == "MIXED_PRECISION":
-        from core.layers.quantization.modelopt_mixed import ModelOptMixedConfig
+    if method == "modelopt":  # one algorithm's method, or several (MIXED_PRECISION)
+        from core.layers.quantization.modelopt_mixed import modelopt_config
 
-        return ModelOptMixedConfig.from_hf(qc)
-    if method == "modelopt" and str(qc.get("quant_algo") or "").upper() in ("NVFP4", "W4A16_NVFP4"):
-        from core.layers.quantization.nvfp4 import Nvfp4Config
-
-        return Nvfp4Config.from_modelopt(qc)
-    if method in ("modelopt", "fbgemm_fp8"):  # layouts of the fp8 method: static per-tensor / per-channel dynamic
+        return modelopt_config(qc)
+    if method == "fbgemm_fp8":  # the fp8 method's per-channel dynamic layout
         from core.layers.quantization.fp8 import Fp8Config
 
-        return Fp8Config.from_modelopt(qc) if method == "modelopt" else Fp8Config.from_fbgemm(qc)
+        return Fp8Config.from_fbgemm(qc)
     if method not in QUANTIZATION_METHODS or method in ONLINE_ONLY_METHODS:
         raise ValueError(f"The checkpoint is quantized with '{method}' (config.json quantization_config), which "
                          f"pagedserve does not support; supported checkpoint quantization methods: "

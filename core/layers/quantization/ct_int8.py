@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from core.layers.quantization.base import LinearMethod, new_parameter, replace_parameter
-from core.layers.quantization.gptq_bytes import unpack_int8_columns
+from core.layers.quantization.gptq_bytes import unpack_columns
 from core.layers.quantization.int4 import (CompressedTensorsInt4Config, Int4MoEMethod, _fill_random_int32,
                                            _fill_scales, natural_groups, regrouped_expert_rows, rows_in_group_order)
 from kernels.fused_moe import ExpertQuant
@@ -138,7 +138,7 @@ def take_int8_codes(holder: nn.Module, prefix: str, config: CompressedTensorsInt
     """What :func:`register_int8_layout`'s parameters loaded, the parameters dropped: signed codes ``[out, in]``
     (int32), fp32 scales ``[out, groups]`` and the input rows' groups (None without act order)."""
     if config.packed:
-        q = unpack_int8_columns(getattr(holder, f"{prefix}weight_packed").data).to(torch.int32) - 128
+        q = unpack_columns(getattr(holder, f"{prefix}weight_packed").data, 8) - 128
         delattr(holder, f"{prefix}weight_packed")
     else:
         q = getattr(holder, _int8_codes_name(prefix)).data.to(torch.int32)

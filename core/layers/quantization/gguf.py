@@ -173,7 +173,7 @@ class GGUFConfig(QuantConfig):
                and name in self.widths and (self.widths[name] // tp) % KEPT_TYPES[t][0]]
         for name in list(cut):
             if ".experts.down_proj." in name:
-                cut += [name.replace(".down_proj.", part_) for part_ in (".gate_proj.", ".up_proj.")]
+                cut += [name.replace(".down_proj.", proj) for proj in (".gate_proj.", ".up_proj.")]
         if cut:
             logger.info("GGUF: %d tensors dequantized at load under tensor_parallel_size=%d: a rank's share of their "
                         "inputs would cut their blocks (e.g. %s)", len(cut), tp, cut[0])

@@ -65,11 +65,6 @@ def unpack_columns(packed: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return unpack_rows(packed.t().contiguous(), bits).t()
 
 
-def unpack_int8_columns(packed: torch.Tensor) -> torch.Tensor:
-    """``[rows, cols / 4]`` int32 -> ``[rows, cols]``: column ``4p + i`` is byte ``i`` of word ``p``."""
-    return unpack_columns(packed, 8)
-
-
 class GPTQBytesConfig(GPTQConfig):
     """GPTQ's config at 8, 3 or 2 bits a code: the same tensor names and tensor-parallel cuts
     (``_Int4Config.shard_tensor`` in runs of ``pack`` codes over ``pack_words`` int32s), layers and experts of its
@@ -92,6 +87,11 @@ class GPTQBytesConfig(GPTQConfig):
         """Output features a packed ``qzeros`` word holds (3 bits: 32 in 3 words): a merged part's columns start at
         its first feature divided by it (``core/models/weights.py``)."""
         return Fraction(self.pack, self.pack_words)
+
+    @property
+    def packing(self) -> str:
+        """The packing as an error message names it."""
+        return f"the packing of {self.pack} codes in {self.pack_words} int32{'s' if self.pack_words > 1 else ''}"
 
     def words(self, codes: int) -> int:
         """The int32s ``codes`` packed codes fill (a multiple of ``pack``)."""
@@ -137,8 +137,7 @@ class GPTQBytesLinearMethod(LinearMethod):
         config = self.config
         if grouped % group or in_features % config.pack or any(size % config.pack for size in output_sizes):
             raise ValueError(f"GPTQ {config.bits}-bit: a layer of {in_features} inputs and outputs "
-                             f"{tuple(output_sizes)} does not fit groups of {group} and the packing of {config.pack} "
-                             f"codes in {config.pack_words} int32{'s' if config.pack_words > 1 else ''}.")
+                             f"{tuple(output_sizes)} does not fit groups of {group} and {config.packing}.")
         groups = grouped // group
         layer.group_size = group
         new_parameter(layer, "qweight", (config.words(in_features), out), torch.int32, output_dim=1,
@@ -188,9 +187,8 @@ class GPTQBytesMoEMethod(Int4MoEMethod):
             grouped = k * config.tp_size if self._all_groups(param) else k
             if grouped % group or k % config.pack or rows % config.pack or k % 16:
                 raise ValueError(f"GPTQ {config.bits}-bit: an expert's {param} (input size {k}, {rows} outputs) does "
-                                 f"not fit groups of {group}, the packing of {config.pack} codes in "
-                                 f"{config.pack_words} int32{'s' if config.pack_words > 1 else ''} and the 8-bit "
-                                 "experts' 16-input steps.")
+                                 f"not fit groups of {group}, {config.packing} and the 8-bit experts' 16-input "
+                                 "steps.")
             out = experts * rows
             new_parameter(block, f"{param}_qweight", (config.words(k), out), torch.int32, output_dim=1,
                           dummy_fill=_fill_random_int32)
@@ -216,7 +214,7 @@ class GPTQBytesMoEMethod(Int4MoEMethod):
             offsets = torch.empty_like(scale)
             if regroup:
                 perms = torch.empty(experts, total, dtype=torch.long, device=qweight.device)
-            for e in range(experts):  # one expert at a time: the unpacked int64 codes stay small
+            for e in range(experts):  # one expert at a time: the unpacked int32 codes stay small
                 cols = slice(e * rows, (e + 1) * rows)
                 q = unpack_rows(qweight[:, cols], bits)  # [K, rows]
                 z, s = zeros[:, cols], scales[:, cols]

@@ -28,6 +28,18 @@ MIXED_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "MXFP8", "NVFP4"
 MERGED_PARTS = {"q_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj")}
 
 
+def modelopt_config(qc: dict[str, Any]) -> QuantConfig:
+    """The config of a ModelOpt scheme by its ``quant_algo``: ``nvfp4.py``'s for NVFP4 / W4A16_NVFP4, this module's
+    for MIXED_PRECISION, ``fp8.py``'s for the rest (which names every algorithm where it serves none)."""
+    from core.layers.quantization.fp8 import Fp8Config
+    from core.layers.quantization.nvfp4 import Nvfp4Config
+
+    algo = str(qc.get("quant_algo") or "").upper()
+    if algo == "MIXED_PRECISION":
+        return ModelOptMixedConfig.from_hf(qc)
+    return Nvfp4Config.from_modelopt(qc) if algo in ("NVFP4", "W4A16_NVFP4") else Fp8Config.from_modelopt(qc)
+
+
 class ModelOptMixedConfig(QuantConfig):
     name = "modelopt"
 
@@ -39,8 +51,7 @@ class ModelOptMixedConfig(QuantConfig):
 
     @classmethod
     def from_hf(cls, qc: dict[str, Any]) -> ModelOptMixedConfig:
-        from core.layers.quantization.fp8 import Fp8Config, modelopt_excluded
-        from core.layers.quantization.nvfp4 import Nvfp4Config
+        from core.layers.quantization.fp8 import modelopt_excluded
 
         listed = qc.get("quantized_layers")
         if not isinstance(listed, dict) or not listed:
@@ -56,10 +67,9 @@ class ModelOptMixedConfig(QuantConfig):
                 raise ValueError(f"ModelOpt MIXED_PRECISION module {module!r} has quant_algo "
                                  f"{(entry or {}).get('quant_algo')!r}; supported: {', '.join(MIXED_ALGOS)}.")
             layers[module] = algo
-        parts: dict[str, QuantConfig] = {}
-        for algo in sorted(set(layers.values())):
-            scheme = {"quant_algo": algo, "exclude_modules": [], "group_size": _group_size(listed, algo)}
-            parts[algo] = (Nvfp4Config.from_modelopt(scheme) if "NVFP4" in algo else Fp8Config.from_modelopt(scheme))
+        parts = {algo: modelopt_config({"quant_algo": algo, "exclude_modules": [],
+                                        "group_size": _group_size(listed, algo)})
+                 for algo in sorted(set(layers.values()))}  # fmt: skip
         return cls(layers, parts)
 
     def _module_config(self, module: str) -> QuantConfig | None:
