@@ -618,19 +618,29 @@ def _int4_block_k(block_k: int, group: int, k: int) -> int:
         raise ValueError(f"int4 experts need groups ({group}) and inputs ({k}) of whole {KERNEL_K_BLOCK}-row chunks.")
     block_k = max(KERNEL_K_BLOCK, min(block_k, max(group, 128)))
     block_k = 1 << (block_k.bit_length() - 1)  # a group of 192 under a tuned 256 would be a step of 192: arange
-    while block_k > KERNEL_K_BLOCK and (k % block_k or (group % block_k and block_k % group)):
-        block_k //= 2
-    return block_k
+    return _nested_step(block_k, KERNEL_K_BLOCK, group, k)
+
+
+def _nests(step: int, group: int, k: int) -> bool:
+    """Whether K steps of ``step`` divide K and nest with the scale groups (within one group, or over whole ones)."""
+    return k % step == 0 and (group % step == 0 or step % group == 0)
+
+
+def _nested_step(step: int, floor: int, group: int, k: int) -> int:
+    """``step`` (a power of two) halved until it :func:`_nests` or reaches ``floor``."""
+    while step > floor and not _nests(step, group, k):
+        step //= 2
+    return step
 
 
 def _bnb4_block_k(block: int, k: int) -> int:
     """The 4-bit codebook experts' K step (in codes): 64 where it divides K and nests with the block (one block or
     whole blocks a step), else 32. NVFP4's blocks of 16 four a step took 21-22% less than two (H100, Qwen3-30B-A3B's
     experts at 64 and 256 tokens, thirty-third session)."""
-    for step in (64, 32):
-        if k % step == 0 and (block % step == 0 or step % block == 0):
-            return step
-    raise ValueError(f"4-bit codebook experts: blocks of {block} codes neither divide nor are whole steps of 32")
+    step = _nested_step(64, 32, block, k)
+    if not _nests(step, block, k):
+        raise ValueError(f"4-bit codebook experts: blocks of {block} codes neither divide nor are whole steps of 32")
+    return step
 
 
 def _int8_block_k(block_k: int, group: int, k: int) -> int:
@@ -638,10 +648,7 @@ def _int8_block_k(block_k: int, group: int, k: int) -> int:
     one group, or over whole groups); groups and K of whole 16-row steps."""
     if group % 16 or k % 16 or k % group:
         raise ValueError(f"8-bit experts need groups ({group}) dividing their inputs ({k}), both of whole 16-row steps")
-    block_k = max(16, min(block_k, 128))
-    while block_k > 16 and (k % block_k or (group % block_k and block_k % group)):
-        block_k //= 2
-    return block_k
+    return _nested_step(max(16, min(block_k, 128)), 16, group, k)
 
 
 def _block_k_within(block_k: int, scale_k: int) -> int:
