@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.quant_quality import mxfp8_tensors, nvfp4_tensors
+from benchmarks.quant_quality import mxfp8_tensors, nvfp4_tensors, pack_codes
 from ipc.messages import SamplingParams
 from kernels.fp8_block_gemm import dequantize_fp8_blocks, quantize_fp8_blocks
 from tests.core.engine_utils import make_engine, run_engine
@@ -224,7 +224,7 @@ def write_gptq(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "ll
         if bits == 4:
             packed = gptq_pack_rows(codes), gptq_pack_zeros(zeros + v2)
         elif bits == 8:
-            packed = pack_bytes(codes), pack_bytes((zeros - 1 + v2).t()).t()
+            packed = pack_codes(codes, 0), pack_codes(zeros - 1 + v2, 1)
         else:
             packed = autogptq_pack(codes, bits), autogptq_pack((zeros - 1 + v2).t(), bits).t()
         quant |= {f"{prefix}.qweight": packed[0], f"{prefix}.qzeros": packed[1], f"{prefix}.scales": scales,
@@ -266,14 +266,6 @@ def write_gptq_dynamic(tmp: Path) -> tuple[Path, Path]:
 def write_gptq8(tmp: Path, group: int, desc_act: bool, sym: bool, arch: str = "llama", **overrides
                 ) -> tuple[Path, Path]:  # fmt: skip
     return write_gptq(tmp, group, desc_act, sym, arch, bits=8, **overrides)
-
-
-def pack_bytes(codes: torch.Tensor) -> torch.Tensor:
-    """GPTQ's 8-bit packing along the first dim: row ``4p + i`` of ``codes`` (0..255) in byte ``i`` of word ``p``."""
-    packed = torch.zeros(codes.shape[0] // 4, codes.shape[1], dtype=torch.int64)
-    for i in range(4):
-        packed |= codes[i::4].long() << (8 * i)
-    return as_int32(packed.contiguous())
 
 
 def ct_pack(codes: torch.Tensor) -> torch.Tensor:
@@ -350,10 +342,7 @@ def write_ct_int8(tmp: Path, group: int, actorder: bool, fmt: str = "pack-quanti
         prefix = name.removesuffix(".weight")
         del quant[name]
         if fmt == "pack-quantized":
-            packed = torch.zeros(w.shape[0], k // 4, dtype=torch.int64)
-            for i in range(4):
-                packed |= (q[:, i::4].long() + 128) << (8 * i)
-            quant |= {f"{prefix}.weight_packed": as_int32(packed),
+            quant |= {f"{prefix}.weight_packed": pack_codes(q.long() + 128, 1),
                       f"{prefix}.weight_shape": torch.tensor(list(w.shape))}
         else:
             quant |= {f"{prefix}.weight": q.to(torch.int8),
@@ -865,7 +854,7 @@ def test_gptq_unpacking_inverts_autogptqs_packing(bits):
     from core.layers.quantization.gptq_bytes import unpack_columns, unpack_rows
 
     codes = torch.randint(0, 2**bits, (64, 40), generator=torch.Generator().manual_seed(bits))
-    packed = autogptq_pack(codes, bits) if bits != 8 else pack_bytes(codes)
+    packed = autogptq_pack(codes, bits) if bits != 8 else pack_codes(codes, 0)
     assert packed.shape == (64 * bits // 32, 40)
     assert torch.equal(unpack_rows(packed, bits), codes.to(torch.int32))
     assert torch.equal(unpack_columns(packed.t().contiguous(), bits), codes.t().to(torch.int32))
